@@ -1,0 +1,102 @@
+"""Parse what people type (`conv1.weight.grad[0][0][0]`, `output[0, :, 1:3]`) into name and index.
+
+Python's own parser reads the brackets, so every form Python accepts for basic indexing
+(negative numbers, empty slice bounds, steps, `...`, `None`) reads the same way here.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradwire.codec import IndexItem, format_index
+
+__all__ = ["Selector", "SelectorError", "parse_selector"]
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+class SelectorError(ValueError):
+    """Text that is not `name` or `name[...]...` with basic indexing."""
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A tensor name and the chain of index keys applied to it, in order."""
+
+    name: str
+    index: tuple[tuple[IndexItem, ...], ...] = field(default=())
+
+    def __str__(self) -> str:
+        return self.name + format_index(self.index)
+
+
+def _integer(node: ast.expr, text: str) -> int | None:
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _integer(node.operand, text)
+        if inner is None:
+            raise SelectorError(f"{text!r}: a sign needs a number after it")
+        return -inner if isinstance(node.op, ast.USub) else inner
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, int)
+        and not isinstance(node.value, bool)
+    ):
+        return node.value
+    raise SelectorError(f"{text!r}: {ast.unparse(node)!r} is not an integer")
+
+
+def _item(node: ast.expr, text: str) -> IndexItem:
+    if isinstance(node, ast.Slice):
+        parts: list[int | None] = [
+            None if part is None else _integer(part, text)
+            for part in (node.lower, node.upper, node.step)
+        ]
+        if parts[2] == 0:
+            raise SelectorError(f"{text!r}: slice step cannot be zero")
+        return slice(*parts)
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return Ellipsis
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    if isinstance(node, ast.Name) and node.id == "newaxis":
+        return None
+    value = _integer(node, text)
+    if value is None:  # pragma: no cover - None constants are caught above
+        return None
+    return value
+
+
+def parse_selector(text: str) -> Selector:
+    """`"conv1.weight.grad[0][0][0]"` -> Selector("conv1.weight.grad", ((0,), (0,), (0,)))."""
+    text = text.strip()
+    bracket = text.find("[")
+    name = text if bracket < 0 else text[:bracket].strip()
+    if not _NAME.fullmatch(name):
+        raise SelectorError(
+            f"{text!r}: expected a tensor name such as 'conv1.weight.grad', "
+            "optionally followed by an index such as '[0][0][0]' or '[0, :, 1:3]'"
+        )
+    if bracket < 0:
+        return Selector(name)
+    try:
+        tree: Any = ast.parse("_" + text[bracket:], mode="eval").body
+    except SyntaxError as err:
+        raise SelectorError(f"{text!r}: the index is not valid Python: {err.msg}") from None
+    keys: list[tuple[IndexItem, ...]] = []
+    while isinstance(tree, ast.Subscript):
+        node = tree.slice
+        elements = node.elts if isinstance(node, ast.Tuple) else [node]
+        keys.append(tuple(_item(element, text) for element in elements))
+        tree = tree.value
+    if not (isinstance(tree, ast.Name) and tree.id == "_"):
+        raise SelectorError(f"{text!r}: only [...] may follow the name")
+    keys.reverse()
+    for key in keys:
+        if sum(item is Ellipsis for item in key) > 1:
+            raise SelectorError(f"{text!r}: an index can only have a single ellipsis ('...')")
+    return Selector(name, tuple(keys))
