@@ -1,0 +1,118 @@
+"""Build the gRPC server (limits, health, reflection) around a Trainer; serve until signalled."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+import torch
+from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.limits import channel_options
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradwire_server.servicer import TrainerServicer
+from gradwire_server.trainer import Trainer, resolve_device
+
+log = logging.getLogger("gradwire_server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+DEFAULT_GRACE_S = 5.0
+
+
+@dataclass
+class Running:
+    """A started server: the grpc server, the port it bound, and its health servicer."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    trainer: Trainer
+
+    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def start(
+    trainer: Trainer, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8
+) -> Running:
+    """Starts a server for `trainer` on host:port (0: a free port) and returns it running."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gradwire"),
+        # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
+        options=[*channel_options(), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_TrainerServicer_to_server(TrainerServicer(trainer), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpc says only "failed to bind"; say what to do about it
+        bound = 0
+    if bound == 0:
+        raise OSError(
+            f"cannot listen on {address}: the port is in use or the address is not this "
+            "machine's; choose another --port (0 picks a free one) or --host"
+        )
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, bound, health_servicer, trainer)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    note = "" if torch.cuda.is_available() else " (no CUDA device found)"
+    return f"{device}{note}"
+
+
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    device: str = "auto",
+    seed: int | None = None,
+    max_workers: int = 8,
+    port_file: Path | None = None,
+    grace: float = DEFAULT_GRACE_S,
+    ready: Callable[[Running], None] | None = None,
+) -> None:
+    """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully."""
+    resolved = resolve_device(device)
+    trainer = Trainer(device=resolved, seed=seed)
+    running = start(trainer, host, port, max_workers)
+    if port_file is not None:
+        port_file.write_text(f"{running.port}\n")
+    log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
+    log.info("listening on %s:%d (health and reflection on)", host, running.port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received: stopping (grace %.1fs)", signal.Signals(signum).name, grace)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if ready is not None:
+            ready(running)
+        stop.wait()
+    finally:
+        running.stop(grace)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("stopped at state version %d", trainer.version)

@@ -1,0 +1,54 @@
+"""Domain errors of the trainer; the servicer maps each class to one gRPC status code.
+
+Each carries a stable `reason` (sent in google.rpc.ErrorInfo) and a message that tells a
+person what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class DomainError(Exception):
+    """Base of the errors the trainer raises on purpose."""
+
+    reason = "ERROR"
+
+    def __init__(
+        self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidInput(DomainError):
+    """Malformed tensor, bad dtype or shape, bad fill spec, bad index or setting."""
+
+    reason = "INVALID_INPUT"
+
+
+class UnknownTensor(DomainError):
+    """No tensor of that name; the message names the closest ones."""
+
+    reason = "UNKNOWN_TENSOR"
+
+
+class IndexOutOfRange(DomainError):
+    """An integer index past the end of a dimension."""
+
+    reason = "INDEX_OUT_OF_RANGE"
+
+
+class WrongOrder(DomainError):
+    """A call that needs an earlier one first: Backward before Forward, Step before Backward."""
+
+    reason = "WRONG_ORDER"
+
+
+class OverLimit(DomainError):
+    """A request over a configured limit, or more memory than the device has."""
+
+    reason = "OVER_LIMIT"

@@ -1,0 +1,568 @@
+"""The training step in plain PyTorch: model, optimizer, loss, device, one lock and a state version.
+
+No grpc here. Every public method takes the lock, so a reader never sees half a step; every
+mutation either completes and adds one to `version`, or raises a DomainError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from gradwire.codec import numel
+from torch import nn
+
+from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, WrongOrder
+from gradwire_server.indexing import IndexChain, select
+from gradwire_server.models import SIMPLE, ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: Default cap on the elements of one tensor made or received (1 GiB of float32).
+DEFAULT_MAX_ELEMENTS = 1 << 28
+
+Kind = Literal["parameter", "gradient", "input", "target", "output", "loss"]
+_FORWARD_NAMES: tuple[Kind, ...] = ("input", "target", "output", "loss")
+# Integer dtypes taken as class indices; CrossEntropyLoss wants them as int64.
+_INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """An optimizer and its settings; None means PyTorch's default for that optimizer."""
+
+    kind: Literal["sgd", "adam"] = "sgd"
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    nesterov: bool | None = None
+
+    def resolved(self) -> OptimizerSettings:
+        """Every field set: SGD's lr defaults to 1.0 as in the tutorial, the rest as in PyTorch."""
+        if self.kind == "sgd":
+            return OptimizerSettings(
+                kind="sgd",
+                lr=1.0 if self.lr is None else self.lr,
+                momentum=self.momentum or 0.0,
+                weight_decay=self.weight_decay or 0.0,
+                nesterov=bool(self.nesterov),
+            )
+        return OptimizerSettings(
+            kind="adam",
+            lr=1e-3 if self.lr is None else self.lr,
+            weight_decay=self.weight_decay or 0.0,
+            beta1=0.9 if self.beta1 is None else self.beta1,
+            beta2=0.999 if self.beta2 is None else self.beta2,
+            eps=1e-8 if self.eps is None else self.eps,
+        )
+
+
+@dataclass(frozen=True)
+class FillSpec:
+    """A tensor to make on the device: zeros, ones, a constant, or seeded random values."""
+
+    kind: Literal["zeros", "ones", "constant", "uniform", "normal", "randint"]
+    shape: tuple[int, ...]
+    dtype: str | None = None  # torch dtype name; None: float32 for inputs, int64 for targets
+    value: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    std: float = 1.0
+    seed: int = 0
+
+
+TensorInput = torch.Tensor | FillSpec
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    version: int
+    output_shape: tuple[int, ...]
+    loss: float | None
+
+
+@dataclass(frozen=True)
+class Read:
+    """A tensor (or slice) as it was at `version`, copied to the host; None when absent."""
+
+    version: int
+    name: str
+    value: torch.Tensor | None
+    full_shape: tuple[int, ...] | None
+    dtype: torch.dtype | None = None  # set when value is None but the tensor exists (omit_values)
+    shape: tuple[int, ...] | None = None  # the slice's shape, set with dtype
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    kind: Kind
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    present: bool
+
+
+@dataclass(frozen=True)
+class Listing:
+    version: int
+    model: str
+    device: str
+    optimizer: OptimizerSettings
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> the first GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:1' as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise InvalidInput(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput(f"device {spec!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+class Trainer:
+    """One model on one device, driven step by step."""
+
+    def __init__(
+        self,
+        spec: ModelSpec = SIMPLE,
+        *,
+        device: torch.device | str = "cpu",
+        optimizer: OptimizerSettings | None = None,
+        seed: int | None = None,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+    ) -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.max_elements = max_elements
+        self._lock = threading.RLock()
+        self._version = 0
+        self._settings = (optimizer or OptimizerSettings()).resolved()
+        self._model = self._build_model(seed)
+        self._optimizer = self._build_optimizer(self._model, self._settings)
+        self._clear_forward()
+        self._criterion = nn.CrossEntropyLoss()
+
+    # --- state helpers ------------------------------------------------------------
+
+    def _build_model(self, seed: int | None) -> nn.Module:
+        # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
+        # on every device and the process-wide generator is left alone.
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = self.spec.factory()
+        model.train()
+        return model.to(self.device)
+
+    @staticmethod
+    def _build_optimizer(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+        try:
+            if s.kind == "sgd":
+                return torch.optim.SGD(
+                    model.parameters(),
+                    lr=float(s.lr or 0.0),
+                    momentum=float(s.momentum or 0.0),
+                    weight_decay=float(s.weight_decay or 0.0),
+                    nesterov=bool(s.nesterov),
+                )
+            return torch.optim.Adam(
+                model.parameters(),
+                lr=float(s.lr or 0.0),
+                betas=(float(s.beta1 or 0.0), float(s.beta2 or 0.0)),
+                eps=float(s.eps or 0.0),
+                weight_decay=float(s.weight_decay or 0.0),
+            )
+        except ValueError as err:  # torch's own checks: negative lr, nesterov without momentum
+            raise InvalidInput(
+                f"optimizer settings refused: {err}", reason="BAD_OPTIMIZER"
+            ) from err
+
+    def _clear_forward(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._target: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+        self._graph_alive = False  # the loss's graph can still be backpropagated
+        self._parameters_changed = False  # parameters written in place since the Forward
+
+    def _bump(self) -> int:
+        self._version += 1
+        return self._version
+
+    @contextmanager
+    def _device_memory(self, what: str) -> Iterator[None]:
+        """Turns running out of device memory into OverLimit, leaving the state as it was."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise OverLimit(
+                f"{what}: out of memory on {self.device}: {err}".split("\n")[0],
+                reason="OUT_OF_MEMORY",
+            ) from err
+        except RuntimeError as err:
+            if "can't allocate memory" in str(err) or "out of memory" in str(err):
+                raise OverLimit(
+                    f"{what}: out of memory on {self.device}", reason="OUT_OF_MEMORY"
+                ) from err
+            raise
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self._model.named_parameters())
+
+    def names(self) -> list[str]:
+        params = list(self.parameters)
+        return [*params, *(f"{p}.grad" for p in params), *_FORWARD_NAMES]
+
+    def _lookup(self, name: str) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
+        """(kind, tensor or None when absent, the parameter it belongs to if any)."""
+        params = self.parameters
+        if name in params:
+            return "parameter", params[name], params[name]
+        if name.endswith(".grad") and name[: -len(".grad")] in params:
+            param = params[name[: -len(".grad")]]
+            return "gradient", param.grad, param
+        forward = {
+            "input": self._input,
+            "target": self._target,
+            "output": self._output,
+            "loss": self._loss,
+        }
+        if name in forward:
+            return name, forward[name], None  # type: ignore[return-value]
+        raise self._unknown(name)
+
+    def _unknown(self, name: str) -> UnknownTensor:
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        return UnknownTensor(
+            f"no tensor named {name!r}; {hint}ListTensors lists all {len(names)} names",
+            metadata={"name": name, "closest": ",".join(close)},
+        )
+
+    # --- inputs -------------------------------------------------------------------
+
+    def _check_size(self, shape: Sequence[int], what: str) -> None:
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"{what}: shape {list(shape)} has a negative dimension")
+        count = numel(shape)
+        if count > self.max_elements:
+            raise OverLimit(
+                f"{what}: {count} elements is over this server's limit of {self.max_elements}",
+                reason="TOO_MANY_ELEMENTS",
+            )
+
+    def _make(self, source: TensorInput, default_dtype: torch.dtype, what: str) -> torch.Tensor:
+        if isinstance(source, torch.Tensor):
+            self._check_size(source.shape, what)
+            with self._device_memory(what):
+                return source.to(self.device)
+        spec = source
+        self._check_size(spec.shape, what)
+        dtype = default_dtype
+        if spec.dtype is not None:
+            dtype = getattr(torch, spec.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}")
+        kw = {"dtype": dtype, "device": self.device}
+        try:
+            with self._device_memory(what):
+                if spec.kind == "zeros":
+                    return torch.zeros(spec.shape, **kw)  # type: ignore[arg-type]
+                if spec.kind == "ones":
+                    return torch.ones(spec.shape, **kw)  # type: ignore[arg-type]
+                if spec.kind == "constant":
+                    return torch.full(spec.shape, spec.value, **kw)  # type: ignore[arg-type]
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(spec.seed)
+                if spec.kind == "uniform":
+                    if not spec.low < spec.high:
+                        raise InvalidInput(
+                            f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})"
+                        )
+                    out = torch.empty(spec.shape, **kw)  # type: ignore[arg-type]
+                    return out.uniform_(spec.low, spec.high, generator=gen)
+                if spec.kind == "normal":
+                    out = torch.empty(spec.shape, **kw)  # type: ignore[arg-type]
+                    return out.normal_(spec.value, spec.std or 1.0, generator=gen)
+                if spec.kind == "randint":
+                    low, high = int(spec.low), int(spec.high)
+                    if low != spec.low or high != spec.high or not low < high:
+                        raise InvalidInput(
+                            f"{what}: randint fill needs whole numbers low < high, "
+                            f"got [{spec.low}, {spec.high})"
+                        )
+                    return torch.randint(low, high, spec.shape, generator=gen, **kw)  # type: ignore[arg-type]
+        except RuntimeError as err:  # e.g. a random kind asked of a dtype it does not support
+            raise InvalidInput(f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}") from err
+        raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        sample = self.spec.sample_shape
+        if x.dim() != len(sample) + 1 or tuple(x.shape[1:]) != sample or x.shape[0] < 1:
+            raise InvalidInput(
+                f"input has shape {list(x.shape)}; {self.spec.name} takes [N, "
+                + ", ".join(map(str, sample))
+                + "] with N >= 1",
+                reason="BAD_INPUT_SHAPE",
+            )
+        model_dtype = next(self._model.parameters()).dtype
+        if x.dtype != model_dtype:
+            raise InvalidInput(
+                f"input has dtype {str(x.dtype).removeprefix('torch.')}; "
+                f"the model computes in {str(model_dtype).removeprefix('torch.')}",
+                reason="BAD_INPUT_DTYPE",
+            )
+
+    def _check_target(self, y: torch.Tensor, batch: int) -> None:
+        classes = self.spec.num_classes
+        if y.dtype == torch.int64:
+            if tuple(y.shape) != (batch,):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; class indices must have shape [{batch}] "
+                    "to match the input's batch",
+                    reason="BAD_TARGET_SHAPE",
+                )
+            # Checked on the host: an out-of-range label on a GPU is a device-side assert
+            # that poisons the CUDA context for every later call.
+            labels = y.cpu()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                bad = labels[(labels < 0) | (labels >= classes)][0].item()
+                raise InvalidInput(
+                    f"target holds class {bad}; classes run from 0 to {classes - 1}",
+                    reason="BAD_TARGET_CLASS",
+                )
+        elif y.dtype.is_floating_point:
+            if tuple(y.shape) != (batch, classes):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; class probabilities must have shape "
+                    f"[{batch}, {classes}]",
+                    reason="BAD_TARGET_SHAPE",
+                )
+        else:
+            raise InvalidInput(
+                f"target has dtype {str(y.dtype).removeprefix('torch.')}; use int64 class indices "
+                "or floating-point class probabilities",
+                reason="BAD_TARGET_DTYPE",
+            )
+
+    # --- the training step --------------------------------------------------------
+
+    def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
+        """model(input), and CrossEntropyLoss(output, target) when a target is given."""
+        with self._lock:
+            x = self._make(input, torch.float32, "input")
+            self._check_input(x)
+            y = None
+            if target is not None:
+                y = self._make(target, torch.int64, "target")
+                if y.dtype in _INDEX_DTYPES:
+                    y = y.to(torch.int64)
+                self._check_target(y, x.shape[0])
+                if y.is_floating_point():
+                    y = y.to(x.dtype)
+            with self._device_memory("forward"):
+                output = self._model(x)
+                loss = self._criterion(output, y) if y is not None else None
+            self._input, self._target, self._output, self._loss = x, y, output, loss
+            self._graph_alive = loss is not None
+            self._parameters_changed = False
+            return ForwardResult(
+                self._bump(), tuple(output.shape), None if loss is None else float(loss.item())
+            )
+
+    def backward(self, retain_graph: bool = False) -> int:
+        """loss.backward(): gradients accumulate into every parameter's .grad."""
+        with self._lock:
+            if self._loss is None:
+                if self._output is None:
+                    raise WrongOrder(
+                        "no loss to backpropagate: call Forward first", reason="NO_LOSS"
+                    )
+                raise WrongOrder(
+                    "the last Forward had no target, so there is no loss: "
+                    "call Forward with a target",
+                    reason="NO_LOSS",
+                )
+            if not self._graph_alive:
+                raise WrongOrder(
+                    "the graph of the last Forward was already freed by Backward: call Forward "
+                    "again, or pass retain_graph to Backward to keep it",
+                    reason="GRAPH_FREED",
+                )
+            if self._parameters_changed:
+                raise WrongOrder(
+                    "parameters were changed (Step, SetTensor or FillParameters) after the last "
+                    "Forward, so its graph is stale: call Forward again",
+                    reason="GRAPH_STALE",
+                )
+            with self._device_memory("backward"):
+                self._loss.backward(retain_graph=retain_graph)
+            self._graph_alive = retain_graph
+            return self._bump()
+
+    def step(self) -> tuple[int, int]:
+        """optimizer.step(); returns (version, parameters updated)."""
+        with self._lock:
+            with_grad = sum(1 for p in self._model.parameters() if p.grad is not None)
+            if with_grad == 0:
+                raise WrongOrder(
+                    "no gradients to apply: call Backward first (ZeroGrad with set_to_none "
+                    "removes them)",
+                    reason="NO_GRADIENTS",
+                )
+            with self._device_memory("step"):
+                self._optimizer.step()
+            self._parameters_changed = True
+            return self._bump(), with_grad
+
+    def zero_grad(self, set_to_none: bool = True) -> int:
+        """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
+        with self._lock:
+            self._optimizer.zero_grad(set_to_none=set_to_none)
+            return self._bump()
+
+    # --- reading and writing tensors -------------------------------------------------
+
+    def read(self, name: str, chain: IndexChain = (), *, values: bool = True) -> Read:
+        """A copy on the host of tensor[chain...], indexed on the device first."""
+        with self._lock:
+            _, tensor, _ = self._lookup(name)
+            if tensor is None:
+                return Read(self._version, name, None, None)
+            full_shape = tuple(tensor.shape)
+            part = select(tensor.detach(), chain, name)
+            if not values:
+                return Read(self._version, name, None, full_shape, part.dtype, tuple(part.shape))
+            with self._device_memory(f"reading {name}"):
+                # A copy, so that encoding after the lock is released sees this version.
+                host = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
+            return Read(self._version, name, host, full_shape)
+
+    def write(self, name: str, chain: IndexChain, value: TensorInput) -> int:
+        """tensor[chain...] = value, for parameters and gradients; value broadcasts and casts."""
+        with self._lock:
+            kind, tensor, param = self._lookup(name)
+            if param is None:
+                raise InvalidInput(
+                    f"{name!r} is the last Forward's {kind}; only parameters and gradients can be "
+                    "written",
+                    reason="READ_ONLY",
+                )
+            source = self._make(value, param.dtype, "value")
+            if kind == "gradient" and tensor is None:
+                tensor = torch.zeros_like(param)
+                fresh = True
+            else:
+                assert tensor is not None
+                fresh = False
+            target = select(tensor.detach(), chain, name, writable=True)
+            try:
+                shape = torch.broadcast_shapes(tuple(source.shape), tuple(target.shape))
+            except RuntimeError:
+                shape = None
+            if shape != tuple(target.shape):
+                raise InvalidInput(
+                    f"a value of shape {list(source.shape)} cannot be written to "
+                    f"{name}{'' if not chain else ' slice'} of shape {list(target.shape)}",
+                    reason="SHAPE_MISMATCH",
+                )
+            if not source.dtype.is_floating_point and param.dtype.is_floating_point:
+                source = source.to(param.dtype)
+            with torch.no_grad():
+                target.copy_(source)
+            if fresh:
+                param.grad = tensor
+            if kind == "parameter":
+                self._parameters_changed = True
+            return self._bump()
+
+    def fill_parameters(self, value: float, names: Sequence[str] = ()) -> tuple[int, list[str]]:
+        """p.data.fill_(value) for the named parameters, or all of them."""
+        with self._lock:
+            params = self.parameters
+            chosen = list(names) or list(params)
+            for name in chosen:
+                if name not in params:
+                    raise self._unknown(name)
+            with torch.no_grad():
+                for name in chosen:
+                    params[name].fill_(value)
+            self._parameters_changed = True
+            return self._bump(), chosen
+
+    def list_tensors(self) -> Listing:
+        """Every name GetTensor reads, with kind, dtype, shape and whether it exists now."""
+        with self._lock:
+            infos: list[TensorInfo] = []
+            params = self.parameters
+            for name, p in params.items():
+                infos.append(TensorInfo(name, "parameter", p.dtype, tuple(p.shape), True))
+            for name, p in params.items():
+                grad = p.grad
+                infos.append(
+                    TensorInfo(
+                        f"{name}.grad",
+                        "gradient",
+                        p.dtype if grad is None else grad.dtype,
+                        () if grad is None else tuple(grad.shape),
+                        grad is not None,
+                    )
+                )
+            for name in _FORWARD_NAMES:
+                _, t, _ = self._lookup(name)
+                default = torch.int64 if name == "target" else torch.float32
+                infos.append(
+                    TensorInfo(
+                        name,
+                        name,
+                        default if t is None else t.dtype,
+                        () if t is None else tuple(t.shape),
+                        t is not None,
+                    )
+                )
+            return Listing(self._version, self.spec.name, str(self.device), self._settings, infos)
+
+    # --- whole-state changes -------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> int:
+        """A new model, PyTorch's default initialisation (seeded if asked), and a new optimizer."""
+        with self._lock:
+            with self._device_memory("reset"):
+                model = self._build_model(seed)
+            self._optimizer = self._build_optimizer(model, self._settings)
+            self._model = model
+            self._clear_forward()
+            return self._bump()
+
+    def set_optimizer(self, settings: OptimizerSettings) -> tuple[int, OptimizerSettings]:
+        """Replaces the optimizer; its state (momentum, Adam's moments) starts afresh."""
+        with self._lock:
+            resolved = settings.resolved()
+            self._optimizer = self._build_optimizer(self._model, resolved)
+            self._settings = resolved
+            return self._bump(), resolved
+
+    @property
+    def optimizer_settings(self) -> OptimizerSettings:
+        return self._settings
