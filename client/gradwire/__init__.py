@@ -1,0 +1,43 @@
+"""gradwire: drive a PyTorch model's training step on a remote (GPU) server over gRPC.
+
+    import gradwire
+    with gradwire.connect("localhost:50051") as client:
+        client.forward(gradwire.Fill.ones(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64"))
+        client.backward()
+        print(client.remote.conv1.weight.grad[0][0][0])
+
+This package is the thin client: it needs grpcio, protobuf and numpy, not torch.
+"""
+
+from gradwire.client import (
+    Client,
+    ForwardResult,
+    Listing,
+    OptimizerConfig,
+    StepResult,
+    TensorInfo,
+    TensorRead,
+    connect,
+)
+from gradwire.errors import GradwireError, RemoteError
+from gradwire.fill import Fill
+from gradwire.remote import RemoteModel, RemoteTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Fill",
+    "ForwardResult",
+    "GradwireError",
+    "Listing",
+    "OptimizerConfig",
+    "RemoteError",
+    "RemoteModel",
+    "RemoteTensor",
+    "StepResult",
+    "TensorInfo",
+    "TensorRead",
+    "__version__",
+    "connect",
+]

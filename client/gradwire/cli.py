@@ -1,0 +1,512 @@
+"""The `gradwire` command: parse arguments, call the Client, print the result (or JSON with --json).
+
+Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from gradwire import codec
+from gradwire.client import DEFAULT_TARGET, Client
+from gradwire.display import format_size, format_tensor, torch_available
+from gradwire.errors import RemoteError
+from gradwire.fill import Fill
+from gradwire.selector import SelectorError, parse_selector
+
+Command = Callable[[argparse.Namespace, Client | None, TextIO], Any]
+
+SOURCE_HELP = (
+    "ones:SHAPE, zeros:SHAPE, full:VALUE:SHAPE, uniform:SHAPE, normal:SHAPE, "
+    "randint:HIGH:SHAPE (0 <= x < HIGH), each with an optional :DTYPE at the end "
+    "(float32, float64, int64, ...); or a .npy file. SHAPE is comma-separated: 8,3,10,10"
+)
+
+
+class UsageError(Exception):
+    """Arguments that parse but make no sense; exit code 2."""
+
+
+class CommandError(Exception):
+    """A local command that failed for a reason outside the arguments; exit code 1."""
+
+
+# --- argument values --------------------------------------------------------------
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(",") if part.strip() != "")
+    except ValueError:
+        raise UsageError(
+            f"bad shape {text!r}: expected comma-separated integers such as 8,3,10,10"
+        ) from None
+    if any(d < 0 for d in shape):
+        raise UsageError(f"bad shape {text!r}: dimensions cannot be negative")
+    return shape
+
+
+def parse_source(text: str, seed: int = 0) -> Any:
+    """A Fill (or a numpy array from a .npy file) from the CLI's source syntax."""
+    if text.endswith(".npy"):
+        path = Path(text)
+        if not path.is_file():
+            raise UsageError(f"no such file: {text}")
+        return np.load(path, allow_pickle=False)
+    parts = text.split(":")
+    kind = parts[0]
+    dtype = None
+    if len(parts) > 1 and parts[-1] and parts[-1][0].isalpha():
+        dtype = parts.pop()
+        try:
+            codec.dtype_from_name(dtype)
+        except codec.CodecError as err:
+            raise UsageError(f"bad source {text!r}: {err}") from None
+    try:
+        if kind in ("ones", "zeros", "uniform", "normal") and len(parts) == 2:
+            shape = _shape(parts[1])
+            if kind == "uniform":
+                return Fill.uniform(*shape, seed=seed, dtype=dtype)
+            if kind == "normal":
+                return Fill.normal(*shape, seed=seed, dtype=dtype)
+            return Fill(kind, shape, dtype)  # type: ignore[arg-type]
+        if kind == "full" and len(parts) == 3:
+            return Fill.constant(float(parts[1]), *_shape(parts[2]), dtype=dtype)
+        if kind == "randint" and len(parts) == 3:
+            return Fill.randint(0, int(parts[1]), *_shape(parts[2]), seed=seed, dtype=dtype)
+    except ValueError as err:
+        raise UsageError(f"bad source {text!r}: {err}") from None
+    raise UsageError(f"bad source {text!r}: expected {SOURCE_HELP}")
+
+
+def parse_value(text: str) -> Any:
+    """A value for `set`: a number, a JSON list, a fill spec or a .npy file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return parse_source(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float, list)):
+        raise UsageError(
+            f"bad value {text!r}: expected a number, a JSON list, a fill or a .npy file"
+        )
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # ragged lists
+        raise UsageError(f"bad value {text!r}: {err}") from None
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"bad value {text!r}: expected numbers")
+    return array.astype(np.float32) if array.dtype == np.float64 else array
+
+
+# --- output -----------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # JSON has no NaN or Infinity: say those as strings ("nan", "inf") so any parser
+        # reads the output, and keep every finite value a number.
+        mixed = array.astype(object)
+        bad = ~np.isfinite(array)
+        mixed[bad] = array[bad].astype(str)
+        return mixed.tolist()
+    return array.tolist()
+
+
+def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json:
+        out.write(json.dumps(data) + "\n")
+    else:
+        out.write(text + "\n")
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def cmd_forward(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    inputs = parse_source(args.input, args.seed)
+    target = None if args.no_targets else parse_source(args.targets, args.seed)
+    result = client.forward(inputs, target)
+    loss = "no target, no loss" if result.loss is None else f"loss {result.loss!r}"
+    _emit(
+        out,
+        args,
+        {"version": result.version, "output_shape": list(result.output_shape), "loss": result.loss},
+        f"output {format_size(result.output_shape)}, {loss} (version {result.version})",
+    )
+
+
+def cmd_backward(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    version = client.backward(retain_graph=args.retain_graph)
+    _emit(out, args, {"version": version}, f"backward done (version {version})")
+
+
+def cmd_step(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    result = client.step()
+    _emit(
+        out,
+        args,
+        {"version": result.version, "parameters_updated": result.parameters_updated},
+        f"step done: {result.parameters_updated} parameters updated (version {result.version})",
+    )
+
+
+def cmd_zero_grad(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    version = client.zero_grad(set_to_none=not args.zeros)
+    what = "zero tensors" if args.zeros else "None"
+    _emit(out, args, {"version": version}, f"gradients set to {what} (version {version})")
+
+
+def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    selector = parse_selector(args.selector)
+    read = client.read(
+        args.selector, values=not args.shape_only, as_torch=torch_available() and not args.json
+    )
+    data = {
+        "name": read.name,
+        "selector": str(selector),
+        "version": read.version,
+        "present": read.present,
+        "dtype": read.dtype,
+        "shape": None if read.shape is None else list(read.shape),
+        "full_shape": None if read.full_shape is None else list(read.full_shape),
+    }
+    if args.shape_only:
+        text = "None" if read.shape is None else format_size(read.shape)
+    else:
+        data["values"] = _jsonable(read.value)
+        text = format_tensor(read.value)
+    _emit(out, args, data, text)
+
+
+def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    version = client.set(args.selector, parse_value(args.value))
+    _emit(out, args, {"version": version}, f"{args.selector} written (version {version})")
+
+
+def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    version = client.fill_parameters(args.value, args.names)
+    which = ", ".join(args.names) if args.names else "every parameter"
+    _emit(out, args, {"version": version}, f"{which} filled with {args.value} (version {version})")
+
+
+def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    listing = client.list_tensors()
+    if args.json:
+        out.write(
+            json.dumps(
+                {
+                    "version": listing.version,
+                    "model": listing.model,
+                    "device": listing.device,
+                    "optimizer": vars(listing.optimizer),
+                    "tensors": [{**vars(t), "shape": list(t.shape)} for t in listing.tensors],
+                }
+            )
+            + "\n"
+        )
+        return
+    opt = listing.optimizer
+    out.write(
+        f"model {listing.model} on {listing.device}, optimizer {opt.kind} lr={opt.lr}, "
+        f"version {listing.version}\n"
+    )
+    width = max(len(t.name) for t in listing.tensors)
+    for t in listing.tensors:
+        shape = format_size(t.shape) if t.present else "None"
+        out.write(f"  {t.name:<{width}}  {t.kind:<9}  {t.dtype:<8}  {shape}\n")
+
+
+def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    version = client.reset(args.seed)
+    seeded = "unseeded" if args.seed is None else f"seed {args.seed}"
+    _emit(out, args, {"version": version}, f"model re-initialised, {seeded} (version {version})")
+
+
+def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    config = client.set_optimizer(
+        args.kind,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        eps=args.eps,
+        nesterov=args.nesterov,
+    )
+    settings = {k: v for k, v in vars(config).items() if v is not None}
+    text = config.kind + " " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "kind")
+    _emit(out, args, settings, text)
+
+
+def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    status = client.health(args.service)
+    _emit(out, args, {"status": status}, status)
+    if status != "SERVING":
+        raise CommandError(f"the server at {args.target} is {status}")
+
+
+def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
+    from gradwire.replay import replay
+
+    def run(c: Client) -> None:
+        lines: list[str] = []
+
+        def write(line: str) -> None:
+            if args.json:
+                lines.append(line)
+            else:
+                out.write(line + "\n")
+
+        result = replay(c, init=args.init, seed=args.seed, write=write)
+        if args.json:
+            out.write(
+                json.dumps(
+                    {
+                        "init": result.init,
+                        "output_shape": list(result.output_shape),
+                        "loss": result.loss,
+                        "grad_before_backward": _jsonable(result.grad_before_backward),
+                        "grad_slice": _jsonable(result.grad_slice),
+                        "weight_slice_before": _jsonable(result.weight_slice_before),
+                        "weight_slice_after": _jsonable(result.weight_slice_after),
+                        "grad_after_zero": _jsonable(result.grad_after_zero),
+                        "identity_holds": result.identity_holds,
+                        "transcript": lines,
+                    }
+                )
+                + "\n"
+            )
+
+    if client is not None:
+        run(client)
+        return
+    # --embedded: a server in this process on a free port, for trying gradwire with one command.
+    try:
+        from gradwire_server.app import start
+        from gradwire_server.errors import InvalidInput
+        from gradwire_server.trainer import Trainer, resolve_device
+    except ImportError as err:
+        raise UsageError(
+            f"--embedded needs the server side (torch): pip install 'gradwire[server]' ({err})"
+        ) from None
+    try:
+        device = resolve_device(args.device)
+    except InvalidInput as e:
+        raise UsageError(e.message) from None
+    running = start(Trainer(device=device), "127.0.0.1", 0)
+    try:
+        with Client(f"127.0.0.1:{running.port}", timeout=args.timeout) as embedded:
+            run(embedded)
+    finally:
+        running.stop(grace=None)
+
+
+def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
+    try:
+        from gradwire_server.app import serve
+        from gradwire_server.errors import InvalidInput
+    except ImportError as err:
+        raise UsageError(
+            f"serve needs the server side (torch): pip install 'gradwire[server]' ({err})"
+        ) from None
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        serve(
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            seed=args.seed,
+            max_workers=args.workers,
+            port_file=args.port_file,
+            grace=args.grace,
+        )
+    except InvalidInput as e:
+        raise UsageError(e.message) from None
+    except OSError as e:
+        raise CommandError(str(e)) from None
+
+
+# --- the parser ---------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target", default=DEFAULT_TARGET, help="server address host:port (default %(default)s)"
+    )
+    common.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)"
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+
+    parser = argparse.ArgumentParser(
+        prog="gradwire",
+        description="Drive a PyTorch model's training step on a (GPU) gradwire server over gRPC.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, help: str, remote: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func, remote=remote)
+        return p
+
+    p = add(
+        "serve",
+        cmd_serve,
+        "run a server in the foreground (Ctrl-C or SIGTERM stops it)",
+        remote=False,
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; 0.0.0.0 exposes it to the network (default %(default)s)",
+    )
+    p.add_argument(
+        "--port", type=int, default=50051, help="port; 0 picks a free one (default %(default)s)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for the model's initialisation")
+    p.add_argument(
+        "--workers", type=int, default=8, help="threads serving calls (default %(default)s)"
+    )
+    p.add_argument(
+        "--port-file", type=Path, default=None, help="write the bound port here once listening"
+    )
+    p.add_argument(
+        "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    p = add("forward", cmd_forward, "run the model and the loss on an input (Forward)")
+    p.add_argument(
+        "--input", default="ones:8,3,10,10", help=f"the input: {SOURCE_HELP} (default %(default)s)"
+    )
+    p.add_argument(
+        "--targets",
+        default="ones:8:int64",
+        help="class indices for the loss, same syntax (default %(default)s)",
+    )
+    p.add_argument("--no-targets", action="store_true", help="run the model only, no loss")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for uniform, normal and randint sources"
+    )
+
+    p = add("backward", cmd_backward, "backpropagate the last loss (Backward)")
+    p.add_argument(
+        "--retain-graph", action="store_true", help="keep the graph for another Backward"
+    )
+
+    add("step", cmd_step, "apply the optimizer (Step)")
+
+    p = add("zero-grad", cmd_zero_grad, "clear gradients (ZeroGrad); to None unless --zeros")
+    p.add_argument(
+        "--zeros", action="store_true", help="set gradients to zero tensors instead of None"
+    )
+
+    p = add("get", cmd_get, "print a tensor or slice: gradwire get 'conv1.weight.grad[0][0][0]'")
+    p.add_argument(
+        "selector", help="a name and optional numpy basic index: conv1.weight[0, :, 1:3]"
+    )
+    p.add_argument("--shape-only", action="store_true", help="print the shape, fetch no values")
+
+    p = add("set", cmd_set, "write a parameter or gradient, or a slice of one")
+    p.add_argument("selector", help="a name and optional index, as for get")
+    p.add_argument("value", help=f"a number, a JSON list, {SOURCE_HELP}")
+
+    p = add("fill", cmd_fill, "fill parameters with one value, as p.data.fill_(value)")
+    p.add_argument("value", type=float)
+    p.add_argument("names", nargs="*", help="parameters to fill (default: all)")
+
+    add("list", cmd_list, "list every tensor with its kind, dtype and shape")
+
+    p = add("reset", cmd_reset, "re-initialise the model and optimizer")
+    p.add_argument("--seed", type=int, default=None, help="torch.manual_seed before initialising")
+
+    p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")
+    p.add_argument("--kind", choices=["sgd", "adam"], default="sgd")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--beta1", type=float)
+    p.add_argument("--beta2", type=float)
+    p.add_argument("--eps", type=float)
+    p.add_argument("--nesterov", action="store_true", default=None)
+
+    p = add("health", cmd_health, "ask the standard gRPC health check; exit 0 when SERVING")
+    p.add_argument("--service", default="", help="service to ask about (default: the server)")
+
+    p = add(
+        "replay", cmd_replay, "replay the PyTorch tutorial over gRPC, printing what it computes"
+    )
+    p.add_argument(
+        "--init",
+        choices=["fill", "random"],
+        default="fill",
+        help="fill: every parameter 0.1, as the tutorial; "
+        "random: PyTorch's default init after torch.manual_seed(--seed)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--embedded", action="store_true", help="start a server in this process on a free port"
+    )
+    p.add_argument("--device", default="auto", help="with --embedded: auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Runs one command; returns the exit code (0 ok, 1 remote error, 2 usage error)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        # argparse prints usage, errors and --help itself: to this call's streams.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    try:
+        if not args.remote or (args.command == "replay" and args.embedded):
+            args.func(args, None, out)
+        else:
+            with Client(args.target, timeout=args.timeout) as client:
+                args.func(args, client, out)
+    except (UsageError, SelectorError, codec.CodecError) as e:
+        err.write(f"gradwire {args.command}: error: {e}\n")
+        return 2
+    except RemoteError as e:
+        err.write(f"error: {e}\n")
+        return 1
+    except CommandError as e:
+        err.write(f"gradwire {args.command}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130
+    return 0
+
+
+def main_entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -1,0 +1,151 @@
+"""Typed exceptions for remote errors: one class per gRPC status code, built from grpc.RpcError.
+
+The server attaches a google.rpc.ErrorInfo to every error; its `reason` ("UNKNOWN_TENSOR",
+"NO_LOSS", ...) and `metadata` are exposed so that callers can branch without parsing text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "Cancelled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "GradwireError",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "RemoteError",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "from_rpc_error",
+]
+
+
+class GradwireError(Exception):
+    """Base of every error this package raises."""
+
+
+class RemoteError(GradwireError):
+    """The server (or the channel to it) answered with a non-OK status."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self, message: str, *, reason: str = "", metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        #: stable machine-readable cause from google.rpc.ErrorInfo, "" when absent
+        self.reason = reason
+        #: ErrorInfo metadata, e.g. {"name": "conv1.wieght", "closest": "conv1.weight"}
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class Cancelled(RemoteError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(RemoteError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(RemoteError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(RemoteError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFound(RemoteError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(RemoteError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(RemoteError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(RemoteError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(RemoteError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(RemoteError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(RemoteError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unimplemented(RemoteError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(RemoteError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unavailable(RemoteError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(RemoteError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unauthenticated(RemoteError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
+    cls.code: cls for cls in RemoteError.__subclasses__()
+}
+
+
+def _error_info(error: Any) -> tuple[str, dict[str, str]]:
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        return "", {}
+    if status is None:
+        return "", {}
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason, dict(info.metadata)
+    return "", {}
+
+
+def from_rpc_error(error: grpc.RpcError) -> RemoteError:
+    """The typed exception for a failed call, with the server's message and ErrorInfo."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else None
+    reason, metadata = _error_info(error)
+    cls = _BY_CODE.get(code, Unknown)
+    return cls(details or code.name.lower().replace("_", " "), reason=reason, metadata=metadata)

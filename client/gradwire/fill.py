@@ -1,0 +1,88 @@
+"""Tensors the server makes itself (ones, zeros, a constant, seeded random values).
+
+Big synthetic batches then need no upload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from gradwire import codec
+from gradwire._pb import trainer_pb2 as pb
+
+FillKind = Literal["zeros", "ones", "constant", "uniform", "normal", "randint"]
+_KIND: dict[str, int] = {
+    "zeros": pb.Fill.KIND_ZEROS,
+    "ones": pb.Fill.KIND_ONES,
+    "constant": pb.Fill.KIND_CONSTANT,
+    "uniform": pb.Fill.KIND_UNIFORM,
+    "normal": pb.Fill.KIND_NORMAL,
+    "randint": pb.Fill.KIND_RANDINT,
+}
+
+
+@dataclass(frozen=True)
+class Fill:
+    """A fill spec: `Fill.ones(8, 3, 10, 10)` is the tutorial's `torch.ones(8, 3, 10, 10)`."""
+
+    kind: FillKind
+    shape: tuple[int, ...]
+    dtype: str | None = None  # "float32", "int64", ...; None: float32 for inputs, int64 for targets
+    value: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    std: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def ones(cls, *shape: int, dtype: str | None = None) -> Fill:
+        return cls("ones", tuple(shape), dtype)
+
+    @classmethod
+    def zeros(cls, *shape: int, dtype: str | None = None) -> Fill:
+        return cls("zeros", tuple(shape), dtype)
+
+    @classmethod
+    def constant(cls, value: float, *shape: int, dtype: str | None = None) -> Fill:
+        return cls("constant", tuple(shape), dtype, value=value)
+
+    @classmethod
+    def uniform(
+        cls,
+        *shape: int,
+        low: float = 0.0,
+        high: float = 1.0,
+        seed: int = 0,
+        dtype: str | None = None,
+    ) -> Fill:
+        return cls("uniform", tuple(shape), dtype, low=low, high=high, seed=seed)
+
+    @classmethod
+    def normal(
+        cls,
+        *shape: int,
+        mean: float = 0.0,
+        std: float = 1.0,
+        seed: int = 0,
+        dtype: str | None = None,
+    ) -> Fill:
+        return cls("normal", tuple(shape), dtype, value=mean, std=std, seed=seed)
+
+    @classmethod
+    def randint(
+        cls, low: int, high: int, *shape: int, seed: int = 0, dtype: str | None = None
+    ) -> Fill:
+        return cls("randint", tuple(shape), dtype, low=low, high=high, seed=seed)
+
+    def to_proto(self) -> pb.Fill:
+        return pb.Fill(
+            kind=_KIND[self.kind],  # type: ignore[arg-type]
+            shape=self.shape,
+            dtype=codec.dtype_from_name(self.dtype) if self.dtype else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
+            value=self.value,
+            low=self.low,
+            high=self.high,
+            std=self.std,
+            seed=self.seed,
+        )

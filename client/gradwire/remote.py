@@ -1,0 +1,98 @@
+"""The remote model as attributes and indexing, with the tutorial's own shape:
+`remote.conv1.weight.grad[0][0][0]` names exactly that slice, and fetches only it.
+
+Nothing is fetched until a value is asked for (`numpy()`, `torch()`, `fetch()`, `repr`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gradwire import codec
+from gradwire.display import format_tensor, torch_available
+
+if TYPE_CHECKING:
+    import torch
+
+    from gradwire.client import Client, TensorRead
+
+__all__ = ["RemoteModel", "RemoteTensor"]
+
+
+class RemoteTensor:
+    """A name on the server and a chain of index keys: a lazy view of one tensor or slice."""
+
+    __slots__ = ("_chain", "_client", "_name")
+
+    def __init__(self, client: Client, name: str, chain: tuple[codec.IndexKey, ...] = ()) -> None:
+        self._client = client
+        self._name = name
+        self._chain = chain
+
+    def __getattr__(self, attribute: str) -> RemoteTensor:
+        if attribute.startswith("_") or self._chain:
+            raise AttributeError(attribute)
+        return RemoteTensor(self._client, f"{self._name}.{attribute}")
+
+    def __getitem__(self, key: codec.IndexKey) -> RemoteTensor:
+        codec.index_to_proto(key)  # refuse what is not basic indexing now, not at fetch time
+        return RemoteTensor(self._client, self._name, (*self._chain, key))
+
+    @property
+    def selector(self) -> str:
+        """The text form, e.g. "conv1.weight.grad[0][0][0]"."""
+        chain = [k if isinstance(k, tuple) else (k,) for k in self._chain]
+        return self._name + codec.format_index(chain)
+
+    def fetch(self, *, as_torch: bool = False) -> TensorRead:
+        """GetTensor for this name and slice: values, version and shapes."""
+        return self._client._read(self._name, self._chain, as_torch=as_torch)
+
+    def numpy(self) -> np.ndarray[Any, Any] | None:
+        """The values as a numpy array; None when absent (a gradient before Backward)."""
+        return self.fetch().value  # type: ignore[no-any-return]
+
+    def torch(self) -> torch.Tensor | None:
+        """The values as a CPU torch tensor in their own dtype; None when absent."""
+        return self.fetch(as_torch=True).value  # type: ignore[no-any-return]
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The shape, fetched without the values; None when absent."""
+        return self._client._read(self._name, self._chain, values=False).shape
+
+    def set(self, value: Any) -> int:
+        """Writes value (broadcast, cast) into this tensor or slice; returns the new version."""
+        return self._client._set(self._name, self._chain, value)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
+        value = self.numpy()
+        if value is None:
+            raise ValueError(f"{self.selector} is absent (None) on the server")
+        return value if dtype is None else value.astype(dtype)
+
+    def __repr__(self) -> str:
+        return format_tensor(self.fetch(as_torch=torch_available()).value)
+
+
+class RemoteModel:
+    """The served model: `remote.conv1.weight`, `remote.output`, `remote["conv1.weight"]`."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, attribute: str) -> RemoteTensor:
+        if attribute.startswith("_"):
+            raise AttributeError(attribute)
+        return RemoteTensor(self._client, attribute)
+
+    def __getitem__(self, name: str) -> RemoteTensor:
+        return RemoteTensor(self._client, name)
+
+    def __dir__(self) -> list[str]:
+        names = self._client.list_tensors().names()
+        return sorted({name.split(".")[0] for name in names})
