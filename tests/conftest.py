@@ -1,0 +1,44 @@
+"""Shared fixtures: a real gradwire server in this process on 127.0.0.1, a free port, no sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradwire
+import pytest
+import torch
+from gradwire_server.app import Running, start
+from gradwire_server.trainer import Trainer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def trainer() -> Trainer:
+    """A fresh CPU trainer, seeded so every test starts from the same weights."""
+    return Trainer(device="cpu", seed=0)
+
+
+@pytest.fixture
+def server(trainer: Trainer) -> Iterator[Running]:
+    running = start(trainer, "127.0.0.1", 0)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture
+def address(server: Running) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[gradwire.Client]:
+    with gradwire.connect(address, timeout=30) as c:
+        yield c

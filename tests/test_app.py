@@ -1,0 +1,113 @@
+"""The server process: health, reflection, one port per server, `gradwire serve`, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradwire
+import grpc
+import pytest
+from gradwire_server.app import SERVICE_NAME, Running, start
+from gradwire_server.trainer import Trainer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+
+def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    running.health.enter_graceful_shutdown()
+    answer = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    running.stop(grace=None)
+    channel.close()
+
+
+def test_reflection_lists_the_services(server: Running, address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"gradwire.v1.Trainer", "grpc.health.v1.Health"} <= names
+
+
+def test_a_second_server_cannot_take_the_same_port(server: Running, trainer: Trainer) -> None:
+    with pytest.raises(OSError, match="in use"):
+        start(trainer, "127.0.0.1", server.port)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """`gradwire serve` as its own process, as a user starts it."""
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradwire.cli",
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--port-file",
+            str(port_file),
+            "--grace",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log = []
+    for line in process.stderr:  # blocks until the server says it listens: no sleeps
+        log.append(line)
+        if "listening on" in line:
+            break
+    else:
+        pytest.fail("the server exited before listening:\n" + "".join(log))
+    assert any("model Simple on cpu" in line for line in log), log
+    yield process, int(port_file.read_text())
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_gracefully_on_a_signal(
+    served: tuple[subprocess.Popen[str], int], signum: signal.Signals
+) -> None:
+    process, port = served
+    with gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client:
+        client.wait_ready(10)
+        version = client.fill_parameters(0.1)
+    process.send_signal(signum)
+    assert process.wait(timeout=20) == 0
+    assert process.stderr is not None
+    rest = process.stderr.read()
+    assert f"{signal.Signals(signum).name} received" in rest
+    assert f"stopped at state version {version}" in rest
+
+
+def test_serve_refuses_a_device_it_does_not_have() -> None:
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = subprocess.run(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cuda:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "no CUDA device" in out.stderr

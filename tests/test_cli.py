@@ -1,0 +1,589 @@
+"""The `gradwire` command, run in-process through `main(argv, out, err)` against a real server."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradwire
+import numpy as np
+import pytest
+import torch
+from gradwire.cli import main
+from gradwire_server.models import Simple
+from torch import nn
+
+from tests.reference import run_tutorial
+
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+Run = Callable[..., Result]
+
+
+def run_main(*argv: str) -> Result:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out, err)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli(address: str) -> Run:
+    """Runs one command against the fixture server."""
+
+    def run(*argv: str) -> Result:
+        return run_main(*argv, "--target", address)
+
+    return run
+
+
+@pytest.fixture
+def dead_address() -> str:
+    """An address where nothing listens: a port the system just handed out, then freed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+def local_model(seed: int = 0) -> Simple:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Simple()
+
+
+def local_weights(name: str, seed: int = 0) -> np.ndarray[Any, Any]:
+    return dict(local_model(seed).named_parameters())[name].detach().numpy()
+
+
+def local_ones_loss() -> float:
+    model = local_model()
+    loss = nn.CrossEntropyLoss()(model(torch.ones(8, 3, 10, 10)), torch.ones(8, dtype=torch.long))
+    return loss.item()
+
+
+def get(client: gradwire.Client, selector: str) -> np.ndarray[Any, Any]:
+    value = client.get(selector)
+    assert value is not None, f"{selector} is absent"
+    return value
+
+
+# --- forward --------------------------------------------------------------------------------
+
+
+def test_forward_with_the_default_sources(cli: Run) -> None:
+    result = cli("forward")
+    assert result.code == 0
+    assert result.out == f"output torch.Size([8, 20]), loss {local_ones_loss()!r} (version 1)\n"
+    assert result.err == ""
+
+
+def test_forward_json(cli: Run) -> None:
+    result = cli("forward", "--json")
+    assert result.json() == {"version": 1, "output_shape": [8, 20], "loss": local_ones_loss()}
+
+
+def test_forward_with_seeded_random_sources(cli: Run, client: gradwire.Client) -> None:
+    result = cli(
+        "forward", "--input", "uniform:4,3,10,10", "--targets", "randint:20:4", "--seed", "5",
+        "--json",
+    )  # fmt: skip
+    x = torch.empty(4, 3, 10, 10).uniform_(0, 1, generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, 20, (4,), generator=torch.Generator().manual_seed(5))
+    loss = nn.CrossEntropyLoss()(local_model()(x), y)
+    assert result.json() == {"version": 1, "output_shape": [4, 20], "loss": loss.item()}
+    assert np.array_equal(get(client, "input"), x.numpy())
+    assert np.array_equal(get(client, "target"), y.numpy())
+
+
+def test_forward_with_a_constant_and_a_dtype_suffix(cli: Run, client: gradwire.Client) -> None:
+    result = cli("forward", "--input", "full:0.5:2,3,10,10:float32", "--targets", "zeros:2:int64")
+    assert result.code == 0
+    assert result.out.startswith("output torch.Size([2, 20]), loss ")
+    assert np.array_equal(get(client, "input"), np.full((2, 3, 10, 10), 0.5, np.float32))
+    assert np.array_equal(get(client, "target"), np.zeros(2, np.int64))
+
+
+def test_forward_with_npy_files(cli: Run, client: gradwire.Client, tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((3, 3, 10, 10)).astype(np.float32)
+    y = np.array([0, 7, 19], dtype=np.int64)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    result = cli("forward", "--input", f"{tmp_path}/x.npy", "--targets", f"{tmp_path}/y.npy")
+    loss = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(y))
+    assert result.out == f"output torch.Size([3, 20]), loss {loss.item()!r} (version 1)\n"
+    assert np.array_equal(get(client, "input"), x)
+
+
+def test_forward_without_targets(cli: Run, client: gradwire.Client) -> None:
+    result = cli("forward", "--no-targets")
+    assert result.out == "output torch.Size([8, 20]), no target, no loss (version 1)\n"
+    assert client.get("loss") is None
+    assert cli("forward", "--no-targets", "--json").json()["loss"] is None
+
+
+# --- backward, step, zero-grad ----------------------------------------------------------------
+
+
+def test_backward(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    result = cli("backward")
+    assert (result.code, result.out) == (0, "backward done (version 2)\n")
+    assert client.shape("conv1.weight.grad") == (16, 3, 3, 3)
+
+
+def test_backward_with_retain_graph_allows_a_second_backward(cli: Run) -> None:
+    cli("forward")
+    assert cli("backward", "--retain-graph").code == 0
+    assert cli("backward", "--json").json() == {"version": 3}
+
+
+def test_backward_before_forward_exits_1(cli: Run) -> None:
+    result = cli("backward")
+    assert result.code == 1
+    assert result.err.startswith("error: FAILED_PRECONDITION: no loss to backpropagate")
+    assert result.out == ""
+
+
+def test_step(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    cli("backward")
+    before = get(client, "conv1.weight")
+    grad = get(client, "conv1.weight.grad")
+    result = cli("step")
+    assert result.out == "step done: 3 parameters updated (version 3)\n"
+    assert np.array_equal(get(client, "conv1.weight"), before - grad)
+
+
+def test_step_json(cli: Run) -> None:
+    cli("forward")
+    cli("backward")
+    assert cli("step", "--json").json() == {"version": 3, "parameters_updated": 3}
+
+
+def test_step_before_backward_exits_1(cli: Run) -> None:
+    result = cli("step")
+    assert result.code == 1
+    assert result.err.startswith("error: FAILED_PRECONDITION: no gradients to apply")
+
+
+def test_zero_grad_sets_gradients_to_none(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    cli("backward")
+    result = cli("zero-grad")
+    assert result.out == "gradients set to None (version 3)\n"
+    assert all(client.get(f"{name}.grad") is None for name in PARAMETERS)
+
+
+def test_zero_grad_zeros_leaves_zero_tensors(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    cli("backward")
+    result = cli("zero-grad", "--zeros")
+    assert result.out == "gradients set to zero tensors (version 3)\n"
+    grad = get(client, "linear.weight.grad")
+    assert grad.shape == (20, 3200)
+    assert not grad.any()
+
+
+# --- get -------------------------------------------------------------------------------------
+
+
+def test_get_prints_the_torch_repr(cli: Run) -> None:
+    result = cli("get", "conv1.weight[0][0][0]")
+    expected = local_model().conv1.weight[0][0][0].detach()
+    assert result.code == 0
+    assert result.out == repr(expected) + "\n"
+
+
+def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    cli("backward")
+    data = cli("get", "conv1.weight.grad[0, :, 1:3]", "--json").json()
+    expected = get(client, "conv1.weight.grad[0, :, 1:3]")
+    assert np.array_equal(np.array(data.pop("values"), dtype=np.float32), expected)
+    assert data == {
+        "name": "conv1.weight.grad",
+        "selector": "conv1.weight.grad[0, :, 1:3]",
+        "version": 2,
+        "present": True,
+        "dtype": "float32",
+        "shape": [3, 2, 3],
+        "full_shape": [16, 3, 3, 3],
+    }
+
+
+def test_get_of_an_absent_gradient(cli: Run) -> None:
+    assert cli("get", "conv1.weight.grad").out == "None\n"
+    data = cli("get", "conv1.weight.grad", "--json").json()
+    assert (data["present"], data["values"], data["shape"]) == (False, None, None)
+
+
+def test_get_shape_only(cli: Run) -> None:
+    assert cli("get", "conv1.weight[0, :, 1:3]", "--shape-only").out == "torch.Size([3, 2, 3])\n"
+    data = cli("get", "linear.weight", "--shape-only", "--json").json()
+    assert data["shape"] == [20, 3200]
+    assert "values" not in data
+    assert cli("get", "conv2.weight.grad", "--shape-only").out == "None\n"
+
+
+def test_get_an_unknown_name_exits_1(cli: Run) -> None:
+    result = cli("get", "conv1.wieght")
+    assert result.code == 1
+    assert result.err.startswith("error: NOT_FOUND:")
+    assert "'conv1.weight'" in result.err
+
+
+def test_get_past_the_end_exits_1(cli: Run) -> None:
+    result = cli("get", "conv1.weight[16]")
+    assert result.code == 1
+    assert result.err.startswith("error: OUT_OF_RANGE:")
+
+
+def test_get_a_bad_selector_exits_2(cli: Run) -> None:
+    result = cli("get", "conv1.weight[0")
+    assert result.code == 2
+    assert result.err.startswith("gradwire get: error: 'conv1.weight[0'")
+    assert result.out == ""
+
+
+# --- set, fill ---------------------------------------------------------------------------
+
+
+def test_set_a_number_broadcasts(cli: Run, client: gradwire.Client) -> None:
+    result = cli("set", "conv1.weight[0]", "0.5")
+    assert result.out == "conv1.weight[0] written (version 1)\n"
+    expected = local_weights("conv1.weight").copy()
+    expected[0] = 0.5
+    assert np.array_equal(get(client, "conv1.weight"), expected)
+
+
+def test_set_a_negative_number(cli: Run, client: gradwire.Client) -> None:
+    assert cli("set", "conv2.weight[3]", "-1").code == 0
+    assert np.array_equal(get(client, "conv2.weight[3]"), np.full((16, 3, 3), -1.0, np.float32))
+
+
+def test_set_a_json_list(cli: Run, client: gradwire.Client) -> None:
+    assert cli("set", "conv1.weight[0][0][0]", "[1.5, 2, -3]").code == 0
+    assert np.array_equal(get(client, "conv1.weight[0][0][0]"), np.array([1.5, 2, -3], np.float32))
+
+
+def test_set_from_an_npy_file(cli: Run, client: gradwire.Client, tmp_path: Path) -> None:
+    values = np.random.default_rng(4).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    path = tmp_path / "w.npy"
+    np.save(path, values)
+    assert cli("set", "conv1.weight", str(path)).code == 0
+    assert np.array_equal(get(client, "conv1.weight"), values)
+
+
+def test_set_from_a_fill_spec(cli: Run, client: gradwire.Client) -> None:
+    assert cli("set", "linear.weight.grad", "ones:20,3200").code == 0
+    assert np.array_equal(get(client, "linear.weight.grad"), np.ones((20, 3200), np.float32))
+
+
+def test_set_json(cli: Run) -> None:
+    assert cli("set", "conv1.weight", "0", "--json").json() == {"version": 1}
+
+
+def test_set_the_wrong_shape_exits_1(cli: Run) -> None:
+    result = cli("set", "conv1.weight[0][0][0]", "[1, 2]")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT:")
+
+
+def test_set_a_missing_npy_file_exits_2(cli: Run, tmp_path: Path) -> None:
+    result = cli("set", "conv1.weight", str(tmp_path / "missing.npy"))
+    assert result.code == 2
+    assert "no such file" in result.err
+
+
+def test_set_a_boolean_exits_2(cli: Run) -> None:
+    result = cli("set", "conv1.weight", "true")
+    assert result.code == 2
+    assert result.err.startswith("gradwire set: error: bad value 'true'")
+
+
+def test_fill_every_parameter(cli: Run, client: gradwire.Client) -> None:
+    result = cli("fill", "0.1")
+    assert result.out == "every parameter filled with 0.1 (version 1)\n"
+    for name in PARAMETERS:
+        assert np.all(get(client, name) == np.float32(0.1)), name
+
+
+def test_fill_named_parameters(cli: Run, client: gradwire.Client) -> None:
+    result = cli("fill", "-2", "conv1.weight", "linear.weight", "--json")
+    assert result.json() == {"version": 1}
+    assert np.all(get(client, "conv1.weight") == -2.0)
+    assert np.all(get(client, "linear.weight") == -2.0)
+    assert np.array_equal(get(client, "conv2.weight"), local_weights("conv2.weight"))
+
+
+def test_fill_an_unknown_parameter_exits_1(cli: Run) -> None:
+    result = cli("fill", "1", "conv9.weight")
+    assert result.code == 1
+    assert result.err.startswith("error: NOT_FOUND:")
+
+
+# --- list, reset, optimizer ----------------------------------------------------------------
+
+
+def test_list_text(cli: Run) -> None:
+    lines = cli("list").out.splitlines()
+    assert lines[0] == "model Simple on cpu, optimizer sgd lr=1.0, version 0"
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[1:]}
+    assert list(rows) == [
+        *PARAMETERS,
+        *(f"{name}.grad" for name in PARAMETERS),
+        "input",
+        "target",
+        "output",
+        "loss",
+    ]
+    assert rows["conv1.weight"].split(maxsplit=2) == [
+        "parameter",
+        "float32",
+        "torch.Size([16, 3, 3, 3])",
+    ]
+    assert rows["conv1.weight.grad"].split() == ["gradient", "float32", "None"]
+    assert rows["target"].split() == ["target", "int64", "None"]
+
+
+def test_list_json(cli: Run) -> None:
+    cli("forward")
+    data = cli("list", "--json").json()
+    assert (data["version"], data["model"], data["device"]) == (1, "Simple", "cpu")
+    assert data["optimizer"]["kind"] == "sgd"
+    assert data["optimizer"]["lr"] == 1.0
+    tensors = {t["name"]: t for t in data["tensors"]}
+    assert tensors["output"] == {
+        "name": "output",
+        "kind": "output",
+        "dtype": "float32",
+        "shape": [8, 20],
+        "present": True,
+    }
+    assert tensors["conv1.weight.grad"]["present"] is False
+
+
+def test_reset_with_a_seed(cli: Run, client: gradwire.Client) -> None:
+    cli("fill", "0")
+    result = cli("reset", "--seed", "3")
+    assert result.out == "model re-initialised, seed 3 (version 2)\n"
+    for name in PARAMETERS:
+        assert np.array_equal(get(client, name), local_weights(name, seed=3)), name
+
+
+def test_reset_unseeded(cli: Run, client: gradwire.Client) -> None:
+    cli("forward")
+    result = cli("reset")
+    assert result.out == "model re-initialised, unseeded (version 2)\n"
+    assert client.get("output") is None
+
+
+def test_optimizer_adam(cli: Run, client: gradwire.Client) -> None:
+    result = cli("optimizer", "--kind", "adam", "--lr", "0.01")
+    assert result.out == "adam lr=0.01 weight_decay=0.0 beta1=0.9 beta2=0.999 eps=1e-08\n"
+    assert client.list_tensors().optimizer == gradwire.OptimizerConfig(
+        kind="adam", lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+
+
+def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
+    result = cli("optimizer", "--momentum", "0.9", "--nesterov", "--lr", "0.5", "--json")
+    assert result.json() == {
+        "kind": "sgd",
+        "lr": 0.5,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "nesterov": True,
+    }
+
+
+def test_optimizer_setting_of_the_other_kind_exits_1(cli: Run) -> None:
+    result = cli("optimizer", "--kind", "adam", "--momentum", "0.9")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT: momentum is not a setting of ADAM")
+
+
+def test_optimizer_unknown_kind_exits_2(cli: Run) -> None:
+    assert cli("optimizer", "--kind", "rmsprop").code == 2
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+def test_replay_against_the_server(cli: Run) -> None:
+    reference = run_tutorial("fill")
+    result = cli("replay")
+    assert result.code == 0
+    assert "torch.Size([8, 20])" in result.out
+    assert "bit for bit: True" in result.out
+    assert repr(reference.loss) in result.out.splitlines()
+    assert result.out.startswith(">>> model = Simple()\n")
+
+
+def test_replay_json_matches_the_local_tutorial(cli: Run) -> None:
+    reference = run_tutorial("fill")
+    data = cli("replay", "--json").json()
+    assert data["init"] == "fill"
+    assert data["output_shape"] == [8, 20]
+    assert data["loss"] == reference.loss
+    assert data["identity_holds"] is True
+    assert data["grad_before_backward"] is None
+    assert data["grad_after_zero"] is None
+    for field in ("grad_slice", "weight_slice_before", "weight_slice_after"):
+        expected = getattr(reference, field).numpy()
+        assert np.array_equal(np.array(data[field], dtype=np.float32), expected), field
+    assert any("bit for bit: True" in line for line in data["transcript"])
+
+
+def test_replay_random_init_matches_the_local_tutorial(cli: Run) -> None:
+    reference = run_tutorial("random", seed=2)
+    data = cli("replay", "--init", "random", "--seed", "2", "--json").json()
+    assert data["loss"] == reference.loss
+    assert np.array_equal(np.array(data["grad_slice"], np.float32), reference.grad_slice.numpy())
+
+
+def test_replay_embedded_uses_its_own_server(cli: Run, client: gradwire.Client) -> None:
+    result = cli("replay", "--embedded", "--device", "cpu")
+    assert result.code == 0
+    assert "torch.Size([8, 20])" in result.out
+    assert "bit for bit: True" in result.out
+    assert client.list_tensors().version == 0  # the fixture's server was never called
+
+
+def test_replay_embedded_with_an_unknown_device_exits_2(cli: Run) -> None:
+    result = cli("replay", "--embedded", "--device", "nonsense")
+    assert result.code == 2
+    assert result.err.startswith("gradwire replay: error: unknown device 'nonsense'")
+    assert result.out == ""
+
+
+def test_serve_with_an_unknown_device_exits_2() -> None:
+    result = run_main("serve", "--device", "nonsense", "--port", "0")
+    assert result.code == 2
+    assert result.err.startswith("gradwire serve: error: unknown device 'nonsense'")
+
+
+def test_serve_with_a_bad_log_level_exits_2() -> None:
+    assert run_main("serve", "--log-level", "loud").code == 2
+
+
+# --- usage errors, exit codes, --json ----------------------------------------------------------
+
+
+def test_a_bad_source_exits_2(cli: Run) -> None:
+    result = cli("forward", "--input", "ones:x")
+    assert result.code == 2
+    assert result.err.startswith("gradwire forward: error: bad source 'ones:x'")
+    assert result.out == ""
+
+
+def test_a_bad_shape_exits_2(cli: Run) -> None:
+    result = cli("forward", "--input", "ones:8,a,10,10")
+    assert result.code == 2
+    assert "bad shape '8,a,10,10'" in result.err
+
+
+def test_an_unknown_subcommand_exits_2(address: str) -> None:
+    assert run_main("bogus", "--target", address).code == 2
+
+
+def test_no_subcommand_exits_2() -> None:
+    assert run_main().code == 2
+
+
+def test_a_missing_argument_exits_2(cli: Run) -> None:
+    assert cli("get").code == 2
+
+
+def test_help_exits_0() -> None:
+    result = run_main("--help")
+    assert result.code == 0
+    assert "usage: gradwire" in result.out
+
+
+JSON_CASES: list[tuple[list[list[str]], list[str]]] = [
+    ([], ["forward"]),
+    ([], ["forward", "--no-targets"]),
+    ([["forward"]], ["backward"]),
+    ([["forward"], ["backward"]], ["step"]),
+    ([], ["zero-grad"]),
+    ([], ["zero-grad", "--zeros"]),
+    ([], ["get", "conv1.weight[0][0][0]"]),
+    ([], ["get", "conv1.weight.grad"]),
+    ([], ["get", "linear.weight", "--shape-only"]),
+    ([], ["set", "conv1.weight[0]", "0.5"]),
+    ([], ["fill", "0.1"]),
+    ([], ["list"]),
+    ([], ["reset", "--seed", "1"]),
+    ([], ["reset"]),
+    ([], ["optimizer", "--kind", "adam"]),
+    ([], ["replay"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "argv"), JSON_CASES, ids=[" ".join(argv) for _, argv in JSON_CASES]
+)
+def test_json_output_is_one_json_object(cli: Run, setup: list[list[str]], argv: list[str]) -> None:
+    for before in setup:
+        assert cli(*before).code == 0
+    result = cli(*argv, "--json")
+    assert result.code == 0
+    assert result.out.count("\n") == 1
+    assert isinstance(result.json(), dict)
+
+
+@pytest.mark.parametrize(
+    "argv", [["list"], ["forward"], ["get", "conv1.weight"]], ids=lambda a: a[0]
+)
+def test_an_unreachable_server_exits_1_unavailable(dead_address: str, argv: list[str]) -> None:
+    result = run_main(*argv, "--target", dead_address, "--timeout", "2")
+    assert result.code == 1
+    assert result.err.startswith("error: UNAVAILABLE:")
+    assert result.out == ""
+
+
+# --- regressions: bugs found once, each test states the intended behaviour -------------------
+
+
+def test_get_json_keeps_finite_values_as_numbers_next_to_nan(
+    cli: Run, client: gradwire.Client
+) -> None:
+    client.set("conv1.weight[0][0][0]", np.array([np.nan, 1.0, 2.0], dtype=np.float32))
+    values = cli("get", "conv1.weight[0][0][0]", "--json").json()["values"]
+    assert isinstance(values[0], str)
+    assert values[1:] == [1.0, 2.0]
+
+
+def test_an_unknown_dtype_in_a_source_exits_2(cli: Run) -> None:
+    result = cli("forward", "--input", "ones:8,3,10,10:float99")
+    assert result.code == 2
+    assert "float99" in result.err
+
+
+def test_set_a_ragged_json_list_exits_2(cli: Run) -> None:
+    result = cli("set", "conv1.weight", "[[1], [2, 3]]")
+    assert result.code == 2
+    assert result.err.startswith("gradwire set: error:")
+
+
+def test_a_usage_error_is_written_to_err() -> None:
+    result = run_main("bogus")
+    assert result.code == 2
+    assert "invalid choice: 'bogus'" in result.err

@@ -1,0 +1,707 @@
+"""The Python client and the remote view, through a real channel to an in-process server.
+
+Every value is checked against plain PyTorch run here on the same weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import gradwire
+import numpy as np
+import pytest
+import torch
+from gradwire import errors
+from gradwire.codec import CodecError
+from gradwire.fill import Fill
+from gradwire_server.models import Simple
+from torch import nn
+
+ONES_INPUT = Fill.ones(8, 3, 10, 10)
+ONES_TARGET = Fill.ones(8, dtype="int64")
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+SHAPES = {
+    "conv1.weight": (16, 3, 3, 3),
+    "conv2.weight": (32, 16, 3, 3),
+    "linear.weight": (20, 3200),
+}
+
+
+def local_model(seed: int = 0) -> Simple:
+    """`torch.manual_seed(seed); Simple()`, without disturbing this process's generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Simple()
+
+
+def weights(model: nn.Module, name: str) -> np.ndarray[Any, Any]:
+    return dict(model.named_parameters())[name].detach().numpy()
+
+
+def local_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward and backward on the local model; returns the loss."""
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    loss.backward()
+    return loss
+
+
+def ones_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(8, 3, 10, 10), torch.ones(8, dtype=torch.long)
+
+
+def current_version(client: gradwire.Client) -> int:
+    return client.list_tensors().version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+# --- Forward ------------------------------------------------------------------------
+
+
+def test_forward_with_fill_gives_output_shape_and_local_loss(client: gradwire.Client) -> None:
+    result = client.forward(ONES_INPUT, ONES_TARGET)
+    x, y = ones_batch()
+    expected = nn.CrossEntropyLoss()(local_model()(x), y)
+    assert result.output_shape == (8, 20)
+    assert result.loss == expected.item()
+    assert result.version == 1
+
+
+def test_forward_with_numpy_arrays_gives_local_loss(client: gradwire.Client) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=5).astype(np.int64)
+    result = client.forward(x, y)
+    expected = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(y))
+    assert result.output_shape == (5, 20)
+    assert result.loss == expected.item()
+
+
+def test_forward_with_torch_tensors_gives_local_loss(client: gradwire.Client) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 10, 10, generator=gen)
+    y = torch.tensor([4, 19])
+    result = client.forward(x, y)
+    expected = nn.CrossEntropyLoss()(local_model()(x), y)
+    assert result.output_shape == (2, 20)
+    assert result.loss == expected.item()
+
+
+def test_forward_without_target_has_no_loss(client: gradwire.Client) -> None:
+    result = client.forward(ONES_INPUT)
+    assert result.output_shape == (8, 20)
+    assert result.loss is None
+    assert client.get("loss") is None
+
+
+def test_forward_keeps_input_target_output_and_loss_readable(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    x, y = ones_batch()
+    output = local_model()(x)
+    loss = nn.CrossEntropyLoss()(output, y)
+    assert np.array_equal(client.get("input"), x.numpy())
+    assert np.array_equal(client.get("target"), y.numpy())
+    assert np.array_equal(client.get("output"), output.detach().numpy())
+    assert np.array_equal(client.get("loss"), loss.detach().numpy())
+
+
+# --- versions -----------------------------------------------------------------------
+
+
+def test_each_mutation_adds_exactly_one_to_the_version(client: gradwire.Client) -> None:
+    versions = [
+        current_version(client),
+        client.forward(ONES_INPUT, ONES_TARGET).version,
+        client.backward(),
+        client.step().version,
+        client.zero_grad(),
+        client.zero_grad(set_to_none=False),
+        client.set("conv1.weight[0]", 0.5),
+        client.fill_parameters(0.1),
+        client.reset(1),
+    ]
+    client.set_optimizer("sgd", lr=0.5)  # answers the settings, not the version
+    versions.append(current_version(client))
+    assert versions == list(range(10))
+
+
+def test_reads_do_not_change_the_version(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    before = current_version(client)
+    client.get("conv1.weight[0]")
+    client.read("output")
+    client.shape("linear.weight")
+    client.get("conv1.weight.grad")
+    client.health()
+    repr(client.remote.conv1.weight[0][0])
+    dir(client.remote)
+    assert client.read("loss").version == before
+    assert current_version(client) == before
+
+
+def test_a_failed_call_leaves_the_version_unchanged(client: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition):
+        client.backward()
+    with pytest.raises(errors.NotFound):
+        client.set("conv1.wieght", 1.0)
+    assert current_version(client) == 0
+
+
+# --- gradients, Step, ZeroGrad --------------------------------------------------------
+
+
+def test_get_is_none_for_a_gradient_before_backward(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    assert client.get("conv1.weight.grad") is None
+
+
+def test_backward_gradients_equal_local_torch_gradients(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    model = local_model()
+    local_step(model, *ones_batch())
+    for name, param in model.named_parameters():
+        assert param.grad is not None
+        assert torch.equal(client.get(f"{name}.grad", as_torch=True), param.grad), name
+
+
+def test_step_applies_sgd_with_lr_one_bit_for_bit(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    before = client.get("conv1.weight")
+    grad = client.get("conv1.weight.grad")
+    result = client.step()
+    assert result.parameters_updated == 3
+    assert np.array_equal(client.get("conv1.weight"), before - grad)
+
+
+def test_get_is_none_after_zero_grad(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    client.zero_grad()
+    for name in PARAMETERS:
+        assert client.get(f"{name}.grad") is None
+
+
+def test_zero_grad_without_set_to_none_leaves_zero_tensors(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    client.zero_grad(set_to_none=False)
+    for name in PARAMETERS:
+        grad = client.get(f"{name}.grad")
+        assert grad is not None
+        assert grad.shape == SHAPES[name]
+        assert not grad.any()
+
+
+# --- read, shape, get -------------------------------------------------------------------
+
+
+def test_read_reports_version_shapes_and_dtype(client: gradwire.Client) -> None:
+    client.fill_parameters(0.25)
+    read = client.read("conv1.weight[0, :, 1:3]")
+    assert read.name == "conv1.weight"
+    assert read.version == 1
+    assert read.full_shape == (16, 3, 3, 3)
+    assert read.shape == (3, 2, 3)
+    assert read.dtype == "float32"
+    assert read.present
+    assert np.array_equal(read.value, np.full((3, 2, 3), 0.25, dtype=np.float32))
+
+
+def test_read_of_an_absent_gradient_is_not_present(client: gradwire.Client) -> None:
+    read = client.read("conv1.weight.grad")
+    assert not read.present
+    assert (read.value, read.shape, read.full_shape, read.dtype) == (None, None, None, None)
+
+
+def test_read_with_a_separate_index_key(client: gradwire.Client) -> None:
+    expected = weights(local_model(), "conv1.weight")[2][0, :, 1:3]
+    value = client.get("conv1.weight[2]", (0, slice(None), slice(1, 3)))
+    assert np.array_equal(value, expected)
+
+
+def test_shape_without_values(client: gradwire.Client) -> None:
+    assert client.shape("conv1.weight[0, :, 1:3]") == (3, 2, 3)
+    assert client.shape("linear.weight") == (20, 3200)
+    read = client.read("linear.weight", values=False)
+    assert read.value is None
+    assert read.shape == (20, 3200)
+    assert read.dtype == "float32"
+
+
+def test_shape_of_an_absent_gradient_is_none(client: gradwire.Client) -> None:
+    assert client.shape("conv2.weight.grad") is None
+
+
+def test_get_as_torch_gives_a_torch_tensor(client: gradwire.Client) -> None:
+    value = client.get("conv2.weight[1]", as_torch=True)
+    assert isinstance(value, torch.Tensor)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, local_model().conv2.weight[1].detach())
+
+
+def test_get_gives_a_float32_numpy_array(client: gradwire.Client) -> None:
+    value = client.get("linear.weight")
+    assert isinstance(value, np.ndarray)
+    assert value.dtype == np.float32
+    assert np.array_equal(value, weights(local_model(), "linear.weight"))
+
+
+Index = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
+SELECTORS: list[tuple[str, Index]] = [
+    ("conv1.weight[0][0][0]", lambda w: w[0][0][0]),
+    ("conv1.weight[0, :, 1:3]", lambda w: w[0, :, 1:3]),
+    ("conv1.weight[..., -1]", lambda w: w[..., -1]),
+    ("conv1.weight[::-1]", lambda w: w[::-1]),
+    ("conv1.weight[None]", lambda w: w[None]),
+    ("conv1.weight[-1][1:, ::2]", lambda w: w[-1][1:, ::2]),
+    ("conv1.weight[3:12:4, None, 0, ..., ::-2]", lambda w: w[3:12:4, None, 0, ..., ::-2]),
+    ("conv1.weight[0][0][0][1]", lambda w: w[0][0][0][1]),
+    ("conv1.weight[5:2]", lambda w: w[5:2]),
+]
+
+
+@pytest.mark.parametrize(("selector", "index"), SELECTORS, ids=[s for s, _ in SELECTORS])
+def test_selector_reads_match_numpy_indexing(
+    client: gradwire.Client, selector: str, index: Index
+) -> None:
+    expected = index(weights(local_model(), "conv1.weight"))
+    value = client.get(selector)
+    assert value is not None
+    assert value.shape == expected.shape
+    assert np.array_equal(value, expected)
+
+
+# --- set, fill_parameters -----------------------------------------------------------------
+
+
+def test_set_a_whole_tensor(client: gradwire.Client) -> None:
+    new = np.random.default_rng(1).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    assert client.set("conv1.weight", new) == 1
+    assert np.array_equal(client.get("conv1.weight"), new)
+
+
+def test_set_a_slice_changes_only_that_slice(client: gradwire.Client) -> None:
+    part = np.arange(18, dtype=np.float32).reshape(3, 2, 3)
+    client.set("conv1.weight[0, :, 1:3]", part)
+    expected = weights(local_model(), "conv1.weight").copy()
+    expected[0, :, 1:3] = part
+    assert np.array_equal(client.get("conv1.weight"), expected)
+
+
+def test_set_a_scalar_broadcasts_over_the_slice(client: gradwire.Client) -> None:
+    client.set("conv2.weight[1]", 0.25)
+    expected = weights(local_model(), "conv2.weight").copy()
+    expected[1] = 0.25
+    assert np.array_equal(client.get("conv2.weight"), expected)
+
+
+def test_set_a_torch_tensor_into_an_absent_gradient(client: gradwire.Client) -> None:
+    client.set("linear.weight.grad[0]", torch.full((3200,), 2.0))
+    grad = client.get("linear.weight.grad")
+    assert grad is not None
+    expected = np.zeros((20, 3200), dtype=np.float32)
+    expected[0] = 2.0
+    assert np.array_equal(grad, expected)
+
+
+def test_set_with_the_wrong_shape_is_invalid_argument(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set("conv1.weight[0][0][0]", np.ones(2, dtype=np.float32))
+    assert caught.value.reason == "SHAPE_MISMATCH"
+
+
+def test_fill_parameters_fills_every_parameter(client: gradwire.Client) -> None:
+    client.fill_parameters(0.1)
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), np.full(SHAPES[name], 0.1, dtype=np.float32))
+
+
+def test_fill_parameters_by_name_fills_only_those(client: gradwire.Client) -> None:
+    client.fill_parameters(-0.5, ["conv1.weight", "linear.weight"])
+    local = local_model()
+    assert np.array_equal(client.get("conv1.weight"), np.full((16, 3, 3, 3), -0.5, np.float32))
+    assert np.array_equal(client.get("linear.weight"), np.full((20, 3200), -0.5, np.float32))
+    assert np.array_equal(client.get("conv2.weight"), weights(local, "conv2.weight"))
+
+
+def test_fill_parameters_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound):
+        client.fill_parameters(1.0, ["conv3.weight"])
+    assert np.array_equal(client.get("conv1.weight"), weights(local_model(), "conv1.weight"))
+
+
+# --- list_tensors -----------------------------------------------------------------------
+
+
+def test_list_tensors_names_and_kinds(client: gradwire.Client) -> None:
+    listing = client.list_tensors()
+    grads = [f"{n}.grad" for n in PARAMETERS]
+    assert listing.names() == [*PARAMETERS, *grads, "input", "target", "output", "loss"]
+    kinds = {t.name: t.kind for t in listing.tensors}
+    assert [kinds[n] for n in PARAMETERS] == ["parameter"] * 3
+    assert [kinds[n] for n in grads] == ["gradient"] * 3
+    assert [kinds[n] for n in ("input", "target", "output", "loss")] == [
+        "input",
+        "target",
+        "output",
+        "loss",
+    ]
+
+
+def test_list_tensors_model_device_and_optimizer(client: gradwire.Client) -> None:
+    listing = client.list_tensors()
+    assert listing.model == "Simple"
+    assert listing.device == "cpu"
+    assert listing.optimizer == gradwire.OptimizerConfig(
+        kind="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, nesterov=False
+    )
+
+
+def test_list_tensors_before_forward(client: gradwire.Client) -> None:
+    info = {t.name: t for t in client.list_tensors().tensors}
+    for name in PARAMETERS:
+        assert (info[name].present, info[name].shape, info[name].dtype) == (
+            True,
+            SHAPES[name],
+            "float32",
+        )
+        assert (info[f"{name}.grad"].present, info[f"{name}.grad"].shape) == (False, ())
+    for name in ("input", "target", "output", "loss"):
+        assert not info[name].present
+
+
+def test_list_tensors_after_forward_and_backward(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    info = {t.name: t for t in client.list_tensors().tensors}
+    assert {n: (info[n].present, info[n].shape) for n in ("input", "target", "output", "loss")} == {
+        "input": (True, (8, 3, 10, 10)),
+        "target": (True, (8,)),
+        "output": (True, (8, 20)),
+        "loss": (True, ()),
+    }
+    assert info["target"].dtype == "int64"
+    assert not any(info[f"{n}.grad"].present for n in PARAMETERS)
+    client.backward()
+    info = {t.name: t for t in client.list_tensors().tensors}
+    for name in PARAMETERS:
+        assert (info[f"{name}.grad"].present, info[f"{name}.grad"].shape) == (True, SHAPES[name])
+
+
+# --- reset, set_optimizer -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12345])
+def test_reset_with_a_seed_reproduces_local_initialisation(
+    client: gradwire.Client, seed: int
+) -> None:
+    client.fill_parameters(0.0)
+    client.reset(seed)
+    local = local_model(seed)
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(local, name)), name
+
+
+def test_reset_forgets_forward_and_gradients(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    client.reset(0)
+    assert client.get("conv1.weight.grad") is None
+    assert client.get("output") is None
+    with pytest.raises(errors.FailedPrecondition):
+        client.backward()
+
+
+def test_set_optimizer_sgd_with_momentum(client: gradwire.Client) -> None:
+    config = client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    expected = gradwire.OptimizerConfig(
+        kind="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, nesterov=False
+    )
+    assert config == expected
+    assert client.list_tensors().optimizer == expected
+
+
+def test_sgd_momentum_steps_match_local_torch(client: gradwire.Client) -> None:
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        client.forward(ONES_INPUT, ONES_TARGET)
+        client.backward()
+        client.step()
+        client.zero_grad()
+        local_step(model, *ones_batch())
+        optimizer.step()
+        optimizer.zero_grad()
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(model, name)), name
+
+
+def test_set_optimizer_adam_takes_torch_defaults(client: gradwire.Client) -> None:
+    config = client.set_optimizer("adam")
+    assert config == gradwire.OptimizerConfig(
+        kind="adam", lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+
+
+def test_adam_step_matches_local_torch_adam_bit_for_bit(client: gradwire.Client) -> None:
+    client.set_optimizer("adam", lr=0.01)
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    client.step()
+    model = local_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    local_step(model, *ones_batch())
+    optimizer.step()
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(model, name)), name
+
+
+def test_set_optimizer_refuses_an_sgd_setting_for_adam(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set_optimizer("adam", momentum=0.9)
+    assert caught.value.reason == "BAD_OPTIMIZER"
+    assert client.list_tensors().optimizer.kind == "sgd"
+
+
+# --- health, lifetime -----------------------------------------------------------------------
+
+
+def test_health_is_serving(client: gradwire.Client) -> None:
+    assert client.health() == "SERVING"
+
+
+def test_context_manager_closes_the_channel(address: str) -> None:
+    with gradwire.connect(address, timeout=30) as client:
+        assert client.health() == "SERVING"
+    with pytest.raises(ValueError, match="closed channel"):
+        client.health()
+
+
+def test_wait_ready_returns_for_a_live_server(address: str) -> None:
+    with gradwire.connect(address, timeout=30) as client:
+        client.wait_ready(timeout=10)
+        assert client.list_tensors().version == 0
+
+
+# --- typed errors -----------------------------------------------------------------------------
+
+
+def test_unknown_name_is_not_found_with_the_closest_names(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound) as caught:
+        client.get("conv1.wieght")
+    error = caught.value
+    assert isinstance(error, gradwire.RemoteError)
+    assert error.code.name == "NOT_FOUND"
+    assert error.reason == "UNKNOWN_TENSOR"
+    assert error.metadata["name"] == "conv1.wieght"
+    assert "conv1.weight" in error.metadata["closest"].split(",")
+    assert str(error).startswith("NOT_FOUND: no tensor named 'conv1.wieght'")
+
+
+def test_index_past_the_end_is_out_of_range(client: gradwire.Client) -> None:
+    with pytest.raises(errors.OutOfRange) as caught:
+        client.get("conv1.weight[16]")
+    assert caught.value.reason == "INDEX_OUT_OF_RANGE"
+    assert caught.value.metadata == {"index": "16", "dimension": "0", "size": "16"}
+
+
+def test_too_many_indices_is_invalid_argument(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.get("linear.weight[0, 0, 0]")
+    assert caught.value.reason == "TOO_MANY_INDICES"
+
+
+def test_backward_before_forward_is_failed_precondition(client: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.backward()
+    assert caught.value.reason == "NO_LOSS"
+    assert "call Forward first" in caught.value.message
+
+
+def test_backward_twice_is_failed_precondition(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.backward()
+    assert caught.value.reason == "GRAPH_FREED"
+
+
+def test_backward_with_retain_graph_can_run_twice(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward(retain_graph=True)
+    once = client.get("conv1.weight.grad")
+    client.backward()
+    assert once is not None
+    assert np.array_equal(client.get("conv1.weight.grad"), once + once)
+
+
+def test_step_before_backward_is_failed_precondition(client: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.step()
+    assert caught.value.reason == "NO_GRADIENTS"
+
+
+def test_a_wrong_input_shape_is_invalid_argument(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.forward(Fill.ones(8, 3, 9, 9), ONES_TARGET)
+    assert caught.value.code.name == "INVALID_ARGUMENT"
+    assert caught.value.reason == "BAD_INPUT_SHAPE"
+
+
+def test_a_target_class_out_of_range_is_invalid_argument(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.forward(Fill.ones(2, 3, 10, 10), np.array([0, 20]))
+    assert caught.value.reason == "BAD_TARGET_CLASS"
+
+
+def test_writing_the_output_is_invalid_argument(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set("output", 0.0)
+    assert caught.value.reason == "READ_ONLY"
+
+
+def test_writing_with_a_negative_step_is_invalid_argument(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set("conv1.weight[::-1]", 0.0)
+    assert caught.value.reason == "NEGATIVE_STEP_WRITE"
+
+
+def test_a_tensor_over_the_element_limit_is_resource_exhausted(client: gradwire.Client) -> None:
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.forward(Fill.ones(1 << 22, 3, 10, 10), ONES_TARGET)
+    assert caught.value.reason == "TOO_MANY_ELEMENTS"
+
+
+def test_an_unreachable_server_is_unavailable() -> None:
+    with (
+        gradwire.connect(f"127.0.0.1:{free_port()}", timeout=2) as client,
+        pytest.raises(errors.Unavailable) as caught,
+    ):
+        client.list_tensors()
+    assert caught.value.code.name == "UNAVAILABLE"
+
+
+def test_wait_ready_on_an_unreachable_server_is_unavailable() -> None:
+    with (
+        gradwire.connect(f"127.0.0.1:{free_port()}", timeout=2) as client,
+        pytest.raises(errors.Unavailable),
+    ):
+        client.wait_ready(timeout=0.5)
+
+
+# --- the remote view --------------------------------------------------------------------------
+
+
+def trained_client_and_model(client: gradwire.Client) -> Simple:
+    """One Forward and Backward on the server and on a local model; returns the local model."""
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    model = local_model()
+    local_step(model, *ones_batch())
+    return model
+
+
+def test_remote_gradient_slice_repr_is_torch_repr(client: gradwire.Client) -> None:
+    model = trained_client_and_model(client)
+    assert model.conv1.weight.grad is not None
+    view = client.remote.conv1.weight.grad[0][0][0]
+    assert repr(view) == repr(model.conv1.weight.grad[0][0][0])
+
+
+def test_remote_gradient_slice_numpy_and_torch(client: gradwire.Client) -> None:
+    model = trained_client_and_model(client)
+    assert model.conv1.weight.grad is not None
+    expected = model.conv1.weight.grad[0][0][0]
+    view = client.remote.conv1.weight.grad[0][0][0]
+    as_numpy = view.numpy()
+    as_torch = view.torch()
+    assert isinstance(as_numpy, np.ndarray)
+    assert np.array_equal(as_numpy, expected.numpy())
+    assert isinstance(as_torch, torch.Tensor)
+    assert torch.equal(as_torch, expected)
+
+
+def test_remote_slice_shape_and_selector(client: gradwire.Client) -> None:
+    trained_client_and_model(client)
+    view = client.remote.conv1.weight.grad[0][0][0]
+    assert view.shape == (3,)
+    assert view.selector == "conv1.weight.grad[0][0][0]"
+    assert client.remote.conv1.weight[0, :, 1:3].shape == (3, 2, 3)
+
+
+def test_remote_slice_set_writes_only_that_slice(client: gradwire.Client) -> None:
+    trained_client_and_model(client)
+    before = client.get("conv1.weight.grad")
+    assert before is not None
+    version = client.remote.conv1.weight.grad[0][0][0].set([1.0, 2.0, 3.0])
+    expected = before.copy()
+    expected[0][0][0] = [1.0, 2.0, 3.0]
+    assert version == 3
+    assert np.array_equal(client.get("conv1.weight.grad"), expected)
+
+
+def test_remote_by_name(client: gradwire.Client) -> None:
+    view = client.remote["conv1.weight"]
+    assert np.array_equal(view.numpy(), weights(local_model(), "conv1.weight"))
+    assert np.array_equal(view[1:3].numpy(), weights(local_model(), "conv1.weight")[1:3])
+
+
+def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
+    array = np.asarray(client.remote.conv1.weight)
+    assert array.dtype == np.float32
+    assert np.array_equal(array, weights(local_model(), "conv1.weight"))
+    as_double = np.asarray(client.remote.linear.weight[0], dtype=np.float64)
+    assert as_double.dtype == np.float64
+
+
+def test_remote_forward_tensors(client: gradwire.Client) -> None:
+    client.forward(ONES_INPUT, ONES_TARGET)
+    x, y = ones_batch()
+    loss = nn.CrossEntropyLoss()(local_model()(x), y)
+    assert np.array_equal(client.remote.loss.numpy(), loss.detach().numpy())
+    assert client.remote.output.shape == (8, 20)
+
+
+def test_repr_of_an_absent_gradient_is_none(client: gradwire.Client) -> None:
+    view = client.remote.conv1.weight.grad
+    assert repr(view) == "None"
+    assert view.numpy() is None
+    assert view.torch() is None
+    assert view.shape is None
+
+
+def test_np_asarray_of_an_absent_gradient_raises(client: gradwire.Client) -> None:
+    with pytest.raises(ValueError, match=r"conv1\.weight\.grad is absent"):
+        np.asarray(client.remote.conv1.weight.grad)
+
+
+def test_dir_of_the_remote_model_lists_its_modules(client: gradwire.Client) -> None:
+    names = dir(client.remote)
+    assert {"conv1", "conv2", "linear"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_the_remote_view_is_lazy(client: gradwire.Client) -> None:
+    view = client.remote.conv1.wieght[0]  # building the view calls nothing
+    with pytest.raises(errors.NotFound):
+        view.numpy()
+
+
+def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Client) -> None:
+    with pytest.raises(AttributeError):
+        _ = client.remote.conv1.weight[0].grad
+
+
+def test_the_remote_view_refuses_advanced_indexing_at_once(client: gradwire.Client) -> None:
+    with pytest.raises(CodecError):
+        _ = client.remote.conv1.weight[[0, 1]]  # type: ignore[index]

@@ -1,0 +1,197 @@
+"""codec: every dtype round-trips exactly; the wire bytes are what another language reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gradwire import codec
+from gradwire._pb import trainer_pb2 as pb
+
+NUMPY_DTYPES = ["float32", "float64", "float16", "int32", "int64", "bool"]
+TORCH_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+]
+SHAPES: list[tuple[int, ...]] = [(), (0,), (3,), (2, 0, 4), (2, 3, 4), (1, 1, 1, 1, 5)]
+
+
+def _sample(shape: tuple[int, ...], dtype: str) -> np.ndarray[Any, Any]:
+    rng = np.random.default_rng(0)
+    if dtype == "bool":
+        return rng.random(shape) > 0.5
+    if dtype.startswith("int"):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    values = rng.standard_normal(shape).astype(dtype)
+    if values.size >= 3:  # the awkward values travel too
+        values.flat[:3] = [np.nan, np.inf, -0.0]
+    return values
+
+
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_numpy_round_trip_is_exact(dtype: str, shape: tuple[int, ...]) -> None:
+    value = _sample(shape, dtype)
+    message = pb.Tensor.FromString(codec.encode(value).SerializeToString())
+    back = codec.decode(message)
+    assert back.dtype == value.dtype and back.shape == value.shape
+    assert back.tobytes() == value.tobytes()  # bit for bit, NaN payloads and -0.0 included
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_torch_round_trip_is_exact(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    if dtype == torch.bool:
+        value = torch.rand(shape, generator=gen) > 0.5
+    elif dtype.is_floating_point:
+        value = torch.randn(shape, generator=gen).to(dtype)
+    else:
+        value = torch.randint(-1000, 1000, shape, generator=gen, dtype=dtype)
+    back = codec.decode_torch(pb.Tensor.FromString(codec.encode(value).SerializeToString()))
+    assert back.dtype == value.dtype and back.shape == value.shape
+    assert torch.equal(back, value)
+
+
+def test_bfloat16_travels_as_its_16_bit_pattern() -> None:
+    value = torch.tensor([1.0, -2.5, 3.140625, float("inf")], dtype=torch.bfloat16)
+    message = codec.encode(value)
+    assert message.dtype == pb.DTYPE_BFLOAT16
+    assert message.raw_values == value.view(torch.int16).numpy().astype("<i2").tobytes()
+    # numpy has no bfloat16: decode widens to float32 without changing a value
+    np.testing.assert_array_equal(codec.decode(message), value.float().numpy())
+
+
+def test_float16_travels_raw() -> None:
+    value = np.array([1.0, 65504.0, -0.0], dtype=np.float16)
+    message = codec.encode(value)
+    assert message.dtype == pb.DTYPE_FLOAT16
+    assert message.raw_values == value.astype("<f2").tobytes()
+
+
+def test_non_contiguous_inputs_are_sent_in_row_major_order() -> None:
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for view in (base.T, base[:, ::2], base[::-1], base[1:3, 2:5]):
+        assert not view.flags.c_contiguous or view is base
+        np.testing.assert_array_equal(codec.decode(codec.encode(view)), view)
+    tensor = torch.arange(24.0).reshape(4, 6).t()
+    assert not tensor.is_contiguous()
+    assert torch.equal(codec.decode_torch(codec.encode(tensor)), tensor)
+
+
+def test_big_endian_arrays_are_converted_to_little_endian() -> None:
+    value = np.arange(5, dtype=">f8")
+    message = codec.encode(value)
+    assert list(message.double_values) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_narrow_integers_widen_without_loss() -> None:
+    value = np.array([0, 255, 7], dtype=np.uint8)
+    message = codec.encode(value)
+    assert message.dtype == pb.DTYPE_INT32
+    np.testing.assert_array_equal(codec.decode(message), value.astype(np.int32))
+
+
+@pytest.mark.parametrize(
+    ("field", "values", "dtype", "numpy_dtype"),
+    [
+        ("float_values", [1.5, -2.0, 3.25], pb.DTYPE_FLOAT32, "<f4"),
+        ("double_values", [1.5, -2.0, 1e300], pb.DTYPE_FLOAT64, "<f8"),
+        ("int32_values", [-1, 2, 2**31 - 1], pb.DTYPE_INT32, "<i4"),
+        ("int64_values", [-1, 2, 2**62], pb.DTYPE_INT64, "<i8"),
+        ("bool_values", [True, False, True], pb.DTYPE_BOOL, "?"),
+    ],
+)
+def test_typed_fields_carry_the_little_endian_array(
+    field: str, values: list[Any], dtype: int, numpy_dtype: str
+) -> None:
+    # What a client in another language does: set the repeated field element by element.
+    typed = pb.Tensor(dtype=dtype, shape=[3], **{field: values})  # type: ignore[arg-type]
+    ours = codec.encode(np.array(values, dtype=numpy_dtype))
+    assert ours.SerializeToString() == typed.SerializeToString()
+    np.testing.assert_array_equal(codec.decode(typed), np.array(values, dtype=numpy_dtype))
+
+
+def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
+    value = np.arange(4 * 1024 * 1024, dtype=np.float32)
+    message = codec.encode(value)
+    assert len(message.float_values) == value.size
+    np.testing.assert_array_equal(codec.decode(message), value)
+
+
+@pytest.mark.parametrize(
+    ("message", "complaint"),
+    [
+        (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1]), "not supported"),
+        (pb.Tensor(dtype=99, shape=[1]), "not supported"),  # type: ignore[arg-type]
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], float_values=[1.0]), "needs 2 values"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1], float_values=[]), "negative"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], double_values=[1.0]), "double_values is set"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[2], raw_values=b"\x00\x00\x00"), "needs 4 bytes"),
+        (
+            pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2**40, 2**40]),
+            "needs 1208925819614629174706176 values",
+        ),
+    ],
+)
+def test_malformed_tensors_are_refused_with_the_reason(message: pb.Tensor, complaint: str) -> None:
+    with pytest.raises(codec.CodecError, match=complaint):
+        codec.decode(message)
+
+
+def test_unsupported_dtypes_are_refused() -> None:
+    with pytest.raises(codec.CodecError, match="complex64"):
+        codec.encode(np.zeros(2, dtype=np.complex64))
+    with pytest.raises(codec.CodecError, match="unknown dtype 'float8'"):
+        codec.dtype_from_name("float8")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        0,
+        -1,
+        slice(None),
+        slice(1, None, 2),
+        slice(None, None, -1),
+        Ellipsis,
+        None,
+        (0, slice(None), slice(1, 3)),
+        (Ellipsis, -1),
+        (None, 0, Ellipsis),
+        (),
+    ],
+)
+def test_index_round_trip(key: Any) -> None:
+    message = pb.Index.FromString(codec.index_to_proto(key).SerializeToString())
+    expected = key if isinstance(key, tuple) else (key,)
+    assert codec.index_from_proto(message) == expected
+
+
+def test_index_refuses_what_is_not_basic_indexing() -> None:
+    with pytest.raises(codec.CodecError, match="integer"):
+        codec.index_to_proto(1.5)  # type: ignore[arg-type]
+    with pytest.raises(codec.CodecError, match="integer"):
+        codec.index_to_proto(True)
+    bad_step = pb.Index(items=[pb.IndexItem(slice=pb.Slice(step=0))])
+    with pytest.raises(codec.CodecError, match="step cannot be zero"):
+        codec.index_from_proto(bad_step)
+    with pytest.raises(codec.CodecError, match="empty"):
+        codec.index_from_proto(pb.Index(items=[pb.IndexItem()]))
+    two_ellipses = pb.Index(items=[pb.IndexItem(ellipsis=pb.Ellipsis())] * 2)
+    with pytest.raises(codec.CodecError, match="single ellipsis"):
+        codec.index_from_proto(two_ellipses)
+
+
+def test_format_index_writes_python() -> None:
+    assert codec.format_index([(0,), (0,), (0,)]) == "[0][0][0]"
+    assert codec.format_index([(0, slice(None), slice(1, 3))]) == "[0, :, 1:3]"
+    assert codec.format_index([(Ellipsis, None, slice(None, None, -2))]) == "[..., None, ::-2]"

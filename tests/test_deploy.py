@@ -1,0 +1,58 @@
+"""The Docker deployment, read as data (no Docker engine here); its health probe run for real."""
+
+from __future__ import annotations
+
+import io
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+from gradwire.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def test_server_reserves_a_gpu_and_listens_inside_the_container() -> None:
+    server = _compose()["services"]["server"]
+    assert server["build"] == "."
+    (device,) = server["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    command = server["command"]
+    assert command[:2] == ["gradwire", "serve"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert server["ports"] == ["127.0.0.1:50051:50051"]
+
+
+def test_replay_waits_for_a_healthy_server() -> None:
+    services = _compose()["services"]
+    replay = services["replay"]
+    assert replay["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert replay["image"] == services["server"]["image"]
+    assert replay["command"] == ["gradwire", "replay", "--target", "server:50051"]
+
+
+def test_the_health_probe_answers_against_a_real_server(address: str) -> None:
+    test = _compose()["services"]["server"]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "gradwire"
+    argv = [address if arg == "127.0.0.1:50051" else arg for arg in test[2:]]
+    out = io.StringIO()
+    assert main(argv, out=out) == 0
+    assert out.getvalue().strip() == "SERVING"
+
+
+def test_dockerfile_uses_a_cuda_pytorch_base_and_the_server_extra() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.MULTILINE)
+    assert base and re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[1])
+    assert 'pip install ".[server]"' in text
+    cmd = re.search(r"^CMD (.+)$", text, re.MULTILINE)
+    assert cmd and shlex.split(cmd[1].replace('"', "").replace(",", " ").strip("[]"))[:2] == [
+        "gradwire",
+        "serve",
+    ]

@@ -1,0 +1,312 @@
+"""Every row of the error table in shared/DESIGN.md through a real channel: status, reason, message.
+
+And the promise behind the table: no call is ever answered UNKNOWN, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import gradwire
+import grpc
+import numpy as np
+import pytest
+import torch
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire.limits import MAX_MESSAGE_BYTES
+from gradwire_server.app import start
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+from torch import nn
+
+INPUT = Fill.ones(8, 3, 10, 10)
+TARGET = Fill.ones(8, dtype="int64")
+
+
+def _raw(address: str, method: str) -> grpc.UnaryUnaryMultiCallable:
+    """A call that sends bytes as they are, as a client in another language (or an attacker) may."""
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES)]
+    )
+    return channel.unary_unary(f"/gradwire.v1.Trainer/{method}")
+
+
+def _still_serving(client: gradwire.Client) -> None:
+    assert client.health() == "SERVING"
+    assert client.list_tensors().model == "Simple"
+
+
+# --- INVALID_ARGUMENT ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tensor", "complaint"),
+    [
+        (
+            pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[8, 3, 10, 10], float_values=[1.0]),
+            "needs 2400 values",
+        ),
+        (pb.Tensor(dtype=42, shape=[1]), "dtype 42 is not supported"),  # type: ignore[arg-type]
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-8]), "negative"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], int64_values=[1]), "int64_values is set"),
+    ],
+)
+def test_malformed_tensor_is_invalid_argument(
+    client: gradwire.Client, address: str, tensor: pb.Tensor, complaint: str
+) -> None:
+    request = pb.ForwardRequest(input=pb.TensorSource(tensor=tensor))
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(address, "Forward")(request.SerializeToString(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in info.value.details()
+    _still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("call", "reason", "complaint"),
+    [
+        (
+            lambda c: c.forward(np.ones((8, 3, 9, 9), np.float32), TARGET),
+            "BAD_INPUT_SHAPE",
+            "takes [N, 3, 10, 10]",
+        ),
+        (
+            lambda c: c.forward(np.ones((8, 3, 10, 10), np.float64), TARGET),
+            "BAD_INPUT_DTYPE",
+            "computes in float32",
+        ),
+        (
+            lambda c: c.forward(INPUT, np.full(8, 20)),
+            "BAD_TARGET_CLASS",
+            "classes run from 0 to 19",
+        ),
+        (lambda c: c.forward(INPUT, np.full(8, -1)), "BAD_TARGET_CLASS", "holds class -1"),
+        (
+            lambda c: c.forward(INPUT, Fill.ones(7, dtype="int64")),
+            "BAD_TARGET_SHAPE",
+            "must have shape [8]",
+        ),
+        (
+            lambda c: c.forward(INPUT, Fill.ones(8, dtype="bool")),
+            "BAD_TARGET_DTYPE",
+            "use int64 class indices",
+        ),
+        (
+            lambda c: c.forward(Fill("uniform", (8, 3, 10, 10), low=1, high=0), TARGET),
+            "INVALID_INPUT",
+            "needs low < high",
+        ),
+        (
+            lambda c: c.forward(Fill("randint", (8,), low=0, high=2.5), TARGET),
+            "INVALID_INPUT",
+            "whole numbers",
+        ),
+        (
+            lambda c: c.set("conv1.weight", np.ones(5, np.float32)),
+            "SHAPE_MISMATCH",
+            "cannot be written",
+        ),
+        (
+            lambda c: c.set("conv1.weight[::-1]", 0.0),
+            "NEGATIVE_STEP_WRITE",
+            "can be read but not written",
+        ),
+        (lambda c: c.set("output", 0.0), "READ_ONLY", "only parameters and gradients"),
+        (lambda c: c.get("conv1.weight[0, 0, 0, 0, 0]"), "TOO_MANY_INDICES", "too many indices"),
+        (lambda c: c.set_optimizer("sgd", lr=-1.0), "BAD_OPTIMIZER", "Invalid learning rate"),
+        (lambda c: c.set_optimizer("sgd", nesterov=True), "BAD_OPTIMIZER", "Nesterov"),
+        (
+            lambda c: c.set_optimizer("adam", momentum=0.9),
+            "BAD_OPTIMIZER",
+            "momentum is not a setting of ADAM",
+        ),
+    ],
+)
+def test_bad_input_is_invalid_argument(
+    client: gradwire.Client, call, reason: str, complaint: str
+) -> None:  # type: ignore[no-untyped-def]
+    version = client.list_tensors().version
+    with pytest.raises(errors.InvalidArgument) as info:
+        call(client)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.reason == reason
+    assert complaint in info.value.message
+    assert client.list_tensors().version == version  # a failed call changes nothing
+    _still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("request_", "method", "complaint"),
+    [
+        (pb.ForwardRequest(), "Forward", "Forward needs an input"),
+        (pb.SetTensorRequest(name="conv1.weight"), "SetTensor", "SetTensor needs a value"),
+        (
+            pb.ForwardRequest(input=pb.TensorSource(fill=pb.Fill(shape=[1]))),
+            "Forward",
+            "fill kind 0",
+        ),
+        (
+            pb.GetTensorRequest(
+                name="conv1.weight", index=[pb.Index(items=[pb.IndexItem(slice=pb.Slice(step=0))])]
+            ),
+            "GetTensor",
+            "step cannot be zero",
+        ),
+        (
+            pb.SetOptimizerRequest(config=pb.OptimizerConfig(kind=7)),
+            "SetOptimizer",
+            "not SGD or ADAM",
+        ),  # type: ignore[arg-type]
+    ],
+)
+def test_incomplete_requests_are_invalid_argument(
+    client: gradwire.Client, address: str, request_: object, method: str, complaint: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(address, method)(request_.SerializeToString(), timeout=10)  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert complaint in info.value.details()
+
+
+# --- NOT_FOUND, OUT_OF_RANGE --------------------------------------------------------------
+
+
+def test_unknown_name_is_not_found_and_names_the_closest(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound) as info:
+        client.get("conv1.wieght[0]")
+    assert info.value.reason == "UNKNOWN_TENSOR"
+    assert "did you mean 'conv1.weight'" in info.value.message
+    assert "conv1.weight" in info.value.metadata["closest"].split(",")
+    with pytest.raises(errors.NotFound):
+        client.fill_parameters(0.1, ["conv3.weight"])
+    with pytest.raises(errors.NotFound):
+        client.set("linear.bias", 0.0)  # Simple has no biases
+
+
+def test_index_past_the_end_is_out_of_range(client: gradwire.Client) -> None:
+    with pytest.raises(errors.OutOfRange) as info:
+        client.get("conv1.weight[16]")
+    assert info.value.reason == "INDEX_OUT_OF_RANGE"
+    assert "dimension 0 of conv1.weight (size 16" in info.value.message
+    assert info.value.metadata == {"index": "16", "dimension": "0", "size": "16"}
+    with pytest.raises(
+        errors.OutOfRange, match=re.escape("dimension 0 of conv1.weight[0][0][0] (size 3")
+    ):
+        client.get("conv1.weight[0][0][0][-4]")
+
+
+# --- FAILED_PRECONDITION -------------------------------------------------------------------
+
+
+def test_backward_before_forward(client: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.backward()
+    assert info.value.reason == "NO_LOSS"
+    assert info.value.message == "no loss to backpropagate: call Forward first"
+
+
+def test_backward_twice_on_a_freed_graph(client: gradwire.Client) -> None:
+    client.forward(INPUT, TARGET)
+    client.backward()
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.backward()
+    assert info.value.reason == "GRAPH_FREED"
+    assert "call Forward again" in info.value.message
+    client.forward(INPUT, TARGET)
+    client.backward(retain_graph=True)
+    client.backward()  # kept graph: allowed once more, as in PyTorch
+
+
+def test_backward_without_a_target(client: gradwire.Client) -> None:
+    client.forward(INPUT)
+    with pytest.raises(errors.FailedPrecondition, match="had no target"):
+        client.backward()
+
+
+def test_backward_after_the_parameters_changed(client: gradwire.Client) -> None:
+    client.forward(INPUT, TARGET)
+    client.backward(retain_graph=True)
+    client.step()
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.backward()
+    assert info.value.reason == "GRAPH_STALE"
+
+
+def test_step_without_gradients(client: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.step()
+    assert info.value.reason == "NO_GRADIENTS"
+    assert "call Backward first" in info.value.message
+
+
+# --- RESOURCE_EXHAUSTED --------------------------------------------------------------------
+
+
+def test_request_over_the_element_limit(
+    address: str, trainer: Trainer, client: gradwire.Client
+) -> None:
+    trainer.max_elements = 1000
+    with pytest.raises(errors.ResourceExhausted) as info:
+        client.forward(Fill.ones(2**40, 3, 10, 10), TARGET)
+    assert info.value.reason == "TOO_MANY_ELEMENTS"
+    assert "over this server's limit of 1000" in info.value.message
+    _still_serving(client)
+
+
+def test_message_over_the_size_limit(address: str, client: gradwire.Client) -> None:
+    big = pb.SetTensorRequest(name="conv1.weight")
+    big.value.tensor.dtype = pb.DTYPE_FLOAT16
+    big.value.tensor.shape.append(MAX_MESSAGE_BYTES // 2 + 1)
+    big.value.tensor.raw_values = bytes(MAX_MESSAGE_BYTES + 2)
+    with pytest.raises(grpc.RpcError) as info:  # the server refuses it
+        _raw(address, "SetTensor")(big.SerializeToString(), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(errors.ResourceExhausted):  # and our client will not send it
+        client.set("conv1.weight", np.zeros(MAX_MESSAGE_BYTES // 4 + 1, np.float32))
+    _still_serving(client)
+
+
+# --- INTERNAL, never UNKNOWN ---------------------------------------------------------------
+
+
+class Broken(nn.Module):
+    """A real model whose forward fails the way a bug would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("secret internal detail")
+
+
+@pytest.fixture
+def broken_client() -> Iterator[gradwire.Client]:
+    spec = ModelSpec("Broken", Broken, sample_shape=(2,), num_classes=2)
+    running = start(Trainer(spec), "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+        yield client
+    running.stop(grace=None)
+
+
+def test_unexpected_errors_are_internal_with_a_plain_message(
+    broken_client: gradwire.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR), pytest.raises(errors.Internal) as info:
+        broken_client.forward(np.ones((1, 2), np.float32))
+    assert info.value.message == "internal error in Forward; the server's log has the details"
+    assert "secret" not in info.value.message
+    assert any("secret internal detail" in r.exc_text for r in caplog.records if r.exc_text)
+    assert broken_client.health() == "SERVING"
+
+
+def test_garbage_bytes_are_not_unknown(client: gradwire.Client, address: str) -> None:
+    for method in ("Forward", "GetTensor", "SetTensor", "Step", "ListTensors"):
+        with pytest.raises(grpc.RpcError) as info:
+            _raw(address, method)(b"\xff\xff\xff\xff garbage", timeout=10)
+        assert info.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK)
+    _still_serving(client)

@@ -1,0 +1,72 @@
+"""Server-side indexing: numpy's basic indexing on torch tensors, negative steps included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gradwire.selector import parse_selector
+from gradwire_server.errors import IndexOutOfRange, InvalidInput
+from gradwire_server.indexing import select
+
+CASES = [
+    "x[0]",
+    "x[0][0][0]",
+    "x[-1, -2]",
+    "x[0, :, 1:3]",
+    "x[..., 0]",
+    "x[1, ...]",
+    "x[None]",
+    "x[:, None, 0]",
+    "x[::2]",
+    "x[::-1]",
+    "x[:, ::-2]",
+    "x[3:0:-1, 1]",
+    "x[5:1]",
+    "x[-100:100]",
+    "x[1:1]",
+    "x[0:0:-1]",
+    "x[..., ::-1][0]",
+    "x[()]",
+    "x[1, 2, 3, 4]",
+    "x[:, :, :, -1:-4:-1]",
+]
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_select_matches_numpy(text: str) -> None:
+    x = np.arange(4 * 3 * 5 * 6, dtype=np.float32).reshape(4, 3, 5, 6)
+    chain = parse_selector(text).index
+    got = select(torch.from_numpy(x), chain, "x")
+    expected: Any = eval(text, {"x": x})
+    np.testing.assert_array_equal(got.numpy(), expected)
+    assert tuple(got.shape) == np.shape(expected)
+
+
+def test_writable_select_is_a_view() -> None:
+    x = torch.zeros(3, 4)
+    select(x, parse_selector("x[1, ::2]").index, "x", writable=True).fill_(7)
+    assert x[1].tolist() == [7, 0, 7, 0]
+
+
+def test_writable_select_refuses_negative_steps() -> None:
+    with pytest.raises(InvalidInput, match="negative slice steps can be read but not written"):
+        select(torch.zeros(3), parse_selector("x[::-1]").index, "x", writable=True)
+
+
+def test_out_of_range_names_the_dimension_and_size() -> None:
+    with pytest.raises(IndexOutOfRange) as info:
+        select(torch.zeros(16, 3), parse_selector("w[0][5]").index, "conv1.weight")
+    message = info.value.message
+    assert "index 5 is out of range for dimension 0 of conv1.weight[0] (size 3" in message
+    with pytest.raises(IndexOutOfRange, match="index -17"):
+        select(torch.zeros(16), parse_selector("w[-17]").index, "w")
+
+
+def test_too_many_indices() -> None:
+    with pytest.raises(InvalidInput, match="it has 2 dimension\\(s\\) but 3 were indexed"):
+        select(torch.zeros(2, 2), parse_selector("w[0, 0, 0]").index, "w")
+    with pytest.raises(InvalidInput, match="too many indices"):
+        select(torch.tensor(1.0), parse_selector("w[0]").index, "loss")

@@ -1,0 +1,71 @@
+"""The tutorial replayed over gRPC equals the tutorial run locally in PyTorch, bit for bit (CPU)."""
+
+from __future__ import annotations
+
+import gradwire
+import numpy as np
+import pytest
+import torch
+from gradwire.replay import replay
+
+from tests.reference import run_tutorial
+
+
+def _same(remote: np.ndarray | None, local: torch.Tensor | None) -> bool:
+    if remote is None or local is None:
+        return remote is None and local is None
+    return remote.dtype == local.numpy().dtype and np.array_equal(remote, local.numpy())
+
+
+@pytest.mark.parametrize(("init", "seed"), [("fill", 0), ("random", 0), ("random", 7)])
+def test_replay_equals_local_pytorch(client: gradwire.Client, init: str, seed: int) -> None:
+    lines: list[str] = []
+    result = replay(client, init=init, seed=seed, write=lines.append)  # type: ignore[arg-type]
+    local = run_tutorial(init, seed)
+
+    assert result.output_shape == local.output_shape == (8, 20)
+    assert result.loss == local.loss
+    assert result.grad_before_backward is None and local.grad_before_backward is None
+    for name in (
+        "grad_slice",
+        "weight_slice_before",
+        "weight_slice_after",
+        "weight_before",
+        "grad",
+        "weight_after",
+        "linear_grad_rows",
+    ):
+        assert _same(getattr(result, name), getattr(local, name)), name
+    assert result.grad_after_zero is None and local.grad_after_zero is None
+    assert result.identity_holds
+    # the lesson, checked here independently of the replay's own check
+    np.testing.assert_array_equal(result.weight_after, result.weight_before - result.grad)
+
+
+def test_fill_replay_prints_what_pytorch_computes(client: gradwire.Client) -> None:
+    lines: list[str] = []
+    result = replay(client, init="fill", write=lines.append)
+    text = "\n".join(lines)
+    assert "torch.Size([8, 20])" in text
+    assert text.count("\nNone\n") + text.endswith("None") >= 1
+    # the real gradient is rounding noise: tiny, with equal corners and a larger middle
+    assert np.all(np.abs(result.grad_slice) < 1e-5)
+    assert result.grad_slice[0] == result.grad_slice[2] and abs(result.grad_slice[1]) > abs(
+        result.grad_slice[0]
+    )
+    assert repr(torch.from_numpy(result.grad_slice)) in text
+    # linear's gradient is not zero
+    np.testing.assert_allclose(result.linear_grad_rows[0], [0.6, 0.96, 1.08], rtol=1e-5)
+    assert "bit for bit: True" in text
+
+
+def test_random_replay_shows_visible_gradients(client: gradwire.Client) -> None:
+    result = replay(client, init="random", seed=0, write=lambda line: None)
+    np.testing.assert_allclose(result.grad_slice, [-0.0269, -0.0349, -0.0181], atol=1e-4)
+    assert not np.array_equal(result.weight_slice_after, result.weight_slice_before)
+
+
+def test_replay_is_repeatable_on_one_server(client: gradwire.Client) -> None:
+    first = replay(client, init="random", seed=3, write=lambda line: None)
+    second = replay(client, init="random", seed=3, write=lambda line: None)
+    np.testing.assert_array_equal(first.weight_after, second.weight_after)

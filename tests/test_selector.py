@@ -1,0 +1,64 @@
+"""selector: what people type parses to the index numpy would apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradwire.selector import SelectorError, parse_selector
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x",
+        "x[0]",
+        "x[0][0][0]",
+        "x[0, :, 1:3]",
+        "x[-1]",
+        "x[::2]",
+        "x[::-1]",
+        "x[1:-1, ..., 0]",
+        "x[None, 0]",
+        "x[...]",
+        "x[:, None][0]",
+        "x[ 1 : 3 , -2 ]",
+        "x[+1]",
+        "x[()]",
+    ],
+)
+def test_parsed_index_selects_what_numpy_selects(text: str) -> None:
+    x = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    selector = parse_selector(text)
+    got = x
+    for key in selector.index:
+        got = got[key]
+    expected = eval(text, {"x": x})  # the same text, as Python reads it
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_name_and_text_form() -> None:
+    selector = parse_selector("conv1.weight.grad[0][0][0]")
+    assert selector.name == "conv1.weight.grad"
+    assert selector.index == ((0,), (0,), (0,))
+    assert str(parse_selector("conv1.weight[0, :, 1:3]")) == "conv1.weight[0, :, 1:3]"
+    assert parse_selector("x[newaxis]").index == ((None,),)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("", "expected a tensor name"),
+        ("1abc", "expected a tensor name"),
+        ("conv1.weight[0", "not valid Python"),
+        ("conv1.weight[a]", "not an integer"),
+        ("conv1.weight[1.5]", "not an integer"),
+        ("conv1.weight[0].grad", "only \\[...\\] may follow"),
+        ("conv1.weight[::0]", "step cannot be zero"),
+        ("conv1.weight[..., ...]", "single ellipsis"),
+        ("conv1.weight[[0, 1]]", "not an integer"),
+        ("conv1.weight[True]", "not an integer"),
+    ],
+)
+def test_bad_text_is_refused_with_the_reason(text: str, complaint: str) -> None:
+    with pytest.raises(SelectorError, match=complaint):
+        parse_selector(text)

@@ -1,0 +1,115 @@
+"""Trainer: plain PyTorch semantics, checked against PyTorch itself; versions; the lock."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from gradwire_server.errors import InvalidInput, WrongOrder
+from gradwire_server.models import Simple
+from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer, resolve_device
+
+ONES = FillSpec("ones", (8, 3, 10, 10))
+LABELS = FillSpec("ones", (8,))
+
+
+def test_seeded_trainer_matches_seeded_pytorch(trainer: Trainer) -> None:
+    torch.manual_seed(0)
+    local = Simple()
+    for name, p in local.named_parameters():
+        assert torch.equal(trainer.parameters[name].detach(), p.detach())
+
+
+def test_fills_are_made_as_pytorch_makes_them(trainer: Trainer) -> None:
+    trainer.forward(
+        FillSpec("uniform", (2, 3, 10, 10), low=-1, high=1, seed=5),
+        FillSpec("randint", (2,), low=0, high=20, seed=6),
+    )
+    x = trainer.read("input").value
+    y = trainer.read("target").value
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(x, torch.empty(2, 3, 10, 10).uniform_(-1, 1, generator=g))
+    assert torch.equal(y, torch.randint(0, 20, (2,), generator=torch.Generator().manual_seed(6)))
+    trainer.forward(FillSpec("constant", (1, 3, 10, 10), value=0.25), None)
+    assert torch.equal(trainer.read("input").value, torch.full((1, 3, 10, 10), 0.25))
+
+
+def test_versions_rise_by_one_per_mutation_and_not_on_reads(trainer: Trainer) -> None:
+    assert trainer.version == 0
+    assert trainer.forward(ONES, LABELS).version == 1
+    assert trainer.backward() == 2
+    assert trainer.read("conv1.weight.grad").version == 2
+    assert trainer.list_tensors().version == 2
+    assert trainer.step() == (3, 3)
+    assert trainer.zero_grad() == 4
+    assert trainer.write("conv1.weight", (), torch.zeros(1)) == 5
+    assert trainer.fill_parameters(0.1)[0] == 6
+    assert trainer.set_optimizer(OptimizerSettings("adam"))[0] == 7
+    assert trainer.reset(1) == 8
+    with pytest.raises(WrongOrder):
+        trainer.backward()
+    assert trainer.version == 8
+
+
+def test_writing_an_absent_gradient_creates_it(trainer: Trainer) -> None:
+    assert trainer.read("linear.weight.grad").value is None
+    trainer.write("linear.weight.grad", [(0,)], torch.tensor(2.0))
+    grad = trainer.read("linear.weight.grad").value
+    assert grad.shape == (20, 3200)
+    assert torch.equal(grad[0], torch.full((3200,), 2.0)) and not grad[1:].any()
+
+
+def test_zero_grad_keeps_zero_tensors_when_asked(trainer: Trainer) -> None:
+    trainer.forward(ONES, LABELS)
+    trainer.backward()
+    trainer.zero_grad(set_to_none=False)
+    assert torch.equal(trainer.read("conv2.weight.grad").value, torch.zeros(32, 16, 3, 3))
+    trainer.zero_grad()
+    assert trainer.read("conv2.weight.grad").value is None
+
+
+def test_read_is_a_copy_taken_under_the_lock(trainer: Trainer) -> None:
+    before = trainer.read("conv1.weight").value
+    trainer.fill_parameters(0.5)
+    assert not torch.equal(before, trainer.read("conv1.weight").value)
+
+
+def test_optimizer_settings_resolve_to_pytorch_defaults() -> None:
+    assert OptimizerSettings().resolved() == OptimizerSettings("sgd", 1.0, 0.0, 0.0, nesterov=False)
+    adam = OptimizerSettings("adam", lr=0.01).resolved()
+    assert (adam.lr, adam.beta1, adam.beta2, adam.eps) == (0.01, 0.9, 0.999, 1e-8)
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(InvalidInput, match="unknown device"):
+        resolve_device("tpu:0")
+
+
+def test_readers_never_see_half_a_step(trainer: Trainer) -> None:
+    """Steps with lr=1 on a fixed gradient move every weight by the same amount; a reader that
+    saw a step half applied would see weights that disagree."""
+    trainer.fill_parameters(0.0)
+    trainer.write("conv1.weight.grad", (), torch.tensor(-1.0))
+    errors: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            w = trainer.read("conv1.weight").value
+            if not torch.all(w == w.flatten()[0]):
+                errors.append(f"torn read: {w.unique().tolist()}")
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    for _ in range(300):
+        trainer.step()
+    done.set()
+    for t in readers:
+        t.join(timeout=30)
+    assert not errors
+    assert torch.all(trainer.read("conv1.weight").value == 300.0)
