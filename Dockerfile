@@ -1,0 +1,24 @@
+# gradwire's server on a CUDA PyTorch base. Build and run with docker compose (docker-compose.yml).
+# The base image's torch (2.8, CUDA 12.9, Python 3.11) satisfies the package's torch range,
+# so pip installs only gradwire and its gRPC dependencies on top of it.
+FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/gradwire
+COPY pyproject.toml README.md ./
+COPY proto ./proto
+COPY client ./client
+COPY server ./server
+RUN pip install ".[server]" && gradwire --help > /dev/null
+
+# Unprivileged at run time: the service needs nothing root has.
+RUN useradd --create-home --uid 10001 gradwire
+USER gradwire
+
+EXPOSE 50051
+# Inside the container the server must listen on all interfaces for the published port to
+# reach it; docker-compose.yml publishes it on the host's loopback only.
+CMD ["gradwire", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto"]

@@ -1,0 +1,45 @@
+# Two commands for a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of this torch lies on disk on our machines; other versions download
+# several GB. The package itself asks only for a range (pyproject.toml).
+TORCH_PIN ?= torch==2.13.0
+# 0: any free port, so the demo never collides with a server already running.
+PORT ?= 0
+
+.PHONY: setup demo test test-slow lint typecheck protos check-protos bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[server,test,dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Start a server, replay the tutorial over gRPC against it, stop the server.
+demo: setup
+	$(BIN)/python scripts/demo.py --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check client server tests scripts
+	$(BIN)/ruff format --check client server tests scripts
+
+typecheck: setup
+	$(BIN)/mypy
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+check-protos: setup
+	$(BIN)/python -m pytest -q tests/test_proto_sync.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info
