@@ -23,7 +23,8 @@ from gradwire.errors import RemoteError
 from gradwire.fill import Fill
 from gradwire.selector import SelectorError, parse_selector
 
-Command = Callable[[argparse.Namespace, Client | None, TextIO], Any]
+# Remote commands get a Client; local ones (serve, replay --embedded) get None.
+Command = Callable[[argparse.Namespace, Any, TextIO], None]
 
 SOURCE_HELP = (
     "ones:SHAPE, zeros:SHAPE, full:VALUE:SHAPE, uniform:SHAPE, normal:SHAPE, "

@@ -67,7 +67,7 @@ DTYPE_NAMES: Final[dict[int, str]] = {k: w.torch_name for k, w in _WIRE.items()}
 _DTYPE_BY_NAME: Final = {w.torch_name: k for k, w in _WIRE.items()}
 
 # numpy dtypes without a wire type of their own, widened without loss.
-_WIDENED: Final = {
+_WIDENED: Final[dict[np.dtype[Any], np.dtype[Any]]] = {
     np.dtype("int8"): np.dtype("<i4"),
     np.dtype("uint8"): np.dtype("<i4"),
     np.dtype("int16"): np.dtype("<i4"),
@@ -184,7 +184,7 @@ def _check(message: pb.Tensor) -> tuple[_WireType, tuple[int, ...]]:
     if wire is None:
         raise CodecError(
             f"tensor dtype {message.dtype} is not supported; use one of "
-            + ", ".join(pb.DType.Name(k) for k in _WIRE)
+            + ", ".join(pb.DType.Name(k) for k in _WIRE)  # type: ignore[arg-type]
         )
     shape = tuple(message.shape)
     if any(d < 0 for d in shape):

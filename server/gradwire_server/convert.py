@@ -38,7 +38,7 @@ def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:
     if kind is None:
         raise InvalidInput(
             f"{what}: fill kind {message.kind} is not one of "
-            + ", ".join(pb.Fill.Kind.Name(k) for k in _FILL_KINDS),
+            + ", ".join(pb.Fill.Kind.Name(k) for k in _FILL_KINDS),  # type: ignore[arg-type]
             reason="BAD_FILL",
         )
     dtype = None
@@ -97,11 +97,11 @@ def optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerSettings:
     sgd_only = ("momentum", "nesterov")
     adam_only = ("beta1", "beta2", "eps")
     for name in adam_only if kind == "sgd" else sgd_only:
-        if message.HasField(name):
+        if message.HasField(name):  # type: ignore[arg-type]
             raise InvalidInput(f"{name} is not a setting of {kind.upper()}", reason="BAD_OPTIMIZER")
 
     def opt(name: str) -> float | None:
-        return float(getattr(message, name)) if message.HasField(name) else None
+        return float(getattr(message, name)) if message.HasField(name) else None  # type: ignore[arg-type]
 
     return OptimizerSettings(
         kind=kind,
@@ -151,8 +151,8 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
     for info in listing.tensors:
         response.tensors.add(
             name=info.name,
-            kind=_KINDS[info.kind],  # type: ignore[arg-type]
-            dtype=dtype_to_proto(info.dtype),  # type: ignore[arg-type]
+            kind=_KINDS[info.kind],
+            dtype=dtype_to_proto(info.dtype),
             shape=info.shape,
             present=info.present,
         )

@@ -62,6 +62,7 @@ def _apply(
                     out = out[(slice(None),) * dim + (slice(None, None, -step),)].flip(dim)
             dim += 1
         else:
+            assert isinstance(item, int)  # _expand replaced the ellipsis
             if not -size <= item < size:
                 raise IndexOutOfRange(
                     f"index {item} is out of range for dimension {source_dim} of {label} "

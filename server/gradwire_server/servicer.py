@@ -61,7 +61,7 @@ def _abort(
 def _status_of(error: DomainError) -> grpc.StatusCode:
     for cls in type(error).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 

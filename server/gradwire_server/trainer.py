@@ -281,18 +281,19 @@ class Trainer:
         self._check_size(spec.shape, what)
         dtype = default_dtype
         if spec.dtype is not None:
-            dtype = getattr(torch, spec.dtype, None)
-            if not isinstance(dtype, torch.dtype):
+            named = getattr(torch, spec.dtype, None)
+            if not isinstance(named, torch.dtype):
                 raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}")
-        kw = {"dtype": dtype, "device": self.device}
+            dtype = named
+        device = self.device
         try:
             with self._device_memory(what):
                 if spec.kind == "zeros":
-                    return torch.zeros(spec.shape, **kw)  # type: ignore[arg-type]
+                    return torch.zeros(spec.shape, dtype=dtype, device=device)
                 if spec.kind == "ones":
-                    return torch.ones(spec.shape, **kw)  # type: ignore[arg-type]
+                    return torch.ones(spec.shape, dtype=dtype, device=device)
                 if spec.kind == "constant":
-                    return torch.full(spec.shape, spec.value, **kw)  # type: ignore[arg-type]
+                    return torch.full(spec.shape, spec.value, dtype=dtype, device=device)
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(spec.seed)
                 if spec.kind == "uniform":
@@ -300,10 +301,10 @@ class Trainer:
                         raise InvalidInput(
                             f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})"
                         )
-                    out = torch.empty(spec.shape, **kw)  # type: ignore[arg-type]
+                    out = torch.empty(spec.shape, dtype=dtype, device=device)
                     return out.uniform_(spec.low, spec.high, generator=gen)
                 if spec.kind == "normal":
-                    out = torch.empty(spec.shape, **kw)  # type: ignore[arg-type]
+                    out = torch.empty(spec.shape, dtype=dtype, device=device)
                     return out.normal_(spec.value, spec.std or 1.0, generator=gen)
                 if spec.kind == "randint":
                     low, high = int(spec.low), int(spec.high)
@@ -312,7 +313,9 @@ class Trainer:
                             f"{what}: randint fill needs whole numbers low < high, "
                             f"got [{spec.low}, {spec.high})"
                         )
-                    return torch.randint(low, high, spec.shape, generator=gen, **kw)  # type: ignore[arg-type]
+                    return torch.randint(
+                        low, high, spec.shape, generator=gen, dtype=dtype, device=device
+                    )
         except RuntimeError as err:  # e.g. a random kind asked of a dtype it does not support
             raise InvalidInput(f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}") from err
         raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}")
@@ -417,7 +420,7 @@ class Trainer:
                     reason="GRAPH_STALE",
                 )
             with self._device_memory("backward"):
-                self._loss.backward(retain_graph=retain_graph)
+                self._loss.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
             self._graph_alive = retain_graph
             return self._bump()
 
@@ -478,7 +481,7 @@ class Trainer:
                 fresh = False
             target = select(tensor.detach(), chain, name, writable=True)
             try:
-                shape = torch.broadcast_shapes(tuple(source.shape), tuple(target.shape))
+                shape = torch.broadcast_shapes(source.shape, target.shape)  # type: ignore[no-untyped-call]
             except RuntimeError:
                 shape = None
             if shape != tuple(target.shape):
