@@ -743,10 +743,13 @@ class GetTensorRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     OMIT_VALUES_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "conv1.weight.grad" """
     omit_values: _builtins.bool
     """true: return dtype and shape only"""
+    chunk_bytes: _builtins.int
+    """GetTensorStream only: bytes of values per chunk; 0: the server's default (4 MiB)"""
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """applied in turn, as x[index[0]][index[1]]...; empty: the whole tensor"""
@@ -757,10 +760,11 @@ class GetTensorRequest(_message.Message):
         name: _builtins.str = ...,
         index: _abc.Iterable[Global___Index] | None = ...,
         omit_values: _builtins.bool = ...,
+        chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name", "omit_values", b"omit_values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "index", b"index", "name", b"name", "omit_values", b"omit_values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1090,3 +1094,241 @@ class SetOptimizerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOptimizerResponse: _TypeAlias = SetOptimizerResponse  # noqa: Y015
+
+@_typing.final
+class TensorSelector(_message.Message):
+    """A tensor (or slice) and where to take it from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """as in GetTensorRequest"""
+    @_builtins.property
+    def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
+        """as in GetTensorRequest"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _abc.Iterable[Global___Index] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorSelector: _TypeAlias = TensorSelector  # noqa: Y015
+
+@_typing.final
+class TrainStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
+    zero_grad: _builtins.bool
+    """clear gradients (set to None) before Backward, as at the top of a training loop"""
+    @_builtins.property
+    def input(self) -> Global___TensorSource:
+        """the model's input, as in ForwardRequest"""
+
+    @_builtins.property
+    def target(self) -> Global___TensorSource:
+        """class indices; required: a training step needs a loss"""
+
+    @_builtins.property
+    def fetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSelector]:
+        """read these after the step, as GetTensor would"""
+
+    def __init__(
+        self,
+        *,
+        input: Global___TensorSource | None = ...,
+        target: Global___TensorSource | None = ...,
+        zero_grad: _builtins.bool = ...,
+        fetch: _abc.Iterable[Global___TensorSelector] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetch", b"fetch", "input", b"input", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainStepRequest: _TypeAlias = TrainStepRequest  # noqa: Y015
+
+@_typing.final
+class TrainStepResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
+    PARAMETERS_UPDATED_FIELD_NUMBER: _builtins.int
+    FETCHED_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """state version after the step"""
+    loss: _builtins.float
+    """the loss the step minimised"""
+    parameters_updated: _builtins.int
+    """parameters that had a gradient and were updated"""
+    @_builtins.property
+    def output_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """shape of the output"""
+
+    @_builtins.property
+    def fetched(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetTensorResponse]:
+        """one per TrainStepRequest.fetch, in order"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        output_shape: _abc.Iterable[_builtins.int] | None = ...,
+        parameters_updated: _builtins.int = ...,
+        fetched: _abc.Iterable[Global___GetTensorResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched", b"fetched", "loss", b"loss", "output_shape", b"output_shape", "parameters_updated", b"parameters_updated", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainStepResponse: _TypeAlias = TrainStepResponse  # noqa: Y015
+
+@_typing.final
+class TensorChunk(_message.Message):
+    """A run of a tensor's values, for tensors sent in several messages. Chunks come in order,
+    each continuing where the last ended; together they hold the tensor's values row-major.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHAPE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """position of this chunk's first value, counted in values"""
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """first chunk: the whole tensor's shape; later chunks: empty"""
+
+    @_builtins.property
+    def values(self) -> Global___Tensor:
+        """this chunk's values: a 1-D tensor, the same dtype in every chunk"""
+
+    def __init__(
+        self,
+        *,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        offset: _builtins.int = ...,
+        values: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "shape", b"shape", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class GetTensorChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """state version the read saw, the same in every chunk"""
+    name: _builtins.str
+    """first message: the name that was read"""
+    @_builtins.property
+    def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """first message: shape of the whole tensor before indexing"""
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """unset when the tensor is absent (the only message then)"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        full_shape: _abc.Iterable[_builtins.int] | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "full_shape", b"full_shape", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTensorChunk: _TypeAlias = GetTensorChunk  # noqa: Y015
+
+@_typing.final
+class SetTensorChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """first message: what to write, as in SetTensorRequest"""
+    @_builtins.property
+    def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
+        """first message: the part to write, as in SetTensorRequest"""
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """a run of the value's values"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _abc.Iterable[Global___Index] | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTensorChunk: _TypeAlias = SetTensorChunk  # noqa: Y015
+
+@_typing.final
+class ForwardChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def input(self) -> Global___TensorChunk:
+        """a run of the input's values"""
+
+    @_builtins.property
+    def target(self) -> Global___TensorSource:
+        """class indices, in any one message (usually the first); unset: no loss"""
+
+    def __init__(
+        self,
+        *,
+        input: Global___TensorChunk | None = ...,
+        target: Global___TensorSource | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForwardChunk: _TypeAlias = ForwardChunk  # noqa: Y015

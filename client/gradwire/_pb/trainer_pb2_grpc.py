@@ -85,6 +85,26 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.FromString,
                 _registered_method=True)
+        self.TrainStep = channel.unary_unary(
+                '/gradwire.v1.Trainer/TrainStep',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+                _registered_method=True)
+        self.GetTensorStream = channel.unary_stream(
+                '/gradwire.v1.Trainer/GetTensorStream',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.GetTensorRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetTensorChunk.FromString,
+                _registered_method=True)
+        self.SetTensorStream = channel.stream_unary(
+                '/gradwire.v1.Trainer/SetTensorStream',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.SetTensorChunk.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetTensorResponse.FromString,
+                _registered_method=True)
+        self.ForwardStream = channel.stream_unary(
+                '/gradwire.v1.Trainer/ForwardStream',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -165,6 +185,36 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainStep(self, request, context):
+        """The training step in one call: optionally ZeroGrad, then Forward, Backward and
+        Step, then reads of named slices. The version rises as for the separate calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTensorStream(self, request, context):
+        """GetTensor for reads larger than one message: the values in chunks, in order.
+        All chunks of one read come from one state version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTensorStream(self, request_iterator, context):
+        """SetTensor with the value sent in chunks, for values larger than one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """Forward with the input sent in chunks, for inputs larger than one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +267,26 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.SetOptimizer,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'TrainStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStep,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepResponse.SerializeToString,
+            ),
+            'GetTensorStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTensorStream,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetTensorRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.GetTensorChunk.SerializeToString,
+            ),
+            'SetTensorStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetTensorStream,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetTensorChunk.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.SetTensorResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +560,114 @@ class Trainer:
             '/gradwire.v1.Trainer/SetOptimizer',
             gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/TrainStep',
+            gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.TrainStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensorStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradwire.v1.Trainer/GetTensorStream',
+            gradwire_dot_v1_dot_trainer__pb2.GetTensorRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.GetTensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTensorStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradwire.v1.Trainer/SetTensorStream',
+            gradwire_dot_v1_dot_trainer__pb2.SetTensorChunk.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.SetTensorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradwire.v1.Trainer/ForwardStream',
+            gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

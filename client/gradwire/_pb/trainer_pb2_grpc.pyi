@@ -79,6 +79,18 @@ class TrainerStub:
     """
     SetOptimizer: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]
     """Replaces the optimizer (its state is lost) with new settings."""
+    TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
+    """The training step in one call: optionally ZeroGrad, then Forward, Backward and
+    Step, then reads of named slices. The version rises as for the separate calls.
+    """
+    GetTensorStream: _grpc.UnaryStreamMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorChunk]
+    """GetTensor for reads larger than one message: the values in chunks, in order.
+    All chunks of one read come from one state version.
+    """
+    SetTensorStream: _grpc.StreamUnaryMultiCallable[_trainer_pb2.SetTensorChunk, _trainer_pb2.SetTensorResponse]
+    """SetTensor with the value sent in chunks, for values larger than one message."""
+    ForwardStream: _grpc.StreamUnaryMultiCallable[_trainer_pb2.ForwardChunk, _trainer_pb2.ForwardResponse]
+    """Forward with the input sent in chunks, for inputs larger than one message."""
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -112,6 +124,18 @@ class TrainerAsyncStub(TrainerStub):
     """
     SetOptimizer: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]  # type: ignore[assignment]
     """Replaces the optimizer (its state is lost) with new settings."""
+    TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
+    """The training step in one call: optionally ZeroGrad, then Forward, Backward and
+    Step, then reads of named slices. The version rises as for the separate calls.
+    """
+    GetTensorStream: _aio.UnaryStreamMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorChunk]  # type: ignore[assignment]
+    """GetTensor for reads larger than one message: the values in chunks, in order.
+    All chunks of one read come from one state version.
+    """
+    SetTensorStream: _aio.StreamUnaryMultiCallable[_trainer_pb2.SetTensorChunk, _trainer_pb2.SetTensorResponse]  # type: ignore[assignment]
+    """SetTensor with the value sent in chunks, for values larger than one message."""
+    ForwardStream: _aio.StreamUnaryMultiCallable[_trainer_pb2.ForwardChunk, _trainer_pb2.ForwardResponse]  # type: ignore[assignment]
+    """Forward with the input sent in chunks, for inputs larger than one message."""
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
     """The training step, driven remotely."""
@@ -202,5 +226,41 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.SetOptimizerResponse, _abc.Awaitable[_trainer_pb2.SetOptimizerResponse]]:
         """Replaces the optimizer (its state is lost) with new settings."""
+
+    @_abc_1.abstractmethod
+    def TrainStep(
+        self,
+        request: _trainer_pb2.TrainStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.TrainStepResponse, _abc.Awaitable[_trainer_pb2.TrainStepResponse]]:
+        """The training step in one call: optionally ZeroGrad, then Forward, Backward and
+        Step, then reads of named slices. The version rises as for the separate calls.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTensorStream(
+        self,
+        request: _trainer_pb2.GetTensorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.GetTensorChunk], _abc.AsyncIterator[_trainer_pb2.GetTensorChunk]]:
+        """GetTensor for reads larger than one message: the values in chunks, in order.
+        All chunks of one read come from one state version.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTensorStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_trainer_pb2.SetTensorChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SetTensorResponse, _abc.Awaitable[_trainer_pb2.SetTensorResponse]]:
+        """SetTensor with the value sent in chunks, for values larger than one message."""
+
+    @_abc_1.abstractmethod
+    def ForwardStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_trainer_pb2.ForwardChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ForwardResponse, _abc.Awaitable[_trainer_pb2.ForwardResponse]]:
+        """Forward with the input sent in chunks, for inputs larger than one message."""
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
