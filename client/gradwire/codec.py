@@ -1,23 +1,22 @@
 """Tensors and indices to protobuf messages and back: numpy (and torch, when present) <-> wire.
 
-No grpc here. Values never pass through a per-element Python loop: encoding writes the
-array's little-endian bytes into a bytes-typed twin of `Tensor` (a packed fixed-width
-repeated field and a bytes field carry identical wire bytes) and decoding reads the packed
-field through numpy's array protocol.
+No grpc here. Values never pass through a per-element Python loop. A packed fixed-width
+field's wire bytes are the little-endian array itself, so encoding splices the array's
+memory into the message (wire.py) and decoding views the received bytes as an array.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from gradwire import wire
 from gradwire._pb import trainer_pb2 as pb
 
 if TYPE_CHECKING:
@@ -25,18 +24,25 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPE_NAMES",
+    "Assembler",
     "CodecError",
     "IndexKey",
+    "chunk_pieces",
+    "chunks",
     "decode",
+    "decode_split",
+    "decode_split_torch",
     "decode_torch",
     "encode",
     "encode_bytes",
     "format_index",
+    "host_array",
     "index_from_proto",
     "index_to_proto",
     "indices_from_proto",
     "indices_to_proto",
     "numel",
+    "tensor_pieces",
 ]
 
 
@@ -61,6 +67,9 @@ _WIRE: Final[dict[int, _WireType]] = {
     pb.DTYPE_BOOL: _WireType("bool_values", np.dtype("?"), "bool"),
 }
 _VALUE_FIELDS: Final = tuple(sorted({w.field for w in _WIRE.values()}))
+_NUMBER: Final = {f: pb.Tensor.DESCRIPTOR.fields_by_name[f].number for f in _VALUE_FIELDS}
+_FIELD_NAME: Final = {number: f for f, number in _NUMBER.items()}
+_CHUNK_VALUES: Final = pb.TensorChunk.DESCRIPTOR.fields_by_name["values"].number
 
 #: "float32", "bfloat16", ... by DType number: the names PyTorch and numpy use.
 DTYPE_NAMES: Final[dict[int, str]] = {k: w.torch_name for k, w in _WIRE.items()}
@@ -82,34 +91,6 @@ _NUMPY_TO_DTYPE: Final = {
     np.dtype("int64"): pb.DTYPE_INT64,
     np.dtype("bool"): pb.DTYPE_BOOL,
 }
-
-
-def _bytes_twin() -> type[Any]:
-    """A message class wire-identical to `Tensor`, whose value fields are `bytes`.
-
-    Derived from the generated descriptor at import time, so it cannot drift from the
-    contract. Packed fixed-width fields and bytes fields share the length-delimited wire
-    type; the enum becomes int32, which shares the varint wire type.
-    """
-    file_proto = descriptor_pb2.FileDescriptorProto(
-        name="gradwire/v1/_tensor_bytes.proto", package="gradwire.v1._wire", syntax="proto3"
-    )
-    message = file_proto.message_type.add()
-    pb.Tensor.DESCRIPTOR.CopyToProto(message)
-    for field in message.field:
-        if field.name in _VALUE_FIELDS:
-            field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-            field.label = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
-            field.ClearField("options")
-        elif field.name == "dtype":
-            field.type = descriptor_pb2.FieldDescriptorProto.TYPE_INT32
-            field.ClearField("type_name")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file_proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("gradwire.v1._wire.Tensor"))
-
-
-_TensorBytes: Final = _bytes_twin()
 
 
 def numel(shape: Sequence[int]) -> int:
@@ -137,8 +118,11 @@ def _is_torch_tensor(value: object) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
-def _host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
-    """(DType, C-contiguous little-endian array of the wire's element type) for a value."""
+def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
+    """(DType, C-contiguous little-endian array of the wire's element type) for a value.
+
+    Makes no copy when the value already is one (a contiguous float32 array, say).
+    """
     if _is_torch_tensor(value):
         torch = _torch_module()
         tensor = value.detach()
@@ -159,19 +143,25 @@ def _host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
     if dtype is None:
         names = ", ".join(sorted(str(d) for d in (*_NUMPY_TO_DTYPE, *_WIDENED)))
         raise CodecError(f"cannot send an array of dtype {source}; supported: {names}")
-    wire = _WIRE[dtype].numpy
+    wire_type = _WIRE[dtype].numpy
     # np.asarray, not np.ascontiguousarray, which turns a 0-d array into shape (1,).
-    return dtype, np.asarray(array, dtype=wire, order="C")
+    return dtype, np.asarray(array, dtype=wire_type, order="C")
+
+
+def tensor_pieces(value: Any) -> list[wire.Piece]:
+    """A serialized Tensor for an array or torch tensor, its values a view of their memory."""
+    dtype, array = host_array(value)
+    header = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()  # type: ignore[arg-type]
+    if not array.size:
+        return [header]
+    # numpy's bools are the bytes 0 and 1: the packed varints of false and true.
+    values = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
+    return [header, *wire.length_field(_NUMBER[_WIRE[dtype].field], [values])]
 
 
 def encode_bytes(value: Any) -> bytes:
     """The serialized `Tensor` message for a numpy array, torch tensor or array-like."""
-    dtype, array = _host_array(value)
-    fields: dict[str, Any] = {"dtype": dtype, "shape": array.shape}
-    if array.size:
-        fields[_WIRE[dtype].field] = array.tobytes()
-    data: bytes = _TensorBytes(**fields).SerializeToString()
-    return data
+    return wire.join(tensor_pieces(value))
 
 
 def encode(value: Any) -> pb.Tensor:
@@ -179,9 +169,10 @@ def encode(value: Any) -> pb.Tensor:
     return pb.Tensor.FromString(encode_bytes(value))
 
 
-def _check(message: pb.Tensor) -> tuple[_WireType, tuple[int, ...]]:
-    wire = _WIRE.get(message.dtype)
-    if wire is None:
+def _expect(message: pb.Tensor, field: str, have: int) -> tuple[_WireType, tuple[int, ...]]:
+    """Checks dtype, shape and that `field` holds `have` values (bytes for raw_values)."""
+    wire_type = _WIRE.get(message.dtype)
+    if wire_type is None:
         raise CodecError(
             f"tensor dtype {message.dtype} is not supported; use one of "
             + ", ".join(pb.DType.Name(k) for k in _WIRE)  # type: ignore[arg-type]
@@ -189,56 +180,198 @@ def _check(message: pb.Tensor) -> tuple[_WireType, tuple[int, ...]]:
     shape = tuple(message.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
-    for field in _VALUE_FIELDS:
-        if field != wire.field and len(getattr(message, field)):
-            raise CodecError(
-                f"a {DTYPE_NAMES[message.dtype]} tensor carries its values in {wire.field}, "
-                f"but {field} is set"
-            )
+    name = DTYPE_NAMES[message.dtype]
+    if field != wire_type.field:
+        raise CodecError(
+            f"a {name} tensor carries its values in {wire_type.field}, but {field} is set"
+        )
     count = numel(shape)
-    have = len(getattr(message, wire.field))
-    if wire.field == "raw_values":
+    if wire_type.field == "raw_values":
         if have != 2 * count:
             raise CodecError(
-                f"a {DTYPE_NAMES[message.dtype]} tensor of shape {list(shape)} needs "
-                f"{2 * count} bytes in raw_values, got {have}"
+                f"a {name} tensor of shape {list(shape)} needs {2 * count} bytes in "
+                f"raw_values, got {have}"
             )
     elif have != count:
         raise CodecError(
-            f"a tensor of shape {list(shape)} needs {count} values in {wire.field}, got {have}"
+            f"a tensor of shape {list(shape)} needs {count} values in {field}, got {have}"
         )
-    return wire, shape
+    return wire_type, shape
 
 
 def _wire_array(message: pb.Tensor) -> tuple[int, np.ndarray[Any, Any]]:
-    wire, shape = _check(message)
-    values = getattr(message, wire.field)
-    if wire.field == "raw_values":
-        flat = np.frombuffer(values, dtype=wire.numpy)
+    set_fields = [f for f in _VALUE_FIELDS if len(getattr(message, f))]
+    expected = _WIRE[message.dtype].field if message.dtype in _WIRE else "raw_values"
+    field = set_fields[0] if set_fields else expected
+    if len(set_fields) > 1:
+        raise CodecError(f"a tensor sets more than one values field: {', '.join(set_fields)}")
+    values = getattr(message, field)
+    wire_type, shape = _expect(message, field, len(values))
+    if field == "raw_values":
+        flat = np.frombuffer(values, dtype=wire_type.numpy)
     else:
-        flat = np.asarray(values, dtype=wire.numpy)  # the container's buffer, one copy
+        flat = np.asarray(values, dtype=wire_type.numpy)  # the container's buffer, one copy
     return message.dtype, flat.reshape(shape)
+
+
+def _split_array(
+    split: wire.Split[Any], path: wire.Path, message: pb.Tensor
+) -> tuple[int, np.ndarray[Any, Any]]:
+    found = split.cut.get(path)
+    if found is None:  # values not cut out: still in the message
+        return _wire_array(message)
+    number, raw = found
+    field = _FIELD_NAME[number]
+    if any(len(getattr(message, f)) for f in _VALUE_FIELDS):
+        raise CodecError(f"a tensor sets more than one values field, {field} among them")
+    expected = _WIRE.get(message.dtype)
+    itemsize = 1 if field == "raw_values" or expected is None else expected.numpy.itemsize
+    if raw.nbytes % itemsize:
+        raise CodecError(f"{field} holds {raw.nbytes} bytes, not a whole number of values")
+    wire_type, shape = _expect(message, field, raw.nbytes // itemsize)
+    return message.dtype, np.frombuffer(raw, dtype=wire_type.numpy).reshape(shape)
+
+
+def chunk_pieces(
+    flat: np.ndarray[Any, Any], dtype: int, offset: int, shape: Sequence[int] | None
+) -> list[wire.Piece]:
+    """A TensorChunk: values flat[...] (wire dtype, 1-D) starting at `offset`; `shape` first."""
+    header = pb.TensorChunk(offset=offset, shape=shape or ()).SerializeToString()
+    values = pb.Tensor(dtype=dtype, shape=flat.shape).SerializeToString()  # type: ignore[arg-type]
+    if flat.size:
+        number = _NUMBER[_WIRE[dtype].field]
+        raw = memoryview(flat).cast("B")  # type: ignore[arg-type]
+        values_pieces = [values, *wire.length_field(number, [raw])]
+    else:
+        values_pieces = [values]
+    return [header, *wire.length_field(_CHUNK_VALUES, values_pieces)]
+
+
+def chunks(
+    value: Any, chunk_bytes: int
+) -> Iterator[tuple[int, np.ndarray[Any, Any], int, tuple[int, ...] | None]]:
+    """(dtype, flat run, offset, shape on the first run only) for sending value in chunks."""
+    dtype, array = host_array(value)
+    flat = array.reshape(-1)
+    step = max(1, chunk_bytes // array.itemsize)
+    for offset in range(0, max(flat.size, 1), step):
+        yield dtype, flat[offset : offset + step], offset, array.shape if offset == 0 else None
+
+
+class ChunkLimitError(CodecError):
+    """A chunked tensor whose announced shape is over the receiver's element limit."""
+
+
+class Assembler:
+    """Puts a tensor back together from TensorChunks, checking that they fit and are in order."""
+
+    def __init__(self, what: str, max_elements: int | None = None) -> None:
+        self.what = what
+        self.max_elements = max_elements
+        self.dtype: int | None = None
+        self._flat: np.ndarray[Any, Any] | None = None
+        self._array: np.ndarray[Any, Any] | None = None
+        self._filled = 0
+
+    def add(self, split: wire.Split[Any], path: wire.Path, chunk: pb.TensorChunk) -> None:
+        """Adds the chunk at `path` of a split message (`chunk` is that sub-message)."""
+        values_path = (*path, (_CHUNK_VALUES, 0))
+        dtype, values = _split_array(split, values_path, chunk.values)
+        if values.ndim != 1:
+            raise CodecError(
+                f"{self.what}: chunk values must be 1-D, got shape {list(values.shape)}"
+            )
+        if self._flat is None:
+            shape = tuple(chunk.shape)
+            if any(d < 0 for d in shape):
+                raise CodecError(f"{self.what}: shape {list(shape)} has a negative dimension")
+            count = numel(shape)
+            if self.max_elements is not None and count > self.max_elements:
+                raise ChunkLimitError(
+                    f"{self.what}: {count} elements is over the limit of {self.max_elements}"
+                )
+            self.dtype = dtype
+            self._array = np.empty(shape, dtype=_WIRE[dtype].numpy)
+            self._flat = self._array.reshape(-1)
+        elif chunk.shape:
+            raise CodecError(f"{self.what}: only the first chunk may carry a shape")
+        if dtype != self.dtype:
+            raise CodecError(
+                f"{self.what}: chunk dtype {DTYPE_NAMES[dtype]} differs from the first chunk's"
+            )
+        if chunk.offset != self._filled:
+            raise CodecError(
+                f"{self.what}: chunk at offset {chunk.offset}, expected {self._filled} "
+                "(chunks must come in order)"
+            )
+        end = self._filled + values.size
+        if end > self._flat.size:
+            raise CodecError(
+                f"{self.what}: chunks hold more than the {self._flat.size} values of the shape"
+            )
+        self._flat[self._filled : end] = values
+        self._filled = end
+
+    def _done(self) -> tuple[int, np.ndarray[Any, Any]]:
+        if self._array is None or self.dtype is None:
+            raise CodecError(f"{self.what}: no chunk was sent")
+        if self._filled != self._flat.size:  # type: ignore[union-attr]
+            raise CodecError(
+                f"{self.what}: the stream ended after {self._filled} of {self._array.size} values"
+            )
+        return self.dtype, self._array
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        return _widen(*self._done())
+
+    def torch(self) -> torch.Tensor:
+        dtype, array = self._done()
+        return _to_torch(dtype, array)
+
+
+def _widen(dtype: int, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    if dtype == pb.DTYPE_BFLOAT16:
+        # A bfloat16 is the upper half of a float32 with the same value: write the halves
+        # into a zeroed float32 array (twice as fast as shifting a widened copy).
+        wide = np.zeros(array.shape, dtype="<u4")
+        wide.reshape(-1).view("<u2")[1::2] = array.reshape(-1)
+        return wide.view("<f4")
+    return array
+
+
+def _to_torch(dtype: int, array: np.ndarray[Any, Any]) -> torch.Tensor:
+    import torch
+
+    if not array.flags.writeable:  # a view of received bytes; torch wants writable memory
+        array = array.copy()
+    if dtype == pb.DTYPE_BFLOAT16:
+        return torch.from_numpy(array.view("<i2")).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def decode(message: pb.Tensor) -> np.ndarray[Any, Any]:
     """A numpy array from a `Tensor` message; bfloat16 is widened to float32 exactly."""
-    dtype, array = _wire_array(message)
-    if dtype == pb.DTYPE_BFLOAT16:
-        # A bfloat16 is the upper half of a float32 with the same value.
-        return (array.astype("<u4") << 16).view("<f4")
-    return array
+    return _widen(*_wire_array(message))
 
 
 def decode_torch(message: pb.Tensor) -> torch.Tensor:
     """A torch tensor (CPU) from a `Tensor` message, in its own dtype, bfloat16 included."""
-    import torch
+    return _to_torch(*_wire_array(message))
 
-    dtype, array = _wire_array(message)
-    if dtype == pb.DTYPE_BFLOAT16:
-        return torch.from_numpy(array.view("<i2").copy()).view(torch.bfloat16)
-    if not array.flags.writeable:
-        array = array.copy()
-    return torch.from_numpy(array)
+
+def decode_split(
+    split: wire.Split[Any], path: wire.Path, message: pb.Tensor
+) -> np.ndarray[Any, Any]:
+    """The array of the Tensor at `path` of a `wire.split` message (`message` is that Tensor).
+
+    The array is a read-only view of the received bytes: no copy was made.
+    """
+    return _widen(*_split_array(split, path, message))
+
+
+def decode_split_torch(split: wire.Split[Any], path: wire.Path, message: pb.Tensor) -> torch.Tensor:
+    """As decode_split, as a CPU torch tensor (one copy: torch wants writable memory)."""
+    return _to_torch(*_split_array(split, path, message))
 
 
 # --- indices -------------------------------------------------------------------------

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Final
 
-#: The largest message either end sends or accepts: 64 MiB. A float32 tensor of
-#: 16 Mi elements fits in one GetTensor; larger reads are refused with
-#: RESOURCE_EXHAUSTED and a message saying how to read them in slices.
+#: The largest message either end sends or accepts: 64 MiB. Larger tensors travel in
+#: chunks (GetTensorStream, SetTensorStream, ForwardStream); the Python client picks
+#: the streamed call by itself.
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+
+#: Tensor values one unary message may carry; the rest of the message gets the remainder.
+MAX_VALUE_BYTES: Final = MAX_MESSAGE_BYTES - 64 * 1024
+
+#: Values per message when a tensor is streamed (GetTensorStream, SetTensorStream, ForwardStream).
+CHUNK_BYTES: Final = 4 * 1024 * 1024
+
+#: The Python client streams tensors it sends when their values exceed this.
+STREAM_ABOVE_BYTES: Final = 32 * 1024 * 1024
 
 #: Domain of the google.rpc.ErrorInfo attached to every error the server sends.
 ERROR_DOMAIN: Final = "gradwire.dev"

@@ -7,6 +7,7 @@ Python's own parser reads the brackets, so every form Python accepts for basic i
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,7 @@ def _item(node: ast.expr, text: str) -> IndexItem:
     return value
 
 
+@functools.lru_cache(maxsize=1024)  # selectors repeat in loops; parsing them is not free
 def parse_selector(text: str) -> Selector:
     """`"conv1.weight.grad[0][0][0]"` -> Selector("conv1.weight.grad", ((0,), (0,), (0,)))."""
     text = text.strip()

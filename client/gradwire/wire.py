@@ -1,0 +1,205 @@
+"""Protobuf wire format for the tensor fast path: tensor values are copied once, never walked.
+
+Writing: a message is serialized without its tensor values, and each value field is spliced
+in as a tag, a length and the array's own memory (`Piece`s, joined once). Protobuf parsers
+accept fields in any order, so the result is an ordinary message to every reader.
+
+Reading: `split` scans a received message and cuts every Tensor's packed value field out of
+it, uncopied, parsing the rest as the ordinary message. A value field in any other valid
+encoding (not packed, or in several runs) stays in the message for the ordinary parser.
+No torch and no numpy here: codec.py turns the cut fields into arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+
+from gradwire._pb import trainer_pb2 as pb
+
+__all__ = ["Path", "Piece", "Split", "holds_tensors", "join", "length_field", "split", "varint"]
+
+M = TypeVar("M", bound=Message)
+#: A part of a message being written: bytes, or a view of an array's memory.
+Piece = bytes | memoryview
+#: Where a Tensor sits in a message: (field number, occurrence) for each level down.
+Path = tuple[tuple[int, int], ...]
+
+_LEN = 2  # wire type of length-delimited fields
+#: Below this size, `split` leaves a message to the ordinary parser: copying a few values
+#: costs less than scanning for them in Python.
+SMALL_MESSAGE_BYTES = 16 * 1024
+_TENSOR = pb.Tensor.DESCRIPTOR
+# Value fields read in place. Bools stay with the ordinary parser: a packed bool may be
+# any varint, not only the bytes 0 and 1 that numpy reads.
+_CUT_NUMBERS = frozenset(
+    f.number for f in _TENSOR.fields if f.name.endswith("_values") and f.name != "bool_values"
+)
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_field(number: int, pieces: Sequence[Piece]) -> list[Piece]:
+    """A length-delimited field holding `pieces`: its tag and length, then the pieces."""
+    size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+    return [varint(number << 3 | _LEN) + varint(size), *pieces]
+
+
+def join(pieces: Sequence[Piece]) -> bytes:
+    """The message as one bytes object: the only copy of the tensor values on the way out."""
+    return b"".join(pieces)
+
+
+# --- reading --------------------------------------------------------------------------
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, field start, value start, value end) of each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        first = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+            value_start = pos
+        elif wire_type == 1:
+            value_start, pos = pos, pos + 8
+        elif wire_type == _LEN:
+            size, value_start = _read_varint(buf, pos)
+            pos = value_start + size
+        elif wire_type == 5:
+            value_start, pos = pos, pos + 4
+        else:
+            raise ValueError(f"wire type {wire_type} is not used by gradwire messages")
+        if pos > end:
+            raise ValueError("field runs past the end of its message")
+        yield number, wire_type, first, value_start, pos
+
+
+@cache
+def _tensor_fields(descriptor: Descriptor) -> dict[int, bool]:
+    """Fields of a message type that hold Tensors, directly (True) or further down (False)."""
+    found: dict[int, bool] = {}
+    for f in descriptor.fields:
+        if f.type != FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if f.message_type is _TENSOR:
+            found[f.number] = True
+        elif _tensor_fields(f.message_type):  # gradwire has no recursive messages
+            found[f.number] = False
+    return found
+
+
+class _Merged(Exception):
+    """A singular field occurs more than once; the fast path leaves such messages alone."""
+
+
+def holds_tensors(message_type: type[Message]) -> bool:
+    """Whether messages of this type can carry Tensors, and so are worth `split`ting."""
+    return bool(_tensor_fields(message_type.DESCRIPTOR))
+
+
+@dataclass
+class Split(Generic[M]):
+    """A received message with each Tensor's value field cut out of it, uncopied.
+
+    `cut` maps a Tensor's path to (value field number, the field's bytes as a view of the
+    received data); `codec.decode_split` turns them into arrays.
+    """
+
+    message: M
+    cut: dict[Path, tuple[int, memoryview]] = field(default_factory=dict)
+
+
+def _cut_tensor(
+    buf: memoryview, start: int, end: int, path: Path, cut: dict[Path, tuple[int, memoryview]]
+) -> list[Piece]:
+    fields = list(_fields(buf, start, end))
+    runs = [f for f in fields if f[0] in _CUT_NUMBERS]
+    if len(runs) != 1 or runs[0][1] != _LEN:
+        # No values, or values in another valid encoding: the ordinary parser reads them.
+        return [buf[start:end]]
+    number, _, first, value_start, value_end = runs[0]
+    cut[path] = (number, buf[value_start:value_end])
+    return [buf[f[2] : f[4]] for f in fields if f[2] != first]
+
+
+def _cut(
+    buf: memoryview,
+    start: int,
+    end: int,
+    descriptor: Any,
+    path: Path,
+    cut: dict[Path, tuple[int, memoryview]],
+) -> list[Piece]:
+    holders = _tensor_fields(descriptor)
+    if not holders:
+        return [buf[start:end]]
+    rest: list[Piece] = []
+    seen: dict[int, int] = {}
+    for number, wire_type, first, value_start, value_end in _fields(buf, start, end):
+        direct = holders.get(number)
+        if direct is None or wire_type != _LEN:
+            rest.append(buf[first:value_end])
+            continue
+        occurrence = seen.get(number, 0)
+        seen[number] = occurrence + 1
+        repeated = descriptor.fields_by_number[number].is_repeated
+        if occurrence and not repeated:
+            raise _Merged  # a singular message sent in parts: the parser must merge them
+        here = (*path, (number, occurrence))
+        if direct:
+            inner = _cut_tensor(buf, value_start, value_end, here, cut)
+        else:
+            sub = descriptor.fields_by_number[number].message_type
+            inner = _cut(buf, value_start, value_end, sub, here, cut)
+        rest.extend(length_field(number, inner))
+    return rest
+
+
+def split(data: bytes, message_type: type[M]) -> Split[M]:
+    """Parses `data` as `message_type`, each Tensor's packed values cut out uncopied.
+
+    Raises google.protobuf.message.DecodeError for data that is not such a message.
+    """
+    if len(data) < SMALL_MESSAGE_BYTES:
+        return Split(message_type.FromString(data))  # too small for scanning to pay
+    buf = memoryview(data)
+    cut: dict[Path, tuple[int, memoryview]] = {}
+    try:
+        rest = _cut(buf, 0, len(buf), message_type.DESCRIPTOR, (), cut)
+    except _Merged:
+        return Split(message_type.FromString(data))
+    except ValueError as err:
+        raise DecodeError(f"not a {message_type.DESCRIPTOR.name}: {err}") from err
+    if not cut:
+        return Split(message_type.FromString(data))
+    return Split(message_type.FromString(join(rest)), cut)
