@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +13,12 @@ from types import FrameType
 
 import grpc
 import torch
-from gradwire._pb import trainer_pb2 as pb
-from gradwire._pb import trainer_pb2_grpc as pb_grpc
-from gradwire.limits import channel_options
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradwire_server.servicer import TrainerServicer
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.limits import channel_options
+from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer, resolve_device
 
 log = logging.getLogger("gradwire_server")
@@ -44,15 +43,23 @@ class Running:
 
 
 def start(
-    trainer: Trainer, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8
+    trainer: Trainer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int = 8,
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
 ) -> Running:
-    """Starts a server for `trainer` on host:port (0: a free port) and returns it running."""
+    """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
+
+    `extra_handlers` serve other services beside it (the benchmark's bare-gRPC floor).
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gradwire"),
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_TrainerServicer_to_server(TrainerServicer(trainer), server)
+    server.add_registered_method_handlers(SERVICE_NAME, method_handlers(TrainerServicer(trainer)))
+    server.add_generic_rpc_handlers(tuple(extra_handlers))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

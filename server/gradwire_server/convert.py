@@ -1,15 +1,29 @@
-"""Messages to trainer types and back; every malformed message becomes InvalidInput here."""
+"""Messages to trainer types and back; every malformed message becomes InvalidInput here.
+
+Responses that carry tensors are written as bytes with the values spliced in (wire.py);
+requests that carry them arrive split, their values uncopied views of the received bytes.
+"""
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from collections.abc import Iterator
+from typing import Any, Literal, cast
 
 import torch
-from gradwire import codec
-from gradwire._pb import trainer_pb2 as pb
+from google.protobuf.message import Message
 
-from gradwire_server.errors import InvalidInput
-from gradwire_server.trainer import FillSpec, Listing, OptimizerSettings, Read, TensorInput
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.trainer import (
+    FillSpec,
+    ForwardResult,
+    Listing,
+    OptimizerSettings,
+    Selection,
+    TensorInput,
+    TrainResult,
+)
 
 _FILL_KINDS: dict[int, str] = {
     pb.Fill.KIND_ZEROS: "zeros",
@@ -60,21 +74,59 @@ def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:
     )
 
 
-def tensor_from_proto(message: pb.Tensor, what: str) -> torch.Tensor:
+def tensor_from_split(
+    split: wire.Split[Any], path: wire.Path, message: pb.Tensor, what: str
+) -> torch.Tensor:
+    """The Tensor at `path` of a split request (`message` is that Tensor), as torch."""
     try:
-        return codec.decode_torch(message)
+        return codec.decode_split_torch(split, path, message)
     except codec.CodecError as err:
         raise InvalidInput(f"{what}: {err}", reason="BAD_TENSOR") from err
 
 
-def source_from_proto(message: pb.TensorSource, what: str) -> TensorInput | None:
-    """The tensor or fill spec a TensorSource names; None when it names neither."""
+def source_from_split(
+    split: wire.Split[Any], path: wire.Path, message: pb.TensorSource, what: str
+) -> TensorInput | None:
+    """The tensor or fill spec of the TensorSource at `path`; None when it names neither."""
     which = message.WhichOneof("source")
     if which == "tensor":
-        return tensor_from_proto(message.tensor, what)
+        return tensor_from_split(split, (*path, (_SOURCE_TENSOR, 0)), message.tensor, what)
     if which == "fill":
         return fill_from_proto(message.fill, what)
     return None
+
+
+def field_path(message_type: type[Message], *names: str) -> wire.Path:
+    """The wire.Path of a singular field chain, e.g. (ForwardRequest, "input")."""
+    path: list[tuple[int, int]] = []
+    descriptor: Any = message_type.DESCRIPTOR
+    for name in names:
+        f = descriptor.fields_by_name[name]
+        path.append((f.number, 0))
+        descriptor = f.message_type
+    return tuple(path)
+
+
+class Chunks:
+    """Reassembles a tensor sent as TensorChunks, with the trainer's element limit."""
+
+    def __init__(self, what: str, max_elements: int) -> None:
+        self._assembler = codec.Assembler(what, max_elements)
+        self.what = what
+
+    def add(self, split: wire.Split[Any], path: wire.Path, chunk: pb.TensorChunk) -> None:
+        try:
+            self._assembler.add(split, path, chunk)
+        except codec.ChunkLimitError as err:
+            raise OverLimit(str(err), reason="TOO_MANY_ELEMENTS") from err
+        except codec.CodecError as err:
+            raise InvalidInput(str(err), reason="BAD_CHUNK") from err
+
+    def tensor(self) -> torch.Tensor:
+        try:
+            return self._assembler.torch()
+        except codec.CodecError as err:
+            raise InvalidInput(str(err), reason="BAD_CHUNK") from err
 
 
 def chain_from_proto(messages: list[pb.Index] | object) -> list[tuple[codec.IndexItem, ...]]:
@@ -126,19 +178,101 @@ def optimizer_to_proto(settings: OptimizerSettings) -> pb.OptimizerConfig:
     return message
 
 
-def read_to_proto(read: Read) -> pb.GetTensorResponse:
-    response = pb.GetTensorResponse(version=read.version, name=read.name)
-    if read.full_shape is None:
-        return response  # absent: no tensor, no shape
-    response.full_shape.extend(read.full_shape)
-    if read.value is not None:
-        # Parsing the encoded bytes copies them once; CopyFrom would walk the values.
-        response.tensor.ParseFromString(codec.encode_bytes(read.value))
-    else:
-        assert read.dtype is not None and read.shape is not None
-        response.tensor.dtype = dtype_to_proto(read.dtype)  # type: ignore[assignment]
-        response.tensor.shape.extend(read.shape)
+def forward_response(result: ForwardResult) -> pb.ForwardResponse:
+    response = pb.ForwardResponse(version=result.version, output_shape=result.output_shape)
+    if result.loss is not None:
+        response.loss = result.loss
     return response
+
+
+def _too_large(selection: Selection, size: int, limit: int) -> OverLimit:
+    return OverLimit(
+        f"{selection.name}: {size} bytes of values is over the {limit} bytes one message may "
+        "carry; read it with GetTensorStream (the Python client does so by itself) or in slices",
+        reason="USE_STREAM",
+        metadata={"bytes": str(size), "limit": str(limit)},
+    )
+
+
+def get_response_pieces(
+    selection: Selection, *, values: bool = True, limit: int | None = None
+) -> list[wire.Piece]:
+    """A GetTensorResponse for a selection, its values spliced from the tensor's memory.
+
+    Called under the trainer's lock: joining the pieces is the copy that keeps this version.
+    """
+    header = pb.GetTensorResponse(version=selection.version, name=selection.name)
+    part = selection.part
+    if part is None or selection.full_shape is None:
+        return [header.SerializeToString()]  # absent: no tensor, no shape
+    header.full_shape.extend(selection.full_shape)
+    if not values:
+        header.tensor.dtype = dtype_to_proto(part.dtype)  # type: ignore[assignment]
+        header.tensor.shape.extend(part.shape)
+        return [header.SerializeToString()]
+    size = part.numel() * part.element_size()
+    if limit is not None and size > limit:
+        raise _too_large(selection, size, limit)
+    tensor = codec.tensor_pieces(selection.host())
+    return [header.SerializeToString(), *wire.length_field(_RESPONSE_TENSOR, tensor)]
+
+
+def snapshot(selection: Selection) -> Selection:
+    """A copy of the selection where it lives, so that a stream sends one version."""
+    if selection.part is None:
+        return selection
+    copy = selection.part.clone(memory_format=torch.contiguous_format)
+    return Selection(selection.version, selection.name, copy, selection.full_shape)
+
+
+def stream_chunks(selection: Selection, chunk_bytes: int) -> Iterator[bytes]:
+    """GetTensorChunk messages for a snapshot, each copying only its own run of values.
+
+    On a GPU each run goes through one pinned host buffer: a fast, direct copy.
+    """
+    part = selection.part
+    header = pb.GetTensorChunk(version=selection.version, name=selection.name)
+    if part is None or selection.full_shape is None:
+        yield header.SerializeToString()
+        return
+    header.full_shape.extend(selection.full_shape)
+    first = header.SerializeToString()
+    later = pb.GetTensorChunk(version=selection.version).SerializeToString()
+    flat = part.reshape(-1)
+    step = max(1, chunk_bytes // part.element_size())
+    pinned = None
+    if part.device.type == "cuda":
+        pinned = torch.empty(min(step, flat.numel()), dtype=part.dtype, pin_memory=True)
+    for offset in range(0, max(flat.numel(), 1), step):
+        run = flat[offset : offset + step]
+        if pinned is not None:
+            host = pinned[: run.numel()]
+            host.copy_(run)
+        else:
+            host = run
+        dtype, values = codec.host_array(host)
+        shape = tuple(part.shape) if offset == 0 else None
+        chunk = codec.chunk_pieces(values, dtype, offset, shape)
+        yield wire.join([first if offset == 0 else later, *wire.length_field(_CHUNK, chunk)])
+
+
+def train_step_bytes(result: TrainResult[list[wire.Piece]]) -> bytes:
+    header = pb.TrainStepResponse(
+        version=result.version,
+        loss=result.loss,
+        output_shape=result.output_shape,
+        parameters_updated=result.parameters_updated,
+    )
+    pieces: list[wire.Piece] = [header.SerializeToString()]
+    for fetched in result.fetched:
+        pieces.extend(wire.length_field(_FETCHED, fetched))
+    return wire.join(pieces)
+
+
+_SOURCE_TENSOR = pb.TensorSource.DESCRIPTOR.fields_by_name["tensor"].number
+_RESPONSE_TENSOR = pb.GetTensorResponse.DESCRIPTOR.fields_by_name["tensor"].number
+_CHUNK = pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number
+_FETCHED = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
 
 
 def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:

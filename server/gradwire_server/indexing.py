@@ -6,21 +6,23 @@ selected span and flipping it. Writes need a view of the original, so they refus
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
-from gradwire.codec import IndexItem, format_index
 
+from gradwire.codec import IndexItem, format_index
 from gradwire_server.errors import IndexOutOfRange, InvalidInput
 
 IndexChain = Sequence[tuple[IndexItem, ...]]
 
 
-def _expand(key: tuple[IndexItem, ...], ndim: int, label: str) -> list[IndexItem]:
+def _expand(key: tuple[IndexItem, ...], ndim: int, label: Callable[[], str]) -> list[IndexItem]:
     consumed = sum(1 for item in key if item is not None and item is not Ellipsis)
     if consumed > ndim:
         raise InvalidInput(
-            f"too many indices for {label}: it has {ndim} dimension(s) but {consumed} were indexed",
+            f"too many indices for {label()}: it has {ndim} dimension(s) but {consumed} "
+            "were indexed",
             reason="TOO_MANY_INDICES",
         )
     if Ellipsis not in key:
@@ -31,7 +33,7 @@ def _expand(key: tuple[IndexItem, ...], ndim: int, label: str) -> list[IndexItem
 
 
 def _apply(
-    tensor: torch.Tensor, key: tuple[IndexItem, ...], label: str, *, writable: bool
+    tensor: torch.Tensor, key: tuple[IndexItem, ...], label: Callable[[], str], *, writable: bool
 ) -> torch.Tensor:
     out = tensor
     dim = 0  # position in `out`
@@ -49,7 +51,7 @@ def _apply(
             else:
                 if writable:
                     raise InvalidInput(
-                        f"{label}: negative slice steps can be read but not written; "
+                        f"{label()}: negative slice steps can be read but not written; "
                         "write the span with a positive step instead",
                         reason="NEGATIVE_STEP_WRITE",
                     )
@@ -65,7 +67,7 @@ def _apply(
             assert isinstance(item, int)  # _expand replaced the ellipsis
             if not -size <= item < size:
                 raise IndexOutOfRange(
-                    f"index {item} is out of range for dimension {source_dim} of {label} "
+                    f"index {item} is out of range for dimension {source_dim} of {label()} "
                     f"(size {size}; valid: {-size} to {size - 1})",
                     metadata={"index": str(item), "dimension": str(source_dim), "size": str(size)},
                 )
@@ -84,6 +86,7 @@ def select(
     """
     out = tensor
     for position, key in enumerate(chain):
-        label = name + format_index(chain[:position])
+        # Named only when an error needs it: formatting costs more than indexing.
+        label = functools.partial(lambda p: name + format_index(chain[:p]), position)
         out = _apply(out, key, label, writable=writable)
     return out

@@ -2,23 +2,26 @@
 
 One decorator and one table turn domain errors into status codes; anything unexpected is
 logged with its traceback and answered INTERNAL with a plain message, never UNKNOWN.
+Requests that carry tensors arrive split (their values uncopied), and responses that carry
+them leave as bytes with the values spliced in, so no tensor is walked value by value.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from gradwire._pb import trainer_pb2 as pb
-from gradwire._pb import trainer_pb2_grpc as pb_grpc
-from gradwire.limits import ERROR_DOMAIN
 from grpc_status import rpc_status
 
+from gradwire import limits, wire
+from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert
 from gradwire_server.errors import (
     DomainError,
@@ -28,9 +31,11 @@ from gradwire_server.errors import (
     UnknownTensor,
     WrongOrder,
 )
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import Selection, Trainer
 
 log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]
 
 #: The error table of shared/DESIGN.md, in code.
 STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
@@ -41,8 +46,25 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
-Response = TypeVar("Response")
-Handler = Callable[[Any, Any, grpc.ServicerContext], Response]
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.ServicerContext], R]
+
+_FORWARD_INPUT = convert.field_path(pb.ForwardRequest, "input")
+_FORWARD_TARGET = convert.field_path(pb.ForwardRequest, "target")
+_SET_VALUE = convert.field_path(pb.SetTensorRequest, "value")
+_STEP_INPUT = convert.field_path(pb.TrainStepRequest, "input")
+_STEP_TARGET = convert.field_path(pb.TrainStepRequest, "target")
+_SET_CHUNK = convert.field_path(pb.SetTensorChunk, "chunk")
+_FORWARD_CHUNK = convert.field_path(pb.ForwardChunk, "input")
+_CHUNK_TARGET = convert.field_path(pb.ForwardChunk, "target")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What the deserializer hands on for bytes that are not the request message."""
+
+    type_name: str
+    error: str
 
 
 def _abort(
@@ -53,7 +75,9 @@ def _abort(
     metadata: dict[str, str],
 ) -> None:
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+    detail.Pack(
+        error_details_pb2.ErrorInfo(reason=reason, domain=limits.ERROR_DOMAIN, metadata=metadata)
+    )
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
     context.abort_with_status(rpc_status.to_status(status))
 
@@ -65,51 +89,89 @@ def _status_of(error: DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def rpc(method: Handler[Response]) -> Handler[Response]:
+def _well_formed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise InvalidInput(
+            f"the request is not a valid {request.type_name}: {request.error}",
+            reason="MALFORMED_REQUEST",
+        )
+    return request
+
+
+def _answer_error(context: grpc.ServicerContext, name: str) -> None:
+    """Aborts the call for the exception being handled; never lets it reach gRPC raw."""
+    try:
+        raise
+    except DomainError as err:
+        _abort(context, _status_of(err), err.message, err.reason, err.metadata)
+    except Exception:
+        log.exception("unexpected error in %s", name)
+        _abort(
+            context,
+            grpc.StatusCode.INTERNAL,
+            f"internal error in {name}; the server's log has the details",
+            "INTERNAL",
+            {},
+        )
+
+
+def rpc(method: Handler[R]) -> Handler[R]:
     """Maps DomainError to its status, anything else to INTERNAL with the traceback logged."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Response:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
+            if not isinstance(request, Iterator):
+                _well_formed(request)
             return method(self, request, context)
-        except DomainError as err:
-            _abort(context, _status_of(err), err.message, err.reason, err.metadata)
         except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            _abort(
-                context,
-                grpc.StatusCode.INTERNAL,
-                f"internal error in {method.__name__}; the server's log has the details",
-                "INTERNAL",
-                {},
-            )
+            _answer_error(context, method.__name__)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return wrapper
 
 
-class TrainerServicer(pb_grpc.TrainerServicer):
+def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
+    """`rpc` for server-streaming methods: errors while streaming are mapped too."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
+        try:
+            _well_formed(request)
+            yield from method(self, request, context)
+        except Exception:
+            _answer_error(context, method.__name__)
+
+    return wrapper
+
+
+def _items(requests: Iterable[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _well_formed(request)
+
+
+class TrainerServicer:
     """Adapts gradwire.v1.Trainer to a Trainer; holds no state of its own."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
 
+    def _fetch(self, selection: Selection) -> list[wire.Piece]:
+        return convert.get_response_pieces(selection)  # sizes checked before the step
+
     @rpc
     def Forward(
-        self, request: pb.ForwardRequest, context: grpc.ServicerContext
+        self, request: wire.Split[pb.ForwardRequest], context: grpc.ServicerContext
     ) -> pb.ForwardResponse:
-        inputs = convert.source_from_proto(request.input, "input")
+        message = request.message
+        inputs = convert.source_from_split(request, _FORWARD_INPUT, message.input, "input")
         if inputs is None:
             raise InvalidInput(
                 "Forward needs an input: a tensor, or a fill such as ones of shape [8, 3, 10, 10]",
                 reason="MISSING_INPUT",
             )
-        target = convert.source_from_proto(request.target, "target")
-        result = self.trainer.forward(inputs, target)
-        response = pb.ForwardResponse(version=result.version, output_shape=result.output_shape)
-        if result.loss is not None:
-            response.loss = result.loss
-        return response
+        target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
+        return convert.forward_response(self.trainer.forward(inputs, target))
 
     @rpc
     def Backward(
@@ -130,24 +192,102 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         return pb.ZeroGradResponse(version=self.trainer.zero_grad(set_to_none))
 
     @rpc
-    def GetTensor(
-        self, request: pb.GetTensorRequest, context: grpc.ServicerContext
-    ) -> pb.GetTensorResponse:
+    def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext) -> bytes:
         chain = convert.chain_from_proto(request.index)
-        read = self.trainer.read(request.name, chain, values=not request.omit_values)
-        return convert.read_to_proto(read)
+
+        def encode(selection: Selection) -> bytes:
+            pieces = convert.get_response_pieces(
+                selection, values=not request.omit_values, limit=limits.MAX_VALUE_BYTES
+            )
+            return wire.join(pieces)  # under the lock: this copy is what keeps the version
+
+        return self.trainer.read_with(request.name, chain, encode)
+
+    @rpc_stream
+    def GetTensorStream(
+        self, request: pb.GetTensorRequest, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        chain = convert.chain_from_proto(request.index)
+        if request.omit_values:
+            raise InvalidInput(
+                "omit_values asks for no values, so there is nothing to stream: use GetTensor",
+                reason="BAD_REQUEST",
+            )
+        chunk_bytes = request.chunk_bytes or limits.CHUNK_BYTES
+        if not 0 < chunk_bytes <= limits.MAX_VALUE_BYTES:
+            raise InvalidInput(
+                f"chunk_bytes must be between 1 and {limits.MAX_VALUE_BYTES}, got {chunk_bytes}",
+                reason="BAD_CHUNK_SIZE",
+            )
+        selection = self.trainer.read_with(request.name, chain, convert.snapshot)
+        return convert.stream_chunks(selection, chunk_bytes)
 
     @rpc
     def SetTensor(
-        self, request: pb.SetTensorRequest, context: grpc.ServicerContext
+        self, request: wire.Split[pb.SetTensorRequest], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
-        chain = convert.chain_from_proto(request.index)
-        value = convert.source_from_proto(request.value, "value")
+        message = request.message
+        chain = convert.chain_from_proto(message.index)
+        value = convert.source_from_split(request, _SET_VALUE, message.value, "value")
         if value is None:
             raise InvalidInput(
                 "SetTensor needs a value: a tensor or a fill", reason="MISSING_VALUE"
             )
-        return pb.SetTensorResponse(version=self.trainer.write(request.name, chain, value))
+        return pb.SetTensorResponse(version=self.trainer.write(message.name, chain, value))
+
+    @rpc
+    def SetTensorStream(
+        self, requests: Iterator[wire.Split[pb.SetTensorChunk]], context: grpc.ServicerContext
+    ) -> pb.SetTensorResponse:
+        chunks = convert.Chunks("value", self.trainer.max_elements)
+        first: pb.SetTensorChunk | None = None
+        for request in _items(requests):
+            first = first or request.message
+            if request.message.HasField("chunk"):
+                chunks.add(request, _SET_CHUNK, request.message.chunk)
+        if first is None:
+            raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
+        chain = convert.chain_from_proto(first.index)
+        return pb.SetTensorResponse(version=self.trainer.write(first.name, chain, chunks.tensor()))
+
+    @rpc
+    def ForwardStream(
+        self, requests: Iterator[wire.Split[pb.ForwardChunk]], context: grpc.ServicerContext
+    ) -> pb.ForwardResponse:
+        chunks = convert.Chunks("input", self.trainer.max_elements)
+        target = None
+        for request in _items(requests):
+            message = request.message
+            if message.HasField("input"):
+                chunks.add(request, _FORWARD_CHUNK, message.input)
+            if message.HasField("target"):
+                if target is not None:
+                    raise InvalidInput("ForwardStream: send the target once", reason="BAD_CHUNK")
+                target = convert.source_from_split(request, _CHUNK_TARGET, message.target, "target")
+        return convert.forward_response(self.trainer.forward(chunks.tensor(), target))
+
+    @rpc
+    def TrainStep(
+        self, request: wire.Split[pb.TrainStepRequest], context: grpc.ServicerContext
+    ) -> bytes:
+        message = request.message
+        inputs = convert.source_from_split(request, _STEP_INPUT, message.input, "input")
+        target = convert.source_from_split(request, _STEP_TARGET, message.target, "target")
+        if inputs is None or target is None:
+            raise InvalidInput(
+                "TrainStep needs an input and a target (class indices): a step needs a loss",
+                reason="MISSING_INPUT",
+            )
+        fetch = [(f.name, convert.chain_from_proto(f.index)) for f in message.fetch]
+        result = self.trainer.train_step(
+            inputs,
+            target,
+            zero_grad=message.zero_grad,
+            fetch=fetch,
+            use=self._fetch,
+            max_fetch_bytes=limits.MAX_VALUE_BYTES,
+        )
+        return convert.train_step_bytes(result)
 
     @rpc
     def FillParameters(
@@ -174,3 +314,44 @@ class TrainerServicer(pb_grpc.TrainerServicer):
         settings = convert.optimizer_from_proto(request.config)
         version, resolved = self.trainer.set_optimizer(settings)
         return pb.SetOptimizerResponse(version=version, config=convert.optimizer_to_proto(resolved))
+
+
+def _serialize(response: Message | bytes) -> bytes:
+    # Responses with tensors are already bytes (their values spliced in); others are messages.
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+    splits = wire.holds_tensors(message_type)
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return wire.split(data, message_type) if splits else message_type.FromString(data)
+        except DecodeError as err:
+            # Answered INVALID_ARGUMENT by the method, instead of gRPC's own INTERNAL.
+            return Malformed(name, str(err))
+
+    return parse
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """A handler for every method of the service, from the contract's own descriptor."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_type = getattr(pb, method.input_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_deserializer(request_type),
+            response_serializer=_serialize,
+        )
+    return handlers

@@ -9,15 +9,15 @@ from __future__ import annotations
 import difflib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import torch
-from gradwire.codec import numel
 from torch import nn
 
+from gradwire.codec import numel
 from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, WrongOrder
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
 
+T = TypeVar("T")
 Kind = Literal["parameter", "gradient", "input", "target", "output", "loss"]
 _FORWARD_NAMES: tuple[Kind, ...] = ("input", "target", "output", "loss")
 # Integer dtypes taken as class indices; CrossEntropyLoss wants them as int64.
@@ -91,6 +92,15 @@ class ForwardResult:
 
 
 @dataclass(frozen=True)
+class TrainResult(Generic[T]):
+    version: int
+    loss: float
+    output_shape: tuple[int, ...]
+    parameters_updated: int
+    fetched: list[T]
+
+
+@dataclass(frozen=True)
 class Read:
     """A tensor (or slice) as it was at `version`, copied to the host; None when absent."""
 
@@ -100,6 +110,21 @@ class Read:
     full_shape: tuple[int, ...] | None
     dtype: torch.dtype | None = None  # set when value is None but the tensor exists (omit_values)
     shape: tuple[int, ...] | None = None  # the slice's shape, set with dtype
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A tensor or slice as seen under the trainer's lock; see Trainer.read_with."""
+
+    version: int
+    name: str
+    part: torch.Tensor | None  # the selected values where they live; None when absent
+    full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
+
+    def host(self) -> torch.Tensor:
+        """The selection, contiguous, on the CPU: a view of the live tensor when possible."""
+        assert self.part is not None
+        return self.part.contiguous() if self.part.device.type == "cpu" else self.part.cpu()
 
 
 @dataclass(frozen=True)
@@ -152,6 +177,7 @@ class Trainer:
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
         self._model = self._build_model(seed)
+        self._parameters = dict(self._model.named_parameters())
         self._optimizer = self._build_optimizer(self._model, self._settings)
         self._clear_forward()
         self._criterion = nn.CrossEntropyLoss()
@@ -227,7 +253,8 @@ class Trainer:
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:
-        return dict(self._model.named_parameters())
+        """Parameters by name, in model order (the model's own walk, cached per model)."""
+        return self._parameters
 
     def names(self) -> list[str]:
         params = list(self.parameters)
@@ -371,73 +398,142 @@ class Trainer:
 
     # --- the training step --------------------------------------------------------
 
+    def _inputs(
+        self, input: TensorInput, target: TensorInput | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._make(input, torch.float32, "input")
+        self._check_input(x)
+        if target is None:
+            return x, None
+        y = self._make(target, torch.int64, "target")
+        if y.dtype in _INDEX_DTYPES:
+            y = y.to(torch.int64)
+        self._check_target(y, x.shape[0])
+        return x, y.to(x.dtype) if y.is_floating_point() else y
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> ForwardResult:
+        with self._device_memory("forward"):
+            output = self._model(x)
+            loss = self._criterion(output, y) if y is not None else None
+        self._input, self._target, self._output, self._loss = x, y, output, loss
+        self._graph_alive = loss is not None
+        self._parameters_changed = False
+        # loss.item() is where the device is synchronised: the value leaves it here.
+        value = None if loss is None else float(loss.item())
+        return ForwardResult(self._bump(), tuple(output.shape), value)
+
     def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
         """model(input), and CrossEntropyLoss(output, target) when a target is given."""
         with self._lock:
-            x = self._make(input, torch.float32, "input")
-            self._check_input(x)
-            y = None
-            if target is not None:
-                y = self._make(target, torch.int64, "target")
-                if y.dtype in _INDEX_DTYPES:
-                    y = y.to(torch.int64)
-                self._check_target(y, x.shape[0])
-                if y.is_floating_point():
-                    y = y.to(x.dtype)
-            with self._device_memory("forward"):
-                output = self._model(x)
-                loss = self._criterion(output, y) if y is not None else None
-            self._input, self._target, self._output, self._loss = x, y, output, loss
-            self._graph_alive = loss is not None
-            self._parameters_changed = False
-            return ForwardResult(
-                self._bump(), tuple(output.shape), None if loss is None else float(loss.item())
+            return self._forward(*self._inputs(input, target))
+
+    def train_step(
+        self,
+        input: TensorInput,
+        target: TensorInput,
+        *,
+        zero_grad: bool = False,
+        fetch: Sequence[tuple[str, IndexChain]] = (),
+        use: Callable[[Selection], T],
+        max_fetch_bytes: int | None = None,
+    ) -> TrainResult[T]:
+        """[zero_grad,] forward, backward, step, then use() each fetched selection.
+
+        Everything that can be refused (inputs, fetch names and indices) is checked before
+        anything changes; each part then adds one to the version, as the separate calls do.
+        """
+        with self._lock:
+            x, y = self._inputs(input, target)
+            assert y is not None
+            self._check_fetch(fetch, x, y, max_fetch_bytes)
+            if zero_grad:
+                self._optimizer.zero_grad(set_to_none=True)
+                self._bump()
+            result = self._forward(x, y)
+            self._backward(retain_graph=False)
+            version, updated = self._step()
+            fetched = [self.read_with(name, chain, use) for name, chain in fetch]
+            assert result.loss is not None
+            return TrainResult(version, result.loss, result.output_shape, updated, fetched)
+
+    def _check_fetch(
+        self,
+        fetch: Sequence[tuple[str, IndexChain]],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        max_bytes: int | None,
+    ) -> None:
+        """Refuses unknown names, bad indices and too many bytes, against what the step leaves.
+
+        Indexing runs on meta tensors: shapes and dtypes only, no memory.
+        """
+        after = {
+            "input": (tuple(x.shape), x.dtype),
+            "target": (tuple(y.shape), y.dtype),
+            "output": ((x.shape[0], self.spec.num_classes), x.dtype),
+            "loss": ((), x.dtype),
+        }
+        total = 0
+        for name, chain in fetch:
+            kind, _, param = self._lookup(name)
+            shape, dtype = (tuple(param.shape), param.dtype) if param is not None else after[kind]
+            part = select(torch.empty(shape, dtype=dtype, device="meta"), chain, name)
+            total += part.numel() * part.element_size()
+        if max_bytes is not None and total > max_bytes:
+            raise OverLimit(
+                f"the fetched tensors hold {total} bytes, over the {max_bytes} one answer may "
+                "carry: fetch less, and read the rest with GetTensorStream after the step",
+                reason="FETCH_TOO_LARGE",
+                metadata={"bytes": str(total), "limit": str(max_bytes)},
             )
 
     def backward(self, retain_graph: bool = False) -> int:
         """loss.backward(): gradients accumulate into every parameter's .grad."""
         with self._lock:
-            if self._loss is None:
-                if self._output is None:
-                    raise WrongOrder(
-                        "no loss to backpropagate: call Forward first", reason="NO_LOSS"
-                    )
-                raise WrongOrder(
-                    "the last Forward had no target, so there is no loss: "
-                    "call Forward with a target",
-                    reason="NO_LOSS",
-                )
-            if not self._graph_alive:
-                raise WrongOrder(
-                    "the graph of the last Forward was already freed by Backward: call Forward "
-                    "again, or pass retain_graph to Backward to keep it",
-                    reason="GRAPH_FREED",
-                )
-            if self._parameters_changed:
-                raise WrongOrder(
-                    "parameters were changed (Step, SetTensor or FillParameters) after the last "
-                    "Forward, so its graph is stale: call Forward again",
-                    reason="GRAPH_STALE",
-                )
-            with self._device_memory("backward"):
-                self._loss.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
-            self._graph_alive = retain_graph
-            return self._bump()
+            return self._backward(retain_graph)
+
+    def _backward(self, retain_graph: bool) -> int:
+        if self._loss is None:
+            if self._output is None:
+                raise WrongOrder("no loss to backpropagate: call Forward first", reason="NO_LOSS")
+            raise WrongOrder(
+                "the last Forward had no target, so there is no loss: call Forward with a target",
+                reason="NO_LOSS",
+            )
+        if not self._graph_alive:
+            raise WrongOrder(
+                "the graph of the last Forward was already freed by Backward: call Forward "
+                "again, or pass retain_graph to Backward to keep it",
+                reason="GRAPH_FREED",
+            )
+        if self._parameters_changed:
+            raise WrongOrder(
+                "parameters were changed (Step, SetTensor or FillParameters) after the last "
+                "Forward, so its graph is stale: call Forward again",
+                reason="GRAPH_STALE",
+            )
+        with self._device_memory("backward"):
+            self._loss.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+        self._graph_alive = retain_graph
+        return self._bump()
 
     def step(self) -> tuple[int, int]:
         """optimizer.step(); returns (version, parameters updated)."""
         with self._lock:
-            with_grad = sum(1 for p in self._model.parameters() if p.grad is not None)
-            if with_grad == 0:
-                raise WrongOrder(
-                    "no gradients to apply: call Backward first (ZeroGrad with set_to_none "
-                    "removes them)",
-                    reason="NO_GRADIENTS",
-                )
-            with self._device_memory("step"):
-                self._optimizer.step()
-            self._parameters_changed = True
-            return self._bump(), with_grad
+            return self._step()
+
+    def _step(self) -> tuple[int, int]:
+        with_grad = sum(1 for p in self._model.parameters() if p.grad is not None)
+        if with_grad == 0:
+            raise WrongOrder(
+                "no gradients to apply: call Backward first (ZeroGrad with set_to_none "
+                "removes them)",
+                reason="NO_GRADIENTS",
+            )
+        with self._device_memory("step"):
+            self._optimizer.step()
+        self._parameters_changed = True
+        return self._bump(), with_grad
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
@@ -447,20 +543,36 @@ class Trainer:
 
     # --- reading and writing tensors -------------------------------------------------
 
-    def read(self, name: str, chain: IndexChain = (), *, values: bool = True) -> Read:
-        """A copy on the host of tensor[chain...], indexed on the device first."""
+    def read_with(self, name: str, chain: IndexChain, use: Callable[[Selection], T]) -> T:
+        """use(tensor[chain...]) under the lock, indexed where the tensor lives.
+
+        The selection may share memory with the live tensor: `use` must copy what it keeps
+        (encoding it for the wire is such a copy, and the only one on the CPU).
+        """
         with self._lock:
             _, tensor, _ = self._lookup(name)
             if tensor is None:
-                return Read(self._version, name, None, None)
-            full_shape = tuple(tensor.shape)
+                return use(Selection(self._version, name, None, None))
             part = select(tensor.detach(), chain, name)
-            if not values:
-                return Read(self._version, name, None, full_shape, part.dtype, tuple(part.shape))
             with self._device_memory(f"reading {name}"):
-                # A copy, so that encoding after the lock is released sees this version.
-                host = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
-            return Read(self._version, name, host, full_shape)
+                return use(Selection(self._version, name, part, tuple(tensor.shape)))
+
+    def read(self, name: str, chain: IndexChain = (), *, values: bool = True) -> Read:
+        """A copy on the host of tensor[chain...], indexed on the device first."""
+
+        def copy(selection: Selection) -> Read:
+            part = selection.part
+            if part is None:
+                return Read(selection.version, name, None, None)
+            if not values:
+                return Read(
+                    selection.version, name, None, selection.full_shape, part.dtype,
+                    tuple(part.shape),
+                )  # fmt: skip
+            host = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
+            return Read(selection.version, name, host, selection.full_shape)
+
+        return self.read_with(name, chain, copy)
 
     def write(self, name: str, chain: IndexChain, value: TensorInput) -> int:
         """tensor[chain...] = value, for parameters and gradients; value broadcasts and casts."""
@@ -555,6 +667,7 @@ class Trainer:
                 model = self._build_model(seed)
             self._optimizer = self._build_optimizer(model, self._settings)
             self._model = model
+            self._parameters = dict(model.named_parameters())
             self._clear_forward()
             return self._bump()
 
