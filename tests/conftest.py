@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import gradwire
 import pytest
 import torch
+
+import gradwire
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 

@@ -9,13 +9,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import gradwire
 import grpc
 import pytest
-from gradwire_server.app import SERVICE_NAME, Running, start
-from gradwire_server.trainer import Trainer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import gradwire
+from gradwire_server.app import SERVICE_NAME, Running, start
+from gradwire_server.trainer import Trainer
 
 
 def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
@@ -69,19 +70,21 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stderr is not None
-    log = []
-    for line in process.stderr:  # blocks until the server says it listens: no sleeps
-        log.append(line)
-        if "listening on" in line:
-            break
-    else:
-        pytest.fail("the server exited before listening:\n" + "".join(log))
-    assert any("model Simple on cpu" in line for line in log), log
-    yield process, int(port_file.read_text())
-    if process.poll() is None:
-        process.kill()
-        process.wait(timeout=10)
+    try:
+        assert process.stderr is not None
+        log = []
+        for line in process.stderr:  # blocks until the server says it listens: no sleeps
+            log.append(line)
+            if "listening on" in line:
+                break
+        else:
+            pytest.fail("the server exited before listening:\n" + "".join(log))
+        assert any("model Simple on cpu" in line for line in log), log
+        yield process, int(port_file.read_text())
+    finally:  # also when setup fails: never leave a server behind
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gradwire
 import numpy as np
 import pytest
 import torch
-from gradwire.cli import main
-from gradwire_server.models import Simple
 from torch import nn
 
+import gradwire
+from gradwire.cli import main
+from gradwire_server.models import Simple
 from tests.reference import run_tutorial
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")

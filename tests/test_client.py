@@ -9,15 +9,16 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import gradwire
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import gradwire
 from gradwire import errors
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
 from gradwire_server.models import Simple
-from torch import nn
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")

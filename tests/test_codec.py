@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from gradwire import codec
 from gradwire._pb import trainer_pb2 as pb
 

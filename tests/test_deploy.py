@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from gradwire.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

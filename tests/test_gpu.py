@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import gradwire
 import numpy as np
 import pytest
 import torch
+
+import gradwire
 from gradwire.replay import replay
 from gradwire_server.app import start
 from gradwire_server.trainer import Trainer

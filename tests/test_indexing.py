@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from gradwire.selector import parse_selector
 from gradwire_server.errors import IndexOutOfRange, InvalidInput
 from gradwire_server.indexing import select

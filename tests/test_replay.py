@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gradwire
 import numpy as np
 import pytest
 import torch
-from gradwire.replay import replay
 
+import gradwire
+from gradwire.replay import replay
 from tests.reference import run_tutorial
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from gradwire.selector import SelectorError, parse_selector
 
 

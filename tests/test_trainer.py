@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+
 from gradwire_server.errors import InvalidInput, WrongOrder
 from gradwire_server.models import Simple
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer, resolve_device

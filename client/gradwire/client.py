@@ -1,12 +1,13 @@
 """The Python client: one channel, typed methods returning numpy arrays, typed exceptions.
 
-Every RPC goes through `_call`, the one place that applies the timeout and turns
-grpc.RpcError into the exception of its status code.
+Every RPC goes through `_call` (or `_stream`), the one place that applies the timeout and
+turns grpc.RpcError into the exception of its status code. Tensors travel through the
+fast path of wire.py: sent from their own memory, received as views of the reply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -15,10 +16,9 @@ import numpy as np
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradwire import codec
+from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire._pb import trainer_pb2_grpc as pb_grpc
-from gradwire.errors import from_rpc_error
+from gradwire.errors import GradwireError, ResourceExhausted, from_rpc_error
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
 from gradwire.selector import parse_selector
@@ -37,6 +37,7 @@ __all__ = [
     "StepResult",
     "TensorInfo",
     "TensorRead",
+    "TrainStepResult",
     "connect",
 ]
 
@@ -85,6 +86,15 @@ class TensorRead:
 
 
 @dataclass(frozen=True)
+class TrainStepResult:
+    version: int  # state version after the step
+    loss: float  # the loss the step minimised
+    output_shape: tuple[int, ...]
+    parameters_updated: int
+    fetched: tuple[TensorRead, ...]  # one per selector in `fetch`, read after the step
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     kind: str  # "parameter", "gradient", "input", "target", "output", "loss"
@@ -127,16 +137,66 @@ def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
     return OptimizerConfig(kind=kind, lr=message.lr, **fields)
 
 
-def _put_source(destination: pb.TensorSource, value: Any) -> None:
-    """Writes a value into a TensorSource field in place.
+_TENSOR = pb.TensorSource.DESCRIPTOR.fields_by_name["tensor"].number
+_FIELD = {
+    (message.name, f.name): f.number
+    for message in (
+        pb.ForwardRequest.DESCRIPTOR,
+        pb.SetTensorRequest.DESCRIPTOR,
+        pb.TrainStepRequest.DESCRIPTOR,
+        pb.ForwardChunk.DESCRIPTOR,
+        pb.SetTensorChunk.DESCRIPTOR,
+    )
+    for f in message.fields
+}
+_RESPONSE_TENSOR: wire.Path = (
+    (pb.GetTensorResponse.DESCRIPTOR.fields_by_name["tensor"].number, 0),
+)
+_STREAM_CHUNK: wire.Path = ((pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
+_FETCHED = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
 
-    The tensor's encoded bytes are parsed into place: copying a built message (CopyFrom,
-    or a constructor argument) would walk its values one by one.
-    """
+
+def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
+    """The TensorSource field `field` of `message`, the values spliced from their memory."""
+    number = _FIELD[(message, field)]
     if isinstance(value, Fill):
-        destination.fill.CopyFrom(value.to_proto())
-    else:
-        destination.tensor.ParseFromString(codec.encode_bytes(value))
+        source = pb.TensorSource(fill=value.to_proto()).SerializeToString()
+        return wire.length_field(number, [source])
+    return wire.length_field(number, wire.length_field(_TENSOR, codec.tensor_pieces(value)))
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, Fill):
+        return 0
+    nbytes = getattr(value, "nbytes", None)  # numpy arrays
+    if nbytes is None and hasattr(value, "element_size"):  # torch tensors
+        nbytes = value.numel() * value.element_size()
+    return int(nbytes or 0)
+
+
+def _serialize(request: Message | bytes) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def _read_result(
+    split: wire.Split[Any], path: wire.Path, response: pb.GetTensorResponse,
+    *, as_torch: bool, values: bool,
+) -> TensorRead:  # fmt: skip
+    if not response.HasField("tensor"):
+        return TensorRead(response.name, response.version, None, None, None, None)
+    tensor = response.tensor
+    value: Any = None
+    if values:
+        decode = codec.decode_split_torch if as_torch else codec.decode_split
+        value = decode(split, path, tensor)
+    return TensorRead(
+        name=response.name,
+        version=response.version,
+        value=value,
+        shape=tuple(tensor.shape),
+        full_shape=tuple(response.full_shape),
+        dtype=codec.DTYPE_NAMES.get(tensor.dtype),
+    )
 
 
 class Client:
@@ -153,14 +213,47 @@ class Client:
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
         self._channel = channel or grpc.insecure_channel(target, options=channel_options())
-        self._stub = pb_grpc.TrainerStub(self._channel)
+        self._methods = self._bind(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
+        self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
+        #: Value bytes per chunk of a streamed tensor.
+        self.chunk_bytes = limits.CHUNK_BYTES
+
+    @staticmethod
+    def _bind(channel: grpc.Channel) -> dict[str, Any]:
+        """A callable per RPC. Requests may be pre-serialized bytes; responses that carry
+        tensors come back as bytes, to be split without copying their values."""
+        methods = {}
+        service = pb.DESCRIPTOR.services_by_name["Trainer"]
+        for method in service.methods:
+            response_type = getattr(pb, method.output_type.name)
+            deserialize = None if wire.holds_tensors(response_type) else response_type.FromString
+            kind = {
+                (False, False): channel.unary_unary,
+                (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary,
+                (True, True): channel.stream_stream,
+            }[(method.client_streaming, method.server_streaming)]
+            methods[method.name] = kind(
+                f"/{service.full_name}/{method.name}",
+                request_serializer=_serialize,
+                response_deserializer=deserialize,
+            )
+        return methods
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _call(self, method: str, request: Message, timeout: float | None = None) -> Any:
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+            return self._methods[method](request, timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+        """A server stream, with errors raised as the exception of their status code."""
+        try:
+            yield from self._methods[method](request, timeout=self.timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -197,14 +290,63 @@ class Client:
     # --- the training step ------------------------------------------------------------
 
     def forward(self, input: Any, target: Any = None) -> ForwardResult:
-        """model(input) and, with a target, the loss. Each is an array, a torch tensor or a Fill."""
-        request = pb.ForwardRequest()
-        _put_source(request.input, input)
-        if target is not None:
-            _put_source(request.target, target)
-        response: pb.ForwardResponse = self._call("Forward", request)
+        """model(input) and, with a target, the loss. Each is an array, a torch tensor or a Fill.
+
+        An input larger than `stream_above_bytes` is sent in chunks (ForwardStream).
+        """
+        if _nbytes(input) > self.stream_above_bytes:
+            response = self._call("ForwardStream", self._forward_chunks(input, target))
+        else:
+            pieces = _source_pieces("ForwardRequest", "input", input)
+            if target is not None:
+                pieces += _source_pieces("ForwardRequest", "target", target)
+            response = self._call("Forward", wire.join(pieces))
         loss = response.loss if response.HasField("loss") else None
         return ForwardResult(response.version, tuple(response.output_shape), loss)
+
+    def _forward_chunks(self, input: Any, target: Any) -> Iterator[bytes]:
+        number = _FIELD[("ForwardChunk", "input")]
+        for i, (dtype, run, offset, shape) in enumerate(codec.chunks(input, self.chunk_bytes)):
+            pieces = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
+            if i == 0 and target is not None:
+                pieces += _source_pieces("ForwardChunk", "target", target)
+            yield wire.join(pieces)
+
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: bool = False,
+    ) -> TrainStepResult:
+        """One training step in one call: [zero_grad,] forward, backward, step, then reads.
+
+        `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]".
+        """
+        pieces = _source_pieces("TrainStepRequest", "input", input)
+        pieces += _source_pieces("TrainStepRequest", "target", target)
+        request = pb.TrainStepRequest(zero_grad=zero_grad)
+        for text in fetch:
+            selector = parse_selector(text)
+            request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
+        pieces.append(request.SerializeToString())
+        split = wire.split(self._call("TrainStep", wire.join(pieces)), pb.TrainStepResponse)
+        response = split.message
+        fetched = tuple(
+            _read_result(
+                split, ((_FETCHED, i), *_RESPONSE_TENSOR), read, as_torch=as_torch, values=True
+            )
+            for i, read in enumerate(response.fetched)
+        )
+        return TrainStepResult(
+            response.version,
+            response.loss,
+            tuple(response.output_shape),
+            response.parameters_updated,
+            fetched,
+        )
 
     def backward(self, *, retain_graph: bool = False) -> int:
         """loss.backward(); returns the new state version."""
@@ -243,20 +385,42 @@ class Client:
     ) -> TensorRead:
         request = pb.GetTensorRequest(name=name, omit_values=not values)
         request.index.extend(codec.indices_to_proto(chain))
-        response: pb.GetTensorResponse = self._call("GetTensor", request)
-        if not response.HasField("tensor"):
-            return TensorRead(response.name, response.version, None, None, None, None)
-        tensor = response.tensor
-        value: Any = None
-        if values:
-            value = codec.decode_torch(tensor) if as_torch else codec.decode(tensor)
+        try:
+            data = self._call("GetTensor", request)
+        except ResourceExhausted as err:
+            if err.reason != "USE_STREAM":
+                raise
+            return self._read_stream(request, as_torch=as_torch)
+        split = wire.split(data, pb.GetTensorResponse)
+        return _read_result(
+            split, _RESPONSE_TENSOR, split.message, as_torch=as_torch, values=values
+        )
+
+    def _read_stream(self, request: pb.GetTensorRequest, *, as_torch: bool) -> TensorRead:
+        """GetTensorStream: chunks copied into one array as they come."""
+        request.chunk_bytes = self.chunk_bytes
+        first: pb.GetTensorChunk | None = None
+        assembler = codec.Assembler(request.name)
+        for data in self._stream("GetTensorStream", request):
+            split = wire.split(data, pb.GetTensorChunk)
+            message = split.message
+            if first is None:
+                first = message
+            elif message.version != first.version:  # the server promises one version
+                raise GradwireError(f"{request.name}: chunks of one read from two versions")
+            if message.HasField("chunk"):
+                assembler.add(split, _STREAM_CHUNK, message.chunk)
+        if first is None or not first.HasField("chunk"):
+            name = first.name if first else request.name
+            return TensorRead(name, first.version if first else 0, None, None, None, None)
+        value = assembler.torch() if as_torch else assembler.numpy()
         return TensorRead(
-            name=response.name,
-            version=response.version,
+            name=first.name,
+            version=first.version,
             value=value,
-            shape=tuple(tensor.shape),
-            full_shape=tuple(response.full_shape),
-            dtype=codec.DTYPE_NAMES.get(tensor.dtype),
+            shape=tuple(first.chunk.shape),
+            full_shape=tuple(first.full_shape),
+            dtype=codec.DTYPE_NAMES.get(assembler.dtype or 0),
         )
 
     def get(
@@ -278,10 +442,18 @@ class Client:
         return self._set(parsed.name, chain, value)
 
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
-        request = pb.SetTensorRequest(name=name)
-        _put_source(request.value, value)
-        request.index.extend(codec.indices_to_proto(chain))
-        return int(self._call("SetTensor", request).version)
+        header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
+        if _nbytes(value) > self.stream_above_bytes:
+            return int(self._call("SetTensorStream", self._set_chunks(header, value)).version)
+        pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
+        return int(self._call("SetTensor", wire.join(pieces)).version)
+
+    def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
+        first = pb.SetTensorChunk(name=header.name, index=header.index).SerializeToString()
+        number = _FIELD[("SetTensorChunk", "chunk")]
+        for dtype, run, offset, shape in codec.chunks(value, self.chunk_bytes):
+            chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
+            yield wire.join([first, *chunk] if offset == 0 else chunk)
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the named ones."""

@@ -1,0 +1,750 @@
+"""The chunked paths (GetTensorStream, SetTensorStream, ForwardStream) through a real channel.
+
+Values are checked against the server's own Trainer and plain PyTorch, bit for bit; bad
+streams are hand-built messages sent through the raw multicallables.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import codec, errors, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire.selector import parse_selector
+from gradwire_server import servicer
+from gradwire_server.trainer import Trainer
+from tests.reference import Simple
+
+LINEAR = "linear.weight"
+LINEAR_SHAPE = (20, 3200)
+LINEAR_BYTES = 20 * 3200 * 4  # 256000
+SMALL_LIMIT = 100_000  # under LINEAR_BYTES: a unary read of linear.weight is refused
+CHUNK_PATH: wire.Path = ((pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+
+Index = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
+
+
+def local_model(seed: int = 0) -> Simple:
+    """`torch.manual_seed(seed); Simple()`, without disturbing this process's generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Simple()
+
+
+def server_value(trainer: Trainer, name: str) -> np.ndarray[Any, Any]:
+    """The tensor as the server holds it now, read in-process (no wire involved)."""
+    value = trainer.read(name).value
+    assert value is not None
+    return value.numpy()
+
+
+def all_parameters(trainer: Trainer) -> dict[str, np.ndarray[Any, Any]]:
+    return {name: server_value(trainer, name) for name in PARAMETERS}
+
+
+def version(client: gradwire.Client) -> int:
+    return client.list_tensors().version
+
+
+def request(selector: str) -> pb.GetTensorRequest:
+    parsed = parse_selector(selector)
+    return pb.GetTensorRequest(name=parsed.name, index=codec.indices_to_proto(parsed.index))
+
+
+def raw_error(call: Callable[[], object]) -> errors.RemoteError:
+    """The typed error of a raw multicallable call that must fail."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return errors.from_rpc_error(caught.value)  # type: ignore[arg-type]
+
+
+def stream_chunks(client: gradwire.Client, req: pb.GetTensorRequest) -> list[wire.Split[Any]]:
+    """Every GetTensorChunk of one read, split as the client splits them."""
+    responses = client._methods["GetTensorStream"](req, timeout=30)
+    return [wire.split(data, pb.GetTensorChunk) for data in responses]
+
+
+def lower_value_limit(monkeypatch: pytest.MonkeyPatch, limit: int = SMALL_LIMIT) -> None:
+    """The server's per-message value limit, as the servicer reads it at call time."""
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", limit)
+
+
+# --- GetTensorStream: the chunks themselves ---------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, 1002, 4096, 255_996, LINEAR_BYTES, 10**6])
+def test_get_tensor_stream_chunks_are_contiguous_and_of_one_version(
+    client: gradwire.Client, trainer: Trainer, chunk_bytes: int
+) -> None:
+    client.fill_parameters(0.5, ["conv1.weight"])  # the version is 1, not 0
+    splits = stream_chunks(client, pb.GetTensorRequest(name=LINEAR, chunk_bytes=chunk_bytes))
+    per_chunk = chunk_bytes // 4
+    assert len(splits) == math.ceil(LINEAR_SHAPE[0] * LINEAR_SHAPE[1] / per_chunk)
+    assert {s.message.version for s in splits} == {1}
+    offset = 0
+    for i, split in enumerate(splits):
+        message = split.message
+        chunk = message.chunk
+        assert message.HasField("chunk")
+        assert chunk.offset == offset
+        assert chunk.values.dtype == pb.DTYPE_FLOAT32
+        count = chunk.values.shape[0]
+        assert 0 < count <= per_chunk
+        if i == 0:
+            assert message.name == LINEAR
+            assert tuple(message.full_shape) == LINEAR_SHAPE
+            assert tuple(chunk.shape) == LINEAR_SHAPE
+        else:
+            assert message.name == ""
+            assert not message.full_shape
+            assert not chunk.shape
+        offset += count
+    assert offset == LINEAR_SHAPE[0] * LINEAR_SHAPE[1]
+    assembler = codec.Assembler(LINEAR)
+    for split in splits:
+        assembler.add(split, CHUNK_PATH, split.message.chunk)
+    assert np.array_equal(assembler.numpy(), server_value(trainer, LINEAR))
+
+
+def test_get_tensor_stream_with_chunk_bytes_zero_takes_the_default(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    splits = stream_chunks(client, pb.GetTensorRequest(name=LINEAR))
+    assert len(splits) == 1  # 256000 bytes fit the 4 MiB default chunk
+    assert splits[0].message.chunk.values.shape[0] == LINEAR_SHAPE[0] * LINEAR_SHAPE[1]
+
+
+def test_read_stream_of_a_whole_parameter_gives_its_exact_values(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    client.chunk_bytes = 1000
+    read = client._read_stream(pb.GetTensorRequest(name=LINEAR), as_torch=False)
+    assert read.name == LINEAR
+    assert read.version == 0
+    assert read.shape == LINEAR_SHAPE
+    assert read.full_shape == LINEAR_SHAPE
+    assert read.dtype == "float32"
+    assert isinstance(read.value, np.ndarray)
+    assert np.array_equal(read.value, server_value(trainer, LINEAR))
+    assert np.array_equal(read.value, local_model().linear.weight.detach().numpy())
+
+
+SLICES: list[tuple[str, Index]] = [
+    ("linear.weight[::-1]", lambda w: w[::-1]),
+    ("linear.weight[-1:2:-2, ::-3]", lambda w: w[-1:2:-2, ::-3]),
+    ("linear.weight[3][100:2000:7]", lambda w: w[3][100:2000:7]),
+    ("linear.weight[None, 2:, ..., ::-1]", lambda w: w[None, 2:, ..., ::-1]),
+    ("linear.weight[5:2]", lambda w: w[5:2]),
+    ("conv1.weight[0, :, 1:3]", lambda w: w[0, :, 1:3]),
+    ("conv1.weight[..., ::-2]", lambda w: w[..., ::-2]),
+]
+
+
+@pytest.mark.parametrize(("selector", "index"), SLICES, ids=[s for s, _ in SLICES])
+def test_read_stream_of_a_slice_matches_numpy_indexing(
+    client: gradwire.Client, trainer: Trainer, selector: str, index: Index
+) -> None:
+    expected = index(server_value(trainer, parse_selector(selector).name))
+    client.chunk_bytes = max(8, expected.nbytes // 7)  # about 8 chunks
+    read = client._read_stream(request(selector), as_torch=False)
+    assert read.shape == expected.shape
+    assert np.array_equal(read.value, expected)
+    as_torch = client._read_stream(request(selector), as_torch=True)
+    assert isinstance(as_torch.value, torch.Tensor)
+    assert torch.equal(as_torch.value, torch.from_numpy(expected.copy()))
+
+
+def test_read_stream_of_forward_tensors_keeps_dtype_and_0d_shape(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    client.forward(Fill.uniform(4, 3, 10, 10, seed=1), np.array([0, 19, 7, 7]))
+    client.chunk_bytes = 8
+    for name, dtype, shape in [
+        ("input", "float32", (4, 3, 10, 10)),
+        ("target", "int64", (4,)),
+        ("output", "float32", (4, 20)),
+        ("loss", "float32", ()),
+    ]:
+        read = client._read_stream(pb.GetTensorRequest(name=name), as_torch=False)
+        assert (read.dtype, read.shape, read.full_shape) == (dtype, shape, shape), name
+        assert read.value.dtype == np.dtype(dtype)
+        assert np.array_equal(read.value, server_value(trainer, name)), name
+
+
+def test_read_stream_of_an_absent_gradient_is_none(client: gradwire.Client) -> None:
+    client.fill_parameters(1.0)
+    splits = stream_chunks(client, pb.GetTensorRequest(name="conv1.weight.grad", chunk_bytes=8))
+    assert len(splits) == 1
+    assert splits[0].message.name == "conv1.weight.grad"
+    assert splits[0].message.version == 1
+    assert not splits[0].message.HasField("chunk")
+    assert not splits[0].message.full_shape
+    read = client._read_stream(pb.GetTensorRequest(name="conv1.weight.grad"), as_torch=False)
+    assert not read.present
+    assert (read.value, read.shape, read.full_shape, read.dtype) == (None, None, None, None)
+    assert read.version == 1
+
+
+def test_read_stream_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound) as caught:
+        client._read_stream(pb.GetTensorRequest(name="conv1.wieght"), as_torch=False)
+    assert caught.value.reason == "UNKNOWN_TENSOR"
+
+
+def test_read_stream_past_the_end_is_out_of_range(client: gradwire.Client) -> None:
+    with pytest.raises(errors.OutOfRange) as caught:
+        client._read_stream(request("linear.weight[20]"), as_torch=False)
+    assert caught.value.reason == "INDEX_OUT_OF_RANGE"
+
+
+@pytest.mark.parametrize("chunk_bytes", [-1, -4096, servicer.limits.MAX_VALUE_BYTES + 1])
+def test_chunk_bytes_out_of_range_is_invalid_argument(
+    client: gradwire.Client, chunk_bytes: int
+) -> None:
+    req = pb.GetTensorRequest(name="conv1.weight", chunk_bytes=chunk_bytes)
+    error = raw_error(lambda: stream_chunks(client, req))
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.reason == "BAD_CHUNK_SIZE"
+    assert str(chunk_bytes) in error.message
+    client.chunk_bytes = chunk_bytes
+    with pytest.raises(errors.InvalidArgument):
+        client._read_stream(pb.GetTensorRequest(name="conv1.weight"), as_torch=False)
+
+
+# --- GetTensorStream: the client falls back to it by itself ----------------------------
+
+
+FALLBACK: list[tuple[str, Index]] = [
+    ("linear.weight", lambda w: w),
+    ("linear.weight[::-1]", lambda w: w[::-1]),
+    ("linear.weight[:, 100:3000]", lambda w: w[:, 100:3000]),
+    ("linear.weight[-1:2:-2, ::-1]", lambda w: w[-1:2:-2, ::-1]),
+    ("linear.weight[None, 2:, ..., ::-1]", lambda w: w[None, 2:, ..., ::-1]),
+]
+
+
+@pytest.mark.parametrize(("selector", "index"), FALLBACK, ids=[s for s, _ in FALLBACK])
+def test_a_read_over_the_value_limit_falls_back_to_the_stream(
+    client: gradwire.Client,
+    trainer: Trainer,
+    monkeypatch: pytest.MonkeyPatch,
+    selector: str,
+    index: Index,
+) -> None:
+    lower_value_limit(monkeypatch)
+    client.chunk_bytes = 1000
+    client.fill_parameters(0.0, ["conv1.weight"])
+    expected = index(server_value(trainer, LINEAR))
+    assert expected.nbytes > SMALL_LIMIT
+    # The unary call alone is refused, so the values below can only have come by stream.
+    refused = raw_error(lambda: client._methods["GetTensor"](request(selector), timeout=30))
+    assert isinstance(refused, errors.ResourceExhausted)
+    assert refused.reason == "USE_STREAM"
+    assert refused.metadata == {"bytes": str(expected.nbytes), "limit": str(SMALL_LIMIT)}
+    read = client.read(selector)
+    assert (read.version, read.shape, read.full_shape) == (1, expected.shape, LINEAR_SHAPE)
+    assert isinstance(read.value, np.ndarray)
+    assert np.array_equal(read.value, expected)
+    value = client.get(selector, as_torch=True)
+    assert isinstance(value, torch.Tensor)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, torch.from_numpy(expected.copy()))
+    assert version(client) == 1
+
+
+def test_a_read_under_the_lowered_limit_stays_unary(
+    client: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lower_value_limit(monkeypatch)
+    data = client._methods["GetTensor"](request("linear.weight[:7]"), timeout=30)
+    split = wire.split(data, pb.GetTensorResponse)
+    assert tuple(split.message.tensor.shape) == (7, 3200)  # 89600 bytes: under the limit
+    assert np.array_equal(client.get("linear.weight[:7]"), server_value(trainer, LINEAR)[:7])
+
+
+def test_a_stream_read_races_with_steps_and_sees_one_state(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    # Every weight 0 and its gradient -1: each SGD step (lr 1) adds exactly 1 to every weight,
+    # so one state's weights are all equal, to the number of steps taken before the read.
+    client.fill_parameters(0.0)
+    start = client.set("conv1.weight.grad", -1.0)
+    client.chunk_bytes = 64  # 27 chunks per read
+    stop = threading.Event()
+    stepped = threading.Event()
+    failures: list[BaseException] = []
+
+    def step_forever() -> None:
+        try:
+            while not stop.is_set():
+                trainer.step()
+                stepped.set()
+        except BaseException as err:  # pragma: no cover - reported below
+            failures.append(err)
+            stepped.set()
+
+    worker = threading.Thread(target=step_forever, daemon=True)
+    worker.start()
+    try:
+        assert stepped.wait(timeout=30)
+        seen: set[int] = set()
+        for _ in range(200):
+            read = client._read_stream(pb.GetTensorRequest(name="conv1.weight"), as_torch=False)
+            value = read.value
+            assert value.shape == (16, 3, 3, 3)
+            assert np.all(value == value.flat[0]), f"a torn read: {np.unique(value)}"
+            assert value.flat[0] == read.version - start
+            seen.add(read.version)
+            if len(seen) >= 3:
+                break
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not failures
+    assert len(seen) >= 2  # the steps really ran between (and during) the reads
+
+
+def test_a_fallback_read_races_with_steps_and_sees_one_state(
+    client: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lower_value_limit(monkeypatch, 1000)  # conv1.weight[1:, 1:] is 1080 bytes: streamed
+    client.fill_parameters(0.0)
+    start = client.set("conv1.weight.grad", -1.0)
+    client.chunk_bytes = 64
+    stop = threading.Event()
+
+    def step_forever() -> None:
+        while not stop.is_set():
+            trainer.step()
+
+    worker = threading.Thread(target=step_forever, daemon=True)
+    worker.start()
+    try:
+        # A view of the live weights (no negative step, which copies): only the server's
+        # snapshot keeps its chunks from tearing.
+        reads = [client.read("conv1.weight[1:, 1:]") for _ in range(8)]
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    for read in reads:
+        assert read.shape == (15, 2, 3, 3)
+        assert np.all(read.value == read.version - start), np.unique(read.value)
+
+
+# --- SetTensorStream -------------------------------------------------------------------
+
+
+@pytest.fixture
+def streaming(client: gradwire.Client) -> gradwire.Client:
+    """The client, sending every tensor with values in small chunks."""
+    client.stream_above_bytes = 0
+    client.chunk_bytes = 40
+    return client
+
+
+def test_set_chunks_are_many_and_in_order(streaming: gradwire.Client) -> None:
+    value = np.arange(432, dtype=np.float32).reshape(16, 3, 3, 3)
+    header = pb.SetTensorRequest(name="conv1.weight")
+    messages = [pb.SetTensorChunk.FromString(m) for m in streaming._set_chunks(header, value)]
+    assert len(messages) == math.ceil(432 * 4 / 40)
+    assert [m.chunk.offset for m in messages] == list(range(0, 432, 10))
+    assert [m.name for m in messages] == ["conv1.weight"] + [""] * (len(messages) - 1)
+    assert tuple(messages[0].chunk.shape) == (16, 3, 3, 3)
+    assert not any(m.chunk.shape for m in messages[1:])
+
+
+def test_set_stream_of_a_whole_parameter(streaming: gradwire.Client, trainer: Trainer) -> None:
+    new = np.random.default_rng(1).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    assert streaming.set("conv1.weight", new) == 1
+    assert np.array_equal(server_value(trainer, "conv1.weight"), new)
+    assert np.array_equal(streaming.get("conv1.weight"), new)
+
+
+def test_set_stream_through_the_raw_method(streaming: gradwire.Client, trainer: Trainer) -> None:
+    new = np.linspace(-1, 1, 20 * 3200, dtype=np.float32).reshape(LINEAR_SHAPE)
+    header = pb.SetTensorRequest(name=LINEAR)
+    streaming.chunk_bytes = 4000
+    response = streaming._methods["SetTensorStream"](streaming._set_chunks(header, new), timeout=30)
+    assert response.version == 1
+    assert np.array_equal(server_value(trainer, LINEAR), new)
+
+
+def test_set_stream_of_a_slice_changes_only_that_slice(
+    streaming: gradwire.Client, trainer: Trainer
+) -> None:
+    before = server_value(trainer, "conv1.weight").copy()
+    part = np.arange(18, dtype=np.float32).reshape(3, 2, 3) / 7
+    streaming.set("conv1.weight[0, :, 1:3]", part)
+    expected = before.copy()
+    expected[0, :, 1:3] = part
+    assert np.array_equal(server_value(trainer, "conv1.weight"), expected)
+    streaming.set("linear.weight", np.full(3000, 2.5, dtype=np.float32), (4, slice(200, None)))
+    assert np.array_equal(server_value(trainer, LINEAR)[4, 200:], np.full(3000, 2.5, np.float32))
+
+
+def test_set_stream_broadcasts_a_smaller_value(
+    streaming: gradwire.Client, trainer: Trainer
+) -> None:
+    row = np.array([1.5, -2.0, 3.25], dtype=np.float32)
+    streaming.set("conv2.weight[1:4]", row)
+    assert np.array_equal(
+        server_value(trainer, "conv2.weight")[1:4], np.broadcast_to(row, (3, 16, 3, 3))
+    )
+
+
+def test_set_stream_casts_float64_to_float32(streaming: gradwire.Client, trainer: Trainer) -> None:
+    new = np.random.default_rng(2).standard_normal((32, 16, 3, 3))  # float64, not exact in f32
+    assert new.dtype == np.float64
+    streaming.set("conv2.weight", new)
+    got = server_value(trainer, "conv2.weight")
+    assert got.dtype == np.float32
+    assert np.array_equal(got, new.astype(np.float32))
+    assert not np.array_equal(got.astype(np.float64), new)
+
+
+def test_set_stream_casts_int64_into_an_absent_gradient(
+    streaming: gradwire.Client, trainer: Trainer
+) -> None:
+    assert trainer.read("conv1.weight.grad").value is None
+    ints = np.arange(-200, 232, dtype=np.int64).reshape(16, 3, 3, 3)
+    streaming.set("conv1.weight.grad", ints)
+    grad = streaming.get("conv1.weight.grad")
+    assert grad is not None
+    assert grad.dtype == np.float32
+    assert np.array_equal(grad, ints.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_set_stream_of_half_precision_torch_values(
+    streaming: gradwire.Client, trainer: Trainer, dtype: torch.dtype
+) -> None:
+    streaming.chunk_bytes = 1000
+    gen = torch.Generator().manual_seed(5)
+    value = torch.randn(20, 3200, generator=gen).to(dtype)
+    streaming.set(LINEAR, value)
+    assert np.array_equal(server_value(trainer, LINEAR), value.float().numpy())
+    part = torch.randn(3, 2, 3, generator=gen).to(dtype)
+    streaming.set("conv1.weight[2, :, :2]", part)
+    assert np.array_equal(server_value(trainer, "conv1.weight")[2, :, :2], part.float().numpy())
+
+
+# --- ForwardStream ---------------------------------------------------------------------
+
+
+def random_batch(n: int, seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=n).astype(np.int64)
+    return x, y
+
+
+def test_forward_stream_equals_the_unary_forward(client: gradwire.Client, trainer: Trainer) -> None:
+    x, y = random_batch(8, 0)
+    unary = client.forward(x, y)
+    unary_output = client.get("output")
+    client.stream_above_bytes = 0
+    client.chunk_bytes = 1000
+    streamed = client.forward(x, y)
+    assert streamed.version == unary.version + 1
+    assert streamed.output_shape == unary.output_shape == (8, 20)
+    assert streamed.loss is not None
+    assert streamed.loss == unary.loss
+    assert np.array_equal(client.get("output"), unary_output)
+    assert np.array_equal(client.get("input"), x)
+    assert np.array_equal(client.get("target"), y)
+    local = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(y))
+    assert streamed.loss == local.item()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [Fill.randint(0, 20, 3, seed=9), torch.tensor([3, 1, 4]), np.array([5, 9, 2], dtype=np.int32)],
+    ids=["fill", "torch", "numpy-int32"],
+)
+def test_forward_stream_with_other_targets(streaming: gradwire.Client, target: Any) -> None:
+    x, _ = random_batch(3, 1)
+    result = streaming.forward(torch.from_numpy(x), target)
+    sent = streaming.get("target")
+    assert sent is not None
+    assert sent.dtype == np.int64
+    expected = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(sent))
+    assert result.loss == expected.item()
+
+
+def test_forward_stream_without_target_has_no_loss(streaming: gradwire.Client) -> None:
+    x, _ = random_batch(2, 2)
+    result = streaming.forward(x)
+    assert result.loss is None
+    assert result.output_shape == (2, 20)
+    assert streaming.get("loss") is None
+    assert np.array_equal(streaming.get("input"), x)
+
+
+def test_forward_stream_takes_the_target_in_a_later_message(client: gradwire.Client) -> None:
+    x, y = random_batch(1, 3)
+    flat = x.reshape(-1)
+    messages = [
+        pb.ForwardChunk(input=f32_chunk(flat[:100], 0, x.shape)),
+        pb.ForwardChunk(input=f32_chunk(flat[100:], 100)),
+        pb.ForwardChunk(target=pb.TensorSource(tensor=codec.encode(y))),
+    ]
+    response = client._methods["ForwardStream"](
+        iter([m.SerializeToString() for m in messages]), timeout=30
+    )
+    expected = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(y))
+    assert response.HasField("loss")
+    assert response.loss == expected.item()
+
+
+def test_forward_stream_with_the_target_twice_is_invalid_argument(
+    client: gradwire.Client,
+) -> None:
+    x, y = random_batch(1, 4)
+    target = pb.TensorSource(tensor=codec.encode(y))
+    messages = [
+        pb.ForwardChunk(input=f32_chunk(x.reshape(-1), 0, x.shape), target=target),
+        pb.ForwardChunk(target=target),
+    ]
+    error = raw_error(
+        lambda: client._methods["ForwardStream"](
+            iter([m.SerializeToString() for m in messages]), timeout=30
+        )
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert "target once" in error.message
+    assert version(client) == 0
+    assert client.get("output") is None
+
+
+# --- bad streams -----------------------------------------------------------------------
+
+
+def f32_chunk(
+    values: Sequence[float] | np.ndarray[Any, Any], offset: int, shape: Sequence[int] = ()
+) -> pb.TensorChunk:
+    flat = np.asarray(values, dtype=np.float32).reshape(-1)
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[flat.size], float_values=flat.tolist())
+    return pb.TensorChunk(shape=shape, offset=offset, values=tensor)
+
+
+def f64_chunk(count: int, offset: int) -> pb.TensorChunk:
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[count], double_values=[0.5] * count)
+    return pb.TensorChunk(offset=offset, values=tensor)
+
+
+def send_set(client: gradwire.Client, chunks: Iterable[pb.TensorChunk]) -> object:
+    messages = [
+        pb.SetTensorChunk(name="conv1.weight", chunk=c) if i == 0 else pb.SetTensorChunk(chunk=c)
+        for i, c in enumerate(chunks)
+    ]
+    data = [m.SerializeToString() for m in messages]
+    return client._methods["SetTensorStream"](iter(data), timeout=30)
+
+
+def send_forward(client: gradwire.Client, chunks: Iterable[pb.TensorChunk]) -> object:
+    target = pb.TensorSource(fill=Fill.ones(1, dtype="int64").to_proto())
+    messages = [
+        pb.ForwardChunk(input=c, target=target) if i == 0 else pb.ForwardChunk(input=c)
+        for i, c in enumerate(chunks)
+    ]
+    data = [m.SerializeToString() for m in messages]
+    return client._methods["ForwardStream"](iter(data), timeout=30)
+
+
+Send = Callable[[gradwire.Client, Iterable[pb.TensorChunk]], object]
+# (send, shape of a valid value, its element count)
+TARGETS: dict[str, tuple[Send, tuple[int, ...], int]] = {
+    "SetTensorStream": (send_set, (16, 3, 3, 3), 432),
+    "ForwardStream": (send_forward, (1, 3, 10, 10), 300),
+}
+
+
+def two_d_chunk(shape: tuple[int, ...]) -> pb.TensorChunk:
+    chunk = f32_chunk([0.5] * 4, 0, shape)
+    chunk.values.shape[:] = [2, 2]
+    return chunk
+
+
+BadStream = Callable[[tuple[int, ...], int], list[pb.TensorChunk]]
+BAD_STREAMS: list[tuple[str, BadStream, str]] = [
+    (
+        "offset-gap",
+        lambda s, n: [f32_chunk([0.5] * 100, 0, s), f32_chunk([0.5] * (n - 150), 150)],
+        "chunk at offset 150, expected 100 (chunks must come in order)",
+    ),
+    (
+        "out-of-order",
+        lambda s, n: [f32_chunk([0.5] * 100, 0, s), f32_chunk([0.5] * 100, 200)],
+        "chunk at offset 200, expected 100",
+    ),
+    (
+        "later-shape",
+        lambda s, n: [f32_chunk([0.5] * 100, 0, s), f32_chunk([0.5] * (n - 100), 100, s)],
+        "only the first chunk may carry a shape",
+    ),
+    (
+        "dtype-change",
+        lambda s, n: [f32_chunk([0.5] * 100, 0, s), f64_chunk(n - 100, 100)],
+        "chunk dtype float64 differs from the first chunk's",
+    ),
+    (
+        "more-values-in-a-later-chunk",
+        lambda s, n: [f32_chunk([0.5] * n, 0, s), f32_chunk([0.5], n)],
+        "chunks hold more than the {n} values of the shape",
+    ),
+    (
+        "more-values-in-one-chunk",
+        lambda s, n: [f32_chunk([0.5] * (n + 1), 0, s)],
+        "chunks hold more than the {n} values of the shape",
+    ),
+    (
+        "fewer-values",
+        lambda s, n: [f32_chunk([0.5] * 100, 0, s), f32_chunk([0.5] * 50, 100)],
+        "the stream ended after 150 of {n} values",
+    ),
+    ("2d-values", lambda s, n: [two_d_chunk(s)], "chunk values must be 1-D, got shape [2, 2]"),
+    (
+        "values-short-of-their-own-shape",
+        lambda s, n: [
+            pb.TensorChunk(
+                shape=s,
+                values=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[5], float_values=[1.0, 2.0]),
+            )
+        ],
+        "needs 5 values in float_values, got 2",
+    ),
+    (
+        "no-dtype",
+        lambda s, n: [pb.TensorChunk(shape=s, values=pb.Tensor(shape=[1], float_values=[1.0]))],
+        "tensor dtype 0 is not supported",
+    ),
+]
+
+
+@pytest.mark.parametrize("method", list(TARGETS))
+@pytest.mark.parametrize(("case", "build", "text"), BAD_STREAMS, ids=[c for c, _, _ in BAD_STREAMS])
+def test_a_bad_stream_is_invalid_argument_and_changes_nothing(
+    client: gradwire.Client,
+    trainer: Trainer,
+    method: str,
+    case: str,
+    build: BadStream,
+    text: str,
+) -> None:
+    send, shape, count = TARGETS[method]
+    before = all_parameters(trainer)
+    error = raw_error(lambda: send(client, build(shape, count)))
+    assert isinstance(error, errors.InvalidArgument), error
+    assert error.reason in ("BAD_CHUNK", "BAD_TENSOR")
+    assert text.format(n=count) in error.message
+    assert version(client) == 0
+    assert client.health() == "SERVING"
+    assert client.get("output") is None
+    after = all_parameters(trainer)
+    assert all(np.array_equal(before[n], after[n]) for n in PARAMETERS)
+
+
+@pytest.mark.parametrize("method", list(TARGETS))
+@pytest.mark.parametrize("shape", [[-1, -1], [-2, 3], [432, -1]], ids=str)
+def test_a_chunk_shape_with_a_negative_dimension_is_invalid_argument(
+    client: gradwire.Client, method: str, shape: list[int]
+) -> None:
+    send = TARGETS[method][0]
+    error = raw_error(lambda: send(client, [f32_chunk([0.5], 0, shape)]))
+    assert version(client) == 0
+    assert client.health() == "SERVING"
+    assert isinstance(error, errors.InvalidArgument), error
+    assert "negative" in error.message
+
+
+@pytest.mark.parametrize(
+    ("method", "text"),
+    [("SetTensorStream", "SetTensorStream received no message"), ("ForwardStream", "no chunk")],
+)
+def test_an_empty_stream_is_invalid_argument(
+    client: gradwire.Client, method: str, text: str
+) -> None:
+    error = raw_error(lambda: client._methods[method](iter([]), timeout=30))
+    assert isinstance(error, errors.InvalidArgument)
+    assert text in error.message
+    assert version(client) == 0
+    assert client.health() == "SERVING"
+
+
+@pytest.mark.parametrize("method", list(TARGETS))
+def test_a_stream_over_the_element_limit_is_resource_exhausted(
+    client: gradwire.Client, trainer: Trainer, method: str
+) -> None:
+    send, shape, count = TARGETS[method]
+    before = all_parameters(trainer)
+    trainer.max_elements = count - 1
+    # The limit is checked on the first chunk, before the rest is sent or memory is taken.
+    error = raw_error(lambda: send(client, [f32_chunk([0.5] * 10, 0, shape)]))
+    assert isinstance(error, errors.ResourceExhausted)
+    assert error.reason == "TOO_MANY_ELEMENTS"
+    assert f"{count} elements is over the limit of {count - 1}" in error.message
+    assert version(client) == 0
+    assert client.health() == "SERVING"
+    after = all_parameters(trainer)
+    assert all(np.array_equal(before[n], after[n]) for n in PARAMETERS)
+    trainer.max_elements = count
+    send(client, [f32_chunk([0.5] * count, 0, shape)])
+    assert version(client) == 1
+
+
+def test_a_valid_hand_built_stream_is_accepted(client: gradwire.Client, trainer: Trainer) -> None:
+    values = np.arange(432, dtype=np.float32)
+    response = send_set(
+        client,
+        [f32_chunk(values[:100], 0, (16, 3, 3, 3)), f32_chunk(values[100:], 100)],
+    )
+    assert response.version == 1  # type: ignore[attr-defined]
+    assert np.array_equal(server_value(trainer, "conv1.weight"), values.reshape(16, 3, 3, 3))
+
+
+def test_a_malformed_chunk_in_a_stream_is_malformed_request(client: gradwire.Client) -> None:
+    good = pb.SetTensorChunk(name="conv1.weight", chunk=f32_chunk([0.5] * 10, 0, (16, 3, 3, 3)))
+    data = [good.SerializeToString(), b"\xff\xff\xff"]
+    error = raw_error(lambda: client._methods["SetTensorStream"](iter(data), timeout=30))
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.reason == "MALFORMED_REQUEST"
+    assert version(client) == 0
+
+
+# --- malformed requests ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["Forward", "GetTensor", "SetTensor", "TrainStep", "Step"])
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\x05ab"], ids=["varint", "short"])
+def test_a_malformed_unary_request_is_invalid_argument(
+    address: str, client: gradwire.Client, method: str, garbage: bytes
+) -> None:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/gradwire.v1.Trainer/{method}")
+        error = raw_error(lambda: call(garbage, timeout=30))
+    assert isinstance(error, errors.InvalidArgument), error
+    assert error.reason == "MALFORMED_REQUEST"
+    assert "the request is not a valid gradwire.v1." in error.message
+    assert version(client) == 0
+    assert client.health() == "SERVING"
+
+
+def test_a_malformed_get_tensor_stream_request_is_invalid_argument(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream("/gradwire.v1.Trainer/GetTensorStream")
+        error = raw_error(lambda: list(call(b"\xff\xff\xff", timeout=30)))
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.reason == "MALFORMED_REQUEST"
+    assert "GetTensorRequest" in error.message

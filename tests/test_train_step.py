@@ -1,0 +1,384 @@
+"""The fused TrainStep through a real channel, checked against plain PyTorch bit for bit.
+
+Also against the separate calls (ZeroGrad, Forward, Backward, Step) on a second server, and
+for the rule that a refused step changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire_server import servicer
+from gradwire_server.app import start
+from gradwire_server.trainer import Trainer
+from tests.reference import Simple
+
+ONES_INPUT = Fill.ones(8, 3, 10, 10)
+ONES_TARGET = Fill.ones(8, dtype="int64")
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+FETCH = ["conv1.weight.grad[0][0][0]", "conv1.weight", "loss"]
+
+
+def local_model(seed: int = 0) -> Simple:
+    """`torch.manual_seed(seed); Simple()`, without disturbing this process's generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Simple()
+
+
+def ones_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(8, 3, 10, 10), torch.ones(8, dtype=torch.long)
+
+
+def random_batch(n: int, seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=n).astype(np.int64)
+    return x, y
+
+
+def local_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    zero_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tutorial's loop body: [zero_grad,] forward, loss, backward, step; (output, loss)."""
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    output = model(x)
+    loss = nn.CrossEntropyLoss()(output, y)
+    loss.backward()
+    optimizer.step()
+    return output.detach(), loss.detach()
+
+
+def local(model: nn.Module, name: str) -> np.ndarray[Any, Any]:
+    """A parameter ("conv1.weight") or gradient ("conv1.weight.grad") of the local model."""
+    params = dict(model.named_parameters())
+    if name.endswith(".grad"):
+        grad = params[name.removesuffix(".grad")].grad
+        assert grad is not None
+        return grad.numpy()
+    return params[name].detach().numpy()
+
+
+def version(client: gradwire.Client) -> int:
+    return client.list_tensors().version
+
+
+def snapshot(client: gradwire.Client) -> dict[str, Any]:
+    """Everything a refused step must leave alone: version, parameters, gradients, forward."""
+    state: dict[str, Any] = {"version": version(client)}
+    for name in [*PARAMETERS, *(f"{p}.grad" for p in PARAMETERS)]:
+        state[name] = client.get(name)
+    for name in ("input", "target", "output", "loss"):
+        state[name] = client.get(name)
+    return state
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        if value is None or isinstance(value, int):
+            assert after[name] == value, name
+        else:
+            assert after[name] is not None, name
+            assert np.array_equal(after[name], value), name
+
+
+@pytest.fixture
+def second_client() -> Iterator[gradwire.Client]:
+    """A client of a second, independent server on a fresh Trainer(seed=0)."""
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            yield client
+    finally:
+        running.stop(grace=None)
+
+
+# --- one step: against local PyTorch and against the separate calls -------------------------
+
+
+def test_train_step_equals_a_local_torch_step_bit_for_bit(client: gradwire.Client) -> None:
+    result = client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=True, fetch=FETCH)
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    _, loss = local_train_step(model, optimizer, *ones_batch(), zero_grad=True)
+    assert result.loss == loss.item()
+    assert result.output_shape == (8, 20)
+    assert result.parameters_updated == 3
+    assert result.version == 4
+    grad_row, weight, fetched_loss = result.fetched
+    assert [f.name for f in result.fetched] == ["conv1.weight.grad", "conv1.weight", "loss"]
+    assert {f.version for f in result.fetched} == {4}
+    assert (grad_row.shape, grad_row.full_shape, grad_row.dtype) == ((3,), (16, 3, 3, 3), "float32")
+    assert np.array_equal(grad_row.value, local(model, "conv1.weight.grad")[0][0][0])
+    assert (weight.shape, weight.full_shape) == ((16, 3, 3, 3), (16, 3, 3, 3))
+    assert np.array_equal(weight.value, local(model, "conv1.weight"))
+    assert (fetched_loss.shape, fetched_loss.full_shape) == ((), ())
+    assert np.array_equal(fetched_loss.value, loss.numpy())
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), local(model, name)), name
+        assert np.array_equal(client.get(f"{name}.grad"), local(model, f"{name}.grad")), name
+
+
+def test_train_step_equals_the_separate_calls_on_a_second_server(
+    client: gradwire.Client, second_client: gradwire.Client
+) -> None:
+    fused = client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=True, fetch=FETCH)
+    second_client.zero_grad()
+    forward = second_client.forward(ONES_INPUT, ONES_TARGET)
+    second_client.backward()
+    step = second_client.step()
+    assert fused.version == step.version == version(second_client) == version(client) == 4
+    assert fused.loss == forward.loss
+    assert fused.output_shape == forward.output_shape
+    assert fused.parameters_updated == step.parameters_updated
+    for selector, read in zip(FETCH, fused.fetched, strict=True):
+        assert np.array_equal(read.value, second_client.get(selector)), selector
+    for name in [*PARAMETERS, *(f"{p}.grad" for p in PARAMETERS), "input", "output", "loss"]:
+        assert np.array_equal(client.get(name), second_client.get(name)), name
+
+
+def test_train_step_version_rises_by_four_with_zero_grad_and_three_without(
+    client: gradwire.Client,
+) -> None:
+    first = client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=True)
+    assert first.version == 4
+    second = client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=False)
+    assert second.version == 7
+    third = client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=True)
+    assert third.version == 11
+    assert version(client) == 11
+    assert client.read("conv1.weight").version == 11
+
+
+def test_a_fetched_slice_with_a_negative_step_equals_local_torch(client: gradwire.Client) -> None:
+    result = client.train_step(
+        ONES_INPUT, ONES_TARGET, fetch=["linear.weight.grad[::-3, -5:]", "conv2.weight[None, 1]"]
+    )
+    model = local_model()
+    local_train_step(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), *ones_batch(), zero_grad=True
+    )
+    grad, weight = result.fetched
+    assert np.array_equal(grad.value, local(model, "linear.weight.grad")[::-3, -5:])
+    assert grad.full_shape == (20, 3200)
+    assert np.array_equal(weight.value, local(model, "conv2.weight")[None, 1])
+
+
+# --- several steps ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_grad", [False, True], ids=["accumulate", "zero-each-step"])
+def test_several_train_steps_equal_a_local_loop(client: gradwire.Client, zero_grad: bool) -> None:
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for i in range(3):
+        x, y = random_batch(4, seed=i)
+        result = client.train_step(
+            x, y, zero_grad=zero_grad, fetch=["linear.weight.grad", "output"]
+        )
+        output, loss = local_train_step(
+            model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=zero_grad
+        )
+        assert result.loss == loss.item(), i
+        grad, fetched_output = result.fetched
+        assert np.array_equal(grad.value, local(model, "linear.weight.grad")), i
+        assert np.array_equal(fetched_output.value, output.numpy()), i
+        for name in PARAMETERS:
+            assert np.array_equal(client.get(name), local(model, name)), (i, name)
+            assert np.array_equal(client.get(f"{name}.grad"), local(model, f"{name}.grad"))
+    assert version(client) == 3 * (4 if zero_grad else 3)
+
+
+def test_accumulated_gradients_are_the_sum_of_each_steps_gradient(
+    client: gradwire.Client,
+) -> None:
+    # lr 0: the weights never move, so each step's own gradient is the same; without zeroing
+    # the gradient after k steps is k times it (exact: doubling, then 3x of a float32 sum).
+    client.set_optimizer("sgd", lr=0.0)
+    once = client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight.grad"]).fetched[0]
+    twice = client.train_step(
+        ONES_INPUT, ONES_TARGET, zero_grad=False, fetch=["conv1.weight.grad"]
+    ).fetched[0]
+    assert np.array_equal(twice.value, once.value + once.value)
+    again = client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight.grad"]).fetched[0]
+    assert np.array_equal(again.value, once.value)
+
+
+def test_three_adam_train_steps_equal_three_local_adam_steps(client: gradwire.Client) -> None:
+    client.set_optimizer("adam", lr=0.01)
+    model = local_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for i in range(3):
+        x, y = random_batch(6, seed=10 + i)
+        result = client.train_step(x, y, zero_grad=True, fetch=["conv2.weight"])
+        _, loss = local_train_step(
+            model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=True
+        )
+        assert result.loss == loss.item(), i
+        assert np.array_equal(result.fetched[0].value, local(model, "conv2.weight")), i
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), local(model, name)), name
+    assert version(client) == 1 + 3 * 4  # SetOptimizer, then three fused steps
+
+
+# --- what a step fetches -----------------------------------------------------------------
+
+
+def test_fetch_of_input_target_output_and_loss_has_this_steps_batch(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    client.train_step(ONES_INPUT, ONES_TARGET)  # an earlier batch of 8, to be replaced
+    result = client.train_step(
+        Fill.uniform(5, 3, 10, 10, low=-1.0, high=1.0, seed=3),
+        Fill.randint(0, 20, 5, seed=4),
+        fetch=["input", "target", "output", "loss", "output[-1]", "input[4, 2, ::-1]"],
+    )
+    x, y, output, loss, last_row, flipped = result.fetched
+    assert result.output_shape == (5, 20)
+    assert (x.shape, x.dtype) == ((5, 3, 10, 10), "float32")
+    assert (y.shape, y.dtype) == ((5,), "int64")
+    assert (output.shape, output.dtype) == ((5, 20), "float32")
+    assert (loss.shape, loss.dtype) == ((), "float32")
+    assert (last_row.shape, last_row.full_shape) == ((20,), (5, 20))
+    assert (flipped.shape, flipped.full_shape) == ((10, 10), (5, 3, 10, 10))
+    assert np.all((x.value >= -1.0) & (x.value < 1.0))
+    assert np.unique(x.value).size > 100  # uniform values, not a constant
+    assert np.all((y.value >= 0) & (y.value < 20))
+    for read in (x, y, output, loss):
+        server = trainer.read(read.name).value
+        assert server is not None
+        assert np.array_equal(read.value, server.numpy()), read.name
+    assert np.array_equal(last_row.value, output.value[-1])
+    assert np.array_equal(flipped.value, x.value[4, 2, ::-1])
+    assert float(loss.value) == np.float32(result.loss)
+    # The output is the Forward's, before the step moved the weights: the first step's
+    # weights applied to this step's batch.
+    model = local_model()
+    local_train_step(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), *ones_batch(), zero_grad=True
+    )
+    expected = model(torch.from_numpy(x.value.copy()))
+    assert np.array_equal(output.value, expected.detach().numpy())
+    expected_loss = nn.CrossEntropyLoss()(expected, torch.from_numpy(y.value.copy()))
+    assert result.loss == expected_loss.item()
+
+
+def test_as_torch_fetches_are_torch_tensors(client: gradwire.Client) -> None:
+    plain = client.train_step(ONES_INPUT, ONES_TARGET, fetch=[*FETCH, "target"])
+    client.reset(0)
+    result = client.train_step(ONES_INPUT, ONES_TARGET, fetch=[*FETCH, "target"], as_torch=True)
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.int64]
+    for read, numpy_read, dtype in zip(result.fetched, plain.fetched, dtypes, strict=True):
+        assert isinstance(read.value, torch.Tensor), read.name
+        assert read.value.dtype == dtype, read.name
+        assert tuple(read.value.shape) == read.shape
+        assert torch.equal(read.value, torch.from_numpy(np.array(numpy_read.value))), read.name
+    assert result.loss == plain.loss
+
+
+def test_a_step_without_fetch_fetches_nothing(client: gradwire.Client) -> None:
+    result = client.train_step(ONES_INPUT, ONES_TARGET)
+    assert result.fetched == ()
+    assert result.parameters_updated == 3
+
+
+# --- refused steps change nothing -------------------------------------------------------
+
+
+@pytest.fixture
+def stepped(client: gradwire.Client) -> dict[str, Any]:
+    """One step taken (so gradients, output and loss exist), and the state it left."""
+    client.train_step(ONES_INPUT, ONES_TARGET)
+    return snapshot(client)
+
+
+@pytest.mark.parametrize(
+    ("selector", "error", "reason"),
+    [
+        ("conv1.wieght", errors.NotFound, "UNKNOWN_TENSOR"),
+        ("outputs", errors.NotFound, "UNKNOWN_TENSOR"),
+        ("conv1.weight[16]", errors.OutOfRange, "INDEX_OUT_OF_RANGE"),
+        ("conv1.weight.grad[0][3]", errors.OutOfRange, "INDEX_OUT_OF_RANGE"),
+        ("output[5]", errors.OutOfRange, "INDEX_OUT_OF_RANGE"),  # this step's batch is 5
+        ("input[0, 3]", errors.OutOfRange, "INDEX_OUT_OF_RANGE"),
+        ("target[-6]", errors.OutOfRange, "INDEX_OUT_OF_RANGE"),
+        ("loss[0]", errors.InvalidArgument, "TOO_MANY_INDICES"),
+        ("linear.weight[0, 0, 0]", errors.InvalidArgument, "TOO_MANY_INDICES"),
+    ],
+)
+def test_a_bad_fetch_is_refused_before_anything_changes(
+    client: gradwire.Client,
+    stepped: dict[str, Any],
+    selector: str,
+    error: type[errors.RemoteError],
+    reason: str,
+) -> None:
+    with pytest.raises(error) as caught:
+        client.train_step(
+            Fill.uniform(5, 3, 10, 10, seed=1),
+            Fill.randint(0, 20, 5, seed=2),
+            zero_grad=True,
+            fetch=["conv1.weight", selector],
+        )
+    assert caught.value.reason == reason
+    assert_same_state(stepped, snapshot(client))
+
+
+def test_fetch_of_output_at_the_last_row_of_this_batch_is_accepted(
+    client: gradwire.Client, stepped: dict[str, Any]
+) -> None:
+    # The previous batch had 8 rows; this one has 5: output[4] is valid, output[5] is not.
+    result = client.train_step(
+        Fill.uniform(5, 3, 10, 10, seed=1), Fill.randint(0, 20, 5, seed=2), fetch=["output[4]"]
+    )
+    assert result.fetched[0].shape == (20,)
+    assert result.version == stepped["version"] + 4
+
+
+def test_a_step_without_a_target_is_invalid_argument(
+    client: gradwire.Client, stepped: dict[str, Any]
+) -> None:
+    request = pb.TrainStepRequest(input=pb.TensorSource(fill=ONES_INPUT.to_proto()), zero_grad=True)
+    request.fetch.add(name="conv1.weight")
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client._call("TrainStep", request)
+    assert caught.value.reason == "MISSING_INPUT"
+    assert "target" in caught.value.message
+    assert_same_state(stepped, snapshot(client))
+
+
+def test_a_step_with_a_bad_target_is_invalid_argument(
+    client: gradwire.Client, stepped: dict[str, Any]
+) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.train_step(ONES_INPUT, np.full(8, 20), fetch=["conv1.weight"])
+    assert caught.value.reason == "BAD_TARGET_CLASS"
+    assert_same_state(stepped, snapshot(client))
+
+
+def test_a_fetch_over_the_value_limit_is_refused_before_anything_changes(
+    client: gradwire.Client, stepped: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 100_000)  # linear.weight: 256000
+    client.chunk_bytes = 10_000  # the snapshot's reads of linear.weight stream under the limit
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.train_step(ONES_INPUT, ONES_TARGET, fetch=["linear.weight"])
+    assert caught.value.reason == "FETCH_TOO_LARGE"
+    assert_same_state(stepped, snapshot(client))

@@ -1,0 +1,163 @@
+"""wire: spliced messages are ordinary protobuf; split views values in place, or falls back."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf.message import DecodeError
+
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+
+TENSOR: wire.Path = ((3, 0),)  # GetTensorResponse.tensor
+
+
+@pytest.fixture(autouse=True)
+def scan_every_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small messages normally skip the scan; these tests exercise it on small data."""
+    monkeypatch.setattr(wire, "SMALL_MESSAGE_BYTES", 0)
+
+
+def _address(array: np.ndarray[Any, Any]) -> int:
+    return int(array.__array_interface__["data"][0])
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "<f8", "<i4", "<i8", "<f2", "?"])
+def test_spliced_tensor_is_byte_identical_to_protobufs_own(dtype: str) -> None:
+    value = (np.arange(12) % 5 - 2).astype(dtype).reshape(3, 4)
+    ordinary = pb.Tensor(dtype=codec.host_array(value)[0], shape=[3, 4])
+    name = {
+        "<f4": "float_values",
+        "<f8": "double_values",
+        "<i4": "int32_values",
+        "<i8": "int64_values",
+        "?": "bool_values",
+    }.get(dtype)
+    if name:  # what a client in another language does: set the values one by one
+        getattr(ordinary, name).extend(value.reshape(-1).tolist())
+    else:
+        ordinary.raw_values = value.tobytes()
+    assert wire.join(codec.tensor_pieces(value)) == ordinary.SerializeToString()
+    # inside a response, spliced after the other fields: the same message to a parser
+    header = pb.GetTensorResponse(version=7, name="x", full_shape=[3, 4]).SerializeToString()
+    spliced = wire.join([header, *wire.length_field(3, codec.tensor_pieces(value))])
+    expected = pb.GetTensorResponse(version=7, name="x", full_shape=[3, 4], tensor=ordinary)
+    assert pb.GetTensorResponse.FromString(spliced) == expected
+
+
+def test_split_views_the_values_in_the_received_bytes() -> None:
+    value = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    response = pb.GetTensorResponse(version=3, name="w", full_shape=[10, 100])
+    response.tensor.CopyFrom(codec.encode(value))
+    data = response.SerializeToString()
+    split = wire.split(data, pb.GetTensorResponse)
+    assert split.message.version == 3 and split.message.name == "w"
+    assert list(split.message.tensor.shape) == [10, 100]
+    assert len(split.message.tensor.float_values) == 0  # cut out of the parsed message
+    array = codec.decode_split(split, TENSOR, split.message.tensor)
+    np.testing.assert_array_equal(array, value)
+    start = _address(np.frombuffer(data, np.uint8))
+    assert start <= _address(array) < start + len(data)  # a view: no copy was made
+    assert not array.flags.writeable
+
+
+def _unpacked_floats(values: list[float]) -> bytes:
+    """A Tensor whose float_values are written unpacked: valid protobuf, not our fast path."""
+    out = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[len(values)]).SerializeToString()
+    for v in values:
+        out += bytes([3 << 3 | 5]) + struct.pack("<f", v)
+    return out
+
+
+def test_unpacked_values_fall_back_to_the_ordinary_parser() -> None:
+    tensor = _unpacked_floats([1.5, -2.0, 3.25])
+    data = wire.join(
+        [pb.GetTensorResponse(version=1).SerializeToString(), *wire.length_field(3, [tensor])]
+    )
+    split = wire.split(data, pb.GetTensorResponse)
+    assert not split.cut
+    np.testing.assert_array_equal(
+        codec.decode_split(split, TENSOR, split.message.tensor), [1.5, -2.0, 3.25]
+    )
+
+
+def test_values_in_several_runs_fall_back_and_join() -> None:
+    first = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[4], int64_values=[1, 2]).SerializeToString()
+    second = pb.Tensor(int64_values=[3, 4]).SerializeToString()
+    data = wire.join(wire.length_field(3, [first + second]))
+    split = wire.split(data, pb.GetTensorResponse)
+    np.testing.assert_array_equal(
+        codec.decode_split(split, TENSOR, split.message.tensor), [1, 2, 3, 4]
+    )
+
+
+def test_a_singular_message_sent_twice_is_merged_as_protobuf_merges() -> None:
+    part1 = wire.length_field(3, [pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2]).SerializeToString()])
+    part2 = wire.length_field(3, [pb.Tensor(float_values=[5.0, 6.0]).SerializeToString()])
+    split = wire.split(wire.join([*part1, *part2]), pb.GetTensorResponse)
+    np.testing.assert_array_equal(codec.decode_split(split, TENSOR, split.message.tensor), [5, 6])
+
+
+def test_nested_and_repeated_tensors_are_found() -> None:
+    response = pb.TrainStepResponse(version=9, loss=1.5)
+    values = [np.arange(3, dtype=np.float32), np.arange(4, dtype=np.float64)]
+    for i, value in enumerate(values):
+        fetched = response.fetched.add(version=9, name=f"t{i}")
+        fetched.tensor.CopyFrom(codec.encode(value))
+    split = wire.split(response.SerializeToString(), pb.TrainStepResponse)
+    assert set(split.cut) == {((5, 0), (3, 0)), ((5, 1), (3, 0))}
+    for i, value in enumerate(values):
+        path = ((5, i), (3, 0))
+        got = codec.decode_split(split, path, split.message.fetched[i].tensor)
+        np.testing.assert_array_equal(got, value)
+        assert got.dtype == value.dtype
+    assert split.message.loss == 1.5
+
+
+def test_requests_split_too() -> None:
+    request = pb.ForwardRequest()
+    request.input.tensor.CopyFrom(codec.encode(torch.ones(2, 3, 10, 10)))
+    request.target.fill.kind = pb.Fill.KIND_ONES
+    split = wire.split(request.SerializeToString(), pb.ForwardRequest)
+    x = codec.decode_split_torch(split, ((1, 0), (1, 0)), split.message.input.tensor)
+    assert torch.equal(x, torch.ones(2, 3, 10, 10))
+    assert split.message.target.fill.kind == pb.Fill.KIND_ONES
+
+
+def test_messages_without_tensors_are_parsed_whole() -> None:
+    assert not wire.holds_tensors(pb.StepRequest)
+    assert wire.holds_tensors(pb.TrainStepResponse) and wire.holds_tensors(pb.ForwardChunk)
+
+
+def test_values_in_the_wrong_field_for_the_dtype_are_refused() -> None:
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[2], float_values=[1, 2])
+    response = pb.GetTensorResponse(tensor=tensor)
+    split = wire.split(response.SerializeToString(), pb.GetTensorResponse)
+    with pytest.raises(codec.CodecError, match="carries its values in double_values"):
+        codec.decode_split(split, TENSOR, split.message.tensor)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xff", b"\x1a\x10\x00", b"\x0f\x00", b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"]
+)
+def test_garbage_is_a_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        wire.split(data, pb.GetTensorResponse)
+
+
+def test_varint() -> None:
+    assert wire.varint(0) == b"\x00"
+    assert wire.varint(300) == b"\xac\x02"
+    assert wire.varint(2**63) == bytes([0x80] * 9 + [0x01])
+
+
+def test_small_messages_skip_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "SMALL_MESSAGE_BYTES", 1 << 20)
+    response = pb.GetTensorResponse(tensor=codec.encode(np.arange(5, dtype=np.float32)))
+    split = wire.split(response.SerializeToString(), pb.GetTensorResponse)
+    assert not split.cut and len(split.message.tensor.float_values) == 5
+    np.testing.assert_array_equal(codec.decode_split(split, TENSOR, split.message.tensor), range(5))
