@@ -28,9 +28,13 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# Every performance target beside its floor, in one table (a benchmark, never a test).
+bench: setup
+	$(BIN)/python -m bench.bench --markdown docs/bench-latest.md
+
 lint: setup
-	$(BIN)/ruff check client server tests scripts
-	$(BIN)/ruff format --check client server tests scripts
+	$(BIN)/ruff check client server tests scripts bench
+	$(BIN)/ruff format --check client server tests scripts bench
 
 typecheck: setup
 	$(BIN)/mypy

@@ -1,0 +1,1 @@
+"""gradwire's benchmark: every figure beside its floor, measured in one run (`make bench`)."""

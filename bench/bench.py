@@ -1,0 +1,305 @@
+"""`make bench`: every performance target of gradwire beside its floor, measured in one run.
+
+Each figure is a median over repeated calls, interleaved with its floor (a bare gRPC call
+carrying the same bytes on the same channel, or the same step run in-process), so that the
+noise of a shared machine lands on both. The result is one table: figure, ours, floor,
+ratio, target. This is a benchmark, not a test: it asserts nothing and never fails a build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+import gradwire
+from bench.floor import FloorClient
+from bench.server import MIB
+from gradwire import limits
+from gradwire.fill import Fill
+from gradwire_server.trainer import FillSpec, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: float  # seconds (or a rate: see `unit`)
+    floor: float
+    ratio: float  # how ours compares, in the direction the target is written
+    target: str
+    met: bool
+    unit: str = "ms"
+
+    def cells(self) -> list[str]:
+        scale = 1e3 if self.unit == "ms" else 1.0
+        return [
+            self.figure,
+            f"{self.ours * scale:.3f}",
+            f"{self.floor * scale:.3f}",
+            f"{self.ratio:.2f}",
+            self.target,
+            "yes" if self.met else "NO",
+        ]
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def paired(
+    ours: Callable[[], object], floor: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Medians of `repeats` calls of each, alternating, after one warm-up call of each."""
+    ours()
+    floor()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(timed(ours))
+        b.append(timed(floor))
+    return statistics.median(a), statistics.median(b)
+
+
+@dataclass(frozen=True)
+class Served:
+    address: str
+    pid: int
+
+
+@contextmanager
+def serve(model: str, device: str) -> Iterator[Served]:
+    """A benchmark server process (bench/server.py), ready for calls."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file = Path(tmp) / "port"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.server", "--model", model, "--device", device,
+             "--port-file", str(port_file)],
+            cwd=ROOT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while not port_file.exists() or not port_file.read_text().strip():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench server ({model}) did not start")
+                time.sleep(0.05)  # a start-up wait in a benchmark, not in a test
+            yield Served(f"127.0.0.1:{port_file.read_text().strip()}", process.pid)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def rss_peak_reset(pid: int) -> int:
+    """Resets the process's peak RSS (VmHWM) and returns its current RSS, in bytes."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status(pid, "VmRSS")
+
+
+def rss_peak(pid: int) -> int:
+    return _status(pid, "VmHWM")
+
+
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=limits.channel_options())
+
+
+# --- the figures -----------------------------------------------------------------------------
+
+TYPED = [
+    ("f32", "float32"),
+    ("f64", "float64"),
+    ("i32", "int32"),
+    ("i64", "int64"),
+    ("f16", "float16 (raw)"),
+    ("bf16", "bfloat16 (raw)"),
+]
+
+
+def at_most(figure: str, ours: float, floor: float, limit: float) -> Row:
+    """A time that must stay within `limit` times its floor."""
+    return Row(figure, ours, floor, ours / floor, f"<= {limit}x", ours / floor <= limit)
+
+
+def rate_at_least(figure: str, ours: float, floor: float, limit: float) -> Row:
+    """A rate (the inverse of a time) that must reach `limit` times its floor's."""
+    ratio = floor / ours
+    return Row(f"{figure}, rate", ours, floor, ratio, f">= {limit}x", ratio >= limit)
+
+
+def typed_reads(served: Served, repeats: int) -> list[Row]:
+    rows = []
+    size = 16 * MIB
+    with channel(served.address) as ch:
+        client = gradwire.Client(served.address, channel=ch)
+        floor = FloorClient(ch)
+        for name, label in TYPED:
+            value = client.get(name)
+            assert value is not None and value.nbytes in (size, 2 * size)  # bf16 widens
+            ours, bare = paired(lambda n=name: client.get(n), lambda: floor.get(size), repeats)
+            rows.append(at_most(f"GetTensor 16 MiB {label}", ours, bare, 1.5))
+    return rows
+
+
+def small_calls(served: Served, repeats: int) -> list[Row]:
+    rows = []
+    with channel(served.address) as ch:
+        client = gradwire.Client(served.address, channel=ch)
+        floor = FloorClient(ch)
+        client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+        client.backward()
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("GetTensor of 3 elements vs echo", lambda: client.get("conv1.weight.grad[0][0][0]")),
+            ("Step vs echo", client.step),  # the gradients stay: every Step applies them
+            (
+                "ZeroGrad vs echo",
+                lambda: client.zero_grad(set_to_none=False),
+            ),  # Step stays possible
+        ]
+        for label, call in calls:
+            ours, bare = paired(call, lambda: floor.echo(b"\x00" * 16), repeats)
+            rows.append(at_most(label, ours, bare, 1.5))
+    return rows
+
+
+def big_transfers(served: Served, repeats: int) -> list[Row]:
+    rows = []
+    size = 512 * MIB
+    chunk = limits.CHUNK_BYTES
+    with channel(served.address) as ch:
+        client = gradwire.Client(served.address, channel=ch, timeout=600)
+        floor = FloorClient(ch)
+        value = client.get("big")  # warms the path, and is what we send back
+        assert value is not None and value.nbytes == size
+
+        def get() -> object:
+            return client.get("big")
+
+        def put() -> object:
+            return client.set("big", value)
+
+        ours, bare = paired(get, lambda: floor.get_stream(size, chunk), repeats)
+        rows.append(rate_at_least("GetTensor 512 MiB float32 (streamed)", ours, bare, 0.7))
+        ours, bare = paired(put, lambda: floor.put_stream(size, chunk), repeats)
+        rows.append(rate_at_least("SetTensor 512 MiB float32 (streamed)", ours, bare, 0.7))
+        for label, call in [("GetTensor", get), ("SetTensor", put)]:
+            base = rss_peak_reset(served.pid)
+            call()
+            growth = (rss_peak(served.pid) - base) / size
+            figure = f"{label} 512 MiB: server peak memory growth / tensor size"
+            rows.append(Row(figure, growth, 1.0, growth, "<= 1.5x", growth <= 1.5, unit="x"))
+    return rows
+
+
+def steps(served: Served, repeats: int) -> list[Row]:
+    rows = []
+    local = Trainer(device="cpu", seed=0)
+
+    def identity(selection: object) -> object:
+        return selection
+
+    with channel(served.address) as ch:
+        client = gradwire.Client(served.address, channel=ch)
+        floor = FloorClient(ch)
+        for batch, target in [(256, 0.9), (8, 0.5)]:
+            x, y = FillSpec("ones", (batch, 3, 10, 10)), FillSpec("ones", (batch,))
+            xr, yr = Fill.ones(batch, 3, 10, 10), Fill.ones(batch, dtype="int64")
+            ours, inproc = paired(
+                lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
+                lambda x=x, y=y: local.train_step(x, y, zero_grad=True, use=identity),
+                repeats,
+            )
+            figure = f"TrainStep batch {batch} vs in-process"
+            rows.append(rate_at_least(figure, ours, inproc, target))
+
+        # The tutorial's separate calls against in-process time plus 6 bare echoes.
+        def remote_calls() -> None:
+            client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+            client.backward()
+            client.step()
+            client.zero_grad()
+            client.get("conv1.weight[0][0][0]")
+
+        def local_calls() -> None:
+            local.forward(FillSpec("ones", (8, 3, 10, 10)), FillSpec("ones", (8,)))
+            local.backward()
+            local.step()
+            local.zero_grad()
+            local.read("conv1.weight", [(0,), (0,), (0,)])
+
+        ours, inproc = paired(remote_calls, local_calls, repeats)
+        echoes = [timed(lambda: floor.echo(b"\x00" * 16)) for _ in range(repeats * 5)]
+        budget = inproc + 6 * statistics.median(echoes)
+        rows.append(at_most("Tutorial's 5 calls vs in-process + 6 echoes", ours, budget, 1.0))
+    return rows
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, grpcio {grpc.__version__}, numpy {np.__version__}"
+    )
+
+
+def table(rows: list[Row]) -> str:
+    head = ["figure", "ours (ms or x)", "floor (ms or x)", "ratio", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu", help="where the servers keep their model")
+    parser.add_argument("--repeats", type=int, default=31, help="calls per figure (median)")
+    parser.add_argument("--big-repeats", type=int, default=5, help="512 MiB transfers per figure")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    rows: list[Row] = []
+    with serve("simple", args.device) as served:
+        rows += small_calls(served, args.repeats * 10)
+        rows += steps(served, args.repeats)
+    with serve("blobs", args.device) as served:
+        rows += typed_reads(served, args.repeats)
+        rows += big_transfers(served, args.big_repeats)
+    text = f"Machine: {machine()}\n\n{table(rows)}\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    missed = [r.figure for r in rows if not r.met]
+    print("every target met" if not missed else f"targets missed: {len(missed)}: {missed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
