@@ -40,6 +40,7 @@ class Running:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.trainer.close()
 
 
 def start(
