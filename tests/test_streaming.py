@@ -748,3 +748,37 @@ def test_a_malformed_get_tensor_stream_request_is_invalid_argument(address: str)
     assert isinstance(error, errors.InvalidArgument)
     assert error.reason == "MALFORMED_REQUEST"
     assert "GetTensorRequest" in error.message
+
+
+# --- reading into an array the caller already has -------------------------------------------
+
+
+def test_get_into_out_fills_and_returns_that_array(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    out = np.full((20, 3200), np.nan, dtype=np.float32)
+    value = client.get("linear.weight", out=out)
+    assert value is out
+    np.testing.assert_array_equal(out, trainer.read("linear.weight").value.numpy())
+
+
+def test_streamed_get_into_out_fills_and_returns_that_array(
+    client: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 100_000)  # linear.weight: 256000
+    client.chunk_bytes = 10_000
+    out = np.full((20, 3200), np.nan, dtype=np.float32)
+    value = client.get("linear.weight", out=out)
+    assert value is out
+    np.testing.assert_array_equal(out, trainer.read("linear.weight").value.numpy())
+
+
+@pytest.mark.parametrize(
+    "out",
+    [np.empty((3200, 20), np.float32), np.empty((20, 3200), np.float64),
+     np.empty((20, 6400), np.float32)[:, ::2]],
+    ids=["shape", "dtype", "not contiguous"],
+)  # fmt: skip
+def test_an_out_that_does_not_fit_is_refused(client: gradwire.Client, out: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="out= must be a C-contiguous float32 array"):
+        client.get("linear.weight", out=out)

@@ -7,6 +7,7 @@ fast path of wire.py: sent from their own memory, received as views of the reply
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -172,6 +173,18 @@ def _nbytes(value: Any) -> int:
     if nbytes is None and hasattr(value, "element_size"):  # torch tensors
         nbytes = value.numel() * value.element_size()
     return int(nbytes or 0)
+
+
+def _check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    if (
+        out.shape != tuple(shape)
+        or out.dtype != dtype.newbyteorder("=")
+        or not out.flags.c_contiguous
+    ):
+        raise ValueError(
+            f"out= must be a C-contiguous {dtype} array of shape {tuple(shape)}; "
+            f"got {out.dtype} {out.shape}"
+        )
 
 
 def _serialize(request: Message | bytes) -> bytes:
@@ -372,17 +385,30 @@ class Client:
         *,
         as_torch: bool = False,
         values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
-        """GetTensor: `read("conv1.weight.grad[0][0][0]")`, or a name and one index key."""
+        """GetTensor: `read("conv1.weight.grad[0][0][0]")`, or a name and one index key.
+
+        `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
+        one; worth it when watching a large tensor (fresh memory costs page faults).
+        """
         parsed = parse_selector(selector)
         chain: list[codec.IndexKey] = list(parsed.index)
         if index is not None:
             chain.append(index)
-        return self._read(parsed.name, chain, as_torch=as_torch, values=values)
+        return self._read(parsed.name, chain, as_torch=as_torch, values=values, out=out)
 
     def _read(
-        self, name: str, chain: IndexChain, *, as_torch: bool = False, values: bool = True
+        self,
+        name: str,
+        chain: IndexChain,
+        *,
+        as_torch: bool = False,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
+        if out is not None and as_torch:
+            raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
         request = pb.GetTensorRequest(name=name, omit_values=not values)
         request.index.extend(codec.indices_to_proto(chain))
         try:
@@ -390,17 +416,34 @@ class Client:
         except ResourceExhausted as err:
             if err.reason != "USE_STREAM":
                 raise
-            return self._read_stream(request, as_torch=as_torch)
+            return self._read_stream(request, as_torch=as_torch, out=out)
         split = wire.split(data, pb.GetTensorResponse)
-        return _read_result(
+        read = _read_result(
             split, _RESPONSE_TENSOR, split.message, as_torch=as_torch, values=values
         )
+        if out is None or read.value is None:
+            return read
+        _check_out(out, read.value.shape, read.value.dtype)
+        np.copyto(out, read.value)
+        return dataclasses.replace(read, value=out)
 
-    def _read_stream(self, request: pb.GetTensorRequest, *, as_torch: bool) -> TensorRead:
-        """GetTensorStream: chunks copied into one array as they come."""
+    def _read_stream(
+        self,
+        request: pb.GetTensorRequest,
+        *,
+        as_torch: bool,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> TensorRead:
+        """GetTensorStream: chunks copied into one array (or `out`) as they come."""
         request.chunk_bytes = self.chunk_bytes
         first: pb.GetTensorChunk | None = None
-        assembler = codec.Assembler(request.name)
+
+        def into_out(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+            assert out is not None
+            _check_out(out, shape, dtype)
+            return out
+
+        assembler = codec.Assembler(request.name, allocate=None if out is None else into_out)
         for data in self._stream("GetTensorStream", request):
             split = wire.split(data, pb.GetTensorChunk)
             message = split.message
@@ -424,10 +467,16 @@ class Client:
         )
 
     def get(
-        self, selector: str, index: codec.IndexKey | None = None, *, as_torch: bool = False
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: bool = False,
+        out: np.ndarray[Any, Any] | None = None,
     ) -> np.ndarray[Any, Any] | torch.Tensor | None:
         """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient."""
-        return self.read(selector, index, as_torch=as_torch).value  # type: ignore[no-any-return]
+        read = self.read(selector, index, as_torch=as_torch, out=out)
+        return read.value  # type: ignore[no-any-return]
 
     def shape(self, selector: str) -> tuple[int, ...] | None:
         """The shape of a tensor or slice without fetching its values; None when absent."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
@@ -265,9 +265,16 @@ class ChunkLimitError(CodecError):
 class Assembler:
     """Puts a tensor back together from TensorChunks, checking that they fit and are in order."""
 
-    def __init__(self, what: str, max_elements: int | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        max_elements: int | None = None,
+        allocate: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] | None = None,
+    ) -> None:
         self.what = what
         self.max_elements = max_elements
+        #: makes the (uninitialised) array to assemble into; np.empty by default
+        self.allocate = allocate or (lambda shape, dtype: np.empty(shape, dtype=dtype))
         self.dtype: int | None = None
         self._flat: np.ndarray[Any, Any] | None = None
         self._array: np.ndarray[Any, Any] | None = None
@@ -291,7 +298,7 @@ class Assembler:
                     f"{self.what}: {count} elements is over the limit of {self.max_elements}"
                 )
             self.dtype = dtype
-            self._array = np.empty(shape, dtype=_WIRE[dtype].numpy)
+            self._array = self.allocate(shape, _WIRE[dtype].numpy)
             self._flat = self._array.reshape(-1)
         elif chunk.shape:
             raise CodecError(f"{self.what}: only the first chunk may carry a shape")

@@ -155,6 +155,9 @@ class TrainerServicer:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
+        self.snapshots = convert.Snapshots(spare)
+        self.spare = spare
 
     def _fetch(self, selection: Selection) -> list[wire.Piece]:
         return convert.get_response_pieces(selection)  # sizes checked before the step
@@ -219,8 +222,11 @@ class TrainerServicer:
                 f"chunk_bytes must be between 1 and {limits.MAX_VALUE_BYTES}, got {chunk_bytes}",
                 reason="BAD_CHUNK_SIZE",
             )
-        selection = self.trainer.read_with(request.name, chain, convert.snapshot)
-        return convert.stream_chunks(selection, chunk_bytes)
+        selection = self.trainer.read_with(request.name, chain, self.snapshots.take)
+        try:
+            yield from convert.stream_chunks(selection, chunk_bytes)
+        finally:  # also when the client goes away mid-stream
+            self.snapshots.give_back(selection)
 
     @rpc
     def SetTensor(
@@ -239,7 +245,7 @@ class TrainerServicer:
     def SetTensorStream(
         self, requests: Iterator[wire.Split[pb.SetTensorChunk]], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
-        chunks = convert.Chunks("value", self.trainer.max_elements)
+        chunks = convert.Chunks("value", self.trainer.max_elements, self.spare)
         first: pb.SetTensorChunk | None = None
         for request in _items(requests):
             first = first or request.message
@@ -248,7 +254,11 @@ class TrainerServicer:
         if first is None:
             raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
         chain = convert.chain_from_proto(first.index)
-        return pb.SetTensorResponse(version=self.trainer.write(first.name, chain, chunks.tensor()))
+        try:  # write() copies the value into the parameter: its memory can be reused after
+            version = self.trainer.write(first.name, chain, chunks.tensor())
+        finally:
+            chunks.release()
+        return pb.SetTensorResponse(version=version)
 
     @rpc
     def ForwardStream(
