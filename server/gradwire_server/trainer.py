@@ -37,6 +37,18 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+def under_lock(method: Callable[P, T]) -> Callable[P, T]:
+    """Runs a Trainer method on the calling thread under the lock: for methods that do no
+    tensor math, which would otherwise pay the hand-off to the torch thread for nothing."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
     """Runs a Trainer method on its torch thread, under its lock (see Trainer.__init__)."""
 
@@ -576,9 +588,15 @@ class Trainer:
         self._parameters_changed = True
         return self._bump(), with_grad
 
-    @on_torch_thread
     def zero_grad(self, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
+        if set_to_none:  # no tensor math: the lock is enough, no hand-off to the torch thread
+            with self._lock:
+                return self._zero_grad(True)
+        result: int = self._run(self._zero_grad, False)
+        return result
+
+    def _zero_grad(self, set_to_none: bool) -> int:
         self._optimizer.zero_grad(set_to_none=set_to_none)
         return self._bump()
 
@@ -680,7 +698,7 @@ class Trainer:
         self._parameters_changed = True
         return self._bump(), chosen
 
-    @on_torch_thread
+    @under_lock
     def list_tensors(self) -> Listing:
         """Every name GetTensor reads, with kind, dtype, shape and whether it exists now."""
         infos: list[TensorInfo] = []
@@ -725,7 +743,7 @@ class Trainer:
         self._clear_forward()
         return self._bump()
 
-    @on_torch_thread
+    @under_lock
     def set_optimizer(self, settings: OptimizerSettings) -> tuple[int, OptimizerSettings]:
         """Replaces the optimizer; its state (momentum, Adam's moments) starts afresh."""
         resolved = settings.resolved()
