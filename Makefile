@@ -30,7 +30,7 @@ test-slow: setup
 
 # Every performance target beside its floor, in one table (a benchmark, never a test).
 bench: setup
-	$(BIN)/python -m bench.bench --markdown docs/bench-latest.md
+	$(BIN)/python -m bench.bench $(BENCH_ARGS) --markdown docs/bench-latest.md
 
 lint: setup
 	$(BIN)/ruff check client server tests scripts bench
