@@ -254,9 +254,9 @@ def big_transfers(served: Served, repeats: int) -> list[Row]:
     return rows
 
 
-def steps(served: Served, repeats: int) -> list[Row]:
+def steps(served: Served, repeats: int, device: str) -> list[Row]:
     rows = []
-    local = Trainer(device="cpu", seed=0)
+    local = Trainer(device=device, seed=0)  # the in-process floor, on the server's device
 
     def identity(selection: object) -> object:
         return selection
@@ -339,7 +339,7 @@ def main() -> int:
             if "small" in parts:
                 rows += small_calls(served, args.repeats * 10)
             if "steps" in parts:
-                rows += steps(served, args.repeats)
+                rows += steps(served, args.repeats, args.device)
     if parts & {"typed", "big"}:
         with serve("blobs", args.device) as served:
             if "typed" in parts:
