@@ -17,6 +17,7 @@ from gradwire.client import (
     StepResult,
     TensorInfo,
     TensorRead,
+    TrainStepResult,
     connect,
 )
 from gradwire.errors import GradwireError, RemoteError
@@ -38,6 +39,7 @@ __all__ = [
     "StepResult",
     "TensorInfo",
     "TensorRead",
+    "TrainStepResult",
     "__version__",
     "connect",
 ]
