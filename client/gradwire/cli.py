@@ -18,6 +18,7 @@ import numpy as np
 
 from gradwire import codec
 from gradwire.client import DEFAULT_TARGET, Client
+from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
 from gradwire.errors import RemoteError
 from gradwire.fill import Fill
@@ -317,6 +318,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
 def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     try:
         from gradwire_server.app import serve
+        from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput
     except ImportError as err:
         raise UsageError(
@@ -327,6 +329,17 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        token = load_token(args.token_file)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("TLS needs both --tls-cert and --tls-key")
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
         serve(
             host=args.host,
             port=args.port,
@@ -335,6 +348,8 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             max_workers=args.workers,
             port_file=args.port_file,
             grace=args.grace,
+            token=token,
+            tls=tls,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -354,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)"
     )
     common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+    common.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the server's bearer token (default: ${TOKEN_ENV} if set)",
+    )
+    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    common.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server")
+    common.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    common.add_argument("--tls-key", type=Path, help="client private key (PEM), for mutual TLS")
 
     parser = argparse.ArgumentParser(
         prog="gradwire",
@@ -394,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="with --tls-cert and --tls-key: require client certificates signed by this CA",
+    )
 
     p = add("forward", cmd_forward, "run the model and the loss on an input (Forward)")
     p.add_argument(
@@ -471,6 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """A Client for the common options: target, timeout, token and TLS."""
+    try:
+        return Client(
+            args.target,
+            timeout=args.timeout,
+            token=load_token(args.token_file),
+            tls=args.tls,
+            ca=read_optional(args.tls_ca),
+            cert=read_optional(args.tls_cert),
+            key=read_optional(args.tls_key),
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -488,7 +533,7 @@ def main(
         if not args.remote or (args.command == "replay" and args.embedded):
             args.func(args, None, out)
         else:
-            with Client(args.target, timeout=args.timeout) as client:
+            with _client(args) as client:
                 args.func(args, client, out)
     except (UsageError, SelectorError, codec.CodecError) as e:
         err.write(f"gradwire {args.command}: error: {e}\n")

@@ -221,10 +221,21 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        ca: bytes | None = None,
+        cert: bytes | None = None,
+        key: bytes | None = None,
     ) -> None:
+        """`token`: sent as a bearer token on every call. `tls`: connect with TLS, trusting
+        `ca` (PEM; the system's roots when None); `cert` and `key` (PEM) for mutual TLS."""
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if channel is None and (tls or ca or cert):
+            credentials = grpc.ssl_channel_credentials(ca, key, cert)
+            channel = grpc.secure_channel(target, credentials, options=channel_options())
         self._channel = channel or grpc.insecure_channel(target, options=channel_options())
         self._methods = self._bind(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -259,14 +270,16 @@ class Client:
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return self._methods[method](request, timeout=timeout or self.timeout)
+            return self._methods[method](
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def _stream(self, method: str, request: Any) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code."""
         try:
-            yield from self._methods[method](request, timeout=self.timeout)
+            yield from self._methods[method](request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -294,7 +307,9 @@ class Client:
         """The standard health check's answer: "SERVING", "NOT_SERVING", ..."""
         try:
             response = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -576,6 +591,18 @@ class Client:
         return RemoteModel(self)
 
 
-def connect(target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> Client:
-    """A client for the server at host:port; use it with `with` to close the channel."""
-    return Client(target, timeout=timeout)
+def connect(
+    target: str = DEFAULT_TARGET,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+    token: str | None = None,
+    tls: bool = False,
+    ca: bytes | None = None,
+    cert: bytes | None = None,
+    key: bytes | None = None,
+) -> Client:
+    """A client for the server at host:port; use it with `with` to close the channel.
+
+    `token` for a server that requires one; `tls`, `ca`, `cert`, `key` as in Client.
+    """
+    return Client(target, timeout=timeout, token=token, tls=tls, ca=ca, cert=cert, key=key)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
+from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer, resolve_device
 
@@ -49,13 +50,19 @@ def start(
     port: int = 0,
     max_workers: int = 8,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    *,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
-    `extra_handlers` serve other services beside it (the benchmark's bare-gRPC floor).
+    `token`: every call but health checks must carry it as a bearer token. `tls`: serve
+    TLS (mutual TLS when it names a client CA). `extra_handlers` serve other services beside
+    it (the benchmark's bare-gRPC floor).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gradwire"),
+        interceptors=[TokenInterceptor(token)] if token else [],
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
@@ -68,7 +75,10 @@ def start(
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.credentials())
     except RuntimeError:  # grpc says only "failed to bind"; say what to do about it
         bound = 0
     if bound == 0:
@@ -98,12 +108,25 @@ def serve(
     max_workers: int = 8,
     port_file: Path | None = None,
     grace: float = DEFAULT_GRACE_S,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
     ready: Callable[[Running], None] | None = None,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully."""
     resolved = resolve_device(device)
     trainer = Trainer(device=resolved, seed=seed)
-    running = start(trainer, host, port, max_workers)
+    running = start(trainer, host, port, max_workers, token=token, tls=tls)
+    if tls is not None:
+        who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
+        log.info("TLS on (%s)", who)
+    if token:
+        log.info("a bearer token is required for every call but health checks")
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without a token: anyone who reaches this port can drive and read "
+            "the model; set --token-file or GRADWIRE_TOKEN",
+            host,
+        )
     if port_file is not None:
         port_file.write_text(f"{running.port}\n")
     log.info("model %s on %s", trainer.spec.name, describe_device(resolved))

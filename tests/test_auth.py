@@ -1,0 +1,215 @@
+"""Who gets in: bearer tokens (health exempt), TLS and mutual TLS, through real channels."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import gradwire
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.cli import main
+from gradwire_server.app import Running, start
+from gradwire_server.auth import TlsFiles
+from gradwire_server.trainer import Trainer
+
+TOKEN = "correct horse battery staple"
+
+
+@pytest.fixture
+def guarded(trainer: Trainer) -> Iterator[Running]:
+    running = start(trainer, "127.0.0.1", 0, token=TOKEN)
+    yield running
+    running.stop(grace=None)
+
+
+def _address(running: Running) -> str:
+    return f"127.0.0.1:{running.port}"
+
+
+def test_calls_without_the_token_are_unauthenticated(guarded: Running) -> None:
+    with gradwire.connect(_address(guarded)) as client:
+        with pytest.raises(errors.Unauthenticated, match="this server needs a token"):
+            client.list_tensors()
+        with pytest.raises(errors.Unauthenticated):
+            client.get("conv1.weight")
+        with pytest.raises(errors.Unauthenticated):  # streamed calls too
+            client._read_stream(pb.GetTensorRequest(name="conv1.weight"), as_torch=False)
+        client.stream_above_bytes = 0
+        with pytest.raises(errors.Unauthenticated):
+            client.set("conv1.weight", np.zeros((16, 3, 3, 3), np.float32))
+        assert client.health() == "SERVING"  # health checks need no token
+    assert guarded.trainer.version == 0
+
+
+def test_a_wrong_token_is_refused(guarded: Running) -> None:
+    with (
+        gradwire.connect(_address(guarded), token="guess") as client,
+        pytest.raises(errors.Unauthenticated, match="not this server's"),
+    ):
+        client.step()
+
+
+def test_the_right_token_opens_every_call(guarded: Running) -> None:
+    with gradwire.connect(_address(guarded), token=TOKEN) as client:
+        assert client.list_tensors().model == "Simple"
+        client.fill_parameters(0.1)
+        client.stream_above_bytes = 0
+        client.chunk_bytes = 1000
+        client.set("conv1.weight", np.full((16, 3, 3, 3), 0.5, np.float32))
+        assert client.get("conv1.weight[0][0][0]").tolist() == [0.5, 0.5, 0.5]
+
+
+def test_reflection_needs_the_token_too(guarded: Running) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(_address(guarded)) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_cli_takes_the_token_from_a_file_or_the_environment(
+    guarded: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = ["--target", _address(guarded)]
+    err = io.StringIO()
+    assert main(["list", *target], io.StringIO(), err) == 1
+    assert err.getvalue().startswith("error: UNAUTHENTICATED:")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    assert main(["list", *target, "--token-file", str(token_file)], io.StringIO()) == 0
+    monkeypatch.setenv("GRADWIRE_TOKEN", TOKEN)
+    assert main(["list", *target], io.StringIO()) == 0
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    err = io.StringIO()
+    assert main(["list", *target, "--token-file", str(empty)], io.StringIO(), err) == 2
+    assert "is empty" in err.getvalue()
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server: bool = False,
+) -> x509.Certificate:  # fmt: skip
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if server:
+        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    folder = tmp_path_factory.mktemp("pki")
+    ca_key = _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
+    server_key, client_key = _key(), _key()
+    server = _cert("gradwire server", server_key, ca, ca_key, server=True)
+    client = _cert("gradwire client", client_key, ca, ca_key)
+
+    def write(name: str, data: bytes) -> Path:
+        path = folder / name
+        path.write_bytes(data)
+        return path
+
+    def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    pem = serialization.Encoding.PEM
+    return Pki(
+        ca=write("ca.pem", ca.public_bytes(pem)),
+        server_cert=write("server.pem", server.public_bytes(pem)),
+        server_key=write("server.key", pem_key(server_key)),
+        client_cert=write("client.pem", client.public_bytes(pem)),
+        client_key=write("client.key", pem_key(client_key)),
+    )
+
+
+def test_tls(trainer: Trainer, pki: Pki) -> None:
+    running = start(trainer, "127.0.0.1", 0, tls=TlsFiles(pki.server_cert, pki.server_key))
+    try:
+        with gradwire.connect(_address(running), ca=pki.ca.read_bytes()) as client:
+            assert client.list_tensors().model == "Simple"
+        with (  # no TLS: no answer
+            gradwire.connect(_address(running), timeout=3) as plain,
+            pytest.raises(errors.Unavailable),
+        ):
+            plain.list_tensors()
+        args = ["list", "--target", _address(running), "--tls-ca", str(pki.ca)]
+        assert main(args, io.StringIO()) == 0
+    finally:
+        running.stop(grace=None)
+
+
+def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> None:
+    files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    running = start(trainer, "127.0.0.1", 0, tls=files)
+    try:
+        ca = pki.ca.read_bytes()
+        with (
+            gradwire.connect(_address(running), ca=ca, timeout=3) as stranger,
+            pytest.raises(errors.Unavailable),
+        ):
+            stranger.list_tensors()
+        with gradwire.connect(
+            _address(running), ca=ca, cert=pki.client_cert.read_bytes(),
+            key=pki.client_key.read_bytes(),
+        ) as member:  # fmt: skip
+            assert member.list_tensors().model == "Simple"
+    finally:
+        running.stop(grace=None)
+
+
+def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
+    err = io.StringIO()
+    assert main(["serve", "--tls-cert", str(pki.server_cert)], io.StringIO(), err) == 2
+    assert "needs both --tls-cert and --tls-key" in err.getvalue()
+    err = io.StringIO()
+    assert main(["serve", "--tls-client-ca", str(pki.ca)], io.StringIO(), err) == 2
