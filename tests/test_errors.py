@@ -312,3 +312,27 @@ def test_garbage_bytes_are_not_unknown(client: gradwire.Client, address: str) ->
             _raw(address, method)(b"\xff\xff\xff\xff garbage", timeout=10)
         assert info.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK)
     _still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("name", "complaint"),
+    [("", "a tensor name is required"), ("x" * 257, "over the limit of 256"),
+     ("conv1\x00weight", "control characters"), ("conv1.weight\n", "control characters")],
+)  # fmt: skip
+def test_names_no_tensor_can_have_are_invalid_argument(
+    client: gradwire.Client, name: str, complaint: str
+) -> None:
+    for call in (lambda: client._read(name, ()), lambda: client.fill_parameters(0.1, [name])):
+        with pytest.raises(errors.InvalidArgument, match=complaint) as info:
+            call()
+        assert info.value.reason == "BAD_NAME"
+
+
+def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> None:
+    x = np.ones((8, 3, 10, 10), np.float32)
+    x[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    result = client.forward(x, TARGET)
+    assert result.nonfinite_inputs == 3
+    assert client.forward(INPUT, TARGET).nonfinite_inputs == 0
+    step = client.train_step(x, TARGET)
+    assert step.nonfinite_inputs == 3

@@ -62,6 +62,7 @@ class ForwardResult:
     version: int  # state version after the Forward
     output_shape: tuple[int, ...]  # e.g. (8, 20)
     loss: float | None  # None when no target was given
+    nonfinite_inputs: int = 0  # NaN or infinite input values (allowed; worth a look)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class TrainStepResult:
     output_shape: tuple[int, ...]
     parameters_updated: int
     fetched: tuple[TensorRead, ...]  # one per selector in `fetch`, read after the step
+    nonfinite_inputs: int = 0  # NaN or infinite input values (allowed; worth a look)
 
 
 @dataclass(frozen=True)
@@ -330,7 +332,9 @@ class Client:
                 pieces += _source_pieces("ForwardRequest", "target", target)
             response = self._call("Forward", wire.join(pieces))
         loss = response.loss if response.HasField("loss") else None
-        return ForwardResult(response.version, tuple(response.output_shape), loss)
+        return ForwardResult(
+            response.version, tuple(response.output_shape), loss, response.nonfinite_inputs
+        )
 
     def _forward_chunks(self, input: Any, target: Any) -> Iterator[bytes]:
         number = _FIELD[("ForwardChunk", "input")]
@@ -374,6 +378,7 @@ class Client:
             tuple(response.output_shape),
             response.parameters_updated,
             fetched,
+            response.nonfinite_inputs,
         )
 
     def backward(self, *, retain_graph: bool = False) -> int:

@@ -199,7 +199,11 @@ def optimizer_to_proto(settings: OptimizerSettings) -> pb.OptimizerConfig:
 
 
 def forward_response(result: ForwardResult) -> pb.ForwardResponse:
-    response = pb.ForwardResponse(version=result.version, output_shape=result.output_shape)
+    response = pb.ForwardResponse(
+        version=result.version,
+        output_shape=result.output_shape,
+        nonfinite_inputs=result.nonfinite_inputs,
+    )
     if result.loss is not None:
         response.loss = result.loss
     return response
@@ -324,6 +328,7 @@ def train_step_bytes(result: TrainResult[list[wire.Piece]]) -> bytes:
         loss=result.loss,
         output_shape=result.output_shape,
         parameters_updated=result.parameters_updated,
+        nonfinite_inputs=result.nonfinite_inputs,
     )
     pieces: list[wire.Piece] = [header.SerializeToString()]
     for fetched in result.fetched:

@@ -121,6 +121,7 @@ class ForwardResult:
     version: int
     output_shape: tuple[int, ...]
     loss: float | None
+    nonfinite_inputs: int = 0  # NaN or infinite input values: allowed, and reported
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class TrainResult(Generic[T]):
     output_shape: tuple[int, ...]
     parameters_updated: int
     fetched: list[T]
+    nonfinite_inputs: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,26 @@ class Listing:
     device: str
     optimizer: OptimizerSettings
     tensors: list[TensorInfo] = field(default_factory=list)
+
+
+#: Longer names are refused before any lookup: PyTorch's own are far shorter.
+MAX_NAME_CHARS = 256
+
+
+def check_name(name: str) -> None:
+    """Refuses names no tensor can have: empty, over-long, or with control characters."""
+    if not name:
+        raise InvalidInput("a tensor name is required, e.g. 'conv1.weight'", reason="BAD_NAME")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidInput(
+            f"a tensor name of {len(name)} characters is over the limit of {MAX_NAME_CHARS}",
+            reason="BAD_NAME",
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidInput(
+            f"tensor name {name!r} holds control characters (NUL, newline, ...)",
+            reason="BAD_NAME",
+        )
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -315,6 +337,7 @@ class Trainer:
 
     def _lookup(self, name: str) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
         """(kind, tensor or None when absent, the parameter it belongs to if any)."""
+        check_name(name)
         params = self.parameters
         if name in params:
             return "parameter", params[name], params[name]
@@ -473,7 +496,10 @@ class Trainer:
         self._parameters_changed = False
         # loss.item() is where the device is synchronised: the value leaves it here.
         value = None if loss is None else float(loss.item())
-        return ForwardResult(self._bump(), tuple(output.shape), value)
+        nonfinite = 0
+        if x.is_floating_point():
+            nonfinite = int(x.numel() - torch.isfinite(x).sum().item())
+        return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
 
     @on_torch_thread
     def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
@@ -507,7 +533,9 @@ class Trainer:
         version, updated = self._step()
         fetched = [self.read_with(name, chain, use) for name, chain in fetch]
         assert result.loss is not None
-        return TrainResult(version, result.loss, result.output_shape, updated, fetched)
+        return TrainResult(
+            version, result.loss, result.output_shape, updated, fetched, result.nonfinite_inputs
+        )
 
     def _check_fetch(
         self,

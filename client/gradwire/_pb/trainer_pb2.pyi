@@ -590,10 +590,13 @@ class ForwardResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
+    NONFINITE_INPUTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version after this Forward"""
     loss: _builtins.float
     """the loss value; unset when no target was given"""
+    nonfinite_inputs: _builtins.int
+    """input values that are NaN or infinite: allowed, counted so a caller notices"""
     @_builtins.property
     def output_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """shape of the output, e.g. [8, 20]"""
@@ -604,10 +607,11 @@ class ForwardResponse(_message.Message):
         version: _builtins.int = ...,
         output_shape: _abc.Iterable[_builtins.int] | None = ...,
         loss: _builtins.float | None = ...,
+        nonfinite_inputs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss", "output_shape", b"output_shape", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss", "nonfinite_inputs", b"nonfinite_inputs", "output_shape", b"output_shape", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
@@ -1170,12 +1174,15 @@ class TrainStepResponse(_message.Message):
     OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
     PARAMETERS_UPDATED_FIELD_NUMBER: _builtins.int
     FETCHED_FIELD_NUMBER: _builtins.int
+    NONFINITE_INPUTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version after the step"""
     loss: _builtins.float
     """the loss the step minimised"""
     parameters_updated: _builtins.int
     """parameters that had a gradient and were updated"""
+    nonfinite_inputs: _builtins.int
+    """input values that are NaN or infinite, as in ForwardResponse"""
     @_builtins.property
     def output_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """shape of the output"""
@@ -1192,10 +1199,11 @@ class TrainStepResponse(_message.Message):
         output_shape: _abc.Iterable[_builtins.int] | None = ...,
         parameters_updated: _builtins.int = ...,
         fetched: _abc.Iterable[Global___GetTensorResponse] | None = ...,
+        nonfinite_inputs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched", b"fetched", "loss", b"loss", "output_shape", b"output_shape", "parameters_updated", b"parameters_updated", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fetched", b"fetched", "loss", b"loss", "nonfinite_inputs", b"nonfinite_inputs", "output_shape", b"output_shape", "parameters_updated", b"parameters_updated", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
