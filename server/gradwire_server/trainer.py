@@ -718,6 +718,7 @@ class Trainer:
         params = self.parameters
         chosen = list(names) or list(params)
         for name in chosen:
+            check_name(name)
             if name not in params:
                 raise self._unknown(name)
         with torch.no_grad():
