@@ -345,7 +345,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             port=args.port,
             device=args.device,
             seed=args.seed,
-            max_workers=args.workers,
+            max_concurrent=args.max_concurrent,
             port_file=args.port_file,
             grace=args.grace,
             token=token,
@@ -409,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for the model's initialisation")
     p.add_argument(
-        "--workers", type=int, default=8, help="threads serving calls (default %(default)s)"
+        "--max-concurrent",
+        type=int,
+        default=16,
+        help="calls served at once; more are refused at once (RESOURCE_EXHAUSTED) "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--port-file", type=Path, default=None, help="write the bound port here once listening"

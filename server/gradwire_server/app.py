@@ -26,6 +26,9 @@ log = logging.getLogger("gradwire_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 DEFAULT_GRACE_S = 5.0
+DEFAULT_MAX_CONCURRENT = 16
+#: Threads beyond the call limit, so that health checks are answered when the limit is hit.
+SPARE_THREADS = 4
 
 
 @dataclass
@@ -48,7 +51,7 @@ def start(
     trainer: Trainer,
     host: str = "127.0.0.1",
     port: int = 0,
-    max_workers: int = 8,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
     *,
     token: str | None = None,
@@ -56,17 +59,22 @@ def start(
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
+    `max_concurrent`: calls served at once; more are answered RESOURCE_EXHAUSTED (BUSY) at
+    once, while a few threads stay free for health checks and reflection.
     `token`: every call but health checks must carry it as a bearer token. `tls`: serve
     TLS (mutual TLS when it names a client CA). `extra_handlers` serve other services beside
     it (the benchmark's bare-gRPC floor).
     """
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="gradwire"),
+        futures.ThreadPoolExecutor(
+            max_workers=max_concurrent + SPARE_THREADS, thread_name_prefix="gradwire"
+        ),
         interceptors=[TokenInterceptor(token)] if token else [],
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
-    server.add_registered_method_handlers(SERVICE_NAME, method_handlers(TrainerServicer(trainer)))
+    servicer = TrainerServicer(trainer, max_concurrent)
+    server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -105,7 +113,7 @@ def serve(
     port: int = 50051,
     device: str = "auto",
     seed: int | None = None,
-    max_workers: int = 8,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     port_file: Path | None = None,
     grace: float = DEFAULT_GRACE_S,
     token: str | None = None,
@@ -115,7 +123,7 @@ def serve(
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully."""
     resolved = resolve_device(device)
     trainer = Trainer(device=resolved, seed=seed)
-    running = start(trainer, host, port, max_workers, token=token, tls=tls)
+    running = start(trainer, host, port, max_concurrent, token=token, tls=tls)
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
         log.info("TLS on (%s)", who)

@@ -8,8 +8,10 @@ them leave as bytes with the values spliced in, so no tensor is walked value by 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -115,15 +117,30 @@ def _answer_error(context: grpc.ServicerContext, name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _slot(servicer: TrainerServicer) -> Iterator[None]:
+    """One of the servicer's call slots for the call's duration, or OverLimit (BUSY) at once."""
+    if not servicer.slots.acquire(blocking=False):
+        raise OverLimit(
+            f"the server is busy: {servicer.max_concurrent} calls in progress; retry shortly",
+            reason="BUSY",
+        )
+    try:
+        yield
+    finally:
+        servicer.slots.release()
+
+
 def rpc(method: Handler[R]) -> Handler[R]:
     """Maps DomainError to its status, anything else to INTERNAL with the traceback logged."""
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
-            if not isinstance(request, Iterator):
-                _well_formed(request)
-            return method(self, request, context)
+            with _slot(self):
+                if not isinstance(request, Iterator):
+                    _well_formed(request)
+                return method(self, request, context)
         except Exception:
             _answer_error(context, method.__name__)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
@@ -137,8 +154,9 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
-            _well_formed(request)
-            yield from method(self, request, context)
+            with _slot(self):
+                _well_formed(request)
+                yield from method(self, request, context)
         except Exception:
             _answer_error(context, method.__name__)
 
@@ -153,8 +171,10 @@ def _items(requests: Iterable[Any]) -> Iterator[Any]:
 class TrainerServicer:
     """Adapts gradwire.v1.Trainer to a Trainer; holds no state of its own."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Trainer, max_concurrent: int = 16) -> None:
         self.trainer = trainer
+        self.max_concurrent = max_concurrent
+        self.slots = threading.BoundedSemaphore(max_concurrent)
         spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
         self.snapshots = convert.Snapshots(spare)
         self.spare = spare

@@ -1,0 +1,118 @@
+"""Many clients at once: every acknowledged step applied exactly once, no torn reads, a bound
+on calls in progress answered at once with RESOURCE_EXHAUSTED while health stays answered."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire.fill import Fill
+from gradwire_server.app import start
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+
+WRITERS, READERS, STEPS = 4, 12, 25  # 16 clients
+
+
+def test_sixteen_clients_steps_applied_once_and_reads_whole(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=32)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with gradwire.connect(address) as setup:
+            setup.fill_parameters(0.0)
+            for name in ("conv1.weight", "conv2.weight", "linear.weight"):
+                setup.set(f"{name}.grad", -1.0)  # with lr=1 every Step adds exactly 1
+            base = setup.list_tensors().version
+        problems: list[str] = []
+        acknowledged: list[int] = []
+        done = threading.Event()
+
+        def write() -> None:
+            with gradwire.connect(address) as client:
+                for _ in range(STEPS):
+                    acknowledged.append(client.step().version)
+
+        def read(selector: str) -> None:
+            with gradwire.connect(address) as client:
+                while not done.is_set():
+                    got = client.read(selector)
+                    values = np.unique(got.value)
+                    if len(values) != 1 or values[0] != got.version - base:
+                        problems.append(f"{selector} at v{got.version}: {values[:5]}")
+
+        readers = [
+            threading.Thread(target=read, args=(s,))
+            for s in ["conv1.weight", "linear.weight", "conv2.weight[3]"] * (READERS // 3)
+        ]
+        writers = [threading.Thread(target=write) for _ in range(WRITERS)]
+        for t in readers + writers:
+            t.start()
+        for t in writers:
+            t.join(timeout=120)
+        done.set()
+        for t in readers:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in readers + writers), "a client hung"
+        assert not problems, problems[:5]
+        assert sorted(acknowledged) == list(range(base + 1, base + 1 + WRITERS * STEPS))
+        with gradwire.connect(address) as check:
+            final = check.read("linear.weight")
+        assert final.version == base + WRITERS * STEPS
+        assert np.all(final.value == WRITERS * STEPS)
+    finally:
+        running.stop(grace=None)
+
+
+class Gate(nn.Module):
+    """A real model whose forward waits for the test, to hold a call in progress."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        Gate.entered.set()
+        Gate.release.wait(timeout=60)
+        return x * self.weight
+
+
+@pytest.fixture
+def gated() -> Iterator[str]:
+    Gate.entered.clear()
+    Gate.release.clear()
+    spec = ModelSpec("Gate", Gate, sample_shape=(2,), num_classes=2)
+    running = start(Trainer(spec), "127.0.0.1", 0, max_concurrent=1)
+    yield f"127.0.0.1:{running.port}"
+    Gate.release.set()
+    running.stop(grace=None)
+
+
+def test_calls_over_the_bound_are_refused_at_once_and_health_answers(gated: str) -> None:
+    result: list[object] = []
+
+    def slow() -> None:
+        with gradwire.connect(gated) as client:
+            result.append(client.forward(Fill.ones(1, 2)))
+
+    holder = threading.Thread(target=slow)
+    holder.start()
+    assert Gate.entered.wait(timeout=60)
+    with gradwire.connect(gated, timeout=10) as client:
+        with pytest.raises(errors.ResourceExhausted) as info:
+            client.list_tensors()
+        assert info.value.reason == "BUSY"
+        assert "1 calls in progress" in info.value.message
+        assert client.health() == "SERVING"
+        Gate.release.set()
+        holder.join(timeout=60)
+        assert result and client.list_tensors().version == 1  # the held call completed
