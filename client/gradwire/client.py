@@ -7,7 +7,11 @@ fast path of wire.py: sent from their own memory, received as views of the reply
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -189,6 +193,19 @@ def _check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtyp
         )
 
 
+#: Metadata of mutations: a request id (a retry is applied once) and an expected version.
+REQUEST_ID = "gradwire-request-id"
+EXPECTED_VERSION = "gradwire-expected-version"
+_MUTATIONS = frozenset(
+    {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
+     "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
+)  # fmt: skip
+_READS = frozenset({"GetTensor", "ListTensors"})
+_EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "expected_version", default=None
+)
+
+
 def _serialize(request: Message | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
@@ -235,6 +252,8 @@ class Client:
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE.
+        self.retries = 3
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
             channel = grpc.secure_channel(target, credentials, options=channel_options())
@@ -271,12 +290,38 @@ class Client:
     # --- plumbing -------------------------------------------------------------------
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """One RPC. Mutations carry a fresh request id, so that retrying them is safe: the
+        server applies an id once. Reads and mutations sent whole are retried on UNAVAILABLE
+        (`retries` times, backing off); streamed uploads are not, their chunks being spent."""
+        metadata = list(self._metadata)
+        retryable = method in _READS
+        if method in _MUTATIONS:
+            metadata.append((REQUEST_ID, uuid.uuid4().hex))
+            expected = _EXPECTED_VERSION.get()
+            if expected is not None:
+                metadata.append((EXPECTED_VERSION, str(expected)))
+            retryable = not isinstance(request, Iterator)
+        for attempt in range(self.retries + 1):
+            try:
+                return self._methods[method](
+                    request, timeout=timeout or self.timeout, metadata=metadata
+                )
+            except grpc.RpcError as err:
+                again = retryable and attempt < self.retries
+                if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
+                    raise from_rpc_error(err) from None
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def expecting(self, version: int) -> Iterator[None]:
+        """Mutations in this block apply only if the server is still at `version`; otherwise
+        they change nothing and raise gradwire.errors.Aborted (reason VERSION_MISMATCH)."""
+        token = _EXPECTED_VERSION.set(version)
         try:
-            return self._methods[method](
-                request, timeout=timeout or self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            yield
+        finally:
+            _EXPECTED_VERSION.reset(token)
 
     def _stream(self, method: str, request: Any) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code."""

@@ -39,6 +39,7 @@ class Running:
     port: int
     health: health.HealthServicer
     trainer: Trainer
+    servicer: TrainerServicer
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
@@ -97,7 +98,7 @@ def start(
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, health_servicer, trainer)
+    return Running(server, bound, health_servicer, trainer, servicer)
 
 
 def describe_device(device: torch.device) -> str:

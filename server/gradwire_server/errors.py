@@ -52,3 +52,15 @@ class OverLimit(DomainError):
     """A request over a configured limit, or more memory than the device has."""
 
     reason = "OVER_LIMIT"
+
+
+class VersionMismatch(DomainError):
+    """A conditional mutation whose expected state version is not the server's."""
+
+    reason = "VERSION_MISMATCH"
+
+
+class DeadlinePassed(DomainError):
+    """A call whose deadline passed before it could run; nothing was changed."""
+
+    reason = "DEADLINE_PASSED"

@@ -8,10 +8,12 @@ them leave as bytes with the values spliced in, so no tensor is walked value by 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,14 +28,16 @@ from gradwire import limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert
 from gradwire_server.errors import (
+    DeadlinePassed,
     DomainError,
     IndexOutOfRange,
     InvalidInput,
     OverLimit,
     UnknownTensor,
+    VersionMismatch,
     WrongOrder,
 )
-from gradwire_server.trainer import Selection, Trainer
+from gradwire_server.trainer import Guard, Selection, Trainer, guarded
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     IndexOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     WrongOrder: grpc.StatusCode.FAILED_PRECONDITION,
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    VersionMismatch: grpc.StatusCode.ABORTED,
+    DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 R = TypeVar("R")
@@ -148,6 +154,92 @@ def rpc(method: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+#: Metadata a caller may send with a mutation: the id of this logical request (a retry sends
+#: the same id and gets the first answer, applied once), and the state version it expects.
+REQUEST_ID = "gradwire-request-id"
+EXPECTED_VERSION = "gradwire-expected-version"
+MAX_REQUEST_ID_CHARS = 128
+
+
+class RequestLog:
+    """The answers of recent mutations by request id, so that a retried call is applied once.
+
+    A retry that arrives while the first attempt runs waits for it. A failed attempt changed
+    nothing, so it is forgotten and its retry runs anew. The last `size` answers are kept.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._done: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+        self._running: dict[tuple[str, str], threading.Event] = {}
+
+    def once(self, key: tuple[str, str], run: Callable[[], R]) -> R:
+        while True:
+            with self._lock:
+                if key in self._done:
+                    self._done.move_to_end(key)
+                    answer: R = self._done[key]
+                    return answer
+                running = self._running.get(key)
+                if running is None:
+                    self._running[key] = threading.Event()
+                    break
+            running.wait()  # the first attempt is running: wait, then look again
+        try:
+            answer = run()
+        except BaseException:
+            with self._lock:
+                self._running.pop(key).set()
+            raise
+        with self._lock:
+            self._done[key] = answer
+            while len(self._done) > self.size:
+                self._done.popitem(last=False)
+            self._running.pop(key).set()
+        return answer
+
+
+def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
+    expected = None
+    if EXPECTED_VERSION in metadata:
+        try:
+            expected = int(metadata[EXPECTED_VERSION])
+        except ValueError:
+            raise InvalidInput(
+                f"{EXPECTED_VERSION} must be a whole number, got {metadata[EXPECTED_VERSION]!r}",
+                reason="BAD_METADATA",
+            ) from None
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return Guard(expected, deadline)
+
+
+def mutation(method: Handler[R]) -> Handler[R]:
+    """`rpc` for calls that change state: run only if the caller's expected version holds and
+    its deadline has not passed, and once per request id."""
+
+    @functools.wraps(method)
+    def body(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        guard = _guard(context, metadata)
+
+        def run() -> R:
+            with guarded(guard):
+                return method(self, request, context)
+
+        request_id = metadata.get(REQUEST_ID)
+        if not request_id:
+            return run()
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidInput(
+                f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
+            )
+        return self.requests.once((method.__name__, request_id), run)  # type: ignore[no-any-return]
+
+    return rpc(body)
+
+
 def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     """`rpc` for server-streaming methods: errors while streaming are mapped too."""
 
@@ -175,6 +267,7 @@ class TrainerServicer:
         self.trainer = trainer
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.requests = RequestLog()
         spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
         self.snapshots = convert.Snapshots(spare)
         self.spare = spare
@@ -182,7 +275,7 @@ class TrainerServicer:
     def _fetch(self, selection: Selection) -> list[wire.Piece]:
         return convert.get_response_pieces(selection)  # sizes checked before the step
 
-    @rpc
+    @mutation
     def Forward(
         self, request: wire.Split[pb.ForwardRequest], context: grpc.ServicerContext
     ) -> pb.ForwardResponse:
@@ -196,18 +289,18 @@ class TrainerServicer:
         target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
         return convert.forward_response(self.trainer.forward(inputs, target))
 
-    @rpc
+    @mutation
     def Backward(
         self, request: pb.BackwardRequest, context: grpc.ServicerContext
     ) -> pb.BackwardResponse:
         return pb.BackwardResponse(version=self.trainer.backward(request.retain_graph))
 
-    @rpc
+    @mutation
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.StepResponse:
         version, updated = self.trainer.step()
         return pb.StepResponse(version=version, parameters_updated=updated)
 
-    @rpc
+    @mutation
     def ZeroGrad(
         self, request: pb.ZeroGradRequest, context: grpc.ServicerContext
     ) -> pb.ZeroGradResponse:
@@ -248,7 +341,7 @@ class TrainerServicer:
         finally:  # also when the client goes away mid-stream
             self.snapshots.give_back(selection)
 
-    @rpc
+    @mutation
     def SetTensor(
         self, request: wire.Split[pb.SetTensorRequest], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
@@ -261,7 +354,7 @@ class TrainerServicer:
             )
         return pb.SetTensorResponse(version=self.trainer.write(message.name, chain, value))
 
-    @rpc
+    @mutation
     def SetTensorStream(
         self, requests: Iterator[wire.Split[pb.SetTensorChunk]], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
@@ -280,7 +373,7 @@ class TrainerServicer:
             chunks.release()
         return pb.SetTensorResponse(version=version)
 
-    @rpc
+    @mutation
     def ForwardStream(
         self, requests: Iterator[wire.Split[pb.ForwardChunk]], context: grpc.ServicerContext
     ) -> pb.ForwardResponse:
@@ -296,7 +389,7 @@ class TrainerServicer:
                 target = convert.source_from_split(request, _CHUNK_TARGET, message.target, "target")
         return convert.forward_response(self.trainer.forward(chunks.tensor(), target))
 
-    @rpc
+    @mutation
     def TrainStep(
         self, request: wire.Split[pb.TrainStepRequest], context: grpc.ServicerContext
     ) -> bytes:
@@ -319,7 +412,7 @@ class TrainerServicer:
         )
         return convert.train_step_bytes(result)
 
-    @rpc
+    @mutation
     def FillParameters(
         self, request: pb.FillParametersRequest, context: grpc.ServicerContext
     ) -> pb.FillParametersResponse:
@@ -332,12 +425,12 @@ class TrainerServicer:
     ) -> pb.ListTensorsResponse:
         return convert.listing_to_proto(self.trainer.list_tensors())
 
-    @rpc
+    @mutation
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
         seed = request.seed if request.HasField("seed") else None
         return pb.ResetResponse(version=self.trainer.reset(seed))
 
-    @rpc
+    @mutation
     def SetOptimizer(
         self, request: pb.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> pb.SetOptimizerResponse:

@@ -7,10 +7,12 @@ raises a DomainError and changes nothing.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,7 +23,14 @@ import torch
 from torch import nn
 
 from gradwire.codec import numel
-from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, WrongOrder
+from gradwire_server.errors import (
+    DeadlinePassed,
+    InvalidInput,
+    OverLimit,
+    UnknownTensor,
+    VersionMismatch,
+    WrongOrder,
+)
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
 
@@ -37,13 +46,46 @@ T = TypeVar("T")
 P = ParamSpec("P")
 
 
+@dataclass(frozen=True)
+class Guard:
+    """Conditions a mutation must meet when it runs, checked under the lock just before."""
+
+    expected_version: int | None = None  # the state version the caller last saw
+    deadline: float | None = None  # time.monotonic() after which it must not run
+
+
+_GUARD: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("guard", default=None)
+
+
+@contextmanager
+def guarded(guard: Guard | None) -> Iterator[None]:
+    """The next Trainer call made in this context runs only if `guard`'s conditions hold."""
+    token = _GUARD.set(guard)
+    try:
+        yield
+    finally:
+        _GUARD.reset(token)
+
+
+def _take_guard() -> Guard | None:
+    # Taken once, by the outermost call: calls that one makes (TrainStep's parts) are not
+    # guarded again, since each of them changes the version the guard speaks of.
+    guard = _GUARD.get()
+    if guard is not None:
+        _GUARD.set(None)
+    return guard
+
+
 def under_lock(method: Callable[P, T]) -> Callable[P, T]:
     """Runs a Trainer method on the calling thread under the lock: for methods that do no
     tensor math, which would otherwise pay the hand-off to the torch thread for nothing."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        with args[0]._lock:  # type: ignore[attr-defined]
+        trainer: Any = args[0]
+        guard = _take_guard()
+        with trainer._lock:
+            trainer._check(guard)
             return method(*args, **kwargs)
 
     return wrapper
@@ -54,8 +96,8 @@ def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        trainer = args[0]
-        return trainer._run(method, *args, **kwargs)  # type: ignore[attr-defined, no-any-return]
+        trainer: Any = args[0]
+        return trainer._run(method, *args, _guard=_take_guard(), **kwargs)  # type: ignore[no-any-return]
 
     return wrapper
 
@@ -245,13 +287,35 @@ class Trainer:
         self._clear_forward()
         self._criterion = nn.CrossEntropyLoss()
 
-    def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """fn(*args) on the torch thread (directly when already on it), under the lock."""
+    def _run(
+        self, fn: Callable[..., T], *args: Any, _guard: Guard | None = None, **kwargs: Any
+    ) -> T:
+        """fn(*args) on the torch thread (directly when already on it), under the lock,
+        once `_guard`'s conditions are checked there."""
         if threading.get_ident() == self._thread:
             with self._lock:
+                self._check(_guard)
                 return fn(*args, **kwargs)
-        result: T = self._executor.submit(self._run, fn, *args, **kwargs).result()
+        future = self._executor.submit(
+            functools.partial(self._run, _guard=_guard), fn, *args, **kwargs
+        )
+        result: T = future.result()
         return result
+
+    def _check(self, guard: Guard | None) -> None:
+        """Refuses to run a mutation whose guard fails; nothing has changed yet."""
+        if guard is None:
+            return
+        if guard.deadline is not None and time.monotonic() > guard.deadline:
+            raise DeadlinePassed(
+                "the call's deadline passed before it could run; nothing was changed"
+            )
+        if guard.expected_version is not None and guard.expected_version != self._version:
+            raise VersionMismatch(
+                f"expected state version {guard.expected_version}, but the server is at "
+                f"{self._version}; nothing was changed: read the state again and retry",
+                metadata={"version": str(self._version)},
+            )
 
     def close(self) -> None:
         """Stops the torch thread once the calls in flight are done."""
@@ -618,10 +682,12 @@ class Trainer:
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
+        guard = _take_guard()
         if set_to_none:  # no tensor math: the lock is enough, no hand-off to the torch thread
             with self._lock:
+                self._check(guard)
                 return self._zero_grad(True)
-        result: int = self._run(self._zero_grad, False)
+        result: int = self._run(self._zero_grad, False, _guard=guard)
         return result
 
     def _zero_grad(self, set_to_none: bool) -> int:

@@ -17,6 +17,13 @@ Conventions used by every message below:
   state version after the call. Each applied mutation (Forward, Backward,
   Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
   reads add nothing. A failed call changes nothing, the version included.
+- Mutations (every RPC that changes state) read two optional metadata entries:
+  "gradwire-request-id" (at most 128 characters): a retry with the same id is applied
+  once and answered as the first attempt was; "gradwire-expected-version": the call
+  applies only if the state version is still this number, else ABORTED
+  (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
+  (DEADLINE_EXCEEDED). With a server token set, every call but grpc.health.v1 needs
+  "authorization: Bearer <token>" (UNAUTHENTICATED without it).
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer.

@@ -1,0 +1,147 @@
+"""Retries and deadlines: a mutation sent again with its request id is applied once and
+answered as the first time; an expected version makes it conditional; a call whose deadline
+passed before it ran changes nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+import gradwire
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire_server.app import Running, start
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+from tests.test_concurrency import Gate
+
+INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+
+
+def _step(address: str) -> grpc.UnaryUnaryMultiCallable:
+    return grpc.insecure_channel(address).unary_unary(
+        "/gradwire.v1.Trainer/Step",
+        request_serializer=pb.StepRequest.SerializeToString,
+        response_deserializer=pb.StepResponse.FromString,
+    )
+
+
+def _with_gradients(client: gradwire.Client) -> int:
+    client.forward(INPUT, TARGET)
+    return client.backward()
+
+
+def test_a_step_retried_1000_times_serially_is_applied_once(
+    client: gradwire.Client, address: str, trainer: Trainer
+) -> None:
+    version = _with_gradients(client)
+    step = _step(address)
+    metadata = [("gradwire-request-id", "step-1")]
+    answers = {step(pb.StepRequest(), metadata=metadata, timeout=10).version for _ in range(1000)}
+    assert answers == {version + 1}
+    assert trainer.version == version + 1
+
+
+def test_a_step_retried_concurrently_is_applied_once(
+    client: gradwire.Client, address: str, trainer: Trainer
+) -> None:
+    version = _with_gradients(client)
+    answers: list[int] = []
+
+    def retry() -> None:
+        step = _step(address)
+        for _ in range(63):
+            request = pb.StepRequest()
+            metadata = [("gradwire-request-id", "step-2")]
+            answers.append(step(request, metadata=metadata, timeout=30).version)
+
+    threads = [threading.Thread(target=retry) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(answers) == 16 * 63
+    assert set(answers) == {version + 1}
+    assert trainer.version == version + 1
+
+
+def test_different_ids_are_different_steps(client: gradwire.Client, address: str) -> None:
+    version = _with_gradients(client)
+    step = _step(address)
+    for i in range(3):
+        assert step(pb.StepRequest(), metadata=[("gradwire-request-id", f"s{i}")]).version == (
+            version + 1 + i
+        )
+
+
+def test_a_failed_attempt_is_not_remembered(client: gradwire.Client, address: str) -> None:
+    step = _step(address)
+    metadata = [("gradwire-request-id", "early")]
+    with pytest.raises(grpc.RpcError) as info:
+        step(pb.StepRequest(), metadata=metadata)  # no gradients yet
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    version = _with_gradients(client)
+    assert step(pb.StepRequest(), metadata=metadata).version == version + 1
+
+
+def test_the_client_sends_a_request_id_with_every_mutation(
+    client: gradwire.Client, server: Running
+) -> None:
+    _with_gradients(client)
+    client.step()
+    assert {name for name, _ in server.servicer.requests._done} >= {"Forward", "Backward", "Step"}
+
+
+def test_an_expected_version_makes_a_mutation_conditional(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    version = _with_gradients(client)
+    with client.expecting(version):
+        assert client.step().version == version + 1
+    before = trainer.read("conv1.weight").value
+    with client.expecting(version), pytest.raises(errors.Aborted) as info:
+        client.step()
+    assert info.value.reason == "VERSION_MISMATCH"
+    assert info.value.metadata == {"version": str(version + 1)}
+    assert trainer.version == version + 1
+    assert bool((trainer.read("conv1.weight").value == before).all())  # nothing changed
+    with client.expecting(version + 1):
+        assert client.zero_grad() == version + 2  # the inline path checks too
+
+
+def test_a_bad_expected_version_is_invalid_argument(address: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _step(address)(pb.StepRequest(), metadata=[("gradwire-expected-version", "soon")])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture
+def gated() -> Iterator[Running]:
+    Gate.entered.clear()
+    Gate.release.clear()
+    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    yield running
+    Gate.release.set()
+    running.stop(grace=None)
+
+
+def test_a_call_whose_deadline_passed_while_queued_changes_nothing(gated: Running) -> None:
+    address = f"127.0.0.1:{gated.port}"
+    holder = threading.Thread(
+        target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
+    )
+    holder.start()
+    assert Gate.entered.wait(timeout=60)  # the torch thread is busy with that Forward
+    with gradwire.connect(address, timeout=0.5) as client:
+        client.retries = 0
+        with pytest.raises(errors.DeadlineExceeded):
+            client.fill_parameters(7.0)  # queued behind the Forward past its deadline
+        Gate.release.set()
+        holder.join(timeout=60)
+        client.timeout = 30
+        assert client.list_tensors().version == 1  # only the Forward was applied
+        assert client.get("weight").tolist() == [1.0, 1.0]
