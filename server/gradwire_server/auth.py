@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from gradwire_server.servicer import HANDLER_KINDS
+
 # Health checks answer without a token: orchestrators probe before they hold secrets.
 _OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
 
@@ -51,13 +53,7 @@ def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> Any:
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     return make(
         refuse,
         request_deserializer=handler.request_deserializer,

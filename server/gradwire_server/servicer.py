@@ -458,7 +458,8 @@ def _deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
     return parse
 
 
-_HANDLER_KINDS = {
+#: grpc's handler factory for each (request streaming, response streaming).
+HANDLER_KINDS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
     (False, True): grpc.unary_stream_rpc_method_handler,
     (True, False): grpc.stream_unary_rpc_method_handler,
@@ -471,7 +472,7 @@ def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandle
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
-        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=_deserializer(request_type),
