@@ -350,6 +350,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             grace=args.grace,
             token=token,
             tls=tls,
+            state_dir=args.state_dir,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -422,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="restore the model and optimizer from here at start, save them here at a "
+        "graceful stop (safetensors)",
+    )
     p.add_argument(
         "--tls-client-ca",
         type=Path,

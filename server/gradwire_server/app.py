@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
+from gradwire_server import checkpoint
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer, resolve_device
@@ -41,10 +42,14 @@ class Running:
     trainer: Trainer
     servicer: TrainerServicer
 
-    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
-        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish."""
+    def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
+        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish;
+        then, with `save_to`, the state they left is saved there."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if save_to is not None:
+            version = self.trainer.save(save_to)
+            log.info("saved state version %d to %s", version, save_to)
         self.trainer.close()
 
 
@@ -119,11 +124,19 @@ def serve(
     grace: float = DEFAULT_GRACE_S,
     token: str | None = None,
     tls: TlsFiles | None = None,
+    state_dir: Path | None = None,
     ready: Callable[[Running], None] | None = None,
 ) -> None:
-    """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully."""
+    """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
+
+    With `state_dir`, the state is restored from it at start (when a checkpoint is there)
+    and saved to it at a graceful stop.
+    """
     resolved = resolve_device(device)
     trainer = Trainer(device=resolved, seed=seed)
+    saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
+    if saved is not None and saved.exists():
+        log.info("restored state version %d from %s", trainer.load(saved), saved)
     running = start(trainer, host, port, max_concurrent, token=token, tls=tls)
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
@@ -152,7 +165,7 @@ def serve(
             ready(running)
         stop.wait()
     finally:
-        running.stop(grace)
+        running.stop(grace, save_to=saved)
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.info("stopped at state version %d", trainer.version)

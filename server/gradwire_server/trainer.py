@@ -17,12 +17,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import nn
 
 from gradwire.codec import numel
+from gradwire_server import checkpoint
 from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -845,6 +847,54 @@ class Trainer:
         self._optimizer = self._build_optimizer(self._model, resolved)
         self._settings = resolved
         return self._bump(), resolved
+
+    # --- checkpoints ----------------------------------------------------------------
+
+    @on_torch_thread
+    def save(self, path: Path) -> int:
+        """Writes parameters, gradients, optimizer state and version to `path` (safetensors)."""
+        checkpoint.save(
+            path,
+            version=self._version,
+            model=self.spec.name,
+            optimizer=self._optimizer,
+            settings=self._settings,
+            parameters=self._parameters,
+        )
+        return self._version
+
+    @on_torch_thread
+    def load(self, path: Path) -> int:
+        """Restores what `save` wrote, version included; refuses a checkpoint of another model."""
+        try:
+            loaded = checkpoint.load(path)
+        except (OSError, ValueError) as err:
+            raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
+        params = self._parameters
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        found = {name: tuple(t.shape) for name, t in loaded.parameters.items()}
+        if loaded.model != self.spec.name or found != shapes:
+            raise InvalidInput(
+                f"{path} holds a {loaded.model} with parameters {found}; this server's "
+                f"{self.spec.name} has {shapes}",
+                reason="BAD_CHECKPOINT",
+            )
+        settings = OptimizerSettings(**loaded.settings)
+        optimizer = self._build_optimizer(self._model, settings)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(loaded.parameters[name])
+                grad = loaded.gradients.get(name)
+                p.grad = None if grad is None else grad.to(p.device)
+        for name, state in loaded.optimizer_state.items():
+            optimizer.state[params[name]] = {
+                k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "step" else v
+                for k, v in state.items()
+            }
+        self._optimizer, self._settings = optimizer, settings
+        self._clear_forward()
+        self._version = loaded.version
+        return self._version
 
     @property
     def optimizer_settings(self) -> OptimizerSettings:

@@ -1,0 +1,100 @@
+"""Checkpoints of a Trainer's state in safetensors: tensors and plain-text metadata, no pickle.
+
+One file holds the parameters, the gradients that exist, the optimizer's tensor state
+(momentum buffers, Adam's moments and step counts) and, as metadata, the state version, the
+model's name and the optimizer's settings. It is written to a temporary file and renamed,
+so a crash mid-write leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+FILE_NAME = "state.safetensors"
+FORMAT = "gradwire-checkpoint-1"
+
+
+def save(
+    path: Path,
+    *,
+    version: int,
+    model: str,
+    optimizer: Any,
+    settings: Any,
+    parameters: dict[str, torch.nn.Parameter],
+) -> None:
+    """Writes the state to `path` atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    names = {id(p): name for name, p in parameters.items()}
+    for name, p in parameters.items():
+        tensors[f"param/{name}"] = p.detach().to("cpu").contiguous()
+        if p.grad is not None:
+            tensors[f"grad/{name}"] = p.grad.detach().to("cpu").contiguous()
+    scalars: dict[str, dict[str, Any]] = {}
+    for p, state in optimizer.state.items():
+        name = names[id(p)]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{name}/{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    metadata = {
+        "format": FORMAT,
+        "version": str(version),
+        "model": model,
+        "optimizer": json.dumps(dataclasses.asdict(settings)),
+        "optimizer_scalars": json.dumps(scalars),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+
+
+@dataclasses.dataclass
+class Loaded:
+    version: int
+    model: str
+    settings: dict[str, Any]
+    parameters: dict[str, torch.Tensor]
+    gradients: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, Any]]
+
+
+def load(path: Path) -> Loaded:
+    """Reads a checkpoint written by `save`; ValueError when it is not one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a gradwire checkpoint ({FORMAT})")
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file: {err}") from err
+    parameters, gradients = {}, {}
+    state: dict[str, dict[str, Any]] = json.loads(metadata["optimizer_scalars"])
+    for key, tensor in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "param":
+            parameters[rest] = tensor
+        elif kind == "grad":
+            gradients[rest] = tensor
+        elif kind == "optim":
+            name, _, field = rest.rpartition("/")
+            state.setdefault(name, {})[field] = tensor
+    return Loaded(
+        version=int(metadata["version"]),
+        model=metadata["model"],
+        settings=json.loads(metadata["optimizer"]),
+        parameters=parameters,
+        gradients=gradients,
+        optimizer_state=state,
+    )
