@@ -25,8 +25,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The long campaigns: 10,000 fuzzed messages per RPC, 5,000 model-based call sequences.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	GRADWIRE_FUZZ_EXAMPLES=10000 GRADWIRE_MODEL_SEQUENCES=5000 \
+		$(BIN)/python -m pytest -q tests/test_fuzz.py tests/test_model_based.py
 
 # Every performance target beside its floor, in one table (a benchmark, never a test).
 bench: setup

@@ -336,3 +336,17 @@ def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> No
     assert client.forward(INPUT, TARGET).nonfinite_inputs == 0
     step = client.train_step(x, TARGET)
     assert step.nonfinite_inputs == 3
+
+
+def test_fuzzed_values_past_the_dtype_are_invalid_argument(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """Found by tests/test_fuzz.py: both answered INTERNAL, and the fill changed a parameter
+    before it failed on the next."""
+    before = trainer.read("conv1.weight").value
+    with pytest.raises(errors.InvalidArgument) as info:
+        client.fill_parameters(1e300)
+    assert info.value.reason == "BAD_VALUE"
+    assert torch.equal(trainer.read("conv1.weight").value, before)
+    with pytest.raises(errors.InvalidArgument, match="randint"):
+        client.forward(INPUT, Fill("randint", (8,), low=0, high=2.0**63))

@@ -485,7 +485,8 @@ class Trainer:
                     return torch.randint(
                         low, high, spec.shape, generator=gen, dtype=dtype, device=device
                     )
-        except RuntimeError as err:  # e.g. a random kind asked of a dtype it does not support
+        # e.g. a random kind asked of a dtype it lacks, or bounds past the dtype (OverflowError)
+        except (RuntimeError, OverflowError, ValueError) as err:
             raise InvalidInput(f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}") from err
         raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}")
 
@@ -789,6 +790,13 @@ class Trainer:
             check_name(name)
             if name not in params:
                 raise self._unknown(name)
+            try:  # the same conversion fill_ makes, on a scalar: refuse before changing anything
+                torch.empty((), dtype=params[name].dtype).fill_(value)
+            except RuntimeError as err:
+                raise InvalidInput(
+                    f"{value!r} does not fit {name}'s dtype {params[name].dtype}: {err}",
+                    reason="BAD_VALUE",
+                ) from err
         with torch.no_grad():
             for name in chosen:
                 params[name].fill_(value)
