@@ -93,7 +93,7 @@ def test_the_client_sends_a_request_id_with_every_mutation(
 ) -> None:
     _with_gradients(client)
     client.step()
-    assert {name for name, _ in server.servicer.requests._done} >= {"Forward", "Backward", "Step"}
+    assert {key[0] for key in server.servicer.requests._done} >= {"Forward", "Backward", "Step"}
 
 
 def test_an_expected_version_makes_a_mutation_conditional(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import time
 import uuid
@@ -196,6 +197,7 @@ def _check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtyp
 #: Metadata of mutations: a request id (a retry is applied once) and an expected version.
 REQUEST_ID = "gradwire-request-id"
 EXPECTED_VERSION = "gradwire-expected-version"
+SESSION = "gradwire-session"
 _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
@@ -254,6 +256,9 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE.
         self.retries = 3
+        #: The session this client's calls act on; None: the server's default session.
+        self.session: str | None = None
+        self._owns_channel = channel is None
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
             channel = grpc.secure_channel(target, credentials, options=channel_options())
@@ -293,7 +298,7 @@ class Client:
         """One RPC. Mutations carry a fresh request id, so that retrying them is safe: the
         server applies an id once. Reads and mutations sent whole are retried on UNAVAILABLE
         (`retries` times, backing off); streamed uploads are not, their chunks being spent."""
-        metadata = list(self._metadata)
+        metadata = [*self._metadata, *self._session_metadata()]
         retryable = method in _READS
         if method in _MUTATIONS:
             metadata.append((REQUEST_ID, uuid.uuid4().hex))
@@ -326,12 +331,52 @@ class Client:
     def _stream(self, method: str, request: Any) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code."""
         try:
-            yield from self._methods[method](request, timeout=self.timeout, metadata=self._metadata)
+            metadata = [*self._metadata, *self._session_metadata()]
+            yield from self._methods[method](request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def close(self) -> None:
-        self._channel.close()
+        """Closes the channel; a session client (open_session) closes its session instead."""
+        if self.session is not None:
+            self.close_session()
+        if self._owns_channel:
+            self._channel.close()
+
+    def _session_metadata(self) -> list[tuple[str, str]]:
+        return [(SESSION, self.session)] if self.session else []
+
+    def open_session(
+        self,
+        seed: int | None = None,
+        optimizer: Literal["sgd", "adam"] | None = None,
+        **settings: Any,
+    ) -> Client:
+        """A client for a new session of its own (own model, optimizer and version), on this
+        client's channel; `with` it, or close it, to close the session.
+
+        `optimizer` and `settings` (lr, momentum, ...) as in set_optimizer; unset: SGD, lr 1.0.
+        """
+        request = pb.OpenSessionRequest()
+        if seed is not None:
+            request.seed = seed
+        if optimizer is not None or settings:
+            config = request.optimizer
+            config.kind = pb.OPTIMIZER_KIND_ADAM if optimizer == "adam" else pb.OPTIMIZER_KIND_SGD
+            for name, value in settings.items():
+                setattr(config, name, value)
+        response = self._call("OpenSession", request)
+        other = copy.copy(self)
+        other.session = response.session
+        other._owns_channel = False
+        return other
+
+    def close_session(self) -> None:
+        """Closes this client's session on the server (its model is freed)."""
+        if self.session is None:
+            return
+        session, self.session = self.session, None
+        self._call("CloseSession", pb.CloseSessionRequest(session=session))
 
     def __enter__(self) -> Client:
         return self
@@ -356,7 +401,7 @@ class Client:
             response = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=self.timeout,
-                metadata=self._metadata,
+                metadata=[*self._metadata, *self._session_metadata()],
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

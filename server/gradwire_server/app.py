@@ -50,6 +50,7 @@ class Running:
         if save_to is not None:
             version = self.trainer.save(save_to)
             log.info("saved state version %d to %s", version, save_to)
+        self.servicer.sessions.close_all()
         self.trainer.close()
 
 

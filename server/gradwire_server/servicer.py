@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -37,6 +38,7 @@ from gradwire_server.errors import (
     VersionMismatch,
     WrongOrder,
 )
+from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Guard, Selection, Trainer, guarded
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,25 @@ def _answer_error(context: grpc.ServicerContext, name: str) -> None:
         )
 
 
+#: Metadata naming the session a call acts on; absent: the default session.
+SESSION = "gradwire-session"
+_CURRENT: contextvars.ContextVar[Trainer | None] = contextvars.ContextVar("trainer", default=None)
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+
+
+@contextlib.contextmanager
+def _session(servicer: TrainerServicer, context: grpc.ServicerContext) -> Iterator[None]:
+    """The call's session's trainer as `servicer.trainer`, for the call's duration."""
+    token = _CURRENT.set(servicer.sessions.get(_metadata(context).get(SESSION)))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 @contextlib.contextmanager
 def _slot(servicer: TrainerServicer) -> Iterator[None]:
     """One of the servicer's call slots for the call's duration, or OverLimit (BUSY) at once."""
@@ -143,7 +164,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
-            with _slot(self):
+            with _slot(self), _session(self, context):
                 if not isinstance(request, Iterator):
                     _well_formed(request)
                 return method(self, request, context)
@@ -171,10 +192,10 @@ class RequestLog:
     def __init__(self, size: int = 1024) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._done: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
-        self._running: dict[tuple[str, str], threading.Event] = {}
+        self._done: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
+        self._running: dict[tuple[str, ...], threading.Event] = {}
 
-    def once(self, key: tuple[str, str], run: Callable[[], R]) -> R:
+    def once(self, key: tuple[str, ...], run: Callable[[], R]) -> R:
         while True:
             with self._lock:
                 if key in self._done:
@@ -221,7 +242,7 @@ def mutation(method: Handler[R]) -> Handler[R]:
 
     @functools.wraps(method)
     def body(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        metadata = _metadata(context)
         guard = _guard(context, metadata)
 
         def run() -> R:
@@ -235,7 +256,8 @@ def mutation(method: Handler[R]) -> Handler[R]:
             raise InvalidInput(
                 f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
             )
-        return self.requests.once((method.__name__, request_id), run)  # type: ignore[no-any-return]
+        key = (method.__name__, metadata.get(SESSION, ""), request_id)
+        return self.requests.once(key, run)  # type: ignore[no-any-return]
 
     return rpc(body)
 
@@ -246,7 +268,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
-            with _slot(self):
+            with _slot(self), _session(self, context):
                 _well_formed(request)
                 yield from method(self, request, context)
         except Exception:
@@ -261,10 +283,15 @@ def _items(requests: Iterable[Any]) -> Iterator[Any]:
 
 
 class TrainerServicer:
-    """Adapts gradwire.v1.Trainer to a Trainer; holds no state of its own."""
+    """Adapts gradwire.v1.Trainer to the Trainer of each call's session."""
+
+    @property
+    def trainer(self) -> Trainer:
+        """The trainer of the session of the call being served (see `rpc`)."""
+        return _CURRENT.get() or self.sessions.default
 
     def __init__(self, trainer: Trainer, max_concurrent: int = 16) -> None:
-        self.trainer = trainer
+        self.sessions = Sessions(trainer)
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.requests = RequestLog()
@@ -429,6 +456,24 @@ class TrainerServicer:
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
         seed = request.seed if request.HasField("seed") else None
         return pb.ResetResponse(version=self.trainer.reset(seed))
+
+    @rpc
+    def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        settings = None
+        if request.HasField("optimizer"):
+            settings = convert.optimizer_from_proto(request.optimizer)
+        seed = request.seed if request.HasField("seed") else None
+        session = self.sessions.open(seed, settings)
+        return pb.OpenSessionResponse(session=session, idle_timeout_s=self.sessions.idle_s)
+
+    @rpc
+    def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        self.sessions.close(request.session)
+        return pb.CloseSessionResponse()
 
     @mutation
     def SetOptimizer(

@@ -105,6 +105,16 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/gradwire.v1.Trainer/OpenSession',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/gradwire.v1.Trainer/CloseSession',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -215,6 +225,22 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """Opens a session: a model, optimizer and state version of the caller's own. Calls that
+        carry its id in the "gradwire-session" metadata act on it; calls without act on the
+        default session, which the tutorial flow uses. Sessions idle too long are closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Closes a session and frees its model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +313,16 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.ForwardStream,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.OpenSessionRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -668,6 +704,60 @@ class Trainer:
             '/gradwire.v1.Trainer/ForwardStream',
             gradwire_dot_v1_dot_trainer__pb2.ForwardChunk.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/OpenSession',
+            gradwire_dot_v1_dot_trainer__pb2.OpenSessionRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/CloseSession',
+            gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

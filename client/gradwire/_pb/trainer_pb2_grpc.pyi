@@ -98,6 +98,13 @@ class TrainerStub:
     """SetTensor with the value sent in chunks, for values larger than one message."""
     ForwardStream: _grpc.StreamUnaryMultiCallable[_trainer_pb2.ForwardChunk, _trainer_pb2.ForwardResponse]
     """Forward with the input sent in chunks, for inputs larger than one message."""
+    OpenSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.OpenSessionRequest, _trainer_pb2.OpenSessionResponse]
+    """Opens a session: a model, optimizer and state version of the caller's own. Calls that
+    carry its id in the "gradwire-session" metadata act on it; calls without act on the
+    default session, which the tutorial flow uses. Sessions idle too long are closed.
+    """
+    CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
+    """Closes a session and frees its model."""
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -143,6 +150,13 @@ class TrainerAsyncStub(TrainerStub):
     """SetTensor with the value sent in chunks, for values larger than one message."""
     ForwardStream: _aio.StreamUnaryMultiCallable[_trainer_pb2.ForwardChunk, _trainer_pb2.ForwardResponse]  # type: ignore[assignment]
     """Forward with the input sent in chunks, for inputs larger than one message."""
+    OpenSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.OpenSessionRequest, _trainer_pb2.OpenSessionResponse]  # type: ignore[assignment]
+    """Opens a session: a model, optimizer and state version of the caller's own. Calls that
+    carry its id in the "gradwire-session" metadata act on it; calls without act on the
+    default session, which the tutorial flow uses. Sessions idle too long are closed.
+    """
+    CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    """Closes a session and frees its model."""
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
     """The training step, driven remotely."""
@@ -269,5 +283,24 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.ForwardResponse, _abc.Awaitable[_trainer_pb2.ForwardResponse]]:
         """Forward with the input sent in chunks, for inputs larger than one message."""
+
+    @_abc_1.abstractmethod
+    def OpenSession(
+        self,
+        request: _trainer_pb2.OpenSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.OpenSessionResponse, _abc.Awaitable[_trainer_pb2.OpenSessionResponse]]:
+        """Opens a session: a model, optimizer and state version of the caller's own. Calls that
+        carry its id in the "gradwire-session" metadata act on it; calls without act on the
+        default session, which the tutorial flow uses. Sessions idle too long are closed.
+        """
+
+    @_abc_1.abstractmethod
+    def CloseSession(
+        self,
+        request: _trainer_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
+        """Closes a session and frees its model."""
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,107 @@
+"""Sessions: models of the callers' own, so that two services never share gradients by accident.
+
+The default session (no id) is the server's own trainer, for the tutorial's simple flow. Other
+sessions are opened by id, limited in number, and closed after a time without calls.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor
+from gradwire_server.trainer import OptimizerSettings, Trainer
+
+DEFAULT_MAX_SESSIONS = 8
+DEFAULT_IDLE_S = 600.0
+
+
+class UnknownSession(UnknownTensor):
+    """No session of that id (never opened, closed, or expired): NOT_FOUND."""
+
+    reason = "UNKNOWN_SESSION"
+
+
+@dataclass
+class _Session:
+    trainer: Trainer
+    last_used: float
+
+
+class Sessions:
+    """The default trainer and the sessions opened beside it."""
+
+    def __init__(
+        self,
+        default: Trainer,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        idle_s: float = DEFAULT_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.default = default
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, _Session] = {}
+
+    def get(self, session: str | None) -> Trainer:
+        """The trainer a call acts on: the default one without an id."""
+        if not session:
+            return self.default
+        self._close_idle()
+        with self._lock:
+            found = self._open.get(session)
+            if found is None:
+                raise UnknownSession(
+                    f"no session {session!r}: it was never opened, was closed, or expired "
+                    f"after {self.idle_s:.0f} s without calls; open one with OpenSession",
+                    metadata={"session": session},
+                )
+            found.last_used = self._clock()
+            return found.trainer
+
+    def open(self, seed: int | None, settings: OptimizerSettings | None) -> str:
+        self._close_idle()
+        with self._lock:
+            if len(self._open) >= self.max_sessions:
+                raise OverLimit(
+                    f"{len(self._open)} sessions are open, this server's limit; close one "
+                    "(CloseSession) or wait for an idle one to expire",
+                    reason="TOO_MANY_SESSIONS",
+                )
+        d = self.default
+        trainer = Trainer(
+            d.spec, device=d.device, optimizer=settings, seed=seed, max_elements=d.max_elements
+        )
+        session = secrets.token_hex(16)
+        with self._lock:
+            self._open[session] = _Session(trainer, self._clock())
+        return session
+
+    def close(self, session: str) -> None:
+        if not session:
+            raise InvalidInput("the default session cannot be closed", reason="BAD_SESSION")
+        with self._lock:
+            found = self._open.pop(session, None)
+        if found is None:
+            raise UnknownSession(f"no session {session!r} to close", metadata={"session": session})
+        found.trainer.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions, self._open = list(self._open.values()), {}
+        for s in sessions:
+            s.trainer.close()
+
+    def _close_idle(self) -> None:
+        now = self._clock()
+        with self._lock:
+            idle = [k for k, s in self._open.items() if now - s.last_used > self.idle_s]
+            closed = [self._open.pop(k) for k in idle]
+        for s in closed:
+            s.trainer.close()

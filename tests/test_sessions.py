@@ -1,0 +1,77 @@
+"""Sessions: a caller's own model, optimizer and version, never shared by accident."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from gradwire import errors
+from gradwire.fill import Fill
+from gradwire_server.app import Running
+from gradwire_server.models import Simple
+from gradwire_server.sessions import Sessions
+from gradwire_server.trainer import Trainer
+
+INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+
+
+def test_sessions_do_not_share_gradients_or_versions(client: gradwire.Client) -> None:
+    default_version = client.fill_parameters(0.1)
+    with client.open_session(seed=3) as mine, client.open_session(seed=3) as theirs:
+        assert mine.session != theirs.session
+        assert mine.list_tensors().version == theirs.list_tensors().version == 0
+        mine.forward(INPUT, TARGET)
+        mine.backward()
+        assert theirs.get("conv1.weight.grad") is None  # my Backward is not theirs
+        assert client.get("conv1.weight.grad") is None  # nor the default session's
+        mine.step()
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            seeded = Simple().conv1.weight.detach().numpy()
+        np.testing.assert_array_equal(theirs.get("conv1.weight"), seeded)
+        assert not np.array_equal(mine.get("conv1.weight"), seeded)
+        assert mine.list_tensors().version == 3 and theirs.list_tensors().version == 0
+    assert client.list_tensors().version == default_version
+    assert np.all(client.get("conv1.weight") == np.float32(0.1))
+
+
+def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(
+    client: gradwire.Client,
+) -> None:
+    session = client.open_session(optimizer="adam", lr=0.01)
+    assert session.list_tensors().optimizer.kind == "adam"
+    name = session.session
+    session.close()
+    stale = session  # the same client object, pointed at the closed session again
+    stale.session = name
+    with pytest.raises(errors.NotFound) as info:
+        stale.list_tensors()
+    assert info.value.reason == "UNKNOWN_SESSION"
+    stale.session = None
+    with pytest.raises(errors.InvalidArgument, match="default session cannot be closed"):
+        client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=""))
+
+
+def test_the_number_of_sessions_is_limited(client: gradwire.Client, server: Running) -> None:
+    server.servicer.sessions.max_sessions = 2
+    first, second = client.open_session(), client.open_session()
+    with pytest.raises(errors.ResourceExhausted) as info:
+        client.open_session()
+    assert info.value.reason == "TOO_MANY_SESSIONS"
+    first.close()
+    client.open_session().close()
+    second.close()
+
+
+def test_idle_sessions_expire() -> None:
+    now = [0.0]
+    sessions = Sessions(Trainer(), idle_s=60, clock=lambda: now[0])
+    session = sessions.open(seed=0, settings=None)
+    now[0] = 59.0
+    assert sessions.get(session) is not sessions.default  # used: the clock restarts
+    now[0] = 59.0 + 61.0
+    with pytest.raises(Exception, match="expired after 60 s"):
+        sessions.get(session)
+    sessions.close_all()
