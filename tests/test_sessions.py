@@ -75,3 +75,18 @@ def test_idle_sessions_expire() -> None:
     with pytest.raises(Exception, match="expired after 60 s"):
         sessions.get(session)
     sessions.close_all()
+
+
+def test_session_limits_are_server_settings(trainer: Trainer) -> None:
+    from gradwire_server.app import start
+
+    running = start(trainer, "127.0.0.1", 0, max_sessions=1, session_idle_s=5.0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            only = client.open_session()
+            with pytest.raises(errors.ResourceExhausted, match="1 sessions are open"):
+                client.open_session()
+            assert running.servicer.sessions.idle_s == 5.0
+            only.close()
+    finally:
+        running.stop(grace=None)

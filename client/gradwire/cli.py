@@ -351,6 +351,8 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             token=token,
             tls=tls,
             state_dir=args.state_dir,
+            max_sessions=args.max_sessions,
+            session_idle_s=args.session_idle,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -423,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--max-sessions", type=int, default=8, help="sessions open at once (default %(default)s)"
+    )
+    p.add_argument(
+        "--session-idle",
+        type=float,
+        default=600.0,
+        help="seconds without calls before a session is closed (default %(default)s)",
+    )
     p.add_argument(
         "--state-dir",
         type=Path,

@@ -21,6 +21,7 @@ from gradwire.limits import channel_options
 from gradwire_server import checkpoint
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.servicer import TrainerServicer, method_handlers
+from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
 from gradwire_server.trainer import Trainer, resolve_device
 
 log = logging.getLogger("gradwire_server")
@@ -63,6 +64,8 @@ def start(
     *,
     token: str | None = None,
     tls: TlsFiles | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    session_idle_s: float = DEFAULT_IDLE_S,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -80,7 +83,8 @@ def start(
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
-    servicer = TrainerServicer(trainer, max_concurrent)
+    sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
+    servicer = TrainerServicer(trainer, max_concurrent, sessions)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     health_servicer = health.HealthServicer()
@@ -126,6 +130,8 @@ def serve(
     token: str | None = None,
     tls: TlsFiles | None = None,
     state_dir: Path | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    session_idle_s: float = DEFAULT_IDLE_S,
     ready: Callable[[Running], None] | None = None,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
@@ -138,7 +144,16 @@ def serve(
     saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
     if saved is not None and saved.exists():
         log.info("restored state version %d from %s", trainer.load(saved), saved)
-    running = start(trainer, host, port, max_concurrent, token=token, tls=tls)
+    running = start(
+        trainer,
+        host,
+        port,
+        max_concurrent,
+        token=token,
+        tls=tls,
+        max_sessions=max_sessions,
+        session_idle_s=session_idle_s,
+    )
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
         log.info("TLS on (%s)", who)

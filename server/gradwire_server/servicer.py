@@ -290,8 +290,10 @@ class TrainerServicer:
         """The trainer of the session of the call being served (see `rpc`)."""
         return _CURRENT.get() or self.sessions.default
 
-    def __init__(self, trainer: Trainer, max_concurrent: int = 16) -> None:
-        self.sessions = Sessions(trainer)
+    def __init__(
+        self, trainer: Trainer, max_concurrent: int = 16, sessions: Sessions | None = None
+    ) -> None:
+        self.sessions = sessions or Sessions(trainer)
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.requests = RequestLog()
