@@ -186,8 +186,6 @@ class Read:
     name: str
     value: torch.Tensor | None
     full_shape: tuple[int, ...] | None
-    dtype: torch.dtype | None = None  # set when value is None but the tensor exists (omit_values)
-    shape: tuple[int, ...] | None = None  # the slice's shape, set with dtype
 
 
 @dataclass(frozen=True)
@@ -726,18 +724,13 @@ class Trainer:
         with self._device_memory(f"reading {name}"):
             return use(Selection(self._version, name, part, tuple(tensor.shape)))
 
-    def read(self, name: str, chain: IndexChain = (), *, values: bool = True) -> Read:
+    def read(self, name: str, chain: IndexChain = ()) -> Read:
         """A copy on the host of tensor[chain...], indexed on the device first."""
 
         def copy(selection: Selection) -> Read:
             part = selection.part
             if part is None:
                 return Read(selection.version, name, None, None)
-            if not values:
-                return Read(
-                    selection.version, name, None, selection.full_shape, part.dtype,
-                    tuple(part.shape),
-                )  # fmt: skip
             host = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
             return Read(selection.version, name, host, selection.full_shape)
 
