@@ -148,15 +148,19 @@ def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
     return dtype, np.asarray(array, dtype=wire_type, order="C")
 
 
-def tensor_pieces(value: Any) -> list[wire.Piece]:
-    """A serialized Tensor for an array or torch tensor, its values a view of their memory."""
-    dtype, array = host_array(value)
+def _array_pieces(dtype: int, array: np.ndarray[Any, Any]) -> list[wire.Piece]:
+    """A serialized Tensor of a host_array result, its values a view of the array's memory."""
     header = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()  # type: ignore[arg-type]
     if not array.size:
         return [header]
     # numpy's bools are the bytes 0 and 1: the packed varints of false and true.
     values = memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]
     return [header, *wire.length_field(_NUMBER[_WIRE[dtype].field], [values])]
+
+
+def tensor_pieces(value: Any) -> list[wire.Piece]:
+    """A serialized Tensor for an array or torch tensor, its values a view of their memory."""
+    return _array_pieces(*host_array(value))
 
 
 def encode_bytes(value: Any) -> bytes:
@@ -237,14 +241,7 @@ def chunk_pieces(
 ) -> list[wire.Piece]:
     """A TensorChunk: values flat[...] (wire dtype, 1-D) starting at `offset`; `shape` first."""
     header = pb.TensorChunk(offset=offset, shape=shape or ()).SerializeToString()
-    values = pb.Tensor(dtype=dtype, shape=flat.shape).SerializeToString()  # type: ignore[arg-type]
-    if flat.size:
-        number = _NUMBER[_WIRE[dtype].field]
-        raw = memoryview(flat).cast("B")  # type: ignore[arg-type]
-        values_pieces = [values, *wire.length_field(number, [raw])]
-    else:
-        values_pieces = [values]
-    return [header, *wire.length_field(_CHUNK_VALUES, values_pieces)]
+    return [header, *wire.length_field(_CHUNK_VALUES, _array_pieces(dtype, flat))]
 
 
 def chunks(
