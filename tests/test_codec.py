@@ -139,8 +139,10 @@ def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
         (pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[2], raw_values=b"\x00\x00\x00"), "needs 4 bytes"),
         (
             pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2**40, 2**40]),
-            "needs 1208925819614629174706176 values",
+            r"shape \[1099511627776, 1099511627776\] is too large for any array",
         ),
+        (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[0, 2**40, 2**40]), "too large for any array"),
+        (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[1] * 65, int64_values=[1]), "at most 64"),
     ],
 )
 def test_malformed_tensors_are_refused_with_the_reason(message: pb.Tensor, complaint: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
@@ -93,7 +93,11 @@ _NUMPY_TO_DTYPE: Final = {
 }
 
 
-def numel(shape: Sequence[int]) -> int:
+#: numpy's (and torch's) limit on the dimensions of an array.
+MAX_DIMS = 64
+
+
+def numel(shape: Iterable[int]) -> int:
     """Elements in a tensor of this shape (1 for a 0-d tensor); exact, never overflows."""
     return math.prod(int(d) for d in shape)
 
@@ -184,6 +188,13 @@ def _expect(message: pb.Tensor, field: str, have: int) -> tuple[_WireType, tuple
     shape = tuple(message.shape)
     if any(d < 0 for d in shape):
         raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_DIMS:
+        raise CodecError(
+            f"tensor shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed"
+        )
+    # numpy refuses such shapes even with a 0 among them (the product of the rest overflows).
+    if numel(d for d in shape if d) * wire_type.numpy.itemsize >= 1 << 63:
+        raise CodecError(f"tensor shape {list(shape)} is too large for any array")
     name = DTYPE_NAMES[message.dtype]
     if field != wire_type.field:
         raise CodecError(
