@@ -38,6 +38,10 @@ from gradwire_server.models import SIMPLE, ModelSpec
 
 log = logging.getLogger(__name__)
 
+#: How running out of memory shows in torch's RuntimeErrors on the CPU: its allocator's
+#: message, or oneDNN's when it cannot allocate a convolution's workspace.
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "could not create a primitive")
+
 #: Reads of CPU tensors up to this size skip the torch thread (torch's parallel grain size).
 INLINE_READ_ELEMENTS = 32768
 
@@ -299,7 +303,13 @@ class Trainer:
         future = self._executor.submit(
             functools.partial(self._run, _guard=_guard), fn, *args, **kwargs
         )
-        result: T = future.result()
+        try:
+            result: T = future.result()
+        finally:
+            # A raised exception's traceback holds this frame, and the future holds the
+            # exception: without this the cycle keeps the failed call's tensors (a Forward's
+            # input, after running out of memory) until the garbage collector comes by.
+            del future
         return result
 
     def _check(self, guard: Guard | None) -> None:
@@ -380,7 +390,7 @@ class Trainer:
                 reason="OUT_OF_MEMORY",
             ) from err
         except RuntimeError as err:
-            if "can't allocate memory" in str(err) or "out of memory" in str(err):
+            if any(sign in str(err) for sign in _OUT_OF_MEMORY):
                 raise OverLimit(
                     f"{what}: out of memory on {self.device}", reason="OUT_OF_MEMORY"
                 ) from err
@@ -590,11 +600,22 @@ class Trainer:
         x, y = self._inputs(input, target)
         assert y is not None
         self._check_fetch(fetch, x, y, max_fetch_bytes)
-        if zero_grad:
-            self._optimizer.zero_grad(set_to_none=True)
-            self._bump()
-        result = self._forward(x, y)
-        self._backward(retain_graph=False)
+        # Running out of memory in the Forward or the Backward leaves the state as it was
+        # before the call, ZeroGrad undone: these parts replace the attributes they change
+        # rather than change them in place, so the old references are all there is to keep.
+        kept = dict(vars(self))
+        grads = [(p, p.grad) for p in self._parameters.values()]
+        try:
+            if zero_grad:
+                self._optimizer.zero_grad(set_to_none=True)
+                self._bump()
+            result = self._forward(x, y)
+            self._backward(retain_graph=False)
+        except OverLimit:
+            vars(self).update(kept)
+            for p, grad in grads:
+                p.grad = grad
+            raise
         version, updated = self._step()
         fetched = [self.read_with(name, chain, use) for name, chain in fetch]
         assert result.loss is not None
@@ -658,8 +679,35 @@ class Trainer:
                 "Forward, so its graph is stale: call Forward again",
                 reason="GRAPH_STALE",
             )
-        with self._device_memory("backward"):
-            self._loss.backward(retain_graph=retain_graph)  # type: ignore[no-untyped-call]
+        # loss.backward() adds each gradient to its .grad as soon as it is computed: running out
+        # of memory halfway would leave some added and others not. So all are computed first,
+        # laid out as backward() lays them out, and added only once every one of them fits.
+        params = [p for p in self._parameters.values() if p.requires_grad]
+        try:
+            with self._device_memory("backward"):
+                grads = [
+                    g
+                    if g is None or g.stride() == p.stride()
+                    else g.new_empty_strided(p.shape, p.stride()).copy_(g)
+                    for p, g in zip(
+                        params,
+                        torch.autograd.grad(
+                            self._loss, params, retain_graph=retain_graph, allow_unused=True
+                        ),
+                        strict=True,
+                    )
+                ]
+        except OverLimit:
+            self._graph_alive = retain_graph  # torch frees the graph as it goes, failing or not
+            raise
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
         self._graph_alive = retain_graph
         return self._bump()
 
