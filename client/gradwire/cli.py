@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -339,6 +340,10 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.model and os.getcwd() not in sys.path and "" not in sys.path:
+        # As `python -m` does: a module beside the user (mymodels.py) can be named by
+        # --model even when gradwire runs as an installed script.
+        sys.path.insert(0, os.getcwd())
     try:
         serve(
             host=args.host,
@@ -353,6 +358,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             state_dir=args.state_dir,
             max_sessions=args.max_sessions,
             session_idle_s=args.session_idle,
+            model=args.model,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -411,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
     )
     p.add_argument("--seed", type=int, default=None, help="seed for the model's initialisation")
+    p.add_argument(
+        "--model",
+        metavar="MODULE:ATTR",
+        help="serve your own model: a ModelSpec, or a function returning one, e.g. "
+        "mymodels:SPEC or gradwire_server.models:TINY_MLP; the current folder is importable "
+        "(default: the tutorial's Simple)",
+    )
     p.add_argument(
         "--max-concurrent",
         type=int,

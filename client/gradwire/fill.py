@@ -28,7 +28,9 @@ class Fill:
 
     kind: FillKind
     shape: tuple[int, ...]
-    dtype: str | None = None  # "float32", "int64", ...; None: float32 for inputs, int64 for targets
+    # None: the model's input dtype (float32 unless its ModelSpec says otherwise) for inputs;
+    # int64 class indices for targets, or float32 for a model trained with "mse".
+    dtype: str | None = None  # "float32", "int64", ...
     value: float = 0.0
     low: float = 0.0
     high: float = 0.0

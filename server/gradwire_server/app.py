@@ -20,6 +20,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
 from gradwire_server import checkpoint
 from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.models import SIMPLE, load_spec
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
 from gradwire_server.trainer import Trainer, resolve_device
@@ -133,14 +134,17 @@ def serve(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     session_idle_s: float = DEFAULT_IDLE_S,
     ready: Callable[[Running], None] | None = None,
+    model: str | None = None,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
 
     With `state_dir`, the state is restored from it at start (when a checkpoint is there)
-    and saved to it at a graceful stop.
+    and saved to it at a graceful stop. `model`: "package.module:attr" naming a ModelSpec
+    (see models.load_spec); None serves the tutorial's Simple.
     """
+    spec = SIMPLE if model is None else load_spec(model)
     resolved = resolve_device(device)
-    trainer = Trainer(device=resolved, seed=seed)
+    trainer = Trainer(spec, device=resolved, seed=seed)
     saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
     if saved is not None and saved.exists():
         log.info("restored state version %d from %s", trainer.load(saved), saved)

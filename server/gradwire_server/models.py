@@ -1,12 +1,21 @@
-"""The models the server can own: the tutorial's `Simple`, and what their inputs must look like."""
+"""The models the server can own, and what their inputs, outputs and loss look like.
+
+The tutorial's `Simple` is the default; `gradwire serve --model package.module:attr` serves
+any other nn.Module described by a ModelSpec (see `load_spec`).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
+
+from gradwire_server.errors import InvalidInput
 
 
 class Simple(nn.Module):
@@ -25,14 +34,235 @@ class Simple(nn.Module):
         return out
 
 
+Loss = Literal["cross_entropy", "mse"]
+LOSSES: tuple[str, ...] = get_args(Loss)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model and what its inputs must look like, so bad input is refused before it runs."""
+    """A model and what its inputs, outputs and loss look like, so bad input is refused
+    before it runs.
+
+    The model takes [N, *sample_shape] inputs of `input_dtype` and returns [N, num_classes].
+    `loss` is "cross_entropy" (targets: int64 class indices [N], or float class
+    probabilities [N, num_classes]) or "mse" (targets: floats of the output's shape).
+    `factory` is called with no arguments, under the server's seed, to build the model (at
+    start and at every Reset); only its parameters (`named_parameters()`) are tensors the
+    server lists, reads, writes and checkpoints: buffers such as BatchNorm's running
+    statistics stay inside the model.
+    """
 
     name: str
     factory: Callable[[], nn.Module]
     sample_shape: tuple[int, ...]  # one input sample's shape; the batch dimension comes first
-    num_classes: int  # width of the output, the number of classes of CrossEntropyLoss
+    num_classes: int  # width of the output: the number of classes, or of regression targets
+    loss: Loss = "cross_entropy"
+    input_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelSpec name must be a non-empty string, got {self.name!r}")
+        if not callable(self.factory):
+            raise TypeError(
+                f"ModelSpec {self.name}: factory must be callable returning an nn.Module"
+            )
+        shape = tuple(self.sample_shape)
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            raise ValueError(
+                f"ModelSpec {self.name}: sample_shape must be positive whole numbers, got {shape}"
+            )
+        object.__setattr__(self, "sample_shape", shape)
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(
+                f"ModelSpec {self.name}: num_classes (the output's width) must be a whole "
+                f"number >= 1, got {self.num_classes!r}"
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(
+                f"ModelSpec {self.name}: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"
+            )
+        if not isinstance(self.input_dtype, torch.dtype):
+            raise TypeError(
+                f"ModelSpec {self.name}: input_dtype must be a torch.dtype such as "
+                f"torch.float32, got {self.input_dtype!r}"
+            )
+
+    def criterion(self) -> nn.Module:
+        """A fresh loss module: nn.CrossEntropyLoss or nn.MSELoss, with PyTorch's defaults."""
+        return nn.MSELoss() if self.loss == "mse" else nn.CrossEntropyLoss()
 
 
 SIMPLE = ModelSpec("Simple", Simple, sample_shape=(3, 10, 10), num_classes=20)
+
+
+class TinyMLP(nn.Module):
+    """An example of your own model: biases, BatchNorm (which has buffers) and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.norm(self.fc1(x))))
+        return out
+
+
+#: `gradwire serve --model gradwire_server.models:TINY_MLP`: 16 features in, 4 classes out.
+TINY_MLP = ModelSpec("TinyMLP", TinyMLP, sample_shape=(16,), num_classes=4)
+
+
+class TinyRegressor(nn.Module):
+    """An example regression model: LayerNorm and tanh, trained with a mean squared error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.tanh(self.norm(self.fc1(x))))
+        return out
+
+
+#: `gradwire serve --model gradwire_server.models:TINY_REGRESSOR`: 8 features in, 2 values out.
+TINY_REGRESSOR = ModelSpec(
+    "TinyRegressor", TinyRegressor, sample_shape=(8,), num_classes=2, loss="mse"
+)
+
+MODEL_HELP = "package.module:attr, e.g. gradwire_server.models:TINY_MLP"
+
+
+def load_spec(text: str) -> ModelSpec:
+    """The ModelSpec that "package.module:attr" names, checked by building the model once.
+
+    The attribute is a ModelSpec, or a callable taking no arguments that returns one (not an
+    nn.Module: the server must also know the input's shape, the output's width and the loss).
+    For example, in mymodels.py::
+
+        from torch import nn
+        from gradwire_server.models import ModelSpec
+
+        def mlp() -> nn.Module:
+            return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+        SPEC = ModelSpec("MyMLP", mlp, sample_shape=(16,), num_classes=4)
+
+    and then ``gradwire serve --model mymodels:SPEC``. The model is built once here, on the
+    CPU, and run on zeros of [2, *sample_shape]: its output must be [2, num_classes].
+    Every problem is an InvalidInput that says what to fix.
+    """
+    module_name, colon, attr = text.partition(":")
+    module_name, attr = module_name.strip(), attr.strip()
+    if not colon or not module_name or not attr:
+        raise InvalidInput(f"--model {text!r}: expected {MODEL_HELP}", reason="BAD_MODEL")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # a missing module, or any error its own code raised on import
+        missing = err.name if isinstance(err, ModuleNotFoundError) else None
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            why = (
+                f"there is no module {missing!r}: install it, or run from the folder that "
+                "holds it (or add that folder to PYTHONPATH)"
+            )
+        else:  # the module is there, but its own code failed (e.g. a missing dependency)
+            why = f"importing it raised {type(err).__name__}: {err}"
+        raise InvalidInput(
+            f"--model {text!r}: cannot import module {module_name!r}: {why}", reason="BAD_MODEL"
+        ) from err
+    try:
+        target = functools.reduce(getattr, attr.split("."), module)
+    except AttributeError:
+        public = sorted(
+            n for n, v in vars(module).items() if isinstance(v, ModelSpec) and not n.startswith("_")
+        )
+        hint = f" (its ModelSpecs: {', '.join(public)})" if public else ""
+        raise InvalidInput(
+            f"--model {text!r}: module {module_name!r} has no attribute {attr!r}{hint}",
+            reason="BAD_MODEL",
+        ) from None
+    spec = _as_spec(text, target)
+    _check_builds(text, spec)
+    return spec
+
+
+def _as_spec(text: str, target: object) -> ModelSpec:
+    if isinstance(target, ModelSpec):
+        return target
+    example = "ModelSpec('MyModel', MyModel, sample_shape=(16,), num_classes=4)"
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        raise InvalidInput(
+            f"--model {text!r} is an nn.Module class; name a ModelSpec that wraps it instead, "
+            f"e.g. {example}, so the server knows the input's shape and the loss",
+            reason="BAD_MODEL",
+        )
+    if not callable(target):
+        raise InvalidInput(
+            f"--model {text!r} is a {type(target).__name__}; expected a ModelSpec, e.g. "
+            f"{example}, or a function of no arguments returning one",
+            reason="BAD_MODEL",
+        )
+    try:
+        made = target()
+    except Exception as err:
+        raise InvalidInput(
+            f"--model {text!r}: calling it (with no arguments) failed: {type(err).__name__}: {err}",
+            reason="BAD_MODEL",
+        ) from err
+    if not isinstance(made, ModelSpec):
+        raise InvalidInput(
+            f"--model {text!r} returned a {type(made).__name__}; it must return a ModelSpec, "
+            f"e.g. {example}",
+            reason="BAD_MODEL",
+        )
+    return made
+
+
+def _check_builds(text: str, spec: ModelSpec) -> None:
+    """Builds the model on the CPU and runs it once on zeros: what the server will do."""
+    # The private RNG stream leaves the process's generator as it was, as the trainer does.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        try:
+            model = spec.factory()
+        except Exception as err:
+            raise InvalidInput(
+                f"--model {text!r}: building {spec.name} failed: {type(err).__name__}: {err}",
+                reason="BAD_MODEL",
+            ) from err
+        if not isinstance(model, nn.Module):
+            raise InvalidInput(
+                f"--model {text!r}: {spec.name}'s factory returned a {type(model).__name__}, "
+                "not an nn.Module",
+                reason="BAD_MODEL",
+            )
+        if not any(p.requires_grad and p.is_floating_point() for p in model.parameters()):
+            raise InvalidInput(
+                f"--model {text!r}: {spec.name} has no floating-point parameters to train",
+                reason="BAD_MODEL",
+            )
+        shape = [2, *spec.sample_shape]
+        dtype = str(spec.input_dtype).removeprefix("torch.")
+        model.train()
+        try:
+            output = model(torch.zeros(shape, dtype=spec.input_dtype))
+        except Exception as err:
+            raise InvalidInput(
+                f"--model {text!r}: {spec.name} failed on zeros of shape {shape} ({dtype}): "
+                f"{type(err).__name__}: {err}; check the spec's sample_shape and input_dtype",
+                reason="BAD_MODEL",
+            ) from err
+    want = [2, spec.num_classes]
+    if not isinstance(output, torch.Tensor) or list(output.shape) != want:
+        got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise InvalidInput(
+            f"--model {text!r}: {spec.name} returned {got} for an input of shape {shape}; the "
+            f"spec says [N, num_classes] = {want}",
+            reason="BAD_MODEL",
+        )
+    if not output.is_floating_point():
+        raise InvalidInput(
+            f"--model {text!r}: {spec.name}'s output is {output.dtype}; a loss needs floats",
+            reason="BAD_MODEL",
+        )

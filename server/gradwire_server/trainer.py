@@ -289,7 +289,7 @@ class Trainer:
         self._parameters = dict(self._model.named_parameters())
         self._optimizer = self._build_optimizer(self._model, self._settings)
         self._clear_forward()
-        self._criterion = nn.CrossEntropyLoss()
+        self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
 
     def _run(
         self, fn: Callable[..., T], *args: Any, _guard: Guard | None = None, **kwargs: Any
@@ -507,17 +507,32 @@ class Trainer:
                 + "] with N >= 1",
                 reason="BAD_INPUT_SHAPE",
             )
-        model_dtype = next(self._model.parameters()).dtype
-        if x.dtype != model_dtype:
+        want = self.spec.input_dtype
+        if x.dtype != want:
+            takes = "the model computes in" if want.is_floating_point else f"{self.spec.name} takes"
             raise InvalidInput(
                 f"input has dtype {str(x.dtype).removeprefix('torch.')}; "
-                f"the model computes in {str(model_dtype).removeprefix('torch.')}",
+                f"{takes} {str(want).removeprefix('torch.')}",
                 reason="BAD_INPUT_DTYPE",
             )
 
     def _check_target(self, y: torch.Tensor, batch: int) -> None:
         classes = self.spec.num_classes
-        if y.dtype == torch.int64:
+        if self.spec.loss == "mse":
+            if not y.dtype.is_floating_point:
+                raise InvalidInput(
+                    f"target has dtype {str(y.dtype).removeprefix('torch.')}; {self.spec.name} "
+                    f"is trained with a mean squared error: send floats of shape [{batch}, "
+                    f"{classes}], the output's shape",
+                    reason="BAD_TARGET_DTYPE",
+                )
+            if tuple(y.shape) != (batch, classes):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; a mean squared error target must have "
+                    f"the output's shape [{batch}, {classes}]",
+                    reason="BAD_TARGET_SHAPE",
+                )
+        elif y.dtype == torch.int64:
             if tuple(y.shape) != (batch,):
                 raise InvalidInput(
                     f"target has shape {list(y.shape)}; class indices must have shape [{batch}] "
@@ -552,20 +567,30 @@ class Trainer:
     def _inputs(
         self, input: TensorInput, target: TensorInput | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self._make(input, torch.float32, "input")
+        x = self._make(input, self.spec.input_dtype, "input")
         self._check_input(x)
         if target is None:
             return x, None
-        y = self._make(target, torch.int64, "target")
-        if y.dtype in _INDEX_DTYPES:
+        mse = self.spec.loss == "mse"
+        # Fills default to what the loss takes: class indices, or floats like the output.
+        y = self._make(target, torch.float32 if mse else torch.int64, "target")
+        if y.dtype in _INDEX_DTYPES and not mse:
             y = y.to(torch.int64)
         self._check_target(y, x.shape[0])
-        return x, y.to(x.dtype) if y.is_floating_point() else y
+        return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> ForwardResult:
         with self._device_memory("forward"):
-            output = self._model(x)
-            loss = self._criterion(output, y) if y is not None else None
+            try:
+                output = self._model(x)
+                loss = self._criterion(output, y) if y is not None else None
+            except ValueError as err:
+                # A model's own refusal of an input (BatchNorm given one sample): the caller's
+                # to fix. A RuntimeError inside the model is the model's fault: INTERNAL.
+                raise InvalidInput(
+                    f"{self.spec.name} refused this input: {str(err).splitlines()[0]}",
+                    reason="MODEL_REFUSED",
+                ) from err
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._graph_alive = loss is not None
         self._parameters_changed = False
@@ -634,11 +659,12 @@ class Trainer:
 
         Indexing runs on meta tensors: shapes and dtypes only, no memory.
         """
-        after = {
+        computes = next(iter(self._parameters.values())).dtype
+        after: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "input": (tuple(x.shape), x.dtype),
             "target": (tuple(y.shape), y.dtype),
-            "output": ((x.shape[0], self.spec.num_classes), x.dtype),
-            "loss": ((), x.dtype),
+            "output": ((x.shape[0], self.spec.num_classes), computes),
+            "loss": ((), computes),
         }
         total = 0
         for name, chain in fetch:

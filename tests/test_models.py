@@ -1,0 +1,396 @@
+"""Bring your own model: load_spec's checks, and other models served, checked against PyTorch."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire.cli import main
+from gradwire_server.app import Running, start
+from gradwire_server.errors import InvalidInput
+from gradwire_server.models import (
+    SIMPLE,
+    TINY_MLP,
+    TINY_REGRESSOR,
+    ModelSpec,
+    TinyMLP,
+    load_spec,
+)
+from gradwire_server.trainer import Trainer
+
+SEED = 3
+MLP_PARAMETERS = ["fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias"]
+
+
+class LocalMLP(nn.Module):
+    # Written out again on purpose: the reference must not share code with the server.
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # type: ignore[no-any-return]
+
+
+class LocalRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))  # type: ignore[no-any-return]
+
+
+def seeded(factory: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(SEED)
+    return factory()
+
+
+@contextmanager
+def serving(spec: ModelSpec) -> Iterator[gradwire.Client]:
+    """A real server for `spec` in this process, seeded with SEED, and a client of it."""
+    running: Running = start(Trainer(spec, device="cpu", seed=SEED), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            yield client
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.fixture
+def mlp() -> Iterator[gradwire.Client]:
+    with serving(TINY_MLP) as client:
+        yield client
+
+
+@pytest.fixture
+def regressor() -> Iterator[gradwire.Client]:
+    with serving(TINY_REGRESSOR) as client:
+        yield client
+
+
+def parameters_equal(client: gradwire.Client, model: nn.Module, grads: bool = False) -> None:
+    for name, p in model.named_parameters():
+        local = p.grad if grads else p.detach()
+        assert local is not None, name
+        remote = client.read(f"{name}.grad" if grads else name, as_torch=True).value
+        assert torch.equal(remote, local), name
+
+
+# --- load_spec ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], str]]:
+    """Writes a module of the given source where Python finds it; returns its name."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    written: list[str] = []
+
+    def write(source: str) -> str:
+        name = f"gw_test_models_{uuid.uuid4().hex[:8]}"
+        (tmp_path / f"{name}.py").write_text(source)
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
+HEADER = "from torch import nn\nfrom gradwire_server.models import ModelSpec, TinyMLP\n"
+
+
+def refused(text: str) -> str:
+    with pytest.raises(InvalidInput) as caught:
+        load_spec(text)
+    assert caught.value.reason == "BAD_MODEL"
+    return caught.value.message
+
+
+def test_load_spec_takes_a_spec_or_a_function_returning_one(module: Callable[[str], str]) -> None:
+    assert load_spec("gradwire_server.models:TINY_MLP") is TINY_MLP
+    assert load_spec(" gradwire_server.models : SIMPLE ") is SIMPLE
+    name = module(HEADER + "def make():\n    return ModelSpec('Made', TinyMLP, (16,), 4)\n")
+    spec = load_spec(f"{name}:make")
+    assert (spec.name, spec.sample_shape, spec.num_classes, spec.loss) == (
+        "Made",
+        (16,),
+        4,
+        "cross_entropy",
+    )
+
+
+def test_load_spec_needs_a_colon() -> None:
+    assert "expected package.module:attr" in refused("gradwire_server.models")
+    assert "expected package.module:attr" in refused("gradwire_server.models:")
+    assert "expected package.module:attr" in refused(":TINY_MLP")
+
+
+def test_load_spec_says_which_module_is_missing_and_why(module: Callable[[str], str]) -> None:
+    message = refused("no_such_module_gw:SPEC")
+    assert "cannot import module 'no_such_module_gw'" in message
+    assert "there is no module 'no_such_module_gw'" in message
+    assert "PYTHONPATH" in message
+    message = refused("gradwire_server.no_such_submodule:SPEC")
+    assert "there is no module 'gradwire_server.no_such_submodule'" in message
+    broken = module("import not_installed_dependency_gw\n")
+    message = refused(f"{broken}:SPEC")
+    assert f"cannot import module {broken!r}: importing it raised ModuleNotFoundError" in message
+    assert "not_installed_dependency_gw" in message
+    failing = module("raise RuntimeError('no GPU driver here')\n")
+    assert "importing it raised RuntimeError: no GPU driver here" in refused(f"{failing}:SPEC")
+
+
+def test_load_spec_names_a_missing_attribute_and_the_specs_there() -> None:
+    message = refused("gradwire_server.models:NOPE")
+    assert "module 'gradwire_server.models' has no attribute 'NOPE'" in message
+    assert "SIMPLE, TINY_MLP, TINY_REGRESSOR" in message
+
+
+def test_load_spec_refuses_what_is_not_a_spec(module: Callable[[str], str]) -> None:
+    assert "is an nn.Module class; name a ModelSpec that wraps it" in refused(
+        "gradwire_server.models:TinyMLP"
+    )
+    assert "is a tuple; expected a ModelSpec" in refused("gradwire_server.models:LOSSES")
+    name = module(HEADER + "def module():\n    return TinyMLP()\n\ndef boom():\n    1 / 0\n")
+    assert "returned a TinyMLP; it must return a ModelSpec" in refused(f"{name}:module")
+    assert "calling it (with no arguments) failed: ZeroDivisionError" in refused(f"{name}:boom")
+
+
+def test_load_spec_builds_the_model_once_and_checks_its_output(
+    module: Callable[[str], str],
+) -> None:
+    name = module(
+        HEADER
+        + "def fails():\n    raise OSError('weights.bin not found')\n"
+        + "def not_a_module():\n    return 'mlp'\n"
+        + "FAILS = ModelSpec('Fails', fails, (16,), 4)\n"
+        + "NOT_A_MODULE = ModelSpec('Str', not_a_module, (16,), 4)\n"
+        + "NO_PARAMETERS = ModelSpec('Relu', nn.ReLU, (4,), 4)\n"
+        + "WIDE = ModelSpec('Wide', TinyMLP, (16,), 5)\n"
+        + "NARROW_INPUT = ModelSpec('Narrow', TinyMLP, (15,), 4)\n"
+    )
+    assert "building Fails failed: OSError: weights.bin not found" in refused(f"{name}:FAILS")
+    assert "factory returned a str, not an nn.Module" in refused(f"{name}:NOT_A_MODULE")
+    assert "Relu has no floating-point parameters to train" in refused(f"{name}:NO_PARAMETERS")
+    message = refused(f"{name}:WIDE")
+    assert "Wide returned [2, 4] for an input of shape [2, 16]" in message
+    assert "[N, num_classes] = [2, 5]" in message
+    message = refused(f"{name}:NARROW_INPUT")
+    assert "Narrow failed on zeros of shape [2, 15] (float32): RuntimeError" in message
+    assert "check the spec's sample_shape and input_dtype" in message
+
+
+def test_a_spec_refuses_bad_fields_when_made() -> None:
+    with pytest.raises(ValueError, match="loss must be one of cross_entropy, mse, got 'l1'"):
+        ModelSpec("X", TinyMLP, (16,), 4, loss="l1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sample_shape must be positive"):
+        ModelSpec("X", TinyMLP, (0,), 4)
+    with pytest.raises(ValueError, match="num_classes"):
+        ModelSpec("X", TinyMLP, (16,), 0)
+    with pytest.raises(TypeError, match="input_dtype must be a torch"):
+        ModelSpec("X", TinyMLP, (16,), 4, input_dtype="float32")  # type: ignore[arg-type]
+    assert ModelSpec("X", TinyMLP, [16], 4).sample_shape == (16,)  # type: ignore[arg-type]
+    assert (SIMPLE.loss, SIMPLE.input_dtype) == ("cross_entropy", torch.float32)
+    assert isinstance(SIMPLE.criterion(), nn.CrossEntropyLoss)
+    assert isinstance(TINY_REGRESSOR.criterion(), nn.MSELoss)
+
+
+# --- another model, served ----------------------------------------------------------------
+
+
+def test_list_tensors_shows_every_parameter_biases_and_norm_included(
+    mlp: gradwire.Client,
+) -> None:
+    listing = mlp.list_tensors()
+    assert listing.model == "TinyMLP"
+    params = [t for t in listing.tensors if t.kind == "parameter"]
+    assert [t.name for t in params] == MLP_PARAMETERS
+    shapes = {t.name: t.shape for t in params}
+    assert shapes["fc1.bias"] == (32,) and shapes["norm.weight"] == (32,)
+    assert shapes["fc2.weight"] == (4, 32)
+    assert f"{MLP_PARAMETERS[0]}.grad" in listing.names()
+    # BatchNorm's buffers are not parameters: not listed, never trained.
+    assert not any("running" in name for name in listing.names())
+
+
+def test_the_mlp_trains_as_pytorch_does_bit_for_bit(mlp: gradwire.Client) -> None:
+    model = seeded(LocalMLP)
+    parameters_equal(mlp, model)
+    mlp.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(7)
+    for step in range(3):
+        x = torch.randn(8, 16, generator=gen)
+        y = torch.randint(0, 4, (8,), generator=gen)
+        optimizer.zero_grad()
+        output = model(x)
+        loss = criterion(output, y)
+        loss.backward()
+        optimizer.step()
+        if step == 0:  # the separate calls, checked one by one
+            mlp.zero_grad()
+            result = mlp.forward(x.numpy(), y.numpy())
+            assert result.output_shape == (8, 4)
+            assert result.loss == loss.item()
+            assert torch.equal(mlp.read("output", as_torch=True).value, output.detach())
+            mlp.backward()
+            parameters_equal(mlp, model, grads=True)
+            assert mlp.step().parameters_updated == len(MLP_PARAMETERS)
+        else:
+            assert mlp.train_step(x.numpy(), y.numpy()).loss == loss.item()
+        parameters_equal(mlp, model)
+
+
+def test_the_mlp_refuses_an_input_of_another_shape(mlp: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        mlp.forward(np.zeros((2, 3, 10, 10), np.float32), np.zeros(2, np.int64))
+    assert caught.value.reason == "BAD_INPUT_SHAPE"
+    assert "input has shape [2, 3, 10, 10]; TinyMLP takes [N, 16] with N >= 1" in str(caught.value)
+    with pytest.raises(errors.InvalidArgument, match="holds class 4; classes run from 0 to 3"):
+        mlp.forward(np.zeros((2, 16), np.float32), np.array([0, 4]))
+
+
+def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Client) -> None:
+    # BatchNorm in training mode cannot normalise one sample: its ValueError is the caller's.
+    with pytest.raises(errors.InvalidArgument) as caught:
+        mlp.forward(np.ones((1, 16), np.float32), np.array([0]))
+    assert caught.value.reason == "MODEL_REFUSED"
+    assert "TinyMLP refused this input" in caught.value.message
+    assert mlp.list_tensors().version == 0
+
+
+def test_the_regressor_trains_with_a_float_target_as_pytorch_does(
+    regressor: gradwire.Client,
+) -> None:
+    model = seeded(LocalRegressor)
+    parameters_equal(regressor, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        x = torch.randn(4, 8, generator=gen)
+        y = torch.randn(4, 2, generator=gen)
+        optimizer.zero_grad()
+        loss = nn.MSELoss()(model(x), y)
+        loss.backward()
+        optimizer.step()
+        assert regressor.train_step(x.numpy(), y.numpy()).loss == loss.item()
+        parameters_equal(regressor, model)
+    # A fill target is made as floats for a mean squared error, not as class indices.
+    result = regressor.forward(gradwire.Fill.ones(4, 8), gradwire.Fill.zeros(4, 2))
+    assert result.loss is not None and result.loss > 0
+    assert regressor.read("target").dtype == "float32"
+
+
+def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
+    regressor: gradwire.Client,
+) -> None:
+    x = np.zeros((4, 8), np.float32)
+    for target in (np.zeros((4, 2), np.int64), np.zeros(4, np.int64)):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            regressor.forward(x, target)
+        assert caught.value.reason == "BAD_TARGET_DTYPE"
+        assert (
+            "TinyRegressor is trained with a mean squared error: send floats of shape [4, 2]"
+            in (caught.value.message)
+        )
+    with pytest.raises(errors.InvalidArgument) as caught:
+        regressor.forward(x, np.zeros((4,), np.float32))
+    assert caught.value.reason == "BAD_TARGET_SHAPE"
+    assert "must have the output's shape [4, 2]" in caught.value.message
+
+
+def test_a_checkpoint_restores_into_the_same_model_only(tmp_path: Path) -> None:
+    path = tmp_path / "mlp.safetensors"
+    saved, restored = Trainer(TINY_MLP, seed=1), Trainer(TINY_MLP, seed=2)
+    others = [Trainer(SIMPLE), Trainer(TINY_REGRESSOR)]
+    try:
+        saved.save(path)
+        restored.load(path)
+        for name, p in saved.parameters.items():
+            assert torch.equal(restored.parameters[name], p), name
+        for other in others:
+            with pytest.raises(InvalidInput, match="holds a TinyMLP"):
+                other.load(path)
+    finally:
+        for trainer in (saved, restored, *others):
+            trainer.close()
+
+
+# --- gradwire serve --model -------------------------------------------------------------
+
+
+def test_serve_with_a_bad_model_exits_2_before_binding() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["serve", "--model", "gradwire_server.models:NOPE", "--port", "0"], out, err)
+    assert code == 2
+    assert err.getvalue().startswith("gradwire serve: error: --model 'gradwire_server.models:NOPE'")
+    assert "has no attribute 'NOPE'" in err.getvalue()
+    err = io.StringIO()
+    assert main(["serve", "--model", "no_colon_here", "--port", "0"], out, err) == 2
+    assert "expected package.module:attr" in err.getvalue()
+
+
+def test_serve_model_serves_it(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradwire.cli",
+            "serve",
+            "--model",
+            "gradwire_server.models:TINY_MLP",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--port-file",
+            str(port_file),
+            "--grace",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        log = []
+        for line in process.stderr:  # blocks until the server says it listens: no sleeps
+            log.append(line)
+            if "listening on" in line:
+                break
+        else:
+            pytest.fail("the server exited before listening:\n" + "".join(log))
+        assert any("model TinyMLP on cpu" in line for line in log), log
+        with gradwire.connect(f"127.0.0.1:{int(port_file.read_text())}", timeout=10) as client:
+            client.wait_ready(10)
+            listing = client.list_tensors()
+        assert listing.model == "TinyMLP"
+        assert [t.name for t in listing.tensors if t.kind == "parameter"] == MLP_PARAMETERS
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:  # never leave a server behind
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
