@@ -321,13 +321,13 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         from gradwire_server.app import serve
         from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput
+        from gradwire_server.logs import log_handler
     except ImportError as err:
         raise UsageError(
             f"serve needs the server side (torch): pip install 'gradwire[server]' ({err})"
         ) from None
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
     try:
         token = load_token(args.token_file)
@@ -359,6 +359,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             max_sessions=args.max_sessions,
             session_idle_s=args.session_idle,
             model=args.model,
+            metrics_port=args.metrics_port,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -437,7 +438,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="debug adds one line per finished call: method, status, milliseconds (default info)",
+    )
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, with the call's method, request_id, session "
+        "and peer when logged during one (default %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
+        "(default: off)",
+    )
     p.add_argument(
         "--max-sessions", type=int, default=8, help="sessions open at once (default %(default)s)"
     )

@@ -20,6 +20,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
 from gradwire_server import checkpoint
 from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
@@ -43,12 +44,18 @@ class Running:
     health: health.HealthServicer
     trainer: Trainer
     servicer: TrainerServicer
+    metrics: Metrics | None = None
+    #: The port of the Prometheus HTTP endpoint (/metrics); None when metrics are off.
+    metrics_port: int | None = None
+    metrics_server: MetricsServer | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish;
         then, with `save_to`, the state they left is saved there."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if save_to is not None:
             version = self.trainer.save(save_to)
             log.info("saved state version %d to %s", version, save_to)
@@ -67,6 +74,7 @@ def start(
     tls: TlsFiles | None = None,
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     session_idle_s: float = DEFAULT_IDLE_S,
+    metrics_port: int | None = None,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -74,17 +82,23 @@ def start(
     once, while a few threads stay free for health checks and reflection.
     `token`: every call but health checks must carry it as a bearer token. `tls`: serve
     TLS (mutual TLS when it names a client CA). `extra_handlers` serve other services beside
-    it (the benchmark's bare-gRPC floor).
+    it (the benchmark's bare-gRPC floor). `metrics_port`: serve Prometheus metrics over HTTP
+    on host:metrics_port (0: a free port; None: no metrics).
     """
+    sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
+    metrics = None if metrics_port is None else Metrics(sessions)
+    # First: it counts and logs every call, those the token refuses too.
+    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics)]
+    if token:
+        interceptors.append(TokenInterceptor(token))
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=max_concurrent + SPARE_THREADS, thread_name_prefix="gradwire"
         ),
-        interceptors=[TokenInterceptor(token)] if token else [],
+        interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
-    sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     servicer = TrainerServicer(trainer, max_concurrent, sessions)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
@@ -106,10 +120,26 @@ def start(
             f"cannot listen on {address}: the port is in use or the address is not this "
             "machine's; choose another --port (0 picks a free one) or --host"
         )
+    metrics_server = None
+    if metrics is not None and metrics_port is not None:
+        try:
+            metrics_server = MetricsServer(metrics.registry, host, metrics_port)
+        except OSError:
+            server.stop(None)
+            raise
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, bound, health_servicer, trainer, servicer)
+    return Running(
+        server,
+        bound,
+        health_servicer,
+        trainer,
+        servicer,
+        metrics,
+        None if metrics_server is None else metrics_server.port,
+        metrics_server,
+    )
 
 
 def describe_device(device: torch.device) -> str:
@@ -134,6 +164,7 @@ def serve(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     session_idle_s: float = DEFAULT_IDLE_S,
     ready: Callable[[Running], None] | None = None,
+    metrics_port: int | None = None,
     model: str | None = None,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
@@ -157,6 +188,7 @@ def serve(
         tls=tls,
         max_sessions=max_sessions,
         session_idle_s=session_idle_s,
+        metrics_port=metrics_port,
     )
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
@@ -173,6 +205,8 @@ def serve(
         port_file.write_text(f"{running.port}\n")
     log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
     log.info("listening on %s:%d (health and reflection on)", host, running.port)
+    if running.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", host, running.metrics_port)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

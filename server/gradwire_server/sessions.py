@@ -92,6 +92,11 @@ class Sessions:
             raise UnknownSession(f"no session {session!r} to close", metadata={"session": session})
         found.trainer.close()
 
+    @property
+    def open_count(self) -> int:
+        """Sessions open beside the default one (expired ones may count until next used)."""
+        return len(self._open)
+
     def close_all(self) -> None:
         with self._lock:
             sessions, self._open = list(self._open.values()), {}

@@ -1,0 +1,125 @@
+"""Log lines that say which call they belong to: method, request id, session and peer.
+
+The call interceptor (metrics.py) makes the call being served current for its duration; a
+`CallFilter` on the log handler copies its fields onto every record logged meanwhile, by any
+logger (grpc's own too). `JsonFormatter` writes one JSON object per line; `TextFormatter` the
+usual text, with ` [request_id=...]` at the end when the call has one.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import json
+import logging
+from typing import Any
+
+import grpc
+
+from gradwire_server.servicer import REQUEST_ID, SESSION
+
+#: The fields a record may carry beyond the standard ones, in the order JSON lines show them.
+CALL_FIELDS = ("method", "request_id", "session", "peer")
+ACCESS_FIELDS = ("code", "duration_ms")
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Call:
+    """The RPC being served. Its metadata and peer are read only when a line is logged."""
+
+    __slots__ = ("_fields", "context", "method")
+
+    def __init__(self, method: str, context: grpc.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self._fields: dict[str, str] | None = None
+
+    def fields(self) -> dict[str, str]:
+        """method, and request_id, session and peer where known."""
+        if self._fields is None:
+            fields = {"method": self.method}
+            try:
+                metadata = dict(self.context.invocation_metadata() or ())
+                for key, name in ((REQUEST_ID, "request_id"), (SESSION, "session")):
+                    value = metadata.get(key)
+                    if isinstance(value, str) and value:
+                        fields[name] = value
+                fields["peer"] = self.context.peer()
+            except Exception:  # a log line never fails for want of its decoration
+                pass
+            self._fields = fields
+        return self._fields
+
+
+#: The call this thread is serving; None outside calls.
+CURRENT_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "gradwire_call", default=None
+)
+
+
+class CallFilter(logging.Filter):
+    """Copies the current call's fields onto each record (as attributes); drops nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = CURRENT_CALL.get()
+        if call is not None:
+            for name, value in call.fields().items():
+                if not hasattr(record, name):
+                    setattr(record, name, value)
+        return True
+
+
+def _call_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = {name: getattr(record, name) for name in CALL_FIELDS if hasattr(record, name)}
+    if not fields:  # a handler without CallFilter: read the call directly
+        call = CURRENT_CALL.get()
+        if call is not None:
+            fields = dict(call.fields())
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the call's
+    fields (method, request_id, session, peer) when logged during one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line: dict[str, Any] = {
+            "time": moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(_call_fields(record))
+        for name in ACCESS_FIELDS:
+            if hasattr(record, name):
+                line[name] = getattr(record, name)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with ` [request_id=... session=...]` appended when the call has them."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        fields = _call_fields(record)
+        tags = [f"{k}={fields[k]}" for k in ("request_id", "session") if k in fields]
+        return f"{text} [{' '.join(tags)}]" if tags else text
+
+
+def log_handler(log_format: str = "text") -> logging.Handler:
+    """A handler to stderr in `log_format` ("text" or "json") that knows the current call."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    handler = logging.StreamHandler()
+    handler.addFilter(CallFilter())
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    return handler

@@ -1,0 +1,275 @@
+"""What operators watch: Prometheus metrics per RPC and gauges of the model, and an access log.
+
+`CallInterceptor` wraps the handler of every method of every service (Trainer, health,
+reflection): while a call runs it is the current call of the log lines (logs.py); when it ends
+its status code and duration are counted in `Metrics` (when the server has them) and, at DEBUG,
+logged on "gradwire_server.access". Each server has its own registry, so that servers in one
+process do not collide, and `serve_metrics` exposes it over HTTP.
+
+The cost per call is one small object, a contextvar set and reset, two clock reads and the
+Prometheus updates, on children cached per method and code; no lock is held across the call. A
+failure to record never fails the call: it is logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import start_http_server as _start_http_server
+
+from gradwire_server.logs import CURRENT_CALL, Call
+from gradwire_server.servicer import HANDLER_KINDS
+from gradwire_server.sessions import Sessions
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("gradwire_server.access")
+
+#: Seconds: from a sub-millisecond read to a long upload or a big training step.
+BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
+#: The method label of calls to methods no service has (answered UNIMPLEMENTED by grpc): the
+#: name is the caller's to choose, so it is not a label value.
+UNKNOWN_METHOD = "unknown"
+
+
+def device_memory_bytes(device: torch.device) -> float:
+    """Memory in use for the model: allocated by PyTorch on a CUDA device, else the process's
+    resident set size."""
+    try:
+        if device.type == "cuda":
+            return float(torch.cuda.memory_allocated(device))
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return float(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except Exception:  # not Linux, or no device: the gauge says so instead of failing a scrape
+        return float("nan")
+
+
+class _MethodStats:
+    """The labelled children of one method, so that a call does no label lookup once warm."""
+
+    __slots__ = ("_calls", "_codes", "_method", "seconds")
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._calls = metrics.calls
+        self._method = method
+        self._codes: dict[str, Any] = {}
+        self.seconds = metrics.seconds.labels(method)
+
+    def count(self, code: str) -> None:
+        child = self._codes.get(code)
+        if child is None:  # a race creates the same child twice: labels() returns one object
+            child = self._codes[code] = self._calls.labels(self._method, code)
+        child.inc()
+
+
+class Metrics:
+    """The metrics of one server, in a registry of its own.
+
+    gradwire_rpc_total{method, code}   calls finished, by status code name
+    gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
+    gradwire_model_version              state version of the default session's model
+    gradwire_sessions_open              sessions open beside the default one
+    gradwire_device_memory_bytes{device} CUDA memory allocated, or the process's RSS on CPU
+    process_*                           the process collector's CPU, memory and file counts
+    """
+
+    def __init__(self, sessions: Sessions) -> None:
+        self.registry = CollectorRegistry()
+        self.calls = Counter(
+            "gradwire_rpc",
+            "RPCs finished, by method and status code",
+            ("method", "code"),
+            registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "gradwire_rpc_seconds",
+            "RPC duration in seconds, by method (server streams: until the last message)",
+            ("method",),
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        Gauge(
+            "gradwire_model_version",
+            "State version of the default session's model",
+            registry=self.registry,
+        ).set_function(lambda: sessions.default.version)
+        Gauge(
+            "gradwire_sessions_open",
+            "Sessions open beside the default one",
+            registry=self.registry,
+        ).set_function(lambda: sessions.open_count)
+        device = sessions.default.device
+        Gauge(
+            "gradwire_device_memory_bytes",
+            "Memory in use: allocated by PyTorch on a CUDA device, the process's RSS on CPU",
+            ("device",),
+            registry=self.registry,
+        ).labels(str(device)).set_function(functools.partial(device_memory_bytes, device))
+        ProcessCollector(registry=self.registry)
+        self._methods: dict[str, _MethodStats] = {}
+
+    def method(self, method: str) -> _MethodStats:
+        stats = self._methods.get(method)
+        if stats is None:
+            stats = self._methods[method] = _MethodStats(self, method)
+        return stats
+
+
+class MetricsServer:
+    """Prometheus's HTTP exposition of a registry, on a thread of its own."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        try:
+            self._httpd, self._thread = _start_http_server(port, addr=host, registry=registry)
+        except OSError as err:
+            raise OSError(
+                f"cannot serve metrics on {host}:{port} ({err.strerror or err}): choose another "
+                "--metrics-port (0 picks a free one)"
+            ) from err
+        self.port: int = self._httpd.server_port
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+_warned = threading.Event()
+
+
+def _warn_once() -> None:
+    if not _warned.is_set():
+        _warned.set()
+        log.warning("recording a call's metrics failed; calls go on unrecorded", exc_info=True)
+
+
+def _code_of(context: grpc.ServicerContext, default: str) -> str:
+    """The status the handler set (abort sets it too); `default` where it set none."""
+    try:
+        code = context.code()  # type: ignore[attr-defined]  # grpc has it; its stubs do not
+    except Exception:
+        return default
+    return code.name if isinstance(code, grpc.StatusCode) else default
+
+
+class CallInterceptor(grpc.ServerInterceptor):
+    """Makes each call current for the log lines, and counts and times it into `metrics`."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        # method -> (the handler wrapped, its wrapper): handlers are built once per method.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    def intercept_service(
+        self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = continuation(details)
+        method = details.method
+        if handler is None:
+            self._finish(UNKNOWN_METHOD, "UNIMPLEMENTED", time.perf_counter())
+            return None
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)  # keys: methods that exist, so bounded
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+        behavior = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[(streaming_in, streaming_out)]
+        wrap = self._stream if streaming_out else self._unary
+        return HANDLER_KINDS[(streaming_in, streaming_out)](
+            wrap(method, behavior),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _unary(self, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            token = CURRENT_CALL.set(Call(method, context))
+            default = "UNKNOWN"  # an exception that is no abort: grpc answers UNKNOWN
+            try:
+                response = behavior(request, context)
+                default = "OK"
+                return response
+            finally:
+                self._finish(method, _code_of(context, default), start)
+                CURRENT_CALL.reset(token)
+
+        return call
+
+    def _stream(self, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            # A generator: grpc iterates it on the call's thread. The call is made current
+            # around each step only, so that a stream closed elsewhere resets nothing wrongly.
+            start = time.perf_counter()
+            current = Call(method, context)
+            default = "UNKNOWN"
+            responses: Iterator[Any] | None = None
+            try:
+                while True:
+                    token = CURRENT_CALL.set(current)
+                    try:
+                        if responses is None:
+                            responses = iter(behavior(request, context))
+                        response = next(responses)
+                    except StopIteration:
+                        default = "OK"
+                        return
+                    finally:
+                        CURRENT_CALL.reset(token)
+                    yield response
+            except GeneratorExit:  # closed before its end: the client went away
+                default = "CANCELLED"
+                raise
+            finally:
+                token = CURRENT_CALL.set(current)
+                try:
+                    close = getattr(responses, "close", None)
+                    if close is not None:
+                        close()  # the handler's own cleanup, as part of the call
+                finally:
+                    self._finish(method, _code_of(context, default), start)
+                    CURRENT_CALL.reset(token)
+
+        return call
+
+    def _finish(self, method: str, code: str, start: float) -> None:
+        """Counts and times a finished call, and logs it at DEBUG; never raises."""
+        seconds = time.perf_counter() - start
+        try:
+            if self.metrics is not None:
+                stats = self.metrics.method(method)
+                stats.count(code)
+                stats.seconds.observe(seconds)
+        except Exception:
+            _warn_once()
+        if access_log.isEnabledFor(logging.DEBUG):
+            try:
+                ms = seconds * 1000
+                access_log.debug(
+                    "%s %s %.2f ms",
+                    method,
+                    code,
+                    ms,
+                    extra={"code": code, "duration_ms": round(ms, 3)},
+                )
+            except Exception:
+                _warn_once()

@@ -1,0 +1,390 @@
+"""Operators' view: Prometheus metrics on their own port, and log lines that name their call."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+import gradwire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.cli import build_parser, main
+from gradwire_server import metrics
+from gradwire_server.app import Running, start
+from gradwire_server.logs import CallFilter, JsonFormatter, TextFormatter, log_handler
+from gradwire_server.trainer import Trainer
+
+TRAINER = "/gradwire.v1.Trainer/"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture
+def watched(trainer: Trainer) -> Iterator[Running]:
+    """A server with metrics on a free port."""
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture
+def channel(watched: Running) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{watched.port}") as c:
+        yield c
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> pb_grpc.TrainerStub:
+    return pb_grpc.TrainerStub(channel)
+
+
+def scrape(running: Running) -> Samples:
+    url = f"http://127.0.0.1:{running.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def calls(samples: Samples, method: str, code: str) -> float:
+    return samples.get(
+        ("gradwire_rpc_total", frozenset({"method": method, "code": code}.items())), 0
+    )
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    """The status code of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_counts_every_call_by_method_and_code(
+    watched: Running, stub: pb_grpc.TrainerStub, channel: grpc.Channel
+) -> None:
+    stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+    stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+    assert code_of(lambda: stub.GetTensor(pb.GetTensorRequest(name="nope"), timeout=10)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    chunks = list(stub.GetTensorStream(pb.GetTensorRequest(name="conv1.weight"), timeout=10))
+    assert chunks
+    stream = stub.GetTensorStream(pb.GetTensorRequest(name="nope"), timeout=10)
+    assert code_of(lambda: list(stream)) == grpc.StatusCode.NOT_FOUND
+    health = health_pb2_grpc.HealthStub(channel)
+    health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert code_of(lambda: stub.Step(pb.StepRequest(), timeout=10)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+    samples = scrape(watched)
+    assert calls(samples, TRAINER + "ListTensors", "OK") == 2
+    assert calls(samples, TRAINER + "GetTensor", "NOT_FOUND") == 1
+    assert calls(samples, TRAINER + "GetTensor", "OK") == 0
+    assert calls(samples, TRAINER + "GetTensorStream", "OK") == 1
+    assert calls(samples, TRAINER + "GetTensorStream", "NOT_FOUND") == 1
+    assert calls(samples, "/grpc.health.v1.Health/Check", "OK") == 1
+    assert calls(samples, TRAINER + "Step", "FAILED_PRECONDITION") == 1
+    total = sum(v for (name, _), v in samples.items() if name == "gradwire_rpc_total")
+    assert total == 7  # nothing else was counted
+
+
+def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:
+    for _ in range(3):
+        stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+    list(stub.GetTensorStream(pb.GetTensorRequest(name="linear.weight"), timeout=10))
+    samples = scrape(watched)
+    for method, count in (("ListTensors", 3), ("GetTensorStream", 1)):
+        labels = frozenset({"method": TRAINER + method}.items())
+        assert samples[("gradwire_rpc_seconds_count", labels)] == count
+        assert samples[("gradwire_rpc_seconds_sum", labels)] > 0
+        infinite = frozenset({"method": TRAINER + method, "le": "+Inf"}.items())
+        assert samples[("gradwire_rpc_seconds_bucket", infinite)] == count
+
+
+def test_gauges_follow_the_model(
+    watched: Running, trainer: Trainer, stub: pb_grpc.TrainerStub
+) -> None:
+    assert scrape(watched)[("gradwire_model_version", frozenset())] == trainer.version == 0
+    stub.FillParameters(pb.FillParametersRequest(value=0.5), timeout=10)
+    stub.OpenSession(pb.OpenSessionRequest(), timeout=10)
+    samples = scrape(watched)
+    assert trainer.version > 0
+    assert samples[("gradwire_model_version", frozenset())] == trainer.version
+    assert samples[("gradwire_sessions_open", frozenset())] == 1
+    memory = samples[("gradwire_device_memory_bytes", frozenset({"device": "cpu"}.items()))]
+    assert memory > 1_000_000  # this process's resident set: torch alone is more
+
+
+def test_unknown_methods_are_counted_without_their_name(
+    watched: Running, channel: grpc.Channel
+) -> None:
+    bogus: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/gradwire.v1.Trainer/NoSuchMethod"
+    )
+    assert code_of(lambda: bogus(b"", timeout=10)) == grpc.StatusCode.UNIMPLEMENTED
+    samples = scrape(watched)
+    assert calls(samples, metrics.UNKNOWN_METHOD, "UNIMPLEMENTED") == 1
+    assert not any("NoSuchMethod" in str(labels) for _, labels in samples)
+
+
+def test_refused_calls_are_counted_unauthenticated(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0, token="sesame", metrics_port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.TrainerStub(channel)
+            assert code_of(lambda: stub.ListTensors(pb.ListTensorsRequest(), timeout=10)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            stub.ListTensors(
+                pb.ListTensorsRequest(), timeout=10, metadata=(("authorization", "Bearer sesame"),)
+            )
+        samples = scrape(running)
+        assert calls(samples, TRAINER + "ListTensors", "UNAUTHENTICATED") == 1
+        assert calls(samples, TRAINER + "ListTensors", "OK") == 1
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_failure_to_record_never_fails_a_call(
+    watched: Running, stub: pb_grpc.TrainerStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(method: str) -> None:
+        raise RuntimeError("the metrics are broken")
+
+    assert watched.metrics is not None
+    monkeypatch.setattr(watched.metrics, "method", broken)
+    answer = stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+    assert answer.tensors
+    assert list(stub.GetTensorStream(pb.GetTensorRequest(name="conv1.weight"), timeout=10))
+
+
+def test_servers_in_one_process_keep_their_own_counts(
+    watched: Running, stub: pb_grpc.TrainerStub
+) -> None:
+    other = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, metrics_port=0)
+    try:
+        stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+        assert calls(scrape(watched), TRAINER + "ListTensors", "OK") == 1
+        assert calls(scrape(other), TRAINER + "ListTensors", "OK") == 0
+    finally:
+        other.stop(grace=None)
+
+
+def test_no_metrics_port_unless_asked(server: Running) -> None:
+    assert server.metrics_port is None
+    assert server.metrics is None
+
+
+def test_stop_closes_the_metrics_port(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    port = running.metrics_port
+    assert port
+    running.stop(grace=None)
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_a_metrics_port_in_use_is_refused_clearly(trainer: Trainer) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match=r"cannot serve metrics on 127\.0\.0\.1"):
+            start(trainer, "127.0.0.1", 0, metrics_port=taken.getsockname()[1])
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def access_lines() -> Iterator[io.StringIO]:
+    """The access log (DEBUG) in JSON, through the handler `gradwire serve` uses."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CallFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("gradwire_server.access")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def json_lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_logs_carry_the_request_id_and_session(
+    watched: Running, stub: pb_grpc.TrainerStub, access_lines: io.StringIO
+) -> None:
+    session = stub.OpenSession(pb.OpenSessionRequest(), timeout=10).session
+    metadata = (("gradwire-request-id", "req-42"), ("gradwire-session", session))
+    stub.FillParameters(pb.FillParametersRequest(value=0.5), timeout=10, metadata=metadata)
+    opened, filled = json_lines(access_lines)
+    assert opened["method"] == TRAINER + "OpenSession"
+    assert "request_id" not in opened and "session" not in opened
+    assert filled["method"] == TRAINER + "FillParameters"
+    assert filled["request_id"] == "req-42"
+    assert filled["session"] == session
+    assert filled["code"] == "OK"
+    assert isinstance(filled["duration_ms"], float)
+    assert str(filled["peer"]).startswith("ipv4:127.0.0.1:")
+    assert filled["level"] == "DEBUG"
+    assert filled["logger"] == "gradwire_server.access"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(filled["time"]))
+    assert str(filled["message"]).startswith(f"{TRAINER}FillParameters OK ")
+
+
+def test_the_python_clients_request_id_reaches_the_log(
+    watched: Running, access_lines: io.StringIO
+) -> None:
+    with gradwire.connect(f"127.0.0.1:{watched.port}", timeout=10) as client:
+        client.fill_parameters(0.25)
+    (line,) = [x for x in json_lines(access_lines) if x["method"] == TRAINER + "FillParameters"]
+    assert re.fullmatch(r"[0-9a-f]{32}", str(line["request_id"]))
+
+
+def test_errors_are_logged_with_their_code(
+    watched: Running, stub: pb_grpc.TrainerStub, access_lines: io.StringIO
+) -> None:
+    metadata = (("gradwire-request-id", "r1"),)
+    assert code_of(lambda: stub.Step(pb.StepRequest(), timeout=10, metadata=metadata)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    (line,) = json_lines(access_lines)
+    assert (line["code"], line["request_id"]) == ("FAILED_PRECONDITION", "r1")
+
+
+def test_lines_outside_calls_have_no_call_fields() -> None:
+    record = logging.LogRecord(
+        "gradwire_server", logging.INFO, __file__, 1, "hello %s", ("x",), None
+    )
+    CallFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert set(line) == {"time", "level", "logger", "message"}
+    assert line["message"] == "hello x"
+    assert TextFormatter().format(record).endswith("INFO gradwire_server: hello x")
+
+
+def test_text_lines_end_with_the_request_id() -> None:
+    record = logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "done", (), None)
+    record.request_id = "abc"
+    assert TextFormatter().format(record).endswith("gradwire_server: done [request_id=abc]")
+
+
+def test_json_lines_keep_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord(
+            "gradwire_server", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    line = json.loads(JsonFormatter().format(record))
+    assert "ValueError: boom" in line["exception"]
+
+
+def test_an_unknown_log_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="text, json"):
+        log_handler("xml")
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_serve_help_lists_the_flags() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["serve", "--help"], out, err) == 0
+    assert "--metrics-port" in out.getvalue()
+    assert "--log-format" in out.getvalue()
+
+
+def test_serve_flags_parse() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["serve"])
+    assert (args.metrics_port, args.log_format) == (None, "text")
+    args = parser.parse_args(["serve", "--metrics-port", "9464", "--log-format", "json"])
+    assert (args.metrics_port, args.log_format) == (9464, "json")
+
+
+def test_serve_refuses_an_unknown_log_format() -> None:
+    assert main(["serve", "--log-format", "xml"], io.StringIO(), io.StringIO()) == 2
+
+
+def test_serve_logs_json_and_serves_metrics() -> None:
+    """`gradwire serve` as a user starts it: every stderr line is JSON, and /metrics answers."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gradwire.cli",
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--metrics-port",
+            "0",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        lines: list[dict[str, object]] = []
+        for text in process.stderr:  # blocks until the server says where its metrics are
+            if not text.startswith("{"):
+                continue  # not Python's logging: grpc's C core may write to stderr itself
+            lines.append(json.loads(text))
+            if str(lines[-1]["message"]).startswith("metrics on"):
+                break
+        else:
+            pytest.fail(f"the server exited before serving metrics: {lines}")
+        messages = [str(line["message"]) for line in lines]
+        port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+)", " ".join(messages))[0])
+        url = str(lines[-1]["message"]).removeprefix("metrics on ")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            pb_grpc.TrainerStub(channel).ListTensors(
+                pb.ListTensorsRequest(), timeout=10, metadata=(("gradwire-request-id", "cli-1"),)
+            )
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert (
+                'gradwire_rpc_total{code="OK",method="/gradwire.v1.Trainer/ListTensors"} 1.0'
+                in (answer.read().decode())
+            )
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        rest = [json.loads(x) for x in process.stderr.read().splitlines() if x.startswith("{")]
+        (access,) = [x for x in rest if x.get("method") == TRAINER + "ListTensors"]
+        assert access["request_id"] == "cli-1"
+        assert access["code"] == "OK"
+    finally:  # never leave a server behind
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
