@@ -352,6 +352,10 @@ def test_list_text(cli: Run) -> None:
         "target",
         "output",
         "loss",
+        "conv1.output",
+        "conv2.output",
+        "linear.output",
+        *(f"{name}.delta" for name in PARAMETERS),
     ]
     assert rows["conv1.weight"].split(maxsplit=2) == [
         "parameter",

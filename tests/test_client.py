@@ -346,8 +346,13 @@ def test_fill_parameters_of_an_unknown_name_is_not_found(client: gradwire.Client
 def test_list_tensors_names_and_kinds(client: gradwire.Client) -> None:
     listing = client.list_tensors()
     grads = [f"{n}.grad" for n in PARAMETERS]
-    assert listing.names() == [*PARAMETERS, *grads, "input", "target", "output", "loss"]
+    outputs = ["conv1.output", "conv2.output", "linear.output"]
+    deltas = [f"{n}.delta" for n in PARAMETERS]
+    forward = ["input", "target", "output", "loss"]
+    assert listing.names() == [*PARAMETERS, *grads, *forward, *outputs, *deltas]
     kinds = {t.name: t.kind for t in listing.tensors}
+    assert [kinds[n] for n in outputs] == ["activation"] * 3
+    assert [kinds[n] for n in deltas] == ["delta"] * 3
     assert [kinds[n] for n in PARAMETERS] == ["parameter"] * 3
     assert [kinds[n] for n in grads] == ["gradient"] * 3
     assert [kinds[n] for n in ("input", "target", "output", "loss")] == [

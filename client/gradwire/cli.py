@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -21,8 +24,9 @@ from gradwire import codec
 from gradwire.client import DEFAULT_TARGET, Client
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
-from gradwire.errors import RemoteError
+from gradwire.errors import DeadlineExceeded, RemoteError
 from gradwire.fill import Fill
+from gradwire.progress import ProgressBar, WatchTable, format_stats
 from gradwire.selector import SelectorError, parse_selector
 
 # Remote commands get a Client; local ones (serve, replay --embedded) get None.
@@ -191,6 +195,137 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         data["values"] = _jsonable(read.value)
         text = format_tensor(read.value)
     _emit(out, args, data, text)
+
+
+def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    read = client.stats(args.selector, bins=args.bins, low=args.low, high=args.high)
+    if read.stats is None:
+        _emit(out, args, {"name": read.name, "version": read.version, "present": False}, "None")
+        return
+    data = {
+        "name": read.name,
+        "version": read.version,
+        "present": True,
+        "shape": list(read.shape or ()),
+        **dataclasses.asdict(read.stats),
+    }
+    text = "\n".join(
+        [f"{args.selector} {format_size(read.shape or ())}", *format_stats(read.stats)]
+    )
+    _emit(out, args, data, text)
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C (SIGINT), so a loop can stop between two steps, not inside one."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals reach only the main thread: nothing to install
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _train_data(args: argparse.Namespace) -> tuple[Fill, Fill]:
+    """Random inputs and class labels made on the server, new ones each step (seed + step)."""
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    listing_shape = args.input_shape or (3, 10, 10)
+    x = Fill.normal(args.batch, *listing_shape, seed=args.seed)
+    y = Fill.randint(0, args.classes, args.batch, seed=args.seed + 1_000_003)
+    return x, y
+
+
+def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.every < 1:
+        raise UsageError(f"--every must be at least 1, got {args.every}")
+    x, y = _train_data(args)
+    bar = ProgressBar(sys.stderr if args.json else out, args.steps)
+    done, loss, version = 0, float("nan"), None
+    with _stop_on_interrupt() as stop:
+        if args.server_side:
+            run = client.train(x, y, args.steps, every=args.every)
+            try:
+                for progress in run:
+                    done, loss, version = progress.step, progress.loss, progress.version
+                    bar.update(done, loss, progress.steps_per_s)
+                    if stop.is_set():
+                        break
+            finally:
+                run.close()  # cancels the run on the server: it stops between two steps
+        else:
+            for k in range(args.steps):
+                if stop.is_set():
+                    break
+                result = client.train_step(x.reseeded(k), y.reseeded(k))
+                done, loss, version = k + 1, result.loss, result.version
+                if done % args.every == 0 or done == args.steps:
+                    bar.update(done, loss)
+    stopped = done < args.steps
+    data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
+    data["stopped"] = stopped
+    text = f"{'stopped after' if stopped else 'trained'} {done} steps: loss {loss:.4f}"
+    if version is not None:
+        text += f", version {version}"
+    if args.json:
+        _emit(out, args, data, text)
+    else:
+        bar.finish(text)
+
+
+def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    if args.count is not None and args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    stats = args.stats or not args.values
+    stream = client.watch(
+        args.selectors,
+        values=args.values,
+        stats=stats,
+        bins=args.bins,
+        every_steps=args.every_steps,
+        timeout=args.duration,
+    )
+    table = WatchTable(out, args.selectors)
+    seen = 0
+    try:
+        for update in stream:
+            if args.json:
+                out.write(json.dumps(_watch_json(update)) + "\n")
+                out.flush()
+            else:
+                table.show(update)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                break
+    except DeadlineExceeded:
+        pass  # --duration reached: the watch ends as asked
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends a watch; nothing was changing on the server
+    finally:
+        stream.close()
+
+
+def _watch_json(update: Any) -> dict[str, Any]:
+    tensors = []
+    for watched in update.tensors:
+        item: dict[str, Any] = {"name": watched.name, "present": watched.present}
+        if watched.value is not None:
+            item["value"] = _jsonable(watched.value)
+        if watched.stats is not None:
+            item["stats"] = dataclasses.asdict(watched.stats)
+        tensors.append(item)
+    return {
+        "version": update.version,
+        "cause": update.cause,
+        "skipped": update.skipped,
+        "steps": update.steps,
+        "tensors": tensors,
+    }
 
 
 def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -511,6 +646,67 @@ def build_parser() -> argparse.ArgumentParser:
         "selector", help="a name and optional numpy basic index: conv1.weight[0, :, 1:3]"
     )
     p.add_argument("--shape-only", action="store_true", help="print the shape, fetch no values")
+
+    p = add(
+        "stats",
+        cmd_stats,
+        "statistics of a tensor or slice, computed on the server: "
+        "gradwire stats conv1.weight.grad --bins 10",
+    )
+    p.add_argument("selector", help="a name and optional index, as for get")
+    p.add_argument("--bins", type=int, default=0, help="histogram bins (default: none)")
+    p.add_argument("--low", type=float, help="histogram's lower edge (default: the minimum)")
+    p.add_argument("--high", type=float, help="histogram's upper edge (default: the maximum)")
+
+    p = add(
+        "watch",
+        cmd_watch,
+        "show tensors after every change, live (Ctrl-C stops): "
+        "gradwire watch conv1.weight.grad loss --every-steps 10",
+    )
+    p.add_argument("selectors", nargs="+", help="names with optional indices, as for get")
+    p.add_argument("--values", action="store_true", help="show values (default: statistics)")
+    p.add_argument("--stats", action="store_true", help="with --values: statistics too")
+    p.add_argument("--bins", type=int, default=0, help="histogram bins in the statistics")
+    p.add_argument(
+        "--every-steps",
+        type=int,
+        default=0,
+        help="an update every N optimizer steps (default: after every change)",
+    )
+    p.add_argument("--count", type=int, help="stop after this many updates")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    p = add(
+        "train",
+        cmd_train,
+        "run training steps with a progress bar, on random data made on the server "
+        "(Ctrl-C stops between steps)",
+    )
+    p.add_argument("--steps", type=int, default=100, help="steps to run (default %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default %(default)s)")
+    p.add_argument(
+        "--every", type=int, default=1, help="show progress every K steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of step 0's data; step k uses seed + k (default %(default)s)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        help="one sample's shape, comma-separated (default 3,10,10: the tutorial's model)",
+    )
+    p.add_argument(
+        "--classes", type=int, default=20, help="labels drawn from 0..N-1 (default %(default)s)"
+    )
+    p.add_argument(
+        "--server-side",
+        action="store_true",
+        help="one Train call runs every step on the server (default: a TrainStep call per step)",
+    )
 
     p = add("set", cmd_set, "write a parameter or gradient, or a slice of one")
     p.add_argument("selector", help="a name and optional index, as for get")

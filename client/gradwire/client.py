@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -28,6 +28,14 @@ from gradwire.errors import GradwireError, ResourceExhausted, from_rpc_error
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
 from gradwire.selector import parse_selector
+from gradwire.updates import (
+    TensorStats,
+    TrainProgress,
+    WatchUpdate,
+    tensor_stats,
+    train_progress,
+    watch_update,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +67,9 @@ _KIND_NAMES = {
     pb.TENSOR_KIND_TARGET: "target",
     pb.TENSOR_KIND_OUTPUT: "output",
     pb.TENSOR_KIND_LOSS: "loss",
+    pb.TENSOR_KIND_ACTIVATION: "activation",
+    pb.TENSOR_KIND_OPTIMIZER_STATE: "optimizer_state",
+    pb.TENSOR_KIND_DELTA: "delta",
 }
 
 
@@ -105,7 +116,8 @@ class TrainStepResult:
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    kind: str  # "parameter", "gradient", "input", "target", "output", "loss"
+    kind: str  # "parameter", "gradient", "input", "target", "output", "loss", "activation",
+    # "optimizer_state" or "delta"
     dtype: str
     shape: tuple[int, ...]
     present: bool
@@ -154,6 +166,7 @@ _FIELD = {
         pb.TrainStepRequest.DESCRIPTOR,
         pb.ForwardChunk.DESCRIPTOR,
         pb.SetTensorChunk.DESCRIPTOR,
+        pb.TrainRequest.DESCRIPTOR,
     )
     for f in message.fields
 }
@@ -202,7 +215,7 @@ _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
 )  # fmt: skip
-_READS = frozenset({"GetTensor", "ListTensors"})
+_READS = frozenset({"GetTensor", "ListTensors", "GetStats"})
 _EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "expected_version", default=None
 )
@@ -328,13 +341,24 @@ class Client:
         finally:
             _EXPECTED_VERSION.reset(token)
 
-    def _stream(self, method: str, request: Any) -> Iterator[Any]:
-        """A server stream, with errors raised as the exception of their status code."""
+    def _stream(self, method: str, request: Any, *, timeout: float | None = -1.0) -> Iterator[Any]:
+        """A server stream, with errors raised as the exception of their status code.
+
+        `timeout`: for the whole stream; the client's per-call timeout unless given (None:
+        no limit). Closing the iterator early cancels the call.
+        """
+        metadata = [*self._metadata, *self._session_metadata()]
+        call = self._methods[method](
+            request,
+            timeout=self.timeout if timeout is not None and timeout < 0 else timeout,
+            metadata=metadata,
+        )
         try:
-            metadata = [*self._metadata, *self._session_metadata()]
-            yield from self._methods[method](request, timeout=self.timeout, metadata=metadata)
+            yield from call
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
 
     def close(self) -> None:
         """Closes the channel; a session client (open_session) closes its session instead."""
@@ -587,6 +611,80 @@ class Client:
         """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient."""
         read = self.read(selector, index, as_torch=as_torch, out=out)
         return read.value  # type: ignore[no-any-return]
+
+    def stats(
+        self,
+        selector: str,
+        *,
+        bins: int = 0,
+        low: float | None = None,
+        high: float | None = None,
+    ) -> TensorStats:
+        """GetStats: min, max, mean, std, norm, NaN/inf/zero counts and an optional `bins`-bin
+        histogram (over [low, high], by default the finite values' range), computed on the
+        server where the tensor lives: only the summary crosses the wire."""
+        parsed = parse_selector(selector)
+        request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
+        request.index.extend(codec.indices_to_proto(parsed.index))
+        if low is not None:
+            request.histogram_low = low
+        if high is not None:
+            request.histogram_high = high
+        return tensor_stats(self._call("GetStats", request))
+
+    def watch(
+        self,
+        selectors: Sequence[str],
+        *,
+        values: bool = False,
+        stats: bool = True,
+        bins: int = 0,
+        every_steps: int = 0,
+        timeout: float | None = None,
+    ) -> Generator[WatchUpdate, None, None]:
+        """Watch: the state now, then an update after each applied mutation (or every
+        `every_steps` Steps), until the iterator is closed (`break` out of the loop) or
+        `timeout` seconds pass. Each selector gets its values (`values`), its statistics
+        (`stats`, with a `bins`-bin histogram), or both. A slow reader never slows training:
+        it gets the latest state, and `skipped` counts the updates it missed.
+        """
+        if not selectors:
+            raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
+        request = pb.WatchRequest(every_steps=every_steps)
+        for text in selectors:
+            parsed = parse_selector(text)
+            request.items.add(
+                name=parsed.name,
+                index=codec.indices_to_proto(parsed.index),
+                values=values,
+                stats=stats,
+                histogram_bins=bins,
+            )
+        for data in self._stream("Watch", request, timeout=timeout):
+            yield watch_update(data)
+
+    def train(
+        self,
+        input: Any,
+        target: Any,
+        steps: int,
+        *,
+        zero_grad: bool = True,
+        every: int = 1,
+        timeout: float | None = None,
+    ) -> Generator[TrainProgress, None, None]:
+        """Train: `steps` training steps run on the server, with progress after every
+        `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes seed + k
+        at step k, so each step sees new data. Closing the iterator stops the run between two
+        steps; the steps taken stay applied.
+        """
+        pieces = _source_pieces("TrainRequest", "input", input)
+        if target is not None:  # refused by the server, with a message saying why
+            pieces += _source_pieces("TrainRequest", "target", target)
+        request = pb.TrainRequest(steps=steps, every=every, zero_grad=zero_grad)
+        pieces.append(request.SerializeToString())
+        for message in self._stream("Train", wire.join(pieces), timeout=timeout):
+            yield train_progress(message)
 
     def shape(self, selector: str) -> tuple[int, ...] | None:
         """The shape of a tensor or slice without fetching its values; None when absent."""

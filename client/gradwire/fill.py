@@ -5,7 +5,7 @@ Big synthetic batches then need no upload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from gradwire import codec
@@ -76,6 +76,13 @@ class Fill:
         cls, low: int, high: int, *shape: int, seed: int = 0, dtype: str | None = None
     ) -> Fill:
         return cls("randint", tuple(shape), dtype, low=low, high=high, seed=seed)
+
+    def reseeded(self, step: int) -> Fill:
+        """This fill at step `step` of a run: a random kind's seed advanced by `step`, as the
+        server's Train does, so that each step sees new data; other kinds unchanged."""
+        if self.kind in ("uniform", "normal", "randint"):
+            return replace(self, seed=(self.seed + step) % (1 << 64))
+        return self
 
     def to_proto(self) -> pb.Fill:
         return pb.Fill(

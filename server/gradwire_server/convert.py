@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     FillSpec,
     ForwardResult,
@@ -42,6 +43,9 @@ _KINDS = {
     "target": pb.TENSOR_KIND_TARGET,
     "output": pb.TENSOR_KIND_OUTPUT,
     "loss": pb.TENSOR_KIND_LOSS,
+    "activation": pb.TENSOR_KIND_ACTIVATION,
+    "optimizer_state": pb.TENSOR_KIND_OPTIMIZER_STATE,
+    "delta": pb.TENSOR_KIND_DELTA,
 }
 
 
@@ -368,3 +372,53 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
             present=info.present,
         )
     return response
+
+
+def stats_to_proto(summary: Summary) -> pb.Stats:
+    message = pb.Stats(
+        count=summary.count,
+        min=summary.min,
+        max=summary.max,
+        mean=summary.mean,
+        std=summary.std,
+        norm=summary.norm,
+        nan_count=summary.nan_count,
+        inf_count=summary.inf_count,
+        zero_count=summary.zero_count,
+    )
+    if summary.histogram is not None:
+        h = summary.histogram
+        message.histogram.CopyFrom(pb.Histogram(low=h.low, high=h.high, counts=h.counts))
+    return message
+
+
+_WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
+_WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
+
+
+def watched_pieces(
+    selection: Selection, values: bool, summary: Summary | None
+) -> tuple[list[wire.Piece], int]:
+    """A WatchedTensor for a selection, its values spliced in; and their size in bytes."""
+    header = pb.WatchedTensor(name=selection.name)
+    part = selection.part
+    if part is None or selection.full_shape is None:
+        return [header.SerializeToString()], 0
+    header.full_shape.extend(selection.full_shape)
+    if summary is not None:
+        header.stats.CopyFrom(stats_to_proto(summary))
+    if not values:
+        return [header.SerializeToString()], 0
+    tensor = codec.tensor_pieces(selection.host())
+    size = part.numel() * part.element_size()
+    return [header.SerializeToString(), *wire.length_field(_WATCHED_TENSOR, tensor)], size
+
+
+def watch_update_bytes(
+    version: int, cause: str, skipped: int, steps: int, tensors: list[list[wire.Piece]]
+) -> bytes:
+    header = pb.WatchUpdate(version=version, cause=cause, skipped=skipped, steps=steps)
+    pieces: list[wire.Piece] = [header.SerializeToString()]
+    for watched in tensors:
+        pieces.extend(wire.length_field(_WATCHED, watched))
+    return wire.join(pieces)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import threading
@@ -27,7 +28,7 @@ from grpc_status import rpc_status
 
 from gradwire import limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire_server import convert
+from gradwire_server import convert, stats
 from gradwire_server.errors import (
     DeadlinePassed,
     DomainError,
@@ -39,7 +40,7 @@ from gradwire_server.errors import (
     WrongOrder,
 )
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import Guard, Selection, Trainer, guarded
+from gradwire_server.trainer import FillSpec, Guard, Selection, TensorInput, Trainer, guarded
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,12 @@ _STEP_TARGET = convert.field_path(pb.TrainStepRequest, "target")
 _SET_CHUNK = convert.field_path(pb.SetTensorChunk, "chunk")
 _FORWARD_CHUNK = convert.field_path(pb.ForwardChunk, "input")
 _CHUNK_TARGET = convert.field_path(pb.ForwardChunk, "target")
+_TRAIN_INPUT = convert.field_path(pb.TrainRequest, "input")
+_TRAIN_TARGET = convert.field_path(pb.TrainRequest, "target")
+#: How often a waiting watcher checks that its caller is still there.
+WATCH_POLL_S = 0.5
+#: The most steps one Train call may ask for.
+MAX_TRAIN_STEPS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -484,6 +491,136 @@ class TrainerServicer:
         settings = convert.optimizer_from_proto(request.config)
         version, resolved = self.trainer.set_optimizer(settings)
         return pb.SetOptimizerResponse(version=version, config=convert.optimizer_to_proto(resolved))
+
+    @rpc
+    def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.ServicerContext
+    ) -> pb.GetStatsResponse:
+        chain = convert.chain_from_proto(request.index)
+        low = request.histogram_low if request.HasField("histogram_low") else None
+        high = request.histogram_high if request.HasField("histogram_high") else None
+        stats.check_bins(request.histogram_bins, low, high)
+
+        def summarize(selection: Selection) -> pb.GetStatsResponse:
+            response = pb.GetStatsResponse(version=selection.version, name=selection.name)
+            if selection.part is None or selection.full_shape is None:
+                return response
+            summary = stats.summarize(selection.part, request.histogram_bins, low, high)
+            response.stats.CopyFrom(convert.stats_to_proto(summary))
+            response.shape.extend(selection.part.shape)
+            response.full_shape.extend(selection.full_shape)
+            return response
+
+        return self.trainer.read_with(request.name, chain, summarize)
+
+    @rpc_stream
+    def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        if not request.items:
+            raise InvalidInput(
+                "Watch needs at least one item: a tensor name, e.g. 'conv1.weight.grad'",
+                reason="BAD_REQUEST",
+            )
+        if request.every_steps < 0:
+            raise InvalidInput(
+                f"every_steps cannot be negative, got {request.every_steps}", reason="BAD_REQUEST"
+            )
+        selectors = [(item.name, convert.chain_from_proto(item.index)) for item in request.items]
+        for item in request.items:
+            stats.check_bins(item.histogram_bins, None, None)
+        trainer = self.trainer
+
+        subscription = trainer.subscribe(request.every_steps)
+
+        def update(first: bool = False) -> bytes:
+            items = iter(request.items)  # read_many uses the selections in this order
+
+            def take(selection: Selection) -> tuple[list[wire.Piece], int]:
+                item = next(items)
+                summary = None
+                # Neither values nor statistics asked for: statistics, the cheap default.
+                if selection.part is not None and (item.stats or not item.values):
+                    summary = stats.summarize(selection.part, item.histogram_bins)
+                return convert.watched_pieces(selection, item.values, summary)
+
+            snapshot = trainer.read_many(selectors, take, subscription)
+            size = sum(nbytes for _, nbytes in snapshot.used)
+            if size > limits.MAX_VALUE_BYTES:
+                raise OverLimit(
+                    f"the watched values hold {size} bytes, over the {limits.MAX_VALUE_BYTES} "
+                    "one update may carry: watch slices, or statistics instead of values",
+                    reason="WATCH_TOO_LARGE",
+                )
+            return convert.watch_update_bytes(
+                snapshot.version,
+                "Watch" if first else snapshot.cause,
+                max(snapshot.updates - 1, 0),
+                snapshot.steps,
+                [pieces for pieces, _ in snapshot.used],
+            )
+
+        try:
+            yield update(first=True)  # the state now; where bad names and indices are refused
+            while context.is_active() and not subscription.closed:
+                if subscription.wait(WATCH_POLL_S) and not subscription.closed:
+                    yield update()
+        finally:
+            trainer.unsubscribe(subscription)
+
+    @rpc_stream
+    def Train(
+        self, request: wire.Split[pb.TrainRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.TrainProgress]:
+        message = request.message
+        inputs = convert.source_from_split(request, _TRAIN_INPUT, message.input, "input")
+        target = convert.source_from_split(request, _TRAIN_TARGET, message.target, "target")
+        if inputs is None or target is None:
+            raise InvalidInput(
+                "Train needs an input and a target (class indices): a step needs a loss",
+                reason="MISSING_INPUT",
+            )
+        if not 1 <= message.steps <= MAX_TRAIN_STEPS:
+            raise InvalidInput(
+                f"steps must be between 1 and {MAX_TRAIN_STEPS}, got {message.steps}",
+                reason="BAD_REQUEST",
+            )
+        if message.every < 0:
+            raise InvalidInput(
+                f"every cannot be negative, got {message.every}", reason="BAD_REQUEST"
+            )
+        every = message.every or 1
+        zero_grad = message.zero_grad if message.HasField("zero_grad") else True
+        trainer = self.trainer
+        started = time.perf_counter()
+        for k in range(message.steps):
+            if not context.is_active():
+                return  # cancelled: stop between steps
+            result = trainer.train_step(
+                _reseeded(inputs, k), _reseeded(target, k), zero_grad=zero_grad, use=_nothing
+            )
+            done = k + 1
+            if done % every == 0 or done == message.steps:
+                yield pb.TrainProgress(
+                    step=done,
+                    steps=message.steps,
+                    loss=result.loss,
+                    version=result.version,
+                    steps_per_s=done / max(time.perf_counter() - started, 1e-9),
+                    done=done == message.steps,
+                )
+
+
+_RANDOM_FILLS = frozenset({"uniform", "normal", "randint"})
+
+
+def _reseeded(source: TensorInput, step: int) -> TensorInput:
+    """A random fill's data for step `step` of a run: its seed advanced by the step."""
+    if isinstance(source, FillSpec) and source.kind in _RANDOM_FILLS:
+        return dataclasses.replace(source, seed=(source.seed + step) % (1 << 64))
+    return source
+
+
+def _nothing(selection: Selection) -> None:
+    return None
 
 
 def _serialize(response: Message | bytes) -> bytes:

@@ -35,6 +35,7 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.watch import Subscription, Subscriptions
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def under_lock(method: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         trainer: Any = args[0]
         guard = _take_guard()
-        with trainer._lock:
+        with trainer._lock, trainer._announcing(method.__name__):
             trainer._check(guard)
             return method(*args, **kwargs)
 
@@ -108,8 +109,36 @@ def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
-Kind = Literal["parameter", "gradient", "input", "target", "output", "loss"]
+Kind = Literal[
+    "parameter",
+    "gradient",
+    "input",
+    "target",
+    "output",
+    "loss",
+    "activation",
+    "optimizer_state",
+    "delta",
+]
 _FORWARD_NAMES: tuple[Kind, ...] = ("input", "target", "output", "loss")
+#: Name parts of the read-only tensors: "conv1.output", "optimizer.conv1.weight.exp_avg",
+#: "conv1.weight.delta".
+ACTIVATION_SUFFIX = ".output"
+OPTIMIZER_PREFIX = "optimizer."
+DELTA_SUFFIX = ".delta"
+#: The RPC each mutating Trainer method serves: the `cause` of a watch update.
+CAUSES = {
+    "forward": "Forward",
+    "backward": "Backward",
+    "step": "Step",
+    "zero_grad": "ZeroGrad",
+    "write": "SetTensor",
+    "fill_parameters": "FillParameters",
+    "reset": "Reset",
+    "set_optimizer": "SetOptimizer",
+    "train_step": "TrainStep",
+    "load": "Load",
+}
 # Integer dtypes taken as class indices; CrossEntropyLoss wants them as int64.
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -208,6 +237,17 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Snapshot(Generic[T]):
+    """Several selections read at one version, for a watcher."""
+
+    version: int
+    cause: str  # the RPC of the mutation that led to this state ("Watch" when none yet)
+    steps: int  # Steps applied to this model
+    used: list[T]
+    updates: int = 0  # updates due to the subscription read with it, this read included
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     kind: Kind
@@ -269,10 +309,15 @@ class Trainer:
         optimizer: OptimizerSettings | None = None,
         seed: int | None = None,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
+        track_deltas: bool = False,
     ) -> None:
+        """`track_deltas`: record each Step's change of the parameters ("conv1.weight.delta")
+        from the start. It costs a copy of the parameters per Step, so by default recording
+        starts only once a delta is first asked for (read, fetched or watched)."""
         self.spec = spec
         self.device = torch.device(device)
         self.max_elements = max_elements
+        self.track_deltas = track_deltas
         self._lock = threading.RLock()
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
@@ -282,11 +327,14 @@ class Trainer:
         # once other threads had run steps). One thread also keeps one CUDA context current.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradwire-torch")
         self._thread = self._executor.submit(threading.get_ident).result()
+        self._subscriptions = Subscriptions()
+        self._depth = 0  # nesting of mutating calls: only the outermost one announces
+        self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
+        self._steps = 0
         self._run(self._init_state, seed)
 
     def _init_state(self, seed: int | None) -> None:
-        self._model = self._build_model(seed)
-        self._parameters = dict(self._model.named_parameters())
+        self._adopt(self._build_model(seed))
         self._optimizer = self._build_optimizer(self._model, self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
@@ -297,7 +345,7 @@ class Trainer:
         """fn(*args) on the torch thread (directly when already on it), under the lock,
         once `_guard`'s conditions are checked there."""
         if threading.get_ident() == self._thread:
-            with self._lock:
+            with self._lock, self._announcing(getattr(fn, "__name__", "")):
                 self._check(_guard)
                 return fn(*args, **kwargs)
         future = self._executor.submit(
@@ -328,8 +376,24 @@ class Trainer:
             )
 
     def close(self) -> None:
-        """Stops the torch thread once the calls in flight are done."""
+        """Ends every subscription, and stops the torch thread once the calls in flight are
+        done."""
+        with self._lock:
+            self._subscriptions.close()
         self._executor.shutdown(wait=True)
+
+    @contextmanager
+    def _announcing(self, method: str) -> Iterator[None]:
+        """Tells subscribers when the (outermost) call in this block changed the state."""
+        before = self._version
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._version != before:
+                self._cause = CAUSES.get(method.lstrip("_"), method)
+                self._subscriptions.announce(self._steps)
 
     # --- state helpers ------------------------------------------------------------
 
@@ -342,6 +406,29 @@ class Trainer:
             model = self.spec.factory()
         model.train()
         return model.to(self.device)
+
+    def _adopt(self, model: nn.Module) -> None:
+        """Makes `model` this trainer's, with hooks that keep each module's last output."""
+        self._model = model
+        self._parameters = dict(model.named_parameters())
+        self._activations: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._modules = [name for name, _ in model.named_modules() if name]
+        for name, module in model.named_modules():
+            if name:
+                module.register_forward_hook(functools.partial(self._keep_output, name))
+        self._deltas: dict[str, torch.Tensor] = {}  # the last Step's change, per parameter
+        self._delta_buffers: dict[str, torch.Tensor] = {}
+        self._steps = 0  # Steps applied to this model
+
+    @property
+    def _target_dtype(self) -> torch.dtype:
+        return torch.float32 if self.spec.loss == "mse" else torch.int64
+
+    def _keep_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        # Kept aside until the Forward succeeds, so a failed one leaves the last one's.
+        if isinstance(output, torch.Tensor):
+            self._pending[name + ACTIVATION_SUFFIX] = output.detach()
 
     @staticmethod
     def _build_optimizer(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
@@ -373,6 +460,7 @@ class Trainer:
         self._loss: torch.Tensor | None = None
         self._graph_alive = False  # the loss's graph can still be backpropagated
         self._parameters_changed = False  # parameters written in place since the Forward
+        self._activations = {}
 
     def _bump(self) -> int:
         self._version += 1
@@ -407,10 +495,37 @@ class Trainer:
 
     def names(self) -> list[str]:
         params = list(self.parameters)
-        return [*params, *(f"{p}.grad" for p in params), *_FORWARD_NAMES]
+        return [
+            *params,
+            *(f"{p}.grad" for p in params),
+            *_FORWARD_NAMES,
+            *(m + ACTIVATION_SUFFIX for m in self._modules),
+            *(f"{OPTIMIZER_PREFIX}{p}.{key}" for p in params for key in self._state_keys()),
+            *(p + DELTA_SUFFIX for p in params),
+        ]
 
-    def _lookup(self, name: str) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
-        """(kind, tensor or None when absent, the parameter it belongs to if any)."""
+    def _state_keys(self) -> tuple[str, ...]:
+        """The per-parameter state the optimizer in use keeps, by torch's own keys."""
+        if self._settings.kind == "adam":
+            return ("step", "exp_avg", "exp_avg_sq")
+        return ("momentum_buffer",) if self._settings.momentum else ()
+
+    def _optimizer_state(self, name: str) -> tuple[str, str] | None:
+        """(parameter, key) for a name like "optimizer.conv1.weight.exp_avg", else None."""
+        if not name.startswith(OPTIMIZER_PREFIX):
+            return None
+        param, _, key = name[len(OPTIMIZER_PREFIX) :].rpartition(".")
+        if param in self._parameters and key in self._state_keys():
+            return param, key
+        return None
+
+    def _lookup(
+        self, name: str, asking: bool = True
+    ) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
+        """(kind, tensor or None when absent, the parameter it belongs to if any).
+
+        `asking` for a delta turns their recording on, from the next Step (see track_deltas).
+        """
         check_name(name)
         params = self.parameters
         if name in params:
@@ -426,6 +541,18 @@ class Trainer:
         }
         if name in forward:
             return name, forward[name], None  # type: ignore[return-value]
+        if name.endswith(ACTIVATION_SUFFIX) and name[: -len(ACTIVATION_SUFFIX)] in self._modules:
+            return "activation", self._activations.get(name), None
+        if name.endswith(DELTA_SUFFIX) and name[: -len(DELTA_SUFFIX)] in params:
+            self.track_deltas = self.track_deltas or asking
+            return "delta", self._deltas.get(name[: -len(DELTA_SUFFIX)]), None
+        state = self._optimizer_state(name)
+        if state is not None:
+            owner, key = state
+            value = self._optimizer.state.get(params[owner], {}).get(key)
+            if value is not None and not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)  # a plain number in some optimizers' state
+            return "optimizer_state", value, None
         raise self._unknown(name)
 
     def _unknown(self, name: str) -> UnknownTensor:
@@ -580,6 +707,7 @@ class Trainer:
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> ForwardResult:
+        self._pending = {}
         with self._device_memory("forward"):
             try:
                 output = self._model(x)
@@ -592,6 +720,7 @@ class Trainer:
                     reason="MODEL_REFUSED",
                 ) from err
         self._input, self._target, self._output, self._loss = x, y, output, loss
+        self._activations, self._pending = self._pending, {}
         self._graph_alive = loss is not None
         self._parameters_changed = False
         # loss.item() is where the device is synchronised: the value leaves it here.
@@ -669,7 +798,22 @@ class Trainer:
         total = 0
         for name, chain in fetch:
             kind, _, param = self._lookup(name)
-            shape, dtype = (tuple(param.shape), param.dtype) if param is not None else after[kind]
+            if param is not None:
+                shape, dtype = tuple(param.shape), param.dtype
+            elif kind == "activation":
+                if "activations" not in after:
+                    after.update(self._activation_shapes(x))
+                if name not in after:  # the module returns no tensor: absent after the step
+                    continue
+                shape, dtype = after[name]
+            elif kind in ("delta", "optimizer_state"):
+                state = self._optimizer_state(name)
+                owner = self._parameters[state[0] if state else name[: -len(DELTA_SUFFIX)]]
+                shape, dtype = tuple(owner.shape), owner.dtype
+                if state and state[1] == "step":
+                    shape, dtype = (), torch.float32
+            else:
+                shape, dtype = after[kind]
             part = select(torch.empty(shape, dtype=dtype, device="meta"), chain, name)
             total += part.numel() * part.element_size()
         if max_bytes is not None and total > max_bytes:
@@ -679,6 +823,22 @@ class Trainer:
                 reason="FETCH_TOO_LARGE",
                 metadata={"bytes": str(total), "limit": str(max_bytes)},
             )
+
+    def _activation_shapes(self, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What each module's output will be for input `x`: the model run on meta tensors."""
+        meta = {
+            name: torch.empty_like(t, device="meta")
+            for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
+        }
+        self._pending = {}
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(self._model, meta, (torch.empty_like(x, device="meta"),))
+            shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._pending.items()}
+        finally:
+            self._pending = {}
+        shapes["activations"] = ((), x.dtype)  # marks them computed
+        return shapes
 
     @on_torch_thread
     def backward(self, retain_graph: bool = False) -> int:
@@ -751,15 +911,38 @@ class Trainer:
                 reason="NO_GRADIENTS",
             )
         with self._device_memory("step"):
-            self._optimizer.step()
+            before = self._keep_before_step() if self.track_deltas else {}
+            try:
+                self._optimizer.step()
+            except BaseException:
+                self._deltas = {}  # their buffers now hold `before`, not the last Step's change
+                raise
+        # delta = after - before, in one pass, into the buffer that held `before`.
+        for name, kept in before.items():
+            torch.sub(self._parameters[name].detach(), kept, out=kept)
+        if self.track_deltas:
+            self._deltas = before
+        self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
+
+    def _keep_before_step(self) -> dict[str, torch.Tensor]:
+        """Copies of the parameters a Step will update, in buffers kept from step to step."""
+        kept = {}
+        for name, p in self._parameters.items():
+            if p.grad is None:
+                continue
+            buffer = self._delta_buffers.get(name)
+            if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype:
+                buffer = self._delta_buffers[name] = torch.empty_like(p, requires_grad=False)
+            kept[name] = buffer.copy_(p.detach())
+        return kept
 
     def zero_grad(self, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
         guard = _take_guard()
         if set_to_none:  # no tensor math: the lock is enough, no hand-off to the torch thread
-            with self._lock:
+            with self._lock, self._announcing("zero_grad"):
                 self._check(guard)
                 return self._zero_grad(True)
         result: int = self._run(self._zero_grad, False, _guard=guard)
@@ -809,6 +992,38 @@ class Trainer:
             return Read(selection.version, name, host, selection.full_shape)
 
         return self.read_with(name, chain, copy)
+
+    def read_many(
+        self,
+        selectors: Sequence[tuple[str, IndexChain]],
+        use: Callable[[Selection], T],
+        subscription: Subscription | None = None,
+    ) -> Snapshot[T]:
+        """use() of each selection, all at one version, with what led to it: for watchers.
+        `subscription`'s due updates are taken at the same time (Snapshot.updates)."""
+        result: Snapshot[T] = self._run(self._read_many, selectors, use, subscription)
+        return result
+
+    def _read_many(
+        self,
+        selectors: Sequence[tuple[str, IndexChain]],
+        use: Callable[[Selection], T],
+        subscription: Subscription | None,
+    ) -> Snapshot[T]:
+        used = [self._read_with(name, chain, use) for name, chain in selectors]
+        updates = 0 if subscription is None else subscription.take()
+        return Snapshot(self._version, self._cause, self._steps, used, updates)
+
+    @under_lock
+    def subscribe(self, every_steps: int = 0) -> Subscription:
+        """A subscription told of each applied mutation (or every `every_steps` Steps)."""
+        subscription = Subscription(every_steps, self._steps)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    @under_lock
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.remove(subscription)
 
     @on_torch_thread
     def write(self, name: str, chain: IndexChain, value: TensorInput) -> int:
@@ -874,30 +1089,15 @@ class Trainer:
     def list_tensors(self) -> Listing:
         """Every name GetTensor reads, with kind, dtype, shape and whether it exists now."""
         infos: list[TensorInfo] = []
-        params = self.parameters
-        for name, p in params.items():
-            infos.append(TensorInfo(name, "parameter", p.dtype, tuple(p.shape), True))
-        for name, p in params.items():
-            grad = p.grad
+        for name in self.names():
+            kind, t, param = self._lookup(name, asking=False)
+            if t is not None:
+                infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True))
+                continue
+            default = param.dtype if param is not None else torch.float32
             infos.append(
                 TensorInfo(
-                    f"{name}.grad",
-                    "gradient",
-                    p.dtype if grad is None else grad.dtype,
-                    () if grad is None else tuple(grad.shape),
-                    grad is not None,
-                )
-            )
-        for name in _FORWARD_NAMES:
-            _, t, _ = self._lookup(name)
-            default = torch.int64 if name == "target" else torch.float32
-            infos.append(
-                TensorInfo(
-                    name,
-                    name,
-                    default if t is None else t.dtype,
-                    () if t is None else tuple(t.shape),
-                    t is not None,
+                    name, kind, self._target_dtype if name == "target" else default, (), False
                 )
             )
         return Listing(self._version, self.spec.name, str(self.device), self._settings, infos)
@@ -910,8 +1110,7 @@ class Trainer:
         with self._device_memory("reset"):
             model = self._build_model(seed)
         self._optimizer = self._build_optimizer(model, self._settings)
-        self._model = model
-        self._parameters = dict(model.named_parameters())
+        self._adopt(model)
         self._clear_forward()
         return self._bump()
 

@@ -11,7 +11,12 @@ reads or writes any tensor by its PyTorch name.
 Conventions used by every message below:
 - Tensor names are PyTorch's own, from `named_parameters()` ("conv1.weight"),
   with ".grad" appended for a gradient ("conv1.weight.grad"), plus "input",
-  "target", "output" and "loss" for the last Forward.
+  "target", "output" and "loss" for the last Forward. Read-only names besides:
+  each module's output in the last Forward ("conv1.output"), the optimizer's
+  state per parameter ("optimizer.conv1.weight.momentum_buffer", Adam's
+  "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
+  the last Step made to each parameter ("conv1.weight.delta"). ListTensors
+  lists them all.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the server's
   state version after the call. Each applied mutation (Forward, Backward,
@@ -108,6 +113,12 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     """the last Forward's output ("output")"""
     TENSOR_KIND_LOSS: _TensorKind.ValueType  # 6
     """the last Forward's loss, 0-d ("loss")"""
+    TENSOR_KIND_ACTIVATION: _TensorKind.ValueType  # 7
+    """a module's output in the last Forward ("conv1.output")"""
+    TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
+    """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
+    TENSOR_KIND_DELTA: _TensorKind.ValueType  # 9
+    """the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
 
 class TensorKind(_TensorKind, metaclass=_TensorKindEnumTypeWrapper):
     """What kind of tensor a name refers to."""
@@ -125,6 +136,12 @@ TENSOR_KIND_OUTPUT: TensorKind.ValueType  # 5
 """the last Forward's output ("output")"""
 TENSOR_KIND_LOSS: TensorKind.ValueType  # 6
 """the last Forward's loss, 0-d ("loss")"""
+TENSOR_KIND_ACTIVATION: TensorKind.ValueType  # 7
+"""a module's output in the last Forward ("conv1.output")"""
+TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
+"""the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
+TENSOR_KIND_DELTA: TensorKind.ValueType  # 9
+"""the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
 Global___TensorKind: _TypeAlias = TensorKind  # noqa: Y015
 
 class _OptimizerKind:
@@ -1434,3 +1451,418 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class Stats(_message.Message):
+    """Summary statistics of a tensor's values. Min, max, mean, std and norm are taken over the
+    finite values only, so one NaN does not hide the rest; the counts say how many were not.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    NORM_FIELD_NUMBER: _builtins.int
+    NAN_COUNT_FIELD_NUMBER: _builtins.int
+    INF_COUNT_FIELD_NUMBER: _builtins.int
+    ZERO_COUNT_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """values summarised (the selection's element count)"""
+    min: _builtins.float
+    """smallest finite value; 0 when there is none"""
+    max: _builtins.float
+    """largest finite value; 0 when there is none"""
+    mean: _builtins.float
+    """mean of the finite values"""
+    std: _builtins.float
+    """standard deviation of the finite values (population: divides by their count)"""
+    norm: _builtins.float
+    """L2 norm of the finite values"""
+    nan_count: _builtins.int
+    """values that are NaN"""
+    inf_count: _builtins.int
+    """values that are +inf or -inf"""
+    zero_count: _builtins.int
+    """values equal to 0"""
+    @_builtins.property
+    def histogram(self) -> Global___Histogram:
+        """unset when no bins were asked for"""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        mean: _builtins.float = ...,
+        std: _builtins.float = ...,
+        norm: _builtins.float = ...,
+        nan_count: _builtins.int = ...,
+        inf_count: _builtins.int = ...,
+        zero_count: _builtins.int = ...,
+        histogram: Global___Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "histogram", b"histogram", "inf_count", b"inf_count", "max", b"max", "mean", b"mean", "min", b"min", "nan_count", b"nan_count", "norm", b"norm", "std", b"std", "zero_count", b"zero_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Stats: _TypeAlias = Stats  # noqa: Y015
+
+@_typing.final
+class Histogram(_message.Message):
+    """Counts of values in equal-width bins from `low` to `high`; each bin holds the values
+    v with low + i*w <= v < low + (i+1)*w, the last bin also its upper edge.
+    Values outside [low, high] and non-finite values are not counted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    """lower edge of the first bin"""
+    high: _builtins.float
+    """upper edge of the last bin"""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one per bin"""
+
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+        counts: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
+
+@_typing.final
+class GetStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_BINS_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_LOW_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_HIGH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """as in GetTensorRequest"""
+    histogram_bins: _builtins.int
+    """0: no histogram; at most 4096"""
+    histogram_low: _builtins.float
+    """unset: the smallest finite value"""
+    histogram_high: _builtins.float
+    """unset: the largest finite value"""
+    @_builtins.property
+    def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
+        """as in GetTensorRequest"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _abc.Iterable[Global___Index] | None = ...,
+        histogram_bins: _builtins.int = ...,
+        histogram_low: _builtins.float | None = ...,
+        histogram_high: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_histogram_high", b"_histogram_high", "_histogram_low", b"_histogram_low", "histogram_high", b"histogram_high", "histogram_low", b"histogram_low"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_histogram_high", b"_histogram_high", "_histogram_low", b"_histogram_low", "histogram_bins", b"histogram_bins", "histogram_high", b"histogram_high", "histogram_low", b"histogram_low", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__histogram_high: _TypeAlias = _typing.Literal["histogram_high"]  # noqa: Y015
+    _WhichOneofArgType__histogram_high: _TypeAlias = _typing.Literal["_histogram_high", b"_histogram_high"]  # noqa: Y015
+    _WhichOneofReturnType__histogram_low: _TypeAlias = _typing.Literal["histogram_low"]  # noqa: Y015
+    _WhichOneofArgType__histogram_low: _TypeAlias = _typing.Literal["_histogram_low", b"_histogram_low"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__histogram_high) -> _WhichOneofReturnType__histogram_high | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__histogram_low) -> _WhichOneofReturnType__histogram_low | None: ...
+
+Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """state version this read saw"""
+    name: _builtins.str
+    """the name that was read"""
+    @_builtins.property
+    def stats(self) -> Global___Stats:
+        """unset when the tensor is absent"""
+
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """shape of the selection summarised"""
+
+    @_builtins.property
+    def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """shape of the whole tensor before indexing; empty when absent"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        stats: Global___Stats | None = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        full_shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_shape", b"full_shape", "name", b"name", "shape", b"shape", "stats", b"stats", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class WatchItem(_message.Message):
+    """One tensor (or slice) to watch, and what to send of it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_BINS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """as in GetTensorRequest"""
+    values: _builtins.bool
+    """send the values (at most 16 MiB per update in all)"""
+    stats: _builtins.bool
+    """send the statistics; when neither is set, statistics"""
+    histogram_bins: _builtins.int
+    """with stats: histogram bins, as in GetStatsRequest"""
+    @_builtins.property
+    def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
+        """as in GetTensorRequest"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        index: _abc.Iterable[Global___Index] | None = ...,
+        values: _builtins.bool = ...,
+        stats: _builtins.bool = ...,
+        histogram_bins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["histogram_bins", b"histogram_bins", "index", b"index", "name", b"name", "stats", b"stats", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchItem: _TypeAlias = WatchItem  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    every_steps: _builtins.int
+    """0: an update after every applied mutation; N > 0: after every Nth Step (counted by the
+    server's step counter, so updates come at steps N, 2N, ...) and after Reset.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:
+        """at least one"""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___WatchItem] | None = ...,
+        every_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_steps", b"every_steps", "items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchedTensor(_message.Message):
+    """What a watched tensor looked like in one update."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TENSOR_FIELD_NUMBER: _builtins.int
+    STATS_FIELD_NUMBER: _builtins.int
+    FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the item's name"""
+    @_builtins.property
+    def tensor(self) -> Global___Tensor:
+        """the values, when asked for and present"""
+
+    @_builtins.property
+    def stats(self) -> Global___Stats:
+        """the statistics, when asked for and present"""
+
+    @_builtins.property
+    def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """shape of the whole tensor; empty when absent"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tensor: Global___Tensor | None = ...,
+        stats: Global___Stats | None = ...,
+        full_shape: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "tensor", b"tensor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_shape", b"full_shape", "name", b"name", "stats", b"stats", "tensor", b"tensor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchedTensor: _TypeAlias = WatchedTensor  # noqa: Y015
+
+@_typing.final
+class WatchUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    TENSORS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """state version every tensor of this update was read at"""
+    cause: _builtins.str
+    """the RPC whose mutation led to this state ("Step", "Forward", ...); "Watch" for the first update"""
+    skipped: _builtins.int
+    """updates due to this subscriber that it missed since its last one, because it was still reading"""
+    steps: _builtins.int
+    """Steps applied to this model since it was created or reset"""
+    @_builtins.property
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchedTensor]:
+        """one per WatchItem, in order"""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        cause: _builtins.str = ...,
+        skipped: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        tensors: _abc.Iterable[Global___WatchedTensor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "skipped", b"skipped", "steps", b"steps", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchUpdate: _TypeAlias = WatchUpdate  # noqa: Y015
+
+@_typing.final
+class TrainRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    steps: _builtins.int
+    """steps to run, at least 1"""
+    zero_grad: _builtins.bool
+    """clear gradients before each step; default true"""
+    every: _builtins.int
+    """a progress message after every this many steps (and after the last); 0: 1"""
+    @_builtins.property
+    def input(self) -> Global___TensorSource:
+        """The data of every step: a tensor (the same each step), or a fill. A random fill
+        (uniform, normal, randint) takes seed + k at step k (from 0), so each step sees new
+        data and the run is reproducible.
+        """
+
+    @_builtins.property
+    def target(self) -> Global___TensorSource:
+        """class indices (or the model's target), as in TrainStepRequest"""
+
+    def __init__(
+        self,
+        *,
+        input: Global___TensorSource | None = ...,
+        target: Global___TensorSource | None = ...,
+        steps: _builtins.int = ...,
+        zero_grad: _builtins.bool | None = ...,
+        every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "every", b"every", "input", b"input", "steps", b"steps", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__zero_grad: _TypeAlias = _typing.Literal["zero_grad"]  # noqa: Y015
+    _WhichOneofArgType__zero_grad: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__zero_grad) -> _WhichOneofReturnType__zero_grad | None: ...
+
+Global___TrainRequest: _TypeAlias = TrainRequest  # noqa: Y015
+
+@_typing.final
+class TrainProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_PER_S_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """steps done in this run"""
+    steps: _builtins.int
+    """steps asked for"""
+    loss: _builtins.float
+    """the loss of the latest step"""
+    version: _builtins.int
+    """state version after the latest step"""
+    steps_per_s: _builtins.float
+    """rate over the run so far"""
+    done: _builtins.bool
+    """the last message of a complete run"""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        version: _builtins.int = ...,
+        steps_per_s: _builtins.float = ...,
+        done: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "loss", b"loss", "step", b"step", "steps", b"steps", "steps_per_s", b"steps_per_s", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainProgress: _TypeAlias = TrainProgress  # noqa: Y015

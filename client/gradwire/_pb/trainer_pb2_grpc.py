@@ -115,6 +115,21 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/gradwire.v1.Trainer/GetStats',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/gradwire.v1.Trainer/Watch',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.WatchRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.WatchUpdate.FromString,
+                _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/gradwire.v1.Trainer/Train',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainProgress.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -241,6 +256,33 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
+        infinite and zero values, a histogram), computed where the tensor lives: only the
+        summary crosses to the host and the wire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Subscribes to tensors: an update now, then one after each applied mutation (or after
+        every Nth Step). A subscriber that reads slowly never slows training: it gets the
+        latest state when it is ready, with the count of updates it skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Train(self, request, context):
+        """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
+        it goes, for callers that do not want a round trip per step. Cancelling the call stops
+        the run between two steps; the steps already taken stay applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -323,6 +365,21 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.WatchRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.WatchUpdate.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -758,6 +815,87 @@ class Trainer:
             '/gradwire.v1.Trainer/CloseSession',
             gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/GetStats',
+            gradwire_dot_v1_dot_trainer__pb2.GetStatsRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradwire.v1.Trainer/Watch',
+            gradwire_dot_v1_dot_trainer__pb2.WatchRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.WatchUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradwire.v1.Trainer/Train',
+            gradwire_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.TrainProgress.FromString,
             options,
             channel_credentials,
             insecure,

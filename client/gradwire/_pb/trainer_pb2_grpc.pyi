@@ -11,7 +11,12 @@ reads or writes any tensor by its PyTorch name.
 Conventions used by every message below:
 - Tensor names are PyTorch's own, from `named_parameters()` ("conv1.weight"),
   with ".grad" appended for a gradient ("conv1.weight.grad"), plus "input",
-  "target", "output" and "loss" for the last Forward.
+  "target", "output" and "loss" for the last Forward. Read-only names besides:
+  each module's output in the last Forward ("conv1.output"), the optimizer's
+  state per parameter ("optimizer.conv1.weight.momentum_buffer", Adam's
+  "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
+  the last Step made to each parameter ("conv1.weight.delta"). ListTensors
+  lists them all.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the server's
   state version after the call. Each applied mutation (Forward, Backward,
@@ -105,6 +110,21 @@ class TrainerStub:
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """Closes a session and frees its model."""
+    GetStats: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]
+    """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
+    infinite and zero values, a histogram), computed where the tensor lives: only the
+    summary crosses to the host and the wire.
+    """
+    Watch: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]
+    """Subscribes to tensors: an update now, then one after each applied mutation (or after
+    every Nth Step). A subscriber that reads slowly never slows training: it gets the
+    latest state when it is ready, with the count of updates it skipped.
+    """
+    Train: _grpc.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]
+    """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
+    it goes, for callers that do not want a round trip per step. Cancelling the call stops
+    the run between two steps; the steps already taken stay applied.
+    """
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -157,6 +177,21 @@ class TrainerAsyncStub(TrainerStub):
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes a session and frees its model."""
+    GetStats: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
+    infinite and zero values, a histogram), computed where the tensor lives: only the
+    summary crosses to the host and the wire.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]  # type: ignore[assignment]
+    """Subscribes to tensors: an update now, then one after each applied mutation (or after
+    every Nth Step). A subscriber that reads slowly never slows training: it gets the
+    latest state when it is ready, with the count of updates it skipped.
+    """
+    Train: _aio.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]  # type: ignore[assignment]
+    """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
+    it goes, for callers that do not want a round trip per step. Cancelling the call stops
+    the run between two steps; the steps already taken stay applied.
+    """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
     """The training step, driven remotely."""
@@ -302,5 +337,38 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
         """Closes a session and frees its model."""
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _trainer_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetStatsResponse, _abc.Awaitable[_trainer_pb2.GetStatsResponse]]:
+        """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
+        infinite and zero values, a histogram), computed where the tensor lives: only the
+        summary crosses to the host and the wire.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _trainer_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchUpdate], _abc.AsyncIterator[_trainer_pb2.WatchUpdate]]:
+        """Subscribes to tensors: an update now, then one after each applied mutation (or after
+        every Nth Step). A subscriber that reads slowly never slows training: it gets the
+        latest state when it is ready, with the count of updates it skipped.
+        """
+
+    @_abc_1.abstractmethod
+    def Train(
+        self,
+        request: _trainer_pb2.TrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.TrainProgress], _abc.AsyncIterator[_trainer_pb2.TrainProgress]]:
+        """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
+        it goes, for callers that do not want a round trip per step. Cancelling the call stops
+        the run between two steps; the steps already taken stay applied.
+        """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

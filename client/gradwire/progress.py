@@ -1,0 +1,146 @@
+"""Terminal output for the long-running commands: a progress bar, statistics, a live table.
+
+Plain text, no dependency: on a terminal the bar and the table redraw in place; into a file
+or a pipe each update is a line of its own, so logs and scripts read them too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from gradwire.display import format_tensor
+from gradwire.updates import Histogram, Stats, WatchUpdate
+
+BAR_WIDTH = 30
+_CLEAR_LINE = "\r\x1b[2K"
+_HOME_AND_CLEAR = "\x1b[H\x1b[2J"
+
+
+def _interactive(out: TextIO) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class ProgressBar:
+    """`step 120/1000 [###-------] 12%  85.3 steps/s  loss 2.9912  eta 10s`, kept current."""
+
+    def __init__(self, out: TextIO, total: int) -> None:
+        self.out = out
+        self.total = total
+        self.live = _interactive(out)
+        self.started = time.perf_counter()
+
+    def line(self, done: int, loss: float, rate: float | None = None) -> str:
+        if rate is None:
+            rate = done / max(time.perf_counter() - self.started, 1e-9)
+        filled = BAR_WIDTH * done // max(self.total, 1)
+        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        return (
+            f"step {done}/{self.total} [{bar}] {100 * done // max(self.total, 1):3d}%  "
+            f"{rate:.1f} steps/s  loss {loss:.4f}  eta {_duration(eta)}"
+        )
+
+    def update(self, done: int, loss: float, rate: float | None = None) -> None:
+        text = self.line(done, loss, rate)
+        if self.live:
+            self.out.write(_CLEAR_LINE + text)
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def finish(self, message: str) -> None:
+        if self.live:
+            self.out.write("\n")
+        self.out.write(message + "\n")
+        self.out.flush()
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_stats(stats: Stats) -> list[str]:
+    """The statistics as aligned `name value` lines, the histogram as bars after them."""
+    rows = [
+        ("count", f"{stats.count}"),
+        ("min", f"{stats.min:.6g}"),
+        ("max", f"{stats.max:.6g}"),
+        ("mean", f"{stats.mean:.6g}"),
+        ("std", f"{stats.std:.6g}"),
+        ("norm", f"{stats.norm:.6g}"),
+        ("nan", f"{stats.nan_count}"),
+        ("inf", f"{stats.inf_count}"),
+        ("zeros", f"{stats.zero_count}"),
+    ]
+    lines = [f"{name:<6} {value}" for name, value in rows]
+    if stats.histogram is not None:
+        lines.append("histogram:")
+        lines.extend(histogram_bars(stats.histogram))
+    return lines
+
+
+def histogram_bars(histogram: Histogram, width: int = 40) -> list[str]:
+    """One line per bin: its range, its count and a bar scaled to the largest bin."""
+    edges = histogram.edges
+    most = max(histogram.counts, default=0) or 1
+    return [
+        f"  [{edges[i]: .4g}, {edges[i + 1]: .4g}{']' if i == len(histogram.counts) - 1 else ')'}"
+        f" {count:>8d} {'#' * round(width * count / most)}"
+        for i, count in enumerate(histogram.counts)
+    ]
+
+
+def summary_cells(stats: Stats | None) -> str:
+    """One table cell for a tensor's statistics."""
+    if stats is None:
+        return "absent"
+    text = (
+        f"mean {stats.mean: .4g}  std {stats.std:.4g}  min {stats.min: .4g}  "
+        f"max {stats.max: .4g}  norm {stats.norm:.4g}"
+    )
+    if stats.nan_count or stats.inf_count:
+        text += f"  nan {stats.nan_count}  inf {stats.inf_count}"
+    return text
+
+
+class WatchTable:
+    """The latest watch update as a table: redrawn in place on a terminal, appended elsewhere."""
+
+    def __init__(self, out: TextIO, selectors: Sequence[str]) -> None:
+        self.out = out
+        self.selectors = list(selectors)
+        self.live = _interactive(out)
+        self.width = max(len(s) for s in self.selectors)
+
+    def lines(self, update: WatchUpdate) -> list[str]:
+        head = f"version {update.version}  steps {update.steps}  after {update.cause}"
+        if update.skipped:
+            head += f"  ({update.skipped} skipped)"
+        lines = [head]
+        for selector, watched in zip(self.selectors, update.tensors, strict=True):
+            if not watched.present:
+                cell = "absent"
+            elif watched.value is not None:
+                cell = " ".join(format_tensor(watched.value).split())
+                if watched.stats is not None:
+                    cell += "  |  " + summary_cells(watched.stats)
+            else:
+                cell = summary_cells(watched.stats)
+            lines.append(f"  {selector:<{self.width}}  {cell}")
+        return lines
+
+    def show(self, update: WatchUpdate) -> None:
+        text = "\n".join(self.lines(update))
+        self.out.write((_HOME_AND_CLEAR if self.live else "") + text + "\n")
+        self.out.flush()

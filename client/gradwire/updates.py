@@ -1,0 +1,162 @@
+"""What the inspection RPCs answer, as plain dataclasses: statistics, watch updates, progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+
+__all__ = ["Histogram", "Stats", "TensorStats", "TrainProgress", "WatchUpdate", "Watched"]
+
+
+@dataclass(frozen=True)
+class Histogram:
+    low: float  # lower edge of the first bin
+    high: float  # upper edge of the last bin (included in it)
+    counts: tuple[int, ...]  # one per equal-width bin
+
+    @property
+    def edges(self) -> list[float]:
+        """The bins' edges, len(counts) + 1 of them, as numpy.histogram gives them."""
+        n = len(self.counts)
+        return [self.low + (self.high - self.low) * i / n for i in range(n + 1)]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A tensor's summary; min, max, mean, std and norm over its finite values."""
+
+    count: int
+    min: float
+    max: float
+    mean: float
+    std: float  # population standard deviation (divides by the count of finite values)
+    norm: float  # L2 norm
+    nan_count: int
+    inf_count: int
+    zero_count: int
+    histogram: Histogram | None
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """One GetStats: the summary (None when the tensor is absent) and what the server saw."""
+
+    name: str
+    version: int
+    stats: Stats | None
+    shape: tuple[int, ...] | None  # the selection's shape; None when absent
+    full_shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class Watched:
+    """One watched tensor in one update."""
+
+    name: str
+    value: Any  # numpy array when values were asked for and the tensor is present, else None
+    stats: Stats | None  # when statistics were asked for and the tensor is present
+    full_shape: tuple[int, ...] | None  # None when absent
+
+    @property
+    def present(self) -> bool:
+        return self.full_shape is not None
+
+
+@dataclass(frozen=True)
+class WatchUpdate:
+    version: int  # the state version every tensor here was read at
+    cause: str  # the RPC that led to this state: "Step", "Forward", ...; "Watch" at first
+    skipped: int  # updates missed since the last one, while this subscriber was busy
+    steps: int  # Steps applied to the model since it was created or reset
+    tensors: tuple[Watched, ...]  # one per watched selector, in order
+
+    def __getitem__(self, name: str) -> Watched:
+        for watched in self.tensors:
+            if watched.name == name:
+                return watched
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    step: int  # steps done in this run
+    steps: int  # steps asked for
+    loss: float  # loss of the latest step
+    version: int  # state version after the latest step
+    steps_per_s: float  # rate over the run so far
+    done: bool  # the run completed
+
+
+def stats_from_proto(message: pb.Stats) -> Stats:
+    histogram = None
+    if message.HasField("histogram"):
+        h = message.histogram
+        histogram = Histogram(h.low, h.high, tuple(h.counts))
+    return Stats(
+        count=message.count,
+        min=message.min,
+        max=message.max,
+        mean=message.mean,
+        std=message.std,
+        norm=message.norm,
+        nan_count=message.nan_count,
+        inf_count=message.inf_count,
+        zero_count=message.zero_count,
+        histogram=histogram,
+    )
+
+
+def tensor_stats(response: pb.GetStatsResponse) -> TensorStats:
+    if not response.HasField("stats"):
+        return TensorStats(response.name, response.version, None, None, None)
+    return TensorStats(
+        response.name,
+        response.version,
+        stats_from_proto(response.stats),
+        tuple(response.shape),
+        tuple(response.full_shape),
+    )
+
+
+_WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
+_WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
+
+
+def watch_update(data: bytes) -> WatchUpdate:
+    """A WatchUpdate from its bytes, each tensor's values read without a per-element loop."""
+    split = wire.split(data, pb.WatchUpdate)
+    message = split.message
+    tensors = []
+    for i, watched in enumerate(message.tensors):
+        value = None
+        if watched.HasField("tensor"):
+            path = ((_WATCHED, i), (_WATCHED_TENSOR, 0))
+            value = codec.decode_split(split, path, watched.tensor)
+        present = (
+            len(watched.full_shape) > 0 or watched.HasField("tensor") or watched.HasField("stats")
+        )
+        tensors.append(
+            Watched(
+                watched.name,
+                value,
+                stats_from_proto(watched.stats) if watched.HasField("stats") else None,
+                tuple(watched.full_shape) if present else None,
+            )
+        )
+    return WatchUpdate(
+        message.version, message.cause, message.skipped, message.steps, tuple(tensors)
+    )
+
+
+def train_progress(message: pb.TrainProgress) -> TrainProgress:
+    return TrainProgress(
+        message.step,
+        message.steps,
+        message.loss,
+        message.version,
+        message.steps_per_s,
+        message.done,
+    )

@@ -1,0 +1,81 @@
+"""Subscriptions to a trainer's changes: told of each applied mutation, never in its way.
+
+The trainer announces each mutation while it holds its lock; announcing only counts and wakes
+(a few microseconds), so a subscriber that reads slowly never slows training. When it is ready,
+the subscriber reads the state as it is then and learns how many updates it missed meanwhile.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class Subscription:
+    """One subscriber's count of updates due: after every mutation, or every Nth Step."""
+
+    def __init__(self, every_steps: int = 0, steps: int = 0) -> None:
+        self.every_steps = every_steps
+        self._cond = threading.Condition(threading.Lock())
+        self._due = 0
+        self._steps = steps  # the step counter at the last announcement
+        self._closed = False
+
+    def announce(self, steps: int) -> None:
+        """A mutation was applied; `steps` is the trainer's step counter after it."""
+        with self._cond:
+            if self.every_steps:
+                before, self._steps = self._steps, steps
+                reset = steps < before
+                if not reset and steps // self.every_steps == before // self.every_steps:
+                    return
+            self._due += 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        """No more updates: the model is gone (its session closed, or the server stopping)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wait(self, timeout: float) -> bool:
+        """Whether an update is due, waiting up to `timeout` seconds for one."""
+        with self._cond:
+            if not self._due and not self._closed:
+                self._cond.wait(timeout)
+            return self._due > 0
+
+    def take(self) -> int:
+        """The updates due, counted since the last call; called under the trainer's lock
+        while reading the state, so that each counted update is one this read covers."""
+        with self._cond:
+            due, self._due = self._due, 0
+            return due
+
+
+class Subscriptions:
+    """A trainer's subscribers. Called under the trainer's lock."""
+
+    def __init__(self) -> None:
+        self._all: set[Subscription] = set()
+
+    def add(self, subscription: Subscription) -> None:
+        self._all.add(subscription)
+
+    def remove(self, subscription: Subscription) -> None:
+        self._all.discard(subscription)
+
+    def announce(self, steps: int) -> None:
+        for subscription in self._all:
+            subscription.announce(steps)
+
+    def close(self) -> None:
+        for subscription in self._all:
+            subscription.close()
+        self._all.clear()
+
+    def __len__(self) -> int:
+        return len(self._all)

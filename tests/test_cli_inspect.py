@@ -1,0 +1,144 @@
+"""`gradwire stats`, `gradwire watch` and `gradwire train`, run in-process against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+import gradwire
+from gradwire_server.app import Running, start
+from gradwire_server.trainer import Trainer
+from tests.test_cli import Result, Run, run_main
+
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+
+
+@pytest.fixture
+def cli(address: str) -> Run:
+    def run(*argv: str) -> Result:
+        return run_main(*argv, "--target", address)
+
+    return run
+
+
+@pytest.fixture
+def second() -> Iterator[Running]:
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    yield running
+    running.stop(grace=None)
+
+
+def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -> None:
+    result = cli("stats", "linear.weight[0]", "--bins", "4", "--json")
+    assert result.code == 0, result.err
+    data = result.json()
+    read = client.stats("linear.weight[0]", bins=4)
+    assert read.stats is not None
+    assert data["shape"] == [3200]
+    assert data["mean"] == read.stats.mean and data["norm"] == read.stats.norm
+    assert data["histogram"]["counts"] == list(read.stats.histogram.counts)  # type: ignore[union-attr]
+    text = cli("stats", "linear.weight[0]", "--bins", "4").out.splitlines()
+    assert text[0] == "linear.weight[0] torch.Size([3200])"
+    assert text[4].split() == ["mean", f"{read.stats.mean:.6g}"]
+    assert len([line for line in text if line.startswith("  [")]) == 4
+
+
+def test_stats_of_an_absent_tensor_and_of_an_unknown_one(cli: Run) -> None:
+    assert cli("stats", "conv1.weight.grad").out == "None\n"
+    result = cli("stats", "conv1.weigth")
+    assert result.code == 1 and "NOT_FOUND" in result.err
+
+
+def test_train_runs_steps_and_reports_them(cli: Run, client: gradwire.Client) -> None:
+    result = cli("train", "--steps", "6", "--every", "3", "--batch", "4")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == ["3/6", "6/6"]
+    assert lines[-1].startswith("trained 6 steps: loss ")
+    assert lines[-1].endswith(f"version {6 * 4}")
+    assert client.list_tensors().version == 24
+
+
+def test_train_on_the_server_equals_train_step_by_step(
+    cli: Run, client: gradwire.Client, second: Running
+) -> None:
+    assert cli("train", "--steps", "5", "--seed", "3").code == 0
+    other = run_main(
+        "train", "--steps", "5", "--seed", "3", "--server-side", "--json",
+        "--target", f"127.0.0.1:{second.port}",
+    )  # fmt: skip
+    assert other.code == 0, other.err
+    assert other.json()["steps"] == 5 and other.json()["stopped"] is False
+    with gradwire.connect(f"127.0.0.1:{second.port}") as remote:
+        for name in PARAMETERS:
+            assert np.array_equal(client.get(name), remote.get(name)), name
+
+
+def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        result = cli("train", "--steps", "1000000", "--every", "1000", "--json")
+    finally:
+        timer.cancel()
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["stopped"] is True and 1 <= data["steps"] < 1_000_000
+    assert client.list_tensors().version == data["version"] == 4 * data["steps"]
+
+
+def test_train_refuses_bad_numbers(cli: Run) -> None:
+    for argv in (["--steps", "0"], ["--every", "0"], ["--batch", "0"]):
+        result = cli("train", *argv)
+        assert result.code == 2, argv
+        assert "must be at least 1" in result.err
+
+
+def test_watch_prints_one_entry_per_update(cli: Run, address: str) -> None:
+    results: list[Result] = []
+    thread = threading.Thread(
+        target=lambda: results.append(
+            cli("watch", "conv1.weight[0, 0, 0]", "loss", "--values", "--count", "3", "--json")
+        )
+    )
+    thread.start()
+    with gradwire.connect(address) as driver:
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            driver.set_optimizer("sgd", lr=0.1)  # a mutation each time, until the watch ends
+            time.sleep(0.05)
+    thread.join(10)
+    assert not thread.is_alive()
+    result = results[0]
+    assert result.code == 0, result.err
+    updates = [json.loads(line) for line in result.out.splitlines()]
+    assert len(updates) == 3
+    assert updates[0]["cause"] == "Watch" and updates[1]["cause"] == "SetOptimizer"
+    assert [t["name"] for t in updates[0]["tensors"]] == ["conv1.weight", "loss"]
+    assert len(updates[0]["tensors"][0]["value"]) == 3
+    assert updates[0]["tensors"][1] == {"name": "loss", "present": False}
+
+
+def test_watch_text_table_and_duration(cli: Run) -> None:
+    result = cli("watch", "conv2.weight.grad", "linear.weight", "--duration", "0.5")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "version 0  steps 0  after Watch"
+    assert lines[1].split() == ["conv2.weight.grad", "absent"]
+    assert lines[2].split()[:2] == ["linear.weight", "mean"]
+
+
+@pytest.mark.parametrize("command", ["stats", "watch", "train"])
+def test_help_explains_each_command(command: str) -> None:
+    result = run_main(command, "--help")
+    assert result.code == 0
+    assert "usage: gradwire " + command in result.out
+    flags = {"stats": "--bins", "watch": "--every-steps", "train": "--server-side"}
+    assert flags[command] in result.out

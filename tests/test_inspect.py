@@ -1,0 +1,508 @@
+"""Inspection through a real server: statistics, activations, optimizer state, deltas, Watch
+and server-side Train runs, each checked against the same thing done in local PyTorch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from gradwire import errors
+from gradwire.fill import Fill
+from gradwire.updates import Stats, WatchUpdate
+from gradwire_server import stats as server_stats
+from gradwire_server.app import start
+from gradwire_server.models import TINY_MLP
+from gradwire_server.trainer import Trainer
+from tests.test_train_step import local_model, local_train_step, random_batch
+
+PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+
+
+def numpy_stats(values: np.ndarray[Any, Any]) -> dict[str, float]:
+    finite = values[np.isfinite(values)].astype(np.float64)
+    return {
+        "min": finite.min(),
+        "max": finite.max(),
+        "mean": finite.mean(),
+        "std": finite.std(),
+        "norm": float(np.sqrt((finite * finite).sum())),
+    }
+
+
+def assert_stats_match(got: Stats, values: np.ndarray[Any, Any]) -> None:
+    want = numpy_stats(values)
+    assert got.count == values.size
+    for key, value in want.items():
+        assert getattr(got, key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert got.nan_count == int(np.isnan(values).sum())
+    assert got.inf_count == int(np.isinf(values).sum())
+    assert got.zero_count == int((values == 0).sum())
+
+
+def train_once(client: gradwire.Client, seed: int = 1) -> tuple[np.ndarray[Any, Any], ...]:
+    x, y = random_batch(8, seed)
+    client.forward(x, y)
+    client.backward()
+    client.step()
+    return x, y
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def test_stats_of_a_parameter_equal_numpy(client: gradwire.Client) -> None:
+    values = client.get("linear.weight")
+    read = client.stats("linear.weight", bins=16)
+    assert read.shape == read.full_shape == (20, 3200)
+    assert read.stats is not None
+    assert_stats_match(read.stats, values)
+    assert read.stats.histogram is not None
+    counts, edges = np.histogram(values.astype(np.float64), bins=16)
+    assert read.stats.histogram.counts == tuple(counts)
+    assert read.stats.histogram.edges == pytest.approx(list(edges))
+
+
+def test_stats_of_a_slice_with_nan_inf_and_zeros(client: gradwire.Client) -> None:
+    values = np.linspace(-2, 2, 27, dtype=np.float32).reshape(3, 3, 3)
+    values[0, 0, 0], values[1, 1, 1], values[2, 2, 2] = np.nan, np.inf, -np.inf
+    values[0, 1, :] = 0
+    client.set("conv1.weight[5]", values)
+    read = client.stats("conv1.weight[5]", bins=4, low=-1.0, high=1.0)
+    assert read.shape == (3, 3, 3)
+    assert read.stats is not None
+    assert_stats_match(read.stats, values)
+    assert (read.stats.nan_count, read.stats.inf_count, read.stats.zero_count) == (1, 2, 3)
+    finite = values[np.isfinite(values)]
+    counts, _ = np.histogram(finite, bins=4, range=(-1.0, 1.0))
+    assert read.stats.histogram is not None
+    assert read.stats.histogram.counts == tuple(counts)
+
+
+def test_stats_of_integer_and_0d_tensors(client: gradwire.Client) -> None:
+    x, y = random_batch(8, 3)
+    client.forward(x, y)
+    target = client.stats("target")
+    assert target.stats is not None
+    assert_stats_match(target.stats, y)
+    loss = client.stats("loss", bins=3)
+    assert loss.stats is not None and loss.shape == ()
+    assert loss.stats.min == loss.stats.max == pytest.approx(float(client.get("loss")))
+    assert loss.stats.histogram is not None and sum(loss.stats.histogram.counts) == 1
+
+
+def test_stats_of_an_absent_gradient(client: gradwire.Client) -> None:
+    read = client.stats("conv1.weight.grad")
+    assert read.stats is None and read.shape is None and read.full_shape is None
+
+
+def test_summarize_in_runs_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = torch.randn(1000, dtype=torch.float64)
+    values[::97] = float("nan")
+    whole = server_stats.summarize(values, bins=10)
+    monkeypatch.setattr(server_stats, "CHUNK_ELEMENTS", 64)
+    in_runs = server_stats.summarize(values, bins=10)
+    assert in_runs.histogram == whole.histogram
+    for key in ("count", "nan_count", "inf_count", "zero_count", "min", "max"):
+        assert getattr(in_runs, key) == getattr(whole, key)
+    for key in ("mean", "std", "norm"):
+        assert getattr(in_runs, key) == pytest.approx(getattr(whole, key), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"bins": -1}, "BAD_BINS"),
+        ({"bins": 5000}, "BAD_BINS"),
+        ({"bins": 4, "low": 1.0, "high": 1.0}, "BAD_BINS"),
+        ({"bins": 4, "low": float("nan")}, "BAD_BINS"),
+    ],
+)
+def test_bad_histogram_settings_are_invalid_argument(
+    client: gradwire.Client, kwargs: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.stats("conv1.weight", **kwargs)
+    assert caught.value.reason == reason
+
+
+def test_stats_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound, match=r"conv1\.weight"):
+        client.stats("conv1.weigth")
+
+
+# --- activations, optimizer state, deltas --------------------------------------------------
+
+
+def test_activations_equal_local_module_outputs(client: gradwire.Client) -> None:
+    model = local_model()
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(
+                lambda m, a, out, name=name: outputs.__setitem__(name, out.detach())
+            )
+    x, y = random_batch(4, 5)
+    model(torch.from_numpy(x))
+    assert client.shape("conv1.output") is None  # before any Forward: absent
+    client.forward(x, y)
+    for name in ("conv1", "conv2", "linear"):
+        assert np.array_equal(client.get(f"{name}.output"), outputs[name].numpy()), name
+    assert np.array_equal(client.get("conv2.output[1, 3]"), outputs["conv2"][1, 3].numpy())
+
+
+def test_a_failed_forward_keeps_the_last_activations(client: gradwire.Client) -> None:
+    x, y = random_batch(2, 6)
+    client.forward(x, y)
+    before = client.get("conv1.output")
+    with pytest.raises(errors.InvalidArgument):
+        client.forward(x, np.array([0, 99]))  # class 99 is refused
+    assert np.array_equal(client.get("conv1.output"), before)
+
+
+@pytest.mark.parametrize(
+    ("settings", "keys"),
+    [
+        ({"kind": "sgd", "lr": 0.1, "momentum": 0.9}, ["momentum_buffer"]),
+        ({"kind": "adam", "lr": 0.01}, ["step", "exp_avg", "exp_avg_sq"]),
+    ],
+)
+def test_optimizer_state_equals_local_optimizer_state(
+    client: gradwire.Client, settings: dict[str, Any], keys: list[str]
+) -> None:
+    client.set_optimizer(**settings)
+    names = [f"optimizer.{p}.{key}" for p in PARAMETERS for key in keys]
+    listing = {t.name: t for t in client.list_tensors().tensors}
+    assert all(listing[n].kind == "optimizer_state" and not listing[n].present for n in names)
+    model = local_model()
+    kind = settings.pop("kind")
+    optimizer = (torch.optim.SGD if kind == "sgd" else torch.optim.Adam)(
+        model.parameters(), **settings
+    )
+    for seed in (1, 2):
+        x, y = random_batch(8, seed)
+        client.train_step(x, y, zero_grad=True)
+        local_train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=True)
+    params = dict(model.named_parameters())
+    for p in PARAMETERS:
+        for key in keys:
+            want = torch.as_tensor(optimizer.state[params[p]][key]).numpy()
+            assert np.array_equal(client.get(f"optimizer.{p}.{key}"), want), (p, key)
+
+
+def test_optimizer_state_names_follow_the_optimizer(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound):  # plain SGD keeps no momentum buffer
+        client.get("optimizer.conv1.weight.momentum_buffer")
+    client.set_optimizer("adam")
+    assert "optimizer.conv1.weight.exp_avg" in client.list_tensors().names()
+
+
+def test_delta_is_exactly_the_change_the_last_step_made(client: gradwire.Client) -> None:
+    assert client.shape("conv1.weight.delta") is None  # no Step yet
+    x, y = random_batch(8, 7)
+    client.forward(x, y)
+    client.backward()
+    before = {p: client.get(p) for p in PARAMETERS}
+    client.step()
+    for p in PARAMETERS:
+        assert np.array_equal(client.get(f"{p}.delta"), client.get(p) - before[p]), p
+    delta = client.get("conv1.weight.delta")
+    client.set("conv1.weight", 0.5)  # a write is no Step: the delta stays the last Step's
+    assert np.array_equal(client.get("conv1.weight.delta"), delta)
+    client.reset(seed=0)
+    assert client.shape("conv1.weight.delta") is None
+
+
+def test_deltas_are_recorded_from_the_first_time_one_is_asked_for(
+    client: gradwire.Client,
+) -> None:
+    train_once(client, seed=1)  # nobody asked yet: this Step skips the copy deltas need
+    assert client.shape("linear.weight.delta") is None  # asking turns recording on
+    before = client.get("linear.weight")
+    train_once(client, seed=2)
+    assert np.array_equal(client.get("linear.weight.delta"), client.get("linear.weight") - before)
+
+
+def test_new_kinds_are_read_only(client: gradwire.Client) -> None:
+    train_once(client)
+    for name in ("conv1.output", "conv1.weight.delta"):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.set(name, 0.0)
+        assert caught.value.reason == "READ_ONLY"
+
+
+def test_train_step_fetches_activations_deltas_and_optimizer_state(
+    client: gradwire.Client,
+) -> None:
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    x, y = random_batch(8, 8)
+    fetch = [
+        "conv2.output[0, 0]",
+        "linear.weight.delta[:2]",
+        "optimizer.linear.weight.momentum_buffer[0, :5]",
+    ]
+    result = client.train_step(x, y, fetch=fetch)
+    for read, selector in zip(result.fetched, fetch, strict=True):
+        assert np.array_equal(read.value, client.get(selector)), selector
+    assert result.fetched[0].value.shape == (10, 10)
+    with pytest.raises(errors.OutOfRange):  # refused before the step: nothing changed
+        client.train_step(x, y, fetch=["conv2.output[8]"])
+    assert client.list_tensors().version == result.version
+
+
+# --- Watch ------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Collects a watch's updates on a thread, until `count` have come or it is stopped."""
+
+    def __init__(
+        self,
+        client: gradwire.Client,
+        selectors: list[str],
+        until: Callable[[WatchUpdate], bool],
+        **kw: Any,
+    ) -> None:
+        self.updates: list[WatchUpdate] = []
+        self.error: BaseException | None = None
+        self.first = threading.Event()
+        self._stream = client.watch(selectors, timeout=30, **kw)
+        self._thread = threading.Thread(target=self._run, args=(until,), daemon=True)
+        self._thread.start()
+        assert self.first.wait(10), "no first update"
+
+    def _run(self, until: Callable[[WatchUpdate], bool]) -> None:
+        try:
+            for update in self._stream:
+                self.updates.append(update)
+                self.first.set()
+                if until(update):
+                    break
+        except BaseException as err:  # reported by join()
+            self.error = err
+            self.first.set()
+        finally:
+            self._stream.close()
+
+    def join(self) -> list[WatchUpdate]:
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "watch did not end"
+        if self.error is not None:
+            raise self.error
+        return self.updates
+
+
+def test_watch_sends_the_state_now_then_one_update_per_mutation(
+    client: gradwire.Client, address: str
+) -> None:
+    watcher = Watcher(
+        client,
+        ["conv1.weight.grad[0, 0]", "loss"],
+        until=lambda u: u.cause == "ZeroGrad",
+        values=True,
+    )
+    with gradwire.connect(address) as driver:
+        x, y = random_batch(8, 9)
+        versions = [driver.forward(x, y).version, driver.backward(), driver.step().version]
+        versions.append(driver.zero_grad())
+    updates = watcher.join()
+    first = updates[0]
+    assert (first.version, first.cause, first.steps) == (0, "Watch", 0)
+    assert not first["loss"].present
+    # The watcher may lag behind the driver: it then sees a later state, and counts the skips.
+    seen = {u.version: u for u in updates[1:]}
+    assert sum(u.skipped + 1 for u in updates[1:]) == len(versions)
+    assert max(seen) == versions[-1]
+    causes = dict(zip(versions, ["Forward", "Backward", "Step", "ZeroGrad"], strict=True))
+    for version, update in seen.items():
+        assert update.cause == causes[version]
+        assert update.steps == (1 if version >= versions[2] else 0)
+    last = seen[versions[-1]]
+    assert not last["conv1.weight.grad"].present  # zero_grad set it to None
+    assert last["loss"].value == pytest.approx(float(client.get("loss")))
+
+
+def test_watch_values_and_stats_equal_a_read_at_the_same_version(
+    client: gradwire.Client, address: str
+) -> None:
+    watcher = Watcher(
+        client,
+        ["linear.weight[:, :8]"],
+        until=lambda u: u.cause == "Step",
+        values=True,
+        stats=True,
+        bins=5,
+    )
+    with gradwire.connect(address) as driver:
+        train_once(driver)
+    updates = watcher.join()
+    latest = updates[-1]
+    assert latest.version == client.list_tensors().version
+    watched = latest["linear.weight"]
+    assert np.array_equal(watched.value, client.get("linear.weight[:, :8]"))
+    assert watched.stats is not None
+    assert_stats_match(watched.stats, watched.value)
+    assert watched.stats.histogram is not None and len(watched.stats.histogram.counts) == 5
+
+
+def test_watch_every_n_steps(client: gradwire.Client, address: str) -> None:
+    watcher = Watcher(client, ["conv1.weight"], until=lambda u: u.steps == 4, every_steps=2)
+    x, y = random_batch(8, 10)
+    with gradwire.connect(address) as driver:
+        driver.set_optimizer("sgd", lr=0.01)
+        for _ in range(4):
+            driver.train_step(x, y)
+            time.sleep(0.05)
+    updates = watcher.join()
+    assert [u.steps for u in updates] == [0, 2, 4]
+    assert [u.cause for u in updates] == ["Watch", "TrainStep", "TrainStep"]
+    assert all(u["conv1.weight"].stats is not None for u in updates)  # the default
+
+
+def test_a_slow_watcher_gets_the_latest_state_and_a_skip_count(
+    client: gradwire.Client, address: str
+) -> None:
+    # 3 MiB per update: a watcher that reads nothing fills the transport's window in a few,
+    # and the server then skips updates for it instead of queueing them (or waiting).
+    stream = client.watch(["conv2.output"], values=True, timeout=60)
+    assert next(stream).version == 0
+    x, y = random_batch(256, 11)
+    with gradwire.connect(address) as driver:
+        driver.set_optimizer("sgd", lr=0.01)
+        for _ in range(5):
+            driver.train_step(x, y)  # none waits on the watcher
+        final = driver.get("conv2.output")
+    updates = []
+    for update in stream:
+        updates.append(update)
+        if update.version == 21:
+            break
+    stream.close()
+    # One update is due per mutating call (a TrainStep's four parts are one): 6 in all,
+    # each delivered or counted as skipped.
+    assert sum(u.skipped + 1 for u in updates) == 6
+    assert any(u.skipped for u in updates)
+    assert np.array_equal(updates[-1]["conv2.output"].value, final)
+
+
+def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
+    with pytest.raises(errors.NotFound):
+        next(client.watch(["conv1.weigth"]))
+    with pytest.raises(errors.OutOfRange):
+        next(client.watch(["conv1.weight[99]"]))
+    with pytest.raises(errors.InvalidArgument):
+        next(client.watch(["conv1.weight"], bins=-2))
+    with pytest.raises(errors.InvalidArgument):
+        next(client.watch(["conv1.weight"], every_steps=-1))
+
+
+def test_a_watch_ends_when_its_session_closes(address: str) -> None:
+    with gradwire.connect(address) as owner:
+        session = owner.open_session(seed=0)
+        stream = session.watch(["conv1.weight"], timeout=30)
+        assert next(stream).version == 0
+        session.close()
+        with pytest.raises(StopIteration):
+            next(stream)
+
+
+# --- Train: a server-side run ----------------------------------------------------------------
+
+
+def test_train_run_equals_a_local_loop_with_reseeded_fills(
+    client: gradwire.Client, address: str
+) -> None:
+    client.set_optimizer("sgd", lr=0.01, momentum=0.9)
+    x, y = Fill.normal(8, 3, 10, 10, seed=100), Fill.randint(0, 20, 8, seed=200)
+    progress = list(client.train(x, y, steps=6, every=4))
+    assert [(p.step, p.steps, p.done) for p in progress] == [(4, 6, False), (6, 6, True)]
+    assert progress[-1].version == client.list_tensors().version == 1 + 6 * 4
+    # The same run, one TrainStep at a time with the seeds advanced, on a second server.
+    with gradwire.connect(address) as c, c.open_session(0, "sgd", lr=0.01, momentum=0.9) as other:
+        for k in range(6):
+            result = other.train_step(
+                Fill.normal(8, 3, 10, 10, seed=100 + k), Fill.randint(0, 20, 8, seed=200 + k)
+            )
+        assert result.loss == progress[-1].loss
+        for p in PARAMETERS:
+            assert np.array_equal(other.get(p), client.get(p)), p
+
+
+def test_train_stops_between_steps_when_cancelled(client: gradwire.Client) -> None:
+    client.set_optimizer("sgd", lr=0.001)
+    run = client.train(Fill.ones(8, 3, 10, 10), Fill.ones(8), steps=10_000, every=1)
+    first = next(run)
+    run.close()  # cancels the call
+    deadline = time.monotonic() + 10
+    version = client.list_tensors().version
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = client.list_tensors().version
+        if again == version:
+            break
+        version = again
+    assert first.step >= 1
+    assert (version - 1) % 4 == 0  # whole steps only: zero_grad, forward, backward, step
+    assert version < 1 + 10_000 * 4
+
+
+@pytest.mark.parametrize(
+    ("steps", "every", "target"),
+    [(0, 1, Fill.ones(8)), (3, -1, Fill.ones(8)), (3, 1, None)],
+)
+def test_bad_train_requests_are_invalid_argument(
+    client: gradwire.Client, steps: int, every: int, target: Any
+) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        list(client.train(Fill.ones(8, 3, 10, 10), target, steps=steps, every=every))
+    assert client.list_tensors().version == 0
+
+
+def test_train_refuses_a_bad_input_before_any_step(client: gradwire.Client) -> None:
+    with pytest.raises(errors.InvalidArgument, match="takes"):
+        list(client.train(Fill.ones(8, 3, 9, 9), Fill.ones(8), steps=3))
+    assert client.list_tensors().version == 0
+
+
+# --- another model: everything above follows it ------------------------------------------------
+
+
+def test_inspection_follows_a_model_with_biases_and_a_norm_layer() -> None:
+    running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            names = client.list_tensors().names()
+            assert {"fc1.output", "norm.output", "fc2.output", "norm.bias.delta"} <= set(names)
+            client.set_optimizer("adam", lr=0.01)
+            assert "optimizer.norm.weight.exp_avg_sq" in client.list_tensors().names()
+            x = np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32)
+            y = np.array([0, 1, 2, 3, 0, 1])
+            local = TINY_MLP.factory()
+            with torch.no_grad():
+                for name, p in local.named_parameters():
+                    p.copy_(torch.from_numpy(client.get(name)))
+            outputs: dict[str, torch.Tensor] = {}
+            for name, module in local.named_modules():
+                if name:
+                    module.register_forward_hook(
+                        lambda m, a, out, name=name: outputs.__setitem__(name, out.detach())
+                    )
+            local.train()(torch.from_numpy(x))
+            result = client.train_step(x, y, fetch=["norm.output", "fc1.bias.delta"])
+            assert np.array_equal(result.fetched[0].value, outputs["norm"].numpy())
+            grad = client.stats("fc1.bias.grad", bins=3)
+            assert grad.shape == (32,) and grad.stats is not None
+            assert_stats_match(grad.stats, client.get("fc1.bias.grad"))
+            watch = client.watch(["fc2.output", "optimizer.fc2.bias.step"], values=True)
+            first = next(watch)
+            watch.close()
+            assert first["fc2.output"].value.shape == (6, 4)
+            assert first["optimizer.fc2.bias.step"].value == 1.0
+    finally:
+        running.stop(grace=None)
