@@ -13,7 +13,7 @@ PORT ?= 0
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[server,test,dev]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[server,test,dev,plot]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -24,10 +24,26 @@ from gradwire import codec
 from gradwire.client import DEFAULT_TARGET, Client
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
-from gradwire.errors import DeadlineExceeded, RemoteError
+from gradwire.errors import DeadlineExceeded, RemoteError, Unimplemented
 from gradwire.fill import Fill
+from gradwire.plot import (
+    DEFAULT_BINS,
+    DEFAULT_DPI,
+    FIGSIZE,
+    KINDS,
+    MAX_KERNEL_IN,
+    MAX_KERNEL_OUT,
+    HistogramData,
+    PlotError,
+    PlotUnavailable,
+    check_options,
+    choose_kind,
+    plot_array,
+    plot_histogram,
+    require_matplotlib,
+)
 from gradwire.progress import ProgressBar, WatchTable, format_stats
-from gradwire.selector import SelectorError, parse_selector
+from gradwire.selector import Selector, SelectorError, parse_selector
 
 # Remote commands get a Client; local ones (serve, replay --embedded) get None.
 Command = Callable[[argparse.Namespace, Any, TextIO], None]
@@ -195,6 +211,106 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         data["values"] = _jsonable(read.value)
         text = format_tensor(read.value)
     _emit(out, args, data, text)
+
+
+def _absent(selector: Selector, out: Path) -> CommandError:
+    after = "backward" if selector.name.endswith(".grad") else "forward"
+    return CommandError(
+        f"{selector.name} is None (absent): nothing to draw, so {out} was not written; "
+        f"it exists after `gradwire {after}`"
+    )
+
+
+def _server_histogram(
+    client: Client, selector: Selector, bins: int, out: Path
+) -> tuple[HistogramData, tuple[int, ...]] | None:
+    """The histogram binned by the server (GetStats): no values cross the wire. None from a
+    server that predates GetStats; absent tensors raise."""
+    try:
+        summary = client.stats(str(selector), bins=bins)
+    except Unimplemented:
+        return None
+    stats = summary.stats
+    if stats is None or stats.histogram is None or summary.shape is None:
+        raise _absent(selector, out)
+    histogram = stats.histogram
+    data = HistogramData(
+        counts=np.asarray(histogram.counts, dtype=np.int64),
+        low=histogram.low,
+        high=histogram.high,
+        count=stats.count,
+        mean=stats.mean,
+        std=stats.std,
+        nan_count=stats.nan_count,
+        inf_count=stats.inf_count,
+    )
+    return data, summary.shape
+
+
+def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    selector = parse_selector(args.selector)
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out {args.out}: the picture is a PNG; name it something.png")
+    if not args.out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: no such folder {args.out.parent}")
+    try:
+        check_options(args.kind, args.bins, args.dpi)
+        require_matplotlib()  # before any values cross the wire
+    except (PlotError, PlotUnavailable) as e:
+        raise UsageError(str(e)) from None
+    kind = args.kind
+    if kind == "auto":  # the shape decides; it costs a read without values
+        shape = client.shape(args.selector)
+        if shape is None:
+            raise _absent(selector, args.out)
+        kind = choose_kind(selector.name, shape)
+    label = str(selector)
+    try:
+        binned = (
+            _server_histogram(client, selector, args.bins, args.out)
+            if kind == "histogram"
+            else None
+        )
+        if binned is not None:
+            data, shape = binned
+            result = plot_histogram(
+                data, args.out, label=label, shape=shape, title=args.title, dpi=args.dpi
+            )
+        else:
+            value = client.get(args.selector)
+            if value is None:
+                raise _absent(selector, args.out)
+            shape = np.shape(value)
+            result = plot_array(
+                np.asarray(value),
+                args.out,
+                name=selector.name,
+                kind=kind,
+                label=label,
+                title=args.title,
+                bins=args.bins,
+                dpi=args.dpi,
+            )
+    except PlotError as e:
+        raise UsageError(f"{selector}: {e}") from None
+    except OSError as e:
+        raise CommandError(f"cannot write {args.out}: {e}") from None
+    note = f" ({result.note})" if result.note else ""
+    _emit(
+        out,
+        args,
+        {
+            "out": str(result.path),
+            "kind": result.kind,
+            "selector": label,
+            "shape": list(shape),
+            "width": result.width,
+            "height": result.height,
+            "note": result.note,
+        },
+        f"wrote {result.path}: {result.kind} of {label} {list(shape)}, "
+        f"{result.width}x{result.height} pixels{note}",
+    )
 
 
 def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -646,6 +762,47 @@ def build_parser() -> argparse.ArgumentParser:
         "selector", help="a name and optional numpy basic index: conv1.weight[0, :, 1:3]"
     )
     p.add_argument("--shape-only", action="store_true", help="print the shape, fetch no values")
+
+    p = add(
+        "plot",
+        cmd_plot,
+        "draw a tensor or slice into a PNG: gradwire plot conv1.weight --out conv1.png",
+    )
+    p.epilog = (
+        "auto picks by shape: a 4-D conv weight or its gradient ([out, in, kh, kw], named "
+        "*.weight or *.weight.grad) -> kernels, a 2-D slice -> heatmap, anything else -> "
+        "histogram, binned on the server (GetStats) so that no values cross the wire. "
+        "kernels: one tile per (output, input) channel pair, a column per output "
+        f"channel (filter) and a row per input channel, at most {MAX_KERNEL_OUT} output x "
+        f"{MAX_KERNEL_IN} input channels (the title says when more were left out). Signed "
+        "values (weights, gradients) are drawn with a diverging colour map centred on 0: red "
+        "positive, blue negative, white 0, one scale for every tile. The PNG is "
+        f"{FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches at --dpi "
+        f"({FIGSIZE[0] * DEFAULT_DPI:.0f} x {FIGSIZE[1] * DEFAULT_DPI:.0f} pixels by default). "
+        "Needs matplotlib: pip install 'gradwire[plot]'."
+    )
+    p.add_argument(
+        "selector", help="a name and optional numpy basic index, as for get: linear.weight[:, :64]"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="FILE.png", help="the PNG file to write"
+    )
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="auto",
+        help="kernels (4-D), heatmap (2-D), histogram (any), or auto (default %(default)s)",
+    )
+    p.add_argument(
+        "--bins",
+        type=int,
+        default=DEFAULT_BINS,
+        help="histogram bins over the finite values (default %(default)s)",
+    )
+    p.add_argument("--title", help="the picture's title (default: the selector and its shape)")
+    p.add_argument(
+        "--dpi", type=int, default=DEFAULT_DPI, help="pixels per inch (default %(default)s)"
+    )
 
     p = add(
         "stats",

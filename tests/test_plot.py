@@ -1,0 +1,318 @@
+"""`gradwire plot`: pictures of tensors, drawn from a real server's values into PNG files.
+
+Sizes are asserted, not pixels: the PNG is FIGSIZE * dpi, whatever matplotlib draws inside.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gradwire
+from gradwire import plot
+from gradwire.errors import Unimplemented
+from tests.test_cli import Result, Run, run_main
+
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="needs matplotlib: pip install 'gradwire[plot]'",
+)
+
+
+@pytest.fixture
+def cli(address: str) -> Run:
+    """Runs one command against the fixture server, in this process."""
+
+    def run(*argv: str) -> Result:
+        return run_main(*argv, "--target", address)
+
+    return run
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, decoding the whole image on the way."""
+    from matplotlib.image import imread
+
+    pixels: np.ndarray[Any, Any] = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    return pixels.shape[1], pixels.shape[0]
+
+
+def size_at(dpi: int) -> tuple[int, int]:
+    return round(plot.FIGSIZE[0] * dpi), round(plot.FIGSIZE[1] * dpi)
+
+
+def backward(client: gradwire.Client) -> None:
+    client.forward(gradwire.Fill.ones(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64"))
+    client.backward()
+
+
+def only_file(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- one test per kind --------------------------------------------------------------------
+
+
+@needs_matplotlib
+def test_conv1_weight_draws_as_kernels(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "conv1.png"
+    result = cli("plot", "conv1.weight", "--out", str(out))
+    assert result.code == 0, result.err
+    assert result.out == (f"wrote {out}: kernels of conv1.weight [16, 3, 3, 3], 800x600 pixels\n")
+    assert png_size(out) == size_at(plot.DEFAULT_DPI) == (800, 600)
+    assert only_file(tmp_path) == ["conv1.png"]  # no temporary file left beside it
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # the PNG's mode is what the umask gives any new file
+    assert out.stat().st_mode == plain.stat().st_mode
+
+
+@needs_matplotlib
+def test_a_2d_slice_draws_as_a_heatmap_at_the_asked_dpi(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "linear.png"
+    result = cli("plot", "linear.weight[:, :64]", "--out", str(out), "--dpi", "50", "--json")
+    assert result.code == 0, result.err
+    assert result.json() == {
+        "out": str(out),
+        "kind": "heatmap",
+        "selector": "linear.weight[:, :64]",
+        "shape": [20, 64],
+        "width": 400,
+        "height": 300,
+        "note": None,
+    }
+    assert png_size(out) == size_at(50)
+
+
+@needs_matplotlib
+def test_conv2_weight_as_a_histogram(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "conv2-hist.png"
+    result = cli(
+        "plot", "conv2.weight", "--kind", "histogram", "--bins", "80", "--out", str(out),
+        "--title", "conv2 at init",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert "histogram of conv2.weight [32, 16, 3, 3]" in result.out
+    assert png_size(out) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    "selector", ["conv2.weight[0]", "conv1.weight[0, 0, 0]", "conv1.weight[0, 0, 0, 0]"]
+)
+def test_auto_draws_other_ranks_as_a_histogram(cli: Run, tmp_path: Path, selector: str) -> None:
+    out = tmp_path / "h.png"
+    result = cli("plot", selector, "--out", str(out), "--json")
+    assert result.code == 0, result.err
+    assert result.json()["kind"] == "histogram"
+    assert png_size(out) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+def test_gradients_after_backward(cli: Run, client: gradwire.Client, tmp_path: Path) -> None:
+    backward(client)
+    hist, kernels = tmp_path / "grad-hist.png", tmp_path / "grad-kernels.png"
+    result = cli("plot", "conv2.weight.grad", "--kind", "histogram", "--out", str(hist))
+    assert result.code == 0, result.err
+    assert png_size(hist) == size_at(plot.DEFAULT_DPI)
+    result = cli("plot", "conv1.weight.grad", "--out", str(kernels), "--json")
+    assert result.code == 0, result.err
+    assert result.json()["kind"] == "kernels"
+    assert png_size(kernels) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+def test_a_histogram_is_binned_on_the_server(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_values(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a histogram fetched the tensor's values")
+
+    monkeypatch.setattr(gradwire.Client, "read", no_values)
+    out = tmp_path / "h.png"
+    result = cli("plot", "conv2.weight", "--kind", "histogram", "--out", str(out), "--json")
+    assert result.code == 0, result.err
+    assert result.json()["shape"] == [32, 16, 3, 3]
+    assert png_size(out) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+def test_a_server_without_getstats_gets_a_histogram_from_the_values(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unimplemented(*args: object, **kwargs: object) -> None:
+        raise Unimplemented("Method not found: GetStats")
+
+    monkeypatch.setattr(gradwire.Client, "stats", unimplemented)
+    out = tmp_path / "h.png"
+    result = cli("plot", "conv1.weight[0]", "--out", str(out), "--json")
+    assert result.code == 0, result.err
+    assert result.json()["kind"] == "histogram"
+    assert png_size(out) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+def test_a_histogram_of_an_absent_gradient_exits_1(cli: Run, tmp_path: Path) -> None:
+    result = cli(
+        "plot", "conv1.weight.grad", "--kind", "histogram", "--out", str(tmp_path / "g.png")
+    )
+    assert result.code == 1
+    assert "conv1.weight.grad is None" in result.err
+    assert only_file(tmp_path) == []
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@needs_matplotlib
+def test_an_absent_gradient_exits_1_and_writes_nothing(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "grad.png"
+    result = cli("plot", "conv1.weight.grad", "--out", str(out))
+    assert result.code == 1
+    assert result.out == ""
+    assert "conv1.weight.grad is None" in result.err
+    assert "gradwire backward" in result.err
+    assert only_file(tmp_path) == []
+
+
+@pytest.mark.parametrize("selector", ["conv1.weight[0", "conv1.weight[x]", "1conv"])
+def test_a_bad_selector_exits_2(cli: Run, tmp_path: Path, selector: str) -> None:
+    result = cli("plot", selector, "--out", str(tmp_path / "x.png"))
+    assert result.code == 2
+    assert result.err.startswith("gradwire plot: error: ")
+    assert only_file(tmp_path) == []
+
+
+def test_an_unknown_tensor_exits_1(cli: Run, tmp_path: Path) -> None:
+    result = cli("plot", "conv9.weight", "--out", str(tmp_path / "x.png"))
+    assert result.code == 1
+    assert "NOT_FOUND" in result.err
+    assert only_file(tmp_path) == []
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["linear.weight", "--kind", "kernels"], "kernels need a 4-D"),
+        (["conv2.weight[0]", "--kind", "heatmap"], "a heatmap needs a 2-D slice"),
+        (["conv1.weight", "--bins", "0"], "bins must be between 1 and 4096"),
+        (["conv1.weight", "--dpi", "5"], "dpi must be between"),
+        (["conv1.weight", "--kind", "pie"], "invalid choice: 'pie'"),
+    ],
+)
+def test_a_kind_or_option_that_cannot_draw_exits_2(
+    cli: Run, tmp_path: Path, argv: list[str], message: str
+) -> None:
+    result = cli("plot", *argv, "--out", str(tmp_path / "x.png"))
+    assert result.code == 2
+    assert message in result.err
+    assert only_file(tmp_path) == []
+
+
+def test_out_must_be_a_png_in_a_folder_that_exists(cli: Run, tmp_path: Path) -> None:
+    result = cli("plot", "conv1.weight", "--out", str(tmp_path / "x.jpg"))
+    assert result.code == 2
+    assert "PNG" in result.err
+    result = cli("plot", "conv1.weight", "--out", str(tmp_path / "missing" / "x.png"))
+    assert result.code == 2
+    assert "no such folder" in result.err
+
+
+def test_out_is_required(cli: Run) -> None:
+    result = cli("plot", "conv1.weight")
+    assert result.code == 2
+    assert "--out" in result.err
+
+
+def test_without_matplotlib_exits_2_with_the_install_hint(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules makes `import matplotlib` raise ImportError, as when it is absent.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = cli("plot", "conv1.weight", "--out", str(tmp_path / "x.png"))
+    assert result.code == 2
+    assert "pip install 'gradwire[plot]'" in result.err
+    assert only_file(tmp_path) == []
+
+
+def test_the_thin_client_imports_without_matplotlib() -> None:
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "import gradwire, gradwire.cli, gradwire.plot; print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout == "ok\n", done.stderr
+
+
+def test_plot_help() -> None:
+    result = run_main("plot", "--help")
+    assert result.code == 0
+    text = " ".join(result.out.split())  # argparse wraps lines at the terminal's width
+    assert text.startswith("usage: gradwire plot ")
+    for words in (
+        "selector",
+        "--out FILE.png",
+        "{auto,kernels,heatmap,histogram}",
+        "--bins BINS",
+        "--title TITLE",
+        "--dpi DPI",
+        "a 2-D slice -> heatmap",
+        "anything else -> histogram",
+        "a column per output channel",
+        f"at most {plot.MAX_KERNEL_OUT} output x {plot.MAX_KERNEL_IN} input channels",
+        "diverging colour map centred on 0",
+        "(800 x 600 pixels by default)",
+        "pip install 'gradwire[plot]'",
+    ):
+        assert words in text, words
+
+
+# --- the drawing module, without a server -------------------------------------------------
+
+
+@needs_matplotlib
+def test_a_large_kernel_grid_is_truncated_and_says_so(tmp_path: Path) -> None:
+    weights = np.random.default_rng(0).standard_normal((40, 35, 3, 3)).astype(np.float32)
+    result = plot.plot_array(weights, tmp_path / "k.png", name="features.3.weight")
+    assert result.kind == "kernels"
+    assert result.note == "showing the first 32 of 40 output x 32 of 35 input channels"
+    assert png_size(tmp_path / "k.png") == size_at(plot.DEFAULT_DPI)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "kind"),
+    [
+        ("conv1.weight", (16, 3, 3, 3), "kernels"),
+        ("conv1.weight.grad", (16, 3, 3, 3), "kernels"),
+        ("input", (8, 3, 10, 10), "histogram"),  # 4-D, but a batch, not kernels
+        ("linear.weight", (20, 3200), "heatmap"),
+        ("output", (8, 20), "heatmap"),
+        ("loss", (), "histogram"),
+        ("target", (8,), "histogram"),
+        ("conv2.weight", (32, 16, 3), "histogram"),
+        ("x.weight", (1, 2, 3, 4, 5), "histogram"),
+    ],
+)
+def test_auto_chooses_by_name_and_rank(name: str, shape: tuple[int, ...], kind: str) -> None:
+    assert plot.choose_kind(name, shape) == kind
+
+
+def test_histogram_of_counts_finite_values_and_reports_the_rest() -> None:
+    values = np.array([1.0, 2.0, 3.0, np.nan, np.inf, -np.inf, 2.0], dtype=np.float32)
+    data = plot.histogram_of(values, bins=2)
+    assert data.counts.tolist() == [1, 3]
+    assert (data.low, data.high) == (1.0, 3.0)
+    assert (data.count, data.nan_count, data.inf_count) == (7, 1, 2)
+    assert data.mean == pytest.approx(2.0)
+    constant = plot.histogram_of(np.full(5, 0.1, np.float32), bins=4)
+    assert constant.counts.sum() == 5  # one value still lands in a bin
+    assert plot.histogram_of(np.array([], np.float32)).counts.sum() == 0
