@@ -1,9 +1,12 @@
 """Model-based: random sequences of calls against the server and against plain PyTorch.
 
-Hypothesis drives Reset / Forward / Backward / Step / ZeroGrad / GetTensor / SetTensor in any
-order, on a real server and on a local model run as the tutorial runs it. After every call the
-answers agree (values, versions, and which calls are refused and why); after every sequence
-all parameters and gradients are equal bit for bit.
+Hypothesis drives Reset / Forward / Backward / Step / ZeroGrad / GetTensor / SetTensor /
+TrainStep in any order, on a real server and on a local model run as the tutorial runs it,
+in the default session and in sessions it opens and closes, each with a local model of its
+own. After every call the answers agree (values, versions, and which calls are refused and
+why), and every session's version and weights are its own reference's: a call in one session
+changes no other. After every sequence all parameters and gradients are equal bit for bit; a
+closed session's id is refused (NOT_FOUND), never taken for the default session.
 """
 
 from __future__ import annotations
@@ -11,13 +14,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from torch import nn
 
 import gradwire
@@ -30,6 +40,10 @@ from tests.reference import Simple
 #: Sequences per run; the issue asks for at least 1000 in CI.
 SEQUENCES = int(os.environ.get("GRADWIRE_MODEL_SEQUENCES", "1000"))
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+#: Sessions a sequence keeps open at most besides the default one (the server allows 8).
+MAX_OPENED = 3
+#: Which session a call acts on: an index into the open ones, the default session first.
+WHICH = st.integers(0, MAX_OPENED)
 
 
 def same(a: np.ndarray | None, b: torch.Tensor | None) -> bool:
@@ -104,6 +118,18 @@ class Reference:
         return params[name].detach()
 
 
+@dataclass
+class Session:
+    """A session on the server (the default one, or one opened) and its own reference."""
+
+    client: gradwire.Client  # a client whose calls act on this session
+    local: Reference
+    base: int  # the server's count of this session's versions when the reference's began
+
+    def check_version(self, remote: int) -> None:
+        assert remote - self.base == self.local.version
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[Running]:
     running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
@@ -125,88 +151,139 @@ def test_random_sequences_agree_with_pytorch(server: Running) -> None:
     client = gradwire.connect(f"127.0.0.1:{server.port}", timeout=30)
 
     class Sequences(RuleBasedStateMachine):
-        @initialize(seed=st.integers(0, 3))
-        def begin(self, seed: int) -> None:
-            self.base = client.reset(seed) - 1  # the server's version counts every sequence
-            self.local = Reference(seed)
-            self.check_version(self.base + 1)
+        @initialize(seed=st.integers(0, 3), seeds=st.lists(st.integers(0, 3), max_size=1))
+        def begin(self, seed: int, seeds: list[int]) -> None:
+            # The server's default session counts versions across sequences; it is first.
+            default = Session(client, Reference(seed), client.reset(seed) - 1)
+            default.check_version(default.base + 1)
+            self.sessions = [default]
+            for opened in seeds:  # sessions open from the start: more calls to act on them
+                self.open_session(opened)
 
-        def check_version(self, remote: int) -> None:
-            assert remote - self.base == self.local.version
+        def at(self, which: int) -> Session:
+            return self.sessions[which % len(self.sessions)]
 
-        def agree(self, call: Callable[[], object], reason: str | None) -> None:
+        def agree(self, s: Session, call: Callable[[], object], reason: str | None) -> None:
             """Runs the call the reference ran (reason None) or refused, and checks the server
             did the same: the same state version after it, or the same refusal."""
             if reason is None:
                 call()
-                self.check_version(client.list_tensors().version)
+                s.check_version(s.client.list_tensors().version)
                 return
             with pytest.raises(errors.FailedPrecondition) as info:
                 call()
             assert info.value.reason == reason
 
-        @rule(batch=st.integers(1, 4), seed=st.integers(0, 2**16))
-        def forward(self, batch: int, seed: int) -> None:
+        @rule(which=WHICH, batch=st.integers(1, 4), seed=st.integers(0, 2**16))
+        def forward(self, which: int, batch: int, seed: int) -> None:
+            s = self.at(which)
             x, y, lx, ly = _fills(batch, seed)
-            result = client.forward(x, y)
-            assert same_loss(result.loss, self.local.forward(lx, ly))
-            self.check_version(result.version)
+            result = s.client.forward(x, y)
+            assert same_loss(result.loss, s.local.forward(lx, ly))
+            s.check_version(result.version)
 
-        @rule(batch=st.integers(1, 4), seed=st.integers(0, 2**16), zero=st.booleans())
-        def train_step(self, batch: int, seed: int, zero: bool) -> None:
+        @rule(which=WHICH, batch=st.integers(1, 4), seed=st.integers(0, 2**16), zero=st.booleans())
+        def train_step(self, which: int, batch: int, seed: int, zero: bool) -> None:
+            s = self.at(which)
             x, y, lx, ly = _fills(batch, seed)
             if zero:
-                self.local.zero_grad(set_to_none=True)
-            loss = self.local.forward(lx, ly)
-            assert self.local.backward(retain=False) is None
-            assert self.local.step() is None
-            result = client.train_step(x, y, zero_grad=zero, fetch=["conv2.weight.grad[0, 0]"])
+                s.local.zero_grad(set_to_none=True)
+            loss = s.local.forward(lx, ly)
+            assert s.local.backward(retain=False) is None
+            assert s.local.step() is None
+            result = s.client.train_step(x, y, zero_grad=zero, fetch=["conv2.weight.grad[0, 0]"])
             assert same_loss(result.loss, loss)
-            grad = self.local.tensor("conv2.weight.grad")
+            grad = s.local.tensor("conv2.weight.grad")
             assert grad is not None and same(result.fetched[0].value, grad[0, 0])
-            self.check_version(result.version)
+            s.check_version(result.version)
 
-        @rule(retain=st.booleans())
-        def backward(self, retain: bool) -> None:
-            self.agree(lambda: client.backward(retain_graph=retain), self.local.backward(retain))
+        @rule(which=WHICH, retain=st.booleans())
+        def backward(self, which: int, retain: bool) -> None:
+            s = self.at(which)
+            self.agree(s, lambda: s.client.backward(retain_graph=retain), s.local.backward(retain))
 
-        @rule()
-        def step(self) -> None:
-            self.agree(client.step, self.local.step())
+        @rule(which=WHICH)
+        def step(self, which: int) -> None:
+            s = self.at(which)
+            self.agree(s, s.client.step, s.local.step())
 
-        @rule(set_to_none=st.booleans())
-        def zero_grad(self, set_to_none: bool) -> None:
-            self.local.zero_grad(set_to_none)
-            self.check_version(client.zero_grad(set_to_none=set_to_none))
+        @rule(which=WHICH, set_to_none=st.booleans())
+        def zero_grad(self, which: int, set_to_none: bool) -> None:
+            s = self.at(which)
+            s.local.zero_grad(set_to_none)
+            s.check_version(s.client.zero_grad(set_to_none=set_to_none))
 
-        @rule(name=st.sampled_from(PARAMETERS), value=st.floats(-1, 1, width=32))
-        def set_tensor(self, name: str, value: float) -> None:
-            self.local.fill(name, value)
-            self.check_version(client.set(name, np.float32(value)))
+        @rule(which=WHICH, name=st.sampled_from(PARAMETERS), value=st.floats(-1, 1, width=32))
+        def set_tensor(self, which: int, name: str, value: float) -> None:
+            s = self.at(which)
+            s.local.fill(name, value)
+            s.check_version(s.client.set(name, np.float32(value)))
 
-        @rule(name=st.sampled_from([*PARAMETERS, *(p + ".grad" for p in PARAMETERS)]))
-        def get_tensor(self, name: str) -> None:
-            read = client.read(f"{name}[0]")
-            local = self.local.tensor(name)
+        @rule(which=WHICH, name=st.sampled_from([*PARAMETERS, *(p + ".grad" for p in PARAMETERS)]))
+        def get_tensor(self, which: int, name: str) -> None:
+            s = self.at(which)
+            read = s.client.read(f"{name}[0]")
+            local = s.local.tensor(name)
             assert same(read.value, None if local is None else local[0])
-            self.check_version(read.version)
+            s.check_version(read.version)
 
+        @rule(which=WHICH, seed=st.integers(0, 3))
+        def reset(self, which: int, seed: int) -> None:
+            s = self.at(which)
+            s.local.reset(seed)
+            s.check_version(s.client.reset(seed))
+
+        @precondition(lambda self: len(self.sessions) <= MAX_OPENED)
         @rule(seed=st.integers(0, 3))
-        def reset(self, seed: int) -> None:
-            self.local.reset(seed)
-            self.check_version(client.reset(seed))
+        def open_session(self, seed: int) -> None:
+            # A new session's versions start at 0, its reference's at 1 (its first reset);
+            # the invariant reads its version and weights.
+            self.sessions.append(Session(client.open_session(seed=seed), Reference(seed), -1))
+
+        # Only while two or more are open: sequences are short, and a lone session closed at
+        # once would leave little to act on (every sequence's teardown closes the rest).
+        @precondition(lambda self: len(self.sessions) > 2)
+        @rule(which=WHICH)
+        def close_session(self, which: int) -> None:
+            self.close(self.sessions.pop(1 + which % (len(self.sessions) - 1)))
+
+        def close(self, s: Session) -> None:
+            """Closes the session, then checks that a call with its id is refused, not run
+            in some other session (the invariant and teardown check the others)."""
+            closed = s.client.session
+            s.client.close_session()
+            s.client.session = closed
+            try:
+                with pytest.raises(errors.NotFound) as info:
+                    s.client.zero_grad()
+                assert info.value.reason == "UNKNOWN_SESSION"
+            finally:
+                s.client.session = None
 
         @invariant()
-        def same_first_weights(self) -> None:
-            if hasattr(self, "local"):
-                local = self.local.tensor("conv1.weight")
-                assert local is not None and same(client.get("conv1.weight[0][0]"), local[0][0])
+        def every_session_agrees(self) -> None:
+            """Each session's version and first weights are its own reference's, whichever
+            session the last call acted on."""
+            for s in getattr(self, "sessions", ()):
+                read = s.client.read("conv1.weight[0][0]")
+                local = s.local.tensor("conv1.weight")
+                assert local is not None and same(read.value, local[0][0])
+                s.check_version(read.version)
 
         def teardown(self) -> None:
-            if not hasattr(self, "local"):
-                return
-            for name in (*PARAMETERS, *(p + ".grad" for p in PARAMETERS)):
-                assert same(client.get(name), self.local.tensor(name)), name
+            sessions = getattr(self, "sessions", [])
+            try:
+                for s in sessions:
+                    for name in (*PARAMETERS, *(p + ".grad" for p in PARAMETERS)):
+                        assert same(s.client.get(name), s.local.tensor(name)), name
+            except BaseException:
+                for s in sessions[1:]:  # the server's limit holds across sequences
+                    s.client.close_session()
+                raise
+            for s in sessions[1:]:
+                self.close(s)
+            if len(sessions) > 1:  # the calls with closed ids changed nothing here
+                sessions[0].check_version(client.list_tensors().version)
 
     Sequences.TestCase.settings = settings(
         max_examples=SEQUENCES,
