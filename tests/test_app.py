@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import gradwire
 from gradwire_server.app import SERVICE_NAME, Running, start
 from gradwire_server.trainer import Trainer
+from tests.serve_process import serving
 
 
 def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
@@ -51,40 +51,9 @@ def test_a_second_server_cannot_take_the_same_port(server: Running, trainer: Tra
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`gradwire serve` as its own process, as a user starts it."""
     port_file = tmp_path / "port"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gradwire.cli",
-            "serve",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--port-file",
-            str(port_file),
-            "--grace",
-            "2",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stderr is not None
-        log = []
-        for line in process.stderr:  # blocks until the server says it listens: no sleeps
-            log.append(line)
-            if "listening on" in line:
-                break
-        else:
-            pytest.fail("the server exited before listening:\n" + "".join(log))
-        assert any("model Simple on cpu" in line for line in log), log
+    with serving("--port-file", str(port_file), "--grace", "2") as (process, log):
+        assert "model Simple on cpu" in log, log
         yield process, int(port_file.read_text())
-    finally:  # also when setup fails: never leave a server behind
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -28,6 +26,7 @@ from gradwire_server import metrics
 from gradwire_server.app import Running, start
 from gradwire_server.logs import CallFilter, JsonFormatter, TextFormatter, log_handler
 from gradwire_server.trainer import Trainer
+from tests.serve_process import serving
 
 TRAINER = "/gradwire.v1.Trainer/"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -334,38 +333,10 @@ def test_serve_refuses_an_unknown_log_format() -> None:
 
 def test_serve_logs_json_and_serves_metrics() -> None:
     """`gradwire serve` as a user starts it: every stderr line is JSON, and /metrics answers."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gradwire.cli",
-            "serve",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--metrics-port",
-            "0",
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stderr is not None
-        lines: list[dict[str, object]] = []
-        for text in process.stderr:  # blocks until the server says where its metrics are
-            if not text.startswith("{"):
-                continue  # not Python's logging: grpc's C core may write to stderr itself
-            lines.append(json.loads(text))
-            if str(lines[-1]["message"]).startswith("metrics on"):
-                break
-        else:
-            pytest.fail(f"the server exited before serving metrics: {lines}")
+    flags = ("--metrics-port", "0", "--log-format", "json", "--log-level", "debug")
+    with serving(*flags, until="metrics on") as (process, log):
+        # Lines not from Python's logging (grpc's C core may write to stderr) are passed over.
+        lines = [json.loads(text) for text in log.splitlines() if text.startswith("{")]
         messages = [str(line["message"]) for line in lines]
         port = int(re.findall(r"listening on 127\.0\.0\.1:(\d+)", " ".join(messages))[0])
         url = str(lines[-1]["message"]).removeprefix("metrics on ")
@@ -380,11 +351,8 @@ def test_serve_logs_json_and_serves_metrics() -> None:
             )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
         rest = [json.loads(x) for x in process.stderr.read().splitlines() if x.startswith("{")]
         (access,) = [x for x in rest if x.get("method") == TRAINER + "ListTensors"]
         assert access["request_id"] == "cli-1"
         assert access["code"] == "OK"
-    finally:  # never leave a server behind
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from gradwire_server.models import (
     load_spec,
 )
 from gradwire_server.trainer import Trainer
+from tests.serve_process import serving as serve_process
 
 SEED = 3
 MLP_PARAMETERS = ["fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias"]
@@ -352,37 +351,9 @@ def test_serve_with_a_bad_model_exits_2_before_binding() -> None:
 
 def test_serve_model_serves_it(tmp_path: Path) -> None:
     port_file = tmp_path / "port"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gradwire.cli",
-            "serve",
-            "--model",
-            "gradwire_server.models:TINY_MLP",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--port-file",
-            str(port_file),
-            "--grace",
-            "2",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        assert process.stderr is not None
-        log = []
-        for line in process.stderr:  # blocks until the server says it listens: no sleeps
-            log.append(line)
-            if "listening on" in line:
-                break
-        else:
-            pytest.fail("the server exited before listening:\n" + "".join(log))
-        assert any("model TinyMLP on cpu" in line for line in log), log
+    model = ("--model", "gradwire_server.models:TINY_MLP")
+    with serve_process(*model, "--port-file", str(port_file), "--grace", "2") as (process, log):
+        assert "model TinyMLP on cpu" in log, log
         with gradwire.connect(f"127.0.0.1:{int(port_file.read_text())}", timeout=10) as client:
             client.wait_ready(10)
             listing = client.list_tensors()
@@ -390,7 +361,3 @@ def test_serve_model_serves_it(tmp_path: Path) -> None:
         assert [t.name for t in listing.tensors if t.kind == "parameter"] == MLP_PARAMETERS
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
-    finally:  # never leave a server behind
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)

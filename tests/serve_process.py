@@ -1,0 +1,38 @@
+"""`gradwire serve` as its own process, as a user starts it: for the tests that need one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+
+@contextlib.contextmanager
+def serving(*args: str, until: str = "listening on") -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`gradwire serve --port 0 --device cpu ARGS`, once it has logged a line holding `until`;
+    yields the process and its log up to there. The server is killed at the end if it still
+    runs: a test never leaves one behind, failing or not."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        log = []
+        for line in process.stderr:  # blocks until the server logs the line: no sleeps
+            log.append(line)
+            if until in line:
+                break
+        else:
+            pytest.fail(f"the server exited before logging {until!r}:\n" + "".join(log))
+        yield process, "".join(log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
