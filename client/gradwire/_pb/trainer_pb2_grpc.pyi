@@ -118,7 +118,8 @@ class TrainerStub:
     Watch: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
     every Nth Step). A subscriber that reads slowly never slows training: it gets the
-    latest state when it is ready, with the count of updates it skipped.
+    latest state when it is ready, with the count of updates it skipped. An open watch
+    holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
     Train: _grpc.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
@@ -185,7 +186,8 @@ class TrainerAsyncStub(TrainerStub):
     Watch: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]  # type: ignore[assignment]
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
     every Nth Step). A subscriber that reads slowly never slows training: it gets the
-    latest state when it is ready, with the count of updates it skipped.
+    latest state when it is ready, with the count of updates it skipped. An open watch
+    holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
     Train: _aio.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]  # type: ignore[assignment]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
@@ -357,7 +359,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchUpdate], _abc.AsyncIterator[_trainer_pb2.WatchUpdate]]:
         """Subscribes to tensors: an update now, then one after each applied mutation (or after
         every Nth Step). A subscriber that reads slowly never slows training: it gets the
-        latest state when it is ready, with the count of updates it skipped.
+        latest state when it is ready, with the count of updates it skipped. An open watch
+        holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
         """
 
     @_abc_1.abstractmethod
