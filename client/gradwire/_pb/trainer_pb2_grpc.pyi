@@ -124,7 +124,9 @@ class TrainerStub:
     Train: _grpc.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
-    the run between two steps; the steps already taken stay applied.
+    the run between two steps; the steps already taken stay applied. Each step is applied as it
+    runs: Train reads no request id or expected version, and is not safe to retry blindly
+    (read the version first).
     """
 
 @_typing.type_check_only
@@ -192,7 +194,9 @@ class TrainerAsyncStub(TrainerStub):
     Train: _aio.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]  # type: ignore[assignment]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
-    the run between two steps; the steps already taken stay applied.
+    the run between two steps; the steps already taken stay applied. Each step is applied as it
+    runs: Train reads no request id or expected version, and is not safe to retry blindly
+    (read the version first).
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -371,7 +375,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.TrainProgress], _abc.AsyncIterator[_trainer_pb2.TrainProgress]]:
         """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
-        the run between two steps; the steps already taken stay applied.
+        the run between two steps; the steps already taken stay applied. Each step is applied as it
+        runs: Train reads no request id or expected version, and is not safe to retry blindly
+        (read the version first).
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
