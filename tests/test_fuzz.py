@@ -100,12 +100,12 @@ def _call(channel: grpc.Channel, method: Any, data: bytes) -> grpc.StatusCode:
             call = channel.stream_unary(path)
             call(iter([data, data]), timeout=30)
         elif method.server_streaming:
-            # A few messages show the request was taken; Watch and Train would go on (and on).
+            # The first message shows the request was taken (or the status, that it was not);
+            # Watch and Train would go on until cancelled, waiting for changes or running steps.
             stream = channel.unary_stream(path)(data, timeout=30)
-            for count, _ in enumerate(stream):
-                if count == 2:
-                    stream.cancel()
-                    break
+            for _ in stream:
+                stream.cancel()
+                break
         else:
             channel.unary_unary(path)(data, timeout=30)
     except grpc.RpcError as err:
