@@ -14,6 +14,7 @@ import pytest
 
 import gradwire
 from gradwire_server.app import Running, start
+from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.test_cli import Result, Run, run_main
 
@@ -142,3 +143,22 @@ def test_help_explains_each_command(command: str) -> None:
     assert "usage: gradwire " + command in result.out
     flags = {"stats": "--bins", "watch": "--every-steps", "train": "--server-side"}
     assert flags[command] in result.out
+
+
+@pytest.mark.parametrize("spec", [TINY_MLP, TINY_REGRESSOR], ids=lambda s: s.name)
+def test_train_makes_data_for_the_model_the_server_serves(spec: ModelSpec) -> None:
+    running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        with gradwire.connect(target) as client:
+            listing = client.list_tensors()
+            assert (listing.sample_shape, listing.outputs, listing.loss) == (
+                spec.sample_shape,
+                spec.num_classes,
+                spec.loss,
+            )
+            result = run_main("train", "--steps", "3", "--batch", "4", "--json", "--target", target)
+            assert result.code == 0, result.err
+            assert result.json()["version"] == client.list_tensors().version == 12
+    finally:
+        running.stop(grace=None)

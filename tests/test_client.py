@@ -367,6 +367,8 @@ def test_list_tensors_model_device_and_optimizer(client: gradwire.Client) -> Non
     listing = client.list_tensors()
     assert listing.model == "Simple"
     assert listing.device == "cpu"
+    assert (listing.sample_shape, listing.input_dtype) == ((3, 10, 10), "float32")
+    assert (listing.outputs, listing.loss) == (20, "cross_entropy")
     assert listing.optimizer == gradwire.OptimizerConfig(
         kind="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, nesterov=False
     )

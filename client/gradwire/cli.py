@@ -345,14 +345,24 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _train_data(args: argparse.Namespace) -> tuple[Fill, Fill]:
-    """Random inputs and class labels made on the server, new ones each step (seed + step)."""
+def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
+    """Random inputs and targets made on the server, shaped for the model it serves (as
+    ListTensors describes it); new ones each step (seed + step)."""
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    listing_shape = args.input_shape or (3, 10, 10)
-    x = Fill.normal(args.batch, *listing_shape, seed=args.seed)
-    y = Fill.randint(0, args.classes, args.batch, seed=args.seed + 1_000_003)
-    return x, y
+    model = client.list_tensors()
+    if not model.input_dtype.startswith(("float", "bfloat")):
+        raise UsageError(
+            f"{model.model} takes {model.input_dtype} inputs, and train makes random floats: "
+            "drive it with your own data from Python (Client.train_step or Client.train)"
+        )
+    shape = args.input_shape or model.sample_shape or (3, 10, 10)
+    outputs = args.classes or model.outputs or 20
+    x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=model.input_dtype)
+    target_seed = args.seed + 1_000_003
+    if model.loss == "mse":
+        return x, Fill.normal(args.batch, outputs, seed=target_seed)
+    return x, Fill.randint(0, outputs, args.batch, seed=target_seed)
 
 
 def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -360,7 +370,7 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.every < 1:
         raise UsageError(f"--every must be at least 1, got {args.every}")
-    x, y = _train_data(args)
+    x, y = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
     done, loss, version = 0, float("nan"), None
     with _stop_on_interrupt() as stop:
@@ -854,10 +864,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-shape",
         type=_shape,
-        help="one sample's shape, comma-separated (default 3,10,10: the tutorial's model)",
+        help="one sample's shape, comma-separated (default: what the server's model takes)",
     )
     p.add_argument(
-        "--classes", type=int, default=20, help="labels drawn from 0..N-1 (default %(default)s)"
+        "--classes",
+        type=int,
+        help="labels drawn from 0..N-1 (default: the model's output width)",
     )
     p.add_argument(
         "--server-side",

@@ -142,6 +142,10 @@ class Listing:
     device: str
     optimizer: OptimizerConfig
     tensors: tuple[TensorInfo, ...]
+    sample_shape: tuple[int, ...] = ()  # one input sample's shape: inputs are [N, *sample_shape]
+    input_dtype: str = "float32"
+    outputs: int = 0  # the output's width: the number of classes, or of regression targets
+    loss: str = "cross_entropy"  # or "mse"
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
@@ -736,6 +740,10 @@ class Client:
             response.device,
             _optimizer_from_proto(response.optimizer),
             tensors,
+            tuple(response.sample_shape),
+            codec.DTYPE_NAMES.get(response.input_dtype, "unknown"),
+            response.outputs,
+            response.loss,
         )
 
     def reset(self, seed: int | None = None) -> int:

@@ -362,6 +362,10 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
         model=listing.model,
         device=listing.device,
         optimizer=optimizer_to_proto(listing.optimizer),
+        sample_shape=listing.spec.sample_shape,
+        input_dtype=dtype_to_proto(listing.spec.input_dtype),  # type: ignore[arg-type]
+        outputs=listing.spec.num_classes,
+        loss=listing.spec.loss,
     )
     for info in listing.tensors:
         response.tensors.add(

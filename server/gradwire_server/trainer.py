@@ -263,6 +263,7 @@ class Listing:
     device: str
     optimizer: OptimizerSettings
     tensors: list[TensorInfo] = field(default_factory=list)
+    spec: ModelSpec = SIMPLE  # what the model takes and returns, and its loss
 
 
 #: Longer names are refused before any lookup: PyTorch's own are far shorter.
@@ -1100,7 +1101,9 @@ class Trainer:
                     name, kind, self._target_dtype if name == "target" else default, (), False
                 )
             )
-        return Listing(self._version, self.spec.name, str(self.device), self._settings, infos)
+        return Listing(
+            self._version, self.spec.name, str(self.device), self._settings, infos, self.spec
+        )
 
     # --- whole-state changes -------------------------------------------------------
 

@@ -1002,12 +1002,22 @@ class ListTensorsResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     OPTIMIZER_FIELD_NUMBER: _builtins.int
+    SAMPLE_SHAPE_FIELD_NUMBER: _builtins.int
+    INPUT_DTYPE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version this listing saw"""
     model: _builtins.str
     """the model's name, e.g. "Simple" """
     device: _builtins.str
     """where the model lives, e.g. "cuda:0" or "cpu" """
+    input_dtype: Global___DType.ValueType
+    """the input's element type"""
+    outputs: _builtins.int
+    """the output's width: Forward returns [N, outputs]"""
+    loss: _builtins.str
+    """"cross_entropy" (targets: class indices in [0, outputs)) or "mse" (targets: floats [N, outputs])"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]:
         """every inspectable tensor, parameters first in model order"""
@@ -1015,6 +1025,10 @@ class ListTensorsResponse(_message.Message):
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
         """the optimizer in use, every field set"""
+
+    @_builtins.property
+    def sample_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one input sample's shape: Forward takes [N, *sample_shape]"""
 
     def __init__(
         self,
@@ -1024,10 +1038,14 @@ class ListTensorsResponse(_message.Message):
         model: _builtins.str = ...,
         device: _builtins.str = ...,
         optimizer: Global___OptimizerConfig | None = ...,
+        sample_shape: _abc.Iterable[_builtins.int] | None = ...,
+        input_dtype: Global___DType.ValueType = ...,
+        outputs: _builtins.int = ...,
+        loss: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "model", b"model", "optimizer", b"optimizer", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "input_dtype", b"input_dtype", "loss", b"loss", "model", b"model", "optimizer", b"optimizer", "outputs", b"outputs", "sample_shape", b"sample_shape", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
