@@ -2,8 +2,9 @@
 
 Min, max, mean, std and norm are taken over the finite values, so that one NaN does not hide
 the rest; NaN, infinite and zero values are counted. Sums accumulate in float64. Large tensors
-are summarised in runs of CHUNK_ELEMENTS, so the temporary memory stays bounded; everything
-stays on the device until the one copy of the results to the host at the end.
+are summarised in runs of CHUNK_ELEMENTS, so the temporary memory stays bounded. The figures
+stay on the device until one copy of them to the host at the end; besides, each run's sum is
+read once, to skip the masks of non-finite values when there are none (most of the time).
 """
 
 from __future__ import annotations
@@ -68,40 +69,51 @@ def summarize(
     flat = tensor.detach().reshape(-1)
     device, f64 = flat.device, torch.float64
     runs = _runs(flat)
-    # float64 copies of each run; kept between the passes when there is only one run.
-    cache: dict[int, torch.Tensor] = {}
+    # float64 copies of each run and their finite masks; kept between the passes when there
+    # is only one run, as for every tensor under CHUNK_ELEMENTS.
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def values(i: int) -> torch.Tensor:
+    def values(i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A run in float64, and its finite mask; None when every value is finite, which
+        its sum being finite shows at the cost of one sum (masks cost more than all else)."""
         if i in cache:
             return cache[i]
         run = runs[i].to(f64)
+        pair = run, None if bool(torch.isfinite(run.sum())) else torch.isfinite(run)
         if len(runs) == 1:
-            cache[i] = run
-        return run
+            cache[i] = pair
+        return pair
 
     zero = torch.zeros((), dtype=f64, device=device)
     total, squares = zero.clone(), zero.clone()
-    counts = torch.zeros(4, dtype=torch.int64, device=device)  # finite, nan, inf, zero
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # finite, NaN, zero
+    for i in range(len(runs)):
+        run, finite = values(i)
+        if finite is None:  # all finite: no masks to make or apply
+            counts[0] += run.numel()
+            counts[2] += run.numel() - torch.count_nonzero(run)
+            total += run.sum()
+            squares += torch.dot(run, run)
+            continue
+        counts += torch.stack([finite.sum(), torch.isnan(run).sum(), (run == 0).sum()])
+        kept = torch.where(finite, run, zero)
+        total += kept.sum()
+        squares += torch.dot(kept, kept)
+    finite_count = counts[0].clamp(min=1).to(f64)
+    mean = total / finite_count
+    # Non-finite values replaced by the mean, which lies among the finite ones: the extremes
+    # are the finite values' own, and those values add nothing to the squared deviations.
+    deviation = zero.clone()
     smallest = torch.full((), math.inf, dtype=f64, device=device)
     largest = torch.full((), -math.inf, dtype=f64, device=device)
     for i in range(len(runs)):
-        run = values(i)
-        finite = torch.isfinite(run)
-        counts += torch.stack(
-            [finite.sum(), torch.isnan(run).sum(), torch.isinf(run).sum(), (run == 0).sum()]
-        )
-        kept = torch.where(finite, run, zero)
-        total += kept.sum()
-        squares += (kept * kept).sum()
-        smallest = torch.minimum(smallest, torch.where(finite, run, math.inf).amin())
-        largest = torch.maximum(largest, torch.where(finite, run, -math.inf).amax())
-    finite_count = counts[0].clamp(min=1).to(f64)
-    mean = total / finite_count
-    deviation = zero.clone()
-    for i in range(len(runs)):
-        run = values(i)
-        centred = torch.where(torch.isfinite(run), run - mean, zero)
-        deviation += (centred * centred).sum()
+        run, finite = values(i)
+        filled = run if finite is None else torch.where(finite, run, mean)
+        low_high = torch.aminmax(filled)
+        smallest = torch.minimum(smallest, low_high.min)
+        largest = torch.maximum(largest, low_high.max)
+        centred = filled - mean
+        deviation += torch.dot(centred, centred)
     none_finite = counts[0] == 0
     smallest = torch.where(none_finite, zero, smallest)
     largest = torch.where(none_finite, zero, largest)
@@ -113,21 +125,20 @@ def summarize(
             same = lo == hi
             lo, hi = torch.where(same, lo - 0.5, lo), torch.where(same, hi + 0.5, hi)
         hi = torch.maximum(hi, lo)  # one bound given and past the other: an empty range
-        binned = torch.zeros(bins + 1, dtype=torch.int64, device=device)
-        width = (hi - lo).clamp(min=torch.finfo(f64).tiny)
-        for i in range(len(runs)):
-            run = values(i)
-            inside = torch.isfinite(run) & (run >= lo) & (run <= hi)
-            at = ((run - lo) / width * bins).floor().clamp(0, bins - 1)
-            at = torch.where(inside, at, float(bins)).to(torch.int64)
-            binned += torch.bincount(at, minlength=bins + 1)
-        bounds = torch.stack([lo, hi]).cpu()
-        histogram = Histogram(float(bounds[0]), float(bounds[1]), binned[:bins].cpu().tolist())
+        bounds = torch.stack([lo, hi]).cpu()  # histc takes its range as numbers
+        start, stop = float(bounds[0]), float(bounds[1])
+        binned = torch.zeros(bins, dtype=f64, device=device)
+        if stop > start:
+            for i in range(len(runs)):
+                # Values outside [start, stop], infinities and NaN are left out; the last
+                # bin holds `stop` itself, as numpy's does.
+                binned += torch.histc(values(i)[0], bins, start, stop)
+        histogram = Histogram(start, stop, [int(c) for c in binned.cpu().tolist()])
     # The one synchronisation: every figure leaves the device together.
     figures = torch.stack(
         [smallest, largest, mean, (deviation / finite_count).sqrt(), squares.sqrt()]
     ).cpu()
-    finite_n, nans, infs, zeros = counts.cpu().tolist()
+    finite_n, nans, zeros = counts.cpu().tolist()
     return Summary(
         count=flat.numel(),
         min=float(figures[0]),
@@ -136,7 +147,7 @@ def summarize(
         std=float(figures[3]) if finite_n else 0.0,
         norm=float(figures[4]),
         nan_count=nans,
-        inf_count=infs,
+        inf_count=flat.numel() - finite_n - nans,
         zero_count=zeros,
         histogram=histogram,
     )
