@@ -351,6 +351,31 @@ def test_watch_values_and_stats_equal_a_read_at_the_same_version(
     assert watched.stats.histogram is not None and len(watched.stats.histogram.counts) == 5
 
 
+def test_each_update_is_one_version_while_training_runs(
+    client: gradwire.Client, address: str
+) -> None:
+    # The statistics are computed under the trainer's lock; values copied any later would
+    # come from a later step and disagree with them.
+    watcher = Watcher(
+        client,
+        ["linear.weight"],
+        until=lambda u: u.steps == 60,
+        values=True,
+        stats=True,
+    )
+    x, y = random_batch(8, 12)
+    with gradwire.connect(address) as driver:
+        driver.set_optimizer("sgd", lr=0.1)
+        for _ in range(60):
+            driver.train_step(x, y)
+    updates = watcher.join()
+    assert len(updates) >= 2
+    for update in updates:
+        watched = update["linear.weight"]
+        assert watched.stats is not None
+        assert_stats_match(watched.stats, watched.value)
+
+
 def test_watch_every_n_steps(client: gradwire.Client, address: str) -> None:
     watcher = Watcher(client, ["conv1.weight"], until=lambda u: u.steps == 4, every_steps=2)
     x, y = random_batch(8, 10)

@@ -400,29 +400,29 @@ _WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
 _WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
 
 
-def watched_pieces(
-    selection: Selection, values: bool, summary: Summary | None
-) -> tuple[list[wire.Piece], int]:
-    """A WatchedTensor for a selection, its values spliced in; and their size in bytes."""
+def watched_bytes(selection: Selection, values: bool, summary: Summary | None) -> bytes:
+    """A serialized WatchedTensor for a selection, its values spliced in.
+
+    Called under the trainer's lock: joining the pieces is the copy that keeps this version.
+    """
     header = pb.WatchedTensor(name=selection.name)
     part = selection.part
     if part is None or selection.full_shape is None:
-        return [header.SerializeToString()], 0
+        return header.SerializeToString()
     header.full_shape.extend(selection.full_shape)
     if summary is not None:
         header.stats.CopyFrom(stats_to_proto(summary))
     if not values:
-        return [header.SerializeToString()], 0
+        return header.SerializeToString()
     tensor = codec.tensor_pieces(selection.host())
-    size = part.numel() * part.element_size()
-    return [header.SerializeToString(), *wire.length_field(_WATCHED_TENSOR, tensor)], size
+    return wire.join([header.SerializeToString(), *wire.length_field(_WATCHED_TENSOR, tensor)])
 
 
 def watch_update_bytes(
-    version: int, cause: str, skipped: int, steps: int, tensors: list[list[wire.Piece]]
+    version: int, cause: str, skipped: int, steps: int, tensors: list[bytes]
 ) -> bytes:
     header = pb.WatchUpdate(version=version, cause=cause, skipped=skipped, steps=steps)
     pieces: list[wire.Piece] = [header.SerializeToString()]
     for watched in tensors:
-        pieces.extend(wire.length_field(_WATCHED, watched))
+        pieces.extend(wire.length_field(_WATCHED, [watched]))
     return wire.join(pieces)

@@ -534,28 +534,35 @@ class TrainerServicer:
         def update(first: bool = False) -> bytes:
             items = iter(request.items)  # read_many uses the selections in this order
 
-            def take(selection: Selection) -> tuple[list[wire.Piece], int]:
+            size = 0
+
+            def take(selection: Selection) -> bytes:
+                """One item's part of the update, copied under the lock (its version)."""
+                nonlocal size
                 item = next(items)
+                part = selection.part
+                if part is not None and item.values:
+                    size += part.numel() * part.element_size()
+                    if size > limits.MAX_VALUE_BYTES:  # checked before copying anything
+                        raise OverLimit(
+                            f"the watched values hold more than {limits.MAX_VALUE_BYTES} "
+                            "bytes, the most one update may carry: watch slices, or "
+                            "statistics instead of values",
+                            reason="WATCH_TOO_LARGE",
+                        )
                 summary = None
                 # Neither values nor statistics asked for: statistics, the cheap default.
-                if selection.part is not None and (item.stats or not item.values):
-                    summary = stats.summarize(selection.part, item.histogram_bins)
-                return convert.watched_pieces(selection, item.values, summary)
+                if part is not None and (item.stats or not item.values):
+                    summary = stats.summarize(part, item.histogram_bins)
+                return convert.watched_bytes(selection, item.values, summary)
 
             snapshot = trainer.read_many(selectors, take, subscription)
-            size = sum(nbytes for _, nbytes in snapshot.used)
-            if size > limits.MAX_VALUE_BYTES:
-                raise OverLimit(
-                    f"the watched values hold {size} bytes, over the {limits.MAX_VALUE_BYTES} "
-                    "one update may carry: watch slices, or statistics instead of values",
-                    reason="WATCH_TOO_LARGE",
-                )
             return convert.watch_update_bytes(
                 snapshot.version,
                 "Watch" if first else snapshot.cause,
                 max(snapshot.updates - 1, 0),
                 snapshot.steps,
-                [pieces for pieces, _ in snapshot.used],
+                snapshot.used,
             )
 
         try:
