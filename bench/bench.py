@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -298,7 +299,92 @@ def steps(served: Served, repeats: int, device: str) -> list[Row]:
     return rows
 
 
-PARTS = ("small", "steps", "typed", "big")
+def watchers(served: Served, repeats: int) -> list[Row]:
+    """TrainStep at batch 8 with watchers subscribed, against none. Training never waits for
+    a watcher, but each update costs the server its reads, copies and sends: without a limit
+    until the watcher's transport window is full, however slowly it reads; with
+    `min_interval` (what `gradwire watch` uses, 0.1 s) at most that often."""
+    rows = []
+    x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+    params = ["conv1.weight", "conv2.weight", "linear.weight"]
+    with channel(served.address) as ch:
+        client = gradwire.Client(served.address, channel=ch)
+        client.set_optimizer("sgd", lr=0.001)
+
+        def step() -> None:
+            client.train_step(x, y, zero_grad=True)
+
+        def rounds(setup: Callable[[], Callable[[], None]]) -> tuple[float, float]:
+            """Medians without and with the watchers `setup` starts, in alternating blocks."""
+            alone: list[float] = []
+            watched: list[float] = []
+            for _ in range(3):
+                step()
+                alone.extend(timed(step) for _ in range(repeats))
+                stop = setup()
+                step()
+                watched.extend(timed(step) for _ in range(repeats))
+                stop()
+            return statistics.median(watched), statistics.median(alone)
+
+        def stalled(interval: float) -> Callable[[], Callable[[], None]]:
+            def setup() -> Callable[[], None]:
+                streams = [
+                    client.watch(["conv2.output"], values=True, min_interval=interval)
+                    for _ in range(4)
+                ]
+                for stream in streams:
+                    next(stream)  # subscribed; never read again
+
+                def stop() -> None:
+                    for stream in streams:
+                        stream.close()
+
+                return stop
+
+            return setup
+
+        def reading(interval: float) -> Callable[[], Callable[[], None]]:
+            def setup() -> Callable[[], None]:
+                done = threading.Event()
+
+                def read() -> None:
+                    for _ in client.watch(params, stats=True, bins=32, min_interval=interval):
+                        if done.is_set():
+                            break
+
+                threads = [threading.Thread(target=read, daemon=True) for _ in range(2)]
+                for thread in threads:
+                    thread.start()
+                time.sleep(0.2)  # subscribed (a benchmark may wait; a test may not)
+
+                def stop() -> None:
+                    done.set()
+                    time.sleep(interval)
+                    step()  # one more update wakes each reader to see `done`
+                    for thread in threads:
+                        thread.join(10)
+
+                return stop
+
+            return setup
+
+        for name, setup, target in [
+            ("4 stalled watchers of 100 KB, no interval", stalled(0.0), None),
+            ("4 stalled watchers of 100 KB, 0.1 s interval", stalled(0.1), 0.9),
+            ("2 watchers of statistics, no interval", reading(0.0), None),
+            # Readers in this process: their decoding shares the timed client's GIL.
+            ("2 watchers of statistics, 0.1 s interval", reading(0.1), None),
+        ]:
+            ours, alone = rounds(setup)
+            row = rate_at_least(f"TrainStep batch 8, {name}, vs none", ours, alone, target or 0)
+            if target is None:
+                row = Row(row.figure, row.ours, row.floor, row.ratio, "(report)", True)
+            rows.append(row)
+    return rows
+
+
+PARTS = ("small", "steps", "watch", "typed", "big")
 
 
 def machine() -> str:
@@ -334,12 +420,14 @@ def main() -> int:
     args = parser.parse_args()
     rows: list[Row] = []
     parts = set(args.only or PARTS)
-    if parts & {"small", "steps"}:
+    if parts & {"small", "steps", "watch"}:
         with serve("simple", args.device) as served:
             if "small" in parts:
                 rows += small_calls(served, args.repeats * 10)
             if "steps" in parts:
                 rows += steps(served, args.repeats, args.device)
+            if "watch" in parts:
+                rows += watchers(served, args.repeats)
     if parts & {"typed", "big"}:
         with serve("blobs", args.device) as served:
             if "typed" in parts:

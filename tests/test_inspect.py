@@ -531,3 +531,21 @@ def test_inspection_follows_a_model_with_biases_and_a_norm_layer() -> None:
             assert first["optimizer.fc2.bias.step"].value == 1.0
     finally:
         running.stop(grace=None)
+
+
+def test_a_minimum_interval_coalesces_updates(client: gradwire.Client, address: str) -> None:
+    stream = client.watch(["conv1.weight[0, 0, 0]"], values=True, min_interval=2.0, timeout=30)
+    first = next(stream)  # the state now; the next update comes 2 s later at the earliest
+    x, y = random_batch(8, 13)
+    with gradwire.connect(address) as driver:
+        driver.set_optimizer("sgd", lr=0.01)
+        for _ in range(10):
+            driver.train_step(x, y)  # done in well under 2 s: all land before the next update
+        final = driver.get("conv1.weight[0, 0, 0]")
+    update = next(stream)
+    stream.close()
+    assert (first.version, update.version, update.steps) == (0, 1 + 10 * 4, 10)
+    assert update.skipped == 10  # 11 mutating calls, one update
+    assert np.array_equal(update["conv1.weight"].value, final)
+    with pytest.raises(errors.InvalidArgument):
+        next(client.watch(["loss"], min_interval=-1.0))

@@ -414,6 +414,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         stats=stats,
         bins=args.bins,
         every_steps=args.every_steps,
+        min_interval=args.interval,
         timeout=args.duration,
     )
     table = WatchTable(out, args.selectors)
@@ -840,6 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="an update every N optimizer steps (default: after every change)",
+    )
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.1,
+        help="at most one update per this many seconds; what changes in between is counted "
+        "as skipped (default %(default)s; 0: every change)",
     )
     p.add_argument("--count", type=int, help="stop after this many updates")
     p.add_argument("--duration", type=float, help="stop after this many seconds")

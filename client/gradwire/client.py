@@ -644,17 +644,22 @@ class Client:
         stats: bool = True,
         bins: int = 0,
         every_steps: int = 0,
+        min_interval: float = 0.0,
         timeout: float | None = None,
     ) -> Generator[WatchUpdate, None, None]:
         """Watch: the state now, then an update after each applied mutation (or every
-        `every_steps` Steps), until the iterator is closed (`break` out of the loop) or
-        `timeout` seconds pass. Each selector gets its values (`values`), its statistics
-        (`stats`, with a `bins`-bin histogram), or both. A slow reader never slows training:
-        it gets the latest state, and `skipped` counts the updates it missed.
+        `every_steps` Steps; at most one per `min_interval` seconds), until the iterator is
+        closed (`break` out of the loop) or `timeout` seconds pass. Each selector gets its
+        values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
+        Training never waits for a reader: a slow one gets the latest state, and `skipped`
+        counts the updates it missed. Each update costs the server its reads; `min_interval`
+        bounds that cost however fast training runs.
         """
         if not selectors:
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
-        request = pb.WatchRequest(every_steps=every_steps)
+        request = pb.WatchRequest(
+            every_steps=every_steps, min_interval_ms=round(min_interval * 1000)
+        )
         for text in selectors:
             parsed = parse_selector(text)
             request.items.add(

@@ -520,10 +520,13 @@ class TrainerServicer:
                 "Watch needs at least one item: a tensor name, e.g. 'conv1.weight.grad'",
                 reason="BAD_REQUEST",
             )
-        if request.every_steps < 0:
+        if request.every_steps < 0 or request.min_interval_ms < 0:
             raise InvalidInput(
-                f"every_steps cannot be negative, got {request.every_steps}", reason="BAD_REQUEST"
+                "every_steps and min_interval_ms cannot be negative, got "
+                f"{request.every_steps} and {request.min_interval_ms}",
+                reason="BAD_REQUEST",
             )
+        interval = request.min_interval_ms / 1000
         selectors = [(item.name, convert.chain_from_proto(item.index)) for item in request.items]
         for item in request.items:
             stats.check_bins(item.histogram_bins, None, None)
@@ -567,9 +570,15 @@ class TrainerServicer:
 
         try:
             yield update(first=True)  # the state now; where bad names and indices are refused
+            sent = time.monotonic()
             while context.is_active() and not subscription.closed:
+                wait = sent + interval - time.monotonic()
+                if wait > 0:  # too soon: changes meanwhile are counted, not sent
+                    time.sleep(min(wait, WATCH_POLL_S))
+                    continue
                 if subscription.wait(WATCH_POLL_S) and not subscription.closed:
                     yield update()
+                    sent = time.monotonic()
         finally:
             trainer.unsubscribe(subscription)
 

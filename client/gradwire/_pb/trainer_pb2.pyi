@@ -1700,9 +1700,15 @@ class WatchRequest(_message.Message):
 
     ITEMS_FIELD_NUMBER: _builtins.int
     EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     every_steps: _builtins.int
     """0: an update after every applied mutation; N > 0: after every Nth Step (counted by the
     server's step counter, so updates come at steps N, 2N, ...) and after Reset.
+    """
+    min_interval_ms: _builtins.int
+    """At most one update per this many milliseconds: what changes in between is counted in the
+    next update's `skipped`, which carries the latest state. Bounds what a watcher costs the
+    server however fast training runs. 0: no limit.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:
@@ -1713,10 +1719,11 @@ class WatchRequest(_message.Message):
         *,
         items: _abc.Iterable[Global___WatchItem] | None = ...,
         every_steps: _builtins.int = ...,
+        min_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_steps", b"every_steps", "items", b"items"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_steps", b"every_steps", "items", b"items", "min_interval_ms", b"min_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
