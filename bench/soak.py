@@ -39,7 +39,9 @@ def rss(pid: int) -> int:
     raise KeyError("VmRSS")
 
 
-def soak(served: Served, seconds: float, readers: int, sessions: int = 0) -> dict[str, object]:
+def soak(
+    served: Served, seconds: float, readers: int, sessions: int = 0, watchers: int = 0
+) -> dict[str, object]:
     deadline = time.monotonic() + seconds
     latencies: dict[str, list[float]] = collections.defaultdict(list)
     statuses: collections.Counter[str] = collections.Counter()
@@ -56,6 +58,16 @@ def soak(served: Served, seconds: float, readers: int, sessions: int = 0) -> dic
         client.set_optimizer("sgd", lr=0.01)
     control = owners[0].open_session(seed=0) if sessions else None
     control_weights: Any = None if control is None else control.read("conv1.weight").value
+    # Watchers of the default session, subscribed before the load: half read every update
+    # (values and statistics, checked against each other), half never read after the first.
+    watching = [gradwire.connect(served.address, timeout=None) for _ in range(watchers)]
+    streams = [c.watch(["conv1.weight[0]", "loss"], values=True, stats=True) for c in watching]
+    for stream in streams:
+        next(stream)  # subscribed
+    readers_of_updates = streams[: (watchers + 1) // 2]
+    final_version = threading.Event()
+    final: list[int] = []
+    watched = collections.Counter[str]()
 
     def record(kind: str, started: float, status: str) -> None:
         with lock:
@@ -97,15 +109,47 @@ def soak(served: Served, seconds: float, readers: int, sessions: int = 0) -> dic
                     record("GetTensor", started, err.code.name)
             client.session = None
 
+    def watcher(stream: Any) -> None:
+        """Reads every update until it has seen the default session's final version."""
+        last = 0
+        for update in stream:
+            value, stats = update["conv1.weight"].value, update["conv1.weight"].stats
+            with lock:
+                watched["updates"] += 1
+                watched["accounted for"] += update.skipped + 1
+                watched["versions out of order"] += update.version < last
+                finite = np.asarray(value, dtype=np.float64)
+                watched["values disagreeing with their statistics"] += not (
+                    stats is not None
+                    and abs(finite.mean() - stats.mean) <= 1e-9 * (1 + abs(stats.mean))
+                )
+            last = update.version
+            if final_version.is_set() and last >= final[0]:
+                break
+
     start_rss = rss(served.pid)
     threads = [threading.Thread(target=writer, args=(label,)) for label in writers] + [
         threading.Thread(target=reader, args=(i,)) for i in range(readers)
     ]
-    for t in threads:
+    watcher_threads = [threading.Thread(target=watcher, args=(s,)) for s in readers_of_updates]
+    for t in threads + watcher_threads:
         t.start()
     for t in threads:
         t.join(timeout=seconds + 120)
-    hung = sum(t.is_alive() for t in threads)
+    if watchers:
+        # One more step, announced after the final version is known: a watcher that had
+        # already seen the last version of the load sees this one, and ends.
+        final.append(owners[0].list_tensors().version + VERSIONS_PER_STEP)
+        final_version.set()
+        owners[0].train_step(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+        acknowledged["default"] += 1
+    for t in watcher_threads:
+        t.join(timeout=60)
+    hung = sum(t.is_alive() for t in threads + watcher_threads)
+    for stream in streams:
+        stream.close()
+    for c in watching:
+        c.close()
     end_rss = rss(served.pid)
     versions = {label: client.list_tensors().version for label, client in writers.items()}
     checks: dict[str, object] = {}
@@ -114,6 +158,22 @@ def soak(served: Served, seconds: float, readers: int, sessions: int = 0) -> dic
         expected = 1 + VERSIONS_PER_STEP * acknowledged[label]
         verdict = "as expected" if version == expected else f"MISMATCH: expected {expected}"
         checks[f"{label}: steps / version"] = f"{acknowledged[label]} / {version} ({verdict})"
+    if watchers:
+        # Every TrainStep of the default session is one update due to each reading watcher:
+        # received, or counted in a later update's `skipped`.
+        expected = len(readers_of_updates) * acknowledged["default"]
+        checks["watchers reading / stalled"] = (
+            f"{len(readers_of_updates)} / {watchers - len(readers_of_updates)}"
+        )
+        checks["watch updates received"] = watched["updates"]
+        checks["watch updates accounted for (received + skipped)"] = (
+            f"{watched['accounted for']} (expected {expected}: "
+            f"{'as expected' if watched['accounted for'] == expected else 'MISMATCH'})"
+        )
+        checks["watch updates out of order"] = watched["versions out of order"]
+        checks["watch updates whose values disagree with their statistics"] = watched[
+            "values disagreeing with their statistics"
+        ]
     if control is not None:
         checks["unwritten session: final version"] = control.list_tensors().version
         weights = control.read("conv1.weight").value
@@ -126,7 +186,7 @@ def soak(served: Served, seconds: float, readers: int, sessions: int = 0) -> dic
         owner.close()
     report: dict[str, object] = {
         "seconds": seconds,
-        "clients": len(writers) + readers,
+        "clients": len(writers) + readers + watchers,
         "requests": sum(len(v) for v in latencies.values()),
         "statuses": dict(statuses),
         "hung clients": hung,
@@ -154,11 +214,17 @@ def main() -> None:
         help="writers with a session each, beside the default session's (at most "
         f"{DEFAULT_MAX_SESSIONS - 1}: one more session is opened and left unwritten)",
     )
+    parser.add_argument(
+        "--watchers",
+        type=int,
+        default=0,
+        help="Watch streams of the default session: half read every update, half never do",
+    )
     args = parser.parse_args()
     if not 0 <= args.sessions < DEFAULT_MAX_SESSIONS:
         parser.error(f"--sessions takes 0 to {DEFAULT_MAX_SESSIONS - 1}")
     with serve("simple", "cpu") as served:
-        report = soak(served, args.seconds, args.readers, args.sessions)
+        report = soak(served, args.seconds, args.readers, args.sessions, args.watchers)
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
