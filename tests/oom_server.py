@@ -1,6 +1,7 @@
 """A gradwire server whose address space can be capped on command, for test_oom.py.
 
-Started as `python -m tests.oom_server`: serves a seeded CPU trainer on a free loopback port,
+Started as `python -m tests.oom_server [MODULE:ATTR]`: serves a seeded CPU trainer (the
+tutorial's model, or the ModelSpec named, such as tests.oom_server:WIDE) on a free loopback port,
 prints the port, then reads commands on stdin, one a line, answering each on stdout:
 
     limit BYTES   cap the address space (RLIMIT_AS) at the current VmSize + BYTES
@@ -16,8 +17,15 @@ from __future__ import annotations
 import resource
 import sys
 
+from torch import nn
+
 from gradwire_server.app import start
+from gradwire_server.models import SIMPLE, ModelSpec, load_spec
 from gradwire_server.trainer import Trainer
+
+#: A model whose parameters are large (64 MiB): an optimizer's temporaries as large as them
+#: can be made not to fit.
+WIDE = ModelSpec("Wide", lambda: nn.Linear(4096, 4096, bias=False), (4096,), 4096, loss="mse")
 
 
 def vm_size() -> int:
@@ -30,7 +38,8 @@ def vm_size() -> int:
 
 
 def main() -> None:
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    spec = load_spec(sys.argv[1]) if len(sys.argv) > 1 else SIMPLE
+    running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     print(running.port, flush=True)
     try:

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 MiB = 1 << 20
 NAMES = ("conv1.weight", "conv2.weight", "linear.weight")
+ADAM = ("step", "exp_avg", "exp_avg_sq")
 # The Simple model's float32 bytes per sample: input 1,200; conv1's output 6,400; conv2's 12,800.
 SMALL = (Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
 
@@ -39,9 +40,9 @@ SMALL = (Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
 class Capped:
     """The server process and a client of it; `limit` caps its address space for a block."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.oom_server"],
+            [sys.executable, "-m", "tests.oom_server", *args],
             cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -231,3 +232,32 @@ def test_a_backward_that_runs_out_halfway_changes_no_gradient(fresh: Capped) -> 
     assert info.value.reason == "GRAPH_FREED"
     with capped.limit(224 * MiB):
         still_serving(client)
+
+
+def test_an_adam_step_that_does_not_fit_changes_no_state() -> None:
+    # Adam updates its moments in place and then needs a temporary as large as the
+    # parameters: the trainer takes that memory before the step, so running out happens
+    # before anything moved. 64 MiB of parameters, 32 MiB of headroom.
+    wide = Capped("tests.oom_server:WIDE")
+    try:
+        client = wide.client
+        x, y = Fill.normal(4, 4096, seed=1), Fill.normal(4, 4096, seed=2)
+        client.set_optimizer("adam", lr=0.01)
+        client.train_step(x, y)  # the moments exist, so the next step allocates no state
+        client.forward(x, y)
+        client.backward()
+        names = ["weight", "weight.grad", *(f"optimizer.weight.{k}" for k in ADAM)]
+
+        def adam_state() -> tuple[int, list[bytes]]:
+            values = [np.ascontiguousarray(client.get(n)).tobytes() for n in names]
+            return client.list_tensors().version, values
+
+        before = adam_state()
+        with wide.limit(32 * MiB):
+            error = out_of_memory(client.step)
+        assert error.message.startswith("step: out of memory on cpu")
+        assert adam_state() == before
+        client.step()  # with the memory there, the same step runs
+        assert client.list_tensors().version == before[0] + 1
+    finally:
+        wide.close()

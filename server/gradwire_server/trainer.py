@@ -913,9 +913,15 @@ class Trainer:
             )
         with self._device_memory("step"):
             before = self._keep_before_step() if self.track_deltas else {}
+            had_state = set(self._optimizer.state)
             try:
+                self._reserve_step_memory()
                 self._optimizer.step()
             except BaseException:
+                # State the failed step began (Adam's zero moments) goes; what it updated in
+                # place cannot fail after the reservation above.
+                for p in [p for p in self._optimizer.state if p not in had_state]:
+                    del self._optimizer.state[p]
                 self._deltas = {}  # their buffers now hold `before`, not the last Step's change
                 raise
         # delta = after - before, in one pass, into the buffer that held `before`.
@@ -926,6 +932,21 @@ class Trainer:
         self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
+
+    def _reserve_step_memory(self) -> None:
+        """Takes, and gives back, the memory the optimizer's step will need for temporaries.
+
+        Adam (and SGD with Nesterov momentum) update their state in place and only then
+        allocate a temporary as large as the parameters; running out there would leave the
+        state half moved. Allocating it first makes running out happen before anything
+        changed; given back, the memory is there for the step (CUDA's caching allocator keeps
+        it; on the CPU the address space is free again).
+        """
+        if self._settings.kind != "adam" and not self._settings.nesterov:
+            return  # plain SGD and momentum allocate nothing once their buffers exist
+        grads = [p for p in self._parameters.values() if p.grad is not None]
+        reserved = [torch.empty_like(p, memory_format=torch.preserve_format) for p in grads]
+        del reserved
 
     def _keep_before_step(self) -> dict[str, torch.Tensor]:
         """Copies of the parameters a Step will update, in buffers kept from step to step."""
