@@ -430,13 +430,7 @@ class TrainerServicer:
         self, request: wire.Split[pb.TrainStepRequest], context: grpc.ServicerContext
     ) -> bytes:
         message = request.message
-        inputs = convert.source_from_split(request, _STEP_INPUT, message.input, "input")
-        target = convert.source_from_split(request, _STEP_TARGET, message.target, "target")
-        if inputs is None or target is None:
-            raise InvalidInput(
-                "TrainStep needs an input and a target (class indices): a step needs a loss",
-                reason="MISSING_INPUT",
-            )
+        inputs, target = _step_data(request, _STEP_INPUT, _STEP_TARGET, "TrainStep")
         fetch = [(f.name, convert.chain_from_proto(f.index)) for f in message.fetch]
         result = self.trainer.train_step(
             inputs,
@@ -587,13 +581,7 @@ class TrainerServicer:
         self, request: wire.Split[pb.TrainRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TrainProgress]:
         message = request.message
-        inputs = convert.source_from_split(request, _TRAIN_INPUT, message.input, "input")
-        target = convert.source_from_split(request, _TRAIN_TARGET, message.target, "target")
-        if inputs is None or target is None:
-            raise InvalidInput(
-                "Train needs an input and a target (class indices): a step needs a loss",
-                reason="MISSING_INPUT",
-            )
+        inputs, target = _step_data(request, _TRAIN_INPUT, _TRAIN_TARGET, "Train")
         if not 1 <= message.steps <= MAX_TRAIN_STEPS:
             raise InvalidInput(
                 f"steps must be between 1 and {MAX_TRAIN_STEPS}, got {message.steps}",
@@ -623,6 +611,22 @@ class TrainerServicer:
                     steps_per_s=done / max(time.perf_counter() - started, 1e-9),
                     done=done == message.steps,
                 )
+
+
+def _step_data(
+    request: wire.Split[Any], input_path: wire.Path, target_path: wire.Path, rpc: str
+) -> tuple[TensorInput, TensorInput]:
+    """A training step's input and target from a request's `input` and `target` fields."""
+    message = request.message
+    inputs = convert.source_from_split(request, input_path, message.input, "input")
+    target = convert.source_from_split(request, target_path, message.target, "target")
+    if inputs is None or target is None:
+        raise InvalidInput(
+            f"{rpc} needs an input and a target (class indices, or the model's mse target): "
+            "a step needs a loss",
+            reason="MISSING_INPUT",
+        )
+    return inputs, target
 
 
 _RANDOM_FILLS = frozenset({"uniform", "normal", "randint"})
