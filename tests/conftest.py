@@ -10,6 +10,7 @@ import torch
 import gradwire
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
+from tests.cli_run import Result, Run, run_main
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -43,3 +44,13 @@ def address(server: Running) -> str:
 def client(address: str) -> Iterator[gradwire.Client]:
     with gradwire.connect(address, timeout=30) as c:
         yield c
+
+
+@pytest.fixture
+def cli(address: str) -> Run:
+    """Runs one `gradwire` command in this process against the fixture server."""
+
+    def run(*argv: str) -> Result:
+        return run_main(*argv, "--target", address)
+
+    return run

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import io
-import json
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +12,11 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire.cli import main
 from gradwire_server.models import Simple
+from tests.cli_run import Run, run_main
 from tests.reference import run_tutorial
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-Run = Callable[..., Result]
-
-
-def run_main(*argv: str) -> Result:
-    out, err = io.StringIO(), io.StringIO()
-    code = main(list(argv), out, err)
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture
-def cli(address: str) -> Run:
-    """Runs one command against the fixture server."""
-
-    def run(*argv: str) -> Result:
-        return run_main(*argv, "--target", address)
-
-    return run
 
 
 @pytest.fixture

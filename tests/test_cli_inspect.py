@@ -16,17 +16,9 @@ import gradwire
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
-from tests.test_cli import Result, Run, run_main
+from tests.cli_run import Result, Run, run_main
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
-
-
-@pytest.fixture
-def cli(address: str) -> Run:
-    def run(*argv: str) -> Result:
-        return run_main(*argv, "--target", address)
-
-    return run
 
 
 @pytest.fixture

@@ -17,22 +17,12 @@ import pytest
 import gradwire
 from gradwire import plot
 from gradwire.errors import Unimplemented
-from tests.test_cli import Result, Run, run_main
+from tests.cli_run import Run, run_main
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
     reason="needs matplotlib: pip install 'gradwire[plot]'",
 )
-
-
-@pytest.fixture
-def cli(address: str) -> Run:
-    """Runs one command against the fixture server, in this process."""
-
-    def run(*argv: str) -> Result:
-        return run_main(*argv, "--target", address)
-
-    return run
 
 
 def png_size(path: Path) -> tuple[int, int]:
