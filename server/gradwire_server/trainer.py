@@ -331,7 +331,6 @@ class Trainer:
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
-        self._steps = 0
         self._run(self._init_state, seed)
 
     def _init_state(self, seed: int | None) -> None:
@@ -414,9 +413,10 @@ class Trainer:
         self._parameters = dict(model.named_parameters())
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
-        self._modules = [name for name, _ in model.named_modules() if name]
+        self._modules = []  # names of the modules whose output is kept, the model's own aside
         for name, module in model.named_modules():
             if name:
+                self._modules.append(name)
                 module.register_forward_hook(functools.partial(self._keep_output, name))
         self._deltas: dict[str, torch.Tensor] = {}  # the last Step's change, per parameter
         self._delta_buffers: dict[str, torch.Tensor] = {}
@@ -699,10 +699,9 @@ class Trainer:
         self._check_input(x)
         if target is None:
             return x, None
-        mse = self.spec.loss == "mse"
         # Fills default to what the loss takes: class indices, or floats like the output.
-        y = self._make(target, torch.float32 if mse else torch.int64, "target")
-        if y.dtype in _INDEX_DTYPES and not mse:
+        y = self._make(target, self._target_dtype, "target")
+        if y.dtype in _INDEX_DTYPES and self.spec.loss != "mse":
             y = y.to(torch.int64)
         self._check_target(y, x.shape[0])
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
@@ -796,17 +795,18 @@ class Trainer:
             "output": ((x.shape[0], self.spec.num_classes), computes),
             "loss": ((), computes),
         }
+        activations: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None  # when needed
         total = 0
         for name, chain in fetch:
             kind, _, param = self._lookup(name)
             if param is not None:
                 shape, dtype = tuple(param.shape), param.dtype
             elif kind == "activation":
-                if "activations" not in after:
-                    after.update(self._activation_shapes(x))
-                if name not in after:  # the module returns no tensor: absent after the step
+                if activations is None:
+                    activations = self._activation_shapes(x)
+                if name not in activations:  # the module returns no tensor: absent after
                     continue
-                shape, dtype = after[name]
+                shape, dtype = activations[name]
             elif kind in ("delta", "optimizer_state"):
                 state = self._optimizer_state(name)
                 owner = self._parameters[state[0] if state else name[: -len(DELTA_SUFFIX)]]
@@ -835,11 +835,9 @@ class Trainer:
         try:
             with torch.no_grad():
                 torch.func.functional_call(self._model, meta, (torch.empty_like(x, device="meta"),))
-            shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._pending.items()}
+            return {k: (tuple(v.shape), v.dtype) for k, v in self._pending.items()}
         finally:
             self._pending = {}
-        shapes["activations"] = ((), x.dtype)  # marks them computed
-        return shapes
 
     @on_torch_thread
     def backward(self, retain_graph: bool = False) -> int:
@@ -927,8 +925,7 @@ class Trainer:
         # delta = after - before, in one pass, into the buffer that held `before`.
         for name, kept in before.items():
             torch.sub(self._parameters[name].detach(), kept, out=kept)
-        if self.track_deltas:
-            self._deltas = before
+        self._deltas = before  # empty while deltas are not recorded
         self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
@@ -944,8 +941,8 @@ class Trainer:
         """
         if self._settings.kind != "adam" and not self._settings.nesterov:
             return  # plain SGD and momentum allocate nothing once their buffers exist
-        grads = [p for p in self._parameters.values() if p.grad is not None]
-        reserved = [torch.empty_like(p, memory_format=torch.preserve_format) for p in grads]
+        updated = [p for p in self._parameters.values() if p.grad is not None]
+        reserved = [torch.empty_like(p, memory_format=torch.preserve_format) for p in updated]
         del reserved
 
     def _keep_before_step(self) -> dict[str, torch.Tensor]:
