@@ -6,6 +6,7 @@ for the rule that a refused step changes nothing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -382,3 +383,34 @@ def test_a_fetch_over_the_value_limit_is_refused_before_anything_changes(
         client.train_step(ONES_INPUT, ONES_TARGET, fetch=["linear.weight"])
     assert caught.value.reason == "FETCH_TOO_LARGE"
     assert_same_state(stepped, snapshot(client))
+
+
+def test_fetched_values_are_of_the_step_they_answer_while_others_step(
+    client: gradwire.Client, address: str
+) -> None:
+    # Every step uses the same batch, so the weights after k steps are the same whichever
+    # client made them: a fetch answered at version 4k must hold the local weights after k
+    # steps, not those of a step another client made meanwhile.
+    x, y = random_batch(8, 21)
+    client.set_optimizer("sgd", lr=0.01)
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trajectory = []
+    for _ in range(40):
+        local_train_step(model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=True)
+        trajectory.append(local(model, "linear.weight").copy())
+    answers: list[tuple[int, np.ndarray[Any, Any]]] = []
+
+    def steps(c: gradwire.Client) -> None:
+        for _ in range(20):
+            result = c.train_step(x, y, zero_grad=True, fetch=["linear.weight"])
+            answers.append((result.version, result.fetched[0].value))
+
+    with gradwire.connect(address) as other:
+        thread = threading.Thread(target=steps, args=(other,))
+        thread.start()
+        steps(client)
+        thread.join(60)
+    assert len(answers) == 40
+    for version, value in answers:
+        assert np.array_equal(value, trajectory[(version - 1) // 4 - 1]), version

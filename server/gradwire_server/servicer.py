@@ -309,7 +309,9 @@ class TrainerServicer:
         self.spare = spare
 
     def _fetch(self, selection: Selection) -> list[wire.Piece]:
-        return convert.get_response_pieces(selection)  # sizes checked before the step
+        # Joined here, under the trainer's lock: the pieces are views of live tensors, which
+        # the next Step (another caller's) changes in place. Sizes were checked before the step.
+        return [wire.join(convert.get_response_pieces(selection))]
 
     @mutation
     def Forward(
