@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import logging
 import threading
@@ -631,14 +630,9 @@ def _step_data(
     return inputs, target
 
 
-_RANDOM_FILLS = frozenset({"uniform", "normal", "randint"})
-
-
 def _reseeded(source: TensorInput, step: int) -> TensorInput:
-    """A random fill's data for step `step` of a run: its seed advanced by the step."""
-    if isinstance(source, FillSpec) and source.kind in _RANDOM_FILLS:
-        return dataclasses.replace(source, seed=(source.seed + step) % (1 << 64))
-    return source
+    """A run's data at step `step`: a fill reseeded, a tensor sent as it is."""
+    return source.reseeded(step) if isinstance(source, FillSpec) else source
 
 
 def _nothing(selection: Selection) -> None:

@@ -8,6 +8,7 @@ raises a DomainError and changes nothing.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import difflib
 import functools
 import logging
@@ -188,6 +189,13 @@ class FillSpec:
     high: float = 0.0
     std: float = 1.0
     seed: int = 0
+
+    def reseeded(self, step: int) -> FillSpec:
+        """This fill at step `step` of a run: a random kind's seed advanced by `step`, so that
+        each step sees new data (as the client's Fill.reseeded); other kinds unchanged."""
+        if self.kind in ("uniform", "normal", "randint"):
+            return dataclasses.replace(self, seed=(self.seed + step) % (1 << 64))
+        return self
 
 
 TensorInput = torch.Tensor | FillSpec
