@@ -7,7 +7,7 @@ requests that carry them arrive split, their values uncopied views of the receiv
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -334,9 +334,14 @@ def train_step_bytes(result: TrainResult[list[wire.Piece]]) -> bytes:
         parameters_updated=result.parameters_updated,
         nonfinite_inputs=result.nonfinite_inputs,
     )
+    return _with_repeated(header, _FETCHED, result.fetched)
+
+
+def _with_repeated(header: Message, number: int, items: Iterable[Sequence[wire.Piece]]) -> bytes:
+    """`header` serialized, then each item as one more entry of repeated field `number`."""
     pieces: list[wire.Piece] = [header.SerializeToString()]
-    for fetched in result.fetched:
-        pieces.extend(wire.length_field(_FETCHED, fetched))
+    for item in items:
+        pieces.extend(wire.length_field(number, item))
     return wire.join(pieces)
 
 
@@ -422,7 +427,4 @@ def watch_update_bytes(
     version: int, cause: str, skipped: int, steps: int, tensors: list[bytes]
 ) -> bytes:
     header = pb.WatchUpdate(version=version, cause=cause, skipped=skipped, steps=steps)
-    pieces: list[wire.Piece] = [header.SerializeToString()]
-    for watched in tensors:
-        pieces.extend(wire.length_field(_WATCHED, [watched]))
-    return wire.join(pieces)
+    return _with_repeated(header, _WATCHED, ([watched] for watched in tensors))
