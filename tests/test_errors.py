@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Iterator
 
 import grpc
@@ -22,6 +23,7 @@ from gradwire.fill import Fill
 from gradwire.limits import MAX_MESSAGE_BYTES
 from gradwire_server.app import start
 from gradwire_server.models import ModelSpec
+from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 
 INPUT = Fill.ones(8, 3, 10, 10)
@@ -322,6 +324,69 @@ def test_unexpected_errors_are_internal_with_a_plain_message(
     assert "secret" not in info.value.message
     assert any("secret internal detail" in r.exc_text for r in caplog.records if r.exc_text)
     assert broken_client.health() == "SERVING"
+
+
+#: Weak references to the inputs `Refusing` was given, newest last.
+SEEN: list[weakref.ref[torch.Tensor]] = []
+
+
+class Refusing(nn.Module):
+    """A real model that refuses every input, noting it first so a test can see it freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        SEEN.append(weakref.ref(x))
+        raise ValueError("Refusing takes nothing")
+
+
+class Crashing(Refusing):
+    """The same, failing as a bug would: the unexpected path, answered INTERNAL."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        SEEN.append(weakref.ref(x))
+        raise RuntimeError("a bug")
+
+
+@pytest.mark.parametrize("model", [Refusing, Crashing])
+def test_a_failed_calls_input_is_freed_before_it_is_answered(model: type[nn.Module]) -> None:
+    # gRPC sends the status while it still holds the exception, whose traceback holds the
+    # frames that held the input: the server must let go of them before answering, or a
+    # client that retries at once finds the memory (240 MB in tests/test_oom.py) still taken.
+    SEEN.clear()
+    spec = ModelSpec("M", model, sample_shape=(2,), num_classes=2)
+    running = start(Trainer(spec), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            for _ in range(20):
+                with pytest.raises((errors.InvalidArgument, errors.Internal)):
+                    client.forward(np.ones((4, 2), np.float32))
+                assert SEEN[-1]() is None
+    finally:
+        running.stop(grace=None)
+
+
+def test_release_frames_drops_the_locals_of_every_finished_frame_in_the_chain() -> None:
+    def fail(held: object, error: type[Exception]) -> None:
+        raise error("failed")
+
+    class Held:
+        pass
+
+    first, second = Held(), Held()
+    try:
+        try:
+            fail(first, KeyError)
+        except KeyError:
+            fail(second, ValueError)  # chained to the KeyError through __context__
+    except ValueError as error:
+        refs = weakref.ref(first), weakref.ref(second)
+        del first, second
+        assert all(ref() is not None for ref in refs)  # the tracebacks hold them
+        _release_frames(error)
+        assert all(ref() is None for ref in refs)
 
 
 def test_garbage_bytes_are_not_unknown(client: gradwire.Client, address: str) -> None:
