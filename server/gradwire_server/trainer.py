@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.torch_thread import TorchThread
 from gradwire_server.watch import Subscription, Subscriptions
 
 log = logging.getLogger(__name__)
@@ -330,12 +330,9 @@ class Trainer:
         self._lock = threading.RLock()
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
-        # Every torch call runs on this one thread. With OpenMP, each calling thread gets
-        # a team of workers that spin after each op; teams from several gRPC threads
-        # fight for the cores (measured: a batch-8 step 2.1 ms from one thread, 4.4 ms
-        # once other threads had run steps). One thread also keeps one CUDA context current.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="gradwire-torch")
-        self._thread = self._executor.submit(threading.get_ident).result()
+        # Every torch call runs on this one thread (torch_thread.py says why).
+        self._torch = TorchThread()
+        self._thread = self._torch.ident
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
@@ -356,16 +353,9 @@ class Trainer:
             with self._lock, self._announcing(getattr(fn, "__name__", "")):
                 self._check(_guard)
                 return fn(*args, **kwargs)
-        future = self._executor.submit(
+        result: T = self._torch.run(
             functools.partial(self._run, _guard=_guard), fn, *args, **kwargs
         )
-        try:
-            result: T = future.result()
-        finally:
-            # A raised exception's traceback holds this frame, and the future holds the
-            # exception: without this the cycle keeps the failed call's tensors (a Forward's
-            # input, after running out of memory) until the garbage collector comes by.
-            del future
         return result
 
     def _check(self, guard: Guard | None) -> None:
@@ -388,7 +378,7 @@ class Trainer:
         done."""
         with self._lock:
             self._subscriptions.close()
-        self._executor.shutdown(wait=True)
+        self._torch.close()
 
     @contextmanager
     def _announcing(self, method: str) -> Iterator[None]:

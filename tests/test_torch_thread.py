@@ -1,0 +1,116 @@
+"""The hand-off to the torch thread: order, answers, errors, closing."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+
+from gradwire_server.errors import WrongOrder
+from gradwire_server.models import SIMPLE
+from gradwire_server.torch_thread import Closed, TorchThread
+from gradwire_server.trainer import Trainer
+
+
+@pytest.fixture
+def worker() -> TorchThread:
+    thread = TorchThread(name="test-torch")
+    yield thread  # type: ignore[misc]
+    thread.close()
+
+
+def test_calls_run_on_the_one_thread_and_answer_their_caller(worker: TorchThread) -> None:
+    seen: list[tuple[int, int]] = []
+    results: dict[int, int] = {}
+
+    def call(k: int) -> int:
+        seen.append((k, threading.get_ident()))
+        return k * k
+
+    def caller(k: int) -> None:
+        results[k] = worker.run(call, k)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == {k: k * k for k in range(40)}
+    assert {ident for _, ident in seen} == {worker.ident}
+    assert not worker.on_it()
+    assert worker.run(worker.on_it)
+
+
+def test_keyword_arguments_reach_the_call(worker: TorchThread) -> None:
+    assert worker.run(lambda a, *, b: a - b, 5, b=3) == 2
+
+
+def test_an_exception_is_raised_in_the_caller_and_lets_its_locals_go(
+    worker: TorchThread,
+) -> None:
+    class Big:
+        pass
+
+    refs: list[weakref.ref[Big]] = []
+
+    def fails() -> None:
+        held = Big()
+        refs.append(weakref.ref(held))
+        raise KeyError("from the thread")
+
+    gc.disable()  # what is freed must be freed by reference counting, not a collection
+    try:
+        with pytest.raises(KeyError, match="from the thread") as info:
+            worker.run(fails)
+        # The traceback shows where it failed, on the thread.
+        assert info.traceback[-1].name == "fails"
+        del info
+        # Once the caller drops the exception, nothing else holds the call's locals.
+        assert refs[0]() is None
+    finally:
+        gc.enable()
+    assert worker.run(lambda: 7) == 7  # the thread survives its calls' errors
+
+
+def test_close_finishes_what_was_handed_over_then_refuses(worker: TorchThread) -> None:
+    started = threading.Event()
+    finished: list[int] = []
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.2)
+        finished.append(1)
+
+    caller = threading.Thread(target=worker.run, args=(slow,))
+    caller.start()
+    started.wait(10)
+    worker.close()  # waits for `slow`
+    assert finished == [1]
+    caller.join(10)
+    with pytest.raises(Closed) as info:
+        worker.run(lambda: None)
+    assert info.value.reason == "CLOSED"
+    worker.close()  # again: nothing to do
+
+
+def test_a_thread_dropped_without_close_ends() -> None:
+    thread = TorchThread(name="test-dropped")
+    inner = thread._thread
+    assert thread.run(lambda: 1) == 1
+    del thread
+    gc.collect()
+    inner.join(10)
+    assert not inner.is_alive()
+
+
+def test_a_call_on_a_closed_trainer_is_refused_as_wrong_order() -> None:
+    # A call can pick up its session's trainer just before another client closes the session:
+    # it gets a message to act on (FAILED_PRECONDITION), not an executor's RuntimeError.
+    trainer = Trainer(SIMPLE)
+    trainer.close()
+    with pytest.raises(WrongOrder, match="open a new session") as info:
+        trainer.step()
+    assert isinstance(info.value, Closed)
