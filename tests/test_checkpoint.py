@@ -60,6 +60,19 @@ def test_a_loaded_checkpoint_trains_on_exactly_as_the_original(
         assert torch.equal(value, _state(original)[name]), name  # type: ignore[arg-type]
 
 
+def test_a_load_clears_the_deltas_of_the_steps_before_it(tmp_path: Path) -> None:
+    # A delta is the last Step's change; after a load, the last Step was on other weights.
+    trainer = Trainer(seed=0, track_deltas=True)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+    _train(trainer, 1)
+    assert trainer.read("conv1.weight.delta").value is not None
+    trainer.load(path)
+    assert trainer.read("conv1.weight.delta").value is None
+    _train(trainer, 1)  # and the next Step records its own
+    assert trainer.read("conv1.weight.delta").value is not None
+
+
 def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Path) -> None:
     class Other(torch.nn.Module):
         def __init__(self) -> None:

@@ -1186,6 +1186,7 @@ class Trainer:
             }
         self._optimizer, self._settings = optimizer, settings
         self._clear_forward()
+        self._deltas = {}  # the last Step's change was made to the weights just replaced
         self._version = loaded.version
         return self._version
 
