@@ -5,6 +5,7 @@ And the promise behind the table: no call is ever answered UNKNOWN, and the serv
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import weakref
@@ -330,32 +331,52 @@ def test_unexpected_errors_are_internal_with_a_plain_message(
 SEEN: list[weakref.ref[torch.Tensor]] = []
 
 
+class _Refuse(nn.Module):
+    """Refuses every input, noting it first so a test can see when it is freed."""
+
+    error: type[Exception] = ValueError  # a model's refusal: INVALID_ARGUMENT
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        SEEN.append(weakref.ref(x))
+        raise self.error("not this input")
+
+
+class _Crash(_Refuse):
+    error = RuntimeError  # as a bug would: INTERNAL
+
+
 class Refusing(nn.Module):
-    """A real model that refuses every input, noting it first so a test can see it freed."""
+    """A real model whose layer refuses its input. A layer, so that the server hooks it as
+    it hooks Simple's (for activations), and torch calls it through a closure."""
+
+    layer_type: type[nn.Module] = _Refuse
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(2))
+        self.layer = self.layer_type()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        SEEN.append(weakref.ref(x))
-        raise ValueError("Refusing takes nothing")
+        return self.layer(x)  # type: ignore[no-any-return]
 
 
 class Crashing(Refusing):
-    """The same, failing as a bug would: the unexpected path, answered INTERNAL."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        SEEN.append(weakref.ref(x))
-        raise RuntimeError("a bug")
+    layer_type = _Crash
 
 
 @pytest.mark.parametrize("model", [Refusing, Crashing])
-def test_a_failed_calls_input_is_freed_before_it_is_answered(model: type[nn.Module]) -> None:
+def test_a_failed_calls_input_is_freed_before_it_is_answered(
+    model: type[nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # gRPC sends the status while it still holds the exception, whose traceback holds the
     # frames that held the input: the server must let go of them before answering, or a
     # client that retries at once finds the memory (240 MB in tests/test_oom.py) still taken.
     SEEN.clear()
+    # pytest keeps every log record, and a record of an unexpected error keeps its traceback:
+    # log the way a server does instead, formatted and let go.
+    logger, written = logging.getLogger("gradwire_server.servicer"), io.StringIO()
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(written)])
     spec = ModelSpec("M", model, sample_shape=(2,), num_classes=2)
     running = start(Trainer(spec), "127.0.0.1", 0)
     try:
@@ -366,11 +387,15 @@ def test_a_failed_calls_input_is_freed_before_it_is_answered(model: type[nn.Modu
                 assert SEEN[-1]() is None
     finally:
         running.stop(grace=None)
+    assert ("RuntimeError: not this input" in written.getvalue()) == (model is Crashing)
 
 
-def test_release_frames_drops_the_locals_of_every_finished_frame_in_the_chain() -> None:
+def test_release_frames_lets_go_of_what_every_frame_in_the_chain_holds() -> None:
     def fail(held: object, error: type[Exception]) -> None:
-        raise error("failed")
+        def inner() -> None:  # a closure: its frame's function holds `held` in a cell
+            raise error(f"failed with {held}")
+
+        inner()
 
     class Held:
         pass

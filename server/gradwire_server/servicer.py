@@ -116,13 +116,14 @@ def _well_formed(request: Any) -> Any:
 
 
 def _release_frames(error: BaseException) -> None:
-    """Drops the locals of the finished frames that `error`'s chain still holds.
+    """Lets go of what the frames in `error`'s chain hold, and of the frames themselves.
 
-    gRPC sends the status while it still holds the exception, and its traceback keeps every
-    frame it passed through alive, with their locals: without this, what a failed call had
-    allocated (a Forward's input, when the next layer ran out of memory) outlives the answer,
-    and a client that retries at once finds the memory still taken. Frames still running
-    (this handler's callers) are left as they are.
+    gRPC sends the status while it still holds the exception, and a traceback keeps every
+    frame it passed through alive: their locals, and through each frame its function and
+    that function's closure (torch's Module.__call__ keeps its arguments in one). Without
+    this, what a failed call had allocated (a Forward's input, when the next layer ran out
+    of memory) outlives the answer, and a client that retries at once finds the memory still
+    taken. Frames still running (this handler's callers) keep their locals.
     """
     seen: set[int] = set()
     chain: list[BaseException | None] = [error]
@@ -132,6 +133,7 @@ def _release_frames(error: BaseException) -> None:
             continue
         seen.add(id(link))
         traceback.clear_frames(link.__traceback__)
+        link.__traceback__ = None
         chain += (link.__cause__, link.__context__)
 
 
