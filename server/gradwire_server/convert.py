@@ -405,26 +405,26 @@ _WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
 _WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
 
 
-def watched_bytes(selection: Selection, values: bool, summary: Summary | None) -> bytes:
-    """A serialized WatchedTensor for a selection, its values spliced in.
-
-    Called under the trainer's lock: joining the pieces is the copy that keeps this version.
+def watched_pieces(selection: Selection, values: bool, summary: Summary | None) -> list[wire.Piece]:
+    """A serialized WatchedTensor for a selection, as pieces: its values are views of the
+    selection, to be joined (copied) before the lock that keeps them at one version is let go.
     """
     header = pb.WatchedTensor(name=selection.name)
     part = selection.part
     if part is None or selection.full_shape is None:
-        return header.SerializeToString()
+        return [header.SerializeToString()]
     header.full_shape.extend(selection.full_shape)
     if summary is not None:
         header.stats.CopyFrom(stats_to_proto(summary))
     if not values:
-        return header.SerializeToString()
+        return [header.SerializeToString()]
     tensor = codec.tensor_pieces(selection.host())
-    return wire.join([header.SerializeToString(), *wire.length_field(_WATCHED_TENSOR, tensor)])
+    return [header.SerializeToString(), *wire.length_field(_WATCHED_TENSOR, tensor)]
 
 
 def watch_update_bytes(
-    version: int, cause: str, skipped: int, steps: int, tensors: list[bytes]
+    version: int, cause: str, skipped: int, steps: int, tensors: list[list[wire.Piece]]
 ) -> bytes:
+    """A serialized WatchUpdate, its tensors' pieces joined: the one copy of their values."""
     header = pb.WatchUpdate(version=version, cause=cause, skipped=skipped, steps=steps)
-    return _with_repeated(header, _WATCHED, ([watched] for watched in tensors))
+    return _with_repeated(header, _WATCHED, tensors)

@@ -40,7 +40,15 @@ from gradwire_server.errors import (
     WrongOrder,
 )
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import FillSpec, Guard, Selection, TensorInput, Trainer, guarded
+from gradwire_server.trainer import (
+    FillSpec,
+    Guard,
+    Selection,
+    Snapshot,
+    TensorInput,
+    Trainer,
+    guarded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -559,14 +567,14 @@ class TrainerServicer:
 
             size = 0
 
-            def take(selection: Selection) -> bytes:
-                """One item's part of the update, copied under the lock (its version)."""
+            def take(selection: Selection) -> list[wire.Piece]:
+                """One item's part of the update: views of the values, joined by `finish`."""
                 nonlocal size
                 item = next(items)
                 part = selection.part
                 if part is not None and item.values:
                     size += part.numel() * part.element_size()
-                    if size > limits.MAX_VALUE_BYTES:  # checked before copying anything
+                    if size > limits.MAX_VALUE_BYTES:  # nothing is copied before `finish`
                         raise OverLimit(
                             f"the watched values hold more than {limits.MAX_VALUE_BYTES} "
                             "bytes, the most one update may carry: watch slices, or "
@@ -577,16 +585,19 @@ class TrainerServicer:
                 # Neither values nor statistics asked for: statistics, the cheap default.
                 if part is not None and (item.stats or not item.values):
                     summary = stats.summarize(part, item.histogram_bins)
-                return convert.watched_bytes(selection, item.values, summary)
+                return convert.watched_pieces(selection, item.values, summary)
 
-            snapshot = trainer.read_many(selectors, take, subscription)
-            return convert.watch_update_bytes(
-                snapshot.version,
-                "Watch" if first else snapshot.cause,
-                max(snapshot.updates - 1, 0),
-                snapshot.steps,
-                snapshot.used,
-            )
+            def finish(snapshot: Snapshot[list[wire.Piece]]) -> bytes:
+                """The update, its values joined under the lock: one copy, one version."""
+                return convert.watch_update_bytes(
+                    snapshot.version,
+                    "Watch" if first else snapshot.cause,
+                    max(snapshot.updates - 1, 0),
+                    snapshot.steps,
+                    snapshot.used,
+                )
+
+            return trainer.read_many(selectors, take, finish, subscription)
 
         try:
             yield update(first=True)  # the state now; where bad names and indices are refused

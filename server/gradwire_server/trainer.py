@@ -51,6 +51,7 @@ INLINE_READ_ELEMENTS = 32768
 DEFAULT_MAX_ELEMENTS = 1 << 28
 
 T = TypeVar("T")
+U = TypeVar("U")
 P = ParamSpec("P")
 
 
@@ -1014,22 +1015,26 @@ class Trainer:
         self,
         selectors: Sequence[tuple[str, IndexChain]],
         use: Callable[[Selection], T],
+        finish: Callable[[Snapshot[T]], U],
         subscription: Subscription | None = None,
-    ) -> Snapshot[T]:
-        """use() of each selection, all at one version, with what led to it: for watchers.
+    ) -> U:
+        """use() of each selection, all at one version, with what led to it, then
+        finish(snapshot) still under the lock: for watchers, whose `use` may keep views of
+        live tensors and `finish` join them into the update, the one copy of the values.
         `subscription`'s due updates are taken at the same time (Snapshot.updates)."""
-        result: Snapshot[T] = self._run(self._read_many, selectors, use, subscription)
+        result: U = self._run(self._read_many, selectors, use, finish, subscription)
         return result
 
     def _read_many(
         self,
         selectors: Sequence[tuple[str, IndexChain]],
         use: Callable[[Selection], T],
+        finish: Callable[[Snapshot[T]], U],
         subscription: Subscription | None,
-    ) -> Snapshot[T]:
+    ) -> U:
         used = [self._read_with(name, chain, use) for name, chain in selectors]
         updates = 0 if subscription is None else subscription.take()
-        return Snapshot(self._version, self._cause, self._steps, used, updates)
+        return finish(Snapshot(self._version, self._cause, self._steps, used, updates))
 
     @under_lock
     def subscribe(self, every_steps: int = 0) -> Subscription:
