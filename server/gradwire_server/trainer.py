@@ -967,7 +967,15 @@ class Trainer:
         return result
 
     def _zero_grad(self, set_to_none: bool) -> int:
-        self._optimizer.zero_grad(set_to_none=set_to_none)
+        if set_to_none:
+            # What Optimizer.zero_grad(set_to_none=True) does, without its profiler range:
+            # two torch ops, each letting go of the GIL, which a server's other threads then
+            # take (13 us against 0.5 us here, and more in a busy server).
+            for group in self._optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        else:
+            self._optimizer.zero_grad(set_to_none=False)
         return self._bump()
 
     # --- reading and writing tensors -------------------------------------------------
