@@ -414,3 +414,31 @@ def test_fetched_values_are_of_the_step_they_answer_while_others_step(
     assert len(answers) == 40
     for version, value in answers:
         assert np.array_equal(value, trajectory[(version - 1) // 4 - 1]), version
+
+
+def test_finish_makes_the_answer_under_the_lock_while_the_fetched_views_are_the_steps() -> None:
+    # The servicer's `use` keeps views of live tensors and its `finish` joins them into the
+    # reply: that is one version only if no other call can run in between. The race is too
+    # short to catch through a channel, so this asks the lock itself.
+    trainer = Trainer(device="cpu", seed=0)
+    taken_elsewhere: list[bool] = []
+
+    def finish(result: Any) -> Any:
+        def try_lock() -> None:
+            got = trainer._lock.acquire(blocking=False)
+            taken_elsewhere.append(got)
+            if got:
+                trainer._lock.release()
+
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join(10)
+        return result.fetched[0].clone()  # the copy a reply is made of
+
+    x, y = ones_batch()
+    after = trainer.train_step(
+        x, y, fetch=[("linear.weight", ())], use=lambda s: s.part, finish=finish
+    )
+    assert taken_elsewhere == [False]
+    assert torch.equal(after, trainer.read("linear.weight").value)
+    trainer.close()

@@ -340,11 +340,6 @@ class TrainerServicer:
         self.snapshots = convert.Snapshots(spare)
         self.spare = spare
 
-    def _fetch(self, selection: Selection) -> list[wire.Piece]:
-        # Joined here, under the trainer's lock: the pieces are views of live tensors, which
-        # the next Step (another caller's) changes in place. Sizes were checked before the step.
-        return [wire.join(convert.get_response_pieces(selection))]
-
     @mutation
     def Forward(
         self, request: wire.Split[pb.ForwardRequest], context: grpc.ServicerContext
@@ -466,15 +461,18 @@ class TrainerServicer:
         message = request.message
         inputs, target = _step_data(request, _STEP_INPUT, _STEP_TARGET, "TrainStep")
         fetch = [(f.name, convert.chain_from_proto(f.index)) for f in message.fetch]
-        result = self.trainer.train_step(
+        # The fetched pieces are views of live tensors, which the next Step (another
+        # caller's) changes in place: the reply is joined under the trainer's lock, in one
+        # copy. Sizes were checked before the step.
+        return self.trainer.train_step(
             inputs,
             target,
             zero_grad=message.zero_grad,
             fetch=fetch,
-            use=self._fetch,
+            use=convert.get_response_pieces,
             max_fetch_bytes=limits.MAX_VALUE_BYTES,
+            finish=convert.train_step_bytes,
         )
-        return convert.train_step_bytes(result)
 
     @mutation
     def FillParameters(

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import torch
 from torch import nn
@@ -736,6 +736,31 @@ class Trainer:
         """model(input), and CrossEntropyLoss(output, target) when a target is given."""
         return self._forward(*self._inputs(input, target))
 
+    @overload
+    def train_step(
+        self,
+        input: TensorInput,
+        target: TensorInput,
+        *,
+        zero_grad: bool = ...,
+        fetch: Sequence[tuple[str, IndexChain]] = ...,
+        use: Callable[[Selection], T],
+        max_fetch_bytes: int | None = ...,
+    ) -> TrainResult[T]: ...
+
+    @overload
+    def train_step(
+        self,
+        input: TensorInput,
+        target: TensorInput,
+        *,
+        zero_grad: bool = ...,
+        fetch: Sequence[tuple[str, IndexChain]] = ...,
+        use: Callable[[Selection], T],
+        max_fetch_bytes: int | None = ...,
+        finish: Callable[[TrainResult[T]], U],
+    ) -> U: ...
+
     @on_torch_thread
     def train_step(
         self,
@@ -746,11 +771,14 @@ class Trainer:
         fetch: Sequence[tuple[str, IndexChain]] = (),
         use: Callable[[Selection], T],
         max_fetch_bytes: int | None = None,
-    ) -> TrainResult[T]:
+        finish: Callable[[TrainResult[T]], U] | None = None,
+    ) -> TrainResult[T] | U:
         """[zero_grad,] forward, backward, step, then use() each fetched selection.
 
         Everything that can be refused (inputs, fetch names and indices) is checked before
         anything changes; each part then adds one to the version, as the separate calls do.
+        `finish`, when given, makes the answer of the result still under the lock: `use` may
+        then keep views of live tensors, and `finish` join them into the reply in one copy.
         """
         x, y = self._inputs(input, target)
         assert y is not None
@@ -762,8 +790,7 @@ class Trainer:
         grads = [(p, p.grad) for p in self._parameters.values()]
         try:
             if zero_grad:
-                self._optimizer.zero_grad(set_to_none=True)
-                self._bump()
+                self._zero_grad(True)
             result = self._forward(x, y)
             self._backward(retain_graph=False)
         except OverLimit:
@@ -774,9 +801,10 @@ class Trainer:
         version, updated = self._step()
         fetched = [self.read_with(name, chain, use) for name, chain in fetch]
         assert result.loss is not None
-        return TrainResult(
+        done = TrainResult(
             version, result.loss, result.output_shape, updated, fetched, result.nonfinite_inputs
         )
+        return done if finish is None else finish(done)
 
     def _check_fetch(
         self,
