@@ -335,7 +335,6 @@ class Trainer:
         self._settings = (optimizer or OptimizerSettings()).resolved()
         # Every torch call runs on this one thread (torch_thread.py says why).
         self._torch = TorchThread()
-        self._thread = self._torch.ident
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
@@ -352,7 +351,7 @@ class Trainer:
     ) -> T:
         """fn(*args) on the torch thread (directly when already on it), under the lock,
         once `_guard`'s conditions are checked there."""
-        if threading.get_ident() == self._thread:
+        if self._torch.on_it():
             with self._lock, self._announcing(getattr(fn, "__name__", "")):
                 self._check(_guard)
                 return fn(*args, **kwargs)
@@ -1016,7 +1015,7 @@ class Trainer:
         The selection may share memory with the live tensor: `use` must copy what it keeps
         (encoding it for the wire is such a copy, and the only one on the CPU).
         """
-        if threading.get_ident() != self._thread:
+        if not self._torch.on_it():
             # Reads of small CPU tensors run on the caller's thread: too small for torch to
             # parallelise, so no OpenMP team wakes, and the hand-off to the torch thread
             # (about 0.15 ms measured) would cost more than the read.
