@@ -1024,12 +1024,21 @@ class Trainer:
                 if tensor is None or (
                     tensor.device.type == "cpu" and tensor.numel() <= INLINE_READ_ELEMENTS
                 ):
-                    return self._read_with(name, chain, use)
+                    return self._use(name, tensor, chain, use)
         result: T = self._run(self._read_with, name, chain, use)
         return result
 
     def _read_with(self, name: str, chain: IndexChain, use: Callable[[Selection], T]) -> T:
-        _, tensor, _ = self._lookup(name)
+        return self._use(name, self._lookup(name)[1], chain, use)
+
+    def _use(
+        self,
+        name: str,
+        tensor: torch.Tensor | None,
+        chain: IndexChain,
+        use: Callable[[Selection], T],
+    ) -> T:
+        """use(tensor[chain...]), `tensor` being what `name` holds now (None: nothing yet)."""
         if tensor is None:
             return use(Selection(self._version, name, None, None))
         part = select(tensor.detach(), chain, name)
