@@ -48,11 +48,14 @@ def test_fill_replay_prints_what_pytorch_computes(client: gradwire.Client) -> No
     text = "\n".join(lines)
     assert "torch.Size([8, 20])" in text
     assert text.count("\nNone\n") + text.endswith("None") >= 1
-    # the real gradient is rounding noise: tiny, with equal corners and a larger middle
-    assert np.all(np.abs(result.grad_slice) < 1e-5)
-    assert result.grad_slice[0] == result.grad_slice[2] and abs(result.grad_slice[1]) > abs(
-        result.grad_slice[0]
-    )
+    # The real gradient is rounding noise: tiny, its corners alike and its middle larger. Its
+    # last bits depend on the CPU's kernels (on an Intel host the corners differ by one unit
+    # in the last place; on an AMD one they were equal): test_replay_equals_local_pytorch
+    # checks every bit against PyTorch on the machine at hand.
+    noise = result.grad_slice
+    assert np.all(np.abs(noise) < 1e-5)
+    np.testing.assert_allclose(noise[0], noise[2], rtol=1e-5)
+    assert abs(noise[1]) > max(abs(noise[0]), abs(noise[2]))
     assert repr(torch.from_numpy(result.grad_slice)) in text
     # linear's gradient is not zero
     np.testing.assert_allclose(result.linear_grad_rows[0], [0.6, 0.96, 1.08], rtol=1e-5)
