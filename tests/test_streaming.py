@@ -23,6 +23,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.selector import parse_selector
 from gradwire_server import servicer
+from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
 
@@ -424,6 +425,104 @@ def test_set_stream_casts_int64_into_an_absent_gradient(
     assert grad is not None
     assert grad.dtype == np.float32
     assert np.array_equal(grad, ints.astype(np.float32))
+
+
+def test_a_streamed_whole_parameter_keeps_the_memory_it_arrived_in(
+    streaming: gradwire.Client, trainer: Trainer, server: Running
+) -> None:
+    """One copy fewer: the assembled value becomes the parameter's memory, and the memory it
+    replaced is what the next streamed write assembles into."""
+    streaming.chunk_bytes = 4000
+    first_memory = trainer.parameters[LINEAR].data_ptr()
+    new = np.random.default_rng(3).standard_normal(LINEAR_SHAPE).astype(np.float32)
+    streaming.set(LINEAR, new)
+    param = trainer.parameters[LINEAR]
+    assert param.data_ptr() != first_memory  # not copied into the old memory
+    spare = server.servicer.spare._block
+    assert spare is not None and spare.data_ptr() == first_memory  # kept for the next stream
+    assert np.array_equal(server_value(trainer, LINEAR), new)
+    assert np.array_equal(streaming.get(LINEAR), new)
+
+    again = new[::-1].copy()
+    streaming.set(LINEAR, again)
+    assert trainer.parameters[LINEAR] is param  # the same Parameter, the optimizer's
+    assert param.data_ptr() == first_memory  # assembled in the memory the first write freed
+    assert np.array_equal(server_value(trainer, LINEAR), again)
+
+    # Training goes on with the adopted memory exactly as PyTorch does with a copied value.
+    x, y = random_batch(4, 6)
+    local = local_model()
+    optimizer = torch.optim.SGD(local.parameters(), lr=1.0)
+    with torch.no_grad():
+        local.linear.weight.copy_(torch.from_numpy(again))
+    nn.CrossEntropyLoss()(local(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    optimizer.step()
+    streaming.forward(x, y)
+    streaming.backward()
+    streaming.step()
+    for name, expected in local.named_parameters():
+        assert np.array_equal(server_value(trainer, name), expected.detach().numpy()), name
+
+
+def test_a_streamed_write_that_cannot_keep_its_memory_copies(
+    streaming: gradwire.Client, trainer: Trainer
+) -> None:
+    streaming.chunk_bytes = 4000
+    memory = {name: trainer.parameters[name].data_ptr() for name in PARAMETERS}
+    streaming.set("conv1.weight[1]", np.ones((3, 3, 3), np.float32))  # a part
+    streaming.set("conv2.weight", np.full((32, 16, 3, 3), 0.25))  # float64: cast
+    streaming.set(LINEAR, np.float32(2.0))  # a broadcast scalar (sent whole: not streamed)
+    streaming.set(LINEAR, np.full((1, 3200), 3.0, np.float32))  # a broadcast row
+    assert {name: trainer.parameters[name].data_ptr() for name in PARAMETERS} == memory
+    assert np.all(server_value(trainer, "conv1.weight")[1] == 1)
+    assert np.all(server_value(trainer, "conv2.weight") == 0.25)
+    assert np.all(server_value(trainer, LINEAR) == 3.0)
+
+
+class _Shared(nn.Module):
+    """Two parameters over one block of memory: `tied` is `weight` under another name, and
+    `top` its first two rows (a parameter that is part of a larger block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(4, 3))
+        self.tied = nn.Parameter(self.weight.data)
+        self.top = nn.Parameter(self.weight.data[:2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ (self.weight + self.tied).t()
+
+
+@pytest.mark.parametrize("name", ["weight", "tied", "top"])
+def test_a_streamed_write_to_shared_memory_writes_through_it(name: str) -> None:
+    from gradwire_server.models import ModelSpec
+
+    trainer = Trainer(ModelSpec("Shared", _Shared, (3,), 4))
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            client.stream_above_bytes = 0
+            shape = (2, 3) if name == "top" else (4, 3)
+            value = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
+            memory = trainer.parameters[name].data_ptr()
+            client.set(name, value)
+            assert trainer.parameters[name].data_ptr() == memory  # copied, not replaced
+            whole = client.get("weight")
+            assert whole is not None
+            assert np.array_equal(whole[: shape[0]], value)  # seen through every name
+            assert np.array_equal(client.get("tied"), whole)
+            assert np.array_equal(client.get("top"), whole[:2])
+    finally:
+        running.stop(grace=None)
+
+
+def test_backward_after_a_streamed_whole_parameter_is_refused(streaming: gradwire.Client) -> None:
+    x, y = random_batch(2, 7)
+    streaming.forward(x, y)
+    streaming.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32))
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        streaming.backward()
+    assert caught.value.reason == "GRAPH_STALE"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])

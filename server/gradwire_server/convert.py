@@ -132,8 +132,14 @@ class Chunks:
         self._block = self._spare.take(shape, _TORCH_OF[dtype], torch.device("cpu"))
         return self._block.numpy()
 
+    def replaced(self, old: torch.Tensor) -> None:
+        """The tensor was kept as it is, in place of `old`: `release` gives back `old`'s memory,
+        not the assembly's, which now belongs to the trainer."""
+        self._block = old
+
     def release(self) -> None:
-        """Gives the assembly memory back to the spare, once the tensor has been copied."""
+        """Gives the assembly memory back to the spare, once the tensor has been copied (or
+        what replaced() named instead)."""
         if self._spare is not None and self._block is not None:
             self._spare.give_back(self._block)
             self._block = None

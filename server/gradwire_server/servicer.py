@@ -432,8 +432,10 @@ class TrainerServicer:
         if first is None:
             raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
         chain = convert.chain_from_proto(first.index)
-        try:  # write() copies the value into the parameter: its memory can be reused after
-            version = self.trainer.write(first.name, chain, chunks.tensor())
+        try:  # write() copies the value, or keeps it and hands back what it replaced
+            version = self.trainer.write(
+                first.name, chain, chunks.tensor(), replaced=chunks.replaced
+            )
         finally:
             chunks.release()
         return pb.SetTensorResponse(version=version)

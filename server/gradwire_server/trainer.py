@@ -1094,8 +1094,23 @@ class Trainer:
         self._subscriptions.remove(subscription)
 
     @on_torch_thread
-    def write(self, name: str, chain: IndexChain, value: TensorInput) -> int:
-        """tensor[chain...] = value, for parameters and gradients; value broadcasts and casts."""
+    def write(
+        self,
+        name: str,
+        chain: IndexChain,
+        value: TensorInput,
+        *,
+        replaced: Callable[[torch.Tensor], None] | None = None,
+    ) -> int:
+        """tensor[chain...] = value, for parameters and gradients; value broadcasts and casts.
+
+        `replaced`: the caller gives `value` away (a tensor nothing else will touch). When it
+        can stand for a whole parameter as it is (same dtype, shape, strides and device, and
+        the parameter's memory shared with no other tensor of the model), it becomes the
+        parameter's memory instead of being copied into it (512 MiB: one copy fewer), and
+        `replaced` gets the memory it replaces, which nothing reads any more. A graph that
+        still holds that memory is stale: Backward refuses it, as after any write.
+        """
         kind, tensor, param = self._lookup(name)
         if param is None:
             raise InvalidInput(
@@ -1123,13 +1138,30 @@ class Trainer:
             )
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
-        with torch.no_grad():
-            target.copy_(source)
+        if replaced is not None and kind == "parameter" and self._adoptable(param, source, value):
+            old = param.detach()  # a second handle on the memory the parameter lets go of
+            param.data = source
+            replaced(old)
+        else:
+            with torch.no_grad():
+                target.copy_(source)
         if fresh:
             param.grad = tensor
         if kind == "parameter":
             self._parameters_changed = True
         return self._bump()
+
+    def _adoptable(self, param: torch.Tensor, source: torch.Tensor, value: TensorInput) -> bool:
+        """Whether `source` can become `param`'s memory: see write()."""
+        if source is not value or source.dtype != param.dtype or source.device != param.device:
+            return False  # converted or moved: already a copy
+        if source.shape != param.shape or source.stride() != param.stride():
+            return False  # a broadcast, or another layout
+        memory = param.untyped_storage()
+        if param.storage_offset() or memory.nbytes() != param.numel() * param.element_size():
+            return False  # part of a larger block, which may hold other tensors
+        others = (t for t in [*self._model.parameters(), *self._model.buffers()] if t is not param)
+        return all(t.untyped_storage().data_ptr() != memory.data_ptr() for t in others)
 
     @on_torch_thread
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> tuple[int, list[str]]:
