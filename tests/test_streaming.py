@@ -516,6 +516,46 @@ def test_a_streamed_write_to_shared_memory_writes_through_it(name: str) -> None:
         running.stop(grace=None)
 
 
+class _Const(nn.Module):
+    """Returns its parameter, broadcast over the batch: its output is a view of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.expand(x.shape[0], 3)
+
+
+class _Exposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = _Const()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias(x)
+
+
+def test_a_streamed_write_to_a_parameter_an_activation_views_writes_through_it() -> None:
+    from gradwire_server.models import ModelSpec
+
+    trainer = Trainer(ModelSpec("Exposed", _Exposed, (3,), 3, loss="mse"))
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            client.forward(np.ones((2, 3), np.float32))
+            client.stream_above_bytes = 0
+            memory = trainer.parameters["bias.weight"].data_ptr()
+            client.set("bias.weight", np.array([1.0, 2.0, 3.0], np.float32))
+            assert trainer.parameters["bias.weight"].data_ptr() == memory  # copied
+            # The activation is a view of the parameter: it shows the write, as in PyTorch.
+            # Had the parameter taken the sent memory, the view would be left on memory the
+            # next stream reuses.
+            assert np.array_equal(client.get("bias.output"), [[1, 2, 3], [1, 2, 3]])
+    finally:
+        running.stop(grace=None)
+
+
 def test_backward_after_a_streamed_whole_parameter_is_refused(streaming: gradwire.Client) -> None:
     x, y = random_batch(2, 7)
     streaming.forward(x, y)

@@ -1106,7 +1106,7 @@ class Trainer:
 
         `replaced`: the caller gives `value` away (a tensor nothing else will touch). When it
         can stand for a whole parameter as it is (same dtype, shape, strides and device, and
-        the parameter's memory shared with no other tensor of the model), it becomes the
+        the parameter's memory shared with no other tensor the trainer holds), it becomes the
         parameter's memory instead of being copied into it (512 MiB: one copy fewer), and
         `replaced` gets the memory it replaces, which nothing reads any more. A graph that
         still holds that memory is stale: Backward refuses it, as after any write.
@@ -1160,7 +1160,17 @@ class Trainer:
         memory = param.untyped_storage()
         if param.storage_offset() or memory.nbytes() != param.numel() * param.element_size():
             return False  # part of a larger block, which may hold other tensors
-        others = (t for t in [*self._model.parameters(), *self._model.buffers()] if t is not param)
+        # Other parameters over the same memory (tied weights), and what the last Forward kept
+        # that may be a view of it (a module that returns its parameter): these must go on
+        # seeing what is written, so they are written through.
+        held = [
+            *self._model.parameters(),
+            *self._model.buffers(),
+            *self._activations.values(),
+            self._output,
+            self._loss,
+        ]
+        others = (t for t in held if t is not None and t is not param)
         return all(t.untyped_storage().data_ptr() != memory.data_ptr() for t in others)
 
     @on_torch_thread
