@@ -556,6 +556,33 @@ def test_a_streamed_write_to_a_parameter_an_activation_views_writes_through_it()
         running.stop(grace=None)
 
 
+class _Cached(nn.Module):
+    """Keeps a view of its parameter in a plain attribute, and computes with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+        self.flat = self.weight.data.view(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.flat
+
+
+def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through_it() -> None:
+    from gradwire_server.models import ModelSpec
+
+    trainer = Trainer(ModelSpec("Cached", _Cached, (3,), 3, loss="mse"))
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            client.stream_above_bytes = 0
+            client.set("weight", np.array([1.0, 2.0, 3.0], np.float32))
+            client.forward(np.ones((2, 3), np.float32))
+            assert np.array_equal(client.get("output"), [[2, 3, 4], [2, 3, 4]])
+    finally:
+        running.stop(grace=None)
+
+
 def test_backward_after_a_streamed_whole_parameter_is_refused(streaming: gradwire.Client) -> None:
     x, y = random_batch(2, 7)
     streaming.forward(x, y)

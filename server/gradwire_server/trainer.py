@@ -1105,11 +1105,10 @@ class Trainer:
         """tensor[chain...] = value, for parameters and gradients; value broadcasts and casts.
 
         `replaced`: the caller gives `value` away (a tensor nothing else will touch). When it
-        can stand for a whole parameter as it is (same dtype, shape, strides and device, and
-        the parameter's memory shared with no other tensor the trainer holds), it becomes the
-        parameter's memory instead of being copied into it (512 MiB: one copy fewer), and
-        `replaced` gets the memory it replaces, which nothing reads any more. A graph that
-        still holds that memory is stale: Backward refuses it, as after any write.
+        can stand for a whole parameter as it is (same dtype, shape, strides and device) and
+        nothing but the parameter holds the parameter's memory, it becomes the parameter's
+        memory instead of being copied into it (512 MiB: one copy fewer), and `replaced` gets
+        the memory it replaces, which nothing reads any more.
         """
         kind, tensor, param = self._lookup(name)
         if param is None:
@@ -1119,6 +1118,13 @@ class Trainer:
                 reason="READ_ONLY",
             )
         source = self._make(value, param.dtype, "value")
+        whole = kind == "parameter" and not chain
+        if replaced is not None and whole and self._adoptable(param, source, value):
+            old = param.detach()  # a second handle on the memory the parameter lets go of
+            param.data = source
+            replaced(old)
+            self._parameters_changed = True
+            return self._bump()
         if kind == "gradient" and tensor is None:
             tensor = torch.zeros_like(param)
             fresh = True
@@ -1138,13 +1144,8 @@ class Trainer:
             )
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
-        if replaced is not None and kind == "parameter" and self._adoptable(param, source, value):
-            old = param.detach()  # a second handle on the memory the parameter lets go of
-            param.data = source
-            replaced(old)
-        else:
-            with torch.no_grad():
-                target.copy_(source)
+        with torch.no_grad():
+            target.copy_(source)
         if fresh:
             param.grad = tensor
         if kind == "parameter":
@@ -1160,18 +1161,13 @@ class Trainer:
         memory = param.untyped_storage()
         if param.storage_offset() or memory.nbytes() != param.numel() * param.element_size():
             return False  # part of a larger block, which may hold other tensors
-        # Other parameters over the same memory (tied weights), and what the last Forward kept
-        # that may be a view of it (a module that returns its parameter): these must go on
-        # seeing what is written, so they are written through.
-        held = [
-            *self._model.parameters(),
-            *self._model.buffers(),
-            *self._activations.values(),
-            self._output,
-            self._loss,
-        ]
-        others = (t for t in held if t is not None and t is not param)
-        return all(t.untyped_storage().data_ptr() != memory.data_ptr() for t in others)
+        # Nothing else may hold this memory: a tied parameter, a buffer or a module's cached
+        # view over it, an activation that views it (a module that returns its parameter), the
+        # graph of a Forward not yet backpropagated. Those must go on seeing what is written,
+        # so they are written through. torch counts the memory's holders: the parameter and
+        # `memory` make two. Without that count (a private function), always copy.
+        holders = getattr(torch._C, "_storage_Use_Count", None)
+        return holders is not None and holders(memory._cdata) == 2
 
     @on_torch_thread
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> tuple[int, list[str]]:
