@@ -24,6 +24,7 @@ from gradwire.fill import Fill
 from gradwire.selector import parse_selector
 from gradwire_server import servicer
 from gradwire_server.app import Running, start
+from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
 
@@ -471,7 +472,7 @@ def test_a_streamed_write_that_cannot_keep_its_memory_copies(
     memory = {name: trainer.parameters[name].data_ptr() for name in PARAMETERS}
     streaming.set("conv1.weight[1]", np.ones((3, 3, 3), np.float32))  # a part
     streaming.set("conv2.weight", np.full((32, 16, 3, 3), 0.25))  # float64: cast
-    streaming.set(LINEAR, np.float32(2.0))  # a broadcast scalar (sent whole: not streamed)
+    streaming.set(LINEAR, np.float32(2.0))  # a broadcast scalar
     streaming.set(LINEAR, np.full((1, 3200), 3.0, np.float32))  # a broadcast row
     assert {name: trainer.parameters[name].data_ptr() for name in PARAMETERS} == memory
     assert np.all(server_value(trainer, "conv1.weight")[1] == 1)
@@ -495,8 +496,6 @@ class _Shared(nn.Module):
 
 @pytest.mark.parametrize("name", ["weight", "tied", "top"])
 def test_a_streamed_write_to_shared_memory_writes_through_it(name: str) -> None:
-    from gradwire_server.models import ModelSpec
-
     trainer = Trainer(ModelSpec("Shared", _Shared, (3,), 4))
     running = start(trainer, "127.0.0.1", 0)
     try:
@@ -537,8 +536,6 @@ class _Exposed(nn.Module):
 
 
 def test_a_streamed_write_to_a_parameter_an_activation_views_writes_through_it() -> None:
-    from gradwire_server.models import ModelSpec
-
     trainer = Trainer(ModelSpec("Exposed", _Exposed, (3,), 3, loss="mse"))
     running = start(trainer, "127.0.0.1", 0)
     try:
@@ -569,8 +566,6 @@ class _Cached(nn.Module):
 
 
 def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through_it() -> None:
-    from gradwire_server.models import ModelSpec
-
     trainer = Trainer(ModelSpec("Cached", _Cached, (3,), 3, loss="mse"))
     running = start(trainer, "127.0.0.1", 0)
     try:
@@ -583,10 +578,14 @@ def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through
         running.stop(grace=None)
 
 
-def test_backward_after_a_streamed_whole_parameter_is_refused(streaming: gradwire.Client) -> None:
+def test_backward_after_a_streamed_whole_parameter_is_refused(
+    streaming: gradwire.Client, trainer: Trainer
+) -> None:
     x, y = random_batch(2, 7)
     streaming.forward(x, y)
+    memory = trainer.parameters[LINEAR].data_ptr()
     streaming.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32))
+    assert trainer.parameters[LINEAR].data_ptr() == memory  # the Forward's graph holds it
     with pytest.raises(errors.FailedPrecondition) as caught:
         streaming.backward()
     assert caught.value.reason == "GRAPH_STALE"
