@@ -578,6 +578,42 @@ def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through
         running.stop(grace=None)
 
 
+def test_streamed_writes_that_keep_their_memory_race_with_streamed_reads(
+    address: str, trainer: Trainer
+) -> None:
+    """Writers hand memory to the spare as fast as readers take it for their snapshots: every
+    read still shows exactly one write's values, at that write's version."""
+    writes = 60
+    failures: list[BaseException] = []
+
+    def write_all() -> None:
+        try:
+            with gradwire.connect(address, timeout=30) as writer:
+                writer.stream_above_bytes = 0
+                writer.chunk_bytes = 64_000
+                for k in range(1, writes + 1):
+                    writer.set(LINEAR, np.full(LINEAR_SHAPE, k, np.float32))
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    worker = threading.Thread(target=write_all, daemon=True)
+    with gradwire.connect(address, timeout=30) as reader:
+        reader.chunk_bytes = 64_000
+        assert reader.set(LINEAR, np.float32(0.0)) == 1  # write k is then version k + 1
+        worker.start()
+        reads = []
+        while worker.is_alive() or not reads:
+            read = reader._read_stream(pb.GetTensorRequest(name=LINEAR), as_torch=False)
+            reads.append((read.version, read.value.copy()))
+        worker.join(timeout=60)
+    assert not failures
+    for version, value in reads:
+        assert np.all(value == value.flat[0]), f"a torn read: {np.unique(value)[:5]}"
+        assert value.flat[0] == version - 1
+    assert len({version for version, _ in reads}) >= 2  # the writes really ran between reads
+    assert np.all(server_value(trainer, LINEAR) == writes)
+
+
 def test_backward_after_a_streamed_whole_parameter_is_refused(
     streaming: gradwire.Client, trainer: Trainer
 ) -> None:
