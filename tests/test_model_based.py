@@ -1,12 +1,13 @@
 """Model-based: random sequences of calls against the server and against plain PyTorch.
 
-Hypothesis drives Reset / Forward / Backward / Step / ZeroGrad / GetTensor / SetTensor /
-TrainStep in any order, on a real server and on a local model run as the tutorial runs it,
-in the default session and in sessions it opens and closes, each with a local model of its
-own. After every call the answers agree (values, versions, and which calls are refused and
-why), and every session's version and weights are its own reference's: a call in one session
-changes no other. After every sequence all parameters and gradients are equal bit for bit; a
-closed session's id is refused (NOT_FOUND), never taken for the default session.
+Hypothesis drives Reset / Forward / Backward / Step / ZeroGrad / GetTensor / SetTensor (a
+number, or a whole parameter in chunks) / TrainStep in any order, on a real server and on a
+local model run as the tutorial runs it, in the default session and in sessions it opens and
+closes, each with a local model of its own. After every call the answers agree (values,
+versions, and which calls are refused and why), and every session's version and weights are
+its own reference's: a call in one session changes no other. After every sequence all
+parameters and gradients are equal bit for bit; a closed session's id is refused
+(NOT_FOUND), never taken for the default session.
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class Reference:
     def fill(self, name: str, value: float) -> None:
         with torch.no_grad():
             dict(self.model.named_parameters())[name].fill_(value)
+        self.changed = True
+        self.version += 1
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            dict(self.model.named_parameters())[name].copy_(value)
         self.changed = True
         self.version += 1
 
@@ -218,6 +225,21 @@ def test_random_sequences_agree_with_pytorch(server: Running) -> None:
             s = self.at(which)
             s.local.fill(name, value)
             s.check_version(s.client.set(name, np.float32(value)))
+
+        @rule(which=WHICH, name=st.sampled_from(PARAMETERS), seed=st.integers(0, 2**16))
+        def set_tensor_streamed(self, which: int, name: str, seed: int) -> None:
+            """A whole parameter sent in chunks: the server may keep the memory it came in."""
+            s = self.at(which)
+            local = s.local.tensor(name)
+            assert local is not None
+            value = np.random.default_rng(seed).standard_normal(local.shape).astype(np.float32)
+            s.local.write(name, torch.from_numpy(value))
+            above = s.client.stream_above_bytes
+            s.client.stream_above_bytes = 0
+            try:
+                s.check_version(s.client.set(name, value))
+            finally:
+                s.client.stream_above_bytes = above
 
         @rule(which=WHICH, name=st.sampled_from([*PARAMETERS, *(p + ".grad" for p in PARAMETERS)]))
         def get_tensor(self, which: int, name: str) -> None:
