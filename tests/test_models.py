@@ -18,7 +18,6 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.cli import main
-from gradwire_server.app import Running, start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import (
     SIMPLE,
@@ -29,6 +28,7 @@ from gradwire_server.models import (
     load_spec,
 )
 from gradwire_server.trainer import Trainer
+from tests.serve_in_process import serving as serve_in_process
 from tests.serve_process import serving as serve_process
 
 SEED = 3
@@ -66,12 +66,8 @@ def seeded(factory: Callable[[], nn.Module]) -> nn.Module:
 @contextmanager
 def serving(spec: ModelSpec) -> Iterator[gradwire.Client]:
     """A real server for `spec` in this process, seeded with SEED, and a client of it."""
-    running: Running = start(Trainer(spec, device="cpu", seed=SEED), "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            yield client
-    finally:
-        running.stop(grace=None)
+    with serve_in_process(spec, SEED) as (_, client):
+        yield client
 
 
 @pytest.fixture

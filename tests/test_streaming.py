@@ -23,10 +23,11 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.selector import parse_selector
 from gradwire_server import servicer
-from gradwire_server.app import Running, start
+from gradwire_server.app import Running
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
+from tests.serve_in_process import serving
 
 LINEAR = "linear.weight"
 LINEAR_SHAPE = (20, 3200)
@@ -496,23 +497,18 @@ class _Shared(nn.Module):
 
 @pytest.mark.parametrize("name", ["weight", "tied", "top"])
 def test_a_streamed_write_to_shared_memory_writes_through_it(name: str) -> None:
-    trainer = Trainer(ModelSpec("Shared", _Shared, (3,), 4))
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            client.stream_above_bytes = 0
-            shape = (2, 3) if name == "top" else (4, 3)
-            value = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
-            memory = trainer.parameters[name].data_ptr()
-            client.set(name, value)
-            assert trainer.parameters[name].data_ptr() == memory  # copied, not replaced
-            whole = client.get("weight")
-            assert whole is not None
-            assert np.array_equal(whole[: shape[0]], value)  # seen through every name
-            assert np.array_equal(client.get("tied"), whole)
-            assert np.array_equal(client.get("top"), whole[:2])
-    finally:
-        running.stop(grace=None)
+    with serving(ModelSpec("Shared", _Shared, (3,), 4)) as (trainer, client):
+        client.stream_above_bytes = 0
+        shape = (2, 3) if name == "top" else (4, 3)
+        value = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
+        memory = trainer.parameters[name].data_ptr()
+        client.set(name, value)
+        assert trainer.parameters[name].data_ptr() == memory  # copied, not replaced
+        whole = client.get("weight")
+        assert whole is not None
+        assert np.array_equal(whole[: shape[0]], value)  # seen through every name
+        assert np.array_equal(client.get("tied"), whole)
+        assert np.array_equal(client.get("top"), whole[:2])
 
 
 class _Const(nn.Module):
@@ -536,21 +532,16 @@ class _Exposed(nn.Module):
 
 
 def test_a_streamed_write_to_a_parameter_an_activation_views_writes_through_it() -> None:
-    trainer = Trainer(ModelSpec("Exposed", _Exposed, (3,), 3, loss="mse"))
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            client.forward(np.ones((2, 3), np.float32))
-            client.stream_above_bytes = 0
-            memory = trainer.parameters["bias.weight"].data_ptr()
-            client.set("bias.weight", np.array([1.0, 2.0, 3.0], np.float32))
-            assert trainer.parameters["bias.weight"].data_ptr() == memory  # copied
-            # The activation is a view of the parameter: it shows the write, as in PyTorch.
-            # Had the parameter taken the sent memory, the view would be left on memory the
-            # next stream reuses.
-            assert np.array_equal(client.get("bias.output"), [[1, 2, 3], [1, 2, 3]])
-    finally:
-        running.stop(grace=None)
+    with serving(ModelSpec("Exposed", _Exposed, (3,), 3, loss="mse")) as (trainer, client):
+        client.forward(np.ones((2, 3), np.float32))
+        client.stream_above_bytes = 0
+        memory = trainer.parameters["bias.weight"].data_ptr()
+        client.set("bias.weight", np.array([1.0, 2.0, 3.0], np.float32))
+        assert trainer.parameters["bias.weight"].data_ptr() == memory  # copied
+        # The activation is a view of the parameter: it shows the write, as in PyTorch. Had
+        # the parameter taken the sent memory, the view would be left on memory the next
+        # stream reuses.
+        assert np.array_equal(client.get("bias.output"), [[1, 2, 3], [1, 2, 3]])
 
 
 class _Cached(nn.Module):
@@ -566,16 +557,11 @@ class _Cached(nn.Module):
 
 
 def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through_it() -> None:
-    trainer = Trainer(ModelSpec("Cached", _Cached, (3,), 3, loss="mse"))
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            client.stream_above_bytes = 0
-            client.set("weight", np.array([1.0, 2.0, 3.0], np.float32))
-            client.forward(np.ones((2, 3), np.float32))
-            assert np.array_equal(client.get("output"), [[2, 3, 4], [2, 3, 4]])
-    finally:
-        running.stop(grace=None)
+    with serving(ModelSpec("Cached", _Cached, (3,), 3, loss="mse")) as (_, client):
+        client.stream_above_bytes = 0
+        client.set("weight", np.array([1.0, 2.0, 3.0], np.float32))
+        client.forward(np.ones((2, 3), np.float32))
+        assert np.array_equal(client.get("output"), [[2, 3, 4], [2, 3, 4]])
 
 
 def test_streamed_writes_that_keep_their_memory_race_with_streamed_reads(
