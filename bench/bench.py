@@ -31,6 +31,7 @@ from bench.floor import FloorClient
 from bench.server import MIB
 from gradwire import limits
 from gradwire.fill import Fill
+from gradwire_server.allocator import keep_freed_memory
 from gradwire_server.trainer import FillSpec, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,13 +100,14 @@ class Served:
 
 
 @contextmanager
-def serve(model: str, device: str) -> Iterator[Served]:
+def serve(model: str, device: str, keep_freed: bool = True) -> Iterator[Served]:
     """A benchmark server process (bench/server.py), ready for calls."""
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         process = subprocess.Popen(
             [sys.executable, "-m", "bench.server", "--model", model, "--device", device,
-             "--port-file", str(port_file)],
+             "--port-file", str(port_file)]
+            + ([] if keep_freed else ["--return-freed-memory"]),
             cwd=ROOT,
         )  # fmt: skip
         try:
@@ -417,11 +419,20 @@ def main() -> int:
     parser.add_argument("--big-repeats", type=int, default=5, help="512 MiB transfers per figure")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--only", nargs="+", choices=PARTS, help="measure only these parts")
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="glibc's default malloc settings in the server and the in-process floors alike "
+        "(`gradwire serve --return-freed-memory`)",
+    )
     args = parser.parse_args()
+    keep_freed = not args.return_freed_memory
+    if keep_freed:
+        keep_freed_memory()  # the in-process floors run as the server does
     rows: list[Row] = []
     parts = set(args.only or PARTS)
     if parts & {"small", "steps", "watch"}:
-        with serve("simple", args.device) as served:
+        with serve("simple", args.device, keep_freed) as served:
             if "small" in parts:
                 rows += small_calls(served, args.repeats * 10)
             if "steps" in parts:
@@ -429,12 +440,13 @@ def main() -> int:
             if "watch" in parts:
                 rows += watchers(served, args.repeats)
     if parts & {"typed", "big"}:
-        with serve("blobs", args.device) as served:
+        with serve("blobs", args.device, keep_freed) as served:
             if "typed" in parts:
                 rows += typed_reads(served, args.repeats)
             if "big" in parts:
                 rows += big_transfers(served, args.big_repeats)
-    text = f"Machine: {machine()}\n\n{table(rows)}\n"
+    memory = "kept for the next step" if keep_freed else "given back (--return-freed-memory)"
+    text = f"Machine: {machine()}\nFreed memory: {memory}\n\n{table(rows)}\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench import floor
+from gradwire_server.allocator import keep_freed_memory
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -57,7 +58,12 @@ def main() -> None:
     parser.add_argument("--model", choices=["simple", "blobs"], default="simple")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument(
+        "--return-freed-memory", action="store_true", help="as `gradwire serve` has it"
+    )
     args = parser.parse_args()
+    if not args.return_freed_memory:
+        keep_freed_memory()  # as `gradwire serve` does
     spec = BLOBS if args.model == "blobs" else SIMPLE
     running = start(Trainer(spec, device=args.device, seed=0), extra_handlers=[floor.handler()])
     stop = threading.Event()

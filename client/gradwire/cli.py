@@ -622,6 +622,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             session_idle_s=args.session_idle,
             model=args.model,
             metrics_port=args.metrics_port,
+            keep_freed=not args.return_freed_memory,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -735,6 +736,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="restore the model and optimizer from here at start, save them here at a "
         "graceful stop (safetensors)",
+    )
+    p.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="give the memory a step frees back to the system at once (the C library's "
+        "default): less resident memory between steps, slower CPU steps; by default the "
+        "server keeps it for the next step",
     )
     p.add_argument(
         "--tls-client-ca",

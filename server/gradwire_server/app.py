@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
-from gradwire_server import checkpoint
+from gradwire_server import allocator, checkpoint
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
@@ -166,13 +166,21 @@ def serve(
     ready: Callable[[Running], None] | None = None,
     metrics_port: int | None = None,
     model: str | None = None,
+    keep_freed: bool = True,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
 
     With `state_dir`, the state is restored from it at start (when a checkpoint is there)
     and saved to it at a graceful stop. `model`: "package.module:attr" naming a ModelSpec
-    (see models.load_spec); None serves the tutorial's Simple.
+    (see models.load_spec); None serves the tutorial's Simple. `keep_freed`: keep the memory
+    a step frees for the next one (allocator.py; the process's malloc settings change).
     """
+    if not keep_freed:
+        log.info("memory a step frees goes back to the system (--return-freed-memory)")
+    elif allocator.keep_freed_memory():
+        log.info("memory a step frees is kept for the next step")
+    else:
+        log.info("memory a step frees goes back to the system (the C library is not glibc)")
     spec = SIMPLE if model is None else load_spec(model)
     resolved = resolve_device(device)
     trainer = Trainer(spec, device=resolved, seed=seed)

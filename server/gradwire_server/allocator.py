@@ -1,0 +1,77 @@
+"""Keeps the memory a training step frees for the next step, instead of giving it back.
+
+With glibc's default settings, the CPU tensors of one step (activations, gradients, the
+temporaries of the backward pass) go back to the operating system when the step ends, and
+the next step faults the same pages in again: on the benchmark's 2-core VM, about 900-1,600
+page faults and about 1 ms of a 6-7 ms step at batch 256 (docs/PERFORMANCE.md, "Page faults in
+every step"). Two of glibc's habits do it:
+- a block over the mmap threshold (128 KiB at first) gets a mapping of its own, unmapped
+  when it is freed. glibc raises the threshold when it sees such a block freed, but only to
+  that block's size, and a heap with more than twice that free at its top gives it back;
+- the torch thread, like every thread but the main one, allocates from a heap of its own, at
+  most 64 MiB. When a step's blocks do not fit, glibc maps a new heap for them and unmaps it
+  as soon as it is empty, at the end of the step: with the two thresholds below set but not
+  the pad, strace still showed a heap mapped and unmapped in every step.
+
+`keep_freed_memory()` sets three malloc parameters for the whole process:
+- blocks under 32 MiB (glibc's ceiling) come from a heap, not from mappings of their own;
+- a heap gives free memory at its top back only when more than 256 MiB is free there;
+- a heap grows by 64 MiB more than asked (address space only: pages come when touched), and
+  a heap left empty is kept: glibc unmaps one only when the heap before it has more room
+  than that to spare, and no heap is bigger than 64 MiB.
+
+The price is resident memory: the process keeps what its busiest step used (blocks of 32 MiB
+and more are still mapped and unmapped on their own). `gradwire serve
+--return-freed-memory` leaves glibc's defaults alone. Other C libraries (musl, macOS) are
+left alone too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: mallopt's parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+#: Blocks under this come from the heap. glibc refuses more than HEAP_MAX_SIZE / 2, 32 MiB
+#: on 64-bit systems.
+MMAP_THRESHOLD = 32 * MIB
+#: A heap keeps up to this much free memory at its top.
+TRIM_THRESHOLD = 256 * MIB
+#: A heap grows by this much more than asked (address space; pages come when touched).
+TOP_PAD = 64 * MIB
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Sets the process's malloc to keep freed memory (above). False when the C library is
+    not glibc (nothing changed) or glibc refused a setting."""
+    libc = _glibc()
+    if libc is None:
+        log.debug("not glibc: malloc settings left as they are")
+        return False
+    # All of them: setting the mmap or the trim threshold turns off glibc's adjustment of
+    # both. The trim threshold alone sent every block over 128 KiB to a mapping of its own:
+    # seven times the page faults.
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (M_TOP_PAD, TOP_PAD),
+    )
+    return all(libc.mallopt(param, value) for param, value in settings)

@@ -1,0 +1,88 @@
+"""The server keeps the memory a step frees for the next step (allocator.py).
+
+Counted in page faults, never timed: a step that reuses the last step's memory faults none in.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gradwire_server import allocator
+from tests.serve_process import serving
+
+glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="malloc settings are glibc's")
+
+#: A training step in miniature, without the noise of a server: a thread (as the torch
+#: thread) holding tensors that live on, and a "step" of 4 MiB temporaries freed at its end.
+#: Prints the page faults per step. With glibc's defaults the temporaries are mapped anew
+#: every step. (What the top pad prevents, a heap mapped and unmapped every step, showed
+#: only inside the server: strace, docs/PERFORMANCE.md.)
+STEPS = """
+import resource, sys, threading
+import torch
+from gradwire_server import allocator
+
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert allocator.keep_freed_memory()
+faults = []
+
+def thread():
+    def block():
+        return torch.ones(1 << 20)  # 4 MiB
+
+    block()  # freed at once
+    live = [block() for _ in range(15)]
+
+    def step():
+        temporaries = [block() for _ in range(3)]
+        del temporaries
+
+    for _ in range(3):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+
+t = threading.Thread(target=thread)
+t.start()
+t.join()
+print(faults[0])
+"""
+PAGES_PER_STEP = 3 * 4 * 1024 * 1024 // 4096
+
+
+def faults_per_step(setting: str) -> float:
+    done = subprocess.run(
+        [sys.executable, "-c", STEPS, setting], capture_output=True, text=True, check=True
+    )
+    return float(done.stdout)
+
+
+@glibc_only
+def test_a_thread_keeps_the_memory_its_last_step_freed() -> None:
+    kept = faults_per_step("keep")
+    returned = faults_per_step("default")
+    assert kept < PAGES_PER_STEP / 100, f"{kept:.0f} page faults a step with freed memory kept"
+    # Every page, every step, with glibc's defaults (3,040 of 3,072 on the benchmark's VM).
+    assert returned > PAGES_PER_STEP / 2, (
+        f"only {returned:.0f} page faults a step with glibc's defaults: does the server still "
+        "need its malloc settings?"
+    )
+
+
+@glibc_only
+def test_gradwire_serve_keeps_freed_memory_unless_told_not_to() -> None:
+    with serving() as (_, log):
+        assert "memory a step frees is kept for the next step" in log
+    with serving("--return-freed-memory") as (_, log):
+        assert "memory a step frees goes back to the system (--return-freed-memory)" in log
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.keep_freed_memory() is False
