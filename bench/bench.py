@@ -183,9 +183,13 @@ def typed_reads(served: Served, repeats: int) -> list[Row]:
                 lambda n=name, t=exact: client.get(n, as_torch=t), lambda: floor.get(size), repeats
             )
             rows.append(at_most(f"GetTensor 16 MiB {label}", ours, bare, 1.5))
-        # The same bfloat16 read widened to a float32 numpy array: 32 MiB made on the client.
+        # The same bfloat16 read widened to float32 numpy: into a new array (32 MiB of fresh
+        # memory on the client each time), and into one the caller keeps (out=).
         ours, bare = paired(lambda: client.get("bf16"), lambda: floor.get(size), repeats)
         rows.append(at_most("GetTensor 16 MiB bfloat16 as float32 numpy", ours, bare, 1.5))
+        out = np.empty(size // 2, dtype=np.float32)
+        ours, bare = paired(lambda: client.get("bf16", out=out), lambda: floor.get(size), repeats)
+        rows.append(at_most("GetTensor 16 MiB bfloat16 into float32 out=", ours, bare, 1.5))
     return rows
 
 

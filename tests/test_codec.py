@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradwire import codec
+from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+
+TENSOR_PATH: wire.Path = ((pb.GetTensorResponse.DESCRIPTOR.fields_by_name["tensor"].number, 0),)
+CHUNK_PATH: wire.Path = ((pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
 
 NUMPY_DTYPES = ["float32", "float64", "float16", "int32", "int64", "bool"]
 TORCH_DTYPES = [
@@ -69,6 +72,55 @@ def test_bfloat16_travels_as_its_16_bit_pattern() -> None:
     assert message.raw_values == value.view(torch.int16).numpy().astype("<i2").tobytes()
     # numpy has no bfloat16: decode widens to float32 without changing a value
     np.testing.assert_array_equal(codec.decode(message), value.float().numpy())
+
+
+def every_bfloat16() -> torch.Tensor:
+    """All 65,536 bfloat16 bit patterns: zeros, subnormals, infinities and NaNs included."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.fixture(params=["torch", "numpy"])
+def widening(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Widens bfloat16 with torch (the caller imported it), or with numpy, as for arrays
+    under TORCH_WIDEN_MIN values or a caller without torch."""
+    assert every_bfloat16().numel() >= codec.TORCH_WIDEN_MIN  # big enough for torch's way
+    if request.param == "numpy":
+        monkeypatch.setattr(codec, "TORCH_WIDEN_MIN", 2**62)
+    return str(request.param)
+
+
+def test_every_bfloat16_widens_to_the_float32_torch_makes_of_it(widening: str) -> None:
+    value = every_bfloat16()
+    expected = value.float().numpy().view("<u4")
+    message = codec.encode(value)
+    np.testing.assert_array_equal(codec.decode(message).view("<u4"), expected)
+    out = np.full(value.shape, np.nan, dtype=np.float32)
+    data = pb.GetTensorResponse(tensor=message).SerializeToString()
+    split = wire.split(data, pb.GetTensorResponse)
+    assert codec.decode_split(split, TENSOR_PATH, split.message.tensor, out) is out
+    np.testing.assert_array_equal(out.view("<u4"), expected)
+
+
+def test_bfloat16_chunks_widen_as_they_are_assembled(widening: str) -> None:
+    value = every_bfloat16().repeat(3).reshape(768, 256)
+    splits = []
+    for dtype, flat, offset, shape in codec.chunks(value, 2 * 80_000):
+        chunk = pb.TensorChunk.FromString(wire.join(codec.chunk_pieces(flat, dtype, offset, shape)))
+        data = pb.GetTensorChunk(chunk=chunk).SerializeToString()
+        splits.append(wire.split(data, pb.GetTensorChunk))
+    assert len(splits) == 3  # of 80,000, 80,000 and 36,608 values: torch's way, and numpy's
+    widened = codec.Assembler("w", widen=True)
+    raw = codec.Assembler("w")
+    for split in splits:
+        widened.add(split, CHUNK_PATH, split.message.chunk)
+        raw.add(split, CHUNK_PATH, split.message.chunk)
+    expected = value.float().numpy().view("<u4")
+    assert widened.numpy().dtype == np.float32
+    np.testing.assert_array_equal(widened.numpy().view("<u4"), expected)
+    np.testing.assert_array_equal(raw.numpy().view("<u4"), expected)
+    assert raw.torch().view(torch.int16).equal(value.view(torch.int16))
+    with pytest.raises(codec.CodecError, match="widened to float32"):
+        widened.torch()
 
 
 def test_float16_travels_raw() -> None:

@@ -969,3 +969,35 @@ def test_streamed_get_into_out_fills_and_returns_that_array(
 def test_an_out_that_does_not_fit_is_refused(client: gradwire.Client, out: np.ndarray) -> None:
     with pytest.raises(ValueError, match="out= must be a C-contiguous float32 array"):
         client.get("linear.weight", out=out)
+
+
+class Bfloat16Weight(nn.Module):
+    """One bfloat16 parameter of 20,000 values: 40,000 bytes, in many chunks when streamed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(40, 500).to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.bfloat16) @ self.w[:, :2]).float()
+
+
+BFLOAT16_WEIGHT = ModelSpec("Bfloat16Weight", Bfloat16Weight, (40,), 2, loss="mse")
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["unary", "streamed"])
+def test_a_bfloat16_read_widens_into_a_float32_out(
+    streamed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with serving(BFLOAT16_WEIGHT, seed=0) as (trainer, client):
+        if streamed:
+            monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 10_000)
+            client.chunk_bytes = 4_000
+        expected = trainer.read("w").value.float().numpy()
+        out = np.full((40, 500), np.nan, dtype=np.float32)
+        assert client.get("w", out=out) is out
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(client.get("w"), expected)  # and into a new array
+        assert torch.equal(client.get("w", as_torch=True), trainer.read("w").value)
+        with pytest.raises(ValueError, match=r"out= must be a C-contiguous float32 array"):
+            client.get("w", out=np.empty((40, 500), np.float64))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import dataclasses
 import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
@@ -199,18 +198,6 @@ def _nbytes(value: Any) -> int:
     return int(nbytes or 0)
 
 
-def _check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-    if (
-        out.shape != tuple(shape)
-        or out.dtype != dtype.newbyteorder("=")
-        or not out.flags.c_contiguous
-    ):
-        raise ValueError(
-            f"out= must be a C-contiguous {dtype} array of shape {tuple(shape)}; "
-            f"got {out.dtype} {out.shape}"
-        )
-
-
 #: Metadata of mutations: a request id (a retry is applied once) and an expected version.
 REQUEST_ID = "gradwire-request-id"
 EXPECTED_VERSION = "gradwire-expected-version"
@@ -231,15 +218,17 @@ def _serialize(request: Message | bytes) -> bytes:
 
 def _read_result(
     split: wire.Split[Any], path: wire.Path, response: pb.GetTensorResponse,
-    *, as_torch: bool, values: bool,
+    *, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None = None,
 ) -> TensorRead:  # fmt: skip
     if not response.HasField("tensor"):
         return TensorRead(response.name, response.version, None, None, None, None)
     tensor = response.tensor
     value: Any = None
     if values:
-        decode = codec.decode_split_torch if as_torch else codec.decode_split
-        value = decode(split, path, tensor)
+        if as_torch:
+            value = codec.decode_split_torch(split, path, tensor)
+        else:
+            value = codec.decode_split(split, path, tensor, out)
     return TensorRead(
         name=response.name,
         version=response.version,
@@ -556,14 +545,9 @@ class Client:
                 raise
             return self._read_stream(request, as_torch=as_torch, out=out)
         split = wire.split(data, pb.GetTensorResponse)
-        read = _read_result(
-            split, _RESPONSE_TENSOR, split.message, as_torch=as_torch, values=values
+        return _read_result(
+            split, _RESPONSE_TENSOR, split.message, as_torch=as_torch, values=values, out=out
         )
-        if out is None or read.value is None:
-            return read
-        _check_out(out, read.value.shape, read.value.dtype)
-        np.copyto(out, read.value)
-        return dataclasses.replace(read, value=out)
 
     def _read_stream(
         self,
@@ -578,10 +562,12 @@ class Client:
 
         def into_out(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
             assert out is not None
-            _check_out(out, shape, dtype)
+            codec.check_out(out, shape, dtype)
             return out
 
-        assembler = codec.Assembler(request.name, allocate=None if out is None else into_out)
+        assembler = codec.Assembler(
+            request.name, allocate=None if out is None else into_out, widen=not as_torch
+        )
         for data in self._stream("GetTensorStream", request):
             split = wire.split(data, pb.GetTensorChunk)
             message = split.message

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
@@ -275,18 +276,27 @@ class ChunkLimitError(CodecError):
 
 
 class Assembler:
-    """Puts a tensor back together from TensorChunks, checking that they fit and are in order."""
+    """Puts a tensor back together from TensorChunks, checking that they fit and are in order.
+
+    `widen`: assemble what `numpy()` returns, bfloat16 widened to float32 chunk by chunk
+    (`allocate` is then asked for float32), rather than the wire's values to widen at the
+    end; `torch()` is then refused for bfloat16.
+    """
 
     def __init__(
         self,
         what: str,
         max_elements: int | None = None,
         allocate: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] | None = None,
+        *,
+        widen: bool = False,
     ) -> None:
         self.what = what
         self.max_elements = max_elements
         #: makes the (uninitialised) array to assemble into; np.empty by default
         self.allocate = allocate or (lambda shape, dtype: np.empty(shape, dtype=dtype))
+        self.widen = widen
+        self._widening = False  # widen, and the values are bfloat16
         self.dtype: int | None = None
         self._flat: np.ndarray[Any, Any] | None = None
         self._array: np.ndarray[Any, Any] | None = None
@@ -310,7 +320,9 @@ class Assembler:
                     f"{self.what}: {count} elements is over the limit of {self.max_elements}"
                 )
             self.dtype = dtype
-            self._array = self.allocate(shape, _WIRE[dtype].numpy)
+            self._widening = self.widen and dtype == pb.DTYPE_BFLOAT16
+            numpy = np.dtype("<f4") if self._widening else _WIRE[dtype].numpy
+            self._array = self.allocate(shape, numpy)
             self._flat = self._array.reshape(-1)
         elif chunk.shape:
             raise CodecError(f"{self.what}: only the first chunk may carry a shape")
@@ -328,7 +340,10 @@ class Assembler:
             raise CodecError(
                 f"{self.what}: chunks hold more than the {self._flat.size} values of the shape"
             )
-        self._flat[self._filled : end] = values
+        if self._widening:
+            _widen_into(values, self._flat[self._filled : end])
+        else:
+            self._flat[self._filled : end] = values
         self._filled = end
 
     def _done(self) -> tuple[int, np.ndarray[Any, Any]]:
@@ -341,21 +356,54 @@ class Assembler:
         return self.dtype, self._array
 
     def numpy(self) -> np.ndarray[Any, Any]:
-        return _widen(*self._done())
+        dtype, array = self._done()
+        return array if self._widening else _widen(dtype, array)
 
     def torch(self) -> torch.Tensor:
         dtype, array = self._done()
+        if self._widening:
+            raise CodecError(f"{self.what}: assembled widened to float32, not as bfloat16")
         return _to_torch(dtype, array)
 
 
-def _widen(dtype: int, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def _widen(
+    dtype: int, array: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None = None
+) -> np.ndarray[Any, Any]:
+    """The array as numpy has it: bfloat16 widened to float32, exactly; into `out` when
+    given (a C-contiguous array of the result's shape and dtype), else as it is or new."""
     if dtype == pb.DTYPE_BFLOAT16:
-        # A bfloat16 is the upper half of a float32 with the same value: write the halves
-        # into a zeroed float32 array (twice as fast as shifting a widened copy).
-        wide = np.zeros(array.shape, dtype="<u4")
-        wide.reshape(-1).view("<u2")[1::2] = array.reshape(-1)
-        return wide.view("<f4")
-    return array
+        if out is None:
+            out = np.empty(array.shape, dtype="<f4")
+        _widen_into(array.reshape(-1), out.reshape(-1))
+        return out
+    if out is None:
+        return array
+    np.copyto(out, array)
+    return out
+
+
+#: From this many values on, bfloat16 is widened by torch when the caller has imported it.
+TORCH_WIDEN_MIN = 1 << 16
+
+
+def _widen_into(bits: np.ndarray[Any, Any], out: np.ndarray[Any, Any]) -> None:
+    """bfloat16 bit patterns (1-D uint16) into a 1-D float32 array of the same length: a
+    bfloat16 is the upper half of the float32 with the same value. One pass, no temporary.
+
+    torch, when the caller has imported it, converts on all its threads with vector
+    instructions: 8 M values in 1.5 ms on the benchmark's 2 cores, against 4.3 ms for
+    numpy's cast and shift (docs/PERFORMANCE.md). Both give the same bits.
+    """
+    torch = _torch_module()
+    if torch is None or bits.size < TORCH_WIDEN_MIN or not bits.flags.c_contiguous:
+        np.left_shift(bits, 16, out=out.view("<u4"), dtype="<u4")
+        return
+    with warnings.catch_warnings():
+        # The received bytes are read-only, and torch warns that it cannot promise that;
+        # it only reads them here.
+        warnings.simplefilter("ignore", UserWarning)
+        source = torch.frombuffer(bits, dtype=torch.bfloat16)
+    torch.from_numpy(out).copy_(source)
 
 
 def _to_torch(dtype: int, array: np.ndarray[Any, Any]) -> torch.Tensor:
@@ -379,13 +427,34 @@ def decode_torch(message: pb.Tensor) -> torch.Tensor:
 
 
 def decode_split(
-    split: wire.Split[Any], path: wire.Path, message: pb.Tensor
+    split: wire.Split[Any],
+    path: wire.Path,
+    message: pb.Tensor,
+    out: np.ndarray[Any, Any] | None = None,
 ) -> np.ndarray[Any, Any]:
     """The array of the Tensor at `path` of a `wire.split` message (`message` is that Tensor).
 
-    The array is a read-only view of the received bytes: no copy was made.
+    The array is a read-only view of the received bytes: no copy was made, except to widen
+    bfloat16 to float32. With `out` (see check_out), the values are written there instead,
+    in one pass, and `out` is returned.
     """
-    return _widen(*_split_array(split, path, message))
+    dtype, array = _split_array(split, path, message)
+    if out is not None:
+        check_out(out, array.shape, np.dtype("<f4") if dtype == pb.DTYPE_BFLOAT16 else array.dtype)
+    return _widen(dtype, array, out)
+
+
+def check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    """ValueError unless `out` can take an array of this shape and dtype as it is."""
+    if (
+        out.shape != tuple(shape)
+        or out.dtype != dtype.newbyteorder("=")
+        or not out.flags.c_contiguous
+    ):
+        raise ValueError(
+            f"out= must be a C-contiguous {dtype} array of shape {tuple(shape)}; "
+            f"got {out.dtype} {out.shape}"
+        )
 
 
 def decode_split_torch(split: wire.Split[Any], path: wire.Path, message: pb.Tensor) -> torch.Tensor:
