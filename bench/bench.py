@@ -274,7 +274,7 @@ def steps(served: Served, repeats: int, device: str) -> list[Row]:
         for batch, target in [(256, 0.9), (8, 0.5)]:
             x, y = FillSpec("ones", (batch, 3, 10, 10)), FillSpec("ones", (batch,))
             xr, yr = Fill.ones(batch, 3, 10, 10), Fill.ones(batch, dtype="int64")
-            # In-process: the trainer's own thread runs the step, no hand-off counted.
+            # In-process: handed to the trainer's own thread, as the servicer does.
             ours, inproc = blocked(
                 lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
                 lambda x=x, y=y: local._run(local.train_step, x, y, zero_grad=True, use=identity),
