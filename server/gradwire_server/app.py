@@ -180,7 +180,7 @@ def serve(
     elif allocator.keep_freed_memory():
         log.info("memory a step frees is kept for the next step")
     else:
-        log.info("memory a step frees goes back to the system (the C library is not glibc)")
+        log.info("memory a step frees goes back to the system (malloc settings not available)")
     spec = SIMPLE if model is None else load_spec(model)
     resolved = resolve_device(device)
     trainer = Trainer(spec, device=resolved, seed=seed)
