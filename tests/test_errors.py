@@ -113,6 +113,11 @@ def test_malformed_tensor_is_invalid_argument(
             "INVALID_INPUT",
             "whole numbers",
         ),
+        (  # found by tests/test_fuzz.py: torch only warned, and drew rounded numbers
+            lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2**24 + 2), TARGET),
+            "INVALID_INPUT",
+            "needs bounds within [-2^24, 2^24]",
+        ),
         (
             lambda c: c.set("conv1.weight", np.ones(5, np.float32)),
             "SHAPE_MISMATCH",

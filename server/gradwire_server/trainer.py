@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import math
 import re
 import threading
 import time
@@ -618,6 +619,16 @@ class Trainer:
                             f"{what}: randint fill needs whole numbers low < high, "
                             f"got [{spec.low}, {spec.high})"
                         )
+                    if dtype.is_floating_point:
+                        # torch only warns (an error in a later release) and then draws
+                        # numbers the dtype cannot hold exactly.
+                        digits = 1 - round(math.log2(torch.finfo(dtype).eps))
+                        if low < -(2**digits) or high - 1 > 2**digits:
+                            raise InvalidInput(
+                                f"{what}: a randint fill of {dtype} needs bounds within "
+                                f"[-2^{digits}, 2^{digits}], the whole numbers it holds "
+                                f"exactly; got [{low}, {high})"
+                            )
                     return torch.randint(
                         low, high, spec.shape, generator=gen, dtype=dtype, device=device
                     )
