@@ -101,14 +101,14 @@ def test_every_bfloat16_widens_to_the_float32_torch_makes_of_it(widening: str) -
     np.testing.assert_array_equal(out.view("<u4"), expected)
 
 
-def test_bfloat16_chunks_widen_as_they_are_assembled(widening: str) -> None:
+def test_bfloat16_chunks_widen_as_they_are_assembled() -> None:
     value = every_bfloat16().repeat(3).reshape(768, 256)
     splits = []
     for dtype, flat, offset, shape in codec.chunks(value, 2 * 80_000):
         chunk = pb.TensorChunk.FromString(wire.join(codec.chunk_pieces(flat, dtype, offset, shape)))
         data = pb.GetTensorChunk(chunk=chunk).SerializeToString()
         splits.append(wire.split(data, pb.GetTensorChunk))
-    assert len(splits) == 3  # of 80,000, 80,000 and 36,608 values: torch's way, and numpy's
+    assert len(splits) == 3
     widened = codec.Assembler("w", widen=True)
     raw = codec.Assembler("w")
     for split in splits:
