@@ -2,6 +2,7 @@
 
 Started as `python -m tests.oom_server [MODULE:ATTR]`: serves a seeded CPU trainer (the
 tutorial's model, or the ModelSpec named, such as tests.oom_server:WIDE) on a free loopback port,
+with the malloc settings `gradwire serve` uses (allocator.py),
 prints the port, then reads commands on stdin, one a line, answering each on stdout:
 
     limit BYTES   cap the address space (RLIMIT_AS) at the current VmSize + BYTES
@@ -19,6 +20,7 @@ import sys
 
 from torch import nn
 
+from gradwire_server.allocator import keep_freed_memory
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec, load_spec
 from gradwire_server.trainer import Trainer
@@ -38,6 +40,7 @@ def vm_size() -> int:
 
 
 def main() -> None:
+    keep_freed_memory()  # as `gradwire serve` does by default
     spec = load_spec(sys.argv[1]) if len(sys.argv) > 1 else SIMPLE
     running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
