@@ -296,7 +296,6 @@ class Assembler:
         #: makes the (uninitialised) array to assemble into; np.empty by default
         self.allocate = allocate or (lambda shape, dtype: np.empty(shape, dtype=dtype))
         self.widen = widen
-        self._widening = False  # widen, and the values are bfloat16
         self.dtype: int | None = None
         self._flat: np.ndarray[Any, Any] | None = None
         self._array: np.ndarray[Any, Any] | None = None
@@ -320,8 +319,7 @@ class Assembler:
                     f"{self.what}: {count} elements is over the limit of {self.max_elements}"
                 )
             self.dtype = dtype
-            self._widening = self.widen and dtype == pb.DTYPE_BFLOAT16
-            numpy = np.dtype("<f4") if self._widening else _WIRE[dtype].numpy
+            numpy = _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy
             self._array = self.allocate(shape, numpy)
             self._flat = self._array.reshape(-1)
         elif chunk.shape:
@@ -349,6 +347,11 @@ class Assembler:
             self._flat[self._filled : end] = values
         self._filled = end
 
+    @property
+    def _widening(self) -> bool:
+        """Widening as chunks come: asked to, and the values are bfloat16."""
+        return self.widen and self.dtype == pb.DTYPE_BFLOAT16
+
     def _done(self) -> tuple[int, np.ndarray[Any, Any]]:
         if self._array is None or self.dtype is None:
             raise CodecError(f"{self.what}: no chunk was sent")
@@ -369,6 +372,11 @@ class Assembler:
         return _to_torch(dtype, array)
 
 
+def _read_dtype(dtype: int) -> np.dtype[Any]:
+    """The numpy dtype a read of this wire dtype gives: its own, bfloat16 widened to float32."""
+    return np.dtype("<f4") if dtype == pb.DTYPE_BFLOAT16 else _WIRE[dtype].numpy
+
+
 def _widen(
     dtype: int, array: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None = None
 ) -> np.ndarray[Any, Any]:
@@ -376,7 +384,7 @@ def _widen(
     given (a C-contiguous array of the result's shape and dtype), else as it is or new."""
     if dtype == pb.DTYPE_BFLOAT16:
         if out is None:
-            out = np.empty(array.shape, dtype="<f4")
+            out = np.empty(array.shape, dtype=_read_dtype(dtype))
         _widen_into(array.reshape(-1), out.reshape(-1))
         return out
     if out is None:
@@ -445,7 +453,7 @@ def decode_split(
     """
     dtype, array = _split_array(split, path, message)
     if out is not None:
-        check_out(out, array.shape, np.dtype("<f4") if dtype == pb.DTYPE_BFLOAT16 else array.dtype)
+        check_out(out, array.shape, _read_dtype(dtype))
     return _widen(dtype, array, out)
 
 
