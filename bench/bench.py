@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,14 +100,14 @@ class Served:
 
 
 @contextmanager
-def serve(model: str, device: str, keep_freed: bool = True) -> Iterator[Served]:
-    """A benchmark server process (bench/server.py), ready for calls."""
+def serve(model: str, device: str, flags: Sequence[str] = ()) -> Iterator[Served]:
+    """A benchmark server process (bench/server.py), ready for calls; `flags` as
+    `gradwire serve` takes them (--return-freed-memory, --one-thread-for-small-work)."""
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         process = subprocess.Popen(
             [sys.executable, "-m", "bench.server", "--model", model, "--device", device,
-             "--port-file", str(port_file)]
-            + ([] if keep_freed else ["--return-freed-memory"]),
+             "--port-file", str(port_file), *flags],
             cwd=ROOT,
         )  # fmt: skip
         try:
@@ -262,9 +262,10 @@ def big_transfers(served: Served, repeats: int) -> list[Row]:
     return rows
 
 
-def steps(served: Served, repeats: int, device: str) -> list[Row]:
+def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[Row]:
     rows = []
-    local = Trainer(device=device, seed=0)  # the in-process floor, on the server's device
+    # The in-process floor, on the server's device, using threads as the server does.
+    local = Trainer(device=device, seed=0, one_thread_for_small_work=one_thread)
 
     def identity(selection: object) -> object:
         return selection
@@ -430,28 +431,40 @@ def main() -> int:
         help="glibc's default malloc settings in the server and the in-process floors alike "
         "(`gradwire serve --return-freed-memory`)",
     )
+    parser.add_argument(
+        "--one-thread-for-small-work",
+        action="store_true",
+        help="small steps on one thread in the server and the in-process floors alike "
+        "(`gradwire serve --one-thread-for-small-work`)",
+    )
     args = parser.parse_args()
     keep_freed = not args.return_freed_memory
     if keep_freed:
         keep_freed_memory()  # the in-process floors run as the server does
+    one_thread = args.one_thread_for_small_work
+    flags = [flag for flag, on in [("--return-freed-memory", not keep_freed),
+                                   ("--one-thread-for-small-work", one_thread)] if on]  # fmt: skip
     rows: list[Row] = []
     parts = set(args.only or PARTS)
     if parts & {"small", "steps", "watch"}:
-        with serve("simple", args.device, keep_freed) as served:
+        with serve("simple", args.device, flags) as served:
             if "small" in parts:
                 rows += small_calls(served, args.repeats * 10)
             if "steps" in parts:
-                rows += steps(served, args.repeats, args.device)
+                rows += steps(served, args.repeats, args.device, one_thread)
             if "watch" in parts:
                 rows += watchers(served, args.repeats)
     if parts & {"typed", "big"}:
-        with serve("blobs", args.device, keep_freed) as served:
+        with serve("blobs", args.device, flags) as served:
             if "typed" in parts:
                 rows += typed_reads(served, args.repeats)
             if "big" in parts:
                 rows += big_transfers(served, args.big_repeats)
     memory = "kept for the next step" if keep_freed else "given back (--return-freed-memory)"
-    text = f"Machine: {machine()}\nFreed memory: {memory}\n\n{table(rows)}\n"
+    threads = "one thread (--one-thread-for-small-work)" if one_thread else "torch's threads"
+    text = (
+        f"Machine: {machine()}\nFreed memory: {memory}\nSmall steps: {threads}\n\n{table(rows)}\n"
+    )
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

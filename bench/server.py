@@ -61,11 +61,17 @@ def main() -> None:
     parser.add_argument(
         "--return-freed-memory", action="store_true", help="as `gradwire serve` has it"
     )
+    parser.add_argument(
+        "--one-thread-for-small-work", action="store_true", help="as `gradwire serve` has it"
+    )
     args = parser.parse_args()
     if not args.return_freed_memory:
         keep_freed_memory()  # as `gradwire serve` does
     spec = BLOBS if args.model == "blobs" else SIMPLE
-    running = start(Trainer(spec, device=args.device, seed=0), extra_handlers=[floor.handler()])
+    trainer = Trainer(
+        spec, device=args.device, seed=0, one_thread_for_small_work=args.one_thread_for_small_work
+    )
+    running = start(trainer, extra_handlers=[floor.handler()])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     args.port_file.write_text(f"{running.port}\n")

@@ -623,6 +623,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             model=args.model,
             metrics_port=args.metrics_port,
             keep_freed=not args.return_freed_memory,
+            one_thread_for_small_work=args.one_thread_for_small_work,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -743,6 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the memory a step frees back to the system at once (the C library's "
         "default): less resident memory between steps, slower CPU steps; by default the "
         "server keeps it for the next step",
+    )
+    p.add_argument(
+        "--one-thread-for-small-work",
+        action="store_true",
+        help="on the CPU, run steps of under 33.6 MFLOP (the tutorial's) on one thread: on a "
+        "small machine, calls after idle time then do not wait milliseconds for OpenMP's "
+        "workers to wake; results may differ from torch's defaults in the last bits",
     )
     p.add_argument(
         "--tls-client-ca",

@@ -18,13 +18,13 @@ from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import channel_options
-from gradwire_server import allocator, checkpoint
+from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
-from gradwire_server.trainer import Trainer, resolve_device
+from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, Trainer, resolve_device
 
 log = logging.getLogger("gradwire_server")
 
@@ -149,6 +149,19 @@ def describe_device(device: torch.device) -> str:
     return f"{device}{note}"
 
 
+def describe_threads(one_thread_for_small_work: bool) -> str:
+    """How the CPU's steps use torch's threads, for the log at start."""
+    threads = torch.get_num_threads()
+    if not one_thread_for_small_work:
+        return f"steps run on torch's {threads} threads"
+    if not openmp.available():
+        return f"steps run on torch's {threads} threads (OpenMP runtime not found)"
+    return (
+        f"steps under {ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP run on one thread "
+        f"(--one-thread-for-small-work), larger ones on torch's {threads}"
+    )
+
+
 def serve(
     *,
     host: str = "127.0.0.1",
@@ -167,6 +180,7 @@ def serve(
     metrics_port: int | None = None,
     model: str | None = None,
     keep_freed: bool = True,
+    one_thread_for_small_work: bool = False,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
 
@@ -174,6 +188,7 @@ def serve(
     and saved to it at a graceful stop. `model`: "package.module:attr" naming a ModelSpec
     (see models.load_spec); None serves the tutorial's Simple. `keep_freed`: keep the memory
     a step frees for the next one (allocator.py; the process's malloc settings change).
+    `one_thread_for_small_work`: run small steps on one thread on the CPU (openmp.py).
     """
     if not keep_freed:
         log.info("memory a step frees goes back to the system (--return-freed-memory)")
@@ -183,7 +198,11 @@ def serve(
         log.info("memory a step frees goes back to the system (malloc settings not available)")
     spec = SIMPLE if model is None else load_spec(model)
     resolved = resolve_device(device)
-    trainer = Trainer(spec, device=resolved, seed=seed)
+    trainer = Trainer(
+        spec, device=resolved, seed=seed, one_thread_for_small_work=one_thread_for_small_work
+    )
+    if resolved.type == "cpu":
+        log.info("%s", describe_threads(one_thread_for_small_work))
     saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
     if saved is not None and saved.exists():
         log.info("restored state version %d from %s", trainer.load(saved), saved)

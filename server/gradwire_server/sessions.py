@@ -76,7 +76,12 @@ class Sessions:
                 )
         d = self.default
         trainer = Trainer(
-            d.spec, device=d.device, optimizer=settings, seed=seed, max_elements=d.max_elements
+            d.spec,
+            device=d.device,
+            optimizer=settings,
+            seed=seed,
+            max_elements=d.max_elements,
+            one_thread_for_small_work=d.one_thread_for_small_work,
         )
         session = secrets.token_hex(16)
         with self._lock:

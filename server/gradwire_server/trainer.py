@@ -17,16 +17,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire.codec import numel
-from gradwire_server import checkpoint
+from gradwire_server import checkpoint, openmp
 from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -51,6 +52,17 @@ INLINE_READ_ELEMENTS = 32768
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
+
+#: Small work runs on the torch thread alone, without torch's OpenMP team (openmp.py says
+#: why): a Forward, Backward or TrainStep of at most this many floating-point operations in
+#: its passes (a forward pass counted on meta tensors, a backward pass as two), about 1 ms on
+#: one core of the benchmark's VM, where a second thread saved at most 4% of it back to back.
+ONE_THREAD_MAX_FLOPS = 1 << 25
+#: ... and a Step or a ZeroGrad to zeros of at most this many parameter values (SGD's step:
+#: 68 us on one thread, 62 us on two).
+ONE_THREAD_MAX_VALUES = 1 << 18
+#: Input shapes whose forward pass's operations are remembered.
+_FLOPS_REMEMBERED = 64
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -323,14 +335,22 @@ class Trainer:
         seed: int | None = None,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         track_deltas: bool = False,
+        one_thread_for_small_work: bool = False,
     ) -> None:
         """`track_deltas`: record each Step's change of the parameters ("conv1.weight.delta")
         from the start. It costs a copy of the parameters per Step, so by default recording
-        starts only once a delta is first asked for (read, fetched or watched)."""
+        starts only once a delta is first asked for (read, fetched or watched).
+        `one_thread_for_small_work`: on the CPU, run steps under ONE_THREAD_MAX_FLOPS (and
+        updates under ONE_THREAD_MAX_VALUES) on the torch thread alone (openmp.py): much
+        faster after idle time on a small machine, but a sum split over threads rounds
+        differently, so results can differ in the last bits from torch's default. Off: every
+        op on torch's threads, bit for bit what a local run with torch's defaults computes."""
         self.spec = spec
         self.device = torch.device(device)
         self.max_elements = max_elements
         self.track_deltas = track_deltas
+        self.one_thread_for_small_work = one_thread_for_small_work
+        self._flops: dict[tuple[tuple[int, ...], torch.dtype], int | None] = {}
         self._lock = threading.RLock()
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
@@ -744,7 +764,9 @@ class Trainer:
     @on_torch_thread
     def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
         """model(input), and CrossEntropyLoss(output, target) when a target is given."""
-        return self._forward(*self._inputs(input, target))
+        x, y = self._inputs(input, target)
+        with self._threads_for(x, passes=1):
+            return self._forward(x, y)
 
     @overload
     def train_step(
@@ -793,6 +815,18 @@ class Trainer:
         x, y = self._inputs(input, target)
         assert y is not None
         self._check_fetch(fetch, x, y, max_fetch_bytes)
+        with self._threads_for(x, passes=3, update=True):
+            return self._train_step(x, y, zero_grad, fetch, use, finish)
+
+    def _train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        zero_grad: bool,
+        fetch: Sequence[tuple[str, IndexChain]],
+        use: Callable[[Selection], T],
+        finish: Callable[[TrainResult[T]], U] | None,
+    ) -> TrainResult[T] | U:
         # Running out of memory in the Forward or the Backward leaves the state as it was
         # before the call, ZeroGrad undone: these parts replace the attributes they change
         # rather than change them in place, so the old references are all there is to keep.
@@ -866,22 +900,64 @@ class Trainer:
 
     def _activation_shapes(self, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What each module's output will be for input `x`: the model run on meta tensors."""
+        return {k: (tuple(v.shape), v.dtype) for k, v in self._run_on_meta(x).items()}
+
+    def _run_on_meta(
+        self, x: torch.Tensor, mode: AbstractContextManager[Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The model run on meta tensors for input `x` (shapes and dtypes, no memory, no
+        arithmetic), inside `mode`; the module outputs its hooks kept."""
         meta = {
             name: torch.empty_like(t, device="meta")
             for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
         }
         self._pending = {}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), mode or nullcontext():
                 torch.func.functional_call(self._model, meta, (torch.empty_like(x, device="meta"),))
-            return {k: (tuple(v.shape), v.dtype) for k, v in self._pending.items()}
+            return self._pending
         finally:
             self._pending = {}
+
+    # --- how many threads a job runs on ----------------------------------------------
+
+    def _threads_for(
+        self, x: torch.Tensor | None, passes: int = 0, update: bool = False
+    ) -> AbstractContextManager[None]:
+        """Runs a small job on the torch thread alone (openmp.py says why), else on torch's
+        threads: `passes` forward passes' worth of operations on input `x` (a backward pass
+        is two), and, with `update`, one pass over the parameters that train."""
+        small = self.one_thread_for_small_work and self.device.type == "cpu"
+        if small and passes:
+            flops = None if x is None else self._forward_flops(x)
+            small = flops is not None and passes * flops <= ONE_THREAD_MAX_FLOPS
+        if small and update:
+            values = sum(p.numel() for p in self._parameters.values() if p.requires_grad)
+            small = values <= ONE_THREAD_MAX_VALUES
+        return openmp.one_thread(small)
+
+    def _forward_flops(self, x: torch.Tensor) -> int | None:
+        """The floating-point operations of a forward pass on an input like `x`, counted
+        once per shape by torch's FlopCounterMode on meta tensors; None when the model does
+        not run on them (the job then counts as large)."""
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._flops:
+            if len(self._flops) >= _FLOPS_REMEMBERED:
+                del self._flops[next(iter(self._flops))]  # the shape seen first
+            try:
+                counter = FlopCounterMode(display=False)
+                self._run_on_meta(x, counter)
+                self._flops[key] = counter.get_total_flops()
+            except Exception as err:  # a model that cannot run on meta tensors
+                log.debug("no operation count for input %s: %s", key, err)
+                self._flops[key] = None
+        return self._flops[key]
 
     @on_torch_thread
     def backward(self, retain_graph: bool = False) -> int:
         """loss.backward(): gradients accumulate into every parameter's .grad."""
-        return self._backward(retain_graph)
+        with self._threads_for(self._input, passes=2):
+            return self._backward(retain_graph)
 
     def _backward(self, retain_graph: bool) -> int:
         if self._loss is None:
@@ -938,7 +1014,8 @@ class Trainer:
     @on_torch_thread
     def step(self) -> tuple[int, int]:
         """optimizer.step(); returns (version, parameters updated)."""
-        return self._step()
+        with self._threads_for(None, update=True):
+            return self._step()
 
     def _step(self) -> tuple[int, int]:
         with_grad = sum(1 for p in self._model.parameters() if p.grad is not None)
@@ -1015,7 +1092,8 @@ class Trainer:
                 for p in group["params"]:
                     p.grad = None
         else:
-            self._optimizer.zero_grad(set_to_none=False)
+            with self._threads_for(None, update=True):
+                self._optimizer.zero_grad(set_to_none=False)
         return self._bump()
 
     # --- reading and writing tensors -------------------------------------------------

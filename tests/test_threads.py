@@ -1,0 +1,270 @@
+"""With --one-thread-for-small-work, small work runs on the torch thread alone and large work
+on torch's threads (openmp.py); without it, everything on torch's threads.
+
+What each op saw is read inside the model and the optimizer (`torch.get_num_threads()`, which
+is OpenMP's team size for the calling thread); nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import gradwire
+from gradwire_server import openmp
+from gradwire_server.app import start
+from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, ONE_THREAD_MAX_VALUES, Trainer
+from tests.serve_process import serving
+
+DEFAULT = torch.get_num_threads()
+
+needs_two = pytest.mark.skipif(
+    DEFAULT < 2, reason="torch runs on one thread here: nothing to tell apart"
+)
+
+
+def test_torch_s_openmp_runtime_is_found_on_linux() -> None:
+    if sys.platform != "linux":
+        pytest.skip("found through /proc/self/maps")
+    assert openmp.available()
+
+
+@needs_two
+def test_one_thread_sets_the_calling_thread_only_and_puts_it_back() -> None:
+    inside = threading.Event()
+    leave = threading.Event()
+    seen: dict[str, int] = {}
+
+    def small() -> None:
+        with openmp.one_thread():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            leave.wait(timeout=60)
+        seen["after"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=small)
+    worker.start()
+    assert inside.wait(timeout=60)
+    seen["other thread meanwhile"] = torch.get_num_threads()
+    leave.set()
+    worker.join()
+    assert seen == {"inside": 1, "after": DEFAULT, "other thread meanwhile": DEFAULT}
+    with openmp.one_thread(when=False):
+        assert torch.get_num_threads() == DEFAULT
+
+
+class Recorder:
+    """What torch's team size was in each part of a step, on real (not meta) tensors."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.seen: list[tuple[str, int]] = []
+        trainer._model.register_forward_hook(self._forward)
+
+    def _forward(self, module: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> None:
+        if out.device.type == "meta":  # the trainer counting a pass's operations
+            return
+        self.seen.append(("forward", torch.get_num_threads()))
+        out.register_hook(lambda grad: self.seen.append(("backward", torch.get_num_threads())))
+
+    def _step(self, *args: object) -> None:
+        self.seen.append(("step", torch.get_num_threads()))
+
+    def __enter__(self) -> Recorder:
+        self._hook = register_optimizer_step_pre_hook(self._step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.remove()
+
+    def take(self) -> list[tuple[str, int]]:
+        seen, self.seen = self.seen, []
+        return seen
+
+
+def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return torch.randn(n, 3, 10, 10, generator=gen), torch.randint(0, 20, (n,), generator=gen)
+
+
+@pytest.fixture
+def recorded() -> Iterator[tuple[Trainer, Recorder]]:
+    trainer = Trainer(seed=0, one_thread_for_small_work=True)
+    with Recorder(trainer) as recorder:
+        yield trainer, recorder
+    trainer.close()
+
+
+def test_the_tutorial_s_step_is_small_and_batch_64_is_not() -> None:
+    # The thresholds, against what torch's counter says of the tutorial's model: batch 8's
+    # three passes fit under the line, batch 64's forward pass alone does not; and the
+    # model's 69,040 values are one small update.
+    trainer = Trainer(seed=0, one_thread_for_small_work=True)
+    try:
+        assert 3 * trainer._forward_flops(batch(8)[0]) <= ONE_THREAD_MAX_FLOPS  # type: ignore[operator]
+        assert trainer._forward_flops(batch(64)[0]) > ONE_THREAD_MAX_FLOPS  # type: ignore[operator]
+        assert sum(p.numel() for p in trainer._model.parameters()) <= ONE_THREAD_MAX_VALUES
+    finally:
+        trainer.close()
+
+
+@needs_two
+def test_small_steps_run_on_one_thread(recorded: tuple[Trainer, Recorder]) -> None:
+    trainer, recorder = recorded
+    x, y = batch(8)
+    trainer.forward(x, y)
+    trainer.backward()
+    trainer.step()
+    trainer.zero_grad(set_to_none=False)
+    trainer.train_step(x, y, use=lambda s: s)
+    assert recorder.take() == [
+        ("forward", 1),
+        ("backward", 1),
+        ("step", 1),
+        ("forward", 1),
+        ("backward", 1),
+        ("step", 1),
+    ]
+
+
+@needs_two
+def test_large_passes_run_on_torch_s_threads(recorded: tuple[Trainer, Recorder]) -> None:
+    trainer, recorder = recorded
+    x, y = batch(64)
+    trainer.forward(x, y)
+    trainer.backward()
+    trainer.step()  # the update alone is small
+    trainer.train_step(x, y, use=lambda s: s)
+    assert recorder.take() == [
+        ("forward", DEFAULT),
+        ("backward", DEFAULT),
+        ("step", 1),
+        ("forward", DEFAULT),
+        ("backward", DEFAULT),
+        ("step", DEFAULT),
+    ]
+
+
+class Wide(nn.Module):
+    """A small pass over many values: 400,000 weights, more than one small update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 10 * 10, 20 * 20 * 50, bias=False)
+        self.head = nn.Linear(20 * 20 * 50, 20, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.linear(x.flatten(1)))
+        return out
+
+
+@needs_two
+def test_updates_of_many_values_run_on_torch_s_threads() -> None:
+    trainer = Trainer(
+        ModelSpec("Wide", Wide, (3, 10, 10), 20), seed=0, one_thread_for_small_work=True
+    )
+    with Recorder(trainer) as recorder:
+        x, y = batch(1)
+        trainer.forward(x, y)
+        trainer.backward()
+        trainer.step()
+        assert recorder.take() == [("forward", 1), ("backward", 1), ("step", DEFAULT)]
+    trainer.close()
+
+
+class NotOnMeta(nn.Module):
+    """A model whose pass needs real values (`.item()`): its operations cannot be counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(300, 20, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if x.abs().max().item() < 1e6 else 1e-6
+        out: torch.Tensor = self.linear(x.flatten(1)) * scale
+        return out
+
+
+@needs_two
+def test_a_pass_that_cannot_be_counted_runs_on_torch_s_threads() -> None:
+    trainer = Trainer(
+        ModelSpec("NotOnMeta", NotOnMeta, (3, 10, 10), 20), seed=0, one_thread_for_small_work=True
+    )
+    with Recorder(trainer) as recorder:
+        x, y = batch(8)
+        result = trainer.forward(x, y)
+        assert result.loss is not None
+        trainer.backward()
+        assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT)]
+    trainer.close()
+
+
+@needs_two
+def test_by_default_every_op_runs_on_torch_s_threads() -> None:
+    trainer = Trainer(seed=0)
+    with Recorder(trainer) as recorder:
+        x, y = batch(8)
+        trainer.forward(x, y)
+        trainer.backward()
+        trainer.step()
+        assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT), ("step", DEFAULT)]
+    trainer.close()
+
+
+def local_step(threads: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """The tutorial's step in plain PyTorch, on the trainer's seed and batch(8): loss and
+    weights after, on one thread or on torch's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SIMPLE.factory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = batch(8)
+    with openmp.one_thread(when=threads == "one"):
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return loss.item(), {n: p.detach() for n, p in model.named_parameters()}
+
+
+def test_a_small_step_on_one_thread_is_pytorch_s_on_one_thread_bit_for_bit() -> None:
+    trainer = Trainer(seed=0, one_thread_for_small_work=True)
+    try:
+        x, y = batch(8)
+        loss = trainer.train_step(x, y, use=lambda s: s).loss
+        weights = {n: p.detach().clone() for n, p in trainer._parameters.items()}
+    finally:
+        trainer.close()
+    one_loss, one_weights = local_step("one")
+    assert loss == one_loss
+    for name, weight in weights.items():
+        assert torch.equal(weight, one_weights[name]), name
+    # Against torch's threads, the same to float32's rounding.
+    all_loss, all_weights = local_step("all")
+    assert loss == pytest.approx(all_loss, rel=1e-6)
+    for name, weight in weights.items():
+        torch.testing.assert_close(weight, all_weights[name])
+
+
+def test_sessions_use_threads_as_the_server_s_trainer_does() -> None:
+    running = start(Trainer(seed=0, one_thread_for_small_work=True), "127.0.0.1", 0)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.Client(address) as client, client.open_session(seed=0) as session:
+            trainer = running.servicer.sessions.get(session.session)
+            assert trainer.one_thread_for_small_work is True
+    finally:
+        running.stop(grace=None)
+
+
+def test_gradwire_serve_says_how_steps_use_threads() -> None:
+    with serving() as (_, log):
+        assert f"steps run on torch's {DEFAULT} threads" in log
+    with serving("--one-thread-for-small-work") as (_, log):
+        expected = f"steps under {ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP run on one thread"
+        assert expected in log
