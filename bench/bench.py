@@ -35,6 +35,8 @@ from gradwire_server.allocator import keep_freed_memory
 from gradwire_server.trainer import FillSpec, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The pause before each call of the "after idle" figure.
+IDLE_S = 0.02
 
 
 @dataclass
@@ -304,6 +306,15 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         echoes = [timed(lambda: floor.echo(b"\x00" * 16)) for _ in range(repeats * 5)]
         budget = inproc + 6 * statistics.median(echoes)
         rows.append(at_most("Tutorial's 5 calls vs in-process + 6 echoes", ours, budget, 1.0))
+        # A person stepping by hand, or a script doing other work between steps: what a pause
+        # costs the calls after it (torch's OpenMP worker asleep; docs/PERFORMANCE.md).
+        after_idle = []
+        for _ in range(repeats):
+            time.sleep(IDLE_S)  # the pause is the figure's premise, not a wait for a result
+            after_idle.append(timed(remote_calls))
+        idle = statistics.median(after_idle)
+        figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
+        rows.append(Row(figure, idle, ours, idle / ours, "(report)", True))
     return rows
 
 
