@@ -21,6 +21,7 @@ from gradwire_server import openmp
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, ONE_THREAD_MAX_VALUES, Trainer
+from tests.cli_run import run_main
 from tests.serve_process import serving
 
 DEFAULT = torch.get_num_threads()
@@ -268,3 +269,12 @@ def test_gradwire_serve_says_how_steps_use_threads() -> None:
     with serving("--one-thread-for-small-work") as (_, log):
         expected = f"steps under {ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP run on one thread"
         assert expected in log
+
+
+def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:
+    # The client's CLI does not import the server, so its help states the threshold itself.
+    result = run_main("serve", "--help")
+    assert result.code == 0
+    help_text = " ".join(result.out.split())  # argparse wraps lines
+    assert "--one-thread-for-small-work" in help_text
+    assert f"{ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP" in help_text
