@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import gradwire
 from gradwire_server import openmp
-from gradwire_server.app import start
+from gradwire_server.app import describe_threads, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, ONE_THREAD_MAX_VALUES, Trainer
 from tests.cli_run import run_main
@@ -269,6 +269,14 @@ def test_gradwire_serve_says_how_steps_use_threads() -> None:
     with serving("--one-thread-for-small-work") as (_, log):
         expected = f"steps under {ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP run on one thread"
         assert expected in log
+
+
+def test_the_flag_is_said_to_change_nothing_on_a_gpu() -> None:
+    cuda = torch.device("cuda:0")  # a device named, not used: no GPU needed
+    assert describe_threads(True, cuda) == (
+        "--one-thread-for-small-work changes nothing on cuda:0: steps run there"
+    )
+    assert describe_threads(False, cuda) is None
 
 
 def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:

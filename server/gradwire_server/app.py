@@ -149,8 +149,12 @@ def describe_device(device: torch.device) -> str:
     return f"{device}{note}"
 
 
-def describe_threads(one_thread_for_small_work: bool) -> str:
-    """How the CPU's steps use torch's threads, for the log at start."""
+def describe_threads(one_thread_for_small_work: bool, device: torch.device) -> str | None:
+    """How steps use torch's threads, for the log at start; None on a GPU without the flag."""
+    if device.type != "cpu":
+        if one_thread_for_small_work:
+            return f"--one-thread-for-small-work changes nothing on {device}: steps run there"
+        return None
     threads = torch.get_num_threads()
     if not one_thread_for_small_work:
         return f"steps run on torch's {threads} threads"
@@ -201,8 +205,9 @@ def serve(
     trainer = Trainer(
         spec, device=resolved, seed=seed, one_thread_for_small_work=one_thread_for_small_work
     )
-    if resolved.type == "cpu":
-        log.info("%s", describe_threads(one_thread_for_small_work))
+    threads = describe_threads(one_thread_for_small_work, resolved)
+    if threads is not None:
+        log.info("%s", threads)
     saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
     if saved is not None and saved.exists():
         log.info("restored state version %d from %s", trainer.load(saved), saved)
