@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -67,6 +68,14 @@ class Recorder:
     def __init__(self, trainer: Trainer) -> None:
         self.seen: list[tuple[str, int]] = []
         trainer._model.register_forward_hook(self._forward)
+        # Optimizers have no zero_grad hook: the trainer's own optimizer, seen on its way in.
+        zero_grad = trainer._optimizer.zero_grad
+
+        def seen_zero_grad(set_to_none: bool = True) -> None:
+            self.seen.append(("zero_grad", torch.get_num_threads()))
+            zero_grad(set_to_none)
+
+        trainer._optimizer.zero_grad = seen_zero_grad  # type: ignore[method-assign]
 
     def _forward(self, module: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> None:
         if out.device.type == "meta":  # the trainer counting a pass's operations
@@ -94,12 +103,30 @@ def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 3, 10, 10, generator=gen), torch.randint(0, 20, (n,), generator=gen)
 
 
+@contextmanager
+def recording(
+    spec: ModelSpec = SIMPLE, one_thread: bool = True
+) -> Iterator[tuple[Trainer, Recorder]]:
+    trainer = Trainer(spec, seed=0, one_thread_for_small_work=one_thread)
+    try:
+        with Recorder(trainer) as recorder:
+            yield trainer, recorder
+    finally:
+        trainer.close()
+
+
 @pytest.fixture
 def recorded() -> Iterator[tuple[Trainer, Recorder]]:
-    trainer = Trainer(seed=0, one_thread_for_small_work=True)
-    with Recorder(trainer) as recorder:
-        yield trainer, recorder
-    trainer.close()
+    with recording() as both:
+        yield both
+
+
+def separate_calls(trainer: Trainer, n: int, step: bool = True) -> None:
+    x, y = batch(n)
+    assert trainer.forward(x, y).loss is not None
+    trainer.backward()
+    if step:
+        trainer.step()
 
 
 def test_the_tutorial_s_step_is_small_and_batch_64_is_not() -> None:
@@ -118,16 +145,14 @@ def test_the_tutorial_s_step_is_small_and_batch_64_is_not() -> None:
 @needs_two
 def test_small_steps_run_on_one_thread(recorded: tuple[Trainer, Recorder]) -> None:
     trainer, recorder = recorded
-    x, y = batch(8)
-    trainer.forward(x, y)
-    trainer.backward()
-    trainer.step()
+    separate_calls(trainer, 8)
     trainer.zero_grad(set_to_none=False)
-    trainer.train_step(x, y, use=lambda s: s)
+    trainer.train_step(*batch(8), use=lambda s: s)
     assert recorder.take() == [
         ("forward", 1),
         ("backward", 1),
         ("step", 1),
+        ("zero_grad", 1),
         ("forward", 1),
         ("backward", 1),
         ("step", 1),
@@ -137,11 +162,8 @@ def test_small_steps_run_on_one_thread(recorded: tuple[Trainer, Recorder]) -> No
 @needs_two
 def test_large_passes_run_on_torch_s_threads(recorded: tuple[Trainer, Recorder]) -> None:
     trainer, recorder = recorded
-    x, y = batch(64)
-    trainer.forward(x, y)
-    trainer.backward()
-    trainer.step()  # the update alone is small
-    trainer.train_step(x, y, use=lambda s: s)
+    separate_calls(trainer, 64)  # the update alone, Step, is small
+    trainer.train_step(*batch(64), use=lambda s: s)
     assert recorder.take() == [
         ("forward", DEFAULT),
         ("backward", DEFAULT),
@@ -167,16 +189,9 @@ class Wide(nn.Module):
 
 @needs_two
 def test_updates_of_many_values_run_on_torch_s_threads() -> None:
-    trainer = Trainer(
-        ModelSpec("Wide", Wide, (3, 10, 10), 20), seed=0, one_thread_for_small_work=True
-    )
-    with Recorder(trainer) as recorder:
-        x, y = batch(1)
-        trainer.forward(x, y)
-        trainer.backward()
-        trainer.step()
+    with recording(ModelSpec("Wide", Wide, (3, 10, 10), 20)) as (trainer, recorder):
+        separate_calls(trainer, 1)
         assert recorder.take() == [("forward", 1), ("backward", 1), ("step", DEFAULT)]
-    trainer.close()
 
 
 class NotOnMeta(nn.Module):
@@ -194,28 +209,23 @@ class NotOnMeta(nn.Module):
 
 @needs_two
 def test_a_pass_that_cannot_be_counted_runs_on_torch_s_threads() -> None:
-    trainer = Trainer(
-        ModelSpec("NotOnMeta", NotOnMeta, (3, 10, 10), 20), seed=0, one_thread_for_small_work=True
-    )
-    with Recorder(trainer) as recorder:
-        x, y = batch(8)
-        result = trainer.forward(x, y)
-        assert result.loss is not None
-        trainer.backward()
+    with recording(ModelSpec("NotOnMeta", NotOnMeta, (3, 10, 10), 20)) as (trainer, recorder):
+        separate_calls(trainer, 8, step=False)
         assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT)]
-    trainer.close()
 
 
 @needs_two
 def test_by_default_every_op_runs_on_torch_s_threads() -> None:
-    trainer = Trainer(seed=0)
-    with Recorder(trainer) as recorder:
-        x, y = batch(8)
-        trainer.forward(x, y)
-        trainer.backward()
-        trainer.step()
-        assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT), ("step", DEFAULT)]
-    trainer.close()
+    assert Trainer.__init__.__kwdefaults__["one_thread_for_small_work"] is False
+    with recording(one_thread=False) as (trainer, recorder):
+        separate_calls(trainer, 8)
+        trainer.zero_grad(set_to_none=False)
+        assert recorder.take() == [
+            ("forward", DEFAULT),
+            ("backward", DEFAULT),
+            ("step", DEFAULT),
+            ("zero_grad", DEFAULT),
+        ]
 
 
 def local_step(threads: str) -> tuple[float, dict[str, torch.Tensor]]:
