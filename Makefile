@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # 0: any free port, so the demo never collides with a server already running.
 PORT ?= 0
 
-.PHONY: setup demo test test-slow lint typecheck protos check-protos bench clean
+.PHONY: setup demo test test-slow lint typecheck protos check-protos bench gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,20 @@ test-slow: setup
 bench: setup
 	$(BIN)/python -m bench.bench $(BENCH_ARGS) --markdown docs/bench-latest.md
 
+# For a GPU machine with PyTorch but no network: the gRPC and protobuf wheels this project
+# needs, in the versions installed here, for that machine's Python; scripts/gpu_check.sh
+# installs them from .whl/ and runs every GPU check.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := grpcio protobuf grpcio-health-checking grpcio-status grpcio-reflection \
+	googleapis-common-protos
+gpu-wheels: setup
+	rm -rf .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
+		--python-version $(GPU_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		$$($(BIN)/python -c 'import sys, importlib.metadata as m; \
+			print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+
 lint: setup
 	$(BIN)/ruff check client server tests scripts bench
 	$(BIN)/ruff format --check client server tests scripts bench
@@ -48,4 +62,4 @@ check-protos: setup
 	$(BIN)/python -m pytest -q tests/test_proto_sync.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a CUDA machine that has PyTorch but no network (the device
+# machines of our workplace): the CUDA tests, the tutorial replayed on the GPU, and the
+# benchmark's table on the GPU, each written to $OUT (./out when OUT is unset).
+#
+# Before, on a machine with the package registries: `make gpu-wheels` puts the gRPC and
+# protobuf wheels the project needs, for the GPU machine's Python, into .whl/. Then run this
+# there from the repository's root with .whl/ beside it (the device tool: carry ".whl").
+# Without .whl/ it uses the Python environment it finds (a GPU machine set up with `make
+# setup`). DEVICE=cpu and BENCH_ARGS="--only small" try the script's wiring on a CPU.
+set -uo pipefail
+
+out="${OUT:-out}"
+py="${PYTHON:-python3}"
+device="${DEVICE:-cuda}"
+mkdir -p "$out"
+roots="$PWD/client:$PWD/server:$PWD"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site=/tmp/gradwire-site
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl || exit 1
+    roots="$site:$roots"
+fi
+export PYTHONPATH="$roots${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+failed=()
+step() {  # step NAME COMMAND...: runs it, its output to the terminal and to $out/NAME.txt
+    local name=$1
+    shift
+    echo "== $name: $*"
+    if ! "$@" 2>&1 | tee "$out/$name.txt"; then
+        failed+=("$name")
+    fi
+}
+
+step machine "$py" -c "
+import platform, grpc, numpy, torch, google.protobuf as protobuf
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'
+print(f'Python {platform.python_version()}, torch {torch.__version__}, {gpu}, '
+      f'grpcio {grpc.__version__}, protobuf {protobuf.__version__}, numpy {numpy.__version__}')
+"
+if [ "$device" = cuda ]; then
+    step tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
+fi
+step replay "$py" scripts/demo.py --port 0 --device "$device"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+step bench "$py" -m bench.bench --device "$device" ${BENCH_ARGS:-} --markdown "$out/bench.md"
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all GPU checks ran; tables and logs in $out/"
