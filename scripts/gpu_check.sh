@@ -7,18 +7,20 @@
 # protobuf wheels the project needs, for the GPU machine's Python, into .whl/. Then run this
 # there from the repository's root with .whl/ beside it (the device tool: carry ".whl").
 # Without .whl/ it uses the Python environment it finds (a GPU machine set up with `make
-# setup`). DEVICE=cpu and BENCH_ARGS="--only small" try the script's wiring on a CPU.
+# setup`). DEVICE=cpu and BENCH_ARGS="--only small" try the script's wiring on a CPU;
+# WHEELS names another folder of wheels than .whl/.
 set -uo pipefail
 
 out="${OUT:-out}"
 py="${PYTHON:-python3}"
 device="${DEVICE:-cuda}"
+wheels="${WHEELS:-.whl}"
 mkdir -p "$out"
 roots="$PWD/client:$PWD/server:$PWD"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G "$wheels/*.whl" >/dev/null; then
     site=/tmp/gradwire-site
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" .whl/*.whl || exit 1
+        --target "$site" "$wheels"/*.whl || exit 1
     roots="$site:$roots"
 fi
 export PYTHONPATH="$roots${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

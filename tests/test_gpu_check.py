@@ -1,0 +1,43 @@
+"""scripts/gpu_check.sh, the GPU machine's one run, tried on the CPU: its wiring, not the GPU.
+
+The script runs where no test runs (a lent GPU machine, a few minutes at a time), so a
+renamed flag or a moved file would show only there. Here it runs with DEVICE=cpu and the
+benchmark's small calls only; nothing is timed or compared, only that every step ran and
+left its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> None:
+    out, wheels = tmp_path / "out", tmp_path / "no-wheels"
+    wheels.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "BENCH_ARGS": "--only small --repeats 3",
+        "WHEELS": str(wheels),
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench.md",
+        "bench.txt",
+        "machine.txt",
+        "replay.txt",
+    ]
+    assert "torch" in (out / "machine.txt").read_text()
+    assert "bit for bit: True" in (out / "replay.txt").read_text()
+    assert "| Step vs echo |" in (out / "bench.md").read_text()
+    assert "all GPU checks ran" in done.stdout
