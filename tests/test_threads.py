@@ -21,7 +21,12 @@ import gradwire
 from gradwire_server import openmp
 from gradwire_server.app import describe_threads, start
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, ONE_THREAD_MAX_VALUES, Trainer
+from gradwire_server.trainer import (
+    _FLOPS_REMEMBERED,
+    ONE_THREAD_MAX_FLOPS,
+    ONE_THREAD_MAX_VALUES,
+    Trainer,
+)
 from tests.cli_run import run_main
 from tests.serve_process import serving
 
@@ -296,3 +301,16 @@ def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:
     help_text = " ".join(result.out.split())  # argparse wraps lines
     assert "--one-thread-for-small-work" in help_text
     assert f"{ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP" in help_text
+
+
+def test_operation_counts_are_kept_for_a_bounded_number_of_shapes() -> None:
+    trainer = Trainer(seed=0, one_thread_for_small_work=True)
+    try:
+        counts = [trainer._forward_flops(torch.empty(n, 3, 10, 10)) for n in range(1, 71)]
+        assert len(trainer._flops) == _FLOPS_REMEMBERED
+        assert (70, 3, 10, 10) in {shape for shape, _ in trainer._flops}
+        assert (1, 3, 10, 10) not in {shape for shape, _ in trainer._flops}  # the oldest went
+        # A pass's count grows with the batch, exactly: the counter counts, it does not time.
+        assert all(c == counts[0] * n for n, c in enumerate(counts, start=1))  # type: ignore[operator]
+    finally:
+        trainer.close()
