@@ -42,6 +42,7 @@ print(f'Python {platform.python_version()}, torch {torch.__version__}, {gpu}, '
       f'grpcio {grpc.__version__}, protobuf {protobuf.__version__}, numpy {numpy.__version__}')
 "
 if [ "$device" = cuda ]; then
+    step nvidia-smi nvidia-smi
     step tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
 fi
 step replay "$py" scripts/demo.py --port 0 --device "$device"
