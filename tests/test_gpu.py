@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradwire
 from gradwire.replay import replay
+from gradwire_server import staging
 from gradwire_server.app import start
 from gradwire_server.trainer import Trainer
 
@@ -49,3 +51,27 @@ def test_slice_is_taken_on_the_device(cuda_client: gradwire.Client) -> None:
     local = Simple().linear.weight.detach().numpy()
     np.testing.assert_array_equal(read.value, local[3, ::-100])
     assert read.full_shape == (20, 3200)
+
+
+def test_a_large_value_crosses_to_the_gpu_in_runs_intact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    source = torch.randn(3 * staging.RUN_BYTES // 4 + 5, generator=gen)  # three runs and a bit
+    out = staging.to_device(source, torch.device("cuda"))
+    assert out.device.type == "cuda"
+    assert torch.equal(out.cpu(), source)
+
+
+def test_a_large_forward_input_gives_the_cpu_s_loss(cuda_client: gradwire.Client) -> None:
+    # 2,048 samples: 2.4 MB of input, over staging's line, so it crosses in pinned runs.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=2048)
+    result = cuda_client.forward(x, y)
+    torch.manual_seed(0)
+    from gradwire_server.models import Simple
+
+    expected = nn.CrossEntropyLoss()(Simple()(torch.from_numpy(x)), torch.from_numpy(y))
+    assert result.output_shape == (2048, 20)
+    # cuDNN's convolutions may use TF32 on the GPU: close, not equal.
+    assert result.loss == pytest.approx(expected.item(), rel=2e-3)
+    np.testing.assert_array_equal(cuda_client.get("input"), x)

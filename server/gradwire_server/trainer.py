@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire.codec import numel
-from gradwire_server import checkpoint, openmp
+from gradwire_server import checkpoint, openmp, staging
 from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -602,7 +602,7 @@ class Trainer:
         if isinstance(source, torch.Tensor):
             self._check_size(source.shape, what)
             with self._device_memory(what):
-                return source.to(self.device)
+                return staging.to_device(source, self.device)
         spec = source
         self._check_size(spec.shape, what)
         dtype = default_dtype

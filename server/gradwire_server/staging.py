@@ -1,0 +1,59 @@
+"""Large host tensors onto a GPU through pinned buffers, run by run.
+
+A copy from ordinary (pageable) host memory to a GPU goes through the CUDA driver's own
+staging, one synchronous piece at a time. From page-locked ("pinned") memory the GPU reads
+the host's memory directly, at the link's full speed, and the copy can run while the host
+fills the next piece. Pinning a 512 MiB value whole would take as much page-locked memory
+again (slow to get, and scarce), so a large value goes through two pinned buffers of
+RUN_BYTES in turn: while one run crosses to the device, the host copies the next into the
+other buffer. Only a buffer about to be reused is waited for; the device is not synchronised.
+(Reads the other way go through one pinned buffer in convert.stream_chunks.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Values of at least this size go through pinned buffers; smaller ones are copied directly.
+PINNED_MIN_BYTES = 1 << 20
+#: One run through a pinned buffer.
+RUN_BYTES = 4 << 20
+
+
+def to_device(source: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`source` on `device`: a large host tensor onto a GPU in runs through pinned buffers
+    (contiguous there); anything else as `source.to(device)` does it."""
+    large = source.numel() * source.element_size() >= PINNED_MIN_BYTES
+    if device.type != "cuda" or source.device.type != "cpu" or not large:
+        return source.to(device)
+    out = torch.empty(source.shape, dtype=source.dtype, device=device)
+    copy_in_runs(source, out, RUN_BYTES, pinned=True)
+    return out
+
+
+def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned: bool) -> None:
+    """out[...] = source (same shape and dtype, `out` contiguous), through two host buffers of
+    `run_bytes` used in turn (page-locked when `pinned`). With `out` on a GPU each run's copy
+    to the device is asynchronous, and a buffer is refilled only once its last copy is done."""
+    if source.shape != out.shape or source.dtype != out.dtype or not out.is_contiguous():
+        raise ValueError("copy_in_runs needs a contiguous `out` of the source's shape and dtype")
+    flat = source.contiguous().view(-1)
+    dst = out.view(-1)
+    step = max(1, run_bytes // source.element_size())
+    size = min(step, flat.numel())
+    buffers = [torch.empty(size, dtype=source.dtype, pin_memory=pinned) for _ in range(2)]
+    on_gpu = out.device.type == "cuda"
+    done: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy to the GPU
+    for i, offset in enumerate(range(0, flat.numel(), step)):
+        turn = i % 2
+        last = done[turn]
+        if last is not None:
+            last.synchronize()  # the GPU has read this buffer's previous run
+        run = flat[offset : offset + step]
+        host = buffers[turn][: run.numel()]
+        host.copy_(run)
+        dst[offset : offset + run.numel()].copy_(host, non_blocking=on_gpu and pinned)
+        if on_gpu:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            done[turn] = event
