@@ -6,6 +6,7 @@ Skipped where there is no CUDA (conftest.py); run on a GPU machine with `pytest 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import gradwire
 from gradwire.replay import replay
 from gradwire_server import staging
 from gradwire_server.app import start
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import OptimizerSettings, Trainer
 
 pytestmark = pytest.mark.cuda
 
@@ -75,3 +76,17 @@ def test_a_large_forward_input_gives_the_cpu_s_loss(cuda_client: gradwire.Client
     # cuDNN's convolutions may use TF32 on the GPU: close, not equal.
     assert result.loss == pytest.approx(expected.item(), rel=2e-3)
     np.testing.assert_array_equal(cuda_client.get("input"), x)
+
+
+def test_a_checkpoint_loads_onto_the_gpu_bit_for_bit(tmp_path: Path) -> None:
+    cpu = Trainer(seed=3, optimizer=OptimizerSettings(kind="adam", lr=1e-3))
+    x, y = torch.randn(8, 3, 10, 10), torch.randint(0, 20, (8,))
+    cpu.train_step(x, y, use=lambda s: s)
+    cpu.save(tmp_path / "state.safetensors")
+    gpu = Trainer(device="cuda", seed=0)
+    gpu.load(tmp_path / "state.safetensors")
+    for name, p in cpu.parameters.items():
+        assert torch.equal(gpu.parameters[name].detach().cpu(), p.detach()), name
+        assert torch.equal(gpu.parameters[name].grad.cpu(), p.grad), name  # type: ignore[union-attr]
+    cpu.close()
+    gpu.close()

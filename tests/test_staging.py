@@ -53,3 +53,11 @@ def test_on_the_cpu_a_value_is_not_copied() -> None:
     # Writes of a whole parameter keep the memory they arrived in (Trainer.write): no copy.
     value = torch.zeros(1 << 20)
     assert staging.to_device(value, torch.device("cpu")) is value
+
+
+def test_copy_into_writes_through_on_the_cpu() -> None:
+    out = torch.zeros(3, 4)
+    view = out[1]
+    staging.copy_into(out, torch.ones(3, 4))
+    assert torch.equal(out, torch.ones(3, 4))
+    assert torch.equal(view, torch.ones(4))  # the same memory, written in place

@@ -31,6 +31,17 @@ def to_device(source: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out
 
 
+def copy_into(out: torch.Tensor, source: torch.Tensor) -> None:
+    """out[...] = source: a large host tensor into a GPU tensor of its shape and dtype through
+    pinned buffers (as `to_device`), anything else as `out.copy_(source)` does it."""
+    large = source.numel() * source.element_size() >= PINNED_MIN_BYTES
+    runs = out.device.type == "cuda" and source.device.type == "cpu" and large
+    if runs and out.is_contiguous() and (out.shape, out.dtype) == (source.shape, source.dtype):
+        copy_in_runs(source, out, RUN_BYTES, pinned=True)
+    else:
+        out.copy_(source)
+
+
 def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned: bool) -> None:
     """out[...] = source (same shape and dtype, `out` contiguous), through two host buffers of
     `run_bytes` used in turn (page-locked when `pinned`). With `out` on a GPU each run's copy

@@ -1354,12 +1354,14 @@ class Trainer:
         optimizer = self._build_optimizer(self._model, settings)
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(loaded.parameters[name])
+                staging.copy_into(p.detach(), loaded.parameters[name])
                 grad = loaded.gradients.get(name)
-                p.grad = None if grad is None else grad.to(p.device)
+                p.grad = None if grad is None else staging.to_device(grad, p.device)
         for name, state in loaded.optimizer_state.items():
             optimizer.state[params[name]] = {
-                k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "step" else v
+                k: staging.to_device(v, self.device)
+                if isinstance(v, torch.Tensor) and k != "step"
+                else v
                 for k, v in state.items()
             }
         self._optimizer, self._settings = optimizer, settings
