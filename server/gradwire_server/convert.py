@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire_server import staging
 from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
@@ -304,7 +305,7 @@ class Snapshots:
 def stream_chunks(selection: Selection, chunk_bytes: int) -> Iterator[bytes]:
     """GetTensorChunk messages for a snapshot, each copying only its own run of values.
 
-    On a GPU each run goes through one pinned host buffer: a fast, direct copy.
+    On a GPU each run goes through one pinned host buffer (staging.host_runs).
     """
     part = selection.part
     header = pb.GetTensorChunk(version=selection.version, name=selection.name)
@@ -314,18 +315,8 @@ def stream_chunks(selection: Selection, chunk_bytes: int) -> Iterator[bytes]:
     header.full_shape.extend(selection.full_shape)
     first = header.SerializeToString()
     later = pb.GetTensorChunk(version=selection.version).SerializeToString()
-    flat = part.reshape(-1)
     step = max(1, chunk_bytes // part.element_size())
-    pinned = None
-    if part.device.type == "cuda":
-        pinned = torch.empty(min(step, flat.numel()), dtype=part.dtype, pin_memory=True)
-    for offset in range(0, max(flat.numel(), 1), step):
-        run = flat[offset : offset + step]
-        if pinned is not None:
-            host = pinned[: run.numel()]
-            host.copy_(run)
-        else:
-            host = run
+    for offset, host in staging.host_runs(part.reshape(-1), step):
         dtype, values = codec.host_array(host)
         shape = tuple(part.shape) if offset == 0 else None
         chunk = codec.chunk_pieces(values, dtype, offset, shape)

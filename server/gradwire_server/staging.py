@@ -1,4 +1,4 @@
-"""Large host tensors onto a GPU through pinned buffers, run by run.
+"""Large tensors between the host and a GPU through pinned buffers, run by run.
 
 A copy from ordinary (pageable) host memory to a GPU goes through the CUDA driver's own
 staging, one synchronous piece at a time. From page-locked ("pinned") memory the GPU reads
@@ -7,10 +7,13 @@ fills the next piece. Pinning a 512 MiB value whole would take as much page-lock
 again (slow to get, and scarce), so a large value goes through two pinned buffers of
 RUN_BYTES in turn: while one run crosses to the device, the host copies the next into the
 other buffer. Only a buffer about to be reused is waited for; the device is not synchronised.
-(Reads the other way go through one pinned buffer in convert.stream_chunks.)
+Reads the other way go through one pinned buffer (`host_runs`): each run is on the host,
+and encoded for the wire, before the next is copied.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -20,11 +23,16 @@ PINNED_MIN_BYTES = 1 << 20
 RUN_BYTES = 4 << 20
 
 
+def _in_runs(source: torch.Tensor, device: torch.device) -> bool:
+    """Whether `source` goes to `device` in runs: a large host tensor bound for a GPU."""
+    large = source.numel() * source.element_size() >= PINNED_MIN_BYTES
+    return large and device.type == "cuda" and source.device.type == "cpu"
+
+
 def to_device(source: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`source` on `device`: a large host tensor onto a GPU in runs through pinned buffers
     (contiguous there); anything else as `source.to(device)` does it."""
-    large = source.numel() * source.element_size() >= PINNED_MIN_BYTES
-    if device.type != "cuda" or source.device.type != "cpu" or not large:
+    if not _in_runs(source, device):
         return source.to(device)
     out = torch.empty(source.shape, dtype=source.dtype, device=device)
     copy_in_runs(source, out, RUN_BYTES, pinned=True)
@@ -34,9 +42,8 @@ def to_device(source: torch.Tensor, device: torch.device) -> torch.Tensor:
 def copy_into(out: torch.Tensor, source: torch.Tensor) -> None:
     """out[...] = source: a large host tensor into a GPU tensor of its shape and dtype through
     pinned buffers (as `to_device`), anything else as `out.copy_(source)` does it."""
-    large = source.numel() * source.element_size() >= PINNED_MIN_BYTES
-    runs = out.device.type == "cuda" and source.device.type == "cpu" and large
-    if runs and out.is_contiguous() and (out.shape, out.dtype) == (source.shape, source.dtype):
+    same = (out.shape, out.dtype) == (source.shape, source.dtype)
+    if _in_runs(source, out.device) and out.is_contiguous() and same:
         copy_in_runs(source, out, RUN_BYTES, pinned=True)
     else:
         out.copy_(source)
@@ -68,3 +75,19 @@ def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             done[turn] = event
+
+
+def host_runs(flat: torch.Tensor, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(offset, values) for each run of `step` values of a 1-D tensor, the values on the
+    host: views of it on the CPU; on a GPU, copied into one pinned buffer, reused for every
+    run (the caller is done with a run before it asks for the next)."""
+    pinned = None
+    if flat.device.type == "cuda":
+        pinned = torch.empty(min(step, flat.numel()), dtype=flat.dtype, pin_memory=True)
+    for offset in range(0, max(flat.numel(), 1), step):
+        run = flat[offset : offset + step]
+        if pinned is not None:
+            host = pinned[: run.numel()]
+            host.copy_(run)
+            run = host
+        yield offset, run
