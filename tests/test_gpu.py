@@ -90,3 +90,25 @@ def test_a_checkpoint_loads_onto_the_gpu_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(gpu.parameters[name].grad.cpu(), p.grad), name  # type: ignore[union-attr]
     cpu.close()
     gpu.close()
+
+
+def test_a_run_s_sent_batch_crosses_to_the_gpu_once_and_trains_as_on_the_cpu(
+    cuda_client: gradwire.Client,
+) -> None:
+    trainer = Trainer(device="cuda", seed=0)
+    x = torch.randn(8, 3, 10, 10)
+    staged = trainer.stage(x, "input")
+    assert isinstance(staged, torch.Tensor) and staged.device.type == "cuda"
+    assert torch.equal(staged.cpu(), x)
+    trainer.close()
+    rng = np.random.default_rng(1)
+    batch = rng.standard_normal((8, 3, 10, 10)).astype(np.float32), rng.integers(0, 20, size=8)
+    cuda_client.set_optimizer("sgd", lr=0.05)
+    on_gpu = list(cuda_client.train(*batch, steps=4, every=4))[-1]
+    cpu = Trainer(seed=0, optimizer=OptimizerSettings(kind="sgd", lr=0.05))
+    for _ in range(4):
+        expected = cpu.train_step(
+            torch.from_numpy(batch[0]), torch.from_numpy(batch[1]), zero_grad=True, use=lambda s: s
+        )
+    cpu.close()
+    assert on_gpu.loss == pytest.approx(expected.loss, rel=2e-3)  # TF32 convolutions: close

@@ -459,6 +459,24 @@ def test_train_run_equals_a_local_loop_with_reseeded_fills(
             assert np.array_equal(other.get(p), client.get(p)), p
 
 
+def test_train_run_of_a_sent_batch_equals_a_local_loop(client: gradwire.Client) -> None:
+    # A tensor sent once serves every step (staged on the model's device once): each step
+    # must see it whole and unchanged, as the local loop does.
+    client.set_optimizer("sgd", lr=0.05, momentum=0.9)
+    x, y = random_batch(8, seed=7)
+    progress = list(client.train(x, y, steps=5, every=5))
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5):
+        _, loss = local_train_step(
+            model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=True
+        )
+    assert progress[-1].done and progress[-1].loss == loss.item()
+    for name, p in model.named_parameters():
+        assert np.array_equal(client.get(name), p.detach().numpy()), name
+    np.testing.assert_array_equal(client.get("input"), x)
+
+
 def test_train_stops_between_steps_when_cancelled(client: gradwire.Client) -> None:
     client.set_optimizer("sgd", lr=0.001)
     run = client.train(Fill.ones(8, 3, 10, 10), Fill.ones(8), steps=10_000, every=1)

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from gradwire_server.errors import InvalidInput, WrongOrder
+from gradwire_server.errors import InvalidInput, OverLimit, WrongOrder
 from gradwire_server.models import Simple
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer, resolve_device
 
@@ -114,3 +114,14 @@ def test_readers_never_see_half_a_step(trainer: Trainer) -> None:
         t.join(timeout=30)
     assert not errors
     assert torch.all(trainer.read("conv1.weight").value == 300.0)
+
+
+def test_a_run_s_data_is_staged_once_and_fills_are_left_to_each_step() -> None:
+    trainer = Trainer(device="cpu", seed=0, max_elements=1500)
+    x = torch.randn(8, 3, 10, 10)[:, :, :5]  # strided: staging must not need it contiguous
+    staged = trainer.stage(x, "input")
+    assert staged is x  # already on the model's device: no copy
+    assert trainer.stage(ONES, "input") is ONES  # each step makes its own fill
+    with pytest.raises(OverLimit, match="input: 4800 elements"):
+        trainer.stage(torch.zeros(16, 3, 10, 10), "input")
+    trainer.close()

@@ -631,6 +631,8 @@ class TrainerServicer:
         every = message.every or 1
         zero_grad = message.zero_grad if message.HasField("zero_grad") else True
         trainer = self.trainer
+        # A tensor sent once is the same every step: on a GPU it crosses to the device once.
+        inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
         started = time.perf_counter()
         for k in range(message.steps):
             if not context.is_active():

@@ -762,6 +762,15 @@ class Trainer:
         return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
 
     @on_torch_thread
+    def stage(self, source: TensorInput, what: str) -> TensorInput:
+        """A run's data where its steps use it: a tensor on the model's device, copied there
+        once rather than by every step of the run (`_make` then finds it there); a fill as it
+        is, as each step makes its own. `what` names it in errors ("input", "target")."""
+        if isinstance(source, FillSpec):
+            return source
+        return self._make(source, source.dtype, what)
+
+    @on_torch_thread
     def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
         """model(input), and CrossEntropyLoss(output, target) when a target is given."""
         x, y = self._inputs(input, target)
