@@ -112,3 +112,12 @@ def test_a_run_s_sent_batch_crosses_to_the_gpu_once_and_trains_as_on_the_cpu(
         )
     cpu.close()
     assert on_gpu.loss == pytest.approx(expected.loss, rel=2e-3)  # TF32 convolutions: close
+
+
+def test_a_gpu_trainer_keeps_a_thread_of_its_own() -> None:
+    # Shared only on the CPU (torch_thread.py): one session's wait for its device does not
+    # hold up another's calls.
+    a, b, cpu = Trainer(device="cuda", seed=0), Trainer(device="cuda", seed=0), Trainer(seed=0)
+    assert not a._torch.shared and a._torch.ident != b._torch.ident != cpu._torch.ident
+    for trainer in (a, b, cpu):
+        trainer.close()

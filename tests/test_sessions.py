@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,34 @@ def test_sessions_do_not_share_gradients_or_versions(client: gradwire.Client) ->
         assert mine.list_tensors().version == 3 and theirs.list_tensors().version == 0
     assert client.list_tensors().version == default_version
     assert np.all(client.get("conv1.weight") == np.float32(0.1))
+
+
+def test_sessions_train_at_once_on_the_server_s_one_torch_thread(
+    client: gradwire.Client, server: Running
+) -> None:
+    # One thread, so one OpenMP team: a team per session, idle or not, made every other
+    # session's steps slower (torch_thread.py). Seen inside each session's model.
+    ran_on: dict[str, set[int]] = {"default": set(), "mine": set(), "theirs": set()}
+
+    def record(key: str, trainer: Trainer) -> None:
+        trainer._model.register_forward_hook(lambda *_: ran_on[key].add(threading.get_ident()))
+
+    record("default", server.servicer.sessions.default)
+    with client.open_session(seed=1) as mine, client.open_session(seed=2) as theirs:
+        for key, session in (("mine", mine), ("theirs", theirs)):
+            record(key, server.servicer.sessions.get(session.session))
+        threads = [
+            threading.Thread(target=lambda c=c: [c.train_step(INPUT, TARGET) for _ in range(5)])
+            for c in (client, mine, theirs)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert mine.list_tensors().version == theirs.list_tensors().version == 5 * 4
+    assert client.list_tensors().version == 5 * 4
+    assert all(len(idents) == 1 for idents in ran_on.values())
+    assert len(set.union(*ran_on.values())) == 1
 
 
 def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(

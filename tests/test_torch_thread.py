@@ -12,7 +12,7 @@ import pytest
 from gradwire_server.errors import WrongOrder
 from gradwire_server.models import SIMPLE
 from gradwire_server.torch_thread import Closed, TorchThread
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import FillSpec, Trainer
 
 
 @pytest.fixture
@@ -114,3 +114,44 @@ def test_a_call_on_a_closed_trainer_is_refused_as_wrong_order() -> None:
     with pytest.raises(WrongOrder, match="open a new session") as info:
         trainer.step()
     assert isinstance(info.value, Closed)
+
+
+def test_shared_threads_are_one_thread_and_close_one_at_a_time() -> None:
+    first, second = TorchThread(shared=True), TorchThread(shared=True)
+    assert first.ident == second.ident == first.run(threading.get_ident)
+    assert second.run(first.on_it)  # a call of one runs where the other's calls run
+    started = threading.Event()
+    finished: list[int] = []
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.2)
+        finished.append(1)
+
+    caller = threading.Thread(target=first.run, args=(slow,))
+    caller.start()
+    started.wait(10)
+    first.close()  # waits for what it handed over, and leaves the thread running
+    assert finished == [1]
+    caller.join(10)
+    with pytest.raises(Closed):
+        first.run(lambda: None)
+    assert second.run(lambda: 5) == 5
+    thread = second._thread
+    del first, second
+    gc.collect()
+    assert thread.is_alive()  # the process's one thread outlives the handles
+    assert TorchThread(shared=True).ident == thread.ident
+
+
+def test_cpu_trainers_share_one_thread_and_close_alone() -> None:
+    # One OpenMP team in the process: a team outliving its thread's last op slows every
+    # other team's parallel regions (torch_thread.py). Sessions are trainers like these.
+    a, b = Trainer(SIMPLE, seed=0), Trainer(SIMPLE, seed=1)
+    assert a._torch.shared and b._torch.shared
+    assert a._torch.ident == b._torch.ident
+    b.close()
+    with pytest.raises(Closed):
+        b.forward(FillSpec("ones", (2, 3, 10, 10)))
+    assert a.forward(FillSpec("ones", (2, 3, 10, 10))).version == a.version == 1
+    a.close()

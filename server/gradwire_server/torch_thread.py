@@ -5,6 +5,16 @@ spin after each op; teams from several gRPC threads fight for the cores (measure
 a batch-8 step 2.1 ms from one thread, 4.4 ms once other threads had run steps). One thread
 also keeps one CUDA context current.
 
+Why one thread for every CPU trainer in the process, sessions included: a team outlives its
+last op for as long as its thread lives, and once libgomp manages more threads than there
+are CPUs it all but stops spinning between parallel regions, in every team: each region then
+wakes its workers from sleep. On the 2-core VM of docs/PERFORMANCE.md, a session that had
+taken one step and then sat idle made the default session's TrainStep 41% slower at batch 256
+and 70% slower at batch 8, until it was closed. CPU trainers therefore share one thread (their
+calls queue in the order they come, each under its own trainer's lock); a trainer on a GPU
+keeps a thread of its own, where OpenMP does little and one session's wait for its device
+should not hold up another's.
+
 Why not a ThreadPoolExecutor: every remote Step, Backward and Forward pays the hand-off, and
 `submit().result()` builds a Future, a Condition and its locks per call. A queue put and one
 plain lock do the same job: a no-op call handed over in 23-33 us against 106-136 us on the
@@ -44,23 +54,50 @@ class _Call:
         self.error: BaseException | None = None
 
 
+class _Worker:
+    """A thread that runs the calls put on its queue one at a time, in order, until a None."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        # The thread holds the queue, not this object or a TorchThread, so that dropping
+        # the TorchThread that owns it can end it.
+        self.thread = threading.Thread(target=_serve, args=(self.queue,), name=name, daemon=True)
+        self.thread.start()
+
+
+_shared: _Worker | None = None
+_shared_lock = threading.Lock()
+
+
+def _shared_worker() -> _Worker:
+    """The process's one thread for CPU trainers, started on first use (again in a child
+    process after a fork, where the parent's thread does not run)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or not _shared.thread.is_alive():
+            _shared = _Worker("gradwire-torch")
+        return _shared
+
+
 class TorchThread:
-    """A thread that runs the calls handed to it one at a time, in order.
+    """Runs the calls handed to it one at a time, in order, on one thread: a thread of its
+    own, or with `shared` the process's one thread for CPU trainers, whose calls queue with
+    every other shared TorchThread's.
 
     `run` blocks the caller until its call is done and returns its result or raises its
-    exception. `close` lets the calls already handed over finish, then ends the thread;
-    later calls raise Closed. An instance dropped without `close` ends its thread too.
+    exception. `close` lets the calls already handed over finish, then ends a thread of its
+    own; later calls raise Closed. An instance dropped without `close` ends its own thread
+    too. The shared thread lives as long as the process.
     """
 
-    def __init__(self, name: str = "gradwire-torch") -> None:
-        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+    def __init__(self, name: str = "gradwire-torch", *, shared: bool = False) -> None:
+        self._worker = _shared_worker() if shared else _Worker(name)
+        self.shared = shared
+        self._thread = self._worker.thread
+        self.ident = self._thread.ident
         self._closing = threading.Lock()
         self._closed = False
-        # The thread holds the queue, not this object, so dropping the object ends it.
-        self._thread = threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True)
-        self._thread.start()
-        self.ident = self._thread.ident
-        self._finalizer = weakref.finalize(self, self._queue.put, None)
+        self._finalizer = None if shared else weakref.finalize(self, self._worker.queue.put, None)
 
     def on_it(self) -> bool:
         """Whether the caller is this thread."""
@@ -75,28 +112,43 @@ class TorchThread:
                     "this trainer was closed (its session ended or the server is stopping); "
                     "open a new session"
                 )
-            self._queue.put(call)
-        call.done.acquire()
-        error = call.error
-        if error is not None:
-            # The call no longer holds the exception: only the raise below does, so what the
-            # failed call allocated goes with it rather than at the next garbage collection.
-            call.error = None
-            try:
-                raise error
-            finally:
-                del error, call
-        result: T = call.result
+            self._worker.queue.put(call)
+        result: T = _answer(call)
         return result
 
     def close(self) -> None:
-        """Lets the calls handed over finish, then ends the thread (idempotent)."""
+        """Lets the calls handed over finish, then ends a thread of its own (idempotent)."""
         with self._closing:
-            if not self._closed:
-                self._closed = True
+            self._closed = True
+            if self._finalizer is not None:
                 self._finalizer()  # puts the sentinel, once
-        if not self.on_it():
+        if self.on_it():
+            return  # a call closing its own trainer: the calls queued after it still run
+        if self._finalizer is not None:
             self._thread.join()
+        else:  # shared: the calls handed over are ahead of this one in the queue
+            done = _Call(_nothing, (), {})
+            self._worker.queue.put(done)
+            _answer(done)
+
+
+def _answer(call: _Call) -> Any:
+    """Waits for the call to be done; its result, or its exception raised here."""
+    call.done.acquire()
+    error = call.error
+    if error is not None:
+        # The call no longer holds the exception: only the raise below does, so what the
+        # failed call allocated goes with it rather than at the next garbage collection.
+        call.error = None
+        try:
+            raise error
+        finally:
+            del error, call
+    return call.result
+
+
+def _nothing() -> None:
+    return None
 
 
 def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:

@@ -354,8 +354,9 @@ class Trainer:
         self._lock = threading.RLock()
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
-        # Every torch call runs on this one thread (torch_thread.py says why).
-        self._torch = TorchThread()
+        # Every torch call runs on one thread, on the CPU the one every CPU trainer in the
+        # process shares (torch_thread.py says why).
+        self._torch = TorchThread(shared=self.device.type == "cpu")
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
