@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +316,31 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         idle = statistics.median(after_idle)
         figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
         rows.append(Row(figure, idle, ours, idle / ours, "(report)", True))
+        rows.append(beside_a_session(client, repeats))
     return rows
+
+
+def beside_a_session(client: gradwire.Client, repeats: int) -> Row:
+    """TrainStep at batch 8 with another session open beside, idle after one step of its own,
+    against none, in alternating rounds. When each session had a torch thread of its own, its
+    OpenMP team slowed every team in the server while it lived (torch_thread.py)."""
+    x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+
+    def step() -> None:
+        client.train_step(x, y, zero_grad=True)
+
+    alone: list[float] = []
+    beside: list[float] = []
+    for _ in range(3):
+        step()
+        alone.extend(timed(step) for _ in range(repeats))
+        with client.open_session(seed=0) as other:
+            other.train_step(x, y, zero_grad=True)
+            step()
+            beside.extend(timed(step) for _ in range(repeats))
+    ours, floor = statistics.median(beside), statistics.median(alone)
+    figure = "TrainStep batch 8 beside an idle session, vs alone, rate"
+    return Row(figure, ours, floor, floor / ours, "(report)", True)
 
 
 def watchers(served: Served, repeats: int) -> list[Row]:
@@ -457,13 +482,22 @@ def main() -> int:
     # The reads first, while this process has glibc's malloc defaults, as a client's process
     # has: kept freed memory would hand a new 32 MiB array (bfloat16 widened) pages already
     # touched, when the top of the heap has room, which a client's malloc never does.
+    # And on a thread that ends before the floors run: widening bfloat16, torch makes an
+    # OpenMP team on the reading thread, and a team that outlives its use slows every other
+    # team in the process, the floors' included (torch_thread.py): batch 256 in-process took
+    # 10.0-10.4 ms after the reads on this thread against 7.9 ms without them.
     reads: list[Row] = []
-    if parts & {"typed", "big"}:
+
+    def measure_reads() -> None:
         with serve("blobs", args.device, flags) as served:
             if "typed" in parts:
-                reads += typed_reads(served, args.repeats)
+                reads.extend(typed_reads(served, args.repeats))
             if "big" in parts:
-                reads += big_transfers(served, args.big_repeats)
+                reads.extend(big_transfers(served, args.big_repeats))
+
+    if parts & {"typed", "big"}:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pool.submit(measure_reads).result()
     if keep_freed:
         keep_freed_memory()  # the in-process floors run as the server does
     rows: list[Row] = []
