@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
+import torch
 
+import gradwire
+from gradwire.fill import Fill
 from gradwire_server.errors import WrongOrder
 from gradwire_server.models import SIMPLE
 from gradwire_server.torch_thread import Closed, TorchThread
@@ -145,3 +150,37 @@ def test_cpu_trainers_share_one_thread_and_close_alone() -> None:
         b.forward(FillSpec("ones", (2, 3, 10, 10)))
     assert a.forward(FillSpec("ones", (2, 3, 10, 10))).version == a.version == 1
     a.close()
+
+
+#: Name prefixes of the threads gRPC's core starts (not Python's, not OpenMP's).
+GRPC_THREADS = ("grpc", "event_engine", "lifeguard")
+
+
+def openmp_like_threads() -> set[int]:
+    """This process's threads that Python did not start and gRPC's core did not name: the
+    OpenMP workers among them."""
+    python = {t.native_id for t in threading.enumerate()}
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        if int(tid) not in python and not comm.startswith(GRPC_THREADS):
+            found.add(int(tid))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads are read from /proc")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP workers")
+def test_sessions_start_no_openmp_team_of_their_own(client: gradwire.Client) -> None:
+    x, y = Fill.ones(64, 3, 10, 10), Fill.ones(64, dtype="int64")
+    client.train_step(x, y)  # the server's team, if this process had none yet
+    before = openmp_like_threads()
+    with client.open_session(seed=1) as mine, client.open_session(seed=2) as theirs:
+        for session in (mine, theirs, client):
+            session.train_step(x, y, fetch=["linear.weight"])
+            session.forward(x, y)
+            session.backward()
+            session.step()
+            session.stats("linear.weight.grad", bins=4)
+            session.get("linear.weight")
+        # While they are open: a closed session's thread, and its team, would be gone.
+        assert openmp_like_threads() - before == set()
