@@ -750,8 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on the CPU, run steps of under 33.6 MFLOP (the tutorial's) on one thread: on a "
         "small machine, calls after idle time then do not wait milliseconds for OpenMP's "
-        "workers to wake, and sessions training at once do not fight over the cores; "
-        "results may differ from torch's defaults in the last bits",
+        "workers to wake; results may differ from torch's defaults in the last bits",
     )
     p.add_argument(
         "--tls-client-ca",

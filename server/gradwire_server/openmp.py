@@ -5,8 +5,7 @@ spin for a few milliseconds after an op, then sleep; an op that finds them aslee
 and waits for them at its end. On a small VM the woken worker can wait behind its own master,
 which spins on the same vCPU: on the 2-core VM of docs/PERFORMANCE.md, the tutorial's
 optimizer step took 5.1 ms after 10 ms of idle time on two threads and 0.18 ms on one, and a
-whole batch-1 step 7.2 ms against 0.9 ms. And each session's torch thread has a team of its
-own: two sessions training at once split two cores four ways. `gradwire serve
+whole batch-1 step 7.2 ms against 0.9 ms. `gradwire serve
 --one-thread-for-small-work` runs small steps on the torch thread alone (`Trainer`'s
 `one_thread_for_small_work`). It is not the default: results can differ in the last bits
 from torch's defaults (a sum split over threads rounds differently), and on that VM tiny
