@@ -121,3 +121,24 @@ def test_a_gpu_trainer_keeps_a_thread_of_its_own() -> None:
     assert not a._torch.shared and a._torch.ident != b._torch.ident != cpu._torch.ident
     for trainer in (a, b, cpu):
         trainer.close()
+
+
+def test_a_streamed_read_of_a_gpu_tensor_is_copied_on_the_device_and_comes_out_whole() -> None:
+    # live.py: on a GPU the read copies its selection on the device when it opens, and each
+    # run crosses to the host through one pinned buffer.
+    from gradwire_server.convert import SpareMemory
+
+    trainer = Trainer(device="cuda", seed=0)
+    expected = trainer.read("linear.weight").value
+    assert expected is not None
+    _, read = trainer.stream_read("linear.weight", (), SpareMemory())
+    assert read is not None and read.copied
+    trainer.fill_parameters(7.0)
+    runs = []
+    for offset in range(0, read.numel, 10_000):
+        with read.run(offset, min(10_000, read.numel - offset)) as host:
+            assert host.device.type == "cpu" and host.is_pinned()
+            runs.append(host.clone())
+    read.close()
+    trainer.close()
+    assert torch.equal(torch.cat(runs), expected.reshape(-1))

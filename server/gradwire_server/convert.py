@@ -16,8 +16,8 @@ from google.protobuf.message import Message
 
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire_server import staging
 from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.live import StreamedRead
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     FillSpec,
@@ -283,44 +283,26 @@ class SpareMemory:
                 self._block = tensor.reshape(-1).view(torch.uint8)
 
 
-class Snapshots:
-    """Copies of selections for streams, so that every chunk of a read is from one version."""
-
-    def __init__(self, spare: SpareMemory) -> None:
-        self.spare = spare
-
-    def take(self, selection: Selection) -> Selection:
-        part = selection.part
-        if part is None:
-            return selection
-        copy = self.spare.take(tuple(part.shape), part.dtype, part.device)
-        copy.copy_(part)
-        return Selection(selection.version, selection.name, copy, selection.full_shape)
-
-    def give_back(self, selection: Selection) -> None:
-        if selection.part is not None:
-            self.spare.give_back(selection.part)
-
-
-def stream_chunks(selection: Selection, chunk_bytes: int) -> Iterator[bytes]:
-    """GetTensorChunk messages for a snapshot, each copying only its own run of values.
-
-    On a GPU each run goes through one pinned host buffer (staging.host_runs).
-    """
-    part = selection.part
+def stream_chunks(
+    selection: Selection, read: StreamedRead | None, chunk_bytes: int
+) -> Iterator[bytes]:
+    """GetTensorChunk messages for a streamed read (Trainer.stream_read), each encoding only
+    its own run of values, inside the run's block (the values may be live there)."""
     header = pb.GetTensorChunk(version=selection.version, name=selection.name)
-    if part is None or selection.full_shape is None:
+    if read is None or selection.full_shape is None:
         yield header.SerializeToString()
         return
     header.full_shape.extend(selection.full_shape)
     first = header.SerializeToString()
     later = pb.GetTensorChunk(version=selection.version).SerializeToString()
-    step = max(1, chunk_bytes // part.element_size())
-    for offset, host in staging.host_runs(part.reshape(-1), step):
-        dtype, values = codec.host_array(host)
-        shape = tuple(part.shape) if offset == 0 else None
-        chunk = codec.chunk_pieces(values, dtype, offset, shape)
-        yield wire.join([first if offset == 0 else later, *wire.length_field(_CHUNK, chunk)])
+    step = max(1, chunk_bytes // read.element_size)
+    for offset in range(0, max(read.numel, 1), step):
+        with read.run(offset, min(step, read.numel - offset)) as host:
+            dtype, values = codec.host_array(host)
+            shape = read.shape if offset == 0 else None
+            chunk = codec.chunk_pieces(values, dtype, offset, shape)
+            data = wire.join([first if offset == 0 else later, *wire.length_field(_CHUNK, chunk)])
+        yield data
 
 
 def train_step_bytes(result: TrainResult[list[wire.Piece]]) -> bytes:

@@ -336,9 +336,7 @@ class TrainerServicer:
         self.max_concurrent = max_concurrent
         self.slots = threading.BoundedSemaphore(max_concurrent)
         self.requests = RequestLog()
-        spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
-        self.snapshots = convert.Snapshots(spare)
-        self.spare = spare
+        self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
 
     @mutation
     def Forward(
@@ -400,11 +398,12 @@ class TrainerServicer:
                 f"chunk_bytes must be between 1 and {limits.MAX_VALUE_BYTES}, got {chunk_bytes}",
                 reason="BAD_CHUNK_SIZE",
             )
-        selection = self.trainer.read_with(request.name, chain, self.snapshots.take)
+        selection, read = self.trainer.stream_read(request.name, chain, self.spare)
         try:
-            yield from convert.stream_chunks(selection, chunk_bytes)
+            yield from convert.stream_chunks(selection, read, chunk_bytes)
         finally:  # also when the client goes away mid-stream
-            self.snapshots.give_back(selection)
+            if read is not None:
+                read.close()
 
     @mutation
     def SetTensor(

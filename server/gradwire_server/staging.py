@@ -7,13 +7,11 @@ fills the next piece. Pinning a 512 MiB value whole would take as much page-lock
 again (slow to get, and scarce), so a large value goes through two pinned buffers of
 RUN_BYTES in turn: while one run crosses to the device, the host copies the next into the
 other buffer. Only a buffer about to be reused is waited for; the device is not synchronised.
-Reads the other way go through one pinned buffer (`host_runs`): each run is on the host,
-and encoded for the wire, before the next is copied.
+Streamed reads the other way go through one pinned buffer (live.StreamedRead): each run is
+on the host, and encoded for the wire, before the next is copied.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 
@@ -75,19 +73,3 @@ def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             done[turn] = event
-
-
-def host_runs(flat: torch.Tensor, step: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(offset, values) for each run of `step` values of a 1-D tensor, the values on the
-    host: views of it on the CPU; on a GPU, copied into one pinned buffer, reused for every
-    run (the caller is done with a run before it asks for the next)."""
-    pinned = None
-    if flat.device.type == "cuda":
-        pinned = torch.empty(min(step, flat.numel()), dtype=flat.dtype, pin_memory=True)
-    for offset in range(0, max(flat.numel(), 1), step):
-        run = flat[offset : offset + step]
-        if pinned is not None:
-            host = pinned[: run.numel()]
-            host.copy_(run)
-            run = host
-        yield offset, run

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire.codec import numel
-from gradwire_server import checkpoint, openmp, staging
+from gradwire_server import checkpoint, live, openmp, staging
 from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -49,6 +49,11 @@ _OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "could not create a 
 
 #: Reads of CPU tensors up to this size skip the torch thread (torch's parallel grain size).
 INLINE_READ_ELEMENTS = 32768
+
+#: Calls on the torch thread that change no tensor: the only ones that leave the streamed
+#: reads in flight sending from live memory (live.py). Any other call copies what those reads
+#: have not sent yet before it runs, so a name missing here costs a copy, never a torn read.
+_READS = frozenset({"_read_with", "_read_many", "stage", "save"})
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -101,7 +106,9 @@ def _take_guard() -> Guard | None:
 
 def under_lock(method: Callable[P, T]) -> Callable[P, T]:
     """Runs a Trainer method on the calling thread under the lock: for methods that do no
-    tensor math, which would otherwise pay the hand-off to the torch thread for nothing."""
+    tensor math, which would otherwise pay the hand-off to the torch thread for nothing.
+    They change no tensor in place either, so streamed reads in flight are left as they are
+    (live.py): a method that does must run on the torch thread."""
 
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
@@ -359,6 +366,7 @@ class Trainer:
         self._torch = TorchThread(shared=self.device.type == "cpu")
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
+        self._live = live.LiveReads()  # streamed reads sending from live memory
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
         self._run(self._init_state, seed)
 
@@ -374,8 +382,11 @@ class Trainer:
         """fn(*args) on the torch thread (directly when already on it), under the lock,
         once `_guard`'s conditions are checked there."""
         if self._torch.on_it():
-            with self._lock, self._announcing(getattr(fn, "__name__", "")):
+            name = getattr(fn, "__name__", "")
+            with self._lock, self._announcing(name):
                 self._check(_guard)
+                if self._live and name not in _READS:
+                    self._live.detach_all()  # before anything can change what they send
                 return fn(*args, **kwargs)
         result: T = self._torch.run(
             functools.partial(self._run, _guard=_guard), fn, *args, **kwargs
@@ -1143,6 +1154,22 @@ class Trainer:
         part = select(tensor.detach(), chain, name)
         with self._device_memory(f"reading {name}"):
             return use(Selection(self._version, name, part, tuple(tensor.shape)))
+
+    def stream_read(
+        self, name: str, chain: IndexChain, memory: live.Memory
+    ) -> tuple[Selection, live.StreamedRead | None]:
+        """A read of tensor[chain...] to be sent run by run, every run of this version; None
+        with the selection when the tensor is absent. A contiguous CPU selection is sent from
+        the live tensor and copied (from `memory`) only if a mutation comes first; anything
+        else is copied now (live.py). Close the read when its stream ends, however it ends."""
+
+        def open_read(selection: Selection) -> tuple[Selection, live.StreamedRead | None]:
+            if selection.part is None:
+                return selection, None
+            read = live.StreamedRead(selection.part, self._lock, memory, self._live)
+            return dataclasses.replace(selection, part=None), read
+
+        return self.read_with(name, chain, open_read)
 
     def read(self, name: str, chain: IndexChain = ()) -> Read:
         """A copy on the host of tensor[chain...], indexed on the device first."""

@@ -1,0 +1,225 @@
+"""Streamed reads sent from live memory (live.py): no copy unless a mutation comes first, and
+then every run still of the read's version."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import gradwire
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire_server.convert import SpareMemory
+from gradwire_server.live import StreamedRead
+from gradwire_server.trainer import FillSpec, Trainer
+from tests.test_streaming import CHUNK_PATH
+
+ONES = FillSpec("ones", (4, 3, 10, 10))
+LABELS = torch.tensor([0, 1, 2, 3])
+LINEAR = "linear.weight"  # 64,000 float32 values
+
+
+class CountedMemory(SpareMemory):
+    """The server's spare memory, counting the copies taken from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+        self.given_back = 0
+
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        self.taken += 1
+        return super().take(shape, dtype, device)
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        self.given_back += 1
+        super().give_back(tensor)
+
+
+def runs(read: StreamedRead, step: int, start: int = 0) -> Iterator[torch.Tensor]:
+    """Copies of the read's runs from `start` on, as the wire's encoding copies them."""
+    for offset in range(start, read.numel, step):
+        with read.run(offset, min(step, read.numel - offset)) as host:
+            yield host.clone()
+
+
+def read_all(read: StreamedRead, step: int, start: int = 0) -> torch.Tensor:
+    return torch.cat(list(runs(read, step, start)))
+
+
+def trained(trainer: Trainer) -> Trainer:
+    """Gradients in place, so that every kind of mutation has something to change."""
+    trainer.forward(ONES, LABELS)
+    trainer.backward()
+    return trainer
+
+
+def test_a_read_nothing_interrupts_copies_nothing(trainer: Trainer) -> None:
+    memory = CountedMemory()
+    before = trainer.parameters[LINEAR].detach().clone().reshape(-1)
+    selection, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None and selection.version == trainer.version
+    assert selection.full_shape == (20, 3200)
+    values = read_all(read, 1000)
+    read.close()
+    assert torch.equal(values, before)
+    assert not read.copied
+    assert memory.taken == 0 and memory.given_back == 0
+
+
+def test_a_read_hands_out_views_of_the_live_tensor(trainer: Trainer) -> None:
+    _, read = trainer.stream_read(LINEAR, (), CountedMemory())
+    assert read is not None
+    live = trainer.parameters[LINEAR]
+    with read.run(1000, 10) as host:
+        assert host.data_ptr() == live.reshape(-1)[1000:].data_ptr()
+    read.close()
+
+
+def mutations(tmp_path: Path) -> dict[str, Callable[[Trainer], Any]]:
+    path = tmp_path / "checkpoint.safetensors"
+    return {
+        "step": lambda t: t.step(),
+        "write whole": lambda t: t.write(LINEAR, (), torch.full((20, 3200), 7.0)),
+        "write part": lambda t: t.write(LINEAR, [(slice(0, 1),)], torch.tensor(7.0)),
+        "fill": lambda t: t.fill_parameters(7.0),
+        "zero grads to zeros": lambda t: t.zero_grad(set_to_none=False),
+        "backward": lambda t: (t.forward(ONES, LABELS), t.backward()),
+        "train step": lambda t: t.train_step(ONES, LABELS, use=lambda s: s),
+        "reset": lambda t: t.reset(5),
+        "load": lambda t: (Trainer(device="cpu", seed=5).save(path), t.load(path)),
+    }
+
+
+MUTATIONS = list(mutations(Path()).keys())
+
+
+@pytest.mark.parametrize("name", [LINEAR, "linear.weight.grad"])
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_a_mutation_first_copies_what_a_read_has_not_sent(
+    trainer: Trainer, tmp_path: Path, mutation: str, name: str
+) -> None:
+    trained(trainer)
+    memory = CountedMemory()
+    _, tensor, _ = trainer._lookup(name)
+    before = tensor.detach().clone().reshape(-1)
+    selection, read = trainer.stream_read(name, (), memory)
+    assert read is not None
+    sent = []
+    for run in runs(read, 1000):  # three runs sent before the mutation
+        sent.append(run)
+        if len(sent) == 3:
+            break
+    mutations(tmp_path)[mutation](trainer)
+    assert trainer.version != selection.version  # a load restores an older version
+    assert read.copied and memory.taken == 1
+    rest = read_all(read, 1000, start=3000)
+    assert torch.equal(torch.cat([*sent, rest]), before)
+    read.close()
+    assert memory.given_back == 1
+
+
+def test_a_mutation_changes_the_live_tensor_but_not_the_read(trainer: Trainer) -> None:
+    trained(trainer)
+    _, read = trainer.stream_read(LINEAR, (), CountedMemory())
+    assert read is not None
+    before = trainer.parameters[LINEAR].detach().clone().reshape(-1)
+    trainer.fill_parameters(7.0)
+    assert torch.all(trainer.parameters[LINEAR] == 7.0)  # the model did change
+    assert torch.equal(read_all(read, 4096), before)
+    read.close()
+
+
+def test_reads_between_runs_leave_a_read_live(trainer: Trainer, tmp_path: Path) -> None:
+    trained(trainer)
+    memory = CountedMemory()
+    _, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None
+    trainer.read(LINEAR, [(0,)])
+    trainer.read("conv1.weight")  # a small read, on the caller's thread
+    trainer.read_many([(LINEAR, ()), ("conv2.weight", ())], lambda s: s, lambda snap: snap)
+    trainer.save(tmp_path / "kept.safetensors")
+    trainer.stage(torch.ones(2, 3, 10, 10), "input")
+    trainer.list_tensors()
+    trainer.zero_grad()  # to None: sets attributes, changes no tensor's values
+    assert not read.copied and memory.taken == 0
+    read.close()
+
+
+def test_a_strided_selection_is_copied_when_the_read_opens(trainer: Trainer) -> None:
+    memory = CountedMemory()
+    expected = trainer.parameters[LINEAR].detach()[:, ::2].clone().reshape(-1)
+    _, read = trainer.stream_read(LINEAR, [(slice(None), slice(None, None, 2))], memory)
+    assert read is not None and read.copied and memory.taken == 1
+    trainer.fill_parameters(7.0)
+    assert torch.equal(read_all(read, 999), expected)
+    read.close()
+    assert memory.given_back == 1
+
+
+def test_an_absent_tensor_opens_no_read(trainer: Trainer) -> None:
+    selection, read = trainer.stream_read("conv1.weight.grad", (), CountedMemory())
+    assert read is None and selection.full_shape is None
+
+
+def test_a_closed_read_is_no_longer_detached(trainer: Trainer) -> None:
+    memory = CountedMemory()
+    _, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None
+    next(runs(read, 1000))
+    read.close()  # the client went away mid-stream
+    trainer.fill_parameters(7.0)
+    assert memory.taken == 0 and not read.copied
+
+
+def test_a_read_fully_sent_needs_no_copy_when_a_mutation_follows(trainer: Trainer) -> None:
+    memory = CountedMemory()
+    _, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None
+    read_all(read, 64_000)
+    trainer.fill_parameters(7.0)  # before the stream's end was seen
+    assert memory.taken == 0
+    read.close()
+
+
+def test_reads_of_every_dtype_come_out_exactly(trainer: Trainer) -> None:
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64):
+        values = torch.arange(5000).to(dtype)
+        read = StreamedRead(values, threading.RLock(), CountedMemory(), trainer._live)
+        assert torch.equal(read_all(read, 777), values)
+        read.close()
+
+
+# --- through the server ------------------------------------------------------------------
+
+
+def test_a_step_while_a_client_holds_a_stream_open_leaves_it_one_version(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """A reader stops after its first chunk; steps run on; the rest is still the first
+    version's values, and the steps did not wait for the reader."""
+    client.fill_parameters(0.0)
+    start = client.set(f"{LINEAR}.grad", -1.0)  # each Step (lr 1) adds 1 to every weight
+    request = pb.GetTensorRequest(name=LINEAR, chunk_bytes=4000)  # 64 chunks of 1,000
+    stream = client._methods["GetTensorStream"](request, timeout=30)
+    first = next(stream)
+    for _ in range(3):
+        client.step()  # returns: the open stream holds nothing up
+    assert trainer.version == start + 3
+    splits = [wire.split(data, pb.GetTensorChunk) for data in [first, *stream]]
+    assert len(splits) == 64
+    assert {split.message.version for split in splits} == {start}
+    assembler = codec.Assembler(LINEAR)
+    for split in splits:
+        assembler.add(split, CHUNK_PATH, split.message.chunk)
+    values = assembler.numpy()
+    assert np.all(values == 0.0), np.unique(values)
+    assert np.all(client.get(LINEAR) == 3.0)
