@@ -26,6 +26,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.errors import GradwireError, ResourceExhausted, from_rpc_error
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
+from gradwire.memory import KeptMemory
 from gradwire.selector import parse_selector
 from gradwire.updates import (
     TensorStats,
@@ -219,6 +220,7 @@ def _serialize(request: Message | bytes) -> bytes:
 def _read_result(
     split: wire.Split[Any], path: wire.Path, response: pb.GetTensorResponse,
     *, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None = None,
+    allocate: codec.Allocate | None = None,
 ) -> TensorRead:  # fmt: skip
     if not response.HasField("tensor"):
         return TensorRead(response.name, response.version, None, None, None, None)
@@ -226,9 +228,9 @@ def _read_result(
     value: Any = None
     if values:
         if as_torch:
-            value = codec.decode_split_torch(split, path, tensor)
+            value = codec.decode_split_torch(split, path, tensor, allocate)
         else:
-            value = codec.decode_split(split, path, tensor, out)
+            value = codec.decode_split(split, path, tensor, out, allocate)
     return TensorRead(
         name=response.name,
         version=response.version,
@@ -275,6 +277,25 @@ class Client:
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
         #: Value bytes per chunk of a streamed tensor.
         self.chunk_bytes = limits.CHUNK_BYTES
+        self._memory = KeptMemory()
+        self._keep_memory = True
+
+    @property
+    def keep_memory(self) -> bool:
+        """Whether reads reuse the memory of the last large array they made once you have let
+        it go (memory.py); on by default. Setting it False also lets that memory go."""
+        return self._keep_memory
+
+    @keep_memory.setter
+    def keep_memory(self, keep: bool) -> None:
+        self._keep_memory = keep
+        if not keep:
+            self._memory.release()
+
+    @property
+    def _allocate(self) -> codec.Allocate | None:
+        """Where reads get the arrays they make."""
+        return self._memory.empty if self._keep_memory else None
 
     @staticmethod
     def _bind(channel: grpc.Channel) -> dict[str, Any]:
@@ -359,6 +380,7 @@ class Client:
             self.close_session()
         if self._owns_channel:
             self._channel.close()
+        self._memory.release()
 
     def _session_metadata(self) -> list[tuple[str, str]]:
         return [(SESSION, self.session)] if self.session else []
@@ -546,8 +568,9 @@ class Client:
             return self._read_stream(request, as_torch=as_torch, out=out)
         split = wire.split(data, pb.GetTensorResponse)
         return _read_result(
-            split, _RESPONSE_TENSOR, split.message, as_torch=as_torch, values=values, out=out
-        )
+            split, _RESPONSE_TENSOR, split.message,
+            as_torch=as_torch, values=values, out=out, allocate=self._allocate,
+        )  # fmt: skip
 
     def _read_stream(
         self,
@@ -566,7 +589,7 @@ class Client:
             return out
 
         assembler = codec.Assembler(
-            request.name, allocate=None if out is None else into_out, widen=not as_torch
+            request.name, allocate=self._allocate if out is None else into_out, widen=not as_torch
         )
         for data in self._stream("GetTensorStream", request):
             split = wire.split(data, pb.GetTensorChunk)

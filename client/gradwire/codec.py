@@ -271,6 +271,14 @@ def chunks(
         yield dtype, flat[offset : offset + step], offset, array.shape if offset == 0 else None
 
 
+#: Makes an uninitialised C-contiguous array of a shape and dtype (memory.KeptMemory.empty).
+Allocate = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]]
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    return np.empty(shape, dtype=dtype)
+
+
 class ChunkLimitError(CodecError):
     """A chunked tensor whose announced shape is over the receiver's element limit."""
 
@@ -287,14 +295,14 @@ class Assembler:
         self,
         what: str,
         max_elements: int | None = None,
-        allocate: Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] | None = None,
+        allocate: Allocate | None = None,
         *,
         widen: bool = False,
     ) -> None:
         self.what = what
         self.max_elements = max_elements
         #: makes the (uninitialised) array to assemble into; np.empty by default
-        self.allocate = allocate or (lambda shape, dtype: np.empty(shape, dtype=dtype))
+        self.allocate = allocate or _empty
         self.widen = widen
         self.dtype: int | None = None
         self._flat: np.ndarray[Any, Any] | None = None
@@ -378,13 +386,17 @@ def _read_dtype(dtype: int) -> np.dtype[Any]:
 
 
 def _widen(
-    dtype: int, array: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None = None
+    dtype: int,
+    array: np.ndarray[Any, Any],
+    out: np.ndarray[Any, Any] | None = None,
+    allocate: Allocate | None = None,
 ) -> np.ndarray[Any, Any]:
     """The array as numpy has it: bfloat16 widened to float32, exactly; into `out` when
-    given (a C-contiguous array of the result's shape and dtype), else as it is or new."""
+    given (a C-contiguous array of the result's shape and dtype), else as it is or new
+    (from `allocate`, np.empty by default)."""
     if dtype == pb.DTYPE_BFLOAT16:
         if out is None:
-            out = np.empty(array.shape, dtype=_read_dtype(dtype))
+            out = (allocate or _empty)(array.shape, _read_dtype(dtype))
         _widen_into(array.reshape(-1), out.reshape(-1))
         return out
     if out is None:
@@ -419,11 +431,15 @@ def _widen_into(
     torch.from_numpy(out).copy_(source)
 
 
-def _to_torch(dtype: int, array: np.ndarray[Any, Any]) -> torch.Tensor:
+def _to_torch(
+    dtype: int, array: np.ndarray[Any, Any], allocate: Allocate | None = None
+) -> torch.Tensor:
     import torch
 
     if not array.flags.writeable:  # a view of received bytes; torch wants writable memory
-        array = array.copy()
+        copy = (allocate or _empty)(array.shape, array.dtype)
+        np.copyto(copy, array)
+        array = copy
     if dtype == pb.DTYPE_BFLOAT16:
         return torch.from_numpy(array.view("<i2")).view(torch.bfloat16)
     return torch.from_numpy(array)
@@ -444,17 +460,18 @@ def decode_split(
     path: wire.Path,
     message: pb.Tensor,
     out: np.ndarray[Any, Any] | None = None,
+    allocate: Allocate | None = None,
 ) -> np.ndarray[Any, Any]:
     """The array of the Tensor at `path` of a `wire.split` message (`message` is that Tensor).
 
     The array is a read-only view of the received bytes: no copy was made, except to widen
-    bfloat16 to float32. With `out` (see check_out), the values are written there instead,
-    in one pass, and `out` is returned.
+    bfloat16 to float32 (into an array from `allocate`, np.empty by default). With `out` (see
+    check_out), the values are written there instead, in one pass, and `out` is returned.
     """
     dtype, array = _split_array(split, path, message)
     if out is not None:
         check_out(out, array.shape, _read_dtype(dtype))
-    return _widen(dtype, array, out)
+    return _widen(dtype, array, out, allocate)
 
 
 def check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
@@ -470,9 +487,15 @@ def check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype
         )
 
 
-def decode_split_torch(split: wire.Split[Any], path: wire.Path, message: pb.Tensor) -> torch.Tensor:
-    """As decode_split, as a CPU torch tensor (one copy: torch wants writable memory)."""
-    return _to_torch(*_split_array(split, path, message))
+def decode_split_torch(
+    split: wire.Split[Any],
+    path: wire.Path,
+    message: pb.Tensor,
+    allocate: Allocate | None = None,
+) -> torch.Tensor:
+    """As decode_split, as a CPU torch tensor (one copy, into an array from `allocate`:
+    torch wants writable memory)."""
+    return _to_torch(*_split_array(split, path, message), allocate)
 
 
 # --- indices -------------------------------------------------------------------------
