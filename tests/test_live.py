@@ -31,12 +31,14 @@ class CountedMemory(SpareMemory):
     def __init__(self) -> None:
         super().__init__()
         self.taken = 0
+        self.shapes: list[tuple[int, ...]] = []
         self.given_back = 0
 
     def take(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         self.taken += 1
+        self.shapes.append(shape)
         return super().take(shape, dtype, device)
 
     def give_back(self, tensor: torch.Tensor) -> None:
@@ -121,6 +123,8 @@ def test_a_mutation_first_copies_what_a_read_has_not_sent(
     mutations(tmp_path)[mutation](trainer)
     assert trainer.version != selection.version  # a load restores an older version
     assert read.copied and memory.taken == 1
+    # The whole selection's size, as the spare keeps it, though only the rest is copied.
+    assert memory.shapes == [tuple(selection.full_shape or ())]
     rest = read_all(read, 1000, start=3000)
     assert torch.equal(torch.cat([*sent, rest]), before)
     read.close()

@@ -8,12 +8,14 @@ straight from the tensor ("copy on write"):
 
 - each run of values is encoded for the wire under the trainer's lock, so no mutation runs
   while it is copied out;
-- every mutation first calls `LiveReads.detach_all()`, under the same lock, which copies what
-  each read in flight has not sent yet. The rest of the read is sent from that copy.
+- every call on the torch thread other than a read (trainer._READS) first calls
+  `LiveReads.detach_all()`, under the same lock, which copies what each read in flight has
+  not sent yet. The rest of the read is sent from that copy.
 
-So a read that nothing interrupts costs no copy at all, and one that a step interrupts costs
-at most what the up-front copy did, paid by the mutation that needed it. A client that stops
-reading mid-stream never holds up training: its read is detached like any other.
+So a read that nothing interrupts costs no copy at all. One that a step interrupts costs the
+copy of what is left, into the spare block when there is one, paid by the step that needed
+it: about what the up-front copy cost the torch thread before. A client that stops reading
+mid-stream never holds up training: its read is detached like any other.
 
 Anything else (a strided slice, a GPU tensor) is copied when the read opens, as before: a
 strided slice cannot be sent in runs without a copy anyway, and on a GPU the copy stays on
@@ -67,8 +69,8 @@ class LiveReads:
 class StreamedRead:
     """The values of one selection at one version, handed out run by run (`run`).
 
-    Open it under the trainer's lock (`open`); `close` it when the stream ends, however it
-    ends, to give back its copy.
+    Made under the trainer's lock (Trainer.stream_read); `close` it when the stream ends,
+    however it ends, to give back its copy.
     """
 
     def __init__(
@@ -86,19 +88,15 @@ class StreamedRead:
         self._reads = reads
         self._sent = 0  # values handed out from live memory, so far
         self._live: torch.Tensor | None = None  # 1-D view of the live tensor, until detached
-        self._copy: torch.Tensor | None = None  # 1-D copy of the values from _base on
-        self._base = 0
+        self._copy: torch.Tensor | None = None  # 1-D copy (from where the live read stopped)
         self._pinned: torch.Tensor | None = None  # a GPU copy's one host buffer
         if part.device.type == "cpu" and part.is_contiguous():
             self._live = part.reshape(-1)
             reads.add(self)
         else:
-            self._copy = self._take_copy(part)
-
-    def _take_copy(self, part: torch.Tensor) -> torch.Tensor:
-        copy = self._memory.take(tuple(part.shape), part.dtype, part.device)
-        copy.copy_(part)
-        return copy.reshape(-1)
+            copy = self._memory.take(self.shape, part.dtype, part.device)
+            copy.copy_(part)
+            self._copy = copy.reshape(-1)
 
     @property
     def copied(self) -> bool:
@@ -107,11 +105,15 @@ class StreamedRead:
 
     def detach(self) -> None:
         """Copies the values not sent yet, and sends the rest from that copy. Under the lock."""
-        if self._live is None:
+        live = self._live
+        if live is None:
             return
         if self._sent < self.numel:
-            self._copy = self._take_copy(self._live[self._sent :])
-            self._base = self._sent
+            # A block of the whole selection's size, the size the spare keeps (a read's or a
+            # write's), so that memory already mapped is reused; only the rest is copied.
+            copy = self._memory.take(self.shape, live.dtype, live.device).reshape(-1)
+            copy[self._sent :].copy_(live[self._sent :])
+            self._copy = copy
         self._live = None
 
     @contextmanager
@@ -129,7 +131,7 @@ class StreamedRead:
 
     def _host(self, offset: int, count: int) -> torch.Tensor:
         assert self._copy is not None
-        run = self._copy[offset - self._base : offset - self._base + count]
+        run = self._copy[offset : offset + count]
         if run.device.type == "cpu":
             return run
         if self._pinned is None:
