@@ -227,3 +227,24 @@ def test_a_step_while_a_client_holds_a_stream_open_leaves_it_one_version(
     values = assembler.numpy()
     assert np.all(values == 0.0), np.unique(values)
     assert np.all(client.get(LINEAR) == 3.0)
+
+
+def test_the_last_run_ends_the_read_and_gives_back_its_copy(trainer: Trainer) -> None:
+    memory = CountedMemory()
+    _, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None
+    first = next(runs(read, 1000))
+    trainer.fill_parameters(7.0)  # detached: the rest comes from a copy
+    rest = read_all(read, 1000, start=1000)
+    assert memory.taken == 1 and memory.given_back == 1  # before the stream's end is seen
+    assert len(trainer._live) == 0
+    read.close()  # the stream's own close, after: nothing more to do
+    assert memory.given_back == 1
+    assert torch.cat([first, rest]).numel() == 64_000
+
+
+def test_a_live_read_leaves_the_trainer_once_its_last_run_is_out(trainer: Trainer) -> None:
+    _, read = trainer.stream_read(LINEAR, (), CountedMemory())
+    assert read is not None and len(trainer._live) == 1
+    read_all(read, 64_000)
+    assert len(trainer._live) == 0

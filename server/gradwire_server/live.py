@@ -120,14 +120,19 @@ class StreamedRead:
     def run(self, offset: int, count: int) -> Iterator[torch.Tensor]:
         """Values [offset, offset + count) on the host, valid inside the block only: copy
         them out (encode them) there. Runs are asked for in order."""
+        last = offset + count >= self.numel
         if self._live is not None:
             with self._lock:
                 live = self._live  # None if a mutation detached this read meanwhile
                 if live is not None:
                     yield live[offset : offset + count]
                     self._sent = offset + count
+                    if last:
+                        self.close()
                     return
         yield self._host(offset, count)
+        if last:  # done with the copy before the stream's last message is even sent
+            self.close()
 
     def _host(self, offset: int, count: int) -> torch.Tensor:
         assert self._copy is not None
@@ -142,7 +147,8 @@ class StreamedRead:
         return host
 
     def close(self) -> None:
-        """Ends the read: it no longer follows the live tensor, and its copy goes back."""
+        """Ends the read: it no longer follows the live tensor, and its copy goes back. The
+        last run closes it too; closing again does nothing."""
         if self._live is not None:
             with self._lock:
                 self._reads.discard(self)
