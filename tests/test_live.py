@@ -15,7 +15,9 @@ import torch
 import gradwire
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire_server.app import Running
 from gradwire_server.convert import SpareMemory
+from gradwire_server.errors import OverLimit
 from gradwire_server.live import StreamedRead
 from gradwire_server.trainer import FillSpec, Trainer
 from tests.test_streaming import CHUNK_PATH
@@ -248,3 +250,40 @@ def test_a_live_read_leaves_the_trainer_once_its_last_run_is_out(trainer: Traine
     assert read is not None and len(trainer._live) == 1
     read_all(read, 64_000)
     assert len(trainer._live) == 0
+
+
+class NoMemory(CountedMemory):
+    """Spare memory that has none to give, as a server out of memory."""
+
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+
+def test_no_memory_for_the_copy_fails_the_read_not_the_mutation(trainer: Trainer) -> None:
+    _, read = trainer.stream_read(LINEAR, (), NoMemory())
+    assert read is not None
+    next(runs(read, 1000))
+    version, _ = trainer.fill_parameters(7.0)  # goes ahead
+    assert version == trainer.version and torch.all(trainer.parameters[LINEAR] == 7.0)
+    with pytest.raises(OverLimit, match="could not copy the rest") as caught:
+        read_all(read, 1000, start=1000)
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    read.close()
+    assert len(trainer._live) == 0
+
+
+def test_a_stream_whose_copy_fails_ends_resource_exhausted(
+    client: gradwire.Client, server: Running
+) -> None:
+    server.servicer.spare = NoMemory()
+    request = pb.GetTensorRequest(name=LINEAR, chunk_bytes=4000)
+    stream = client._stream("GetTensorStream", request)
+    next(stream)
+    client.fill_parameters(7.0)
+    with pytest.raises(gradwire.errors.ResourceExhausted) as caught:
+        list(stream)
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    assert "read it again" in str(caught.value)
+    assert np.all(client.get(LINEAR) == 7.0)  # the server carries on

@@ -31,6 +31,8 @@ from typing import Protocol
 
 import torch
 
+from gradwire_server.errors import OverLimit
+
 
 class Memory(Protocol):
     """Where copies come from, and go back to (convert.SpareMemory)."""
@@ -90,6 +92,7 @@ class StreamedRead:
         self._live: torch.Tensor | None = None  # 1-D view of the live tensor, until detached
         self._copy: torch.Tensor | None = None  # 1-D copy (from where the live read stopped)
         self._pinned: torch.Tensor | None = None  # a GPU copy's one host buffer
+        self._failed: str | None = None  # why the rest could not be copied
         if part.device.type == "cpu" and part.is_contiguous():
             self._live = part.reshape(-1)
             reads.add(self)
@@ -104,16 +107,25 @@ class StreamedRead:
         return self._copy is not None
 
     def detach(self) -> None:
-        """Copies the values not sent yet, and sends the rest from that copy. Under the lock."""
+        """Copies the values not sent yet, and sends the rest from that copy. Under the lock.
+
+        Never raises: if the copy cannot be made (no memory), the mutation goes ahead and
+        this read fails at its next run instead. It never sends values of two versions."""
         live = self._live
         if live is None:
             return
         if self._sent < self.numel:
-            # A block of the whole selection's size, the size the spare keeps (a read's or a
-            # write's), so that memory already mapped is reused; only the rest is copied.
-            copy = self._memory.take(self.shape, live.dtype, live.device).reshape(-1)
-            copy[self._sent :].copy_(live[self._sent :])
-            self._copy = copy
+            try:
+                # A block of the whole selection's size, the size the spare keeps (a read's
+                # or a write's), so that memory already mapped is reused; only the rest is
+                # copied.
+                copy = self._memory.take(self.shape, live.dtype, live.device).reshape(-1)
+                copy[self._sent :].copy_(live[self._sent :])
+                self._copy = copy
+            except (RuntimeError, MemoryError) as err:
+                self._failed = str(err).split("\n")[0]
+        # Last: `run` looks at _live without the lock, and then goes to the copy (or the
+        # failure), which must be in place by then.
         self._live = None
 
     @contextmanager
@@ -135,6 +147,13 @@ class StreamedRead:
             self.close()
 
     def _host(self, offset: int, count: int) -> torch.Tensor:
+        if self._failed is not None:
+            raise OverLimit(
+                "the tensor changed while it was being streamed, and the server could not "
+                f"copy the rest to keep the read at one version ({self._failed}); read it "
+                "again",
+                reason="OUT_OF_MEMORY",
+            )
         assert self._copy is not None
         run = self._copy[offset : offset + count]
         if run.device.type == "cpu":
