@@ -49,10 +49,12 @@ class CountedMemory(SpareMemory):
 
 
 def runs(read: StreamedRead, step: int, start: int = 0) -> Iterator[torch.Tensor]:
-    """Copies of the read's runs from `start` on, as the wire's encoding copies them."""
+    """Copies of the read's runs from `start` on, each made inside its run's block and
+    handed out after it, as stream_chunks encodes them."""
     for offset in range(start, read.numel, step):
         with read.run(offset, min(step, read.numel - offset)) as host:
-            yield host.clone()
+            copy = host.clone()
+        yield copy
 
 
 def read_all(read: StreamedRead, step: int, start: int = 0) -> torch.Tensor:
