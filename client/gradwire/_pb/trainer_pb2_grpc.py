@@ -221,7 +221,9 @@ class TrainerServicer:
     def GetTensorStream(self, request, context):
         """GetTensor for reads larger than one message: the values in chunks, in order.
         All chunks of one read come from one state version. A reader that stops reading holds
-        up no mutation: the server copies what it has not sent before the state changes.
+        up no mutation: the server copies what it has not sent before the state changes. If it
+        has no memory for that copy, the stream ends RESOURCE_EXHAUSTED (OUT_OF_MEMORY): read
+        again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

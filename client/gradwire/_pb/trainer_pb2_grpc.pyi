@@ -98,7 +98,9 @@ class TrainerStub:
     GetTensorStream: _grpc.UnaryStreamMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorChunk]
     """GetTensor for reads larger than one message: the values in chunks, in order.
     All chunks of one read come from one state version. A reader that stops reading holds
-    up no mutation: the server copies what it has not sent before the state changes.
+    up no mutation: the server copies what it has not sent before the state changes. If it
+    has no memory for that copy, the stream ends RESOURCE_EXHAUSTED (OUT_OF_MEMORY): read
+    again.
     """
     SetTensorStream: _grpc.StreamUnaryMultiCallable[_trainer_pb2.SetTensorChunk, _trainer_pb2.SetTensorResponse]
     """SetTensor with the value sent in chunks, for values larger than one message."""
@@ -169,7 +171,9 @@ class TrainerAsyncStub(TrainerStub):
     GetTensorStream: _aio.UnaryStreamMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorChunk]  # type: ignore[assignment]
     """GetTensor for reads larger than one message: the values in chunks, in order.
     All chunks of one read come from one state version. A reader that stops reading holds
-    up no mutation: the server copies what it has not sent before the state changes.
+    up no mutation: the server copies what it has not sent before the state changes. If it
+    has no memory for that copy, the stream ends RESOURCE_EXHAUSTED (OUT_OF_MEMORY): read
+    again.
     """
     SetTensorStream: _aio.StreamUnaryMultiCallable[_trainer_pb2.SetTensorChunk, _trainer_pb2.SetTensorResponse]  # type: ignore[assignment]
     """SetTensor with the value sent in chunks, for values larger than one message."""
@@ -309,7 +313,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.GetTensorChunk], _abc.AsyncIterator[_trainer_pb2.GetTensorChunk]]:
         """GetTensor for reads larger than one message: the values in chunks, in order.
         All chunks of one read come from one state version. A reader that stops reading holds
-        up no mutation: the server copies what it has not sent before the state changes.
+        up no mutation: the server copies what it has not sent before the state changes. If it
+        has no memory for that copy, the stream ends RESOURCE_EXHAUSTED (OUT_OF_MEMORY): read
+        again.
         """
 
     @_abc_1.abstractmethod
