@@ -335,8 +335,8 @@ def test_a_fallback_read_races_with_steps_and_sees_one_state(
     worker = threading.Thread(target=step_forever, daemon=True)
     worker.start()
     try:
-        # A view of the live weights (no negative step, which copies): only the server's
-        # snapshot keeps its chunks from tearing.
+        # A strided view of the live weights: the server copies it when the read opens
+        # (live.py), and only that copy keeps its chunks from tearing.
         reads = [client.read("conv1.weight[1:, 1:]") for _ in range(8)]
     finally:
         stop.set()
@@ -567,8 +567,9 @@ def test_a_streamed_write_to_a_parameter_a_module_keeps_a_view_of_writes_through
 def test_streamed_writes_that_keep_their_memory_race_with_streamed_reads(
     address: str, trainer: Trainer
 ) -> None:
-    """Writers hand memory to the spare as fast as readers take it for their snapshots: every
-    read still shows exactly one write's values, at that write's version."""
+    """Writers hand memory to the spare as fast as readers interrupted by a write take it for
+    their copies (live.py): every read still shows exactly one write's values, at that
+    write's version."""
     writes = 60
     failures: list[BaseException] = []
 
