@@ -18,7 +18,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire_server.app import Running
 from gradwire_server.convert import SpareMemory
 from gradwire_server.errors import OverLimit
-from gradwire_server.live import StreamedRead
+from gradwire_server.live import LiveReads, StreamedRead
 from gradwire_server.trainer import FillSpec, Trainer
 from tests.test_streaming import CHUNK_PATH
 
@@ -198,10 +198,10 @@ def test_a_read_fully_sent_needs_no_copy_when_a_mutation_follows(trainer: Traine
     read.close()
 
 
-def test_reads_of_every_dtype_come_out_exactly(trainer: Trainer) -> None:
+def test_reads_of_every_dtype_come_out_exactly() -> None:
     for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64):
         values = torch.arange(5000).to(dtype)
-        read = StreamedRead(values, threading.RLock(), CountedMemory(), trainer._live)
+        read = StreamedRead(values, threading.RLock(), CountedMemory(), LiveReads())
         assert torch.equal(read_all(read, 777), values)
         read.close()
 

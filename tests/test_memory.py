@@ -69,8 +69,8 @@ def test_memory_still_reachable_is_never_handed_out_again(keep: Any) -> None:
 
 def test_another_size_takes_fresh_memory_and_keeps_that() -> None:
     kept = KeptMemory()
-    del_me = kept.empty(SHAPE, np.dtype(np.float32))
-    del del_me
+    dropped = kept.empty(SHAPE, np.dtype(np.float32))
+    del dropped
     other = kept.empty((SHAPE[0] * 2, SHAPE[1]), np.dtype(np.float32))
     assert kept.kept_bytes == other.nbytes
 
