@@ -15,12 +15,13 @@ import torch
 import gradwire
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire_server import convert
 from gradwire_server.app import Running
 from gradwire_server.convert import SpareMemory
 from gradwire_server.errors import OverLimit
 from gradwire_server.live import LiveReads, StreamedRead
 from gradwire_server.trainer import FillSpec, Trainer
-from tests.test_streaming import CHUNK_PATH
+from tests.test_streaming import CHUNK_PATH, lower_value_limit
 
 ONES = FillSpec("ones", (4, 3, 10, 10))
 LABELS = torch.tensor([0, 1, 2, 3])
@@ -260,6 +261,7 @@ class NoMemory(CountedMemory):
     def take(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
+        self.taken += 1
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
 
 
@@ -289,3 +291,81 @@ def test_a_stream_whose_copy_fails_ends_resource_exhausted(
     assert caught.value.reason == "OUT_OF_MEMORY"
     assert "read it again" in str(caught.value)
     assert np.all(client.get(LINEAR) == 7.0)  # the server carries on
+
+
+def cut_short(monkeypatch: pytest.MonkeyPatch, trainer: Trainer, times: int) -> list[int]:
+    """Lands a mutation (every parameter filled with the count so far) after the first chunk
+    of each of the server's first `times` streamed reads, as a step landing mid-read would;
+    the versions of the reads that got that far are listed in the list returned."""
+    real = convert.stream_chunks
+    reads: list[int] = []
+
+    def stream_chunks(selection: Any, read: Any, chunk_bytes: int) -> Iterator[bytes]:
+        chunks = real(selection, read, chunk_bytes)
+        yield next(chunks)
+        reads.append(selection.version)
+        if len(reads) <= times:
+            trainer.fill_parameters(float(len(reads)))
+        yield from chunks
+
+    monkeypatch.setattr(convert, "stream_chunks", stream_chunks)
+    return reads
+
+
+@pytest.fixture
+def streamed(
+    client: gradwire.Client, server: Running, monkeypatch: pytest.MonkeyPatch
+) -> gradwire.Client:
+    """A client whose reads of linear.weight stream, in 64 chunks, from a server that has
+    no memory to keep a read at its version when a mutation lands mid-read."""
+    lower_value_limit(monkeypatch)
+    client.chunk_bytes = 4000
+    server.servicer.spare = NoMemory()
+    return client
+
+
+def test_a_read_cut_short_by_a_mutation_is_read_again(
+    streamed: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = cut_short(monkeypatch, trainer, times=1)
+    read = streamed.read(LINEAR)
+    assert len(reads) == 2  # the first ended OUT_OF_MEMORY after its first chunk
+    assert read.version == trainer.version == reads[1]
+    assert read.value is not None and read.value.shape == (20, 3200)
+    assert np.all(read.value == 1.0)  # all of the second read's version
+
+
+def test_reading_again_into_out_fills_it_from_one_read(
+    streamed: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = cut_short(monkeypatch, trainer, times=2)
+    out = np.full((20, 3200), -5.0, dtype=np.float32)
+    read = streamed.read(LINEAR, out=out)
+    assert len(reads) == 3 and read.value is out
+    assert np.all(out == 2.0)
+
+
+def test_a_read_cut_short_every_time_fails_after_the_retries(
+    streamed: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = cut_short(monkeypatch, trainer, times=100)
+    streamed.retries = 1
+    with pytest.raises(gradwire.errors.ResourceExhausted) as caught:
+        streamed.read(LINEAR)
+    assert caught.value.reason == "OUT_OF_MEMORY" and "read it again" in str(caught.value)
+    assert len(reads) == 2  # the first attempt and one retry
+    streamed.retries = 0
+    with pytest.raises(gradwire.errors.ResourceExhausted):
+        streamed.read(LINEAR)
+    assert len(reads) == 3
+
+
+def test_no_memory_to_open_a_read_is_not_read_again(
+    streamed: gradwire.Client, server: Running
+) -> None:
+    """A strided selection is copied when its read opens: without memory for that, the read
+    fails before its first chunk, and reading again at once would not help."""
+    with pytest.raises(gradwire.errors.ResourceExhausted) as caught:
+        streamed.read(f"{LINEAR}[:, ::2]")  # 128,000 bytes: over the lowered limit
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    assert isinstance(server.servicer.spare, NoMemory) and server.servicer.spare.taken == 1

@@ -217,6 +217,14 @@ def _serialize(request: Message | bytes) -> bytes:
     return request if isinstance(request, bytes) else request.SerializeToString()
 
 
+class _CutShort(Exception):
+    """A streamed read that a mutation cut short after its first chunks (see _read_stream)."""
+
+    def __init__(self, error: ResourceExhausted) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _read_result(
     split: wire.Split[Any], path: wire.Path, response: pb.GetTensorResponse,
     *, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None = None,
@@ -262,7 +270,8 @@ class Client:
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE.
+        #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE, and
+        #: for streamed reads that a concurrent mutation cut short (`read`).
         self.retries = 3
         #: The session this client's calls act on; None: the server's default session.
         self.session: str | None = None
@@ -579,8 +588,29 @@ class Client:
         as_torch: bool,
         out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
-        """GetTensorStream: chunks copied into one array (or `out`) as they come."""
+        """GetTensorStream, read again (`retries` times, backing off) when a mutation cut it
+        short: a read streams from the live tensor, and a mutation landing mid-read first
+        copies what is left; a server without memory for that copy ends the read
+        RESOURCE_EXHAUSTED (OUT_OF_MEMORY) after its first chunks and applies the mutation.
+        The same status before any chunk (no memory to open the read) is raised at once."""
         request.chunk_bytes = self.chunk_bytes
+        for attempt in range(self.retries + 1):
+            try:
+                return self._read_stream_once(request, as_torch=as_torch, out=out)
+            except _CutShort as cut:
+                if attempt == self.retries:
+                    raise cut.error from None
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_stream_once(
+        self,
+        request: pb.GetTensorRequest,
+        *,
+        as_torch: bool,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> TensorRead:
+        """One GetTensorStream: chunks copied into one array (or `out`) as they come."""
         first: pb.GetTensorChunk | None = None
 
         def into_out(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
@@ -591,15 +621,20 @@ class Client:
         assembler = codec.Assembler(
             request.name, allocate=self._allocate if out is None else into_out, widen=not as_torch
         )
-        for data in self._stream("GetTensorStream", request):
-            split = wire.split(data, pb.GetTensorChunk)
-            message = split.message
-            if first is None:
-                first = message
-            elif message.version != first.version:  # the server promises one version
-                raise GradwireError(f"{request.name}: chunks of one read from two versions")
-            if message.HasField("chunk"):
-                assembler.add(split, _STREAM_CHUNK, message.chunk)
+        try:
+            for data in self._stream("GetTensorStream", request):
+                split = wire.split(data, pb.GetTensorChunk)
+                message = split.message
+                if first is None:
+                    first = message
+                elif message.version != first.version:  # the server promises one version
+                    raise GradwireError(f"{request.name}: chunks of one read from two versions")
+                if message.HasField("chunk"):
+                    assembler.add(split, _STREAM_CHUNK, message.chunk)
+        except ResourceExhausted as err:
+            if first is not None and err.reason == "OUT_OF_MEMORY":
+                raise _CutShort(err) from None
+            raise
         if first is None or not first.HasField("chunk"):
             name = first.name if first else request.name
             return TensorRead(name, first.version if first else 0, None, None, None, None)
