@@ -164,3 +164,23 @@ def test_torch_reads_reuse_a_dropped_tensor_s_memory_and_never_a_held_one(
     del fresh
     again = client.get("linear.weight", as_torch=True)
     assert again.data_ptr() == where and torch.all(again == 2.0)
+
+
+def test_watched_bfloat16_values_reuse_a_dropped_array_and_never_a_held_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(memory, "KEEP_MIN_BYTES", 1000)  # w as float32: 80,000 bytes
+    with serving(BFLOAT16_WEIGHT, seed=0) as (trainer, client):
+        updates = client.watch(["w"], values=True, stats=False)
+        first = next(updates).tensors[0].value
+        where = address(first)
+        np.testing.assert_array_equal(first, trainer.read("w").value.float().numpy())
+        del first
+        client.fill_parameters(1.0)
+        held = next(updates).tensors[0].value
+        assert address(held) == where and np.all(held == 1.0)
+        client.fill_parameters(2.0)
+        fresh = next(updates).tensors[0].value
+        assert address(fresh) != where
+        assert np.all(held == 1.0) and np.all(fresh == 2.0)
+        updates.close()

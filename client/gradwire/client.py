@@ -714,7 +714,7 @@ class Client:
                 histogram_bins=bins,
             )
         for data in self._stream("Watch", request, timeout=timeout):
-            yield watch_update(data)
+            yield watch_update(data, self._allocate)
 
     def train(
         self,

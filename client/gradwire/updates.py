@@ -125,8 +125,9 @@ _WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
 _WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
 
 
-def watch_update(data: bytes) -> WatchUpdate:
-    """A WatchUpdate from its bytes, each tensor's values read without a per-element loop."""
+def watch_update(data: bytes, allocate: codec.Allocate | None = None) -> WatchUpdate:
+    """A WatchUpdate from its bytes, each tensor's values read without a per-element loop;
+    `allocate` makes the arrays a value needs (bfloat16 widened to float32)."""
     split = wire.split(data, pb.WatchUpdate)
     message = split.message
     tensors = []
@@ -134,7 +135,7 @@ def watch_update(data: bytes) -> WatchUpdate:
         value = None
         if watched.HasField("tensor"):
             path = ((_WATCHED, i), (_WATCHED_TENSOR, 0))
-            value = codec.decode_split(split, path, watched.tensor)
+            value = codec.decode_split(split, path, watched.tensor, allocate=allocate)
         present = (
             len(watched.full_shape) > 0 or watched.HasField("tensor") or watched.HasField("stats")
         )
