@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import gradwire
-from gradwire_server import openmp
+from gradwire_server import openmp, optim
 from gradwire_server.app import describe_threads, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import (
@@ -72,15 +72,8 @@ class Recorder:
 
     def __init__(self, trainer: Trainer) -> None:
         self.seen: list[tuple[str, int]] = []
+        self._trainer = trainer
         trainer._model.register_forward_hook(self._forward)
-        # Optimizers have no zero_grad hook: the trainer's own optimizer, seen on its way in.
-        zero_grad = trainer._optimizer.zero_grad
-
-        def seen_zero_grad(set_to_none: bool = True) -> None:
-            self.seen.append(("zero_grad", torch.get_num_threads()))
-            zero_grad(set_to_none)
-
-        trainer._optimizer.zero_grad = seen_zero_grad  # type: ignore[method-assign]
 
     def _forward(self, module: nn.Module, args: tuple[torch.Tensor], out: torch.Tensor) -> None:
         if out.device.type == "meta":  # the trainer counting a pass's operations
@@ -93,10 +86,20 @@ class Recorder:
 
     def __enter__(self) -> Recorder:
         self._hook = register_optimizer_step_pre_hook(self._step)
+        # Optimizers have no zero_grad hook: the trainer's zeroing, seen on its way in.
+        self._zero_grad = zero_grad = optim.zero_grad
+
+        def seen_zero_grad(optimizer: torch.optim.Optimizer, set_to_none: bool) -> None:
+            if optimizer is self._trainer._optimizer:
+                self.seen.append(("zero_grad", torch.get_num_threads()))
+            zero_grad(optimizer, set_to_none)
+
+        optim.zero_grad = seen_zero_grad
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._hook.remove()
+        optim.zero_grad = self._zero_grad
 
     def take(self) -> list[tuple[str, int]]:
         seen, self.seen = self.seen, []

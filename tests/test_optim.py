@@ -1,0 +1,169 @@
+"""optim.py: a torch optimizer's step and zero_grad without torch's profiler range, held to
+torch's own methods: the same values, the same hooks, and the range back while profiling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from gradwire_server import optim
+from gradwire_server.models import SIMPLE
+from gradwire_server.trainer import FillSpec, Trainer
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
+    "sgd-momentum-nesterov-decay": lambda params: torch.optim.SGD(
+        params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01
+    ),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=0.01),
+}
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 300), nn.ReLU(), nn.Linear(300, 3))
+
+
+def backward(net: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(16, 7, generator=gen)
+    net(x).square().mean().backward()
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_steps_change_parameters_and_state_exactly_as_torch_s_own(kind: str) -> None:
+    ours, theirs = model(), model()
+    our_opt, their_opt = OPTIMIZERS[kind](ours.parameters()), OPTIMIZERS[kind](theirs.parameters())
+    for seed in range(4):
+        backward(ours, seed)
+        backward(theirs, seed)
+        optim.step(our_opt)
+        their_opt.step()
+        optim.zero_grad(our_opt, set_to_none=seed % 2 == 0)
+        their_opt.zero_grad(set_to_none=seed % 2 == 0)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad) and not a.grad.requires_grad
+    ours_state, theirs_state = our_opt.state_dict()["state"], their_opt.state_dict()["state"]
+    assert ours_state.keys() == theirs_state.keys()
+    assert bool(ours_state) == (kind != "sgd")  # momentum buffers, Adam's moments
+    for key, state in ours_state.items():
+        for name, value in state.items():
+            other = theirs_state[key][name]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
+def test_zeroing_detaches_a_gradient_that_has_a_graph() -> None:
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    p.grad = torch.ones(3, requires_grad=True) * 2  # a gradient with a grad_fn
+    optim.zero_grad(opt, set_to_none=False)
+    assert p.grad is not None and p.grad.grad_fn is None and not p.grad.requires_grad
+    assert torch.equal(p.grad, torch.zeros(3))
+
+
+def counting_ranges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the profiler ranges opened from now on (torch.autograd.profiler)."""
+    opened: list[str] = []
+    real = torch.autograd.profiler.record_function
+
+    class Counted(real):  # type: ignore[misc,valid-type]
+        def __init__(self, name: str, args: str | None = None) -> None:
+            opened.append(name)
+            super().__init__(name, args)
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", Counted)
+    return opened
+
+
+def test_no_range_is_opened_while_no_profiler_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    backward(net, 0)
+    opened = counting_ranges(monkeypatch)
+    optim.step(opt)
+    optim.zero_grad(opt, set_to_none=False)
+    optim.zero_grad(opt, set_to_none=True)
+    assert opened == []
+    backward(net, 1)
+    opt.step()  # torch's own, for contrast: the check above can fail
+    opt.zero_grad()
+    assert opened == ["Optimizer.step#SGD.step", "Optimizer.zero_grad#SGD.zero_grad"]
+
+
+def test_a_running_profiler_sees_every_step_and_zero_grad() -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    backward(net, 0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        optim.step(opt)
+        optim.zero_grad(opt, set_to_none=False)
+    names = {event.name for event in prof.events()}
+    assert {"Optimizer.step#SGD.step", "Optimizer.zero_grad#SGD.zero_grad"} <= names
+
+
+def test_step_hooks_still_run_their_own_and_global() -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen: list[str] = []
+    handles = [
+        opt.register_step_pre_hook(lambda *_: seen.append("pre")),
+        opt.register_step_post_hook(lambda *_: seen.append("post")),
+    ]
+    backward(net, 0)
+    optim.step(opt)
+    assert seen == ["pre", "post"]
+    for handle in handles:
+        handle.remove()
+    handle = register_optimizer_step_post_hook(lambda *_: seen.append("global"))
+    try:
+        optim.step(opt)
+    finally:
+        handle.remove()
+    assert seen == ["pre", "post", "global"]
+    optim.step(opt)  # no hooks left: nothing more runs
+    assert seen == ["pre", "post", "global"]
+
+
+def test_an_optimizer_whose_step_torch_did_not_wrap_is_stepped_as_it_is() -> None:
+    class Plain(torch.optim.SGD):
+        pass
+
+    calls: list[int] = []
+
+    def plain_step(self: Plain, closure: Any = None) -> None:
+        calls.append(1)
+
+    net = model()
+    opt = Plain(net.parameters(), lr=0.1)
+    Plain.step = plain_step  # type: ignore[method-assign,assignment]
+    optim.step(opt)
+    assert calls == [1]
+
+
+def test_a_trainer_steps_and_zeroes_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = Trainer(device="cpu", seed=0)
+    reference = SIMPLE.factory()
+    reference.load_state_dict(trainer._model.state_dict())
+    reference_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
+    x, y = torch.ones(4, 3, 10, 10), torch.tensor([0, 1, 2, 3])
+    trainer.forward(FillSpec("ones", (4, 3, 10, 10)), y)
+    trainer.backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    opened = counting_ranges(monkeypatch)
+    trainer.step()
+    trainer.zero_grad(set_to_none=False)
+    assert opened == []
+    reference_opt.step()
+    reference_opt.zero_grad(set_to_none=False)
+    for name, p in trainer._model.named_parameters():
+        q = dict(reference.named_parameters())[name]
+        assert torch.equal(p, q) and p.grad is not None and q.grad is not None
+        assert torch.equal(p.grad, q.grad)
