@@ -2,8 +2,10 @@
 
 Why: `Optimizer.step` and `Optimizer.zero_grad` open a `record_function` range on every call,
 whether a profiler runs or not. That is two dispatcher calls, each letting go of the GIL,
-which a server's other threads then take. On the 2-core VM of docs/PERFORMANCE.md, a remote
-Step took 0.76-0.77 ms without the range against 0.82-0.95 ms with it, in three alternations.
+which a server's other threads then take. On the 2-core VM of docs/PERFORMANCE.md, in three
+alternations, a remote Step took 0.73-0.80 ms without the range against 0.74-0.94 ms with it
+(the middle of the three: 0.75 and 0.88 ms), and an in-place ZeroGrad 0.60-0.62 ms against
+0.76-0.85 ms.
 On the torch thread, back to back, `optimizer.step()` took 34-44 us with it, 13-18 us without;
 `zero_grad(set_to_none=True)` 13 us with it, 0.5 us without.
 
