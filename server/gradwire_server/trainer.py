@@ -1039,7 +1039,7 @@ class Trainer:
             return self._step()
 
     def _step(self) -> tuple[int, int]:
-        with_grad = sum(1 for p in self._model.parameters() if p.grad is not None)
+        with_grad = sum(1 for p in self._parameters.values() if p.grad is not None)
         if with_grad == 0:
             raise WrongOrder(
                 "no gradients to apply: call Backward first (ZeroGrad with set_to_none "
