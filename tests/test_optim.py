@@ -12,8 +12,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gradwire_server import optim
-from gradwire_server.models import SIMPLE
 from gradwire_server.trainer import FillSpec, Trainer
+from tests.reference import Simple
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
@@ -152,7 +152,7 @@ def test_an_optimizer_whose_step_torch_did_not_wrap_is_stepped_as_it_is() -> Non
 
 def test_a_trainer_steps_and_zeroes_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer(device="cpu", seed=0)
-    reference = SIMPLE.factory()
+    reference = Simple()  # written out apart from the server's, as the tutorial has it
     reference.load_state_dict(trainer._model.state_dict())
     reference_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
     x, y = torch.ones(4, 3, 10, 10), torch.tensor([0, 1, 2, 3])
