@@ -3,6 +3,7 @@ on calls in progress answered at once with RESOURCE_EXHAUSTED while health stays
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -15,7 +16,9 @@ import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
 from gradwire_server.app import start
+from gradwire_server.errors import OverLimit
 from gradwire_server.models import ModelSpec
+from gradwire_server.servicer import Slots
 from gradwire_server.trainer import Trainer
 
 WRITERS, READERS, STEPS = 4, 12, 25  # 16 clients
@@ -116,3 +119,15 @@ def test_calls_over_the_bound_are_refused_at_once_and_health_answers(gated: str)
         Gate.release.set()
         holder.join(timeout=60)
         assert result and client.list_tensors().version == 1  # the held call completed
+
+
+def test_slots_refuse_over_the_limit_at_once_and_come_back() -> None:
+    slots = Slots(2)
+    with slots, slots:
+        with pytest.raises(OverLimit) as info, slots:
+            pass
+        assert info.value.reason == "BUSY" and "2 calls in progress" in info.value.message
+    with contextlib.suppress(ValueError), slots:
+        raise ValueError("a call that failed gives its slot back")
+    with slots, slots:  # both free again
+        pass

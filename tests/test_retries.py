@@ -4,6 +4,7 @@ passed before it ran changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.models import ModelSpec
+from gradwire_server.servicer import RequestLog
 from gradwire_server.trainer import Trainer
 from tests.test_concurrency import Gate
 
@@ -145,3 +147,56 @@ def test_a_call_whose_deadline_passed_while_queued_changes_nothing(gated: Runnin
         client.timeout = 30
         assert client.list_tensors().version == 1  # only the Forward was applied
         assert client.get("weight").tolist() == [1.0, 1.0]
+
+
+def _first_attempt_held(log: RequestLog, fail: bool) -> tuple[threading.Thread, threading.Event]:
+    """A first attempt of key "k" that runs until the returned event is set, then answers
+    "first" or fails."""
+    entered, release = threading.Event(), threading.Event()
+
+    def first() -> str:
+        entered.set()
+        assert release.wait(timeout=60)
+        if fail:
+            raise RuntimeError("the first attempt failed")
+        return "first"
+
+    def attempt() -> None:
+        with contextlib.suppress(RuntimeError):
+            log.once(("Step", "", "k"), first)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    assert entered.wait(timeout=60)
+    return thread, release
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["first-answers", "first-fails"])
+def test_a_retry_waits_for_the_first_attempt(fail: bool) -> None:
+    """While the first attempt runs, a retry waits: then it gets that answer, or, when the
+    first attempt failed (and so changed nothing), it runs anew."""
+    log = RequestLog()
+    first, release = _first_attempt_held(log, fail)
+    ran: list[str] = []
+    answers: list[str] = []
+
+    def retry() -> None:
+        answers.append(log.once(("Step", "", "k"), lambda: ran.append("retry") or "retry"))
+
+    retrying = threading.Thread(target=retry)
+    retrying.start()
+    retrying.join(timeout=0.2)
+    assert retrying.is_alive() and not answers  # waiting, not running
+    release.set()
+    first.join(timeout=60)
+    retrying.join(timeout=60)
+    assert answers == (["retry"] if fail else ["first"])
+    assert ran == (["retry"] if fail else [])
+
+
+def test_the_log_keeps_the_last_answers_only() -> None:
+    log = RequestLog(size=2)
+    for key in "abc":
+        assert log.once(("Step", "", key), lambda key=key: key) == key
+    assert log.once(("Step", "", "c"), lambda: "again") == "c"  # kept
+    assert log.once(("Step", "", "a"), lambda: "again") == "again"  # forgotten: runs anew

@@ -9,7 +9,6 @@ them leave as bytes with the values spliced in, so no tensor is walked value by 
 from __future__ import annotations
 
 import collections
-import contextlib
 import contextvars
 import functools
 import logging
@@ -173,42 +172,67 @@ def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
-@contextlib.contextmanager
-def _session(servicer: TrainerServicer, context: grpc.ServicerContext) -> Iterator[None]:
+class _Session:
     """The call's session's trainer as `servicer.trainer`, for the call's duration."""
-    token = _CURRENT.set(servicer.sessions.get(_metadata(context).get(SESSION)))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+
+    __slots__ = ("_token", "_trainer")
+
+    def __init__(self, servicer: TrainerServicer, metadata: dict[str, str]) -> None:
+        self._trainer = servicer.sessions.get(metadata.get(SESSION))
+
+    def __enter__(self) -> None:
+        self._token = _CURRENT.set(self._trainer)
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self._token)
 
 
-@contextlib.contextmanager
-def _slot(servicer: TrainerServicer) -> Iterator[None]:
-    """One of the servicer's call slots for the call's duration, or OverLimit (BUSY) at once."""
-    if not servicer.slots.acquire(blocking=False):
-        raise OverLimit(
-            f"the server is busy: {servicer.max_concurrent} calls in progress; retry shortly",
-            reason="BUSY",
-        )
-    try:
-        yield
-    finally:
-        servicer.slots.release()
+class Slots:
+    """At most `limit` calls in progress: each call enters once (`with servicer.slots:`), from
+    any thread. Entering never waits: a server at its limit answers BUSY at once. A lock and
+    a count, cheaper than a semaphore, whose condition variable is Python code."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._taken >= self.limit:
+                raise OverLimit(
+                    f"the server is busy: {self.limit} calls in progress; retry shortly",
+                    reason="BUSY",
+                )
+            self._taken += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._taken -= 1
 
 
 def rpc(method: Handler[R]) -> Handler[R]:
     """Maps DomainError to its status, anything else to INTERNAL with the traceback logged."""
+    return _unary(method, mutates=False)
+
+
+def _unary(method: Handler[R], mutates: bool) -> Handler[R]:
+    # One flat wrapper, no generator-based context managers: this runs on every call, and in
+    # the server its Python runs with caches gone cold (docs/PERFORMANCE.md, tenth session).
+    name = method.__name__
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
-            with _slot(self), _session(self, context):
+            metadata = _metadata(context)
+            with self.slots, _Session(self, metadata):
                 if not isinstance(request, Iterator):
                     _well_formed(request)
+                if mutates:
+                    return _mutate(self, method, request, context, metadata)
                 return method(self, request, context)
         except Exception:
-            _answer_error(context, method.__name__)
+            _answer_error(context, name)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return wrapper
@@ -232,32 +256,43 @@ class RequestLog:
         self.size = size
         self._lock = threading.Lock()
         self._done: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
-        self._running: dict[tuple[str, ...], threading.Event] = {}
+        self._running: set[tuple[str, ...]] = set()
+        # Retries waiting for a first attempt to finish; rare, so no Event per call.
+        self._finished = threading.Condition(self._lock)
+        self._waiting = 0
 
     def once(self, key: tuple[str, ...], run: Callable[[], R]) -> R:
-        while True:
-            with self._lock:
-                if key in self._done:
-                    self._done.move_to_end(key)
-                    answer: R = self._done[key]
-                    return answer
-                running = self._running.get(key)
-                if running is None:
-                    self._running[key] = threading.Event()
-                    break
-            running.wait()  # the first attempt is running: wait, then look again
+        with self._lock:
+            while key in self._running:  # the first attempt is running: wait, then look again
+                self._waiting += 1
+                try:
+                    self._finished.wait()
+                finally:
+                    self._waiting -= 1
+            if key in self._done:
+                self._done.move_to_end(key)
+                answer: R = self._done[key]
+                return answer
+            self._running.add(key)
         try:
             answer = run()
         except BaseException:
             with self._lock:
-                self._running.pop(key).set()
+                self._stop_running(key)
             raise
         with self._lock:
             self._done[key] = answer
             while len(self._done) > self.size:
                 self._done.popitem(last=False)
-            self._running.pop(key).set()
+            self._stop_running(key)
         return answer
+
+    def _stop_running(self, key: tuple[str, ...]) -> None:
+        """With the lock held: `key` has an answer kept, or failed and is run anew by the
+        next attempt; either way, retries waiting for it look again."""
+        self._running.discard(key)
+        if self._waiting:
+            self._finished.notify_all()
 
 
 def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
@@ -278,27 +313,31 @@ def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
 def mutation(method: Handler[R]) -> Handler[R]:
     """`rpc` for calls that change state: run only if the caller's expected version holds and
     its deadline has not passed, and once per request id."""
+    return _unary(method, mutates=True)
 
-    @functools.wraps(method)
-    def body(self: Any, request: Any, context: grpc.ServicerContext) -> R:
-        metadata = _metadata(context)
-        guard = _guard(context, metadata)
 
-        def run() -> R:
-            with guarded(guard):
-                return method(self, request, context)
+def _mutate(
+    servicer: TrainerServicer,
+    method: Handler[R],
+    request: Any,
+    context: grpc.ServicerContext,
+    metadata: dict[str, str],
+) -> R:
+    guard = _guard(context, metadata)
 
-        request_id = metadata.get(REQUEST_ID)
-        if not request_id:
-            return run()
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidInput(
-                f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
-            )
-        key = (method.__name__, metadata.get(SESSION, ""), request_id)
-        return self.requests.once(key, run)  # type: ignore[no-any-return]
+    def run() -> R:
+        with guarded(guard):
+            return method(servicer, request, context)
 
-    return rpc(body)
+    request_id = metadata.get(REQUEST_ID)
+    if not request_id:
+        return run()
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(
+            f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
+        )
+    key = (method.__name__, metadata.get(SESSION, ""), request_id)
+    return servicer.requests.once(key, run)
 
 
 def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
@@ -307,7 +346,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
-            with _slot(self), _session(self, context):
+            with self.slots, _Session(self, _metadata(context)):
                 _well_formed(request)
                 yield from method(self, request, context)
         except Exception:
@@ -334,7 +373,7 @@ class TrainerServicer:
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
         self.max_concurrent = max_concurrent
-        self.slots = threading.BoundedSemaphore(max_concurrent)
+        self.slots = Slots(max_concurrent)
         self.requests = RequestLog()
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
 

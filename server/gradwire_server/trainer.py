@@ -85,14 +85,21 @@ class Guard:
 _GUARD: contextvars.ContextVar[Guard | None] = contextvars.ContextVar("guard", default=None)
 
 
-@contextmanager
-def guarded(guard: Guard | None) -> Iterator[None]:
-    """The next Trainer call made in this context runs only if `guard`'s conditions hold."""
-    token = _GUARD.set(guard)
-    try:
-        yield
-    finally:
-        _GUARD.reset(token)
+class guarded:  # named as the function it replaced: `with guarded(guard):`
+    """The next Trainer call made in this context runs only if `guard`'s conditions hold.
+
+    A class rather than a generator: every mutation enters one."""
+
+    __slots__ = ("_guard", "_token")
+
+    def __init__(self, guard: Guard | None) -> None:
+        self._guard = guard
+
+    def __enter__(self) -> None:
+        self._token = _GUARD.set(self._guard)
+
+    def __exit__(self, *exc: object) -> None:
+        _GUARD.reset(self._token)
 
 
 def _take_guard() -> Guard | None:
