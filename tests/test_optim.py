@@ -169,3 +169,72 @@ def test_a_trainer_steps_and_zeroes_through_it(monkeypatch: pytest.MonkeyPatch) 
         q = dict(reference.named_parameters())[name]
         assert torch.equal(p, q) and p.grad is not None and q.grad is not None
         assert torch.equal(p.grad, q.grad)
+
+
+def _refuse_torch_s_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes torch's own SGD step fail, so a test sees which path a step took."""
+
+    def refused(self: torch.optim.Optimizer, closure: Any = None) -> None:
+        raise AssertionError("torch's own SGD step ran")
+
+    monkeypatch.setattr(torch.optim.SGD.step, "__wrapped__", refused)
+
+
+def test_plain_sgd_skips_torch_s_python_and_matches_it_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ours, theirs = model(), model()
+    frozen = nn.Parameter(torch.ones(2))  # never gets a gradient: left alone
+
+    def groups(net: nn.Module) -> list[dict[str, Any]]:
+        first, *rest = net.parameters()
+        return [{"params": [first, frozen], "lr": 2}, {"params": rest}]  # an int lr too
+
+    our_opt = torch.optim.SGD(groups(ours), lr=0.1)
+    their_opt = torch.optim.SGD(groups(theirs), lr=0.1)
+    for seed in range(3):
+        backward(ours, seed)
+        backward(theirs, seed)
+        with monkeypatch.context() as patched:
+            _refuse_torch_s_step(patched)
+            optim.step(our_opt)
+        their_opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b) and a.requires_grad
+    assert torch.equal(frozen, torch.ones(2)) and our_opt.state_dict()["state"] == {}
+    assert torch.is_grad_enabled()  # put back after the update
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, maximize=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=True),
+        lambda ps: torch.optim.SGD(ps, lr=torch.tensor(0.1)),
+        lambda ps: type("Mine", (torch.optim.SGD,), {})(ps, lr=0.1),
+    ],
+    ids=["momentum", "decay", "maximize", "foreach", "tensor-lr", "subclass"],
+)
+def test_any_other_sgd_takes_torch_s_own_step(
+    make: Callable[[Any], torch.optim.Optimizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = model()
+    opt = make(net.parameters())
+    backward(net, 0)
+    _refuse_torch_s_step(monkeypatch)
+    with pytest.raises(AssertionError, match="torch's own SGD step ran"):
+        optim.step(opt)
+
+
+def test_a_setting_torch_adds_later_or_a_gradient_off_the_cpu_takes_torch_s_step() -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, foreach=False)
+    backward(net, 0)
+    assert optim._plain_sgd(opt)
+    opt.param_groups[0]["some_new_option"] = True  # unknown here: not assumed harmless
+    assert not optim._plain_sgd(opt)
+    on_meta = nn.Parameter(torch.empty(3, device="meta"))
+    on_meta.grad = torch.empty(3, device="meta")
+    assert not optim._plain_sgd(torch.optim.SGD([on_meta], lr=0.1))

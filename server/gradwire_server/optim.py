@@ -49,9 +49,59 @@ def step(optimizer: torch.optim.Optimizer) -> None:
     if unwrapped is None or _hooked(optimizer) or _profiling():
         optimizer.step()
         return
-    unwrapped(optimizer)
+    if _plain_sgd(optimizer):
+        _sgd_update(optimizer)
+    else:
+        unwrapped(optimizer)
     # A no-op that torch's wrapper calls after each step, for tools that hook it.
     getattr(optimizer, "_optimizer_step_code", lambda: None)()
+
+
+#: A plain SGD group's settings, each at the value that makes torch's step `p -= lr * grad`.
+#: A group with any other setting, or with one torch adds later, takes torch's own path.
+_PLAIN_SGD = {
+    "momentum": 0,
+    "dampening": 0,
+    "weight_decay": 0,
+    "nesterov": False,
+    "maximize": False,
+    "differentiable": False,
+    "fused": None,
+}
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether torch would step this optimizer with its single-tensor loop of
+    `param.add_(grad, alpha=-lr)` and nothing else: torch.optim.SGD itself with a float lr,
+    no momentum, decay, maximize or fused kernel, and its gradients on the CPU, where torch
+    chooses that loop over foreach."""
+    if type(optimizer) is not torch.optim.SGD or getattr(optimizer, "grad_scale", None) is not None:
+        return False
+    for group in optimizer.param_groups:
+        if group.keys() - {"params", "lr", "foreach"} != _PLAIN_SGD.keys():
+            return False
+        if any(group[key] != value for key, value in _PLAIN_SGD.items()):
+            return False
+        if group["foreach"] or type(group["lr"]) not in (float, int):
+            return False
+        if any(p.grad is not None and p.device.type != "cpu" for p in group["params"]):
+            return False
+    return True
+
+
+def _sgd_update(optimizer: torch.optim.Optimizer) -> None:
+    """torch's plain SGD step without the Python around it: `_single_tensor_sgd` does
+    exactly this for each parameter that has a gradient, under no_grad, in this order."""
+    enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try:
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-lr)
+    finally:
+        torch.set_grad_enabled(enabled)
 
 
 def zero_grad(optimizer: torch.optim.Optimizer, set_to_none: bool) -> None:
