@@ -70,22 +70,27 @@ _PLAIN_SGD = {
 }
 
 
+_PLAIN_SGD_KEYS = _PLAIN_SGD.keys() | {"params", "lr", "foreach"}
+
+
 def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """Whether torch would step this optimizer with its single-tensor loop of
     `param.add_(grad, alpha=-lr)` and nothing else: torch.optim.SGD itself with a float lr,
     no momentum, decay, maximize or fused kernel, and its gradients on the CPU, where torch
-    chooses that loop over foreach."""
+    chooses that loop over foreach. Plain loops, no generators: this runs on every Step."""
     if type(optimizer) is not torch.optim.SGD or getattr(optimizer, "grad_scale", None) is not None:
         return False
     for group in optimizer.param_groups:
-        if group.keys() - {"params", "lr", "foreach"} != _PLAIN_SGD.keys():
+        if group.keys() != _PLAIN_SGD_KEYS or group["foreach"]:
             return False
-        if any(group[key] != value for key, value in _PLAIN_SGD.items()):
+        if type(group["lr"]) not in (float, int):
             return False
-        if group["foreach"] or type(group["lr"]) not in (float, int):
-            return False
-        if any(p.grad is not None and p.device.type != "cpu" for p in group["params"]):
-            return False
+        for key, value in _PLAIN_SGD.items():
+            if group[key] != value:
+                return False
+        for p in group["params"]:
+            if p.grad is not None and not p.is_cpu:
+                return False
     return True
 
 
