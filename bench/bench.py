@@ -219,7 +219,7 @@ def small_calls(served: Served, repeats: int) -> list[Row]:
         calls: list[tuple[str, Callable[[], object]]] = [
             ("GetTensor of 3 elements vs echo", lambda: client.get("conv1.weight.grad[0][0][0]")),
             ("Step vs echo", client.step),  # the gradients stay: every Step applies them
-            # Zeros in place: 6 fills, one of them parallel (linear.weight's 64,000 values).
+            # Zeros in place: 3 fills, one of them parallel (linear.weight's 64,000 values).
             ("ZeroGrad to zeros vs echo", lambda: client.zero_grad(set_to_none=False)),
             # To None, as the tutorial's optimizer.zero_grad() does since PyTorch 2.0; last,
             # as it leaves no gradients.

@@ -1,4 +1,5 @@
-"""A torch optimizer's step and zero_grad, without the profiler range torch opens around them.
+"""A torch optimizer's step and zero_grad, without the profiler range torch opens around them,
+and plain SGD on the CPU without torch's Python around its update.
 
 Why: `Optimizer.step` and `Optimizer.zero_grad` open a `record_function` range on every call,
 whether a profiler runs or not. That is two dispatcher calls, each letting go of the GIL,
@@ -9,12 +10,19 @@ alternations, a remote Step took 0.73-0.80 ms without the range against 0.74-0.9
 On the torch thread, back to back, `optimizer.step()` took 34-44 us with it, 13-18 us without;
 `zero_grad(set_to_none=True)` 13 us with it, 0.5 us without.
 
+Plain SGD (no momentum, decay or other setting; the server's default optimizer) on the CPU is
+one `param.add_(grad, alpha=-lr)` per parameter, which is all torch's `_single_tensor_sgd`
+does for it; torch wraps that loop in five Python functions, an import and two dynamo graph
+breaks. In the server, with caches cold after a gRPC call, that Python took over a quarter of
+the step: `optimizer.step` 90 us through torch, 65 us here (docs/PERFORMANCE.md, tenth session).
+
 What is kept:
 - the optimizer's step hooks, global or its own: when any is registered, `step` goes through
   torch's own wrapper, which runs them;
 - the profiler's view: while torch's profiler runs, both go through torch's own methods, so
   that a trace shows every step and zero_grad as usual;
-- the arithmetic: the function torch's wrapper calls is the one called here, and zeroing
+- the arithmetic: the function torch's wrapper calls is the one called here (or, for plain
+  SGD, the loop that function runs, held to it bit for bit), and zeroing
   does what `zero_grad(set_to_none=False)` does for optimizers without foreach or fused
   (ours: `Trainer._build_optimizer`). `tests/test_optim.py` holds both to torch's own.
 """
