@@ -372,7 +372,6 @@ class TrainerServicer:
         self, trainer: Trainer, max_concurrent: int = 16, sessions: Sessions | None = None
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
-        self.max_concurrent = max_concurrent
         self.slots = Slots(max_concurrent)
         self.requests = RequestLog()
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
