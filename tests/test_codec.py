@@ -250,3 +250,22 @@ def test_format_index_writes_python() -> None:
     assert codec.format_index([(0,), (0,), (0,)]) == "[0][0][0]"
     assert codec.format_index([(0, slice(None), slice(1, 3))]) == "[0, :, 1:3]"
     assert codec.format_index([(Ellipsis, None, slice(None, None, -2))]) == "[..., None, ::-2]"
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float64, torch.float16, torch.int32, torch.int64, torch.bool,
+     torch.int8, torch.int16],  # the last two widened to int32
+)  # fmt: skip
+def test_a_torch_tensor_s_host_array_is_contiguous_little_endian_of_the_wire_s_type(
+    dtype: torch.dtype,
+) -> None:
+    base = (torch.arange(24) % 7 - 3).reshape(4, 6).to(dtype)
+    for tensor in (base, base.t()):  # contiguous, and not
+        wire_dtype, array = codec.host_array(tensor)
+        assert array.flags.c_contiguous and array.dtype.byteorder in "<=|"
+        assert array.dtype == codec._WIRE[wire_dtype].numpy
+        np.testing.assert_array_equal(array, tensor.numpy())
+    _, array = codec.host_array(base)
+    if dtype not in (torch.int8, torch.int16):
+        assert np.shares_memory(array, base.numpy())  # no copy of what already fits

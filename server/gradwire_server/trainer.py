@@ -270,7 +270,10 @@ class Selection:
     def host(self) -> torch.Tensor:
         """The selection, contiguous, on the CPU: a view of the live tensor when possible."""
         assert self.part is not None
-        return self.part.contiguous() if self.part.device.type == "cpu" else self.part.cpu()
+        part = self.part
+        if not part.is_cpu:
+            return part.cpu()
+        return part if part.is_contiguous() else part.contiguous()  # no torch op when it is
 
 
 @dataclass(frozen=True)
