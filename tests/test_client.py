@@ -584,6 +584,15 @@ def test_writing_with_a_negative_step_is_invalid_argument(client: gradwire.Clien
     assert caught.value.reason == "NEGATIVE_STEP_WRITE"
 
 
+def test_a_step_far_beyond_the_size_reads_what_numpy_reads(client: gradwire.Client) -> None:
+    # torch would multiply such a step into a stride that overflows: INTERNAL, before the fix
+    # (found by test_fuzz with a step near 2**58).
+    weight = np.asarray(client.get("conv1.weight"))
+    for text in ("[1::4611686018427387904]", "[:, ::-9223372036854775807]"):
+        got = np.asarray(client.get(f"conv1.weight{text}"))
+        np.testing.assert_array_equal(got, eval(f"weight{text}", {"weight": weight}))
+
+
 def test_a_tensor_over_the_element_limit_is_resource_exhausted(client: gradwire.Client) -> None:
     with pytest.raises(errors.ResourceExhausted) as caught:
         client.forward(Fill.ones(1 << 22, 3, 10, 10), ONES_TARGET)

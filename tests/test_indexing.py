@@ -33,6 +33,12 @@ CASES = [
     "x[()]",
     "x[1, 2, 3, 4]",
     "x[:, :, :, -1:-4:-1]",
+    # Steps far beyond any size: torch would overflow the stride (found by test_fuzz).
+    "x[::4611686018427387904]",
+    "x[1::9223372036854775807]",
+    "x[::-4611686018427387904]",
+    "x[:, -1:0:-9223372036854775807]",
+    "x[:, :, 1:1:4611686018427387904]",
 ]
 
 
@@ -71,3 +77,12 @@ def test_too_many_indices() -> None:
         select(torch.zeros(2, 2), parse_selector("w[0, 0, 0]").index, "w")
     with pytest.raises(InvalidInput, match="too many indices"):
         select(torch.tensor(1.0), parse_selector("w[0]").index, "loss")
+
+
+def test_a_write_through_a_huge_step_writes_the_one_element_it_selects() -> None:
+    x = torch.zeros(4, 3)
+    part = select(x, parse_selector("x[1::4611686018427387904]").index, "x", writable=True)
+    part.fill_(7.0)
+    expected = torch.zeros(4, 3)
+    expected[1] = 7.0
+    assert torch.equal(x, expected)

@@ -46,6 +46,10 @@ def _apply(
         size = out.shape[dim]
         if isinstance(item, slice):
             start, stop, step = item.indices(size)
+            # A step beyond the dimension's size selects what a step of its size does (at
+            # most `start`); torch would multiply it into a stride that overflows int64.
+            limit = max(size, 1)
+            step = max(-limit, min(step, limit))
             if step > 0:
                 out = out[(slice(None),) * dim + (slice(start, stop, step),)]
             else:
