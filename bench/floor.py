@@ -1,7 +1,8 @@
 """The floor every figure is measured against: bare gRPC calls carrying the same bytes, no codec.
 
 Served by the same server process as gradwire (same threads, same loopback), with identity
-serializers, so the only difference left is what gradwire itself does.
+serializers and outside gradwire's call log and metrics (`app.start`'s `extra_handlers`), so
+the only difference left is what gradwire itself does.
 """
 
 from __future__ import annotations

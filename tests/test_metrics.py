@@ -147,6 +147,40 @@ def test_unknown_methods_are_counted_without_their_name(
     assert not any("NoSuchMethod" in str(labels) for _, labels in samples)
 
 
+def test_other_services_beside_gradwire_are_neither_counted_nor_logged(
+    trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the benchmark serves its bare-gRPC floor: it must not pay for gradwire's bookkeeping.
+    bare = grpc.method_handlers_generic_handler(
+        "test.Bare", {"Echo": grpc.unary_unary_rpc_method_handler(lambda request, _: request)}
+    )
+    running = start(trainer, "127.0.0.1", 0, extra_handlers=[bare], metrics_port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            echo: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Bare/Echo"
+            )
+            missing: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/test.Bare/Missing"
+            )
+            with caplog.at_level(logging.DEBUG, logger="gradwire_server.access"):
+                assert echo(b"abc", timeout=10) == b"abc"
+                assert code_of(lambda: missing(b"", timeout=10)) == grpc.StatusCode.UNIMPLEMENTED
+                pb_grpc.TrainerStub(channel).ListTensors(pb.ListTensorsRequest(), timeout=10)
+        samples = scrape(running)
+    finally:
+        running.stop(grace=None)
+    counted = {
+        dict(labels)["method"]
+        for (name, labels), value in samples.items()
+        if name == "gradwire_rpc_total" and value
+    }
+    assert counted == {TRAINER + "ListTensors", metrics.UNKNOWN_METHOD}
+    logged = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.access"]
+    assert any("ListTensors" in line for line in logged)
+    assert not any("Bare" in line for line in logged)
+
+
 def test_refused_calls_are_counted_unauthenticated(trainer: Trainer) -> None:
     running = start(trainer, "127.0.0.1", 0, token="sesame", metrics_port=0)
     try:

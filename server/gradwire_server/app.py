@@ -82,13 +82,15 @@ def start(
     once, while a few threads stay free for health checks and reflection.
     `token`: every call but health checks must carry it as a bearer token. `tls`: serve
     TLS (mutual TLS when it names a client CA). `extra_handlers` serve other services beside
-    it (the benchmark's bare-gRPC floor). `metrics_port`: serve Prometheus metrics over HTTP
-    on host:metrics_port (0: a free port; None: no metrics).
+    it (the benchmark's bare-gRPC floor), outside the call log and metrics, which count
+    gradwire's own services; the token applies to them too. `metrics_port`: serve
+    Prometheus metrics over HTTP on host:metrics_port (0: a free port; None: no metrics).
     """
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
-    # First: it counts and logs every call, those the token refuses too.
-    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics)]
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    # First: it counts and logs every call to `services`, those the token refuses too.
+    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics, services)]
     if token:
         interceptors.append(TokenInterceptor(token))
     server = grpc.server(
@@ -104,9 +106,7 @@ def start(
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         if tls is None:

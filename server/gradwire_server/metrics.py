@@ -1,7 +1,8 @@
 """What operators watch: Prometheus metrics per RPC and gauges of the model, and an access log.
 
-`CallInterceptor` wraps the handler of every method of every service (Trainer, health,
-reflection): while a call runs it is the current call of the log lines (logs.py); when it ends
+`CallInterceptor` wraps the handler of every method of gradwire's services (Trainer, health,
+reflection; others served beside them, such as the benchmark's bare-gRPC floor, pass as they
+are): while a call runs it is the current call of the log lines (logs.py); when it ends
 its status code and duration are counted in `Metrics` (when the server has them) and, at DEBUG,
 logged on "gradwire_server.access". Each server has its own registry, so that servers in one
 process do not collide, and `serve_metrics` exposes it over HTTP.
@@ -18,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -165,8 +166,14 @@ def _code_of(context: grpc.ServicerContext, default: str) -> str:
 class CallInterceptor(grpc.ServerInterceptor):
     """Makes each call current for the log lines, and counts and times it into `metrics`."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics | None = None, services: Iterable[str] | None = None
+    ) -> None:
+        """`services`: the full names of the services whose calls it counts and logs; None:
+        all. Calls to any other service pass unwrapped (a method that no service has is
+        still counted, as "unknown")."""
         self.metrics = metrics
+        self._services = None if services is None else frozenset(services)
         # method -> (the handler wrapped, its wrapper): handlers are built once per method.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
@@ -181,7 +188,11 @@ class CallInterceptor(grpc.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(method, handler)
+        service = method[1 : method.rfind("/")]  # "/package.Service/Method"
+        if self._services is None or service in self._services:
+            wrapped = self._wrap(method, handler)
+        else:
+            wrapped = handler
         self._wrapped[method] = (handler, wrapped)  # keys: methods that exist, so bounded
         return wrapped
 
