@@ -5,6 +5,7 @@ passed before it ran changes nothing."""
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import Iterator
 
@@ -95,7 +96,12 @@ def test_the_client_sends_a_request_id_with_every_mutation(
 ) -> None:
     _with_gradients(client)
     client.step()
-    assert {key[0] for key in server.servicer.requests._done} >= {"Forward", "Backward", "Step"}
+    client.step()
+    done = list(server.servicer.requests._done)
+    assert {key[0] for key in done} >= {"Forward", "Backward", "Step"}
+    ids = [key[2] for key in done]
+    assert len(set(ids)) == len(ids)  # a fresh id per call: retries alone share one
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)  # 128 random bits
 
 
 def test_an_expected_version_makes_a_mutation_conditional(
