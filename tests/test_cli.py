@@ -333,6 +333,20 @@ def test_list_text(cli: Run) -> None:
     assert rows["target"].split() == ["target", "int64", "None"]
 
 
+def test_list_text_columns_line_up(cli: Run) -> None:
+    # Adam adds optimizer_state rows, the longest kind; the columns must still line up.
+    assert cli("optimizer", "--kind", "adam").code == 0
+    cli("forward")
+    cli("backward")
+    cli("step")
+    lines = cli("list").out.splitlines()[1:]
+    assert any(" optimizer_state " in line for line in lines)
+    assert any(" activation " in line for line in lines)
+    for column in (1, 2, 3):  # kind, dtype, shape: each starts at one offset on every row
+        starts = {line.index(line.split()[column], len(line.split()[0]) + 2) for line in lines}
+        assert len(starts) == 1, (column, starts)
+
+
 def test_list_json(cli: Run) -> None:
     cli("forward")
     data = cli("list", "--json").json()

@@ -487,10 +487,13 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         f"model {listing.model} on {listing.device}, optimizer {opt.kind} lr={opt.lr}, "
         f"version {listing.version}\n"
     )
-    width = max(len(t.name) for t in listing.tensors)
+    # Columns as wide as their widest entry: "activation" and "optimizer_state" included.
+    name_w, kind_w, dtype_w = (
+        max(len(getattr(t, field)) for t in listing.tensors) for field in ("name", "kind", "dtype")
+    )
     for t in listing.tensors:
         shape = format_size(t.shape) if t.present else "None"
-        out.write(f"  {t.name:<{width}}  {t.kind:<9}  {t.dtype:<8}  {shape}\n")
+        out.write(f"  {t.name:<{name_w}}  {t.kind:<{kind_w}}  {t.dtype:<{dtype_w}}  {shape}\n")
 
 
 def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
