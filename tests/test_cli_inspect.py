@@ -87,6 +87,27 @@ def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client)
     assert client.list_tensors().version == data["version"] == 4 * data["steps"]
 
 
+def _strict_json(text: str) -> dict[str, object]:
+    """Parses as a parser without Python's NaN extension would: any bare NaN fails."""
+
+    def refuse(constant: str) -> object:
+        raise AssertionError(f"not JSON: {constant}")
+
+    data: dict[str, object] = json.loads(text, parse_constant=refuse)
+    return data
+
+
+def test_json_output_is_strict_json_when_values_are_not_finite(cli: Run) -> None:
+    assert cli("fill", "nan").code == 0
+    assert _strict_json(cli("forward", "--json").out)["loss"] == "nan"
+    assert _strict_json(cli("train", "--steps", "2", "--json").out)["loss"] == "nan"
+    assert _strict_json(cli("get", "conv1.weight[0][0][0]", "--json").out)["values"] == [
+        "nan",
+        "nan",
+        "nan",
+    ]
+
+
 def test_train_refuses_bad_numbers(cli: Run) -> None:
     for argv in (["--steps", "0"], ["--every", "0"], ["--batch", "0"]):
         result = cli("train", *argv)

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -147,9 +148,26 @@ def _jsonable(value: Any) -> Any:
     return array.tolist()
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite as a string ("nan", "inf", "-inf"), as
+    `_jsonable` writes tensor values: a loss or a statistic can be NaN too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_line(data: Any) -> str:
+    """One line of strict JSON, which every parser reads (Python's json writes bare NaN)."""
+    return json.dumps(_finite(data), allow_nan=False) + "\n"
+
+
 def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     if args.json:
-        out.write(json.dumps(data) + "\n")
+        out.write(_json_line(data))
     else:
         out.write(text + "\n")
 
@@ -422,7 +440,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         for update in stream:
             if args.json:
-                out.write(json.dumps(_watch_json(update)) + "\n")
+                out.write(_json_line(_watch_json(update)))
                 out.flush()
             else:
                 table.show(update)
@@ -470,7 +488,7 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     listing = client.list_tensors()
     if args.json:
         out.write(
-            json.dumps(
+            _json_line(
                 {
                     "version": listing.version,
                     "model": listing.model,
@@ -479,7 +497,6 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     "tensors": [{**vars(t), "shape": list(t.shape)} for t in listing.tensors],
                 }
             )
-            + "\n"
         )
         return
     opt = listing.optimizer
@@ -540,7 +557,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         result = replay(c, init=args.init, seed=args.seed, write=write)
         if args.json:
             out.write(
-                json.dumps(
+                _json_line(
                     {
                         "init": result.init,
                         "output_shape": list(result.output_shape),
@@ -554,7 +571,6 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
                         "transcript": lines,
                     }
                 )
-                + "\n"
             )
 
     if client is not None:
