@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gradwire
+from gradwire.progress import format_loss
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -106,6 +107,43 @@ def test_json_output_is_strict_json_when_values_are_not_finite(cli: Run) -> None
         "nan",
         "nan",
     ]
+
+
+def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
+    assert cli("optimizer", "--lr", "100").code == 0  # diverges within a few steps
+    result = cli("train", "--steps", "20", "--every", "5")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[-2] == "trained 20 steps: loss nan, version 81"  # 1 SetOptimizer, 20 x 4
+    step = int(lines[-1].split(" by step ")[1].split(":")[0])
+    assert 1 <= step <= 20
+    assert lines[-1].endswith(
+        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (lr is 100)"
+    )
+    data = _strict_json(cli("train", "--steps", "2", "--json").out)
+    assert data["loss"] == "nan" and data["diverged_at"] == 1
+
+
+@pytest.mark.parametrize(
+    ("loss", "shown"),
+    [
+        (2.99123, "2.9912"),
+        (0.0, "0.0000"),
+        (123456.7, "123456.7000"),
+        (3.7e12, "3.7e+12"),
+        (1.2e-7, "1.2e-07"),
+        (float("nan"), "nan"),
+        (float("-inf"), "-inf"),
+    ],
+)
+def test_a_loss_shows_what_it_is(loss: float, shown: str) -> None:
+    assert format_loss(loss) == shown
+
+
+def test_a_finite_run_reports_no_divergence(cli: Run) -> None:
+    data = _strict_json(cli("train", "--steps", "3", "--json").out)
+    assert data["diverged_at"] is None and isinstance(data["loss"], float)
+    assert "diverged" not in cli("train", "--steps", "3").out
 
 
 def test_train_refuses_bad_numbers(cli: Run) -> None:

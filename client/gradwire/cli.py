@@ -25,7 +25,7 @@ from gradwire import codec
 from gradwire.client import DEFAULT_TARGET, Client
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
-from gradwire.errors import DeadlineExceeded, RemoteError, Unimplemented
+from gradwire.errors import DeadlineExceeded, GradwireError, RemoteError, Unimplemented
 from gradwire.fill import Fill
 from gradwire.plot import (
     DEFAULT_BINS,
@@ -43,7 +43,7 @@ from gradwire.plot import (
     plot_histogram,
     require_matplotlib,
 )
-from gradwire.progress import ProgressBar, WatchTable, format_stats
+from gradwire.progress import ProgressBar, WatchTable, format_loss, format_stats
 from gradwire.selector import Selector, SelectorError, parse_selector
 
 # Remote commands get a Client; local ones (serve, replay --embedded) get None.
@@ -391,12 +391,16 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     x, y = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
     done, loss, version = 0, float("nan"), None
+    # The first step seen with a loss that is not finite (with --server-side, of those reported).
+    diverged_at = None
     with _stop_on_interrupt() as stop:
         if args.server_side:
             run = client.train(x, y, args.steps, every=args.every)
             try:
                 for progress in run:
                     done, loss, version = progress.step, progress.loss, progress.version
+                    if diverged_at is None and not math.isfinite(loss):
+                        diverged_at = done
                     bar.update(done, loss, progress.steps_per_s)
                     if stop.is_set():
                         break
@@ -408,18 +412,35 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     break
                 result = client.train_step(x.reseeded(k), y.reseeded(k))
                 done, loss, version = k + 1, result.loss, result.version
+                if diverged_at is None and not math.isfinite(loss):
+                    diverged_at = done
                 if done % args.every == 0 or done == args.steps:
                     bar.update(done, loss)
     stopped = done < args.steps
     data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
     data["stopped"] = stopped
-    text = f"{'stopped after' if stopped else 'trained'} {done} steps: loss {loss:.4f}"
+    data["diverged_at"] = diverged_at
+    text = f"{'stopped after' if stopped else 'trained'} {done} steps: loss {format_loss(loss)}"
     if version is not None:
         text += f", version {version}"
     if args.json:
         _emit(out, args, data, text)
-    else:
-        bar.finish(text)
+        return
+    bar.finish(text)
+    if diverged_at is not None:
+        out.write(_divergence_hint(client, diverged_at) + "\n")
+
+
+def _divergence_hint(client: Client, step: int) -> str:
+    """What to do about a loss that stopped being finite: start again with a smaller lr."""
+    lower = "gradwire optimizer --lr ... with a smaller learning rate"
+    with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
+        opt = client.list_tensors().optimizer
+        lower = f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (lr is {opt.lr:g})"
+    return (
+        f"the loss was no longer finite by step {step}: training diverged, and the parameters "
+        f"may have too. To start again: gradwire reset, then {lower}"
+    )
 
 
 def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:

@@ -6,6 +6,7 @@ or a pipe each update is a line of its own, so logs and scripts read them too.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import TextIO
@@ -40,7 +41,7 @@ class ProgressBar:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         return (
             f"step {done}/{self.total} [{bar}] {100 * done // max(self.total, 1):3d}%  "
-            f"{rate:.1f} steps/s  loss {loss:.4f}  eta {_duration(eta)}"
+            f"{rate:.1f} steps/s  loss {format_loss(loss)}  eta {_duration(eta)}"
         )
 
     def update(self, done: int, loss: float, rate: float | None = None) -> None:
@@ -56,6 +57,13 @@ class ProgressBar:
             self.out.write("\n")
         self.out.write(message + "\n")
         self.out.flush()
+
+
+def format_loss(loss: float) -> str:
+    """`2.9912`; `3.676e+26`, `1.2e-07` or `nan` where four decimals would say nothing."""
+    if loss == 0 or (math.isfinite(loss) and 1e-4 <= abs(loss) < 1e6):
+        return f"{loss:.4f}"
+    return f"{loss:.4g}"
 
 
 def _duration(seconds: float) -> str:
