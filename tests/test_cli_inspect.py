@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import gradwire
+from gradwire.fill import Fill
 from gradwire.progress import format_loss
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
@@ -185,6 +186,20 @@ def test_watch_text_table_and_duration(cli: Run) -> None:
     assert lines[0] == "version 0  steps 0  after Watch"
     assert lines[1].split() == ["conv2.weight.grad", "absent"]
     assert lines[2].split()[:2] == ["linear.weight", "mean"]
+
+
+def test_watch_shows_a_scalar_as_its_value(cli: Run, client: gradwire.Client) -> None:
+    loss = client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64")).loss
+    weight = client.get("conv1.weight")[0, 0, 0, 0]
+    result = cli("watch", "loss", "conv1.weight[0, 0, 0, 0]", "--duration", "0.3")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[1].split() == ["loss", "value", f"{loss:.6g}"]
+    assert lines[2].endswith(f"  value {weight:.6g}")
+    assert cli("fill", "nan").code == 0
+    client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
+    result = cli("watch", "loss", "--duration", "0.3")
+    assert result.out.splitlines()[1].split() == ["loss", "value", "nan"]
 
 
 @pytest.mark.parametrize("command", ["stats", "watch", "train"])

@@ -113,6 +113,10 @@ def summary_cells(stats: Stats | None) -> str:
     """One table cell for a tensor's statistics."""
     if stats is None:
         return "absent"
+    if stats.count == 1:  # a scalar (the loss, say): its value is all there is to say
+        if stats.nan_count or stats.inf_count:
+            return "value nan" if stats.nan_count else "value infinite"
+        return f"value {stats.mean:.6g}"
     text = (
         f"mean {stats.mean: .4g}  std {stats.std:.4g}  min {stats.min: .4g}  "
         f"max {stats.max: .4g}  norm {stats.norm:.4g}"
