@@ -120,3 +120,9 @@ def test_session_limits_are_server_settings(trainer: Trainer) -> None:
             only.close()
     finally:
         running.stop(grace=None)
+
+
+def test_a_client_says_where_it_points(client: gradwire.Client, address: str) -> None:
+    assert repr(client) == f"gradwire.Client({address!r})"
+    with client.open_session() as mine:
+        assert repr(mine) == f"gradwire.Client({address!r}, session={mine.session!r})"

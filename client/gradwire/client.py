@@ -434,6 +434,10 @@ class Client:
         session, self.session = self.session, None
         self._call("CloseSession", pb.CloseSessionRequest(session=session))
 
+    def __repr__(self) -> str:
+        session = f", session={self.session!r}" if self.session is not None else ""
+        return f"gradwire.Client({self.target!r}{session})"
+
     def __enter__(self) -> Client:
         return self
 
