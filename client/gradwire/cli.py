@@ -135,22 +135,14 @@ def parse_value(text: str) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    if value is None:
-        return None
-    array = np.asarray(value)
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # JSON has no NaN or Infinity: say those as strings ("nan", "inf") so any parser
-        # reads the output, and keep every finite value a number.
-        mixed = array.astype(object)
-        bad = ~np.isfinite(array)
-        mixed[bad] = array[bad].astype(str)
-        return mixed.tolist()
-    return array.tolist()
+    """A tensor's values as nested lists; `_json_line` spells those that are not finite."""
+    return None if value is None else np.asarray(value).tolist()
 
 
 def _finite(value: Any) -> Any:
-    """`value` with every float that is not finite as a string ("nan", "inf", "-inf"), as
-    `_jsonable` writes tensor values: a loss or a statistic can be NaN too."""
+    """`value` with every float that is not finite as a string ("nan", "inf", "-inf"): JSON
+    has none, and a string keeps the line readable by any parser while every finite value
+    stays a number. Tensor values, losses and statistics alike."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
