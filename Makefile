@@ -16,7 +16,18 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[server,test,dev,plot]"
 	touch $@
 
-setup: $(BIN)/.installed
+# The Node.js client of examples/node, which tests/test_node_client.py runs to prove that the
+# .proto alone is enough. Installed when npm is on the machine; without it, those tests are
+# skipped and say why.
+NODE_EXAMPLE := examples/node
+$(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix $(NODE_EXAMPLE) --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "npm not found: the tests of $(NODE_EXAMPLE) will be skipped"; \
+	fi
+
+setup: $(BIN)/.installed $(NODE_EXAMPLE)/node_modules/.installed
 
 # Start a server, replay the tutorial over gRPC against it, stop the server.
 demo: setup
@@ -62,4 +73,4 @@ check-protos: setup
 	$(BIN)/python -m pytest -q tests/test_proto_sync.py
 
 clean:
-	rm -rf $(VENV) .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info

@@ -1,0 +1,327 @@
+#!/usr/bin/env node
+// The tutorial (shared/seed/tutorial.md) replayed from Node.js, with nothing of gradwire's but
+// its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
+// drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
+// listing, an int64 read, a streamed read, a typed write, a retried Step and errors.
+//
+//   npm ci --prefix examples/node
+//   node examples/node/tutorial.mjs localhost:50051 [--init random --seed 7] [--googleapis DIR]
+//
+// --googleapis names a folder holding google/rpc/status.proto and error_details.proto (the
+// googleapis-common-protos package has them: `make setup` installs it). With it, errors show
+// the reason gradwire puts in the `grpc-status-details-bin` trailer; without, code and message.
+// --json prints one JSON object instead of the transcript (tests/test_node_client.py reads it).
+
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+import grpc from '@grpc/grpc-js';
+import protoLoader from '@grpc/proto-loader';
+import protobuf from 'protobufjs';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const PROTO_ROOT = path.resolve(HERE, '..', '..', 'proto');
+const LR = 1.0;
+const FILL_VALUE = 0.1;
+const BATCH = 8;
+
+const { values: options, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    init: { type: 'string', default: 'fill' },
+    seed: { type: 'string', default: '0' },
+    googleapis: { type: 'string' },
+    json: { type: 'boolean', default: false },
+  },
+});
+const target = positionals[0] ?? 'localhost:50051';
+if (!['fill', 'random'].includes(options.init)) {
+  console.error(`--init must be fill or random, not ${options.init}`);
+  process.exit(2);
+}
+
+// The contract. keepCase: the .proto's own field names; longs as strings: int64 values stay
+// exact in JavaScript; enums by name.
+const definition = protoLoader.loadSync('gradwire/v1/trainer.proto', {
+  includeDirs: [PROTO_ROOT],
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const { Trainer } = grpc.loadPackageDefinition(definition).gradwire.v1;
+const trainer = new Trainer(target, grpc.credentials.createInsecure());
+
+// google.rpc.Status and ErrorInfo, to read the reason of an error.
+let Status = null;
+let ErrorInfo = null;
+if (options.googleapis) {
+  const root = new protobuf.Root();
+  root.resolvePath = (origin, file) => path.join(options.googleapis, file);
+  root.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
+  Status = root.lookupType('google.rpc.Status');
+  ErrorInfo = root.lookupType('google.rpc.ErrorInfo');
+}
+
+/** One unary call, with a deadline, as a promise. */
+function call(method, request = {}, metadata = new grpc.Metadata()) {
+  return new Promise((resolve, reject) => {
+    const deadline = Date.now() + 30_000;
+    trainer[method](request, metadata, { deadline }, (error, response) =>
+      error ? reject(error) : resolve(response),
+    );
+  });
+}
+
+/** A server-streaming call, its messages collected. */
+function collect(method, request) {
+  return new Promise((resolve, reject) => {
+    const messages = [];
+    const stream = trainer[method](request, new grpc.Metadata(), { deadline: Date.now() + 30_000 });
+    stream.on('data', (message) => messages.push(message));
+    stream.on('error', reject);
+    stream.on('end', () => resolve(messages));
+  });
+}
+
+/** A failed call as the contract describes it: status, message and ErrorInfo's reason. */
+function explain(error) {
+  if (error.code === undefined) throw error; // not a gRPC error: a bug here, not the server's
+  const out = { code: grpc.status[error.code], message: error.details };
+  const [details] = error.metadata?.get('grpc-status-details-bin') ?? [];
+  if (details && Status) {
+    for (const any of Status.decode(details).details) {
+      if (any.type_url === 'type.googleapis.com/google.rpc.ErrorInfo') {
+        const info = ErrorInfo.decode(any.value);
+        Object.assign(out, { reason: info.reason, domain: info.domain });
+      }
+    }
+  }
+  return out;
+}
+
+/** The call's error, explained; null when it succeeded. */
+async function failure(method, request, metadata) {
+  try {
+    await call(method, request, metadata);
+    return null;
+  } catch (error) {
+    return explain(error);
+  }
+}
+
+// Each dtype's values travel in the typed field the contract names; float16 and bfloat16 in
+// raw_values, as little-endian 16-bit words.
+const FIELD = {
+  DTYPE_FLOAT32: 'float_values',
+  DTYPE_FLOAT64: 'double_values',
+  DTYPE_INT32: 'int32_values',
+  DTYPE_INT64: 'int64_values',
+  DTYPE_BOOL: 'bool_values',
+};
+
+/** A Tensor message as {dtype, shape, values}; null when absent (a gradient before Backward). */
+function tensor(message) {
+  if (!message) return null;
+  const field = FIELD[message.dtype];
+  let values;
+  if (field === undefined) {
+    const raw = message.raw_values;
+    values = Array.from({ length: raw.length / 2 }, (_, i) => raw.readUInt16LE(2 * i));
+  } else if (message.dtype === 'DTYPE_INT64') {
+    values = message[field].map(BigInt); // exact, however large
+  } else {
+    values = message[field];
+  }
+  return { dtype: message.dtype, shape: message.shape.map(Number), values };
+}
+
+// numpy basic indexing as messages: x[0][0][0] is three indexes, x[:2, :3] one of two items.
+const at = (i) => ({ at: i });
+const slice = (start, stop) => ({ slice: { start, stop } });
+const index = (...items) => ({ items });
+
+async function read(name, ...indexes) {
+  const response = await call('GetTensor', { name, index: indexes });
+  return tensor(response.tensor);
+}
+
+/** A float32 tensor's values with `lr * grad` taken off, rounded to float32 as torch does. */
+function sgd(weight, grad) {
+  return weight.values.map((w, i) => Math.fround(w - Math.fround(LR * grad.values[i])));
+}
+
+const sameValues = (a, b) => a.length === b.length && a.every((v, i) => Object.is(v, b[i]));
+
+const transcript = [];
+function show(code, value) {
+  transcript.push(`>>> ${code}`);
+  if (value !== undefined) transcript.push(format(value));
+}
+function format(value) {
+  if (value === null) return 'None';
+  if (value?.values) {
+    const shown = value.values.slice(0, 6).map((v) => (value.dtype === 'DTYPE_FLOAT32' ? float32(v) : v));
+    const more = value.values.length > 6 ? ', ...' : '';
+    return `${value.dtype} [${value.shape.join(', ')}]: ${shown.join(', ')}${more}`;
+  }
+  return String(value);
+}
+
+/** The shortest decimal that reads back as the same float32, as numpy prints it. */
+function float32(v) {
+  for (let digits = 1; digits < 9; digits += 1) {
+    const short = Number(v.toPrecision(digits));
+    if (Math.fround(short) === v) return short;
+  }
+  return v;
+}
+
+async function tutorial() {
+  if (options.init === 'fill') {
+    await call('Reset');
+    await call('FillParameters', { value: FILL_VALUE });
+    show(`model = Simple(); for m in model.parameters(): m.data.fill_(${FILL_VALUE})`);
+  } else {
+    await call('Reset', { seed: options.seed });
+    show(`torch.manual_seed(${options.seed}); model = Simple()`);
+  }
+  await call('SetOptimizer', { config: { kind: 'OPTIMIZER_KIND_SGD', lr: LR } });
+  show(`optimizer = torch.optim.SGD(model.parameters(), lr=${LR.toFixed(1)})`);
+
+  const forward = await call('Forward', {
+    input: { fill: { kind: 'KIND_ONES', shape: [BATCH, 3, 10, 10] } },
+    target: { fill: { kind: 'KIND_ONES', shape: [BATCH], dtype: 'DTYPE_INT64' } },
+  });
+  show('output = model(images); loss = criterion(output, targets); print(loss.item())', forward.loss);
+  const gradBefore = await read('conv1.weight.grad');
+  show('print(model.conv1.weight.grad)', gradBefore);
+
+  await call('Backward');
+  show('loss.backward()');
+  const gradSlice = await read('conv1.weight.grad', index(at(0)), index(at(0)), index(at(0)));
+  show('print(model.conv1.weight.grad[0][0][0])', gradSlice);
+  const linearRows = await read('linear.weight.grad', index(slice(undefined, 2), slice(undefined, 3)));
+  show('print(model.linear.weight.grad[:2, :3])', linearRows);
+  const weightSliceBefore = await read('conv1.weight', index(at(0)), index(at(0)), index(at(0)));
+  const weightBefore = await read('conv1.weight');
+  const grad = await read('conv1.weight.grad');
+
+  // A Step sent twice with one request id, as a client retrying after a lost reply would:
+  // the server applies it once and answers the retry as it answered the first.
+  const retry = new grpc.Metadata();
+  retry.set('gradwire-request-id', randomBytes(16).toString('hex'));
+  const step = await call('Step', {}, retry);
+  const stepAgain = await call('Step', {}, retry);
+  show('optimizer.step()');
+  const weightSliceAfter = await read('conv1.weight', index(at(0)), index(at(0)), index(at(0)));
+  show('print(model.conv1.weight[0][0][0])', weightSliceAfter);
+  const weightAfter = await read('conv1.weight');
+  const identity = sameValues(weightAfter.values, sgd(weightBefore, grad));
+  transcript.push(`# weight after step == weight before - lr * grad, bit for bit: ${identity}`);
+
+  await call('ZeroGrad');
+  const gradAfterZero = await read('conv1.weight.grad');
+  show('optimizer.zero_grad(); print(model.conv1.weight.grad)', gradAfterZero);
+
+  return {
+    output_shape: forward.output_shape.map(Number),
+    loss: forward.loss,
+    grad_before_backward: gradBefore,
+    grad_slice: gradSlice,
+    linear_grad_rows: linearRows,
+    weight_slice_before: weightSliceBefore,
+    weight_before: weightBefore,
+    grad,
+    steps: [step, stepAgain].map((s) => ({
+      version: Number(s.version),
+      parameters_updated: Number(s.parameters_updated),
+    })),
+    weight_slice_after: weightSliceAfter,
+    weight_after: weightAfter,
+    identity_holds: identity,
+    grad_after_zero: gradAfterZero,
+  };
+}
+
+async function pastTheTutorial() {
+  const listing = await call('ListTensors');
+  transcript.push(`# ${listing.model} on ${listing.device}: ${listing.tensors.length} tensors`);
+
+  // int64 values arrive as strings (longs: String) and become BigInt: exact.
+  const targets = await read('target');
+
+  // A read in chunks of 64 KiB, put back together by offset: what a client does above the
+  // message limit. Every chunk carries the version the read was taken at.
+  const chunks = await collect('GetTensorStream', { name: 'linear.weight', chunk_bytes: 65536 });
+  const whole = await read('linear.weight');
+  const streamed = new Array(whole.values.length);
+  for (const message of chunks) {
+    const { offset, values } = message.chunk;
+    tensor(values).values.forEach((v, i) => (streamed[Number(offset) + i] = v));
+  }
+  transcript.push(`# linear.weight in ${chunks.length} chunks: ${sameValues(streamed, whole.values)}`);
+
+  // A typed write of one row, read back.
+  const row = [1.5, -2.25, 3.125];
+  const write = await call('SetTensor', {
+    name: 'conv1.weight',
+    index: [index(at(0), at(0), at(0))],
+    value: { tensor: { dtype: 'DTYPE_FLOAT32', shape: [3], float_values: row } },
+  });
+  const written = await read('conv1.weight', index(at(0), at(0), at(0)));
+
+  // Errors: a status a program can branch on, a reason that names the case, a message for people.
+  const stale = new grpc.Metadata();
+  stale.set('gradwire-expected-version', String(Number(write.version) - 1));
+  const errors = {
+    unknown_name: await failure('GetTensor', { name: 'conv1.wieght' }),
+    past_the_end: await failure('GetTensor', { name: 'conv1.weight', index: [index(at(16))] }),
+    backward_again: await failure('Backward'),
+    stale_version: await failure('FillParameters', { value: 0 }, stale),
+    bad_shape: await failure('Forward', {
+      input: { tensor: { dtype: 'DTYPE_FLOAT32', shape: [1, 3], float_values: [1, 2, 3] } },
+    }),
+  };
+  for (const [name, error] of Object.entries(errors)) {
+    transcript.push(`# ${name}: ${error?.code} ${error?.reason ?? ''} ${error?.message}`);
+  }
+
+  return {
+    listing: {
+      model: listing.model,
+      device: listing.device,
+      sample_shape: listing.sample_shape.map(Number),
+      outputs: Number(listing.outputs),
+      names: listing.tensors.map((t) => t.name),
+    },
+    targets: { ...targets, values: targets.values.map(Number) },
+    stream: {
+      chunks: chunks.length,
+      offsets: chunks.map((m) => Number(m.chunk.offset)),
+      versions: chunks.map((m) => Number(m.version)),
+      full_shape: chunks[0].full_shape.map(Number),
+      equal_to_unary: sameValues(streamed, whole.values),
+      values: streamed,
+    },
+    set: { version: Number(write.version), written: written.values },
+    errors,
+  };
+}
+
+try {
+  const result = { ...(await tutorial()), ...(await pastTheTutorial()) };
+  if (options.json) {
+    console.log(JSON.stringify(result));
+  } else {
+    console.log(transcript.join('\n'));
+  }
+} catch (error) {
+  console.error(error.code === undefined ? error : `${target}: ${JSON.stringify(explain(error))}`);
+  process.exitCode = 1;
+} finally {
+  trainer.close();
+}
