@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -206,6 +208,45 @@ def typed_reads(served: Served, repeats: int) -> list[Row]:
         out = np.empty(size // 2, dtype=np.float32)
         ours, bare = paired(lambda: client.get("bf16", out=out), lambda: floor.get(size), repeats)
         rows.append(at_most("GetTensor 16 MiB bfloat16 into float32 out=", ours, bare, 1.5))
+    return rows
+
+
+NODE_EXAMPLE = ROOT / "examples" / "node"
+
+
+def node_reads(served: Served, repeats: int) -> list[Row]:
+    """Target 1 as a client in another language meets it: examples/node/bench.mjs reads the
+    same 16 MiB tensors from Node.js, each beside a bare gRPC read of 16 MiB in Node on the
+    same channel. Its values viewed in place (examples/node/wire.mjs), and for float32 also
+    decoded by @grpc/proto-loader value by value, the way a generic client reads them. Left
+    out, with a line saying so, without Node.js or the example's packages (`make setup`
+    installs them where npm is)."""
+    node = shutil.which("node")
+    if node is None or not (NODE_EXAMPLE / "node_modules").is_dir():
+        print("no Node.js or no examples/node/node_modules: Node.js rows left out", file=sys.stderr)
+        return []
+    done = subprocess.run(
+        [node, str(NODE_EXAMPLE / "bench.mjs"), served.address, "--repeats", str(repeats)],
+        capture_output=True, text=True, check=True, timeout=900,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    rows = [
+        at_most(
+            f"Node.js: GetTensor 16 MiB {label}, viewed", r["ours"] / 1e3, r["floor"] / 1e3, 1.5
+        )
+        for label, r in result["viewed"].items()
+    ]
+    decoded = result["decoded"]["float32"]
+    rows.append(
+        report(
+            at_most(
+                "  float32 decoded by proto-loader",
+                decoded["ours"] / 1e3,
+                decoded["floor"] / 1e3,
+                1.5,
+            )
+        )
+    )
     return rows
 
 
@@ -511,6 +552,8 @@ def main() -> int:
         with serve("blobs", args.device, flags) as served:
             if "typed" in parts:
                 reads.extend(typed_reads(served, args.repeats))
+                # Half as many: each Node.js call moves 16 MiB through JavaScript.
+                reads.extend(node_reads(served, max(5, args.repeats // 2)))
             if "big" in parts:
                 reads.extend(big_transfers(served, args.big_repeats))
 

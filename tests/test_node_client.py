@@ -1,6 +1,7 @@
 """The contract alone is enough: a Node.js client built from trainer.proto (examples/node), with
 none of gradwire's Python, replays the tutorial against a real server and gets what PyTorch
 computes here, bit for bit; and reads, writes, retries and errors work from another language.
+examples/node/wire.mjs, which views GetTensor's values in place, reads every dtype exactly.
 
 Needs Node.js and the example's packages, which `make setup` installs with npm when npm is on
 the machine. Without them these tests are skipped, and say why.
@@ -18,9 +19,12 @@ import google.rpc.status_pb2
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradwire
+from gradwire_server.models import ModelSpec
 from tests.reference import run_tutorial
+from tests.serve_in_process import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"
@@ -118,6 +122,8 @@ def test_node_reads_listing_int64_stream_and_writes(address: str, client: gradwi
     assert stream["equal_to_unary"] is True
     streamed = np.array(stream["values"], dtype=np.float64).astype(np.float32).reshape(20, 3200)
     assert np.array_equal(streamed, client.remote.linear.weight.numpy())
+    # The same read through wire.mjs: a Float32Array over the reply's bytes, equal value by value.
+    assert result["viewed"] == {"shape": [20, 3200], "equal_to_decoded": True}
 
     assert result["set"]["written"] == [1.5, -2.25, 3.125]
     assert np.array_equal(client.remote.conv1.weight[0, 0, 0].numpy(), [1.5, -2.25, 3.125])
@@ -154,3 +160,74 @@ def test_node_reports_an_unreachable_server() -> None:
     done = _node("127.0.0.1:1")
     assert done.returncode == 1
     assert "UNAVAILABLE" in done.stderr and "127.0.0.1:1" in done.stderr
+
+
+class EveryDtype(nn.Module):
+    """A parameter of each dtype the contract carries, of odd sizes, so that the values field
+    starts at different offsets (wire.mjs views aligned ones in place and copies the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.f32 = nn.Parameter(torch.randn(5, 7, generator=gen))
+        self.float64_weights = nn.Parameter(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+        ints = torch.randint(-(2**31), 2**31 - 1, (11,), generator=gen, dtype=torch.int32)
+        self.i32 = nn.Parameter(ints, requires_grad=False)
+        # Beyond 2**53: exact in JavaScript only as BigInt.
+        wide = torch.tensor([-(2**62), 2**53 + 1, -1, 0], dtype=torch.int64)
+        self.int64_counts = nn.Parameter(wide, requires_grad=False)
+        self.f16 = nn.Parameter(torch.randn(6, generator=gen).half())
+        self.bf16 = nn.Parameter(torch.randn(9, generator=gen).bfloat16())
+        self.flags = nn.Parameter(torch.tensor([True, False, True]), requires_grad=False)
+        self.empty = nn.Parameter(torch.zeros(2, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.f32.sum()
+
+
+EVERY_DTYPE = ModelSpec("EveryDtype", EveryDtype, sample_shape=(1,), num_classes=1, loss="mse")
+
+
+def _expected(parameter: torch.Tensor) -> list[Any]:
+    """The values as read.mjs prints them: int64 as strings, 16-bit floats as their words."""
+    if parameter.dtype in (torch.float16, torch.bfloat16):
+        words: list[Any] = parameter.view(torch.int16).numpy().astype(np.uint16).tolist()
+        return words
+    if parameter.dtype == torch.int64:
+        return [str(v) for v in parameter.flatten().tolist()]
+    if parameter.dtype == torch.bool:
+        return [int(v) for v in parameter.flatten().tolist()]
+    values: list[Any] = parameter.detach().flatten().tolist()
+    return values
+
+
+def test_node_views_every_dtype_in_place() -> None:
+    dtypes = {
+        "f32": "DTYPE_FLOAT32",
+        "float64_weights": "DTYPE_FLOAT64",
+        "i32": "DTYPE_INT32",
+        "int64_counts": "DTYPE_INT64",
+        "f16": "DTYPE_FLOAT16",
+        "bf16": "DTYPE_BFLOAT16",
+        "flags": "DTYPE_BOOL",
+        "empty": "DTYPE_FLOAT32",
+    }
+    assert NODE is not None
+    with serving(EVERY_DTYPE) as (trainer, client):
+        address = client.target
+        for name, dtype in dtypes.items():
+            done = subprocess.run(
+                [NODE, str(EXAMPLE / "read.mjs"), address, name, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+            reply = json.loads(done.stdout)
+            parameter = trainer.parameters[name]
+            assert reply["name"] == name
+            assert reply["full_shape"] == list(parameter.shape)
+            tensor = reply["tensor"]
+            assert tensor["dtype"] == dtype and tensor["shape"] == list(parameter.shape)
+            assert tensor["values"] == _expected(parameter), name

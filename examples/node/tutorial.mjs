@@ -2,7 +2,8 @@
 // The tutorial (shared/seed/tutorial.md) replayed from Node.js, with nothing of gradwire's but
 // its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
 // drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
-// listing, an int64 read, a streamed read, a typed write, a retried Step and errors.
+// listing, an int64 read, a streamed read, a read viewed in place (wire.mjs), a typed write,
+// a retried Step and errors.
 //
 //   npm ci --prefix examples/node
 //   node examples/node/tutorial.mjs localhost:50051 [--init random --seed 7] [--googleapis DIR]
@@ -14,15 +15,14 @@
 
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import grpc from '@grpc/grpc-js';
-import protoLoader from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const PROTO_ROOT = path.resolve(HERE, '..', '..', 'proto');
+import { CHANNEL_OPTIONS, Trainer } from './contract.mjs';
+import { withTensorViews } from './wire.mjs';
+
 const LR = 1.0;
 const FILL_VALUE = 0.1;
 const BATCH = 8;
@@ -42,18 +42,9 @@ if (!['fill', 'random'].includes(options.init)) {
   process.exit(2);
 }
 
-// The contract. keepCase: the .proto's own field names; longs as strings: int64 values stay
-// exact in JavaScript; enums by name.
-const definition = protoLoader.loadSync('gradwire/v1/trainer.proto', {
-  includeDirs: [PROTO_ROOT],
-  keepCase: true,
-  longs: String,
-  enums: String,
-  defaults: true,
-  oneofs: true,
-});
-const { Trainer } = grpc.loadPackageDefinition(definition).gradwire.v1;
-const trainer = new Trainer(target, grpc.credentials.createInsecure());
+const trainer = new Trainer(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+// The same service, GetTensor's values viewed in place as typed arrays (wire.mjs).
+const viewer = new (withTensorViews(Trainer))(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
 
 // google.rpc.Status and ErrorInfo, to read the reason of an error.
 let Status = null;
@@ -67,10 +58,10 @@ if (options.googleapis) {
 }
 
 /** One unary call, with a deadline, as a promise. */
-function call(method, request = {}, metadata = new grpc.Metadata()) {
+function call(method, request = {}, metadata = new grpc.Metadata(), client = trainer) {
   return new Promise((resolve, reject) => {
     const deadline = Date.now() + 30_000;
-    trainer[method](request, metadata, { deadline }, (error, response) =>
+    client[method](request, metadata, { deadline }, (error, response) =>
       error ? reject(error) : resolve(response),
     );
   });
@@ -264,6 +255,9 @@ async function pastTheTutorial() {
     tensor(values).values.forEach((v, i) => (streamed[Number(offset) + i] = v));
   }
   transcript.push(`# linear.weight in ${chunks.length} chunks: ${sameValues(streamed, whole.values)}`);
+  const viewed = (await call('GetTensor', { name: 'linear.weight' }, undefined, viewer)).tensor;
+  const viewedSame = viewed.values instanceof Float32Array && sameValues(viewed.values, whole.values);
+  transcript.push(`# linear.weight viewed in place as a Float32Array: ${viewedSame}`);
 
   // A typed write of one row, read back.
   const row = [1.5, -2.25, 3.125];
@@ -287,7 +281,7 @@ async function pastTheTutorial() {
     }),
   };
   for (const [name, error] of Object.entries(errors)) {
-    transcript.push(`# ${name}: ${error?.code} ${error?.reason ?? ''} ${error?.message}`);
+    transcript.push(`# ${name}: ${[error?.code, error?.reason, error?.message].filter(Boolean).join(' ')}`);
   }
 
   return {
@@ -307,6 +301,7 @@ async function pastTheTutorial() {
       equal_to_unary: sameValues(streamed, whole.values),
       values: streamed,
     },
+    viewed: { shape: viewed.shape, equal_to_decoded: viewedSame },
     set: { version: Number(write.version), written: written.values },
     errors,
   };
@@ -324,4 +319,5 @@ try {
   process.exitCode = 1;
 } finally {
   trainer.close();
+  viewer.close();
 }
