@@ -1,7 +1,8 @@
 """The contract alone is enough: a Node.js client built from trainer.proto (examples/node), with
 none of gradwire's Python, replays the tutorial against a real server and gets what PyTorch
 computes here, bit for bit; and reads, writes, retries and errors work from another language.
-examples/node/wire.mjs, which views GetTensor's values in place, reads every dtype exactly.
+examples/node/wire.mjs, which reads GetTensor's values as typed arrays, reads every dtype
+exactly, and passes its own tests (wire.test.mjs) on every encoding protobuf allows.
 
 Needs Node.js and the example's packages, which `make setup` installs with npm when npm is on
 the machine. Without them these tests are skipped, and say why.
@@ -112,7 +113,7 @@ def test_node_reads_listing_int64_stream_and_writes(address: str, client: gradwi
         listing["names"]
     )
 
-    assert result["targets"] == {"dtype": "DTYPE_INT64", "shape": [8], "values": [1] * 8}
+    assert result["targets"] == {"dtype": "DTYPE_INT64", "shape": [8], "values": ["1"] * 8}
 
     stream = result["stream"]
     # linear.weight: 64,000 float32 values, 256,000 bytes, in chunks of 64 KiB (16,384 values).
@@ -156,6 +157,19 @@ def test_node_transcript_reads_as_the_tutorial(address: str) -> None:
     assert "unknown_name: NOT_FOUND UNKNOWN_TENSOR" in text
 
 
+def test_wire_mjs_reads_every_encoding_protobuf_allows() -> None:
+    assert NODE is not None
+    done = subprocess.run(
+        [NODE, "--test", str(EXAMPLE / "wire.test.mjs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "# pass 10" in done.stdout and "# fail 0" in done.stdout
+
+
 def test_node_reports_an_unreachable_server() -> None:
     done = _node("127.0.0.1:1")
     assert done.returncode == 1
@@ -163,8 +177,8 @@ def test_node_reports_an_unreachable_server() -> None:
 
 
 class EveryDtype(nn.Module):
-    """A parameter of each dtype the contract carries, of odd sizes, so that the values field
-    starts at different offsets (wire.mjs views aligned ones in place and copies the rest)."""
+    """A parameter of each dtype the contract carries, of odd sizes and names of different
+    lengths, so that the values field starts at different offsets in the replies."""
 
     def __init__(self) -> None:
         super().__init__()

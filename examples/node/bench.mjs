@@ -2,7 +2,7 @@
 // For `make bench` (bench/bench.py runs this): what a Node.js client pays to read a tensor of
 // 16 MiB, against a bare gRPC call returning 16 MiB of bytes on the same channel, from the
 // benchmark server's floor service (bench/floor.py). Prints one JSON object of medians in
-// milliseconds: per dtype, the read with its values viewed in place (wire.mjs); for float32
+// milliseconds: per dtype, the read with its values as a typed array (wire.mjs); for float32
 // also the read decoded by proto-loader, value by value.
 // Each figure alternates with its floor in blocks of calls (see `blocked`).
 //
@@ -21,13 +21,18 @@ const { values: options, positionals } = parseArgs({
 });
 const [target] = positionals;
 const repeats = Number(options.repeats);
+if (positionals.length !== 1 || !(Number.isInteger(repeats) && repeats > 0)) {
+  console.error('usage: bench.mjs HOST:PORT [--repeats N], N a whole number above 0');
+  process.exit(2);
+}
 const SIZE = 16 * 1024 * 1024;
 // The benchmark server's tensors of 16 MiB (bench/server.py).
 const TYPED = { f32: 'float32', f64: 'float64', i32: 'int32', i64: 'int64', f16: 'float16 (raw)' };
 
 const credentials = grpc.credentials.createInsecure();
-// One channel for all three clients, as the Python benchmark has.
-const shared = { ...CHANNEL_OPTIONS, 'grpc.use_local_subchannel_pool': 0 };
+// Three clients of one target and options share one connection (grpc-js's subchannel pool),
+// as the Python benchmark's calls share one channel.
+const shared = CHANNEL_OPTIONS;
 const decoded = new Trainer(target, credentials, shared);
 const viewed = new (withTensorViews(Trainer))(target, credentials, shared);
 const same = (bytes) => bytes;
@@ -58,7 +63,8 @@ async function timed(call) {
 
 function median(values) {
   const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)];
+  const middle = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 }
 
 /** Medians of `repeats` calls of each, in alternating blocks of 5, each block's first call
@@ -73,7 +79,7 @@ async function blocked(ours, bare, block = 5) {
   while (a.length < repeats) {
     for (const [call, times] of [[ours, a], [bare, b]]) {
       await call();
-      for (let i = 1; i < block; i += 1) times.push(await timed(call));
+      for (let i = 1; i < block && times.length < repeats; i += 1) times.push(await timed(call));
     }
   }
   return { ours: median(a), floor: median(b) };

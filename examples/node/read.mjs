@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Reads one tensor from a gradwire server, its values viewed in place as a typed array
+// Reads one tensor from a gradwire server, its values as a typed array
 // (wire.mjs), and prints its dtype, shape and first values; --json prints all of them.
 //
 //   node examples/node/read.mjs localhost:50051 conv1.weight [--json]

@@ -2,7 +2,7 @@
 // The tutorial (shared/seed/tutorial.md) replayed from Node.js, with nothing of gradwire's but
 // its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
 // drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
-// listing, an int64 read, a streamed read, a read viewed in place (wire.mjs), a typed write,
+// listing, an int64 read, a streamed read, a read as a typed array (wire.mjs), a typed write,
 // a retried Step and errors.
 //
 //   npm ci --prefix examples/node
@@ -43,7 +43,7 @@ if (!['fill', 'random'].includes(options.init)) {
 }
 
 const trainer = new Trainer(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
-// The same service, GetTensor's values viewed in place as typed arrays (wire.mjs).
+// The same service, GetTensor's values as typed arrays (wire.mjs).
 const viewer = new (withTensorViews(Trainer))(target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
 
 // google.rpc.Status and ErrorInfo, to read the reason of an error.
@@ -140,7 +140,9 @@ async function read(name, ...indexes) {
   return tensor(response.tensor);
 }
 
-/** A float32 tensor's values with `lr * grad` taken off, rounded to float32 as torch does. */
+/** A float32 tensor's values with `lr * grad` taken off, in float32. With lr 1.0 the product
+ *  is exact and the subtraction rounds once, as torch's `add_` does; other rates may differ
+ *  from torch in the last bit (torch may fuse the multiply and add). */
 function sgd(weight, grad) {
   return weight.values.map((w, i) => Math.fround(w - Math.fround(LR * grad.values[i])));
 }
@@ -257,7 +259,7 @@ async function pastTheTutorial() {
   transcript.push(`# linear.weight in ${chunks.length} chunks: ${sameValues(streamed, whole.values)}`);
   const viewed = (await call('GetTensor', { name: 'linear.weight' }, undefined, viewer)).tensor;
   const viewedSame = viewed.values instanceof Float32Array && sameValues(viewed.values, whole.values);
-  transcript.push(`# linear.weight viewed in place as a Float32Array: ${viewedSame}`);
+  transcript.push(`# linear.weight read through wire.mjs as a Float32Array: ${viewedSame}`);
 
   // A typed write of one row, read back.
   const row = [1.5, -2.25, 3.125];
@@ -292,7 +294,7 @@ async function pastTheTutorial() {
       outputs: Number(listing.outputs),
       names: listing.tensors.map((t) => t.name),
     },
-    targets: { ...targets, values: targets.values.map(Number) },
+    targets: { ...targets, values: targets.values.map(String) }, // exact, as decimal strings
     stream: {
       chunks: chunks.length,
       offsets: chunks.map((m) => Number(m.chunk.offset)),
