@@ -217,7 +217,7 @@ NODE_EXAMPLE = ROOT / "examples" / "node"
 def node_reads(served: Served, repeats: int) -> list[Row]:
     """Target 1 as a client in another language meets it: examples/node/bench.mjs reads the
     same 16 MiB tensors from Node.js, each beside a bare gRPC read of 16 MiB in Node on the
-    same channel. Its values viewed in place (examples/node/wire.mjs), and for float32 also
+    same channel. Its values as typed arrays (examples/node/wire.mjs), and for float32 also
     decoded by @grpc/proto-loader value by value, the way a generic client reads them. Left
     out, with a line saying so, without Node.js or the example's packages (`make setup`
     installs them where npm is)."""
@@ -232,7 +232,10 @@ def node_reads(served: Served, repeats: int) -> list[Row]:
     result = json.loads(done.stdout)
     rows = [
         at_most(
-            f"Node.js: GetTensor 16 MiB {label}, viewed", r["ours"] / 1e3, r["floor"] / 1e3, 1.5
+            f"Node.js: GetTensor 16 MiB {label}, typed array",
+            r["ours"] / 1e3,
+            r["floor"] / 1e3,
+            1.5,
         )
         for label, r in result["viewed"].items()
     ]
