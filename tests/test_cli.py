@@ -502,6 +502,19 @@ def test_help_exits_0() -> None:
     assert "usage: gradwire" in result.out
 
 
+def test_serve_help_speaks_from_the_servers_side() -> None:
+    result = run_main("serve", "--help")
+    assert result.code == 0
+    text = " ".join(result.out.split())
+    assert "the server's certificate chain (PEM)" in text
+    assert "client certificate (PEM)" not in text
+    # Client options mean nothing to a server, and are not offered.
+    for option in ("--target", "--timeout", "--json", "--tls-ca", "--tls "):
+        assert option not in text, option
+    assert "seconds in-flight calls get at shutdown (default 5.0)" in text
+    assert run_main("serve", "--target", "x:1").code == 2
+
+
 JSON_CASES: list[tuple[list[list[str]], list[str]]] = [
     ([], ["forward"]),
     ([], ["forward", "--no-targets"]),

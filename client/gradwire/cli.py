@@ -667,6 +667,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The options of every command that calls a server.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target", default=DEFAULT_TARGET, help="server address host:port (default %(default)s)"
@@ -684,6 +685,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server")
     common.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
     common.add_argument("--tls-key", type=Path, help="client private key (PEM), for mutual TLS")
+    # The same names, for `serve`, from the server's side.
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the token every call must carry as 'authorization: Bearer TOKEN' "
+        f"(default: ${TOKEN_ENV} if set, else no token is required)",
+    )
+    serving.add_argument(
+        "--tls-cert", type=Path, help="the server's certificate chain (PEM): serve TLS"
+    )
+    serving.add_argument(
+        "--tls-key", type=Path, help="the server's private key (PEM), with --tls-cert"
+    )
 
     parser = argparse.ArgumentParser(
         prog="gradwire",
@@ -692,7 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help: str, remote: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        parents = [common if remote else serving]
+        p = sub.add_parser(name, parents=parents, help=help, description=help)
         p.set_defaults(func=func, remote=remote)
         return p
 
@@ -732,7 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file", type=Path, default=None, help="write the bound port here once listening"
     )
     p.add_argument(
-        "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds in-flight calls get at shutdown (default %(default)s)",
     )
     p.add_argument(
         "--log-level",
