@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -500,6 +503,22 @@ def test_help_exits_0() -> None:
     result = run_main("--help")
     assert result.code == 0
     assert "usage: gradwire" in result.out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(address: str) -> None:
+    # `gradwire list | head -1`: the pipe's read end closed before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()",
+             "list", "--target", address],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141  # 128 + SIGPIPE, as the shell reports it
+    assert done.stderr == ""
 
 
 def test_serve_help_speaks_from_the_servers_side() -> None:

@@ -1043,11 +1043,26 @@ def main(
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return 130
+    except BrokenPipeError:
+        return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
 
 
+#: The exit code of a command whose output's reader went away: 128 + SIGPIPE, as the shell
+#: reports a program that SIGPIPE ended.
+BROKEN_PIPE = 141
+
+
 def main_entry() -> None:
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        code = BROKEN_PIPE
+    if code == BROKEN_PIPE:
+        # Python flushes stdout again at exit: send what is left nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
 
 
 if __name__ == "__main__":
