@@ -45,6 +45,25 @@ def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -
     assert len([line for line in text if line.startswith("  [")]) == 4
 
 
+def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -> None:
+    # min, max, mean, std and norm are over finite values: with none, there are none to show.
+    client.set("conv1.weight[0, 0]", np.array([[np.nan, np.inf, -np.inf]] * 3, np.float32))
+    data = cli("stats", "conv1.weight[0, 0]", "--json").json()
+    assert (data["count"], data["nan_count"], data["inf_count"]) == (9, 3, 6)
+    assert [data[k] for k in ("min", "max", "mean", "std", "norm")] == [None] * 5
+    lines = cli("stats", "conv1.weight[0, 0]").out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["count", "finite", "nan", "inf", "zeros"]
+    assert lines[2].split() == ["finite", "0"]
+    watched = cli("watch", "conv1.weight[0, 0]", "--duration", "0.3").out.splitlines()[1]
+    assert watched.endswith("no finite values  nan 3  inf 6")
+    update = json.loads(cli("watch", "conv1.weight[0, 0]", "--count", "1", "--json").out)
+    assert update["tensors"][0]["stats"]["mean"] is None
+    # One finite value is enough for the summary.
+    client.set("conv1.weight[0, 0, 0, 0]", 2.0)
+    data = cli("stats", "conv1.weight[0, 0]", "--json").json()
+    assert (data["min"], data["max"], data["mean"]) == (2.0, 2.0, 2.0)
+
+
 def test_stats_of_an_absent_tensor_and_of_an_unknown_one(cli: Run) -> None:
     assert cli("stats", "conv1.weight.grad").out == "None\n"
     result = cli("stats", "conv1.weigth")

@@ -45,6 +45,7 @@ from gradwire.plot import (
 )
 from gradwire.progress import ProgressBar, WatchTable, format_loss, format_stats
 from gradwire.selector import Selector, SelectorError, parse_selector
+from gradwire.updates import Stats
 
 # Remote commands get a Client; local ones (serve, replay --embedded) get None.
 Command = Callable[[argparse.Namespace, Any, TextIO], None]
@@ -323,6 +324,15 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     )
 
 
+def _stats_json(stats: Stats) -> dict[str, Any]:
+    """Statistics for --json: min, max, mean, std and norm are null when no value is finite
+    (the contract sends 0 for them then, which a script could take for a real 0)."""
+    data = dataclasses.asdict(stats)
+    if stats.finite == 0:
+        data.update(dict.fromkeys(("min", "max", "mean", "std", "norm")))
+    return data
+
+
 def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     read = client.stats(args.selector, bins=args.bins, low=args.low, high=args.high)
     if read.stats is None:
@@ -333,7 +343,7 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "version": read.version,
         "present": True,
         "shape": list(read.shape or ()),
-        **dataclasses.asdict(read.stats),
+        **_stats_json(read.stats),
     }
     text = "\n".join(
         [f"{args.selector} {format_size(read.shape or ())}", *format_stats(read.stats)]
@@ -475,7 +485,7 @@ def _watch_json(update: Any) -> dict[str, Any]:
         if watched.value is not None:
             item["value"] = _jsonable(watched.value)
         if watched.stats is not None:
-            item["stats"] = dataclasses.asdict(watched.stats)
+            item["stats"] = _stats_json(watched.stats)
         tensors.append(item)
     return {
         "version": update.version,

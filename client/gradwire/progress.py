@@ -79,14 +79,18 @@ def _duration(seconds: float) -> str:
 
 
 def format_stats(stats: Stats) -> list[str]:
-    """The statistics as aligned `name value` lines, the histogram as bars after them."""
-    rows = [
-        ("count", f"{stats.count}"),
+    """The statistics as aligned `name value` lines, the histogram as bars after them. With
+    no finite value there is no min, max, mean, std or norm: a `finite 0` line says so."""
+    summary = [
         ("min", f"{stats.min:.6g}"),
         ("max", f"{stats.max:.6g}"),
         ("mean", f"{stats.mean:.6g}"),
         ("std", f"{stats.std:.6g}"),
         ("norm", f"{stats.norm:.6g}"),
+    ]
+    rows = [
+        ("count", f"{stats.count}"),
+        *(summary if stats.finite else [("finite", "0")]),
         ("nan", f"{stats.nan_count}"),
         ("inf", f"{stats.inf_count}"),
         ("zeros", f"{stats.zero_count}"),
@@ -117,6 +121,10 @@ def summary_cells(stats: Stats | None) -> str:
         if stats.nan_count or stats.inf_count:
             return "value nan" if stats.nan_count else "value infinite"
         return f"value {stats.mean:.6g}"
+    if stats.count == 0:
+        return "empty"
+    if stats.finite == 0:
+        return f"no finite values  nan {stats.nan_count}  inf {stats.inf_count}"
     text = (
         f"mean {stats.mean: .4g}  std {stats.std:.4g}  min {stats.min: .4g}  "
         f"max {stats.max: .4g}  norm {stats.norm:.4g}"

@@ -39,6 +39,12 @@ class Stats:
     zero_count: int
     histogram: Histogram | None
 
+    @property
+    def finite(self) -> int:
+        """Values that are neither NaN nor infinite. With none, min, max, mean, std and norm
+        mean nothing (the server sends 0 for them)."""
+        return self.count - self.nan_count - self.inf_count
+
 
 @dataclass(frozen=True)
 class TensorStats:
