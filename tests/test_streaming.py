@@ -1002,3 +1002,63 @@ def test_a_bfloat16_read_widens_into_a_float32_out(
         assert torch.equal(client.get("w", as_torch=True), trainer.read("w").value)
         with pytest.raises(ValueError, match=r"out= must be a C-contiguous float32 array"):
             client.get("w", out=np.empty((40, 500), np.float64))
+
+
+class _Wide(nn.Module):
+    """Parameters of 4- and 8-byte values, of sizes that move where their values fall."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.arange(3001, dtype=torch.float32))
+        self.doubles = nn.Parameter(torch.arange(777, dtype=torch.float64))
+        self.longs = nn.Parameter(torch.arange(129, dtype=torch.int64), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w.sum()
+
+
+_WIDE = ModelSpec("Wide", _Wide, sample_shape=(1,), num_classes=1, loss="mse")
+
+
+def _values_offset(data: bytes, path: tuple[int, ...]) -> int:
+    """Where the packed values field's bytes begin in a reply: the Tensor's message found by
+    following field numbers `path` down from the top."""
+    buf, start, end = memoryview(data), 0, len(data)
+    for depth, number in enumerate(path):
+        fields = {f[0]: f for f in wire._fields(buf, start, end)}
+        _, _, _, start, end = fields[number]
+        if depth == len(path) - 1:
+            values = [f for f in wire._fields(buf, start, end) if 3 <= f[0] <= 8]
+            assert len(values) == 1
+            return values[0][3]
+    raise AssertionError("unreachable")
+
+
+def test_read_values_start_aligned_in_every_reply() -> None:
+    """GetTensor and GetTensorStream put the values 8-byte aligned from the message's start,
+    so the client's arrays in place are aligned (numpy computes on unaligned ones slowly)."""
+    with serving(_WIDE) as (_, client):
+        channel = grpc.insecure_channel(client.target)
+        get = channel.unary_unary("/gradwire.v1.Trainer/GetTensor")
+        stream = channel.unary_stream("/gradwire.v1.Trainer/GetTensorStream")
+        selectors: list[tuple[str, list[pb.Index]]] = [
+            (name, index)
+            for name in ("w", "doubles", "longs")
+            for index in (
+                [],
+                [codec.index_to_proto(slice(1, None))],
+                [codec.index_to_proto(slice(None, None, -2))],
+            )
+        ]
+        for name, index in selectors:
+            request = pb.GetTensorRequest(name=name, index=index)
+            data = get(request.SerializeToString(), timeout=30)
+            assert _values_offset(data, (3,)) % 8 == 0, (name, index)
+            chunked = pb.GetTensorRequest(name=name, index=index, chunk_bytes=256)
+            replies = list(stream(chunked.SerializeToString(), timeout=30))
+            assert len(replies) > 1
+            for reply in replies:
+                assert _values_offset(reply, (4, 3)) % 8 == 0, (name, index)
+            array = client.get(name)
+            assert array.flags.aligned and array.ctypes.data % 8 == 0
+        channel.close()

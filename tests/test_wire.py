@@ -161,3 +161,30 @@ def test_small_messages_skip_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
     split = wire.split(response.SerializeToString(), pb.GetTensorResponse)
     assert not split.cut and len(split.message.tensor.float_values) == 5
     np.testing.assert_array_equal(codec.decode_split(split, TENSOR, split.message.tensor), range(5))
+
+
+@pytest.mark.parametrize("before", range(0, 17))
+def test_aligned_puts_the_values_at_a_multiple_of_eight(before: int) -> None:
+    value = np.arange(5, dtype=np.float64)
+    body = wire.length_field(3, codec.tensor_pieces(value))
+    pieces = wire.aligned(15, before, body)
+    at = before
+    for piece in pieces:
+        if isinstance(piece, memoryview):
+            break
+        at += len(piece)
+    assert at % wire.ALIGNMENT == 0
+    added = sum(len(p) for p in pieces) - sum(len(p) for p in body)
+    assert added in {0, *range(2, 10)}  # a bytes field is two bytes at least
+    # Still the message, the padding an ordinary bytes field of zeros.
+    header = pb.GetTensorResponse(version=1, name="x" * before).SerializeToString()
+    message = pb.GetTensorResponse.FromString(
+        wire.join([header, *wire.aligned(15, len(header), body)])
+    )
+    assert list(message.tensor.double_values) == value.tolist()
+    assert set(message.alignment) <= {0}
+
+
+def test_aligned_leaves_pieces_without_an_array_alone() -> None:
+    body = [b"\x08\x01", b"\x12\x00"]
+    assert wire.aligned(15, 3, body) == body

@@ -6,6 +6,7 @@ requests that carry them arrive split, their values uncopied views of the receiv
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, cast
@@ -230,9 +231,10 @@ def _too_large(selection: Selection, size: int, limit: int) -> OverLimit:
 
 
 def get_response_pieces(
-    selection: Selection, *, values: bool = True, limit: int | None = None
+    selection: Selection, *, values: bool = True, limit: int | None = None, align: bool = True
 ) -> list[wire.Piece]:
-    """A GetTensorResponse for a selection, its values spliced from the tensor's memory.
+    """A GetTensorResponse for a selection, its values spliced from the tensor's memory and,
+    with `align`, put at a multiple of wire.ALIGNMENT bytes from the message's start.
 
     Called under the trainer's lock: joining the pieces is the copy that keeps this version.
     """
@@ -249,7 +251,14 @@ def get_response_pieces(
     if limit is not None and size > limit:
         raise _too_large(selection, size, limit)
     tensor = codec.tensor_pieces(selection.host())
-    return [header.SerializeToString(), *wire.length_field(_RESPONSE_TENSOR, tensor)]
+    head = header.SerializeToString()
+    body = wire.length_field(_RESPONSE_TENSOR, tensor)
+    return [head, *(wire.aligned(_RESPONSE_ALIGNMENT, len(head), body) if align else body)]
+
+
+#: GetTensorResponses inside a TrainStepResponse (`fetch`): not aligned, since a place
+#: measured from the start of one of them is not one measured from the start of the reply.
+fetched_pieces = functools.partial(get_response_pieces, align=False)
 
 
 class SpareMemory:
@@ -301,7 +310,9 @@ def stream_chunks(
             dtype, values = codec.host_array(host)
             shape = read.shape if offset == 0 else None
             chunk = codec.chunk_pieces(values, dtype, offset, shape)
-            data = wire.join([first if offset == 0 else later, *wire.length_field(_CHUNK, chunk)])
+            head = first if offset == 0 else later
+            body = wire.aligned(_CHUNK_ALIGNMENT, len(head), wire.length_field(_CHUNK, chunk))
+            data = wire.join([head, *body])
         yield data
 
 
@@ -337,6 +348,8 @@ _TORCH_OF: dict[np.dtype[Any], torch.dtype] = {
 _SOURCE_TENSOR = pb.TensorSource.DESCRIPTOR.fields_by_name["tensor"].number
 _RESPONSE_TENSOR = pb.GetTensorResponse.DESCRIPTOR.fields_by_name["tensor"].number
 _CHUNK = pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number
+_RESPONSE_ALIGNMENT = pb.GetTensorResponse.DESCRIPTOR.fields_by_name["alignment"].number
+_CHUNK_ALIGNMENT = pb.GetTensorChunk.DESCRIPTOR.fields_by_name["alignment"].number
 _FETCHED = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
 
 

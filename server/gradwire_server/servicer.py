@@ -508,7 +508,7 @@ class TrainerServicer:
             target,
             zero_grad=message.zero_grad,
             fetch=fetch,
-            use=convert.get_response_pieces,
+            use=convert.fetched_pieces,
             max_fetch_bytes=limits.MAX_VALUE_BYTES,
             finish=convert.train_step_bytes,
         )

@@ -806,10 +806,16 @@ class GetTensorResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
     FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version this read saw"""
     name: _builtins.str
     """the name that was read"""
+    alignment: _builtins.bytes
+    """Carries nothing: zero bytes the server may send so that the tensor's values start a
+    multiple of 8 bytes after the message's first byte. A client that reads the values in
+    place from a buffer that starts aligned gets an aligned array. Ignore it.
+    """
     @_builtins.property
     def tensor(self) -> Global___Tensor:
         """the selected values; unset when the tensor is absent (a gradient before Backward)"""
@@ -825,10 +831,11 @@ class GetTensorResponse(_message.Message):
         name: _builtins.str = ...,
         tensor: Global___Tensor | None = ...,
         full_shape: _abc.Iterable[_builtins.int] | None = ...,
+        alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_shape", b"full_shape", "name", b"name", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "full_shape", b"full_shape", "name", b"name", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1295,10 +1302,13 @@ class GetTensorChunk(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FULL_SHAPE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version the read saw, the same in every chunk"""
     name: _builtins.str
     """first message: the name that was read"""
+    alignment: _builtins.bytes
+    """carries nothing, as in GetTensorResponse: ignore it"""
     @_builtins.property
     def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """first message: shape of the whole tensor before indexing"""
@@ -1314,10 +1324,11 @@ class GetTensorChunk(_message.Message):
         name: _builtins.str = ...,
         full_shape: _abc.Iterable[_builtins.int] | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "full_shape", b"full_shape", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "chunk", b"chunk", "full_shape", b"full_shape", "name", b"name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
