@@ -1020,18 +1020,16 @@ class _Wide(nn.Module):
 _WIDE = ModelSpec("Wide", _Wide, sample_shape=(1,), num_classes=1, loss="mse")
 
 
-def _values_offset(data: bytes, path: tuple[int, ...]) -> int:
-    """Where the packed values field's bytes begin in a reply: the Tensor's message found by
-    following field numbers `path` down from the top."""
+def _values_offset(data: bytes, path: tuple[tuple[int, int], ...]) -> int:
+    """Where the packed values field's bytes begin in a reply: the Tensor found by following
+    (field number, occurrence) pairs down from the top."""
     buf, start, end = memoryview(data), 0, len(data)
-    for depth, number in enumerate(path):
-        fields = {f[0]: f for f in wire._fields(buf, start, end)}
-        _, _, _, start, end = fields[number]
-        if depth == len(path) - 1:
-            values = [f for f in wire._fields(buf, start, end) if 3 <= f[0] <= 8]
-            assert len(values) == 1
-            return values[0][3]
-    raise AssertionError("unreachable")
+    for number, occurrence in path:
+        found = [f for f in wire._fields(buf, start, end) if f[0] == number]
+        _, _, _, start, end = found[occurrence]
+    values = [f for f in wire._fields(buf, start, end) if 3 <= f[0] <= 8]
+    assert len(values) == 1
+    return values[0][3]
 
 
 def test_read_values_start_aligned_in_every_reply() -> None:
@@ -1053,12 +1051,49 @@ def test_read_values_start_aligned_in_every_reply() -> None:
         for name, index in selectors:
             request = pb.GetTensorRequest(name=name, index=index)
             data = get(request.SerializeToString(), timeout=30)
-            assert _values_offset(data, (3,)) % 8 == 0, (name, index)
+            assert _values_offset(data, ((3, 0),)) % 8 == 0, (name, index)
             chunked = pb.GetTensorRequest(name=name, index=index, chunk_bytes=256)
             replies = list(stream(chunked.SerializeToString(), timeout=30))
             assert len(replies) > 1
             for reply in replies:
-                assert _values_offset(reply, (4, 3)) % 8 == 0, (name, index)
+                assert _values_offset(reply, ((4, 0), (3, 0))) % 8 == 0, (name, index)
             array = client.get(name)
             assert array.flags.aligned and array.ctypes.data % 8 == 0
+        channel.close()
+
+
+def test_fetched_and_watched_values_start_aligned_in_their_replies() -> None:
+    """TrainStep's fetched tensors and Watch's values: aligned from the start of the reply
+    that holds them, however many come before."""
+    with serving(_WIDE) as (_, client):
+        channel = grpc.insecure_channel(client.target)
+        fetch = [
+            pb.TensorSelector(name=name, index=[codec.index_to_proto(key)])
+            for name in ("w", "doubles", "longs", "doubles")
+            for key in (slice(None, 300), slice(1, None, 3))
+        ]
+        train_step = channel.unary_unary("/gradwire.v1.Trainer/TrainStep")
+        for batch in (1, 2, 3):
+            request = pb.TrainStepRequest(
+                input=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[batch, 1])),
+                target=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ZEROS, shape=[batch, 1])),
+                fetch=fetch,
+            )
+            data = train_step(request.SerializeToString(), timeout=30)
+            for i in range(len(fetch)):
+                assert _values_offset(data, ((5, i), (3, 0))) % 8 == 0, (batch, i)
+            decoded = pb.TrainStepResponse.FromString(data)  # still the message, padding and all
+            assert len(decoded.fetched) == len(fetch)
+        watch = channel.unary_stream("/gradwire.v1.Trainer/Watch")
+        items = [pb.WatchItem(name=f.name, index=f.index, values=True) for f in fetch]
+        updates = watch(pb.WatchRequest(items=items).SerializeToString(), timeout=30)
+        data = next(updates)
+        updates.cancel()
+        for i in range(len(items)):
+            assert _values_offset(data, ((5, i), (2, 0))) % 8 == 0, i
+        result = client.train_step(
+            Fill.ones(2, 1), Fill.zeros(2, 1), fetch=["w[:300]", "doubles[1::3]", "longs[5:]"]
+        )
+        for read in result.fetched:
+            assert read.value is not None and read.value.flags.aligned, read.name
         channel.close()

@@ -188,3 +188,18 @@ def test_aligned_puts_the_values_at_a_multiple_of_eight(before: int) -> None:
 def test_aligned_leaves_pieces_without_an_array_alone() -> None:
     body = [b"\x08\x01", b"\x12\x00"]
     assert wire.aligned(15, 3, body) == body
+
+
+@pytest.mark.parametrize("count", [10, 13, 14, 15, 16, 17, 2000])
+@pytest.mark.parametrize("at", range(0, 9))
+def test_aligned_field_aligns_from_the_outer_messages_start(count: int, at: int) -> None:
+    # Items of about 128 bytes: the padding can make the field's length take another byte.
+    value = np.arange(count, dtype=np.float64)
+    head = pb.GetTensorResponse(version=1, name="doubles").SerializeToString()
+    item = [head, *wire.length_field(3, codec.tensor_pieces(value))]
+    pieces = [b"\x00" * at, *wire.aligned_field(5, 15, at, item)]
+    assert wire._to_array(pieces) is not None
+    assert wire._to_array(pieces) % wire.ALIGNMENT == 0  # type: ignore[operator]
+    reply = pb.TrainStepResponse.FromString(wire.join(pieces[1:]))
+    assert list(reply.fetched[0].tensor.double_values) == value.tolist()
+    assert set(reply.fetched[0].alignment) <= {0}

@@ -51,10 +51,13 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _size(pieces: Sequence[Piece]) -> int:
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
+
+
 def length_field(number: int, pieces: Sequence[Piece]) -> list[Piece]:
     """A length-delimited field holding `pieces`: its tag and length, then the pieces."""
-    size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
-    return [varint(number << 3 | _LEN) + varint(size), *pieces]
+    return [varint(number << 3 | _LEN) + varint(_size(pieces)), *pieces]
 
 
 #: Where the server puts a read's values: a multiple of this many bytes after the first byte
@@ -66,24 +69,55 @@ def length_field(number: int, pieces: Sequence[Piece]) -> list[Piece]:
 ALIGNMENT = 8
 
 
-def aligned(number: int, before: int, pieces: Sequence[Piece]) -> list[Piece]:
-    """`pieces`, the rest of a message that has `before` bytes ahead of them, led by a bytes
-    field `number` (at most 15: a one-byte tag) as long as it takes to make the first array
-    piece (a memoryview) start at a multiple of ALIGNMENT. Unchanged when no piece is an
-    array, or the array starts aligned already."""
-    at = before
+def _to_array(pieces: Sequence[Piece]) -> int | None:
+    """Bytes ahead of the first array piece (a memoryview); None when there is none."""
+    at = 0
     for piece in pieces:
         if isinstance(piece, memoryview):
-            break
+            return at
         at += len(piece)
-    else:
+    return None
+
+
+def _padding(number: int, size: int) -> list[Piece]:
+    """A bytes field `number` (at most 15: a one-byte tag) of zeros, `size` bytes in all: 0,
+    or 2 and more (its tag and length take two)."""
+    return [bytes((number << 3 | _LEN, size - 2)) + bytes(size - 2)] if size else []
+
+
+#: The sizes a padding field can take, smallest first: every remainder modulo ALIGNMENT.
+_GAPS = (0, *range(2, 2 + ALIGNMENT))
+
+
+def aligned(number: int, before: int, pieces: Sequence[Piece]) -> list[Piece]:
+    """`pieces`, the rest of a message that has `before` bytes ahead of them, led by a bytes
+    field `number` as long as it takes to make the first array piece start at a multiple of
+    ALIGNMENT. Unchanged when no piece is an array, or the array starts aligned already."""
+    into = _to_array(pieces)
+    if into is None:
         return list(pieces)
-    gap = -at % ALIGNMENT
-    if gap == 0:
-        return list(pieces)
-    if gap == 1:  # the field's tag and length take two bytes at least
-        gap += ALIGNMENT
-    return [bytes((number << 3 | _LEN, gap - 2)) + bytes(gap - 2), *pieces]
+    gap = next(g for g in _GAPS if (before + g + into) % ALIGNMENT == 0)
+    return [*_padding(number, gap), *pieces]
+
+
+def aligned_field(number: int, padding: int, at: int, pieces: Sequence[Piece]) -> list[Piece]:
+    """`length_field(number, pieces)` for a field that starts `at` bytes into its message, with
+    a bytes field `padding` after the first piece (the inner message's header) as long as it
+    takes to make the first array piece start at a multiple of ALIGNMENT from the outer
+    message's first byte.
+
+    The padding's size counts in the field's length, whose varint may take one more byte
+    from some size on: sizes are tried in turn, and two rounds of ALIGNMENT sizes always hold
+    a full round on one side of that point, so one of them fits."""
+    into = _to_array(pieces[1:])
+    if into is None:
+        return length_field(number, pieces)
+    head, size, tag = pieces[0], _size(pieces), varint(number << 3 | _LEN)
+    for gap in (0, *range(2, 2 + 2 * ALIGNMENT)):
+        prefix = tag + varint(size + gap)
+        if (at + len(prefix) + len(head) + gap + into) % ALIGNMENT == 0:
+            return [prefix, head, *_padding(padding, gap), *pieces[1:]]
+    raise AssertionError("unreachable: a full round of sizes covers every remainder")
 
 
 def join(pieces: Sequence[Piece]) -> bytes:

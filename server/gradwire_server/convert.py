@@ -256,8 +256,8 @@ def get_response_pieces(
     return [head, *(wire.aligned(_RESPONSE_ALIGNMENT, len(head), body) if align else body)]
 
 
-#: GetTensorResponses inside a TrainStepResponse (`fetch`): not aligned, since a place
-#: measured from the start of one of them is not one measured from the start of the reply.
+#: GetTensorResponses inside a TrainStepResponse (`fetch`): aligned from the start of the
+#: reply when it is put together (train_step_bytes), not from their own.
 fetched_pieces = functools.partial(get_response_pieces, align=False)
 
 
@@ -324,14 +324,20 @@ def train_step_bytes(result: TrainResult[list[wire.Piece]]) -> bytes:
         parameters_updated=result.parameters_updated,
         nonfinite_inputs=result.nonfinite_inputs,
     )
-    return _with_repeated(header, _FETCHED, result.fetched)
+    return _with_repeated(header, _FETCHED, _FETCHED_ALIGNMENT, result.fetched)
 
 
-def _with_repeated(header: Message, number: int, items: Iterable[Sequence[wire.Piece]]) -> bytes:
-    """`header` serialized, then each item as one more entry of repeated field `number`."""
+def _with_repeated(
+    header: Message, number: int, padding: int, items: Iterable[Sequence[wire.Piece]]
+) -> bytes:
+    """`header` serialized, then each item as one more entry of repeated field `number`, its
+    values aligned from the reply's start by the item's bytes field `padding`."""
     pieces: list[wire.Piece] = [header.SerializeToString()]
+    at = len(pieces[0])
     for item in items:
-        pieces.extend(wire.length_field(number, item))
+        field = wire.aligned_field(number, padding, at, item)
+        pieces.extend(field)
+        at += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in field)
     return wire.join(pieces)
 
 
@@ -351,6 +357,7 @@ _CHUNK = pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number
 _RESPONSE_ALIGNMENT = pb.GetTensorResponse.DESCRIPTOR.fields_by_name["alignment"].number
 _CHUNK_ALIGNMENT = pb.GetTensorChunk.DESCRIPTOR.fields_by_name["alignment"].number
 _FETCHED = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
+_FETCHED_ALIGNMENT = _RESPONSE_ALIGNMENT  # the fetched are GetTensorResponses
 
 
 def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
@@ -395,6 +402,7 @@ def stats_to_proto(summary: Summary) -> pb.Stats:
 
 _WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
 _WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
+_WATCHED_ALIGNMENT = pb.WatchedTensor.DESCRIPTOR.fields_by_name["alignment"].number
 
 
 def watched_pieces(selection: Selection, values: bool, summary: Summary | None) -> list[wire.Piece]:
@@ -419,4 +427,4 @@ def watch_update_bytes(
 ) -> bytes:
     """A serialized WatchUpdate, its tensors' pieces joined: the one copy of their values."""
     header = pb.WatchUpdate(version=version, cause=cause, skipped=skipped, steps=steps)
-    return _with_repeated(header, _WATCHED, tensors)
+    return _with_repeated(header, _WATCHED, _WATCHED_ALIGNMENT, tensors)

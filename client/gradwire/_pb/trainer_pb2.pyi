@@ -813,8 +813,9 @@ class GetTensorResponse(_message.Message):
     """the name that was read"""
     alignment: _builtins.bytes
     """Carries nothing: zero bytes the server may send so that the tensor's values start a
-    multiple of 8 bytes after the message's first byte. A client that reads the values in
-    place from a buffer that starts aligned gets an aligned array. Ignore it.
+    multiple of 8 bytes after the first byte of the reply (this message, or the
+    TrainStepResponse that holds it in `fetched`). A client that reads the values in place
+    from a buffer that starts aligned gets an aligned array. Ignore it.
     """
     @_builtins.property
     def tensor(self) -> Global___Tensor:
@@ -1750,8 +1751,11 @@ class WatchedTensor(_message.Message):
     TENSOR_FIELD_NUMBER: _builtins.int
     STATS_FIELD_NUMBER: _builtins.int
     FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """the item's name"""
+    alignment: _builtins.bytes
+    """carries nothing, as in GetTensorResponse (counted from the WatchUpdate's start): ignore it"""
     @_builtins.property
     def tensor(self) -> Global___Tensor:
         """the values, when asked for and present"""
@@ -1771,10 +1775,11 @@ class WatchedTensor(_message.Message):
         tensor: Global___Tensor | None = ...,
         stats: Global___Stats | None = ...,
         full_shape: _abc.Iterable[_builtins.int] | None = ...,
+        alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["stats", b"stats", "tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_shape", b"full_shape", "name", b"name", "stats", b"stats", "tensor", b"tensor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "full_shape", b"full_shape", "name", b"name", "stats", b"stats", "tensor", b"tensor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
