@@ -442,3 +442,51 @@ def test_finish_makes_the_answer_under_the_lock_while_the_fetched_views_are_the_
     assert taken_elsewhere == [False]
     assert torch.equal(after, trainer.read("linear.weight").value)
     trainer.close()
+
+
+@pytest.fixture
+def small_messages(monkeypatch: pytest.MonkeyPatch) -> Iterator[gradwire.Client]:
+    """A server and client whose messages may hold 80 KiB (16 KiB of it values): many small
+    fetched tensors then take more room in the answer with their names and shapes than with
+    their values, as 2,150 slices do under the real 64 MiB."""
+    monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", 80 * 1024)
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 16 * 1024)
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
+            yield client
+    finally:
+        running.stop(grace=None)
+
+
+def test_many_fetched_tensors_are_counted_with_their_names_and_shapes(
+    small_messages: gradwire.Client,
+) -> None:
+    client = small_messages
+    version = client.list_tensors().version
+    # 2,200 values of 4 bytes: 8,800 bytes, under the values' 16 KiB; their answer would
+    # take 88 KB (2,000 took 80,020 bytes), over the message's 80 KiB. Refused before the
+    # step, not after it with a transport error for a step that was applied.
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight[0, 0, 0, 0]"] * 2200)
+    assert caught.value.reason == "FETCH_TOO_LARGE"
+    assert "names and shapes" in caught.value.message
+    assert client.list_tensors().version == version
+    done = client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight[0, 0, 0, 0]"] * 100)
+    assert len(done.fetched) == 100
+
+
+def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
+    small_messages: gradwire.Client,
+) -> None:
+    client = small_messages
+    # Each item is counted at a bound of its size (116 bytes for these, besides the values),
+    # not at its size (about 40): 2,200 of them are refused though they would just fit.
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 2200, values=True, stats=False))
+    assert caught.value.reason == "WATCH_TOO_LARGE"
+    # Statistics count too: 40 items of 100 bins each.
+    with pytest.raises(errors.ResourceExhausted):
+        next(client.watch(["conv1.weight"] * 40, bins=100))
+    update = next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 100, values=True, stats=False))
+    assert len(update.tensors) == 100

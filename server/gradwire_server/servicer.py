@@ -46,6 +46,7 @@ from gradwire_server.trainer import (
     Snapshot,
     TensorInput,
     Trainer,
+    described_bytes,
     guarded,
 )
 
@@ -609,15 +610,20 @@ class TrainerServicer:
                 nonlocal size
                 item = next(items)
                 part = selection.part
-                if part is not None and item.values:
-                    size += part.numel() * part.element_size()
-                    if size > limits.MAX_VALUE_BYTES:  # nothing is copied before `finish`
-                        raise OverLimit(
-                            f"the watched values hold more than {limits.MAX_VALUE_BYTES} "
-                            "bytes, the most one update may carry: watch slices, or "
-                            "statistics instead of values",
-                            reason="WATCH_TOO_LARGE",
-                        )
+                values = part.numel() * part.element_size() if part is not None else 0
+                shapes = (selection.full_shape or (), part.shape if part is not None else ())
+                # Values (when asked for), and a bound on the rest of the item: name, shapes
+                # and statistics with their histogram.
+                size += values * item.values + described_bytes(selection.name, *shapes)
+                # Statistics: nine numbers of up to 11 bytes, a histogram's 10 a bin.
+                size += (128 + 10 * item.histogram_bins) * (item.stats or not item.values)
+                if size > limits.MAX_VALUE_BYTES:  # nothing is copied before `finish`
+                    raise OverLimit(
+                        f"the watched tensors take more than {limits.MAX_VALUE_BYTES} bytes "
+                        "with their names, shapes and statistics, the most one update may "
+                        "carry: watch slices, fewer tensors, or statistics instead of values",
+                        reason="WATCH_TOO_LARGE",
+                    )
                 summary = None
                 # Neither values nor statistics asked for: statistics, the cheap default.
                 if part is not None and (item.stats or not item.values):

@@ -308,6 +308,17 @@ class Listing:
 
 #: Longer names are refused before any lookup: PyTorch's own are far shorter.
 MAX_NAME_CHARS = 256
+
+
+def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) -> int:
+    """A bound on what a tensor takes in an answer besides its values, when an answer holds
+    many (TrainStep's fetched, a Watch update): its name, 10 bytes (a varint's most) for each
+    dimension of its two shapes, and 64 for the rest (version, dtype, tags, lengths, the
+    alignment padding). Counting only values let 2,150 fetched slices that fit pass the
+    check and then overflow the message limit, after the step had been applied."""
+    return len(name.encode()) + 10 * (len(full_shape) + len(shape)) + 64
+
+
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -920,11 +931,12 @@ class Trainer:
             else:
                 shape, dtype = after[kind]
             part = select(torch.empty(shape, dtype=dtype, device="meta"), chain, name)
-            total += part.numel() * part.element_size()
+            total += part.numel() * part.element_size() + described_bytes(name, shape, part.shape)
         if max_bytes is not None and total > max_bytes:
             raise OverLimit(
-                f"the fetched tensors hold {total} bytes, over the {max_bytes} one answer may "
-                "carry: fetch less, and read the rest with GetTensorStream after the step",
+                f"the fetched tensors take {total} bytes with their names and shapes, over the "
+                f"{max_bytes} one answer may carry: fetch less, and read the rest with "
+                "GetTensorStream after the step",
                 reason="FETCH_TOO_LARGE",
                 metadata={"bytes": str(total), "limit": str(max_bytes)},
             )
