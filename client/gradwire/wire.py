@@ -51,21 +51,23 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _size(pieces: Sequence[Piece]) -> int:
+def size(pieces: Sequence[Piece]) -> int:
+    """The bytes the pieces hold."""
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in pieces)
 
 
 def length_field(number: int, pieces: Sequence[Piece]) -> list[Piece]:
     """A length-delimited field holding `pieces`: its tag and length, then the pieces."""
-    return [varint(number << 3 | _LEN) + varint(_size(pieces)), *pieces]
+    return [varint(number << 3 | _LEN) + varint(size(pieces)), *pieces]
 
 
 #: Where the server puts a read's values: a multiple of this many bytes after the first byte
-#: of the message that carries them (GetTensorResponse, GetTensorChunk), the size of the
-#: largest value (float64, int64). Python's bytes objects start 16-aligned, so the client's
-#: arrays in place are aligned too. numpy and BLAS are slower on unaligned arrays: over 16 MiB,
-#: a sum took twice as long, a dot product 4 (float32) to 20 (float64) times as long
-#: (docs/PERFORMANCE.md, "The twelfth session").
+#: of the reply that carries them (a GetTensorResponse or GetTensorChunk; for TrainStep's
+#: fetched tensors and Watch's values, the whole TrainStepResponse or WatchUpdate), the size
+#: of the largest value (float64, int64). CPython keeps a bytes object's data 32 bytes into a
+#: 16-aligned block, so the client's arrays in place are aligned too. numpy and BLAS are
+#: slower on unaligned arrays: over 16 MiB, a sum took twice as long, a dot product 4
+#: (float32) to 20 (float64) times as long (docs/PERFORMANCE.md, "The twelfth session").
 ALIGNMENT = 8
 
 
@@ -107,14 +109,15 @@ def aligned_field(number: int, padding: int, at: int, pieces: Sequence[Piece]) -
     message's first byte.
 
     The padding's size counts in the field's length, whose varint may take one more byte
-    from some size on: sizes are tried in turn, and two rounds of ALIGNMENT sizes always hold
-    a full round on one side of that point, so one of them fits."""
+    from some size on. Sizes are tried in turn, 0 and then 2 to 2 + 2 * ALIGNMENT - 1: the
+    varint grows at most once in that run (its steps are 128 times apart), so one side of
+    that point holds ALIGNMENT consecutive sizes, one for every remainder."""
     into = _to_array(pieces[1:])
     if into is None:
         return length_field(number, pieces)
-    head, size, tag = pieces[0], _size(pieces), varint(number << 3 | _LEN)
+    head, length, tag = pieces[0], size(pieces), varint(number << 3 | _LEN)
     for gap in (0, *range(2, 2 + 2 * ALIGNMENT)):
-        prefix = tag + varint(size + gap)
+        prefix = tag + varint(length + gap)
         if (at + len(prefix) + len(head) + gap + into) % ALIGNMENT == 0:
             return [prefix, head, *_padding(padding, gap), *pieces[1:]]
     raise AssertionError("unreachable: a full round of sizes covers every remainder")

@@ -337,7 +337,7 @@ def _with_repeated(
     for item in items:
         field = wire.aligned_field(number, padding, at, item)
         pieces.extend(field)
-        at += sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in field)
+        at += wire.size(field)
     return wire.join(pieces)
 
 

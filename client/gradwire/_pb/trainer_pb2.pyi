@@ -812,10 +812,11 @@ class GetTensorResponse(_message.Message):
     name: _builtins.str
     """the name that was read"""
     alignment: _builtins.bytes
-    """Carries nothing: zero bytes the server may send so that the tensor's values start a
-    multiple of 8 bytes after the first byte of the reply (this message, or the
-    TrainStepResponse that holds it in `fetched`). A client that reads the values in place
-    from a buffer that starts aligned gets an aligned array. Ignore it.
+    """Carries nothing: zero bytes the server may send so that the first byte of the tensor's
+    packed values (after that field's tag and length) lies a multiple of 8 bytes after the
+    first byte of the reply (this message, or the TrainStepResponse that holds it in
+    `fetched`). A client that reads the values in place, from a buffer that starts
+    aligned, then gets an aligned array. Do not rely on it; ignore it.
     """
     @_builtins.property
     def tensor(self) -> Global___Tensor:
@@ -1755,7 +1756,7 @@ class WatchedTensor(_message.Message):
     name: _builtins.str
     """the item's name"""
     alignment: _builtins.bytes
-    """carries nothing, as in GetTensorResponse (counted from the WatchUpdate's start): ignore it"""
+    """as in GetTensorResponse, from the WatchUpdate's start"""
     @_builtins.property
     def tensor(self) -> Global___Tensor:
         """the values, when asked for and present"""
