@@ -1681,7 +1681,7 @@ class WatchItem(_message.Message):
     name: _builtins.str
     """as in GetTensorRequest"""
     values: _builtins.bool
-    """send the values (at most 16 MiB per update in all)"""
+    """send the values (an update holds under 64 MiB in all, else RESOURCE_EXHAUSTED)"""
     stats: _builtins.bool
     """send the statistics; when neither is set, statistics"""
     histogram_bins: _builtins.int
