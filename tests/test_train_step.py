@@ -100,15 +100,20 @@ def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
             assert np.array_equal(after[name], value), name
 
 
-@pytest.fixture
-def second_client() -> Iterator[gradwire.Client]:
-    """A client of a second, independent server on a fresh Trainer(seed=0)."""
+def _fresh_server_client() -> Iterator[gradwire.Client]:
+    """A client of a server of its own on a fresh Trainer(seed=0), stopped after."""
     running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
     try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
             yield client
     finally:
         running.stop(grace=None)
+
+
+@pytest.fixture
+def second_client() -> Iterator[gradwire.Client]:
+    """A client of a second, independent server on a fresh Trainer(seed=0)."""
+    yield from _fresh_server_client()
 
 
 # --- one step: against local PyTorch and against the separate calls -------------------------
@@ -451,12 +456,7 @@ def small_messages(monkeypatch: pytest.MonkeyPatch) -> Iterator[gradwire.Client]
     their values, as 2,150 slices do under the real 64 MiB."""
     monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", 80 * 1024)
     monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 16 * 1024)
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
-            yield client
-    finally:
-        running.stop(grace=None)
+    yield from _fresh_server_client()  # started after the limits change: its gRPC takes them
 
 
 def test_many_fetched_tensors_are_counted_with_their_names_and_shapes(
