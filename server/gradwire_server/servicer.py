@@ -610,13 +610,16 @@ class TrainerServicer:
                 nonlocal size
                 item = next(items)
                 part = selection.part
-                values = part.numel() * part.element_size() if part is not None else 0
+                # Neither values nor statistics asked for: statistics, the cheap default.
+                wants_stats = item.stats or not item.values
+                # The item's size: a bound on its name and shapes, the values when asked for,
+                # and statistics (nine numbers of up to 11 bytes, a histogram's 10 a bin).
                 shapes = (selection.full_shape or (), part.shape if part is not None else ())
-                # Values (when asked for), and a bound on the rest of the item: name, shapes
-                # and statistics with their histogram.
-                size += values * item.values + described_bytes(selection.name, *shapes)
-                # Statistics: nine numbers of up to 11 bytes, a histogram's 10 a bin.
-                size += (128 + 10 * item.histogram_bins) * (item.stats or not item.values)
+                size += described_bytes(selection.name, *shapes)
+                if part is not None and item.values:
+                    size += part.numel() * part.element_size()
+                if wants_stats:
+                    size += 128 + 10 * item.histogram_bins
                 if size > limits.MAX_VALUE_BYTES:  # nothing is copied before `finish`
                     raise OverLimit(
                         f"the watched tensors take more than {limits.MAX_VALUE_BYTES} bytes "
@@ -625,8 +628,7 @@ class TrainerServicer:
                         reason="WATCH_TOO_LARGE",
                     )
                 summary = None
-                # Neither values nor statistics asked for: statistics, the cheap default.
-                if part is not None and (item.stats or not item.values):
+                if part is not None and wants_stats:
                     summary = stats.summarize(part, item.histogram_bins)
                 return convert.watched_pieces(selection, item.values, summary)
 
