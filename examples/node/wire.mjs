@@ -107,17 +107,14 @@ class Reader {
     else if (type === START_GROUP) {
       for (;;) {
         if (!this.more()) throw new Error('truncated message');
+        const at = this.pos;
         const inner = this.varint();
         if (inner % 8 === END_GROUP) {
           if (Math.floor(inner / 8) !== number) throw new Error('group ends with another number');
           return;
         }
-        if (inner % 8 === LEN) {
-          const length = this.varint(); // read first: `this.pos += this.varint()` would not count it
-          this.pos += length;
-        } else {
-          this.skip(inner % 8, Math.floor(inner / 8));
-        }
+        this.pos = at;
+        this.field(); // any field inside, nested groups too, read as at the top
       }
     } else throw new Error(`wire type ${type} where a field starts`);
   }
