@@ -190,6 +190,20 @@ def test_aligned_leaves_pieces_without_an_array_alone() -> None:
     assert wire.aligned(15, 3, body) == body
 
 
+@pytest.mark.parametrize("at", range(0, 9))
+def test_bools_get_no_padding(at: int) -> None:
+    """A byte per value sits as well at any address: no alignment field for bools."""
+    value = np.array([True, False, True])
+    body = wire.length_field(3, codec.tensor_pieces(value))
+    assert wire.aligned(15, at, body) == body
+    head = pb.GetTensorResponse(version=1, name="flags").SerializeToString()
+    item = [head, *body]
+    assert wire.aligned_field(5, 15, at, item) == wire.length_field(5, item)
+    reply = pb.TrainStepResponse.FromString(wire.join(wire.aligned_field(5, 15, at, item)))
+    assert list(reply.fetched[0].tensor.bool_values) == [True, False, True]
+    assert not reply.fetched[0].alignment
+
+
 @pytest.mark.parametrize("count", [10, 13, 14, 15, 16, 17, 2000])
 @pytest.mark.parametrize("at", range(0, 9))
 def test_aligned_field_aligns_from_the_outer_messages_start(count: int, at: int) -> None:

@@ -72,11 +72,14 @@ ALIGNMENT = 8
 
 
 def _to_array(pieces: Sequence[Piece]) -> int | None:
-    """Bytes ahead of the first array piece (a memoryview); None when there is none."""
+    """Bytes ahead of the first array piece (a memoryview); None when there is none, or when
+    its values are single bytes (bools), which sit as well at any address."""
     at = 0
     for piece in pieces:
         if isinstance(piece, memoryview):
-            return at
+            # The pieces are byte views (cast "B") of an array: its own item size is the one
+            # that matters.
+            return at if getattr(piece.obj, "itemsize", ALIGNMENT) > 1 else None
         at += len(piece)
     return None
 
@@ -94,7 +97,8 @@ _GAPS = (0, *range(2, 2 + ALIGNMENT))
 def aligned(number: int, before: int, pieces: Sequence[Piece]) -> list[Piece]:
     """`pieces`, the rest of a message that has `before` bytes ahead of them, led by a bytes
     field `number` as long as it takes to make the first array piece start at a multiple of
-    ALIGNMENT. Unchanged when no piece is an array, or the array starts aligned already."""
+    ALIGNMENT. Unchanged when no piece is an array of values wider than a byte, or the array
+    starts aligned already."""
     into = _to_array(pieces)
     if into is None:
         return list(pieces)
