@@ -28,6 +28,8 @@ from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 
 INPUT = Fill.ones(8, 3, 10, 10)
+#: conv1.weight (4 dimensions) with 61 new axes.
+_AXES_65 = "conv1.weight[" + ", ".join(["None"] * 61) + "]"
 TARGET = Fill.ones(8, dtype="int64")
 
 
@@ -130,6 +132,11 @@ def test_malformed_tensor_is_invalid_argument(
         ),
         (lambda c: c.set("output", 0.0), "READ_ONLY", "only parameters and gradients"),
         (lambda c: c.get("conv1.weight[0, 0, 0, 0, 0]"), "TOO_MANY_INDICES", "too many indices"),
+        # Found by a review: torch allows the 65th dimension, numpy (the reply) does not, and
+        # the read was answered INTERNAL.
+        (lambda c: c.get(_AXES_65), "BAD_INDEX", "more than 64 dimensions"),
+        (lambda c: c.stats(_AXES_65), "BAD_INDEX", "more than 64 dimensions"),
+        (lambda c: c.set(_AXES_65, 1.0), "BAD_INDEX", "more than 64 dimensions"),
         (lambda c: c.set_optimizer("sgd", lr=-1.0), "BAD_OPTIMIZER", "Invalid learning rate"),
         (lambda c: c.set_optimizer("sgd", nesterov=True), "BAD_OPTIMIZER", "Nesterov"),
         (

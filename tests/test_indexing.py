@@ -86,3 +86,12 @@ def test_a_write_through_a_huge_step_writes_the_one_element_it_selects() -> None
     expected = torch.zeros(4, 3)
     expected[1] = 7.0
     assert torch.equal(x, expected)
+
+
+def test_new_axes_stop_at_the_most_dimensions_a_tensor_can_have() -> None:
+    x = torch.zeros(2, 3)
+    assert select(x, parse_selector("x[" + "None, " * 62 + "]").index, "x").dim() == 64
+    for text in ["x[" + "None, " * 63 + "]", "x" + "[None]" * 63, "x[0]" + "[None]" * 64]:
+        with pytest.raises(InvalidInput, match="more than 64 dimensions") as info:
+            select(x, parse_selector(text).index, "x")
+        assert info.value.reason == "BAD_INDEX"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gradwire.codec import IndexItem, format_index
+from gradwire.codec import MAX_DIMS, IndexItem, format_index
 from gradwire_server.errors import IndexOutOfRange, InvalidInput
 
 IndexChain = Sequence[tuple[IndexItem, ...]]
@@ -40,6 +40,13 @@ def _apply(
     source_dim = 0  # position in `tensor`, for messages
     for item in _expand(key, tensor.dim(), label):
         if item is None:
+            if out.dim() >= MAX_DIMS:
+                # torch would go on; numpy, and so every reply, stops at 64.
+                raise InvalidInput(
+                    f"{label()}: new axes would give the selection more than {MAX_DIMS} "
+                    "dimensions, the most a tensor can have",
+                    reason="BAD_INDEX",
+                )
             out = out.unsqueeze(dim)
             dim += 1
             continue
