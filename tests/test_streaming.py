@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire import codec, errors, wire
+from gradwire import codec, errors, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.selector import parse_selector
@@ -125,8 +125,29 @@ def test_get_tensor_stream_with_chunk_bytes_zero_takes_the_default(
     client: gradwire.Client, trainer: Trainer
 ) -> None:
     splits = stream_chunks(client, pb.GetTensorRequest(name=LINEAR))
-    assert len(splits) == 1  # 256000 bytes fit the 4 MiB default chunk
+    assert len(splits) == 1  # 256000 bytes fit the default chunk
     assert splits[0].message.chunk.values.shape[0] == LINEAR_SHAPE[0] * LINEAR_SHAPE[1]
+
+
+def test_a_default_stream_fits_a_client_with_grpcs_default_limits(
+    client: gradwire.Client, address: str
+) -> None:
+    """A client in another language reads GetTensorStream with its default 4 MiB receive
+    limit: each message of a default stream, values and header, stays under it (a review
+    found 4 MiB of values, plus their header, refused)."""
+    value = np.random.default_rng(0).standard_normal((4000, 3, 10, 10)).astype(np.float32)
+    client.forward(value)  # 4.8 MB: two default chunks
+    with grpc.insecure_channel(address) as channel:  # no options: gRPC's defaults
+        read = channel.unary_stream("/gradwire.v1.Trainer/GetTensorStream")
+        replies = list(read(pb.GetTensorRequest(name="input").SerializeToString(), timeout=30))
+    assert len(replies) == 2
+    assert all(len(reply) <= limits.GRPC_DEFAULT_RECEIVE_BYTES for reply in replies)
+    assert len(replies[0]) > limits.CHUNK_BYTES  # a full chunk, header included
+    assembler = codec.Assembler("input")
+    for reply in replies:
+        split = wire.split(reply, pb.GetTensorChunk)
+        assembler.add(split, CHUNK_PATH, split.message.chunk)
+    np.testing.assert_array_equal(assembler.numpy(), value)
 
 
 def test_read_stream_of_a_whole_parameter_gives_its_exact_values(

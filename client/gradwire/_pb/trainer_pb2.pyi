@@ -777,7 +777,7 @@ class GetTensorRequest(_message.Message):
     omit_values: _builtins.bool
     """true: return dtype and shape only"""
     chunk_bytes: _builtins.int
-    """GetTensorStream only: bytes of values per chunk; 0: the server's default (4 MiB)"""
+    """GetTensorStream only: bytes of values per chunk; 0: the server's default, 4 MiB less 4 KiB, which keeps every message under gRPC's default 4 MiB receive limit"""
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """applied in turn, as x[index[0]][index[1]]...; empty: the whole tensor"""
