@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -105,6 +106,62 @@ def test_idle_sessions_expire() -> None:
     with pytest.raises(Exception, match="expired after 60 s"):
         sessions.get(session)
     sessions.close_all()
+
+
+def test_a_session_in_use_does_not_expire() -> None:
+    """A call in progress (an open Watch, a long Train) is use, however long it lasts."""
+    now = [0.0]
+    sessions = Sessions(Trainer(), idle_s=60, clock=lambda: now[0])
+    session = sessions.open(seed=0, settings=None)
+    held = sessions.get(session, hold=True)
+    now[0] = 1000.0
+    assert sessions.get(session) is held  # still open: a call holds it
+    sessions.leave(session)
+    now[0] = 1059.0
+    assert sessions.get(session) is held  # idle from the call's end, not its start
+    now[0] = 1059.0 + 61.0
+    with pytest.raises(Exception, match="expired after 60 s"):
+        sessions.get(session)
+    sessions.leave(session)  # a call ending after its session closed changes nothing
+    sessions.close_all()
+
+
+def test_a_train_and_a_watch_keep_their_session_open(trainer: Trainer) -> None:
+    """Both outlast the idle time while another caller's calls sweep idle sessions; a
+    review saw such a Watch closed under its reader."""
+    from gradwire_server.app import start
+
+    running = start(trainer, "127.0.0.1", 0, session_idle_s=0.2)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            mine = client.open_session(seed=0)
+            watch = mine.watch(["conv1.weight"])
+            assert next(watch).version == 0
+            run = mine.train(INPUT, TARGET, steps=10**6, every=1)
+            first = next(run)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:  # the idle time passes many times over
+                client.open_session().close()  # sweeps idle sessions
+            later = next(run)
+            assert later.step > first.step
+            run.close()  # stops between two steps
+            assert next(watch).version > 0  # the watch saw the steps
+            watch.close()
+            assert mine.list_tensors().version >= later.version
+            mine.close()
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_watch_ends_with_an_error_when_its_session_is_closed(client: gradwire.Client) -> None:
+    mine = client.open_session()
+    name = mine.session
+    watch = mine.watch(["conv1.weight"])
+    next(watch)
+    client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=name))
+    with pytest.raises(errors.FailedPrecondition, match="was closed") as info:
+        next(watch)  # not a normal end, which a reader would take for one
+    assert info.value.reason == "CLOSED"
 
 
 def test_session_limits_are_server_settings(trainer: Trainer) -> None:

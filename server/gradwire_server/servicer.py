@@ -39,6 +39,7 @@ from gradwire_server.errors import (
     WrongOrder,
 )
 from gradwire_server.sessions import Sessions
+from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import (
     FillSpec,
     Guard,
@@ -174,18 +175,22 @@ def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
 
 
 class _Session:
-    """The call's session's trainer as `servicer.trainer`, for the call's duration."""
+    """The call's session's trainer as `servicer.trainer`, for the call's duration; a
+    session does not expire while a call on it is in progress (an open Watch, a Train)."""
 
-    __slots__ = ("_token", "_trainer")
+    __slots__ = ("_id", "_sessions", "_token")
 
     def __init__(self, servicer: TrainerServicer, metadata: dict[str, str]) -> None:
-        self._trainer = servicer.sessions.get(metadata.get(SESSION))
+        self._sessions = servicer.sessions
+        self._id = metadata.get(SESSION)
 
     def __enter__(self) -> None:
-        self._token = _CURRENT.set(self._trainer)
+        self._token = _CURRENT.set(self._sessions.get(self._id, hold=True))
 
     def __exit__(self, *exc: object) -> None:
         _CURRENT.reset(self._token)
+        if self._id:
+            self._sessions.leave(self._id)
 
 
 class Slots:
@@ -655,6 +660,12 @@ class TrainerServicer:
                 if subscription.wait(WATCH_POLL_S) and not subscription.closed:
                     yield update()
                     sent = time.monotonic()
+            if subscription.closed and context.is_active():
+                # Not a normal end: the watcher would take it for one (a review saw OK).
+                raise Closed(
+                    "the session this watch was on was closed (CloseSession): there is "
+                    "nothing more to watch; open a session and watch it"
+                )
         finally:
             trainer.unsubscribe(subscription)
 

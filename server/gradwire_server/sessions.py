@@ -1,7 +1,8 @@
 """Sessions: models of the callers' own, so that two services never share gradients by accident.
 
 The default session (no id) is the server's own trainer, for the tutorial's simple flow. Other
-sessions are opened by id, limited in number, and closed after a time without calls.
+sessions are opened by id, limited in number, and closed after a time without calls: a call
+in progress (an open Watch, a long Train) is use, however long it lasts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class UnknownSession(UnknownTensor):
 class _Session:
     trainer: Trainer
     last_used: float
+    #: Calls in progress on the session (`get(..., hold=True)` until `leave`).
+    held: int = 0
 
 
 class Sessions:
@@ -49,8 +52,9 @@ class Sessions:
         self._lock = threading.Lock()
         self._open: dict[str, _Session] = {}
 
-    def get(self, session: str | None) -> Trainer:
-        """The trainer a call acts on: the default one without an id."""
+    def get(self, session: str | None, *, hold: bool = False) -> Trainer:
+        """The trainer a call acts on: the default one without an id. With `hold`, the
+        session does not expire until `leave(session)`, however long the call lasts."""
         if not session:
             return self.default
         self._close_idle()
@@ -59,11 +63,20 @@ class Sessions:
             if found is None:
                 raise UnknownSession(
                     f"no session {session!r}: it was never opened, was closed, or expired "
-                    f"after {self.idle_s:.0f} s without calls; open one with OpenSession",
+                    f"after {self.idle_s:g} s without calls; open one with OpenSession",
                     metadata={"session": session},
                 )
             found.last_used = self._clock()
+            found.held += hold
             return found.trainer
+
+    def leave(self, session: str) -> None:
+        """A call that held `session` has ended: its idle time starts now."""
+        with self._lock:
+            found = self._open.get(session)  # None when closed meanwhile (CloseSession)
+            if found is not None:
+                found.held -= 1
+                found.last_used = self._clock()
 
     def open(self, seed: int | None, settings: OptimizerSettings | None) -> str:
         self._close_idle()
@@ -111,7 +124,9 @@ class Sessions:
     def _close_idle(self) -> None:
         now = self._clock()
         with self._lock:
-            idle = [k for k, s in self._open.items() if now - s.last_used > self.idle_s]
+            idle = [
+                k for k, s in self._open.items() if not s.held and now - s.last_used > self.idle_s
+            ]
             closed = [self._open.pop(k) for k in idle]
         for s in closed:
             s.trainer.close()

@@ -1433,7 +1433,7 @@ class OpenSessionResponse(_message.Message):
     session: _builtins.str
     """the id to send as "gradwire-session" metadata"""
     idle_timeout_s: _builtins.float
-    """the session is closed after this many seconds without a call"""
+    """the session is closed after this many seconds with no call on it"""
     def __init__(
         self,
         *,

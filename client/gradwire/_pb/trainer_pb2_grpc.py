@@ -246,14 +246,17 @@ class TrainerServicer:
     def OpenSession(self, request, context):
         """Opens a session: a model, optimizer and state version of the caller's own. Calls that
         carry its id in the "gradwire-session" metadata act on it; calls without act on the
-        default session, which the tutorial flow uses. Sessions idle too long are closed.
+        default session, which the tutorial flow uses. A session is closed after
+        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
+        open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Closes a session and frees its model.
+        """Closes a session and frees its model. A Watch or Train open on it ends with
+        FAILED_PRECONDITION (CLOSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

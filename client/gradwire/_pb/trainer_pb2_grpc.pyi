@@ -109,10 +109,14 @@ class TrainerStub:
     OpenSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.OpenSessionRequest, _trainer_pb2.OpenSessionResponse]
     """Opens a session: a model, optimizer and state version of the caller's own. Calls that
     carry its id in the "gradwire-session" metadata act on it; calls without act on the
-    default session, which the tutorial flow uses. Sessions idle too long are closed.
+    default session, which the tutorial flow uses. A session is closed after
+    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
+    open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
-    """Closes a session and frees its model."""
+    """Closes a session and frees its model. A Watch or Train open on it ends with
+    FAILED_PRECONDITION (CLOSED).
+    """
     GetStats: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
     infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -182,10 +186,14 @@ class TrainerAsyncStub(TrainerStub):
     OpenSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.OpenSessionRequest, _trainer_pb2.OpenSessionResponse]  # type: ignore[assignment]
     """Opens a session: a model, optimizer and state version of the caller's own. Calls that
     carry its id in the "gradwire-session" metadata act on it; calls without act on the
-    default session, which the tutorial flow uses. Sessions idle too long are closed.
+    default session, which the tutorial flow uses. A session is closed after
+    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
+    open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
-    """Closes a session and frees its model."""
+    """Closes a session and frees its model. A Watch or Train open on it ends with
+    FAILED_PRECONDITION (CLOSED).
+    """
     GetStats: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
     infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -342,7 +350,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.OpenSessionResponse, _abc.Awaitable[_trainer_pb2.OpenSessionResponse]]:
         """Opens a session: a model, optimizer and state version of the caller's own. Calls that
         carry its id in the "gradwire-session" metadata act on it; calls without act on the
-        default session, which the tutorial flow uses. Sessions idle too long are closed.
+        default session, which the tutorial flow uses. A session is closed after
+        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
+        open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
         """
 
     @_abc_1.abstractmethod
@@ -351,7 +361,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.CloseSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
-        """Closes a session and frees its model."""
+        """Closes a session and frees its model. A Watch or Train open on it ends with
+        FAILED_PRECONDITION (CLOSED).
+        """
 
     @_abc_1.abstractmethod
     def GetStats(
