@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.optim import adam as torch_adam
+from torch.optim import sgd as torch_sgd
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gradwire_server import optim
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
 from tests.reference import Simple
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -238,3 +240,32 @@ def test_a_setting_torch_adds_later_or_a_gradient_off_the_cpu_takes_torch_s_step
     on_meta = nn.Parameter(torch.empty(3, device="meta"))
     on_meta.grad = torch.empty(3, device="meta")
     assert not optim._plain_sgd(torch.optim.SGD([on_meta], lr=0.1))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        OptimizerSettings("sgd", lr=0.1, momentum=0.9, nesterov=True),
+        OptimizerSettings("sgd", lr=0.1, momentum=0.9),
+        OptimizerSettings("adam", lr=0.01),
+    ],
+    ids=["sgd-nesterov", "sgd-momentum", "adam"],
+)
+def test_a_step_leaves_the_gradients_as_backward_made_them_with_cuda_s_defaults(
+    monkeypatch: pytest.MonkeyPatch, settings: OptimizerSettings
+) -> None:
+    """On CUDA parameters torch defaults to its foreach implementations, and foreach SGD with
+    Nesterov momentum adds the momentum buffer into every .grad. Simulated here on the CPU."""
+    as_on_cuda = lambda *args, **kwargs: (False, True)  # noqa: E731 (fused, foreach)
+    for module in (torch_sgd, torch_adam):
+        monkeypatch.setattr(module, "_default_to_fused_or_foreach", as_on_cuda)
+    trainer = Trainer(device="cpu", seed=0, optimizer=settings)
+    x = FillSpec("uniform", (8, 3, 10, 10), low=-1, high=1, seed=1)
+    y = FillSpec("randint", (8,), low=0, high=20, seed=2)
+    for _ in range(2):  # the second Step has a momentum buffer to add
+        trainer.train_step(x, y, zero_grad=True, use=lambda s: s)
+        grads = {n: p.grad.clone() for n, p in trainer._parameters.items() if p.grad is not None}
+        assert grads
+        trainer.step()
+        for name, grad in grads.items():
+            assert torch.equal(trainer._parameters[name].grad, grad), name

@@ -23,8 +23,9 @@ What is kept:
   that a trace shows every step and zero_grad as usual;
 - the arithmetic: the function torch's wrapper calls is the one called here (or, for plain
   SGD, the loop that function runs, held to it bit for bit), and zeroing
-  does what `zero_grad(set_to_none=False)` does for optimizers without foreach or fused
-  (ours: `Trainer._build_optimizer`). `tests/test_optim.py` holds both to torch's own.
+  does what `zero_grad(set_to_none=False)` does (with foreach, torch's default for CUDA
+  parameters, torch zeroes the same gradients in fewer kernels). `tests/test_optim.py`
+  holds both to torch's own.
 """
 
 from __future__ import annotations

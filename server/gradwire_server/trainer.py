@@ -495,6 +495,10 @@ class Trainer:
                     momentum=float(s.momentum or 0.0),
                     weight_decay=float(s.weight_decay or 0.0),
                     nesterov=bool(s.nesterov),
+                    # torch's foreach SGD, its default for CUDA parameters, adds the momentum
+                    # buffer into each .grad in place under Nesterov: a gradient read after
+                    # the Step would not be the one Backward made (found by a review).
+                    foreach=False if s.nesterov else None,
                 )
             return torch.optim.Adam(
                 model.parameters(),
