@@ -43,6 +43,8 @@ print(f'Python {platform.python_version()}, torch {torch.__version__}, {gpu}, '
 "
 if [ "$device" = cuda ]; then
     step nvidia-smi nvidia-smi
+    # Without it every CUDA test skips and pytest passes: fail here instead.
+    step cuda-visible "$py" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
     step tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
 fi
 step replay "$py" scripts/demo.py --port 0 --device "$device"

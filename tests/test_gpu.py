@@ -62,17 +62,74 @@ def test_a_large_value_crosses_to_the_gpu_in_runs_intact() -> None:
     assert torch.equal(out.cpu(), source)
 
 
+#: Every CUDA device of the machine: cuda:1 and on find bugs that cuda:0 hides (a thread's
+#: current device is 0 unless set).
+DEVICES = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cuda:0"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pinned_runs_wait_for_a_busy_device_before_refilling(device: str) -> None:
+    """The copies queue behind a kernel that keeps the device busy: a buffer refilled before
+    the device had read it would corrupt the value (an event on the wrong device's stream
+    waits for nothing)."""
+    gen = torch.Generator().manual_seed(1)
+    source = torch.randn(5 * staging.RUN_BYTES // 4 + 3, generator=gen)  # five runs and a bit
+    with torch.cuda.device(device):
+        torch.cuda._sleep(200_000_000)  # type: ignore[attr-defined]  # some 100 ms of cycles
+    out = staging.to_device(source, torch.device(device))
+    assert out.device == torch.device(device)
+    assert torch.equal(out.cpu(), source)
+
+
+def test_a_server_on_the_last_gpu_trains_and_reads_there() -> None:
+    device = DEVICES[-1]
+    running = start(Trainer(device=device, seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            assert client.list_tensors().device == device
+            x = np.random.default_rng(2).standard_normal((4096, 3, 10, 10)).astype(np.float32)
+            client.forward(x, np.zeros(4096, dtype=np.int64))  # 4.9 MB: pinned runs
+            np.testing.assert_array_equal(client.get("input"), x)
+            client.backward()
+            client.step()
+            assert client.get("linear.weight.grad") is not None
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_device_the_machine_lacks_is_refused_with_the_count() -> None:
+    from gradwire_server.errors import InvalidInput
+    from gradwire_server.trainer import resolve_device
+
+    with pytest.raises(InvalidInput, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_nesterov_steps_leave_the_gradients_as_backward_made_them() -> None:
+    settings = OptimizerSettings(kind="sgd", lr=0.1, momentum=0.9, nesterov=True)
+    gpu = Trainer(device="cuda", seed=0, optimizer=settings)
+    x, y = torch.randn(8, 3, 10, 10), torch.randint(0, 20, (8,))
+    for _ in range(2):  # the second Step has a momentum buffer to add
+        gpu.train_step(x, y, zero_grad=True, use=lambda s: s)
+        before = gpu.parameters["linear.weight"].grad.clone()  # type: ignore[union-attr]
+        gpu.step()
+        # torch's foreach SGD, CUDA's default, would have added the momentum buffer.
+        assert torch.equal(gpu.parameters["linear.weight"].grad, before)
+    gpu.close()
+
+
 def test_a_large_forward_input_gives_the_cpu_s_loss(cuda_client: gradwire.Client) -> None:
-    # 2,048 samples: 2.4 MB of input, over staging's line, so it crosses in pinned runs.
+    # 10,240 samples: 12.3 MB of input, three pinned runs and a bit, so both buffers are
+    # refilled.
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2048, 3, 10, 10)).astype(np.float32)
-    y = rng.integers(0, 20, size=2048)
+    x = rng.standard_normal((10240, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=10240)
     result = cuda_client.forward(x, y)
     torch.manual_seed(0)
     from gradwire_server.models import Simple
 
     expected = nn.CrossEntropyLoss()(Simple()(torch.from_numpy(x)), torch.from_numpy(y))
-    assert result.output_shape == (2048, 20)
+    assert result.output_shape == (10240, 20)
     # cuDNN's convolutions may use TF32 on the GPU: close, not equal.
     assert result.loss == pytest.approx(expected.item(), rel=2e-3)
     np.testing.assert_array_equal(cuda_client.get("input"), x)

@@ -160,7 +160,8 @@ class StreamedRead:
             return run
         if self._pinned is None:
             size = min(count, self._copy.numel())
-            self._pinned = torch.empty(size, dtype=run.dtype, pin_memory=True)
+            with torch.cuda.device(run.device):  # a gRPC thread: its current device may be 0
+                self._pinned = torch.empty(size, dtype=run.dtype, pin_memory=True)
         host = self._pinned[: run.numel()]
         host.copy_(run)  # synchronises: the run is on the host when this returns
         return host
@@ -172,6 +173,7 @@ class StreamedRead:
             with self._lock:
                 self._reads.discard(self)
                 self._live = None
+        self._pinned = None  # page-locked memory is scarce: not kept past the read
         copy, self._copy = self._copy, None
         if copy is not None:
             self._memory.give_back(copy)

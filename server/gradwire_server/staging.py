@@ -70,6 +70,8 @@ def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned
         host.copy_(run)
         dst[offset : offset + run.numel()].copy_(host, non_blocking=on_gpu and pinned)
         if on_gpu:
+            # On the stream the copy went to: the current one of `out`'s device, which need
+            # not be the calling thread's current device (a server on cuda:1).
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record()
+            event.record(torch.cuda.current_stream(out.device))
             done[turn] = event

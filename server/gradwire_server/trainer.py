@@ -348,6 +348,12 @@ def resolve_device(spec: str) -> torch.device:
         raise InvalidInput(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput(f"device {spec!r} asked for, but this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InvalidInput(
+            f"device {spec!r} asked for, but this machine has {count} CUDA device(s): "
+            f"cuda:0 to cuda:{count - 1}"
+        )
     return device
 
 
@@ -385,6 +391,10 @@ class Trainer:
         # Every torch call runs on one thread, on the CPU the one every CPU trainer in the
         # process shares (torch_thread.py says why).
         self._torch = TorchThread(shared=self.device.type == "cpu")
+        if self.device.type == "cuda" and self.device.index is not None:
+            # The thread's current device is this trainer's: events, pinned memory and
+            # caches that follow the current device then follow the model (cuda:1 and on).
+            self._torch.run(torch.cuda.set_device, self.device)
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._live = live.LiveReads()  # streamed reads sending from live memory
