@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -162,6 +164,34 @@ def test_a_watch_ends_with_an_error_when_its_session_is_closed(client: gradwire.
     with pytest.raises(errors.FailedPrecondition, match="was closed") as info:
         next(watch)  # not a normal end, which a reader would take for one
     assert info.value.reason == "CLOSED"
+
+
+@pytest.mark.parametrize("how", ["CloseSession", "idle"])
+def test_a_closed_session_s_memory_is_freed_at_once(
+    client: gradwire.Client, server: Running, how: str
+) -> None:
+    """Not at Python's next cycle collection, which may be long in coming: a new session on
+    a GPU would find the closed one's memory still taken (found by a review)."""
+    sessions = server.servicer.sessions
+    mine = client.open_session(seed=0)
+    mine.train_step(INPUT, TARGET)
+    trainer = sessions.get(mine.session)
+    kept = [weakref.ref(p) for p in trainer.parameters.values()]
+    del trainer
+    collecting = gc.isenabled()
+    gc.disable()  # what is freed is freed by the close, not by the collector meanwhile
+    try:
+        if how == "CloseSession":
+            mine.close()
+        else:
+            sessions.idle_s = 0.0
+            time.sleep(0.01)
+            client.open_session().close()  # sweeps the idle one first
+        assert all(ref() is None for ref in kept)
+    finally:
+        sessions.idle_s = 600.0
+        if collecting:
+            gc.enable()
 
 
 def test_session_limits_are_server_settings(trainer: Trainer) -> None:

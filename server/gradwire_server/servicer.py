@@ -552,6 +552,9 @@ class TrainerServicer:
     def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
     ) -> pb.CloseSessionResponse:
+        # This call's own hold on the session it may be closing goes first: its memory is
+        # freed before the answer (sessions.py), not at some later collection.
+        _CURRENT.set(None)
         self.sessions.close(request.session)
         return pb.CloseSessionResponse()
 

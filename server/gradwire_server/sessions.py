@@ -7,6 +7,7 @@ in progress (an open Watch, a long Train) is use, however long it lasts.
 
 from __future__ import annotations
 
+import gc
 import secrets
 import threading
 import time
@@ -105,10 +106,10 @@ class Sessions:
         if not session:
             raise InvalidInput("the default session cannot be closed", reason="BAD_SESSION")
         with self._lock:
-            found = self._open.pop(session, None)
-        if found is None:
+            closing = [self._open.pop(session)] if session in self._open else []
+        if not closing:
             raise UnknownSession(f"no session {session!r} to close", metadata={"session": session})
-        found.trainer.close()
+        _free(closing)
 
     @property
     def open_count(self) -> int:
@@ -118,8 +119,7 @@ class Sessions:
     def close_all(self) -> None:
         with self._lock:
             sessions, self._open = list(self._open.values()), {}
-        for s in sessions:
-            s.trainer.close()
+        _free(sessions)
 
     def _close_idle(self) -> None:
         now = self._clock()
@@ -128,5 +128,18 @@ class Sessions:
                 k for k, s in self._open.items() if not s.held and now - s.last_used > self.idle_s
             ]
             closed = [self._open.pop(k) for k in idle]
-        for s in closed:
-            s.trainer.close()
+        if closed:
+            _free(closed)
+
+
+def _free(sessions: list[_Session]) -> None:
+    """Closes the sessions' trainers and frees their memory now. A model, its optimizer and
+    hooks hold one another in reference cycles, which only Python's cycle collector frees:
+    left to it, a closed session's parameters, gradients and activations (on a GPU, device
+    memory a new session may need) could stay until its next full collection. One costs
+    about 0.1 s on the 2-core VM of docs/PERFORMANCE.md: paid by the call that closes."""
+    if not sessions:
+        return
+    while sessions:  # popped: the callers keep no other reference
+        sessions.pop().trainer.close()
+    gc.collect()
