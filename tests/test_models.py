@@ -274,6 +274,20 @@ def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Cli
     assert mlp.list_tensors().version == 0
 
 
+def test_a_refused_forward_lets_go_of_the_layers_it_ran_and_keeps_the_last() -> None:
+    """fc1 ran before the BatchNorm refused: its output goes at once, not at the next
+    Forward (on a GPU it could hold most of the memory); the last Forward's stays."""
+    trainer = Trainer(TINY_MLP, seed=SEED)
+    good = torch.ones(4, 16)
+    trainer.forward(good, torch.zeros(4, dtype=torch.int64))
+    kept = trainer.read("fc1.output").value
+    with pytest.raises(InvalidInput, match="refused this input"):
+        trainer.forward(torch.zeros(1, 16), torch.zeros(1, dtype=torch.int64))
+    assert trainer._pending == {}
+    assert torch.equal(trainer.read("fc1.output").value, kept)  # type: ignore[arg-type]
+    trainer.close()
+
+
 def test_the_regressor_trains_with_a_float_target_as_pytorch_does(
     regressor: gradwire.Client,
 ) -> None:

@@ -790,7 +790,12 @@ class Trainer:
             try:
                 output = self._model(x)
                 loss = self._criterion(output, y) if y is not None else None
-            except ValueError as err:
+            except BaseException as err:
+                # The layers' outputs so far go now (on a GPU, perhaps most of its memory),
+                # not at the next Forward; the last Forward's stay.
+                self._pending = {}
+                if not isinstance(err, ValueError):
+                    raise
                 # A model's own refusal of an input (BatchNorm given one sample): the caller's
                 # to fix. A RuntimeError inside the model is the model's fault: INTERNAL.
                 raise InvalidInput(
