@@ -427,14 +427,17 @@ def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
         next(client.watch(["conv1.weight"], every_steps=-1))
 
 
-def test_a_watch_ends_when_its_session_closes(address: str) -> None:
+def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> None:
+    """Not as a normal end, which a reader would take for one (a review saw OK): as a Train
+    on it does, FAILED_PRECONDITION (CLOSED)."""
     with gradwire.connect(address) as owner:
         session = owner.open_session(seed=0)
         stream = session.watch(["conv1.weight"], timeout=30)
         assert next(stream).version == 0
         session.close()
-        with pytest.raises(StopIteration):
+        with pytest.raises(errors.FailedPrecondition, match="was closed") as info:
             next(stream)
+        assert info.value.reason == "CLOSED"
 
 
 # --- Train: a server-side run ----------------------------------------------------------------

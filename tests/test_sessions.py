@@ -155,17 +155,6 @@ def test_a_train_and_a_watch_keep_their_session_open(trainer: Trainer) -> None:
         running.stop(grace=None)
 
 
-def test_a_watch_ends_with_an_error_when_its_session_is_closed(client: gradwire.Client) -> None:
-    mine = client.open_session()
-    name = mine.session
-    watch = mine.watch(["conv1.weight"])
-    next(watch)
-    client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=name))
-    with pytest.raises(errors.FailedPrecondition, match="was closed") as info:
-        next(watch)  # not a normal end, which a reader would take for one
-    assert info.value.reason == "CLOSED"
-
-
 @pytest.mark.parametrize("how", ["CloseSession", "idle"])
 def test_a_closed_session_s_memory_is_freed_at_once(
     client: gradwire.Client, server: Running, how: str
