@@ -41,8 +41,9 @@ def _address(running: Running) -> str:
 
 def test_calls_without_the_token_are_unauthenticated(guarded: Running) -> None:
     with gradwire.connect(_address(guarded)) as client:
-        with pytest.raises(errors.Unauthenticated, match="this server needs a token"):
+        with pytest.raises(errors.Unauthenticated, match="this server needs a token") as info:
             client.list_tensors()
+        assert info.value.reason == "NO_TOKEN"  # an ErrorInfo, as every other error has
         with pytest.raises(errors.Unauthenticated):
             client.get("conv1.weight")
         with pytest.raises(errors.Unauthenticated):  # streamed calls too
@@ -57,9 +58,10 @@ def test_calls_without_the_token_are_unauthenticated(guarded: Running) -> None:
 def test_a_wrong_token_is_refused(guarded: Running) -> None:
     with (
         gradwire.connect(_address(guarded), token="guess") as client,
-        pytest.raises(errors.Unauthenticated, match="not this server's"),
+        pytest.raises(errors.Unauthenticated, match="not this server's") as info,
     ):
         client.step()
+    assert info.value.reason == "BAD_TOKEN"
 
 
 def test_the_right_token_opens_every_call(guarded: Running) -> None:

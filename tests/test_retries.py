@@ -121,10 +121,14 @@ def test_an_expected_version_makes_a_mutation_conditional(
         assert client.zero_grad() == version + 2  # the inline path checks too
 
 
-def test_a_bad_expected_version_is_invalid_argument(address: str) -> None:
+@pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63)])
+def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) -> None:
+    # Python's int() takes " 5", "+5" and "1_0" (10); other languages' parsers do not: only
+    # decimal digits are a version.
     with pytest.raises(grpc.RpcError) as info:
-        _step(address)(pb.StepRequest(), metadata=[("gradwire-expected-version", "soon")])
+        _step(address)(pb.StepRequest(), metadata=[("gradwire-expected-version", given)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "in decimal digits" in info.value.details()
 
 
 @pytest.fixture

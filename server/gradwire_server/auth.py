@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from gradwire_server.servicer import HANDLER_KINDS
+from gradwire_server.servicer import HANDLER_KINDS, abort
 
 # Health checks answer without a token: orchestrators probe before they hold secrets.
 _OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
@@ -38,20 +38,21 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None  # an unknown method: UNIMPLEMENTED, as without a token
-        message = (
-            "this server needs a token: send 'authorization: Bearer <token>' "
-            "(gradwire --token-file, or the GRADWIRE_TOKEN environment variable)"
-            if not given
-            else "the token sent is not this server's"
-        )
-        return _refusal(handler, message)
+        if not given:
+            message = (
+                "this server needs a token: send 'authorization: Bearer <token>' "
+                "(gradwire --token-file, or the GRADWIRE_TOKEN environment variable)"
+            )
+            return _refusal(handler, message, "NO_TOKEN")
+        return _refusal(handler, "the token sent is not this server's", "BAD_TOKEN")
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> Any:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
+def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str, reason: str) -> Any:
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED, with an
+    ErrorInfo as every other error of the server has."""
 
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        abort(context, grpc.StatusCode.UNAUTHENTICATED, message, reason, {})
 
     make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
     return make(

@@ -93,7 +93,7 @@ class Malformed:
     error: str
 
 
-def _abort(
+def abort(
     context: grpc.ServicerContext,
     code: grpc.StatusCode,
     message: str,
@@ -152,11 +152,11 @@ def _answer_error(context: grpc.ServicerContext, name: str) -> None:
         raise
     except DomainError as err:
         _release_frames(err)
-        _abort(context, _status_of(err), err.message, err.reason, err.metadata)
+        abort(context, _status_of(err), err.message, err.reason, err.metadata)
     except Exception as err:
         log.exception("unexpected error in %s", name)
         _release_frames(err)
-        _abort(
+        abort(
             context,
             grpc.StatusCode.INTERNAL,
             f"internal error in {name}; the server's log has the details",
@@ -304,13 +304,15 @@ class RequestLog:
 def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
     expected = None
     if EXPECTED_VERSION in metadata:
-        try:
-            expected = int(metadata[EXPECTED_VERSION])
-        except ValueError:
+        given = metadata[EXPECTED_VERSION]
+        # Decimal digits only: Python's int() would also take " 5", "+5" and "1_0" (10), which
+        # no other language's parser reads alike.
+        if not (given.isascii() and given.isdigit() and int(given) < 2**63):
             raise InvalidInput(
-                f"{EXPECTED_VERSION} must be a whole number, got {metadata[EXPECTED_VERSION]!r}",
+                f"{EXPECTED_VERSION} must be a state version in decimal digits, got {given!r}",
                 reason="BAD_METADATA",
-            ) from None
+            )
+        expected = int(given)
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
     return Guard(expected, deadline)

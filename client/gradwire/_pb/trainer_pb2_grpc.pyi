@@ -29,9 +29,43 @@ Conventions used by every message below:
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
   (DEADLINE_EXCEEDED). With a server token set, every call but grpc.health.v1 needs
   "authorization: Bearer <token>" (UNAUTHENTICATED without it).
+  A request id names one request: the server keys answers by (method, session, id) and
+  does not compare the request, so a new request needs a new id (16 random bytes in hex,
+  as the Python client sends). It keeps the last 1,024 answers; a failed attempt changed
+  nothing and is not kept, so its retry runs anew. Train, OpenSession and the reads take
+  no id. The expected version is decimal digits ("42").
+- Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
+  or empty, the default session.
+- Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
+  reads tensors sets its channel's maximum receive size to 64 MiB. Larger values stream
+  (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep every
+  message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
+  64 dimensions; a name at most 256 characters.
+- Concurrency: the server serves a fixed number of calls at once (gradwire serve
+  --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
+  write) holds one place for as long as it is open. With none free a call is answered
+  RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks are always answered.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
-  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer.
+  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
+  answered UNKNOWN. The reasons, by status:
+    INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
+      BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
+      MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
+      BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
+      NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
+    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", "closest"), UNKNOWN_SESSION
+    OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
+    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
+    RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
+      FETCH_TOO_LARGE, WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY, TOO_MANY_SESSIONS
+    ABORTED: VERSION_MISMATCH (metadata "version")
+    DEADLINE_EXCEEDED: DEADLINE_PASSED
+    UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
+    INTERNAL: INTERNAL (the server's log has the details)
+  Errors that gRPC raises itself (a message over a size limit, a deadline that expires
+  in the client, a connection lost) carry no ErrorInfo.
 """
 
 from collections import abc as _abc
