@@ -107,17 +107,22 @@ def test_malformed_tensor_is_invalid_argument(
         ),
         (
             lambda c: c.forward(Fill("uniform", (8, 3, 10, 10), low=1, high=0), TARGET),
-            "INVALID_INPUT",
+            "BAD_FILL",
             "needs low < high",
         ),
         (
             lambda c: c.forward(Fill("randint", (8,), low=0, high=2.5), TARGET),
-            "INVALID_INPUT",
+            "BAD_FILL",
             "whole numbers",
+        ),
+        (  # found by a review: torch truncated it to class 3
+            lambda c: c.forward(INPUT, Fill("constant", (8,), value=3.7)),
+            "BAD_FILL",
+            "needs a whole number, got 3.7",
         ),
         (  # found by tests/test_fuzz.py: torch only warned, and drew rounded numbers
             lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2**24 + 2), TARGET),
-            "INVALID_INPUT",
+            "BAD_FILL",
             "needs bounds within [-2^24, 2^24]",
         ),
         (
@@ -131,6 +136,12 @@ def test_malformed_tensor_is_invalid_argument(
             "can be read but not written",
         ),
         (lambda c: c.set("output", 0.0), "READ_ONLY", "only parameters and gradients"),
+        (lambda c: c.set("conv1.weight.delta", 0.0), "READ_ONLY", "the last Step's change"),
+        (
+            lambda c: c.fill_parameters(0.5, ["conv1.weight.grad"]),
+            "NOT_A_PARAMETER",
+            "'conv1.weight.grad' is not a parameter",
+        ),
         (lambda c: c.get("conv1.weight[0, 0, 0, 0, 0]"), "TOO_MANY_INDICES", "too many indices"),
         # Found by a review: torch allows the 65th dimension, numpy (the reply) does not, and
         # the read was answered INTERNAL.

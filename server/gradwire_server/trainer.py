@@ -357,6 +357,14 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+#: How a read-only tensor is named in the error that refuses a write to it; other kinds are
+#: "the last Forward's input", "... output", "... loss", "... activation".
+_WHAT_IT_IS = {
+    "delta": "the last Step's change to a parameter",
+    "optimizer_state": "the optimizer's state",
+}
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -637,7 +645,10 @@ class Trainer:
 
     def _check_size(self, shape: Sequence[int], what: str) -> None:
         if any(d < 0 for d in shape):
-            raise InvalidInput(f"{what}: shape {list(shape)} has a negative dimension")
+            # Only a fill's shape can be negative: a tensor's was checked as it was decoded.
+            raise InvalidInput(
+                f"{what}: shape {list(shape)} has a negative dimension", reason="BAD_FILL"
+            )
         count = numel(shape)
         if count > self.max_elements:
             raise OverLimit(
@@ -656,7 +667,7 @@ class Trainer:
         if spec.dtype is not None:
             named = getattr(torch, spec.dtype, None)
             if not isinstance(named, torch.dtype):
-                raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}")
+                raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}", reason="BAD_FILL")
             dtype = named
         device = self.device
         try:
@@ -666,13 +677,23 @@ class Trainer:
                 if spec.kind == "ones":
                     return torch.ones(spec.shape, dtype=dtype, device=device)
                 if spec.kind == "constant":
+                    if not (dtype.is_floating_point or dtype == torch.bool) and not (
+                        math.isfinite(spec.value) and spec.value == int(spec.value)
+                    ):
+                        # torch would truncate: 3.7 would become class 3 without a word.
+                        raise InvalidInput(
+                            f"{what}: a constant fill of {dtype} needs a whole number, got "
+                            f"{spec.value}",
+                            reason="BAD_FILL",
+                        )
                     return torch.full(spec.shape, spec.value, dtype=dtype, device=device)
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(spec.seed)
                 if spec.kind == "uniform":
                     if not spec.low < spec.high:
                         raise InvalidInput(
-                            f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})"
+                            f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})",
+                            reason="BAD_FILL",
                         )
                     out = torch.empty(spec.shape, dtype=dtype, device=device)
                     return out.uniform_(spec.low, spec.high, generator=gen)
@@ -684,7 +705,8 @@ class Trainer:
                     if low != spec.low or high != spec.high or not low < high:
                         raise InvalidInput(
                             f"{what}: randint fill needs whole numbers low < high, "
-                            f"got [{spec.low}, {spec.high})"
+                            f"got [{spec.low}, {spec.high})",
+                            reason="BAD_FILL",
                         )
                     if dtype.is_floating_point:
                         # torch only warns (an error in a later release) and then draws
@@ -694,15 +716,18 @@ class Trainer:
                             raise InvalidInput(
                                 f"{what}: a randint fill of {dtype} needs bounds within "
                                 f"[-2^{digits}, 2^{digits}], the whole numbers it holds "
-                                f"exactly; got [{low}, {high})"
+                                f"exactly; got [{low}, {high})",
+                                reason="BAD_FILL",
                             )
                     return torch.randint(
                         low, high, spec.shape, generator=gen, dtype=dtype, device=device
                     )
         # e.g. a random kind asked of a dtype it lacks, or bounds past the dtype (OverflowError)
         except (RuntimeError, OverflowError, ValueError) as err:
-            raise InvalidInput(f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}") from err
-        raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}")
+            raise InvalidInput(
+                f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}", reason="BAD_FILL"
+            ) from err
+        raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}", reason="BAD_FILL")
 
     def _check_input(self, x: torch.Tensor) -> None:
         sample = self.spec.sample_shape
@@ -1275,9 +1300,9 @@ class Trainer:
         """
         kind, tensor, param = self._lookup(name)
         if param is None:
+            what = _WHAT_IT_IS.get(kind) or f"the last Forward's {kind}"
             raise InvalidInput(
-                f"{name!r} is the last Forward's {kind}; only parameters and gradients can be "
-                "written",
+                f"{name!r} is {what}; only parameters and gradients can be written",
                 reason="READ_ONLY",
             )
         source = self._make(value, param.dtype, "value")
@@ -1339,6 +1364,12 @@ class Trainer:
         chosen = list(names) or list(params)
         for name in chosen:
             check_name(name)
+            if name not in params and name in self.names():
+                raise InvalidInput(
+                    f"{name!r} is not a parameter: FillParameters fills parameters only "
+                    "(SetTensor writes a gradient)",
+                    reason="NOT_A_PARAMETER",
+                )
             if name not in params:
                 raise self._unknown(name)
             try:  # the same conversion fill_ makes, on a scalar: refuse before changing anything
