@@ -121,6 +121,29 @@ def test_an_expected_version_makes_a_mutation_conditional(
         assert client.zero_grad() == version + 2  # the inline path checks too
 
 
+def test_an_open_session_retried_with_its_id_opens_one_session(
+    address: str, server: Running
+) -> None:
+    """A retry that would otherwise open a second session, holding a place until it
+    expired (found by a review of the contract)."""
+    channel = grpc.insecure_channel(address)
+    open_session = channel.unary_unary(
+        "/gradwire.v1.Trainer/OpenSession",
+        request_serializer=pb.OpenSessionRequest.SerializeToString,
+        response_deserializer=pb.OpenSessionResponse.FromString,
+    )
+    sessions = server.servicer.sessions
+    before = sessions.open_count
+    first = open_session(pb.OpenSessionRequest(), metadata=[("gradwire-request-id", "o-1")])
+    again = open_session(pb.OpenSessionRequest(), metadata=[("gradwire-request-id", "o-1")])
+    other = open_session(pb.OpenSessionRequest(), metadata=[("gradwire-request-id", "o-2")])
+    assert first.session == again.session != other.session
+    assert sessions.open_count == before + 2
+    for session in {first.session, other.session}:
+        sessions.close(session)
+    channel.close()
+
+
 @pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63)])
 def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) -> None:
     # Python's int() takes " 5", "+5" and "1_0" (10); other languages' parsers do not: only

@@ -208,6 +208,8 @@ _MUTATIONS = frozenset(
      "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
 )  # fmt: skip
 _READS = frozenset({"GetTensor", "ListTensors", "GetStats"})
+#: Calls that take a request id besides the mutations: a retry gets the first answer.
+_ONCE = _MUTATIONS | {"OpenSession"}
 _EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "expected_version", default=None
 )
@@ -342,12 +344,12 @@ class Client:
         (`retries` times, backing off); streamed uploads are not, their chunks being spent."""
         metadata = [*self._metadata, *self._session_metadata()]
         retryable = method in _READS
-        if method in _MUTATIONS:
+        if method in _ONCE:
             # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
             # Python costs a remote Step 0.014-0.018 ms (docs/PERFORMANCE.md, eleventh session).
             metadata.append((REQUEST_ID, os.urandom(16).hex()))
             expected = _EXPECTED_VERSION.get()
-            if expected is not None:
+            if expected is not None and method in _MUTATIONS:
                 metadata.append((EXPECTED_VERSION, str(expected)))
             retryable = not isinstance(request, Iterator)
         for attempt in range(self.retries + 1):

@@ -337,15 +337,23 @@ def _mutate(
         with guarded(guard):
             return method(servicer, request, context)
 
+    request_id = _request_id(metadata)
+    if request_id is None:
+        return run()
+    key = (method.__name__, metadata.get(SESSION, ""), request_id)
+    return servicer.requests.once(key, run)
+
+
+def _request_id(metadata: dict[str, str]) -> str | None:
+    """The call's request id; None without one (or an empty one)."""
     request_id = metadata.get(REQUEST_ID)
     if not request_id:
-        return run()
+        return None
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(
             f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
         )
-    key = (method.__name__, metadata.get(SESSION, ""), request_id)
-    return servicer.requests.once(key, run)
+    return request_id
 
 
 def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
@@ -547,8 +555,17 @@ class TrainerServicer:
         if request.HasField("optimizer"):
             settings = convert.optimizer_from_proto(request.optimizer)
         seed = request.seed if request.HasField("seed") else None
-        session = self.sessions.open(seed, settings)
-        return pb.OpenSessionResponse(session=session, idle_timeout_s=self.sessions.idle_s)
+
+        def open_one() -> pb.OpenSessionResponse:
+            session = self.sessions.open(seed, settings)
+            return pb.OpenSessionResponse(session=session, idle_timeout_s=self.sessions.idle_s)
+
+        # A retry with the request id of an attempt that opened a session gets that session,
+        # rather than a second one that would hold a place until it expired.
+        request_id = _request_id(_metadata(context))
+        if request_id is None:
+            return open_one()
+        return self.requests.once(("OpenSession", "", request_id), open_one)
 
     @rpc
     def CloseSession(
