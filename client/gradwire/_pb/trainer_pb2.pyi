@@ -32,8 +32,9 @@ Conventions used by every message below:
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps the last 1,024 answers; a failed attempt changed
-  nothing and is not kept, so its retry runs anew. Train, OpenSession and the reads take
-  no id. The expected version is decimal digits ("42").
+  nothing and is not kept, so its retry runs anew. OpenSession takes an id too (a retry
+  gets the session the first attempt opened); Train and the reads take none. The
+  expected version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
@@ -621,11 +622,16 @@ class ForwardRequest(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def input(self) -> Global___TensorSource:
-        """the model's input; Simple takes float32 [N, 3, 10, 10]"""
+        """The model's input: exactly ListTensorsResponse.input_dtype (never converted; Simple
+        takes float32) and shape [N, *sample_shape] with N >= 1 (BAD_INPUT_DTYPE,
+        BAD_INPUT_SHAPE otherwise).
+        """
 
     @_builtins.property
     def target(self) -> Global___TensorSource:
-        """class indices, int64 [N]; unset: no loss is computed"""
+        """Class indices in [0, outputs): int64 [N] (int32 is taken too), or class probabilities,
+        float [N, outputs], as torch's CrossEntropyLoss takes them. Unset: no loss is computed.
+        """
 
     def __init__(
         self,
@@ -1067,7 +1073,7 @@ class ListTensorsResponse(_message.Message):
 
     @_builtins.property
     def optimizer(self) -> Global___OptimizerConfig:
-        """the optimizer in use, every field set"""
+        """the optimizer in use, every field of its kind set"""
 
     @_builtins.property
     def sample_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -1168,7 +1174,7 @@ class SetOptimizerResponse(_message.Message):
     """state version after the change"""
     @_builtins.property
     def config(self) -> Global___OptimizerConfig:
-        """the settings in force, every field set"""
+        """the settings in force, every field of its kind set"""
 
     def __init__(
         self,
@@ -1628,9 +1634,10 @@ class GetStatsRequest(_message.Message):
     histogram_bins: _builtins.int
     """0: no histogram; at most 4096"""
     histogram_low: _builtins.float
-    """unset: the smallest finite value"""
+    """Unset: the smallest and largest finite values; when they are equal (one distinct value,
+    or none), 0.5 below and above it, so that the bins have a width.
+    """
     histogram_high: _builtins.float
-    """unset: the largest finite value"""
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """as in GetTensorRequest"""
@@ -1755,7 +1762,9 @@ class WatchRequest(_message.Message):
     min_interval_ms: _builtins.int
     """At most one update per this many milliseconds: what changes in between is counted in the
     next update's `skipped`, which carries the latest state. Bounds what a watcher costs the
-    server however fast training runs. 0: no limit.
+    server however fast training runs. 0: no limit. Without it, small updates that gRPC has
+    already buffered for a slow reader arrive one by one, each as it was: only the updates
+    not yet made are merged into the latest.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:

@@ -284,9 +284,10 @@ class TrainerServicer:
     def Train(self, request, context):
         """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
-        the run between two steps; the steps already taken stay applied. Each step is applied as it
-        runs: Train reads no request id or expected version, and is not safe to retry blindly
-        (read the version first).
+        the run between two steps (the step running when the cancel arrives completes); the
+        steps already taken stay applied. Each step is applied as it runs: Train reads no
+        request id or expected version, and is not safe to retry blindly (read the version
+        first).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

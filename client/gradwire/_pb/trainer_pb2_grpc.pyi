@@ -32,8 +32,9 @@ Conventions used by every message below:
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps the last 1,024 answers; a failed attempt changed
-  nothing and is not kept, so its retry runs anew. Train, OpenSession and the reads take
-  no id. The expected version is decimal digits ("42").
+  nothing and is not kept, so its retry runs anew. OpenSession takes an id too (a retry
+  gets the session the first attempt opened); Train and the reads take none. The
+  expected version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
@@ -165,9 +166,10 @@ class TrainerStub:
     Train: _grpc.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
-    the run between two steps; the steps already taken stay applied. Each step is applied as it
-    runs: Train reads no request id or expected version, and is not safe to retry blindly
-    (read the version first).
+    the run between two steps (the step running when the cancel arrives completes); the
+    steps already taken stay applied. Each step is applied as it runs: Train reads no
+    request id or expected version, and is not safe to retry blindly (read the version
+    first).
     """
 
 @_typing.type_check_only
@@ -242,9 +244,10 @@ class TrainerAsyncStub(TrainerStub):
     Train: _aio.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]  # type: ignore[assignment]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
-    the run between two steps; the steps already taken stay applied. Each step is applied as it
-    runs: Train reads no request id or expected version, and is not safe to retry blindly
-    (read the version first).
+    the run between two steps (the step running when the cancel arrives completes); the
+    steps already taken stay applied. Each step is applied as it runs: Train reads no
+    request id or expected version, and is not safe to retry blindly (read the version
+    first).
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -430,9 +433,10 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.TrainProgress], _abc.AsyncIterator[_trainer_pb2.TrainProgress]]:
         """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
-        the run between two steps; the steps already taken stay applied. Each step is applied as it
-        runs: Train reads no request id or expected version, and is not safe to retry blindly
-        (read the version first).
+        the run between two steps (the step running when the cancel arrives completes); the
+        steps already taken stay applied. Each step is applied as it runs: Train reads no
+        request id or expected version, and is not safe to retry blindly (read the version
+        first).
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
