@@ -132,14 +132,21 @@ class Sessions:
             _free(closed)
 
 
+def _collects(trainer: Trainer) -> bool:
+    """Whether closing `trainer` is worth a full collection: on a GPU, where memory is scarce."""
+    return trainer.device.type != "cpu"
+
+
 def _free(sessions: list[_Session]) -> None:
-    """Closes the sessions' trainers and frees their memory now. A model, its optimizer and
-    hooks hold one another in reference cycles, which only Python's cycle collector frees:
-    left to it, a closed session's parameters, gradients and activations (on a GPU, device
-    memory a new session may need) could stay until its next full collection. One costs
-    about 0.1 s on the 2-core VM of docs/PERFORMANCE.md: paid by the call that closes."""
-    if not sessions:
-        return
+    """Closes the sessions' trainers; on a GPU, frees their memory now. A model, its
+    optimizer and hooks hold one another in reference cycles, which only Python's cycle
+    collector frees: left to it, a closed session's parameters, gradients and activations
+    (device memory a new session may need) could stay until its next full collection. One
+    costs about 0.1 s on the 2-core VM of docs/PERFORMANCE.md, paid by the closing call.
+    CPU sessions are left to the collector's own schedule: a collection per close made the
+    model-based test, which opens and closes thousands of sessions, crawl."""
+    collect = any(_collects(s.trainer) for s in sessions)
     while sessions:  # popped: the callers keep no other reference
         sessions.pop().trainer.close()
-    gc.collect()
+    if collect:
+        gc.collect()
