@@ -262,3 +262,20 @@ def test_an_adam_step_that_does_not_fit_changes_no_state() -> None:
         assert client.list_tensors().version == before[0] + 1
     finally:
         wide.close()
+
+
+def test_a_session_whose_model_does_not_fit_is_refused_and_the_server_serves_on() -> None:
+    # 64 MiB of parameters for the new session's model, 32 MiB of headroom: answered INTERNAL
+    # until a review of the GPU paths pointed at it (a new session's model beside the others).
+    wide = Capped("tests.oom_server:WIDE")
+    try:
+        client = wide.client
+        open_before = client.list_tensors().version
+        with wide.limit(32 * MiB):
+            error = out_of_memory(client.open_session, seed=0)
+        assert error.message.startswith("a new model: out of memory on cpu")
+        with client.open_session(seed=0) as session:  # with the memory there, it opens
+            assert session.list_tensors().model == "Wide"
+        assert client.list_tensors().version == open_before
+    finally:
+        wide.close()

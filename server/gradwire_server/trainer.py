@@ -410,7 +410,10 @@ class Trainer:
         self._run(self._init_state, seed)
 
     def _init_state(self, seed: int | None) -> None:
-        self._adopt(self._build_model(seed))
+        # A new session's model, or a Reset's, may not fit beside the others on the device.
+        with self._device_memory("a new model"):
+            model = self._build_model(seed)
+        self._adopt(model)
         self._optimizer = self._build_optimizer(self._model, self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
