@@ -24,7 +24,7 @@ from gradwire.fill import Fill
 from gradwire.limits import MAX_MESSAGE_BYTES
 from gradwire_server.app import start
 from gradwire_server.models import ModelSpec
-from gradwire_server.servicer import _release_frames
+from gradwire_server.servicer import _release_frames, device_lost
 from gradwire_server.trainer import Trainer
 
 INPUT = Fill.ones(8, 3, 10, 10)
@@ -348,6 +348,45 @@ def test_unexpected_errors_are_internal_with_a_plain_message(
     assert "secret" not in info.value.message
     assert any("secret internal detail" in r.exc_text for r in caplog.records if r.exc_text)
     assert broken_client.health() == "SERVING"
+
+
+class DeviceLost(Broken):
+    """Fails as a GPU does after a device-side assert: every later CUDA call would too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """So that whatever supervises the server restarts it (found by a review of the CUDA
+    paths: the server answered INTERNAL forever while reporting itself healthy)."""
+    spec = ModelSpec("Lost", DeviceLost, sample_shape=(2,), num_classes=2)
+    running = start(Trainer(spec), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            assert client.health() == "SERVING"
+            with caplog.at_level(logging.CRITICAL), pytest.raises(errors.Internal):
+                client.forward(np.ones((1, 2), np.float32))
+            assert client.health() == "NOT_SERVING"
+            assert any("restart the server" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUDA error: out of memory"), False),  # memory comes back
+        (RuntimeError("secret internal detail"), False),
+        (ValueError("CUDA error"), False),
+    ],
+)
+def test_which_errors_the_device_does_not_recover_from(error: Exception, lost: bool) -> None:
+    assert device_lost(error) is lost
 
 
 #: Weak references to the inputs `Refusing` was given, newest last.

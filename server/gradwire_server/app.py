@@ -101,10 +101,20 @@ def start(
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[*channel_options(), ("grpc.so_reuseport", 0)],
     )
-    servicer = TrainerServicer(trainer, max_concurrent, sessions)
+    health_servicer = health.HealthServicer()
+
+    def device_lost() -> None:
+        log.critical(
+            "the device reported an error it does not recover from (a device-side assert or "
+            "an illegal memory access): every later call would fail; health is NOT_SERVING "
+            "now, restart the server"
+        )
+        for service in ("", SERVICE_NAME):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    servicer = TrainerServicer(trainer, max_concurrent, sessions, on_device_lost=device_lost)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -146,7 +146,23 @@ def _release_frames(error: BaseException) -> None:
         chain += (link.__cause__, link.__context__)
 
 
-def _answer_error(context: grpc.ServicerContext, name: str) -> None:
+#: Where a CUDA error that poisons the process's context shows: torch raises
+#: torch.AcceleratorError (RuntimeError before torch 2.8) with CUDA's own words.
+_DEVICE_LOST = ("CUDA error", "device-side assert", "illegal memory access")
+
+
+def device_lost(error: BaseException) -> bool:
+    """Whether `error` is one the device does not recover from: after a device-side assert or
+    an illegal memory access every later CUDA call in the process fails the same way."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "out of memory" in text:  # OOM passes
+        return False
+    return any(sign in text for sign in _DEVICE_LOST)
+
+
+def _answer_error(
+    context: grpc.ServicerContext, name: str, servicer: TrainerServicer | None = None
+) -> None:
     """Aborts the call for the exception being handled; never lets it reach gRPC raw."""
     try:
         raise
@@ -155,6 +171,8 @@ def _answer_error(context: grpc.ServicerContext, name: str) -> None:
         abort(context, _status_of(err), err.message, err.reason, err.metadata)
     except Exception as err:
         log.exception("unexpected error in %s", name)
+        if servicer is not None and device_lost(err) and servicer.on_device_lost is not None:
+            servicer.on_device_lost()
         _release_frames(err)
         abort(
             context,
@@ -238,7 +256,7 @@ def _unary(method: Handler[R], mutates: bool) -> Handler[R]:
                     return _mutate(self, method, request, context, metadata)
                 return method(self, request, context)
         except Exception:
-            _answer_error(context, name)
+            _answer_error(context, name, self)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     return wrapper
@@ -366,7 +384,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
                 _well_formed(request)
                 yield from method(self, request, context)
         except Exception:
-            _answer_error(context, method.__name__)
+            _answer_error(context, method.__name__, self)
 
     return wrapper
 
@@ -385,9 +403,16 @@ class TrainerServicer:
         return _CURRENT.get() or self.sessions.default
 
     def __init__(
-        self, trainer: Trainer, max_concurrent: int = 16, sessions: Sessions | None = None
+        self,
+        trainer: Trainer,
+        max_concurrent: int = 16,
+        sessions: Sessions | None = None,
+        on_device_lost: Callable[[], None] | None = None,
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
+        #: Called when a call fails with an error the device does not recover from (the
+        #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).
+        self.on_device_lost = on_device_lost
         self.slots = Slots(max_concurrent)
         self.requests = RequestLog()
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
