@@ -279,3 +279,35 @@ def test_a_session_whose_model_does_not_fit_is_refused_and_the_server_serves_on(
         assert client.list_tensors().version == open_before
     finally:
         wide.close()
+
+
+def test_a_train_step_whose_step_does_not_fit_changes_nothing() -> None:
+    # Adam's first Step needs a temporary as large as the parameters (64 MiB) besides the
+    # new gradient (64 MiB, the old one kept for the undo): 96 MiB of headroom fits the
+    # Forward and Backward, not the Step. ZeroGrad, Forward and Backward used to stay
+    # applied, version and gradients moved, so a retry with the request id ran them again
+    # (found by the review of the GPU paths, where Adam's first step is the likeliest place
+    # to run out).
+    wide = Capped("tests.oom_server:WIDE")
+    try:
+        client = wide.client
+        x, y = Fill.normal(4, 4096, seed=1), Fill.normal(4, 4096, seed=2)
+        client.set_optimizer("adam", lr=0.01)
+        client.forward(x, y)
+        client.backward()  # a gradient to keep
+        names = ["weight", "weight.grad"]
+
+        def weights() -> tuple[int, list[bytes]]:
+            values = [np.ascontiguousarray(client.get(n)).tobytes() for n in names]
+            return client.list_tensors().version, values
+
+        before = weights()
+        with wide.limit(96 * MiB):
+            error = out_of_memory(client.train_step, x, y, zero_grad=True)
+        assert error.message.startswith("step: out of memory on cpu")
+        assert weights() == before
+        assert client.get("optimizer.weight.exp_avg") is None  # no state begun
+        client.train_step(x, y, zero_grad=True)  # with the memory there, the same step runs
+        assert client.list_tensors().version == before[0] + 4
+    finally:
+        wide.close()

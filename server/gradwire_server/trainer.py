@@ -916,9 +916,11 @@ class Trainer:
         use: Callable[[Selection], T],
         finish: Callable[[TrainResult[T]], U] | None,
     ) -> TrainResult[T] | U:
-        # Running out of memory in the Forward or the Backward leaves the state as it was
-        # before the call, ZeroGrad undone: these parts replace the attributes they change
-        # rather than change them in place, so the old references are all there is to keep.
+        # Running out of memory in the Forward, the Backward or the Step leaves the state as
+        # it was before the call, ZeroGrad undone: the first two replace the attributes they
+        # change rather than change them in place, so the old references are all there is to
+        # keep, and the Step runs out, if at all, before it changes anything (it takes its
+        # temporaries' memory first: _reserve_step_memory).
         kept = dict(vars(self))
         grads = [(p, p.grad) for p in self._parameters.values()]
         try:
@@ -926,12 +928,12 @@ class Trainer:
                 self._zero_grad(True)
             result = self._forward(x, y)
             self._backward(retain_graph=False)
+            version, updated = self._step()
         except OverLimit:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
             raise
-        version, updated = self._step()
         fetched = [self.read_with(name, chain, use) for name, chain in fetch]
         assert result.loss is not None
         done = TrainResult(
