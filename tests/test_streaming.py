@@ -823,6 +823,11 @@ BAD_STREAMS: list[tuple[str, BadStream, str]] = [
         lambda s, n: [f32_chunk([0.5] * 100, 0, s), f32_chunk([0.5] * 50, 100)],
         "the stream ended after 150 of {n} values",
     ),
+    (  # a client in another language forgetting the shape: say so (found by a review)
+        "first-chunk-without-a-shape",
+        lambda s, n: [f32_chunk([0.5] * n, 0)],
+        "the first chunk carries the whole tensor's shape in TensorChunk.shape",
+    ),
     ("2d-values", lambda s, n: [two_d_chunk(s)], "chunk values must be 1-D, got shape [2, 2]"),
     (
         "values-short-of-their-own-shape",

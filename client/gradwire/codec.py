@@ -350,8 +350,17 @@ class Assembler:
             )
         end = self._filled + values.size
         if end > self._flat.size:
+            # The likeliest cause from another language: a first chunk without its shape,
+            # which reads as a scalar's empty shape.
+            hint = (
+                " (the first chunk carries the whole tensor's shape in TensorChunk.shape; "
+                "without one it is a scalar's)"
+                if self._array is not None and self._array.ndim == 0
+                else ""
+            )
             raise CodecError(
-                f"{self.what}: chunks hold more than the {self._flat.size} values of the shape"
+                f"{self.what}: chunks hold more than the {self._flat.size} values of the "
+                f"shape{hint}"
             )
         if self._widening:
             # numpy's one thread: torch's threads, chunk by chunk, compete with gRPC's
