@@ -820,7 +820,10 @@ class GetTensorRequest(_message.Message):
     """GetTensorStream only: bytes of values per chunk; 0: the server's default, 4 MiB less 4 KiB, which keeps every message under gRPC's default 4 MiB receive limit"""
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
-        """applied in turn, as x[index[0]][index[1]]...; empty: the whole tensor"""
+        """Applied in turn, as x[index[0]][index[1]]... with numpy's basic indexing (negative
+        positions and steps count from the end; reads take negative steps, writes do not);
+        empty: the whole tensor. Not checked while the tensor is absent (nothing to index).
+        """
 
     def __init__(
         self,
@@ -891,7 +894,9 @@ class SetTensorRequest(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """a parameter ("conv1.weight") or gradient ("conv1.weight.grad")"""
+    """A parameter ("conv1.weight") or gradient ("conv1.weight.grad"); a gradient that is
+    absent is made, zeros where the index does not write.
+    """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """the part to overwrite, as in GetTensorRequest; empty: all of it"""
