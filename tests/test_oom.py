@@ -235,79 +235,77 @@ def test_a_backward_that_runs_out_halfway_changes_no_gradient(fresh: Capped) -> 
         still_serving(client)
 
 
-def test_an_adam_step_that_does_not_fit_changes_no_state() -> None:
+@pytest.fixture
+def wide() -> Iterator[Capped]:
+    """A server of a model with 64 MiB of parameters (tests.oom_server:WIDE)."""
+    server = Capped("tests.oom_server:WIDE")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+#: The wide model's data, a step's worth.
+WIDE_DATA = (Fill.normal(4, 4096, seed=1), Fill.normal(4, 4096, seed=2))
+
+
+def snapshot(client: gradwire.Client, names: list[str]) -> tuple[int, list[bytes]]:
+    """The version, and the bytes of each named tensor."""
+    values = [np.ascontiguousarray(client.get(n)).tobytes() for n in names]
+    return client.list_tensors().version, values
+
+
+def test_an_adam_step_that_does_not_fit_changes_no_state(wide: Capped) -> None:
     # Adam updates its moments in place and then needs a temporary as large as the
     # parameters: the trainer takes that memory before the step, so running out happens
     # before anything moved. 64 MiB of parameters, 32 MiB of headroom.
-    wide = Capped("tests.oom_server:WIDE")
-    try:
-        client = wide.client
-        x, y = Fill.normal(4, 4096, seed=1), Fill.normal(4, 4096, seed=2)
-        client.set_optimizer("adam", lr=0.01)
-        client.train_step(x, y)  # the moments exist, so the next step allocates no state
-        client.forward(x, y)
-        client.backward()
-        names = ["weight", "weight.grad", *(f"optimizer.weight.{k}" for k in ADAM)]
-
-        def adam_state() -> tuple[int, list[bytes]]:
-            values = [np.ascontiguousarray(client.get(n)).tobytes() for n in names]
-            return client.list_tensors().version, values
-
-        before = adam_state()
-        with wide.limit(32 * MiB):
-            error = out_of_memory(client.step)
-        assert error.message.startswith("step: out of memory on cpu")
-        assert adam_state() == before
-        client.step()  # with the memory there, the same step runs
-        assert client.list_tensors().version == before[0] + 1
-    finally:
-        wide.close()
+    client = wide.client
+    client.set_optimizer("adam", lr=0.01)
+    client.train_step(*WIDE_DATA)  # the moments exist, so the next step allocates no state
+    client.forward(*WIDE_DATA)
+    client.backward()
+    names = ["weight", "weight.grad", *(f"optimizer.weight.{k}" for k in ADAM)]
+    before = snapshot(client, names)
+    with wide.limit(32 * MiB):
+        error = out_of_memory(client.step)
+    assert error.message.startswith("step: out of memory on cpu")
+    assert snapshot(client, names) == before
+    client.step()  # with the memory there, the same step runs
+    assert client.list_tensors().version == before[0] + 1
 
 
-def test_a_session_whose_model_does_not_fit_is_refused_and_the_server_serves_on() -> None:
+def test_a_session_whose_model_does_not_fit_is_refused_and_the_server_serves_on(
+    wide: Capped,
+) -> None:
     # 64 MiB of parameters for the new session's model, 32 MiB of headroom: answered INTERNAL
     # until a review of the GPU paths pointed at it (a new session's model beside the others).
-    wide = Capped("tests.oom_server:WIDE")
-    try:
-        client = wide.client
-        open_before = client.list_tensors().version
-        with wide.limit(32 * MiB):
-            error = out_of_memory(client.open_session, seed=0)
-        assert error.message.startswith("a new model: out of memory on cpu")
-        with client.open_session(seed=0) as session:  # with the memory there, it opens
-            assert session.list_tensors().model == "Wide"
-        assert client.list_tensors().version == open_before
-    finally:
-        wide.close()
+    client = wide.client
+    version = client.list_tensors().version
+    with wide.limit(32 * MiB):
+        error = out_of_memory(client.open_session, seed=0)
+    assert error.message.startswith("a new model: out of memory on cpu")
+    with client.open_session(seed=0) as session:  # with the memory there, it opens
+        assert session.list_tensors().model == "Wide"
+    assert client.list_tensors().version == version
 
 
-def test_a_train_step_whose_step_does_not_fit_changes_nothing() -> None:
+def test_a_train_step_whose_step_does_not_fit_changes_nothing(wide: Capped) -> None:
     # Adam's first Step needs a temporary as large as the parameters (64 MiB) besides the
     # new gradient (64 MiB, the old one kept for the undo): 96 MiB of headroom fits the
     # Forward and Backward, not the Step. ZeroGrad, Forward and Backward used to stay
     # applied, version and gradients moved, so a retry with the request id ran them again
     # (found by the review of the GPU paths, where Adam's first step is the likeliest place
     # to run out).
-    wide = Capped("tests.oom_server:WIDE")
-    try:
-        client = wide.client
-        x, y = Fill.normal(4, 4096, seed=1), Fill.normal(4, 4096, seed=2)
-        client.set_optimizer("adam", lr=0.01)
-        client.forward(x, y)
-        client.backward()  # a gradient to keep
-        names = ["weight", "weight.grad"]
-
-        def weights() -> tuple[int, list[bytes]]:
-            values = [np.ascontiguousarray(client.get(n)).tobytes() for n in names]
-            return client.list_tensors().version, values
-
-        before = weights()
-        with wide.limit(96 * MiB):
-            error = out_of_memory(client.train_step, x, y, zero_grad=True)
-        assert error.message.startswith("step: out of memory on cpu")
-        assert weights() == before
-        assert client.get("optimizer.weight.exp_avg") is None  # no state begun
-        client.train_step(x, y, zero_grad=True)  # with the memory there, the same step runs
-        assert client.list_tensors().version == before[0] + 4
-    finally:
-        wide.close()
+    client = wide.client
+    client.set_optimizer("adam", lr=0.01)
+    client.forward(*WIDE_DATA)
+    client.backward()  # a gradient to keep
+    names = ["weight", "weight.grad"]
+    before = snapshot(client, names)
+    with wide.limit(96 * MiB):
+        error = out_of_memory(client.train_step, *WIDE_DATA, zero_grad=True)
+    assert error.message.startswith("step: out of memory on cpu")
+    assert snapshot(client, names) == before
+    assert client.get("optimizer.weight.exp_avg") is None  # no state begun
+    client.train_step(*WIDE_DATA, zero_grad=True)  # with the memory there, the step runs
+    assert client.list_tensors().version == before[0] + 4
