@@ -380,9 +380,11 @@ def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
     [
         (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
         (RuntimeError("CUDA error: device-side assert triggered"), True),
+        (RuntimeError("CUDA error: unspecified launch failure"), True),
         (RuntimeError("CUDA error: out of memory"), False),  # memory comes back
+        (RuntimeError("CUDA error: invalid configuration argument"), False),  # not sticky
         (RuntimeError("secret internal detail"), False),
-        (ValueError("CUDA error"), False),
+        (ValueError("CUDA error: device-side assert triggered"), False),
     ],
 )
 def test_which_errors_the_device_does_not_recover_from(error: Exception, lost: bool) -> None:

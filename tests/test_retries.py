@@ -144,7 +144,7 @@ def test_an_open_session_retried_with_its_id_opens_one_session(
     channel.close()
 
 
-@pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63)])
+@pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63), "9" * 5000])
 def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) -> None:
     # Python's int() takes " 5", "+5" and "1_0" (10); other languages' parsers do not: only
     # decimal digits are a version.

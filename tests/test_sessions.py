@@ -88,6 +88,17 @@ def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(
         client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=""))
 
 
+def test_an_unknown_session_id_of_any_length_is_not_found(client: gradwire.Client) -> None:
+    """Its error quotes the id cut short: an 8,000-character id echoed whole pushed the
+    trailers past gRPC's 8 KiB limit, and the caller got a transport error instead."""
+    stranger = gradwire.Client(client.target, channel=client._channel)
+    stranger.session = "f" * 8000
+    with pytest.raises(errors.NotFound) as info:
+        stranger.list_tensors()
+    assert info.value.reason == "UNKNOWN_SESSION"
+    assert "(8000 characters)" in info.value.message
+
+
 def test_the_number_of_sessions_is_limited(client: gradwire.Client, server: Running) -> None:
     server.servicer.sessions.max_sessions = 2
     first, second = client.open_session(), client.open_session()

@@ -64,3 +64,10 @@ class DeadlinePassed(DomainError):
     """A call whose deadline passed before it could run; nothing was changed."""
 
     reason = "DEADLINE_PASSED"
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """`value` as an error message quotes it: repr, cut to `limit` characters. A caller's
+    metadata value can be kilobytes long, and an error that echoed it whole would push the
+    reply's trailers past gRPC's 8 KiB limit: the caller would get a transport error."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"

@@ -37,6 +37,7 @@ from gradwire_server.errors import (
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
+    shown,
 )
 from gradwire_server.sessions import Sessions
 from gradwire_server.torch_thread import Closed
@@ -146,9 +147,17 @@ def _release_frames(error: BaseException) -> None:
         chain += (link.__cause__, link.__context__)
 
 
-#: Where a CUDA error that poisons the process's context shows: torch raises
-#: torch.AcceleratorError (RuntimeError before torch 2.8) with CUDA's own words.
-_DEVICE_LOST = ("CUDA error", "device-side assert", "illegal memory access")
+#: CUDA's words for the errors that poison a process's context ("sticky" errors: every later
+#: CUDA call fails too), as torch raises them (torch.AcceleratorError, a RuntimeError). Other
+#: CUDA errors (an invalid launch configuration, out of memory) leave the device usable.
+_DEVICE_LOST = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "uncorrectable ECC error",
+)
 
 
 def device_lost(error: BaseException) -> bool:
@@ -324,10 +333,11 @@ def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
     if EXPECTED_VERSION in metadata:
         given = metadata[EXPECTED_VERSION]
         # Decimal digits only: Python's int() would also take " 5", "+5" and "1_0" (10), which
-        # no other language's parser reads alike.
-        if not (given.isascii() and given.isdigit() and int(given) < 2**63):
+        # no other language's parser reads alike. At most 19 of them (int64), checked before
+        # int(), which refuses over 4,300 digits with a ValueError of its own.
+        if not (given.isascii() and given.isdigit() and len(given) <= 19 and int(given) < 2**63):
             raise InvalidInput(
-                f"{EXPECTED_VERSION} must be a state version in decimal digits, got {given!r}",
+                f"{EXPECTED_VERSION} must be a state version in decimal digits, got {shown(given)}",
                 reason="BAD_METADATA",
             )
         expected = int(given)

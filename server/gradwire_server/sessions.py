@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor
+from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, shown
 from gradwire_server.trainer import OptimizerSettings, Trainer
 
 DEFAULT_MAX_SESSIONS = 8
@@ -63,9 +63,9 @@ class Sessions:
             found = self._open.get(session)
             if found is None:
                 raise UnknownSession(
-                    f"no session {session!r}: it was never opened, was closed, or expired "
+                    f"no session {shown(session)}: it was never opened, was closed, or expired "
                     f"after {self.idle_s:g} s without calls; open one with OpenSession",
-                    metadata={"session": session},
+                    metadata={"session": session[:64]},
                 )
             found.last_used = self._clock()
             found.held += hold
@@ -108,7 +108,9 @@ class Sessions:
         with self._lock:
             closing = [self._open.pop(session)] if session in self._open else []
         if not closing:
-            raise UnknownSession(f"no session {session!r} to close", metadata={"session": session})
+            raise UnknownSession(
+                f"no session {shown(session)} to close", metadata={"session": session[:64]}
+            )
         _free(closing)
 
     @property
