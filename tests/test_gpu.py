@@ -199,3 +199,65 @@ def test_a_streamed_read_of_a_gpu_tensor_is_copied_on_the_device_and_comes_out_w
     read.close()
     trainer.close()
     assert torch.equal(torch.cat(runs), expected.reshape(-1))
+
+
+def test_statistics_and_a_watch_are_computed_on_the_gpu_as_on_the_cpu(
+    cuda_client: gradwire.Client,
+) -> None:
+    cuda_client.reset(0)
+    torch.manual_seed(0)
+    from gradwire_server.models import Simple
+
+    local = Simple().linear.weight.detach().double()
+    summary = cuda_client.stats("linear.weight", bins=10).stats
+    assert summary is not None and summary.count == local.numel()
+    assert summary.min == pytest.approx(local.min().item())
+    assert summary.max == pytest.approx(local.max().item())
+    assert summary.mean == pytest.approx(local.mean().item(), abs=1e-6)
+    assert summary.histogram is not None and sum(summary.histogram.counts) == local.numel()
+    watch = cuda_client.watch(["linear.weight[0, :5]"], values=True, bins=4)
+    first = next(watch)
+    watch.close()
+    np.testing.assert_array_equal(first.tensors[0].value, local[0, :5].float().numpy())
+
+
+def test_a_train_step_s_fetches_are_what_a_read_after_it_gives(
+    cuda_client: gradwire.Client,
+) -> None:
+    cuda_client.reset(0)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 3, 10, 10)).astype(np.float32)
+    y = rng.integers(0, 20, size=8)
+    fetch = ["loss", "conv1.weight.grad[0]", "linear.weight[::7, -3:]"]
+    result = cuda_client.train_step(x, y, zero_grad=True, fetch=fetch)
+    for name, read in zip(fetch, result.fetched, strict=True):
+        np.testing.assert_array_equal(read.value, cuda_client.get(name))
+
+
+def test_a_streamed_write_to_the_gpu_reads_back_bit_for_bit(
+    cuda_client: gradwire.Client,
+) -> None:
+    value = np.random.default_rng(4).standard_normal((20, 3200)).astype(np.float32)
+    cuda_client.stream_above_bytes = 0  # SetTensorStream, in chunks
+    cuda_client.chunk_bytes = 64 * 1024
+    cuda_client.set("linear.weight", value)
+    np.testing.assert_array_equal(cuda_client.get("linear.weight"), value)
+
+
+def test_a_closed_gpu_session_gives_its_memory_back_at_once(
+    cuda_client: gradwire.Client,
+) -> None:
+    session = cuda_client.open_session(seed=0)
+    session.set_optimizer("adam", lr=0.01)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 3, 10, 10)).astype(np.float32)
+    session.train_step(x, np.zeros(64, dtype=np.int64))
+    # Its parameters, gradients and Adam's two moments at least (the server is in this
+    # process). Not "back to where it was": cuBLAS keeps a workspace per thread.
+    parameters = [t for t in session.list_tensors().tensors if t.kind == "parameter"]
+    kept = 4 * sum(4 * int(np.prod(t.shape)) for t in parameters)
+    torch.cuda.synchronize()
+    during = torch.cuda.memory_allocated()
+    session.close()
+    torch.cuda.synchronize()
+    assert during - torch.cuda.memory_allocated() >= kept
