@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradwire
+from gradwire import errors
 from gradwire_server.app import SERVICE_NAME, Running, start
 from gradwire_server.trainer import Trainer
 from tests.serve_process import serving
@@ -70,6 +72,26 @@ def test_serve_stops_gracefully_on_a_signal(
     rest = process.stderr.read()
     assert f"{signal.Signals(signum).name} received" in rest
     assert f"stopped at state version {version}" in rest
+
+
+def test_serve_exits_failed_after_an_error_the_device_does_not_recover_from(
+    tmp_path: Path,
+) -> None:
+    """So that a supervisor that restarts failed processes (docker compose's `restart:
+    unless-stopped`, which ignores health) gets a fresh device context; nothing is saved."""
+    port_file = tmp_path / "port"
+    state = tmp_path / "state"
+    args = ("--model", "tests.broken_models:LOST", "--port-file", str(port_file))
+    with serving(*args, "--state-dir", str(state), "--grace", "1") as (process, _):
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with gradwire.connect(address, timeout=10) as client, pytest.raises(errors.Internal):
+            client.forward(np.ones((1, 2), np.float32))
+        assert process.wait(timeout=30) == 1
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert "health is NOT_SERVING now, restart the server" in rest
+    assert "error: stopped after an error the device does not recover from" in rest
+    assert not (state / "state.safetensors").exists()
 
 
 def test_serve_refuses_a_device_it_does_not_have() -> None:

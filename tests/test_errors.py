@@ -26,6 +26,7 @@ from gradwire_server.app import start
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames, device_lost
 from gradwire_server.trainer import Trainer
+from tests.broken_models import LOST
 
 INPUT = Fill.ones(8, 3, 10, 10)
 #: conv1.weight (4 dimensions) with 61 new axes.
@@ -350,20 +351,12 @@ def test_unexpected_errors_are_internal_with_a_plain_message(
     assert broken_client.health() == "SERVING"
 
 
-class DeviceLost(Broken):
-    """Fails as a GPU does after a device-side assert: every later CUDA call would too."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("CUDA error: device-side assert triggered")
-
-
 def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """So that whatever supervises the server restarts it (found by a review of the CUDA
     paths: the server answered INTERNAL forever while reporting itself healthy)."""
-    spec = ModelSpec("Lost", DeviceLost, sample_shape=(2,), num_classes=2)
-    running = start(Trainer(spec), "127.0.0.1", 0)
+    running = start(Trainer(LOST), "127.0.0.1", 0)
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
             assert client.health() == "SERVING"

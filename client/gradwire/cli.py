@@ -622,7 +622,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
 
 def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     try:
-        from gradwire_server.app import serve
+        from gradwire_server.app import DeviceLost, serve
         from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput
         from gradwire_server.logs import log_handler
@@ -669,7 +669,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
-    except OSError as e:
+    except (OSError, DeviceLost) as e:  # a failed exit, so that a supervisor restarts it
         raise CommandError(str(e)) from None
 
 

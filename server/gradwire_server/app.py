@@ -35,6 +35,10 @@ DEFAULT_MAX_CONCURRENT = 16
 SPARE_THREADS = 4
 
 
+class DeviceLost(RuntimeError):
+    """`serve` stopped because the device failed in a way it does not recover from."""
+
+
 @dataclass
 class Running:
     """A started server: the grpc server, the port it bound, and its health servicer."""
@@ -75,6 +79,7 @@ def start(
     max_sessions: int = DEFAULT_MAX_SESSIONS,
     session_idle_s: float = DEFAULT_IDLE_S,
     metrics_port: int | None = None,
+    on_device_lost: Callable[[], None] | None = None,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -85,6 +90,8 @@ def start(
     it (the benchmark's bare-gRPC floor), outside the call log and metrics, which count
     gradwire's own services; the token applies to them too. `metrics_port`: serve
     Prometheus metrics over HTTP on host:metrics_port (0: a free port; None: no metrics).
+    `on_device_lost`: called after a call fails with an error the device does not recover
+    from, once health is NOT_SERVING (`serve` stops the server then).
     """
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
@@ -111,6 +118,8 @@ def start(
         )
         for service in ("", SERVICE_NAME):
             health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if on_device_lost is not None:
+            on_device_lost()
 
     servicer = TrainerServicer(trainer, max_concurrent, sessions, on_device_lost=device_lost)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
@@ -221,6 +230,13 @@ def serve(
     saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
     if saved is not None and saved.exists():
         log.info("restored state version %d from %s", trainer.load(saved), saved)
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def device_lost() -> None:
+        lost.set()
+        stop.set()
+
     running = start(
         trainer,
         host,
@@ -231,6 +247,7 @@ def serve(
         max_sessions=max_sessions,
         session_idle_s=session_idle_s,
         metrics_port=metrics_port,
+        on_device_lost=device_lost,
     )
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
@@ -249,7 +266,6 @@ def serve(
     log.info("listening on %s:%d (health and reflection on)", host, running.port)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, running.metrics_port)
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s received: stopping (grace %.1fs)", signal.Signals(signum).name, grace)
@@ -261,7 +277,13 @@ def serve(
             ready(running)
         stop.wait()
     finally:
-        running.stop(grace, save_to=saved)
+        # After a device error nothing is saved: the device's state can no longer be read.
+        running.stop(grace, save_to=None if lost.is_set() else saved)
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.info("stopped at state version %d", trainer.version)
+    if lost.is_set():
+        raise DeviceLost(
+            "stopped after an error the device does not recover from (see the log above); "
+            "a restart gets a fresh device context"
+        )

@@ -1,0 +1,26 @@
+"""Models that fail the way a device does, for tests that start `gradwire serve --model`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradwire_server.models import ModelSpec
+
+
+class DeviceLost(nn.Module):
+    """Fails as a GPU does after a device-side assert, where every later CUDA call fails too;
+    on an input of zeros (the check `gradwire serve` makes of a model at start) it works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.any()):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return x * self.weight
+
+
+#: `gradwire serve --model tests.broken_models:LOST`
+LOST = ModelSpec("Lost", DeviceLost, sample_shape=(2,), num_classes=2)
