@@ -309,3 +309,44 @@ def test_a_train_step_whose_step_does_not_fit_changes_nothing(wide: Capped) -> N
     assert client.get("optimizer.weight.exp_avg") is None  # no state begun
     client.train_step(*WIDE_DATA, zero_grad=True)  # with the memory there, the step runs
     assert client.list_tensors().version == before[0] + 4
+
+
+def test_a_later_adam_step_runs_whole_or_not_at_all_whatever_the_headroom(wide: Capped) -> None:
+    # torch's per-parameter Adam holds two temporaries as large as the parameter at once
+    # (the second moment's root and its quotient): the first cut of the reservation, one as
+    # large as all parameters, let this one-parameter model run out after its moments and
+    # step count had moved (found by a review: 140-180 MiB of headroom).
+    client = wide.client
+    client.set_optimizer("adam", lr=0.01)
+    client.train_step(*WIDE_DATA, zero_grad=True)  # the state exists: later steps reuse it
+    names = ["weight", "weight.grad", *(f"optimizer.weight.{k}" for k in ADAM)]
+    outcomes = []
+    for headroom in range(100, 240, 20):
+        before = snapshot(client, names)
+        try:
+            with wide.limit(headroom * MiB):
+                client.train_step(*WIDE_DATA, zero_grad=True)
+        except errors.ResourceExhausted as error:
+            assert error.reason == "OUT_OF_MEMORY"
+            assert snapshot(client, names) == before, f"{headroom} MiB: moved, yet refused"
+            outcomes.append("refused")
+        else:
+            assert client.list_tensors().version == before[0] + 4
+            outcomes.append("ran")
+    assert outcomes[0] == "refused" and outcomes[-1] == "ran"  # both sides were reached
+
+
+def test_a_train_step_refused_in_its_step_leaves_no_false_delta(wide: Capped) -> None:
+    # The Step copies the parameters into the buffers that hold the last Step's change
+    # before it runs out; the undo used to put the old deltas back over those buffers, so
+    # that `weight.delta` read the weights themselves (found by a review).
+    client = wide.client
+    client.set_optimizer("adam", lr=0.01)
+    assert client.get("weight.delta") is None  # reading it turns the record on
+    client.train_step(*WIDE_DATA, zero_grad=True)
+    assert client.get("weight.delta") is not None
+    before = snapshot(client, ["weight", "weight.grad"])
+    with wide.limit(96 * MiB):
+        out_of_memory(client.train_step, *WIDE_DATA, zero_grad=True)
+    assert snapshot(client, ["weight", "weight.grad"]) == before
+    assert client.get("weight.delta") is None  # gone, as after a failed Step alone

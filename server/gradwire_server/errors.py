@@ -71,3 +71,25 @@ def shown(value: str, limit: int = 64) -> str:
     metadata value can be kilobytes long, and an error that echoed it whole would push the
     reply's trailers past gRPC's 8 KiB limit: the caller would get a transport error."""
     return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+#: CUDA's words for the errors that poison a process's context ("sticky" errors: every later
+#: CUDA call fails too), as torch raises them (torch.AcceleratorError, a RuntimeError). Other
+#: CUDA errors (an invalid launch configuration, out of memory) leave the device usable.
+_DEVICE_LOST = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "illegal instruction",
+    "misaligned address",
+    "uncorrectable ECC error",
+)
+
+
+def device_lost(error: BaseException) -> bool:
+    """Whether `error` is one the device does not recover from: after a device-side assert or
+    an illegal memory access every later CUDA call in the process fails the same way."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or "out of memory" in text:  # OOM passes
+        return False
+    return any(sign in text for sign in _DEVICE_LOST)

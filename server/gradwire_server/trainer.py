@@ -35,6 +35,7 @@ from gradwire_server.errors import (
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
+    device_lost,
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -727,6 +728,8 @@ class Trainer:
                     )
         # e.g. a random kind asked of a dtype it lacks, or bounds past the dtype (OverflowError)
         except (RuntimeError, OverflowError, ValueError) as err:
+            if device_lost(err):
+                raise  # the device's failure, not the caller's fill
             raise InvalidInput(
                 f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}", reason="BAD_FILL"
             ) from err
@@ -923,16 +926,22 @@ class Trainer:
         # temporaries' memory first: _reserve_step_memory).
         kept = dict(vars(self))
         grads = [(p, p.grad) for p in self._parameters.values()]
+        stepping = False
         try:
             if zero_grad:
                 self._zero_grad(True)
             result = self._forward(x, y)
             self._backward(retain_graph=False)
+            stepping = True
             version, updated = self._step()
         except OverLimit:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
+            if stepping:
+                # The Step began by copying the parameters into the buffers the last Step's
+                # changes were kept in: those are gone (as after a failed Step alone).
+                self._deltas = {}
             raise
         fetched = [self.read_with(name, chain, use) for name, chain in fetch]
         assert result.loss is not None
@@ -1142,15 +1151,29 @@ class Trainer:
         """Takes, and gives back, the memory the optimizer's step will need for temporaries.
 
         Adam (and SGD with Nesterov momentum) update their state in place and only then
-        allocate a temporary as large as the parameters; running out there would leave the
-        state half moved. Allocating it first makes running out happen before anything
-        changed; given back, the memory is there for the step (CUDA's caching allocator keeps
-        it; on the CPU the address space is free again).
+        allocate temporaries; running out there would leave the state half moved. Allocating
+        as much first makes running out happen before anything changed; given back, the
+        memory is there for the step (CUDA's caching allocator keeps it; on the CPU the
+        process keeps it, with gradwire's malloc settings, or the address space is free).
+
+        How much: torch's per-parameter Adam (its CPU default) holds, for one parameter at a
+        time, the gradient plus weight decay, the root of the second moment and its quotient:
+        two or three temporaries as large as the largest parameter; its foreach form (CUDA's
+        default) one as large as all of them; Nesterov momentum one fewer than Adam. The
+        first cut, one as large as all parameters, let a one-parameter model run out halfway
+        through a later Adam step (found by a review).
         """
         if self._settings.kind != "adam" and not self._settings.nesterov:
             return  # plain SGD and momentum allocate nothing once their buffers exist
         updated = [p for p in self._parameters.values() if p.grad is not None]
-        reserved = [torch.empty_like(p, memory_format=torch.preserve_format) for p in updated]
+        if not updated:
+            return
+        sizes = [p.numel() * p.element_size() for p in updated]
+        per_parameter = (2 if self._settings.kind == "adam" else 1) + bool(
+            self._settings.weight_decay
+        )
+        nbytes = max(sum(sizes), per_parameter * max(sizes))
+        reserved = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del reserved
 
     def _keep_before_step(self) -> dict[str, torch.Tensor]:
