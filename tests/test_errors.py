@@ -23,8 +23,9 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.limits import MAX_MESSAGE_BYTES
 from gradwire_server.app import start
+from gradwire_server.errors import device_lost
 from gradwire_server.models import ModelSpec
-from gradwire_server.servicer import _release_frames, device_lost
+from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 from tests.broken_models import LOST
 
@@ -364,6 +365,50 @@ def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
                 client.forward(np.ones((1, 2), np.float32))
             assert client.health() == "NOT_SERVING"
             assert any("restart the server" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop(grace=None)
+
+
+def test_an_error_quoting_a_long_input_still_reaches_the_caller_whole(
+    client: gradwire.Client, address: str
+) -> None:
+    """With its ErrorInfo: an index chain of 2,501 keys is quoted in the refusal, and a
+    message that long pushed the trailers past what gRPC takes (the caller got a transport
+    error instead; found by a review). Messages are cut; fills over 64 dimensions refused."""
+    whole = pb.Index(items=[pb.IndexItem(slice=pb.Slice())])
+    chain = [whole] * 2500 + [pb.Index(items=[pb.IndexItem(at=100)])]
+    request = pb.GetTensorRequest(name="linear.weight", index=chain)
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(address, "GetTensor")(request.SerializeToString(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert len(info.value.details()) <= 1000 and info.value.details().endswith("chars)")
+    fill = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1] * 3000)
+    with pytest.raises(errors.InvalidArgument, match="at most 64 dimensions") as refused:
+        client._call("Forward", pb.ForwardRequest(input=pb.TensorSource(fill=fill)))
+    assert refused.value.reason == "BAD_FILL"
+    _still_serving(client)
+
+
+def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fill's own refusals (BAD_FILL) catch torch's RuntimeErrors, of which a lost
+    device's is one: it used to be answered INVALID_ARGUMENT, health SERVING (found by a
+    review). Simulated on the CPU: torch.ones fails as CUDA does."""
+    lost: list[bool] = []
+    running = start(Trainer(seed=0), "127.0.0.1", 0, on_device_lost=lambda: lost.append(True))
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+
+            def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+
+            monkeypatch.setattr(torch, "ones", poisoned)
+            with pytest.raises(errors.Internal):
+                client.forward(INPUT, TARGET)
+            monkeypatch.undo()
+            assert lost == [True]
+            assert client.health() == "NOT_SERVING"
     finally:
         running.stop(grace=None)
 

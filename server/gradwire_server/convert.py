@@ -70,6 +70,11 @@ def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:
             raise InvalidInput(
                 f"{what}: fill dtype {message.dtype} is not supported", reason="BAD_FILL"
             )
+    if len(message.shape) > codec.MAX_DIMS:
+        raise InvalidInput(
+            f"{what}: a fill has at most {codec.MAX_DIMS} dimensions, got {len(message.shape)}",
+            reason="BAD_FILL",
+        )
     return FillSpec(
         kind=cast(Literal["zeros", "ones", "constant", "uniform", "normal", "randint"], kind),
         shape=tuple(message.shape),

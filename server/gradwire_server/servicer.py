@@ -37,6 +37,7 @@ from gradwire_server.errors import (
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
+    device_lost,
     shown,
 )
 from gradwire_server.sessions import Sessions
@@ -94,6 +95,19 @@ class Malformed:
     error: str
 
 
+#: The most characters of an error's message, and of each ErrorInfo metadata value, sent.
+#: The message travels twice (grpc-message, and base64 inside grpc-status-details-bin), and
+#: the trailers past 8 KiB are refused by the caller's gRPC, which then sees a transport
+#: error and no ErrorInfo: a message that quotes a caller's input (a fill of 3,000
+#: dimensions, an index chain 2,500 long) could reach that (found by a review).
+MAX_MESSAGE_CHARS = 1000
+MAX_METADATA_CHARS = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 20] + f" ... ({len(text)} chars)"
+
+
 def abort(
     context: grpc.ServicerContext,
     code: grpc.StatusCode,
@@ -101,6 +115,10 @@ def abort(
     reason: str,
     metadata: dict[str, str],
 ) -> None:
+    """Ends the call with `code`, `message` and an ErrorInfo, all cut to sizes whose
+    trailers every gRPC client takes."""
+    message = _cut(message, MAX_MESSAGE_CHARS)
+    metadata = {k: _cut(v, MAX_METADATA_CHARS) for k, v in metadata.items()}
     detail = any_pb2.Any()
     detail.Pack(
         error_details_pb2.ErrorInfo(reason=reason, domain=limits.ERROR_DOMAIN, metadata=metadata)
@@ -145,28 +163,6 @@ def _release_frames(error: BaseException) -> None:
         traceback.clear_frames(link.__traceback__)
         link.__traceback__ = None
         chain += (link.__cause__, link.__context__)
-
-
-#: CUDA's words for the errors that poison a process's context ("sticky" errors: every later
-#: CUDA call fails too), as torch raises them (torch.AcceleratorError, a RuntimeError). Other
-#: CUDA errors (an invalid launch configuration, out of memory) leave the device usable.
-_DEVICE_LOST = (
-    "device-side assert",
-    "illegal memory access",
-    "unspecified launch failure",
-    "illegal instruction",
-    "misaligned address",
-    "uncorrectable ECC error",
-)
-
-
-def device_lost(error: BaseException) -> bool:
-    """Whether `error` is one the device does not recover from: after a device-side assert or
-    an illegal memory access every later CUDA call in the process fails the same way."""
-    text = str(error)
-    if not isinstance(error, RuntimeError) or "out of memory" in text:  # OOM passes
-        return False
-    return any(sign in text for sign in _DEVICE_LOST)
 
 
 def _answer_error(
@@ -215,9 +211,11 @@ class _Session:
         self._token = _CURRENT.set(self._sessions.get(self._id, hold=True))
 
     def __exit__(self, *exc: object) -> None:
-        _CURRENT.reset(self._token)
-        if self._id:
-            self._sessions.leave(self._id)
+        try:
+            if self._id:
+                self._sessions.leave(self._id)  # first: a session left held never expires
+        finally:
+            _CURRENT.reset(self._token)
 
 
 class Slots:

@@ -50,7 +50,10 @@ class Sessions:
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self._clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a call's hold is let go (`leave`) when its handler ends, which for a
+        # stream may be when the collector finalizes its generator, at any allocation, this
+        # lock held or not.
+        self._lock = threading.RLock()
         self._open: dict[str, _Session] = {}
 
     def get(self, session: str | None, *, hold: bool = False) -> Trainer:
@@ -144,7 +147,8 @@ def _free(sessions: list[_Session]) -> None:
     optimizer and hooks hold one another in reference cycles, which only Python's cycle
     collector frees: left to it, a closed session's parameters, gradients and activations
     (device memory a new session may need) could stay until its next full collection. One
-    costs about 0.1 s on the 2-core VM of docs/PERFORMANCE.md, paid by the closing call.
+    costs about 0.1 s on the 2-core VM of docs/PERFORMANCE.md, paid by the call that closes
+    the session, or by the call on any session that finds it expired.
     CPU sessions are left to the collector's own schedule: a collection per close made the
     model-based test, which opens and closes thousands of sessions, crawl."""
     collect = any(_collects(s.trainer) for s in sessions)

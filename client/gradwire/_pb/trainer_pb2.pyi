@@ -33,8 +33,8 @@ Conventions used by every message below:
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps the last 1,024 answers; a failed attempt changed
   nothing and is not kept, so its retry runs anew. OpenSession takes an id too (a retry
-  gets the session the first attempt opened); Train and the reads take none. The
-  expected version is decimal digits ("42").
+  gets the session the first attempt opened, even if it has closed since); Train and the
+  reads take none. The expected version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
