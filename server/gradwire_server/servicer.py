@@ -165,9 +165,7 @@ def _release_frames(error: BaseException) -> None:
         chain += (link.__cause__, link.__context__)
 
 
-def _answer_error(
-    context: grpc.ServicerContext, name: str, servicer: TrainerServicer | None = None
-) -> None:
+def _answer_error(context: grpc.ServicerContext, name: str, servicer: TrainerServicer) -> None:
     """Aborts the call for the exception being handled; never lets it reach gRPC raw."""
     try:
         raise
@@ -176,7 +174,7 @@ def _answer_error(
         abort(context, _status_of(err), err.message, err.reason, err.metadata)
     except Exception as err:
         log.exception("unexpected error in %s", name)
-        if servicer is not None and device_lost(err) and servicer.on_device_lost is not None:
+        if device_lost(err) and servicer.on_device_lost is not None:
             servicer.on_device_lost()
         _release_frames(err)
         abort(
@@ -363,23 +361,26 @@ def _mutate(
         with guarded(guard):
             return method(servicer, request, context)
 
-    request_id = _request_id(metadata)
-    if request_id is None:
-        return run()
-    key = (method.__name__, metadata.get(SESSION, ""), request_id)
-    return servicer.requests.once(key, run)
+    return _once(servicer, method.__name__, metadata.get(SESSION, ""), metadata, run)
 
 
-def _request_id(metadata: dict[str, str]) -> str | None:
-    """The call's request id; None without one (or an empty one)."""
+def _once(
+    servicer: TrainerServicer,
+    name: str,
+    session: str,
+    metadata: dict[str, str],
+    run: Callable[[], R],
+) -> R:
+    """run(); with a request id (metadata), once per (name, session, id): a retry gets the
+    first attempt's answer."""
     request_id = metadata.get(REQUEST_ID)
-    if not request_id:
-        return None
+    if not request_id:  # none, or an empty one
+        return run()
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidInput(
             f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
         )
-    return request_id
+    return servicer.requests.once((name, session, request_id), run)
 
 
 def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
@@ -595,10 +596,7 @@ class TrainerServicer:
 
         # A retry with the request id of an attempt that opened a session gets that session,
         # rather than a second one that would hold a place until it expired.
-        request_id = _request_id(_metadata(context))
-        if request_id is None:
-            return open_one()
-        return self.requests.once(("OpenSession", "", request_id), open_one)
+        return _once(self, "OpenSession", "", _metadata(context), open_one)
 
     @rpc
     def CloseSession(
