@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from gradwire import codec
+from gradwire import codec, limits
 from gradwire.client import DEFAULT_TARGET, Client
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
@@ -78,6 +78,21 @@ def _shape(text: str) -> tuple[int, ...]:
     if any(d < 0 for d in shape):
         raise UsageError(f"bad shape {text!r}: dimensions cannot be negative")
     return shape
+
+
+def _seconds(text: str) -> float:
+    """A duration for an option: a finite number of seconds, 0 or more."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad duration {text!r}: expected seconds, such as 20 or 0.5"
+        ) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(
+            f"bad duration {text!r}: expected a finite number of seconds, 0 or more"
+        )
+    return seconds
 
 
 def parse_source(text: str, seed: int = 0) -> Any:
@@ -644,6 +659,8 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
     elif args.tls_client_ca:
         raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.keepalive and not args.keepalive_timeout:
+        raise UsageError("--keepalive-timeout must be more than 0 (--keepalive 0 turns pings off)")
     if args.model and os.getcwd() not in sys.path and "" not in sys.path:
         # As `python -m` does: a module beside the user (mymodels.py) can be named by
         # --model even when gradwire runs as an installed script.
@@ -666,6 +683,8 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             metrics_port=args.metrics_port,
             keep_freed=not args.return_freed_memory,
             one_thread_for_small_work=args.one_thread_for_small_work,
+            keepalive_s=args.keepalive,
+            keepalive_timeout_s=args.keepalive_timeout,
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
@@ -792,6 +811,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="seconds without calls before a session is closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=limits.KEEPALIVE_S,
+        metavar="SECONDS",
+        help="ping a connection silent this long, and drop it when no answer comes within "
+        "--keepalive-timeout, ending its calls: a client gone without closing its "
+        "connection lets go of its watch, its session and its place; 0: never "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=_seconds,
+        default=limits.KEEPALIVE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="how long a ping may go unanswered (default %(default)s)",
     )
     p.add_argument(
         "--state-dir",

@@ -271,9 +271,16 @@ class Client:
         ca: bytes | None = None,
         cert: bytes | None = None,
         key: bytes | None = None,
+        keepalive: float | None = limits.KEEPALIVE_S,
+        keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
     ) -> None:
         """`token`: sent as a bearer token on every call. `tls`: connect with TLS, trusting
-        `ca` (PEM; the system's roots when None); `cert` and `key` (PEM) for mutual TLS."""
+        `ca` (PEM; the system's roots when None); `cert` and `key` (PEM) for mutual TLS.
+        `keepalive`: during a call, ping a connection silent this many seconds, so that a
+        Watch or Train whose server vanished without closing the connection raises
+        Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
+        waiting for ever; None: no pings. A gradwire server takes pings every
+        limits.MIN_CLIENT_PING_S seconds at most, and closes a connection pinged more often."""
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
@@ -284,10 +291,11 @@ class Client:
         #: The session this client's calls act on; None: the server's default session.
         self.session: str | None = None
         self._owns_channel = channel is None
+        options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
-            channel = grpc.secure_channel(target, credentials, options=channel_options())
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options())
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._channel = channel or grpc.insecure_channel(target, options=options)
         self._methods = self._bind(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
@@ -864,9 +872,22 @@ def connect(
     ca: bytes | None = None,
     cert: bytes | None = None,
     key: bytes | None = None,
+    keepalive: float | None = limits.KEEPALIVE_S,
+    keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
 ) -> Client:
     """A client for the server at host:port; use it with `with` to close the channel.
 
-    `token` for a server that requires one; `tls`, `ca`, `cert`, `key` as in Client.
+    `token` for a server that requires one; `tls`, `ca`, `cert`, `key`, `keepalive`,
+    `keepalive_timeout` as in Client.
     """
-    return Client(target, timeout=timeout, token=token, tls=tls, ca=ca, cert=cert, key=key)
+    return Client(
+        target,
+        timeout=timeout,
+        token=token,
+        tls=tls,
+        ca=ca,
+        cert=cert,
+        key=key,
+        keepalive=keepalive,
+        keepalive_timeout=keepalive_timeout,
+    )

@@ -29,9 +29,67 @@ STREAM_ABOVE_BYTES: Final = 32 * 1024 * 1024
 ERROR_DOMAIN: Final = "gradwire.dev"
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """gRPC channel and server options for the message-size limit."""
+#: A connection that carries nothing for this long during a call gets an HTTP/2 ping, from
+#: the client and from the server (which pings idle connections too); one that brings no
+#: answer in KEEPALIVE_TIMEOUT_S is closed. So a peer gone without closing its connection
+#: (a network cut, a machine that vanished) ends the calls on it: the client's Watch or
+#: Train raises UNAVAILABLE, and the server's lets go of its session and its place.
+KEEPALIVE_S: Final = 60.0
+KEEPALIVE_TIMEOUT_S: Final = 20.0
+
+#: The shortest interval at which the server takes a client's pings on a connection that
+#: carries no data. gRPC counts a closer ping as a strike, and closes the connection at the
+#: third; its default interval is 5 minutes, longer than clients' KEEPALIVE_S.
+MIN_CLIENT_PING_S: Final = 30.0
+
+
+def _size_options() -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _keepalive(keepalive_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", _ms(keepalive_s)),
+        ("grpc.keepalive_timeout_ms", _ms(timeout_s)),
+        # gRPC core 1.85 closes a connection whose ping goes unanswered after this one, not
+        # keepalive_timeout_ms: with the latter alone, a cut connection was still open 15 s
+        # after a 1 s timeout (tests/test_keepalive.py). Its default is a minute.
+        ("grpc.http2.ping_timeout_ms", _ms(timeout_s)),
+        # A Watch sends nothing after its request: ping all the same.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def channel_options(
+    keepalive_s: float | None = KEEPALIVE_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+) -> list[tuple[str, int]]:
+    """A client channel's gRPC options: the message-size limit, and a ping every
+    `keepalive_s` seconds of silence during a call (None or 0: no pings)."""
+    options = _size_options()
+    if keepalive_s:
+        options += _keepalive(keepalive_s, keepalive_timeout_s)
+        options.append(("grpc.keepalive_permit_without_calls", 0))
+    return options
+
+
+def server_options(
+    keepalive_s: float | None = KEEPALIVE_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+) -> list[tuple[str, int]]:
+    """The server's gRPC options: the message-size limit, clients' pings taken every
+    MIN_CLIENT_PING_S, and a ping of its own every `keepalive_s` seconds of silence on any
+    connection (None or 0: none)."""
+    options = [
+        *_size_options(),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(MIN_CLIENT_PING_S)),
+    ]
+    if keepalive_s:
+        options += _keepalive(keepalive_s, keepalive_timeout_s)
+        options.append(("grpc.keepalive_permit_without_calls", 1))
+    return options

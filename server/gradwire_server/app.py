@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.limits import channel_options
+from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, server_options
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
@@ -80,6 +80,8 @@ def start(
     session_idle_s: float = DEFAULT_IDLE_S,
     metrics_port: int | None = None,
     on_device_lost: Callable[[], None] | None = None,
+    keepalive_s: float | None = KEEPALIVE_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -92,6 +94,8 @@ def start(
     Prometheus metrics over HTTP on host:metrics_port (0: a free port; None: no metrics).
     `on_device_lost`: called after a call fails with an error the device does not recover
     from, once health is NOT_SERVING (`serve` stops the server then).
+    `keepalive_s`: ping a connection silent this long, and close it when no answer comes in
+    `keepalive_timeout_s`, ending its calls (None or 0: no pings; see limits.KEEPALIVE_S).
     """
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
@@ -106,7 +110,7 @@ def start(
         ),
         interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
-        options=[*channel_options(), ("grpc.so_reuseport", 0)],
+        options=[*server_options(keepalive_s, keepalive_timeout_s), ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.HealthServicer()
 
@@ -204,6 +208,8 @@ def serve(
     model: str | None = None,
     keep_freed: bool = True,
     one_thread_for_small_work: bool = False,
+    keepalive_s: float | None = KEEPALIVE_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> None:
     """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
 
@@ -248,6 +254,8 @@ def serve(
         session_idle_s=session_idle_s,
         metrics_port=metrics_port,
         on_device_lost=device_lost,
+        keepalive_s=keepalive_s,
+        keepalive_timeout_s=keepalive_timeout_s,
     )
     if tls is not None:
         who = "clients with a certificate from the client CA" if tls.client_ca else "any client"

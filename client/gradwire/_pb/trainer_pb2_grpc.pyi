@@ -46,6 +46,10 @@ Conventions used by every message below:
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
   RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks are always answered.
+- Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
+  serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
+  It takes a client's pings at most every 30 s on a connection carrying no data; pinging
+  more often gets the connection closed (GOAWAY, "too_many_pings"), as gRPC does.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is

@@ -1,0 +1,184 @@
+"""HTTP/2 keepalive: a peer that vanishes without closing its connection (a network cut,
+made here by a relay that stops relaying) does not hold the other end's calls for ever."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import gradwire
+from gradwire.errors import NotFound, ResourceExhausted, Unavailable
+from gradwire_server.app import Running, start
+from gradwire_server.trainer import Trainer
+from tests.cli_run import run_main
+from tests.relay import Relay, relay_to
+
+# Pings after 0.3 s of silence, answered within 0.5 s: a cut is noticed within a second.
+QUICK = {"keepalive_s": 0.3, "keepalive_timeout_s": 0.5}
+
+
+@pytest.fixture
+def one_place() -> Iterator[Running]:
+    """A server that serves one call at a time, pinging quickly."""
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, max_concurrent=1, **QUICK)
+    yield running
+    running.stop(grace=None)
+
+
+def _watch_in_background(client: gradwire.Client) -> list[BaseException]:
+    """Starts a Watch and waits for its first update; returns where its error will go."""
+    first = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in client.watch(["conv1.weight[0,0,0]"]):
+                first.set()
+        except BaseException as e:  # the test reads it
+            errors.append(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    assert first.wait(30), "the watch never sent its first update"
+    return errors
+
+
+def server_address(server: Running) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def _busy(client: gradwire.Client) -> bool:
+    try:
+        client.list_tensors()
+    except ResourceExhausted as e:
+        assert e.reason == "BUSY"
+        return True
+    return False
+
+
+def _place_taken_by_a_cut_watch(server: Running) -> Iterator[gradwire.Client]:
+    """Yields a direct client once a Watch through a relay holds the server's one place and
+    the relay has been cut."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=None) as far:
+        _watch_in_background(far)
+        with gradwire.connect(server_address(server), timeout=10) as near:
+            assert _busy(near)  # the watch holds the one place
+            relay.cut()
+            yield near
+
+
+def test_a_watch_cut_off_from_its_client_lets_go_of_its_place(one_place: Running) -> None:
+    for near in _place_taken_by_a_cut_watch(one_place):
+        deadline = time.monotonic() + 30
+        while _busy(near):
+            assert time.monotonic() < deadline, "the cut watch still holds its place"
+            time.sleep(0.1)
+        assert near.list_tensors().names()  # served
+
+
+def test_without_keepalive_a_cut_watch_holds_its_place() -> None:
+    # The control: the relay's cut closes nothing, so only the server's pings end the watch.
+    running = start(
+        Trainer(device="cpu", seed=0), "127.0.0.1", 0, max_concurrent=1, keepalive_s=None
+    )
+    try:
+        for near in _place_taken_by_a_cut_watch(running):
+            time.sleep(3 * (QUICK["keepalive_s"] + QUICK["keepalive_timeout_s"]))
+            assert _busy(near)
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_watch_in_a_session_lets_go_of_the_session_when_cut_off() -> None:
+    # A call in progress holds its session against --session-idle; a cut one must not.
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, session_idle_s=0.5, **QUICK)
+    try:
+        with relay_to(running.port) as relay, gradwire.connect(relay.address) as far:
+            watcher = far.open_session()
+            watcher.timeout = None
+            _watch_in_background(watcher)
+            relay.cut()
+            with gradwire.connect(server_address(running), timeout=10) as near:
+                near.session = watcher.session
+                deadline = time.monotonic() + 30
+                while True:
+                    time.sleep(1)  # longer than the idle time: each probe is a call on it
+                    try:
+                        near.list_tensors()
+                    except NotFound as e:
+                        assert e.reason == "UNKNOWN_SESSION"
+                        break
+                    assert time.monotonic() < deadline, "the cut watch still holds its session"
+                near.session = None
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_client_whose_server_is_cut_off_stops_watching(server: Running) -> None:
+    with (
+        relay_to(server.port) as relay,
+        gradwire.connect(
+            relay.address, timeout=None, keepalive=0.3, keepalive_timeout=0.5
+        ) as client,
+    ):
+        errors = _watch_in_background(client)
+        relay.cut()
+        deadline = time.monotonic() + 30
+        while not errors:
+            assert time.monotonic() < deadline, "the watch still waits on a cut connection"
+            time.sleep(0.1)
+    assert isinstance(errors[0], Unavailable), errors[0]
+    assert "ping" in str(errors[0]).lower()  # the keepalive ping ended it, nothing else
+
+
+def test_a_client_without_keepalive_keeps_waiting(server: Running) -> None:
+    # The control for the test above: the relay's cut alone ends nothing on the client.
+    with (
+        relay_to(server.port) as relay,
+        gradwire.connect(relay.address, timeout=None, keepalive=None) as client,
+    ):
+        errors = _watch_in_background(client)
+        relay.cut()
+        time.sleep(3)
+        assert not errors
+
+
+def test_keepalive_options_are_checked() -> None:
+    result = run_main("serve", "--keepalive", "-1")
+    assert result.code == 2
+    assert "bad duration '-1'" in result.err
+    result = run_main("serve", "--keepalive", "nan")
+    assert result.code == 2
+    result = run_main("serve", "--keepalive", "5", "--keepalive-timeout", "0")
+    assert result.code == 2
+    assert "--keepalive-timeout must be more than 0" in result.err
+
+
+def test_serve_help_names_keepalive() -> None:
+    text = " ".join(run_main("serve", "--help").out.split())
+    assert "--keepalive SECONDS" in text
+    assert "--keepalive-timeout SECONDS" in text
+    assert "(default 60.0)" in text
+
+
+def test_relay_relays_until_cut(server: Running) -> None:
+    # The tests above rely on the relay carrying calls before the cut.
+    relay = Relay(server.port)
+    try:
+        with gradwire.connect(relay.address, timeout=10) as client:
+            assert client.list_tensors().names()
+    finally:
+        relay.close()
+
+
+def test_a_client_pinging_too_often_is_told_so(server: Running) -> None:
+    # The .proto's rule: pings closer than limits.MIN_CLIENT_PING_S on a connection that
+    # carries no data get it closed, as gRPC does for any server.
+    with (
+        gradwire.connect(server_address(server), keepalive=0.2, keepalive_timeout=5) as client,
+        pytest.raises(Unavailable, match=r"(?i)too many pings"),
+    ):
+        for _ in client.watch(["conv1.weight[0,0,0]"], timeout=30):
+            pass  # no step is taken: the watch sends its first update, then nothing
