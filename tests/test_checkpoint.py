@@ -4,6 +4,7 @@ a restart in the middle of a burst of steps."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -90,6 +91,98 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
         Trainer().load(garbage)
 
 
+needs_rlimit_as = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(resource, "RLIMIT_AS"),
+    reason="needs RLIMIT_AS and /proc/self/status (Linux)",
+)
+
+# Python run with its address space capped at what it uses, once torch and gradwire are
+# imported, plus HEADROOM MiB: room for a 64 MiB model (tests.oom_server:WIDE), not for
+# loading its 256 MiB checkpoint besides (safetensors maps the file, then copies it).
+CAPPED = """
+import resource, sys
+import torch, gradwire.cli, gradwire_server.app
+from tests.oom_server import vm_size
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + {headroom} * 2**20, hard))
+"""
+HEADROOM = 200
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A state directory holding a WIDE model's checkpoint with Adam's state (256 MiB), and
+    the version saved."""
+    from tests.oom_server import WIDE
+
+    trainer = Trainer(WIDE, device="cpu", seed=1)
+    trainer.set_optimizer(OptimizerSettings("adam", lr=1e-3))
+    x = FillSpec("ones", (4, 4096))
+    trainer.train_step(x, FillSpec("zeros", (4, 4096)), use=lambda selection: selection)
+    state_dir = tmp_path_factory.mktemp("wide")
+    version = trainer.save(state_dir / "state.safetensors")
+    trainer.close()
+    return state_dir, version
+
+
+@needs_rlimit_as
+def test_a_checkpoint_too_large_for_memory_is_refused_and_changes_nothing(
+    wide_checkpoint: tuple[Path, int],
+) -> None:
+    state_dir, version = wide_checkpoint
+    script = (
+        CAPPED.format(headroom=HEADROOM)
+        + """
+from pathlib import Path
+from gradwire_server.errors import OverLimit
+from gradwire_server.trainer import Trainer
+from tests.oom_server import WIDE
+trainer = Trainer(WIDE, device="cpu", seed=0)
+weight = trainer.parameters["weight"]
+before = weight[::512].clone()  # a few rows: the cap leaves no room for a whole copy
+try:
+    trainer.load(Path(sys.argv[1]))
+except OverLimit as err:
+    print(err.reason, err.message)
+resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+unchanged = (
+    trainer.version == 0
+    and trainer.optimizer_settings.kind == "sgd"
+    and weight.grad is None
+    and torch.equal(weight[::512], before)
+)
+print("unchanged" if unchanged else "changed")
+print("then loaded version", trainer.load(Path(sys.argv[1])))
+"""
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(state_dir / "state.safetensors")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("OUT_OF_MEMORY cannot load "), done.stdout
+    assert "does not fit in this machine's free memory" in lines[0]
+    assert lines[1:] == ["unchanged", f"then loaded version {version}"]
+
+
+@needs_rlimit_as
+def test_serve_with_a_checkpoint_too_large_for_memory_says_so(
+    wide_checkpoint: tuple[Path, int],
+) -> None:
+    script = CAPPED.format(headroom=HEADROOM) + "gradwire.cli.main_entry()\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--model", "tests.oom_server:WIDE",
+         "--state-dir", str(wide_checkpoint[0]), "--port", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("gradwire serve: error: cannot load "), done.stderr
+    assert "move the file away to start from fresh weights" in last
+
+
 def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
     def serve() -> tuple[subprocess.Popen[str], str]:
         port_file = tmp_path / "port"
@@ -139,3 +232,24 @@ def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_a_checkpoint_whose_gradients_match_no_parameter_is_refused(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    trainer = Trainer()
+    _train(trainer, 1)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["grad/conv1.weight"] = torch.zeros(3)  # a gradient of another shape
+    save_file(tensors, str(path), metadata=metadata)
+    fresh = Trainer()
+    with pytest.raises(InvalidInput, match=r"match no parameter: conv1\.weight") as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert fresh.version == 0
+    assert fresh.parameters["conv1.weight"].grad is None

@@ -639,7 +639,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
     try:
         from gradwire_server.app import DeviceLost, serve
         from gradwire_server.auth import TlsFiles
-        from gradwire_server.errors import InvalidInput
+        from gradwire_server.errors import InvalidInput, OverLimit
         from gradwire_server.logs import log_handler
     except ImportError as err:
         raise UsageError(
@@ -688,6 +688,8 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         )
     except InvalidInput as e:
         raise UsageError(e.message) from None
+    except OverLimit as e:  # a checkpoint that does not fit: nothing was served
+        raise CommandError(e.message) from None
     except (OSError, DeviceLost) as e:  # a failed exit, so that a supervisor restarts it
         raise CommandError(str(e)) from None
 

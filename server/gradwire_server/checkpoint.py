@@ -70,7 +70,8 @@ class Loaded:
 
 
 def load(path: Path) -> Loaded:
-    """Reads a checkpoint written by `save`; ValueError when it is not one."""
+    """Reads a checkpoint written by `save`; ValueError when it is not one, MemoryError when
+    it does not fit in memory."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -79,6 +80,10 @@ def load(path: Path) -> Loaded:
         tensors = load_file(str(path))
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file: {err}") from err
+    except RuntimeError as err:  # safetensors maps the whole file first
+        if "cannot allocate memory" in str(err).lower():
+            raise MemoryError(str(err)) from err
+        raise
     parameters, gradients = {}, {}
     state: dict[str, dict[str, Any]] = json.loads(metadata["optimizer_scalars"])
     for key, tensor in tensors.items():

@@ -1469,11 +1469,18 @@ class Trainer:
 
     @on_torch_thread
     def load(self, path: Path) -> int:
-        """Restores what `save` wrote, version included; refuses a checkpoint of another model."""
+        """Restores what `save` wrote, version included; refuses a checkpoint of another model,
+        and one that does not fit in memory (OUT_OF_MEMORY), changing nothing."""
         try:
             loaded = checkpoint.load(path)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
+        except MemoryError as err:
+            raise OverLimit(
+                f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
+                "free some, or move the file away to start from fresh weights",
+                reason="OUT_OF_MEMORY",
+            ) from err
         params = self._parameters
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         found = {name: tuple(t.shape) for name, t in loaded.parameters.items()}
@@ -1483,20 +1490,39 @@ class Trainer:
                 f"{self.spec.name} has {shapes}",
                 reason="BAD_CHECKPOINT",
             )
+        odd = [
+            name for name, grad in loaded.gradients.items() if shapes.get(name) != tuple(grad.shape)
+        ] + [name for name in loaded.optimizer_state if name not in params]
+        if odd:
+            raise InvalidInput(
+                f"{path} holds gradients or optimizer state that match no parameter: "
+                f"{', '.join(odd)}",
+                reason="BAD_CHECKPOINT",
+            )
         settings = OptimizerSettings(**loaded.settings)
-        optimizer = self._build_optimizer(self._model, settings)
-        with torch.no_grad():
-            for name, p in params.items():
-                staging.copy_into(p.detach(), loaded.parameters[name])
-                grad = loaded.gradients.get(name)
-                p.grad = None if grad is None else staging.to_device(grad, p.device)
-        for name, state in loaded.optimizer_state.items():
-            optimizer.state[params[name]] = {
-                k: staging.to_device(v, self.device)
-                if isinstance(v, torch.Tensor) and k != "step"
-                else v
-                for k, v in state.items()
+        with self._device_memory(f"cannot load {path}"):
+            # Everything new is on the device before anything is replaced.
+            optimizer = self._build_optimizer(self._model, settings)
+            gradients = {
+                name: staging.to_device(grad, self.device)
+                for name, grad in loaded.gradients.items()
             }
+            state = {
+                name: {
+                    k: staging.to_device(v, self.device)
+                    if isinstance(v, torch.Tensor) and k != "step"
+                    else v
+                    for k, v in values.items()
+                }
+                for name, values in loaded.optimizer_state.items()
+            }
+            with torch.no_grad():
+                for name, p in params.items():
+                    staging.copy_into(p.detach(), loaded.parameters[name])
+        for name, p in params.items():
+            p.grad = gradients.get(name)
+        for name, values in state.items():
+            optimizer.state[params[name]] = values
         self._optimizer, self._settings = optimizer, settings
         self._clear_forward()
         self._deltas = {}  # the last Step's change was made to the weights just replaced
