@@ -170,7 +170,7 @@ def test_train_refuses_bad_numbers(cli: Run) -> None:
     for argv in (["--steps", "0"], ["--every", "0"], ["--batch", "0"]):
         result = cli("train", *argv)
         assert result.code == 2, argv
-        assert "must be at least 1" in result.err
+        assert "expected a whole number, 1 or more" in result.err
 
 
 def test_watch_prints_one_entry_per_update(cli: Run, address: str) -> None:

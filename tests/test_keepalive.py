@@ -182,3 +182,18 @@ def test_a_client_pinging_too_often_is_told_so(server: Running) -> None:
     ):
         for _ in client.watch(["conv1.weight[0,0,0]"], timeout=30):
             pass  # no step is taken: the watch sends its first update, then nothing
+
+
+def test_a_client_pinging_no_more_often_than_allowed_keeps_its_quiet_watch() -> None:
+    # gRPC ignores an option it does not know: under a misspelt name the server kept gRPC's
+    # 5-minute rule, and a quiet watch on default settings died at the client's third ping.
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, min_client_ping_s=0.5)
+    try:
+        with gradwire.connect(
+            server_address(running), timeout=None, keepalive=1.0, keepalive_timeout=5
+        ) as client:
+            errors = _watch_in_background(client)
+            time.sleep(6)  # five pings or more on a connection carrying no data
+            assert not errors, errors
+    finally:
+        running.stop(grace=None)

@@ -80,6 +80,10 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: The longest duration an option takes: gRPC counts milliseconds in a 32-bit int.
+MAX_SECONDS = (2**31 - 1) // 1000
+
+
 def _seconds(text: str) -> float:
     """A duration for an option: a finite number of seconds, 0 or more."""
     try:
@@ -88,11 +92,39 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"bad duration {text!r}: expected seconds, such as 20 or 0.5"
         ) from None
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"bad duration {text!r}: expected a finite number of seconds, 0 or more"
+            f"bad duration {text!r}: expected seconds from 0 to {MAX_SECONDS:,}"
         )
     return seconds
+
+
+def _port(text: str) -> int:
+    """A TCP port for an option: 0 (a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"bad port {text!r}: expected 0 (a free one) to 65535")
+    return port
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An integer option's type: a whole number, `minimum` or more."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"bad number {text!r}: expected a whole number, {minimum} or more"
+            )
+        return value
+
+    return whole
 
 
 def parse_source(text: str, seed: int = 0) -> Any:
@@ -383,8 +415,6 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
 def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
     """Random inputs and targets made on the server, shaped for the model it serves (as
     ListTensors describes it); new ones each step (seed + step)."""
-    if args.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {args.batch}")
     model = client.list_tensors()
     if not model.input_dtype.startswith(("float", "bfloat")):
         raise UsageError(
@@ -401,10 +431,6 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
 
 
 def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.every < 1:
-        raise UsageError(f"--every must be at least 1, got {args.every}")
     x, y = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
     done, loss, version = 0, float("nan"), None
@@ -461,8 +487,6 @@ def _divergence_hint(client: Client, step: int) -> str:
 
 
 def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    if args.count is not None and args.count < 1:
-        raise UsageError(f"--count must be at least 1, got {args.count}")
     stats = args.stats or not args.values
     stream = client.watch(
         args.selectors,
@@ -755,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to bind; 0.0.0.0 exposes it to the network (default %(default)s)",
     )
     p.add_argument(
-        "--port", type=int, default=50051, help="port; 0 picks a free one (default %(default)s)"
+        "--port", type=_port, default=50051, help="port; 0 picks a free one (default %(default)s)"
     )
     p.add_argument(
         "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
@@ -770,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-concurrent",
-        type=int,
+        type=_at_least(1),
         default=16,
         help="calls served at once; more are refused at once (RESOURCE_EXHAUSTED) "
         "(default %(default)s)",
@@ -780,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_seconds,
         default=5.0,
         help="seconds in-flight calls get at shutdown (default %(default)s)",
     )
@@ -799,18 +823,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         default=None,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
         "(default: off)",
     )
     p.add_argument(
-        "--max-sessions", type=int, default=8, help="sessions open at once (default %(default)s)"
+        "--max-sessions",
+        type=_at_least(0),
+        default=8,
+        help="sessions open at once (default %(default)s)",
     )
     p.add_argument(
         "--session-idle",
-        type=float,
+        type=_seconds,
         default=600.0,
         help="seconds without calls before a session is closed (default %(default)s)",
     )
@@ -953,19 +980,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=0, help="histogram bins in the statistics")
     p.add_argument(
         "--every-steps",
-        type=int,
+        type=_at_least(0),
         default=0,
         help="an update every N optimizer steps (default: after every change)",
     )
     p.add_argument(
         "--interval",
-        type=float,
+        type=_seconds,
         default=0.1,
         help="at most one update per this many seconds; what changes in between is counted "
         "as skipped (default %(default)s; 0: every change)",
     )
-    p.add_argument("--count", type=int, help="stop after this many updates")
-    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument("--count", type=_at_least(1), help="stop after this many updates")
+    p.add_argument("--duration", type=_seconds, help="stop after this many seconds")
 
     p = add(
         "train",
@@ -973,10 +1000,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run training steps with a progress bar, on random data made on the server "
         "(Ctrl-C stops between steps)",
     )
-    p.add_argument("--steps", type=int, default=100, help="steps to run (default %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="batch size (default %(default)s)")
     p.add_argument(
-        "--every", type=int, default=1, help="show progress every K steps (default %(default)s)"
+        "--steps", type=_at_least(1), default=100, help="steps to run (default %(default)s)"
+    )
+    p.add_argument("--batch", type=_at_least(1), default=8, help="batch size (default %(default)s)")
+    p.add_argument(
+        "--every",
+        type=_at_least(1),
+        default=1,
+        help="show progress every K steps (default %(default)s)",
     )
     p.add_argument(
         "--seed",

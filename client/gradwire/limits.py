@@ -51,7 +51,8 @@ def _size_options() -> list[tuple[str, int]]:
 
 
 def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
+    """Milliseconds for a gRPC option, which takes a 32-bit int: 1 to 24.8 days."""
+    return min(max(1, round(seconds * 1000)), 2**31 - 1)
 
 
 def _keepalive(keepalive_s: float, timeout_s: float) -> list[tuple[str, int]]:
@@ -80,14 +81,18 @@ def channel_options(
 
 
 def server_options(
-    keepalive_s: float | None = KEEPALIVE_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    keepalive_s: float | None = KEEPALIVE_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    min_client_ping_s: float = MIN_CLIENT_PING_S,
 ) -> list[tuple[str, int]]:
     """The server's gRPC options: the message-size limit, clients' pings taken every
-    MIN_CLIENT_PING_S, and a ping of its own every `keepalive_s` seconds of silence on any
+    `min_client_ping_s`, and a ping of its own every `keepalive_s` seconds of silence on any
     connection (None or 0: none)."""
     options = [
         *_size_options(),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(MIN_CLIENT_PING_S)),
+        # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not its
+        # name: "min_recv_..." is not an option, and gRPC ignores what it does not know.
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(min_client_ping_s)),
     ]
     if keepalive_s:
         options += _keepalive(keepalive_s, keepalive_timeout_s)

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, server_options
+from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, MIN_CLIENT_PING_S, server_options
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
@@ -82,6 +82,7 @@ def start(
     on_device_lost: Callable[[], None] | None = None,
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    min_client_ping_s: float = MIN_CLIENT_PING_S,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -96,6 +97,8 @@ def start(
     from, once health is NOT_SERVING (`serve` stops the server then).
     `keepalive_s`: ping a connection silent this long, and close it when no answer comes in
     `keepalive_timeout_s`, ending its calls (None or 0: no pings; see limits.KEEPALIVE_S).
+    `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
+    it closed (GOAWAY, too_many_pings).
     """
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
@@ -110,7 +113,10 @@ def start(
         ),
         interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
-        options=[*server_options(keepalive_s, keepalive_timeout_s), ("grpc.so_reuseport", 0)],
+        options=[
+            *server_options(keepalive_s, keepalive_timeout_s, min_client_ping_s),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     health_servicer = health.HealthServicer()
 
