@@ -605,7 +605,7 @@ def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
-    from gradwire.replay import replay
+    from gradwire.replay import WrongModel, replay
 
     def run(c: Client) -> None:
         lines: list[str] = []
@@ -616,7 +616,10 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
             else:
                 out.write(line + "\n")
 
-        result = replay(c, init=args.init, seed=args.seed, write=write)
+        try:
+            result = replay(c, init=args.init, seed=args.seed, write=write)
+        except WrongModel as e:
+            raise CommandError(str(e)) from None
         if args.json:
             out.write(
                 _json_line(
@@ -1059,7 +1062,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", default="", help="service to ask about (default: the server)")
 
     p = add(
-        "replay", cmd_replay, "replay the PyTorch tutorial over gRPC, printing what it computes"
+        "replay",
+        cmd_replay,
+        "replay the PyTorch tutorial over gRPC, printing what it computes; as the tutorial, it "
+        "makes the model and the optimizer anew (the server's default session: what was "
+        "there is replaced)",
     )
     p.add_argument(
         "--init",

@@ -23,6 +23,11 @@ Init = Literal["fill", "random"]
 LR = 1.0
 FILL_VALUE = 0.1
 BATCH = 8
+MODEL = "Simple"
+
+
+class WrongModel(ValueError):
+    """The server serves another model than the tutorial's; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,19 @@ class ReplayResult:
 def replay(
     client: Client, *, init: Init = "fill", seed: int = 0, write: Callable[[str], None] = print
 ) -> ReplayResult:
-    """Runs the tutorial against `client`'s server and writes a transcript line by line."""
+    """Runs the tutorial against `client`'s server and writes a transcript line by line.
+
+    As the tutorial makes its model and optimizer anew, this replaces the model and optimizer
+    of `client`'s session (the server's default session unless `client` has one of its own);
+    they stay as the tutorial leaves them, for reading and plotting. A server serving another
+    model than the tutorial's Simple is refused first (WrongModel), changing nothing.
+    """
+    model = client.list_tensors().model
+    if model != MODEL:
+        raise WrongModel(
+            f"the tutorial needs the {MODEL} model, and this server serves {model}: start one "
+            "with the default model (gradwire serve without --model), or use replay --embedded"
+        )
     as_torch = torch_available()
     remote = client.remote
 
