@@ -3,6 +3,7 @@ and server-side Train runs, each checked against the same thing done in local Py
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +84,18 @@ def test_stats_of_a_slice_with_nan_inf_and_zeros(client: gradwire.Client) -> Non
     counts, _ = np.histogram(finite, bins=4, range=(-1.0, 1.0))
     assert read.stats.histogram is not None
     assert read.stats.histogram.counts == tuple(counts)
+
+
+def test_stats_of_values_none_of_which_is_finite_are_nan(client: gradwire.Client) -> None:
+    # The contract sends 0 for them; the client read 0.0, like a slice of zeros.
+    values = np.full((3, 3, 3), np.nan, dtype=np.float32)
+    values[0, 0, :] = np.inf
+    client.set("conv1.weight[5]", values)
+    read = client.stats("conv1.weight[5]")
+    assert read.stats is not None
+    assert (read.stats.count, read.stats.finite, read.stats.zero_count) == (27, 0, 0)
+    figures = (read.stats.min, read.stats.max, read.stats.mean, read.stats.std, read.stats.norm)
+    assert all(math.isnan(x) for x in figures), figures
 
 
 def test_stats_of_integer_and_0d_tensors(client: gradwire.Client) -> None:

@@ -373,7 +373,7 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 def _stats_json(stats: Stats) -> dict[str, Any]:
     """Statistics for --json: min, max, mean, std and norm are null when no value is finite
-    (the contract sends 0 for them then, which a script could take for a real 0)."""
+    (NaN in Stats; the contract sends 0 for them, which a script could take for a real 0)."""
     data = dataclasses.asdict(stats)
     if stats.finite == 0:
         data.update(dict.fromkeys(("min", "max", "mean", "std", "norm")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,8 @@ class Histogram:
 
 @dataclass(frozen=True)
 class Stats:
-    """A tensor's summary; min, max, mean, std and norm over its finite values."""
+    """A tensor's summary; min, max, mean, std and norm over its finite values, NaN when it
+    has none (numpy's mean of nothing)."""
 
     count: int
     min: float
@@ -42,7 +44,7 @@ class Stats:
     @property
     def finite(self) -> int:
         """Values that are neither NaN nor infinite. With none, min, max, mean, std and norm
-        mean nothing (the server sends 0 for them)."""
+        are NaN (the server sends 0 for them, which would read as a tensor of zeros)."""
         return self.count - self.nan_count - self.inf_count
 
 
@@ -101,13 +103,14 @@ def stats_from_proto(message: pb.Stats) -> Stats:
     if message.HasField("histogram"):
         h = message.histogram
         histogram = Histogram(h.low, h.high, tuple(h.counts))
+    nothing = message.count - message.nan_count - message.inf_count == 0
     return Stats(
         count=message.count,
-        min=message.min,
-        max=message.max,
-        mean=message.mean,
-        std=message.std,
-        norm=message.norm,
+        min=math.nan if nothing else message.min,
+        max=math.nan if nothing else message.max,
+        mean=math.nan if nothing else message.mean,
+        std=math.nan if nothing else message.std,
+        norm=math.nan if nothing else message.norm,
         nan_count=message.nan_count,
         inf_count=message.inf_count,
         zero_count=message.zero_count,
