@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ from gradwire_server.app import Running
 from gradwire_server.models import Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
+from tests.cli_run import run_main
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
 
@@ -216,3 +218,38 @@ def test_a_client_says_where_it_points(client: gradwire.Client, address: str) ->
     assert repr(client) == f"gradwire.Client({address!r})"
     with client.open_session() as mine:
         assert repr(mine) == f"gradwire.Client({address!r}, session={mine.session!r})"
+
+
+def test_another_process_joins_a_session_by_its_id_and_leaves_it_open(
+    client: gradwire.Client, address: str
+) -> None:
+    # The researcher's case: training runs in a session; a second process watches it.
+    with client.open_session(seed=3) as trainer:
+        trainer.train_step(INPUT, TARGET)
+        with gradwire.connect(address, session=trainer.session) as watcher:
+            assert watcher.list_tensors().version == trainer.list_tensors().version == 4
+            np.testing.assert_array_equal(watcher.get("conv1.weight"), trainer.get("conv1.weight"))
+        # Closing the watcher left the session open: the trainer trains on.
+        assert trainer.train_step(INPUT, TARGET).version == 8
+    assert client.list_tensors().version == 0  # the default session saw none of it
+
+
+def test_the_cli_acts_on_the_session_given(
+    client: gradwire.Client, address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with client.open_session(seed=3) as mine:
+        mine.train_step(INPUT, TARGET)
+        joined = run_main("list", "--target", address, "--session", mine.session or "", "--json")
+        assert joined.code == 0, joined.err
+        assert json.loads(joined.out)["version"] == 4
+        default = run_main("list", "--target", address, "--json")
+        assert json.loads(default.out)["version"] == 0
+        monkeypatch.setenv("GRADWIRE_SESSION", mine.session or "")
+        from_env = run_main("get", "conv1.weight[0, 0, 0]", "--target", address, "--json")
+        monkeypatch.delenv("GRADWIRE_SESSION")
+        values = json.loads(from_env.out)["values"]
+        np.testing.assert_allclose(values, mine.get("conv1.weight")[0, 0, 0])
+        assert mine.list_tensors().version == 4  # still open
+    unknown = run_main("list", "--target", address, "--session", "0123")
+    assert unknown.code == 1
+    assert unknown.err.startswith("error: NOT_FOUND: no session '0123'")

@@ -80,6 +80,9 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: The environment variable naming the session commands act on (--session).
+SESSION_ENV = "GRADWIRE_SESSION"
+
 #: The longest duration an option takes: gRPC counts milliseconds in a 32-bit int.
 MAX_SECONDS = (2**31 - 1) // 1000
 
@@ -735,6 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     common.add_argument(
+        "--session",
+        default=os.environ.get(SESSION_ENV) or None,
+        metavar="ID",
+        help="act on this session (opened from Python: Client.open_session(), its .session) "
+        f"instead of the default one; it stays open (default: ${SESSION_ENV} if set)",
+    )
+    common.add_argument(
         "--token-file",
         type=Path,
         help=f"file holding the server's bearer token (default: ${TOKEN_ENV} if set)",
@@ -1065,8 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
         "replay",
         cmd_replay,
         "replay the PyTorch tutorial over gRPC, printing what it computes; as the tutorial, it "
-        "makes the model and the optimizer anew (the server's default session: what was "
-        "there is replaced)",
+        "makes the model and the optimizer anew, replacing those of the session it acts on "
+        "(the default one unless --session)",
     )
     p.add_argument(
         "--init",
@@ -1094,6 +1104,7 @@ def _client(args: argparse.Namespace) -> Client:
             ca=read_optional(args.tls_ca),
             cert=read_optional(args.tls_cert),
             key=read_optional(args.tls_key),
+            session=args.session,
         )
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None

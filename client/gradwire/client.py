@@ -273,6 +273,7 @@ class Client:
         key: bytes | None = None,
         keepalive: float | None = limits.KEEPALIVE_S,
         keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
+        session: str | None = None,
     ) -> None:
         """`token`: sent as a bearer token on every call. `tls`: connect with TLS, trusting
         `ca` (PEM; the system's roots when None); `cert` and `key` (PEM) for mutual TLS.
@@ -280,7 +281,9 @@ class Client:
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
         waiting for ever; None: no pings. A gradwire server takes pings every
-        limits.MIN_CLIENT_PING_S seconds at most, and closes a connection pinged more often."""
+        limits.MIN_CLIENT_PING_S seconds at most, and closes a connection pinged more often.
+        `session`: act on a session opened elsewhere (another process's `open_session()`:
+        its `.session`), to watch or read its training; closing this client leaves it open."""
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
@@ -289,7 +292,8 @@ class Client:
         #: for streamed reads that a concurrent mutation cut short (`read`).
         self.retries = 3
         #: The session this client's calls act on; None: the server's default session.
-        self.session: str | None = None
+        self.session: str | None = session or None
+        self._owns_session = False  # opened by open_session: closing the client closes it
         self._owns_channel = channel is None
         options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca or cert):
@@ -402,8 +406,9 @@ class Client:
             call.cancel()  # a no-op once the stream has ended
 
     def close(self) -> None:
-        """Closes the channel; a session client (open_session) closes its session instead."""
-        if self.session is not None:
+        """Closes the channel; a session client (open_session) closes its session instead.
+        A session joined (`session=`) stays open."""
+        if self.session is not None and self._owns_session:
             self.close_session()
         if self._owns_channel:
             self._channel.close()
@@ -434,6 +439,7 @@ class Client:
         response = self._call("OpenSession", request)
         other = copy.copy(self)
         other.session = response.session
+        other._owns_session = True
         other._owns_channel = False
         return other
 
@@ -874,11 +880,12 @@ def connect(
     key: bytes | None = None,
     keepalive: float | None = limits.KEEPALIVE_S,
     keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
+    session: str | None = None,
 ) -> Client:
     """A client for the server at host:port; use it with `with` to close the channel.
 
     `token` for a server that requires one; `tls`, `ca`, `cert`, `key`, `keepalive`,
-    `keepalive_timeout` as in Client.
+    `keepalive_timeout`, `session` as in Client.
     """
     return Client(
         target,
@@ -890,4 +897,5 @@ def connect(
         key=key,
         keepalive=keepalive,
         keepalive_timeout=keepalive_timeout,
+        session=session,
     )
