@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,30 @@ def test_train_makes_data_for_the_model_the_server_serves(spec: ModelSpec) -> No
             assert result.json()["version"] == client.list_tensors().version == 12
     finally:
         running.stop(grace=None)
+
+
+@pytest.mark.parametrize("spec", [TINY_MLP, TINY_REGRESSOR], ids=lambda s: s.name)
+def test_forward_by_default_sends_ones_shaped_for_the_model(spec: ModelSpec) -> None:
+    # A bare `gradwire forward` sent the tutorial's [8, 3, 10, 10] to any model.
+    running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        result = run_main("forward", "--json", "--target", target)
+        assert result.code == 0, result.err
+        assert result.json()["output_shape"] == [8, spec.num_classes]
+        with gradwire.connect(target) as client:
+            np.testing.assert_array_equal(client.get("input"), np.ones((8, *spec.sample_shape)))
+            expected = np.ones((8, spec.num_classes)) if spec.loss == "mse" else np.ones(8)
+            np.testing.assert_array_equal(client.get("target"), expected)
+    finally:
+        running.stop(grace=None)
+
+
+def test_forward_by_default_targets_the_inputs_batch(cli: Run, tmp_path: Path) -> None:
+    # Four samples from a file and no --targets: the default targets were 8, refused.
+    path = tmp_path / "x.npy"
+    np.save(path, np.ones((4, 3, 10, 10), dtype=np.float32))
+    result = cli("forward", "--input", str(path), "--json")
+    assert result.code == 0, result.err
+    assert result.json()["output_shape"] == [4, 20]
+    assert result.json()["loss"] is not None

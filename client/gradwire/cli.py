@@ -218,9 +218,36 @@ def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str
 # --- commands -----------------------------------------------------------------------
 
 
+def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
+    """The input and targets forward sends: as given, or ones shaped for the server's model
+    (as ListTensors describes it): 8 samples, and targets for as many samples as the input
+    has (class 1, the tutorial's, for cross-entropy; ones for mse)."""
+    model = None
+    if args.input is None or (args.targets is None and not args.no_targets):
+        model = client.list_tensors()
+    if args.input is None:
+        assert model is not None
+        shape = model.sample_shape or (3, 10, 10)
+        inputs: Any = Fill.ones(8, *shape, dtype=model.input_dtype or None)
+    else:
+        inputs = parse_source(args.input, args.seed)
+    if args.no_targets:
+        return inputs, None
+    if args.targets is not None:
+        return inputs, parse_source(args.targets, args.seed)
+    assert model is not None
+    shape = tuple(inputs.shape)
+    if not shape:
+        raise UsageError("the input needs a batch dimension; give --targets for it")
+    if model.loss == "mse":
+        return inputs, Fill.ones(shape[0], model.outputs or 1)
+    if model.outputs == 1:  # one class: class 1 does not exist
+        return inputs, Fill.zeros(shape[0], dtype="int64")
+    return inputs, Fill.ones(shape[0], dtype="int64")
+
+
 def cmd_forward(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    inputs = parse_source(args.input, args.seed)
-    target = None if args.no_targets else parse_source(args.targets, args.seed)
+    inputs, target = _forward_data(args, client)
     result = client.forward(inputs, target)
     loss = "no target, no loss" if result.loss is None else f"loss {result.loss!r}"
     _emit(
@@ -899,12 +926,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("forward", cmd_forward, "run the model and the loss on an input (Forward)")
     p.add_argument(
-        "--input", default="ones:8,3,10,10", help=f"the input: {SOURCE_HELP} (default %(default)s)"
+        "--input",
+        help=f"the input: {SOURCE_HELP} (default: ones for 8 samples of the model's shape, "
+        "ones:8,3,10,10 for the tutorial's)",
     )
     p.add_argument(
         "--targets",
-        default="ones:8:int64",
-        help="class indices for the loss, same syntax (default %(default)s)",
+        help="class indices for the loss (values, for an mse model), same syntax "
+        "(default: ones, one per sample of the input: class 1 each)",
     )
     p.add_argument("--no-targets", action="store_true", help="run the model only, no loss")
     p.add_argument(
