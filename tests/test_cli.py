@@ -166,7 +166,7 @@ def test_zero_grad_zeros_leaves_zero_tensors(cli: Run, client: gradwire.Client) 
     cli("forward")
     cli("backward")
     result = cli("zero-grad", "--zeros")
-    assert result.out == "gradients set to zero tensors (version 3)\n"
+    assert result.out == "gradients zeroed in place (those that were None stay None) (version 3)\n"
     grad = get(client, "linear.weight.grad")
     assert grad.shape == (20, 3200)
     assert not grad.any()
@@ -336,6 +336,13 @@ def test_list_text(cli: Run) -> None:
     ]
     assert rows["conv1.weight.grad"].split() == ["gradient", "float32", "None"]
     assert rows["target"].split() == ["target", "int64", "None"]
+
+
+def test_list_names_the_optimizers_settings_that_are_on(cli: Run) -> None:
+    # The header said "sgd lr=0.01" for an SGD with momentum 0.9.
+    assert cli("optimizer", "--lr", "0.01", "--momentum", "0.9").code == 0
+    header = cli("list").out.splitlines()[0]
+    assert header == "model Simple on cpu, optimizer sgd lr=0.01 momentum=0.9, version 1"
 
 
 def test_list_text_columns_line_up(cli: Run) -> None:

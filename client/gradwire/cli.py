@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwire import codec, limits
-from gradwire.client import DEFAULT_TARGET, Client
+from gradwire.client import DEFAULT_TARGET, Client, OptimizerConfig
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
 from gradwire.errors import DeadlineExceeded, GradwireError, RemoteError, Unimplemented
@@ -275,8 +275,9 @@ def cmd_step(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 def cmd_zero_grad(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     version = client.zero_grad(set_to_none=not args.zeros)
-    what = "zero tensors" if args.zeros else "None"
-    _emit(out, args, {"version": version}, f"gradients set to {what} (version {version})")
+    # As torch's zero_grad(set_to_none=False): a gradient that is None stays None.
+    what = "zeroed in place (those that were None stay None)" if args.zeros else "set to None"
+    _emit(out, args, {"version": version}, f"gradients {what} (version {version})")
 
 
 def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -591,10 +592,9 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             )
         )
         return
-    opt = listing.optimizer
     out.write(
-        f"model {listing.model} on {listing.device}, optimizer {opt.kind} lr={opt.lr}, "
-        f"version {listing.version}\n"
+        f"model {listing.model} on {listing.device}, optimizer "
+        f"{_describe_optimizer(listing.optimizer, brief=True)}, version {listing.version}\n"
     )
     # Columns as wide as their widest entry: "activation" and "optimizer_state" included.
     name_w, kind_w, dtype_w = (
@@ -603,6 +603,17 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     for t in listing.tensors:
         shape = format_size(t.shape) if t.present else "None"
         out.write(f"  {t.name:<{name_w}}  {t.kind:<{kind_w}}  {t.dtype:<{dtype_w}}  {shape}\n")
+
+
+def _describe_optimizer(config: OptimizerConfig, *, brief: bool = False) -> str:
+    """'sgd lr=0.01 momentum=0.9 weight_decay=0.0 nesterov=False': the kind and every setting
+    the server reports; `brief` leaves out those that are off (0 or False)."""
+    settings = (
+        f"{k}={v}"
+        for k, v in vars(config).items()
+        if k != "kind" and v is not None and not (brief and k != "lr" and not v)
+    )
+    return " ".join((config.kind, *settings))
 
 
 def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -623,8 +634,7 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
         nesterov=args.nesterov,
     )
     settings = {k: v for k, v in vars(config).items() if v is not None}
-    text = config.kind + " " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "kind")
-    _emit(out, args, settings, text)
+    _emit(out, args, settings, _describe_optimizer(config))
 
 
 def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -761,7 +771,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--target", default=DEFAULT_TARGET, help="server address host:port (default %(default)s)"
     )
     common.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds each call may take (default %(default)s); not a limit on watch (see "
+        "--count, --duration) or on train's steps",
     )
     common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     common.add_argument(
@@ -1088,14 +1102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="torch.manual_seed before initialising")
 
     p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")
-    p.add_argument("--kind", choices=["sgd", "adam"], default="sgd")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--beta1", type=float)
-    p.add_argument("--beta2", type=float)
-    p.add_argument("--eps", type=float)
-    p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument("--kind", choices=["sgd", "adam"], default="sgd", help="torch.optim.SGD or Adam")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default: 1.0 for SGD, as the tutorial; 0.001 for Adam)",
+    )
+    p.add_argument("--momentum", type=float, help="SGD's momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, help="L2 penalty (default 0)")
+    p.add_argument("--beta1", type=float, help="Adam's first beta (default 0.9)")
+    p.add_argument("--beta2", type=float, help="Adam's second beta (default 0.999)")
+    p.add_argument("--eps", type=float, help="Adam's epsilon (default 1e-08)")
+    p.add_argument(
+        "--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum"
+    )
 
     p = add("health", cmd_health, "ask the standard gRPC health check; exit 0 when SERVING")
     p.add_argument("--service", default="", help="service to ask about (default: the server)")
