@@ -668,3 +668,38 @@ def test_replay_against_another_model_changes_nothing() -> None:
             np.testing.assert_array_equal(client.get("fc1.weight"), weight)
     finally:
         running.stop(grace=None)
+
+
+def test_no_server_at_the_target_gets_a_hint(dead_address: str) -> None:
+    result = run_main("list", "--target", dead_address, "--timeout", "5")
+    assert result.code == 1
+    first, hint = result.err.splitlines()[:2]
+    assert first.startswith("error: UNAVAILABLE: failed to connect")
+    assert hint == (
+        f"hint: no gradwire server answered at {dead_address}: start one (gradwire serve), "
+        "name yours with --target HOST:PORT, or add --tls if it serves TLS"
+    )
+
+
+def test_an_error_from_a_server_gets_no_connection_hint(cli: Run) -> None:
+    result = cli("get", "nope")
+    assert result.code == 1
+    assert "hint:" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("gpu-box", "gpu-box:50051"),
+        ("gpu-box:7000", "gpu-box:7000"),
+        ("10.0.0.5", "10.0.0.5:50051"),
+        ("[::1]", "[::1]:50051"),
+        ("[::1]:7000", "[::1]:7000"),
+        ("unix:/run/gradwire.sock", "unix:/run/gradwire.sock"),
+        ("dns:///gpu-box:7000", "dns:///gpu-box:7000"),
+    ],
+)
+def test_a_target_without_a_port_gets_gradwires(given: str, used: str) -> None:
+    # gRPC's own default is 443, where no gradwire server listens.
+    with gradwire.Client(given) as client:
+        assert client.target == used

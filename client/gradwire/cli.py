@@ -22,10 +22,16 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwire import codec, limits
-from gradwire.client import DEFAULT_TARGET, Client, OptimizerConfig
+from gradwire.client import DEFAULT_TARGET, Client, OptimizerConfig, with_default_port
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
-from gradwire.errors import DeadlineExceeded, GradwireError, RemoteError, Unimplemented
+from gradwire.errors import (
+    DeadlineExceeded,
+    GradwireError,
+    RemoteError,
+    Unavailable,
+    Unimplemented,
+)
 from gradwire.fill import Fill
 from gradwire.plot import (
     DEFAULT_BINS,
@@ -1159,6 +1165,15 @@ def _client(args: argparse.Namespace) -> Client:
         raise UsageError(str(e)) from None
 
 
+def _unreachable(error: RemoteError) -> bool:
+    """Whether a call failed before reaching a server: nothing listening, or a plaintext call
+    to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
+    text = error.message.lower()
+    return isinstance(error, Unavailable) and (
+        "failed to connect" in text or "socket closed" in text or "connection refused" in text
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -1183,6 +1198,12 @@ def main(
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
+        if _unreachable(e):
+            err.write(
+                f"hint: no gradwire server answered at {with_default_port(args.target)}: start "
+                "one (gradwire serve), name yours with --target HOST:PORT, or add --tls if it "
+                "serves TLS\n"
+            )
         return 1
     except CommandError as e:
         err.write(f"gradwire {args.command}: error: {e}\n")

@@ -257,6 +257,19 @@ def _read_result(
     )
 
 
+def with_default_port(target: str) -> str:
+    """`target` with gradwire's port (50051) when it names a host alone: gRPC would try 443.
+    Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given."""
+    port = DEFAULT_TARGET.rpartition(":")[2]
+    if "/" in target or target.startswith("unix:"):
+        return target
+    if target.startswith("["):  # [::1] or [::1]:50051
+        return target if "]:" in target else f"{target}:{port}"
+    if ":" not in target:
+        return f"{target}:{port}"
+    return target
+
+
 class Client:
     """A connection to a gradwire server: `gradwire.connect(target)`; close it, or use `with`."""
 
@@ -284,6 +297,7 @@ class Client:
         limits.MIN_CLIENT_PING_S seconds at most, and closes a connection pinged more often.
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open."""
+        target = with_default_port(target)
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
