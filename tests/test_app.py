@@ -105,3 +105,54 @@ def test_serve_refuses_a_device_it_does_not_have() -> None:
     )
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr
+
+
+def _stop_under(running: Running, stream: Iterator[object]) -> tuple[float, BaseException]:
+    """Stops `running` (grace 30 s) once `stream` has sent its first message; returns how long
+    the stop took and what the stream raised."""
+    import threading
+    import time
+
+    first = threading.Event()
+    raised: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                first.set()
+        except BaseException as e:  # the test reads it
+            raised.append(e)
+        first.set()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    assert first.wait(30)
+    started = time.monotonic()
+    running.stop(grace=30)
+    took = time.monotonic() - started
+    thread.join(30)
+    assert raised, "the stream ended without an error"
+    return took, raised[0]
+
+
+def test_a_stop_ends_open_watches_at_once(trainer: Trainer) -> None:
+    # An open watch never finishes by itself: it held every stop for the whole grace period.
+    running = start(trainer, "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=None) as client:
+        took, raised = _stop_under(running, client.watch(["conv1.weight[0, 0, 0]"]))
+    assert took < 10  # well inside the 30 s grace: the watch looks every 0.5 s
+    assert isinstance(raised, errors.Unavailable), raised
+    assert raised.reason == "STOPPING"
+    assert "watch again once it is back" in raised.message
+
+
+def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=None) as client:
+        x, y = gradwire.Fill.ones(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64")
+        took, raised = _stop_under(running, client.train(x, y, steps=10**9))
+    assert took < 10
+    assert isinstance(raised, errors.Unavailable), raised
+    assert raised.reason == "STOPPING"
+    steps = int(raised.message.split("training stopped after ")[1].split()[0])
+    assert trainer.version == 4 * steps  # each step applied whole: 4 mutations

@@ -54,9 +54,11 @@ class Running:
     metrics_server: MetricsServer | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
-        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish;
-        then, with `save_to`, the state they left is saved there."""
+        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish
+        (open Watches and Trains end at once, UNAVAILABLE with reason STOPPING: they would
+        hold the whole grace period); then, with `save_to`, the state they left is saved."""
         self.health.enter_graceful_shutdown()
+        self.servicer.stopping.set()
         self.server.stop(grace).wait()
         if self.metrics_server is not None:
             self.metrics_server.stop()

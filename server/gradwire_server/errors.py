@@ -66,6 +66,13 @@ class DeadlinePassed(DomainError):
     reason = "DEADLINE_PASSED"
 
 
+class Stopping(DomainError):
+    """A stream (Watch, Train) ended because the server is stopping; its client can call
+    again once it is back."""
+
+    reason = "STOPPING"
+
+
 def shown(value: str, limit: int = 64) -> str:
     """`value` as an error message quotes it: repr, cut to `limit` characters. A caller's
     metadata value can be kilobytes long, and an error that echoed it whole would push the

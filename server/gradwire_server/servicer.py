@@ -34,6 +34,7 @@ from gradwire_server.errors import (
     IndexOutOfRange,
     InvalidInput,
     OverLimit,
+    Stopping,
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
@@ -66,6 +67,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
     VersionMismatch: grpc.StatusCode.ABORTED,
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Stopping: grpc.StatusCode.UNAVAILABLE,
 }
 
 R = TypeVar("R")
@@ -425,6 +427,9 @@ class TrainerServicer:
         self.slots = Slots(max_concurrent)
         self.requests = RequestLog()
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
+        #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
+        #: STOPPING) instead of holding the grace period until it runs out.
+        self.stopping = threading.Event()
 
     @mutation
     def Forward(
@@ -705,7 +710,8 @@ class TrainerServicer:
         try:
             yield update(first=True)  # the state now; where bad names and indices are refused
             sent = time.monotonic()
-            while context.is_active() and not subscription.closed:
+            stopping = self.stopping
+            while context.is_active() and not subscription.closed and not stopping.is_set():
                 wait = sent + interval - time.monotonic()
                 if wait > 0:  # too soon: changes meanwhile are counted, not sent
                     time.sleep(min(wait, WATCH_POLL_S))
@@ -713,6 +719,10 @@ class TrainerServicer:
                 if subscription.wait(WATCH_POLL_S) and not subscription.closed:
                     yield update()
                     sent = time.monotonic()
+            if stopping.is_set() and context.is_active():
+                raise Stopping(
+                    "the server is stopping: this watch ends here; watch again once it is back"
+                )
             if subscription.closed and context.is_active():
                 # Not a normal end: the watcher would take it for one (a review saw OK).
                 raise Closed(
@@ -746,6 +756,11 @@ class TrainerServicer:
         for k in range(message.steps):
             if not context.is_active():
                 return  # cancelled: stop between steps
+            if self.stopping.is_set():
+                raise Stopping(
+                    f"the server is stopping: training stopped after {k} of {message.steps} "
+                    "steps, each applied whole"
+                )
             result = trainer.train_step(
                 _reseeded(inputs, k), _reseeded(target, k), zero_grad=zero_grad, use=_nothing
             )
