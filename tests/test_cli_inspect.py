@@ -109,6 +109,37 @@ def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client)
     assert client.list_tensors().version == data["version"] == 4 * data["steps"]
 
 
+def test_ctrl_c_on_a_server_side_train_reports_the_servers_version(
+    cli: Run, client: gradwire.Client
+) -> None:
+    # Its summary reported the last progress's version; the server had run on past it.
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        result = cli("train", "--steps", "1000000", "--every", "50", "--server-side", "--json")
+    finally:
+        timer.cancel()
+    assert result.code == 0, result.err
+    data = result.json()
+    assert data["stopped"] is True and data["steps"] >= 50
+    assert data["version"] == client.list_tensors().version
+    assert data["version"] >= 4 * data["steps"]
+
+
+def test_train_interrupted_by_the_server_stopping_still_sums_up() -> None:
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    timer = threading.Timer(1.0, running.stop, kwargs={"grace": 5})
+    timer.start()
+    try:
+        target = f"127.0.0.1:{running.port}"
+        result = run_main("train", "--steps", "1000000", "--server-side", "--target", target)
+    finally:
+        timer.join()
+    assert result.code == 1
+    assert "stopped after " in result.out
+    assert result.err.startswith("error: UNAVAILABLE: the server is stopping: training stopped")
+
+
 def _strict_json(text: str) -> dict[str, object]:
     """Parses as a parser without Python's NaN extension would: any bare NaN fails."""
 

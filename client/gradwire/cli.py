@@ -473,6 +473,8 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     done, loss, version = 0, float("nan"), None
     # The first step seen with a loss that is not finite (with --server-side, of those reported).
     diverged_at = None
+    # An error that ended the run (the server stopping, say): raised after the summary.
+    failed: RemoteError | None = None
     with _stop_on_interrupt() as stop:
         if args.server_side:
             run = client.train(x, y, args.steps, every=args.every)
@@ -484,31 +486,51 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     bar.update(done, loss, progress.steps_per_s)
                     if stop.is_set():
                         break
+            except RemoteError as e:
+                failed = e
             finally:
                 run.close()  # cancels the run on the server: it stops between two steps
         else:
             for k in range(args.steps):
                 if stop.is_set():
                     break
-                result = client.train_step(x.reseeded(k), y.reseeded(k))
+                try:
+                    result = client.train_step(x.reseeded(k), y.reseeded(k))
+                except RemoteError as e:
+                    failed = e
+                    break
                 done, loss, version = k + 1, result.loss, result.version
                 if diverged_at is None and not math.isfinite(loss):
                     diverged_at = done
                 if done % args.every == 0 or done == args.steps:
                     bar.update(done, loss)
     stopped = done < args.steps
+    ran_on = False
+    if args.server_side and stopped and failed is None:
+        # The server ran on until it saw the stop: its steps after the last progress it sent
+        # are applied too, so the version to report is the server's, not that progress's.
+        with contextlib.suppress(GradwireError):
+            now = client.list_tensors().version
+            ran_on = now != version
+            version = now
     data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
     data["stopped"] = stopped
     data["diverged_at"] = diverged_at
-    text = f"{'stopped after' if stopped else 'trained'} {done} steps: loss {format_loss(loss)}"
+    steps = f"{done} steps reported (the server ran a few more before the stop reached it)"
+    text = (
+        f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}: "
+        f"loss {format_loss(loss)}"
+    )
     if version is not None:
         text += f", version {version}"
     if args.json:
         _emit(out, args, data, text)
-        return
-    bar.finish(text)
-    if diverged_at is not None:
-        out.write(_divergence_hint(client, diverged_at) + "\n")
+    else:
+        bar.finish(text)
+        if diverged_at is not None:
+            out.write(_divergence_hint(client, diverged_at) + "\n")
+    if failed is not None:
+        raise failed
 
 
 def _divergence_hint(client: Client, step: int) -> str:
