@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
-from gradwire.display import format_tensor
+import numpy as np
+
+from gradwire.display import format_size, format_tensor
 from gradwire.updates import Histogram, Stats, WatchUpdate
 
 BAR_WIDTH = 30
@@ -134,6 +136,28 @@ def summary_cells(stats: Stats | None) -> str:
     return text
 
 
+#: Values a watch table's cell shows in full; larger tensors show their first and last few.
+CELL_VALUES = 12
+
+
+def value_cell(value: Any) -> str:
+    """A tensor's values on one line: in full up to CELL_VALUES of them, else the first six
+    and last three of them in memory order, with the shape (a conv weight's 432 values made
+    a line 7 KB long)."""
+    array = np.asarray(value)
+    if array.size <= CELL_VALUES:
+        return " ".join(format_tensor(value).split())
+    flat = array.reshape(-1)
+
+    def shown(values: Any) -> str:
+        return ", ".join(f"{v:.4g}" if array.dtype.kind == "f" else str(v) for v in values)
+
+    return (
+        f"[{shown(flat[:6])}, ..., {shown(flat[-3:])}] of {format_size(array.shape)} "
+        "(--json for every value)"
+    )
+
+
 class WatchTable:
     """The latest watch update as a table: redrawn in place on a terminal, appended elsewhere."""
 
@@ -152,7 +176,7 @@ class WatchTable:
             if not watched.present:
                 cell = "absent"
             elif watched.value is not None:
-                cell = " ".join(format_tensor(watched.value).split())
+                cell = value_cell(watched.value)
                 if watched.stats is not None:
                     cell += "  |  " + summary_cells(watched.stats)
             else:
