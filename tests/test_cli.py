@@ -249,6 +249,23 @@ def test_set_a_negative_number(cli: Run, client: gradwire.Client) -> None:
     assert np.array_equal(get(client, "conv2.weight[3]"), np.full((16, 3, 3), -1.0, np.float32))
 
 
+@pytest.mark.parametrize("text", ["nan", "inf", "Infinity"])
+def test_set_takes_what_fill_takes(cli: Run, client: gradwire.Client, text: str) -> None:
+    # `fill nan` worked and `set conv1.weight nan` was a bad source.
+    assert cli("set", "conv1.weight[0]", text).code == 0
+    np.testing.assert_array_equal(client.get("conv1.weight")[0], np.full((3, 3, 3), float(text)))
+
+
+@pytest.mark.parametrize("text", ["1e400", "[-1e39]", "[1, 1e39]", "[[1e400]]"])
+def test_set_refuses_numbers_beyond_float32(cli: Run, client: gradwire.Client, text: str) -> None:
+    # 1e400 was written as inf, silently.
+    before = client.get("conv1.weight")
+    result = cli("set", "conv1.weight[0, 0, 0, 0]", text)
+    assert result.code == 2
+    assert "beyond float32's range" in result.err
+    np.testing.assert_array_equal(client.get("conv1.weight"), before)
+
+
 def test_set_a_json_list(cli: Run, client: gradwire.Client) -> None:
     assert cli("set", "conv1.weight[0][0][0]", "[1.5, 2, -3]").code == 0
     assert np.array_equal(get(client, "conv1.weight[0][0][0]"), np.array([1.5, 2, -3], np.float32))

@@ -169,12 +169,26 @@ def parse_source(text: str, seed: int = 0) -> Any:
     raise UsageError(f"bad source {text!r}: expected {SOURCE_HELP}")
 
 
+_OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write inf for infinity"
+
+
 def parse_value(text: str) -> Any:
-    """A value for `set`: a number, a JSON list, a fill spec or a .npy file."""
+    """A value for `set`: a number (nan and inf too, as `fill` takes them), a JSON list, a
+    fill spec or a .npy file. A number beyond float32's range is refused, not written as
+    infinity."""
+
+    def number(digits: str) -> float:
+        if math.isinf(parsed := float(digits)):  # 1e400: no float holds it
+            raise UsageError(_OUT_OF_RANGE.format(text))
+        return parsed
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_float=number)
     except json.JSONDecodeError:
-        return parse_source(text)
+        try:
+            value = float(text)  # nan, inf, -inf, as `fill` takes them
+        except ValueError:
+            return parse_source(text)
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
         raise UsageError(
             f"bad value {text!r}: expected a number, a JSON list, a fill or a .npy file"
@@ -185,7 +199,13 @@ def parse_value(text: str) -> Any:
         raise UsageError(f"bad value {text!r}: {err}") from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"bad value {text!r}: expected numbers")
-    return array.astype(np.float32) if array.dtype == np.float64 else array
+    if array.dtype != np.float64:
+        return array
+    with np.errstate(over="ignore"):
+        single = array.astype(np.float32)
+    if (np.isfinite(array) & ~np.isfinite(single)).any():
+        raise UsageError(_OUT_OF_RANGE.format(text))
+    return single
 
 
 # --- output -----------------------------------------------------------------------
