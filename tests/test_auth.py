@@ -44,6 +44,7 @@ def test_calls_without_the_token_are_unauthenticated(guarded: Running) -> None:
         with pytest.raises(errors.Unauthenticated, match="this server needs a token") as info:
             client.list_tensors()
         assert info.value.reason == "NO_TOKEN"  # an ErrorInfo, as every other error has
+        assert "gradwire.connect(token=...) in Python" in info.value.message  # not only CLI's
         with pytest.raises(errors.Unauthenticated):
             client.get("conv1.weight")
         with pytest.raises(errors.Unauthenticated):  # streamed calls too

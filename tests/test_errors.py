@@ -227,6 +227,7 @@ def test_unknown_name_is_not_found_and_names_the_closest(client: gradwire.Client
         client.get("conv1.wieght[0]")
     assert info.value.reason == "UNKNOWN_TENSOR"
     assert "did you mean 'conv1.weight'" in info.value.message
+    assert "ListTensors (gradwire list) lists all" in info.value.message
     assert "conv1.weight" in info.value.metadata["closest"].split(",")
     with pytest.raises(errors.NotFound):
         client.fill_parameters(0.1, ["conv3.weight"])

@@ -41,7 +41,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if not given:
             message = (
                 "this server needs a token: send 'authorization: Bearer <token>' "
-                "(gradwire --token-file, or the GRADWIRE_TOKEN environment variable)"
+                "(gradwire.connect(token=...) in Python; --token-file or the GRADWIRE_TOKEN "
+                "environment variable on the command line)"
             )
             return _refusal(handler, message, "NO_TOKEN")
         return _refusal(handler, "the token sent is not this server's", "BAD_TOKEN")

@@ -641,7 +641,8 @@ class Trainer:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
         return UnknownTensor(
-            f"no tensor named {name!r}; {hint}ListTensors lists all {len(names)} names",
+            f"no tensor named {name!r}; {hint}ListTensors (gradwire list) lists all "
+            f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
 
