@@ -89,23 +89,27 @@ def _shape(text: str) -> tuple[int, ...]:
 #: The environment variable naming the session commands act on (--session).
 SESSION_ENV = "GRADWIRE_SESSION"
 
-#: The longest duration an option takes: gRPC counts milliseconds in a 32-bit int.
-MAX_SECONDS = (2**31 - 1) // 1000
-
 
 def _seconds(text: str) -> float:
-    """A duration for an option: a finite number of seconds, 0 or more."""
+    """A duration for an option: a finite number of seconds, 0 or more, that gRPC can hold."""
     try:
         seconds = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"bad duration {text!r}: expected seconds, such as 20 or 0.5"
         ) from None
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SECONDS:
+    if not math.isfinite(seconds) or not 0 <= seconds <= limits.MAX_GRPC_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"bad duration {text!r}: expected seconds from 0 to {MAX_SECONDS:,}"
+            f"bad duration {text!r}: expected seconds from 0 to {limits.MAX_GRPC_SECONDS:,}"
         )
     return seconds
+
+
+def _seconds_or_forever(text: str) -> float:
+    """A duration that may be for ever: inf, or as _seconds."""
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    return _seconds(text)
 
 
 def _port(text: str) -> int:
@@ -827,6 +831,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     common.add_argument(
+        "--keepalive",
+        type=_seconds,
+        default=limits.CLIENT_KEEPALIVE_S,
+        metavar="SECONDS",
+        help="during a call, ping a connection silent this long, so that a watch whose server "
+        "vanished ends; a gradwire server takes one every 30 s at most; 0: never "
+        "(default %(default)s)",
+    )
+    common.add_argument(
         "--session",
         default=os.environ.get(SESSION_ENV) or None,
         metavar="ID",
@@ -939,9 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--session-idle",
-        type=_seconds,
+        type=_seconds_or_forever,
         default=600.0,
-        help="seconds without calls before a session is closed (default %(default)s)",
+        help="seconds without calls before a session is closed; inf: never (default %(default)s)",
     )
     p.add_argument(
         "--keepalive",
@@ -1202,6 +1215,7 @@ def _client(args: argparse.Namespace) -> Client:
             cert=read_optional(args.tls_cert),
             key=read_optional(args.tls_key),
             session=args.session,
+            keepalive=args.keepalive or None,
         )
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None

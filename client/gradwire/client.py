@@ -284,7 +284,7 @@ class Client:
         ca: bytes | None = None,
         cert: bytes | None = None,
         key: bytes | None = None,
-        keepalive: float | None = limits.KEEPALIVE_S,
+        keepalive: float | None = limits.CLIENT_KEEPALIVE_S,
         keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
         session: str | None = None,
     ) -> None:
@@ -293,8 +293,9 @@ class Client:
         `keepalive`: during a call, ping a connection silent this many seconds, so that a
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
-        waiting for ever; None: no pings. A gradwire server takes pings every
-        limits.MIN_CLIENT_PING_S seconds at most, and closes a connection pinged more often.
+        waiting for ever; None: no pings. The default (limits.CLIENT_KEEPALIVE_S, 5.5
+        minutes) suits any gRPC server; a gradwire server takes pings every
+        limits.MIN_CLIENT_PING_S seconds, and closes a connection pinged more often.
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open."""
         target = with_default_port(target)
@@ -892,7 +893,7 @@ def connect(
     ca: bytes | None = None,
     cert: bytes | None = None,
     key: bytes | None = None,
-    keepalive: float | None = limits.KEEPALIVE_S,
+    keepalive: float | None = limits.CLIENT_KEEPALIVE_S,
     keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
     session: str | None = None,
 ) -> Client:

@@ -29,18 +29,32 @@ STREAM_ABOVE_BYTES: Final = 32 * 1024 * 1024
 ERROR_DOMAIN: Final = "gradwire.dev"
 
 
-#: A connection that carries nothing for this long during a call gets an HTTP/2 ping, from
-#: the client and from the server (which pings idle connections too); one that brings no
-#: answer in KEEPALIVE_TIMEOUT_S is closed. So a peer gone without closing its connection
-#: (a network cut, a machine that vanished) ends the calls on it: the client's Watch or
-#: Train raises UNAVAILABLE, and the server's lets go of its session and its place.
+#: The server pings a connection that carries nothing for this long (idle ones too), and
+#: closes one whose ping brings no answer in KEEPALIVE_TIMEOUT_S: so a client gone without
+#: closing its connection (a network cut, a machine that vanished) ends its calls, and its
+#: Watch or Train lets go of its session and its place.
 KEEPALIVE_S: Final = 60.0
 KEEPALIVE_TIMEOUT_S: Final = 20.0
 
 #: The shortest interval at which the server takes a client's pings on a connection that
 #: carries no data. gRPC counts a closer ping as a strike, and closes the connection at the
-#: third; its default interval is 5 minutes, longer than clients' KEEPALIVE_S.
+#: third ("too_many_pings").
 MIN_CLIENT_PING_S: Final = 30.0
+
+#: gRPC's own interval for that rule, kept by any server or proxy that does not set it:
+#: 5 minutes.
+GRPC_DEFAULT_MIN_CLIENT_PING_S: Final = 300.0
+
+#: The Python client pings a connection silent this long during a call, so that a Watch or
+#: Train whose server vanished ends (UNAVAILABLE) instead of waiting for ever. Longer than
+#: gRPC's default rule above, so that servers and proxies that keep it (a gradwire server
+#: before these pings, an Envoy left as it comes) take the pings rather than closing a
+#: quiet watch at the third; ask for more often with Client(keepalive=...) against a
+#: gradwire server, which takes one every MIN_CLIENT_PING_S.
+CLIENT_KEEPALIVE_S: Final = GRPC_DEFAULT_MIN_CLIENT_PING_S + 30
+
+#: The longest a gRPC duration option holds: milliseconds in a 32-bit int, about 24.8 days.
+MAX_GRPC_SECONDS: Final = (2**31 - 1) // 1000
 
 
 def _size_options() -> list[tuple[str, int]]:
@@ -51,7 +65,7 @@ def _size_options() -> list[tuple[str, int]]:
 
 
 def _ms(seconds: float) -> int:
-    """Milliseconds for a gRPC option, which takes a 32-bit int: 1 to 24.8 days."""
+    """Milliseconds for a gRPC option, which takes a 32-bit int: 1 to MAX_GRPC_SECONDS."""
     return min(max(1, round(seconds * 1000)), 2**31 - 1)
 
 
@@ -69,7 +83,8 @@ def _keepalive(keepalive_s: float, timeout_s: float) -> list[tuple[str, int]]:
 
 
 def channel_options(
-    keepalive_s: float | None = KEEPALIVE_S, keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    keepalive_s: float | None = CLIENT_KEEPALIVE_S,
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> list[tuple[str, int]]:
     """A client channel's gRPC options: the message-size limit, and a ping every
     `keepalive_s` seconds of silence during a call (None or 0: no pings)."""
