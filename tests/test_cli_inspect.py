@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import gradwire
 from gradwire.fill import Fill
@@ -318,3 +319,35 @@ def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire
     assert whole.endswith("of torch.Size([16, 3, 3, 3]) (--json for every value)")
     assert len(whole) < 200
     assert part.split(maxsplit=1)[1].startswith("tensor([")  # a slice of 3: every value
+
+
+def test_forward_and_train_by_default_fit_a_model_of_scalar_samples() -> None:
+    # Token ids of shape [N]: sample_shape () read as "not described", and the tutorial's
+    # [8, 3, 10, 10] went to it.
+    from torch import nn
+
+    tokens = ModelSpec(
+        "Tokens",
+        lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)),
+        (),
+        3,
+        input_dtype=torch.int64,
+    )
+    running = start(Trainer(tokens, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        result = run_main("forward", "--json", "--target", target)
+        assert result.code == 0, result.err
+        assert result.json()["output_shape"] == [8, 3]
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() -> None:
+    # Before ListTensors described the model, a server sent no outputs and no input dtype
+    # ("unknown" here); forward then asked for dtype 'unknown' and stopped.
+    from gradwire.cli import _model_input
+    from gradwire.client import Listing, OptimizerConfig
+
+    old = Listing(0, "Simple", "cpu", OptimizerConfig("sgd", 1.0), (), (), "unknown", 0, "")
+    assert _model_input(old) == ((3, 10, 10), None)

@@ -22,7 +22,13 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwire import codec, limits
-from gradwire.client import DEFAULT_TARGET, Client, OptimizerConfig, with_default_port
+from gradwire.client import (
+    DEFAULT_TARGET,
+    Client,
+    Listing,
+    OptimizerConfig,
+    with_default_port,
+)
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
 from gradwire.errors import (
@@ -257,8 +263,8 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
         model = client.list_tensors()
     if args.input is None:
         assert model is not None
-        shape = model.sample_shape or (3, 10, 10)
-        inputs: Any = Fill.ones(8, *shape, dtype=model.input_dtype or None)
+        sample_shape, dtype = _model_input(model)
+        inputs: Any = Fill.ones(8, *sample_shape, dtype=dtype)
     else:
         inputs = parse_source(args.input, args.seed)
     if args.no_targets:
@@ -473,18 +479,28 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _model_input(model: Listing) -> tuple[tuple[int, ...], str | None]:
+    """One sample's shape and the input dtype (None: the server's float32) of the model the
+    server serves. A server from before ListTensors described its model (outputs 0) serves
+    the tutorial's Simple; a model may take samples of shape () (token ids, say)."""
+    if not model.outputs:
+        return (3, 10, 10), None
+    return model.sample_shape, None if model.input_dtype == "unknown" else model.input_dtype
+
+
 def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
     """Random inputs and targets made on the server, shaped for the model it serves (as
     ListTensors describes it); new ones each step (seed + step)."""
     model = client.list_tensors()
-    if not model.input_dtype.startswith(("float", "bfloat")):
+    sample_shape, dtype = _model_input(model)
+    if dtype is not None and not dtype.startswith(("float", "bfloat")):
         raise UsageError(
-            f"{model.model} takes {model.input_dtype} inputs, and train makes random floats: "
+            f"{model.model} takes {dtype} inputs, and train makes random floats: "
             "drive it with your own data from Python (Client.train_step or Client.train)"
         )
-    shape = args.input_shape or model.sample_shape or (3, 10, 10)
+    shape = args.input_shape or sample_shape
     outputs = args.classes or model.outputs or 20
-    x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=model.input_dtype)
+    x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
     target_seed = args.seed + 1_000_003
     if model.loss == "mse":
         return x, Fill.normal(args.batch, outputs, seed=target_seed)
@@ -1008,7 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         help="class indices for the loss (values, for an mse model), same syntax "
-        "(default: ones, one per sample of the input: class 1 each)",
+        "(default: one per sample of the input: class 1, or ones of the output's width for "
+        "an mse model)",
     )
     p.add_argument("--no-targets", action="store_true", help="run the model only, no loss")
     p.add_argument(
