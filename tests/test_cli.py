@@ -256,7 +256,7 @@ def test_set_takes_what_fill_takes(cli: Run, client: gradwire.Client, text: str)
     np.testing.assert_array_equal(client.get("conv1.weight")[0], np.full((3, 3, 3), float(text)))
 
 
-@pytest.mark.parametrize("text", ["1e400", "[-1e39]", "[1, 1e39]", "[[1e400]]"])
+@pytest.mark.parametrize("text", ["1e400", "+1e400", ".1e400", "[-1e39]", "[1, 1e39]", "[[1e400]]"])
 def test_set_refuses_numbers_beyond_float32(cli: Run, client: gradwire.Client, text: str) -> None:
     # 1e400 was written as inf, silently.
     before = client.get("conv1.weight")
@@ -711,6 +711,8 @@ def test_an_error_from_a_server_gets_no_connection_hint(cli: Run) -> None:
         ("gpu-box:7000", "gpu-box:7000"),
         ("10.0.0.5", "10.0.0.5:50051"),
         ("[::1]", "[::1]:50051"),
+        ("::1", "[::1]:50051"),
+        ("fe80::1:2", "[fe80::1:2]:50051"),
         ("[::1]:7000", "[::1]:7000"),
         ("unix:/run/gradwire.sock", "unix:/run/gradwire.sock"),
         ("dns:///gpu-box:7000", "dns:///gpu-box:7000"),

@@ -196,9 +196,11 @@ def parse_value(text: str) -> Any:
         value = json.loads(text, parse_float=number)
     except json.JSONDecodeError:
         try:
-            value = float(text)  # nan, inf, -inf, as `fill` takes them
+            value = float(text)  # nan, inf, -inf, as `fill` takes them; +1, .5 too
         except ValueError:
             return parse_source(text)
+        if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+            raise UsageError(_OUT_OF_RANGE.format(text)) from None  # +1e400
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
         raise UsageError(
             f"bad value {text!r}: expected a number, a JSON list, a fill or a .npy file"
@@ -556,7 +558,7 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
     data["stopped"] = stopped
     data["diverged_at"] = diverged_at
-    steps = f"{done} steps reported (the server ran a few more before the stop reached it)"
+    steps = f"{done} steps reported (the server may have run more before the stop reached it)"
     text = (
         f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}: "
         f"loss {format_loss(loss)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import ipaddress
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -263,6 +264,9 @@ def with_default_port(target: str) -> str:
     port = DEFAULT_TARGET.rpartition(":")[2]
     if "/" in target or target.startswith("unix:"):
         return target
+    with contextlib.suppress(ValueError):  # ::1, a bare IPv6 address
+        if ipaddress.ip_address(target).version == 6:
+            return f"[{target}]:{port}"
     if target.startswith("["):  # [::1] or [::1]:50051
         return target if "]:" in target else f"{target}:{port}"
     if ":" not in target:

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from gradwire_server.errors import out_of_memory
+
 FILE_NAME = "state.safetensors"
 FORMAT = "gradwire-checkpoint-1"
 
@@ -81,7 +83,7 @@ def load(path: Path) -> Loaded:
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file: {err}") from err
     except RuntimeError as err:  # safetensors maps the whole file first
-        if "cannot allocate memory" in str(err).lower():
+        if out_of_memory(err):
             raise MemoryError(str(err)) from err
         raise
     parameters, gradients = {}, {}

@@ -73,6 +73,23 @@ class Stopping(DomainError):
     reason = "STOPPING"
 
 
+#: How running out of memory shows in the RuntimeErrors of libraries that report it in words:
+#: torch's CPU allocator ("can't allocate memory"), oneDNN when it cannot allocate a
+#: convolution's workspace, and safetensors' mapping of a file ("Cannot allocate memory").
+_OUT_OF_MEMORY = (
+    "can't allocate memory",
+    "cannot allocate memory",
+    "out of memory",
+    "could not create a primitive",
+)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error`, a RuntimeError in words, says that memory ran out."""
+    text = str(error).lower()
+    return any(sign in text for sign in _OUT_OF_MEMORY)
+
+
 def shown(value: str, limit: int = 64) -> str:
     """`value` as an error message quotes it: repr, cut to `limit` characters. A caller's
     metadata value can be kilobytes long, and an error that echoed it whole would push the

@@ -36,6 +36,7 @@ from gradwire_server.errors import (
     VersionMismatch,
     WrongOrder,
     device_lost,
+    out_of_memory,
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -43,10 +44,6 @@ from gradwire_server.torch_thread import TorchThread
 from gradwire_server.watch import Subscription, Subscriptions
 
 log = logging.getLogger(__name__)
-
-#: How running out of memory shows in torch's RuntimeErrors on the CPU: its allocator's
-#: message, or oneDNN's when it cannot allocate a convolution's workspace.
-_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "could not create a primitive")
 
 #: Reads of CPU tensors up to this size skip the torch thread (torch's parallel grain size).
 INLINE_READ_ELEMENTS = 32768
@@ -559,7 +556,7 @@ class Trainer:
                 reason="OUT_OF_MEMORY",
             ) from err
         except RuntimeError as err:
-            if any(sign in str(err) for sign in _OUT_OF_MEMORY):
+            if out_of_memory(err):
                 raise OverLimit(
                     f"{what}: out of memory on {self.device}", reason="OUT_OF_MEMORY"
                 ) from err
@@ -1471,7 +1468,11 @@ class Trainer:
     @on_torch_thread
     def load(self, path: Path) -> int:
         """Restores what `save` wrote, version included; refuses a checkpoint of another model,
-        and one that does not fit in memory (OUT_OF_MEMORY), changing nothing."""
+        and one that does not fit in memory (OUT_OF_MEMORY). Gradients and optimizer state
+        are made before anything is replaced, so a refusal while reading the file or making
+        them changes nothing; the parameters are copied in place last, and on a GPU a copy
+        that runs out of pinned memory partway could leave some replaced (`gradwire serve`
+        stops then, serving nothing)."""
         try:
             loaded = checkpoint.load(path)
         except (OSError, ValueError) as err:
