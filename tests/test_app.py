@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import gradwire
 from gradwire import errors
 from gradwire_server.app import SERVICE_NAME, Running, start
 from gradwire_server.trainer import Trainer
+from tests.background import Reader
 from tests.serve_process import serving
 
 
@@ -110,29 +112,13 @@ def test_serve_refuses_a_device_it_does_not_have() -> None:
 def _stop_under(running: Running, stream: Iterator[object]) -> tuple[float, BaseException]:
     """Stops `running` (grace 30 s) once `stream` has sent its first message; returns how long
     the stop took and what the stream raised."""
-    import threading
-    import time
-
-    first = threading.Event()
-    raised: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            for _ in stream:
-                first.set()
-        except BaseException as e:  # the test reads it
-            raised.append(e)
-        first.set()
-
-    thread = threading.Thread(target=read)
-    thread.start()
-    assert first.wait(30)
+    reader = Reader(stream).started()
     started = time.monotonic()
     running.stop(grace=30)
     took = time.monotonic() - started
-    thread.join(30)
-    assert raised, "the stream ended without an error"
-    return took, raised[0]
+    reader.thread.join(30)
+    assert reader.errors, "the stream ended without an error"
+    return took, reader.errors[0]
 
 
 def test_a_stop_ends_open_watches_at_once(trainer: Trainer) -> None:

@@ -3,7 +3,6 @@ made here by a relay that stops relaying) does not hold the other end's calls fo
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from gradwire import limits
 from gradwire.errors import NotFound, ResourceExhausted, Unavailable
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
+from tests.background import Reader
 from tests.cli_run import run_main
 from tests.relay import Relay, relay_to
 
@@ -31,19 +31,7 @@ def one_place() -> Iterator[Running]:
 
 def _watch_in_background(client: gradwire.Client) -> list[BaseException]:
     """Starts a Watch and waits for its first update; returns where its error will go."""
-    first = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            for _ in client.watch(["conv1.weight[0,0,0]"]):
-                first.set()
-        except BaseException as e:  # the test reads it
-            errors.append(e)
-
-    threading.Thread(target=run, daemon=True).start()
-    assert first.wait(30), "the watch never sent its first update"
-    return errors
+    return Reader(client.watch(["conv1.weight[0,0,0]"])).started().errors
 
 
 def server_address(server: Running) -> str:
