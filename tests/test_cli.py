@@ -651,6 +651,9 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["train", "--steps", "0"], "argument --steps: bad number '0'"),
         (["train", "--batch", "x"], "argument --batch: bad number 'x'"),
         (["train", "--every", "0"], "argument --every: bad number '0'"),
+        (["list", "--timeout", "0"], "argument --timeout: bad duration '0'"),
+        (["list", "--timeout", "nan"], "argument --timeout: bad duration 'nan'"),
+        (["list", "--keepalive", "-5"], "argument --keepalive: bad duration '-5'"),
     ],
 )
 def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> None:

@@ -111,6 +111,14 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _positive_seconds(text: str) -> float:
+    """A duration that must be more than 0: a call's deadline, say."""
+    seconds = _seconds(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: expected more than 0 seconds")
+    return seconds
+
+
 def _seconds_or_forever(text: str) -> float:
     """A duration that may be for ever: inf, or as _seconds."""
     if text.strip().lower() in ("inf", "infinity"):
@@ -842,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=60.0,
         help="seconds each call may take (default %(default)s); not a limit on watch (see "
         "--count, --duration) or on train's steps",
