@@ -4,7 +4,6 @@ and server-side Train runs, each checked against the same thing done in local Py
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from gradwire_server import stats as server_stats
 from gradwire_server.app import start
 from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
+from tests.background import Reader
 from tests.test_train_step import local_model, local_train_step, random_batch
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -272,8 +272,8 @@ def test_train_step_fetches_activations_deltas_and_optimizer_state(
 # --- Watch ------------------------------------------------------------------------------------
 
 
-class Watcher:
-    """Collects a watch's updates on a thread, until `count` have come or it is stopped."""
+class Watcher(Reader):
+    """Collects a watch's updates on a thread, until `until` says so or it is stopped."""
 
     def __init__(
         self,
@@ -282,33 +282,12 @@ class Watcher:
         until: Callable[[WatchUpdate], bool],
         **kw: Any,
     ) -> None:
-        self.updates: list[WatchUpdate] = []
-        self.error: BaseException | None = None
-        self.first = threading.Event()
-        self._stream = client.watch(selectors, timeout=30, **kw)
-        self._thread = threading.Thread(target=self._run, args=(until,), daemon=True)
-        self._thread.start()
+        super().__init__(client.watch(selectors, timeout=30, **kw), until)
         assert self.first.wait(10), "no first update"
 
-    def _run(self, until: Callable[[WatchUpdate], bool]) -> None:
-        try:
-            for update in self._stream:
-                self.updates.append(update)
-                self.first.set()
-                if until(update):
-                    break
-        except BaseException as err:  # reported by join()
-            self.error = err
-            self.first.set()
-        finally:
-            self._stream.close()
-
-    def join(self) -> list[WatchUpdate]:
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "watch did not end"
-        if self.error is not None:
-            raise self.error
-        return self.updates
+    @property
+    def updates(self) -> list[WatchUpdate]:
+        return self.messages
 
 
 def test_watch_sends_the_state_now_then_one_update_per_mutation(
