@@ -113,7 +113,7 @@ _DEVICE_LOST = (
 def device_lost(error: BaseException) -> bool:
     """Whether `error` is one the device does not recover from: after a device-side assert or
     an illegal memory access every later CUDA call in the process fails the same way."""
-    text = str(error)
-    if not isinstance(error, RuntimeError) or "out of memory" in text:  # OOM passes
+    if not isinstance(error, RuntimeError) or out_of_memory(error):  # OOM passes
         return False
+    text = str(error)
     return any(sign in text for sign in _DEVICE_LOST)
