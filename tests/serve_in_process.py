@@ -4,21 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import gradwire
-from gradwire_server.app import start
-from gradwire_server.models import ModelSpec
+from gradwire_server.app import Running, start
+from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
+
+
+@contextmanager
+def running_server(
+    spec: ModelSpec = SIMPLE, seed: int | None = 0, **options: Any
+) -> Iterator[Running]:
+    """A CPU trainer for `spec` served on loopback, `options` passed to app.start (the call
+    limit, keepalive, ...); the server stops when the block ends."""
+    running = start(Trainer(spec, device="cpu", seed=seed), "127.0.0.1", 0, **options)
+    try:
+        yield running
+    finally:
+        running.stop(grace=None)
 
 
 @contextmanager
 def serving(spec: ModelSpec, seed: int | None = None) -> Iterator[tuple[Trainer, gradwire.Client]]:
     """A CPU trainer for `spec` (seeded when asked) served on loopback, and a client of it;
     the server stops when the block ends."""
-    trainer = Trainer(spec, device="cpu", seed=seed)
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            yield trainer, client
-    finally:
-        running.stop(grace=None)
+    with (
+        running_server(spec, seed) as running,
+        gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+    ):
+        yield running.trainer, client

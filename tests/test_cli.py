@@ -15,11 +15,10 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire_server.app import start
 from gradwire_server.models import TINY_MLP, Simple
-from gradwire_server.trainer import Trainer
 from tests.cli_run import Run, run_main
 from tests.reference import run_tutorial
+from tests.serve_in_process import serving
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -667,27 +666,21 @@ def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> No
 def test_replay_against_another_model_changes_nothing() -> None:
     # It used to reset the model, fill every parameter with 0.1 and set SGD before its first
     # Forward failed on the input's shape.
-    running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
-    try:
-        address = f"127.0.0.1:{running.port}"
-        with gradwire.connect(address) as client:
-            client.set_optimizer("adam", lr=1e-3)
-            before = client.list_tensors()
-            weight = client.get("fc1.weight")
-        result = run_main("replay", "--target", address)
+    with serving(TINY_MLP, seed=0) as (_, client):
+        client.set_optimizer("adam", lr=1e-3)
+        before = client.list_tensors()
+        weight = client.get("fc1.weight")
+        result = run_main("replay", "--target", client.target)
         assert result.code == 1
         assert result.err.startswith(
             "gradwire replay: error: the tutorial needs the Simple model, and this server "
             "serves TinyMLP"
         )
         assert result.out == ""
-        with gradwire.connect(address) as client:
-            after = client.list_tensors()
-            assert after.version == before.version
-            assert after.optimizer == before.optimizer
-            np.testing.assert_array_equal(client.get("fc1.weight"), weight)
-    finally:
-        running.stop(grace=None)
+        after = client.list_tensors()
+        assert after.version == before.version
+        assert after.optimizer == before.optimizer
+        np.testing.assert_array_equal(client.get("fc1.weight"), weight)
 
 
 def test_no_server_at_the_target_gets_a_hint(dead_address: str) -> None:

@@ -21,6 +21,7 @@ from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
+from tests.serve_in_process import serving
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -285,18 +286,13 @@ def test_train_makes_data_for_the_model_the_server_serves(spec: ModelSpec) -> No
 @pytest.mark.parametrize("spec", [TINY_MLP, TINY_REGRESSOR], ids=lambda s: s.name)
 def test_forward_by_default_sends_ones_shaped_for_the_model(spec: ModelSpec) -> None:
     # A bare `gradwire forward` sent the tutorial's [8, 3, 10, 10] to any model.
-    running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
-    try:
-        target = f"127.0.0.1:{running.port}"
-        result = run_main("forward", "--json", "--target", target)
+    with serving(spec, seed=0) as (_, client):
+        result = run_main("forward", "--json", "--target", client.target)
         assert result.code == 0, result.err
         assert result.json()["output_shape"] == [8, spec.num_classes]
-        with gradwire.connect(target) as client:
-            np.testing.assert_array_equal(client.get("input"), np.ones((8, *spec.sample_shape)))
-            expected = np.ones((8, spec.num_classes)) if spec.loss == "mse" else np.ones(8)
-            np.testing.assert_array_equal(client.get("target"), expected)
-    finally:
-        running.stop(grace=None)
+        np.testing.assert_array_equal(client.get("input"), np.ones((8, *spec.sample_shape)))
+        expected = np.ones((8, spec.num_classes)) if spec.loss == "mse" else np.ones(8)
+        np.testing.assert_array_equal(client.get("target"), expected)
 
 
 def test_forward_by_default_targets_the_inputs_batch(cli: Run, tmp_path: Path) -> None:
@@ -321,7 +317,7 @@ def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire
     assert part.split(maxsplit=1)[1].startswith("tensor([")  # a slice of 3: every value
 
 
-def test_forward_and_train_by_default_fit_a_model_of_scalar_samples() -> None:
+def test_forward_by_default_fits_a_model_of_scalar_samples() -> None:
     # Token ids of shape [N]: sample_shape () read as "not described", and the tutorial's
     # [8, 3, 10, 10] went to it.
     from torch import nn
@@ -333,14 +329,10 @@ def test_forward_and_train_by_default_fit_a_model_of_scalar_samples() -> None:
         3,
         input_dtype=torch.int64,
     )
-    running = start(Trainer(tokens, device="cpu", seed=0), "127.0.0.1", 0)
-    try:
-        target = f"127.0.0.1:{running.port}"
-        result = run_main("forward", "--json", "--target", target)
+    with serving(tokens, seed=0) as (_, client):
+        result = run_main("forward", "--json", "--target", client.target)
         assert result.code == 0, result.err
         assert result.json()["output_shape"] == [8, 3]
-    finally:
-        running.stop(grace=None)
 
 
 def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() -> None:

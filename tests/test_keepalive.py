@@ -3,6 +3,7 @@ made here by a relay that stops relaying) does not hold the other end's calls fo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -11,11 +12,11 @@ import pytest
 import gradwire
 from gradwire import limits
 from gradwire.errors import NotFound, ResourceExhausted, Unavailable
-from gradwire_server.app import Running, start
-from gradwire_server.trainer import Trainer
+from gradwire_server.app import Running
 from tests.background import Reader
 from tests.cli_run import run_main
 from tests.relay import Relay, relay_to
+from tests.serve_in_process import running_server
 
 # Pings after 0.3 s of silence, answered within 0.5 s: a cut is noticed within a second.
 QUICK = {"keepalive_s": 0.3, "keepalive_timeout_s": 0.5}
@@ -24,9 +25,8 @@ QUICK = {"keepalive_s": 0.3, "keepalive_timeout_s": 0.5}
 @pytest.fixture
 def one_place() -> Iterator[Running]:
     """A server that serves one call at a time, pinging quickly."""
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, max_concurrent=1, **QUICK)
-    yield running
-    running.stop(grace=None)
+    with running_server(max_concurrent=1, **QUICK) as running:
+        yield running
 
 
 def _watch_in_background(client: gradwire.Client) -> list[BaseException]:
@@ -47,6 +47,7 @@ def _busy(client: gradwire.Client) -> bool:
     return False
 
 
+@contextlib.contextmanager
 def _place_taken_by_a_cut_watch(server: Running) -> Iterator[gradwire.Client]:
     """Yields a direct client once a Watch through a relay holds the server's one place and
     the relay has been cut."""
@@ -59,7 +60,7 @@ def _place_taken_by_a_cut_watch(server: Running) -> Iterator[gradwire.Client]:
 
 
 def test_a_watch_cut_off_from_its_client_lets_go_of_its_place(one_place: Running) -> None:
-    for near in _place_taken_by_a_cut_watch(one_place):
+    with _place_taken_by_a_cut_watch(one_place) as near:
         deadline = time.monotonic() + 30
         while _busy(near):
             assert time.monotonic() < deadline, "the cut watch still holds its place"
@@ -69,40 +70,37 @@ def test_a_watch_cut_off_from_its_client_lets_go_of_its_place(one_place: Running
 
 def test_without_keepalive_a_cut_watch_holds_its_place() -> None:
     # The control: the relay's cut closes nothing, so only the server's pings end the watch.
-    running = start(
-        Trainer(device="cpu", seed=0), "127.0.0.1", 0, max_concurrent=1, keepalive_s=None
-    )
-    try:
-        for near in _place_taken_by_a_cut_watch(running):
-            time.sleep(3 * (QUICK["keepalive_s"] + QUICK["keepalive_timeout_s"]))
-            assert _busy(near)
-    finally:
-        running.stop(grace=None)
+    with (
+        running_server(max_concurrent=1, keepalive_s=None) as running,
+        _place_taken_by_a_cut_watch(running) as near,
+    ):
+        time.sleep(3 * (QUICK["keepalive_s"] + QUICK["keepalive_timeout_s"]))
+        assert _busy(near)
 
 
 def test_a_watch_in_a_session_lets_go_of_the_session_when_cut_off() -> None:
     # A call in progress holds its session against --session-idle; a cut one must not.
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, session_idle_s=0.5, **QUICK)
-    try:
-        with relay_to(running.port) as relay, gradwire.connect(relay.address) as far:
-            watcher = far.open_session()
-            watcher.timeout = None
-            _watch_in_background(watcher)
-            relay.cut()
-            with gradwire.connect(server_address(running), timeout=10) as near:
-                near.session = watcher.session
-                deadline = time.monotonic() + 30
-                while True:
-                    time.sleep(1)  # longer than the idle time: each probe is a call on it
-                    try:
-                        near.list_tensors()
-                    except NotFound as e:
-                        assert e.reason == "UNKNOWN_SESSION"
-                        break
-                    assert time.monotonic() < deadline, "the cut watch still holds its session"
-                near.session = None
-    finally:
-        running.stop(grace=None)
+    with (
+        running_server(session_idle_s=0.5, **QUICK) as running,
+        relay_to(running.port) as relay,
+        gradwire.connect(relay.address) as far,
+    ):
+        watcher = far.open_session()
+        watcher.timeout = None
+        _watch_in_background(watcher)
+        relay.cut()
+        with gradwire.connect(server_address(running), timeout=10) as near:
+            near.session = watcher.session
+            deadline = time.monotonic() + 30
+            while True:
+                time.sleep(1)  # longer than the idle time: each probe is a call on it
+                try:
+                    near.list_tensors()
+                except NotFound as e:
+                    assert e.reason == "UNKNOWN_SESSION"
+                    break
+                assert time.monotonic() < deadline, "the cut watch still holds its session"
+            near.session = None
 
 
 def test_a_client_whose_server_is_cut_off_stops_watching(server: Running) -> None:
@@ -176,16 +174,15 @@ def test_a_client_pinging_too_often_is_told_so(server: Running) -> None:
 def test_a_client_pinging_no_more_often_than_allowed_keeps_its_quiet_watch() -> None:
     # gRPC ignores an option it does not know: under a misspelt name the server kept gRPC's
     # 5-minute rule, and a quiet watch on default settings died at the client's third ping.
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, min_client_ping_s=0.5)
-    try:
-        with gradwire.connect(
+    with (
+        running_server(min_client_ping_s=0.5) as running,
+        gradwire.connect(
             server_address(running), timeout=None, keepalive=1.0, keepalive_timeout=5
-        ) as client:
-            errors = _watch_in_background(client)
-            time.sleep(6)  # five pings or more on a connection carrying no data
-            assert not errors, errors
-    finally:
-        running.stop(grace=None)
+        ) as client,
+    ):
+        errors = _watch_in_background(client)
+        time.sleep(6)  # five pings or more on a connection carrying no data
+        assert not errors, errors
 
 
 def test_the_clients_default_pings_are_taken_by_servers_on_grpcs_default_rule() -> None:
