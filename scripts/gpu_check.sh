@@ -8,7 +8,8 @@
 # there from the repository's root with .whl/ beside it (the device tool: carry ".whl").
 # Without .whl/ it uses the Python environment it finds (a GPU machine set up with `make
 # setup`). DEVICE=cpu and BENCH_ARGS="--only small" try the script's wiring on a CPU;
-# WHEELS names another folder of wheels than .whl/.
+# WHEELS names another folder of wheels than .whl/. Each step has a time limit (seconds,
+# LIMIT_TESTS, LIMIT_REPLAY, LIMIT_BENCH) so that one that hangs costs its own output only.
 set -uo pipefail
 
 out="${OUT:-out}"
@@ -26,30 +27,30 @@ fi
 export PYTHONPATH="$roots${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 failed=()
-step() {  # step NAME COMMAND...: runs it, its output to the terminal and to $out/NAME.txt
-    local name=$1
-    shift
+step() {  # step NAME SECONDS COMMAND...: runs it, its output to the terminal and to $out/NAME.txt
+    local name=$1 limit=$2
+    shift 2
     echo "== $name: $*"
-    if ! "$@" 2>&1 | tee "$out/$name.txt"; then
+    if ! timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"; then
         failed+=("$name")
     fi
 }
 
-step machine "$py" -c "
+step machine 60 "$py" -c "
 import platform, grpc, numpy, torch, google.protobuf as protobuf
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device'
 print(f'Python {platform.python_version()}, torch {torch.__version__}, {gpu}, '
       f'grpcio {grpc.__version__}, protobuf {protobuf.__version__}, numpy {numpy.__version__}')
 "
 if [ "$device" = cuda ]; then
-    step nvidia-smi nvidia-smi
+    step nvidia-smi 30 nvidia-smi
     # Without it every CUDA test skips and pytest passes: fail here instead.
-    step cuda-visible "$py" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
-    step tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
+    step cuda-visible 60 "$py" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
+    step tests "${LIMIT_TESTS:-240}" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py
 fi
-step replay "$py" scripts/demo.py --port 0 --device "$device"
+step replay "${LIMIT_REPLAY:-120}" "$py" scripts/demo.py --port 0 --device "$device"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-step bench "$py" -m bench.bench --device "$device" ${BENCH_ARGS:-} --markdown "$out/bench.md"
+step bench "${LIMIT_BENCH:-360}" "$py" -m bench.bench --device "$device" ${BENCH_ARGS:-} --markdown "$out/bench.md"
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "failed: ${failed[*]}"

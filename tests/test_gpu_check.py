@@ -16,9 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> None:
-    out, wheels = tmp_path / "out", tmp_path / "no-wheels"
-    wheels.mkdir()
+def _gpu_check(out: Path, wheels: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    wheels.mkdir(exist_ok=True)
     env = {
         **os.environ,
         "OUT": str(out),
@@ -26,10 +25,16 @@ def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> Non
         "DEVICE": "cpu",
         "BENCH_ARGS": "--only small --repeats 3",
         "WHEELS": str(wheels),
+        **env,
     }
-    done = subprocess.run(
+    return subprocess.run(
         ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True
     )
+
+
+def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _gpu_check(out, tmp_path / "no-wheels")
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "bench.md",
@@ -41,3 +46,12 @@ def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> Non
     assert "bit for bit: True" in (out / "replay.txt").read_text()
     assert "| Step vs echo |" in (out / "bench.md").read_text()
     assert "all GPU checks ran" in done.stdout
+
+
+def test_a_step_past_its_limit_fails_by_name_and_the_others_still_run(tmp_path: Path) -> None:
+    # The device's minutes are few: a hung step must not take the other steps' output.
+    out = tmp_path / "out"
+    done = _gpu_check(out, tmp_path / "no-wheels", LIMIT_REPLAY="1")
+    assert done.returncode == 1
+    assert "failed: replay" in done.stdout
+    assert "| Step vs echo |" in (out / "bench.md").read_text()
