@@ -180,6 +180,33 @@ def test_a_gpu_trainer_keeps_a_thread_of_its_own() -> None:
         trainer.close()
 
 
+def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() -> None:
+    # Trainer.read_with: no hand-off to the torch thread for a small tensor. The read's copy
+    # goes on the device's default stream, behind the Backward and Step still running there.
+    import threading
+
+    from gradwire_server.trainer import FillSpec, Selection
+
+    trainer = Trainer(device="cuda", seed=0)
+    trainer.forward(FillSpec("ones", (4096, 3, 10, 10)), FillSpec("ones", (4096,)))
+    before = trainer.read("conv1.weight").value
+    trainer.backward()
+    trainer.step()  # returns with its kernels queued: nothing left the device
+
+    def on(selection: Selection) -> tuple[threading.Thread, torch.Tensor]:
+        assert selection.part is not None
+        return threading.current_thread(), selection.host()
+
+    thread, after = trainer.read_with("conv1.weight", (), on)
+    torch.cuda.synchronize()
+    settled = trainer.read("conv1.weight").value
+    trainer.close()
+    assert thread is threading.current_thread()
+    assert before is not None and settled is not None
+    assert not torch.equal(after, before)
+    assert torch.equal(after, settled)
+
+
 def test_a_streamed_read_of_a_gpu_tensor_is_copied_on_the_device_and_comes_out_whole() -> None:
     # live.py: on a GPU the read copies its selection on the device when it opens, and each
     # run crosses to the host through one pinned buffer.
