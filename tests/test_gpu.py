@@ -271,6 +271,41 @@ def test_a_streamed_write_to_the_gpu_reads_back_bit_for_bit(
     np.testing.assert_array_equal(cuda_client.get("linear.weight"), value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_streamed_chunks_are_assembled_on_the_gpu_as_they_come(dtype: torch.dtype) -> None:
+    # convert._OnDevice: a GPU trainer's streamed value crosses chunk by chunk through pinned
+    # runs (here many: 4 KiB runs, 64 KiB chunks), the host never holding it whole.
+    from gradwire_server import convert
+    from tests.test_staging import SET_CHUNK, chunk_splits
+
+    drawn = torch.randn(300, 1001, generator=torch.Generator().manual_seed(6)) * 100
+    value = drawn > 0 if dtype == torch.bool else drawn.to(dtype)
+    chunks = convert.Chunks("value", 10**7, convert.SpareMemory(), torch.device("cuda"))
+    assembly = chunks._assembler
+    assert isinstance(assembly, convert._OnDevice)
+    assembly.run_bytes = 4096
+    for split in chunk_splits(value, 64 * 1024):
+        chunks.add(split, SET_CHUNK, split.message.chunk)
+    out = chunks.tensor()
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == value.shape
+    assert torch.equal(out.cpu().view(-1).view(torch.uint8), value.view(-1).view(torch.uint8))
+    chunks.release()
+
+
+def test_a_streamed_forward_input_on_the_gpu_gives_the_unstreamed_loss(
+    cuda_client: gradwire.Client,
+) -> None:
+    x = np.random.default_rng(7).standard_normal((64, 3, 10, 10)).astype(np.float32)
+    y = np.arange(64) % 20
+    cuda_client.reset(0)
+    whole = cuda_client.forward(x, y)
+    cuda_client.reset(0)
+    cuda_client.stream_above_bytes = 0  # ForwardStream, in chunks
+    cuda_client.chunk_bytes = 16 * 1024
+    streamed = cuda_client.forward(x, y)
+    assert streamed.loss == whole.loss
+
+
 def test_a_closed_gpu_session_gives_its_memory_back_at_once(
     cuda_client: gradwire.Client,
 ) -> None:

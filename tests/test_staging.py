@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradwire_server import staging
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire_server import convert, staging
 
 RUN = 64  # bytes: 16 float32 values a run
 
@@ -61,3 +63,64 @@ def test_copy_into_writes_through_on_the_cpu() -> None:
     staging.copy_into(out, torch.ones(3, 4))
     assert torch.equal(out, torch.ones(3, 4))
     assert torch.equal(view, torch.ones(4))  # the same memory, written in place
+
+
+# --- a streamed value assembled where the trainer keeps it (convert._OnDevice) -----------
+
+
+def chunk_splits(value: torch.Tensor, chunk_bytes: int) -> list[wire.Split[pb.SetTensorChunk]]:
+    """SetTensorChunk messages as a client sends them, received and split as the server
+    splits them."""
+    splits = []
+    for dtype, flat, offset, shape in codec.chunks(value, chunk_bytes):
+        chunk = pb.TensorChunk.FromString(wire.join(codec.chunk_pieces(flat, dtype, offset, shape)))
+        data = pb.SetTensorChunk(name="x", chunk=chunk).SerializeToString()
+        splits.append(wire.split(data, pb.SetTensorChunk))
+    return splits
+
+
+SET_CHUNK = ((pb.SetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.bool]
+)
+@pytest.mark.parametrize("chunk_bytes", [24, 64, 200])  # runs of 64 bytes: under, at, over
+def test_chunks_cross_in_runs_as_they_come_and_arrive_bit_for_bit(
+    dtype: torch.dtype, chunk_bytes: int
+) -> None:
+    gen = torch.Generator().manual_seed(1)
+    drawn = torch.randn(17, 13, generator=gen) * 100
+    value = drawn > 0 if dtype == torch.bool else drawn.to(dtype)
+    assembly = convert._OnDevice("value", 10_000, torch.device("cpu"), run_bytes=RUN)
+    splits = chunk_splits(value, chunk_bytes)
+    assert len(splits) > 1
+    for split in splits:
+        assembly.add(split, SET_CHUNK, split.message.chunk)
+    out = assembly.torch()
+    assert out.dtype == dtype and out.shape == value.shape
+    assert torch.equal(out.view(-1).view(torch.uint8), value.view(-1).view(torch.uint8))
+
+
+def test_an_assembly_on_the_device_refuses_what_the_host_s_refuses() -> None:
+    value = torch.arange(40, dtype=torch.float32)
+    splits = chunk_splits(value, 64)
+    big = convert._OnDevice("value", 39, torch.device("cpu"), run_bytes=RUN)
+    with pytest.raises(codec.ChunkLimitError, match="40 elements is over the limit of 39"):
+        big.add(splits[0], SET_CHUNK, splits[0].message.chunk)
+    short = convert._OnDevice("value", 100, torch.device("cpu"), run_bytes=RUN)
+    short.add(splits[0], SET_CHUNK, splits[0].message.chunk)
+    with pytest.raises(codec.CodecError, match="the stream ended after 16 of 40 values"):
+        short.torch()
+    skipped = convert._OnDevice("value", 100, torch.device("cpu"), run_bytes=RUN)
+    skipped.add(splits[0], SET_CHUNK, splits[0].message.chunk)
+    with pytest.raises(codec.CodecError, match="chunk at offset 32, expected 16"):
+        skipped.add(splits[2], SET_CHUNK, splits[2].message.chunk)
+
+
+def test_only_a_gpu_trainer_s_chunks_are_assembled_on_the_device() -> None:
+    cpu = convert.Chunks("value", 100, convert.SpareMemory(), torch.device("cpu"))
+    assert type(cpu._assembler) is codec.Assembler
+    spare = convert.SpareMemory()
+    spare.give_back(torch.empty(64, device="meta"))  # a device's memory is not kept
+    assert spare._block is None

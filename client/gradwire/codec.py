@@ -312,6 +312,8 @@ class Assembler:
         self.allocate = allocate or _empty
         self.widen = widen
         self.dtype: int | None = None
+        self.shape: tuple[int, ...] | None = None  # from the first chunk
+        self._size = 0  # values in all
         self._flat: np.ndarray[Any, Any] | None = None
         self._array: np.ndarray[Any, Any] | None = None
         self._filled = 0
@@ -324,7 +326,7 @@ class Assembler:
             raise CodecError(
                 f"{self.what}: chunk values must be 1-D, got shape {list(values.shape)}"
             )
-        if self._flat is None:
+        if self.shape is None:
             shape = tuple(chunk.shape)
             if any(d < 0 for d in shape):
                 raise CodecError(f"{self.what}: shape {list(shape)} has a negative dimension")
@@ -334,9 +336,8 @@ class Assembler:
                     f"{self.what}: {count} elements is over the limit of {self.max_elements}"
                 )
             self.dtype = dtype
-            numpy = _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy
-            self._array = self.allocate(shape, numpy)
-            self._flat = self._array.reshape(-1)
+            self._begin(shape, _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy)
+            self.shape, self._size = shape, count
         elif chunk.shape:
             raise CodecError(f"{self.what}: only the first chunk may carry a shape")
         if dtype != self.dtype:
@@ -349,41 +350,58 @@ class Assembler:
                 "(chunks must come in order)"
             )
         end = self._filled + values.size
-        if end > self._flat.size:
+        if end > self._size:
             # The likeliest cause from another language: a first chunk without its shape,
             # which reads as a scalar's empty shape.
             hint = (
                 " (the first chunk carries the whole tensor's shape in TensorChunk.shape; "
                 "without one it is a scalar's)"
-                if self._array is not None and self._array.ndim == 0
+                if self.shape == ()
                 else ""
             )
             raise CodecError(
-                f"{self.what}: chunks hold more than the {self._flat.size} values of the "
-                f"shape{hint}"
+                f"{self.what}: chunks hold more than the {self._size} values of the shape{hint}"
             )
+        self._store(self._filled, values)
+        self._filled = end
+
+    def _begin(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        """Makes the memory the values go to, once the first chunk has been checked: an
+        array from `allocate`. A subclass may put them elsewhere (the server: on a GPU)."""
+        self._array = self.allocate(shape, dtype)
+        self._flat = self._array.reshape(-1)
+
+    def _store(self, offset: int, values: np.ndarray[Any, Any]) -> None:
+        """Puts one chunk's checked values at `offset` (in values) of the flat tensor."""
+        assert self._flat is not None
+        end = offset + values.size
         if self._widening:
             # numpy's one thread: torch's threads, chunk by chunk, compete with gRPC's
             # receiving threads (128 MiB of bfloat16 streamed into out=: 161-163 ms with
             # torch, 126-150 ms with numpy).
-            _widen_into(values, self._flat[self._filled : end], threads=False)
+            _widen_into(values, self._flat[offset:end], threads=False)
         else:
-            self._flat[self._filled : end] = values
-        self._filled = end
+            self._flat[offset:end] = values
 
     @property
     def _widening(self) -> bool:
         """Widening as chunks come: asked to, and the values are bfloat16."""
         return self.widen and self.dtype == pb.DTYPE_BFLOAT16
 
-    def _done(self) -> tuple[int, np.ndarray[Any, Any]]:
-        if self._array is None or self.dtype is None:
+    def _check_done(self) -> int:
+        """The wire dtype, once every value has come."""
+        if self.shape is None or self.dtype is None:
             raise CodecError(f"{self.what}: no chunk was sent")
-        if self._filled != self._flat.size:  # type: ignore[union-attr]
+        if self._filled != self._size:
             raise CodecError(
-                f"{self.what}: the stream ended after {self._filled} of {self._array.size} values"
+                f"{self.what}: the stream ended after {self._filled} of {self._size} values"
             )
-        return self.dtype, self._array
+        return self.dtype
+
+    def _done(self) -> tuple[int, np.ndarray[Any, Any]]:
+        dtype = self._check_done()
+        assert self._array is not None
+        return dtype, self._array
 
     def numpy(self) -> np.ndarray[Any, Any]:
         dtype, array = self._done()

@@ -515,7 +515,8 @@ class TrainerServicer:
     def SetTensorStream(
         self, requests: Iterator[wire.Split[pb.SetTensorChunk]], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
-        chunks = convert.Chunks("value", self.trainer.max_elements, self.spare)
+        trainer = self.trainer
+        chunks = convert.Chunks("value", trainer.max_elements, self.spare, trainer.device)
         first: pb.SetTensorChunk | None = None
         for request in _items(requests):
             first = first or request.message
@@ -525,9 +526,7 @@ class TrainerServicer:
             raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
         chain = convert.chain_from_proto(first.index)
         try:  # write() copies the value, or keeps it and hands back what it replaced
-            version = self.trainer.write(
-                first.name, chain, chunks.tensor(), replaced=chunks.replaced
-            )
+            version = trainer.write(first.name, chain, chunks.tensor(), replaced=chunks.replaced)
         finally:
             chunks.release()
         return pb.SetTensorResponse(version=version)
@@ -536,7 +535,7 @@ class TrainerServicer:
     def ForwardStream(
         self, requests: Iterator[wire.Split[pb.ForwardChunk]], context: grpc.ServicerContext
     ) -> pb.ForwardResponse:
-        chunks = convert.Chunks("input", self.trainer.max_elements)
+        chunks = convert.Chunks("input", self.trainer.max_elements, device=self.trainer.device)
         target = None
         for request in _items(requests):
             message = request.message
