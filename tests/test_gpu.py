@@ -181,8 +181,9 @@ def test_a_gpu_trainer_keeps_a_thread_of_its_own() -> None:
 
 
 def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() -> None:
-    # Trainer.read_with: no hand-off to the torch thread for a small tensor. The read's copy
-    # goes on the device's default stream, behind the Backward and Step still running there.
+    # Trainer.read_with: no hand-off to the torch thread for a small tensor's copy to the
+    # host. The copy goes on the device's default stream, behind the Backward and Step still
+    # queued there (behind a kernel that spins for about half a second first).
     import threading
 
     from gradwire_server.trainer import FillSpec, Selection
@@ -190,6 +191,7 @@ def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() ->
     trainer = Trainer(device="cuda", seed=0)
     trainer.forward(FillSpec("ones", (4096, 3, 10, 10)), FillSpec("ones", (4096,)))
     before = trainer.read("conv1.weight").value
+    trainer._run(torch.cuda._sleep, 1_000_000_000)
     trainer.backward()
     trainer.step()  # returns with its kernels queued: nothing left the device
 
@@ -197,11 +199,15 @@ def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() ->
         assert selection.part is not None
         return threading.current_thread(), selection.host()
 
-    thread, after = trainer.read_with("conv1.weight", (), on)
+    thread, after = trainer.read_with("conv1.weight", (), on, copies_only=True)
     torch.cuda.synchronize()
     settled = trainer.read("conv1.weight").value
+    # Other work on a GPU tensor (statistics: cuBLAS keeps a handle per thread) stays on
+    # the torch thread.
+    other, _ = trainer.read_with("conv1.weight", (), on)
     trainer.close()
     assert thread is threading.current_thread()
+    assert other is not threading.current_thread()
     assert before is not None and settled is not None
     assert not torch.equal(after, before)
     assert torch.equal(after, settled)
@@ -274,22 +280,44 @@ def test_a_streamed_write_to_the_gpu_reads_back_bit_for_bit(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
 def test_streamed_chunks_are_assembled_on_the_gpu_as_they_come(dtype: torch.dtype) -> None:
     # convert._OnDevice: a GPU trainer's streamed value crosses chunk by chunk through pinned
-    # runs (here many: 4 KiB runs, 64 KiB chunks), the host never holding it whole.
+    # runs (here many: 4 KiB runs, 64 KiB chunks), the host never holding it whole. A kernel
+    # spinning for about half a second first keeps the copies queued: a buffer refilled
+    # before its copy ran would show as wrong values.
     from gradwire_server import convert
     from tests.test_staging import SET_CHUNK, chunk_splits
 
-    drawn = torch.randn(300, 1001, generator=torch.Generator().manual_seed(6)) * 100
-    value = drawn > 0 if dtype == torch.bool else drawn.to(dtype)
-    chunks = convert.Chunks("value", 10**7, convert.SpareMemory(), torch.device("cuda"))
+    drawn = torch.randn(1100, 1001, generator=torch.Generator().manual_seed(6)) * 100
+    value = drawn > 0 if dtype == torch.bool else drawn.to(dtype)  # each 1 MiB or more
+    trainer = Trainer(device="cuda", seed=0)
+    chunks = convert.Chunks("value", 10**7, convert.SpareMemory(), trainer)
     assembly = chunks._assembler
     assert isinstance(assembly, convert._OnDevice)
     assembly.run_bytes = 4096
+    torch.cuda._sleep(1_000_000_000)
     for split in chunk_splits(value, 64 * 1024):
         chunks.add(split, SET_CHUNK, split.message.chunk)
+    assert assembly._runs is not None and assembly._runs._pinned
     out = chunks.tensor()
     assert out.device.type == "cuda" and out.dtype == dtype and out.shape == value.shape
     assert torch.equal(out.cpu().view(-1).view(torch.uint8), value.view(-1).view(torch.uint8))
     chunks.release()
+    trainer.close()
+
+
+def test_a_streamed_whole_parameter_on_the_gpu_becomes_the_parameter() -> None:
+    # Assembled on the device, the value is adopted as it is: no second device copy.
+    running = start(Trainer(device="cuda", seed=0), "127.0.0.1", 0)
+    param = running.trainer.parameters["linear.weight"]
+    before = param.data_ptr()
+    value = np.random.default_rng(8).standard_normal((20, 3200)).astype(np.float32)
+    with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+        client.stream_above_bytes = 0
+        client.set("linear.weight", value)
+        np.testing.assert_array_equal(client.get("linear.weight"), value)
+    after = running.trainer.parameters["linear.weight"].data_ptr()
+    assert running.trainer.device_assemblies.acquire(blocking=False)  # given back
+    running.stop(grace=None)
+    assert after != before
 
 
 def test_a_streamed_forward_input_on_the_gpu_gives_the_unstreamed_loss(

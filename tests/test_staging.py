@@ -7,12 +7,17 @@ tests/test_gpu.py, where there is one.
 
 from __future__ import annotations
 
+import threading
+from typing import cast
+
 import pytest
 import torch
 
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert, staging
+from gradwire_server.errors import OverLimit
+from gradwire_server.trainer import Trainer
 
 RUN = 64  # bytes: 16 float32 values a run
 
@@ -82,6 +87,15 @@ def chunk_splits(value: torch.Tensor, chunk_bytes: int) -> list[wire.Split[pb.Se
 SET_CHUNK = ((pb.SetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
 
 
+def _on_cpu(max_elements: int) -> convert._OnDevice:
+    """The device assembly with the CPU standing in for the GPU, in runs of RUN bytes."""
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+    return convert._OnDevice("value", max_elements, torch.device("cpu"), allocate, run_bytes=RUN)
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.bool]
 )
@@ -92,7 +106,7 @@ def test_chunks_cross_in_runs_as_they_come_and_arrive_bit_for_bit(
     gen = torch.Generator().manual_seed(1)
     drawn = torch.randn(17, 13, generator=gen) * 100
     value = drawn > 0 if dtype == torch.bool else drawn.to(dtype)
-    assembly = convert._OnDevice("value", 10_000, torch.device("cpu"), run_bytes=RUN)
+    assembly = _on_cpu(10_000)
     splits = chunk_splits(value, chunk_bytes)
     assert len(splits) > 1
     for split in splits:
@@ -105,22 +119,104 @@ def test_chunks_cross_in_runs_as_they_come_and_arrive_bit_for_bit(
 def test_an_assembly_on_the_device_refuses_what_the_host_s_refuses() -> None:
     value = torch.arange(40, dtype=torch.float32)
     splits = chunk_splits(value, 64)
-    big = convert._OnDevice("value", 39, torch.device("cpu"), run_bytes=RUN)
+    big = _on_cpu(39)
     with pytest.raises(codec.ChunkLimitError, match="40 elements is over the limit of 39"):
         big.add(splits[0], SET_CHUNK, splits[0].message.chunk)
-    short = convert._OnDevice("value", 100, torch.device("cpu"), run_bytes=RUN)
+    short = _on_cpu(100)
     short.add(splits[0], SET_CHUNK, splits[0].message.chunk)
     with pytest.raises(codec.CodecError, match="the stream ended after 16 of 40 values"):
         short.torch()
-    skipped = convert._OnDevice("value", 100, torch.device("cpu"), run_bytes=RUN)
+    skipped = _on_cpu(100)
     skipped.add(splits[0], SET_CHUNK, splits[0].message.chunk)
     with pytest.raises(codec.CodecError, match="chunk at offset 32, expected 16"):
         skipped.add(splits[2], SET_CHUNK, splits[2].message.chunk)
 
 
+def test_an_assembly_on_the_device_refuses_what_the_host_s_refuses_before_allocating() -> None:
+    value = torch.arange(40, dtype=torch.float32)
+    splits = chunk_splits(value, 64)
+    made: list[tuple[int, ...]] = []
+
+    def allocate(shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+        made.append(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    late = convert._OnDevice("value", 100, torch.device("cpu"), allocate, run_bytes=RUN)
+    with pytest.raises(codec.CodecError, match="chunk at offset 16, expected 0"):
+        late.add(splits[1], SET_CHUNK, splits[1].message.chunk)
+    assert made == []  # a malformed first chunk takes no device memory
+    with pytest.raises(codec.CodecError, match="torch\\(\\) only"):
+        _on_cpu(100).numpy()
+
+
+def test_running_out_of_pinned_memory_is_over_limit_not_internal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    splits = chunk_splits(torch.arange(40, dtype=torch.float32), 64)
+    assembly = _on_cpu(100)
+    real_empty = torch.empty
+
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("pin_memory") is not None:  # the runs' buffers, made at the first run
+            raise RuntimeError("CUDA error: out of memory")
+        return real_empty(*args, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(OverLimit, match="value: out of memory on cpu") as caught:
+        assembly.add(splits[0], SET_CHUNK, splits[0].message.chunk)
+    assert caught.value.reason == "OUT_OF_MEMORY"
+
+
+def test_a_trainer_s_stream_buffer_that_does_not_fit_is_over_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = Trainer(seed=0)
+    with pytest.raises(OverLimit) as too_many:
+        trainer.stream_buffer((trainer.max_elements + 1,), torch.float32, "value")
+    assert too_many.value.reason == "TOO_MANY_ELEMENTS"
+
+    def empty(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(OverLimit, match="value: out of memory on cpu") as caught:
+        trainer.stream_buffer((4,), torch.float32, "value")
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    monkeypatch.undo()
+    trainer.close()
+
+
 def test_only_a_gpu_trainer_s_chunks_are_assembled_on_the_device() -> None:
-    cpu = convert.Chunks("value", 100, convert.SpareMemory(), torch.device("cpu"))
+    trainer = Trainer(seed=0)
+    cpu = convert.Chunks("value", 100, convert.SpareMemory(), trainer)
     assert type(cpu._assembler) is codec.Assembler
+    cpu.release()
+    trainer.close()
     spare = convert.SpareMemory()
     spare.give_back(torch.empty(64, device="meta"))  # a device's memory is not kept
     assert spare._block is None
+
+
+def test_a_gpu_trainer_assembles_one_stream_on_the_device_at_a_time() -> None:
+    # Each holds its whole size on the device while it arrives; a second at the same time
+    # arrives on the host. Made without a GPU: no chunk is added.
+    class OnCuda:
+        device = torch.device("cuda")
+        max_elements = 100
+        device_assemblies = threading.BoundedSemaphore(1)
+
+        def stream_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> None:
+            raise AssertionError("no chunk is added here")
+
+    trainer = cast(Trainer, OnCuda())
+    first = convert.Chunks("value", 100, None, trainer)
+    second = convert.Chunks("value", 100, None, trainer)
+    assert isinstance(first._assembler, convert._OnDevice)
+    assert type(second._assembler) is codec.Assembler
+    first.release()
+    first.release()  # however the stream ended, and again: one slot given back
+    second.release()
+    third = convert.Chunks("value", 100, None, trainer)
+    assert isinstance(third._assembler, convert._OnDevice)
+    third.release()
+    assert trainer.device_assemblies.acquire(blocking=False)

@@ -405,6 +405,37 @@ def test_set_stream_through_the_raw_method(streaming: gradwire.Client, trainer: 
     assert np.array_equal(server_value(trainer, LINEAR), new)
 
 
+@pytest.mark.parametrize("method", ["SetTensorStream", "ForwardStream"])
+def test_a_stream_that_breaks_off_gives_its_assembly_back(
+    streaming: gradwire.Client, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks.release runs however the stream ends: a GPU trainer assembles one stream at a
+    # time on the device, and one left holding it would send every later stream to the host.
+    from gradwire_server import convert
+
+    released = threading.Event()
+    real_release = convert.Chunks.release
+
+    def release(self: convert.Chunks) -> None:
+        real_release(self)
+        released.set()
+
+    monkeypatch.setattr(convert.Chunks, "release", release)
+    value = np.zeros((16, 3, 3, 3), dtype=np.float32)
+    if method == "SetTensorStream":
+        messages = streaming._set_chunks(pb.SetTensorRequest(name="conv1.weight"), value)
+    else:
+        messages = streaming._forward_chunks(np.zeros((4, 3, 10, 10), dtype=np.float32), None)
+
+    def first_then_break() -> Iterable[bytes]:
+        yield next(iter(messages))
+        raise ConnectionAbortedError("the client went away")
+
+    with pytest.raises(grpc.RpcError):
+        streaming._methods[method](first_then_break(), timeout=30)
+    assert released.wait(10)
+
+
 def test_set_stream_of_a_slice_changes_only_that_slice(
     streaming: gradwire.Client, trainer: Trainer
 ) -> None:

@@ -326,20 +326,21 @@ class Assembler:
             raise CodecError(
                 f"{self.what}: chunk values must be 1-D, got shape {list(values.shape)}"
             )
-        if self.shape is None:
+        first = self.shape is None
+        if first:
             shape = tuple(chunk.shape)
             if any(d < 0 for d in shape):
                 raise CodecError(f"{self.what}: shape {list(shape)} has a negative dimension")
-            count = numel(shape)
-            if self.max_elements is not None and count > self.max_elements:
+            size = numel(shape)
+            if self.max_elements is not None and size > self.max_elements:
                 raise ChunkLimitError(
-                    f"{self.what}: {count} elements is over the limit of {self.max_elements}"
+                    f"{self.what}: {size} elements is over the limit of {self.max_elements}"
                 )
             self.dtype = dtype
-            self._begin(shape, _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy)
-            self.shape, self._size = shape, count
-        elif chunk.shape:
-            raise CodecError(f"{self.what}: only the first chunk may carry a shape")
+        else:
+            if chunk.shape:
+                raise CodecError(f"{self.what}: only the first chunk may carry a shape")
+            shape, size = self.shape or (), self._size
         if dtype != self.dtype:
             raise CodecError(
                 f"{self.what}: chunk dtype {DTYPE_NAMES[dtype]} differs from the first chunk's"
@@ -350,18 +351,21 @@ class Assembler:
                 "(chunks must come in order)"
             )
         end = self._filled + values.size
-        if end > self._size:
+        if end > size:
             # The likeliest cause from another language: a first chunk without its shape,
             # which reads as a scalar's empty shape.
             hint = (
                 " (the first chunk carries the whole tensor's shape in TensorChunk.shape; "
                 "without one it is a scalar's)"
-                if self.shape == ()
+                if shape == ()
                 else ""
             )
             raise CodecError(
-                f"{self.what}: chunks hold more than the {self._size} values of the shape{hint}"
+                f"{self.what}: chunks hold more than the {size} values of the shape{hint}"
             )
+        if first:  # only once the first chunk is known to fit: the memory may be a GPU's
+            self._begin(shape, _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy)
+            self.shape, self._size = shape, size
         self._store(self._filled, values)
         self._filled = end
 

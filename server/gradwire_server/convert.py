@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
-from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.errors import InvalidInput, OverLimit, device_memory
 from gradwire_server.live import StreamedRead
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
@@ -29,6 +29,7 @@ from gradwire_server.trainer import (
     OptimizerSettings,
     Selection,
     TensorInput,
+    Trainer,
     TrainResult,
 )
 
@@ -125,10 +126,11 @@ def field_path(message_type: type[Message], *names: str) -> wire.Path:
 class Chunks:
     """Reassembles a tensor sent as TensorChunks, with the trainer's element limit.
 
-    For a trainer on a GPU (`device`), the tensor is assembled there, each chunk crossing as
-    it comes (_OnDevice). Otherwise on the host; with `spare`, in reused memory: only for
-    values that are copied elsewhere and then dropped (SetTensorStream), never for ones the
-    trainer keeps.
+    For a trainer on a GPU, the tensor is assembled there, each chunk crossing as it comes
+    (_OnDevice), one stream at a time per trainer (Trainer.device_assemblies). Otherwise on
+    the host; with `spare`, in reused memory: only for values that are copied elsewhere and
+    then dropped (SetTensorStream), never for ones the trainer keeps. Call `release` when
+    the stream ends, however it ends.
     """
 
     def __init__(
@@ -136,13 +138,19 @@ class Chunks:
         what: str,
         max_elements: int,
         spare: SpareMemory | None = None,
-        device: torch.device | None = None,
+        trainer: Trainer | None = None,
     ) -> None:
         self._block: torch.Tensor | None = None
         self._spare = spare
+        self._slot: threading.BoundedSemaphore | None = None
         self._assembler: codec.Assembler
-        if device is not None and device.type == "cuda":
-            self._assembler = _OnDevice(what, max_elements, device)
+        if (
+            trainer is not None
+            and trainer.device.type == "cuda"
+            and trainer.device_assemblies.acquire(blocking=False)
+        ):
+            self._slot = trainer.device_assemblies
+            self._assembler = _OnDevice(what, max_elements, trainer.device, trainer.stream_buffer)
         else:
             allocate = None if spare is None else self._allocate
             self._assembler = codec.Assembler(what, max_elements, allocate)
@@ -160,9 +168,13 @@ class Chunks:
 
     def release(self) -> None:
         """Gives the assembly memory back to the spare, once the tensor has been copied (or
-        what replaced() named instead)."""
+        what replaced() named instead), and the trainer's device assembly back; once the
+        stream has ended, however (again: nothing)."""
         if isinstance(self._assembler, _OnDevice):
             self._assembler.close()
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
         if self._spare is not None and self._block is not None:
             self._spare.give_back(self._block)
         self._block = None
@@ -184,20 +196,26 @@ class Chunks:
 
 class _OnDevice(codec.Assembler):
     """Assembles a tensor on a GPU: each chunk's values cross as they arrive, through two
-    pinned buffers (staging.Runs), so that the host never holds the whole value and the
-    copies to the device overlap the receiving. A 512 MiB SetTensorStream to an H200 grew
-    the server's host memory by 1.57x its size when it was assembled on the host first, by
-    0.37x this way, and ran at 0.96x a bare stream's rate (0.88x before)."""
+    pinned buffers (staging.Runs) for a value of staging.PINNED_MIN_BYTES or more, so that the
+    host never holds the whole value and the copies to the device overlap the receiving. A
+    512 MiB SetTensorStream to an H200 grew the server's host memory by 1.57x its size when it
+    was assembled on the host first, by 0.37-0.43x this way, and ran at 0.96-0.97x a bare
+    stream's rate (0.88x before; an idle device: each run waits behind the device's queue).
+
+    `allocate(shape, dtype, what)` makes the device tensor (Trainer.stream_buffer), once the
+    first chunk has been checked."""
 
     def __init__(
         self,
         what: str,
         max_elements: int,
         device: torch.device,
+        allocate: Callable[[tuple[int, ...], torch.dtype, str], torch.Tensor],
         run_bytes: int = staging.RUN_BYTES,
     ) -> None:
         super().__init__(what, max_elements)
         self.device = device
+        self._allocate_on_device = allocate
         self.run_bytes = run_bytes
         self._tensor: torch.Tensor | None = None
         self._runs: staging.Runs | None = None
@@ -211,25 +229,23 @@ class _OnDevice(codec.Assembler):
 
     def _begin(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         assert self.dtype is not None
-        wire_dtype = getattr(torch, codec.DTYPE_NAMES[self.dtype])
-        with self._current():
-            try:
-                tensor = torch.empty(shape, dtype=wire_dtype, device=self.device)
-            except torch.cuda.OutOfMemoryError as err:
-                nbytes = codec.numel(shape) * wire_dtype.itemsize
-                raise OverLimit(
-                    f"{self.what}: out of memory on {self.device} for the {nbytes} bytes sent",
-                    reason="OUT_OF_MEMORY",
-                ) from err
+        tensor = self._allocate_on_device(
+            shape, getattr(torch, codec.DTYPE_NAMES[self.dtype]), self.what
+        )
         self._tensor = tensor
         # Bytes in, bytes out: the wire's little-endian values are the device's.
-        pinned = self.device.type == "cuda"
+        nbytes = tensor.numel() * tensor.element_size()
+        pinned = self.device.type == "cuda" and nbytes >= staging.PINNED_MIN_BYTES
         self._runs = staging.Runs(tensor.view(-1).view(torch.uint8), self.run_bytes, pinned)
 
     def _store(self, offset: int, values: np.ndarray[Any, Any]) -> None:
         assert self._runs is not None
-        with self._current():
+        # Pinned memory, made at the first run, can run out too.
+        with self._current(), device_memory(self.what, self.device):
             self._runs.write(offset * values.itemsize, values.view(np.uint8))
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        raise codec.CodecError(f"{self.what}: assembled on {self.device}: torch() only")
 
     def torch(self) -> torch.Tensor:
         self._check_done()

@@ -6,7 +6,10 @@ person what to do next.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
 
 
 class DomainError(Exception):
@@ -82,6 +85,23 @@ _OUT_OF_MEMORY = (
     "out of memory",
     "could not create a primitive",
 )
+
+
+@contextmanager
+def device_memory(what: str, device: torch.device | str) -> Iterator[None]:
+    """Turns running out of memory on `device` (or of pinned host memory for it) into
+    OverLimit (RESOURCE_EXHAUSTED, reason OUT_OF_MEMORY): the caller's to retry with less."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        raise OverLimit(
+            f"{what}: out of memory on {device}: {err}".split("\n")[0], reason="OUT_OF_MEMORY"
+        ) from err
+    except RuntimeError as err:
+        if out_of_memory(err):
+            raise OverLimit(f"{what}: out of memory on {device}", reason="OUT_OF_MEMORY") from err
+        raise
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -473,7 +473,7 @@ class TrainerServicer:
             )
             return wire.join(pieces)  # under the lock: this copy is what keeps the version
 
-        return self.trainer.read_with(request.name, chain, encode)
+        return self.trainer.read_with(request.name, chain, encode, copies_only=True)
 
     @rpc_stream
     def GetTensorStream(
@@ -516,16 +516,17 @@ class TrainerServicer:
         self, requests: Iterator[wire.Split[pb.SetTensorChunk]], context: grpc.ServicerContext
     ) -> pb.SetTensorResponse:
         trainer = self.trainer
-        chunks = convert.Chunks("value", trainer.max_elements, self.spare, trainer.device)
-        first: pb.SetTensorChunk | None = None
-        for request in _items(requests):
-            first = first or request.message
-            if request.message.HasField("chunk"):
-                chunks.add(request, _SET_CHUNK, request.message.chunk)
-        if first is None:
-            raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
-        chain = convert.chain_from_proto(first.index)
-        try:  # write() copies the value, or keeps it and hands back what it replaced
+        chunks = convert.Chunks("value", trainer.max_elements, self.spare, trainer)
+        try:  # released however the stream ends: a GPU trainer assembles one at a time
+            first: pb.SetTensorChunk | None = None
+            for request in _items(requests):
+                first = first or request.message
+                if request.message.HasField("chunk"):
+                    chunks.add(request, _SET_CHUNK, request.message.chunk)
+            if first is None:
+                raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
+            chain = convert.chain_from_proto(first.index)
+            # write() copies the value, or keeps it and hands back what it replaced
             version = trainer.write(first.name, chain, chunks.tensor(), replaced=chunks.replaced)
         finally:
             chunks.release()
@@ -535,17 +536,25 @@ class TrainerServicer:
     def ForwardStream(
         self, requests: Iterator[wire.Split[pb.ForwardChunk]], context: grpc.ServicerContext
     ) -> pb.ForwardResponse:
-        chunks = convert.Chunks("input", self.trainer.max_elements, device=self.trainer.device)
-        target = None
-        for request in _items(requests):
-            message = request.message
-            if message.HasField("input"):
-                chunks.add(request, _FORWARD_CHUNK, message.input)
-            if message.HasField("target"):
-                if target is not None:
-                    raise InvalidInput("ForwardStream: send the target once", reason="BAD_CHUNK")
-                target = convert.source_from_split(request, _CHUNK_TARGET, message.target, "target")
-        return convert.forward_response(self.trainer.forward(chunks.tensor(), target))
+        trainer = self.trainer
+        chunks = convert.Chunks("input", trainer.max_elements, trainer=trainer)
+        try:  # released however the stream ends: a GPU trainer assembles one at a time
+            target = None
+            for request in _items(requests):
+                message = request.message
+                if message.HasField("input"):
+                    chunks.add(request, _FORWARD_CHUNK, message.input)
+                if message.HasField("target"):
+                    if target is not None:
+                        raise InvalidInput(
+                            "ForwardStream: send the target once", reason="BAD_CHUNK"
+                        )
+                    target = convert.source_from_split(
+                        request, _CHUNK_TARGET, message.target, "target"
+                    )
+            return convert.forward_response(trainer.forward(chunks.tensor(), target))
+        finally:
+            chunks.release()
 
     @mutation
     def TrainStep(

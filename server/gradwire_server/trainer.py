@@ -36,7 +36,7 @@ from gradwire_server.errors import (
     VersionMismatch,
     WrongOrder,
     device_lost,
-    out_of_memory,
+    device_memory,
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -51,7 +51,7 @@ INLINE_READ_ELEMENTS = 32768
 #: Calls on the torch thread that change no tensor: the only ones that leave the streamed
 #: reads in flight sending from live memory (live.py). Any other call copies what those reads
 #: have not sent yet before it runs, so a name missing here costs a copy, never a torn read.
-_READS = frozenset({"_read_with", "_read_many", "stage", "save"})
+_READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"})
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -404,6 +404,9 @@ class Trainer:
         self._subscriptions = Subscriptions()
         self._depth = 0  # nesting of mutating calls: only the outermost one announces
         self._live = live.LiveReads()  # streamed reads sending from live memory
+        #: Streamed values assembled on this trainer's GPU at one time (stream_buffer): each
+        #: holds its whole size there while it arrives. Others arrive on the host, as on a CPU.
+        self.device_assemblies = threading.BoundedSemaphore(1)
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
         self._run(self._init_state, seed)
 
@@ -544,23 +547,9 @@ class Trainer:
         self._version += 1
         return self._version
 
-    @contextmanager
-    def _device_memory(self, what: str) -> Iterator[None]:
+    def _device_memory(self, what: str) -> AbstractContextManager[None]:
         """Turns running out of device memory into OverLimit, leaving the state as it was."""
-        try:
-            yield
-        except torch.cuda.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            raise OverLimit(
-                f"{what}: out of memory on {self.device}: {err}".split("\n")[0],
-                reason="OUT_OF_MEMORY",
-            ) from err
-        except RuntimeError as err:
-            if out_of_memory(err):
-                raise OverLimit(
-                    f"{what}: out of memory on {self.device}", reason="OUT_OF_MEMORY"
-                ) from err
-            raise
+        return device_memory(what, self.device)
 
     @property
     def version(self) -> int:
@@ -841,6 +830,16 @@ class Trainer:
         if x.is_floating_point():
             nonfinite = int(x.numel() - torch.isfinite(x).sum().item())
         return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
+
+    @on_torch_thread
+    def stream_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+        """Uninitialised memory on the model's device for a value that arrives in pieces (a
+        streamed SetTensor value or Forward input, assembled there as it comes: convert.py).
+        Taken on the torch thread under the lock, as the model's every allocation is, so that
+        it cannot fall between a Step's reservation of memory and the Step's use of it."""
+        self._check_size(shape, what)
+        with self._device_memory(what):
+            return torch.empty(shape, dtype=dtype, device=self.device)
 
     @on_torch_thread
     def stage(self, source: TensorInput, what: str) -> TensorInput:
@@ -1207,19 +1206,29 @@ class Trainer:
 
     # --- reading and writing tensors -------------------------------------------------
 
-    def read_with(self, name: str, chain: IndexChain, use: Callable[[Selection], T]) -> T:
+    def read_with(
+        self,
+        name: str,
+        chain: IndexChain,
+        use: Callable[[Selection], T],
+        *,
+        copies_only: bool = False,
+    ) -> T:
         """use(tensor[chain...]) under the lock, indexed where the tensor lives.
 
         The selection may share memory with the live tensor: `use` must copy what it keeps
         (encoding it for the wire is such a copy, and the only one on the CPU).
+        `copies_only`: `use` does no more than copy the selection to the host (GetTensor).
         """
         if not self._torch.on_it():
             # Reads of small tensors run on the caller's thread, where the hand-off to the
             # torch thread (about 0.15 ms measured) would cost more than the read: on the
-            # CPU too small for torch to parallelise, so no OpenMP team wakes; on a GPU a
-            # view and one small copy to the host, on the device's default stream as the
-            # torch thread's work is, so after it (GetTensor of 3 elements on an H200: 1.76x
-            # an echo through the torch thread).
+            # CPU too small for torch to parallelise, so no OpenMP team wakes; on a GPU, when
+            # the read is a view and one small copy to the host, on the device's default
+            # stream as the torch thread's work is, so after it (GetTensor of 3 elements on
+            # an H200: 1.76x an echo through the torch thread). Other GPU work stays on the
+            # torch thread: cuBLAS, say, keeps a handle and workspace for each thread that
+            # calls it, never freed.
             with self._lock:
                 _, tensor, _ = self._lookup(name)
                 if tensor is None:
@@ -1227,7 +1236,7 @@ class Trainer:
                 if tensor.numel() <= INLINE_READ_ELEMENTS:
                     if tensor.device.type == "cpu":
                         return self._use(name, tensor, chain, use)
-                    if tensor.device.type == "cuda":
+                    if tensor.device.type == "cuda" and copies_only:
                         # The device the torch thread has current (a server on cuda:1).
                         with torch.cuda.device(tensor.device):
                             return self._use(name, tensor, chain, use)
@@ -1277,7 +1286,7 @@ class Trainer:
             host = part.to("cpu", copy=True, memory_format=torch.contiguous_format)
             return Read(selection.version, name, host, selection.full_shape)
 
-        return self.read_with(name, chain, copy)
+        return self.read_with(name, chain, copy, copies_only=True)
 
     def read_many(
         self,
