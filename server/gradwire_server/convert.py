@@ -199,7 +199,7 @@ class _OnDevice(codec.Assembler):
     pinned buffers (staging.Runs) for a value of staging.PINNED_MIN_BYTES or more, so that the
     host never holds the whole value and the copies to the device overlap the receiving. A
     512 MiB SetTensorStream to an H200 grew the server's host memory by 1.57x its size when it
-    was assembled on the host first, by 0.37-0.43x this way, and ran at 0.96-0.97x a bare
+    was assembled on the host first, by 0.30-0.43x this way, and ran at 0.92-0.97x a bare
     stream's rate (0.88x before; an idle device: each run waits behind the device's queue).
 
     `allocate(shape, dtype, what)` makes the device tensor (Trainer.stream_buffer), once the
