@@ -350,6 +350,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             )
             figure = f"TrainStep batch {batch} vs in-process"
             rows.append(rate_at_least(figure, ours, inproc, target))
+        rows.extend(steps_without_a_call_each(client, local, identity))
 
         # The tutorial's separate calls against in-process time plus 6 bare echoes.
         def remote_calls() -> None:
@@ -380,6 +381,49 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
         rows.append(Row(figure, idle, ours, idle / ours, "(report)", True))
         rows.append(beside_a_session(client, repeats))
+    return rows
+
+
+#: Steps in one round of `steps_without_a_call_each`, and rounds per figure.
+ROUND_STEPS, ROUNDS = 16, 5
+
+
+def steps_without_a_call_each(
+    client: gradwire.Client, local: Trainer, identity: Callable[[object], object]
+) -> list[Row]:
+    """The two ways past a call's fixed cost, at batch 256, against the same steps
+    in-process, per step, in alternating rounds: the `Train` RPC (the steps in a loop on the
+    server, one call for all) and TrainSteps kept two in flight from two threads (which
+    overlap one call's legs with the other's step where the step is not CPU work: a GPU's).
+    Reported, with no target of their own: the README recommends the first."""
+    n = ROUND_STEPS
+    xr, yr = Fill.ones(256, 3, 10, 10), Fill.ones(256, dtype="int64")
+    x, y = FillSpec("ones", (256, 3, 10, 10)), FillSpec("ones", (256,))
+
+    def in_process() -> None:
+        for _ in range(n):
+            local._run(local.train_step, x, y, zero_grad=True, use=identity)
+
+    def train_rpc() -> None:
+        for _ in client.train(xr, yr, n, every=n):
+            pass
+
+    def two_in_flight() -> None:
+        def half() -> None:
+            for _ in range(n // 2):
+                client.train_step(xr, yr, zero_grad=True)
+
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(half), pool.submit(half)]:
+                done.result()
+
+    rows = []
+    for figure, ours in [
+        ("Train RPC batch 256 (steps looped on the server) vs in-process", train_rpc),
+        ("TrainStep batch 256, two in flight, vs in-process", two_in_flight),
+    ]:
+        remote, inproc = paired(ours, in_process, ROUNDS)
+        rows.append(report(rate_at_least(figure, remote / n, inproc / n, 0.9)))
     return rows
 
 

@@ -2,8 +2,8 @@
 
 The script runs where no test runs (a lent GPU machine, a few minutes at a time), so a
 renamed flag or a moved file would show only there. Here it runs with DEVICE=cpu and the
-benchmark's small calls only; nothing is timed or compared, only that every step ran and
-left its output.
+benchmark's small calls and steps only; nothing is timed or compared, only that every step
+ran and left its output.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _gpu_check(out: Path, wheels: Path, **env: str) -> subprocess.CompletedProce
         "OUT": str(out),
         "PYTHON": sys.executable,
         "DEVICE": "cpu",
-        "BENCH_ARGS": "--only small --repeats 3",
+        "BENCH_ARGS": "--only small steps --repeats 3",
         "WHEELS": str(wheels),
         **env,
     }
@@ -44,7 +44,9 @@ def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> Non
     ]
     assert "torch" in (out / "machine.txt").read_text()
     assert "bit for bit: True" in (out / "replay.txt").read_text()
-    assert "| Step vs echo |" in (out / "bench.md").read_text()
+    table = (out / "bench.md").read_text()
+    assert "| Step vs echo |" in table
+    assert "| Train RPC batch 256 (steps looped on the server) vs in-process, rate |" in table
     assert "all GPU checks ran" in done.stdout
 
 
