@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import subprocess
 import sys
@@ -46,9 +47,20 @@ def test_reflection_lists_the_services(server: Running, address: str) -> None:
     assert {"gradwire.v1.Trainer", "grpc.health.v1.Health"} <= names
 
 
-def test_a_second_server_cannot_take_the_same_port(server: Running, trainer: Trainer) -> None:
-    with pytest.raises(OSError, match="in use"):
+def test_a_second_server_cannot_take_the_same_port(
+    server: Running, trainer: Trainer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
+    with pytest.raises(OSError, match=f"port {server.port} is in use") as refused:
         start(trainer, "127.0.0.1", server.port)
+    assert refused.value.errno == errno.EADDRINUSE
+    # Found before gRPC tries: gRPC would log a line of its own on stderr first.
+    assert "add port" not in capfd.readouterr().err.lower()
+
+
+def test_an_address_not_of_this_machine_is_named(trainer: Trainer) -> None:
+    with pytest.raises(OSError, match=r"192\.0\.2\.1 is not an address of this machine"):
+        start(trainer, "192.0.2.1", 50123)  # TEST-NET-1: never a local address
 
 
 @pytest.fixture

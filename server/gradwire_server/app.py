@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -67,6 +69,49 @@ class Running:
             log.info("saved state version %d to %s", version, save_to)
         self.servicer.sessions.close_all()
         self.trainer.close()
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why gRPC could not listen on host:port, found by binding a socket first as gRPC binds
+    its own (SO_REUSEADDR, and no SO_REUSEPORT, which start() turns off): gRPC itself says only
+    "failed to bind", after a line of its own on stderr. None when one of the addresses the
+    host names binds, as gRPC then listens there; for port 0; or when the name resolves to
+    nothing (gRPC's to refuse)."""
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    first: OSError | None = None
+    for family, kind, proto, _, sockaddr in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+            return None
+        except OSError as err:
+            first = first or err
+    return first
+
+
+def _cannot_listen(address: str, host: str, port: int, error: OSError | None) -> str:
+    """What a person reads when the server cannot listen, and what to do about it."""
+    if error is not None and error.errno == errno.EADDRINUSE:
+        why = (
+            f"port {port} is in use (another server on it?); choose another --port "
+            "(0 picks a free one)"
+        )
+    elif error is not None and error.errno == errno.EADDRNOTAVAIL:
+        why = f"{host} is not an address of this machine; choose another --host"
+    elif error is not None and error.errno == errno.EACCES:
+        why = f"port {port} needs privileges to listen on; choose one above 1023"
+    else:
+        why = (
+            "the port is in use or the address is not this machine's; choose another --port "
+            "(0 picks a free one) or --host"
+        )
+    return f"cannot listen on {address}: {why}"
 
 
 def start(
@@ -139,6 +184,11 @@ def start(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(services, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    refused = _bind_error(host, port)
+    if refused is not None:
+        error = OSError(_cannot_listen(address, host, port, refused))
+        error.errno = refused.errno  # for callers; the message alone is what a person reads
+        raise error
     try:
         if tls is None:
             bound = server.add_insecure_port(address)
@@ -147,10 +197,7 @@ def start(
     except RuntimeError:  # grpc says only "failed to bind"; say what to do about it
         bound = 0
     if bound == 0:
-        raise OSError(
-            f"cannot listen on {address}: the port is in use or the address is not this "
-            "machine's; choose another --port (0 picks a free one) or --host"
-        )
+        raise OSError(_cannot_listen(address, host, port, None))
     metrics_server = None
     if metrics is not None and metrics_port is not None:
         try:
