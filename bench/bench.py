@@ -61,7 +61,7 @@ class Row:
             f"{self.floor * scale:.3f}",
             f"{self.ratio:.2f}",
             self.target,
-            "yes" if self.met else "NO",
+            "-" if self.target == "(report)" else "yes" if self.met else "NO",
         ]
 
 
