@@ -58,10 +58,7 @@ def copy_in_runs(source: torch.Tensor, out: torch.Tensor, run_bytes: int, pinned
     to the device is asynchronous, and a buffer is refilled only once its last copy is done."""
     if source.shape != out.shape or source.dtype != out.dtype or not out.is_contiguous():
         raise ValueError("copy_in_runs needs a contiguous `out` of the source's shape and dtype")
-    flat = source.contiguous().view(-1)
-    runs = Runs(out, run_bytes, pinned)
-    for offset in range(0, flat.numel(), runs.step):
-        runs.write(offset, flat[offset : offset + runs.step])
+    Runs(out, run_bytes, pinned).write(0, source.contiguous().view(-1))
 
 
 class Runs:
@@ -75,9 +72,8 @@ class Runs:
         if not out.is_contiguous():
             raise ValueError("Runs writes into a contiguous tensor")
         self._dst = out.view(-1)
-        #: elements in one run
-        self.step = max(1, run_bytes // out.element_size())
-        self._size = min(self.step, self._dst.numel())
+        self._step = max(1, run_bytes // out.element_size())  # elements in one run
+        self._size = min(self._step, self._dst.numel())
         self._pinned = pinned
         self._buffers: list[torch.Tensor] = []  # made at the first write: none for no values
         self._on_gpu = out.device.type == "cuda"
@@ -87,8 +83,8 @@ class Runs:
     def write(self, offset: int, values: torch.Tensor | np.ndarray[Any, Any]) -> None:
         """out.view(-1)[offset : offset + len(values)] = values (1-D, on the host, of out's
         dtype; a numpy array may be read-only, a view of received bytes), in runs."""
-        for start in range(0, len(values), self.step):
-            run = values[start : start + self.step]
+        for start in range(0, len(values), self._step):
+            run = values[start : start + self._step]
             self._write_run(offset + start, run)
 
     def _write_run(self, offset: int, run: torch.Tensor | np.ndarray[Any, Any]) -> None:
