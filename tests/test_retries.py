@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -17,8 +17,9 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
+from gradwire_server.errors import AnswerNotKept
 from gradwire_server.models import ModelSpec
-from gradwire_server.servicer import RequestLog
+from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.test_concurrency import Gate
 
@@ -233,3 +234,73 @@ def test_the_log_keeps_the_last_answers_only() -> None:
         assert log.once(("Step", "", key), lambda key=key: key) == key
     assert log.once(("Step", "", "c"), lambda: "again") == "c"  # kept
     assert log.once(("Step", "", "a"), lambda: "again") == "again"  # forgotten: runs anew
+
+
+def test_the_log_keeps_the_latest_answers_within_its_bytes() -> None:
+    """Ids are kept by count, answers by size: a retry of a request whose answer was let go
+    is refused, not applied again."""
+    log = RequestLog(size=8, max_bytes=10)
+    ran: list[str] = []
+
+    def run(answer: bytes) -> Callable[[], bytes]:
+        return lambda: ran.append(answer.decode()) or answer
+
+    for key, answer in [("a", b"aaaa"), ("b", b"bbbb"), ("c", b"cccc")]:
+        assert log.once(("TrainStep", "", key), run(answer)) == answer
+    assert log.held_bytes == 8  # a's answer let go so that b's and c's fit
+    assert log.once(("TrainStep", "", "b"), run(b"again")) == b"bbbb"
+    with pytest.raises(AnswerNotKept, match="was applied before"):
+        log.once(("TrainStep", "", "a"), run(b"again"))
+    assert ran == ["aaaa", "bbbb", "cccc"]
+    # An answer larger than the whole budget is let go at once; so is its request's id kept.
+    log.once(("TrainStep", "", "big"), run(b"x" * 11))
+    assert log.held_bytes == 8
+    with pytest.raises(AnswerNotKept):
+        log.once(("TrainStep", "", "big"), run(b"again"))
+    # Past `size` ids, the oldest are forgotten with what they held.
+    for key in "defghijk":
+        log.once(("Step", "", key), run(b""))
+    assert log.held_bytes == 0
+    assert log.once(("TrainStep", "", "c"), run(b"anew")) == b"anew"
+
+
+def _train_step(address: str) -> grpc.UnaryUnaryMultiCallable:
+    return grpc.insecure_channel(address).unary_unary(
+        "/gradwire.v1.Trainer/TrainStep",
+        request_serializer=pb.TrainStepRequest.SerializeToString,
+        response_deserializer=pb.TrainStepResponse.FromString,
+    )
+
+
+def test_a_retried_train_step_whose_answer_was_let_go_is_refused(
+    server: Running, address: str, trainer: Trainer
+) -> None:
+    """TrainStep answers carry what they fetch, up to 64 MiB each: the server keeps at most
+    ANSWER_BYTES_KEPT of them (it once kept 1,024 answers whatever their size, and a
+    client fetching an 8 MiB weight every step grew the server by 8 MiB a step)."""
+    log = server.servicer.requests
+    assert log.max_bytes == ANSWER_BYTES_KEPT
+    log.max_bytes = 600_000  # two answers of linear.weight (256,000 bytes of values each)
+    step = _train_step(address)
+    request = pb.TrainStepRequest(
+        input=pb.TensorSource(fill=INPUT.to_proto()),
+        target=pb.TensorSource(fill=TARGET.to_proto()),
+        fetch=[pb.TensorSelector(name="linear.weight")],
+    )
+
+    def send(request_id: str) -> pb.TrainStepResponse:
+        return step(request, metadata=[("gradwire-request-id", request_id)], timeout=30)
+
+    first = send("t-1")
+    assert send("t-1") == first  # a retry: the first answer, nothing applied again
+    assert trainer.version == first.version
+    latest = [send(f"t-{n}") for n in range(2, 5)][-1]
+    assert trainer.version == latest.version > first.version
+    assert 0 < log.held_bytes <= 600_000
+    with pytest.raises(grpc.RpcError) as info:
+        send("t-1")
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    assert errors.from_rpc_error(info.value).reason == "ANSWER_NOT_KEPT"
+    assert "was applied before" in info.value.details()
+    assert trainer.version == latest.version  # the refused retry changed nothing
+    assert send("t-4") == latest  # the latest answers are still there

@@ -63,6 +63,13 @@ class VersionMismatch(DomainError):
     reason = "VERSION_MISMATCH"
 
 
+class AnswerNotKept(DomainError):
+    """A retried mutation that was applied before, whose answer the server no longer keeps:
+    the retry changes nothing."""
+
+    reason = "ANSWER_NOT_KEPT"
+
+
 class DeadlinePassed(DomainError):
     """A call whose deadline passed before it could run; nothing was changed."""
 

@@ -29,6 +29,7 @@ from gradwire import limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert, stats
 from gradwire_server.errors import (
+    AnswerNotKept,
     DeadlinePassed,
     DomainError,
     IndexOutOfRange,
@@ -66,6 +67,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     WrongOrder: grpc.StatusCode.FAILED_PRECONDITION,
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
     VersionMismatch: grpc.StatusCode.ABORTED,
+    AnswerNotKept: grpc.StatusCode.ABORTED,
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     Stopping: grpc.StatusCode.UNAVAILABLE,
 }
@@ -276,21 +278,38 @@ EXPECTED_VERSION = "gradwire-expected-version"
 MAX_REQUEST_ID_CHARS = 128
 
 
+#: At most this many bytes of answers are kept for retries. A TrainStep that fetches may
+#: answer up to 64 MiB, and a log of 1,024 such answers would hold 64 GiB.
+ANSWER_BYTES_KEPT = 256 * 1024 * 1024
+
+
 class RequestLog:
     """The answers of recent mutations by request id, so that a retried call is applied once.
 
     A retry that arrives while the first attempt runs waits for it. A failed attempt changed
-    nothing, so it is forgotten and its retry runs anew. The last `size` answers are kept.
+    nothing, so it is forgotten and its retry runs anew. The ids of the last `size` requests
+    are kept, and the answers of the latest of them that fit in `max_bytes`: a retry of a
+    request whose answer was let go is refused (AnswerNotKept), not applied again.
     """
 
-    def __init__(self, size: int = 1024) -> None:
+    def __init__(self, size: int = 1024, max_bytes: int = ANSWER_BYTES_KEPT) -> None:
         self.size = size
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        #: answers by key, least recently used first; _LET_GO where only the id is kept
         self._done: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
+        #: the size of each answer still held, oldest first, and their sum
+        self._held: collections.OrderedDict[tuple[str, ...], int] = collections.OrderedDict()
+        self._bytes = 0
         self._running: set[tuple[str, ...]] = set()
         # Retries waiting for a first attempt to finish; rare, so no Event per call.
         self._finished = threading.Condition(self._lock)
         self._waiting = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """The bytes of answers held now."""
+        return self._bytes
 
     def once(self, key: tuple[str, ...], run: Callable[[], R]) -> R:
         with self._lock:
@@ -303,6 +322,15 @@ class RequestLog:
             if key in self._done:
                 self._done.move_to_end(key)
                 answer: R = self._done[key]
+                if answer is _LET_GO:
+                    raise AnswerNotKept(
+                        f"{key[0]} with request id {shown(key[-1])} was applied before, and "
+                        f"its answer is no longer kept (the server keeps "
+                        f"{self.max_bytes // (1024 * 1024)} MiB of answers for retries), so "
+                        "this retry changes nothing: read the state to see the result, and "
+                        "send a new request id for a new request",
+                        metadata={"method": key[0]},
+                    )
                 return answer
             self._running.add(key)
         try:
@@ -311,12 +339,28 @@ class RequestLog:
             with self._lock:
                 self._stop_running(key)
             raise
+        size = _answer_bytes(answer)
         with self._lock:
-            self._done[key] = answer
-            while len(self._done) > self.size:
-                self._done.popitem(last=False)
+            if size > self.max_bytes:  # never held: it would push out every other answer
+                self._done[key] = _LET_GO
+            else:
+                self._done[key] = answer
+                self._held[key] = size
+                self._bytes += size
+            self._trim()
             self._stop_running(key)
         return answer
+
+    def _trim(self) -> None:
+        """With the lock held: forget the oldest ids past `size`, then let go of the oldest
+        answers past `max_bytes`, keeping their ids."""
+        while len(self._done) > self.size:
+            key, _ = self._done.popitem(last=False)
+            self._bytes -= self._held.pop(key, 0)
+        while self._bytes > self.max_bytes:
+            key, size = self._held.popitem(last=False)
+            self._bytes -= size
+            self._done[key] = _LET_GO  # keeps its place: a new value for a present key
 
     def _stop_running(self, key: tuple[str, ...]) -> None:
         """With the lock held: `key` has an answer kept, or failed and is run anew by the
@@ -324,6 +368,18 @@ class RequestLog:
         self._running.discard(key)
         if self._waiting:
             self._finished.notify_all()
+
+
+#: In RequestLog: the request was applied, and its answer let go for room.
+_LET_GO: Any = object()
+
+
+def _answer_bytes(answer: object) -> int:
+    """An answer's size: a reply already encoded (TrainStep's), or a message."""
+    if isinstance(answer, bytes):
+        return len(answer)
+    size = getattr(answer, "ByteSize", None)
+    return size() if size is not None else 0
 
 
 def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:

@@ -31,10 +31,12 @@ Conventions used by every message below:
   "authorization: Bearer <token>" (UNAUTHENTICATED without it).
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
-  as the Python client sends). It keeps the last 1,024 answers; a failed attempt changed
-  nothing and is not kept, so its retry runs anew. OpenSession takes an id too (a retry
-  gets the session the first attempt opened, even if it has closed since); Train and the
-  reads take none. The expected version is decimal digits ("42").
+  as the Python client sends). It keeps the ids of the last 1,024 requests, and of their
+  answers the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64 MiB):
+  a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and changes
+  nothing. A failed attempt changed nothing and is not kept, so its retry runs anew.
+  OpenSession takes an id too (a retry gets the session the first attempt opened, even if
+  it has closed since); Train and the reads take none. The expected version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
@@ -65,7 +67,8 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE, WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY, TOO_MANY_SESSIONS
-    ABORTED: VERSION_MISMATCH (metadata "version")
+    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method":
+      a retry of a request applied before, whose answer is no longer kept)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch or Train ended as the server stops: call again later)
