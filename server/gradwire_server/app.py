@@ -22,6 +22,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, MIN_CLIENT_PING_S, server_options
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.health_service import HealthServicer
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
 from gradwire_server.servicer import TrainerServicer, method_handlers
@@ -47,7 +48,7 @@ class Running:
 
     server: grpc.Server
     port: int
-    health: health.HealthServicer
+    health: HealthServicer
     trainer: Trainer
     servicer: TrainerServicer
     metrics: Metrics | None = None
@@ -165,7 +166,7 @@ def start(
             ("grpc.so_reuseport", 0),
         ],
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
 
     def device_lost() -> None:
         log.critical(

@@ -204,7 +204,12 @@ class CallInterceptor(grpc.ServerInterceptor):
             (True, False): handler.stream_unary,
             (True, True): handler.stream_stream,
         }[(streaming_in, streaming_out)]
-        wrap = self._stream if streaming_out else self._unary
+        if getattr(behavior, "experimental_non_blocking", False):
+            wrap = self._non_blocking  # grpc's health Watch: no thread held while it is open
+        elif streaming_out:
+            wrap = self._stream
+        else:
+            wrap = self._unary
         return HANDLER_KINDS[(streaming_in, streaming_out)](
             wrap(method, behavior),
             request_deserializer=handler.request_deserializer,
@@ -224,6 +229,31 @@ class CallInterceptor(grpc.ServerInterceptor):
                 self._finish(method, _code_of(context, default), start)
                 CURRENT_CALL.reset(token)
 
+        return call
+
+    def _non_blocking(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """For a handler that grpc calls with a callback to send responses through, and that
+        returns at once (grpc's health Watch): wrapped as the others are, it would be run as
+        a generator that holds one of the server's threads for as long as the stream is open,
+        and a few open Watches, which need no token, would take every thread."""
+
+        def call(request: Any, context: grpc.ServicerContext, send_response: Any) -> Any:
+            start = time.perf_counter()
+            # Ended with no status of the handler's: the client went away, as a health Watch
+            # ends (it has no end of its own).
+            context.add_callback(
+                lambda: self._finish(method, _code_of(context, "CANCELLED"), start)
+            )
+            token = CURRENT_CALL.set(Call(method, context))
+            try:
+                return behavior(request, context, send_response)
+            finally:
+                CURRENT_CALL.reset(token)
+
+        call.experimental_non_blocking = True  # type: ignore[attr-defined]
+        call.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
+            behavior, "experimental_thread_pool", None
+        )
         return call
 
     def _stream(self, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[..., Any]:

@@ -1,0 +1,156 @@
+"""The health service, which answers callers without a token: open Watches hold no server
+thread, names are bounded in length, a name is forgotten when its last Watch closes, and
+at most `max_watches` Watches are open at once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import gradwire
+from gradwire import errors
+from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SPARE_THREADS, Running, start
+from gradwire_server.health_service import MAX_SERVICE_NAME_CHARS
+from gradwire_server.trainer import Trainer
+from tests.test_metrics import calls, scrape
+
+TOKEN = "s3cret"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+@pytest.fixture
+def guarded(trainer: Trainer) -> Iterator[Running]:
+    running = start(trainer, token=TOKEN, metrics_port=0)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture
+def health(guarded: Running) -> Iterator[health_pb2_grpc.HealthStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        yield health_pb2_grpc.HealthStub(channel)
+
+
+def _watch(health: health_pb2_grpc.HealthStub, service: str = "") -> Any:
+    """An open Watch, its first answer read. Within 30 s: a server with no thread to give
+    would leave it waiting for ever."""
+    call = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=30)
+    first = next(call)
+    return call, first.status
+
+
+def _eventually(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "not within 30 s"
+        time.sleep(0.01)
+
+
+def test_open_watches_hold_no_server_thread(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """More Watches than the server has threads, opened without a token: checks and
+    gradwire's calls are still answered. (Each Watch held a thread; twenty froze the
+    server for everyone, queueing every later call.)"""
+    threads = DEFAULT_MAX_CONCURRENT + SPARE_THREADS
+    watches = [_watch(health) for _ in range(threads + 10)]
+    assert {status for _, status in watches} == {SERVING}
+    answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == SERVING
+    with gradwire.connect(f"127.0.0.1:{guarded.port}", token=TOKEN, timeout=10) as client:
+        assert client.list_tensors().version == 0
+    assert guarded.health.open_watches == threads + 10
+    for call, _ in watches:
+        call.cancel()
+    _eventually(lambda: guarded.health.open_watches == 0)
+
+
+def test_a_name_is_forgotten_when_its_last_watch_closes(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """grpc's own servicer kept an entry for every name ever watched: names of up to 64 MiB
+    each, from callers without a token."""
+    before = guarded.health.watched_names()
+    first, status = _watch(health, "not.a.Service")
+    assert status == SERVICE_UNKNOWN
+    second, _ = _watch(health, "not.a.Service")
+    others = [_watch(health, f"other.Service{n}")[0] for n in range(5)]
+    assert guarded.health.watched_names() == before + 6
+    for call in others:
+        call.cancel()
+    first.cancel()
+    _eventually(lambda: guarded.health.watched_names() == before + 1)  # `second` still open
+    second.cancel()
+    _eventually(lambda: guarded.health.watched_names() == before)
+
+
+def test_a_watch_still_sees_the_status_change(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    call, status = _watch(health, "gradwire.v1.Trainer")
+    assert status == SERVING
+    guarded.health.enter_graceful_shutdown()
+    assert next(call).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    call.cancel()
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_a_name_longer_than_any_service_is_refused(
+    guarded: Running, health: health_pb2_grpc.HealthStub, method: str
+) -> None:
+    request = health_pb2.HealthCheckRequest(service="x" * (MAX_SERVICE_NAME_CHARS + 1))
+    with pytest.raises(grpc.RpcError) as info:
+        if method == "Check":
+            health.Check(request, timeout=10)
+        else:
+            next(health.Watch(request, timeout=10))
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.InvalidArgument)
+    assert error.reason == "BAD_SERVICE_NAME"
+    assert f"at most {MAX_SERVICE_NAME_CHARS} characters" in error.message
+    assert guarded.health.open_watches == 0
+    ok = health_pb2.HealthCheckRequest(service="x" * MAX_SERVICE_NAME_CHARS)
+    # The longest name allowed is looked up as any other.
+    with pytest.raises(grpc.RpcError) as unknown:
+        health.Check(ok, timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watches_past_the_limit_are_refused(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    guarded.health.max_watches = 3
+    watches = [_watch(health)[0] for _ in range(3)]
+    with pytest.raises(grpc.RpcError) as info:
+        _watch(health)
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.ResourceExhausted)
+    assert error.reason == "TOO_MANY_WATCHES"
+    assert "3 health Watches are open" in error.message
+    assert guarded.health.open_watches == 3  # the refused one is not counted
+    watches.pop().cancel()
+    _eventually(lambda: guarded.health.open_watches == 2)
+    watches.append(_watch(health)[0])  # a place again
+    for call in watches:
+        call.cancel()
+    _eventually(lambda: guarded.health.open_watches == 0)
+
+
+def test_watches_are_counted_in_the_metrics(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """Non-blocking, a Watch still passes the call log and metrics: counted when it ends."""
+    watch = "/grpc.health.v1.Health/Watch"
+    call, _ = _watch(health)
+    assert calls(scrape(guarded), watch, "CANCELLED") == 0  # open: not counted yet
+    call.cancel()
+    _eventually(lambda: calls(scrape(guarded), watch, "CANCELLED") == 1)
+    with pytest.raises(grpc.RpcError):
+        _watch(health, "x" * (MAX_SERVICE_NAME_CHARS + 1))
+    _eventually(lambda: calls(scrape(guarded), watch, "INVALID_ARGUMENT") == 1)
