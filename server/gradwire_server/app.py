@@ -207,6 +207,7 @@ def start(
             server.stop(None)
             raise
     server.start()
+    sessions.expire_in_background()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return Running(

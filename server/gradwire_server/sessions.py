@@ -8,6 +8,7 @@ in progress (an open Watch, a long Train) is use, however long it lasts.
 from __future__ import annotations
 
 import gc
+import logging
 import secrets
 import threading
 import time
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, shown
 from gradwire_server.trainer import OptimizerSettings, Trainer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SESSIONS = 8
 DEFAULT_IDLE_S = 600.0
@@ -55,6 +58,23 @@ class Sessions:
         # lock held or not.
         self._lock = threading.RLock()
         self._open: dict[str, _Session] = {}
+        self._opening = 0  # sessions being built: places taken, not yet in _open
+        self._stop_expiry = threading.Event()
+
+    def expire_in_background(self) -> None:
+        """Closes idle sessions on a thread of its own, as they expire. Without it only the
+        calls that name a session, and OpenSession, look for idle ones: a server whose
+        callers all use the default session kept an abandoned session's model (on a GPU,
+        its device memory) for as long as it ran. `close_all` stops it."""
+
+        def expire() -> None:
+            while not self._stop_expiry.wait(_expiry_interval(self.idle_s)):
+                try:
+                    self._close_idle()
+                except Exception:  # a model whose close fails: the server goes on
+                    log.exception("closing an idle session failed")
+
+        threading.Thread(target=expire, name="gradwire-sessions", daemon=True).start()
 
     def get(self, session: str | None, *, hold: bool = False) -> Trainer:
         """The trainer a call acts on: the default one without an id. With `hold`, the
@@ -85,24 +105,32 @@ class Sessions:
     def open(self, seed: int | None, settings: OptimizerSettings | None) -> str:
         self._close_idle()
         with self._lock:
-            if len(self._open) >= self.max_sessions:
+            taken = len(self._open) + self._opening
+            if taken >= self.max_sessions:
                 raise OverLimit(
-                    f"{len(self._open)} sessions are open, this server's limit; close one "
+                    f"{taken} sessions are open, this server's limit; close one "
                     "(CloseSession) or wait for an idle one to expire",
                     reason="TOO_MANY_SESSIONS",
                 )
-        d = self.default
-        trainer = Trainer(
-            d.spec,
-            device=d.device,
-            optimizer=settings,
-            seed=seed,
-            max_elements=d.max_elements,
-            one_thread_for_small_work=d.one_thread_for_small_work,
-        )
-        session = secrets.token_hex(16)
-        with self._lock:
-            self._open[session] = _Session(trainer, self._clock())
+            # The place is taken now, while the model is built outside the lock: checked
+            # and filled apart, twelve OpenSessions at once opened four sessions of two.
+            self._opening += 1
+        try:
+            d = self.default
+            trainer = Trainer(
+                d.spec,
+                device=d.device,
+                optimizer=settings,
+                seed=seed,
+                max_elements=d.max_elements,
+                one_thread_for_small_work=d.one_thread_for_small_work,
+            )
+            session = secrets.token_hex(16)
+            with self._lock:
+                self._open[session] = _Session(trainer, self._clock())
+        finally:
+            with self._lock:
+                self._opening -= 1
         return session
 
     def close(self, session: str) -> None:
@@ -122,6 +150,7 @@ class Sessions:
         return len(self._open)
 
     def close_all(self) -> None:
+        self._stop_expiry.set()
         with self._lock:
             sessions, self._open = list(self._open.values()), {}
         _free(sessions)
@@ -137,19 +166,25 @@ class Sessions:
             _free(closed)
 
 
+def _expiry_interval(idle_s: float) -> float:
+    """How often the background expiry looks: a session is closed at most a quarter of its
+    idle time late, and never more than 10 s late."""
+    return min(max(idle_s / 4, 0.01), 10.0)
+
+
 def _collects(trainer: Trainer) -> bool:
     """Whether closing `trainer` is worth a full collection: on a GPU, where memory is scarce."""
     return trainer.device.type != "cpu"
 
 
 def _free(sessions: list[_Session]) -> None:
-    """Closes the sessions' trainers; on a GPU, frees their memory now. A model, its
-    optimizer and hooks hold one another in reference cycles, which only Python's cycle
-    collector frees: left to it, a closed session's parameters, gradients and activations
-    (device memory a new session may need) could stay until its next full collection. One
-    costs about 0.1 s on the 2-core VM of docs/PERFORMANCE.md, paid by the call that closes
-    the session, or by the call on any session that finds it expired.
-    CPU sessions are left to the collector's own schedule: a collection per close made the
+    """Closes the sessions' trainers; their memory goes as the last reference to each goes
+    (the trainer's model holds it only weakly: no cycle to wait for the collector). On a
+    GPU, a full collection follows, for cycles of a model's own making: left to the
+    collector's schedule, a closed session's parameters, gradients and activations (device
+    memory a new session may need) could stay until its next full collection. One costs
+    about 0.1 s on the 2-core VM of docs/PERFORMANCE.md, paid by the call that closes the
+    session, or by whatever finds it expired. On a CPU, a collection per close made the
     model-based test, which opens and closes thousands of sessions, crawl."""
     collect = any(_collects(s.trainer) for s in sessions)
     while sessions:  # popped: the callers keep no other reference

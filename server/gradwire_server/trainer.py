@@ -16,6 +16,7 @@ import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -363,6 +364,19 @@ _WHAT_IT_IS = {
 }
 
 
+def _kept_output(
+    keep_output: weakref.WeakMethod[Any],
+    name: str,
+    module: nn.Module,
+    args: Any,
+    output: Any,
+) -> None:
+    """A forward hook: the trainer keeps the module's output, while the trainer lives."""
+    keep = keep_output()
+    if keep is not None:
+        keep(name, module, args, output)
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -490,10 +504,13 @@ class Trainer:
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
+        # The hooks hold the trainer weakly: held strongly, the model and the trainer would
+        # hold each other, and a closed session's memory would wait for the cycle collector.
+        keep_output = weakref.WeakMethod(self._keep_output)
         for name, module in model.named_modules():
             if name:
                 self._modules.append(name)
-                module.register_forward_hook(functools.partial(self._keep_output, name))
+                module.register_forward_hook(functools.partial(_kept_output, keep_output, name))
         self._deltas: dict[str, torch.Tensor] = {}  # the last Step's change, per parameter
         self._delta_buffers: dict[str, torch.Tensor] = {}
         self._steps = 0  # Steps applied to this model
