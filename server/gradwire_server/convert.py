@@ -142,6 +142,7 @@ class Chunks:
     ) -> None:
         self._block: torch.Tensor | None = None
         self._spare = spare
+        self._written = False
         self._slot: threading.BoundedSemaphore | None = None
         self._assembler: codec.Assembler
         if (
@@ -161,13 +162,20 @@ class Chunks:
         self._block = self._spare.take(shape, _TORCH_OF[dtype], torch.device("cpu"))
         return self._block.numpy()
 
+    def written(self) -> None:
+        """The value was written: `release` keeps its memory (or what it replaced) for the
+        next stream. A refused value's memory is let go instead: its size was the caller's
+        choice, up to the element limit (2 GiB of float64 by default), and a refused stream
+        left a block that large held for the server's lifetime."""
+        self._written = True
+
     def replaced(self, old: torch.Tensor) -> None:
         """The tensor was kept as it is, in place of `old`: `release` gives back `old`'s memory,
         not the assembly's, which now belongs to the trainer."""
         self._block = old
 
     def release(self) -> None:
-        """Gives the assembly memory back to the spare, once the tensor has been copied (or
+        """Gives the assembly memory back to the spare, once the tensor has been written (or
         what replaced() named instead), and the trainer's device assembly back; once the
         stream has ended, however (again: nothing)."""
         if isinstance(self._assembler, _OnDevice):
@@ -175,7 +183,7 @@ class Chunks:
         if self._slot is not None:
             self._slot.release()
             self._slot = None
-        if self._spare is not None and self._block is not None:
+        if self._spare is not None and self._block is not None and self._written:
             self._spare.give_back(self._block)
         self._block = None
 

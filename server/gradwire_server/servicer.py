@@ -584,6 +584,7 @@ class TrainerServicer:
             chain = convert.chain_from_proto(first.index)
             # write() copies the value, or keeps it and hands back what it replaced
             version = trainer.write(first.name, chain, chunks.tensor(), replaced=chunks.replaced)
+            chunks.written()
         finally:
             chunks.release()
         return pb.SetTensorResponse(version=version)
