@@ -35,7 +35,7 @@ from bench.floor import FloorClient
 from bench.server import MIB
 from gradwire import limits
 from gradwire.fill import Fill
-from gradwire_server.allocator import keep_freed_memory
+from gradwire_server.allocator import keep_freed_memory, limit_onednn_cache
 from gradwire_server.trainer import FillSpec, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -607,8 +607,9 @@ def main() -> int:
     if parts & {"typed", "big"}:
         with ThreadPoolExecutor(max_workers=1) as pool:
             pool.submit(measure_reads).result()
+    limit_onednn_cache()  # the in-process floors run as the server does
     if keep_freed:
-        keep_freed_memory()  # the in-process floors run as the server does
+        keep_freed_memory()
     rows: list[Row] = []
     if parts & {"small", "steps", "watch"}:
         with serve("simple", args.device, flags) as served:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bench import floor
-from gradwire_server.allocator import keep_freed_memory
+from gradwire_server.allocator import keep_freed_memory, limit_onednn_cache
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -65,8 +65,9 @@ def main() -> None:
         "--one-thread-for-small-work", action="store_true", help="as `gradwire serve` has it"
     )
     args = parser.parse_args()
+    limit_onednn_cache()  # as `gradwire serve` does
     if not args.return_freed_memory:
-        keep_freed_memory()  # as `gradwire serve` does
+        keep_freed_memory()
     spec = BLOBS if args.model == "blobs" else SIMPLE
     trainer = Trainer(
         spec, device=args.device, seed=0, one_thread_for_small_work=args.one_thread_for_small_work

@@ -5,6 +5,7 @@ Counted in page faults, never timed: a step that reuses the last step's memory f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,57 @@ def test_gradwire_serve_keeps_freed_memory_unless_told_not_to() -> None:
 def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.keep_freed_memory() is False
+
+
+#: A step at batch 8, then at 20 other batch sizes, then at batch 8 again, with oneDNN
+#: saying whether each kernel it makes came from its cache. Prints hits and misses of the
+#: last step.
+KERNELS = """
+import sys
+from gradwire_server import allocator
+from gradwire_server.trainer import FillSpec, Trainer
+
+print(allocator.limit_onednn_cache(), file=sys.stderr)
+trainer = Trainer(device="cpu", seed=0)
+
+def step(batch):
+    x, y = FillSpec("ones", (batch, 3, 10, 10)), FillSpec("zeros", (batch,))
+    trainer._run(trainer.train_step, x, y, zero_grad=True, use=lambda selection: None)
+
+for batch in [8, *range(9, 29)]:
+    step(batch)
+print("--- batch 8 again", flush=True)
+step(8)
+"""
+
+
+def kernels_made_again(capacity: str | None) -> tuple[int, int]:
+    """(hits, misses) of oneDNN's kernel cache in the last step of KERNELS, with
+    ONEDNN_PRIMITIVE_CACHE_CAPACITY set to `capacity` beforehand, or unset."""
+    environment = {k: v for k, v in os.environ.items() if k != allocator.ONEDNN_CACHE_VARIABLE}
+    if capacity is not None:
+        environment[allocator.ONEDNN_CACHE_VARIABLE] = capacity
+    done = subprocess.run(
+        [sys.executable, "-c", KERNELS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**environment, "ONEDNN_VERBOSE": "all"},
+    )
+    last = done.stdout.split("--- batch 8 again", 1)[1]
+    return last.count("create:cache_hit"), last.count("create:cache_miss")
+
+
+def test_onednn_keeps_the_kernels_of_a_few_shapes_only() -> None:
+    """At oneDNN's default capacity every shape's kernels are kept: a server sent 200 batch
+    sizes grew by 1.2 GiB (0.3 GiB at 128; allocator.py). With gradwire's cap, 20 other
+    shapes turn the cache over; a capacity the caller set stands."""
+    hits, misses = kernels_made_again(None)
+    assert misses > 0, f"batch 8's kernels still cached after 20 other shapes ({hits} hits)"
+    hits, misses = kernels_made_again("1024")
+    assert hits > 0 and misses == 0, (hits, misses)
+
+
+def test_gradwire_serve_caps_onednn_s_cache() -> None:
+    with serving() as (_, log):
+        assert f"oneDNN keeps at most {allocator.ONEDNN_CACHE_CAPACITY} compiled CPU kernels" in log

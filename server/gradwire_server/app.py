@@ -276,6 +276,11 @@ def serve(
     a step frees for the next one (allocator.py; the process's malloc settings change).
     `one_thread_for_small_work`: run small steps on one thread on the CPU (openmp.py).
     """
+    log.info(
+        "oneDNN keeps at most %s compiled CPU kernels (%s)",
+        allocator.limit_onednn_cache(),
+        allocator.ONEDNN_CACHE_VARIABLE,
+    )
     if not keep_freed:
         log.info("memory a step frees goes back to the system (--return-freed-memory)")
     elif allocator.keep_freed_memory():
