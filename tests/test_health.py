@@ -4,6 +4,8 @@ at most `max_watches` Watches are open at once."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -154,3 +156,55 @@ def test_watches_are_counted_in_the_metrics(
     with pytest.raises(grpc.RpcError):
         _watch(health, "x" * (MAX_SERVICE_NAME_CHARS + 1))
     _eventually(lambda: calls(scrape(guarded), watch, "INVALID_ARGUMENT") == 1)
+
+
+def test_watches_opened_and_closed_from_many_threads_leave_the_server_serving(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """A review found grpc's non-blocking Watch deadlocking the server within a second of
+    this: a send made under the servicer's lock waited for grpc's polling thread, which
+    waited for that lock to close another Watch. Every call stopped, and so did stop()."""
+    stop = threading.Event()
+    done: list[int] = []
+    address = f"127.0.0.1:{guarded.port}"
+
+    def churn() -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            count = 0
+            while not stop.is_set():
+                call = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+                with contextlib.suppress(grpc.RpcError):
+                    next(call)
+                call.cancel()
+                count += 1
+            done.append(count)
+
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(done) == 8 and sum(done) > 8, done  # every thread ran, none hung
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+    with gradwire.connect(address, token=TOKEN, timeout=10) as client:
+        assert client.list_tensors().version == 0
+    _eventually(lambda: guarded.health.open_watches == 0)
+
+
+def test_watches_cancelled_as_they_open_are_not_kept(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """A Watch whose call ended before it registered stays registered in grpc's servicer
+    (its close callback is never run), counted, its thread waiting: a review's client that
+    opened and cancelled Watches in a loop took all 64 places within seconds."""
+    guarded.health.max_watches = 8
+    for _ in range(400):
+        health.Watch(health_pb2.HealthCheckRequest(), timeout=10).cancel()
+    _eventually(lambda: guarded.health.open_watches == 0)
+    assert guarded.health.watched_names() == 0
+    call, status = _watch(health)  # a place for a new one
+    assert status == SERVING
+    call.cancel()

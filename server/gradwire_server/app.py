@@ -65,11 +65,14 @@ class Running:
         self.server.stop(grace).wait()
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        if save_to is not None:
-            version = self.trainer.save(save_to)
-            log.info("saved state version %d to %s", version, save_to)
-        self.servicer.sessions.close_all()
-        self.trainer.close()
+        try:
+            if save_to is not None:
+                version = self.trainer.save(save_to)
+                log.info("saved state version %d to %s", version, save_to)
+        finally:  # a save that failed still lets the sessions and threads go
+            self.servicer.sessions.close_all()
+            self.trainer.close()
+            self.health.close()
 
 
 def _bind_error(host: str, port: int) -> OSError | None:

@@ -3,13 +3,19 @@
 grpc's own servicer keeps an entry for every service name a Watch has asked about, for as
 long as the server runs, and takes names as long as a whole message (64 MiB here). This one
 refuses names longer than any service's, forgets a name when its last Watch closes, and
-keeps at most `max_watches` Watches open at once. Watches stay non-blocking: an open one
-holds no server thread.
+keeps at most `max_watches` Watches open at once.
+
+Each open Watch waits on a thread of a pool of its own, never on one of the server's: a few
+Watches, which need no token, would otherwise take every thread the server has. Not grpc's
+non-blocking Watch: it sends while holding the servicer's lock, and a send waits for grpc's
+polling thread, which runs the close of another Watch, which takes that lock. Watches opened
+and cancelled from eight threads deadlocked the server that way within a second.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -21,11 +27,17 @@ from gradwire_server.servicer import abort
 MAX_SERVICE_NAME_CHARS = 256
 #: Health Watches open at once; more are refused RESOURCE_EXHAUSTED.
 MAX_WATCHES = 64
+#: Threads beyond MAX_WATCHES in the Watches' pool, so that a Watch over the limit is
+#: refused at once rather than queued behind the open ones.
+SPARE_THREADS = 2
 
 
 class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships no types
     def __init__(self, max_watches: int = MAX_WATCHES) -> None:
-        super().__init__()  # non-blocking Watch, grpc's default
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=max_watches + SPARE_THREADS, thread_name_prefix="gradwire-health"
+        )
+        super().__init__(experimental_non_blocking=False, experimental_thread_pool=self._pool)
         self.max_watches = max_watches
         self._watches = 0  # open now, under self._lock
 
@@ -37,6 +49,10 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         """The service names grpc's servicer keeps an entry for."""
         with self._lock:
             return len(self._send_response_callbacks)
+
+    def close(self) -> None:
+        """Lets the Watches' threads go once the server has stopped (its calls ended)."""
+        self._pool.shutdown(wait=False)
 
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
@@ -64,7 +80,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
                 )
             self._watches += 1
         try:
-            return super().Watch(request, context, send_response_callback)
+            return super().Watch(request, _ClosesIfEnded(context), send_response_callback)
         except BaseException:
             with self._lock:
                 self._watches -= 1
@@ -85,6 +101,24 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
                         del self._send_response_callbacks[service]  # its last Watch
 
         return closed
+
+
+class _ClosesIfEnded:
+    """A Watch's context whose `add_callback` runs the callback at once when the call has
+    already ended. grpc's runs nothing then (and says so, returning False), which grpc's
+    Watch does not look at: a Watch cancelled as it opened stayed registered and counted,
+    its thread waiting for ever; 64 of them refused every Watch after."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        if not self._context.add_callback(callback):
+            callback()
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _check_name(service: str, context: grpc.ServicerContext) -> None:

@@ -205,13 +205,16 @@ class CallInterceptor(grpc.ServerInterceptor):
             (True, True): handler.stream_stream,
         }[(streaming_in, streaming_out)]
         if getattr(behavior, "experimental_non_blocking", False):
-            wrap = self._non_blocking  # grpc's health Watch: no thread held while it is open
-        elif streaming_out:
-            wrap = self._stream
-        else:
-            wrap = self._unary
+            return handler  # sends through a callback grpc passes it: not ours to wrap
+        wrap = self._stream if streaming_out else self._unary
+        wrapped = wrap(method, behavior)
+        # A handler run on a pool of its own (the health Watch's) stays there: grpc looks
+        # for the pool on the function it calls.
+        wrapped.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
+            behavior, "experimental_thread_pool", None
+        )
         return HANDLER_KINDS[(streaming_in, streaming_out)](
-            wrap(method, behavior),
+            wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -231,31 +234,6 @@ class CallInterceptor(grpc.ServerInterceptor):
 
         return call
 
-    def _non_blocking(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-        """For a handler that grpc calls with a callback to send responses through, and that
-        returns at once (grpc's health Watch): wrapped as the others are, it would be run as
-        a generator that holds one of the server's threads for as long as the stream is open,
-        and a few open Watches, which need no token, would take every thread."""
-
-        def call(request: Any, context: grpc.ServicerContext, send_response: Any) -> Any:
-            start = time.perf_counter()
-            # Ended with no status of the handler's: the client went away, as a health Watch
-            # ends (it has no end of its own).
-            context.add_callback(
-                lambda: self._finish(method, _code_of(context, "CANCELLED"), start)
-            )
-            token = CURRENT_CALL.set(Call(method, context))
-            try:
-                return behavior(request, context, send_response)
-            finally:
-                CURRENT_CALL.reset(token)
-
-        call.experimental_non_blocking = True  # type: ignore[attr-defined]
-        call.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
-            behavior, "experimental_thread_pool", None
-        )
-        return call
-
     def _stream(self, method: str, behavior: Callable[[Any, Any], Any]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             # A generator: grpc iterates it on the call's thread. The call is made current
@@ -272,7 +250,9 @@ class CallInterceptor(grpc.ServerInterceptor):
                             responses = iter(behavior(request, context))
                         response = next(responses)
                     except StopIteration:
-                        default = "OK"
+                        # Ended by the client going away (a health Watch then ends quietly,
+                        # its close callback run), or at its end.
+                        default = "OK" if context.is_active() else "CANCELLED"
                         return
                     finally:
                         CURRENT_CALL.reset(token)
