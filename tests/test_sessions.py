@@ -233,7 +233,8 @@ def test_idle_sessions_expire_with_no_call_naming_a_session(trainer: Trainer) ->
 def test_sessions_opened_at_once_stay_within_the_limit() -> None:
     """The limit is checked and the place taken together: checked before the model was
     built and filled after, twelve OpenSessions at once opened four sessions of two."""
-    sessions = Sessions(Trainer(), max_sessions=2)
+    default = Trainer()
+    sessions = Sessions(default, max_sessions=2)
     start = threading.Barrier(12)
     opened: list[str] = []
     refused: list[str] = []
@@ -255,6 +256,7 @@ def test_sessions_opened_at_once_stay_within_the_limit() -> None:
     sessions.close(opened.pop())
     opened.append(sessions.open(seed=0, settings=None))  # a place again, not one too few
     sessions.close_all()
+    default.close()
 
 
 def test_session_limits_are_server_settings(trainer: Trainer) -> None:
@@ -311,3 +313,27 @@ def test_the_cli_acts_on_the_session_given(
     unknown = run_main("list", "--target", address, "--session", "0123")
     assert unknown.code == 1
     assert unknown.err.startswith("error: NOT_FOUND: no session '0123'")
+
+
+def test_a_trainer_that_fails_to_close_does_not_keep_the_others_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    default = Trainer()
+    sessions = Sessions(default)
+    first, second = (sessions.open(seed=0, settings=None) for _ in range(2))
+    failing = sessions.get(second)  # closed first: the last opened is popped first
+    closed: list[Trainer] = []
+    real_close = Trainer.close
+
+    def close(trainer: Trainer) -> None:
+        real_close(trainer)
+        closed.append(trainer)
+        if trainer is failing:
+            raise RuntimeError("a model whose close fails")
+
+    monkeypatch.setattr(Trainer, "close", close)
+    other = sessions.get(first)
+    sessions.close_all()
+    assert failing in closed and other in closed
+    assert sessions.open_count == 0
+    default.close()

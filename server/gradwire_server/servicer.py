@@ -272,7 +272,8 @@ def _unary(method: Handler[R], mutates: bool) -> Handler[R]:
 
 
 #: Metadata a caller may send with a mutation: the id of this logical request (a retry sends
-#: the same id and gets the first answer, applied once), and the state version it expects.
+#: the same id and gets the first answer, or ANSWER_NOT_KEPT: applied once), and the state
+#: version it expects.
 REQUEST_ID = "gradwire-request-id"
 EXPECTED_VERSION = "gradwire-expected-version"
 MAX_REQUEST_ID_CHARS = 128
@@ -335,11 +336,11 @@ class RequestLog:
             self._running.add(key)
         try:
             answer = run()
+            size = _answer_bytes(answer)
         except BaseException:
             with self._lock:
                 self._stop_running(key)
             raise
-        size = _answer_bytes(answer)
         with self._lock:
             if size > self.max_bytes:  # never held: it would push out every other answer
                 self._done[key] = _LET_GO
@@ -430,7 +431,7 @@ def _once(
     run: Callable[[], R],
 ) -> R:
     """run(); with a request id (metadata), once per (name, session, id): a retry gets the
-    first attempt's answer."""
+    first attempt's answer, or AnswerNotKept once the log has let it go."""
     request_id = metadata.get(REQUEST_ID)
     if not request_id:  # none, or an empty one
         return run()

@@ -146,7 +146,8 @@ class Sessions:
 
     @property
     def open_count(self) -> int:
-        """Sessions open beside the default one (expired ones may count until next used)."""
+        """Sessions open beside the default one (an expired one counts until the background
+        expiry closes it, a quarter of the idle time later at most, or a call finds it)."""
         return len(self._open)
 
     def close_all(self) -> None:
@@ -188,6 +189,11 @@ def _free(sessions: list[_Session]) -> None:
     model-based test, which opens and closes thousands of sessions, crawl."""
     collect = any(_collects(s.trainer) for s in sessions)
     while sessions:  # popped: the callers keep no other reference
-        sessions.pop().trainer.close()
+        trainer = sessions.pop().trainer
+        try:
+            trainer.close()
+        except Exception:  # the others are closed all the same
+            log.exception("closing a session's trainer failed")
+        del trainer
     if collect:
         gc.collect()
