@@ -232,7 +232,8 @@ def test_idle_sessions_expire_with_no_call_naming_a_session(trainer: Trainer) ->
 
 def test_sessions_opened_at_once_stay_within_the_limit() -> None:
     """The limit is checked and the place taken together: checked before the model was
-    built and filled after, twelve OpenSessions at once opened four sessions of two."""
+    built and filled after, twelve OpenSessions at once with a limit of two opened three,
+    four, or all twelve."""
     default = Trainer()
     sessions = Sessions(default, max_sessions=2)
     start = threading.Barrier(12)

@@ -113,7 +113,8 @@ class Sessions:
                     reason="TOO_MANY_SESSIONS",
                 )
             # The place is taken now, while the model is built outside the lock: checked
-            # and filled apart, twelve OpenSessions at once opened four sessions of two.
+            # and filled apart, twelve OpenSessions at once with a limit of two opened three,
+            # four, and in one run all twelve.
             self._opening += 1
         try:
             d = self.default
