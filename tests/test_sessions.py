@@ -20,6 +20,7 @@ from gradwire_server import sessions as sessions_module
 from gradwire_server.app import Running
 from gradwire_server.models import Simple
 from gradwire_server.sessions import Sessions
+from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
 
@@ -337,4 +338,28 @@ def test_a_trainer_that_fails_to_close_does_not_keep_the_others_open(
     sessions.close_all()
     assert failing in closed and other in closed
     assert sessions.open_count == 0
+    default.close()
+
+
+def test_no_session_opens_once_the_sessions_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's stop closes every session: one being built meanwhile is closed too, and
+    refused, rather than added after the stop where nothing would ever close it."""
+    default = Trainer()
+    sessions = Sessions(default)
+    built: list[Trainer] = []
+
+    def built_as_the_server_stops(*args: object, **kwargs: object) -> Trainer:
+        trainer = Trainer(*args, **kwargs)  # type: ignore[arg-type]
+        built.append(trainer)
+        sessions.close_all()
+        return trainer
+
+    monkeypatch.setattr(sessions_module, "Trainer", built_as_the_server_stops)
+    with pytest.raises(errors_module.Stopping, match="the server is stopping"):
+        sessions.open(seed=0, settings=None)
+    assert sessions.open_count == 0
+    with pytest.raises(Closed):
+        built[0].step()  # the one built meanwhile was closed
+    with pytest.raises(errors_module.Stopping):
+        sessions.open(seed=0, settings=None)  # and none after
     default.close()

@@ -77,8 +77,8 @@ class DeadlinePassed(DomainError):
 
 
 class Stopping(DomainError):
-    """A stream (Watch, Train) ended because the server is stopping; its client can call
-    again once it is back."""
+    """A stream (Watch, Train) ended, or an OpenSession refused, because the server is
+    stopping; its client can call again once it is back."""
 
     reason = "STOPPING"
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradwire_server.errors import InvalidInput, OverLimit, UnknownTensor, shown
+from gradwire_server.errors import InvalidInput, OverLimit, Stopping, UnknownTensor, shown
 from gradwire_server.trainer import OptimizerSettings, Trainer
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Sessions:
         self._lock = threading.RLock()
         self._open: dict[str, _Session] = {}
         self._opening = 0  # sessions being built: places taken, not yet in _open
-        self._stop_expiry = threading.Event()
+        self._stop_expiry = threading.Event()  # set by close_all: no session opens after it
 
     def expire_in_background(self) -> None:
         """Closes idle sessions on a thread of its own, as they expire. Without it only the
@@ -105,6 +105,7 @@ class Sessions:
     def open(self, seed: int | None, settings: OptimizerSettings | None) -> str:
         self._close_idle()
         with self._lock:
+            self._refuse_if_closed()
             taken = len(self._open) + self._opening
             if taken >= self.max_sessions:
                 raise OverLimit(
@@ -128,11 +129,22 @@ class Sessions:
             )
             session = secrets.token_hex(16)
             with self._lock:
-                self._open[session] = _Session(trainer, self._clock())
+                closed = self._stop_expiry.is_set()
+                if not closed:
+                    self._open[session] = _Session(trainer, self._clock())
+            if closed:  # closed while the model was built: it would never be closed
+                _free([_Session(trainer, 0.0)])
+                self._refuse_if_closed()
         finally:
             with self._lock:
                 self._opening -= 1
         return session
+
+    def _refuse_if_closed(self) -> None:
+        if self._stop_expiry.is_set():
+            raise Stopping(
+                "the server is stopping: open a session once it is back", reason="STOPPING"
+            )
 
     def close(self, session: str) -> None:
         if not session:

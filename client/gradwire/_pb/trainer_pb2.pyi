@@ -71,7 +71,8 @@ Conventions used by every message below:
       a retry of a request applied before, whose answer is no longer kept)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch or Train ended as the server stops: call again later)
+    UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
+      server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost) carry no ErrorInfo.
