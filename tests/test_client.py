@@ -722,3 +722,21 @@ def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Cl
 def test_the_remote_view_refuses_advanced_indexing_at_once(client: gradwire.Client) -> None:
     with pytest.raises(CodecError):
         _ = client.remote.conv1.weight[[0, 1]]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("call", ["set", "forward"])
+def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
+    client: gradwire.Client, call: str
+) -> None:
+    """As a value sent whole does: gRPC draws a streamed upload's messages on a thread of its
+    own, and answered the client's own error there as UNKNOWN, as if the server had failed
+    (found by a review)."""
+    client.stream_above_bytes = 0  # every value streams
+    value = np.zeros((2, 3, 10, 10), np.complex64)
+    before = client.list_tensors().version
+    with pytest.raises(CodecError, match="complex64"):
+        if call == "set":
+            client.set("conv1.weight", value)
+        else:
+            client.forward(value)
+    assert client.list_tensors().version == before  # nothing was sent

@@ -11,8 +11,10 @@ import contextlib
 import contextvars
 import copy
 import ipaddress
+import itertools
 import os
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -191,6 +193,16 @@ def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
     return wire.length_field(number, wire.length_field(_TENSOR, codec.tensor_pieces(value)))
 
 
+def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
+    """`messages` with its first made now, on the caller's thread. gRPC draws a streamed
+    upload's messages on a thread of its own and answers an error raised there as UNKNOWN
+    ("Exception iterating requests!"): a value the client cannot send (a complex array, a bad
+    target) raised errors.Unknown, as if the server had failed, where a smaller one raises
+    CodecError. Every check of the value is made before its first chunk."""
+    first = next(messages, None)
+    return messages if first is None else itertools.chain([first], messages)
+
+
 def _nbytes(value: Any) -> int:
     if isinstance(value, Fill):
         return 0
@@ -315,6 +327,8 @@ class Client:
         self.session: str | None = session or None
         self._owns_session = False  # opened by open_session: closing the client closes it
         self._owns_channel = channel is None
+        #: Session clients made by open_session, on this client's channel.
+        self._opened: weakref.WeakSet[Client] = weakref.WeakSet()
         options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
@@ -427,12 +441,19 @@ class Client:
 
     def close(self) -> None:
         """Closes the channel; a session client (open_session) closes its session instead.
-        A session joined (`session=`) stays open."""
-        if self.session is not None and self._owns_session:
-            self.close_session()
-        if self._owns_channel:
-            self._channel.close()
-        self._memory.release()
+        A session joined (`session=`) stays open. The sessions of the session clients this
+        client opened, and has not seen closed, are closed with its channel: they would
+        stay open on the server (until they expire), their clients unable to close them."""
+        try:
+            if self.session is not None and self._owns_session:
+                self.close_session()
+            if self._owns_channel:
+                for opened in list(self._opened):
+                    with contextlib.suppress(GradwireError):  # they expire in any case
+                        opened.close_session()
+                self._channel.close()
+        finally:
+            self._memory.release()
 
     def _session_metadata(self) -> list[tuple[str, str]]:
         return [(SESSION, self.session)] if self.session else []
@@ -461,14 +482,16 @@ class Client:
         other.session = response.session
         other._owns_session = True
         other._owns_channel = False
+        other._opened = weakref.WeakSet()
+        self._opened.add(other)
         return other
 
     def close_session(self) -> None:
         """Closes this client's session on the server (its model is freed)."""
         if self.session is None:
             return
-        session, self.session = self.session, None
-        self._call("CloseSession", pb.CloseSessionRequest(session=session))
+        self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
+        self.session = None  # after: a close that failed can be tried again
 
     def __repr__(self) -> str:
         session = f", session={self.session!r}" if self.session is not None else ""
@@ -511,7 +534,7 @@ class Client:
         An input larger than `stream_above_bytes` is sent in chunks (ForwardStream).
         """
         if _nbytes(input) > self.stream_above_bytes:
-            response = self._call("ForwardStream", self._forward_chunks(input, target))
+            response = self._call("ForwardStream", _begun(self._forward_chunks(input, target)))
         else:
             pieces = _source_pieces("ForwardRequest", "input", input)
             if target is not None:
@@ -802,7 +825,8 @@ class Client:
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
         header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
         if _nbytes(value) > self.stream_above_bytes:
-            return int(self._call("SetTensorStream", self._set_chunks(header, value)).version)
+            chunks = _begun(self._set_chunks(header, value))
+            return int(self._call("SetTensorStream", chunks).version)
         pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
         return int(self._call("SetTensor", wire.join(pieces)).version)
 
