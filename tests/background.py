@@ -1,8 +1,10 @@
-"""A server stream read on a thread of its own, for tests that act while it is open."""
+"""A server stream read on a thread of its own, for tests that act while it is open; and a
+wait for what happens in the background."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,3 +52,18 @@ class Reader:
         if self.errors:
             raise self.errors[0]
         return self.messages
+
+
+def eventually(
+    condition: Callable[[], bool],
+    failure: str = "not within 30 s",
+    *,
+    within: float = 30.0,
+    every: float = 0.01,
+) -> None:
+    """Waits until `condition()` holds, looking every `every` seconds; fails the test with
+    `failure` once `within` seconds have passed."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(every)

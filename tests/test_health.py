@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ from gradwire import errors
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SPARE_THREADS, Running, start
 from gradwire_server.health_service import MAX_SERVICE_NAME_CHARS
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 from tests.test_metrics import calls, scrape
 
 TOKEN = "s3cret"
@@ -47,13 +48,6 @@ def _watch(health: health_pb2_grpc.HealthStub, service: str = "") -> Any:
     return call, first.status
 
 
-def _eventually(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "not within 30 s"
-        time.sleep(0.01)
-
-
 def test_open_watches_hold_no_server_thread(
     guarded: Running, health: health_pb2_grpc.HealthStub
 ) -> None:
@@ -70,7 +64,7 @@ def test_open_watches_hold_no_server_thread(
     assert guarded.health.open_watches == threads + 10
     for call, _ in watches:
         call.cancel()
-    _eventually(lambda: guarded.health.open_watches == 0)
+    eventually(lambda: guarded.health.open_watches == 0)
 
 
 def test_a_name_is_forgotten_when_its_last_watch_closes(
@@ -87,9 +81,9 @@ def test_a_name_is_forgotten_when_its_last_watch_closes(
     for call in others:
         call.cancel()
     first.cancel()
-    _eventually(lambda: guarded.health.watched_names() == before + 1)  # `second` still open
+    eventually(lambda: guarded.health.watched_names() == before + 1)  # `second` still open
     second.cancel()
-    _eventually(lambda: guarded.health.watched_names() == before)
+    eventually(lambda: guarded.health.watched_names() == before)
 
 
 def test_a_watch_still_sees_the_status_change(
@@ -137,11 +131,11 @@ def test_watches_past_the_limit_are_refused(
     assert "3 health Watches are open" in error.message
     assert guarded.health.open_watches == 3  # the refused one is not counted
     watches.pop().cancel()
-    _eventually(lambda: guarded.health.open_watches == 2)
+    eventually(lambda: guarded.health.open_watches == 2)
     watches.append(_watch(health)[0])  # a place again
     for call in watches:
         call.cancel()
-    _eventually(lambda: guarded.health.open_watches == 0)
+    eventually(lambda: guarded.health.open_watches == 0)
 
 
 def test_watches_are_counted_in_the_metrics(
@@ -152,10 +146,10 @@ def test_watches_are_counted_in_the_metrics(
     call, _ = _watch(health)
     assert calls(scrape(guarded), watch, "CANCELLED") == 0  # open: not counted yet
     call.cancel()
-    _eventually(lambda: calls(scrape(guarded), watch, "CANCELLED") == 1)
+    eventually(lambda: calls(scrape(guarded), watch, "CANCELLED") == 1)
     with pytest.raises(grpc.RpcError):
         _watch(health, "x" * (MAX_SERVICE_NAME_CHARS + 1))
-    _eventually(lambda: calls(scrape(guarded), watch, "INVALID_ARGUMENT") == 1)
+    eventually(lambda: calls(scrape(guarded), watch, "INVALID_ARGUMENT") == 1)
 
 
 def test_watches_opened_and_closed_from_many_threads_leave_the_server_serving(
@@ -191,7 +185,7 @@ def test_watches_opened_and_closed_from_many_threads_leave_the_server_serving(
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
     with gradwire.connect(address, token=TOKEN, timeout=10) as client:
         assert client.list_tensors().version == 0
-    _eventually(lambda: guarded.health.open_watches == 0)
+    eventually(lambda: guarded.health.open_watches == 0)
 
 
 def test_watches_cancelled_as_they_open_are_not_kept(
@@ -203,7 +197,7 @@ def test_watches_cancelled_as_they_open_are_not_kept(
     guarded.health.max_watches = 8
     for _ in range(400):
         health.Watch(health_pb2.HealthCheckRequest(), timeout=10).cancel()
-    _eventually(lambda: guarded.health.open_watches == 0)
+    eventually(lambda: guarded.health.open_watches == 0)
     assert guarded.health.watched_names() == 0
     call, status = _watch(health)  # a place for a new one
     assert status == SERVING

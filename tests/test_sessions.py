@@ -22,6 +22,7 @@ from gradwire_server.models import Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 from tests.cli_run import run_main
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
@@ -203,10 +204,10 @@ def test_a_closed_session_s_memory_is_freed_at_once(
             # The background expiry closes it at its next look, on its own thread: its
             # memory goes as that thread lets go of the trainer (the collector is off).
             sessions.idle_s = 0.0
-            deadline = time.monotonic() + 30
-            while sessions.open_count or any(ref() is not None for ref in kept):
-                assert time.monotonic() < deadline, "the idle session's memory was never freed"
-                time.sleep(0.01)
+            eventually(
+                lambda: not sessions.open_count and all(ref() is None for ref in kept),
+                "the idle session's memory was never freed",
+            )
         assert all(ref() is None for ref in kept)
     finally:
         sessions.idle_s = 600.0
