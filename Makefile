@@ -36,10 +36,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The long campaigns: 10,000 fuzzed messages per RPC, 5,000 model-based call sequences.
+# The long campaigns: 10,000 fuzzed messages per RPC, 5,000 model-based call sequences
+# (minutes each: an hour each before one is taken for a hang).
 test-slow: setup
 	GRADWIRE_FUZZ_EXAMPLES=10000 GRADWIRE_MODEL_SEQUENCES=5000 \
-		$(BIN)/python -m pytest -q tests/test_fuzz.py tests/test_model_based.py
+		$(BIN)/python -m pytest -q --timeout 3600 tests/test_fuzz.py tests/test_model_based.py
 
 # Every performance target beside its floor, in one table (a benchmark, never a test).
 bench: setup
@@ -50,7 +51,7 @@ bench: setup
 # installs them from .whl/ and runs every GPU check.
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := grpcio protobuf grpcio-health-checking grpcio-status grpcio-reflection \
-	googleapis-common-protos
+	googleapis-common-protos pytest-timeout
 gpu-wheels: setup
 	rm -rf .whl
 	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -d .whl \
