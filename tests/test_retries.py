@@ -98,8 +98,15 @@ def test_the_client_sends_a_request_id_with_every_mutation(
     _with_gradients(client)
     client.step()
     client.step()
+    client.open_session().close_session()  # both sessions' calls take an id too
     done = list(server.servicer.requests._done)
-    assert {key[0] for key in done} >= {"Forward", "Backward", "Step"}
+    assert {key[0] for key in done} >= {
+        "Forward",
+        "Backward",
+        "Step",
+        "OpenSession",
+        "CloseSession",
+    }
     ids = [key[2] for key in done]
     assert len(set(ids)) == len(ids)  # a fresh id per call: retries alone share one
     assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)  # 128 random bits
@@ -142,6 +149,34 @@ def test_an_open_session_retried_with_its_id_opens_one_session(
     assert sessions.open_count == before + 2
     for session in {first.session, other.session}:
         sessions.close(session)
+    channel.close()
+
+
+def test_a_close_session_retried_with_its_id_is_answered_as_the_close_was(
+    address: str, server: Running
+) -> None:
+    """A close whose answer was lost, retried, once got NOT_FOUND for the session it had
+    closed (found by a review of the contract); a new close of it still does."""
+    channel = grpc.insecure_channel(address)
+    open_session = channel.unary_unary(
+        "/gradwire.v1.Trainer/OpenSession",
+        request_serializer=pb.OpenSessionRequest.SerializeToString,
+        response_deserializer=pb.OpenSessionResponse.FromString,
+    )
+    close_session = channel.unary_unary(
+        "/gradwire.v1.Trainer/CloseSession",
+        request_serializer=pb.CloseSessionRequest.SerializeToString,
+        response_deserializer=pb.CloseSessionResponse.FromString,
+    )
+    session = open_session(pb.OpenSessionRequest()).session
+    before = server.servicer.sessions.open_count
+    request = pb.CloseSessionRequest(session=session)
+    close_session(request, metadata=[("gradwire-request-id", "c-1")])
+    close_session(request, metadata=[("gradwire-request-id", "c-1")])  # the retry: answered
+    assert server.servicer.sessions.open_count == before - 1
+    with pytest.raises(grpc.RpcError) as info:
+        close_session(request, metadata=[("gradwire-request-id", "c-2")])
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
     channel.close()
 
 
@@ -228,18 +263,42 @@ def test_a_retry_waits_for_the_first_attempt(fail: bool) -> None:
     assert ran == (["retry"] if fail else [])
 
 
-def test_the_log_keeps_the_last_answers_only() -> None:
-    log = RequestLog(size=2)
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_log_forgets_ids_past_its_count_only_once_they_are_old() -> None:
+    clock = Clock()
+    log = RequestLog(size=2, keep_s=10, max_ids=1000, clock=clock)
     for key in "abc":
         assert log.once(("Step", "", key), lambda key=key: key) == key
-    assert log.once(("Step", "", "c"), lambda: "again") == "c"  # kept
-    assert log.once(("Step", "", "a"), lambda: "again") == "again"  # forgotten: runs anew
+    clock.now = 9.5  # not 10 s old yet: all three kept past the count of 2
+    assert log.once(("Step", "", "a"), lambda: "again") == "a"  # its use counts as new
+    clock.now = 10.5
+    log.once(("Step", "", "d"), lambda: "d")  # b and c are 10 s old: forgotten
+    assert log.once(("Step", "", "b"), lambda: "again") == "again"  # runs anew
+    assert log.once(("Step", "", "a"), lambda: "again") == "a"  # among the last two: kept
+    assert log.once(("Step", "", "d"), lambda: "again") == "d"
+
+
+def test_the_log_keeps_at_most_max_ids_however_young() -> None:
+    log = RequestLog(size=2, keep_s=600, max_ids=3, clock=Clock())
+    for key in "abcd":
+        assert log.once(("Step", "", key), lambda key=key: key) == key
+    assert log.once(("Step", "", "b"), lambda: "again") == "b"  # kept
+    assert log.once(("Step", "", "a"), lambda: "again") == "again"  # the oldest: forgotten
 
 
 def test_the_log_keeps_the_latest_answers_within_its_bytes() -> None:
     """Ids are kept by count, answers by size: a retry of a request whose answer was let go
     is refused, not applied again."""
-    log = RequestLog(size=8, max_bytes=10)
+    log = RequestLog(size=8, max_bytes=10, keep_s=0, clock=Clock())
     ran: list[str] = []
 
     def run(answer: bytes) -> Callable[[], bytes]:

@@ -21,8 +21,10 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server import servicer
 from gradwire_server.app import start
+from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
+from tests.serve_in_process import serving
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")
@@ -490,3 +492,24 @@ def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
         next(client.watch(["conv1.weight"] * 40, bins=100))
     update = next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 100, values=True, stats=False))
     assert len(update.tensors) == 100
+
+
+def test_a_step_the_model_refuses_leaves_its_zero_grad_undone() -> None:
+    # TinyMLP's BatchNorm refuses a batch of one in training: the Forward fails after the
+    # step's ZeroGrad ran, which must be undone with the rest (it once stayed: gradients gone,
+    # version one up, on an answer that said nothing changed).
+    with serving(TINY_MLP, seed=0) as (_, client):
+        client.train_step(Fill.uniform(4, 16, seed=1), Fill.randint(0, 4, 4, seed=2))
+        kinds = ("parameter", "gradient", "input", "output", "loss")
+        names = [t.name for t in client.list_tensors().tensors if t.kind in kinds]
+        before = {name: client.get(name) for name in names}
+        version_before = version(client)
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.train_step(
+                Fill.uniform(1, 16, seed=3), Fill.randint(0, 4, 1, seed=4), zero_grad=True
+            )
+        assert caught.value.reason == "MODEL_REFUSED"
+        assert version(client) == version_before
+        for name, value in before.items():
+            assert value is not None, name
+            assert np.array_equal(client.get(name), value), name

@@ -223,7 +223,7 @@ _MUTATIONS = frozenset(
 _READS = frozenset({"GetTensor", "ListTensors", "GetStats"})
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
-_ONCE = _MUTATIONS | {"OpenSession"}
+_ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 _EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "expected_version", default=None
 )

@@ -282,6 +282,11 @@ MAX_REQUEST_ID_CHARS = 128
 #: At most this many bytes of answers are kept for retries. A TrainStep that fetches may
 #: answer up to 64 MiB, and a log of 1,024 such answers would hold 64 GiB.
 ANSWER_BYTES_KEPT = 256 * 1024 * 1024
+#: A request id is kept this long at least (a retry after a minutes-long outage is still
+#: applied once), or while it is among the last 1,024; and at most this many ids in all,
+#: the oldest forgotten first (about 30 MB of ids, at most 128 characters each).
+IDS_KEPT_S = 600.0
+MAX_IDS_KEPT = 65_536
 
 
 class RequestLog:
@@ -289,16 +294,31 @@ class RequestLog:
 
     A retry that arrives while the first attempt runs waits for it. A failed attempt changed
     nothing, so it is forgotten and its retry runs anew. The ids of the last `size` requests
-    are kept, and the answers of the latest of them that fit in `max_bytes`: a retry of a
-    request whose answer was let go is refused (AnswerNotKept), not applied again.
+    are kept, and those used in the last `keep_s` seconds, `max_ids` at most; and the answers
+    of the latest of them that fit in `max_bytes`: a retry of a request whose answer was let
+    go is refused (AnswerNotKept), not applied again. A retry of an id forgotten is a new
+    request (the contract says so, and how to be safe beyond: an expected version).
     """
 
-    def __init__(self, size: int = 1024, max_bytes: int = ANSWER_BYTES_KEPT) -> None:
+    def __init__(
+        self,
+        size: int = 1024,
+        max_bytes: int = ANSWER_BYTES_KEPT,
+        *,
+        keep_s: float = IDS_KEPT_S,
+        max_ids: int = MAX_IDS_KEPT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.size = size
         self.max_bytes = max_bytes
+        self.keep_s = keep_s
+        self.max_ids = max(max_ids, size)
+        self._clock = clock
         self._lock = threading.Lock()
         #: answers by key, least recently used first; _LET_GO where only the id is kept
         self._done: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
+        #: when each key in _done was last used, on `clock`
+        self._used: dict[tuple[str, ...], float] = {}
         #: the size of each answer still held, oldest first, and their sum
         self._held: collections.OrderedDict[tuple[str, ...], int] = collections.OrderedDict()
         self._bytes = 0
@@ -322,6 +342,7 @@ class RequestLog:
                     self._waiting -= 1
             if key in self._done:
                 self._done.move_to_end(key)
+                self._used[key] = self._clock()
                 answer: R = self._done[key]
                 if answer is _LET_GO:
                     raise AnswerNotKept(
@@ -348,15 +369,21 @@ class RequestLog:
                 self._done[key] = answer
                 self._held[key] = size
                 self._bytes += size
-            self._trim()
+            self._used[key] = now = self._clock()
+            self._trim(now)
             self._stop_running(key)
         return answer
 
-    def _trim(self) -> None:
-        """With the lock held: forget the oldest ids past `size`, then let go of the oldest
-        answers past `max_bytes`, keeping their ids."""
-        while len(self._done) > self.size:
-            key, _ = self._done.popitem(last=False)
+    def _trim(self, now: float) -> None:
+        """With the lock held: forget the oldest ids past `max_ids`, and past `size` those
+        `keep_s` old; then let go of the oldest answers past `max_bytes`, keeping
+        their ids."""
+        done, used = self._done, self._used
+        while len(done) > self.max_ids or (
+            len(done) > self.size and now - used[next(iter(done))] >= self.keep_s
+        ):
+            key, _ = done.popitem(last=False)
+            del used[key]
             self._bytes -= self._held.pop(key, 0)
         while self._bytes > self.max_bytes:
             key, size = self._held.popitem(last=False)
@@ -676,8 +703,14 @@ class TrainerServicer:
         # This call's own hold on the session it may be closing goes first: its memory is
         # freed before the answer (sessions.py), not at some later collection.
         _CURRENT.set(None)
-        self.sessions.close(request.session)
-        return pb.CloseSessionResponse()
+
+        def close_one() -> pb.CloseSessionResponse:
+            self.sessions.close(request.session)
+            return pb.CloseSessionResponse()
+
+        # A retry of a close that succeeded, its answer lost, is answered as the close was,
+        # not NOT_FOUND (UNKNOWN_SESSION) for the session it closed.
+        return _once(self, "CloseSession", request.session, _metadata(context), close_one)
 
     @mutation
     def SetOptimizer(

@@ -933,11 +933,13 @@ class Trainer:
         use: Callable[[Selection], T],
         finish: Callable[[TrainResult[T]], U] | None,
     ) -> TrainResult[T] | U:
-        # Running out of memory in the Forward, the Backward or the Step leaves the state as
-        # it was before the call, ZeroGrad undone: the first two replace the attributes they
-        # change rather than change them in place, so the old references are all there is to
-        # keep, and the Step runs out, if at all, before it changes anything (it takes its
-        # temporaries' memory first: _reserve_step_memory).
+        # A Forward or Backward that fails, for any reason (the model refusing its input,
+        # memory), and a Step that runs out of memory leave the state as it was before the
+        # call, ZeroGrad undone: the first two replace the attributes they change rather than
+        # change them in place, so the old references are all there is to keep, and the Step
+        # runs out, if at all, before it changes anything (it takes its temporaries' memory
+        # first: _reserve_step_memory). Any other failure inside the Step may have updated
+        # some parameters in place: that one is the optimizer's fault, answered INTERNAL.
         kept = dict(vars(self))
         grads = [(p, p.grad) for p in self._parameters.values()]
         stepping = False
@@ -948,7 +950,9 @@ class Trainer:
             self._backward(retain_graph=False)
             stepping = True
             version, updated = self._step()
-        except OverLimit:
+        except BaseException as err:
+            if stepping and not isinstance(err, OverLimit):
+                raise
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad

@@ -21,7 +21,10 @@ Conventions used by every message below:
 - Every response that reads or changes state carries `version`: the server's
   state version after the call. Each applied mutation (Forward, Backward,
   Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
-  reads add nothing. A failed call changes nothing, the version included.
+  reads add nothing. A failed call changes nothing, the version included (a TrainStep
+  whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
+  inside an optimizer's own step may leave some parameters updated; the server's log
+  has it. A Train that fails keeps the steps it completed.
 - Mutations (every RPC that changes state) read two optional metadata entries:
   "gradwire-request-id" (at most 128 characters): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
@@ -31,12 +34,17 @@ Conventions used by every message below:
   "authorization: Bearer <token>" (UNAUTHENTICATED without it).
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
-  as the Python client sends). It keeps the ids of the last 1,024 requests, and of their
-  answers the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64 MiB):
-  a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and changes
-  nothing. A failed attempt changed nothing and is not kept, so its retry runs anew.
-  OpenSession takes an id too (a retry gets the session the first attempt opened, even if
-  it has closed since); Train and the reads take none. The expected version is decimal digits ("42").
+  as the Python client sends). It keeps every id for 10 minutes after its last use, and
+  past that the last 1,024, with at most 65,536 ids in all (all sessions and methods
+  together; the oldest go first). A retry of an id no longer kept is a new request and
+  is applied again: to be safe past that, send the expected version too. Of the answers
+  it keeps the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64
+  MiB): a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and
+  changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
+  anew. OpenSession takes an id too (a retry gets the session the first attempt opened,
+  even if it has closed since), and CloseSession (a retry of a close that succeeded is
+  answered as it was, not NOT_FOUND); Train and the reads take none. The expected
+  version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
