@@ -382,6 +382,18 @@ def test_watch_every_n_steps(client: gradwire.Client, address: str) -> None:
     assert all(u["conv1.weight"].stats is not None for u in updates)  # the default
 
 
+def test_watch_every_n_steps_sees_a_reset_before_any_step(client: gradwire.Client) -> None:
+    # A Reset was known only by the step counter going down: one made before any Step (the
+    # counter 0 before and after) sent no update, though the contract promises one.
+    stream = client.watch(["conv1.weight"], every_steps=2, timeout=20)
+    assert next(stream).cause == "Watch"
+    client.zero_grad()  # a mutation that is not a Step: no update due
+    version = client.reset(seed=1)
+    update = next(stream)
+    stream.close()
+    assert (update.cause, update.version, update.steps) == ("Reset", version, 0)
+
+
 def test_a_slow_watcher_gets_the_latest_state_and_a_skip_count(
     client: gradwire.Client, address: str
 ) -> None:

@@ -482,8 +482,8 @@ class Trainer:
         finally:
             self._depth -= 1
             if self._depth == 0 and self._version != before:
-                self._cause = CAUSES.get(method.lstrip("_"), method)
-                self._subscriptions.announce(self._steps)
+                self._cause = cause = CAUSES.get(method.lstrip("_"), method)
+                self._subscriptions.announce(self._steps, reset=cause == "Reset")
 
     # --- state helpers ------------------------------------------------------------
 

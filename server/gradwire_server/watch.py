@@ -20,12 +20,14 @@ class Subscription:
         self._steps = steps  # the step counter at the last announcement
         self._closed = False
 
-    def announce(self, steps: int) -> None:
-        """A mutation was applied; `steps` is the trainer's step counter after it."""
+    def announce(self, steps: int, reset: bool = False) -> None:
+        """A mutation was applied; `steps` is the trainer's step counter after it. `reset`:
+        the mutation was a Reset, due to every subscriber (the counter alone does not show
+        one made before any Step: 0 before and after)."""
         with self._cond:
             if self.every_steps:
                 before, self._steps = self._steps, steps
-                reset = steps < before
+                reset = reset or steps < before
                 if not reset and steps // self.every_steps == before // self.every_steps:
                     return
             self._due += 1
@@ -68,9 +70,9 @@ class Subscriptions:
     def remove(self, subscription: Subscription) -> None:
         self._all.discard(subscription)
 
-    def announce(self, steps: int) -> None:
+    def announce(self, steps: int, reset: bool = False) -> None:
         for subscription in self._all:
-            subscription.announce(steps)
+            subscription.announce(steps, reset)
 
     def close(self) -> None:
         for subscription in self._all:
