@@ -55,7 +55,8 @@ Conventions used by every message below:
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
-  RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks are always answered.
+  RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks (grpc.health.v1) are
+  answered beside that limit; see Errors for the bounds of health Watches.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
   It takes a client's pings at most every 30 s on a connection carrying no data; pinging
@@ -70,11 +71,13 @@ Conventions used by every message below:
       BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
-    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", "closest"), UNKNOWN_SESSION
+    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", "closest"), UNKNOWN_SESSION (metadata
+      "session": its first 64 characters)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
-      FETCH_TOO_LARGE, WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY, TOO_MANY_SESSIONS
+      FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
+      TOO_MANY_SESSIONS
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method":
       a retry of a request applied before, whose answer is no longer kept)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
@@ -82,6 +85,9 @@ Conventions used by every message below:
     UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
       server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
+  The health service (grpc.health.v1, which needs no token) refuses a service name over
+  256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
+  RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost) carry no ErrorInfo.
 """
