@@ -6,6 +6,8 @@ Every value is checked against plain PyTorch run here on the same weights, bit f
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -740,3 +742,43 @@ def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
         else:
             client.forward(value)
     assert client.list_tensors().version == before  # nothing was sent
+
+
+# --- found by a review: bad targets and half a TLS pair, refused before connecting -----------
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["localhost:0", "localhost:-1", "localhost:", "localhost:abc", "[::1]:70000",
+     "dns:///localhost:70000"],
+)  # fmt: skip
+def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
+    with pytest.raises(ValueError, match=r"bad port .* expected host:port with a port from 1 "):
+        gradwire.connect(target)
+
+
+def test_a_port_past_65535_does_not_wrap_round_to_another_server(address: str) -> None:
+    # gRPC took port P + 65536 for P: this client reached the fixture's server.
+    port = int(address.rpartition(":")[2])
+    with pytest.raises(ValueError, match=f"bad port '{port + 65536}'"):
+        gradwire.Client(f"127.0.0.1:{port + 65536}")
+
+
+@pytest.mark.parametrize(
+    ("pair", "said"),
+    [("cert=b'x'", "cert= was given without key="), ("key=b'x'", "key= was given without cert=")],
+)
+def test_half_a_client_certificate_pair_raises_value_error(pair: str, said: str) -> None:
+    # gRPC's C core aborted the whole process (SIGABRT) on half a pair: run it in a child.
+    code = (
+        "import gradwire\n"
+        "try:\n"
+        f"    gradwire.connect('127.0.0.1:{free_port()}', ca=b'x', {pair})\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert said in done.stdout

@@ -273,17 +273,27 @@ def _read_result(
 
 def with_default_port(target: str) -> str:
     """`target` with gradwire's port (50051) when it names a host alone: gRPC would try 443.
-    Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given."""
+    Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given.
+    A port that is not a number from 1 to 65535 raises ValueError: gRPC would take 70000 for
+    port 4464 and -1 for 65535, and connect to whatever listens there."""
     port = DEFAULT_TARGET.rpartition(":")[2]
-    if "/" in target or target.startswith("unix:"):
+    # Schemes whose addresses gRPC checks itself, or that have no port.
+    if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
         return target
-    with contextlib.suppress(ValueError):  # ::1, a bare IPv6 address
-        if ipaddress.ip_address(target).version == 6:
-            return f"[{target}]:{port}"
-    if target.startswith("["):  # [::1] or [::1]:50051
-        return target if "]:" in target else f"{target}:{port}"
-    if ":" not in target:
-        return f"{target}:{port}"
+    address = target.rpartition("/")[2]  # dns:///gpu-box:7000: the address after the path
+    if "/" not in target:
+        with contextlib.suppress(ValueError):  # ::1, a bare IPv6 address
+            if ipaddress.ip_address(target).version == 6:
+                return f"[{target}]:{port}"
+        if ":" not in target or (target.startswith("[") and "]:" not in target):  # [::1]
+            return f"{target}:{port}"
+    if ":" in address and not (address.startswith("[") and "]:" not in address):
+        given = address.rpartition(":")[2]
+        if not (given.isascii() and given.isdigit() and 1 <= int(given) <= 65535):
+            raise ValueError(
+                f"bad port {given!r} in target {target!r}: expected host:port with a port "
+                "from 1 to 65535"
+            )
     return target
 
 
@@ -316,6 +326,12 @@ class Client:
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open."""
         target = with_default_port(target)
+        if bool(cert) != bool(key):  # gRPC's C core aborts the process on half a pair
+            given, missing = ("cert", "key") if cert else ("key", "cert")
+            raise ValueError(
+                f"mutual TLS needs a client certificate and its private key: {given}= was "
+                f"given without {missing}=; give both (PEM bytes), or neither"
+            )
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
@@ -887,9 +903,6 @@ class Client:
         nesterov: bool | None = None,
     ) -> OptimizerConfig:
         """Replaces the optimizer; unset settings take PyTorch's defaults (SGD's lr: 1.0)."""
-        config = pb.OptimizerConfig(
-            kind=pb.OPTIMIZER_KIND_ADAM if kind == "adam" else pb.OPTIMIZER_KIND_SGD
-        )
         settings = {
             "lr": lr,
             "momentum": momentum,
@@ -899,11 +912,20 @@ class Client:
             "eps": eps,
             "nesterov": nesterov,
         }
+        return self._set_optimizer(kind, settings)[1]
+
+    def _set_optimizer(
+        self, kind: Literal["sgd", "adam"], settings: dict[str, Any]
+    ) -> tuple[int, OptimizerConfig]:
+        """set_optimizer's work: the state version it made, and the settings in force."""
+        config = pb.OptimizerConfig(
+            kind=pb.OPTIMIZER_KIND_ADAM if kind == "adam" else pb.OPTIMIZER_KIND_SGD
+        )
         for name, value in settings.items():
             if value is not None:
                 setattr(config, name, value)
         response = self._call("SetOptimizer", pb.SetOptimizerRequest(config=config))
-        return _optimizer_from_proto(response.config)
+        return int(response.version), _optimizer_from_proto(response.config)
 
     @property
     def remote(self) -> RemoteModel:
