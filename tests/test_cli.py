@@ -6,19 +6,25 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
 from torch import nn
 
 import gradwire
+from gradwire_server.app import start
+from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, Simple
-from tests.cli_run import Run, run_main
+from gradwire_server.trainer import Trainer
+from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
 from tests.serve_in_process import serving
+from tests.test_auth import _cert, _key
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -409,7 +415,9 @@ def test_reset_unseeded(cli: Run, client: gradwire.Client) -> None:
 
 def test_optimizer_adam(cli: Run, client: gradwire.Client) -> None:
     result = cli("optimizer", "--kind", "adam", "--lr", "0.01")
-    assert result.out == "adam lr=0.01 weight_decay=0.0 beta1=0.9 beta2=0.999 eps=1e-08\n"
+    assert result.out == (
+        "adam lr=0.01 weight_decay=0.0 beta1=0.9 beta2=0.999 eps=1e-08 (version 1)\n"
+    )
     assert client.list_tensors().optimizer == gradwire.OptimizerConfig(
         kind="adam", lr=0.01, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
     )
@@ -418,6 +426,7 @@ def test_optimizer_adam(cli: Run, client: gradwire.Client) -> None:
 def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
     result = cli("optimizer", "--momentum", "0.9", "--nesterov", "--lr", "0.5", "--json")
     assert result.json() == {
+        "version": 1,
         "kind": "sgd",
         "lr": 0.5,
         "momentum": 0.9,
@@ -650,6 +659,8 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["train", "--steps", "0"], "argument --steps: bad number '0'"),
         (["train", "--batch", "x"], "argument --batch: bad number 'x'"),
         (["train", "--every", "0"], "argument --every: bad number '0'"),
+        (["train", "--input-shape", "3,x"], "argument --input-shape: bad shape '3,x'"),
+        (["train", "--input-shape", "3,-8"], "argument --input-shape: bad shape '3,-8'"),
         (["list", "--timeout", "0"], "argument --timeout: bad duration '0'"),
         (["list", "--timeout", "nan"], "argument --timeout: bad duration 'nan'"),
         (["list", "--keepalive", "-5"], "argument --keepalive: bad duration '-5'"),
@@ -718,3 +729,249 @@ def test_a_target_without_a_port_gets_gradwires(given: str, used: str) -> None:
     # gRPC's own default is 443, where no gradwire server listens.
     with gradwire.Client(given) as client:
         assert client.target == used
+
+
+# --- found by a review: bad input answered with a traceback, an abort or a silent surprise -----
+
+
+def test_a_target_port_past_65535_exits_2_before_connecting(address: str) -> None:
+    # gRPC took port P + 65536 for P: `list` answered from the fixture's server.
+    port = int(address.rpartition(":")[2]) + 65536
+    result = run_main("list", "--target", f"127.0.0.1:{port}")
+    assert result.code == 2
+    assert result.err == (
+        f"gradwire list: error: bad port '{port}' in target '127.0.0.1:{port}': expected "
+        "host:port with a port from 1 to 65535\n"
+    )
+    assert result.out == ""
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"), [("--tls-cert", "--tls-key"), ("--tls-key", "--tls-cert")]
+)
+def test_half_a_client_certificate_pair_exits_2(
+    dead_address: str, tmp_path: Path, given: str, missing: str
+) -> None:
+    # gRPC's C core aborted the process (SIGABRT, exit 134): run it in a child.
+    pem = tmp_path / "some.pem"
+    pem.write_text("not read: refused before\n")
+    done = subprocess.run(
+        [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()", "list",
+         "--target", dead_address, "--tls-ca", str(pem), given, str(pem)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"gradwire list: error: {given} without {missing}: mutual TLS needs the client's "
+        "certificate (--tls-cert) and its private key (--tls-key); give both, or neither\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"0.5, 0.5, 0.5\n", "is not a .npy file (it has no .npy header): write one with"),
+        (b"", "is not a .npy file (it is empty)"),
+        (b"\x93NUMPY\x01\x00", "is not a .npy file numpy can read:"),  # cut short
+    ],
+    ids=["text", "empty", "cut-short"],
+)
+def test_set_from_a_file_that_is_not_npy_exits_2(
+    cli: Run, client: gradwire.Client, tmp_path: Path, content: bytes, said: str
+) -> None:
+    path = tmp_path / "values.npy"
+    path.write_bytes(content)
+    result = cli("set", "conv1.weight[0]", str(path))
+    assert result.code == 2
+    assert result.err.startswith(f"gradwire set: error: {path} {said}")
+    assert result.err.count("\n") == 1  # one line, no traceback
+    assert client.list_tensors().version == 0
+
+
+def test_an_object_array_npy_exits_2(cli: Run, tmp_path: Path) -> None:
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{}], dtype=object), allow_pickle=True)
+    result = cli("set", "conv1.weight[0]", str(path))
+    assert result.code == 2
+    assert "is not a .npy file numpy can read: Object arrays cannot be loaded" in result.err
+
+
+# --- get --out: a snapshot in a .npy file, and back with set ----------------------------------
+
+
+def test_get_out_then_set_round_trips_exactly(
+    cli: Run, client: gradwire.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "linear.npy"
+    before = get(client, "linear.weight")
+    result = cli("get", "linear.weight", "--out", str(path))
+    assert result.code == 0, result.err
+    assert result.out == (
+        f"wrote linear.weight torch.Size([20, 3200]) float32 (version 0) to {path}\n"
+    )
+    saved = np.load(path)
+    assert saved.dtype == before.dtype and saved.shape == before.shape
+    np.testing.assert_array_equal(saved, before)
+    assert cli("fill", "0.25").code == 0
+    assert cli("set", "linear.weight", str(path)).code == 0
+    after = get(client, "linear.weight")
+    assert after.dtype == before.dtype
+    assert after.tobytes() == before.tobytes()  # bit for bit
+
+
+def test_get_out_of_a_slice_and_back_into_another(
+    cli: Run, client: gradwire.Client, tmp_path: Path
+) -> None:
+    path = tmp_path / "filter0.npy"
+    result = cli("get", "conv1.weight[0]", "--out", str(path), "--json")
+    assert result.json() == {
+        "name": "conv1.weight",
+        "selector": "conv1.weight[0]",
+        "version": 0,
+        "shape": [3, 3, 3],
+        "dtype": "float32",
+        "out": str(path),
+    }
+    assert cli("set", "conv1.weight[1]", str(path)).code == 0
+    weight = get(client, "conv1.weight")
+    np.testing.assert_array_equal(weight[1], weight[0])
+
+
+def test_get_out_keeps_an_integer_dtype(cli: Run, client: gradwire.Client, tmp_path: Path) -> None:
+    assert cli("forward").code == 0
+    path = tmp_path / "target.npy"
+    assert cli("get", "target", "--out", str(path)).out.startswith(
+        "wrote target torch.Size([8]) int64 (version 1)"
+    )
+    saved = np.load(path)
+    assert saved.dtype == np.int64
+    np.testing.assert_array_equal(saved, get(client, "target"))
+
+
+def test_get_out_refuses_what_it_cannot_write(cli: Run, tmp_path: Path) -> None:
+    absent = tmp_path / "grad.npy"
+    result = cli("get", "conv1.weight.grad", "--out", str(absent))
+    assert result.code == 1
+    assert "conv1.weight.grad is None (absent): nothing to save" in result.err
+    assert not absent.exists()
+    for argv, said in [
+        (["--out", str(tmp_path / "w.txt")], "name it something.npy"),
+        (["--out", str(tmp_path / "nope" / "w.npy")], "no such folder"),
+        (["--out", str(tmp_path / "w.npy"), "--shape-only"], "give one of them"),
+    ]:
+        result = cli("get", "conv1.weight", *argv)
+        assert result.code == 2, argv
+        assert result.err.startswith("gradwire get: error: --out") and said in result.err
+
+
+# --- optimizer shows the version it made, as every other mutating command -----------------------
+
+
+def test_optimizer_shows_the_version(cli: Run, client: gradwire.Client) -> None:
+    result = cli("optimizer", "--lr", "0.5")
+    assert result.out == "sgd lr=0.5 momentum=0.0 weight_decay=0.0 nesterov=False (version 1)\n"
+    data = cli("optimizer", "--kind", "adam", "--json").json()
+    assert data["version"] == 2 == client.list_tensors().version
+    assert data["kind"] == "adam" and data["lr"] == 0.001
+
+
+# --- hints for a call that never reached a gradwire server -------------------------------------
+
+
+@pytest.fixture
+def mute_address() -> Iterator[str]:
+    """An address that accepts TCP connections and never says a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)  # the kernel completes the handshakes; nothing ever reads or answers
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_target_that_never_speaks_grpc_gets_a_hint(mute_address: str) -> None:
+    result = run_main("list", "--target", mute_address, "--timeout", "1")
+    assert result.code == 1
+    assert result.err == (
+        "error: DEADLINE_EXCEEDED: Deadline Exceeded\n"
+        f"hint: {mute_address} did not answer as a gRPC server within 1s (the connection "
+        "never became ready): check that --target HOST:PORT names a gradwire server, not "
+        "another program or a port a firewall drops\n"
+    )
+
+
+def test_a_slow_answer_from_a_server_gets_no_connection_hint(cli: Run) -> None:
+    result = cli("forward", "--input", "uniform:64,3,10,10", "--timeout", "0.001")
+    assert result.code == 1
+    assert result.err.startswith("error: DEADLINE_EXCEEDED")
+    assert "hint:" not in result.err
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed, and another CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    pem = serialization.Encoding.PEM
+    ca_key, other_key, server_key = _key(), _key(), _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
+    files = {
+        "ca": ca.public_bytes(pem),
+        "other": _cert("another CA", other_key, None, other_key, ca=True).public_bytes(pem),
+        "cert": _cert("gradwire server", server_key, ca, ca_key, server=True).public_bytes(pem),
+        "key": server_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+    for name, data in files.items():
+        (folder / f"{name}.pem").write_bytes(data)
+    return {name: folder / f"{name}.pem" for name in files}
+
+
+def _hint(result: Result) -> str:
+    assert result.code == 1
+    hints = [line for line in result.err.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, result.err
+    return hints[0]
+
+
+def test_tls_failures_get_hints_that_fit_the_options_given(
+    pki: dict[str, Path], address: str, dead_address: str
+) -> None:
+    files = TlsFiles(pki["cert"], pki["key"])
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
+    tls_address = f"127.0.0.1:{running.port}"
+    try:
+        untrusted = run_main("list", "--target", tls_address, "--tls-ca", str(pki["other"]))
+        assert _hint(untrusted) == (
+            f"hint: {tls_address} serves TLS with a certificate not signed by the CA in "
+            f"{pki['other']}: pass --tls-ca with the CA that signed the server's certificate "
+            "(PEM)"
+        )
+        system_roots = run_main("list", "--target", tls_address, "--tls")
+        assert "not signed by any CA this machine trusts" in _hint(system_roots)
+        assert "pass --tls-ca with the CA that signed" in _hint(system_roots)
+        assert run_main("list", "--target", tls_address, "--tls-ca", str(pki["ca"])).code == 0
+    finally:
+        running.stop(grace=None)
+    plaintext = run_main("list", "--target", address, "--tls-ca", str(pki["ca"]))
+    assert _hint(plaintext) == (
+        f"hint: {address} does not answer in TLS: for a server without TLS, leave out --tls, "
+        "--tls-ca, --tls-cert and --tls-key"
+    )
+    nobody = run_main("list", "--target", dead_address, "--tls", "--timeout", "5")
+    assert _hint(nobody) == (
+        f"hint: no gradwire server answered at {dead_address}: start one (gradwire serve), or "
+        "name yours with --target HOST:PORT"
+    )
+
+
+def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: dict[str, Path]) -> None:
+    files = TlsFiles(pki["cert"], pki["key"], client_ca=pki["ca"])
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
+    target = f"127.0.0.1:{running.port}"
+    try:
+        result = run_main("list", "--target", target, "--tls-ca", str(pki["ca"]))
+        assert _hint(result) == (
+            f"hint: {target} closed the connection before it was ready: if it requires "
+            "client certificates (mutual TLS), pass --tls-cert and --tls-key"
+        )
+    finally:
+        running.stop(grace=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -229,7 +230,7 @@ def test_watch_prints_one_entry_per_update(cli: Run, address: str) -> None:
     assert updates[0]["cause"] == "Watch" and updates[1]["cause"] == "SetOptimizer"
     assert [t["name"] for t in updates[0]["tensors"]] == ["conv1.weight", "loss"]
     assert len(updates[0]["tensors"][0]["value"]) == 3
-    assert updates[0]["tensors"][1] == {"name": "loss", "present": False}
+    assert updates[0]["tensors"][1] == {"name": "loss", "selector": "loss", "present": False}
 
 
 def test_watch_text_table_and_duration(cli: Run) -> None:
@@ -343,3 +344,53 @@ def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() ->
 
     old = Listing(0, "Simple", "cpu", OptimizerConfig("sgd", 1.0), (), (), "unknown", 0, "")
     assert _model_input(old) == ((3, 10, 10), None)
+
+
+# --- found by a review ------------------------------------------------------------------------
+
+
+def test_watch_json_names_each_selector(cli: Run) -> None:
+    # Two slices of one tensor were both just "conv1.weight".
+    result = cli("watch", "conv1.weight[0]", "conv1.weight[ 1 ]", "--json", "--count", "1")
+    assert result.code == 0, result.err
+    tensors = json.loads(result.out)["tensors"]
+    assert [(t["name"], t["selector"]) for t in tensors] == [
+        ("conv1.weight", "conv1.weight[0]"),
+        ("conv1.weight", "conv1.weight[1]"),  # as get --json writes it
+    ]
+    assert all(t["present"] and t["stats"]["count"] == 27 for t in tensors)
+
+
+def test_watch_bins_shows_a_histogram_in_text(cli: Run, client: gradwire.Client) -> None:
+    result = cli("watch", "conv1.weight", "loss", "--bins", "3", "--count", "1")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[1].split()[:2] == ["conv1.weight", "mean"]
+    bars = lines[2:5]
+    assert all(line.startswith("      [") for line in bars)
+    read = client.stats("conv1.weight", bins=3).stats
+    assert read is not None and read.histogram is not None
+    found = [re.search(r"[)\]] +(\d+) ", line) for line in bars]  # the count after each bin
+    assert [int(m.group(1)) for m in found if m] == list(read.histogram.counts)
+    assert lines[5].split() == ["loss", "absent"]
+    assert len(lines) == 6
+
+
+def test_stats_histogram_columns_line_up(cli: Run) -> None:
+    # Edges of unlike widths (0 beside 0.025) pushed the counts and bars out of line.
+    result = cli("stats", "conv1.weight", "--bins", "4", "--low", "0", "--high", "0.1")
+    assert result.code == 0, result.err
+    bars = [line for line in result.out.splitlines() if line.startswith("  [")]
+    assert len(bars) == 4
+    assert len({line.index(",") for line in bars}) == 1
+    assert len({line.index(")") if ")" in line else line.index("]") for line in bars}) == 1
+    assert bars[0].startswith("  [     0,  0.025)")
+
+
+@pytest.mark.parametrize("mode", [[], ["--server-side"]], ids=["steps", "server-side"])
+def test_train_that_runs_no_step_prints_no_summary(cli: Run, mode: list[str]) -> None:
+    # It printed "stopped after 0 steps: loss nan" before the error.
+    result = cli("train", "--steps", "3", "--input-shape", "3,8,8", *mode)
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err.startswith("error: INVALID_ARGUMENT: input has shape [8, 3, 8, 8]")

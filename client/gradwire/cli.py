@@ -27,7 +27,6 @@ from gradwire.client import (
     Client,
     Listing,
     OptimizerConfig,
-    with_default_port,
 )
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
@@ -90,6 +89,15 @@ def _shape(text: str) -> tuple[int, ...]:
     if any(d < 0 for d in shape):
         raise UsageError(f"bad shape {text!r}: dimensions cannot be negative")
     return shape
+
+
+def _shape_option(text: str) -> tuple[int, ...]:
+    """_shape as an option's type: argparse reports an ArgumentTypeError as a usage error
+    (exit 2); any other exception escapes it as a traceback."""
+    try:
+        return _shape(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 #: The environment variable naming the session commands act on (--session).
@@ -157,10 +165,7 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def parse_source(text: str, seed: int = 0) -> Any:
     """A Fill (or a numpy array from a .npy file) from the CLI's source syntax."""
     if text.endswith(".npy"):
-        path = Path(text)
-        if not path.is_file():
-            raise UsageError(f"no such file: {text}")
-        return np.load(path, allow_pickle=False)
+        return _load_npy(Path(text))
     parts = text.split(":")
     kind = parts[0]
     dtype = None
@@ -185,6 +190,31 @@ def parse_source(text: str, seed: int = 0) -> Any:
     except ValueError as err:
         raise UsageError(f"bad source {text!r}: {err}") from None
     raise UsageError(f"bad source {text!r}: expected {SOURCE_HELP}")
+
+
+#: The first bytes of every .npy file (numpy.save writes them; numpy.lib.format).
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _load_npy(path: Path) -> Any:
+    """The array in a .npy file; a UsageError, not a traceback, for a file that is none."""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+            if head != _NPY_MAGIC:
+                found = "it is empty" if not head else "it has no .npy header"
+                raise UsageError(
+                    f"{path} is not a .npy file ({found}): write one with numpy.save, or "
+                    "with gradwire get SELECTOR --out FILE.npy"
+                )
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, EOFError) as e:  # cut short, or objects that need pickle
+        raise UsageError(f"{path} is not a .npy file numpy can read: {e}") from None
 
 
 _OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write inf for infinity"
@@ -328,6 +358,9 @@ def cmd_zero_grad(args: argparse.Namespace, client: Client, out: TextIO) -> None
 
 def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selector = parse_selector(args.selector)
+    if args.out is not None:
+        _save_npy(args, client, selector, out)
+        return
     read = client.read(
         args.selector, values=not args.shape_only, as_torch=torch_available() and not args.json
     )
@@ -348,10 +381,46 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     _emit(out, args, data, text)
 
 
-def _absent(selector: Selector, out: Path) -> CommandError:
+def _save_npy(args: argparse.Namespace, client: Client, selector: Selector, out: TextIO) -> None:
+    """get --out: the values, as the Python client returns them (numpy: bfloat16 widened
+    exactly to float32), into a .npy file that `gradwire set` takes back."""
+    path: Path = args.out
+    if args.shape_only:
+        raise UsageError("--out saves values, and --shape-only fetches none: give one of them")
+    if path.suffix != ".npy":  # numpy.save would add one, and set takes only FILE.npy
+        raise UsageError(f"--out {path}: get --out writes a .npy file; name it something.npy")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: no such folder {path.parent}")
+    read = client.read(args.selector)
+    if read.value is None or read.shape is None:
+        raise _absent(selector, path, "nothing to save")
+    array = np.asarray(read.value)
+    try:
+        np.save(path, array, allow_pickle=False)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None
+    dtype = str(array.dtype)
+    widened = f" ({read.dtype} on the server)" if read.dtype not in (None, dtype) else ""
+    _emit(
+        out,
+        args,
+        {
+            "name": read.name,
+            "selector": str(selector),
+            "version": read.version,
+            "shape": list(array.shape),
+            "dtype": dtype,
+            "out": str(path),
+        },
+        f"wrote {selector} {format_size(array.shape)} {dtype}{widened} (version "
+        f"{read.version}) to {path}",
+    )
+
+
+def _absent(selector: Selector, out: Path, nothing: str = "nothing to draw") -> CommandError:
     after = "backward" if selector.name.endswith(".grad") else "forward"
     return CommandError(
-        f"{selector.name} is None (absent): nothing to draw, so {out} was not written; "
+        f"{selector.name} is None (absent): {nothing}, so {out} was not written; "
         f"it exists after `gradwire {after}`"
     )
 
@@ -554,6 +623,8 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     diverged_at = done
                 if done % args.every == 0 or done == args.steps:
                     bar.update(done, loss)
+    if failed is not None and done == 0:
+        raise failed  # no step to sum up (a wrong --input-shape, say): the error says it all
     stopped = done < args.steps
     ran_on = False
     if args.server_side and stopped and failed is None:
@@ -597,6 +668,8 @@ def _divergence_hint(client: Client, step: int) -> str:
 
 def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     stats = args.stats or not args.values
+    # As get --json writes them: two slices of one tensor share a name, not a selector.
+    selectors = [str(parse_selector(text)) for text in args.selectors]
     stream = client.watch(
         args.selectors,
         values=args.values,
@@ -611,7 +684,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         for update in stream:
             if args.json:
-                out.write(_json_line(_watch_json(update)))
+                out.write(_json_line(_watch_json(update, selectors)))
                 out.flush()
             else:
                 table.show(update)
@@ -626,10 +699,14 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         stream.close()
 
 
-def _watch_json(update: Any) -> dict[str, Any]:
+def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
     tensors = []
-    for watched in update.tensors:
-        item: dict[str, Any] = {"name": watched.name, "present": watched.present}
+    for watched, selector in zip(update.tensors, selectors, strict=True):
+        item: dict[str, Any] = {
+            "name": watched.name,
+            "selector": selector,
+            "present": watched.present,
+        }
         if watched.value is not None:
             item["value"] = _jsonable(watched.value)
         if watched.stats is not None:
@@ -701,18 +778,15 @@ def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    config = client.set_optimizer(
-        args.kind,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        beta1=args.beta1,
-        beta2=args.beta2,
-        eps=args.eps,
-        nesterov=args.nesterov,
-    )
+    names = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
+    version, config = client._set_optimizer(args.kind, {n: getattr(args, n) for n in names})
     settings = {k: v for k, v in vars(config).items() if v is not None}
-    _emit(out, args, settings, _describe_optimizer(config))
+    _emit(
+        out,
+        args,
+        {"version": version, **settings},
+        f"{_describe_optimizer(config)} (version {version})",
+    )
 
 
 def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -879,8 +953,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     common.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server")
-    common.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
-    common.add_argument("--tls-key", type=Path, help="client private key (PEM), for mutual TLS")
+    common.add_argument(
+        "--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS, with --tls-key"
+    )
+    common.add_argument(
+        "--tls-key", type=Path, help="client private key (PEM), for mutual TLS, with --tls-cert"
+    )
     # The same names, for `serve`, from the server's side.
     serving = argparse.ArgumentParser(add_help=False)
     serving.add_argument(
@@ -1054,11 +1132,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--zeros", action="store_true", help="set gradients to zero tensors instead of None"
     )
 
-    p = add("get", cmd_get, "print a tensor or slice: gradwire get 'conv1.weight.grad[0][0][0]'")
+    p = add(
+        "get",
+        cmd_get,
+        "print a tensor or slice, or save it to a .npy file (--out): "
+        "gradwire get 'conv1.weight.grad[0][0][0]'",
+    )
     p.add_argument(
         "selector", help="a name and optional numpy basic index: conv1.weight[0, :, 1:3]"
     )
     p.add_argument("--shape-only", action="store_true", help="print the shape, fetch no values")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.npy",
+        help="save the values to this .npy file instead of printing them (dtype and shape "
+        "as the Python client reads them; bfloat16 widened exactly to float32), and print "
+        "what was written; gradwire set SELECTOR FILE.npy writes them back",
+    )
 
     p = add(
         "plot",
@@ -1121,7 +1212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("selectors", nargs="+", help="names with optional indices, as for get")
     p.add_argument("--values", action="store_true", help="show values (default: statistics)")
     p.add_argument("--stats", action="store_true", help="with --values: statistics too")
-    p.add_argument("--bins", type=int, default=0, help="histogram bins in the statistics")
+    p.add_argument(
+        "--bins",
+        type=int,
+        default=0,
+        help="histogram bins in the statistics: drawn under each tensor's row, or in each "
+        "entry's stats with --json (default: none)",
+    )
     p.add_argument(
         "--every-steps",
         type=_at_least(0),
@@ -1162,7 +1259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--input-shape",
-        type=_shape,
+        type=_shape_option,
         help="one sample's shape, comma-separated (default: what the server's model takes)",
     )
     p.add_argument(
@@ -1232,6 +1329,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _client(args: argparse.Namespace) -> Client:
     """A Client for the common options: target, timeout, token and TLS."""
+    if bool(args.tls_cert) != bool(args.tls_key):  # gRPC's C core aborts on half a pair
+        given = "--tls-cert" if args.tls_cert else "--tls-key"
+        missing = "--tls-key" if args.tls_cert else "--tls-cert"
+        raise UsageError(
+            f"{given} without {missing}: mutual TLS needs the client's certificate "
+            "(--tls-cert) and its private key (--tls-key); give both, or neither"
+        )
     try:
         return Client(
             args.target,
@@ -1257,6 +1361,75 @@ def _unreachable(error: RemoteError) -> bool:
     )
 
 
+#: Seconds a failed command waits to learn whether its channel ever connected: a connected
+#: one says so at once.
+READY_CHECK_S = 0.5
+
+
+def _connected(client: Client) -> bool:
+    """Whether the client's channel is connected: a server answered gRPC on it."""
+    try:
+        client.wait_ready(READY_CHECK_S)
+    except Unavailable:
+        return False
+    return True
+
+
+def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteError) -> str | None:
+    """What to do about a call that never reached a gradwire server, from what the CLI can
+    know: gRPC's words for the failure, the TLS options given and whether the channel ever
+    connected. None for an error a server answered."""
+    target = client.target
+    tls = bool(args.tls or args.tls_ca or args.tls_cert)
+    text = error.message.lower()
+    if isinstance(error, DeadlineExceeded):
+        if _connected(client):
+            return None  # a server answered; this call took longer than --timeout
+        return (
+            f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "
+            "connection never became ready): check that --target HOST:PORT names a gradwire "
+            "server, not another program or a port a firewall drops"
+        )
+    if not _unreachable(error):
+        return None
+    if "certificate_verify_failed" in text and (
+        "local issuer" in text or "self signed" in text or "self-signed" in text
+    ):
+        signer = (
+            f"the CA in {args.tls_ca}"
+            if args.tls_ca
+            else "any CA this machine trusts (--tls alone trusts the system's)"
+        )
+        return (
+            f"{target} serves TLS with a certificate not signed by {signer}: pass --tls-ca "
+            "with the CA that signed the server's certificate (PEM)"
+        )
+    if "wrong_version_number" in text:  # the answer to TLS's first message was not TLS
+        return (
+            f"{target} does not answer in TLS: for a server without TLS, leave out --tls, "
+            "--tls-ca, --tls-cert and --tls-key"
+        )
+    if tls and "socket closed" in text:
+        if args.tls_cert:
+            return (
+                f"{target} closed the connection before it was ready: if it requires client "
+                f"certificates, the CA it trusts for them may not have signed {args.tls_cert}"
+            )
+        return (
+            f"{target} closed the connection before it was ready: if it requires client "
+            "certificates (mutual TLS), pass --tls-cert and --tls-key"
+        )
+    if tls:
+        return (
+            f"no gradwire server answered at {target}: start one (gradwire serve), or name "
+            "yours with --target HOST:PORT"
+        )
+    return (
+        f"no gradwire server answered at {target}: start one (gradwire serve), name yours "
+        "with --target HOST:PORT, or add --tls if it serves TLS"
+    )
+
+
 def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -1270,23 +1443,24 @@ def main(
             args = parser.parse_args(argv)
     except SystemExit as exit:
         return int(exit.code or 0)
+    hint = None  # for a remote error: what to do about it, when the CLI can tell
     try:
         if not args.remote or (args.command == "replay" and args.embedded):
             args.func(args, None, out)
         else:
             with _client(args) as client:
-                args.func(args, client, out)
+                try:
+                    args.func(args, client, out)
+                except RemoteError as e:
+                    hint = _connection_hint(args, client, e)  # before the channel closes
+                    raise
     except (UsageError, SelectorError, codec.CodecError) as e:
         err.write(f"gradwire {args.command}: error: {e}\n")
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
-        if _unreachable(e):
-            err.write(
-                f"hint: no gradwire server answered at {with_default_port(args.target)}: start "
-                "one (gradwire serve), name yours with --target HOST:PORT, or add --tls if it "
-                "serves TLS\n"
-            )
+        if hint is not None:
+            err.write(f"hint: {hint}\n")
         return 1
     except CommandError as e:
         err.write(f"gradwire {args.command}: error: {e}\n")

@@ -105,11 +105,14 @@ def format_stats(stats: Stats) -> list[str]:
 
 
 def histogram_bars(histogram: Histogram, width: int = 40) -> list[str]:
-    """One line per bin: its range, its count and a bar scaled to the largest bin."""
-    edges = histogram.edges
+    """One line per bin: its range, its count and a bar scaled to the largest bin. The edges
+    are padded to one width, so that the counts and bars line up (0 beside 0.025)."""
+    edges = [f"{edge: .4g}" for edge in histogram.edges]
+    pad = max(map(len, edges), default=0)
     most = max(histogram.counts, default=0) or 1
+    last = len(histogram.counts) - 1
     return [
-        f"  [{edges[i]: .4g}, {edges[i + 1]: .4g}{']' if i == len(histogram.counts) - 1 else ')'}"
+        f"  [{edges[i]:>{pad}}, {edges[i + 1]:>{pad}}{']' if i == last else ')'}"
         f" {count:>8d} {'#' * round(width * count / most)}"
         for i, count in enumerate(histogram.counts)
     ]
@@ -135,6 +138,9 @@ def summary_cells(stats: Stats | None) -> str:
         text += f"  nan {stats.nan_count}  inf {stats.inf_count}"
     return text
 
+
+#: The longest bar of a histogram in a watch table: narrower than stats', as it is indented.
+WATCH_BAR = 30
 
 #: Values a watch table's cell shows in full; larger tensors show their first and last few.
 CELL_VALUES = 12
@@ -182,6 +188,11 @@ class WatchTable:
             else:
                 cell = summary_cells(watched.stats)
             lines.append(f"  {selector:<{self.width}}  {cell}")
+            stats = watched.stats
+            if stats is not None and stats.histogram is not None and stats.count > 1:
+                # Under its row, as `gradwire stats --bins` prints it (a scalar's is its value).
+                bars = histogram_bars(stats.histogram, WATCH_BAR)
+                lines.extend("    " + line for line in bars)
         return lines
 
     def show(self, update: WatchUpdate) -> None:
