@@ -324,6 +324,57 @@ def test_the_cli_acts_on_the_session_given(
     assert unknown.err.startswith("error: NOT_FOUND: no session '0123'")
 
 
+def test_the_cli_opens_a_session_that_outlives_it_and_closes_it(
+    client: gradwire.Client, address: str, server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI could only act on sessions opened from Python; its error said "OpenSession".
+    monkeypatch.setenv("GRADWIRE_SESSION", "stale")  # open-session ignores the one in force
+    opened = run_main("open-session", "--seed", "3", "--target", address, "--json")
+    assert opened.code == 0, opened.err
+    answer = json.loads(opened.out)
+    session = answer["session"]
+    assert answer["idle_timeout_s"] == server.servicer.sessions.idle_s
+    monkeypatch.delenv("GRADWIRE_SESSION")
+    assert server.servicer.sessions.open_count == 1  # left open when the command ended
+    stepped = run_main("forward", "--target", address, "--session", session, "--json")
+    assert json.loads(stepped.out)["version"] == 1
+    assert client.list_tensors().version == 0  # the default session saw none of it
+    text = run_main("open-session", "--target", address)
+    other = text.out.split()[1]
+    assert text.out == (
+        f"session {other} opened; the server closes it after 600 s without calls\n"
+        f"act on it with --session {other}, or: export GRADWIRE_SESSION={other}\n"
+        f"close it with: gradwire close-session {other}\n"
+    )
+    closed = run_main("close-session", session, "--target", address)
+    assert (closed.code, closed.out) == (0, f"session {session} closed\n")
+    monkeypatch.setenv("GRADWIRE_SESSION", other)
+    assert run_main("close-session", "--target", address).code == 0  # the one in force
+    assert server.servicer.sessions.open_count == 0
+    again = run_main("close-session", session, "--target", address)
+    assert again.code == 1
+    assert "no session" in again.err and "gradwire open-session" in again.err
+    monkeypatch.delenv("GRADWIRE_SESSION")
+    unnamed = run_main("close-session", "--target", address)
+    assert unnamed.code == 2 and "name the session to close" in unnamed.err
+
+
+def test_a_detached_session_stays_open_when_its_clients_close(
+    address: str, server: Running
+) -> None:
+    sessions = server.servicer.sessions
+    with gradwire.connect(address, timeout=30) as parent:
+        with parent.open_session(seed=0) as mine:
+            session = mine.detach()
+            assert mine.session_idle_s == sessions.idle_s
+        assert sessions.open_count == 1  # neither its own close nor the parent's closed it
+        with pytest.raises(ValueError, match="default session"):
+            parent.detach()
+    with gradwire.connect(address, session=session) as joined:
+        joined.close_session()
+    assert sessions.open_count == 0
+
+
 def test_a_trainer_that_fails_to_close_does_not_keep_the_others_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

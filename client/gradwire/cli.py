@@ -777,6 +777,37 @@ def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     _emit(out, args, {"version": version}, f"model re-initialised, {seeded} (version {version})")
 
 
+def cmd_open_session(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    client.session = None  # opened beside the default session, whatever --session says
+    session = client.open_session(args.seed)
+    ident, idle = session.detach(), session.session_idle_s
+    lasts = (
+        "it stays open until closed"
+        if idle is None or math.isinf(idle)
+        else f"the server closes it after {idle:g} s without calls"
+    )
+    _emit(
+        out,
+        args,
+        {"session": ident, "idle_timeout_s": idle},
+        f"session {ident} opened; {lasts}\n"
+        f"act on it with --session {ident}, or: export {SESSION_ENV}={ident}\n"
+        f"close it with: gradwire close-session {ident}",
+    )
+
+
+def cmd_close_session(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    ident = args.id or args.session
+    if not ident:
+        raise UsageError(
+            f"name the session to close: gradwire close-session ID (or --session ID, or "
+            f"${SESSION_ENV})"
+        )
+    client.session = ident
+    client.close_session()
+    _emit(out, args, {"session": ident, "closed": True}, f"session {ident} closed")
+
+
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     names = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
     version, config = client._set_optimizer(args.kind, {n: getattr(args, n) for n in names})
@@ -943,8 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--session",
         default=os.environ.get(SESSION_ENV) or None,
         metavar="ID",
-        help="act on this session (opened from Python: Client.open_session(), its .session) "
-        f"instead of the default one; it stays open (default: ${SESSION_ENV} if set)",
+        help="act on this session (from gradwire open-session, or Python's "
+        "Client.open_session(): its .session) instead of the default one; it stays open "
+        f"(default: ${SESSION_ENV} if set)",
     )
     common.add_argument(
         "--token-file",
@@ -1285,6 +1317,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reset", cmd_reset, "re-initialise the model and optimizer")
     p.add_argument("--seed", type=int, default=None, help="torch.manual_seed before initialising")
+
+    p = add(
+        "open-session",
+        cmd_open_session,
+        "open a session: a model, optimizer and version of its own beside the default one; "
+        "prints its id for --session",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for its model's initialisation")
+
+    p = add(
+        "close-session",
+        cmd_close_session,
+        "close a session and free its model (open Watches and Trains on it end)",
+    )
+    p.add_argument(
+        "id", nargs="?", default=None, help=f"the session (default: --session, ${SESSION_ENV})"
+    )
 
     p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")
     p.add_argument("--kind", choices=["sgd", "adam"], default="sgd", help="torch.optim.SGD or Adam")

@@ -342,6 +342,9 @@ class Client:
         #: The session this client's calls act on; None: the server's default session.
         self.session: str | None = session or None
         self._owns_session = False  # opened by open_session: closing the client closes it
+        #: For a session this client opened: the seconds without calls after which the
+        #: server closes it (inf: never). None for the default session or one joined.
+        self.session_idle_s: float | None = None
         self._owns_channel = channel is None
         #: Session clients made by open_session, on this client's channel.
         self._opened: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -465,6 +468,8 @@ class Client:
                 self.close_session()
             if self._owns_channel:
                 for opened in list(self._opened):
+                    if not opened._owns_session:  # detached
+                        continue
                     with contextlib.suppress(GradwireError):  # they expire in any case
                         opened.close_session()
                 self._channel.close()
@@ -496,11 +501,22 @@ class Client:
         response = self._call("OpenSession", request)
         other = copy.copy(self)
         other.session = response.session
+        other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = False
         other._opened = weakref.WeakSet()
         self._opened.add(other)
         return other
+
+    def detach(self) -> str:
+        """Leaves this client's session open when this client, or the one that opened it,
+        closes: for another process to use (`Client(target, session=id)`, the CLI's
+        `--session`) and close (`close_session()`, `gradwire close-session`). The server
+        closes it after `session_idle_s` without calls. Returns the session's id."""
+        if self.session is None:
+            raise ValueError("this client acts on the default session: there is none to detach")
+        self._owns_session = False
+        return self.session
 
     def close_session(self) -> None:
         """Closes this client's session on the server (its model is freed)."""

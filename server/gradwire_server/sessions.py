@@ -87,7 +87,8 @@ class Sessions:
             if found is None:
                 raise UnknownSession(
                     f"no session {shown(session)}: it was never opened, was closed, or expired "
-                    f"after {self.idle_s:g} s without calls; open one with OpenSession",
+                    f"after {self.idle_s:g} s without calls; open one with OpenSession (gradwire "
+                    "open-session)",
                     metadata={"session": session[:64]},
                 )
             found.last_used = self._clock()
