@@ -898,6 +898,16 @@ def test_a_target_that_never_speaks_grpc_gets_a_hint(mute_address: str) -> None:
     )
 
 
+def test_a_watch_for_a_duration_that_never_got_an_update_fails(mute_address: str) -> None:
+    # --duration's end is a deadline: it ended the watch with exit 0 and no word when no
+    # server had answered at all.
+    result = run_main("watch", "conv1.weight", "--target", mute_address, "--duration", "1")
+    assert result.code == 1
+    assert result.out == ""
+    assert result.err.startswith("error: DEADLINE_EXCEEDED")
+    assert f"hint: {mute_address} did not answer as a gRPC server" in result.err
+
+
 def test_a_slow_answer_from_a_server_gets_no_connection_hint(cli: Run) -> None:
     result = cli("forward", "--input", "uniform:64,3,10,10", "--timeout", "0.001")
     assert result.code == 1

@@ -692,7 +692,9 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             if args.count is not None and seen >= args.count:
                 break
     except DeadlineExceeded:
-        pass  # --duration reached: the watch ends as asked
+        if not seen:  # not even the first update: no server answered, or too short a time
+            raise
+        # --duration reached after an update: the watch ends as asked
     except KeyboardInterrupt:
         pass  # Ctrl-C ends a watch; nothing was changing on the server
     finally:
