@@ -14,11 +14,16 @@ COPY client ./client
 COPY server ./server
 RUN pip install ".[server]" && gradwire --help > /dev/null
 
-# Unprivileged at run time: the service needs nothing root has.
-RUN useradd --create-home --uid 10001 gradwire
+# Unprivileged at run time: the service needs nothing root has. Its state (weights,
+# gradients, optimizer state) is saved to /var/lib/gradwire at a graceful stop and restored
+# at start: a volume, owned by that user, so that a fresh (named) volume is writable too.
+RUN useradd --create-home --uid 10001 gradwire \
+    && mkdir -p /var/lib/gradwire && chown gradwire:gradwire /var/lib/gradwire
+VOLUME /var/lib/gradwire
 USER gradwire
 
 EXPOSE 50051
 # Inside the container the server must listen on all interfaces for the published port to
 # reach it; docker-compose.yml publishes it on the host's loopback only.
-CMD ["gradwire", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto"]
+CMD ["gradwire", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto", \
+     "--state-dir", "/var/lib/gradwire"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,29 @@ def test_dockerfile_uses_a_cuda_pytorch_base_and_the_server_extra() -> None:
     base = re.search(r"^FROM (\S+)", text, re.MULTILINE)
     assert base and re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[1])
     assert 'pip install ".[server]"' in text
-    cmd = re.search(r"^CMD (.+)$", text, re.MULTILINE)
-    assert cmd and shlex.split(cmd[1].replace('"', "").replace(",", " ").strip("[]"))[:2] == [
-        "gradwire",
-        "serve",
-    ]
+    assert _dockerfile_cmd()[:2] == ["gradwire", "serve"]
+
+
+def _dockerfile_cmd() -> list[str]:
+    """The Dockerfile's CMD, in exec form (a JSON list, perhaps continued over lines)."""
+    text = (ROOT / "Dockerfile").read_text()
+    cmd = re.search(r"^CMD (\[.*?\])$", text, re.MULTILINE | re.DOTALL)
+    assert cmd, "no CMD in exec form"
+    return json.loads(cmd[1].replace("\\\n", ""))  # type: ignore[no-any-return]
+
+
+def test_the_state_is_saved_on_a_volume_the_server_can_write() -> None:
+    # Neither file named a state dir: every restart, rebuild or `down`/`up` began from fresh
+    # weights (found by an operator's review). A named volume takes the ownership of the
+    # image's folder, so that folder must exist and be the unprivileged user's.
+    server = _compose()["services"]["server"]
+    command = server["command"]
+    state = command[command.index("--state-dir") + 1]
+    (volume,) = server["volumes"]
+    name, mounted = volume.split(":")
+    assert mounted == state and name in _compose()["volumes"]
+    text = (ROOT / "Dockerfile").read_text()
+    assert f"chown gradwire:gradwire {state}" in text
+    assert f"VOLUME {state}" in text
+    cmd = _dockerfile_cmd()
+    assert cmd[cmd.index("--state-dir") + 1] == state
