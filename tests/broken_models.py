@@ -1,6 +1,10 @@
-"""Models that fail the way a device does, for tests that start `gradwire serve --model`."""
+"""Models that fail the way a device does, or take their time, for tests that start `gradwire
+serve --model`."""
 
 from __future__ import annotations
+
+import sys
+import time
 
 import torch
 from torch import nn
@@ -24,3 +28,20 @@ class DeviceLost(nn.Module):
 
 #: `gradwire serve --model tests.broken_models:LOST`
 LOST = ModelSpec("Lost", DeviceLost, sample_shape=(2,), num_classes=2)
+
+
+class Slow(nn.Module):
+    """A model whose Forward takes a minute: a call still running when the server stops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("slow forward started", file=sys.stderr, flush=True)  # for the test to wait on
+        time.sleep(60)
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+SLOW = ModelSpec("Slow", Slow, sample_shape=(2,), num_classes=2)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +156,102 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert raised.reason == "STOPPING"
     steps = int(raised.message.split("training stopped after ")[1].split()[0])
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
+
+
+# --- found by a review of the server as an operator runs it ---------------------------------
+
+
+def _serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
+    tmp_path: Path, where: str
+) -> None:
+    # Found only at the stop, it lost the whole run's training: the server trained, then
+    # failed to save with a traceback.
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    state = afile if where == "a-file" else afile / "state"
+    out = _serve_refused("--state-dir", str(state))
+    assert out.returncode == 2
+    assert out.stderr.endswith(
+        f"gradwire serve: error: --state-dir {state}: the state could not be saved there (it "
+        "is a file, not a folder); choose a folder this user can write to\n"
+    )
+    assert "listening on" not in out.stderr
+
+
+def test_a_state_dir_is_made_at_start_and_holds_no_trace_of_the_check(tmp_path: Path) -> None:
+    from gradwire_server.app import check_state_dir
+
+    state = tmp_path / "runs" / "state"
+    check_state_dir(state)
+    assert state.is_dir()
+    assert list(state.iterdir()) == []
+
+
+def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:
+    port_file = tmp_path / "nope" / "port"
+    out = _serve_refused("--port-file", str(port_file))
+    assert out.returncode == 2
+    assert f"--port-file {port_file}: there is no folder {port_file.parent}" in out.stderr
+    assert "listening on" not in out.stderr
+
+
+def test_a_host_that_resolves_to_nothing_is_named(trainer: Trainer) -> None:
+    # It was said to be a port in use, or an address not of this machine.
+    with pytest.raises(OSError, match=r"the host name 'nosuch\.invalid' resolves to no address"):
+        start(trainer, "nosuch.invalid", 50123)  # .invalid: never resolves (RFC 2606)
+
+
+def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: Path) -> None:
+    port_file, state = tmp_path / "port", tmp_path / "state"
+    args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
+    with serving(*args) as (process, _):
+        with gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10) as client:
+            version = client.fill_parameters(0.1)
+        state.rmdir()
+        state.write_text("the folder replaced by a file while the server ran\n")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 1
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert f"gradwire serve: error: could not save state version {version} to {state}" in rest
+    assert "Traceback" not in rest
+
+
+def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:
+    # A Forward of a minute held the stop, and further signals were only logged.
+    port_file, state = tmp_path / "port", tmp_path / "state"
+    args = ("--model", "tests.broken_models:SLOW", "--port-file", str(port_file))
+    with serving(*args, "--state-dir", str(state), "--grace", "1") as (process, _):
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        client = gradwire.connect(address, timeout=120)
+        client.retries = 0
+
+        def forward() -> None:
+            with contextlib.suppress(errors.GradwireError):  # the server goes away under it
+                client.forward(np.ones((1, 2), np.float32))
+
+        calling = threading.Thread(target=forward, daemon=True)
+        calling.start()
+        assert process.stderr is not None
+        lines = iter(process.stderr.readline, "")
+        assert any("slow forward started" in line for line in lines)  # a stop now waits
+        process.send_signal(signal.SIGTERM)
+        assert any("SIGTERM received: stopping" in line for line in lines)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 128 + signal.SIGINT  # not the minute's Forward
+        rest = process.stderr.read()
+        calling.join(timeout=30)
+        client.close()
+    assert "SIGINT received again: exiting now" in rest
+    assert "the state is NOT saved" in rest
+    assert not (state / "state.safetensors").exists()

@@ -8,6 +8,7 @@ import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,6 +24,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
+from gradwire_server.errors import InvalidInput
 from gradwire_server.trainer import Trainer
 
 TOKEN = "correct horse battery staple"
@@ -216,3 +218,25 @@ def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
     assert "needs both --tls-cert and --tls-key" in err.getvalue()
     err = io.StringIO()
     assert main(["serve", "--tls-client-ca", str(pki.ca)], io.StringIO(), err) == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "said"),
+    [
+        (lambda p: TlsFiles(p.server_cert, p.client_key), "--tls-cert"),  # not its key
+        (lambda p: TlsFiles(p.server_key, p.server_cert), "--tls-cert"),  # swapped
+        (lambda p: TlsFiles(p.server_cert, p.server_key, p.server_key), "--tls-client-ca"),
+        (lambda p: TlsFiles(p.server_cert, p.server_key.with_name("nope.key")), "--tls-cert"),
+    ],
+    ids=["mismatched", "swapped", "ca-is-a-key", "missing"],
+)
+def test_bad_tls_files_are_named_not_taken_for_a_port_in_use(
+    pki: Pki, trainer: Trainer, files: Any, said: str
+) -> None:
+    # gRPC only fails to bind with them: the server said the port was in use (found by a
+    # review of the server as an operator runs it).
+    with pytest.raises(InvalidInput) as refused:
+        start(trainer, "127.0.0.1", 0, tls=files(pki))
+    assert refused.value.reason == "BAD_TLS"
+    assert refused.value.message.startswith(said)
+    assert "cannot listen" not in refused.value.message

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -22,6 +24,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, MIN_CLIENT_PING_S, server_options
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
@@ -67,7 +70,12 @@ class Running:
             self.metrics_server.stop()
         try:
             if save_to is not None:
-                version = self.trainer.save(save_to)
+                try:
+                    version = self.trainer.save(save_to)
+                except Exception as err:  # an OSError, or safetensors' own (a full disk)
+                    raise OSError(
+                        f"could not save state version {self.trainer.version} to {save_to}: {err}"
+                    ) from err
                 log.info("saved state version %d to %s", version, save_to)
         finally:  # a save that failed still lets the sessions and threads go
             self.servicer.sessions.close_all()
@@ -75,16 +83,23 @@ class Running:
             self.health.close()
 
 
+def _address(host: str, port: int) -> str:
+    """host:port as gRPC and people read it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bind_error(host: str, port: int) -> OSError | None:
     """Why gRPC could not listen on host:port, found by binding a socket first as gRPC binds
     its own (SO_REUSEADDR, and no SO_REUSEPORT, which start() turns off): gRPC itself says only
     "failed to bind", after a line of its own on stderr. None when one of the addresses the
-    host names binds, as gRPC then listens there; for port 0; or when the name resolves to
-    nothing (gRPC's to refuse)."""
+    host names binds, as gRPC then listens there; and for port 0. A name that resolves to
+    nothing gives getaddrinfo's error."""
     if port == 0:
         return None
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:  # a name that resolves to nothing: say so
+        return err
     except OSError:
         return None
     first: OSError | None = None
@@ -101,7 +116,9 @@ def _bind_error(host: str, port: int) -> OSError | None:
 
 def _cannot_listen(address: str, host: str, port: int, error: OSError | None) -> str:
     """What a person reads when the server cannot listen, and what to do about it."""
-    if error is not None and error.errno == errno.EADDRINUSE:
+    if isinstance(error, socket.gaierror):
+        why = f"the host name {host!r} resolves to no address ({error.strerror}); check --host"
+    elif error is not None and error.errno == errno.EADDRINUSE:
         why = (
             f"port {port} is in use (another server on it?); choose another --port "
             "(0 picks a free one)"
@@ -151,6 +168,8 @@ def start(
     `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
     it closed (GOAWAY, too_many_pings).
     """
+    if tls is not None:
+        tls.check()  # gRPC would fail to bind, saying no more than for a port in use
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -187,7 +206,7 @@ def start(
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(services, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = _address(host, port)
     refused = _bind_error(host, port)
     if refused is not None:
         error = OSError(_cannot_listen(address, host, port, refused))
@@ -223,6 +242,25 @@ def start(
         None if metrics_server is None else metrics_server.port,
         metrics_server,
     )
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Refuses, at start, a state dir the stop could not save into (InvalidInput,
+    BAD_STATE_DIR): it is made when missing, and a file is written there and removed, as a
+    save writes one and renames it."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".gradwire-write-check-"):
+            pass
+    except OSError as err:
+        why = err.strerror or str(err)
+        if isinstance(err, (FileExistsError, NotADirectoryError)):
+            why = "it is a file, not a folder"
+        raise InvalidInput(
+            f"--state-dir {state_dir}: the state could not be saved there ({why}); choose a "
+            "folder this user can write to",
+            reason="BAD_STATE_DIR",
+        ) from None
 
 
 def describe_device(device: torch.device) -> str:
@@ -290,6 +328,17 @@ def serve(
         log.info("memory a step frees is kept for the next step")
     else:
         log.info("memory a step frees goes back to the system (malloc settings not available)")
+    # What the stop will need, checked before anything is built: found at the stop, a
+    # training run's state was lost (a state dir it could not write, a port file's folder).
+    if state_dir is not None:
+        check_state_dir(state_dir)
+    if port_file is not None and not port_file.parent.is_dir():
+        raise InvalidInput(
+            f"--port-file {port_file}: there is no folder {port_file.parent} to write it in",
+            reason="BAD_PORT_FILE",
+        )
+    if tls is not None:
+        tls.check()
     spec = SIMPLE if model is None else load_spec(model)
     resolved = resolve_device(device)
     trainer = Trainer(
@@ -334,14 +383,39 @@ def serve(
             host,
         )
     if port_file is not None:
-        port_file.write_text(f"{running.port}\n")
+        try:
+            port_file.write_text(f"{running.port}\n")
+        except OSError as err:
+            running.stop(None)
+            raise OSError(
+                f"--port-file {port_file}: cannot write it: {err.strerror or err}"
+            ) from None
     log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
-    log.info("listening on %s:%d (health and reflection on)", host, running.port)
+    log.info("listening on %s (health and reflection on)", _address(host, running.port))
     if running.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", host, running.metrics_port)
+        log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
+
+    signalled = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping (grace %.1fs)", signal.Signals(signum).name, grace)
+        name = signal.Signals(signum).name
+        if signalled.is_set():  # a second signal: the operator will not wait for the stop
+            log.warning(
+                "%s received again: exiting now, without waiting for the calls in progress%s",
+                name,
+                "; the state is NOT saved" if saved is not None else "",
+            )
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info(
+            "%s received: stopping (grace %.1fs; a step running then is finished%s; a second "
+            "signal exits at once%s)",
+            name,
+            grace,
+            ", then the state saved" if saved is not None else "",
+            ", unsaved" if saved is not None else "",
+        )
+        signalled.set()
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -350,10 +424,12 @@ def serve(
             ready(running)
         stop.wait()
     finally:
-        # After a device error nothing is saved: the device's state can no longer be read.
-        running.stop(grace, save_to=None if lost.is_set() else saved)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        try:
+            # After a device error nothing is saved: the device's state can no longer be read.
+            running.stop(grace, save_to=None if lost.is_set() else saved)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         log.info("stopped at state version %d", trainer.version)
     if lost.is_set():
         raise DeviceLost(

@@ -7,6 +7,7 @@ reach it, which is why it binds to localhost unless told otherwise.
 from __future__ import annotations
 
 import hmac
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from gradwire_server.errors import InvalidInput
 from gradwire_server.servicer import HANDLER_KINDS, abort
 
 # Health checks answer without a token: orchestrators probe before they hold secrets.
@@ -71,9 +73,51 @@ class TlsFiles:
     key: Path
     client_ca: Path | None = None
 
+    def check(self) -> None:
+        """Refuses, saying what is wrong, files with which gRPC would only fail to listen
+        ("failed to bind", as for a port in use): a certificate and key that do not belong
+        together, a file that is not PEM or cannot be read, a client CA with no certificate.
+        InvalidInput (BAD_TLS)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            # A key protected by a passphrase is refused too (gRPC cannot read one): the
+            # callback stops OpenSSL from asking for it on the terminal.
+            context.load_cert_chain(self.cert, self.key, password=_no_passphrase)
+        except (ssl.SSLError, OSError, ValueError) as err:
+            raise InvalidInput(
+                f"--tls-cert {self.cert} and --tls-key {self.key} are not a certificate and "
+                f"its unencrypted private key, in PEM ({_why(err)}): give the server's "
+                "certificate and the key it was made with",
+                reason="BAD_TLS",
+            ) from None
+        if self.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=self.client_ca)
+            except (ssl.SSLError, OSError, ValueError) as err:
+                raise InvalidInput(
+                    f"--tls-client-ca {self.client_ca} is not a CA certificate in PEM "
+                    f"({_why(err)}): give the certificate of the CA that signs the clients'",
+                    reason="BAD_TLS",
+                ) from None
+
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
             root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
             require_client_auth=self.client_ca is not None,
         )
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError("the key is encrypted with a passphrase")
+
+
+def _why(err: Exception) -> str:
+    """OpenSSL's or the system's reason, without its codes."""
+    if isinstance(err, ssl.SSLError):
+        if err.reason:
+            return err.reason.lower().replace("_", " ")
+        return "a file is not the PEM it should be: are the two swapped?"  # "PEM lib"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror.lower()
+    return str(err)
