@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -395,11 +396,14 @@ def serve(
     if running.metrics_port is not None:
         log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
 
-    signalled = threading.Event()
+    # Signals received, counted in one step: a handler can run inside another (Python runs
+    # a pending one between any two bytecodes), and two that both saw "none yet" would both
+    # be taken for the first.
+    received = itertools.count()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if signalled.is_set():  # a second signal: the operator will not wait for the stop
+        if next(received):  # a second signal: the operator will not wait for the stop
             log.warning(
                 "%s received again: exiting now, without waiting for the calls in progress%s",
                 name,
@@ -415,7 +419,6 @@ def serve(
             ", then the state saved" if saved is not None else "",
             ", unsaved" if saved is not None else "",
         )
-        signalled.set()
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
