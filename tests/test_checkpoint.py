@@ -253,3 +253,120 @@ def test_a_checkpoint_whose_gradients_match_no_parameter_is_refused(tmp_path: Pa
     assert refused.value.reason == "BAD_CHECKPOINT"
     assert fresh.version == 0
     assert fresh.parameters["conv1.weight"].grad is None
+
+
+def _altered(path: Path, change: dict[str, str | None]) -> None:
+    """Rewrites the checkpoint at `path` with its metadata changed: a key set, or removed
+    (None), the tensors as they were."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    for key, value in change.items():
+        if value is None:
+            del metadata[key]
+        else:
+            metadata[key] = value
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+SAVED_SETTINGS = (
+    '{"kind": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "beta1": null, '
+    '"beta2": null, "eps": null, "nesterov": false}'
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"optimizer_scalars": None}, "its metadata lacks 'optimizer_scalars'"),
+        ({"version": None, "model": None}, "its metadata lacks 'version', 'model'"),
+        ({"optimizer": None}, "its metadata lacks 'optimizer'"),
+        ({"version": "x"}, "its version 'x' is not a whole number from 0 to"),
+        ({"version": "-5"}, "its version '-5' is not a whole number"),
+        ({"version": str(2**63)}, f"its version '{2**63}' is not a whole number"),
+        ({"model": ""}, "its model name is empty"),
+        ({"optimizer": "{"}, "its 'optimizer' metadata is not JSON (Expecting property"),
+        ({"optimizer": "[]"}, "its 'optimizer' metadata is not a JSON object"),
+        ({"optimizer_scalars": "[1]"}, "its 'optimizer_scalars' metadata is not a JSON object"),
+        (
+            {"optimizer_scalars": '{"conv1.weight": 3}'},
+            "its optimizer state for 'conv1.weight' is not an object of numbers",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace("}", ', "amsgrad": true}')},
+            "its optimizer settings hold fields unknown here: 'amsgrad'",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace('"eps": null, ', "")},
+            "its optimizer settings lack 'eps'",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace('"sgd"', '"rmsprop"')},
+            "its optimizer 'rmsprop' is not 'sgd' or 'adam'",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace("0.1", '"x"')},
+            "its optimizer setting lr is 'x', not a number",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace("false", "0")},
+            "its optimizer setting nesterov is 0, not true or false",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace("0.1", "-1")},
+            "its optimizer settings refused: Invalid learning rate: -1",
+        ),
+    ],
+)
+def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
+    tmp_path: Path, change: dict[str, str | None], said: str
+) -> None:
+    # Each used to escape load as a KeyError, TypeError or AttributeError (a traceback and
+    # exit code 1 from `gradwire serve --state-dir`), or, for the unknown kind, to load as
+    # Adam; other bad files were already refused as BAD_CHECKPOINT.
+    saved = Trainer(seed=0, optimizer=OptimizerSettings("sgd", lr=0.1, momentum=0.9))
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    assert saved.load(path) == saved.version  # whole, it loads
+    _altered(path, change)
+    fresh = Trainer(seed=1)
+    weight = fresh.read("conv1.weight").value.clone()  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    message = refused.value.message
+    assert message.startswith(f"cannot load {path}: {path} is a damaged gradwire checkpoint: ")
+    assert said in message
+    assert message.endswith("restore it from a copy, or move it away to start from fresh weights")
+    assert fresh.version == 0
+    assert fresh.optimizer_settings == OptimizerSettings().resolved()
+    assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
+    assert fresh.parameters["conv1.weight"].grad is None
+
+
+def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> None:
+    trainer = Trainer(seed=0)
+    _train(trainer, 1)
+    for name, change, said in [
+        ("scalars", {"optimizer_scalars": None}, "its metadata lacks 'optimizer_scalars'"),
+        (
+            "field",
+            {"optimizer": SAVED_SETTINGS.replace("}", ', "amsgrad": true}')},
+            "its optimizer settings hold fields unknown here: 'amsgrad'",
+        ),
+    ]:
+        trainer.save(tmp_path / name / "state.safetensors")
+        _altered(tmp_path / name / "state.safetensors", change)
+        done = subprocess.run(
+            [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu",
+             "--state-dir", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("gradwire serve: error: cannot load "), done.stderr
+        assert said in last

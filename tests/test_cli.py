@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -17,9 +18,11 @@ from cryptography.hazmat.primitives import serialization
 from torch import nn
 
 import gradwire
+from gradwire.cli import build_parser
 from gradwire_server.app import start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, Simple
+from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
@@ -499,6 +502,51 @@ def test_serve_with_an_unknown_device_exits_2() -> None:
     result = run_main("serve", "--device", "nonsense", "--port", "0")
     assert result.code == 2
     assert result.err.startswith("gradwire serve: error: unknown device 'nonsense'")
+
+
+@pytest.mark.timeout(60)  # meta and cpu:3 used to start serving, in this process
+@pytest.mark.parametrize("device", ["mps", "meta", "cpu:3"])
+def test_serve_with_a_device_torch_knows_but_gradwire_does_not_run_on_exits_2(device: str) -> None:
+    result = run_main("serve", "--device", device, "--port", "0")
+    assert result.code == 2, result.err
+    assert result.err.splitlines()[-1] == (
+        f"gradwire serve: error: unknown device {device!r}: use auto (the GPU when there is "
+        "one), cpu, cuda or cuda:N"
+    )
+
+
+@pytest.mark.timeout(60)  # 0 used to start serving, in this process
+@pytest.mark.parametrize("idle", ["0", "0.0", "-1", "-inf"])
+def test_serve_refuses_a_session_idle_time_of_0_or_less(idle: str) -> None:
+    # With 0 every session expired as it opened: its id was gone 0.3 s later, and the expiry
+    # thread woke every 10 ms.
+    result = run_main("serve", f"--session-idle={idle}", "--port", "0")
+    assert result.code == 2
+    assert result.err.splitlines()[-1] == (
+        f"gradwire serve: error: argument --session-idle: bad duration {idle!r}: expected "
+        "seconds more than 0 (up to 2,147,483), or inf for never"
+    )
+
+
+def test_serve_takes_inf_and_any_time_over_0_as_the_session_idle_time() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--session-idle", "inf"]).session_idle == math.inf
+    assert parser.parse_args(["serve", "--session-idle", "0.5"]).session_idle == 0.5
+    assert parser.parse_args(["serve"]).session_idle == 600.0
+
+
+@pytest.mark.parametrize("idle", [0.0, -1.0, math.nan])
+def test_start_and_sessions_refuse_an_idle_time_of_0_or_less(idle: float) -> None:
+    trainer = Trainer(device="cpu", seed=0)
+    try:
+        with pytest.raises(ValueError, match="idle time must be more than 0 seconds"):
+            Sessions(trainer, idle_s=idle)
+        with pytest.raises(ValueError, match="idle time must be more than 0 seconds"):
+            start(trainer, "127.0.0.1", 0, session_idle_s=idle)
+        running = start(trainer, "127.0.0.1", 0, session_idle_s=math.inf)  # never: taken
+        running.stop(grace=None)
+    finally:
+        trainer.close()
 
 
 def test_serve_with_a_bad_log_level_exits_2() -> None:

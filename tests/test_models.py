@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -194,6 +195,46 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     assert "check the spec's sample_shape and input_dtype" in message
 
 
+EXITING = (
+    "import sys\n"
+    + HEADER
+    + "def exits():\n    sys.exit(3)\n"
+    + "class ExitsOnForward(TinyMLP):\n    def forward(self, x):\n        sys.exit('bye')\n"
+    + "EXITS_BUILDING = ModelSpec('ExitsBuilding', exits, (16,), 4)\n"
+    + "EXITS_RUNNING = ModelSpec('ExitsRunning', ExitsOnForward, (16,), 4)\n"
+    + "def __getattr__(name):\n    sys.exit(4)\n"
+)
+
+
+def test_load_spec_turns_the_models_sys_exit_into_a_message(
+    module: Callable[[str], str],
+) -> None:
+    # SystemExit is no Exception: it went through load_spec, and `gradwire serve` exited 0
+    # with no word of why.
+    at_import = module("import sys\nsys.exit(0)\n")
+    message = refused(f"{at_import}:SPEC")
+    assert f"cannot import module {at_import!r}: importing it raised SystemExit(0)" in message
+    assert 'if __name__ == "__main__":' in message
+    name = module(EXITING)
+    assert "calling it (with no arguments) failed: SystemExit(3) (it called sys.exit()" in (
+        refused(f"{name}:exits")
+    )
+    assert "building ExitsBuilding failed: SystemExit(3)" in refused(f"{name}:EXITS_BUILDING")
+    assert "ExitsRunning failed on zeros of shape [2, 16] (float32): SystemExit('bye')" in (
+        refused(f"{name}:EXITS_RUNNING")
+    )
+    assert f"looking up 'NOPE' in module {name!r} raised SystemExit(4)" in refused(f"{name}:NOPE")
+
+
+def test_load_spec_lets_a_keyboard_interrupt_through(module: Callable[[str], str]) -> None:
+    interrupted = module("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_spec(f"{interrupted}:SPEC")
+    name = module(HEADER + "def make():\n    raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_spec(f"{name}:make")
+
+
 def test_a_spec_refuses_bad_fields_when_made() -> None:
     with pytest.raises(ValueError, match="loss must be one of cross_entropy, mse, got 'l1'"):
         ModelSpec("X", TinyMLP, (16,), 4, loss="l1")  # type: ignore[arg-type]
@@ -357,6 +398,25 @@ def test_serve_with_a_bad_model_exits_2_before_binding() -> None:
     err = io.StringIO()
     assert main(["serve", "--model", "no_colon_here", "--port", "0"], out, err) == 2
     assert "expected package.module:attr" in err.getvalue()
+
+
+def test_serve_with_a_model_that_calls_sys_exit_exits_2_and_says_so(tmp_path: Path) -> None:
+    # As an operator runs it: its own process, the module in the folder it is started from.
+    (tmp_path / "exiting_model.py").write_text(EXITING)
+    (tmp_path / "exiting_import.py").write_text("import sys\nsys.exit(0)\n")
+    for model, said in [
+        ("exiting_import:SPEC", "importing it raised SystemExit(0)"),
+        ("exiting_model:EXITS_BUILDING", "building ExitsBuilding failed: SystemExit(3)"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "gradwire.cli", "serve", "--model", model, "--port", "0",
+             "--device", "cpu"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"gradwire serve: error: --model {model!r}: "), done.stderr
+        assert said in last
 
 
 def test_serve_model_serves_it(tmp_path: Path) -> None:

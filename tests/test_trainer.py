@@ -90,6 +90,38 @@ def test_resolve_device() -> None:
         resolve_device("tpu:0")
 
 
+@pytest.mark.parametrize(
+    "device", ["mps", "meta", "xpu", "cpu:3", "cpu:0", "CPU", "cuda:x", "cuda:01", "cuda:-1"]
+)
+def test_devices_other_than_cpu_and_cuda_are_refused(device: str) -> None:
+    # torch knows these: "mps" ended `gradwire serve` in a traceback, "meta" served and then
+    # failed every call, "cpu:3" was taken as the CPU.
+    with pytest.raises(InvalidInput) as refused:
+        resolve_device(device)
+    assert refused.value.message == (
+        f"unknown device {device!r}: use auto (the GPU when there is one), cpu, cuda or cuda:N"
+    )
+    with pytest.raises(ValueError, match=f"unknown device '{device}': use cpu, cuda or cuda:N"):
+        Trainer(device=device)
+
+
+@pytest.mark.parametrize("device", [torch.device("meta"), torch.device("cpu", 3), "auto"])
+def test_a_trainer_refuses_a_torch_device_other_than_cpu_and_cuda(
+    device: torch.device | str,
+) -> None:
+    with pytest.raises(ValueError, match=f"unknown device '{device}': use cpu, cuda or cuda:N"):
+        Trainer(device=device)
+
+
+def test_a_trainer_takes_the_cpu_by_name_or_as_a_torch_device() -> None:
+    for device in ("cpu", torch.device("cpu")):
+        trainer = Trainer(device=device)
+        try:
+            assert trainer.device == torch.device("cpu")
+        finally:
+            trainer.close()
+
+
 def test_readers_never_see_half_a_step(trainer: Trainer) -> None:
     """Steps with lr=1 on a fixed gradient move every weight by the same amount; a reader that
     saw a step half applied would see weights that disagree."""

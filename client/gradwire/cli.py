@@ -134,6 +134,21 @@ def _seconds_or_forever(text: str) -> float:
     return _seconds(text)
 
 
+def _positive_seconds_or_forever(text: str) -> float:
+    """A duration that may be for ever (inf) and must be more than 0: a session's idle time,
+    where 0 closed every session as soon as it was opened."""
+    try:
+        seconds = _seconds_or_forever(text)
+    except argparse.ArgumentTypeError:  # refused with the message below, which says "> 0"
+        seconds = math.nan
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"bad duration {text!r}: expected seconds more than 0 (up to "
+            f"{limits.MAX_GRPC_SECONDS:,}), or inf for never"
+        )
+    return seconds
+
+
 def _port(text: str) -> int:
     """A TCP port for an option: 0 (a free one) to 65535."""
     try:
@@ -1090,9 +1105,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--session-idle",
-        type=_seconds_or_forever,
+        type=_positive_seconds_or_forever,
         default=600.0,
-        help="seconds without calls before a session is closed; inf: never (default %(default)s)",
+        help="seconds without calls before a session is closed, more than 0; inf: never "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--keepalive",

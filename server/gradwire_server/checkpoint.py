@@ -72,13 +72,15 @@ class Loaded:
 
 
 def load(path: Path) -> Loaded:
-    """Reads a checkpoint written by `save`; ValueError when it is not one, MemoryError when
+    """Reads a checkpoint written by `save`; ValueError when it is not one, or is one whose
+    metadata is damaged (a key missing, one that is not what `save` writes); MemoryError when
     it does not fit in memory."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a gradwire checkpoint ({FORMAT})")
+        version, model, settings, state = _checked_metadata(path, metadata)
         tensors = load_file(str(path))
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file: {err}") from err
@@ -87,7 +89,6 @@ def load(path: Path) -> Loaded:
             raise MemoryError(str(err)) from err
         raise
     parameters, gradients = {}, {}
-    state: dict[str, dict[str, Any]] = json.loads(metadata["optimizer_scalars"])
     for key, tensor in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "param":
@@ -98,10 +99,57 @@ def load(path: Path) -> Loaded:
             name, _, field = rest.rpartition("/")
             state.setdefault(name, {})[field] = tensor
     return Loaded(
-        version=int(metadata["version"]),
-        model=metadata["model"],
-        settings=json.loads(metadata["optimizer"]),
+        version=version,
+        model=model,
+        settings=settings,
         parameters=parameters,
         gradients=gradients,
         optimizer_state=state,
     )
+
+
+def damaged(path: Path, what: str) -> ValueError:
+    """The error for a gradwire checkpoint whose metadata is not what `save` writes."""
+    return ValueError(
+        f"{path} is a damaged gradwire checkpoint: {what}; restore it from a copy, or move it "
+        "away to start from fresh weights"
+    )
+
+
+#: The largest state version: the .proto's int64.
+MAX_VERSION = 2**63 - 1
+
+
+def _checked_metadata(
+    path: Path, metadata: dict[str, str]
+) -> tuple[int, str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """The version, model name, optimizer settings and optimizer scalars `save` wrote, each
+    checked for the form `save` gives it. A missing or altered key used to escape as a
+    KeyError or TypeError traceback where other bad files are refused with a message."""
+    missing = [
+        k for k in ("version", "model", "optimizer", "optimizer_scalars") if k not in metadata
+    ]
+    if missing:
+        raise damaged(path, f"its metadata lacks {', '.join(repr(k) for k in missing)}")
+    text = metadata["version"]
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_VERSION:
+        raise damaged(path, f"its version {text!r} is not a whole number from 0 to {MAX_VERSION}")
+    model = metadata["model"]
+    if not model:
+        raise damaged(path, "its model name is empty")
+    parsed: dict[str, Any] = {}
+    for key in ("optimizer", "optimizer_scalars"):
+        try:
+            parsed[key] = json.loads(metadata[key])
+        except ValueError as err:
+            raise damaged(path, f"its {key!r} metadata is not JSON ({err})") from None
+        if not isinstance(parsed[key], dict):
+            raise damaged(path, f"its {key!r} metadata is not a JSON object")
+    settings: dict[str, Any] = parsed["optimizer"]
+    scalars: dict[str, Any] = parsed["optimizer_scalars"]
+    for name, values in scalars.items():
+        if not isinstance(values, dict) or not all(
+            value is None or isinstance(value, (bool, int, float)) for value in values.values()
+        ):
+            raise damaged(path, f"its optimizer state for {name!r} is not an object of numbers")
+    return int(text), model, settings, scalars

@@ -152,7 +152,9 @@ def load_spec(text: str) -> ModelSpec:
 
     and then ``gradwire serve --model mymodels:SPEC``. The model is built once here, on the
     CPU, and run on zeros of [2, *sample_shape]: its output must be [2, num_classes].
-    Every problem is an InvalidInput that says what to fix.
+    Every problem is an InvalidInput that says what to fix, a sys.exit() in the model's own
+    code included (SystemExit is no Exception: it used to end `gradwire serve` with exit code
+    0 and no message). KeyboardInterrupt goes through.
     """
     module_name, colon, attr = text.partition(":")
     module_name, attr = module_name.strip(), attr.strip()
@@ -160,12 +162,18 @@ def load_spec(text: str) -> ModelSpec:
         raise InvalidInput(f"--model {text!r}: expected {MODEL_HELP}", reason="BAD_MODEL")
     try:
         module = importlib.import_module(module_name)
-    except Exception as err:  # a missing module, or any error its own code raised on import
+    except (Exception, SystemExit) as err:  # a missing module, or its own code's error or exit
         missing = err.name if isinstance(err, ModuleNotFoundError) else None
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
             why = (
                 f"there is no module {missing!r}: install it, or run from the folder that "
                 "holds it (or add that folder to PYTHONPATH)"
+            )
+        elif isinstance(err, SystemExit):  # e.g. a script's sys.exit(), or argparse's
+            why = (
+                f"importing it raised {err!r}: the module exits when imported (sys.exit(), or "
+                "a command line parsed at import); keep that under "
+                '`if __name__ == "__main__":`'
             )
         else:  # the module is there, but its own code failed (e.g. a missing dependency)
             why = f"importing it raised {type(err).__name__}: {err}"
@@ -183,9 +191,23 @@ def load_spec(text: str) -> ModelSpec:
             f"--model {text!r}: module {module_name!r} has no attribute {attr!r}{hint}",
             reason="BAD_MODEL",
         ) from None
+    except (Exception, SystemExit) as err:  # a module __getattr__ or a property of its own
+        raise InvalidInput(
+            f"--model {text!r}: looking up {attr!r} in module {module_name!r} raised "
+            f"{_raised(err)}",
+            reason="BAD_MODEL",
+        ) from err
     spec = _as_spec(text, target)
     _check_builds(text, spec)
     return spec
+
+
+def _raised(err: BaseException) -> str:
+    """What the model's own code raised, for a message: "OSError: weights.bin not found", or
+    "SystemExit(3) (it called sys.exit(); raise an exception instead)"."""
+    if isinstance(err, SystemExit):
+        return f"{err!r} (it called sys.exit(); raise an exception instead)"
+    return f"{type(err).__name__}: {err}"
 
 
 def _as_spec(text: str, target: object) -> ModelSpec:
@@ -206,9 +228,9 @@ def _as_spec(text: str, target: object) -> ModelSpec:
         )
     try:
         made = target()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise InvalidInput(
-            f"--model {text!r}: calling it (with no arguments) failed: {type(err).__name__}: {err}",
+            f"--model {text!r}: calling it (with no arguments) failed: {_raised(err)}",
             reason="BAD_MODEL",
         ) from err
     if not isinstance(made, ModelSpec):
@@ -226,9 +248,9 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         try:
             model = spec.factory()
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             raise InvalidInput(
-                f"--model {text!r}: building {spec.name} failed: {type(err).__name__}: {err}",
+                f"--model {text!r}: building {spec.name} failed: {_raised(err)}",
                 reason="BAD_MODEL",
             ) from err
         if not isinstance(model, nn.Module):
@@ -247,10 +269,10 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
         model.train()
         try:
             output = model(torch.zeros(shape, dtype=spec.input_dtype))
-        except Exception as err:
+        except (Exception, SystemExit) as err:
             raise InvalidInput(
                 f"--model {text!r}: {spec.name} failed on zeros of shape {shape} ({dtype}): "
-                f"{type(err).__name__}: {err}; check the spec's sample_shape and input_dtype",
+                f"{_raised(err)}; check the spec's sample_shape and input_dtype",
                 reason="BAD_MODEL",
             ) from err
     want = [2, spec.num_classes]

@@ -49,6 +49,11 @@ class Sessions:
         idle_s: float = DEFAULT_IDLE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if not idle_s > 0:  # 0 closed every session as it opened; NaN never compares
+            raise ValueError(
+                f"a session's idle time must be more than 0 seconds (math.inf: never), "
+                f"got {idle_s!r}"
+            )
         self.default = default
         self.max_sessions = max_sessions
         self.idle_s = idle_s

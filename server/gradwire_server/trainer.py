@@ -337,23 +337,40 @@ def check_name(name: str) -> None:
         )
 
 
+#: The devices a Trainer runs on, as `--device` names them.
+DEVICES = "auto (the GPU when there is one), cpu, cuda or cuda:N"
+_DEVICE_NAME = re.compile(r"cpu|cuda(?::(0|[1-9][0-9]*))?")
+
+
+def check_device(device: torch.device | str, forms: str = "cpu, cuda or cuda:N") -> torch.device:
+    """`device` when a Trainer can run there: the CPU, or a CUDA device this machine has.
+    Anything else is a ValueError saying what to use: torch knows other devices ("mps",
+    "meta", "cpu:3") that failed later, with a traceback or on every call."""
+    name = str(device) if isinstance(device, (str, torch.device)) else repr(device)
+    found = _DEVICE_NAME.fullmatch(name)
+    if found is None:
+        raise ValueError(f"unknown device {name!r}: use {forms}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device")
+        count = torch.cuda.device_count()
+        if int(found.group(1) or 0) >= count:
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    return torch.device(name)
+
+
 def resolve_device(spec: str) -> torch.device:
-    """'auto' -> the first GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:1' as given."""
+    """'auto' -> the first GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:1' as
+    given when this machine has it; anything else is InvalidInput naming the forms taken."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise InvalidInput(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput(f"device {spec!r} asked for, but this machine has no CUDA device")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise InvalidInput(
-            f"device {spec!r} asked for, but this machine has {count} CUDA device(s): "
-            f"cuda:0 to cuda:{count - 1}"
-        )
-    return device
+        return check_device(spec, DEVICES)
+    except ValueError as err:
+        raise InvalidInput(str(err)) from None
 
 
 #: How a read-only tensor is named in the error that refuses a write to it; other kinds are
@@ -400,7 +417,7 @@ class Trainer:
         differently, so results can differ in the last bits from torch's default. Off: every
         op on torch's threads, bit for bit what a local run with torch's defaults computes."""
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = check_device(device)  # ValueError for a device it cannot run on
         self.max_elements = max_elements
         self.track_deltas = track_deltas
         self.one_thread_for_small_work = one_thread_for_small_work
@@ -1503,6 +1520,40 @@ class Trainer:
         )
         return self._version
 
+    @staticmethod
+    def _saved_settings(path: Path, saved: dict[str, Any]) -> OptimizerSettings:
+        """The optimizer settings a checkpoint holds, as `save` writes them: every field of
+        OptimizerSettings and no other, each of its type; ValueError otherwise (a field
+        unknown here was a TypeError traceback, an unknown kind loaded as Adam)."""
+        fields = [f.name for f in dataclasses.fields(OptimizerSettings)]
+        unknown = [repr(name) for name in saved if name not in fields]
+        if unknown:
+            raise checkpoint.damaged(
+                path, f"its optimizer settings hold fields unknown here: {', '.join(unknown)}"
+            )
+        missing = [repr(name) for name in fields if name not in saved]
+        if missing:
+            raise checkpoint.damaged(path, f"its optimizer settings lack {', '.join(missing)}")
+        if saved["kind"] not in ("sgd", "adam"):
+            raise checkpoint.damaged(
+                path, f"its optimizer {saved['kind']!r} is not 'sgd' or 'adam'"
+            )
+        for name in fields:
+            value = saved[name]
+            if name == "kind" or value is None:
+                continue
+            if name == "nesterov" and not isinstance(value, bool):
+                raise checkpoint.damaged(
+                    path, f"its optimizer setting nesterov is {value!r}, not true or false"
+                )
+            if name != "nesterov" and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise checkpoint.damaged(
+                    path, f"its optimizer setting {name} is {value!r}, not a number"
+                )
+        return OptimizerSettings(**saved).resolved()
+
     @on_torch_thread
     def load(self, path: Path) -> int:
         """Restores what `save` wrote, version included; refuses a checkpoint of another model,
@@ -1513,6 +1564,7 @@ class Trainer:
         stops then, serving nothing)."""
         try:
             loaded = checkpoint.load(path)
+            settings = self._saved_settings(path, loaded.settings)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:
@@ -1539,10 +1591,15 @@ class Trainer:
                 f"{', '.join(odd)}",
                 reason="BAD_CHECKPOINT",
             )
-        settings = OptimizerSettings(**loaded.settings)
         with self._device_memory(f"cannot load {path}"):
             # Everything new is on the device before anything is replaced.
-            optimizer = self._build_optimizer(self._model, settings)
+            try:
+                optimizer = self._build_optimizer(self._model, settings)
+            except InvalidInput as err:  # torch's own checks: a negative lr, say
+                damaged = checkpoint.damaged(path, f"its {err.message}")
+                raise InvalidInput(
+                    f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT"
+                ) from err
             gradients = {
                 name: staging.to_device(grad, self.device)
                 for name, grad in loaded.gradients.items()
