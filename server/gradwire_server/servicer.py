@@ -244,6 +244,9 @@ class Slots:
             self._taken -= 1
 
 
+_NO_METADATA: dict[str, str] = {}
+
+
 def rpc(method: Handler[R]) -> Handler[R]:
     """Maps DomainError to its status, anything else to INTERNAL with the traceback logged."""
     return _unary(method, mutates=False)
@@ -253,12 +256,16 @@ def _unary(method: Handler[R], mutates: bool) -> Handler[R]:
     # One flat wrapper, no generator-based context managers: this runs on every call, and in
     # the server its Python runs with caches gone cold (docs/PERFORMANCE.md, tenth session).
     name = method.__name__
+    # CloseSession acts on the session its request names, which the caller's metadata may
+    # name too (the Python client's does): looked up first, a retry of a close that went
+    # through was refused NOT_FOUND before the request log could answer it.
+    sessionless = name == "CloseSession"
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
             metadata = _metadata(context)
-            with self.slots, _Session(self, metadata):
+            with self.slots, _Session(self, _NO_METADATA if sessionless else metadata):
                 if not isinstance(request, Iterator):
                     _well_formed(request)
                 if mutates:

@@ -159,7 +159,9 @@ class Sessions:
             closing = [self._open.pop(session)] if session in self._open else []
         if not closing:
             raise UnknownSession(
-                f"no session {shown(session)} to close", metadata={"session": session[:64]}
+                f"no session {shown(session)} to close: it was never opened, was closed "
+                f"already, or expired after {self.idle_s:g} s without calls",
+                metadata={"session": session[:64]},
             )
         _free(closing)
 

@@ -255,8 +255,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CloseSession(self, request, context):
-        """Closes a session and frees its model. A Watch or Train open on it ends with
-        FAILED_PRECONDITION (CLOSED).
+        """Closes the session the request names, and frees its model; the "gradwire-session"
+        metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

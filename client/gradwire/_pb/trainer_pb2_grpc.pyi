@@ -172,8 +172,8 @@ class TrainerStub:
     open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
-    """Closes a session and frees its model. A Watch or Train open on it ends with
-    FAILED_PRECONDITION (CLOSED).
+    """Closes the session the request names, and frees its model; the "gradwire-session"
+    metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
@@ -250,8 +250,8 @@ class TrainerAsyncStub(TrainerStub):
     open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
-    """Closes a session and frees its model. A Watch or Train open on it ends with
-    FAILED_PRECONDITION (CLOSED).
+    """Closes the session the request names, and frees its model; the "gradwire-session"
+    metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
@@ -421,8 +421,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.CloseSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
-        """Closes a session and frees its model. A Watch or Train open on it ends with
-        FAILED_PRECONDITION (CLOSED).
+        """Closes the session the request names, and frees its model; the "gradwire-session"
+        metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
         """
 
     @_abc_1.abstractmethod
