@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 import gradwire
@@ -240,3 +240,36 @@ def test_bad_tls_files_are_named_not_taken_for_a_port_in_use(
     assert refused.value.reason == "BAD_TLS"
     assert refused.value.message.startswith(said)
     assert "cannot listen" not in refused.value.message
+
+
+def test_tls_files_below_openssl_s_security_level_are_not_refused(
+    tmp_path: Path, trainer: Trainer
+) -> None:
+    # Python's OpenSSL refuses an RSA-1024 key at its default security level ("ee key too
+    # small"; a SHA-1 signature too), which gRPC serves with: the check refused it as "not a
+    # certificate and its key" (found by a review).
+    key = rsa.generate_private_key(65537, 1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "legacy")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "legacy.pem", tmp_path / "legacy.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    running = start(trainer, "127.0.0.1", 0, tls=TlsFiles(cert_file, key_file))
+    assert running.port > 0
+    running.stop(grace=None)
