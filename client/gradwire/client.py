@@ -13,6 +13,7 @@ import copy
 import ipaddress
 import itertools
 import os
+import re
 import time
 import weakref
 from collections.abc import Generator, Iterator, Sequence
@@ -287,14 +288,21 @@ def with_default_port(target: str) -> str:
                 return f"[{target}]:{port}"
         if ":" not in target or (target.startswith("[") and "]:" not in target):  # [::1]
             return f"{target}:{port}"
-    if ":" in address and not (address.startswith("[") and "]:" not in address):
-        given = address.rpartition(":")[2]
-        if not (given.isascii() and given.isdigit() and 1 <= int(given) <= 65535):
-            raise ValueError(
-                f"bad port {given!r} in target {target!r}: expected host:port with a port "
-                "from 1 to 65535"
-            )
+    if "/" not in address and address.startswith("dns:"):  # dns:host:port, without slashes
+        address = address[len("dns:") :]
+    # A host (a name, IPv4 or a bracketed IPv6 address) and a port of digits, a sign or none:
+    # it must be a port. Anything else (a named port, "host:http"; a bare IPv6 address) is
+    # gRPC's to read.
+    found = _HOST_AND_PORT.fullmatch(address)
+    if found is not None and not (found[1].isdigit() and 1 <= int(found[1]) <= 65535):
+        raise ValueError(
+            f"bad port {found[1]!r} in target {target!r}: expected host:port with a port "
+            "from 1 to 65535"
+        )
     return target
+
+
+_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*):(-?[0-9]*)")
 
 
 class Client:
