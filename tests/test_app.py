@@ -180,10 +180,11 @@ def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
     afile.write_text("not a folder\n")
     state = afile if where == "a-file" else afile / "state"
     out = _serve_refused("--state-dir", str(state))
+    why = "it is a file, not a folder" if where == "a-file" else "a folder on its path is a file"
     assert out.returncode == 2
     assert out.stderr.endswith(
-        f"gradwire serve: error: --state-dir {state}: the state could not be saved there (it "
-        "is a file, not a folder); choose a folder this user can write to\n"
+        f"gradwire serve: error: --state-dir {state}: the state could not be saved there "
+        f"({why}); choose a folder this user can write to\n"
     )
     assert "listening on" not in out.stderr
 

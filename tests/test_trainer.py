@@ -91,7 +91,7 @@ def test_resolve_device() -> None:
 
 
 @pytest.mark.parametrize(
-    "device", ["mps", "meta", "xpu", "cpu:3", "cpu:0", "CPU", "cuda:x", "cuda:01", "cuda:-1"]
+    "device", ["mps", "meta", "xpu", "cpu:3", "cpu:1", "CPU", "cuda:x", "cuda:01", "cuda:-1"]
 )
 def test_devices_other_than_cpu_and_cuda_are_refused(device: str) -> None:
     # torch knows these: "mps" ended `gradwire serve` in a traceback, "meta" served and then
@@ -114,7 +114,9 @@ def test_a_trainer_refuses_a_torch_device_other_than_cpu_and_cuda(
 
 
 def test_a_trainer_takes_the_cpu_by_name_or_as_a_torch_device() -> None:
-    for device in ("cpu", torch.device("cpu")):
+    # cpu:0, torch's name for the one CPU device, worked before the check and still does.
+    assert resolve_device("cpu:0") == torch.device("cpu")
+    for device in ("cpu", torch.device("cpu"), "cpu:0", torch.device("cpu", 0)):
         trainer = Trainer(device=device)
         try:
             assert trainer.device == torch.device("cpu")

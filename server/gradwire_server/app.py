@@ -255,8 +255,10 @@ def check_state_dir(state_dir: Path) -> None:
             pass
     except OSError as err:
         why = err.strerror or str(err)
-        if isinstance(err, (FileExistsError, NotADirectoryError)):
+        if isinstance(err, FileExistsError):
             why = "it is a file, not a folder"
+        elif isinstance(err, NotADirectoryError):
+            why = "a folder on its path is a file"
         raise InvalidInput(
             f"--state-dir {state_dir}: the state could not be saved there ({why}); choose a "
             "folder this user can write to",
@@ -400,6 +402,7 @@ def serve(
     # a pending one between any two bytecodes), and two that both saw "none yet" would both
     # be taken for the first.
     received = itertools.count()
+    stopped = threading.Event()  # the stop, and its save, done
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -407,7 +410,7 @@ def serve(
             log.warning(
                 "%s received again: exiting now, without waiting for the calls in progress%s",
                 name,
-                "; the state is NOT saved" if saved is not None else "",
+                "; the state is NOT saved" if saved is not None and not stopped.is_set() else "",
             )
             logging.shutdown()
             os._exit(128 + signum)
@@ -430,6 +433,7 @@ def serve(
         try:
             # After a device error nothing is saved: the device's state can no longer be read.
             running.stop(grace, save_to=None if lost.is_set() else saved)
+            stopped.set()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

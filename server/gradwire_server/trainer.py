@@ -339,7 +339,7 @@ def check_name(name: str) -> None:
 
 #: The devices a Trainer runs on, as `--device` names them.
 DEVICES = "auto (the GPU when there is one), cpu, cuda or cuda:N"
-_DEVICE_NAME = re.compile(r"cpu|cuda(?::(0|[1-9][0-9]*))?")
+_DEVICE_NAME = re.compile(r"cpu(?::0)?|cuda(?::(0|[1-9][0-9]*))?")
 
 
 def check_device(device: torch.device | str, forms: str = "cpu, cuda or cuda:N") -> torch.device:
@@ -359,7 +359,7 @@ def check_device(device: torch.device | str, forms: str = "cpu, cuda or cuda:N")
                 f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
                 f"cuda:0 to cuda:{count - 1}"
             )
-    return torch.device(name)
+    return torch.device("cpu" if name == "cpu:0" else name)  # cpu:0 is torch's one CPU
 
 
 def resolve_device(spec: str) -> torch.device:
