@@ -248,6 +248,8 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Pa
         assert any("slow forward started" in line for line in lines)  # a stop now waits
         process.send_signal(signal.SIGTERM)
         assert any("SIGTERM received: stopping" in line for line in lines)
+        # Past the grace period (1 s) and a second more, the stop says what it waits for.
+        assert any("still stopping 1s after the grace period" in line for line in lines)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 128 + signal.SIGINT  # not the minute's Forward
         rest = process.stderr.read()

@@ -37,6 +37,8 @@ log = logging.getLogger("gradwire_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 DEFAULT_GRACE_S = 5.0
+#: Seconds past the grace period after which a stop still waiting says what it waits for.
+STOP_NOTICE_S = 1.0
 DEFAULT_MAX_CONCURRENT = 16
 #: Threads beyond the call limit, so that health checks are answered when the limit is hit.
 SPARE_THREADS = 4
@@ -430,11 +432,27 @@ def serve(
             ready(running)
         stop.wait()
     finally:
+        # A call still running past the grace period (a long step) holds the stop: the state
+        # is saved after it. Said once, so that the operator knows what is being waited for.
+        waiting = threading.Timer(
+            grace + STOP_NOTICE_S,
+            log.warning,
+            (
+                "still stopping %.0fs after the grace period: a call in progress (a long step?) "
+                "is waited for%s; a second signal exits now%s",
+                STOP_NOTICE_S,
+                ", then the state is saved" if saved is not None else "",
+                ", unsaved" if saved is not None else "",
+            ),
+        )
+        waiting.daemon = True
+        waiting.start()
         try:
             # After a device error nothing is saved: the device's state can no longer be read.
             running.stop(grace, save_to=None if lost.is_set() else saved)
             stopped.set()
         finally:
+            waiting.cancel()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         log.info("stopped at state version %d", trainer.version)
