@@ -405,6 +405,8 @@ def serve(
     # be taken for the first.
     received = itertools.count()
     stopped = threading.Event()  # the stop, and its save, done
+    # How the stop ends, and how a second signal ends it, for the log.
+    then_saved, unsaved = (", then the state saved", ", unsaved") if saved is not None else ("", "")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -421,8 +423,8 @@ def serve(
             "signal exits at once%s)",
             name,
             grace,
-            ", then the state saved" if saved is not None else "",
-            ", unsaved" if saved is not None else "",
+            then_saved,
+            unsaved,
         )
         stop.set()
 
@@ -441,8 +443,8 @@ def serve(
                 "still stopping %.0fs after the grace period: a call in progress (a long step?) "
                 "is waited for%s; a second signal exits now%s",
                 STOP_NOTICE_S,
-                ", then the state is saved" if saved is not None else "",
-                ", unsaved" if saved is not None else "",
+                then_saved,
+                unsaved,
             ),
         )
         waiting.daemon = True

@@ -252,14 +252,18 @@ def rpc(method: Handler[R]) -> Handler[R]:
     return _unary(method, mutates=False)
 
 
-def _unary(method: Handler[R], mutates: bool) -> Handler[R]:
+def rpc_on_named_session(method: Handler[R]) -> Handler[R]:
+    """`rpc` for a call that acts on the session its request names (CloseSession), not on
+    the one the caller's metadata names, which is not looked up: the Python client sends the
+    session it closes there too, and looked up first, a retry of a close that went through
+    was refused NOT_FOUND before the request log could answer it."""
+    return _unary(method, mutates=False, sessionless=True)
+
+
+def _unary(method: Handler[R], mutates: bool, sessionless: bool = False) -> Handler[R]:
     # One flat wrapper, no generator-based context managers: this runs on every call, and in
     # the server its Python runs with caches gone cold (docs/PERFORMANCE.md, tenth session).
     name = method.__name__
-    # CloseSession acts on the session its request names, which the caller's metadata may
-    # name too (the Python client's does): looked up first, a retry of a close that went
-    # through was refused NOT_FOUND before the request log could answer it.
-    sessionless = name == "CloseSession"
 
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
@@ -703,7 +707,7 @@ class TrainerServicer:
         # rather than a second one that would hold a place until it expired.
         return _once(self, "OpenSession", "", _metadata(context), open_one)
 
-    @rpc
+    @rpc_on_named_session
     def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
     ) -> pb.CloseSessionResponse:
