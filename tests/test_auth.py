@@ -117,6 +117,7 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+    other_ca: Path  # a CA that signed none of these
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -147,9 +148,14 @@ def _cert(
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key = _key()
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(folder: Path) -> Pki:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate it
+    signed, and another CA, as PEM files in `folder`."""
+    ca_key, other_key = _key(), _key()
+    other = _cert("another CA", other_key, None, other_key, ca=True)
     ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
     server_key, client_key = _key(), _key()
     server = _cert("gradwire server", server_key, ca, ca_key, server=True)
@@ -174,6 +180,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         server_key=write("server.key", pem_key(server_key)),
         client_cert=write("client.pem", client.public_bytes(pem)),
         client_key=write("client.key", pem_key(client_key)),
+        other_ca=write("other-ca.pem", other.public_bytes(pem)),
     )
 
 
@@ -249,18 +256,7 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
     # small"; a SHA-1 signature too), which gRPC serves with: the check refused it as "not a
     # certificate and its key" (found by a review).
     key = rsa.generate_private_key(65537, 1024)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "legacy")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = _cert("legacy", key, None, key)  # type: ignore[arg-type]  # an RSA key, on purpose
     cert_file, key_file = tmp_path / "legacy.pem", tmp_path / "legacy.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(

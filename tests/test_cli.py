@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
 from torch import nn
 
 import gradwire
@@ -27,7 +26,7 @@ from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
 from tests.serve_in_process import serving
-from tests.test_auth import _cert, _key
+from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -964,23 +963,8 @@ def test_a_slow_answer_from_a_server_gets_no_connection_hint(cli: Run) -> None:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 it signed, and another CA."""
-    folder = tmp_path_factory.mktemp("pki")
-    pem = serialization.Encoding.PEM
-    ca_key, other_key, server_key = _key(), _key(), _key()
-    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
-    files = {
-        "ca": ca.public_bytes(pem),
-        "other": _cert("another CA", other_key, None, other_key, ca=True).public_bytes(pem),
-        "cert": _cert("gradwire server", server_key, ca, ca_key, server=True).public_bytes(pem),
-        "key": server_key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    }
-    for name, data in files.items():
-        (folder / f"{name}.pem").write_bytes(data)
-    return {name: folder / f"{name}.pem" for name in files}
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _hint(result: Result) -> str:
@@ -991,25 +975,25 @@ def _hint(result: Result) -> str:
 
 
 def test_tls_failures_get_hints_that_fit_the_options_given(
-    pki: dict[str, Path], address: str, dead_address: str
+    pki: Pki, address: str, dead_address: str
 ) -> None:
-    files = TlsFiles(pki["cert"], pki["key"])
+    files = TlsFiles(pki.server_cert, pki.server_key)
     running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
     tls_address = f"127.0.0.1:{running.port}"
     try:
-        untrusted = run_main("list", "--target", tls_address, "--tls-ca", str(pki["other"]))
+        untrusted = run_main("list", "--target", tls_address, "--tls-ca", str(pki.other_ca))
         assert _hint(untrusted) == (
             f"hint: {tls_address} serves TLS with a certificate not signed by the CA in "
-            f"{pki['other']}: pass --tls-ca with the CA that signed the server's certificate "
+            f"{pki.other_ca}: pass --tls-ca with the CA that signed the server's certificate "
             "(PEM)"
         )
         system_roots = run_main("list", "--target", tls_address, "--tls")
         assert "not signed by any CA this machine trusts" in _hint(system_roots)
         assert "pass --tls-ca with the CA that signed" in _hint(system_roots)
-        assert run_main("list", "--target", tls_address, "--tls-ca", str(pki["ca"])).code == 0
+        assert run_main("list", "--target", tls_address, "--tls-ca", str(pki.ca)).code == 0
     finally:
         running.stop(grace=None)
-    plaintext = run_main("list", "--target", address, "--tls-ca", str(pki["ca"]))
+    plaintext = run_main("list", "--target", address, "--tls-ca", str(pki.ca))
     assert _hint(plaintext) == (
         f"hint: {address} does not answer in TLS: for a server without TLS, leave out --tls, "
         "--tls-ca, --tls-cert and --tls-key"
@@ -1021,12 +1005,12 @@ def test_tls_failures_get_hints_that_fit_the_options_given(
     )
 
 
-def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: dict[str, Path]) -> None:
-    files = TlsFiles(pki["cert"], pki["key"], client_ca=pki["ca"])
+def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
+    files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
     running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
     target = f"127.0.0.1:{running.port}"
     try:
-        result = run_main("list", "--target", target, "--tls-ca", str(pki["ca"]))
+        result = run_main("list", "--target", target, "--tls-ca", str(pki.ca))
         assert _hint(result) == (
             f"hint: {target} closed the connection before it was ready: if it requires "
             "client certificates (mutual TLS), pass --tls-cert and --tls-key"
