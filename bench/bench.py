@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 import gradwire
+from bench.ceiling import READ, CeilingClient, batch
 from bench.floor import FloorClient
 from bench.server import MIB
 from gradwire import limits
 from gradwire.fill import Fill
 from gradwire_server.allocator import keep_freed_memory, limit_onednn_cache
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The pause before each call of the "after idle" figure.
@@ -84,19 +85,28 @@ def paired(
     return statistics.median(a), statistics.median(b)
 
 
-def blocked(
-    ours: Callable[[], object], floor: Callable[[], object], repeats: int, block: int = 6
-) -> tuple[float, float]:
-    """As `paired`, alternating blocks of calls instead of single calls, each block's first
-    call untimed. For in-process floors: torch's OpenMP workers in this process spin for a
-    while after their last op and would slow the remote call that follows on 2 cores."""
-    a: list[float] = []
-    b: list[float] = []
-    while len(a) < repeats:
-        for call, times in ((ours, a), (floor, b)):
-            call()
-            times.extend(timed(call) for _ in range(block - 1))
-    return statistics.median(a), statistics.median(b)
+def looped(
+    calls: Sequence[Callable[[], object]], rounds: int, warm_s: float = 0.1, timed_s: float = 0.3
+) -> list[float]:
+    """The median time of each of `calls` in a loop of its own: in each round, each call runs
+    back to back for `warm_s` untimed, then `timed_s` timed, in turn, the order rotated from
+    round to round. For steps against the same step in-process: a rate is what a training
+    loop gets, and the warm-up lets the other side's leftovers pass first. Torch's OpenMP
+    workers spin for about 10 ms after their last op, the client's after an in-process step
+    as the server's after a remote one, and take one of 2 cores from whatever runs next:
+    before run 26 each remote figure ran right after the in-process one, in blocks of 6
+    with one call untimed, and read 0.3-0.9 ms a call slower at batch 8 for that alone."""
+    times: list[list[float]] = [[] for _ in calls]
+    for round_ in range(rounds):
+        turn = round_ % len(calls)
+        for i in [*range(turn, len(calls)), *range(turn)]:
+            start = time.perf_counter()
+            while time.perf_counter() - start < warm_s:
+                calls[i]()
+            start = time.perf_counter()
+            while time.perf_counter() - start < timed_s:
+                times[i].append(timed(calls[i]))
+    return [statistics.median(kept) for kept in times]
 
 
 @dataclass(frozen=True)
@@ -336,20 +346,31 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
     def identity(selection: object) -> object:
         return selection
 
+    # Loops of 0.4 s, each call's in turn: 5 rounds at the default 31 repeats.
+    rounds = max(1, round(repeats / 6))
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
         floor = FloorClient(ch)
-        for batch, target in [(256, 0.9), (8, 0.5)]:
-            x, y = FillSpec("ones", (batch, 3, 10, 10)), FillSpec("ones", (batch,))
-            xr, yr = Fill.ones(batch, 3, 10, 10), Fill.ones(batch, dtype="int64")
-            # In-process: handed to the trainer's own thread, as the servicer does.
-            ours, inproc = blocked(
-                lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
-                lambda x=x, y=y: local._run(local.train_step, x, y, zero_grad=True, use=identity),
-                repeats,
+        bare = CeilingClient(ch)
+        for size, target in [(256, 0.9), (8, 0.5)]:
+            x, y = batch(size)
+            xr, yr = Fill.ones(size, 3, 10, 10), Fill.ones(size, dtype="int64")
+            # In-process: handed to the trainer's own thread, as the servicer does. The
+            # ceiling beside them: the same step in a bare gRPC call.
+            ours, ceiling, inproc = looped(
+                [
+                    lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
+                    lambda size=size: bare.train_step(size),
+                    lambda x=x, y=y: local._run(
+                        local.train_step, x, y, zero_grad=True, use=identity
+                    ),
+                ],
+                rounds,
             )
-            figure = f"TrainStep batch {batch} vs in-process"
+            figure = f"TrainStep batch {size} vs in-process"
             rows.append(rate_at_least(figure, ours, inproc, target))
+            figure = f"(ceiling) bare gRPC call around the step, batch {size}, vs in-process"
+            rows.append(report(rate_at_least(figure, ceiling, inproc, target)))
         rows.extend(steps_without_a_call_each(client, local, identity))
 
         # The tutorial's separate calls against in-process time plus 6 bare echoes.
@@ -361,16 +382,22 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             client.get("conv1.weight[0][0][0]")
 
         def local_calls() -> None:
-            local.forward(FillSpec("ones", (8, 3, 10, 10)), FillSpec("ones", (8,)))
+            local.forward(*batch(8))
             local.backward()
             local.step()
             local.zero_grad()
-            local.read("conv1.weight", [(0,), (0,), (0,)])
+            local.read(*READ)
 
-        ours, inproc = blocked(remote_calls, lambda: local._run(local_calls), repeats)
-        echoes = [timed(lambda: floor.echo(b"\x00" * 16)) for _ in range(repeats * 5)]
-        budget = inproc + 6 * statistics.median(echoes)
+        def echo() -> None:
+            floor.echo(b"\x00" * 16)
+
+        ours, ceiling, inproc, bare_echo = looped(
+            [remote_calls, bare.tutorial, lambda: local._run(local_calls), echo], rounds
+        )
+        budget = inproc + 6 * bare_echo
         rows.append(at_most("Tutorial's 5 calls vs in-process + 6 echoes", ours, budget, 1.0))
+        figure = "(ceiling) the same 5 calls bare, vs in-process + 6 echoes"
+        rows.append(report(at_most(figure, ceiling, budget, 1.0)))
         # A person stepping by hand, or a script doing other work between steps: what a pause
         # costs the calls after it (torch's OpenMP worker asleep; docs/PERFORMANCE.md).
         after_idle = []
@@ -398,7 +425,7 @@ def steps_without_a_call_each(
     Reported, with no target of their own: the README recommends the first."""
     n = ROUND_STEPS
     xr, yr = Fill.ones(256, 3, 10, 10), Fill.ones(256, dtype="int64")
-    x, y = FillSpec("ones", (256, 3, 10, 10)), FillSpec("ones", (256,))
+    x, y = batch(256)
 
     def in_process() -> None:
         for _ in range(n):

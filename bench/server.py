@@ -1,4 +1,4 @@
-"""The benchmark's server process: gradwire beside the bare-gRPC floor, in one process.
+"""The benchmark's server process: gradwire beside the bare-gRPC floor and ceiling, in one process.
 
 `python -m bench.server --model simple|blobs --port-file F` serves until SIGTERM. A process
 of its own, as in a deployment: the client's work and the server's never share a GIL, and
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import floor
+from bench import ceiling, floor
 from gradwire_server.allocator import keep_freed_memory, limit_onednn_cache
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -72,7 +72,7 @@ def main() -> None:
     trainer = Trainer(
         spec, device=args.device, seed=0, one_thread_for_small_work=args.one_thread_for_small_work
     )
-    running = start(trainer, extra_handlers=[floor.handler()])
+    running = start(trainer, extra_handlers=[floor.handler(), ceiling.handler(trainer)])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     args.port_file.write_text(f"{running.port}\n")
