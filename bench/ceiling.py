@@ -54,11 +54,12 @@ def handler(trainer: Trainer) -> grpc.GenericRpcHandler:
         return b""
 
     def zero_grad(request: bytes, context: grpc.ServicerContext) -> bytes:
-        trainer.zero_grad()
+        trainer.zero_grad(set_to_none=request != b"zeros")
         return b""
 
     def read(request: bytes, context: grpc.ServicerContext) -> bytes:
-        value = trainer.read(*READ).value
+        name, index = READ
+        value = trainer.read(request.decode() or name, index).value
         return b"" if value is None else value.numpy().tobytes()
 
     methods = {
@@ -82,8 +83,8 @@ class CeilingClient:
             return channel.unary_unary(f"/{SERVICE}/{name}")
 
         self._train_step, self._forward = method("TrainStep"), method("Forward")
-        self.backward, self.step = method("Backward"), method("Step")
-        self.zero_grad, self.read = method("ZeroGrad"), method("Read")
+        self._backward, self._step = method("Backward"), method("Step")
+        self._zero_grad, self._read = method("ZeroGrad"), method("Read")
 
     def train_step(self, size: int) -> None:
         self._train_step(str(size).encode())
@@ -91,10 +92,23 @@ class CeilingClient:
     def forward(self, size: int) -> None:
         self._forward(str(size).encode())
 
+    def backward(self) -> None:
+        self._backward(b"")
+
+    def step(self) -> None:
+        self._step(b"")
+
+    def zero_grad(self, *, set_to_none: bool = True) -> None:
+        self._zero_grad(b"" if set_to_none else b"zeros")
+
+    def read(self, name: str = "") -> None:
+        """READ's index of `name` (READ's tensor when empty)."""
+        self._read(name.encode())
+
     def tutorial(self) -> None:
         """The tutorial's five calls, as the benchmark's client makes them through gradwire."""
         self.forward(8)
-        self.backward(b"")
-        self.step(b"")
-        self.zero_grad(b"")
-        self.read(b"")
+        self.backward()
+        self.step()
+        self.zero_grad()
+        self.read()
