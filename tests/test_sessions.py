@@ -455,3 +455,21 @@ def test_a_session_close_that_failed_keeps_the_session_s_id(trainer: Trainer) ->
         mine.close_session()
     assert mine.session == session  # kept, to close once the server is back
     client.close()
+
+
+def test_a_client_of_a_closed_session_can_still_open_a_new_one(
+    client: gradwire.Client, address: str
+) -> None:
+    """OpenSession acts on no session its caller names, but the caller's "gradwire-session"
+    metadata was looked up first: a client joined to a session that had closed since got
+    NOT_FOUND (UNKNOWN_SESSION) for opening a new one (left from a review of the CLI, whose
+    open-session cleared --session itself to get past it)."""
+    first = client.open_session(seed=0)
+    stale = first.session
+    first.close()
+    with gradwire.Client(address, session=stale, timeout=30) as joined:
+        with pytest.raises(errors.NotFound):
+            joined.get("conv1.weight[0]")  # the session it names is gone...
+        with joined.open_session(seed=1) as second:  # ...yet it opens one of its own
+            assert second.session not in (None, stale)
+            assert second.get("conv1.weight[0][0][0]").shape == (3,)

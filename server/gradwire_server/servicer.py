@@ -252,11 +252,13 @@ def rpc(method: Handler[R]) -> Handler[R]:
     return _unary(method, mutates=False)
 
 
-def rpc_on_named_session(method: Handler[R]) -> Handler[R]:
-    """`rpc` for a call that acts on the session its request names (CloseSession), not on
-    the one the caller's metadata names, which is not looked up: the Python client sends the
-    session it closes there too, and looked up first, a retry of a close that went through
-    was refused NOT_FOUND before the request log could answer it."""
+def rpc_sessionless(method: Handler[R]) -> Handler[R]:
+    """`rpc` for the calls that act on no session the caller's metadata names: OpenSession
+    opens a new one, CloseSession closes the one its request names. The metadata's session
+    is not looked up. Looked up first, a stale one (a client joined to a session that has
+    closed since) got NOT_FOUND for opening a new session; and the Python client sends the
+    session it closes there too, so a retry of a close that went through was refused
+    before the request log could answer it."""
     return _unary(method, mutates=False, sessionless=True)
 
 
@@ -690,7 +692,7 @@ class TrainerServicer:
         seed = request.seed if request.HasField("seed") else None
         return pb.ResetResponse(version=self.trainer.reset(seed))
 
-    @rpc
+    @rpc_sessionless
     def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.ServicerContext
     ) -> pb.OpenSessionResponse:
@@ -707,7 +709,7 @@ class TrainerServicer:
         # rather than a second one that would hold a place until it expired.
         return _once(self, "OpenSession", "", _metadata(context), open_one)
 
-    @rpc_on_named_session
+    @rpc_sessionless
     def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
     ) -> pb.CloseSessionResponse:

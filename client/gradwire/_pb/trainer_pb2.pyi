@@ -46,7 +46,7 @@ Conventions used by every message below:
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
   version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
-  or empty, the default session.
+  or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
   reads tensors sets its channel's maximum receive size to 64 MiB. Larger values stream
   (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep every

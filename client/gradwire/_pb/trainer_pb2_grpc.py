@@ -249,6 +249,8 @@ class TrainerServicer:
         default session, which the tutorial flow uses. A session is closed after
         idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
         open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+        The "gradwire-session" metadata is not read: a caller may name any session, or one
+        that has closed, and still open a new one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,7 @@ Conventions used by every message below:
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
   version is decimal digits ("42").
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
-  or empty, the default session.
+  or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
   reads tensors sets its channel's maximum receive size to 64 MiB. Larger values stream
   (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep every
@@ -170,6 +170,8 @@ class TrainerStub:
     default session, which the tutorial flow uses. A session is closed after
     idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
     open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+    The "gradwire-session" metadata is not read: a caller may name any session, or one
+    that has closed, and still open a new one.
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """Closes the session the request names, and frees its model; the "gradwire-session"
@@ -248,6 +250,8 @@ class TrainerAsyncStub(TrainerStub):
     default session, which the tutorial flow uses. A session is closed after
     idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
     open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+    The "gradwire-session" metadata is not read: a caller may name any session, or one
+    that has closed, and still open a new one.
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes the session the request names, and frees its model; the "gradwire-session"
@@ -413,6 +417,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         default session, which the tutorial flow uses. A session is closed after
         idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
         open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+        The "gradwire-session" metadata is not read: a caller may name any session, or one
+        that has closed, and still open a new one.
         """
 
     @_abc_1.abstractmethod
