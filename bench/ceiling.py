@@ -2,14 +2,17 @@
 
 A floor (bench/floor.py) carries bytes and does nothing; the step targets compare gradwire
 with the same step run in-process, so no floor tells how much of a remote step's extra time
-any gRPC call would pay and how much is gradwire's. Each method here reads a batch size (or
-nothing), calls the same `Trainer` method the servicer calls, through the same hand-off to
-the torch thread, and answers nothing. Around it, none of gradwire's code: no call
-interceptor (served beside the floor, `app.start`'s `extra_handlers`), no request parsing,
-session, slot, request log, version guard or reply encoding in the server; no deadline,
-request id or metadata in the client. Its time against the in-process step is the best a
-Python gRPC call around that step does on the machine at hand; gradwire's time against it
-is what gradwire itself costs.
+any gRPC call would pay and how much is gradwire's. Each method here reads what its call
+needs (a batch size, a tensor's name, whether to zero in place) as plain text, calls the
+same `Trainer` method the servicer calls, through the same hand-off to the torch thread,
+and answers nothing (a read: its values' bytes). Around it, none of gradwire's code:
+served beside the floor (`app.start`'s `extra_handlers`), which gradwire's call
+interceptor passes through unwrapped; no request parsing, session, slot, request log,
+version guard or reply encoding in the server; no deadline, request id or metadata in the
+client. Plain generic handlers and calls, not the registered methods of generated stubs:
+if anything a little slower than the best a bare call could do. Its time against the
+in-process step is what a bare grpcio call around that step gets on the machine at hand;
+gradwire's time against it is what gradwire itself costs.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
 # WHEELS names another folder of wheels than .whl/. Each step has a time limit (seconds,
 # LIMIT_TESTS, LIMIT_REPLAY, LIMIT_BENCH; all of them together under a device call's 10
 # minutes) so that one that hangs costs its own output only. On an H200 the steps took 10,
-# 12 and 75 seconds.
+# 12 and 75 seconds, before the benchmark's step figures ran in loops (about 15 s more on
+# the CPU VM).
 set -uo pipefail
 
 out="${OUT:-out}"

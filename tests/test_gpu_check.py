@@ -46,6 +46,7 @@ def test_gpu_check_runs_every_step_and_keeps_their_output(tmp_path: Path) -> Non
     assert "bit for bit: True" in (out / "replay.txt").read_text()
     table = (out / "bench.md").read_text()
     assert "| Step vs echo |" in table
+    assert "|   (ceiling) the same step in a bare gRPC call, vs in-process, rate |" in table
     assert "| Train RPC batch 256 (steps looped on the server) vs in-process, rate |" in table
     assert "all GPU checks ran" in done.stdout
 
