@@ -1005,6 +1005,26 @@ def test_tls_failures_get_hints_that_fit_the_options_given(
     )
 
 
+def test_the_command_prints_the_failure_once_without_grpc_s_own_log_lines(address: str) -> None:
+    """The `gradwire` command as installed: gRPC's C core logged its own line for a failed
+    TLS handshake ("I1130 ... ssl_transport_security.cc ... Handshake failed ..."), above
+    the CLI's error and hint, which say the same in words a person can act on. It reads
+    GRPC_VERBOSITY once, when grpc is first imported, so the command's entry point sets it
+    before anything imports grpc; a GRPC_VERBOSITY of the caller's own still wins."""
+    command = Path(sys.executable).with_name("gradwire")  # installed by `make setup`
+    argv = [str(command), "list", "--target", address, "--tls", "--timeout", "5"]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["error", "hint"], done.stderr
+    assert "does not answer in TLS" in lines[1]
+    verbose = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120, env={**env, "GRPC_VERBOSITY": "INFO"}
+    )
+    assert "Handshake failed" in verbose.stderr
+
+
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
     files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
     running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
