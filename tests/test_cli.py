@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire.cli import build_parser
+from gradwire import errors
+from gradwire.cli import _connection_hint, build_parser
 from gradwire_server.app import start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, Simple
@@ -1023,6 +1025,47 @@ def test_the_command_prints_the_failure_once_without_grpc_s_own_log_lines(addres
         argv, capture_output=True, text=True, timeout=120, env={**env, "GRPC_VERBOSITY": "INFO"}
     )
     assert "Handshake failed" in verbose.stderr
+
+
+def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started() -> None:
+    """A `train` cut off by its server stopping got the hint for a server never reached
+    ("no gradwire server answered at ...: start one (gradwire serve)"), or none at all for
+    a call the stopping server cancelled ("error: CANCELLED: CANCELLED"), after steps
+    that server had answered (left from the last session's review of `gradwire serve`)."""
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    target = f"127.0.0.1:{running.port}"
+    stopper = threading.Timer(1.0, running.stop, kwargs={"grace": None})
+    stopper.start()
+    try:
+        result = run_main("train", "--target", target, "--steps", "10000000", "--every", "1000")
+    finally:
+        stopper.join()
+        running.stop(grace=None)
+    assert "stopped after" in result.out
+    assert _hint(result) == (
+        f"hint: the server at {target} answered earlier in this command, then stopped "
+        "answering: it was stopped or restarted, or the network to it went down (its log "
+        f"says which); gradwire health --target {target} says when it is back"
+    )
+
+
+def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
+    address: str, dead_address: str
+) -> None:
+    """A server stopping cancels the calls it has taken in and not begun: CANCELLED, once
+    the command's earlier calls were answered. Never answered, CANCELLED gets no hint."""
+    args = build_parser().parse_args(["list", "--target", address])
+    cancelled = errors.Cancelled("CANCELLED")
+    with gradwire.connect(address, timeout=30) as client:
+        assert not client.answered
+        client.list_tensors()
+        assert client.answered
+        assert "answered earlier in this command" in str(_connection_hint(args, client, cancelled))
+    with gradwire.Client(dead_address, timeout=5) as never:
+        with pytest.raises(errors.Unavailable):
+            never.list_tensors()
+        assert not never.answered
+        assert _connection_hint(args, never, cancelled) is None
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:

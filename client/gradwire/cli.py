@@ -31,6 +31,7 @@ from gradwire.client import (
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
 from gradwire.errors import (
+    Cancelled,
     DeadlineExceeded,
     GradwireError,
     RemoteError,
@@ -1449,6 +1450,14 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
     target = client.target
     tls = bool(args.tls or args.tls_ca or args.tls_cert)
     text = error.message.lower()
+    # A server that answered this command's earlier calls: gone since, not never there. A
+    # stopping server cancels the calls it has taken in and not begun (CANCELLED).
+    if client.answered and (_unreachable(error) or isinstance(error, Cancelled)):
+        return (
+            f"the server at {target} answered earlier in this command, then stopped "
+            "answering: it was stopped or restarted, or the network to it went down (its log "
+            f"says which); gradwire health --target {target} says when it is back"
+        )
     if isinstance(error, DeadlineExceeded):
         if _connected(client):
             return None  # a server answered; this call took longer than --timeout

@@ -369,6 +369,9 @@ class Client:
         self.chunk_bytes = limits.CHUNK_BYTES
         self._memory = KeptMemory()
         self._keep_memory = True
+        #: Whether a call on this client has succeeded: a server was there to answer. (The
+        #: `gradwire` command tells a server that went away mid-command by it.)
+        self.answered = False
 
     @property
     def keep_memory(self) -> bool:
@@ -427,7 +430,7 @@ class Client:
             retryable = not isinstance(request, Iterator)
         for attempt in range(self.retries + 1):
             try:
-                return self._methods[method](
+                response = self._methods[method](
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
@@ -435,6 +438,9 @@ class Client:
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
                     raise from_rpc_error(err) from None
                 _back_off(attempt)
+            else:
+                self.answered = True
+                return response
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.contextmanager
@@ -460,7 +466,9 @@ class Client:
             metadata=metadata,
         )
         try:
-            yield from call
+            for message in call:
+                self.answered = True
+                yield message
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
