@@ -1451,8 +1451,10 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
     tls = bool(args.tls or args.tls_ca or args.tls_cert)
     text = error.message.lower()
     # A server that answered this command's earlier calls: gone since, not never there. A
-    # stopping server cancels the calls it has taken in and not begun (CANCELLED).
-    if client.answered and (_unreachable(error) or isinstance(error, Cancelled)):
+    # stopping server cancels the calls it has taken in and not begun (CANCELLED), and cuts
+    # its streams (UNAVAILABLE "Cancelling all calls"). Errors without a reason are gRPC's
+    # own, not a gradwire server's (whose STOPPING and BUSY say what they are).
+    if client.answered and isinstance(error, (Unavailable, Cancelled)) and not error.reason:
         return (
             f"the server at {target} answered earlier in this command, then stopped "
             "answering: it was stopped or restarted, or the network to it went down (its log "
