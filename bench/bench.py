@@ -90,12 +90,14 @@ def looped(
 ) -> list[float]:
     """The median time of each of `calls` in a loop of its own: in each round, each call runs
     back to back for `warm_s` untimed, then `timed_s` timed, in turn, the order rotated from
-    round to round. For steps against the same step in-process: a rate is what a training
-    loop gets, and the warm-up lets the other side's leftovers pass first. Torch's OpenMP
-    workers spin for about 10 ms after their last op, the client's after an in-process step
-    as the server's after a remote one, and take one of 2 cores from whatever runs next:
-    before run 26 each remote figure ran right after the in-process one, in blocks of 6
-    with one call untimed, and read 0.3-0.9 ms a call slower at batch 8 for that alone."""
+    round to round: each call's own steady state, what a loop of it gets, with the drift
+    of a shared machine spread over all. Calls taken in turn one by one (`paired`) change
+    each other: torch's OpenMP workers spin for about 10 ms after their last op, the
+    client's after an in-process step as the server's after a remote one, taking one of 2
+    cores from whatever runs next, or keeping the second vCPU awake for it. Before run 26
+    each remote step ran right after the in-process one, in blocks of 6 with one call
+    untimed, and read 0.3-0.9 ms slower at batch 8 for that alone; before run 29 the echo
+    alternated with a Step read 0.1 ms faster than in a loop of echoes."""
     times: list[list[float]] = [[] for _ in calls]
     for round_ in range(rounds):
         turn = round_ % len(calls)
@@ -107,6 +109,11 @@ def looped(
             while time.perf_counter() - start < timed_s:
                 times[i].append(timed(calls[i]))
     return [statistics.median(kept) for kept in times]
+
+
+def rounds_for(repeats: int) -> int:
+    """`looped`'s rounds for `--repeats`: 5 at the default 31, at least 1."""
+    return max(1, (repeats + 3) // 6)
 
 
 @dataclass(frozen=True)
@@ -289,13 +296,18 @@ def small_calls(served: Served, repeats: int) -> list[Row]:
             # as it leaves no gradients.
             ("ZeroGrad to None (the tutorial's)", client.zero_grad, bare.zero_grad),
         ]
+
+        def echo() -> None:
+            floor.echo(b"\x00" * 16)
+
         for label, call, ceiling in calls:
-            ours, echo = paired(call, lambda: floor.echo(b"\x00" * 16), repeats)
-            rows.append(at_most(f"{label} vs echo", ours, echo, 1.5))
-            # A pass of its own after ours, so that ours is measured as it always was.
-            work, echo = paired(ceiling, lambda: floor.echo(b"\x00" * 16), repeats)
+            # Each in a loop of its own, as the steps: alternated call by call, the echo
+            # read 0.1 ms faster right after a Step than in a loop of echoes (Step's
+            # parallel update keeps the second vCPU awake; docs/PERFORMANCE.md).
+            ours, work, bare_echo = looped([call, ceiling, echo], rounds_for(repeats))
+            rows.append(at_most(f"{label} vs echo", ours, bare_echo, 1.5))
             figure = "  (ceiling) the same work in a bare gRPC call, vs echo"
-            rows.append(report(at_most(figure, work, echo, 1.5)))
+            rows.append(report(at_most(figure, work, bare_echo, 1.5)))
     return rows
 
 
@@ -360,8 +372,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
     def identity(selection: object) -> object:
         return selection
 
-    # Loops of 0.4 s, each call's in turn: 5 rounds at the default 31 repeats.
-    rounds = max(1, (repeats + 3) // 6)
+    rounds = rounds_for(repeats)
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
         floor = FloorClient(ch)
@@ -609,8 +620,8 @@ def main() -> int:
         "--repeats",
         type=int,
         default=31,
-        help="calls per figure (median); the step figures run loops of 0.4 s instead, in "
-        "one round per 6 repeats",
+        help="calls per figure (median); the small calls and the steps run loops of 0.4 s "
+        "instead, in one round per 6 repeats",
     )
     parser.add_argument("--big-repeats", type=int, default=5, help="512 MiB transfers per figure")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
@@ -661,7 +672,7 @@ def main() -> int:
     if parts & {"small", "steps", "watch"}:
         with serve("simple", args.device, flags) as served:
             if "small" in parts:
-                rows += small_calls(served, args.repeats * 10)
+                rows += small_calls(served, args.repeats)
             if "steps" in parts:
                 rows += steps(served, args.repeats, args.device, one_thread)
             if "watch" in parts:
