@@ -369,8 +369,9 @@ class Client:
         self.chunk_bytes = limits.CHUNK_BYTES
         self._memory = KeptMemory()
         self._keep_memory = True
-        #: Whether a call on this client has succeeded: a server was there to answer. (The
-        #: `gradwire` command tells a server that went away mid-command by it.)
+        #: Whether a call of the Trainer service on this client has succeeded: a server was
+        #: there to answer (health() and wait_ready() leave it as it is). The `gradwire`
+        #: command tells a server that went away mid-command by it.
         self.answered = False
 
     @property
