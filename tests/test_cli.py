@@ -28,7 +28,7 @@ from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
-from tests.serve_in_process import serving
+from tests.serve_in_process import running_server, serving
 from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -980,10 +980,8 @@ def _hint(result: Result) -> str:
 def test_tls_failures_get_hints_that_fit_the_options_given(
     pki: Pki, address: str, dead_address: str
 ) -> None:
-    files = TlsFiles(pki.server_cert, pki.server_key)
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
-    tls_address = f"127.0.0.1:{running.port}"
-    try:
+    with running_server(tls=TlsFiles(pki.server_cert, pki.server_key)) as running:
+        tls_address = f"127.0.0.1:{running.port}"
         untrusted = run_main("list", "--target", tls_address, "--tls-ca", str(pki.other_ca))
         assert _hint(untrusted) == (
             f"hint: {tls_address} serves TLS with a certificate not signed by the CA in "
@@ -994,8 +992,6 @@ def test_tls_failures_get_hints_that_fit_the_options_given(
         assert "not signed by any CA this machine trusts" in _hint(system_roots)
         assert "pass --tls-ca with the CA that signed" in _hint(system_roots)
         assert run_main("list", "--target", tls_address, "--tls-ca", str(pki.ca)).code == 0
-    finally:
-        running.stop(grace=None)
     plaintext = run_main("list", "--target", address, "--tls-ca", str(pki.ca))
     assert _hint(plaintext) == (
         f"hint: {address} does not answer in TLS: for a server without TLS, leave out --tls, "
@@ -1035,17 +1031,16 @@ def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started(wher
     a call the stopping server cancelled ("error: CANCELLED: CANCELLED") or a stream it cut
     ("UNAVAILABLE: Cancelling all calls"), after steps that server had answered (left from
     the last session's review of `gradwire serve`)."""
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
-    target = f"127.0.0.1:{running.port}"
-    stopper = threading.Timer(1.0, running.stop, kwargs={"grace": None})
-    stopper.start()
     # Server-side, progress every 10 steps: a run that has reported none has no summary.
     side = ["--server-side", "--every", "10"] if where == "server-side" else ["--every", "1000"]
-    try:
-        result = run_main("train", "--target", target, "--steps", "10000000", *side)
-    finally:
-        stopper.join()
-        running.stop(grace=None)
+    with running_server() as running:
+        target = f"127.0.0.1:{running.port}"
+        stopper = threading.Timer(1.0, running.stop, kwargs={"grace": None})
+        stopper.start()
+        try:
+            result = run_main("train", "--target", target, "--steps", "10000000", *side)
+        finally:
+            stopper.join()
     assert "stopped after" in result.out
     assert _hint(result) == (
         f"hint: the server at {target} answered earlier in this command, then stopped "
@@ -1075,13 +1070,10 @@ def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
     files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
-    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, tls=files)
-    target = f"127.0.0.1:{running.port}"
-    try:
+    with running_server(tls=files) as running:
+        target = f"127.0.0.1:{running.port}"
         result = run_main("list", "--target", target, "--tls-ca", str(pki.ca))
         assert _hint(result) == (
             f"hint: {target} closed the connection before it was ready: if it requires "
             "client certificates (mutual TLS), pass --tls-cert and --tls-key"
         )
-    finally:
-        running.stop(grace=None)
