@@ -1,7 +1,8 @@
 """`make demo`: start a gradwire server, replay the tutorial against it over gRPC, stop the server.
 
-The server runs as its own process (`gradwire serve`), exactly as a user would start it; the
-replay talks to it only through gRPC.
+The server runs as its own process (`gradwire serve`, through the installed command's own
+entry point), exactly as a user would start it; the replay talks to it only through gRPC.
+Both quiet gRPC's own log lines as the command does (GRPC_VERBOSITY=ERROR unless set).
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gradwire.cli import main as gradwire
-
 
 def start_server(port: int, device: str, port_file: Path) -> subprocess.Popen[str]:
     command = [
-        sys.executable, "-m", "gradwire.cli", "serve",
+        sys.executable, "-m", "gradwire_cli", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--device", device,
         "--port-file", str(port_file),
     ]  # fmt: skip
@@ -39,6 +38,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    # Read by gRPC's C core once, when grpc is first imported: before gradwire is.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from gradwire.cli import main as gradwire
+
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         server = start_server(args.port, args.device, port_file)
