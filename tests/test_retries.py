@@ -5,8 +5,10 @@ passed before it ran changes nothing."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -15,12 +17,14 @@ import pytest
 import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
-from gradwire_server.errors import AnswerNotKept
+from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
+from tests.serve_in_process import running_server
 from tests.test_concurrency import Gate
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
@@ -367,3 +371,118 @@ def test_a_retried_train_step_whose_answer_was_let_go_is_refused(
     assert "was applied before" in info.value.details()
     assert trainer.version == latest.version  # the refused retry changed nothing
     assert send("t-4") == latest  # the latest answers are still there
+
+
+class Caller:
+    """The call a retry waits on behalf of, as RequestLog sees it: its deadline, and
+    whether it is still there."""
+
+    def __init__(self, remaining: float | None = None) -> None:
+        self.remaining = remaining
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def test_a_waiting_retry_gives_up_at_its_deadline_and_changes_nothing() -> None:
+    log = RequestLog()
+    first, release = _first_attempt_held(log, fail=False)
+    started = time.monotonic()
+    with pytest.raises(DeadlinePassed, match="still running; this call changed nothing"):
+        log.once(("Step", "", "k"), lambda: "retry", Caller(remaining=0.3))
+    assert 0.25 < time.monotonic() - started < 10
+    release.set()
+    first.join(timeout=60)
+    assert log.once(("Step", "", "k"), lambda: "again") == "first"  # a later retry's answer
+
+
+def test_a_waiting_retry_whose_caller_has_gone_stops_waiting_and_runs_nothing() -> None:
+    log = RequestLog()
+    first, release = _first_attempt_held(log, fail=True)
+    caller = Caller()
+    ran: list[str] = []
+    errors_seen: list[BaseException] = []
+
+    def retry() -> None:
+        try:
+            log.once(("Step", "", "k"), lambda: ran.append("retry") or "retry", caller)
+        except CallerGone as err:
+            errors_seen.append(err)
+
+    retrying = threading.Thread(target=retry)
+    retrying.start()
+    retrying.join(timeout=0.3)
+    assert retrying.is_alive()  # waiting
+    caller.active = False  # its client cancelled
+    retrying.join(timeout=10)
+    assert not retrying.is_alive() and len(errors_seen) == 1
+    release.set()  # the first attempt fails: its retry would run anew, but no one waits
+    first.join(timeout=60)
+    assert ran == []
+
+
+def _stalled_upload(address: str, request_id: str, hold: threading.Event) -> grpc.Future:
+    """A SetTensorStream of conv1.weight whose client sends one chunk, then stalls until
+    `hold` is set: its first attempt runs as long as that."""
+    first = pb.SetTensorChunk(
+        name="conv1.weight",
+        chunk=pb.TensorChunk(
+            shape=[8, 3, 3, 3],
+            offset=0,
+            values=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], float_values=[0.5]),
+        ),
+    )
+
+    def chunks() -> Iterator[pb.SetTensorChunk]:
+        yield first
+        hold.wait(timeout=60)
+
+    stub = pb_grpc.TrainerStub(grpc.insecure_channel(address))
+    return stub.SetTensorStream.future(chunks(), metadata=[("gradwire-request-id", request_id)])
+
+
+def test_retries_waiting_on_a_stalled_first_attempt_let_go_at_their_deadlines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Retries of a request whose first attempt runs on (an upload its client stalled)
+    waited however long it ran, their clients gone, each holding one of the server's call
+    places: four of them left a server of four places answering BUSY to every caller
+    (found by the nineteenth session's review)."""
+    hold = threading.Event()
+    with running_server(max_concurrent=5) as running, caplog.at_level(logging.ERROR):
+        address = f"127.0.0.1:{running.port}"
+        stub = pb_grpc.TrainerStub(grpc.insecure_channel(address))
+        upload = _stalled_upload(address, "stalled", hold)
+        retry = pb.SetTensorChunk(name="conv1.weight")  # no chunk: refused, if it ever ran
+
+        def retried() -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.SetTensorStream(
+                    iter([retry]), metadata=[("gradwire-request-id", "stalled")], timeout=0.5
+                )
+            return info.value.code()  # type: ignore[no-any-return]
+
+        # Until the upload has begun on the server, a retry is a first attempt (refused).
+        deadline = time.monotonic() + 30
+        while retried() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            assert time.monotonic() < deadline
+        assert [retried() for _ in range(4)] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+        # The four waits have let go of their places, on the server too: other calls run.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                stub.ListTensors(pb.ListTensorsRequest(), timeout=5)
+                break
+            except grpc.RpcError as err:  # BUSY while a retry's wait is still ending
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "the waiting retries still hold the server"
+                time.sleep(0.05)
+        upload.cancel()  # the stalled client goes away: no server error for that either
+        hold.set()
+        stub.ListTensors(pb.ListTensorsRequest(), timeout=5)
+    unexpected = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage()]
+    assert unexpected == []

@@ -76,6 +76,13 @@ class DeadlinePassed(DomainError):
     reason = "DEADLINE_PASSED"
 
 
+class CallerGone(DomainError):
+    """A call whose caller went away (it cancelled, or its deadline passed) before the server
+    acted on it. Its answer reaches no one: it is for the server's own metrics."""
+
+    reason = "CALLER_GONE"
+
+
 class Stopping(DomainError):
     """A stream (Watch, Train) ended, or an OpenSession refused, because the server is
     stopping; its client can call again once it is back."""

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -30,6 +30,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert, stats
 from gradwire_server.errors import (
     AnswerNotKept,
+    CallerGone,
     DeadlinePassed,
     DomainError,
     IndexOutOfRange,
@@ -69,6 +70,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     VersionMismatch: grpc.StatusCode.ABORTED,
     AnswerNotKept: grpc.StatusCode.ABORTED,
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CallerGone: grpc.StatusCode.CANCELLED,
     Stopping: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -176,18 +178,34 @@ def _answer_error(context: grpc.ServicerContext, name: str, servicer: TrainerSer
     except DomainError as err:
         _release_frames(err)
         abort(context, _status_of(err), err.message, err.reason, err.metadata)
+    except grpc.RpcError as err:
+        if context.is_active():  # not from the caller's request stream: a bug of ours
+            _unexpected(context, name, servicer, err)
+        else:
+            # gRPC raises this from the request iterator when the caller cancels its request
+            # stream or lets its deadline pass: no server error, and nothing to log.
+            _release_frames(err)
+            gone = f"{name}: the caller cancelled its request stream, or its deadline passed"
+            abort(context, grpc.StatusCode.CANCELLED, gone, CallerGone.reason, {})
     except Exception as err:
-        log.exception("unexpected error in %s", name)
-        if device_lost(err) and servicer.on_device_lost is not None:
-            servicer.on_device_lost()
-        _release_frames(err)
-        abort(
-            context,
-            grpc.StatusCode.INTERNAL,
-            f"internal error in {name}; the server's log has the details",
-            "INTERNAL",
-            {},
-        )
+        _unexpected(context, name, servicer, err)
+
+
+def _unexpected(
+    context: grpc.ServicerContext, name: str, servicer: TrainerServicer, err: Exception
+) -> None:
+    """Logs `err` with its traceback and answers INTERNAL, saying where the details are."""
+    log.error("unexpected error in %s", name, exc_info=err)
+    if device_lost(err) and servicer.on_device_lost is not None:
+        servicer.on_device_lost()
+    _release_frames(err)
+    abort(
+        context,
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {name}; the server's log has the details",
+        "INTERNAL",
+        {},
+    )
 
 
 #: Metadata naming the session a call acts on; absent: the default session.
@@ -305,7 +323,8 @@ MAX_IDS_KEPT = 65_536
 class RequestLog:
     """The answers of recent mutations by request id, so that a retried call is applied once.
 
-    A retry that arrives while the first attempt runs waits for it. A failed attempt changed
+    A retry that arrives while the first attempt runs waits for it, as long as its own
+    caller does (`caller`: within its deadline, until it cancels). A failed attempt changed
     nothing, so it is forgotten and its retry runs anew. The ids of the last `size` requests
     are kept, and those used in the last `keep_s` seconds, `max_ids` at most; and the answers
     of the latest of them that fit in `max_bytes`: a retry of a request whose answer was let
@@ -345,14 +364,11 @@ class RequestLog:
         """The bytes of answers held now."""
         return self._bytes
 
-    def once(self, key: tuple[str, ...], run: Callable[[], R]) -> R:
+    def once(self, key: tuple[str, ...], run: Callable[[], R], caller: Caller | None = None) -> R:
+        """run() once per key; `caller`, the call on whose behalf a retry waits."""
         with self._lock:
-            while key in self._running:  # the first attempt is running: wait, then look again
-                self._waiting += 1
-                try:
-                    self._finished.wait()
-                finally:
-                    self._waiting -= 1
+            if key in self._running:  # the first attempt is running: wait, then look again
+                self._wait_for_first(key, caller)
             if key in self._done:
                 self._done.move_to_end(key)
                 self._used[key] = self._clock()
@@ -387,6 +403,34 @@ class RequestLog:
             self._stop_running(key)
         return answer
 
+    def _wait_for_first(self, key: tuple[str, ...], caller: Caller | None) -> None:
+        """With the lock held: waits until `key`'s first attempt has ended, or raises when
+        the waiting call's caller has gone or its deadline has passed. Before, a retry
+        waited however long the first attempt ran (an upload its client had stalled), its
+        caller long gone, holding one of the server's call places all along: a client that
+        sent 16 such retries left the server answering BUSY to everyone."""
+        remaining = None if caller is None else caller.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        self._waiting += 1
+        try:
+            while key in self._running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DeadlinePassed(
+                        f"{key[0]}: the call's deadline passed while it waited for the first "
+                        f"attempt with request id {shown(key[-1])}, which is still running; "
+                        "this call changed nothing. Retry with the same id to get that "
+                        "attempt's answer once it has one",
+                        metadata={"method": key[0]},
+                    )
+                if caller is not None and not caller.is_active():
+                    raise CallerGone(f"{key[0]}: the caller went away while it waited")
+                self._finished.wait(RETRY_POLL_S if left is None else min(left, RETRY_POLL_S))
+            if caller is not None and not caller.is_active():  # not to run anew for no one
+                raise CallerGone(f"{key[0]}: the caller went away while it waited")
+        finally:
+            self._waiting -= 1
+
     def _trim(self, now: float) -> None:
         """With the lock held: forget the oldest ids past `max_ids`, and past `size` those
         `keep_s` old; then let go of the oldest answers past `max_bytes`, keeping
@@ -410,6 +454,17 @@ class RequestLog:
         if self._waiting:
             self._finished.notify_all()
 
+
+class Caller(Protocol):
+    """What RequestLog asks of the call a retry waits on behalf of (a gRPC ServicerContext)."""
+
+    def is_active(self) -> bool: ...
+
+    def time_remaining(self) -> float | None: ...
+
+
+#: How often a retry waiting for its first attempt checks that its caller is still there.
+RETRY_POLL_S = 0.1
 
 #: In RequestLog: the request was applied, and its answer let go for room.
 _LET_GO: Any = object()
@@ -460,13 +515,14 @@ def _mutate(
         with guarded(guard):
             return method(servicer, request, context)
 
-    return _once(servicer, method.__name__, metadata.get(SESSION, ""), metadata, run)
+    return _once(servicer, method.__name__, metadata.get(SESSION, ""), context, metadata, run)
 
 
 def _once(
     servicer: TrainerServicer,
     name: str,
     session: str,
+    context: grpc.ServicerContext,
     metadata: dict[str, str],
     run: Callable[[], R],
 ) -> R:
@@ -479,7 +535,7 @@ def _once(
         raise InvalidInput(
             f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
         )
-    return servicer.requests.once((name, session, request_id), run)
+    return servicer.requests.once((name, session, request_id), run, context)
 
 
 def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
@@ -707,7 +763,7 @@ class TrainerServicer:
 
         # A retry with the request id of an attempt that opened a session gets that session,
         # rather than a second one that would hold a place until it expired.
-        return _once(self, "OpenSession", "", _metadata(context), open_one)
+        return _once(self, "OpenSession", "", context, _metadata(context), open_one)
 
     @rpc_sessionless
     def CloseSession(
@@ -723,7 +779,7 @@ class TrainerServicer:
 
         # A retry of a close that succeeded, its answer lost, is answered as the close was,
         # not NOT_FOUND (UNKNOWN_SESSION) for the session it closed.
-        return _once(self, "CloseSession", request.session, _metadata(context), close_one)
+        return _once(self, "CloseSession", request.session, context, _metadata(context), close_one)
 
     @mutation
     def SetOptimizer(

@@ -41,7 +41,9 @@ Conventions used by every message below:
   it keeps the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64
   MiB): a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and
   changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
-  anew. OpenSession takes an id too (a retry gets the session the first attempt opened,
+  anew. A retry that arrives while the first attempt is still running waits for it,
+  within its own deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a
+  later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
   version is decimal digits ("42").
