@@ -189,6 +189,19 @@ def encode(value: Any) -> pb.Tensor:
     return pb.Tensor.FromString(encode_bytes(value))
 
 
+def check_shape(shape: tuple[int, ...], itemsize: int, what: str) -> None:
+    """CodecError unless numpy can make an array of `shape` with items of `itemsize`
+    bytes: no negative dimension, at most MAX_DIMS of them, and fewer than 2**63 bytes
+    counting the nonzero dimensions alone (numpy refuses larger shapes even with a 0 among
+    them, the product of the rest overflowing). `what` begins the message."""
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{what} {list(shape)} has a negative dimension")
+    if len(shape) > MAX_DIMS:
+        raise CodecError(f"{what} has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    if numel(d for d in shape if d) * itemsize >= 1 << 63:
+        raise CodecError(f"{what} {list(shape)} is too large for any array")
+
+
 def _expect(message: pb.Tensor, field: str, have: int) -> tuple[_WireType, tuple[int, ...]]:
     """Checks dtype, shape and that `field` holds `have` values (bytes for raw_values)."""
     wire_type = _WIRE.get(message.dtype)
@@ -198,15 +211,7 @@ def _expect(message: pb.Tensor, field: str, have: int) -> tuple[_WireType, tuple
             + ", ".join(pb.DType.Name(k) for k in _WIRE)  # type: ignore[arg-type]
         )
     shape = tuple(message.shape)
-    if any(d < 0 for d in shape):
-        raise CodecError(f"tensor shape {list(shape)} has a negative dimension")
-    if len(shape) > MAX_DIMS:
-        raise CodecError(
-            f"tensor shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed"
-        )
-    # numpy refuses such shapes even with a 0 among them (the product of the rest overflows).
-    if numel(d for d in shape if d) * wire_type.numpy.itemsize >= 1 << 63:
-        raise CodecError(f"tensor shape {list(shape)} is too large for any array")
+    check_shape(shape, wire_type.numpy.itemsize, "tensor shape")
     name = DTYPE_NAMES[message.dtype]
     if field != wire_type.field:
         raise CodecError(
@@ -329,8 +334,8 @@ class Assembler:
         first = self.shape is None
         if first:
             shape = tuple(chunk.shape)
-            if any(d < 0 for d in shape):
-                raise CodecError(f"{self.what}: shape {list(shape)} has a negative dimension")
+            item = _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy
+            check_shape(shape, item.itemsize, f"{self.what}: shape")
             size = numel(shape)
             if self.max_elements is not None and size > self.max_elements:
                 raise ChunkLimitError(
