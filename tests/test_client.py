@@ -493,7 +493,7 @@ def test_health_is_serving(client: gradwire.Client) -> None:
 def test_context_manager_closes_the_channel(address: str) -> None:
     with gradwire.connect(address, timeout=30) as client:
         assert client.health() == "SERVING"
-    with pytest.raises(ValueError, match="closed channel"):
+    with pytest.raises(errors.ClientClosed, match="this client is closed"):
         client.health()
 
 

@@ -486,3 +486,11 @@ def test_retries_waiting_on_a_stalled_first_attempt_let_go_at_their_deadlines(
         stub.ListTensors(pb.ListTensorsRequest(), timeout=5)
     unexpected = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage()]
     assert unexpected == []
+
+
+def test_a_negative_retry_count_makes_one_attempt(address: str) -> None:
+    """client.retries = -1 made no attempt at all and raised AssertionError('unreachable')."""
+    with gradwire.connect(address) as client:
+        client.retries = -1
+        assert client.list_tensors().version >= 0
+        assert client.get("conv1.weight[0][0][0]").shape == (3,)

@@ -473,3 +473,42 @@ def test_a_client_of_a_closed_session_can_still_open_a_new_one(
         with joined.open_session(seed=1) as second:  # ...yet it opens one of its own
             assert second.session not in (None, stale)
             assert second.get("conv1.weight[0][0][0]").shape == (3,)
+
+
+def test_a_closed_session_client_refuses_calls_instead_of_using_the_default_session(
+    client: gradwire.Client,
+) -> None:
+    """A session client's calls after close went to the server's default session, on its
+    model, with no error (found by the nineteenth session's review of the client)."""
+    before = client.list_tensors().version
+    session = client.open_session()
+    session.close()
+    with pytest.raises(errors.ClientClosed, match=r"session .* is closed: open another"):
+        session.forward(Fill.ones(2, 3, 10, 10))
+    with pytest.raises(errors.ClientClosed, match="is closed"):
+        next(session.watch(["loss"]))
+    with pytest.raises(ValueError, match="is closed"):  # ClientClosed is a ValueError too
+        session.list_tensors()
+    assert client.list_tensors().version == before  # the default session untouched
+    session.close()  # closing again does nothing
+    assert session.health() == "SERVING"  # the health check has no sessions
+    with session.open_session() as another:  # a closed session's client may open another
+        assert another.list_tensors().version == 0
+
+
+def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
+    """They raised grpc's own ValueError("Cannot invoke RPC on closed channel!"), as did a
+    session client's calls once the client that opened it had closed."""
+    client = gradwire.connect(address)
+    joined = gradwire.Client(
+        address, channel=client._channel, session=client.open_session().detach()
+    )
+    client.close()  # the channel joined's calls go on
+    calls = [client.list_tensors, client.health, lambda: next(client.watch(["loss"])), joined.step]
+    for call in calls:
+        with pytest.raises(errors.ClientClosed, match="this client is closed"):
+            call()
+    with gradwire.connect(address) as other:
+        other._call(
+            "CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=joined.session)
+        )

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.errors import GradwireError, ResourceExhausted, from_rpc_error
+from gradwire.errors import ClientClosed, GradwireError, ResourceExhausted, from_rpc_error
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
 from gradwire.memory import KeptMemory
@@ -225,6 +225,9 @@ _READS = frozenset({"GetTensor", "ListTensors", "GetStats"})
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
+#: Calls that act on no session the caller's metadata names (the server reads none), and
+#: the health check, which has no sessions: a client whose session is closed may make them.
+_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "Health"})
 _EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "expected_version", default=None
 )
@@ -238,6 +241,18 @@ def _back_off(attempt: int) -> None:
     """The wait before retry `attempt + 1`: 0.05 s, doubling each time. One schedule for every
     retry the client makes (UNAVAILABLE, and streamed reads cut short)."""
     time.sleep(0.05 * 2**attempt)
+
+
+def _closed_channel(error: ValueError) -> Exception:
+    """ClientClosed for grpc's ValueError on a closed channel ("Cannot invoke RPC on closed
+    channel!"): the client, or the one whose channel it shares, was closed. Any other
+    ValueError is returned as it is, to be raised."""
+    if not str(error).startswith("Cannot invoke RPC"):
+        return error
+    return ClientClosed(
+        "this client is closed (close(), or the end of its with block; a session client "
+        "closes with the client that opened it): make a new one (gradwire.connect)"
+    )
 
 
 class _CutShort(Exception):
@@ -349,6 +364,9 @@ class Client:
         self.retries = 3
         #: The session this client's calls act on; None: the server's default session.
         self.session: str | None = session or None
+        #: The session this client acted on until it closed it: its calls then raise
+        #: ClientClosed rather than act on the default session.
+        self._closed_session: str | None = None
         self._owns_session = False  # opened by open_session: closing the client closes it
         #: For a session this client opened: the seconds without calls after which the
         #: server closes it (inf: never). None for the default session or one joined.
@@ -419,7 +437,7 @@ class Client:
         """One RPC. Mutations carry a fresh request id, so that retrying them is safe: the
         server applies an id once. Reads and mutations sent whole are retried on UNAVAILABLE
         (`retries` times, backing off); streamed uploads are not, their chunks being spent."""
-        metadata = [*self._metadata, *self._session_metadata()]
+        metadata = [*self._metadata, *self._session_metadata(method)]
         retryable = method in _READS
         if method in _ONCE:
             # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
@@ -429,16 +447,19 @@ class Client:
             if expected is not None and method in _MUTATIONS:
                 metadata.append((EXPECTED_VERSION, str(expected)))
             retryable = not isinstance(request, Iterator)
-        for attempt in range(self.retries + 1):
+        retries = max(self.retries, 0)  # a negative count: no retry (it made no attempt)
+        for attempt in range(retries + 1):
             try:
                 response = self._methods[method](
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
-                again = retryable and attempt < self.retries
+                again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
                     raise from_rpc_error(err) from None
                 _back_off(attempt)
+            except ValueError as err:
+                raise _closed_channel(err) from None
             else:
                 self.answered = True
                 return response
@@ -460,12 +481,15 @@ class Client:
         `timeout`: for the whole stream; the client's per-call timeout unless given (None:
         no limit). Closing the iterator early cancels the call.
         """
-        metadata = [*self._metadata, *self._session_metadata()]
-        call = self._methods[method](
-            request,
-            timeout=self.timeout if timeout is not None and timeout < 0 else timeout,
-            metadata=metadata,
-        )
+        metadata = [*self._metadata, *self._session_metadata(method)]
+        try:
+            call = self._methods[method](
+                request,
+                timeout=self.timeout if timeout is not None and timeout < 0 else timeout,
+                metadata=metadata,
+            )
+        except ValueError as err:
+            raise _closed_channel(err) from None
         try:
             for message in call:
                 self.answered = True
@@ -493,8 +517,18 @@ class Client:
         finally:
             self._memory.release()
 
-    def _session_metadata(self) -> list[tuple[str, str]]:
-        return [(SESSION, self.session)] if self.session else []
+    def _session_metadata(self, method: str) -> list[tuple[str, str]]:
+        """The metadata naming this client's session; ClientClosed once it has closed it
+        (but for opening another: OpenSession acts on none)."""
+        if self.session:
+            return [(SESSION, self.session)]
+        if self._closed_session is not None and method not in _SESSIONLESS:
+            raise ClientClosed(
+                f"this client's session {self._closed_session!r} is closed: open another "
+                "(open_session()), or call through the client that opened it to act on the "
+                "server's default session"
+            )
+        return []
 
     def open_session(
         self,
@@ -517,7 +551,7 @@ class Client:
                 setattr(config, name, value)
         response = self._call("OpenSession", request)
         other = copy.copy(self)
-        other.session = response.session
+        other.session, other._closed_session = response.session, None
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = False
@@ -540,7 +574,8 @@ class Client:
         if self.session is None:
             return
         self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
-        self.session = None  # after: a close that failed can be tried again
+        # After: a close that failed can be tried again.
+        self._closed_session, self.session = self.session, None
 
     def __repr__(self) -> str:
         session = f", session={self.session!r}" if self.session is not None else ""
@@ -569,10 +604,12 @@ class Client:
             response = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=self.timeout,
-                metadata=[*self._metadata, *self._session_metadata()],
+                metadata=[*self._metadata, *self._session_metadata("Health")],
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except ValueError as err:
+            raise _closed_channel(err) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     # --- the training step ------------------------------------------------------------
@@ -714,11 +751,12 @@ class Client:
         RESOURCE_EXHAUSTED (OUT_OF_MEMORY) after its first chunks and applies the mutation.
         The same status before any chunk (no memory to open the read) is raised at once."""
         request.chunk_bytes = self.chunk_bytes
-        for attempt in range(self.retries + 1):
+        retries = max(self.retries, 0)
+        for attempt in range(retries + 1):
             try:
                 return self._read_stream_once(request, as_torch=as_torch, out=out)
             except _CutShort as cut:
-                if attempt == self.retries:
+                if attempt == retries:
                     raise cut.error from None
                 _back_off(attempt)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -17,6 +17,7 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "Cancelled",
+    "ClientClosed",
     "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -38,6 +39,12 @@ __all__ = [
 
 class GradwireError(Exception):
     """Base of every error this package raises."""
+
+
+class ClientClosed(GradwireError, ValueError):
+    """A call on a client that was closed, or whose session was closed (`close_session`,
+    `close`, the end of its `with` block): raised before anything is sent. A closed session
+    client's calls went to the server's default session, on its model, unnoticed."""
 
 
 class RemoteError(GradwireError):
