@@ -23,7 +23,7 @@ from gradwire import errors
 from gradwire.cli import _connection_hint, build_parser
 from gradwire_server.app import start
 from gradwire_server.auth import TlsFiles
-from gradwire_server.models import TINY_MLP, Simple
+from gradwire_server.models import TINY_MLP, ModelSpec, Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
@@ -190,6 +190,23 @@ def test_get_prints_the_torch_repr(cli: Run) -> None:
     expected = local_model().conv1.weight[0][0][0].detach()
     assert result.code == 0
     assert result.out == repr(expected) + "\n"
+
+
+def test_get_of_a_bfloat16_tensor_prints_it() -> None:
+    """`gradwire get` of a bfloat16 tensor failed with a traceback (numpy has no
+    bfloat16); --json, stats and watch of it worked (found by the nineteenth session's
+    review of the README)."""
+    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
+                     input_dtype=torch.bfloat16)  # fmt: skip
+    with serving(spec, seed=0) as (_, client):
+        target = client.target
+        expected = client.get("weight[0, :3]", as_torch=True)
+        assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
+        result = run_main("get", "weight[0, :3]", "--target", target)
+        assert (result.code, result.err) == (0, "")
+        assert result.out == repr(expected) + "\n"
+        data = run_main("get", "weight[0, :3]", "--target", target, "--json").json()
+        assert data["dtype"] == "bfloat16" and data["values"] == expected.float().tolist()
 
 
 def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> None:

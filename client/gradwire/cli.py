@@ -278,8 +278,12 @@ def parse_value(text: str) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    """A tensor's values as nested lists; `_json_line` spells those that are not finite."""
-    return None if value is None else np.asarray(value).tolist()
+    """A tensor's values as nested lists; `_json_line` spells those that are not finite.
+    A torch tensor's own tolist(): numpy has no bfloat16, and np.asarray of one raised."""
+    if value is None:
+        return None
+    tolist = getattr(value, "tolist", None)
+    return tolist() if tolist is not None else np.asarray(value).tolist()
 
 
 def _finite(value: Any) -> Any:
