@@ -5,6 +5,7 @@ Every value is checked against plain PyTorch run here on the same weights, bit f
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -474,6 +475,30 @@ def test_adam_step_matches_local_torch_adam_bit_for_bit(client: gradwire.Client)
     optimizer.step()
     for name in PARAMETERS:
         assert np.array_equal(client.get(name), weights(model, name)), name
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "text"),
+    [
+        (lambda c: c.set_optimizer("rmsprop", lr=0.1), ValueError, "must be 'sgd' or 'adam'"),
+        (lambda c: c.set_optimizer("ADAM"), ValueError, "got 'ADAM'"),
+        (lambda c: c.open_session(optimizer="rmsprop"), ValueError, "must be 'sgd' or 'adam'"),
+        (lambda c: c.open_session(bogus=1), TypeError, "'bogus' is not an optimizer setting"),
+        (lambda c: c.set_optimizer(lr="0.1"), TypeError, "lr must be a number, got '0.1'"),
+        (lambda c: c.set_optimizer(lr=True), TypeError, "lr must be a number"),
+        (lambda c: c.set_optimizer(nesterov=1), TypeError, "nesterov must be True or False"),
+    ],
+)
+def test_an_optimizer_the_client_cannot_send_is_refused_before_it_is_sent(
+    client: gradwire.Client, call, error: type[Exception], text: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Any kind but "adam" was sent as SGD, and unknown settings raised protobuf's own
+    AttributeError or TypeError (found by the nineteenth session's review)."""
+    version = client.list_tensors().version
+    with pytest.raises(error, match=re.escape(text)):
+        call(client)
+    assert client.list_tensors().version == version
+    assert client.list_tensors().optimizer.kind == "sgd"
 
 
 def test_set_optimizer_refuses_an_sgd_setting_for_adam(client: gradwire.Client) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import weakref
 from collections.abc import Iterator
@@ -157,6 +158,26 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_OPTIMIZER",
             "momentum is not a setting of ADAM",
         ),
+        # Found by the nineteenth session's review: SGD took NaN and infinite settings (the
+        # next Step filled the parameters with NaN); torch refuses some for Adam only.
+        *[
+            (
+                lambda c, kind=kind, setting=setting, value=value: c.set_optimizer(
+                    kind, **{setting: value}
+                ),
+                "BAD_OPTIMIZER",
+                f"optimizer setting {setting} must be a finite number, got {value}",
+            )
+            for kind, setting, value in [
+                ("sgd", "lr", math.nan),
+                ("sgd", "lr", math.inf),
+                ("sgd", "momentum", math.nan),
+                ("sgd", "momentum", -math.inf),
+                ("sgd", "weight_decay", math.nan),
+                ("adam", "eps", math.inf),
+                ("adam", "beta1", math.nan),
+            ]
+        ],
     ],
 )
 def test_bad_input_is_invalid_argument(

@@ -243,6 +243,31 @@ def _back_off(attempt: int) -> None:
     time.sleep(0.05 * 2**attempt)
 
 
+_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM}
+_OPTIMIZER_SETTINGS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
+
+
+def _optimizer_config(kind: str, settings: dict[str, Any]) -> pb.OptimizerConfig:
+    """The OptimizerConfig for `kind` and the settings given (None: unset). Any other kind
+    was sent as SGD, and an unknown setting raised protobuf's AttributeError."""
+    if kind not in _OPTIMIZER_KINDS:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
+    config = pb.OptimizerConfig(kind=_OPTIMIZER_KINDS[kind])
+    for name, value in settings.items():
+        if name not in _OPTIMIZER_SETTINGS:
+            raise TypeError(
+                f"{name!r} is not an optimizer setting; they are: {', '.join(_OPTIMIZER_SETTINGS)}"
+            )
+        if value is None:
+            continue
+        wanted = bool if name == "nesterov" else (int, float, np.integer, np.floating)
+        if isinstance(value, bool) != (name == "nesterov") or not isinstance(value, wanted):
+            kind_of = "True or False" if name == "nesterov" else "a number"
+            raise TypeError(f"optimizer setting {name} must be {kind_of}, got {value!r}")
+        setattr(config, name, value)
+    return config
+
+
 def _closed_channel(error: ValueError) -> Exception:
     """ClientClosed for grpc's ValueError on a closed channel ("Cannot invoke RPC on closed
     channel!"): the client, or the one whose channel it shares, was closed. Any other
@@ -545,10 +570,7 @@ class Client:
         if seed is not None:
             request.seed = seed
         if optimizer is not None or settings:
-            config = request.optimizer
-            config.kind = pb.OPTIMIZER_KIND_ADAM if optimizer == "adam" else pb.OPTIMIZER_KIND_SGD
-            for name, value in settings.items():
-                setattr(config, name, value)
+            request.optimizer.CopyFrom(_optimizer_config(optimizer or "sgd", settings))
         response = self._call("OpenSession", request)
         other = copy.copy(self)
         other.session, other._closed_session = response.session, None
@@ -989,12 +1011,7 @@ class Client:
         self, kind: Literal["sgd", "adam"], settings: dict[str, Any]
     ) -> tuple[int, OptimizerConfig]:
         """set_optimizer's work: the state version it made, and the settings in force."""
-        config = pb.OptimizerConfig(
-            kind=pb.OPTIMIZER_KIND_ADAM if kind == "adam" else pb.OPTIMIZER_KIND_SGD
-        )
-        for name, value in settings.items():
-            if value is not None:
-                setattr(config, name, value)
+        config = _optimizer_config(kind, settings)
         response = self._call("SetOptimizer", pb.SetOptimizerRequest(config=config))
         return int(response.version), _optimizer_from_proto(response.config)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, cast
@@ -289,7 +290,17 @@ def optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerSettings:
             raise InvalidInput(f"{name} is not a setting of {kind.upper()}", reason="BAD_OPTIMIZER")
 
     def opt(name: str) -> float | None:
-        return float(getattr(message, name)) if message.HasField(name) else None  # type: ignore[arg-type]
+        if not message.HasField(name):  # type: ignore[arg-type]
+            return None
+        value = float(getattr(message, name))
+        # torch refuses a NaN lr for Adam, but SGD took NaN and infinite settings, and the
+        # next Step filled every parameter with NaN.
+        if not math.isfinite(value):
+            raise InvalidInput(
+                f"optimizer setting {name} must be a finite number, got {value}",
+                reason="BAD_OPTIMIZER",
+            )
+        return value
 
     return OptimizerSettings(
         kind=kind,
