@@ -167,8 +167,13 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
             pos = value_start + size
         elif wire_type == 5:
             value_start, pos = pos, pos + 4
+        elif wire_type in (3, 4):
+            # A group: no gradwire field is one, but an unknown field may be (a sender on a
+            # newer or other schema), and the parser keeps unknown fields. Refused here, a
+            # valid message of 16 KiB or more was answered MALFORMED_REQUEST.
+            raise _LeftToParser
         else:
-            raise ValueError(f"wire type {wire_type} is not used by gradwire messages")
+            raise ValueError(f"wire type {wire_type} does not exist")
         if pos > end:
             raise ValueError("field runs past the end of its message")
         yield number, wire_type, first, value_start, pos
@@ -188,8 +193,9 @@ def _tensor_fields(descriptor: Descriptor) -> dict[int, bool]:
     return found
 
 
-class _Merged(Exception):
-    """A singular field occurs more than once; the fast path leaves such messages alone."""
+class _LeftToParser(Exception):
+    """A message the fast path leaves to protobuf's parser whole: a singular field that
+    occurs more than once (the parser merges its parts), or a group (an unknown field)."""
 
 
 def holds_tensors(message_type: type[Message]) -> bool:
@@ -244,7 +250,7 @@ def _cut(
         seen[number] = occurrence + 1
         repeated = descriptor.fields_by_number[number].is_repeated
         if occurrence and not repeated:
-            raise _Merged  # a singular message sent in parts: the parser must merge them
+            raise _LeftToParser  # a singular message sent in parts: the parser merges them
         here = (*path, (number, occurrence))
         if direct:
             inner = _cut_tensor(buf, value_start, value_end, here, cut)
@@ -266,7 +272,7 @@ def split(data: bytes, message_type: type[M]) -> Split[M]:
     cut: dict[Path, tuple[int, memoryview]] = {}
     try:
         rest = _cut(buf, 0, len(buf), message_type.DESCRIPTOR, (), cut)
-    except _Merged:
+    except _LeftToParser:
         return Split(message_type.FromString(data))
     except ValueError as err:
         raise DecodeError(f"not a {message_type.DESCRIPTOR.name}: {err}") from err
