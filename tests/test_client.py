@@ -709,6 +709,25 @@ def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
     assert as_double.dtype == np.float64
 
 
+def test_a_remote_tensor_iterates_and_has_a_length_as_torch_s_does(
+    client: gradwire.Client,
+) -> None:
+    """Iterating one asked for w[0], w[1], ... for ever: it had __getitem__ and no
+    __len__ or __iter__ (found by the nineteenth session's review)."""
+    weight = client.remote.conv1.weight
+    model = local_model()
+    assert len(weight) == len(model.conv1.weight) == 16
+    rows = list(weight)
+    assert [r.selector for r in rows[:2]] == ["conv1.weight[0]", "conv1.weight[1]"]
+    assert len(rows) == 16 and len(list(weight[3][1])) == 3
+    expected = model.conv1.weight[3][1][2].detach().numpy()
+    assert np.array_equal(list(weight[3][1])[2].numpy(), expected)
+    with pytest.raises(TypeError, match="len\\(\\) of a 0-d tensor"):
+        len(weight[0][0][0][0])
+    with pytest.raises(ValueError, match="absent"):
+        len(client.remote.conv1.weight.grad)
+
+
 def test_remote_forward_tensors(client: gradwire.Client) -> None:
     client.forward(ONES_INPUT, ONES_TARGET)
     x, y = ones_batch()

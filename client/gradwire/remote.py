@@ -6,6 +6,7 @@ Nothing is fetched until a value is asked for (`numpy()`, `torch()`, `fetch()`, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +63,21 @@ class RemoteTensor:
     def shape(self) -> tuple[int, ...] | None:
         """The shape, fetched without the values; None when absent."""
         return self._client._read(self._name, self._chain, values=False).shape
+
+    def __len__(self) -> int:
+        """The first dimension, as torch's len(); one read of the shape, without values.
+        Without it, iterating went on asking for w[0], w[1], ... for ever (Python's old
+        protocol for a class with __getitem__ alone)."""
+        shape = self.shape
+        if shape is None:
+            raise ValueError(f"{self.selector} is absent (None) on the server: it has no length")
+        if not shape:
+            raise TypeError(f"len() of a 0-d tensor ({self.selector})")
+        return shape[0]
+
+    def __iter__(self) -> Iterator[RemoteTensor]:
+        """The views self[0], self[1], ... along the first dimension (its length read once)."""
+        return (self[i] for i in range(len(self)))
 
     def set(self, value: Any) -> int:
         """Writes value (broadcast, cast) into this tensor or slice; returns the new version."""
