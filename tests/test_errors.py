@@ -114,7 +114,7 @@ def test_malformed_tensor_is_invalid_argument(
             "needs low < high",
         ),
         (
-            lambda c: c.forward(Fill("randint", (8,), low=0, high=2.5), TARGET),
+            lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2.5), TARGET),
             "BAD_FILL",
             "whole numbers",
         ),

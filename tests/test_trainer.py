@@ -159,3 +159,38 @@ def test_a_run_s_data_is_staged_once_and_fills_are_left_to_each_step() -> None:
     with pytest.raises(OverLimit, match="input: 4800 elements"):
         trainer.stage(torch.zeros(16, 3, 10, 10), "input")
     trainer.close()
+
+
+def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Forward input or a SetTensor value given as a fill of a wrong shape was made in
+    full first: 2**28 values took 11-17 s and 3.6 GB of the server before the refusal
+    (found by the nineteenth session's review of the contract)."""
+    made: list[str] = []
+    make = trainer._make
+
+    def recorded(source: object, dtype: torch.dtype, what: str) -> torch.Tensor:
+        made.append(what)
+        return make(source, dtype, what)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "_make", recorded)
+    with pytest.raises(InvalidInput) as info:
+        trainer.forward(FillSpec("ones", (2**24,)), None)
+    assert info.value.reason == "BAD_INPUT_SHAPE"
+    with pytest.raises(InvalidInput) as info:
+        trainer.train_step(FillSpec("ones", (2**20, 3, 10)), FillSpec("zeros", (1,)), use=repr)
+    assert info.value.reason == "BAD_INPUT_SHAPE"
+    with pytest.raises(InvalidInput) as info:
+        trainer.write("conv1.weight", (), FillSpec("normal", (2**24,)))
+    assert info.value.reason == "SHAPE_MISMATCH"
+    assert "cannot be written to conv1.weight of shape [16, 3, 3, 3]" in info.value.message
+    with pytest.raises(InvalidInput) as info:
+        trainer.write("conv1.weight.grad", ((0,),), FillSpec("ones", (16, 3, 3, 3)))
+    assert "conv1.weight.grad slice of shape [3, 3, 3]" in info.value.message
+    assert made == []
+    assert trainer.version == 0
+    # What fits is made, once, and written (broadcast).
+    trainer.write("conv1.weight", ((0,),), FillSpec("ones", (3, 1, 3)))
+    assert made == ["value"]
+    assert torch.equal(trainer.read("conv1.weight", ((0,),)).value, torch.ones(3, 3, 3))

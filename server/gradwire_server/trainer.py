@@ -394,6 +394,22 @@ def _kept_output(
         keep(name, module, args, output)
 
 
+def _check_writable(
+    shape: tuple[int, ...], target: tuple[int, ...], name: str, chain: IndexChain
+) -> None:
+    """InvalidInput (SHAPE_MISMATCH) unless a value of `shape` broadcasts to `target`."""
+    try:
+        broadcast = torch.broadcast_shapes(shape, target)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        broadcast = None
+    if broadcast != target:
+        raise InvalidInput(
+            f"a value of shape {list(shape)} cannot be written to "
+            f"{name}{'' if not chain else ' slice'} of shape {list(target)}",
+            reason="SHAPE_MISMATCH",
+        )
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -756,15 +772,18 @@ class Trainer:
             ) from err
         raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}", reason="BAD_FILL")
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input_shape(self, shape: tuple[int, ...]) -> None:
         sample = self.spec.sample_shape
-        if x.dim() != len(sample) + 1 or tuple(x.shape[1:]) != sample or x.shape[0] < 1:
+        if len(shape) != len(sample) + 1 or tuple(shape[1:]) != sample or shape[0] < 1:
             raise InvalidInput(
-                f"input has shape {list(x.shape)}; {self.spec.name} takes [N, "
+                f"input has shape {list(shape)}; {self.spec.name} takes [N, "
                 + ", ".join(map(str, sample))
                 + "] with N >= 1",
                 reason="BAD_INPUT_SHAPE",
             )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_input_shape(tuple(x.shape))
         want = self.spec.input_dtype
         if x.dtype != want:
             takes = "the model computes in" if want.is_floating_point else f"{self.spec.name} takes"
@@ -825,6 +844,10 @@ class Trainer:
     def _inputs(
         self, input: TensorInput, target: TensorInput | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(input, FillSpec):
+            # Before the fill is made: one of 2**28 values took 11 s and 2 GB to be refused.
+            self._check_size(input.shape, "input")
+            self._check_input_shape(input.shape)
         x = self._make(input, self.spec.input_dtype, "input")
         self._check_input(x)
         if target is None:
@@ -1386,6 +1409,12 @@ class Trainer:
                 f"{name!r} is {what}; only parameters and gradients can be written",
                 reason="READ_ONLY",
             )
+        if isinstance(value, FillSpec):
+            # Before the fill is made: one of 2**28 values took 17 s and 3.6 GB to be refused.
+            self._check_size(value.shape, "value")
+            base = param if tensor is None else tensor
+            slot = select(base.detach(), chain, name, writable=True)
+            _check_writable(value.shape, tuple(slot.shape), name, chain)
         source = self._make(value, param.dtype, "value")
         whole = kind == "parameter" and not chain
         if replaced is not None and whole and self._adoptable(param, source, value):
@@ -1401,16 +1430,7 @@ class Trainer:
             assert tensor is not None
             fresh = False
         target = select(tensor.detach(), chain, name, writable=True)
-        try:
-            shape = torch.broadcast_shapes(source.shape, target.shape)  # type: ignore[no-untyped-call]
-        except RuntimeError:
-            shape = None
-        if shape != tuple(target.shape):
-            raise InvalidInput(
-                f"a value of shape {list(source.shape)} cannot be written to "
-                f"{name}{'' if not chain else ' slice'} of shape {list(target.shape)}",
-                reason="SHAPE_MISMATCH",
-            )
+        _check_writable(tuple(source.shape), tuple(target.shape), name, chain)
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
         with torch.no_grad():
