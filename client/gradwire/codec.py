@@ -19,6 +19,7 @@ import numpy as np
 
 from gradwire import wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.errors import GradwireError
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-class CodecError(ValueError):
+class CodecError(GradwireError, ValueError):
     """A tensor or index message that cannot be encoded or decoded, with the reason."""
 
 
@@ -518,15 +519,24 @@ def decode_split(
 
 
 def check_out(out: np.ndarray[Any, Any], shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-    """ValueError unless `out` can take an array of this shape and dtype as it is."""
-    if (
-        out.shape != tuple(shape)
-        or out.dtype != dtype.newbyteorder("=")
-        or not out.flags.c_contiguous
-    ):
+    """TypeError unless `out` is a numpy array; ValueError unless it can take an array of
+    this shape and dtype as it is, saying what is wrong with it."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out= must be a numpy array, got {type(out).__name__}")
+    wrong = []
+    if out.shape != tuple(shape):
+        wrong.append(f"shape {out.shape}")
+    if out.dtype != dtype.newbyteorder("="):
+        byte_order = " (byte order)" if out.dtype.newbyteorder("=") == dtype else ""
+        wrong.append(f"dtype {out.dtype.str if byte_order else out.dtype}{byte_order}")
+    if not out.flags.c_contiguous:
+        wrong.append("not C-contiguous")
+    if not out.flags.writeable:
+        wrong.append("read-only")
+    if wrong:
         raise ValueError(
-            f"out= must be a C-contiguous {dtype} array of shape {tuple(shape)}; "
-            f"got {out.dtype} {out.shape}"
+            f"out= must be a writable, C-contiguous {dtype} array of shape {tuple(shape)}; "
+            f"this one is: {', '.join(wrong)}"
         )
 
 

@@ -38,7 +38,12 @@ __all__ = [
 
 
 class GradwireError(Exception):
-    """Base of every error this package raises."""
+    """Base of the errors gradwire raises for its own conditions: every error the server
+    (or the channel) answers (RemoteError), a tensor or index that cannot be encoded or
+    decoded (codec.CodecError), a bad selector (selector.SelectorError) and a closed client
+    (ClientClosed); the last three are ValueErrors too. Arguments of the wrong type, or
+    refused as Python refuses them (a bad `out=` array, an unknown optimizer), raise
+    TypeError or ValueError."""
 
 
 class ClientClosed(GradwireError, ValueError):

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradwire.codec import IndexItem, format_index
+from gradwire.errors import GradwireError
 
 __all__ = ["Selector", "SelectorError", "parse_selector"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
-class SelectorError(ValueError):
+class SelectorError(GradwireError, ValueError):
     """Text that is not `name` or `name[...]...` with basic indexing."""
 
 
