@@ -842,3 +842,27 @@ def test_half_a_client_certificate_pair_raises_value_error(pair: str, said: str)
     )
     assert done.returncode == 0, done.stderr
     assert said in done.stdout
+
+
+def test_one_selector_given_as_a_string_is_one_selector(client: gradwire.Client) -> None:
+    """A string is a Sequence[str], and was taken letter by letter: watch("loss") said
+    "no tensor named 'l'" (found by the nineteenth session's review)."""
+    client.forward(ONES_INPUT, ONES_TARGET)
+    update = next(client.watch("loss", values=True))
+    assert [watched.name for watched in update.tensors] == ["loss"]
+    result = client.train_step(ONES_INPUT, ONES_TARGET, fetch="conv1.weight[0][0][0]")
+    assert [read.name for read in result.fetched] == ["conv1.weight"]
+    client.fill_parameters(0.25, "linear.weight")
+    assert np.all(client.get("linear.weight") == 0.25)
+    assert not np.all(client.get("conv1.weight") == 0.25)
+
+
+def test_gradwire_s_own_conditions_are_gradwire_errors(client: gradwire.Client) -> None:
+    """errors.GradwireError said it was the base of every error the package raises, but a
+    bad selector or a tensor that cannot be sent was a ValueError alone."""
+    with pytest.raises(errors.GradwireError, match="is not an integer"):
+        client.get("conv1.weight[[0]]")
+    with pytest.raises(errors.GradwireError, match="cannot send"):
+        client.set("conv1.weight", np.array(["a"], dtype=object))
+    with pytest.raises(ValueError):  # still ValueErrors too
+        client.get("conv1.weight[[0]]")

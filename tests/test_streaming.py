@@ -7,6 +7,7 @@ streams are hand-built messages sent through the raw multicallables.
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -1055,15 +1056,31 @@ def test_streamed_get_into_out_fills_and_returns_that_array(
     np.testing.assert_array_equal(out, trainer.read("linear.weight").value.numpy())
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+# What is wrong is said: a non-contiguous or big-endian array was refused with "got float32
+# (20, 3200)", the shape and dtype asked for (found by the nineteenth session's review).
 @pytest.mark.parametrize(
-    "out",
-    [np.empty((3200, 20), np.float32), np.empty((20, 3200), np.float64),
-     np.empty((20, 6400), np.float32)[:, ::2]],
-    ids=["shape", "dtype", "not contiguous"],
+    ("out", "wrong"),
+    [(np.empty((3200, 20), np.float32), "shape (3200, 20)"),
+     (np.empty((20, 3200), np.float64), "dtype float64"),
+     (np.empty((20, 6400), np.float32)[:, ::2], "not C-contiguous"),
+     (np.empty((20, 3200), ">f4"), "dtype >f4 (byte order)"),
+     (_read_only(np.empty((20, 3200), np.float32)), "read-only"),
+     (np.empty((20, 3200), np.float64, order="F"), "dtype float64, not C-contiguous")],
+    ids=["shape", "dtype", "not contiguous", "big-endian", "read-only", "two things"],
 )  # fmt: skip
-def test_an_out_that_does_not_fit_is_refused(client: gradwire.Client, out: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="out= must be a C-contiguous float32 array"):
+def test_an_out_that_does_not_fit_is_refused_saying_why(
+    client: gradwire.Client, out: np.ndarray, wrong: str
+) -> None:
+    expected = "out= must be a writable, C-contiguous float32 array of shape (20, 3200); "
+    with pytest.raises(ValueError, match=re.escape(expected + f"this one is: {wrong}")):
         client.get("linear.weight", out=out)
+    with pytest.raises(TypeError, match="out= must be a numpy array, got list"):
+        client.get("linear.weight", out=[0.0] * 64000)  # type: ignore[arg-type]
 
 
 class Bfloat16Weight(nn.Module):
@@ -1094,7 +1111,7 @@ def test_a_bfloat16_read_widens_into_a_float32_out(
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(client.get("w"), expected)  # and into a new array
         assert torch.equal(client.get("w", as_torch=True), trainer.read("w").value)
-        with pytest.raises(ValueError, match=r"out= must be a C-contiguous float32 array"):
+        with pytest.raises(ValueError, match=r"C-contiguous float32 array .* dtype float64"):
             client.get("w", out=np.empty((40, 500), np.float64))
 
 

@@ -243,6 +243,13 @@ def _back_off(attempt: int) -> None:
     time.sleep(0.05 * 2**attempt)
 
 
+def _names(names: Sequence[str]) -> list[str]:
+    """Selectors or names given as a list; one string is one of them. A string is a
+    Sequence[str] too, and was taken letter by letter ("no tensor named 'l'" for
+    watch("loss"))."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 _OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM}
 _OPTIMIZER_SETTINGS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
 
@@ -677,7 +684,7 @@ class Client:
         pieces = _source_pieces("TrainStepRequest", "input", input)
         pieces += _source_pieces("TrainStepRequest", "target", target)
         request = pb.TrainStepRequest(zero_grad=zero_grad)
-        for text in fetch:
+        for text in _names(fetch):
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
         pieces.append(request.SerializeToString())
@@ -884,7 +891,7 @@ class Client:
         request = pb.WatchRequest(
             every_steps=every_steps, min_interval_ms=round(min_interval * 1000)
         )
-        for text in selectors:
+        for text in _names(selectors):
             parsed = parse_selector(text)
             request.items.add(
                 name=parsed.name,
@@ -948,7 +955,7 @@ class Client:
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the named ones."""
-        request = pb.FillParametersRequest(value=value, names=list(names))
+        request = pb.FillParametersRequest(value=value, names=_names(names))
         return int(self._call("FillParameters", request).version)
 
     def list_tensors(self) -> Listing:
