@@ -6,6 +6,7 @@ for the rule that a refused step changes nothing.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -513,3 +514,26 @@ def test_a_step_the_model_refuses_leaves_its_zero_grad_undone() -> None:
         for name, value in before.items():
             assert value is not None, name
             assert np.array_equal(client.get(name), value), name
+
+
+def test_a_train_that_fails_midway_says_how_many_steps_stay_applied(
+    client: gradwire.Client,
+) -> None:
+    """A Train whose 27th step drew class 20 of 20 ended with that step's error alone,
+    though the 26 steps before it stayed applied (the version had moved by 104), where a
+    Train stopped by the server says how far it got (found by the nineteenth session's
+    review). Step 1 draws a valid class with this seed; some later step does not."""
+    start = client.list_tensors().version
+    target = Fill.randint(0, 21, 1, seed=3)
+    with pytest.raises(errors.InvalidArgument) as info:
+        for _ in client.train(Fill.ones(1, 3, 10, 10), target, 200, every=1000):
+            pass
+    found = re.search(
+        r"\(step (\d+) of 200: the (\d+) steps before it stay applied, state version (\d+)\)$",
+        info.value.message,
+    )
+    assert found, info.value.message
+    step, done, version = map(int, found.groups())
+    assert "classes run from 0 to 19" in info.value.message
+    assert done == step - 1 >= 1 and info.value.metadata["steps_done"] == str(done)
+    assert version == client.list_tensors().version > start

@@ -929,9 +929,18 @@ class TrainerServicer:
                     f"the server is stopping: training stopped after {k} of {message.steps} "
                     "steps, each applied whole"
                 )
-            result = trainer.train_step(
-                _reseeded(inputs, k), _reseeded(target, k), zero_grad=zero_grad, use=_nothing
-            )
+            try:
+                result = trainer.train_step(
+                    _reseeded(inputs, k), _reseeded(target, k), zero_grad=zero_grad, use=_nothing
+                )
+            except DomainError as err:
+                if k:  # the caller must know that the steps before it stay applied
+                    err.message += (
+                        f" (step {k + 1} of {message.steps}: the {k} steps before it stay "
+                        f"applied, state version {trainer.version})"
+                    )
+                    err.metadata["steps_done"] = str(k)
+                raise
             done = k + 1
             if done % every == 0 or done == message.steps:
                 yield pb.TrainProgress(
