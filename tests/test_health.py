@@ -202,3 +202,28 @@ def test_watches_cancelled_as_they_open_are_not_kept(
     call, status = _watch(health)  # a place for a new one
     assert status == SERVING
     call.cancel()
+
+
+@pytest.mark.parametrize(
+    ("method", "streams"), [("Check", False), ("List", False), ("Watch", True)]
+)
+def test_bytes_that_are_no_health_request_are_invalid_argument(
+    guarded: Running, method: str, streams: bool
+) -> None:
+    """grpc's own deserializer answered INTERNAL ("Exception deserializing request!"), a
+    status kept for the server's own faults, where gradwire's methods answer such bytes
+    INVALID_ARGUMENT (found by the nineteenth session's review of the contract)."""
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        path = f"/grpc.health.v1.Health/{method}"
+        call = channel.unary_stream(path) if streams else channel.unary_unary(path)
+        with pytest.raises(grpc.RpcError) as info:
+            answer = call(b"\x0a\xff", timeout=10)
+            if streams:
+                next(answer)
+        error = errors.from_rpc_error(info.value)
+        assert isinstance(error, errors.InvalidArgument), error
+        assert error.reason == "MALFORMED_REQUEST"
+        assert "not a valid grpc.health.v1." in error.message
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+        assert guarded.health.open_watches == 0

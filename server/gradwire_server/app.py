@@ -18,7 +18,7 @@ from types import FrameType
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
@@ -26,7 +26,7 @@ from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, MIN_CLIENT_PING_S,
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.errors import InvalidInput
-from gradwire_server.health_service import HealthServicer
+from gradwire_server.health_service import HealthServicer, add_to_server
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
 from gradwire_server.servicer import TrainerServicer, method_handlers
@@ -207,7 +207,7 @@ def start(
     servicer = TrainerServicer(trainer, max_concurrent, sessions, on_device_lost=device_lost)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_to_server(health_servicer, server)
     reflection.enable_server_reflection(services, server)
     address = _address(host, port)
     refused = _bind_error(host, port)

@@ -21,7 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from gradwire_server.servicer import abort
+from gradwire_server.errors import InvalidInput
+from gradwire_server.servicer import abort, deserializer, well_formed
 
 #: Longer than any service's full name ("gradwire.v1.Trainer").
 MAX_SERVICE_NAME_CHARS = 256
@@ -57,6 +58,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
+        _check_parsed(request, context)
         _check_name(request.service, context)
         answer: health_pb2.HealthCheckResponse = super().Check(request, context)
         return answer
@@ -67,6 +69,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         context: grpc.ServicerContext,
         send_response_callback: Callable[[Any], None] | None = None,
     ) -> Any:
+        _check_parsed(request, context)
         _check_name(request.service, context)
         with self._lock:
             if self._watches >= self.max_watches:
@@ -85,6 +88,13 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
             with self._lock:
                 self._watches -= 1
             raise
+
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        _check_parsed(request, context)
+        answer: health_pb2.HealthListResponse = super().List(request, context)
+        return answer
 
     def _on_close_callback(
         self, send_response_callback: Callable[[Any], None], service: str
@@ -132,3 +142,35 @@ def _check_name(service: str, context: grpc.ServicerContext) -> None:
             "BAD_SERVICE_NAME",
             {},
         )
+
+
+def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
+    """grpc's add_HealthServicer_to_server, with gradwire's request deserializer: bytes that
+    are not a health request are answered INVALID_ARGUMENT (MALFORMED_REQUEST), as the
+    Trainer's methods answer them. grpc's own answered INTERNAL ("Exception deserializing
+    request!"), a status kept for the server's own faults."""
+    check, listing = health_pb2.HealthCheckRequest, health_pb2.HealthListRequest
+    answer, answers = health_pb2.HealthCheckResponse, health_pb2.HealthListResponse
+    methods = {
+        "Check": (grpc.unary_unary_rpc_method_handler, check, answer),
+        "List": (grpc.unary_unary_rpc_method_handler, listing, answers),
+        "Watch": (grpc.unary_stream_rpc_method_handler, check, answer),
+    }
+    handlers = {
+        name: make(
+            getattr(servicer, name),  # bound: grpc finds Watch's thread pool on it
+            request_deserializer=deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (make, request_type, response_type) in methods.items()
+    }
+    service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _check_parsed(request: Any, context: grpc.ServicerContext) -> None:
+    try:
+        well_formed(request)
+    except InvalidInput as err:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})

@@ -140,7 +140,8 @@ def _status_of(error: DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _well_formed(request: Any) -> Any:
+def well_formed(request: Any) -> Any:
+    """`request`, or InvalidInput (MALFORMED_REQUEST) for a Malformed one."""
     if isinstance(request, Malformed):
         raise InvalidInput(
             f"the request is not a valid {request.type_name}: {request.error}",
@@ -291,7 +292,7 @@ def _unary(method: Handler[R], mutates: bool, sessionless: bool = False) -> Hand
             metadata = _metadata(context)
             with self.slots, _Session(self, _NO_METADATA if sessionless else metadata):
                 if not isinstance(request, Iterator):
-                    _well_formed(request)
+                    well_formed(request)
                 if mutates:
                     return _mutate(self, method, request, context, metadata)
                 return method(self, request, context)
@@ -545,7 +546,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
             with self.slots, _Session(self, _metadata(context)):
-                _well_formed(request)
+                well_formed(request)
                 yield from method(self, request, context)
         except Exception:
             _answer_error(context, method.__name__, self)
@@ -555,7 +556,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
 
 def _items(requests: Iterable[Any]) -> Iterator[Any]:
     for request in requests:
-        yield _well_formed(request)
+        yield well_formed(request)
 
 
 class TrainerServicer:
@@ -983,7 +984,10 @@ def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def _deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+def deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that hands on Malformed for bytes that do not parse, for the
+    method to answer INVALID_ARGUMENT (MALFORMED_REQUEST); gRPC answers INTERNAL for a
+    deserializer that raises. Messages that carry tensors arrive split (wire.split)."""
     splits = wire.holds_tensors(message_type)
     name = message_type.DESCRIPTOR.full_name
 
@@ -1014,7 +1018,7 @@ def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandle
         make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_deserializer(request_type),
+            request_deserializer=deserializer(request_type),
             response_serializer=_serialize,
         )
     return handlers
