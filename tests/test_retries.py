@@ -133,6 +133,44 @@ def test_an_expected_version_makes_a_mutation_conditional(
         assert client.zero_grad() == version + 2  # the inline path checks too
 
 
+def test_an_expected_version_is_the_first_condition_of_a_train(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """A Train ignored it and ran its steps (found by the nineteenth session's review)."""
+    version = trainer.version
+    with client.expecting(version + 5), pytest.raises(errors.Aborted) as info:
+        list(client.train(INPUT, TARGET, 3))
+    assert info.value.reason == "VERSION_MISMATCH"
+    assert trainer.version == version  # no step ran
+    with client.expecting(version):
+        *_, last = client.train(INPUT, TARGET, 3)
+    assert last.done and trainer.version == last.version > version  # later steps unguarded
+
+
+def test_an_expected_version_is_this_client_s_alone(client: gradwire.Client) -> None:
+    """It applied to every client in the thread: a session client's Step in the block was
+    refused for the default session's version (found by the nineteenth session's review)."""
+    version = client.list_tensors().version
+    with client.open_session() as session:
+        session.forward(INPUT, TARGET)
+        session.backward()
+        with client.expecting(version):
+            assert session.step().version == 3  # the session's own version, not checked
+        with session.expecting(2), pytest.raises(errors.Aborted):
+            session.zero_grad()  # its own block is checked: the session is at 3
+    assert client.list_tensors().version == version
+
+
+@pytest.mark.parametrize(
+    ("given", "error"), [("3", TypeError), (True, TypeError), (-1, ValueError), (2**63, ValueError)]
+)
+def test_expecting_refuses_what_is_no_version(
+    client: gradwire.Client, given: object, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="version"), client.expecting(given):  # type: ignore[arg-type]
+        pass
+
+
 def test_an_open_session_retried_with_its_id_opens_one_session(
     address: str, server: Running
 ) -> None:

@@ -228,7 +228,8 @@ _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
 _SESSIONLESS = frozenset({"OpenSession", "CloseSession", "Health"})
-_EXPECTED_VERSION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+#: (client, version) of the innermost `expecting` block in this thread or task.
+_EXPECTED_VERSION: contextvars.ContextVar[tuple[Client, int] | None] = contextvars.ContextVar(
     "expected_version", default=None
 )
 
@@ -475,9 +476,9 @@ class Client:
             # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
             # Python costs a remote Step 0.014-0.018 ms (docs/PERFORMANCE.md, eleventh session).
             metadata.append((REQUEST_ID, os.urandom(16).hex()))
-            expected = _EXPECTED_VERSION.get()
+            expected = self._expected_version()
             if expected is not None and method in _MUTATIONS:
-                metadata.append((EXPECTED_VERSION, str(expected)))
+                metadata.append((EXPECTED_VERSION, expected))
             retryable = not isinstance(request, Iterator)
         retries = max(self.retries, 0)  # a negative count: no retry (it made no attempt)
         for attempt in range(retries + 1):
@@ -499,13 +500,26 @@ class Client:
 
     @contextlib.contextmanager
     def expecting(self, version: int) -> Iterator[None]:
-        """Mutations in this block apply only if the server is still at `version`; otherwise
-        they change nothing and raise gradwire.errors.Aborted (reason VERSION_MISMATCH)."""
-        token = _EXPECTED_VERSION.set(version)
+        """Mutations made through this client in this block (this thread or task), a
+        Train's first step included, apply only if its session is still at `version`;
+        otherwise they change nothing and raise gradwire.errors.Aborted (reason
+        VERSION_MISMATCH). Other clients' calls, a session client's included, are not
+        affected: each session has a version of its own."""
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise TypeError(f"expecting takes a state version (an int), got {version!r}")
+        if not 0 <= version < 2**63:
+            raise ValueError(f"a state version is from 0 to 2**63 - 1, got {version}")
+        token = _EXPECTED_VERSION.set((self, int(version)))
         try:
             yield
         finally:
             _EXPECTED_VERSION.reset(token)
+
+    def _expected_version(self) -> str | None:
+        """The version of this client's innermost `expecting` block, as metadata; None
+        outside one."""
+        expected = _EXPECTED_VERSION.get()
+        return str(expected[1]) if expected is not None and expected[0] is self else None
 
     def _stream(self, method: str, request: Any, *, timeout: float | None = -1.0) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code.
@@ -514,6 +528,9 @@ class Client:
         no limit). Closing the iterator early cancels the call.
         """
         metadata = [*self._metadata, *self._session_metadata(method)]
+        expected = self._expected_version() if method == "Train" else None
+        if expected is not None:  # its first step's condition
+            metadata.append((EXPECTED_VERSION, expected))
         try:
             call = self._methods[method](
                 request,

@@ -480,6 +480,13 @@ def _answer_bytes(answer: object) -> int:
 
 
 def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return Guard(_expected_version(metadata), deadline)
+
+
+def _expected_version(metadata: dict[str, str]) -> int | None:
+    """The caller's expected state version (metadata), checked; None when not given."""
     expected = None
     if EXPECTED_VERSION in metadata:
         given = metadata[EXPECTED_VERSION]
@@ -492,9 +499,7 @@ def _guard(context: grpc.ServicerContext, metadata: dict[str, str]) -> Guard:
                 reason="BAD_METADATA",
             )
         expected = int(given)
-    remaining = context.time_remaining()
-    deadline = None if remaining is None else time.monotonic() + remaining
-    return Guard(expected, deadline)
+    return expected
 
 
 def mutation(method: Handler[R]) -> Handler[R]:
@@ -919,6 +924,9 @@ class TrainerServicer:
         every = message.every or 1
         zero_grad = message.zero_grad if message.HasField("zero_grad") else True
         trainer = self.trainer
+        # The caller's expected version is its first step's condition: the run starts from
+        # the state the caller saw, or not at all.
+        first = Guard(_expected_version(_metadata(context)))
         # A tensor sent once is the same every step: on a GPU it crosses to the device once.
         inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
         started = time.perf_counter()
@@ -931,9 +939,13 @@ class TrainerServicer:
                     "steps, each applied whole"
                 )
             try:
-                result = trainer.train_step(
-                    _reseeded(inputs, k), _reseeded(target, k), zero_grad=zero_grad, use=_nothing
-                )
+                with guarded(first if k == 0 else None):
+                    result = trainer.train_step(
+                        _reseeded(inputs, k),
+                        _reseeded(target, k),
+                        zero_grad=zero_grad,
+                        use=_nothing,
+                    )
             except DomainError as err:
                 if k:  # the caller must know that the steps before it stay applied
                     err.message += (

@@ -48,7 +48,7 @@ Conventions used by every message below:
   later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
-  version is decimal digits ("42").
+  version is decimal digits ("42"); a Train reads it as its first step's condition.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
