@@ -440,6 +440,31 @@ def test_closing_a_client_closes_the_sessions_it_opened(address: str, server: Ru
     mine.close()  # nothing left to close
 
 
+def test_closing_a_client_closes_nested_sessions_and_those_whose_client_was_dropped(
+    address: str, server: Running
+) -> None:
+    """The parent closed the sessions of the clients it had made and that were still
+    alive (a WeakSet): a session opened by a session client, or one whose client object
+    had been dropped, stayed open until it expired, holding a place of the server's few
+    (found by the nineteenth session's review of the client)."""
+    sessions = server.servicer.sessions
+    parent = gradwire.connect(address, timeout=30)
+    child = parent.open_session(seed=0)
+    grandchild = child.open_session(seed=1)
+    parent.open_session(seed=2)  # its client dropped at once
+    gc.collect()
+    kept = parent.open_session(seed=3)
+    kept.detach()  # left open on purpose
+    assert sessions.open_count == 4
+    parent.close()
+    assert sessions.open_count == 1  # the detached one
+    grandchild.close()  # closed already: nothing to send
+    child.close()
+    with gradwire.Client(address, session=kept.session, timeout=30) as joined:
+        joined.close_session()
+    assert sessions.open_count == 0
+
+
 def test_a_session_close_that_failed_keeps_the_session_s_id(trainer: Trainer) -> None:
     """The id was forgotten before the call: a close that failed (the server unreachable a
     moment) could not be tried again."""

@@ -15,7 +15,6 @@ import itertools
 import os
 import re
 import time
-import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -405,8 +404,10 @@ class Client:
         #: server closes it (inf: never). None for the default session or one joined.
         self.session_idle_s: float | None = None
         self._owns_channel = channel is None
-        #: Session clients made by open_session, on this client's channel.
-        self._opened: weakref.WeakSet[Client] = weakref.WeakSet()
+        #: The ids of the sessions opened on this channel by open_session, at any depth
+        #: (a session client's own open_session too), and not closed or detached since:
+        #: the channel's owner closes them with it. One set, shared by those clients.
+        self._opened: set[str] = set()
         options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
@@ -550,18 +551,18 @@ class Client:
 
     def close(self) -> None:
         """Closes the channel; a session client (open_session) closes its session instead.
-        A session joined (`session=`) stays open. The sessions of the session clients this
-        client opened, and has not seen closed, are closed with its channel: they would
-        stay open on the server (until they expire), their clients unable to close them."""
+        A session joined (`session=`) stays open. Every session opened on this client's
+        channel (by it, its session clients, theirs...) and not closed or detached is
+        closed with the channel, its client object kept or not: it would stay open on the
+        server until it expired, no client left to close it."""
         try:
             if self.session is not None and self._owns_session:
                 self.close_session()
             if self._owns_channel:
-                for opened in list(self._opened):
-                    if not opened._owns_session:  # detached
-                        continue
+                for session in list(self._opened):
                     with contextlib.suppress(GradwireError):  # they expire in any case
-                        opened.close_session()
+                        self._call("CloseSession", pb.CloseSessionRequest(session=session))
+                    self._opened.discard(session)
                 self._channel.close()
         finally:
             self._memory.release()
@@ -601,8 +602,7 @@ class Client:
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = False
-        other._opened = weakref.WeakSet()
-        self._opened.add(other)
+        self._opened.add(response.session)  # the set other shares
         return other
 
     def detach(self) -> str:
@@ -613,14 +613,17 @@ class Client:
         if self.session is None:
             raise ValueError("this client acts on the default session: there is none to detach")
         self._owns_session = False
+        self._opened.discard(self.session)
         return self.session
 
     def close_session(self) -> None:
         """Closes this client's session on the server (its model is freed)."""
         if self.session is None:
             return
-        self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
+        if not self._owns_session or self.session in self._opened:  # else closed with its channel
+            self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
         # After: a close that failed can be tried again.
+        self._opened.discard(self.session)
         self._closed_session, self.session = self.session, None
 
     def __repr__(self) -> str:
