@@ -194,3 +194,30 @@ def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
     trainer.write("conv1.weight", ((0,),), FillSpec("ones", (3, 1, 3)))
     assert made == ["value"]
     assert torch.equal(trainer.read("conv1.weight", ((0,),)).value, torch.ones(3, 3, 3))
+
+
+def test_an_unseeded_model_is_drawn_afresh_and_the_process_generator_is_left_alone() -> None:
+    """Unseeded, the model was made from a fork of the process's generator, put back after:
+    every unseeded model of a process had the same weights, and a plain Reset repeated
+    them (found by the nineteenth session's review of the README)."""
+    state = torch.random.get_rng_state()
+    first = Trainer(device="cpu")
+    weights = [first.read("conv1.weight").value.clone()]
+    first.reset()
+    weights.append(first.read("conv1.weight").value.clone())
+    weights.append(Trainer(device="cpu").read("conv1.weight").value.clone())
+    assert not any(torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1 :])
+    first.reset(seed=7)
+    seeded = first.read("conv1.weight").value.clone()
+    first.reset(seed=7)
+    assert torch.equal(first.read("conv1.weight").value, seeded)  # a seed still repeats
+    torch.manual_seed(7)
+    assert torch.equal(Simple().conv1.weight.detach(), seeded)  # as torch's own seed does
+    torch.random.set_rng_state(state)  # what torch.manual_seed(7) moved, for later tests
+
+
+def test_building_a_model_leaves_the_process_generator_as_it_was() -> None:
+    state = torch.random.get_rng_state()
+    Trainer(device="cpu").reset()
+    Trainer(device="cpu", seed=3).reset(seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)

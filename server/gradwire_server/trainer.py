@@ -524,8 +524,15 @@ class Trainer:
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
         # on every device and the process-wide generator is left alone.
         with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
+            # The CPU's generator alone: torch.manual_seed seeds every GPU's too, which
+            # fork_rng(devices=[]) does not put back. Unseeded, a fresh draw: the forked
+            # state, put back after, made every unseeded model of the process the same (a
+            # plain Reset repeated the last weights, sessions opened unseeded were alike).
+            generator = torch.default_generator
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
             model = self.spec.factory()
         model.train()
         return model.to(self.device)
