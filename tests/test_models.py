@@ -431,3 +431,24 @@ def test_serve_model_serves_it(tmp_path: Path) -> None:
         assert [t.name for t in listing.tensors if t.kind == "parameter"] == MLP_PARAMETERS
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
+
+
+def sequential_mlp() -> nn.Module:
+    """The README's example model: an nn.Sequential, whose layers torch names "0", "1", ..."""
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_a_sequential_model_s_numbered_parameters_are_read_and_written() -> None:
+    """The name torch gives an nn.Sequential's first layer's weight, "0.weight", was refused
+    as a selector by the client and the command alike (found by the nineteenth session's
+    review of the README, whose own example model is such a one)."""
+    spec = ModelSpec("SequentialMLP", sequential_mlp, sample_shape=(16,), num_classes=4)
+    local = seeded(sequential_mlp)
+    with serving(spec) as client:
+        assert [t.name for t in client.list_tensors().tensors][:2] == ["0.weight", "0.bias"]
+        expected = local.get_parameter("3.weight").detach()[1, :2].numpy()
+        np.testing.assert_array_equal(client.get("3.weight[1, :2]"), expected)
+        assert client.set("0.bias[0]", 2.5) == 1
+        out = io.StringIO()
+        assert main(["get", "0.bias[0]", "--json", "--target", client.target], out=out) == 0
+        assert '"values": 2.5' in out.getvalue()

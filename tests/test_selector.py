@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradwire.selector import SelectorError, parse_selector
+from gradwire.selector import Selector, SelectorError, parse_selector
 
 
 @pytest.mark.parametrize(
@@ -43,13 +43,19 @@ def test_name_and_text_form() -> None:
     assert selector.index == ((0,), (0,), (0,))
     assert str(parse_selector("conv1.weight[0, :, 1:3]")) == "conv1.weight[0, :, 1:3]"
     assert parse_selector("x[newaxis]").index == ((None,),)
+    # An nn.Sequential's layers are named by number (found by the nineteenth session's
+    # review: "0.weight" was refused).
+    assert parse_selector("0.weight[1, :2]") == Selector("0.weight", ((1, slice(None, 2)),))
+    assert parse_selector("layers.10.bias").name == "layers.10.bias"
 
 
 @pytest.mark.parametrize(
     ("text", "complaint"),
     [
         ("", "expected a tensor name"),
-        ("1abc", "expected a tensor name"),
+        ("conv1..weight", "expected a tensor name"),
+        (".weight", "expected a tensor name"),
+        ("conv1.weight-grad", "expected a tensor name"),
         ("conv1.weight[0", "not valid Python"),
         ("conv1.weight[a]", "not an integer"),
         ("conv1.weight[1.5]", "not an integer"),

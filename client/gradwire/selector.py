@@ -17,7 +17,10 @@ from gradwire.errors import GradwireError
 
 __all__ = ["Selector", "SelectorError", "parse_selector"]
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+#: Dotted parts of letters, digits and underscores. A part may begin with a digit: torch
+#: names an nn.Sequential's layers "0", "1", ... ("0.weight"), and refused here, such a
+#: model's parameters could not be read.
+_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 class SelectorError(GradwireError, ValueError):
