@@ -1284,8 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval",
         type=_seconds,
         default=0.1,
-        help="at most one update per this many seconds; what changes in between is counted "
-        "as skipped (default %(default)s; 0: every change)",
+        help="at most one update per this many seconds: one that falls due sooner waits, "
+        "then shows the state it finds, counting the updates due meanwhile as skipped "
+        "(default %(default)s; 0: every update as it falls due)",
     )
     p.add_argument("--count", type=_at_least(1), help="stop after this many updates")
     p.add_argument("--duration", type=_seconds, help="stop after this many seconds")

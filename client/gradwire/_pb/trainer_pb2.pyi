@@ -1794,15 +1794,18 @@ class WatchRequest(_message.Message):
     EVERY_STEPS_FIELD_NUMBER: _builtins.int
     MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     every_steps: _builtins.int
-    """0: an update after every applied mutation; N > 0: after every Nth Step (counted by the
-    server's step counter, so updates come at steps N, 2N, ...) and after Reset.
+    """0: an update falls due after every applied mutation; N > 0: each time the server's step
+    counter passes a multiple of N, and after Reset. An update is read when it is sent, so
+    it shows the state then: with no min_interval_ms and a reader that keeps up, that is
+    the state at steps N, 2N, ...
     """
     min_interval_ms: _builtins.int
-    """At most one update per this many milliseconds: what changes in between is counted in the
-    next update's `skipped`, which carries the latest state. Bounds what a watcher costs the
-    server however fast training runs. 0: no limit. Without it, small updates that gRPC has
-    already buffered for a slow reader arrive one by one, each as it was: only the updates
-    not yet made are merged into the latest.
+    """At most one update per this many milliseconds: one that falls due sooner is sent once
+    the interval has passed, with the state it finds then, and the updates that fell due
+    meanwhile are counted in its `skipped`. Bounds what a watcher costs the server however
+    fast training runs. 0: no limit. Without it, small updates that gRPC has already
+    buffered for a slow reader arrive one by one, each as it was: only the updates not yet
+    made are merged into the latest.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:
@@ -1885,7 +1888,7 @@ class WatchUpdate(_message.Message):
     "Watch" for the first update, before any mutation the watch saw.
     """
     skipped: _builtins.int
-    """updates due to this subscriber that it missed since its last one, because it was still reading"""
+    """updates due to this subscriber since its last one, beyond the one this stands for: it was still reading, or min_interval_ms had not passed"""
     steps: _builtins.int
     """Steps applied to this model since it was created or reset"""
     @_builtins.property
