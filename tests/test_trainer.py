@@ -6,9 +6,10 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
 from gradwire_server.errors import InvalidInput, OverLimit, WrongOrder
-from gradwire_server.models import Simple
+from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer, resolve_device
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
@@ -221,3 +222,17 @@ def test_building_a_model_leaves_the_process_generator_as_it_was() -> None:
     Trainer(device="cpu").reset()
     Trainer(device="cpu", seed=3).reset(seed=4)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_an_absent_input_is_listed_in_the_dtype_the_model_takes() -> None:
+    """It was listed float32 for any model (found by the nineteenth session's review)."""
+    spec = ModelSpec(
+        "Half", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2, input_dtype=torch.bfloat16
+    )
+    trainer = Trainer(spec, device="cpu", seed=0)
+    listed = {info.name: info for info in trainer.list_tensors().tensors}
+    assert (listed["input"].dtype, listed["input"].present) == (torch.bfloat16, False)
+    assert listed["target"].dtype == torch.int64
+    trainer.forward(FillSpec("ones", (3, 4)), None)
+    listed = {info.name: info for info in trainer.list_tensors().tensors}
+    assert (listed["input"].dtype, listed["input"].present) == (torch.bfloat16, True)

@@ -1502,12 +1502,12 @@ class Trainer:
             if t is not None:
                 infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True))
                 continue
-            default = param.dtype if param is not None else torch.float32
-            infos.append(
-                TensorInfo(
-                    name, kind, self._target_dtype if name == "target" else default, (), False
-                )
+            # What it will hold once present: a Forward's input is made in the model's input
+            # dtype (it was listed float32 for a float16 or bfloat16 model).
+            dtype = {"input": self.spec.input_dtype, "target": self._target_dtype}.get(
+                name, param.dtype if param is not None else torch.float32
             )
+            infos.append(TensorInfo(name, kind, dtype, (), False))
         return Listing(
             self._version, self.spec.name, str(self.device), self._settings, infos, self.spec
         )
