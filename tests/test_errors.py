@@ -158,6 +158,16 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_OPTIMIZER",
             "momentum is not a setting of ADAM",
         ),
+        (  # found by the nineteenth session's review: torch's "check_uniform_bounds" words
+            lambda c: c.forward(INPUT, Fill.uniform(8, 20)),
+            "BAD_FILL",
+            "target: a uniform fill draws real numbers, and int64 holds whole ones",
+        ),
+        (
+            lambda c: c.forward(Fill.normal(8, 3, 10, 10, dtype="int32"), TARGET),
+            "BAD_FILL",
+            "input: a normal fill draws real numbers, and int32 holds whole ones",
+        ),
         # Found by the nineteenth session's review: SGD took NaN and infinite settings (the
         # next Step filled the parameters with NaN); torch refuses some for Adam only.
         *[
@@ -215,6 +225,16 @@ def test_bad_input_is_invalid_argument(
             "SetOptimizer",
             "not SGD or ADAM",
         ),  # type: ignore[arg-type]
+        # Found by the nineteenth session's review: a target set but empty was taken for
+        # no target, and the Forward ran without a loss.
+        (
+            pb.ForwardRequest(
+                input=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 3, 10, 10])),
+                target=pb.TensorSource(),
+            ),
+            "Forward",
+            "target is set but holds neither a tensor nor a fill",
+        ),
     ],
 )
 def test_incomplete_requests_are_invalid_argument(
@@ -582,3 +602,26 @@ def test_fuzzed_values_past_the_dtype_are_invalid_argument(
     assert torch.equal(trainer.read("conv1.weight").value, before)
     with pytest.raises(errors.InvalidArgument, match="randint"):
         client.forward(INPUT, Fill("randint", (8,), low=0, high=2.0**63))
+
+
+@pytest.mark.parametrize("key", ["gradwire-expected-version", "gradwire-request-id"])
+def test_a_gradwire_metadata_key_given_twice_is_invalid_argument(
+    client: gradwire.Client, address: str, key: str
+) -> None:
+    """Two expected versions were read as the last one: in one order the call applied, in
+    the other it was refused (found by the nineteenth session's review)."""
+    version = client.list_tensors().version
+    values = [str(version), str(version + 1)] if "version" in key else ["a" * 32, "b" * 32]
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(address, "ZeroGrad")(
+            pb.ZeroGradRequest().SerializeToString(),
+            metadata=[(key, v) for v in values],
+            timeout=10,
+        )
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.InvalidArgument)
+    assert (error.reason, error.message) == (
+        "BAD_METADATA",
+        f"metadata {key} is given 2 times; give it once",
+    )
+    assert client.list_tensors().version == version

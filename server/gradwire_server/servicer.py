@@ -215,7 +215,24 @@ _CURRENT: contextvars.ContextVar[Trainer | None] = contextvars.ContextVar("train
 
 
 def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
-    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    pairs = context.invocation_metadata() or ()
+    metadata = {k: v for k, v in pairs if isinstance(v, str)}
+    if len(metadata) < len(pairs):  # a key given twice, or binary values: rare, so looked at
+        _refuse_twice_given(pairs)
+    return metadata
+
+
+def _refuse_twice_given(pairs: Iterable[tuple[str, Any]]) -> None:
+    """InvalidInput (BAD_METADATA) for one of gradwire's keys given more than once: which
+    one counts would be a guess (the last, before: two expected versions in one order
+    applied the call, in the other refused it)."""
+    keys = [k for k, _ in pairs]
+    for key in (SESSION, REQUEST_ID, EXPECTED_VERSION):
+        if keys.count(key) > 1:
+            raise InvalidInput(
+                f"metadata {key} is given {keys.count(key)} times; give it once",
+                reason="BAD_METADATA",
+            )
 
 
 class _Session:
@@ -602,6 +619,13 @@ class TrainerServicer:
                 reason="MISSING_INPUT",
             )
         target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
+        if target is None and message.HasField("target"):
+            # Set, but empty: a caller that meant a target, not one that wants no loss.
+            raise InvalidInput(
+                "Forward's target is set but holds neither a tensor nor a fill: give one, or "
+                "leave target unset for a Forward without a loss",
+                reason="MISSING_INPUT",
+            )
         return convert.forward_response(self.trainer.forward(inputs, target))
 
     @mutation

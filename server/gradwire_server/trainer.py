@@ -735,6 +735,20 @@ class Trainer:
                             reason="BAD_FILL",
                         )
                     return torch.full(spec.shape, spec.value, dtype=dtype, device=device)
+                if spec.kind in ("uniform", "normal") and not dtype.is_floating_point:
+                    # torch says only '"check_uniform_bounds" not implemented for 'Long''.
+                    hint = (
+                        " (a target fill is int64 class indices unless given a dtype: give "
+                        "float32 for class probabilities)"
+                        if what == "target"
+                        else ""
+                    )
+                    raise InvalidInput(
+                        f"{what}: a {spec.kind} fill draws real numbers, and "
+                        f"{str(dtype).removeprefix('torch.')} holds whole ones: give a "
+                        f"floating dtype, or use randint{hint}",
+                        reason="BAD_FILL",
+                    )
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(spec.seed)
                 if spec.kind == "uniform":
