@@ -866,3 +866,19 @@ def test_gradwire_s_own_conditions_are_gradwire_errors(client: gradwire.Client) 
         client.set("conv1.weight", np.array(["a"], dtype=object))
     with pytest.raises(ValueError):  # still ValueErrors too
         client.get("conv1.weight[[0]]")
+
+
+def test_a_watch_update_is_indexed_by_the_selectors_it_was_asked_for(
+    client: gradwire.Client,
+) -> None:
+    """update["conv1.weight[0,0]"] was a KeyError (a Watched kept the name alone), and two
+    slices of one tensor could not be told apart (found by the nineteenth session's
+    review)."""
+    update = next(client.watch(["conv1.weight[0,0]", "conv1.weight[1, 0]"], values=True))
+    first, second = client.get("conv1.weight[0, 0]"), client.get("conv1.weight[1, 0]")
+    np.testing.assert_array_equal(update["conv1.weight[0, 0]"].value, first)
+    np.testing.assert_array_equal(update["conv1.weight[1,0]"].value, second)
+    assert [w.selector for w in update.tensors] == ["conv1.weight[0, 0]", "conv1.weight[1, 0]"]
+    assert update["conv1.weight"] is update.tensors[0]  # by name: the first
+    with pytest.raises(KeyError):
+        update["conv1.weight[2, 0]"]

@@ -911,7 +911,8 @@ class Client:
         request = pb.WatchRequest(
             every_steps=every_steps, min_interval_ms=round(min_interval * 1000)
         )
-        for text in _names(selectors):
+        selectors = _names(selectors)
+        for text in selectors:
             parsed = parse_selector(text)
             request.items.add(
                 name=parsed.name,
@@ -921,7 +922,7 @@ class Client:
                 histogram_bins=bins,
             )
         for data in self._stream("Watch", request, timeout=timeout):
-            yield watch_update(data, self._allocate)
+            yield watch_update(data, self._allocate, selectors)
 
     def train(
         self,

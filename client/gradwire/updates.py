@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.selector import SelectorError, parse_selector
 
 __all__ = ["Histogram", "Stats", "TensorStats", "TrainProgress", "WatchUpdate", "Watched"]
 
@@ -67,6 +69,9 @@ class Watched:
     value: Any  # numpy array when values were asked for and the tensor is present, else None
     stats: Stats | None  # when statistics were asked for and the tensor is present
     full_shape: tuple[int, ...] | None  # None when absent
+    #: The selector it was watched by, as Python writes it ("conv1.weight[0, 0]"); "" when
+    #: not known (an update decoded without its request)
+    selector: str = ""
 
     @property
     def present(self) -> bool:
@@ -81,11 +86,21 @@ class WatchUpdate:
     steps: int  # Steps applied to the model since it was created or reset
     tensors: tuple[Watched, ...]  # one per watched selector, in order
 
-    def __getitem__(self, name: str) -> Watched:
+    def __getitem__(self, key: str) -> Watched:
+        """The tensor watched by selector `key` ("conv1.weight[0, 0]", spaced as you like),
+        or else the first one of that name ("conv1.weight"). By name alone, two slices of
+        one tensor could not be told apart, and a selector with an index was a KeyError."""
+        try:
+            selector = str(parse_selector(key))
+        except SelectorError:
+            selector = None
         for watched in self.tensors:
-            if watched.name == name:
+            if selector is not None and watched.selector == selector:
                 return watched
-        raise KeyError(name)
+        for watched in self.tensors:
+            if watched.name == key:
+                return watched
+        raise KeyError(key)
 
 
 @dataclass(frozen=True)
@@ -134,9 +149,12 @@ _WATCHED = pb.WatchUpdate.DESCRIPTOR.fields_by_name["tensors"].number
 _WATCHED_TENSOR = pb.WatchedTensor.DESCRIPTOR.fields_by_name["tensor"].number
 
 
-def watch_update(data: bytes, allocate: codec.Allocate | None = None) -> WatchUpdate:
+def watch_update(
+    data: bytes, allocate: codec.Allocate | None = None, selectors: Sequence[str] = ()
+) -> WatchUpdate:
     """A WatchUpdate from its bytes, each tensor's values read without a per-element loop;
-    `allocate` makes the arrays a value needs (bfloat16 widened to float32)."""
+    `allocate` makes the arrays a value needs (bfloat16 widened to float32); `selectors`,
+    the Watch's, in order, name each tensor's `selector`."""
     split = wire.split(data, pb.WatchUpdate)
     message = split.message
     tensors = []
@@ -154,6 +172,7 @@ def watch_update(data: bytes, allocate: codec.Allocate | None = None) -> WatchUp
                 value,
                 stats_from_proto(watched.stats) if watched.HasField("stats") else None,
                 tuple(watched.full_shape) if present else None,
+                str(parse_selector(selectors[i])) if i < len(selectors) else "",
             )
         )
     return WatchUpdate(
