@@ -171,7 +171,7 @@ def test_an_absent_gradient_exits_1_and_writes_nothing(cli: Run, tmp_path: Path)
     assert only_file(tmp_path) == []
 
 
-@pytest.mark.parametrize("selector", ["conv1.weight[0", "conv1.weight[x]", "1conv"])
+@pytest.mark.parametrize("selector", ["conv1.weight[0", "conv1.weight[x]", "conv1..weight"])
 def test_a_bad_selector_exits_2(cli: Run, tmp_path: Path, selector: str) -> None:
     result = cli("plot", selector, "--out", str(tmp_path / "x.png"))
     assert result.code == 2
