@@ -517,6 +517,17 @@ def test_replay_embedded_with_an_unknown_device_exits_2(cli: Run) -> None:
     assert result.out == ""
 
 
+def test_replay_against_a_server_refuses_a_device(cli: Run, client: gradwire.Client) -> None:
+    """--device was ignored without --embedded: the replay ran on the server's device, not
+    the one asked for (found by the nineteenth session's review of the README)."""
+    result = cli("replay", "--device", "cpu")
+    assert result.code == 2
+    assert "--device chooses the device of the server --embedded starts" in result.err
+    assert "gradwire serve --device" in result.err
+    assert result.out == ""
+    assert client.list_tensors().version == 0  # nothing was replayed
+
+
 def test_serve_with_an_unknown_device_exits_2() -> None:
     result = run_main("serve", "--device", "nonsense", "--port", "0")
     assert result.code == 2

@@ -227,3 +227,17 @@ def test_bytes_that_are_no_health_request_are_invalid_argument(
         stub = health_pb2_grpc.HealthStub(channel)
         assert stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
         assert guarded.health.open_watches == 0
+
+
+def test_a_check_of_an_unknown_service_says_which_it_knows(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """grpc's servicer answered NOT_FOUND with no message, and `gradwire health --service
+    nope` printed "error: NOT_FOUND: not found" (found by the nineteenth session's review)."""
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.NotFound)  # as the health protocol says
+    assert (error.reason, error.metadata) == ("UNKNOWN_SERVICE", {"service": "nope"})
+    assert "no health status for service 'nope'" in error.message
+    assert "'gradwire.v1.Trainer'" in error.message

@@ -884,6 +884,11 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
             )
 
     if client is not None:
+        if args.device is not None:  # it was ignored: the replay ran on the server's device
+            raise UsageError(
+                "--device chooses the device of the server --embedded starts; a server "
+                f"replayed against ({args.target}) keeps its own (gradwire serve --device)"
+            )
         run(client)
         return
     # --embedded: a server in this process on a free port, for trying gradwire with one command.
@@ -896,7 +901,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
             f"--embedded needs the server side (torch): pip install 'gradwire[server]' ({err})"
         ) from None
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device or "auto")
     except InvalidInput as e:
         raise UsageError(e.message) from None
     running = start(Trainer(device=device), "127.0.0.1", 0)
@@ -1396,7 +1401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedded", action="store_true", help="start a server in this process on a free port"
     )
-    p.add_argument("--device", default="auto", help="with --embedded: auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", help="with --embedded: auto (the default), cpu, cuda or cuda:N")
     return parser
 
 

@@ -60,6 +60,19 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
     ) -> health_pb2.HealthCheckResponse:
         _check_parsed(request, context)
         _check_name(request.service, context)
+        with self._lock:
+            known = sorted(self._server_status)
+        if request.service not in known:
+            # grpc's servicer answers NOT_FOUND with no message: the caller read "not found".
+            abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no health status for service {request.service!r}; this server has one for "
+                + ", ".join(repr(name) for name in known)
+                + " ('' is the server as a whole)",
+                "UNKNOWN_SERVICE",
+                {"service": request.service},
+            )
         answer: health_pb2.HealthCheckResponse = super().Check(request, context)
         return answer
 

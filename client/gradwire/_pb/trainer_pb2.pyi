@@ -91,7 +91,10 @@ Conventions used by every message below:
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
-  RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead.
+  RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
+  Check of a service it has no status for is NOT_FOUND, as the health protocol says
+  (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
+  INVALID_ARGUMENT (MALFORMED_REQUEST).
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost) carry no ErrorInfo.
 """
