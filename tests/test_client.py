@@ -882,3 +882,22 @@ def test_a_watch_update_is_indexed_by_the_selectors_it_was_asked_for(
     assert update["conv1.weight"] is update.tensors[0]  # by name: the first
     with pytest.raises(KeyError):
         update["conv1.weight[2, 0]"]
+
+
+def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Client) -> None:
+    """They raised at the first next(), so a bad call went unnoticed until then, or for
+    ever when never iterated (found by the nineteenth session's review)."""
+    with pytest.raises(ValueError, match="at least one selector"):
+        client.watch([])
+    with pytest.raises(errors.GradwireError, match="is not an integer"):
+        client.watch(["conv1.weight[[0]]"])
+    with pytest.raises(errors.GradwireError, match="cannot send"):
+        client.train(np.array(["a"], dtype=object), ONES_TARGET, 3)
+    version = client.list_tensors().version
+    run = client.train(ONES_INPUT, ONES_TARGET, 2)  # nothing is sent until it is iterated
+    assert client.list_tensors().version == version
+    with client.expecting(version + 99):
+        stale = client.train(ONES_INPUT, ONES_TARGET, 2)  # the block's version, taken now
+    with pytest.raises(errors.Aborted):
+        next(stale)
+    assert [p.step for p in run] == [1, 2]

@@ -522,16 +522,21 @@ class Client:
         expected = _EXPECTED_VERSION.get()
         return str(expected[1]) if expected is not None and expected[0] is self else None
 
-    def _stream(self, method: str, request: Any, *, timeout: float | None = -1.0) -> Iterator[Any]:
+    def _stream(
+        self,
+        method: str,
+        request: Any,
+        *,
+        timeout: float | None = -1.0,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code.
 
         `timeout`: for the whole stream; the client's per-call timeout unless given (None:
-        no limit). Closing the iterator early cancels the call.
+        no limit). `metadata`: more, besides the token's and the session's. Closing the
+        iterator early cancels the call.
         """
-        metadata = [*self._metadata, *self._session_metadata(method)]
-        expected = self._expected_version() if method == "Train" else None
-        if expected is not None:  # its first step's condition
-            metadata.append((EXPECTED_VERSION, expected))
+        metadata = [*self._metadata, *self._session_metadata(method), *metadata]
         try:
             call = self._methods[method](
                 request,
@@ -904,7 +909,8 @@ class Client:
         values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
         Training never waits for a reader: a slow one gets the latest state, and `skipped`
         counts the updates it missed. Each update costs the server its reads; `min_interval`
-        bounds that cost however fast training runs.
+        bounds that cost however fast training runs. Bad arguments raise here, not at the
+        first update; the call is made when the first update is asked for.
         """
         if not selectors:
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
@@ -921,7 +927,12 @@ class Client:
                 stats=stats,
                 histogram_bins=bins,
             )
-        for data in self._stream("Watch", request, timeout=timeout):
+        return self._updates(self._stream("Watch", request, timeout=timeout), selectors)
+
+    def _updates(
+        self, stream: Iterator[bytes], selectors: Sequence[str]
+    ) -> Generator[WatchUpdate, None, None]:
+        for data in stream:
             yield watch_update(data, self._allocate, selectors)
 
     def train(
@@ -937,15 +948,19 @@ class Client:
         """Train: `steps` training steps run on the server, with progress after every
         `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes seed + k
         at step k, so each step sees new data. Closing the iterator stops the run between two
-        steps; the steps taken stay applied.
+        steps; the steps taken stay applied. Bad arguments raise here; the run starts when
+        the first progress is asked for (a Train never iterated runs nothing), with this
+        client's `expecting` version as it is here.
         """
         pieces = _source_pieces("TrainRequest", "input", input)
         if target is not None:  # refused by the server, with a message saying why
             pieces += _source_pieces("TrainRequest", "target", target)
         request = pb.TrainRequest(steps=steps, every=every, zero_grad=zero_grad)
         pieces.append(request.SerializeToString())
-        for message in self._stream("Train", wire.join(pieces), timeout=timeout):
-            yield train_progress(message)
+        expected = self._expected_version()  # its first step's condition
+        extra = [] if expected is None else [(EXPECTED_VERSION, expected)]
+        stream = self._stream("Train", wire.join(pieces), timeout=timeout, metadata=extra)
+        return (train_progress(message) for message in stream)
 
     def shape(self, selector: str) -> tuple[int, ...] | None:
         """The shape of a tensor or slice without fetching its values; None when absent."""
