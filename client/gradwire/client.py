@@ -121,8 +121,8 @@ class TensorInfo:
     name: str
     kind: str  # "parameter", "gradient", "input", "target", "output", "loss", "activation",
     # "optimizer_state" or "delta"
-    dtype: str
-    shape: tuple[int, ...]
+    dtype: str  # what it holds, or will hold once present
+    shape: tuple[int, ...]  # () when absent, as a scalar's: `present` tells them apart
     present: bool
 
 
@@ -967,7 +967,10 @@ class Client:
         return self.read(selector, values=False).shape
 
     def set(self, selector: str, value: Any, index: codec.IndexKey | None = None) -> int:
-        """SetTensor: `set("conv1.weight[0]", array)`; value broadcasts like numpy assignment."""
+        """SetTensor: `set("conv1.weight[0]", array)`; value broadcasts like numpy assignment,
+        and is cast to the tensor's dtype (a float64 value past float32's range becomes inf,
+        as in numpy). Writing to a gradient that is absent (None) creates it: zeros, then
+        the value written."""
         parsed = parse_selector(selector)
         chain: list[codec.IndexKey] = list(parsed.index)
         if index is not None:
