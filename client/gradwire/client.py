@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import functools
 import ipaddress
 import itertools
 import os
@@ -188,8 +189,7 @@ def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
     """The TensorSource field `field` of `message`, the values spliced from their memory."""
     number = _FIELD[(message, field)]
     if isinstance(value, Fill):
-        source = pb.TensorSource(fill=value.to_proto()).SerializeToString()
-        return wire.length_field(number, [source])
+        return wire.length_field(number, [_fill_source(value)])
     return wire.length_field(number, wire.length_field(_TENSOR, codec.tensor_pieces(value)))
 
 
@@ -241,6 +241,25 @@ def _back_off(attempt: int) -> None:
     """The wait before retry `attempt + 1`: 0.05 s, doubling each time. One schedule for every
     retry the client makes (UNAVAILABLE, and streamed reads cut short)."""
     time.sleep(0.05 * 2**attempt)
+
+
+@functools.lru_cache(maxsize=256)
+def _fill_source(fill: Fill) -> bytes:
+    """A serialized TensorSource holding `fill`. A loop sends equal fills again and again
+    (the tutorial's replay, Fill.ones each call); Fill is frozen, so equal ones share this."""
+    return pb.TensorSource(fill=fill.to_proto()).SerializeToString()
+
+
+@functools.lru_cache(maxsize=1024)
+def _get_tensor_request(selector: str, values: bool) -> bytes:
+    """The serialized GetTensorRequest for a selector's text. Reads repeat their selectors
+    (a loop that watches a slice, the tutorial's), and building the message cost a small
+    read about 25 us of its 0.7 ms, the client's code gone cold between calls
+    (docs/PERFORMANCE.md, nineteenth session)."""
+    parsed = parse_selector(selector)
+    request = pb.GetTensorRequest(name=parsed.name, omit_values=not values)
+    request.index.extend(codec.indices_to_proto(parsed.index))
+    return request.SerializeToString()
 
 
 def _names(names: Sequence[str]) -> list[str]:
@@ -761,11 +780,13 @@ class Client:
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
         """
+        if index is None:
+            request = _get_tensor_request(selector, values)
+            return self._read_request(request, as_torch=as_torch, values=values, out=out)
         parsed = parse_selector(selector)
-        chain: list[codec.IndexKey] = list(parsed.index)
-        if index is not None:
-            chain.append(index)
-        return self._read(parsed.name, chain, as_torch=as_torch, values=values, out=out)
+        return self._read(
+            parsed.name, [*parsed.index, index], as_torch=as_torch, values=values, out=out
+        )
 
     def _read(
         self,
@@ -776,16 +797,30 @@ class Client:
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
-        if out is not None and as_torch:
-            raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
         request = pb.GetTensorRequest(name=name, omit_values=not values)
         request.index.extend(codec.indices_to_proto(chain))
+        data = request.SerializeToString()
+        return self._read_request(data, as_torch=as_torch, values=values, out=out)
+
+    def _read_request(
+        self,
+        request: bytes,
+        *,
+        as_torch: bool = False,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> TensorRead:
+        """GetTensor with this serialized request; GetTensorStream when the server says the
+        value is too large for one message."""
+        if out is not None and as_torch:
+            raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
         try:
             data = self._call("GetTensor", request)
         except ResourceExhausted as err:
             if err.reason != "USE_STREAM":
                 raise
-            return self._read_stream(request, as_torch=as_torch, out=out)
+            streamed = pb.GetTensorRequest.FromString(request)
+            return self._read_stream(streamed, as_torch=as_torch, out=out)
         split = wire.split(data, pb.GetTensorResponse)
         return _read_result(
             split, _RESPONSE_TENSOR, split.message,

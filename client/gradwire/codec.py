@@ -242,9 +242,17 @@ def _wire_array(message: pb.Tensor) -> tuple[int, np.ndarray[Any, Any]]:
     wire_type, shape = _expect(message, field, len(values))
     if field == "raw_values":
         flat = np.frombuffer(values, dtype=wire_type.numpy)
+    elif len(values) <= FROMITER_MAX:
+        # A few values (a small read): numpy's iterator is 5x faster than its array
+        # protocol here, and 20x when the call's code has gone cold (docs/PERFORMANCE.md).
+        flat = np.fromiter(values, dtype=wire_type.numpy, count=len(values))
     else:
         flat = np.asarray(values, dtype=wire_type.numpy)  # the container's buffer, one copy
     return message.dtype, flat.reshape(shape)
+
+
+#: Up to this many values, a field still in the parsed message is read by iterating it.
+FROMITER_MAX = 16
 
 
 def _split_array(
