@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire import errors
+from gradwire import codec, errors
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.client import with_default_port
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
@@ -901,3 +902,76 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
     with pytest.raises(errors.Aborted):
         next(stale)
     assert [p.step for p in run] == [1, 2]
+
+
+def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
+    client: gradwire.Client,
+) -> None:
+    """The serialized request is kept by the selector's text (client._get_tensor_request):
+    a shape-only read and a read of values, or a read with an index argument, still get
+    what each asks for."""
+    expected = local_model().conv1.weight.detach().numpy()
+    shape_only = client.read("conv1.weight[1]", values=False)
+    assert (shape_only.shape, shape_only.value) == ((3, 3, 3), None)
+    np.testing.assert_array_equal(client.get("conv1.weight[1]"), expected[1])
+    np.testing.assert_array_equal(client.get("conv1.weight[1]", (0, 2)), expected[1][0, 2])
+    np.testing.assert_array_equal(client.get("conv1.weight[1]"), expected[1])
+    client.set("conv1.weight[1]", 0.5)  # a new value, read through the kept request
+    assert np.all(client.get("conv1.weight[1]") == 0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "int64", "bool", "float16"])
+@pytest.mark.parametrize("count", [1, 3, 16, 17, 40])
+def test_small_reads_of_every_dtype_decode_exactly(dtype: str, count: int) -> None:
+    """Values left in the parsed message (replies under 16 KiB) are read with np.fromiter up
+    to codec.FROMITER_MAX values and through numpy's array protocol above: both exact."""
+    values = (np.arange(count) % 7 - 3).astype(dtype)
+    message = pb.Tensor.FromString(codec.encode_bytes(values))
+    decoded = codec.decode(message)
+    assert decoded.dtype == np.dtype(dtype) and decoded.shape == (count,)
+    np.testing.assert_array_equal(decoded, values)
+
+
+def test_expecting_blocks_of_two_clients_nest(client: gradwire.Client) -> None:
+    """Each client's innermost block holds for its calls: entering a session's block inside
+    the default client's dropped the outer one (found by the review of this session's
+    changes)."""
+    version = client.list_tensors().version
+    with (
+        client.open_session() as session,
+        client.expecting(version + 100),
+        session.expecting(0),  # entered inside the client's
+    ):
+        with pytest.raises(errors.Aborted):
+            client.zero_grad()  # still its own block's version
+        assert session.zero_grad() == 1
+    assert client.list_tensors().version == version
+
+
+def test_a_closed_session_client_set_to_no_session_acts_on_the_default_one(
+    client: gradwire.Client,
+) -> None:
+    session = client.open_session()
+    session.close()
+    session.session = None  # asked for in so many words
+    assert session.list_tensors().version == client.list_tensors().version
+
+
+def test_a_remote_view_is_true_without_a_read(client: gradwire.Client) -> None:
+    """bool() of a view would call __len__ (a read of the shape, raising for an absent
+    tensor or a module's name): a view is true, as any object."""
+    assert client.remote.loss and client.remote.conv1 and client.remote.conv1.weight[0][0][0]
+
+
+def test_a_watch_update_given_a_key_of_another_type_raises_key_error(
+    client: gradwire.Client,
+) -> None:
+    update = next(client.watch("conv1.weight[0][0][0]"))
+    with pytest.raises(KeyError):
+        update[0]  # type: ignore[index]
+
+
+def test_nesterov_takes_numpy_s_bool(client: gradwire.Client) -> None:
+    config = client.set_optimizer(lr=0.1, momentum=0.9, nesterov=np.bool_(True))
+    assert config.nesterov is True
+    client.set_optimizer()

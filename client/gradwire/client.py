@@ -189,7 +189,8 @@ def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
     """The TensorSource field `field` of `message`, the values spliced from their memory."""
     number = _FIELD[(message, field)]
     if isinstance(value, Fill):
-        return wire.length_field(number, [_fill_source(value)])
+        source = pb.TensorSource(fill=value.to_proto()).SerializeToString()
+        return wire.length_field(number, [source])
     return wire.length_field(number, wire.length_field(_TENSOR, codec.tensor_pieces(value)))
 
 
@@ -227,9 +228,10 @@ _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
 _SESSIONLESS = frozenset({"OpenSession", "CloseSession", "Health"})
-#: (client, version) of the innermost `expecting` block in this thread or task.
-_EXPECTED_VERSION: contextvars.ContextVar[tuple[Client, int] | None] = contextvars.ContextVar(
-    "expected_version", default=None
+#: The version of each client's innermost `expecting` block in this thread or task.
+_EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
+    "expected_version",
+    default={},  # noqa: B039  # never changed: each block sets a new dict
 )
 
 
@@ -241,13 +243,6 @@ def _back_off(attempt: int) -> None:
     """The wait before retry `attempt + 1`: 0.05 s, doubling each time. One schedule for every
     retry the client makes (UNAVAILABLE, and streamed reads cut short)."""
     time.sleep(0.05 * 2**attempt)
-
-
-@functools.lru_cache(maxsize=256)
-def _fill_source(fill: Fill) -> bytes:
-    """A serialized TensorSource holding `fill`. A loop sends equal fills again and again
-    (the tutorial's replay, Fill.ones each call); Fill is frozen, so equal ones share this."""
-    return pb.TensorSource(fill=fill.to_proto()).SerializeToString()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -286,11 +281,12 @@ def _optimizer_config(kind: str, settings: dict[str, Any]) -> pb.OptimizerConfig
             )
         if value is None:
             continue
-        wanted = bool if name == "nesterov" else (int, float, np.integer, np.floating)
-        if isinstance(value, bool) != (name == "nesterov") or not isinstance(value, wanted):
+        truth = isinstance(value, (bool, np.bool_))
+        wanted = (bool, np.bool_) if name == "nesterov" else (int, float, np.integer, np.floating)
+        if truth != (name == "nesterov") or not isinstance(value, wanted):
             kind_of = "True or False" if name == "nesterov" else "a number"
             raise TypeError(f"optimizer setting {name} must be {kind_of}, got {value!r}")
-        setattr(config, name, value)
+        setattr(config, name, bool(value) if truth else value)
     return config
 
 
@@ -413,8 +409,7 @@ class Client:
         #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE, and
         #: for streamed reads that a concurrent mutation cut short (`read`).
         self.retries = 3
-        #: The session this client's calls act on; None: the server's default session.
-        self.session: str | None = session or None
+        self._session: str | None = session or None
         #: The session this client acted on until it closed it: its calls then raise
         #: ClientClosed rather than act on the default session.
         self._closed_session: str | None = None
@@ -444,6 +439,16 @@ class Client:
         #: there to answer (health() and wait_ready() leave it as it is). The `gradwire`
         #: command tells a server that went away mid-command by it.
         self.answered = False
+
+    @property
+    def session(self) -> str | None:
+        """The session this client's calls act on; None: the server's default session.
+        Setting it (None included) points the client there, closed session or not."""
+        return self._session
+
+    @session.setter
+    def session(self, session: str | None) -> None:
+        self._session, self._closed_session = session or None, None
 
     @property
     def keep_memory(self) -> bool:
@@ -529,7 +534,7 @@ class Client:
             raise TypeError(f"expecting takes a state version (an int), got {version!r}")
         if not 0 <= version < 2**63:
             raise ValueError(f"a state version is from 0 to 2**63 - 1, got {version}")
-        token = _EXPECTED_VERSION.set((self, int(version)))
+        token = _EXPECTED_VERSION.set({**_EXPECTED_VERSION.get(), self: int(version)})
         try:
             yield
         finally:
@@ -538,8 +543,8 @@ class Client:
     def _expected_version(self) -> str | None:
         """The version of this client's innermost `expecting` block, as metadata; None
         outside one."""
-        expected = _EXPECTED_VERSION.get()
-        return str(expected[1]) if expected is not None and expected[0] is self else None
+        expected = _EXPECTED_VERSION.get().get(self)
+        return None if expected is None else str(expected)
 
     def _stream(
         self,
@@ -594,13 +599,13 @@ class Client:
     def _session_metadata(self, method: str) -> list[tuple[str, str]]:
         """The metadata naming this client's session; ClientClosed once it has closed it
         (but for opening another: OpenSession acts on none)."""
-        if self.session:
-            return [(SESSION, self.session)]
+        if self._session:
+            return [(SESSION, self._session)]
         if self._closed_session is not None and method not in _SESSIONLESS:
             raise ClientClosed(
                 f"this client's session {self._closed_session!r} is closed: open another "
-                "(open_session()), or call through the client that opened it to act on the "
-                "server's default session"
+                "(open_session()), or act on the server's default session through a client "
+                "of no session (or set this one's .session = None)"
             )
         return []
 
@@ -622,7 +627,7 @@ class Client:
             request.optimizer.CopyFrom(_optimizer_config(optimizer or "sgd", settings))
         response = self._call("OpenSession", request)
         other = copy.copy(self)
-        other.session, other._closed_session = response.session, None
+        other.session = response.session
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = False
@@ -648,7 +653,8 @@ class Client:
             self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
         # After: a close that failed can be tried again.
         self._opened.discard(self.session)
-        self._closed_session, self.session = self.session, None
+        closed, self.session = self.session, None
+        self._closed_session = closed
 
     def __repr__(self) -> str:
         session = f", session={self.session!r}" if self.session is not None else ""

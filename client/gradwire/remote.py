@@ -75,6 +75,11 @@ class RemoteTensor:
             raise TypeError(f"len() of a 0-d tensor ({self.selector})")
         return shape[0]
 
+    def __bool__(self) -> bool:
+        """True: a view is not its values (without this, bool() would call __len__, and read
+        the shape)."""
+        return True
+
     def __iter__(self) -> Iterator[RemoteTensor]:
         """The views self[0], self[1], ... along the first dimension (its length read once)."""
         return (self[i] for i in range(len(self)))

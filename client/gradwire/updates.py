@@ -90,6 +90,8 @@ class WatchUpdate:
         """The tensor watched by selector `key` ("conv1.weight[0, 0]", spaced as you like),
         or else the first one of that name ("conv1.weight"). By name alone, two slices of
         one tensor could not be told apart, and a selector with an index was a KeyError."""
+        if not isinstance(key, str):
+            raise KeyError(key)
         try:
             selector = str(parse_selector(key))
         except SelectorError:

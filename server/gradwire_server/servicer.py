@@ -960,7 +960,8 @@ class TrainerServicer:
             if self.stopping.is_set():
                 raise Stopping(
                     f"the server is stopping: training stopped after {k} of {message.steps} "
-                    "steps, each applied whole"
+                    "steps, each applied whole",
+                    metadata={"steps_done": str(k)},
                 )
             try:
                 with guarded(first if k == 0 else None):
