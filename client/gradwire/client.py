@@ -252,8 +252,13 @@ def _get_tensor_request(selector: str, values: bool) -> bytes:
     read about 25 us of its 0.7 ms, the client's code gone cold between calls
     (docs/PERFORMANCE.md, nineteenth session)."""
     parsed = parse_selector(selector)
-    request = pb.GetTensorRequest(name=parsed.name, omit_values=not values)
-    request.index.extend(codec.indices_to_proto(parsed.index))
+    return _tensor_request(parsed.name, parsed.index, values)
+
+
+def _tensor_request(name: str, chain: IndexChain, values: bool) -> bytes:
+    """A serialized GetTensorRequest for a name and an index chain."""
+    request = pb.GetTensorRequest(name=name, omit_values=not values)
+    request.index.extend(codec.indices_to_proto(chain))
     return request.SerializeToString()
 
 
@@ -803,10 +808,8 @@ class Client:
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
-        request = pb.GetTensorRequest(name=name, omit_values=not values)
-        request.index.extend(codec.indices_to_proto(chain))
-        data = request.SerializeToString()
-        return self._read_request(data, as_torch=as_torch, values=values, out=out)
+        request = _tensor_request(name, chain, values)
+        return self._read_request(request, as_torch=as_torch, values=values, out=out)
 
     def _read_request(
         self,
@@ -958,9 +961,10 @@ class Client:
         request = pb.WatchRequest(
             every_steps=every_steps, min_interval_ms=round(min_interval * 1000)
         )
-        selectors = _names(selectors)
-        for text in selectors:
+        shown = []  # each as Python writes it, for the updates' `selector`
+        for text in _names(selectors):
             parsed = parse_selector(text)
+            shown.append(str(parsed))
             request.items.add(
                 name=parsed.name,
                 index=codec.indices_to_proto(parsed.index),
@@ -968,7 +972,7 @@ class Client:
                 stats=stats,
                 histogram_bins=bins,
             )
-        return self._updates(self._stream("Watch", request, timeout=timeout), selectors)
+        return self._updates(self._stream("Watch", request, timeout=timeout), shown)
 
     def _updates(
         self, stream: Iterator[bytes], selectors: Sequence[str]

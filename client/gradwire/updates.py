@@ -156,7 +156,8 @@ def watch_update(
 ) -> WatchUpdate:
     """A WatchUpdate from its bytes, each tensor's values read without a per-element loop;
     `allocate` makes the arrays a value needs (bfloat16 widened to float32); `selectors`,
-    the Watch's, in order, name each tensor's `selector`."""
+    the Watch's in order as Python writes them (str of a parsed Selector), are each
+    tensor's `selector`."""
     split = wire.split(data, pb.WatchUpdate)
     message = split.message
     tensors = []
@@ -174,7 +175,7 @@ def watch_update(
                 value,
                 stats_from_proto(watched.stats) if watched.HasField("stats") else None,
                 tuple(watched.full_shape) if present else None,
-                str(parse_selector(selectors[i])) if i < len(selectors) else "",
+                selectors[i] if i < len(selectors) else "",
             )
         )
     return WatchUpdate(
