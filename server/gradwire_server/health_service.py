@@ -61,14 +61,16 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         _check_parsed(request, context)
         _check_name(request.service, context)
         with self._lock:
-            known = sorted(self._server_status)
-        if request.service not in known:
+            known = request.service in self._server_status
+        if not known:
             # grpc's servicer answers NOT_FOUND with no message: the caller read "not found".
+            with self._lock:
+                names = sorted(self._server_status)
             abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no health status for service {request.service!r}; this server has one for "
-                + ", ".join(repr(name) for name in known)
+                + ", ".join(repr(name) for name in names)
                 + " ('' is the server as a whole)",
                 "UNKNOWN_SERVICE",
                 {"service": request.service},
