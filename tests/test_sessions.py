@@ -465,6 +465,32 @@ def test_closing_a_client_closes_nested_sessions_and_those_whose_client_was_drop
     assert sessions.open_count == 0
 
 
+def _close_session_after(start: threading.Barrier, client: gradwire.Client) -> None:
+    start.wait()
+    client.close_session()
+
+
+def test_a_session_closed_by_its_client_and_the_channel_s_owner_at_once_is_closed_once(
+    address: str, server: Running
+) -> None:
+    """Both looked the session up, then both sent CloseSession: the second got NOT_FOUND,
+    which the child's close_session() raised; or the owner closed the channel under the
+    child's close, cancelling it (left from the nineteenth session's reread). An exception
+    in the thread is not raised here: it leaves child.session set."""
+    sessions = server.servicer.sessions
+    for _ in range(20):
+        parent = gradwire.connect(address, timeout=30)
+        child = parent.open_session(seed=0)
+        start = threading.Barrier(2)
+        closing = threading.Thread(target=_close_session_after, args=(start, child))
+        closing.start()
+        start.wait()
+        parent.close()
+        closing.join(timeout=30)
+        assert child.session is None  # closed, not raised (the thread would have kept it)
+        assert sessions.open_count == 0
+
+
 def test_a_session_close_that_failed_keeps_the_session_s_id(trainer: Trainer) -> None:
     """The id was forgotten before the call: a close that failed (the server unreachable a
     moment) could not be tried again."""

@@ -15,6 +15,7 @@ import ipaddress
 import itertools
 import os
 import re
+import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -307,6 +308,60 @@ def _closed_channel(error: ValueError) -> Exception:
     )
 
 
+class _OpenedSessions:
+    """The sessions opened on one channel by open_session, and not closed or detached
+    since: shared by the clients on that channel, for its owner to close them with it.
+    Each is closed once, by whichever client claims it first: a session client closing
+    its session while its channel's owner closes sent CloseSession twice, and the second
+    got NOT_FOUND; or the owner closed the channel under the first, cancelling it."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._closing = 0  # claimed by a session client, its CloseSession in flight
+        self._changed = threading.Condition()
+
+    def add(self, session: str) -> None:
+        with self._changed:
+            self._ids.add(session)
+
+    def discard(self, session: str) -> None:
+        with self._changed:
+            self._ids.discard(session)
+
+    @contextlib.contextmanager
+    def claim(self, session: str) -> Iterator[bool]:
+        """Claims `session` for the with block to close: False when it is not open here (or
+        another client has claimed it). A close that fails gives it back, to try again."""
+        with self._changed:
+            claimed = session in self._ids
+            if claimed:
+                self._ids.remove(session)
+                self._closing += 1
+        if not claimed:
+            yield False
+            return
+        closed = False
+        try:
+            yield True
+            closed = True
+        finally:
+            with self._changed:
+                self._closing -= 1
+                if not closed:
+                    self._ids.add(session)
+                self._changed.notify_all()
+
+    def claim_all(self, timeout: float | None) -> list[str]:
+        """Every session still open, claimed, once the closes that session clients have in
+        flight on the channel have ended (at most `timeout` seconds): the channel is about
+        to close under them."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._closing == 0, timeout)
+            claimed = list(self._ids)
+            self._ids.clear()
+            return claimed
+
+
 class _CutShort(Exception):
     """A streamed read that a mutation cut short after its first chunks (see _read_stream)."""
 
@@ -425,8 +480,8 @@ class Client:
         self._owns_channel = channel is None
         #: The ids of the sessions opened on this channel by open_session, at any depth
         #: (a session client's own open_session too), and not closed or detached since:
-        #: the channel's owner closes them with it. One set, shared by those clients.
-        self._opened: set[str] = set()
+        #: the channel's owner closes them with it. Shared by those clients.
+        self._opened = _OpenedSessions()
         options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca or cert):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
@@ -593,10 +648,9 @@ class Client:
             if self.session is not None and self._owns_session:
                 self.close_session()
             if self._owns_channel:
-                for session in list(self._opened):
+                for session in self._opened.claim_all(self.timeout):
                     with contextlib.suppress(GradwireError):  # they expire in any case
                         self._call("CloseSession", pb.CloseSessionRequest(session=session))
-                    self._opened.discard(session)
                 self._channel.close()
         finally:
             self._memory.release()
@@ -636,7 +690,7 @@ class Client:
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = False
-        self._opened.add(response.session)  # the set other shares
+        self._opened.add(response.session)  # shared with other
         return other
 
     def detach(self) -> str:
@@ -654,10 +708,12 @@ class Client:
         """Closes this client's session on the server (its model is freed)."""
         if self.session is None:
             return
-        if not self._owns_session or self.session in self._opened:  # else closed with its channel
+        if not self._owns_session:  # joined (session=) or detached
             self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
-        # After: a close that failed can be tried again.
-        self._opened.discard(self.session)
+        else:
+            with self._opened.claim(self.session) as mine:  # else closed with its channel
+                if mine:
+                    self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
         closed, self.session = self.session, None
         self._closed_session = closed
 
