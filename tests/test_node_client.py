@@ -38,7 +38,8 @@ pytestmark = [
     pytest.mark.skipif(NODE is None, reason="Node.js is not installed"),
     pytest.mark.skipif(
         not (EXAMPLE / "node_modules").is_dir(),
-        reason="examples/node has no node_modules: `make setup` installs them when npm is found",
+        reason="examples/node has no node_modules: `make setup` installs them when npm is "
+        "found and its registry answers (its output says which it was)",
     ),
 ]
 

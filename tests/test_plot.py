@@ -21,7 +21,7 @@ from tests.cli_run import Run, run_main
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None,
-    reason="needs matplotlib: pip install 'gradwire[plot]'",
+    reason="needs matplotlib: gradwire's plot extra (pip install '.[plot]')",
 )
 
 
@@ -228,7 +228,7 @@ def test_without_matplotlib_exits_2_with_the_install_hint(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = cli("plot", "conv1.weight", "--out", str(tmp_path / "x.png"))
     assert result.code == 2
-    assert "pip install 'gradwire[plot]'" in result.err
+    assert "pip install '.[plot]'" in result.err
     assert only_file(tmp_path) == []
 
 
@@ -261,7 +261,7 @@ def test_plot_help() -> None:
         f"at most {plot.MAX_KERNEL_OUT} output x {plot.MAX_KERNEL_IN} input channels",
         "diverging colour map centred on 0",
         "(800 x 600 pixels by default)",
-        "pip install 'gradwire[plot]'",
+        "pip install '.[plot]'",
     ):
         assert words in text, words
 

@@ -849,6 +849,10 @@ def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         raise CommandError(f"the server at {args.target} is {status}")
 
 
+#: How to get the server side: gradwire is not on PyPI, so from a checkout (or its wheel).
+SERVER_EXTRA = "install gradwire's server extra (in a checkout: pip install '.[server]')"
+
+
 def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     from gradwire.replay import WrongModel, replay
 
@@ -898,7 +902,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         from gradwire_server.trainer import Trainer, resolve_device
     except ImportError as err:
         raise UsageError(
-            f"--embedded needs the server side (torch): pip install 'gradwire[server]' ({err})"
+            f"--embedded needs the server side (torch): {SERVER_EXTRA} ({err})"
         ) from None
     try:
         device = resolve_device(args.device or "auto")
@@ -919,9 +923,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         from gradwire_server.errors import InvalidInput, OverLimit
         from gradwire_server.logs import log_handler
     except ImportError as err:
-        raise UsageError(
-            f"serve needs the server side (torch): pip install 'gradwire[server]' ({err})"
-        ) from None
+        raise UsageError(f"serve needs the server side (torch): {SERVER_EXTRA} ({err})") from None
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
@@ -1227,7 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "positive, blue negative, white 0, one scale for every tile. The PNG is "
         f"{FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches at --dpi "
         f"({FIGSIZE[0] * DEFAULT_DPI:.0f} x {FIGSIZE[1] * DEFAULT_DPI:.0f} pixels by default). "
-        "Needs matplotlib: pip install 'gradwire[plot]'."
+        "Needs matplotlib: gradwire's plot extra (in a checkout: pip install '.[plot]')."
     )
     p.add_argument(
         "selector", help="a name and optional numpy basic index, as for get: linear.weight[:, :64]"

@@ -1,7 +1,7 @@
 """Pictures of tensors: conv kernels as a grid, 2-D slices as a heatmap, anything as a histogram.
 
 Takes numpy arrays (what `Client.get` returns) and writes a PNG. matplotlib is an optional
-extra (`pip install 'gradwire[plot]'`): it is imported only when a picture is drawn, through
+extra (`pip install '.[plot]'` in a checkout): it is imported only when a picture is drawn, through
 its object API (`Figure` on an Agg canvas), so no pyplot state and no display are involved.
 
 Weights and gradients are signed, so float values are drawn with a diverging colour map
@@ -58,7 +58,9 @@ MAX_KERNEL_OUT = 32  # kernel grid columns: output channels (filters) shown at m
 MAX_KERNEL_IN = 32  # kernel grid rows: input channels shown at most
 MAX_BINS = 4096  # as the server's statistics allow
 
-INSTALL_HINT = "pictures need matplotlib: pip install 'gradwire[plot]'"
+INSTALL_HINT = (
+    "pictures need matplotlib: install gradwire's plot extra (in a checkout: pip install '.[plot]')"
+)
 
 DIVERGING = "RdBu_r"  # red positive, blue negative, white 0
 SEQUENTIAL = "viridis"  # for non-negative integer data (class indices, counts)

@@ -1,0 +1,93 @@
+"""The distributions, built from the checkout's tracked files by the build backend that
+pyproject.toml names: what a packager, or a user of the wheel, gets."""
+
+from __future__ import annotations
+
+import email
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Tracked, and rightly left out of the sdist: CI's entry point and git's and Docker's own.
+NOT_SHIPPED = {".ci/run", ".gitignore", ".dockerignore"}
+
+
+def _tracked() -> list[str]:
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an unpacked sdist): nothing to compare with")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    return [name for name in listed.decode().split("\0") if name]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path, Path]:
+    """The tracked files, and the sdist and wheel built from a copy of them (building in the
+    checkout would leave build/ and egg-info behind)."""
+    tracked = _tracked()
+    source = tmp_path_factory.mktemp("source")
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    dist = tmp_path_factory.mktemp("dist")
+    script = (
+        "import sys\nfrom setuptools import build_meta as b\n"
+        "out = sys.argv[1]\n"  # build_meta sets sys.argv of its own
+        "sdist, wheel = b.build_sdist(out), b.build_wheel(out)\n"
+        "print('built', sdist, wheel)\n"  # the last line: setuptools prints its own
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(dist)],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    said, sdist_name, wheel_name = done.stdout.splitlines()[-1].split()
+    assert said == "built", done.stdout[-3000:]
+    return tracked, dist / sdist_name, dist / wheel_name
+
+
+def test_the_sdist_holds_every_tracked_file_so_that_its_tests_run(
+    built: tuple[list[str], Path, Path],
+) -> None:
+    """It held the packages and, of the tests, only test_*.py: not the .proto the README
+    sends other languages to, nor conftest.py, the scripts or the files the tests read
+    (found by a review of the packaging)."""
+    tracked, sdist, _ = built
+    with tarfile.open(sdist) as archive:
+        shipped = {name.partition("/")[2] for name in archive.getnames()}
+    missing = sorted(set(tracked) - NOT_SHIPPED - shipped)
+    assert not missing, missing
+    assert "LICENSE" in shipped and "proto/gradwire/v1/trainer.proto" in shipped
+    assert not [name for name in shipped if "node_modules" in name or "__pycache__" in name]
+
+
+def test_the_wheel_carries_its_licence_stubs_and_command(
+    built: tuple[list[str], Path, Path],
+) -> None:
+    _, _, wheel = built
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = next(name for name in names if name.endswith(".dist-info/METADATA"))
+        metadata = email.message_from_bytes(archive.read(info))
+        entry_points = archive.read(info.replace("METADATA", "entry_points.txt")).decode()
+        licence = archive.read(info.replace("METADATA", "licenses/LICENSE")).decode()
+    assert "Apache License" in licence and "Version 2.0" in licence
+    assert metadata["License-Expression"] == "Apache-2.0"
+    for name in ("trainer_pb2.py", "trainer_pb2.pyi", "trainer_pb2_grpc.py"):
+        assert f"gradwire/_pb/{name}" in names
+    assert {"gradwire/py.typed", "gradwire_server/py.typed"} <= names
+    assert "gradwire = gradwire_cli:main" in entry_points
+    # The thin client needs no torch; the server's extra brings it.
+    requires = metadata.get_all("Requires-Dist") or []
+    assert not [r for r in requires if r.startswith("torch") and "extra ==" not in r]
+    assert any(r.startswith("torch") and 'extra == "server"' in r for r in requires)
