@@ -91,3 +91,34 @@ def test_the_wheel_carries_its_licence_stubs_and_command(
     requires = metadata.get_all("Requires-Dist") or []
     assert not [r for r in requires if r.startswith("torch") and "extra ==" not in r]
     assert any(r.startswith("torch") and 'extra == "server"' in r for r in requires)
+
+
+def test_what_the_dockerfile_copies_is_enough_to_build_the_package(tmp_path: Path) -> None:
+    """The image builds the package from the files its Dockerfile copies: the licence that
+    pyproject.toml names was not among them (setuptools warns, and says it will refuse)."""
+    copied = [
+        source
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    ]
+    assert "pyproject.toml" in copied
+    for source in copied:
+        if (ROOT / source).is_dir():
+            shutil.copytree(
+                ROOT / source,
+                tmp_path / source,
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+            )
+        else:
+            shutil.copy2(ROOT / source, tmp_path / source)
+    script = "import sys\nfrom setuptools import build_meta as b\nb.build_wheel(sys.argv[1])\n"
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", script, str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "did not match any files" not in done.stdout + done.stderr
