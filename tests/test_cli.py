@@ -9,6 +9,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.cli import _connection_hint, build_parser
-from gradwire_server.app import start
+from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, ModelSpec, Simple
 from gradwire_server.sessions import Sessions
@@ -1052,6 +1053,15 @@ def test_the_command_prints_the_failure_once_without_grpc_s_own_log_lines(addres
     assert len(verbose.stderr.splitlines()) > len(lines), verbose.stderr  # gRPC's lines back
 
 
+def _stop_after(running: Running, versions: int) -> None:
+    """Stops `running` once its state has moved `versions` times (a timer of 1 s left a
+    loaded machine's command no step reported, and no summary to print), or after 60 s."""
+    deadline = time.monotonic() + 60
+    while running.trainer.version < versions and time.monotonic() < deadline:
+        time.sleep(0.01)
+    running.stop(grace=None)
+
+
 @pytest.mark.parametrize("where", ["client-side", "server-side"])
 def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started(where: str) -> None:
     """A `train` cut off by its server stopping got the hint for a server never reached
@@ -1063,7 +1073,7 @@ def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started(wher
     side = ["--server-side", "--every", "10"] if where == "server-side" else ["--every", "1000"]
     with running_server() as running:
         target = f"127.0.0.1:{running.port}"
-        stopper = threading.Timer(1.0, running.stop, kwargs={"grace": None})
+        stopper = threading.Thread(target=_stop_after, args=(running, 40))
         stopper.start()
         try:
             result = run_main("train", "--target", target, "--steps", "10000000", *side)
