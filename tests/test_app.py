@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -20,9 +21,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradwire
 from gradwire import errors
-from gradwire_server.app import SERVICE_NAME, Running, start
+from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
+from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
-from tests.background import Reader
+from tests.background import Reader, eventually
 from tests.serve_process import serving
 
 
@@ -47,6 +51,81 @@ def test_reflection_lists_the_services(server: Running, address: str) -> None:
         (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     names = {s.name for s in answer.list_services_response.service}
     assert {"gradwire.v1.Trainer", "grpc.health.v1.Health"} <= names
+
+
+def _reflection_stream(channel: grpc.Channel, release: threading.Event) -> Any:
+    """A reflection stream, its first answer read, kept open until `release` is set (as a
+    tool left connected keeps it). Within 10 s: a server with no thread to give would
+    leave it waiting for ever."""
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(60)
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(requests(), timeout=60)
+    next(call)
+    return call
+
+
+def test_open_reflection_streams_hold_no_server_thread(trainer: Trainer) -> None:
+    """Each open reflection stream held a thread of the server's pool, outside the call
+    limit: four beside a full call limit of Watches (or 20 alone) left no thread for any
+    call, health checks included, which waited unanswered (found by a review of the
+    server's concurrency). Now they wait on a pool of their own, and one past their limit
+    is refused at once."""
+    running = start(trainer, "127.0.0.1", 0)
+    address = f"127.0.0.1:{running.port}"
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            trainer_stub = pb_grpc.TrainerStub(channel)
+            watches = []
+            for _ in range(DEFAULT_MAX_CONCURRENT):  # every call place held
+                watch = trainer_stub.Watch(
+                    pb.WatchRequest(items=[pb.WatchItem(name="conv1.weight")]), timeout=60
+                )
+                next(watch)
+                watches.append(watch)
+            streams = [_reflection_stream(channel, release) for _ in range(MAX_STREAMS)]
+            assert running.reflection is not None
+            assert running.reflection.open_streams == MAX_STREAMS
+            with pytest.raises(grpc.RpcError) as refused:
+                _reflection_stream(channel, release)
+            error = errors.from_rpc_error(refused.value)
+            assert isinstance(error, errors.ResourceExhausted)
+            assert error.reason == "TOO_MANY_REFLECTION_STREAMS"
+            assert f"{MAX_STREAMS} reflection streams are open" in error.message
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as busy:
+                trainer_stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+            assert errors.from_rpc_error(busy.value).reason == "BUSY"
+            release.set()
+            for call in [*watches, *streams]:
+                call.cancel()
+            eventually(lambda: running.reflection.open_streams == 0)  # type: ignore[union-attr]
+            _reflection_stream(channel, release).cancel()  # a place again
+    finally:
+        release.set()
+        running.stop(grace=None)
+
+
+def test_bytes_that_are_no_reflection_request_are_invalid_argument(
+    server: Running, address: str
+) -> None:
+    """grpc's reflection servicer answered INTERNAL, a status kept for the server's faults."""
+    with grpc.insecure_channel(address) as channel:
+        method = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(method(iter([b"\xff\xff\xff"]), timeout=10))
+    error = errors.from_rpc_error(refused.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "MALFORMED_REQUEST"
+    assert "ServerReflectionRequest" in error.message
 
 
 def test_a_second_server_cannot_take_the_same_port(

@@ -67,6 +67,26 @@ def test_open_watches_hold_no_server_thread(
     eventually(lambda: guarded.health.open_watches == 0)
 
 
+def test_a_server_s_watches_outlive_another_server_of_the_process(trainer: Trainer) -> None:
+    """grpc's health servicer keeps its Watches' pool on its class: every server of a
+    process ran its Watches on the pool of the last one made, and once that one had
+    stopped, a Watch on another failed to start and took that server's serving thread down
+    with it: its Watches and checks then went unanswered (tests, `replay --embedded` and
+    the benchmark run servers side by side)."""
+    first = start(trainer, "127.0.0.1", 0)
+    second = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0)
+    second.stop(grace=None)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            call, status = _watch(health)
+            assert status == SERVING
+            call.cancel()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == SERVING
+    finally:
+        first.stop(grace=None)
+
+
 def test_a_name_is_forgotten_when_its_last_watch_closes(
     guarded: Running, health: health_pb2_grpc.HealthStub
 ) -> None:

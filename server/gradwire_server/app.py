@@ -29,6 +29,8 @@ from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer, add_to_server
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
+from gradwire_server.reflection_service import ReflectionServicer
+from gradwire_server.reflection_service import add_to_server as add_reflection
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
 from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, Trainer, resolve_device
@@ -61,6 +63,7 @@ class Running:
     #: The port of the Prometheus HTTP endpoint (/metrics); None when metrics are off.
     metrics_port: int | None = None
     metrics_server: MetricsServer | None = None
+    reflection: ReflectionServicer | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish
@@ -84,6 +87,8 @@ class Running:
             self.servicer.sessions.close_all()
             self.trainer.close()
             self.health.close()
+            if self.reflection is not None:
+                self.reflection.close()
 
 
 def _address(host: str, port: int) -> str:
@@ -158,7 +163,8 @@ def start(
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
     `max_concurrent`: calls served at once; more are answered RESOURCE_EXHAUSTED (BUSY) at
-    once, while a few threads stay free for health checks and reflection.
+    once, while a few threads stay free for refusals and health checks (health Watches and
+    reflection streams, which stay open, wait on pools of their own, bounded too).
     `token`: every call but health checks must carry it as a bearer token. `tls`: serve
     TLS (mutual TLS when it names a client CA). `extra_handlers` serve other services beside
     it (the benchmark's bare-gRPC floor), outside the call log and metrics, which count
@@ -208,7 +214,8 @@ def start(
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)
-    reflection.enable_server_reflection(services, server)
+    reflection_servicer = ReflectionServicer(services)
+    add_reflection(reflection_servicer, server)
     address = _address(host, port)
     refused = _bind_error(host, port)
     if refused is not None:
@@ -244,6 +251,7 @@ def start(
         metrics,
         None if metrics_server is None else metrics_server.port,
         metrics_server,
+        reflection_servicer,
     )
 
 

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from gradwire_server.errors import InvalidInput
-from gradwire_server.servicer import abort, deserializer, well_formed
+from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
 
 #: Longer than any service's full name ("gradwire.v1.Trainer").
 MAX_SERVICE_NAME_CHARS = 256
@@ -35,10 +35,11 @@ SPARE_THREADS = 2
 
 class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships no types
     def __init__(self, max_watches: int = MAX_WATCHES) -> None:
-        self._pool = futures.ThreadPoolExecutor(
+        self.pool = futures.ThreadPoolExecutor(
             max_workers=max_watches + SPARE_THREADS, thread_name_prefix="gradwire-health"
         )
-        super().__init__(experimental_non_blocking=False, experimental_thread_pool=self._pool)
+        # The pool travels with the handler (add_to_server), not on grpc's class.
+        super().__init__(experimental_non_blocking=False)
         self.max_watches = max_watches
         self._watches = 0  # open now, under self._lock
 
@@ -53,7 +54,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
 
     def close(self) -> None:
         """Lets the Watches' threads go once the server has stopped (its calls ended)."""
-        self._pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False)
 
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
@@ -171,9 +172,14 @@ def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
         "List": (grpc.unary_unary_rpc_method_handler, listing, answers),
         "Watch": (grpc.unary_stream_rpc_method_handler, check, answer),
     }
+    behaviours = {
+        "Check": servicer.Check,
+        "List": servicer.List,
+        "Watch": on_pool(servicer.Watch, servicer.pool),  # each Watch waits on a thread
+    }
     handlers = {
         name: make(
-            getattr(servicer, name),  # bound: grpc finds Watch's thread pool on it
+            behaviours[name],
             request_deserializer=deserializer(request_type),
             response_serializer=response_type.SerializeToString,
         )

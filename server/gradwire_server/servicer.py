@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -1036,6 +1037,22 @@ def deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
             return Malformed(name, str(err))
 
     return parse
+
+
+def on_pool(
+    method: Callable[[Any, grpc.ServicerContext], R], pool: ThreadPoolExecutor
+) -> Callable[[Any, grpc.ServicerContext], R]:
+    """`method` as a function of its own, which grpc runs on `pool` (grpc reads a behaviour's
+    `experimental_thread_pool`). grpc's health servicer sets that on its class's method
+    instead, shared by every server of a process: each ran its Watches on the pool of the
+    last one made, and once that server had stopped, another's Watch failed to start and
+    took that server's serving thread down with it (every later call unanswered)."""
+
+    def behaviour(request: Any, context: grpc.ServicerContext) -> R:
+        return method(request, context)
+
+    behaviour.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return behaviour
 
 
 #: grpc's handler factory for each (request streaming, response streaming).

@@ -1,0 +1,95 @@
+"""grpc's reflection service, bounded: its streams wait on threads of their own.
+
+A reflection stream (grpcurl, Postman, an IDE's gRPC plugin) stays open as long as its
+client keeps it, a thread waiting all along for the client's next question. grpc served
+them on the server's pool, outside the call limit: 20 idle ones, or 4 beside 16 open
+Watches, left no thread for any call, health checks included, and every later call
+queued unanswered (found by a review of the server's concurrency). They now run on a pool
+of their own, at most `max_streams` open at once; one more is refused at once,
+RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS). Bytes that are no reflection request
+are answered INVALID_ARGUMENT (MALFORMED_REQUEST), as the Trainer's methods answer them,
+where grpc answered INTERNAL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from gradwire_server.errors import InvalidInput
+from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
+
+#: Reflection streams open at once; more are refused RESOURCE_EXHAUSTED.
+MAX_STREAMS = 8
+#: Threads beyond MAX_STREAMS in the streams' pool, so that a stream over the limit is
+#: refused at once rather than queued behind the open ones.
+SPARE_THREADS = 2
+
+
+class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  # no types
+    def __init__(self, service_names: Iterable[str], max_streams: int = MAX_STREAMS) -> None:
+        super().__init__(tuple(service_names))
+        self.max_streams = max_streams
+        self.pool = futures.ThreadPoolExecutor(
+            max_workers=max_streams + SPARE_THREADS, thread_name_prefix="gradwire-reflection"
+        )
+        self._lock = threading.Lock()
+        self._open = 0
+
+    @property
+    def open_streams(self) -> int:
+        return self._open
+
+    def close(self) -> None:
+        """Lets the streams' threads go once the server has stopped (its calls ended)."""
+        self.pool.shutdown(wait=False)
+
+    def ServerReflectionInfo(
+        self, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[reflection_pb2.ServerReflectionResponse]:
+        with self._lock:
+            admitted = self._open < self.max_streams
+            self._open += admitted
+        if not admitted:
+            abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_streams} reflection streams are open, the most this server "
+                "keeps: close one (a tool left connected?), or retry shortly",
+                "TOO_MANY_REFLECTION_STREAMS",
+                {"max_streams": str(self.max_streams)},
+            )
+        try:
+            yield from super().ServerReflectionInfo(_parsed(requests, context), context)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+
+def _parsed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    for request in requests:
+        try:
+            yield well_formed(request)
+        except InvalidInput as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})
+
+
+def add_to_server(servicer: ReflectionServicer, server: grpc.Server) -> None:
+    """grpc's add_ServerReflectionServicer_to_server, with the streams on the servicer's
+    pool and gradwire's request deserializer."""
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        on_pool(servicer.ServerReflectionInfo, servicer.pool),
+        request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    service = reflection.SERVICE_NAME
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+    )
+    server.add_registered_method_handlers(service, {"ServerReflectionInfo": handler})
