@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from gradwire_server.errors import InvalidInput, OverLimit, WrongOrder
+from gradwire_server.errors import InvalidInput, OverLimit, VersionMismatch, WrongOrder
 from gradwire_server.models import ModelSpec, Simple
-from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer, resolve_device
+from gradwire_server.trainer import (
+    FillSpec,
+    Guard,
+    OptimizerSettings,
+    Trainer,
+    guarded,
+    resolve_device,
+)
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
 LABELS = FillSpec("ones", (8,))
@@ -236,3 +243,29 @@ def test_an_absent_input_is_listed_in_the_dtype_the_model_takes() -> None:
     trainer.forward(FillSpec("ones", (3, 4)), None)
     listed = {info.name: info for info in trainer.list_tensors().tensors}
     assert (listed["input"].dtype, listed["input"].present) == (torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("first", ["stream_buffer", "list_tensors", "subscribe"])
+def test_a_call_s_guard_is_left_to_its_mutation_by_what_changes_nothing(
+    trainer: Trainer, first: str
+) -> None:
+    """A value streamed to a GPU takes its buffer before it is written (convert.py): the
+    buffer took the call's guard, and the write ran whatever the version had become, its
+    expected version ignored (found by a review of the server's concurrency, on the CPU by
+    forcing the GPU's path)."""
+    before = trainer.version
+    with guarded(Guard(expected_version=before)):
+        if first == "stream_buffer":
+            trainer.stream_buffer((3,), torch.float32, "value")
+        elif first == "list_tensors":
+            trainer.list_tensors()
+        else:
+            trainer.unsubscribe(trainer.subscribe())
+        # Another caller moves the state (a context of its own: a thread's).
+        other = threading.Thread(target=trainer.fill_parameters, args=(0.5,))
+        other.start()
+        other.join()
+        assert trainer.version == before + 1
+        with pytest.raises(VersionMismatch):
+            trainer.write("conv1.weight", (), torch.zeros(1))
+    assert trainer.version == before + 1

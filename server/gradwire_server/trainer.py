@@ -53,6 +53,11 @@ INLINE_READ_ELEMENTS = 32768
 #: reads in flight sending from live memory (live.py). Any other call copies what those reads
 #: have not sent yet before it runs, so a name missing here costs a copy, never a torn read.
 _READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"})
+#: Trainer methods that change no state: they leave the guard of the call they serve
+#: (expected version, deadline) to the mutation that follows. A value streamed to a GPU
+#: took its buffer first (stream_buffer), which used the guard up, and the write itself
+#: then ran whatever the version had become meanwhile.
+_UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -116,10 +121,12 @@ def under_lock(method: Callable[P, T]) -> Callable[P, T]:
     They change no tensor in place either, so streamed reads in flight are left as they are
     (live.py): a method that does must run on the torch thread."""
 
+    unguarded = method.__name__ in _UNGUARDED
+
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         trainer: Any = args[0]
-        guard = _take_guard()
+        guard = None if unguarded else _take_guard()
         with trainer._lock, trainer._announcing(method.__name__):
             trainer._check(guard)
             return method(*args, **kwargs)
@@ -130,10 +137,13 @@ def under_lock(method: Callable[P, T]) -> Callable[P, T]:
 def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
     """Runs a Trainer method on its torch thread, under its lock (see Trainer.__init__)."""
 
+    unguarded = method.__name__ in _UNGUARDED
+
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         trainer: Any = args[0]
-        return trainer._run(method, *args, _guard=_take_guard(), **kwargs)  # type: ignore[no-any-return]
+        guard = None if unguarded else _take_guard()
+        return trainer._run(method, *args, _guard=guard, **kwargs)  # type: ignore[no-any-return]
 
     return wrapper
 
