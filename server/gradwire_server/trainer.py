@@ -59,6 +59,9 @@ _READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"
 #: then ran whatever the version had become meanwhile.
 _UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
 
+#: Held while a model is built from the process's CPU generator (Trainer._build_model).
+_BUILDING = threading.Lock()
+
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
 
@@ -532,8 +535,10 @@ class Trainer:
 
     def _build_model(self, seed: int | None) -> nn.Module:
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
-        # on every device and the process-wide generator is left alone.
-        with torch.random.fork_rng(devices=[]):
+        # on every device and the process-wide generator is left alone. One build at a
+        # time: the stream is the process's one generator, and GPU trainers build on threads
+        # of their own (seeded models built at once came out with each other's draws).
+        with _BUILDING, torch.random.fork_rng(devices=[]):
             # The CPU's generator alone: torch.manual_seed seeds every GPU's too, which
             # fork_rng(devices=[]) does not put back. Unseeded, a fresh draw: the forked
             # state, put back after, made every unseeded model of the process the same (a
