@@ -286,6 +286,8 @@ SAVED_SETTINGS = (
         ({"version": "x"}, "its version 'x' is not a whole number from 0 to"),
         ({"version": "-5"}, "its version '-5' is not a whole number"),
         ({"version": str(2**63)}, f"its version '{2**63}' is not a whole number"),
+        # At int64's end it loaded; its next mutation was answered INTERNAL, every read after.
+        ({"version": str(2**63 - 1)}, f"its version '{2**63 - 1}' is not a whole number"),
         ({"model": ""}, "its model name is empty"),
         ({"optimizer": "{"}, "its 'optimizer' metadata is not JSON (Expecting property"),
         ({"optimizer": "[]"}, "its 'optimizer' metadata is not a JSON object"),
@@ -345,6 +347,104 @@ def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
     assert fresh.optimizer_settings == OptimizerSettings().resolved()
     assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
     assert fresh.parameters["conv1.weight"].grad is None
+
+
+def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None:
+    """Rewrites the checkpoint at `path` with tensors replaced, or removed (None)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    for key, tensor in change.items():
+        if tensor is None:
+            del tensors[key]
+        else:
+            tensors[key] = tensor
+    save_file(tensors, str(path), metadata=metadata)
+
+
+ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    ("settings", "change", "said"),
+    [
+        (
+            MOMENTUM,
+            {"grad/conv1.weight": torch.zeros(16, 3, 3, 3, dtype=torch.float64)},
+            "gradient conv1.weight as float64 [16, 3, 3, 3], where conv1.weight is float32",
+        ),
+        (
+            MOMENTUM,
+            {"param/linear.weight": torch.zeros(20, 3200, dtype=torch.float16)},
+            "parameter linear.weight as float16 [20, 3200], where linear.weight is float32",
+        ),
+        (
+            MOMENTUM,
+            {"optim/conv1.weight/momentum_buffer": torch.zeros(3)},
+            "sgd state momentum_buffer of conv1.weight as float32 [3], where it is float32 "
+            "[16, 3, 3, 3]",
+        ),
+        (
+            MOMENTUM,
+            {"optim/conv2.weight/velocity": torch.zeros(16)},
+            "sgd state ['momentum_buffer', 'velocity'] for conv2.weight, where sgd keeps "
+            "['momentum_buffer']",
+        ),
+        (
+            ADAM,
+            {"optim/conv1.weight/exp_avg": torch.zeros(3)},
+            "adam state exp_avg of conv1.weight as float32 [3], where it is float32",
+        ),
+        (
+            ADAM,
+            {"optim/conv1.weight/exp_avg_sq": None},
+            "adam state ['exp_avg', 'step'] for conv1.weight, where adam keeps ['exp_avg', "
+            "'exp_avg_sq', 'step']",
+        ),
+        (
+            ADAM,
+            {"optim/linear.weight/step": torch.ones(2)},
+            "adam state step of linear.weight as float32 [2], where it is a float of no dimension",
+        ),
+    ],
+    ids=[
+        "grad-dtype",
+        "param-dtype",
+        "momentum-shape",
+        "sgd-key",
+        "adam-shape",
+        "adam-missing",
+        "adam-step",
+    ],
+)
+def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes_nothing(
+    tmp_path: Path,
+    settings: OptimizerSettings,
+    change: dict[str, torch.Tensor | None],
+    said: str,
+) -> None:
+    """Each loaded: a gradient of another dtype then stopped `gradwire serve` with a
+    traceback, the parameters already copied in; optimizer state of other keys or shapes
+    made every later TrainStep INTERNAL (found by a review of the server's state)."""
+    saved = Trainer(seed=0, optimizer=settings)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _tensors_altered(path, change)
+    fresh = Trainer(seed=1)
+    weight = fresh.read("conv1.weight").value.clone()  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert f"{path} is a damaged gradwire checkpoint: it holds " in refused.value.message
+    assert said in refused.value.message
+    assert fresh.version == 0
+    assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
+    assert fresh.parameters["conv1.weight"].grad is None
+    _train(fresh, 1)  # and it trains on
 
 
 def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> None:

@@ -59,6 +59,60 @@ _READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"
 #: then ran whatever the version had become meanwhile.
 _UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
 
+#: The optimizer state torch keeps per parameter, by optimizer kind: Adam all three once a
+#: Step has made any; SGD its momentum buffer, with momentum (None: made from the gradient).
+_STATE_KEYS = {
+    "sgd": frozenset({"momentum_buffer"}),
+    "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
+}
+
+
+def _unfit(loaded: checkpoint.Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
+    """What of a checkpoint's tensors this model and optimizer could not use, said as
+    "X as Y, where Z". Such a file used to load: a gradient of another dtype then stopped
+    `gradwire serve` with a traceback, its parameters already copied in; optimizer state
+    of other keys or shapes failed every later Step, INTERNAL (found by a review)."""
+
+    def described(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+        return type(value).__name__
+
+    unfit = []
+    for label, tensors in (("parameter", loaded.parameters), ("gradient", loaded.gradients)):
+        for name, tensor in tensors.items():
+            if tensor.dtype != params[name].dtype:
+                unfit.append(
+                    f"{label} {name} as {described(tensor)}, where {name} is "
+                    f"{described(params[name])}"
+                )
+    keys = _STATE_KEYS[kind]
+    for name, values in loaded.optimizer_state.items():
+        p = params[name]
+        if not set(values) <= keys or (kind == "adam" and set(values) != keys):
+            unfit.append(
+                f"{kind} state {sorted(values)} for {name}, where {kind} keeps {sorted(keys)}"
+            )
+            continue
+        for key, value in values.items():
+            if key == "step":  # a 0-dim float tensor, as torch's Adam keeps it
+                fits = isinstance(value, torch.Tensor) and value.dim() == 0
+                fits = fits and value.is_floating_point()
+                wanted = "a float of no dimension"
+            else:
+                fits = (value is None and key == "momentum_buffer") or (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.dtype == p.dtype
+                )
+                wanted = described(p)
+            if not fits:
+                unfit.append(
+                    f"{kind} state {key} of {name} as {described(value)}, where it is {wanted}"
+                )
+    return unfit
+
+
 #: Held while a model is built from the process's CPU generator (Trainer._build_model).
 _BUILDING = threading.Lock()
 
@@ -1645,6 +1699,12 @@ class Trainer:
             raise InvalidInput(
                 f"{path} holds gradients or optimizer state that match no parameter: "
                 f"{', '.join(odd)}",
+                reason="BAD_CHECKPOINT",
+            )
+        unfit = _unfit(loaded, params, settings.kind)
+        if unfit:
+            raise InvalidInput(
+                f"cannot load {path}: {checkpoint.damaged(path, 'it holds ' + '; '.join(unfit))}",
                 reason="BAD_CHECKPOINT",
             )
         with self._device_memory(f"cannot load {path}"):

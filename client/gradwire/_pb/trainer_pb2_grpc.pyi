@@ -23,8 +23,8 @@ Conventions used by every message below:
   Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
-  inside an optimizer's own step may leave some parameters updated; the server's log
-  has it. A Train that fails keeps the steps it completed. One refused past its first
+  inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
+  Forward and Backward applied, the version moved by them); the server's log has it. A Train that fails keeps the steps it completed. One refused past its first
   step, or ended by the server stopping, says how many ("the 26 steps before it stay
   applied") and the ErrorInfo's metadata "steps_done" has the number; an INTERNAL
   error does not (read the version).
