@@ -1073,7 +1073,7 @@ def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started(wher
     side = ["--server-side", "--every", "10"] if where == "server-side" else ["--every", "1000"]
     with running_server() as running:
         target = f"127.0.0.1:{running.port}"
-        stopper = threading.Thread(target=_stop_after, args=(running, 40))
+        stopper = threading.Thread(target=_stop_after, args=(running, 400))
         stopper.start()
         try:
             result = run_main("train", "--target", target, "--steps", "10000000", *side)
