@@ -269,3 +269,41 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
     running = start(trainer, "127.0.0.1", 0, tls=TlsFiles(cert_file, key_file))
     assert running.port > 0
     running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "said"),
+    [
+        ("--tls-ca", b"", "holds no certificate in PEM (-----BEGIN ...-----): it is empty"),
+        ("--tls-ca", b"garbage\n", "holds no certificate in PEM (-----BEGIN ...-----): it begins"),
+        (
+            "--tls-ca",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "is not a certificate in PEM",
+        ),
+        ("--tls-cert", b"", "holds no certificate in PEM"),
+        ("--tls-key", b"", "holds no private key in PEM"),
+    ],
+    ids=["empty-ca", "garbage-ca", "bad-ca", "empty-cert", "empty-key"],
+)
+def test_tls_files_that_hold_nothing_usable_are_refused_before_connecting(
+    address: str, pki: Pki, tmp_path: Path, flag: str, content: bytes, said: str
+) -> None:
+    """An empty file was taken for none given: the command connected to this plain-text
+    server without TLS, its token with it, and succeeded. One that was not PEM got gRPC's
+    own log lines and a hint that no server answered (both found by a review of the CLI)."""
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(content)
+    pair = {"--tls-cert": str(pki.client_cert), "--tls-key": str(pki.client_key)}
+    args = ["list", "--target", address, flag, str(bad)]
+    if flag in pair:  # with the other half of the pair, good
+        other = "--tls-key" if flag == "--tls-cert" else "--tls-cert"
+        args += [other, pair[other], "--tls-ca", str(pki.ca)]
+    err = io.StringIO()
+    assert main(args, io.StringIO(), err) == 2
+    assert f"{flag} {bad} {said}" in err.getvalue()
+    keyword = {"--tls-ca": "ca", "--tls-cert": "cert", "--tls-key": "key"}[flag]
+    given = {"cert": pki.client_cert.read_bytes(), "key": pki.client_key.read_bytes()}
+    given[keyword] = content
+    with pytest.raises(ValueError, match=f"{keyword}= "):
+        gradwire.Client(address, **given)  # type: ignore[arg-type]

@@ -1422,9 +1422,9 @@ def _client(args: argparse.Namespace) -> Client:
             timeout=args.timeout,
             token=load_token(args.token_file),
             tls=args.tls,
-            ca=read_optional(args.tls_ca),
-            cert=read_optional(args.tls_cert),
-            key=read_optional(args.tls_key),
+            ca=read_optional(args.tls_ca, "certificate", "--tls-ca"),
+            cert=read_optional(args.tls_cert, "certificate", "--tls-cert"),
+            key=read_optional(args.tls_key, "private key", "--tls-key"),
             session=args.session,
             keepalive=args.keepalive or None,
         )

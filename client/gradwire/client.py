@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.credentials import check_pem
 from gradwire.errors import ClientClosed, GradwireError, ResourceExhausted, from_rpc_error
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
@@ -456,12 +457,15 @@ class Client:
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open."""
         target = with_default_port(target)
-        if bool(cert) != bool(key):  # gRPC's C core aborts the process on half a pair
-            given, missing = ("cert", "key") if cert else ("key", "cert")
+        if (cert is None) != (key is None):  # gRPC's C core aborts the process on half a pair
+            given, missing = ("cert", "key") if cert is not None else ("key", "cert")
             raise ValueError(
                 f"mutual TLS needs a client certificate and its private key: {given}= was "
                 f"given without {missing}=; give both (PEM bytes), or neither"
             )
+        check_pem(ca, "certificate", "ca=")
+        check_pem(cert, "certificate", "cert=")
+        check_pem(key, "private key", "key=")
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
@@ -483,7 +487,7 @@ class Client:
         #: the channel's owner closes them with it. Shared by those clients.
         self._opened = _OpenedSessions()
         options = channel_options(keepalive, keepalive_timeout)
-        if channel is None and (tls or ca or cert):
+        if channel is None and (tls or ca is not None or cert is not None):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
             channel = grpc.secure_channel(target, credentials, options=options)
         self._channel = channel or grpc.insecure_channel(target, options=options)

@@ -1,9 +1,12 @@
-"""Where secrets come from for the CLI: a bearer token from a file or the environment."""
+"""Where secrets come from: a bearer token from a file or the environment, and TLS's PEM
+files, checked for what they should hold before gRPC is given them."""
 
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
+from typing import Literal
 
 #: The environment variable a token may come from, for `gradwire serve` and every client command.
 TOKEN_ENV = "GRADWIRE_TOKEN"
@@ -23,6 +26,34 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     return os.environ.get(env) or None
 
 
-def read_optional(path: Path | None) -> bytes | None:
-    """A PEM file's bytes, or None without a path."""
-    return None if path is None else path.read_bytes()
+#: What each kind of PEM block begins with ("-----BEGIN RSA PRIVATE KEY-----" too).
+_MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "private key": b"PRIVATE KEY-----"}
+
+
+def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], what: str) -> None:
+    """Refuses (ValueError, naming `what`) PEM data that holds no `kind`. Empty, it was
+    taken for none given, and the client connected without TLS, sending its token in
+    plain text; not PEM, gRPC's C core logged lines of its own and failed every call
+    ("Failed to create security handshaker"), which read as a server not answering (both
+    found by a review of the CLI). A CA certificate is also parsed, as gRPC will."""
+    if data is None:
+        return
+    if _MARKERS[kind] not in data:
+        found = "it is empty" if not data.strip() else f"it begins {data[:24]!r}"
+        raise ValueError(f"{what} holds no {kind} in PEM (-----BEGIN ...-----): {found}")
+    if kind == "certificate":
+        try:
+            ssl.create_default_context(cadata=data.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as err:
+            raise ValueError(f"{what} is not a certificate in PEM: {err}") from None
+
+
+def read_optional(
+    path: Path | None, kind: Literal["certificate", "private key"], flag: str
+) -> bytes | None:
+    """A PEM file's bytes, checked to hold a `kind` (check_pem); None without a path."""
+    if path is None:
+        return None
+    data = path.read_bytes()
+    check_pem(data, kind, f"{flag} {path}")
+    return data
