@@ -1432,6 +1432,14 @@ def _client(args: argparse.Namespace) -> Client:
         raise UsageError(str(e)) from None
 
 
+#: The commands that change a server's state: one whose call failed once the server was
+#: reached may have been applied all the same.
+CHANGES_STATE = frozenset(
+    {"forward", "backward", "step", "zero-grad", "train", "set", "fill", "reset",
+     "open-session", "close-session", "optimizer", "replay"}
+)  # fmt: skip
+
+
 def _unreachable(error: RemoteError) -> bool:
     """Whether a call failed before reaching a server: nothing listening, or a plaintext call
     to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
@@ -1462,19 +1470,36 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
     target = client.target
     tls = bool(args.tls or args.tls_ca or args.tls_cert)
     text = error.message.lower()
-    # A server that answered this command's earlier calls: gone since, not never there. A
+    # What the server may have done with a call that failed once it was reached: a command
+    # reported as failed, then run again, would apply its change twice (found by a review).
+    applied = (
+        "; what this command asked may have been applied all the same (gradwire list shows "
+        "the state version)"
+        if args.command in CHANGES_STATE
+        else ""
+    )
+    # A server that answered this command's earlier calls, or that its channel reached: gone
+    # since, not never there (a stopped server's port refuses the retries that follow). A
     # stopping server cancels the calls it has taken in and not begun (CANCELLED), and cuts
     # its streams (UNAVAILABLE "Cancelling all calls"). Errors without a reason are gRPC's
     # own, not a gradwire server's (whose STOPPING and BUSY say what they are).
-    if client.answered and isinstance(error, (Unavailable, Cancelled)) and not error.reason:
+    reached = client.answered or client.reached
+    if reached and isinstance(error, (Unavailable, Cancelled)) and not error.reason:
+        seen = "answered earlier in this command" if client.answered else "was reached"
         return (
-            f"the server at {target} answered earlier in this command, then stopped "
-            "answering: it was stopped or restarted, or the network to it went down (its log "
-            f"says which); gradwire health --target {target} says when it is back"
+            f"the server at {target} {seen}, then stopped answering: it was stopped or "
+            f"restarted, or the network to it went down (its log says which){applied}; "
+            f"gradwire health --target {target} says when it is back"
         )
     if isinstance(error, DeadlineExceeded):
-        if _connected(client):
-            return None  # a server answered; this call took longer than --timeout
+        if reached or _connected(client):  # the call took longer than --timeout
+            if not applied:
+                return None
+            return (
+                f"no answer within --timeout {args.timeout:g}s, but the server may have run "
+                f"the call after that{applied}: look before running it again, and give "
+                "long calls a longer --timeout"
+            )
         return (
             f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "
             "connection never became ready): check that --target HOST:PORT names a gradwire "

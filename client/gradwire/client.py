@@ -309,6 +309,20 @@ def _closed_channel(error: ValueError) -> Exception:
     )
 
 
+#: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
+#: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
+_NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", "resolution")
+
+
+def _cut_off(error: grpc.RpcError) -> bool:
+    """Whether a call failed UNAVAILABLE after it was under way on a server ("Cancelling
+    all calls" from a stopping server, "Connection reset by peer")."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = (error.details() or "").lower()
+    return not any(words in text for words in _NEVER_REACHED)
+
+
 class _OpenedSessions:
     """The sessions opened on one channel by open_session, and not closed or detached
     since: shared by the clients on that channel, for its owner to close them with it.
@@ -503,6 +517,12 @@ class Client:
         #: there to answer (health() and wait_ready() leave it as it is). The `gradwire`
         #: command tells a server that went away mid-command by it.
         self.answered = False
+        #: Whether a call of this client reached a server, answered or not: a failed
+        #: attempt that was under way when the server cut it off (it stopped, cancelling
+        #: its calls, or the connection was reset) may have been applied, where one that
+        #: never connected was not. Retried, such a call fails on a closed port, which
+        #: alone would read as no server ever there. Set with `answered` too.
+        self.reached = False
 
     @property
     def session(self) -> str | None:
@@ -576,6 +596,7 @@ class Client:
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
+                self.reached |= _cut_off(err)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
                     raise from_rpc_error(err) from None
@@ -583,7 +604,7 @@ class Client:
             except ValueError as err:
                 raise _closed_channel(err) from None
             else:
-                self.answered = True
+                self.answered = self.reached = True
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
