@@ -1161,3 +1161,30 @@ def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
             f"hint: {target} closed the connection before it was ready: if it requires "
             "client certificates (mutual TLS), pass --tls-cert and --tls-key"
         )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["forward", "--input", "uniform:8,3,10,10"],
+        ["reset"],
+        ["open-session"],
+        ["replay", "--init", "random"],
+        ["train", "--steps", "2", "--server-side"],
+        ["serve"],
+    ],
+    ids=lambda command: command[0],
+)
+@pytest.mark.parametrize("seed", ["-1", str(1 << 64), "99999999999999999999", "x"])
+def test_a_seed_out_of_range_is_a_usage_error(command: list[str], seed: str) -> None:
+    """Each gave a traceback from protobuf or torch, exit 1; `train` alone took -1, and
+    only client-side (found by a review of the CLI)."""
+    target = [] if command[0] == "serve" else ["--target", "127.0.0.1:1"]  # never reached
+    result = run_main(*command, "--seed", seed, *target)
+    assert result.code == 2
+    assert f"bad seed '{seed}': expected a whole number from 0 to {(1 << 64) - 1}" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_the_largest_seed_resets_the_model(cli: Run) -> None:
+    assert cli("reset", "--seed", str((1 << 64) - 1)).code == 0

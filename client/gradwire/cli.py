@@ -120,6 +120,20 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _seed(text: str) -> int:
+    """A seed as the wire carries it (uint64). Out of range, each --seed gave a traceback
+    from protobuf or torch (found by a review of the CLI)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 1 << 64:
+        raise argparse.ArgumentTypeError(
+            f"bad seed {text!r}: expected a whole number from 0 to {(1 << 64) - 1}"
+        )
+    return seed
+
+
 def _positive_seconds(text: str) -> float:
     """A duration that must be more than 0: a call's deadline, say."""
     seconds = _seconds(text)
@@ -1064,7 +1078,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for the model's initialisation")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for the model's initialisation")
     p.add_argument(
         "--model",
         metavar="MODULE:ATTR",
@@ -1179,7 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-targets", action="store_true", help="run the model only, no loss")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for uniform, normal and randint sources"
+        "--seed", type=_seed, default=0, help="seed for uniform, normal and randint sources"
     )
 
     p = add("backward", cmd_backward, "backpropagate the last loss (Backward)")
@@ -1316,7 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed of step 0's data; step k uses seed + k (default %(default)s)",
     )
@@ -1347,7 +1361,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("list", cmd_list, "list every tensor with its kind, dtype and shape")
 
     p = add("reset", cmd_reset, "re-initialise the model and optimizer")
-    p.add_argument("--seed", type=int, default=None, help="torch.manual_seed before initialising")
+    p.add_argument("--seed", type=_seed, default=None, help="torch.manual_seed before initialising")
 
     p = add(
         "open-session",
@@ -1355,7 +1369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "open a session: a model, optimizer and version of its own beside the default one; "
         "prints its id for --session",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for its model's initialisation")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for its model's initialisation")
 
     p = add(
         "close-session",
@@ -1399,7 +1413,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fill: every parameter 0.1, as the tutorial; "
         "random: PyTorch's default init after torch.manual_seed(--seed)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
         "--embedded", action="store_true", help="start a server in this process on a free port"
     )
