@@ -1188,3 +1188,13 @@ def test_a_seed_out_of_range_is_a_usage_error(command: list[str], seed: str) -> 
 
 def test_the_largest_seed_resets_the_model(cli: Run) -> None:
     assert cli("reset", "--seed", str((1 << 64) - 1)).code == 0
+
+
+@pytest.mark.parametrize("seconds", ["1", "10", "29.9"])
+def test_a_keepalive_the_server_would_refuse_is_a_usage_error(seconds: str) -> None:
+    """Below the server's minimum, the server closed the connection after a few pings
+    ("too_many_pings"): a healthy watch ended with gRPC's log line and a hint blaming the
+    network (found by a review of the CLI)."""
+    result = run_main("watch", "loss", "--keepalive", seconds, "--target", "127.0.0.1:1")
+    assert result.code == 2
+    assert f"bad interval '{seconds}': a gradwire server takes a ping every 30 s" in result.err

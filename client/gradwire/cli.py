@@ -134,6 +134,20 @@ def _seed(text: str) -> int:
     return seed
 
 
+def _client_keepalive(text: str) -> float:
+    """A client's ping interval: 0 (no pings), or at least what a gradwire server takes.
+    Closer, the server closed the connection ("too_many_pings"), ending a healthy watch
+    with gRPC's own log line and a hint that blamed the network (found by a review)."""
+    seconds = _seconds(text)
+    if 0 < seconds < limits.MIN_CLIENT_PING_S:
+        raise argparse.ArgumentTypeError(
+            f"bad interval {text!r}: a gradwire server takes a ping every "
+            f"{limits.MIN_CLIENT_PING_S:g} s at most and closes a connection pinged more "
+            f"often: give {limits.MIN_CLIENT_PING_S:g} or more, or 0 for no pings"
+        )
+    return seconds
+
+
 def _positive_seconds(text: str) -> float:
     """A duration that must be more than 0: a call's deadline, say."""
     seconds = _seconds(text)
@@ -1006,7 +1020,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
     common.add_argument(
         "--keepalive",
-        type=_seconds,
+        type=_client_keepalive,
         default=limits.CLIENT_KEEPALIVE_S,
         metavar="SECONDS",
         help="during a call, ping a connection silent this long, so that a watch whose server "
