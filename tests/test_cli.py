@@ -349,6 +349,27 @@ def test_fill_named_parameters(cli: Run, client: gradwire.Client) -> None:
     assert np.array_equal(get(client, "conv2.weight"), local_weights("conv2.weight"))
 
 
+@pytest.mark.parametrize("text", ["1e400", "-1e400", "+1E999"])
+def test_fill_refuses_numbers_no_float_holds(
+    address: str, client: gradwire.Client, text: str
+) -> None:
+    """Taken as inf, 1e400 filled every parameter with infinity, exit 0, where `set`
+    refused it (found by a review of the CLI)."""
+    before = client.get("conv1.weight")
+    result = run_main("fill", "--target", address, "--", text)
+    assert result.code == 2
+    assert f"bad value '{text}': beyond float32's range" in result.err
+    np.testing.assert_array_equal(client.get("conv1.weight"), before)
+
+
+@pytest.mark.parametrize("text", ["inf", "-Infinity", "nan"])
+def test_fill_takes_inf_and_nan_written_as_such(
+    address: str, client: gradwire.Client, text: str
+) -> None:
+    assert run_main("fill", "--target", address, "--", text, "conv1.weight").code == 0
+    np.testing.assert_array_equal(client.get("conv1.weight"), np.full((16, 3, 3, 3), float(text)))
+
+
 def test_fill_an_unknown_parameter_exits_1(cli: Run) -> None:
     result = cli("fill", "1", "conv9.weight")
     assert result.code == 1

@@ -264,6 +264,18 @@ def _load_npy(path: Path) -> Any:
 _OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write inf for infinity"
 
 
+def _fill_value(text: str) -> float:
+    """fill's value: a number, nan or inf; a number no float holds (1e400) is refused, as
+    `set` refuses it. Taken as inf, it filled every parameter with infinity, exit 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad value {text!r}: expected a number") from None
+    if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+        raise argparse.ArgumentTypeError(_OUT_OF_RANGE.format(text))
+    return value
+
+
 def parse_value(text: str) -> Any:
     """A value for `set`: a number (nan and inf too, as `fill` takes them), a JSON list, a
     fill spec or a .npy file. A number beyond float32's range is refused, not written as
@@ -1369,7 +1381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("value", help=f"a number, a JSON list, {SOURCE_HELP}")
 
     p = add("fill", cmd_fill, "fill parameters with one value, as p.data.fill_(value)")
-    p.add_argument("value", type=float)
+    p.add_argument("value", type=_fill_value, help="a number, nan, inf or -inf")
     p.add_argument("names", nargs="*", help="parameters to fill (default: all)")
 
     add("list", cmd_list, "list every tensor with its kind, dtype and shape")
