@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -1067,13 +1068,13 @@ def test_the_command_prints_the_failure_once_without_grpc_s_own_log_lines(addres
     assert len(verbose.stderr.splitlines()) > len(lines), verbose.stderr  # gRPC's lines back
 
 
-def _stop_after(running: Running, versions: int) -> None:
+def _stop_after(running: Running, versions: int, grace: float | None = None) -> None:
     """Stops `running` once its state has moved `versions` times (a timer of 1 s left a
     loaded machine's command no step reported, and no summary to print), or after 60 s."""
     deadline = time.monotonic() + 60
     while running.trainer.version < versions and time.monotonic() < deadline:
         time.sleep(0.01)
-    running.stop(grace=None)
+    running.stop(grace=grace)
 
 
 @pytest.mark.parametrize("where", ["client-side", "server-side"])
@@ -1219,3 +1220,28 @@ def test_a_keepalive_the_server_would_refuse_is_a_usage_error(seconds: str) -> N
     result = run_main("watch", "loss", "--keepalive", seconds, "--target", "127.0.0.1:1")
     assert result.code == 2
     assert f"bad interval '{seconds}': a gradwire server takes a ping every 30 s" in result.err
+
+
+def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied() -> None:
+    """The summary gave the last progress reported ("stopped after 2100 steps ... version
+    8401") above an error that gave the server's count ("training stopped after 2181 of
+    100000 steps"), the version saved 8725 (found by a review of the CLI)."""
+    with running_server() as running:
+        target = f"127.0.0.1:{running.port}"
+        # A graceful stop: the run ends between two steps, STOPPING, with its count.
+        stopper = threading.Thread(target=_stop_after, args=(running, 400, 10.0))
+        stopper.start()
+        try:
+            result = run_main(
+                "train", "--target", target, "--steps", "10000000", "--server-side",
+                "--every", "1000000",  # one progress report at most: every step after it unsaid
+            )  # fmt: skip
+        finally:
+            stopper.join()
+        version = running.trainer.version
+    said = re.search(r"training stopped after (\d+) of 10000000 steps", result.err)
+    assert said is not None, result.err
+    steps = int(said.group(1))
+    assert steps * 4 == version  # each step: zero-grad, forward, backward, step
+    assert f"stopped after {steps} steps: loss " in result.out
+    assert f", version {version}" in result.out

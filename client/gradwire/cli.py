@@ -683,6 +683,17 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     diverged_at = done
                 if done % args.every == 0 or done == args.steps:
                     bar.update(done, loss)
+    # A server-side run that the server ended (stopping, the session closed, a step
+    # refused) says how many steps stay applied, and the version then: more than the last
+    # progress it sent. The summary said that progress's, beside an error that said the
+    # server's (found by a review of the CLI).
+    loss_at = None  # the step of the loss shown, when steps after it were not reported
+    if failed is not None and "steps_done" in failed.metadata:
+        with contextlib.suppress(ValueError):
+            applied = int(failed.metadata["steps_done"])
+            if applied > done:
+                loss_at, done = (done or None), applied
+            version = int(failed.metadata.get("version", version))  # type: ignore[arg-type]
     if failed is not None and done == 0:
         raise failed  # no step to sum up (a wrong --input-shape, say): the error says it all
     stopped = done < args.steps
@@ -697,11 +708,14 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
     data["stopped"] = stopped
     data["diverged_at"] = diverged_at
+    data["loss_step"] = loss_at if loss_at is not None else (done or None)  # whose loss
     steps = f"{done} steps reported (the server may have run more before the stop reached it)"
     text = (
         f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}: "
         f"loss {format_loss(loss)}"
     )
+    if loss_at is not None:
+        text += f" at step {loss_at}, the last reported"
     if version is not None:
         text += f", version {version}"
     if args.json:

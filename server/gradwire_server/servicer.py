@@ -962,7 +962,7 @@ class TrainerServicer:
                 raise Stopping(
                     f"the server is stopping: training stopped after {k} of {message.steps} "
                     "steps, each applied whole",
-                    metadata={"steps_done": str(k)},
+                    metadata={"steps_done": str(k), "version": str(trainer.version)},
                 )
             try:
                 with guarded(first if k == 0 else None):
@@ -979,6 +979,7 @@ class TrainerServicer:
                         f"applied, state version {trainer.version})"
                     )
                     err.metadata["steps_done"] = str(k)
+                    err.metadata["version"] = str(trainer.version)
                 raise
             done = k + 1
             if done % every == 0 or done == message.steps:

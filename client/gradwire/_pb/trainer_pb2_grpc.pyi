@@ -24,10 +24,11 @@ Conventions used by every message below:
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
-  Forward and Backward applied, the version moved by them); the server's log has it. A Train that fails keeps the steps it completed. One refused past its first
-  step, or ended by the server stopping, says how many ("the 26 steps before it stay
-  applied") and the ErrorInfo's metadata "steps_done" has the number; an INTERNAL
-  error does not (read the version).
+  Forward and Backward applied, the version moved by them); the server's log has it.
+  A Train that fails keeps the steps it completed. One refused past its first step, or
+  ended by the server stopping, says how many ("the 26 steps before it stay applied"),
+  and the ErrorInfo's metadata has the number ("steps_done") and the state version then
+  ("version"); an INTERNAL error does not (read the version).
 - Mutations (every RPC that changes state) read two optional metadata entries:
   "gradwire-request-id" (at most 128 characters): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
