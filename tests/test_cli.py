@@ -1245,3 +1245,37 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied() -> 
     assert steps * 4 == version  # each step: zero-grad, forward, backward, step
     assert f"stopped after {steps} steps: loss " in result.out
     assert f", version {version}" in result.out
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["forward", "--no-targets", "--input", "ones:8,,3,10,10"], "bad shape '8,,3,10,10'"),
+        (["forward", "--no-targets", "--input", "ones:8,3,10,10,"], "bad shape '8,3,10,10,'"),
+        (["train", "--classes", "0"], "--classes"),
+        (["watch", "loss", "--duration", "0"], "expected more than 0 seconds"),
+    ],
+    ids=["empty-dimension", "trailing-comma", "no-classes", "no-duration"],
+)
+def test_arguments_that_were_silently_taken_for_others_are_usage_errors(
+    args: list[str], said: str
+) -> None:
+    """An empty dimension was dropped (another shape than the one written); --classes 0
+    was taken for unset; a watch of --duration 0 ended DEADLINE_EXCEEDED, exit 1, with no
+    word of why (found by a review of the CLI)."""
+    result = run_main(*args, "--target", "127.0.0.1:1")
+    assert result.code == 2
+    assert said in result.err
+
+
+def test_train_takes_an_input_shape_of_no_dimension_as_given(cli: Run) -> None:
+    """--input-shape '' was taken for unset, and the model's own sample shape used."""
+    result = cli("train", "--steps", "1", "--input-shape", "")
+    assert result.code == 1
+    assert "input" in result.err and "shape" in result.err
+
+
+def test_train_with_the_largest_seed(cli: Run) -> None:
+    """Its targets' seed, the seed plus a constant, overflowed the wire's uint64 (server-side:
+    client-side, each step's reseeding wrapped it)."""
+    assert cli("train", "--steps", "1", "--server-side", "--seed", str((1 << 64) - 1)).code == 0

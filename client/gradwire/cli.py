@@ -81,8 +81,13 @@ class CommandError(Exception):
 
 
 def _shape(text: str) -> tuple[int, ...]:
+    """Comma-separated dimensions; nothing at all is a shape of no dimension. An empty
+    dimension ("8,,3", "8,3,") is refused: dropped, it made another shape than the one
+    written (found by a review of the CLI)."""
+    if not text.strip():
+        return ()
     try:
-        shape = tuple(int(part) for part in text.split(",") if part.strip() != "")
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(
             f"bad shape {text!r}: expected comma-separated integers such as 8,3,10,10"
@@ -637,10 +642,11 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
             f"{model.model} takes {dtype} inputs, and train makes random floats: "
             "drive it with your own data from Python (Client.train_step or Client.train)"
         )
-    shape = args.input_shape or sample_shape
-    outputs = args.classes or model.outputs or 20
+    # Given, each is taken as it is: `or` took --classes 0 and --input-shape '' for unset.
+    shape = sample_shape if args.input_shape is None else args.input_shape
+    outputs = args.classes if args.classes is not None else (model.outputs or 20)
     x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
-    target_seed = args.seed + 1_000_003
+    target_seed = (args.seed + 1_000_003) % (1 << 64)  # a seed is a uint64
     if model.loss == "mse":
         return x, Fill.normal(args.batch, outputs, seed=target_seed)
     return x, Fill.randint(0, outputs, args.batch, seed=target_seed)
@@ -1350,7 +1356,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s; 0: every update as it falls due)",
     )
     p.add_argument("--count", type=_at_least(1), help="stop after this many updates")
-    p.add_argument("--duration", type=_seconds, help="stop after this many seconds")
+    p.add_argument(
+        "--duration", type=_positive_seconds, help="stop after this many seconds (more than 0)"
+    )
 
     p = add(
         "train",
@@ -1381,7 +1389,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--classes",
-        type=int,
+        type=_at_least(1),
         help="labels drawn from 0..N-1 (default: the model's output width)",
     )
     p.add_argument(
