@@ -383,7 +383,12 @@ def test_fill_an_unknown_parameter_exits_1(cli: Run) -> None:
 def test_list_text(cli: Run) -> None:
     lines = cli("list").out.splitlines()
     assert lines[0] == "model Simple on cpu, optimizer sgd lr=1.0, version 0"
-    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[1:]}
+    # What --input and --targets must be: the text said nothing of it (found by a review).
+    assert lines[1] == (
+        "input float32 [N, 3, 10, 10] -> output [N, 20]; loss cross_entropy, targets class "
+        "indices in [0, 20)"
+    )
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines[2:]}
     assert list(rows) == [
         *PARAMETERS,
         *(f"{name}.grad" for name in PARAMETERS),
@@ -418,7 +423,7 @@ def test_list_text_columns_line_up(cli: Run) -> None:
     cli("forward")
     cli("backward")
     cli("step")
-    lines = cli("list").out.splitlines()[1:]
+    lines = cli("list").out.splitlines()[2:]
     assert any(" optimizer_state " in line for line in lines)
     assert any(" activation " in line for line in lines)
     for column in (1, 2, 3):  # kind, dtype, shape: each starts at one offset on every row
@@ -432,6 +437,8 @@ def test_list_json(cli: Run) -> None:
     assert (data["version"], data["model"], data["device"]) == (1, "Simple", "cpu")
     assert data["optimizer"]["kind"] == "sgd"
     assert data["optimizer"]["lr"] == 1.0
+    assert (data["sample_shape"], data["input_dtype"]) == ([3, 10, 10], "float32")
+    assert (data["outputs"], data["loss"]) == (20, "cross_entropy")
     tensors = {t["name"]: t for t in data["tensors"]}
     assert tensors["output"] == {
         "name": "output",
@@ -1279,3 +1286,13 @@ def test_train_with_the_largest_seed(cli: Run) -> None:
     """Its targets' seed, the seed plus a constant, overflowed the wire's uint64 (server-side:
     client-side, each step's reseeding wrapped it)."""
     assert cli("train", "--steps", "1", "--server-side", "--seed", str((1 << 64) - 1)).code == 0
+
+
+def test_list_says_what_a_regressor_takes() -> None:
+    from gradwire_server.models import TINY_REGRESSOR
+
+    with running_server(TINY_REGRESSOR) as running:
+        result = run_main("list", "--target", f"127.0.0.1:{running.port}")
+    assert result.out.splitlines()[1] == (
+        "input float32 [N, 8] -> output [N, 2]; loss mse, targets floats [N, 2]"
+    )

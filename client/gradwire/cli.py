@@ -824,6 +824,11 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     "model": listing.model,
                     "device": listing.device,
                     "optimizer": vars(listing.optimizer),
+                    # What the model takes and gives, for building --input and --targets.
+                    "sample_shape": list(listing.sample_shape),
+                    "input_dtype": listing.input_dtype,
+                    "outputs": listing.outputs,
+                    "loss": listing.loss,
                     "tensors": [{**vars(t), "shape": list(t.shape)} for t in listing.tensors],
                 }
             )
@@ -833,6 +838,17 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         f"model {listing.model} on {listing.device}, optimizer "
         f"{_describe_optimizer(listing.optimizer, brief=True)}, version {listing.version}\n"
     )
+    if listing.outputs:  # what the model takes: for --input and --targets (0: not said)
+        sample = ", ".join(["N", *(str(d) for d in listing.sample_shape)])
+        targets = (
+            f"class indices in [0, {listing.outputs})"
+            if listing.loss == "cross_entropy"
+            else f"floats [N, {listing.outputs}]"
+        )
+        out.write(
+            f"input {listing.input_dtype} [{sample}] -> output [N, {listing.outputs}]; loss "
+            f"{listing.loss}, targets {targets}\n"
+        )
     # Columns as wide as their widest entry: "activation" and "optimizer_state" included.
     name_w, kind_w, dtype_w = (
         max(len(getattr(t, field)) for t in listing.tensors) for field in ("name", "kind", "dtype")
