@@ -24,6 +24,7 @@ from gradwire.client import with_default_port
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
 from gradwire_server.models import Simple
+from tests.cli_run import run_main
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")
@@ -796,11 +797,28 @@ def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
 @pytest.mark.parametrize(
     "target",
     ["localhost:0", "localhost:-1", "localhost:", "[::1]:70000", "dns:///localhost:70000",
-     "dns:localhost:70000"],
+     "dns:localhost:70000", "localhost:50051x", "[::1]:5005 1"],
 )  # fmt: skip
 def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
     with pytest.raises(ValueError, match=r"bad port .* expected host:port with a port from 1 "):
         gradwire.connect(target)
+
+
+@pytest.mark.parametrize(
+    ("target", "said"),
+    [("", "the target is empty"), ("  ", "the target is empty"),
+     ("http://localhost:50051", "take no URL scheme"), ("grpc://host:7000", "take no URL scheme")],
+)  # fmt: skip
+def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
+    target: str, said: str
+) -> None:
+    """gRPC's resolver refused them saying nothing of what to write instead; the CLI
+    answered exit 1, as for a server's error (found by a review of the CLI)."""
+    with pytest.raises(ValueError, match=said):
+        gradwire.connect(target)
+    result = run_main("list", "--target", target)
+    assert result.code == 2
+    assert said in result.err
 
 
 @pytest.mark.parametrize(

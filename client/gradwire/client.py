@@ -415,6 +415,15 @@ def with_default_port(target: str) -> str:
     A port that is not a number from 1 to 65535 raises ValueError: gRPC would take 70000 for
     port 4464 and -1 for 65535, and connect to whatever listens there."""
     port = DEFAULT_TARGET.rpartition(":")[2]
+    # gRPC's resolver refused these with words of its own, which said nothing of what to
+    # write instead (found by a review of the CLI).
+    if not target.strip():
+        raise ValueError("the target is empty: expected host:port, such as localhost:50051")
+    if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
+        raise ValueError(
+            f"bad target {target!r}: gRPC targets take no URL scheme; give host:port (and "
+            "TLS with its own options: tls=True, --tls)"
+        )
     # Schemes whose addresses gRPC checks itself, or that have no port.
     if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
         return target
@@ -439,7 +448,8 @@ def with_default_port(target: str) -> str:
     return target
 
 
-_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*):(-?[0-9]*)")
+#: A host and a port of digits, a sign or none; or (a typo: "50051x") digits and more.
+_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*):(-?[0-9]*|[0-9]+[^:]*)")
 
 
 class Client:
