@@ -58,6 +58,10 @@ def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -
     lines = cli("stats", "conv1.weight[0, 0]").out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["count", "finite", "nan", "inf", "zeros"]
     assert lines[2].split() == ["finite", "0"]
+    # Nor anything to bin: it printed empty bins over [-0.5, 0.5], a range of the server's
+    # choosing, read as data (found by a review of the CLI).
+    binned = cli("stats", "conv1.weight[0, 0]", "--bins", "3").out.splitlines()
+    assert binned[-1] == "histogram: no finite value to bin"
     watched = cli("watch", "conv1.weight[0, 0]", "--duration", "0.3").out.splitlines()[1]
     assert watched.endswith("no finite values  nan 3  inf 6")
     update = json.loads(cli("watch", "conv1.weight[0, 0]", "--count", "1", "--json").out)

@@ -82,7 +82,8 @@ def _duration(seconds: float) -> str:
 
 def format_stats(stats: Stats) -> list[str]:
     """The statistics as aligned `name value` lines, the histogram as bars after them. With
-    no finite value there is no min, max, mean, std or norm: a `finite 0` line says so."""
+    no finite value there is no min, max, mean, std or norm, nor anything to bin: a
+    `finite 0` line says so, and the histogram's."""
     summary = [
         ("min", f"{stats.min:.6g}"),
         ("max", f"{stats.max:.6g}"),
@@ -98,7 +99,10 @@ def format_stats(stats: Stats) -> list[str]:
         ("zeros", f"{stats.zero_count}"),
     ]
     lines = [f"{name:<6} {value}" for name, value in rows]
-    if stats.histogram is not None:
+    if stats.histogram is not None and not stats.finite:
+        # Empty bins over a range of the server's choosing ([-0.5, 0.5]) read as data.
+        lines.append("histogram: no finite value to bin")
+    elif stats.histogram is not None:
         lines.append("histogram:")
         lines.extend(histogram_bars(stats.histogram))
     return lines
