@@ -1296,3 +1296,14 @@ def test_list_says_what_a_regressor_takes() -> None:
     assert result.out.splitlines()[1] == (
         "input float32 [N, 8] -> output [N, 2]; loss mse, targets floats [N, 2]"
     )
+
+
+def test_an_input_of_no_dimension_is_told_what_the_model_takes(cli: Run) -> None:
+    """It said "give --targets for it", and with targets the server refused shape [] all
+    the same (found by a review of the CLI)."""
+    result = cli("forward", "--input", "ones:")
+    assert result.code == 2
+    assert (
+        "the input has no dimension (shape []), where the model takes [N, 3, 10, 10]: give its "
+        "shape, such as ones:8,3,10,10"
+    ) in result.err

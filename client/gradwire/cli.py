@@ -378,8 +378,12 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
         return inputs, parse_source(args.targets, args.seed)
     assert model is not None
     shape = tuple(inputs.shape)
-    if not shape:
-        raise UsageError("the input needs a batch dimension; give --targets for it")
+    if not shape:  # the server refuses it too, --targets or not
+        dims = ["8", *(str(d) for d in _model_input(model)[0])]
+        raise UsageError(
+            f"the input has no dimension (shape []), where the model takes "
+            f"[{', '.join(['N', *dims[1:]])}]: give its shape, such as ones:{','.join(dims)}"
+        )
     if model.loss == "mse":
         return inputs, Fill.ones(shape[0], model.outputs or 1)
     if model.outputs == 1:  # one class: class 1 does not exist
