@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import threading
 import time
 import weakref
@@ -112,6 +113,8 @@ def test_the_number_of_sessions_is_limited(client: gradwire.Client, server: Runn
     with pytest.raises(errors.ResourceExhausted) as info:
         client.open_session()
     assert info.value.reason == "TOO_MANY_SESSIONS"
+    # When a place frees itself: an id lost with a crashed script holds one till then.
+    assert re.search(r"or wait: the one idle longest expires in (5\d\d|600) s", info.value.message)
     first.close()
     client.open_session().close()
     second.close()
@@ -563,3 +566,19 @@ def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
         other._call(
             "CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=joined.session)
         )
+
+
+def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer) -> None:
+    now = [0.0]
+    sessions = Sessions(trainer, max_sessions=2, idle_s=600.0, clock=lambda: now[0])
+    first = sessions.open(seed=0, settings=None)
+    now[0] = 100.0
+    second = sessions.open(seed=0, settings=None)
+    now[0] = 250.0
+    with pytest.raises(errors_module.OverLimit, match="the one idle longest expires in 350 s"):
+        sessions.open(seed=0, settings=None)
+    sessions.get(first, hold=True)
+    sessions.get(second, hold=True)  # both in use: neither will expire
+    with pytest.raises(errors_module.OverLimit, match="none is idle, each has a call in"):
+        sessions.open(seed=0, settings=None)
+    sessions.close_all()

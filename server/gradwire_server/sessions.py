@@ -108,6 +108,15 @@ class Sessions:
                 found.held -= 1
                 found.last_used = self._clock()
 
+    def _next_expiry(self) -> str:
+        """With the lock held: when the first idle session expires, for a caller refused
+        for want of a place (an id lost with a crashed script holds one until then)."""
+        idle = [s.last_used for s in self._open.values() if not s.held]
+        if not idle:
+            return "none is idle, each has a call in progress (a Watch, a Train)"
+        left = max(0.0, self.idle_s - (self._clock() - min(idle)))
+        return f"the one idle longest expires in {left:.0f} s"
+
     def open(self, seed: int | None, settings: OptimizerSettings | None) -> str:
         self._close_idle()
         with self._lock:
@@ -116,7 +125,7 @@ class Sessions:
             if taken >= self.max_sessions:
                 raise OverLimit(
                     f"{taken} sessions are open, this server's limit; close one "
-                    "(CloseSession) or wait for an idle one to expire",
+                    f"(CloseSession, gradwire close-session ID) or wait: {self._next_expiry()}",
                     reason="TOO_MANY_SESSIONS",
                 )
             # The place is taken now, while the model is built outside the lock: checked
