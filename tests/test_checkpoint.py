@@ -271,6 +271,20 @@ def _altered(path: Path, change: dict[str, str | None]) -> None:
     save_file(load_file(str(path)), str(path), metadata=metadata)
 
 
+def _load_refused(path: Path) -> tuple[str, Trainer]:
+    """Loads `path` into a fresh trainer, which must refuse it (BAD_CHECKPOINT) and be left
+    as it was; the refusal's message, and that trainer."""
+    fresh = Trainer(seed=1)
+    weight = fresh.read("conv1.weight").value.clone()  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert fresh.version == 0
+    assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
+    assert fresh.parameters["conv1.weight"].grad is None
+    return refused.value.message, fresh
+
+
 SAVED_SETTINGS = (
     '{"kind": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "beta1": null, '
     '"beta2": null, "eps": null, "nesterov": false}'
@@ -334,19 +348,11 @@ def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
     saved.save(path)
     assert saved.load(path) == saved.version  # whole, it loads
     _altered(path, change)
-    fresh = Trainer(seed=1)
-    weight = fresh.read("conv1.weight").value.clone()  # type: ignore[union-attr]
-    with pytest.raises(InvalidInput) as refused:
-        fresh.load(path)
-    assert refused.value.reason == "BAD_CHECKPOINT"
-    message = refused.value.message
+    message, fresh = _load_refused(path)
     assert message.startswith(f"cannot load {path}: {path} is a damaged gradwire checkpoint: ")
     assert said in message
     assert message.endswith("restore it from a copy, or move it away to start from fresh weights")
-    assert fresh.version == 0
     assert fresh.optimizer_settings == OptimizerSettings().resolved()
-    assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
-    assert fresh.parameters["conv1.weight"].grad is None
 
 
 def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None:
@@ -434,16 +440,9 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     path = tmp_path / "state.safetensors"
     saved.save(path)
     _tensors_altered(path, change)
-    fresh = Trainer(seed=1)
-    weight = fresh.read("conv1.weight").value.clone()  # type: ignore[union-attr]
-    with pytest.raises(InvalidInput) as refused:
-        fresh.load(path)
-    assert refused.value.reason == "BAD_CHECKPOINT"
-    assert f"{path} is a damaged gradwire checkpoint: it holds " in refused.value.message
-    assert said in refused.value.message
-    assert fresh.version == 0
-    assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
-    assert fresh.parameters["conv1.weight"].grad is None
+    message, fresh = _load_refused(path)
+    assert f"{path} is a damaged gradwire checkpoint: it holds " in message
+    assert said in message
     _train(fresh, 1)  # and it trains on
 
 
