@@ -24,6 +24,7 @@ import numpy as np
 from gradwire import codec, limits
 from gradwire.client import (
     DEFAULT_TARGET,
+    NEVER_REACHED,
     Client,
     Listing,
     OptimizerConfig,
@@ -1526,9 +1527,7 @@ def _unreachable(error: RemoteError) -> bool:
     """Whether a call failed before reaching a server: nothing listening, or a plaintext call
     to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
     text = error.message.lower()
-    return isinstance(error, Unavailable) and (
-        "failed to connect" in text or "socket closed" in text or "connection refused" in text
-    )
+    return isinstance(error, Unavailable) and any(words in text for words in NEVER_REACHED)
 
 
 #: Seconds a failed command waits to learn whether its channel ever connected: a connected

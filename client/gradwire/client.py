@@ -311,7 +311,7 @@ def _closed_channel(error: ValueError) -> Exception:
 
 #: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
 #: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
-_NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", "resolution")
+NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", "resolution")
 
 
 def _cut_off(error: grpc.RpcError) -> bool:
@@ -320,7 +320,7 @@ def _cut_off(error: grpc.RpcError) -> bool:
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     text = (error.details() or "").lower()
-    return not any(words in text for words in _NEVER_REACHED)
+    return not any(words in text for words in NEVER_REACHED)
 
 
 class _OpenedSessions:
