@@ -307,3 +307,20 @@ def test_tls_files_that_hold_nothing_usable_are_refused_before_connecting(
     given[keyword] = content
     with pytest.raises(ValueError, match=f"{keyword}= "):
         gradwire.Client(address, **given)  # type: ignore[arg-type]
+
+
+def test_a_ca_bundle_with_comments_and_crlf_is_taken(
+    address: str, pki: Pki, tmp_path: Path
+) -> None:
+    """A bundle's UTF-8 comments (RHEL's ca-bundle.crt has them) made the check raise
+    TypeError, where OpenSSL and gRPC take the file (found by a review of the change)."""
+    bundle = tmp_path / "bundle.pem"
+    pem = pki.ca.read_bytes()
+    bundle.write_bytes("# Certificats de confiance, é\n".encode() + pem.replace(b"\n", b"\r\n"))
+    with gradwire.Client(address, ca=bundle.read_bytes(), timeout=3) as client:
+        assert client.target == address  # made: the TLS files are taken
+    cut = tmp_path / "cut.pem"
+    cut.write_bytes(pem[: len(pem) // 2])
+    err = io.StringIO()
+    assert main(["list", "--target", address, "--tls-ca", str(cut)], io.StringIO(), err) == 2
+    assert f"--tls-ca {cut} holds no whole certificate in PEM: it is cut short" in err.getvalue()

@@ -4,6 +4,7 @@ files, checked for what they should hold before gRPC is given them."""
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,8 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     return os.environ.get(env) or None
 
 
+#: A PEM certificate block, its armour included.
+_CERTIFICATES = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
 #: What each kind of PEM block begins with ("-----BEGIN RSA PRIVATE KEY-----" too).
 _MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "private key": b"PRIVATE KEY-----"}
 
@@ -42,9 +45,14 @@ def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], w
         found = "it is empty" if not data.strip() else f"it begins {data[:24]!r}"
         raise ValueError(f"{what} holds no {kind} in PEM (-----BEGIN ...-----): {found}")
     if kind == "certificate":
+        # The blocks alone: a bundle's comments may be UTF-8 (RHEL's ca-bundle.crt), which
+        # OpenSSL skips and Python's cadata refuses (found by a review).
+        blocks = b"\n".join(_CERTIFICATES.findall(data))
+        if not blocks:  # Python takes an empty cadata for no certificate, without a word
+            raise ValueError(f"{what} holds no whole certificate in PEM: it is cut short")
         try:
-            ssl.create_default_context(cadata=data.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError) as err:
+            ssl.create_default_context(cadata=blocks.decode("ascii"))
+        except (ssl.SSLError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"{what} is not a certificate in PEM: {err}") from None
 
 
