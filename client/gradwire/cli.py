@@ -272,13 +272,16 @@ _OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write in
 
 def _fill_value(text: str) -> float:
     """fill's value: a number, nan or inf; a number no float holds (1e400) is refused, as
-    `set` refuses it. Taken as inf, it filled every parameter with infinity, exit 0."""
+    `set` refuses it. Taken as inf, it filled every parameter with infinity, exit 0. One
+    past a parameter's own dtype (1e39 for float32) is the server's to refuse."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad value {text!r}: expected a number") from None
     if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
-        raise argparse.ArgumentTypeError(_OUT_OF_RANGE.format(text))
+        raise argparse.ArgumentTypeError(
+            f"bad value {text!r}: beyond any float's range; write inf for infinity"
+        )
     return value
 
 
@@ -698,13 +701,12 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     # refused) says how many steps stay applied, and the version then: more than the last
     # progress it sent. The summary said that progress's, beside an error that said the
     # server's (found by a review of the CLI).
-    loss_at = None  # the step of the loss shown, when steps after it were not reported
+    reported = done  # the step whose loss `loss` is (0: none reported)
     if failed is not None and "steps_done" in failed.metadata:
         with contextlib.suppress(ValueError):
-            applied = int(failed.metadata["steps_done"])
-            if applied > done:
-                loss_at, done = (done or None), applied
-            version = int(failed.metadata.get("version", version))  # type: ignore[arg-type]
+            done = max(done, int(failed.metadata["steps_done"]))
+        with contextlib.suppress(KeyError, ValueError):  # a server before 0.1.0's last
+            version = int(failed.metadata["version"])
     if failed is not None and done == 0:
         raise failed  # no step to sum up (a wrong --input-shape, say): the error says it all
     stopped = done < args.steps
@@ -716,17 +718,20 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             now = client.list_tensors().version
             ran_on = now != version
             version = now
-    data = {"steps": done, "asked": args.steps, "loss": loss, "version": version}
+    data = {"steps": done, "asked": args.steps, "version": version}
+    # The loss of the last step reported, and that step: not the last applied when the
+    # server ended the run (none reported: no loss, where "nan" read as divergence).
+    data["loss"], data["loss_step"] = (loss, reported) if reported else (None, None)
     data["stopped"] = stopped
     data["diverged_at"] = diverged_at
-    data["loss_step"] = loss_at if loss_at is not None else (done or None)  # whose loss
     steps = f"{done} steps reported (the server may have run more before the stop reached it)"
-    text = (
-        f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}: "
-        f"loss {format_loss(loss)}"
-    )
-    if loss_at is not None:
-        text += f" at step {loss_at}, the last reported"
+    text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}"
+    if not reported:
+        text += ": no loss reported"
+    elif reported < done:
+        text += f": loss {format_loss(loss)} at step {reported}, the last reported"
+    else:
+        text += f": loss {format_loss(loss)}"
     if version is not None:
         text += f", version {version}"
     if args.json:
@@ -1424,7 +1429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("value", help=f"a number, a JSON list, {SOURCE_HELP}")
 
     p = add("fill", cmd_fill, "fill parameters with one value, as p.data.fill_(value)")
-    p.add_argument("value", type=_fill_value, help="a number, nan, inf or -inf")
+    p.add_argument(
+        "value",
+        type=_fill_value,
+        help="a number, nan or inf; a negative one after --, as in: gradwire fill -- -inf",
+    )
     p.add_argument("names", nargs="*", help="parameters to fill (default: all)")
 
     add("list", cmd_list, "list every tensor with its kind, dtype and shape")
@@ -1515,14 +1524,6 @@ def _client(args: argparse.Namespace) -> Client:
         raise UsageError(str(e)) from None
 
 
-#: The commands that change a server's state: one whose call failed once the server was
-#: reached may have been applied all the same.
-CHANGES_STATE = frozenset(
-    {"forward", "backward", "step", "zero-grad", "train", "set", "fill", "reset",
-     "open-session", "close-session", "optimizer", "replay"}
-)  # fmt: skip
-
-
 def _unreachable(error: RemoteError) -> bool:
     """Whether a call failed before reaching a server: nothing listening, or a plaintext call
     to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
@@ -1556,7 +1557,7 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
     applied = (
         "; what this command asked may have been applied all the same (gradwire list shows "
         "the state version)"
-        if args.command in CHANGES_STATE
+        if error.changes_state
         else ""
     )
     # A server that answered this command's earlier calls, or that its channel reached: gone

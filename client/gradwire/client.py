@@ -29,7 +29,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.credentials import check_pem
-from gradwire.errors import ClientClosed, GradwireError, ResourceExhausted, from_rpc_error
+from gradwire.errors import (
+    ClientClosed,
+    GradwireError,
+    RemoteError,
+    ResourceExhausted,
+    from_rpc_error,
+)
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
 from gradwire.memory import KeptMemory
@@ -323,6 +329,13 @@ def _cut_off(error: grpc.RpcError) -> bool:
     return not any(words in text for words in NEVER_REACHED)
 
 
+def _failed(error: grpc.RpcError, changes_state: bool) -> RemoteError:
+    """The exception for a failed call, saying whether the call changes state."""
+    raised = from_rpc_error(error)
+    raised.changes_state = changes_state
+    return raised
+
+
 class _OpenedSessions:
     """The sessions opened on one channel by open_session, and not closed or detached
     since: shared by the clients on that channel, for its owner to close them with it.
@@ -609,7 +622,7 @@ class Client:
                 self.reached |= _cut_off(err)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
-                    raise from_rpc_error(err) from None
+                    raise _failed(err, method in _ONCE) from None
                 _back_off(attempt)
             except ValueError as err:
                 raise _closed_channel(err) from None
@@ -669,7 +682,8 @@ class Client:
                 self.answered = True
                 yield message
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            self.reached |= _cut_off(err)
+            raise _failed(err, method == "Train") from None
         finally:
             call.cancel()  # a no-op once the stream has ended
 
