@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 import threading
 import time
@@ -579,6 +580,11 @@ def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer)
         sessions.open(seed=0, settings=None)
     sessions.get(first, hold=True)
     sessions.get(second, hold=True)  # both in use: neither will expire
-    with pytest.raises(errors_module.OverLimit, match="none is idle, each has a call in"):
+    with pytest.raises(errors_module.OverLimit, match="none is idle: each has a call in"):
         sessions.open(seed=0, settings=None)
     sessions.close_all()
+    never = Sessions(trainer, max_sessions=1, idle_s=math.inf, clock=lambda: now[0])
+    never.open(seed=0, settings=None)
+    with pytest.raises(errors_module.OverLimit, match=r"closes no session .* idle time is inf"):
+        never.open(seed=0, settings=None)  # it said "expires in inf s"
+    never.close_all()

@@ -267,6 +267,11 @@ class Slots:
         self._taken = 0
         self._lock = threading.Lock()
 
+    @property
+    def taken(self) -> int:
+        """Calls in progress now."""
+        return self._taken
+
     def __enter__(self) -> None:
         with self._lock:
             if self._taken >= self.limit:

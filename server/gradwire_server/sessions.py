@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import secrets
 import threading
 import time
@@ -111,9 +112,11 @@ class Sessions:
     def _next_expiry(self) -> str:
         """With the lock held: when the first idle session expires, for a caller refused
         for want of a place (an id lost with a crashed script holds one until then)."""
+        if math.isinf(self.idle_s):
+            return "this server closes no session for want of calls (its idle time is inf)"
         idle = [s.last_used for s in self._open.values() if not s.held]
         if not idle:
-            return "none is idle, each has a call in progress (a Watch, a Train)"
+            return "none is idle: each has a call in progress (a Watch, a Train) or is opening"
         left = max(0.0, self.idle_s - (self._clock() - min(idle)))
         return f"the one idle longest expires in {left:.0f} s"
 
@@ -125,7 +128,7 @@ class Sessions:
             if taken >= self.max_sessions:
                 raise OverLimit(
                     f"{taken} sessions are open, this server's limit; close one "
-                    f"(CloseSession, gradwire close-session ID) or wait: {self._next_expiry()}",
+                    f"(CloseSession) or wait: {self._next_expiry()}",
                     reason="TOO_MANY_SESSIONS",
                 )
             # The place is taken now, while the model is built outside the lock: checked

@@ -113,7 +113,9 @@ def _unfit(loaded: checkpoint.Loaded, params: dict[str, nn.Parameter], kind: str
     return unfit
 
 
-#: Held while a model is built from the process's CPU generator (Trainer._build_model).
+#: Held while a model is built from the process's CPU generator (Trainer._build_model), so
+#: that two builds never draw from it at once. It does not stop other draws from that
+#: generator meanwhile (a custom model's dropout training on a CPU session, say).
 _BUILDING = threading.Lock()
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
