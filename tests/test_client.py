@@ -993,3 +993,15 @@ def test_nesterov_takes_numpy_s_bool(client: gradwire.Client) -> None:
     config = client.set_optimizer(lr=0.1, momentum=0.9, nesterov=np.bool_(True))
     assert config.nesterov is True
     client.set_optimizer()
+
+
+def test_an_error_says_whether_its_call_changes_state(address: str) -> None:
+    """So that a caller, the CLI's hints among them, knows a failed change may have been
+    applied, where a failed read changed nothing."""
+    with gradwire.Client(address, timeout=1e-9) as hurried:
+        with pytest.raises(errors.DeadlineExceeded) as change:
+            hurried.step()
+        with pytest.raises(errors.DeadlineExceeded) as read:
+            hurried.get("conv1.weight[0][0][0]")
+    assert change.value.changes_state and not read.value.changes_state
+    assert not errors.NotFound("made here").changes_state
