@@ -270,6 +270,12 @@ def _load_npy(path: Path) -> Any:
 _OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write inf for infinity"
 
 
+def _overflowed(text: str, value: float) -> bool:
+    """Whether `value`, parsed from `text`, is an infinity no one wrote: 1e400, which no
+    float holds, where `inf` and `-Infinity` mean it."""
+    return math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity")
+
+
 def _fill_value(text: str) -> float:
     """fill's value: a number, nan or inf; a number no float holds (1e400) is refused, as
     `set` refuses it. Taken as inf, it filled every parameter with infinity, exit 0. One
@@ -278,7 +284,7 @@ def _fill_value(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad value {text!r}: expected a number") from None
-    if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+    if _overflowed(text, value):
         raise argparse.ArgumentTypeError(
             f"bad value {text!r}: beyond any float's range; write inf for infinity"
         )
@@ -302,7 +308,7 @@ def parse_value(text: str) -> Any:
             value = float(text)  # nan, inf, -inf, as `fill` takes them; +1, .5 too
         except ValueError:
             return parse_source(text)
-        if math.isinf(value) and text.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+        if _overflowed(text, value):
             raise UsageError(_OUT_OF_RANGE.format(text)) from None  # +1e400
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
         raise UsageError(
@@ -383,10 +389,11 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
     assert model is not None
     shape = tuple(inputs.shape)
     if not shape:  # the server refuses it too, --targets or not
-        dims = ["8", *(str(d) for d in _model_input(model)[0])]
+        sample = [str(d) for d in _model_input(model)[0]]
+        takes, example = ", ".join(["N", *sample]), ",".join(["8", *sample])
         raise UsageError(
-            f"the input has no dimension (shape []), where the model takes "
-            f"[{', '.join(['N', *dims[1:]])}]: give its shape, such as ones:{','.join(dims)}"
+            f"the input has no dimension (shape []), where the model takes [{takes}]: give "
+            f"its shape, such as ones:{example}"
         )
     if model.loss == "mse":
         return inputs, Fill.ones(shape[0], model.outputs or 1)
@@ -705,7 +712,7 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if failed is not None and "steps_done" in failed.metadata:
         with contextlib.suppress(ValueError):
             done = max(done, int(failed.metadata["steps_done"]))
-        with contextlib.suppress(KeyError, ValueError):  # a server before 0.1.0's last
+        with contextlib.suppress(KeyError, ValueError):  # an older server sends no version
             version = int(failed.metadata["version"])
     if failed is not None and done == 0:
         raise failed  # no step to sum up (a wrong --input-shape, say): the error says it all
