@@ -297,18 +297,15 @@ def small_calls(served: Served, repeats: int) -> list[Row]:
             ("ZeroGrad to None (the tutorial's)", client.zero_grad, bare.zero_grad),
         ]
 
-        def echo() -> None:
-            floor.echo(b"\x00" * 16)
-
         for label, call, ceiling in calls:
             # The target's figure as it has always been measured: alternated call by call
             # with the echo, both in the state the call leaves the machine in.
-            ours, bare_echo = paired(call, echo, repeats * 10)
+            ours, bare_echo = paired(call, floor.small_echo, repeats * 10)
             rows.append(at_most(f"{label} vs echo", ours, bare_echo, 1.5))
             # And each in a loop of its own, with its ceiling: alternated, the echo reads
             # 0.1 ms faster after a Step than in a loop of echoes (Step's parallel update
             # keeps the second vCPU awake; docs/PERFORMANCE.md, eighteenth session).
-            ours, work, bare_echo = looped([call, ceiling, echo], rounds_for(repeats))
+            ours, work, bare_echo = looped([call, ceiling, floor.small_echo], rounds_for(repeats))
             figure = "  the same, each in a loop of its own (call, ceiling, echo)"
             rows.append(report(at_most(figure, ours, bare_echo, 1.5)))
             figure = "  (ceiling) the same work in a bare gRPC call, in loops, vs echo"
@@ -418,11 +415,8 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             local.zero_grad()
             local.read(*READ)
 
-        def echo() -> None:
-            floor.echo(b"\x00" * 16)
-
         ours, ceiling, inproc, bare_echo = looped(
-            [remote_calls, bare.tutorial, lambda: local._run(local_calls), echo], rounds
+            [remote_calls, bare.tutorial, lambda: local._run(local_calls), floor.small_echo], rounds
         )
         budget = inproc + 6 * bare_echo
         rows.append(at_most("Tutorial's 5 calls vs in-process + 6 echoes", ours, budget, 1.0))

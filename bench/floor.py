@@ -14,6 +14,8 @@ from functools import cache
 import grpc
 
 SERVICE = "gradwire.bench.Floor"
+#: What the small calls' echo carries (`FloorClient.small_echo`).
+SMALL = b"\x00" * 16
 
 
 @cache
@@ -65,6 +67,10 @@ class FloorClient:
         self.blob = channel.unary_unary(f"/{SERVICE}/Blob")
         self.blob_stream = channel.unary_stream(f"/{SERVICE}/BlobStream")
         self.sink = channel.stream_unary(f"/{SERVICE}/Sink")
+
+    def small_echo(self) -> None:
+        """The small calls' floor: a bare unary call that carries 16 bytes each way."""
+        self.echo(SMALL)
 
     def get(self, size: int) -> bytes:
         data: bytes = self.blob(str(size).encode())
