@@ -588,3 +588,43 @@ def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer)
     with pytest.raises(errors_module.OverLimit, match=r"closes no session .* idle time is inf"):
         never.open(seed=0, settings=None)  # it said "expires in inf s"
     never.close_all()
+
+
+def test_a_session_gone_from_the_server_closes_without_error(
+    client: gradwire.Client, address: str
+) -> None:
+    """Leaving the with block of a session that had expired, or that another client closed
+    by its id, raised NotFound, which took the place of the block's own error (found by the
+    twenty-first session's review of the client)."""
+    with client.open_session() as mine, gradwire.Client(address, session=mine.session) as other:
+        other.close_session()
+    assert mine.session is None
+    with (
+        pytest.raises(RuntimeError, match="the block's own"),
+        client.open_session() as mine,
+        gradwire.Client(address, session=mine.session) as other,
+    ):
+        other.close_session()
+        raise RuntimeError("the block's own error")
+    joined = gradwire.Client(address, session="never-opened")
+    with joined, pytest.raises(errors.NotFound):  # an id joined, not opened here, is checked
+        joined.close_session()
+
+
+def test_a_failed_close_after_a_block_s_error_leaves_that_error_in_place(
+    trainer: Trainer,
+) -> None:
+    from gradwire_server.app import start
+
+    running = start(trainer, "127.0.0.1", 0)
+    client = gradwire.connect(f"127.0.0.1:{running.port}", timeout=5)
+    with (
+        pytest.raises(RuntimeError, match="the block's own") as caught,
+        client.open_session(seed=0) as mine,
+    ):
+        mine.retries = 0
+        running.stop(grace=None)
+        raise RuntimeError("the block's own error")
+    (note,) = caught.value.__notes__
+    assert note.startswith("and closing the client after it failed: UNAVAILABLE")
+    client.close()

@@ -32,6 +32,7 @@ from gradwire.credentials import check_pem
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
+    NotFound,
     RemoteError,
     ResourceExhausted,
     from_rpc_error,
@@ -754,7 +755,10 @@ class Client:
         return self.session
 
     def close_session(self) -> None:
-        """Closes this client's session on the server (its model is freed)."""
+        """Closes this client's session on the server (its model is freed). A session this
+        client opened that the server no longer has (it expired, another client closed it
+        by its id, the server restarted) counts as closed; one joined by its id (`session=`)
+        raises NotFound, the id being perhaps mistyped."""
         if self.session is None:
             return
         if not self._owns_session:  # joined (session=) or detached
@@ -762,7 +766,14 @@ class Client:
         else:
             with self._opened.claim(self.session) as mine:  # else closed with its channel
                 if mine:
-                    self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
+                    try:
+                        self._call("CloseSession", pb.CloseSessionRequest(session=self.session))
+                    except NotFound as err:
+                        # Opened here, gone there: it expired (idle), was closed by another
+                        # client by its id, or the server restarted. What closing asked for
+                        # is done. (An id joined is checked: it may be a typo.)
+                        if err.reason != "UNKNOWN_SESSION":
+                            raise
         closed, self.session = self.session, None
         self._closed_session = closed
 
@@ -773,8 +784,17 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if error is None:
+            self.close()
+            return
+        # The block's own error is the one to see: closing the client after it (the server
+        # gone, say) must not put its error in the block's place.
+        try:
+            self.close()
+        except GradwireError as failed:
+            if isinstance(error, BaseException):
+                error.add_note(f"and closing the client after it failed: {failed}")
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s."""
