@@ -574,3 +574,18 @@ def test_a_minimum_interval_coalesces_updates(client: gradwire.Client, address: 
     assert np.array_equal(update["conv1.weight"].value, final)
     with pytest.raises(errors.InvalidArgument):
         next(client.watch(["loss"], min_interval=-1.0))
+
+
+@pytest.mark.parametrize("interval", [0.0, 30.0])
+def test_a_closed_watch_lets_go_of_its_place_at_once(
+    client: gradwire.Client, interval: float
+) -> None:
+    """A watch closed by its reader held one of the server's 16 places until the next poll,
+    half a second: watches opened and closed in a loop made every call BUSY meanwhile
+    (found by the twenty-first session's review of the client). Between updates, and in
+    the pause a minimum interval makes."""
+    for _ in range(40):
+        stream = client.watch(["loss"], min_interval=interval)
+        next(stream)
+        stream.close()
+    assert client.list_tensors().version >= 0

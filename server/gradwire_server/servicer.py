@@ -866,6 +866,10 @@ class TrainerServicer:
         trainer = self.trainer
 
         subscription = trainer.subscribe(request.every_steps)
+        # A watcher that cancels (closes its iterator) is let go of at once, not at the next
+        # poll: until then its call held one of the server's places (found by a review:
+        # watches opened and closed in a loop made every call BUSY for half a second).
+        context.add_callback(subscription.wake)
 
         def update(first: bool = False) -> bytes:
             items = iter(request.items)  # read_many uses the selections in this order
@@ -918,7 +922,7 @@ class TrainerServicer:
             while context.is_active() and not subscription.closed and not stopping.is_set():
                 wait = sent + interval - time.monotonic()
                 if wait > 0:  # too soon: changes meanwhile are counted, not sent
-                    time.sleep(min(wait, WATCH_POLL_S))
+                    subscription.pause(min(wait, WATCH_POLL_S))
                     continue
                 if subscription.wait(WATCH_POLL_S) and not subscription.closed:
                     yield update()

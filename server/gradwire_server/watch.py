@@ -50,6 +50,18 @@ class Subscription:
                 self._cond.wait(timeout)
             return self._due > 0
 
+    def pause(self, seconds: float) -> None:
+        """Waits `seconds`, or less: until closed, or woken by an update or `wake`."""
+        with self._cond:
+            if not self._closed:
+                self._cond.wait(seconds)
+
+    def wake(self) -> None:
+        """Ends a `wait` or `pause` now: its watcher has something else to look at (the
+        call was cancelled)."""
+        with self._cond:
+            self._cond.notify()
+
     def take(self) -> int:
         """The updates due, counted since the last call; called under the trainer's lock
         while reading the state, so that each counted update is one this read covers."""
