@@ -1565,8 +1565,11 @@ class Trainer:
                 )
             if name not in params:
                 raise self._unknown(name)
-            try:  # the same conversion fill_ makes, on a scalar: refuse before changing anything
-                torch.empty((), dtype=params[name].dtype).fill_(value)
+            # The same conversion fill_ makes, refused before anything changes. On two
+            # elements: torch fills one without its overflow check (1e5 into a float16 one
+            # gives inf), and a float16 parameter was changed after another of the same call.
+            try:
+                torch.empty(2, dtype=params[name].dtype).fill_(value)
             except RuntimeError as err:
                 raise InvalidInput(
                     f"{value!r} does not fit {name}'s dtype {params[name].dtype}: {err}",
