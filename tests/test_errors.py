@@ -604,6 +604,36 @@ def test_fuzzed_values_past_the_dtype_are_invalid_argument(
         client.forward(INPUT, Fill("randint", (8,), low=0, high=2.0**63))
 
 
+class _Counts(nn.Module):
+    """A model with an int32 parameter beside its float layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.counts = nn.Parameter(torch.zeros(3, dtype=torch.int32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_a_value_an_integer_tensor_cannot_hold_is_invalid_argument() -> None:
+    """Copied in as it was: 2**40 became 0 in an int32 parameter, NaN -2**31, and the call
+    answered OK; numpy refuses both assigned to an int32 array (found by the twenty-first
+    session's review of the client). Fractions still truncate, as numpy's do."""
+    running = start(Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=0), "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        version = client.set("counts", np.array([1, 2, 3], dtype=np.int32))
+        for value in [2**40, float("nan"), -math.inf, np.array([1, 2**31, 3])]:
+            with pytest.raises(errors.InvalidArgument, match="does not fit counts's dtype int32"):
+                client.set("counts", value)
+        assert client.list_tensors().version == version
+        np.testing.assert_array_equal(client.get("counts"), [1, 2, 3])
+        client.set("counts[0]", 2**31 - 1)
+        client.set("counts[1]", -7.9)
+        np.testing.assert_array_equal(client.get("counts"), [2**31 - 1, -7, 3])
+    running.stop(grace=None)
+
+
 @pytest.mark.parametrize("key", ["gradwire-expected-version", "gradwire-request-id"])
 def test_a_gradwire_metadata_key_given_twice_is_invalid_argument(
     client: gradwire.Client, address: str, key: str

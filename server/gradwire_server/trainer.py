@@ -479,6 +479,32 @@ def _check_writable(
         )
 
 
+def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
+    copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
+    session's review of the client). Fractions truncate, as numpy's assignment does."""
+    if dtype.is_floating_point or dtype == torch.bool or source.dtype == torch.bool:
+        return
+    if source.dtype == dtype or source.numel() == 0:
+        return
+    info = torch.iinfo(dtype)
+    if not source.dtype.is_floating_point:
+        given = torch.iinfo(source.dtype)
+        if info.min <= given.min and given.max <= info.max:
+            return  # every value of the source's type fits
+        source = source.to(torch.int64)  # uint8 compared with -128 wraps it to 128
+        outside = (source < info.min) | (source > info.max)
+    else:  # bounds that floats hold exactly, powers of two: float(2**63 - 1) rounds up
+        outside = (source < info.min) | (source >= float(info.max) + 1) | ~torch.isfinite(source)
+    if bool(outside.any()):
+        first = source[outside].reshape(-1)[0].item()
+        raise InvalidInput(
+            f"{first!r} does not fit {name}'s dtype {str(dtype).removeprefix('torch.')}, "
+            f"which holds whole numbers from {info.min} to {info.max}",
+            reason="BAD_VALUE",
+        )
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -1523,6 +1549,7 @@ class Trainer:
             fresh = False
         target = select(tensor.detach(), chain, name, writable=True)
         _check_writable(tuple(source.shape), tuple(target.shape), name, chain)
+        _check_holds(source, target.dtype, name)
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
         with torch.no_grad():

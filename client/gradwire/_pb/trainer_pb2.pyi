@@ -941,7 +941,10 @@ class SetTensorRequest(_message.Message):
 
     @_builtins.property
     def value(self) -> Global___TensorSource:
-        """new values; broadcast to the selected shape and cast to the tensor's dtype"""
+        """New values, broadcast to the selected shape and cast to the tensor's dtype: fractions
+        truncate toward zero and floats past a floating dtype's range become inf, as in numpy;
+        a value an integer tensor cannot hold (out of its range, NaN, inf) is refused, BAD_VALUE.
+        """
 
     def __init__(
         self,
