@@ -788,6 +788,51 @@ def test_forward_stream_with_the_target_twice_is_invalid_argument(
     assert client.get("output") is None
 
 
+def test_forward_stream_with_a_target_set_but_empty_is_invalid_argument(
+    client: gradwire.Client,
+) -> None:
+    """As Forward refuses it: the stream answered OK with no loss, and a client that
+    streams big inputs silently lost its loss (found by the twenty-first session's review
+    of the contract)."""
+    x, _ = random_batch(1, 4)
+    messages = [pb.ForwardChunk(input=f32_chunk(x.reshape(-1), 0, x.shape), target={})]
+    error = raw_error(
+        lambda: client._methods["ForwardStream"](
+            iter([m.SerializeToString() for m in messages]), timeout=30
+        )
+    )
+    assert isinstance(error, errors.InvalidArgument)
+    assert (error.reason, error.message) == (
+        "MISSING_INPUT",
+        "ForwardStream's target is set but holds neither a tensor nor a fill: give one, or "
+        "leave target unset for a Forward without a loss",
+    )
+    assert version(client) == 0
+
+
+def test_a_set_stream_s_later_message_naming_another_tensor_is_refused(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """It was ignored, and the first message's tensor written (found by the twenty-first
+    session's review of the contract). Repeating the first's name and index is fine."""
+    at = [pb.Index(items=[pb.IndexItem(at=0)])] * 3
+    first = pb.SetTensorChunk(name="conv1.weight", index=at, chunk=f32_chunk([1, 2], 0, [3]))
+    send = client._methods["SetTensorStream"]
+    for later in [
+        pb.SetTensorChunk(name="conv2.weight", chunk=f32_chunk([3], 2)),
+        pb.SetTensorChunk(index=[pb.Index(items=[pb.IndexItem(at=1)])], chunk=f32_chunk([3], 2)),
+    ]:
+        stream = [first.SerializeToString(), later.SerializeToString()]
+        error = raw_error(lambda stream=stream: send(iter(stream)))
+        assert isinstance(error, errors.InvalidArgument)
+        assert error.reason == "BAD_CHUNK"
+        assert "writes what its first message names ('conv1.weight')" in error.message
+        assert version(client) == 0
+    repeated = pb.SetTensorChunk(name="conv1.weight", index=at, chunk=f32_chunk([3], 2))
+    send(iter([first.SerializeToString(), repeated.SerializeToString()]), timeout=30)
+    np.testing.assert_array_equal(client.get("conv1.weight[0][0][0]"), [1, 2, 3])
+
+
 # --- bad streams -----------------------------------------------------------------------
 
 

@@ -626,12 +626,7 @@ class TrainerServicer:
             )
         target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
         if target is None and message.HasField("target"):
-            # Set, but empty: a caller that meant a target, not one that wants no loss.
-            raise InvalidInput(
-                "Forward's target is set but holds neither a tensor nor a fill: give one, or "
-                "leave target unset for a Forward without a loss",
-                reason="MISSING_INPUT",
-            )
+            raise _empty_target("Forward")
         return convert.forward_response(self.trainer.forward(inputs, target))
 
     @mutation
@@ -709,7 +704,10 @@ class TrainerServicer:
         try:  # released however the stream ends: a GPU trainer assembles one at a time
             first: pb.SetTensorChunk | None = None
             for request in _items(requests):
-                first = first or request.message
+                if first is None:
+                    first = request.message
+                else:
+                    _same_target(first, request.message)
                 if request.message.HasField("chunk"):
                     chunks.add(request, _SET_CHUNK, request.message.chunk)
             if first is None:
@@ -742,6 +740,8 @@ class TrainerServicer:
                     target = convert.source_from_split(
                         request, _CHUNK_TARGET, message.target, "target"
                     )
+                    if target is None:  # answered OK with no loss (found by a review)
+                        raise _empty_target("ForwardStream")
             return convert.forward_response(trainer.forward(chunks.tensor(), target))
         finally:
             chunks.release()
@@ -1000,6 +1000,28 @@ class TrainerServicer:
                     steps_per_s=done / max(time.perf_counter() - started, 1e-9),
                     done=done == message.steps,
                 )
+
+
+def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
+    """A later chunk of a SetTensorStream names what the first named, or nothing: one that
+    named another tensor or part was ignored, the first one's written (found by a review)."""
+    if (later.name and later.name != first.name) or (later.index and later.index != first.index):
+        raise InvalidInput(
+            f"SetTensorStream writes what its first message names ({first.name!r}); a later "
+            f"message named {later.name or first.name!r} with another index or name: leave "
+            "name and index unset after the first message, or repeat them",
+            reason="BAD_CHUNK",
+        )
+
+
+def _empty_target(rpc: str) -> InvalidInput:
+    """A target set but holding nothing: a caller that meant a target, not one that wants
+    no loss."""
+    return InvalidInput(
+        f"{rpc}'s target is set but holds neither a tensor nor a fill: give one, or leave "
+        "target unset for a Forward without a loss",
+        reason="MISSING_INPUT",
+    )
 
 
 def _step_data(

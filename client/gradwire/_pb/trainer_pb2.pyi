@@ -1430,7 +1430,9 @@ class SetTensorChunk(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """first message: what to write, as in SetTensorRequest"""
+    """First message: what to write, as in SetTensorRequest. A later message leaves name and
+    index unset or repeats them; another name or index there is refused (BAD_CHUNK).
+    """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """first message: the part to write, as in SetTensorRequest"""
@@ -1466,7 +1468,9 @@ class ForwardChunk(_message.Message):
 
     @_builtins.property
     def target(self) -> Global___TensorSource:
-        """class indices, in any one message (usually the first); unset: no loss"""
+        """Class indices, in any one message (usually the first); unset in every message: no loss.
+        Set but holding neither a tensor nor a fill, as in ForwardRequest: MISSING_INPUT.
+        """
 
     def __init__(
         self,
