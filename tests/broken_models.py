@@ -47,3 +47,21 @@ class Slow(nn.Module):
 
 
 SLOW = ModelSpec("Slow", Slow, sample_shape=(2,), num_classes=2)
+
+
+class Tokens(nn.Module):
+    """Token ids into an Embedding of 10 rows: an id of 10 or more, or negative, is past its
+    table (IndexError on the CPU, a device-side assert on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(self.embed(x).mean(1))
+        return out
+
+
+#: `gradwire serve --model tests.broken_models:TOKENS`: ids of shape [N, 4].
+TOKENS = ModelSpec("Tokens", Tokens, sample_shape=(4,), num_classes=3, input_dtype=torch.int64)

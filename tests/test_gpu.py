@@ -351,3 +351,21 @@ def test_a_closed_gpu_session_gives_its_memory_back_at_once(
     session.close()
     torch.cuda.synchronize()
     assert during - torch.cuda.memory_allocated() >= kept
+
+
+def test_an_id_past_an_embedding_s_table_fails_the_call_that_sent_it(tmp_path: Path) -> None:
+    """A device-side assert is raised at the next synchronisation: a Forward without a loss
+    answered OK, and another caller's next call failed; then the server stopped (found by the
+    twenty-first session's review of the contract). Its own server process: the assert
+    leaves the process's CUDA context unusable."""
+    from tests.serve_process import serving
+
+    port_file = tmp_path / "port"
+    args = ("--model", "tests.broken_models:TOKENS", "--device", "cuda", "--grace", "1")
+    with serving(*args, "--port-file", str(port_file)) as (process, _):
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with gradwire.connect(address, timeout=60) as client:
+            assert client.forward(np.array([[1, 2, 3, 9]])).version == 1
+            with pytest.raises(gradwire.errors.RemoteError):
+                client.forward(np.array([[1, 2, 3, 10]]))  # no target: no loss to read back
+        assert process.wait(timeout=60) == 1

@@ -315,6 +315,21 @@ def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Cli
     assert mlp.list_tensors().version == 0
 
 
+def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:
+    """Its IndexError was answered INTERNAL, "the server's log has the details", which the
+    caller cannot act on (found by the twenty-first session's review of the contract)."""
+    from tests.broken_models import TOKENS
+
+    with serving(TOKENS) as client:
+        for ids in ([[1, 2, 3, 10]], [[1, 2, 3, -1]]):
+            with pytest.raises(errors.InvalidArgument) as caught:
+                client.forward(np.array(ids), np.array([0]))
+            assert caught.value.reason == "MODEL_REFUSED"
+            assert caught.value.message == ("Tokens refused this input: index out of range in self")
+        assert client.list_tensors().version == 0
+        assert client.forward(np.array([[1, 2, 3, 9]]), np.array([0])).loss is not None
+
+
 def test_a_refused_forward_lets_go_of_the_layers_it_ran_and_keeps_the_last() -> None:
     """fc1 ran before the BatchNorm refused: its output goes at once, not at the next
     Forward (on a GPU it could hold most of the memory); the last Forward's stays."""

@@ -479,6 +479,15 @@ def _check_writable(
         )
 
 
+def _refusal(error: BaseException, x: torch.Tensor) -> bool:
+    """Whether a model's `error` on input `x` is its refusal of that input: a ValueError, or
+    an IndexError on integer input (ids past an Embedding's table, on the CPU: it answered
+    INTERNAL, found by the twenty-first session's review of the contract)."""
+    if isinstance(error, ValueError):
+        return True
+    return isinstance(error, IndexError) and not x.is_floating_point()
+
+
 def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
     copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
@@ -983,14 +992,22 @@ class Trainer:
             try:
                 output = self._model(x)
                 loss = self._criterion(output, y) if y is not None else None
+                if x.device.type == "cuda" and not x.is_floating_point():
+                    # Integer inputs index something (an Embedding's table), and on a GPU an
+                    # id past its end is a device-side assert, raised at the next
+                    # synchronisation: a Forward without a loss answered OK, and another
+                    # caller's next call failed (found by a review). Raised here, in the
+                    # call that caused it.
+                    torch.cuda.synchronize(x.device)
             except BaseException as err:
                 # The layers' outputs so far go now (on a GPU, perhaps most of its memory),
                 # not at the next Forward; the last Forward's stay.
                 self._pending = {}
-                if not isinstance(err, ValueError):
+                if not _refusal(err, x):
                     raise
-                # A model's own refusal of an input (BatchNorm given one sample): the caller's
-                # to fix. A RuntimeError inside the model is the model's fault: INTERNAL.
+                # A model's own refusal of an input (BatchNorm given one sample, an Embedding
+                # an id past its table): the caller's to fix. Any other error inside the
+                # model is the model's fault: INTERNAL.
                 raise InvalidInput(
                     f"{self.spec.name} refused this input: {str(err).splitlines()[0]}",
                     reason="MODEL_REFUSED",
