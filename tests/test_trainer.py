@@ -329,3 +329,20 @@ def test_a_fill_no_half_float_holds_is_refused_before_anything_changes(
     assert torch.equal(trainer.parameters["lin.bias"].detach(), bias)
     assert trainer.list_tensors().version == version
     trainer.close()
+
+
+def test_an_absent_tensor_is_listed_in_the_dtype_it_will_have() -> None:
+    """A float16 parameter's delta was listed float32 before its first Step, float16 after
+    (found by the twenty-first session's review of the contract)."""
+    trainer = Trainer(ModelSpec("Halves", _Halves, (4,), 2), seed=0)
+    trainer.set_optimizer(OptimizerSettings("adam"))
+    predicted = {i.name: i.dtype for i in trainer.list_tensors().tensors if not i.present}
+    trainer.read("h.delta")  # asking for a delta records them from the next Step
+    for name in trainer.parameters:
+        trainer.write(f"{name}.grad", [], torch.ones(()))
+    trainer.step()
+    present = {i.name: i.dtype for i in trainer.list_tensors().tensors if i.present}
+    now = {name: present[name] for name in predicted if name in present}
+    assert {"h.delta", "b.delta", "optimizer.b.exp_avg", "optimizer.one.step"} <= set(now)
+    assert now == {name: predicted[name] for name in now}
+    trainer.close()

@@ -1634,15 +1634,26 @@ class Trainer:
             if t is not None:
                 infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True))
                 continue
-            # What it will hold once present: a Forward's input is made in the model's input
-            # dtype (it was listed float32 for a float16 or bfloat16 model).
-            dtype = {"input": self.spec.input_dtype, "target": self._target_dtype}.get(
-                name, param.dtype if param is not None else torch.float32
-            )
-            infos.append(TensorInfo(name, kind, dtype, (), False))
+            infos.append(TensorInfo(name, kind, self._absent_dtype(name, kind, param), (), False))
         return Listing(
             self._version, self.spec.name, str(self.device), self._settings, infos, self.spec
         )
+
+    def _absent_dtype(self, name: str, kind: str, param: torch.Tensor | None) -> torch.dtype:
+        """What an absent tensor will hold once present: a Forward's input is made in the
+        model's input dtype (it was listed float32 for a float16 or bfloat16 model); a
+        parameter's gradient, last change and optimizer state (but Adam's step count) in
+        the parameter's (a float16 one's delta was listed float32: found by a review)."""
+        if name == "input":
+            return self.spec.input_dtype
+        if name == "target":
+            return self._target_dtype
+        if param is None and kind == "delta":
+            param = self.parameters[name.removesuffix(DELTA_SUFFIX)]
+        if param is None and kind == "optimizer_state":
+            owner, key = self._optimizer_state(name) or ("", "step")
+            param = None if key == "step" else self.parameters[owner]
+        return torch.float32 if param is None else param.dtype
 
     # --- whole-state changes -------------------------------------------------------
 

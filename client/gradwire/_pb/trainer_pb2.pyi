@@ -1064,7 +1064,7 @@ class TensorInfo(_message.Message):
     kind: Global___TensorKind.ValueType
     """what it is"""
     dtype: Global___DType.ValueType
-    """element type"""
+    """element type; when absent, the one it will have once present"""
     present: _builtins.bool
     """false when the tensor does not exist now (a gradient before Backward, output before Forward)"""
     @_builtins.property
