@@ -460,6 +460,25 @@ def test_set_stream_broadcasts_a_smaller_value(
     )
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_set_drops_a_value_s_leading_ones_as_numpy_s_assignment_does(
+    client: gradwire.Client, trainer: Trainer, streamed: bool
+) -> None:
+    """A [1, 1, 3] value into a [3] slot was refused, SHAPE_MISMATCH, where numpy's and
+    torch's assignment take it (found by the twenty-first session's review of the client)."""
+    if streamed:
+        client.stream_above_bytes, client.chunk_bytes = 0, 4
+    expected = server_value(trainer, "conv2.weight")
+    value = np.array([[[1.5, -2.0, 3.25]]], dtype=np.float32)
+    client.set("conv2.weight[1, 2, 0]", value)
+    expected[1, 2, 0] = value
+    client.set("conv2.weight[0]", np.full((1, 1, 1, 1, 1), 7.0, dtype=np.float32))
+    expected[0] = 7.0
+    np.testing.assert_array_equal(server_value(trainer, "conv2.weight"), expected)
+    with pytest.raises(errors.InvalidArgument, match=r"shape \[2, 1, 3\] cannot be written"):
+        client.set("conv2.weight[1, 2, 0]", np.ones((2, 1, 3), np.float32))
+
+
 def test_set_stream_casts_float64_to_float32(streaming: gradwire.Client, trainer: Trainer) -> None:
     new = np.random.default_rng(2).standard_normal((32, 16, 3, 3))  # float64, not exact in f32
     assert new.dtype == np.float64

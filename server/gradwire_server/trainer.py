@@ -463,12 +463,23 @@ def _kept_output(
         keep(name, module, args, output)
 
 
+def _without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """`shape` less the leading dimensions of size 1 it has beyond `ndim`: numpy's assignment
+    drops them (a [1, 1, 4] value into a [4] slot), torch's copy_ does not."""
+    extra = 0
+    while len(shape) - extra > ndim and shape[extra] == 1:
+        extra += 1
+    return shape[extra:]
+
+
 def _check_writable(
     shape: tuple[int, ...], target: tuple[int, ...], name: str, chain: IndexChain
 ) -> None:
-    """InvalidInput (SHAPE_MISMATCH) unless a value of `shape` broadcasts to `target`."""
+    """InvalidInput (SHAPE_MISMATCH) unless a value of `shape` broadcasts to `target`, as in
+    numpy's assignment."""
     try:
-        broadcast = torch.broadcast_shapes(shape, target)  # type: ignore[no-untyped-call]
+        fitted = _without_leading_ones(shape, len(target))
+        broadcast = torch.broadcast_shapes(fitted, target)  # type: ignore[no-untyped-call]
     except RuntimeError:
         broadcast = None
     if broadcast != target:
@@ -1567,6 +1578,7 @@ class Trainer:
         target = select(tensor.detach(), chain, name, writable=True)
         _check_writable(tuple(source.shape), tuple(target.shape), name, chain)
         _check_holds(source, target.dtype, name)
+        source = source.reshape(_without_leading_ones(tuple(source.shape), target.dim()))
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
         with torch.no_grad():

@@ -941,7 +941,8 @@ class SetTensorRequest(_message.Message):
 
     @_builtins.property
     def value(self) -> Global___TensorSource:
-        """New values, broadcast to the selected shape and cast to the tensor's dtype: fractions
+        """New values, broadcast to the selected shape as numpy's assignment does (leading
+        dimensions of size 1 beyond the selection's are dropped) and cast to its dtype: fractions
         truncate toward zero and floats past a floating dtype's range become inf, as in numpy;
         a value an integer tensor cannot hold (out of its range, NaN, inf) is refused, BAD_VALUE.
         """
