@@ -233,7 +233,7 @@ def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) ->
     with pytest.raises(grpc.RpcError) as info:
         _step(address)(pb.StepRequest(), metadata=[("gradwire-expected-version", given)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "in decimal digits" in info.value.details()
+    assert f"decimal digits, from 0 to {2**63 - 1}, got" in info.value.details()
 
 
 @pytest.fixture

@@ -488,6 +488,10 @@ def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
     with pytest.raises(errors.ResourceExhausted) as caught:
         next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 2200, values=True, stats=False))
     assert caught.value.reason == "WATCH_TOO_LARGE"
+    # As USE_STREAM and FETCH_TOO_LARGE say it (it said neither, found by a review): the
+    # bytes of the items counted until the limit was passed.
+    limit = int(caught.value.metadata["limit"])
+    assert limit < int(caught.value.metadata["bytes"]) <= limit + 116 + 4
     # Statistics count too: 40 items of 100 bins each.
     with pytest.raises(errors.ResourceExhausted):
         next(client.watch(["conv1.weight"] * 40, bins=100))

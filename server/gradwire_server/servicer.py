@@ -518,7 +518,8 @@ def _expected_version(metadata: dict[str, str]) -> int | None:
         # int(), which refuses over 4,300 digits with a ValueError of its own.
         if not (given.isascii() and given.isdigit() and len(given) <= 19 and int(given) < 2**63):
             raise InvalidInput(
-                f"{EXPECTED_VERSION} must be a state version in decimal digits, got {shown(given)}",
+                f"{EXPECTED_VERSION} must be a state version: decimal digits, from 0 to "
+                f"{2**63 - 1}, got {shown(given)}",
                 reason="BAD_METADATA",
             )
         expected = int(given)
@@ -897,6 +898,7 @@ class TrainerServicer:
                         "with their names, shapes and statistics, the most one update may "
                         "carry: watch slices, fewer tensors, or statistics instead of values",
                         reason="WATCH_TOO_LARGE",
+                        metadata={"bytes": str(size), "limit": str(limits.MAX_VALUE_BYTES)},
                     )
                 summary = None
                 if part is not None and wants_stats:

@@ -30,7 +30,7 @@ Conventions used by every message below:
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
   ("version"); an INTERNAL error does not (read the version).
 - Mutations (every RPC that changes state) read two optional metadata entries:
-  "gradwire-request-id" (at most 128 characters): a retry with the same id is applied
+  "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
@@ -50,13 +50,15 @@ Conventions used by every message below:
   later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
-  version is decimal digits ("42"); a Train reads it as its first step's condition.
+  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
+  condition. OpenSession and CloseSession act on no session's state and do not read it.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
-  reads tensors sets its channel's maximum receive size to 64 MiB. Larger values stream
-  (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep every
-  message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
+  reads tensors sets its channel's maximum receive size to 64 MiB. The values one message
+  carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
+  larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
+  default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
   64 dimensions; a name at most 256 characters.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
@@ -77,15 +79,17 @@ Conventions used by every message below:
       BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
-    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", "closest"), UNKNOWN_SESSION (metadata
+    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
+      by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
       TOO_MANY_SESSIONS
-    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method":
-      a retry of a request applied before, whose answer is no longer kept)
+    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
+      the RPC's name such as "TrainStep": a retry of a request applied before, whose
+      answer is no longer kept)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
@@ -96,7 +100,8 @@ Conventions used by every message below:
   RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
-  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection keeps at most 8 streams open at
+  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection (grpc.reflection.v1alpha, which
+  grpcurl and other tools ask for when v1 is not served) keeps at most 8 streams open at
   once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS, metadata
   "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
@@ -241,9 +246,11 @@ class Tensor(_message.Message):
     the others stay empty. Values are in row-major (C) order, so the count of
     values equals the product of `shape` (1 for a 0-d tensor).
 
-    The typed fields are packed and fixed-width, so on the wire each one is the
-    little-endian array itself: a client in any language reads them as ordinary
-    repeated fields, and one that wants speed may read the bytes directly.
+    The typed fields but bool_values are packed and fixed-width, so on the wire each one is
+    the little-endian array itself: a client in any language reads them as ordinary
+    repeated fields, and one that wants speed may read the bytes directly. bool_values is
+    packed varints: one byte a value as this server writes them (0 or 1), but a reader must
+    not count on that from other writers.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -855,7 +862,11 @@ class GetTensorRequest(_message.Message):
     omit_values: _builtins.bool
     """true: return dtype and shape only"""
     chunk_bytes: _builtins.int
-    """GetTensorStream only: bytes of values per chunk; 0: the server's default, 4 MiB less 4 KiB, which keeps every message under gRPC's default 4 MiB receive limit"""
+    """GetTensorStream only: bytes of values per chunk, from 1 to 67,043,328; a chunk holds
+    the whole values that fit, at least one. 0: the server's default, 4 MiB less 4 KiB,
+    which keeps every message under gRPC's default 4 MiB receive limit. GetTensorStream
+    refuses omit_values (BAD_REQUEST): there would be nothing to stream.
+    """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
         """Applied in turn, as x[index[0]][index[1]]... with numpy's basic indexing (negative
@@ -1149,6 +1160,10 @@ Global___ListTensorsResponse: _TypeAlias = ListTensorsResponse  # noqa: Y015
 
 @_typing.final
 class ResetRequest(_message.Message):
+    """A new model, initialised as PyTorch does, and a new optimizer of the settings in use
+    (SetOptimizer's, not the default's); gradients, the last Forward and deltas are gone.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEED_FIELD_NUMBER: _builtins.int
@@ -1775,7 +1790,10 @@ class WatchItem(_message.Message):
     name: _builtins.str
     """as in GetTensorRequest"""
     values: _builtins.bool
-    """send the values (an update holds under 64 MiB in all, else RESOURCE_EXHAUSTED)"""
+    """Send the values. An update holds under 64 MiB in all, else RESOURCE_EXHAUSTED
+    (WATCH_TOO_LARGE, metadata "bytes" and "limit"): when the Watch starts, or later, ending
+    it, when a watched tensor grows (an activation after a bigger batch).
+    """
     stats: _builtins.bool
     """send the statistics; when neither is set, statistics"""
     histogram_bins: _builtins.int
@@ -1811,8 +1829,9 @@ class WatchRequest(_message.Message):
     every_steps: _builtins.int
     """0: an update falls due after every applied mutation; N > 0: each time the server's step
     counter passes a multiple of N, and after Reset. An update is read when it is sent, so
-    it shows the state then: with no min_interval_ms and a reader that keeps up, that is
-    the state at steps N, 2N, ...
+    it shows the state then: with no min_interval_ms and a reader that keeps up, usually the
+    state at steps N, 2N, ...; on a busy server, or with steps faster than an update is
+    made, one falls later (its `steps` says which) and `skipped` counts those it stands for.
     """
     min_interval_ms: _builtins.int
     """At most one update per this many milliseconds: one that falls due sooner is sent once
@@ -1937,7 +1956,7 @@ class TrainRequest(_message.Message):
     ZERO_GRAD_FIELD_NUMBER: _builtins.int
     EVERY_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
-    """steps to run, at least 1"""
+    """steps to run, from 1 to 2^40"""
     zero_grad: _builtins.bool
     """clear gradients before each step; default true"""
     every: _builtins.int

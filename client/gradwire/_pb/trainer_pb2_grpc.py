@@ -287,7 +287,8 @@ class TrainerServicer:
         """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
-        steps already taken stay applied. Each step is applied as it runs: Train reads no
+        steps already taken stay applied, those after the last progress message read included:
+        read the state version to know how many ran. Each step is applied as it runs: Train reads no
         request id or expected version, and is not safe to retry blindly (read the version
         first).
         """

@@ -30,7 +30,7 @@ Conventions used by every message below:
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
   ("version"); an INTERNAL error does not (read the version).
 - Mutations (every RPC that changes state) read two optional metadata entries:
-  "gradwire-request-id" (at most 128 characters): a retry with the same id is applied
+  "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
@@ -50,13 +50,15 @@ Conventions used by every message below:
   later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
-  version is decimal digits ("42"); a Train reads it as its first step's condition.
+  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
+  condition. OpenSession and CloseSession act on no session's state and do not read it.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
-  reads tensors sets its channel's maximum receive size to 64 MiB. Larger values stream
-  (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep every
-  message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
+  reads tensors sets its channel's maximum receive size to 64 MiB. The values one message
+  carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
+  larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
+  default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
   64 dimensions; a name at most 256 characters.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
@@ -77,15 +79,17 @@ Conventions used by every message below:
       BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
-    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", "closest"), UNKNOWN_SESSION (metadata
+    NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
+      by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
       TOO_MANY_SESSIONS
-    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method":
-      a retry of a request applied before, whose answer is no longer kept)
+    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
+      the RPC's name such as "TrainStep": a retry of a request applied before, whose
+      answer is no longer kept)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
@@ -96,7 +100,8 @@ Conventions used by every message below:
   RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
-  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection keeps at most 8 streams open at
+  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection (grpc.reflection.v1alpha, which
+  grpcurl and other tools ask for when v1 is not served) keeps at most 8 streams open at
   once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS, metadata
   "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
@@ -203,7 +208,8 @@ class TrainerStub:
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
-    steps already taken stay applied. Each step is applied as it runs: Train reads no
+    steps already taken stay applied, those after the last progress message read included:
+    read the state version to know how many ran. Each step is applied as it runs: Train reads no
     request id or expected version, and is not safe to retry blindly (read the version
     first).
     """
@@ -283,7 +289,8 @@ class TrainerAsyncStub(TrainerStub):
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
-    steps already taken stay applied. Each step is applied as it runs: Train reads no
+    steps already taken stay applied, those after the last progress message read included:
+    read the state version to know how many ran. Each step is applied as it runs: Train reads no
     request id or expected version, and is not safe to retry blindly (read the version
     first).
     """
@@ -474,7 +481,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
-        steps already taken stay applied. Each step is applied as it runs: Train reads no
+        steps already taken stay applied, those after the last progress message read included:
+        read the state version to know how many ran. Each step is applied as it runs: Train reads no
         request id or expected version, and is not safe to retry blindly (read the version
         first).
         """
