@@ -569,6 +569,27 @@ def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
         )
 
 
+def test_wait_ready_on_a_closed_client_raises_client_closed_at_once(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It waited its whole timeout and raised Unavailable, blaming the server, while a gRPC
+    thread printed "ValueError: Cannot invoke RPC: Channel closed!"; so did a session
+    client's, and a client's on the channel of one closed (channel=)."""
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda hook: raised.append(hook.exc_value))
+    client = gradwire.connect(address)
+    client.list_tensors()
+    session = client.open_session()
+    on_its_channel = gradwire.Client(address, channel=client._channel)
+    client.close()
+    for closed in (client, session, on_its_channel):
+        began = time.monotonic()
+        with pytest.raises(errors.ClientClosed, match="this client is closed"):
+            closed.wait_ready(5)
+        assert time.monotonic() - began < 1
+    assert raised == []
+
+
 def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer) -> None:
     now = [0.0]
     sessions = Sessions(trainer, max_sessions=2, idle_s=600.0, clock=lambda: now[0])

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -304,16 +305,24 @@ def _optimizer_config(kind: str, settings: dict[str, Any]) -> pb.OptimizerConfig
     return config
 
 
+_CLOSED = (
+    "this client is closed (close(), or the end of its with block; a session client "
+    "closes with the client that opened it): make a new one (gradwire.connect)"
+)
+
+#: The channels a client has closed (close() of the client that made it): the clients that
+#: share one (session clients, `channel=`) tell by it that theirs is closed where gRPC
+#: raises nothing of its own (wait_ready, a stream under way).
+_CLOSED_CHANNELS: weakref.WeakSet[grpc.Channel] = weakref.WeakSet()
+
+
 def _closed_channel(error: ValueError) -> Exception:
     """ClientClosed for grpc's ValueError on a closed channel ("Cannot invoke RPC on closed
     channel!"): the client, or the one whose channel it shares, was closed. Any other
     ValueError is returned as it is, to be raised."""
     if not str(error).startswith("Cannot invoke RPC"):
         return error
-    return ClientClosed(
-        "this client is closed (close(), or the end of its with block; a session client "
-        "closes with the client that opened it): make a new one (gradwire.connect)"
-    )
+    return ClientClosed(_CLOSED)
 
 
 #: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
@@ -701,6 +710,7 @@ class Client:
                 for session in self._opened.claim_all(self.timeout):
                     with contextlib.suppress(GradwireError):  # they expire in any case
                         self._call("CloseSession", pb.CloseSessionRequest(session=session))
+                _CLOSED_CHANNELS.add(self._channel)  # before: a stream it cuts off checks it
                 self._channel.close()
         finally:
             self._memory.release()
@@ -797,9 +807,14 @@ class Client:
                 error.add_note(f"and closing the client after it failed: {failed}")
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s."""
+        """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s,
+        ClientClosed at once on a closed client."""
         from gradwire.errors import Unavailable
 
+        # gRPC's readiness future polls a closed channel on a thread of its own, which died
+        # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
+        if self._channel in _CLOSED_CHANNELS:
+            raise ClientClosed(_CLOSED)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
