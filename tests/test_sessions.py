@@ -9,13 +9,17 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Iterator
+from concurrent import futures
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 import gradwire
 from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server import errors as errors_module
 from gradwire_server import sessions as sessions_module
@@ -24,7 +28,7 @@ from gradwire_server.models import Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
-from tests.background import eventually
+from tests.background import Reader, eventually
 from tests.cli_run import run_main
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
@@ -588,6 +592,53 @@ def test_wait_ready_on_a_closed_client_raises_client_closed_at_once(
             closed.wait_ready(5)
         assert time.monotonic() - began < 1
     assert raised == []
+
+
+def test_a_stream_under_way_when_its_client_closes_raises_client_closed(address: str) -> None:
+    """A Watch or a Train begun before its client closed raised errors.Cancelled, "CANCELLED:
+    Stream removed (Channel closed!)", as if the server had cancelled it: a Watch iterated
+    after close(), a Train after its with block, a Watch blocked in another thread."""
+    client = gradwire.connect(address)
+    watch = client.watch(["loss"])
+    next(watch)
+    client.close()
+    with pytest.raises(errors.ClientClosed, match="this client is closed"):
+        next(watch)
+    with gradwire.connect(address) as client:
+        training = client.train(INPUT, TARGET, 10_000)
+        next(training)
+    with pytest.raises(errors.ClientClosed, match="this client is closed"):
+        next(training)
+    client = gradwire.connect(address)
+    reader = Reader(client.watch(["loss"]))
+    assert reader.first.wait(10)
+    client.close()
+    reader.thread.join(10)
+    assert [type(e) for e in reader.errors] == [errors.ClientClosed]
+
+
+def test_a_stream_the_server_cancels_stays_cancelled() -> None:
+    """Only a closed client's streams raise ClientClosed: a server's CANCELLED is its own."""
+
+    def cancel(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        context.abort(grpc.StatusCode.CANCELLED, "cancelled by the server")
+        yield b""  # pragma: no cover
+
+    service = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+    handler = grpc.method_handlers_generic_handler(
+        service, {"Watch": grpc.unary_stream_rpc_method_handler(cancel)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with (
+            gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client,
+            pytest.raises(errors.Cancelled, match="cancelled by the server"),
+        ):
+            next(client.watch(["loss"]))
+    finally:
+        server.stop(grace=None)
 
 
 def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer) -> None:

@@ -692,6 +692,10 @@ class Client:
                 self.answered = True
                 yield message
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
+                # gRPC cancels the calls of a channel it closes: "CANCELLED: Stream removed
+                # (Channel closed!)" read as the server's doing.
+                raise ClientClosed(f"{method} cut off: {_CLOSED}") from None
             self.reached |= _cut_off(err)
             raise _failed(err, method == "Train") from None
         finally:
