@@ -1009,3 +1009,51 @@ def test_an_error_says_whether_its_call_changes_state() -> None:
                 client.get("conv1.weight[0][0][0]")
     assert change.value.changes_state and not read.value.changes_state
     assert not errors.NotFound("made here").changes_state
+
+
+# --- found by a review of the client: wrong input refused in words that say what to give ------
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_torch_tensor_without_values_to_send_is_refused_saying_why(
+    client: gradwire.Client, streamed: bool
+) -> None:
+    """A meta tensor raised torch's NotImplementedError ("Cannot copy out of meta tensor"),
+    a sparse one a RuntimeError from the client's own size check."""
+    if streamed:
+        client.stream_above_bytes = 0
+    before = client.list_tensors().version
+    target = torch.ones(4, dtype=torch.int64)
+    with pytest.raises(CodecError, match="on the meta device: it has a shape but no values"):
+        client.forward(torch.empty(4, 3, 10, 10, device="meta"), target)
+    with pytest.raises(CodecError, match="meta device"):
+        client.set("conv1.weight", torch.empty(16, 3, 3, 3, device="meta"))
+    sparse = torch.ones(4, 3, 10, 10).to_sparse()
+    with pytest.raises(CodecError, match=r"sparse_coo tensor: .* with \.to_dense\(\)"):
+        client.forward(sparse, target)
+    with pytest.raises(CodecError, match=r"with \.to_dense\(\)"):
+        client.set("conv1.weight", torch.ones(16, 3, 3, 3).to_sparse())
+    assert client.list_tensors().version == before
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_lazily_negated_torch_tensor_is_sent_with_its_values(
+    client: gradwire.Client, streamed: bool
+) -> None:
+    """x.conj().imag has its negative bit set, and numpy() refuses it: the client raised
+    torch's RuntimeError ("Can't call numpy() on Tensor that has negative bit set")."""
+    if streamed:
+        client.stream_above_bytes = 0
+    generator = torch.Generator().manual_seed(0)
+    negated = torch.randn(4, 3, 10, 10, dtype=torch.complex64, generator=generator).conj().imag
+    assert negated.is_neg()
+    target = torch.ones(4, dtype=torch.int64)
+    sent = client.forward(negated, target)
+    np.testing.assert_array_equal(client.get("input"), negated.resolve_neg().numpy())
+    assert client.forward(negated.resolve_neg(), target).loss == sent.loss
+    weight = torch.randn(16, 3, 3, 3, dtype=torch.complex64, generator=generator).conj().imag
+    client.set("conv1.weight", weight)
+    np.testing.assert_array_equal(client.get("conv1.weight"), weight.resolve_neg().numpy())
+    half = torch._neg_view(torch.full((16, 3, 3, 3), 0.5, dtype=torch.bfloat16))
+    client.set("conv1.weight", half)
+    assert np.all(client.get("conv1.weight") == -0.5)

@@ -217,10 +217,9 @@ def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
 def _nbytes(value: Any) -> int:
     if isinstance(value, Fill):
         return 0
-    nbytes = getattr(value, "nbytes", None)  # numpy arrays
-    if nbytes is None and hasattr(value, "element_size"):  # torch tensors
-        nbytes = value.numel() * value.element_size()
-    return int(nbytes or 0)
+    if hasattr(value, "element_size"):  # torch tensors: a sparse one's nbytes raises
+        return int(value.numel() * value.element_size())
+    return int(getattr(value, "nbytes", None) or 0)  # numpy arrays
 
 
 #: Metadata of mutations: a request id (a retry is applied once) and an expected version.

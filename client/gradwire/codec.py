@@ -136,14 +136,30 @@ def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
         # Only the calls needed: each torch op lets go of the GIL, and in a busy server
         # getting it back costs more than the op (a read of 3 values made 6 such calls).
         tensor = value.detach() if value.requires_grad else value
+        if tensor.layout is not torch.strided:  # torch raised RuntimeError or TypeError
+            raise CodecError(
+                f"cannot send a {str(tensor.layout).removeprefix('torch.')} tensor: only "
+                "dense ones travel; make it dense first with .to_dense()"
+            )
         if not tensor.is_cpu:
+            if tensor.is_meta:  # torch raised NotImplementedError ("Cannot copy out of meta")
+                raise CodecError(
+                    "cannot send a tensor on the meta device: it has a shape but no values"
+                )
             tensor = tensor.cpu()
-        if tensor.dtype == torch.bfloat16:
-            # bfloat16 has no numpy dtype: its 16-bit patterns travel as they are.
-            bits = tensor.contiguous().view(torch.int16).numpy()
-            return pb.DTYPE_BFLOAT16, np.asarray(bits.view("<u2"), order="C")
         try:
+            if tensor.dtype == torch.bfloat16:
+                # bfloat16 has no numpy dtype: its 16-bit patterns travel as they are.
+                bits = tensor.contiguous().view(torch.int16).numpy()
+                return pb.DTYPE_BFLOAT16, np.asarray(bits.view("<u2"), order="C")
             value = tensor.numpy()
+        except RuntimeError:
+            # A lazy negation or conjugation (x.conj().imag, torch._neg_view(x)): values like
+            # any others, but numpy() and view() refuse them ("Can't call numpy() on Tensor
+            # that has negative bit set"). Looked for only then: each test is a torch call.
+            if not (tensor.is_neg() or tensor.is_conj()):
+                raise
+            return host_array(tensor.resolve_neg().resolve_conj())
         except TypeError as err:
             raise CodecError(f"cannot send a torch tensor of dtype {tensor.dtype}: {err}") from err
         # torch's arrays are in native order: most need nothing more (a small read's
