@@ -219,6 +219,26 @@ def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> No
         running.stop(grace=None)
 
 
+def test_pem_given_as_str_is_taken(trainer: Trainer, pki: Pki) -> None:
+    """ca=open("ca.pem").read(), a str, raised a TypeError from deep inside ("'in <string>'
+    requires string as left operand, not bytes"); so did cert= and key= (found by a review
+    of the client). Something neither bytes nor str is refused naming its argument."""
+    files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    running = start(trainer, "127.0.0.1", 0, tls=files)
+    try:
+        with gradwire.connect(
+            _address(running), ca=pki.ca.read_text(), cert=pki.client_cert.read_text(),
+            key=pki.client_key.read_text(), timeout=10,
+        ) as member:  # fmt: skip
+            assert member.list_tensors().model == "Simple"
+    finally:
+        running.stop(grace=None)
+    with pytest.raises(TypeError, match=r"ca= takes PEM as bytes or str .* got \w*Path"):
+        gradwire.connect(_address(running), ca=pki.ca)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key= holds no private key in PEM"):
+        gradwire.connect(_address(running), cert=pki.client_cert.read_text(), key="")
+
+
 def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
     err = io.StringIO()
     assert main(["serve", "--tls-cert", str(pki.server_cert)], io.StringIO(), err) == 2

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.credentials import check_pem
+from gradwire.credentials import check_pem, pem_bytes
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
@@ -485,15 +485,16 @@ class Client:
         channel: grpc.Channel | None = None,
         token: str | None = None,
         tls: bool = False,
-        ca: bytes | None = None,
-        cert: bytes | None = None,
-        key: bytes | None = None,
+        ca: bytes | str | None = None,
+        cert: bytes | str | None = None,
+        key: bytes | str | None = None,
         keepalive: float | None = limits.CLIENT_KEEPALIVE_S,
         keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
         session: str | None = None,
     ) -> None:
         """`token`: sent as a bearer token on every call. `tls`: connect with TLS, trusting
-        `ca` (PEM; the system's roots when None); `cert` and `key` (PEM) for mutual TLS.
+        `ca` (PEM, bytes or str; the system's roots when None); `cert` and `key` (PEM, bytes
+        or str) for mutual TLS.
         `keepalive`: during a call, ping a connection silent this many seconds, so that a
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
@@ -503,6 +504,7 @@ class Client:
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open."""
         target = with_default_port(target)
+        ca, cert, key = pem_bytes(ca, "ca="), pem_bytes(cert, "cert="), pem_bytes(key, "key=")
         if (cert is None) != (key is None):  # gRPC's C core aborts the process on half a pair
             given, missing = ("cert", "key") if cert is not None else ("key", "cert")
             raise ValueError(
@@ -1263,9 +1265,9 @@ def connect(
     timeout: float | None = DEFAULT_TIMEOUT_S,
     token: str | None = None,
     tls: bool = False,
-    ca: bytes | None = None,
-    cert: bytes | None = None,
-    key: bytes | None = None,
+    ca: bytes | str | None = None,
+    cert: bytes | str | None = None,
+    key: bytes | str | None = None,
     keepalive: float | None = limits.CLIENT_KEEPALIVE_S,
     keepalive_timeout: float = limits.KEEPALIVE_TIMEOUT_S,
     session: str | None = None,

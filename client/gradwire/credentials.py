@@ -33,6 +33,21 @@ _CERTIFICATES = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE
 _MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "private key": b"PRIVATE KEY-----"}
 
 
+def pem_bytes(data: bytes | str | None, what: str) -> bytes | None:
+    """PEM data as gRPC takes it: bytes; a str (open(path).read()) encoded, where gRPC raised
+    a TypeError from deep inside ("'in <string>' requires string as left operand"). Anything
+    else raises TypeError naming `what`."""
+    if isinstance(data, str):
+        return data.encode()
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(
+        f"{what} takes PEM as bytes or str (open(path, 'rb').read()), got {type(data).__name__}"
+    )
+
+
 def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], what: str) -> None:
     """Refuses (ValueError, naming `what`) PEM data that holds no `kind`. Empty, it was
     taken for none given, and the client connected without TLS, sending its token in
