@@ -23,6 +23,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.client import with_default_port
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
+from gradwire.selector import SelectorError
 from gradwire_server.models import Simple
 from tests.cli_run import run_main
 
@@ -1057,3 +1058,49 @@ def test_a_lazily_negated_torch_tensor_is_sent_with_its_values(
     half = torch._neg_view(torch.full((16, 3, 3, 3), 0.5, dtype=torch.bfloat16))
     client.set("conv1.weight", half)
     assert np.all(client.get("conv1.weight") == -0.5)
+
+
+def test_a_selector_that_is_not_a_str_is_refused_saying_what_one_is(
+    client: gradwire.Client,
+) -> None:
+    """get(123) raised "'int' object has no attribute 'strip'"; get(["loss"]) "unhashable
+    type: 'list'"."""
+    said = r"a selector is a str .* such as 'conv1.weight\[0\]' or 'loss'; got int 123"
+    calls: list[Callable[[], object]] = [
+        lambda: client.get(123),  # type: ignore[arg-type]
+        lambda: client.read(123, 0),  # type: ignore[arg-type]
+        lambda: client.set(123, 0.5),  # type: ignore[arg-type]
+        lambda: client.stats(123),  # type: ignore[arg-type]
+        lambda: client.watch([123]),  # type: ignore[list-item]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=said):
+            call()
+    with pytest.raises(TypeError, match=r"got list \['loss'\]"):
+        client.get(["loss"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ["linear.weight[99999999999999999999]", "linear.weight[-9223372036854775809]",
+     "linear.weight[0][:99999999999999999999]", "linear.weight[::-99999999999999999999]"],
+)  # fmt: skip
+def test_an_index_past_int64_is_a_selector_error_naming_the_range(
+    client: gradwire.Client, selector: str
+) -> None:
+    """protobuf raised its own ValueError, "Value out of range: 99999999999999999999"."""
+    number = re.search(r"-?[0-9]{19,}", selector)
+    assert number is not None
+    said = rf"index {number[0]} is outside .* -9223372036854775808 to 9223372036854775807"
+    with pytest.raises(SelectorError, match=said):
+        client.get(selector)
+    with pytest.raises(SelectorError, match=said):
+        client.set(selector, 0.0)
+    with pytest.raises(CodecError, match="outside int64's range"):
+        client.get("linear.weight", 2**63)
+    with pytest.raises(CodecError, match="outside int64's range"):
+        client.remote.linear.weight[0, : -(2**64)].numpy()
+    np.testing.assert_array_equal(  # the ends of the range are indices as any others
+        client.get("linear.weight[0][-9223372036854775808:9223372036854775807]"),
+        client.get("linear.weight[0]"),
+    )

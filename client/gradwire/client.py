@@ -936,7 +936,7 @@ class Client:
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
         """
-        if index is None:
+        if index is None and isinstance(selector, str):  # else parse_selector says why not
             request = _get_tensor_request(selector, values)
             return self._read_request(request, as_torch=as_torch, values=values, out=out)
         parsed = parse_selector(selector)

@@ -585,9 +585,16 @@ IndexKey: TypeAlias = (
 )
 
 
+#: The range of an index (an Index message's int64 fields).
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+
 def _as_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise CodecError(f"{what} must be an integer, got {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:  # protobuf raised "Value out of range"
+        raise CodecError(f"{what} {value} is outside int64's range: {INT64_MIN} to {INT64_MAX}")
     return int(value)
 
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradwire.codec import IndexItem, format_index
+from gradwire.codec import INT64_MAX, INT64_MIN, IndexItem, format_index
 from gradwire.errors import GradwireError
 
 __all__ = ["Selector", "SelectorError", "parse_selector"]
@@ -55,10 +55,21 @@ def _integer(node: ast.expr, text: str) -> int | None:
     raise SelectorError(f"{text!r}: {ast.unparse(node)!r} is not an integer")
 
 
+def _in_range(value: int | None, text: str) -> int | None:
+    """`value`, which an Index message carries as an int64: protobuf raised its own
+    ValueError ("Value out of range") for one outside that range."""
+    if value is not None and not INT64_MIN <= value <= INT64_MAX:
+        raise SelectorError(
+            f"{text!r}: index {value} is outside the range of an index, int64's: "
+            f"{INT64_MIN} to {INT64_MAX}"
+        )
+    return value
+
+
 def _item(node: ast.expr, text: str) -> IndexItem:
     if isinstance(node, ast.Slice):
         parts: list[int | None] = [
-            None if part is None else _integer(part, text)
+            None if part is None else _in_range(_integer(part, text), text)
             for part in (node.lower, node.upper, node.step)
         ]
         if parts[2] == 0:
@@ -70,15 +81,26 @@ def _item(node: ast.expr, text: str) -> IndexItem:
         return None
     if isinstance(node, ast.Name) and node.id == "newaxis":
         return None
-    value = _integer(node, text)
+    value = _in_range(_integer(node, text), text)
     if value is None:  # pragma: no cover - None constants are caught above
         return None
     return value
 
 
-@functools.lru_cache(maxsize=1024)  # selectors repeat in loops; parsing them is not free
 def parse_selector(text: str) -> Selector:
-    """`"conv1.weight.grad[0][0][0]"` -> Selector("conv1.weight.grad", ((0,), (0,), (0,)))."""
+    """`"conv1.weight.grad[0][0][0]"` -> Selector("conv1.weight.grad", ((0,), (0,), (0,))).
+    Anything but a str raises TypeError (get(123) raised "'int' object has no attribute
+    'strip'", a list "unhashable type")."""
+    if not isinstance(text, str):
+        raise TypeError(
+            "a selector is a str naming a tensor, with an index if you like, such as "
+            f"'conv1.weight[0]' or 'loss'; got {type(text).__name__} {text!r}"
+        )
+    return _parse(text)
+
+
+@functools.lru_cache(maxsize=1024)  # selectors repeat in loops; parsing them is not free
+def _parse(text: str) -> Selector:
     text = text.strip()
     bracket = text.find("[")
     name = text if bracket < 0 else text[:bracket].strip()
