@@ -1104,3 +1104,28 @@ def test_an_index_past_int64_is_a_selector_error_naming_the_range(
         client.get("linear.weight[0][-9223372036854775808:9223372036854775807]"),
         client.get("linear.weight[0]"),
     )
+
+
+def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
+    client: gradwire.Client,
+) -> None:
+    """reset(seed=-1), open_session(seed=-1) and Fill.normal(..., seed=-1) raised protobuf's
+    ValueError, "Value out of range: -1"; a float seed its TypeError."""
+    said = r"seed must be from 0 to 18446744073709551615 \(2\*\*64 - 1\), got "
+    before = client.list_tensors().version
+    calls: list[Callable[[int], object]] = [
+        lambda seed: client.reset(seed=seed),
+        lambda seed: client.open_session(seed=seed),
+        lambda seed: Fill.normal(8, 3, 10, 10, seed=seed),
+        lambda seed: Fill.uniform(8, 3, 10, 10, seed=seed),
+        lambda seed: Fill.randint(0, 20, 8, seed=seed),
+    ]
+    for call in calls:
+        for seed in (-1, 2**64):
+            with pytest.raises(ValueError, match=said + str(seed)):
+                call(seed)
+        with pytest.raises(TypeError, match=r"seed must be a whole number, got 1\.5"):
+            call(1.5)  # type: ignore[arg-type]
+    assert client.list_tensors().version == before
+    assert client.reset(seed=np.uint64(2**64 - 1)) == before + 1  # type: ignore[arg-type]
+    client.forward(Fill.normal(8, 3, 10, 10, seed=2**64 - 1), ONES_TARGET)

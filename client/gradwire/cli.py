@@ -130,14 +130,11 @@ def _seed(text: str) -> int:
     """A seed as the wire carries it (uint64). Out of range, each --seed gave a traceback
     from protobuf or torch (found by a review of the CLI)."""
     try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 1 << 64:
+        return limits.check_seed(int(text))
+    except ValueError:  # int()'s too
         raise argparse.ArgumentTypeError(
-            f"bad seed {text!r}: expected a whole number from 0 to {(1 << 64) - 1}"
-        )
-    return seed
+            f"bad seed {text!r}: expected a whole number from 0 to {limits.MAX_SEED}"
+        ) from None
 
 
 def _client_keepalive(text: str) -> float:

@@ -746,7 +746,7 @@ class Client:
         """
         request = pb.OpenSessionRequest()
         if seed is not None:
-            request.seed = seed
+            request.seed = limits.check_seed(seed)
         if optimizer is not None or settings:
             request.optimizer.CopyFrom(_optimizer_config(optimizer or "sgd", settings))
         response = self._call("OpenSession", request)
@@ -1216,7 +1216,7 @@ class Client:
         """A freshly initialised model (seeded when asked) and optimizer."""
         request = pb.ResetRequest()
         if seed is not None:
-            request.seed = seed
+            request.seed = limits.check_seed(seed)
         return int(self._call("Reset", request).version)
 
     def set_optimizer(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gradwire import codec
+from gradwire import codec, limits
 from gradwire._pb import trainer_pb2 as pb
 
 FillKind = Literal["zeros", "ones", "constant", "uniform", "normal", "randint"]
@@ -36,6 +36,9 @@ class Fill:
     high: float = 0.0
     std: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        limits.check_seed(self.seed)
 
     @classmethod
     def ones(cls, *shape: int, dtype: str | None = None) -> Fill:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Final
 
 #: The largest message either end sends or accepts: 64 MiB. Larger tensors travel in
@@ -55,6 +56,26 @@ CLIENT_KEEPALIVE_S: Final = GRPC_DEFAULT_MIN_CLIENT_PING_S + 30
 
 #: The longest a gRPC duration option holds: milliseconds in a 32-bit int, about 24.8 days.
 MAX_GRPC_SECONDS: Final = (2**31 - 1) // 1000
+
+
+#: Seeds travel as uint64: from 0 to MAX_SEED (2**64 - 1).
+MAX_SEED: Final = (1 << 64) - 1
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    """`seed` as the wire carries it, a uint64; ValueError naming `what` and the range for
+    a number outside it, TypeError for what is not a whole number (a float, a bool). Out
+    of range, protobuf raised its own "Value out of range: -1". One check for every seed
+    the client sends: Client.reset, open_session, Fill's, the CLI's --seed."""
+    if isinstance(seed, bool):
+        raise TypeError(f"{what} must be a whole number, got {seed!r}")
+    try:
+        value = operator.index(seed)  # an int or numpy's, not a float
+    except TypeError:
+        raise TypeError(f"{what} must be a whole number, got {seed!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{what} must be from 0 to {MAX_SEED} (2**64 - 1), got {value}")
+    return value
 
 
 def _size_options() -> list[tuple[str, int]]:
