@@ -1129,3 +1129,28 @@ def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
     assert client.list_tensors().version == before
     assert client.reset(seed=np.uint64(2**64 - 1)) == before + 1  # type: ignore[arg-type]
     client.forward(Fill.normal(8, 3, 10, 10, seed=2**64 - 1), ONES_TARGET)
+
+
+def test_a_fill_takes_its_shape_as_one_tuple_as_torch_does(client: gradwire.Client) -> None:
+    """Fill.ones((8, 3, 10, 10)), as torch.ones takes it, raised protobuf's TypeError from
+    inside to_proto ("'tuple' object cannot be interpreted as an integer"), when it was
+    sent."""
+    shape = (8, 3, 10, 10)
+    made = [
+        (Fill.ones(shape), Fill.ones(*shape)),
+        (Fill.zeros(list(shape)), Fill.zeros(*shape)),
+        (Fill.constant(0.5, torch.Size(shape)), Fill.constant(0.5, *shape)),
+        (Fill.uniform(shape, low=-1.0, seed=3), Fill.uniform(*shape, low=-1.0, seed=3)),
+        (Fill.normal(shape, std=2.0, seed=3), Fill.normal(*shape, std=2.0, seed=3)),
+        (Fill.randint(0, 5, np.zeros(shape).shape, seed=3), Fill.randint(0, 5, *shape, seed=3)),
+    ]
+    for as_one, one_by_one in made:
+        assert as_one == one_by_one and as_one.shape == shape
+        client.forward(as_one, ONES_TARGET)
+        sent = client.get("input")
+        client.forward(one_by_one, ONES_TARGET)
+        np.testing.assert_array_equal(client.get("input"), sent)
+    assert Fill.ones(np.int64(8), 3).shape == (8, 3)
+    for bad in [((8, 3), 10), (8.0, 3), (True, 3)]:
+        with pytest.raises(TypeError, match="a Fill's shape is whole numbers"):
+            Fill.ones(*bad)  # type: ignore[arg-type]

@@ -5,8 +5,10 @@ Big synthetic batches then need no upload.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from gradwire import codec, limits
 from gradwire._pb import trainer_pb2 as pb
@@ -22,9 +24,32 @@ _KIND: dict[str, int] = {
 }
 
 
+def _shape(shape: tuple[int | Sequence[int], ...]) -> tuple[int, ...]:
+    """A constructor's *shape: its dimensions, or (as torch.ones takes them) one tuple or
+    list of them, Fill.ones((8, 3, 10, 10)), which protobuf refused from deep inside."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):  # torch.Size is a tuple
+        return _dimensions(shape[0])
+    return _dimensions(shape)
+
+
+def _dimensions(shape: Sequence[Any]) -> tuple[int, ...]:
+    """The dimensions as ints; TypeError naming the shape for any that is not a whole
+    number (a float, a nested tuple: Fill.ones((8, 3), 10))."""
+    try:
+        if any(isinstance(d, bool) for d in shape):
+            raise TypeError
+        return tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise TypeError(
+            f"a Fill's shape is whole numbers, given one by one (Fill.ones(8, 3, 10, 10)) or "
+            f"as one tuple or list (Fill.ones((8, 3, 10, 10))); got {shape!r}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Fill:
-    """A fill spec: `Fill.ones(8, 3, 10, 10)` is the tutorial's `torch.ones(8, 3, 10, 10)`."""
+    """A fill spec: `Fill.ones(8, 3, 10, 10)` is the tutorial's `torch.ones(8, 3, 10, 10)`.
+    As in torch, the shape may be given as one tuple or list too: `Fill.ones(x.shape)`."""
 
     kind: FillKind
     shape: tuple[int, ...]
@@ -38,47 +63,53 @@ class Fill:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", _dimensions(self.shape))
         limits.check_seed(self.seed)
 
     @classmethod
-    def ones(cls, *shape: int, dtype: str | None = None) -> Fill:
-        return cls("ones", tuple(shape), dtype)
+    def ones(cls, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        return cls("ones", _shape(shape), dtype)
 
     @classmethod
-    def zeros(cls, *shape: int, dtype: str | None = None) -> Fill:
-        return cls("zeros", tuple(shape), dtype)
+    def zeros(cls, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        return cls("zeros", _shape(shape), dtype)
 
     @classmethod
-    def constant(cls, value: float, *shape: int, dtype: str | None = None) -> Fill:
-        return cls("constant", tuple(shape), dtype, value=value)
+    def constant(cls, value: float, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        return cls("constant", _shape(shape), dtype, value=value)
 
     @classmethod
     def uniform(
         cls,
-        *shape: int,
+        *shape: int | Sequence[int],
         low: float = 0.0,
         high: float = 1.0,
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
-        return cls("uniform", tuple(shape), dtype, low=low, high=high, seed=seed)
+        return cls("uniform", _shape(shape), dtype, low=low, high=high, seed=seed)
 
     @classmethod
     def normal(
         cls,
-        *shape: int,
+        *shape: int | Sequence[int],
         mean: float = 0.0,
         std: float = 1.0,
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
-        return cls("normal", tuple(shape), dtype, value=mean, std=std, seed=seed)
+        return cls("normal", _shape(shape), dtype, value=mean, std=std, seed=seed)
 
     @classmethod
     def randint(
-        cls, low: int, high: int, *shape: int, seed: int = 0, dtype: str | None = None
+        cls,
+        low: int,
+        high: int,
+        *shape: int | Sequence[int],
+        seed: int = 0,
+        dtype: str | None = None,
     ) -> Fill:
-        return cls("randint", tuple(shape), dtype, low=low, high=high, seed=seed)
+        return cls("randint", _shape(shape), dtype, low=low, high=high, seed=seed)
 
     def reseeded(self, step: int) -> Fill:
         """This fill at step `step` of a run: a random kind's seed advanced by `step`, as the
