@@ -765,8 +765,14 @@ def test_the_remote_view_is_lazy(client: gradwire.Client) -> None:
 
 
 def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Client) -> None:
-    with pytest.raises(AttributeError):
+    """It raised AttributeError("grad"), which said nothing of where the attribute goes
+    (found by a review of the client)."""
+    said = "conv1.weight[0].grad: a name's attributes come before its index; write "
+    with pytest.raises(AttributeError, match=re.escape(said + "remote.conv1.weight.grad[0]")):
         _ = client.remote.conv1.weight[0].grad
+    with pytest.raises(AttributeError, match=r"write remote\.output\.grad\[0, 1:3\]\[-1\]$"):
+        _ = client.remote.output[0, 1:3][-1].grad
+    assert not hasattr(client.remote.conv1.weight[0], "__array_interface__")
 
 
 def test_the_remote_view_refuses_advanced_indexing_at_once(client: gradwire.Client) -> None:

@@ -33,8 +33,15 @@ class RemoteTensor:
         self._chain = chain
 
     def __getattr__(self, attribute: str) -> RemoteTensor:
-        if attribute.startswith("_") or self._chain:
+        if attribute.startswith("_"):
             raise AttributeError(attribute)
+        if self._chain:
+            # remote.conv1.weight[0].grad raised AttributeError("grad"), with no word of why.
+            index = self.selector[len(self._name) :]
+            raise AttributeError(
+                f"{self.selector}.{attribute}: a name's attributes come before its index; "
+                f"write remote.{self._name}.{attribute}{index}"
+            )
         return RemoteTensor(self._client, f"{self._name}.{attribute}")
 
     def __getitem__(self, key: codec.IndexKey) -> RemoteTensor:
