@@ -4,6 +4,7 @@ made here by a relay that stops relaying) does not hold the other end's calls fo
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 
@@ -157,12 +158,32 @@ def test_relay_relays_until_cut(server: Running) -> None:
 def test_a_client_pinging_too_often_is_told_so(server: Running) -> None:
     # The .proto's rule: pings closer than limits.MIN_CLIENT_PING_S on a connection that
     # carries no data get it closed, as gRPC does for any server.
+    # gRPC's "Too many pings" alone did not say that the interval was the client's own
+    # keepalive= (found by a review of the client): the error now names it.
+    said = (
+        r"(?i)too many pings.*the server closed the connection for pinging too often: .* "
+        r"every 0\.2 s, keepalive=0\.2; a gradwire server takes a ping every 30 s by default"
+    )
     with (
         gradwire.connect(server_address(server), keepalive=0.2, keepalive_timeout=5) as client,
-        pytest.raises(Unavailable, match=r"(?i)too many pings"),
+        pytest.raises(Unavailable, match=said),
     ):
         for _ in client.watch(["conv1.weight[0,0,0]"], timeout=30):
             pass  # no step is taken: the watch sends its first update, then nothing
+
+
+@pytest.mark.parametrize("seconds", [-1, -0.5, math.nan, math.inf])
+@pytest.mark.parametrize("keyword", ["keepalive", "keepalive_timeout"])
+def test_a_negative_or_nan_keepalive_is_refused(address: str, keyword: str, seconds: float) -> None:
+    """keepalive=-1 was taken without a word (gRPC's option got a 1 ms interval); inf raised
+    OverflowError. 0 and None stay no pings."""
+    with pytest.raises(ValueError, match=f"{keyword}= must be seconds, 0 or more and finite"):
+        gradwire.connect(address, **{keyword: seconds})
+    with pytest.raises(TypeError, match=f"{keyword}= takes seconds, a number; got '5'"):
+        gradwire.connect(address, **{keyword: "5"})
+    for none in (0, None):
+        with gradwire.connect(address, keepalive=none, timeout=10) as client:
+            assert client.list_tensors().names()
 
 
 def test_a_client_pinging_no_more_often_than_allowed_keeps_its_quiet_watch() -> None:

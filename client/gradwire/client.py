@@ -13,6 +13,7 @@ import copy
 import functools
 import ipaddress
 import itertools
+import math
 import os
 import re
 import threading
@@ -36,6 +37,7 @@ from gradwire.errors import (
     NotFound,
     RemoteError,
     ResourceExhausted,
+    Unavailable,
     from_rpc_error,
 )
 from gradwire.fill import Fill
@@ -338,11 +340,42 @@ def _cut_off(error: grpc.RpcError) -> bool:
     return not any(words in text for words in NEVER_REACHED)
 
 
-def _failed(error: grpc.RpcError, changes_state: bool) -> RemoteError:
-    """The exception for a failed call, saying whether the call changes state."""
+def _failed(
+    error: grpc.RpcError, changes_state: bool, keepalive: float | None = None
+) -> RemoteError:
+    """The exception for a failed call, saying whether the call changes state; and, for a
+    connection closed for "Too many pings" by a client pinging every `keepalive` seconds,
+    more often than a gradwire server takes, what to give instead."""
     raised = from_rpc_error(error)
     raised.changes_state = changes_state
+    if (
+        isinstance(raised, Unavailable)
+        and "too many pings" in raised.message.lower()
+        and keepalive
+        and keepalive < limits.MIN_CLIENT_PING_S
+    ):
+        # gRPC's two words alone, the ping interval being the client's own setting.
+        raised.message += (
+            f" (the server closed the connection for pinging too often: this client pings "
+            f"a silent connection every {keepalive:g} s, keepalive={keepalive:g}; a gradwire "
+            f"server takes a ping every {limits.MIN_CLIENT_PING_S:g} s by default: give "
+            f"keepalive={limits.MIN_CLIENT_PING_S:g} or more, or None for no pings)"
+        )
+        raised.args = (raised.message,)
     return raised
+
+
+def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
+    """ValueError naming `what` for a negative, NaN or infinite number of seconds (gRPC was
+    given a negative interval without a word, and an infinite one raised OverflowError);
+    TypeError for what is not a number. None passes where `none` says what it means."""
+    if seconds is None and none:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} takes seconds, a number; got {seconds!r}")
+    if not 0 <= seconds < math.inf:  # NaN too
+        also = f"; {none}" if none else ""
+        raise ValueError(f"{what} must be seconds, 0 or more and finite{also}; got {seconds!r}")
 
 
 class _OpenedSessions:
@@ -498,7 +531,8 @@ class Client:
         `keepalive`: during a call, ping a connection silent this many seconds, so that a
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
-        waiting for ever; None: no pings. The default (limits.CLIENT_KEEPALIVE_S, 5.5
+        waiting for ever; None or 0: no pings (a negative, NaN or infinite value of either
+        raises ValueError). The default (limits.CLIENT_KEEPALIVE_S, 5.5
         minutes) suits any gRPC server; a gradwire server takes pings every
         limits.MIN_CLIENT_PING_S seconds, and closes a connection pinged more often.
         `session`: act on a session opened elsewhere (another process's `open_session()`:
@@ -511,6 +545,8 @@ class Client:
                 f"mutual TLS needs a client certificate and its private key: {given}= was "
                 f"given without {missing}=; give both (PEM bytes), or neither"
             )
+        _check_seconds(keepalive, "keepalive=", "0 or None: no pings")
+        _check_seconds(keepalive_timeout, "keepalive_timeout=")
         check_pem(ca, "certificate", "ca=")
         check_pem(cert, "certificate", "cert=")
         check_pem(key, "private key", "key=")
@@ -534,6 +570,7 @@ class Client:
         #: (a session client's own open_session too), and not closed or detached since:
         #: the channel's owner closes them with it. Shared by those clients.
         self._opened = _OpenedSessions()
+        self._keepalive = keepalive  # what "Too many pings" names
         options = channel_options(keepalive, keepalive_timeout)
         if channel is None and (tls or ca is not None or cert is not None):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
@@ -633,7 +670,7 @@ class Client:
                 self.reached |= _cut_off(err)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
-                    raise _failed(err, method in _ONCE) from None
+                    raise _failed(err, method in _ONCE, self._keepalive) from None
                 _back_off(attempt)
             except ValueError as err:
                 raise _closed_channel(err) from None
@@ -698,7 +735,7 @@ class Client:
                 # (Channel closed!)" read as the server's doing.
                 raise ClientClosed(f"{method} cut off: {_CLOSED}") from None
             self.reached |= _cut_off(err)
-            raise _failed(err, method == "Train") from None
+            raise _failed(err, method == "Train", self._keepalive) from None
         finally:
             call.cancel()  # a no-op once the stream has ended
 
@@ -814,8 +851,6 @@ class Client:
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s,
         ClientClosed at once on a closed client."""
-        from gradwire.errors import Unavailable
-
         # gRPC's readiness future polls a closed channel on a thread of its own, which died
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
         if self._channel in _CLOSED_CHANNELS:
@@ -836,7 +871,7 @@ class Client:
                 metadata=[*self._metadata, *self._session_metadata("Health")],
             )
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise _failed(err, False, self._keepalive) from None
         except ValueError as err:
             raise _closed_channel(err) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
