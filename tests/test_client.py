@@ -5,6 +5,7 @@ Every value is checked against plain PyTorch run here on the same weights, bit f
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import subprocess
@@ -18,12 +19,13 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire import codec, errors
+from gradwire import codec, errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.client import with_default_port
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
 from gradwire.selector import SelectorError
+from gradwire_server import servicer, stats
 from gradwire_server.models import Simple
 from tests.cli_run import run_main
 
@@ -919,6 +921,31 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
         client.watch(["conv1.weight[[0]]"])
     with pytest.raises(errors.GradwireError, match="cannot send"):
         client.train(np.array(["a"], dtype=object), ONES_TARGET, 3)
+    # Until a later review found these still raised at the first next(), by the server.
+    top = "9223372036854775807"
+    refused: list[tuple[Callable[[], object], str]] = [
+        (lambda: client.watch("loss", every_steps=-1), r"every_steps .* \(every mutation\)"),
+        (lambda: client.watch("loss", bins=-1), r"bins must be from 0 \(no histogram\) to 4096"),
+        (lambda: client.watch("loss", bins=4097), "bins must be from 0 .* got 4097"),
+        (lambda: client.watch("loss", min_interval=-1), "min_interval must be seconds, 0 or"),
+        (lambda: client.watch("loss", min_interval=math.nan), "min_interval must be seconds"),
+        (lambda: client.watch("loss", min_interval=math.inf), "min_interval must be .* finite"),
+        (lambda: client.train(ONES_INPUT, ONES_TARGET, 0), "steps must be from 1 to 1099511627776"),
+        (lambda: client.train(ONES_INPUT, ONES_TARGET, -1), "steps must be from 1 .* got -1"),
+        (lambda: client.train(ONES_INPUT, ONES_TARGET, 2**40 + 1), "steps must be from 1"),
+        (lambda: client.train(ONES_INPUT, ONES_TARGET, 3, every=-1), rf"every .* to {top}, got -1"),
+        (lambda: client.train(ONES_INPUT, None, 3), "train needs a target: class indices"),
+    ]  # fmt: skip
+    for call, said in refused:
+        with pytest.raises(ValueError, match=said):
+            call()
+    with pytest.raises(TypeError, match=r"steps must be a whole number, got 2\.5"):
+        client.train(ONES_INPUT, ONES_TARGET, 2.5)  # type: ignore[arg-type]
+    assert limits.MAX_HISTOGRAM_BINS == stats.MAX_BINS  # the server's, as the client has them
+    assert limits.MAX_TRAIN_STEPS == servicer.MAX_TRAIN_STEPS
+    slow = client.watch("loss", min_interval=1e300, every_steps=2**63 - 1, bins=4096)
+    assert next(slow).tensors[0].name == "loss"  # the ends of the ranges are taken
+    slow.close()
     version = client.list_tensors().version
     run = client.train(ONES_INPUT, ONES_TARGET, 2)  # nothing is sent until it is iterated
     assert client.list_tensors().version == version

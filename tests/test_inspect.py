@@ -14,6 +14,7 @@ import torch
 
 import gradwire
 from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.updates import Stats, WatchUpdate
 from gradwire_server import stats as server_stats
@@ -425,10 +426,16 @@ def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
         next(client.watch(["conv1.weigth"]))
     with pytest.raises(errors.OutOfRange):
         next(client.watch(["conv1.weight[99]"]))
-    with pytest.raises(errors.InvalidArgument):
-        next(client.watch(["conv1.weight"], bins=-2))
-    with pytest.raises(errors.InvalidArgument):
-        next(client.watch(["conv1.weight"], every_steps=-1))
+    # The client refuses these itself, when watch() is called: sent as they are, the
+    # server refuses them too.
+    item = pb.WatchItem(name="conv1.weight", stats=True)
+    bad_bins = pb.WatchItem(name="conv1.weight", stats=True, histogram_bins=-2)
+    for request in (
+        pb.WatchRequest(items=[bad_bins]),
+        pb.WatchRequest(items=[item], every_steps=-1),
+    ):
+        with pytest.raises(errors.InvalidArgument):
+            next(client._stream("Watch", request))
 
 
 def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> None:
@@ -509,8 +516,17 @@ def test_train_stops_between_steps_when_cancelled(client: gradwire.Client) -> No
 def test_bad_train_requests_are_invalid_argument(
     client: gradwire.Client, steps: int, every: int, target: Any
 ) -> None:
+    # The client refuses them itself, when train() is called; sent as they are, the server
+    # refuses them too.
+    with pytest.raises(ValueError):
+        client.train(Fill.ones(8, 3, 10, 10), target, steps=steps, every=every)
+    request = pb.TrainRequest(
+        input=pb.TensorSource(fill=Fill.ones(8, 3, 10, 10).to_proto()), steps=steps, every=every
+    )
+    if target is not None:
+        request.target.fill.CopyFrom(target.to_proto())
     with pytest.raises(errors.InvalidArgument):
-        list(client.train(Fill.ones(8, 3, 10, 10), target, steps=steps, every=every))
+        list(client._stream("Train", request))
     assert client.list_tensors().version == 0
 
 
@@ -572,8 +588,11 @@ def test_a_minimum_interval_coalesces_updates(client: gradwire.Client, address: 
     assert (first.version, update.version, update.steps) == (0, 1 + 10 * 4, 10)
     assert update.skipped == 10  # 11 mutating calls, one update
     assert np.array_equal(update["conv1.weight"].value, final)
-    with pytest.raises(errors.InvalidArgument):
-        next(client.watch(["loss"], min_interval=-1.0))
+    with pytest.raises(ValueError, match="min_interval must be seconds"):
+        client.watch(["loss"], min_interval=-1.0)  # refused by the client, when called
+    refused = pb.WatchRequest(items=[pb.WatchItem(name="loss", stats=True)], min_interval_ms=-1)
+    with pytest.raises(errors.InvalidArgument):  # and by the server, sent as it is
+        next(client._stream("Watch", refused))
 
 
 @pytest.mark.parametrize("interval", [0.0, 30.0])

@@ -326,6 +326,9 @@ def _closed_channel(error: ValueError) -> Exception:
     return ClientClosed(_CLOSED)
 
 
+#: The longest min_interval a Watch carries, in milliseconds (an int64 field).
+_MAX_MS = codec.INT64_MAX
+
 #: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
 #: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
 NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", "resolution")
@@ -363,6 +366,17 @@ def _failed(
         )
         raised.args = (raised.message,)
     return raised
+
+
+def _whole(value: Any, what: str, low: int, high: int, low_means: str = "") -> int:
+    """`value` as an int from `low` to `high`: ValueError naming `what` and the range
+    (`low_means`: what `low` asks for), TypeError for what is not a whole number."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        means = f" ({low_means})" if low_means else ""
+        raise ValueError(f"{what} must be from {low}{means} to {high}, got {value}")
+    return int(value)
 
 
 def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
@@ -1138,9 +1152,14 @@ class Client:
         """
         if not selectors:
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
-        request = pb.WatchRequest(
-            every_steps=every_steps, min_interval_ms=round(min_interval * 1000)
-        )
+        # Each refused by the server at the first update, where a bad call went unnoticed
+        # until then, or for ever when never iterated; an infinite min_interval raised
+        # OverflowError (found by a review of the client).
+        every_steps = _whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
+        bins = _whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
+        _check_seconds(min_interval, "min_interval")
+        interval_ms = min(round(min(min_interval, _MAX_MS / 1000) * 1000), _MAX_MS)
+        request = pb.WatchRequest(every_steps=every_steps, min_interval_ms=interval_ms)
         shown = []  # each as Python writes it, for the updates' `selector`
         for text in _names(selectors):
             parsed = parse_selector(text)
@@ -1177,9 +1196,17 @@ class Client:
         the first progress is asked for (a Train never iterated runs nothing), with this
         client's `expecting` version as it is here.
         """
+        # Each refused by the server at the first progress, where a bad call went unnoticed
+        # until then, or for ever when never iterated (found by a review of the client).
+        steps = _whole(steps, "steps", 1, limits.MAX_TRAIN_STEPS)
+        every = _whole(every, "every", 0, codec.INT64_MAX, "after every step")
+        if target is None:
+            raise ValueError(
+                "train needs a target: class indices, or values for a model trained with "
+                "'mse' (an array, a torch tensor or a Fill)"
+            )
         pieces = _source_pieces("TrainRequest", "input", input)
-        if target is not None:  # refused by the server, with a message saying why
-            pieces += _source_pieces("TrainRequest", "target", target)
+        pieces += _source_pieces("TrainRequest", "target", target)
         request = pb.TrainRequest(steps=steps, every=every, zero_grad=zero_grad)
         pieces.append(request.SerializeToString())
         expected = self._expected_version()  # its first step's condition

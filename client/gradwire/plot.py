@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from gradwire import limits
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.colors import Colormap
@@ -56,7 +58,7 @@ DEFAULT_DPI = 100  # so 800 x 600 pixels by default
 DEFAULT_BINS = 50
 MAX_KERNEL_OUT = 32  # kernel grid columns: output channels (filters) shown at most
 MAX_KERNEL_IN = 32  # kernel grid rows: input channels shown at most
-MAX_BINS = 4096  # as the server's statistics allow
+MAX_BINS = limits.MAX_HISTOGRAM_BINS  # as the server's statistics allow
 
 INSTALL_HINT = (
     "pictures need matplotlib: install gradwire's plot extra (in a checkout: pip install '.[plot]')"
