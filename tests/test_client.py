@@ -1187,3 +1187,29 @@ def test_a_fill_takes_its_shape_as_one_tuple_as_torch_does(client: gradwire.Clie
     for bad in [((8, 3), 10), (8.0, 3), (True, 3)]:
         with pytest.raises(TypeError, match="a Fill's shape is whole numbers"):
             Fill.ones(*bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_refusal_of_a_widened_dtype_names_the_dtype_given(
+    client: gradwire.Client, streamed: bool
+) -> None:
+    """forward(x.astype(np.int8), y) was refused with "input has dtype int32": the client
+    widens int8 (uint8, int16, uint16) to int32, the wire having no smaller integer, and
+    the server named a dtype the caller never sent."""
+    if streamed:
+        client.stream_above_bytes = 0
+    x = np.ones((8, 3, 10, 10), np.float32)
+    y = np.ones(8, np.int64)
+    said = r"input has dtype int32; .* \(input was given as int8, sent as int32: the wire has no"
+    with pytest.raises(errors.InvalidArgument, match=said):
+        client.forward(x.astype(np.int8), y)
+    with pytest.raises(errors.InvalidArgument, match="input was given as int8, sent as int32"):
+        client.forward(torch.ones(8, 3, 10, 10, dtype=torch.int8), y)
+    with pytest.raises(errors.InvalidArgument, match="input was given as uint16, sent as int32"):
+        client.train_step(x.astype(np.uint16), y)
+    with pytest.raises(errors.InvalidArgument, match="input was given as int16, sent as int32"):
+        next(client.train(x.astype(np.int16), y, 2))
+    with pytest.raises(errors.InvalidArgument) as plain:  # nothing widened: nothing added
+        client.forward(x.astype(np.int32), y)
+    assert "given as" not in str(plain.value)
+    assert client.forward(x, y.astype(np.uint8)).loss == client.forward(x, y).loss  # taken

@@ -34,6 +34,7 @@ from gradwire.credentials import check_pem, pem_bytes
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
+    InvalidArgument,
     NotFound,
     RemoteError,
     ResourceExhausted,
@@ -377,6 +378,27 @@ def _whole(value: Any, what: str, low: int, high: int, low_means: str = "") -> i
         means = f" ({low_means})" if low_means else ""
         raise ValueError(f"{what} must be from {low}{means} to {high}, got {value}")
     return int(value)
+
+
+def _widenings(**values: Any) -> dict[str, tuple[str, str]]:
+    """(the dtype given, the dtype sent) by argument, for the values that travel widened
+    (codec.widened)."""
+    found = {name: codec.widened(value) for name, value in values.items()}
+    return {name: dtypes for name, dtypes in found.items() if dtypes is not None}
+
+
+def _tell_widenings(error: InvalidArgument, widenings: dict[str, tuple[str, str]]) -> None:
+    """Adds to a refusal that names a dtype an argument was widened to what was given:
+    forward(x.astype(np.int8)) was refused with "input has dtype int32", a dtype the caller
+    never sent."""
+    told = [
+        f"{name} was given as {given}, sent as {sent}: the wire has no {given}"
+        for name, (given, sent) in widenings.items()
+        if sent in error.message
+    ]
+    if told:
+        error.message += f" ({'; '.join(told)})"
+        error.args = (error.message,)
 
 
 def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
@@ -895,15 +917,22 @@ class Client:
     def forward(self, input: Any, target: Any = None) -> ForwardResult:
         """model(input) and, with a target, the loss. Each is an array, a torch tensor or a Fill.
 
-        An input larger than `stream_above_bytes` is sent in chunks (ForwardStream).
+        An input larger than `stream_above_bytes` is sent in chunks (ForwardStream). Values
+        of int8, uint8, int16 and uint16 travel as int32, and uint32 as int64 (the wire has
+        no smaller integers): a refusal naming the dtype sent says what was given.
         """
-        if _nbytes(input) > self.stream_above_bytes:
-            response = self._call("ForwardStream", _begun(self._forward_chunks(input, target)))
-        else:
-            pieces = _source_pieces("ForwardRequest", "input", input)
-            if target is not None:
-                pieces += _source_pieces("ForwardRequest", "target", target)
-            response = self._call("Forward", wire.join(pieces))
+        try:
+            if _nbytes(input) > self.stream_above_bytes:
+                chunks = _begun(self._forward_chunks(input, target))
+                response = self._call("ForwardStream", chunks)
+            else:
+                pieces = _source_pieces("ForwardRequest", "input", input)
+                if target is not None:
+                    pieces += _source_pieces("ForwardRequest", "target", target)
+                response = self._call("Forward", wire.join(pieces))
+        except InvalidArgument as err:
+            _tell_widenings(err, _widenings(input=input, target=target))
+            raise
         loss = response.loss if response.HasField("loss") else None
         return ForwardResult(
             response.version, tuple(response.output_shape), loss, response.nonfinite_inputs
@@ -937,7 +966,12 @@ class Client:
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
         pieces.append(request.SerializeToString())
-        split = wire.split(self._call("TrainStep", wire.join(pieces)), pb.TrainStepResponse)
+        try:
+            data = self._call("TrainStep", wire.join(pieces))
+        except InvalidArgument as err:
+            _tell_widenings(err, _widenings(input=input, target=target))
+            raise
+        split = wire.split(data, pb.TrainStepResponse)
         response = split.message
         fetched = tuple(
             _read_result(
@@ -1212,7 +1246,19 @@ class Client:
         expected = self._expected_version()  # its first step's condition
         extra = [] if expected is None else [(EXPECTED_VERSION, expected)]
         stream = self._stream("Train", wire.join(pieces), timeout=timeout, metadata=extra)
-        return (train_progress(message) for message in stream)
+        return self._progress(stream, _widenings(input=input, target=target))
+
+    @staticmethod
+    def _progress(
+        stream: Iterator[pb.TrainProgress], widenings: dict[str, tuple[str, str]]
+    ) -> Generator[TrainProgress, None, None]:
+        """The progress of a Train, a refusal naming a widened dtype told so."""
+        try:
+            for message in stream:
+                yield train_progress(message)
+        except InvalidArgument as err:
+            _tell_widenings(err, widenings)
+            raise
 
     def shape(self, selector: str) -> tuple[int, ...] | None:
         """The shape of a tensor or slice without fetching its values; None when absent."""

@@ -45,6 +45,7 @@ __all__ = [
     "indices_to_proto",
     "numel",
     "tensor_pieces",
+    "widened",
 ]
 
 
@@ -93,6 +94,22 @@ _NUMPY_TO_DTYPE: Final = {
     np.dtype("int64"): pb.DTYPE_INT64,
     np.dtype("bool"): pb.DTYPE_BOOL,
 }
+
+
+def widened(value: Any) -> tuple[str, str] | None:
+    """(the dtype given, the dtype sent) for a value that travels widened: int8, uint8,
+    int16 and uint16 have no wire type and are sent as int32, uint32 as int64 (host_array),
+    so that the server, seeing int32, names a dtype the caller never sent. None for a value
+    sent in its own dtype."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return None
+    try:
+        given = np.dtype(str(dtype).removeprefix("torch."))  # torch.int8 too
+    except TypeError:
+        return None
+    wide = _WIDENED.get(given.newbyteorder("="))
+    return None if wide is None else (str(given), str(wide.newbyteorder("=")))
 
 
 _LITTLE_ENDIAN: Final = sys.byteorder == "little"
