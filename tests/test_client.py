@@ -1213,3 +1213,28 @@ def test_a_refusal_of_a_widened_dtype_names_the_dtype_given(
         client.forward(x.astype(np.int32), y)
     assert "given as" not in str(plain.value)
     assert client.forward(x, y.astype(np.uint8)).loss == client.forward(x, y).loss  # taken
+
+
+def test_a_watch_or_a_train_past_its_timeout_raises_deadline_exceeded(
+    client: gradwire.Client,
+) -> None:
+    """As their docstrings now say: they read as if the stream ended cleanly at the
+    timeout (found by a review of the client)."""
+    watch = client.watch("loss", timeout=0.3)
+    next(watch)  # the state now; then nothing changes
+    with pytest.raises(errors.DeadlineExceeded):
+        next(watch)
+    with pytest.raises(errors.DeadlineExceeded) as caught:
+        for _ in client.train(ONES_INPUT, ONES_TARGET, 10**9, every=10**9, timeout=0.5):
+            pass
+    assert caught.value.changes_state  # the steps taken stay applied
+    assert client.list_tensors().version > 0
+
+
+def test_expecting_takes_a_numpy_integer(client: gradwire.Client) -> None:
+    """It did at run time, but its hint said int alone, and mypy refused np.int64."""
+    version = np.int64(client.list_tensors().version)
+    with client.expecting(version):
+        client.zero_grad()
+    with client.expecting(version), pytest.raises(errors.Aborted):
+        client.zero_grad()  # the version has moved on

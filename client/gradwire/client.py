@@ -716,7 +716,7 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     @contextlib.contextmanager
-    def expecting(self, version: int) -> Iterator[None]:
+    def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:
         """Mutations made through this client in this block (this thread or task), a
         Train's first step included, apply only if its session is still at `version`;
         otherwise they change nothing and raise gradwire.errors.Aborted (reason
@@ -1177,7 +1177,9 @@ class Client:
     ) -> Generator[WatchUpdate, None, None]:
         """Watch: the state now, then an update after each applied mutation (or every
         `every_steps` Steps; at most one per `min_interval` seconds), until the iterator is
-        closed (`break` out of the loop) or `timeout` seconds pass. Each selector gets its
+        closed (`break` out of the loop) or `timeout` seconds pass, which does not end it
+        cleanly: the next update then raises gradwire.errors.DeadlineExceeded (None, the
+        default: no limit). Each selector gets its
         values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
         Training never waits for a reader: a slow one gets the latest state, and `skipped`
         counts the updates it missed. Each update costs the server its reads; `min_interval`
@@ -1226,9 +1228,12 @@ class Client:
         """Train: `steps` training steps run on the server, with progress after every
         `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes seed + k
         at step k, so each step sees new data. Closing the iterator stops the run between two
-        steps; the steps taken stay applied. Bad arguments raise here; the run starts when
-        the first progress is asked for (a Train never iterated runs nothing), with this
-        client's `expecting` version as it is here.
+        steps; the steps taken stay applied. `timeout`: seconds for the whole run (None, the
+        default: no limit); a run still going then stops between two steps, and the next
+        progress raises gradwire.errors.DeadlineExceeded, the steps taken staying applied.
+        Bad arguments raise here; the run starts when the first progress is asked for (a
+        Train never iterated runs nothing), with this client's `expecting` version as it is
+        here.
         """
         # Each refused by the server at the first progress, where a bad call went unnoticed
         # until then, or for ever when never iterated (found by a review of the client).
@@ -1268,7 +1273,9 @@ class Client:
         """SetTensor: `set("conv1.weight[0]", array)`; value broadcasts like numpy assignment,
         and is cast to the tensor's dtype (a float64 value past float32's range becomes inf,
         as in numpy). Writing to a gradient that is absent (None) creates it: zeros, then
-        the value written."""
+        the value written. A write through a negative slice step (`"conv1.weight[::-1]"`) is
+        refused, gradwire.errors.InvalidArgument (reason NEGATIVE_STEP_WRITE): write the
+        value reversed through the positive step instead."""
         parsed = parse_selector(selector)
         chain: list[codec.IndexKey] = list(parsed.index)
         if index is not None:
