@@ -714,6 +714,19 @@ def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
     assert as_double.dtype == np.float64
 
 
+def test_numpy_s_copy_argument_is_kept_by_a_remote_tensor(client: gradwire.Client) -> None:
+    """It was ignored (found by the twenty-first session's review of the client)."""
+    weight = client.remote.linear.weight  # a reply of 16 KiB or more: read-only values
+    assert not np.asarray(weight).flags.writeable
+    copied = np.array(weight, copy=True)
+    assert copied.flags.writeable  # it was the reply's read-only view
+    copied[0, 0] = 5.0
+    np.testing.assert_array_equal(np.asarray(weight, copy=False), client.get("linear.weight"))
+    with pytest.raises(ValueError, match="copy=False forbids"):
+        np.asarray(weight, dtype=np.float64, copy=False)
+    assert np.asarray(weight, dtype=np.float64).dtype == np.float64
+
+
 def test_a_remote_tensor_iterates_and_has_a_length_as_torch_s_does(
     client: gradwire.Client,
 ) -> None:

@@ -96,10 +96,21 @@ class RemoteTensor:
         return self._client._set(self._name, self._chain, value)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
+        """numpy's protocol: the values read now, fresh memory of their own (read-only, as a
+        read's may be, but with `copy=True`); a `dtype` other than theirs needs a copy,
+        which `copy=False` refuses as numpy does. `copy` was ignored: np.array(remote,
+        copy=True) could hand back a read-only array (found by a review)."""
         value = self.numpy()
         if value is None:
             raise ValueError(f"{self.selector} is absent (None) on the server")
-        return value if dtype is None else value.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != value.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"{self.selector} holds {value.dtype}: as {np.dtype(dtype)} it needs a copy, "
+                    "which copy=False forbids"
+                )
+            return value.astype(dtype)
+        return value.copy() if copy and not value.flags.writeable else value
 
     def __repr__(self) -> str:
         return format_tensor(self.fetch(as_torch=torch_available()).value)
