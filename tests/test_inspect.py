@@ -608,3 +608,16 @@ def test_a_closed_watch_lets_go_of_its_place_at_once(
         next(stream)
         stream.close()
     assert client.list_tensors().version >= 0
+
+
+def test_a_watch_s_call_that_ends_before_it_waits_is_not_missed() -> None:
+    """The end is kept, not only signalled: one that came between the watch loop's check of
+    its call and its wait would have been lost, and the wait would have run its course."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription()
+    subscription.end()
+    start = time.monotonic()
+    assert not subscription.wait(30.0)
+    subscription.pause(30.0)
+    assert time.monotonic() - start < 10.0

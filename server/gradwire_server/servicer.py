@@ -870,7 +870,7 @@ class TrainerServicer:
         # A watcher that cancels (closes its iterator) is let go of at once, not at the next
         # poll: until then its call held one of the server's places (found by a review:
         # watches opened and closed in a loop made every call BUSY for half a second).
-        context.add_callback(subscription.wake)
+        context.add_callback(subscription.end)
 
         def update(first: bool = False) -> bytes:
             items = iter(request.items)  # read_many uses the selections in this order

@@ -19,6 +19,7 @@ class Subscription:
         self._due = 0
         self._steps = steps  # the step counter at the last announcement
         self._closed = False
+        self._ended = False  # the watcher's call has ended (`end`)
 
     def announce(self, steps: int, reset: bool = False) -> None:
         """A mutation was applied; `steps` is the trainer's step counter after it. `reset`:
@@ -44,22 +45,25 @@ class Subscription:
         return self._closed
 
     def wait(self, timeout: float) -> bool:
-        """Whether an update is due, waiting up to `timeout` seconds for one."""
+        """Whether an update is due, waiting up to `timeout` seconds for one (none once the
+        call has ended)."""
         with self._cond:
-            if not self._due and not self._closed:
+            if not (self._due or self._closed or self._ended):
                 self._cond.wait(timeout)
             return self._due > 0
 
     def pause(self, seconds: float) -> None:
-        """Waits `seconds`, or less: until closed, or woken by an update or `wake`."""
+        """Waits `seconds`, or less: until an update falls due, or closed, or the call ends."""
         with self._cond:
-            if not self._closed:
+            if not (self._closed or self._ended):
                 self._cond.wait(seconds)
 
-    def wake(self) -> None:
-        """Ends a `wait` or `pause` now: its watcher has something else to look at (the
-        call was cancelled)."""
+    def end(self) -> None:
+        """The watcher's call has ended (its reader cancelled it): a `wait` or `pause` under
+        way returns now, and later ones do not wait. Kept as a flag, not a bare notify, so
+        that an end that comes between the watcher's check and its wait is not lost."""
         with self._cond:
+            self._ended = True
             self._cond.notify()
 
     def take(self) -> int:
