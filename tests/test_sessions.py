@@ -589,8 +589,8 @@ def test_wait_ready_on_a_closed_client_raises_client_closed_at_once(
     for closed in (client, session, on_its_channel):
         began = time.monotonic()
         with pytest.raises(errors.ClientClosed, match="this client is closed"):
-            closed.wait_ready(5)
-        assert time.monotonic() - began < 1
+            closed.wait_ready(60)
+        assert time.monotonic() - began < 30  # at once, not after the timeout
     assert raised == []
 
 
