@@ -1233,15 +1233,15 @@ def test_a_watch_or_a_train_past_its_timeout_raises_deadline_exceeded(
 ) -> None:
     """As their docstrings now say: they read as if the stream ended cleanly at the
     timeout (found by a review of the client)."""
-    watch = client.watch("loss", timeout=0.3)
-    next(watch)  # the state now; then nothing changes
+    # Read to the end, however far the deadline lets each get: nothing changes after the
+    # watch's first update, and the run asks for far more steps than the time allows.
     with pytest.raises(errors.DeadlineExceeded):
-        next(watch)
+        for _ in client.watch("loss", timeout=0.5):
+            pass
     with pytest.raises(errors.DeadlineExceeded) as caught:
         for _ in client.train(ONES_INPUT, ONES_TARGET, 10**9, every=10**9, timeout=0.5):
             pass
-    assert caught.value.changes_state  # the steps taken stay applied
-    assert client.list_tensors().version > 0
+    assert caught.value.changes_state  # the steps taken, if any, stay applied
 
 
 def test_expecting_takes_a_numpy_integer(client: gradwire.Client) -> None:
