@@ -4,6 +4,7 @@ and server-side Train runs, each checked against the same thing done in local Py
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,11 +18,12 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.updates import Stats, WatchUpdate
+from gradwire_server import servicer as servicer_module
 from gradwire_server import stats as server_stats
-from gradwire_server.app import start
+from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
-from tests.background import Reader
+from tests.background import Reader, eventually
 from tests.test_train_step import local_model, local_train_step, random_batch
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -597,17 +599,19 @@ def test_a_minimum_interval_coalesces_updates(client: gradwire.Client, address: 
 
 @pytest.mark.parametrize("interval", [0.0, 30.0])
 def test_a_closed_watch_lets_go_of_its_place_at_once(
-    client: gradwire.Client, interval: float
+    client: gradwire.Client, server: Running, monkeypatch: pytest.MonkeyPatch, interval: float
 ) -> None:
     """A watch closed by its reader held one of the server's 16 places until the next poll,
     half a second: watches opened and closed in a loop made every call BUSY meanwhile
     (found by the twenty-first session's review of the client). Between updates, and in
-    the pause a minimum interval makes."""
-    for _ in range(40):
+    the pause a minimum interval makes. The poll made a minute here: let go of at once,
+    the place is free long before."""
+    monkeypatch.setattr(servicer_module, "WATCH_POLL_S", 60.0)
+    for _ in range(3):
         stream = client.watch(["loss"], min_interval=interval)
         next(stream)
         stream.close()
-    assert client.list_tensors().version >= 0
+        eventually(lambda: server.servicer.slots.taken == 0, "the watch held its place", within=20)
 
 
 def test_a_watch_s_call_that_ends_before_it_waits_is_not_missed() -> None:
@@ -621,3 +625,30 @@ def test_a_watch_s_call_that_ends_before_it_waits_is_not_missed() -> None:
     assert not subscription.wait(30.0)
     subscription.pause(30.0)
     assert time.monotonic() - start < 10.0
+
+
+def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> None:
+    """Its pause woke at every mutation announced, each a thread wake and a GIL trip per
+    watcher (found by the review of the twenty-first session's change); a watcher's
+    interval is what bounds its cost however fast training runs."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription()
+    woke = threading.Event()
+
+    def pause() -> None:
+        subscription.pause(30.0)
+        woke.set()
+
+    thread = threading.Thread(target=pause)
+    thread.start()
+    announced, until = 0, time.monotonic() + 1.0
+    while time.monotonic() < until and not woke.is_set():  # a second of updates
+        subscription.announce(announced)
+        announced += 1
+        time.sleep(0.001)
+    assert not woke.is_set()  # slept through them all
+    subscription.end()
+    assert woke.wait(10.0)
+    thread.join(10.0)
+    assert subscription.take() == announced

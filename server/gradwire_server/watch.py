@@ -19,7 +19,9 @@ class Subscription:
         self._due = 0
         self._steps = steps  # the step counter at the last announcement
         self._closed = False
-        self._ended = False  # the watcher's call has ended (`end`)
+        #: Set when no more updates will be read: closed, or the watcher's call ended. An
+        #: Event of its own, so that `pause` sleeps through the updates `announce` signals.
+        self._over = threading.Event()
 
     def announce(self, steps: int, reset: bool = False) -> None:
         """A mutation was applied; `steps` is the trainer's step counter after it. `reset`:
@@ -38,6 +40,7 @@ class Subscription:
         """No more updates: the model is gone (its session closed, or the server stopping)."""
         with self._cond:
             self._closed = True
+            self._over.set()
             self._cond.notify()
 
     @property
@@ -48,22 +51,21 @@ class Subscription:
         """Whether an update is due, waiting up to `timeout` seconds for one (none once the
         call has ended)."""
         with self._cond:
-            if not (self._due or self._closed or self._ended):
+            if not (self._due or self._over.is_set()):
                 self._cond.wait(timeout)
             return self._due > 0
 
     def pause(self, seconds: float) -> None:
-        """Waits `seconds`, or less: until an update falls due, or closed, or the call ends."""
-        with self._cond:
-            if not (self._closed or self._ended):
-                self._cond.wait(seconds)
+        """Waits `seconds`, or less: until closed or the call ends. Updates falling due meanwhile
+        do not wake it (a watcher's minimum interval: they are counted, not sent)."""
+        self._over.wait(seconds)
 
     def end(self) -> None:
         """The watcher's call has ended (its reader cancelled it): a `wait` or `pause` under
         way returns now, and later ones do not wait. Kept as a flag, not a bare notify, so
         that an end that comes between the watcher's check and its wait is not lost."""
         with self._cond:
-            self._ended = True
+            self._over.set()
             self._cond.notify()
 
     def take(self) -> int:
