@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -881,8 +882,11 @@ class Client:
         try:
             self.close()
         except GradwireError as failed:
-            if isinstance(error, BaseException):
-                error.add_note(f"and closing the client after it failed: {failed}")
+            note = f"and closing the client after it failed: {failed}"
+            if hasattr(error, "add_note"):  # Python 3.11 on; 3.10 shows no notes
+                error.add_note(note)
+            else:  # pragma: no cover - Python 3.10
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s,
