@@ -323,7 +323,8 @@ def test_a_fill_no_half_float_holds_is_refused_before_anything_changes(
     trainer = Trainer(ModelSpec("Halves", _Halves, (4,), 2), seed=0)
     bias = trainer.parameters["lin.bias"].detach().clone()
     version = trainer.list_tensors().version
-    with pytest.raises(InvalidInput, match="does not fit") as info:
+    said = r"does not fit (h|b|one)'s dtype b?float16: past its range$"  # no C++ type names
+    with pytest.raises(InvalidInput, match=said) as info:
         trainer.fill_parameters(value, names)
     assert info.value.reason == "BAD_VALUE"
     assert torch.equal(trainer.parameters["lin.bias"].detach(), bias)

@@ -514,8 +514,10 @@ def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
             return  # every value of the source's type fits
         source = source.to(torch.int64)  # uint8 compared with -128 wraps it to 128
         outside = (source < info.min) | (source > info.max)
-    else:  # bounds that floats hold exactly, powers of two: float(2**63 - 1) rounds up
-        outside = (source < info.min) | (source >= float(info.max) + 1) | ~torch.isfinite(source)
+    else:  # bounds that floats hold exactly, powers of two: float(2**63 - 1) rounds up;
+        # fractions truncate toward zero first (-0.5 into uint8 is 0, as in numpy)
+        below = torch.trunc(source) < info.min
+        outside = below | (source >= float(info.max) + 1) | ~torch.isfinite(source)
     if bool(outside.any()):
         first = source[outside].reshape(-1)[0].item()
         raise InvalidInput(
@@ -1627,9 +1629,11 @@ class Trainer:
             try:
                 torch.empty(2, dtype=params[name].dtype).fill_(value)
             except RuntimeError as err:
+                # torch's words name C++ types ("c10::Half without overflow").
+                why = "past its range" if "overflow" in str(err) else str(err)
+                dtype = str(params[name].dtype).removeprefix("torch.")
                 raise InvalidInput(
-                    f"{value!r} does not fit {name}'s dtype {params[name].dtype}: {err}",
-                    reason="BAD_VALUE",
+                    f"{value!r} does not fit {name}'s dtype {dtype}: {why}", reason="BAD_VALUE"
                 ) from err
         with torch.no_grad():
             for name in chosen:

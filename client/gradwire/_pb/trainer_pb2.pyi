@@ -76,7 +76,10 @@ Conventions used by every message below:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
       BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
-      BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
+      BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED (the model's own refusal of an
+      input: its ValueError, or an IndexError on integer input such as an id past an
+      Embedding's table; on a GPU that id is a device-side assert instead: the call that
+      sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
@@ -1000,7 +1003,11 @@ class FillParametersRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     value: _builtins.float
-    """every element becomes this value"""
+    """Every element becomes this value. One that a named parameter's dtype cannot hold (1e5
+    for float16, 1e300 for float32, NaN or 2^40 for an int32 one) is refused,
+    BAD_VALUE, before any parameter changes: unlike SetTensor, which writes inf as numpy
+    does, a fill of a whole parameter with inf is asked for by writing inf.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """parameters to fill; empty: all of them"""
@@ -1076,7 +1083,10 @@ class TensorInfo(_message.Message):
     kind: Global___TensorKind.ValueType
     """what it is"""
     dtype: Global___DType.ValueType
-    """element type; when absent, the one it will have once present"""
+    """Element type. When absent: for the input, target, gradients, deltas and optimizer
+    state, the one it will have once present; for output, loss and activations, float32
+    until a Forward shows the model's (a bfloat16 model's are bfloat16).
+    """
     present: _builtins.bool
     """false when the tensor does not exist now (a gradient before Backward, output before Forward)"""
     @_builtins.property
@@ -1791,7 +1801,8 @@ class WatchItem(_message.Message):
     """as in GetTensorRequest"""
     values: _builtins.bool
     """Send the values. An update holds under 64 MiB in all, else RESOURCE_EXHAUSTED
-    (WATCH_TOO_LARGE, metadata "bytes" and "limit"): when the Watch starts, or later, ending
+    (WATCH_TOO_LARGE, metadata "limit", and "bytes": what the items counted until the limit
+    was passed take, a lower bound on the update): when the Watch starts, or later, ending
     it, when a watched tensor grows (an activation after a bigger batch).
     """
     stats: _builtins.bool

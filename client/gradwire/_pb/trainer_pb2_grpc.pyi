@@ -76,7 +76,10 @@ Conventions used by every message below:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
       BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
-      BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED, BAD_INDEX, TOO_MANY_INDICES,
+      BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED (the model's own refusal of an
+      input: its ValueError, or an IndexError on integer input such as an id past an
+      Embedding's table; on a GPU that id is a device-side assert instead: the call that
+      sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
