@@ -328,6 +328,12 @@ def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> No
             assert caught.value.message == ("Tokens refused this input: index out of range in self")
         assert client.list_tensors().version == 0
         assert client.forward(np.array([[1, 2, 3, 9]]), np.array([0])).loss is not None
+        # Ids given as uint32 travel as int64, which the model takes: a refusal of the
+        # target that names int64 was blamed on them (found by a review).
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(np.array([[1, 2, 3, 9]], np.uint32), np.array([True]))
+        assert caught.value.message.startswith("target has dtype bool")
+        assert "given as" not in caught.value.message
 
 
 def test_a_refused_forward_lets_go_of_the_layers_it_ran_and_keeps_the_last() -> None:

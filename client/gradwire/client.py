@@ -395,7 +395,7 @@ def _tell_widenings(error: InvalidArgument, widenings: dict[str, tuple[str, str]
     told = [
         f"{name} was given as {given}, sent as {sent}: the wire has no {given}"
         for name, (given, sent) in widenings.items()
-        if sent in error.message
+        if f"{name} has dtype {sent}" in error.message  # the server's words for that argument
     ]
     if told:
         error.message += f" ({'; '.join(told)})"
