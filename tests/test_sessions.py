@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import re
+import socket
 import threading
 import time
 import weakref
@@ -607,14 +608,42 @@ def test_a_stream_under_way_when_its_client_closes_raises_client_closed(address:
     with gradwire.connect(address) as client:
         training = client.train(INPUT, TARGET, 10_000)
         next(training)
-    with pytest.raises(errors.ClientClosed, match="this client is closed"):
+    with pytest.raises(errors.ClientClosed, match="its steps taken staying applied") as cut:
         next(training)
+    assert cut.value.changes_state  # as a RemoteError's: the steps taken stay applied
     client = gradwire.connect(address)
     reader = Reader(client.watch(["loss"]))
     assert reader.first.wait(10)
     client.close()
     reader.thread.join(10)
     assert [type(e) for e in reader.errors] == [errors.ClientClosed]
+
+
+def test_a_unary_call_under_way_when_its_client_closes_raises_client_closed() -> None:
+    """As a stream does (found by the review of the twenty-first session's change): it
+    raised gRPC's CANCELLED. The call waits on a server that accepts the connection and
+    never answers, so it is under way for certain when the client closes."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        client = gradwire.connect(f"127.0.0.1:{mute.getsockname()[1]}", timeout=60)
+        client.retries = 0
+        failed: list[BaseException] = []
+
+        def step() -> None:
+            try:
+                client.step()
+            except BaseException as error:  # what the call raised, to check
+                failed.append(error)
+
+        thread = threading.Thread(target=step)
+        thread.start()
+        connection, _ = mute.accept()  # the call is under way: its channel connected
+        client.close()
+        thread.join(30)
+        connection.close()
+    assert [type(e) for e in failed] == [errors.ClientClosed]
+    assert failed[0].changes_state  # type: ignore[attr-defined]  # a Step may have been applied
 
 
 def test_a_stream_the_server_cancels_stays_cancelled() -> None:

@@ -704,6 +704,12 @@ class Client:
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
+                    # Under way in another thread when the client closed: gRPC's CANCELLED
+                    # read as the server's doing. A change may have been applied.
+                    raise ClientClosed(
+                        f"{method} cut off: {_CLOSED}", changes_state=method in _ONCE
+                    ) from None
                 self.reached |= _cut_off(err)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
@@ -770,6 +776,12 @@ class Client:
             if err.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
                 # gRPC cancels the calls of a channel it closes: "CANCELLED: Stream removed
                 # (Channel closed!)" read as the server's doing.
+                if method == "Train":
+                    raise ClientClosed(
+                        f"Train cut off, its steps taken staying applied (read the state "
+                        f"version): {_CLOSED}",
+                        changes_state=True,
+                    ) from None
                 raise ClientClosed(f"{method} cut off: {_CLOSED}") from None
             self.reached |= _cut_off(err)
             raise _failed(err, method == "Train", self._keepalive) from None

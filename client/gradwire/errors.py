@@ -48,8 +48,15 @@ class GradwireError(Exception):
 
 class ClientClosed(GradwireError, ValueError):
     """A call on a client that was closed, or whose session was closed (`close_session`,
-    `close`, the end of its `with` block): raised before anything is sent. A closed session
-    client's calls went to the server's default session, on its model, unnoticed."""
+    `close`, the end of its `with` block): raised before anything is sent; or a Watch or
+    Train under way that the client's close cut off. A closed session client's calls went
+    to the server's default session, on its model, unnoticed."""
+
+    def __init__(self, message: str, *, changes_state: bool = False) -> None:
+        super().__init__(message)
+        #: As RemoteError's: True for a Train cut off under way, whose steps taken stay
+        #: applied; False for a call refused before it was sent.
+        self.changes_state = changes_state
 
 
 class RemoteError(GradwireError):
