@@ -949,6 +949,11 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
         (lambda: client.train(ONES_INPUT, ONES_TARGET, 3, every=-1), rf"every .* to {top}, got -1"),
         (lambda: client.train(ONES_INPUT, None, 3), "train needs a target: class indices"),
     ]  # fmt: skip
+    for timeout in (-1, math.inf, math.nan, 1e10):  # the client's 60 s; or over at once
+        refused.append((lambda t=timeout: client.watch("loss", timeout=t), "timeout must be"))
+        refused.append(
+            (lambda t=timeout: client.train(ONES_INPUT, ONES_TARGET, 3, timeout=t), "timeout")
+        )
     for call, said in refused:
         with pytest.raises(ValueError, match=said):
             call()
@@ -1157,7 +1162,7 @@ def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
 ) -> None:
     """reset(seed=-1), open_session(seed=-1) and Fill.normal(..., seed=-1) raised protobuf's
     ValueError, "Value out of range: -1"; a float seed its TypeError."""
-    said = r"seed must be from 0 to 18446744073709551615 \(2\*\*64 - 1\), got "
+    said = r"seed must be from 0 to 18446744073709551615, got "
     before = client.list_tensors().version
     calls: list[Callable[[int], object]] = [
         lambda seed: client.reset(seed=seed),
@@ -1175,6 +1180,9 @@ def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
     assert client.list_tensors().version == before
     assert client.reset(seed=np.uint64(2**64 - 1)) == before + 1  # type: ignore[arg-type]
     client.forward(Fill.normal(8, 3, 10, 10, seed=2**64 - 1), ONES_TARGET)
+    numpy_seeded = Fill.uniform(2, seed=np.uint64(2**64 - 1))  # type: ignore[arg-type]
+    assert type(numpy_seeded.seed) is int  # a numpy one overflowed in reseeded()
+    assert numpy_seeded.reseeded(1).seed == 0
 
 
 def test_a_fill_takes_its_shape_as_one_tuple_as_torch_does(client: gradwire.Client) -> None:

@@ -184,6 +184,8 @@ def test_a_negative_or_nan_keepalive_is_refused(address: str, keyword: str, seco
     for none in (0, None):
         with gradwire.connect(address, keepalive=none, timeout=10) as client:
             assert client.list_tensors().names()
+    with pytest.raises(ValueError, match="keepalive_timeout= must be more than 0 seconds"):
+        gradwire.connect(address, keepalive_timeout=0)  # gRPC took it for 1 ms
 
 
 def test_a_client_pinging_no_more_often_than_allowed_keeps_its_quiet_watch() -> None:

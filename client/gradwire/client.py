@@ -370,17 +370,6 @@ def _failed(
     return raised
 
 
-def _whole(value: Any, what: str, low: int, high: int, low_means: str = "") -> int:
-    """`value` as an int from `low` to `high`: ValueError naming `what` and the range
-    (`low_means`: what `low` asks for), TypeError for what is not a whole number."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{what} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        means = f" ({low_means})" if low_means else ""
-        raise ValueError(f"{what} must be from {low}{means} to {high}, got {value}")
-    return int(value)
-
-
 def _widenings(**values: Any) -> dict[str, tuple[str, str]]:
     """(the dtype given, the dtype sent) by argument, for the values that travel widened
     (codec.widened)."""
@@ -413,6 +402,19 @@ def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
     if not 0 <= seconds < math.inf:  # NaN too
         also = f"; {none}" if none else ""
         raise ValueError(f"{what} must be seconds, 0 or more and finite{also}; got {seconds!r}")
+
+
+def _check_stream_timeout(timeout: float | None) -> None:
+    """A Watch's or Train's `timeout`: None (no limit), or seconds from 0 to what a gRPC
+    deadline holds. A negative one fell back to the client's per-call timeout without a
+    word, and inf, NaN or 1e10 ended the stream at once, DEADLINE_EXCEEDED (found by a
+    review)."""
+    _check_seconds(timeout, "timeout", "None: no limit")
+    if timeout is not None and timeout > limits.MAX_GRPC_SECONDS:
+        raise ValueError(
+            f"timeout must be at most {limits.MAX_GRPC_SECONDS:,} seconds (about 24 days), "
+            f"the most a gRPC deadline holds; None: no limit; got {timeout!r}"
+        )
 
 
 class _OpenedSessions:
@@ -584,6 +586,10 @@ class Client:
             )
         _check_seconds(keepalive, "keepalive=", "0 or None: no pings")
         _check_seconds(keepalive_timeout, "keepalive_timeout=")
+        if not keepalive_timeout:  # gRPC took 0 for a 1 ms wait for a ping's answer
+            raise ValueError(
+                "keepalive_timeout= must be more than 0 seconds (keepalive=None: no pings)"
+            )
         check_pem(ca, "certificate", "ca=")
         check_pem(cert, "certificate", "cert=")
         check_pem(key, "private key", "key=")
@@ -1207,9 +1213,10 @@ class Client:
         # Each refused by the server at the first update, where a bad call went unnoticed
         # until then, or for ever when never iterated; an infinite min_interval raised
         # OverflowError (found by a review of the client).
-        every_steps = _whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
-        bins = _whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
+        every_steps = limits.whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
+        bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
         _check_seconds(min_interval, "min_interval")
+        _check_stream_timeout(timeout)
         interval_ms = min(round(min(min_interval, _MAX_MS / 1000) * 1000), _MAX_MS)
         request = pb.WatchRequest(every_steps=every_steps, min_interval_ms=interval_ms)
         shown = []  # each as Python writes it, for the updates' `selector`
@@ -1253,8 +1260,9 @@ class Client:
         """
         # Each refused by the server at the first progress, where a bad call went unnoticed
         # until then, or for ever when never iterated (found by a review of the client).
-        steps = _whole(steps, "steps", 1, limits.MAX_TRAIN_STEPS)
-        every = _whole(every, "every", 0, codec.INT64_MAX, "after every step")
+        steps = limits.whole(steps, "steps", 1, limits.MAX_TRAIN_STEPS)
+        every = limits.whole(every, "every", 0, codec.INT64_MAX, "after every step")
+        _check_stream_timeout(timeout)
         if target is None:
             raise ValueError(
                 "train needs a target: class indices, or values for a model trained with "

@@ -64,7 +64,8 @@ class Fill:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", _dimensions(self.shape))
-        limits.check_seed(self.seed)
+        # Kept as a Python int: a numpy seed overflowed in reseeded()'s sum (found by a review).
+        object.__setattr__(self, "seed", limits.check_seed(self.seed))
 
     @classmethod
     def ones(cls, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:

@@ -68,20 +68,27 @@ MAX_TRAIN_STEPS: Final = 1 << 40
 MAX_SEED: Final = (1 << 64) - 1
 
 
-def check_seed(seed: int, what: str = "seed") -> int:
-    """`seed` as the wire carries it, a uint64; ValueError naming `what` and the range for
-    a number outside it, TypeError for what is not a whole number (a float, a bool). Out
-    of range, protobuf raised its own "Value out of range: -1". One check for every seed
-    the client sends: Client.reset, open_session, Fill's, the CLI's --seed."""
-    if isinstance(seed, bool):
-        raise TypeError(f"{what} must be a whole number, got {seed!r}")
+def whole(value: object, what: str, low: int, high: int, low_means: str = "") -> int:
+    """`value` as an int from `low` to `high` (`low_means`: what `low` asks for, shown in
+    the message): ValueError naming `what` and the range outside it, TypeError for what is
+    not a whole number (a float, a bool; an int, numpy's or a 0-d integer tensor is)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a whole number, got {value!r}")
     try:
-        value = operator.index(seed)  # an int or numpy's, not a float
+        number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{what} must be a whole number, got {seed!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{what} must be from 0 to {MAX_SEED} (2**64 - 1), got {value}")
-    return value
+        raise TypeError(f"{what} must be a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        means = f" ({low_means})" if low_means else ""
+        raise ValueError(f"{what} must be from {low}{means} to {high}, got {number}")
+    return number
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    """`seed` as the wire carries it, a uint64 (`whole`'s errors). Out of range, protobuf
+    raised its own "Value out of range: -1". One check for every seed the client sends:
+    Client.reset, open_session, Fill's, the CLI's --seed."""
+    return whole(seed, what, 0, MAX_SEED)
 
 
 def _size_options() -> list[tuple[str, int]]:
