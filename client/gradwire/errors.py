@@ -54,8 +54,9 @@ class ClientClosed(GradwireError, ValueError):
 
     def __init__(self, message: str, *, changes_state: bool = False) -> None:
         super().__init__(message)
-        #: As RemoteError's: True for a Train cut off under way, whose steps taken stay
-        #: applied; False for a call refused before it was sent.
+        #: As RemoteError's: True for a Train cut off under way (its steps taken stay
+        #: applied) or a change cut off under way (it may have been applied); False for a
+        #: call refused before it was sent, or a read or Watch cut off.
         self.changes_state = changes_state
 
 
