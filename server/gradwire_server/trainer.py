@@ -59,11 +59,12 @@ _READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"
 #: then ran whatever the version had become meanwhile.
 _UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
 
-#: The optimizer state torch keeps per parameter, by optimizer kind: Adam all three once a
-#: Step has made any; SGD its momentum buffer, with momentum (None: made from the gradient).
+#: The optimizer state torch keeps per parameter, by optimizer kind and by torch's own keys,
+#: in the order ListTensors lists them: Adam all three once a Step has made any; SGD its
+#: momentum buffer, with momentum (None: made from the gradient).
 _STATE_KEYS = {
-    "sgd": frozenset({"momentum_buffer"}),
-    "adam": frozenset({"step", "exp_avg", "exp_avg_sq"}),
+    "sgd": ("momentum_buffer",),
+    "adam": ("step", "exp_avg", "exp_avg_sq"),
 }
 
 
@@ -86,7 +87,7 @@ def _unfit(loaded: checkpoint.Loaded, params: dict[str, nn.Parameter], kind: str
                     f"{label} {name} as {described(tensor)}, where {name} is "
                     f"{described(params[name])}"
                 )
-    keys = _STATE_KEYS[kind]
+    keys = frozenset(_STATE_KEYS[kind])
     for name, values in loaded.optimizer_state.items():
         p = params[name]
         if not set(values) <= keys or (kind == "adam" and set(values) != keys):
@@ -749,9 +750,9 @@ class Trainer:
 
     def _state_keys(self) -> tuple[str, ...]:
         """The per-parameter state the optimizer in use keeps, by torch's own keys."""
-        if self._settings.kind == "adam":
-            return ("step", "exp_avg", "exp_avg_sq")
-        return ("momentum_buffer",) if self._settings.momentum else ()
+        if self._settings.kind == "sgd" and not self._settings.momentum:
+            return ()
+        return _STATE_KEYS[self._settings.kind]
 
     def _optimizer_state(self, name: str) -> tuple[str, str] | None:
         """(parameter, key) for a name like "optimizer.conv1.weight.exp_avg", else None."""
