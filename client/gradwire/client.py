@@ -710,12 +710,7 @@ class Client:
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
-                    # Under way in another thread when the client closed: gRPC's CANCELLED
-                    # read as the server's doing. A change may have been applied.
-                    raise ClientClosed(
-                        f"{method} cut off: {_CLOSED}", changes_state=method in _ONCE
-                    ) from None
+                self._raise_if_closed_under(err, method, method in _ONCE)
                 self.reached |= _cut_off(err)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
@@ -727,6 +722,20 @@ class Client:
                 self.answered = self.reached = True
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _raise_if_closed_under(
+        self, error: grpc.RpcError, method: str, changes_state: bool
+    ) -> None:
+        """ClientClosed for a call under way (in another thread, or a stream being read) that
+        gRPC cancelled as this client's channel closed: its "CANCELLED: Stream removed
+        (Channel closed!)" read as the server's doing. `changes_state`: the call may have
+        been applied (a Train's steps taken stay applied)."""
+        if error.code() != grpc.StatusCode.CANCELLED or self._channel not in _CLOSED_CHANNELS:
+            return
+        cut = f"{method} cut off"
+        if method == "Train":
+            cut += ", its steps taken staying applied (read the state version)"
+        raise ClientClosed(f"{cut}: {_CLOSED}", changes_state=changes_state) from None
 
     @contextlib.contextmanager
     def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:
@@ -779,16 +788,7 @@ class Client:
                 self.answered = True
                 yield message
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
-                # gRPC cancels the calls of a channel it closes: "CANCELLED: Stream removed
-                # (Channel closed!)" read as the server's doing.
-                if method == "Train":
-                    raise ClientClosed(
-                        f"Train cut off, its steps taken staying applied (read the state "
-                        f"version): {_CLOSED}",
-                        changes_state=True,
-                    ) from None
-                raise ClientClosed(f"{method} cut off: {_CLOSED}") from None
+            self._raise_if_closed_under(err, method, method == "Train")
             self.reached |= _cut_off(err)
             raise _failed(err, method == "Train", self._keepalive) from None
         finally:
