@@ -77,6 +77,33 @@ def test_the_right_token_opens_every_call(guarded: Running) -> None:
         assert client.get("conv1.weight[0][0][0]").tolist() == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.parametrize("order", ["wrong first", "right first", "right twice"])
+def test_authorization_given_twice_is_refused(guarded: Running, order: str) -> None:
+    """Which of two tokens counts would be a guess: the last was read, so a right token sent
+    after a wrong one (or after one a proxy added) got in."""
+    right, wrong = f"Bearer {TOKEN}", "Bearer guess"
+    tokens = {
+        "wrong first": [wrong, right],
+        "right first": [right, wrong],
+        "right twice": [right, right],
+    }[order]
+    with grpc.insecure_channel(_address(guarded)) as channel:
+        zero_grad = channel.unary_unary("/gradwire.v1.Trainer/ZeroGrad")
+        with pytest.raises(grpc.RpcError) as info:
+            zero_grad(
+                pb.ZeroGradRequest().SerializeToString(),
+                metadata=[("authorization", t) for t in tokens],
+                timeout=10,
+            )
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.Unauthenticated)
+    assert (error.reason, error.message) == (
+        "BAD_TOKEN",
+        "authorization is given 2 times; send one token",
+    )
+    assert guarded.trainer.version == 0
+
+
 def test_reflection_needs_the_token_too(guarded: Running) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -34,12 +34,18 @@ class TokenInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         if details.method.startswith(_OPEN_SERVICES):
             return continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        tokens = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        given = tokens[0] if len(tokens) == 1 else ""
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
             return continuation(details)
         handler = continuation(details)
         if handler is None:
             return None  # an unknown method: UNIMPLEMENTED, as without a token
+        if len(tokens) > 1:
+            # Which one counts would be a guess: the last, before, so a right token after a
+            # wrong one got in, and a proxy that adds its own before the caller's decided.
+            message = f"authorization is given {len(tokens)} times; send one token"
+            return _refusal(handler, message, "BAD_TOKEN")
         if not given:
             message = (
                 "this server needs a token: send 'authorization: Bearer <token>' "
