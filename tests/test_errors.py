@@ -11,6 +11,7 @@ import math
 import re
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,7 +25,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.limits import MAX_MESSAGE_BYTES
 from gradwire_server.app import start
-from gradwire_server.errors import device_lost
+from gradwire_server.errors import InvalidInput, device_lost
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
@@ -633,6 +634,53 @@ def test_a_value_an_integer_tensor_cannot_hold_is_invalid_argument() -> None:
         client.set("counts[2]", -0.9)  # truncated to 0 first: in range (it was refused)
         np.testing.assert_array_equal(client.get("counts"), [2**31 - 1, -7, 0])
     running.stop(grace=None)
+
+
+def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
+    tmp_path: Path,
+) -> None:
+    """torch keeps gradients only for floating-point tensors. ListTensors listed
+    counts.grad, counts.delta and Adam's state of counts; a write of counts.grad was taken,
+    and the next Step, Adam's lerp_ on int32, answered INTERNAL (twenty-second session)."""
+    trainer = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=0)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            client.set_optimizer("adam", lr=0.1)
+            names = [t.name for t in client.list_tensors().tensors]
+            assert "counts" in names and "lin.weight.grad" in names
+            assert not [n for n in names if "counts." in n]
+            version = client.list_tensors().version
+            gone = "counts is int32, and torch keeps gradients only for floating-point tensors"
+            for name in ["counts.grad", "counts.delta", "optimizer.counts.exp_avg"]:
+                with pytest.raises(errors.NotFound, match=gone) as info:
+                    client.get(name)
+                assert info.value.reason == "UNKNOWN_TENSOR"
+            with pytest.raises(errors.NotFound, match=gone):
+                client.set("counts.grad", np.ones(3, np.int32))
+            assert client.list_tensors().version == version
+            client.forward(np.ones((2, 4), np.float32), np.array([0, 1]))
+            client.backward()
+            assert client.step().parameters_updated == 2  # lin's; counts as it was
+            np.testing.assert_array_equal(client.get("counts"), [0, 0, 0])
+            with pytest.raises(errors.NotFound, match=r"no tensor named 'count\.grad'; did you"):
+                client.get("count.grad")  # a misspelling still gets its suggestions
+        path = tmp_path / "state.safetensors"
+        trainer.save(path)
+    finally:
+        running.stop(grace=None)
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["grad/counts"] = torch.ones(3, dtype=torch.int32)
+    save_file(tensors, str(path), metadata=metadata)
+    fresh = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=0)
+    with pytest.raises(InvalidInput, match=r"match no floating-point parameter: counts$"):
+        fresh.load(path)
+    assert fresh.parameters["counts"].grad is None
 
 
 @pytest.mark.parametrize("key", ["gradwire-expected-version", "gradwire-request-id"])

@@ -464,6 +464,11 @@ def _kept_output(
         keep(name, module, args, output)
 
 
+def _differentiable(dtype: torch.dtype) -> bool:
+    """Whether torch keeps gradients for tensors of `dtype`."""
+    return dtype.is_floating_point or dtype.is_complex
+
+
 def _without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     """`shape` less the leading dimensions of size 1 it has beyond `ndim`: numpy's assignment
     drops them (a [1, 1, 4] value into a [4] slot), torch's copy_ does not."""
@@ -661,6 +666,8 @@ class Trainer:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
         self._model = model
         self._parameters = dict(model.named_parameters())
+        #: the parameters that can have a gradient, and so a Step's change and optimizer state
+        self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
@@ -739,13 +746,14 @@ class Trainer:
 
     def names(self) -> list[str]:
         params = list(self.parameters)
+        learnable = [p for p in params if p in self._learnable]
         return [
             *params,
-            *(f"{p}.grad" for p in params),
+            *(f"{p}.grad" for p in learnable),
             *_FORWARD_NAMES,
             *(m + ACTIVATION_SUFFIX for m in self._modules),
-            *(f"{OPTIMIZER_PREFIX}{p}.{key}" for p in params for key in self._state_keys()),
-            *(p + DELTA_SUFFIX for p in params),
+            *(f"{OPTIMIZER_PREFIX}{p}.{key}" for p in learnable for key in self._state_keys()),
+            *(p + DELTA_SUFFIX for p in learnable),
         ]
 
     def _state_keys(self) -> tuple[str, ...]:
@@ -759,7 +767,7 @@ class Trainer:
         if not name.startswith(OPTIMIZER_PREFIX):
             return None
         param, _, key = name[len(OPTIMIZER_PREFIX) :].rpartition(".")
-        if param in self._parameters and key in self._state_keys():
+        if param in self._learnable and key in self._state_keys():
             return param, key
         return None
 
@@ -774,7 +782,7 @@ class Trainer:
         params = self.parameters
         if name in params:
             return "parameter", params[name], params[name]
-        if name.endswith(".grad") and name[: -len(".grad")] in params:
+        if name.endswith(".grad") and name[: -len(".grad")] in self._learnable:
             param = params[name[: -len(".grad")]]
             return "gradient", param.grad, param
         forward = {
@@ -787,7 +795,7 @@ class Trainer:
             return name, forward[name], None  # type: ignore[return-value]
         if name.endswith(ACTIVATION_SUFFIX) and name[: -len(ACTIVATION_SUFFIX)] in self._modules:
             return "activation", self._activations.get(name), None
-        if name.endswith(DELTA_SUFFIX) and name[: -len(DELTA_SUFFIX)] in params:
+        if name.endswith(DELTA_SUFFIX) and name[: -len(DELTA_SUFFIX)] in self._learnable:
             self.track_deltas = self.track_deltas or asking
             return "delta", self._deltas.get(name[: -len(DELTA_SUFFIX)]), None
         state = self._optimizer_state(name)
@@ -803,11 +811,31 @@ class Trainer:
         names = self.names()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        owner = self._without_gradient(name)
+        if owner is not None:
+            dtype = str(self._parameters[owner].dtype).removeprefix("torch.")
+            hint = (
+                f"{owner} is {dtype}, and torch keeps gradients only for floating-point "
+                "tensors: it has no gradient, Step change or optimizer state. "
+            )
         return UnknownTensor(
             f"no tensor named {name!r}; {hint}ListTensors (gradwire list) lists all "
             f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
+
+    def _without_gradient(self, name: str) -> str | None:
+        """The parameter `name` would be the gradient, Step change or optimizer state of,
+        when that parameter can have none (an integer or bool one); else None."""
+        for suffix in (".grad", DELTA_SUFFIX):
+            if name.endswith(suffix):
+                owner = name[: -len(suffix)]
+                break
+        else:
+            owner = name[len(OPTIMIZER_PREFIX) :].rpartition(".")[0]
+            if not name.startswith(OPTIMIZER_PREFIX):
+                return None
+        return owner if owner in self._parameters and owner not in self._learnable else None
 
     # --- inputs -------------------------------------------------------------------
 
@@ -1772,9 +1800,15 @@ class Trainer:
         odd = [
             name for name, grad in loaded.gradients.items() if shapes.get(name) != tuple(grad.shape)
         ] + [name for name in loaded.optimizer_state if name not in params]
+        odd += sorted(  # an integer parameter's: torch keeps it none
+            name
+            for name in {*loaded.gradients, *loaded.optimizer_state}
+            if name in params and name not in self._learnable and name not in odd
+        )
         if odd:
             raise InvalidInput(
-                f"{path} holds gradients or optimizer state that match no parameter: "
+                f"{path} holds gradients or optimizer state that match no floating-point "
+                f"parameter: "
                 f"{', '.join(odd)}",
                 reason="BAD_CHECKPOINT",
             )

@@ -10,7 +10,8 @@ reads or writes any tensor by its PyTorch name.
 
 Conventions used by every message below:
 - Tensor names are PyTorch's own, from `named_parameters()` ("conv1.weight"),
-  with ".grad" appended for a gradient ("conv1.weight.grad"), plus "input",
+  with ".grad" appended for a gradient ("conv1.weight.grad"; only a floating-point
+  parameter has one, and so a change and optimizer state), plus "input",
   "target", "output" and "loss" for the last Forward. Read-only names besides:
   each module's output in the last Forward ("conv1.output"), the optimizer's
   state per parameter ("optimizer.conv1.weight.momentum_buffer", Adam's
