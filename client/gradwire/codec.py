@@ -615,6 +615,14 @@ def _as_int(value: Any, what: str) -> int:
     return int(value)
 
 
+def _as_bound(value: Any, what: str) -> int:
+    """A slice bound, clipped to int64's range: no dimension is that long, so numpy's
+    answer is the same (x[0:2**70] is x[0:], x[::2**70] its first element)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise CodecError(f"{what} must be an integer, got {value!r}")
+    return min(max(int(value), INT64_MIN), INT64_MAX)
+
+
 def index_to_proto(key: IndexKey) -> pb.Index:
     """An `Index` message for one numpy basic-indexing key, e.g. (0, slice(None), ...)."""
     items = key if isinstance(key, tuple) else (key,)
@@ -630,7 +638,7 @@ def index_to_proto(key: IndexKey) -> pb.Index:
             for part in ("start", "stop", "step"):
                 bound = getattr(item, part)
                 if bound is not None:
-                    setattr(entry.slice, part, _as_int(bound, f"slice {part}"))
+                    setattr(entry.slice, part, _as_bound(bound, f"slice {part}"))
         else:
             entry.at = _as_int(item, "an index")
     return message

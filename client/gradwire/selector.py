@@ -68,8 +68,9 @@ def _in_range(value: int | None, text: str) -> int | None:
 
 def _item(node: ast.expr, text: str) -> IndexItem:
     if isinstance(node, ast.Slice):
+        # Bounds past int64 are clipped as the index is sent, as numpy clips them.
         parts: list[int | None] = [
-            None if part is None else _in_range(_integer(part, text), text)
+            None if part is None else _integer(part, text)
             for part in (node.lower, node.upper, node.step)
         ]
         if parts[2] == 0:
