@@ -9,14 +9,17 @@ import re
 import signal
 import socket
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
 
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
@@ -25,7 +28,9 @@ from gradwire.cli import build_parser, main
 from gradwire_server import metrics
 from gradwire_server.app import Running, start
 from gradwire_server.logs import CallFilter, JsonFormatter, TextFormatter, log_handler
+from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 from tests.serve_process import serving
 
 TRAINER = "/gradwire.v1.Trainer/"
@@ -106,6 +111,48 @@ def test_counts_every_call_by_method_and_code(
     assert calls(samples, TRAINER + "Step", "FAILED_PRECONDITION") == 1
     total = sum(v for (name, _), v in samples.items() if name == "gradwire_rpc_total")
     assert total == 7  # nothing else was counted
+
+
+class _Held(nn.Module):
+    """A model whose Forward waits until the test lets it go: a call still running."""
+
+    started = threading.Event()
+    go = threading.Event()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            _Held.started.set()
+            assert _Held.go.wait(60)
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+def test_a_unary_call_its_caller_cancelled_is_counted_cancelled() -> None:
+    """Its handler ran to the end and returned, and grpc sent nothing: it was counted OK."""
+    _Held.started.clear()
+    _Held.go.clear()
+    running = start(Trainer(ModelSpec("Held", _Held, (2,), 2)), "127.0.0.1", 0, metrics_port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.TrainerStub(channel)
+            ones = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 2])
+            request = pb.ForwardRequest(input=pb.TensorSource(fill=ones))
+            call = stub.Forward.future(request, timeout=60)
+            assert _Held.started.wait(60)
+            call.cancel()
+            _Held.go.set()
+            method = TRAINER + "Forward"
+            eventually(lambda: calls(scrape(running), method, "CANCELLED") == 1)
+            assert calls(scrape(running), method, "OK") == 0
+            stub.ListTensors(pb.ListTensorsRequest(), timeout=10)  # others still OK
+            assert calls(scrape(running), TRAINER + "ListTensors", "OK") == 1
+    finally:
+        _Held.go.set()
+        running.stop(grace=None)
 
 
 def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:

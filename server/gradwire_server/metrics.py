@@ -226,7 +226,9 @@ class CallInterceptor(grpc.ServerInterceptor):
             default = "UNKNOWN"  # an exception that is no abort: grpc answers UNKNOWN
             try:
                 response = behavior(request, context)
-                default = "OK"
+                # Answered, unless its caller cancelled it (or its deadline passed) meanwhile:
+                # grpc then sends nothing, and the caller saw CANCELLED or DEADLINE_EXCEEDED.
+                default = "OK" if context.is_active() else "CANCELLED"
                 return response
             finally:
                 self._finish(method, _code_of(context, default), start)
