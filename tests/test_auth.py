@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import io
 import ipaddress
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
+from gradwire.credentials import load_token
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.errors import InvalidInput
@@ -132,6 +134,51 @@ def test_cli_takes_the_token_from_a_file_or_the_environment(
     err = io.StringIO()
     assert main(["list", *target, "--token-file", str(empty)], io.StringIO(), err) == 2
     assert "is empty" in err.getvalue()
+
+
+def test_a_token_from_the_environment_is_stripped_as_one_from_a_file(
+    trainer: Trainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret ends in a newline as often as not. Kept in GRADWIRE_TOKEN, the server wanted
+    a token no client could send, and a client with the same variable failed every call
+    INTERNAL ("Invalid metadata"): a compose healthcheck never turned healthy."""
+    monkeypatch.setenv("GRADWIRE_TOKEN", TOKEN + "\n")
+    running = start(trainer, "127.0.0.1", 0, token=load_token(None))
+    try:
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN)
+        target = ["--target", _address(running)]
+        assert main(["list", *target, "--token-file", str(token_file)], io.StringIO()) == 0
+        assert main(["list", *target], io.StringIO()) == 0  # the variable, stripped
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("token", "holds"),
+    [("two\nlines", repr("\n")), ("caf\u00e9", repr("\u00e9")), ("tab\tbed", repr("\t"))],
+)
+def test_a_token_no_header_can_carry_is_refused_where_it_is_given(
+    trainer: Trainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str, holds: str
+) -> None:
+    """Refused where it is given, naming what is wrong: `serve` exits 2, the Python client
+    raises ValueError when made. Taken, the server started wanting a token nobody could send,
+    and a client failed every call INTERNAL ("Invalid metadata")."""
+    said = f"is no token gRPC can send: one line of printable ASCII .* it holds {re.escape(holds)}"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    err = io.StringIO()
+    argv = ["serve", "--port", "0", "--device", "cpu", "--token-file", str(token_file)]
+    assert main(argv, io.StringIO(), err) == 2
+    assert re.search(f"the token in {re.escape(str(token_file))} {said}", err.getvalue())
+    monkeypatch.setenv("GRADWIRE_TOKEN", token)
+    err = io.StringIO()
+    assert main(["list", "--target", "127.0.0.1:1"], io.StringIO(), err) == 2
+    assert re.search(f"GRADWIRE_TOKEN {said}", err.getvalue())
+    with pytest.raises(ValueError, match=f"token= {said}"):
+        gradwire.Client("127.0.0.1:1", token=token)
+    with pytest.raises(ValueError, match=f"the server token {said}"):
+        start(trainer, "127.0.0.1", 0, token=token)
 
 
 # --- TLS ------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.credentials import check_pem, pem_bytes
+from gradwire.credentials import check_pem, check_token, pem_bytes
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
@@ -596,6 +596,8 @@ class Client:
         self.target = target
         #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
         self.timeout = timeout
+        if token:  # gRPC refused a newline in it at every call: INTERNAL, "Invalid metadata"
+            check_token(token, "token=")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE, and
         #: for streamed reads that a concurrent mutation cut short (`read`).

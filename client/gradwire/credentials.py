@@ -14,17 +14,39 @@ TOKEN_ENV = "GRADWIRE_TOKEN"
 
 
 def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
-    """The token from a file (surrounding white space stripped), else from `env`; or None.
+    """The token from a file, else from `env` (surrounding white space stripped from
+    either), checked (`check_token`); or None.
 
     A file is preferred to a flag with the token itself, which other users could read in
-    the process list.
+    the process list. The variable is stripped as the file is: a secret ends in a newline
+    as often as not, and kept, the server wanted a token no client could send (gRPC
+    refused the header: "Invalid metadata") and a client's calls all failed INTERNAL.
     """
     if token_file is not None:
         token = token_file.read_text().strip()
         if not token:
             raise ValueError(f"the token file {token_file} is empty")
-        return token
-    return os.environ.get(env) or None
+        return check_token(token, f"the token in {token_file}")
+    token = os.environ.get(env, "").strip()
+    return check_token(token, env) if token else None
+
+
+#: A token as a header can carry it: printable ASCII, spaces inside only.
+_TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def check_token(token: str, what: str) -> str:
+    """`token`, or ValueError naming `what` unless gRPC can send it in a header."""
+    if not isinstance(token, str):
+        raise TypeError(f"{what} must be a str, got {type(token).__name__}")
+    if not _TOKEN.fullmatch(token):
+        odd = next((c for c in token if not " " <= c <= "~"), "a space at an end" if token else "")
+        found = repr(odd) if len(odd) == 1 else odd or "nothing"
+        raise ValueError(
+            f"{what} is no token gRPC can send: one line of printable ASCII (letters, digits, "
+            f"punctuation, spaces inside only) is needed, and it holds {found}"
+        )
+    return token
 
 
 #: A PEM certificate block, its armour included.

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from gradwire.credentials import check_token
 from gradwire_server.errors import InvalidInput
 from gradwire_server.servicer import HANDLER_KINDS, abort
 
@@ -27,7 +28,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        """ValueError for a token no client could send (a newline in it)."""
+        self._expected = f"Bearer {check_token(token, 'the server token')}".encode()
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
