@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
+from gradwire_server.errors import InvalidInput
 from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
@@ -277,6 +279,38 @@ def test_a_state_dir_is_made_at_start_and_holds_no_trace_of_the_check(tmp_path: 
     assert list(state.iterdir()) == []
 
 
+def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Path) -> None:
+    """Two servers on one state dir each saved there at their stop, the last to stop
+    overwriting the other's training; and SIGHUP, which a terminal sends as it closes,
+    killed the server at once, unsaved (both found by a review of deployment)."""
+    from gradwire_server.app import hold_state_dir
+
+    port_file, state = tmp_path / "port", tmp_path / "state"
+    args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
+    with serving(*args) as (process, _):
+        out = _serve_refused("--state-dir", str(state))
+        assert out.returncode == 2
+        assert out.stderr.endswith(
+            f"gradwire serve: error: --state-dir {state} is in use by another gradwire server "
+            f"(process {process.pid}): each server needs a folder of its own, or one would "
+            "overwrite the other's state\n"
+        )
+        assert "listening on" not in out.stderr
+        with gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10) as client:
+            version = client.fill_parameters(0.1)
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert "SIGHUP received: stopping" in rest
+    assert f"saved state version {version}" in rest
+    with (
+        hold_state_dir(state),  # free once its server has stopped
+        pytest.raises(InvalidInput, match="in use by another gradwire server"),
+    ):
+        hold_state_dir(state)
+
+
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:
     port_file = tmp_path / "nope" / "port"
     out = _serve_refused("--port-file", str(port_file))
@@ -297,7 +331,7 @@ def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: P
     with serving(*args) as (process, _):
         with gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10) as client:
             version = client.fill_parameters(0.1)
-        state.rmdir()
+        shutil.rmtree(state)  # its lock file in it
         state.write_text("the folder replaced by a file while the server ran\n")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -276,6 +277,46 @@ def check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
+#: The signals that stop `serve` gracefully: SIGHUP too, which the terminal sends as it
+#: closes (a dropped SSH session): it killed the server at once, its state unsaved.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
+
+
+#: In a state dir: the lock its server holds, and that server's process id.
+LOCK_FILE = "gradwire.lock"
+
+
+def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[object]:
+    """Holds `state_dir` for this server until the context ends (or the process does):
+    another server given it is refused at start (InvalidInput, BAD_STATE_DIR), naming the
+    process that holds it. An advisory lock (flock) on LOCK_FILE, which stays behind; none
+    where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return contextlib.nullcontext()
+    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - the context's to close
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        by = f"process {holder}" if holder.isdigit() else "another process"
+        raise InvalidInput(
+            f"--state-dir {state_dir} is in use by another gradwire server ({by}): each "
+            "server needs a folder of its own, or one would overwrite the other's state",
+            reason="BAD_STATE_DIR",
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -322,7 +363,8 @@ def serve(
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
 ) -> None:
-    """Runs a server in the foreground until SIGTERM or Ctrl-C, then stops it gracefully.
+    """Runs a server in the foreground until SIGTERM, SIGHUP or Ctrl-C, then stops it
+    gracefully; a second signal exits at once.
 
     With `state_dir`, the state is restored from it at start (when a checkpoint is there)
     and saved to it at a graceful stop. `model`: "package.module:attr" naming a ModelSpec
@@ -345,129 +387,138 @@ def serve(
     # training run's state was lost (a state dir it could not write, a port file's folder).
     if state_dir is not None:
         check_state_dir(state_dir)
-    if port_file is not None and not port_file.parent.is_dir():
-        raise InvalidInput(
-            f"--port-file {port_file}: there is no folder {port_file.parent} to write it in",
-            reason="BAD_PORT_FILE",
-        )
-    if tls is not None:
-        tls.check()
-    spec = SIMPLE if model is None else load_spec(model)
-    resolved = resolve_device(device)
-    trainer = Trainer(
-        spec, device=resolved, seed=seed, one_thread_for_small_work=one_thread_for_small_work
-    )
-    threads = describe_threads(one_thread_for_small_work, resolved)
-    if threads is not None:
-        log.info("%s", threads)
-    saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
-    if saved is not None and saved.exists():
-        log.info("restored state version %d from %s", trainer.load(saved), saved)
-    stop = threading.Event()
-    lost = threading.Event()
-
-    def device_lost() -> None:
-        lost.set()
-        stop.set()
-
-    running = start(
-        trainer,
-        host,
-        port,
-        max_concurrent,
-        token=token,
-        tls=tls,
-        max_sessions=max_sessions,
-        session_idle_s=session_idle_s,
-        metrics_port=metrics_port,
-        on_device_lost=device_lost,
-        keepalive_s=keepalive_s,
-        keepalive_timeout_s=keepalive_timeout_s,
-    )
-    if tls is not None:
-        who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
-        log.info("TLS on (%s)", who)
-    if token:
-        log.info("a bearer token is required for every call but health checks")
-    elif host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning(
-            "listening on %s without a token: anyone who reaches this port can drive and read "
-            "the model; set --token-file or GRADWIRE_TOKEN",
-            host,
-        )
-    if port_file is not None:
-        try:
-            port_file.write_text(f"{running.port}\n")
-        except OSError as err:
-            running.stop(None)
-            raise OSError(
-                f"--port-file {port_file}: cannot write it: {err.strerror or err}"
-            ) from None
-    log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
-    log.info("listening on %s (health and reflection on)", _address(host, running.port))
-    if running.metrics_port is not None:
-        log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
-
-    # Signals received, counted in one step: a handler can run inside another (Python runs
-    # a pending one between any two bytecodes), and two that both saw "none yet" would both
-    # be taken for the first.
-    received = itertools.count()
-    stopped = threading.Event()  # the stop, and its save, done
-    # How the stop ends, and how a second signal ends it, for the log.
-    then_saved, unsaved = (", then the state saved", ", unsaved") if saved is not None else ("", "")
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if next(received):  # a second signal: the operator will not wait for the stop
-            log.warning(
-                "%s received again: exiting now, without waiting for the calls in progress%s",
-                name,
-                "; the state is NOT saved" if saved is not None and not stopped.is_set() else "",
+    # Held until the server has stopped and saved: two servers that shared one state dir
+    # each saved there at their stop, the last to stop overwriting the other's training.
+    with contextlib.ExitStack() as held:
+        if state_dir is not None:
+            held.enter_context(hold_state_dir(state_dir))
+        if port_file is not None and not port_file.parent.is_dir():
+            raise InvalidInput(
+                f"--port-file {port_file}: there is no folder {port_file.parent} to write it in",
+                reason="BAD_PORT_FILE",
             )
-            logging.shutdown()
-            os._exit(128 + signum)
-        log.info(
-            "%s received: stopping (grace %.1fs; a step running then is finished%s; a second "
-            "signal exits at once%s)",
-            name,
-            grace,
-            then_saved,
-            unsaved,
+        if tls is not None:
+            tls.check()
+        spec = SIMPLE if model is None else load_spec(model)
+        resolved = resolve_device(device)
+        trainer = Trainer(
+            spec, device=resolved, seed=seed, one_thread_for_small_work=one_thread_for_small_work
         )
-        stop.set()
+        threads = describe_threads(one_thread_for_small_work, resolved)
+        if threads is not None:
+            log.info("%s", threads)
+        saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
+        if saved is not None and saved.exists():
+            log.info("restored state version %d from %s", trainer.load(saved), saved)
+        stop = threading.Event()
+        lost = threading.Event()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        if ready is not None:
-            ready(running)
-        stop.wait()
-    finally:
-        # A call still running past the grace period (a long step) holds the stop: the state
-        # is saved after it. Said once, so that the operator knows what is being waited for.
-        waiting = threading.Timer(
-            grace + STOP_NOTICE_S,
-            log.warning,
-            (
-                "still stopping %.0fs after the grace period: a call in progress (a long step?) "
-                "is waited for%s; a second signal exits now%s",
-                STOP_NOTICE_S,
+        def device_lost() -> None:
+            lost.set()
+            stop.set()
+
+        running = start(
+            trainer,
+            host,
+            port,
+            max_concurrent,
+            token=token,
+            tls=tls,
+            max_sessions=max_sessions,
+            session_idle_s=session_idle_s,
+            metrics_port=metrics_port,
+            on_device_lost=device_lost,
+            keepalive_s=keepalive_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+        )
+        if tls is not None:
+            who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
+            log.info("TLS on (%s)", who)
+        if token:
+            log.info("a bearer token is required for every call but health checks")
+        elif host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "listening on %s without a token: anyone who reaches this port can drive and read "
+                "the model; set --token-file or GRADWIRE_TOKEN",
+                host,
+            )
+        if port_file is not None:
+            try:
+                port_file.write_text(f"{running.port}\n")
+            except OSError as err:
+                running.stop(None)
+                raise OSError(
+                    f"--port-file {port_file}: cannot write it: {err.strerror or err}"
+                ) from None
+        log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
+        log.info("listening on %s (health and reflection on)", _address(host, running.port))
+        if running.metrics_port is not None:
+            log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
+
+        # Signals received, counted in one step: a handler can run inside another (Python runs
+        # a pending one between any two bytecodes), and two that both saw "none yet" would both
+        # be taken for the first.
+        received = itertools.count()
+        stopped = threading.Event()  # the stop, and its save, done
+        # How the stop ends, and how a second signal ends it, for the log.
+        then_saved, unsaved = (
+            (", then the state saved", ", unsaved") if saved is not None else ("", "")
+        )
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
+            if next(received):  # a second signal: the operator will not wait for the stop
+                log.warning(
+                    "%s received again: exiting now, without waiting for the calls in progress%s",
+                    name,
+                    "; the state is NOT saved"
+                    if saved is not None and not stopped.is_set()
+                    else "",
+                )
+                logging.shutdown()
+                os._exit(128 + signum)
+            log.info(
+                "%s received: stopping (grace %.1fs; a step running then is finished%s; a second "
+                "signal exits at once%s)",
+                name,
+                grace,
                 then_saved,
                 unsaved,
-            ),
-        )
-        waiting.daemon = True
-        waiting.start()
+            )
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         try:
-            # After a device error nothing is saved: the device's state can no longer be read.
-            running.stop(grace, save_to=None if lost.is_set() else saved)
-            stopped.set()
+            if ready is not None:
+                ready(running)
+            stop.wait()
         finally:
-            waiting.cancel()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        log.info("stopped at state version %d", trainer.version)
-    if lost.is_set():
-        raise DeviceLost(
-            "stopped after an error the device does not recover from (see the log above); "
-            "a restart gets a fresh device context"
-        )
+            # A call still running past the grace period (a long step) holds the stop: the state
+            # is saved after it. Said once, so that the operator knows what is being waited for.
+            waiting = threading.Timer(
+                grace + STOP_NOTICE_S,
+                log.warning,
+                (
+                    "still stopping %.0fs after the grace period: a call in progress (a long "
+                    "step?) is waited for%s; a second signal exits now%s",
+                    STOP_NOTICE_S,
+                    then_saved,
+                    unsaved,
+                ),
+            )
+            waiting.daemon = True
+            waiting.start()
+            try:
+                # After a device error nothing is saved: the device's state can no longer be read.
+                running.stop(grace, save_to=None if lost.is_set() else saved)
+                stopped.set()
+            finally:
+                waiting.cancel()
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            log.info("stopped at state version %d", trainer.version)
+        if lost.is_set():
+            raise DeviceLost(
+                "stopped after an error the device does not recover from (see the log above); "
+                "a restart gets a fresh device context"
+            )
