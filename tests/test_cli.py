@@ -763,6 +763,15 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["serve", "--max-sessions", "-1"], "argument --max-sessions: bad number '-1'"),
         (["watch", "loss", "--every-steps", "-3"], "argument --every-steps: bad number"),
         (["watch", "loss", "--interval", "-1"], "argument --interval: bad duration '-1'"),
+        # These ended in the client's own ValueError, a traceback (twenty-second session):
+        (
+            ["watch", "loss", "--bins", "-1"],
+            "argument --bins: bad number '-1': expected a whole number from 0 to 4096",
+        ),
+        (["watch", "loss", "--bins", "5000"], "argument --bins: bad number '5000'"),
+        (["watch", "loss", "--every-steps", "9" * 23], "argument --every-steps: bad number"),
+        (["stats", "loss", "--bins", "4097"], "argument --bins: bad number '4097'"),
+        (["train", "--steps", "9" * 20], "argument --steps: bad number"),
         (["watch", "loss", "--count", "0"], "argument --count: bad number '0'"),
         (["train", "--steps", "0"], "argument --steps: bad number '0'"),
         (["train", "--batch", "x"], "argument --batch: bad number 'x'"),

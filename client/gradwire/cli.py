@@ -192,17 +192,19 @@ def _port(text: str) -> int:
     return port
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An integer option's type: a whole number, `minimum` or more."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer option's type: a whole number, `minimum` or more (and `maximum` at most:
+    past it, the client's own check ended `watch --bins 5000` in a traceback)."""
 
     def whole(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
+            expected = f"{minimum} or more" if maximum is None else f"from {minimum} to {maximum}"
             raise argparse.ArgumentTypeError(
-                f"bad number {text!r}: expected a whole number, {minimum} or more"
+                f"bad number {text!r}: expected a whole number {expected}"
             )
         return value
 
@@ -1351,7 +1353,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gradwire stats conv1.weight.grad --bins 10",
     )
     p.add_argument("selector", help="a name and optional index, as for get")
-    p.add_argument("--bins", type=int, default=0, help="histogram bins (default: none)")
+    p.add_argument(
+        "--bins",
+        type=_at_least(0, limits.MAX_HISTOGRAM_BINS),
+        default=0,
+        help="histogram bins (default: none)",
+    )
     p.add_argument("--low", type=float, help="histogram's lower edge (default: the minimum)")
     p.add_argument("--high", type=float, help="histogram's upper edge (default: the maximum)")
 
@@ -1366,14 +1373,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="with --values: statistics too")
     p.add_argument(
         "--bins",
-        type=int,
+        type=_at_least(0, limits.MAX_HISTOGRAM_BINS),
         default=0,
         help="histogram bins in the statistics: drawn under each tensor's row, or in each "
         "entry's stats with --json (default: none)",
     )
     p.add_argument(
         "--every-steps",
-        type=_at_least(0),
+        type=_at_least(0, codec.INT64_MAX),
         default=0,
         help="an update every N optimizer steps (default: after every change)",
     )
@@ -1397,12 +1404,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(Ctrl-C stops between steps)",
     )
     p.add_argument(
-        "--steps", type=_at_least(1), default=100, help="steps to run (default %(default)s)"
+        "--steps",
+        type=_at_least(1, limits.MAX_TRAIN_STEPS),
+        default=100,
+        help="steps to run (default %(default)s)",
     )
     p.add_argument("--batch", type=_at_least(1), default=8, help="batch size (default %(default)s)")
     p.add_argument(
         "--every",
-        type=_at_least(1),
+        type=_at_least(1, codec.INT64_MAX),
         default=1,
         help="show progress every K steps (default %(default)s)",
     )
