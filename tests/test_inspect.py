@@ -132,6 +132,30 @@ def test_summarize_in_runs_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(
+    ("low", "high", "edges", "counts"),
+    [
+        (None, -5.0, (-6.0, -5.0), [0, 0]),  # every value above the edge given
+        (5.0, None, (5.0, 6.0), [0, 0]),  # every value below it
+        (3.0, None, (3.0, 4.0), [1, 0]),  # the largest value on it: counted
+        (None, -2.0, (-3.0, -2.0), [0, 1]),  # the smallest on it, in the last bin
+        (None, 0.5, (-2.0, 0.5), [1, 1]),  # a range the values leave room for, as before
+    ],
+)
+def test_one_histogram_edge_past_the_values_keeps_the_edge_given(
+    low: float | None, high: float | None, edges: tuple[float, float], counts: list[int]
+) -> None:
+    """Given one edge, the other is the values' extreme; past the one given, that left an
+    empty range [x, x] and the edge asked for appeared nowhere (`stats --high -5` printed
+    three bins [-0.192, -0.192); found by a review of watching). Now a range of width 1
+    from the edge given, away from the values."""
+    values = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    summary = server_stats.summarize(values, bins=2, low=low, high=high)
+    assert summary.histogram is not None
+    assert (summary.histogram.low, summary.histogram.high) == edges
+    assert summary.histogram.counts == counts
+
+
+@pytest.mark.parametrize(
     ("kwargs", "reason"),
     [
         ({"bins": -1}, "BAD_BINS"),

@@ -202,9 +202,11 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         except ValueError:
             value = minimum - 1
         if value < minimum or (maximum is not None and value > maximum):
-            expected = f"{minimum} or more" if maximum is None else f"from {minimum} to {maximum}"
+            expected = (
+                f", {minimum} or more" if maximum is None else f" from {minimum} to {maximum}"
+            )
             raise argparse.ArgumentTypeError(
-                f"bad number {text!r}: expected a whole number {expected}"
+                f"bad number {text!r}: expected a whole number{expected}"
             )
         return value
 
@@ -597,11 +599,13 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 def _stats_json(stats: Stats) -> dict[str, Any]:
-    """Statistics for --json: min, max, mean, std and norm are null when no value is finite
-    (NaN in Stats; the contract sends 0 for them, which a script could take for a real 0)."""
+    """Statistics for --json: min, max, mean, std, norm and the histogram are null when no
+    value is finite (NaN in Stats; the contract sends 0 for them, which a script could take
+    for a real 0, and bins over [-0.5, 0.5])."""
     data = dataclasses.asdict(stats)
     if stats.finite == 0:
-        data.update(dict.fromkeys(("min", "max", "mean", "std", "norm")))
+        # The histogram too: empty bins over a range of the server's choosing read as data.
+        data.update(dict.fromkeys(("min", "max", "mean", "std", "norm", "histogram")))
     return data
 
 

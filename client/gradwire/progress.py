@@ -194,8 +194,13 @@ class WatchTable:
             lines.append(f"  {selector:<{self.width}}  {cell}")
             stats = watched.stats
             if stats is not None and stats.histogram is not None and stats.count > 1:
-                # Under its row, as `gradwire stats --bins` prints it (a scalar's is its value).
-                bars = histogram_bars(stats.histogram, WATCH_BAR)
+                # Under its row, as `gradwire stats --bins` prints it (a scalar's is its value):
+                # with no finite value, empty bins over [-0.5, 0.5] would read as data.
+                bars = (
+                    histogram_bars(stats.histogram, WATCH_BAR)
+                    if stats.finite
+                    else ["histogram: no finite value to bin"]
+                )
                 lines.extend("    " + line for line in bars)
         return lines
 

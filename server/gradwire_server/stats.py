@@ -124,7 +124,10 @@ def summarize(
         if low is None and high is None:  # one distinct value: a unit-wide range, as numpy
             same = lo == hi
             lo, hi = torch.where(same, lo - 0.5, lo), torch.where(same, hi + 0.5, hi)
-        hi = torch.maximum(hi, lo)  # one bound given and past the other: an empty range
+        elif low is None:  # the values' minimum at or past the edge given: a unit-wide range
+            lo = torch.where(lo >= hi, hi - 1, lo)  # below it, which they lie outside
+        elif high is None:  # (the range was empty, and its edges hid the one given)
+            hi = torch.where(hi <= lo, lo + 1, hi)
         bounds = torch.stack([lo, hi]).cpu()  # histc takes its range as numbers
         start, stop = float(bounds[0]), float(bounds[1])
         binned = torch.zeros(bins, dtype=f64, device=device)

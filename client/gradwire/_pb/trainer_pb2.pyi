@@ -1714,7 +1714,9 @@ class GetStatsRequest(_message.Message):
     """0: no histogram; at most 4096"""
     histogram_low: _builtins.float
     """Unset: the smallest and largest finite values; when they are equal (one distinct value,
-    or none), 0.5 below and above it, so that the bins have a width.
+    or none), 0.5 below and above it, so that the bins have a width. One given, with the
+    values' other extreme at or past it: a range of width 1 from it, away from the values
+    (histogram_high -5 over values in [-0.2, 0.3]: [-6, -5], every bin empty).
     """
     histogram_high: _builtins.float
     @_builtins.property
