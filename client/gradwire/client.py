@@ -1205,10 +1205,13 @@ class Client:
         cleanly: the next update then raises gradwire.errors.DeadlineExceeded (None, the
         default: no limit). Each selector gets its
         values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
-        Training never waits for a reader: a slow one gets the latest state, and `skipped`
-        counts the updates it missed. Each update costs the server its reads; `min_interval`
-        bounds that cost however fast training runs. Bad arguments raise here, not at the
-        first update; the call is made when the first update is asked for.
+        Training never waits for a reader, and `skipped` counts the updates one missed. But
+        gRPC buffers the updates sent and not yet read (hundreds of small ones), which arrive
+        as they were: a reader slower than the updates reads old states until that buffer is
+        full, and only then does the server merge what is due into its next update (read
+        `stats` or `get` for the state now). Each update costs the server its reads;
+        `min_interval` bounds that cost however fast training runs. Bad arguments raise
+        here, not at the first update; the call is made when the first update is asked for.
         """
         if not selectors:
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
