@@ -234,6 +234,25 @@ def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
         process.wait(timeout=30)
 
 
+def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
+    """safetensors said "No such device (os error 19)" of a folder in the checkpoint's place,
+    and "No such file or directory" of a file the server may not read (found by a review
+    of deployment, with a volume a root container had written)."""
+    state = tmp_path / "state"
+    (state / "state.safetensors").mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
+         "--port", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"gradwire serve: error: cannot load {state / 'state.safetensors'}: it cannot be read "
+        "(is a directory): give the server's user read access to it, or move it away to start "
+        "from fresh weights"
+    )
+
+
 def test_a_checkpoint_whose_gradients_match_no_parameter_is_refused(tmp_path: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

@@ -73,8 +73,18 @@ class Loaded:
 
 def load(path: Path) -> Loaded:
     """Reads a checkpoint written by `save`; ValueError when it is not one, or is one whose
-    metadata is damaged (a key missing, one that is not what `save` writes); MemoryError when
-    it does not fit in memory."""
+    metadata is damaged (a key missing, one that is not what `save` writes), or that cannot be
+    read; MemoryError when it does not fit in memory."""
+    try:
+        # Opened here first: safetensors says "No such file or directory" of a file it may not
+        # read, and "No such device" of a folder (found by a review of deployment).
+        path.open("rb").close()
+    except OSError as err:
+        why = (err.strerror or str(err)).lower()
+        raise ValueError(
+            f"it cannot be read ({why}): give the server's user read access to it, or move it "
+            "away to start from fresh weights"
+        ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
