@@ -58,7 +58,20 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file(tensors, str(partial), metadata=metadata)
+    # On disk before the rename, and the rename too: after a power cut the file was
+    # otherwise either the old one or the new one only as far as the page cache had got.
+    _sync(partial)
     os.replace(partial, path)
+    _sync(path.parent)
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or folder (a folder's fsync makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclasses.dataclass
