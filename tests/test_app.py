@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import shutil
 import signal
 import subprocess
@@ -339,6 +340,29 @@ def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: P
         rest = process.stderr.read()
     assert f"gradwire serve: error: could not save state version {version} to {state}" in rest
     assert "Traceback" not in rest
+
+
+def test_a_failed_save_is_an_error_record_and_sessions_closed_are_said(tmp_path: Path) -> None:
+    """The failed save was only serve's own line, outside the log: a pipeline alerting on
+    ERROR records missed the training lost. Sessions open at the stop went without a word
+    (both found by a review of deployment)."""
+    port_file, state = tmp_path / "port", tmp_path / "state"
+    args = ("--port-file", str(port_file), "--state-dir", str(state), "--log-format", "json")
+    with serving(*args) as (process, _):
+        client = gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10)
+        session = client.open_session()
+        session.fill_parameters(0.1)
+        version = client.list_tensors().version
+        shutil.rmtree(state)
+        state.write_text("the folder replaced by a file while the server ran\n")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 1
+        assert process.stderr is not None
+        records = [json.loads(line) for line in process.stderr if line.startswith("{")]
+    lost = f"could not save state version {version} to {state}"
+    assert [r["level"] for r in records if r["message"].startswith(lost)] == ["ERROR"]
+    closing = "closing the 1 session(s) still open; only the default session's state is saved"
+    assert [r["level"] for r in records if r["message"] == closing] == ["INFO"]
 
 
 def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:

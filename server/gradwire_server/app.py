@@ -80,11 +80,19 @@ class Running:
                 try:
                     version = self.trainer.save(save_to)
                 except Exception as err:  # an OSError, or safetensors' own (a full disk)
-                    raise OSError(
+                    lost = (
                         f"could not save state version {self.trainer.version} to {save_to}: {err}"
-                    ) from err
+                    )
+                    # A record of its own too: the caller's line (serve's) is outside the log,
+                    # where a pipeline that alerts on errors did not see the training lost.
+                    log.error("%s", lost)
+                    raise OSError(lost) from err
                 log.info("saved state version %d to %s", version, save_to)
         finally:  # a save that failed still lets the sessions and threads go
+            sessions = self.servicer.sessions.open_count
+            if sessions:  # said: their state goes with them, and nothing else tells
+                kept = "; only the default session's state is saved" if save_to else ""
+                log.info("closing the %d session(s) still open%s", sessions, kept)
             self.servicer.sessions.close_all()
             self.trainer.close()
             self.health.close()
