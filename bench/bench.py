@@ -531,8 +531,10 @@ def watchers(served: Served, repeats: int) -> list[Row]:
 
         def stalled(interval: float) -> Callable[[], Callable[[], None]]:
             def setup() -> Callable[[], None]:
+                # Not read as they come (latest=False): a watcher that stops reading, as a
+                # client in any language can, whose updates back up in gRPC's buffers.
                 streams = [
-                    client.watch(["conv2.output"], values=True, min_interval=interval)
+                    client.watch(["conv2.output"], values=True, min_interval=interval, latest=False)
                     for _ in range(4)
                 ]
                 for stream in streams:

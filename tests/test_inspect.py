@@ -447,6 +447,38 @@ def test_a_slow_watcher_gets_the_latest_state_and_a_skip_count(
     assert np.array_equal(updates[-1]["conv2.output"].value, final)
 
 
+@pytest.mark.parametrize("latest", [True, False])
+def test_a_loop_slower_than_the_updates_takes_the_newest(
+    client: gradwire.Client, address: str, latest: bool
+) -> None:
+    """Small updates that gRPC had buffered came one by one, each as it was: a loop that
+    looked once the training was over read the first of 60 steps, and needed 60 reads to
+    reach the server's state (a review read updates hundreds of steps behind). Read as they
+    come (`latest`, the default), each update taken is the newest received, those it
+    replaced counted in its `skipped`; without, the buffered ones still come in order."""
+    steps = 60
+    stream = client.watch(["loss", "conv1.weight.grad"], timeout=60, latest=latest)
+    first = next(stream)
+    x, y = random_batch(8, 5)
+    with gradwire.connect(address) as driver:
+        for _ in range(steps):
+            final = driver.train_step(x, y).version
+    taken = []
+    for update in stream:
+        taken.append(update)
+        if update.version == final:
+            break
+    stream.close()
+    assert sum(u.skipped + 1 for u in taken) == steps  # each step's update taken or counted
+    assert taken[-1]["loss"].stats is not None
+    assert taken[-1].steps - first.steps == steps  # the last is the server's final state
+    if latest:
+        assert len(taken) < steps // 4, [u.version for u in taken]
+    else:  # 60 small updates fit in gRPC's buffer: most come one by one (the server merges
+        # one into the next only when a step is applied before the update is made)
+        assert len(taken) > steps * 3 // 4, [u.version for u in taken]
+
+
 def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
     with pytest.raises(errors.NotFound):
         next(client.watch(["conv1.weigth"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -20,7 +21,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -45,6 +46,7 @@ from gradwire.errors import (
 from gradwire.fill import Fill
 from gradwire.limits import channel_options
 from gradwire.memory import KeptMemory
+from gradwire.newest import Cancellable, Newest
 from gradwire.selector import parse_selector
 from gradwire.updates import (
     TensorStats,
@@ -546,6 +548,16 @@ def with_default_port(target: str) -> str:
 _HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*):(-?[0-9]*|[0-9]+[^:]*)")
 
 
+def _merged(update: WatchUpdate, dropped: int) -> WatchUpdate:
+    """`update`, counting in its `skipped` the `dropped` updates it replaced."""
+    return dataclasses.replace(update, skipped=update.skipped + dropped) if dropped else update
+
+
+def _update_weight(data: bytes) -> int:
+    """The updates a WatchUpdate stands for: itself and those the server skipped."""
+    return 1 + int(wire.split(data, pb.WatchUpdate).message.skipped)
+
+
 class Client:
     """A connection to a gradwire server: `gradwire.connect(target)`; close it, or use `with`."""
 
@@ -769,12 +781,13 @@ class Client:
         *,
         timeout: float | None = -1.0,
         metadata: Sequence[tuple[str, str]] = (),
+        on_call: Callable[[grpc.Call], object] | None = None,
     ) -> Iterator[Any]:
         """A server stream, with errors raised as the exception of their status code.
 
         `timeout`: for the whole stream; the client's per-call timeout unless given (None:
         no limit). `metadata`: more, besides the token's and the session's. Closing the
-        iterator early cancels the call.
+        iterator early cancels the call; so does cancelling the call `on_call` is given.
         """
         metadata = [*self._metadata, *self._session_metadata(method), *metadata]
         try:
@@ -785,6 +798,8 @@ class Client:
             )
         except ValueError as err:
             raise _closed_channel(err) from None
+        if on_call is not None:
+            on_call(call)
         try:
             for message in call:
                 self.answered = True
@@ -1198,6 +1213,7 @@ class Client:
         every_steps: int = 0,
         min_interval: float = 0.0,
         timeout: float | None = None,
+        latest: bool = True,
     ) -> Generator[WatchUpdate, None, None]:
         """Watch: the state now, then an update after each applied mutation (or every
         `every_steps` Steps; at most one per `min_interval` seconds), until the iterator is
@@ -1205,13 +1221,17 @@ class Client:
         cleanly: the next update then raises gradwire.errors.DeadlineExceeded (None, the
         default: no limit). Each selector gets its
         values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
-        Training never waits for a reader, and `skipped` counts the updates one missed. But
-        gRPC buffers the updates sent and not yet read (hundreds of small ones), which arrive
-        as they were: a reader slower than the updates reads old states until that buffer is
-        full, and only then does the server merge what is due into its next update (read
-        `stats` or `get` for the state now). Each update costs the server its reads;
-        `min_interval` bounds that cost however fast training runs. Bad arguments raise
-        here, not at the first update; the call is made when the first update is asked for.
+        Training never waits for a reader, and `skipped` counts the updates one missed.
+
+        `latest` (the default): updates are read as they come on a thread of the client's
+        own, and each one taken is the newest received, those it replaced counted in its
+        `skipped`: a loop slower than the updates sees the state as it is now. Else they are
+        taken one by one from what gRPC buffered (hundreds of small updates), each as it
+        was: a slow loop reads older and older states, until that buffer is full and the
+        server merges what is due. Either way each update costs the server its reads, and
+        read as they come, the server makes every one: `min_interval` bounds that cost
+        however fast training runs. Bad arguments raise here, not at the first update; the
+        call is made when the first update is asked for.
         """
         if not selectors:
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
@@ -1235,13 +1255,33 @@ class Client:
                 stats=stats,
                 histogram_bins=bins,
             )
-        return self._updates(self._stream("Watch", request, timeout=timeout), shown)
+        if not latest:
+            return self._updates(self._stream("Watch", request, timeout=timeout), shown)
+        return self._newest_updates(
+            lambda hold: self._stream("Watch", request, timeout=timeout, on_call=hold), shown
+        )
 
     def _updates(
         self, stream: Iterator[bytes], selectors: Sequence[str]
     ) -> Generator[WatchUpdate, None, None]:
         for data in stream:
             yield watch_update(data, self._allocate, selectors)
+
+    def _newest_updates(
+        self,
+        open_stream: Callable[[Callable[[Cancellable], None]], Iterator[bytes]],
+        selectors: Sequence[str],
+    ) -> Generator[WatchUpdate, None, None]:
+        """The updates as `watch(latest=True)` gives them (newest.py)."""
+        newest = Newest(open_stream, _update_weight)
+        try:
+            while (taken := newest.take()) is not None:
+                data, dropped = taken
+                # No local holds the update while it is out: its arrays' memory is reused
+                # once the caller drops them (memory.py).
+                yield _merged(watch_update(data, self._allocate, selectors), dropped)
+        finally:
+            newest.close()
 
     def train(
         self,
