@@ -1853,7 +1853,10 @@ class WatchRequest(_message.Message):
     meanwhile are counted in its `skipped`. Bounds what a watcher costs the server however
     fast training runs. 0: no limit. Without it, small updates that gRPC has already
     buffered for a slow reader arrive one by one, each as it was: only the updates not yet
-    made are merged into the latest.
+    made are merged into the latest. To look at the newest state whatever its pace, a
+    client reads the updates as they come and keeps the last (adding each dropped update's
+    skipped + 1 to the next), as the Python client does; the server then makes every
+    update that falls due.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:
