@@ -20,6 +20,7 @@ from gradwire_server.errors import OverLimit
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import Slots
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 
 WRITERS, READERS, STEPS = 4, 12, 25  # 16 clients
 
@@ -131,3 +132,32 @@ def test_slots_refuse_over_the_limit_at_once_and_come_back() -> None:
         raise ValueError("a call that failed gives its slot back")
     with slots, slots:  # both free again
         pass
+
+
+def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
+    """Watches left open held every place, and BUSY said "retry shortly", which never helped
+    (found by a review of watching)."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=10) as client:
+            watches = [client.watch(["loss"]) for _ in range(2)]
+            for watch in watches:
+                next(watch)
+            with pytest.raises(errors.ResourceExhausted) as info:
+                client.list_tensors()
+            assert info.value.reason == "BUSY"
+            assert info.value.message == (
+                "the server is busy: 2 calls in progress, 2 of them streams (Watch, Train, "
+                "streamed reads), which hold their places until they end: retry once some "
+                "end, or close the watches you no longer read"
+            )
+            watches[0].close()
+            eventually(lambda: running.servicer.slots.taken == 1)
+            assert client.list_tensors().model == "Simple"
+            watches[1].close()
+        eventually(lambda: running.servicer.slots.taken == 0)
+        slots = running.servicer.slots  # taken by unary calls: no streams to speak of
+        with slots, slots, pytest.raises(OverLimit, match=r"in progress; retry shortly$"), slots:
+            pass
+    finally:
+        running.stop(grace=None)

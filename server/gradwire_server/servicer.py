@@ -265,7 +265,10 @@ class Slots:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._taken = 0
+        self._streams = 0  # of those taken, by server streams (Watch, Train, streamed reads)
         self._lock = threading.Lock()
+        #: A place for a server stream: counted apart in BUSY's message.
+        self.stream = _StreamPlace(self)
 
     @property
     def taken(self) -> int:
@@ -273,17 +276,49 @@ class Slots:
         return self._taken
 
     def __enter__(self) -> None:
+        # Written out, not shared with _StreamPlace: every unary call runs it.
         with self._lock:
             if self._taken >= self.limit:
-                raise OverLimit(
-                    f"the server is busy: {self.limit} calls in progress; retry shortly",
-                    reason="BUSY",
-                )
+                raise OverLimit(self._busy(), reason="BUSY")
             self._taken += 1
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._taken -= 1
+
+    def _busy(self) -> str:
+        """BUSY's message: with open streams, that they hold their places until they end
+        (16 watches left open made every call BUSY, and "retry shortly" never helped)."""
+        if not self._streams:
+            return f"the server is busy: {self.limit} calls in progress; retry shortly"
+        return (
+            f"the server is busy: {self.limit} calls in progress, {self._streams} of them "
+            "streams (Watch, Train, streamed reads), which hold their places until they end: "
+            "retry once some end, or close the watches you no longer read"
+        )
+
+
+class _StreamPlace:
+    """Slots' place for a server stream (Slots.stream)."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+
+    def __enter__(self) -> None:
+        slots = self._slots
+        with slots._lock:
+            if slots._taken >= slots.limit:
+                raise OverLimit(slots._busy(), reason="BUSY")
+            slots._taken += 1
+            slots._streams += 1
+
+    def __exit__(self, *exc: object) -> None:
+        slots = self._slots
+        with slots._lock:
+            slots._taken -= 1
+            slots._streams -= 1
 
 
 _NO_METADATA: dict[str, str] = {}
@@ -574,7 +609,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
-            with self.slots, _Session(self, _metadata(context)):
+            with self.slots.stream, _Session(self, _metadata(context)):
                 well_formed(request)
                 yield from method(self, request, context)
         except Exception:
