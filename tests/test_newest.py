@@ -3,6 +3,7 @@ server, in test_inspect.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 
@@ -71,3 +72,22 @@ def test_close_cancels_the_call_even_one_made_after_it() -> None:
     closer.join(20)
     assert made.is_set() and call.cancelled.is_set()
     assert not newest._thread.is_alive()
+
+
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
+
+
+def test_the_stream_is_opened_in_the_readers_context() -> None:
+    """As if the reader made the call itself: a thread starts with an empty context."""
+
+    def stream(hold: Callable[[Cancellable], None]) -> Iterator[str]:
+        yield _WHO.get()
+
+    token = _WHO.set("the reader")
+    try:
+        newest = Newest(stream, weight=lambda message: 1)
+    finally:
+        _WHO.reset(token)
+    newest._thread.join(10)
+    assert newest.take() == ("the reader", 0)
+    newest.close()

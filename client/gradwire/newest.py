@@ -10,6 +10,7 @@ the one not yet taken, and the reader learns how many were dropped.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, TypeVar
@@ -43,8 +44,13 @@ class Newest(Generic[T]):
         self._ended = False
         self._closed = False
         self._call: Cancellable | None = None
+        # In the reader's context: the call is made as if by the reader (contextvars).
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._read, args=(open_stream,), name="gradwire-newest", daemon=True
+            target=context.run,
+            args=(self._read, open_stream),
+            name="gradwire-newest",
+            daemon=True,
         )
         self._thread.start()
 
