@@ -31,6 +31,7 @@ from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.serve_process import serving
+from tests.signals import signal_another_thread
 
 
 def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
@@ -310,6 +311,23 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
         pytest.raises(InvalidInput, match="in use by another gradwire server"),
     ):
         hold_state_dir(state)
+
+
+def test_a_sigterm_the_kernel_hands_another_thread_still_stops_the_server(
+    tmp_path: Path,
+) -> None:
+    """The kernel may give a signal sent to the process to any thread that does not block
+    it, and Python runs its handler on the main thread, which waited on an Event with no
+    timeout: serve missed the SIGTERM and ran on (a CI run's server, still up ten minutes
+    later, its main thread in that wait)."""
+    state = tmp_path / "state"
+    with serving("--state-dir", str(state), "--grace", "1") as (process, _):
+        signal_another_thread(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert "SIGTERM received: stopping" in rest
+    assert "saved state version 0" in rest
 
 
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ class Running:
         hold the whole grace period); then, with `save_to`, the state they left is saved."""
         self.health.enter_graceful_shutdown()
         self.servicer.stopping.set()
-        self.server.stop(grace).wait()
+        wait_for(self.server.stop(grace))
         if self.metrics_server is not None:
             self.metrics_server.stop()
         try:
@@ -283,6 +283,19 @@ def check_state_dir(state_dir: Path) -> None:
             "folder this user can write to",
             reason="BAD_STATE_DIR",
         ) from None
+
+
+#: How often a wait of the main thread's wakes to run the handlers of signals received.
+SIGNAL_POLL_S = 0.2
+
+
+def wait_for(event: threading.Event) -> None:
+    """event.wait(), waking every SIGNAL_POLL_S. Python runs signal handlers on the main
+    thread, and a signal the kernel hands another thread (gRPC's, torch's) interrupts no
+    wait of the main thread's: blocked in one wait for ever, serve missed a SIGTERM and ran
+    on (seen once in CI, in a clone of the twenty-second session's work)."""
+    while not event.wait(SIGNAL_POLL_S):
+        pass
 
 
 #: The signals that stop `serve` gracefully: SIGHUP too, which the terminal sends as it
@@ -499,7 +512,7 @@ def serve(
         try:
             if ready is not None:
                 ready(running)
-            stop.wait()
+            wait_for(stop)
         finally:
             # A call still running past the grace period (a long step) holds the stop: the state
             # is saved after it. Said once, so that the operator knows what is being waited for.
