@@ -6,6 +6,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.serve_in_process import serving
+from tests.signals import signal_another_thread
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -108,6 +111,26 @@ def test_train_on_the_server_equals_train_step_by_step(
     with gradwire.connect(f"127.0.0.1:{second.port}") as remote:
         for name in PARAMETERS:
             assert np.array_equal(client.get(name), remote.get(name)), name
+
+
+def test_ctrl_c_the_kernel_hands_another_thread_still_ends_a_watch(address: str) -> None:
+    """The watch's main thread waits for the newest update while a thread of the client's
+    own reads them; a Ctrl-C the kernel hands that thread (or gRPC's) interrupts no wait of
+    the main thread's, where Python runs the handler: the wait wakes now and then to run
+    it."""
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "gradwire.cli", "watch", "loss", "--target", address],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        assert watch.stdout.readline().startswith("version 0")  # the watch is open
+        signal_another_thread(watch.pid, signal.SIGINT)
+        assert watch.wait(timeout=30) == 0  # Ctrl-C ends a watch as asked
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=10)
 
 
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:

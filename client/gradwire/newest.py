@@ -17,6 +17,9 @@ from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
+#: How often `take`, waiting, wakes to run the handlers of signals received (Ctrl-C).
+SIGNAL_POLL_S = 0.1
+
 #: How long `close` waits for the reading thread to end, once the call is cancelled.
 CLOSE_WAIT_S = 10.0
 
@@ -85,7 +88,9 @@ class Newest(Generic[T]):
         once every message before it has been taken."""
         with self._cond:
             while not (self._pending or self._ended):
-                self._cond.wait()
+                # Woken now and then: a Ctrl-C the kernel hands another thread interrupts no
+                # wait of this one's, and Python runs its handler here only.
+                self._cond.wait(SIGNAL_POLL_S)
             if self._pending:
                 dropped, self._dropped = self._dropped, 0
                 return self._pending.pop(), dropped
