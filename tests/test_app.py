@@ -7,6 +7,7 @@ import errno
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -328,6 +329,30 @@ def test_a_sigterm_the_kernel_hands_another_thread_still_stops_the_server(
         rest = process.stderr.read()
     assert "SIGTERM received: stopping" in rest
     assert "saved state version 0" in rest
+
+
+def test_serving_on_0_0_0_0_says_it_listens_on_ipv6_too() -> None:
+    """gRPC binds 0.0.0.0 on both families, and the log said 0.0.0.0 only: an operator whose
+    firewall covers IPv4 left the port open on IPv6 (found by a review of deployment)."""
+    until = "(health and reflection on)"
+    with serving("--host", "0.0.0.0", until=until) as (_, log):
+        said = next(line for line in log.splitlines() if until in line)
+        port = int(said.split("listening on 0.0.0.0:")[1].split()[0])
+        assert said.endswith(
+            f"listening on 0.0.0.0:{port} (IPv6 too, where this machine has it) {until}"
+        )
+        if _has_ipv6_loopback():
+            with gradwire.connect(f"[::1]:{port}", timeout=10) as client:  # it does
+                assert client.health() == "SERVING"
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:

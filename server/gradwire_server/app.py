@@ -472,7 +472,10 @@ def serve(
                     f"--port-file {port_file}: cannot write it: {err.strerror or err}"
                 ) from None
         log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
-        log.info("listening on %s (health and reflection on)", _address(host, running.port))
+        # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
+        # firewall covers IPv4 only (found by a review of deployment).
+        both = " (IPv6 too, where this machine has it)" if host in ("0.0.0.0", "::") else ""
+        log.info("listening on %s%s (health and reflection on)", _address(host, running.port), both)
         if running.metrics_port is not None:
             log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
 
