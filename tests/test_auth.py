@@ -201,8 +201,11 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _cert(
     name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
     issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server: bool = False,
+    expired: bool = False,
 ) -> x509.Certificate:  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:  # valid for a day that has passed
+        now -= datetime.timedelta(days=2)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     builder = (
         x509.CertificateBuilder()
@@ -270,6 +273,35 @@ def test_tls(trainer: Trainer, pki: Pki) -> None:
             plain.list_tensors()
         args = ["list", "--target", _address(running), "--tls-ca", str(pki.ca)]
         assert main(args, io.StringIO()) == 0
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_server_certificate_that_has_expired_is_named_in_the_hint(
+    trainer: Trainer, tmp_path: Path
+) -> None:
+    """The command said no server answered at the address, and to start one (found by a
+    review of deployment)."""
+    ca_key, key = _key(), _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
+    old = _cert("gradwire server", key, ca, ca_key, server=True, expired=True)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "old.pem").write_bytes(old.public_bytes(pem))
+    (tmp_path / "old.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    files = TlsFiles(tmp_path / "old.pem", tmp_path / "old.key")
+    running = start(trainer, "127.0.0.1", 0, tls=files)
+    try:
+        err = io.StringIO()
+        argv = ["list", "--target", _address(running), "--tls-ca", str(tmp_path / "ca.pem")]
+        assert main([*argv, "--timeout", "5"], io.StringIO(), err) == 1
+        assert err.getvalue().splitlines()[-1] == (
+            f"hint: {_address(running)} serves TLS with a certificate that has expired (or "
+            "this machine's clock is wrong): the server needs a new one (gradwire serve "
+            "--tls-cert, --tls-key)"
+        )
     finally:
         running.stop(grace=None)
 

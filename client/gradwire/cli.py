@@ -1607,6 +1607,12 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         )
     if not _unreachable(error):
         return None
+    if "certificate_verify_failed" in text and "certificate has expired" in text:
+        # It said no server answered, and to start one (found by a review of deployment).
+        return (
+            f"{target} serves TLS with a certificate that has expired (or this machine's "
+            "clock is wrong): the server needs a new one (gradwire serve --tls-cert, --tls-key)"
+        )
     if "certificate_verify_failed" in text and (
         "local issuer" in text or "self signed" in text or "self-signed" in text
     ):
