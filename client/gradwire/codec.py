@@ -607,20 +607,23 @@ INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
 
-def _as_int(value: Any, what: str) -> int:
+def _integer(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise CodecError(f"{what} must be an integer, got {value!r}")
-    if not INT64_MIN <= value <= INT64_MAX:  # protobuf raised "Value out of range"
-        raise CodecError(f"{what} {value} is outside int64's range: {INT64_MIN} to {INT64_MAX}")
     return int(value)
+
+
+def _as_int(value: Any, what: str) -> int:
+    number = _integer(value, what)
+    if not INT64_MIN <= number <= INT64_MAX:  # protobuf raised "Value out of range"
+        raise CodecError(f"{what} {number} is outside int64's range: {INT64_MIN} to {INT64_MAX}")
+    return number
 
 
 def _as_bound(value: Any, what: str) -> int:
     """A slice bound, clipped to int64's range: no dimension is that long, so numpy's
     answer is the same (x[0:2**70] is x[0:], x[::2**70] its first element)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise CodecError(f"{what} must be an integer, got {value!r}")
-    return min(max(int(value), INT64_MIN), INT64_MAX)
+    return min(max(_integer(value, what), INT64_MIN), INT64_MAX)
 
 
 def index_to_proto(key: IndexKey) -> pb.Index:

@@ -827,14 +827,14 @@ class Trainer:
     def _without_gradient(self, name: str) -> str | None:
         """The parameter `name` would be the gradient, Step change or optimizer state of,
         when that parameter can have none (an integer or bool one); else None."""
-        for suffix in (".grad", DELTA_SUFFIX):
-            if name.endswith(suffix):
-                owner = name[: -len(suffix)]
-                break
+        if name.endswith(".grad"):
+            owner = name.removesuffix(".grad")
+        elif name.endswith(DELTA_SUFFIX):
+            owner = name.removesuffix(DELTA_SUFFIX)
+        elif name.startswith(OPTIMIZER_PREFIX):
+            owner = name.removeprefix(OPTIMIZER_PREFIX).rpartition(".")[0]
         else:
-            owner = name[len(OPTIMIZER_PREFIX) :].rpartition(".")[0]
-            if not name.startswith(OPTIMIZER_PREFIX):
-                return None
+            return None
         return owner if owner in self._parameters and owner not in self._learnable else None
 
     # --- inputs -------------------------------------------------------------------
