@@ -410,9 +410,7 @@ def serve(
         check_state_dir(state_dir)
     # Held until the server has stopped and saved: two servers that shared one state dir
     # each saved there at their stop, the last to stop overwriting the other's training.
-    with contextlib.ExitStack() as held:
-        if state_dir is not None:
-            held.enter_context(hold_state_dir(state_dir))
+    with contextlib.nullcontext() if state_dir is None else hold_state_dir(state_dir):
         if port_file is not None and not port_file.parent.is_dir():
             raise InvalidInput(
                 f"--port-file {port_file}: there is no folder {port_file.parent} to write it in",
