@@ -1151,7 +1151,7 @@ def test_a_change_cut_off_by_the_server_stopping_is_not_taken_for_a_server_never
 
 
 def test_a_change_past_its_timeout_may_have_been_applied_and_the_hint_says_so(
-    address: str,
+    address: str, trainer: Trainer
 ) -> None:
     """DEADLINE_EXCEEDED had no hint: reported as failed, the Forward had been applied,
     and run again it would be applied twice (found by a review of the CLI). A read that
@@ -1169,15 +1169,19 @@ def test_a_change_past_its_timeout_may_have_been_applied_and_the_hint_says_so(
         "shows the state version): look before running it again, and give long calls a "
         "longer --timeout"
     )
-    for command in (
-        ["get", "conv1.weight[0][0][0]"],
-        ["forward"],  # its first call, ListTensors, is the one that times out
-    ):
-        # A nanosecond's deadline lets a quick call through now and then (gRPC's timers
-        # tick in milliseconds): the first of a few tries that times out is the one read.
-        tries = (run_main(*command, "--target", address, "--timeout", "1e-9") for _ in range(5))
-        read = next(t for t in tries if "DEADLINE_EXCEEDED" in t.err)
-        assert "applied" not in read.err  # a read: nothing applied
+    # A nanosecond's deadline lets a quick call through now and then (gRPC's timers tick in
+    # milliseconds): the first of a few tries that times out is the one read.
+    tries = (run_main("get", "conv1.weight[0][0][0]", "--target", address, "--timeout", "1e-9")
+             for _ in range(5))  # fmt: skip
+    read = next(t for t in tries if "DEADLINE_EXCEEDED" in t.err)
+    assert "applied" not in read.err  # a read: nothing applied
+    # The forward's first call, ListTensors, held up by the trainer's lock: it times out for
+    # sure, and no Forward is sent. (With a nanosecond's deadline it got through now and
+    # then, and the Forward after it timed out: "applied", rightly, failing the test.)
+    with trainer._lock:
+        read = run_main("forward", "--target", address, "--timeout", "0.5")
+    assert "DEADLINE_EXCEEDED" in read.err
+    assert "applied" not in read.err
 
 
 def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
