@@ -15,9 +15,10 @@ from torch import nn
 
 import gradwire
 from gradwire.replay import replay
-from gradwire_server import staging
+from gradwire_server import staging, stats
 from gradwire_server.app import start
 from gradwire_server.trainer import OptimizerSettings, Trainer
+from tests.test_inspect import values_on_the_edges
 
 pytestmark = pytest.mark.cuda
 
@@ -252,6 +253,21 @@ def test_statistics_and_a_watch_are_computed_on_the_gpu_as_on_the_cpu(
     first = next(watch)
     watch.close()
     np.testing.assert_array_equal(first.tensors[0].value, local[0, :5].float().numpy())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_histogram_on_the_gpu_counts_values_on_its_edges_as_numpy_does(seed: int) -> None:
+    values, bins, low, high = values_on_the_edges(seed)
+    on_gpu = torch.from_numpy(values).to("cuda")
+    summary = stats.summarize(on_gpu, bins=bins, low=low, high=high)
+    assert summary.histogram is not None
+    counts, _ = np.histogram(values[np.isfinite(values)], bins, (low, high))
+    assert summary.histogram.counts == counts.tolist()
+    # And with the range the values give, their finite extremes.
+    summary = stats.summarize(on_gpu, bins=bins)
+    finite = values[np.isfinite(values)]
+    counts, _ = np.histogram(finite, bins, (finite.min(), finite.max()))
+    assert summary.histogram is not None and summary.histogram.counts == counts.tolist()
 
 
 def test_a_train_step_s_fetches_are_what_a_read_after_it_gives(

@@ -5,6 +5,7 @@ the rest; NaN, infinite and zero values are counted. Sums accumulate in float64.
 are summarised in runs of CHUNK_ELEMENTS, so the temporary memory stays bounded. The figures
 stay on the device until one copy of them to the host at the end; besides, each run's sum is
 read once, to skip the masks of non-finite values when there are none (most of the time).
+The histogram's bins are numpy.histogram's, a value on an edge in the bin above it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gradwire_server.errors import InvalidInput
@@ -59,6 +61,35 @@ def check_bins(bins: int, low: float | None, high: float | None) -> None:
 
 def _runs(flat: torch.Tensor) -> list[torch.Tensor]:
     return [flat[i : i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS)]
+
+
+def _edges(start: float, stop: float, bins: int, device: torch.device) -> torch.Tensor:
+    """`numpy.linspace(start, stop, bins + 1)` bit for bit, as numpy.histogram makes its edges:
+    edge i is i * step + start, and the last is `stop` itself."""
+    step = (stop - start) / bins
+    steps = torch.arange(bins + 1, dtype=torch.float64, device=device)
+    edges = steps.mul_(step) if step != 0 else steps.div_(bins).mul_(stop - start)
+    edges.add_(start)
+    edges[-1] = stop
+    return edges
+
+
+def _bin_counts(
+    values: torch.Tensor, edges: torch.Tensor, start: float, stop: float
+) -> torch.Tensor:
+    """How many of the float64 `values` fall in each bin `[edges[i], edges[i + 1])`, the last
+    bin closed, as numpy.histogram counts them, on the values' device: a value on an edge lies
+    in the bin above it, and values outside the edges or NaN in none. numpy's own method: a
+    first guess by arithmetic, moved by one bin where the edges say so. torch.histc stops at
+    the guess, which puts some values on or beside an edge in the bin below."""
+    bins = edges.numel() - 1
+    outside = (values >= start).logical_and_(values <= stop).logical_not_()  # NaN too
+    guess = torch.sub(values, start).div_(stop - start).mul_(bins)
+    index = guess.masked_fill_(outside, 0).to(torch.int64).clamp_(max=bins - 1)
+    index -= (values < edges[index]).to(torch.int64)
+    index += (values >= edges[index + 1]).logical_and_(index != bins - 1).to(torch.int64)
+    index.masked_fill_(outside, bins)  # counted in a bin past the last, dropped
+    return torch.bincount(index, minlength=bins + 1)[:bins]
 
 
 def summarize(
@@ -128,21 +159,27 @@ def summarize(
             lo = torch.where(lo >= hi, hi - 1, lo)  # below it, which they lie outside
         elif high is None:  # (the range was empty, and its edges hid the one given)
             hi = torch.where(hi <= lo, lo + 1, hi)
-        bounds = torch.stack([lo, hi]).cpu()  # histc takes its range as numbers
+        bounds = torch.stack([lo, hi]).cpu()  # the edges are made from numbers, as numpy's
         start, stop = float(bounds[0]), float(bounds[1])
-        binned = torch.zeros(bins, dtype=f64, device=device)
-        if stop > start:
+        binned = torch.zeros(bins, dtype=torch.int64, device=device)
+        if stop > start and device.type == "cpu":
+            # numpy.histogram itself, on the run's own memory: the contract's bins by
+            # definition, and faster here than the same passes in torch (2^24 values:
+            # 145 ms against 510; torch.histc took 68 ms, and miscounted).
             for i in range(len(runs)):
-                # Values outside [start, stop], infinities and NaN are left out; the last
-                # bin holds `stop` itself, as numpy's does.
-                binned += torch.histc(values(i)[0], bins, start, stop)
+                counted, _ = np.histogram(values(i)[0].numpy(), bins, (start, stop))
+                binned += torch.from_numpy(counted)
+        elif stop > start:
+            edges = _edges(start, stop, bins, device)
+            for i in range(len(runs)):
+                binned += _bin_counts(values(i)[0], edges, start, stop)
     # Every figure, count and bin leaves the device together, in one synchronisation (the
     # counts, at most 2^28, are exact in float64). Before it: one per run of a tensor with
     # non-finite values' check, and the histogram's bounds when they were not given.
     figures = torch.stack(
         [smallest, largest, mean, (deviation / finite_count).sqrt(), squares.sqrt()]
     )
-    parts = [figures, counts.to(f64)] + ([binned] if bins else [])
+    parts = [figures, counts.to(f64)] + ([binned.to(f64)] if bins else [])
     low_, high_, mean_, std_, norm_, finite_n, nans, zeros, *bin_counts = (
         torch.cat(parts).cpu().tolist()
     )
