@@ -28,6 +28,9 @@ def test_server_reserves_a_gpu_and_listens_inside_the_container() -> None:
     assert command[:2] == ["gradwire", "serve"]
     assert command[command.index("--host") + 1] == "0.0.0.0"
     assert server["ports"] == ["127.0.0.1:50051:50051"]
+    # The GPU it reserves, asked for by name: `auto` fell back to the CPU, one INFO line
+    # in the log, where the container got no usable GPU (found by a review of deployment).
+    assert command[command.index("--device") + 1] == "cuda"
 
 
 def test_replay_waits_for_a_healthy_server() -> None:
