@@ -8,11 +8,12 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/gradwire
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY proto ./proto
 COPY client ./client
 COPY server ./server
-RUN pip install ".[server]" && gradwire --help > /dev/null
+# The gRPC and protobuf versions CI tested (constraints.txt), not the newest on the day of a build.
+RUN pip install -c constraints.txt ".[server]" && gradwire --help > /dev/null
 
 # Unprivileged at run time: the service needs nothing root has. Its state (weights,
 # gradients, optimizer state) is saved to /var/lib/gradwire at a graceful stop and restored
@@ -23,6 +24,10 @@ VOLUME /var/lib/gradwire
 USER gradwire
 
 EXPOSE 50051
+# The standard grpc.health.v1 check, for `docker run` as for compose (whose own healthcheck,
+# the same command, is there to be changed: with TLS it needs --tls-ca).
+HEALTHCHECK --interval=5s --timeout=5s --start-period=30s --retries=12 \
+    CMD ["gradwire", "health", "--target", "127.0.0.1:50051", "--timeout", "3"]
 # Inside the container the server must listen on all interfaces for the published port to
 # reach it; docker-compose.yml publishes it on the host's loopback only.
 CMD ["gradwire", "serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto", \

@@ -10,10 +10,10 @@ PORT ?= 0
 
 .PHONY: setup demo test test-slow lint typecheck protos check-protos bench gpu-wheels clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -e ".[server,test,dev,plot]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -c constraints.txt -e ".[server,test,dev,plot]"
 	touch $@
 
 # The Node.js client of examples/node, which tests/test_node_client.py runs to prove that the

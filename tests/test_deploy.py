@@ -54,8 +54,26 @@ def test_dockerfile_uses_a_cuda_pytorch_base_and_the_server_extra() -> None:
     text = (ROOT / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", text, re.MULTILINE)
     assert base and re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base[1])
-    assert 'pip install ".[server]"' in text
+    # With the versions CI tested, not the newest on the day of a build.
+    assert 'pip install -c constraints.txt ".[server]"' in text
     assert _dockerfile_cmd()[:2] == ["gradwire", "serve"]
+
+
+def test_the_image_checks_its_health_as_compose_does() -> None:
+    """The image has a HEALTHCHECK of its own, for `docker run`; compose's repeats it, to be
+    changed there (TLS needs --tls-ca), and the two must not drift apart."""
+    text = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^HEALTHCHECK (.*?) \\\n\s+CMD (\[.*?\])$", text, re.MULTILINE)
+    assert found, "no HEALTHCHECK ... CMD [...] in the Dockerfile"
+    options = dict(option[2:].split("=") for option in found[1].split())
+    compose = _compose()["services"]["server"]["healthcheck"]
+    assert ["CMD", *json.loads(found[2])] == compose["test"]
+    assert options == {
+        "interval": compose["interval"],
+        "timeout": compose["timeout"],
+        "start-period": compose["start_period"],
+        "retries": str(compose["retries"]),
+    }
 
 
 def _dockerfile_cmd() -> list[str]:

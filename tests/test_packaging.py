@@ -4,6 +4,8 @@ pyproject.toml names: what a packager, or a user of the wheel, gets."""
 from __future__ import annotations
 
 import email
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # The interpreter's own setuptools builds here (no isolated build: no network in tests);
 # pyproject.toml asks for 77 or later, and an older one refuses its licence fields.
@@ -126,3 +130,27 @@ def test_what_the_dockerfile_copies_is_enough_to_build_the_package(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "did not match any files" not in done.stdout + done.stderr
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pairs = [line.split("==") for line in lines if line.strip() and not line.startswith("#")]
+    return {name.strip(): version.strip() for name, version in pairs}
+
+
+def test_the_pinned_versions_are_the_ones_installed_and_in_the_package_s_ranges() -> None:
+    """constraints.txt is what `make setup` installs and the image installs: the tests run
+    against those versions, and each lies in the range the package asks for."""
+    pins = _pins()
+    assert {"grpcio", "protobuf", "grpcio-health-checking"} <= pins.keys()
+    wanted = {
+        canonicalize_name(requirement.name): requirement.specifier
+        for requirement in map(Requirement, importlib.metadata.requires("gradwire") or [])
+    }
+    for name, version in pins.items():
+        assert importlib.metadata.version(name) == version, f"{name}: run `make setup`"
+        assert canonicalize_name(name) in wanted, f"{name} is no dependency of gradwire"
+        assert version in wanted[canonicalize_name(name)], f"{name} {version}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile
+    assert re.search(r"^\$\(BIN\)/\.installed: .*constraints\.txt", makefile, re.MULTILINE)
