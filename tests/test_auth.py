@@ -28,6 +28,7 @@ from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.errors import InvalidInput
 from gradwire_server.trainer import Trainer
+from tests.serve_process import serving
 
 TOKEN = "correct horse battery staple"
 
@@ -201,7 +202,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _cert(
     name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
     issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server: bool = False,
-    expired: bool = False,
+    expired: bool = False, days: int = 1,
 ) -> x509.Certificate:  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc)
     if expired:  # valid for a day that has passed
@@ -214,7 +215,7 @@ def _cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
@@ -304,6 +305,66 @@ def test_a_server_certificate_that_has_expired_is_named_in_the_hint(
         )
     finally:
         running.stop(grace=None)
+
+
+def _valid_from(path: Path) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_before_utc
+
+
+@pytest.mark.parametrize(
+    ("after_issue", "warned"),
+    [
+        (datetime.timedelta(days=3), "expired on "),  # valid for a day, three days ago
+        (datetime.timedelta(days=-1), "is not valid before "),  # a day before it was made
+        (datetime.timedelta(hours=1), "expires on "),  # within EXPIRY_WARNING
+    ],
+    ids=["expired", "not-yet-valid", "expiring"],
+)
+def test_a_certificate_s_dates_are_warned_of(
+    pki: Pki, after_issue: datetime.timedelta, warned: str
+) -> None:
+    """gRPC serves an expired certificate without a word, and every client then fails its
+    handshake (found by a review of deployment): the server now says so at start."""
+    now = _valid_from(pki.server_cert) + after_issue
+    for files, flag, path in [
+        (TlsFiles(pki.server_cert, pki.server_key), "--tls-cert", pki.server_cert),
+        (TlsFiles(pki.server_cert, pki.server_key, pki.ca), "--tls-client-ca", pki.ca),
+    ]:
+        warnings = [w for w in files.date_warnings(now) if w.startswith(flag)]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"{flag} {path} {warned}")
+
+
+def test_a_certificate_far_from_its_dates_is_not_warned_of(tmp_path: Path) -> None:
+    key = _key()
+    certificate = _cert("gradwire server", key, None, key, server=True, days=365)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "server.pem").write_bytes(certificate.public_bytes(pem))
+    files = TlsFiles(tmp_path / "server.pem", tmp_path / "unread.key")
+    assert files.date_warnings() == []
+    assert files.valid_until() == certificate.not_valid_after_utc
+
+
+def test_serve_warns_of_an_expired_certificate_at_start(tmp_path: Path) -> None:
+    ca_key, key = _key(), _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
+    old = _cert("gradwire server", key, ca, ca_key, server=True, expired=True)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "old.pem").write_bytes(old.public_bytes(pem))
+    (tmp_path / "old.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    tls = ("--tls-cert", str(tmp_path / "old.pem"), "--tls-key", str(tmp_path / "old.key"))
+    with serving(*tls) as (_, log):
+        pass
+    until = f"{old.not_valid_after_utc:%Y-%m-%d}"
+    assert f"TLS on (any client; certificate valid until {until})" in log
+    (warning,) = [line for line in log.splitlines() if " WARNING " in line]
+    assert warning.endswith(
+        f"--tls-cert {tmp_path / 'old.pem'} expired on {until} "
+        f"{old.not_valid_after_utc:%H:%M} UTC: clients refuse the handshake (their error: "
+        "certificate has expired); the server needs a new certificate, then a restart"
+    )
 
 
 def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> None:

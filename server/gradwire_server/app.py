@@ -452,7 +452,12 @@ def serve(
         )
         if tls is not None:
             who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
-            log.info("TLS on (%s)", who)
+            until = tls.valid_until()
+            log.info(
+                "TLS on (%s%s)", who, f"; certificate valid until {until:%Y-%m-%d}" if until else ""
+            )
+            for warning in tls.date_warnings():
+                log.warning("%s", warning)
         if token:
             log.info("a bearer token is required for every call but health checks")
         elif host not in ("127.0.0.1", "localhost", "::1"):

@@ -6,6 +6,7 @@ reach it, which is why it binds to localhost unless told otherwise.
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import ssl
 from collections.abc import Callable
@@ -14,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health
 
 from gradwire.credentials import check_token
 from gradwire_server.errors import InvalidInput
 from gradwire_server.servicer import HANDLER_KINDS, abort
+
+#: A certificate that expires within this is named in a warning at start.
+EXPIRY_WARNING = datetime.timedelta(days=14)
 
 # Health checks answer without a token: orchestrators probe before they hold secrets.
 _OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
@@ -112,12 +117,63 @@ class TlsFiles:
                     reason="BAD_TLS",
                 ) from None
 
+    def valid_until(self) -> datetime.datetime | None:
+        """When the server's certificate expires (UTC); None if it cannot be read."""
+        certificate = _first_certificate(self.cert)
+        return None if certificate is None else certificate.not_valid_after_utc
+
+    def date_warnings(self, now: datetime.datetime | None = None) -> list[str]:
+        """What is wrong with the certificates' dates, one sentence each: an expired or not
+        yet valid certificate (gRPC serves it, and every client refuses the handshake), or
+        one that expires within EXPIRY_WARNING."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        files = [("--tls-cert", self.cert, "the server needs a new certificate")]
+        if self.client_ca is not None:
+            files.append(("--tls-client-ca", self.client_ca, "the clients' CA needs renewing"))
+        warnings = []
+        for flag, path, remedy in files:
+            certificate = _first_certificate(path)
+            if certificate is None:
+                continue
+            after, before = certificate.not_valid_after_utc, certificate.not_valid_before_utc
+            if now > after:
+                warnings.append(
+                    f"{flag} {path} expired on {_date(after)}: clients refuse the handshake "
+                    f"(their error: certificate has expired); {remedy}, then a restart"
+                )
+            elif now < before:
+                warnings.append(
+                    f"{flag} {path} is not valid before {_date(before)}, and this machine's "
+                    f"clock reads {_date(now)}: is the clock wrong? Clients whose clocks agree "
+                    "refuse the handshake"
+                )
+            elif after - now < EXPIRY_WARNING:
+                days = (after - now).days
+                warnings.append(
+                    f"{flag} {path} expires on {_date(after)}, in {days} day"
+                    f"{'' if days == 1 else 's'}: {remedy} before then, then a restart"
+                )
+        return warnings
+
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
             [(self.key.read_bytes(), self.cert.read_bytes())],
             root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
             require_client_auth=self.client_ca is not None,
         )
+
+
+def _first_certificate(path: Path) -> x509.Certificate | None:
+    """The first certificate in a PEM file (a server's own comes first in its chain); None
+    for a file that holds none (check() has said what is wrong with it)."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except (OSError, ValueError):
+        return None
+
+
+def _date(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _no_passphrase() -> bytes:
