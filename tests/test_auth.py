@@ -229,15 +229,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def make_pki(folder: Path) -> Pki:
+def make_pki(folder: Path, *, expired_client: bool = False) -> Pki:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate it
-    signed, and another CA, as PEM files in `folder`."""
+    signed (expired, with `expired_client`), and another CA, as PEM files in `folder`."""
     ca_key, other_key = _key(), _key()
     other = _cert("another CA", other_key, None, other_key, ca=True)
     ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
     server_key, client_key = _key(), _key()
     server = _cert("gradwire server", server_key, ca, ca_key, server=True)
-    client = _cert("gradwire client", client_key, ca, ca_key)
+    client = _cert("gradwire client", client_key, ca, ca_key, expired=expired_client)
 
     def write(name: str, data: bytes) -> Path:
         path = folder / name

@@ -1630,11 +1630,20 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
             f"{target} does not answer in TLS: for a server without TLS, leave out --tls, "
             "--tls-ca, --tls-cert and --tls-key"
         )
+    if args.tls_cert and "failed to create security handshaker" in text:
+        # gRPC could not use the client's own pair (its log: "Invalid private key"); the
+        # hint said no server answered, and to start one (found by a review of deployment).
+        return (
+            f"this client's TLS files could not be used together: is --tls-key "
+            f"{args.tls_key} the private key that --tls-cert {args.tls_cert} was made with?"
+        )
     if tls and "socket closed" in text:
         if args.tls_cert:
+            # The server does not say why; an expired certificate was blamed on the CA.
             return (
                 f"{target} closed the connection before it was ready: if it requires client "
-                f"certificates, the CA it trusts for them may not have signed {args.tls_cert}"
+                f"certificates, it refused {args.tls_cert}: one its client CA did not sign, "
+                "or one that has expired or is not valid yet"
             )
         return (
             f"{target} closed the connection before it was ready: if it requires client "
