@@ -79,17 +79,25 @@ def _parsed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})
 
 
+#: The stable reflection service, which grpcio-reflection does not serve. Its messages are
+#: v1alpha's, field for field, under another package's name: the same bytes on the wire.
+#: Tools ask for v1 first (grpcurl, buf curl, Go's grpcreflect); some ask for v1 alone.
+V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+
+
 def add_to_server(servicer: ReflectionServicer, server: grpc.Server) -> None:
     """grpc's add_ServerReflectionServicer_to_server, with the streams on the servicer's
-    pool and gradwire's request deserializer."""
+    pool and gradwire's request deserializer; under v1's name as well as v1alpha's, one
+    servicer and one limit of streams for both. ListServices names v1alpha alone, whose
+    descriptors the server has to give."""
 
     handler = grpc.stream_stream_rpc_method_handler(
         on_pool(servicer.ServerReflectionInfo, servicer.pool),
         request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    service = reflection.SERVICE_NAME
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
-    )
-    server.add_registered_method_handlers(service, {"ServerReflectionInfo": handler})
+    for service in (reflection.SERVICE_NAME, V1_SERVICE_NAME):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+        )
+        server.add_registered_method_handlers(service, {"ServerReflectionInfo": handler})

@@ -104,10 +104,10 @@ Conventions used by every message below:
   RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
-  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection (grpc.reflection.v1alpha, which
-  grpcurl and other tools ask for when v1 is not served) keeps at most 8 streams open at
-  once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS, metadata
-  "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
+  INVALID_ARGUMENT (MALFORMED_REQUEST). Server reflection (grpc.reflection.v1 and
+  v1alpha, one service under two names; ListServices names v1alpha) keeps at most 8
+  streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
+  metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost) carry no ErrorInfo.
 """
