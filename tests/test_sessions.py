@@ -729,3 +729,114 @@ def test_a_failed_close_after_a_block_s_error_leaves_that_error_in_place(
     (note,) = caught.value.__notes__
     assert note.startswith("and closing the client after it failed: UNAVAILABLE")
     client.close()
+
+
+# --- listing the sessions -------------------------------------------------------------
+
+
+def test_sessions_are_described_oldest_first_with_their_age_idle_time_and_calls() -> None:
+    now = [100.0]
+    sessions = Sessions(Trainer(), idle_s=60, clock=lambda: now[0])
+    first = sessions.open(seed=0, settings=None)
+    now[0] = 110.0
+    second = sessions.open(seed=0, settings=None)
+    sessions.get(second, hold=True)  # a call in progress: a Watch, say
+    now[0] = 130.0
+    described = sessions.describe()
+    assert [v.session for v in described] == [first, second]
+    assert [(v.open_s, v.idle_s, v.calls_in_progress) for v in described] == [
+        (30.0, 30.0, 0),
+        (20.0, 0.0, 1),  # not idle while its call lasts
+    ]
+    now[0] = 191.0  # the first idle past 60 s: closed, not listed
+    assert [v.session for v in sessions.describe()] == [second]
+    sessions.leave(second)
+    now[0] = 201.0
+    assert sessions.describe()[0].idle_s == 10.0  # idle from the call's end
+    sessions.close_all()
+    assert sessions.describe() == []
+
+
+def test_list_sessions_shows_every_caller_s_sessions_but_the_default(
+    client: gradwire.Client, address: str, server: Running
+) -> None:
+    """For an operator: what holds the places (TOO_MANY_SESSIONS) and the memory. A session
+    opened by another client is listed too; the metadata's session is not read."""
+    assert client.list_sessions().sessions == ()
+    with gradwire.connect(address, timeout=30) as other:
+        theirs = other.open_session(seed=0)
+        mine = client.open_session(seed=0)
+        mine.forward(INPUT, TARGET)
+        watch = mine.watch(["conv1.weight"])
+        next(watch)
+        listing = mine.list_sessions()  # from a session client, of all of them
+        assert listing.max_sessions == server.servicer.sessions.max_sessions
+        assert listing.idle_timeout_s == server.servicer.sessions.idle_s
+        assert [s.session for s in listing.sessions] == [theirs.session, mine.session]
+        by_id = {s.session: s for s in listing.sessions}
+        assert (by_id[theirs.session].version, by_id[theirs.session].calls_in_progress) == (0, 0)
+        assert (by_id[mine.session].version, by_id[mine.session].calls_in_progress) == (1, 1)
+        assert by_id[mine.session].idle_s == 0.0  # its watch is a call in progress
+        assert all(0 <= s.open_s < 60 for s in listing.sessions)
+        watch.close()
+        theirs.close()
+        assert [s.session for s in client.list_sessions().sessions] == [mine.session]
+        mine.close()
+        assert mine.list_sessions().sessions == ()  # its session closed: still it may list
+
+
+def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
+    empty = run_main("sessions", "--target", address)
+    assert (empty.code, empty.out) == (
+        0,
+        "0 of 8 sessions open beside the default one; each is closed after 10m00s without calls\n",
+    )
+    opened = json.loads(run_main("open-session", "--target", address, "--json").out)["session"]
+    text = run_main("sessions", "--target", address)
+    head, columns, row = text.out.splitlines()
+    assert head == (
+        "1 of 8 sessions open beside the default one; each is closed after 10m00s without calls"
+    )
+    assert columns.split() == ["session", "version", "open", "idle", "calls", "closes", "in"]
+    assert re.fullmatch(rf"{opened} +0 +\d+s +\d+s +0  (9m\d\ds|10m00s)", row), row
+    listed = json.loads(run_main("sessions", "--target", address, "--json").out)
+    assert listed["max_sessions"] == 8 and listed["idle_timeout_s"] == 600.0
+    (session,) = listed["sessions"]
+    assert (session["session"], session["version"], session["calls_in_progress"]) == (
+        opened,
+        0,
+        0,
+    )
+    assert run_main("close-session", opened, "--target", address).code == 0
+
+
+def test_the_cli_says_a_server_without_list_sessions_cannot_list_them() -> None:
+    """A server from before ListSessions answers UNIMPLEMENTED: here a bare gRPC server."""
+    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        result = run_main("sessions", "--target", f"127.0.0.1:{port}")
+    finally:
+        bare.stop(None)
+    assert result.code == 1
+    assert result.err == (
+        f"gradwire sessions: error: the server at 127.0.0.1:{port} predates ListSessions and "
+        "cannot list its sessions: a newer gradwire serve can\n"
+    )
+
+
+def test_sessions_with_no_idle_timeout_never_close(trainer: Trainer) -> None:
+    from gradwire_server.app import start
+
+    running = start(trainer, "127.0.0.1", 0, session_idle_s=math.inf)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        opened = json.loads(run_main("open-session", "--target", address, "--json").out)
+        text = run_main("sessions", "--target", address).out.splitlines()
+        assert text[0].endswith("; none is closed for want of calls")
+        assert text[2].startswith(opened["session"]) and text[2].endswith("  never")
+        listed = json.loads(run_main("sessions", "--target", address, "--json").out)
+        assert listed["idle_timeout_s"] == "inf"  # JSON has no infinity
+    finally:
+        running.stop(grace=None)

@@ -56,7 +56,13 @@ from gradwire.plot import (
     plot_histogram,
     require_matplotlib,
 )
-from gradwire.progress import ProgressBar, WatchTable, format_loss, format_stats
+from gradwire.progress import (
+    ProgressBar,
+    WatchTable,
+    format_duration,
+    format_loss,
+    format_stats,
+)
 from gradwire.selector import Selector, SelectorError, parse_selector
 from gradwire.updates import Stats
 
@@ -926,6 +932,49 @@ def cmd_close_session(args: argparse.Namespace, client: Client, out: TextIO) -> 
     _emit(out, args, {"session": ident, "closed": True}, f"session {ident} closed")
 
 
+def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    try:
+        listing = client.list_sessions()
+    except Unimplemented:
+        raise CommandError(
+            f"the server at {client.target} predates ListSessions and cannot list its "
+            "sessions: a newer gradwire serve can"
+        ) from None
+    timeout = listing.idle_timeout_s
+    if args.json:
+        data = {
+            "sessions": [vars(s) for s in listing.sessions],
+            "max_sessions": listing.max_sessions,
+            "idle_timeout_s": timeout,
+        }
+        out.write(_json_line(data))
+        return
+    closing = (
+        "none is closed for want of calls"
+        if math.isinf(timeout)
+        else f"each is closed after {format_duration(timeout)} without calls"
+    )
+    out.write(
+        f"{len(listing.sessions)} of {listing.max_sessions} sessions open beside the default "
+        f"one; {closing}\n"
+    )
+    if not listing.sessions:
+        return
+    out.write(f"{'session':<32}  {'version':>8}  {'open':>7}  {'idle':>7}  calls  closes in\n")
+    for s in listing.sessions:
+        idle = "-" if s.calls_in_progress else format_duration(s.idle_s)
+        if math.isinf(timeout):
+            closes = "never"
+        elif s.calls_in_progress:  # a call in progress keeps it open however long it lasts
+            closes = "after its calls"
+        else:
+            closes = format_duration(max(0.0, timeout - s.idle_s))
+        out.write(
+            f"{s.session:<32}  {s.version:>8}  {format_duration(s.open_s):>7}  {idle:>7}  "
+            f"{s.calls_in_progress:>5}  {closes}\n"
+        )
+
+
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     names = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
     version, config = client._set_optimizer(args.kind, {n: getattr(args, n) for n in names})
@@ -1474,6 +1523,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "id", nargs="?", default=None, help=f"the session (default: --session, ${SESSION_ENV})"
+    )
+
+    add(
+        "sessions",
+        cmd_sessions,
+        "list the sessions open beside the default one: id, version, age, idle time, calls",
     )
 
     p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")

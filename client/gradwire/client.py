@@ -171,6 +171,24 @@ class Listing:
         return [t.name for t in self.tensors]
 
 
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session open on the server beside the default one (`Client.list_sessions`)."""
+
+    session: str  # its id: Client(target, session=...) joins it, close-session closes it
+    version: int  # its state version
+    open_s: float  # seconds since it was opened
+    idle_s: float  # seconds since its last call ended; 0 while a call is in progress
+    calls_in_progress: int  # an open Watch or Train counts until it ends
+
+
+@dataclass(frozen=True)
+class SessionListing:
+    sessions: tuple[SessionInfo, ...]  # oldest first
+    max_sessions: int  # the most the server keeps open at once
+    idle_timeout_s: float  # a session is closed after this long without calls; inf: never
+
+
 def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
     fields = {
         name: getattr(message, name)
@@ -236,13 +254,13 @@ _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
 )  # fmt: skip
-_READS = frozenset({"GetTensor", "ListTensors", "GetStats"})
+_READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions"})
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
-_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "Health"})
+_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "ListSessions", "Health"})
 #: The version of each client's innermost `expecting` block in this thread or task.
 _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
     "expected_version",
@@ -1395,6 +1413,16 @@ class Client:
             response.outputs,
             response.loss,
         )
+
+    def list_sessions(self) -> SessionListing:
+        """The sessions open on the server beside the default one, oldest first, whoever
+        opened them, with the server's limit and idle timeout."""
+        response: pb.ListSessionsResponse = self._call("ListSessions", pb.ListSessionsRequest())
+        sessions = tuple(
+            SessionInfo(s.session, s.version, s.open_s, s.idle_s, s.calls_in_progress)
+            for s in response.sessions
+        )
+        return SessionListing(sessions, response.max_sessions, response.idle_timeout_s)
 
     def reset(self, seed: int | None = None) -> int:
         """A freshly initialised model (seeded when asked) and optimizer."""

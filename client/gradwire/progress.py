@@ -43,7 +43,7 @@ class ProgressBar:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         return (
             f"step {done}/{self.total} [{bar}] {100 * done // max(self.total, 1):3d}%  "
-            f"{rate:.1f} steps/s  loss {format_loss(loss)}  eta {_duration(eta)}"
+            f"{rate:.1f} steps/s  loss {format_loss(loss)}  eta {format_duration(eta)}"
         )
 
     def update(self, done: int, loss: float, rate: float | None = None) -> None:
@@ -68,7 +68,8 @@ def format_loss(loss: float) -> str:
     return f"{loss:.4g}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """`42s`, `5m03s`, `2h05m`; `?` for an unknown (infinite) time."""
     if seconds == float("inf"):
         return "?"
     if seconds < 60:

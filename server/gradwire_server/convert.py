@@ -22,6 +22,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory
 from gradwire_server.live import StreamedRead
+from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     FillSpec,
@@ -494,6 +495,21 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
             dtype=dtype_to_proto(info.dtype),
             shape=info.shape,
             present=info.present,
+        )
+    return response
+
+
+def sessions_to_proto(
+    sessions: Sequence[SessionView], max_sessions: int, idle_timeout_s: float
+) -> pb.ListSessionsResponse:
+    response = pb.ListSessionsResponse(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s)
+    for view in sessions:
+        response.sessions.add(
+            session=view.session,
+            version=view.version,
+            open_s=view.open_s,
+            idle_s=view.idle_s,
+            calls_in_progress=view.calls_in_progress,
         )
     return response
 

@@ -331,7 +331,8 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
 def rpc_sessionless(method: Handler[R]) -> Handler[R]:
     """`rpc` for the calls that act on no session the caller's metadata names: OpenSession
-    opens a new one, CloseSession closes the one its request names. The metadata's session
+    opens a new one, CloseSession closes the one its request names, ListSessions lists
+    them all. The metadata's session
     is not looked up. Looked up first, a stale one (a client joined to a session that has
     closed since) got NOT_FOUND for opening a new session; and the Python client sends the
     session it closes there too, so a retry of a close that went through was refused
@@ -852,6 +853,14 @@ class TrainerServicer:
         # A retry of a close that succeeded, its answer lost, is answered as the close was,
         # not NOT_FOUND (UNKNOWN_SESSION) for the session it closed.
         return _once(self, "CloseSession", request.session, context, _metadata(context), close_one)
+
+    @rpc_sessionless
+    def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        return convert.sessions_to_proto(
+            self.sessions.describe(), self.sessions.max_sessions, self.sessions.idle_s
+        )
 
     @mutation
     def SetOptimizer(

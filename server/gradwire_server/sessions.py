@@ -37,6 +37,18 @@ class _Session:
     last_used: float
     #: Calls in progress on the session (`get(..., hold=True)` until `leave`).
     held: int = 0
+    opened: float = 0.0
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """One open session, as ListSessions shows it."""
+
+    session: str
+    version: int
+    open_s: float
+    idle_s: float  # 0 while a call is in progress
+    calls_in_progress: int
 
 
 class Sessions:
@@ -149,7 +161,8 @@ class Sessions:
             with self._lock:
                 closed = self._stop_expiry.is_set()
                 if not closed:
-                    self._open[session] = _Session(trainer, self._clock())
+                    now = self._clock()
+                    self._open[session] = _Session(trainer, now, opened=now)
             if closed:  # closed while the model was built: it would never be closed
                 _free([_Session(trainer, 0.0)])
                 self._refuse_if_closed()
@@ -176,6 +189,22 @@ class Sessions:
                 metadata={"session": session[:64]},
             )
         _free(closing)
+
+    def describe(self) -> list[SessionView]:
+        """The sessions open, oldest first; the expired ones closed first."""
+        self._close_idle()
+        now = self._clock()
+        with self._lock:
+            return [
+                SessionView(
+                    session=key,
+                    version=s.trainer.version,
+                    open_s=now - s.opened,
+                    idle_s=0.0 if s.held else now - s.last_used,
+                    calls_in_progress=s.held,
+                )
+                for key, s in self._open.items()
+            ]
 
     @property
     def open_count(self) -> int:

@@ -1603,6 +1603,89 @@ class CloseSessionResponse(_message.Message):
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
 
 @_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    max_sessions: _builtins.int
+    """the most open at once (gradwire serve --max-sessions)"""
+    idle_timeout_s: _builtins.float
+    """as in OpenSessionResponse; +infinity: none expire"""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]:
+        """oldest first"""
+
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+        max_sessions: _builtins.int = ...,
+        idle_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_timeout_s", b"idle_timeout_s", "max_sessions", b"max_sessions", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class SessionInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    OPEN_S_FIELD_NUMBER: _builtins.int
+    IDLE_S_FIELD_NUMBER: _builtins.int
+    CALLS_IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """its id, as OpenSession gave it"""
+    version: _builtins.int
+    """its state version"""
+    open_s: _builtins.float
+    """seconds since it was opened"""
+    idle_s: _builtins.float
+    """Seconds since its last call ended: the session is closed once this passes
+    idle_timeout_s. 0 while a call is in progress.
+    """
+    calls_in_progress: _builtins.int
+    """an open Watch or Train counts until it ends"""
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        version: _builtins.int = ...,
+        open_s: _builtins.float = ...,
+        idle_s: _builtins.float = ...,
+        calls_in_progress: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_in_progress", b"calls_in_progress", "idle_s", b"idle_s", "open_s", b"open_s", "session", b"session", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
+
+@_typing.final
 class Stats(_message.Message):
     """Summary statistics of a tensor's values. Min, max, mean, std and norm are taken over the
     finite values only, so one NaN does not hide the rest; the counts say how many were not.

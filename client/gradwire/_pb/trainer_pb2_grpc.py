@@ -115,6 +115,11 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/gradwire.v1.Trainer/ListSessions',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/gradwire.v1.Trainer/GetStats',
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsRequest.SerializeToString,
@@ -264,6 +269,17 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """The sessions open beside the default one, oldest first, with this server's limit and
+        idle timeout: for an operator to see what holds the places (TOO_MANY_SESSIONS) and, on
+        a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
+        caller may name any session: the token, where one is set, is the only key. The
+        "gradwire-session" metadata is not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
         infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -378,6 +394,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -828,6 +849,33 @@ class Trainer:
             '/gradwire.v1.Trainer/CloseSession',
             gradwire_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/ListSessions',
+            gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -197,6 +197,13 @@ class TrainerStub:
     """Closes the session the request names, and frees its model; the "gradwire-session"
     metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
     """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
+    """The sessions open beside the default one, oldest first, with this server's limit and
+    idle timeout: for an operator to see what holds the places (TOO_MANY_SESSIONS) and, on
+    a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
+    caller may name any session: the token, where one is set, is the only key. The
+    "gradwire-session" metadata is not read.
+    """
     GetStats: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
     infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -277,6 +284,13 @@ class TrainerAsyncStub(TrainerStub):
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes the session the request names, and frees its model; the "gradwire-session"
     metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """The sessions open beside the default one, oldest first, with this server's limit and
+    idle timeout: for an operator to see what holds the places (TOO_MANY_SESSIONS) and, on
+    a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
+    caller may name any session: the token, where one is set, is the only key. The
+    "gradwire-session" metadata is not read.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
@@ -451,6 +465,19 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
         """Closes the session the request names, and frees its model; the "gradwire-session"
         metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _trainer_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListSessionsResponse, _abc.Awaitable[_trainer_pb2.ListSessionsResponse]]:
+        """The sessions open beside the default one, oldest first, with this server's limit and
+        idle timeout: for an operator to see what holds the places (TOO_MANY_SESSIONS) and, on
+        a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
+        caller may name any session: the token, where one is set, is the only key. The
+        "gradwire-session" metadata is not read.
         """
 
     @_abc_1.abstractmethod
