@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from gradwire_server.errors import InvalidInput
@@ -162,17 +161,17 @@ def summarize(
         bounds = torch.stack([lo, hi]).cpu()  # the edges are made from numbers, as numpy's
         start, stop = float(bounds[0]), float(bounds[1])
         binned = torch.zeros(bins, dtype=torch.int64, device=device)
-        if stop > start and device.type == "cpu":
-            # numpy.histogram itself, on the run's own memory: the contract's bins by
-            # definition, and faster here than the same passes in torch (2^24 values:
-            # 145 ms against 510; torch.histc took 68 ms, and miscounted).
-            for i in range(len(runs)):
-                counted, _ = np.histogram(values(i)[0].numpy(), bins, (start, stop))
-                binned += torch.from_numpy(counted)
-        elif stop > start:
+        if stop > start:
             edges = _edges(start, stop, bins, device)
             for i in range(len(runs)):
-                binned += _bin_counts(values(i)[0], edges, start, stop)
+                run = values(i)[0]
+                if device.type == "cpu":
+                    # One pass of torch's own, a binary search among numpy's edges: 0.9 ms
+                    # for 64,000 values here, where numpy.histogram took 1.8 and the passes
+                    # of _bin_counts 1.2 (torch.histc took 0.27, and miscounted).
+                    binned += torch.histogram(run, bins=edges).hist.to(torch.int64)
+                else:  # torch.histogram has no CUDA kernel
+                    binned += _bin_counts(run, edges, start, stop)
     # Every figure, count and bin leaves the device together, in one synchronisation (the
     # counts, at most 2^28, are exact in float64). Before it: one per run of a tensor with
     # non-finite values' check, and the histogram's bounds when they were not given.
