@@ -311,17 +311,29 @@ def _valid_from(path: Path) -> datetime.datetime:
     return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_before_utc
 
 
+#: Who fails, by file: an expired server certificate fails the clients' checks, an expired
+#: client CA the server's (a review found the CA's warning blaming the clients).
+FAILING = {
+    "--tls-cert": "clients refuse the handshake (their error: certificate has expired)",
+    "--tls-client-ca": "the server refuses every client certificate it signed (clients see "
+    "the connection closed)",
+}
+
+
 @pytest.mark.parametrize(
-    ("after_issue", "warned"),
+    ("after_issue", "warned", "ends"),
     [
-        (datetime.timedelta(days=3), "expired on "),  # valid for a day, three days ago
-        (datetime.timedelta(days=-1), "is not valid before "),  # a day before it was made
-        (datetime.timedelta(hours=1), "expires on "),  # within EXPIRY_WARNING
+        # Valid for a day, three days ago.
+        (datetime.timedelta(days=3), "expired on ", "{failing}; "),
+        # A day before it was made.
+        (datetime.timedelta(days=-1), "is not valid before ", "Until then {failing}"),
+        # Within EXPIRY_WARNING: hours, under a day (it said "in 0 days").
+        (datetime.timedelta(hours=1), "expires on ", "in 23 hours: "),
     ],
     ids=["expired", "not-yet-valid", "expiring"],
 )
 def test_a_certificate_s_dates_are_warned_of(
-    pki: Pki, after_issue: datetime.timedelta, warned: str
+    pki: Pki, after_issue: datetime.timedelta, warned: str, ends: str
 ) -> None:
     """gRPC serves an expired certificate without a word, and every client then fails its
     handshake (found by a review of deployment): the server now says so at start."""
@@ -333,6 +345,7 @@ def test_a_certificate_s_dates_are_warned_of(
         warnings = [w for w in files.date_warnings(now) if w.startswith(flag)]
         assert len(warnings) == 1, warnings
         assert warnings[0].startswith(f"{flag} {path} {warned}")
+        assert ends.format(failing=FAILING[flag]) in warnings[0]
 
 
 def test_a_certificate_far_from_its_dates_is_not_warned_of(tmp_path: Path) -> None:

@@ -12,15 +12,17 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health
 
 from gradwire.credentials import check_token
 from gradwire_server.errors import InvalidInput
 from gradwire_server.servicer import HANDLER_KINDS, abort
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 #: A certificate that expires within this is named in a warning at start.
 EXPIRY_WARNING = datetime.timedelta(days=14)
@@ -124,34 +126,46 @@ class TlsFiles:
 
     def date_warnings(self, now: datetime.datetime | None = None) -> list[str]:
         """What is wrong with the certificates' dates, one sentence each: an expired or not
-        yet valid certificate (gRPC serves it, and every client refuses the handshake), or
-        one that expires within EXPIRY_WARNING."""
+        yet valid certificate (gRPC serves it, and every handshake then fails), or one that
+        expires within EXPIRY_WARNING."""
         now = now or datetime.datetime.now(datetime.timezone.utc)
-        files = [("--tls-cert", self.cert, "the server needs a new certificate")]
+        files = [
+            (
+                "--tls-cert",
+                self.cert,
+                "clients refuse the handshake (their error: certificate has expired)",
+                "the server needs a new certificate",
+            )
+        ]
         if self.client_ca is not None:
-            files.append(("--tls-client-ca", self.client_ca, "the clients' CA needs renewing"))
+            files.append(
+                (
+                    "--tls-client-ca",
+                    self.client_ca,
+                    "the server refuses every client certificate it signed (clients see the "
+                    "connection closed)",
+                    "the clients' CA needs renewing",
+                )
+            )
         warnings = []
-        for flag, path, remedy in files:
+        for flag, path, failing, remedy in files:
             certificate = _first_certificate(path)
             if certificate is None:
                 continue
             after, before = certificate.not_valid_after_utc, certificate.not_valid_before_utc
             if now > after:
                 warnings.append(
-                    f"{flag} {path} expired on {_date(after)}: clients refuse the handshake "
-                    f"(their error: certificate has expired); {remedy}, then a restart"
+                    f"{flag} {path} expired on {_date(after)}: {failing}; {remedy}, then a restart"
                 )
             elif now < before:
                 warnings.append(
                     f"{flag} {path} is not valid before {_date(before)}, and this machine's "
-                    f"clock reads {_date(now)}: is the clock wrong? Clients whose clocks agree "
-                    "refuse the handshake"
+                    f"clock reads {_date(now)}: is the clock wrong? Until then {failing}"
                 )
             elif after - now < EXPIRY_WARNING:
-                days = (after - now).days
                 warnings.append(
-                    f"{flag} {path} expires on {_date(after)}, in {days} day"
-                    f"{'' if days == 1 else 's'}: {remedy} before then, then a restart"
+                    f"{flag} {path} expires on {_date(after)}, in {_left(after - now)}: "
+                    f"{remedy} before then, then a restart"
                 )
         return warnings
 
@@ -166,6 +180,10 @@ class TlsFiles:
 def _first_certificate(path: Path) -> x509.Certificate | None:
     """The first certificate in a PEM file (a server's own comes first in its chain); None
     for a file that holds none (check() has said what is wrong with it)."""
+    # Imported here: only TLS needs it, and a server without TLS runs without it (the GPU
+    # machines of scripts/gpu_check.sh have no cryptography).
+    from cryptography import x509
+
     try:
         return x509.load_pem_x509_certificates(path.read_bytes())[0]
     except (OSError, ValueError):
@@ -174,6 +192,16 @@ def _first_certificate(path: Path) -> x509.Certificate | None:
 
 def _date(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _left(time: datetime.timedelta) -> str:
+    """'3 days', '1 day'; under a day, hours ('5 hours', 'less than an hour')."""
+    if time.days:
+        return f"{time.days} day{'' if time.days == 1 else 's'}"
+    hours = time.seconds // 3600
+    if not hours:
+        return "less than an hour"
+    return f"{hours} hour{'' if hours == 1 else 's'}"
 
 
 def _no_passphrase() -> bytes:
