@@ -18,6 +18,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
@@ -100,6 +101,13 @@ def test_counts_every_call_by_method_and_code(
     assert code_of(lambda: stub.Step(pb.StepRequest(), timeout=10)) == (
         grpc.StatusCode.FAILED_PRECONDITION
     )
+    for version in ("v1alpha", "v1"):  # reflection, under both its names
+        reflect = channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        list(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
 
     samples = scrape(watched)
     assert calls(samples, TRAINER + "ListTensors", "OK") == 2
@@ -109,8 +117,11 @@ def test_counts_every_call_by_method_and_code(
     assert calls(samples, TRAINER + "GetTensorStream", "NOT_FOUND") == 1
     assert calls(samples, "/grpc.health.v1.Health/Check", "OK") == 1
     assert calls(samples, TRAINER + "Step", "FAILED_PRECONDITION") == 1
+    for version in ("v1alpha", "v1"):
+        method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        assert calls(samples, method, "OK") == 1
     total = sum(v for (name, _), v in samples.items() if name == "gradwire_rpc_total")
-    assert total == 7  # nothing else was counted
+    assert total == 9  # nothing else was counted
 
 
 class _Held(nn.Module):

@@ -30,6 +30,7 @@ from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer, add_to_server
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
+from gradwire_server.reflection_service import V1_SERVICE_NAME as REFLECTION_V1
 from gradwire_server.reflection_service import ReflectionServicer
 from gradwire_server.reflection_service import add_to_server as add_reflection
 from gradwire_server.servicer import TrainerServicer, method_handlers
@@ -191,8 +192,10 @@ def start(
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
     metrics = None if metrics_port is None else Metrics(sessions)
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    # First: it counts and logs every call to `services`, those the token refuses too.
-    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics, services)]
+    # First: it counts and logs every call to these, those the token refuses too: reflection
+    # under both its names (ListServices names v1alpha alone).
+    counted = (*services, REFLECTION_V1)
+    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics, counted)]
     if token:
         interceptors.append(TokenInterceptor(token))
     server = grpc.server(
