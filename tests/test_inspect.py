@@ -21,6 +21,7 @@ from gradwire.updates import Stats, WatchUpdate
 from gradwire_server import servicer as servicer_module
 from gradwire_server import stats as server_stats
 from gradwire_server.app import Running, start
+from gradwire_server.errors import InvalidInput
 from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
@@ -164,7 +165,7 @@ def test_the_device_s_binning_counts_as_numpy_does(seed: int) -> None:
     """The binning a tensor off the CPU gets (the CPU's is numpy.histogram's own), run here
     on the CPU; tests/test_gpu.py runs it on CUDA."""
     values, bins, low, high = values_on_the_edges(seed)
-    edges = server_stats._edges(low, high, bins, torch.device("cpu"))
+    edges = server_stats._edges(low, high, bins)
     expected, numpy_edges = np.histogram(values[np.isfinite(values)], bins, (low, high))
     assert edges.numpy().tobytes() == numpy_edges.tobytes()
     counted = server_stats._bin_counts(torch.from_numpy(values), edges, low, high)
@@ -173,12 +174,35 @@ def test_the_device_s_binning_counts_as_numpy_does(seed: int) -> None:
 
 @pytest.mark.parametrize(
     ("low", "high", "bins"),
-    [(0.0, 1.0, 4096), (-3.1, 7.7, 7), (1e-310, 2e-310, 3), (5e-324, 1e-323, 4096)],
+    [(0.0, 1.0, 4096), (-3.1, 7.7, 7), (1e-310, 2e-310, 3), (5e-324, 2e-323, 3)],
 )
 def test_histogram_edges_are_numpy_s_bit_for_bit(low: float, high: float, bins: int) -> None:
-    # The last two have a width numpy divides in a different order (a step that rounds to 0).
-    edges = server_stats._edges(low, high, bins, torch.device("cpu"))
+    edges = server_stats._edges(low, high, bins)
     assert edges.numpy().tobytes() == np.linspace(low, high, bins + 1).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "bins", "said"),
+    [
+        (-1.7e308, 1.7e308, 2, "is wider than a float64 holds"),  # the width overflows
+        (1.0, math.nextafter(1.0, 2.0), 4096, "cannot each have a width"),  # edges repeat
+        (5e-324, 1e-323, 4096, "cannot each have a width"),  # a step that rounds to 0
+    ],
+)
+def test_a_range_numpy_refuses_for_its_bins_is_refused(
+    low: float, high: float, bins: int, said: str
+) -> None:
+    """numpy.histogram raises for both. Taken, the first gave wrong counts on the CPU, and
+    on a GPU an index out of range (a device-side assert, which ends the server's use of
+    the device); the second put a value in a bin of no width (found by a review)."""
+    with np.errstate(all="ignore"), pytest.raises(ValueError):
+        np.histogram([low, high], bins, (low, high))
+    for given in [(low, high), (None, None)]:  # given, or the values' own range
+        with pytest.raises(InvalidInput, match=said) as refused:
+            values = torch.tensor([low, high], dtype=torch.float64)
+            server_stats.check_bins(bins, *given)
+            server_stats.summarize(values, bins, *given)
+        assert refused.value.reason == "BAD_BINS"
 
 
 @pytest.mark.parametrize(

@@ -56,21 +56,37 @@ def check_bins(bins: int, low: float | None, high: float | None) -> None:
         raise InvalidInput(
             f"histogram_low must be below histogram_high, got [{low}, {high}]", reason="BAD_BINS"
         )
+    if bins and low is not None and high is not None:
+        _edges(low, high, bins)  # a range too wide or too narrow for its bins: refused now
+
+
+def _edges(start: float, stop: float, bins: int) -> torch.Tensor:
+    """`numpy.linspace(start, stop, bins + 1)` bit for bit, as numpy.histogram makes its edges:
+    edge i is i * step + start, and the last is `stop` itself. On the CPU, whatever the
+    tensor's device. InvalidInput (BAD_BINS) where numpy.histogram raises: a range whose
+    width overflows float64, or one too narrow for every bin to have a width."""
+    width = stop - start
+    if not math.isfinite(width):
+        raise InvalidInput(
+            f"a histogram over [{start:g}, {stop:g}] is wider than a float64 holds: give "
+            "histogram_low and histogram_high closer together (gradwire stats --low, --high)",
+            reason="BAD_BINS",
+        )
+    # (numpy divides in another order where the step rounds to 0: such a range is refused
+    # below, holding fewer float64 values than the bins need.)
+    edges = torch.arange(bins + 1, dtype=torch.float64).mul_(width / bins).add_(start)
+    edges[-1] = stop
+    if not bool((edges[1:] > edges[:-1]).all()):
+        raise InvalidInput(
+            f"{bins} bins over [{start!r}, {stop!r}] cannot each have a width: the range "
+            "holds too few float64 values; ask for fewer bins, or a wider range",
+            reason="BAD_BINS",
+        )
+    return edges
 
 
 def _runs(flat: torch.Tensor) -> list[torch.Tensor]:
     return [flat[i : i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS)]
-
-
-def _edges(start: float, stop: float, bins: int, device: torch.device) -> torch.Tensor:
-    """`numpy.linspace(start, stop, bins + 1)` bit for bit, as numpy.histogram makes its edges:
-    edge i is i * step + start, and the last is `stop` itself."""
-    step = (stop - start) / bins
-    steps = torch.arange(bins + 1, dtype=torch.float64, device=device)
-    edges = steps.mul_(step) if step != 0 else steps.div_(bins).mul_(stop - start)
-    edges.add_(start)
-    edges[-1] = stop
-    return edges
 
 
 def _bin_counts(
@@ -162,7 +178,7 @@ def summarize(
         start, stop = float(bounds[0]), float(bounds[1])
         binned = torch.zeros(bins, dtype=torch.int64, device=device)
         if stop > start:
-            edges = _edges(start, stop, bins, device)
+            edges = _edges(start, stop, bins).to(device)
             for i in range(len(runs)):
                 run = values(i)[0]
                 if device.type == "cpu":
