@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -25,7 +26,7 @@ from gradwire.fill import Fill
 from gradwire_server import errors as errors_module
 from gradwire_server import sessions as sessions_module
 from gradwire_server.app import Running
-from gradwire_server.models import Simple
+from gradwire_server.models import SIMPLE, Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
@@ -742,19 +743,49 @@ def test_sessions_are_described_oldest_first_with_their_age_idle_time_and_calls(
     second = sessions.open(seed=0, settings=None)
     sessions.get(second, hold=True)  # a call in progress: a Watch, say
     now[0] = 130.0
-    described = sessions.describe()
+    described, opening = sessions.describe()
+    assert opening == 0
     assert [v.session for v in described] == [first, second]
     assert [(v.open_s, v.idle_s, v.calls_in_progress) for v in described] == [
         (30.0, 30.0, 0),
         (20.0, 0.0, 1),  # not idle while its call lasts
     ]
     now[0] = 191.0  # the first idle past 60 s: closed, not listed
-    assert [v.session for v in sessions.describe()] == [second]
+    assert [v.session for v in sessions.describe()[0]] == [second]
     sessions.leave(second)
     now[0] = 201.0
-    assert sessions.describe()[0].idle_s == 10.0  # idle from the call's end
+    assert sessions.describe()[0][0].idle_s == 10.0  # idle from the call's end
     sessions.close_all()
-    assert sessions.describe() == []
+    assert sessions.describe() == ([], 0)
+
+
+def test_sessions_being_opened_are_counted_apart() -> None:
+    """They hold places (a ListSessions that left them out said "1 of 2 open" to a caller
+    about to be refused TOO_MANY_SESSIONS), and have no id to list yet."""
+    building, go, hold = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_model() -> torch.nn.Module:
+        if hold.is_set():  # the model of the session opened last, built on a thread of its own
+            building.set()
+            assert go.wait(60)
+        return Simple()
+
+    spec = dataclasses.replace(SIMPLE, factory=slow_model)
+    sessions = Sessions(Trainer(spec), max_sessions=2)
+    ready = sessions.open(seed=0, settings=None)
+    hold.set()
+    opener = threading.Thread(target=sessions.open, args=(0, None))
+    opener.start()
+    try:
+        assert building.wait(60)
+        views, opening = sessions.describe()
+        assert ([v.session for v in views], opening) == ([ready], 1)
+    finally:
+        go.set()
+        opener.join(60)
+    views, opening = sessions.describe()
+    assert (len(views), opening) == (2, 0)
+    sessions.close_all()
 
 
 def test_list_sessions_shows_every_caller_s_sessions_but_the_default(
@@ -801,6 +832,7 @@ def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
     assert re.fullmatch(rf"{opened} +0 +\d+s +\d+s +0  (9m\d\ds|10m00s)", row), row
     listed = json.loads(run_main("sessions", "--target", address, "--json").out)
     assert listed["max_sessions"] == 8 and listed["idle_timeout_s"] == 600.0
+    assert listed["opening"] == 0
     (session,) = listed["sessions"]
     assert (session["session"], session["version"], session["calls_in_progress"]) == (
         opened,

@@ -944,6 +944,7 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if args.json:
         data = {
             "sessions": [vars(s) for s in listing.sessions],
+            "opening": listing.opening,
             "max_sessions": listing.max_sessions,
             "idle_timeout_s": timeout,
         }
@@ -954,9 +955,10 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         if math.isinf(timeout)
         else f"each is closed after {format_duration(timeout)} without calls"
     )
+    opening = f" ({listing.opening} more opening)" if listing.opening else ""
     out.write(
         f"{len(listing.sessions)} of {listing.max_sessions} sessions open beside the default "
-        f"one; {closing}\n"
+        f"one{opening}; {closing}\n"
     )
     if not listing.sessions:
         return

@@ -187,6 +187,7 @@ class SessionListing:
     sessions: tuple[SessionInfo, ...]  # oldest first
     max_sessions: int  # the most the server keeps open at once
     idle_timeout_s: float  # a session is closed after this long without calls; inf: never
+    opening: int = 0  # sessions being opened: they hold places too, listed once open
 
 
 def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
@@ -1422,7 +1423,9 @@ class Client:
             SessionInfo(s.session, s.version, s.open_s, s.idle_s, s.calls_in_progress)
             for s in response.sessions
         )
-        return SessionListing(sessions, response.max_sessions, response.idle_timeout_s)
+        return SessionListing(
+            sessions, response.max_sessions, response.idle_timeout_s, response.opening
+        )
 
     def reset(self, seed: int | None = None) -> int:
         """A freshly initialised model (seeded when asked) and optimizer."""

@@ -500,9 +500,11 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
 
 
 def sessions_to_proto(
-    sessions: Sequence[SessionView], max_sessions: int, idle_timeout_s: float
+    sessions: Sequence[SessionView], opening: int, max_sessions: int, idle_timeout_s: float
 ) -> pb.ListSessionsResponse:
-    response = pb.ListSessionsResponse(max_sessions=max_sessions, idle_timeout_s=idle_timeout_s)
+    response = pb.ListSessionsResponse(
+        max_sessions=max_sessions, idle_timeout_s=idle_timeout_s, opening=opening
+    )
     for view in sessions:
         response.sessions.add(
             session=view.session,

@@ -858,8 +858,9 @@ class TrainerServicer:
     def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
     ) -> pb.ListSessionsResponse:
+        views, opening = self.sessions.describe()
         return convert.sessions_to_proto(
-            self.sessions.describe(), self.sessions.max_sessions, self.sessions.idle_s
+            views, opening, self.sessions.max_sessions, self.sessions.idle_s
         )
 
     @mutation

@@ -190,12 +190,13 @@ class Sessions:
             )
         _free(closing)
 
-    def describe(self) -> list[SessionView]:
-        """The sessions open, oldest first; the expired ones closed first."""
+    def describe(self) -> tuple[list[SessionView], int]:
+        """The sessions open, oldest first, and how many are being opened; the expired ones
+        closed first."""
         self._close_idle()
-        now = self._clock()
         with self._lock:
-            return [
+            now = self._clock()  # here: a session opened or left meanwhile read as negative
+            views = [
                 SessionView(
                     session=key,
                     version=s.trainer.version,
@@ -205,6 +206,7 @@ class Sessions:
                 )
                 for key, s in self._open.items()
             ]
+            return views, self._opening
 
     @property
     def open_count(self) -> int:

@@ -1624,10 +1624,15 @@ class ListSessionsResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     MAX_SESSIONS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    OPENING_FIELD_NUMBER: _builtins.int
     max_sessions: _builtins.int
     """the most open at once (gradwire serve --max-sessions)"""
     idle_timeout_s: _builtins.float
     """as in OpenSessionResponse; +infinity: none expire"""
+    opening: _builtins.int
+    """Sessions being opened now (their models being built): they hold places too, and are
+    listed once open.
+    """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]:
         """oldest first"""
@@ -1638,10 +1643,11 @@ class ListSessionsResponse(_message.Message):
         sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
         max_sessions: _builtins.int = ...,
         idle_timeout_s: _builtins.float = ...,
+        opening: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_timeout_s", b"idle_timeout_s", "max_sessions", b"max_sessions", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idle_timeout_s", b"idle_timeout_s", "max_sessions", b"max_sessions", "opening", b"opening", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
