@@ -134,6 +134,41 @@ def test_slots_refuse_over_the_limit_at_once_and_come_back() -> None:
         pass
 
 
+def test_an_operator_sees_and_closes_the_sessions_whose_streams_hold_every_place(
+    trainer: Trainer,
+) -> None:
+    """ListSessions and CloseSession take a place beyond the limit: with every place held
+    by watches left open, both were BUSY, and the operator could neither see which
+    sessions held them nor close those (found by a review from another language's side)."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=10) as client:
+            left_open = client.open_session(seed=0).detach()
+            with gradwire.connect(f"127.0.0.1:{running.port}", session=left_open) as theirs:
+                watches = [theirs.watch(["loss"]) for _ in range(2)]
+                for watch in watches:
+                    next(watch)
+                with pytest.raises(errors.ResourceExhausted):
+                    client.list_tensors()  # every place held
+                (listed,) = client.list_sessions().sessions
+                assert (listed.session, listed.calls_in_progress) == (left_open, 2)
+                operator = gradwire.connect(f"127.0.0.1:{running.port}", session=left_open)
+                with operator:
+                    operator.close_session()  # its watches end: their places are free
+                for watch in watches:
+                    with pytest.raises(errors.FailedPrecondition):
+                        next(watch)
+                eventually(lambda: running.servicer.slots.taken == 0)
+                assert client.list_tensors().model == "Simple"
+        # One place beyond the limit, no more: an operator's call with every place and the
+        # operator's own taken is BUSY too.
+        slots = running.servicer.slots
+        with slots, slots, slots.operator, pytest.raises(OverLimit), slots.operator:
+            pass
+    finally:
+        running.stop(grace=None)
+
+
 def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
     """Watches left open held every place, and BUSY said "retry shortly", which never helped
     (found by a review of watching)."""
@@ -149,7 +184,8 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
             assert info.value.message == (
                 "the server is busy: 2 calls in progress, 2 of them streams (Watch, Train, "
                 "streamed reads), which hold their places until they end: retry once some "
-                "end, or close the watches you no longer read"
+                "end, or close the watches you no longer read (gradwire sessions shows the "
+                "sessions with calls in progress, and gradwire close-session ends them)"
             )
             watches[0].close()
             eventually(lambda: running.servicer.slots.taken == 1)

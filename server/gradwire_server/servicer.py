@@ -269,6 +269,8 @@ class Slots:
         self._lock = threading.Lock()
         #: A place for a server stream: counted apart in BUSY's message.
         self.stream = _StreamPlace(self)
+        #: A place for ListSessions and CloseSession, beyond the limit (OPERATOR_PLACES).
+        self.operator = _OperatorPlace(self)
 
     @property
     def taken(self) -> int:
@@ -294,8 +296,36 @@ class Slots:
         return (
             f"the server is busy: {self.limit} calls in progress, {self._streams} of them "
             "streams (Watch, Train, streamed reads), which hold their places until they end: "
-            "retry once some end, or close the watches you no longer read"
+            "retry once some end, or close the watches you no longer read (gradwire sessions "
+            "shows the sessions with calls in progress, and gradwire close-session ends them)"
         )
+
+
+#: Places beyond the call limit for ListSessions and CloseSession: with every place held by
+#: streams (watches left open), an operator could neither see which sessions held them nor
+#: close those sessions (found by a review from another language's side). Served by one of
+#: the server's spare threads.
+OPERATOR_PLACES = 1
+
+
+class _OperatorPlace:
+    """Slots' place for an operator's call (Slots.operator)."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+
+    def __enter__(self) -> None:
+        slots = self._slots
+        with slots._lock:
+            if slots._taken >= slots.limit + OPERATOR_PLACES:
+                raise OverLimit(slots._busy(), reason="BUSY")
+            slots._taken += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._slots._lock:
+            self._slots._taken -= 1
 
 
 class _StreamPlace:
@@ -340,7 +370,15 @@ def rpc_sessionless(method: Handler[R]) -> Handler[R]:
     return _unary(method, mutates=False, sessionless=True)
 
 
-def _unary(method: Handler[R], mutates: bool, sessionless: bool = False) -> Handler[R]:
+def rpc_operator(method: Handler[R]) -> Handler[R]:
+    """`rpc_sessionless` for ListSessions and CloseSession, which may take a place beyond
+    the call limit (Slots.operator): what an operator needs when streams hold every place."""
+    return _unary(method, mutates=False, sessionless=True, operator=True)
+
+
+def _unary(
+    method: Handler[R], mutates: bool, sessionless: bool = False, operator: bool = False
+) -> Handler[R]:
     # One flat wrapper, no generator-based context managers: this runs on every call, and in
     # the server its Python runs with caches gone cold (docs/PERFORMANCE.md, tenth session).
     name = method.__name__
@@ -349,7 +387,8 @@ def _unary(method: Handler[R], mutates: bool, sessionless: bool = False) -> Hand
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
         try:
             metadata = _metadata(context)
-            with self.slots, _Session(self, _NO_METADATA if sessionless else metadata):
+            place = self.slots.operator if operator else self.slots
+            with place, _Session(self, _NO_METADATA if sessionless else metadata):
                 if not isinstance(request, Iterator):
                     well_formed(request)
                 if mutates:
@@ -838,7 +877,7 @@ class TrainerServicer:
         # rather than a second one that would hold a place until it expired.
         return _once(self, "OpenSession", "", context, _metadata(context), open_one)
 
-    @rpc_sessionless
+    @rpc_operator
     def CloseSession(
         self, request: pb.CloseSessionRequest, context: grpc.ServicerContext
     ) -> pb.CloseSessionResponse:
@@ -854,7 +893,7 @@ class TrainerServicer:
         # not NOT_FOUND (UNKNOWN_SESSION) for the session it closed.
         return _once(self, "CloseSession", request.session, context, _metadata(context), close_one)
 
-    @rpc_sessionless
+    @rpc_operator
     def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
     ) -> pb.ListSessionsResponse:

@@ -65,7 +65,9 @@ Conventions used by every message below:
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
   RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks (grpc.health.v1) are
-  answered beside that limit; see Errors for the bounds of health Watches.
+  answered beside that limit; see Errors for the bounds of health Watches. ListSessions
+  and CloseSession have one place beyond it, so that with every place held by streams
+  an operator can still see which sessions hold them and close those.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
   It takes a client's pings at most every 30 s on a connection carrying no data; pinging
