@@ -48,7 +48,10 @@ Conventions used by every message below:
   changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
   anew. A retry that arrives while the first attempt is still running waits for it,
   within its own deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a
-  later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
+  later retry with the same id gets the first attempt's answer. A retry whose id is kept
+  gets that answer whatever expected version it sends; an attempt refused for its
+  expected version (VERSION_MISMATCH) changed nothing and is not kept, so a retry of it
+  with the same id and the right version is applied. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
   version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
@@ -111,7 +114,8 @@ Conventions used by every message below:
   streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
   metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
-  in the client, a connection lost) carry no ErrorInfo.
+  in the client, a connection lost, a method the server does not have: UNIMPLEMENTED)
+  carry no ErrorInfo.
 """
 
 from collections import abc as _abc
@@ -819,7 +823,10 @@ class ZeroGradRequest(_message.Message):
 
     SET_TO_NONE_FIELD_NUMBER: _builtins.int
     set_to_none: _builtins.bool
-    """true (the default, as in PyTorch >= 2.0): gradients become absent; false: zero tensors"""
+    """true (the default, as in PyTorch >= 2.0): gradients become absent. false: the gradients
+    that exist are zeroed in place, and absent ones stay absent (PyTorch's
+    zero_grad(set_to_none=False)).
+    """
     def __init__(
         self,
         *,
@@ -1718,11 +1725,11 @@ class Stats(_message.Message):
     max: _builtins.float
     """largest finite value; 0 when there is none"""
     mean: _builtins.float
-    """mean of the finite values"""
+    """mean of the finite values; 0 when there is none"""
     std: _builtins.float
-    """standard deviation of the finite values (population: divides by their count)"""
+    """standard deviation of the finite values (population: divides by their count); 0 when there is none"""
     norm: _builtins.float
-    """L2 norm of the finite values"""
+    """L2 norm of the finite values; 0 when there is none"""
     nan_count: _builtins.int
     """values that are NaN"""
     inf_count: _builtins.int

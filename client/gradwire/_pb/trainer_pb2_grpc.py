@@ -306,7 +306,8 @@ class TrainerServicer:
         steps already taken stay applied, those after the last progress message read included:
         read the state version to know how many ran. Each step is applied as it runs: Train reads no
         request id or expected version, and is not safe to retry blindly (read the version
-        first).
+        first). A run does not hold other callers off: their calls on the same session are
+        served between two of its steps, and a mutation of theirs lands there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,10 @@ Conventions used by every message below:
   changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
   anew. A retry that arrives while the first attempt is still running waits for it,
   within its own deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a
-  later retry with the same id gets the first attempt's answer. OpenSession takes an id too (a retry gets the session the first attempt opened,
+  later retry with the same id gets the first attempt's answer. A retry whose id is kept
+  gets that answer whatever expected version it sends; an attempt refused for its
+  expected version (VERSION_MISMATCH) changed nothing and is not kept, so a retry of it
+  with the same id and the right version is applied. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none. The expected
   version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
@@ -111,7 +114,8 @@ Conventions used by every message below:
   streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
   metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
-  in the client, a connection lost) carry no ErrorInfo.
+  in the client, a connection lost, a method the server does not have: UNIMPLEMENTED)
+  carry no ErrorInfo.
 """
 
 from collections import abc as _abc
@@ -224,7 +228,8 @@ class TrainerStub:
     steps already taken stay applied, those after the last progress message read included:
     read the state version to know how many ran. Each step is applied as it runs: Train reads no
     request id or expected version, and is not safe to retry blindly (read the version
-    first).
+    first). A run does not hold other callers off: their calls on the same session are
+    served between two of its steps, and a mutation of theirs lands there.
     """
 
 @_typing.type_check_only
@@ -312,7 +317,8 @@ class TrainerAsyncStub(TrainerStub):
     steps already taken stay applied, those after the last progress message read included:
     read the state version to know how many ran. Each step is applied as it runs: Train reads no
     request id or expected version, and is not safe to retry blindly (read the version
-    first).
+    first). A run does not hold other callers off: their calls on the same session are
+    served between two of its steps, and a mutation of theirs lands there.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -517,7 +523,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         steps already taken stay applied, those after the last progress message read included:
         read the state version to know how many ran. Each step is applied as it runs: Train reads no
         request id or expected version, and is not safe to retry blindly (read the version
-        first).
+        first). A run does not hold other callers off: their calls on the same session are
+        served between two of its steps, and a mutation of theirs lands there.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
