@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import io
 import ipaddress
 import re
@@ -78,6 +79,38 @@ def test_the_right_token_opens_every_call(guarded: Running) -> None:
         client.chunk_bytes = 1000
         client.set("conv1.weight", np.full((16, 3, 3, 3), 0.5, np.float32))
         assert client.get("conv1.weight[0][0][0]").tolist() == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("header", "opens"),
+    [
+        (f"Bearer {TOKEN}", True),
+        (f"bearer {TOKEN}", True),  # an HTTP scheme's case does not count (RFC 7235)
+        (f"BEARER  {TOKEN}", True),  # nor the spaces after it
+        (f"Basic {TOKEN}", False),
+        (f"Bearer{TOKEN}", False),
+        (f"Bearer {TOKEN} ", False),  # the token is compared whole
+        (TOKEN, False),
+    ],
+)
+def test_the_token_s_scheme_is_read_as_http_reads_it(
+    guarded: Running, header: str, opens: bool
+) -> None:
+    with grpc.insecure_channel(_address(guarded)) as channel:
+        list_tensors = channel.unary_unary("/gradwire.v1.Trainer/ListTensors")
+        call = functools.partial(
+            list_tensors,
+            pb.ListTensorsRequest().SerializeToString(),
+            metadata=[("authorization", header)],
+            timeout=10,
+        )
+        if opens:
+            assert pb.ListTensorsResponse.FromString(call()).model == "Simple"
+            return
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.Unauthenticated) and error.reason == "BAD_TOKEN"
 
 
 @pytest.mark.parametrize("order", ["wrong first", "right first", "right twice"])

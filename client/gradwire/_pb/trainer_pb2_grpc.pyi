@@ -36,7 +36,8 @@ Conventions used by every message below:
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
   (DEADLINE_EXCEEDED). With a server token set, every call but grpc.health.v1 needs
-  "authorization: Bearer <token>", once (UNAUTHENTICATED without it, or with it twice).
+  "authorization: Bearer <token>" (the scheme in any case), once (UNAUTHENTICATED
+  without it, or with it twice).
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps every id for 10 minutes after its last use, and
