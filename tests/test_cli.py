@@ -1214,38 +1214,39 @@ def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
         )
 
 
+def _mutual_tls_hint(server: Pki, ca: Path, cert: Path, key: Path) -> tuple[str, str]:
+    """The hint of `gradwire list` with these client files, against a server that wants
+    client certificates from `server`'s CA; and the server's address."""
+    files = TlsFiles(server.server_cert, server.server_key, client_ca=server.ca)
+    with running_server(tls=files) as running:
+        target = f"127.0.0.1:{running.port}"
+        tls = ("--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key))
+        result = run_main("list", "--target", target, *tls)
+    assert result.code == 1
+    return _hint(result), target
+
+
 def test_a_client_key_that_is_not_its_certificate_s_is_named(pki: Pki, tmp_path: Path) -> None:
     """gRPC cannot build the handshake from the pair, and the hint said no server answered,
     and to start one (found by a review of deployment)."""
     other = make_pki(tmp_path)  # a key of the same kind, made for another certificate
-    files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
-    with running_server(tls=files) as running:
-        target = f"127.0.0.1:{running.port}"
-        tls = ("--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert))
-        result = run_main("list", "--target", target, *tls, "--tls-key", str(other.client_key))
-        assert result.code == 1
-        assert _hint(result) == (
-            f"hint: this client's TLS files could not be used together: is --tls-key "
-            f"{other.client_key} the private key that --tls-cert {pki.client_cert} was made "
-            "with?"
-        )
+    hint, _ = _mutual_tls_hint(pki, pki.ca, pki.client_cert, other.client_key)
+    assert hint == (
+        f"hint: this client's TLS files could not be used together: is --tls-key "
+        f"{other.client_key} the private key that --tls-cert {pki.client_cert} was made with?"
+    )
 
 
-def test_a_client_certificate_the_server_refuses_may_have_expired(pki: Pki, tmp_path: Path) -> None:
+def test_a_client_certificate_the_server_refuses_may_have_expired(tmp_path: Path) -> None:
     """The hint blamed the CA alone, for a certificate the CA signed that had expired (found
     by a review of deployment); the server does not say which it was."""
     expired = make_pki(tmp_path, expired_client=True)
-    files = TlsFiles(expired.server_cert, expired.server_key, client_ca=expired.ca)
-    with running_server(tls=files) as running:
-        target = f"127.0.0.1:{running.port}"
-        tls = ("--tls-ca", str(expired.ca), "--tls-cert", str(expired.client_cert))
-        result = run_main("list", "--target", target, *tls, "--tls-key", str(expired.client_key))
-        assert result.code == 1
-        assert _hint(result) == (
-            f"hint: {target} closed the connection before it was ready: if it requires "
-            f"client certificates, it refused {expired.client_cert}: one its client CA did "
-            "not sign, or one that has expired or is not valid yet"
-        )
+    hint, target = _mutual_tls_hint(expired, expired.ca, expired.client_cert, expired.client_key)
+    assert hint == (
+        f"hint: {target} closed the connection before it was ready: if it requires client "
+        f"certificates, it refused {expired.client_cert}: one its client CA did not sign, or "
+        "one that has expired or is not valid yet"
+    )
 
 
 @pytest.mark.parametrize(

@@ -268,9 +268,9 @@ class Slots:
         self._streams = 0  # of those taken, by server streams (Watch, Train, streamed reads)
         self._lock = threading.Lock()
         #: A place for a server stream: counted apart in BUSY's message.
-        self.stream = _StreamPlace(self)
+        self.stream = _Place(self, stream=True)
         #: A place for ListSessions and CloseSession, beyond the limit (OPERATOR_PLACES).
-        self.operator = _OperatorPlace(self)
+        self.operator = _Place(self, beyond=OPERATOR_PLACES)
 
     @property
     def taken(self) -> int:
@@ -278,7 +278,7 @@ class Slots:
         return self._taken
 
     def __enter__(self) -> None:
-        # Written out, not shared with _StreamPlace: every unary call runs it.
+        # Written out, not shared with _Place: every unary call runs it.
         with self._lock:
             if self._taken >= self.limit:
                 raise OverLimit(self._busy(), reason="BUSY")
@@ -308,47 +308,30 @@ class Slots:
 OPERATOR_PLACES = 1
 
 
-class _OperatorPlace:
-    """Slots' place for an operator's call (Slots.operator)."""
+class _Place:
+    """A place in Slots of another kind than a unary call's: a server stream's (counted
+    apart in BUSY's message), or an operator's call's (beyond the limit)."""
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_beyond", "_slots", "_stream")
 
-    def __init__(self, slots: Slots) -> None:
+    def __init__(self, slots: Slots, *, beyond: int = 0, stream: bool = False) -> None:
         self._slots = slots
+        self._beyond = beyond  # places it may take past the limit
+        self._stream = int(stream)
 
     def __enter__(self) -> None:
         slots = self._slots
         with slots._lock:
-            if slots._taken >= slots.limit + OPERATOR_PLACES:
+            if slots._taken >= slots.limit + self._beyond:
                 raise OverLimit(slots._busy(), reason="BUSY")
             slots._taken += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._slots._lock:
-            self._slots._taken -= 1
-
-
-class _StreamPlace:
-    """Slots' place for a server stream (Slots.stream)."""
-
-    __slots__ = ("_slots",)
-
-    def __init__(self, slots: Slots) -> None:
-        self._slots = slots
-
-    def __enter__(self) -> None:
-        slots = self._slots
-        with slots._lock:
-            if slots._taken >= slots.limit:
-                raise OverLimit(slots._busy(), reason="BUSY")
-            slots._taken += 1
-            slots._streams += 1
+            slots._streams += self._stream
 
     def __exit__(self, *exc: object) -> None:
         slots = self._slots
         with slots._lock:
             slots._taken -= 1
-            slots._streams -= 1
+            slots._streams -= self._stream
 
 
 _NO_METADATA: dict[str, str] = {}
