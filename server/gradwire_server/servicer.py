@@ -344,12 +344,12 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
 def rpc_sessionless(method: Handler[R]) -> Handler[R]:
     """`rpc` for the calls that act on no session the caller's metadata names: OpenSession
-    opens a new one, CloseSession closes the one its request names, ListSessions lists
-    them all. The metadata's session
-    is not looked up. Looked up first, a stale one (a client joined to a session that has
-    closed since) got NOT_FOUND for opening a new session; and the Python client sends the
-    session it closes there too, so a retry of a close that went through was refused
-    before the request log could answer it."""
+    opens a new one (and, through rpc_operator, CloseSession closes the one its request
+    names and ListSessions lists them all). The metadata's session is not looked up.
+    Looked up first, a stale one (a client joined to a session that has closed since) got
+    NOT_FOUND for opening a new session; and the Python client sends the session it closes
+    there too, so a retry of a close that went through was refused before the request log
+    could answer it."""
     return _unary(method, mutates=False, sessionless=True)
 
 
