@@ -977,6 +977,64 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
 
 
+def _bytes(count: int) -> str:
+    """`67,108,864 bytes (64.0 MiB)`: exact, and readable."""
+    return f"{count:,} bytes ({count / 2**20:.1f} MiB)"
+
+
+def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    try:
+        info = client.server_info()
+    except Unimplemented:
+        raise CommandError(
+            f"the server at {client.target} predates GetServerInfo and cannot describe "
+            "itself: a newer gradwire serve can (gradwire list shows its model and device)"
+        ) from None
+    if args.json:
+        out.write(_json_line({**vars(info), "limits": vars(info.limits)}))
+        return
+    lim = info.limits
+    idle = lim.session_idle_timeout_s
+    closing = (
+        "none is closed for want of calls"
+        if math.isinf(idle)
+        else (f"each closed after {idle:g} s without calls")
+    )
+    pings = (
+        f"a ping after {lim.keepalive_s:g} s of silence, the connection closed when it goes "
+        f"unanswered for {lim.keepalive_timeout_s:g} s"
+        if lim.keepalive_s
+        else "no pings from the server"
+    )
+    rows = [
+        ("message size", f"at most {_bytes(lim.max_message_bytes)} each way"),
+        (
+            "tensor values",
+            f"at most {_bytes(lim.max_value_bytes)} in one message; larger ones stream, "
+            f"{_bytes(lim.default_chunk_bytes)} a chunk by default",
+        ),
+        ("elements", f"at most {lim.max_elements:,} in a tensor sent or made"),
+        ("dimensions", f"at most {lim.max_dims}"),
+        ("names", f"at most {lim.max_name_chars} characters"),
+        ("histogram bins", f"at most {lim.max_histogram_bins:,}"),
+        ("steps per Train", f"at most {lim.max_train_steps:,}"),
+        ("request ids", f"at most {lim.max_request_id_chars} characters"),
+        ("calls at once", f"{lim.max_concurrent} (an open watch or stream holds one)"),
+        ("sessions", f"{lim.max_sessions} beside the default one; {closing}"),
+        (
+            "keepalive",
+            f"{pings}; client pings at most every {lim.min_client_ping_s:g} s on a quiet "
+            "connection",
+        ),
+    ]
+    out.write(
+        f"gradwire {info.version} with PyTorch {info.torch_version}, models on {info.device}\n"
+    )
+    width = max(len(name) for name, _ in rows)
+    for name, text in rows:
+        out.write(f"{name:<{width}}  {text}\n")
+
+
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     names = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
     version, config = client._set_optimizer(args.kind, {n: getattr(args, n) for n in names})
@@ -1531,6 +1589,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sessions",
         cmd_sessions,
         "list the sessions open beside the default one: id, version, age, idle time, calls",
+    )
+
+    add(
+        "info",
+        cmd_info,
+        "the server's gradwire and PyTorch versions, its device, and the limits it keeps",
     )
 
     p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")

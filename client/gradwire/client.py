@@ -190,6 +190,38 @@ class SessionListing:
     opening: int = 0  # sessions being opened: they hold places too, listed once open
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits a server keeps (`Client.server_info`), each named with what it answers
+    past it; the .proto's ServerLimits says more of each."""
+
+    max_message_bytes: int  # the largest message either way
+    max_value_bytes: int  # tensor values in one message; more stream (USE_STREAM)
+    default_chunk_bytes: int  # values per chunk of a streamed read that asks for none
+    max_elements: int  # in a tensor a call sends or makes (TOO_MANY_ELEMENTS)
+    max_dims: int  # of a tensor sent, a fill or a selection
+    max_name_chars: int  # of a tensor name (BAD_NAME)
+    max_histogram_bins: int  # GetStats and Watch histograms (BAD_BINS)
+    max_train_steps: int  # steps one Train may run
+    max_request_id_chars: int  # the request id metadata (BAD_METADATA)
+    max_concurrent: int  # calls served at once, open streams included (BUSY)
+    max_sessions: int  # open at once beside the default one (TOO_MANY_SESSIONS)
+    session_idle_timeout_s: float  # a session is closed after this long without calls; inf: never
+    keepalive_s: float  # the server pings a connection silent this long; 0: never
+    keepalive_timeout_s: float  # and closes it when a ping goes unanswered this long
+    min_client_ping_s: float  # pings closer than this on a quiet connection get it closed
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server runs and the limits it keeps (`Client.server_info`)."""
+
+    version: str  # gradwire's version on the server
+    torch_version: str  # PyTorch's: a local run of the same version computes the same numbers
+    device: str  # where every session's model lives: "cuda:0", "cpu"
+    limits: ServerLimits
+
+
 def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
     fields = {
         name: getattr(message, name)
@@ -255,13 +287,13 @@ _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
 )  # fmt: skip
-_READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions"})
+_READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions", "GetServerInfo"})
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
-_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "ListSessions", "Health"})
+_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "ListSessions", "GetServerInfo", "Health"})
 #: The version of each client's innermost `expecting` block in this thread or task.
 _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
     "expected_version",
@@ -1425,6 +1457,15 @@ class Client:
         )
         return SessionListing(
             sessions, response.max_sessions, response.idle_timeout_s, response.opening
+        )
+
+    def server_info(self) -> ServerInfo:
+        """The server's gradwire and PyTorch versions, its device and the limits it keeps:
+        message sizes, elements per tensor, calls at once, sessions, keepalive."""
+        response: pb.GetServerInfoResponse = self._call("GetServerInfo", pb.GetServerInfoRequest())
+        kept = {f.name: getattr(response.limits, f.name) for f in dataclasses.fields(ServerLimits)}
+        return ServerInfo(
+            response.version, response.torch_version, response.device, ServerLimits(**kept)
         )
 
     def reset(self, seed: int | None = None) -> int:

@@ -222,7 +222,13 @@ def start(
         if on_device_lost is not None:
             on_device_lost()
 
-    servicer = TrainerServicer(trainer, max_concurrent, sessions, on_device_lost=device_lost)
+    servicer = TrainerServicer(
+        trainer,
+        max_concurrent,
+        sessions,
+        on_device_lost=device_lost,
+        keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
+    )
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)

@@ -17,14 +17,17 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
+import gradwire
 from gradwire import codec, wire
+from gradwire import limits as gw_limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
-from gradwire_server.stats import Summary
+from gradwire_server.stats import MAX_BINS, Summary
 from gradwire_server.trainer import (
+    MAX_NAME_CHARS,
     FillSpec,
     ForwardResult,
     Listing,
@@ -514,6 +517,43 @@ def sessions_to_proto(
             calls_in_progress=view.calls_in_progress,
         )
     return response
+
+
+def server_info(
+    device: str,
+    max_elements: int,
+    max_concurrent: int,
+    max_sessions: int,
+    idle_timeout_s: float,
+    keepalive: tuple[float | None, float, float],
+) -> pb.GetServerInfoResponse:
+    """GetServerInfo's answer: the versions, the device, and the limits a server started with
+    these settings keeps (`keepalive`: its ping interval, None or 0 for none, the ping's
+    timeout, and the closest client pings it takes)."""
+    interval_s, timeout_s, min_client_ping_s = keepalive
+    limits = pb.ServerLimits(
+        max_message_bytes=gw_limits.MAX_MESSAGE_BYTES,
+        max_value_bytes=gw_limits.MAX_VALUE_BYTES,
+        default_chunk_bytes=gw_limits.CHUNK_BYTES,
+        max_elements=max_elements,
+        max_dims=codec.MAX_DIMS,
+        max_name_chars=MAX_NAME_CHARS,
+        max_histogram_bins=MAX_BINS,
+        max_train_steps=gw_limits.MAX_TRAIN_STEPS,
+        max_request_id_chars=gw_limits.MAX_REQUEST_ID_CHARS,
+        max_concurrent=max_concurrent,
+        max_sessions=max_sessions,
+        session_idle_timeout_s=idle_timeout_s,
+        keepalive_s=interval_s or 0.0,
+        keepalive_timeout_s=timeout_s if interval_s else 0.0,
+        min_client_ping_s=min_client_ping_s,
+    )
+    return pb.GetServerInfoResponse(
+        version=gradwire.__version__,
+        torch_version=torch.__version__,
+        device=device,
+        limits=limits,
+    )
 
 
 def stats_to_proto(summary: Summary) -> pb.Stats:

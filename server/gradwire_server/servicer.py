@@ -90,8 +90,8 @@ _TRAIN_INPUT = convert.field_path(pb.TrainRequest, "input")
 _TRAIN_TARGET = convert.field_path(pb.TrainRequest, "target")
 #: How often a waiting watcher checks that its caller is still there.
 WATCH_POLL_S = 0.5
-#: The most steps one Train call may ask for.
-MAX_TRAIN_STEPS = 1 << 40
+#: The most steps one Train call may ask for (the client checks the same).
+MAX_TRAIN_STEPS = limits.MAX_TRAIN_STEPS
 
 
 @dataclass(frozen=True)
@@ -344,8 +344,9 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
 def rpc_sessionless(method: Handler[R]) -> Handler[R]:
     """`rpc` for the calls that act on no session the caller's metadata names: OpenSession
-    opens a new one (and, through rpc_operator, CloseSession closes the one its request
-    names and ListSessions lists them all). The metadata's session is not looked up.
+    opens a new one, GetServerInfo describes the server (and, through rpc_operator,
+    CloseSession closes the session its request names and ListSessions lists them all).
+    The metadata's session is not looked up.
     Looked up first, a stale one (a client joined to a session that has closed since) got
     NOT_FOUND for opening a new session; and the Python client sends the session it closes
     there too, so a retry of a close that went through was refused before the request log
@@ -389,7 +390,6 @@ def _unary(
 #: version it expects.
 REQUEST_ID = "gradwire-request-id"
 EXPECTED_VERSION = "gradwire-expected-version"
-MAX_REQUEST_ID_CHARS = 128
 
 
 #: At most this many bytes of answers are kept for retries. A TrainStep that fetches may
@@ -619,9 +619,9 @@ def _once(
     request_id = metadata.get(REQUEST_ID)
     if not request_id:  # none, or an empty one
         return run()
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
+    if len(request_id) > limits.MAX_REQUEST_ID_CHARS:
         raise InvalidInput(
-            f"{REQUEST_ID} is over {MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
+            f"{REQUEST_ID} is over {limits.MAX_REQUEST_ID_CHARS} characters", reason="BAD_METADATA"
         )
     return servicer.requests.once((name, session, request_id), run, context)
 
@@ -660,8 +660,23 @@ class TrainerServicer:
         max_concurrent: int = 16,
         sessions: Sessions | None = None,
         on_device_lost: Callable[[], None] | None = None,
+        keepalive: tuple[float | None, float, float] = (
+            limits.KEEPALIVE_S,
+            limits.KEEPALIVE_TIMEOUT_S,
+            limits.MIN_CLIENT_PING_S,
+        ),
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
+        #: GetServerInfo's answer: nothing in it changes while the server runs. `keepalive`:
+        #: the server's ping settings, as `app.start` gives them to gRPC.
+        self.info = convert.server_info(
+            str(trainer.device),
+            trainer.max_elements,
+            max_concurrent,
+            self.sessions.max_sessions,
+            self.sessions.idle_s,
+            keepalive,
+        )
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).
         self.on_device_lost = on_device_lost
@@ -884,6 +899,12 @@ class TrainerServicer:
         return convert.sessions_to_proto(
             views, opening, self.sessions.max_sessions, self.sessions.idle_s
         )
+
+    @rpc_sessionless
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        return self.info
 
     @mutation
     def SetOptimizer(

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gradwire import limits
 from gradwire_server.errors import InvalidInput
 
 #: Values summarised per pass over a run; bounds the float64 temporaries (128 MiB).
 CHUNK_ELEMENTS = 1 << 24
-MAX_BINS = 4096
+MAX_BINS = limits.MAX_HISTOGRAM_BINS  # the client checks the same
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ Conventions used by every message below:
   carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
   larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
   default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
-  64 dimensions; a name at most 256 characters.
+  64 dimensions; a name at most 256 characters. GetServerInfo answers the limits of the
+  server at hand, these and the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
@@ -1611,6 +1612,139 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    TORCH_VERSION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """gradwire's version, e.g. "0.1.0" """
+    torch_version: _builtins.str
+    """PyTorch's, e.g. "2.13.0+cu128": a local run of the same version computes the same numbers on the same device"""
+    device: _builtins.str
+    """where every session's model lives, e.g. "cuda:0" or "cpu" """
+    @_builtins.property
+    def limits(self) -> Global___ServerLimits: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        torch_version: _builtins.str = ...,
+        device: _builtins.str = ...,
+        limits: Global___ServerLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "limits", b"limits", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ServerLimits(_message.Message):
+    """The limits a server keeps, each named with what the server answers past it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_BYTES_FIELD_NUMBER: _builtins.int
+    DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_ELEMENTS_FIELD_NUMBER: _builtins.int
+    MAX_DIMS_FIELD_NUMBER: _builtins.int
+    MAX_NAME_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_HISTOGRAM_BINS_FIELD_NUMBER: _builtins.int
+    MAX_TRAIN_STEPS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_ID_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_FIELD_NUMBER: _builtins.int
+    SESSION_IDLE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_S_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MIN_CLIENT_PING_S_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
+    max_value_bytes: _builtins.int
+    """Tensor values in one message: a GetTensor reply or a SetTensor or Forward request
+    (past it: USE_STREAM, stream them instead), a TrainStep's fetches (FETCH_TOO_LARGE),
+    a Watch update (WATCH_TOO_LARGE).
+    """
+    default_chunk_bytes: _builtins.int
+    """values per chunk of a GetTensorStream that asks for none (chunk_bytes 0)"""
+    max_elements: _builtins.int
+    """elements in a tensor a call sends or makes: an input, a target, a value, a fill (TOO_MANY_ELEMENTS)"""
+    max_dims: _builtins.int
+    """dimensions of a tensor sent, a fill or a selection"""
+    max_name_chars: _builtins.int
+    """characters in a tensor name (BAD_NAME)"""
+    max_histogram_bins: _builtins.int
+    """GetStats and Watch histograms (BAD_BINS)"""
+    max_train_steps: _builtins.int
+    """steps one Train may run (BAD_REQUEST)"""
+    max_request_id_chars: _builtins.int
+    """the "gradwire-request-id" metadata (BAD_METADATA)"""
+    max_concurrent: _builtins.int
+    """Calls served at once (gradwire serve --max-concurrent); an open stream holds one place
+    while it is open. Past it: RESOURCE_EXHAUSTED (BUSY).
+    """
+    max_sessions: _builtins.int
+    """sessions open at once beside the default one (TOO_MANY_SESSIONS)"""
+    session_idle_timeout_s: _builtins.float
+    """as in OpenSessionResponse; +infinity: none expire"""
+    keepalive_s: _builtins.float
+    """The server pings a connection silent this long, and closes it when a ping goes
+    unanswered for keepalive_timeout_s; both 0: it sends no pings.
+    """
+    keepalive_timeout_s: _builtins.float
+    min_client_ping_s: _builtins.float
+    """The shortest interval at which it takes a client's pings on a connection carrying no
+    data: a client that pings more often has its connection closed (GOAWAY, "too_many_pings").
+    """
+    def __init__(
+        self,
+        *,
+        max_message_bytes: _builtins.int = ...,
+        max_value_bytes: _builtins.int = ...,
+        default_chunk_bytes: _builtins.int = ...,
+        max_elements: _builtins.int = ...,
+        max_dims: _builtins.int = ...,
+        max_name_chars: _builtins.int = ...,
+        max_histogram_bins: _builtins.int = ...,
+        max_train_steps: _builtins.int = ...,
+        max_request_id_chars: _builtins.int = ...,
+        max_concurrent: _builtins.int = ...,
+        max_sessions: _builtins.int = ...,
+        session_idle_timeout_s: _builtins.float = ...,
+        keepalive_s: _builtins.float = ...,
+        keepalive_timeout_s: _builtins.float = ...,
+        min_client_ping_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_request_id_chars", b"max_request_id_chars", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerLimits: _TypeAlias = ServerLimits  # noqa: Y015
 
 @_typing.final
 class ListSessionsRequest(_message.Message):

@@ -120,6 +120,11 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/gradwire.v1.Trainer/GetServerInfo',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/gradwire.v1.Trainer/GetStats',
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.GetStatsRequest.SerializeToString,
@@ -280,6 +285,17 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this server runs and the limits it keeps: for a client in any language to size its
+        calls (when to stream, how many calls to keep in flight, how often it may ping) from
+        the server it talks to rather than from numbers copied out of this file, and for a
+        person to see which versions computed the numbers they read. The "gradwire-session"
+        metadata is not read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
         infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -400,6 +416,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.GetServerInfoResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -877,6 +898,33 @@ class Trainer:
             '/gradwire.v1.Trainer/ListSessions',
             gradwire_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/GetServerInfo',
+            gradwire_dot_v1_dot_trainer__pb2.GetServerInfoRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

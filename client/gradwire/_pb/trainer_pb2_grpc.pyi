@@ -64,7 +64,8 @@ Conventions used by every message below:
   carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
   larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
   default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
-  64 dimensions; a name at most 256 characters.
+  64 dimensions; a name at most 256 characters. GetServerInfo answers the limits of the
+  server at hand, these and the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
@@ -211,6 +212,13 @@ class TrainerStub:
     caller may name any session: the token, where one is set, is the only key. The
     "gradwire-session" metadata is not read.
     """
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetServerInfoRequest, _trainer_pb2.GetServerInfoResponse]
+    """What this server runs and the limits it keeps: for a client in any language to size its
+    calls (when to stream, how many calls to keep in flight, how often it may ping) from
+    the server it talks to rather than from numbers copied out of this file, and for a
+    person to see which versions computed the numbers they read. The "gradwire-session"
+    metadata is not read.
+    """
     GetStats: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
     infinite and zero values, a histogram), computed where the tensor lives: only the
@@ -299,6 +307,13 @@ class TrainerAsyncStub(TrainerStub):
     a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
     caller may name any session: the token, where one is set, is the only key. The
     "gradwire-session" metadata is not read.
+    """
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetServerInfoRequest, _trainer_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """What this server runs and the limits it keeps: for a client in any language to size its
+    calls (when to stream, how many calls to keep in flight, how often it may ping) from
+    the server it talks to rather than from numbers copied out of this file, and for a
+    person to see which versions computed the numbers they read. The "gradwire-session"
+    metadata is not read.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetStatsRequest, _trainer_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Summary statistics of a tensor or slice (min, max, mean, std, norm, counts of NaN,
@@ -487,6 +502,19 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         a GPU, the memory, and to close what was abandoned. Any caller may list them, as any
         caller may name any session: the token, where one is set, is the only key. The
         "gradwire-session" metadata is not read.
+        """
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _trainer_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.GetServerInfoResponse, _abc.Awaitable[_trainer_pb2.GetServerInfoResponse]]:
+        """What this server runs and the limits it keeps: for a client in any language to size its
+        calls (when to stream, how many calls to keep in flight, how often it may ping) from
+        the server it talks to rather than from numbers copied out of this file, and for a
+        person to see which versions computed the numbers they read. The "gradwire-session"
+        metadata is not read.
         """
 
     @_abc_1.abstractmethod

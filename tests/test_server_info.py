@@ -1,0 +1,233 @@
+"""GetServerInfo: the versions, the device and the limits a server keeps, each checked
+against the limit the server enforces, on a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+import gradwire
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.client import ServerInfo, ServerLimits
+from gradwire.fill import Fill
+from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from gradwire_server.app import Running, start
+from gradwire_server.trainer import Trainer
+from tests.cli_run import run_main
+
+INPUT = Fill.ones(8, 3, 10, 10)
+TARGET = Fill.ones(8, dtype="int64")
+
+
+@pytest.fixture
+def small() -> Iterator[Running]:
+    """A server started with none of the defaults: every setting it reports is its own."""
+    trainer = Trainer(device="cpu", seed=0, max_elements=1000)
+    running = start(
+        trainer,
+        "127.0.0.1",
+        0,
+        max_concurrent=2,
+        max_sessions=1,
+        session_idle_s=42.5,
+        keepalive_s=7.0,
+        keepalive_timeout_s=3.0,
+        min_client_ping_s=11.0,
+    )
+    yield running
+    running.stop(grace=None)
+
+
+def _raw(address: str, method: str, request: Any, metadata: Any = ()) -> bytes:
+    """A call as a client in another language makes it: the request's bytes, our metadata."""
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(f"/gradwire.v1.Trainer/{method}")
+        answer: bytes = call(request.SerializeToString(), metadata=metadata, timeout=30)
+        return answer
+
+
+def _refused(address: str, method: str, request: Any, metadata: Any = ()) -> errors.RemoteError:
+    with pytest.raises(grpc.RpcError) as info:
+        _raw(address, method, request, metadata)
+    return errors.from_rpc_error(info.value)
+
+
+def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> None:
+    with gradwire.connect(f"127.0.0.1:{small.port}", timeout=30) as client:
+        info = client.server_info()
+    assert info == ServerInfo(
+        version=gradwire.__version__,
+        torch_version=torch.__version__,
+        device="cpu",
+        limits=ServerLimits(
+            max_message_bytes=MAX_MESSAGE_BYTES,
+            max_value_bytes=MAX_VALUE_BYTES,
+            default_chunk_bytes=CHUNK_BYTES,
+            max_elements=1000,
+            max_dims=64,
+            max_name_chars=256,
+            max_histogram_bins=4096,
+            max_train_steps=2**40,
+            max_request_id_chars=128,
+            max_concurrent=2,
+            max_sessions=1,
+            session_idle_timeout_s=42.5,
+            keepalive_s=7.0,
+            keepalive_timeout_s=3.0,
+            min_client_ping_s=11.0,
+        ),
+    )
+
+
+def test_a_server_that_sends_no_pings_reports_zeros_and_no_idle_limit_as_infinity(
+    trainer: Trainer,
+) -> None:
+    running = start(trainer, "127.0.0.1", 0, keepalive_s=None, session_idle_s=float("inf"))
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            limits = client.server_info().limits
+    finally:
+        running.stop(grace=None)
+    assert (limits.keepalive_s, limits.keepalive_timeout_s) == (0.0, 0.0)
+    assert limits.session_idle_timeout_s == float("inf")
+
+
+def test_each_limit_reported_is_the_one_the_server_enforces(
+    client: gradwire.Client, address: str
+) -> None:
+    """At each limit a call goes through, one past it is refused with the reason the .proto
+    names: a client that sizes its calls from GetServerInfo is not refused."""
+    limits = client.server_info().limits
+    names = limits.max_name_chars
+    at = _refused(address, "GetTensor", pb.GetTensorRequest(name="x" * names))
+    assert at.reason == "UNKNOWN_TENSOR"  # a name the server would look up
+    past = _refused(address, "GetTensor", pb.GetTensorRequest(name="x" * (names + 1)))
+    assert past.reason == "BAD_NAME"
+
+    ids = limits.max_request_id_chars
+    _raw(address, "ZeroGrad", pb.ZeroGradRequest(), [("gradwire-request-id", "a" * ids)])
+    past = _refused(
+        address, "ZeroGrad", pb.ZeroGradRequest(), [("gradwire-request-id", "b" * (ids + 1))]
+    )
+    assert past.reason == "BAD_METADATA"
+
+    bins = limits.max_histogram_bins
+    stats = pb.GetStatsRequest(name="conv1.weight", histogram_bins=bins)
+    answer = pb.GetStatsResponse.FromString(_raw(address, "GetStats", stats))
+    assert len(answer.stats.histogram.counts) == bins
+    stats.histogram_bins = bins + 1
+    assert _refused(address, "GetStats", stats).reason == "BAD_BINS"
+
+    # conv1.weight has 4 dimensions; new axes take a selection to the limit and past it.
+    axes = limits.max_dims - 4
+    assert client.get(f"conv1.weight[{', '.join(['None'] * axes)}]").ndim == limits.max_dims
+    with pytest.raises(errors.InvalidArgument) as info:
+        client.get(f"conv1.weight[{', '.join(['None'] * (axes + 1))}]")
+    assert info.value.reason == "BAD_INDEX"
+
+    # A Train of the most steps starts (and is cancelled after its first); one more is refused.
+    train = pb.TrainRequest(steps=limits.max_train_steps, every=1)
+    train.input.fill.CopyFrom(pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8, 3, 10, 10]))
+    train.target.fill.CopyFrom(pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8], dtype=pb.DTYPE_INT64))
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_stream("/gradwire.v1.Trainer/Train")
+        running = call(train.SerializeToString(), timeout=60)
+        assert pb.TrainProgress.FromString(next(running)).step == 1
+        running.cancel()
+        train.steps += 1
+        with pytest.raises(grpc.RpcError) as refused:
+            next(call(train.SerializeToString(), timeout=60))
+    assert errors.from_rpc_error(refused.value).reason == "BAD_REQUEST"
+
+
+def test_the_element_limit_calls_and_sessions_reported_are_enforced(small: Running) -> None:
+    address = f"127.0.0.1:{small.port}"
+    with gradwire.connect(address, timeout=30) as client:
+        limits = client.server_info().limits
+        # A target of exactly the limit gets past the size check to the shape check.
+        with pytest.raises(errors.InvalidArgument) as at:
+            client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(limits.max_elements, dtype="int64"))
+        assert at.value.reason == "BAD_TARGET_SHAPE"
+        with pytest.raises(errors.ResourceExhausted) as past:
+            client.forward(
+                Fill.ones(2, 3, 10, 10), Fill.ones(limits.max_elements + 1, dtype="int64")
+            )
+        assert past.value.reason == "TOO_MANY_ELEMENTS"
+
+        opened = [client.open_session(seed=0) for _ in range(limits.max_sessions)]
+        with pytest.raises(errors.ResourceExhausted) as more:
+            client.open_session(seed=0)
+        assert more.value.reason == "TOO_MANY_SESSIONS"
+        for session in opened:
+            session.close()
+
+        watches = [client.watch(["loss"]) for _ in range(limits.max_concurrent)]
+        for watch in watches:
+            next(watch)
+        with pytest.raises(errors.ResourceExhausted) as busy:
+            client.list_tensors()
+        assert busy.value.reason == "BUSY"
+        for watch in watches:
+            watch.close()
+
+
+def test_a_client_whose_session_closed_may_still_ask(client: gradwire.Client) -> None:
+    """GetServerInfo reads no session, as ListSessions."""
+    mine = client.open_session(seed=0)
+    mine.close()
+    assert mine.server_info() == client.server_info()
+
+
+def test_the_cli_describes_the_server(small: Running) -> None:
+    address = f"127.0.0.1:{small.port}"
+    text = run_main("info", "--target", address)
+    assert text.code == 0, text.err
+    assert text.out.splitlines() == [
+        f"gradwire {gradwire.__version__} with PyTorch {torch.__version__}, models on cpu",
+        "message size     at most 67,108,864 bytes (64.0 MiB) each way",
+        "tensor values    at most 67,043,328 bytes (63.9 MiB) in one message; larger ones "
+        "stream, 4,190,208 bytes (4.0 MiB) a chunk by default",
+        "elements         at most 1,000 in a tensor sent or made",
+        "dimensions       at most 64",
+        "names            at most 256 characters",
+        "histogram bins   at most 4,096",
+        "steps per Train  at most 1,099,511,627,776",
+        "request ids      at most 128 characters",
+        "calls at once    2 (an open watch or stream holds one)",
+        "sessions         1 beside the default one; each closed after 42.5 s without calls",
+        "keepalive        a ping after 7 s of silence, the connection closed when it goes "
+        "unanswered for 3 s; client pings at most every 11 s on a quiet connection",
+    ]
+    data = json.loads(run_main("info", "--target", address, "--json").out)
+    assert (data["version"], data["torch_version"], data["device"]) == (
+        gradwire.__version__,
+        torch.__version__,
+        "cpu",
+    )
+    assert data["limits"]["max_elements"] == 1000
+    assert data["limits"]["session_idle_timeout_s"] == 42.5
+    assert set(data["limits"]) == {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
+
+
+def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:
+    """A server from before GetServerInfo answers UNIMPLEMENTED: here a bare gRPC server."""
+    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        result = run_main("info", "--target", f"127.0.0.1:{port}")
+    finally:
+        bare.stop(None)
+    assert result.code == 1
+    assert result.err == (
+        f"gradwire info: error: the server at 127.0.0.1:{port} predates GetServerInfo and "
+        "cannot describe itself: a newer gradwire serve can (gradwire list shows its model "
+        "and device)\n"
+    )
