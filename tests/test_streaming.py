@@ -1017,15 +1017,33 @@ def test_a_chunk_shape_no_array_can_have_is_invalid_argument(
 
 
 @pytest.mark.parametrize(
-    ("method", "text"),
-    [("SetTensorStream", "SetTensorStream received no message"), ("ForwardStream", "no chunk")],
+    ("method", "messages", "reason", "text"),
+    [
+        ("SetTensorStream", [], "MISSING_VALUE", "shape and the name to write"),
+        (
+            "SetTensorStream",
+            [pb.SetTensorChunk(name="conv1.weight")],
+            "MISSING_VALUE",
+            "SetTensorStream needs a value: its chunks, the first with the value's shape",
+        ),
+        ("ForwardStream", [], "MISSING_INPUT", "ForwardStream needs an input"),
+        (
+            "ForwardStream",
+            [pb.ForwardChunk(target=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES)))],
+            "MISSING_INPUT",
+            "ForwardStream needs an input: its chunks, the first with the input's shape",
+        ),
+    ],
 )
-def test_an_empty_stream_is_invalid_argument(
-    client: gradwire.Client, method: str, text: str
+def test_a_stream_without_a_value_is_missing_one_as_the_unary_call_is(
+    client: gradwire.Client, method: str, messages: list[Any], reason: str, text: str
 ) -> None:
-    error = raw_error(lambda: client._methods[method](iter([]), timeout=30))
+    """An empty ForwardStream was BAD_CHUNK where a Forward without an input is
+    MISSING_INPUT (found by an integrator's review from the .proto alone)."""
+    data = [m.SerializeToString() for m in messages]
+    error = raw_error(lambda: client._methods[method](iter(data), timeout=30))
     assert isinstance(error, errors.InvalidArgument)
-    assert text in error.message
+    assert (error.reason, text in error.message) == (reason, True), error.message
     assert version(client) == 0
     assert client.health() == "SERVING"
 

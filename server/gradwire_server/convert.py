@@ -192,6 +192,11 @@ class Chunks:
             self._spare.give_back(self._block)
         self._block = None
 
+    @property
+    def started(self) -> bool:
+        """Whether a chunk has come: a stream without one sent no value at all."""
+        return self._assembler.shape is not None
+
     def add(self, split: wire.Split[Any], path: wire.Path, chunk: pb.TensorChunk) -> None:
         try:
             self._assembler.add(split, path, chunk)

@@ -784,8 +784,12 @@ class TrainerServicer:
                     _same_target(first, request.message)
                 if request.message.HasField("chunk"):
                     chunks.add(request, _SET_CHUNK, request.message.chunk)
-            if first is None:
-                raise InvalidInput("SetTensorStream received no message", reason="BAD_CHUNK")
+            if first is None or not chunks.started:  # as SetTensor without a value
+                raise InvalidInput(
+                    "SetTensorStream needs a value: its chunks, the first with the value's "
+                    f"shape{' and the name to write' if first is None else ''}",
+                    reason="MISSING_VALUE",
+                )
             chain = convert.chain_from_proto(first.index)
             # write() copies the value, or keeps it and hands back what it replaced
             version = trainer.write(first.name, chain, chunks.tensor(), replaced=chunks.replaced)
@@ -816,6 +820,11 @@ class TrainerServicer:
                     )
                     if target is None:  # answered OK with no loss (found by a review)
                         raise _empty_target("ForwardStream")
+            if not chunks.started:  # as Forward without an input
+                raise InvalidInput(
+                    "ForwardStream needs an input: its chunks, the first with the input's shape",
+                    reason="MISSING_INPUT",
+                )
             return convert.forward_response(trainer.forward(chunks.tensor(), target))
         finally:
             chunks.release()

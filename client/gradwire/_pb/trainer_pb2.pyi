@@ -1502,7 +1502,7 @@ class ForwardChunk(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def input(self) -> Global___TensorChunk:
-        """a run of the input's values"""
+        """a run of the input's values; a stream with none: MISSING_INPUT"""
 
     @_builtins.property
     def target(self) -> Global___TensorSource:
