@@ -342,6 +342,17 @@ def test_fill_parameters_by_name_fills_only_those(client: gradwire.Client) -> No
     assert np.array_equal(client.get("conv2.weight"), weights(local, "conv2.weight"))
 
 
+def test_fill_parameters_names_each_parameter_filled_once(client: gradwire.Client) -> None:
+    """A name given twice was listed twice in `filled` (found by an integrator's review)."""
+    request = pb.FillParametersRequest(
+        value=0.5, names=["conv2.weight", "conv1.weight", "conv2.weight", "conv1.weight"]
+    )
+    answer = client._methods["FillParameters"](request.SerializeToString(), timeout=30)
+    assert list(answer.filled) == ["conv2.weight", "conv1.weight"]
+    assert answer.version == 1
+    assert np.array_equal(client.get("conv1.weight"), np.full((16, 3, 3, 3), 0.5, np.float32))
+
+
 def test_fill_parameters_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:
     with pytest.raises(errors.NotFound):
         client.fill_parameters(1.0, ["conv3.weight"])

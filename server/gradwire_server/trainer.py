@@ -1641,7 +1641,7 @@ class Trainer:
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> tuple[int, list[str]]:
         """p.data.fill_(value) for the named parameters, or all of them."""
         params = self.parameters
-        chosen = list(names) or list(params)
+        chosen = list(dict.fromkeys(names)) or list(params)  # each once, as first named
         for name in chosen:
             check_name(name)
             if name not in params and name in self.names():

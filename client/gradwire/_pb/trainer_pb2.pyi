@@ -1048,7 +1048,7 @@ class FillParametersResponse(_message.Message):
     """state version after the fill"""
     @_builtins.property
     def filled(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """names of the parameters filled"""
+        """names of the parameters filled, each once, in the order first named"""
 
     def __init__(
         self,
