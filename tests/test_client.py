@@ -121,6 +121,24 @@ def test_forward_keeps_input_target_output_and_loss_readable(client: gradwire.Cl
     assert np.array_equal(client.get("loss"), loss.detach().numpy())
 
 
+def test_the_target_reads_back_as_the_loss_took_it(client: gradwire.Client) -> None:
+    """As the .proto documents (an integrator's review asked): int32 class indices read back
+    as int64, float16 probabilities with a float32 input as float32, each with its values."""
+    x = np.ones((2, 3, 10, 10), np.float32)
+    indices = np.array([3, 19], np.int32)
+    client.forward(x, indices)
+    read = client.get("target")
+    assert read.dtype == np.int64 and np.array_equal(read, indices)
+    probabilities = np.full((2, 20), 0.05, np.float16)
+    result = client.forward(x, probabilities)
+    read = client.get("target")
+    assert read.dtype == np.float32 and np.array_equal(read, probabilities.astype(np.float32))
+    expected = nn.CrossEntropyLoss()(
+        local_model()(torch.from_numpy(x)), torch.from_numpy(probabilities).float()
+    )
+    assert result.loss == expected.item()
+
+
 # --- versions -----------------------------------------------------------------------
 
 

@@ -194,7 +194,9 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     TENSOR_KIND_INPUT: _TensorKind.ValueType  # 3
     """the last Forward's input ("input")"""
     TENSOR_KIND_TARGET: _TensorKind.ValueType  # 4
-    """the last Forward's target ("target")"""
+    """The last Forward's target ("target"), as the loss took it: class indices as int64
+    (int32 and other integer targets are widened), probabilities in the input's dtype.
+    """
     TENSOR_KIND_OUTPUT: _TensorKind.ValueType  # 5
     """the last Forward's output ("output")"""
     TENSOR_KIND_LOSS: _TensorKind.ValueType  # 6
@@ -217,7 +219,9 @@ TENSOR_KIND_GRADIENT: TensorKind.ValueType  # 2
 TENSOR_KIND_INPUT: TensorKind.ValueType  # 3
 """the last Forward's input ("input")"""
 TENSOR_KIND_TARGET: TensorKind.ValueType  # 4
-"""the last Forward's target ("target")"""
+"""The last Forward's target ("target"), as the loss took it: class indices as int64
+(int32 and other integer targets are widened), probabilities in the input's dtype.
+"""
 TENSOR_KIND_OUTPUT: TensorKind.ValueType  # 5
 """the last Forward's output ("output")"""
 TENSOR_KIND_LOSS: TensorKind.ValueType  # 6
@@ -688,6 +692,8 @@ class ForwardRequest(_message.Message):
     def target(self) -> Global___TensorSource:
         """Class indices in [0, outputs): int64 [N] (int32 is taken too), or class probabilities,
         float [N, outputs], as torch's CrossEntropyLoss takes them. Unset: no loss is computed.
+        Kept, and read back as "target", as the loss took it: indices widened to int64,
+        probabilities in the input's dtype (float16 ones sent with a float32 input read float32).
         """
 
     def __init__(
