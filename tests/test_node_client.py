@@ -114,6 +114,17 @@ def test_node_reads_listing_int64_stream_and_writes(address: str, client: gradwi
         listing["names"]
     )
 
+    limits = client.server_info().limits
+    assert result["info"] == {
+        "version": gradwire.__version__,
+        "torch_version": torch.__version__,
+        "device": "cpu",
+        "max_value_bytes": limits.max_value_bytes,
+        "max_elements": limits.max_elements,
+        "max_concurrent": limits.max_concurrent,
+        "session_idle_timeout_s": limits.session_idle_timeout_s,
+    }
+
     assert result["targets"] == {"dtype": "DTYPE_INT64", "shape": [8], "values": ["1"] * 8}
 
     stream = result["stream"]
@@ -155,6 +166,10 @@ def test_node_transcript_reads_as_the_tutorial(address: str) -> None:
     assert ">>> loss.backward()" in text
     assert "weight after step == weight before - lr * grad, bit for bit: true" in text
     assert "linear.weight in 4 chunks: true" in text
+    assert (
+        f"# gradwire {gradwire.__version__} with PyTorch {torch.__version__}; values over "
+        "67043328 bytes stream; 16 calls at once"
+    ) in text
     assert "unknown_name: NOT_FOUND UNKNOWN_TENSOR" in text
 
 

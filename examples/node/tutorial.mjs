@@ -243,6 +243,14 @@ async function tutorial() {
 async function pastTheTutorial() {
   const listing = await call('ListTensors');
   transcript.push(`# ${listing.model} on ${listing.device}: ${listing.tensors.length} tensors`);
+  // The server's own limits, rather than the defaults the .proto's comments give: above
+  // max_value_bytes a value travels in chunks (GetTensorStream, SetTensorStream).
+  const info = await call('GetServerInfo');
+  const { limits } = info;
+  transcript.push(
+    `# gradwire ${info.version} with PyTorch ${info.torch_version}; values over ` +
+      `${limits.max_value_bytes} bytes stream; ${limits.max_concurrent} calls at once`,
+  );
 
   // int64 values arrive as strings (longs: String) and become BigInt: exact.
   const targets = await read('target');
@@ -293,6 +301,15 @@ async function pastTheTutorial() {
       sample_shape: listing.sample_shape.map(Number),
       outputs: Number(listing.outputs),
       names: listing.tensors.map((t) => t.name),
+    },
+    info: {
+      version: info.version,
+      torch_version: info.torch_version,
+      device: info.device,
+      max_value_bytes: Number(limits.max_value_bytes),
+      max_elements: Number(limits.max_elements),
+      max_concurrent: limits.max_concurrent,
+      session_idle_timeout_s: limits.session_idle_timeout_s,
     },
     targets: { ...targets, values: targets.values.map(String) }, // exact, as decimal strings
     stream: {
