@@ -8,6 +8,7 @@ import math
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 import gradwire
@@ -223,3 +224,39 @@ def test_the_clis_keepalive_reaches_its_channel(
     )  # fmt: skip
     assert result.code == 1
     assert "Too many pings" in result.err
+
+
+@pytest.mark.parametrize("server_pings", [None, 60.0], ids=["server-pings-off", "server-pings-on"])
+def test_an_idle_connection_s_pings_are_taken_as_reported_whether_or_not_the_server_pings(
+    server_pings: float | None,
+) -> None:
+    """A client in another language pinging an idle connection (no call in flight) at the
+    interval GetServerInfo reports kept it only while the server pinged too: with --keepalive
+    0, gRPC's own rule for connections without calls (a ping every 2 hours) applied, and the
+    connection was closed at the third ping, too_many_pings (found by a review)."""
+    with running_server(keepalive_s=server_pings, min_client_ping_s=0.5) as running:
+        address = server_address(running)
+        with gradwire.connect(address, timeout=10) as client:
+            allowed = client.server_info().limits.min_client_ping_s
+        assert allowed == 0.5
+        pinging = [
+            ("grpc.keepalive_time_ms", 1000),  # twice the interval allowed
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        with grpc.insecure_channel(address, options=pinging) as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            states: list[grpc.ChannelConnectivity] = []
+            channel.subscribe(states.append)
+            time.sleep(5)  # four pings or more, no call in flight
+            channel.unsubscribe(states.append)
+    assert set(states) == {grpc.ChannelConnectivity.READY}, states
+
+
+def test_a_server_without_keepalive_sends_no_pings_of_its_own() -> None:
+    """--keepalive 0 is no pings: without an interval of its own, gRPC's server pings a
+    connection after 2 hours of silence (too long to wait for here; the option is checked)."""
+    options = dict(limits.server_options(None))
+    assert options["grpc.keepalive_time_ms"] == 2**31 - 1  # gRPC's largest: 24.8 days
+    assert "grpc.keepalive_timeout_ms" not in options
+    assert dict(limits.server_options(60.0))["grpc.keepalive_time_ms"] == 60_000

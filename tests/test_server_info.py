@@ -178,6 +178,51 @@ def test_the_element_limit_calls_and_sessions_reported_are_enforced(small: Runni
             watch.close()
 
 
+def test_a_client_refused_busy_can_still_read_the_limit(small: Running) -> None:
+    """GetServerInfo has the operator's place beyond the limit, as ListSessions: with every
+    place held by open watches it was BUSY too (found by a review)."""
+    with gradwire.connect(f"127.0.0.1:{small.port}", timeout=30) as client:
+        watches = [client.watch(["loss"]) for _ in range(2)]
+        for watch in watches:
+            next(watch)
+        with pytest.raises(errors.ResourceExhausted):
+            client.list_tensors()
+        assert client.server_info().limits.max_concurrent == 2
+        for watch in watches:
+            watch.close()
+
+
+def test_durations_are_reported_as_grpc_keeps_them(trainer: Trainer) -> None:
+    """gRPC takes whole milliseconds, at least 1: a 0.4 ms keepalive is 1 ms, and clients'
+    pings allowed every 0 s are allowed every 1 ms (found by a review)."""
+    running = start(trainer, "127.0.0.1", 0, keepalive_s=0.0004, min_client_ping_s=0.0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            limits = client.server_info().limits
+    finally:
+        running.stop(grace=None)
+    assert (limits.keepalive_s, limits.min_client_ping_s) == (0.001, 0.001)
+    assert limits.keepalive_timeout_s == 20.0
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "said"),
+    [
+        ("max_concurrent", 0, "max_concurrent must be from 1 to 4294967295, got 0"),
+        ("max_concurrent", 2**32, "max_concurrent must be from 1 to 4294967295, got 4294967296"),
+        ("max_sessions", -1, "max_sessions must be from 0 to 4294967295, got -1"),
+        ("max_sessions", 2**32, "max_sessions must be from 0 to 4294967295, got 4294967296"),
+    ],
+)
+def test_a_server_is_not_started_with_counts_its_info_cannot_hold(
+    trainer: Trainer, setting: str, value: int, said: str
+) -> None:
+    """GetServerInfo's counts are uint32: a server set past them failed at start with
+    protobuf's "Value out of range" (found by a review)."""
+    with pytest.raises(ValueError, match=said):
+        start(trainer, "127.0.0.1", 0, **{setting: value})
+
+
 def test_a_client_whose_session_closed_may_still_ask(client: gradwire.Client) -> None:
     """GetServerInfo reads no session, as ListSessions."""
     mine = client.open_session(seed=0)
@@ -214,6 +259,39 @@ def test_the_cli_describes_the_server(small: Running) -> None:
     assert data["limits"]["max_elements"] == 1000
     assert data["limits"]["session_idle_timeout_s"] == 42.5
     assert set(data["limits"]) == {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
+
+
+def test_the_cli_describes_unusual_settings_plainly(trainer: Trainer) -> None:
+    """No pings, sessions that never expire, long and fractional durations: `:g` printed
+    1234567 s as 1.23457e+06 (found by a review)."""
+    running = start(
+        trainer,
+        "127.0.0.1",
+        0,
+        max_sessions=0,
+        session_idle_s=float("inf"),
+        keepalive_s=None,
+        min_client_ping_s=0.25,
+    )
+    try:
+        text = run_main("info", "--target", f"127.0.0.1:{running.port}").out.splitlines()
+    finally:
+        running.stop(grace=None)
+    assert text[-2:] == [
+        "sessions         0 beside the default one; none is closed for want of calls",
+        "keepalive        no pings from the server; client pings at most every 0.25 s on a "
+        "quiet connection",
+    ]
+    running = start(trainer, "127.0.0.1", 0, session_idle_s=1234567.0, keepalive_s=2147483.0)
+    try:
+        text = run_main("info", "--target", f"127.0.0.1:{running.port}").out.splitlines()
+    finally:
+        running.stop(grace=None)
+    assert text[-2:] == [
+        "sessions         8 beside the default one; each closed after 1,234,567 s without calls",
+        "keepalive        a ping after 2,147,483 s of silence, the connection closed when it "
+        "goes unanswered for 20 s; client pings at most every 30 s on a quiet connection",
+    ]
 
 
 def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:

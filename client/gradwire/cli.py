@@ -908,7 +908,7 @@ def cmd_open_session(args: argparse.Namespace, client: Client, out: TextIO) -> N
     lasts = (
         "it stays open until closed"
         if idle is None or math.isinf(idle)
-        else f"the server closes it after {idle:g} s without calls"
+        else f"the server closes it after {_seconds_text(idle)} without calls"
     )
     _emit(
         out,
@@ -977,6 +977,13 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
 
 
+def _seconds_text(seconds: float) -> str:
+    """`42.5 s`, `1,234,567 s`, `0.0004 s`: as given, never in exponent form past a second."""
+    if seconds >= 1:
+        return f"{seconds:,.3f}".rstrip("0").rstrip(".") + " s"
+    return f"{seconds:g} s"
+
+
 def _bytes(count: int) -> str:
     """`67,108,864 bytes (64.0 MiB)`: exact, and readable."""
     return f"{count:,} bytes ({count / 2**20:.1f} MiB)"
@@ -998,11 +1005,11 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     closing = (
         "none is closed for want of calls"
         if math.isinf(idle)
-        else (f"each closed after {idle:g} s without calls")
+        else f"each closed after {_seconds_text(idle)} without calls"
     )
     pings = (
-        f"a ping after {lim.keepalive_s:g} s of silence, the connection closed when it goes "
-        f"unanswered for {lim.keepalive_timeout_s:g} s"
+        f"a ping after {_seconds_text(lim.keepalive_s)} of silence, the connection closed when "
+        f"it goes unanswered for {_seconds_text(lim.keepalive_timeout_s)}"
         if lim.keepalive_s
         else "no pings from the server"
     )
@@ -1023,8 +1030,8 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         ("sessions", f"{lim.max_sessions} beside the default one; {closing}"),
         (
             "keepalive",
-            f"{pings}; client pings at most every {lim.min_client_ping_s:g} s on a quiet "
-            "connection",
+            f"{pings}; client pings at most every {_seconds_text(lim.min_client_ping_s)} on "
+            "a quiet connection",
         ),
     ]
     out.write(
@@ -1279,7 +1286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-concurrent",
-        type=_at_least(1),
+        type=_at_least(1, limits.MAX_COUNT),
         default=16,
         help="calls served at once; more are refused at once (RESOURCE_EXHAUSTED) "
         "(default %(default)s)",
@@ -1316,7 +1323,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-sessions",
-        type=_at_least(0),
+        type=_at_least(0, limits.MAX_COUNT),
         default=8,
         help="sessions open at once (default %(default)s)",
     )

@@ -61,6 +61,10 @@ MAX_GRPC_SECONDS: Final = (2**31 - 1) // 1000
 #: The most histogram bins a GetStats or a Watch may ask for (the server's too).
 MAX_HISTOGRAM_BINS: Final = 4096
 
+#: The most calls at once, or sessions, a server may be set to keep: what the .proto's
+#: uint32 counts of them hold (GetServerInfo, ListSessions).
+MAX_COUNT: Final = 2**32 - 1
+
 #: The most characters of a "gradwire-request-id" a server takes.
 MAX_REQUEST_ID_CHARS: Final = 128
 
@@ -106,6 +110,12 @@ def _ms(seconds: float) -> int:
     return min(max(1, round(seconds * 1000)), 2**31 - 1)
 
 
+def in_force_s(seconds: float) -> float:
+    """The seconds gRPC keeps of a duration option given `seconds`: whole milliseconds, from
+    1 ms to MAX_GRPC_SECONDS (what GetServerInfo reports of the server's)."""
+    return _ms(seconds) / 1000
+
+
 def _keepalive(keepalive_s: float, timeout_s: float) -> list[tuple[str, int]]:
     return [
         ("grpc.keepalive_time_ms", _ms(keepalive_s)),
@@ -138,15 +148,21 @@ def server_options(
     min_client_ping_s: float = MIN_CLIENT_PING_S,
 ) -> list[tuple[str, int]]:
     """The server's gRPC options: the message-size limit, clients' pings taken every
-    `min_client_ping_s`, and a ping of its own every `keepalive_s` seconds of silence on any
-    connection (None or 0: none)."""
+    `min_client_ping_s`, with or without calls in flight, and a ping of its own every
+    `keepalive_s` seconds of silence on any connection (None or 0: none)."""
     options = [
         *_size_options(),
         # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not its
         # name: "min_recv_..." is not an option, and gRPC ignores what it does not know.
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(min_client_ping_s)),
+        # Also what lets clients ping a connection with no call in flight at that interval:
+        # without it gRPC takes one such ping every 2 hours, and closes the connection at
+        # the third closer one (too_many_pings), whatever the interval above says.
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
     if keepalive_s:
         options += _keepalive(keepalive_s, keepalive_timeout_s)
-        options.append(("grpc.keepalive_permit_without_calls", 1))
+    else:
+        # No pings of its own: gRPC's servers otherwise ping after 2 hours of silence.
+        options.append(("grpc.keepalive_time_ms", 2**31 - 1))
     return options

@@ -23,7 +23,13 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.limits import KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, MIN_CLIENT_PING_S, server_options
+from gradwire.limits import (
+    KEEPALIVE_S,
+    KEEPALIVE_TIMEOUT_S,
+    MAX_COUNT,
+    MIN_CLIENT_PING_S,
+    server_options,
+)
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.errors import InvalidInput
@@ -187,6 +193,12 @@ def start(
     `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
     it closed (GOAWAY, too_many_pings).
     """
+    for name, value, least in [
+        ("max_concurrent", max_concurrent, 1),
+        ("max_sessions", max_sessions, 0),
+    ]:
+        if not least <= value <= MAX_COUNT:  # GetServerInfo's uint32 could not report it
+            raise ValueError(f"{name} must be from {least} to {MAX_COUNT}, got {value}")
     if tls is not None:
         tls.check()  # gRPC would fail to bind, saying no more than for a port in use
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)

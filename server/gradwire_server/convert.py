@@ -549,9 +549,10 @@ def server_info(
         max_concurrent=max_concurrent,
         max_sessions=max_sessions,
         session_idle_timeout_s=idle_timeout_s,
-        keepalive_s=interval_s or 0.0,
-        keepalive_timeout_s=timeout_s if interval_s else 0.0,
-        min_client_ping_s=min_client_ping_s,
+        # As gRPC has them: whole milliseconds (limits.server_options).
+        keepalive_s=gw_limits.in_force_s(interval_s) if interval_s else 0.0,
+        keepalive_timeout_s=gw_limits.in_force_s(timeout_s) if interval_s else 0.0,
+        min_client_ping_s=gw_limits.in_force_s(min_client_ping_s),
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

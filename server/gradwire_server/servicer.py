@@ -269,7 +269,8 @@ class Slots:
         self._lock = threading.Lock()
         #: A place for a server stream: counted apart in BUSY's message.
         self.stream = _Place(self, stream=True)
-        #: A place for ListSessions and CloseSession, beyond the limit (OPERATOR_PLACES).
+        #: A place for ListSessions, CloseSession and GetServerInfo, beyond the limit
+        #: (OPERATOR_PLACES).
         self.operator = _Place(self, beyond=OPERATOR_PLACES)
 
     @property
@@ -301,10 +302,10 @@ class Slots:
         )
 
 
-#: Places beyond the call limit for ListSessions and CloseSession: with every place held by
-#: streams (watches left open), an operator could neither see which sessions held them nor
-#: close those sessions (found by a review from another language's side). Served by one of
-#: the server's spare threads.
+#: Places beyond the call limit for ListSessions, CloseSession and GetServerInfo: with every
+#: place held by streams (watches left open), an operator could neither see which sessions
+#: held them nor close those sessions (found by a review from another language's side), nor
+#: a client read the limit it was refused at. Served by one of the server's spare threads.
 OPERATOR_PLACES = 1
 
 
@@ -344,8 +345,8 @@ def rpc(method: Handler[R]) -> Handler[R]:
 
 def rpc_sessionless(method: Handler[R]) -> Handler[R]:
     """`rpc` for the calls that act on no session the caller's metadata names: OpenSession
-    opens a new one, GetServerInfo describes the server (and, through rpc_operator,
-    CloseSession closes the session its request names and ListSessions lists them all).
+    opens a new one (and, through rpc_operator, CloseSession closes the session its
+    request names, ListSessions lists them all and GetServerInfo describes the server).
     The metadata's session is not looked up.
     Looked up first, a stale one (a client joined to a session that has closed since) got
     NOT_FOUND for opening a new session; and the Python client sends the session it closes
@@ -355,8 +356,9 @@ def rpc_sessionless(method: Handler[R]) -> Handler[R]:
 
 
 def rpc_operator(method: Handler[R]) -> Handler[R]:
-    """`rpc_sessionless` for ListSessions and CloseSession, which may take a place beyond
-    the call limit (Slots.operator): what an operator needs when streams hold every place."""
+    """`rpc_sessionless` for ListSessions, CloseSession and GetServerInfo, which may take
+    a place beyond the call limit (Slots.operator): what an operator needs when streams hold
+    every place, and the limit itself."""
     return _unary(method, mutates=False, sessionless=True, operator=True)
 
 
@@ -909,7 +911,7 @@ class TrainerServicer:
             views, opening, self.sessions.max_sessions, self.sessions.idle_s
         )
 
-    @rpc_sessionless
+    @rpc_operator  # one place beyond the limit: a client refused BUSY can read the limit
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> pb.GetServerInfoResponse:

@@ -70,13 +70,15 @@ Conventions used by every message below:
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
   RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks (grpc.health.v1) are
-  answered beside that limit; see Errors for the bounds of health Watches. ListSessions
-  and CloseSession have one place beyond it, so that with every place held by streams
-  an operator can still see which sessions hold them and close those.
+  answered beside that limit; see Errors for the bounds of health Watches. ListSessions,
+  CloseSession and GetServerInfo have one place beyond it, so that with every place held
+  by streams an operator can still see which sessions hold them and close those, and a
+  client refused BUSY can read the limit.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
-  It takes a client's pings at most every 30 s on a connection carrying no data; pinging
-  more often gets the connection closed (GOAWAY, "too_many_pings"), as gRPC does.
+  It takes a client's pings at most every 30 s on a connection carrying no data, with
+  calls in flight or none; pinging more often gets the connection closed (GOAWAY,
+  "too_many_pings"), as gRPC does. --keepalive 0: the server sends no pings at all.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
@@ -195,7 +197,9 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     """the last Forward's input ("input")"""
     TENSOR_KIND_TARGET: _TensorKind.ValueType  # 4
     """The last Forward's target ("target"), as the loss took it: class indices as int64
-    (int32 and other integer targets are widened), probabilities in the input's dtype.
+    (int32 and other integer targets are widened); floating-point targets (probabilities,
+    an mse model's targets) in the input's dtype when the input is floating-point, else as
+    sent.
     """
     TENSOR_KIND_OUTPUT: _TensorKind.ValueType  # 5
     """the last Forward's output ("output")"""
@@ -220,7 +224,9 @@ TENSOR_KIND_INPUT: TensorKind.ValueType  # 3
 """the last Forward's input ("input")"""
 TENSOR_KIND_TARGET: TensorKind.ValueType  # 4
 """The last Forward's target ("target"), as the loss took it: class indices as int64
-(int32 and other integer targets are widened), probabilities in the input's dtype.
+(int32 and other integer targets are widened); floating-point targets (probabilities,
+an mse model's targets) in the input's dtype when the input is floating-point, else as
+sent.
 """
 TENSOR_KIND_OUTPUT: TensorKind.ValueType  # 5
 """the last Forward's output ("output")"""
@@ -693,7 +699,8 @@ class ForwardRequest(_message.Message):
         """Class indices in [0, outputs): int64 [N] (int32 is taken too), or class probabilities,
         float [N, outputs], as torch's CrossEntropyLoss takes them. Unset: no loss is computed.
         Kept, and read back as "target", as the loss took it: indices widened to int64,
-        probabilities in the input's dtype (float16 ones sent with a float32 input read float32).
+        floating-point targets in the input's dtype when the input is floating-point (float16
+        probabilities sent with Simple's float32 input read float32), else as sent.
         """
 
     def __init__(
@@ -1146,7 +1153,7 @@ class ListTensorsResponse(_message.Message):
     model: _builtins.str
     """the model's name, e.g. "Simple" """
     device: _builtins.str
-    """where the model lives, e.g. "cuda:0" or "cpu" """
+    """where the model lives, e.g. "cuda", "cuda:1" or "cpu" """
     input_dtype: Global___DType.ValueType
     """the input's element type"""
     outputs: _builtins.int
@@ -1645,9 +1652,9 @@ class GetServerInfoResponse(_message.Message):
     version: _builtins.str
     """gradwire's version, e.g. "0.1.0" """
     torch_version: _builtins.str
-    """PyTorch's, e.g. "2.13.0+cu128": a local run of the same version computes the same numbers on the same device"""
+    """PyTorch's, e.g. "2.13.0+cu128": what to compare a local run with"""
     device: _builtins.str
-    """where every session's model lives, e.g. "cuda:0" or "cpu" """
+    """where every session's model lives, as `gradwire serve --device` named it: "cuda", "cuda:1", "cpu" """
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...
     def __init__(
@@ -1690,9 +1697,11 @@ class ServerLimits(_message.Message):
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
-    """Tensor values in one message: a GetTensor reply or a SetTensor or Forward request
-    (past it: USE_STREAM, stream them instead), a TrainStep's fetches (FETCH_TOO_LARGE),
-    a Watch update (WATCH_TOO_LARGE).
+    """Tensor values in one reply: a GetTensor's (past it: USE_STREAM, read it with
+    GetTensorStream), a TrainStep's fetches (FETCH_TOO_LARGE), a Watch update
+    (WATCH_TOO_LARGE). A request's values must fit in max_message_bytes with the rest of
+    the message, or gRPC refuses it, RESOURCE_EXHAUSTED with no reason: send values this
+    large or larger with SetTensorStream or ForwardStream.
     """
     default_chunk_bytes: _builtins.int
     """values per chunk of a GetTensorStream that asks for none (chunk_bytes 0)"""
@@ -1710,7 +1719,8 @@ class ServerLimits(_message.Message):
     """the "gradwire-request-id" metadata (BAD_METADATA)"""
     max_concurrent: _builtins.int
     """Calls served at once (gradwire serve --max-concurrent); an open stream holds one place
-    while it is open. Past it: RESOURCE_EXHAUSTED (BUSY).
+    while it is open. Past it: RESOURCE_EXHAUSTED (BUSY); ListSessions, CloseSession and
+    GetServerInfo have one place more.
     """
     max_sessions: _builtins.int
     """sessions open at once beside the default one (TOO_MANY_SESSIONS)"""

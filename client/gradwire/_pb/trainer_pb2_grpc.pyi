@@ -70,13 +70,15 @@ Conventions used by every message below:
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write) holds one place for as long as it is open. With none free a call is answered
   RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks (grpc.health.v1) are
-  answered beside that limit; see Errors for the bounds of health Watches. ListSessions
-  and CloseSession have one place beyond it, so that with every place held by streams
-  an operator can still see which sessions hold them and close those.
+  answered beside that limit; see Errors for the bounds of health Watches. ListSessions,
+  CloseSession and GetServerInfo have one place beyond it, so that with every place held
+  by streams an operator can still see which sessions hold them and close those, and a
+  client refused BUSY can read the limit.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
-  It takes a client's pings at most every 30 s on a connection carrying no data; pinging
-  more often gets the connection closed (GOAWAY, "too_many_pings"), as gRPC does.
+  It takes a client's pings at most every 30 s on a connection carrying no data, with
+  calls in flight or none; pinging more often gets the connection closed (GOAWAY,
+  "too_many_pings"), as gRPC does. --keepalive 0: the server sends no pings at all.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
