@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
+
+import grpc
 
 import gradwire
 from gradwire_server.app import Running, start
@@ -34,3 +37,16 @@ def serving(spec: ModelSpec, seed: int | None = None) -> Iterator[tuple[Trainer,
         gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
     ):
         yield running.trainer, client
+
+
+@contextmanager
+def bare_server() -> Iterator[str]:
+    """A gRPC server with no service at all, as a server from before a call answers it
+    (UNIMPLEMENTED); yields its address."""
+    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        bare.stop(None)

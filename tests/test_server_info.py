@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
+from tests.serve_in_process import bare_server, running_server
 
 INPUT = Fill.ones(8, 3, 10, 10)
 TARGET = Fill.ones(8, dtype="int64")
@@ -86,15 +86,17 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
     )
 
 
-def test_a_server_that_sends_no_pings_reports_zeros_and_no_idle_limit_as_infinity(
-    trainer: Trainer,
-) -> None:
-    running = start(trainer, "127.0.0.1", 0, keepalive_s=None, session_idle_s=float("inf"))
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            limits = client.server_info().limits
-    finally:
-        running.stop(grace=None)
+def _limits(**settings: Any) -> ServerLimits:
+    """What a server started with `settings` (app.start's) reports of its limits."""
+    with (
+        running_server(**settings) as running,
+        gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+    ):
+        return client.server_info().limits
+
+
+def test_a_server_that_sends_no_pings_reports_zeros_and_no_idle_limit_as_infinity() -> None:
+    limits = _limits(keepalive_s=None, session_idle_s=float("inf"))
     assert (limits.keepalive_s, limits.keepalive_timeout_s) == (0.0, 0.0)
     assert limits.session_idle_timeout_s == float("inf")
 
@@ -192,15 +194,10 @@ def test_a_client_refused_busy_can_still_read_the_limit(small: Running) -> None:
             watch.close()
 
 
-def test_durations_are_reported_as_grpc_keeps_them(trainer: Trainer) -> None:
+def test_durations_are_reported_as_grpc_keeps_them() -> None:
     """gRPC takes whole milliseconds, at least 1: a 0.4 ms keepalive is 1 ms, and clients'
     pings allowed every 0 s are allowed every 1 ms (found by a review)."""
-    running = start(trainer, "127.0.0.1", 0, keepalive_s=0.0004, min_client_ping_s=0.0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-            limits = client.server_info().limits
-    finally:
-        running.stop(grace=None)
+    limits = _limits(keepalive_s=0.0004, min_client_ping_s=0.0)
     assert (limits.keepalive_s, limits.min_client_ping_s) == (0.001, 0.001)
     assert limits.keepalive_timeout_s == 20.0
 
@@ -261,33 +258,25 @@ def test_the_cli_describes_the_server(small: Running) -> None:
     assert set(data["limits"]) == {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
 
 
-def test_the_cli_describes_unusual_settings_plainly(trainer: Trainer) -> None:
+def test_the_cli_describes_unusual_settings_plainly() -> None:
     """No pings, sessions that never expire, long and fractional durations: `:g` printed
     1234567 s as 1.23457e+06 (found by a review)."""
-    running = start(
-        trainer,
-        "127.0.0.1",
-        0,
-        max_sessions=0,
-        session_idle_s=float("inf"),
-        keepalive_s=None,
-        min_client_ping_s=0.25,
-    )
-    try:
-        text = run_main("info", "--target", f"127.0.0.1:{running.port}").out.splitlines()
-    finally:
-        running.stop(grace=None)
-    assert text[-2:] == [
+
+    def described(**settings: Any) -> list[str]:
+        with running_server(**settings) as running:
+            lines: list[str] = run_main(
+                "info", "--target", f"127.0.0.1:{running.port}"
+            ).out.splitlines()
+            return lines[-2:]
+
+    assert described(
+        max_sessions=0, session_idle_s=float("inf"), keepalive_s=None, min_client_ping_s=0.25
+    ) == [
         "sessions         0 beside the default one; none is closed for want of calls",
         "keepalive        no pings from the server; client pings at most every 0.25 s on a "
         "quiet connection",
     ]
-    running = start(trainer, "127.0.0.1", 0, session_idle_s=1234567.0, keepalive_s=2147483.0)
-    try:
-        text = run_main("info", "--target", f"127.0.0.1:{running.port}").out.splitlines()
-    finally:
-        running.stop(grace=None)
-    assert text[-2:] == [
+    assert described(session_idle_s=1234567.0, keepalive_s=2147483.0) == [
         "sessions         8 beside the default one; each closed after 1,234,567 s without calls",
         "keepalive        a ping after 2,147,483 s of silence, the connection closed when it "
         "goes unanswered for 20 s; client pings at most every 30 s on a quiet connection",
@@ -296,16 +285,11 @@ def test_the_cli_describes_unusual_settings_plainly(trainer: Trainer) -> None:
 
 def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:
     """A server from before GetServerInfo answers UNIMPLEMENTED: here a bare gRPC server."""
-    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    port = bare.add_insecure_port("127.0.0.1:0")
-    bare.start()
-    try:
-        result = run_main("info", "--target", f"127.0.0.1:{port}")
-    finally:
-        bare.stop(None)
+    with bare_server() as address:
+        result = run_main("info", "--target", address)
     assert result.code == 1
     assert result.err == (
-        f"gradwire info: error: the server at 127.0.0.1:{port} predates GetServerInfo and "
+        f"gradwire info: error: the server at {address} predates GetServerInfo and "
         "cannot describe itself: a newer gradwire serve can (gradwire list shows its model "
         "and device)\n"
     )

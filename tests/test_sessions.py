@@ -32,6 +32,7 @@ from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
+from tests.serve_in_process import bare_server
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
 
@@ -844,16 +845,11 @@ def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
 
 def test_the_cli_says_a_server_without_list_sessions_cannot_list_them() -> None:
     """A server from before ListSessions answers UNIMPLEMENTED: here a bare gRPC server."""
-    bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    port = bare.add_insecure_port("127.0.0.1:0")
-    bare.start()
-    try:
-        result = run_main("sessions", "--target", f"127.0.0.1:{port}")
-    finally:
-        bare.stop(None)
+    with bare_server() as address:
+        result = run_main("sessions", "--target", address)
     assert result.code == 1
     assert result.err == (
-        f"gradwire sessions: error: the server at 127.0.0.1:{port} predates ListSessions and "
+        f"gradwire sessions: error: the server at {address} predates ListSessions and "
         "cannot list its sessions: a newer gradwire serve can\n"
     )
 
