@@ -196,7 +196,7 @@ class ServerLimits:
     past it; the .proto's ServerLimits says more of each."""
 
     max_message_bytes: int  # the largest message either way
-    max_value_bytes: int  # tensor values in one message; more stream (USE_STREAM)
+    max_value_bytes: int  # tensor values in one reply; more stream (USE_STREAM)
     default_chunk_bytes: int  # values per chunk of a streamed read that asks for none
     max_elements: int  # in a tensor a call sends or makes (TOO_MANY_ELEMENTS)
     max_dims: int  # of a tensor sent, a fill or a selection
@@ -204,7 +204,7 @@ class ServerLimits:
     max_histogram_bins: int  # GetStats and Watch histograms (BAD_BINS)
     max_train_steps: int  # steps one Train may run
     max_request_id_chars: int  # the request id metadata (BAD_METADATA)
-    max_concurrent: int  # calls served at once, open streams included (BUSY)
+    max_concurrent: int  # calls served at once, open streams included (BUSY); info one more
     max_sessions: int  # open at once beside the default one (TOO_MANY_SESSIONS)
     session_idle_timeout_s: float  # a session is closed after this long without calls; inf: never
     keepalive_s: float  # the server pings a connection silent this long; 0: never
@@ -217,8 +217,8 @@ class ServerInfo:
     """What a server runs and the limits it keeps (`Client.server_info`)."""
 
     version: str  # gradwire's version on the server
-    torch_version: str  # PyTorch's: a local run of the same version computes the same numbers
-    device: str  # where every session's model lives: "cuda:0", "cpu"
+    torch_version: str  # PyTorch's: what to compare a local run with
+    device: str  # where every session's model lives: "cuda", "cuda:1", "cpu"
     limits: ServerLimits
 
 
