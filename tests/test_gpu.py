@@ -33,6 +33,10 @@ def cuda_client() -> Iterator[gradwire.Client]:
 
 def test_model_lives_on_the_gpu(cuda_client: gradwire.Client) -> None:
     assert cuda_client.list_tensors().device.startswith("cuda")
+    # GetServerInfo names the same device, and the CUDA build of PyTorch the server runs.
+    info = cuda_client.server_info()
+    assert info.device == cuda_client.list_tensors().device
+    assert info.torch_version == torch.__version__
 
 
 def test_replay_on_cuda_keeps_the_lesson(cuda_client: gradwire.Client) -> None:
