@@ -395,6 +395,37 @@ def test_a_sigterm_the_kernel_hands_another_thread_still_stops_the_server(
     assert "saved state version 0" in rest
 
 
+#: A `gradwire serve` whose SIGTERM comes the moment its port is bound, before it says it
+#: listens: what a supervisor that watches the port (or a loaded machine) may do.
+_SIGTERM_AT_BIND = """
+import os, signal, sys
+from gradwire_server import app
+real = app.start
+def start(*args, **kwargs):
+    running = real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return running
+app.start = start
+from gradwire.cli import main
+sys.exit(main(sys.argv[1:], sys.stdout, sys.stderr))
+"""
+
+
+def test_a_sigterm_as_the_server_starts_stops_it_gracefully(tmp_path: Path) -> None:
+    """The stop signals' handlers were installed after the server said it listened (and
+    wrote its port file): a SIGTERM in between found Python's default and killed the
+    process, its state unsaved (a CI run under load, in the test above)."""
+    state = tmp_path / "state"
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT_BIND, "serve", "--port", "0", "--device", "cpu",
+         "--state-dir", str(state), "--grace", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "SIGTERM received: stopping" in done.stderr
+    assert "saved state version 0" in done.stderr
+
+
 def test_serving_on_0_0_0_0_says_it_listens_on_ipv6_too() -> None:
     """gRPC binds 0.0.0.0 on both families, and the log said 0.0.0.0 only: an operator whose
     firewall covers IPv4 left the port open on IPv6 (found by a review of deployment)."""

@@ -457,52 +457,6 @@ def serve(
             lost.set()
             stop.set()
 
-        running = start(
-            trainer,
-            host,
-            port,
-            max_concurrent,
-            token=token,
-            tls=tls,
-            max_sessions=max_sessions,
-            session_idle_s=session_idle_s,
-            metrics_port=metrics_port,
-            on_device_lost=device_lost,
-            keepalive_s=keepalive_s,
-            keepalive_timeout_s=keepalive_timeout_s,
-        )
-        if tls is not None:
-            who = "clients with a certificate from the client CA" if tls.client_ca else "any client"
-            until = tls.valid_until()
-            log.info(
-                "TLS on (%s%s)", who, f"; certificate valid until {until:%Y-%m-%d}" if until else ""
-            )
-            for warning in tls.date_warnings():
-                log.warning("%s", warning)
-        if token:
-            log.info("a bearer token is required for every call but health checks")
-        elif host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning(
-                "listening on %s without a token: anyone who reaches this port can drive and read "
-                "the model; set --token-file or GRADWIRE_TOKEN",
-                host,
-            )
-        if port_file is not None:
-            try:
-                port_file.write_text(f"{running.port}\n")
-            except OSError as err:
-                running.stop(None)
-                raise OSError(
-                    f"--port-file {port_file}: cannot write it: {err.strerror or err}"
-                ) from None
-        log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
-        # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
-        # firewall covers IPv4 only (found by a review of deployment).
-        both = " (IPv6 too, where this machine has it)" if host in ("0.0.0.0", "::") else ""
-        log.info("listening on %s%s (health and reflection on)", _address(host, running.port), both)
-        if running.metrics_port is not None:
-            log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
-
         # Signals received, counted in one step: a handler can run inside another (Python runs
         # a pending one between any two bytecodes), and two that both saw "none yet" would both
         # be taken for the first.
@@ -535,36 +489,96 @@ def serve(
             )
             stop.set()
 
+        # Installed before the server starts: once it says it listens (and writes the port
+        # file) a supervisor may send SIGTERM at once, and with Python's default still in
+        # place the process died of it, its state unsaved (a CI run under load).
         previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
         try:
-            if ready is not None:
-                ready(running)
-            wait_for(stop)
-        finally:
-            # A call still running past the grace period (a long step) holds the stop: the state
-            # is saved after it. Said once, so that the operator knows what is being waited for.
-            waiting = threading.Timer(
-                grace + STOP_NOTICE_S,
-                log.warning,
-                (
-                    "still stopping %.0fs after the grace period: a call in progress (a long "
-                    "step?) is waited for%s; a second signal exits now%s",
-                    STOP_NOTICE_S,
-                    then_saved,
-                    unsaved,
-                ),
+            running = start(
+                trainer,
+                host,
+                port,
+                max_concurrent,
+                token=token,
+                tls=tls,
+                max_sessions=max_sessions,
+                session_idle_s=session_idle_s,
+                metrics_port=metrics_port,
+                on_device_lost=device_lost,
+                keepalive_s=keepalive_s,
+                keepalive_timeout_s=keepalive_timeout_s,
             )
-            waiting.daemon = True
-            waiting.start()
+            if tls is not None:
+                who = (
+                    "clients with a certificate from the client CA"
+                    if tls.client_ca
+                    else "any client"
+                )
+                until = tls.valid_until()
+                log.info(
+                    "TLS on (%s%s)",
+                    who,
+                    f"; certificate valid until {until:%Y-%m-%d}" if until else "",
+                )
+                for warning in tls.date_warnings():
+                    log.warning("%s", warning)
+            if token:
+                log.info("a bearer token is required for every call but health checks")
+            elif host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning(
+                    "listening on %s without a token: anyone who reaches this port can drive "
+                    "and read the model; set --token-file or GRADWIRE_TOKEN",
+                    host,
+                )
+            if port_file is not None:
+                try:
+                    port_file.write_text(f"{running.port}\n")
+                except OSError as err:
+                    running.stop(None)
+                    raise OSError(
+                        f"--port-file {port_file}: cannot write it: {err.strerror or err}"
+                    ) from None
+            log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
+            # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
+            # firewall covers IPv4 only (found by a review of deployment).
+            both = " (IPv6 too, where this machine has it)" if host in ("0.0.0.0", "::") else ""
+            log.info(
+                "listening on %s%s (health and reflection on)", _address(host, running.port), both
+            )
+            if running.metrics_port is not None:
+                log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
             try:
-                # After a device error nothing is saved: the device's state can no longer be read.
-                running.stop(grace, save_to=None if lost.is_set() else saved)
-                stopped.set()
+                if ready is not None:
+                    ready(running)
+                wait_for(stop)
             finally:
-                waiting.cancel()
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-            log.info("stopped at state version %d", trainer.version)
+                # A call still running past the grace period (a long step) holds the stop: the
+                # state is saved after it. Said once, so that the operator knows what is being
+                # waited for.
+                waiting = threading.Timer(
+                    grace + STOP_NOTICE_S,
+                    log.warning,
+                    (
+                        "still stopping %.0fs after the grace period: a call in progress (a long "
+                        "step?) is waited for%s; a second signal exits now%s",
+                        STOP_NOTICE_S,
+                        then_saved,
+                        unsaved,
+                    ),
+                )
+                waiting.daemon = True
+                waiting.start()
+                try:
+                    # After a device error nothing is saved: the device's state can no longer
+                    # be read.
+                    running.stop(grace, save_to=None if lost.is_set() else saved)
+                    stopped.set()
+                finally:
+                    waiting.cancel()
+                log.info("stopped at state version %d", trainer.version)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         if lost.is_set():
             raise DeviceLost(
                 "stopped after an error the device does not recover from (see the log above); "
