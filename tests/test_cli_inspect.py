@@ -118,8 +118,15 @@ def test_ctrl_c_the_kernel_hands_another_thread_still_ends_a_watch(address: str)
     own reads them; a Ctrl-C the kernel hands that thread (or gRPC's) interrupts no wait of
     the main thread's, where Python runs the handler: the wait wakes now and then to run
     it."""
+    # As a shell's foreground command has it: Ctrl-C raises KeyboardInterrupt. A test run
+    # started in the background (`make test &`) ignores SIGINT, and its children inherit
+    # that: the watch ignored the signal and ran past the timeout (two fresh-clone CI runs).
+    foreground = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'gradwire'; runpy.run_module('gradwire.cli', run_name='__main__')"
+    )
     watch = subprocess.Popen(
-        [sys.executable, "-m", "gradwire.cli", "watch", "loss", "--target", address],
+        [sys.executable, "-c", foreground, "watch", "loss", "--target", address],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
