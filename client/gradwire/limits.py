@@ -58,7 +58,8 @@ CLIENT_KEEPALIVE_S: Final = GRPC_DEFAULT_MIN_CLIENT_PING_S + 30
 MAX_GRPC_SECONDS: Final = (2**31 - 1) // 1000
 
 
-#: The most histogram bins a GetStats or a Watch may ask for (the server's too).
+#: The most histogram bins a GetStats or a Watch may ask for: the client checks it, and the
+#: server (stats.check_bins) refuses more.
 MAX_HISTOGRAM_BINS: Final = 4096
 
 #: The most calls at once, or sessions, a server may be set to keep: what the .proto's
@@ -68,7 +69,7 @@ MAX_COUNT: Final = 2**32 - 1
 #: The most characters of a "gradwire-request-id" a server takes.
 MAX_REQUEST_ID_CHARS: Final = 128
 
-#: The most steps one Train may ask for (the server's too).
+#: The most steps one Train may ask for: the client checks it, and the server refuses more.
 MAX_TRAIN_STEPS: Final = 1 << 40
 
 #: Seeds travel as uint64: from 0 to MAX_SEED (2**64 - 1).

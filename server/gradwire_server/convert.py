@@ -25,7 +25,7 @@ from gradwire_server import staging
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
-from gradwire_server.stats import MAX_BINS, Summary
+from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     MAX_NAME_CHARS,
     FillSpec,
@@ -543,7 +543,7 @@ def server_info(
         max_elements=max_elements,
         max_dims=codec.MAX_DIMS,
         max_name_chars=MAX_NAME_CHARS,
-        max_histogram_bins=MAX_BINS,
+        max_histogram_bins=gw_limits.MAX_HISTOGRAM_BINS,
         max_train_steps=gw_limits.MAX_TRAIN_STEPS,
         max_request_id_chars=gw_limits.MAX_REQUEST_ID_CHARS,
         max_concurrent=max_concurrent,

@@ -90,8 +90,6 @@ _TRAIN_INPUT = convert.field_path(pb.TrainRequest, "input")
 _TRAIN_TARGET = convert.field_path(pb.TrainRequest, "target")
 #: How often a waiting watcher checks that its caller is still there.
 WATCH_POLL_S = 0.5
-#: The most steps one Train call may ask for (the client checks the same).
-MAX_TRAIN_STEPS = limits.MAX_TRAIN_STEPS
 
 
 @dataclass(frozen=True)
@@ -1047,9 +1045,9 @@ class TrainerServicer:
     ) -> Iterator[pb.TrainProgress]:
         message = request.message
         inputs, target = _step_data(request, _TRAIN_INPUT, _TRAIN_TARGET, "Train")
-        if not 1 <= message.steps <= MAX_TRAIN_STEPS:
+        if not 1 <= message.steps <= limits.MAX_TRAIN_STEPS:
             raise InvalidInput(
-                f"steps must be between 1 and {MAX_TRAIN_STEPS}, got {message.steps}",
+                f"steps must be between 1 and {limits.MAX_TRAIN_STEPS}, got {message.steps}",
                 reason="BAD_REQUEST",
             )
         if message.every < 0:

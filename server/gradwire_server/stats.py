@@ -20,7 +20,6 @@ from gradwire_server.errors import InvalidInput
 
 #: Values summarised per pass over a run; bounds the float64 temporaries (128 MiB).
 CHUNK_ELEMENTS = 1 << 24
-MAX_BINS = limits.MAX_HISTOGRAM_BINS  # the client checks the same
 
 
 @dataclass(frozen=True)
@@ -46,9 +45,10 @@ class Summary:
 
 def check_bins(bins: int, low: float | None, high: float | None) -> None:
     """Refuses histogram settings before any work is done."""
-    if not 0 <= bins <= MAX_BINS:
+    if not 0 <= bins <= limits.MAX_HISTOGRAM_BINS:
         raise InvalidInput(
-            f"histogram_bins must be between 0 and {MAX_BINS}, got {bins}", reason="BAD_BINS"
+            f"histogram_bins must be between 0 and {limits.MAX_HISTOGRAM_BINS}, got {bins}",
+            reason="BAD_BINS",
         )
     for bound in (low, high):
         if bound is not None and not math.isfinite(bound):
