@@ -22,7 +22,19 @@ from google.protobuf.message import DecodeError, Message
 
 from gradwire._pb import trainer_pb2 as pb
 
-__all__ = ["Path", "Piece", "Split", "holds_tensors", "join", "length_field", "split", "varint"]
+__all__ = [
+    "LEN",
+    "Path",
+    "Piece",
+    "Split",
+    "alignment",
+    "fields",
+    "holds_tensors",
+    "join",
+    "length_field",
+    "split",
+    "varint",
+]
 
 M = TypeVar("M", bound=Message)
 #: A part of a message being written: bytes, or a view of an array's memory.
@@ -31,6 +43,8 @@ Piece = bytes | memoryview
 Path = tuple[tuple[int, int], ...]
 
 _LEN = 2  # wire type of length-delimited fields
+#: The wire type of length-delimited fields (bytes, strings, messages, packed values).
+LEN = _LEN
 #: Below this size, `split` leaves a message to the ordinary parser: copying a few values
 #: costs less than scanning for them in Python.
 SMALL_MESSAGE_BYTES = 16 * 1024
@@ -92,6 +106,12 @@ def _padding(number: int, size: int) -> list[Piece]:
 
 #: The sizes a padding field can take, smallest first: every remainder modulo ALIGNMENT.
 _GAPS = (0, *range(2, 2 + ALIGNMENT))
+
+
+def alignment(number: int, before: int) -> list[Piece]:
+    """A bytes field `number` (at most 15) that brings `before` bytes to a multiple of
+    ALIGNMENT: what goes ahead of them; nothing when they are one already."""
+    return _padding(number, next(g for g in _GAPS if (before + g) % ALIGNMENT == 0))
 
 
 def aligned(number: int, before: int, pieces: Sequence[Piece]) -> list[Piece]:
@@ -177,6 +197,15 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         if pos > end:
             raise ValueError("field runs past the end of its message")
         yield number, wire_type, first, value_start, pos
+
+
+def fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, field start, value start, value end) of each field in
+    buf[start:end]; ValueError for bytes that are no message, or hold a group."""
+    try:
+        yield from _fields(buf, start, end)
+    except _LeftToParser:
+        raise ValueError("a group field, which no gradwire message has") from None
 
 
 @cache

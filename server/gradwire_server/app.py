@@ -207,7 +207,8 @@ def start(
     # First: it counts and logs every call to these, those the token refuses too: reflection
     # under both its names (ListServices names v1alpha alone).
     counted = (*services, REFLECTION_V1)
-    interceptors: list[grpc.ServerInterceptor] = [CallInterceptor(metrics, counted)]
+    calls = CallInterceptor(metrics, counted)
+    interceptors: list[grpc.ServerInterceptor] = [calls]
     if token:
         interceptors.append(TokenInterceptor(token))
     server = grpc.server(
@@ -241,6 +242,7 @@ def start(
         on_device_lost=device_lost,
         keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
     )
+    servicer.observer = calls  # counts and logs the calls made on Calls streams
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)

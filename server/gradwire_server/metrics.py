@@ -76,7 +76,9 @@ class _MethodStats:
 class Metrics:
     """The metrics of one server, in a registry of its own.
 
-    gradwire_rpc_total{method, code}   calls finished, by status code name
+    gradwire_rpc_total{method, code}   calls finished, by status code name (a call made as a
+                                        message on a Calls stream counts as its own method,
+                                        and the stream once more, as Calls)
     gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
     gradwire_model_version              state version of the default session's model
     gradwire_sessions_open              sessions open beside the default one
@@ -273,6 +275,22 @@ class CallInterceptor(grpc.ServerInterceptor):
                     CURRENT_CALL.reset(token)
 
         return call
+
+    def begin(self, method: str, context: Any) -> Callable[[str], None]:
+        """For a call that is no RPC of its own, a message on a Calls stream: makes it current
+        for the log lines until the function returned is called with the name of its
+        status code, which counts, times and logs it as `method` (a Forward on a stream
+        counts as a Forward)."""
+        start = time.perf_counter()
+        token = CURRENT_CALL.set(Call(method, context))
+
+        def done(code: str) -> None:
+            try:
+                self._finish(method, code, start)
+            finally:
+                CURRENT_CALL.reset(token)
+
+        return done
 
     def _finish(self, method: str, code: str, start: float) -> None:
         """Counts and times a finished call, and logs it at DEBUG; never raises."""

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from gradwire import limits, wire
+from gradwire import calls, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import convert, stats
 from gradwire_server.errors import (
@@ -44,6 +44,7 @@ from gradwire_server.errors import (
     device_lost,
     shown,
 )
+from gradwire_server.message_context import Answered, MessageContext
 from gradwire_server.sessions import Sessions
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import (
@@ -294,9 +295,10 @@ class Slots:
             return f"the server is busy: {self.limit} calls in progress; retry shortly"
         return (
             f"the server is busy: {self.limit} calls in progress, {self._streams} of them "
-            "streams (Watch, Train, streamed reads), which hold their places until they end: "
-            "retry once some end, or close the watches you no longer read (gradwire sessions "
-            "shows the sessions with calls in progress, and gradwire close-session ends them)"
+            "streams (Watch, Train, streamed reads, streams of calls), which hold their places "
+            "until they end: retry once some end, or close the watches and clients you no "
+            "longer use (gradwire sessions shows the sessions with calls in progress, and "
+            "gradwire close-session ends them)"
         )
 
 
@@ -382,6 +384,10 @@ def _unary(
             _answer_error(context, name, self)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
+    # What a Calls stream runs for a message of this call, the stream holding the place.
+    wrapper.unwrapped = method  # type: ignore[attr-defined]
+    wrapper.mutates = mutates  # type: ignore[attr-defined]
+    wrapper.sessionless = sessionless  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -686,6 +692,9 @@ class TrainerServicer:
         #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
         #: STOPPING) instead of holding the grace period until it runs out.
         self.stopping = threading.Event()
+        #: Counts and logs each call made as a message on a Calls stream, as the call
+        #: interceptor does each RPC (app.start sets it); None: not counted.
+        self.observer: CallObserver | None = None
 
     @mutation
     def Forward(
@@ -1099,6 +1108,129 @@ class TrainerServicer:
                     steps_per_s=done / max(time.perf_counter() - started, 1e-9),
                     done=done == message.steps,
                 )
+
+    def Calls(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Unary calls as messages on one open stream: each run as its unary call is (the
+        session from the stream's metadata, read for each message; the request id, expected
+        version and deadline from the message), and answered in order with its response or
+        its error; an error ends the message's call, not the stream. The stream holds one
+        place while it is open, and ends STOPPING at the first message once the server
+        stops."""
+        try:
+            with self.slots.stream:
+                metadata = _metadata(context)
+                for key, field in _MESSAGE_FIELDS.items():
+                    if key in metadata:
+                        raise InvalidInput(
+                            f"a Calls stream's metadata cannot carry {key}: each call on it "
+                            f"carries its own, as CallRequest.{field}",
+                            reason="BAD_METADATA",
+                        )
+                for request in requests:
+                    if self.stopping.is_set():
+                        raise Stopping(
+                            "the server is stopping: this stream of calls ends here, its last "
+                            "call not run; call again once the server is back"
+                        )
+                    yield self._answer_message(request, context, metadata)
+        except Exception:
+            _answer_error(context, "Calls", self)
+
+    def _answer_message(
+        self, request: Any, context: grpc.ServicerContext, stream_metadata: dict[str, str]
+    ) -> bytes:
+        """The CallResponse for one message of a Calls stream: the call run through the path
+        of its unary call, less the place, which the stream holds."""
+        name = "Calls"  # until the message names its call
+        observer, done = self.observer, None
+        message_context = None
+        try:
+            envelope = well_formed(request).message
+            found, call = calls.unwrap_request(request)
+            metadata = _message_metadata(envelope, stream_metadata)
+            # Stands in for the ServicerContext of the unary call, which asks no more of it.
+            message_context = cast(
+                grpc.ServicerContext, MessageContext(context, metadata, envelope.timeout_ms)
+            )
+            if found is None:
+                raise InvalidInput(
+                    "the CallRequest names no call this server knows: set one of its call "
+                    "fields (forward, step, get_tensor, ...)",
+                    reason="BAD_REQUEST",
+                )
+            name = found
+            if observer is not None:
+                done = observer.begin(f"/{SERVICE.full_name}/{name}", message_context)
+            method, mutates = _ON_STREAM[name]
+            with _Session(self, metadata):
+                if mutates:
+                    response = _mutate(self, method, call, message_context, metadata)
+                else:
+                    response = method(self, call, message_context)
+            answer, code = calls.response_bytes(name, _serialize(response)), "OK"
+        except Exception:
+            try:
+                at = message_context or cast(grpc.ServicerContext, MessageContext(context, {}, 0))
+                _answer_error(at, name, self)
+            except Answered as answered:
+                answer, code = calls.error_bytes(answered.status), answered.code.name
+        if observer is not None:
+            if done is None:  # no call named: counted and logged as the stream's method
+                done = observer.begin(f"/{SERVICE.full_name}/{name}", context)
+            done(code)
+        return answer
+
+
+class CallObserver(Protocol):
+    """Counts and logs calls that are no RPC of their own (metrics.CallInterceptor)."""
+
+    def begin(self, method: str, context: Any) -> Callable[[str], None]:
+        """Makes the call current for log lines; the function returned ends it with the
+        name of its status code, counting and logging it."""
+        ...
+
+
+#: The metadata a unary mutation reads that a call on a Calls stream carries in its message.
+_MESSAGE_FIELDS = {REQUEST_ID: "request_id", EXPECTED_VERSION: "expected_version"}
+
+
+def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[str, str]:
+    """The metadata a call on a Calls stream runs with: the stream's, with the message's
+    request id and expected version as the unary call's metadata would carry them."""
+    has_version = envelope.HasField("expected_version")
+    if not envelope.request_id and not has_version:
+        return stream
+    metadata = dict(stream)
+    if envelope.request_id:
+        if len(envelope.request_id) > limits.MAX_REQUEST_ID_CHARS:
+            raise InvalidInput(
+                f"request_id is over {limits.MAX_REQUEST_ID_CHARS} characters",
+                reason="BAD_REQUEST",
+            )
+        metadata[REQUEST_ID] = envelope.request_id
+    if has_version:
+        if envelope.expected_version >= 2**63:
+            raise InvalidInput(
+                f"expected_version must be a state version, from 0 to {2**63 - 1}, got "
+                f"{envelope.expected_version}",
+                reason="BAD_REQUEST",
+            )
+        metadata[EXPECTED_VERSION] = str(envelope.expected_version)
+    return metadata
+
+
+def _on_stream() -> dict[str, tuple[Handler[Any], bool]]:
+    """The unary calls a Calls stream carries: (the handler's own function, whether it is a
+    mutation), by name."""
+    found = {}
+    for name in calls.METHODS:
+        wrapper = getattr(TrainerServicer, name)
+        assert not wrapper.sessionless, f"{name} acts on no session: not for a Calls stream"
+        found[name] = (wrapper.unwrapped, wrapper.mutates)
+    return found
+
+
+_ON_STREAM = _on_stream()
 
 
 def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:

@@ -2296,3 +2296,185 @@ class TrainProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainProgress: _TypeAlias = TrainProgress  # noqa: Y015
+
+@_typing.final
+class CallRequest(_message.Message):
+    """One call on a Calls stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FORWARD_FIELD_NUMBER: _builtins.int
+    BACKWARD_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_FIELD_NUMBER: _builtins.int
+    GET_TENSOR_FIELD_NUMBER: _builtins.int
+    SET_TENSOR_FIELD_NUMBER: _builtins.int
+    FILL_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LIST_TENSORS_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    SET_OPTIMIZER_FIELD_NUMBER: _builtins.int
+    TRAIN_STEP_FIELD_NUMBER: _builtins.int
+    GET_STATS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """As the "gradwire-request-id" metadata of the unary call: a retry with the same id, on
+    this stream or another, or as a unary call, is applied once (the server keys it by
+    method, session and id, as for unary calls). Read by mutations only; empty: none.
+    """
+    expected_version: _builtins.int
+    """As the "gradwire-expected-version" metadata: the call applies only if the session's
+    state version is still this (ABORTED, VERSION_MISMATCH, otherwise). Unset: no condition.
+    Read by mutations only; at most 2^63-1 (BAD_METADATA past it).
+    """
+    timeout_ms: _builtins.int
+    """This call's deadline, in milliseconds from when the server reads the message; 0: none
+    but the stream's. A mutation whose deadline passes before it runs changes nothing and
+    is answered DEADLINE_EXCEEDED (DEADLINE_PASSED), as a unary call's deadline; a call that
+    is already running is answered when it ends, however late: a caller that stops waiting
+    for it cancels the stream (the Python client does), and then learns what was applied
+    as after a unary call cut off, by its request id or the state version.
+    """
+    @_builtins.property
+    def forward(self) -> Global___ForwardRequest: ...
+    @_builtins.property
+    def backward(self) -> Global___BackwardRequest: ...
+    @_builtins.property
+    def step(self) -> Global___StepRequest: ...
+    @_builtins.property
+    def zero_grad(self) -> Global___ZeroGradRequest: ...
+    @_builtins.property
+    def get_tensor(self) -> Global___GetTensorRequest: ...
+    @_builtins.property
+    def set_tensor(self) -> Global___SetTensorRequest: ...
+    @_builtins.property
+    def fill_parameters(self) -> Global___FillParametersRequest: ...
+    @_builtins.property
+    def list_tensors(self) -> Global___ListTensorsRequest: ...
+    @_builtins.property
+    def reset(self) -> Global___ResetRequest: ...
+    @_builtins.property
+    def set_optimizer(self) -> Global___SetOptimizerRequest: ...
+    @_builtins.property
+    def train_step(self) -> Global___TrainStepRequest: ...
+    @_builtins.property
+    def get_stats(self) -> Global___GetStatsRequest: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        expected_version: _builtins.int | None = ...,
+        timeout_ms: _builtins.int = ...,
+        forward: Global___ForwardRequest | None = ...,
+        backward: Global___BackwardRequest | None = ...,
+        step: Global___StepRequest | None = ...,
+        zero_grad: Global___ZeroGradRequest | None = ...,
+        get_tensor: Global___GetTensorRequest | None = ...,
+        set_tensor: Global___SetTensorRequest | None = ...,
+        fill_parameters: Global___FillParametersRequest | None = ...,
+        list_tensors: Global___ListTensorsRequest | None = ...,
+        reset: Global___ResetRequest | None = ...,
+        set_optimizer: Global___SetOptimizerRequest | None = ...,
+        train_step: Global___TrainStepRequest | None = ...,
+        get_stats: Global___GetStatsRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "reset", b"reset", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "request_id", b"request_id", "reset", b"reset", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
+    _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___CallRequest: _TypeAlias = CallRequest  # noqa: Y015
+
+@_typing.final
+class CallResponse(_message.Message):
+    """The answer to one CallRequest: the unary call's response under the same field number as
+    the request's call, or its error.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FORWARD_FIELD_NUMBER: _builtins.int
+    BACKWARD_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    ZERO_GRAD_FIELD_NUMBER: _builtins.int
+    GET_TENSOR_FIELD_NUMBER: _builtins.int
+    SET_TENSOR_FIELD_NUMBER: _builtins.int
+    FILL_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LIST_TENSORS_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    SET_OPTIMIZER_FIELD_NUMBER: _builtins.int
+    TRAIN_STEP_FIELD_NUMBER: _builtins.int
+    GET_STATS_FIELD_NUMBER: _builtins.int
+    alignment: _builtins.bytes
+    """Carries nothing, as GetTensorResponse.alignment: zero bytes that keep the tensor values
+    a response carries a multiple of 8 bytes after the first byte of this message, as they
+    are after a unary reply's. Do not rely on it; ignore it.
+    """
+    error: _builtins.bytes
+    """The call failed: a google.rpc.Status, serialized, exactly as the unary call's
+    "grpc-status-details-bin" trailer carries it (its code, message and ErrorInfo; see
+    Errors at the top of this file). The call changed nothing, with the exceptions
+    noted there.
+    """
+    @_builtins.property
+    def forward(self) -> Global___ForwardResponse: ...
+    @_builtins.property
+    def backward(self) -> Global___BackwardResponse: ...
+    @_builtins.property
+    def step(self) -> Global___StepResponse: ...
+    @_builtins.property
+    def zero_grad(self) -> Global___ZeroGradResponse: ...
+    @_builtins.property
+    def get_tensor(self) -> Global___GetTensorResponse: ...
+    @_builtins.property
+    def set_tensor(self) -> Global___SetTensorResponse: ...
+    @_builtins.property
+    def fill_parameters(self) -> Global___FillParametersResponse: ...
+    @_builtins.property
+    def list_tensors(self) -> Global___ListTensorsResponse: ...
+    @_builtins.property
+    def reset(self) -> Global___ResetResponse: ...
+    @_builtins.property
+    def set_optimizer(self) -> Global___SetOptimizerResponse: ...
+    @_builtins.property
+    def train_step(self) -> Global___TrainStepResponse: ...
+    @_builtins.property
+    def get_stats(self) -> Global___GetStatsResponse: ...
+    def __init__(
+        self,
+        *,
+        alignment: _builtins.bytes = ...,
+        error: _builtins.bytes = ...,
+        forward: Global___ForwardResponse | None = ...,
+        backward: Global___BackwardResponse | None = ...,
+        step: Global___StepResponse | None = ...,
+        zero_grad: Global___ZeroGradResponse | None = ...,
+        get_tensor: Global___GetTensorResponse | None = ...,
+        set_tensor: Global___SetTensorResponse | None = ...,
+        fill_parameters: Global___FillParametersResponse | None = ...,
+        list_tensors: Global___ListTensorsResponse | None = ...,
+        reset: Global___ResetResponse | None = ...,
+        set_optimizer: Global___SetOptimizerResponse | None = ...,
+        train_step: Global___TrainStepResponse | None = ...,
+        get_stats: Global___GetStatsResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "reset", b"reset", "result", b"result", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "backward", b"backward", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "reset", b"reset", "result", b"result", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___CallResponse: _TypeAlias = CallResponse  # noqa: Y015

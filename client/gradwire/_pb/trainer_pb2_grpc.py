@@ -140,6 +140,11 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainProgress.FromString,
                 _registered_method=True)
+        self.Calls = channel.stream_stream(
+                '/gradwire.v1.Trainer/Calls',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.CallRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.CallResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -329,6 +334,40 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calls(self, request_iterator, context):
+        """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
+        FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+        one stream that stays open: for a caller that makes many small calls one after another
+        (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
+        message on an open stream skips what each unary call pays (a new HTTP/2 stream with
+        its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
+        the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+
+        Each CallRequest is one call, run as its unary call would be: the stream's
+        "gradwire-session" metadata names the session, read afresh for each message (a
+        session closed meanwhile answers NOT_FOUND, UNKNOWN_SESSION, and the stream goes on);
+        request_id and expected_version are the unary call's metadata of those names (the
+        stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+        where one is set, is checked once, for the stream. The server answers every message
+        with exactly one CallResponse, in the order the messages came: the call's response,
+        or its error as the unary call's trailer would carry it. An error answered this way
+        ends nothing: send the next call. Calls on one stream run one at a time, in order; a
+        caller may send the next before the last is answered.
+
+        An open stream holds one of the server's places (--max-concurrent) for as long as it
+        is open, as a Watch does, busy or not: close it (end the request stream) when done.
+        The stream itself ends with a status of its own only for what concerns all of it:
+        refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
+        BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
+        stopping was not run), or the caller cancelling. A message's own deadline is its
+        timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
+        call in progress holds a server that is stopping for its grace period at most (the
+        server ends it then); a client should close its stream when it has no more calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -436,6 +475,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.TrainRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainProgress.SerializeToString,
+            ),
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.CallRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.CallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1006,6 +1050,33 @@ class Trainer:
             '/gradwire.v1.Trainer/Train',
             gradwire_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.TrainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradwire.v1.Trainer/Calls',
+            gradwire_dot_v1_dot_trainer__pb2.CallRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.CallResponse.FromString,
             options,
             channel_credentials,
             insecure,

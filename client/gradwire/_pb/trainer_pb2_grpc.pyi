@@ -242,6 +242,36 @@ class TrainerStub:
     first). A run does not hold other callers off: their calls on the same session are
     served between two of its steps, and a mutation of theirs lands there.
     """
+    Calls: _grpc.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]
+    """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
+    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+    one stream that stays open: for a caller that makes many small calls one after another
+    (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
+    message on an open stream skips what each unary call pays (a new HTTP/2 stream with
+    its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
+    the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+
+    Each CallRequest is one call, run as its unary call would be: the stream's
+    "gradwire-session" metadata names the session, read afresh for each message (a
+    session closed meanwhile answers NOT_FOUND, UNKNOWN_SESSION, and the stream goes on);
+    request_id and expected_version are the unary call's metadata of those names (the
+    stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+    where one is set, is checked once, for the stream. The server answers every message
+    with exactly one CallResponse, in the order the messages came: the call's response,
+    or its error as the unary call's trailer would carry it. An error answered this way
+    ends nothing: send the next call. Calls on one stream run one at a time, in order; a
+    caller may send the next before the last is answered.
+
+    An open stream holds one of the server's places (--max-concurrent) for as long as it
+    is open, as a Watch does, busy or not: close it (end the request stream) when done.
+    The stream itself ends with a status of its own only for what concerns all of it:
+    refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
+    BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
+    stopping was not run), or the caller cancelling. A message's own deadline is its
+    timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
+    call in progress holds a server that is stopping for its grace period at most (the
+    server ends it then); a client should close its stream when it has no more calls.
+    """
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -337,6 +367,36 @@ class TrainerAsyncStub(TrainerStub):
     request id or expected version, and is not safe to retry blindly (read the version
     first). A run does not hold other callers off: their calls on the same session are
     served between two of its steps, and a mutation of theirs lands there.
+    """
+    Calls: _aio.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]  # type: ignore[assignment]
+    """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
+    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+    one stream that stays open: for a caller that makes many small calls one after another
+    (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
+    message on an open stream skips what each unary call pays (a new HTTP/2 stream with
+    its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
+    the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+
+    Each CallRequest is one call, run as its unary call would be: the stream's
+    "gradwire-session" metadata names the session, read afresh for each message (a
+    session closed meanwhile answers NOT_FOUND, UNKNOWN_SESSION, and the stream goes on);
+    request_id and expected_version are the unary call's metadata of those names (the
+    stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+    where one is set, is checked once, for the stream. The server answers every message
+    with exactly one CallResponse, in the order the messages came: the call's response,
+    or its error as the unary call's trailer would carry it. An error answered this way
+    ends nothing: send the next call. Calls on one stream run one at a time, in order; a
+    caller may send the next before the last is answered.
+
+    An open stream holds one of the server's places (--max-concurrent) for as long as it
+    is open, as a Watch does, busy or not: close it (end the request stream) when done.
+    The stream itself ends with a status of its own only for what concerns all of it:
+    refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
+    BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
+    stopping was not run), or the caller cancelling. A message's own deadline is its
+    timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
+    call in progress holds a server that is stopping for its grace period at most (the
+    server ends it then); a client should close its stream when it has no more calls.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -556,6 +616,42 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request id or expected version, and is not safe to retry blindly (read the version
         first). A run does not hold other callers off: their calls on the same session are
         served between two of its steps, and a mutation of theirs lands there.
+        """
+
+    @_abc_1.abstractmethod
+    def Calls(
+        self,
+        request_iterator: _MaybeAsyncIterator[_trainer_pb2.CallRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.CallResponse], _abc.AsyncIterator[_trainer_pb2.CallResponse]]:
+        """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
+        FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+        one stream that stays open: for a caller that makes many small calls one after another
+        (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
+        message on an open stream skips what each unary call pays (a new HTTP/2 stream with
+        its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
+        the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+
+        Each CallRequest is one call, run as its unary call would be: the stream's
+        "gradwire-session" metadata names the session, read afresh for each message (a
+        session closed meanwhile answers NOT_FOUND, UNKNOWN_SESSION, and the stream goes on);
+        request_id and expected_version are the unary call's metadata of those names (the
+        stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+        where one is set, is checked once, for the stream. The server answers every message
+        with exactly one CallResponse, in the order the messages came: the call's response,
+        or its error as the unary call's trailer would carry it. An error answered this way
+        ends nothing: send the next call. Calls on one stream run one at a time, in order; a
+        caller may send the next before the last is answered.
+
+        An open stream holds one of the server's places (--max-concurrent) for as long as it
+        is open, as a Watch does, busy or not: close it (end the request stream) when done.
+        The stream itself ends with a status of its own only for what concerns all of it:
+        refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
+        BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
+        stopping was not run), or the caller cancelling. A message's own deadline is its
+        timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
+        call in progress holds a server that is stopping for its grace period at most (the
+        server ends it then); a client should close its stream when it has no more calls.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,184 @@
+"""A client's Calls stream: its unary calls as messages on one open stream, one at a time.
+
+The client (client.py) decides which calls go here and keeps its retries; this module keeps
+the stream: it writes each call's CallRequest, waits for its CallResponse within the call's
+timeout, and raises the same grpc.RpcError a unary call would have raised (the server's
+status with its ErrorInfo, DEADLINE_EXCEEDED, or the stream's own end), so that errors reach
+the caller as from a unary call. A stream that failed, or whose call timed out, is spent:
+the client opens another.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from google.rpc import status_pb2
+
+from gradwire import calls, wire
+
+__all__ = ["CallStream", "MessageError"]
+
+#: The trailer a unary call's google.rpc.Status travels in.
+_STATUS_KEY = "grpc-status-details-bin"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: How long a watchdog with no call to time waits for one before it ends its thread.
+WATCHDOG_IDLE_S = 5.0
+_END: Any = object()
+
+
+class MessageError(grpc.RpcError):
+    """A call on a Calls stream that failed: its status, as a failed unary call's RpcError
+    carries it (code, details and the google.rpc.Status trailer with its ErrorInfo)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, status: bytes | None = None) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+        self._trailer: tuple[tuple[str, str | bytes], ...] = (
+            ((_STATUS_KEY, status),) if status is not None else ()
+        )
+
+    @classmethod
+    def from_status(cls, status: bytes) -> MessageError:
+        parsed = status_pb2.Status.FromString(status)
+        return cls(_CODES.get(parsed.code, grpc.StatusCode.UNKNOWN), parsed.message, status)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    # grpc's stubs type the pairs as a class of their own; grpc returns plain pairs.
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
+        return self._trailer
+
+
+class CallStream:
+    """One open Calls stream, for one session (`session`, as its metadata named it).
+
+    Take `lock` (without waiting: a call that finds it taken goes as a unary call) around
+    `call`. `spent` once the stream has failed or a call on it timed out.
+    """
+
+    def __init__(
+        self,
+        open_stream: Callable[..., Any],
+        metadata: Sequence[tuple[str, str]],
+        session: str | None,
+    ) -> None:
+        self.session = session
+        self.lock = threading.Lock()
+        self.spent = False
+        #: Whether a call has been answered on it: a stream refused at its start (a server
+        #: without Calls) fails before that.
+        self.answered = False
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses = open_stream(iter(self._requests.get, _END), metadata=metadata)
+        # The watchdog: cancels the stream when the call in progress passes its deadline
+        # (`_due`, on time.monotonic). A thread of its own, started when a call first has a
+        # deadline and ended after WATCHDOG_IDLE_S without one; it wakes at most once per
+        # call's timeout, not once per call.
+        self._watch = threading.Condition(threading.Lock())
+        self._due: float | None = None
+        self._watchdog: threading.Thread | None = None
+        self._parked = False
+        self._timed_out = False
+
+    def call(
+        self,
+        method: str,
+        request: Sequence[wire.Piece],
+        request_id: str | None,
+        expected_version: int | None,
+        timeout: float | None,
+    ) -> memoryview:
+        """`method`'s unary response bytes (a view of the message received), or the
+        grpc.RpcError its unary call would have raised (a MessageError for the server's
+        answer)."""
+        timeout_ms = 0 if timeout is None else max(math.ceil(timeout * 1000), 1)
+        envelope = calls.request_pieces(method, request, request_id, expected_version, timeout_ms)
+        if timeout is not None:
+            self._time(time.monotonic() + timeout)
+        try:
+            self._requests.put(wire.join(envelope))
+            data = next(self._responses)
+        except StopIteration:  # the server ended the stream with a call unanswered: a bug
+            self.spent = True
+            raise MessageError(
+                grpc.StatusCode.INTERNAL, "the server ended its stream of calls unanswered"
+            ) from None
+        except grpc.RpcError:
+            self.spent = True
+            if self._timed_out:
+                raise MessageError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            raise
+        finally:
+            with self._watch:
+                self._due = None
+        if self._timed_out:  # the watchdog cancelled the stream as the answer came: it stands
+            self.spent = True
+        try:
+            payload, error = calls.unwrap_response(data, method)
+        except ValueError as err:
+            self.spent = True  # the stream's order can no longer be trusted
+            self._responses.cancel()
+            raise MessageError(grpc.StatusCode.INTERNAL, f"a garbled answer: {err}") from None
+        self.answered = True
+        if error is not None:
+            raise MessageError.from_status(error)
+        assert payload is not None
+        return payload
+
+    def close(self, wait: float = 1.0) -> None:
+        """Ends the stream: the server's side ends as after its last call (OK), within
+        `wait` seconds; past that, or spent, it is cancelled."""
+        self.spent = True
+        with self._watch:
+            self._due = None
+            self._watch.notify()  # a watchdog parked ends now
+        self._requests.put(_END)
+        done = threading.Event()
+        if not self._responses.add_callback(done.set):
+            return  # already over
+        if not done.wait(wait):
+            self._responses.cancel()
+
+    def _time(self, due: float) -> None:
+        with self._watch:
+            self._due = due
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch_calls, name="gradwire-call-deadline", daemon=True
+                )
+                self._watchdog.start()
+            elif self._parked:
+                self._watch.notify()
+
+    def _watch_calls(self) -> None:
+        with self._watch:
+            try:
+                while not self.spent:
+                    due = self._due
+                    if due is None:  # no call with a deadline: wait for one, a while
+                        self._parked = True
+                        self._watch.wait(WATCHDOG_IDLE_S)
+                        self._parked = False
+                        if self._due is None:
+                            return
+                        continue
+                    left = due - time.monotonic()
+                    if left > 0:
+                        self._watch.wait(left)  # a later call may have set a later due
+                        continue
+                    self._timed_out = True
+                    self._responses.cancel()
+                    return
+            finally:
+                self._watchdog = None

@@ -1,0 +1,145 @@
+"""The Calls stream's envelopes (CallRequest, CallResponse): one unary call per message.
+
+Both are written around the unary call's own message, never parsed and built again: a
+request is a small header (request id, expected version, timeout) and the unary request's
+bytes as one field; a response is the unary response's bytes as one field, or a
+google.rpc.Status's. So a call on the stream costs its unary form's encoding plus a few
+bytes, and tensors keep the fast path of wire.py. Used by the client to write requests and
+read responses, and by the server to read requests and write responses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gradwire import wire
+from gradwire._pb import trainer_pb2 as pb
+
+__all__ = [
+    "ERROR_FIELD",
+    "METHODS",
+    "error_bytes",
+    "request_pieces",
+    "response_bytes",
+    "unwrap_request",
+    "unwrap_response",
+]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]
+_CALL = pb.CallRequest.DESCRIPTOR.oneofs_by_name["call"]
+_RESULTS = {f.number: f for f in pb.CallResponse.DESCRIPTOR.oneofs_by_name["result"].fields}
+#: CallResponse's field for a call's error: a serialized google.rpc.Status.
+ERROR_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["error"].number
+_ALIGNMENT_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["alignment"].number
+
+
+def _methods() -> dict[str, tuple[int, str]]:
+    """The unary RPC each field of CallRequest.call stands for, by the RPC's name: (field
+    number, field name). The contract's own descriptor says which: the field's message is
+    the RPC's request, and the response's field of the same number is its response."""
+    unary = {
+        m.input_type.full_name: m
+        for m in _SERVICE.methods
+        if not (m.client_streaming or m.server_streaming)
+    }
+    found = {}
+    for field in _CALL.fields:
+        assert field.message_type is not None  # every call is a message
+        method = unary[field.message_type.full_name]
+        result = _RESULTS.get(field.number)
+        if result is None or result.message_type is not method.output_type:
+            raise AssertionError(f"CallResponse lacks {method.output_type.name} as {field.number}")
+        found[method.name] = (field.number, field.name)
+    return found
+
+
+#: The RPCs a Calls stream carries, by name: (the field number in both envelopes, the
+#: CallRequest field's name).
+METHODS: dict[str, tuple[int, str]] = _methods()
+_NAMES = {number: name for name, (number, _) in METHODS.items()}
+_BY_FIELD = {field: name for name, (_, field) in METHODS.items()}
+#: The responses that carry tensors: their values stay aligned in the envelope.
+_ALIGNED = frozenset(
+    number
+    for number, f in _RESULTS.items()
+    if f.message_type is not None and wire.holds_tensors(getattr(pb, f.message_type.name))
+)
+_REQUEST_TENSORS = frozenset(
+    f.name
+    for f in _CALL.fields
+    if f.message_type is not None and wire.holds_tensors(getattr(pb, f.message_type.name))
+)
+
+
+# --- the client's side -------------------------------------------------------------------
+
+
+def request_pieces(
+    method: str,
+    request: Sequence[wire.Piece],
+    request_id: str | None,
+    expected_version: int | None,
+    timeout_ms: int,
+) -> list[wire.Piece]:
+    """A CallRequest for `method` holding `request` (the unary request's serialized pieces):
+    its header, then the call's field, the pieces uncopied."""
+    header = pb.CallRequest(request_id=request_id or "", timeout_ms=timeout_ms)
+    if expected_version is not None:
+        header.expected_version = expected_version
+    return [header.SerializeToString(), *wire.length_field(METHODS[method][0], request)]
+
+
+def unwrap_response(data: bytes, method: str) -> tuple[memoryview | None, bytes | None]:
+    """(the unary response's bytes, None), or (None, a serialized google.rpc.Status) for an
+    error; ValueError for bytes that are neither, or a response to another call than
+    `method` (the server answers in order, so that would be a bug on one side)."""
+    view = memoryview(data)
+    result: tuple[memoryview | None, bytes | None] | None = None
+    try:
+        for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
+            if number == ERROR_FIELD and wire_type == wire.LEN:
+                result = None, bytes(view[start:end])
+            elif number in _NAMES and wire_type == wire.LEN:
+                if _NAMES[number] != method:
+                    raise ValueError(f"a {_NAMES[number]} response came for {method}")
+                result = view[start:end], None
+    except ValueError as err:
+        raise ValueError(f"not a CallResponse: {err}") from None
+    if result is None:
+        raise ValueError(f"a CallResponse for {method} holds neither a response nor an error")
+    return result
+
+
+# --- the server's side -------------------------------------------------------------------
+
+
+def unwrap_request(split: wire.Split[pb.CallRequest]) -> tuple[str | None, Any]:
+    """(the RPC's name, its request as the unary handler takes it: a wire.Split for requests
+    that carry tensors, with their values' paths from the call's own message); (None, None)
+    when the message holds no call this server knows."""
+    message = split.message
+    field = message.WhichOneof("call")
+    if field is None:
+        return None, None
+    request = getattr(message, field)
+    if field in _REQUEST_TENSORS:
+        cut = {path[1:]: value for path, value in split.cut.items()}
+        request = wire.Split(request, cut)
+    return _BY_FIELD[field], request
+
+
+def response_bytes(method: str, response: bytes) -> bytes:
+    """The CallResponse holding `response` (the unary response's bytes), tensor values kept
+    a multiple of wire.ALIGNMENT bytes from its first byte as they were from the response's:
+    one copy of `response`."""
+    number = METHODS[method][0]
+    head = wire.varint(number << 3 | wire.LEN) + wire.varint(len(response))
+    if number in _ALIGNED:
+        return wire.join([*wire.alignment(_ALIGNMENT_FIELD, len(head)), head, response])
+    return head + response
+
+
+def error_bytes(status: bytes) -> bytes:
+    """The CallResponse for a call that failed: `status`, a serialized google.rpc.Status."""
+    return wire.varint(ERROR_FIELD << 3 | wire.LEN) + wire.varint(len(status)) + status

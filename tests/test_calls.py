@@ -1,0 +1,452 @@
+"""The Calls stream: unary calls as messages on one open stream, answered in order.
+
+Each call on the stream must do what its unary call does (the same state, the same answers,
+the same errors with their ErrorInfo), and the stream must outlive a call's error. Checked
+through a real server on loopback: with the Python client (`stream_calls=True`), whose unary
+methods are made to fail so that nothing goes around the stream unseen, and with raw
+CallRequests, as a client in another language writes them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+import gradwire
+from gradwire import calls, errors, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire.replay import replay
+from gradwire_server.app import Running, start
+from gradwire_server.models import ModelSpec
+from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
+from gradwire_server.trainer import Trainer
+from tests.background import eventually
+from tests.reference import run_tutorial
+from tests.serve_in_process import running_server
+from tests.test_concurrency import Gate
+from tests.test_metrics import TRAINER, scrape
+from tests.test_metrics import calls as counted
+
+CALLS = "/gradwire.v1.Trainer/Calls"
+ONES = Fill.ones(8, 3, 10, 10)
+TARGET = np.ones(8, dtype=np.int64)
+
+
+def _unary_refused(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("a call that the Calls stream carries went as a call of its own")
+
+
+def streaming(address: str, **options: Any) -> gradwire.Client:
+    """A client whose calls on its session can only go on its Calls stream."""
+    client = gradwire.connect(address, stream_calls=True, **options)
+    client._methods = {
+        name: _unary_refused if name in calls.METHODS else method
+        for name, method in client._methods.items()
+    }
+    return client
+
+
+@pytest.fixture
+def streamed(address: str) -> Iterator[gradwire.Client]:
+    with streaming(address, timeout=30) as client:
+        yield client
+
+
+class Raw:
+    """A Calls stream written by hand, as from the .proto alone."""
+
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.responses = channel.stream_stream(CALLS)(
+            iter(self._requests.get, None), metadata=metadata, timeout=60
+        )
+
+    def send(self, data: bytes) -> pb.CallResponse:
+        self._requests.put(data)
+        return pb.CallResponse.FromString(next(self.responses))
+
+    def call(self, request: pb.CallRequest) -> pb.CallResponse:
+        return self.send(request.SerializeToString())
+
+    def close(self) -> grpc.StatusCode:
+        self._requests.put(None)
+        assert list(self.responses) == []
+        return self.responses.code()
+
+
+def error_of(response: pb.CallResponse) -> tuple[int, str, str, dict[str, str]]:
+    """(code, message, reason, metadata) of an answer that must be an error."""
+    assert response.WhichOneof("result") == "error", response
+    status = status_pb2.Status.FromString(response.error)
+    info = error_details_pb2.ErrorInfo()
+    assert len(status.details) == 1 and status.details[0].Unpack(info)
+    return status.code, status.message, info.reason, dict(info.metadata)
+
+
+@pytest.fixture
+def raw(address: str) -> Iterator[Raw]:
+    with grpc.insecure_channel(address) as channel:
+        yield Raw(channel)
+
+
+def _forward() -> pb.CallRequest:
+    fill = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8, 3, 10, 10])
+    target = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8])
+    return pb.CallRequest(
+        forward=pb.ForwardRequest(
+            input=pb.TensorSource(fill=fill), target=pb.TensorSource(fill=target)
+        )
+    )
+
+
+# --- the same work as unary calls --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("init", "seed"), [("fill", 0), ("random", 7)])
+def test_the_tutorial_on_the_stream_equals_local_pytorch(
+    streamed: gradwire.Client, init: str, seed: int
+) -> None:
+    result = replay(streamed, init=init, seed=seed, write=lambda *_: None)  # type: ignore[arg-type]
+    local = run_tutorial(init, seed)
+    assert result.loss == local.loss
+    for name in ("grad_slice", "weight_before", "grad", "weight_after", "linear_grad_rows"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(local, name).numpy())
+    assert result.grad_after_zero is None and local.grad_after_zero is None
+    assert streamed._calls is not None and not streamed._calls.spent
+
+
+def test_every_call_on_the_stream_answers_as_its_unary_call() -> None:
+    """Two servers, one seed: each call made on the stream of one and as a call of its own
+    on the other; every answer and the weights they leave are equal."""
+    with running_server() as a, running_server() as b:
+        on_stream = streaming(f"127.0.0.1:{a.port}", timeout=30)
+        unary = gradwire.connect(f"127.0.0.1:{b.port}", timeout=30)
+        big = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
+        wide = np.random.default_rng(1).standard_normal((40, 3, 10, 10)).astype(np.float32)
+        with on_stream, unary:
+            for client in (on_stream, unary):
+                client.set_optimizer("sgd", lr=0.5, momentum=0.9)
+            steps = [
+                lambda c: c.reset(seed=3),
+                lambda c: c.forward(ONES, TARGET),
+                lambda c: c.backward(retain_graph=True),
+                lambda c: c.backward(),
+                lambda c: c.step(),
+                lambda c: c.zero_grad(set_to_none=False),
+                lambda c: c.set("conv1.weight", big),  # 1.7 KiB
+                lambda c: c.set("conv1.weight.grad", big),
+                lambda c: c.step(),
+                lambda c: c.fill_parameters(0.01, ["linear.weight"]),
+                lambda c: c.forward(wide, np.arange(40) % 20),  # 48 KiB: its values cut out
+                lambda c: c.train_step(wide, np.arange(40) % 20, fetch=["conv1.weight[0]"]),
+                lambda c: c.train_step(ONES, TARGET, zero_grad=False, fetch=["linear.weight"]),
+                lambda c: c.read("conv2.weight.grad[1:3]").value,
+                lambda c: c.read("optimizer.conv1.weight.momentum_buffer").value,
+                lambda c: c.stats("conv2.weight", bins=5),
+                lambda c: c.list_tensors(),
+            ]
+            for k, step in enumerate(steps):
+                mine, theirs = step(on_stream), step(unary)
+                if isinstance(mine, np.ndarray):
+                    np.testing.assert_array_equal(mine, theirs, err_msg=f"step {k}")
+                elif hasattr(mine, "fetched"):
+                    assert mine.loss == theirs.loss and mine.version == theirs.version
+                    for x, y in zip(mine.fetched, theirs.fetched, strict=True):
+                        np.testing.assert_array_equal(x.value, y.value)
+                        assert x.value.flags.aligned
+                else:
+                    assert mine == theirs, f"step {k}"
+            for name in ("conv1.weight", "conv2.weight", "linear.weight"):
+                np.testing.assert_array_equal(on_stream.get(name), unary.get(name))
+
+
+def test_values_on_the_stream_travel_uncopied_and_land_aligned(streamed: gradwire.Client) -> None:
+    """A 120 KB input and its read back: past the size where tensors' values are cut out of
+    a message, both ways; the arrays read are aligned, as a unary answer's are."""
+    inputs = np.random.default_rng(2).standard_normal((100, 3, 10, 10)).astype(np.float32)
+    target = np.arange(100, dtype=np.int64) % 20
+    streamed.forward(inputs, target)
+    for name, sent in (("input", inputs), ("target", target)):
+        got = streamed.read(name).value
+        assert got.flags.aligned and got.dtype == sent.dtype
+        np.testing.assert_array_equal(got, sent)
+
+
+def test_the_envelope_keeps_values_aligned_whatever_its_header() -> None:
+    """CallResponse's alignment field brings the response to a multiple of 8 bytes from the
+    message's first byte, for every length of the length's varint."""
+    for size in (0, 5, 200, 20_000, 3_000_000):  # lengths of 1 to 4 varint bytes
+        message = pb.GetTensorResponse(name="x" * size)
+        response = message.SerializeToString()
+        data = calls.response_bytes("GetTensor", response)
+        assert data.endswith(response)
+        assert (len(data) - len(response)) % wire.ALIGNMENT == 0
+        payload, error = calls.unwrap_response(data, "GetTensor")
+        assert error is None and payload is not None and bytes(payload) == response
+        assert pb.CallResponse.FromString(data).get_tensor == message
+
+
+def test_an_answer_for_another_call_or_no_call_is_refused() -> None:
+    answer = calls.response_bytes("Step", pb.StepResponse(version=1).SerializeToString())
+    with pytest.raises(ValueError, match="a Step response came for Backward"):
+        calls.unwrap_response(answer, "Backward")
+    with pytest.raises(ValueError, match="neither a response nor an error"):
+        calls.unwrap_response(b"", "Step")
+    with pytest.raises(ValueError, match="not a CallResponse"):
+        calls.unwrap_response(b"\x0a\x05ab", "Step")
+
+
+def test_the_stream_carries_every_unary_call_on_a_session() -> None:
+    """What METHODS lists comes from the contract: each unary call with a session's state."""
+    on_session = {
+        m.name
+        for m in SERVICE.methods
+        if not (m.client_streaming or m.server_streaming)
+        and not getattr(TrainerServicer, m.name).sessionless
+    }
+    assert set(calls.METHODS) == on_session
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_an_error_answers_its_call_and_the_stream_goes_on(
+    streamed: gradwire.Client, client: gradwire.Client
+) -> None:
+    with pytest.raises(errors.NotFound) as on_stream:
+        streamed.read("conv1.wieght")
+    with pytest.raises(errors.NotFound) as unary:
+        client.read("conv1.wieght")
+    assert on_stream.value.reason == unary.value.reason == "UNKNOWN_TENSOR"
+    assert on_stream.value.metadata == unary.value.metadata
+    assert str(on_stream.value) == str(unary.value)
+    stream = streamed._calls
+    with pytest.raises(errors.OutOfRange) as past:
+        streamed.read("conv1.weight[16]")
+    assert past.value.metadata == {"index": "16", "dimension": "0", "size": "16"}
+    with pytest.raises(errors.FailedPrecondition, match="call Forward first"):
+        streamed.backward()
+    assert streamed.forward(ONES, TARGET).version == 1
+    assert streamed._calls is stream and not stream.spent  # one stream all along
+
+
+def test_a_retry_with_the_same_request_id_is_applied_once(raw: Raw, address: str) -> None:
+    raw.call(_forward())
+    raw.call(pb.CallRequest(backward=pb.BackwardRequest()))
+    first = raw.call(pb.CallRequest(step=pb.StepRequest(), request_id="step-1"))
+    again = raw.call(pb.CallRequest(step=pb.StepRequest(), request_id="step-1"))
+    assert first == again and first.step.version == 3
+    with grpc.insecure_channel(address) as channel:  # a unary retry of it too
+        step = channel.unary_unary(
+            f"{TRAINER}Step", response_deserializer=pb.StepResponse.FromString
+        )
+        unary = step(b"", metadata=(("gradwire-request-id", "step-1"),), timeout=30)
+    assert unary == first.step
+    assert raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors.version == 3
+
+
+def test_an_expected_version_makes_a_call_conditional(streamed: gradwire.Client) -> None:
+    streamed.forward(ONES, TARGET)
+    with streamed.expecting(0), pytest.raises(errors.Aborted) as caught:
+        streamed.backward()
+    assert caught.value.reason == "VERSION_MISMATCH" and caught.value.metadata["version"] == "1"
+    with streamed.expecting(1):
+        assert streamed.backward() == 2
+
+
+def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> None:
+    code, message, reason, _ = error_of(raw.send(b"\xff\xff"))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], "MALFORMED_REQUEST")
+    assert "not a valid gradwire.v1.CallRequest" in message
+    for nothing in (b"", b"\xfa\x06\x00"):  # no call; field 111, a newer client's call
+        code, message, reason, _ = error_of(raw.send(nothing))
+        assert (code, reason) == (3, "BAD_REQUEST") and "names no call" in message
+    too_long = pb.CallRequest(step=pb.StepRequest(), request_id="x" * 129)
+    assert error_of(raw.call(too_long))[1:3] == ("request_id is over 128 characters", "BAD_REQUEST")
+    past = pb.CallRequest(step=pb.StepRequest(), expected_version=2**63)
+    assert "expected_version must be a state version" in error_of(raw.call(past))[1]
+    listing = raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+    assert listing.list_tensors.version == 0
+    assert raw.close() == grpc.StatusCode.OK
+
+
+def test_request_id_or_expected_version_in_the_streams_metadata_is_refused(address: str) -> None:
+    for key in ("gradwire-request-id", "gradwire-expected-version"):
+        with grpc.insecure_channel(address) as channel:
+            stream = Raw(channel, metadata=((key, "1"),))
+            with pytest.raises(grpc.RpcError) as caught:
+                stream.call(pb.CallRequest(step=pb.StepRequest()))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"cannot carry {key}" in (caught.value.details() or "")
+
+
+def test_a_session_closed_under_a_stream_answers_unknown_session(
+    client: gradwire.Client, address: str
+) -> None:
+    session = client.open_session(seed=0)
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-session", session.session or ""),))
+        listed = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+        assert listed.list_tensors.version == 0
+        session.close()
+        answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+        assert error_of(answer)[2] == "UNKNOWN_SESSION"
+        assert stream.close() == grpc.StatusCode.OK
+
+
+def test_a_session_clients_calls_go_on_a_stream_of_its_own(streamed: gradwire.Client) -> None:
+    with streamed.open_session(seed=0) as session:
+        assert session.forward(ONES, TARGET).version == 1
+        assert streamed.list_tensors().version == 0  # the default session, untouched
+        assert session._calls is not None and session._calls is not streamed._calls
+        assert session._calls.session == session.session
+
+
+def test_a_token_is_checked_once_for_the_stream() -> None:
+    with running_server(token="s3cret") as running:
+        address = f"127.0.0.1:{running.port}"
+        with streaming(address, token="s3cret", timeout=30) as client:
+            assert client.forward(ONES, TARGET).version == 1
+        with (
+            streaming(address, token="wrong", timeout=30) as client,
+            pytest.raises(errors.Unauthenticated),
+        ):
+            client.step()
+
+
+# --- deadlines, places and the server stopping ----------------------------------------------
+
+
+@pytest.fixture
+def gated() -> Iterator[Running]:
+    Gate.entered.clear()
+    Gate.release.clear()
+    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    yield running
+    Gate.release.set()
+    running.stop(grace=None)
+
+
+def test_a_call_past_its_timeout_raises_and_the_next_goes_on_a_new_stream(
+    gated: Running,
+) -> None:
+    with streaming(f"127.0.0.1:{gated.port}", timeout=0.5) as client:
+        client.retries = 0
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            client.forward(Fill.ones(1, 2))  # held in the model until released
+        assert time.monotonic() - started < 20
+        first = client._calls
+        assert first is not None and first.spent
+        Gate.release.set()
+        client.timeout = 30
+        eventually(lambda: client.list_tensors().version == 1)  # the Forward ran to its end
+        assert client._calls is not first
+
+
+def test_a_mutation_whose_message_deadline_passed_while_queued_changes_nothing(
+    gated: Running,
+) -> None:
+    address = f"127.0.0.1:{gated.port}"
+    holder = threading.Thread(
+        target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
+    )
+    holder.start()
+    assert Gate.entered.wait(timeout=60)  # the torch thread is busy with that Forward
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel)
+        fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0), timeout_ms=1)
+        stream._requests.put(fill.SerializeToString())
+        time.sleep(0.1)  # well past the message's 1 ms
+        Gate.release.set()
+        holder.join(timeout=60)
+        code, _, reason, _ = error_of(pb.CallResponse.FromString(next(stream.responses)))
+        assert (code, reason) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "DEADLINE_PASSED")
+        weight = stream.call(pb.CallRequest(get_tensor=pb.GetTensorRequest(name="weight")))
+        assert list(weight.get_tensor.tensor.float_values) == [1.0, 1.0]
+        assert weight.get_tensor.version == 1  # only the Forward was applied
+
+
+def test_an_open_stream_holds_a_place_until_its_client_closes() -> None:
+    with running_server(max_concurrent=1) as running:
+        address = f"127.0.0.1:{running.port}"
+        holder = streaming(address, timeout=30)
+        with pytest.raises(errors.FailedPrecondition):
+            holder.step()
+        with gradwire.connect(address, timeout=30) as other:
+            with pytest.raises(errors.ResourceExhausted) as busy:
+                other.list_tensors()
+            assert busy.value.reason == "BUSY" and "streams of calls" in busy.value.message
+            holder.close()
+            eventually(lambda: running.servicer.slots.taken == 0)
+            assert other.list_tensors().version == 0
+
+
+def test_a_stopping_server_ends_the_stream_at_its_next_message(raw: Raw, server: Running) -> None:
+    assert raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors
+    server.servicer.stopping.set()
+    with pytest.raises(grpc.RpcError) as caught:
+        raw.call(pb.CallRequest(step=pb.StepRequest()))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopping" in (caught.value.details() or "")
+
+
+def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
+    """One stream, two threads: a call that finds the stream busy goes as a call of its own."""
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        client.forward(ONES, TARGET)
+        weight = client.get("conv1.weight")
+
+        def reads(_: int) -> bool:
+            return all(np.array_equal(client.get("conv1.weight"), weight) for _ in range(50))
+
+        with futures.ThreadPoolExecutor(2) as pool:
+            assert all(pool.map(reads, range(4)))
+
+
+def test_a_server_without_calls_gets_calls_of_their_own() -> None:
+    """A server from before the Calls RPC: the client finds it has none at its first call,
+    which then goes as a call of its own, as all later ones do."""
+    trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
+    handlers = method_handlers(TrainerServicer(trainer))
+    del handlers["Calls"]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Gate.release.set()
+    try:
+        with gradwire.connect(f"127.0.0.1:{port}", stream_calls=True, timeout=30) as client:
+            assert client.fill_parameters(2.0) == 1
+            assert client._no_calls
+            assert client.get("weight").tolist() == [2.0, 2.0]
+    finally:
+        server.stop(None)
+        trainer.close()
+
+
+# --- what operators see -----------------------------------------------------------------------
+
+
+def test_each_call_on_the_stream_is_counted_as_its_method() -> None:
+    with running_server(metrics_port=0) as running:
+        with streaming(f"127.0.0.1:{running.port}", timeout=30) as client:
+            client.forward(ONES, TARGET)
+            client.backward()
+            with pytest.raises(errors.FailedPrecondition):
+                client.backward()
+        samples = scrape(running)
+        assert counted(samples, TRAINER + "Forward", "OK") == 1
+        assert counted(samples, TRAINER + "Backward", "OK") == 1
+        assert counted(samples, TRAINER + "Backward", "FAILED_PRECONDITION") == 1
+        eventually(lambda: counted(scrape(running), CALLS, "OK") == 1)
