@@ -274,42 +274,55 @@ def small_calls(served: Served, repeats: int) -> list[Row]:
     rows = []
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
+        streamed = gradwire.Client(served.address, channel=ch, stream_calls=True)
         floor = FloorClient(ch)
         bare = CeilingClient(ch)
         client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
         client.backward()
         # Each beside its ceiling: the same work in a bare call, against the echo too.
-        calls: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+        calls: list[tuple[str, Callable[[gradwire.Client], object], Callable[[], object]]] = [
             (
                 "GetTensor of 3 elements",
-                lambda: client.get("conv1.weight.grad[0][0][0]"),
+                lambda c: c.get("conv1.weight.grad[0][0][0]"),
                 lambda: bare.read("conv1.weight.grad"),
             ),
-            ("Step", client.step, bare.step),  # the gradients stay: every Step applies them
+            ("Step", lambda c: c.step(), bare.step),  # the gradients stay: every Step applies them
             # Zeros in place: 3 fills, one of them parallel (linear.weight's 64,000 values).
             (
                 "ZeroGrad to zeros",
-                lambda: client.zero_grad(set_to_none=False),
+                lambda c: c.zero_grad(set_to_none=False),
                 lambda: bare.zero_grad(set_to_none=False),
             ),
             # To None, as the tutorial's optimizer.zero_grad() does since PyTorch 2.0; last,
             # as it leaves no gradients.
-            ("ZeroGrad to None (the tutorial's)", client.zero_grad, bare.zero_grad),
+            ("ZeroGrad to None (the tutorial's)", lambda c: c.zero_grad(), bare.zero_grad),
         ]
 
         for label, call, ceiling in calls:
             # The target's figure as it has always been measured: alternated call by call
             # with the echo, both in the state the call leaves the machine in.
-            ours, bare_echo = paired(call, floor.small_echo, repeats * 10)
+            ours, bare_echo = paired(lambda call=call: call(client), floor.small_echo, repeats * 10)
             rows.append(at_most(f"{label} vs echo", ours, bare_echo, 1.5))
             # And each in a loop of its own, with its ceiling: alternated, the echo reads
             # 0.1 ms faster after a Step than in a loop of echoes (Step's parallel update
-            # keeps the second vCPU awake; docs/PERFORMANCE.md, eighteenth session).
-            ours, work, bare_echo = looped([call, ceiling, floor.small_echo], rounds_for(repeats))
+            # keeps the second vCPU awake; docs/PERFORMANCE.md, eighteenth session). The
+            # same call on a Calls stream beside them.
+            ours, on_stream, work, bare_echo = looped(
+                [
+                    lambda call=call: call(client),
+                    lambda call=call: call(streamed),
+                    ceiling,
+                    floor.small_echo,
+                ],
+                rounds_for(repeats),
+            )
             figure = "  the same, each in a loop of its own (call, ceiling, echo)"
             rows.append(report(at_most(figure, ours, bare_echo, 1.5)))
+            figure = "  the same on a Calls stream, in loops, vs echo"
+            rows.append(report(at_most(figure, on_stream, bare_echo, 1.5)))
             figure = "  (ceiling) the same work in a bare gRPC call, in loops, vs echo"
             rows.append(report(at_most(figure, work, bare_echo, 1.5)))
+        streamed.close()
     return rows
 
 
@@ -377,6 +390,9 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
     rounds = rounds_for(repeats)
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
+        # The targets' figures are taken on a Calls stream (`stream_calls=True`): gradwire's
+        # own way of making calls one after another. Calls of their own are reported beside.
+        streamed = gradwire.Client(served.address, channel=ch, stream_calls=True)
         floor = FloorClient(ch)
         bare = CeilingClient(ch)
         for size, target in [(256, 0.9), (8, 0.5)]:
@@ -384,8 +400,9 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             xr, yr = Fill.ones(size, 3, 10, 10), Fill.ones(size, dtype="int64")
             # In-process: handed to the trainer's own thread, as the servicer does. The
             # ceiling beside them: the same step in a bare gRPC call.
-            ours, ceiling, inproc = looped(
+            on_stream, ours, ceiling, inproc = looped(
                 [
+                    lambda xr=xr, yr=yr: streamed.train_step(xr, yr, zero_grad=True),
                     lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
                     lambda size=size: bare.train_step(size),
                     lambda x=x, y=y: local._run(
@@ -394,14 +411,16 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
                 ],
                 rounds,
             )
-            figure = f"TrainStep batch {size} vs in-process"
-            rows.append(rate_at_least(figure, ours, inproc, target))
+            figure = f"TrainStep batch {size} on a Calls stream vs in-process"
+            rows.append(rate_at_least(figure, on_stream, inproc, target))
+            figure = "  the same, a call of its own each, vs in-process"
+            rows.append(report(rate_at_least(figure, ours, inproc, target)))
             figure = "  (ceiling) the same step in a bare gRPC call, vs in-process"
             rows.append(report(rate_at_least(figure, ceiling, inproc, target)))
         rows.extend(steps_without_a_call_each(client, local, identity))
 
         # The tutorial's separate calls against in-process time plus 6 bare echoes.
-        def remote_calls() -> None:
+        def remote_calls(client: gradwire.Client = streamed) -> None:
             client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
             client.backward()
             client.step()
@@ -415,11 +434,21 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             local.zero_grad()
             local.read(*READ)
 
-        ours, ceiling, inproc, bare_echo = looped(
-            [remote_calls, bare.tutorial, lambda: local._run(local_calls), floor.small_echo], rounds
+        ours, unary, ceiling, inproc, bare_echo = looped(
+            [
+                remote_calls,
+                lambda: remote_calls(client),
+                bare.tutorial,
+                lambda: local._run(local_calls),
+                floor.small_echo,
+            ],
+            rounds,
         )
         budget = inproc + 6 * bare_echo
-        rows.append(at_most("Tutorial's 5 calls vs in-process + 6 echoes", ours, budget, 1.0))
+        figure = "Tutorial's 5 calls on a Calls stream vs in-process + 6 echoes"
+        rows.append(at_most(figure, ours, budget, 1.0))
+        figure = "  the same, a call of its own each, vs in-process + 6 echoes"
+        rows.append(report(at_most(figure, unary, budget, 1.0)))
         figure = "  (ceiling) the same 5 calls, bare gRPC, vs in-process + 6 echoes"
         rows.append(report(at_most(figure, ceiling, budget, 1.0)))
         # A person stepping by hand, or a script doing other work between steps: what a pause
@@ -432,6 +461,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
         rows.append(Row(figure, idle, ours, idle / ours, "(report)", True))
         rows.append(beside_a_session(client, repeats))
+        streamed.close()
     return rows
 
 
