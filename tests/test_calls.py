@@ -9,6 +9,7 @@ CallRequests, as a client in another language writes them.
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 import gradwire
 from gradwire import calls, errors, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.replay import replay
 from gradwire_server.app import Running, start
@@ -449,4 +451,14 @@ def test_each_call_on_the_stream_is_counted_as_its_method() -> None:
         assert counted(samples, TRAINER + "Forward", "OK") == 1
         assert counted(samples, TRAINER + "Backward", "OK") == 1
         assert counted(samples, TRAINER + "Backward", "FAILED_PRECONDITION") == 1
+        eventually(lambda: counted(scrape(running), CALLS, "OK") == 1)
+
+
+def test_the_replay_command_makes_its_calls_on_one_stream() -> None:
+    with running_server(metrics_port=0) as running:
+        out = io.StringIO()
+        assert main(["replay", "--target", f"127.0.0.1:{running.port}"], out=out) == 0
+        assert "bit for bit: True" in out.getvalue()
+        samples = scrape(running)
+        assert counted(samples, TRAINER + "Forward", "OK") == 1
         eventually(lambda: counted(scrape(running), CALLS, "OK") == 1)

@@ -1077,6 +1077,9 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
             else:
                 out.write(line + "\n")
 
+        # The tutorial's calls, one after another: on one stream (a server without the
+        # Calls RPC gets calls of their own).
+        c.stream_calls = True
         try:
             result = replay(c, init=args.init, seed=args.seed, write=write)
         except WrongModel as e:
