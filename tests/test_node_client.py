@@ -159,6 +159,24 @@ def test_node_reads_each_error_status_and_reason(address: str) -> None:
         assert words in error["message"], error["message"]
 
 
+def test_node_makes_calls_on_one_stream(address: str, client: gradwire.Client) -> None:
+    """Seven CallRequests written at once from the .proto alone: seven answers in order, the
+    retried Step applied once, the Backward's error its own, the stream going on past it."""
+    calls = _replay(address)["calls"]
+    assert calls["results"] == [
+        "forward", "backward", "step", "step", "get_tensor", "error", "list_tensors"
+    ]  # fmt: skip
+    first, again = calls["steps"]
+    assert first == again and first["parameters_updated"] == 3
+    assert calls["backward_version"] == calls["forward_version"] + 1 == first["version"] - 1
+    assert calls["listed_version"] == first["version"] == client.list_tensors().version
+    error = calls["error"]
+    assert (error["code"], error["reason"], error["domain"]) == (
+        "FAILED_PRECONDITION", "GRAPH_FREED", "gradwire.dev"
+    )  # fmt: skip
+    assert calls["read"] == client.read("conv1.weight[0][0][0]").value.tolist()
+
+
 def test_node_transcript_reads_as_the_tutorial(address: str) -> None:
     done = _node(address)
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,7 @@
 // its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
 // drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
 // listing, an int64 read, a streamed read, a read as a typed array (wire.mjs), a typed write,
-// a retried Step and errors.
+// a retried Step, errors, and calls as messages on one stream.
 //
 //   npm ci --prefix examples/node
 //   node examples/node/tutorial.mjs localhost:50051 [--init random --seed 7] [--googleapis DIR]
@@ -81,8 +81,13 @@ function collect(method, request) {
 /** A failed call as the contract describes it: status, message and ErrorInfo's reason. */
 function explain(error) {
   if (error.code === undefined) throw error; // not a gRPC error: a bug here, not the server's
-  const out = { code: grpc.status[error.code], message: error.details };
   const [details] = error.metadata?.get('grpc-status-details-bin') ?? [];
+  return described(error.code, error.details, details);
+}
+
+/** Status code, message, and the reason in `details` (a serialized google.rpc.Status). */
+function described(code, message, details) {
+  const out = { code: grpc.status[code], message };
   if (details && Status) {
     for (const any of Status.decode(details).details) {
       if (any.type_url === 'type.googleapis.com/google.rpc.ErrorInfo') {
@@ -92,6 +97,29 @@ function explain(error) {
     }
   }
   return out;
+}
+
+/** CallRequests sent on one Calls stream, all at once, and their answers: one each, in
+ *  order. The stream is ended once the last has come. */
+function onOneStream(requests) {
+  return new Promise((resolve, reject) => {
+    const answers = [];
+    const stream = trainer.Calls(new grpc.Metadata(), { deadline: Date.now() + 30_000 });
+    stream.on('data', (answer) => {
+      answers.push(answer);
+      if (answers.length === requests.length) stream.end();
+    });
+    stream.on('error', reject);
+    stream.on('end', () => resolve(answers));
+    for (const request of requests) stream.write(request);
+  });
+}
+
+/** A CallResponse's error, as `explain` reads a unary call's. */
+function answeredError(answer) {
+  if (!Status) return { code: 'an error (--googleapis decodes it)' };
+  const status = Status.decode(answer.error);
+  return described(status.code, status.message, answer.error);
 }
 
 /** The call's error, explained; null when it succeeded. */
@@ -294,6 +322,27 @@ async function pastTheTutorial() {
     transcript.push(`# ${name}: ${[error?.code, error?.reason, error?.message].filter(Boolean).join(' ')}`);
   }
 
+  // The tutorial's calls again, as messages on one open stream (Calls), all sent at once: a
+  // Step retried with its request id, and a Backward whose graph is gone, whose error ends
+  // that call alone.
+  const stepId = randomBytes(16).toString('hex');
+  const answers = await onOneStream([
+    {
+      forward: {
+        input: { fill: { kind: 'KIND_ONES', shape: [BATCH, 3, 10, 10] } },
+        target: { fill: { kind: 'KIND_ONES', shape: [BATCH], dtype: 'DTYPE_INT64' } },
+      },
+    },
+    { backward: {} },
+    { step: {}, request_id: stepId },
+    { step: {}, request_id: stepId },
+    { get_tensor: { name: 'conv1.weight', index: [index(at(0)), index(at(0)), index(at(0))] } },
+    { backward: {} },
+    { list_tensors: {} },
+  ]);
+  const results = answers.map((a) => a.result);
+  transcript.push(`# on one stream: ${results.join(', ')}`);
+
   return {
     listing: {
       model: listing.model,
@@ -323,6 +372,18 @@ async function pastTheTutorial() {
     viewed: { shape: viewed.shape, equal_to_decoded: viewedSame },
     set: { version: Number(write.version), written: written.values },
     errors,
+    calls: {
+      results,
+      forward_version: Number(answers[0].forward.version),
+      backward_version: Number(answers[1].backward.version),
+      steps: [answers[2].step, answers[3].step].map((s) => ({
+        version: Number(s.version),
+        parameters_updated: Number(s.parameters_updated),
+      })),
+      read: tensor(answers[4].get_tensor.tensor).values,
+      error: answeredError(answers[5]),
+      listed_version: Number(answers[6].list_tensors.version),
+    },
   };
 }
 
