@@ -17,11 +17,12 @@ from gradwire_server.trainer import Trainer
 
 @contextmanager
 def running_server(
-    spec: ModelSpec = SIMPLE, seed: int | None = 0, **options: Any
+    spec: ModelSpec = SIMPLE, seed: int | None = 0, port: int = 0, **options: Any
 ) -> Iterator[Running]:
-    """A CPU trainer for `spec` served on loopback, `options` passed to app.start (the call
-    limit, keepalive, ...); the server stops when the block ends."""
-    running = start(Trainer(spec, device="cpu", seed=seed), "127.0.0.1", 0, **options)
+    """A CPU trainer for `spec` served on loopback (on `port`; 0: a free one), `options`
+    passed to app.start (the call limit, keepalive, ...); the server stops when the block
+    ends."""
+    running = start(Trainer(spec, device="cpu", seed=seed), "127.0.0.1", port, **options)
     try:
         yield running
     finally:

@@ -403,6 +403,23 @@ def test_a_stopping_server_ends_the_stream_at_its_next_message(raw: Raw, server:
     assert "stopping" in (caught.value.details() or "")
 
 
+def test_a_stream_the_server_ended_while_idle_is_not_written_to() -> None:
+    """The server restarted between two calls, its end cancelling the idle stream: the next
+    call goes on a new stream instead of failing, unsent, with the old one's end."""
+    with running_server() as first:
+        port = first.port
+        client = streaming(f"127.0.0.1:{port}", timeout=30)
+        client.retries = 0  # no retry to hide a call failed unsent
+        assert client.list_tensors().version == 0
+        stream = client._calls
+    with client, running_server(port=port) as second:
+        assert second.port == port
+        assert stream is not None
+        eventually(lambda: stream._responses.done())
+        assert client.fill_parameters(1.0) == 1
+        assert client._calls is not stream
+
+
 def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
     """One stream, two threads: a call that finds the stream busy goes as a call of its own."""
     with gradwire.connect(address, stream_calls=True, timeout=30) as client:

@@ -136,6 +136,17 @@ class CallStream:
         assert payload is not None
         return payload
 
+    @property
+    def usable(self) -> bool:
+        """Neither spent nor ended by the server while idle (a server that stopped, a
+        connection lost): a call written into an ended stream would fail unsent."""
+        if self.spent:
+            return False
+        if self._responses.done():
+            self.spent = True
+            return False
+        return True
+
     def close(self, wait: float = 1.0) -> None:
         """Ends the stream: the server's side ends as after its last call (OK), within
         `wait` seconds; past that, or spent, it is cancelled."""

@@ -871,11 +871,11 @@ class Client:
         """This client's open Calls stream, for its session: opened now when there is none,
         the last one failed, or the client has moved to another session."""
         stream = self._calls
-        if stream is not None and not stream.spent and stream.session == self._session:
+        if stream is not None and stream.usable and stream.session == self._session:
             return stream
         with self._calls_guard:
             stream = self._calls
-            if stream is None or stream.spent or stream.session != self._session:
+            if stream is None or not stream.usable or stream.session != self._session:
                 if stream is not None:
                     stream.close(wait=0)
                 metadata = [*self._metadata, *self._session_metadata("Calls")]
