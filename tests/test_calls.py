@@ -25,6 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 import gradwire
 from gradwire import calls, errors, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.call_stream import Spent
 from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.replay import replay
@@ -273,13 +274,60 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     for nothing in (b"", b"\xfa\x06\x00"):  # no call; field 111, a newer client's call
         code, message, reason, _ = error_of(raw.send(nothing))
         assert (code, reason) == (3, "BAD_REQUEST") and "names no call" in message
+    # A Step's request of bytes that are no StepRequest: refused as the unary Step's.
+    broken = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x02\xff\xff"
+    code, message, reason, _ = error_of(raw.send(broken))
+    assert (code, reason) == (3, "MALFORMED_REQUEST")
+    assert "not a valid gradwire.v1.StepRequest" in message
+    # A mutation's request id and expected version are refused as their metadata would be.
     too_long = pb.CallRequest(step=pb.StepRequest(), request_id="x" * 129)
-    assert error_of(raw.call(too_long))[1:3] == ("request_id is over 128 characters", "BAD_REQUEST")
+    assert error_of(raw.call(too_long))[1:3] == (
+        "request_id is over 128 characters",
+        "BAD_METADATA",
+    )
     past = pb.CallRequest(step=pb.StepRequest(), expected_version=2**63)
-    assert "expected_version must be a state version" in error_of(raw.call(past))[1]
-    listing = raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+    _, message, reason, _ = error_of(raw.call(past))
+    assert reason == "BAD_METADATA" and "expected_version must be a state version" in message
+    # A read ignores both, as a unary read ignores that metadata.
+    listing = raw.call(
+        pb.CallRequest(
+            list_tensors=pb.ListTensorsRequest(), request_id="x" * 200, expected_version=2**63
+        )
+    )
     assert listing.list_tensors.version == 0
     assert raw.close() == grpc.StatusCode.OK
+
+
+def test_a_message_of_two_calls_is_the_last_one_alone(raw: Raw) -> None:
+    """Protobuf keeps the last of a oneof's fields: the values of a Forward before it must
+    not fill the TrainStep kept (found by a review: a TrainStep sent without values took
+    the Forward's, where its unary call is refused)."""
+    values = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[16, 3, 10, 10])
+    values.float_values.extend(np.ones(4800, dtype=np.float32))  # 19.2 KB: its values cut out
+    forward = pb.CallRequest(forward=pb.ForwardRequest(input=pb.TensorSource(tensor=values)))
+    empty = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[16, 3, 10, 10])
+    step = pb.CallRequest(
+        train_step=pb.TrainStepRequest(
+            input=pb.TensorSource(tensor=empty),
+            target=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[16])),
+        )
+    )
+    both = forward.SerializeToString() + step.SerializeToString()
+    assert len(both) >= wire.SMALL_MESSAGE_BYTES
+    code, message, _, _ = error_of(raw.send(both))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "4800 values" in message, message
+    assert raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors.version == 0
+
+
+def test_a_malformed_call_on_an_unknown_session_is_answered_as_its_unary_call(
+    address: str,
+) -> None:
+    """The session first, then the request's form: the unary call's order."""
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-session", "no-such-session"),))
+        broken = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x02\xff\xff"
+        assert error_of(stream.send(broken))[2] == "UNKNOWN_SESSION"
 
 
 def test_request_id_or_expected_version_in_the_streams_metadata_is_refused(address: str) -> None:
@@ -306,15 +354,20 @@ def test_a_session_closed_under_a_stream_answers_unknown_session(
         assert stream.close() == grpc.StatusCode.OK
 
 
-def test_a_session_clients_calls_go_on_a_stream_of_its_own(streamed: gradwire.Client) -> None:
+def test_a_session_clients_calls_go_on_a_stream_of_its_own(
+    streamed: gradwire.Client, server: Running
+) -> None:
+    assert streamed.list_tensors().version == 0
     with streamed.open_session(seed=0) as session:
         assert session.forward(ONES, TARGET).version == 1
         assert streamed.list_tensors().version == 0  # the default session, untouched
         assert session._calls is not None and session._calls is not streamed._calls
         assert session._calls.session == session.session
+        assert server.servicer.slots.taken == 2  # a place for each stream
+    eventually(lambda: server.servicer.slots.taken == 1)  # closing it gave its place back
 
 
-def test_a_token_is_checked_once_for_the_stream() -> None:
+def test_a_token_is_checked_for_the_stream() -> None:
     with running_server(token="s3cret") as running:
         address = f"127.0.0.1:{running.port}"
         with streaming(address, token="s3cret", timeout=30) as client:
@@ -347,13 +400,63 @@ def test_a_call_past_its_timeout_raises_and_the_next_goes_on_a_new_stream(
         started = time.monotonic()
         with pytest.raises(errors.DeadlineExceeded):
             client.forward(Fill.ones(1, 2))  # held in the model until released
-        assert time.monotonic() - started < 20
+        assert time.monotonic() - started < 10
         first = client._calls
         assert first is not None and first.spent
         Gate.release.set()
         client.timeout = 30
         eventually(lambda: client.list_tensors().version == 1)  # the Forward ran to its end
         assert client._calls is not first
+
+
+def test_a_short_timeout_after_a_long_one_is_kept(gated: Running) -> None:
+    """The watchdog, asleep until a long call's deadline, is woken for a shorter one (found
+    by a review: the short call was cut off only at the long one's deadline)."""
+    with streaming(f"127.0.0.1:{gated.port}", timeout=300) as client:
+        client.retries = 0
+        assert client.list_tensors().version == 0  # answered; its 300 s deadline remains
+        client.timeout = 0.5
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            client.forward(Fill.ones(1, 2))  # held in the model until released
+        assert time.monotonic() - started < 60
+
+
+def test_a_stream_closed_before_a_call_is_written_sends_it_as_a_call_of_its_own(
+    address: str,
+) -> None:
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        assert client.list_tensors().version == 0
+        stream = client._calls
+        assert stream is not None
+        stream.close()
+        with pytest.raises(Spent):  # never written after the end: it would go unanswered
+            stream.call("ListTensors", [b""], None, None, 30)
+        assert client.list_tensors().version == 0  # and the client's next call goes on
+
+
+def test_moving_to_another_session_lets_a_call_in_progress_finish(gated: Running) -> None:
+    """Another thread's call on the stream of the session left gets its answer (found by a
+    review: the old stream was cancelled under it, its caller told CANCELLED though the
+    call was applied)."""
+    address = f"127.0.0.1:{gated.port}"
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        other = client.open_session(seed=0).detach()
+        assert client.list_tensors().version == 0  # the default session's stream is open
+        first = client._calls
+        answers: dict[str, object] = {}
+        held = threading.Thread(target=lambda: answers.update(held=client.forward(Fill.ones(1, 2))))
+        held.start()
+        assert Gate.entered.wait(timeout=60)  # the Forward is on the stream, in progress
+        client.session = other
+        moved = threading.Thread(target=lambda: answers.update(moved=client.list_tensors()))
+        moved.start()  # opens the other session's stream, ending the first
+        eventually(lambda: client._calls is not first)
+        Gate.release.set()
+        held.join(timeout=60)
+        moved.join(timeout=60)
+        assert getattr(answers.get("held"), "version", None) == 1
+        assert getattr(answers.get("moved"), "version", None) == 0
 
 
 def test_a_mutation_whose_message_deadline_passed_while_queued_changes_nothing(
@@ -420,8 +523,23 @@ def test_a_stream_the_server_ended_while_idle_is_not_written_to() -> None:
         assert client._calls is not stream
 
 
+def test_a_call_that_finds_the_stream_busy_goes_as_a_call_of_its_own(address: str) -> None:
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        assert client.list_tensors().version == 0
+        stream = client._calls
+        assert stream is not None
+        unary: list[str] = []
+        own = client._methods["ListTensors"]
+        client._methods["ListTensors"] = lambda *a, **k: unary.append("ListTensors") or own(*a, **k)
+        with stream.lock:  # as while another thread's call is on it
+            assert client.list_tensors().version == 0
+        assert unary == ["ListTensors"]
+        assert client.list_tensors().version == 0
+        assert unary == ["ListTensors"] and client._calls is stream  # back on the stream
+
+
 def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
-    """One stream, two threads: a call that finds the stream busy goes as a call of its own."""
+    """One stream, two threads, each call on the stream or beside it."""
     with gradwire.connect(address, stream_calls=True, timeout=30) as client:
         client.forward(ONES, TARGET)
         weight = client.get("conv1.weight")
@@ -464,11 +582,19 @@ def test_each_call_on_the_stream_is_counted_as_its_method() -> None:
             client.backward()
             with pytest.raises(errors.FailedPrecondition):
                 client.backward()
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            raw = Raw(channel)
+            broken = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x02\xff\xff"
+            assert error_of(raw.send(broken))[2] == "MALFORMED_REQUEST"  # a Step's
+            assert error_of(raw.send(b""))[2] == "BAD_REQUEST"  # no call's: the stream's
+            assert raw.close() == grpc.StatusCode.OK
         samples = scrape(running)
         assert counted(samples, TRAINER + "Forward", "OK") == 1
         assert counted(samples, TRAINER + "Backward", "OK") == 1
         assert counted(samples, TRAINER + "Backward", "FAILED_PRECONDITION") == 1
-        eventually(lambda: counted(scrape(running), CALLS, "OK") == 1)
+        assert counted(samples, TRAINER + "Step", "INVALID_ARGUMENT") == 1
+        assert counted(samples, CALLS, "INVALID_ARGUMENT") == 1
+        eventually(lambda: counted(scrape(running), CALLS, "OK") == 2)  # the two streams
 
 
 def test_the_replay_command_makes_its_calls_on_one_stream() -> None:

@@ -14,21 +14,27 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
 from google.rpc import status_pb2
 
-from gradwire import calls, wire
+from gradwire import calls, limits, wire
 
-__all__ = ["CallStream", "MessageError"]
+__all__ = ["CallStream", "MessageError", "Spent"]
 
 #: The trailer a unary call's google.rpc.Status travels in.
 _STATUS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: How long a watchdog with no call to time waits for one before it ends its thread.
 WATCHDOG_IDLE_S = 5.0
+#: How often gRPC's thread that writes an idle stream's requests looks whether the stream
+#: has ended under it.
+IDLE_LOOK_S = 1.0
+#: Timeouts past the most a gRPC deadline holds (and infinite or NaN ones, which
+#: Client(timeout=) refuses) are no deadline on a stream: the watchdog's wait would overflow.
+MAX_TIMEOUT_S = limits.MAX_GRPC_SECONDS
 _END: Any = object()
 
 
@@ -60,11 +66,16 @@ class MessageError(grpc.RpcError):
         return self._trailer
 
 
+class Spent(Exception):
+    """The stream ended before the call could be written to it (closed by another thread,
+    or its session left): the call was not sent, and goes as a call of its own."""
+
+
 class CallStream:
     """One open Calls stream, for one session (`session`, as its metadata named it).
 
     Take `lock` (without waiting: a call that finds it taken goes as a unary call) around
-    `call`. `spent` once the stream has failed or a call on it timed out.
+    `call`. `spent` once the stream has ended, failed or a call on it timed out.
     """
 
     def __init__(
@@ -79,17 +90,36 @@ class CallStream:
         #: Whether a call has been answered on it: a stream refused at its start (a server
         #: without Calls) fails before that.
         self.answered = False
+        # A request and the end are written under `_send`, each after a look at `spent`: a
+        # call never follows the end into the queue, to fail unanswered.
+        self._send = threading.Lock()
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._responses = open_stream(iter(self._requests.get, _END), metadata=metadata)
+        self._responses = open_stream(self._outgoing(), metadata=metadata)
         # The watchdog: cancels the stream when the call in progress passes its deadline
         # (`_due`, on time.monotonic). A thread of its own, started when a call first has a
-        # deadline and ended after WATCHDOG_IDLE_S without one; it wakes at most once per
-        # call's timeout, not once per call.
+        # deadline and ended after WATCHDOG_IDLE_S without one. It sleeps until the due it
+        # saw (`_sleeping_until`), and is woken only for an earlier one: with one timeout for
+        # every call, it wakes once per timeout, not once per call.
         self._watch = threading.Condition(threading.Lock())
         self._due: float | None = None
         self._watchdog: threading.Thread | None = None
-        self._parked = False
+        self._sleeping_until = math.inf
         self._timed_out = False
+
+    def _outgoing(self) -> Iterator[Any]:
+        """The requests, for gRPC's thread that writes them; it ends at the end marker, or
+        once the stream has ended otherwise (a client dropped unclosed, its channel closed:
+        else that thread would wait on the queue for ever)."""
+        while True:
+            try:
+                request = self._requests.get(timeout=IDLE_LOOK_S)
+            except queue.Empty:
+                if self._responses.done():
+                    return
+                continue
+            if request is _END:
+                return
+            yield request
 
     def call(
         self,
@@ -101,13 +131,20 @@ class CallStream:
     ) -> memoryview:
         """`method`'s unary response bytes (a view of the message received), or the
         grpc.RpcError its unary call would have raised (a MessageError for the server's
-        answer)."""
+        answer); Spent, the call unsent, when the stream ended before it was written."""
+        if timeout is not None and not (math.isfinite(timeout) and timeout <= MAX_TIMEOUT_S):
+            timeout = None  # no deadline (see MAX_TIMEOUT_S)
         timeout_ms = 0 if timeout is None else max(math.ceil(timeout * 1000), 1)
-        envelope = calls.request_pieces(method, request, request_id, expected_version, timeout_ms)
-        if timeout is not None:
-            self._time(time.monotonic() + timeout)
+        envelope = wire.join(
+            calls.request_pieces(method, request, request_id, expected_version, timeout_ms)
+        )
+        with self._send:
+            if self.spent:
+                raise Spent
+            if timeout is not None:
+                self._time(time.monotonic() + timeout)
+            self._requests.put(envelope)
         try:
-            self._requests.put(wire.join(envelope))
             data = next(self._responses)
         except StopIteration:  # the server ended the stream with a call unanswered: a bug
             self.spent = True
@@ -147,18 +184,22 @@ class CallStream:
             return False
         return True
 
-    def close(self, wait: float = 1.0) -> None:
-        """Ends the stream: the server's side ends as after its last call (OK), within
-        `wait` seconds; past that, or spent, it is cancelled."""
-        self.spent = True
+    def close(self, wait: float | None = 1.0) -> None:
+        """Ends the stream as after its last call: the server answers what was written
+        before, then ends its side (OK). `wait`: seconds to wait for a call in progress on
+        another thread and for that end, after which the stream is cancelled; None: no
+        wait and no cancel (a call in progress still gets its answer)."""
+        with self._send:
+            if not self.spent:
+                self.spent = True
+                self._requests.put(_END)
         with self._watch:
             self._due = None
-            self._watch.notify()  # a watchdog parked ends now
-        self._requests.put(_END)
+            self._watch.notify()  # a watchdog waiting ends now
+        if wait is None:
+            return
         done = threading.Event()
-        if not self._responses.add_callback(done.set):
-            return  # already over
-        if not done.wait(wait):
+        if self._responses.add_callback(done.set) and not done.wait(wait):
             self._responses.cancel()
 
     def _time(self, due: float) -> None:
@@ -169,7 +210,7 @@ class CallStream:
                     target=self._watch_calls, name="gradwire-call-deadline", daemon=True
                 )
                 self._watchdog.start()
-            elif self._parked:
+            elif due < self._sleeping_until:  # asleep for a later due, or for none
                 self._watch.notify()
 
     def _watch_calls(self) -> None:
@@ -178,18 +219,19 @@ class CallStream:
                 while not self.spent:
                     due = self._due
                     if due is None:  # no call with a deadline: wait for one, a while
-                        self._parked = True
+                        self._sleeping_until = math.inf
                         self._watch.wait(WATCHDOG_IDLE_S)
-                        self._parked = False
                         if self._due is None:
                             return
                         continue
                     left = due - time.monotonic()
                     if left > 0:
-                        self._watch.wait(left)  # a later call may have set a later due
+                        self._sleeping_until = due
+                        self._watch.wait(left)
                         continue
-                    self._timed_out = True
+                    self._timed_out = self.spent = True
                     self._responses.cancel()
                     return
             finally:
+                self._sleeping_until = math.inf
                 self._watchdog = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf.message import DecodeError
+
 from gradwire import wire
 from gradwire._pb import trainer_pb2 as pb
 
@@ -20,6 +22,7 @@ __all__ = [
     "ERROR_FIELD",
     "METHODS",
     "error_bytes",
+    "named_call",
     "request_pieces",
     "response_bytes",
     "unwrap_request",
@@ -58,6 +61,7 @@ def _methods() -> dict[str, tuple[int, str]]:
 #: CallRequest field's name).
 METHODS: dict[str, tuple[int, str]] = _methods()
 _NAMES = {number: name for name, (number, _) in METHODS.items()}
+_CALL_TYPES = {f.number: f.message_type.name for f in _CALL.fields if f.message_type is not None}
 _BY_FIELD = {field: name for name, (_, field) in METHODS.items()}
 #: The responses that carry tensors: their values stay aligned in the envelope.
 _ALIGNED = frozenset(
@@ -124,9 +128,36 @@ def unwrap_request(split: wire.Split[pb.CallRequest]) -> tuple[str | None, Any]:
         return None, None
     request = getattr(message, field)
     if field in _REQUEST_TENSORS:
-        cut = {path[1:]: value for path, value in split.cut.items()}
+        # Only the kept call's values: a message of two call fields keeps the last, and the
+        # values cut from an earlier one would be read as the kept one's (found by a review:
+        # a TrainStep without values took a Forward's before it).
+        number = pb.CallRequest.DESCRIPTOR.fields_by_name[field].number
+        cut = {path[1:]: value for path, value in split.cut.items() if path[0][0] == number}
         request = wire.Split(request, cut)
     return _BY_FIELD[field], request
+
+
+def named_call(data: bytes) -> tuple[str | None, str | None]:
+    """For bytes that do not parse as a CallRequest: the call its last call field names
+    (None when there is none to be found), and why that field's bytes are not that call's
+    request (None when they are one: the fault lies elsewhere in the envelope)."""
+    view = memoryview(data)
+    found = None
+    try:
+        for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
+            if number in _NAMES and wire_type == wire.LEN:
+                found = number, start, end
+    except ValueError:
+        pass  # the envelope breaks off: a call field before the break still names its call
+    if found is None:
+        return None, None
+    number, start, end = found
+    request_type = getattr(pb, _CALL_TYPES[number])
+    try:
+        request_type.FromString(view[start:end])
+    except DecodeError as err:
+        return _NAMES[number], str(err)
+    return _NAMES[number], None
 
 
 def response_bytes(method: str, response: bytes) -> bytes:

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import calls, codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.call_stream import CallStream, MessageError
+from gradwire.call_stream import CallStream, MessageError, Spent
 from gradwire.credentials import check_pem, check_token, pem_bytes
 from gradwire.errors import (
     ClientClosed,
@@ -318,6 +318,15 @@ def _response_parsers() -> dict[str, Callable[[Any], Any] | None]:
 
 
 _PARSE_RESPONSE = _response_parsers()
+
+
+def _close_left_open(box: list[CallStream | None]) -> None:
+    """A collected client's Calls stream, closed without waiting."""
+    stream = box[0]
+    if stream is not None:
+        stream.close(wait=None)
+
+
 #: From Client._on_stream: the call is to go as a call of its own.
 _UNARY: Any = object()
 
@@ -479,10 +488,16 @@ def _check_stream_timeout(timeout: float | None) -> None:
     deadline holds. A negative one fell back to the client's per-call timeout without a
     word, and inf, NaN or 1e10 ended the stream at once, DEADLINE_EXCEEDED (found by a
     review)."""
-    _check_seconds(timeout, "timeout", "None: no limit")
+    _check_timeout(timeout, "timeout")
+
+
+def _check_timeout(timeout: float | None, what: str) -> None:
+    """A call's or stream's timeout: None (no limit), or seconds from 0 to what a gRPC
+    deadline holds; inf, NaN or 1e10 failed every call at once, DEADLINE_EXCEEDED."""
+    _check_seconds(timeout, what, "None: no limit")
     if timeout is not None and timeout > limits.MAX_GRPC_SECONDS:
         raise ValueError(
-            f"timeout must be at most {limits.MAX_GRPC_SECONDS:,} seconds (about 24 days), "
+            f"{what} must be at most {limits.MAX_GRPC_SECONDS:,} seconds (about 24 days), "
             f"the most a gRPC deadline holds; None: no limit; got {timeout!r}"
         )
 
@@ -673,6 +688,7 @@ class Client:
                 f"mutual TLS needs a client certificate and its private key: {given}= was "
                 f"given without {missing}=; give both (PEM bytes), or neither"
             )
+        _check_timeout(timeout, "timeout=")
         _check_seconds(keepalive, "keepalive=", "0 or None: no pings")
         _check_seconds(keepalive_timeout, "keepalive_timeout=")
         if not keepalive_timeout:  # gRPC took 0 for a 1 ms wait for a ping's answer
@@ -713,9 +729,8 @@ class Client:
         self._methods = self._bind(self._channel)
         #: Whether calls on the session go on one open stream (see `stream_calls=`).
         self.stream_calls = stream_calls
-        self._calls: CallStream | None = None  # this client's stream, opened by a call
-        self._calls_guard = threading.Lock()  # for opening and replacing it
-        self._no_calls = False  # the server has no Calls RPC: a server from before it
+        self._own_call_stream()
+        self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
         self._health = health_pb2_grpc.HealthStub(self._channel)
         #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
@@ -834,6 +849,19 @@ class Client:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
+    @property
+    def _calls(self) -> CallStream | None:
+        """This client's Calls stream, open or spent; None before its first call."""
+        return self._calls_box[0]
+
+    def _own_call_stream(self) -> None:
+        """A place of this client's own for its Calls stream, which is closed (without
+        waiting) when the client is collected unclosed: a stream left open holds a place on
+        the server, and a gRPC thread here, for as long as its channel lives."""
+        self._calls_box: list[CallStream | None] = [None]
+        self._calls_guard = threading.Lock()  # for opening and replacing it
+        weakref.finalize(self, _close_left_open, self._calls_box)
+
     def _on_stream(
         self,
         method: str,
@@ -856,6 +884,8 @@ class Client:
                 None if expected is None else int(expected),
                 timeout or self.timeout,
             )
+        except Spent:  # ended by another thread meanwhile (closed, or another session)
+            return _UNARY
         except grpc.RpcError as err:
             refused = not stream.answered and not isinstance(err, MessageError)
             if refused and err.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -875,21 +905,23 @@ class Client:
             return stream
         with self._calls_guard:
             stream = self._calls
+            if self._no_calls:
+                return None
             if stream is None or not stream.usable or stream.session != self._session:
-                if stream is not None:
-                    stream.close(wait=0)
+                if stream is not None:  # a call of another thread's on it still gets its answer
+                    stream.close(wait=None)
                 metadata = [*self._metadata, *self._session_metadata("Calls")]
                 try:
                     stream = CallStream(self._methods["Calls"], metadata, self._session)
                 except ValueError as err:
                     raise _closed_channel(err) from None
-                self._calls = stream
+                self._calls_box[0] = stream
             return stream
 
-    def _close_call_stream(self, wait: float = 1.0) -> None:
+    def _close_call_stream(self, wait: float | None = 1.0) -> None:
         """Ends this client's Calls stream, if it has one open, as after its last call."""
         with self._calls_guard:
-            stream, self._calls = self._calls, None
+            stream, self._calls_box[0] = self._calls, None
         if stream is not None:
             stream.close(wait)
 
@@ -974,6 +1006,7 @@ class Client:
         closed with the channel, its client object kept or not: it would stay open on the
         server until it expired, no client left to close it."""
         try:
+            self._no_calls = True  # a call after close() opens no stream that nothing closes
             self._close_call_stream()
             if self.session is not None and self._owns_session:
                 self.close_session()
@@ -1017,7 +1050,7 @@ class Client:
             request.optimizer.CopyFrom(_optimizer_config(optimizer or "sgd", settings))
         response = self._call("OpenSession", request)
         other = copy.copy(self)
-        other._calls, other._calls_guard = None, threading.Lock()  # a stream of its own
+        other._own_call_stream()  # a stream of its own, for its session
         other.session = response.session
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True

@@ -33,10 +33,14 @@ class MessageContext:
 
     __slots__ = ("_deadline", "_metadata", "_stream")
 
-    def __init__(
-        self, stream: grpc.ServicerContext, metadata: dict[str, str], timeout_ms: int
-    ) -> None:
+    def __init__(self, stream: grpc.ServicerContext, metadata: dict[str, str]) -> None:
         self._stream = stream
+        self._metadata = metadata
+        self._deadline: float | None = None
+
+    def carry(self, metadata: dict[str, str], timeout_ms: int) -> None:
+        """What the message itself says, once read: its metadata (the stream's, with the
+        message's request id and expected version) and its timeout (0: none)."""
         self._metadata = metadata
         self._deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
 

@@ -78,7 +78,8 @@ class Metrics:
 
     gradwire_rpc_total{method, code}   calls finished, by status code name (a call made as a
                                         message on a Calls stream counts as its own method,
-                                        and the stream once more, as Calls)
+                                        and the stream once more, as Calls, as does a
+                                        message that names no call)
     gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
     gradwire_model_version              state version of the default session's model
     gradwire_sessions_open              sessions open beside the default one

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
@@ -99,6 +99,8 @@ class Malformed:
 
     type_name: str
     error: str
+    #: The bytes, for a Calls stream to say which call they meant to carry.
+    data: bytes = field(default=b"", repr=False)
 
 
 #: The most characters of an error's message, and of each ErrorInfo metadata value, sent.
@@ -1140,37 +1142,40 @@ class TrainerServicer:
         self, request: Any, context: grpc.ServicerContext, stream_metadata: dict[str, str]
     ) -> bytes:
         """The CallResponse for one message of a Calls stream: the call run through the path
-        of its unary call, less the place, which the stream holds."""
+        of its unary call, in its order (session, then the request's form, then the
+        request id and expected version a mutation carries), less the place, which the
+        stream holds."""
         name = "Calls"  # until the message names its call
         observer, done = self.observer, None
-        message_context = None
+        # Stands in for the ServicerContext of the unary call, which asks no more of it.
+        message_context = MessageContext(context, stream_metadata)
+        at = cast(grpc.ServicerContext, message_context)
         try:
-            envelope = well_formed(request).message
-            found, call = calls.unwrap_request(request)
-            metadata = _message_metadata(envelope, stream_metadata)
-            # Stands in for the ServicerContext of the unary call, which asks no more of it.
-            message_context = cast(
-                grpc.ServicerContext, MessageContext(context, metadata, envelope.timeout_ms)
-            )
-            if found is None:
-                raise InvalidInput(
-                    "the CallRequest names no call this server knows: set one of its call "
-                    "fields (forward, step, get_tensor, ...)",
-                    reason="BAD_REQUEST",
-                )
-            name = found
-            if observer is not None:
-                done = observer.begin(f"/{SERVICE.full_name}/{name}", message_context)
-            method, mutates = _ON_STREAM[name]
-            with _Session(self, metadata):
-                if mutates:
-                    response = _mutate(self, method, call, message_context, metadata)
+            found, call, envelope = _named_call(request)
+            if found is not None:
+                name = found
+                if observer is not None:
+                    done = observer.begin(f"/{SERVICE.full_name}/{name}", at)
+            with _Session(self, stream_metadata):
+                if found is None:
+                    well_formed(request)  # bytes that are no CallRequest at all
+                    raise InvalidInput(
+                        "the CallRequest names no call this server knows: set one of its "
+                        "call fields (forward, step, get_tensor, ...)",
+                        reason="BAD_REQUEST",
+                    )
+                well_formed(call)  # the call's own request, as its unary call checks it
+                assert envelope is not None
+                method, mutates = _ON_STREAM[name]
+                metadata = _message_metadata(envelope, stream_metadata) if mutates else None
+                message_context.carry(metadata or stream_metadata, envelope.timeout_ms)
+                if metadata is not None:
+                    response = _mutate(self, method, call, at, metadata)
                 else:
-                    response = method(self, call, message_context)
+                    response = method(self, call, at)
             answer, code = calls.response_bytes(name, _serialize(response)), "OK"
         except Exception:
             try:
-                at = message_context or cast(grpc.ServicerContext, MessageContext(context, {}, 0))
                 _answer_error(at, name, self)
             except Answered as answered:
                 answer, code = calls.error_bytes(answered.status), answered.code.name
@@ -1194,9 +1199,25 @@ class CallObserver(Protocol):
 _MESSAGE_FIELDS = {REQUEST_ID: "request_id", EXPECTED_VERSION: "expected_version"}
 
 
+def _named_call(request: Any) -> tuple[str | None, Any, pb.CallRequest | None]:
+    """(the call a message of a Calls stream names, its request as the unary handler takes
+    it, the CallRequest); for bytes that are no CallRequest, the request is Malformed under
+    its own type's name where the call's field can be found, so that the error names it."""
+    if not isinstance(request, Malformed):
+        found, call = calls.unwrap_request(request)
+        return found, call, request.message
+    found, error = calls.named_call(request.data)
+    if found is None or error is None:  # the envelope itself is at fault
+        return None, None, None
+    request_type = pb.DESCRIPTOR.services_by_name["Trainer"].methods_by_name[found].input_type
+    return found, Malformed(request_type.full_name, error), None
+
+
 def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[str, str]:
-    """The metadata a call on a Calls stream runs with: the stream's, with the message's
-    request id and expected version as the unary call's metadata would carry them."""
+    """The metadata a mutation on a Calls stream runs with: the stream's, with the message's
+    request id and expected version as the unary call's metadata would carry them, refused
+    where the metadata would be (BAD_METADATA). Reads take neither, as unary reads ignore
+    them."""
     has_version = envelope.HasField("expected_version")
     if not envelope.request_id and not has_version:
         return stream
@@ -1205,7 +1226,7 @@ def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[
         if len(envelope.request_id) > limits.MAX_REQUEST_ID_CHARS:
             raise InvalidInput(
                 f"request_id is over {limits.MAX_REQUEST_ID_CHARS} characters",
-                reason="BAD_REQUEST",
+                reason="BAD_METADATA",
             )
         metadata[REQUEST_ID] = envelope.request_id
     if has_version:
@@ -1213,7 +1234,7 @@ def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[
             raise InvalidInput(
                 f"expected_version must be a state version, from 0 to {2**63 - 1}, got "
                 f"{envelope.expected_version}",
-                reason="BAD_REQUEST",
+                reason="BAD_METADATA",
             )
         metadata[EXPECTED_VERSION] = str(envelope.expected_version)
     return metadata
@@ -1297,7 +1318,7 @@ def deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
             return wire.split(data, message_type) if splits else message_type.FromString(data)
         except DecodeError as err:
             # Answered INVALID_ARGUMENT by the method, instead of gRPC's own INTERNAL.
-            return Malformed(name, str(err))
+            return Malformed(name, str(err), data)
 
     return parse
 

@@ -2326,15 +2326,19 @@ class CallRequest(_message.Message):
     expected_version: _builtins.int
     """As the "gradwire-expected-version" metadata: the call applies only if the session's
     state version is still this (ABORTED, VERSION_MISMATCH, otherwise). Unset: no condition.
-    Read by mutations only; at most 2^63-1 (BAD_METADATA past it).
+    Read by mutations only, as the metadata is; past 2^63-1 a mutation is refused as the
+    metadata would be (INVALID_ARGUMENT, BAD_METADATA), as is a request_id over 128
+    characters.
     """
     timeout_ms: _builtins.int
-    """This call's deadline, in milliseconds from when the server reads the message; 0: none
-    but the stream's. A mutation whose deadline passes before it runs changes nothing and
-    is answered DEADLINE_EXCEEDED (DEADLINE_PASSED), as a unary call's deadline; a call that
-    is already running is answered when it ends, however late: a caller that stops waiting
-    for it cancels the stream (the Python client does), and then learns what was applied
-    as after a unary call cut off, by its request id or the state version.
+    """This call's deadline, in milliseconds from when the server takes the message up: after
+    the calls before it on the stream have been answered, so a message sent behind others
+    has its deadline start late. 0: none but the stream's. A mutation whose deadline passes
+    before it runs changes nothing and is answered DEADLINE_EXCEEDED (DEADLINE_PASSED), as
+    a unary call's deadline; a call that is already running is answered when it ends,
+    however late: a caller that stops waiting for it cancels the stream (the Python client
+    does), and then learns what was applied as after a unary call cut off, by its request
+    id or the state version.
     """
     @_builtins.property
     def forward(self) -> Global___ForwardRequest: ...
