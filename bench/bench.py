@@ -456,10 +456,10 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         after_idle = []
         for _ in range(repeats):
             time.sleep(IDLE_S)  # the pause is the figure's premise, not a wait for a result
-            after_idle.append(timed(remote_calls))
+            after_idle.append(timed(lambda: remote_calls(client)))  # calls of their own
         idle = statistics.median(after_idle)
         figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
-        rows.append(Row(figure, idle, ours, idle / ours, "(report)", True))
+        rows.append(Row(figure, idle, unary, idle / unary, "(report)", True))
         rows.append(beside_a_session(client, repeats))
         streamed.close()
     return rows
