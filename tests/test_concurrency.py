@@ -183,9 +183,10 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
             assert info.value.reason == "BUSY"
             assert info.value.message == (
                 "the server is busy: 2 calls in progress, 2 of them streams (Watch, Train, "
-                "streamed reads), which hold their places until they end: retry once some "
-                "end, or close the watches you no longer read (gradwire sessions shows the "
-                "sessions with calls in progress, and gradwire close-session ends them)"
+                "streamed reads, streams of calls), which hold their places until they end: "
+                "retry once some end, or close the watches and clients you no longer use "
+                "(gradwire sessions shows the sessions with calls in progress, and gradwire "
+                "close-session ends them)"
             )
             watches[0].close()
             eventually(lambda: running.servicer.slots.taken == 1)

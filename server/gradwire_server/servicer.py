@@ -1121,11 +1121,11 @@ class TrainerServicer:
         try:
             with self.slots.stream:
                 metadata = _metadata(context)
-                for key, field in _MESSAGE_FIELDS.items():
+                for key, carried in _MESSAGE_FIELDS.items():
                     if key in metadata:
                         raise InvalidInput(
                             f"a Calls stream's metadata cannot carry {key}: each call on it "
-                            f"carries its own, as CallRequest.{field}",
+                            f"carries its own, as CallRequest.{carried}",
                             reason="BAD_METADATA",
                         )
                 for request in requests:
@@ -1209,7 +1209,7 @@ def _named_call(request: Any) -> tuple[str | None, Any, pb.CallRequest | None]:
     found, error = calls.named_call(request.data)
     if found is None or error is None:  # the envelope itself is at fault
         return None, None, None
-    request_type = pb.DESCRIPTOR.services_by_name["Trainer"].methods_by_name[found].input_type
+    request_type = SERVICE.methods_by_name[found].input_type
     return found, Malformed(request_type.full_name, error), None
 
 
