@@ -9,6 +9,7 @@ import torch
 
 import gradwire
 from gradwire_server.app import Running, start
+from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 
@@ -32,6 +33,20 @@ def trainer() -> Trainer:
 def server(trainer: Trainer) -> Iterator[Running]:
     running = start(trainer, "127.0.0.1", 0)
     yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture
+def gated_server() -> Iterator[Running]:
+    """A server whose model's forward waits until the test sets Gate.release
+    (tests/test_concurrency.py): a call held in progress, on the server's torch thread."""
+    from tests.test_concurrency import Gate
+
+    Gate.entered.clear()
+    Gate.release.clear()
+    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    yield running
+    Gate.release.set()
     running.stop(grace=None)
 
 

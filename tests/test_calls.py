@@ -29,7 +29,7 @@ from gradwire.call_stream import Spent
 from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.replay import replay
-from gradwire_server.app import Running, start
+from gradwire_server.app import Running
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer
@@ -382,20 +382,10 @@ def test_a_token_is_checked_for_the_stream() -> None:
 # --- deadlines, places and the server stopping ----------------------------------------------
 
 
-@pytest.fixture
-def gated() -> Iterator[Running]:
-    Gate.entered.clear()
-    Gate.release.clear()
-    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
-    yield running
-    Gate.release.set()
-    running.stop(grace=None)
-
-
 def test_a_call_past_its_timeout_raises_and_the_next_goes_on_a_new_stream(
-    gated: Running,
+    gated_server: Running,
 ) -> None:
-    with streaming(f"127.0.0.1:{gated.port}", timeout=0.5) as client:
+    with streaming(f"127.0.0.1:{gated_server.port}", timeout=0.5) as client:
         client.retries = 0
         started = time.monotonic()
         with pytest.raises(errors.DeadlineExceeded):
@@ -409,10 +399,10 @@ def test_a_call_past_its_timeout_raises_and_the_next_goes_on_a_new_stream(
         assert client._calls is not first
 
 
-def test_a_short_timeout_after_a_long_one_is_kept(gated: Running) -> None:
+def test_a_short_timeout_after_a_long_one_is_kept(gated_server: Running) -> None:
     """The watchdog, asleep until a long call's deadline, is woken for a shorter one (found
     by a review: the short call was cut off only at the long one's deadline)."""
-    with streaming(f"127.0.0.1:{gated.port}", timeout=300) as client:
+    with streaming(f"127.0.0.1:{gated_server.port}", timeout=300) as client:
         client.retries = 0
         assert client.list_tensors().version == 0  # answered; its 300 s deadline remains
         client.timeout = 0.5
@@ -435,11 +425,11 @@ def test_a_stream_closed_before_a_call_is_written_sends_it_as_a_call_of_its_own(
         assert client.list_tensors().version == 0  # and the client's next call goes on
 
 
-def test_moving_to_another_session_lets_a_call_in_progress_finish(gated: Running) -> None:
+def test_moving_to_another_session_lets_a_call_in_progress_finish(gated_server: Running) -> None:
     """Another thread's call on the stream of the session left gets its answer (found by a
     review: the old stream was cancelled under it, its caller told CANCELLED though the
     call was applied)."""
-    address = f"127.0.0.1:{gated.port}"
+    address = f"127.0.0.1:{gated_server.port}"
     with gradwire.connect(address, stream_calls=True, timeout=30) as client:
         other = client.open_session(seed=0).detach()
         assert client.list_tensors().version == 0  # the default session's stream is open
@@ -460,9 +450,9 @@ def test_moving_to_another_session_lets_a_call_in_progress_finish(gated: Running
 
 
 def test_a_mutation_whose_message_deadline_passed_while_queued_changes_nothing(
-    gated: Running,
+    gated_server: Running,
 ) -> None:
-    address = f"127.0.0.1:{gated.port}"
+    address = f"127.0.0.1:{gated_server.port}"
     holder = threading.Thread(
         target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
     )

@@ -19,9 +19,8 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
-from gradwire_server.app import Running, start
+from gradwire_server.app import Running
 from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
-from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.serve_in_process import running_server
@@ -236,18 +235,10 @@ def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) ->
     assert f"decimal digits, from 0 to {2**63 - 1}, got" in info.value.details()
 
 
-@pytest.fixture
-def gated() -> Iterator[Running]:
-    Gate.entered.clear()
-    Gate.release.clear()
-    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
-    yield running
-    Gate.release.set()
-    running.stop(grace=None)
-
-
-def test_a_call_whose_deadline_passed_while_queued_changes_nothing(gated: Running) -> None:
-    address = f"127.0.0.1:{gated.port}"
+def test_a_call_whose_deadline_passed_while_queued_changes_nothing(
+    gated_server: Running,
+) -> None:
+    address = f"127.0.0.1:{gated_server.port}"
     holder = threading.Thread(
         target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
     )
