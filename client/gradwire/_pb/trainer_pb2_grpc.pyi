@@ -30,7 +30,8 @@ Conventions used by every message below:
   ended by the server stopping, says how many ("the 26 steps before it stay applied"),
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
   ("version"); an INTERNAL error does not (read the version).
-- Mutations (every RPC that changes state) read two optional metadata entries:
+- Mutations (every RPC that changes state) read two optional metadata entries (on a
+  Calls stream, fields of each CallRequest of the same meaning):
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
@@ -68,7 +69,7 @@ Conventions used by every message below:
   server at hand, these and the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
-  write) holds one place for as long as it is open. With none free a call is answered
+  write, a Calls stream) holds one place for as long as it is open. With none free a call is answered
   RESOURCE_EXHAUSTED (BUSY) at once: retry shortly. Health checks (grpc.health.v1) are
   answered beside that limit; see Errors for the bounds of health Watches. ListSessions,
   CloseSession and GetServerInfo have one place beyond it, so that with every place held
