@@ -114,7 +114,9 @@ class CallStream:
             try:
                 request = self._requests.get(timeout=IDLE_LOOK_S)
             except queue.Empty:
-                if self._responses.done():
+                # (Set by __init__ once gRPC has started this thread: looked for, not assumed.)
+                responses = getattr(self, "_responses", None)
+                if responses is not None and responses.done():
                     return
                 continue
             if request is _END:
