@@ -15,11 +15,11 @@ import grpc
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.call_stream import MessageError
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 
@@ -121,7 +121,6 @@ def _call(channel: grpc.Channel, method: Any, data: bytes) -> grpc.StatusCode:
 #: How much a code says something went wrong on the server: what a Calls stream reports.
 _CONCERN = {code: 0 if code == grpc.StatusCode.OK else 1 for code in grpc.StatusCode}
 _CONCERN.update({grpc.StatusCode.UNKNOWN: 2, grpc.StatusCode.INTERNAL: 2})
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _answered(answer: bytes) -> grpc.StatusCode:
@@ -129,7 +128,7 @@ def _answered(answer: bytes) -> grpc.StatusCode:
     response = pb.CallResponse.FromString(answer)
     if response.WhichOneof("result") != "error":
         return grpc.StatusCode.OK
-    return _CODES[status_pb2.Status.FromString(response.error).code]
+    return MessageError.from_status(response.error).code()
 
 
 @pytest.mark.parametrize("method", list(SERVICE.methods), ids=lambda m: m.name)

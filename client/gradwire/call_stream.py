@@ -24,8 +24,6 @@ from gradwire import calls, limits, wire
 
 __all__ = ["CallStream", "MessageError", "Spent"]
 
-#: The trailer a unary call's google.rpc.Status travels in.
-_STATUS_KEY = "grpc-status-details-bin"
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: How long a watchdog with no call to time waits for one before it ends its thread.
 WATCHDOG_IDLE_S = 5.0
@@ -47,7 +45,7 @@ class MessageError(grpc.RpcError):
         self._code = code
         self._details = details
         self._trailer: tuple[tuple[str, str | bytes], ...] = (
-            ((_STATUS_KEY, status),) if status is not None else ()
+            ((calls.STATUS_TRAILER, status),) if status is not None else ()
         )
 
     @classmethod

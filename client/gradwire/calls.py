@@ -21,6 +21,7 @@ from gradwire._pb import trainer_pb2 as pb
 __all__ = [
     "ERROR_FIELD",
     "METHODS",
+    "STATUS_TRAILER",
     "error_bytes",
     "named_call",
     "request_pieces",
@@ -32,6 +33,9 @@ __all__ = [
 _SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]
 _CALL = pb.CallRequest.DESCRIPTOR.oneofs_by_name["call"]
 _RESULTS = {f.number: f for f in pb.CallResponse.DESCRIPTOR.oneofs_by_name["result"].fields}
+#: The trailer a failed unary call's google.rpc.Status travels in; CallResponse.error holds
+#: the same bytes.
+STATUS_TRAILER = "grpc-status-details-bin"
 #: CallResponse's field for a call's error: a serialized google.rpc.Status.
 ERROR_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["error"].number
 _ALIGNMENT_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["alignment"].number

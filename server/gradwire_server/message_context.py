@@ -14,9 +14,7 @@ from typing import NoReturn
 
 import grpc
 
-#: The trailer a unary call's google.rpc.Status travels in; a message's error carries the
-#: same bytes.
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+from gradwire import calls
 
 
 class Answered(Exception):
@@ -66,6 +64,6 @@ class MessageContext:
     def abort_with_status(self, status: grpc.Status) -> NoReturn:
         """Raises Answered with the status's google.rpc.Status, to be the message's answer."""
         for key, value in status.trailing_metadata or ():
-            if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            if key == calls.STATUS_TRAILER and isinstance(value, bytes):
                 raise Answered(status.code, value)
         raise AssertionError("servicer.abort always sends a google.rpc.Status")
