@@ -36,7 +36,7 @@ from gradwire_server.trainer import Trainer
 from tests.background import eventually
 from tests.reference import run_tutorial
 from tests.serve_in_process import running_server
-from tests.test_concurrency import Gate
+from tests.test_concurrency import Gate, hold_forward
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
 
@@ -453,11 +453,7 @@ def test_a_mutation_whose_message_deadline_passed_while_queued_changes_nothing(
     gated_server: Running,
 ) -> None:
     address = f"127.0.0.1:{gated_server.port}"
-    holder = threading.Thread(
-        target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
-    )
-    holder.start()
-    assert Gate.entered.wait(timeout=60)  # the torch thread is busy with that Forward
+    holder = hold_forward(address)  # the torch thread is busy with that Forward
     with grpc.insecure_channel(address) as channel:
         stream = Raw(channel)
         fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0), timeout_ms=1)

@@ -90,6 +90,17 @@ class Gate(nn.Module):
         return x * self.weight
 
 
+def hold_forward(address: str) -> threading.Thread:
+    """A Forward of a client of its own that Gate holds: its thread, once the server's torch
+    thread is busy with it. Set Gate.release to let it finish."""
+    holder = threading.Thread(
+        target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
+    )
+    holder.start()
+    assert Gate.entered.wait(timeout=60)
+    return holder
+
+
 @pytest.fixture
 def gated() -> Iterator[str]:
     Gate.entered.clear()

@@ -24,7 +24,7 @@ from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
 from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.serve_in_process import running_server
-from tests.test_concurrency import Gate
+from tests.test_concurrency import Gate, hold_forward
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
 
@@ -239,11 +239,7 @@ def test_a_call_whose_deadline_passed_while_queued_changes_nothing(
     gated_server: Running,
 ) -> None:
     address = f"127.0.0.1:{gated_server.port}"
-    holder = threading.Thread(
-        target=lambda: gradwire.connect(address).forward(Fill.ones(1, 2)), daemon=True
-    )
-    holder.start()
-    assert Gate.entered.wait(timeout=60)  # the torch thread is busy with that Forward
+    holder = hold_forward(address)  # the torch thread is busy with that Forward
     with gradwire.connect(address, timeout=0.5) as client:
         client.retries = 0
         with pytest.raises(errors.DeadlineExceeded):
