@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -53,6 +55,15 @@ def gated_server() -> Iterator[Running]:
 @pytest.fixture
 def address(server: Running) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def raw(address: str) -> Iterator[Any]:
+    """A Calls stream on the server, written by hand (tests/test_calls.py's Raw)."""
+    from tests.test_calls import Raw
+
+    with grpc.insecure_channel(address) as channel:
+        yield Raw(channel)
 
 
 @pytest.fixture

@@ -96,12 +96,6 @@ def error_of(response: pb.CallResponse) -> tuple[int, str, str, dict[str, str]]:
     return status.code, status.message, info.reason, dict(info.metadata)
 
 
-@pytest.fixture
-def raw(address: str) -> Iterator[Raw]:
-    with grpc.insecure_channel(address) as channel:
-        yield Raw(channel)
-
-
 def _forward() -> pb.CallRequest:
     fill = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8, 3, 10, 10])
     target = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8])

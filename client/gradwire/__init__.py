@@ -26,6 +26,7 @@ from gradwire.client import (
 )
 from gradwire.errors import GradwireError, RemoteError
 from gradwire.fill import Fill
+from gradwire.pipeline import Pending, Pipeline
 from gradwire.remote import RemoteModel, RemoteTensor
 
 __version__ = "0.1.0"
@@ -37,6 +38,8 @@ __all__ = [
     "GradwireError",
     "Listing",
     "OptimizerConfig",
+    "Pending",
+    "Pipeline",
     "RemoteError",
     "RemoteModel",
     "RemoteTensor",

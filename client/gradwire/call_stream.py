@@ -69,6 +69,13 @@ class Spent(Exception):
     or its session left): the call was not sent, and goes as a call of its own."""
 
 
+def _deadline_timeout(timeout: float | None) -> float | None:
+    """`timeout`, or None for none: past MAX_TIMEOUT_S (or not finite) it is no deadline."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout <= MAX_TIMEOUT_S):
+        return None
+    return timeout
+
+
 class CallStream:
     """One open Calls stream, for one session (`session`, as its metadata named it).
 
@@ -132,18 +139,40 @@ class CallStream:
         """`method`'s unary response bytes (a view of the message received), or the
         grpc.RpcError its unary call would have raised (a MessageError for the server's
         answer); Spent, the call unsent, when the stream ended before it was written."""
-        if timeout is not None and not (math.isfinite(timeout) and timeout <= MAX_TIMEOUT_S):
-            timeout = None  # no deadline (see MAX_TIMEOUT_S)
+        self.send(method, request, request_id, expected_version, timeout)
+        return self.receive(method, timeout)
+
+    def send(
+        self,
+        method: str,
+        request: Sequence[wire.Piece],
+        request_id: str | None,
+        expected_version: int | None,
+        timeout: float | None,
+        if_previous_succeeded: bool = False,
+    ) -> None:
+        """Writes a call without waiting for its answer, which `receive` reads: answers come
+        in the order the calls were sent. Spent, the call unsent, when the stream ended
+        before it was written."""
+        timeout = _deadline_timeout(timeout)
         timeout_ms = 0 if timeout is None else max(math.ceil(timeout * 1000), 1)
         envelope = wire.join(
-            calls.request_pieces(method, request, request_id, expected_version, timeout_ms)
+            calls.request_pieces(
+                method, request, request_id, expected_version, timeout_ms, if_previous_succeeded
+            )
         )
         with self._send:
             if self.spent:
                 raise Spent
-            if timeout is not None:
-                self._time(time.monotonic() + timeout)
             self._requests.put(envelope)
+
+    def receive(self, method: str, timeout: float | None) -> memoryview:
+        """The answer to the oldest call sent and not yet received, `method`'s: its unary
+        response bytes, or the error its unary call would have raised. `timeout`: from now
+        (the server starts a call's deadline once it has answered the ones before it)."""
+        timeout = _deadline_timeout(timeout)
+        if timeout is not None:
+            self._time(time.monotonic() + timeout)
         try:
             data = next(self._responses)
         except StopIteration:  # the server ended the stream with a call unanswered: a bug
@@ -201,6 +230,11 @@ class CallStream:
         done = threading.Event()
         if self._responses.add_callback(done.set) and not done.wait(wait):
             self._responses.cancel()
+
+    def cancel(self) -> None:
+        """Ends the stream at once, calls unanswered and all: spent."""
+        self.spent = True
+        self._responses.cancel()
 
     def _time(self, due: float) -> None:
         with self._watch:

@@ -89,10 +89,15 @@ def request_pieces(
     request_id: str | None,
     expected_version: int | None,
     timeout_ms: int,
+    if_previous_succeeded: bool = False,
 ) -> list[wire.Piece]:
     """A CallRequest for `method` holding `request` (the unary request's serialized pieces):
     its header, then the call's field, the pieces uncopied."""
-    header = pb.CallRequest(request_id=request_id or "", timeout_ms=timeout_ms)
+    header = pb.CallRequest(
+        request_id=request_id or "",
+        timeout_ms=timeout_ms,
+        if_previous_succeeded=if_previous_succeeded,
+    )
     if expected_version is not None:
         header.expected_version = expected_version
     return [header.SerializeToString(), *wire.length_field(METHODS[method][0], request)]

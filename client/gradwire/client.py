@@ -61,6 +61,7 @@ from gradwire.updates import (
 if TYPE_CHECKING:
     import torch
 
+    from gradwire.pipeline import Pipeline
     from gradwire.remote import RemoteModel
 
 __all__ = [
@@ -331,6 +332,19 @@ def _close_left_open(box: list[CallStream | None]) -> None:
 _UNARY: Any = object()
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """One unary call of a client method, encoded, and how its answer becomes the method's
+    result: the method runs it at once (Client._run), a pipeline later (pipeline.py)."""
+
+    method: str
+    request: list[wire.Piece] | bytes | Message
+    #: The response (parsed, or bytes for responses with tensors) -> the method's result.
+    result: Callable[[Any], Any]
+    #: Adds to an InvalidArgument what the client changed in the request (widened dtypes).
+    on_invalid: Callable[[InvalidArgument], None] | None = None
+
+
 def _back_off(attempt: int) -> None:
     """The wait before retry `attempt + 1`: 0.05 s, doubling each time. One schedule for every
     retry the client makes (UNAVAILABLE, and streamed reads cut short)."""
@@ -586,6 +600,90 @@ def _read_result(
         full_shape=tuple(response.full_shape),
         dtype=codec.DTYPE_NAMES.get(tensor.dtype),
     )
+
+
+def _read_request_bytes(selector: str, index: codec.IndexKey | None, values: bool) -> bytes:
+    """The GetTensorRequest `read(selector, index, values=values)` sends."""
+    if index is None and isinstance(selector, str):  # else parse_selector says why not
+        return _get_tensor_request(selector, values)
+    parsed = parse_selector(selector)
+    return _tensor_request(parsed.name, [*parsed.index, index], values)
+
+
+def _set_target(selector: str, index: codec.IndexKey | None) -> tuple[str, IndexChain]:
+    """The name and index chain `set(selector, value, index)` writes to."""
+    parsed = parse_selector(selector)
+    chain: list[codec.IndexKey] = list(parsed.index)
+    if index is not None:
+        chain.append(index)
+    return parsed.name, chain
+
+
+def _set_tensor(name: str, chain: IndexChain, value: Any) -> _Encoded:
+    header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
+    pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
+    return _Encoded("SetTensor", pieces, _version)
+
+
+def _get_stats(selector: str, bins: int, low: float | None, high: float | None) -> _Encoded:
+    parsed = parse_selector(selector)
+    request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
+    request.index.extend(codec.indices_to_proto(parsed.index))
+    if low is not None:
+        request.histogram_low = low
+    if high is not None:
+        request.histogram_high = high
+    return _Encoded("GetStats", request, tensor_stats)
+
+
+def _forward_result(response: pb.ForwardResponse) -> ForwardResult:
+    loss = response.loss if response.HasField("loss") else None
+    return ForwardResult(
+        response.version, tuple(response.output_shape), loss, response.nonfinite_inputs
+    )
+
+
+def _train_step_result(data: bytes, *, as_torch: bool) -> TrainStepResult:
+    split = wire.split(data, pb.TrainStepResponse)
+    response = split.message
+    fetched = tuple(
+        _read_result(
+            split, ((_FETCHED, i), *_RESPONSE_TENSOR), read, as_torch=as_torch, values=True
+        )
+        for i, read in enumerate(response.fetched)
+    )
+    return TrainStepResult(
+        response.version,
+        response.loss,
+        tuple(response.output_shape),
+        response.parameters_updated,
+        fetched,
+        response.nonfinite_inputs,
+    )
+
+
+def _widening_teller(input: Any, target: Any) -> Callable[[InvalidArgument], None]:
+    """What adds to a refusal of a request the dtypes the client widened in it."""
+    return lambda err: _tell_widenings(err, _widenings(input=input, target=target))
+
+
+def _version(response: Any) -> int:
+    return int(response.version)
+
+
+def _backward(retain_graph: bool) -> _Encoded:
+    return _Encoded("Backward", pb.BackwardRequest(retain_graph=retain_graph), _version)
+
+
+def _zero_grad(set_to_none: bool) -> _Encoded:
+    return _Encoded("ZeroGrad", pb.ZeroGradRequest(set_to_none=set_to_none), _version)
+
+
+_STEP = _Encoded(
+    "Step",
+    pb.StepRequest().SerializeToString(),
+    lambda response: StepResult(response.version, response.parameters_updated),
+)
 
 
 def with_default_port(target: str) -> str:
@@ -849,6 +947,16 @@ class Client:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _run(self, encoded: _Encoded) -> Any:
+        """The result of an encoded call, made now."""
+        try:
+            response = self._call(encoded.method, encoded.request)
+        except InvalidArgument as err:
+            if encoded.on_invalid is not None:
+                encoded.on_invalid(err)
+            raise
+        return encoded.result(response)
+
     @property
     def _calls(self) -> CallStream | None:
         """This client's Calls stream, open or spent; None before its first call."""
@@ -910,13 +1018,16 @@ class Client:
             if stream is None or not stream.usable or stream.session != self._session:
                 if stream is not None:  # a call of another thread's on it still gets its answer
                     stream.close(wait=None)
-                metadata = [*self._metadata, *self._session_metadata("Calls")]
-                try:
-                    stream = CallStream(self._methods["Calls"], metadata, self._session)
-                except ValueError as err:
-                    raise _closed_channel(err) from None
-                self._calls_box[0] = stream
+                stream = self._calls_box[0] = self._open_call_stream()
             return stream
+
+    def _open_call_stream(self) -> CallStream:
+        """A new Calls stream on this client's session."""
+        metadata = [*self._metadata, *self._session_metadata("Calls")]
+        try:
+            return CallStream(self._methods["Calls"], metadata, self._session)
+        except ValueError as err:
+            raise _closed_channel(err) from None
 
     def _close_call_stream(self, wait: float | None = 1.0) -> None:
         """Ends this client's Calls stream, if it has one open, as after its last call."""
@@ -955,6 +1066,30 @@ class Client:
             yield
         finally:
             _EXPECTED_VERSION.reset(token)
+
+    def pipeline(self, *, stop_at_error: bool = True) -> Pipeline:
+        """Calls written without waiting for their answers, run in order on the server:
+
+            with client.pipeline() as p:
+                out = p.forward(x, y)
+                p.backward()
+                p.step()
+                weight = p.get("conv1.weight[0]")
+            print(out.result().loss, weight.result())
+
+        Each call returns a gradwire.Pending at once; `.result()` waits for its answer, and
+        the block ends once every answer is in. The client waits once for all of them
+        instead of once each: n calls cost about one round trip, not n. `stop_at_error`:
+        a call whose predecessor failed is not run (errors.Aborted, reason
+        PREVIOUS_FAILED), and the block raises the first failure not looked at (False:
+        every call runs whatever came before). On this client's Calls stream, which the
+        first pipeline opens if `stream_calls` has not, and which then stays open (holding
+        one server place) until the client closes; while another thread's call is on it, on
+        a stream of its own for the block. See gradwire.pipeline.Pipeline for what it
+        carries."""
+        from gradwire.pipeline import Pipeline  # it builds on this module
+
+        return Pipeline(self, stop_at_error=stop_at_error)
 
     def _expected_version(self) -> str | None:
         """The version of this client's innermost `expecting` block, as metadata; None
@@ -1152,22 +1287,20 @@ class Client:
         of int8, uint8, int16 and uint16 travel as int32, and uint32 as int64 (the wire has
         no smaller integers): a refusal naming the dtype sent says what was given.
         """
+        if _nbytes(input) <= self.stream_above_bytes:
+            return self._run(self._forward(input, target))  # type: ignore[no-any-return]
         try:
-            if _nbytes(input) > self.stream_above_bytes:
-                chunks = _begun(self._forward_chunks(input, target))
-                response = self._call("ForwardStream", chunks)
-            else:
-                pieces = _source_pieces("ForwardRequest", "input", input)
-                if target is not None:
-                    pieces += _source_pieces("ForwardRequest", "target", target)
-                response = self._call("Forward", pieces)
+            response = self._call("ForwardStream", _begun(self._forward_chunks(input, target)))
         except InvalidArgument as err:
             _tell_widenings(err, _widenings(input=input, target=target))
             raise
-        loss = response.loss if response.HasField("loss") else None
-        return ForwardResult(
-            response.version, tuple(response.output_shape), loss, response.nonfinite_inputs
-        )
+        return _forward_result(response)
+
+    def _forward(self, input: Any, target: Any) -> _Encoded:
+        pieces = _source_pieces("ForwardRequest", "input", input)
+        if target is not None:
+            pieces += _source_pieces("ForwardRequest", "target", target)
+        return _Encoded("Forward", pieces, _forward_result, _widening_teller(input, target))
 
     def _forward_chunks(self, input: Any, target: Any) -> Iterator[bytes]:
         number = _FIELD[("ForwardChunk", "input")]
@@ -1190,6 +1323,11 @@ class Client:
 
         `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]".
         """
+        return self._run(self._train_step(input, target, zero_grad, fetch, as_torch))  # type: ignore[no-any-return]
+
+    def _train_step(
+        self, input: Any, target: Any, zero_grad: bool, fetch: Sequence[str], as_torch: bool
+    ) -> _Encoded:
         pieces = _source_pieces("TrainStepRequest", "input", input)
         pieces += _source_pieces("TrainStepRequest", "target", target)
         request = pb.TrainStepRequest(zero_grad=zero_grad)
@@ -1197,42 +1335,20 @@ class Client:
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
         pieces.append(request.SerializeToString())
-        try:
-            data = self._call("TrainStep", pieces)
-        except InvalidArgument as err:
-            _tell_widenings(err, _widenings(input=input, target=target))
-            raise
-        split = wire.split(data, pb.TrainStepResponse)
-        response = split.message
-        fetched = tuple(
-            _read_result(
-                split, ((_FETCHED, i), *_RESPONSE_TENSOR), read, as_torch=as_torch, values=True
-            )
-            for i, read in enumerate(response.fetched)
-        )
-        return TrainStepResult(
-            response.version,
-            response.loss,
-            tuple(response.output_shape),
-            response.parameters_updated,
-            fetched,
-            response.nonfinite_inputs,
-        )
+        result = functools.partial(_train_step_result, as_torch=as_torch)
+        return _Encoded("TrainStep", pieces, result, _widening_teller(input, target))
 
     def backward(self, *, retain_graph: bool = False) -> int:
         """loss.backward(); returns the new state version."""
-        response = self._call("Backward", pb.BackwardRequest(retain_graph=retain_graph))
-        return int(response.version)
+        return self._run(_backward(retain_graph))  # type: ignore[no-any-return]
 
     def step(self) -> StepResult:
         """optimizer.step()."""
-        response = self._call("Step", pb.StepRequest())
-        return StepResult(response.version, response.parameters_updated)
+        return self._run(_STEP)  # type: ignore[no-any-return]
 
     def zero_grad(self, *, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); returns the new state version."""
-        response = self._call("ZeroGrad", pb.ZeroGradRequest(set_to_none=set_to_none))
-        return int(response.version)
+        return self._run(_zero_grad(set_to_none))  # type: ignore[no-any-return]
 
     # --- tensors ------------------------------------------------------------------------
 
@@ -1250,13 +1366,8 @@ class Client:
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
         """
-        if index is None and isinstance(selector, str):  # else parse_selector says why not
-            request = _get_tensor_request(selector, values)
-            return self._read_request(request, as_torch=as_torch, values=values, out=out)
-        parsed = parse_selector(selector)
-        return self._read(
-            parsed.name, [*parsed.index, index], as_torch=as_torch, values=values, out=out
-        )
+        request = _read_request_bytes(selector, index, values)
+        return self._read_request(request, as_torch=as_torch, values=values, out=out)
 
     def _read(
         self,
@@ -1280,20 +1391,30 @@ class Client:
     ) -> TensorRead:
         """GetTensor with this serialized request; GetTensorStream when the server says the
         value is too large for one message."""
-        if out is not None and as_torch:
-            raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
+        encoded = self._get_tensor(request, as_torch, values, out)
         try:
-            data = self._call("GetTensor", request)
+            return self._run(encoded)  # type: ignore[no-any-return]
         except ResourceExhausted as err:
             if err.reason != "USE_STREAM":
                 raise
             streamed = pb.GetTensorRequest.FromString(request)
             return self._read_stream(streamed, as_torch=as_torch, out=out)
-        split = wire.split(data, pb.GetTensorResponse)
-        return _read_result(
-            split, _RESPONSE_TENSOR, split.message,
-            as_torch=as_torch, values=values, out=out, allocate=self._allocate,
-        )  # fmt: skip
+
+    def _get_tensor(
+        self, request: bytes, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None
+    ) -> _Encoded:
+        """GetTensor with this serialized request, whose answer is read as `read` reads it."""
+        if out is not None and as_torch:
+            raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
+
+        def result(data: bytes) -> TensorRead:
+            split = wire.split(data, pb.GetTensorResponse)
+            return _read_result(
+                split, _RESPONSE_TENSOR, split.message,
+                as_torch=as_torch, values=values, out=out, allocate=self._allocate,
+            )  # fmt: skip
+
+        return _Encoded("GetTensor", request, result)
 
     def _read_stream(
         self,
@@ -1386,14 +1507,7 @@ class Client:
         """GetStats: min, max, mean, std, norm, NaN/inf/zero counts and an optional `bins`-bin
         histogram (over [low, high], by default the finite values' range), computed on the
         server where the tensor lives: only the summary crosses the wire."""
-        parsed = parse_selector(selector)
-        request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
-        request.index.extend(codec.indices_to_proto(parsed.index))
-        if low is not None:
-            request.histogram_low = low
-        if high is not None:
-            request.histogram_high = high
-        return tensor_stats(self._call("GetStats", request))
+        return self._run(_get_stats(selector, bins, low, high))  # type: ignore[no-any-return]
 
     def watch(
         self,
@@ -1537,19 +1651,14 @@ class Client:
         the value written. A write through a negative slice step (`"conv1.weight[::-1]"`) is
         refused, gradwire.errors.InvalidArgument (reason NEGATIVE_STEP_WRITE): write the
         value reversed through the positive step instead."""
-        parsed = parse_selector(selector)
-        chain: list[codec.IndexKey] = list(parsed.index)
-        if index is not None:
-            chain.append(index)
-        return self._set(parsed.name, chain, value)
+        return self._set(*_set_target(selector, index), value)
 
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
+        if _nbytes(value) <= self.stream_above_bytes:
+            return self._run(_set_tensor(name, chain, value))  # type: ignore[no-any-return]
         header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
-        if _nbytes(value) > self.stream_above_bytes:
-            chunks = _begun(self._set_chunks(header, value))
-            return int(self._call("SetTensorStream", chunks).version)
-        pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
-        return int(self._call("SetTensor", pieces).version)
+        chunks = _begun(self._set_chunks(header, value))
+        return int(self._call("SetTensorStream", chunks).version)
 
     def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
         first = pb.SetTensorChunk(name=header.name, index=header.index).SerializeToString()

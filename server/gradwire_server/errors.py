@@ -70,6 +70,13 @@ class AnswerNotKept(DomainError):
     reason = "ANSWER_NOT_KEPT"
 
 
+class PreviousFailed(DomainError):
+    """A call on a Calls stream sent to run only after the one before it succeeded, which
+    failed (or was itself not run): this one was not run, and changed nothing."""
+
+    reason = "PREVIOUS_FAILED"
+
+
 class DeadlinePassed(DomainError):
     """A call whose deadline passed before it could run; nothing was changed."""
 

@@ -37,6 +37,7 @@ from gradwire_server.errors import (
     IndexOutOfRange,
     InvalidInput,
     OverLimit,
+    PreviousFailed,
     Stopping,
     UnknownTensor,
     VersionMismatch,
@@ -71,6 +72,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
     VersionMismatch: grpc.StatusCode.ABORTED,
     AnswerNotKept: grpc.StatusCode.ABORTED,
+    PreviousFailed: grpc.StatusCode.ABORTED,
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     CallerGone: grpc.StatusCode.CANCELLED,
     Stopping: grpc.StatusCode.UNAVAILABLE,
@@ -1115,9 +1117,10 @@ class TrainerServicer:
         """Unary calls as messages on one open stream: each run as its unary call is (the
         session from the stream's metadata, read for each message; the request id, expected
         version and deadline from the message), and answered in order with its response or
-        its error; an error ends the message's call, not the stream. The stream holds one
-        place while it is open, and ends STOPPING at the first message once the server
-        stops."""
+        its error; an error ends the message's call, not the stream, and a message sent to
+        run only after the one before it succeeded is not run after a failure. The stream
+        holds one place while it is open, and ends STOPPING at the first message once the
+        server stops."""
         try:
             with self.slots.stream:
                 metadata = _metadata(context)
@@ -1128,23 +1131,31 @@ class TrainerServicer:
                             f"carries its own, as CallRequest.{carried}",
                             reason="BAD_METADATA",
                         )
+                failed: str | None = None  # the message before, by its RPC, if it failed
                 for request in requests:
                     if self.stopping.is_set():
                         raise Stopping(
                             "the server is stopping: this stream of calls ends here, its last "
                             "call not run; call again once the server is back"
                         )
-                    yield self._answer_message(request, context, metadata)
+                    answer, failed = self._answer_message(request, context, metadata, failed)
+                    yield answer
         except Exception:
             _answer_error(context, "Calls", self)
 
     def _answer_message(
-        self, request: Any, context: grpc.ServicerContext, stream_metadata: dict[str, str]
-    ) -> bytes:
-        """The CallResponse for one message of a Calls stream: the call run through the path
-        of its unary call, in its order (session, then the request's form, then the
-        request id and expected version a mutation carries), less the place, which the
-        stream holds."""
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        stream_metadata: dict[str, str],
+        failed: str | None,
+    ) -> tuple[bytes, str | None]:
+        """The CallResponse for one message of a Calls stream, and the message's RPC name if
+        it failed (None if it succeeded): the call run through the path of its unary call,
+        in its order (session, then the request's form, then the request id and expected
+        version a mutation carries), less the place, which the stream holds. `failed`: the
+        message before it, by its RPC, if that failed: a message sent to run only after a
+        success is then not run."""
         name = "Calls"  # until the message names its call
         observer, done = self.observer, None
         # Stands in for the ServicerContext of the unary call, which asks no more of it.
@@ -1156,6 +1167,13 @@ class TrainerServicer:
                 name = found
                 if observer is not None:
                     done = observer.begin(f"/{SERVICE.full_name}/{name}", at)
+            if failed is not None and envelope is not None and envelope.if_previous_succeeded:
+                raise PreviousFailed(
+                    f"{name} not run: the call before it on this stream, {failed}, did not "
+                    f"succeed, and this one was sent to run only after a success "
+                    f"(if_previous_succeeded); nothing was changed",
+                    metadata={"previous": failed},
+                )
             with _Session(self, stream_metadata):
                 if found is None:
                     well_formed(request)  # bytes that are no CallRequest at all
@@ -1183,7 +1201,7 @@ class TrainerServicer:
             if done is None:  # no call named: counted and logged as the stream's method
                 done = observer.begin(f"/{SERVICE.full_name}/{name}", context)
             done(code)
-        return answer
+        return answer, None if code == "OK" else name
 
 
 class CallObserver(Protocol):

@@ -103,7 +103,8 @@ Conventions used by every message below:
       TOO_MANY_SESSIONS
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
-      answer is no longer kept)
+      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream not run
+      because the one before it failed; metadata "previous": that call's RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
@@ -2307,6 +2308,7 @@ class CallRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    IF_PREVIOUS_SUCCEEDED_FIELD_NUMBER: _builtins.int
     FORWARD_FIELD_NUMBER: _builtins.int
     BACKWARD_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
@@ -2341,6 +2343,15 @@ class CallRequest(_message.Message):
     does), and then learns what was applied as after a unary call cut off, by its request
     id or the state version.
     """
+    if_previous_succeeded: _builtins.bool
+    """Run this call only if the message before it on this stream succeeded: otherwise it is
+    answered ABORTED (PREVIOUS_FAILED, metadata "previous": the RPC name of the message
+    before it, such as "Backward") without running, changing nothing. Calls written
+    together without waiting for their answers (a pipeline), each after the first with
+    this set, stop at their first failure as a script would: a Step never runs after its
+    Backward failed. A message skipped so counts as failed for the one after it. On a
+    stream's first message it has no effect.
+    """
     @_builtins.property
     def forward(self) -> Global___ForwardRequest: ...
     @_builtins.property
@@ -2371,6 +2382,7 @@ class CallRequest(_message.Message):
         request_id: _builtins.str = ...,
         expected_version: _builtins.int | None = ...,
         timeout_ms: _builtins.int = ...,
+        if_previous_succeeded: _builtins.bool = ...,
         forward: Global___ForwardRequest | None = ...,
         backward: Global___BackwardRequest | None = ...,
         step: Global___StepRequest | None = ...,
@@ -2386,7 +2398,7 @@ class CallRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "reset", b"reset", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "request_id", b"request_id", "reset", b"reset", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "if_previous_succeeded", b"if_previous_succeeded", "list_tensors", b"list_tensors", "request_id", b"request_id", "reset", b"reset", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015

@@ -103,7 +103,8 @@ Conventions used by every message below:
       TOO_MANY_SESSIONS
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
-      answer is no longer kept)
+      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream not run
+      because the one before it failed; metadata "previous": that call's RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the

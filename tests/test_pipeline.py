@@ -1,0 +1,380 @@
+"""Pipelines: calls written without waiting for their answers, run in order on the server.
+
+A pipeline's calls must leave the state and return the results that the same calls made one
+by one do (checked against local PyTorch and against a second server), stop at the first
+failure unless told not to, and leave the client's Calls stream in order whatever happens
+to them. Through a real server on loopback, with the client's unary methods made to fail so
+that no call goes around the pipeline unseen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+import gradwire
+from gradwire import calls, errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire_server.app import Running
+from gradwire_server.models import ModelSpec
+from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
+from gradwire_server.trainer import Trainer
+from tests.reference import run_tutorial
+from tests.serve_in_process import running_server
+from tests.test_calls import TARGET, Raw, error_of, streaming
+from tests.test_concurrency import Gate
+from tests.test_streaming import lower_value_limit
+
+ONES = Fill.ones(8, 3, 10, 10)
+
+
+@pytest.fixture
+def piped(address: str) -> Iterator[gradwire.Client]:
+    """A client whose calls on its session can only go on its Calls stream."""
+    with streaming(address, timeout=30) as client:
+        yield client
+
+
+def test_the_tutorial_in_a_pipeline_equals_local_pytorch(piped: gradwire.Client) -> None:
+    """The tutorial's steps, each group written at once: every value equals PyTorch's."""
+    piped.reset()
+    piped.fill_parameters(0.1)
+    piped.set_optimizer("sgd", lr=1.0)
+    with piped.pipeline() as p:
+        forward = p.forward(ONES, Fill.ones(8, dtype="int64"))
+        before = p.get("conv1.weight.grad")
+        p.backward()
+        grad_slice = p.get("conv1.weight.grad[0][0][0]")
+        rows = p.get("linear.weight.grad[:2, :3]")
+        weight_before = p.get("conv1.weight")
+        grad = p.get("conv1.weight.grad")
+        step = p.step()
+        weight_after = p.get("conv1.weight")
+        p.zero_grad()
+        after_zero = p.read("conv1.weight.grad")
+    local = run_tutorial("fill")
+    assert forward.result().loss == local.loss
+    assert forward.result().output_shape == local.output_shape
+    assert before.result() is None
+    np.testing.assert_array_equal(grad_slice.result(), local.grad_slice.numpy())
+    np.testing.assert_array_equal(rows.result(), local.linear_grad_rows.numpy())
+    np.testing.assert_array_equal(weight_before.result(), local.weight_before.numpy())
+    np.testing.assert_array_equal(grad.result(), local.grad.numpy())
+    np.testing.assert_array_equal(weight_after.result(), local.weight_after.numpy())
+    assert step.result().parameters_updated == 3
+    assert after_zero.result().value is None
+    # Versions count the mutations, in the order they were made.
+    assert step.result().version == forward.result().version + 2
+
+
+def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
+    """Two servers, one seed: every call the pipeline carries, in one pipeline on one and
+    one by one on the other; every result and the weights they leave are equal."""
+    wide = np.random.default_rng(1).standard_normal((40, 3, 10, 10)).astype(np.float32)
+    labels = np.arange(40) % 20
+    value = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
+    steps: list[Any] = [
+        lambda c: c.forward(ONES, TARGET),
+        lambda c: c.backward(retain_graph=True),
+        lambda c: c.backward(),
+        lambda c: c.step(),
+        lambda c: c.zero_grad(set_to_none=False),
+        lambda c: c.set("conv1.weight", value),
+        lambda c: c.set("conv1.weight.grad[0]", value[0] * 2),
+        lambda c: c.step(),
+        lambda c: c.forward(wide, labels),  # 48 KiB: its values cut out of the message
+        lambda c: c.train_step(wide, labels, fetch=["conv1.weight[0]", "linear.weight"]),
+        lambda c: c.read("conv2.weight.grad[1:3]"),
+        lambda c: c.read("conv2.weight", values=False),
+        lambda c: c.get("linear.weight"),
+        lambda c: c.stats("conv2.weight", bins=5),
+    ]
+    with (
+        running_server() as a,
+        running_server() as b,
+        streaming(f"127.0.0.1:{a.port}", timeout=30) as on_a,
+        gradwire.connect(f"127.0.0.1:{b.port}", timeout=30) as on_b,
+    ):
+        with on_a.pipeline() as p:
+            pending = [step(p) for step in steps]
+        for k, (step, mine) in enumerate(zip(steps, pending, strict=True)):
+            _assert_same(mine.result(), step(on_b), f"call {k}, {mine.method}")
+        for name in ("conv1.weight", "conv2.weight", "linear.weight"):
+            np.testing.assert_array_equal(on_a.get(name), on_b.get(name))
+
+
+def _assert_same(mine: Any, theirs: Any, where: str) -> None:
+    if isinstance(mine, np.ndarray):
+        np.testing.assert_array_equal(mine, theirs, err_msg=where)
+        assert mine.flags.aligned, where
+    elif hasattr(mine, "fetched"):
+        assert (mine.loss, mine.version) == (theirs.loss, theirs.version), where
+        for x, y in zip(mine.fetched, theirs.fetched, strict=True):
+            np.testing.assert_array_equal(x.value, y.value, err_msg=where)
+    elif hasattr(mine, "value") and hasattr(mine, "full_shape"):  # a TensorRead
+        assert (mine.name, mine.version, mine.shape) == (theirs.name, theirs.version, theirs.shape)
+        if mine.value is None:
+            assert theirs.value is None, where
+        else:
+            np.testing.assert_array_equal(mine.value, theirs.value, err_msg=where)
+    else:
+        assert mine == theirs, where
+
+
+def test_a_pipeline_stops_at_its_first_failure(piped: gradwire.Client) -> None:
+    """A Backward with no Forward fails; the Step and read after it are not run, and say
+    why; the block raises the Backward's error; the stream goes on."""
+    piped.reset()
+    version = piped.list_tensors().version
+    with (
+        pytest.raises(errors.FailedPrecondition, match="Forward") as raised,
+        piped.pipeline() as p,
+    ):
+        backward = p.backward()
+        step = p.step()
+        read = p.get("conv1.weight")
+    assert raised.value is backward.exception()
+    for skipped, previous in ((step, "Backward"), (read, "Step")):
+        error = skipped.exception()
+        assert isinstance(error, errors.Aborted) and error.reason == "PREVIOUS_FAILED"
+        assert error.metadata == {"previous": previous}
+        assert "not run" in error.message and "nothing was changed" in error.message
+        with pytest.raises(errors.Aborted):
+            skipped.result()
+    assert piped.list_tensors().version == version  # nothing applied
+    assert piped.zero_grad() == version + 1  # the stream goes on
+    assert piped._calls is not None and not piped._calls.spent
+
+
+def test_a_failure_looked_at_in_the_block_is_not_raised_again(piped: gradwire.Client) -> None:
+    piped.reset()
+    with piped.pipeline() as p:
+        backward = p.backward()
+        step = p.step()
+        with pytest.raises(errors.FailedPrecondition):
+            backward.result()
+    assert isinstance(step.exception(), errors.Aborted)  # skipped: it follows the failure
+
+
+def test_without_stop_at_error_every_call_runs(piped: gradwire.Client) -> None:
+    piped.reset()
+    with pytest.raises(errors.FailedPrecondition), piped.pipeline(stop_at_error=False) as p:
+        p.backward()
+        forward = p.forward(ONES, TARGET)
+        backward = p.backward()
+    assert forward.result().loss is not None
+    assert backward.result() == forward.result().version + 1
+
+
+def test_the_first_call_of_a_pipeline_runs_after_an_earlier_failure(
+    piped: gradwire.Client,
+) -> None:
+    """The message before a pipeline's first call on the client's stream is not its own."""
+    piped.reset()
+    with pytest.raises(errors.FailedPrecondition):
+        piped.backward()  # fails, on the same stream
+    with piped.pipeline() as p:
+        forward = p.forward(ONES, TARGET)
+    assert forward.result().loss is not None
+
+
+def test_results_can_be_read_inside_the_block(piped: gradwire.Client) -> None:
+    """result() waits for its call and those before it, and no more."""
+    piped.reset()
+    with piped.pipeline() as p:
+        forward = p.forward(ONES, TARGET)
+        assert forward.result().loss is not None and forward.done()
+        backward = p.backward()
+        assert not backward.done() or backward.result() == forward.result().version + 1
+        assert backward.result() == forward.result().version + 1
+
+
+def test_a_pipeline_is_used_once_and_takes_calls_only_in_its_block(
+    piped: gradwire.Client,
+) -> None:
+    pipeline = piped.pipeline()
+    with pytest.raises(RuntimeError, match="inside its with block"):
+        pipeline.step()
+    with pipeline as p:
+        p.zero_grad()
+    with pytest.raises(RuntimeError, match="inside its with block"):
+        p.step()
+    with pytest.raises(RuntimeError, match="used once"), pipeline:
+        pass
+
+
+def test_a_value_too_large_for_one_message_is_refused_before_sending(
+    piped: gradwire.Client,
+) -> None:
+    piped.stream_above_bytes = 1000
+    big = np.zeros((10, 3, 10, 10), dtype=np.float32)  # 12,000 bytes
+    with piped.pipeline() as p:
+        with pytest.raises(ValueError, match="stream_above_bytes"):
+            p.forward(big, np.zeros(10, dtype=np.int64))
+        with pytest.raises(ValueError, match="outside the pipeline"):
+            p.set("conv1.weight", np.zeros((16, 3, 3, 3, 2), dtype=np.float32))
+        zeroed = p.zero_grad()  # the pipeline goes on
+    assert zeroed.result() > 0
+
+
+def test_a_read_too_large_for_one_message_says_so(
+    piped: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's USE_STREAM refusal reaches the caller: a pipeline reads no stream."""
+    lower_value_limit(monkeypatch, 1000)
+    with pytest.raises(errors.ResourceExhausted) as raised, piped.pipeline() as p:
+        p.get("linear.weight")  # 256,000 bytes
+    assert raised.value.reason == "USE_STREAM"
+
+
+def test_an_invalid_argument_names_the_widened_dtype(piped: gradwire.Client) -> None:
+    with piped.pipeline() as p:
+        bad = p.forward(np.ones((8, 3, 10, 10), dtype=np.uint8), TARGET)
+        error = bad.exception()
+    assert isinstance(error, errors.InvalidArgument)
+    assert "given as uint8, sent as int32" in error.message
+
+
+def test_mutations_in_a_pipeline_carry_request_ids_and_the_expected_version(
+    piped: gradwire.Client,
+) -> None:
+    """Under `expecting`, a pipeline's mutations are conditional as the client's are: the
+    second of two Steps at the same expected version is refused."""
+    piped.reset()
+    version = piped.list_tensors().version
+    with piped.expecting(version), pytest.raises(errors.Aborted) as raised, piped.pipeline() as p:
+        first = p.zero_grad()
+        p.zero_grad()
+    assert first.result() == version + 1
+    assert raised.value.reason == "VERSION_MISMATCH"
+
+
+def test_a_call_from_another_thread_during_a_pipeline_goes_as_its_own(address: str) -> None:
+    """The pipeline holds the client's stream; another thread's call is not held up by it,
+    and the pipeline's answers stay in order."""
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        client.reset()
+        with client.pipeline() as p:
+            forward = p.forward(ONES, TARGET)
+            other: list[Any] = []
+            thread = threading.Thread(target=lambda: other.append(client.list_tensors()))
+            thread.start()
+            thread.join(30)
+            backward = p.backward()
+        assert other and other[0].model == "Simple"
+        assert backward.result() == forward.result().version + 1
+
+
+def test_a_client_without_stream_calls_keeps_the_stream_a_pipeline_opened(
+    address: str,
+) -> None:
+    with gradwire.connect(address, timeout=30) as client:
+        with client.pipeline() as p:
+            first = p.zero_grad()
+        stream = client._calls
+        assert stream is not None and not stream.spent
+        with client.pipeline() as p:
+            second = p.zero_grad()
+        assert client._calls is stream
+        assert second.result() == first.result() + 1
+        assert client.zero_grad() == second.result() + 1  # a call of its own, as before
+
+
+def test_a_pipeline_while_another_thread_holds_the_stream_gets_one_of_its_own(
+    address: str,
+) -> None:
+    with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+        client.zero_grad()
+        shared = client._calls
+        assert shared is not None
+        with shared.lock:  # as while another thread's call is on it
+            with client.pipeline() as p:
+                assert p._stream is not None and p._stream is not shared
+                zeroed = p.zero_grad()
+            assert zeroed.result() == 2
+        assert client._calls is shared and not shared.spent
+
+
+def test_a_broken_stream_fails_every_call_not_yet_answered(gated_server: Running) -> None:
+    """The stream cancelled under a pipeline (its client's timeout passed in the first,
+    held call): the first fails DEADLINE_EXCEEDED and those after it with the same cause,
+    their changes unknown; the client's next call goes on a new stream."""
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", stream_calls=True, timeout=0.5) as c:
+        with pytest.raises(errors.DeadlineExceeded), c.pipeline() as p:
+            held = p.forward(Fill.ones(1, 2))  # held in the model until released
+            step = p.step()
+        assert isinstance(held.exception(), errors.DeadlineExceeded)
+        error = step.exception()
+        assert isinstance(error, errors.RemoteError) and error.changes_state
+        Gate.release.set()
+        c.timeout = 30
+        assert c.zero_grad() > 0
+
+
+def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
+    """Found at the first answer: the calls sent were not run, and are made again, each as
+    a call of its own, stopping at a failure as the server would."""
+    trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
+    handlers = method_handlers(TrainerServicer(trainer))
+    del handlers["Calls"]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    Gate.release.set()
+    try:
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            with pytest.raises(errors.FailedPrecondition), client.pipeline() as p:
+                first = p.zero_grad()
+                backward = p.backward()
+                step = p.step()
+            assert first.result() == 1
+            assert isinstance(backward.exception(), errors.FailedPrecondition)
+            assert isinstance(step.exception(), errors.Aborted)
+            assert client._no_calls
+            with client.pipeline() as p:  # found before: at once, as calls of their own
+                again = p.zero_grad()
+                assert again.done()
+            assert again.result() == 2
+    finally:
+        server.stop(None)
+        trainer.close()
+
+
+# --- the contract, as another language's client sees it -------------------------------------
+
+
+def test_if_previous_succeeded_on_raw_messages(raw: Raw) -> None:
+    """As the .proto says: a message with if_previous_succeeded after a failure is not run;
+    a message without it is; a skipped message counts as failed for the next."""
+    backward = pb.CallRequest(backward=pb.BackwardRequest(), if_previous_succeeded=True)
+    assert error_of(raw.call(backward))[2] == "NO_LOSS"  # the stream's first: it runs
+    step = pb.CallRequest(step=pb.StepRequest(), if_previous_succeeded=True)
+    code, message, reason, metadata = error_of(raw.call(step))
+    assert (code, reason) == (grpc.StatusCode.ABORTED.value[0], "PREVIOUS_FAILED")
+    assert metadata == {"previous": "Backward"} and "Step not run" in message
+    read = pb.CallRequest(get_tensor=pb.GetTensorRequest(name="conv1.weight"))
+    read.if_previous_succeeded = True
+    assert error_of(raw.call(read))[3] == {"previous": "Step"}
+    read.if_previous_succeeded = False
+    assert raw.call(read).WhichOneof("result") == "get_tensor"  # unconditional: it runs
+    read.if_previous_succeeded = True
+    assert raw.call(read).WhichOneof("result") == "get_tensor"  # after a success: it runs
+    assert raw.close() == grpc.StatusCode.OK
+
+
+def test_the_field_is_written_only_when_set() -> None:
+    """A pipeline's first call carries no condition; the envelope of a plain call is
+    unchanged by the field."""
+    plain = calls.request_pieces("Step", [b""], None, None, 0)
+    conditional = calls.request_pieces("Step", [b""], None, None, 0, True)
+    assert pb.CallRequest.FromString(b"".join(map(bytes, plain))).if_previous_succeeded is False
+    parsed = pb.CallRequest.FromString(b"".join(map(bytes, conditional)))
+    assert parsed.if_previous_succeeded and parsed.WhichOneof("call") == "step"
