@@ -487,11 +487,11 @@ ROUND_STEPS, ROUNDS = 16, 5
 def steps_without_a_call_each(
     client: gradwire.Client, local: Trainer, identity: Callable[[object], object]
 ) -> list[Row]:
-    """The two ways past a call's fixed cost, at batch 256, against the same steps
-    in-process, per step, in alternating rounds: the `Train` RPC (the steps in a loop on the
-    server, one call for all) and TrainSteps kept two in flight from two threads (which
-    overlap one call's legs with the other's step where the step is not CPU work: a GPU's).
-    Reported, with no target of their own: the README recommends the first."""
+    """The ways past a call's fixed cost, at batch 256, against the same steps in-process,
+    per step, in alternating rounds: the `Train` RPC (the steps in a loop on the server, one
+    call for all), TrainSteps kept two in flight from two threads (which overlap one call's
+    legs with the other's step where the step is not CPU work: a GPU's), and TrainSteps
+    written at once in a pipeline, each answered. Reported, with no target of their own."""
     n = ROUND_STEPS
     xr, yr = Fill.ones(256, 3, 10, 10), Fill.ones(256, dtype="int64")
     x, y = batch(256)
@@ -513,10 +513,16 @@ def steps_without_a_call_each(
             for done in [pool.submit(half), pool.submit(half)]:
                 done.result()
 
+    def pipelined() -> None:
+        with client.pipeline() as p:
+            for _ in range(n):
+                p.train_step(xr, yr, zero_grad=True)
+
     rows = []
     for figure, ours in [
         ("Train RPC batch 256 (steps looped on the server) vs in-process", train_rpc),
         ("TrainStep batch 256, two in flight, vs in-process", two_in_flight),
+        (f"TrainStep batch 256, {n} in a pipeline, vs in-process", pipelined),
     ]:
         remote, inproc = paired(ours, in_process, ROUNDS)
         rows.append(report(rate_at_least(figure, remote / n, inproc / n, 0.9)))
