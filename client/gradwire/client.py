@@ -23,7 +23,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -81,6 +81,8 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 60.0
 
 R = TypeVar("R", bound=Message)
+#: What a call's answer becomes (_Encoded).
+T = TypeVar("T")
 IndexChain = Sequence[codec.IndexKey]
 _KIND_NAMES = {
     pb.TENSOR_KIND_PARAMETER: "parameter",
@@ -333,14 +335,14 @@ _UNARY: Any = object()
 
 
 @dataclass(frozen=True)
-class _Encoded:
+class _Encoded(Generic[T]):
     """One unary call of a client method, encoded, and how its answer becomes the method's
     result: the method runs it at once (Client._run), a pipeline later (pipeline.py)."""
 
     method: str
     request: list[wire.Piece] | bytes | Message
     #: The response (parsed, or bytes for responses with tensors) -> the method's result.
-    result: Callable[[Any], Any]
+    result: Callable[[Any], T]
     #: Adds to an InvalidArgument what the client changed in the request (widened dtypes).
     on_invalid: Callable[[InvalidArgument], None] | None = None
 
@@ -619,13 +621,15 @@ def _set_target(selector: str, index: codec.IndexKey | None) -> tuple[str, Index
     return parsed.name, chain
 
 
-def _set_tensor(name: str, chain: IndexChain, value: Any) -> _Encoded:
+def _set_tensor(name: str, chain: IndexChain, value: Any) -> _Encoded[int]:
     header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
     pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
     return _Encoded("SetTensor", pieces, _version)
 
 
-def _get_stats(selector: str, bins: int, low: float | None, high: float | None) -> _Encoded:
+def _get_stats(
+    selector: str, bins: int, low: float | None, high: float | None
+) -> _Encoded[TensorStats]:
     parsed = parse_selector(selector)
     request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
     request.index.extend(codec.indices_to_proto(parsed.index))
@@ -671,15 +675,15 @@ def _version(response: Any) -> int:
     return int(response.version)
 
 
-def _backward(retain_graph: bool) -> _Encoded:
+def _backward(retain_graph: bool) -> _Encoded[int]:
     return _Encoded("Backward", pb.BackwardRequest(retain_graph=retain_graph), _version)
 
 
-def _zero_grad(set_to_none: bool) -> _Encoded:
+def _zero_grad(set_to_none: bool) -> _Encoded[int]:
     return _Encoded("ZeroGrad", pb.ZeroGradRequest(set_to_none=set_to_none), _version)
 
 
-_STEP = _Encoded(
+_STEP: _Encoded[StepResult] = _Encoded(
     "Step",
     pb.StepRequest().SerializeToString(),
     lambda response: StepResult(response.version, response.parameters_updated),
@@ -947,7 +951,7 @@ class Client:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _run(self, encoded: _Encoded) -> Any:
+    def _run(self, encoded: _Encoded[T]) -> T:
         """The result of an encoded call, made now."""
         try:
             response = self._call(encoded.method, encoded.request)
@@ -1288,7 +1292,7 @@ class Client:
         no smaller integers): a refusal naming the dtype sent says what was given.
         """
         if _nbytes(input) <= self.stream_above_bytes:
-            return self._run(self._forward(input, target))  # type: ignore[no-any-return]
+            return self._run(self._forward(input, target))
         try:
             response = self._call("ForwardStream", _begun(self._forward_chunks(input, target)))
         except InvalidArgument as err:
@@ -1296,7 +1300,7 @@ class Client:
             raise
         return _forward_result(response)
 
-    def _forward(self, input: Any, target: Any) -> _Encoded:
+    def _forward(self, input: Any, target: Any) -> _Encoded[ForwardResult]:
         pieces = _source_pieces("ForwardRequest", "input", input)
         if target is not None:
             pieces += _source_pieces("ForwardRequest", "target", target)
@@ -1323,11 +1327,11 @@ class Client:
 
         `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]".
         """
-        return self._run(self._train_step(input, target, zero_grad, fetch, as_torch))  # type: ignore[no-any-return]
+        return self._run(self._train_step(input, target, zero_grad, fetch, as_torch))
 
     def _train_step(
         self, input: Any, target: Any, zero_grad: bool, fetch: Sequence[str], as_torch: bool
-    ) -> _Encoded:
+    ) -> _Encoded[TrainStepResult]:
         pieces = _source_pieces("TrainStepRequest", "input", input)
         pieces += _source_pieces("TrainStepRequest", "target", target)
         request = pb.TrainStepRequest(zero_grad=zero_grad)
@@ -1340,15 +1344,15 @@ class Client:
 
     def backward(self, *, retain_graph: bool = False) -> int:
         """loss.backward(); returns the new state version."""
-        return self._run(_backward(retain_graph))  # type: ignore[no-any-return]
+        return self._run(_backward(retain_graph))
 
     def step(self) -> StepResult:
         """optimizer.step()."""
-        return self._run(_STEP)  # type: ignore[no-any-return]
+        return self._run(_STEP)
 
     def zero_grad(self, *, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); returns the new state version."""
-        return self._run(_zero_grad(set_to_none))  # type: ignore[no-any-return]
+        return self._run(_zero_grad(set_to_none))
 
     # --- tensors ------------------------------------------------------------------------
 
@@ -1393,7 +1397,7 @@ class Client:
         value is too large for one message."""
         encoded = self._get_tensor(request, as_torch, values, out)
         try:
-            return self._run(encoded)  # type: ignore[no-any-return]
+            return self._run(encoded)
         except ResourceExhausted as err:
             if err.reason != "USE_STREAM":
                 raise
@@ -1402,7 +1406,7 @@ class Client:
 
     def _get_tensor(
         self, request: bytes, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None
-    ) -> _Encoded:
+    ) -> _Encoded[TensorRead]:
         """GetTensor with this serialized request, whose answer is read as `read` reads it."""
         if out is not None and as_torch:
             raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
@@ -1507,7 +1511,7 @@ class Client:
         """GetStats: min, max, mean, std, norm, NaN/inf/zero counts and an optional `bins`-bin
         histogram (over [low, high], by default the finite values' range), computed on the
         server where the tensor lives: only the summary crosses the wire."""
-        return self._run(_get_stats(selector, bins, low, high))  # type: ignore[no-any-return]
+        return self._run(_get_stats(selector, bins, low, high))
 
     def watch(
         self,
@@ -1655,7 +1659,7 @@ class Client:
 
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
         if _nbytes(value) <= self.stream_above_bytes:
-            return self._run(_set_tensor(name, chain, value))  # type: ignore[no-any-return]
+            return self._run(_set_tensor(name, chain, value))
         header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
         chunks = _begun(self._set_chunks(header, value))
         return int(self._call("SetTensorStream", chunks).version)

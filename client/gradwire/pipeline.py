@@ -16,9 +16,8 @@ not run. The block raises the first failure whose result was not asked for.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import grpc
@@ -66,7 +65,7 @@ _PREVIOUS_FAILED = "PREVIOUS_FAILED"
 class Pending(Generic[T]):
     """The answer to a call made on a pipeline, to come: `result()`."""
 
-    def __init__(self, pipeline: Pipeline, encoded: _Encoded) -> None:
+    def __init__(self, pipeline: Pipeline, encoded: _Encoded[T]) -> None:
         self._pipeline = pipeline
         self._encoded = encoded
         self._done = False
@@ -235,9 +234,9 @@ class Pipeline:
     ) -> Pending[np.ndarray[Any, Any] | torch.Tensor | None]:
         """As Client.get."""
         request = _read_request_bytes(selector, index, True)
-        encoded = self._client._get_tensor(request, as_torch, True, out)
-        read = encoded.result
-        return self._add(dataclasses.replace(encoded, result=lambda data: read(data).value))
+        read = self._client._get_tensor(request, as_torch, True, out).result
+        value: Callable[[Any], Any] = lambda data: read(data).value  # noqa: E731
+        return self._add(_Encoded("GetTensor", request, value))
 
     def set(self, selector: str, value: Any, index: codec.IndexKey | None = None) -> Pending[int]:
         """As Client.set."""
@@ -266,14 +265,14 @@ class Pipeline:
                 f"does not carry; make that call on the client, outside the pipeline"
             )
 
-    def _add(self, encoded: _Encoded) -> Pending[Any]:
+    def _add(self, encoded: _Encoded[T]) -> Pending[T]:
         """Sends a call (or, on a server without Calls, makes it now)."""
         if self._state != "open":
             raise RuntimeError(
                 "a pipeline takes calls inside its with block: "
                 "`with client.pipeline() as p: p.step()`"
             )
-        pending: Pending[Any] = Pending(self, encoded)
+        pending = Pending(self, encoded)
         self._made.append(pending)
         if self._stream is None:
             self._run_now(pending)
