@@ -160,11 +160,12 @@ def test_node_reads_each_error_status_and_reason(address: str) -> None:
 
 
 def test_node_makes_calls_on_one_stream(address: str, client: gradwire.Client) -> None:
-    """Seven CallRequests written at once from the .proto alone: seven answers in order, the
-    retried Step applied once, the Backward's error its own, the stream going on past it."""
+    """Eight CallRequests written at once from the .proto alone: eight answers in order, the
+    retried Step applied once, the Backward's error its own, the Step sent to run only
+    after its success not run, the stream going on past them."""
     calls = _replay(address)["calls"]
     assert calls["results"] == [
-        "forward", "backward", "step", "step", "get_tensor", "error", "list_tensors"
+        "forward", "backward", "step", "step", "get_tensor", "error", "error", "list_tensors"
     ]  # fmt: skip
     first, again = calls["steps"]
     assert first == again and first["parameters_updated"] == 3
@@ -174,6 +175,9 @@ def test_node_makes_calls_on_one_stream(address: str, client: gradwire.Client) -
     assert (error["code"], error["reason"], error["domain"]) == (
         "FAILED_PRECONDITION", "GRAPH_FREED", "gradwire.dev"
     )  # fmt: skip
+    skipped = calls["skipped"]
+    assert (skipped["code"], skipped["reason"]) == ("ABORTED", "PREVIOUS_FAILED")
+    assert "Step not run" in skipped["message"]
     assert calls["read"] == client.read("conv1.weight[0][0][0]").value.tolist()
 
 

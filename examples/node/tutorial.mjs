@@ -323,8 +323,8 @@ async function pastTheTutorial() {
   }
 
   // The tutorial's calls again, as messages on one open stream (Calls), all sent at once: a
-  // Step retried with its request id, and a Backward whose graph is gone, whose error ends
-  // that call alone.
+  // Step retried with its request id, a Backward whose graph is gone, whose error ends that
+  // call alone, and a Step sent to run only if that Backward succeeded, which is not run.
   const stepId = randomBytes(16).toString('hex');
   const answers = await onOneStream([
     {
@@ -338,6 +338,7 @@ async function pastTheTutorial() {
     { step: {}, request_id: stepId },
     { get_tensor: { name: 'conv1.weight', index: [index(at(0)), index(at(0)), index(at(0))] } },
     { backward: {} },
+    { step: {}, if_previous_succeeded: true },
     { list_tensors: {} },
   ]);
   const results = answers.map((a) => a.result);
@@ -382,7 +383,8 @@ async function pastTheTutorial() {
       })),
       read: tensor(answers[4].get_tensor.tensor).values,
       error: answeredError(answers[5]),
-      listed_version: Number(answers[6].list_tensors.version),
+      skipped: answeredError(answers[6]),
+      listed_version: Number(answers[7].list_tensors.version),
     },
   };
 }
