@@ -185,6 +185,12 @@ class CallStream:
             if self._timed_out:
                 raise MessageError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             raise
+        except BaseException:
+            # Interrupted while waiting (KeyboardInterrupt, an exception a signal raised):
+            # the answer is still to come, and would be read as the next call's. A review
+            # found a later call given an earlier one's answer, or every later call failing.
+            self.cancel()
+            raise
         finally:
             with self._watch:
                 self._due = None
