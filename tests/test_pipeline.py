@@ -9,6 +9,8 @@ that no call goes around the pipeline unseen.
 
 from __future__ import annotations
 
+import _thread
+import re
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -145,6 +147,7 @@ def test_a_pipeline_stops_at_its_first_failure(piped: gradwire.Client) -> None:
         error = skipped.exception()
         assert isinstance(error, errors.Aborted) and error.reason == "PREVIOUS_FAILED"
         assert error.metadata == {"previous": previous}
+        assert error.changes_state == (skipped is step)  # as RemoteError has it: a mutation
         assert "not run" in error.message and "nothing was changed" in error.message
         with pytest.raises(errors.Aborted):
             skipped.result()
@@ -186,13 +189,15 @@ def test_the_first_call_of_a_pipeline_runs_after_an_earlier_failure(
 
 
 def test_results_can_be_read_inside_the_block(piped: gradwire.Client) -> None:
-    """result() waits for its call and those before it, and no more."""
+    """result() waits for its call and those before it, and no more; a call made is not
+    waited for until its result is asked for."""
     piped.reset()
     with piped.pipeline() as p:
         forward = p.forward(ONES, TARGET)
-        assert forward.result().loss is not None and forward.done()
         backward = p.backward()
-        assert not backward.done() or backward.result() == forward.result().version + 1
+        assert not forward.done() and not backward.done()
+        assert forward.result().loss is not None and forward.done()
+        assert not backward.done()
         assert backward.result() == forward.result().version + 1
 
 
@@ -337,7 +342,9 @@ def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
                 step = p.step()
             assert first.result() == 1
             assert isinstance(backward.exception(), errors.FailedPrecondition)
-            assert isinstance(step.exception(), errors.Aborted)
+            skipped = step.exception()
+            assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+            assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
             assert client._no_calls
             with client.pipeline() as p:  # found before: at once, as calls of their own
                 again = p.zero_grad()
@@ -370,11 +377,108 @@ def test_if_previous_succeeded_on_raw_messages(raw: Raw) -> None:
     assert raw.close() == grpc.StatusCode.OK
 
 
-def test_the_field_is_written_only_when_set() -> None:
-    """A pipeline's first call carries no condition; the envelope of a plain call is
-    unchanged by the field."""
-    plain = calls.request_pieces("Step", [b""], None, None, 0)
-    conditional = calls.request_pieces("Step", [b""], None, None, 0, True)
-    assert pb.CallRequest.FromString(b"".join(map(bytes, plain))).if_previous_succeeded is False
-    parsed = pb.CallRequest.FromString(b"".join(map(bytes, conditional)))
-    assert parsed.if_previous_succeeded and parsed.WhichOneof("call") == "step"
+def test_each_mutation_carries_a_fresh_request_id_and_each_call_after_the_first_its_condition(
+    piped: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a pipeline writes: a request id on each mutation (a read takes none), and
+    if_previous_succeeded on each call but its first, none with stop_at_error=False."""
+    sent: list[tuple[str, str | None, bool]] = []
+    envelope = calls.request_pieces
+
+    def recorded(method: str, request: Any, request_id: str | None, *rest: Any) -> Any:
+        pieces = envelope(method, request, request_id, *rest)
+        parsed = pb.CallRequest.FromString(b"".join(map(bytes, pieces)))
+        assert parsed.WhichOneof("call") == calls.METHODS[method][1]
+        sent.append((method, parsed.request_id or None, parsed.if_previous_succeeded))
+        return pieces
+
+    monkeypatch.setattr(calls, "request_pieces", recorded)
+    with piped.pipeline() as p:
+        p.zero_grad()
+        p.get("conv1.weight[0]")
+        p.zero_grad()
+    with piped.pipeline(stop_at_error=False) as p:
+        p.zero_grad()
+        p.zero_grad()
+    assert [(m, condition) for m, _, condition in sent] == [
+        ("ZeroGrad", False), ("GetTensor", True), ("ZeroGrad", True),
+        ("ZeroGrad", False), ("ZeroGrad", False),
+    ]  # fmt: skip
+    ids = [request_id for method, request_id, _ in sent if method == "ZeroGrad"]
+    assert all(re.fullmatch("[0-9a-f]{32}", i or "") for i in ids) and len(set(ids)) == 4
+    assert sent[1][1] is None
+
+
+def test_calls_are_written_without_waiting_for_the_answers_before_them(
+    gated_server: Running,
+) -> None:
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=30) as client:
+        with client.pipeline() as p:
+            held = p.forward(Fill.ones(1, 2))  # held in the model until released
+            assert Gate.entered.wait(30)
+            zeroed = p.zero_grad()  # written while the Forward is still running
+            assert not held.done() and not zeroed.done()
+            Gate.release.set()
+        assert zeroed.result() == held.result().version + 1
+
+
+def test_an_error_in_the_block_still_reads_the_answers_in_order(piped: gradwire.Client) -> None:
+    piped.reset()
+    with pytest.raises(RuntimeError, match="the caller's own"), piped.pipeline() as p:
+        forward = p.forward(ONES, TARGET)
+        backward = p.backward()
+        raise RuntimeError("the caller's own")
+    assert forward.done() and backward.result() == forward.result().version + 1
+    assert piped._calls is not None and not piped._calls.spent
+    assert piped.zero_grad() == backward.result() + 1  # its own answer, on the same stream
+
+
+def test_an_interrupt_while_waiting_cancels_the_stream(gated_server: Running) -> None:
+    """Ctrl-C while a pipeline waits: the calls unanswered raise Cancelled, their running
+    unknown, and the stream is cancelled, so that no later call is given their answers (a
+    review found a later call answered with an earlier one's, or every later call failing
+    "Internal gRPC call error 8")."""
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", stream_calls=True, timeout=30) as c:
+        with pytest.raises(errors.Cancelled) as raised, c.pipeline() as p:
+            held = p.forward(Fill.ones(1, 2))  # held in the model until released
+            after = p.zero_grad()
+            assert Gate.entered.wait(30)
+            threading.Timer(0.3, _thread.interrupt_main).start()
+            with pytest.raises(KeyboardInterrupt):
+                held.result()
+        assert raised.value is held.exception()  # the block's end raises what was not seen
+        for pending in (held, after):
+            error = pending.exception()
+            assert isinstance(error, errors.Cancelled) and error.changes_state
+            assert "whether the call ran is not known" in error.message
+        Gate.release.set()
+        zeroed = c.zero_grad()  # on a new stream, answered with its own answer
+        assert c.list_tensors().version == zeroed
+
+
+def test_an_interrupt_in_the_block_cancels_the_stream_without_waiting(
+    gated_server: Running,
+) -> None:
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", stream_calls=True, timeout=30) as c:
+        with pytest.raises(KeyboardInterrupt), c.pipeline() as p:
+            held = p.forward(Fill.ones(1, 2))  # held in the model until released
+            assert Gate.entered.wait(30)
+            raise KeyboardInterrupt  # as from Ctrl-C in the caller's own code
+        assert isinstance(held.exception(), errors.Cancelled)  # not waited for
+        Gate.release.set()
+        zeroed = c.zero_grad()
+        assert c.list_tensors().version == zeroed
+
+
+def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
+    gated_server: Running,
+) -> None:
+    """The same for a call of the client's own on its Calls stream (stream_calls)."""
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", stream_calls=True, timeout=30) as c:
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            c.forward(Fill.ones(1, 2))  # held in the model until released
+        assert c._calls is not None and c._calls.spent
+        Gate.release.set()
+        zeroed = c.zero_grad()
+        assert c.list_tensors().version == zeroed

@@ -16,6 +16,7 @@ not run. The block raises the first failure whose result was not asked for.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -42,7 +43,14 @@ from gradwire.client import (
     _set_tensor,
     _zero_grad,
 )
-from gradwire.errors import Aborted, ClientClosed, GradwireError, InvalidArgument
+from gradwire.errors import (
+    Aborted,
+    Cancelled,
+    ClientClosed,
+    GradwireError,
+    InvalidArgument,
+    RemoteError,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -120,9 +128,13 @@ class Pipeline:
     returns. An input or value larger than the client's `stream_above_bytes` is refused
     (ValueError): it goes in chunks, as a call of its own; a read of a tensor too large for
     one message fails ResourceExhausted (USE_STREAM): read it with the client. Calls on a
-    pipeline are not retried: a stream lost under way fails each call not yet answered
-    (a change among them may have been applied: `changes_state`). A server without the
-    Calls RPC gets each call as a call of its own, at once.
+    pipeline's stream are not retried: a stream lost under way fails each call not yet
+    answered (a change among them may have been applied: `changes_state`), and so does an
+    interrupt (KeyboardInterrupt) while waiting, which cancels the stream. The calls stop
+    at the first the server fails; a failure in reading an answer (an `out=` array of the
+    wrong shape) comes after the calls behind it were sent, and stops none of them. A
+    server without the Calls RPC gets each call as a call of its own, at once, retried as
+    the client's calls are.
     """
 
     def __init__(self, client: Client, *, stop_at_error: bool = True) -> None:
@@ -134,7 +146,9 @@ class Pipeline:
         self._made: list[Pending[Any]] = []
         self._unanswered: collections.deque[Pending[Any]] = collections.deque()
         self._sent = 0
-        self._broken: grpc.RpcError | None = None  # the error that ended the stream
+        #: Once the stream has ended under the pipeline: the error of each call unanswered,
+        #: by its RPC's name.
+        self._broken: Callable[[str], GradwireError] | None = None
         self._failed: str | None = None  # a call run unary that failed: the RPC's name
 
     def __enter__(self) -> Pipeline:
@@ -154,11 +168,15 @@ class Pipeline:
         return self
 
     def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        interrupted = isinstance(kind, type) and not issubclass(kind, Exception)
         try:
-            while self._unanswered:  # the stream's answers are read, in order, even now
+            # The answers are read, in order, even after an exception in the block, so that
+            # the stream stays usable; not after an interrupt (KeyboardInterrupt, ...),
+            # which should not wait: the stream is cancelled instead.
+            while self._unanswered and not interrupted:
                 self._receive_next()
         finally:
-            self._end(drained=not self._unanswered)
+            self._end(in_order=not self._unanswered and self._broken is None)
         if kind is None:
             for pending in self._made:
                 failure = pending._error
@@ -167,13 +185,17 @@ class Pipeline:
                 pending._seen = True
                 raise failure
 
-    def _end(self, drained: bool) -> None:
+    def _end(self, in_order: bool) -> None:
         self._state = "ended"
         stream, self._stream = self._stream, None
         if stream is None:
             return
-        if not drained:  # interrupted while waiting: the stream's order is lost
+        if not in_order:  # answers left unread, or a wait interrupted: its order is lost
             stream.cancel()
+            interrupted = _interrupted("the pipeline ended with answers unread")
+            while self._unanswered:
+                pending = self._unanswered.popleft()
+                pending._fail(interrupted(pending.method))
         if self._own:  # every answer read (or the stream cancelled): no wait for its end
             stream.close(wait=None)
         else:
@@ -301,9 +323,7 @@ class Pipeline:
 
     def _unsent(self, method: str) -> GradwireError:
         """The error of a call not sent because the stream had ended."""
-        if self._broken is not None:
-            return self._error(self._broken, method, sent=False)
-        return ClientClosed(f"{method} not sent: the pipeline's stream was closed under it")
+        return ClientClosed(f"{method} not sent: the pipeline's stream had ended before it")
 
     def _run_now(self, pending: Pending[Any]) -> None:
         """A call made as a call of its own (the server has no Calls), stopping after a
@@ -315,9 +335,11 @@ class Pipeline:
             return
         try:
             pending._succeed(self._client._run(pending._encoded))
-        except GradwireError as err:
+        except (GradwireError, ValueError) as err:
             pending._fail(err)
-            self._failed = method
+            # As on the stream, where the server knows only of its own failures: one in
+            # reading an answer (an out= of the wrong shape) stops nothing after it.
+            self._failed = method if isinstance(err, RemoteError) else None
         else:
             self._failed = None
 
@@ -332,8 +354,9 @@ class Pipeline:
         pending = self._unanswered.popleft()
         method = pending.method
         stream = self._stream
-        if self._broken is not None or stream is None:
-            pending._fail(self._unsent(method) if stream is None else self._error_of(method))
+        assert stream is not None  # calls wait for answers only on a stream
+        if self._broken is not None:
+            pending._fail(self._broken(method))
             return
         try:
             payload = stream.receive(method, self._client.timeout)
@@ -343,11 +366,15 @@ class Pipeline:
                 self._without_calls(pending)  # the server has no Calls: nothing ran
                 return
             if stream.spent:  # the stream itself ended: every call after this one too
-                self._broken = err
-            pending._fail(self._error(err, method, sent=True))
+                self._broken = functools.partial(self._error, err)
+            pending._fail(self._error(err, method))
             if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
                 pending._encoded.on_invalid(pending._error)
             return
+        except BaseException:  # interrupted while waiting: the stream is cancelled (receive)
+            self._broken = _interrupted("the wait for its answer or an earlier one was interrupted")
+            pending._fail(self._broken(method))
+            raise
         parse = _PARSE_RESPONSE[method]
         try:
             pending._succeed(pending._encoded.result(payload if parse is None else parse(payload)))
@@ -355,14 +382,10 @@ class Pipeline:
             pending._fail(err)
         self._client.answered = self._client.reached = True
 
-    def _error_of(self, method: str) -> GradwireError:
-        assert self._broken is not None
-        return self._error(self._broken, method, sent=True)
-
-    def _error(self, err: grpc.RpcError, method: str, *, sent: bool) -> GradwireError:
-        """The exception for a call that failed with `err`, as the client raises it."""
+    def _error(self, err: grpc.RpcError, method: str) -> GradwireError:
+        """The exception for a call sent that failed with `err`, as the client raises it."""
         client = self._client
-        changes_state = sent and method in _ONCE
+        changes_state = method in _ONCE
         try:
             client._raise_if_closed_under(err, method, changes_state)
         except ClientClosed as closed:
@@ -389,12 +412,29 @@ class Pipeline:
 
 def _not_run(method: str, failed: str) -> Aborted:
     """A call not run for the failure of the one before it, as the server says it."""
-    return Aborted(
+    error = Aborted(
         f"{method} not run: the call before it in this pipeline, {failed}, did not succeed, "
         f"and this one was to run only after a success; nothing was changed",
         reason=_PREVIOUS_FAILED,
         metadata={"previous": failed},
     )
+    error.changes_state = method in _ONCE  # as RemoteError has it: the kind of call
+    return error
+
+
+def _interrupted(why: str) -> Callable[[str], GradwireError]:
+    """The error of each call sent whose answer will not be read: the stream was cancelled,
+    so whether it ran is not known."""
+
+    def error(method: str) -> GradwireError:
+        cancelled = Cancelled(
+            f"{method} not answered: {why}, and the pipeline's stream was cancelled; "
+            f"whether the call ran is not known (read the state version)"
+        )
+        cancelled.changes_state = method in _ONCE
+        return cancelled
+
+    return error
 
 
 def _skipped(error: BaseException) -> bool:

@@ -2346,11 +2346,12 @@ class CallRequest(_message.Message):
     if_previous_succeeded: _builtins.bool
     """Run this call only if the message before it on this stream succeeded: otherwise it is
     answered ABORTED (PREVIOUS_FAILED, metadata "previous": the RPC name of the message
-    before it, such as "Backward") without running, changing nothing. Calls written
-    together without waiting for their answers (a pipeline), each after the first with
-    this set, stop at their first failure as a script would: a Step never runs after its
-    Backward failed. A message skipped so counts as failed for the one after it. On a
-    stream's first message it has no effect.
+    before it, such as "Backward", or "Calls" for one that named no call) without running,
+    changing nothing. Calls written together without waiting for their answers (a
+    pipeline), each after the first with this set, stop at their first failure as a script
+    would: a Step never runs after its Backward failed. A message skipped so counts as
+    failed for the one after it. On a stream's first message it has no effect; a message
+    whose bytes are no CallRequest is answered MALFORMED_REQUEST, not run either way.
     """
     @_builtins.property
     def forward(self) -> Global___ForwardRequest: ...
