@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -531,9 +532,9 @@ def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
             assert all(pool.map(reads, range(4)))
 
 
-def test_a_server_without_calls_gets_calls_of_their_own() -> None:
-    """A server from before the Calls RPC: the client finds it has none at its first call,
-    which then goes as a call of its own, as all later ones do."""
+@contextmanager
+def serving_without_calls() -> Iterator[str]:
+    """A server from before the Calls RPC (the Gate model, never held): its address."""
     trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
     handlers = method_handlers(TrainerServicer(trainer))
     del handlers["Calls"]
@@ -543,13 +544,22 @@ def test_a_server_without_calls_gets_calls_of_their_own() -> None:
     server.start()
     Gate.release.set()
     try:
-        with gradwire.connect(f"127.0.0.1:{port}", stream_calls=True, timeout=30) as client:
-            assert client.fill_parameters(2.0) == 1
-            assert client._no_calls
-            assert client.get("weight").tolist() == [2.0, 2.0]
+        yield f"127.0.0.1:{port}"
     finally:
         server.stop(None)
         trainer.close()
+
+
+def test_a_server_without_calls_gets_calls_of_their_own() -> None:
+    """A server from before the Calls RPC: the client finds it has none at its first call,
+    which then goes as a call of its own, as all later ones do."""
+    with (
+        serving_without_calls() as address,
+        gradwire.connect(address, stream_calls=True, timeout=30) as client,
+    ):
+        assert client.fill_parameters(2.0) == 1
+        assert client._no_calls
+        assert client.get("weight").tolist() == [2.0, 2.0]
 
 
 # --- what operators see -----------------------------------------------------------------------

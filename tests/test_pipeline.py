@@ -13,7 +13,6 @@ import _thread
 import re
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -25,12 +24,9 @@ from gradwire import calls, errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running
-from gradwire_server.models import ModelSpec
-from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
-from gradwire_server.trainer import Trainer
 from tests.reference import run_tutorial
 from tests.serve_in_process import running_server
-from tests.test_calls import TARGET, Raw, error_of, streaming
+from tests.test_calls import TARGET, Raw, error_of, serving_without_calls, streaming
 from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
 
@@ -326,33 +322,21 @@ def test_a_broken_stream_fails_every_call_not_yet_answered(gated_server: Running
 def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
     """Found at the first answer: the calls sent were not run, and are made again, each as
     a call of its own, stopping at a failure as the server would."""
-    trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
-    handlers = method_handlers(TrainerServicer(trainer))
-    del handlers["Calls"]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    Gate.release.set()
-    try:
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            with pytest.raises(errors.FailedPrecondition), client.pipeline() as p:
-                first = p.zero_grad()
-                backward = p.backward()
-                step = p.step()
-            assert first.result() == 1
-            assert isinstance(backward.exception(), errors.FailedPrecondition)
-            skipped = step.exception()
-            assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
-            assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
-            assert client._no_calls
-            with client.pipeline() as p:  # found before: at once, as calls of their own
-                again = p.zero_grad()
-                assert again.done()
-            assert again.result() == 2
-    finally:
-        server.stop(None)
-        trainer.close()
+    with serving_without_calls() as address, gradwire.connect(address, timeout=30) as client:
+        with pytest.raises(errors.FailedPrecondition), client.pipeline() as p:
+            first = p.zero_grad()
+            backward = p.backward()
+            step = p.step()
+        assert first.result() == 1
+        assert isinstance(backward.exception(), errors.FailedPrecondition)
+        skipped = step.exception()
+        assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+        assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
+        assert client._no_calls
+        with client.pipeline() as p:  # found before: at once, as calls of their own
+            again = p.zero_grad()
+            assert again.done()
+        assert again.result() == 2
 
 
 # --- the contract, as another language's client sees it -------------------------------------
