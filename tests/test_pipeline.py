@@ -79,6 +79,8 @@ def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
     labels = np.arange(40) % 20
     value = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
     steps: list[Any] = [
+        lambda c: c.reset(seed=3),
+        lambda c: c.set_optimizer("sgd", lr=0.5, momentum=0.9),
         lambda c: c.forward(ONES, TARGET),
         lambda c: c.backward(retain_graph=True),
         lambda c: c.backward(),
@@ -93,6 +95,8 @@ def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
         lambda c: c.read("conv2.weight", values=False),
         lambda c: c.get("linear.weight"),
         lambda c: c.stats("conv2.weight", bins=5),
+        lambda c: c.fill_parameters(0.01, ["linear.weight"]),
+        lambda c: c.list_tensors(),
     ]
     with (
         running_server() as a,

@@ -640,6 +640,54 @@ def _get_stats(
     return _Encoded("GetStats", request, tensor_stats)
 
 
+def _fill_parameters(value: float, names: Sequence[str]) -> _Encoded[int]:
+    request = pb.FillParametersRequest(value=value, names=_names(names))
+    return _Encoded("FillParameters", request, _version)
+
+
+def _reset(seed: int | None) -> _Encoded[int]:
+    request = pb.ResetRequest()
+    if seed is not None:
+        request.seed = limits.check_seed(seed)
+    return _Encoded("Reset", request, _version)
+
+
+def _set_optimizer(
+    kind: Literal["sgd", "adam"], settings: dict[str, Any]
+) -> _Encoded[tuple[int, OptimizerConfig]]:
+    """SetOptimizer, answered with the state version it made and the settings in force."""
+    request = pb.SetOptimizerRequest(config=_optimizer_config(kind, settings))
+    return _Encoded(
+        "SetOptimizer",
+        request,
+        lambda response: (int(response.version), _optimizer_from_proto(response.config)),
+    )
+
+
+def _listing(response: pb.ListTensorsResponse) -> Listing:
+    tensors = tuple(
+        TensorInfo(
+            name=t.name,
+            kind=_KIND_NAMES.get(t.kind, "unknown"),
+            dtype=codec.DTYPE_NAMES.get(t.dtype, "unknown"),
+            shape=tuple(t.shape),
+            present=t.present,
+        )
+        for t in response.tensors
+    )
+    return Listing(
+        response.version,
+        response.model,
+        response.device,
+        _optimizer_from_proto(response.optimizer),
+        tensors,
+        tuple(response.sample_shape),
+        codec.DTYPE_NAMES.get(response.input_dtype, "unknown"),
+        response.outputs,
+        response.loss,
+    )
+
+
 def _forward_result(response: pb.ForwardResponse) -> ForwardResult:
     loss = response.loss if response.HasField("loss") else None
     return ForwardResult(
@@ -683,6 +731,9 @@ def _zero_grad(set_to_none: bool) -> _Encoded[int]:
     return _Encoded("ZeroGrad", pb.ZeroGradRequest(set_to_none=set_to_none), _version)
 
 
+_LIST_TENSORS: _Encoded[Listing] = _Encoded(
+    "ListTensors", pb.ListTensorsRequest().SerializeToString(), _listing
+)
 _STEP: _Encoded[StepResult] = _Encoded(
     "Step",
     pb.StepRequest().SerializeToString(),
@@ -1673,33 +1724,11 @@ class Client:
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the named ones."""
-        request = pb.FillParametersRequest(value=value, names=_names(names))
-        return int(self._call("FillParameters", request).version)
+        return self._run(_fill_parameters(value, names))
 
     def list_tensors(self) -> Listing:
         """Every readable tensor with kind, dtype and shape, and the model, device and optimizer."""
-        response: pb.ListTensorsResponse = self._call("ListTensors", pb.ListTensorsRequest())
-        tensors = tuple(
-            TensorInfo(
-                name=t.name,
-                kind=_KIND_NAMES.get(t.kind, "unknown"),
-                dtype=codec.DTYPE_NAMES.get(t.dtype, "unknown"),
-                shape=tuple(t.shape),
-                present=t.present,
-            )
-            for t in response.tensors
-        )
-        return Listing(
-            response.version,
-            response.model,
-            response.device,
-            _optimizer_from_proto(response.optimizer),
-            tensors,
-            tuple(response.sample_shape),
-            codec.DTYPE_NAMES.get(response.input_dtype, "unknown"),
-            response.outputs,
-            response.loss,
-        )
+        return self._run(_LIST_TENSORS)
 
     def list_sessions(self) -> SessionListing:
         """The sessions open on the server beside the default one, oldest first, whoever
@@ -1724,10 +1753,7 @@ class Client:
 
     def reset(self, seed: int | None = None) -> int:
         """A freshly initialised model (seeded when asked) and optimizer."""
-        request = pb.ResetRequest()
-        if seed is not None:
-            request.seed = limits.check_seed(seed)
-        return int(self._call("Reset", request).version)
+        return self._run(_reset(seed))
 
     def set_optimizer(
         self,
@@ -1757,9 +1783,7 @@ class Client:
         self, kind: Literal["sgd", "adam"], settings: dict[str, Any]
     ) -> tuple[int, OptimizerConfig]:
         """set_optimizer's work: the state version it made, and the settings in force."""
-        config = _optimizer_config(kind, settings)
-        response = self._call("SetOptimizer", pb.SetOptimizerRequest(config=config))
-        return int(response.version), _optimizer_from_proto(response.config)
+        return self._run(_set_optimizer(kind, settings))
 
     @property
     def remote(self) -> RemoteModel:

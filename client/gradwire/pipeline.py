@@ -19,7 +19,7 @@ import collections
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -27,6 +27,7 @@ import numpy as np
 from gradwire import codec
 from gradwire.call_stream import CallStream, MessageError, Spent
 from gradwire.client import (
+    _LIST_TENSORS,
     _MUTATIONS,
     _ONCE,
     _PARSE_RESPONSE,
@@ -35,10 +36,13 @@ from gradwire.client import (
     _cut_off,
     _Encoded,
     _failed,
+    _fill_parameters,
     _get_stats,
     _nbytes,
     _read_request_bytes,
+    _reset,
     _serialize,
+    _set_optimizer,
     _set_target,
     _set_tensor,
     _zero_grad,
@@ -58,6 +62,8 @@ if TYPE_CHECKING:
     from gradwire.client import (
         Client,
         ForwardResult,
+        Listing,
+        OptimizerConfig,
         StepResult,
         TensorRead,
         TrainStepResult,
@@ -123,18 +129,19 @@ class Pipeline:
     thread. At the block's end every answer has been read. Calls made on the client itself
     inside the block go as calls of their own, at once, not in the pipeline's order.
 
-    The calls it carries: forward, train_step, backward, step, zero_grad, read, get, set and
-    stats, with the client's arguments; each returns a Pending of what the client's method
-    returns. An input or value larger than the client's `stream_above_bytes` is refused
-    (ValueError): it goes in chunks, as a call of its own; a read of a tensor too large for
-    one message fails ResourceExhausted (USE_STREAM): read it with the client. Calls on a
-    pipeline's stream are not retried: a stream lost under way fails each call not yet
-    answered (a change among them may have been applied: `changes_state`), and so does an
-    interrupt (KeyboardInterrupt) while waiting, which cancels the stream. The calls stop
-    at the first the server fails; a failure in reading an answer (an `out=` array of the
-    wrong shape) comes after the calls behind it were sent, and stops none of them. A
-    server without the Calls RPC gets each call as a call of its own, at once, retried as
-    the client's calls are.
+    It carries every call on a session that the Calls stream carries: forward, train_step,
+    backward, step, zero_grad, read, get, set, stats, fill_parameters, list_tensors, reset
+    and set_optimizer, with the client's arguments; each returns a Pending of what the
+    client's method returns. An input or value larger than the client's
+    `stream_above_bytes` is refused (ValueError): it goes in chunks, as a call of its own;
+    a read of a tensor too large for one message fails ResourceExhausted (USE_STREAM): read
+    it with the client. Calls on a pipeline's stream are not retried: a stream lost under
+    way fails each call not yet answered (a change among them may have been applied:
+    `changes_state`), and so does an interrupt (KeyboardInterrupt) while waiting, which
+    cancels the stream. The calls stop at the first the server fails; a failure in reading
+    an answer (an `out=` array of the wrong shape) comes after the calls behind it were
+    sent, and stops none of them. A server without the Calls RPC gets each call as a call
+    of its own, at once, retried as the client's calls are.
     """
 
     def __init__(self, client: Client, *, stop_at_error: bool = True) -> None:
@@ -275,6 +282,26 @@ class Pipeline:
     ) -> Pending[TensorStats]:
         """As Client.stats."""
         return self._add(_get_stats(selector, bins, low, high))
+
+    def fill_parameters(self, value: float, names: Sequence[str] = ()) -> Pending[int]:
+        """As Client.fill_parameters."""
+        return self._add(_fill_parameters(value, names))
+
+    def list_tensors(self) -> Pending[Listing]:
+        """As Client.list_tensors."""
+        return self._add(_LIST_TENSORS)
+
+    def reset(self, seed: int | None = None) -> Pending[int]:
+        """As Client.reset."""
+        return self._add(_reset(seed))
+
+    def set_optimizer(
+        self, kind: Literal["sgd", "adam"] = "sgd", **settings: Any
+    ) -> Pending[OptimizerConfig]:
+        """As Client.set_optimizer (the same keyword settings: lr, momentum, ...)."""
+        encoded = _set_optimizer(kind, settings)
+        made = encoded.result
+        return self._add(_Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
 
     # --- plumbing -----------------------------------------------------------------------
 
