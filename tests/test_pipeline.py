@@ -323,6 +323,22 @@ def test_a_broken_stream_fails_every_call_not_yet_answered(gated_server: Running
         assert c.zero_grad() > 0
 
 
+def test_a_call_made_after_the_stream_broke_is_not_sent(gated_server: Running) -> None:
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=0.5) as c:
+        with pytest.raises(errors.DeadlineExceeded), c.pipeline() as p:
+            held = p.forward(Fill.ones(1, 2))  # held in the model past the timeout
+            with pytest.raises(errors.DeadlineExceeded):
+                held.result()
+            late = p.zero_grad()
+            assert late.done()
+        error = late.exception()
+        assert isinstance(error, errors.DeadlineExceeded) and not error.changes_state
+        assert error.message.startswith("ZeroGrad not sent, the stream having ended")
+        Gate.release.set()
+        c.timeout = 30
+        assert c.zero_grad() == 2  # after the held Forward's 1: the late ZeroGrad never ran
+
+
 def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
     """Found at the first answer: the calls sent were not run, and are made again, each as
     a call of its own, stopping at a failure as the server would."""
