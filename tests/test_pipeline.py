@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import _thread
 import re
+import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -31,6 +32,26 @@ from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
 
 ONES = Fill.ones(8, 3, 10, 10)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[Callable[[float], None]]:
+    """Presses Ctrl-C in `seconds`: KeyboardInterrupt in the main thread, as in a terminal.
+    SIGINT is handled as Python's default for the test: a test run started in the
+    background (CI's, `make test &`) ignores it, and _thread.interrupt_main does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timers: list[threading.Timer] = []
+
+    def press(seconds: float) -> None:
+        timers.append(threading.Timer(seconds, _thread.interrupt_main))
+        timers[-1].start()
+
+    try:
+        yield press
+    finally:
+        for timer in timers:
+            timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
@@ -437,7 +458,9 @@ def test_an_error_in_the_block_still_reads_the_answers_in_order(piped: gradwire.
     assert piped.zero_grad() == backward.result() + 1  # its own answer, on the same stream
 
 
-def test_an_interrupt_while_waiting_cancels_the_stream(gated_server: Running) -> None:
+def test_an_interrupt_while_waiting_cancels_the_stream(
+    gated_server: Running, ctrl_c: Callable[[float], None]
+) -> None:
     """Ctrl-C while a pipeline waits: the calls unanswered raise Cancelled, their running
     unknown, and the stream is cancelled, so that no later call is given their answers (a
     review found a later call answered with an earlier one's, or every later call failing
@@ -447,7 +470,7 @@ def test_an_interrupt_while_waiting_cancels_the_stream(gated_server: Running) ->
             held = p.forward(Fill.ones(1, 2))  # held in the model until released
             after = p.zero_grad()
             assert Gate.entered.wait(30)
-            threading.Timer(0.3, _thread.interrupt_main).start()
+            ctrl_c(0.3)
             with pytest.raises(KeyboardInterrupt):
                 held.result()
         assert raised.value is held.exception()  # the block's end raises what was not seen
@@ -475,11 +498,11 @@ def test_an_interrupt_in_the_block_cancels_the_stream_without_waiting(
 
 
 def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
-    gated_server: Running,
+    gated_server: Running, ctrl_c: Callable[[float], None]
 ) -> None:
     """The same for a call of the client's own on its Calls stream (stream_calls)."""
     with gradwire.connect(f"127.0.0.1:{gated_server.port}", stream_calls=True, timeout=30) as c:
-        threading.Timer(0.5, _thread.interrupt_main).start()
+        ctrl_c(0.5)
         with pytest.raises(KeyboardInterrupt):
             c.forward(Fill.ones(1, 2))  # held in the model until released
         assert c._calls is not None and c._calls.spent
