@@ -17,7 +17,6 @@ import numpy as np
 from gradwire.client import Client
 from gradwire.display import format_size, format_tensor, torch_available
 from gradwire.fill import Fill
-from gradwire.remote import RemoteTensor
 
 Init = Literal["fill", "random"]
 LR = 1.0
@@ -57,7 +56,7 @@ class ReplayResult:
 def replay(
     client: Client, *, init: Init = "fill", seed: int = 0, write: Callable[[str], None] = print
 ) -> ReplayResult:
-    """Runs the tutorial against `client`'s server and writes a transcript line by line.
+    """Runs the tutorial against `client`'s server and writes its transcript.
 
     As the tutorial makes its model and optimizer anew, this replaces the model and optimizer
     of `client`'s session (the server's default session unless `client` has one of its own);
@@ -71,7 +70,29 @@ def replay(
             "with the default model (gradwire serve without --model), or use replay --embedded"
         )
     as_torch = torch_available()
-    remote = client.remote
+    # Every call in one pipeline (client.pipeline): written at once, run in order, answered
+    # together, so that the replay waits for one round trip of the network, not seventeen.
+    # The transcript is written once the answers are in.
+    with client.pipeline() as p:
+        if init == "fill":
+            p.reset()
+            p.fill_parameters(FILL_VALUE)
+        else:
+            p.reset(seed)
+        p.set_optimizer("sgd", lr=LR)
+        forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
+        grad_before = p.get("conv1.weight.grad", as_torch=as_torch)
+        p.backward()
+        grad_slice = p.get("conv1.weight.grad[0][0][0]", as_torch=as_torch)
+        linear_rows = p.get("linear.weight.grad[:2, :3]", as_torch=as_torch)
+        weight_slice_before = p.get("conv1.weight[0][0][0]", as_torch=as_torch)
+        weight_before = p.get("conv1.weight")
+        grad = p.get("conv1.weight.grad")
+        p.step()
+        weight_slice_after = p.get("conv1.weight[0][0][0]", as_torch=as_torch)
+        weight_after = p.get("conv1.weight")
+        p.zero_grad()
+        grad_after_zero = p.get("conv1.weight.grad", as_torch=as_torch)
 
     def show(code: str, value: Any = ..., note: str = "") -> None:
         write(f">>> {code}")
@@ -81,38 +102,24 @@ def replay(
             for line in note.splitlines():
                 write(f"# {line}")
 
-    def fetch(view: RemoteTensor) -> Any:
-        return view.torch() if as_torch else view.numpy()
-
     def host(value: Any) -> Any:
         return None if value is None else np.asarray(value)
 
     if init == "fill":
-        client.reset()
         show("model = Simple()")
-        client.fill_parameters(FILL_VALUE)
         show(f"for m in model.parameters(): m.data.fill_({FILL_VALUE})")
     else:
-        client.reset(seed)
         show(f"torch.manual_seed({seed}); model = Simple()  # PyTorch's default initialisation")
-    client.set_optimizer("sgd", lr=LR)
     show(f"optimizer = torch.optim.SGD(model.parameters(), lr={LR})")
-
-    forward = client.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
+    ran = forward.result()
     show(
         f"output = model(torch.ones({BATCH}, 3, 10, 10)); "
         f"loss = criterion(output, torch.ones({BATCH}, dtype=torch.long))"
     )
-    show("print(output.shape)", format_size(forward.output_shape))
-    show("print(loss.item())", repr(forward.loss))
-
-    grad_before = fetch(remote.conv1.weight.grad)
-    show("print(model.conv1.weight.grad)", grad_before)
-
-    client.backward()
+    show("print(output.shape)", format_size(ran.output_shape))
+    show("print(loss.item())", repr(ran.loss))
+    show("print(model.conv1.weight.grad)", grad_before.result())
     show("loss.backward()")
-    grad_slice = fetch(remote.conv1.weight.grad[0][0][0])
-    linear_rows = fetch(remote.linear.weight.grad[:2, :3])
     note = ""
     if init == "fill":
         note = (
@@ -120,39 +127,28 @@ def replay(
             "reaching conv1 is zero in exact arithmetic: what prints is rounding noise, not the\n"
             "blog's printed numbers, which its code cannot produce. linear's gradient is not zero:"
         )
-    show("print(model.conv1.weight.grad[0][0][0])", grad_slice, note)
+    show("print(model.conv1.weight.grad[0][0][0])", grad_slice.result(), note)
     if init == "fill":
-        show("print(model.linear.weight.grad[:2, :3])", linear_rows)
-
-    weight_slice_before = fetch(remote.conv1.weight[0][0][0])
-    show("print(model.conv1.weight[0][0][0])", weight_slice_before)
-    weight_before = remote.conv1.weight.numpy()
-    grad = remote.conv1.weight.grad.numpy()
-
-    client.step()
+        show("print(model.linear.weight.grad[:2, :3])", linear_rows.result())
+    show("print(model.conv1.weight[0][0][0])", weight_slice_before.result())
     show("optimizer.step()")
-    weight_slice_after = fetch(remote.conv1.weight[0][0][0])
-    weight_after = remote.conv1.weight.numpy()
-    assert weight_before is not None and grad is not None and weight_after is not None
-
-    client.zero_grad()
     result = ReplayResult(
         init=init,
-        output_shape=forward.output_shape,
-        loss=float(forward.loss or 0.0),
-        grad_before_backward=host(grad_before),
-        grad_slice=host(grad_slice),
-        weight_slice_before=host(weight_slice_before),
-        weight_slice_after=host(weight_slice_after),
-        grad_after_zero=host(fetch(remote.conv1.weight.grad)),
-        weight_before=weight_before,
-        grad=grad,
-        weight_after=weight_after,
-        linear_grad_rows=host(linear_rows),
+        output_shape=ran.output_shape,
+        loss=float(ran.loss or 0.0),
+        grad_before_backward=host(grad_before.result()),
+        grad_slice=host(grad_slice.result()),
+        weight_slice_before=host(weight_slice_before.result()),
+        weight_slice_after=host(weight_slice_after.result()),
+        grad_after_zero=host(grad_after_zero.result()),
+        weight_before=np.asarray(weight_before.result()),
+        grad=np.asarray(grad.result()),
+        weight_after=np.asarray(weight_after.result()),
+        linear_grad_rows=host(linear_rows.result()),
     )
     show(
         "print(model.conv1.weight[0][0][0])",
-        weight_slice_after,
+        weight_slice_after.result(),
         f"weight after step == weight before - lr * grad, over all of conv1.weight, "
         f"bit for bit: {result.identity_holds}",
     )
