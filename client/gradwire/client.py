@@ -989,11 +989,10 @@ class Client:
                         request, timeout=timeout or self.timeout, metadata=metadata
                     )
             except grpc.RpcError as err:
-                self._raise_if_closed_under(err, method, method in _ONCE)
-                self.reached |= _cut_off(err)
+                error = self._error_of(err, method, method in _ONCE)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
-                    raise _failed(err, method in _ONCE, self._keepalive) from None
+                    raise error from None
                 _back_off(attempt)
             except ValueError as err:
                 raise _closed_channel(err) from None
@@ -1091,19 +1090,22 @@ class Client:
         if stream is not None:
             stream.close(wait)
 
-    def _raise_if_closed_under(
+    def _error_of(
         self, error: grpc.RpcError, method: str, changes_state: bool
-    ) -> None:
-        """ClientClosed for a call under way (in another thread, or a stream being read) that
+    ) -> ClientClosed | RemoteError:
+        """The exception for a call that failed with `error` (`changes_state`: the call
+        may have been applied), noting in `reached` a call cut off on its server.
+        ClientClosed for a call under way (in another thread, or a stream being read) that
         gRPC cancelled as this client's channel closed: its "CANCELLED: Stream removed
-        (Channel closed!)" read as the server's doing. `changes_state`: the call may have
-        been applied (a Train's steps taken stay applied)."""
-        if error.code() != grpc.StatusCode.CANCELLED or self._channel not in _CLOSED_CHANNELS:
-            return
-        cut = f"{method} cut off"
-        if method == "Train":
-            cut += ", its steps taken staying applied (read the state version)"
-        raise ClientClosed(f"{cut}: {_CLOSED}", changes_state=changes_state) from None
+        (Channel closed!)" read as the server's doing (a Train's steps taken stay
+        applied)."""
+        if error.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
+            cut = f"{method} cut off"
+            if method == "Train":
+                cut += ", its steps taken staying applied (read the state version)"
+            return ClientClosed(f"{cut}: {_CLOSED}", changes_state=changes_state)
+        self.reached |= _cut_off(error)
+        return _failed(error, changes_state, self._keepalive)
 
     @contextlib.contextmanager
     def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:
@@ -1183,9 +1185,7 @@ class Client:
                 self.answered = True
                 yield message
         except grpc.RpcError as err:
-            self._raise_if_closed_under(err, method, method == "Train")
-            self.reached |= _cut_off(err)
-            raise _failed(err, method == "Train", self._keepalive) from None
+            raise self._error_of(err, method, method == "Train") from None
         finally:
             call.cancel()  # a no-op once the stream has ended
 

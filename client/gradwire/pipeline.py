@@ -34,9 +34,7 @@ from gradwire.client import (
     _PARSE_RESPONSE,
     _STEP,
     _backward,
-    _cut_off,
     _Encoded,
-    _failed,
     _fill_parameters,
     _get_stats,
     _nbytes,
@@ -420,14 +418,7 @@ class Pipeline:
 
     def _error(self, err: grpc.RpcError, method: str) -> RemoteError | ClientClosed:
         """The exception for a call sent that failed with `err`, as the client raises it."""
-        client = self._client
-        changes_state = method in _ONCE
-        try:
-            client._raise_if_closed_under(err, method, changes_state)
-        except ClientClosed as closed:
-            return closed
-        client.reached |= _cut_off(err)
-        return _failed(err, changes_state, client._keepalive)
+        return self._client._error_of(err, method, method in _ONCE)
 
     def _without_calls(self, first: Pending[Any]) -> None:
         """The server refused the Calls stream before running anything: its calls, and the
