@@ -208,6 +208,15 @@ class CallStream:
         assert payload is not None
         return payload
 
+    def refused(self, error: grpc.RpcError) -> bool:
+        """Whether `error` is the server refusing the stream at its start for want of the
+        Calls RPC (a server from before it): nothing written on it ran."""
+        return (
+            not self.answered
+            and not isinstance(error, MessageError)
+            and error.code() == grpc.StatusCode.UNIMPLEMENTED
+        )
+
     @property
     def usable(self) -> bool:
         """Neither spent nor ended by the server while idle (a server that stopped, a

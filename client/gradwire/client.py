@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import calls, codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.call_stream import CallStream, MessageError, Spent
+from gradwire.call_stream import CallStream, Spent
 from gradwire.credentials import check_pem, check_token, pem_bytes
 from gradwire.errors import (
     ClientClosed,
@@ -960,16 +960,11 @@ class Client:
         `stream_calls`, the calls a Calls stream carries go there."""
         metadata = [*self._metadata, *self._session_metadata(method)]
         retryable = method in _READS
-        request_id = expected = None
-        if method in _ONCE:
-            # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
-            # Python costs a remote Step 0.014-0.018 ms (docs/PERFORMANCE.md, eleventh session).
-            request_id = os.urandom(16).hex()
+        request_id, expected = self._once(method)
+        if request_id is not None:
             metadata.append((REQUEST_ID, request_id))
-            if method in _MUTATIONS:
-                expected = self._expected_version()
-                if expected is not None:
-                    metadata.append((EXPECTED_VERSION, expected))
+            if expected is not None:
+                metadata.append((EXPECTED_VERSION, expected))
             retryable = not isinstance(request, Iterator)
         on_stream = self.stream_calls and method in calls.METHODS and not self._no_calls
         if isinstance(request, list):
@@ -1000,6 +995,17 @@ class Client:
                 self.answered = self.reached = True
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, method: str) -> tuple[str | None, str | None]:
+        """What makes `method` safe to retry and conditional: a fresh request id for the
+        calls that take one (_ONCE), and for mutations the version of this client's
+        innermost `expecting` block; None where there is none."""
+        if method not in _ONCE:
+            return None, None
+        # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
+        # Python costs a remote Step 0.014-0.018 ms (docs/PERFORMANCE.md, eleventh session).
+        request_id = os.urandom(16).hex()
+        return request_id, self._expected_version() if method in _MUTATIONS else None
 
     def _run(self, encoded: _Encoded[T]) -> T:
         """The result of an encoded call, made now."""
@@ -1049,8 +1055,7 @@ class Client:
         except Spent:  # ended by another thread meanwhile (closed, or another session)
             return _UNARY
         except grpc.RpcError as err:
-            refused = not stream.answered and not isinstance(err, MessageError)
-            if refused and err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if stream.refused(err):
                 self._no_calls = True  # the call never ran: it goes as a call of its own
                 return _UNARY
             raise

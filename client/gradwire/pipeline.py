@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -26,10 +25,9 @@ import grpc
 import numpy as np
 
 from gradwire import codec
-from gradwire.call_stream import CallStream, MessageError, Spent
+from gradwire.call_stream import CallStream, Spent
 from gradwire.client import (
     _LIST_TENSORS,
-    _MUTATIONS,
     _ONCE,
     _PARSE_RESPONSE,
     _STEP,
@@ -326,8 +324,7 @@ class Pipeline:
             self._run_now(pending)
             return pending
         method = encoded.method
-        request_id = os.urandom(16).hex() if method in _ONCE else None
-        expected = self._client._expected_version() if method in _MUTATIONS else None
+        request_id, expected = self._client._once(method)
         request = encoded.request
         pieces = request if isinstance(request, list) else [_serialize(request)]
         after = self._stop_at_error and self._sent > 0
@@ -395,8 +392,7 @@ class Pipeline:
         try:
             payload = stream.receive(method, self._client.timeout)
         except grpc.RpcError as err:
-            refused = not stream.answered and not isinstance(err, MessageError)
-            if refused and err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            if stream.refused(err):
                 self._without_calls(pending)  # the server has no Calls: nothing ran
                 return
             if stream.spent:  # the stream itself ended: every call after this one too
