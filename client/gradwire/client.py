@@ -984,10 +984,15 @@ class Client:
                         request, timeout=timeout or self.timeout, metadata=metadata
                     )
             except grpc.RpcError as err:
-                error = self._error_of(err, method, method in _ONCE)
                 again = retryable and attempt < retries
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
-                    raise error from None
+                    # Raised, not kept in a local: the exception's traceback holds this
+                    # frame, so a local holding the exception makes a cycle, which kept the
+                    # frame and its callers' (f_back) alive until the cyclic collector ran:
+                    # a get() that fell back to a stream kept its array, whose memory the
+                    # next read was to reuse (seen in test_memory).
+                    raise self._error_of(err, method, method in _ONCE) from None
+                self.reached |= _cut_off(err)
                 _back_off(attempt)
             except ValueError as err:
                 raise _closed_channel(err) from None
