@@ -99,7 +99,13 @@ class Pending(Generic[T]):
         raised."""
         error = self.exception()
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # The traceback holds this frame: no cycle through the local, which would
+                # keep the frames above alive until the cyclic collector ran (as
+                # concurrent.futures does; see Client._call).
+                del error
         return cast(T, self._value)
 
     def exception(self) -> BaseException | None:
@@ -182,12 +188,22 @@ class Pipeline:
         finally:
             self._end(in_order=not self._unanswered and self._broken is None)
         if kind is None:
-            for pending in self._made:
-                failure = pending._error
-                if failure is None or pending._seen or _skipped(failure):
-                    continue
+            failure = self._first_unseen_failure()
+            if failure is not None:
+                try:
+                    raise failure
+                finally:
+                    del failure  # no cycle through this frame (see Pending.result)
+
+    def _first_unseen_failure(self) -> BaseException | None:
+        """The first call's failure its caller has not looked at, now seen; calls skipped
+        for a failure before them aside."""
+        for pending in self._made:
+            failure = pending._error
+            if failure is not None and not pending._seen and not _skipped(failure):
                 pending._seen = True
-                raise failure
+                return failure
+        return None
 
     def _end(self, in_order: bool) -> None:
         self._state = "ended"
