@@ -26,8 +26,10 @@ import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.fill import Fill
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
 from gradwire_server.errors import InvalidInput
+from gradwire_server.models import ModelSpec
 from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
@@ -304,6 +306,58 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert raised.reason == "STOPPING"
     steps = int(raised.message.split("training stopped after ")[1].split()[0])
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
+
+
+def test_a_stop_ends_an_idle_calls_stream_at_once(trainer: Trainer) -> None:
+    # A pipeline keeps its client's Calls stream open between calls: an idle stream held
+    # every stop for the whole grace period.
+    running = start(trainer, "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        with client.pipeline() as p:
+            listed = p.list_tensors()
+        assert listed.result().version == 0
+        stream = client._calls
+        assert stream is not None and stream.usable
+        started = time.monotonic()
+        running.stop(grace=30)
+        assert time.monotonic() - started < 10  # well inside the grace period
+        eventually(lambda: not stream.usable, "the client did not see its stream end")
+
+
+def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it() -> None:
+    from tests.test_concurrency import Gate  # a model whose Forward waits for the test
+
+    Gate.entered.clear()
+    Gate.release.clear()
+    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    answers: dict[str, Any] = {}
+
+    def calls() -> None:
+        try:
+            with client.pipeline() as p:
+                answers["held"], answers["after"] = p.forward(Fill.ones(1, 2)), p.list_tensors()
+        except errors.Unavailable as raised:  # the block raises the failure not looked at
+            answers["raised"] = raised
+
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
+        caller = threading.Thread(target=calls, daemon=True)
+        caller.start()
+        assert Gate.entered.wait(timeout=60)  # the Forward is in progress, ListTensors sent
+        started = time.monotonic()
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 30}, daemon=True)
+        stopper.start()
+        eventually(running.servicer.stopping.is_set)
+        Gate.release.set()
+        caller.join(timeout=60)
+        stopper.join(timeout=60)
+        assert time.monotonic() - started < 10
+    assert answers["held"].result().version == 1  # the call in progress was answered
+    after = answers["after"].exception()
+    assert isinstance(after, errors.Unavailable), after
+    assert answers["raised"] is after
+    assert after.reason == "STOPPING"
+    assert "no call written to it after its last answer was run" in after.message
+    assert running.trainer.version == 1
 
 
 # --- found by a review of the server as an operator runs it ---------------------------------

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -31,9 +31,11 @@ from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.replay import replay
 from gradwire_server.app import Running
+from gradwire_server.errors import Stopping
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer
+from gradwire_server.waiting import WaitingStreams
 from tests.background import eventually
 from tests.reference import run_tutorial
 from tests.serve_in_process import running_server
@@ -478,13 +480,42 @@ def test_an_open_stream_holds_a_place_until_its_client_closes() -> None:
             assert other.list_tensors().version == 0
 
 
-def test_a_stopping_server_ends_the_stream_at_its_next_message(raw: Raw, server: Running) -> None:
+def test_a_stopping_server_ends_an_idle_stream_and_runs_no_message_after(
+    raw: Raw, server: Running
+) -> None:
     assert raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors
-    server.servicer.stopping.set()
+    server.servicer.stop()
     with pytest.raises(grpc.RpcError) as caught:
-        raw.call(pb.CallRequest(step=pb.StepRequest()))
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "stopping" in (caught.value.details() or "")
+        raw.call(pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0)))
+    assert caught.value.code() == grpc.StatusCode.CANCELLED  # ended idle: nothing in progress
+    assert server.trainer.version == 0
+
+
+class _Cancellable:
+    """What WaitingStreams asks of a stream's ServicerContext: its cancel."""
+
+    cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_message_that_comes_as_the_stop_begins_is_not_run() -> None:
+    waiting, context = WaitingStreams(), _Cancellable()
+
+    def requests() -> Iterator[str]:
+        yield "first"
+        waiting.stop()  # the stop begins while the stream waits, and its message comes
+        yield "second"
+
+    messages = requests()
+    assert waiting.next_message(messages, cast(grpc.ServicerContext, context)) == "first"
+    with pytest.raises(Stopping) as stopped:
+        waiting.next_message(messages, cast(grpc.ServicerContext, context))
+    assert "no call written to it after its last answer was run" in stopped.value.message
+    assert context.cancelled
+    with pytest.raises(Stopping):  # and a stream that comes back to wait does not
+        waiting.next_message(iter(["third"]), cast(grpc.ServicerContext, context))
 
 
 def test_a_stream_the_server_ended_while_idle_is_not_written_to() -> None:

@@ -75,10 +75,11 @@ class Running:
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish
-        (open Watches and Trains end at once, UNAVAILABLE with reason STOPPING: they would
-        hold the whole grace period); then, with `save_to`, the state they left is saved."""
+        (open Watches and Trains end at once, UNAVAILABLE with reason STOPPING, and Calls
+        streams once no call of theirs is in progress: they would hold the whole grace
+        period); then, with `save_to`, the state they left is saved."""
         self.health.enter_graceful_shutdown()
-        self.servicer.stopping.set()
+        self.servicer.stop()
         wait_for(self.server.stop(grace))
         if self.metrics_server is not None:
             self.metrics_server.stop()

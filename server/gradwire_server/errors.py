@@ -91,7 +91,7 @@ class CallerGone(DomainError):
 
 
 class Stopping(DomainError):
-    """A stream (Watch, Train) ended, or an OpenSession refused, because the server is
+    """A stream (Watch, Train, Calls) ended, or an OpenSession refused, because the server is
     stopping; its client can call again once it is back."""
 
     reason = "STOPPING"

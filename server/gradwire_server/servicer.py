@@ -58,6 +58,7 @@ from gradwire_server.trainer import (
     described_bytes,
     guarded,
 )
+from gradwire_server.waiting import WaitingStreams
 
 log = logging.getLogger(__name__)
 
@@ -696,9 +697,17 @@ class TrainerServicer:
         #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
         #: STOPPING) instead of holding the grace period until it runs out.
         self.stopping = threading.Event()
+        #: The Calls streams between two calls, which `stop` ends at once.
+        self.waiting = WaitingStreams()
         #: Counts and logs each call made as a message on a Calls stream, as the call
         #: interceptor does each RPC (app.start sets it); None: not counted.
         self.observer: CallObserver | None = None
+
+    def stop(self) -> None:
+        """The server begins to stop: open Watches and Trains end at their next look, Calls
+        streams once no call of theirs is in progress (all UNAVAILABLE, STOPPING)."""
+        self.stopping.set()
+        self.waiting.stop()
 
     @mutation
     def Forward(
@@ -1119,8 +1128,8 @@ class TrainerServicer:
         version and deadline from the message), and answered in order with its response or
         its error; an error ends the message's call, not the stream, and a message sent to
         run only after the one before it succeeded is not run after a failure. The stream
-        holds one place while it is open, and ends STOPPING at the first message once the
-        server stops."""
+        holds one place while it is open. Once the server stops it ends STOPPING as soon as
+        it has answered the call in progress, or at once if none is (`waiting`)."""
         try:
             with self.slots.stream:
                 metadata = _metadata(context)
@@ -1132,12 +1141,7 @@ class TrainerServicer:
                             reason="BAD_METADATA",
                         )
                 failed: str | None = None  # the message before, by its RPC, if it failed
-                for request in requests:
-                    if self.stopping.is_set():
-                        raise Stopping(
-                            "the server is stopping: this stream of calls ends here, its last "
-                            "call not run; call again once the server is back"
-                        )
+                while (request := self.waiting.next_message(requests, context)) is not None:
                     answer, failed = self._answer_message(request, context, metadata, failed)
                     yield answer
         except Exception:

@@ -107,8 +107,8 @@ Conventions used by every message below:
       because the one before it failed; metadata "previous": that call's RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
-      server stops: call again later)
+    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, or an OpenSession
+      refused, as the server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,

@@ -358,11 +358,13 @@ class TrainerServicer:
         is open, as a Watch does, busy or not: close it (end the request stream) when done.
         The stream itself ends with a status of its own only for what concerns all of it:
         refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
-        BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
-        stopping was not run), or the caller cancelling. A message's own deadline is its
-        timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
-        call in progress holds a server that is stopping for its grace period at most (the
-        server ends it then); a client should close its stream when it has no more calls.
+        BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
+        is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
+        server stops, a stream with a call in progress gets that call's answer, then ends
+        UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
+        is cancelled at once (CANCELLED): nothing was running on it, and a message written as
+        it was cancelled is not run. A client should close its stream when it has no more
+        calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

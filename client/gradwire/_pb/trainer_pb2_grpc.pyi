@@ -107,8 +107,8 @@ Conventions used by every message below:
       because the one before it failed; metadata "previous": that call's RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch or Train ended, or an OpenSession refused, as the
-      server stops: call again later)
+    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, or an OpenSession
+      refused, as the server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
@@ -268,11 +268,13 @@ class TrainerStub:
     is open, as a Watch does, busy or not: close it (end the request stream) when done.
     The stream itself ends with a status of its own only for what concerns all of it:
     refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
-    BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
-    stopping was not run), or the caller cancelling. A message's own deadline is its
-    timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
-    call in progress holds a server that is stopping for its grace period at most (the
-    server ends it then); a client should close its stream when it has no more calls.
+    BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
+    is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
+    server stops, a stream with a call in progress gets that call's answer, then ends
+    UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
+    is cancelled at once (CANCELLED): nothing was running on it, and a message written as
+    it was cancelled is not run. A client should close its stream when it has no more
+    calls.
     """
 
 @_typing.type_check_only
@@ -394,11 +396,13 @@ class TrainerAsyncStub(TrainerStub):
     is open, as a Watch does, busy or not: close it (end the request stream) when done.
     The stream itself ends with a status of its own only for what concerns all of it:
     refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
-    BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
-    stopping was not run), or the caller cancelling. A message's own deadline is its
-    timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
-    call in progress holds a server that is stopping for its grace period at most (the
-    server ends it then); a client should close its stream when it has no more calls.
+    BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
+    is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
+    server stops, a stream with a call in progress gets that call's answer, then ends
+    UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
+    is cancelled at once (CANCELLED): nothing was running on it, and a message written as
+    it was cancelled is not run. A client should close its stream when it has no more
+    calls.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -649,11 +653,13 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         is open, as a Watch does, busy or not: close it (end the request stream) when done.
         The stream itself ends with a status of its own only for what concerns all of it:
         refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
-        BAD_METADATA), the server stopping (UNAVAILABLE, STOPPING: the message that found it
-        stopping was not run), or the caller cancelling. A message's own deadline is its
-        timeout_ms; the stream's deadline, where it has one, ends the stream. A stream with no
-        call in progress holds a server that is stopping for its grace period at most (the
-        server ends it then); a client should close its stream when it has no more calls.
+        BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
+        is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
+        server stops, a stream with a call in progress gets that call's answer, then ends
+        UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
+        is cancelled at once (CANCELLED): nothing was running on it, and a message written as
+        it was cancelled is not run. A client should close its stream when it has no more
+        calls.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

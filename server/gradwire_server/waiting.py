@@ -1,0 +1,65 @@
+"""The Calls streams waiting for their next message, so that a stop can end them at once.
+
+Why: a Calls stream between two calls waits in gRPC's request iterator, which nothing but the
+client's next message, its end or the call's cancellation wakes. Pipelines and
+`stream_calls=True` keep a client's stream open while its program does other things, so every
+stop waited for the whole grace period (5 s by default) for streams that had nothing in
+progress. A stream in the middle of a call is left to finish it; it ends when it next comes
+back here, before waiting again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from gradwire_server.errors import Stopping
+
+#: Why a stream ended at a stop: what ran on it and what did not.
+STOPPED = (
+    "the server is stopping: this stream of calls ends here, and no call written to it after "
+    "its last answer was run; call again once the server is back"
+)
+
+
+class WaitingStreams:
+    """The Calls streams open now that are waiting for a message, by their context."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, grpc.ServicerContext] = {}
+        self._stopped = False
+
+    def next_message(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any | None:
+        """The stream's next message, None once its client has ended it. Raises Stopping
+        once `stop` has been called, before waiting or for a message that came as it was:
+        that message is not run."""
+        key = id(context)
+        with self._lock:
+            if self._stopped:
+                raise Stopping(STOPPED)
+            self._waiting[key] = context
+        try:
+            message = next(requests, None)
+        except grpc.RpcError:
+            if self._stopped:  # the cancel of `stop`, not the client's
+                raise Stopping(STOPPED) from None
+            raise
+        finally:
+            with self._lock:
+                del self._waiting[key]
+        if self._stopped:
+            raise Stopping(STOPPED)
+        return message
+
+    def stop(self) -> None:
+        """Ends the streams waiting now (their clients see the stream cancelled: nothing was
+        in progress on it), and each other stream the next time it would wait."""
+        with self._lock:
+            self._stopped = True
+            waiting = list(self._waiting.values())
+        for context in waiting:
+            context.cancel()
