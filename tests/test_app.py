@@ -308,6 +308,17 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
 
 
+def test_a_stop_ends_open_health_watches_once_they_say_not_serving(trainer: Trainer) -> None:
+    running = start(trainer, "127.0.0.1", 0)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        running.stop(grace=30)
+        assert time.monotonic() - started < 10  # well inside the grace period
+        assert [update.status for update in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
 def test_a_stop_ends_an_idle_calls_stream_at_once(trainer: Trainer) -> None:
     # A pipeline keeps its client's Calls stream open between calls: an idle stream held
     # every stop for the whole grace period.

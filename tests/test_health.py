@@ -106,14 +106,26 @@ def test_a_name_is_forgotten_when_its_last_watch_closes(
     eventually(lambda: guarded.health.watched_names() == before)
 
 
-def test_a_watch_still_sees_the_status_change(
+def test_a_watch_sees_not_serving_at_the_stop_and_then_ends(
     guarded: Running, health: health_pb2_grpc.HealthStub
 ) -> None:
     call, status = _watch(health, "gradwire.v1.Trainer")
     assert status == SERVING
     guarded.health.enter_graceful_shutdown()
     assert next(call).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    call.cancel()
+    assert list(call) == []  # and no more: it held the stop for the whole grace period
+    assert call.code() == grpc.StatusCode.OK
+    eventually(lambda: guarded.health.open_watches == 0)
+
+
+def test_a_watch_opened_as_the_stop_begins_says_not_serving_and_ends(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    guarded.health.enter_graceful_shutdown()  # gRPC still takes calls, as for a moment it does
+    call, status = _watch(health)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert list(call) == []
+    assert call.code() == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize("method", ["Check", "Watch"])

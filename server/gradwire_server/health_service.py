@@ -99,11 +99,26 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
                 )
             self._watches += 1
         try:
-            return super().Watch(request, _ClosesIfEnded(context), send_response_callback)
+            watcher = super().Watch(request, _ClosesIfEnded(context), send_response_callback)
         except BaseException:
             with self._lock:
                 self._watches -= 1
             raise
+        with self._lock:
+            if self._gracefully_shutting_down and watcher is not None:
+                watcher.close()  # opened as the stop began: NOT_SERVING, then the end
+        return watcher
+
+    def enter_graceful_shutdown(self) -> None:
+        """As grpc's (every service NOT_SERVING, for good), and then each open Watch ends
+        once it has sent NOT_SERVING, with OK: it has no other change to send, and an open
+        Watch held the server's stop for the whole grace period (a client in another
+        language that checks health on its channel keeps one open all the time)."""
+        super().enter_graceful_shutdown()
+        with self._lock:
+            for callbacks in self._send_response_callbacks.values():
+                for callback in callbacks:
+                    callback(None)  # grpc's own end of a Watch: after the updates it holds
 
     def List(
         self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
