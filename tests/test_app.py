@@ -133,6 +133,43 @@ def test_open_reflection_streams_hold_no_server_thread(trainer: Trainer) -> None
         running.stop(grace=None)
 
 
+def test_a_stop_ends_reflection_streams_at_once(trainer: Trainer) -> None:
+    # A tool left connected (grpcurl in a loop, an IDE) held every stop for the whole grace
+    # period.
+    running = start(trainer, "127.0.0.1", 0)
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            idle = _reflection_stream(channel, release)
+            started = time.monotonic()
+            running.stop(grace=30)
+            assert time.monotonic() - started < 10  # well inside the grace period
+            with pytest.raises(grpc.RpcError) as ended:
+                next(idle)
+            assert ended.value.code() == grpc.StatusCode.CANCELLED  # nothing was in progress
+    finally:
+        release.set()
+
+
+def test_a_reflection_question_that_comes_as_the_stop_begins_is_unavailable(
+    trainer: Trainer,
+) -> None:
+    running = start(trainer, "127.0.0.1", 0)
+    release = threading.Event()
+    try:
+        assert running.reflection is not None
+        running.reflection.stop()  # gRPC still takes calls, as for a moment it does
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                _reflection_stream(channel, release)
+        error = errors.from_rpc_error(refused.value)
+        assert isinstance(error, errors.Unavailable), error
+        assert error.reason == "STOPPING"
+    finally:
+        release.set()
+        running.stop(grace=None)
+
+
 def test_bytes_that_are_no_reflection_request_are_invalid_argument(
     server: Running, address: str
 ) -> None:

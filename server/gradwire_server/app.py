@@ -74,12 +74,15 @@ class Running:
     reflection: ReflectionServicer | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
-        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish
-        (open Watches and Trains end at once, UNAVAILABLE with reason STOPPING, and Calls
-        streams once no call of theirs is in progress: they would hold the whole grace
-        period); then, with `save_to`, the state they left is saved."""
+        """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish.
+        Open streams end at once rather than hold the whole grace period: Watches and
+        Trains UNAVAILABLE with reason STOPPING, Calls streams once no call of theirs is in
+        progress, health Watches once they have sent NOT_SERVING, reflection streams
+        between two questions. Then, with `save_to`, the state the calls left is saved."""
         self.health.enter_graceful_shutdown()
         self.servicer.stop()
+        if self.reflection is not None:
+            self.reflection.stop()
         wait_for(self.server.stop(grace))
         if self.metrics_server is not None:
             self.metrics_server.stop()

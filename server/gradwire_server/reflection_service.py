@@ -21,8 +21,9 @@ from typing import Any
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from gradwire_server.errors import InvalidInput
+from gradwire_server.errors import InvalidInput, Stopping
 from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
+from gradwire_server.waiting import WaitingStreams
 
 #: Reflection streams open at once; more are refused RESOURCE_EXHAUSTED.
 MAX_STREAMS = 8
@@ -40,10 +41,17 @@ class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  
         )
         self._lock = threading.Lock()
         self._open = 0
+        #: The streams waiting for their client's next question, which `stop` ends.
+        self.waiting = WaitingStreams()
 
     @property
     def open_streams(self) -> int:
         return self._open
+
+    def stop(self) -> None:
+        """The server begins to stop: its streams end now, each waiting for a question (an
+        answer takes no time), rather than at the end of the grace period."""
+        self.waiting.stop()
 
     def close(self) -> None:
         """Lets the streams' threads go once the server has stopped (its calls ended)."""
@@ -65,18 +73,26 @@ class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  
                 {"max_streams": str(self.max_streams)},
             )
         try:
-            yield from super().ServerReflectionInfo(_parsed(requests, context), context)
+            questions = _parsed(requests, context, self.waiting)
+            yield from super().ServerReflectionInfo(questions, context)
         finally:
             with self._lock:
                 self._open -= 1
 
 
-def _parsed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-    for request in requests:
+def _parsed(
+    requests: Iterator[Any], context: grpc.ServicerContext, waiting: WaitingStreams
+) -> Iterator[Any]:
+    while True:
         try:
+            request = waiting.next_message(requests, context)
+            if request is None:
+                return
             yield well_formed(request)
         except InvalidInput as err:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})
+        except Stopping as err:
+            abort(context, grpc.StatusCode.UNAVAILABLE, err.message, err.reason, {})
 
 
 #: The stable reflection service, which grpcio-reflection does not serve. Its messages are

@@ -1,11 +1,12 @@
-"""The Calls streams waiting for their next message, so that a stop can end them at once.
+"""The streams waiting for their client's next message, so that a stop can end them at once.
 
-Why: a Calls stream between two calls waits in gRPC's request iterator, which nothing but the
+Why: a stream between two messages waits in gRPC's request iterator, which nothing but the
 client's next message, its end or the call's cancellation wakes. Pipelines and
-`stream_calls=True` keep a client's stream open while its program does other things, so every
-stop waited for the whole grace period (5 s by default) for streams that had nothing in
-progress. A stream in the middle of a call is left to finish it; it ends when it next comes
-back here, before waiting again.
+`stream_calls=True` keep a client's Calls stream open while its program does other things,
+and a tool keeps its reflection stream open while it is connected, so every stop waited for
+the whole grace period (5 s by default) for streams that had nothing in progress. A stream
+in the middle of a call is left to finish it; it ends when it next comes back here, before
+waiting again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ STOPPED = (
 
 
 class WaitingStreams:
-    """The Calls streams open now that are waiting for a message, by their context."""
+    """The streams of one service open now that are waiting for a message, by their context."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
