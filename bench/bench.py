@@ -379,6 +379,31 @@ def big_transfers(served: Served, repeats: int) -> list[Row]:
     return rows
 
 
+#: The tutorial's five calls' data: a batch of 8 and the slice its read fetches.
+TUTORIAL_INPUT, TUTORIAL_TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+TUTORIAL_READ = "conv1.weight[0][0][0]"
+
+
+def tutorial_calls(client: gradwire.Client) -> None:
+    """The tutorial's five calls, one after another."""
+    client.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
+    client.backward()
+    client.step()
+    client.zero_grad()
+    client.get(TUTORIAL_READ)
+
+
+def tutorial_pipeline(client: gradwire.Client) -> None:
+    """The same five calls written at once, answered in order: the client waits once."""
+    with client.pipeline() as p:
+        p.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
+        p.backward()
+        p.step()
+        p.zero_grad()
+        read = p.get(TUTORIAL_READ)
+    read.result()
+
+
 def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[Row]:
     rows = []
     # The in-process floor, on the server's device, using threads as the server does.
@@ -422,23 +447,6 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         rows.extend(steps_without_a_call_each(client, local, identity))
 
         # The tutorial's separate calls against in-process time plus 6 bare echoes.
-        def remote_calls(client: gradwire.Client = streamed) -> None:
-            client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
-            client.backward()
-            client.step()
-            client.zero_grad()
-            client.get("conv1.weight[0][0][0]")
-
-        def pipelined_calls() -> None:
-            # The same five calls written at once, answered in order: the client waits once.
-            with streamed.pipeline() as p:
-                p.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
-                p.backward()
-                p.step()
-                p.zero_grad()
-                read = p.get("conv1.weight[0][0][0]")
-            read.result()
-
         def local_calls() -> None:
             local.forward(*batch(8))
             local.backward()
@@ -448,9 +456,9 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
 
         ours, one_by_one, unary, ceiling, inproc, bare_echo = looped(
             [
-                pipelined_calls,
-                remote_calls,
-                lambda: remote_calls(client),
+                lambda: tutorial_pipeline(streamed),
+                lambda: tutorial_calls(streamed),
+                lambda: tutorial_calls(client),
                 bare.tutorial,
                 lambda: local._run(local_calls),
                 floor.small_echo,
@@ -471,7 +479,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         after_idle = []
         for _ in range(repeats):
             time.sleep(IDLE_S)  # the pause is the figure's premise, not a wait for a result
-            after_idle.append(timed(lambda: remote_calls(client)))  # calls of their own
+            after_idle.append(timed(lambda: tutorial_calls(client)))  # calls of their own
         idle = statistics.median(after_idle)
         figure = f"Tutorial's 5 calls after {IDLE_S * 1e3:.0f} ms idle vs back to back"
         rows.append(Row(figure, idle, unary, idle / unary, "(report)", True))

@@ -26,13 +26,9 @@ from typing import Any
 import grpc
 
 import gradwire
-from bench.bench import serve
+from bench.bench import serve, tutorial_calls, tutorial_pipeline
 from gradwire import calls, wire
 from gradwire.call_stream import CallStream
-from gradwire.fill import Fill
-
-INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
-READ = "conv1.weight[0][0][0]"
 
 
 class DelayRelay:
@@ -95,24 +91,6 @@ def _relay_process(target_port: int, delay: float, ports: Any) -> None:
     asyncio.run(DelayRelay(target_port, delay).serve(ports))
 
 
-def tutorial(client: gradwire.Client) -> None:
-    client.forward(INPUT, TARGET)
-    client.backward()
-    client.step()
-    client.zero_grad()
-    client.get(READ)
-
-
-def pipelined(client: gradwire.Client) -> None:
-    with client.pipeline() as p:
-        p.forward(INPUT, TARGET)
-        p.backward()
-        p.step()
-        p.zero_grad()
-        read = p.get(READ)
-    read.result()
-
-
 class BareStream:
     """The tutorial's five CallRequests, as the client writes them (fresh request ids each
     time), written at once on a Calls stream of its own: no client code around them."""
@@ -135,7 +113,7 @@ class BareStream:
 
         CallStream.send = recorded  # type: ignore[method-assign]
         try:
-            pipelined(client)
+            tutorial_pipeline(client)
         finally:
             CallStream.send = send  # type: ignore[method-assign]
         return captured
@@ -170,9 +148,9 @@ def _measure(target: str, repeats: int) -> dict[str, float]:
     ):
         bare = BareStream(channel, streamed)
         ways: dict[str, Callable[[], object]] = {
-            "pipeline": lambda: pipelined(streamed),
-            "one at a time on the stream": lambda: tutorial(streamed),
-            "calls of their own": lambda: tutorial(unary),
+            "pipeline": lambda: tutorial_pipeline(streamed),
+            "one at a time on the stream": lambda: tutorial_calls(streamed),
+            "calls of their own": lambda: tutorial_calls(unary),
             "(floor) bare stream, written at once": bare,
         }
         for way in ways.values():  # connections made, streams opened, caches warm
