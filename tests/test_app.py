@@ -141,12 +141,15 @@ def test_a_stop_ends_reflection_streams_at_once(trainer: Trainer) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             idle = _reflection_stream(channel, release)
+            assert running.reflection is not None
+            eventually(lambda: running.reflection.waiting.count == 1)  # type: ignore[union-attr]
             started = time.monotonic()
             running.stop(grace=30)
             assert time.monotonic() - started < 10  # well inside the grace period
             with pytest.raises(grpc.RpcError) as ended:
                 next(idle)
-            assert ended.value.code() == grpc.StatusCode.CANCELLED  # nothing was in progress
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the server is stopping" in (ended.value.details() or "")
     finally:
         release.set()
 
@@ -159,9 +162,11 @@ def test_a_reflection_question_that_comes_as_the_stop_begins_is_unavailable(
     try:
         assert running.reflection is not None
         running.reflection.stop()  # gRPC still takes calls, as for a moment it does
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            with pytest.raises(grpc.RpcError) as refused:
-                _reflection_stream(channel, release)
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+            pytest.raises(grpc.RpcError) as refused,
+        ):
+            _reflection_stream(channel, release)
         error = errors.from_rpc_error(refused.value)
         assert isinstance(error, errors.Unavailable), error
         assert error.reason == "STOPPING"
@@ -369,6 +374,35 @@ def test_a_stop_ends_an_idle_calls_stream_at_once(trainer: Trainer) -> None:
         started = time.monotonic()
         running.stop(grace=30)
         assert time.monotonic() - started < 10  # well inside the grace period
+        eventually(lambda: not stream.usable, "the client did not see its stream end")
+
+
+def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered() -> None:
+    # A stream busy with a call, with nothing written after it, waited after the answer for
+    # a next message that did not come, holding the stop for the whole grace period.
+    from tests.test_concurrency import Gate  # a model whose Forward waits for the test
+
+    Gate.entered.clear()
+    Gate.release.clear()
+    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    answers: dict[str, Any] = {}
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60, stream_calls=True) as client:
+        caller = threading.Thread(
+            target=lambda: answers.update(held=client.forward(Fill.ones(1, 2))), daemon=True
+        )
+        caller.start()
+        assert Gate.entered.wait(timeout=60)  # the Forward is in progress on the stream
+        stream = client._calls
+        started = time.monotonic()
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 30}, daemon=True)
+        stopper.start()
+        eventually(running.servicer.stopping.is_set)
+        Gate.release.set()
+        caller.join(timeout=60)
+        stopper.join(timeout=60)
+        assert time.monotonic() - started < 10  # well inside the grace period
+        assert getattr(answers.get("held"), "version", None) == 1  # answered, not cut off
+        assert stream is not None
         eventually(lambda: not stream.usable, "the client did not see its stream end")
 
 

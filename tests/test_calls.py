@@ -484,10 +484,13 @@ def test_a_stopping_server_ends_an_idle_stream_and_runs_no_message_after(
     raw: Raw, server: Running
 ) -> None:
     assert raw.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors
+    eventually(lambda: server.servicer.waiting.count == 1)  # back to wait for a message
     server.servicer.stop()
     with pytest.raises(grpc.RpcError) as caught:
         raw.call(pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0)))
-    assert caught.value.code() == grpc.StatusCode.CANCELLED  # ended idle: nothing in progress
+    # Not CANCELLED, which a client could take for its own cancel of a call that ran.
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no call written to it after its last answer was run" in (caught.value.details() or "")
     assert server.trainer.version == 0
 
 

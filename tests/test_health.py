@@ -118,6 +118,16 @@ def test_a_watch_sees_not_serving_at_the_stop_and_then_ends(
     eventually(lambda: guarded.health.open_watches == 0)
 
 
+def test_a_watch_of_a_service_without_status_ends_at_the_stop(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    call, status = _watch(health, "no.such.Service")
+    assert status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    guarded.health.enter_graceful_shutdown()
+    assert list(call) == []  # its last status stands: no NOT_SERVING for it
+    assert call.code() == grpc.StatusCode.OK
+
+
 def test_a_watch_opened_as_the_stop_begins_says_not_serving_and_ends(
     guarded: Running, health: health_pb2_grpc.HealthStub
 ) -> None:

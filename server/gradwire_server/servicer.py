@@ -704,10 +704,11 @@ class TrainerServicer:
         self.observer: CallObserver | None = None
 
     def stop(self) -> None:
-        """The server begins to stop: open Watches and Trains end at their next look, Calls
-        streams once no call of theirs is in progress (all UNAVAILABLE, STOPPING)."""
+        """The server begins to stop: open Watches and Trains end at their next look
+        (UNAVAILABLE, STOPPING); Calls streams at once when no call of theirs is in
+        progress, else once it is answered (UNAVAILABLE; no call after it is run)."""
+        self.waiting.stop()  # first: a Calls stream runs no message once `stopping` is set
         self.stopping.set()
-        self.waiting.stop()
 
     @mutation
     def Forward(
@@ -1128,8 +1129,8 @@ class TrainerServicer:
         version and deadline from the message), and answered in order with its response or
         its error; an error ends the message's call, not the stream, and a message sent to
         run only after the one before it succeeded is not run after a failure. The stream
-        holds one place while it is open. Once the server stops it ends STOPPING as soon as
-        it has answered the call in progress, or at once if none is (`waiting`)."""
+        holds one place while it is open. Once the server stops it ends UNAVAILABLE as soon
+        as it has answered the call in progress, or at once if none is (`waiting`)."""
         try:
             with self.slots.stream:
                 metadata = _metadata(context)

@@ -116,7 +116,8 @@ Conventions used by every message below:
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
   INVALID_ARGUMENT (MALFORMED_REQUEST). As the server stops, each health Watch sends
-  NOT_SERVING and then ends, OK: no other change will come. Server reflection (grpc.reflection.v1 and
+  its last status (NOT_SERVING; SERVICE_UNKNOWN for a service it has no status for) and
+  then ends, OK: no other change will come. Server reflection (grpc.reflection.v1 and
   v1alpha, one service under two names; ListServices names v1alpha) keeps at most 8
   streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
   metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.

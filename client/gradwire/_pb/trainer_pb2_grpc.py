@@ -360,11 +360,11 @@ class TrainerServicer:
         refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
         BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
         is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
-        server stops, a stream with a call in progress gets that call's answer, then ends
-        UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
-        is cancelled at once (CANCELLED): nothing was running on it, and a message written as
-        it was cancelled is not run. A client should close its stream when it has no more
-        calls.
+        server stops, a stream ends UNAVAILABLE at once if no call of its is in progress, or
+        as soon as that call is answered; no message written after its last answer is run.
+        The status names STOPPING as its reason, except for a stream cancelled while it waited
+        for a message, whose status carries the message alone. A client should close its
+        stream when it has no more calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

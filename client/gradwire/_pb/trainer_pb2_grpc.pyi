@@ -116,7 +116,8 @@ Conventions used by every message below:
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
   INVALID_ARGUMENT (MALFORMED_REQUEST). As the server stops, each health Watch sends
-  NOT_SERVING and then ends, OK: no other change will come. Server reflection (grpc.reflection.v1 and
+  its last status (NOT_SERVING; SERVICE_UNKNOWN for a service it has no status for) and
+  then ends, OK: no other change will come. Server reflection (grpc.reflection.v1 and
   v1alpha, one service under two names; ListServices names v1alpha) keeps at most 8
   streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
   metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
@@ -271,11 +272,11 @@ class TrainerStub:
     refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
     BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
     is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
-    server stops, a stream with a call in progress gets that call's answer, then ends
-    UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
-    is cancelled at once (CANCELLED): nothing was running on it, and a message written as
-    it was cancelled is not run. A client should close its stream when it has no more
-    calls.
+    server stops, a stream ends UNAVAILABLE at once if no call of its is in progress, or
+    as soon as that call is answered; no message written after its last answer is run.
+    The status names STOPPING as its reason, except for a stream cancelled while it waited
+    for a message, whose status carries the message alone. A client should close its
+    stream when it has no more calls.
     """
 
 @_typing.type_check_only
@@ -399,11 +400,11 @@ class TrainerAsyncStub(TrainerStub):
     refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
     BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
     is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
-    server stops, a stream with a call in progress gets that call's answer, then ends
-    UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
-    is cancelled at once (CANCELLED): nothing was running on it, and a message written as
-    it was cancelled is not run. A client should close its stream when it has no more
-    calls.
+    server stops, a stream ends UNAVAILABLE at once if no call of its is in progress, or
+    as soon as that call is answered; no message written after its last answer is run.
+    The status names STOPPING as its reason, except for a stream cancelled while it waited
+    for a message, whose status carries the message alone. A client should close its
+    stream when it has no more calls.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -656,11 +657,11 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
         BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
         is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
-        server stops, a stream with a call in progress gets that call's answer, then ends
-        UNAVAILABLE (STOPPING): no message after it is run. A stream with no call in progress
-        is cancelled at once (CANCELLED): nothing was running on it, and a message written as
-        it was cancelled is not run. A client should close its stream when it has no more
-        calls.
+        server stops, a stream ends UNAVAILABLE at once if no call of its is in progress, or
+        as soon as that call is answered; no message written after its last answer is run.
+        The status names STOPPING as its reason, except for a stream cancelled while it waited
+        for a message, whose status carries the message alone. A client should close its
+        stream when it has no more calls.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
