@@ -377,41 +377,50 @@ def test_a_stop_ends_an_idle_calls_stream_at_once(trainer: Trainer) -> None:
         eventually(lambda: not stream.usable, "the client did not see its stream end")
 
 
-def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered() -> None:
-    # A stream busy with a call, with nothing written after it, waited after the answer for
-    # a next message that did not come, holding the stop for the whole grace period.
-    from tests.test_concurrency import Gate  # a model whose Forward waits for the test
+def _gated_server() -> Running:
+    """A server whose model's Forward waits until the test sets Gate.release."""
+    from tests.test_concurrency import Gate
 
     Gate.entered.clear()
     Gate.release.clear()
-    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    return start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+
+
+def _stop_during_held_forward(running: Running, caller: threading.Thread) -> float:
+    """Starts `caller`, whose first call is a Forward the Gate holds; stops `running` (grace
+    30 s) while it is held, then lets it go. Returns how long the stop took."""
+    from tests.test_concurrency import Gate
+
+    caller.start()
+    assert Gate.entered.wait(timeout=60)  # the Forward is in progress on the stream
+    started = time.monotonic()
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 30}, daemon=True)
+    stopper.start()
+    eventually(running.servicer.stopping.is_set)
+    Gate.release.set()
+    caller.join(timeout=60)
+    stopper.join(timeout=60)
+    return time.monotonic() - started
+
+
+def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered() -> None:
+    # A stream busy with a call, with nothing written after it, waited after the answer for
+    # a next message that did not come, holding the stop for the whole grace period.
+    running = _gated_server()
     answers: dict[str, Any] = {}
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60, stream_calls=True) as client:
-        caller = threading.Thread(
+        held = threading.Thread(
             target=lambda: answers.update(held=client.forward(Fill.ones(1, 2))), daemon=True
         )
-        caller.start()
-        assert Gate.entered.wait(timeout=60)  # the Forward is in progress on the stream
-        stream = client._calls
-        started = time.monotonic()
-        stopper = threading.Thread(target=running.stop, kwargs={"grace": 30}, daemon=True)
-        stopper.start()
-        eventually(running.servicer.stopping.is_set)
-        Gate.release.set()
-        caller.join(timeout=60)
-        stopper.join(timeout=60)
-        assert time.monotonic() - started < 10  # well inside the grace period
+        assert _stop_during_held_forward(running, held) < 10  # well inside the grace period
         assert getattr(answers.get("held"), "version", None) == 1  # answered, not cut off
+        stream = client._calls
         assert stream is not None
         eventually(lambda: not stream.usable, "the client did not see its stream end")
 
 
 def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it() -> None:
-    from tests.test_concurrency import Gate  # a model whose Forward waits for the test
-
-    Gate.entered.clear()
-    Gate.release.clear()
-    running = start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
+    running = _gated_server()
     answers: dict[str, Any] = {}
 
     def calls() -> None:
@@ -422,17 +431,7 @@ def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it() -> Non
             answers["raised"] = raised
 
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
-        caller = threading.Thread(target=calls, daemon=True)
-        caller.start()
-        assert Gate.entered.wait(timeout=60)  # the Forward is in progress, ListTensors sent
-        started = time.monotonic()
-        stopper = threading.Thread(target=running.stop, kwargs={"grace": 30}, daemon=True)
-        stopper.start()
-        eventually(running.servicer.stopping.is_set)
-        Gate.release.set()
-        caller.join(timeout=60)
-        stopper.join(timeout=60)
-        assert time.monotonic() - started < 10
+        assert _stop_during_held_forward(running, threading.Thread(target=calls, daemon=True)) < 10
     assert answers["held"].result().version == 1  # the call in progress was answered
     after = answers["after"].exception()
     assert isinstance(after, errors.Unavailable), after
