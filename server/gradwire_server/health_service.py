@@ -112,9 +112,9 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
     def enter_graceful_shutdown(self) -> None:
         """As grpc's (every service NOT_SERVING, for good), and then each open Watch ends,
         OK, once it has sent its last status (NOT_SERVING, or SERVICE_UNKNOWN for a name
-        with none): it has no other change to send, and an open
-        Watch held the server's stop for the whole grace period (a client in another
-        language that checks health on its channel keeps one open all the time)."""
+        with none): it has no other change to send, and an open Watch held the server's
+        stop for the whole grace period (a client in another language that checks health
+        on its channel keeps one open all the time)."""
         super().enter_graceful_shutdown()
         with self._lock:
             for callbacks in self._send_response_callbacks.values():

@@ -42,7 +42,10 @@ class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  
         self._lock = threading.Lock()
         self._open = 0
         #: The streams waiting for their client's next question, which `stop` ends.
-        self.waiting = WaitingStreams()
+        self.waiting = WaitingStreams(
+            "the server is stopping: this reflection stream ends here; ask again once the "
+            "server is back"
+        )
 
     @property
     def open_streams(self) -> int:

@@ -19,7 +19,7 @@ import grpc
 
 from gradwire_server.errors import Stopping
 
-#: Why a stream ended at a stop: what ran on it and what did not.
+#: Why a Calls stream ended at a stop: what ran on it and what did not.
 STOPPED = (
     "the server is stopping: this stream of calls ends here, and no call written to it after "
     "its last answer was run; call again once the server is back"
@@ -27,9 +27,11 @@ STOPPED = (
 
 
 class WaitingStreams:
-    """The streams of one service open now that are waiting for a message, by their context."""
+    """The streams of one service open now that are waiting for a message, by their context.
+    `stopped`: the message of the status they end with at a stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopped: str = STOPPED) -> None:
+        self.stopped = stopped
         self._lock = threading.Lock()
         self._waiting: dict[int, grpc.ServicerContext] = {}
         self._stopped = False
@@ -41,19 +43,19 @@ class WaitingStreams:
         key = id(context)
         with self._lock:
             if self._stopped:
-                raise Stopping(STOPPED)
+                raise Stopping(self.stopped)
             self._waiting[key] = context
         try:
             message = next(requests, None)
         except grpc.RpcError:
             if self._stopped:  # the cancel of `stop`, not the client's
-                raise Stopping(STOPPED) from None
+                raise Stopping(self.stopped) from None
             raise
         finally:
             with self._lock:
                 del self._waiting[key]
         if self._stopped:
-            raise Stopping(STOPPED)
+            raise Stopping(self.stopped)
         return message
 
     @property
@@ -69,11 +71,11 @@ class WaitingStreams:
             self._stopped = True
             waiting = list(self._waiting.values())
         for context in waiting:
-            _cancel(context)
+            _cancel(context, self.stopped)
 
 
-def _cancel(context: grpc.ServicerContext) -> None:
-    """Cancels a waiting stream with UNAVAILABLE and STOPPED as its status. A client may
+def _cancel(context: grpc.ServicerContext, details: str) -> None:
+    """Cancels a waiting stream with UNAVAILABLE and `details` as its status. A client may
     have written a message as the stream was cancelled, which was not run: told
     UNAVAILABLE, it retries it, where told CANCELLED (the status of gRPC's public cancel) it
     took the call as cancelled on its own side, perhaps run, and did not retry (found by a
@@ -82,6 +84,6 @@ def _cancel(context: grpc.ServicerContext) -> None:
     another grpcio not have it, the public cancel."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     try:
-        call.cancel(grpc.StatusCode.UNAVAILABLE.value[0], STOPPED)  # type: ignore[union-attr]
+        call.cancel(grpc.StatusCode.UNAVAILABLE.value[0], details)  # type: ignore[union-attr]
     except Exception:  # grpcio's internals changed: CANCELLED, as gRPC's API has it
         context.cancel()
