@@ -33,18 +33,17 @@ class WaitingStreams:
     def __init__(self, stopped: str = STOPPED) -> None:
         self.stopped = stopped
         self._lock = threading.Lock()
-        self._waiting: dict[int, grpc.ServicerContext] = {}
+        self._waiting: set[grpc.ServicerContext] = set()
         self._stopped = False
 
     def next_message(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any | None:
         """The stream's next message, None once its client has ended it. Raises Stopping
         once `stop` has been called, before waiting or for a message that came as it was:
         that message is not run."""
-        key = id(context)
         with self._lock:
             if self._stopped:
                 raise Stopping(self.stopped)
-            self._waiting[key] = context
+            self._waiting.add(context)
         try:
             message = next(requests, None)
         except grpc.RpcError:
@@ -53,7 +52,7 @@ class WaitingStreams:
             raise
         finally:
             with self._lock:
-                del self._waiting[key]
+                self._waiting.remove(context)
         if self._stopped:
             raise Stopping(self.stopped)
         return message
@@ -69,7 +68,7 @@ class WaitingStreams:
         stream the next time it would wait."""
         with self._lock:
             self._stopped = True
-            waiting = list(self._waiting.values())
+            waiting = list(self._waiting)
         for context in waiting:
             _cancel(context, self.stopped)
 
