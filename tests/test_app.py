@@ -29,7 +29,6 @@ from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
 from gradwire_server.errors import InvalidInput
-from gradwire_server.models import ModelSpec
 from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
@@ -377,15 +376,6 @@ def test_a_stop_ends_an_idle_calls_stream_at_once(trainer: Trainer) -> None:
         eventually(lambda: not stream.usable, "the client did not see its stream end")
 
 
-def _gated_server() -> Running:
-    """A server whose model's Forward waits until the test sets Gate.release."""
-    from tests.test_concurrency import Gate
-
-    Gate.entered.clear()
-    Gate.release.clear()
-    return start(Trainer(ModelSpec("Gate", Gate, (2,), 2)), "127.0.0.1", 0)
-
-
 def _stop_during_held_forward(running: Running, caller: threading.Thread) -> float:
     """Starts `caller`, whose first call is a Forward the Gate holds; stops `running` (grace
     30 s) while it is held, then lets it go. Returns how long the stop took."""
@@ -403,10 +393,12 @@ def _stop_during_held_forward(running: Running, caller: threading.Thread) -> flo
     return time.monotonic() - started
 
 
-def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered() -> None:
+def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered(
+    gated_server: Running,
+) -> None:
     # A stream busy with a call, with nothing written after it, waited after the answer for
     # a next message that did not come, holding the stop for the whole grace period.
-    running = _gated_server()
+    running = gated_server
     answers: dict[str, Any] = {}
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60, stream_calls=True) as client:
         held = threading.Thread(
@@ -419,8 +411,10 @@ def test_a_stop_ends_a_calls_stream_once_its_call_in_progress_is_answered() -> N
         eventually(lambda: not stream.usable, "the client did not see its stream end")
 
 
-def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it() -> None:
-    running = _gated_server()
+def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it(
+    gated_server: Running,
+) -> None:
+    running = gated_server
     answers: dict[str, Any] = {}
 
     def calls() -> None:
