@@ -41,10 +41,11 @@ def serving(spec: ModelSpec, seed: int | None = None) -> Iterator[tuple[Trainer,
 
 
 @contextmanager
-def bare_server() -> Iterator[str]:
-    """A gRPC server with no service at all, as a server from before a call answers it
-    (UNIMPLEMENTED); yields its address."""
+def bare_server(*handlers: grpc.GenericRpcHandler) -> Iterator[str]:
+    """A gRPC server with no service at all but `handlers`, as a server from before a call
+    answers it (UNIMPLEMENTED), or answers it as it did then; yields its address."""
     bare = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    bare.add_generic_rpc_handlers(handlers)
     port = bare.add_insecure_port("127.0.0.1:0")
     bare.start()
     try:

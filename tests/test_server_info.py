@@ -4,12 +4,15 @@ against the limit the server enforces, on a real server on loopback."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import gradwire
 from gradwire import errors
@@ -82,6 +85,12 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             keepalive_s=7.0,
             keepalive_timeout_s=3.0,
             min_client_ping_s=11.0,
+            max_health_watches=64,
+            max_reflection_streams=8,
+            request_id_kept_s=600.0,
+            last_request_ids_kept=1024,
+            max_request_ids_kept=65_536,
+            answer_bytes_kept=256 * 1024 * 1024,
         ),
     )
 
@@ -180,6 +189,64 @@ def test_the_element_limit_calls_and_sessions_reported_are_enforced(small: Runni
             watch.close()
 
 
+def _held(calls: list[Any]) -> None:
+    for call in calls:
+        call.cancel()
+
+
+def test_the_health_and_reflection_stream_limits_reported_are_enforced(small: Running) -> None:
+    """At the number of health Watches and reflection streams reported, each is open; one
+    more is refused with the reason the .proto names."""
+    address = f"127.0.0.1:{small.port}"
+    with gradwire.connect(address, timeout=30) as client:
+        limits = client.server_info().limits
+    release = threading.Event()
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches: list[Any] = []
+        try:
+            for _ in range(limits.max_health_watches):
+                watches.append(health.Watch(health_pb2.HealthCheckRequest(), timeout=60))
+                assert next(watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as refused:
+                next(health.Watch(health_pb2.HealthCheckRequest(), timeout=60))
+            assert errors.from_rpc_error(refused.value).reason == "TOO_MANY_WATCHES"
+        finally:
+            _held(watches)
+
+        def questions() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+            release.wait(60)
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        streams: list[Any] = []
+        try:
+            for _ in range(limits.max_reflection_streams):
+                streams.append(reflection.ServerReflectionInfo(questions(), timeout=60))
+                assert next(streams[-1]).HasField("list_services_response")
+            with pytest.raises(grpc.RpcError) as refused:
+                next(reflection.ServerReflectionInfo(questions(), timeout=60))
+            reason = errors.from_rpc_error(refused.value).reason
+            assert reason == "TOO_MANY_REFLECTION_STREAMS"
+        finally:
+            release.set()
+            _held(streams)
+
+
+def test_what_is_kept_for_retries_is_reported_as_the_server_keeps_it(small: Running) -> None:
+    """The request-id and answer retention reported are the request log's own settings (its
+    behaviour at them: tests/test_retries.py)."""
+    with gradwire.connect(f"127.0.0.1:{small.port}", timeout=30) as client:
+        limits = client.server_info().limits
+    kept = small.servicer.requests
+    assert (
+        limits.request_id_kept_s,
+        limits.last_request_ids_kept,
+        limits.max_request_ids_kept,
+        limits.answer_bytes_kept,
+    ) == (kept.keep_s, kept.size, kept.max_ids, kept.max_bytes)
+
+
 def test_a_client_refused_busy_can_still_read_the_limit(small: Running) -> None:
     """GetServerInfo has the operator's place beyond the limit, as ListSessions: with every
     place held by open watches it was BUSY too (found by a review)."""
@@ -242,7 +309,12 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "histogram bins   at most 4,096",
         "steps per Train  at most 1,099,511,627,776",
         "request ids      at most 128 characters",
+        "retries          a request id is kept 600 s after its last use, then while among "
+        "the last 1,024 (65,536 at most); answers kept: the latest 268,435,456 bytes "
+        "(256.0 MiB)",
         "calls at once    2 (an open watch or stream holds one)",
+        "health watches   at most 64 open at once; past that, poll with Check",
+        "reflection       at most 8 streams open at once",
         "sessions         1 beside the default one; each closed after 42.5 s without calls",
         "keepalive        a ping after 7 s of silence, the connection closed when it goes "
         "unanswered for 3 s; client pings at most every 11 s on a quiet connection",
@@ -281,6 +353,30 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
         "keepalive        a ping after 2,147,483 s of silence, the connection closed when it "
         "goes unanswered for 20 s; client pings at most every 30 s on a quiet connection",
     ]
+
+
+def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running) -> None:
+    """A server from before the stream and retry limits were reported answers 0 for them:
+    no row says "at most 0"."""
+    older = pb.GetServerInfoResponse()
+    older.CopyFrom(small.servicer.info)
+    for name in (
+        "max_health_watches",
+        "max_reflection_streams",
+        "request_id_kept_s",
+        "last_request_ids_kept",
+        "max_request_ids_kept",
+        "answer_bytes_kept",
+    ):
+        older.limits.ClearField(name)
+    answer = grpc.unary_unary_rpc_method_handler(lambda request, context: older.SerializeToString())
+    handler = grpc.method_handlers_generic_handler("gradwire.v1.Trainer", {"GetServerInfo": answer})
+    with bare_server(handler) as address:
+        lines = run_main("info", "--target", address).out.splitlines()
+    with_all = run_main("info", "--target", f"127.0.0.1:{small.port}").out.splitlines()
+    left_out = ("retries ", "health watches ", "reflection ")
+    assert lines == [line for line in with_all if not line.startswith(left_out)]
+    assert len(lines) == len(with_all) - 3
 
 
 def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:

@@ -1026,7 +1026,19 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         ("histogram bins", f"at most {lim.max_histogram_bins:,}"),
         ("steps per Train", f"at most {lim.max_train_steps:,}"),
         ("request ids", f"at most {lim.max_request_id_chars} characters"),
+        (
+            "retries",
+            f"a request id is kept {_seconds_text(lim.request_id_kept_s)} after its last use, "
+            f"then while among the last {lim.last_request_ids_kept:,} "
+            f"({lim.max_request_ids_kept:,} at most); answers kept: the latest "
+            f"{_bytes(lim.answer_bytes_kept)}",
+        ),
         ("calls at once", f"{lim.max_concurrent} (an open watch or stream holds one)"),
+        (
+            "health watches",
+            f"at most {lim.max_health_watches} open at once; past that, poll with Check",
+        ),
+        ("reflection", f"at most {lim.max_reflection_streams} streams open at once"),
         ("sessions", f"{lim.max_sessions} beside the default one; {closing}"),
         (
             "keepalive",
@@ -1034,6 +1046,13 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             "a quiet connection",
         ),
     ]
+    # A server from before these limits were reported answers 0 for them: left out.
+    unreported = {
+        "retries": not lim.last_request_ids_kept,
+        "health watches": not lim.max_health_watches,
+        "reflection": not lim.max_reflection_streams,
+    }
+    rows = [(name, text) for name, text in rows if not unreported.get(name)]
     out.write(
         f"gradwire {info.version} with PyTorch {info.torch_version}, models on {info.device}\n"
     )

@@ -239,18 +239,19 @@ def start(
         if on_device_lost is not None:
             on_device_lost()
 
+    reflection_servicer = ReflectionServicer(services)
     servicer = TrainerServicer(
         trainer,
         max_concurrent,
         sessions,
         on_device_lost=device_lost,
         keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
+        streams=(health_servicer.max_watches, reflection_servicer.max_streams),
     )
     servicer.observer = calls  # counts and logs the calls made on Calls streams
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)
-    reflection_servicer = ReflectionServicer(services)
     add_reflection(reflection_servicer, server)
     address = _address(host, port)
     refused = _bind_error(host, port)

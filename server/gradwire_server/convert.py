@@ -11,7 +11,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -524,6 +524,17 @@ def sessions_to_proto(
     return response
 
 
+class RequestsKept(Protocol):
+    """What a server keeps for retries (servicer.RequestLog): each request id for `keep_s`
+    after its last use, and past that while among the last `size`; `max_ids` ids at most,
+    and the latest answers that fit in `max_bytes`."""
+
+    keep_s: float
+    size: int
+    max_ids: int
+    max_bytes: int
+
+
 def server_info(
     device: str,
     max_elements: int,
@@ -531,11 +542,16 @@ def server_info(
     max_sessions: int,
     idle_timeout_s: float,
     keepalive: tuple[float | None, float, float],
+    *,
+    streams: tuple[int, int],
+    requests: RequestsKept,
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: the versions, the device, and the limits a server started with
     these settings keeps (`keepalive`: its ping interval, None or 0 for none, the ping's
-    timeout, and the closest client pings it takes)."""
+    timeout, and the closest client pings it takes; `streams`: the health Watches and the
+    reflection streams it keeps open at once; `requests`: what it keeps for retries)."""
     interval_s, timeout_s, min_client_ping_s = keepalive
+    health_watches, reflection_streams = streams
     limits = pb.ServerLimits(
         max_message_bytes=gw_limits.MAX_MESSAGE_BYTES,
         max_value_bytes=gw_limits.MAX_VALUE_BYTES,
@@ -553,6 +569,12 @@ def server_info(
         keepalive_s=gw_limits.in_force_s(interval_s) if interval_s else 0.0,
         keepalive_timeout_s=gw_limits.in_force_s(timeout_s) if interval_s else 0.0,
         min_client_ping_s=gw_limits.in_force_s(min_client_ping_s),
+        max_health_watches=health_watches,
+        max_reflection_streams=reflection_streams,
+        request_id_kept_s=requests.keep_s,
+        last_request_ids_kept=requests.size,
+        max_request_ids_kept=requests.max_ids,
+        answer_bytes_kept=requests.max_bytes,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

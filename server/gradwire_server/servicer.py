@@ -676,10 +676,14 @@ class TrainerServicer:
             limits.KEEPALIVE_TIMEOUT_S,
             limits.MIN_CLIENT_PING_S,
         ),
+        streams: tuple[int, int] = (0, 0),
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
+        self.requests = RequestLog()
         #: GetServerInfo's answer: nothing in it changes while the server runs. `keepalive`:
-        #: the server's ping settings, as `app.start` gives them to gRPC.
+        #: the server's ping settings, as `app.start` gives them to gRPC; `streams`: the
+        #: health Watches and reflection streams the services beside it keep open at once
+        #: (0: none served).
         self.info = convert.server_info(
             str(trainer.device),
             trainer.max_elements,
@@ -687,12 +691,13 @@ class TrainerServicer:
             self.sessions.max_sessions,
             self.sessions.idle_s,
             keepalive,
+            streams=streams,
+            requests=self.requests,
         )
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).
         self.on_device_lost = on_device_lost
         self.slots = Slots(max_concurrent)
-        self.requests = RequestLog()
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
         #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
         #: STOPPING) instead of holding the grace period until it runs out.

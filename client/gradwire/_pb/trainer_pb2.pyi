@@ -47,10 +47,11 @@ Conventions used by every message below:
   is applied again: to be safe past that, send the expected version too. Of the answers
   it keeps the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64
   MiB): a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and
-  changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
-  anew. A retry that arrives while the first attempt is still running waits for it,
-  within its own deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a
-  later retry with the same id gets the first attempt's answer. A retry whose id is kept
+  changes nothing. GetServerInfo answers these numbers for the server at hand. A
+  failed attempt changed nothing and is not kept, so its retry runs anew. A retry that
+  arrives while the first attempt is still running waits for it, within its own
+  deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a later retry
+  with the same id gets the first attempt's answer. A retry whose id is kept
   gets that answer whatever expected version it sends; an attempt refused for its
   expected version (VERSION_MISMATCH) changed nothing and is not kept, so a retry of it
   with the same id and the right version is applied. OpenSession takes an id too (a retry gets the session the first attempt opened,
@@ -1698,6 +1699,12 @@ class ServerLimits(_message.Message):
     KEEPALIVE_S_FIELD_NUMBER: _builtins.int
     KEEPALIVE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     MIN_CLIENT_PING_S_FIELD_NUMBER: _builtins.int
+    MAX_HEALTH_WATCHES_FIELD_NUMBER: _builtins.int
+    MAX_REFLECTION_STREAMS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_KEPT_S_FIELD_NUMBER: _builtins.int
+    LAST_REQUEST_IDS_KEPT_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_IDS_KEPT_FIELD_NUMBER: _builtins.int
+    ANSWER_BYTES_KEPT_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -1739,6 +1746,26 @@ class ServerLimits(_message.Message):
     """The shortest interval at which it takes a client's pings on a connection carrying no
     data: a client that pings more often has its connection closed (GOAWAY, "too_many_pings").
     """
+    max_health_watches: _builtins.int
+    """Health Watches (grpc.health.v1) open at once: one more is RESOURCE_EXHAUSTED
+    (TOO_MANY_WATCHES); poll with Check instead.
+    """
+    max_reflection_streams: _builtins.int
+    """Server reflection streams open at once: one more is RESOURCE_EXHAUSTED
+    (TOO_MANY_REFLECTION_STREAMS).
+    """
+    request_id_kept_s: _builtins.float
+    """The request ids a retry is matched against (see Mutations above): each is kept for
+    request_id_kept_s after its last use, and past that while it is among the last
+    last_request_ids_kept; at most max_request_ids_kept in all, the oldest forgotten
+    first. A retry of an id no longer kept is a new request, applied again.
+    """
+    last_request_ids_kept: _builtins.int
+    max_request_ids_kept: _builtins.int
+    answer_bytes_kept: _builtins.int
+    """Of the answers to those requests, the latest that fit in this many bytes are kept: a
+    retry whose answer was let go is ABORTED (ANSWER_NOT_KEPT) and changes nothing.
+    """
     def __init__(
         self,
         *,
@@ -1757,10 +1784,16 @@ class ServerLimits(_message.Message):
         keepalive_s: _builtins.float = ...,
         keepalive_timeout_s: _builtins.float = ...,
         min_client_ping_s: _builtins.float = ...,
+        max_health_watches: _builtins.int = ...,
+        max_reflection_streams: _builtins.int = ...,
+        request_id_kept_s: _builtins.float = ...,
+        last_request_ids_kept: _builtins.int = ...,
+        max_request_ids_kept: _builtins.int = ...,
+        answer_bytes_kept: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_request_id_chars", b"max_request_id_chars", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -47,10 +47,11 @@ Conventions used by every message below:
   is applied again: to be safe past that, send the expected version too. Of the answers
   it keeps the latest that fit in 256 MiB (a TrainStep that fetches answers up to 64
   MiB): a retry whose answer was let go is refused, ABORTED (ANSWER_NOT_KEPT), and
-  changes nothing. A failed attempt changed nothing and is not kept, so its retry runs
-  anew. A retry that arrives while the first attempt is still running waits for it,
-  within its own deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a
-  later retry with the same id gets the first attempt's answer. A retry whose id is kept
+  changes nothing. GetServerInfo answers these numbers for the server at hand. A
+  failed attempt changed nothing and is not kept, so its retry runs anew. A retry that
+  arrives while the first attempt is still running waits for it, within its own
+  deadline: past that it ends DEADLINE_EXCEEDED, changing nothing, and a later retry
+  with the same id gets the first attempt's answer. A retry whose id is kept
   gets that answer whatever expected version it sends; an attempt refused for its
   expected version (VERSION_MISMATCH) changed nothing and is not kept, so a retry of it
   with the same id and the right version is applied. OpenSession takes an id too (a retry gets the session the first attempt opened,
