@@ -189,6 +189,14 @@ def test_the_element_limit_calls_and_sessions_reported_are_enforced(small: Runni
             watch.close()
 
 
+def test_the_bin_limit_has_the_type_of_the_bins_it_bounds() -> None:
+    """A client compares a request's histogram_bins with max_histogram_bins: of one type,
+    a typed language needs no cast (it was uint32 against the requests' int32)."""
+    bins = pb.ServerLimits.DESCRIPTOR.fields_by_name["max_histogram_bins"].type
+    for request in (pb.GetStatsRequest, pb.WatchItem):
+        assert request.DESCRIPTOR.fields_by_name["histogram_bins"].type == bins
+
+
 def _held(calls: list[Any]) -> None:
     for call in calls:
         call.cancel()

@@ -1723,7 +1723,7 @@ class ServerLimits(_message.Message):
     max_name_chars: _builtins.int
     """characters in a tensor name (BAD_NAME)"""
     max_histogram_bins: _builtins.int
-    """GetStats and Watch histograms (BAD_BINS)"""
+    """GetStats and Watch histograms (BAD_BINS); int32, as the requests' histogram_bins"""
     max_train_steps: _builtins.int
     """steps one Train may run (BAD_REQUEST)"""
     max_request_id_chars: _builtins.int
