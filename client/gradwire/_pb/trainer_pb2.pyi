@@ -65,9 +65,10 @@ Conventions used by every message below:
   reads tensors sets its channel's maximum receive size to 64 MiB. The values one message
   carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
   larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
-  default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements (the server's default) and
-  64 dimensions; a name at most 256 characters. GetServerInfo answers the limits of the
-  server at hand, these and the others below.
+  default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements
+  (the server's default) and 64 dimensions; a name at most 256 characters (Unicode code
+  points, not bytes). GetServerInfo answers the limits of the server at hand, these and
+  the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write, a Calls stream) holds one place for as long as it is open. With none free a call is answered
@@ -1721,7 +1722,7 @@ class ServerLimits(_message.Message):
     max_dims: _builtins.int
     """dimensions of a tensor sent, a fill or a selection"""
     max_name_chars: _builtins.int
-    """characters in a tensor name (BAD_NAME)"""
+    """characters in a tensor name (BAD_NAME): Unicode code points, not bytes"""
     max_histogram_bins: _builtins.int
     """GetStats and Watch histograms (BAD_BINS); int32, as the requests' histogram_bins"""
     max_train_steps: _builtins.int
