@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import math
 import os
 import re
@@ -826,6 +827,40 @@ def test_no_server_at_the_target_gets_a_hint(dead_address: str) -> None:
     assert hint == (
         f"hint: no gradwire server answered at {dead_address}: start one (gradwire serve), "
         "name yours with --target HOST:PORT, or add --tls if it serves TLS"
+    )
+
+
+@pytest.mark.parametrize("target", ["localhost:abc", ":50051"])
+def test_a_target_that_does_not_resolve_is_said_to_be_one(target: str) -> None:
+    """gRPC's "errors resolving ..." was taken for a call cut off once under way: the hint
+    said the server "was reached" and that the change "may have been applied" (found by a
+    review of the CLI). A name unknown to DNS gets the same words from gRPC; these two
+    need no DNS to fail."""
+    result = run_main("step", "--target", target, "--timeout", "10")
+    assert result.code == 1
+    first, hint = result.err.splitlines()[:2]
+    assert first.startswith("error: UNAVAILABLE:")
+    assert hint == (
+        f"hint: {target} could not be resolved to an address: check the host name and the "
+        "port in --target HOST:PORT (such as localhost:50051 or gpu-box:50051)"
+    )
+
+
+def test_a_port_that_answers_in_something_other_than_grpc_is_said_to() -> None:
+    """A web server at the port got "no gradwire server answered ...: start one"; gRPC's
+    own words were "Failed parsing HTTP/2" (found by a review of the CLI)."""
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    target = f"127.0.0.1:{web.server_address[1]}"
+    try:
+        result = run_main("list", "--target", target, "--timeout", "10")
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert result.code == 1
+    assert result.err.splitlines()[1] == (
+        f"hint: something that is not a gRPC server answers at {target} (a web server?): "
+        "check the port in --target HOST:PORT"
     )
 
 

@@ -1757,6 +1757,16 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         )
     if not _unreachable(error):
         return None
+    if "resolving" in text or "resolution" in text or "hostname lookup" in text:
+        return (
+            f"{target} could not be resolved to an address: check the host name and the "
+            "port in --target HOST:PORT (such as localhost:50051 or gpu-box:50051)"
+        )
+    if "parsing http/2" in text:  # a connection made, and answered in something else
+        return (
+            f"something that is not a gRPC server answers at {target} (a web server?): "
+            "check the port in --target HOST:PORT"
+        )
     if "certificate_verify_failed" in text and "certificate has expired" in text:
         # It said no server answered, and to start one (found by a review of deployment).
         return (
