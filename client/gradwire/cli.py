@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -1013,6 +1015,13 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         if lim.keepalive_s
         else "no pings from the server"
     )
+    ids = f"at most {lim.max_request_id_chars} characters"
+    if lim.last_request_ids_kept:  # 0: a server from before it was reported
+        ids += (
+            f"; a retry is matched to its first attempt while its id is kept: "
+            f"{_seconds_text(lim.request_id_kept_s)} after its last use, or while among the "
+            f"last {lim.last_request_ids_kept:,} ({lim.max_request_ids_kept:,} ids at most)"
+        )
     rows = [
         ("message size", f"at most {_bytes(lim.max_message_bytes)} each way"),
         (
@@ -1025,30 +1034,32 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         ("names", f"at most {lim.max_name_chars} characters"),
         ("histogram bins", f"at most {lim.max_histogram_bins:,}"),
         ("steps per Train", f"at most {lim.max_train_steps:,}"),
-        ("request ids", f"at most {lim.max_request_id_chars} characters"),
+        ("request ids", ids),
         (
-            "retries",
-            f"a request id is kept {_seconds_text(lim.request_id_kept_s)} after its last use, "
-            f"then while among the last {lim.last_request_ids_kept:,} "
-            f"({lim.max_request_ids_kept:,} at most); answers kept: the latest "
-            f"{_bytes(lim.answer_bytes_kept)}",
+            "retry answers",
+            f"the latest {_bytes(lim.answer_bytes_kept)} kept; a retry whose answer was let "
+            "go is refused (ANSWER_NOT_KEPT), not applied again",
         ),
         ("calls at once", f"{lim.max_concurrent} (an open watch or stream holds one)"),
         (
             "health watches",
-            f"at most {lim.max_health_watches} open at once; past that, poll with Check",
+            f"at most {lim.max_health_watches} open at once; past that, poll (gradwire health)",
         ),
-        ("reflection", f"at most {lim.max_reflection_streams} streams open at once"),
+        (
+            "reflection",
+            f"at most {lim.max_reflection_streams} streams open at once (grpcurl, an IDE); "
+            "one more is refused",
+        ),
         ("sessions", f"{lim.max_sessions} beside the default one; {closing}"),
         (
             "keepalive",
-            f"{pings}; client pings at most every {_seconds_text(lim.min_client_ping_s)} on "
-            "a quiet connection",
+            f"{pings}; a client may ping a quiet connection every "
+            f"{_seconds_text(lim.min_client_ping_s)} at most, or it is closed",
         ),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
     unreported = {
-        "retries": not lim.last_request_ids_kept,
+        "retry answers": not lim.answer_bytes_kept,
         "health watches": not lim.max_health_watches,
         "reflection": not lim.max_reflection_streams,
     }
@@ -1058,7 +1069,17 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     )
     width = max(len(name) for name, _ in rows)
     for name, text in rows:
-        out.write(f"{name:<{width}}  {text}\n")
+        # Wrapped to INFO_COLUMNS, the text's column kept (one row ran to 168 characters),
+        # and never between a number and its unit.
+        kept = _NUMBER_AND_UNIT.sub("\\1\xa0\\2", text)
+        lines = textwrap.wrap(kept, INFO_COLUMNS - width - 2, break_on_hyphens=False)
+        for i, line in enumerate(lines):
+            out.write(f"{'' if i else name:<{width}}  {line}\n".replace("\xa0", " "))
+
+
+#: The width `gradwire info` wraps its rows to.
+INFO_COLUMNS = 100
+_NUMBER_AND_UNIT = re.compile(r"(\d) (s|bytes|MiB)\b")
 
 
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
