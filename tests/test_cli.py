@@ -24,6 +24,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.cli import _connection_hint, build_parser
+from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, ModelSpec, Simple
@@ -491,7 +492,45 @@ def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
 def test_optimizer_setting_of_the_other_kind_exits_1(cli: Run) -> None:
     result = cli("optimizer", "--kind", "adam", "--momentum", "0.9")
     assert result.code == 1
-    assert result.err.startswith("error: INVALID_ARGUMENT: momentum is not a setting of ADAM")
+    assert result.err.startswith(
+        "error: INVALID_ARGUMENT: momentum is a setting of SGD, not of Adam"
+    )
+
+
+def test_optimizer_without_settings_shows_the_optimizer_and_changes_nothing(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """It replaced the optimizer with SGD at lr 1.0: a look lost an Adam and its state
+    (found by a review of the CLI)."""
+    client.set_optimizer("adam", lr=0.01)
+    client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+    client.backward()
+    client.step()  # Adam's moments now exist
+    before = client.list_tensors()
+    result = cli("optimizer")
+    assert result.code == 0, result.err
+    assert result.out == (
+        f"adam lr=0.01 weight_decay=0.0 beta1=0.9 beta2=0.999 eps=1e-08 (version "
+        f"{before.version}; --kind or a setting replaces it)\n"
+    )
+    after = client.list_tensors()
+    assert (after.version, after.optimizer) == (before.version, before.optimizer)
+    assert client.get("optimizer.conv1.weight.exp_avg") is not None
+    assert cli("optimizer", "--json").json() == {
+        "version": before.version,
+        **{k: v for k, v in vars(before.optimizer).items() if v is not None},
+    }
+
+
+def test_reset_keeps_the_optimizer_s_settings_as_its_help_says(
+    cli: Run, client: gradwire.Client
+) -> None:
+    client.set_optimizer("sgd", lr=0.01, momentum=0.9)
+    assert "its settings stay" in cli("reset", "--help").out
+    cli("reset")
+    assert client.list_tensors().optimizer == gradwire.OptimizerConfig(
+        kind="sgd", lr=0.01, momentum=0.9, weight_decay=0.0, nesterov=False
+    )
 
 
 def test_optimizer_unknown_kind_exits_2(cli: Run) -> None:

@@ -157,7 +157,7 @@ def test_malformed_tensor_is_invalid_argument(
         (
             lambda c: c.set_optimizer("adam", momentum=0.9),
             "BAD_OPTIMIZER",
-            "momentum is not a setting of ADAM",
+            "momentum is a setting of SGD, not of Adam",
         ),
         (  # found by the nineteenth session's review: torch's "check_uniform_bounds" words
             lambda c: c.forward(INPUT, Fill.uniform(8, 20)),

@@ -1084,13 +1084,25 @@ _NUMBER_AND_UNIT = re.compile(r"(\d) (s|bytes|MiB)\b")
 
 def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     names = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
-    version, config = client._set_optimizer(args.kind, {n: getattr(args, n) for n in names})
+    given = {n: getattr(args, n) for n in names}
+    if args.kind is None and all(v is None for v in given.values()):
+        # Asked for nothing: the optimizer in place, unchanged. It replaced it with SGD at
+        # lr 1.0, losing an Adam and its state to a look (found by a review of the CLI).
+        listing = client.list_tensors()
+        version, config, said = (
+            listing.version,
+            listing.optimizer,
+            "; --kind or a setting replaces it",
+        )
+    else:
+        version, config = client._set_optimizer(args.kind or "sgd", given)
+        said = ""
     settings = {k: v for k, v in vars(config).items() if v is not None}
     _emit(
         out,
         args,
         {"version": version, **settings},
-        f"{_describe_optimizer(config)} (version {version})",
+        f"{_describe_optimizer(config)} (version {version}{said})",
     )
 
 
@@ -1615,7 +1627,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("list", cmd_list, "list every tensor with its kind, dtype and shape")
 
-    p = add("reset", cmd_reset, "re-initialise the model and optimizer")
+    p = add(
+        "reset",
+        cmd_reset,
+        "re-initialise the model's parameters and start the optimizer's state afresh (its "
+        "settings stay)",
+    )
     p.add_argument("--seed", type=_seed, default=None, help="torch.manual_seed before initialising")
 
     p = add(
@@ -1647,8 +1664,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the server's gradwire and PyTorch versions, its device, and the limits it keeps",
     )
 
-    p = add("optimizer", cmd_optimizer, "replace the optimizer (SGD lr=1.0 by default)")
-    p.add_argument("--kind", choices=["sgd", "adam"], default="sgd", help="torch.optim.SGD or Adam")
+    p = add(
+        "optimizer",
+        cmd_optimizer,
+        "show the optimizer; with --kind or a setting, replace it (SGD lr=1.0 by default; its "
+        "state starts afresh)",
+    )
+    p.add_argument("--kind", choices=["sgd", "adam"], help="torch.optim.SGD (the default) or Adam")
     p.add_argument(
         "--lr",
         type=float,

@@ -296,7 +296,11 @@ def optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerSettings:
     adam_only = ("beta1", "beta2", "eps")
     for name in adam_only if kind == "sgd" else sgd_only:
         if message.HasField(name):  # type: ignore[arg-type]
-            raise InvalidInput(f"{name} is not a setting of {kind.upper()}", reason="BAD_OPTIMIZER")
+            this, other = ("SGD", "Adam") if kind == "sgd" else ("Adam", "SGD")
+            raise InvalidInput(
+                f"{name} is a setting of {other}, not of {this}: leave it out, or ask for {other}",
+                reason="BAD_OPTIMIZER",
+            )
 
     def opt(name: str) -> float | None:
         if not message.HasField(name):  # type: ignore[arg-type]
