@@ -126,7 +126,7 @@ def test_calls_over_the_bound_are_refused_at_once_and_health_answers(gated: str)
         with pytest.raises(errors.ResourceExhausted) as info:
             client.list_tensors()
         assert info.value.reason == "BUSY"
-        assert "1 calls in progress" in info.value.message
+        assert "busy: 1 call in progress; retry shortly" in info.value.message
         assert client.health() == "SERVING"
         Gate.release.set()
         holder.join(timeout=60)
@@ -196,8 +196,9 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
                 "the server is busy: 2 calls in progress, 2 of them streams (Watch, Train, "
                 "streamed reads, streams of calls), which hold their places until they end: "
                 "retry once some end, or close the watches and clients you no longer use "
-                "(gradwire sessions shows the sessions with calls in progress, and gradwire "
-                "close-session ends them)"
+                "(gradwire sessions shows which sessions opened beside the default one hold "
+                "calls, and gradwire close-session ends theirs; the default session's end only "
+                "when their clients close them)"
             )
             watches[0].close()
             eventually(lambda: running.servicer.slots.taken == 1)

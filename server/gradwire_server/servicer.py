@@ -296,14 +296,19 @@ class Slots:
     def _busy(self) -> str:
         """BUSY's message: with open streams, that they hold their places until they end
         (16 watches left open made every call BUSY, and "retry shortly" never helped)."""
+        calls = f"{self.limit} call{'s' if self.limit != 1 else ''} in progress"
         if not self._streams:
-            return f"the server is busy: {self.limit} calls in progress; retry shortly"
+            return f"the server is busy: {calls}; retry shortly"
+        # The default session is in no listing and cannot be closed: said, as the listing
+        # showed no session while a watch of the default session held the place (found by
+        # a review of the CLI).
         return (
-            f"the server is busy: {self.limit} calls in progress, {self._streams} of them "
+            f"the server is busy: {calls}, {self._streams} of them "
             "streams (Watch, Train, streamed reads, streams of calls), which hold their places "
             "until they end: retry once some end, or close the watches and clients you no "
-            "longer use (gradwire sessions shows the sessions with calls in progress, and "
-            "gradwire close-session ends them)"
+            "longer use (gradwire sessions shows which sessions opened beside the default one "
+            "hold calls, and gradwire close-session ends theirs; the default session's end "
+            "only when their clients close them)"
         )
 
 
