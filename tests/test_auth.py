@@ -170,6 +170,28 @@ def test_cli_takes_the_token_from_a_file_or_the_environment(
     assert "is empty" in err.getvalue()
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"), [("list", "--token-file"), ("list", "--tls-ca"), ("serve", "--token-file")]
+)
+def test_a_file_that_cannot_be_read_is_named_with_its_option(
+    tmp_path: Path, command: str, flag: str
+) -> None:
+    """ "[Errno 2] No such file or directory: 'nope'" named neither the option nor what was
+    wrong with the file (found by a review of the CLI). The server's TLS files have their
+    own check (TlsFiles.check)."""
+    argv = ["--port", "0"] if command == "serve" else ["--target", "127.0.0.1:1"]
+    unread = [
+        (tmp_path / "nope", "No such file or directory"),
+        (tmp_path, "it is a folder, not a file"),
+    ]
+    for path, why in unread:
+        err = io.StringIO()
+        assert main([command, *argv, flag, str(path)], io.StringIO(), err) == 2
+        assert (
+            err.getvalue() == f"gradwire {command}: error: {flag} {path}: cannot read it ({why})\n"
+        )
+
+
 def test_a_token_from_the_environment_is_stripped_as_one_from_a_file(
     trainer: Trainer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1267,6 +1267,10 @@ def test_a_change_past_its_timeout_may_have_been_applied_and_the_hint_says_so(
              for _ in range(5))  # fmt: skip
     read = next(t for t in tries if "DEADLINE_EXCEEDED" in t.err)
     assert "applied" not in read.err  # a read: nothing applied
+    # but the time to give, which it did not say (found by a review of the CLI)
+    assert _hint(read) == (
+        "hint: no answer within --timeout 1e-09s: give this command a longer --timeout"
+    )
     # The forward's first call, ListTensors, held up by the trainer's lock: it times out for
     # sure, and no Forward is sent. (With a nanosecond's deadline it got through now and
     # then, and the Forward after it timed out: "applied", rightly, failing the test.)
@@ -1418,9 +1422,11 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every
         (["forward", "--no-targets", "--input", "ones:8,,3,10,10"], "bad shape '8,,3,10,10'"),
         (["forward", "--no-targets", "--input", "ones:8,3,10,10,"], "bad shape '8,3,10,10,'"),
         (["train", "--classes", "0"], "--classes"),
-        (["watch", "loss", "--duration", "0"], "expected more than 0 seconds"),
+        (["watch", "loss", "--duration", "0"], "expected seconds more than 0 (up to 2,147,483)"),
+        # It said "from 0 to 2,147,483", and 0 is refused (found by a review of the CLI).
+        (["list", "--timeout", "-1"], "'-1': expected seconds more than 0 (up to 2,147,483)"),
     ],
-    ids=["empty-dimension", "trailing-comma", "no-classes", "no-duration"],
+    ids=["empty-dimension", "trailing-comma", "no-classes", "no-duration", "negative-timeout"],
 )
 def test_arguments_that_were_silently_taken_for_others_are_usage_errors(
     args: list[str], said: str

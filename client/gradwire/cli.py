@@ -160,10 +160,17 @@ def _client_keepalive(text: str) -> float:
 
 
 def _positive_seconds(text: str) -> float:
-    """A duration that must be more than 0: a call's deadline, say."""
-    seconds = _seconds(text)
-    if seconds == 0:
-        raise argparse.ArgumentTypeError(f"bad duration {text!r}: expected more than 0 seconds")
+    """A duration that must be more than 0: a call's deadline, say. Refused, it gave the
+    range of _seconds, which starts at 0 (found by a review of the CLI)."""
+    try:
+        seconds = _seconds(text)
+    except argparse.ArgumentTypeError:
+        seconds = math.nan
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"bad duration {text!r}: expected seconds more than 0 (up to "
+            f"{limits.MAX_GRPC_SECONDS:,})"
+        )
     return seconds
 
 
@@ -1786,8 +1793,13 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         )
     if isinstance(error, DeadlineExceeded):
         if reached or _connected(client):  # the call took longer than --timeout
-            if not applied:
-                return None
+            if not applied:  # a read: nothing done, only the time to give (a review)
+                if getattr(args, "duration", None) is not None:  # its own end, not --timeout
+                    return None
+                return (
+                    f"no answer within --timeout {args.timeout:g}s: give this command a "
+                    "longer --timeout"
+                )
             return (
                 f"no answer within --timeout {args.timeout:g}s, but the server may have run "
                 f"the call after that{applied}: look before running it again, and give "

@@ -23,7 +23,7 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     refused the header: "Invalid metadata") and a client's calls all failed INTERNAL.
     """
     if token_file is not None:
-        token = token_file.read_text().strip()
+        token = _read(token_file, "--token-file").decode(errors="replace").strip()
         if not token:
             raise ValueError(f"the token file {token_file} is empty")
         return check_token(token, f"the token in {token_file}")
@@ -99,6 +99,19 @@ def read_optional(
     """A PEM file's bytes, checked to hold a `kind` (check_pem); None without a path."""
     if path is None:
         return None
-    data = path.read_bytes()
+    data = _read(path, flag)
     check_pem(data, kind, f"{flag} {path}")
     return data
+
+
+def _read(path: Path, flag: str) -> bytes:
+    """The file's bytes, or OSError naming the option it was given with and why it could
+    not be read: "[Errno 2] No such file or directory: 'nope'" named neither (found by a
+    review of the CLI)."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        why = err.strerror or str(err)
+        if isinstance(err, IsADirectoryError):
+            why = "it is a folder, not a file"
+        raise OSError(f"{flag} {path}: cannot read it ({why})") from None
