@@ -25,6 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_exports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's environment variables as a fresh shell has them, whatever the shell running
+    the tests exports: a GRADWIRE_TARGET or GRADWIRE_SESSION left set there would change
+    what the commands under test call. Tests that want one set it."""
+    for name in ("GRADWIRE_TARGET", "GRADWIRE_SESSION", "GRADWIRE_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def trainer() -> Trainer:
     """A fresh CPU trainer, seeded so every test starts from the same weights."""

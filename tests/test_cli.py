@@ -573,15 +573,15 @@ def test_replay_random_init_matches_the_local_tutorial(cli: Run) -> None:
 
 
 def test_replay_embedded_uses_its_own_server(cli: Run, client: gradwire.Client) -> None:
-    result = cli("replay", "--embedded", "--device", "cpu")
+    result = run_main("replay", "--embedded", "--device", "cpu")  # no --target: its own
     assert result.code == 0
     assert "torch.Size([8, 20])" in result.out
     assert "bit for bit: True" in result.out
     assert client.list_tensors().version == 0  # the fixture's server was never called
 
 
-def test_replay_embedded_with_an_unknown_device_exits_2(cli: Run) -> None:
-    result = cli("replay", "--embedded", "--device", "nonsense")
+def test_replay_embedded_with_an_unknown_device_exits_2() -> None:
+    result = run_main("replay", "--embedded", "--device", "nonsense")
     assert result.code == 2
     assert result.err.startswith("gradwire replay: error: unknown device 'nonsense'")
     assert result.out == ""
@@ -1471,3 +1471,60 @@ def test_an_input_of_no_dimension_is_told_what_the_model_takes(cli: Run) -> None
         "the input has no dimension (shape []), where the model takes [N, 3, 10, 10]: give its "
         "shape, such as ones:8,3,10,10"
     ) in result.err
+
+
+# --- conveniences a review of the CLI asked for -------------------------------------------------
+
+
+def test_version() -> None:
+    result = run_main("--version")
+    assert (result.code, result.out) == (0, f"gradwire {gradwire.__version__}\n")
+
+
+def test_an_option_before_the_command_says_where_it_goes() -> None:
+    """argparse took the option's value for the command: "invalid choice: 'gpu-box:50051'"."""
+    result = run_main("--target", "gpu-box:50051", "list")
+    assert result.code == 2
+    assert result.err == (
+        "gradwire: error: --target goes after the command: gradwire COMMAND --target ... "
+        "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
+    )
+
+
+def test_the_target_may_come_from_the_environment(
+    address: str, dead_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A researcher on a remote machine named it in every command."""
+    monkeypatch.setenv("GRADWIRE_TARGET", address)
+    assert run_main("list").code == 0
+    # --target still wins over it.
+    assert run_main("list", "--target", dead_address, "--timeout", "5").code == 1
+    assert "$GRADWIRE_TARGET" in run_main("list", "--help").out
+
+
+def test_replay_embedded_refuses_a_target_it_would_ignore() -> None:
+    result = run_main("replay", "--embedded", "--target", "gpu-box:50051")
+    assert result.code == 2
+    assert result.err == (
+        "gradwire replay: error: --embedded replays against a server of its own, in this "
+        "process: leave out --target, or leave out --embedded to replay against gpu-box:50051\n"
+    )
+
+
+def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale export of GRADWIRE_SESSION: the error did not say where the id came from."""
+    monkeypatch.setenv("GRADWIRE_SESSION", "gone")
+    result = run_main("list", "--target", address)
+    assert result.code == 1
+    assert result.err.startswith("error: NOT_FOUND: no session 'gone'")
+    assert _hint(result) == (
+        "hint: the session came from $GRADWIRE_SESSION: unset it (unset GRADWIRE_SESSION) "
+        "to act on the default session, or export the id of one open now (gradwire sessions "
+        "lists them)"
+    )
+    named = run_main("list", "--target", address, "--session", "gone")
+    assert named.code == 1 and "hint:" not in named.err
+    closed = run_main("close-session", "gone", "--target", address)
+    assert closed.code == 1 and "hint:" not in closed.err

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from gradwire import codec, limits
+from gradwire import __version__, codec, limits
 from gradwire.client import (
     DEFAULT_TARGET,
     NEVER_REACHED,
@@ -117,6 +117,8 @@ def _shape_option(text: str) -> tuple[int, ...]:
 
 #: The environment variable naming the session commands act on (--session).
 SESSION_ENV = "GRADWIRE_SESSION"
+#: The environment variable naming the server every command calls unless --target says.
+TARGET_ENV = "GRADWIRE_TARGET"
 
 
 def _seconds(text: str) -> float:
@@ -1170,6 +1172,11 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         run(client)
         return
     # --embedded: a server in this process on a free port, for trying gradwire with one command.
+    if args.target != (os.environ.get(TARGET_ENV) or DEFAULT_TARGET):  # it was ignored
+        raise UsageError(
+            f"--embedded replays against a server of its own, in this process: leave out "
+            f"--target, or leave out --embedded to replay against {args.target}"
+        )
     try:
         from gradwire_server.app import start
         from gradwire_server.errors import InvalidInput
@@ -1254,7 +1261,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The options of every command that calls a server.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--target", default=DEFAULT_TARGET, help="server address host:port (default %(default)s)"
+        "--target",
+        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        help=f"server address host:port (default: ${TARGET_ENV} if set, else {DEFAULT_TARGET})",
     )
     common.add_argument(
         "--timeout",
@@ -1313,6 +1322,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradwire",
         description="Drive a PyTorch model's training step on a (GPU) gradwire server over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"gradwire {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help: str, remote: bool = True) -> argparse.ArgumentParser:
@@ -1709,9 +1719,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fill: every parameter 0.1, as the tutorial; "
         "random: PyTorch's default init after torch.manual_seed(--seed)",
     )
-    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument(
-        "--embedded", action="store_true", help="start a server in this process on a free port"
+        "--seed", type=_seed, default=0, help="with --init random: the seed (default %(default)s)"
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a server in this process on a free port (no --target)",
     )
     p.add_argument("--device", help="with --embedded: auto (the default), cpu, cuda or cuda:N")
     return parser
@@ -1882,6 +1896,15 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0].startswith("-") and given[0] not in ("-h", "--help", "--version"):
+        # argparse took the option's value for the command: "invalid choice: 'gpu-box:50051'".
+        option = given[0].split("=", 1)[0]
+        err.write(
+            f"gradwire: error: {option} goes after the command: gradwire COMMAND {option} ... "
+            "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
+        )
+        return 2
     try:
         # argparse prints usage, errors and --help itself: to this call's streams.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -1904,6 +1927,17 @@ def main(
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
+        if (
+            hint is None
+            and e.reason == "UNKNOWN_SESSION"
+            and _session_from_environment(args, given)
+        ):
+            # A stale export in the shell: nothing said where the id came from (a review).
+            hint = (
+                f"the session came from ${SESSION_ENV}: unset it (unset {SESSION_ENV}) to "
+                "act on the default session, or export the id of one open now (gradwire "
+                "sessions lists them)"
+            )
         if hint is not None:
             err.write(f"hint: {hint}\n")
         return 1
@@ -1916,6 +1950,14 @@ def main(
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
+
+
+def _session_from_environment(args: argparse.Namespace, argv: Sequence[str]) -> bool:
+    """Whether the command's session came from $GRADWIRE_SESSION: set, and named neither by
+    --session nor as close-session's ID."""
+    named = any(a == "--session" or a.startswith("--session=") for a in argv)
+    named |= getattr(args, "id", None) is not None
+    return bool(os.environ.get(SESSION_ENV)) and not named
 
 
 #: The exit code of a command whose output's reader went away: 128 + SIGPIPE, as the shell
