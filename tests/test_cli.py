@@ -316,7 +316,11 @@ def test_set_from_a_fill_spec(cli: Run, client: gradwire.Client) -> None:
 
 
 def test_set_json(cli: Run) -> None:
-    assert cli("set", "conv1.weight", "0", "--json").json() == {"version": 1}
+    assert cli("set", "conv1.weight", "0", "--json").json() == {
+        "version": 1,
+        "shape": [16, 3, 3, 3],
+        "dtype": "float32",
+    }
 
 
 def test_set_the_wrong_shape_exits_1(cli: Run) -> None:
@@ -1528,3 +1532,58 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
     assert named.code == 1 and "hint:" not in named.err
     closed = run_main("close-session", "gone", "--target", address)
     assert closed.code == 1 and "hint:" not in closed.err
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("w33.npy", ": a [3, 3] value broadcast to [16, 3, 3, 3]"),
+        ("w64.npy", ": a [16, 3, 3, 3] float64 value cast to float32"),
+        ("i8.npy", ": a [3, 3] int8 value broadcast to [16, 3, 3, 3] and cast to float32"),
+        (
+            "full:1:3,3,3:int64",
+            ": a [3, 3, 3] int64 value broadcast to [16, 3, 3, 3] and cast to float32",
+        ),
+        ("[1, 2, 3]", ": a [3] value broadcast to [16, 3, 3, 3]"),
+        ("0.5", ""),  # a number: every element, as asked
+        ("ones:16,3,3,3", ""),  # the tensor's own shape, in its dtype
+    ],
+)
+def test_set_says_when_it_broadcast_or_cast_the_value(
+    cli: Run, client: gradwire.Client, tmp_path: Path, value: str, said: str
+) -> None:
+    """A [3, 3] array written to conv1.weight overwrote all 48 kernels, and the line said
+    only "written" (found by a review of the CLI)."""
+    np.save(tmp_path / "w33.npy", np.full((3, 3), 2.0, np.float32))
+    np.save(tmp_path / "w64.npy", np.full((16, 3, 3, 3), 2.0))
+    np.save(tmp_path / "i8.npy", np.full((3, 3), 2, np.int8))
+    source = str(tmp_path / value) if value.endswith(".npy") else value
+    result = cli("set", "conv1.weight", source)
+    assert result.code == 0, result.err
+    assert result.out == f"conv1.weight written{said} (version 1)\n"
+    data = cli("set", "conv1.weight", source, "--json").json()
+    assert (data["shape"], data["dtype"]) == ([16, 3, 3, 3], "float32")
+    assert ("value_shape" in data) == bool(said)
+
+
+def test_set_describes_a_slice_and_a_gradient_it_made(cli: Run) -> None:
+    result = cli("set", "conv1.weight.grad[0, 0]", "[1, 2, 3]")
+    assert result.out == (
+        "conv1.weight.grad[0, 0] written: a [3] value broadcast to [3, 3] (version 1)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("[1,2,x]", "not a JSON list of numbers (Expecting value at character 6)"),
+        ("[[1,2,3],[4,5]]", "the lists inside it differ in length"),
+        ("bogus", "expected a number (0.5, nan, -inf), a JSON list ([1, 2, 3]), a fill"),
+    ],
+)
+def test_a_value_set_cannot_read_says_what_it_expected(cli: Run, value: str, said: str) -> None:
+    """A malformed list got the fills' help, which names no list, and a ragged one numpy's
+    "inhomogeneous shape" (found by a review of the CLI)."""
+    result = cli("set", "conv1.weight", value)
+    assert result.code == 2
+    assert result.err.startswith(f"gradwire set: error: bad value {value!r}: {said}")

@@ -321,10 +321,21 @@ def parse_value(text: str) -> Any:
 
     try:
         value = json.loads(text, parse_float=number)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):  # meant as a list: say what is wrong with it
+            raise UsageError(
+                f"bad value {text!r}: not a JSON list of numbers ({err.msg} at character "
+                f"{err.pos + 1}), such as [1, 2.5, -3] or [[1, 2], [3, 4]]"
+            ) from None
         try:
             value = float(text)  # nan, inf, -inf, as `fill` takes them; +1, .5 too
         except ValueError:
+            if ":" not in text and not text.endswith(".npy"):  # no fill, no file: say all
+                raise UsageError(
+                    f"bad value {text!r}: expected a number (0.5, nan, -inf), a JSON list "
+                    "([1, 2, 3]), a fill (such as full:0.5:3,3; gradwire set -h lists them) "
+                    "or a .npy file"
+                ) from None
             return parse_source(text)
         if _overflowed(text, value):
             raise UsageError(_OUT_OF_RANGE.format(text)) from None  # +1e400
@@ -334,8 +345,11 @@ def parse_value(text: str) -> Any:
         )
     try:
         array = np.asarray(value)
-    except ValueError as err:  # ragged lists
-        raise UsageError(f"bad value {text!r}: {err}") from None
+    except ValueError:  # ragged lists; numpy's words were of "inhomogeneous shape"
+        raise UsageError(
+            f"bad value {text!r}: the lists inside it differ in length; a value's rows must "
+            "all be as long, as in [[1, 2, 3], [4, 5, 6]]"
+        ) from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"bad value {text!r}: expected numbers")
     if array.dtype != np.float64:
@@ -841,8 +855,52 @@ def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    version = client.set(args.selector, parse_value(args.value))
-    _emit(out, args, {"version": version}, f"{args.selector} written (version {version})")
+    value = parse_value(args.value)
+    selector = parse_selector(args.selector)
+    version = client.set(args.selector, value)
+    # What the write did to the value, as numpy's assignment would: a [3, 3] array written
+    # to conv1.weight overwrote all 48 kernels, and the line said only "written" (found by
+    # a review of the CLI). From the tensor as listed now, which the write made if it was an
+    # absent gradient.
+    try:
+        listed = {t.name: t for t in client.list_tensors().tensors}.get(selector.name)
+    except RemoteError:  # the write is done and said; only its description is missing
+        listed = None
+    data: dict[str, Any] = {"version": version}
+    how = ""
+    if listed is not None and listed.present:
+        shape = _selected_shape(listed.shape, selector.index)
+        given, dtype = _value_shape_and_dtype(value, args.value.endswith(".npy"))
+        data.update(shape=list(shape), dtype=listed.dtype)
+        broadcast = bool(given) and tuple(given) != shape
+        cast = dtype is not None and dtype != listed.dtype
+        if broadcast or cast:
+            what = " ".join(w for w in (str(list(given)), dtype if cast else None) if w)
+            done = [f"broadcast to {list(shape)}"] if broadcast else []
+            done += [f"cast to {listed.dtype}"] if cast else []
+            how = f": a {what} value {' and '.join(done)}"
+            data.update(value_shape=list(given), value_dtype=dtype or listed.dtype)
+    _emit(out, args, data, f"{args.selector} written{how} (version {version})")
+
+
+def _selected_shape(shape: Sequence[int], chain: Sequence[Any]) -> tuple[int, ...]:
+    """The shape `chain` selects from a tensor of `shape`, as numpy's basic indexing gives
+    it: applied to a view of one element repeated, which costs nothing whatever the size."""
+    view = np.lib.stride_tricks.as_strided(
+        np.zeros(1, np.int8), shape=tuple(shape), strides=(0,) * len(shape)
+    )
+    for key in chain:
+        view = view[key]
+    return tuple(view.shape)
+
+
+def _value_shape_and_dtype(value: Any, from_file: bool) -> tuple[tuple[int, ...], str | None]:
+    """A `set` value's shape, and its dtype where the user chose one (a .npy file's, a fill's
+    :DTYPE); None where it is the tensor's (a number or a JSON list, a fill without one)."""
+    if isinstance(value, Fill):
+        return tuple(value.shape), value.dtype
+    array = np.asarray(value)
+    return tuple(array.shape), str(array.dtype) if from_file else None
 
 
 def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -1630,7 +1688,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="one Train call runs every step on the server (default: a TrainStep call per step)",
     )
 
-    p = add("set", cmd_set, "write a parameter or gradient, or a slice of one")
+    p = add(
+        "set",
+        cmd_set,
+        "write a parameter or gradient, or a slice of one; the value broadcasts to the "
+        "selection's shape and is cast to its dtype, as numpy's assignment does (the line "
+        "written says when it did either)",
+    )
     p.add_argument("selector", help="a name and optional index, as for get")
     p.add_argument("value", help=f"a number, a JSON list, {SOURCE_HELP}")
 
