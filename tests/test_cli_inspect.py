@@ -44,6 +44,8 @@ def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -
     read = client.stats("linear.weight[0]", bins=4)
     assert read.stats is not None
     assert data["shape"] == [3200]
+    # Which slice: get's and watch's JSON said, stats' did not (found by a review of the CLI).
+    assert (data["name"], data["selector"]) == ("linear.weight", "linear.weight[0]")
     assert data["mean"] == read.stats.mean and data["norm"] == read.stats.norm
     assert data["histogram"]["counts"] == list(read.stats.histogram.counts)  # type: ignore[union-attr]
     text = cli("stats", "linear.weight[0]", "--bins", "4").out.splitlines()
@@ -80,6 +82,24 @@ def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -
     client.set("conv1.weight[0, 0, 0, 0]", 2.0)
     data = cli("stats", "conv1.weight[0, 0]", "--json").json()
     assert (data["min"], data["max"], data["mean"]) == (2.0, 2.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--low", "0"], "--low and --high are a histogram's edges: give --bins too"),
+        (["--bins", "2", "--low", "1", "--high", "0"], "--low must be below --high, got --low 1"),
+    ],
+)
+def test_stats_refuses_histogram_edges_it_would_ignore_or_misname(
+    cli: Run, args: list[str], said: str
+) -> None:
+    """--low without --bins was ignored without a word; edges the wrong way round were
+    refused in the server's field names, histogram_low and histogram_high (found by a
+    review of the CLI)."""
+    result = cli("stats", "conv1.weight", *args)
+    assert result.code == 2
+    assert result.err.startswith(f"gradwire stats: error: {said}")
 
 
 def test_stats_of_an_absent_tensor_and_of_an_unknown_one(cli: Run) -> None:
@@ -214,7 +234,7 @@ def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     step = int(lines[-1].split(" by step ")[1].split(":")[0])
     assert 1 <= step <= 20
     assert lines[-1].endswith(
-        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (lr is 100)"
+        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (a tenth of lr 100)"
     )
     data = _strict_json(cli("train", "--steps", "2", "--json").out)
     assert data["loss"] == "nan" and data["diverged_at"] == 1

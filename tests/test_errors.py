@@ -122,7 +122,13 @@ def test_malformed_tensor_is_invalid_argument(
         (  # found by a review: torch truncated it to class 3
             lambda c: c.forward(INPUT, Fill("constant", (8,), value=3.7)),
             "BAD_FILL",
-            "needs a whole number, got 3.7",
+            "target: a constant fill of int64 needs a whole number, got 3.7 (a target fill is "
+            "int64 class indices unless given a dtype: give float32 for class probabilities)",
+        ),
+        (  # an input's fill names no targets (found by a review of the CLI: "torch.int64")
+            lambda c: c.forward(Fill("constant", (8, 3, 10, 10), value=0.5, dtype="int32"), TARGET),
+            "BAD_FILL",
+            "input: a constant fill of int32 needs a whole number, got 0.5",
         ),
         (  # found by tests/test_fuzz.py: torch only warned, and drew rounded numbers
             lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2**24 + 2), TARGET),

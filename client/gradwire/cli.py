@@ -641,12 +641,20 @@ def _stats_json(stats: Stats) -> dict[str, Any]:
 
 
 def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    if not args.bins and (args.low is not None or args.high is not None):
+        # The edges of a histogram not asked for: ignored without a word (a review).
+        raise UsageError("--low and --high are a histogram's edges: give --bins too")
+    if args.low is not None and args.high is not None and not args.low < args.high:
+        # The server's words name its fields (histogram_low), not these options.
+        raise UsageError(f"--low must be below --high, got --low {args.low:g} --high {args.high:g}")
     read = client.stats(args.selector, bins=args.bins, low=args.low, high=args.high)
     if read.stats is None:
-        _emit(out, args, {"name": read.name, "version": read.version, "present": False}, "None")
+        absent = {"name": read.name, "selector": str(parse_selector(args.selector))}
+        _emit(out, args, {**absent, "version": read.version, "present": False}, "None")
         return
     data = {
         "name": read.name,
+        "selector": str(parse_selector(args.selector)),  # which slice, as get's JSON says
         "version": read.version,
         "present": True,
         "shape": list(read.shape or ()),
@@ -790,7 +798,9 @@ def _divergence_hint(client: Client, step: int) -> str:
     lower = "gradwire optimizer --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
-        lower = f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (lr is {opt.lr:g})"
+        lower = (
+            f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (a tenth of lr {opt.lr:g})"
+        )
     return (
         f"the loss was no longer finite by step {step}: training diverged, and the parameters "
         f"may have too. To start again: gradwire reset, then {lower}"
@@ -1330,7 +1340,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds each call may take (default %(default)s); not a limit on watch (see "
         "--count, --duration) or on train's steps",
     )
-    common.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for scripts: one object, or one per line where there are many "
+        "(watch's updates)",
+    )
     common.add_argument(
         "--keepalive",
         type=_client_keepalive,

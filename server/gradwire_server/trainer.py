@@ -877,9 +877,17 @@ class Trainer:
                         math.isfinite(spec.value) and spec.value == int(spec.value)
                     ):
                         # torch would truncate: 3.7 would become class 3 without a word.
+                        # The name as the fill's dtype names it (int64), not torch's.
+                        named = str(dtype).removeprefix("torch.")
+                        probabilities = (
+                            " (a target fill is int64 class indices unless given a dtype: "
+                            "give float32 for class probabilities)"
+                            if what == "target"
+                            else ""
+                        )
                         raise InvalidInput(
-                            f"{what}: a constant fill of {dtype} needs a whole number, got "
-                            f"{spec.value}",
+                            f"{what}: a constant fill of {named} needs a whole number, got "
+                            f"{spec.value}{probabilities}",
                             reason="BAD_FILL",
                         )
                     return torch.full(spec.shape, spec.value, dtype=dtype, device=device)
