@@ -234,10 +234,29 @@ def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     step = int(lines[-1].split(" by step ")[1].split(":")[0])
     assert 1 <= step <= 20
     assert lines[-1].endswith(
-        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (a tenth of lr 100)"
+        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (a tenth "
+        "of lr 100)"
     )
     data = _strict_json(cli("train", "--steps", "2", "--json").out)
     assert data["loss"] == "nan" and data["diverged_at"] == 1
+
+
+def test_train_on_the_server_names_the_step_it_diverged_at_between_progresses(
+    cli: Run,
+) -> None:
+    """Server-side, the first progress with a loss not finite gave the step: "by step 10"
+    of a run that diverged at step 8, with a progress every 5 steps (found by a review of
+    the CLI). The server now counts it, and the same run on either side names one step."""
+    assert cli("optimizer", "--lr", "100").code == 0
+    assert cli("reset", "--seed", "0").code == 0
+    here = _strict_json(cli("train", "--steps", "20", "--json").out)["diverged_at"]
+    assert isinstance(here, int) and 1 < here < 20
+    assert cli("reset", "--seed", "0").code == 0
+    there = cli("train", "--steps", "20", "--every", "20", "--server-side", "--json")
+    assert _strict_json(there.out)["diverged_at"] == here
+    assert cli("reset", "--seed", "0").code == 0
+    text = cli("train", "--steps", "20", "--every", "20", "--server-side").out
+    assert f"the loss was no longer finite by step {here}:" in text
 
 
 @pytest.mark.parametrize(

@@ -713,7 +713,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     x, y = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
     done, loss, version = 0, float("nan"), None
-    # The first step seen with a loss that is not finite (with --server-side, of those reported).
+    # The first step with a loss that is not finite (server-side, as the server counts it:
+    # a progress every 5 steps said "by step 10" of a run that diverged at step 8, found by
+    # a review of the CLI; from a server from before it counted, the first reported).
     diverged_at = None
     # An error that ended the run (the server stopping, say): raised after the summary.
     failed: RemoteError | None = None
@@ -723,7 +725,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             try:
                 for progress in run:
                     done, loss, version = progress.step, progress.loss, progress.version
-                    if diverged_at is None and not math.isfinite(loss):
+                    if diverged_at is None and progress.first_nonfinite_step:
+                        diverged_at = progress.first_nonfinite_step
+                    elif diverged_at is None and not math.isfinite(loss):
                         diverged_at = done
                     bar.update(done, loss, progress.steps_per_s)
                     if stop.is_set():

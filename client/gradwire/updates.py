@@ -113,6 +113,9 @@ class TrainProgress:
     version: int  # state version after the latest step
     steps_per_s: float  # rate over the run so far
     done: bool  # the run completed
+    # The first step of the run whose loss was NaN or infinite, reported or not; 0: none (or
+    # a server from before it said).
+    first_nonfinite_step: int = 0
 
 
 def stats_from_proto(message: pb.Stats) -> Stats:
@@ -191,4 +194,5 @@ def train_progress(message: pb.TrainProgress) -> TrainProgress:
         message.version,
         message.steps_per_s,
         message.done,
+        message.first_nonfinite_step,
     )

@@ -12,6 +12,7 @@ import collections
 import contextvars
 import functools
 import logging
+import math
 import threading
 import time
 import traceback
@@ -1096,6 +1097,7 @@ class TrainerServicer:
         # A tensor sent once is the same every step: on a GPU it crosses to the device once.
         inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
         started = time.perf_counter()
+        diverged = 0  # the first step whose loss was not finite: between two progresses too
         for k in range(message.steps):
             if not context.is_active():
                 return  # cancelled: stop between steps
@@ -1123,6 +1125,8 @@ class TrainerServicer:
                     err.metadata["version"] = str(trainer.version)
                 raise
             done = k + 1
+            if not diverged and not math.isfinite(result.loss):
+                diverged = done
             if done % every == 0 or done == message.steps:
                 yield pb.TrainProgress(
                     step=done,
@@ -1131,6 +1135,7 @@ class TrainerServicer:
                     version=result.version,
                     steps_per_s=done / max(time.perf_counter() - started, 1e-9),
                     done=done == message.steps,
+                    first_nonfinite_step=diverged,
                 )
 
     def Calls(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:

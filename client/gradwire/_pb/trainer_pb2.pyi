@@ -2305,6 +2305,7 @@ class TrainProgress(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     STEPS_PER_S_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    FIRST_NONFINITE_STEP_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """steps done in this run"""
     steps: _builtins.int
@@ -2317,6 +2318,10 @@ class TrainProgress(_message.Message):
     """rate over the run so far"""
     done: _builtins.bool
     """the last message of a complete run"""
+    first_nonfinite_step: _builtins.int
+    """The first step of this run whose loss was NaN or infinite (training diverged there),
+    reported or not; 0: none so far.
+    """
     def __init__(
         self,
         *,
@@ -2326,10 +2331,11 @@ class TrainProgress(_message.Message):
         version: _builtins.int = ...,
         steps_per_s: _builtins.float = ...,
         done: _builtins.bool = ...,
+        first_nonfinite_step: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "loss", b"loss", "step", b"step", "steps", b"steps", "steps_per_s", b"steps_per_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "first_nonfinite_step", b"first_nonfinite_step", "loss", b"loss", "step", b"step", "steps", b"steps", "steps_per_s", b"steps_per_s", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
