@@ -306,3 +306,10 @@ def test_histogram_of_counts_finite_values_and_reports_the_rest() -> None:
     constant = plot.histogram_of(np.full(5, 0.1, np.float32), bins=4)
     assert constant.counts.sum() == 5  # one value still lands in a bin
     assert plot.histogram_of(np.array([], np.float32)).counts.sum() == 0
+
+
+def test_a_single_value_is_titled_as_one() -> None:
+    """A loss was titled "loss  []" above "1 values" (found by a review of the CLI)."""
+    assert plot.heading_of("loss", ()) == "loss  (a single value)"
+    assert plot.heading_of("conv1.weight[0]", (3, 3, 3)) == "conv1.weight[0]  [3, 3, 3]"
+    assert (plot._values(1), plot._values(2048)) == ("1 value", "2,048 values")

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -188,7 +188,7 @@ def plot_array(
     else:
         raise PlotError(f"unknown kind {kind!r}: expected one of {', '.join(KINDS)}")
     _check_dpi(dpi)
-    heading = title if title is not None else f"{label or name}  {list(array.shape)}"
+    heading = title if title is not None else heading_of(label or name, array.shape)
     if chosen == "kernels":
         return _write(lambda fig: _draw_kernels(fig, array, heading), out, chosen, dpi)
     if chosen == "heatmap":
@@ -212,7 +212,7 @@ def plot_histogram(
     """
     require_matplotlib()
     _check_dpi(dpi)
-    heading = title if title is not None else f"{label}  {list(shape)}"
+    heading = title if title is not None else heading_of(label, shape)
     return _write(lambda fig: _draw_histogram(fig, data, heading), out, "histogram", dpi)
 
 
@@ -393,14 +393,25 @@ def _draw_histogram(fig: Figure, data: HistogramData, heading: str) -> str | Non
     if data.count == 0:
         summary = "no values: the selection is empty"
     elif finite:
-        summary = f"{data.count:,} values, mean {data.mean:.4g}, std {data.std:.4g}"
+        summary = f"{_values(data.count)}, mean {data.mean:.4g}, std {data.std:.4g}"
     else:
-        summary = f"{data.count:,} values, none finite"
+        summary = f"{_values(data.count)}, none finite"
     extra = [summary]
     if data.nan_count or data.inf_count:
         extra.append(f"not drawn: {data.nan_count:,} NaN, {data.inf_count:,} inf")
     _title(ax, heading, extra)
     return None
+
+
+def heading_of(label: str, shape: Sequence[int]) -> str:
+    """A picture's default title: what it shows and its shape; a single value says so (a
+    loss was titled "loss  []", found by a review of the CLI)."""
+    return f"{label}  {list(shape)}" if len(shape) else f"{label}  (a single value)"
+
+
+def _values(count: int) -> str:
+    """`1 value`, `2,048 values`."""
+    return f"{count:,} value{'' if count == 1 else 's'}"
 
 
 def _title(ax: Axes, heading: str, extra: list[str]) -> None:
