@@ -1587,3 +1587,55 @@ def test_a_value_set_cannot_read_says_what_it_expected(cli: Run, value: str, sai
     result = cli("set", "conv1.weight", value)
     assert result.code == 2
     assert result.err.startswith(f"gradwire set: error: bad value {value!r}: {said}")
+
+
+@pytest.mark.parametrize(
+    ("selector", "value", "said"),
+    [
+        ("conv1.weight[..., 0]", "[1, 2, 3]", ": a [3] value broadcast to [16, 3, 3]"),
+        ("conv1.weight[None, -1, :, 0]", "[[1, 2, 3]]", ": a [1, 3] value broadcast to [1, 3, 3]"),
+        ("conv1.weight[0, 0, 0, 0]", "[5]", ""),  # leading 1s are dropped, not broadcast
+        ("conv1.weight[0, 0, 0]", "[[1, 2, 3]]", ""),
+        ("conv1.weight[0, 0]", "[[[1, 2, 3]]]", ": a [1, 1, 3] value broadcast to [3, 3]"),
+    ],
+)
+def test_set_describes_what_numpy_s_assignment_does(
+    cli: Run, selector: str, value: str, said: str
+) -> None:
+    """Leading 1s beyond the selection's dimensions are dropped, as numpy drops them: "a [1]
+    value broadcast to []" was said of a write that broadcast nothing (found by a review)."""
+    result = cli("set", selector, value)
+    assert result.code == 0, result.err
+    assert result.out == f"{selector} written{said} (version 1)\n"
+
+
+def test_set_of_a_file_in_another_byte_order_is_no_cast(cli: Run, tmp_path: Path) -> None:
+    """Its dtype was named '>f4', and the write said it was cast to float32 (a review)."""
+    np.save(tmp_path / "big.npy", np.full((16, 3, 3, 3), 2.0, ">f4"))
+    result = cli("set", "conv1.weight", str(tmp_path / "big.npy"))
+    assert result.out == "conv1.weight written (version 1)\n"
+
+
+def test_set_sends_numbers_in_the_tensor_s_dtype() -> None:
+    """Numbers were sent as float32 whatever the tensor: a float64 parameter got 0.1 as
+    0.10000000149011612, and the line said nothing of a cast (found by a review). Past
+    the tensor's own range a number is refused, as past float32's."""
+    spec = ModelSpec("F64", lambda: nn.Linear(2, 2).double(), (2,), 2,
+                     input_dtype=torch.float64)  # fmt: skip
+    with serving(spec, seed=0) as (_, client):
+        target = client.target
+        result = run_main("set", "bias", "[0.1, 1e300]", "--target", target)
+        assert result.out == "bias written (version 1)\n", result.err
+        assert client.get("bias").tolist() == [0.1, 1e300]
+    half = ModelSpec("F16", lambda: nn.Linear(2, 2).half(), (2,), 2, input_dtype=torch.float16)
+    with serving(half, seed=0) as (_, client):
+        result = run_main("set", "bias", "[0.5, 1e5]", "--target", client.target)
+        assert result.code == 2
+        assert "beyond float16's range (about 6.6e+04), the tensor's dtype" in result.err
+
+
+def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwire.Client) -> None:
+    mine = client.open_session(seed=0).detach()
+    result = cli("set", "linear.weight[0]", "[1]", "--session", mine)
+    assert result.out == "linear.weight[0] written: a [1] value broadcast to [3200] (version 1)\n"
+    assert client.list_tensors().version == 0  # the default session's, untouched

@@ -710,3 +710,18 @@ def test_a_gradwire_metadata_key_given_twice_is_invalid_argument(
         f"metadata {key} is given 2 times; give it once",
     )
     assert client.list_tensors().version == version
+
+
+@pytest.mark.parametrize(
+    "fill",
+    [Fill("constant", (8,), value=3.7, dtype="int32"), Fill.uniform(8, dtype="int32")],
+)
+def test_a_target_fill_given_a_dtype_is_not_told_of_the_default_one(
+    client: gradwire.Client, fill: Fill
+) -> None:
+    """The hint that a target fill is int64 unless given a dtype was given to a fill that
+    had one (found by a review)."""
+    with pytest.raises(errors.InvalidArgument) as info:
+        client.forward(INPUT, fill)
+    assert info.value.reason == "BAD_FILL"
+    assert "int32" in info.value.message and "unless given a dtype" not in info.value.message

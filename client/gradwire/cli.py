@@ -309,9 +309,11 @@ def _fill_value(text: str) -> float:
     return value
 
 
-def parse_value(text: str) -> Any:
+def parse_value(text: str, dtype: str | None = None) -> Any:
     """A value for `set`: a number (nan and inf too, as `fill` takes them), a JSON list, a
-    fill spec or a .npy file. A number beyond float32's range is refused, not written as
+    fill spec or a .npy file. Numbers with a fraction are sent in `dtype`, the tensor's,
+    where numpy has it (float32 otherwise): a float64 tensor got them rounded to float32
+    (found by a review). A number beyond that dtype's range is refused, not written as
     infinity."""
 
     def number(digits: str) -> float:
@@ -354,11 +356,17 @@ def parse_value(text: str) -> Any:
         raise UsageError(f"bad value {text!r}: expected numbers")
     if array.dtype != np.float64:
         return array
+    sent = np.dtype(dtype if dtype in ("float16", "float32", "float64") else "float32")
     with np.errstate(over="ignore"):
-        single = array.astype(np.float32)
-    if (np.isfinite(array) & ~np.isfinite(single)).any():
-        raise UsageError(_OUT_OF_RANGE.format(text))
-    return single
+        narrowed = array.astype(sent)
+    if (np.isfinite(array) & ~np.isfinite(narrowed)).any():
+        if sent == np.float32:
+            raise UsageError(_OUT_OF_RANGE.format(text))
+        raise UsageError(
+            f"bad value {text!r}: beyond {sent.name}'s range (about "
+            f"{float(np.finfo(sent).max):.2g}), the tensor's dtype; write inf for infinity"
+        )
+    return narrowed
 
 
 # --- output -----------------------------------------------------------------------
@@ -869,24 +877,27 @@ def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    value = parse_value(args.value)
     selector = parse_selector(args.selector)
+    # The tensor written, as listed before the write: its dtype is what numbers are sent in,
+    # and its shape what the line written describes (an absent gradient's: its parameter's).
+    tensors = {t.name: t for t in client.list_tensors().tensors}
+    listed = tensors.get(selector.name)
+    value = parse_value(args.value, listed.dtype if listed is not None else None)
     version = client.set(args.selector, value)
-    # What the write did to the value, as numpy's assignment would: a [3, 3] array written
-    # to conv1.weight overwrote all 48 kernels, and the line said only "written" (found by
-    # a review of the CLI). From the tensor as listed now, which the write made if it was an
-    # absent gradient.
-    try:
-        listed = {t.name: t for t in client.list_tensors().tensors}.get(selector.name)
-    except RemoteError:  # the write is done and said; only its description is missing
-        listed = None
     data: dict[str, Any] = {"version": version}
     how = ""
-    if listed is not None and listed.present:
-        shape = _selected_shape(listed.shape, selector.index)
+    whole = listed
+    if listed is not None and not listed.present and listed.kind == "gradient":
+        whole = tensors.get(selector.name.removesuffix(".grad"))
+    if listed is not None and whole is not None and whole.present:
+        # What the write did to the value, as numpy's assignment does: a [3, 3] array
+        # written to conv1.weight overwrote all 48 kernels, and the line said only
+        # "written" (found by a review of the CLI).
+        shape = _selected_shape(whole.shape, selector.index)
         given, dtype = _value_shape_and_dtype(value, args.value.endswith(".npy"))
         data.update(shape=list(shape), dtype=listed.dtype)
-        broadcast = bool(given) and tuple(given) != shape
+        # A single number is no broadcast to speak of: every element, as asked.
+        broadcast = bool(given) and _without_leading_ones(given, len(shape)) != shape
         cast = dtype is not None and dtype != listed.dtype
         if broadcast or cast:
             what = " ".join(w for w in (str(list(given)), dtype if cast else None) if w)
@@ -895,6 +906,14 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             how = f": a {what} value {' and '.join(done)}"
             data.update(value_shape=list(given), value_dtype=dtype or listed.dtype)
     _emit(out, args, data, f"{args.selector} written{how} (version {version})")
+
+
+def _without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """`shape` less the leading 1s past `ndim` dimensions, which numpy's assignment drops:
+    [1, 3] written to a [3] slice is no broadcast, nor [5] to one element."""
+    while len(shape) > ndim and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def _selected_shape(shape: Sequence[int], chain: Sequence[Any]) -> tuple[int, ...]:
@@ -910,11 +929,12 @@ def _selected_shape(shape: Sequence[int], chain: Sequence[Any]) -> tuple[int, ..
 
 def _value_shape_and_dtype(value: Any, from_file: bool) -> tuple[tuple[int, ...], str | None]:
     """A `set` value's shape, and its dtype where the user chose one (a .npy file's, a fill's
-    :DTYPE); None where it is the tensor's (a number or a JSON list, a fill without one)."""
+    :DTYPE); None where it is the tensor's (a number or a JSON list, a fill without one). By
+    name: a big-endian file's float32 is '>f4' as a str, and no cast (found by a review)."""
     if isinstance(value, Fill):
         return tuple(value.shape), value.dtype
     array = np.asarray(value)
-    return tuple(array.shape), str(array.dtype) if from_file else None
+    return tuple(array.shape), array.dtype.name if from_file else None
 
 
 def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:

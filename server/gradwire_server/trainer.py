@@ -882,7 +882,7 @@ class Trainer:
                         probabilities = (
                             " (a target fill is int64 class indices unless given a dtype: "
                             "give float32 for class probabilities)"
-                            if what == "target"
+                            if what == "target" and spec.dtype is None
                             else ""
                         )
                         raise InvalidInput(
@@ -896,7 +896,7 @@ class Trainer:
                     hint = (
                         " (a target fill is int64 class indices unless given a dtype: give "
                         "float32 for class probabilities)"
-                        if what == "target"
+                        if what == "target" and spec.dtype is None
                         else ""
                     )
                     raise InvalidInput(
