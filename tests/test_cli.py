@@ -1493,6 +1493,12 @@ def test_an_option_before_the_command_says_where_it_goes() -> None:
         "gradwire: error: --target goes after the command: gradwire COMMAND --target ... "
         "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
     )
+    assert run_main("--target=gpu-box:50051", "list").err == result.err
+    # gradwire's own options, abbreviated too, and options of no command are argparse's
+    # (--he and --vers were refused as options of a command, found by a review).
+    assert run_main("--he").out.startswith("usage: gradwire")
+    assert run_main("--vers").out == f"gradwire {gradwire.__version__}\n"
+    assert "unrecognized arguments: --foo" in run_main("--foo", "list").err
 
 
 def test_the_target_may_come_from_the_environment(
@@ -1506,13 +1512,22 @@ def test_the_target_may_come_from_the_environment(
     assert "$GRADWIRE_TARGET" in run_main("list", "--help").out
 
 
-def test_replay_embedded_refuses_a_target_it_would_ignore() -> None:
+def test_replay_embedded_refuses_options_it_would_ignore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     result = run_main("replay", "--embedded", "--target", "gpu-box:50051")
     assert result.code == 2
     assert result.err == (
         "gradwire replay: error: --embedded replays against a server of its own, in this "
-        "process: leave out --target, or leave out --embedded to replay against gpu-box:50051\n"
+        "process: leave out --target, or leave out --embedded to replay against a server you "
+        "name\n"
     )
+    result = run_main("replay", "--embedded", "--session", "s", "--tls")
+    assert "leave out --session, --tls, or" in result.err
+    # What the environment sets is no option given: the replay runs.
+    monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:50051")
+    monkeypatch.setenv("GRADWIRE_SESSION", "s")
+    assert run_main("replay", "--embedded", "--device", "cpu").code == 0
 
 
 def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
@@ -1524,14 +1539,32 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
     assert result.code == 1
     assert result.err.startswith("error: NOT_FOUND: no session 'gone'")
     assert _hint(result) == (
-        "hint: the session came from $GRADWIRE_SESSION: unset it (unset GRADWIRE_SESSION) "
-        "to act on the default session, or export the id of one open now (gradwire sessions "
-        "lists them)"
+        "hint: the session came from $GRADWIRE_SESSION, which names one closed or never "
+        "opened: unset it (unset GRADWIRE_SESSION), or export the id of one open now "
+        "(gradwire sessions lists them)"
     )
-    named = run_main("list", "--target", address, "--session", "gone")
-    assert named.code == 1 and "hint:" not in named.err
+    # close-session with no ID closes the environment's: the same hint.
+    assert _hint(run_main("close-session", "--target", address)) == _hint(result)
+    # Named on the command line, abbreviated too, or as close-session's ID: no such hint
+    # (an abbreviated --sess was taken for the environment's, found by a review).
+    for named in (["--session", "gone"], ["--sess", "gone"], ["--session=gone"]):
+        answer = run_main("list", "--target", address, *named)
+        assert answer.code == 1 and "hint:" not in answer.err, named
     closed = run_main("close-session", "gone", "--target", address)
     assert closed.code == 1 and "hint:" not in closed.err
+
+
+def test_a_bad_target_from_the_environment_is_said_to_come_from_there(
+    dead_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:99999")
+    refused = run_main("list")
+    assert refused.code == 2
+    assert refused.err.endswith("from 1 to 65535 (the target came from $GRADWIRE_TARGET)\n")
+    monkeypatch.setenv("GRADWIRE_TARGET", dead_address)
+    assert _hint(run_main("list", "--timeout", "5")).endswith(
+        "(the target came from $GRADWIRE_TARGET)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -13,18 +14,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 import gradwire
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire.progress import format_loss
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
-from tests.serve_in_process import serving
+from tests.serve_in_process import bare_server, serving
 from tests.signals import signal_another_thread
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -257,6 +260,30 @@ def test_train_on_the_server_names_the_step_it_diverged_at_between_progresses(
     assert cli("reset", "--seed", "0").code == 0
     text = cli("train", "--steps", "20", "--every", "20", "--server-side").out
     assert f"the loss was no longer finite by step {here}:" in text
+
+
+def test_train_on_an_older_server_takes_the_first_loss_reported_not_finite() -> None:
+    """A server from before TrainProgress counted it sends first_nonfinite_step 0: the
+    first progress whose loss is not finite gives the step, as before."""
+
+    def train(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for step, loss in ((5, 2.5), (10, math.nan), (15, math.nan)):
+            progress = pb.TrainProgress(step=step, steps=15, loss=loss, version=step * 4)
+            yield progress.SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {
+            "ListTensors": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: pb.ListTensorsResponse().SerializeToString()
+            ),
+            "Train": grpc.unary_stream_rpc_method_handler(train),
+        },
+    )
+    with bare_server(handler) as address:
+        argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
+        data = _strict_json(run_main(*argv, "--json").out)
+    assert data["diverged_at"] == 10
 
 
 @pytest.mark.parametrize(

@@ -122,11 +122,13 @@ def test_each_limit_reported_is_the_one_the_server_enforces(
     assert at.reason == "UNKNOWN_TENSOR"  # a name the server would look up
     past = _refused(address, "GetTensor", pb.GetTensorRequest(name="x" * (names + 1)))
     assert past.reason == "BAD_NAME"
-    # Counted in code points, as the .proto says: not in UTF-8 bytes (two each here).
-    at = _refused(address, "GetTensor", pb.GetTensorRequest(name="é" * names))
-    assert at.reason == "UNKNOWN_TENSOR"
-    past = _refused(address, "GetTensor", pb.GetTensorRequest(name="é" * (names + 1)))
-    assert past.reason == "BAD_NAME"
+    # Counted in code points, as the .proto says: not in UTF-8 bytes (two and four each
+    # here), nor in UTF-16 units (two for a character past the BMP, as Java counts).
+    for character in ("é", "\U0001d465"):
+        at = _refused(address, "GetTensor", pb.GetTensorRequest(name=character * names))
+        assert at.reason == "UNKNOWN_TENSOR"
+        past = _refused(address, "GetTensor", pb.GetTensorRequest(name=character * (names + 1)))
+        assert past.reason == "BAD_NAME"
 
     ids = limits.max_request_id_chars
     _raw(address, "ZeroGrad", pb.ZeroGradRequest(), [("gradwire-request-id", "a" * ids)])

@@ -1264,10 +1264,12 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         run(client)
         return
     # --embedded: a server in this process on a free port, for trying gradwire with one command.
-    if args.target != (os.environ.get(TARGET_ENV) or DEFAULT_TARGET):  # it was ignored
+    ignored = [name for name in _COMMON if name in args.given]
+    if ignored:  # each would be ignored: the replay runs against a server of its own
+        options = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise UsageError(
             f"--embedded replays against a server of its own, in this process: leave out "
-            f"--target, or leave out --embedded to replay against {args.target}"
+            f"{options}, or leave out --embedded to replay against a server you name"
         )
     try:
         from gradwire_server.app import start
@@ -1354,7 +1356,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--target",
-        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        # None: not given; main takes $GRADWIRE_TARGET, else DEFAULT_TARGET (_from_environment).
         help=f"server address host:port (default: ${TARGET_ENV} if set, else {DEFAULT_TARGET})",
     )
     common.add_argument(
@@ -1381,8 +1383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--session",
-        default=os.environ.get(SESSION_ENV) or None,
-        metavar="ID",
+        metavar="ID",  # None: not given; main takes $GRADWIRE_SESSION (_from_environment)
         help="act on this session (from gradwire open-session, or Python's "
         "Client.open_session(): its .session) instead of the default one; it stays open "
         f"(default: ${SESSION_ENV} if set)",
@@ -1856,7 +1857,10 @@ def _client(args: argparse.Namespace) -> Client:
             keepalive=args.keepalive or None,
         )
     except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
+        said = str(e)
+        if getattr(args, "target_from_environment", False) and "target" in said:
+            said += f" (the target came from ${TARGET_ENV})"
+        raise UsageError(said) from None
 
 
 def _unreachable(error: RemoteError) -> bool:
@@ -2000,9 +2004,9 @@ def main(
     err = err or sys.stderr
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
-    if given and given[0].startswith("-") and given[0] not in ("-h", "--help", "--version"):
+    option = given[0].split("=", 1)[0] if given else ""
+    if option in _AFTER_THE_COMMAND:
         # argparse took the option's value for the command: "invalid choice: 'gpu-box:50051'".
-        option = given[0].split("=", 1)[0]
         err.write(
             f"gradwire: error: {option} goes after the command: gradwire COMMAND {option} ... "
             "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
@@ -2014,6 +2018,8 @@ def main(
             args = parser.parse_args(argv)
     except SystemExit as exit:
         return int(exit.code or 0)
+    if args.remote:
+        _from_environment(args)
     hint = None  # for a remote error: what to do about it, when the CLI can tell
     try:
         if not args.remote or (args.command == "replay" and args.embedded):
@@ -2030,17 +2036,15 @@ def main(
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
-        if (
-            hint is None
-            and e.reason == "UNKNOWN_SESSION"
-            and _session_from_environment(args, given)
-        ):
+        if hint is None and e.reason == "UNKNOWN_SESSION" and args.session_from_environment:
             # A stale export in the shell: nothing said where the id came from (a review).
             hint = (
-                f"the session came from ${SESSION_ENV}: unset it (unset {SESSION_ENV}) to "
-                "act on the default session, or export the id of one open now (gradwire "
-                "sessions lists them)"
+                f"the session came from ${SESSION_ENV}, which names one closed or never "
+                f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
+                "(gradwire sessions lists them)"
             )
+        if hint is not None and args.target_from_environment:
+            hint += f" (the target came from ${TARGET_ENV})"
         if hint is not None:
             err.write(f"hint: {hint}\n")
         return 1
@@ -2055,12 +2059,38 @@ def main(
     return 0
 
 
-def _session_from_environment(args: argparse.Namespace, argv: Sequence[str]) -> bool:
-    """Whether the command's session came from $GRADWIRE_SESSION: set, and named neither by
-    --session nor as close-session's ID."""
-    named = any(a == "--session" or a.startswith("--session=") for a in argv)
-    named |= getattr(args, "id", None) is not None
-    return bool(os.environ.get(SESSION_ENV)) and not named
+def _from_environment(args: argparse.Namespace) -> None:
+    """The target and session a command did not name, from $GRADWIRE_TARGET (else
+    DEFAULT_TARGET) and $GRADWIRE_SESSION. `args.given` records which common options were
+    given, and `args.target_from_environment` and `args.session_from_environment` where
+    the others came from, for messages. Read here, not as argparse defaults, with which
+    given and defaulted could not be told apart (an abbreviated --sess was taken for the
+    environment's, found by a review)."""
+    args.given = {name for name in _COMMON if getattr(args, name, None) not in (None, False)}
+    target, session = os.environ.get(TARGET_ENV), os.environ.get(SESSION_ENV)
+    args.target_from_environment = "target" not in args.given and bool(target)
+    # close-session's ID names the session as --session does.
+    named = "session" in args.given or getattr(args, "id", None) is not None
+    args.session_from_environment = not named and bool(session)
+    if "target" not in args.given:
+        args.target = target or DEFAULT_TARGET
+    if "session" not in args.given:
+        args.session = session or None
+
+
+#: Options of the commands, not of `gradwire` itself: written before the command, they are
+#: refused saying where they go. Others (an abbreviated --help, a typo) are argparse's.
+_AFTER_THE_COMMAND = frozenset(
+    {
+        "--target", "--timeout", "--json", "--keepalive", "--session", "--token-file", "--tls",
+        "--tls-ca", "--tls-cert", "--tls-key", "--port", "--host", "--device", "--seed",
+    }
+)  # fmt: skip
+
+
+#: The options every command that calls a server takes (build_parser's `common`) whose
+#: absence means something: the environment's, or none.
+_COMMON = ("target", "session", "token_file", "tls", "tls_ca", "tls_cert", "tls_key")
 
 
 #: The exit code of a command whose output's reader went away: 128 + SIGPIPE, as the shell

@@ -214,6 +214,7 @@ class ServerLimits:
     keepalive_s: float  # the server pings a connection silent this long; 0: never
     keepalive_timeout_s: float  # and closes it when a ping goes unanswered this long
     min_client_ping_s: float  # pings closer than this on a quiet connection get it closed
+    # These six are 0 from a server that predates them: not reported, not "none".
     max_health_watches: int  # health Watches open at once (TOO_MANY_WATCHES); poll with Check
     max_reflection_streams: int  # reflection streams open at once (TOO_MANY_REFLECTION_STREAMS)
     # Request ids kept for retries: each this long after its last use, then while among the

@@ -308,8 +308,8 @@ class Slots:
             "streams (Watch, Train, streamed reads, streams of calls), which hold their places "
             "until they end: retry once some end, or close the watches and clients you no "
             "longer use (gradwire sessions shows which sessions opened beside the default one "
-            "hold calls, and gradwire close-session ends theirs; the default session's end "
-            "only when their clients close them)"
+            "hold calls, and gradwire close-session ends theirs; the default session's "
+            "streams end only when their clients close them)"
         )
 
 

@@ -1748,7 +1748,8 @@ class ServerLimits(_message.Message):
     data: a client that pings more often has its connection closed (GOAWAY, "too_many_pings").
     """
     max_health_watches: _builtins.int
-    """Health Watches (grpc.health.v1) open at once: one more is RESOURCE_EXHAUSTED
+    """Fields 16-21 are 0 from a server that predates them: not reported, not "none".
+    Health Watches (grpc.health.v1) open at once: one more is RESOURCE_EXHAUSTED
     (TOO_MANY_WATCHES); poll with Check instead.
     """
     max_reflection_streams: _builtins.int
