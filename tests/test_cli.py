@@ -1614,10 +1614,11 @@ def test_set_describes_a_slice_and_a_gradient_it_made(cli: Run) -> None:
         ("bogus", "expected a number (0.5, nan, -inf), a JSON list ([1, 2, 3]), a fill"),
     ],
 )
-def test_a_value_set_cannot_read_says_what_it_expected(cli: Run, value: str, said: str) -> None:
+def test_a_value_set_cannot_read_says_what_it_expected(value: str, said: str) -> None:
     """A malformed list got the fills' help, which names no list, and a ragged one numpy's
-    "inhomogeneous shape" (found by a review of the CLI)."""
-    result = cli("set", "conv1.weight", value)
+    "inhomogeneous shape" (found by a review of the CLI). Refused before any call: here
+    with no server at the target."""
+    result = run_main("set", "conv1.weight", value, "--target", "127.0.0.1:1")
     assert result.code == 2
     assert result.err.startswith(f"gradwire set: error: bad value {value!r}: {said}")
 

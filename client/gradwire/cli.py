@@ -354,6 +354,12 @@ def parse_value(text: str, dtype: str | None = None) -> Any:
         ) from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"bad value {text!r}: expected numbers")
+    return _narrowed(array, text, dtype)
+
+
+def _narrowed(array: np.ndarray[Any, Any], text: str, dtype: str | None) -> Any:
+    """Numbers `text` wrote, parsed as `array`, in `dtype` where numpy has it (float32
+    otherwise) if they have fractions; refused past its range."""
     if array.dtype != np.float64:
         return array
     sent = np.dtype(dtype if dtype in ("float16", "float32", "float64") else "float32")
@@ -878,11 +884,15 @@ def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
 
 def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selector = parse_selector(args.selector)
+    # Read before any call, so that one that cannot be read is refused first; numbers as
+    # float64 until the tensor's dtype is known.
+    value = parse_value(args.value, "float64")
     # The tensor written, as listed before the write: its dtype is what numbers are sent in,
     # and its shape what the line written describes (an absent gradient's: its parameter's).
     tensors = {t.name: t for t in client.list_tensors().tensors}
     listed = tensors.get(selector.name)
-    value = parse_value(args.value, listed.dtype if listed is not None else None)
+    if isinstance(value, np.ndarray) and not args.value.endswith(".npy"):  # numbers
+        value = _narrowed(value, args.value, listed.dtype if listed is not None else None)
     version = client.set(args.selector, value)
     data: dict[str, Any] = {"version": version}
     how = ""
