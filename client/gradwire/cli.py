@@ -2046,14 +2046,15 @@ def main(
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
-        if hint is None and e.reason == "UNKNOWN_SESSION" and args.session_from_environment:
+        stale = getattr(args, "session_from_environment", False)  # a command that calls
+        if hint is None and e.reason == "UNKNOWN_SESSION" and stale:
             # A stale export in the shell: nothing said where the id came from (a review).
             hint = (
                 f"the session came from ${SESSION_ENV}, which names one closed or never "
                 f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
                 "(gradwire sessions lists them)"
             )
-        if hint is not None and args.target_from_environment:
+        if hint is not None and getattr(args, "target_from_environment", False):
             hint += f" (the target came from ${TARGET_ENV})"
         if hint is not None:
             err.write(f"hint: {hint}\n")
