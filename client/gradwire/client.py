@@ -214,16 +214,17 @@ class ServerLimits:
     keepalive_s: float  # the server pings a connection silent this long; 0: never
     keepalive_timeout_s: float  # and closes it when a ping goes unanswered this long
     min_client_ping_s: float  # pings closer than this on a quiet connection get it closed
-    # These six are 0 from a server that predates them: not reported, not "none".
-    max_health_watches: int  # health Watches open at once (TOO_MANY_WATCHES); poll with Check
-    max_reflection_streams: int  # reflection streams open at once (TOO_MANY_REFLECTION_STREAMS)
+    # These six are 0 from a server that predates them: not reported, not "none" (and 0 by
+    # default, so that code that made a ServerLimits before them still does).
+    max_health_watches: int = 0  # health Watches open at once (TOO_MANY_WATCHES); poll Check
+    max_reflection_streams: int = 0  # reflection streams open at once (TOO_MANY_REFLECTION_...)
     # Request ids kept for retries: each this long after its last use, then while among the
     # last last_request_ids_kept, max_request_ids_kept at most; a retry of one forgotten is
     # applied again.
-    request_id_kept_s: float
-    last_request_ids_kept: int
-    max_request_ids_kept: int
-    answer_bytes_kept: int  # the latest answers that fit; a retry of one let go: ANSWER_NOT_KEPT
+    request_id_kept_s: float = 0.0
+    last_request_ids_kept: int = 0
+    max_request_ids_kept: int = 0
+    answer_bytes_kept: int = 0  # the latest answers that fit; one let go: ANSWER_NOT_KEPT
 
 
 @dataclass(frozen=True)
