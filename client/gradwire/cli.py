@@ -27,6 +27,7 @@ from gradwire import __version__, codec, limits
 from gradwire.client import (
     DEFAULT_TARGET,
     NEVER_REACHED,
+    UNRESOLVED,
     Client,
     Listing,
     OptimizerConfig,
@@ -1943,7 +1944,7 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         )
     if not _unreachable(error):
         return None
-    if "resolving" in text or "resolution" in text or "hostname lookup" in text:
+    if any(words in text for words in UNRESOLVED):
         return (
             f"{target} could not be resolved to an address: check the host name and the "
             "port in --target HOST:PORT (such as localhost:50051 or gpu-box:50051)"

@@ -439,18 +439,13 @@ _MAX_MS = codec.INT64_MAX
 
 #: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
 #: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
-NEVER_REACHED = (
-    "failed to connect",
-    "connection refused",
-    "socket closed",
-    # A target gRPC could not resolve to an address: "DNS resolution failed" in earlier
-    # gRPC, "errors resolving ...: [... hostname lookup error ...]" in grpcio 1.85. Taken
-    # for a call cut off mid-way, it was said to be "reached" and perhaps applied (found
-    # by a review of the CLI).
-    "resolution",
-    "errors resolving",
-    "hostname lookup",
-)
+#: gRPC's words for a target it could not resolve to an address: "DNS resolution failed" in
+#: earlier gRPC, "errors resolving ...: [... hostname lookup error ...]" in grpcio 1.85.
+#: Taken for a call cut off mid-way, it was said to be "reached" and perhaps applied (found
+#: by a review of the CLI).
+UNRESOLVED = ("resolution", "errors resolving", "hostname lookup")
+
+NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", *UNRESOLVED)
 
 
 def _cut_off(error: grpc.RpcError) -> bool:
