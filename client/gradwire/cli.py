@@ -310,12 +310,11 @@ def _fill_value(text: str) -> float:
     return value
 
 
-def parse_value(text: str, dtype: str | None = None) -> Any:
+def parse_value(text: str) -> Any:
     """A value for `set`: a number (nan and inf too, as `fill` takes them), a JSON list, a
-    fill spec or a .npy file. Numbers with a fraction are sent in `dtype`, the tensor's,
-    where numpy has it (float32 otherwise): a float64 tensor got them rounded to float32
-    (found by a review). A number beyond that dtype's range is refused, not written as
-    infinity."""
+    fill spec or a .npy file. Numbers come as a numpy array, float64 where they have
+    fractions, until `_narrowed` puts them in the tensor's dtype. A number no float holds
+    (1e400) is refused, not written as infinity."""
 
     def number(digits: str) -> float:
         if math.isinf(parsed := float(digits)):  # 1e400: no float holds it
@@ -355,12 +354,13 @@ def parse_value(text: str, dtype: str | None = None) -> Any:
         ) from None
     if array.dtype.kind not in "biuf":
         raise UsageError(f"bad value {text!r}: expected numbers")
-    return _narrowed(array, text, dtype)
+    return array
 
 
 def _narrowed(array: np.ndarray[Any, Any], text: str, dtype: str | None) -> Any:
-    """Numbers `text` wrote, parsed as `array`, in `dtype` where numpy has it (float32
-    otherwise) if they have fractions; refused past its range."""
+    """Numbers `text` wrote, parsed as `array`, in `dtype` (the tensor's) where numpy has it,
+    float32 otherwise, if they have fractions; refused past its range. Sent as float32
+    whatever the tensor, a float64 one got them rounded (found by a review)."""
     if array.dtype != np.float64:
         return array
     sent = np.dtype(dtype if dtype in ("float16", "float32", "float64") else "float32")
@@ -663,13 +663,13 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         # The server's words name its fields (histogram_low), not these options.
         raise UsageError(f"--low must be below --high, got --low {args.low:g} --high {args.high:g}")
     read = client.stats(args.selector, bins=args.bins, low=args.low, high=args.high)
+    # Which slice, as get's JSON says.
+    which = {"name": read.name, "selector": str(parse_selector(args.selector))}
     if read.stats is None:
-        absent = {"name": read.name, "selector": str(parse_selector(args.selector))}
-        _emit(out, args, {**absent, "version": read.version, "present": False}, "None")
+        _emit(out, args, {**which, "version": read.version, "present": False}, "None")
         return
     data = {
-        "name": read.name,
-        "selector": str(parse_selector(args.selector)),  # which slice, as get's JSON says
+        **which,
         "version": read.version,
         "present": True,
         "shape": list(read.shape or ()),
@@ -887,7 +887,7 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selector = parse_selector(args.selector)
     # Read before any call, so that one that cannot be read is refused first; numbers as
     # float64 until the tensor's dtype is known.
-    value = parse_value(args.value, "float64")
+    value = parse_value(args.value)
     # The tensor written, as listed before the write: its dtype is what numbers are sent in,
     # and its shape what the line written describes (an absent gradient's: its parameter's).
     tensors = {t.name: t for t in client.list_tensors().tensors}
@@ -2014,8 +2014,8 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     parser = build_parser()
-    given = list(sys.argv[1:] if argv is None else argv)
-    option = given[0].split("=", 1)[0] if given else ""
+    words = list(sys.argv[1:] if argv is None else argv)
+    option = words[0].split("=", 1)[0] if words else ""
     if option in _AFTER_THE_COMMAND:
         # argparse took the option's value for the command: "invalid choice: 'gpu-box:50051'".
         err.write(
