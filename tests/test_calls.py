@@ -9,7 +9,6 @@ CallRequests, as a client in another language writes them.
 
 from __future__ import annotations
 
-import io
 import queue
 import threading
 import time
@@ -27,7 +26,6 @@ import gradwire
 from gradwire import calls, errors, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import Spent
-from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.replay import replay
 from gradwire_server.app import Running
@@ -207,11 +205,13 @@ def test_an_answer_for_another_call_or_no_call_is_refused() -> None:
 
 
 def test_the_stream_carries_every_unary_call_on_a_session() -> None:
-    """What METHODS lists comes from the contract: each unary call with a session's state."""
+    """What METHODS lists comes from the contract: each unary call with a session's state,
+    but Batch, which carries such calls itself."""
     on_session = {
         m.name
         for m in SERVICE.methods
         if not (m.client_streaming or m.server_streaming)
+        and m.name != "Batch"
         and not getattr(TrainerServicer, m.name).sessionless
     }
     assert set(calls.METHODS) == on_session
@@ -567,11 +567,12 @@ def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
 
 
 @contextmanager
-def serving_without_calls() -> Iterator[str]:
-    """A server from before the Calls RPC (the Gate model, never held): its address."""
+def serving_without_calls(method: str = "Calls") -> Iterator[str]:
+    """A server from before the Calls RPC (or `method`: "Batch"), the Gate model, never
+    held: its address."""
     trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
     handlers = method_handlers(TrainerServicer(trainer))
-    del handlers["Calls"]
+    del handlers[method]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -619,13 +620,3 @@ def test_each_call_on_the_stream_is_counted_as_its_method() -> None:
         assert counted(samples, TRAINER + "Step", "INVALID_ARGUMENT") == 1
         assert counted(samples, CALLS, "INVALID_ARGUMENT") == 1
         eventually(lambda: counted(scrape(running), CALLS, "OK") == 2)  # the two streams
-
-
-def test_the_replay_command_makes_its_calls_on_one_stream() -> None:
-    with running_server(metrics_port=0) as running:
-        out = io.StringIO()
-        assert main(["replay", "--target", f"127.0.0.1:{running.port}"], out=out) == 0
-        assert "bit for bit: True" in out.getvalue()
-        samples = scrape(running)
-        assert counted(samples, TRAINER + "Forward", "OK") == 1
-        eventually(lambda: counted(scrape(running), CALLS, "OK") == 1)

@@ -100,7 +100,9 @@ def _call(channel: grpc.Channel, method: Any, data: bytes) -> grpc.StatusCode:
         if method.client_streaming and method.server_streaming:  # Calls: a call a message
             answers = list(channel.stream_stream(path)(iter([data, data]), timeout=30))
             assert len(answers) == 2, "each message of a Calls stream is answered"
-            return max((_answered(a) for a in answers), key=_CONCERN.get)
+            return max(
+                (_answered(pb.CallResponse.FromString(a)) for a in answers), key=_CONCERN.get
+            )
         if method.client_streaming:
             call = channel.stream_unary(path)
             call(iter([data, data]), timeout=30)
@@ -112,20 +114,23 @@ def _call(channel: grpc.Channel, method: Any, data: bytes) -> grpc.StatusCode:
                 stream.cancel()
                 break
         else:
-            channel.unary_unary(path)(data, timeout=30)
+            answer = channel.unary_unary(path)(data, timeout=30)
+            if method.name == "Batch":  # each call answered, with a status of its own
+                answers = pb.BatchResponse.FromString(answer).answers
+                return max(map(_answered, answers), key=_CONCERN.get, default=grpc.StatusCode.OK)
     except grpc.RpcError as err:
         return err.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
 
 
-#: How much a code says something went wrong on the server: what a Calls stream reports.
+#: How much a code says something went wrong on the server: what a Calls stream or a Batch
+#: reports.
 _CONCERN = {code: 0 if code == grpc.StatusCode.OK else 1 for code in grpc.StatusCode}
 _CONCERN.update({grpc.StatusCode.UNKNOWN: 2, grpc.StatusCode.INTERNAL: 2})
 
 
-def _answered(answer: bytes) -> grpc.StatusCode:
-    """The status of one call on a Calls stream: OK, or its error's code."""
-    response = pb.CallResponse.FromString(answer)
+def _answered(response: pb.CallResponse) -> grpc.StatusCode:
+    """The status of one call on a Calls stream or in a Batch: OK, or its error's code."""
     if response.WhichOneof("result") != "error":
         return grpc.StatusCode.OK
     return MessageError.from_status(response.error).code()

@@ -93,13 +93,13 @@ def test_the_tutorial_in_a_pipeline_equals_local_pytorch(piped: gradwire.Client)
     assert step.result().version == forward.result().version + 2
 
 
-def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
-    """Two servers, one seed: every call the pipeline carries, in one pipeline on one and
-    one by one on the other; every result and the weights they leave are equal."""
+def every_call() -> list[Callable[[Any], Any]]:
+    """Every call a pipeline or a batch carries, each a function of a client or of a
+    pipeline or batch, in an order in which each succeeds."""
     wide = np.random.default_rng(1).standard_normal((40, 3, 10, 10)).astype(np.float32)
     labels = np.arange(40) % 20
     value = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
-    steps: list[Any] = [
+    return [
         lambda c: c.reset(seed=3),
         lambda c: c.set_optimizer("sgd", lr=0.5, momentum=0.9),
         lambda c: c.forward(ONES, TARGET),
@@ -119,6 +119,22 @@ def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
         lambda c: c.fill_parameters(0.01, ["linear.weight"]),
         lambda c: c.list_tensors(),
     ]
+
+
+def same_state_and_answers(
+    on_a: gradwire.Client, pending: list[gradwire.Pending[Any]], on_b: gradwire.Client
+) -> None:
+    """`pending`, every_call() made on `on_a` in a pipeline or a batch, answered as the same
+    calls made one by one on `on_b`, and the two models left equal."""
+    for k, (step, mine) in enumerate(zip(every_call(), pending, strict=True)):
+        _assert_same(mine.result(), step(on_b), f"call {k}, {mine.method}")
+    for name in ("conv1.weight", "conv2.weight", "linear.weight"):
+        np.testing.assert_array_equal(on_a.get(name), on_b.get(name))
+
+
+def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
+    """Two servers, one seed: every call the pipeline carries, in one pipeline on one and
+    one by one on the other; every result and the weights they leave are equal."""
     with (
         running_server() as a,
         running_server() as b,
@@ -126,11 +142,8 @@ def test_a_pipeline_answers_as_the_same_calls_made_one_by_one() -> None:
         gradwire.connect(f"127.0.0.1:{b.port}", timeout=30) as on_b,
     ):
         with on_a.pipeline() as p:
-            pending = [step(p) for step in steps]
-        for k, (step, mine) in enumerate(zip(steps, pending, strict=True)):
-            _assert_same(mine.result(), step(on_b), f"call {k}, {mine.method}")
-        for name in ("conv1.weight", "conv2.weight", "linear.weight"):
-            np.testing.assert_array_equal(on_a.get(name), on_b.get(name))
+            pending = [step(p) for step in every_call()]
+        same_state_and_answers(on_a, pending, on_b)
 
 
 def _assert_same(mine: Any, theirs: Any, where: str) -> None:

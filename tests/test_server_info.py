@@ -92,6 +92,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             last_request_ids_kept=1024,
             max_request_ids_kept=65_536,
             answer_bytes_kept=256 * 1024 * 1024,
+            max_batch_calls=1024,
         ),
     )
 
@@ -332,6 +333,7 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "retry whose answer was let go is",
         "                 refused (ANSWER_NOT_KEPT), not applied again",
         "calls at once    2 (an open watch or stream holds one)",
+        "batches          at most 1,024 calls in one Batch",
         "health watches   at most 64 open at once; past that, poll (gradwire health)",
         "reflection       at most 8 streams open at once (grpcurl, an IDE); one more is refused",
         "sessions         1 beside the default one; each closed after 42.5 s without calls",
@@ -399,6 +401,7 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
         "last_request_ids_kept",
         "max_request_ids_kept",
         "answer_bytes_kept",
+        "max_batch_calls",
     ):
         older.limits.ClearField(name)
     answer = grpc.unary_unary_rpc_method_handler(lambda request, context: older.SerializeToString())
@@ -407,7 +410,8 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
         lines = run_main("info", "--target", address).out.splitlines()
     assert "request ids      at most 128 characters" in lines
     assert not any(
-        line.startswith(("retry answers", "health watches", "reflection")) for line in lines
+        line.startswith(("retry answers", "health watches", "reflection", "batches"))
+        for line in lines
     )
     assert not any("at most 0 " in line or "0 ids" in line for line in lines)
 

@@ -26,12 +26,13 @@ from gradwire.client import (
 )
 from gradwire.errors import GradwireError, RemoteError
 from gradwire.fill import Fill
-from gradwire.pipeline import Pending, Pipeline
+from gradwire.pipeline import Batch, Pending, Pipeline
 from gradwire.remote import RemoteModel, RemoteTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "Client",
     "Fill",
     "ForwardResult",

@@ -1,4 +1,5 @@
-"""The Calls stream's envelopes (CallRequest, CallResponse): one unary call per message.
+"""The Calls stream's envelopes (CallRequest, CallResponse): one unary call per message;
+and Batch's (BatchRequest, BatchResponse), which carry several of them in one unary call.
 
 Both are written around the unary call's own message, never parsed and built again: a
 request is a small header (request id, expected version, timeout) and the unary request's
@@ -22,6 +23,10 @@ __all__ = [
     "ERROR_FIELD",
     "METHODS",
     "STATUS_TRAILER",
+    "batch_answers",
+    "batch_calls",
+    "batch_request_pieces",
+    "batch_response_bytes",
     "error_bytes",
     "named_call",
     "request_pieces",
@@ -103,7 +108,9 @@ def request_pieces(
     return [header.SerializeToString(), *wire.length_field(METHODS[method][0], request)]
 
 
-def unwrap_response(data: bytes, method: str) -> tuple[memoryview | None, bytes | None]:
+def unwrap_response(
+    data: bytes | memoryview, method: str
+) -> tuple[memoryview | None, bytes | None]:
     """(the unary response's bytes, None), or (None, a serialized google.rpc.Status) for an
     error; ValueError for bytes that are neither, or a response to another call than
     `method` (the server answers in order, so that would be a bug on one side)."""
@@ -183,3 +190,64 @@ def response_bytes(method: str, response: bytes) -> bytes:
 def error_bytes(status: bytes) -> bytes:
     """The CallResponse for a call that failed: `status`, a serialized google.rpc.Status."""
     return wire.varint(ERROR_FIELD << 3 | wire.LEN) + wire.varint(len(status)) + status
+
+
+# --- Batch: several CallRequests in one unary call ---------------------------------------
+
+_BATCH_CALLS = pb.BatchRequest.DESCRIPTOR.fields_by_name["calls"].number
+_BATCH_ANSWERS = pb.BatchResponse.DESCRIPTOR.fields_by_name["answers"].number
+_BATCH_ALIGNMENT = pb.BatchResponse.DESCRIPTOR.fields_by_name["alignment"].number
+
+
+def batch_request_pieces(requests: Sequence[Sequence[wire.Piece]]) -> list[wire.Piece]:
+    """A BatchRequest holding `requests` (each a CallRequest's pieces, request_pieces'),
+    the pieces uncopied."""
+    pieces: list[wire.Piece] = []
+    for request in requests:
+        pieces.extend(wire.length_field(_BATCH_CALLS, request))
+    return pieces
+
+
+def batch_calls(data: bytes | memoryview) -> list[memoryview]:
+    """Each CallRequest's bytes in a BatchRequest, as views of `data`; ValueError for bytes
+    that are no BatchRequest. Other fields (a newer client's) are passed over."""
+    view = memoryview(data)
+    found = []
+    try:
+        for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
+            if number == _BATCH_CALLS:
+                if wire_type != wire.LEN:
+                    raise ValueError(f"field calls has wire type {wire_type}, not a message")
+                found.append(view[start:end])
+    except ValueError as err:
+        raise ValueError(f"not a BatchRequest: {err}") from None
+    return found
+
+
+def batch_response_bytes(answers: Sequence[bytes]) -> bytes:
+    """The BatchResponse holding `answers` (each a CallResponse's bytes), each led by an
+    alignment field as long as it takes to start it a multiple of wire.ALIGNMENT bytes from
+    the first byte: the tensor values in it stay as aligned as in a CallResponse of its own.
+    One copy of each answer."""
+    pieces: list[wire.Piece] = []
+    at = 0
+    for answer in answers:
+        head = wire.varint(_BATCH_ANSWERS << 3 | wire.LEN) + wire.varint(len(answer))
+        pad = wire.alignment(_BATCH_ALIGNMENT, at + len(head))
+        pieces += [*pad, head, answer]
+        at += wire.size(pad) + len(head) + len(answer)
+    return wire.join(pieces)
+
+
+def batch_answers(data: bytes | memoryview) -> list[memoryview]:
+    """Each CallResponse's bytes in a BatchResponse, as views of `data`, in order;
+    ValueError for bytes that are no BatchResponse."""
+    view = memoryview(data)
+    found = []
+    try:
+        for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
+            if number == _BATCH_ANSWERS and wire_type == wire.LEN:
+                found.append(view[start:end])
+    except ValueError as err:
+        raise ValueError(f"not a BatchResponse: {err}") from None
+    return found

@@ -1153,6 +1153,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             "go is refused (ANSWER_NOT_KEPT), not applied again",
         ),
         ("calls at once", f"{lim.max_concurrent} (an open watch or stream holds one)"),
+        ("batches", f"at most {lim.max_batch_calls:,} calls in one Batch"),
         (
             "health watches",
             f"at most {lim.max_health_watches} open at once; past that, poll (gradwire health)",
@@ -1174,6 +1175,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "retry answers": not lim.answer_bytes_kept,
         "health watches": not lim.max_health_watches,
         "reflection": not lim.max_reflection_streams,
+        "batches": not lim.max_batch_calls,
     }
     rows = [(name, text) for name, text in rows if not unreported.get(name)]
     out.write(

@@ -61,7 +61,7 @@ from gradwire.updates import (
 if TYPE_CHECKING:
     import torch
 
-    from gradwire.pipeline import Pipeline
+    from gradwire.pipeline import Batch, Pipeline
     from gradwire.remote import RemoteModel
 
 __all__ = [
@@ -225,6 +225,9 @@ class ServerLimits:
     last_request_ids_kept: int = 0
     max_request_ids_kept: int = 0
     answer_bytes_kept: int = 0  # the latest answers that fit; one let go: ANSWER_NOT_KEPT
+    # Calls in one Batch (BATCH_TOO_LONG); 0 from a server without Batch (Client.batch then
+    # makes its calls one by one).
+    max_batch_calls: int = 0
 
 
 @dataclass(frozen=True)
@@ -901,6 +904,7 @@ class Client:
         self.stream_calls = stream_calls
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
+        self._no_batch = False  # the server has no Batch RPC: a batch's calls go one by one
         self._health = health_pb2_grpc.HealthStub(self._channel)
         #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
@@ -1174,6 +1178,25 @@ class Client:
         from gradwire.pipeline import Pipeline  # it builds on this module
 
         return Pipeline(self, stop_at_error=stop_at_error)
+
+    def batch(self, *, stop_at_error: bool = True) -> Batch:
+        """Calls sent together in one unary call (the Batch RPC), run in order on the server:
+
+            with client.batch() as b:
+                out = b.forward(x, y)
+                b.backward()
+                b.step()
+                weight = b.get("conv1.weight[0]")
+            print(out.result().loss, weight.result())
+
+        As a pipeline (the same calls, each returning a gradwire.Pending, and
+        `stop_at_error`), but the calls go in one message when the block ends, or when a
+        result is asked for inside it, and come back in one: the cheapest way to make calls
+        that need no answer before the next, and one that needs no stream. See
+        gradwire.pipeline.Batch."""
+        from gradwire.pipeline import Batch  # it builds on this module
+
+        return Batch(self, stop_at_error=stop_at_error)
 
     def _expected_version(self) -> str | None:
         """The version of this client's innermost `expecting` block, as metadata; None

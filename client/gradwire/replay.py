@@ -70,10 +70,10 @@ def replay(
             "with the default model (gradwire serve without --model), or use replay --embedded"
         )
     as_torch = torch_available()
-    # Every call in one pipeline (client.pipeline): written at once, run in order, answered
-    # together, so that the replay waits for one round trip of the network, not seventeen.
+    # Every call in one batch (client.batch): sent in one message, run in order, answered
+    # in one, so that the replay waits for one round trip of the network, not seventeen.
     # The transcript is written once the answers are in.
-    with client.pipeline() as p:
+    with client.batch() as p:
         if init == "fill":
             p.reset()
             p.fill_parameters(FILL_VALUE)

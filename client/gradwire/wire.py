@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -290,21 +290,23 @@ def _cut(
     return rest
 
 
-def split(data: bytes, message_type: type[M]) -> Split[M]:
+def split(data: bytes | memoryview, message_type: type[M]) -> Split[M]:
     """Parses `data` as `message_type`, each Tensor's packed values cut out uncopied.
 
-    Raises google.protobuf.message.DecodeError for data that is not such a message.
+    Raises google.protobuf.message.DecodeError for data that is not such a message. `data`:
+    bytes, or a view of bytes (one call of a Batch's request).
     """
+    whole = cast(bytes, data)  # protobuf's parser (upb) takes any buffer
     if len(data) < SMALL_MESSAGE_BYTES:
-        return Split(message_type.FromString(data))  # too small for scanning to pay
+        return Split(message_type.FromString(whole))  # too small for scanning to pay
     buf = memoryview(data)
     cut: dict[Path, tuple[int, memoryview]] = {}
     try:
         rest = _cut(buf, 0, len(buf), message_type.DESCRIPTOR, (), cut)
     except _LeftToParser:
-        return Split(message_type.FromString(data))
+        return Split(message_type.FromString(whole))
     except ValueError as err:
         raise DecodeError(f"not a {message_type.DESCRIPTOR.name}: {err}") from err
     if not cut:
-        return Split(message_type.FromString(data))
+        return Split(message_type.FromString(whole))
     return Split(message_type.FromString(join(rest)), cut)

@@ -579,6 +579,7 @@ def server_info(
         last_request_ids_kept=requests.size,
         max_request_ids_kept=requests.max_ids,
         answer_bytes_kept=requests.max_bytes,
+        max_batch_calls=gw_limits.MAX_BATCH_CALLS,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

@@ -129,14 +129,20 @@ def abort(
 ) -> None:
     """Ends the call with `code`, `message` and an ErrorInfo, all cut to sizes whose
     trailers every gRPC client takes."""
+    context.abort_with_status(rpc_status.to_status(_status(code, message, reason, metadata)))
+
+
+def _status(
+    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
+) -> status_pb2.Status:
+    """The google.rpc.Status `abort` sends: the message and an ErrorInfo, cut to size."""
     message = _cut(message, MAX_MESSAGE_CHARS)
     metadata = {k: _cut(v, MAX_METADATA_CHARS) for k, v in metadata.items()}
     detail = any_pb2.Any()
     detail.Pack(
         error_details_pb2.ErrorInfo(reason=reason, domain=limits.ERROR_DOMAIN, metadata=metadata)
     )
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
+    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
 
 
 def _status_of(error: DomainError) -> grpc.StatusCode:
@@ -1148,14 +1154,7 @@ class TrainerServicer:
         as it has answered the call in progress, or at once if none is (`waiting`)."""
         try:
             with self.slots.stream:
-                metadata = _metadata(context)
-                for key, carried in _MESSAGE_FIELDS.items():
-                    if key in metadata:
-                        raise InvalidInput(
-                            f"a Calls stream's metadata cannot carry {key}: each call on it "
-                            f"carries its own, as CallRequest.{carried}",
-                            reason="BAD_METADATA",
-                        )
+                metadata = _carried_apart(_metadata(context), "a Calls stream's")
                 failed: str | None = None  # the message before, by its RPC, if it failed
                 while (request := self.waiting.next_message(requests, context)) is not None:
                     answer, failed = self._answer_message(request, context, metadata, failed)
@@ -1163,19 +1162,60 @@ class TrainerServicer:
         except Exception:
             _answer_error(context, "Calls", self)
 
+    def Batch(self, request: Any, context: grpc.ServicerContext) -> bytes:
+        """Several calls in one unary call: each run as its message on a Calls stream runs
+        (`_answer_message`), one after another in the order given, and answered in that order
+        in one BatchResponse. The batch holds one place. Once the server begins to stop, the
+        calls not yet run are answered STOPPING without running; once the batch's caller is
+        gone (its deadline passed, or it cancelled), they are not run at all."""
+        try:
+            with self.slots:
+                metadata = _carried_apart(_metadata(context), "a Batch's")
+                items = well_formed(request)
+                if len(items) > limits.MAX_BATCH_CALLS:
+                    raise InvalidInput(
+                        f"a Batch carries at most {limits.MAX_BATCH_CALLS} calls, this one "
+                        f"{len(items)}: none was run; send them in several batches",
+                        reason="BATCH_TOO_LONG",
+                        metadata={"calls": str(len(items)), "limit": str(limits.MAX_BATCH_CALLS)},
+                    )
+                answers: list[bytes] = []
+                size = 0  # the answers' bytes so far
+                failed: str | None = None
+                for item in items:
+                    if not context.is_active():
+                        break  # its caller is gone: no one to run the rest for
+                    refuse = None
+                    if self.stopping.is_set():
+                        refuse = Stopping(
+                            "not run: the server began to stop during this Batch; nothing "
+                            "was changed: make it again once the server is back"
+                        )
+                    answer, failed = self._answer_message(item, context, metadata, failed, refuse)
+                    if size + len(answer) > limits.MAX_VALUE_BYTES:
+                        answer, failed = _too_large(item, len(answer), size)
+                    size += len(answer)
+                    answers.append(answer)
+                return calls.batch_response_bytes(answers)
+        except Exception:
+            _answer_error(context, "Batch", self)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
     def _answer_message(
         self,
         request: Any,
         context: grpc.ServicerContext,
         stream_metadata: dict[str, str],
         failed: str | None,
+        refuse: DomainError | None = None,
     ) -> tuple[bytes, str | None]:
-        """The CallResponse for one message of a Calls stream, and the message's RPC name if
-        it failed (None if it succeeded): the call run through the path of its unary call,
-        in its order (session, then the request's form, then the request id and expected
-        version a mutation carries), less the place, which the stream holds. `failed`: the
-        message before it, by its RPC, if that failed: a message sent to run only after a
-        success is then not run."""
+        """The CallResponse for one message of a Calls stream (or one call of a Batch), and
+        the message's RPC name if it failed (None if it succeeded): the call run through the
+        path of its unary call, in its order (session, then the request's form, then the
+        request id and expected version a mutation carries), less the place, which the
+        stream holds. `failed`: the message before it, by its RPC, if that failed: a message
+        sent to run only after a success is then not run. `refuse`: the error to answer a
+        call named in place of running it (its message is put after the call's name)."""
         name = "Calls"  # until the message names its call
         observer, done = self.observer, None
         # Stands in for the ServicerContext of the unary call, which asks no more of it.
@@ -1187,9 +1227,12 @@ class TrainerServicer:
                 name = found
                 if observer is not None:
                     done = observer.begin(f"/{SERVICE.full_name}/{name}", at)
+            if refuse is not None:
+                refuse.message = f"{name} {refuse.message}"
+                raise refuse
             if failed is not None and envelope is not None and envelope.if_previous_succeeded:
                 raise PreviousFailed(
-                    f"{name} not run: the call before it on this stream, {failed}, did not "
+                    f"{name} not run: the call before it, {failed}, did not "
                     f"succeed, and this one was sent to run only after a success "
                     f"(if_previous_succeeded); nothing was changed",
                     metadata={"previous": failed},
@@ -1235,6 +1278,41 @@ class CallObserver(Protocol):
 
 #: The metadata a unary mutation reads that a call on a Calls stream carries in its message.
 _MESSAGE_FIELDS = {REQUEST_ID: "request_id", EXPECTED_VERSION: "expected_version"}
+
+
+def _carried_apart(metadata: dict[str, str], whose: str) -> dict[str, str]:
+    """`metadata`, refused (BAD_METADATA) where it carries what each call of a Calls
+    stream or a Batch carries in its CallRequest instead."""
+    for key, carried in _MESSAGE_FIELDS.items():
+        if key in metadata:
+            raise InvalidInput(
+                f"{whose} metadata cannot carry {key}: each call in it carries its own, as "
+                f"CallRequest.{carried}",
+                reason="BAD_METADATA",
+            )
+    return metadata
+
+
+def _too_large(item: Any, answer_bytes: int, before: int) -> tuple[bytes, str]:
+    """The answer in place of a call's whose answer would take a Batch's past what one
+    message carries (the call has run), and the call's RPC name."""
+    found, _, envelope = _named_call(item)
+    name = found or "Calls"
+    kept = (
+        f"; it is kept under its request id {envelope.request_id!r}: make the call again "
+        "on its own with that id to read it"
+        if envelope is not None and envelope.request_id
+        else ""
+    )
+    status = _status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{name} ran, but its answer ({answer_bytes:,} bytes) would take this Batch's "
+        f"answers past {limits.MAX_VALUE_BYTES:,} bytes, the most one message carries"
+        f"{kept}; make calls with large answers on their own (large reads stream)",
+        "BATCH_ANSWERS_TOO_LARGE",
+        {"bytes": str(before + answer_bytes), "limit": str(limits.MAX_VALUE_BYTES)},
+    )
+    return calls.error_bytes(status.SerializeToString()), name
 
 
 def _named_call(request: Any) -> tuple[str | None, Any, pb.CallRequest | None]:
@@ -1344,19 +1422,22 @@ def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def deserializer(message_type: type[Message]) -> Callable[[bytes], Any]:
+def deserializer(message_type: type[Message]) -> Callable[[bytes | memoryview], Any]:
     """A request deserializer that hands on Malformed for bytes that do not parse, for the
     method to answer INVALID_ARGUMENT (MALFORMED_REQUEST); gRPC answers INTERNAL for a
     deserializer that raises. Messages that carry tensors arrive split (wire.split)."""
     splits = wire.holds_tensors(message_type)
     name = message_type.DESCRIPTOR.full_name
 
-    def parse(data: bytes) -> Any:
+    def parse(data: bytes | memoryview) -> Any:
+        # A view: one call of a Batch, whose request holds it (upb parses any buffer).
         try:
-            return wire.split(data, message_type) if splits else message_type.FromString(data)
+            if splits:
+                return wire.split(data, message_type)
+            return message_type.FromString(cast(bytes, data))
         except DecodeError as err:
             # Answered INVALID_ARGUMENT by the method, instead of gRPC's own INTERNAL.
-            return Malformed(name, str(err), data)
+            return Malformed(name, str(err), bytes(data))
 
     return parse
 
@@ -1386,15 +1467,32 @@ HANDLER_KINDS = {
 }
 
 
+def _batch_deserializer() -> Callable[[bytes], Any]:
+    """Batch's request deserializer: its calls, each as a Calls stream's message arrives
+    (a wire.Split, or Malformed: answered as that call's error, the others run); Malformed
+    for bytes that are no BatchRequest."""
+    call = deserializer(pb.CallRequest)
+    name = pb.BatchRequest.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return [call(item) for item in calls.batch_calls(data)]
+        except ValueError as err:
+            return Malformed(name, str(err), data)
+
+    return parse
+
+
 def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """A handler for every method of the service, from the contract's own descriptor."""
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
         make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        parse = _batch_deserializer() if method.name == "Batch" else deserializer(request_type)
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=deserializer(request_type),
+            request_deserializer=parse,
             response_serializer=_serialize,
         )
     return handlers

@@ -94,7 +94,8 @@ Conventions used by every message below:
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
-      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
+      (metadata "calls", "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
@@ -102,15 +103,17 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
-      TOO_MANY_SESSIONS
+      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch that ran, whose
+      answer did not fit; metadata "bytes", "limit")
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
-      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream not run
-      because the one before it failed; metadata "previous": that call's RPC name)
+      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
+      Batch not run because the one before it failed; metadata "previous": that call's
+      RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, or an OpenSession
-      refused, as the server stops: call again later)
+    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, an OpenSession refused,
+      or a call of a Batch not run, as the server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
@@ -1706,6 +1709,7 @@ class ServerLimits(_message.Message):
     LAST_REQUEST_IDS_KEPT_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_IDS_KEPT_FIELD_NUMBER: _builtins.int
     ANSWER_BYTES_KEPT_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_CALLS_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -1768,6 +1772,10 @@ class ServerLimits(_message.Message):
     """Of the answers to those requests, the latest that fit in this many bytes are kept: a
     retry whose answer was let go is ABORTED (ANSWER_NOT_KEPT) and changes nothing.
     """
+    max_batch_calls: _builtins.int
+    """Calls in one Batch (BATCH_TOO_LONG); 0 from a server that predates Batch, which has
+    none: it answers Batch UNIMPLEMENTED.
+    """
     def __init__(
         self,
         *,
@@ -1792,10 +1800,11 @@ class ServerLimits(_message.Message):
         last_request_ids_kept: _builtins.int = ...,
         max_request_ids_kept: _builtins.int = ...,
         answer_bytes_kept: _builtins.int = ...,
+        max_batch_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2539,3 +2548,56 @@ class CallResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
 Global___CallResponse: _TypeAlias = CallResponse  # noqa: Y015
+
+@_typing.final
+class BatchRequest(_message.Message):
+    """Calls to run one after another in one unary call (Batch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRequest]:
+        """each as a message of a Calls stream; at most max_batch_calls"""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___CallRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchRequest: _TypeAlias = BatchRequest  # noqa: Y015
+
+@_typing.final
+class BatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_FIELD_NUMBER: _builtins.int
+    alignment: _builtins.bytes
+    """Carries nothing: zero bytes, as GetTensorResponse.alignment, that keep each answer a
+    multiple of 8 bytes from this message's first byte. It may occur between any two
+    answers. Do not rely on it; ignore it.
+    """
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallResponse]:
+        """one per call, in the order of BatchRequest.calls"""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___CallResponse] | None = ...,
+        alignment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchResponse: _TypeAlias = BatchResponse  # noqa: Y015

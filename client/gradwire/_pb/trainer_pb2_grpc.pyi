@@ -94,7 +94,8 @@ Conventions used by every message below:
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
-      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
+      (metadata "calls", "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
@@ -102,15 +103,17 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
-      TOO_MANY_SESSIONS
+      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch that ran, whose
+      answer did not fit; metadata "bytes", "limit")
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
-      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream not run
-      because the one before it failed; metadata "previous": that call's RPC name)
+      answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
+      Batch not run because the one before it failed; metadata "previous": that call's
+      RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, or an OpenSession
-      refused, as the server stops: call again later)
+    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, an OpenSession refused,
+      or a call of a Batch not run, as the server stops: call again later)
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
@@ -280,6 +283,34 @@ class TrainerStub:
     for a message, whose status carries the message alone. A client should close its
     stream when it has no more calls.
     """
+    Batch: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.BatchRequest, _trainer_pb2.BatchResponse]
+    """Several calls in one unary call: for a caller that needs no answer before its next call
+    (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
+    proxies that carry unary calls only (grpc-web). The calls run one at a time in the
+    order given, each exactly as it would as a message of a Calls stream (its request_id,
+    expected_version, timeout_ms and if_previous_succeeded; the session from this call's
+    metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
+    BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
+    order: a call's error is its answer, and ends nothing. The server takes the message
+    once and answers once, so each call costs about what its work costs: on the 2-vCPU
+    machine the benchmark runs on, the tutorial's five calls took about four fifths of the
+    time they take written at once on a Calls stream (docs/PERFORMANCE.md).
+
+    At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
+    run). The answers together must fit in one message: a call whose answer would take
+    them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
+    (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
+    retry with its request id as a call of its own gets its answer): read large tensors in
+    calls of their own. Other calls are not held off: between two calls of a batch,
+    another caller's call on the same session may run. A batch holds one place while it
+    runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
+    (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
+    it, the calls not yet run are not run, and the batch ends as any call does then
+    (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
+    request ids or the state version. A retry of the whole batch is safe where every
+    mutation in it carries a request id: those that ran answer as they did (see Mutations
+    above), the rest run.
+    """
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
@@ -407,6 +438,34 @@ class TrainerAsyncStub(TrainerStub):
     The status names STOPPING as its reason, except for a stream cancelled while it waited
     for a message, whose status carries the message alone. A client should close its
     stream when it has no more calls.
+    """
+    Batch: _aio.UnaryUnaryMultiCallable[_trainer_pb2.BatchRequest, _trainer_pb2.BatchResponse]  # type: ignore[assignment]
+    """Several calls in one unary call: for a caller that needs no answer before its next call
+    (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
+    proxies that carry unary calls only (grpc-web). The calls run one at a time in the
+    order given, each exactly as it would as a message of a Calls stream (its request_id,
+    expected_version, timeout_ms and if_previous_succeeded; the session from this call's
+    metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
+    BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
+    order: a call's error is its answer, and ends nothing. The server takes the message
+    once and answers once, so each call costs about what its work costs: on the 2-vCPU
+    machine the benchmark runs on, the tutorial's five calls took about four fifths of the
+    time they take written at once on a Calls stream (docs/PERFORMANCE.md).
+
+    At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
+    run). The answers together must fit in one message: a call whose answer would take
+    them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
+    (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
+    retry with its request id as a call of its own gets its answer): read large tensors in
+    calls of their own. Other calls are not held off: between two calls of a batch,
+    another caller's call on the same session may run. A batch holds one place while it
+    runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
+    (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
+    it, the calls not yet run are not run, and the batch ends as any call does then
+    (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
+    request ids or the state version. A retry of the whole batch is safe where every
+    mutation in it carries a request id: those that ran answer as they did (see Mutations
+    above), the rest run.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -664,6 +723,40 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         The status names STOPPING as its reason, except for a stream cancelled while it waited
         for a message, whose status carries the message alone. A client should close its
         stream when it has no more calls.
+        """
+
+    @_abc_1.abstractmethod
+    def Batch(
+        self,
+        request: _trainer_pb2.BatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.BatchResponse, _abc.Awaitable[_trainer_pb2.BatchResponse]]:
+        """Several calls in one unary call: for a caller that needs no answer before its next call
+        (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
+        proxies that carry unary calls only (grpc-web). The calls run one at a time in the
+        order given, each exactly as it would as a message of a Calls stream (its request_id,
+        expected_version, timeout_ms and if_previous_succeeded; the session from this call's
+        metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
+        BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
+        order: a call's error is its answer, and ends nothing. The server takes the message
+        once and answers once, so each call costs about what its work costs: on the 2-vCPU
+        machine the benchmark runs on, the tutorial's five calls took about four fifths of the
+        time they take written at once on a Calls stream (docs/PERFORMANCE.md).
+
+        At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
+        run). The answers together must fit in one message: a call whose answer would take
+        them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
+        (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
+        retry with its request id as a call of its own gets its answer): read large tensors in
+        calls of their own. Other calls are not held off: between two calls of a batch,
+        another caller's call on the same session may run. A batch holds one place while it
+        runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
+        (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
+        it, the calls not yet run are not run, and the batch ends as any call does then
+        (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
+        request ids or the state version. A retry of the whole batch is safe where every
+        mutation in it carries a request id: those that ran answer as they did (see Mutations
+        above), the rest run.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,541 @@
+"""Batch: several calls in one unary call, run in order, answered together.
+
+A batch's calls must leave the state and return the results that the same calls made one by
+one do (checked against local PyTorch and against a second server), stop at the first
+failure unless told not to, and keep every limit a call of their own keeps. Through a real
+server on loopback: with the Python client (`Client.batch`), whose other ways of making
+the calls are made to fail so that none goes around the batch unseen, and with raw
+BatchRequests, as a client in another language writes them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+import gradwire
+from gradwire import calls, errors, limits, pipeline, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.cli import main
+from gradwire.fill import Fill
+from gradwire_server.app import Running
+from tests.background import eventually
+from tests.reference import run_tutorial
+from tests.serve_in_process import running_server
+from tests.test_calls import _forward, _unary_refused, error_of, serving_without_calls
+from tests.test_concurrency import Gate
+from tests.test_metrics import TRAINER, scrape
+from tests.test_metrics import calls as counted
+from tests.test_pipeline import every_call, same_state_and_answers
+from tests.test_streaming import lower_value_limit
+
+BATCH = "/gradwire.v1.Trainer/Batch"
+ONES = Fill.ones(8, 3, 10, 10)
+TARGET = np.ones(8, dtype=np.int64)
+
+
+def batching(address: str, **options: Any) -> gradwire.Client:
+    """A client whose calls on its session can only go in a Batch: its unary methods for
+    them, and its Calls stream, fail. Its Batch calls are counted in `.batches`."""
+    client = gradwire.connect(address, **options)
+    sent: list[int] = []
+
+    def batch(request: bytes, **kwargs: Any) -> Any:
+        sent.append(len(calls.batch_calls(request)))
+        return unary(request, **kwargs)
+
+    unary = client._methods["Batch"]
+    client._methods = {
+        name: _unary_refused if name in calls.METHODS or name == "Calls" else method
+        for name, method in client._methods.items()
+    }
+    client._methods["Batch"] = batch
+    client.batches = sent  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+def batched(address: str) -> Iterator[gradwire.Client]:
+    with batching(address, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def plain(address: str) -> Iterator[gradwire.Client]:
+    """A client of the same session, for the calls around a batch."""
+    with gradwire.connect(address, timeout=30) as client:
+        yield client
+
+
+def raw_batch(
+    address: str, requests: list[pb.CallRequest | bytes], metadata: tuple[tuple[str, str], ...] = ()
+) -> list[pb.CallResponse]:
+    """The answers to `requests` sent in one BatchRequest written by hand, as from the .proto
+    alone (bytes: a CallRequest's bytes as they are, well formed or not)."""
+    pieces = [[r if isinstance(r, bytes) else r.SerializeToString()] for r in requests]
+    with grpc.insecure_channel(address) as channel:
+        answer = channel.unary_unary(BATCH)(
+            wire.join(calls.batch_request_pieces(pieces)), metadata=metadata, timeout=60
+        )
+    response = pb.BatchResponse.FromString(answer)
+    assert len(response.answers) == len(requests)
+    return list(response.answers)
+
+
+def refused(address: str, data: bytes, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+    """(code, reason, metadata) of a Batch call, sent as `data`, that must fail whole."""
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(BATCH)(data, metadata=metadata, timeout=60)
+    error = caught.value
+    status = status_pb2.Status()
+    for key, value in error.trailing_metadata():
+        if key == calls.STATUS_TRAILER:
+            status.ParseFromString(value)
+    info = error_details_pb2.ErrorInfo()
+    assert len(status.details) == 1 and status.details[0].Unpack(info)
+    return error.code(), info.reason, dict(info.metadata)
+
+
+def version(address: str, parameter: str = "conv1.weight") -> int:
+    """The state version of the server's default session."""
+    with gradwire.connect(address, timeout=30) as client:
+        return client.read(parameter, values=False).version
+
+
+# --- through the Python client ---------------------------------------------------------------
+
+
+def test_the_tutorial_in_a_batch_equals_local_pytorch(
+    batched: gradwire.Client, plain: gradwire.Client
+) -> None:
+    """The tutorial's calls, in two batches: every value equals PyTorch's."""
+    plain.reset()
+    plain.fill_parameters(0.1)
+    plain.set_optimizer("sgd", lr=1.0)
+    with batched.batch() as b:
+        forward = b.forward(ONES, Fill.ones(8, dtype="int64"))
+        before = b.get("conv1.weight.grad")
+        b.backward()
+        grad_slice = b.get("conv1.weight.grad[0][0][0]")
+        rows = b.get("linear.weight.grad[:2, :3]")
+        weight_before = b.get("conv1.weight")
+        grad = b.get("conv1.weight.grad")
+        step = b.step()
+        weight_after = b.get("conv1.weight")
+        b.zero_grad()
+        after_zero = b.read("conv1.weight.grad")
+    assert batched.batches == [11]  # type: ignore[attr-defined]
+    local = run_tutorial("fill")
+    assert forward.result().loss == local.loss
+    assert forward.result().output_shape == local.output_shape
+    assert before.result() is None
+    np.testing.assert_array_equal(grad_slice.result(), local.grad_slice.numpy())
+    np.testing.assert_array_equal(rows.result(), local.linear_grad_rows.numpy())
+    np.testing.assert_array_equal(weight_before.result(), local.weight_before.numpy())
+    np.testing.assert_array_equal(grad.result(), local.grad.numpy())
+    np.testing.assert_array_equal(weight_after.result(), local.weight_after.numpy())
+    assert step.result().parameters_updated == 3
+    assert after_zero.result().value is None
+    assert step.result().version == forward.result().version + 2
+
+
+def test_a_batch_answers_as_the_same_calls_made_one_by_one() -> None:
+    """Two servers, one seed: every call a batch carries, in one batch on one and one by
+    one on the other; every result and the weights they leave are equal. The values read
+    in place from the one answer are aligned as a call's own would be."""
+    with (
+        running_server() as a,
+        running_server() as b,
+        batching(f"127.0.0.1:{a.port}", timeout=30) as in_batch,
+        gradwire.connect(f"127.0.0.1:{a.port}", timeout=30) as on_a,
+        gradwire.connect(f"127.0.0.1:{b.port}", timeout=30) as on_b,
+    ):
+        with in_batch.batch() as batch:
+            pending = [step(batch) for step in every_call()]
+        assert in_batch.batches == [len(pending)]  # type: ignore[attr-defined]
+        same_state_and_answers(on_a, pending, on_b)
+        for done in pending:
+            value = done.result()
+            if isinstance(value, np.ndarray):
+                assert value.ctypes.data % wire.ALIGNMENT == 0, done
+
+
+def test_a_batch_stops_at_its_first_failure(batched: gradwire.Client, address: str) -> None:
+    with pytest.raises(errors.FailedPrecondition), batched.batch() as b:
+        first = b.zero_grad()
+        backward = b.backward()  # no Forward yet: fails
+        step = b.step()
+        listing = b.list_tensors()
+    assert first.result() == 1
+    assert isinstance(backward.exception(), errors.FailedPrecondition)
+    for skipped, before in [(step, "Backward"), (listing, "Step")]:
+        error = skipped.exception()
+        assert isinstance(error, errors.Aborted) and error.reason == "PREVIOUS_FAILED"
+        assert error.metadata == {"previous": before}
+    assert version(address) == 1  # the ZeroGrad alone was applied
+
+
+def test_without_stop_at_error_every_call_of_a_batch_runs(batched: gradwire.Client) -> None:
+    with pytest.raises(errors.FailedPrecondition), batched.batch(stop_at_error=False) as b:
+        backward = b.backward()
+        fill = b.fill_parameters(2.0)
+    assert isinstance(backward.exception(), errors.FailedPrecondition)
+    assert fill.result() == 1
+
+
+def test_a_result_asked_for_in_the_block_sends_the_calls_made_so_far(
+    batched: gradwire.Client,
+) -> None:
+    """The calls before it go in one batch; those after, in the next. A failure in the
+    first stops the second's calls too, as on a stream."""
+    with batched.batch() as b:
+        forward = b.forward(ONES, TARGET)
+        assert forward.result().loss > 0
+        backward = b.backward()
+        step = b.step()
+    assert backward.exception() is None and step.result().parameters_updated == 3
+    assert batched.batches == [1, 2]  # type: ignore[attr-defined]
+    with batched.batch() as b:  # the failure looked at, the skip after it: nothing raised
+        failed = b.backward()  # its graph was freed by the last one
+        assert isinstance(failed.exception(), errors.FailedPrecondition)
+        after = b.step()
+    skipped = after.exception()
+    assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+    assert "in this batch" in skipped.message
+    assert batched.batches == [1, 2, 1]  # type: ignore[attr-defined]  # the Step not sent
+
+
+def test_more_calls_than_one_batch_takes_go_in_several(
+    batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "MAX_BATCH_CALLS", 2)
+    with batched.batch() as b:
+        fills = [b.fill_parameters(float(k)) for k in range(5)]
+    assert [f.result() for f in fills] == [1, 2, 3, 4, 5]
+    assert batched.batches == [2, 2, 1]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [4.0, 4.0, 4.0])
+
+
+def test_calls_past_one_message_go_in_several_batches(
+    batched: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 1,728-byte values fit under a 4,000-byte message, not three."""
+    monkeypatch.setattr(pipeline, "MAX_VALUE_BYTES", 4000)
+    value = np.full((16, 3, 3, 3), 0.5, np.float32)
+    with batched.batch() as b:
+        writes = [b.set("conv1.weight", value + k) for k in range(3)]
+    assert [w.result() for w in writes] == [1, 2, 3]
+    assert batched.batches == [2, 1]  # type: ignore[attr-defined]
+
+
+def test_an_interrupt_in_the_block_sends_nothing(batched: gradwire.Client, address: str) -> None:
+    with pytest.raises(KeyboardInterrupt), batched.batch() as b:
+        zero = b.zero_grad()
+        raise KeyboardInterrupt
+    error = zero.exception()
+    assert isinstance(error, errors.ClientClosed) and not error.changes_state
+    assert "not sent" in str(error)
+    assert batched.batches == []  # type: ignore[attr-defined]
+    assert version(address) == 0
+
+
+def test_a_batch_on_a_closed_session_sends_nothing(plain: gradwire.Client, address: str) -> None:
+    session = plain.open_session()
+    session.close_session()
+    with (
+        pytest.raises(errors.ClientClosed, match=r"ZeroGrad not sent: .* is closed"),
+        session.batch() as b,
+    ):
+        zero = b.zero_grad()
+    assert isinstance(zero.exception(), errors.ClientClosed)
+    assert version(address) == 0  # not the default session's either
+
+
+def test_a_batch_is_used_once_and_takes_calls_only_in_its_block(
+    batched: gradwire.Client,
+) -> None:
+    batch = batched.batch()
+    with pytest.raises(RuntimeError, match="inside its with block"):
+        batch.step()
+    with batch:
+        pass
+    with pytest.raises(RuntimeError, match="used once"), batch:
+        pass
+    assert batched.batches == []  # type: ignore[attr-defined]
+
+
+def test_a_value_too_large_for_one_message_is_refused_before_sending(
+    batched: gradwire.Client,
+) -> None:
+    batched.stream_above_bytes = 1000
+    with batched.batch() as b, pytest.raises(ValueError, match="which a batch does not carry"):
+        b.set("conv1.weight", np.zeros((16, 3, 3, 3), np.float32))
+    assert batched.batches == []  # type: ignore[attr-defined]
+
+
+def test_mutations_in_a_batch_carry_request_ids_and_the_expected_version(
+    batched: gradwire.Client, plain: gradwire.Client
+) -> None:
+    start = plain.fill_parameters(1.0)
+    with batched.expecting(start), batched.batch() as b:
+        first = b.fill_parameters(2.0)
+    assert first.result() == start + 1
+    with batched.expecting(start), pytest.raises(errors.Aborted), batched.batch() as b:
+        stale = b.fill_parameters(3.0)
+    assert stale.exception().reason == "VERSION_MISMATCH"  # type: ignore[union-attr]
+
+
+def test_a_server_without_batch_gets_the_calls_one_by_one() -> None:
+    """Found at the batch's first call: nothing ran, and each call is made on its own,
+    stopping at a failure as the server would; later batches go so at once."""
+    with serving_without_calls("Batch") as address, gradwire.connect(address, timeout=30) as client:
+        with pytest.raises(errors.FailedPrecondition), client.batch() as b:
+            first = b.zero_grad()
+            backward = b.backward()
+            step = b.step()
+        assert first.result() == 1
+        assert isinstance(backward.exception(), errors.FailedPrecondition)
+        skipped = step.exception()
+        assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+        assert client._no_batch
+        with client.batch() as b:
+            again = b.zero_grad()
+            assert again.done()
+        assert again.result() == 2
+
+
+def test_a_batch_that_fails_whole_fails_each_of_its_calls(address: str) -> None:
+    """A deadline that passes (here, at once) fails every call in the batch with it."""
+    with batching(address, timeout=1e-6) as client:
+        with pytest.raises(errors.DeadlineExceeded), client.batch() as b:
+            zero = b.zero_grad()
+            listing = b.list_tensors()
+        for pending in (zero, listing):
+            assert isinstance(pending.exception(), errors.DeadlineExceeded)
+        assert zero.exception().changes_state  # type: ignore[union-attr]  # it may have run
+
+
+def test_each_call_in_a_batch_is_counted_as_its_method() -> None:
+    with running_server(metrics_port=0) as running:
+        address = f"127.0.0.1:{running.port}"
+        with (
+            batching(address, timeout=30) as client,
+            pytest.raises(errors.FailedPrecondition),
+            client.batch() as b,
+        ):
+            b.forward(ONES, TARGET)
+            b.backward()
+            b.backward()
+        samples = scrape(running)
+        assert counted(samples, TRAINER + "Forward", "OK") == 1
+        assert counted(samples, TRAINER + "Backward", "OK") == 1
+        assert counted(samples, TRAINER + "Backward", "FAILED_PRECONDITION") == 1
+        assert counted(samples, BATCH, "OK") == 1
+
+
+def test_the_replay_command_makes_its_calls_in_one_batch() -> None:
+    with running_server(metrics_port=0) as running:
+        out = io.StringIO()
+        assert main(["replay", "--target", f"127.0.0.1:{running.port}"], out=out) == 0
+        assert "bit for bit: True" in out.getvalue()
+        samples = scrape(running)
+        assert counted(samples, TRAINER + "Forward", "OK") == 1
+        assert counted(samples, BATCH, "OK") == 1
+
+
+# --- the contract, as another language's client sees it -------------------------------------
+
+
+def test_raw_calls_answered_in_order_each_its_own_answer_or_error(address: str) -> None:
+    malformed_step = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x02\xff\xff"
+    answers = raw_batch(
+        address,
+        [
+            pb.CallRequest(zero_grad=pb.ZeroGradRequest()),
+            pb.CallRequest(backward=pb.BackwardRequest()),  # no Forward: fails
+            pb.CallRequest(step=pb.StepRequest(), if_previous_succeeded=True),
+            malformed_step,
+            pb.CallRequest(),  # no call
+            _forward(),
+            pb.CallRequest(list_tensors=pb.ListTensorsRequest(), if_previous_succeeded=True),
+        ],
+    )
+    assert answers[0].zero_grad.version == 1
+    assert error_of(answers[1])[::2] == (9, "NO_LOSS")  # FAILED_PRECONDITION
+    code, message, reason, metadata = error_of(answers[2])
+    assert (code, reason, metadata) == (10, "PREVIOUS_FAILED", {"previous": "Backward"})
+    assert message.startswith("Step not run: the call before it, Backward, did not succeed")
+    assert error_of(answers[3])[2] == "MALFORMED_REQUEST"
+    assert error_of(answers[4])[2] == "BAD_REQUEST"
+    assert answers[5].forward.loss > 0
+    assert len(answers[6].list_tensors.tensors) == 16
+    assert version(address) == 2  # the ZeroGrad and the Forward
+
+
+def test_each_raw_answer_starts_aligned(address: str) -> None:
+    """Each CallResponse starts a multiple of 8 bytes into the BatchResponse (an alignment
+    field before it where needed), so the values in it sit as a call's own would."""
+    read = pb.CallRequest(get_tensor=pb.GetTensorRequest(name="conv1.weight"))
+    requests = [read, pb.CallRequest(list_tensors=pb.ListTensorsRequest()), read, read]
+    pieces = [[r.SerializeToString()] for r in requests]
+    with grpc.insecure_channel(address) as channel:
+        data = channel.unary_unary(BATCH)(wire.join(calls.batch_request_pieces(pieces)))
+    view = memoryview(data)
+    answers = calls.batch_answers(data)
+    assert len(answers) == 4
+    base = np.frombuffer(view, np.uint8).ctypes.data
+    for answer in answers:
+        assert (np.frombuffer(answer, np.uint8).ctypes.data - base) % wire.ALIGNMENT == 0
+    parsed = pb.BatchResponse.FromString(data)  # the padding is an ordinary field to others
+    assert [a.WhichOneof("result") for a in parsed.answers] == [
+        "get_tensor",
+        "list_tensors",
+        "get_tensor",
+        "get_tensor",
+    ]
+
+
+def test_a_raw_batch_retried_with_its_request_ids_is_applied_once(address: str) -> None:
+    requests = [
+        pb.CallRequest(request_id="fill-1", fill_parameters=pb.FillParametersRequest(value=2.0)),
+        pb.CallRequest(request_id="fill-2", fill_parameters=pb.FillParametersRequest(value=3.0)),
+    ]
+    first = raw_batch(address, list(requests))
+    again = raw_batch(address, list(requests))
+    assert [a.fill_parameters.version for a in first] == [1, 2]
+    assert again == first
+    assert version(address) == 2
+
+
+def test_an_empty_batch_is_answered_empty(address: str) -> None:
+    assert raw_batch(address, []) == []
+
+
+def test_too_many_calls_are_refused_and_none_runs(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_BATCH_CALLS", 3)
+    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
+    data = wire.join(calls.batch_request_pieces([[fill.SerializeToString()]] * 4))
+    code, reason, metadata = refused(address, data)
+    assert (code, reason, metadata) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "BATCH_TOO_LONG",
+        {"calls": "4", "limit": "3"},
+    )
+    assert version(address) == 0
+    assert len(raw_batch(address, [fill] * 3)) == 3
+
+
+def test_a_request_id_in_the_batchs_metadata_is_refused(address: str) -> None:
+    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
+    data = wire.join(calls.batch_request_pieces([[fill.SerializeToString()]]))
+    code, reason, _ = refused(address, data, (("gradwire-request-id", "x"),))
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BAD_METADATA")
+    assert version(address) == 0
+
+
+def test_bytes_that_are_no_batch_request_are_refused(address: str) -> None:
+    code, reason, _ = refused(address, b"\x0a\x05ab")  # a call that runs past the end
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+def test_answers_past_one_message_fail_the_call_that_overflows(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six reads of conv2.weight (18 KiB each) under a 100 KB limit: the sixth ran, and is
+    answered RESOURCE_EXHAUSTED in its place; the call after it, small, is answered; one
+    sent to run only after a success is not run."""
+    lower_value_limit(monkeypatch)
+    read = pb.CallRequest(get_tensor=pb.GetTensorRequest(name="conv2.weight"))
+    fill = pb.FillParametersRequest(value=2.0)
+    answers = raw_batch(
+        address,
+        [
+            *[read] * 6,
+            pb.CallRequest(list_tensors=pb.ListTensorsRequest()),
+            pb.CallRequest(request_id="f", fill_parameters=fill),
+            pb.CallRequest(get_tensor=pb.GetTensorRequest(name="conv2.weight")),
+            pb.CallRequest(fill_parameters=fill, if_previous_succeeded=True),
+        ],
+    )
+    assert [a.WhichOneof("result") for a in answers[:5]] == ["get_tensor"] * 5
+    code, message, reason, metadata = error_of(answers[5])
+    assert (code, reason, metadata["limit"]) == (8, "BATCH_ANSWERS_TOO_LARGE", "100000")
+    assert message.startswith("GetTensor ran, but its answer")
+    assert answers[6].WhichOneof("result") == "list_tensors"
+    assert answers[7].fill_parameters.version == 1
+    assert error_of(answers[8])[2] == "BATCH_ANSWERS_TOO_LARGE"
+    assert error_of(answers[9])[2] == "PREVIOUS_FAILED"
+    assert version(address) == 1
+
+
+def test_a_mutation_whose_answer_overflows_names_its_request_id(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TrainStep whose fetch overflows the batch's answers was applied: its error says
+    so, and a retry of its request id on its own gets its answer."""
+    lower_value_limit(monkeypatch, 300_000)
+    fill = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8, 3, 10, 10])
+    train = pb.TrainStepRequest(
+        input=pb.TensorSource(fill=fill),
+        target=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8])),
+        fetch=[pb.TensorSelector(name="linear.weight")],  # 256000 bytes
+    )
+    step = pb.CallRequest(request_id="step-1", train_step=train)
+    answers = raw_batch(address, [step, pb.CallRequest(request_id="step-2", train_step=train)])
+    one = answers[0].train_step.version  # the versions a step takes
+    code, message, reason, _ = error_of(answers[1])
+    assert (code, reason) == (8, "BATCH_ANSWERS_TOO_LARGE")
+    assert "TrainStep ran" in message and "'step-2'" in message
+    assert version(address) == 2 * one
+    with grpc.insecure_channel(address) as channel:
+        stub = channel.unary_unary("/gradwire.v1.Trainer/TrainStep")
+        again = pb.TrainStepResponse.FromString(
+            stub(train.SerializeToString(), metadata=(("gradwire-request-id", "step-2"),))
+        )
+    assert again.version == 2 * one  # its first answer: not applied again
+    assert version(address) == 2 * one
+
+
+def test_once_the_server_begins_to_stop_no_call_of_a_batch_runs(server: Running) -> None:
+    address = f"127.0.0.1:{server.port}"
+    server.servicer.stopping.set()
+    try:
+        answers = raw_batch(address, [pb.CallRequest(zero_grad=pb.ZeroGradRequest())] * 2)
+    finally:
+        server.servicer.stopping.clear()
+    for answer in answers:
+        code, message, reason, _ = error_of(answer)
+        assert (code, reason) == (14, "STOPPING")
+        assert message.startswith("ZeroGrad not run: the server began to stop")
+    assert version(address) == 0
+
+
+def test_the_server_reports_how_many_calls_a_batch_takes(batched: gradwire.Client) -> None:
+    assert batched.server_info().limits.max_batch_calls == limits.MAX_BATCH_CALLS == 1024
+
+
+def test_the_calls_after_a_batch_is_cancelled_are_not_run(gated_server: Running) -> None:
+    """A Forward held while its batch's caller cancels: it ends, and the fill after it is
+    not run (one after a deadline is refused by its own deadline too: DEADLINE_PASSED)."""
+    address = f"127.0.0.1:{gated_server.port}"
+    ones = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 2])
+    forward = pb.CallRequest(forward=pb.ForwardRequest(input=pb.TensorSource(fill=ones)))
+    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
+    pieces = [[forward.SerializeToString()], [fill.SerializeToString()]]
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(BATCH).future(wire.join(calls.batch_request_pieces(pieces)))
+        assert Gate.entered.wait(timeout=60)
+        assert call.cancel()
+        Gate.release.set()
+    eventually(lambda: version(address, "weight") == 1)  # the Forward, once released
+    time.sleep(0.2)  # the batch's handler has gone on past the Forward
+    assert version(address, "weight") == 1  # no fill
