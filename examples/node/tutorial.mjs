@@ -3,7 +3,7 @@
 // its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
 // drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
 // listing, an int64 read, a streamed read, a read as a typed array (wire.mjs), a typed write,
-// a retried Step, errors, and calls as messages on one stream.
+// a retried Step, errors, calls as messages on one stream, and the same calls in one Batch.
 //
 //   npm ci --prefix examples/node
 //   node examples/node/tutorial.mjs localhost:50051 [--init random --seed 7] [--googleapis DIR]
@@ -325,8 +325,7 @@ async function pastTheTutorial() {
   // The tutorial's calls again, as messages on one open stream (Calls), all sent at once: a
   // Step retried with its request id, a Backward whose graph is gone, whose error ends that
   // call alone, and a Step sent to run only if that Backward succeeded, which is not run.
-  const stepId = randomBytes(16).toString('hex');
-  const answers = await onOneStream([
+  const eightCalls = (stepId) => [
     {
       forward: {
         input: { fill: { kind: 'KIND_ONES', shape: [BATCH, 3, 10, 10] } },
@@ -340,9 +339,15 @@ async function pastTheTutorial() {
     { backward: {} },
     { step: {}, if_previous_succeeded: true },
     { list_tensors: {} },
-  ]);
+  ];
+  const answers = await onOneStream(eightCalls(randomBytes(16).toString('hex')));
   const results = answers.map((a) => a.result);
   transcript.push(`# on one stream: ${results.join(', ')}`);
+  // And the same calls in one unary call (Batch), as a client that has no streams would
+  // make them: one answer each, in order, in one message.
+  const batched = (await call('Batch', { calls: eightCalls(randomBytes(16).toString('hex')) }))
+    .answers;
+  transcript.push(`# in one batch: ${batched.map((a) => a.result).join(', ')}`);
 
   return {
     listing: {
@@ -385,6 +390,18 @@ async function pastTheTutorial() {
       error: answeredError(answers[5]),
       skipped: answeredError(answers[6]),
       listed_version: Number(answers[7].list_tensors.version),
+    },
+    batch: {
+      results: batched.map((a) => a.result),
+      forward_version: Number(batched[0].forward.version),
+      steps: [batched[2].step, batched[3].step].map((s) => ({
+        version: Number(s.version),
+        parameters_updated: Number(s.parameters_updated),
+      })),
+      read: tensor(batched[4].get_tensor.tensor).values,
+      error: answeredError(batched[5]),
+      skipped: answeredError(batched[6]),
+      listed_version: Number(batched[7].list_tensors.version),
     },
   };
 }
