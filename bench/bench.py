@@ -393,6 +393,17 @@ def tutorial_calls(client: gradwire.Client) -> None:
     client.get(TUTORIAL_READ)
 
 
+def tutorial_batch(client: gradwire.Client) -> None:
+    """The same five calls in one Batch call: one message each way."""
+    with client.batch() as b:
+        b.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
+        b.backward()
+        b.step()
+        b.zero_grad()
+        read = b.get(TUTORIAL_READ)
+    read.result()
+
+
 def tutorial_pipeline(client: gradwire.Client) -> None:
     """The same five calls written at once, answered in order: the client waits once."""
     with client.pipeline() as p:
@@ -416,9 +427,10 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
         # The targets' figures are taken on a Calls stream (`stream_calls=True`): gradwire's
-        # own way of making calls one after another; the tutorial's five calls in a
-        # pipeline on it, as a script that needs no answer before its next call makes
-        # them. Calls one at a time, and calls of their own, are reported beside.
+        # own way of making calls one after another; the tutorial's five calls in one
+        # Batch, as a script that needs no answer before its next call makes them (and as
+        # `gradwire replay` makes them). In a pipeline on the stream, one at a time on it,
+        # and as calls of their own, they are reported beside.
         streamed = gradwire.Client(served.address, channel=ch, stream_calls=True)
         floor = FloorClient(ch)
         bare = CeilingClient(ch)
@@ -454,8 +466,9 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             local.zero_grad()
             local.read(*READ)
 
-        ours, one_by_one, unary, ceiling, inproc, bare_echo = looped(
+        ours, piped, one_by_one, unary, ceiling, inproc, bare_echo = looped(
             [
+                lambda: tutorial_batch(client),
                 lambda: tutorial_pipeline(streamed),
                 lambda: tutorial_calls(streamed),
                 lambda: tutorial_calls(client),
@@ -466,8 +479,10 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             rounds,
         )
         budget = inproc + 6 * bare_echo
-        figure = "Tutorial's 5 calls in a pipeline vs in-process + 6 echoes"
+        figure = "Tutorial's 5 calls in one Batch vs in-process + 6 echoes"
         rows.append(at_most(figure, ours, budget, 1.0))
+        figure = "  the same, in a pipeline on a Calls stream, vs in-process + 6 echoes"
+        rows.append(report(at_most(figure, piped, budget, 1.0)))
         figure = "  the same, one at a time on a Calls stream, vs in-process + 6 echoes"
         rows.append(report(at_most(figure, one_by_one, budget, 1.0)))
         figure = "  the same, a call of its own each, vs in-process + 6 echoes"

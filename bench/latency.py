@@ -1,11 +1,12 @@
-"""The tutorial's five calls over a slow network: what a pipeline saves per round trip.
+"""The tutorial's five calls over a slow network: what a batch or a pipeline saves.
 
 `python -m bench.latency --delay-ms 0 2.5 10` starts a server process (bench/server.py) and a
 relay on loopback that holds every byte `delay` ms each way before passing it on (a round
 trip of twice that), and times the tutorial's Forward, Backward, Step, ZeroGrad and read
-through it: written at once in a pipeline, one at a time on the client's Calls stream, and
-as calls of their own; and, as the floor of the pipeline, the same five CallRequests written
-at once on a bare Calls stream, with none of the client's code. Medians of `--repeats`
+through it: in one Batch, written at once in a pipeline, one at a time on the client's
+Calls stream, and as calls of their own; and, as the floor of the pipeline, the same five
+CallRequests written at once on a bare Calls stream, with none of the client's code.
+Medians of `--repeats`
 rounds, in turn. The relay is Python (asyncio) and costs time of its own: the 0 ms row
 says how much. A benchmark for the README's claim, not part of `make bench`, whose figures
 are all on bare loopback.
@@ -26,7 +27,7 @@ from typing import Any
 import grpc
 
 import gradwire
-from bench.bench import serve, tutorial_calls, tutorial_pipeline
+from bench.bench import serve, tutorial_batch, tutorial_calls, tutorial_pipeline
 from gradwire import calls, wire
 from gradwire.call_stream import CallStream
 
@@ -148,6 +149,7 @@ def _measure(target: str, repeats: int) -> dict[str, float]:
     ):
         bare = BareStream(channel, streamed)
         ways: dict[str, Callable[[], object]] = {
+            "batch": lambda: tutorial_batch(unary),
             "pipeline": lambda: tutorial_pipeline(streamed),
             "one at a time on the stream": lambda: tutorial_calls(streamed),
             "calls of their own": lambda: tutorial_calls(unary),
@@ -172,9 +174,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     print("| one-way delay (round trip) | " + " | ".join(
-        ["pipeline", "one at a time on the stream", "calls of their own", "(floor) bare stream"]
+        ["batch", "pipeline", "one at a time on the stream", "calls of their own",
+         "(floor) bare stream"]
     ) + " |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- |")
     with serve("simple", "cpu") as served:
         for delay_ms in args.delay_ms:
             medians = measure(served.address, delay_ms / 1000, args.repeats)
