@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -393,25 +394,26 @@ def tutorial_calls(client: gradwire.Client) -> None:
     client.get(TUTORIAL_READ)
 
 
+def _tutorial_at_once(block: gradwire.Pipeline) -> gradwire.Pending[Any]:
+    """The five calls made on a pipeline or batch; the read's Pending."""
+    block.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
+    block.backward()
+    block.step()
+    block.zero_grad()
+    return block.get(TUTORIAL_READ)
+
+
 def tutorial_batch(client: gradwire.Client) -> None:
     """The same five calls in one Batch call: one message each way."""
     with client.batch() as b:
-        b.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
-        b.backward()
-        b.step()
-        b.zero_grad()
-        read = b.get(TUTORIAL_READ)
+        read = _tutorial_at_once(b)
     read.result()
 
 
 def tutorial_pipeline(client: gradwire.Client) -> None:
     """The same five calls written at once, answered in order: the client waits once."""
     with client.pipeline() as p:
-        p.forward(TUTORIAL_INPUT, TUTORIAL_TARGET)
-        p.backward()
-        p.step()
-        p.zero_grad()
-        read = p.get(TUTORIAL_READ)
+        read = _tutorial_at_once(p)
     read.result()
 
 

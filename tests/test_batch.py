@@ -27,13 +27,17 @@ from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from tests.background import eventually
-from tests.reference import run_tutorial
 from tests.serve_in_process import running_server
 from tests.test_calls import _forward, _unary_refused, error_of, serving_without_calls
 from tests.test_concurrency import Gate
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
-from tests.test_pipeline import every_call, same_state_and_answers
+from tests.test_pipeline import (
+    equals_local_tutorial,
+    every_call,
+    same_state_and_answers,
+    tutorial_made_at_once,
+)
 from tests.test_streaming import lower_value_limit
 
 BATCH = "/gradwire.v1.Trainer/Batch"
@@ -120,30 +124,9 @@ def test_the_tutorial_in_a_batch_equals_local_pytorch(
     plain.fill_parameters(0.1)
     plain.set_optimizer("sgd", lr=1.0)
     with batched.batch() as b:
-        forward = b.forward(ONES, Fill.ones(8, dtype="int64"))
-        before = b.get("conv1.weight.grad")
-        b.backward()
-        grad_slice = b.get("conv1.weight.grad[0][0][0]")
-        rows = b.get("linear.weight.grad[:2, :3]")
-        weight_before = b.get("conv1.weight")
-        grad = b.get("conv1.weight.grad")
-        step = b.step()
-        weight_after = b.get("conv1.weight")
-        b.zero_grad()
-        after_zero = b.read("conv1.weight.grad")
+        made = tutorial_made_at_once(b)
     assert batched.batches == [11]  # type: ignore[attr-defined]
-    local = run_tutorial("fill")
-    assert forward.result().loss == local.loss
-    assert forward.result().output_shape == local.output_shape
-    assert before.result() is None
-    np.testing.assert_array_equal(grad_slice.result(), local.grad_slice.numpy())
-    np.testing.assert_array_equal(rows.result(), local.linear_grad_rows.numpy())
-    np.testing.assert_array_equal(weight_before.result(), local.weight_before.numpy())
-    np.testing.assert_array_equal(grad.result(), local.grad.numpy())
-    np.testing.assert_array_equal(weight_after.result(), local.weight_after.numpy())
-    assert step.result().parameters_updated == 3
-    assert after_zero.result().value is None
-    assert step.result().version == forward.result().version + 2
+    equals_local_tutorial(made)
 
 
 def test_a_batch_answers_as_the_same_calls_made_one_by_one() -> None:

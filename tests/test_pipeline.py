@@ -67,30 +67,42 @@ def test_the_tutorial_in_a_pipeline_equals_local_pytorch(piped: gradwire.Client)
     piped.fill_parameters(0.1)
     piped.set_optimizer("sgd", lr=1.0)
     with piped.pipeline() as p:
-        forward = p.forward(ONES, Fill.ones(8, dtype="int64"))
-        before = p.get("conv1.weight.grad")
-        p.backward()
-        grad_slice = p.get("conv1.weight.grad[0][0][0]")
-        rows = p.get("linear.weight.grad[:2, :3]")
-        weight_before = p.get("conv1.weight")
-        grad = p.get("conv1.weight.grad")
-        step = p.step()
-        weight_after = p.get("conv1.weight")
-        p.zero_grad()
-        after_zero = p.read("conv1.weight.grad")
+        made = tutorial_made_at_once(p)
+    equals_local_tutorial(made)
+
+
+def tutorial_made_at_once(p: gradwire.Pipeline) -> dict[str, gradwire.Pending[Any]]:
+    """The tutorial's calls after its set-up, made on a pipeline or a batch, by name."""
+    made = {"forward": p.forward(ONES, Fill.ones(8, dtype="int64"))}
+    made["before"] = p.get("conv1.weight.grad")
+    p.backward()
+    made["grad_slice"] = p.get("conv1.weight.grad[0][0][0]")
+    made["rows"] = p.get("linear.weight.grad[:2, :3]")
+    made["weight_before"] = p.get("conv1.weight")
+    made["grad"] = p.get("conv1.weight.grad")
+    made["step"] = p.step()
+    made["weight_after"] = p.get("conv1.weight")
+    p.zero_grad()
+    made["after_zero"] = p.read("conv1.weight.grad")
+    return made
+
+
+def equals_local_tutorial(made: dict[str, gradwire.Pending[Any]]) -> None:
+    """`made` (tutorial_made_at_once's) holds what local PyTorch computes, bit for bit."""
+    got = {name: pending.result() for name, pending in made.items()}
     local = run_tutorial("fill")
-    assert forward.result().loss == local.loss
-    assert forward.result().output_shape == local.output_shape
-    assert before.result() is None
-    np.testing.assert_array_equal(grad_slice.result(), local.grad_slice.numpy())
-    np.testing.assert_array_equal(rows.result(), local.linear_grad_rows.numpy())
-    np.testing.assert_array_equal(weight_before.result(), local.weight_before.numpy())
-    np.testing.assert_array_equal(grad.result(), local.grad.numpy())
-    np.testing.assert_array_equal(weight_after.result(), local.weight_after.numpy())
-    assert step.result().parameters_updated == 3
-    assert after_zero.result().value is None
+    assert got["forward"].loss == local.loss
+    assert got["forward"].output_shape == local.output_shape
+    assert got["before"] is None
+    np.testing.assert_array_equal(got["grad_slice"], local.grad_slice.numpy())
+    np.testing.assert_array_equal(got["rows"], local.linear_grad_rows.numpy())
+    np.testing.assert_array_equal(got["weight_before"], local.weight_before.numpy())
+    np.testing.assert_array_equal(got["grad"], local.grad.numpy())
+    np.testing.assert_array_equal(got["weight_after"], local.weight_after.numpy())
+    assert got["step"].parameters_updated == 3
+    assert got["after_zero"].value is None
     # Versions count the mutations, in the order they were made.
-    assert step.result().version == forward.result().version + 2
+    assert got["step"].version == got["forward"].version + 2
 
 
 def every_call() -> list[Callable[[Any], Any]]:

@@ -191,12 +191,16 @@ class Pipeline:
         finally:
             self._end(in_order=not self._unanswered and self._broken is None)
         if kind is None:
-            failure = self._first_unseen_failure()
-            if failure is not None:
-                try:
-                    raise failure
-                finally:
-                    del failure  # no cycle through this frame (see Pending.result)
+            self._raise_first_unseen_failure()
+
+    def _raise_first_unseen_failure(self) -> None:
+        """Raises `_first_unseen_failure`, if there is one."""
+        failure = self._first_unseen_failure()
+        if failure is not None:
+            try:
+                raise failure
+            finally:
+                del failure  # no cycle through this frame (see Pending.result)
 
     def _first_unseen_failure(self) -> BaseException | None:
         """The first call's failure its caller has not looked at, now seen; calls skipped
@@ -514,12 +518,7 @@ class Batch(Pipeline):
                 pending._fail(ClientClosed(f"{pending.method} not sent: the batch was interrupted"))
             self._queued.clear()
         if kind is None:
-            failure = self._first_unseen_failure()
-            if failure is not None:
-                try:
-                    raise failure
-                finally:
-                    del failure  # no cycle through this frame (see Pending.result)
+            self._raise_first_unseen_failure()
 
     def _add(self, encoded: _Encoded[T]) -> Pending[T]:
         """Queues a call (or, on a server without Batch, makes it now)."""
