@@ -72,8 +72,9 @@ MAX_REQUEST_ID_CHARS: Final = 128
 #: The most steps one Train may ask for: the client checks it, and the server refuses more.
 MAX_TRAIN_STEPS: Final = 1 << 40
 
-#: The most calls one Batch may carry: the client checks it, and the server refuses more
-#: (BATCH_TOO_LONG). A batch holds one of the server's places while its calls run.
+#: The most calls one Batch may carry: the client sends more in several, and the server
+#: refuses more (BATCH_TOO_LONG). A batch holds one of the server's places while its calls
+#: run.
 MAX_BATCH_CALLS: Final = 1024
 
 #: Seeds travel as uint64: from 0 to MAX_SEED (2**64 - 1).
