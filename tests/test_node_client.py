@@ -178,6 +178,7 @@ def test_node_makes_calls_on_one_stream(address: str) -> None:
     skipped = calls["skipped"]
     assert (skipped["code"], skipped["reason"]) == ("ABORTED", "PREVIOUS_FAILED")
     assert "Step not run" in skipped["message"]
+    assert calls["read"] == calls["read_after"]  # what a unary read saw after the stream
 
 
 def test_node_makes_the_same_calls_in_one_batch(address: str, client: gradwire.Client) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "batch_request_pieces",
     "batch_response_bytes",
     "error_bytes",
+    "is_error",
     "named_call",
     "request_pieces",
     "response_bytes",
@@ -187,6 +188,16 @@ def response_bytes(method: str, response: bytes) -> bytes:
     return head + response
 
 
+def is_error(response: bytes | memoryview) -> bool:
+    """Whether a CallResponse's bytes (the server's own) hold an error: its first field,
+    after any alignment field, is the error."""
+    view = memoryview(response)
+    for number, _, _, _, _ in wire.fields(view, 0, len(view)):
+        if number != _ALIGNMENT_FIELD:
+            return number == ERROR_FIELD
+    return False
+
+
 def error_bytes(status: bytes) -> bytes:
     """The CallResponse for a call that failed: `status`, a serialized google.rpc.Status."""
     return wire.varint(ERROR_FIELD << 3 | wire.LEN) + wire.varint(len(status)) + status
@@ -208,9 +219,11 @@ def batch_request_pieces(requests: Sequence[Sequence[wire.Piece]]) -> list[wire.
     return pieces
 
 
-def batch_calls(data: bytes | memoryview) -> list[memoryview]:
+def batch_calls(data: bytes | memoryview, most: int | None = None) -> list[memoryview]:
     """Each CallRequest's bytes in a BatchRequest, as views of `data`; ValueError for bytes
-    that are no BatchRequest. Other fields (a newer client's) are passed over."""
+    that are no BatchRequest. Other fields (a newer client's) are passed over. `most`: stop
+    at one call past it (the list then says there are too many), reading no further: a
+    request of 2-byte calls holds millions."""
     view = memoryview(data)
     found = []
     try:
@@ -219,6 +232,8 @@ def batch_calls(data: bytes | memoryview) -> list[memoryview]:
                 if wire_type != wire.LEN:
                     raise ValueError(f"field calls has wire type {wire_type}, not a message")
                 found.append(view[start:end])
+                if most is not None and len(found) > most:
+                    break
     except ValueError as err:
         raise ValueError(f"not a BatchRequest: {err}") from None
     return found

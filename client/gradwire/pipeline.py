@@ -483,12 +483,15 @@ class Batch(Pipeline):
 
     `stop_at_error`, as a pipeline's: a call whose predecessor failed is not run (the first
     of a later batch included), and the block raises the first failure not looked at. At
-    most `MAX_BATCH_CALLS` calls go in one batch: more are sent in several. A batch is not
-    retried: if its call fails as a whole (the server unreachable, its deadline, which is
-    the client's timeout for each of its calls, passed), each call in it fails with that
-    error, and a change among them may have been applied (`changes_state`); their request
-    ids make sending them again safe. A server without the Batch RPC gets each call as a
-    call of its own, retried as the client's calls are.
+    most `MAX_BATCH_CALLS` calls go in one batch, and at most one message of requests: more
+    are sent in several. The answers of one batch must fit in one message too: a call whose
+    answer does not is answered errors.ResourceExhausted (BATCH_ANSWERS_TOO_LARGE), having
+    run, so read large tensors outside a batch. Each call's deadline is the client's
+    timeout, and the batch's the client's timeout times its number of calls. A batch is not
+    retried: if its call fails as a whole (the server unreachable, its deadline passed),
+    each call in it fails with that error, and a change among them may have been applied
+    (`changes_state`); their request ids make sending them again safe. A server without the
+    Batch RPC gets each call as a call of its own, retried as the client's calls are.
     """
 
     _KIND = "batch"
@@ -599,7 +602,9 @@ class Batch(Pipeline):
                 pending._fail(_closed_channel(err))
             return
         except BaseException:  # interrupted while waiting: whether they ran is not known
-            interrupted = _interrupted("the wait for its batch's answers was interrupted")
+            interrupted = _interrupted(
+                "the wait for its batch's answers was interrupted", "the batch was abandoned"
+            )
             for pending, _ in queued:
                 pending._fail(interrupted(pending.method))
             raise
@@ -652,14 +657,16 @@ def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:
     return error
 
 
-def _interrupted(why: str) -> Callable[[str], RemoteError]:
-    """The error of each call sent whose answer will not be read: the stream was cancelled,
-    so whether it ran is not known."""
+def _interrupted(
+    why: str, then: str = "the pipeline's stream was cancelled"
+) -> Callable[[str], RemoteError]:
+    """The error of each call sent whose answer will not be read (`then`: what became of
+    its stream or call), so whether it ran is not known."""
 
     def error(method: str) -> RemoteError:
         cancelled = Cancelled(
-            f"{method} not answered: {why}, and the pipeline's stream was cancelled; "
-            f"whether the call ran is not known (read the state version)"
+            f"{method} not answered: {why}, and {then}; whether the call ran is not known "
+            f"(read the state version)"
         )
         cancelled.changes_state = method in _ONCE
         return cancelled

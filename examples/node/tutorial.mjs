@@ -343,6 +343,11 @@ async function pastTheTutorial() {
   const answers = await onOneStream(eightCalls(randomBytes(16).toString('hex')));
   const results = answers.map((a) => a.result);
   transcript.push(`# on one stream: ${results.join(', ')}`);
+  // What a unary read sees now, which the stream's read must have seen.
+  const readAfterStream = tensor(
+    (await call('GetTensor', { name: 'conv1.weight', index: [index(at(0)), index(at(0)), index(at(0))] }))
+      .tensor,
+  ).values;
   // And the same calls in one unary call (Batch), as a client that has no streams would
   // make them: one answer each, in order, in one message.
   const batched = (await call('Batch', { calls: eightCalls(randomBytes(16).toString('hex')) }))
@@ -387,6 +392,7 @@ async function pastTheTutorial() {
         parameters_updated: Number(s.parameters_updated),
       })),
       read: tensor(answers[4].get_tensor.tensor).values,
+      read_after: readAfterStream,
       error: answeredError(answers[5]),
       skipped: answeredError(answers[6]),
       listed_version: Number(answers[7].list_tensors.version),

@@ -1172,17 +1172,20 @@ class TrainerServicer:
             with self.slots:
                 metadata = _carried_apart(_metadata(context), "a Batch's")
                 items = well_formed(request)
-                if len(items) > limits.MAX_BATCH_CALLS:
+                most = limits.MAX_BATCH_CALLS
+                if len(items) > most:  # the deserializer stopped counting one past it
                     raise InvalidInput(
-                        f"a Batch carries at most {limits.MAX_BATCH_CALLS} calls, this one "
-                        f"{len(items)}: none was run; send them in several batches",
+                        f"a Batch carries at most {most} calls, this one more: none was run; "
+                        "send them in several batches",
                         reason="BATCH_TOO_LONG",
-                        metadata={"calls": str(len(items)), "limit": str(limits.MAX_BATCH_CALLS)},
+                        metadata={"limit": str(most)},
                     )
                 answers: list[bytes] = []
-                size = 0  # the answers' bytes so far
+                # The answers go in one message: each call's answer is kept only if it
+                # leaves room for every call after it to be answered (_ANSWER_RESERVE).
+                room = limits.MAX_MESSAGE_BYTES - len(items) * _ANSWER_RESERVE
                 failed: str | None = None
-                for item in items:
+                for item in map(_CALL_REQUEST, items):
                     if not context.is_active():
                         break  # its caller is gone: no one to run the rest for
                     refuse = None
@@ -1192,9 +1195,9 @@ class TrainerServicer:
                             "was changed: make it again once the server is back"
                         )
                     answer, failed = self._answer_message(item, context, metadata, failed, refuse)
-                    if size + len(answer) > limits.MAX_VALUE_BYTES:
-                        answer, failed = _too_large(item, len(answer), size)
-                    size += len(answer)
+                    if len(answer) + _FRAMING > room:
+                        answer, failed = _too_large(item, answer, room)
+                    room -= len(answer) + _FRAMING - _ANSWER_RESERVE
                     answers.append(answer)
                 return calls.batch_response_bytes(answers)
         except Exception:
@@ -1293,24 +1296,27 @@ def _carried_apart(metadata: dict[str, str], whose: str) -> dict[str, str]:
     return metadata
 
 
-def _too_large(item: Any, answer_bytes: int, before: int) -> tuple[bytes, str]:
-    """The answer in place of a call's whose answer would take a Batch's past what one
-    message carries (the call has run), and the call's RPC name."""
+def _too_large(item: Any, answer: bytes, room: int) -> tuple[bytes, str]:
+    """The answer in place of a call's `answer` that would leave too little room in a Batch's
+    answers for the calls after it (`room`: the bytes it could take), and the call's RPC
+    name. At most _ANSWER_RESERVE bytes with its framing: its text names no input."""
     found, _, envelope = _named_call(item)
     name = found or "Calls"
-    kept = (
-        f"; it is kept under its request id {envelope.request_id!r}: make the call again "
-        "on its own with that id to read it"
-        if envelope is not None and envelope.request_id
-        else ""
-    )
+    if calls.is_error(answer):
+        what = "failed, and its error did not fit either (it changed nothing)"
+    elif found is not None and _ON_STREAM[found][1]:  # a mutation that ran
+        what = "ran: the change it made stays applied"
+        if envelope is not None and envelope.request_id:
+            what += "; its answer is kept under its request id while the server keeps answers"
+    else:
+        what = "ran, and changed nothing"
     status = _status(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"{name} ran, but its answer ({answer_bytes:,} bytes) would take this Batch's "
-        f"answers past {limits.MAX_VALUE_BYTES:,} bytes, the most one message carries"
-        f"{kept}; make calls with large answers on their own (large reads stream)",
+        f"{name} {what}, but its answer ({len(answer):,} bytes) did not fit in this Batch's "
+        f"answers, one message in all (room left: {max(room - _FRAMING, 0):,} bytes); make "
+        "calls with large answers on their own (large reads stream)",
         "BATCH_ANSWERS_TOO_LARGE",
-        {"bytes": str(before + answer_bytes), "limit": str(limits.MAX_VALUE_BYTES)},
+        {"bytes": str(len(answer)), "limit": str(max(room - _FRAMING, 0))},
     )
     return calls.error_bytes(status.SerializeToString()), name
 
@@ -1468,19 +1474,30 @@ HANDLER_KINDS = {
 
 
 def _batch_deserializer() -> Callable[[bytes], Any]:
-    """Batch's request deserializer: its calls, each as a Calls stream's message arrives
-    (a wire.Split, or Malformed: answered as that call's error, the others run); Malformed
+    """Batch's request deserializer: each call's bytes, parsed later by the handler (after
+    the token, the place and the call limit: a request of 2-byte calls holds millions, and
+    gRPC deserializes a request it then refuses); at most one past MAX_BATCH_CALLS. Malformed
     for bytes that are no BatchRequest."""
-    call = deserializer(pb.CallRequest)
     name = pb.BatchRequest.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Any:
         try:
-            return [call(item) for item in calls.batch_calls(data)]
+            return calls.batch_calls(data, most=limits.MAX_BATCH_CALLS)
         except ValueError as err:
             return Malformed(name, str(err), data)
 
     return parse
+
+
+#: How a call of a Batch is parsed: as a Calls stream's message (a wire.Split, or Malformed,
+#: answered as that call's error while the others run).
+_CALL_REQUEST = deserializer(pb.CallRequest)
+#: Bytes set aside in a Batch's answers for each call not yet answered: room for its
+#: framing and, if its own answer does not fit, the short error that takes its place.
+_ANSWER_RESERVE = 640
+#: The most bytes around one answer in a BatchResponse: an alignment field (at most 9), the
+#: answer's tag (1) and its length (at most 4 under 256 MiB).
+_FRAMING = 16
 
 
 def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:

@@ -95,7 +95,7 @@ Conventions used by every message below:
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      (metadata "calls", "limit")
+      (metadata "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
@@ -103,8 +103,9 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
-      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch that ran, whose
-      answer did not fit; metadata "bytes", "limit")
+      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
+      fit; its message says whether it ran; metadata "bytes": the answer's size, "limit":
+      the room it had)
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
@@ -2581,8 +2582,8 @@ class BatchResponse(_message.Message):
     ALIGNMENT_FIELD_NUMBER: _builtins.int
     alignment: _builtins.bytes
     """Carries nothing: zero bytes, as GetTensorResponse.alignment, that keep each answer a
-    multiple of 8 bytes from this message's first byte. It may occur between any two
-    answers. Do not rely on it; ignore it.
+    multiple of 8 bytes from this message's first byte. It may occur before any answer,
+    the first included. Do not rely on it; ignore it.
     """
     @_builtins.property
     def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallResponse]:

@@ -389,19 +389,21 @@ class TrainerServicer:
         time they take written at once on a Calls stream (docs/PERFORMANCE.md).
 
         At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
-        run). The answers together must fit in one message: a call whose answer would take
-        them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
-        (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
-        retry with its request id as a call of its own gets its answer): read large tensors in
-        calls of their own. Other calls are not held off: between two calls of a batch,
-        another caller's call on the same session may run. A batch holds one place while it
-        runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
-        (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
-        it, the calls not yet run are not run, and the batch ends as any call does then
-        (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
-        request ids or the state version. A retry of the whole batch is safe where every
-        mutation in it carries a request id: those that ran answer as they did (see Mutations
-        above), the rest run.
+        run). The answers together fit in one message (max_message_bytes): the server keeps
+        room for every call still to be answered, and a call whose answer would take that room
+        is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
+        saying whether it ran (a change it made stays applied; a mutation's answer is kept
+        under its request id, for a retry as a call of its own, while the server keeps
+        answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+        large tensors in calls of their own. Other calls are not held off: between two calls
+        of a batch, another caller's call on the same session may run. A batch holds one place
+        while it runs. Once the server begins to stop, the calls not yet run are answered
+        UNAVAILABLE (STOPPING) without running. Once the batch's deadline passes, or its
+        caller cancels it, the calls not yet run are not run, and the batch ends as any call
+        does then (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known
+        from their request ids or the state version. A retry of the whole batch is safe where
+        every mutation in it carries a request id: those that ran answer as they did (see
+        Mutations above), the rest run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

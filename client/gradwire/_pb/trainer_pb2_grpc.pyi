@@ -95,7 +95,7 @@ Conventions used by every message below:
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      (metadata "calls", "limit")
+      (metadata "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
@@ -103,8 +103,9 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
-      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch that ran, whose
-      answer did not fit; metadata "bytes", "limit")
+      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
+      fit; its message says whether it ran; metadata "bytes": the answer's size, "limit":
+      the room it had)
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
@@ -297,19 +298,21 @@ class TrainerStub:
     time they take written at once on a Calls stream (docs/PERFORMANCE.md).
 
     At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
-    run). The answers together must fit in one message: a call whose answer would take
-    them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
-    (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
-    retry with its request id as a call of its own gets its answer): read large tensors in
-    calls of their own. Other calls are not held off: between two calls of a batch,
-    another caller's call on the same session may run. A batch holds one place while it
-    runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
-    (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
-    it, the calls not yet run are not run, and the batch ends as any call does then
-    (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
-    request ids or the state version. A retry of the whole batch is safe where every
-    mutation in it carries a request id: those that ran answer as they did (see Mutations
-    above), the rest run.
+    run). The answers together fit in one message (max_message_bytes): the server keeps
+    room for every call still to be answered, and a call whose answer would take that room
+    is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
+    saying whether it ran (a change it made stays applied; a mutation's answer is kept
+    under its request id, for a retry as a call of its own, while the server keeps
+    answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+    large tensors in calls of their own. Other calls are not held off: between two calls
+    of a batch, another caller's call on the same session may run. A batch holds one place
+    while it runs. Once the server begins to stop, the calls not yet run are answered
+    UNAVAILABLE (STOPPING) without running. Once the batch's deadline passes, or its
+    caller cancels it, the calls not yet run are not run, and the batch ends as any call
+    does then (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known
+    from their request ids or the state version. A retry of the whole batch is safe where
+    every mutation in it carries a request id: those that ran answer as they did (see
+    Mutations above), the rest run.
     """
 
 @_typing.type_check_only
@@ -453,19 +456,21 @@ class TrainerAsyncStub(TrainerStub):
     time they take written at once on a Calls stream (docs/PERFORMANCE.md).
 
     At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
-    run). The answers together must fit in one message: a call whose answer would take
-    them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
-    (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
-    retry with its request id as a call of its own gets its answer): read large tensors in
-    calls of their own. Other calls are not held off: between two calls of a batch,
-    another caller's call on the same session may run. A batch holds one place while it
-    runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
-    (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
-    it, the calls not yet run are not run, and the batch ends as any call does then
-    (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
-    request ids or the state version. A retry of the whole batch is safe where every
-    mutation in it carries a request id: those that ran answer as they did (see Mutations
-    above), the rest run.
+    run). The answers together fit in one message (max_message_bytes): the server keeps
+    room for every call still to be answered, and a call whose answer would take that room
+    is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
+    saying whether it ran (a change it made stays applied; a mutation's answer is kept
+    under its request id, for a retry as a call of its own, while the server keeps
+    answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+    large tensors in calls of their own. Other calls are not held off: between two calls
+    of a batch, another caller's call on the same session may run. A batch holds one place
+    while it runs. Once the server begins to stop, the calls not yet run are answered
+    UNAVAILABLE (STOPPING) without running. Once the batch's deadline passes, or its
+    caller cancels it, the calls not yet run are not run, and the batch ends as any call
+    does then (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known
+    from their request ids or the state version. A retry of the whole batch is safe where
+    every mutation in it carries a request id: those that ran answer as they did (see
+    Mutations above), the rest run.
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
@@ -744,19 +749,21 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         time they take written at once on a Calls stream (docs/PERFORMANCE.md).
 
         At most ServerLimits.max_batch_calls calls (INVALID_ARGUMENT, BATCH_TOO_LONG, none
-        run). The answers together must fit in one message: a call whose answer would take
-        them past ServerLimits.max_value_bytes is answered RESOURCE_EXHAUSTED
-        (BATCH_ANSWERS_TOO_LARGE) in its place, having run (a change it made stays applied; a
-        retry with its request id as a call of its own gets its answer): read large tensors in
-        calls of their own. Other calls are not held off: between two calls of a batch,
-        another caller's call on the same session may run. A batch holds one place while it
-        runs. Once the server begins to stop, the calls not yet run are answered UNAVAILABLE
-        (STOPPING) without running. Once the batch's deadline passes, or its caller cancels
-        it, the calls not yet run are not run, and the batch ends as any call does then
-        (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known from their
-        request ids or the state version. A retry of the whole batch is safe where every
-        mutation in it carries a request id: those that ran answer as they did (see Mutations
-        above), the rest run.
+        run). The answers together fit in one message (max_message_bytes): the server keeps
+        room for every call still to be answered, and a call whose answer would take that room
+        is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
+        saying whether it ran (a change it made stays applied; a mutation's answer is kept
+        under its request id, for a retry as a call of its own, while the server keeps
+        answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+        large tensors in calls of their own. Other calls are not held off: between two calls
+        of a batch, another caller's call on the same session may run. A batch holds one place
+        while it runs. Once the server begins to stop, the calls not yet run are answered
+        UNAVAILABLE (STOPPING) without running. Once the batch's deadline passes, or its
+        caller cancels it, the calls not yet run are not run, and the batch ends as any call
+        does then (DEADLINE_EXCEEDED, CANCELLED), its answers lost: which calls ran is known
+        from their request ids or the state version. A retry of the whole batch is safe where
+        every mutation in it carries a request id: those that ran answer as they did (see
+        Mutations above), the rest run.
         """
 
 def add_TrainerServicer_to_server(servicer: TrainerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
