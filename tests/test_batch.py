@@ -275,10 +275,15 @@ def test_mutations_in_a_batch_carry_request_ids_and_the_expected_version(
     assert stale.exception().reason == "VERSION_MISMATCH"  # type: ignore[union-attr]
 
 
-def test_a_server_without_batch_gets_the_calls_one_by_one() -> None:
-    """Found at the batch's first call: nothing ran, and each call is made on its own,
-    stopping at a failure as the server would; later batches go so at once."""
+def test_a_server_without_batch_gets_the_calls_in_a_pipeline() -> None:
+    """Found at the batch's first call: nothing ran, and the calls go in a pipeline on the
+    Calls stream (this client's calls of their own fail), stopping at a failure as the
+    batch would have; later batches go so at once."""
     with serving_without_calls("Batch") as address, gradwire.connect(address, timeout=30) as client:
+        client._methods = {
+            name: _unary_refused if name in calls.METHODS else method
+            for name, method in client._methods.items()
+        }
         with pytest.raises(errors.FailedPrecondition), client.batch() as b:
             first = b.zero_grad()
             backward = b.backward()
@@ -290,8 +295,21 @@ def test_a_server_without_batch_gets_the_calls_one_by_one() -> None:
         assert client._no_batch
         with client.batch() as b:
             again = b.zero_grad()
-            assert again.done()
         assert again.result() == 2
+
+
+def test_a_server_without_batch_or_calls_gets_the_calls_one_by_one() -> None:
+    with (
+        serving_without_calls("Batch", "Calls") as address,
+        gradwire.connect(address, timeout=30) as client,
+    ):
+        with pytest.raises(errors.FailedPrecondition), client.batch() as b:
+            first = b.zero_grad()
+            b.backward()
+            step = b.step()
+        assert first.result() == 1
+        assert step.exception().reason == "PREVIOUS_FAILED"  # type: ignore[union-attr]
+        assert client._no_batch and client._no_calls
 
 
 def test_a_batch_that_fails_whole_fails_each_of_its_calls(gated_server: Running) -> None:

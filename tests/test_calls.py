@@ -567,12 +567,13 @@ def test_calls_from_two_threads_at_once_are_all_answered(address: str) -> None:
 
 
 @contextmanager
-def serving_without_calls(method: str = "Calls") -> Iterator[str]:
-    """A server from before the Calls RPC (or `method`: "Batch"), the Gate model, never
-    held: its address."""
+def serving_without_calls(*methods: str) -> Iterator[str]:
+    """A server from before the Calls RPC (or before `methods`: "Batch", ...), the Gate
+    model, never held: its address."""
     trainer = Trainer(ModelSpec("Gate", Gate, (2,), 2), device="cpu", seed=0)
     handlers = method_handlers(TrainerServicer(trainer))
-    del handlers[method]
+    for method in methods or ("Calls",):
+        del handlers[method]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -491,7 +491,8 @@ class Batch(Pipeline):
     retried: if its call fails as a whole (the server unreachable, its deadline passed),
     each call in it fails with that error, and a change among them may have been applied
     (`changes_state`); their request ids make sending them again safe. A server without the
-    Batch RPC gets each call as a call of its own, retried as the client's calls are.
+    Batch RPC gets a batch's calls in a pipeline (and, without the Calls RPC too, each as a
+    call of its own, retried as the client's calls are).
     """
 
     _KIND = "batch"
@@ -524,12 +525,9 @@ class Batch(Pipeline):
             self._raise_first_unseen_failure()
 
     def _add(self, encoded: _Encoded[T]) -> Pending[T]:
-        """Queues a call (or, on a server without Batch, makes it now)."""
+        """Queues a call."""
         pending = self._open(encoded)
         client = self._client
-        if client._no_batch:
-            self._run_now(pending)
-            return pending
         request = encoded.request
         body = request if isinstance(request, list) else [_serialize(request)]
         # Its CallRequest's bytes, within a little: the header adds at most 64, and the
@@ -574,6 +572,9 @@ class Batch(Pipeline):
                 self._failed = pending.method
             return
         client = self._client
+        if client._no_batch:
+            self._in_a_pipeline(queued)
+            return
         timeout = _deadline_timeout(client.timeout)
         try:
             metadata = [*client._metadata, *client._session_metadata("Batch")]
@@ -590,8 +591,7 @@ class Batch(Pipeline):
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server from before Batch
                 client._no_batch = True
-                for pending, _ in queued:
-                    self._run_now(pending)
+                self._in_a_pipeline(queued)
                 return
             for pending, _ in queued:
                 pending._fail(self._error(err, pending.method))
@@ -621,6 +621,24 @@ class Batch(Pipeline):
             return
         for (pending, _), answer in zip(queued, answers, strict=True):
             self._answer(pending, answer)
+
+    def _in_a_pipeline(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
+        """The calls of a batch for a server without the Batch RPC (none of them ran): in a
+        pipeline on the client's Calls stream, one round trip for all as a batch would be
+        (on a server without Calls too, one by one), stopping at a failure as the batch
+        would have; their results and errors are the batch's."""
+        pipeline = Pipeline(self._client, stop_at_error=self._stop_at_error)
+        with pipeline:
+            made = [pipeline._add(pending._encoded) for pending, _ in queued]
+            for theirs in made:
+                theirs._seen = True  # each is handed on below: the block raises none
+        for (pending, _), theirs in zip(queued, made, strict=True):
+            if theirs._error is not None:
+                pending._fail(theirs._error)
+                self._failed = pending.method
+            else:
+                pending._succeed(theirs._value)
+                self._failed = None
 
     def _answer(self, pending: Pending[Any], answer: memoryview) -> None:
         """Reads one call's answer into its Pending."""
