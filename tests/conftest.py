@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import _thread
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -89,3 +92,23 @@ def cli(address: str) -> Run:
         return run_main(*argv, "--target", address)
 
     return run
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[Callable[[float], None]]:
+    """Presses Ctrl-C in `seconds`: KeyboardInterrupt in the main thread, as in a terminal.
+    SIGINT is handled as Python's default for the test: a test run started in the
+    background (CI's, `make test &`) ignores it, and _thread.interrupt_main does nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timers: list[threading.Timer] = []
+
+    def press(seconds: float) -> None:
+        timers.append(threading.Timer(seconds, _thread.interrupt_main))
+        timers[-1].start()
+
+    try:
+        yield press
+    finally:
+        for timer in timers:
+            timer.cancel()
+        signal.signal(signal.SIGINT, previous)

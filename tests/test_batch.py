@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -296,6 +296,26 @@ def test_a_server_without_batch_gets_the_calls_in_a_pipeline() -> None:
         with client.batch() as b:
             again = b.zero_grad()
         assert again.result() == 2
+
+
+def test_an_interrupt_while_a_batch_waits_in_its_pipeline_fails_each_call(
+    ctrl_c: Callable[[float], None],
+) -> None:
+    """On a server without Batch, a Forward held while Ctrl-C comes: the pipeline the calls
+    went in is cancelled, and each call of the batch fails with its error, none left
+    waiting for ever."""
+    with serving_without_calls("Batch") as address, gradwire.connect(address, timeout=30) as client:
+        Gate.release.clear()
+        try:
+            ctrl_c(1.0)
+            with pytest.raises(KeyboardInterrupt), client.batch() as b:
+                forward = b.forward(Fill.ones(1, 2))
+                zero = b.zero_grad()
+        finally:
+            Gate.release.set()
+        for pending in (forward, zero):
+            error = pending.exception()
+            assert isinstance(error, errors.Cancelled) and error.changes_state, error
 
 
 def test_a_server_without_batch_or_calls_gets_the_calls_one_by_one() -> None:

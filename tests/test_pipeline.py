@@ -9,9 +9,7 @@ that no call goes around the pipeline unseen.
 
 from __future__ import annotations
 
-import _thread
 import re
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,26 +30,6 @@ from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
 
 ONES = Fill.ones(8, 3, 10, 10)
-
-
-@pytest.fixture
-def ctrl_c() -> Iterator[Callable[[float], None]]:
-    """Presses Ctrl-C in `seconds`: KeyboardInterrupt in the main thread, as in a terminal.
-    SIGINT is handled as Python's default for the test: a test run started in the
-    background (CI's, `make test &`) ignores it, and _thread.interrupt_main does nothing."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timers: list[threading.Timer] = []
-
-    def press(seconds: float) -> None:
-        timers.append(threading.Timer(seconds, _thread.interrupt_main))
-        timers[-1].start()
-
-    try:
-        yield press
-    finally:
-        for timer in timers:
-            timer.cancel()
-        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

@@ -628,17 +628,23 @@ class Batch(Pipeline):
         (on a server without Calls too, one by one), stopping at a failure as the batch
         would have; their results and errors are the batch's."""
         pipeline = Pipeline(self._client, stop_at_error=self._stop_at_error)
-        with pipeline:
-            made = [pipeline._add(pending._encoded) for pending, _ in queued]
-            for theirs in made:
-                theirs._seen = True  # each is handed on below: the block raises none
-        for (pending, _), theirs in zip(queued, made, strict=True):
-            if theirs._error is not None:
-                pending._fail(theirs._error)
-                self._failed = pending.method
-            else:
-                pending._succeed(theirs._value)
-                self._failed = None
+        made: list[Pending[Any]] = []
+        try:
+            with pipeline:
+                for pending, _ in queued:
+                    made.append(pipeline._add(pending._encoded))
+                    made[-1]._seen = True  # handed on below: the block raises none
+        finally:  # an interrupt included: the pipeline has answered or failed what it sent
+            for k, (pending, _) in enumerate(queued):
+                theirs = made[k] if k < len(made) else None
+                if theirs is None or not theirs._done:
+                    pending._fail(ClientClosed(f"{pending.method} not sent: interrupted"))
+                elif theirs._error is not None:
+                    pending._fail(theirs._error)
+                    self._failed = pending.method
+                else:
+                    pending._succeed(theirs._value)
+                    self._failed = None
 
     def _answer(self, pending: Pending[Any], answer: memoryview) -> None:
         """Reads one call's answer into its Pending."""
