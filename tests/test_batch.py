@@ -616,16 +616,33 @@ def test_the_server_reports_how_many_calls_a_batch_takes(batched: gradwire.Clien
     assert batched.server_info().limits.max_batch_calls == limits.MAX_BATCH_CALLS == 1024
 
 
+#: A batch for the Gate model (gated_server): a Forward, which the test holds, then a fill.
+FORWARD_THEN_FILL = wire.join(
+    calls.batch_request_pieces(
+        [
+            [
+                pb.CallRequest(
+                    forward=pb.ForwardRequest(
+                        input=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 2]))
+                    )
+                ).SerializeToString()
+            ],
+            [
+                pb.CallRequest(
+                    fill_parameters=pb.FillParametersRequest(value=2.0)
+                ).SerializeToString()
+            ],
+        ]
+    )
+)
+
+
 def test_the_calls_after_a_batch_is_cancelled_are_not_run(gated_server: Running) -> None:
     """A Forward held while its batch's caller cancels: it ends, and the fill after it is
     not run (one after a deadline is refused by its own deadline too: DEADLINE_PASSED)."""
     address = f"127.0.0.1:{gated_server.port}"
-    ones = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 2])
-    forward = pb.CallRequest(forward=pb.ForwardRequest(input=pb.TensorSource(fill=ones)))
-    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
-    pieces = [[forward.SerializeToString()], [fill.SerializeToString()]]
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(BATCH).future(wire.join(calls.batch_request_pieces(pieces)))
+        call = channel.unary_unary(BATCH).future(FORWARD_THEN_FILL)
         assert Gate.entered.wait(timeout=60)
         assert call.cancel()
         Gate.release.set()
@@ -638,12 +655,8 @@ def test_calls_of_a_batch_not_yet_run_when_the_server_begins_to_stop_are_not_run
 ) -> None:
     """A Forward held while the stop begins: it is answered, the fill after it STOPPING."""
     address = f"127.0.0.1:{gated_server.port}"
-    ones = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1, 2])
-    forward = pb.CallRequest(forward=pb.ForwardRequest(input=pb.TensorSource(fill=ones)))
-    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
-    pieces = [[forward.SerializeToString()], [fill.SerializeToString()]]
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(BATCH).future(wire.join(calls.batch_request_pieces(pieces)))
+        call = channel.unary_unary(BATCH).future(FORWARD_THEN_FILL)
         assert Gate.entered.wait(timeout=60)
         gated_server.servicer.stopping.set()  # as servicer.stop() begins a stop
         try:
