@@ -638,15 +638,32 @@ FORWARD_THEN_FILL = wire.join(
 
 
 def test_the_calls_after_a_batch_is_cancelled_are_not_run(gated_server: Running) -> None:
-    """A Forward held while its batch's caller cancels: it ends, and the fill after it is
-    not run (one after a deadline is refused by its own deadline too: DEADLINE_PASSED)."""
+    """A Forward held while its batch's caller cancels, released once the server has seen
+    the cancel: it ends, and the fill after it is not run (one after a deadline is refused
+    by its own deadline too: DEADLINE_PASSED). Released before, the fill could run: the
+    cancel is still on its way (found in CI)."""
     address = f"127.0.0.1:{gated_server.port}"
-    with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(BATCH).future(FORWARD_THEN_FILL)
-        assert Gate.entered.wait(timeout=60)
-        assert call.cancel()
-        Gate.release.set()
-    eventually(lambda: gated_server.servicer.slots.taken == 0)  # the batch's handler is done
+    servicer = gated_server.servicer
+    contexts: list[Any] = []  # each call's context, as the server's observer is given it
+    observer = servicer.observer
+    assert observer is not None
+
+    class Recording:
+        def begin(self, method: str, context: Any) -> Callable[[str], None]:
+            contexts.append(context)
+            return observer.begin(method, context)
+
+    servicer.observer = Recording()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            call = channel.unary_unary(BATCH).future(FORWARD_THEN_FILL)
+            assert Gate.entered.wait(timeout=60)
+            assert call.cancel()
+            eventually(lambda: not contexts[0].is_active())  # the server has seen it
+            Gate.release.set()
+        eventually(lambda: servicer.slots.taken == 0)  # the batch's handler is done
+    finally:
+        servicer.observer = observer
     assert version(address, "weight") == 1  # the Forward, and no fill
 
 
