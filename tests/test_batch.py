@@ -564,8 +564,8 @@ def test_the_answer_in_place_of_one_that_did_not_fit_fits_its_reserve(method: st
     item = wire.split(
         pb.CallRequest(request_id="x" * 128, **{field: {}}).SerializeToString(), pb.CallRequest
     )
-    for answer in (b"\x00" * 10**8, calls.error_bytes(b"\x00" * 10**6)):
-        replaced, name = servicer._too_large(item, answer, 10**9)
+    for answer, succeeded in [(b"\x00" * 10**8, True), (calls.error_bytes(b"\x00" * 10**6), False)]:
+        replaced, name = servicer._too_large(item, answer, succeeded, 10**9)
         assert name == method
         assert len(replaced) + servicer._FRAMING <= servicer._ANSWER_RESERVE, len(replaced)
 

@@ -28,7 +28,6 @@ __all__ = [
     "batch_request_pieces",
     "batch_response_bytes",
     "error_bytes",
-    "is_error",
     "named_call",
     "request_pieces",
     "response_bytes",
@@ -186,16 +185,6 @@ def response_bytes(method: str, response: bytes) -> bytes:
     if number in _ALIGNED:
         return wire.join([*wire.alignment(_ALIGNMENT_FIELD, len(head)), head, response])
     return head + response
-
-
-def is_error(response: bytes | memoryview) -> bool:
-    """Whether a CallResponse's bytes (the server's own) hold an error: its first field,
-    after any alignment field, is the error."""
-    view = memoryview(response)
-    for number, _, _, _, _ in wire.fields(view, 0, len(view)):
-        if number != _ALIGNMENT_FIELD:
-            return number == ERROR_FIELD
-    return False
 
 
 def error_bytes(status: bytes) -> bytes:

@@ -1196,7 +1196,7 @@ class TrainerServicer:
                         )
                     answer, failed = self._answer_message(item, context, metadata, failed, refuse)
                     if len(answer) + _FRAMING > room:
-                        answer, failed = _too_large(item, answer, room)
+                        answer, failed = _too_large(item, answer, failed is None, room)
                     room -= len(answer) + _FRAMING - _ANSWER_RESERVE
                     answers.append(answer)
                 return calls.batch_response_bytes(answers)
@@ -1296,13 +1296,14 @@ def _carried_apart(metadata: dict[str, str], whose: str) -> dict[str, str]:
     return metadata
 
 
-def _too_large(item: Any, answer: bytes, room: int) -> tuple[bytes, str]:
-    """The answer in place of a call's `answer` that would leave too little room in a Batch's
-    answers for the calls after it (`room`: the bytes it could take), and the call's RPC
-    name. At most _ANSWER_RESERVE bytes with its framing: its text names no input."""
+def _too_large(item: Any, answer: bytes, succeeded: bool, room: int) -> tuple[bytes, str]:
+    """The answer in place of a call's `answer` (an error unless it `succeeded`) that would
+    leave too little room in a Batch's answers for the calls after it (`room`: the bytes it
+    could take), and the call's RPC name. At most _ANSWER_RESERVE bytes with its framing:
+    its text names no input."""
     found, _, envelope = _named_call(item)
     name = found or "Calls"
-    if calls.is_error(answer):
+    if not succeeded:
         what = "failed, and its error did not fit either (it changed nothing)"
     elif found is not None and _ON_STREAM[found][1]:  # a mutation that ran
         what = "ran: the change it made stays applied"
