@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gradwire import wire
 from gradwire._pb import trainer_pb2 as pb
@@ -213,18 +213,28 @@ def batch_calls(data: bytes | memoryview, most: int | None = None) -> list[memor
     that are no BatchRequest. Other fields (a newer client's) are passed over. `most`: stop
     at one call past it (the list then says there are too many), reading no further: a
     request of 2-byte calls holds millions."""
+    return _messages(data, pb.BatchRequest, "calls", most)
+
+
+def _messages(
+    data: bytes | memoryview, message_type: type[Message], field: str, most: int | None = None
+) -> list[memoryview]:
+    """The views of `data`, a `message_type`, that its repeated message `field` holds, in
+    order, at most `most` + 1; ValueError for bytes that are no such message, or that hold
+    that field in another wire type."""
+    wanted = message_type.DESCRIPTOR.fields_by_name[field].number
     view = memoryview(data)
     found = []
     try:
         for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
-            if number == _BATCH_CALLS:
+            if number == wanted:
                 if wire_type != wire.LEN:
-                    raise ValueError(f"field calls has wire type {wire_type}, not a message")
+                    raise ValueError(f"field {field} has wire type {wire_type}, not a message")
                 found.append(view[start:end])
                 if most is not None and len(found) > most:
                     break
     except ValueError as err:
-        raise ValueError(f"not a BatchRequest: {err}") from None
+        raise ValueError(f"not a {message_type.DESCRIPTOR.name}: {err}") from None
     return found
 
 
@@ -246,12 +256,4 @@ def batch_response_bytes(answers: Sequence[bytes]) -> bytes:
 def batch_answers(data: bytes | memoryview) -> list[memoryview]:
     """Each CallResponse's bytes in a BatchResponse, as views of `data`, in order;
     ValueError for bytes that are no BatchResponse."""
-    view = memoryview(data)
-    found = []
-    try:
-        for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
-            if number == _BATCH_ANSWERS and wire_type == wire.LEN:
-                found.append(view[start:end])
-    except ValueError as err:
-        raise ValueError(f"not a BatchResponse: {err}") from None
-    return found
+    return _messages(data, pb.BatchResponse, "answers")
