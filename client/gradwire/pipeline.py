@@ -429,20 +429,30 @@ class Pipeline:
                 return
             if stream.spent:  # the stream itself ended: every call after this one too
                 self._broken = functools.partial(self._error, err)
-            pending._fail(self._error(err, method))
-            if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
-                pending._encoded.on_invalid(pending._error)
+            self._failed_with(pending, err)
             return
         except BaseException:  # interrupted while waiting: the stream is cancelled (receive)
             self._broken = _interrupted("the wait for its answer or an earlier one was interrupted")
             pending._fail(self._broken(method))
             raise
-        parse = _PARSE_RESPONSE[method]
+        self._answered(pending, payload)
+        self._client.answered = self._client.reached = True
+
+    def _failed_with(self, pending: Pending[Any], err: grpc.RpcError) -> None:
+        """Fails `pending` with what its call's `err` is to the client, which an
+        INVALID_ARGUMENT's call may add to (the dtype a value was widened from)."""
+        pending._fail(self._error(err, pending.method))
+        if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
+            pending._encoded.on_invalid(pending._error)
+
+    def _answered(self, pending: Pending[Any], payload: memoryview) -> None:
+        """Settles `pending` with its call's unary response bytes, as the client's method
+        reads them; or with the error of an answer this client cannot decode."""
+        parse = _PARSE_RESPONSE[pending.method]
         try:
             pending._succeed(pending._encoded.result(payload if parse is None else parse(payload)))
-        except (GradwireError, ValueError) as err:  # an answer this client cannot decode
+        except (GradwireError, ValueError) as err:
             pending._fail(err)
-        self._client.answered = self._client.reached = True
 
     def _error(self, err: grpc.RpcError, method: str) -> RemoteError | ClientClosed:
         """The exception for a call sent that failed with `err`, as the client raises it."""
@@ -652,21 +662,16 @@ class Batch(Pipeline):
         try:
             payload, status = calls.unwrap_response(answer, method)
         except ValueError as err:
-            pending._fail(self._error(MessageError(grpc.StatusCode.INTERNAL, str(err)), method))
+            self._failed_with(pending, MessageError(grpc.StatusCode.INTERNAL, str(err)))
             self._failed = method
             return
         if status is not None:
-            pending._fail(self._error(MessageError.from_status(status), method))
-            if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
-                pending._encoded.on_invalid(pending._error)
+            self._failed_with(pending, MessageError.from_status(status))
             self._failed = method
             return
         self._failed = None
-        parse = _PARSE_RESPONSE[method]
-        try:
-            pending._succeed(pending._encoded.result(payload if parse is None else parse(payload)))
-        except (GradwireError, ValueError) as err:  # an answer this client cannot decode
-            pending._fail(err)
+        assert payload is not None  # unwrap_response gives one or the other
+        self._answered(pending, payload)
 
 
 def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:
