@@ -226,7 +226,7 @@ class ServerLimits:
     max_request_ids_kept: int = 0
     answer_bytes_kept: int = 0  # the latest answers that fit; one let go: ANSWER_NOT_KEPT
     # Calls in one Batch (BATCH_TOO_LONG); 0 from a server without Batch (Client.batch then
-    # makes its calls one by one).
+    # makes its calls in a pipeline).
     max_batch_calls: int = 0
 
 
@@ -904,7 +904,7 @@ class Client:
         self.stream_calls = stream_calls
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
-        self._no_batch = False  # the server has no Batch RPC: a batch's calls go one by one
+        self._no_batch = False  # the server has no Batch RPC: a batch's calls go in a pipeline
         self._health = health_pb2_grpc.HealthStub(self._channel)
         #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
