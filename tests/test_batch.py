@@ -198,12 +198,46 @@ def test_a_result_asked_for_in_the_block_sends_the_calls_made_so_far(
 def test_more_calls_than_one_batch_takes_go_in_several(
     batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pipeline, "MAX_BATCH_CALLS", 2)
+    monkeypatch.setattr(batched, "_batch_calls", 2)  # the client's own limit
     with batched.batch() as b:
         fills = [b.fill_parameters(float(k)) for k in range(5)]
     assert [f.result() for f in fills] == [1, 2, 3, 4, 5]
     assert batched.batches == [2, 2, 1]  # type: ignore[attr-defined]
     np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [4.0, 4.0, 4.0])
+
+
+def test_a_server_that_takes_fewer_calls_gets_them_in_batches_of_its_limit(
+    batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server refuses the longer batch, running none of it (BATCH_TOO_LONG, naming its
+    limit): the client sends its calls again in batches of that many, and keeps to it."""
+    monkeypatch.setattr(limits, "MAX_BATCH_CALLS", 3)  # the server's; the client read 1,024
+    with batched.batch() as b:
+        fills = [b.fill_parameters(float(k)) for k in range(7)]
+    assert [f.result() for f in fills] == [1, 2, 3, 4, 5, 6, 7]
+    assert batched.batches == [7, 3, 3, 1]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [6.0, 6.0, 6.0])
+    with batched.batch() as b:
+        again = [b.fill_parameters(1.0) for _ in range(4)]
+    assert [f.result() for f in again] == [8, 9, 10, 11]
+    assert batched.batches[4:] == [3, 1]  # type: ignore[attr-defined]
+
+
+def test_a_failure_in_a_batch_sent_again_stops_the_batches_after_it(
+    batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "MAX_BATCH_CALLS", 2)
+    with pytest.raises(errors.FailedPrecondition), batched.batch() as b:
+        fills = [b.fill_parameters(1.0), b.fill_parameters(2.0)]
+        backward = b.backward()  # no graph: nothing was run forward
+        step = b.step()
+        last = b.fill_parameters(3.0)
+    assert [f.result() for f in fills] == [1, 2]
+    assert isinstance(backward.exception(), errors.FailedPrecondition)
+    for skipped in (step.exception(), last.exception()):
+        assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+    assert batched.batches == [5, 2, 2]  # type: ignore[attr-defined]  # the last not sent
+    np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [2.0, 2.0, 2.0])
 
 
 def test_calls_past_one_message_go_in_several_batches(

@@ -905,6 +905,9 @@ class Client:
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
         self._no_batch = False  # the server has no Batch RPC: a batch's calls go in a pipeline
+        # Calls in one Batch: this client's limit until a server refuses a batch with its own
+        # smaller one (BATCH_TOO_LONG), which is kept from then on.
+        self._batch_calls = limits.MAX_BATCH_CALLS
         self._health = health_pb2_grpc.HealthStub(self._channel)
         #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES

@@ -54,7 +54,7 @@ from gradwire.errors import (
     InvalidArgument,
     RemoteError,
 )
-from gradwire.limits import MAX_BATCH_CALLS, MAX_VALUE_BYTES
+from gradwire.limits import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -493,14 +493,17 @@ class Batch(Pipeline):
 
     `stop_at_error`, as a pipeline's: a call whose predecessor failed is not run (the first
     of a later batch included), and the block raises the first failure not looked at. At
-    most `MAX_BATCH_CALLS` calls go in one batch, and at most one message of requests: more
-    are sent in several. The answers of one batch must fit in one message too: a call whose
-    answer does not is answered errors.ResourceExhausted (BATCH_ANSWERS_TOO_LARGE), having
-    run, so read large tensors outside a batch. Each call's deadline is the client's
-    timeout, and the batch's the client's timeout times its number of calls. A batch is not
-    retried: if its call fails as a whole (the server unreachable, its deadline passed),
-    each call in it fails with that error, and a change among them may have been applied
-    (`changes_state`); their request ids make sending them again safe. A server without the
+    most `limits.MAX_BATCH_CALLS` calls go in one batch, and at most one message of
+    requests: more are sent in several. A server that takes fewer calls in a batch refuses
+    a longer one before running any of it (BATCH_TOO_LONG, naming its limit): its calls are
+    then sent again in batches of that many, as are the client's later batches. The answers
+    of one batch must fit in one message too: a call whose answer does not is answered
+    errors.ResourceExhausted (BATCH_ANSWERS_TOO_LARGE), having run, so read large tensors
+    outside a batch. Each call's deadline is the client's timeout, and the batch's the
+    client's timeout times its number of calls. A batch is not retried: if its call fails
+    as a whole (the server unreachable, its deadline passed), each call in it fails with
+    that error, and a change among them may have been applied (`changes_state`); their
+    request ids make sending them again safe. A server without the
     Batch RPC gets a batch's calls in a pipeline (and, without the Calls RPC too, each as a
     call of its own, retried as the client's calls are).
     """
@@ -544,7 +547,7 @@ class Batch(Pipeline):
         # field that holds it in the BatchRequest 16.
         size = wire.size(body) + 80
         if self._queued and (
-            len(self._queued) == MAX_BATCH_CALLS or self._queued_bytes + size > MAX_VALUE_BYTES
+            len(self._queued) >= client._batch_calls or self._queued_bytes + size > MAX_VALUE_BYTES
         ):
             self._send()  # a full batch goes now; this call begins the next
         method = encoded.method
@@ -571,10 +574,17 @@ class Batch(Pipeline):
             raise AssertionError(f"{pending!r} is neither answered nor queued")
 
     def _send(self) -> None:
-        """Sends the calls queued in one Batch call, and reads their answers."""
-        queued, self._queued, self._queued_bytes = self._queued, [], 0
-        if not queued:
-            return
+        """Sends the calls queued, in as many Batch calls as the server's limit asks (one
+        unless a server keeps a smaller limit than the client's), and reads their answers.
+        The calls not sent yet stay queued, so that an interrupt fails them as not sent."""
+        self._queued_bytes = 0
+        while self._queued:
+            most = self._client._batch_calls
+            queued, self._queued = self._queued[:most], self._queued[most:]
+            self._send_batch(queued)
+
+    def _send_batch(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
+        """Sends `queued` in one Batch call, and reads their answers."""
         if self._stop_at_error and self._failed is not None:
             # The call before this batch's first failed: none of them runs, as on a stream.
             for pending, _ in queued:
@@ -602,6 +612,11 @@ class Batch(Pipeline):
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server from before Batch
                 client._no_batch = True
                 self._in_a_pipeline(queued)
+                return
+            most = _batch_limit(self._error(err, "Batch"), len(queued))
+            if most is not None:  # a server that takes fewer: none ran; _send sends them again
+                client._batch_calls = most
+                self._queued[:0] = queued
                 return
             for pending, _ in queued:
                 pending._fail(self._error(err, pending.method))
@@ -672,6 +687,15 @@ class Batch(Pipeline):
         self._failed = None
         assert payload is not None  # unwrap_response gives one or the other
         self._answered(pending, payload)
+
+
+def _batch_limit(error: BaseException, sent: int) -> int | None:
+    """The calls a server takes in one Batch, if `error` is its refusal of `sent` calls as
+    too many (BATCH_TOO_LONG, which runs none of them), naming a smaller limit it keeps."""
+    if not isinstance(error, RemoteError) or error.reason != "BATCH_TOO_LONG":
+        return None
+    most = error.metadata.get("limit", "")
+    return int(most) if most.isdecimal() and 0 < int(most) < sent else None
 
 
 def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:
