@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -31,6 +31,7 @@ from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, s
 from gradwire_server.errors import InvalidInput
 from gradwire_server.reflection_service import MAX_STREAMS
 from gradwire_server.trainer import Trainer
+from gradwire_server.waiting import SendingStreams
 from tests.background import Reader, eventually
 from tests.serve_process import serving
 from tests.signals import signal_another_thread
@@ -314,6 +315,9 @@ def test_serve_refuses_a_device_it_does_not_have() -> None:
     assert "no CUDA device" in out.stderr
 
 
+WEIGHTS = ["conv1.weight", "conv2.weight", "linear.weight"]
+
+
 def _stop_under(running: Running, stream: Iterator[object]) -> tuple[float, BaseException]:
     """Stops `running` (grace 30 s) once `stream` has sent its first message; returns how long
     the stop took and what the stream raised."""
@@ -347,6 +351,90 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert raised.reason == "STOPPING"
     steps = int(raised.message.split("training stopped after ")[1].split()[0])
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
+
+
+def test_a_stop_ends_a_watch_whose_client_stopped_reading(trainer: Trainer) -> None:
+    """Its handler waited in gRPC's send for the client to read on, where it cannot look for
+    the stop: every stop waited the whole grace period for it (8 s of 8, seen)."""
+    running = start(trainer, "127.0.0.1", 0)
+    address = f"127.0.0.1:{running.port}"
+    with (
+        gradwire.connect(address, timeout=None) as watcher,
+        gradwire.connect(address, timeout=60) as stepper,
+    ):
+        # Read one by one as gRPC buffered them, and then not at all.
+        updates = watcher.watch(WEIGHTS, values=True, latest=False)
+        next(updates)
+        x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+        for _ in range(400):  # training does not wait for the watcher: 400 updates are due
+            stepper.train_step(x, y)
+        assert running.servicer.sending.under_way == 1  # the watch's send waits for it
+        started = time.monotonic()
+        running.stop(grace=30)
+        took = time.monotonic() - started
+        with pytest.raises(errors.Unavailable):
+            for _ in updates:
+                pass
+    assert 0.9 < took < 10  # a second to read on, then ended, well inside the grace
+
+
+def test_a_stop_ends_a_train_whose_client_stopped_reading(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Train whose progress its client does not read waits to send it, taking no step;
+    the stop ends it there, each step taken applied whole."""
+    # gRPC's window grows to megabytes on a fast link: without its probe a client buffers
+    # 64 KiB of progress, and the Train waits for it within seconds.
+    options = gradwire.client.channel_options
+    monkeypatch.setattr(
+        gradwire.client,
+        "channel_options",
+        lambda *a, **k: [*options(*a, **k), ("grpc.http2.bdp_probe", 0)],
+    )
+    running = start(trainer, "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=None) as client:
+        progress = client.train(Fill.ones(1, 3, 10, 10), Fill.ones(1, dtype="int64"), steps=10**9)
+        next(progress)
+
+        def waits() -> bool:
+            version = trainer.version
+            time.sleep(0.3)
+            return trainer.version == version
+
+        eventually(waits, "the Train did not come to wait for its client", within=120)
+        started = time.monotonic()
+        running.stop(grace=30)
+        took = time.monotonic() - started
+        with pytest.raises(errors.Unavailable):
+            for _ in progress:
+                pass
+    assert 0.9 < took < 10
+    assert trainer.version % 4 == 0  # each step applied whole: 4 mutations
+
+
+def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
+    from tests.test_calls import _Cancellable
+
+    sending = SendingStreams(stalled_s=0.2)
+    stuck, quick, idle = _Cancellable(), _Cancellable(), _Cancellable()
+    with (
+        sending.open(cast(grpc.ServicerContext, stuck), "stuck") as first,
+        sending.open(cast(grpc.ServicerContext, quick), "quick") as second,
+        sending.open(cast(grpc.ServicerContext, idle), "idle"),
+    ):
+        waiting, sent = first.send("a"), second.send("b")
+        next(waiting), next(sent)  # both under way: handed to gRPC, not yet taken
+        assert sending.under_way == 2
+        sending.stop()
+        time.sleep(0.05)
+        assert next(sent, None) is None  # gRPC asks for the next: it was sent in time
+        eventually(lambda: stuck.cancelled, "the send that waited was not ended")
+        time.sleep(0.5)  # two more looks
+        assert not quick.cancelled and not idle.cancelled
+    eventually(
+        lambda: "gradwire-stalled" not in {t.name for t in threading.enumerate()},
+        "the stop's thread outlived the streams",
+    )
 
 
 def test_a_stop_ends_open_health_watches_once_they_say_not_serving(trainer: Trainer) -> None:

@@ -9,6 +9,7 @@ them leave as bytes with the values spliced in, so no tensor is walked value by 
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import functools
 import logging
@@ -16,7 +17,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
@@ -59,7 +60,7 @@ from gradwire_server.trainer import (
     described_bytes,
     guarded,
 )
-from gradwire_server.waiting import WaitingStreams
+from gradwire_server.waiting import SendingStreams, WaitingStreams
 
 log = logging.getLogger(__name__)
 
@@ -664,6 +665,28 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     return wrapper
 
 
+def ends_at_stop(stalled: str) -> Callable[[Handler[Iterator[R]]], Handler[Iterator[R]]]:
+    """For a server stream that ends itself at a stop (it looks between its messages): sends
+    its messages so that a stop also ends it while its client is not reading them
+    (`SendingStreams`): UNAVAILABLE, `stalled` the status's message where gRPC can still
+    deliver it (behind messages the client has not read it mostly cannot, and the client
+    reads gRPC's own: "Stream removed")."""
+
+    def decorate(method: Handler[Iterator[R]]) -> Handler[Iterator[R]]:
+        @functools.wraps(method)
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
+            with (
+                self.sending.open(context, stalled) as stream,
+                contextlib.closing(cast(Generator[R], method(self, request, context))) as messages,
+            ):
+                for message in messages:
+                    yield from stream.send(message)
+
+        return wrapper
+
+    return decorate
+
+
 def _items(requests: Iterable[Any]) -> Iterator[Any]:
     for request in requests:
         yield well_formed(request)
@@ -716,16 +739,22 @@ class TrainerServicer:
         self.stopping = threading.Event()
         #: The Calls streams between two calls, which `stop` ends at once.
         self.waiting = WaitingStreams()
+        #: The Watches and Trains, which `stop` ends once a send has waited a second for
+        #: a client that does not read.
+        self.sending = SendingStreams()
         #: Counts and logs each call made as a message on a Calls stream, as the call
         #: interceptor does each RPC (app.start sets it); None: not counted.
         self.observer: CallObserver | None = None
 
     def stop(self) -> None:
         """The server begins to stop: open Watches and Trains end at their next look
-        (UNAVAILABLE, STOPPING); Calls streams at once when no call of theirs is in
-        progress, else once it is answered (UNAVAILABLE; no call after it is run)."""
+        (UNAVAILABLE, STOPPING), or once a message of theirs has waited a second for a
+        client that does not read (UNAVAILABLE); Calls streams at once when no call of
+        theirs is in progress, else once it is answered (UNAVAILABLE; no call after it is
+        run)."""
         self.waiting.stop()  # first: a Calls stream runs no message once `stopping` is set
         self.stopping.set()
+        self.sending.stop()
 
     @mutation
     def Forward(
@@ -985,6 +1014,10 @@ class TrainerServicer:
         return self.trainer.read_with(request.name, chain, summarize)
 
     @rpc_stream
+    @ends_at_stop(
+        "the server is stopping, and this watch's client had stopped reading its updates: "
+        "the watch ends here; watch again once the server is back"
+    )
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         if not request.items:
             raise InvalidInput(
@@ -1080,6 +1113,11 @@ class TrainerServicer:
             trainer.unsubscribe(subscription)
 
     @rpc_stream
+    @ends_at_stop(
+        "the server is stopping, and this Train's client had stopped reading its progress: "
+        "training ended there, the steps taken applied, each whole (read the state version "
+        "to know how far it went)"
+    )
     def Train(
         self, request: wire.Split[pb.TrainRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TrainProgress]:

@@ -1,4 +1,5 @@
-"""The streams waiting for their client's next message, so that a stop can end them at once.
+"""The streams waiting on their client, for its next message or for it to read what was
+sent, so that a stop can end them at once.
 
 Why: a stream between two messages waits in gRPC's request iterator, which nothing but the
 client's next message, its end or the call's cancellation wakes. Pipelines and
@@ -6,18 +7,32 @@ client's next message, its end or the call's cancellation wakes. Pipelines and
 and a tool keeps its reflection stream open while it is connected, so every stop waited for
 the whole grace period (5 s by default) for streams that had nothing in progress. A stream
 in the middle of a call is left to finish it; it ends when it next comes back here, before
-waiting again.
+waiting again (`WaitingStreams`).
+
+Likewise a Watch or a Train whose client has stopped reading waits in gRPC's send of its
+next message until the client reads on (flow control), and so missed the stop it looks for
+between messages: a stop waited the whole grace period for it (a watcher paused in a
+debugger, a notebook that read one update and went on). At a stop, such a stream still in
+the same send a second later is ended (`SendingStreams`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from gradwire_server.errors import Stopping
+
+T = TypeVar("T")
+
+#: How long, at a stop, a stream's send may wait for its client to read before the stream is
+#: ended: far longer than a reading client takes for any message on a working network.
+STALLED_S = 1.0
 
 #: Why a Calls stream ended at a stop: what ran on it and what did not.
 STOPPED = (
@@ -71,6 +86,86 @@ class WaitingStreams:
             waiting = list(self._waiting)
         for context in waiting:
             _cancel(context, self.stopped)
+
+
+class _Sending:
+    """One stream that `SendingStreams` watches: what to tell its client if it is ended, and
+    its sends so far (odd while one is under way)."""
+
+    __slots__ = ("context", "sends", "stalled")
+
+    def __init__(self, context: grpc.ServicerContext, stalled: str) -> None:
+        self.context = context
+        self.stalled = stalled
+        self.sends = 0
+
+    def send(self, message: T) -> Iterator[T]:
+        """Yields `message` to gRPC (`yield from stream.send(message)`), counted under way
+        until gRPC asks for the next: until then it is being sent, or waits for the client
+        to read (flow control)."""
+        self.sends += 1
+        try:
+            yield message
+        finally:
+            self.sends += 1
+
+
+class SendingStreams:
+    """The open server streams that end at a stop (Watch, Train) and their sends, so that a
+    stop can end those whose client has stopped reading: their handler waits in gRPC's send
+    and cannot look for the stop until the client reads on."""
+
+    def __init__(self, stalled_s: float = STALLED_S) -> None:
+        self.stalled_s = stalled_s
+        self._lock = threading.Lock()
+        self._open: set[_Sending] = set()
+        self._stopped = False
+
+    @contextlib.contextmanager
+    def open(self, context: grpc.ServicerContext, stalled: str) -> Iterator[_Sending]:
+        """A stream, watched while the block runs: it sends its messages through the
+        `_Sending` given (`send`). `stalled`: the status message it ends with if a stop finds
+        its client not reading (UNAVAILABLE; no ErrorInfo can go with a cancel, and the
+        message only where gRPC can still deliver it behind the messages not read)."""
+        stream = _Sending(context, stalled)
+        with self._lock:
+            self._open.add(stream)
+        try:
+            yield stream
+        finally:
+            with self._lock:
+                self._open.discard(stream)
+
+    def stop(self) -> None:
+        """Begins ending, on a thread of its own, each stream whose send is still under way
+        `stalled_s` after it was first seen under way, until no stream is open (the streams
+        end themselves at the stop, or gRPC ends them at the grace period)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        threading.Thread(target=self._end_stalled, name="gradwire-stalled", daemon=True).start()
+
+    def _end_stalled(self) -> None:
+        ended: set[_Sending] = set()
+        before: dict[_Sending, int] = {}
+        while True:
+            with self._lock:
+                if not self._open:
+                    return
+                now = {stream: stream.sends for stream in self._open if stream not in ended}
+            for stream, sends in now.items():
+                if sends % 2 and before.get(stream) == sends:  # the same send, still under way
+                    ended.add(stream)
+                    _cancel(stream.context, stream.stalled)
+            before = now
+            time.sleep(self.stalled_s)
+
+    @property
+    def under_way(self) -> int:
+        """Streams open now with a send under way (being sent, or waiting for the client)."""
+        with self._lock:
+            return sum(stream.sends % 2 for stream in self._open)
 
 
 def _cancel(context: grpc.ServicerContext, details: str) -> None:
