@@ -437,6 +437,20 @@ def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
     )
 
 
+def test_a_stream_whose_handler_starts_after_the_stop_is_looked_at_too() -> None:
+    """Its call waited for a thread, or came as the stop began: the stop's thread, ended for
+    want of streams, starts again (found by a review)."""
+    from tests.test_calls import _Cancellable
+
+    sending, late = SendingStreams(stalled_s=0.1), _Cancellable()
+    sending.stop()
+    eventually(lambda: "gradwire-stalled" not in {t.name for t in threading.enumerate()})
+    with sending.open(cast(grpc.ServicerContext, late), "late") as stream:
+        first = stream.send("first")  # the first update, sent before it looks for the stop
+        next(first)
+        eventually(lambda: late.cancelled, "the late stream's send was not ended")
+
+
 def test_a_stop_ends_open_health_watches_once_they_say_not_serving(trainer: Trainer) -> None:
     running = start(trainer, "127.0.0.1", 0)
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

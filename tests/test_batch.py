@@ -240,6 +240,28 @@ def test_a_failure_in_a_batch_sent_again_stops_the_batches_after_it(
     np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [2.0, 2.0, 2.0])
 
 
+@pytest.mark.parametrize(
+    ("error", "limit"),
+    [
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "3"}), 3),
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "7"}), None),
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "0"}), None),
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "-2"}), None),
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "\u0663"}), None),
+        # int() refuses over 4,300 digits: it raised from the client's except clause, and
+        # left the batch's calls neither failed nor queued (found by a review).
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG", metadata={"limit": "9" * 5000}), None),
+        (errors.InvalidArgument("", reason="BATCH_TOO_LONG"), None),
+        (errors.InvalidArgument("", reason="BAD_REQUEST", metadata={"limit": "3"}), None),
+        (errors.Unavailable("", reason="BATCH_TOO_LONG", metadata={"limit": "3"}), None),
+    ],
+)
+def test_only_a_smaller_limit_in_a_batch_too_long_is_taken(
+    error: errors.RemoteError, limit: int | None
+) -> None:
+    assert pipeline._batch_limit(error, 7) == limit
+
+
 def test_calls_past_one_message_go_in_several_batches(
     batched: gradwire.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

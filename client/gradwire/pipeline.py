@@ -577,11 +577,13 @@ class Batch(Pipeline):
         """Sends the calls queued, in as many Batch calls as the server's limit asks (one
         unless a server keeps a smaller limit than the client's), and reads their answers.
         The calls not sent yet stay queued, so that an interrupt fails them as not sent."""
-        self._queued_bytes = 0
-        while self._queued:
-            most = self._client._batch_calls
-            queued, self._queued = self._queued[:most], self._queued[most:]
-            self._send_batch(queued)
+        try:
+            while self._queued:
+                most = self._client._batch_calls
+                queued, self._queued = self._queued[:most], self._queued[most:]
+                self._send_batch(queued)
+        finally:  # what is left after an exception is still counted against one message
+            self._queued_bytes = sum(wire.size(pieces) + 16 for _, pieces in self._queued)
 
     def _send_batch(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
         """Sends `queued` in one Batch call, and reads their answers."""
@@ -615,7 +617,7 @@ class Batch(Pipeline):
                 return
             most = _batch_limit(self._error(err, "Batch"), len(queued))
             if most is not None:  # a server that takes fewer: none ran; _send sends them again
-                client._batch_calls = most
+                client._batch_calls = min(client._batch_calls, most)
                 self._queued[:0] = queued
                 return
             for pending, _ in queued:
@@ -691,11 +693,15 @@ class Batch(Pipeline):
 
 def _batch_limit(error: BaseException, sent: int) -> int | None:
     """The calls a server takes in one Batch, if `error` is its refusal of `sent` calls as
-    too many (BATCH_TOO_LONG, which runs none of them), naming a smaller limit it keeps."""
-    if not isinstance(error, RemoteError) or error.reason != "BATCH_TOO_LONG":
+    too many (BATCH_TOO_LONG, which runs none of them), naming a smaller limit it keeps.
+    Anything else a server may say in its place (no limit, one of thousands of digits,
+    not smaller) is None: the batch's calls then fail with the refusal."""
+    if not isinstance(error, InvalidArgument) or error.reason != "BATCH_TOO_LONG":
         return None
     most = error.metadata.get("limit", "")
-    return int(most) if most.isdecimal() and 0 < int(most) < sent else None
+    if not (most.isascii() and most.isdigit() and len(most) <= 10):
+        return None
+    return int(most) if 0 < int(most) < sent else None
 
 
 def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:

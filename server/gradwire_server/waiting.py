@@ -31,7 +31,8 @@ from gradwire_server.errors import Stopping
 T = TypeVar("T")
 
 #: How long, at a stop, a stream's send may wait for its client to read before the stream is
-#: ended: far longer than a reading client takes for any message on a working network.
+#: ended. A second: a client reading as fast as a watch's updates come takes them in far
+#: less on loopback or a LAN; the stop, which would end the stream anyway, is not held.
 STALLED_S = 1.0
 
 #: Why a Calls stream ended at a stop: what ran on it and what did not.
@@ -120,6 +121,7 @@ class SendingStreams:
         self._lock = threading.Lock()
         self._open: set[_Sending] = set()
         self._stopped = False
+        self._looking = False  # the stop's thread runs
 
     @contextlib.contextmanager
     def open(self, context: grpc.ServicerContext, stalled: str) -> Iterator[_Sending]:
@@ -130,6 +132,9 @@ class SendingStreams:
         stream = _Sending(context, stalled)
         with self._lock:
             self._open.add(stream)
+            # A stream whose handler starts after the stop (it waited for a thread, or came
+            # as the stop began) may send once before it looks for the stop.
+            self._look_if_stopped()
         try:
             yield stream
         finally:
@@ -138,20 +143,28 @@ class SendingStreams:
 
     def stop(self) -> None:
         """Begins ending, on a thread of its own, each stream whose send is still under way
-        `stalled_s` after it was first seen under way, until no stream is open (the streams
-        end themselves at the stop, or gRPC ends them at the grace period)."""
+        `stalled_s` after it was first seen under way, while streams are open (the streams
+        end themselves at the stop, or gRPC ends them at the grace period). A client that
+        reads, but too slowly to take one message in that time (a large update on a slow
+        link, a loop slower than a second an update), is ended the same way: its stream was
+        ending anyway, and it loses what it had not read and the STOPPING reason."""
         with self._lock:
-            if self._stopped:
-                return
             self._stopped = True
-        threading.Thread(target=self._end_stalled, name="gradwire-stalled", daemon=True).start()
+            self._look_if_stopped()
+
+    def _look_if_stopped(self) -> None:
+        """Starts the stop's thread, once stopped, unless it runs (under the lock)."""
+        if self._stopped and not self._looking:
+            self._looking = True
+            threading.Thread(target=self._end_stalled, name="gradwire-stalled", daemon=True).start()
 
     def _end_stalled(self) -> None:
         ended: set[_Sending] = set()
         before: dict[_Sending, int] = {}
         while True:
             with self._lock:
-                if not self._open:
+                if not self._open:  # the next stream to open starts it again
+                    self._looking = False
                     return
                 now = {stream: stream.sends for stream in self._open if stream not in ended}
             for stream, sends in now.items():
