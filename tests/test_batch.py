@@ -541,6 +541,12 @@ def test_a_request_id_in_the_batchs_metadata_is_refused(address: str) -> None:
     assert version(address) == 0
 
 
+def test_an_empty_request_id_in_the_batchs_metadata_is_none(address: str) -> None:
+    fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
+    answers = raw_batch(address, [fill, fill], (("gradwire-request-id", ""),))
+    assert [a.fill_parameters.version for a in answers] == [1, 2]
+
+
 def test_bytes_that_are_no_batch_request_are_refused(address: str) -> None:
     code, reason, _ = refused(address, b"\x0a\x05ab")  # a call that runs past the end
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")

@@ -337,6 +337,18 @@ def test_request_id_or_expected_version_in_the_streams_metadata_is_refused(addre
             assert f"cannot carry {key}" in (caught.value.details() or "")
 
 
+def test_an_empty_request_id_in_the_streams_metadata_is_none(address: str) -> None:
+    """As for a unary call: a client that always sends the header, empty when it has no id,
+    had every stream refused."""
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-request-id", ""),))
+        fill = pb.CallRequest(
+            request_id="fill-1", fill_parameters=pb.FillParametersRequest(value=2.0)
+        )
+        answer, again = stream.call(fill), stream.call(fill)  # the retry answered as the first
+    assert answer.fill_parameters.version == again.fill_parameters.version == 1
+
+
 def test_a_session_closed_under_a_stream_answers_unknown_session(
     client: gradwire.Client, address: str
 ) -> None:
