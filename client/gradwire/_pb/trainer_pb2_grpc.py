@@ -167,7 +167,9 @@ class TrainerServicer:
     def Backward(self, request, context):
         """Runs loss.backward(): accumulates into every parameter's .grad.
         FAILED_PRECONDITION when there is no loss (no Forward, or Forward without a
-        target) or its graph was already freed by an earlier Backward.
+        target: NO_LOSS), its graph was already freed by an earlier Backward (GRAPH_FREED), or
+        a parameter changed since that Forward (a Step, SetTensor or FillParameters:
+        GRAPH_STALE; Forward again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -279,6 +281,7 @@ class TrainerServicer:
     def CloseSession(self, request, context):
         """Closes the session the request names, and frees its model; the "gradwire-session"
         metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+        The default session (an empty id) cannot be closed: INVALID_ARGUMENT (BAD_SESSION).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -330,10 +333,12 @@ class TrainerServicer:
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
         steps already taken stay applied, those after the last progress message read included:
-        read the state version to know how many ran. Each step is applied as it runs: Train reads no
-        request id or expected version, and is not safe to retry blindly (read the version
-        first). A run does not hold other callers off: their calls on the same session are
-        served between two of its steps, and a mutation of theirs lands there.
+        read the state version to know how many ran. Each step is applied as it runs: Train
+        reads no request id, and is not safe to retry blindly (read the version first); an
+        expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
+        step taken, when the state has moved). A run does not hold other callers off: their
+        calls on the same session are served between two of its steps, and a mutation of
+        theirs lands there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

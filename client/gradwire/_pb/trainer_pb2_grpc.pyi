@@ -29,7 +29,8 @@ Conventions used by every message below:
   A Train that fails keeps the steps it completed. One refused past its first step, or
   ended by the server stopping, says how many ("the 26 steps before it stay applied"),
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
-  ("version"); an INTERNAL error does not (read the version).
+  ("version"); an INTERNAL error does not, nor a Train ended at a stop while its client
+  was not reading its progress (below, UNAVAILABLE): read the version.
 - Mutations (every RPC that changes state) read two optional metadata entries (on a
   Calls stream, fields of each CallRequest of the same meaning):
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
@@ -38,7 +39,9 @@ Conventions used by every message below:
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
   (DEADLINE_EXCEEDED). With a server token set, every call but grpc.health.v1 needs
   "authorization: Bearer <token>" (the scheme in any case), once (UNAUTHENTICATED
-  without it, or with it twice).
+  without it, or with it twice). Each "gradwire-" entry (request id, expected version,
+  session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
+  call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps every id for 10 minutes after its last use, and
@@ -67,8 +70,8 @@ Conventions used by every message below:
   larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
   default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements
   (the server's default) and 64 dimensions; a name at most 256 characters (Unicode code
-  points, not bytes). GetServerInfo answers the limits of the server at hand, these and
-  the others below.
+  points, not bytes), none of them a control character (BAD_NAME). GetServerInfo
+  answers the limits of the server at hand, these and the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
   write, a Calls stream) holds one place for as long as it is open. With none free a call is answered
@@ -85,7 +88,8 @@ Conventions used by every message below:
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
-  answered UNKNOWN. The reasons, by status:
+  answered UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256
+  (so a long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
       BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
@@ -100,10 +104,13 @@ Conventions used by every message below:
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
-    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED
+    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
+      call's session was closed, by CloseSession, idleness or the server stopping, after
+      the call found it and before it ran: open a session)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
-      FETCH_TOO_LARGE (metadata "bytes", "limit"), WATCH_TOO_LARGE, OUT_OF_MEMORY, BUSY,
-      TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
+      FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
+      would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
+      BUSY, TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; its message says whether it ran; metadata "bytes": the answer's size, "limit":
       the room it had)
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
@@ -111,10 +118,16 @@ Conventions used by every message below:
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
       Batch not run because the one before it failed; metadata "previous": that call's
       RPC name)
-    DEADLINE_EXCEEDED: DEADLINE_PASSED
+    DEADLINE_EXCEEDED: DEADLINE_PASSED (metadata "method" when a retry's deadline passed
+      while it waited for its first attempt, still running)
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, an OpenSession refused,
-      or a call of a Batch not run, as the server stops: call again later)
+      or a call of a Batch not run, as the server stops: call again later). A Watch or
+      Train whose client is not reading what it sends (its send held by HTTP/2 flow
+      control) cannot look for the stop: about a second after the stop begins it is
+      cancelled, UNAVAILABLE with no ErrorInfo (the message often gRPC's own, "Stream
+      removed"), what it had sent and the client had not read lost; an idle Calls stream
+      ends UNAVAILABLE with no ErrorInfo too.
     INTERNAL: INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
@@ -169,7 +182,9 @@ class TrainerStub:
     Backward: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.BackwardRequest, _trainer_pb2.BackwardResponse]
     """Runs loss.backward(): accumulates into every parameter's .grad.
     FAILED_PRECONDITION when there is no loss (no Forward, or Forward without a
-    target) or its graph was already freed by an earlier Backward.
+    target: NO_LOSS), its graph was already freed by an earlier Backward (GRAPH_FREED), or
+    a parameter changed since that Forward (a Step, SetTensor or FillParameters:
+    GRAPH_STALE; Forward again).
     """
     Step: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.StepRequest, _trainer_pb2.StepResponse]
     """Runs optimizer.step(). FAILED_PRECONDITION when no parameter has a gradient."""
@@ -216,6 +231,7 @@ class TrainerStub:
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """Closes the session the request names, and frees its model; the "gradwire-session"
     metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+    The default session (an empty id) cannot be closed: INVALID_ARGUMENT (BAD_SESSION).
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
     """The sessions open beside the default one, oldest first, with this server's limit and
@@ -247,10 +263,12 @@ class TrainerStub:
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
     steps already taken stay applied, those after the last progress message read included:
-    read the state version to know how many ran. Each step is applied as it runs: Train reads no
-    request id or expected version, and is not safe to retry blindly (read the version
-    first). A run does not hold other callers off: their calls on the same session are
-    served between two of its steps, and a mutation of theirs lands there.
+    read the state version to know how many ran. Each step is applied as it runs: Train
+    reads no request id, and is not safe to retry blindly (read the version first); an
+    expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
+    step taken, when the state has moved). A run does not hold other callers off: their
+    calls on the same session are served between two of its steps, and a mutation of
+    theirs lands there.
     """
     Calls: _grpc.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
@@ -327,7 +345,9 @@ class TrainerAsyncStub(TrainerStub):
     Backward: _aio.UnaryUnaryMultiCallable[_trainer_pb2.BackwardRequest, _trainer_pb2.BackwardResponse]  # type: ignore[assignment]
     """Runs loss.backward(): accumulates into every parameter's .grad.
     FAILED_PRECONDITION when there is no loss (no Forward, or Forward without a
-    target) or its graph was already freed by an earlier Backward.
+    target: NO_LOSS), its graph was already freed by an earlier Backward (GRAPH_FREED), or
+    a parameter changed since that Forward (a Step, SetTensor or FillParameters:
+    GRAPH_STALE; Forward again).
     """
     Step: _aio.UnaryUnaryMultiCallable[_trainer_pb2.StepRequest, _trainer_pb2.StepResponse]  # type: ignore[assignment]
     """Runs optimizer.step(). FAILED_PRECONDITION when no parameter has a gradient."""
@@ -374,6 +394,7 @@ class TrainerAsyncStub(TrainerStub):
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Closes the session the request names, and frees its model; the "gradwire-session"
     metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+    The default session (an empty id) cannot be closed: INVALID_ARGUMENT (BAD_SESSION).
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """The sessions open beside the default one, oldest first, with this server's limit and
@@ -405,10 +426,12 @@ class TrainerAsyncStub(TrainerStub):
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
     steps already taken stay applied, those after the last progress message read included:
-    read the state version to know how many ran. Each step is applied as it runs: Train reads no
-    request id or expected version, and is not safe to retry blindly (read the version
-    first). A run does not hold other callers off: their calls on the same session are
-    served between two of its steps, and a mutation of theirs lands there.
+    read the state version to know how many ran. Each step is applied as it runs: Train
+    reads no request id, and is not safe to retry blindly (read the version first); an
+    expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
+    step taken, when the state has moved). A run does not hold other callers off: their
+    calls on the same session are served between two of its steps, and a mutation of
+    theirs lands there.
     """
     Calls: _aio.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]  # type: ignore[assignment]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
@@ -494,7 +517,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.BackwardResponse, _abc.Awaitable[_trainer_pb2.BackwardResponse]]:
         """Runs loss.backward(): accumulates into every parameter's .grad.
         FAILED_PRECONDITION when there is no loss (no Forward, or Forward without a
-        target) or its graph was already freed by an earlier Backward.
+        target: NO_LOSS), its graph was already freed by an earlier Backward (GRAPH_FREED), or
+        a parameter changed since that Forward (a Step, SetTensor or FillParameters:
+        GRAPH_STALE; Forward again).
         """
 
     @_abc_1.abstractmethod
@@ -625,6 +650,7 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
         """Closes the session the request names, and frees its model; the "gradwire-session"
         metadata is not read. A Watch or Train open on it ends with FAILED_PRECONDITION (CLOSED).
+        The default session (an empty id) cannot be closed: INVALID_ARGUMENT (BAD_SESSION).
         """
 
     @_abc_1.abstractmethod
@@ -686,10 +712,12 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
         steps already taken stay applied, those after the last progress message read included:
-        read the state version to know how many ran. Each step is applied as it runs: Train reads no
-        request id or expected version, and is not safe to retry blindly (read the version
-        first). A run does not hold other callers off: their calls on the same session are
-        served between two of its steps, and a mutation of theirs lands there.
+        read the state version to know how many ran. Each step is applied as it runs: Train
+        reads no request id, and is not safe to retry blindly (read the version first); an
+        expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
+        step taken, when the state has moved). A run does not hold other callers off: their
+        calls on the same session are served between two of its steps, and a mutation of
+        theirs lands there.
         """
 
     @_abc_1.abstractmethod
