@@ -353,6 +353,18 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
 
 
+def _stop_while_not_read(running: Running, stream: Iterator[object]) -> float:
+    """Stops `running` (grace 30 s) while `stream`'s client reads nothing; returns how long
+    the stop took. The stream, read after, has ended UNAVAILABLE."""
+    started = time.monotonic()
+    running.stop(grace=30)
+    took = time.monotonic() - started
+    with pytest.raises(errors.Unavailable):
+        for _ in stream:
+            pass
+    return took
+
+
 def test_a_stop_ends_a_watch_whose_client_stopped_reading(trainer: Trainer) -> None:
     """Its handler waited in gRPC's send for the client to read on, where it cannot look for
     the stop: every stop waited the whole grace period for it (8 s of 8, seen)."""
@@ -369,12 +381,7 @@ def test_a_stop_ends_a_watch_whose_client_stopped_reading(trainer: Trainer) -> N
         for _ in range(400):  # training does not wait for the watcher: 400 updates are due
             stepper.train_step(x, y)
         assert running.servicer.sending.under_way == 1  # the watch's send waits for it
-        started = time.monotonic()
-        running.stop(grace=30)
-        took = time.monotonic() - started
-        with pytest.raises(errors.Unavailable):
-            for _ in updates:
-                pass
+        took = _stop_while_not_read(running, updates)
     assert 0.9 < took < 10  # a second to read on, then ended, well inside the grace
 
 
@@ -402,12 +409,7 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
             return trainer.version == version
 
         eventually(waits, "the Train did not come to wait for its client", within=120)
-        started = time.monotonic()
-        running.stop(grace=30)
-        took = time.monotonic() - started
-        with pytest.raises(errors.Unavailable):
-            for _ in progress:
-                pass
+        took = _stop_while_not_read(running, progress)
     assert 0.9 < took < 10
     assert trainer.version % 4 == 0  # each step applied whole: 4 mutations
 
