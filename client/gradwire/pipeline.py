@@ -503,9 +503,9 @@ class Batch(Pipeline):
     client's timeout times its number of calls. A batch is not retried: if its call fails
     as a whole (the server unreachable, its deadline passed), each call in it fails with
     that error, and a change among them may have been applied (`changes_state`); their
-    request ids make sending them again safe. A server without the
-    Batch RPC gets a batch's calls in a pipeline (and, without the Calls RPC too, each as a
-    call of its own, retried as the client's calls are).
+    request ids make sending them again safe. A server without the Batch RPC gets a batch's
+    calls in a pipeline (and, without the Calls RPC too, each as a call of its own, retried
+    as the client's calls are).
     """
 
     _KIND = "batch"

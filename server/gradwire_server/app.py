@@ -76,10 +76,11 @@ class Running:
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish.
         Open streams end at once rather than hold the whole grace period: Watches and
-        Trains UNAVAILABLE with reason STOPPING (a second after the stop, UNAVAILABLE, if
-        their client is not reading what they send), Calls streams once no call of theirs is in
-        progress, health Watches once they have sent NOT_SERVING, reflection streams
-        between two questions. Then, with `save_to`, the state the calls left is saved."""
+        Trains UNAVAILABLE with reason STOPPING (a second or two after the stop,
+        UNAVAILABLE, if their client is not reading what they send), Calls streams once no
+        call of theirs is in progress, health Watches once they have sent NOT_SERVING,
+        reflection streams between two questions. Then, with `save_to`, the state the calls
+        left is saved."""
         self.health.enter_graceful_shutdown()
         self.servicer.stop()
         if self.reflection is not None:
