@@ -140,6 +140,8 @@ Conventions used by every message below:
   v1alpha, one service under two names; ListServices names v1alpha) keeps at most 8
   streams open at once: one more is RESOURCE_EXHAUSTED (TOO_MANY_REFLECTION_STREAMS,
   metadata "max_streams"); bytes that are no reflection request are MALFORMED_REQUEST too.
+  As the server stops, a reflection stream ends UNAVAILABLE: at once between two
+  questions (no ErrorInfo), or STOPPING for a question that comes as the stop begins.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost, a method the server does not have: UNIMPLEMENTED)
   carry no ErrorInfo.
