@@ -35,6 +35,7 @@ from gradwire_server.waiting import SendingStreams
 from tests.background import Reader, eventually
 from tests.serve_process import serving
 from tests.signals import signal_another_thread
+from tests.test_calls import _Cancellable
 
 
 def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
@@ -415,8 +416,6 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
 
 
 def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
-    from tests.test_calls import _Cancellable
-
     sending = SendingStreams(stalled_s=0.2)
     stuck, quick, idle = _Cancellable(), _Cancellable(), _Cancellable()
     with (
@@ -442,8 +441,6 @@ def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
 def test_a_stream_whose_handler_starts_after_the_stop_is_looked_at_too() -> None:
     """Its call waited for a thread, or came as the stop began: the stop's thread, ended for
     want of streams, starts again (found by a review)."""
-    from tests.test_calls import _Cancellable
-
     sending, late = SendingStreams(stalled_s=0.1), _Cancellable()
     sending.stop()
     eventually(lambda: "gradwire-stalled" not in {t.name for t in threading.enumerate()})
