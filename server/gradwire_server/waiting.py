@@ -182,7 +182,8 @@ class SendingStreams:
 
 
 def _cancel(context: grpc.ServicerContext, details: str) -> None:
-    """Cancels a waiting stream with UNAVAILABLE and `details` as its status. A client may
+    """Cancels a stream waiting on its client (for its next message, or for it to read)
+    with UNAVAILABLE and `details` as its status. A client may
     have written a message as the stream was cancelled, which was not run: told
     UNAVAILABLE, it retries it, where told CANCELLED (the status of gRPC's public cancel) it
     took the call as cancelled on its own side, perhaps run, and did not retry (found by a
