@@ -306,7 +306,7 @@ def small_calls(served: Served, repeats: int) -> list[Row]:
             rows.append(at_most(f"{label} vs echo", ours, bare_echo, 1.5))
             # And each in a loop of its own, with its ceiling: alternated, the echo reads
             # 0.1 ms faster after a Step than in a loop of echoes (Step's parallel update
-            # keeps the second vCPU awake; docs/PERFORMANCE.md, eighteenth session). The
+            # keeps the second vCPU awake; docs/performance-history.md, eighteenth session). The
             # same call on a Calls stream beside them.
             ours, on_stream, work, bare_echo = looped(
                 [
@@ -492,7 +492,8 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
         figure = "  (ceiling) the same 5 calls, bare gRPC, vs in-process + 6 echoes"
         rows.append(report(at_most(figure, ceiling, budget, 1.0)))
         # A person stepping by hand, or a script doing other work between steps: what a pause
-        # costs the calls after it (torch's OpenMP worker asleep; docs/PERFORMANCE.md).
+        # costs the calls after it (torch's OpenMP worker asleep; docs/performance-history.md,
+        # "After idle").
         after_idle = []
         for _ in range(repeats):
             time.sleep(IDLE_S)  # the pause is the figure's premise, not a wait for a result

@@ -10,10 +10,10 @@ served beside the floor (`app.start`'s `extra_handlers`), which gradwire's call
 interceptor passes through unwrapped; no request parsing, session, slot, request log,
 version guard or reply encoding in the server; no deadline, request id or metadata in the
 client. Plain generic handlers and calls, where gradwire's server registers its methods
-(registering either end made no difference in loops: docs/PERFORMANCE.md, eighteenth
-session). Its time against the in-process step is what a bare grpcio call around that
-step gets on the machine at hand; gradwire's time against it is what gradwire itself
-costs.
+(registering either end made no difference in loops: docs/performance-history.md,
+eighteenth session). Its time against the in-process step is what a bare grpcio call
+around that step gets on the machine at hand; gradwire's time against it is what gradwire
+itself costs.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="malloc setti
 #: thread) holding tensors that live on, and a "step" of 4 MiB temporaries freed at its end.
 #: Prints the page faults per step. With glibc's defaults the temporaries are mapped anew
 #: every step. (What the top pad prevents, a heap mapped and unmapped every step, showed
-#: only inside the server: strace, docs/PERFORMANCE.md.)
+#: only inside the server: strace, docs/performance-history.md.)
 STEPS = """
 import resource, sys, threading
 import torch

@@ -372,7 +372,7 @@ def _get_tensor_request(selector: str, values: bool) -> bytes:
     """The serialized GetTensorRequest for a selector's text. Reads repeat their selectors
     (a loop that watches a slice, the tutorial's), and building the message cost a small
     read about 25 us of its 0.7 ms, the client's code gone cold between calls
-    (docs/PERFORMANCE.md, nineteenth session)."""
+    (docs/performance-history.md, nineteenth session)."""
     parsed = parse_selector(selector)
     return _tensor_request(parsed.name, parsed.index, values)
 
@@ -1032,7 +1032,7 @@ class Client:
         if method not in _ONCE:
             return None, None
         # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
-        # Python costs a remote Step 0.014-0.018 ms (docs/PERFORMANCE.md, eleventh session).
+        # Python costs a remote Step 0.014-0.018 ms (docs/performance-history.md, eleventh session).
         request_id = os.urandom(16).hex()
         return request_id, self._expected_version() if method in _MUTATIONS else None
 

@@ -278,7 +278,7 @@ def _wire_array(message: pb.Tensor) -> tuple[int, np.ndarray[Any, Any]]:
     elif len(values) <= FROMITER_MAX:
         # A few values (a small read): numpy's iterator takes 0.5 us where its array
         # protocol takes 2, and 16-20 us less with the code gone cold between calls
-        # (docs/PERFORMANCE.md, nineteenth session).
+        # (docs/performance-history.md, nineteenth session).
         flat = np.fromiter(values, dtype=wire_type.numpy, count=len(values))
     else:
         flat = np.asarray(values, dtype=wire_type.numpy)  # the container's buffer, one copy

@@ -81,7 +81,8 @@ def length_field(number: int, pieces: Sequence[Piece]) -> list[Piece]:
 #: of the largest value (float64, int64). CPython keeps a bytes object's data 32 bytes into a
 #: 16-aligned block, so the client's arrays in place are aligned too. numpy and BLAS are
 #: slower on unaligned arrays: over 16 MiB, a sum took twice as long, a dot product 4
-#: (float32) to 20 (float64) times as long (docs/PERFORMANCE.md, "The twelfth session").
+#: (float32) to 20 (float64) times as long (docs/performance-history.md, "The twelfth
+#: session").
 ALIGNMENT = 8
 
 

@@ -3,9 +3,9 @@
 // trainer.proto's typed fields are packed and fixed-width, so on the wire each one is the
 // little-endian array itself. @grpc/proto-loader (protobufjs) decodes such a field value by
 // value into a JavaScript Array; for a tensor of 16 MiB that takes about four times as long as
-// the transfer (docs/PERFORMANCE.md, "The twelfth session"). `getTensorResponse` below finds
-// the field and makes it a Float32Array (and so on): a view of the reply's bytes when they
-// are aligned for the type, otherwise one copy.
+// the transfer (docs/performance-history.md, "The twelfth session"). `getTensorResponse`
+// below finds the field and makes it a Float32Array (and so on): a view of the reply's bytes
+// when they are aligned for the type, otherwise one copy.
 //
 //   import { withTensorViews } from './wire.mjs';
 //   const Fast = withTensorViews(Trainer);    // Trainer from grpc.loadPackageDefinition

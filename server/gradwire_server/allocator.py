@@ -3,8 +3,8 @@
 With glibc's default settings, the CPU tensors of one step (activations, gradients, the
 temporaries of the backward pass) go back to the operating system when the step ends, and
 the next step faults the same pages in again: on the benchmark's 2-core VM, about 900-1,600
-page faults and about 1 ms of a 6-7 ms step at batch 256 (docs/PERFORMANCE.md, "Page faults in
-every step"). Two of glibc's habits do it:
+page faults and about 1 ms of a 6-7 ms step at batch 256 (docs/performance-history.md, "Page
+faults in every step"). Two of glibc's habits do it:
 - a block over the mmap threshold (128 KiB at first) gets a mapping of its own, unmapped
   when it is freed. glibc raises the threshold when it sees such a block freed, but only to
   that block's size, and a heap with more than twice that free at its top gives it back;

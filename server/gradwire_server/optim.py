@@ -14,7 +14,8 @@ Plain SGD (no momentum, decay or other setting; the server's default optimizer) 
 one `param.add_(grad, alpha=-lr)` per parameter, which is all torch's `_single_tensor_sgd`
 does for it; torch wraps that loop in five Python functions, an import and two dynamo graph
 breaks. In the server, with caches cold after a gRPC call, that Python took over a quarter of
-the step: `optimizer.step` 90 us through torch, 65 us here (docs/PERFORMANCE.md, tenth session).
+the step: `optimizer.step` 90 us through torch, 65 us here (docs/performance-history.md, tenth
+session).
 
 What is kept:
 - the optimizer's step hooks, global or its own: when any is registered, `step` goes through

@@ -384,7 +384,7 @@ def _unary(
     method: Handler[R], mutates: bool, sessionless: bool = False, operator: bool = False
 ) -> Handler[R]:
     # One flat wrapper, no generator-based context managers: this runs on every call, and in
-    # the server its Python runs with caches gone cold (docs/PERFORMANCE.md, tenth session).
+    # the server its Python runs with caches gone cold (docs/performance-history.md, tenth session).
     name = method.__name__
 
     @functools.wraps(method)
