@@ -8,7 +8,7 @@ faults in every step"). Two of glibc's habits do it:
 - a block over the mmap threshold (128 KiB at first) gets a mapping of its own, unmapped
   when it is freed. glibc raises the threshold when it sees such a block freed, but only to
   that block's size, and a heap with more than twice that free at its top gives it back;
-- the torch thread, like every thread but the main one, allocates from a heap of its own, at
+- the torch thread, like every thread outside the main arena, allocates from heaps of at
   most 64 MiB. When a step's blocks do not fit, glibc maps a new heap for them and unmaps it
   as soon as it is empty, at the end of the step: with the two thresholds below set but not
   the pad, strace still showed a heap mapped and unmapped in every step.
@@ -19,15 +19,22 @@ faults in every step"). Two of glibc's habits do it:
 - a heap grows by 64 MiB more than asked (address space only: pages come when touched), and
   a heap left empty is kept: glibc unmaps one only when the heap before it has more room
   than that to spare, and no heap is bigger than 64 MiB;
-- the threads share two arenas (glibc's pools of heaps; by default a thread gets one of its
-  own, up to eight per CPU). With freed memory kept, each arena keeps what its threads held
-  at their busiest: the 4 MiB chunks of a streamed write, received and freed on several of
-  gRPC's threads, stayed in as many arenas, and a 512 MiB write grew the server by 1.11-1.48
-  times its size. With two, the next chunk reuses the last one's memory: 1.03-1.09 times
-  (docs/performance-history.md, "The thirty-first session").
+- at most two arenas (glibc's pools of heaps: the main one and one more), which all the
+  threads share; by default a thread gets one of its own, up to eight per CPU. With freed
+  memory kept, each arena keeps what its threads held at their busiest: the 4 MiB chunks of
+  a streamed write, received and freed on several of gRPC's threads, stayed in as many
+  arenas, and a 512 MiB write grew the server by 1.11-1.48 times its size. In two, a chunk
+  reuses memory the last ones freed in its arena: 1.03-1.09 times
+  (docs/performance-history.md, "The thirty-first session"). glibc fixes the limit the
+  first time a thread needs a new arena after it is set (or after the process has more than
+  eight): the server sets it before its threads start; arenas made before stay, shared. Two
+  arenas' locks are shared too: measured on 2 vCPUs, where steps and small calls took what
+  they took with an arena a thread, not on a machine of many cores.
 
-The price is resident memory: the process keeps what its busiest step used (blocks of 32 MiB
-and more are still mapped and unmapped on their own). `gradwire serve
+A setting the caller made already, in glibc's environment variable (`MALLOC_ARENA_MAX`,
+`MALLOC_TRIM_THRESHOLD_`, ...) or its tunables (`GLIBC_TUNABLES=glibc.malloc.arena_max=4`,
+...), stands. The price is resident memory: the process keeps what its busiest step used
+(blocks of 32 MiB and more are still mapped and unmapped on their own). `gradwire serve
 --return-freed-memory` leaves glibc's defaults alone. Other C libraries (musl, macOS) are
 left alone too.
 
@@ -59,9 +66,24 @@ MMAP_THRESHOLD = 32 * MIB
 TRIM_THRESHOLD = 256 * MIB
 #: A heap grows by this much more than asked (address space; pages come when touched).
 TOP_PAD = 64 * MIB
-#: Arenas for all the process's threads: the main thread's and one more. It binds the
-#: threads that first allocate after it is set, as the server's do.
+#: Arenas for all the process's threads: the main one and one more.
 ARENA_MAX = 2
+
+#: Each setting: mallopt's parameter, gradwire's value, and the environment variable and
+#: tunable under which glibc takes the same setting from a caller.
+SETTINGS = (
+    (M_MMAP_THRESHOLD, MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    (M_TRIM_THRESHOLD, TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+    (M_TOP_PAD, TOP_PAD, "MALLOC_TOP_PAD_", "glibc.malloc.top_pad"),
+    (M_ARENA_MAX, ARENA_MAX, "MALLOC_ARENA_MAX", "glibc.malloc.arena_max"),
+)
+
+
+def _set_by_caller(variable: str, tunable: str) -> bool:
+    if variable in os.environ:
+        return True
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return any(item.split("=", 1)[0] == tunable for item in tunables.split(":"))
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -77,8 +99,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory() -> bool:
-    """Sets the process's malloc to keep freed memory (above). False when the C library is
-    not glibc (nothing changed) or glibc refused a setting."""
+    """Sets the process's malloc to keep freed memory (above), but for what the caller set
+    already. False when the C library is not glibc (nothing changed) or glibc refused a
+    setting."""
     libc = _glibc()
     if libc is None:
         log.debug("not glibc: malloc settings left as they are")
@@ -86,13 +109,13 @@ def keep_freed_memory() -> bool:
     # All of them: setting the mmap or the trim threshold turns off glibc's adjustment of
     # both. The trim threshold alone sent every block over 128 KiB to a mapping of its own:
     # seven times the page faults.
-    settings = (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-        (M_TOP_PAD, TOP_PAD),
-        (M_ARENA_MAX, ARENA_MAX),
-    )
-    return all(libc.mallopt(param, value) for param, value in settings)
+    applied = True
+    for param, value, variable, tunable in SETTINGS:
+        if _set_by_caller(variable, tunable):
+            log.info("malloc: %s as the environment sets it", tunable)
+        else:
+            applied = bool(libc.mallopt(param, value)) and applied
+    return applied
 
 
 #: oneDNN's own variable, read once, when its first kernel is made.
