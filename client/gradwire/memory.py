@@ -4,8 +4,9 @@ A read that cannot hand out a view of the received bytes makes a new array: a st
 (over 64 MiB) assembles its chunks into one, and a bfloat16 read widens into a float32 one.
 Fresh memory is paid for in page faults and the kernel zeroing each page on first touch,
 which on the benchmark's machine cost more than the copy into it: about 2 ms for 32 MiB, and
-50-100 ms (at times over a second) for 512 MiB (docs/PERFORMANCE.md). A watcher that reads a
-large tensor again and again, dropping the last array each time, would pay that every time.
+50-100 ms (at times over a second) for 512 MiB (docs/PERFORMANCE.md, "Fresh memory is
+expensive here"). A watcher that reads a large tensor again and again, dropping the last
+array each time, would pay that every time.
 
 So the client keeps the memory of the last large array it made. Once nothing refers to that
 array any more (not your variable, not a view or slice of it, not a torch tensor sharing its

@@ -279,7 +279,8 @@ class TrainerStub:
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
     its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
-    the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+    the 2-vCPU machine the benchmark runs on (docs/performance-history.md, "The
+    twenty-fourth session").
 
     Each CallRequest is one call, run as its unary call would be: the stream's
     "gradwire-session" metadata names the session, read afresh for each message (a
@@ -442,7 +443,8 @@ class TrainerAsyncStub(TrainerStub):
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
     its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
-    the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+    the 2-vCPU machine the benchmark runs on (docs/performance-history.md, "The
+    twenty-fourth session").
 
     Each CallRequest is one call, run as its unary call would be: the stream's
     "gradwire-session" metadata names the session, read afresh for each message (a
@@ -734,7 +736,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
         message on an open stream skips what each unary call pays (a new HTTP/2 stream with
         its headers and trailers, the server's hand-off to a thread): 0.15-0.25 ms a call on
-        the 2-vCPU machine the benchmark runs on (docs/PERFORMANCE.md).
+        the 2-vCPU machine the benchmark runs on (docs/performance-history.md, "The
+        twenty-fourth session").
 
         Each CallRequest is one call, run as its unary call would be: the stream's
         "gradwire-session" metadata names the session, read afresh for each message (a
