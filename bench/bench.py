@@ -117,6 +117,15 @@ def rounds_for(repeats: int) -> int:
     return max(1, (repeats + 3) // 6)
 
 
+def step_rounds(repeats: int) -> int:
+    """`looped`'s rounds for the step figures: 16 at the default 31, at least 1. A round's
+    ratio swings by a tenth either way on this VM as its step time drifts (14-19.5 ms at
+    batch 256 from one round to the next): in one script, TrainStep at batch 256 read
+    0.79-0.99x in ten runs of 5 rounds and 0.86-0.92x in seven of 16. The drift over
+    minutes stays (docs/performance-history.md, thirty-second session)."""
+    return max(1, (repeats + 1) // 2)
+
+
 @dataclass(frozen=True)
 class Served:
     address: str
@@ -425,7 +434,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
     def identity(selection: object) -> object:
         return selection
 
-    rounds = rounds_for(repeats)
+    rounds = step_rounds(repeats)
     with channel(served.address) as ch:
         client = gradwire.Client(served.address, channel=ch)
         # The targets' figures are taken on a Calls stream (`stream_calls=True`): gradwire's
@@ -698,8 +707,9 @@ def main() -> int:
         "--repeats",
         type=int,
         default=31,
-        help="calls per figure (median; small calls 10 times as many); the steps, and the "
-        "small calls' loop rows, run loops of 0.4 s instead, one round per 6 repeats",
+        help="calls per figure (median; small calls 10 times as many); the steps run loops "
+        "of 0.4 s instead, one round per 2 repeats, and the small calls' loop rows one round "
+        "per 6",
     )
     parser.add_argument("--big-repeats", type=int, default=5, help="512 MiB transfers per figure")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
