@@ -579,3 +579,28 @@ def test_a_ca_bundle_with_comments_and_crlf_is_taken(
     err = io.StringIO()
     assert main(["list", "--target", address, "--tls-ca", str(cut)], io.StringIO(), err) == 2
     assert f"--tls-ca {cut} holds no whole certificate in PEM: it is cut short" in err.getvalue()
+
+
+def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that fails its handshake never reaches gradwire's code, so gradwire's log has
+    no line for it; gRPC's own log has, at INFO, which the README tells an operator to turn
+    on (`GRPC_VERBOSITY=INFO gradwire serve ...`). This holds grpcio to that."""
+    monkeypatch.setenv("GRPC_VERBOSITY", "INFO")
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with serving(*tls, "--tls-client-ca", str(pki.ca)) as (process, log):
+        port = int(log.split("listening on 127.0.0.1:")[1].split()[0])
+        ca = pki.ca.read_bytes()
+        with (
+            gradwire.connect(f"127.0.0.1:{port}", ca=ca, timeout=3) as stranger,
+            pytest.raises(errors.Unavailable),
+        ):
+            stranger.list_tensors()
+        process.terminate()  # the server stops, and its log ends
+        assert process.stderr is not None
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == 0
+    failed = [line for line in rest.splitlines() if "Handshake failed" in line]
+    assert failed, rest  # a line per connection attempt: the client may try more than once
+    assert all("PEER_DID_NOT_RETURN_A_CERTIFICATE" in line for line in failed), failed
