@@ -582,15 +582,17 @@ def test_a_ca_bundle_with_comments_and_crlf_is_taken(
 
 
 def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(
-    pki: Pki, monkeypatch: pytest.MonkeyPatch
+    pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A client that fails its handshake never reaches gradwire's code, so gradwire's log has
     no line for it; gRPC's own log has, at INFO, which the README tells an operator to turn
     on (`GRPC_VERBOSITY=INFO gradwire serve ...`). This holds grpcio to that."""
     monkeypatch.setenv("GRPC_VERBOSITY", "INFO")
+    port_file = tmp_path / "port"
     tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
-    with serving(*tls, "--tls-client-ca", str(pki.ca)) as (process, log):
-        port = int(log.split("listening on 127.0.0.1:")[1].split()[0])
+    args = (*tls, "--tls-client-ca", str(pki.ca), "--port-file", str(port_file))
+    with serving(*args) as (process, _):
+        port = int(port_file.read_text())
         ca = pki.ca.read_bytes()
         with (
             gradwire.connect(f"127.0.0.1:{port}", ca=ca, timeout=3) as stranger,
