@@ -37,10 +37,9 @@ def test_a_client_made_after_a_restart_gets_through_at_once() -> None:
     assert not _answers(older)
     again = start(later, "127.0.0.1", port)
     try:
-        newer = gradwire.Client(f"127.0.0.1:{port}")
-        newer.retries = 0  # its first attempt, not a retry after the older's wait
-        assert _answers(newer)
-        newer.close()
+        with gradwire.Client(f"127.0.0.1:{port}") as newer:
+            newer.retries = 0  # its first attempt, not a retry after the older's wait
+            assert _answers(newer)
     finally:
         again.stop(grace=None)
         older.close()
