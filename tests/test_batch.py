@@ -580,6 +580,8 @@ def test_answers_past_one_message_fail_the_call_that_overflows(
     code, message, reason, metadata = error_of(answers[5])
     assert (code, reason, metadata["bytes"]) == (8, "BATCH_ANSWERS_TOO_LARGE", "18480")
     assert message.startswith("GetTensor ran, and changed nothing, but its answer (18,480")
+    # A client in any language tells a read that ran from a change that stays, untranslated.
+    assert (metadata["succeeded"], metadata["applied"]) == ("true", "false")
     assert answers[6].WhichOneof("result") == "list_tensors"
     assert answers[7].fill_parameters.version == 1
     assert error_of(answers[8])[2] == "BATCH_ANSWERS_TOO_LARGE"
@@ -626,10 +628,14 @@ def test_the_answer_in_place_of_one_that_did_not_fit_fits_its_reserve(method: st
     item = wire.split(
         pb.CallRequest(request_id="x" * 128, **{field: {}}).SerializeToString(), pb.CallRequest
     )
+    mutation = servicer._ON_STREAM[method][1]
     for answer, succeeded in [(b"\x00" * 10**8, True), (calls.error_bytes(b"\x00" * 10**6), False)]:
         replaced, name = servicer._too_large(item, answer, succeeded, 10**9)
         assert name == method
         assert len(replaced) + servicer._FRAMING <= servicer._ANSWER_RESERVE, len(replaced)
+        metadata = error_of(pb.CallResponse.FromString(replaced))[3]
+        applied = "true" if succeeded and mutation else "false"
+        assert (metadata["succeeded"], metadata["applied"]) == (str(succeeded).lower(), applied)
 
 
 def test_a_mutation_whose_answer_overflows_says_it_was_applied(
@@ -647,9 +653,10 @@ def test_a_mutation_whose_answer_overflows_says_it_was_applied(
     step = pb.CallRequest(request_id="step-1", train_step=train)
     answers = raw_batch(address, [step, pb.CallRequest(request_id="step-2", train_step=train)])
     one = answers[0].train_step.version  # the versions a step takes
-    code, message, reason, _ = error_of(answers[1])
+    code, message, reason, metadata = error_of(answers[1])
     assert (code, reason) == (8, "BATCH_ANSWERS_TOO_LARGE")
     assert message.startswith("TrainStep ran: the change it made stays applied; its answer")
+    assert (metadata["succeeded"], metadata["applied"]) == ("true", "true")
     assert version(address) == 2 * one
     with grpc.insecure_channel(address) as channel:
         stub = channel.unary_unary("/gradwire.v1.Trainer/TrainStep")

@@ -498,9 +498,10 @@ class Batch(Pipeline):
     a longer one before running any of it (BATCH_TOO_LONG, naming its limit): its calls are
     then sent again in batches of that many, as are the client's later batches. The answers
     of one batch must fit in one message too: a call whose answer does not is answered
-    errors.ResourceExhausted (BATCH_ANSWERS_TOO_LARGE), having run, so read large tensors
-    outside a batch. Each call's deadline is the client's timeout, and the batch's the
-    client's timeout times its number of calls. A batch is not retried: if its call fails
+    errors.ResourceExhausted (BATCH_ANSWERS_TOO_LARGE), having run (its `metadata["applied"]`
+    is "true" when a change it made stays applied), so read large tensors outside a batch.
+    Each call's deadline is the client's timeout, and the batch's the client's timeout
+    times its number of calls. A batch is not retried: if its call fails
     as a whole (the server unreachable, its deadline passed), each call in it fails with
     that error, and a change among them may have been applied (`changes_state`); their
     request ids make sending them again safe. A server without the Batch RPC gets a batch's

@@ -1345,9 +1345,11 @@ def _too_large(item: Any, answer: bytes, succeeded: bool, room: int) -> tuple[by
     its text names no input."""
     found, _, envelope = _named_call(item)
     name = found or "Calls"
+    # A mutation that ran: its change stays, whatever its answer became.
+    applied = succeeded and found is not None and _ON_STREAM[found][1]
     if not succeeded:
         what = "failed, and its error did not fit either (it changed nothing)"
-    elif found is not None and _ON_STREAM[found][1]:  # a mutation that ran
+    elif applied:
         what = "ran: the change it made stays applied"
         if envelope is not None and envelope.request_id:
             what += "; its answer is kept under its request id while the server keeps answers"
@@ -1359,7 +1361,14 @@ def _too_large(item: Any, answer: bytes, succeeded: bool, room: int) -> tuple[by
         f"answers, one message in all (room left: {max(room - _FRAMING, 0):,} bytes); make "
         "calls with large answers on their own (large reads stream)",
         "BATCH_ANSWERS_TOO_LARGE",
-        {"bytes": str(len(answer)), "limit": str(max(room - _FRAMING, 0))},
+        # For a client that reads no English: whether the call succeeded, and whether a
+        # change it made stays applied (the contract's one failed call that changed state).
+        {
+            "bytes": str(len(answer)),
+            "limit": str(max(room - _FRAMING, 0)),
+            "succeeded": "true" if succeeded else "false",
+            "applied": "true" if applied else "false",
+        },
     )
     return calls.error_bytes(status.SerializeToString()), name
 
