@@ -1232,6 +1232,26 @@ def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
     assert numpy_seeded.reseeded(1).seed == 0
 
 
+def test_on_the_cpu_a_seed_counts_its_low_32_bits_as_the_contract_says(
+    client: gradwire.Client,
+) -> None:
+    """trainer.proto's Fill.seed and ResetRequest.seed: PyTorch's CPU generator keeps a
+    seed's low 32 bits, so seeds that differ only above bit 31 give the same fill and the
+    same model (found by a review of the contract from another language's side). Should a
+    torch keep all 64, this fails and the contract's words go stale."""
+    inputs = []
+    for seed in (5, 2**32 + 5, (7 << 40) | 5, 6):
+        client.forward(Fill.normal(8, 3, 10, 10, seed=seed), ONES_TARGET)
+        inputs.append(client.get("input"))
+    assert all(np.array_equal(inputs[0], other) for other in inputs[1:3])
+    assert not np.array_equal(inputs[0], inputs[3])
+    models = []
+    for seed in (5, 2**32 + 5, 6):
+        client.reset(seed)
+        models.append(client.get("conv1.weight"))
+    assert np.array_equal(models[0], models[1]) and not np.array_equal(models[0], models[2])
+
+
 def test_a_fill_takes_its_shape_as_one_tuple_as_torch_does(client: gradwire.Client) -> None:
     """Fill.ones((8, 3, 10, 10)), as torch.ones takes it, raised protobuf's TypeError from
     inside to_proto ("'tuple' object cannot be interpreted as an integer"), when it was

@@ -17,7 +17,9 @@ Conventions used by every message below:
   state per parameter ("optimizer.conv1.weight.momentum_buffer", Adam's
   "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
   the last Step made to each parameter ("conv1.weight.delta"). ListTensors
-  lists them all.
+  lists them all. An optimizer-state name exists while the optimizer in use keeps that
+  state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
+  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the server's
   state version after the call. Each applied mutation (Forward, Backward,
@@ -26,6 +28,8 @@ Conventions used by every message below:
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
   Forward and Backward applied, the version moved by them); the server's log has it.
+  A call of a Batch answered BATCH_ANSWERS_TOO_LARGE ran before its answer was found
+  too large: its ErrorInfo's metadata "applied" is "true" when a change it made stays.
   A Train that fails keeps the steps it completed. One refused past its first step, or
   ended by the server stopping, says how many ("the 26 steps before it stay applied"),
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
@@ -103,7 +107,9 @@ Conventions used by every message below:
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
-    OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
+    OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
+      tensor that Index entry applies to (the selection the entries before it made),
+      new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session)
@@ -111,8 +117,9 @@ Conventions used by every message below:
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
       BUSY, TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
-      fit; its message says whether it ran; metadata "bytes": the answer's size, "limit":
-      the room it had)
+      fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
+      "true" when the call itself succeeded, "applied": "true" when it was a mutation that
+      ran, whose change stays applied; both "false" when it failed and changed nothing)
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
@@ -426,7 +433,17 @@ class Fill(_message.Message):
     std: _builtins.float
     """KIND_NORMAL: standard deviation (0 is taken as 1)"""
     seed: _builtins.int
-    """random kinds: the seed of a generator private to this fill"""
+    """Random kinds: the seed of a generator private to this fill. Unset is 0, as for any
+    plain field: random fills without a seed give the same values call after call; set a
+    new seed for new data. On the CPU only its low 32 bits count (PyTorch's CPU generator
+    keeps those): seeds that differ only above bit 31 give the same values.
+    KIND_UNIFORM and KIND_RANDINT need their bounds: unset, low and high are both 0 and
+    refused (BAD_FILL). KIND_NORMAL reads `value` and `std` instead, and takes them unset
+    (mean 0, standard deviation 1).
+    A random fill is made on the server's device, by that device's generator: a seed gives
+    the same values on the same kind of device, not on a CPU and a GPU alike (nor, perhaps,
+    on two GPU models). A constant of an integer dtype must be a whole number.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """size of each dimension"""
@@ -630,7 +647,11 @@ Global___Index: _TypeAlias = Index  # noqa: Y015
 @_typing.final
 class OptimizerConfig(_message.Message):
     """An optimizer's settings. Unset fields take PyTorch's defaults for that
-    optimizer, except SGD's lr, which defaults to 1.0 as in the tutorial.
+    optimizer, except SGD's lr, which defaults to 1.0 as in the tutorial. A field of the
+    other kind ("SGD only" for Adam, "Adam only" for SGD) is refused when set, even to its
+    default: INVALID_ARGUMENT (BAD_OPTIMIZER). To switch kinds from a config the server
+    returned (ListTensorsResponse.optimizer sets every field of its kind), clear the old
+    kind's fields. Nesterov needs a momentum above 0, as in PyTorch.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1184,7 +1205,10 @@ class ListTensorsResponse(_message.Message):
     outputs: _builtins.int
     """the output's width: Forward returns [N, outputs]"""
     loss: _builtins.str
-    """"cross_entropy" (targets: class indices in [0, outputs)) or "mse" (targets: floats [N, outputs])"""
+    """"cross_entropy" (targets: class indices in [0, outputs), or probabilities [N, outputs])
+    or "mse" (targets: floats [N, outputs]); either averaged over the batch, PyTorch's
+    reduction "mean", so a batch of N equal samples gives one sample's loss and gradients.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]:
         """every inspectable tensor, parameters first in model order"""
@@ -1228,7 +1252,10 @@ class ResetRequest(_message.Message):
 
     SEED_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
-    """torch.manual_seed before initialising; unset: not seeded"""
+    """The seed of the generator that initialises the model (the CPU's, on every device, so
+    a seed gives the same model on a CPU and a GPU); unset: not seeded, a new draw. Only its
+    low 32 bits count, as in Fill.seed on the CPU.
+    """
     def __init__(
         self,
         *,
@@ -1389,7 +1416,9 @@ class TrainStepResponse(_message.Message):
     FETCHED_FIELD_NUMBER: _builtins.int
     NONFINITE_INPUTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """state version after the step"""
+    """State version after the step: 4 more than before it (ZeroGrad, Forward, Backward,
+    Step, each an applied mutation), 3 without zero_grad.
+    """
     loss: _builtins.float
     """the loss the step minimised"""
     parameters_updated: _builtins.int
@@ -1437,11 +1466,16 @@ class TensorChunk(_message.Message):
     """position of this chunk's first value, counted in values"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """first chunk: the whole tensor's shape; later chunks: empty"""
+        """First chunk: the whole tensor's shape (empty: a 0-d tensor); later chunks: empty, and
+        one that sets it is refused (BAD_CHUNK).
+        """
 
     @_builtins.property
     def values(self) -> Global___Tensor:
-        """this chunk's values: a 1-D tensor, the same dtype in every chunk"""
+        """This chunk's values: a 1-D tensor, values.shape = [the values in this chunk] (left
+        empty it is 0-d, one value, and a chunk of more is refused, BAD_CHUNK), the same dtype
+        in every chunk.
+        """
 
     def __init__(
         self,
@@ -2295,9 +2329,11 @@ class TrainRequest(_message.Message):
     """a progress message after every this many steps (and after the last); 0: 1; negative: BAD_REQUEST"""
     @_builtins.property
     def input(self) -> Global___TensorSource:
-        """The data of every step: a tensor (the same each step), or a fill. A random fill
-        (uniform, normal, randint) takes seed + k at step k (from 0), so each step sees new
-        data and the run is reproducible.
+        """The data of every step: a tensor (the same each step), or a fill. A run's steps are
+        numbered from 1, as TrainProgress.step and first_nonfinite_step count them: a random
+        fill (uniform, normal, randint) takes seed + n - 1 at step n, so each step sees new
+        data and the run is reproducible (the step first_nonfinite_step names took seed +
+        first_nonfinite_step - 1).
         """
 
     @_builtins.property

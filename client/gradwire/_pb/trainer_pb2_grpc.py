@@ -333,7 +333,9 @@ class TrainerServicer:
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
         steps already taken stay applied, those after the last progress message read included:
-        read the state version to know how many ran. Each step is applied as it runs: Train
+        read the state version to know how many ran. Each step adds 4 to it, as a TrainStep
+        does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
+        mutation landing between two steps adds its own. Each step is applied as it runs: Train
         reads no request id, and is not safe to retry blindly (read the version first); an
         expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
         step taken, when the state has moved). A run does not hold other callers off: their
@@ -398,9 +400,9 @@ class TrainerServicer:
         run). The answers together fit in one message (max_message_bytes): the server keeps
         room for every call still to be answered, and a call whose answer would take that room
         is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
-        saying whether it ran (a change it made stays applied; a mutation's answer is kept
-        under its request id, for a retry as a call of its own, while the server keeps
-        answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+        and metadata ("succeeded", "applied") saying whether it ran (a change it made stays
+        applied; a mutation's answer is kept under its request id, for a retry as a call of
+        its own, while the server keeps answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
         large tensors in calls of their own. Other calls are not held off: between two calls
         of a batch, another caller's call on the same session may run. A batch holds one place
         while it runs. Once the server begins to stop, the calls not yet run are answered

@@ -17,7 +17,9 @@ Conventions used by every message below:
   state per parameter ("optimizer.conv1.weight.momentum_buffer", Adam's
   "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
   the last Step made to each parameter ("conv1.weight.delta"). ListTensors
-  lists them all.
+  lists them all. An optimizer-state name exists while the optimizer in use keeps that
+  state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
+  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the server's
   state version after the call. Each applied mutation (Forward, Backward,
@@ -26,6 +28,8 @@ Conventions used by every message below:
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
   Forward and Backward applied, the version moved by them); the server's log has it.
+  A call of a Batch answered BATCH_ANSWERS_TOO_LARGE ran before its answer was found
+  too large: its ErrorInfo's metadata "applied" is "true" when a change it made stays.
   A Train that fails keeps the steps it completed. One refused past its first step, or
   ended by the server stopping, says how many ("the 26 steps before it stay applied"),
   and the ErrorInfo's metadata has the number ("steps_done") and the state version then
@@ -103,7 +107,9 @@ Conventions used by every message below:
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
-    OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index", "dimension", "size")
+    OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
+      tensor that Index entry applies to (the selection the entries before it made),
+      new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session)
@@ -111,8 +117,9 @@ Conventions used by every message below:
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
       BUSY, TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
-      fit; its message says whether it ran; metadata "bytes": the answer's size, "limit":
-      the room it had)
+      fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
+      "true" when the call itself succeeded, "applied": "true" when it was a mutation that
+      ran, whose change stays applied; both "false" when it failed and changed nothing)
     ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
@@ -265,7 +272,9 @@ class TrainerStub:
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
     steps already taken stay applied, those after the last progress message read included:
-    read the state version to know how many ran. Each step is applied as it runs: Train
+    read the state version to know how many ran. Each step adds 4 to it, as a TrainStep
+    does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
+    mutation landing between two steps adds its own. Each step is applied as it runs: Train
     reads no request id, and is not safe to retry blindly (read the version first); an
     expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
     step taken, when the state has moved). A run does not hold other callers off: their
@@ -322,9 +331,9 @@ class TrainerStub:
     run). The answers together fit in one message (max_message_bytes): the server keeps
     room for every call still to be answered, and a call whose answer would take that room
     is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
-    saying whether it ran (a change it made stays applied; a mutation's answer is kept
-    under its request id, for a retry as a call of its own, while the server keeps
-    answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+    and metadata ("succeeded", "applied") saying whether it ran (a change it made stays
+    applied; a mutation's answer is kept under its request id, for a retry as a call of
+    its own, while the server keeps answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
     large tensors in calls of their own. Other calls are not held off: between two calls
     of a batch, another caller's call on the same session may run. A batch holds one place
     while it runs. Once the server begins to stop, the calls not yet run are answered
@@ -429,7 +438,9 @@ class TrainerAsyncStub(TrainerStub):
     it goes, for callers that do not want a round trip per step. Cancelling the call stops
     the run between two steps (the step running when the cancel arrives completes); the
     steps already taken stay applied, those after the last progress message read included:
-    read the state version to know how many ran. Each step is applied as it runs: Train
+    read the state version to know how many ran. Each step adds 4 to it, as a TrainStep
+    does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
+    mutation landing between two steps adds its own. Each step is applied as it runs: Train
     reads no request id, and is not safe to retry blindly (read the version first); an
     expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
     step taken, when the state has moved). A run does not hold other callers off: their
@@ -486,9 +497,9 @@ class TrainerAsyncStub(TrainerStub):
     run). The answers together fit in one message (max_message_bytes): the server keeps
     room for every call still to be answered, and a call whose answer would take that room
     is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
-    saying whether it ran (a change it made stays applied; a mutation's answer is kept
-    under its request id, for a retry as a call of its own, while the server keeps
-    answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+    and metadata ("succeeded", "applied") saying whether it ran (a change it made stays
+    applied; a mutation's answer is kept under its request id, for a retry as a call of
+    its own, while the server keeps answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
     large tensors in calls of their own. Other calls are not held off: between two calls
     of a batch, another caller's call on the same session may run. A batch holds one place
     while it runs. Once the server begins to stop, the calls not yet run are answered
@@ -716,7 +727,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         it goes, for callers that do not want a round trip per step. Cancelling the call stops
         the run between two steps (the step running when the cancel arrives completes); the
         steps already taken stay applied, those after the last progress message read included:
-        read the state version to know how many ran. Each step is applied as it runs: Train
+        read the state version to know how many ran. Each step adds 4 to it, as a TrainStep
+        does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
+        mutation landing between two steps adds its own. Each step is applied as it runs: Train
         reads no request id, and is not safe to retry blindly (read the version first); an
         expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
         step taken, when the state has moved). A run does not hold other callers off: their
@@ -785,9 +798,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         run). The answers together fit in one message (max_message_bytes): the server keeps
         room for every call still to be answered, and a call whose answer would take that room
         is answered RESOURCE_EXHAUSTED (BATCH_ANSWERS_TOO_LARGE) in its place, its message
-        saying whether it ran (a change it made stays applied; a mutation's answer is kept
-        under its request id, for a retry as a call of its own, while the server keeps
-        answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
+        and metadata ("succeeded", "applied") saying whether it ran (a change it made stays
+        applied; a mutation's answer is kept under its request id, for a retry as a call of
+        its own, while the server keeps answers). Such a call counts as failed for the next one's if_previous_succeeded. Read
         large tensors in calls of their own. Other calls are not held off: between two calls
         of a batch, another caller's call on the same session may run. A batch holds one place
         while it runs. Once the server begins to stop, the calls not yet run are answered
