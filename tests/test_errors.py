@@ -725,3 +725,30 @@ def test_a_target_fill_given_a_dtype_is_not_told_of_the_default_one(
         client.forward(INPUT, fill)
     assert info.value.reason == "BAD_FILL"
     assert "int32" in info.value.message and "unless given a dtype" not in info.value.message
+
+
+#: Reasons in the server's code that no call is answered with: `gradwire serve` refusing to
+#: start (exit code 2, the reason only in its log), and the base classes' defaults, which
+#: every raise overrides with a reason of its own.
+_NOT_ON_THE_WIRE = {
+    "BAD_CHECKPOINT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
+    "ERROR", "OVER_LIMIT", "WRONG_ORDER",
+}  # fmt: skip
+
+
+def test_every_reason_the_server_gives_is_named_in_the_contract() -> None:
+    """trainer.proto's list at its top is what a client in another language branches on:
+    CALLER_GONE was sent (and in the README) but not named there (found by a review). The
+    reasons are read from the server's source: each `reason="..."`, and those `_status`
+    builds by hand."""
+    root = Path(__file__).resolve().parent.parent
+    source = "".join(p.read_text() for p in (root / "server" / "gradwire_server").rglob("*.py"))
+    reasons = set(re.findall(r'reason\s*=\s*"([A-Z][A-Z_]+)"', source))
+    reasons |= set(
+        re.findall(r'_status\(\s*grpc\.StatusCode\.\w+,.*?"([A-Z][A-Z_]{3,})"', source, re.S)
+    )
+    assert {"CALLER_GONE", "BATCH_ANSWERS_TOO_LARGE", "UNKNOWN_TENSOR"} <= reasons  # found
+    assert reasons >= _NOT_ON_THE_WIRE, "a reason listed here is gone from the server: drop it"
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    unnamed = sorted(r for r in reasons - _NOT_ON_THE_WIRE if not re.search(rf"\b{r}\b", contract))
+    assert not unnamed, f"name these in trainer.proto's list of reasons: {unnamed}"

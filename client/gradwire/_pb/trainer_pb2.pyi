@@ -127,6 +127,9 @@ Conventions used by every message below:
       RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED (metadata "method" when a retry's deadline passed
       while it waited for its first attempt, still running)
+    CANCELLED: CALLER_GONE (a request stream its caller cancelled, or whose deadline
+      passed, part-way; a retry whose caller went away while it waited for the first
+      attempt): an answer that reaches no one, named for the server's own metrics
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
     UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, an OpenSession refused,
       or a call of a Batch not run, as the server stops: call again later). A Watch or
