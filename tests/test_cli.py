@@ -297,6 +297,55 @@ def test_set_refuses_numbers_beyond_float32(cli: Run, client: gradwire.Client, t
     np.testing.assert_array_equal(client.get("conv1.weight"), before)
 
 
+#: More digits than Python's int() takes (4,300): it refused them in a traceback telling a
+#: CLI user to call sys.set_int_max_str_digits() (found by a review of the CLI).
+_DIGITS = "9" * 4400
+
+
+@pytest.mark.parametrize("text", [_DIGITS, f"-{_DIGITS}", f"[1, {_DIGITS}]"])
+def test_set_refuses_a_whole_number_no_float_holds(
+    cli: Run, client: gradwire.Client, text: str
+) -> None:
+    before = client.get("conv1.weight")
+    result = cli("set", "conv1.weight[0, 0, 0, :3]", text)
+    assert result.code == 2, result.err
+    assert "beyond float32's range" in result.err and "sys.set_int" not in result.err
+    np.testing.assert_array_equal(client.get("conv1.weight"), before)
+
+
+def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """99999999999999999999999 (1e23, which float32 holds) was refused as "expected
+    numbers": numpy made an object array of a Python int past int64."""
+    assert cli("set", "conv1.weight[0][0][0]", "99999999999999999999999").code == 0
+    assert cli("set", "conv1.weight[0][1][0]", "[1, 99999999999999999999999, 2]").code == 0
+    np.testing.assert_array_equal(
+        client.get("conv1.weight")[0, :2, 0], np.array([[1e23] * 3, [1, 1e23, 2]], np.float32)
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["set", "conv1.weight[0][0][0]", "full:1e999:3"], "'1e999' is beyond any float's range"),
+        (["forward", "--input", "full:1e999:8,3,10,10"], "'1e999' is beyond any float's range"),
+        (["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"], "has 4,400 digits"),
+        (["forward", "--input", "randint:x:8,3,10,10"], "bound 'x' is not a whole number"),
+        (["get", f"conv1.weight[{_DIGITS}]"], "outside the range of an index, int64's"),
+    ],
+)
+def test_sources_and_selectors_refuse_numbers_past_their_range(
+    cli: Run, client: gradwire.Client, command: list[str], said: str
+) -> None:
+    """full:1e999 filled with inf, exit 0, where `set 1e999` is refused; a 4,400-digit
+    bound or index gave Python's advice to call sys.set_int_max_str_digits()."""
+    result = cli(*command)
+    assert result.code == 2, result.err
+    assert said in result.err and "sys.set_int" not in result.err
+    assert client.list_tensors().version == 0
+
+
 def test_set_a_json_list(cli: Run, client: gradwire.Client) -> None:
     assert cli("set", "conv1.weight[0][0][0]", "[1.5, 2, -3]").code == 0
     assert np.array_equal(get(client, "conv1.weight[0][0][0]"), np.array([1.5, 2, -3], np.float32))
@@ -491,6 +540,30 @@ def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
         "weight_decay": 0.0,
         "nesterov": True,
     }
+
+
+def test_optimizer_settings_keep_the_kind_in_place_unless_they_belong_to_the_other(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """Without --kind it was SGD whatever was in place: under Adam, `--lr 0.01` made an
+    SGD and `--beta1 0.5` was refused as "a setting of Adam, not of SGD" (found by a review
+    of the CLI)."""
+    client.set_optimizer("adam", lr=0.01)
+    assert cli("optimizer", "--lr", "0.02").code == 0
+    assert client.list_tensors().optimizer == gradwire.OptimizerConfig(
+        kind="adam", lr=0.02, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+    )
+    assert cli("optimizer", "--beta1", "0.5").code == 0
+    assert client.list_tensors().optimizer.beta1 == 0.5
+    # A setting only SGD has says SGD, as one only Adam has says Adam.
+    assert cli("optimizer", "--momentum", "0.9").code == 0
+    assert client.list_tensors().optimizer.kind == "sgd"
+    assert cli("optimizer", "--lr", "0.3").code == 0
+    assert client.list_tensors().optimizer == gradwire.OptimizerConfig(
+        kind="sgd", lr=0.3, momentum=0.0, weight_decay=0.0, nesterov=False
+    )
+    assert cli("optimizer", "--eps", "1e-6").code == 0
+    assert client.list_tensors().optimizer.kind == "adam"
 
 
 def test_optimizer_setting_of_the_other_kind_exits_1(cli: Run) -> None:
@@ -705,6 +778,38 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(address: str) -> None:
         os.close(write_end)
     assert done.returncode == 141  # 128 + SIGPIPE, as the shell reports it
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["list", "get conv1.weight --json"])
+def test_output_to_a_full_disk_is_an_error_that_says_so(address: str, command: str) -> None:
+    """`gradwire list > /dev/full` ended in a traceback (found by a review of the CLI): the
+    last of the output at the exit's flush, a larger output at a write inside the command."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()",
+             *command.split(), "--target", address],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot write the output: No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_closed_standard_output_is_refused_before_the_command_runs(address: str) -> None:
+    """`gradwire info >&-`: Python has no sys.stdout, and the command's first write raised
+    AttributeError in a traceback (found by a review of the CLI)."""
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable,
+         "-c", "from gradwire.cli import main_entry; main_entry()",
+         "fill", "0.5", "--target", address],
+        stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "the standard output is closed" in done.stderr and "Traceback" not in done.stderr
+    with gradwire.connect(address) as client:
+        assert client.list_tensors().version == 0  # refused before it changed anything
 
 
 def test_serve_help_speaks_from_the_servers_side() -> None:
@@ -1552,6 +1657,27 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
         assert answer.code == 1 and "hint:" not in answer.err, named
     closed = run_main("close-session", "gone", "--target", address)
     assert closed.code == 1 and "hint:" not in closed.err
+
+
+@pytest.mark.parametrize("session", ["séance", "a\nb", "a" * 100_000, " padded "])
+def test_a_session_id_grpc_cannot_send_is_refused_naming_where_it_came_from(
+    address: str, monkeypatch: pytest.MonkeyPatch, session: str
+) -> None:
+    """A non-ASCII --session reached gRPC, which logged its own error lines and answered
+    INTERNAL, "Invalid metadata"; a 100,000-character one RESOURCE_EXHAUSTED (found by a
+    review of the CLI). Refused on the client, exit 2, as a token is."""
+    result = run_main("list", "--target", address, "--session", session)
+    assert result.code == 2, result.err
+    assert "--session" in result.err and "is no session id" in result.err
+    assert len(result.err) < 1000  # a long one is shown cut short
+    closing = run_main("close-session", session, "--target", address)
+    assert closing.code == 2 and "ID" in closing.err and "is no session id" in closing.err
+    monkeypatch.setenv("GRADWIRE_SESSION", session)
+    from_environment = run_main("list", "--target", address)
+    assert from_environment.code == 2
+    assert "(the session came from $GRADWIRE_SESSION)" in from_environment.err
+    with pytest.raises(ValueError, match="is no session id"):
+        gradwire.Client(address, session=session)
 
 
 def test_a_bad_target_from_the_environment_is_said_to_come_from_there(

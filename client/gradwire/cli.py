@@ -19,7 +19,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from gradwire.client import (
     Client,
     Listing,
     OptimizerConfig,
+    check_session,
 )
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor, torch_available
@@ -85,6 +86,42 @@ class UsageError(Exception):
 
 class CommandError(Exception):
     """A local command that failed for a reason outside the arguments; exit code 1."""
+
+
+class Interrupted(Exception):
+    """A command that Ctrl-C stopped after it said where it stopped (a train's summary, a
+    watch's last update); exit code 130, as for any command Ctrl-C ends, so that a script's
+    next command does not run as if it had finished (`gradwire train ... && next` ran next:
+    found by a review of the CLI)."""
+
+
+class _Output:
+    """The standard output a command writes to, whose errors say what failed: writing to a
+    full disk (`gradwire list > /dev/full`) ended in a traceback (found by a review of the
+    CLI). A reader gone away stays a BrokenPipeError, which ends a command quietly."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with self._failing():
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with self._failing():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's
+        return getattr(self._stream, name)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise CommandError(f"cannot write the output: {e.strerror or e}") from None
 
 
 # --- argument values --------------------------------------------------------------
@@ -253,9 +290,16 @@ def parse_source(text: str, seed: int = 0) -> Any:
                 return Fill.normal(*shape, seed=seed, dtype=dtype)
             return Fill(kind, shape, dtype)  # type: ignore[arg-type]
         if kind == "full" and len(parts) == 3:
-            return Fill.constant(float(parts[1]), *_shape(parts[2]), dtype=dtype)
+            value = float(parts[1])
+            if _overflowed(parts[1], value):  # full:1e999 filled with inf, exit 0 (a review)
+                raise UsageError(
+                    f"bad source {text!r}: {parts[1]!r} is beyond any float's range; write "
+                    "inf for infinity"
+                )
+            return Fill.constant(value, *_shape(parts[2]), dtype=dtype)
         if kind == "randint" and len(parts) == 3:
-            return Fill.randint(0, int(parts[1]), *_shape(parts[2]), seed=seed, dtype=dtype)
+            high = _whole(parts[1], "randint's upper bound")
+            return Fill.randint(0, high, *_shape(parts[2]), seed=seed, dtype=dtype)
     except ValueError as err:
         raise UsageError(f"bad source {text!r}: {err}") from None
     raise UsageError(f"bad source {text!r}: expected {SOURCE_HELP}")
@@ -287,6 +331,18 @@ def _load_npy(path: Path) -> Any:
 
 
 _OUT_OF_RANGE = "bad value {!r}: beyond float32's range (about 3.4e38); write inf for infinity"
+
+
+def _whole(text: str, what: str) -> int:
+    """`text` as a whole number; a ValueError naming `what` otherwise. int()'s own words for
+    4,301 digits and more told a CLI user to call sys.set_int_max_str_digits()."""
+    try:
+        return int(text)
+    except ValueError:
+        digits = text.strip().lstrip("+-")
+        if digits.isdigit():
+            raise ValueError(f"{what} has {len(digits):,} digits: far too large") from None
+        raise ValueError(f"{what} {text!r} is not a whole number") from None
 
 
 def _overflowed(text: str, value: float) -> bool:
@@ -321,8 +377,19 @@ def parse_value(text: str) -> Any:
             raise UsageError(_OUT_OF_RANGE.format(text))
         return parsed
 
+    def integer(digits: str) -> int | float:
+        # A whole number past int64 is a float, as numpy would make it of a float's text:
+        # kept a Python int, numpy made an object array ("expected numbers"), and int()
+        # refused 4,301 digits in a traceback (found by a review of the CLI).
+        if len(digits.lstrip("-")) < 19:
+            return int(digits)
+        with contextlib.suppress(ValueError):  # past int()'s 4,300 digits: a float's
+            if codec.INT64_MIN <= (whole := int(digits)) <= codec.INT64_MAX:
+                return whole
+        return number(digits)
+
     try:
-        value = json.loads(text, parse_float=number)
+        value = json.loads(text, parse_float=number, parse_int=integer)
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("["):  # meant as a list: say what is wrong with it
             raise UsageError(
@@ -810,6 +877,8 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             out.write(_divergence_hint(client, diverged_at) + "\n")
     if failed is not None:
         raise failed
+    if stop.is_set():
+        raise Interrupted
 
 
 def _divergence_hint(client: Client, step: int) -> str:
@@ -856,7 +925,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             raise
         # --duration reached after an update: the watch ends as asked
     except KeyboardInterrupt:
-        pass  # Ctrl-C ends a watch; nothing was changing on the server
+        raise Interrupted from None  # the updates so far are out; nothing was changing
     finally:
         stream.close()
 
@@ -1041,7 +1110,10 @@ def cmd_close_session(args: argparse.Namespace, client: Client, out: TextIO) -> 
             f"name the session to close: gradwire close-session ID (or --session ID, or "
             f"${SESSION_ENV})"
         )
-    client.session = ident
+    try:
+        client.session = check_session(ident, "ID" if args.id else "--session")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     client.close_session()
     _emit(out, args, {"session": ident, "closed": True}, f"session {ident} closed")
 
@@ -1209,7 +1281,7 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
             "; --kind or a setting replaces it",
         )
     else:
-        version, config = client._set_optimizer(args.kind or "sgd", given)
+        version, config = client._set_optimizer(_optimizer_kind(args, given, client), given)
         said = ""
     settings = {k: v for k, v in vars(config).items() if v is not None}
     _emit(
@@ -1218,6 +1290,23 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
         {"version": version, **settings},
         f"{_describe_optimizer(config)} (version {version}{said})",
     )
+
+
+def _optimizer_kind(
+    args: argparse.Namespace, given: dict[str, object], client: Client
+) -> Literal["sgd", "adam"]:
+    """The kind `optimizer` replaces the optimizer with: --kind; else the kind the settings
+    given belong to (Adam's betas and eps, SGD's momentum and nesterov); else the kind in
+    place. It was SGD whatever was in place: `--lr 0.01` turned an Adam into an SGD, and
+    `--beta1 0.5` under Adam was refused as "a setting of Adam, not of SGD" (found by a
+    review of the CLI)."""
+    if args.kind is not None:
+        return cast(Literal["sgd", "adam"], args.kind)  # argparse's choices
+    if any(given[n] is not None for n in ("beta1", "beta2", "eps")):
+        return "adam"
+    if any(given[n] is not None for n in ("momentum", "nesterov")):
+        return "sgd"
+    return "adam" if client.list_tensors().optimizer.kind == "adam" else "sgd"
 
 
 def cmd_health(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -1801,10 +1890,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "optimizer",
         cmd_optimizer,
-        "show the optimizer; with --kind or a setting, replace it (SGD lr=1.0 by default; its "
-        "state starts afresh)",
+        "show the optimizer; with --kind or a setting, replace it (by one of the kind in "
+        "place, unless --kind or a setting of the other kind says; the settings not given "
+        "take their defaults; its state starts afresh)",
     )
-    p.add_argument("--kind", choices=["sgd", "adam"], help="torch.optim.SGD (the default) or Adam")
+    p.add_argument(
+        "--kind",
+        choices=["sgd", "adam"],
+        help="torch.optim.SGD or Adam (default: the kind a setting given belongs to, else the "
+        "kind in place)",
+    )
     p.add_argument(
         "--lr",
         type=float,
@@ -1858,6 +1953,7 @@ def _client(args: argparse.Namespace) -> Client:
             "(--tls-cert) and its private key (--tls-key); give both, or neither"
         )
     try:
+        check_session(args.session, "--session")  # in the words of the command line
         return Client(
             args.target,
             timeout=args.timeout,
@@ -1873,6 +1969,8 @@ def _client(args: argparse.Namespace) -> Client:
         said = str(e)
         if getattr(args, "target_from_environment", False) and "target" in said:
             said += f" (the target came from ${TARGET_ENV})"
+        if getattr(args, "session_from_environment", False) and "session" in said:
+            said += f" (the session came from ${SESSION_ENV})"
         raise UsageError(said) from None
 
 
@@ -2013,8 +2111,13 @@ def main(
     argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     """Runs one command; returns the exit code (0 ok, 1 remote error, 2 usage error)."""
-    out = out or sys.stdout
     err = err or sys.stderr
+    if out is None:
+        if sys.stdout is None:  # `gradwire info >&-`: Python found no descriptor 1
+            err.write("gradwire: error: the standard output is closed; send it somewhere "
+                      "(> /dev/null to drop it)\n")  # fmt: skip
+            return 1
+        out = cast(TextIO, _Output(sys.stdout))
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     option = words[0].split("=", 1)[0] if words else ""
@@ -2068,6 +2171,8 @@ def main(
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return 130
+    except Interrupted:
+        return 130  # stopped as asked, and the command has said where
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
@@ -2114,11 +2219,16 @@ BROKEN_PIPE = 141
 
 def main_entry() -> None:
     code = main()
+    unwritten = False  # output left that Python would try again to write at exit
     try:
-        sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
     except BrokenPipeError:
-        code = BROKEN_PIPE
-    if code == BROKEN_PIPE:
+        code, unwritten = BROKEN_PIPE, True
+    except OSError as e:  # the last of the output, to a full disk
+        sys.stderr.write(f"gradwire: error: cannot write the output: {e.strerror or e}\n")
+        code, unwritten = max(code, 1), True
+    if code == BROKEN_PIPE or unwritten:
         # Python flushes stdout again at exit: send what is left nowhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if "torch" in sys.modules:

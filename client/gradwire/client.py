@@ -814,6 +814,32 @@ def _update_weight(data: bytes) -> int:
     return 1 + int(wire.split(data, pb.WatchUpdate).message.skipped)
 
 
+#: The longest session id a client sends: a server's are 32 characters (hex).
+MAX_SESSION_CHARS = 256
+#: What gRPC metadata carries: printable ASCII, spaces inside only.
+_SESSION = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+
+
+def check_session(session: str | None, what: str) -> str | None:
+    """`session`, or ValueError naming `what` unless it can be a session id: gRPC refused a
+    non-ASCII one at every call (INTERNAL, "Invalid metadata", with its own log lines), and
+    a 100,000-character one past the metadata's limit (found by a review of the CLI)."""
+    if session is None:
+        return None
+    if not isinstance(session, str):
+        raise TypeError(f"{what} must be a str, got {type(session).__name__}")
+    if len(session) > MAX_SESSION_CHARS or not _SESSION.fullmatch(session):
+        shown = (
+            session if len(session) <= 40 else f"{session[:40]}... ({len(session):,} characters)"
+        )
+        raise ValueError(
+            f"{what} {shown!r} is no session id: a server's are 32 hexadecimal characters "
+            f"(gradwire open-session prints one; gradwire sessions lists those open), and an "
+            f"id gRPC can send is printable ASCII, at most {MAX_SESSION_CHARS} characters"
+        )
+    return session
+
+
 class Client:
     """A connection to a gradwire server: `gradwire.connect(target)`; close it, or use `with`."""
 
@@ -880,7 +906,7 @@ class Client:
         #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE, and
         #: for streamed reads that a concurrent mutation cut short (`read`).
         self.retries = 3
-        self._session: str | None = session or None
+        self._session: str | None = check_session(session or None, "session=")
         #: The session this client acted on until it closed it: its calls then raise
         #: ClientClosed rather than act on the default session.
         self._closed_session: str | None = None
@@ -934,7 +960,7 @@ class Client:
 
     @session.setter
     def session(self, session: str | None) -> None:
-        self._session, self._closed_session = session or None, None
+        self._session, self._closed_session = check_session(session or None, "session"), None
 
     @property
     def keep_memory(self) -> bool:

@@ -115,6 +115,11 @@ def _parse(text: str) -> Selector:
     try:
         tree: Any = ast.parse("_" + text[bracket:], mode="eval").body
     except SyntaxError as err:
+        if "integer string conversion" in err.msg:  # 4,301 digits and more: Python's limit
+            raise SelectorError(
+                f"{text!r}: an index is outside the range of an index, int64's: {INT64_MIN} "
+                f"to {INT64_MAX}"
+            ) from None
         raise SelectorError(f"{text!r}: the index is not valid Python: {err.msg}") from None
     keys: list[tuple[IndexItem, ...]] = []
     while isinstance(tree, ast.Subscript):
