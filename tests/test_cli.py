@@ -390,6 +390,25 @@ def test_set_a_boolean_exits_2(cli: Run) -> None:
     assert result.err.startswith("gradwire set: error: bad value 'true'")
 
 
+def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
+    """`fill 1 'conv1.weight[0]'` was answered "no tensor named 'conv1.weight[0]'", which
+    did not say that fill takes whole parameters (found by a review of the CLI)."""
+    result = cli("fill", "1", "conv1.weight[0]")
+    assert result.code == 2
+    assert "fill takes whole parameters" in result.err
+    assert "gradwire set 'conv1.weight[0]' 1.0" in result.err
+    assert client.list_tensors().version == 0
+
+
+def test_a_folder_given_as_a_npy_file_is_called_a_folder(cli: Run, tmp_path: Path) -> None:
+    """It was "no such file", of a folder that is there (found by a review of the CLI)."""
+    folder = tmp_path / "batch.npy"
+    folder.mkdir()
+    result = cli("forward", "--input", str(folder))
+    assert result.code == 2
+    assert f"{folder} is a folder, not a .npy file" in result.err
+
+
 def test_fill_every_parameter(cli: Run, client: gradwire.Client) -> None:
     result = cli("fill", "0.1")
     assert result.out == "every parameter filled with 0.1 (version 1)\n"

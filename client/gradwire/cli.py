@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import textwrap
@@ -311,6 +312,8 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 def _load_npy(path: Path) -> Any:
     """The array in a .npy file; a UsageError, not a traceback, for a file that is none."""
+    if path.is_dir():  # it said "no such file" of a folder (found by a review of the CLI)
+        raise UsageError(f"{path} is a folder, not a .npy file")
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     try:
@@ -1018,6 +1021,12 @@ def _value_shape_and_dtype(value: Any, from_file: bool) -> tuple[tuple[int, ...]
 
 
 def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    indexed = next((name for name in args.names if "[" in name), None)
+    if indexed is not None:  # the server's answer, "no tensor named", did not say why
+        raise UsageError(
+            f"fill takes whole parameters, and {indexed!r} is a part of one: write a part "
+            f"with set, as in: gradwire set {shlex.quote(indexed)} {args.value}"
+        )
     version = client.fill_parameters(args.value, args.names)
     which = ", ".join(args.names) if args.names else "every parameter"
     _emit(out, args, {"version": version}, f"{which} filled with {args.value} (version {version})")
@@ -1862,7 +1871,7 @@ def build_parser() -> argparse.ArgumentParser:
         "open-session",
         cmd_open_session,
         "open a session: a model, optimizer and version of its own beside the default one; "
-        "prints its id for --session",
+        'prints its id, and how to use it (--json: {"session": ID, ...} for a script)',
     )
     p.add_argument("--seed", type=_seed, default=None, help="seed for its model's initialisation")
 
