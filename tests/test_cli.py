@@ -390,6 +390,25 @@ def test_set_a_boolean_exits_2(cli: Run) -> None:
     assert result.err.startswith("gradwire set: error: bad value 'true'")
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["forward", "--no-targets", "--targets", "ones:8:int64"], "ask for opposites"),
+        (["watch", "loss", "--values", "--bins", "5", "--count", "1"], "add --stats"),
+        (["train", "--classes", "50", "--steps", "1"], "--classes 50 is more than Simple's 20"),
+    ],
+)
+def test_options_that_would_be_dropped_or_misread_are_refused(
+    cli: Run, client: gradwire.Client, command: list[str], said: str
+) -> None:
+    """Each ran with exit 0 and one option dropped, or, for --classes, failed in the
+    server's words of a class in "target" (found by a review of the CLI)."""
+    result = cli(*command)
+    assert result.code == 2, result.err
+    assert said in result.err
+    assert client.list_tensors().version == 0
+
+
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
     """`fill 1 'conv1.weight[0]'` was answered "no tensor named 'conv1.weight[0]'", which
     did not say that fill takes whole parameters (found by a review of the CLI)."""

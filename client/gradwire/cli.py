@@ -490,6 +490,8 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
     """The input and targets forward sends: as given, or ones shaped for the server's model
     (as ListTensors describes it): 8 samples, and targets for as many samples as the input
     has (class 1, the tutorial's, for cross-entropy; ones for mse)."""
+    if args.no_targets and args.targets is not None:  # one was dropped (a review of the CLI)
+        raise UsageError("--targets and --no-targets ask for opposites: give one of them")
     model = None
     if args.input is None or (args.targets is None and not args.no_targets):
         model = client.list_tensors()
@@ -787,6 +789,14 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
     # Given, each is taken as it is: `or` took --classes 0 and --input-shape '' for unset.
     shape = sample_shape if args.input_shape is None else args.input_shape
     outputs = args.classes if args.classes is not None else (model.outputs or 20)
+    if model.loss != "mse" and model.outputs and outputs > model.outputs:
+        # The server's answer named a class in the target, which read like --targets, and
+        # not --classes (found by a review of the CLI).
+        raise UsageError(
+            f"--classes {outputs} is more than {model.model}'s {model.outputs} outputs: its "
+            f"labels run from 0 to {model.outputs - 1}; give --classes {model.outputs} or "
+            "fewer, or leave it out"
+        )
     x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
     target_seed = (args.seed + 1_000_003) % (1 << 64)  # a seed is a uint64
     if model.loss == "mse":
@@ -900,6 +910,11 @@ def _divergence_hint(client: Client, step: int) -> str:
 
 def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     stats = args.stats or not args.values
+    if args.bins and not stats:  # dropped without a word (found by a review of the CLI)
+        raise UsageError(
+            "--bins draws histograms in the statistics, which --values alone leaves out: add "
+            "--stats, or leave --bins out"
+        )
     # As get --json writes them: two slices of one tensor share a name, not a selector.
     selectors = [str(parse_selector(text)) for text in args.selectors]
     stream = client.watch(
