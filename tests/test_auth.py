@@ -170,6 +170,24 @@ def test_cli_takes_the_token_from_a_file_or_the_environment(
     assert "is empty" in err.getvalue()
 
 
+def test_a_wrong_token_from_the_environment_is_said_to_come_from_there(
+    guarded: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale export of GRADWIRE_TOKEN: the error did not say where the token came from
+    (found by a review of the CLI). A wrong --token-file names its file itself."""
+    target = ["--target", _address(guarded)]
+    monkeypatch.setenv("GRADWIRE_TOKEN", "not-" + TOKEN)
+    err = io.StringIO()
+    assert main(["list", *target], io.StringIO(), err) == 1
+    assert err.getvalue().startswith("error: UNAUTHENTICATED:")
+    assert "hint: the token came from $GRADWIRE_TOKEN" in err.getvalue()
+    token_file = tmp_path / "token"
+    token_file.write_text("not-" + TOKEN)
+    err = io.StringIO()
+    assert main(["list", *target, "--token-file", str(token_file)], io.StringIO(), err) == 1
+    assert "hint:" not in err.getvalue()
+
+
 @pytest.mark.parametrize(
     ("command", "flag"), [("list", "--token-file"), ("list", "--tls-ca"), ("serve", "--token-file")]
 )

@@ -2184,6 +2184,16 @@ def main(
                 f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
                 "(gradwire sessions lists them)"
             )
+        if (
+            hint is None
+            and e.reason == "BAD_TOKEN"
+            and getattr(args, "token_file", None) is None
+            and os.environ.get(TOKEN_ENV, "").strip()
+        ):  # the error did not say where the wrong token came from (a review of the CLI)
+            hint = (
+                f"the token came from ${TOKEN_ENV}, which holds another server's or an old "
+                f"one: export this server's (its --token-file), or give --token-file FILE"
+            )
         if hint is not None and getattr(args, "target_from_environment", False):
             hint += f" (the target came from ${TARGET_ENV})"
         if hint is not None:
