@@ -409,6 +409,38 @@ def test_options_that_would_be_dropped_or_misread_are_refused(
     assert client.list_tensors().version == 0
 
 
+@pytest.mark.parametrize("edge", [["--low", "nan"], ["--high", "inf"], ["--low=-inf"]])
+def test_stats_refuses_a_histogram_edge_that_is_not_finite(cli: Run, edge: list[str]) -> None:
+    """Refused by the server, exit 1, where --low 1 --high 0 is a usage error, exit 2."""
+    result = cli("stats", "conv1.weight", "--bins", "3", *edge)
+    assert result.code == 2
+    assert f"{edge[0].split('=')[0]} must be a finite number" in result.err
+
+
+def test_errors_that_name_an_rpc_get_the_command_as_a_hint(
+    cli: Run, client: gradwire.Client, server: Running
+) -> None:
+    """The server says "pass retain_graph to Backward" and "close one (CloseSession)":
+    words of the API, where a CLI user needs the command and its option (found by a
+    review of the CLI)."""
+    assert cli("step").err.endswith(
+        "hint: gradwire backward first; gradwire zero-grad removes the gradients, and "
+        "zero-grad --zeros keeps them as zeros\n"
+    )
+    cli("forward")
+    cli("backward")
+    again = cli("backward")
+    assert again.code == 1
+    assert again.err.endswith(
+        "hint: gradwire forward again, or keep the graph with gradwire backward --retain-graph\n"
+    )
+    server.servicer.sessions.max_sessions = 0
+    full = cli("open-session")
+    assert full.code == 1 and full.err.endswith(
+        "hint: gradwire sessions lists them; gradwire close-session ID closes one\n"
+    )
+
+
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
     """`fill 1 'conv1.weight[0]'` was answered "no tensor named 'conv1.weight[0]'", which
     did not say that fill takes whole parameters (found by a review of the CLI)."""

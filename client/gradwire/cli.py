@@ -731,6 +731,10 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if not args.bins and (args.low is not None or args.high is not None):
         # The edges of a histogram not asked for: ignored without a word (a review).
         raise UsageError("--low and --high are a histogram's edges: give --bins too")
+    edges = [(flag, v) for flag, v in (("--low", args.low), ("--high", args.high)) if v is not None]
+    for flag, edge in edges:
+        if not math.isfinite(edge):  # the server's refusal came as exit 1 (a review of the CLI)
+            raise UsageError(f"{flag} must be a finite number, got {edge:g}")
     if args.low is not None and args.high is not None and not args.low < args.high:
         # The server's words name its fields (histogram_low), not these options.
         raise UsageError(f"--low must be below --high, got --low {args.low:g} --high {args.high:g}")
@@ -2184,6 +2188,8 @@ def main(
                 f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
                 "(gradwire sessions lists them)"
             )
+        if hint is None:  # the server's words name RPCs; say the commands too
+            hint = _COMMAND_HINTS.get(e.reason)
         if (
             hint is None
             and e.reason == "BAD_TOKEN"
@@ -2210,6 +2216,18 @@ def main(
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
+
+
+#: For errors whose message names the RPC or its argument to use ("pass retain_graph to
+#: Backward", "close one (CloseSession)"), the command and option that do it (found by a
+#: review of the CLI).
+_COMMAND_HINTS = {
+    "GRAPH_FREED": "gradwire forward again, or keep the graph with gradwire backward "
+    "--retain-graph",
+    "NO_GRADIENTS": "gradwire backward first; gradwire zero-grad removes the gradients, and "
+    "zero-grad --zeros keeps them as zeros",
+    "TOO_MANY_SESSIONS": "gradwire sessions lists them; gradwire close-session ID closes one",
+}
 
 
 def _from_environment(args: argparse.Namespace) -> None:
