@@ -313,3 +313,17 @@ def test_a_single_value_is_titled_as_one() -> None:
     assert plot.heading_of("loss", ()) == "loss  (a single value)"
     assert plot.heading_of("conv1.weight[0]", (3, 3, 3)) == "conv1.weight[0]  [3, 3, 3]"
     assert (plot._values(1), plot._values(2048)) == ("1 value", "2,048 values")
+
+
+def test_a_picture_that_cannot_be_written_is_named_without_its_temporary(
+    cli: Run, tmp_path: Path
+) -> None:
+    """The message named the hidden temporary the picture is written to first
+    ('.x.png.41129db3.tmp'), not the file asked for (found by a review of the CLI)."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, a folder no one can create a file in, root included")
+    out = Path("/proc") / f"gradwire-{tmp_path.name}.png"
+    result = cli("plot", "conv1.weight", "--out", str(out))
+    assert result.code == 1
+    assert result.err.startswith(f"gradwire plot: error: cannot write {out}: ")
+    assert ".tmp" not in result.err

@@ -697,7 +697,9 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     except PlotError as e:
         raise UsageError(f"{selector}: {e}") from None
     except OSError as e:
-        raise CommandError(f"cannot write {args.out}: {e}") from None
+        raise CommandError(
+            f"cannot write {args.out}: {e.strerror or e}"
+        ) from None  # not its temp name
     note = f" ({result.note})" if result.note else ""
     _emit(
         out,
