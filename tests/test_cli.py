@@ -1869,3 +1869,24 @@ def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwir
     result = cli("set", "linear.weight[0]", "[1]", "--session", mine)
     assert result.out == "linear.weight[0] written: a [1] value broadcast to [3200] (version 1)\n"
     assert client.list_tensors().version == 0  # the default session's, untouched
+
+
+def test_ctrl_c_while_the_command_loads_is_an_interrupt_not_a_traceback() -> None:
+    """Ctrl-C in the first half second of any command, while grpc and numpy load, gave a
+    KeyboardInterrupt traceback through the imports (found by a review of the CLI). The
+    Ctrl-C is made to land there for certain: the import of gradwire.cli raises it."""
+    child = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'gradwire.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "from gradwire_cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, "info"], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")

@@ -12,10 +12,15 @@ they are.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def main() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    from gradwire.cli import main_entry
+    try:
+        from gradwire.cli import main_entry
+    except KeyboardInterrupt:  # Ctrl-C while grpc and numpy load, in the first half second
+        sys.stderr.write("interrupted\n")  # as later: a traceback through the imports was
+        sys.exit(130)  # all a review of the CLI got
 
     main_entry()
