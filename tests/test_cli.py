@@ -396,6 +396,7 @@ def test_set_a_boolean_exits_2(cli: Run) -> None:
         (["forward", "--no-targets", "--targets", "ones:8:int64"], "ask for opposites"),
         (["watch", "loss", "--values", "--bins", "5", "--count", "1"], "add --stats"),
         (["train", "--classes", "50", "--steps", "1"], "--classes 50 is more than Simple's 20"),
+        (["replay", "--seed", "5"], "add --init random, or leave --seed out"),
     ],
 )
 def test_options_that_would_be_dropped_or_misread_are_refused(

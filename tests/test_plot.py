@@ -327,3 +327,18 @@ def test_a_picture_that_cannot_be_written_is_named_without_its_temporary(
     assert result.code == 1
     assert result.err.startswith(f"gradwire plot: error: cannot write {out}: ")
     assert ".tmp" not in result.err
+
+
+@pytest.mark.parametrize(
+    ("selector", "kind"), [("conv1.weight", "kernels"), ("linear.weight", "heatmap")]
+)
+def test_bins_for_a_picture_that_is_no_histogram_are_refused(
+    cli: Run, tmp_path: Path, selector: str, kind: str
+) -> None:
+    """--bins 7 drew kernels or a heatmap, the bins dropped without a word (found by a
+    review of the CLI); with --kind histogram they are taken."""
+    out = tmp_path / "x.png"
+    result = cli("plot", selector, "--out", str(out), "--bins", "7")
+    assert result.code == 2
+    assert f"draws as {kind}: add --kind histogram" in result.err and not out.exists()
+    assert cli("plot", selector, "--out", str(out), "--bins", "7", "--kind", "histogram").code == 0

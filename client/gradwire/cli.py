@@ -656,8 +656,9 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         raise UsageError(f"--out {args.out}: the picture is a PNG; name it something.png")
     if not args.out.parent.is_dir():
         raise UsageError(f"--out {args.out}: no such folder {args.out.parent}")
+    bins = DEFAULT_BINS if args.bins is None else args.bins
     try:
-        check_options(args.kind, args.bins, args.dpi)
+        check_options(args.kind, bins, args.dpi)
         require_matplotlib()  # before any values cross the wire
     except (PlotError, PlotUnavailable) as e:
         raise UsageError(str(e)) from None
@@ -667,12 +668,15 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         if shape is None:
             raise _absent(selector, args.out)
         kind = choose_kind(selector.name, shape)
+    if args.bins is not None and kind != "histogram":  # dropped without a word (a review)
+        raise UsageError(
+            f"--bins is a histogram's, and {selector} draws as {kind}: add --kind histogram, "
+            "or leave --bins out"
+        )
     label = str(selector)
     try:
         binned = (
-            _server_histogram(client, selector, args.bins, args.out)
-            if kind == "histogram"
-            else None
+            _server_histogram(client, selector, bins, args.out) if kind == "histogram" else None
         )
         if binned is not None:
             data, shape = binned
@@ -691,7 +695,7 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                 kind=kind,
                 label=label,
                 title=args.title,
-                bins=args.bins,
+                bins=bins,
                 dpi=args.dpi,
             )
     except PlotError as e:
@@ -1353,6 +1357,13 @@ SERVER_EXTRA = "install gradwire's server extra (in a checkout: pip install '.[s
 def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     from gradwire.replay import WrongModel, replay
 
+    if args.seed is not None and args.init != "random":  # dropped without a word (a review)
+        raise UsageError(
+            "--seed seeds --init random; --init fill sets every parameter to 0.1 and draws "
+            "nothing: add --init random, or leave --seed out"
+        )
+    seed = 0 if args.seed is None else args.seed
+
     def run(c: Client) -> None:
         lines: list[str] = []
 
@@ -1366,7 +1377,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         # Calls RPC gets calls of their own).
         c.stream_calls = True
         try:
-            result = replay(c, init=args.init, seed=args.seed, write=write)
+            result = replay(c, init=args.init, seed=seed, write=write)
         except WrongModel as e:
             raise CommandError(str(e)) from None
         if args.json:
@@ -1760,8 +1771,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bins",
         type=int,
-        default=DEFAULT_BINS,
-        help="histogram bins over the finite values (default %(default)s)",
+        help=f"a histogram's bins over the finite values (default {DEFAULT_BINS})",
     )
     p.add_argument("--title", help="the picture's title (default: the selector and its shape)")
     p.add_argument(
@@ -1961,9 +1971,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fill: every parameter 0.1, as the tutorial; "
         "random: PyTorch's default init after torch.manual_seed(--seed)",
     )
-    p.add_argument(
-        "--seed", type=_seed, default=0, help="with --init random: the seed (default %(default)s)"
-    )
+    p.add_argument("--seed", type=_seed, help="with --init random: the seed (default 0)")
     p.add_argument(
         "--embedded",
         action="store_true",
