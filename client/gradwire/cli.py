@@ -700,10 +700,8 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             )
     except PlotError as e:
         raise UsageError(f"{selector}: {e}") from None
-    except OSError as e:
-        raise CommandError(
-            f"cannot write {args.out}: {e.strerror or e}"
-        ) from None  # not its temp name
+    except OSError as e:  # in its words alone: the file named is the hidden temporary's
+        raise CommandError(f"cannot write {args.out}: {e.strerror or e}") from None
     note = f" ({result.note})" if result.note else ""
     _emit(
         out,
