@@ -871,6 +871,8 @@ class Client:
         limits.MIN_CLIENT_PING_S seconds, and closes a connection pinged more often.
         `session`: act on a session opened elsewhere (another process's `open_session()`:
         its `.session`), to watch or read its training; closing this client leaves it open.
+        An id that cannot be one (not printable ASCII, or past 256 characters) raises
+        ValueError here, not at every call.
         `stream_calls`: send the calls on a session (forward, backward, step, zero_grad,
         read, set, train_step, ...) as messages on one open stream (the Calls RPC), which
         saves each call the cost of a call of its own, 0.1-0.3 ms on a small machine:
