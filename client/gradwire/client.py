@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradwire import calls, codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent
-from gradwire.credentials import check_pem, check_token, pem_bytes
+from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
@@ -816,8 +816,6 @@ def _update_weight(data: bytes) -> int:
 
 #: The longest session id a client sends: a server's are 32 characters (hex).
 MAX_SESSION_CHARS = 256
-#: What gRPC metadata carries: printable ASCII, spaces inside only.
-_SESSION = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def check_session(session: str | None, what: str) -> str | None:
@@ -828,7 +826,7 @@ def check_session(session: str | None, what: str) -> str | None:
         return None
     if not isinstance(session, str):
         raise TypeError(f"{what} must be a str, got {type(session).__name__}")
-    if len(session) > MAX_SESSION_CHARS or not _SESSION.fullmatch(session):
+    if len(session) > MAX_SESSION_CHARS or not HEADER_VALUE.fullmatch(session):
         shown = (
             session if len(session) <= 40 else f"{session[:40]}... ({len(session):,} characters)"
         )

@@ -31,15 +31,16 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     return check_token(token, env) if token else None
 
 
-#: A token as a header can carry it: printable ASCII, spaces inside only.
-_TOKEN = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
+#: A value a gRPC header can carry, as a token or a session id: printable ASCII, spaces
+#: inside only.
+HEADER_VALUE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 def check_token(token: str, what: str) -> str:
     """`token`, or ValueError naming `what` unless gRPC can send it in a header."""
     if not isinstance(token, str):
         raise TypeError(f"{what} must be a str, got {type(token).__name__}")
-    if not _TOKEN.fullmatch(token):
+    if not HEADER_VALUE.fullmatch(token):
         odd = next((c for c in token if not " " <= c <= "~"), "a space at an end" if token else "")
         found = repr(odd) if len(odd) == 1 else odd or "nothing"
         raise ValueError(
