@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import re
 import shutil
 import signal
 import socket
@@ -203,9 +204,14 @@ def test_a_second_server_cannot_take_the_same_port(
     assert "add port" not in capfd.readouterr().err.lower()
 
 
-def test_an_address_not_of_this_machine_is_named(trainer: Trainer) -> None:
+@pytest.mark.parametrize("port", [50123, 0])
+def test_an_address_not_of_this_machine_is_named(
+    trainer: Trainer, port: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
     with pytest.raises(OSError, match=r"192\.0\.2\.1 is not an address of this machine"):
-        start(trainer, "192.0.2.1", 50123)  # TEST-NET-1: never a local address
+        start(trainer, "192.0.2.1", port)  # TEST-NET-1: never a local address
+    assert "add port" not in capfd.readouterr().err.lower()  # gRPC was not asked
 
 
 @pytest.fixture
@@ -688,10 +694,35 @@ def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> N
     assert "listening on" not in out.stderr
 
 
-def test_a_host_that_resolves_to_nothing_is_named(trainer: Trainer) -> None:
-    # It was said to be a port in use, or an address not of this machine.
-    with pytest.raises(OSError, match=r"the host name 'nosuch\.invalid' resolves to no address"):
-        start(trainer, "nosuch.invalid", 50123)  # .invalid: never resolves (RFC 2606)
+@pytest.mark.parametrize("where", ["a-folder", "a-read-only-folder"])
+def test_a_port_file_that_could_not_be_written_is_refused_at_start(
+    tmp_path: Path, where: str
+) -> None:
+    # Found only once the server listened: a failed exit (1), where a missing folder is
+    # refused at start as a usage error (2), so a supervisor could not tell them apart from
+    # a server that failed later. /proc takes no new file, even from root.
+    if where == "a-read-only-folder" and not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux)")
+    port_file = tmp_path if where == "a-folder" else Path("/proc/gradwire-port")
+    why = "it is a folder; name a file" if where == "a-folder" else "cannot write in /proc ("
+    out = _serve_refused("--port-file", str(port_file))
+    assert out.returncode == 2, out.stderr
+    assert f"gradwire serve: error: --port-file {port_file}: {why}" in out.stderr
+    assert "listening on" not in out.stderr
+    assert list(tmp_path.iterdir()) == []  # no trace of the check
+
+
+@pytest.mark.parametrize("host", ["nosuch.invalid", "999.1.1.1"])
+@pytest.mark.parametrize("port", [50123, 0])
+def test_a_host_that_resolves_to_nothing_is_named(
+    trainer: Trainer, host: str, port: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # It was said to be a port in use, or an address not of this machine; with port 0,
+    # after a line of gRPC's own on stderr.
+    capfd.readouterr()
+    with pytest.raises(OSError, match=re.escape(f"the host name {host!r} resolves to no address")):
+        start(trainer, host, port)  # .invalid: never resolves (RFC 2606)
+    assert "add port" not in capfd.readouterr().err.lower()
 
 
 def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: Path) -> None:

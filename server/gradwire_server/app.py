@@ -122,10 +122,9 @@ def _bind_error(host: str, port: int) -> OSError | None:
     """Why gRPC could not listen on host:port, found by binding a socket first as gRPC binds
     its own (SO_REUSEADDR, and no SO_REUSEPORT, which start() turns off): gRPC itself says only
     "failed to bind", after a line of its own on stderr. None when one of the addresses the
-    host names binds, as gRPC then listens there; and for port 0. A name that resolves to
-    nothing gives getaddrinfo's error."""
-    if port == 0:
-        return None
+    host names binds, as gRPC then listens there. A name that resolves to nothing gives
+    getaddrinfo's error. Port 0 is probed too (the probe takes a free port and lets it go):
+    a bad host with it went on to gRPC's own stderr line and a message that blamed the port."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:  # a name that resolves to nothing: say so
@@ -315,6 +314,25 @@ def check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
+def check_port_file(port_file: Path) -> None:
+    """Refuses, at start, a port file that could not be written once the server listens
+    (InvalidInput, BAD_PORT_FILE): its folder must exist and take a file, which is written
+    there and removed. Found only after binding, a read-only folder was a failed exit (1)
+    where a missing one was refused as a usage error (2)."""
+    folder = port_file.parent
+    if not folder.is_dir():
+        why = f"there is no folder {folder} to write it in"
+    elif port_file.is_dir():
+        why = "it is a folder; name a file"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gradwire-write-check-"):
+                return
+        except OSError as err:
+            why = f"cannot write in {folder} ({err.strerror or err})"
+    raise InvalidInput(f"--port-file {port_file}: {why}", reason="BAD_PORT_FILE")
+
+
 #: How often a wait of the main thread's wakes to run the handlers of signals received.
 SIGNAL_POLL_S = 0.2
 
@@ -441,11 +459,8 @@ def serve(
     # Held until the server has stopped and saved: two servers that shared one state dir
     # each saved there at their stop, the last to stop overwriting the other's training.
     with contextlib.nullcontext() if state_dir is None else hold_state_dir(state_dir):
-        if port_file is not None and not port_file.parent.is_dir():
-            raise InvalidInput(
-                f"--port-file {port_file}: there is no folder {port_file.parent} to write it in",
-                reason="BAD_PORT_FILE",
-            )
+        if port_file is not None:
+            check_port_file(port_file)
         if tls is not None:
             tls.check()
         spec = SIMPLE if model is None else load_spec(model)
