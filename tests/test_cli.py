@@ -497,6 +497,14 @@ def test_fill_takes_inf_and_nan_written_as_such(
     np.testing.assert_array_equal(client.get("conv1.weight"), np.full((16, 3, 3, 3), float(text)))
 
 
+def test_fill_without_a_value_names_only_the_value_as_missing(address: str) -> None:
+    """The names are optional, yet the error called them required too (found by a review of
+    the CLI, on Python 3.11's argparse)."""
+    result = run_main("fill", "--target", address)
+    assert result.code == 2
+    assert result.err.endswith("error: the following arguments are required: value\n")
+
+
 def test_fill_an_unknown_parameter_exits_1(cli: Run) -> None:
     result = cli("fill", "1", "conv9.weight")
     assert result.code == 1

@@ -1884,7 +1884,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fill_value,
         help="a number, nan or inf; a negative one after --, as in: gradwire fill -- -inf",
     )
-    p.add_argument("names", nargs="*", help="parameters to fill (default: all)")
+    # default=[]: without one, Python's argparse (before 3.13) calls a `*` positional required
+    # in its error, "the following arguments are required: value, names".
+    p.add_argument("names", nargs="*", default=[], help="parameters to fill (default: all)")
 
     add("list", cmd_list, "list every tensor with its kind, dtype and shape")
 
