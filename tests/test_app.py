@@ -422,7 +422,11 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
 
 
 def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
-    sending = SendingStreams(stalled_s=0.2)
+    # The server's patience (1 s): the quick send is taken 0.05 s after the stop, and must be
+    # well before the patience runs out on a busy machine too (at the 0.2 s this test used,
+    # a test thread held 0.15 s would have seen it ended; found by a review of the tests).
+    patience = 1.0
+    sending = SendingStreams(stalled_s=patience)
     stuck, quick, idle = _Cancellable(), _Cancellable(), _Cancellable()
     with (
         sending.open(cast(grpc.ServicerContext, stuck), "stuck") as first,
@@ -436,7 +440,7 @@ def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
         time.sleep(0.05)
         assert next(sent, None) is None  # gRPC asks for the next: it was sent in time
         eventually(lambda: stuck.cancelled, "the send that waited was not ended")
-        time.sleep(0.5)  # two more looks
+        time.sleep(2 * patience)  # two more looks
         assert not quick.cancelled and not idle.cancelled
     eventually(
         lambda: "gradwire-stalled" not in {t.name for t in threading.enumerate()},

@@ -53,7 +53,8 @@ def test_a_client_gets_through_soon_after_a_long_outage() -> None:
     # With gRPC's defaults the wait between two attempts to reconnect grows by 1.6 times
     # from 1 s, to 2 minutes: after a 10 s outage the client got through 4.8-6.8 s after
     # the server was back. Now it tries at least every MAX_RECONNECT_WAIT_S (and gRPC's
-    # jitter, 20%).
+    # jitter, 20%). Two seconds more to connect and answer a call on a busy machine, which
+    # still tells the two apart: a second was tight (found by a review of the tests).
     with running_server() as first:
         port = first.port
         client = gradwire.Client(f"127.0.0.1:{port}")
@@ -62,7 +63,7 @@ def test_a_client_gets_through_soon_after_a_long_outage() -> None:
     while time.monotonic() < end:  # a script watching the server, as it would
         assert not _answers(client)
         time.sleep(0.5)
-    within = limits.MAX_RECONNECT_WAIT_S * 1.2 + 1.0
+    within = limits.MAX_RECONNECT_WAIT_S * 1.2 + 2.0
     try:
         with running_server(port=port):
             eventually(
