@@ -18,6 +18,7 @@ from gradwire_server.errors import WrongOrder
 from gradwire_server.models import SIMPLE
 from gradwire_server.torch_thread import Closed, TorchThread
 from gradwire_server.trainer import FillSpec, Trainer
+from tests.background import eventually
 
 
 @pytest.fixture(params=["own", "shared"])
@@ -182,5 +183,12 @@ def test_sessions_start_no_openmp_team_of_their_own(client: gradwire.Client) -> 
             session.step()
             session.stats("linear.weight.grad", bins=4)
             session.get("linear.weight")
-        # While they are open: a closed session's thread, and its team, would be gone.
-        assert openmp_like_threads() - before == set()
+        # While they are open: a closed session's thread, and its team, would be gone. Looked
+        # at until it holds for a few seconds: a Python thread that has just ended leaves
+        # threading's list before its OS thread is gone, and counted as a stranger for that
+        # moment (found by a review of the tests); a session's team would stay.
+        eventually(
+            lambda: openmp_like_threads() - before == set(),
+            "a session started threads no one named: an OpenMP team of its own",
+            within=5,
+        )
