@@ -293,14 +293,20 @@ def start(
     )
 
 
+def _write_and_remove_a_file(folder: Path) -> None:
+    """Writes a file in `folder` and removes it: OSError when the folder takes none (read
+    only, another user's, not a folder), as a save or a port file would find later."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".gradwire-write-check-"):
+        pass
+
+
 def check_state_dir(state_dir: Path) -> None:
     """Refuses, at start, a state dir the stop could not save into (InvalidInput,
     BAD_STATE_DIR): it is made when missing, and a file is written there and removed, as a
     save writes one and renames it."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=".gradwire-write-check-"):
-            pass
+        _write_and_remove_a_file(state_dir)
     except OSError as err:
         why = err.strerror or str(err)
         if isinstance(err, FileExistsError):
@@ -326,8 +332,8 @@ def check_port_file(port_file: Path) -> None:
         why = "it is a folder; name a file"
     else:
         try:
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".gradwire-write-check-"):
-                return
+            _write_and_remove_a_file(folder)
+            return
         except OSError as err:
             why = f"cannot write in {folder} ({err.strerror or err})"
     raise InvalidInput(f"--port-file {port_file}: {why}", reason="BAD_PORT_FILE")
