@@ -36,6 +36,9 @@ from tests.serve_in_process import running_server, serving
 from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
+#: `gradwire` as a process of its own, for what only a process shows (its exit code after a
+#: closed pipe or a full disk, gRPC's aborts): main_entry, as the installed script runs it.
+GRADWIRE_PROCESS = (sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()")
 
 
 @pytest.fixture
@@ -849,8 +852,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(address: str) -> None:
     os.close(read_end)
     try:
         done = subprocess.run(
-            [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()",
-             "list", "--target", address],
+            [*GRADWIRE_PROCESS, "list", "--target", address],
             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
         )  # fmt: skip
     finally:
@@ -867,8 +869,7 @@ def test_output_to_a_full_disk_is_an_error_that_says_so(address: str, command: s
         pytest.skip("no /dev/full on this machine")
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()",
-             *command.split(), "--target", address],
+            [*GRADWIRE_PROCESS, *command.split(), "--target", address],
             stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
         )  # fmt: skip
     assert done.returncode == 1
@@ -880,9 +881,7 @@ def test_a_closed_standard_output_is_refused_before_the_command_runs(address: st
     """`gradwire info >&-`: Python has no sys.stdout, and the command's first write raised
     AttributeError in a traceback (found by a review of the CLI)."""
     done = subprocess.run(
-        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable,
-         "-c", "from gradwire.cli import main_entry; main_entry()",
-         "fill", "0.5", "--target", address],
+        ["sh", "-c", 'exec "$0" "$@" >&-', *GRADWIRE_PROCESS, "fill", "0.5", "--target", address],
         stderr=subprocess.PIPE, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 1
@@ -1142,8 +1141,8 @@ def test_half_a_client_certificate_pair_exits_2(
     pem = tmp_path / "some.pem"
     pem.write_text("not read: refused before\n")
     done = subprocess.run(
-        [sys.executable, "-c", "from gradwire.cli import main_entry; main_entry()", "list",
-         "--target", dead_address, "--tls-ca", str(pem), given, str(pem)],
+        [*GRADWIRE_PROCESS, "list", "--target", dead_address, "--tls-ca", str(pem), given,
+         str(pem)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
