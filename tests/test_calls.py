@@ -465,9 +465,14 @@ def test_a_mutation_whose_message_deadline_passed_while_queued_changes_nothing(
     holder = hold_forward(address)  # the torch thread is busy with that Forward
     with grpc.insecure_channel(address) as channel:
         stream = Raw(channel)
+        waiting = gated_server.servicer.waiting
+        eventually(lambda: waiting.count == 1)  # the stream's handler waits for a message
         fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0), timeout_ms=1)
         stream._requests.put(fill.SerializeToString())
-        time.sleep(0.1)  # well past the message's 1 ms
+        # Read (its 1 ms counted from there) and held behind the Forward: a fixed sleep
+        # here instead could let a slow machine release the Forward before the message came in.
+        eventually(lambda: waiting.count == 0)
+        time.sleep(0.01)  # well past the message's 1 ms
         Gate.release.set()
         holder.join(timeout=60)
         code, _, reason, _ = error_of(pb.CallResponse.FromString(next(stream.responses)))
