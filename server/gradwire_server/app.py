@@ -12,7 +12,6 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -36,6 +35,7 @@ from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer, add_to_server
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
 from gradwire_server.models import SIMPLE, load_spec
+from gradwire_server.pools import ServingPool
 from gradwire_server.reflection_service import V1_SERVICE_NAME as REFLECTION_V1
 from gradwire_server.reflection_service import ReflectionServicer
 from gradwire_server.reflection_service import add_to_server as add_reflection
@@ -217,9 +217,7 @@ def start(
     if token:
         interceptors.append(TokenInterceptor(token))
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=max_concurrent + SPARE_THREADS, thread_name_prefix="gradwire"
-        ),
+        ServingPool(max_concurrent + SPARE_THREADS, thread_name_prefix="gradwire"),
         interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[

@@ -15,13 +15,13 @@ and cancelled from eight threads deadlocked the server that way within a second.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
 from gradwire_server.errors import InvalidInput
+from gradwire_server.pools import ServingPool
 from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
 
 #: Longer than any service's full name ("gradwire.v1.Trainer").
@@ -35,9 +35,7 @@ SPARE_THREADS = 2
 
 class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships no types
     def __init__(self, max_watches: int = MAX_WATCHES) -> None:
-        self.pool = futures.ThreadPoolExecutor(
-            max_workers=max_watches + SPARE_THREADS, thread_name_prefix="gradwire-health"
-        )
+        self.pool = ServingPool(max_watches + SPARE_THREADS, thread_name_prefix="gradwire-health")
         # The pool travels with the handler (add_to_server), not on grpc's class.
         super().__init__(experimental_non_blocking=False)
         self.max_watches = max_watches

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradwire_server.errors import InvalidInput, Stopping
+from gradwire_server.pools import ServingPool
 from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
 from gradwire_server.waiting import WaitingStreams
 
@@ -36,8 +36,8 @@ class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  
     def __init__(self, service_names: Iterable[str], max_streams: int = MAX_STREAMS) -> None:
         super().__init__(tuple(service_names))
         self.max_streams = max_streams
-        self.pool = futures.ThreadPoolExecutor(
-            max_workers=max_streams + SPARE_THREADS, thread_name_prefix="gradwire-reflection"
+        self.pool = ServingPool(
+            max_streams + SPARE_THREADS, thread_name_prefix="gradwire-reflection"
         )
         self._lock = threading.Lock()
         self._open = 0
