@@ -283,9 +283,8 @@ def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on() -
     try:
         client = server.client
         client.timeout = 2
-        with server.limit(2 * MiB):
-            with pytest.raises(errors.DeadlineExceeded):
-                client.list_tensors()
+        with server.limit(2 * MiB), pytest.raises(errors.DeadlineExceeded):
+            client.list_tensors()
         client.timeout = 20
         assert client.list_tensors().version == 0
         assert client.health() == "SERVING"
