@@ -397,6 +397,22 @@ def test_a_later_adam_step_runs_whole_or_not_at_all_whatever_the_headroom(wide: 
     assert outcomes[0] == "refused" and outcomes[-1] == "ran"  # both sides were reached
 
 
+def test_a_streamed_write_whose_value_does_not_fit_is_refused_and_changes_nothing(
+    wide: Capped,
+) -> None:
+    # A 64 MiB value for the weight, sent in chunks: the block it is assembled in, taken at
+    # the first chunk, does not fit in 16 MiB of headroom. It was answered INTERNAL.
+    client = wide.client
+    before = snapshot(client, ["weight"])
+    value = np.full((4096, 4096), 0.5, np.float32)
+    with wide.limit(16 * MiB):
+        error = out_of_memory(client.set, "weight", value)
+    assert error.message.startswith("value: out of memory on cpu for a 4096x4096 float32")
+    assert snapshot(client, ["weight"]) == before
+    client.set("weight", value)  # with the memory there, the write goes through
+    assert float(client.get("weight", (0, 0))) == 0.5
+
+
 def test_a_train_step_refused_in_its_step_leaves_no_false_delta(wide: Capped) -> None:
     # The Step copies the parameters into the buffers that hold the last Step's change
     # before it runs out; the undo used to put the old deltas back over those buffers, so

@@ -22,7 +22,7 @@ from gradwire import codec, wire
 from gradwire import limits as gw_limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
-from gradwire_server.errors import InvalidInput, OverLimit, device_memory
+from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_of_memory
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
@@ -204,6 +204,21 @@ class Chunks:
             raise OverLimit(str(err), reason="TOO_MANY_ELEMENTS") from err
         except codec.CodecError as err:
             raise InvalidInput(str(err), reason="BAD_CHUNK") from err
+        except (MemoryError, RuntimeError) as err:
+            # The host block the value is assembled in, taken at the first chunk (numpy's
+            # MemoryError, or torch's "can't allocate memory" for a reused block); a GPU
+            # assembly says so itself. It was answered INTERNAL (found by a review that
+            # capped a server's memory).
+            if isinstance(err, RuntimeError) and not out_of_memory(err):
+                raise
+            shape = "x".join(map(str, chunk.shape))  # the first chunk's: the block is taken then
+            dtype = self._assembler.dtype
+            name = "" if dtype is None else f" {codec.DTYPE_NAMES[dtype]}"
+            raise OverLimit(
+                f"{self.what}: out of memory on cpu for a {shape or 'scalar'}{name} value sent "
+                "in chunks; send less, or free memory on the server",
+                reason="OUT_OF_MEMORY",
+            ) from err
 
     def tensor(self) -> torch.Tensor:
         try:
