@@ -8,6 +8,8 @@ prints the port, then reads commands on stdin, one a line, answering each on std
     limit BYTES   cap the address space (RLIMIT_AS) at the current VmSize + BYTES
     unlimit       lift the cap again (to the hard limit)
     vm            the current VmSize, in bytes
+    stop PATH     stop the server, saving its state to PATH, under the cap set (if any);
+                  answers "ok stopped" or "ok raised TYPE: MESSAGE", and reads no more
 
 and stops at end of input. Under the cap, an allocation larger than what is left fails in
 malloc/mmap, as it fails for real when memory runs out: torch's CPU allocator raises.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 from torch import nn
 
@@ -45,6 +48,7 @@ def main() -> None:
     running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     print(running.port, flush=True)
+    stopped = False
     try:
         for line in sys.stdin:
             command = line.split()
@@ -54,6 +58,16 @@ def main() -> None:
                 print(f"ok {cap}", flush=True)
             elif command == ["vm"]:
                 print(f"ok {vm_size()}", flush=True)
+            elif command[:1] == ["stop"]:
+                stopped = True
+                try:
+                    running.stop(5.0, save_to=Path(command[1]))
+                    answer = "ok stopped"
+                except Exception as err:
+                    answer = f"ok raised {type(err).__name__}: {err}"
+                resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+                print(answer, flush=True)
+                break
             elif command == ["unlimit"]:
                 resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
                 print("ok", flush=True)
@@ -61,7 +75,8 @@ def main() -> None:
                 print(f"unknown command {line.strip()!r}", flush=True)
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-        running.stop(grace=None)
+        if not stopped:
+            running.stop(grace=None)
 
 
 if __name__ == "__main__":

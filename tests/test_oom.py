@@ -25,6 +25,7 @@ import pytest
 import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
+from gradwire_server import checkpoint
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(resource, "RLIMIT_AS"),
@@ -291,6 +292,27 @@ def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on() -
         still_serving(client)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("headroom", [0, 16])
+def test_a_stop_for_which_no_thread_can_start_still_saves_the_state(
+    headroom: int, tmp_path: Path
+) -> None:
+    # Each step of a stop started a thread: serve's notice of a long stop, the one that ends
+    # streams whose client stopped reading, and grpc's for the grace period (at 16 MiB of
+    # headroom, the last alone failed). A stop under such a cap raised "can't start new
+    # thread" before the save: the training was lost.
+    server = Capped()
+    try:
+        client = server.client
+        still_serving(client)
+        version = client.list_tensors().version
+        server.command(f"limit {headroom * MiB}")
+        saved = tmp_path / "state.safetensors"
+        assert server.command(f"stop {saved}") == "ok stopped"
+    finally:
+        server.close()
+    assert checkpoint.load(saved).version == version
 
 
 @pytest.fixture

@@ -85,7 +85,22 @@ class Running:
         self.servicer.stop()
         if self.reflection is not None:
             self.reflection.stop()
-        wait_for(self.server.stop(grace))
+        try:
+            stopped = self.server.stop(grace)
+        except RuntimeError as err:
+            # grpc starts a thread to cancel what is left once the grace period is over; one
+            # that cannot start (memory exhausted, a limit on tasks) raised here and the
+            # state went unsaved. The shutdown has begun: the grace period is waited out
+            # here instead.
+            log.warning(
+                "could not start gRPC's thread for the grace period (%s): waiting for the "
+                "calls in progress here",
+                err,
+            )
+            if grace is not None:
+                self.server.wait_for_termination(timeout=grace)
+            stopped = self.server.stop(None)  # cancels what is left; at once if nothing is
+        wait_for(stopped)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         try:
@@ -595,7 +610,8 @@ def serve(
                     ),
                 )
                 waiting.daemon = True
-                waiting.start()
+                with contextlib.suppress(RuntimeError):  # no thread can start: the stop goes on
+                    waiting.start()
                 try:
                     # After a device error nothing is saved: the device's state can no longer
                     # be read.

@@ -19,6 +19,7 @@ the same send a second later is ended (`SendingStreams`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ import grpc
 from gradwire_server.errors import Stopping
 
 T = TypeVar("T")
+log = logging.getLogger("gradwire_server")
 
 #: How long, at a stop, a stream's send may wait for its client to read before the stream is
 #: ended. A second: a client reading as fast as a watch's updates come takes them in far
@@ -156,7 +158,18 @@ class SendingStreams:
         """Starts the stop's thread, once stopped, unless it runs (under the lock)."""
         if self._stopped and not self._looking:
             self._looking = True
-            threading.Thread(target=self._end_stalled, name="gradwire-stalled", daemon=True).start()
+            thread = threading.Thread(
+                target=self._end_stalled, name="gradwire-stalled", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError as err:  # memory exhausted, a limit on tasks: the stop goes on
+                self._looking = False
+                log.warning(
+                    "could not start the thread that ends stalled streams at a stop (%s): "
+                    "those whose client has stopped reading end with the grace period",
+                    err,
+                )
 
     def _end_stalled(self) -> None:
         ended: set[_Sending] = set()
