@@ -294,6 +294,25 @@ def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on() -
         server.close()
 
 
+def test_a_first_step_under_a_cap_does_not_end_the_process() -> None:
+    # torch's OpenMP runtime (libgomp) starts its workers at the first parallel op, and
+    # exits the process when one cannot start: the first Forward of a server that had
+    # answered only reads, under 8 MiB of headroom, ended it with no answer (found by a
+    # review that capped a server's memory). The team is started with the trainer now.
+    server = Capped()
+    try:
+        client = server.client
+        client.list_tensors()  # a thread for calls, so that this one does not wait for one
+        with server.limit(8 * MiB):
+            client.forward(*SMALL)
+        assert server.process.poll() is None
+        client.backward()
+        client.step()
+        still_serving(client)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("headroom", [0, 16])
 def test_a_stop_for_which_no_thread_can_start_still_saves_the_state(
     headroom: int, tmp_path: Path

@@ -123,3 +123,19 @@ def one_thread(when: bool = True) -> Iterator[None]:
         yield
     finally:
         found(before)
+
+
+#: torch's grain: an op over fewer values than this per thread runs on fewer threads.
+_GRAIN = 32768
+
+
+def start_team() -> None:
+    """Starts the calling thread's OpenMP team, every thread torch would use, with one small
+    op. libgomp ends the process ("Thread creation failed") when it cannot start a worker,
+    and it starts them at the thread's first parallel op: a server's first step under
+    exhausted memory, or at a limit on tasks, ended the process with no answer to anyone
+    and nothing in the log (found by a review that capped a server's memory). Once
+    started, the team is reused."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.empty(_GRAIN * threads, dtype=torch.uint8).fill_(0)

@@ -567,6 +567,7 @@ class Trainer:
         # Every torch call runs on one thread, on the CPU the one every CPU trainer in the
         # process shares (torch_thread.py says why).
         self._torch = TorchThread(shared=self.device.type == "cpu")
+        self._torch.run(openmp.start_team)  # while memory is there: openmp.py says why
         if self.device.type == "cuda" and self.device.index is not None:
             # The thread's current device is this trainer's: events, pinned memory and
             # caches that follow the current device then follow the model (cuda:1 and on).
