@@ -106,7 +106,10 @@ from tests.oom_server import vm_size
 _, hard = resource.getrlimit(resource.RLIMIT_AS)
 resource.setrlimit(resource.RLIMIT_AS, (vm_size() + {headroom} * 2**20, hard))
 """
-HEADROOM = 200
+#: MiB. The trainer's OpenMP team starts with it (openmp.start_team), and its worker's stack
+#: and malloc arena take address space: at 200, as before, the model no longer fit. Measured
+#: in the first test: the model does not fit at 232, and the checkpoint still does not at 640.
+HEADROOM = 400
 
 
 @pytest.fixture(scope="module")
