@@ -120,6 +120,16 @@ def fresh() -> Iterator[Capped]:
 
 
 @pytest.fixture
+def cold() -> Iterator[Capped]:
+    """A server of its own that has run no call: none of its call threads started yet."""
+    server = Capped()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
 def returning() -> Iterator[Capped]:
     """A server of its own that gives back to the system what each call frees, at once."""
     yield from _warmed(RETURN_FREED)
@@ -271,7 +281,9 @@ def test_a_backward_that_runs_out_halfway_changes_no_gradient(fresh: Capped) -> 
         still_serving(client)
 
 
-def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on() -> None:
+def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on(
+    cold: Capped,
+) -> None:
     # A new server has started none of the threads its calls run on, and under 2 MiB of
     # headroom no thread's stack can be mapped. The failed start used to end gRPC's serving
     # thread, and with it the server: no call was answered again, health checks neither,
@@ -280,58 +292,46 @@ def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on() -
     stack, _ = resource.getrlimit(resource.RLIMIT_STACK)  # glibc's size for a thread's stack
     if stack != resource.RLIM_INFINITY and stack <= 2 * MiB:
         pytest.skip(f"a thread's stack here ({stack} bytes) fits in the headroom")
-    server = Capped()
-    try:
-        client = server.client
-        client.timeout = 2
-        with server.limit(2 * MiB), pytest.raises(errors.DeadlineExceeded):
-            client.list_tensors()
-        client.timeout = 20
-        assert client.list_tensors().version == 0
-        assert client.health() == "SERVING"
-        still_serving(client)
-    finally:
-        server.close()
+    client = cold.client
+    client.timeout = 2
+    with cold.limit(2 * MiB), pytest.raises(errors.DeadlineExceeded):
+        client.list_tensors()
+    client.timeout = 20
+    assert client.list_tensors().version == 0
+    assert client.health() == "SERVING"
+    still_serving(client)
 
 
-def test_a_first_step_under_a_cap_does_not_end_the_process() -> None:
+def test_a_first_step_under_a_cap_does_not_end_the_process(cold: Capped) -> None:
     # torch's OpenMP runtime (libgomp) starts its workers at the first parallel op, and
     # exits the process when one cannot start: the first Forward of a server that had
     # answered only reads, under 8 MiB of headroom, ended it with no answer (found by a
     # review that capped a server's memory). The team is started with the trainer now.
-    server = Capped()
-    try:
-        client = server.client
-        client.list_tensors()  # a thread for calls, so that this one does not wait for one
-        with server.limit(8 * MiB):
-            try:
-                client.forward(*SMALL)  # it runs here; refused OUT_OF_MEMORY is an answer too
-            except errors.ResourceExhausted as error:
-                assert error.reason == "OUT_OF_MEMORY", error
-        assert server.process.poll() is None
-        still_serving(client)
-    finally:
-        server.close()
+    client = cold.client
+    client.list_tensors()  # a thread for calls, so that this one does not wait for one
+    with cold.limit(8 * MiB):
+        try:
+            client.forward(*SMALL)  # it runs here; refused OUT_OF_MEMORY is an answer too
+        except errors.ResourceExhausted as error:
+            assert error.reason == "OUT_OF_MEMORY", error
+    assert cold.process.poll() is None
+    still_serving(client)
 
 
 @pytest.mark.parametrize("headroom", [0, 16])
 def test_a_stop_for_which_no_thread_can_start_still_saves_the_state(
-    headroom: int, tmp_path: Path
+    headroom: int, tmp_path: Path, cold: Capped
 ) -> None:
     # Each step of a stop started a thread: serve's notice of a long stop, the one that ends
     # streams whose client stopped reading, and grpc's for the grace period (at 16 MiB of
     # headroom, the last alone failed). A stop under such a cap raised "can't start new
     # thread" before the save: the training was lost.
-    server = Capped()
-    try:
-        client = server.client
-        still_serving(client)
-        version = client.list_tensors().version
-        server.command(f"limit {headroom * MiB}")
-        saved = tmp_path / "state.safetensors"
-        assert server.command(f"stop {saved}") == "ok stopped"
-    finally:
-        server.close()
+    client = cold.client
+    still_serving(client)
+    version = client.list_tensors().version
+    cold.command(f"limit {headroom * MiB}")
+    saved = tmp_path / "state.safetensors"
+    assert cold.command(f"stop {saved}") == "ok stopped"
     assert checkpoint.load(saved).version == version
 
 
