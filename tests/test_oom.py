@@ -19,11 +19,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 import gradwire
-from gradwire import errors
+from gradwire import codec, errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc
 from gradwire.fill import Fill
 from gradwire_server import checkpoint
 
@@ -474,3 +477,77 @@ def test_a_train_step_refused_in_its_step_leaves_no_false_delta(wide: Capped) ->
         out_of_memory(client.train_step, *WIDE_DATA, zero_grad=True)
     assert snapshot(client, ["weight", "weight.grad"]) == before
     assert client.get("weight.delta") is None  # gone, as after a failed Step alone
+
+
+def test_a_read_whose_reply_does_not_fit_is_refused_and_the_client_reads_it_streamed(
+    wide: Capped,
+) -> None:
+    # A 60 MiB slice fits in one message, whose reply is a copy of its values: under 16 MiB
+    # of headroom the copy does not fit. It was answered INTERNAL (found by a scan of the
+    # caps: 0-48 MiB; from 64 MiB, gRPC itself aborted the process as it sent the reply). A
+    # stream sends a contiguous slice from the parameter's own memory, a chunk at a time:
+    # the client reads it that way.
+    expected = wide.client.get("weight", np.s_[:3840])
+    request = pb.GetTensorRequest(name="weight")
+    request.index.extend(codec.indices_to_proto((np.s_[:3840],)))
+    options = [("grpc.max_receive_message_length", 64 * MiB)]
+    with grpc.insecure_channel(wide.client.target, options=options) as channel:
+        get_tensor = trainer_pb2_grpc.TrainerStub(channel).GetTensor
+        get_tensor(request, timeout=30)  # this server's threads and buffers, warmed
+        with wide.limit(16 * MiB):
+            with pytest.raises(grpc.RpcError) as info:
+                get_tensor(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            error = errors.from_rpc_error(info.value)
+            assert error.reason == "OUT_OF_MEMORY", error
+            assert error.message.startswith(
+                "GetTensor: out of memory on cpu for the reply's 3840x4096 float32 values of "
+                "'weight' (60.0 MiB); read them streamed (GetTensorStream)"
+            ), error.message
+            read = wide.client.get("weight", np.s_[:3840])
+        assert np.array_equal(read, expected)
+        get_tensor(request, timeout=30)  # with the memory there, one message again
+    assert wide.process.poll() is None
+
+
+#: Decodes a 30 MiB tensor sent in one message under 8 MiB of headroom; prints the answer.
+DECODE_UNDER_A_CAP = """
+import resource
+import numpy as np
+from gradwire import codec, wire
+from gradwire._pb import trainer_pb2 as pb
+from gradwire_server import convert
+from gradwire_server.errors import OverLimit
+from tests.oom_server import vm_size
+
+message = pb.ForwardRequest()
+message.input.tensor.CopyFrom(codec.encode(np.ones((26214, 3, 10, 10), np.float32)))
+split = wire.split(message.SerializeToString(), pb.ForwardRequest)
+path = convert.field_path(pb.ForwardRequest, "input", "tensor")
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + 8 * 2**20, hard))
+try:
+    convert.tensor_from_split(split, path, split.message.input.tensor, "input")
+    print("decoded")
+except OverLimit as err:
+    print(err.reason, err.message)
+"""
+
+
+def test_a_value_sent_in_one_message_whose_copy_does_not_fit_is_refused() -> None:
+    # torch needs the values in writable memory, so a value sent in one message is copied
+    # out of the request. A 30 MiB unary Forward under 20-28 MiB of headroom ran out there,
+    # and was answered INTERNAL (a scan of the caps; through a server, where it runs out
+    # depends on what gRPC's receiving took first, so the copy is capped here alone).
+    answer = subprocess.run(
+        [sys.executable, "-c", DECODE_UNDER_A_CAP],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+    assert answer == (
+        "OUT_OF_MEMORY input: out of memory on cpu for a 26214x3x10x10 float32 value sent in "
+        "one message; send less, or free memory on the server"
+    )

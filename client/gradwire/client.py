@@ -1524,12 +1524,13 @@ class Client:
         out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
         """GetTensor with this serialized request; GetTensorStream when the server says the
-        value is too large for one message."""
+        value is too large for one message, or that it has no memory for the reply (a
+        stream sends the values a chunk at a time, from the tensor's own memory on the CPU)."""
         encoded = self._get_tensor(request, as_torch, values, out)
         try:
             return self._run(encoded)
         except ResourceExhausted as err:
-            if err.reason != "USE_STREAM":
+            if err.reason != "USE_STREAM" and not (values and err.reason == "OUT_OF_MEMORY"):
                 raise
             streamed = pb.GetTensorRequest.FromString(request)
             return self._read_stream(streamed, as_torch=as_torch, out=out)

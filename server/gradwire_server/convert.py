@@ -95,6 +95,34 @@ def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:
     )
 
 
+def no_room_for(what: str, shape: Sequence[int], dtype: int | None, sent: str) -> OverLimit:
+    """OverLimit (OUT_OF_MEMORY) for a value sent to the server that its memory cannot take:
+    the host copy it is decoded or assembled into could not be allocated."""
+    name = "" if dtype is None else f" {codec.DTYPE_NAMES[dtype]}"
+    size = "x".join(map(str, shape)) or "scalar"
+    return OverLimit(
+        f"{what}: out of memory on cpu for a {size}{name} value {sent}; send less, or free "
+        "memory on the server",
+        reason="OUT_OF_MEMORY",
+    )
+
+
+def no_room_to_answer(selection: Selection, what: str) -> OverLimit:
+    """OverLimit (OUT_OF_MEMORY) for a read whose reply, the one copy of its values, could not
+    be allocated (answered INTERNAL before: a 60 MiB unary read under 16-48 MiB of headroom)."""
+    part = selection.part
+    assert part is not None
+    size = "x".join(map(str, part.shape)) or "scalar"
+    dtype = str(part.dtype).removeprefix("torch.")
+    mib = part.numel() * part.element_size() / (1 << 20)
+    return OverLimit(
+        f"{what}: out of memory on cpu for the reply's {size} {dtype} values of "
+        f"{selection.name!r} ({mib:.1f} MiB); read them streamed (GetTensorStream), read a "
+        "smaller slice, or free memory on the server",
+        reason="OUT_OF_MEMORY",
+    )
+
+
 def tensor_from_split(
     split: wire.Split[Any], path: wire.Path, message: pb.Tensor, what: str
 ) -> torch.Tensor:
@@ -103,6 +131,10 @@ def tensor_from_split(
         return codec.decode_split_torch(split, path, message)
     except codec.CodecError as err:
         raise InvalidInput(f"{what}: {err}", reason="BAD_TENSOR") from err
+    except MemoryError as err:
+        # The copy torch needs (the request's bytes are read-only): numpy's MemoryError. It
+        # was answered INTERNAL (a 30 MiB unary Forward under 24 MiB of headroom).
+        raise no_room_for(what, message.shape, message.dtype, "sent in one message") from err
 
 
 def source_from_split(
@@ -211,13 +243,9 @@ class Chunks:
             # capped a server's memory).
             if isinstance(err, RuntimeError) and not out_of_memory(err):
                 raise
-            shape = "x".join(map(str, chunk.shape))  # the first chunk's: the block is taken then
-            dtype = self._assembler.dtype
-            name = "" if dtype is None else f" {codec.DTYPE_NAMES[dtype]}"
-            raise OverLimit(
-                f"{self.what}: out of memory on cpu for a {shape or 'scalar'}{name} value sent "
-                "in chunks; send less, or free memory on the server",
-                reason="OUT_OF_MEMORY",
+            # The first chunk's shape: the block is taken then.
+            raise no_room_for(
+                self.what, chunk.shape, self._assembler.dtype, "sent in chunks"
             ) from err
 
     def tensor(self) -> torch.Tensor:

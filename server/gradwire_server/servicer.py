@@ -45,6 +45,7 @@ from gradwire_server.errors import (
     VersionMismatch,
     WrongOrder,
     device_lost,
+    out_of_memory,
     shown,
 )
 from gradwire_server.message_context import Answered, MessageContext
@@ -201,6 +202,19 @@ def _answer_error(context: grpc.ServicerContext, name: str, servicer: TrainerSer
             _release_frames(err)
             gone = f"{name}: the caller cancelled its request stream, or its deadline passed"
             abort(context, grpc.StatusCode.CANCELLED, gone, CallerGone.reason, {})
+    except MemoryError as err:
+        # Memory ran out where no narrower handler says what for (those answer with the
+        # value's shape): still the caller's to retry with less, not an internal error.
+        log.warning("%s: out of memory", name, exc_info=err)
+        _release_frames(err)
+        abort(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{name}: out of memory on the server; send or ask for less, or free memory on the "
+            "server",
+            "OUT_OF_MEMORY",
+            {},
+        )
     except Exception as err:
         _unexpected(context, name, servicer, err)
 
@@ -795,10 +809,15 @@ class TrainerServicer:
         chain = convert.chain_from_proto(request.index)
 
         def encode(selection: Selection) -> bytes:
-            pieces = convert.get_response_pieces(
-                selection, values=not request.omit_values, limit=limits.MAX_VALUE_BYTES
-            )
-            return wire.join(pieces)  # under the lock: this copy is what keeps the version
+            try:
+                pieces = convert.get_response_pieces(
+                    selection, values=not request.omit_values, limit=limits.MAX_VALUE_BYTES
+                )
+                return wire.join(pieces)  # under the lock: this copy is what keeps the version
+            except (MemoryError, RuntimeError) as err:  # numpy's, or torch's in words
+                if isinstance(err, RuntimeError) and not out_of_memory(err):
+                    raise
+                raise convert.no_room_to_answer(selection, "GetTensor") from err
 
         return self.trainer.read_with(request.name, chain, encode, copies_only=True)
 

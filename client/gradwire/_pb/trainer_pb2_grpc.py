@@ -190,7 +190,10 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTensor(self, request, context):
-        """Reads a tensor, or a slice of it selected on the device, by name.
+        """Reads a tensor, or a slice of it selected on the device, by name. The reply holds a
+        copy of the values; a server with no memory for it answers RESOURCE_EXHAUSTED
+        (OUT_OF_MEMORY), and GetTensorStream, which copies a chunk at a time (nothing, for a
+        contiguous tensor on the CPU), may still read them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

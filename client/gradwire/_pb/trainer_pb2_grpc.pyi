@@ -203,7 +203,11 @@ class TrainerStub:
     ZeroGrad: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ZeroGradRequest, _trainer_pb2.ZeroGradResponse]
     """Runs optimizer.zero_grad(set_to_none)."""
     GetTensor: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorResponse]
-    """Reads a tensor, or a slice of it selected on the device, by name."""
+    """Reads a tensor, or a slice of it selected on the device, by name. The reply holds a
+    copy of the values; a server with no memory for it answers RESOURCE_EXHAUSTED
+    (OUT_OF_MEMORY), and GetTensorStream, which copies a chunk at a time (nothing, for a
+    contiguous tensor on the CPU), may still read them.
+    """
     SetTensor: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetTensorRequest, _trainer_pb2.SetTensorResponse]
     """Overwrites a parameter or gradient, or a slice of one."""
     FillParameters: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.FillParametersRequest, _trainer_pb2.FillParametersResponse]
@@ -369,7 +373,11 @@ class TrainerAsyncStub(TrainerStub):
     ZeroGrad: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ZeroGradRequest, _trainer_pb2.ZeroGradResponse]  # type: ignore[assignment]
     """Runs optimizer.zero_grad(set_to_none)."""
     GetTensor: _aio.UnaryUnaryMultiCallable[_trainer_pb2.GetTensorRequest, _trainer_pb2.GetTensorResponse]  # type: ignore[assignment]
-    """Reads a tensor, or a slice of it selected on the device, by name."""
+    """Reads a tensor, or a slice of it selected on the device, by name. The reply holds a
+    copy of the values; a server with no memory for it answers RESOURCE_EXHAUSTED
+    (OUT_OF_MEMORY), and GetTensorStream, which copies a chunk at a time (nothing, for a
+    contiguous tensor on the CPU), may still read them.
+    """
     SetTensor: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetTensorRequest, _trainer_pb2.SetTensorResponse]  # type: ignore[assignment]
     """Overwrites a parameter or gradient, or a slice of one."""
     FillParameters: _aio.UnaryUnaryMultiCallable[_trainer_pb2.FillParametersRequest, _trainer_pb2.FillParametersResponse]  # type: ignore[assignment]
@@ -562,7 +570,11 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.GetTensorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.GetTensorResponse, _abc.Awaitable[_trainer_pb2.GetTensorResponse]]:
-        """Reads a tensor, or a slice of it selected on the device, by name."""
+        """Reads a tensor, or a slice of it selected on the device, by name. The reply holds a
+        copy of the values; a server with no memory for it answers RESOURCE_EXHAUSTED
+        (OUT_OF_MEMORY), and GetTensorStream, which copies a chunk at a time (nothing, for a
+        contiguous tensor on the CPU), may still read them.
+        """
 
     @_abc_1.abstractmethod
     def SetTensor(
