@@ -28,6 +28,7 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
+from gradwire_server import serving as serving_watch
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.reflection_service import MAX_STREAMS
@@ -51,6 +52,22 @@ def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
     assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
     running.stop(grace=None)
     channel.close()
+
+
+def test_the_server_s_serving_thread_is_found_and_let_go_at_the_stop(trainer: Trainer) -> None:
+    # serving.py finds gRPC's serving thread by the name Python gives it ("Thread-N
+    # (_serve)"): a grpcio that starts it otherwise fails here, rather than leave a server
+    # whose serving thread has ended unnoticed (test_oom.py ends one for real).
+    running = start(trainer, "127.0.0.1", 0)
+    watched = running.serving
+    assert watched is not None and watched.thread is not None
+    assert watched.alive and watched.thread.name.endswith("(_serve)")
+    assert watched.thread in serving_watch._watched
+    running.stop(grace=None)
+    watched.thread.join(timeout=10)
+    assert not watched.thread.is_alive()
+    assert watched.thread not in serving_watch._watched
+    assert watched.error is None
 
 
 @pytest.mark.parametrize("version", ["v1alpha", "v1"])

@@ -29,6 +29,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc
 from gradwire.fill import Fill
 from gradwire_server import checkpoint
+from tests.serve_process import serving
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(resource, "RLIMIT_AS"),
@@ -551,3 +552,35 @@ def test_a_value_sent_in_one_message_whose_copy_does_not_fit_is_refused() -> Non
         "OUT_OF_MEMORY input: out of memory on cpu for a 26214x3x10x10 float32 value sent in "
         "one message; send less, or free memory on the server"
     )
+
+
+def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: Path) -> None:
+    # gRPC receives every request message on its one serving thread, in its own Cython code.
+    # A 60 MiB unary Forward under 100 MiB of headroom raised MemoryError there (80-160 MiB
+    # in a scan of the caps: receiving takes more than twice the message), which ended the
+    # thread: the server answered nothing again, health checks neither, the port stayed
+    # open, and a stop waited for ever, the state unsaved. `serve` now logs it, stops
+    # listening, saves and exits 1, for a supervisor to restart it.
+    port_file, state_dir = tmp_path / "port", tmp_path / "state"
+    with serving("--port-file", str(port_file), "--state-dir", str(state_dir)) as (process, _):
+        client = gradwire.connect(f"127.0.0.1:{int(port_file.read_text())}", timeout=30)
+        client.train_step(*SMALL)
+        version = client.list_tensors().version
+        client.stream_above_bytes = 64 * MiB  # the input in one message
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open(f"/proc/{process.pid}/status") as status:
+            vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+        resource.prlimit(process.pid, resource.RLIMIT_AS, (vm + 100 * MiB, hard))
+        with pytest.raises(errors.Unavailable):  # refused: no longer listening
+            client.forward(np.ones((52428, 3, 10, 10), np.float32))
+        assert process.wait(timeout=60) == 1
+        assert process.stderr is not None
+        log = process.stderr.read()
+    assert "CRITICAL gradwire_server: gRPC's serving thread ended (MemoryError)" in log, log
+    saved = state_dir / checkpoint.FILE_NAME
+    assert f"INFO gradwire_server: saved state version {version} to {saved}" in log, log
+    assert log.rstrip().endswith(
+        "gradwire serve: error: stopped after gRPC's serving thread ended (see the log "
+        f"above); the state is saved to {saved}; restart the server"
+    ), log
+    assert checkpoint.load(saved).version == version

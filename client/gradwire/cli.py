@@ -1434,7 +1434,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
 
 def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     try:
-        from gradwire_server.app import DeviceLost, serve
+        from gradwire_server.app import DeviceLost, ServingLost, serve
         from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput, OverLimit
         from gradwire_server.logs import log_handler
@@ -1485,7 +1485,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         raise UsageError(e.message) from None
     except OverLimit as e:  # a checkpoint that does not fit: nothing was served
         raise CommandError(e.message) from None
-    except (OSError, DeviceLost) as e:  # a failed exit, so that a supervisor restarts it
+    except (OSError, DeviceLost, ServingLost) as e:  # a failed exit: a supervisor restarts it
         raise CommandError(str(e)) from None
 
 

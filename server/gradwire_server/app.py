@@ -40,6 +40,7 @@ from gradwire_server.reflection_service import V1_SERVICE_NAME as REFLECTION_V1
 from gradwire_server.reflection_service import ReflectionServicer
 from gradwire_server.reflection_service import add_to_server as add_reflection
 from gradwire_server.servicer import TrainerServicer, method_handlers
+from gradwire_server.serving import ServingThread, start_watched
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
 from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, Trainer, resolve_device
 
@@ -58,6 +59,14 @@ class DeviceLost(RuntimeError):
     """`serve` stopped because the device failed in a way it does not recover from."""
 
 
+SERVING_LOST = "stopped after gRPC's serving thread ended (see the log above)"
+
+
+class ServingLost(RuntimeError):
+    """`serve` stopped because gRPC's serving thread ended (serving.py): the server answered
+    nothing more."""
+
+
 @dataclass
 class Running:
     """A started server: the grpc server, the port it bound, and its health servicer."""
@@ -72,6 +81,8 @@ class Running:
     metrics_port: int | None = None
     metrics_server: MetricsServer | None = None
     reflection: ReflectionServicer | None = None
+    #: gRPC's serving thread; `serving.alive` is False once it has ended (serving.py).
+    serving: ServingThread | None = None
 
     def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish.
@@ -80,11 +91,22 @@ class Running:
         UNAVAILABLE, if their client is not reading what they send), Calls streams once no
         call of theirs is in progress, health Watches once they have sent NOT_SERVING,
         reflection streams between two questions. Then, with `save_to`, the state the calls
-        left is saved."""
+        left is saved. Once gRPC's serving thread has ended (serving.py), no call can finish:
+        none is waited for."""
         self.health.enter_graceful_shutdown()
         self.servicer.stop()
         if self.reflection is not None:
             self.reflection.stop()
+        if self.serving is not None and not self.serving.alive:
+            self._stop_without_serving()
+        else:
+            self._stop_serving(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self._save_and_close(save_to)
+
+    def _stop_serving(self, grace: float | None) -> None:
+        """gRPC's own stop: new calls refused, those in progress given `grace` seconds."""
         try:
             stopped = self.server.stop(grace)
         except RuntimeError as err:
@@ -100,9 +122,28 @@ class Running:
             if grace is not None:
                 self.server.wait_for_termination(timeout=grace)
             stopped = self.server.stop(None)  # cancels what is left; at once if nothing is
-        wait_for(stopped)
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
+        # Woken now and then to look at the serving thread: gRPC's stop is finished by it, so
+        # one that ends during the grace period left this wait to last for ever.
+        while not stopped.wait(SIGNAL_POLL_S):
+            if self.serving is not None and not self.serving.alive:
+                self._stop_without_serving()
+                return
+        if self.serving is not None:
+            self.serving.forget()
+
+    def _stop_without_serving(self) -> None:
+        """The stop once gRPC's serving thread has ended: its own stop would wait for that
+        thread for ever. The server stops listening (clients are refused rather than left
+        waiting) and its calls are cancelled; no call starts any more, and one in progress
+        finishes its work on the torch thread before the save (which takes the trainer's
+        lock), its answer perhaps never sent."""
+        log.warning("stopping without gRPC's serving thread: calls in progress are not waited for")
+        try:
+            self.server.stop(0)  # returns at once with a grace; starts a thread to cancel
+        except RuntimeError as err:  # that thread could not start: listening has stopped
+            log.warning("could not start gRPC's thread to cancel the calls in progress: %s", err)
+
+    def _save_and_close(self, save_to: Path | None) -> None:
         try:
             if save_to is not None:
                 try:
@@ -195,6 +236,7 @@ def start(
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     min_client_ping_s: float = MIN_CLIENT_PING_S,
+    on_serving_lost: Callable[[], None] | None = None,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -212,6 +254,8 @@ def start(
     `keepalive_timeout_s`, ending its calls (None or 0: no pings; see limits.KEEPALIVE_S).
     `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
     it closed (GOAWAY, too_many_pings).
+    `on_serving_lost`: called when gRPC's serving thread has ended, after a critical log line
+    (serving.py): the server answers nothing more (`serve` saves and exits then).
     """
     for name, value, least in [
         ("max_concurrent", max_concurrent, 1),
@@ -289,7 +333,21 @@ def start(
         except OSError:
             server.stop(None)
             raise
-    server.start()
+
+    def serving_lost(error: BaseException) -> None:
+        try:
+            log.critical(
+                "gRPC's serving thread ended (%s): this server answers no call again, health "
+                "checks neither; %s",
+                f"{type(error).__name__}: {error}" if str(error) else type(error).__name__,
+                "stopping" if on_serving_lost is not None else "restart it",
+                exc_info=error,
+            )
+        finally:  # out of memory again in the log's formatting: the stop still begins
+            if on_serving_lost is not None:
+                on_serving_lost()
+
+    serving = start_watched(server.start, serving_lost)
     sessions.expire_in_background()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -303,6 +361,7 @@ def start(
         None if metrics_server is None else metrics_server.port,
         metrics_server,
         reflection_servicer,
+        serving,
     )
 
 
@@ -500,6 +559,12 @@ def serve(
             lost.set()
             stop.set()
 
+        serving_lost = threading.Event()
+
+        def no_serving() -> None:
+            serving_lost.set()
+            stop.set()
+
         # Signals received, counted in one step: a handler can run inside another (Python runs
         # a pending one between any two bytecodes), and two that both saw "none yet" would both
         # be taken for the first.
@@ -550,6 +615,7 @@ def serve(
                 on_device_lost=device_lost,
                 keepalive_s=keepalive_s,
                 keepalive_timeout_s=keepalive_timeout_s,
+                on_serving_lost=no_serving,
             )
             if tls is not None:
                 who = (
@@ -617,12 +683,19 @@ def serve(
                     # be read.
                     running.stop(grace, save_to=None if lost.is_set() else saved)
                     stopped.set()
+                except OSError as err:  # the save failed
+                    if not serving_lost.is_set():
+                        raise
+                    raise ServingLost(f"{SERVING_LOST}; {err}") from None
                 finally:
                     waiting.cancel()
                 log.info("stopped at state version %d", trainer.version)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if serving_lost.is_set():
+            kept = "" if saved is None or lost.is_set() else f"; the state is saved to {saved}"
+            raise ServingLost(f"{SERVING_LOST}{kept}; restart the server")
         if lost.is_set():
             raise DeviceLost(
                 "stopped after an error the device does not recover from (see the log above); "
