@@ -111,13 +111,14 @@ def no_room_to_answer(selection: Selection, what: str) -> OverLimit:
     """OverLimit (OUT_OF_MEMORY) for a read whose reply, the one copy of its values, could not
     be allocated (answered INTERNAL before: a 60 MiB unary read under 16-48 MiB of headroom)."""
     part = selection.part
-    assert part is not None
-    size = "x".join(map(str, part.shape)) or "scalar"
-    dtype = str(part.dtype).removeprefix("torch.")
-    mib = part.numel() * part.element_size() / (1 << 20)
+    values = ""
+    if part is not None:
+        size = "x".join(map(str, part.shape)) or "scalar"
+        mib = part.numel() * part.element_size() / (1 << 20)
+        values = f" for the reply's {size} {str(part.dtype).removeprefix('torch.')} values"
+        values += f" of {selection.name!r} ({mib:.1f} MiB)"
     return OverLimit(
-        f"{what}: out of memory on cpu for the reply's {size} {dtype} values of "
-        f"{selection.name!r} ({mib:.1f} MiB); read them streamed (GetTensorStream), read a "
+        f"{what}: out of memory on cpu{values}; read them streamed (GetTensorStream), read a "
         "smaller slice, or free memory on the server",
         reason="OUT_OF_MEMORY",
     )
@@ -133,7 +134,7 @@ def tensor_from_split(
         raise InvalidInput(f"{what}: {err}", reason="BAD_TENSOR") from err
     except MemoryError as err:
         # The copy torch needs (the request's bytes are read-only): numpy's MemoryError. It
-        # was answered INTERNAL (a 30 MiB unary Forward under 24 MiB of headroom).
+        # was answered INTERNAL (a 30 MiB unary Forward under 20-28 MiB of headroom).
         raise no_room_for(what, message.shape, message.dtype, "sent in one message") from err
 
 
