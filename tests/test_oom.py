@@ -563,19 +563,19 @@ def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: 
     # listening, saves and exits 1, for a supervisor to restart it.
     port_file, state_dir = tmp_path / "port", tmp_path / "state"
     with serving("--port-file", str(port_file), "--state-dir", str(state_dir)) as (process, _):
-        client = gradwire.connect(f"127.0.0.1:{int(port_file.read_text())}", timeout=30)
-        client.train_step(*SMALL)
-        version = client.list_tensors().version
-        client.stream_above_bytes = 64 * MiB  # the input in one message
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        with open(f"/proc/{process.pid}/status") as status:
-            vm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
-        resource.prlimit(process.pid, resource.RLIMIT_AS, (vm + 100 * MiB, hard))
-        with pytest.raises(errors.Unavailable):  # refused: no longer listening
-            client.forward(np.ones((52428, 3, 10, 10), np.float32))
-        assert process.wait(timeout=60) == 1
-        assert process.stderr is not None
-        log = process.stderr.read()
+        target = f"127.0.0.1:{int(port_file.read_text())}"
+        with gradwire.connect(target, timeout=30) as client:
+            client.train_step(*SMALL)
+            version = client.list_tensors().version
+            client.stream_above_bytes = 64 * MiB  # the input in one message
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            with open(f"/proc/{process.pid}/status") as status:
+                vm = next(int(ln.split()[1]) * 1024 for ln in status if ln.startswith("VmSize"))
+            resource.prlimit(process.pid, resource.RLIMIT_AS, (vm + 100 * MiB, hard))
+            with pytest.raises(errors.Unavailable):  # refused: no longer listening
+                client.forward(np.ones((52428, 3, 10, 10), np.float32))
+        _, log = process.communicate(timeout=60)  # read as it exits: a full pipe would hold it
+        assert process.returncode == 1, log
     assert "CRITICAL gradwire_server: gRPC's serving thread ended (MemoryError)" in log, log
     saved = state_dir / checkpoint.FILE_NAME
     assert f"INFO gradwire_server: saved state version {version} to {saved}" in log, log
