@@ -556,7 +556,7 @@ def test_a_value_sent_in_one_message_whose_copy_does_not_fit_is_refused() -> Non
 
 def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: Path) -> None:
     # gRPC receives every request message on its one serving thread, in its own Cython code.
-    # A 60 MiB unary Forward under 100 MiB of headroom raised MemoryError there (80-160 MiB
+    # A 60 MiB unary Forward under 100 MiB of headroom raised MemoryError there (40-160 MiB
     # in a scan of the caps: receiving takes more than twice the message), which ended the
     # thread: the server answered nothing again, health checks neither, the port stayed
     # open, and a stop waited for ever, the state unsaved. `serve` now logs it, stops
