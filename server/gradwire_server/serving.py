@@ -25,13 +25,13 @@ log = logging.getLogger("gradwire_server")
 _SERVE_SUFFIX = "(_serve)"
 
 _lock = threading.Lock()
-#: The serving threads watched, and what is called when each ends with an exception.
+#: The serving threads watched, each with its ServingThread (whose `on_end` is to be called).
 _watched: dict[threading.Thread, ServingThread] = {}
 _previous_hook: Callable[[threading.ExceptHookArgs], object] | None = None
 
 
 class ServingThread:
-    """The serving thread a grpc server started, or None found (then never reported)."""
+    """The serving thread a grpc server started (`thread` None: not found, so never reported)."""
 
     def __init__(self, thread: threading.Thread | None, on_end: Callable[[BaseException], None]):
         self.thread = thread
