@@ -242,7 +242,7 @@ class Chunks:
             # MemoryError, or torch's "can't allocate memory" for a reused block); a GPU
             # assembly says so itself. It was answered INTERNAL (found by a review that
             # capped a server's memory).
-            if isinstance(err, RuntimeError) and not out_of_memory(err):
+            if not out_of_memory(err):
                 raise
             # The first chunk's shape: the block is taken then.
             raise no_room_for(

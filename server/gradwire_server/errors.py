@@ -126,7 +126,10 @@ def device_memory(what: str, device: torch.device | str) -> Iterator[None]:
 
 
 def out_of_memory(error: BaseException) -> bool:
-    """Whether `error`, a RuntimeError in words, says that memory ran out."""
+    """Whether `error` says that memory ran out: a MemoryError (Python's, numpy's), or a
+    RuntimeError that says so in words."""
+    if isinstance(error, MemoryError):
+        return True
     text = str(error).lower()
     return any(sign in text for sign in _OUT_OF_MEMORY)
 

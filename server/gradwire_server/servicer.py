@@ -815,7 +815,7 @@ class TrainerServicer:
                 )
                 return wire.join(pieces)  # under the lock: this copy is what keeps the version
             except (MemoryError, RuntimeError) as err:  # numpy's, or torch's in words
-                if isinstance(err, RuntimeError) and not out_of_memory(err):
+                if not out_of_memory(err):
                     raise
                 raise convert.no_room_to_answer(selection, "GetTensor") from err
 
