@@ -33,9 +33,10 @@ from gradwire_server.trainer import Trainer
 WIDE = ModelSpec("Wide", lambda: nn.Linear(4096, 4096, bias=False), (4096,), 4096, loss="mse")
 
 
-def vm_size() -> int:
-    """This process's address space in bytes, as the kernel counts it against RLIMIT_AS."""
-    with open("/proc/self/status") as f:
+def vm_size(pid: int | str = "self") -> int:
+    """A process's address space in bytes (this one's by default), as the kernel counts it
+    against RLIMIT_AS."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024

@@ -29,6 +29,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc
 from gradwire.fill import Fill
 from gradwire_server import checkpoint
+from tests.oom_server import vm_size
 from tests.serve_process import serving
 
 pytestmark = pytest.mark.skipif(
@@ -569,9 +570,8 @@ def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: 
             version = client.list_tensors().version
             client.stream_above_bytes = 64 * MiB  # the input in one message
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            with open(f"/proc/{process.pid}/status") as status:
-                vm = next(int(ln.split()[1]) * 1024 for ln in status if ln.startswith("VmSize"))
-            resource.prlimit(process.pid, resource.RLIMIT_AS, (vm + 100 * MiB, hard))
+            cap = vm_size(process.pid) + 100 * MiB
+            resource.prlimit(process.pid, resource.RLIMIT_AS, (cap, hard))
             with pytest.raises(errors.Unavailable):  # refused: no longer listening
                 client.forward(np.ones((52428, 3, 10, 10), np.float32))
         _, log = process.communicate(timeout=60)  # read as it exits: a full pipe would hold it
