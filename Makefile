@@ -8,7 +8,8 @@ TORCH_PIN ?= torch==2.13.0
 # 0: any free port, so the demo never collides with a server already running.
 PORT ?= 0
 
-.PHONY: setup demo test test-slow lint typecheck protos check-protos bench gpu-wheels clean
+.PHONY: setup demo test test-slow lint typecheck protos check-protos contract publish-contract \
+	bench gpu-wheels clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,21 +17,35 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)" -c constraints.txt -e ".[server,test,dev,plot]"
 	touch $@
 
+# npm's packages for a folder of this project, from its package-lock.json, when npm is on the
+# machine and its registry answers; else the tests that need them are skipped and say why,
+# and the rest (the demo too) goes on.
+define npm_ci
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "npm not found: the tests that need $(1) will be skipped"; \
+	elif npm ci --prefix $(1) --no-audit --no-fund --loglevel=error; then \
+		touch $(1)/node_modules/.installed; \
+	else \
+		rm -rf $(1)/node_modules; \
+		echo "npm ci failed (above): the tests that need $(1) will be skipped"; \
+	fi
+endef
+
 # The Node.js client of examples/node, which tests/test_node_client.py runs to prove that the
-# .proto alone is enough. Installed when npm is on the machine and its registry answers;
-# else those tests are skipped and say why, and the rest (the demo too) goes on.
+# .proto alone is enough.
 NODE_EXAMPLE := examples/node
 $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package-lock.json
-	@if ! command -v npm >/dev/null 2>&1; then \
-		echo "npm not found: the tests of $(NODE_EXAMPLE) will be skipped"; \
-	elif npm ci --prefix $(NODE_EXAMPLE) --no-audit --no-fund --loglevel=error; then \
-		touch $@; \
-	else \
-		rm -rf $(NODE_EXAMPLE)/node_modules; \
-		echo "npm ci failed (above): the tests of $(NODE_EXAMPLE) will be skipped"; \
-	fi
+	$(call npm_ci,$(NODE_EXAMPLE))
 
-setup: $(BIN)/.installed $(NODE_EXAMPLE)/node_modules/.installed
+# buf, which tests/test_contract.py runs to keep proto/ compatible with what gradwire.v1 has
+# published (proto/published.txtpb) and linted.
+BUF_TOOLS := tools/buf
+BUF := $(BUF_TOOLS)/node_modules/.bin/buf
+$(BUF_TOOLS)/node_modules/.installed: $(BUF_TOOLS)/package-lock.json
+	$(call npm_ci,$(BUF_TOOLS))
+
+setup: $(BIN)/.installed $(NODE_EXAMPLE)/node_modules/.installed \
+	$(BUF_TOOLS)/node_modules/.installed
 
 # Start a server, replay the tutorial over gRPC against it, stop the server.
 demo: setup
@@ -76,5 +91,19 @@ protos: setup
 check-protos: setup
 	$(BIN)/python -m pytest -q tests/test_proto_sync.py
 
+# The contract's checks alone: buf's lint, and nothing gradwire.v1 published changed or gone.
+contract: setup
+	$(BIN)/python -m pytest -q tests/test_contract.py
+
+# Record what proto/ adds to the contract in proto/published.txtpb, after checking that it
+# breaks nothing published: from then on, taking an addition back fails `make test`.
+publish-contract: setup
+	@test -x $(BUF) || { echo "buf is not installed: \`make setup\` installs it when npm is found"; exit 1; }
+	test ! -f proto/published.txtpb || { cd proto && ../$(BUF) breaking --against published.txtpb; }
+	{ echo "# What gradwire.v1 has published: written by \`make publish-contract\`, never by hand."; \
+		echo "# tests/test_contract.py fails when proto/ changes or drops any of it (buf breaking, FILE)."; \
+		cd proto && ../$(BUF) build --exclude-source-info -o -#format=txtpb; } > proto/published.txtpb.tmp
+	mv proto/published.txtpb.tmp proto/published.txtpb
+
 clean:
-	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules $(BUF_TOOLS)/node_modules .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info
