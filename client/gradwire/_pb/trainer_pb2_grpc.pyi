@@ -155,6 +155,13 @@ Conventions used by every message below:
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
   in the client, a connection lost, a method the server does not have: UNIMPLEMENTED)
   carry no ErrorInfo.
+
+Compatibility: gradwire.v1 only grows. Nothing it has published is renamed,
+renumbered, retyped or removed, so code generated from an older copy of this file
+keeps building and talking to a newer server (it skips the fields it does not know).
+proto/published.txtpb records what has been published, and the project's tests run
+buf's breaking check (FILE rules) against it. A change that cannot be made so would
+come as a new package, gradwire.v2.
 """
 
 from collections import abc as _abc
