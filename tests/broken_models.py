@@ -1,11 +1,12 @@
-"""Models that fail the way a device does, or take their time, for tests that start `gradwire
-serve --model`."""
+"""Models that fail the way a device does, run out of memory, or take their time, for tests that
+start `gradwire serve --model` or a Trainer of their own."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,3 +66,23 @@ class Tokens(nn.Module):
 
 #: `gradwire serve --model tests.broken_models:TOKENS`: ids of shape [N, 4].
 TOKENS = ModelSpec("Tokens", Tokens, sample_shape=(4,), num_classes=3, input_dtype=torch.int64)
+
+
+class Hungry(nn.Module):
+    """Asks numpy for a petabyte in each Forward of an input not all zeros: the MemoryError
+    of a model that builds something too large outside torch (torch's own allocations fail
+    as RuntimeErrors, which the server's narrower handlers name). Refused at once, with
+    nothing allocated; on zeros (the check at start) it works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.any()):
+            np.empty(2**50, np.uint8)
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+HUNGRY = ModelSpec("Hungry", Hungry, sample_shape=(2,), num_classes=2)

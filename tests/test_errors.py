@@ -29,7 +29,7 @@ from gradwire_server.errors import InvalidInput, device_lost
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
-from tests.broken_models import LOST
+from tests.broken_models import HUNGRY, LOST
 
 INPUT = Fill.ones(8, 3, 10, 10)
 #: conv1.weight (4 dimensions) with 61 new axes.
@@ -414,6 +414,39 @@ def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
                 client.forward(np.ones((1, 2), np.float32))
             assert client.health() == "NOT_SERVING"
             assert any("restart the server" in r.getMessage() for r in caplog.records)
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_model_that_runs_out_of_memory_outside_torch_is_answered_out_of_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A MemoryError that no narrower handler names (here numpy's, inside a model's Forward)
+    is the caller's to retry with less, RESOURCE_EXHAUSTED, not INTERNAL; it changes nothing,
+    and the server, healthy, serves on. The same on a Calls stream and in a TrainStep."""
+    running = start(Trainer(HUNGRY), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            version = client.list_tensors().version
+            x, y = np.ones((4, 2), np.float32), np.zeros(4, np.int64)
+            with caplog.at_level(logging.WARNING):
+                for call in (
+                    lambda: client.forward(x, y),
+                    lambda: client.train_step(x, y),
+                ):
+                    with pytest.raises(errors.ResourceExhausted) as refused:
+                        call()
+                    assert refused.value.reason == "OUT_OF_MEMORY"
+                    assert "out of memory on the server; send or ask for less" in str(refused.value)
+            logged = [r for r in caplog.records if r.getMessage().endswith(": out of memory")]
+            assert len(logged) == 2 and all(r.exc_info for r in logged)  # with the traceback
+            with gradwire.connect(f"127.0.0.1:{running.port}", stream_calls=True) as streamed:
+                with pytest.raises(errors.ResourceExhausted) as on_stream:
+                    streamed.forward(x, y)
+                assert on_stream.value.reason == "OUT_OF_MEMORY"
+            assert client.health() == "SERVING"
+            assert client.list_tensors().version == version
+            assert client.forward(np.zeros((4, 2), np.float32), y).version == version + 1
     finally:
         running.stop(grace=None)
 
