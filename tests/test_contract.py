@@ -56,8 +56,9 @@ def test_nothing_published_is_changed_or_gone() -> None:
         "proto/ breaks what gradwire.v1 has published, so code generated from the published "
         ".proto would no longer build or talk to the server:\n"
         f"{_said(done)}\n"
-        "Add instead: a new field, message or RPC. A field no longer used stays, marked "
-        "[deprecated = true]; one removed has its number and name reserved."
+        "Add instead: a new field, message or RPC. What is no longer used stays, marked "
+        "deprecated: [deprecated = true] on a field or enum value, `option deprecated = "
+        "true;` in a message or RPC."
     )
 
 
@@ -70,7 +71,8 @@ def test_every_part_of_the_contract_is_published() -> None:
         "compares backwards here: 'deleted' names each addition):\n"
         f"{_said(done)}\n"
         "Adding is compatible: record it with `make publish-contract` and commit "
-        "proto/published.txtpb with the change."
+        "proto/published.txtpb with the change. (A change, not an addition, shows here too, "
+        "and fails test_nothing_published_is_changed_or_gone: mend that first.)"
     )
 
 
