@@ -40,7 +40,6 @@ $(NODE_EXAMPLE)/node_modules/.installed: $(NODE_EXAMPLE)/package-lock.json
 # buf, which tests/test_contract.py runs to keep proto/ compatible with what gradwire.v1 has
 # published (proto/published.txtpb) and linted.
 BUF_TOOLS := tools/buf
-BUF := $(BUF_TOOLS)/node_modules/.bin/buf
 $(BUF_TOOLS)/node_modules/.installed: $(BUF_TOOLS)/package-lock.json
 	$(call npm_ci,$(BUF_TOOLS))
 
@@ -98,12 +97,7 @@ contract: setup
 # Record what proto/ adds to the contract in proto/published.txtpb, after checking that it
 # breaks nothing published: from then on, taking an addition back fails `make test`.
 publish-contract: setup
-	@test -x $(BUF) || { echo "buf is not installed: \`make setup\` installs it when npm is found"; exit 1; }
-	test ! -f proto/published.txtpb || { cd proto && ../$(BUF) breaking --against published.txtpb; }
-	{ echo "# What gradwire.v1 has published: written by \`make publish-contract\`, never by hand."; \
-		echo "# tests/test_contract.py fails when proto/ changes or drops any of it (buf breaking, FILE)."; \
-		cd proto && ../$(BUF) build --exclude-source-info -o -#format=txtpb; } > proto/published.txtpb.tmp
-	mv proto/published.txtpb.tmp proto/published.txtpb
+	$(BIN)/python scripts/publish_contract.py
 
 clean:
 	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules $(BUF_TOOLS)/node_modules .whl .pytest_cache .mypy_cache .ruff_cache build *.egg-info client/*.egg-info server/*.egg-info

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ PROTO = ROOT / "proto"
 PUBLISHED = PROTO / "published.txtpb"
 TRAINER = Path("gradwire", "v1", "trainer.proto")
 BUF = ROOT / "tools" / "buf" / "node_modules" / ".bin" / "buf"
+PUBLISH = ROOT / "scripts" / "publish_contract.py"
 
 pytestmark = pytest.mark.skipif(
     not BUF.is_file(),
@@ -133,3 +135,43 @@ def test_an_addition_breaks_nothing_and_is_asked_to_be_published(tmp_path: Path)
     backwards = _buf(changed, "breaking", str(PUBLISHED), "--against", ".")
     assert backwards.returncode != 0
     assert 'field "99" with name "added" on message "StepRequest"' in _said(backwards)
+
+
+def _publish(proto: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(PUBLISH), "--proto", str(proto), "--buf", str(BUF)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_publishing_records_an_addition_and_then_keeps_it(tmp_path: Path) -> None:
+    """`make publish-contract`: the addition is written down, after which both checks pass,
+    and taking it back is a break."""
+    changed = _changed_contract(
+        tmp_path, "message StepRequest {", "message StepRequest {\n  bool added = 99;"
+    )
+    shutil.copy(PUBLISHED, changed / PUBLISHED.name)
+    done = _publish(changed)
+    assert done.returncode == 0, done.stderr
+    written = (changed / PUBLISHED.name).read_text()
+    assert written.startswith("# What gradwire.v1 has published")
+    assert 'name: "added"' in written and 'name: "added"' not in PUBLISHED.read_text()
+    assert _buf(changed, "breaking", "--against", PUBLISHED.name).returncode == 0
+    assert _buf(changed, "breaking", PUBLISHED.name, "--against", ".").returncode == 0
+    trainer = changed / TRAINER
+    trainer.write_text(trainer.read_text().replace("\n  bool added = 99;", "", 1))
+    taken_back = _buf(changed, "breaking", "--against", PUBLISHED.name)
+    assert 'field "99" with name "added" on message "StepRequest" was deleted' in _said(taken_back)
+
+
+def test_publishing_refuses_a_break_and_leaves_the_record_as_it_was(tmp_path: Path) -> None:
+    changed = _changed_contract(tmp_path, "DTYPE_FLOAT32 = 1;", "DTYPE_F32 = 1;")
+    shutil.copy(PUBLISHED, changed / PUBLISHED.name)
+    done = _publish(changed)
+    assert done.returncode == 1
+    assert 'changed name from "DTYPE_FLOAT32" to "DTYPE_F32"' in done.stderr
+    assert "not published" in done.stderr
+    assert (changed / PUBLISHED.name).read_bytes() == PUBLISHED.read_bytes()
