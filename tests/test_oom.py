@@ -379,19 +379,21 @@ def test_an_adam_step_that_does_not_fit_changes_no_state(wide: Capped) -> None:
     assert client.list_tensors().version == before[0] + 1
 
 
-def test_a_session_whose_model_does_not_fit_is_refused_and_the_server_serves_on(
-    wide: Capped,
-) -> None:
+def test_a_model_that_does_not_fit_is_refused_and_the_server_serves_on(wide: Capped) -> None:
     # 64 MiB of parameters for the new session's model, 32 MiB of headroom: answered INTERNAL
     # until a review of the GPU paths pointed at it (a new session's model beside the others).
+    # A Reset makes its new model beside the old one too.
     client = wide.client
-    version = client.list_tensors().version
+    before = snapshot(client, ["weight"])
     with wide.limit(32 * MiB):
         error = out_of_memory(client.open_session, seed=0)
-    assert error.message.startswith("a new model: out of memory on cpu")
+        assert error.message.startswith("a new model: out of memory on cpu")
+        error = out_of_memory(client.reset, seed=0)
+        assert error.message.startswith("reset: out of memory on cpu")
+    assert snapshot(client, ["weight"]) == before
     with client.open_session(seed=0) as session:  # with the memory there, it opens
         assert session.list_tensors().model == "Wide"
-    assert client.list_tensors().version == version
+    assert client.reset(seed=0) == before[0] + 1  # and a Reset runs
 
 
 def test_a_train_step_whose_step_does_not_fit_changes_nothing(wide: Capped) -> None:
@@ -444,8 +446,9 @@ def test_a_later_adam_step_runs_whole_or_not_at_all_whatever_the_headroom(wide: 
     assert outcomes[0] == "refused" and outcomes[-1] == "ran"  # both sides were reached
 
 
-def test_a_streamed_write_whose_value_does_not_fit_is_refused_and_changes_nothing(
-    wide: Capped,
+@pytest.mark.parametrize("call", ["SetTensorStream", "ForwardStream"])
+def test_a_streamed_value_that_does_not_fit_is_refused_and_changes_nothing(
+    wide: Capped, call: str
 ) -> None:
     # A 256 MiB value sent in chunks: the block it is assembled in, taken at the first
     # chunk, does not fit in 160 MiB of headroom. It was answered INTERNAL. (With a 64 MiB
@@ -456,8 +459,12 @@ def test_a_streamed_write_whose_value_does_not_fit_is_refused_and_changes_nothin
     before = snapshot(client, ["weight"])
     value = np.full((16384, 4096), 0.5, np.float32)
     with wide.limit(160 * MiB):
-        error = out_of_memory(client.set, "weight", value)
-    assert error.message.startswith("value: out of memory on cpu for a 16384x4096 float32")
+        if call == "SetTensorStream":
+            error = out_of_memory(client.set, "weight", value)
+        else:
+            error = out_of_memory(client.forward, value)
+    what = "value" if call == "SetTensorStream" else "input"
+    assert error.message.startswith(f"{what}: out of memory on cpu for a 16384x4096 float32")
     assert wide.process.poll() is None
     assert snapshot(client, ["weight"]) == before
     client.set("weight", value[:4096])  # with the memory there, a write goes through
@@ -570,10 +577,22 @@ def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: 
             version = client.list_tensors().version
             client.stream_above_bytes = 64 * MiB  # the input in one message
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
-            cap = vm_size(process.pid) + 100 * MiB
-            resource.prlimit(process.pid, resource.RLIMIT_AS, (cap, hard))
-            with pytest.raises(errors.Unavailable):  # refused: no longer listening
-                client.forward(np.ones((52428, 3, 10, 10), np.float32))
+            # Now and then (one CI run in about twenty, on a busy machine) gRPC's receiving
+            # found room under 100 MiB and gradwire's copy of the input did not: answered
+            # OUT_OF_MEMORY, the server serving on. Then the headroom is made smaller.
+            for headroom in (100, 70, 40):
+                cap = vm_size(process.pid) + headroom * MiB
+                resource.prlimit(process.pid, resource.RLIMIT_AS, (cap, hard))
+                try:
+                    client.forward(np.ones((52428, 3, 10, 10), np.float32))
+                except errors.ResourceExhausted as answered:
+                    assert answered.reason == "OUT_OF_MEMORY"
+                    continue
+                except errors.Unavailable:  # refused: no longer listening
+                    break
+                raise AssertionError(f"a 60 MiB Forward under {headroom} MiB of headroom ran")
+            else:
+                raise AssertionError("gRPC received the Forward under every headroom tried")
         _, log = process.communicate(timeout=60)  # read as it exits: a full pipe would hold it
         assert process.returncode == 1, log
     assert "CRITICAL gradwire_server: gRPC's serving thread ended (MemoryError)" in log, log
