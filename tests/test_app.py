@@ -575,17 +575,22 @@ def _serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+@pytest.mark.parametrize("where", ["a-file", "under-a-file", "a-read-only-folder"])
 def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
     tmp_path: Path, where: str
 ) -> None:
     # Found only at the stop, it lost the whole run's training: the server trained, then
-    # failed to save with a traceback.
+    # failed to save with a traceback. /sys/kernel takes no new file, even from root.
+    if where == "a-read-only-folder" and not Path("/sys/kernel").is_dir():
+        pytest.skip("needs /sys (Linux)")
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
-    state = afile if where == "a-file" else afile / "state"
+    state = {"a-file": afile, "under-a-file": afile / "state"}.get(where, Path("/sys/kernel"))
     out = _serve_refused("--state-dir", str(state))
-    why = "it is a file, not a folder" if where == "a-file" else "a folder on its path is a file"
+    why = {
+        "a-file": "it is a file, not a folder",
+        "under-a-file": "a folder on its path is a file",
+    }.get(where, "Permission denied")
     assert out.returncode == 2
     assert out.stderr.endswith(
         f"gradwire serve: error: --state-dir {state}: the state could not be saved there "
@@ -705,6 +710,24 @@ def _has_ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+def test_the_start_checks_refuse_with_their_reasons(tmp_path: Path) -> None:
+    """What `gradwire serve` shows as a usage error, `start` (and these checks) raise as
+    InvalidInput with a reason of its own, for a program that starts a server itself."""
+    from gradwire_server.app import check_port_file, check_state_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for check, path, reason in [
+        (check_state_dir, afile, "BAD_STATE_DIR"),
+        (check_state_dir, afile / "state", "BAD_STATE_DIR"),
+        (check_port_file, tmp_path / "nope" / "port", "BAD_PORT_FILE"),
+        (check_port_file, tmp_path, "BAD_PORT_FILE"),
+    ]:
+        with pytest.raises(InvalidInput) as refused:
+            check(path)
+        assert refused.value.reason == reason, path
 
 
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:

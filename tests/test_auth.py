@@ -500,6 +500,28 @@ def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
     assert main(["serve", "--tls-client-ca", str(pki.ca)], io.StringIO(), err) == 2
 
 
+def _encrypted_key(pki: Pki) -> TlsFiles:
+    """The server's key protected by a passphrase, which gRPC cannot read."""
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
+    path = pki.server_key.with_name("encrypted.key")
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+    )
+    return TlsFiles(pki.server_cert, path)
+
+
+def _der_certificate(pki: Pki) -> TlsFiles:
+    """The server's certificate in DER, not PEM."""
+    certificate = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    path = pki.server_cert.with_name("server.der")
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    return TlsFiles(path, pki.server_key)
+
+
 @pytest.mark.parametrize(
     ("files", "said"),
     [
@@ -507,8 +529,10 @@ def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
         (lambda p: TlsFiles(p.server_key, p.server_cert), "--tls-cert"),  # swapped
         (lambda p: TlsFiles(p.server_cert, p.server_key, p.server_key), "--tls-client-ca"),
         (lambda p: TlsFiles(p.server_cert, p.server_key.with_name("nope.key")), "--tls-cert"),
+        (_encrypted_key, "--tls-cert"),
+        (_der_certificate, "--tls-cert"),
     ],
-    ids=["mismatched", "swapped", "ca-is-a-key", "missing"],
+    ids=["mismatched", "swapped", "ca-is-a-key", "missing", "encrypted-key", "not-pem"],
 )
 def test_bad_tls_files_are_named_not_taken_for_a_port_in_use(
     pki: Pki, trainer: Trainer, files: Any, said: str

@@ -335,6 +335,7 @@ def test_request_id_or_expected_version_in_the_streams_metadata_is_refused(addre
                 stream.call(pb.CallRequest(step=pb.StepRequest()))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert f"cannot carry {key}" in (caught.value.details() or "")
+            assert errors.from_rpc_error(caught.value).reason == "BAD_METADATA"
 
 
 def test_an_empty_request_id_in_the_streams_metadata_is_none(address: str) -> None:

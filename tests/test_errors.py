@@ -12,6 +12,7 @@ import re
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,6 +31,7 @@ from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 from tests.broken_models import HUNGRY, LOST
+from tests.test_calls import error_of
 
 INPUT = Fill.ones(8, 3, 10, 10)
 #: conv1.weight (4 dimensions) with 61 new axes.
@@ -77,6 +79,7 @@ def test_malformed_tensor_is_invalid_argument(
         _raw(address, "Forward")(request.SerializeToString(), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert complaint in info.value.details()
+    assert errors.from_rpc_error(info.value).reason == "BAD_TENSOR"
     _still_serving(client)
 
 
@@ -211,27 +214,53 @@ def test_bad_input_is_invalid_argument(
 
 
 @pytest.mark.parametrize(
-    ("request_", "method", "complaint"),
+    ("request_", "method", "reason", "complaint"),
     [
-        (pb.ForwardRequest(), "Forward", "Forward needs an input"),
-        (pb.SetTensorRequest(name="conv1.weight"), "SetTensor", "SetTensor needs a value"),
+        (pb.ForwardRequest(), "Forward", "MISSING_INPUT", "Forward needs an input"),
+        (
+            pb.SetTensorRequest(name="conv1.weight"),
+            "SetTensor",
+            "MISSING_VALUE",
+            "SetTensor needs a value",
+        ),
         (
             pb.ForwardRequest(input=pb.TensorSource(fill=pb.Fill(shape=[1]))),
             "Forward",
+            "BAD_FILL",
             "fill kind 0",
+        ),
+        (
+            pb.ForwardRequest(
+                input=pb.TensorSource(
+                    fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[8, 3, 10, 10], dtype=42)  # type: ignore[arg-type]
+                )
+            ),
+            "Forward",
+            "BAD_FILL",
+            "dtype 42",
+        ),
+        (
+            pb.ForwardRequest(
+                input=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[-8, 3, 10, 10]))
+            ),
+            "Forward",
+            "BAD_FILL",
+            "negative",
         ),
         (
             pb.GetTensorRequest(
                 name="conv1.weight", index=[pb.Index(items=[pb.IndexItem(slice=pb.Slice(step=0))])]
             ),
             "GetTensor",
+            "BAD_INDEX",
             "step cannot be zero",
         ),
         (
-            pb.SetOptimizerRequest(config=pb.OptimizerConfig(kind=7)),
+            pb.SetOptimizerRequest(config=pb.OptimizerConfig(kind=7)),  # type: ignore[arg-type]
             "SetOptimizer",
+            "BAD_OPTIMIZER",
             "not SGD or ADAM",
-        ),  # type: ignore[arg-type]
+        ),
         # Found by the nineteenth session's review: a target set but empty was taken for
         # no target, and the Forward ran without a loss.
         (
@@ -240,17 +269,24 @@ def test_bad_input_is_invalid_argument(
                 target=pb.TensorSource(),
             ),
             "Forward",
+            "MISSING_INPUT",
             "target is set but holds neither a tensor nor a fill",
         ),
     ],
 )
 def test_incomplete_requests_are_invalid_argument(
-    client: gradwire.Client, address: str, request_: object, method: str, complaint: str
+    client: gradwire.Client,
+    address: str,
+    request_: object,
+    method: str,
+    reason: str,
+    complaint: str,
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _raw(address, method)(request_.SerializeToString(), timeout=10)  # type: ignore[attr-defined]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert complaint in info.value.details()
+    assert errors.from_rpc_error(info.value).reason == reason
 
 
 # --- NOT_FOUND, OUT_OF_RANGE --------------------------------------------------------------
@@ -598,11 +634,75 @@ def test_release_frames_lets_go_of_what_every_frame_in_the_chain_holds() -> None
         assert all(ref() is None for ref in refs)
 
 
-def test_garbage_bytes_are_not_unknown(client: gradwire.Client, address: str) -> None:
-    for method in ("Forward", "GetTensor", "SetTensor", "Step", "ListTensors"):
-        with pytest.raises(grpc.RpcError) as info:
-            _raw(address, method)(b"\xff\xff\xff\xff garbage", timeout=10)
-        assert info.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK)
+#: A field 1 whose length runs past the message's end: no message of any type.
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"
+_OK = ("OK", "")
+#: What each RPC answers to an empty request: what is missing, or its normal answer.
+EMPTY_ANSWERS = {
+    "Forward": ("INVALID_ARGUMENT", "MISSING_INPUT"),
+    "Backward": ("FAILED_PRECONDITION", "NO_LOSS"),
+    "Step": ("FAILED_PRECONDITION", "NO_GRADIENTS"),
+    "ZeroGrad": _OK,
+    "GetTensor": ("INVALID_ARGUMENT", "BAD_NAME"),
+    "SetTensor": ("INVALID_ARGUMENT", "MISSING_VALUE"),
+    "FillParameters": _OK,
+    "ListTensors": _OK,
+    "Reset": _OK,
+    "SetOptimizer": _OK,
+    "TrainStep": ("INVALID_ARGUMENT", "MISSING_INPUT"),
+    "GetTensorStream": ("INVALID_ARGUMENT", "BAD_NAME"),
+    "SetTensorStream": ("INVALID_ARGUMENT", "MISSING_VALUE"),
+    "ForwardStream": ("INVALID_ARGUMENT", "MISSING_INPUT"),
+    "OpenSession": _OK,
+    "CloseSession": ("INVALID_ARGUMENT", "BAD_SESSION"),
+    "ListSessions": _OK,
+    "GetServerInfo": _OK,
+    "GetStats": ("INVALID_ARGUMENT", "BAD_NAME"),
+    "Watch": ("INVALID_ARGUMENT", "BAD_REQUEST"),
+    "Train": ("INVALID_ARGUMENT", "MISSING_INPUT"),
+    "Calls": _OK,  # an empty CallRequest is answered on the stream: BAD_REQUEST, below
+    "Batch": _OK,  # no calls: no answers
+}
+METHODS = list(pb.DESCRIPTOR.services_by_name["Trainer"].methods)
+
+
+def _send(address: str, method: Any, payload: bytes) -> tuple[str, str, bytes | None]:
+    """(status code's name, ErrorInfo reason, a Calls stream's first answer) of `payload`
+    sent as `method`'s one request message, as a client in another language could."""
+    path = f"/gradwire.v1.Trainer/{method.name}"
+    answer = None
+    with grpc.insecure_channel(address) as channel:
+        try:
+            if method.client_streaming and method.server_streaming:
+                answer = next(channel.stream_stream(path)(iter([payload]), timeout=10))
+            elif method.client_streaming:
+                channel.stream_unary(path)(iter([payload]), timeout=10)
+            elif method.server_streaming:
+                next(channel.unary_stream(path)(payload, timeout=10))
+            else:
+                channel.unary_unary(path)(payload, timeout=10)
+        except grpc.RpcError as err:
+            return err.code().name, errors.from_rpc_error(err).reason, None
+    return "OK", "", answer
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_every_rpc_answers_an_empty_request_and_garbage_bytes(
+    client: gradwire.Client, address: str, method: Any
+) -> None:
+    """Bytes that are no request are MALFORMED_REQUEST; an empty request says what is
+    missing or gets the call's normal answer. On a Calls stream each is answered on the
+    stream, its error in the answer."""
+    assert set(EMPTY_ANSWERS) == {m.name for m in METHODS}  # a new RPC needs its row
+    code, reason, answer = _send(address, method, b"")
+    assert (code, reason) == EMPTY_ANSWERS[method.name]
+    code, reason, garbled = _send(address, method, GARBAGE)
+    if method.name == "Calls":
+        assert answer is not None and garbled is not None
+        assert error_of(pb.CallResponse.FromString(answer))[2] == "BAD_REQUEST"
+        assert error_of(pb.CallResponse.FromString(garbled))[2] == "MALFORMED_REQUEST"
+    else:
+        assert (code, reason) == ("INVALID_ARGUMENT", "MALFORMED_REQUEST")
     _still_serving(client)
 
 
@@ -664,8 +764,11 @@ def test_a_value_an_integer_tensor_cannot_hold_is_invalid_argument() -> None:
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
         version = client.set("counts", np.array([1, 2, 3], dtype=np.int32))
         for value in [2**40, float("nan"), -math.inf, np.array([1, 2**31, 3])]:
-            with pytest.raises(errors.InvalidArgument, match="does not fit counts's dtype int32"):
+            with pytest.raises(
+                errors.InvalidArgument, match="does not fit counts's dtype int32"
+            ) as no:
                 client.set("counts", value)
+            assert no.value.reason == "BAD_VALUE"
         assert client.list_tensors().version == version
         np.testing.assert_array_equal(client.get("counts"), [1, 2, 3])
         client.set("counts[0]", 2**31 - 1)
@@ -713,13 +816,18 @@ def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-    tensors = load_file(str(path))
-    tensors["grad/counts"] = torch.ones(3, dtype=torch.int32)
-    save_file(tensors, str(path), metadata=metadata)
-    fresh = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=0)
-    with pytest.raises(InvalidInput, match=r"match no floating-point parameter: counts$"):
-        fresh.load(path)
-    assert fresh.parameters["counts"].grad is None
+    saved = load_file(str(path))
+    # A checkpoint that gives the int32 parameter a gradient, or Adam's state.
+    for key in ["grad/counts", "optim/counts/exp_avg"]:
+        save_file({**saved, key: torch.ones(3, dtype=torch.int32)}, str(path), metadata=metadata)
+        fresh = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=1)
+        weight = fresh.read("lin.weight").value.clone()  # type: ignore[union-attr]
+        with pytest.raises(InvalidInput, match=r"match no floating-point parameter: counts$") as no:
+            fresh.load(path)
+        assert no.value.reason == "BAD_CHECKPOINT"
+        assert fresh.version == 0  # before anything changes
+        assert torch.equal(fresh.read("lin.weight").value, weight)  # type: ignore[arg-type]
+        assert fresh.parameters["counts"].grad is None
 
 
 @pytest.mark.parametrize("key", ["gradwire-expected-version", "gradwire-request-id"])

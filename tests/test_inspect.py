@@ -236,6 +236,8 @@ def test_one_histogram_edge_past_the_values_keeps_the_edge_given(
         ({"bins": 5000}, "BAD_BINS"),
         ({"bins": 4, "low": 1.0, "high": 1.0}, "BAD_BINS"),
         ({"bins": 4, "low": float("nan")}, "BAD_BINS"),
+        ({"bins": 4, "high": float("inf")}, "BAD_BINS"),
+        ({"bins": 4, "low": float("-inf"), "high": 0.0}, "BAD_BINS"),
     ],
 )
 def test_bad_histogram_settings_are_invalid_argument(
@@ -344,8 +346,9 @@ def test_deltas_are_recorded_from_the_first_time_one_is_asked_for(
 
 
 def test_new_kinds_are_read_only(client: gradwire.Client) -> None:
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
     train_once(client)
-    for name in ("conv1.output", "conv1.weight.delta"):
+    for name in ("conv1.output", "conv1.weight.delta", "optimizer.conv1.weight.momentum_buffer"):
         with pytest.raises(errors.InvalidArgument) as caught:
             client.set(name, 0.0)
         assert caught.value.reason == "READ_ONLY"
@@ -562,12 +565,14 @@ def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
     # server refuses them too.
     item = pb.WatchItem(name="conv1.weight", stats=True)
     bad_bins = pb.WatchItem(name="conv1.weight", stats=True, histogram_bins=-2)
-    for request in (
-        pb.WatchRequest(items=[bad_bins]),
-        pb.WatchRequest(items=[item], every_steps=-1),
+    for request, reason, said in (
+        (pb.WatchRequest(items=[bad_bins]), "BAD_BINS", "histogram_bins must be between"),
+        (pb.WatchRequest(items=[item], every_steps=-1), "BAD_REQUEST", "cannot be negative"),
+        (pb.WatchRequest(), "BAD_REQUEST", "Watch needs at least one item"),
     ):
-        with pytest.raises(errors.InvalidArgument):
+        with pytest.raises(errors.InvalidArgument) as no:
             next(client._stream("Watch", request))
+        assert (no.value.reason, said in no.value.message) == (reason, True)
 
 
 def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> None:
@@ -665,6 +670,26 @@ def test_bad_train_requests_are_invalid_argument(
 def test_train_refuses_a_bad_input_before_any_step(client: gradwire.Client) -> None:
     with pytest.raises(errors.InvalidArgument, match="takes"):
         list(client.train(Fill.ones(8, 3, 9, 9), Fill.ones(8), steps=3))
+    assert client.list_tensors().version == 0
+
+
+def test_a_train_input_fill_of_a_wrong_shape_is_refused_before_it_is_made(
+    client: gradwire.Client, trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a Forward's and a TrainStep's are (test_trainer.py): 2**28 values made in full
+    took 11-17 s and 3.6 GB of the server before the refusal."""
+    made: list[str] = []
+    make = trainer._make
+
+    def recorded(source: Any, dtype: torch.dtype, what: str) -> torch.Tensor:
+        made.append(what)
+        return make(source, dtype, what)
+
+    monkeypatch.setattr(trainer, "_make", recorded)
+    with pytest.raises(errors.InvalidArgument, match="takes") as refused:
+        list(client.train(Fill.ones(2**20, 3, 10), Fill.zeros(1), steps=3))
+    assert refused.value.reason == "BAD_INPUT_SHAPE"
+    assert made == []
     assert client.list_tensors().version == 0
 
 

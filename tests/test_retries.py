@@ -233,6 +233,7 @@ def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) ->
         _step(address)(pb.StepRequest(), metadata=[("gradwire-expected-version", given)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"decimal digits, from 0 to {2**63 - 1}, got" in info.value.details()
+    assert errors.from_rpc_error(info.value).reason == "BAD_METADATA"
 
 
 def test_a_call_whose_deadline_passed_while_queued_changes_nothing(
