@@ -58,3 +58,14 @@ def test_a_step_past_its_limit_fails_by_name_and_the_others_still_run(tmp_path: 
     assert done.returncode == 1
     assert "failed: replay" in done.stdout
     assert "| Step vs echo |" in (out / "bench.md").read_text()
+
+
+def test_on_a_machine_where_torch_sees_no_cuda_device_it_fails(tmp_path: Path) -> None:
+    """Not passes with every CUDA test skipped: a lent machine whose torch was built for the
+    CPU, or whose driver it cannot use, would have looked checked."""
+    out = tmp_path / "out"
+    done = _gpu_check(out, tmp_path / "no-wheels", DEVICE="cuda", LIMIT_BENCH="60")
+    assert done.returncode == 1
+    failed = done.stdout.strip().splitlines()[-1]
+    assert failed.startswith("failed: ") and "cuda-visible" in failed.split(), failed
+    assert "torch sees no CUDA device" in (out / "cuda-visible.txt").read_text()

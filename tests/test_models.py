@@ -410,10 +410,11 @@ def test_a_checkpoint_restores_into_the_same_model_only(tmp_path: Path) -> None:
 # --- gradwire serve --model -------------------------------------------------------------
 
 
-def test_serve_with_a_bad_model_exits_2_before_binding() -> None:
+def test_serve_with_a_bad_model_exits_2_before_binding(capfd: pytest.CaptureFixture[str]) -> None:
     out, err = io.StringIO(), io.StringIO()
     code = main(["serve", "--model", "gradwire_server.models:NOPE", "--port", "0"], out, err)
     assert code == 2
+    assert "listening on" not in capfd.readouterr().err  # the server's log: it never listened
     assert err.getvalue().startswith("gradwire serve: error: --model 'gradwire_server.models:NOPE'")
     assert "has no attribute 'NOPE'" in err.getvalue()
     err = io.StringIO()
@@ -435,6 +436,7 @@ def test_serve_with_a_model_that_calls_sys_exit_exits_2_and_says_so(tmp_path: Pa
             cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert done.returncode == 2, done.stderr
+        assert "listening on" not in done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith(f"gradwire serve: error: --model {model!r}: "), done.stderr
         assert said in last

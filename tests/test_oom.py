@@ -11,10 +11,12 @@ the server must keep serving under the same cap.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,15 +57,21 @@ SMALL = (Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
 class Capped:
     """The server process and a client of it; `limit` caps its address space for a block."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.oom_server", *args],
-            cwd=Path(__file__).resolve().parents[1],
-            env=None if env is None else {**os.environ, **env},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> None:
+        """`log`: a file for the server's log (stderr), else the test's own stderr."""
+        with contextlib.ExitStack() as files:
+            stderr = None if log is None else files.enter_context(log.open("w"))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.oom_server", *args],
+                cwd=Path(__file__).resolve().parents[1],
+                env=None if env is None else {**os.environ, **env},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         assert self.process.stdout is not None
         port = int(self.process.stdout.readline())
         self.client = gradwire.connect(f"127.0.0.1:{port}", timeout=60)
@@ -307,6 +315,39 @@ def test_a_call_for_which_no_thread_can_start_waits_and_the_server_serves_on(
     still_serving(client)
 
 
+def test_a_pool_that_cannot_start_a_thread_says_so_once_and_again_when_one_starts(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log lines of the test above's server, in this process: its capped server's log
+    is not read. Thread starts are refused here as the kernel refuses them under the cap."""
+    from gradwire_server.pools import ServingPool
+
+    refuse = True
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if refuse and thread.name.startswith("calls"):
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    pool = ServingPool(max_workers=2, thread_name_prefix="calls")
+    try:
+        with caplog.at_level(logging.INFO, logger="gradwire_server"):
+            waiting = [pool.submit(lambda n=n: n) for n in range(3)]  # no thread for any
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == 1 and said[0].startswith("could not start a thread (calls_N)")
+            assert "the next thread that starts: none runs calls yet" in said[0]
+            assert not any(call.done() for call in waiting)
+            refuse = False
+            waiting.append(pool.submit(lambda: 3))  # a thread starts: the queue runs
+            assert [call.result(timeout=30) for call in waiting] == [0, 1, 2, 3]
+            assert [r.getMessage() for r in caplog.records][1:] == ["threads (calls_N) start again"]
+    finally:
+        refuse = False
+        pool.shutdown(wait=True)
+
+
 def test_a_first_step_under_a_cap_does_not_end_the_process(cold: Capped) -> None:
     # torch's OpenMP runtime (libgomp) starts its workers at the first parallel op, and
     # exits the process when one cannot start: the first Forward of a server that had
@@ -325,19 +366,32 @@ def test_a_first_step_under_a_cap_does_not_end_the_process(cold: Capped) -> None
 
 @pytest.mark.parametrize("headroom", [0, 16])
 def test_a_stop_for_which_no_thread_can_start_still_saves_the_state(
-    headroom: int, tmp_path: Path, cold: Capped
+    headroom: int, tmp_path: Path
 ) -> None:
     # Each step of a stop started a thread: serve's notice of a long stop, the one that ends
     # streams whose client stopped reading, and grpc's for the grace period (at 16 MiB of
-    # headroom, the last alone failed). A stop under such a cap raised "can't start new
-    # thread" before the save: the training was lost.
-    client = cold.client
-    still_serving(client)
-    version = client.list_tensors().version
-    cold.command(f"limit {headroom * MiB}")
-    saved = tmp_path / "state.safetensors"
-    assert cold.command(f"stop {saved}") == "ok stopped"
+    # headroom, the last alone failed when this was found; now each starts there). A stop
+    # under such a cap raised "can't start new thread" before the save: the training was
+    # lost. The server here logs through Python's last resort: its warnings, bare.
+    log = tmp_path / "server.log"
+    cold = Capped(log=log)
+    try:
+        client = cold.client
+        still_serving(client)
+        version = client.list_tensors().version
+        cold.command(f"limit {headroom * MiB}")
+        saved = tmp_path / "state.safetensors"
+        assert cold.command(f"stop {saved}") == "ok stopped"
+    finally:
+        cold.close()
     assert checkpoint.load(saved).version == version
+    if headroom == 0:  # the log says what could not start, and what the stop did instead
+        assert log.read_text().splitlines() == [
+            "could not start the thread that ends stalled streams at a stop (can't start new "
+            "thread): those whose client has stopped reading end with the grace period",
+            "could not start gRPC's thread for the grace period (can't start new thread): "
+            "waiting for the calls in progress here",
+        ]
 
 
 @pytest.fixture
