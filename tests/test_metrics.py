@@ -220,7 +220,7 @@ def test_a_request_stream_its_caller_leaves_is_counted_cancelled_and_not_logged(
             call = getattr(stub, method).future(chunks(), timeout=60 if ends == "cancelled" else 1)
             assert sent.wait(timeout=30)
             if ends == "cancelled":
-                time.sleep(0.2)  # the first chunk reaches the handler
+                eventually(lambda: watched.servicer.slots.taken == 1)  # the handler runs
                 call.cancel()
             with pytest.raises(grpc.FutureCancelledError if ends == "cancelled" else grpc.RpcError):
                 call.result(timeout=30)
