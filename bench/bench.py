@@ -350,7 +350,8 @@ def big_transfers(served: Served, repeats: int) -> list[Row]:
         def put() -> object:
             return client.set("big", value)
 
-        # Memory first, on the fresh server: the first stream's growth, then what stays.
+        # Memory first: the server's first 512 MiB stream's growth (after the 16 MiB reads on
+        # the same server, unless --only big), then what stays.
         start = rss_peak_reset(served.pid)
         value = client.get("big")
         assert value is not None and value.nbytes == size
