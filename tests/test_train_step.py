@@ -145,6 +145,21 @@ def test_train_step_equals_a_local_torch_step_bit_for_bit(client: gradwire.Clien
         assert np.array_equal(client.get(f"{name}.grad"), local(model, f"{name}.grad")), name
 
 
+def test_a_request_past_one_message_is_refused_before_it_is_sent(client: gradwire.Client) -> None:
+    """TrainStep and Train have no streamed form: a batch past 64 MiB failed with gRPC's own
+    "CLIENT: Sent message larger than max", which said nothing of what to do (found by a
+    review of the client's docstrings, which said such tensors went in chunks)."""
+    x, y = np.ones((60000, 3, 10, 10), np.float32), np.zeros(60000, np.int64)  # 72 MB
+    with pytest.raises(ValueError, match=r"TrainStep's request is 72,480,046 bytes, more than"):
+        client.train_step(x, y)
+    with pytest.raises(ValueError, match="Train has no streamed form: send a Fill"):
+        list(client.train(x, y, steps=1))
+    client.stream_above_bytes = 1 << 30  # a Forward told not to stream it
+    with pytest.raises(ValueError, match="lower stream_above_bytes"):
+        client.forward(x, y)
+    assert client.list_tensors().version == 0  # nothing was sent
+
+
 def test_train_step_equals_the_separate_calls_on_a_second_server(
     client: gradwire.Client, second_client: gradwire.Client
 ) -> None:

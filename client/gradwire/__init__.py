@@ -6,7 +6,8 @@
         client.backward()
         print(client.remote.conv1.weight.grad[0][0][0])
 
-This package is the thin client: it needs grpcio, protobuf and numpy, not torch.
+This package is the thin client: it needs grpcio (and its health-checking and status
+packages), protobuf and numpy, not torch.
 """
 
 from gradwire.client import (

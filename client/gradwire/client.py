@@ -113,11 +113,12 @@ class StepResult:
 
 @dataclass(frozen=True)
 class TensorRead:
-    """One GetTensor: the values (None when the tensor is absent) and what the server saw."""
+    """One GetTensor: the values (None when the tensor is absent, or read with values=False)
+    and what the server saw."""
 
     name: str
     version: int
-    value: Any  # numpy array, torch tensor when asked, or None when absent
+    value: Any  # numpy array, torch tensor when asked; None when absent or values=False
     shape: tuple[int, ...] | None  # shape of the selected part; None when absent
     full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
     dtype: str | None  # "float32", ...; None when absent
@@ -287,6 +288,28 @@ def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
     CodecError. Every check of the value is made before its first chunk."""
     first = next(messages, None)
     return messages if first is None else itertools.chain([first], messages)
+
+
+#: What to do instead, for a call whose request does not fit in one message.
+_TOO_LARGE_HINTS = {
+    "TrainStep": "TrainStep has no streamed form: call forward(), backward() and step(), whose "
+    "Forward sends a large input in chunks, or send a smaller batch",
+    "Train": "Train has no streamed form: send a Fill, which the server makes, or a smaller batch",
+}
+
+
+def _fits_one_message(method: str, pieces: Sequence[wire.Piece]) -> None:
+    """ValueError, before anything is sent, for a request past the one message gRPC carries
+    (it was gRPC's own RESOURCE_EXHAUSTED, "CLIENT: Sent message larger than max")."""
+    size = wire.size(pieces)
+    if size > limits.MAX_MESSAGE_BYTES:
+        hint = _TOO_LARGE_HINTS.get(
+            method, "lower stream_above_bytes, so that its tensor goes in chunks"
+        )
+        raise ValueError(
+            f"{method}'s request is {size:,} bytes, more than the {limits.MAX_MESSAGE_BYTES:,} "
+            f"one message carries: {hint}"
+        )
 
 
 def _nbytes(value: Any) -> int:
@@ -903,8 +926,10 @@ class Client:
         if token:  # gRPC refused a newline in it at every call: INTERNAL, "Invalid metadata"
             check_token(token, "token=")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        #: Attempts after the first for calls that are safe to retry, on UNAVAILABLE, and
-        #: for streamed reads that a concurrent mutation cut short (`read`).
+        #: Attempts after the first, on UNAVAILABLE, for reads and mutations sent in one
+        #: message (a mutation carries a request id, so the server applies it once); and for
+        #: streamed reads that a concurrent mutation cut short (`read`). Streamed uploads,
+        #: Watch, Train and health() are not retried.
         self.retries = 3
         self._session: str | None = check_session(session or None, "session=")
         #: The session this client acted on until it closed it: its calls then raise
@@ -935,7 +960,9 @@ class Client:
         # smaller one (BATCH_TOO_LONG), which is kept from then on.
         self._batch_calls = limits.MAX_BATCH_CALLS
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        #: Tensors sent with more value bytes than this go in chunks (SetTensorStream, ...).
+        #: A Forward's input or a set's value with more value bytes than this goes in chunks
+        #: (ForwardStream, SetTensorStream). TrainStep and Train have no streamed form: a
+        #: request of theirs past one message (64 MiB) raises ValueError before it is sent.
         self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
         #: Value bytes per chunk of a streamed tensor.
         self.chunk_bytes = limits.CHUNK_BYTES
@@ -1018,6 +1045,7 @@ class Client:
             retryable = not isinstance(request, Iterator)
         on_stream = self.stream_calls and method in calls.METHODS and not self._no_calls
         if isinstance(request, list):
+            _fits_one_message(method, request)
             pieces, request = request, None if on_stream else wire.join(request)
         elif on_stream:
             pieces = [_serialize(request)]
@@ -1341,8 +1369,8 @@ class Client:
     def close_session(self) -> None:
         """Closes this client's session on the server (its model is freed). A session this
         client opened that the server no longer has (it expired, another client closed it
-        by its id, the server restarted) counts as closed; one joined by its id (`session=`)
-        raises NotFound, the id being perhaps mistyped."""
+        by its id, the server restarted) counts as closed; one joined by its id (`session=`),
+        or detached (`detach()`), raises NotFound, the id being perhaps mistyped."""
         if self.session is None:
             return
         self._close_call_stream()  # it holds a place, on a session about to close
@@ -1386,7 +1414,8 @@ class Client:
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s,
-        ClientClosed at once on a closed client."""
+        ClientClosed at once when the channel is closed (a session's client shares its
+        parent's channel, which stays open when the session's client closes)."""
         # gRPC's readiness future polls a closed channel on a thread of its own, which died
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
         if self._channel in _CLOSED_CHANNELS:
@@ -1477,7 +1506,8 @@ class Client:
         return self._run(_backward(retain_graph))
 
     def step(self) -> StepResult:
-        """optimizer.step()."""
+        """optimizer.step(). Unlike PyTorch's, which then does nothing, a Step when no
+        parameter has a gradient raises FailedPrecondition (NO_GRADIENTS)."""
         return self._run(_STEP)
 
     def zero_grad(self, *, set_to_none: bool = True) -> int:
@@ -1735,14 +1765,14 @@ class Client:
         timeout: float | None = None,
     ) -> Generator[TrainProgress, None, None]:
         """Train: `steps` training steps run on the server, with progress after every
-        `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes seed + k
-        at step k, so each step sees new data. Closing the iterator stops the run between two
-        steps; the steps taken stay applied. `timeout`: seconds for the whole run (None, the
-        default: no limit); a run still going then stops between two steps, and the next
-        progress raises gradwire.errors.DeadlineExceeded, the steps taken staying applied.
-        Bad arguments raise here; the run starts when the first progress is asked for (a
-        Train never iterated runs nothing), with this client's `expecting` version as it is
-        here.
+        `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes
+        seed + n - 1 at step n (counted from 1, as TrainProgress.step counts), so each step
+        sees new data. Closing the iterator stops the run between two steps; the steps taken
+        stay applied. `timeout`: seconds for the whole run (None, the default: no limit); a
+        run still going then stops between two steps, and the next progress raises
+        gradwire.errors.DeadlineExceeded, the steps taken staying applied. Bad arguments
+        raise here; the run starts when the first progress is asked for (a Train never
+        iterated runs nothing), with this client's `expecting` version as it is here.
         """
         # Each refused by the server at the first progress, where a bad call went unnoticed
         # until then, or for ever when never iterated (found by a review of the client).
@@ -1758,6 +1788,7 @@ class Client:
         pieces += _source_pieces("TrainRequest", "target", target)
         request = pb.TrainRequest(steps=steps, every=every, zero_grad=zero_grad)
         pieces.append(request.SerializeToString())
+        _fits_one_message("Train", pieces)
         expected = self._expected_version()  # its first step's condition
         extra = [] if expected is None else [(EXPECTED_VERSION, expected)]
         stream = self._stream("Train", wire.join(pieces), timeout=timeout, metadata=extra)

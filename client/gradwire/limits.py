@@ -23,7 +23,7 @@ GRPC_DEFAULT_RECEIVE_BYTES: Final = 4 * 1024 * 1024
 #: of 8: whole values of every dtype.
 CHUNK_BYTES: Final = GRPC_DEFAULT_RECEIVE_BYTES - 4 * 1024
 
-#: The Python client streams tensors it sends when their values exceed this.
+#: The Python client streams a Forward's input or a written value when its values exceed this.
 STREAM_ABOVE_BYTES: Final = 32 * 1024 * 1024
 
 #: Domain of the google.rpc.ErrorInfo attached to every error the server sends.

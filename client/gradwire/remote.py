@@ -1,7 +1,9 @@
 """The remote model as attributes and indexing, with the tutorial's own shape:
 `remote.conv1.weight.grad[0][0][0]` names exactly that slice, and fetches only it.
 
-Nothing is fetched until a value is asked for (`numpy()`, `torch()`, `fetch()`, `repr`).
+Nothing is fetched until a value is asked for (`numpy()`, `torch()`, `fetch()`, `repr`,
+`np.asarray()`); `shape`, `len()` and iteration ask the server for the shape, and `dir()`
+for the tensors' names.
 """
 
 from __future__ import annotations
