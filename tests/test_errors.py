@@ -709,7 +709,8 @@ def test_every_rpc_answers_an_empty_request_and_garbage_bytes(
 @pytest.mark.parametrize(
     ("name", "complaint"),
     [("", "a tensor name is required"), ("x" * 257, "over the limit of 256"),
-     ("conv1\x00weight", "control characters"), ("conv1.weight\n", "control characters")],
+     ("conv1\x00weight", "control characters"), ("conv1.weight\n", "control characters"),
+     ("conv1.weight\x85", "control characters")],
 )  # fmt: skip
 def test_names_no_tensor_can_have_are_invalid_argument(
     client: gradwire.Client, name: str, complaint: str

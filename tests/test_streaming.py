@@ -895,6 +895,27 @@ TARGETS: dict[str, tuple[Send, tuple[int, ...], int]] = {
 }
 
 
+def scalar_chunk(values: Sequence[float], offset: int, shape: Sequence[int] = ()) -> pb.TensorChunk:
+    """A chunk whose values.shape is left empty: a 0-d tensor, one value."""
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, float_values=list(values))
+    return pb.TensorChunk(shape=shape, offset=offset, values=tensor)
+
+
+@pytest.mark.parametrize("method", list(TARGETS))
+def test_a_chunk_of_one_value_may_leave_its_values_shape_empty(
+    client: gradwire.Client, trainer: Trainer, method: str
+) -> None:
+    """As the .proto says (a 0-d values tensor: one value). It was refused, "chunk values
+    must be 1-D" (found by a review of the .proto's comments against the server)."""
+    send, shape, count = TARGETS[method]
+    values = np.linspace(-1, 1, count, dtype=np.float32)
+    chunks = [f32_chunk(values[:-1], 0, shape), scalar_chunk([float(values[-1])], count - 1)]
+    send(client, chunks)
+    assert version(client) == 1
+    written = "conv1.weight" if method == "SetTensorStream" else "input"
+    np.testing.assert_array_equal(client.get(written), values.reshape(shape))
+
+
 def two_d_chunk(shape: tuple[int, ...]) -> pb.TensorChunk:
     chunk = f32_chunk([0.5] * 4, 0, shape)
     chunk.values.shape[:] = [2, 2]
@@ -944,6 +965,11 @@ BAD_STREAMS: list[tuple[str, BadStream, str]] = [
         "the first chunk carries the whole tensor's shape in TensorChunk.shape",
     ),
     ("2d-values", lambda s, n: [two_d_chunk(s)], "chunk values must be 1-D, got shape [2, 2]"),
+    (  # values.shape left empty: a 0-d tensor, which holds one value
+        "0-d-values-of-two",
+        lambda s, n: [scalar_chunk([0.5, 0.5], 0, s)],
+        "needs 1 value",
+    ),
     (
         "values-short-of-their-own-shape",
         lambda s, n: [

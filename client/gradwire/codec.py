@@ -370,6 +370,8 @@ class Assembler:
         """Adds the chunk at `path` of a split message (`chunk` is that sub-message)."""
         values_path = (*path, (_CHUNK_VALUES, 0))
         dtype, values = _split_array(split, values_path, chunk.values)
+        if values.ndim == 0:  # values.shape left empty: one value, as the .proto says
+            values = values.reshape(1)
         if values.ndim != 1:
             raise CodecError(
                 f"{self.what}: chunk values must be 1-D, got shape {list(values.shape)}"

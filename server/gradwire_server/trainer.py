@@ -388,7 +388,9 @@ def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) 
     return len(name.encode()) + 10 * (len(full_shape) + len(shape)) + 64
 
 
-_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+#: Unicode's control characters (Cc): C0, DEL and C1. C1 (U+0080-U+009F) was let through
+#: to NOT_FOUND, where the .proto said control characters are BAD_NAME.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def check_name(name: str) -> None:
