@@ -91,8 +91,10 @@ class CallerGone(DomainError):
 
 
 class Stopping(DomainError):
-    """A stream (Watch, Train, Calls) ended, or an OpenSession refused, because the server is
-    stopping; its client can call again once it is back."""
+    """A stream (Watch, Train, Calls) ended, or a call of a Batch not run, because the server
+    is stopping; its client can call again once it is back. (An OpenSession whose model is
+    still being built when the sessions close at the end of a stop is refused so too, its
+    call cancelled by then: the answer reaches no one.)"""
 
     reason = "STOPPING"
 

@@ -3,10 +3,11 @@
 isort:skip_file
 gradwire: a PyTorch model's training step as a gRPC service.
 
-The server owns one model (the tutorial's `Simple` by default), its optimizer
-and a cross-entropy loss on a device (GPU when there is one). A caller drives
-the training step one call at a time (Forward, Backward, Step, ZeroGrad) and
-reads or writes any tensor by its PyTorch name.
+Each session (the server's default one, and any opened with OpenSession) owns a model
+(the tutorial's `Simple` by default), its optimizer and its loss (cross-entropy, or the
+mean squared error for a model served with it) on the server's device (GPU when there is
+one). A caller drives the training step one call at a time (Forward, Backward, Step,
+ZeroGrad) and reads or writes any tensor by its PyTorch name.
 
 Conventions used by every message below:
 - Tensor names are PyTorch's own, from `named_parameters()` ("conv1.weight"),
@@ -28,6 +29,10 @@ Conventions used by every message below:
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
   Forward and Backward applied, the version moved by them); the server's log has it.
+  Two failures leave something behind, the version unmoved: a Backward that runs out of
+  memory has freed its graph, as torch does as it goes (Forward again before the next
+  Backward: FAILED_PRECONDITION, GRAPH_FREED, says so), and a Step or TrainStep that fails
+  once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
   A call of a Batch answered BATCH_ANSWERS_TOO_LARGE ran before its answer was found
   too large: its ErrorInfo's metadata "applied" is "true" when a change it made stays.
   A Train that fails keeps the steps it completed. One refused past its first step, or
@@ -74,7 +79,8 @@ Conventions used by every message below:
   larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
   default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements
   (the server's default) and 64 dimensions; a name at most 256 characters (Unicode code
-  points, not bytes), none of them a control character (BAD_NAME). GetServerInfo
+  points, not bytes), none of them a control character, U+0000-U+001F or U+007F-U+009F
+  (BAD_NAME). GetServerInfo
   answers the limits of the server at hand, these and the others below.
 - Concurrency: the server serves a fixed number of calls at once (gradwire serve
   --max-concurrent, 16 by default); an open stream (Watch, Train, a streamed read or
@@ -131,8 +137,10 @@ Conventions used by every message below:
       passed, part-way; a retry whose caller went away while it waited for the first
       attempt): an answer that reaches no one, named for the server's own metrics
     UNAUTHENTICATED: NO_TOKEN, BAD_TOKEN
-    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, an OpenSession refused,
-      or a call of a Batch not run, as the server stops: call again later). A Watch or
+    UNAVAILABLE: STOPPING (a Watch, Train or Calls stream ended, or a call of a Batch not
+      run, as the server stops: call again later). A call made once the stop has begun
+      is refused by gRPC itself, UNAVAILABLE with no ErrorInfo; an OpenSession already
+      running then may succeed, and its session closes as the stop ends. A Watch or
       Train whose client is not reading what it sends (its send held by HTTP/2 flow
       control) cannot look for the stop: about a second after the stop begins it is
       cancelled, UNAVAILABLE with no ErrorInfo (the message often gRPC's own, "Stream
@@ -1482,9 +1490,9 @@ class TensorChunk(_message.Message):
 
     @_builtins.property
     def values(self) -> Global___Tensor:
-        """This chunk's values: a 1-D tensor, values.shape = [the values in this chunk] (left
-        empty it is 0-d, one value, and a chunk of more is refused, BAD_CHUNK), the same dtype
-        in every chunk.
+        """This chunk's values: a 1-D tensor, values.shape = [the values in this chunk]; left
+        empty, values is 0-d and holds one value (a chunk of one; more values are refused,
+        BAD_CHUNK). The same dtype in every chunk.
         """
 
     def __init__(
@@ -1724,7 +1732,7 @@ class GetServerInfoResponse(_message.Message):
     torch_version: _builtins.str
     """PyTorch's, e.g. "2.13.0+cu128": what to compare a local run with"""
     device: _builtins.str
-    """where every session's model lives, as `gradwire serve --device` named it: "cuda", "cuda:1", "cpu" """
+    """where every session's model lives, as the server resolved `--device` (auto: "cuda" or "cpu"): "cuda", "cuda:1", "cpu" """
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...
     def __init__(
