@@ -1,5 +1,7 @@
 """A TCP relay on loopback that a test can cut as a network cut does: nothing more gets
-through either way, and neither end hears of it (no FIN, no RST), until the relay closes."""
+through either way, and neither end hears of it (no FIN, no RST), until the relay closes.
+It can also lose one answer: the connection dropped as the server's answer to a call starts
+back, the call having run (a network that fails at the wrong moment)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ class Relay:
         self._listener.settimeout(0.05)  # so that close() ends the accepting thread at once
         self.port: int = self._listener.getsockname()[1]
         self._cut = threading.Event()
+        self._lose_answer = threading.Event()
+        #: Answers lost (lose_next_answer), each with the connection that carried it.
+        self.answers_lost = 0
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -32,6 +37,13 @@ class Relay:
     def cut(self) -> None:
         """From now on nothing is relayed; the connections stay open at both ends."""
         self._cut.set()
+
+    def lose_next_answer(self) -> None:
+        """The next answer the server starts to send (an HTTP/2 HEADERS or DATA frame of a
+        call: sent once its handler has run) is not relayed: its connection is closed at
+        both ends instead, so that the caller sees the call fail UNAVAILABLE with the
+        server's work done. Later connections are relayed as before."""
+        self._lose_answer.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -59,7 +71,9 @@ class Relay:
             thread.start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        """Relays between `a` (the caller) and `b` (the server)."""
         peer = {a: b, b: a}
+        frames = _Frames()  # the server's, so that an answer is known where it starts
         with selectors.DefaultSelector() as selector:
             for sock in (a, b):
                 selector.register(sock, selectors.EVENT_READ)
@@ -72,13 +86,55 @@ class Relay:
                     try:
                         data = sock.recv(1 << 16)
                         if data:
-                            peer[sock].sendall(data)
-                            continue
+                            start = frames.answer_in(data) if sock is b else None
+                            if start is not None and self._lose_answer.is_set():
+                                self._lose_answer.clear()
+                                a.sendall(data[:start])  # what came before the answer
+                                self.answers_lost += 1
+                            else:
+                                peer[sock].sendall(data)
+                                continue
                     except OSError:
                         pass
                     a.close()  # one end closed: close the other, as a proxy does
                     b.close()
                     return
+
+
+class _Frames:
+    """Follows the HTTP/2 frames of a server's bytes (a server sends no preface: its bytes
+    are frames from the first), read in pieces as they arrive."""
+
+    _DATA, _HEADERS = 0x0, 0x1
+
+    def __init__(self) -> None:
+        self._header = b""  # the part of a frame's 9-byte header read so far
+        self._payload_left = 0
+
+    def answer_in(self, data: bytes) -> int | None:
+        """Where in `data` the first frame of an answer (DATA or HEADERS on a stream, not
+        the connection's own frames) begins; None if none begins in it. A header split
+        between two pieces counts as beginning at the second's start."""
+        first = None
+        at = 0
+        while at < len(data):
+            if self._payload_left:
+                skipped = min(self._payload_left, len(data) - at)
+                self._payload_left -= skipped
+                at += skipped
+                continue
+            begins = at
+            taken = data[at : at + 9 - len(self._header)]
+            self._header += taken
+            at += len(taken)
+            if len(self._header) < 9:
+                break
+            header, self._header = self._header, b""
+            self._payload_left = int.from_bytes(header[:3], "big")
+            stream = int.from_bytes(header[5:9], "big") & 0x7FFF_FFFF
+            if first is None and stream and header[3] in (self._DATA, self._HEADERS):
+                first = begins
+        return first
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 import gradwire
@@ -23,6 +24,7 @@ from gradwire_server.app import Running
 from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
 from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
+from tests.relay import relay_to
 from tests.serve_in_process import running_server
 from tests.test_concurrency import Gate, hold_forward
 
@@ -223,6 +225,62 @@ def test_a_close_session_retried_with_its_id_is_answered_as_the_close_was(
             close_session(request, metadata=[*metadata, ("gradwire-request-id", "c-2")])
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     channel.close()
+
+
+@pytest.mark.parametrize("stream_calls", [False, True], ids=["unary", "calls-stream"])
+def test_a_step_whose_answer_is_lost_is_retried_and_applied_once(
+    server: Running, stream_calls: bool
+) -> None:
+    """The connection dropped as the Step's answer started back, the Step applied: the
+    client's retry (its request id the same) gets the first attempt's answer, and the
+    optimizer has stepped once. On a Calls stream as on calls of their own."""
+    with (
+        relay_to(server.port) as relay,
+        gradwire.connect(relay.address, stream_calls=stream_calls) as client,
+    ):
+        before = _with_gradients(client)
+        weight = client.get("linear.weight[0]").copy()
+        gradient = client.get("linear.weight.grad[0]")
+        relay.lose_next_answer()
+        result = client.step()
+        assert relay.answers_lost == 1
+        assert result.version == before + 1 == server.servicer.trainer.version
+        # lr 1.0, SGD: one step, not two.
+        assert np.allclose(client.get("linear.weight[0]"), weight - gradient)
+
+
+def test_a_lost_answer_is_unavailable_without_retries(server: Running) -> None:
+    """What the retry hides, seen without it: the step applied and its answer lost."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
+        before = _with_gradients(client)
+        client.retries = 0
+        relay.lose_next_answer()
+        with pytest.raises(errors.Unavailable) as info:
+            client.step()
+        assert info.value.changes_state  # it may have been applied: it was
+        assert relay.answers_lost == 1
+        assert server.servicer.trainer.version == before + 1
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["opened", "joined"])
+def test_a_close_whose_answer_is_lost_is_retried_and_closes_the_session(
+    server: Running, joined: bool
+) -> None:
+    """CloseSession's answer lost: the retry is answered as the close was. A session
+    joined by its id (`session=`, `gradwire close-session`) raised NotFound for the session
+    its first attempt had closed; one this client opened counts NotFound as closed."""
+    sessions = server.servicer.sessions
+    with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
+        before = sessions.open_count
+        opened = client.open_session(seed=3)
+        session = gradwire.connect(relay.address, session=opened.detach()) if joined else opened
+        assert sessions.open_count == before + 1
+        relay.lose_next_answer()
+        session.close_session()
+        assert relay.answers_lost == 1
+        assert sessions.open_count == before
+        assert session.session is None
+        session.close()
 
 
 @pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63), "9" * 5000])
