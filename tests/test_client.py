@@ -492,8 +492,14 @@ def test_sgd_momentum_steps_match_local_torch(client: gradwire.Client) -> None:
 
 def test_set_optimizer_adam_takes_torch_defaults(client: gradwire.Client) -> None:
     config = client.set_optimizer("adam")
+    torch_s = torch.optim.Adam([torch.zeros(1)]).defaults
     assert config == gradwire.OptimizerConfig(
-        kind="adam", lr=0.001, weight_decay=0.0, beta1=0.9, beta2=0.999, eps=1e-8
+        kind="adam",
+        lr=torch_s["lr"],
+        weight_decay=torch_s["weight_decay"],
+        beta1=torch_s["betas"][0],
+        beta2=torch_s["betas"][1],
+        eps=torch_s["eps"],
     )
 
 
@@ -801,10 +807,31 @@ def test_dir_of_the_remote_model_lists_its_modules(client: gradwire.Client) -> N
     assert names == sorted(names)
 
 
+class _Counting(dict[str, Any]):
+    """A client's RPC methods, noting each one that is looked up to be called."""
+
+    def __init__(self, methods: dict[str, Any]) -> None:
+        super().__init__(methods)
+        self.called: list[str] = []
+
+    def __getitem__(self, method: str) -> Any:
+        self.called.append(method)
+        return super().__getitem__(method)
+
+
+def _counting(client: gradwire.Client) -> list[str]:
+    """The RPCs `client` calls from now on, in order (every call goes through _methods)."""
+    client._methods = counting = _Counting(client._methods)
+    return counting.called
+
+
 def test_the_remote_view_is_lazy(client: gradwire.Client) -> None:
+    called = _counting(client)
     view = client.remote.conv1.wieght[0]  # building the view calls nothing
+    assert called == []
     with pytest.raises(errors.NotFound):
         view.numpy()
+    assert called == ["GetTensor"]
 
 
 def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Client) -> None:
@@ -1056,7 +1083,9 @@ def test_a_closed_session_client_set_to_no_session_acts_on_the_default_one(
 def test_a_remote_view_is_true_without_a_read(client: gradwire.Client) -> None:
     """bool() of a view would call __len__ (a read of the shape, raising for an absent
     tensor or a module's name): a view is true, as any object."""
+    called = _counting(client)
     assert client.remote.loss and client.remote.conv1 and client.remote.conv1.weight[0][0][0]
+    assert called == []
 
 
 def test_a_watch_update_given_a_key_of_another_type_raises_key_error(

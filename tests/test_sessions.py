@@ -27,7 +27,7 @@ from gradwire_server import errors as errors_module
 from gradwire_server import sessions as sessions_module
 from gradwire_server.app import Running
 from gradwire_server.models import SIMPLE, Simple
-from gradwire_server.sessions import Sessions
+from gradwire_server.sessions import Sessions, UnknownSession
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
@@ -137,8 +137,9 @@ def test_idle_sessions_expire() -> None:
     now[0] = 59.0
     assert sessions.get(session) is not sessions.default  # used: the clock restarts
     now[0] = 59.0 + 61.0
-    with pytest.raises(Exception, match="expired after 60 s"):
+    with pytest.raises(UnknownSession, match="expired after 60 s") as info:
         sessions.get(session)
+    assert info.value.reason == "UNKNOWN_SESSION"  # NOT_FOUND at the servicer
     sessions.close_all()
 
 
@@ -154,8 +155,9 @@ def test_a_session_in_use_does_not_expire() -> None:
     now[0] = 1059.0
     assert sessions.get(session) is held  # idle from the call's end, not its start
     now[0] = 1059.0 + 61.0
-    with pytest.raises(Exception, match="expired after 60 s"):
+    with pytest.raises(UnknownSession, match="expired after 60 s") as info:
         sessions.get(session)
+    assert info.value.reason == "UNKNOWN_SESSION"  # NOT_FOUND at the servicer
     sessions.leave(session)  # a call ending after its session closed changes nothing
     sessions.close_all()
 

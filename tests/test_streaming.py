@@ -6,10 +6,11 @@ streams are hand-built messages sent through the raw multicallables.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -299,14 +300,10 @@ def test_a_read_under_the_lowered_limit_stays_unary(
     assert np.array_equal(client.get("linear.weight[:7]"), server_value(trainer, LINEAR)[:7])
 
 
-def test_a_stream_read_races_with_steps_and_sees_one_state(
-    client: gradwire.Client, trainer: Trainer
-) -> None:
-    # Every weight 0 and its gradient -1: each SGD step (lr 1) adds exactly 1 to every weight,
-    # so one state's weights are all equal, to the number of steps taken before the read.
-    client.fill_parameters(0.0)
-    start = client.set("conv1.weight.grad", -1.0)
-    client.chunk_bytes = 64  # 27 chunks per read
+@contextlib.contextmanager
+def _stepping(trainer: Trainer) -> Iterator[None]:
+    """Steps `trainer` on a thread of its own, from before the block's first line to its
+    end; a step that failed fails the test."""
     stop = threading.Event()
     stepped = threading.Event()
     failures: list[BaseException] = []
@@ -324,7 +321,23 @@ def test_a_stream_read_races_with_steps_and_sees_one_state(
     worker.start()
     try:
         assert stepped.wait(timeout=30)
-        seen: set[int] = set()
+        yield
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not failures
+
+
+def test_a_stream_read_races_with_steps_and_sees_one_state(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    # Every weight 0 and its gradient -1: each SGD step (lr 1) adds exactly 1 to every weight,
+    # so one state's weights are all equal, to the number of steps taken before the read.
+    client.fill_parameters(0.0)
+    start = client.set("conv1.weight.grad", -1.0)
+    client.chunk_bytes = 64  # 27 chunks per read
+    seen: set[int] = set()
+    with _stepping(trainer):
         for _ in range(200):
             read = client._read_stream(pb.GetTensorRequest(name="conv1.weight"), as_torch=False)
             value = read.value
@@ -334,10 +347,6 @@ def test_a_stream_read_races_with_steps_and_sees_one_state(
             seen.add(read.version)
             if len(seen) >= 3:
                 break
-    finally:
-        stop.set()
-        worker.join(timeout=30)
-    assert not failures
     assert len(seen) >= 2  # the steps really ran between (and during) the reads
 
 
@@ -348,24 +357,18 @@ def test_a_fallback_read_races_with_steps_and_sees_one_state(
     client.fill_parameters(0.0)
     start = client.set("conv1.weight.grad", -1.0)
     client.chunk_bytes = 64
-    stop = threading.Event()
-
-    def step_forever() -> None:
-        while not stop.is_set():
-            trainer.step()
-
-    worker = threading.Thread(target=step_forever, daemon=True)
-    worker.start()
-    try:
+    seen: set[int] = set()
+    with _stepping(trainer):
         # A strided view of the live weights: the server copies it when the read opens
         # (live.py), and only that copy keeps its chunks from tearing.
-        reads = [client.read("conv1.weight[1:, 1:]") for _ in range(8)]
-    finally:
-        stop.set()
-        worker.join(timeout=30)
-    for read in reads:
-        assert read.shape == (15, 2, 3, 3)
-        assert np.all(read.value == read.version - start), np.unique(read.value)
+        for _ in range(200):
+            read = client.read("conv1.weight[1:, 1:]")
+            assert read.shape == (15, 2, 3, 3)
+            assert np.all(read.value == read.version - start), np.unique(read.value)
+            seen.add(read.version)
+            if len(seen) >= 3:
+                break
+    assert len(seen) >= 2  # the steps really ran between (and during) the reads
 
 
 # --- SetTensorStream -------------------------------------------------------------------
