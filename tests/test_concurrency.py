@@ -43,13 +43,19 @@ def test_sixteen_clients_steps_applied_once_and_reads_whole(trainer: Trainer) ->
                 for _ in range(STEPS):
                     acknowledged.append(client.step().version)
 
+        versions_read: list[int] = []
+
         def read(selector: str) -> None:
-            with gradwire.connect(address) as client:
-                while not done.is_set():
-                    got = client.read(selector)
-                    values = np.unique(got.value)
-                    if len(values) != 1 or values[0] != got.version - base:
-                        problems.append(f"{selector} at v{got.version}: {values[:5]}")
+            try:
+                with gradwire.connect(address) as client:
+                    while not done.is_set():
+                        got = client.read(selector)
+                        versions_read.append(got.version)
+                        values = np.unique(got.value)
+                        if len(values) != 1 or values[0] != got.version - base:
+                            problems.append(f"{selector} at v{got.version}: {values[:5]}")
+            except Exception as err:  # pragma: no cover - reported below
+                problems.append(f"{selector}: {err!r}")
 
         readers = [
             threading.Thread(target=read, args=(s,))
@@ -65,6 +71,8 @@ def test_sixteen_clients_steps_applied_once_and_reads_whole(trainer: Trainer) ->
             t.join(timeout=60)
         assert not any(t.is_alive() for t in readers + writers), "a client hung"
         assert not problems, problems[:5]
+        # The reads saw the steps go on: states between the first and the last.
+        assert any(base < v < base + WRITERS * STEPS for v in versions_read), versions_read[-5:]
         assert sorted(acknowledged) == list(range(base + 1, base + 1 + WRITERS * STEPS))
         with gradwire.connect(address) as check:
             final = check.read("linear.weight")

@@ -18,6 +18,7 @@ from gradwire.replay import replay
 from gradwire_server import staging, stats
 from gradwire_server.app import start
 from gradwire_server.trainer import OptimizerSettings, Trainer
+from tests.reference import run_tutorial
 from tests.test_inspect import values_on_the_edges
 
 pytestmark = pytest.mark.cuda
@@ -45,7 +46,12 @@ def test_replay_on_cuda_keeps_the_lesson(cuda_client: gradwire.Client) -> None:
         assert result.output_shape == (8, 20)
         assert result.grad_before_backward is None and result.grad_after_zero is None
         assert result.identity_holds
-    np.testing.assert_allclose(result.grad_slice, [-0.0269, -0.0349, -0.0181], atol=2e-3)
+        # Near PyTorch's CPU run on the same inputs, not equal: cuDNN may sum in another
+        # order, and in TF32. (The tolerance is the one run G7 passed against the CPU
+        # values rounded; gradients of about 0.03.)
+        local = run_tutorial(init, 0)
+        np.testing.assert_allclose(result.grad_slice, local.grad_slice.numpy(), atol=2e-3)
+        assert result.loss == pytest.approx(local.loss, rel=1e-2)
 
 
 def test_slice_is_taken_on_the_device(cuda_client: gradwire.Client) -> None:
