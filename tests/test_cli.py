@@ -335,7 +335,7 @@ def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
         (["forward", "--input", "full:1e999:8,3,10,10"], "'1e999' is beyond any float's range"),
         (["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"], "has 4,400 digits"),
         (["forward", "--input", "randint:x:8,3,10,10"], "bound 'x' is not a whole number"),
-        (["get", f"conv1.weight[{_DIGITS}]"], "outside the range of an index, int64's"),
+        (["get", f"conv1.weight[{_DIGITS}]"], "a selector of 4,414 characters; at most 1,024"),
     ],
 )
 def test_sources_and_selectors_refuse_numbers_past_their_range(

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -1004,7 +1005,7 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
         (lambda: client.train(ONES_INPUT, ONES_TARGET, 3, every=-1), rf"every .* to {top}, got -1"),
         (lambda: client.train(ONES_INPUT, None, 3), "train needs a target: class indices"),
     ]  # fmt: skip
-    for timeout in (-1, math.inf, math.nan, 1e10):  # the client's 60 s; or over at once
+    for timeout in (0, -1, math.inf, math.nan, 1e10):  # the client's 60 s; or over at once
         refused.append((lambda t=timeout: client.watch("loss", timeout=t), "timeout must be"))
         refused.append(
             (lambda t=timeout: client.train(ONES_INPUT, ONES_TARGET, 3, timeout=t), "timeout")
@@ -1355,3 +1356,153 @@ def test_expecting_takes_a_numpy_integer(client: gradwire.Client) -> None:
         client.zero_grad()
     with client.expecting(version), pytest.raises(errors.Aborted):
         client.zero_grad()  # the version has moved on
+
+
+# --- arguments refused before anything is sent (found by a review of the client's API) ---
+
+_X, _Y = ONES_INPUT, Fill.randint(0, 20, 8)
+
+# Each: a call with a bad argument, the error, and words of its message. Before the review,
+# zero_grad=None sent False (the gradients accumulated, unasked), None filled weights with
+# 0.0, a timeout of 0 failed some calls and not others, chunk_bytes=0 sent a streamed
+# tensor one value to a message, and the rest raised errors from protobuf, numpy, torch or
+# Python's parser that named no argument.
+BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str]] = [
+    (lambda c: c.train_step(_X, _Y, zero_grad=None), TypeError, "zero_grad must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.train_step(_X, None), ValueError, "train_step needs a target"),
+    (lambda c: c.train(_X, _Y, 2, zero_grad="no"), TypeError, "zero_grad must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.backward(retain_graph="yes"), TypeError, "retain_graph must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.zero_grad(set_to_none=0), TypeError, "set_to_none must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.read("loss", values="no"), TypeError, "values must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.read("loss", as_torch=1), TypeError, "as_torch must be True or False"),  # type: ignore[arg-type]
+    (
+        lambda c: c.read("conv1.weight", values=False, out=np.zeros((16, 3, 3, 3), np.float32)),
+        ValueError,
+        "values=False reads none",
+    ),
+    (lambda c: c.watch("loss", latest="no"), TypeError, "latest must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.watch(iter([])), ValueError, "watch needs at least one selector"),
+    (lambda c: c.pipeline(stop_at_error="no"), TypeError, "stop_at_error must be True or False"),  # type: ignore[arg-type]
+    (lambda c: c.fill_parameters(None), TypeError, "value must be a number, got None"),  # type: ignore[arg-type]
+    (lambda c: c.fill_parameters(True), TypeError, "value must be a number, got True"),
+    (lambda c: c.fill_parameters("0.1"), TypeError, "value must be a number"),  # type: ignore[arg-type]
+    (lambda c: c.fill_parameters(0.1, None), TypeError, "a selector is a str"),  # type: ignore[arg-type]
+    (lambda c: c.fill_parameters(0.1, [1]), TypeError, "a selector is a str .* got int 1"),  # type: ignore[list-item]
+    (lambda c: c.set_optimizer(lr=10**400), ValueError, "lr is past the range of a double"),
+    (lambda c: c.stats("conv1.weight", bins=True), TypeError, "bins must be a whole number"),
+    (lambda c: c.stats("conv1.weight", bins=2**40), ValueError, "bins must be from"),
+    (lambda c: c.stats("conv1.weight", low=0.0, high=1.0), ValueError, "give bins too"),
+    (lambda c: c.stats("conv1.weight", bins=4, low="0"), TypeError, "low must be a number"),  # type: ignore[arg-type]
+    (lambda c: c.forward(None), codec.CodecError, "input: got None"),
+    (lambda c: c.forward(_X, "abc"), codec.CodecError, "target: cannot send an array of dtype <U3"),
+    (
+        lambda c: c.set("conv1.weight[0,0,0,0]", 2**64),
+        codec.CodecError,
+        r"value: cannot send an array of dtype object \(numpy made one of this int",
+    ),
+    (lambda c: c.forward([[1.0, 2.0], [3.0]]), codec.CodecError, "input: cannot make an array"),
+    (
+        lambda c: c.read("conv1.weight", slice(None, None, 0)),
+        codec.CodecError,
+        "slice step cannot be zero",
+    ),
+    (lambda c: c.read("conv1.weight", (..., ...)), codec.CodecError, "a single ellipsis"),
+    (
+        lambda c: c.get("conv1.weight[" + "-" * 1000 + "1]"),
+        errors.GradwireError,
+        "nested too deeply",
+    ),
+    (
+        lambda c: c.get("conv1.weight" + "[0]" * 400),
+        errors.GradwireError,
+        "a selector of 1,212 characters; at most 1,024",
+    ),
+    (lambda c: c.wait_ready(-1), ValueError, "wait_ready.s timeout must be more than 0"),
+    (lambda c: c.health(5), TypeError, "service is a str"),  # type: ignore[arg-type]
+    (lambda c: c.remote[0], TypeError, "a selector is a str"),  # type: ignore[index]
+    (
+        lambda c: setattr(c.remote.conv1, "weight", 1.0),
+        AttributeError,
+        r"a view is written with set\(\): remote.conv1.weight.set\(value\)",
+    ),
+    (lambda c: setattr(c, "timeout", 0), ValueError, "timeout must be more than 0 seconds"),
+    (lambda c: setattr(c, "timeout", "5"), TypeError, "timeout takes seconds"),
+    (lambda c: setattr(c, "timeout", -1), ValueError, "timeout must be more than 0 seconds"),
+    (lambda c: setattr(c, "chunk_bytes", 0), ValueError, "chunk_bytes must be from 1"),
+    (lambda c: setattr(c, "stream_above_bytes", None), TypeError, "must be a whole number"),
+    (lambda c: setattr(c, "retries", 2.5), TypeError, "retries must be a whole number"),
+    (lambda c: setattr(c, "keep_memory", "no"), TypeError, "keep_memory must be True or False"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "said"), BAD_ARGUMENTS)
+def test_a_bad_argument_is_refused_before_anything_is_sent(
+    client: gradwire.Client,
+    call: Callable[[gradwire.Client], Any],
+    error: type[Exception],
+    said: str,
+) -> None:
+    settings = (client.timeout, client.retries, client.chunk_bytes, client.stream_above_bytes)
+    called = _counting(client)
+    with pytest.raises(error, match=said):
+        call(client)
+    assert called == []
+    # A setting refused is left as it was.
+    assert (
+        client.timeout,
+        client.retries,
+        client.chunk_bytes,
+        client.stream_above_bytes,
+    ) == settings
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "said"),
+    [
+        (lambda: gradwire.connect(None), TypeError, "the target is a str"),  # type: ignore[arg-type]
+        (lambda: gradwire.connect("localhost:1", timeout=0), ValueError, "more than 0 seconds"),
+        (
+            lambda: gradwire.connect("localhost:1", tls="no"),
+            TypeError,
+            "tls= must be True or False",
+        ),  # type: ignore[arg-type]
+        (lambda: Fill.constant(None, 8), TypeError, "value must be a number, got None"),  # type: ignore[arg-type]
+        (lambda: Fill.normal(8, mean=None), TypeError, "mean must be a number"),  # type: ignore[arg-type]
+        (lambda: Fill.randint(False, True, 8), TypeError, "low must be a number, got False"),
+        (lambda: Fill.ones(2**63, 3), ValueError, "a Fill's dimension"),
+        (lambda: Fill("bogus", (8,)), ValueError, "a Fill's kind is one of zeros"),  # type: ignore[arg-type]
+        (lambda: Fill.ones(8, dtype=np.float32), TypeError, "a Fill's dtype is a name"),  # type: ignore[arg-type]
+        (lambda: Fill.uniform(3).reseeded(1.5), TypeError, "step must be a whole number"),  # type: ignore[arg-type]
+        (
+            lambda: codec.tensor_pieces(torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])),
+            codec.CodecError,
+            "cannot send a nested tensor",
+        ),
+    ],
+)
+def test_a_bad_argument_to_connect_or_a_fill_is_refused_as_given(
+    make: Callable[[], Any], error: type[Exception], said: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        with pytest.raises(error, match=said):
+            make()
+
+
+def test_a_remote_view_takes_a_selector_with_its_index(client: gradwire.Client) -> None:
+    np.testing.assert_array_equal(
+        client.remote["conv1.weight[0][1]"].numpy(), client.get("conv1.weight[0][1]")
+    )
+    with pytest.raises(TypeError, match=r"for its value: .numpy\(\), .torch\(\)"):
+        len(client.remote.conv1.weight[0, 0, 0, 0])
+
+
+def test_a_large_list_goes_in_chunks(client: gradwire.Client) -> None:
+    """A list was counted as 0 bytes, never sent in chunks, and a large one was refused
+    with advice to lower stream_above_bytes, which changed nothing."""
+    client.stream_above_bytes = 0
+    called = _counting(client)
+    values = np.full((16, 3, 3, 3), 0.25, np.float32)
+    client.set("conv1.weight", values.tolist())
+    assert called == ["SetTensorStream"]
+    np.testing.assert_array_equal(client.get("conv1.weight"), values)

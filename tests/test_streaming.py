@@ -244,9 +244,11 @@ def test_chunk_bytes_out_of_range_is_invalid_argument(
     assert isinstance(error, errors.InvalidArgument)
     assert error.reason == "BAD_CHUNK_SIZE"
     assert str(chunk_bytes) in error.message
-    client.chunk_bytes = chunk_bytes
-    with pytest.raises(errors.InvalidArgument):
-        client._read_stream(pb.GetTensorRequest(name="conv1.weight"), as_torch=False)
+    # The client refuses it as it is set (0 or less sent a streamed upload one value to a
+    # message).
+    with pytest.raises(ValueError, match=f"chunk_bytes must be from 1 to .*, got {chunk_bytes}"):
+        client.chunk_bytes = chunk_bytes
+    assert client.chunk_bytes == limits.CHUNK_BYTES
 
 
 # --- GetTensorStream: the client falls back to it by itself ----------------------------

@@ -277,7 +277,11 @@ def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
     if isinstance(value, Fill):
         source = pb.TensorSource(fill=value.to_proto()).SerializeToString()
         return wire.length_field(number, [source])
-    return wire.length_field(number, wire.length_field(_TENSOR, codec.tensor_pieces(value)))
+    try:
+        pieces = codec.tensor_pieces(value)
+    except codec.CodecError as err:  # naming the argument: input, target or value
+        raise codec.CodecError(f"{field}: {err}") from None
+    return wire.length_field(number, wire.length_field(_TENSOR, pieces))
 
 
 def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
@@ -317,6 +321,9 @@ def _nbytes(value: Any) -> int:
         return 0
     if hasattr(value, "element_size"):  # torch tensors: a sparse one's nbytes raises
         return int(value.numel() * value.element_size())
+    if isinstance(value, (list, tuple)):  # counted as 0, a large list never went in chunks
+        with contextlib.suppress(ValueError):  # ragged: codec.host_array says why
+            return int(np.asarray(value).nbytes)
     return int(getattr(value, "nbytes", None) or 0)  # numpy arrays
 
 
@@ -410,8 +417,18 @@ def _tensor_request(name: str, chain: IndexChain, values: bool) -> bytes:
 def _names(names: Sequence[str]) -> list[str]:
     """Selectors or names given as a list; one string is one of them. A string is a
     Sequence[str] too, and was taken letter by letter ("no tensor named 'l'" for
-    watch("loss"))."""
-    return [names] if isinstance(names, str) else list(names)
+    watch("loss")). TypeError for what is neither (None, a number), or holds what is no
+    string: protobuf's "bad argument type for built-in operation" said neither."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        listed = list(names)
+    except TypeError:
+        listed = [names]  # type: ignore[list-item]
+    for name in listed:
+        if not isinstance(name, str):
+            parse_selector(name)  # raises the TypeError that says what one is
+    return listed
 
 
 _OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM}
@@ -436,7 +453,7 @@ def _optimizer_config(kind: str, settings: dict[str, Any]) -> pb.OptimizerConfig
         if truth != (name == "nesterov") or not isinstance(value, wanted):
             kind_of = "True or False" if name == "nesterov" else "a number"
             raise TypeError(f"optimizer setting {name} must be {kind_of}, got {value!r}")
-        setattr(config, name, bool(value) if truth else value)
+        setattr(config, name, bool(value) if truth else limits.real(value, name))
     return config
 
 
@@ -542,6 +559,26 @@ def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
         raise ValueError(f"{what} must be seconds, 0 or more and finite{also}; got {seconds!r}")
 
 
+def _flag(value: object, what: str) -> bool:
+    """`value` as a bool: True or False (numpy's too); TypeError naming `what` for anything
+    else. Python takes any object for true or false, and protobuf takes None for False:
+    train_step(zero_grad=None) kept the gradients, read(values="no") read them, tls="no"
+    turned TLS on (found by a review)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{what} must be True or False, got {value!r}")
+
+
+def _needs_target(method: str, target: object) -> None:
+    """ValueError for a step given no target (None went on to "cannot send an array of
+    dtype object")."""
+    if target is None:
+        raise ValueError(
+            f"{method} needs a target: class indices, or values for a model trained with "
+            "'mse' (an array, a torch tensor or a Fill)"
+        )
+
+
 def _check_stream_timeout(timeout: float | None) -> None:
     """A Watch's or Train's `timeout`: None (no limit), or seconds from 0 to what a gRPC
     deadline holds. A negative one fell back to the client's per-call timeout without a
@@ -551,13 +588,17 @@ def _check_stream_timeout(timeout: float | None) -> None:
 
 
 def _check_timeout(timeout: float | None, what: str) -> None:
-    """A call's or stream's timeout: None (no limit), or seconds from 0 to what a gRPC
-    deadline holds; inf, NaN or 1e10 failed every call at once, DEADLINE_EXCEEDED."""
-    _check_seconds(timeout, what, "None: no limit")
-    if timeout is not None and timeout > limits.MAX_GRPC_SECONDS:
+    """A call's or stream's timeout: None (no limit), or seconds more than 0 and at most
+    what a gRPC deadline holds. inf, NaN or 1e10 failed every call at once,
+    DEADLINE_EXCEEDED; 0, which many read as no limit, failed some calls and not others."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what} takes seconds, a number; got {timeout!r}")
+    if not 0 < timeout <= limits.MAX_GRPC_SECONDS:  # NaN too
         raise ValueError(
-            f"{what} must be at most {limits.MAX_GRPC_SECONDS:,} seconds (about 24 days), "
-            f"the most a gRPC deadline holds; None: no limit; got {timeout!r}"
+            f"{what} must be more than 0 seconds and at most {limits.MAX_GRPC_SECONDS:,} "
+            f"(about 24 days, the most a gRPC deadline holds); None: no limit; got {timeout!r}"
         )
 
 
@@ -649,6 +690,7 @@ def _read_result(
 
 def _read_request_bytes(selector: str, index: codec.IndexKey | None, values: bool) -> bytes:
     """The GetTensorRequest `read(selector, index, values=values)` sends."""
+    _flag(values, "values")
     if index is None and isinstance(selector, str):  # else parse_selector says why not
         return _get_tensor_request(selector, values)
     parsed = parse_selector(selector)
@@ -674,17 +716,22 @@ def _get_stats(
     selector: str, bins: int, low: float | None, high: float | None
 ) -> _Encoded[TensorStats]:
     parsed = parse_selector(selector)
+    # What protobuf's int32 and doubles take (it raised its own errors), the range being
+    # the server's to check (BAD_BINS); a bound given without bins was ignored.
+    bins = limits.whole(bins, "bins", -(2**31), 2**31 - 1)
     request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
     request.index.extend(codec.indices_to_proto(parsed.index))
+    if not bins and (low is not None or high is not None):
+        raise ValueError("low and high bound the histogram: give bins too (bins=10, say)")
     if low is not None:
-        request.histogram_low = low
+        request.histogram_low = limits.real(low, "low")
     if high is not None:
-        request.histogram_high = high
+        request.histogram_high = limits.real(high, "high")
     return _Encoded("GetStats", request, tensor_stats)
 
 
 def _fill_parameters(value: float, names: Sequence[str]) -> _Encoded[int]:
-    request = pb.FillParametersRequest(value=value, names=_names(names))
+    request = pb.FillParametersRequest(value=limits.real(value, "value"), names=_names(names))
     return _Encoded("FillParameters", request, _version)
 
 
@@ -767,11 +814,13 @@ def _version(response: Any) -> int:
 
 
 def _backward(retain_graph: bool) -> _Encoded[int]:
-    return _Encoded("Backward", pb.BackwardRequest(retain_graph=retain_graph), _version)
+    request = pb.BackwardRequest(retain_graph=_flag(retain_graph, "retain_graph"))
+    return _Encoded("Backward", request, _version)
 
 
 def _zero_grad(set_to_none: bool) -> _Encoded[int]:
-    return _Encoded("ZeroGrad", pb.ZeroGradRequest(set_to_none=set_to_none), _version)
+    request = pb.ZeroGradRequest(set_to_none=_flag(set_to_none, "set_to_none"))
+    return _Encoded("ZeroGrad", request, _version)
 
 
 _LIST_TENSORS: _Encoded[Listing] = _Encoded(
@@ -792,6 +841,8 @@ def with_default_port(target: str) -> str:
     port = DEFAULT_TARGET.rpartition(":")[2]
     # gRPC's resolver refused these with words of its own, which said nothing of what to
     # write instead (found by a review of the CLI).
+    if not isinstance(target, str):  # None went on to "'NoneType' object has no attribute"
+        raise TypeError(f"the target is a str, host:port such as localhost:50051; got {target!r}")
     if not target.strip():
         raise ValueError("the target is empty: expected host:port, such as localhost:50051")
     if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
@@ -911,6 +962,7 @@ class Client:
                 f"given without {missing}=; give both (PEM bytes), or neither"
             )
         _check_timeout(timeout, "timeout=")
+        tls, stream_calls = _flag(tls, "tls="), _flag(stream_calls, "stream_calls=")
         _check_seconds(keepalive, "keepalive=", "0 or None: no pings")
         _check_seconds(keepalive_timeout, "keepalive_timeout=")
         if not keepalive_timeout:  # gRPC took 0 for a 1 ms wait for a ping's answer
@@ -921,16 +973,11 @@ class Client:
         check_pem(cert, "certificate", "cert=")
         check_pem(key, "private key", "key=")
         self.target = target
-        #: Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever.
-        self.timeout = timeout
+        self._timeout = timeout
         if token:  # gRPC refused a newline in it at every call: INTERNAL, "Invalid metadata"
             check_token(token, "token=")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        #: Attempts after the first, on UNAVAILABLE, for reads and mutations sent in one
-        #: message (a mutation carries a request id, so the server applies it once); and for
-        #: streamed reads that a concurrent mutation cut short (`read`). Streamed uploads,
-        #: Watch, Train and health() are not retried.
-        self.retries = 3
+        self._retries = 3
         self._session: str | None = check_session(session or None, "session=")
         #: The session this client acted on until it closed it: its calls then raise
         #: ClientClosed rather than act on the default session.
@@ -960,12 +1007,8 @@ class Client:
         # smaller one (BATCH_TOO_LONG), which is kept from then on.
         self._batch_calls = limits.MAX_BATCH_CALLS
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        #: A Forward's input or a set's value with more value bytes than this goes in chunks
-        #: (ForwardStream, SetTensorStream). TrainStep and Train have no streamed form: a
-        #: request of theirs past one message (64 MiB) raises ValueError before it is sent.
-        self.stream_above_bytes = limits.STREAM_ABOVE_BYTES
-        #: Value bytes per chunk of a streamed tensor.
-        self.chunk_bytes = limits.CHUNK_BYTES
+        self._stream_above_bytes = limits.STREAM_ABOVE_BYTES
+        self._chunk_bytes = limits.CHUNK_BYTES
         self._memory = KeptMemory()
         self._keep_memory = True
         #: Whether a call of the Trainer service on this client has succeeded: a server was
@@ -989,6 +1032,56 @@ class Client:
     def session(self, session: str | None) -> None:
         self._session, self._closed_session = check_session(session or None, "session"), None
 
+    # Settings a caller may change after connecting, checked as they are set: unchecked, a
+    # timeout of "5" raised a TypeError from inside gRPC, -1 failed every call, and a
+    # chunk_bytes of 0 sent a streamed tensor one value to a message (found by a review).
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each call may take before DEADLINE_EXCEEDED; None waits for ever."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        _check_timeout(timeout, "timeout")
+        self._timeout = timeout
+
+    @property
+    def retries(self) -> int:
+        """Attempts after the first, on UNAVAILABLE, for reads and mutations sent in one
+        message (a mutation carries a request id, so the server applies it once); and for
+        streamed reads that a concurrent mutation cut short (`read`). Streamed uploads,
+        Watch, Train and health() are not retried. 0 or less: none."""
+        return self._retries
+
+    @retries.setter
+    def retries(self, retries: int) -> None:
+        self._retries = limits.whole(retries, "retries", -(2**31), 2**31)
+
+    @property
+    def stream_above_bytes(self) -> int:
+        """A Forward's input or a set's value with more value bytes than this goes in chunks
+        (ForwardStream, SetTensorStream); 0: every one. TrainStep and Train have no streamed
+        form: a request of theirs past one message (64 MiB) raises ValueError before it is
+        sent."""
+        return self._stream_above_bytes
+
+    @stream_above_bytes.setter
+    def stream_above_bytes(self, size: int) -> None:
+        self._stream_above_bytes = limits.whole(
+            size, "stream_above_bytes", 0, codec.INT64_MAX, "every tensor in chunks"
+        )
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Value bytes per chunk of a streamed tensor, either way (at least one value a
+        chunk)."""
+        return self._chunk_bytes
+
+    @chunk_bytes.setter
+    def chunk_bytes(self, size: int) -> None:
+        self._chunk_bytes = limits.whole(size, "chunk_bytes", 1, limits.MAX_VALUE_BYTES)
+
     @property
     def keep_memory(self) -> bool:
         """Whether reads reuse the memory of the last large array they made once you have let
@@ -997,7 +1090,7 @@ class Client:
 
     @keep_memory.setter
     def keep_memory(self, keep: bool) -> None:
-        self._keep_memory = keep
+        self._keep_memory = _flag(keep, "keep_memory")
         if not keep:
             self._memory.release()
 
@@ -1361,6 +1454,8 @@ class Client:
         `--session`) and close (`close_session()`, `gradwire close-session`). The server
         closes it after `session_idle_s` without calls. Returns the session's id."""
         if self.session is None:
+            if self._closed_session is not None:
+                raise ClientClosed(f"this client's session {self._closed_session!r} is closed")
             raise ValueError("this client acts on the default session: there is none to detach")
         self._owns_session = False
         self._opened.discard(self.session)
@@ -1418,6 +1513,7 @@ class Client:
         parent's channel, which stays open when the session's client closes)."""
         # gRPC's readiness future polls a closed channel on a thread of its own, which died
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
+        _check_timeout(timeout, "wait_ready's timeout")  # -1 said no server answered
         if self._channel in _CLOSED_CHANNELS:
             raise ClientClosed(_CLOSED)
         try:
@@ -1428,7 +1524,10 @@ class Client:
             ) from None
 
     def health(self, service: str = "") -> str:
-        """The standard health check's answer: "SERVING", "NOT_SERVING", ..."""
+        """The standard health check's answer: "SERVING", "NOT_SERVING", ...; `service`: ""
+        for the server as a whole, or "gradwire.v1.Trainer"."""
+        if not isinstance(service, str):  # protobuf took None for "", 5 for its own error
+            raise TypeError(f"service is a str, such as 'gradwire.v1.Trainer'; got {service!r}")
         try:
             response = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
@@ -1491,9 +1590,11 @@ class Client:
     def _train_step(
         self, input: Any, target: Any, zero_grad: bool, fetch: Sequence[str], as_torch: bool
     ) -> _Encoded[TrainStepResult]:
+        _needs_target("train_step", target)
+        request = pb.TrainStepRequest(zero_grad=_flag(zero_grad, "zero_grad"))
+        _flag(as_torch, "as_torch")
         pieces = _source_pieces("TrainStepRequest", "input", input)
         pieces += _source_pieces("TrainStepRequest", "target", target)
-        request = pb.TrainStepRequest(zero_grad=zero_grad)
         for text in _names(fetch):
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
@@ -1569,8 +1670,11 @@ class Client:
         self, request: bytes, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None
     ) -> _Encoded[TensorRead]:
         """GetTensor with this serialized request, whose answer is read as `read` reads it."""
+        _flag(as_torch, "as_torch")
         if out is not None and as_torch:
             raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
+        if out is not None and not values:
+            raise ValueError("out= is filled with the values read; values=False reads none")
 
         def result(data: bytes) -> TensorRead:
             split = wire.split(data, pb.GetTensorResponse)
@@ -1704,11 +1808,12 @@ class Client:
         however fast training runs. Bad arguments raise here, not at the first update; the
         call is made when the first update is asked for.
         """
-        if not selectors:
-            raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
         # Each refused by the server at the first update, where a bad call went unnoticed
         # until then, or for ever when never iterated; an infinite min_interval raised
         # OverflowError (found by a review of the client).
+        values, stats, latest = (
+            _flag(values, "values"), _flag(stats, "stats"), _flag(latest, "latest")
+        )  # fmt: skip
         every_steps = limits.whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
         bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
         _check_seconds(min_interval, "min_interval")
@@ -1726,6 +1831,8 @@ class Client:
                 stats=stats,
                 histogram_bins=bins,
             )
+        if not shown:  # none given, or an empty iterable
+            raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
         if not latest:
             return self._updates(self._stream("Watch", request, timeout=timeout), shown)
         return self._newest_updates(
@@ -1779,14 +1886,10 @@ class Client:
         steps = limits.whole(steps, "steps", 1, limits.MAX_TRAIN_STEPS)
         every = limits.whole(every, "every", 0, codec.INT64_MAX, "after every step")
         _check_stream_timeout(timeout)
-        if target is None:
-            raise ValueError(
-                "train needs a target: class indices, or values for a model trained with "
-                "'mse' (an array, a torch tensor or a Fill)"
-            )
+        _needs_target("train", target)
+        request = pb.TrainRequest(steps=steps, every=every, zero_grad=_flag(zero_grad, "zero_grad"))
         pieces = _source_pieces("TrainRequest", "input", input)
         pieces += _source_pieces("TrainRequest", "target", target)
-        request = pb.TrainRequest(steps=steps, every=every, zero_grad=zero_grad)
         pieces.append(request.SerializeToString())
         _fits_one_message("Train", pieces)
         expected = self._expected_version()  # its first step's condition

@@ -153,6 +153,11 @@ def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
         # Only the calls needed: each torch op lets go of the GIL, and in a busy server
         # getting it back costs more than the op (a read of 3 values made 6 such calls).
         tensor = value.detach() if value.requires_grad else value
+        if tensor.is_nested:  # torch raised "Internal error: NestedTensorImpl doesn't support"
+            raise CodecError(
+                "cannot send a nested tensor: only dense ones travel; pad it first "
+                "(torch.nested.to_padded_tensor) or send its tensors one by one"
+            )
         if tensor.layout is not torch.strided:  # torch raised RuntimeError or TypeError
             raise CodecError(
                 f"cannot send a {str(tensor.layout).removeprefix('torch.')} tensor: only "
@@ -184,7 +189,12 @@ def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
         dtype = _NUMPY_TO_DTYPE.get(value.dtype) if _LITTLE_ENDIAN else None
         if dtype is not None and value.flags.c_contiguous:
             return dtype, value
-    array = np.asarray(value)
+    if value is None:  # numpy makes an array of dtype object of it
+        raise CodecError("got None: give an array, a torch tensor, numbers or a Fill")
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # a ragged list: "setting an array element with a sequence"
+        raise CodecError(f"cannot make an array of this {type(value).__name__}: {err}") from None
     source = array.dtype
     wide = _WIDENED.get(source.newbyteorder("="), None)
     if wide is not None:
@@ -192,7 +202,13 @@ def host_array(value: Any) -> tuple[int, np.ndarray[Any, Any]]:
     dtype = _NUMPY_TO_DTYPE.get(array.dtype.newbyteorder("="))
     if dtype is None:
         names = ", ".join(sorted(str(d) for d in (*_NUMPY_TO_DTYPE, *_WIDENED)))
-        raise CodecError(f"cannot send an array of dtype {source}; supported: {names}")
+        why = ""
+        if source.kind == "O":
+            why = (
+                f" (numpy made one of this {type(value).__name__}: values of mixed kinds, "
+                "None among them, or an integer past 64 bits)"
+            )
+        raise CodecError(f"cannot send an array of dtype {source}{why}; supported: {names}")
     wire_type = _WIRE[dtype].numpy
     # np.asarray, not np.ascontiguousarray, which turns a 0-d array into shape (1,).
     return dtype, np.asarray(array, dtype=wire_type, order="C")
@@ -632,6 +648,9 @@ def _as_bound(value: Any, what: str) -> int:
 def index_to_proto(key: IndexKey) -> pb.Index:
     """An `Index` message for one numpy basic-indexing key, e.g. (0, slice(None), ...)."""
     items = key if isinstance(key, tuple) else (key,)
+    # Refused here as a selector's text is (the server refused them only once sent).
+    if sum(item is Ellipsis for item in items) > 1:
+        raise CodecError("an index can only have a single ellipsis ('...')")
     message = pb.Index()
     for item in items:
         entry = message.items.add()
@@ -640,6 +659,8 @@ def index_to_proto(key: IndexKey) -> pb.Index:
         elif item is None:
             entry.new_axis.SetInParent()
         elif isinstance(item, slice):
+            if item.step is not None and not isinstance(item.step, bool) and item.step == 0:
+                raise CodecError("slice step cannot be zero")
             entry.slice.SetInParent()
             for part in ("start", "stop", "step"):
                 bound = getattr(item, part)

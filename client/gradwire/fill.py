@@ -38,12 +38,17 @@ def _dimensions(shape: Sequence[Any]) -> tuple[int, ...]:
     try:
         if any(isinstance(d, bool) for d in shape):
             raise TypeError
-        return tuple(operator.index(d) for d in shape)
+        dimensions = tuple(operator.index(d) for d in shape)
     except TypeError:
         raise TypeError(
             f"a Fill's shape is whole numbers, given one by one (Fill.ones(8, 3, 10, 10)) or "
             f"as one tuple or list (Fill.ones((8, 3, 10, 10))); got {shape!r}"
         ) from None
+    # What an int64 holds (protobuf refused more only when sent); a negative one is the
+    # server's to refuse, saying which.
+    for d in dimensions:
+        limits.whole(d, f"a Fill's dimension (in {dimensions})", codec.INT64_MIN, codec.INT64_MAX)
+    return dimensions
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,15 @@ class Fill:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.kind not in _KIND:
+            raise ValueError(f"a Fill's kind is one of {', '.join(_KIND)}; got {self.kind!r}")
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise TypeError(f"a Fill's dtype is a name, such as 'float32'; got {self.dtype!r}")
+        # Checked as they are given, not when sent: protobuf's errors then named none of them.
+        what = {"value": "mean" if self.kind == "normal" else "value", "std": "std"}
+        for field in ("value", "low", "high", "std"):
+            number = limits.real(getattr(self, field), what.get(field, field))
+            object.__setattr__(self, field, number)
         object.__setattr__(self, "shape", _dimensions(self.shape))
         # Kept as a Python int: a numpy seed overflowed in reseeded()'s sum (found by a review).
         object.__setattr__(self, "seed", limits.check_seed(self.seed))
@@ -115,6 +129,7 @@ class Fill:
     def reseeded(self, step: int) -> Fill:
         """This fill at step `step` of a run: a random kind's seed advanced by `step`, as the
         server's Train does, so that each step sees new data; other kinds unchanged."""
+        step = limits.whole(step, "step", 0, limits.MAX_SEED)
         if self.kind in ("uniform", "normal", "randint"):
             return replace(self, seed=(self.seed + step) % (1 << 64))
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Final
 
@@ -100,6 +101,19 @@ def whole(value: object, what: str, low: int, high: int, low_means: str = "") ->
         means = f" ({low_means})" if low_means else ""
         raise ValueError(f"{what} must be from {low}{means} to {high}, got {number}")
     return number
+
+
+def real(value: object, what: str) -> float:
+    """`value` as a float: TypeError naming `what` for what is not a real number (None, a
+    bool, a string, an array), ValueError for an int past a double's range. Protobuf took
+    None for 0.0 (fill_parameters(None) filled every weight with zeros), a bool for 1.0
+    or 0.0, and raised its own errors for the rest (found by a review)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{what} is past the range of a double: {value!r}") from None
 
 
 def check_seed(seed: int, what: str = "seed") -> int:

@@ -36,6 +36,7 @@ from gradwire.client import (
     _closed_channel,
     _Encoded,
     _fill_parameters,
+    _flag,
     _get_stats,
     _nbytes,
     _read_request_bytes,
@@ -152,7 +153,7 @@ class Pipeline:
 
     def __init__(self, client: Client, *, stop_at_error: bool = True) -> None:
         self._client = client
-        self._stop_at_error = stop_at_error
+        self._stop_at_error = _flag(stop_at_error, "stop_at_error")
         self._stream: CallStream | None = None
         self._own = False  # a stream opened for this pipeline alone, ended with it
         self._state = "new"  # then "open", then "ended"

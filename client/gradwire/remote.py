@@ -15,6 +15,7 @@ import numpy as np
 
 from gradwire import codec
 from gradwire.display import format_tensor, torch_available
+from gradwire.selector import parse_selector
 
 if TYPE_CHECKING:
     import torch
@@ -80,9 +81,22 @@ class RemoteTensor:
         shape = self.shape
         if shape is None:
             raise ValueError(f"{self.selector} is absent (None) on the server: it has no length")
-        if not shape:
-            raise TypeError(f"len() of a 0-d tensor ({self.selector})")
+        if not shape:  # torch.tensor(view) walks it as a sequence, and lands here
+            raise TypeError(
+                f"len() of a 0-d tensor ({self.selector}); for its value: .numpy(), .torch() "
+                "or np.asarray(view)"
+            )
         return shape[0]
+
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        if attribute in RemoteTensor.__slots__:
+            object.__setattr__(self, attribute, value)
+            return
+        # remote.conv1.weight = x raised "'RemoteTensor' object has no attribute 'weight'".
+        raise AttributeError(
+            f"{self.selector}.{attribute} = ...: a view is written with set(): "
+            f"remote.{self.selector}.{attribute}.set(value)"
+        )
 
     def __bool__(self) -> bool:
         """True: a view is not its values (without this, bool() would call __len__, and read
@@ -131,8 +145,18 @@ class RemoteModel:
             raise AttributeError(attribute)
         return RemoteTensor(self._client, attribute)
 
-    def __getitem__(self, name: str) -> RemoteTensor:
-        return RemoteTensor(self._client, name)
+    def __getitem__(self, selector: str) -> RemoteTensor:
+        """remote["conv1.weight"], or a selector with its index: remote["conv1.weight[0]"]."""
+        parsed = parse_selector(selector)  # TypeError for remote[0], saying what one is
+        return RemoteTensor(self._client, parsed.name, parsed.index)
+
+    def __setattr__(self, attribute: str, value: Any) -> None:
+        if attribute in RemoteModel.__slots__:
+            object.__setattr__(self, attribute, value)
+            return
+        raise AttributeError(
+            f"remote.{attribute} = ...: a view is written with set(): remote.{attribute}.set(value)"
+        )
 
     def __dir__(self) -> list[str]:
         names = self._client.list_tensors().names()

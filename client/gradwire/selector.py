@@ -23,6 +23,12 @@ __all__ = ["Selector", "SelectorError", "parse_selector"]
 _NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
+#: The longest selector taken: more than any index of MAX_DIMS dimensions needs. Longer
+#: ones were parsed whole, and their errors quoted them whole (a 100,000-character
+#: selector made a 200 KB message).
+MAX_SELECTOR_CHARS = 1024
+
+
 class SelectorError(GradwireError, ValueError):
     """Text that is not `name` or `name[...]...` with basic indexing."""
 
@@ -97,7 +103,18 @@ def parse_selector(text: str) -> Selector:
             "a selector is a str naming a tensor, with an index if you like, such as "
             f"'conv1.weight[0]' or 'loss'; got {type(text).__name__} {text!r}"
         )
-    return _parse(text)
+    if len(text) > MAX_SELECTOR_CHARS:
+        raise SelectorError(
+            f"{text[:60]!r}...: a selector of {len(text):,} characters; at most "
+            f"{MAX_SELECTOR_CHARS:,} are taken"
+        )
+    try:
+        return _parse(text)
+    except RecursionError:  # "[----1]", or 300 keys: Python's parser, or ours, went too deep
+        raise SelectorError(
+            f"{text[:60]!r}...: the index is nested too deeply to be read (signs or brackets "
+            "by the hundred)"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1024)  # selectors repeat in loops; parsing them is not free
@@ -115,11 +132,7 @@ def _parse(text: str) -> Selector:
     try:
         tree: Any = ast.parse("_" + text[bracket:], mode="eval").body
     except SyntaxError as err:
-        if "integer string conversion" in err.msg:  # 4,301 digits and more: Python's limit
-            raise SelectorError(
-                f"{text!r}: an index is outside the range of an index, int64's: {INT64_MIN} "
-                f"to {INT64_MAX}"
-            ) from None
+        # (Python's own limit, 4,301 digits, lies past MAX_SELECTOR_CHARS.)
         raise SelectorError(f"{text!r}: the index is not valid Python: {err.msg}") from None
     keys: list[tuple[IndexItem, ...]] = []
     while isinstance(tree, ast.Subscript):
