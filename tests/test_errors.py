@@ -138,6 +138,36 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_FILL",
             "needs bounds within [-2^24, 2^24]",
         ),
+        # Found by a review of the client's API: torch's words, "to is out of bounds for
+        # float", "to - 1 is out of bounds for bool", "Overflow when unpacking long long".
+        (
+            lambda c: c.forward(Fill.uniform(8, 3, 10, 10, high=math.inf), TARGET),
+            "BAD_FILL",
+            "a uniform fill of float32 needs finite bounds within its range, ±3.403e+38, and "
+            "at most 3.403e+38 apart; got [0.0, inf)",
+        ),
+        (
+            lambda c: c.forward(Fill.uniform(8, 3, 10, 10, low=-3e38, high=3e38), TARGET),
+            "BAD_FILL",
+            "and at most 3.403e+38 apart",
+        ),
+        (
+            lambda c: c.set("conv1.weight.grad", Fill.randint(0, 5, 16, 3, 3, 3, dtype="bool")),
+            "BAD_FILL",
+            "value: a randint fill of bool needs bounds within [0, 2), the values it can draw; "
+            "got [0, 5)",
+        ),
+        (
+            lambda c: c.forward(INPUT, Fill.randint(0, 2**40, 8, dtype="int32")),
+            "BAD_FILL",
+            "target: a randint fill of int32 needs bounds within [-2147483648, 2147483648)",
+        ),
+        (
+            lambda c: c.forward(INPUT, Fill.randint(0, 2**70, 8)),
+            "BAD_FILL",
+            "a randint fill of int64 needs bounds within [-9223372036854775808, "
+            "9223372036854775807)",
+        ),
         (
             lambda c: c.set("conv1.weight", np.ones(5, np.float32)),
             "SHAPE_MISMATCH",

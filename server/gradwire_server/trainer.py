@@ -507,6 +507,20 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
     return isinstance(error, IndexError) and not x.is_floating_point()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The name a Fill or a Tensor message gives `dtype`: "int32", not "torch.int32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _int_range(dtype: torch.dtype) -> tuple[int, int]:
+    """The least and greatest values of an integer dtype."""
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
 def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
     copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
@@ -916,6 +930,15 @@ class Trainer:
                             f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})",
                             reason="BAD_FILL",
                         )
+                    top = torch.finfo(dtype).max
+                    # torch: "to is out of bounds for float", and a width past `top` refused
+                    if not (-top <= spec.low < spec.high <= top and spec.high - spec.low <= top):
+                        raise InvalidInput(
+                            f"{what}: a uniform fill of {_dtype_name(dtype)} needs finite bounds "
+                            f"within its range, ±{top:.4g}, and at most {top:.4g} apart; got "
+                            f"[{spec.low}, {spec.high})",
+                            reason="BAD_FILL",
+                        )
                     out = torch.empty(spec.shape, dtype=dtype, device=device)
                     return out.uniform_(spec.low, spec.high, generator=gen)
                 if spec.kind == "normal":
@@ -929,7 +952,19 @@ class Trainer:
                             f"got [{spec.low}, {spec.high})",
                             reason="BAD_FILL",
                         )
-                    if dtype.is_floating_point:
+                    if not dtype.is_floating_point:
+                        # torch: "to - 1 is out of bounds for int", or for 2**70 "Overflow
+                        # when unpacking long long".
+                        first, last = (0, 1) if dtype == torch.bool else _int_range(dtype)
+                        end = min(last + 1, _INT64_MAX)  # torch takes `high` as an int64
+                        if low < first or high > end:
+                            raise InvalidInput(
+                                f"{what}: a randint fill of {_dtype_name(dtype)} needs bounds "
+                                f"within [{first}, {end}), the values it can draw; got "
+                                f"[{low}, {high})",
+                                reason="BAD_FILL",
+                            )
+                    else:
                         # torch only warns (an error in a later release) and then draws
                         # numbers the dtype cannot hold exactly.
                         digits = 1 - round(math.log2(torch.finfo(dtype).eps))
