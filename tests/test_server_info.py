@@ -93,6 +93,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             max_request_ids_kept=65_536,
             answer_bytes_kept=256 * 1024 * 1024,
             max_batch_calls=1024,
+            max_selectors=1024,
         ),
     )
 
@@ -334,6 +335,7 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "                 refused (ANSWER_NOT_KEPT), not applied again",
         "calls at once    2 (an open watch or stream holds one)",
         "batches          at most 1,024 calls in one Batch",
+        "selectors        at most 1,024 in one watch or one step's fetch",
         "health watches   at most 64 open at once; past that, poll (gradwire health)",
         "reflection       at most 8 streams open at once (grpcurl, an IDE); one more is refused",
         "sessions         1 beside the default one; each closed after 42.5 s without calls",
@@ -402,6 +404,7 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
         "max_request_ids_kept",
         "answer_bytes_kept",
         "max_batch_calls",
+        "max_selectors",
     ):
         older.limits.ClearField(name)
     answer = grpc.unary_unary_rpc_method_handler(lambda request, context: older.SerializeToString())

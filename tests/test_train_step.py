@@ -469,10 +469,11 @@ def test_finish_makes_the_answer_under_the_lock_while_the_fetched_views_are_the_
 
 @pytest.fixture
 def small_messages(monkeypatch: pytest.MonkeyPatch) -> Iterator[gradwire.Client]:
-    """A server and client whose messages may hold 80 KiB (16 KiB of it values): many small
+    """A server and client whose messages may hold 36 KiB (16 KiB of it values): many small
     fetched tensors then take more room in the answer with their names and shapes than with
-    their values, as 2,150 slices do under the real 64 MiB."""
-    monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", 80 * 1024)
+    their values, as 2,150 slices do under the real 64 MiB. (Fewer than
+    limits.MAX_SELECTORS: more are refused whatever their size.)"""
+    monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", 36 * 1024)
     monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 16 * 1024)
     yield from _fresh_server_client()  # started after the limits change: its gRPC takes them
 
@@ -482,11 +483,11 @@ def test_many_fetched_tensors_are_counted_with_their_names_and_shapes(
 ) -> None:
     client = small_messages
     version = client.list_tensors().version
-    # 2,200 values of 4 bytes: 8,800 bytes, under the values' 16 KiB; their answer would
-    # take 88 KB (2,000 took 80,020 bytes), over the message's 80 KiB. Refused before the
+    # 1,000 values of 4 bytes: 4,000 bytes, under the values' 16 KiB; their answer would
+    # take 40 KB (2,000 took 80,020 bytes), over the message's 36 KiB. Refused before the
     # step, not after it with a transport error for a step that was applied.
     with pytest.raises(errors.ResourceExhausted) as caught:
-        client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight[0, 0, 0, 0]"] * 2200)
+        client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight[0, 0, 0, 0]"] * 1000)
     assert caught.value.reason == "FETCH_TOO_LARGE"
     assert "names and shapes" in caught.value.message
     assert client.list_tensors().version == version
@@ -499,9 +500,9 @@ def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
 ) -> None:
     client = small_messages
     # Each item is counted at a bound of its size (116 bytes for these, besides the values),
-    # not at its size (about 40): 2,200 of them are refused though they would just fit.
+    # not at its size (about 40): 900 of them are refused though they would fit.
     with pytest.raises(errors.ResourceExhausted) as caught:
-        next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 2200, values=True, stats=False))
+        next(client.watch(["conv1.weight[0, 0, 0, 0]"] * 900, values=True, stats=False))
     assert caught.value.reason == "WATCH_TOO_LARGE"
     # As USE_STREAM and FETCH_TOO_LARGE say it (it said neither, found by a review): the
     # bytes of the items counted until the limit was passed.

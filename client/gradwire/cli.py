@@ -1258,6 +1258,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         ),
         ("calls at once", f"{lim.max_concurrent} (an open watch or stream holds one)"),
         ("batches", f"at most {lim.max_batch_calls:,} calls in one Batch"),
+        ("selectors", f"at most {lim.max_selectors:,} in one watch or one step's fetch"),
         (
             "health watches",
             f"at most {lim.max_health_watches} open at once; past that, poll (gradwire health)",
@@ -1280,6 +1281,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "health watches": not lim.max_health_watches,
         "reflection": not lim.max_reflection_streams,
         "batches": not lim.max_batch_calls,
+        "selectors": not lim.max_selectors,
     }
     rows = [(name, text) for name, text in rows if not unreported.get(name)]
     out.write(

@@ -229,6 +229,9 @@ class ServerLimits:
     # Calls in one Batch (BATCH_TOO_LONG); 0 from a server without Batch (Client.batch then
     # makes its calls in a pipeline).
     max_batch_calls: int = 0
+    # Items in one Watch, selectors in one train_step's fetch (TOO_MANY_SELECTORS); 0 from a
+    # server that predates the limit.
+    max_selectors: int = 0
 
 
 @dataclass(frozen=True)
@@ -567,6 +570,17 @@ def _flag(value: object, what: str) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{what} must be True or False, got {value!r}")
+
+
+def _check_selectors(count: int, what: str) -> None:
+    """ValueError past the selectors one call may name (the server's TOO_MANY_SELECTORS, said
+    here, before the call: a watch's at its first update)."""
+    if count > limits.MAX_SELECTORS:
+        raise ValueError(
+            f"{what} names {count} selectors; a server takes at most {limits.MAX_SELECTORS} in "
+            "one call: select a slice ('conv1.weight[0, :4]') rather than its elements one by "
+            "one, or watch in several calls"
+        )
 
 
 def _needs_target(method: str, target: object) -> None:
@@ -1598,6 +1612,7 @@ class Client:
         for text in _names(fetch):
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
+        _check_selectors(len(request.fetch), "train_step's fetch")
         pieces.append(request.SerializeToString())
         result = functools.partial(_train_step_result, as_torch=as_torch)
         return _Encoded("TrainStep", pieces, result, _widening_teller(input, target))
@@ -1833,6 +1848,7 @@ class Client:
             )
         if not shown:  # none given, or an empty iterable
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
+        _check_selectors(len(shown), "watch")
         if not latest:
             return self._updates(self._stream("Watch", request, timeout=timeout), shown)
         return self._newest_updates(

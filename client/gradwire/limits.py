@@ -83,6 +83,15 @@ MAX_TRAIN_STEPS: Final = 1 << 40
 #: run.
 MAX_BATCH_CALLS: Final = 1024
 
+#: Items in one Watch, selectors in one TrainStep's fetch (TOO_MANY_SELECTORS). Each is read
+#: under the session's lock at every update: one Watch of 20,000 items (of one value each)
+#: took 3.7 s an update, and another client's TrainSteps fell from about 530 a second to 1
+#: while it was read. At this limit an update takes about 0.17 s: a watcher that reads
+#: every update still slows training to a few steps a second (min_interval bounds that),
+#: but no single call holds the lock for seconds. A model's every parameter, gradient and
+#: delta fits (the limit of calls in a Batch, too).
+MAX_SELECTORS: Final = 1024
+
 #: Seeds travel as uint64: from 0 to MAX_SEED (2**64 - 1).
 MAX_SEED: Final = (1 << 64) - 1
 

@@ -624,6 +624,7 @@ def server_info(
         max_request_ids_kept=requests.max_ids,
         answer_bytes_kept=requests.max_bytes,
         max_batch_calls=gw_limits.MAX_BATCH_CALLS,
+        max_selectors=gw_limits.MAX_SELECTORS,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

@@ -727,6 +727,19 @@ def _unless_caller_gone(context: grpc.ServicerContext) -> Iterator[None]:
         raise
 
 
+def _check_selectors(count: int, what: str) -> None:
+    """InvalidInput (TOO_MANY_SELECTORS) past limits.MAX_SELECTORS: each selector is read
+    under the session's lock, and training waits for it."""
+    if count > limits.MAX_SELECTORS:
+        raise InvalidInput(
+            f"{what}: {count} selectors, more than the {limits.MAX_SELECTORS} one call may name "
+            "(each is read under the session's lock, which training waits for): select a "
+            "slice of a tensor rather than its elements one by one",
+            reason="TOO_MANY_SELECTORS",
+            metadata={"limit": str(limits.MAX_SELECTORS)},
+        )
+
+
 def _items(requests: Iterable[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     """A request stream's messages, each well formed. A stream that ends with its caller
     gone (it cancelled, or its deadline passed) raises CallerGone. gRPC mostly raises then,
@@ -962,6 +975,7 @@ class TrainerServicer:
     ) -> bytes:
         message = request.message
         inputs, target = _step_data(request, _STEP_INPUT, _STEP_TARGET, "TrainStep")
+        _check_selectors(len(message.fetch), "TrainStep's fetch")
         fetch = [(f.name, convert.chain_from_proto(f.index)) for f in message.fetch]
         # The fetched pieces are views of live tensors, which the next Step (another
         # caller's) changes in place: the reply is joined under the trainer's lock, in one
@@ -1088,6 +1102,7 @@ class TrainerServicer:
                 f"{request.every_steps} and {request.min_interval_ms}",
                 reason="BAD_REQUEST",
             )
+        _check_selectors(len(request.items), "Watch's items")
         interval = request.min_interval_ms / 1000
         selectors = [(item.name, convert.chain_from_proto(item.index)) for item in request.items]
         for item in request.items:

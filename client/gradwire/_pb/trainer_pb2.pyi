@@ -109,7 +109,7 @@ Conventions used by every message below:
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      (metadata "limit")
+      and TOO_MANY_SELECTORS (metadata "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
@@ -1405,7 +1405,7 @@ class TrainStepRequest(_message.Message):
 
     @_builtins.property
     def fetch(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSelector]:
-        """read these after the step, as GetTensor would"""
+        """read these after the step, as GetTensor would; at most ServerLimits.max_selectors"""
 
     def __init__(
         self,
@@ -1779,6 +1779,7 @@ class ServerLimits(_message.Message):
     MAX_REQUEST_IDS_KEPT_FIELD_NUMBER: _builtins.int
     ANSWER_BYTES_KEPT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_CALLS_FIELD_NUMBER: _builtins.int
+    MAX_SELECTORS_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -1845,6 +1846,11 @@ class ServerLimits(_message.Message):
     """Calls in one Batch (BATCH_TOO_LONG); 0 from a server that predates Batch, which has
     none: it answers Batch UNIMPLEMENTED.
     """
+    max_selectors: _builtins.int
+    """Items in one Watch, and selectors in one TrainStep's fetch (INVALID_ARGUMENT,
+    TOO_MANY_SELECTORS): each is read under the session's lock, which training waits for.
+    0 from a server that predates the limit, which kept none.
+    """
     def __init__(
         self,
         *,
@@ -1870,10 +1876,11 @@ class ServerLimits(_message.Message):
         max_request_ids_kept: _builtins.int = ...,
         answer_bytes_kept: _builtins.int = ...,
         max_batch_calls: _builtins.int = ...,
+        max_selectors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2227,7 +2234,7 @@ class WatchRequest(_message.Message):
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchItem]:
-        """at least one"""
+        """at least one; at most ServerLimits.max_selectors"""
 
     def __init__(
         self,

@@ -109,7 +109,7 @@ Conventions used by every message below:
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      (metadata "limit")
+      and TOO_MANY_SELECTORS (metadata "limit")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters)
