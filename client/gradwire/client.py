@@ -594,8 +594,8 @@ def _needs_target(method: str, target: object) -> None:
 
 
 def _check_stream_timeout(timeout: float | None) -> None:
-    """A Watch's or Train's `timeout`: None (no limit), or seconds from 0 to what a gRPC
-    deadline holds. A negative one fell back to the client's per-call timeout without a
+    """A Watch's or Train's `timeout`: None (no limit), or seconds more than 0, up to what a
+    gRPC deadline holds. A negative one fell back to the client's per-call timeout without a
     word, and inf, NaN or 1e10 ended the stream at once, DEADLINE_EXCEEDED (found by a
     review)."""
     _check_timeout(timeout, "timeout")

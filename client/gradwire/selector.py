@@ -103,17 +103,17 @@ def parse_selector(text: str) -> Selector:
             "a selector is a str naming a tensor, with an index if you like, such as "
             f"'conv1.weight[0]' or 'loss'; got {type(text).__name__} {text!r}"
         )
+    start = f"{text[:60]!r}{'...' if len(text) > 60 else ''}"
     if len(text) > MAX_SELECTOR_CHARS:
         raise SelectorError(
-            f"{text[:60]!r}...: a selector of {len(text):,} characters; at most "
+            f"{start}: a selector of {len(text):,} characters; at most "
             f"{MAX_SELECTOR_CHARS:,} are taken"
         )
     try:
         return _parse(text)
     except RecursionError:  # "[----1]", or 300 keys: Python's parser, or ours, went too deep
         raise SelectorError(
-            f"{text[:60]!r}...: the index is nested too deeply to be read (signs or brackets "
-            "by the hundred)"
+            f"{start}: the index is nested too deeply to be read (signs or brackets by the hundred)"
         ) from None
 
 
