@@ -8,7 +8,7 @@ for the tensors' names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,19 @@ if TYPE_CHECKING:
     from gradwire.client import Client, TensorRead
 
 __all__ = ["RemoteModel", "RemoteTensor"]
+
+
+def _set_slot(
+    view: object, slots: tuple[str, ...], attribute: str, value: Any, prefix: Callable[[], str]
+) -> None:
+    """A view's own slot set; any other attribute refused, pointing to set(): assigning
+    remote.conv1.weight = x raised "'RemoteTensor' object has no attribute 'weight'".
+    `prefix()`: the view's selector and a dot, asked only then (its slots may be unset)."""
+    if attribute in slots:
+        object.__setattr__(view, attribute, value)
+        return
+    written = f"remote.{prefix()}{attribute}"
+    raise AttributeError(f"{written} = ...: a view is written with set(): {written}.set(value)")
 
 
 class RemoteTensor:
@@ -89,14 +102,7 @@ class RemoteTensor:
         return shape[0]
 
     def __setattr__(self, attribute: str, value: Any) -> None:
-        if attribute in RemoteTensor.__slots__:
-            object.__setattr__(self, attribute, value)
-            return
-        # remote.conv1.weight = x raised "'RemoteTensor' object has no attribute 'weight'".
-        raise AttributeError(
-            f"{self.selector}.{attribute} = ...: a view is written with set(): "
-            f"remote.{self.selector}.{attribute}.set(value)"
-        )
+        _set_slot(self, RemoteTensor.__slots__, attribute, value, lambda: f"{self.selector}.")
 
     def __bool__(self) -> bool:
         """True: a view is not its values (without this, bool() would call __len__, and read
@@ -151,12 +157,7 @@ class RemoteModel:
         return RemoteTensor(self._client, parsed.name, parsed.index)
 
     def __setattr__(self, attribute: str, value: Any) -> None:
-        if attribute in RemoteModel.__slots__:
-            object.__setattr__(self, attribute, value)
-            return
-        raise AttributeError(
-            f"remote.{attribute} = ...: a view is written with set(): remote.{attribute}.set(value)"
-        )
+        _set_slot(self, RemoteModel.__slots__, attribute, value, str)
 
     def __dir__(self) -> list[str]:
         names = self._client.list_tensors().names()
