@@ -266,9 +266,10 @@ def test_a_lost_answer_is_unavailable_without_retries(server: Running) -> None:
 def test_a_close_whose_answer_is_lost_is_retried_and_closes_the_session(
     server: Running, joined: bool
 ) -> None:
-    """CloseSession's answer lost: the retry is answered as the close was. A session
-    joined by its id (`session=`, `gradwire close-session`) raised NotFound for the session
-    its first attempt had closed; one this client opened counts NotFound as closed."""
+    """CloseSession's answer lost: the retry is answered as the close was. Without the
+    server's request log, a session joined by its id (`session=`, `gradwire close-session`)
+    raises NotFound for the session its first attempt closed (seen, the log taken out); one
+    this client opened counts NotFound as closed, and passes either way."""
     sessions = server.servicer.sessions
     with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
         before = sessions.open_count
