@@ -714,7 +714,8 @@ def _unless_caller_gone(context: grpc.ServicerContext) -> Iterator[None]:
     cancelled stream's iteration as the cancellation's first event arrives, and marks the
     call inactive at its second: a handler that looked between the two refused the stream
     as the caller's fault, INVALID_ARGUMENT (14 and 11 of 300 cancelled ForwardStream and
-    SetTensorStream uploads under two busy loops, thirty-ninth session; seen in CI)."""
+    SetTensorStream uploads under two busy loops, thirty-ninth session; seen once in a
+    `make test` run)."""
     try:
         yield
     except InvalidInput:
