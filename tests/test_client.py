@@ -1471,7 +1471,7 @@ def test_a_bad_argument_is_refused_before_anything_is_sent(
         (lambda: Fill.randint(False, True, 8), TypeError, "low must be a number, got False"),
         (lambda: Fill.ones(2**63, 3), ValueError, "a Fill's dimension"),
         (lambda: Fill("bogus", (8,)), ValueError, "a Fill's kind is one of zeros"),  # type: ignore[arg-type]
-        (lambda: Fill.ones(8, dtype=np.float32), TypeError, "a Fill's dtype is a name"),  # type: ignore[arg-type]
+        (lambda: Fill.ones(8, dtype=object()), TypeError, "a Fill's dtype is a name"),  # type: ignore[arg-type]
         (lambda: Fill.uniform(3).reseeded(1.5), TypeError, "step must be a whole number"),  # type: ignore[arg-type]
         (
             lambda: codec.tensor_pieces(torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])),
@@ -1506,3 +1506,11 @@ def test_a_large_list_goes_in_chunks(client: gradwire.Client) -> None:
     client.set("conv1.weight", values.tolist())
     assert called == ["SetTensorStream"]
     np.testing.assert_array_equal(client.get("conv1.weight"), values)
+
+
+def test_a_fill_takes_numpy_s_and_torch_s_dtypes(client: gradwire.Client) -> None:
+    """As torch.ones(..., dtype=torch.float64) does: they were sent as an unknown dtype."""
+    assert Fill.ones(8, dtype=np.float64) == Fill.ones(8, dtype=torch.float64)
+    assert Fill.ones(8, dtype=np.dtype("float64")).dtype == "float64"
+    client.forward(Fill.ones(8, 3, 10, 10, dtype=torch.float32), Fill.ones(8, dtype=torch.int64))
+    assert client.get("target").dtype == np.int64

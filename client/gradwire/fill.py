@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
+
 from gradwire import codec, limits
 from gradwire._pb import trainer_pb2 as pb
 
@@ -51,6 +53,19 @@ def _dimensions(shape: Sequence[Any]) -> tuple[int, ...]:
     return dimensions
 
 
+def _dtype_name(dtype: object) -> str:
+    """The name of a dtype given as torch's or numpy's (torch.int64, np.float32): as torch
+    does, a Fill takes them, and they were sent as "unknown dtype <class 'numpy.float32'>"."""
+    if type(dtype).__module__ == "torch" and str(dtype).startswith("torch."):  # a torch.dtype
+        return str(dtype).removeprefix("torch.")
+    try:
+        return str(np.dtype(dtype).name)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"a Fill's dtype is a name ('float32'), or numpy's or torch's dtype; got {dtype!r}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Fill:
     """A fill spec: `Fill.ones(8, 3, 10, 10)` is the tutorial's `torch.ones(8, 3, 10, 10)`.
@@ -71,7 +86,7 @@ class Fill:
         if self.kind not in _KIND:
             raise ValueError(f"a Fill's kind is one of {', '.join(_KIND)}; got {self.kind!r}")
         if self.dtype is not None and not isinstance(self.dtype, str):
-            raise TypeError(f"a Fill's dtype is a name, such as 'float32'; got {self.dtype!r}")
+            object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         # Checked as they are given, not when sent: protobuf's errors then named none of them.
         what = {"value": "mean" if self.kind == "normal" else "value", "std": "std"}
         for field in ("value", "low", "high", "std"):
