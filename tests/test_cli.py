@@ -415,7 +415,7 @@ def test_options_that_would_be_dropped_or_misread_are_refused(
 
 @pytest.mark.parametrize("edge", [["--low", "nan"], ["--high", "inf"], ["--low=-inf"]])
 def test_stats_refuses_a_histogram_edge_that_is_not_finite(cli: Run, edge: list[str]) -> None:
-    """Refused by the server, exit 1, where --low 1 --high 0 is a usage error, exit 2."""
+    """A usage error, exit 2, as --low 1 --high 0 is (the server refused it, exit 1)."""
     result = cli("stats", "conv1.weight", "--bins", "3", *edge)
     assert result.code == 2
     assert f"{edge[0].split('=')[0]} must be a finite number" in result.err

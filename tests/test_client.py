@@ -1391,6 +1391,16 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     (lambda c: c.set_optimizer(lr=10**400), ValueError, "lr is past the range of a double"),
     (lambda c: c.stats("conv1.weight", bins=True), TypeError, "bins must be a whole number"),
     (lambda c: c.stats("conv1.weight", bins=2**40), ValueError, "bins must be from"),
+    # The server's refusals named its own fields (histogram_bins, histogram_low).
+    (
+        lambda c: c.stats("loss", bins=-1),
+        ValueError,
+        r"bins must be from 0 \(no histogram\) to 4096",
+    ),
+    (lambda c: c.stats("loss", bins=4097), ValueError, "bins must be from 0 .* got 4097"),
+    (lambda c: c.stats("loss", bins=4, low=1.0, high=1.0), ValueError, "low must be below high"),
+    (lambda c: c.stats("loss", bins=4, low=math.nan), ValueError, "low must be a finite number"),
+    (lambda c: c.stats("loss", bins=4, high=-math.inf), ValueError, "high must be a finite"),
     (lambda c: c.stats("conv1.weight", low=0.0, high=1.0), ValueError, "give bins too"),
     (lambda c: c.stats("conv1.weight", bins=4, low="0"), TypeError, "low must be a number"),  # type: ignore[arg-type]
     (lambda c: c.forward(None), codec.CodecError, "input: got None"),

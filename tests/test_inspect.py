@@ -230,22 +230,31 @@ def test_one_histogram_edge_past_the_values_keeps_the_edge_given(
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "reason"),
+    ("fields", "said"),
     [
-        ({"bins": -1}, "BAD_BINS"),
-        ({"bins": 5000}, "BAD_BINS"),
-        ({"bins": 4, "low": 1.0, "high": 1.0}, "BAD_BINS"),
-        ({"bins": 4, "low": float("nan")}, "BAD_BINS"),
-        ({"bins": 4, "high": float("inf")}, "BAD_BINS"),
-        ({"bins": 4, "low": float("-inf"), "high": 0.0}, "BAD_BINS"),
+        ({"histogram_bins": -1}, "histogram_bins must be between 0 and 4096, got -1"),
+        ({"histogram_bins": 5000}, "histogram_bins must be between 0 and 4096, got 5000"),
+        (
+            {"histogram_bins": 4, "histogram_low": 1.0, "histogram_high": 1.0},
+            "histogram_low must be below histogram_high",
+        ),
+        ({"histogram_bins": 4, "histogram_low": math.nan}, "bounds must be finite, got nan"),
+        ({"histogram_bins": 4, "histogram_high": math.inf}, "bounds must be finite, got inf"),
+        (
+            {"histogram_bins": 4, "histogram_low": -math.inf, "histogram_high": 0.0},
+            "bounds must be finite, got -inf",
+        ),
     ],
 )
 def test_bad_histogram_settings_are_invalid_argument(
-    client: gradwire.Client, kwargs: dict[str, Any], reason: str
+    client: gradwire.Client, fields: dict[str, Any], said: str
 ) -> None:
-    with pytest.raises(errors.InvalidArgument) as caught:
-        client.stats("conv1.weight", **kwargs)
-    assert caught.value.reason == reason
+    """As another language's client sends them; the Python client refuses each itself
+    (test_client's BAD_ARGUMENTS), in words naming its own arguments."""
+    request = pb.GetStatsRequest(name="conv1.weight", **fields)
+    with pytest.raises(errors.InvalidArgument, match=said) as caught:
+        client._call("GetStats", request)
+    assert caught.value.reason == "BAD_BINS"
 
 
 def test_stats_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:

@@ -730,17 +730,23 @@ def _get_stats(
     selector: str, bins: int, low: float | None, high: float | None
 ) -> _Encoded[TensorStats]:
     parsed = parse_selector(selector)
-    # What protobuf's int32 and doubles take (it raised its own errors), the range being
-    # the server's to check (BAD_BINS); a bound given without bins was ignored.
-    bins = limits.whole(bins, "bins", -(2**31), 2**31 - 1)
+    # Checked as watch() checks it: the server's refusal (BAD_BINS) named its own field,
+    # histogram_bins, and protobuf's raised its own errors past an int32; a bound given
+    # without bins was ignored.
+    bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
     request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
     request.index.extend(codec.indices_to_proto(parsed.index))
     if not bins and (low is not None or high is not None):
         raise ValueError("low and high bound the histogram: give bins too (bins=10, say)")
+    for bound, what in ((low, "low"), (high, "high")):
+        if bound is not None and not math.isfinite(limits.real(bound, what)):
+            raise ValueError(f"{what} must be a finite number, got {bound!r}")
+    if low is not None and high is not None and not low < high:
+        raise ValueError(f"low must be below high, got low={low!r}, high={high!r}")
     if low is not None:
-        request.histogram_low = limits.real(low, "low")
+        request.histogram_low = float(low)
     if high is not None:
-        request.histogram_high = limits.real(high, "high")
+        request.histogram_high = float(high)
     return _Encoded("GetStats", request, tensor_stats)
 
 
