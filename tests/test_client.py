@@ -1478,6 +1478,10 @@ def test_a_bad_argument_is_refused_before_anything_is_sent(
         ),  # type: ignore[arg-type]
         (lambda: Fill.constant(None, 8), TypeError, "value must be a number, got None"),  # type: ignore[arg-type]
         (lambda: Fill.normal(8, mean=None), TypeError, "mean must be a number"),  # type: ignore[arg-type]
+        # The contract reads a std of 0 as 1: Fill.normal(std=0) drew values of std 1.
+        (lambda: Fill.normal(8, std=0), ValueError, r"std must be more than 0 .* got 0\.0"),
+        (lambda: Fill.normal(8, std=-1), ValueError, "std must be more than 0 and finite"),
+        (lambda: Fill("normal", (8,), std=math.inf), ValueError, "Fill.constant"),
         (lambda: Fill.randint(False, True, 8), TypeError, "low must be a number, got False"),
         (lambda: Fill.ones(2**63, 3), ValueError, "a Fill's dimension"),
         (lambda: Fill("bogus", (8,)), ValueError, "a Fill's kind is one of zeros"),  # type: ignore[arg-type]

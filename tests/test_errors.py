@@ -152,6 +152,21 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_FILL",
             "and at most 3.403e+38 apart",
         ),
+        # Found by the thirty-ninth session's review: float16 filled with inf.
+        (
+            lambda c: c.set(
+                "conv1.weight.grad", Fill.normal(16, 3, 3, 3, mean=1e10, dtype="float16")
+            ),
+            "BAD_FILL",
+            "value: a normal fill of float16 needs a mean within its range, ±6.55e+04, and a "
+            "standard deviation more than 0 and at most 6.55e+04 (0 is taken as 1); got mean "
+            "10000000000.0, std 1.0",
+        ),
+        (
+            lambda c: c.forward(Fill.normal(8, 3, 10, 10, std=1e39), TARGET),
+            "BAD_FILL",
+            "input: a normal fill of float32 needs a mean within its range, ±3.403e+38",
+        ),
         (
             lambda c: c.set("conv1.weight.grad", Fill.randint(0, 5, 16, 3, 3, 3, dtype="bool")),
             "BAD_FILL",
@@ -277,6 +292,17 @@ def test_bad_input_is_invalid_argument(
             "Forward",
             "BAD_FILL",
             "negative",
+        ),
+        (  # the Python client refuses it itself; torch said "normal expects std >= 0.0"
+            pb.ForwardRequest(
+                input=pb.TensorSource(
+                    fill=pb.Fill(kind=pb.Fill.KIND_NORMAL, shape=[8, 3, 10, 10], std=-1.0)
+                )
+            ),
+            "Forward",
+            "BAD_FILL",
+            "a standard deviation more than 0 and at most 3.403e+38 (0 is taken as 1); got "
+            "mean 0.0, std -1.0",
         ),
         (
             pb.GetTensorRequest(

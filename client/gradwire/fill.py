@@ -5,6 +5,7 @@ Big synthetic batches then need no upload.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -92,6 +93,13 @@ class Fill:
         for field in ("value", "low", "high", "std"):
             number = limits.real(getattr(self, field), what.get(field, field))
             object.__setattr__(self, field, number)
+        if self.kind == "normal" and not 0 < self.std < math.inf:
+            # The contract reads a std of 0 as unset, 1: Fill.normal(std=0) drew values of
+            # standard deviation 1 without a word.
+            raise ValueError(
+                f"a normal fill's std must be more than 0 and finite, got {self.std!r} "
+                "(for every value equal to the mean, Fill.constant(mean, ...))"
+            )
         object.__setattr__(self, "shape", _dimensions(self.shape))
         # Kept as a Python int: a numpy seed overflowed in reseeded()'s sum (found by a review).
         object.__setattr__(self, "seed", limits.check_seed(self.seed))
@@ -128,6 +136,8 @@ class Fill:
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
+        """torch.normal's values, drawn from `seed`; `std` more than 0 (the contract reads
+        0 as unset, 1)."""
         return cls("normal", _shape(shape), dtype, value=mean, std=std, seed=seed)
 
     @classmethod

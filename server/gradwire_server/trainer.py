@@ -942,8 +942,20 @@ class Trainer:
                     out = torch.empty(spec.shape, dtype=dtype, device=device)
                     return out.uniform_(spec.low, spec.high, generator=gen)
                 if spec.kind == "normal":
+                    std = spec.std or 1.0  # the contract's unset standard deviation
+                    top = torch.finfo(dtype).max
+                    # torch filled float16 with inf for a mean of 1e10, and said "normal
+                    # expects std >= 0.0" of a negative one.
+                    if not (abs(spec.value) <= top and 0 < std <= top):
+                        raise InvalidInput(
+                            f"{what}: a normal fill of {_dtype_name(dtype)} needs a mean within "
+                            f"its range, ±{top:.4g}, and a standard deviation more than 0 and at "
+                            f"most {top:.4g} (0 is taken as 1); got mean {spec.value}, "
+                            f"std {spec.std}",
+                            reason="BAD_FILL",
+                        )
                     out = torch.empty(spec.shape, dtype=dtype, device=device)
-                    return out.normal_(spec.value, spec.std or 1.0, generator=gen)
+                    return out.normal_(spec.value, std, generator=gen)
                 if spec.kind == "randint":
                     low, high = int(spec.low), int(spec.high)
                     if low != spec.low or high != spec.high or not low < high:

@@ -457,7 +457,8 @@ class Fill(_message.Message):
     keeps those): seeds that differ only above bit 31 give the same values.
     KIND_UNIFORM and KIND_RANDINT need their bounds: unset, low and high are both 0 and
     refused (BAD_FILL). KIND_NORMAL reads `value` and `std` instead, and takes them unset
-    (mean 0, standard deviation 1).
+    (mean 0, standard deviation 1); a negative `std`, or a mean or `std` past what the
+    dtype holds (±65504 for float16), is refused (BAD_FILL).
     A random fill is made on the server's device, by that device's generator: a seed gives
     the same values on the same kind of device, not on a CPU and a GPU alike (nor, perhaps,
     on two GPU models). A constant of an integer dtype must be a whole number.
