@@ -308,6 +308,17 @@ def test_selector_reads_match_numpy_indexing(
     assert np.array_equal(value, expected)
 
 
+def test_an_index_key_of_none_is_no_index_and_a_new_axis_is_a_tuple(
+    client: gradwire.Client,
+) -> None:
+    """As read()'s docstring says: None is the argument left out, not numpy's x[None]."""
+    w = weights(local_model(), "conv1.weight")
+    assert np.array_equal(client.get("conv1.weight", None), w)
+    for key in [(None,), (0, None, slice(1, 3))]:
+        assert np.array_equal(client.get("conv1.weight", key), w[key])
+    assert client.get("conv1.weight", (None,)).shape == (1, 16, 3, 3, 3)
+
+
 # --- set, fill_parameters -----------------------------------------------------------------
 
 

@@ -1649,6 +1649,11 @@ class Client:
     ) -> TensorRead:
         """GetTensor: `read("conv1.weight.grad[0][0][0]")`, or a name and one index key.
 
+        `index`: one numpy basic-indexing key taken after the selector's own,
+        `read("conv1.weight", (0, slice(1, 3)))`. None, the default, is no index, where
+        numpy's `x[None]` adds an axis: for that, give `(None,)` or `"conv1.weight[None]"`.
+        So for `get` and `set`.
+
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
         """
