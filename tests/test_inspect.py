@@ -122,6 +122,7 @@ def test_stats_of_an_absent_gradient(client: gradwire.Client) -> None:
 def test_summarize_in_runs_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     values = torch.randn(1000, dtype=torch.float64)
     values[::97] = float("nan")
+    monkeypatch.setattr(server_stats, "SMALL_ELEMENTS", 0)  # torch's passes, not numpy's
     whole = server_stats.summarize(values, bins=10)
     monkeypatch.setattr(server_stats, "CHUNK_ELEMENTS", 64)
     in_runs = server_stats.summarize(values, bins=10)
@@ -130,6 +131,64 @@ def test_summarize_in_runs_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
         assert getattr(in_runs, key) == getattr(whole, key)
     for key in ("mean", "std", "norm"):
         assert getattr(in_runs, key) == pytest.approx(getattr(whole, key), rel=1e-12)
+
+
+def _cases_for_both_paths() -> list[tuple[np.ndarray[Any, Any], int, float | None, float | None]]:
+    """Values, bins and the edges given: random, and the corners each step of the summary
+    has (none, one value, all equal, all zero, NaN and infinities, a sum that overflows)."""
+    rng = np.random.default_rng(7)
+    cases: list[tuple[np.ndarray[Any, Any], int, float | None, float | None]] = []
+    corners = [
+        np.array([]),
+        np.array([2.5]),
+        np.full(9, -3.0),
+        np.zeros(5),
+        np.array([np.nan, np.nan]),
+        np.array([np.inf, -np.inf, 1.0]),
+        np.array([1e308, 1e308, -5.0]),
+        np.array([np.nan, 0.0, -0.0, 4.0, np.inf]),
+    ]
+    for values in corners:
+        for bins, low, high in [(0, None, None), (3, None, None), (4, -1.0, None), (2, None, -4.0)]:
+            cases.append((values, bins, low, high))
+    for _ in range(60):
+        values = rng.standard_normal(int(rng.integers(1, 3000))) * 10.0 ** int(rng.integers(-3, 4))
+        if rng.random() < 0.5:
+            values = np.round(values)
+        spots = rng.integers(0, values.size, int(rng.integers(0, 4)))
+        values[spots] = rng.choice([np.nan, np.inf, -np.inf, 0.0], spots.size)
+        low, high = sorted(rng.standard_normal(2))
+        given = [(None, None), (float(low), None), (None, float(high)), (float(low), float(high))]
+        cases.append((values, int(rng.integers(0, 50)), *given[int(rng.integers(0, 4))]))
+    return cases
+
+
+@pytest.mark.parametrize(("values", "bins", "low", "high"), _cases_for_both_paths())
+def test_a_small_tensor_s_summary_in_numpy_equals_torch_s(
+    values: np.ndarray[Any, Any], bins: int, low: float | None, high: float | None
+) -> None:
+    """Tensors up to SMALL_ELEMENTS are summarised in numpy, seven times faster; larger ones
+    and a GPU's in torch. Both must give the same figures: counts and bins exactly, sums to
+    rounding (each adds in its own order)."""
+    small = server_stats._summarize_small(values, bins, low, high)
+    torch_s = server_stats._summarize(torch.from_numpy(values), bins, low, high)
+    assert small.histogram == torch_s.histogram
+    for key in ("count", "nan_count", "inf_count", "zero_count", "min", "max"):
+        assert getattr(small, key) == getattr(torch_s, key), key
+    for key in ("mean", "std", "norm"):
+        ours, theirs = getattr(small, key), getattr(torch_s, key)
+        assert ours == pytest.approx(theirs, rel=1e-12, nan_ok=True), key
+
+
+def test_summarize_takes_numpy_for_small_cpu_tensors_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[int] = []
+    monkeypatch.setattr(
+        server_stats, "_summarize_small", lambda values, *_: taken.append(values.size)
+    )
+    server_stats.summarize(torch.ones(server_stats.SMALL_ELEMENTS, dtype=torch.bfloat16))
+    server_stats.summarize(torch.ones(server_stats.SMALL_ELEMENTS + 1))
+    server_stats.summarize(torch.ones(2, 3, dtype=torch.int32), bins=2)
+    assert taken == [server_stats.SMALL_ELEMENTS, 6]
 
 
 def values_on_the_edges(seed: int) -> tuple[np.ndarray[Any, Any], int, float, float]:
