@@ -769,6 +769,14 @@ def test_a_host_that_resolves_to_nothing_is_named(
     assert "add port" not in capfd.readouterr().err.lower()
 
 
+def test_serve_on_a_host_it_cannot_bind_exits_1_saying_why() -> None:
+    """Only binding finds it out: a failure to start (exit 1), not a usage error (exit 2,
+    which RELIABILITY.md said until a review of the docs)."""
+    out = _serve_refused("--host", "nosuch.invalid")
+    assert out.returncode == 1, out.stderr
+    assert "the host name 'nosuch.invalid' resolves to no address" in out.stderr
+
+
 def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: Path) -> None:
     port_file, state = tmp_path / "port", tmp_path / "state"
     args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
