@@ -786,6 +786,12 @@ def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> No
     assert client.forward(INPUT, TARGET).nonfinite_inputs == 0
     step = client.train_step(x, TARGET)
     assert step.nonfinite_inputs == 3
+    # Finite values whose sum is not: the server counts only when the sum says to (one
+    # reduction, not a mask, on a step's path), and must count none of these.
+    huge = np.full((8, 3, 10, 10), 3e38, np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(huge.sum(dtype=np.float32))
+    assert client.forward(huge, TARGET).nonfinite_inputs == 0
 
 
 def test_fuzzed_values_past_the_dtype_are_invalid_argument(

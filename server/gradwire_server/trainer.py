@@ -1119,7 +1119,11 @@ class Trainer:
         # loss.item() is where the device is synchronised: the value leaves it here.
         value = None if loss is None else float(loss.item())
         nonfinite = 0
-        if x.is_floating_point():
+        # Counted only when the input's sum shows that there is something to count (NaN and
+        # infinities make it non-finite, as can finite values past the dtype's range): one
+        # reduction, where a mask and its count took 0.08-0.5 ms of a 4-6 ms step at batch
+        # 256 (the fortieth session's profile of the in-process step).
+        if x.is_floating_point() and not bool(torch.isfinite(x.sum())):
             nonfinite = int(x.numel() - torch.isfinite(x).sum().item())
         return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
 
