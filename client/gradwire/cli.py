@@ -1716,7 +1716,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("zero-grad", cmd_zero_grad, "clear gradients (ZeroGrad); to None unless --zeros")
     p.add_argument(
-        "--zeros", action="store_true", help="zero the gradients in place instead of setting them to None (those that are None stay None, as in PyTorch)"
+        "--zeros",
+        action="store_true",
+        help="zero the gradients in place instead of setting them to None (those that are "
+        "None stay None, as in PyTorch)",
     )
 
     p = add(
