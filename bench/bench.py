@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from torch import nn
 
 import gradwire
 from bench.ceiling import READ, CeilingClient, batch
@@ -427,6 +428,33 @@ def tutorial_pipeline(client: gradwire.Client) -> None:
     read.result()
 
 
+def plain_step(local: Trainer, size: int) -> Callable[[], None]:
+    """The tutorial's step as a PyTorch loop writes it, with none of gradwire's Trainer
+    around it (no lock, version, kept activations, non-finite count, transactional
+    backward or kept deltas): the same model, loss, optimizer and data made each step as
+    a Fill makes it, on the trainer's thread through the same hand-off. A floor under the
+    in-process floor, to show what the Trainer's own work costs (a review of the benchmark
+    asked for it: "the same step in-process" may be read as this)."""
+
+    def make() -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+        torch.manual_seed(0)
+        model = local.spec.factory().to(local.device)
+        return model, torch.optim.SGD(model.parameters(), lr=1.0), local.spec.criterion()
+
+    model, optimizer, criterion = local._torch.run(make)
+
+    def step() -> None:
+        x = torch.ones(size, 3, 10, 10, device=local.device)
+        y = torch.ones(size, dtype=torch.int64, device=local.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    return lambda: local._torch.run(step)
+
+
 def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[Row]:
     rows = []
     # The in-process floor, on the server's device, using threads as the server does.
@@ -451,7 +479,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             xr, yr = Fill.ones(size, 3, 10, 10), Fill.ones(size, dtype="int64")
             # In-process: handed to the trainer's own thread, as the servicer does. The
             # ceiling beside them: the same step in a bare gRPC call.
-            on_stream, ours, ceiling, inproc = looped(
+            on_stream, ours, ceiling, inproc, plain = looped(
                 [
                     lambda xr=xr, yr=yr: streamed.train_step(xr, yr, zero_grad=True),
                     lambda xr=xr, yr=yr: client.train_step(xr, yr, zero_grad=True),
@@ -459,6 +487,7 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
                     lambda x=x, y=y: local._run(
                         local.train_step, x, y, zero_grad=True, use=identity
                     ),
+                    plain_step(local, size),
                 ],
                 rounds,
             )
@@ -468,6 +497,10 @@ def steps(served: Served, repeats: int, device: str, one_thread: bool) -> list[R
             rows.append(report(rate_at_least(figure, ours, inproc, target)))
             figure = "  (ceiling) the same step in a bare gRPC call, vs in-process"
             rows.append(report(rate_at_least(figure, ceiling, inproc, target)))
+            figure = "  the same on a Calls stream, vs a plain PyTorch loop in-process"
+            rows.append(report(rate_at_least(figure, on_stream, plain, target)))
+            figure = "  in-process: gradwire's Trainer vs a plain PyTorch loop"
+            rows.append(report(rate_at_least(figure, inproc, plain, 1.0)))
         rows.extend(steps_without_a_call_each(client, local, identity))
 
         # The tutorial's separate calls against in-process time plus 6 bare echoes.
