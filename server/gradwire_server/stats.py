@@ -181,13 +181,16 @@ def _summarize_small(
 def _histogram_range(
     smallest: float, largest: float, low: float | None, high: float | None
 ) -> tuple[float, float]:
-    """The histogram's edges, as _summarize finds them on the device: those given, else the
-    finite values' extremes (a unit-wide range where that leaves none)."""
+    """The histogram's edges, from the finite values' extremes (0 and 0 when there are
+    none), in both paths: those given, else the extremes, with a unit-wide range where that
+    leaves none."""
     lo = smallest if low is None else low
     hi = largest if high is None else high
-    if low is None and high is None and lo == hi:  # one distinct value, as numpy
+    if low is None and high is None and lo == hi:  # one distinct value: as numpy does
         return lo - 0.5, hi + 0.5
-    if low is None and lo >= hi:  # the minimum at or past the edge given: below it
+    # The values' extreme at or past the one edge given: a unit-wide range beside it, on
+    # the side the values lie outside (the range was empty, and hid the edge given).
+    if low is None and lo >= hi:
         return hi - 1, hi
     if high is None and hi <= lo:
         return lo, lo + 1
@@ -248,17 +251,9 @@ def _summarize(flat: torch.Tensor, bins: int, low: float | None, high: float | N
     largest = torch.where(none_finite, zero, largest)
     histogram = None
     if bins:
-        lo = smallest if low is None else torch.tensor(low, dtype=f64, device=device)
-        hi = largest if high is None else torch.tensor(high, dtype=f64, device=device)
-        if low is None and high is None:  # one distinct value: a unit-wide range, as numpy
-            same = lo == hi
-            lo, hi = torch.where(same, lo - 0.5, lo), torch.where(same, hi + 0.5, hi)
-        elif low is None:  # the values' minimum at or past the edge given: a unit-wide range
-            lo = torch.where(lo >= hi, hi - 1, lo)  # below it, which they lie outside
-        elif high is None:  # (the range was empty, and its edges hid the one given)
-            hi = torch.where(hi <= lo, lo + 1, hi)
-        bounds = torch.stack([lo, hi]).cpu()  # the edges are made from numbers, as numpy's
-        start, stop = float(bounds[0]), float(bounds[1])
+        # The edges are made from numbers, as numpy's: the extremes leave the device here.
+        extremes = torch.stack([smallest, largest]).cpu()
+        start, stop = _histogram_range(float(extremes[0]), float(extremes[1]), low, high)
         binned = torch.zeros(bins, dtype=torch.int64, device=device)
         if stop > start:
             edges = _edges(start, stop, bins).to(device)
