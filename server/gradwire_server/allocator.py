@@ -34,9 +34,13 @@ faults in every step"). Two of glibc's habits do it:
 A setting the caller made already, in glibc's environment variable (`MALLOC_ARENA_MAX`,
 `MALLOC_TRIM_THRESHOLD_`, ...) or its tunables (`GLIBC_TUNABLES=glibc.malloc.arena_max=4`,
 ...), stands. The price is resident memory: the process keeps what its busiest step used
-(blocks of 32 MiB and more are still mapped and unmapped on their own). `gradwire serve
+(blocks of 32 MiB and more are still mapped and unmapped on their own, but for one that a
+heap's free top holds: glibc looks there first). `gradwire serve
 --return-freed-memory` leaves glibc's defaults alone. Other C libraries (musl, macOS) are
-left alone too.
+left alone too. Under a cap on the address space (`ulimit -v`, RLIMIT_AS), the main heap
+grows by the 64 MiB pad or not at all: with less than that left under the cap, a small block
+fails where it would have fit. `MALLOC_TOP_PAD_=0` in the server's environment lifts that
+(tests/oom_server.py sets the pad to 0 for the same reason).
 
 `limit_onednn_cache()` caps oneDNN's cache of compiled CPU kernels (a convolution's, with
 their scratch memory, per shape). Every new batch size adds about 18 of them for the
