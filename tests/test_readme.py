@@ -1,0 +1,48 @@
+"""The README's Python example, run as written against a real server."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+
+import gradwire
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_example(heading: str) -> str:
+    """The first ```python block after `heading` in the README."""
+    text = README.read_text()
+    start = text.index(heading)
+    found = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert found is not None, f"no python block after {heading!r}"
+    return found.group(1)
+
+
+def test_the_python_client_example_prints_what_its_comments_say(address: str) -> None:
+    # On a server that has trained already, as it has after the README's CLI walkthrough:
+    # the example read as its comments say only on a fresh server (found by a newcomer's
+    # walkthrough: the gradient it says is None printed in full, NaN).
+    with gradwire.connect(address) as client:
+        for _ in range(3):
+            client.train_step(
+                gradwire.Fill.normal(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64")
+            )
+    code = python_example("## The Python client").replace('"localhost:50051"', repr(address))
+    printed, names = io.StringIO(), {}
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, str(README), "exec"), names)
+    lines = printed.getvalue().splitlines()
+    assert lines[0].startswith("(8, 20) 2.9957"), lines
+    assert lines[1] == "None", lines
+    # Every parameter 0.1 and the input ones: the logits are equal, and the convolutions'
+    # gradients are 0 but for rounding (a few 1e-7), not what earlier steps left.
+    grad = names["grad"]
+    assert grad.shape == (16, 3, 3, 3) and np.abs(grad).max() < 1e-5, lines
+    read = names["read"]
+    assert read.full_shape == (20, 3200) and read.value.shape == (5,)
+    assert lines[3] == f"{read.version} (20, 3200) {read.value}"
