@@ -335,6 +335,7 @@ def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
         (["forward", "--input", "full:1e999:8,3,10,10"], "'1e999' is beyond any float's range"),
         (["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"], "has 4,400 digits"),
         (["forward", "--input", "randint:x:8,3,10,10"], "bound 'x' is not a whole number"),
+        (["set", "conv1.weight[0][0][0]", "full:abc:3"], "the value 'abc' is not a number"),
         (["get", f"conv1.weight[{_DIGITS}]"], "a selector of 4,414 characters; at most 1,024"),
     ],
 )
@@ -1685,6 +1686,18 @@ def test_an_option_before_the_command_says_where_it_goes() -> None:
     assert "unrecognized arguments: --foo" in run_main("--foo", "list").err
 
 
+def test_an_unknown_option_of_a_command_is_refused_with_that_command_s_usage() -> None:
+    # argparse refused it with gradwire's usage and name, not the command's, whose options
+    # are what a mistaken one is to be read against (a newcomer's walkthrough).
+    result = run_main("get", "conv1.weight[0, 0, 0]", "--dtype", "float16")
+    assert result.code == 2 and result.out == ""
+    assert result.err.startswith("usage: gradwire get ")
+    assert result.err.endswith("gradwire get: error: unrecognized arguments: --dtype float16\n")
+    result = run_main("list", "extra")
+    assert result.code == 2
+    assert result.err.endswith("gradwire list: error: unrecognized arguments: extra\n")
+
+
 def test_the_target_may_come_from_the_environment(
     address: str, dead_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1770,6 +1783,18 @@ def test_a_bad_target_from_the_environment_is_said_to_come_from_there(
     assert _hint(run_main("list", "--timeout", "5")).endswith(
         "(the target came from $GRADWIRE_TARGET)"
     )
+
+
+def test_a_hint_about_the_order_of_calls_does_not_name_the_target_s_origin(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whichever server it reached, a Step needs gradients first: where its address came
+    # from is no help there (a newcomer's walkthrough).
+    monkeypatch.setenv("GRADWIRE_TARGET", address)
+    result = run_main("step")
+    assert result.code == 1 and "no gradients to apply" in result.err
+    assert _hint(result).startswith("hint: gradwire backward first")
+    assert "GRADWIRE_TARGET" not in result.err
 
 
 @pytest.mark.parametrize(

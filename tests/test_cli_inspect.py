@@ -55,6 +55,11 @@ def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -
     assert text[0] == "linear.weight[0] torch.Size([3200])"
     assert text[4].split() == ["mean", f"{read.stats.mean:.6g}"]
     assert len([line for line in text if line.startswith("  [")]) == 4
+    # A bin without a bar ends at its count: it ended in a space (a newcomer's walkthrough).
+    client.set("conv1.weight[0, 0, 0]", np.array([0, 0, 1], np.float32))
+    rows = cli("stats", "conv1.weight[0, 0, 0]", "--bins", "3").out.splitlines()[-3:]
+    assert [row.split()[3] for row in rows] == ["2", "0", "1"]
+    assert rows[1].endswith(" 0") and rows[0].endswith("#")
 
 
 def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -> None:
@@ -159,6 +164,9 @@ def test_ctrl_c_the_kernel_hands_another_thread_still_ends_a_watch(address: str)
         # Ctrl-C ends a watch as asked, and says so in its exit code: 130, as any command
         # Ctrl-C ends, so that a script goes no further (it read 0 until a review of the CLI)
         assert watch.wait(timeout=30) == 130
+        # and says where it stopped (a newcomer's walkthrough: the README said it did)
+        last = watch.stdout.read().splitlines()[-1]
+        assert last == "stopped after 1 update: the last at version 0"
     finally:
         if watch.poll() is None:
             watch.kill()

@@ -291,7 +291,10 @@ def parse_source(text: str, seed: int = 0) -> Any:
                 return Fill.normal(*shape, seed=seed, dtype=dtype)
             return Fill(kind, shape, dtype)  # type: ignore[arg-type]
         if kind == "full" and len(parts) == 3:
-            value = float(parts[1])
+            try:
+                value = float(parts[1])
+            except ValueError:  # float's own words: "could not convert string to float"
+                raise ValueError(f"the value {parts[1]!r} is not a number") from None
             if _overflowed(parts[1], value):  # full:1e999 filled with inf, exit 0 (a review)
                 raise UsageError(
                     f"bad source {text!r}: {parts[1]!r} is beyond any float's range; write "
@@ -935,7 +938,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         timeout=args.duration,
     )
     table = WatchTable(out, args.selectors)
-    seen = 0
+    seen, version = 0, None
     try:
         for update in stream:
             if args.json:
@@ -943,7 +946,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                 out.flush()
             else:
                 table.show(update)
-            seen += 1
+            seen, version = seen + 1, update.version
             if args.count is not None and seen >= args.count:
                 break
     except DeadlineExceeded:
@@ -951,7 +954,12 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             raise
         # --duration reached after an update: the watch ends as asked
     except KeyboardInterrupt:
-        raise Interrupted from None  # the updates so far are out; nothing was changing
+        # Where it stopped, under the table (a --json reader has each update's version, and
+        # lines of one shape): the last update on screen may be one of many alike.
+        if not args.json:
+            last = f": the last at version {version}" if seen else ""
+            out.write(f"stopped after {seen} update{'' if seen == 1 else 's'}{last}\n")
+        raise Interrupted from None  # nothing was changing
     finally:
         stream.close()
 
@@ -1569,7 +1577,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Command, help: str, remote: bool = True) -> argparse.ArgumentParser:
         parents = [common if remote else serving]
         p = sub.add_parser(name, parents=parents, help=help, description=help)
-        p.set_defaults(func=func, remote=remote)
+        p.set_defaults(func=func, remote=remote, command_parser=p)
         return p
 
     p = add(
@@ -1817,7 +1825,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--every-steps",
         type=_at_least(0, codec.INT64_MAX),
         default=0,
-        help="an update every N optimizer steps (default: after every change)",
+        help="an update every N optimizer steps; 0: after every change, Steps or not "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--interval",
@@ -2174,7 +2183,12 @@ def main(
     try:
         # argparse prints usage, errors and --help itself: to this call's streams.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                # Refused by the command's parser, not the top one: its usage, its name
+                # ("gradwire get: error: unrecognized arguments: --dtype float16"), where
+                # argparse's own gave gradwire's usage (a newcomer's walkthrough).
+                args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit:
         return int(exit.code or 0)
     if args.remote:
@@ -2203,8 +2217,13 @@ def main(
                 f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
                 "(gradwire sessions lists them)"
             )
+        # Which server was reached matters to a hint about reaching it, a token or a
+        # session, not to one about the order of calls (a newcomer's walkthrough found
+        # "gradwire backward first ... (the target came from $GRADWIRE_TARGET)").
+        about_the_server = True
         if hint is None:  # the server's words name RPCs; say the commands too
             hint = _COMMAND_HINTS.get(e.reason)
+            about_the_server = hint is None
         if (
             hint is None
             and e.reason == "BAD_TOKEN"
@@ -2215,7 +2234,11 @@ def main(
                 f"the token came from ${TOKEN_ENV}, which holds another server's or an old "
                 f"one: export this server's (its --token-file), or give --token-file FILE"
             )
-        if hint is not None and getattr(args, "target_from_environment", False):
+        if (
+            hint is not None
+            and about_the_server
+            and getattr(args, "target_from_environment", False)
+        ):
             hint += f" (the target came from ${TARGET_ENV})"
         if hint is not None:
             err.write(f"hint: {hint}\n")

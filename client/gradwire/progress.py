@@ -118,7 +118,7 @@ def histogram_bars(histogram: Histogram, width: int = 40) -> list[str]:
     last = len(histogram.counts) - 1
     return [
         f"  [{edges[i]:>{pad}}, {edges[i + 1]:>{pad}}{']' if i == last else ')'}"
-        f" {count:>8d} {'#' * round(width * count / most)}"
+        f" {count:>8d} {'#' * round(width * count / most)}".rstrip()  # no bar, no space
         for i, count in enumerate(histogram.counts)
     ]
 
