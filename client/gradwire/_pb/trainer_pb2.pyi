@@ -22,8 +22,9 @@ Conventions used by every message below:
   state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
   read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
 - Tensors are row-major and little-endian; see `Tensor`.
-- Every response that reads or changes state carries `version`: the server's
-  state version after the call. Each applied mutation (Forward, Backward,
+- Every response that reads or changes state carries `version`: the state version of
+  the call's session after the call (each session counts its own, from 0; see Sessions
+  below). Each applied mutation (Forward, Backward,
   Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
@@ -403,11 +404,13 @@ class Fill(_message.Message):
         KIND_CONSTANT: Fill._Kind.ValueType  # 3
         """all `value`"""
         KIND_UNIFORM: Fill._Kind.ValueType  # 4
-        """uniform in [low, high), from `seed`"""
+        """uniform in [low, high), from `seed`; floating dtypes only"""
         KIND_NORMAL: Fill._Kind.ValueType  # 5
-        """normal with mean `value` and standard deviation `std`, from `seed`"""
+        """normal with mean `value` and standard deviation `std`, from `seed`; floating dtypes only"""
         KIND_RANDINT: Fill._Kind.ValueType  # 6
-        """integers uniform in [low, high), from `seed`"""
+        """integers uniform in [low, high), from `seed`, in any dtype (a floating one holds them
+        as whole numbers)
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """How the values are made."""
@@ -420,11 +423,13 @@ class Fill(_message.Message):
     KIND_CONSTANT: Fill.Kind.ValueType  # 3
     """all `value`"""
     KIND_UNIFORM: Fill.Kind.ValueType  # 4
-    """uniform in [low, high), from `seed`"""
+    """uniform in [low, high), from `seed`; floating dtypes only"""
     KIND_NORMAL: Fill.Kind.ValueType  # 5
-    """normal with mean `value` and standard deviation `std`, from `seed`"""
+    """normal with mean `value` and standard deviation `std`, from `seed`; floating dtypes only"""
     KIND_RANDINT: Fill.Kind.ValueType  # 6
-    """integers uniform in [low, high), from `seed`"""
+    """integers uniform in [low, high), from `seed`, in any dtype (a floating one holds them
+    as whole numbers)
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
@@ -456,7 +461,9 @@ class Fill(_message.Message):
     new seed for new data. On the CPU only its low 32 bits count (PyTorch's CPU generator
     keeps those): seeds that differ only above bit 31 give the same values.
     KIND_UNIFORM and KIND_RANDINT need their bounds: unset, low and high are both 0 and
-    refused (BAD_FILL). KIND_NORMAL reads `value` and `std` instead, and takes them unset
+    refused (BAD_FILL). KIND_RANDINT's bounds must be whole numbers (2.5 is refused, not
+    rounded) that the dtype holds exactly: within its range for an integer dtype, within
+    ±2^24 for float32 (±2^11 for float16, ±2^8 for bfloat16, ±2^53 for float64). KIND_NORMAL reads `value` and `std` instead, and takes them unset
     (mean 0, standard deviation 1); a negative `std`, or a mean or `std` past what the
     dtype holds (±65504 for float16), is refused (BAD_FILL).
     A random fill is made on the server's device, by that device's generator: a seed gives

@@ -22,8 +22,9 @@ Conventions used by every message below:
   state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
   read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
 - Tensors are row-major and little-endian; see `Tensor`.
-- Every response that reads or changes state carries `version`: the server's
-  state version after the call. Each applied mutation (Forward, Backward,
+- Every response that reads or changes state carries `version`: the state version of
+  the call's session after the call (each session counts its own, from 0; see Sessions
+  below). Each applied mutation (Forward, Backward,
   Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
