@@ -833,7 +833,7 @@ def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
     assert head == (
         "1 of 8 sessions open beside the default one; each is closed after 10m00s without calls"
     )
-    assert columns.split() == ["session", "version", "open", "idle", "calls", "closes", "in"]
+    assert columns.split() == ["session", "version", "open", "idle", "running", "closes", "in"]
     assert re.fullmatch(rf"{opened} +0 +\d+s +\d+s +0  (9m\d\ds|10m00s)", row), row
     listed = json.loads(run_main("sessions", "--target", address, "--json").out)
     assert listed["max_sessions"] == 8 and listed["idle_timeout_s"] == 600.0

@@ -1188,7 +1188,9 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     )
     if not listing.sessions:
         return
-    out.write(f"{'session':<32}  {'version':>8}  {'open':>7}  {'idle':>7}  calls  closes in\n")
+    # "running": calls in progress now, not calls made (it read "calls", and a newcomer took
+    # it for a count of them).
+    out.write(f"{'session':<32}  {'version':>8}  {'open':>7}  {'idle':>7}  running  closes in\n")
     for s in listing.sessions:
         idle = "-" if s.calls_in_progress else format_duration(s.idle_s)
         if math.isinf(timeout):
@@ -1199,7 +1201,7 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             closes = format_duration(max(0.0, timeout - s.idle_s))
         out.write(
             f"{s.session:<32}  {s.version:>8}  {format_duration(s.open_s):>7}  {idle:>7}  "
-            f"{s.calls_in_progress:>5}  {closes}\n"
+            f"{s.calls_in_progress:>7}  {closes}\n"
         )
 
 
