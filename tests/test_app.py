@@ -20,6 +20,7 @@ from typing import Any, cast
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -231,12 +232,24 @@ def test_an_address_not_of_this_machine_is_named(
     assert "add port" not in capfd.readouterr().err.lower()  # gRPC was not asked
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="says what it found on a GPU machine")
+def test_the_log_says_no_gpu_was_found_only_when_the_server_chose_the_device() -> None:
+    from gradwire_server.app import describe_device
+
+    cpu = torch.device("cpu")
+    assert describe_device(cpu, "auto") == "cpu (no CUDA device found)"
+    assert describe_device(cpu, "cpu") == "cpu"
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """`gradwire serve` as its own process, as a user starts it."""
     port_file = tmp_path / "port"
     with serving("--port-file", str(port_file), "--grace", "2") as (process, log):
-        assert "model Simple on cpu" in log, log
+        # With the versions an operator asks for; no word of CUDA after --device cpu (an
+        # operator's walkthrough found "(no CUDA device found)" there).
+        assert f"model Simple on cpu (gradwire {gradwire.__version__}, torch " in log, log
+        assert "CUDA" not in log
         yield process, int(port_file.read_text())
 
 
@@ -616,7 +629,10 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
 
     port_file, state = tmp_path / "port", tmp_path / "state"
     args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
-    with serving(*args) as (process, _):
+    with serving(*args) as (process, log):
+        # A fresh folder is said to be one: only a restore was logged (an operator's
+        # walkthrough: a fresh volume and a wrong mount read alike).
+        assert f"no saved state in {state}: fresh weights" in log, log
         out = _serve_refused("--state-dir", str(state))
         assert out.returncode == 2
         assert out.stderr.endswith(
@@ -780,7 +796,10 @@ def test_serve_on_a_host_it_cannot_bind_exits_1_saying_why() -> None:
 def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: Path) -> None:
     port_file, state = tmp_path / "port", tmp_path / "state"
     args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
-    with serving(*args) as (process, _):
+    with serving(*args) as (process, log):
+        # A fresh folder is said to be one: only a restore was logged (an operator's
+        # walkthrough: a fresh volume and a wrong mount read alike).
+        assert f"no saved state in {state}: fresh weights" in log, log
         with gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10) as client:
             version = client.fill_parameters(0.1)
         shutil.rmtree(state)  # its lock file in it

@@ -275,7 +275,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 def _cert(
     name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
     issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server: bool = False,
-    expired: bool = False, days: int = 1,
+    expired: bool = False, days: int = 1, names: tuple[str, ...] = ("localhost", "127.0.0.1"),
 ) -> x509.Certificate:  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc)
     if expired:  # valid for a day that has passed
@@ -292,8 +292,13 @@ def _cert(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        sans: list[x509.GeneralName] = []
+        for text in names:  # a server's names: an IP address's SAN is of its own kind
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(text)))
+            except ValueError:
+                sans.append(x509.DNSName(text))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -375,6 +380,36 @@ def test_a_server_certificate_that_has_expired_is_named_in_the_hint(
             f"hint: {_address(running)} serves TLS with a certificate that has expired (or "
             "this machine's clock is wrong): the server needs a new one (gradwire serve "
             "--tls-cert, --tls-key)"
+        )
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_server_certificate_for_another_name_is_named_in_the_hint(
+    trainer: Trainer, tmp_path: Path
+) -> None:
+    """A certificate that does not name the address the client dialled: the hint said no
+    server answered there, and to start one (found by an operator's walkthrough)."""
+    ca_key, key = _key(), _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
+    other = _cert("gradwire server", key, ca, ca_key, server=True, names=("gpu-box",))
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "server.pem").write_bytes(other.public_bytes(pem))
+    (tmp_path / "server.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    running = start(
+        trainer, "127.0.0.1", 0, tls=TlsFiles(tmp_path / "server.pem", tmp_path / "server.key")
+    )
+    try:
+        err = io.StringIO()
+        argv = ["list", "--target", _address(running), "--tls-ca", str(tmp_path / "ca.pem")]
+        assert main([*argv, "--timeout", "5"], io.StringIO(), err) == 1
+        assert err.getvalue().splitlines()[-1] == (
+            f"hint: {_address(running)} serves TLS with a certificate that does not name "
+            "127.0.0.1: connect by a name the certificate holds (its subject alternative "
+            "names), or give the server a certificate that names 127.0.0.1"
         )
     finally:
         running.stop(grace=None)

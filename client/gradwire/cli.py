@@ -1597,9 +1597,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=50051, help="port; 0 picks a free one (default %(default)s)"
     )
     p.add_argument(
-        "--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N"
+        "--device",
+        default="auto",
+        help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)",
     )
-    p.add_argument("--seed", type=_seed, default=None, help="seed for the model's initialisation")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        help="seed for the model's initialisation (default: none, other weights each start)",
+    )
     p.add_argument(
         "--model",
         metavar="MODULE:ATTR",
@@ -1621,6 +1628,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace",
         type=_seconds,
         default=5.0,
+        metavar="SECONDS",
         help="seconds in-flight calls get at shutdown (default %(default)s)",
     )
     p.add_argument(
@@ -1654,6 +1662,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--session-idle",
         type=_positive_seconds_or_forever,
         default=600.0,
+        metavar="SECONDS",
         help="seconds without calls before a session is closed, more than 0; inf: never "
         "(default %(default)s)",
     )
@@ -1677,8 +1686,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         type=Path,
+        metavar="DIR",
         help="restore the model and optimizer from here at start, save them here at a "
-        "graceful stop (safetensors)",
+        "graceful stop (safetensors; default: none, nothing is saved)",
     )
     p.add_argument(
         "--return-freed-memory",
@@ -2125,6 +2135,14 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         return (
             f"{target} serves TLS with a certificate not signed by {signer}: pass --tls-ca "
             "with the CA that signed the server's certificate (PEM)"
+        )
+    if "hostname verification" in text:
+        # It said no server answered, and to start one (found by an operator's walkthrough).
+        host = target.rpartition(":")[0].strip("[]") or target
+        return (
+            f"{target} serves TLS with a certificate that does not name {host}: connect by a "
+            "name the certificate holds (its subject alternative names), or give the server "
+            f"a certificate that names {host}"
         )
     if "wrong_version_number" in text:  # the answer to TLS's first message was not TLS
         return (

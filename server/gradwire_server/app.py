@@ -21,6 +21,7 @@ import torch
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import (
     KEEPALIVE_S,
@@ -464,10 +465,12 @@ def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[object]
     return handle
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device: torch.device, asked: str = "auto") -> str:
+    """The device, for the log at start: a GPU's name; for the CPU, whether no GPU was
+    found, when the server was left to choose (`asked`): not after `--device cpu`."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    note = "" if torch.cuda.is_available() else " (no CUDA device found)"
+    note = "" if asked != "auto" or torch.cuda.is_available() else " (no CUDA device found)"
     return f"{device}{note}"
 
 
@@ -552,6 +555,12 @@ def serve(
         saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
         if saved is not None and saved.exists():
             log.info("restored state version %d from %s", trainer.load(saved), saved)
+        elif saved is not None:
+            # Said, so that a fresh volume and a wrong mount read apart (an operator's
+            # walkthrough: only a restore was logged).
+            log.info(
+                "no saved state in %s: fresh weights, saved there at a graceful stop", state_dir
+            )
         stop = threading.Event()
         lost = threading.Event()
 
@@ -647,7 +656,13 @@ def serve(
                     raise OSError(
                         f"--port-file {port_file}: cannot write it: {err.strerror or err}"
                     ) from None
-            log.info("model %s on %s", trainer.spec.name, describe_device(resolved))
+            log.info(
+                "model %s on %s (gradwire %s, torch %s)",
+                trainer.spec.name,
+                describe_device(resolved, device),
+                gradwire.__version__,
+                torch.__version__,
+            )
             # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
             # firewall covers IPv4 only (found by a review of deployment).
             both = " (IPv6 too, where this machine has it)" if host in ("0.0.0.0", "::") else ""
