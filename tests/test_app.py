@@ -588,6 +588,29 @@ def _serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_a_start_that_fails_says_so_in_the_json_log(tmp_path: Path) -> None:
+    """With --log-format json, a failed start's error was the one plain-text line after
+    the log's JSON ones, which a collector of JSON lines reads or drops as garbage (an
+    operator's walkthrough): it is the log's last JSON line now, and the only error line."""
+    state = tmp_path / "a-file"
+    state.write_text("")
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use
+        port = taken.getsockname()[1]
+        for args, code, said in [
+            (("--device", "gpu"), 2, "gradwire serve: error: unknown device 'gpu'"),
+            (("--state-dir", str(state)), 2, f"gradwire serve: error: --state-dir {state}"),
+            (("--port", str(port)), 1, f"gradwire serve: error: cannot listen on 127.0.0.1:{port}"),
+        ]:
+            done = _serve_refused(*args, "--log-format", "json")
+            assert done.returncode == code, done.stderr
+            lines = [json.loads(line) for line in done.stderr.splitlines()]
+            assert lines[-1]["level"] == "CRITICAL", lines
+            assert lines[-1]["message"].startswith(said), lines
+            assert sum("error" in line["message"] for line in lines) == 1
+            plain = _serve_refused(*args)  # in text, as before
+            assert plain.stderr.splitlines()[-1].startswith(said), plain.stderr
+
+
 @pytest.mark.parametrize("where", ["a-file", "under-a-file", "a-read-only-folder"])
 def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
     tmp_path: Path, where: str

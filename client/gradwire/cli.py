@@ -84,9 +84,15 @@ SOURCE_HELP = (
 class UsageError(Exception):
     """Arguments that parse but make no sense; exit code 2."""
 
+    #: Said already, in the server's JSON log (`serve --log-format json`): main adds no line.
+    logged = False
+
 
 class CommandError(Exception):
     """A local command that failed for a reason outside the arguments; exit code 1."""
+
+    #: Said already, in the server's JSON log (`serve --log-format json`): main adds no line.
+    logged = False
 
 
 class Interrupted(Exception):
@@ -1444,6 +1450,19 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         running.stop(grace=None)
 
 
+@contextlib.contextmanager
+def _errors_logged(json_log: bool) -> Iterator[None]:
+    """With `json_log`, a usage or command error is logged as the log's last line (one JSON
+    object), and marked said, for main to add none in plain text."""
+    try:
+        yield
+    except (UsageError, CommandError) as e:
+        if json_log:
+            logging.getLogger("gradwire.cli").critical("gradwire serve: error: %s", e)
+            e.logged = True
+        raise
+
+
 def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
     try:
         from gradwire_server.app import DeviceLost, ServingLost, serve
@@ -1455,50 +1474,56 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
-    try:
-        token = load_token(args.token_file)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise UsageError("TLS needs both --tls-cert and --tls-key")
-        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca:
-        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
-    if args.keepalive and not args.keepalive_timeout:
-        raise UsageError("--keepalive-timeout must be more than 0 (--keepalive 0 turns pings off)")
-    if args.model and os.getcwd() not in sys.path and "" not in sys.path:
-        # As `python -m` does: a module beside the user (mymodels.py) can be named by
-        # --model even when gradwire runs as an installed script.
-        sys.path.insert(0, os.getcwd())
-    try:
-        serve(
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            seed=args.seed,
-            max_concurrent=args.max_concurrent,
-            port_file=args.port_file,
-            grace=args.grace,
-            token=token,
-            tls=tls,
-            state_dir=args.state_dir,
-            max_sessions=args.max_sessions,
-            session_idle_s=args.session_idle,
-            model=args.model,
-            metrics_port=args.metrics_port,
-            keep_freed=not args.return_freed_memory,
-            one_thread_for_small_work=args.one_thread_for_small_work,
-            keepalive_s=args.keepalive,
-            keepalive_timeout_s=args.keepalive_timeout,
-        )
-    except InvalidInput as e:
-        raise UsageError(e.message) from None
-    except OverLimit as e:  # a checkpoint that does not fit: nothing was served
-        raise CommandError(e.message) from None
-    except (OSError, DeviceLost, ServingLost) as e:  # a failed exit: a supervisor restarts it
-        raise CommandError(str(e)) from None
+    # A start that fails says so in the log's format: with --log-format json, a collector of
+    # JSON lines read the two lines before it and not the one that mattered (an operator's
+    # walkthrough).
+    with _errors_logged(args.log_format == "json"):
+        try:
+            token = load_token(args.token_file)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        tls = None
+        if args.tls_cert or args.tls_key:
+            if not (args.tls_cert and args.tls_key):
+                raise UsageError("TLS needs both --tls-cert and --tls-key")
+            tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+        elif args.tls_client_ca:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        if args.keepalive and not args.keepalive_timeout:
+            raise UsageError(
+                "--keepalive-timeout must be more than 0 (--keepalive 0 turns pings off)"
+            )
+        if args.model and os.getcwd() not in sys.path and "" not in sys.path:
+            # As `python -m` does: a module beside the user (mymodels.py) can be named by
+            # --model even when gradwire runs as an installed script.
+            sys.path.insert(0, os.getcwd())
+        try:
+            serve(
+                host=args.host,
+                port=args.port,
+                device=args.device,
+                seed=args.seed,
+                max_concurrent=args.max_concurrent,
+                port_file=args.port_file,
+                grace=args.grace,
+                token=token,
+                tls=tls,
+                state_dir=args.state_dir,
+                max_sessions=args.max_sessions,
+                session_idle_s=args.session_idle,
+                model=args.model,
+                metrics_port=args.metrics_port,
+                keep_freed=not args.return_freed_memory,
+                one_thread_for_small_work=args.one_thread_for_small_work,
+                keepalive_s=args.keepalive,
+                keepalive_timeout_s=args.keepalive_timeout,
+            )
+        except InvalidInput as e:
+            raise UsageError(e.message) from None
+        except OverLimit as e:  # a checkpoint that does not fit: nothing was served
+            raise CommandError(e.message) from None
+        except (OSError, DeviceLost, ServingLost) as e:  # a failed exit: a supervisor restarts it
+            raise CommandError(str(e)) from None
 
 
 # --- the parser ---------------------------------------------------------------------
@@ -2225,7 +2250,8 @@ def main(
                     hint = _connection_hint(args, client, e)  # before the channel closes
                     raise
     except (UsageError, SelectorError, codec.CodecError) as e:
-        err.write(f"gradwire {args.command}: error: {e}\n")
+        if not getattr(e, "logged", False):
+            err.write(f"gradwire {args.command}: error: {e}\n")
         return 2
     except RemoteError as e:
         err.write(f"error: {e}\n")
@@ -2264,7 +2290,8 @@ def main(
             err.write(f"hint: {hint}\n")
         return 1
     except CommandError as e:
-        err.write(f"gradwire {args.command}: error: {e}\n")
+        if not e.logged:
+            err.write(f"gradwire {args.command}: error: {e}\n")
         return 1
     except KeyboardInterrupt:
         err.write("interrupted\n")
