@@ -255,18 +255,22 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_stops_gracefully_on_a_signal(
-    served: tuple[subprocess.Popen[str], int], signum: signal.Signals
+    served: tuple[subprocess.Popen[str], int], signum: signal.Signals, tmp_path: Path
 ) -> None:
     process, port = served
     with gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client:
         client.wait_ready(10)
         version = client.fill_parameters(0.1)
+    assert (tmp_path / "port").read_text() == f"{port}\n"
     process.send_signal(signum)
     assert process.wait(timeout=20) == 0
     assert process.stderr is not None
     rest = process.stderr.read()
     assert f"{signal.Signals(signum).name} received" in rest
     assert f"stopped at state version {version}" in rest
+    # The port file goes with the port: it sent its next reader to a dead one (an
+    # operator's walkthrough).
+    assert not (tmp_path / "port").exists()
 
 
 #: `gradwire serve` with an exit handler of its own, which stands for the interpreter's teardown.

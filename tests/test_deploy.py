@@ -39,6 +39,9 @@ def test_replay_waits_for_a_healthy_server() -> None:
     assert replay["depends_on"] == {"server": {"condition": "service_healthy"}}
     assert replay["image"] == services["server"]["image"]
     assert replay["command"] == ["gradwire", "replay", "--target", "server:50051"]
+    # The image's HEALTHCHECK probed a server inside the replay container, where there is
+    # none (an operator's reading of the files).
+    assert replay["healthcheck"] == {"disable": True}
 
 
 def test_the_health_probe_answers_against_a_real_server(address: str) -> None:

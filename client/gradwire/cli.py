@@ -1647,7 +1647,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
-        "--port-file", type=Path, default=None, help="write the bound port here once listening"
+        "--port-file",
+        type=Path,
+        default=None,
+        help="write the bound port here once listening; removed once the server has stopped",
     )
     p.add_argument(
         "--grace",

@@ -393,6 +393,13 @@ def check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
+def forget_port(port_file: Path, port: int) -> None:
+    """Removes the port file once the server no longer listens, if it still names `port`."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(port_file.read_text()) == port:
+            port_file.unlink()
+
+
 def check_port_file(port_file: Path) -> None:
     """Refuses, at start, a port file that could not be written once the server listens
     (InvalidInput, BAD_PORT_FILE): its folder must exist and take a file, which is written
@@ -704,6 +711,10 @@ def serve(
                     raise ServingLost(f"{SERVING_LOST}; {err}") from None
                 finally:
                     waiting.cancel()
+                    # The port is no one's now: a file naming it would send the next reader
+                    # to a dead port (an operator's walkthrough). Left if it names another.
+                    if port_file is not None:
+                        forget_port(port_file, running.port)
                 log.info("stopped at state version %d", trainer.version)
         finally:
             for s, handler in previous.items():
