@@ -6,6 +6,7 @@ import datetime
 import functools
 import io
 import ipaddress
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
 from gradwire.credentials import load_token
 from gradwire_server.app import Running, start
-from gradwire_server.auth import TlsFiles
+from gradwire_server.auth import Refusals, TlsFiles
 from gradwire_server.errors import InvalidInput
 from gradwire_server.trainer import Trainer
 from tests.serve_process import serving
@@ -69,6 +70,47 @@ def test_a_wrong_token_is_refused(guarded: Running) -> None:
     ):
         client.step()
     assert info.value.reason == "BAD_TOKEN"
+
+
+def test_refused_calls_are_logged_at_most_once_a_minute(
+    guarded: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client with the wrong token left no trace in the log at INFO (an operator's
+    # walkthrough); one a call would let anyone who tries tokens flood it.
+    caplog.set_level(logging.INFO, logger="gradwire_server.auth")
+    with gradwire.connect(_address(guarded), token="guess") as client:
+        for _ in range(3):
+            with pytest.raises(errors.Unauthenticated):
+                client.list_tensors()
+    lines = [r for r in caplog.records if r.name == "gradwire_server.auth"]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert (
+        lines[0]
+        .getMessage()
+        .startswith(
+            "refused a call without this server's token (BAD_TOKEN): "
+            "/gradwire.v1.Trainer/ListTensors from ipv4:127.0.0.1:"
+        )
+    )
+
+
+def test_refusals_between_two_lines_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gradwire_server.auth")
+    now = [0.0]
+    refusals = Refusals(every_s=60.0, clock=lambda: now[0])
+    refusals.note("NO_TOKEN", "/m", "peer-1")
+    for t in (1.0, 30.0, 59.0):
+        now[0] = t
+        refusals.note("BAD_TOKEN", "/m", "peer-2")
+    now[0] = 61.0
+    refusals.note("BAD_TOKEN", "/n", "peer-3")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "refused a call without this server's token (NO_TOKEN): /m from peer-1; more are "
+        "counted here at most once a minute",
+        "refused 4 calls without this server's token in the last 61 s, the last (BAD_TOKEN): "
+        "/n from peer-3",
+    ]
 
 
 def test_the_right_token_opens_every_call(guarded: Running) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import logging
 import ssl
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,12 @@ from gradwire_server.servicer import HANDLER_KINDS, abort
 if TYPE_CHECKING:
     from cryptography import x509
 
+log = logging.getLogger(__name__)
+
+#: At most one log line about refused tokens in this many seconds: a client retrying with a
+#: stale token, or someone trying tokens, writes a line a minute, not a line a call.
+REFUSALS_LOG_S = 60.0
+
 #: A certificate that expires within this is named in a warning at start.
 EXPIRY_WARNING = datetime.timedelta(days=14)
 
@@ -31,12 +40,57 @@ EXPIRY_WARNING = datetime.timedelta(days=14)
 _OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
 
 
+class Refusals:
+    """Logs refused calls, a WARNING at most every `every_s` seconds, counting those between.
+
+    Without it a client with the wrong token left no trace in the log at INFO: the
+    operator saw nothing (an operator's walkthrough). The metrics count every call."""
+
+    def __init__(
+        self, every_s: float = REFUSALS_LOG_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last: float | None = None  # when the last line was logged
+        self._unlogged = 0  # refusals since then, this one included
+
+    def note(self, reason: str, method: str, peer: str) -> None:
+        with self._lock:
+            self._unlogged += 1
+            now = self._clock()
+            if self._last is not None and now - self._last < self.every_s:
+                return
+            count, since = self._unlogged, self._last
+            self._unlogged, self._last = 0, now
+        if since is None:
+            log.warning(
+                "refused a call without this server's token (%s): %s from %s; more are counted "
+                "here at most once a minute",
+                reason,
+                method,
+                peer,
+            )
+        else:
+            log.warning(
+                "refused %d call%s without this server's token in the last %.0f s, the last "
+                "(%s): %s from %s",
+                count,
+                "" if count == 1 else "s",
+                now - since,
+                reason,
+                method,
+                peer,
+            )
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, refusals: Refusals | None = None) -> None:
         """ValueError for a token no client could send (a newline in it)."""
         self._token = check_token(token, "the server token").encode()
+        self.refusals = Refusals() if refusals is None else refusals
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -56,26 +110,37 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         if handler is None:
             return None  # an unknown method: UNIMPLEMENTED, as without a token
+
+        def refusal(message: str, reason: str) -> Any:
+            return _refusal(handler, message, reason, details.method, self.refusals)
+
         if len(tokens) > 1:
             # Which one counts would be a guess: the last, before, so a right token after a
             # wrong one got in, and a proxy that adds its own before the caller's decided.
             message = f"authorization is given {len(tokens)} times; send one token"
-            return _refusal(handler, message, "BAD_TOKEN")
+            return refusal(message, "BAD_TOKEN")
         if not given:
             message = (
                 "this server needs a token: send 'authorization: Bearer <token>' "
                 "(gradwire.connect(token=...) in Python; --token-file or the GRADWIRE_TOKEN "
                 "environment variable on the command line)"
             )
-            return _refusal(handler, message, "NO_TOKEN")
-        return _refusal(handler, "the token sent is not this server's", "BAD_TOKEN")
+            return refusal(message, "NO_TOKEN")
+        return refusal("the token sent is not this server's", "BAD_TOKEN")
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any], message: str, reason: str) -> Any:
+def _refusal(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    message: str,
+    reason: str,
+    method: str,
+    refusals: Refusals,
+) -> Any:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED, with an
-    ErrorInfo as every other error of the server has."""
+    ErrorInfo as every other error of the server has, and tells `refusals`."""
 
     def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        refusals.note(reason, method, context.peer())
         abort(context, grpc.StatusCode.UNAUTHENTICATED, message, reason, {})
 
     make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
