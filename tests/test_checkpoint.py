@@ -240,6 +240,23 @@ def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
         process.wait(timeout=30)
 
 
+def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    # It said what was wrong and not what to do (an operator's walkthrough).
+    from gradwire_server.models import SIMPLE, TINY_MLP
+
+    path = tmp_path / "state.safetensors"
+    Trainer(SIMPLE, device="cpu", seed=0).save(path)
+    with pytest.raises(InvalidInput) as info:
+        Trainer(TINY_MLP, device="cpu", seed=0).load(path)
+    assert info.value.reason == "BAD_CHECKPOINT"
+    assert info.value.message.startswith(f"{path} holds a Simple with parameters ")
+    assert "; this server's TinyMLP has {" in info.value.message
+    assert info.value.message.endswith(
+        "}: serve the model it holds (--model), give another --state-dir, or move the file "
+        "away to start from fresh weights"
+    )
+
+
 def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
     """safetensors said "No such device (os error 19)" of a folder in the checkpoint's place,
     and "No such file or directory" of a file the server may not read (found by a review

@@ -1857,7 +1857,8 @@ class Trainer:
         if loaded.model != self.spec.name or found != shapes:
             raise InvalidInput(
                 f"{path} holds a {loaded.model} with parameters {found}; this server's "
-                f"{self.spec.name} has {shapes}",
+                f"{self.spec.name} has {shapes}: serve the model it holds (--model), give "
+                "another --state-dir, or move the file away to start from fresh weights",
                 reason="BAD_CHECKPOINT",
             )
         odd = [
