@@ -398,33 +398,39 @@ def test_tls(trainer: Trainer, pki: Pki) -> None:
         running.stop(grace=None)
 
 
-def test_a_server_certificate_that_has_expired_is_named_in_the_hint(
-    trainer: Trainer, tmp_path: Path
-) -> None:
-    """The command said no server answered at the address, and to start one (found by a
-    review of deployment)."""
+def _last_line_against_a_server_with(trainer: Trainer, tmp_path: Path, **cert: Any) -> str:
+    """`gradwire list` against a TLS server whose certificate `_cert` makes with `cert`
+    (signed by a CA the client is given): the last line it writes to stderr, with the
+    server's address written ADDRESS."""
     ca_key, key = _key(), _key()
     ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
-    old = _cert("gradwire server", key, ca, ca_key, server=True, expired=True)
+    served = _cert("gradwire server", key, ca, ca_key, server=True, **cert)
     pem = serialization.Encoding.PEM
     (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "old.pem").write_bytes(old.public_bytes(pem))
-    (tmp_path / "old.key").write_bytes(
+    (tmp_path / "server.pem").write_bytes(served.public_bytes(pem))
+    (tmp_path / "server.key").write_bytes(
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    files = TlsFiles(tmp_path / "old.pem", tmp_path / "old.key")
+    files = TlsFiles(tmp_path / "server.pem", tmp_path / "server.key")
     running = start(trainer, "127.0.0.1", 0, tls=files)
     try:
         err = io.StringIO()
         argv = ["list", "--target", _address(running), "--tls-ca", str(tmp_path / "ca.pem")]
         assert main([*argv, "--timeout", "5"], io.StringIO(), err) == 1
-        assert err.getvalue().splitlines()[-1] == (
-            f"hint: {_address(running)} serves TLS with a certificate that has expired (or "
-            "this machine's clock is wrong): the server needs a new one (gradwire serve "
-            "--tls-cert, --tls-key)"
-        )
+        return err.getvalue().splitlines()[-1].replace(_address(running), "ADDRESS")
     finally:
         running.stop(grace=None)
+
+
+def test_a_server_certificate_that_has_expired_is_named_in_the_hint(
+    trainer: Trainer, tmp_path: Path
+) -> None:
+    """The command said no server answered at the address, and to start one (found by a
+    review of deployment)."""
+    assert _last_line_against_a_server_with(trainer, tmp_path, expired=True) == (
+        "hint: ADDRESS serves TLS with a certificate that has expired (or this machine's "
+        "clock is wrong): the server needs a new one (gradwire serve --tls-cert, --tls-key)"
+    )
 
 
 def test_a_server_certificate_for_another_name_is_named_in_the_hint(
@@ -432,29 +438,11 @@ def test_a_server_certificate_for_another_name_is_named_in_the_hint(
 ) -> None:
     """A certificate that does not name the address the client dialled: the hint said no
     server answered there, and to start one (found by an operator's walkthrough)."""
-    ca_key, key = _key(), _key()
-    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
-    other = _cert("gradwire server", key, ca, ca_key, server=True, names=("gpu-box",))
-    pem = serialization.Encoding.PEM
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (tmp_path / "server.pem").write_bytes(other.public_bytes(pem))
-    (tmp_path / "server.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    assert _last_line_against_a_server_with(trainer, tmp_path, names=("gpu-box",)) == (
+        "hint: ADDRESS serves TLS with a certificate that does not name 127.0.0.1: connect "
+        "by a name the certificate holds (its subject alternative names), or give the "
+        "server a certificate that names 127.0.0.1"
     )
-    running = start(
-        trainer, "127.0.0.1", 0, tls=TlsFiles(tmp_path / "server.pem", tmp_path / "server.key")
-    )
-    try:
-        err = io.StringIO()
-        argv = ["list", "--target", _address(running), "--tls-ca", str(tmp_path / "ca.pem")]
-        assert main([*argv, "--timeout", "5"], io.StringIO(), err) == 1
-        assert err.getvalue().splitlines()[-1] == (
-            f"hint: {_address(running)} serves TLS with a certificate that does not name "
-            "127.0.0.1: connect by a name the certificate holds (its subject alternative "
-            "names), or give the server a certificate that names 127.0.0.1"
-        )
-    finally:
-        running.stop(grace=None)
 
 
 def _valid_from(path: Path) -> datetime.datetime:
