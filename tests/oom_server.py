@@ -35,7 +35,7 @@ from pathlib import Path
 
 from torch import nn
 
-from gradwire_server.allocator import M_TOP_PAD, keep_freed_memory
+from gradwire_server.allocator import M_TOP_PAD, _glibc, keep_freed_memory
 from gradwire_server.app import start
 from gradwire_server.models import SIMPLE, ModelSpec, load_spec
 from gradwire_server.trainer import Trainer
@@ -53,13 +53,6 @@ def vm_size(pid: int | str = "self") -> int:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
     raise KeyError("VmSize")
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 def trim() -> None:

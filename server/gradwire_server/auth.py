@@ -87,10 +87,10 @@ class Refusals:
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls without `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
-    def __init__(self, token: str, refusals: Refusals | None = None) -> None:
+    def __init__(self, token: str) -> None:
         """ValueError for a token no client could send (a newline in it)."""
         self._token = check_token(token, "the server token").encode()
-        self.refusals = Refusals() if refusals is None else refusals
+        self.refusals = Refusals()
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
