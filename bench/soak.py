@@ -8,6 +8,13 @@ growth. Bounded in time and count; loopback only.
 the default session's writer and the readers, and reports per session that its version is
 exactly its acknowledged steps' (nothing lost, doubled, or counted in another session), and
 that a session nobody writes to was left as it was opened.
+
+`--churn` adds a client that opens and closes, one cycle after another, what clients come
+and go with: a channel with a Calls stream, a session with a step in it, and a Watch of that
+session; it reports the cycles and that the server holds no more sessions at the end than
+at the start. The server's memory is sampled every `--sample-seconds` all along, so that a
+long run tells growth from a plateau (the request ids that make retries safe are kept 10
+minutes: a run shorter than that sees their store still filling).
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ def rss(pid: int) -> int:
 
 
 def soak(
-    served: Served, seconds: float, readers: int, sessions: int = 0, watchers: int = 0
+    served: Served,
+    seconds: float,
+    readers: int,
+    sessions: int = 0,
+    watchers: int = 0,
+    churn: bool = False,
+    sample_seconds: float = 60.0,
 ) -> dict[str, object]:
     deadline = time.monotonic() + seconds
     latencies: dict[str, list[float]] = collections.defaultdict(list)
@@ -109,6 +122,34 @@ def soak(
                     record("GetTensor", started, err.code.name)
             client.session = None
 
+    def churner() -> None:
+        """Opens and closes a channel (with its Calls stream), a session and a Watch of it,
+        cycle after cycle. A cycle refused BUSY is counted and tried again."""
+        x, y = Fill.uniform(8, 3, 10, 10, seed=3), Fill.randint(0, 20, 8, seed=4)
+        cycle = 0
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                with gradwire.connect(served.address, timeout=30, stream_calls=True) as client:
+                    session = client.open_session(seed=cycle)
+                    try:
+                        session.train_step(x, y, zero_grad=True)
+                        updates = session.watch(["loss", "conv1.weight[0]"], values=True)
+                        next(updates)  # subscribed: the state now
+                        session.train_step(x, y, zero_grad=True)
+                        next(updates)  # the step's update
+                        updates.close()
+                    finally:
+                        _close_session(session)
+                record("churn cycle", started, "OK")
+            except RemoteError as err:
+                record("churn cycle", started, err.code.name)
+            cycle += 1
+
+    def sampler() -> None:
+        while not stop_sampling.wait(sample_seconds):
+            samples.append(round(rss(served.pid) / 2**20, 1))
+
     def watcher(stream: Any) -> None:
         """Reads every update until it has seen the default session's final version."""
         last = 0
@@ -127,10 +168,17 @@ def soak(
             if final_version.is_set() and last >= final[0]:
                 break
 
+    sessions_before = len(owners[0].list_sessions().sessions)
     start_rss = rss(served.pid)
+    samples = [round(start_rss / 2**20, 1)]
+    stop_sampling = threading.Event()
+    sampling = threading.Thread(target=sampler)
+    sampling.start()
     threads = [threading.Thread(target=writer, args=(label,)) for label in writers] + [
         threading.Thread(target=reader, args=(i,)) for i in range(readers)
     ]
+    if churn:
+        threads.append(threading.Thread(target=churner))
     watcher_threads = [threading.Thread(target=watcher, args=(s,)) for s in readers_of_updates]
     for t in threads + watcher_threads:
         t.start()
@@ -146,13 +194,21 @@ def soak(
     for t in watcher_threads:
         t.join(timeout=60)
     hung = sum(t.is_alive() for t in threads + watcher_threads)
+    checks: dict[str, object] = {}
     for stream in streams:
         stream.close()
     for c in watching:
         c.close()
+    stop_sampling.set()
+    sampling.join()
     end_rss = rss(served.pid)
+    if churn:
+        after = len(owners[0].list_sessions().sessions)
+        checks["sessions open before / after the load"] = (
+            f"{sessions_before} / {after} "
+            f"({'as expected' if after == sessions_before else 'MISMATCH: sessions left open'})"
+        )
     versions = {label: client.list_tensors().version for label, client in writers.items()}
-    checks: dict[str, object] = {}
     for label, version in versions.items():
         # The writer's SetOptimizer, then each acknowledged step's mutations, and no others.
         expected = 1 + VERSIONS_PER_STEP * acknowledged[label]
@@ -194,6 +250,7 @@ def soak(
         **checks,
         "server RSS start (MiB)": round(start_rss / 2**20, 1),
         "server RSS end (MiB)": round(end_rss / 2**20, 1),
+        f"server RSS every {sample_seconds:g} s (MiB)": samples,
     }
     for kind, values in sorted(latencies.items()):
         values.sort()
@@ -201,6 +258,20 @@ def soak(
         report[f"{kind} p50 (ms)"] = round(statistics.median(values) * 1e3, 2)
         report[f"{kind} p99 (ms)"] = round(values[int(len(values) * 0.99) - 1] * 1e3, 2)
     return report
+
+
+def _close_session(session: gradwire.Client) -> None:
+    """Closes a session, retrying while the server answers BUSY, so that a refused close
+    does not leave it open until it expires (which the check at the end would count)."""
+    for _ in range(100):
+        try:
+            session.close()
+            return
+        except RemoteError as err:
+            if err.reason != "BUSY":
+                raise
+            time.sleep(0.05)
+    raise RuntimeError("the server refused to close a session 100 times: BUSY")
 
 
 def main() -> None:
@@ -220,11 +291,30 @@ def main() -> None:
         default=0,
         help="Watch streams of the default session: half read every update, half never do",
     )
+    parser.add_argument(
+        "--churn",
+        action="store_true",
+        help="a client that opens and closes a channel, a session and a Watch, cycle after cycle",
+    )
+    parser.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=60.0,
+        help="how often the server's memory is sampled",
+    )
     args = parser.parse_args()
     if not 0 <= args.sessions < DEFAULT_MAX_SESSIONS:
         parser.error(f"--sessions takes 0 to {DEFAULT_MAX_SESSIONS - 1}")
     with serve("simple", "cpu") as served:
-        report = soak(served, args.seconds, args.readers, args.sessions, args.watchers)
+        report = soak(
+            served,
+            args.seconds,
+            args.readers,
+            args.sessions,
+            args.watchers,
+            args.churn,
+            args.sample_seconds,
+        )
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
