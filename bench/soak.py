@@ -10,7 +10,7 @@ exactly its acknowledged steps' (nothing lost, doubled, or counted in another se
 that a session nobody writes to was left as it was opened.
 
 `--churn` adds a client that opens and closes, one cycle after another, what clients come
-and go with: a channel with a Calls stream, a session with a step in it, and a Watch of that
+and go with: a channel with a Calls stream, a session with two steps in it, and a Watch of that
 session; it reports the cycles and that the server holds no more sessions at the end than
 at the start. The server's memory is sampled every `--sample-seconds` all along, so that a
 long run tells growth from a plateau (the request ids that make retries safe are kept 10
