@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import torch
 
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.cli import main
 from gradwire.fill import Fill
 from gradwire.progress import format_loss
 from gradwire_server.app import Running, start
@@ -171,6 +173,32 @@ def test_ctrl_c_the_kernel_hands_another_thread_still_ends_a_watch(address: str)
         if watch.poll() is None:
             watch.kill()
             watch.wait(timeout=10)
+
+
+class _CtrlCAtFirstFlush(io.StringIO):
+    """A terminal where Ctrl-C lands as the first line reaches the screen: its first flush
+    raises KeyboardInterrupt, as Python raises it at whichever line runs when the signal
+    comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def flush(self) -> None:
+        super().flush()
+        if not self.interrupted and self.getvalue():
+            self.interrupted = True
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_as_an_update_reaches_the_screen_counts_that_update(address: str) -> None:
+    """An update on screen is an update seen. The watch counted it only after showing it,
+    so a Ctrl-C just after its line appeared said "stopped after 0 updates" (a fresh-clone
+    CI run of the test above, whose signal came in that gap)."""
+    out, err = _CtrlCAtFirstFlush(), io.StringIO()
+    assert main(["watch", "loss", "--target", address], out, err) == 130, err.getvalue()
+    assert out.interrupted
+    assert out.getvalue().splitlines()[-1] == "stopped after 1 update: the last at version 0"
 
 
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:

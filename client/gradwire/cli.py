@@ -947,12 +947,13 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     seen, version = 0, None
     try:
         for update in stream:
+            # Counted before it is shown: a Ctrl-C just after its line appears must count it.
+            seen, version = seen + 1, update.version
             if args.json:
                 out.write(_json_line(_watch_json(update, selectors)))
                 out.flush()
             else:
                 table.show(update)
-            seen, version = seen + 1, update.version
             if args.count is not None and seen >= args.count:
                 break
     except DeadlineExceeded:
