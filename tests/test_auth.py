@@ -270,6 +270,25 @@ def test_a_token_from_the_environment_is_stripped_as_one_from_a_file(
         running.stop(grace=None)
 
 
+def test_the_python_clients_token_is_stripped_as_one_from_a_file(
+    trainer: Trainer, tmp_path: Path
+) -> None:
+    """`connect(token=open(path).read())`, the natural way to read the README's token file,
+    raised ValueError for the file's last newline, where the command line drops it (found by
+    a newcomer's walkthrough). White space around the token goes; white space alone is
+    still refused rather than sent as no token at all."""
+    running = start(trainer, "127.0.0.1", 0, token=TOKEN)
+    try:
+        token_file = tmp_path / "token"
+        token_file.write_text(f" {TOKEN}\n")
+        with gradwire.connect(_address(running), token=token_file.read_text()) as client:
+            assert "conv1.weight" in client.list_tensors().names()
+        with pytest.raises(ValueError, match=r"token= is no token gRPC can send: .* nothing"):
+            gradwire.Client(_address(running), token="\n")
+    finally:
+        running.stop(grace=None)
+
+
 @pytest.mark.parametrize(
     ("token", "holds"),
     [("two\nlines", repr("\n")), ("caf\u00e9", repr("\u00e9")), ("tab\tbed", repr("\t"))],

@@ -951,9 +951,10 @@ class Client:
         session: str | None = None,
         stream_calls: bool = False,
     ) -> None:
-        """`token`: sent as a bearer token on every call. `tls`: connect with TLS, trusting
-        `ca` (PEM, bytes or str; the system's roots when None); `cert` and `key` (PEM, bytes
-        or str) for mutual TLS.
+        """`token`: sent as a bearer token on every call, without the white space around
+        it (a file's last newline). `tls`: connect with TLS, trusting `ca` (PEM, bytes or
+        str; the system's roots when None); `cert` and `key` (PEM, bytes or str) for mutual
+        TLS.
         `keepalive`: during a call, ping a connection silent this many seconds, so that a
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
@@ -995,7 +996,10 @@ class Client:
         self.target = target
         self._timeout = timeout
         if token:  # gRPC refused a newline in it at every call: INTERNAL, "Invalid metadata"
-            check_token(token, "token=")
+            # White space around it goes, as around one in a file or GRADWIRE_TOKEN: a token
+            # read with open(path).read() ends in the file's newline (found by a newcomer's
+            # walkthrough of the README). One of white space alone is refused, not dropped.
+            token = check_token(token.strip() if isinstance(token, str) else token, "token=")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._retries = 3
         self._session: str | None = check_session(session or None, "session=")
