@@ -693,6 +693,34 @@ def test_reset_keeps_the_optimizer_s_settings_as_its_help_says(
     )
 
 
+def test_optimizer_keep_state_changes_the_settings_given_and_keeps_the_rest(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """`gradwire optimizer --lr 3e-4` replaces the optimizer: beta1 back to 0.9 and Adam's
+    moments gone, which a researcher lowering the learning rate mid-run did not expect
+    (found by a newcomer's walkthrough). --keep-state changes only the settings given."""
+    client.set_optimizer("adam", lr=0.01, beta1=0.8)
+    client.train_step(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+    moments = client.get("optimizer.conv1.weight.exp_avg")
+    version = client.list_tensors().version
+    result = cli("optimizer", "--lr", "3e-4", "--keep-state")
+    assert result.code == 0, result.err
+    assert result.out == (
+        f"adam lr=0.0003 weight_decay=0.0 beta1=0.8 beta2=0.999 eps=1e-08 (version "
+        f"{version + 1}, its state kept)\n"
+    )
+    assert np.array_equal(client.get("optimizer.conv1.weight.exp_avg"), moments)
+    result = cli("optimizer", "--momentum", "0.9", "--keep-state")
+    assert result.code == 1
+    assert result.err.startswith(
+        "error: INVALID_ARGUMENT: momentum is a setting of SGD, not of Adam: leave it out, or "
+        "replace the optimizer with SGD (without keep_state)"
+    )
+    assert cli("optimizer", "--lr", "3e-4").code == 0  # without it: a new Adam
+    assert client.list_tensors().optimizer.beta1 == 0.9
+    assert client.get("optimizer.conv1.weight.exp_avg") is None
+
+
 def test_optimizer_unknown_kind_exits_2(cli: Run) -> None:
     assert cli("optimizer", "--kind", "rmsprop").code == 2
 

@@ -559,6 +559,106 @@ def test_set_optimizer_refuses_an_sgd_setting_for_adam(client: gradwire.Client) 
     assert client.list_tensors().optimizer.kind == "sgd"
 
 
+def _steps(client: gradwire.Client, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Two training steps on the server and the same two on the local model."""
+    for _ in range(2):
+        client.train_step(ONES_INPUT, ONES_TARGET, zero_grad=True)
+        optimizer.zero_grad()
+        local_step(model, *ones_batch())
+        optimizer.step()
+
+
+def test_keep_state_lowers_adams_lr_as_torchs_param_groups_do(client: gradwire.Client) -> None:
+    """A learning rate lowered mid-training keeps Adam's moments and step counts and the
+    other settings, as `group["lr"] = ...` does in PyTorch; without keep_state it is a new
+    Adam, its moments gone and beta1 back to 0.9 (found by a newcomer's walkthrough)."""
+    client.set_optimizer("adam", lr=0.01, beta1=0.8)
+    model = local_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.999))
+    _steps(client, model, optimizer)
+    version = current_version(client)
+    config = client.set_optimizer(lr=0.001, keep_state=True)
+    assert config == gradwire.OptimizerConfig(
+        kind="adam", lr=0.001, weight_decay=0.0, beta1=0.8, beta2=0.999, eps=1e-8
+    )
+    assert client.list_tensors().optimizer == config
+    assert current_version(client) == version + 1
+    optimizer.param_groups[0]["lr"] = 0.001
+    _steps(client, model, optimizer)
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(model, name)), name
+        state = optimizer.state[dict(model.named_parameters())[name]]
+        assert np.array_equal(client.get(f"optimizer.{name}.exp_avg"), state["exp_avg"]), name
+        assert client.get(f"optimizer.{name}.step") == state["step"].item() == 4, name
+
+
+def test_keep_state_changes_sgd_in_place_and_nesterov_leaves_gradients_alone(
+    client: gradwire.Client,
+) -> None:
+    """The momentum buffers stay; nesterov turned on in place takes torch's single-tensor
+    SGD, as a new optimizer with nesterov does, so a gradient read after the Step is still
+    the one Backward made."""
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _steps(client, model, optimizer)
+    config = client.set_optimizer(lr=0.05, nesterov=True, keep_state=True)
+    assert config == gradwire.OptimizerConfig(
+        kind="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, nesterov=True
+    )
+    optimizer.param_groups[0].update(lr=0.05, nesterov=True)
+    _steps(client, model, optimizer)
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(model, name)), name
+        grad = dict(model.named_parameters())[name].grad
+        assert np.array_equal(client.get(f"{name}.grad"), grad), name
+        buffer = optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
+        assert np.array_equal(client.get(f"optimizer.{name}.momentum_buffer"), buffer), name
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"kind": "sgd", "lr": 0.1},
+            "the optimizer is Adam, and keep_state changes its settings in place: SGD needs "
+            "a new optimizer",
+        ),
+        ({"momentum": 0.9}, "momentum is a setting of SGD, not of Adam"),
+        ({"lr": -1.0}, "optimizer settings refused: Invalid learning rate: -1.0"),
+        ({"beta1": 1.5}, "optimizer settings refused: Invalid beta parameter at index 0"),
+    ],
+)
+def test_keep_state_refuses_what_a_new_optimizer_would_and_changes_nothing(
+    client: gradwire.Client, change: dict[str, Any], said: str
+) -> None:
+    client.set_optimizer("adam", lr=0.01)
+    client.train_step(ONES_INPUT, ONES_TARGET)
+    before = (current_version(client), client.list_tensors().optimizer)
+    moments = client.get("optimizer.conv1.weight.exp_avg")
+    with pytest.raises(errors.InvalidArgument, match=re.escape(said)) as caught:
+        client.set_optimizer(keep_state=True, **change)
+    assert caught.value.reason == "BAD_OPTIMIZER"
+    assert (current_version(client), client.list_tensors().optimizer) == before
+    assert np.array_equal(client.get("optimizer.conv1.weight.exp_avg"), moments)
+
+
+def test_keep_state_refuses_nesterov_without_momentum_as_torch_does(
+    client: gradwire.Client,
+) -> None:
+    config = client.list_tensors().optimizer
+    with pytest.raises(errors.InvalidArgument, match="Nesterov momentum requires a momentum"):
+        client.set_optimizer(nesterov=True, keep_state=True)
+    assert client.list_tensors().optimizer == config
+
+
+def test_keep_state_must_be_true_or_false(client: gradwire.Client) -> None:
+    version = current_version(client)
+    with pytest.raises(TypeError, match="keep_state= must be True or False, got 'no'"):
+        client.set_optimizer(lr=0.1, keep_state="no")  # type: ignore[arg-type]
+    assert current_version(client) == version
+
+
 # --- health, lifetime -----------------------------------------------------------------------
 
 

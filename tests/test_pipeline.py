@@ -97,6 +97,7 @@ def every_call() -> list[Callable[[Any], Any]]:
         lambda c: c.backward(retain_graph=True),
         lambda c: c.backward(),
         lambda c: c.step(),
+        lambda c: c.set_optimizer(lr=0.25, keep_state=True),  # the momentum buffers stay
         lambda c: c.zero_grad(set_to_none=False),
         lambda c: c.set("conv1.weight", value),
         lambda c: c.set("conv1.weight.grad[0]", value[0] * 2),

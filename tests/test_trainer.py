@@ -94,6 +94,30 @@ def test_optimizer_settings_resolve_to_pytorch_defaults() -> None:
     assert OptimizerSettings().resolved().momentum == sgd["momentum"]
 
 
+@pytest.mark.parametrize(
+    ("first", "change"),
+    [
+        (OptimizerSettings("sgd", lr=0.1, momentum=0.9), OptimizerSettings("sgd", nesterov=True)),
+        (OptimizerSettings("sgd", lr=0.1), OptimizerSettings("sgd", momentum=0.5, nesterov=True)),
+        (OptimizerSettings("adam", lr=0.01), OptimizerSettings("adam", beta2=0.99, eps=1e-6)),
+    ],
+)
+def test_settings_changed_in_place_are_a_new_optimizers_every_one(
+    trainer: Trainer, first: OptimizerSettings, change: OptimizerSettings
+) -> None:
+    """keep_state copies every group setting a new optimizer with the merged settings would
+    have: SGD's foreach, which follows nesterov (torch's foreach Nesterov adds into each
+    .grad), as much as the settings asked for."""
+    trainer.set_optimizer(first)
+    _, merged = trainer.set_optimizer(change, keep_state=True)
+    fresh = Trainer._build_optimizer([torch.zeros(1, requires_grad=True)], merged.resolved())
+    group = {k: v for k, v in trainer._optimizer.param_groups[0].items() if k != "params"}
+    assert group == {k: v for k, v in fresh.param_groups[0].items() if k != "params"}
+    assert trainer._optimizer.defaults == fresh.defaults
+    if change.nesterov:
+        assert group["foreach"] is False
+
+
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"

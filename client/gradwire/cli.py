@@ -1331,6 +1331,9 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
             listing.optimizer,
             "; --kind or a setting replaces it",
         )
+    elif args.keep_state:  # the kind in place unless --kind says; the server checks it
+        version, config = client._set_optimizer(args.kind, given, keep_state=True)
+        said = ", its state kept"
     else:
         version, config = client._set_optimizer(_optimizer_kind(args, given, client), given)
         said = ""
@@ -1987,7 +1990,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_optimizer,
         "show the optimizer; with --kind or a setting, replace it (by one of the kind in "
         "place, unless --kind or a setting of the other kind says; the settings not given "
-        "take their defaults; its state starts afresh)",
+        "take their defaults; its state starts afresh); with --keep-state, change the "
+        "settings given in place and keep the rest and its state",
+    )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="change the settings given in the optimizer in place, as assigning to torch's "
+        "param_groups does: the others keep their values, and its momentum buffers or "
+        "Adam's moments stay (a learning rate lowered mid-training)",
     )
     p.add_argument(
         "--kind",

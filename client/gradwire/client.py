@@ -438,12 +438,15 @@ _OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM
 _OPTIMIZER_SETTINGS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
 
 
-def _optimizer_config(kind: str, settings: dict[str, Any]) -> pb.OptimizerConfig:
-    """The OptimizerConfig for `kind` and the settings given (None: unset). Any other kind
-    was sent as SGD, and an unknown setting raised protobuf's AttributeError."""
-    if kind not in _OPTIMIZER_KINDS:
+def _optimizer_config(kind: str | None, settings: dict[str, Any]) -> pb.OptimizerConfig:
+    """The OptimizerConfig for `kind` (None: unspecified) and the settings given (None:
+    unset). Any other kind was sent as SGD, and an unknown setting raised protobuf's
+    AttributeError."""
+    if kind is not None and kind not in _OPTIMIZER_KINDS:
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
-    config = pb.OptimizerConfig(kind=_OPTIMIZER_KINDS[kind])
+    config = pb.OptimizerConfig(
+        kind=pb.OPTIMIZER_KIND_UNSPECIFIED if kind is None else _OPTIMIZER_KINDS[kind]
+    )
     for name, value in settings.items():
         if name not in _OPTIMIZER_SETTINGS:
             raise TypeError(
@@ -763,10 +766,17 @@ def _reset(seed: int | None) -> _Encoded[int]:
 
 
 def _set_optimizer(
-    kind: Literal["sgd", "adam"], settings: dict[str, Any]
+    kind: Literal["sgd", "adam"] | None, settings: dict[str, Any], keep_state: bool = False
 ) -> _Encoded[tuple[int, OptimizerConfig]]:
-    """SetOptimizer, answered with the state version it made and the settings in force."""
-    request = pb.SetOptimizerRequest(config=_optimizer_config(kind, settings))
+    """SetOptimizer, answered with the state version it made and the settings in force.
+    `kind` None: SGD for a new optimizer, the kind in place with `keep_state`."""
+    if not isinstance(keep_state, (bool, np.bool_)):  # "no" or 0.5 read as true
+        raise TypeError(f"keep_state= must be True or False, got {keep_state!r}")
+    if kind is None and not keep_state:
+        kind = "sgd"  # as the contract reads an unspecified kind, said outright
+    request = pb.SetOptimizerRequest(
+        config=_optimizer_config(kind, settings), keep_state=bool(keep_state)
+    )
     return _Encoded(
         "SetOptimizer",
         request,
@@ -2002,8 +2012,9 @@ class Client:
 
     def set_optimizer(
         self,
-        kind: Literal["sgd", "adam"] = "sgd",
+        kind: Literal["sgd", "adam"] | None = None,
         *,
+        keep_state: bool = False,
         lr: float | None = None,
         momentum: float | None = None,
         weight_decay: float | None = None,
@@ -2012,7 +2023,14 @@ class Client:
         eps: float | None = None,
         nesterov: bool | None = None,
     ) -> OptimizerConfig:
-        """Replaces the optimizer; unset settings take PyTorch's defaults (SGD's lr: 1.0)."""
+        """Replaces the optimizer with a new one of `kind` (None: SGD); its state starts
+        afresh, and unset settings take PyTorch's defaults (SGD's lr: 1.0).
+
+        With `keep_state`, changes the settings given in the optimizer in place instead, as
+        assigning to torch's param_groups does: `set_optimizer(lr=1e-4, keep_state=True)`
+        lowers the learning rate, and the other settings, the momentum buffers and Adam's
+        moments stay. `kind` is then None (the kind in place) or the kind in place.
+        Returns the settings in force."""
         settings = {
             "lr": lr,
             "momentum": momentum,
@@ -2022,13 +2040,16 @@ class Client:
             "eps": eps,
             "nesterov": nesterov,
         }
-        return self._set_optimizer(kind, settings)[1]
+        return self._set_optimizer(kind, settings, keep_state)[1]
 
     def _set_optimizer(
-        self, kind: Literal["sgd", "adam"], settings: dict[str, Any]
+        self,
+        kind: Literal["sgd", "adam"] | None,
+        settings: dict[str, Any],
+        keep_state: bool = False,
     ) -> tuple[int, OptimizerConfig]:
         """set_optimizer's work: the state version it made, and the settings in force."""
-        return self._run(_set_optimizer(kind, settings))
+        return self._run(_set_optimizer(kind, settings, keep_state))
 
     @property
     def remote(self) -> RemoteModel:

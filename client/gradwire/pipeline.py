@@ -317,10 +317,14 @@ class Pipeline:
         return self._add(_reset(seed))
 
     def set_optimizer(
-        self, kind: Literal["sgd", "adam"] = "sgd", **settings: Any
+        self,
+        kind: Literal["sgd", "adam"] | None = None,
+        *,
+        keep_state: bool = False,
+        **settings: Any,
     ) -> Pending[OptimizerConfig]:
         """As Client.set_optimizer (the same keyword settings: lr, momentum, ...)."""
-        encoded = _set_optimizer(kind, settings)
+        encoded = _set_optimizer(kind, settings, keep_state)
         made = encoded.result
         return self._add(_Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
 

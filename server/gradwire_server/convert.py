@@ -326,7 +326,11 @@ def chain_from_proto(messages: list[pb.Index] | object) -> list[tuple[codec.Inde
         raise InvalidInput(f"bad index: {err}", reason="BAD_INDEX") from err
 
 
-def optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerSettings:
+def optimizer_from_proto(
+    message: pb.OptimizerConfig, kind_in_place: Literal["sgd", "adam"] | None = None
+) -> OptimizerSettings:
+    """The settings `message` sets (None where it sets none). An unspecified kind is SGD,
+    or `kind_in_place` where given (SetOptimizer's keep_state: the optimizer's own kind)."""
     if message.kind not in (
         pb.OPTIMIZER_KIND_UNSPECIFIED,
         pb.OPTIMIZER_KIND_SGD,
@@ -336,13 +340,20 @@ def optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerSettings:
             f"optimizer kind {message.kind} is not SGD or ADAM", reason="BAD_OPTIMIZER"
         )
     kind: Literal["sgd", "adam"] = "adam" if message.kind == pb.OPTIMIZER_KIND_ADAM else "sgd"
+    if message.kind == pb.OPTIMIZER_KIND_UNSPECIFIED and kind_in_place is not None:
+        kind = kind_in_place
     sgd_only = ("momentum", "nesterov")
     adam_only = ("beta1", "beta2", "eps")
     for name in adam_only if kind == "sgd" else sgd_only:
         if message.HasField(name):  # type: ignore[arg-type]
             this, other = ("SGD", "Adam") if kind == "sgd" else ("Adam", "SGD")
+            instead = (
+                f"ask for {other}"
+                if kind_in_place is None
+                else f"replace the optimizer with {other} (without keep_state)"
+            )
             raise InvalidInput(
-                f"{name} is a setting of {other}, not of {this}: leave it out, or ask for {other}",
+                f"{name} is a setting of {other}, not of {this}: leave it out, or {instead}",
                 reason="BAD_OPTIMIZER",
             )
 

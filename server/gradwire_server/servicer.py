@@ -1061,8 +1061,11 @@ class TrainerServicer:
     def SetOptimizer(
         self, request: pb.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> pb.SetOptimizerResponse:
-        settings = convert.optimizer_from_proto(request.config)
-        version, resolved = self.trainer.set_optimizer(settings)
+        # keep_state with no kind means the kind in place, read here to check the settings
+        # against it; set_optimizer checks it again under the lock, where it cannot change.
+        in_place = self.trainer.optimizer_settings.kind if request.keep_state else None
+        settings = convert.optimizer_from_proto(request.config, in_place)
+        version, resolved = self.trainer.set_optimizer(settings, keep_state=request.keep_state)
         return pb.SetOptimizerResponse(version=version, config=convert.optimizer_to_proto(resolved))
 
     @rpc

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -602,7 +602,7 @@ class Trainer:
         with self._device_memory("a new model"):
             model = self._build_model(seed)
         self._adopt(model)
-        self._optimizer = self._build_optimizer(self._model, self._settings)
+        self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
 
@@ -709,11 +709,13 @@ class Trainer:
             self._pending[name + ACTIVATION_SUFFIX] = output.detach()
 
     @staticmethod
-    def _build_optimizer(model: nn.Module, s: OptimizerSettings) -> torch.optim.Optimizer:
+    def _build_optimizer(
+        parameters: Iterable[torch.Tensor], s: OptimizerSettings
+    ) -> torch.optim.Optimizer:
         try:
             if s.kind == "sgd":
                 return torch.optim.SGD(
-                    model.parameters(),
+                    parameters,
                     lr=float(s.lr or 0.0),
                     momentum=float(s.momentum or 0.0),
                     weight_decay=float(s.weight_decay or 0.0),
@@ -724,7 +726,7 @@ class Trainer:
                     foreach=False if s.nesterov else None,
                 )
             return torch.optim.Adam(
-                model.parameters(),
+                parameters,
                 lr=float(s.lr or 0.0),
                 betas=(float(s.beta1 or 0.0), float(s.beta2 or 0.0)),
                 eps=float(s.eps or 0.0),
@@ -1770,18 +1772,51 @@ class Trainer:
         """A new model, PyTorch's default initialisation (seeded if asked), and a new optimizer."""
         with self._device_memory("reset"):
             model = self._build_model(seed)
-        self._optimizer = self._build_optimizer(model, self._settings)
+        self._optimizer = self._build_optimizer(model.parameters(), self._settings)
         self._adopt(model)
         self._clear_forward()
         return self._bump()
 
     @under_lock
-    def set_optimizer(self, settings: OptimizerSettings) -> tuple[int, OptimizerSettings]:
-        """Replaces the optimizer; its state (momentum, Adam's moments) starts afresh."""
-        resolved = settings.resolved()
-        self._optimizer = self._build_optimizer(self._model, resolved)
-        self._settings = resolved
-        return self._bump(), resolved
+    def set_optimizer(
+        self, settings: OptimizerSettings, keep_state: bool = False
+    ) -> tuple[int, OptimizerSettings]:
+        """Replaces the optimizer; its state (momentum, Adam's moments) starts afresh, and
+        the settings left None take their defaults. With `keep_state`, changes the settings
+        given (those not None) in the optimizer in place instead, as assigning to torch's
+        param_groups does: the others keep their values, and the optimizer keeps its state.
+        Returns the version and the settings in force."""
+        if not keep_state:
+            resolved = settings.resolved()
+            self._optimizer = self._build_optimizer(self._model.parameters(), resolved)
+            self._settings = resolved
+            return self._bump(), resolved
+        current = self._settings
+        if settings.kind != current.kind:
+            names = {"sgd": "SGD", "adam": "Adam"}
+            raise InvalidInput(
+                f"the optimizer is {names[current.kind]}, and keep_state changes its settings "
+                f"in place: {names[settings.kind]} needs a new optimizer (without keep_state, "
+                "its state starts afresh)",
+                reason="BAD_OPTIMIZER",
+            )
+        given = {
+            f.name: getattr(settings, f.name)
+            for f in dataclasses.fields(settings)
+            if f.name != "kind" and getattr(settings, f.name) is not None
+        }
+        merged = dataclasses.replace(current, **given)
+        # An optimizer made with the merged settings, on a stand-in parameter: torch's own
+        # checks refuse what a new optimizer would (nesterov without momentum), before
+        # anything changed, and its group holds every setting as a new optimizer's would
+        # (SGD's foreach follows nesterov), to copy into the groups in place.
+        made = self._build_optimizer([torch.zeros(1, requires_grad=True)], merged)
+        settings_made = {k: v for k, v in made.param_groups[0].items() if k != "params"}
+        for group in self._optimizer.param_groups:
+            group.update(settings_made)
+        self._optimizer.defaults.update(made.defaults)
+        self._settings = merged
+        return self._bump(), merged
 
     # --- checkpoints ----------------------------------------------------------------
 
@@ -1885,7 +1920,7 @@ class Trainer:
         with self._device_memory(f"cannot load {path}"):
             # Everything new is on the device before anything is replaced.
             try:
-                optimizer = self._build_optimizer(self._model, settings)
+                optimizer = self._build_optimizer(self._model.parameters(), settings)
             except InvalidInput as err:  # torch's own checks: a negative lr, say
                 damaged = checkpoint.damaged(path, f"its {err.message}")
                 raise InvalidInput(

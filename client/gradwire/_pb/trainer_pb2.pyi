@@ -691,7 +691,7 @@ class OptimizerConfig(_message.Message):
     EPS_FIELD_NUMBER: _builtins.int
     NESTEROV_FIELD_NUMBER: _builtins.int
     kind: Global___OptimizerKind.ValueType
-    """unspecified: SGD"""
+    """unspecified: SGD (SetOptimizer's keep_state: the kind in place)"""
     lr: _builtins.float
     """learning rate; SGD 1.0, Adam 0.001"""
     momentum: _builtins.float
@@ -1322,18 +1322,29 @@ class SetOptimizerRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONFIG_FIELD_NUMBER: _builtins.int
+    KEEP_STATE_FIELD_NUMBER: _builtins.int
+    keep_state: _builtins.bool
+    """false: replace the optimizer. The settings not set in config take their defaults, and
+    its state (momentum buffers, Adam's moments and step counts) starts afresh.
+    true: change the settings set in config in the optimizer in place, as assigning to
+    torch's param_groups does (a learning rate lowered mid-training): those not set keep
+    their values, and the optimizer keeps its state. config.kind is then unspecified or the
+    kind in place; another kind needs a new optimizer (BAD_OPTIMIZER). Settings refused
+    (BAD_OPTIMIZER, as for a new optimizer) change nothing.
+    """
     @_builtins.property
     def config(self) -> Global___OptimizerConfig:
-        """the new optimizer's settings"""
+        """the new optimizer's settings; with keep_state, those to change"""
 
     def __init__(
         self,
         *,
         config: Global___OptimizerConfig | None = ...,
+        keep_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "keep_state", b"keep_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

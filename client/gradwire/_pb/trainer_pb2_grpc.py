@@ -229,7 +229,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetOptimizer(self, request, context):
-        """Replaces the optimizer (its state is lost) with new settings.
+        """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
+        the settings given in the optimizer in place and keeps its state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -235,7 +235,9 @@ class TrainerStub:
     and its optimizer; forgets input, output, loss and gradients.
     """
     SetOptimizer: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]
-    """Replaces the optimizer (its state is lost) with new settings."""
+    """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
+    the settings given in the optimizer in place and keeps its state.
+    """
     TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
     Step, then reads of named slices. The version rises as for the separate calls.
@@ -405,7 +407,9 @@ class TrainerAsyncStub(TrainerStub):
     and its optimizer; forgets input, output, loss and gradients.
     """
     SetOptimizer: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]  # type: ignore[assignment]
-    """Replaces the optimizer (its state is lost) with new settings."""
+    """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
+    the settings given in the optimizer in place and keeps its state.
+    """
     TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
     Step, then reads of named slices. The version rises as for the separate calls.
@@ -632,7 +636,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         request: _trainer_pb2.SetOptimizerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.SetOptimizerResponse, _abc.Awaitable[_trainer_pb2.SetOptimizerResponse]]:
-        """Replaces the optimizer (its state is lost) with new settings."""
+        """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
+        the settings given in the optimizer in place and keeps its state.
+        """
 
     @_abc_1.abstractmethod
     def TrainStep(
