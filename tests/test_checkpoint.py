@@ -61,6 +61,28 @@ def test_a_loaded_checkpoint_trains_on_exactly_as_the_original(
         assert torch.equal(value, _state(original)[name]), name  # type: ignore[arg-type]
 
 
+def test_a_checkpoint_after_settings_changed_in_place_trains_on_as_the_original(
+    tmp_path: Path,
+) -> None:
+    """SetOptimizer's keep_state: the merged settings and the state kept are what is saved."""
+    original = Trainer(seed=0, optimizer=OptimizerSettings("adam", lr=0.01, beta1=0.8))
+    _train(original, 2)
+    original.set_optimizer(OptimizerSettings("adam", lr=0.001), keep_state=True)
+    _train(original, 1)
+    path = tmp_path / "state.safetensors"
+    original.save(path)
+    restored = Trainer(seed=1)
+    restored.load(path)
+    assert restored.optimizer_settings == original.optimizer_settings
+    assert original.optimizer_settings == OptimizerSettings(
+        "adam", lr=0.001, weight_decay=0.0, beta1=0.8, beta2=0.999, eps=1e-8
+    )
+    _train(original, 2)
+    _train(restored, 2)
+    for name, value in _state(restored).items():
+        assert torch.equal(value, _state(original)[name]), name  # type: ignore[arg-type]
+
+
 def test_a_load_clears_the_deltas_of_the_steps_before_it(tmp_path: Path) -> None:
     # A delta is the last Step's change; after a load, the last Step was on other weights.
     trainer = Trainer(seed=0, track_deltas=True)

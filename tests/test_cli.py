@@ -716,9 +716,18 @@ def test_optimizer_keep_state_changes_the_settings_given_and_keeps_the_rest(
         "error: INVALID_ARGUMENT: momentum is a setting of SGD, not of Adam: leave it out, or "
         "replace the optimizer with SGD (without keep_state)"
     )
+    shown = cli("optimizer", "--keep-state")  # nothing to change: a look
+    assert shown.out.endswith("; --keep-state changes the settings given: give one)\n")
     assert cli("optimizer", "--lr", "3e-4").code == 0  # without it: a new Adam
     assert client.list_tensors().optimizer.beta1 == 0.9
     assert client.get("optimizer.conv1.weight.exp_avg") is None
+
+
+def test_optimizer_no_nesterov_turns_it_off_in_place(cli: Run, client: gradwire.Client) -> None:
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True)
+    result = cli("optimizer", "--momentum", "0", "--no-nesterov", "--keep-state")
+    assert result.code == 0, result.err
+    assert result.out.startswith("sgd lr=0.1 momentum=0.0 weight_decay=0.0 nesterov=False")
 
 
 def test_optimizer_unknown_kind_exits_2(cli: Run) -> None:

@@ -592,26 +592,37 @@ def test_keep_state_lowers_adams_lr_as_torchs_param_groups_do(client: gradwire.C
         assert client.get(f"optimizer.{name}.step") == state["step"].item() == 4, name
 
 
-def test_keep_state_changes_sgd_in_place_and_nesterov_leaves_gradients_alone(
-    client: gradwire.Client,
+@pytest.mark.parametrize(
+    "changes",
+    [
+        [{"lr": 0.05, "nesterov": True}],
+        # plain SGD (optim.py's own loop) to momentum (torch's), and momentum 0 in place
+        # keeping the buffers, which a momentum raised again goes on from, as in torch
+        [{"momentum": 0.0}, {"momentum": 0.5, "weight_decay": 0.01}],
+    ],
+    ids=["nesterov-on", "momentum-off-and-on"],
+)
+def test_keep_state_changes_sgd_in_place_as_torchs_param_groups_do(
+    client: gradwire.Client, changes: list[dict[str, Any]]
 ) -> None:
-    """The momentum buffers stay; nesterov turned on in place takes torch's single-tensor
-    SGD, as a new optimizer with nesterov does, so a gradient read after the Step is still
-    the one Backward made."""
     client.set_optimizer("sgd", lr=0.1, momentum=0.9)
     model = local_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _steps(client, model, optimizer)
-    config = client.set_optimizer(lr=0.05, nesterov=True, keep_state=True)
-    assert config == gradwire.OptimizerConfig(
-        kind="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, nesterov=True
-    )
-    optimizer.param_groups[0].update(lr=0.05, nesterov=True)
-    _steps(client, model, optimizer)
+    for change in changes:
+        config = client.set_optimizer(keep_state=True, **change)
+        optimizer.param_groups[0].update(change)
+        group = optimizer.param_groups[0]
+        assert config == gradwire.OptimizerConfig(
+            kind="sgd",
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+        )
+        _steps(client, model, optimizer)
     for name in PARAMETERS:
         assert np.array_equal(client.get(name), weights(model, name)), name
-        grad = dict(model.named_parameters())[name].grad
-        assert np.array_equal(client.get(f"{name}.grad"), grad), name
         buffer = optimizer.state[dict(model.named_parameters())[name]]["momentum_buffer"]
         assert np.array_equal(client.get(f"optimizer.{name}.momentum_buffer"), buffer), name
 
@@ -643,13 +654,23 @@ def test_keep_state_refuses_what_a_new_optimizer_would_and_changes_nothing(
     assert np.array_equal(client.get("optimizer.conv1.weight.exp_avg"), moments)
 
 
-def test_keep_state_refuses_nesterov_without_momentum_as_torch_does(
+def test_keep_state_checks_the_settings_as_a_whole_and_names_those_kept(
     client: gradwire.Client,
 ) -> None:
-    config = client.list_tensors().optimizer
-    with pytest.raises(errors.InvalidArgument, match="Nesterov momentum requires a momentum"):
-        client.set_optimizer(nesterov=True, keep_state=True)
-    assert client.list_tensors().optimizer == config
+    """Momentum 0 is refused while nesterov, kept, stays on; the message named neither."""
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True)
+    before = (current_version(client), client.list_tensors().optimizer)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set_optimizer(momentum=0.0, keep_state=True)
+    assert caught.value.reason == "BAD_OPTIMIZER"
+    assert caught.value.message == (
+        "optimizer settings refused: Nesterov momentum requires a momentum and zero "
+        "dampening; keep_state keeps the settings not given (lr=0.1, weight_decay=0.0, "
+        "nesterov=True): give those that must change too, in the same call"
+    )
+    assert (current_version(client), client.list_tensors().optimizer) == before
+    config = client.set_optimizer(momentum=0.0, nesterov=False, keep_state=True)
+    assert (config.momentum, config.nesterov) == (0.0, False)
 
 
 def test_keep_state_must_be_true_or_false(client: gradwire.Client) -> None:

@@ -118,6 +118,30 @@ def test_settings_changed_in_place_are_a_new_optimizers_every_one(
         assert group["foreach"] is False
 
 
+def test_keep_state_without_a_kind_takes_the_kind_in_place_under_the_lock(
+    trainer: Trainer,
+) -> None:
+    """The kind was read outside the lock: a kind changed by another call in between had
+    a valid change refused, naming a kind its caller never asked for (found by a review)."""
+    trainer.set_optimizer(OptimizerSettings("adam", lr=0.01))
+    _, merged = trainer.set_optimizer(
+        OptimizerSettings(lr=0.1, beta1=0.8), keep_state=True, kind_given=False
+    )
+    assert (merged.kind, merged.lr, merged.beta1) == ("adam", 0.1, 0.8)
+
+
+@pytest.mark.parametrize("keep_state", [False, True])
+def test_a_setting_of_the_other_kind_is_refused_by_the_trainer_too(
+    trainer: Trainer, keep_state: bool
+) -> None:
+    """Only the gRPC path refused it: the trainer kept beta1 in an SGD's settings, which
+    checkpoints then saved (found by a review)."""
+    before = (trainer.version, trainer.optimizer_settings)
+    with pytest.raises(InvalidInput, match="beta1 is a setting of Adam, not of SGD"):
+        trainer.set_optimizer(OptimizerSettings("sgd", beta1=0.5), keep_state=keep_state)
+    assert (trainer.version, trainer.optimizer_settings) == before
+
+
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"

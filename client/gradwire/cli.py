@@ -1329,7 +1329,9 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
         version, config, said = (
             listing.version,
             listing.optimizer,
-            "; --kind or a setting replaces it",
+            "; --keep-state changes the settings given: give one"
+            if args.keep_state
+            else "; --kind or a setting replaces it",
         )
     elif args.keep_state:  # the kind in place unless --kind says; the server checks it
         version, config = client._set_optimizer(args.kind, given, keep_state=True)
@@ -2017,7 +2019,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta2", type=float, help="Adam's second beta (default 0.999)")
     p.add_argument("--eps", type=float, help="Adam's epsilon (default 1e-08)")
     p.add_argument(
-        "--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum"
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SGD with Nesterov momentum; --no-nesterov turns it off (with --keep-state)",
     )
 
     p = add("health", cmd_health, "ask the standard gRPC health check; exit 0 when SERVING")

@@ -36,6 +36,7 @@ from gradwire_server.trainer import (
     TensorInput,
     Trainer,
     TrainResult,
+    check_settings_kind,
 )
 
 _FILL_KINDS: dict[int, str] = {
@@ -326,11 +327,10 @@ def chain_from_proto(messages: list[pb.Index] | object) -> list[tuple[codec.Inde
         raise InvalidInput(f"bad index: {err}", reason="BAD_INDEX") from err
 
 
-def optimizer_from_proto(
-    message: pb.OptimizerConfig, kind_in_place: Literal["sgd", "adam"] | None = None
-) -> OptimizerSettings:
-    """The settings `message` sets (None where it sets none). An unspecified kind is SGD,
-    or `kind_in_place` where given (SetOptimizer's keep_state: the optimizer's own kind)."""
+def optimizer_from_proto(message: pb.OptimizerConfig, check_kind: bool = True) -> OptimizerSettings:
+    """The settings `message` sets (None where it sets none); an unspecified kind is SGD.
+    Without `check_kind`, a setting of the other kind is left for the trainer to refuse
+    (SetOptimizer's keep_state, whose unspecified kind is the one in place)."""
     if message.kind not in (
         pb.OPTIMIZER_KIND_UNSPECIFIED,
         pb.OPTIMIZER_KIND_SGD,
@@ -340,22 +340,6 @@ def optimizer_from_proto(
             f"optimizer kind {message.kind} is not SGD or ADAM", reason="BAD_OPTIMIZER"
         )
     kind: Literal["sgd", "adam"] = "adam" if message.kind == pb.OPTIMIZER_KIND_ADAM else "sgd"
-    if message.kind == pb.OPTIMIZER_KIND_UNSPECIFIED and kind_in_place is not None:
-        kind = kind_in_place
-    sgd_only = ("momentum", "nesterov")
-    adam_only = ("beta1", "beta2", "eps")
-    for name in adam_only if kind == "sgd" else sgd_only:
-        if message.HasField(name):  # type: ignore[arg-type]
-            this, other = ("SGD", "Adam") if kind == "sgd" else ("Adam", "SGD")
-            instead = (
-                f"ask for {other}"
-                if kind_in_place is None
-                else f"replace the optimizer with {other} (without keep_state)"
-            )
-            raise InvalidInput(
-                f"{name} is a setting of {other}, not of {this}: leave it out, or {instead}",
-                reason="BAD_OPTIMIZER",
-            )
 
     def opt(name: str) -> float | None:
         if not message.HasField(name):  # type: ignore[arg-type]
@@ -370,7 +354,7 @@ def optimizer_from_proto(
             )
         return value
 
-    return OptimizerSettings(
+    settings = OptimizerSettings(
         kind=kind,
         lr=opt("lr"),
         momentum=opt("momentum"),
@@ -380,6 +364,9 @@ def optimizer_from_proto(
         eps=opt("eps"),
         nesterov=message.nesterov if message.HasField("nesterov") else None,
     )
+    if check_kind:
+        check_settings_kind(settings)
+    return settings
 
 
 def optimizer_to_proto(settings: OptimizerSettings) -> pb.OptimizerConfig:

@@ -1061,11 +1061,14 @@ class TrainerServicer:
     def SetOptimizer(
         self, request: pb.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> pb.SetOptimizerResponse:
-        # keep_state with no kind means the kind in place, read here to check the settings
-        # against it; set_optimizer checks it again under the lock, where it cannot change.
-        in_place = self.trainer.optimizer_settings.kind if request.keep_state else None
-        settings = convert.optimizer_from_proto(request.config, in_place)
-        version, resolved = self.trainer.set_optimizer(settings, keep_state=request.keep_state)
+        keep_state = request.keep_state
+        # With keep_state an unspecified kind is the kind in place, which only the trainer,
+        # under its lock, can tell; it checks the settings against it there.
+        settings = convert.optimizer_from_proto(request.config, check_kind=not keep_state)
+        kind_given = request.config.kind != pb.OPTIMIZER_KIND_UNSPECIFIED
+        version, resolved = self.trainer.set_optimizer(
+            settings, keep_state=keep_state, kind_given=kind_given
+        )
         return pb.SetOptimizerResponse(version=version, config=convert.optimizer_to_proto(resolved))
 
     @rpc

@@ -275,6 +275,29 @@ class OptimizerSettings:
         )
 
 
+#: The settings only one kind of optimizer has.
+_ONLY = {"sgd": ("momentum", "nesterov"), "adam": ("beta1", "beta2", "eps")}
+_KIND_NAMES = {"sgd": "SGD", "adam": "Adam"}
+
+
+def check_settings_kind(settings: OptimizerSettings, *, in_place: bool = False) -> None:
+    """Refuses a setting that belongs to the other kind of optimizer (BAD_OPTIMIZER); with
+    `in_place`, for a change to the optimizer in place (SetOptimizer's keep_state)."""
+    other = "adam" if settings.kind == "sgd" else "sgd"
+    for name in _ONLY[other]:
+        if getattr(settings, name) is not None:
+            this, that = _KIND_NAMES[settings.kind], _KIND_NAMES[other]
+            instead = (
+                f"replace the optimizer with {that} (without keep_state)"
+                if in_place
+                else f"ask for {that}"
+            )
+            raise InvalidInput(
+                f"{name} is a setting of {that}, not of {this}: leave it out, or {instead}",
+                reason="BAD_OPTIMIZER",
+            )
+
+
 @dataclass(frozen=True)
 class FillSpec:
     """A tensor to make on the device: zeros, ones, a constant, or seeded random values."""
@@ -1779,27 +1802,31 @@ class Trainer:
 
     @under_lock
     def set_optimizer(
-        self, settings: OptimizerSettings, keep_state: bool = False
+        self, settings: OptimizerSettings, keep_state: bool = False, *, kind_given: bool = True
     ) -> tuple[int, OptimizerSettings]:
         """Replaces the optimizer; its state (momentum, Adam's moments) starts afresh, and
         the settings left None take their defaults. With `keep_state`, changes the settings
         given (those not None) in the optimizer in place instead, as assigning to torch's
-        param_groups does: the others keep their values, and the optimizer keeps its state.
-        Returns the version and the settings in force."""
+        param_groups does: the others keep their values, and the optimizer keeps its state;
+        without `kind_given`, settings.kind is taken to be the kind in place. Returns the
+        version and the settings in force."""
         if not keep_state:
+            check_settings_kind(settings)
             resolved = settings.resolved()
             self._optimizer = self._build_optimizer(self._model.parameters(), resolved)
             self._settings = resolved
             return self._bump(), resolved
         current = self._settings
+        if not kind_given:  # here, under the lock, where no other call can change the kind
+            settings = dataclasses.replace(settings, kind=current.kind)
         if settings.kind != current.kind:
-            names = {"sgd": "SGD", "adam": "Adam"}
             raise InvalidInput(
-                f"the optimizer is {names[current.kind]}, and keep_state changes its settings "
-                f"in place: {names[settings.kind]} needs a new optimizer (without keep_state, "
-                "its state starts afresh)",
+                f"the optimizer is {_KIND_NAMES[current.kind]}, and keep_state changes its "
+                f"settings in place: {_KIND_NAMES[settings.kind]} needs a new optimizer "
+                "(without keep_state, its state starts afresh)",
                 reason="BAD_OPTIMIZER",
             )
+        check_settings_kind(settings, in_place=True)
         given = {
             f.name: getattr(settings, f.name)
             for f in dataclasses.fields(settings)
@@ -1810,7 +1837,20 @@ class Trainer:
         # checks refuse what a new optimizer would (nesterov without momentum), before
         # anything changed, and its group holds every setting as a new optimizer's would
         # (SGD's foreach follows nesterov), to copy into the groups in place.
-        made = self._build_optimizer([torch.zeros(1, requires_grad=True)], merged)
+        try:
+            made = self._build_optimizer([torch.zeros(1, requires_grad=True)], merged)
+        except InvalidInput as err:
+            kept = [
+                f"{f.name}={getattr(current, f.name)}"
+                for f in dataclasses.fields(current)
+                if f.name not in given and f.name != "kind"
+                if getattr(current, f.name) is not None
+            ]
+            raise InvalidInput(
+                f"{err.message}; keep_state keeps the settings not given ({', '.join(kept)}): "
+                "give those that must change too, in the same call",
+                reason="BAD_OPTIMIZER",
+            ) from err
         settings_made = {k: v for k, v in made.param_groups[0].items() if k != "params"}
         for group in self._optimizer.param_groups:
             group.update(settings_made)

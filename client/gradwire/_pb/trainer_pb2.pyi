@@ -19,8 +19,9 @@ Conventions used by every message below:
   "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
   the last Step made to each parameter ("conv1.weight.delta"). ListTensors
   lists them all. An optimizer-state name exists while the optimizer in use keeps that
-  state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
-  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
+  state (SGD without momentum uses none): after a SetOptimizer to one that does not, a
+  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so (buffers that a
+  keep_state change to momentum 0 leaves in place are unlisted the same way).
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions
@@ -1329,8 +1330,12 @@ class SetOptimizerRequest(_message.Message):
     true: change the settings set in config in the optimizer in place, as assigning to
     torch's param_groups does (a learning rate lowered mid-training): those not set keep
     their values, and the optimizer keeps its state. config.kind is then unspecified or the
-    kind in place; another kind needs a new optimizer (BAD_OPTIMIZER). Settings refused
-    (BAD_OPTIMIZER, as for a new optimizer) change nothing.
+    kind in place; another kind needs a new optimizer (BAD_OPTIMIZER). The settings after
+    the change are checked as a whole, as a new optimizer's would be: a change valid alone
+    can be refused for a setting kept (momentum 0 while nesterov stays on: set both in one
+    call). Settings refused (BAD_OPTIMIZER) change nothing. As in PyTorch, momentum set to
+    0 in place keeps the momentum buffers, unused and unlisted, and a momentum raised again
+    in place goes on from them.
     """
     @_builtins.property
     def config(self) -> Global___OptimizerConfig:

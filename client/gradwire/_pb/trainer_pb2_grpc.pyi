@@ -19,8 +19,9 @@ Conventions used by every message below:
   "optimizer.conv1.weight.exp_avg", "...exp_avg_sq", "...step") and the change
   the last Step made to each parameter ("conv1.weight.delta"). ListTensors
   lists them all. An optimizer-state name exists while the optimizer in use keeps that
-  state (SGD without momentum keeps none): after a SetOptimizer to one that does not, a
-  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so.
+  state (SGD without momentum uses none): after a SetOptimizer to one that does not, a
+  read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so (buffers that a
+  keep_state change to momentum 0 leaves in place are unlisted the same way).
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions
