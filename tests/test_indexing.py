@@ -72,11 +72,22 @@ def test_out_of_range_names_the_dimension_and_size() -> None:
         select(torch.zeros(16), parse_selector("w[-17]").index, "w")
 
 
-def test_too_many_indices() -> None:
-    with pytest.raises(InvalidInput, match="it has 2 dimension\\(s\\) but 3 were indexed"):
+def test_too_many_indices_says_what_the_selection_has() -> None:
+    """Said "it has 0 dimension(s) but 1 were indexed" of a selection that was already one
+    value (found by a newcomer's walkthrough)."""
+    with pytest.raises(InvalidInput) as caught:
         select(torch.zeros(2, 2), parse_selector("w[0, 0, 0]").index, "w")
-    with pytest.raises(InvalidInput, match="too many indices"):
-        select(torch.tensor(1.0), parse_selector("w[0]").index, "loss")
+    assert caught.value.message == (
+        "too many indices for w: it has 2 dimensions, shape [2, 2], and 3 indices were given"
+    )
+    with pytest.raises(InvalidInput) as caught:
+        select(torch.zeros(16, 3), parse_selector("w[0][0][0]").index, "w")
+    assert caught.value.message == (
+        "too many indices for w[0][0]: it is one value (no dimensions left to index), and 1 "
+        "index was given"
+    )
+    with pytest.raises(InvalidInput, match=r"it has 1 dimension, shape \[3\], and 2 indices"):
+        select(torch.zeros(3), parse_selector("w[0, 1]").index, "w")
 
 
 def test_a_write_through_a_huge_step_writes_the_one_element_it_selects() -> None:

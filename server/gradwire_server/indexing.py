@@ -17,12 +17,22 @@ from gradwire_server.errors import IndexOutOfRange, InvalidInput
 IndexChain = Sequence[tuple[IndexItem, ...]]
 
 
-def _expand(key: tuple[IndexItem, ...], ndim: int, label: Callable[[], str]) -> list[IndexItem]:
+def _expand(
+    key: tuple[IndexItem, ...], shape: Sequence[int], label: Callable[[], str]
+) -> list[IndexItem]:
+    ndim = len(shape)
     consumed = sum(1 for item in key if item is not None and item is not Ellipsis)
     if consumed > ndim:
+        # "it has 0 dimension(s) but 1 were indexed" left a person to work out that the
+        # selection was already one value (found by a newcomer's walkthrough).
+        has = (
+            "it is one value (no dimensions left to index)"
+            if ndim == 0
+            else f"it has {ndim} dimension{'s' * (ndim != 1)}, shape {list(shape)}"
+        )
+        given = "1 index was" if consumed == 1 else f"{consumed} indices were"
         raise InvalidInput(
-            f"too many indices for {label()}: it has {ndim} dimension(s) but {consumed} "
-            "were indexed",
+            f"too many indices for {label()}: {has}, and {given} given",
             reason="TOO_MANY_INDICES",
         )
     if Ellipsis not in key:
@@ -38,7 +48,7 @@ def _apply(
     out = tensor
     dim = 0  # position in `out`
     source_dim = 0  # position in `tensor`, for messages
-    for item in _expand(key, tensor.dim(), label):
+    for item in _expand(key, tensor.shape, label):
         if item is None:
             if out.dim() >= MAX_DIMS:
                 # torch would go on; numpy, and so every reply, stops at 64.
