@@ -330,7 +330,7 @@ def chain_from_proto(messages: list[pb.Index] | object) -> list[tuple[codec.Inde
 def optimizer_from_proto(message: pb.OptimizerConfig, check_kind: bool = True) -> OptimizerSettings:
     """The settings `message` sets (None where it sets none); an unspecified kind is SGD.
     Without `check_kind`, a setting of the other kind is left for the trainer to refuse
-    (SetOptimizer's keep_state, whose unspecified kind is the one in place)."""
+    (SetOptimizer, whose keep_state takes an unspecified kind for the one in place)."""
     if message.kind not in (
         pb.OPTIMIZER_KIND_UNSPECIFIED,
         pb.OPTIMIZER_KIND_SGD,

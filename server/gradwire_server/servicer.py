@@ -1061,13 +1061,12 @@ class TrainerServicer:
     def SetOptimizer(
         self, request: pb.SetOptimizerRequest, context: grpc.ServicerContext
     ) -> pb.SetOptimizerResponse:
-        keep_state = request.keep_state
-        # With keep_state an unspecified kind is the kind in place, which only the trainer,
-        # under its lock, can tell; it checks the settings against it there.
-        settings = convert.optimizer_from_proto(request.config, check_kind=not keep_state)
+        # The trainer checks the settings against the kind, once, under its lock: with
+        # keep_state an unspecified kind is the kind in place, which only it can tell there.
+        settings = convert.optimizer_from_proto(request.config, check_kind=False)
         kind_given = request.config.kind != pb.OPTIMIZER_KIND_UNSPECIFIED
         version, resolved = self.trainer.set_optimizer(
-            settings, keep_state=keep_state, kind_given=kind_given
+            settings, keep_state=request.keep_state, kind_given=kind_given
         )
         return pb.SetOptimizerResponse(version=version, config=convert.optimizer_to_proto(resolved))
 
