@@ -403,12 +403,118 @@ def test_a_fill_no_half_float_holds_is_refused_before_anything_changes(
     trainer = Trainer(ModelSpec("Halves", _Halves, (4,), 2), seed=0)
     bias = trainer.parameters["lin.bias"].detach().clone()
     version = trainer.list_tensors().version
-    said = r"does not fit (h|b|one)'s dtype b?float16: past its range$"  # no C++ type names
+    # no C++ type names ("c10::Half")
+    said = r"does not fit (h|b|one)'s dtype b?float16: past its range, ±[0-9.e+]+ \(to fill"
     with pytest.raises(InvalidInput, match=said) as info:
         trainer.fill_parameters(value, names)
     assert info.value.reason == "BAD_VALUE"
     assert torch.equal(trainer.parameters["lin.bias"].detach(), bias)
     assert trainer.list_tensors().version == version
+    trainer.close()
+
+
+class _Edges(nn.Module):
+    """A float32 layer beside parameters at the edges of a fill's range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.i64 = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
+        self.i32 = nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)
+        self.f32 = nn.Parameter(torch.zeros(2))
+        self.f16 = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "held"),
+    [
+        ("i64", 2.0**63 - 1024, 2**63 - 1024),  # the largest double under 2**63
+        ("i64", -(2.0**63), -(2**63)),
+        ("i32", 1.9, 1),  # truncated toward zero, as fill_ does
+        ("i32", -0.9, 0),
+        ("f32", 3.4028235e38, torch.finfo(torch.float32).max),  # float32's largest, as printed
+        ("f16", 65519.0, 65504.0),  # rounds to float16's largest
+        ("f32", float("inf"), float("inf")),
+    ],
+)
+def test_a_fill_takes_what_its_dtype_holds_once_rounded(
+    name: str, value: float, held: float
+) -> None:
+    """torch's check refused 3.4028235e38 for float32 and 65519 for float16, though each
+    rounds to the dtype's largest value (found by the forty-fourth session's walkthrough of
+    the contract)."""
+    trainer = Trainer(ModelSpec("Edges", _Edges, (4,), 2), seed=0)
+    trainer.fill_parameters(value, [name])
+    assert trainer.read(name).value.tolist() == [held, held]
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        (
+            "i64",
+            2.0**63,
+            "int64 holds whole numbers from -9223372036854775808 to 9223372036854775807",
+        ),
+        ("i32", 2.0**31, "int32 holds whole numbers from -2147483648 to 2147483647"),
+        ("i32", float("nan"), "int32 holds whole numbers"),
+        ("f32", 3.5e38, r"past its range, ±3.402823e\+38 \(to fill with inf, send inf\)"),
+        ("f16", 65520.0, r"past its range, ±65504"),
+    ],
+)
+def test_a_fill_past_its_dtype_is_refused_before_anything_changes(
+    name: str, value: float, why: str
+) -> None:
+    """FillParameters of 2**63 into an int64 parameter answered OK and wrote its least value,
+    -2**63: torch compares in double precision, where 2**63 - 1 is 2**63 (found by the
+    forty-fourth session's walkthrough of the contract)."""
+    trainer = Trainer(ModelSpec("Edges", _Edges, (4,), 2), seed=0)
+    bias = trainer.parameters["lin.bias"].detach().clone()
+    version = trainer.list_tensors().version
+    with pytest.raises(InvalidInput, match=f"does not fit {name}'s dtype .*: {why}") as info:
+        # lin.bias first, filled but for the refusal; it cannot hold 3.5e38 either
+        trainer.fill_parameters(value, ["lin.bias", name] if name != "f32" else [name])
+    assert info.value.reason == "BAD_VALUE"
+    assert torch.equal(trainer.parameters["lin.bias"].detach(), bias)
+    assert not trainer.parameters[name].detach().any()
+    assert trainer.list_tensors().version == version
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "why"),
+    [
+        ("int64", 2.0**63, "int64 holds whole numbers from -9223372036854775808 to"),
+        ("int32", -(2.0**31) - 1, "int32 holds whole numbers from -2147483648 to"),
+        ("float16", 1e5, "past its range, ±65504"),  # was inf in a fill of one value
+        ("float32", 1e300, r"past its range, ±3.402823e\+38"),  # was torch's "c10" words
+    ],
+)
+def test_a_constant_fill_its_dtype_cannot_hold_is_refused(
+    dtype: str, value: float, why: str
+) -> None:
+    """A target filled with 2**63 as int64 was refused as holding class -2**63, a number the
+    caller never sent; into a parameter it was written so (found by the forty-fourth
+    session's walkthrough of the contract)."""
+    trainer = Trainer(seed=0)
+    with pytest.raises(
+        InvalidInput, match=f"a constant fill of {dtype} cannot hold .*: {why}"
+    ) as info:
+        trainer.write("conv1.weight", [(0, 0, 0, 0)], FillSpec("constant", (1,), dtype, value))
+    assert info.value.reason == "BAD_FILL"
+    trainer.close()
+
+
+def test_a_constant_fill_rounds_to_its_dtype() -> None:
+    """float32's largest as numpy prints it, 3.4028235e38, rounds to it; torch refused it."""
+    trainer = Trainer(seed=0)
+    trainer.write("conv1.weight", [(0, 0, 0)], FillSpec("constant", (3,), value=3.4028235e38))
+    largest = torch.finfo(torch.float32).max
+    assert trainer.read("conv1.weight", [(0, 0, 0)]).value.tolist() == [largest] * 3
     trainer.close()
 
 

@@ -544,6 +544,27 @@ def _int_range(dtype: torch.dtype) -> tuple[int, int]:
     return info.min, info.max
 
 
+def _scalar_for(value: float, dtype: torch.dtype) -> tuple[float | int, str]:
+    """`value` as a one-value fill of `dtype` (fill_, torch.full) should be given it, and ""; or
+    (0, why) when `dtype` cannot hold it. torch's own check compares in double precision:
+    2**63 passed for int64 and wrapped to its least value, and 3.4028235e38 (float32's
+    largest, as numpy prints it) was refused though it rounds to that largest. Here a float
+    is rounded to `dtype` first and refused only if that makes a finite value infinite; an
+    integer is truncated toward zero, as fill_ does, and compared exactly. A bool takes any
+    value (all but 0 are True, NaN too, as in torch)."""
+    if dtype == torch.bool:
+        return value, ""
+    if dtype.is_floating_point:
+        rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+        if math.isfinite(value) and not math.isfinite(rounded):
+            return 0, f"past its range, ±{torch.finfo(dtype).max:.7g} (to fill with inf, send inf)"
+        return rounded, ""
+    low, high = _int_range(dtype)
+    if not math.isfinite(value) or not low <= math.trunc(value) <= high:
+        return 0, f"{_dtype_name(dtype)} holds whole numbers from {low} to {high}"
+    return math.trunc(value), ""
+
+
 def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
     copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
@@ -932,7 +953,14 @@ class Trainer:
                             f"{spec.value}{probabilities}",
                             reason="BAD_FILL",
                         )
-                    return torch.full(spec.shape, spec.value, dtype=dtype, device=device)
+                    value, why = _scalar_for(spec.value, dtype)
+                    if why:  # 2**63 as int64 wrapped; 1e5 as float16 was inf in one value
+                        raise InvalidInput(
+                            f"{what}: a constant fill of {_dtype_name(dtype)} cannot hold "
+                            f"{spec.value!r}: {why}",
+                            reason="BAD_FILL",
+                        )
+                    return torch.full(spec.shape, value, dtype=dtype, device=device)
                 if spec.kind in ("uniform", "normal") and not dtype.is_floating_point:
                     # torch says only '"check_uniform_bounds" not implemented for 'Long''.
                     hint = (
@@ -1740,21 +1768,17 @@ class Trainer:
                 )
             if name not in params:
                 raise self._unknown(name)
-            # The same conversion fill_ makes, refused before anything changes. On two
-            # elements: torch fills one without its overflow check (1e5 into a float16 one
-            # gives inf), and a float16 parameter was changed after another of the same call.
-            try:
-                torch.empty(2, dtype=params[name].dtype).fill_(value)
-            except RuntimeError as err:
-                # torch's words name C++ types ("c10::Half without overflow").
-                why = "past its range" if "overflow" in str(err) else str(err)
-                dtype = str(params[name].dtype).removeprefix("torch.")
+            # Every parameter checked before any changes: a float16 parameter was changed
+            # after another of the same call.
+            _, why = _scalar_for(value, params[name].dtype)
+            if why:
+                dtype = _dtype_name(params[name].dtype)
                 raise InvalidInput(
                     f"{value!r} does not fit {name}'s dtype {dtype}: {why}", reason="BAD_VALUE"
-                ) from err
+                )
         with torch.no_grad():
             for name in chosen:
-                params[name].fill_(value)
+                params[name].fill_(_scalar_for(value, params[name].dtype)[0])
         self._parameters_changed = True
         return self._bump(), chosen
 

@@ -469,7 +469,10 @@ class Fill(_message.Message):
     dtype holds (±65504 for float16), is refused (BAD_FILL).
     A random fill is made on the server's device, by that device's generator: a seed gives
     the same values on the same kind of device, not on a CPU and a GPU alike (nor, perhaps,
-    on two GPU models). A constant of an integer dtype must be a whole number.
+    on two GPU models). KIND_CONSTANT: a constant of an integer dtype must be a whole
+    number within its range (2^63 is past int64's); one of a floating dtype is rounded to
+    it, and a finite one that rounds past its range (1e5 for float16) is refused (BAD_FILL):
+    a fill of inf is asked for by giving inf.
     """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -1101,10 +1104,14 @@ class FillParametersRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     value: _builtins.float
-    """Every element becomes this value. One that a named parameter's dtype cannot hold (1e5
-    for float16, 1e300 for float32, NaN or 2^40 for an int32 one) is refused,
-    BAD_VALUE, before any parameter changes: unlike SetTensor, which writes inf as numpy
-    does, a fill of a whole parameter with inf is asked for by writing inf.
+    """Every element becomes this value, as PyTorch's fill_ makes it: rounded to a floating
+    parameter's dtype (65519 is float16's 65504), truncated toward zero in an integer one
+    (1.9 is 1), and true in a bool one unless 0 (NaN is true). One that a named parameter's
+    dtype cannot hold is refused, BAD_VALUE, before any parameter changes: a finite value
+    that rounds past a floating dtype's range (1e5 for float16, 1e300 for float32), or NaN,
+    inf, or a value past an integer dtype's range once truncated (2^40 for int32, 2^63 for
+    int64). Unlike SetTensor, which writes inf as numpy does, a fill of a whole parameter
+    with inf is asked for by writing inf.
     """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
