@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import gradwire
 from gradwire import errors
@@ -22,7 +23,7 @@ from gradwire_server import servicer as servicer_module
 from gradwire_server import stats as server_stats
 from gradwire_server.app import Running, start
 from gradwire_server.errors import InvalidInput
-from gradwire_server.models import TINY_MLP
+from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.test_train_step import local_model, local_train_step, random_batch
@@ -348,6 +349,90 @@ def test_a_failed_forward_keeps_the_last_activations(client: gradwire.Client) ->
     with pytest.raises(errors.InvalidArgument):
         client.forward(x, np.array([0, 99]))  # class 99 is refused
     assert np.array_equal(client.get("conv1.output"), before)
+
+
+class _Residual(nn.Module):
+    """A ResNet-like block: its layers' outputs are changed in place after they are returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.fc(x))
+        out += x  # changes bn.output in place
+        return self.head(self.relu(out))  # and so does the ReLU, bn.output again
+
+
+class _NegativeOnly(nn.Module):
+    """Changes fc.output in place for some inputs only: a meta run cannot tell which."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        if bool(x.sum() < 0):
+            out.mul_(2)
+        return out
+
+
+def _local_outputs(model: nn.Module, x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
+    """Each module's output as it returned it: copied in the hook."""
+    outputs: dict[str, np.ndarray[Any, Any]] = {}
+    for name, module in model.named_modules():
+        if name:
+            module.register_forward_hook(
+                lambda m, a, out, name=name: outputs.__setitem__(name, out.detach().numpy().copy())
+            )
+    model(torch.from_numpy(x))
+    return outputs
+
+
+def test_an_output_changed_in_place_later_is_kept_as_its_module_returned_it() -> None:
+    """bn.output was read as relu(bn(fc(x)) + x): the server kept each output without a copy,
+    and the model's `out += x` and ReLU(inplace=True) changed it after BatchNorm returned it.
+    Its mean read 0.52 where BatchNorm's is 0 (found by the forty-fourth session's walkthrough
+    as a researcher with a model of their own)."""
+    spec = ModelSpec("Residual", _Residual, (4,), 3)
+    running = start(Trainer(spec, seed=0), "127.0.0.1", 0)
+    torch.manual_seed(0)
+    local = _Residual()
+    x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+    want = _local_outputs(local, x)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        for _ in range(2):  # the first Forward too, and the next
+            client.forward(x, np.arange(8) % 3)
+            for name in ("fc", "bn", "relu", "head"):
+                np.testing.assert_array_equal(client.get(f"{name}.output"), want[name], name)
+            stats = client.stats("bn.output").stats
+            assert stats is not None
+            assert abs(stats.mean) < 1e-6 < -stats.min  # BatchNorm's, in training mode
+    running.stop(grace=None)
+
+
+def test_an_output_changed_in_place_for_some_inputs_is_refused_then_copied() -> None:
+    """Where a run on meta tensors cannot show the change (the model branches on its input's
+    values), a read finds it: refused, and the output copied from the next Forward on."""
+    spec = ModelSpec("NegativeOnly", _NegativeOnly, (4,), 3)
+    running = start(Trainer(spec, seed=0), "127.0.0.1", 0)
+    torch.manual_seed(0)
+    local = _NegativeOnly()
+    x = -np.ones((2, 4), dtype=np.float32)
+    want = _local_outputs(local, x)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        client.forward(x, np.array([0, 1]))
+        np.testing.assert_array_equal(client.get("output"), 2 * want["fc"])
+        with pytest.raises(errors.FailedPrecondition, match="call Forward again") as info:
+            client.get("fc.output")
+        assert info.value.reason == "OUTPUT_CHANGED"
+        client.forward(x, np.array([0, 1]))
+        np.testing.assert_array_equal(client.get("fc.output"), want["fc"])
+    running.stop(grace=None)
 
 
 @pytest.mark.parametrize(

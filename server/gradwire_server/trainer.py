@@ -731,6 +731,14 @@ class Trainer:
         self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
+        # Each kept output's version counter as its module returned it, by name: a module
+        # output that the model changes in place later on (ReLU(inplace=True) after it, a
+        # residual `out += x`) is no longer what the module returned, and torch bumps its
+        # counter. Those outputs are copied as they are kept: found on meta tensors before
+        # the first Forward (None until then), or when a read finds a counter moved.
+        self._activation_versions: dict[str, int] = {}
+        self._pending_versions: dict[str, int] = {}
+        self._copied_outputs: set[str] | None = None
         self._modules = []  # names of the modules whose output is kept, the model's own aside
         # The hooks hold the trainer weakly: held strongly, the model and the trainer would
         # hold each other, and a closed session's memory would wait for the cycle collector.
@@ -750,7 +758,26 @@ class Trainer:
     def _keep_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
         # Kept aside until the Forward succeeds, so a failed one leaves the last one's.
         if isinstance(output, torch.Tensor):
-            self._pending[name + ACTIVATION_SUFFIX] = output.detach()
+            key = name + ACTIVATION_SUFFIX
+            kept = output.detach()  # shares the output's version counter
+            if self._copied_outputs and key in self._copied_outputs:
+                kept = kept.clone()  # the model changes it in place later on
+            else:
+                self._pending_versions[key] = kept._version
+            self._pending[key] = kept
+
+    def _outputs_changed_in_place(self, x: torch.Tensor) -> set[str]:
+        """The module outputs that the model changes in place after they are returned, found
+        by running it once on meta tensors (no memory, no arithmetic): torch bumps a tensor's
+        version counter at every in-place op, on meta tensors too. Empty for a model that
+        cannot run on them; a read still finds such an output (see _lookup)."""
+        try:
+            kept = self._run_on_meta(x, versions=True)
+        except Exception as err:  # a model that cannot run on meta tensors
+            log.debug("no check of outputs changed in place for input %s: %s", x.shape, err)
+            return set()
+        versions, self._pending_versions = self._pending_versions, {}
+        return {key for key, t in kept.items() if t._version != versions.get(key, t._version)}
 
     @staticmethod
     def _build_optimizer(
@@ -789,6 +816,7 @@ class Trainer:
         self._graph_alive = False  # the loss's graph can still be backpropagated
         self._parameters_changed = False  # parameters written in place since the Forward
         self._activations = {}
+        self._activation_versions = {}
 
     def _bump(self) -> int:
         self._version += 1
@@ -869,6 +897,27 @@ class Trainer:
                 value = torch.tensor(value)  # a plain number in some optimizers' state
             return "optimizer_state", value, None
         raise self._unknown(name)
+
+    def _found(self, name: str) -> torch.Tensor | None:
+        """What a read of `name` reads (None: absent). A module output the model changed in
+        place after its module returned it is refused (the meta run before the first Forward
+        did not find it: a model that cannot run on meta tensors, or a path some inputs take),
+        and copied from the next Forward on."""
+        kind, tensor, _ = self._lookup(name)
+        if kind != "activation" or tensor is None:
+            return tensor
+        if tensor._version == self._activation_versions.get(name, tensor._version):
+            return tensor
+        if self._copied_outputs is not None:
+            self._copied_outputs.add(name)
+        module = name.removesuffix(ACTIVATION_SUFFIX)
+        raise WrongOrder(
+            f"{name} was changed in place after {module} returned it (by an in-place op "
+            "later in the model, such as ReLU(inplace=True) or `out += x`), so the last "
+            f"Forward did not keep what {module} returned; from the next Forward on it is "
+            "kept as a copy: call Forward again",
+            reason="OUTPUT_CHANGED",
+        )
 
     def _unknown(self, name: str) -> UnknownTensor:
         names = self.names()
@@ -1140,7 +1189,9 @@ class Trainer:
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> ForwardResult:
-        self._pending = {}
+        if self._copied_outputs is None:
+            self._copied_outputs = self._outputs_changed_in_place(x)
+        self._pending, self._pending_versions = {}, {}
         with self._device_memory("forward"):
             try:
                 output = self._model(x)
@@ -1155,7 +1206,7 @@ class Trainer:
             except BaseException as err:
                 # The layers' outputs so far go now (on a GPU, perhaps most of its memory),
                 # not at the next Forward; the last Forward's stay.
-                self._pending = {}
+                self._pending, self._pending_versions = {}, {}
                 if not _refusal(err, x):
                     raise
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
@@ -1167,6 +1218,7 @@ class Trainer:
                 ) from err
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._activations, self._pending = self._pending, {}
+        self._activation_versions, self._pending_versions = self._pending_versions, {}
         self._graph_alive = loss is not None
         self._parameters_changed = False
         # loss.item() is where the device is synchronised: the value leaves it here.
@@ -1355,21 +1407,28 @@ class Trainer:
         return {k: (tuple(v.shape), v.dtype) for k, v in self._run_on_meta(x).items()}
 
     def _run_on_meta(
-        self, x: torch.Tensor, mode: AbstractContextManager[Any] | None = None
+        self,
+        x: torch.Tensor,
+        mode: AbstractContextManager[Any] | None = None,
+        *,
+        versions: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The model run on meta tensors for input `x` (shapes and dtypes, no memory, no
-        arithmetic), inside `mode`; the module outputs its hooks kept."""
+        arithmetic), inside `mode`; the module outputs its hooks kept (and, with `versions`,
+        their version counters as kept, left in _pending_versions)."""
         meta = {
             name: torch.empty_like(t, device="meta")
             for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
         }
-        self._pending = {}
+        self._pending, self._pending_versions = {}, {}
         try:
             with torch.no_grad(), mode or nullcontext():
                 torch.func.functional_call(self._model, meta, (torch.empty_like(x, device="meta"),))
             return self._pending
         finally:
             self._pending = {}
+            if not versions:
+                self._pending_versions = {}
 
     # --- how many threads a job runs on ----------------------------------------------
 
@@ -1584,7 +1643,7 @@ class Trainer:
             # torch thread: cuBLAS, say, keeps a handle and workspace for each thread that
             # calls it, never freed.
             with self._lock:
-                _, tensor, _ = self._lookup(name)
+                tensor = self._found(name)
                 if tensor is None:
                     return self._use(name, tensor, chain, use)
                 if tensor.numel() <= INLINE_READ_ELEMENTS:
@@ -1598,7 +1657,7 @@ class Trainer:
         return result
 
     def _read_with(self, name: str, chain: IndexChain, use: Callable[[Selection], T]) -> T:
-        return self._use(name, self._lookup(name)[1], chain, use)
+        return self._use(name, self._found(name), chain, use)
 
     def _use(
         self,

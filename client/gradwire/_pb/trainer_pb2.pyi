@@ -118,7 +118,9 @@ Conventions used by every message below:
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
-    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
+    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS,
+      OUTPUT_CHANGED (a module's output read, changed in place after the module returned
+      it: see TENSOR_KIND_ACTIVATION), CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
@@ -258,7 +260,15 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     TENSOR_KIND_LOSS: _TensorKind.ValueType  # 6
     """the last Forward's loss, 0-d ("loss")"""
     TENSOR_KIND_ACTIVATION: _TensorKind.ValueType  # 7
-    """a module's output in the last Forward ("conv1.output")"""
+    """A module's output in the last Forward ("conv1.output"), as the module returned it: one
+    the model changes in place afterwards (ReLU(inplace=True) after it, a residual
+    `out += x`) is kept as a copy. Such a change is found by running the model once on
+    meta tensors before its first Forward; one that run cannot show (a model that branches
+    on its input's values) is found by the read, which is refused, FAILED_PRECONDITION
+    (OUTPUT_CHANGED), and the output is copied from the next Forward on. A module called
+    twice in one Forward keeps its last output; one that returns no tensor (a tuple) is
+    absent.
+    """
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
     TENSOR_KIND_DELTA: _TensorKind.ValueType  # 9
@@ -285,7 +295,15 @@ TENSOR_KIND_OUTPUT: TensorKind.ValueType  # 5
 TENSOR_KIND_LOSS: TensorKind.ValueType  # 6
 """the last Forward's loss, 0-d ("loss")"""
 TENSOR_KIND_ACTIVATION: TensorKind.ValueType  # 7
-"""a module's output in the last Forward ("conv1.output")"""
+"""A module's output in the last Forward ("conv1.output"), as the module returned it: one
+the model changes in place afterwards (ReLU(inplace=True) after it, a residual
+`out += x`) is kept as a copy. Such a change is found by running the model once on
+meta tensors before its first Forward; one that run cannot show (a model that branches
+on its input's values) is found by the read, which is refused, FAILED_PRECONDITION
+(OUTPUT_CHANGED), and the output is copied from the next Forward on. A module called
+twice in one Forward keeps its last output; one that returns no tensor (a tuple) is
+absent.
+"""
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
 TENSOR_KIND_DELTA: TensorKind.ValueType  # 9
