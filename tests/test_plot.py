@@ -342,3 +342,45 @@ def test_bins_for_a_picture_that_is_no_histogram_are_refused(
     assert result.code == 2
     assert f"draws as {kind}: add --kind histogram" in result.err and not out.exists()
     assert cli("plot", selector, "--out", str(out), "--bins", "7", "--kind", "histogram").code == 0
+
+
+@needs_matplotlib
+def test_a_heatmap_draws_each_cell_in_its_own_colour() -> None:
+    """Rows of +1 and -1, 256 columns wide: matplotlib's default smoothing blended each row
+    through white into the next, drawing a 0 the tensor does not hold (found by the
+    forty-fourth session's walkthrough as a researcher). Every pixel inside the axes must be
+    one of the two colours."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    stripes = np.ones((10, 256), dtype=np.float32)
+    stripes[1::2] = -1
+    fig = Figure(figsize=plot.FIGSIZE, dpi=plot.DEFAULT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    assert plot._draw_heatmap(fig, stripes, "stripes") is None
+    fig.canvas.draw()
+    image = fig.axes[0].get_images()[0]
+    box = fig.axes[0].get_window_extent()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[:, :, :3].astype(int)
+    height = pixels.shape[0]  # the buffer's rows run from the top, the box's y from the bottom
+    inside = pixels[
+        height - int(box.y1) + 3 : height - int(box.y0) - 3, int(box.x0) + 3 : int(box.x1) - 3
+    ].reshape(-1, 3)
+    colours = np.array([image.cmap(image.norm(v))[:3] for v in (1.0, -1.0)]) * 255
+    nearest = np.abs(inside[:, None, :] - colours[None, :, :]).max(axis=2).min(axis=1)
+    assert inside.shape[0] > 100_000
+    assert nearest.max() <= 2, "a pixel of neither row's colour"
+
+
+@needs_matplotlib
+def test_a_heatmap_wider_than_its_pixels_says_so(tmp_path: Path) -> None:
+    weights = np.random.default_rng(0).standard_normal((20, 3200)).astype(np.float32)
+    result = plot.plot_array(weights, tmp_path / "h.png", name="linear.weight")
+    assert result.kind == "heatmap"
+    assert result.note is not None
+    assert result.note.startswith("3,200 columns on about ")
+    assert result.note.endswith(
+        "pixels: a pixel shows one of the cells it covers; slice the tensor to see every value"
+    )
+    narrow = plot.plot_array(weights[:, :64], tmp_path / "n.png", name="linear.weight")
+    assert narrow.note is None
