@@ -873,6 +873,45 @@ def test_remote_by_name(client: gradwire.Client) -> None:
     assert np.array_equal(view[1:3].numpy(), weights(local_model(), "conv1.weight")[1:3])
 
 
+class _Named(nn.Module):
+    """Modules named as PyTorch lets them be: by number, and by a key that is no identifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4))
+        self.blocks = nn.ModuleDict({"in-proj": nn.Linear(4, 3)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks["in-proj"](self.layers(x))
+
+
+def test_modules_named_as_pytorch_names_them_are_read_and_written() -> None:
+    """ "blocks.in-proj.weight" was refused by the client's selector, and
+    remote.blocks["in-proj"] raised "an index must be an integer": a ModuleDict's parameters
+    could not be read at all (found by the forty-fourth session's walkthrough as a
+    researcher)."""
+    from gradwire_server.app import start
+    from gradwire_server.models import ModelSpec
+    from gradwire_server.trainer import Trainer
+
+    running = start(Trainer(ModelSpec("Named", _Named, (4,), 3), seed=0), "127.0.0.1", 0)
+    torch.manual_seed(0)
+    local = _Named()
+    want = local.blocks["in-proj"].weight.detach().numpy()
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        assert np.array_equal(client.get("blocks.in-proj.weight"), want)
+        assert np.array_equal(client.get("blocks.in-proj.weight[1, :2]"), want[1, :2])
+        assert np.array_equal(client.remote.blocks["in-proj"].weight[1].numpy(), want[1])
+        bias = local.blocks["in-proj"].bias.detach().numpy()
+        assert np.array_equal(client.remote["blocks.in-proj.bias"].numpy(), bias)
+        client.set("blocks.in-proj.weight[0]", 2.0)
+        stats = client.stats("blocks.in-proj.weight[0]").stats
+        assert stats is not None and stats.min == stats.max == 2.0
+        # an nn.Sequential served as the model: its layers by number, as model[0].weight
+        assert client.remote[0].weight.selector == "0.weight"
+    running.stop(grace=None)
+
+
 def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
     array = np.asarray(client.remote.conv1.weight)
     assert array.dtype == np.float32
@@ -1561,7 +1600,8 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     ),
     (lambda c: c.wait_ready(-1), ValueError, "wait_ready.s timeout must be more than 0"),
     (lambda c: c.health(5), TypeError, "service is a str"),  # type: ignore[arg-type]
-    (lambda c: c.remote[0], TypeError, "a selector is a str"),  # type: ignore[index]
+    (lambda c: c.remote[1.5], TypeError, "a selector is a str"),  # type: ignore[index]
+    (lambda c: c.remote.conv1[0]["weight"], TypeError, "a name's parts come before its index"),
     (
         lambda c: setattr(c.remote.conv1, "weight", 1.0),
         AttributeError,

@@ -60,7 +60,17 @@ class RemoteTensor:
             )
         return RemoteTensor(self._client, f"{self._name}.{attribute}")
 
-    def __getitem__(self, key: codec.IndexKey) -> RemoteTensor:
+    def __getitem__(self, key: codec.IndexKey | str) -> RemoteTensor:
+        if isinstance(key, str):
+            # A ModuleDict's key that is no attribute name: remote.blocks["in-proj"].weight,
+            # as model.blocks["in-proj"].weight in PyTorch. It raised "an index must be an
+            # integer" (found by a walkthrough as a researcher).
+            if self._chain:
+                raise TypeError(
+                    f"{self.selector}[{key!r}]: a name's parts come before its index; write "
+                    f"remote[{f'{self._name}.{key}'!r}] and index that"
+                )
+            return RemoteTensor(self._client, f"{self._name}.{key}")
         codec.index_to_proto(key)  # refuse what is not basic indexing now, not at fetch time
         return RemoteTensor(self._client, self._name, (*self._chain, key))
 
@@ -151,9 +161,12 @@ class RemoteModel:
             raise AttributeError(attribute)
         return RemoteTensor(self._client, attribute)
 
-    def __getitem__(self, selector: str) -> RemoteTensor:
-        """remote["conv1.weight"], or a selector with its index: remote["conv1.weight[0]"]."""
-        parsed = parse_selector(selector)  # TypeError for remote[0], saying what one is
+    def __getitem__(self, selector: str | int) -> RemoteTensor:
+        """remote["conv1.weight"], or a selector with its index: remote["conv1.weight[0]"]; an
+        nn.Sequential's layer by number, remote[0].weight, as model[0].weight in PyTorch."""
+        if isinstance(selector, int) and not isinstance(selector, bool) and selector >= 0:
+            return RemoteTensor(self._client, str(selector))
+        parsed = parse_selector(selector)  # type: ignore[arg-type]  # TypeError, saying why
         return RemoteTensor(self._client, parsed.name, parsed.index)
 
     def __setattr__(self, attribute: str, value: Any) -> None:

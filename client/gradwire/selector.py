@@ -17,10 +17,13 @@ from gradwire.errors import GradwireError
 
 __all__ = ["Selector", "SelectorError", "parse_selector"]
 
-#: Dotted parts of letters, digits and underscores. A part may begin with a digit: torch
-#: names an nn.Sequential's layers "0", "1", ... ("0.weight"), and refused here, such a
-#: model's parameters could not be read.
-_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+#: Dotted parts, each of any characters but dots, brackets and control characters, as
+#: PyTorch names modules: an nn.Sequential's layers "0", "1", ... ("0.weight"), and a
+#: ModuleDict's keys as given, "blocks.in-proj.weight", which a pattern of letters, digits
+#: and "_" refused, so that such a model's parameters could not be read (found by a
+#: walkthrough as a researcher).
+_PART = r"[^.\[\]\x00-\x1f\x7f-\x9f]+"
+_NAME = re.compile(rf"{_PART}(\.{_PART})*")
 
 
 #: The longest selector taken: more than any index of MAX_DIMS dimensions needs. Longer
