@@ -14,7 +14,7 @@ import torch
 
 import gradwire
 from gradwire.fill import Fill
-from gradwire_server.errors import WrongOrder
+from gradwire_server.errors import DeadlinePassed, WrongOrder
 from gradwire_server.models import SIMPLE
 from gradwire_server.torch_thread import Closed, TorchThread
 from gradwire_server.trainer import FillSpec, Trainer
@@ -54,6 +54,44 @@ def test_calls_run_on_the_one_thread_and_answer_their_caller(worker: TorchThread
 
 def test_keyword_arguments_reach_the_call(worker: TorchThread) -> None:
     assert worker.run(lambda a, *, b: a - b, 5, b=3) == 2
+
+
+def test_a_call_whose_deadline_passes_while_it_waits_is_withdrawn(worker: TorchThread) -> None:
+    """Behind a call that holds the thread: refused at its deadline, and never run."""
+    entered, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def hold() -> str:
+        entered.set()
+        release.wait(60)
+        return "held"
+
+    holder = threading.Thread(target=lambda: ran.append(worker.run(hold)))
+    holder.start()
+    assert entered.wait(60)
+    with pytest.raises(DeadlinePassed, match="nothing was changed"):
+        worker.run_until(time.monotonic() + 0.05, ran.append, "withdrawn")
+    release.set()
+    holder.join(60)
+    assert worker.run_until(time.monotonic() + 60, lambda: "next") == "next"
+    assert ran == ["held"]  # the withdrawn call never ran, before or after
+
+
+def test_a_call_started_before_its_deadline_is_answered_when_it_ends(
+    worker: TorchThread,
+) -> None:
+    deadline = time.monotonic() + 1.0  # room for the thread to take the call up
+
+    def slow() -> str:
+        time.sleep(max(deadline - time.monotonic(), 0.0) + 0.1)  # runs past the deadline
+        return "done"
+
+    assert worker.run_until(deadline, slow) == "done"
+    with pytest.raises(ValueError, match="its own"):
+        worker.run_until(time.monotonic() + 60, int, "its own")
+    assert worker.run_until(time.monotonic() + 2.0**40, lambda: "no deadline to speak of") == (
+        "no deadline to speak of"
+    )
 
 
 def test_an_exception_is_raised_in_the_caller_and_lets_its_locals_go(

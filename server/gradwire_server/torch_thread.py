@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from gradwire_server.errors import WrongOrder
+from gradwire_server.errors import DeadlinePassed, WrongOrder
 
 T = TypeVar("T")
 
@@ -44,7 +45,7 @@ class Closed(WrongOrder):
 class _Call:
     """One call handed to the thread: what to run, and where its answer goes."""
 
-    __slots__ = ("args", "done", "error", "fn", "kwargs", "result")
+    __slots__ = ("args", "claim", "done", "error", "fn", "kwargs", "result")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.fn, self.args, self.kwargs = fn, args, kwargs
@@ -52,6 +53,9 @@ class _Call:
         self.done.acquire()  # released by the thread once result or error is set
         self.result: Any = None
         self.error: BaseException | None = None
+        # A call with a deadline: taken by the thread as it starts the call, or by the caller
+        # whose deadline passed first, which withdraws it (see run_until). None: no deadline.
+        self.claim: threading.Lock | None = None
 
 
 class _Worker:
@@ -116,6 +120,33 @@ class TorchThread:
         result: T = _answer(call)
         return result
 
+    def run_until(self, deadline: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """run(), for a call that must not start after `deadline` (time.monotonic()): if it is
+        still waiting for the thread then (behind another caller's Forward, say), it is
+        withdrawn and DeadlinePassed raised at once. Once started, it is answered when it
+        ends. A Calls message's timeout_ms was kept only in deciding whether it ran, and the
+        answer came when the work ahead of it ended (found by a walkthrough of the contract)."""
+        call = _Call(fn, args, kwargs)
+        call.claim = threading.Lock()
+        with self._closing:
+            if self._closed:
+                raise Closed(
+                    "this trainer was closed (its session ended or the server is stopping); "
+                    "open a new session"
+                )
+            self._worker.queue.put(call)
+        # gRPC gives a call without a deadline about 2^63 ns, past what a lock can wait.
+        left = min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
+        if not call.done.acquire(timeout=left):
+            if call.claim.acquire(blocking=False):  # not started: it never will be
+                raise DeadlinePassed(
+                    "the call's deadline passed while it waited for the server's other work "
+                    "to finish; nothing was changed"
+                )
+            call.done.acquire()  # started: answered when it ends
+        result: T = _outcome(call)
+        return result
+
     def close(self) -> None:
         """Lets the calls handed over finish, then ends a thread of its own (idempotent)."""
         with self._closing:
@@ -135,6 +166,11 @@ class TorchThread:
 def _answer(call: _Call) -> Any:
     """Waits for the call to be done; its result, or its exception raised here."""
     call.done.acquire()
+    return _outcome(call)
+
+
+def _outcome(call: _Call) -> Any:
+    """A done call's result, or its exception raised here."""
     error = call.error
     if error is not None:
         # The call no longer holds the exception: only the raise below does, so what the
@@ -156,6 +192,9 @@ def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
         call = calls.get()
         if call is None:
             return
+        if call.claim is not None and not call.claim.acquire(blocking=False):
+            del call  # withdrawn: its caller's deadline passed while it waited
+            continue
         try:
             call.result = call.fn(*call.args, **call.kwargs)
         except BaseException as error:  # handed to the caller, who raises it

@@ -662,9 +662,11 @@ class Trainer:
                 if self._live and name not in _READS:
                     self._live.detach_all()  # before anything can change what they send
                 return fn(*args, **kwargs)
-        result: T = self._torch.run(
-            functools.partial(self._run, _guard=_guard), fn, *args, **kwargs
-        )
+        step = functools.partial(self._run, _guard=_guard)
+        if _guard is not None and _guard.deadline is not None:
+            until: T = self._torch.run_until(_guard.deadline, step, fn, *args, **kwargs)
+            return until
+        result: T = self._torch.run(step, fn, *args, **kwargs)
         return result
 
     def _check(self, guard: Guard | None) -> None:

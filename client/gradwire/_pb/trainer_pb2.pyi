@@ -48,7 +48,11 @@ Conventions used by every message below:
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
-  (DEADLINE_EXCEEDED). With a server token set, every call but grpc.health.v1 needs
+  (DEADLINE_EXCEEDED), and is withdrawn at its deadline if it is still waiting for the
+  server's other work (another caller's Forward); one that has begun runs to its end,
+  its change applied though its caller was told DEADLINE_EXCEEDED: learn what was
+  applied by the state version, or retry with the same request id. Reads have no such
+  condition: they run when their turn comes. With a server token set, every call but grpc.health.v1 needs
   "authorization: Bearer <token>" (the scheme in any case), once (UNAUTHENTICATED
   without it, or with it twice). Each "gradwire-" entry (request id, expected version,
   session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
@@ -2518,8 +2522,11 @@ class CallRequest(_message.Message):
     the calls before it on the stream have been answered, so a message sent behind others
     has its deadline start late. 0: none but the stream's. A mutation whose deadline passes
     before it runs changes nothing and is answered DEADLINE_EXCEEDED (DEADLINE_PASSED), as
-    a unary call's deadline; a call that is already running is answered when it ends,
-    however late: a caller that stops waiting for it cancels the stream (the Python client
+    a unary call's deadline, at its deadline when it is still waiting for the server's
+    other work (another caller's Forward). A read's timeout_ms is not enforced: it is
+    answered when its turn comes (a unary read's gRPC deadline ends the call for its
+    caller, and the read runs all the same). A call already running is answered when it
+    ends, however late: a caller that stops waiting for it cancels the stream (the Python client
     does), and then learns what was applied as after a unary call cut off, by its request
     id or the state version.
     """
