@@ -183,7 +183,10 @@ def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
 @pytest.mark.parametrize(
     ("message", "complaint"),
     [
-        (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1]), "not supported"),
+        (
+            pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1]),
+            "sets no dtype \\(DTYPE_UNSPECIFIED: were its values",
+        ),
         (pb.Tensor(dtype=99, shape=[1]), "not supported"),  # type: ignore[arg-type]
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], float_values=[1.0]), "needs 2 values"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1], float_values=[]), "negative"),

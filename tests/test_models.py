@@ -155,6 +155,31 @@ def test_load_spec_says_which_module_is_missing_and_why(module: Callable[[str], 
     assert "importing it raised RuntimeError: no GPU driver here" in refused(f"{failing}:SPEC")
 
 
+def test_load_spec_says_what_to_write_for_a_researcher_s_slips(
+    module: Callable[[str], str],
+) -> None:
+    """Each got a message beside the point (found by the forty-fourth session's walkthrough
+    as a researcher): "'int' object is not iterable", "run from the folder that holds it"
+    run from that folder, and "no floating-point parameters" of float32 ones."""
+    name = module(HEADER + "SPEC = ModelSpec('Bad', TinyMLP, (16), 4)\n")
+    assert "sample_shape must be a tuple of whole numbers, got the number 16: write (16,)" in (
+        refused(f"{name}:SPEC")
+    )
+    name = module(HEADER + "SPEC = ModelSpec('Good', TinyMLP, (16,), 4)\n")
+    assert (
+        f"{name + '.py'!r} is a file name, and --model takes a module's: write --model {name}:SPEC"
+        in (refused(f"{name}.py:SPEC"))
+    )
+    assert f"--model {name}:SPEC" in refused(f"/some/folder/{name}.py:SPEC")
+    frozen = module(
+        HEADER + "def frozen():\n    return nn.Linear(16, 4).requires_grad_(False)\n"
+        "SPEC = ModelSpec('Frozen', frozen, (16,), 4)\n"
+    )
+    assert "Frozen has no parameters to train: every floating-point one is frozen" in refused(
+        f"{frozen}:SPEC"
+    )
+
+
 def test_load_spec_names_a_missing_attribute_and_the_specs_there() -> None:
     message = refused("gradwire_server.models:NOPE")
     assert "module 'gradwire_server.models' has no attribute 'NOPE'" in message
@@ -186,7 +211,9 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     )
     assert "building Fails failed: OSError: weights.bin not found" in refused(f"{name}:FAILS")
     assert "factory returned a str, not an nn.Module" in refused(f"{name}:NOT_A_MODULE")
-    assert "Relu has no floating-point parameters to train" in refused(f"{name}:NO_PARAMETERS")
+    assert "Relu has no parameters to train: none is floating-point" in refused(
+        f"{name}:NO_PARAMETERS"
+    )
     message = refused(f"{name}:WIDE")
     assert "Wide returned [2, 4] for an input of shape [2, 16]" in message
     assert "[N, num_classes] = [2, 5]" in message

@@ -256,9 +256,16 @@ def _expect(message: pb.Tensor, field: str, have: int) -> tuple[_WireType, tuple
     """Checks dtype, shape and that `field` holds `have` values (bytes for raw_values)."""
     wire_type = _WIRE.get(message.dtype)
     if wire_type is None:
+        # "tensor dtype 0 is not supported" was all a chunk whose values were never set got
+        # (found by a walkthrough of the contract from the .proto alone).
+        given = (
+            "the tensor sets no dtype (DTYPE_UNSPECIFIED: were its values, or the tensor "
+            "itself, left unset?)"
+            if message.dtype == pb.DTYPE_UNSPECIFIED
+            else f"tensor dtype {message.dtype} is not supported"
+        )
         raise CodecError(
-            f"tensor dtype {message.dtype} is not supported; use one of "
-            + ", ".join(pb.DType.Name(k) for k in _WIRE)  # type: ignore[arg-type]
+            f"{given}; use one of " + ", ".join(pb.DType.Name(k) for k in _WIRE)  # type: ignore[arg-type]
         )
     shape = tuple(message.shape)
     check_shape(shape, wire_type.numpy.itemsize, "tensor shape")

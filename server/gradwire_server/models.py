@@ -66,6 +66,14 @@ class ModelSpec:
             raise TypeError(
                 f"ModelSpec {self.name}: factory must be callable returning an nn.Module"
             )
+        if isinstance(self.sample_shape, int):
+            # sample_shape=(16) is the number 16: it failed as "'int' object is not
+            # iterable", raised while the module was imported (found by a walkthrough).
+            raise ValueError(
+                f"ModelSpec {self.name}: sample_shape must be a tuple of whole numbers, got the "
+                f"number {self.sample_shape!r}: write ({self.sample_shape},) for one dimension, "
+                "with the comma"
+            )
         shape = tuple(self.sample_shape)
         if not all(isinstance(d, int) and d > 0 for d in shape):
             raise ValueError(
@@ -164,7 +172,16 @@ def load_spec(text: str) -> ModelSpec:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:  # a missing module, or its own code's error or exit
         missing = err.name if isinstance(err, ModuleNotFoundError) else None
-        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+        if module_name.endswith(".py"):
+            # "mymodels.py:SPEC" named a module "py" in a package "mymodels", and was told to
+            # run from the folder it was run from (found by a walkthrough).
+            stem = module_name.removesuffix(".py").replace("/", ".").replace("\\", ".")
+            why = (
+                f"{module_name!r} is a file name, and --model takes a module's: write "
+                f"--model {stem.rsplit('.', 1)[-1]}:{attr}, run from the folder that holds "
+                "the file (or with that folder on PYTHONPATH)"
+            )
+        elif missing and (module_name == missing or module_name.startswith(missing + ".")):
             why = (
                 f"there is no module {missing!r}: install it, or run from the folder that "
                 "holds it (or add that folder to PYTHONPATH)"
@@ -260,8 +277,14 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
                 reason="BAD_MODEL",
             )
         if not any(p.requires_grad and p.is_floating_point() for p in model.parameters()):
+            frozen = any(p.is_floating_point() for p in model.parameters())
             raise InvalidInput(
-                f"--model {text!r}: {spec.name} has no floating-point parameters to train",
+                f"--model {text!r}: {spec.name} has no parameters to train: "
+                + (
+                    "every floating-point one is frozen (requires_grad=False)"
+                    if frozen
+                    else "none is floating-point"
+                ),
                 reason="BAD_MODEL",
             )
         shape = [2, *spec.sample_shape]
