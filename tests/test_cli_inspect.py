@@ -543,3 +543,28 @@ def test_train_that_runs_no_step_prints_no_summary(cli: Run, mode: list[str]) ->
     assert result.code == 1
     assert result.out == ""
     assert result.err.startswith("error: INVALID_ARGUMENT: input has shape [8, 3, 8, 8]")
+
+
+def test_an_absent_step_change_says_when_it_will_be_there(cli: Run, tmp_path: Path) -> None:
+    """get and stats of a delta not yet recorded printed a bare None, read as "the step
+    changed nothing", and plot said it would exist "after gradwire forward" (found by the
+    forty-fourth session's walkthrough as a researcher)."""
+    assert cli("forward").code == 0
+    assert cli("backward").code == 0
+    assert cli("step").code == 0
+    for command in ("get", "stats"):
+        result = cli(command, "conv1.weight.delta")
+        assert (result.code, result.out) == (0, "None\n")
+        assert result.err == (
+            "hint: conv1.weight.delta is absent; it is there after the next `gradwire step`: "
+            "a Step's change is recorded from the first time one is asked for, as now\n"
+        )
+        assert cli(command, "conv1.weight.delta", "--json").err == ""
+    assert cli("get", "conv1.weight.grad").err == ""  # present: no word
+    drawn = cli("plot", "linear.weight.delta", "--out", str(tmp_path / "d.png"))
+    assert drawn.code == 1
+    assert "it exists after the next `gradwire step`" in drawn.err
+    assert cli("forward").code == 0 and cli("backward").code == 0 and cli("step").code == 0
+    present = cli("get", "conv1.weight.delta[0, 0, 0]")
+    assert (present.code, present.err) == (0, "")
+    assert present.out.startswith("tensor([")  # the change, recorded since the first ask

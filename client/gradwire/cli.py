@@ -587,6 +587,8 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         data["values"] = _jsonable(read.value)
         text = format_tensor(read.value)
     _emit(out, args, data, text)
+    if not read.present:
+        _note_absent(args, read.name)
 
 
 def _save_npy(args: argparse.Namespace, client: Client, selector: Selector, out: TextIO) -> None:
@@ -625,12 +627,33 @@ def _save_npy(args: argparse.Namespace, client: Client, selector: Selector, out:
     )
 
 
+def _after(name: str) -> str:
+    """When an absent tensor will be there: `it exists after ...`."""
+    if name.endswith(".delta"):
+        # It said "after gradwire forward" (found by a walkthrough as a researcher).
+        return (
+            "the next `gradwire step`: a Step's change is recorded from the first time one "
+            "is asked for, as now"
+        )
+    if name.startswith("optimizer."):
+        return "a `gradwire step` of an optimizer that keeps it"
+    return f"`gradwire {'backward' if name.endswith('.grad') else 'forward'}`"
+
+
 def _absent(selector: Selector, out: Path, nothing: str = "nothing to draw") -> CommandError:
-    after = "backward" if selector.name.endswith(".grad") else "forward"
     return CommandError(
         f"{selector.name} is None (absent): {nothing}, so {out} was not written; "
-        f"it exists after `gradwire {after}`"
+        f"it exists after {_after(selector.name)}"
     )
+
+
+def _note_absent(args: argparse.Namespace, name: str) -> None:
+    """A word on stderr beside get's and stats' "None" for a Step's change: a bare None read
+    as "the step changed nothing" (found by a walkthrough as a researcher). stdout keeps
+    PyTorch's None, as for a gradient."""
+    if name.endswith(".delta") and not args.json:
+        err: TextIO = getattr(args, "err", sys.stderr)
+        err.write(f"hint: {name} is absent; it is there after {_after(name)}\n")
 
 
 def _server_histogram(
@@ -756,6 +779,7 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     which = {"name": read.name, "selector": str(parse_selector(args.selector))}
     if read.stats is None:
         _emit(out, args, {**which, "version": read.version, "present": False}, "None")
+        _note_absent(args, read.name)
         return
     data = {
         **which,
@@ -1838,7 +1862,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "stats",
         cmd_stats,
-        "statistics of a tensor or slice, computed on the server: "
+        "statistics of a tensor or slice, computed on the server (std is the population's, "
+        "numpy's std(); torch.std() divides by n - 1): "
         "gradwire stats conv1.weight.grad --bins 10",
     )
     p.add_argument("selector", help="a name and optional index, as for get")
@@ -2263,6 +2288,7 @@ def main(
         if not args.remote or (args.command == "replay" and args.embedded):
             args.func(args, None, out)
         else:
+            args.err = err  # for a command's word beside its output (_note_absent)
             with _client(args) as client:
                 try:
                     args.func(args, client, out)

@@ -80,10 +80,11 @@ Conventions used by every message below:
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
-  reads tensors sets its channel's maximum receive size to 64 MiB. The values one message
-  carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message):
-  larger values stream (GetTensorStream, SetTensorStream, ForwardStream); a stream's
-  default chunks keep every message under 4 MiB. A tensor has at most 2^28 elements
+  reads tensors sets its channel's maximum receive size to 64 MiB. The values one reply
+  carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message),
+  and a request's must fit in its 64 MiB with the rest of it: larger values stream
+  (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep
+  every message under 4 MiB. A tensor has at most 2^28 elements
   (the server's default) and 64 dimensions; a name at most 256 characters (Unicode code
   points, not bytes), none of them a control character, U+0000-U+001F or U+007F-U+009F
   (BAD_NAME). GetServerInfo
