@@ -988,7 +988,7 @@ BAD_STREAMS: list[tuple[str, BadStream, str]] = [
     (
         "no-dtype",
         lambda s, n: [pb.TensorChunk(shape=s, values=pb.Tensor(shape=[1], float_values=[1.0]))],
-        "tensor dtype 0 is not supported",
+        "the tensor sets no dtype (DTYPE_UNSPECIFIED",
     ),
 ]
 
@@ -1321,3 +1321,66 @@ def test_fetched_and_watched_values_start_aligned_in_their_replies() -> None:
         for read in result.fetched:
             assert read.value is not None and read.value.flags.aligned, read.name
         channel.close()
+
+
+def _f64_first_chunk(shape: Sequence[int]) -> pb.TensorChunk:
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[4], double_values=[0.5] * 4)
+    return pb.TensorChunk(shape=shape, offset=0, values=tensor)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "text"),
+    [
+        (
+            pb.SetTensorChunk(name="conv1.weight", chunk=f32_chunk([0.5] * 4, 0, [16, 3, 3, 4])),
+            "SHAPE_MISMATCH",
+            "a value of shape [16, 3, 3, 4] cannot be written to conv1.weight of shape",
+        ),
+        (
+            pb.SetTensorChunk(
+                name="conv1.weight",
+                index=[pb.Index(items=[pb.IndexItem(at=0)])],
+                chunk=f32_chunk([0.5] * 4, 0, [3, 3, 4]),
+            ),
+            "SHAPE_MISMATCH",
+            "cannot be written to conv1.weight slice of shape [3, 3, 3]",
+        ),
+        (
+            pb.SetTensorChunk(name="output", chunk=f32_chunk([0.5] * 4, 0, [8, 20])),
+            "READ_ONLY",
+            "only parameters and gradients can be written",
+        ),
+        (
+            pb.ForwardChunk(input=f32_chunk([0.5] * 4, 0, [8, 3, 10, 9])),
+            "BAD_INPUT_SHAPE",
+            "input has shape [8, 3, 10, 9]; Simple takes [N, 3, 10, 10]",
+        ),
+        (
+            pb.ForwardChunk(input=_f64_first_chunk([8, 3, 10, 10])),
+            "BAD_INPUT_DTYPE",
+            "input has dtype float64; the model computes in float32",
+        ),
+    ],
+    ids=["set-shape", "set-slice", "set-read-only", "forward-shape", "forward-dtype"],
+)
+def test_a_streamed_value_that_cannot_be_taken_is_refused_at_its_first_chunk(
+    client: gradwire.Client, message: Any, reason: str, text: str
+) -> None:
+    """Refused only once the stream had ended, every chunk sent: 4.1 s of upload for a shape
+    its first chunk already showed could not be taken (found by the forty-fourth session's
+    walkthrough of the contract). The request stream here stays open until the answer."""
+    method = "SetTensorStream" if isinstance(message, pb.SetTensorChunk) else "ForwardStream"
+    answered = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield message.SerializeToString()
+        answered.wait(60)  # no more chunks, and no end, until the server has answered
+
+    try:
+        error = raw_error(lambda: client._methods[method](requests(), timeout=60))
+    finally:
+        answered.set()
+    assert isinstance(error, errors.InvalidArgument), error
+    assert (error.reason, text in error.message) == (reason, True), error.message
+    assert version(client) == 0
+    assert client.health() == "SERVING"

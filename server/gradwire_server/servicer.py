@@ -919,7 +919,11 @@ class TrainerServicer:
                 else:
                     _same_target(first, request.message)
                 if request.message.HasField("chunk"):
+                    started = chunks.started
                     chunks.add(request, _SET_CHUNK, request.message.chunk)
+                    if not started:  # refused now, not once every chunk has come
+                        chain = convert.chain_from_proto(first.index)
+                        trainer.check_write(first.name, chain, chunks.header[0])
             with _unless_caller_gone(context):
                 if first is None or not chunks.started:  # as SetTensor without a value
                     raise InvalidInput(
@@ -947,7 +951,10 @@ class TrainerServicer:
             for request in _items(requests, context):
                 message = request.message
                 if message.HasField("input"):
+                    started = chunks.started
                     chunks.add(request, _FORWARD_CHUNK, message.input)
+                    if not started:  # refused now, not once every chunk has come
+                        trainer.check_input(*chunks.header)
                 if message.HasField("target"):
                     if target is not None:
                         raise InvalidInput(

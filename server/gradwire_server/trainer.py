@@ -57,7 +57,7 @@ _READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"
 #: (expected version, deadline) to the mutation that follows. A value streamed to a GPU
 #: took its buffer first (stream_buffer), which used the guard up, and the write itself
 #: then ran whatever the version had become meanwhile.
-_UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
+_UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors", "check_write"}
 
 #: The optimizer state torch keeps per parameter, by optimizer kind and by torch's own keys,
 #: in the order ListTensors lists them: Adam all three once a Step has made any; SGD its
@@ -734,12 +734,15 @@ class Trainer:
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         # Each kept output's version counter as its module returned it, by name: a module
-        # output that the model changes in place later on (ReLU(inplace=True) after it, a
-        # residual `out += x`) is no longer what the module returned, and torch bumps its
-        # counter. Those outputs are copied as they are kept: found on meta tensors before
-        # the first Forward (None until then), or when a read finds a counter moved.
-        self._activation_versions: dict[str, int] = {}
+        # output that the model changes in place later in the Forward (ReLU(inplace=True)
+        # after it, a residual `out += x`) is no longer what the module returned, and torch
+        # bumps its counter. Those outputs are copied as they are kept: found on meta tensors
+        # before the first Forward (None until then), or at the end of a Forward that finds
+        # a counter moved, whose outputs so changed are refused when read (_found). A change
+        # after the Forward (a write to a parameter an output views) shows through it, as
+        # in PyTorch.
         self._pending_versions: dict[str, int] = {}
+        self._changed_outputs: set[str] = set()
         self._copied_outputs: set[str] | None = None
         self._modules = []  # names of the modules whose output is kept, the model's own aside
         # The hooks hold the trainer weakly: held strongly, the model and the trainer would
@@ -818,7 +821,7 @@ class Trainer:
         self._graph_alive = False  # the loss's graph can still be backpropagated
         self._parameters_changed = False  # parameters written in place since the Forward
         self._activations = {}
-        self._activation_versions = {}
+        self._changed_outputs = set()
 
     def _bump(self) -> int:
         self._version += 1
@@ -902,20 +905,18 @@ class Trainer:
 
     def _found(self, name: str) -> torch.Tensor | None:
         """What a read of `name` reads (None: absent). A module output the model changed in
-        place after its module returned it is refused (the meta run before the first Forward
-        did not find it: a model that cannot run on meta tensors, or a path some inputs take),
-        and copied from the next Forward on."""
+        place later in the last Forward, after its module returned it, is refused: the meta
+        run before the first Forward did not show the change (a model that cannot run on
+        meta tensors, or a path some inputs take), and it is copied from the next on."""
         kind, tensor, _ = self._lookup(name)
         if kind != "activation" or tensor is None:
             return tensor
-        if tensor._version == self._activation_versions.get(name, tensor._version):
+        if name not in self._changed_outputs:
             return tensor
-        if self._copied_outputs is not None:
-            self._copied_outputs.add(name)
         module = name.removesuffix(ACTIVATION_SUFFIX)
         raise WrongOrder(
             f"{name} was changed in place after {module} returned it (by an in-place op "
-            "later in the model, such as ReLU(inplace=True) or `out += x`), so the last "
+            "later in the Forward, such as ReLU(inplace=True) or `out += x`), so the last "
             f"Forward did not keep what {module} returned; from the next Forward on it is "
             "kept as a copy: call Forward again",
             reason="OUTPUT_CHANGED",
@@ -1115,11 +1116,14 @@ class Trainer:
 
     def _check_input(self, x: torch.Tensor) -> None:
         self._check_input_shape(tuple(x.shape))
+        self._check_input_dtype(x.dtype)
+
+    def _check_input_dtype(self, dtype: torch.dtype) -> None:
         want = self.spec.input_dtype
-        if x.dtype != want:
+        if dtype != want:
             takes = "the model computes in" if want.is_floating_point else f"{self.spec.name} takes"
             raise InvalidInput(
-                f"input has dtype {str(x.dtype).removeprefix('torch.')}; "
+                f"input has dtype {str(dtype).removeprefix('torch.')}; "
                 f"{takes} {str(want).removeprefix('torch.')}",
                 reason="BAD_INPUT_DTYPE",
             )
@@ -1220,7 +1224,13 @@ class Trainer:
                 ) from err
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._activations, self._pending = self._pending, {}
-        self._activation_versions, self._pending_versions = self._pending_versions, {}
+        # Outputs the model changed in place after their modules returned them, which the
+        # meta run did not show: refused when read, and copied from the next Forward on.
+        versions, self._pending_versions = self._pending_versions, {}
+        kept = self._activations
+        self._changed_outputs = {k for k, v in versions.items() if kept[k]._version != v}
+        if self._changed_outputs and self._copied_outputs is not None:
+            self._copied_outputs |= self._changed_outputs
         self._graph_alive = loss is not None
         self._parameters_changed = False
         # loss.item() is where the device is synchronised: the value leaves it here.
@@ -1756,19 +1766,10 @@ class Trainer:
         memory instead of being copied into it (512 MiB: one copy fewer), and `replaced` gets
         the memory it replaces, which nothing reads any more.
         """
-        kind, tensor, param = self._lookup(name)
-        if param is None:
-            what = _WHAT_IT_IS.get(kind) or f"the last Forward's {kind}"
-            raise InvalidInput(
-                f"{name!r} is {what}; only parameters and gradients can be written",
-                reason="READ_ONLY",
-            )
+        kind, tensor, param = self._writable(name)
         if isinstance(value, FillSpec):
             # Before the fill is made: one of 2**28 values took 17 s and 3.6 GB to be refused.
-            self._check_size(value.shape, "value")
-            base = param if tensor is None else tensor
-            slot = select(base.detach(), chain, name, writable=True)
-            _check_writable(value.shape, tuple(slot.shape), name, chain)
+            self._check_write(name, chain, value.shape)
         source = self._make(value, param.dtype, "value")
         whole = kind == "parameter" and not chain
         if replaced is not None and whole and self._adoptable(param, source, value):
@@ -1796,6 +1797,40 @@ class Trainer:
         if kind == "parameter":
             self._parameters_changed = True
         return self._bump()
+
+    def _writable(self, name: str) -> tuple[Kind, torch.Tensor | None, torch.Tensor]:
+        """_lookup's (kind, tensor, parameter) for a name write() takes; READ_ONLY for others."""
+        kind, tensor, param = self._lookup(name)
+        if param is None:
+            what = _WHAT_IT_IS.get(kind) or f"the last Forward's {kind}"
+            raise InvalidInput(
+                f"{name!r} is {what}; only parameters and gradients can be written",
+                reason="READ_ONLY",
+            )
+        return kind, tensor, param
+
+    @under_lock
+    def check_write(self, name: str, chain: IndexChain, shape: Sequence[int]) -> None:
+        """What write() would refuse of a value of `shape` for tensor[chain...], found before
+        the value is made or has come in full: a SetTensorStream whose first chunk named a
+        shape the selection cannot take ([16, 3, 3, 4] for conv1.weight) was refused only
+        when the stream ended, its values all sent (found by a walkthrough of the contract).
+        Its dtype is checked with its values, as they come."""
+        self._check_write(name, chain, shape)
+
+    def _check_write(self, name: str, chain: IndexChain, shape: Sequence[int]) -> None:
+        _, tensor, param = self._writable(name)
+        self._check_size(shape, "value")
+        base = param if tensor is None else tensor
+        slot = select(base.detach(), chain, name, writable=True)
+        _check_writable(tuple(shape), tuple(slot.shape), name, chain)
+
+    def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """What forward() would refuse of an input of `shape` and `dtype`, found at a
+        ForwardStream's first chunk rather than once every chunk has come (a walkthrough of
+        the contract found [8, 3, 10, 9] refused only at the stream's end)."""
+        self._check_input_shape(tuple(shape))
+        self._check_input_dtype(dtype)
 
     def _adoptable(self, param: torch.Tensor, source: torch.Tensor, value: TensorInput) -> bool:
         """Whether `source` can become `param`'s memory: see write()."""

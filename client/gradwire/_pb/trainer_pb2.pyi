@@ -266,13 +266,14 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     """the last Forward's loss, 0-d ("loss")"""
     TENSOR_KIND_ACTIVATION: _TensorKind.ValueType  # 7
     """A module's output in the last Forward ("conv1.output"), as the module returned it: one
-    the model changes in place afterwards (ReLU(inplace=True) after it, a residual
-    `out += x`) is kept as a copy. Such a change is found by running the model once on
-    meta tensors before its first Forward; one that run cannot show (a model that branches
-    on its input's values) is found by the read, which is refused, FAILED_PRECONDITION
-    (OUTPUT_CHANGED), and the output is copied from the next Forward on. A module called
-    twice in one Forward keeps its last output; one that returns no tensor (a tuple) is
-    absent.
+    the model changes in place later in the Forward (ReLU(inplace=True) after it, a
+    residual `out += x`) is kept as a copy. Such a change is found by running the model
+    once on meta tensors before its first Forward; one that run cannot show (a model that
+    branches on its input's values) is found at the Forward's end, and a read of that
+    output is refused, FAILED_PRECONDITION (OUTPUT_CHANGED), until the next Forward, from
+    which it is copied. An output that views a parameter (a module that returns it) shows
+    later writes to it, as in PyTorch. A module called twice in one Forward keeps its last
+    output; one that returns no tensor (a tuple) is absent.
     """
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
@@ -301,13 +302,14 @@ TENSOR_KIND_LOSS: TensorKind.ValueType  # 6
 """the last Forward's loss, 0-d ("loss")"""
 TENSOR_KIND_ACTIVATION: TensorKind.ValueType  # 7
 """A module's output in the last Forward ("conv1.output"), as the module returned it: one
-the model changes in place afterwards (ReLU(inplace=True) after it, a residual
-`out += x`) is kept as a copy. Such a change is found by running the model once on
-meta tensors before its first Forward; one that run cannot show (a model that branches
-on its input's values) is found by the read, which is refused, FAILED_PRECONDITION
-(OUTPUT_CHANGED), and the output is copied from the next Forward on. A module called
-twice in one Forward keeps its last output; one that returns no tensor (a tuple) is
-absent.
+the model changes in place later in the Forward (ReLU(inplace=True) after it, a
+residual `out += x`) is kept as a copy. Such a change is found by running the model
+once on meta tensors before its first Forward; one that run cannot show (a model that
+branches on its input's values) is found at the Forward's end, and a read of that
+output is refused, FAILED_PRECONDITION (OUTPUT_CHANGED), until the next Forward, from
+which it is copied. An output that views a parameter (a module that returns it) shows
+later writes to it, as in PyTorch. A module called twice in one Forward keeps its last
+output; one that returns no tensor (a tuple) is absent.
 """
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
