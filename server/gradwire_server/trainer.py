@@ -775,7 +775,7 @@ class Trainer:
         """The module outputs that the model changes in place after they are returned, found
         by running it once on meta tensors (no memory, no arithmetic): torch bumps a tensor's
         version counter at every in-place op, on meta tensors too. Empty for a model that
-        cannot run on them; a read still finds such an output (see _lookup)."""
+        cannot run on them: the end of each Forward still finds such an output (_forward)."""
         try:
             kept = self._run_on_meta(x, versions=True)
         except Exception as err:  # a model that cannot run on meta tensors
