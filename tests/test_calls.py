@@ -461,17 +461,29 @@ def test_moving_to_another_session_lets_a_call_in_progress_finish(gated_server: 
         assert getattr(answers.get("moved"), "version", None) == 0
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0)),  # torch thread
+        pb.CallRequest(zero_grad=pb.ZeroGradRequest()),  # to None: under the lock, here
+        pb.CallRequest(set_optimizer=pb.SetOptimizerRequest()),  # under the lock too
+    ],
+    ids=["fill_parameters", "zero_grad", "set_optimizer"],
+)
 def test_a_mutation_queued_past_its_message_deadline_is_answered_at_it(
-    gated_server: Running,
+    gated_server: Running, call: pb.CallRequest
 ) -> None:
     """It was answered only once the Forward ahead of it ended (2.8 s late for a 200 ms
     timeout in the forty-fourth session's walkthrough of the contract). Now answered while
-    that Forward is still held, and never run after it."""
+    that Forward is still held, and never run after it, whether it waits for the torch
+    thread or for the trainer's lock (a review found the second kind still waiting)."""
     address = f"127.0.0.1:{gated_server.port}"
     holder = hold_forward(address)  # the torch thread is busy with that Forward
     with grpc.insecure_channel(address) as channel:
         stream = Raw(channel)
-        fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=7.0), timeout_ms=200)
+        fill = pb.CallRequest()
+        fill.CopyFrom(call)
+        fill.timeout_ms = 200
         answers: queue.SimpleQueue[pb.CallResponse] = queue.SimpleQueue()
         threading.Thread(target=lambda: answers.put(stream.call(fill)), daemon=True).start()
         answer = answers.get(timeout=60)  # raises queue.Empty if it waits for the Forward
@@ -642,3 +654,25 @@ def test_each_call_on_the_stream_is_counted_as_its_method() -> None:
         assert counted(samples, TRAINER + "Step", "INVALID_ARGUMENT") == 1
         assert counted(samples, CALLS, "INVALID_ARGUMENT") == 1
         eventually(lambda: counted(scrape(running), CALLS, "OK") == 2)  # the two streams
+
+
+def test_a_stream_s_first_chunk_is_checked_while_a_forward_runs(gated_server: Running) -> None:
+    """The first chunk's check reads names and shapes without the trainer's lock: under it,
+    an upload stalled behind a Forward in progress (a review measured 17 of 64 chunks
+    received during a 2 s Forward). A shape the Gate's weight [2] cannot take is refused
+    while the Forward is still held."""
+    address = f"127.0.0.1:{gated_server.port}"
+    holder = hold_forward(address)
+    values = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], float_values=[0.5])
+    first = pb.SetTensorChunk(name="weight", chunk=pb.TensorChunk(shape=[3], values=values))
+    try:
+        with grpc.insecure_channel(address) as channel:
+            call = channel.stream_unary("/gradwire.v1.Trainer/SetTensorStream")
+            with pytest.raises(grpc.RpcError) as refused:
+                call(iter([first.SerializeToString()]), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cannot be written to weight of shape [2]" in str(refused.value.details())
+            assert not Gate.release.is_set() and holder.is_alive()
+    finally:
+        Gate.release.set()
+        holder.join(timeout=60)
