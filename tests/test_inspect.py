@@ -367,20 +367,6 @@ class _Residual(nn.Module):
         return self.head(self.relu(out))  # and so does the ReLU, bn.output again
 
 
-class _NegativeOnly(nn.Module):
-    """Changes fc.output in place for some inputs only: a meta run cannot tell which."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc(x)
-        if bool(x.sum() < 0):
-            out.mul_(2)
-        return out
-
-
 def _local_outputs(model: nn.Module, x: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
     """Each module's output as it returned it: copied in the hook."""
     outputs: dict[str, np.ndarray[Any, Any]] = {}
@@ -393,11 +379,11 @@ def _local_outputs(model: nn.Module, x: np.ndarray[Any, Any]) -> dict[str, np.nd
     return outputs
 
 
-def test_an_output_changed_in_place_later_is_kept_as_its_module_returned_it() -> None:
-    """bn.output was read as relu(bn(fc(x)) + x): the server kept each output without a copy,
-    and the model's `out += x` and ReLU(inplace=True) changed it after BatchNorm returned it.
-    Its mean read 0.52 where BatchNorm's is 0 (found by the forty-fourth session's walkthrough
-    as a researcher with a model of their own)."""
+def test_an_output_the_model_changes_in_place_later_reads_as_changed() -> None:
+    """As the .proto says: kept without a copy, as a forward hook sees it. bn.output reads as
+    relu(bn(fc(x)) + x), fc.output and the ReLU's as the module returned them (found by the
+    forty-fourth session's walkthrough as a researcher; copying such outputs was built and
+    taken out again, RELIABILITY.md says why)."""
     spec = ModelSpec("Residual", _Residual, (4,), 3)
     running = start(Trainer(spec, seed=0), "127.0.0.1", 0)
     torch.manual_seed(0)
@@ -405,33 +391,11 @@ def test_an_output_changed_in_place_later_is_kept_as_its_module_returned_it() ->
     x = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
     want = _local_outputs(local, x)
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-        for _ in range(2):  # the first Forward too, and the next
-            client.forward(x, np.arange(8) % 3)
-            for name in ("fc", "bn", "relu", "head"):
-                np.testing.assert_array_equal(client.get(f"{name}.output"), want[name], name)
-            stats = client.stats("bn.output").stats
-            assert stats is not None
-            assert abs(stats.mean) < 1e-6 < -stats.min  # BatchNorm's, in training mode
-    running.stop(grace=None)
-
-
-def test_an_output_changed_in_place_for_some_inputs_is_refused_then_copied() -> None:
-    """Where a run on meta tensors cannot show the change (the model branches on its input's
-    values), a read finds it: refused, and the output copied from the next Forward on."""
-    spec = ModelSpec("NegativeOnly", _NegativeOnly, (4,), 3)
-    running = start(Trainer(spec, seed=0), "127.0.0.1", 0)
-    torch.manual_seed(0)
-    local = _NegativeOnly()
-    x = -np.ones((2, 4), dtype=np.float32)
-    want = _local_outputs(local, x)
-    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
-        client.forward(x, np.array([0, 1]))
-        np.testing.assert_array_equal(client.get("output"), 2 * want["fc"])
-        with pytest.raises(errors.FailedPrecondition, match="call Forward again") as info:
-            client.get("fc.output")
-        assert info.value.reason == "OUTPUT_CHANGED"
-        client.forward(x, np.array([0, 1]))
-        np.testing.assert_array_equal(client.get("fc.output"), want["fc"])
+        client.forward(x, np.arange(8) % 3)
+        for name in ("fc", "relu", "head"):
+            np.testing.assert_array_equal(client.get(f"{name}.output"), want[name], name)
+        np.testing.assert_array_equal(client.get("bn.output"), want["relu"])  # changed later
+        assert not np.array_equal(want["bn"], want["relu"])
     running.stop(grace=None)
 
 

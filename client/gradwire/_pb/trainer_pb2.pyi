@@ -123,9 +123,7 @@ Conventions used by every message below:
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
-    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS,
-      OUTPUT_CHANGED (a module's output read, changed in place after the module returned
-      it: see TENSOR_KIND_ACTIVATION), CLOSED (the
+    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
@@ -265,15 +263,12 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     TENSOR_KIND_LOSS: _TensorKind.ValueType  # 6
     """the last Forward's loss, 0-d ("loss")"""
     TENSOR_KIND_ACTIVATION: _TensorKind.ValueType  # 7
-    """A module's output in the last Forward ("conv1.output"), as the module returned it: one
-    the model changes in place later in the Forward (ReLU(inplace=True) after it, a
-    residual `out += x`) is kept as a copy. Such a change is found by running the model
-    once on meta tensors before its first Forward; one that run cannot show (a model that
-    branches on its input's values) is found at the Forward's end, and a read of that
-    output is refused, FAILED_PRECONDITION (OUTPUT_CHANGED), until the next Forward, from
-    which it is copied. An output that views a parameter (a module that returns it) shows
-    later writes to it, as in PyTorch. A module called twice in one Forward keeps its last
-    output; one that returns no tensor (a tuple) is absent.
+    """A module's output in the last Forward ("conv1.output"), kept without a copy, as a
+    forward hook sees it: one the model changes in place later in the Forward
+    (ReLU(inplace=True) after it, a residual `out += x`) reads as changed, and one that
+    views a parameter (a module that returns it) shows later writes to it, as in PyTorch.
+    A module called twice in one Forward keeps its last output; one that returns no tensor
+    (a tuple) is absent.
     """
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
@@ -301,15 +296,12 @@ TENSOR_KIND_OUTPUT: TensorKind.ValueType  # 5
 TENSOR_KIND_LOSS: TensorKind.ValueType  # 6
 """the last Forward's loss, 0-d ("loss")"""
 TENSOR_KIND_ACTIVATION: TensorKind.ValueType  # 7
-"""A module's output in the last Forward ("conv1.output"), as the module returned it: one
-the model changes in place later in the Forward (ReLU(inplace=True) after it, a
-residual `out += x`) is kept as a copy. Such a change is found by running the model
-once on meta tensors before its first Forward; one that run cannot show (a model that
-branches on its input's values) is found at the Forward's end, and a read of that
-output is refused, FAILED_PRECONDITION (OUTPUT_CHANGED), until the next Forward, from
-which it is copied. An output that views a parameter (a module that returns it) shows
-later writes to it, as in PyTorch. A module called twice in one Forward keeps its last
-output; one that returns no tensor (a tuple) is absent.
+"""A module's output in the last Forward ("conv1.output"), kept without a copy, as a
+forward hook sees it: one the model changes in place later in the Forward
+(ReLU(inplace=True) after it, a residual `out += x`) reads as changed, and one that
+views a parameter (a module that returns it) shows later writes to it, as in PyTorch.
+A module called twice in one Forward keeps its last output; one that returns no tensor
+(a tuple) is absent.
 """
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
