@@ -110,6 +110,12 @@ class TorchThread:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """fn(*args, **kwargs) on the thread; its result, or its exception raised here."""
         call = _Call(fn, args, kwargs)
+        self._hand_over(call)
+        result: T = _answer(call)
+        return result
+
+    def _hand_over(self, call: _Call) -> None:
+        """Queues `call` for the thread; Closed once this trainer is closed."""
         with self._closing:
             if self._closed:
                 raise Closed(
@@ -117,8 +123,6 @@ class TorchThread:
                     "open a new session"
                 )
             self._worker.queue.put(call)
-        result: T = _answer(call)
-        return result
 
     def run_until(self, deadline: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """run(), for a call that must not start after `deadline` (time.monotonic()): if it is
@@ -128,13 +132,7 @@ class TorchThread:
         answer came when the work ahead of it ended (found by a walkthrough of the contract)."""
         call = _Call(fn, args, kwargs)
         call.claim = threading.Lock()
-        with self._closing:
-            if self._closed:
-                raise Closed(
-                    "this trainer was closed (its session ended or the server is stopping); "
-                    "open a new session"
-                )
-            self._worker.queue.put(call)
+        self._hand_over(call)
         # gRPC gives a call without a deadline about 2^63 ns, past what a lock can wait.
         left = min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
         if not call.done.acquire(timeout=left):
