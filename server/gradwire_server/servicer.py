@@ -913,6 +913,7 @@ class TrainerServicer:
         chunks = convert.Chunks("value", trainer.max_elements, self.spare, trainer)
         try:  # released however the stream ends: a GPU trainer assembles one at a time
             first: pb.SetTensorChunk | None = None
+            chain = None  # the index to write, parsed at the first chunk
             for request in _items(requests, context):
                 if first is None:
                     first = request.message
@@ -932,7 +933,7 @@ class TrainerServicer:
                         reason="MISSING_VALUE",
                     )
                 value = chunks.tensor()
-            chain = convert.chain_from_proto(first.index)
+            assert chain is not None  # parsed at the first chunk, which started the value
             # write() copies the value, or keeps it and hands back what it replaced
             version = trainer.write(first.name, chain, value, replaced=chunks.replaced)
             chunks.written()

@@ -133,18 +133,13 @@ class TorchThread:
         call = _Call(fn, args, kwargs)
         call.claim = threading.Lock()
         self._hand_over(call)
-        # gRPC gives a call without a deadline about 2^63 ns, past what a lock can wait.
-        left = min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
-        if not call.done.acquire(timeout=left):
+        if not call.done.acquire(timeout=time_left(deadline)):
             if call.claim.acquire(blocking=False):  # not started: it never will be
                 # What it holds (a value to write, a Forward's input) goes now, not when the
                 # thread reaches it: withdrawn calls are bounded by no --max-concurrent, and
                 # 30 of 4 MiB each held 120 MiB behind one Forward (found by a review).
                 call.fn = call.args = call.kwargs = None  # type: ignore[assignment]
-                raise DeadlinePassed(
-                    "the call's deadline passed while it waited for the server's other work "
-                    "to finish; nothing was changed"
-                )
+                raise waited_past(deadline)
             call.done.acquire()  # started: answered when it ends
         result: T = _outcome(call)
         return result
@@ -163,6 +158,20 @@ class TorchThread:
             done = _Call(_nothing, (), {})
             self._worker.queue.put(done)
             _answer(done)
+
+
+def time_left(deadline: float) -> float:
+    """Seconds a lock may wait until `deadline` (time.monotonic()): 0 once past, and no more
+    than a lock can wait (gRPC gives a call without a deadline about 2^63 ns)."""
+    return min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
+
+
+def waited_past(deadline: float) -> DeadlinePassed:
+    """The refusal of a call whose `deadline` passed while it waited for other work."""
+    return DeadlinePassed(
+        "the call's deadline passed while it waited for the server's other work to finish; "
+        "nothing was changed"
+    )
 
 
 def _answer(call: _Call) -> Any:

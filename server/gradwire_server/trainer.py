@@ -41,7 +41,7 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.torch_thread import TorchThread
+from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
 
 log = logging.getLogger(__name__)
@@ -187,32 +187,30 @@ def under_lock(method: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         trainer: Any = args[0]
         guard = None if unguarded else _take_guard()
-        lock = trainer._lock
-        _acquire(lock, guard)
-        try:
-            with trainer._announcing(method.__name__):
-                trainer._check(guard)
-                return method(*args, **kwargs)
-        finally:
-            lock.release()
+        return _locked(trainer, guard, method.__name__, method, *args, **kwargs)
 
     return wrapper
 
 
-def _acquire(lock: Any, guard: Guard | None) -> None:
-    """Takes a trainer's lock for a call on the calling thread. As run_until on the torch
-    thread, a mutation with a deadline (ZeroGrad to None, SetOptimizer) still waiting behind
-    another's Forward then is refused, nothing changed, rather than waiting for the lock
-    however long that Forward runs (found by a review)."""
+def _locked(
+    trainer: Any, guard: Guard | None, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """fn(*args) on the calling thread under the trainer's lock, once `guard` holds there.
+    As run_until on the torch thread, a mutation with a deadline (ZeroGrad to None,
+    SetOptimizer) still waiting for the lock behind another's Forward then is refused,
+    nothing changed, rather than waiting however long that Forward runs (found by a
+    review)."""
+    lock = trainer._lock
     if guard is None or guard.deadline is None:
         lock.acquire()
-        return
-    left = min(max(guard.deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)
-    if not lock.acquire(timeout=left):
-        raise DeadlinePassed(
-            "the call's deadline passed while it waited for the server's other work to "
-            "finish; nothing was changed"
-        )
+    elif not lock.acquire(timeout=time_left(guard.deadline)):
+        raise waited_past(guard.deadline)
+    try:
+        with trainer._announcing(name):
+            trainer._check(guard)
+            return fn(*args, **kwargs)
+    finally:
+        lock.release()
 
 
 def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
@@ -1575,13 +1573,7 @@ class Trainer:
         """optimizer.zero_grad(set_to_none); None gradients, as PyTorch >= 2.0, by default."""
         guard = _take_guard()
         if set_to_none:  # no tensor math: the lock is enough, no hand-off to the torch thread
-            _acquire(self._lock, guard)
-            try:
-                with self._announcing("zero_grad"):
-                    self._check(guard)
-                    return self._zero_grad(True)
-            finally:
-                self._lock.release()
+            return _locked(self, guard, "zero_grad", self._zero_grad, True)
         result: int = self._run(self._zero_grad, False, _guard=guard)
         return result
 
@@ -1734,7 +1726,7 @@ class Trainer:
         kind, tensor, param = self._writable(name)
         if isinstance(value, FillSpec):
             # Before the fill is made: one of 2**28 values took 17 s and 3.6 GB to be refused.
-            self._check_write(name, chain, value.shape)
+            self.check_write(name, chain, value.shape)
         source = self._make(value, param.dtype, "value")
         whole = kind == "parameter" and not chain
         if replaced is not None and whole and self._adoptable(param, source, value):
@@ -1783,9 +1775,6 @@ class Trainer:
         hold the upload behind a Forward or Step in progress (a review measured 17 of 64
         chunks received during a 2 s Forward, against all 64 without it): it reads names and
         shapes only, which change at a Reset alone, and write() checks again under it."""
-        self._check_write(name, chain, shape)
-
-    def _check_write(self, name: str, chain: IndexChain, shape: Sequence[int]) -> None:
         _, tensor, param = self._writable(name)
         self._check_size(shape, "value")
         base = param if tensor is None else tensor
@@ -1821,6 +1810,7 @@ class Trainer:
         """p.data.fill_(value) for the named parameters, or all of them."""
         params = self.parameters
         chosen = list(dict.fromkeys(names)) or list(params)  # each once, as first named
+        scalars: dict[str, float | int] = {}  # each value as its parameter's fill_ takes it
         for name in chosen:
             check_name(name)
             if name not in params and name in self.names():
@@ -1833,7 +1823,7 @@ class Trainer:
                 raise self._unknown(name)
             # Every parameter checked before any changes: a float16 parameter was changed
             # after another of the same call.
-            _, why = _scalar_for(value, params[name].dtype)
+            scalars[name], why = _scalar_for(value, params[name].dtype)
             if why:
                 dtype = _dtype_name(params[name].dtype)
                 raise InvalidInput(
@@ -1841,7 +1831,7 @@ class Trainer:
                 )
         with torch.no_grad():
             for name in chosen:
-                params[name].fill_(_scalar_for(value, params[name].dtype)[0])
+                params[name].fill_(scalars[name])
         self._parameters_changed = True
         return self._bump(), chosen
 
