@@ -490,6 +490,119 @@ def test_train_step_fetches_activations_deltas_and_optimizer_state(
     assert client.list_tensors().version == result.version
 
 
+class Branching(nn.Module):
+    """Reads a value of its input to choose a path: torch cannot run it on meta tensors, so
+    the shapes of its outputs are known only after a forward pass. A BatchNorm too, whose
+    running statistics every forward pass in training changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 1e6:  # .item() under the hood: refused on meta tensors
+            x = x.clamp(-1e6, 1e6)
+        out: torch.Tensor = self.norm(self.lin(x))
+        return out
+
+
+class Caching(nn.Module):
+    """Keeps a tensor made by its first forward pass, on the input's device, as models keep a
+    table of positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.offsets: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offsets is None:
+            self.offsets = torch.arange(4, device=x.device, dtype=x.dtype)
+        out: torch.Tensor = self.lin(x + self.offsets)
+        return out
+
+
+def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It answered INTERNAL to any TrainStep fetching a module output, from the run on meta
+    # tensors that checks the fetch (found by a review). Its fetches are now checked after the
+    # forward pass, and a refusal there puts back what the pass changed.
+    trainer = Trainer(ModelSpec("Branching", Branching, (4,), 3), device="cpu", seed=0)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+            y = np.array([0, 1, 2, 0, 1])
+            first = client.train_step(x, y, fetch=["lin.output[1:3]", "norm.output"])
+            assert np.array_equal(first.fetched[0].value, client.get("lin.output")[1:3])
+            assert np.array_equal(first.fetched[1].value, client.get("norm.output"))
+            assert first.fetched[1].value.mean(axis=0) == pytest.approx([0, 0, 0], abs=1e-6)
+            model = trainer._model
+            norm = model.get_submodule("norm")
+            assert isinstance(norm, nn.BatchNorm1d)
+            before = {
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "output": client.get("lin.output"),
+                "version": client.list_tensors().version,
+            }
+            refused: list[tuple[str, type[errors.RemoteError]]] = [
+                ("lin.output[5]", errors.OutOfRange),
+                ("norm.output[0, 0, 0]", errors.InvalidArgument),
+            ]
+            for fetch, error in refused:
+                with pytest.raises(error):
+                    client.train_step(x * 2, y, zero_grad=True, fetch=["lin.weight", fetch])
+                assert client.list_tensors().version == before["version"]
+                assert np.array_equal(client.get("lin.output"), before["output"])
+                for key, value in model.state_dict().items():  # the running statistics too
+                    assert torch.equal(value, before["state"][key]), (fetch, key)
+            monkeypatch.setattr(servicer_module.limits, "MAX_VALUE_BYTES", 40)
+            with pytest.raises(errors.ResourceExhausted) as caught:
+                client.train_step(x, y, fetch=["lin.output"])  # 60 bytes
+            assert caught.value.reason == "FETCH_TOO_LARGE"
+            assert client.list_tensors().version == before["version"]
+            assert torch.equal(norm.running_mean, before["state"]["norm.running_mean"])
+            monkeypatch.undo()
+            done = client.train_step(x, y, fetch=["lin.output[0]"])
+            assert done.version == before["version"] + 4
+            assert np.array_equal(done.fetched[0].value, client.get("lin.output")[0])
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize("one_thread", [False, True])
+def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
+    one_thread: bool,
+) -> None:
+    # The meta run that checks a fetch (and, with one thread for small work, counts a step's
+    # operations) left a model that makes a tensor in its first forward pass with a meta one:
+    # every Forward after it failed INTERNAL.
+    spec = ModelSpec("Caching", Caching, (4,), 3)
+    trainer = Trainer(spec, device="cpu", seed=0, one_thread_for_small_work=one_thread)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+            fetched = client.train_step(x, y, fetch=["lin.output"]).fetched[0].value
+            caching = trainer._model
+            assert isinstance(caching, Caching) and caching.offsets is not None
+            assert caching.offsets.device.type == "cpu"
+            local = Caching()
+            with torch.no_grad():
+                for name, p in local.named_parameters():
+                    p.copy_(torch.from_numpy(client.get(name)))
+            client.forward(x, y)
+            assert np.array_equal(client.get("lin.output"), local(torch.from_numpy(x)).detach())
+            assert fetched.shape == (2, 3)
+            # Once made on the CPU, its tensor meets meta ones in the check's run, which fails:
+            # the fetch is checked after the forward pass instead.
+            assert client.train_step(x, y, fetch=["lin.output[1]"]).fetched[0].value.shape == (3,)
+    finally:
+        running.stop(grace=None)
+
+
 # --- Watch ------------------------------------------------------------------------------------
 
 

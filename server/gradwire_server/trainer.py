@@ -1278,14 +1278,18 @@ class Trainer:
 
         Everything that can be refused (inputs, fetch names and indices) is checked before
         anything changes; each part then adds one to the version, as the separate calls do.
+        A module output's shape comes from a run of the model on meta tensors; of a model
+        that cannot run on them, its fetches are checked after the forward pass instead, and
+        a refusal then puts back all the pass changed (its outputs, the model's buffers).
         `finish`, when given, makes the answer of the result still under the lock: `use` may
         then keep views of live tensors, and `finish` join them into the reply in one copy.
         """
         x, y = self._inputs(input, target)
         assert y is not None
-        self._check_fetch(fetch, x, y, max_fetch_bytes)
+        checked = self._check_fetch(fetch, x, y, max_fetch_bytes)
+        recheck = None if checked else max_fetch_bytes
         with self._threads_for(x, passes=3, update=True):
-            return self._train_step(x, y, zero_grad, fetch, use, finish)
+            return self._train_step(x, y, zero_grad, fetch, use, finish, checked, recheck)
 
     def _train_step(
         self,
@@ -1295,6 +1299,8 @@ class Trainer:
         fetch: Sequence[tuple[str, IndexChain]],
         use: Callable[[Selection], T],
         finish: Callable[[TrainResult[T]], U] | None,
+        checked: bool = True,
+        max_fetch_bytes: int | None = None,
     ) -> TrainResult[T] | U:
         # A Forward or Backward that fails, for any reason (the model refusing its input,
         # memory), and a Step that runs out of memory leave the state as it was before the
@@ -1305,11 +1311,17 @@ class Trainer:
         # some parameters in place: that one is the optimizer's fault, answered INTERNAL.
         kept = dict(vars(self))
         grads = [(p, p.grad) for p in self._parameters.values()]
+        # Fetches checked only after the forward pass (`checked` false) may be refused after
+        # it has run: its changes to the model's buffers (BatchNorm's running statistics)
+        # are then put back from these copies.
+        buffers = [] if checked else [(b, b.clone()) for b in self._model.buffers()]
         stepping = False
         try:
             if zero_grad:
                 self._zero_grad(True)
             result = self._forward(x, y)
+            if not checked:
+                self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
             self._backward(retain_graph=False)
             stepping = True
             version, updated = self._step()
@@ -1319,6 +1331,9 @@ class Trainer:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
+            with torch.no_grad():
+                for buffer, before in buffers:
+                    buffer.copy_(before)
             if stepping:
                 # The Step began by copying the parameters into the buffers the last Step's
                 # changes were kept in: those are gone (as after a failed Step alone).
@@ -1337,10 +1352,15 @@ class Trainer:
         x: torch.Tensor,
         y: torch.Tensor,
         max_bytes: int | None,
-    ) -> None:
+        outputs: dict[str, torch.Tensor] | None = None,
+    ) -> bool:
         """Refuses unknown names, bad indices and too many bytes, against what the step leaves.
 
-        Indexing runs on meta tensors: shapes and dtypes only, no memory.
+        Indexing runs on meta tensors: shapes and dtypes only, no memory. The module outputs'
+        shapes are those of `outputs`, the ones a forward pass kept, when given; else those
+        of a run of the model on meta tensors. False when that run failed (the model reads
+        a value, or mixes in a tensor of its own): the outputs' fetches are then unchecked,
+        and the caller checks again with the forward pass's outputs.
         """
         computes = next(iter(self._parameters.values())).dtype
         after: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
@@ -1349,18 +1369,22 @@ class Trainer:
             "output": ((x.shape[0], self.spec.num_classes), computes),
             "loss": ((), computes),
         }
-        activations: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None  # when needed
+        checked = True
         total = 0
         for name, chain in fetch:
             kind, _, param = self._lookup(name)
             if param is not None:
                 shape, dtype = tuple(param.shape), param.dtype
             elif kind == "activation":
-                if activations is None:
-                    activations = self._activation_shapes(x)
-                if name not in activations:  # the module returns no tensor: absent after
+                if outputs is None:
+                    try:
+                        outputs = self._run_on_meta(x)
+                    except Exception as err:
+                        log.debug("fetches of module outputs checked after the forward: %s", err)
+                        outputs, checked = {}, False
+                if name not in outputs:  # no tensor returned, or not known yet: see above
                     continue
-                shape, dtype = activations[name]
+                shape, dtype = tuple(outputs[name].shape), outputs[name].dtype
             elif kind in ("delta", "optimizer_state"):
                 state = self._optimizer_state(name)
                 owner = self._parameters[state[0] if state else name[: -len(DELTA_SUFFIX)]]
@@ -1379,20 +1403,23 @@ class Trainer:
                 reason="FETCH_TOO_LARGE",
                 metadata={"bytes": str(total), "limit": str(max_bytes)},
             )
-
-    def _activation_shapes(self, x: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """What each module's output will be for input `x`: the model run on meta tensors."""
-        return {k: (tuple(v.shape), v.dtype) for k, v in self._run_on_meta(x).items()}
+        return checked
 
     def _run_on_meta(
         self, x: torch.Tensor, mode: AbstractContextManager[Any] | None = None
     ) -> dict[str, torch.Tensor]:
         """The model run on meta tensors for input `x` (shapes and dtypes, no memory, no
-        arithmetic), inside `mode`; the module outputs its hooks kept."""
+        arithmetic), inside `mode`; the module outputs its hooks kept.
+
+        Each module's attributes are put back as they were after it: a model that keeps a
+        tensor made in its forward (a cache of positions, made when first needed) would
+        otherwise keep a meta one, and every later Forward fail.
+        """
         meta = {
             name: torch.empty_like(t, device="meta")
             for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
         }
+        attributes = [(vars(m), dict(vars(m))) for m in self._model.modules()]
         self._pending = {}
         try:
             with torch.no_grad(), mode or nullcontext():
@@ -1400,6 +1427,12 @@ class Trainer:
             return self._pending
         finally:
             self._pending = {}
+            for now, before in attributes:
+                for key in now.keys() - before.keys():
+                    del now[key]
+                for key, value in before.items():
+                    if now.get(key) is not value:
+                        now[key] = value
 
     # --- how many threads a job runs on ----------------------------------------------
 
