@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import gradwire
 from gradwire.fill import Fill
@@ -538,3 +539,108 @@ def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> 
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("gradwire serve: error: cannot load "), done.stderr
         assert said in last
+
+
+class NormedMLP(nn.Module):
+    """TINY_MLP's BatchNorm, whose running statistics are buffers, and a buffer registered
+    as not persistent, which PyTorch's state_dict leaves out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 4)
+        self.register_buffer("scale", torch.ones(16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc2(torch.relu(self.norm(self.fc1(x * self.scale))))
+        return out
+
+
+NORMED = ModelSpec("NormedMLP", NormedMLP, sample_shape=(16,), num_classes=4)
+NORMED_X, NORMED_Y = FillSpec("normal", (8, 16), seed=5), FillSpec("ones", (8,))
+
+
+def _trained_normed(steps: int) -> Trainer:
+    trainer = Trainer(NORMED, seed=0)
+    for _ in range(steps):
+        trainer.train_step(NORMED_X, NORMED_Y, use=lambda selection: selection)
+    return trainer
+
+
+def _buffer(trainer: Trainer, name: str) -> torch.Tensor:
+    value = trainer.read(name).value
+    assert isinstance(value, torch.Tensor)
+    return value.clone()
+
+
+BUFFERS = ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked")
+
+
+def test_a_checkpoint_keeps_the_model_s_buffers(tmp_path: Path) -> None:
+    # BatchNorm's running statistics were not saved: a restarted server's, and a checkpoint
+    # taken away to run the model elsewhere, had them as a new model's.
+    original = _trained_normed(3)
+    with torch.no_grad():
+        original._model.get_buffer("scale").fill_(2.0)  # not persistent: not saved
+    path = tmp_path / "state.safetensors"
+    original.save(path)
+    restored = Trainer(NORMED, seed=1)
+    restored.load(path)
+    for name in BUFFERS:
+        assert torch.equal(_buffer(restored, name), _buffer(original, name)), name
+    assert _buffer(restored, "norm.num_batches_tracked").item() == 3
+    assert torch.equal(_buffer(restored, "scale"), torch.ones(16))
+    from safetensors.torch import load_file
+
+    assert {k for k in load_file(str(path)) if k.startswith("buffer/")} == {
+        f"buffer/{name}" for name in BUFFERS
+    }
+    with torch.no_grad():
+        original._model.get_buffer("scale").fill_(1.0)
+    for trainer in (original, restored):  # the statistics they go on from agree too
+        trainer.train_step(NORMED_X, NORMED_Y, use=lambda selection: selection)
+    assert torch.equal(_buffer(restored, "norm.running_var"), _buffer(original, "norm.running_var"))
+
+
+def test_a_checkpoint_without_buffers_loads_with_the_model_s_own(tmp_path: Path) -> None:
+    original = _trained_normed(2)
+    path = tmp_path / "state.safetensors"
+    original.save(path)
+    _tensors_altered(path, {f"buffer/{name}": None for name in BUFFERS})  # as written before
+    restored = Trainer(NORMED, seed=1)
+    built = {name: _buffer(restored, name) for name in BUFFERS}
+    assert restored.load(path) == original.version
+    for name in BUFFERS:
+        assert torch.equal(_buffer(restored, name), built[name]), name
+    assert torch.equal(_buffer(restored, "fc1.weight"), _buffer(original, "fc1.weight"))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"buffer/norm.running_mean": torch.zeros(3)}, "norm.running_mean as float32 [3], where"),
+        (
+            {"buffer/norm.num_batches_tracked": torch.tensor(2.0)},
+            "norm.num_batches_tracked as float32 [], where it is int64 []",
+        ),
+        ({"buffer/fc1.running_mean": torch.zeros(32)}, "fc1.running_mean"),
+    ],
+    ids=["shape", "dtype", "unknown"],
+)
+def test_a_checkpoint_whose_buffers_this_model_lacks_is_refused_and_changes_nothing(
+    tmp_path: Path, change: dict[str, torch.Tensor | None], said: str
+) -> None:
+    path = tmp_path / "state.safetensors"
+    _trained_normed(1).save(path)
+    _tensors_altered(path, change)
+    fresh = Trainer(NORMED, seed=1)
+    before = {name: _buffer(fresh, name) for name in (*BUFFERS, "fc1.weight")}
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert "holds buffers this server's NormedMLP does not have" in refused.value.message
+    assert said in refused.value.message
+    assert fresh.version == 0
+    for name, value in before.items():
+        assert torch.equal(_buffer(fresh, name), value), name

@@ -926,6 +926,50 @@ def test_a_train_input_fill_of_a_wrong_shape_is_refused_before_it_is_made(
 # --- another model: everything above follows it ------------------------------------------------
 
 
+def test_a_model_s_buffers_are_read_as_pytorch_keeps_them() -> None:
+    # BatchNorm's running statistics could not be read (a researcher's walkthrough).
+    running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            local = TINY_MLP.factory()
+            with torch.no_grad():
+                for name, p in local.named_parameters():
+                    p.copy_(torch.from_numpy(client.get(name)))
+            optimizer = torch.optim.SGD(local.parameters(), lr=0.01)
+            client.set_optimizer("sgd", lr=0.01)
+            listing = {t.name: t for t in client.list_tensors().tensors}
+            buffers = ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
+            assert [listing[b].kind for b in buffers] == ["buffer"] * 3
+            assert listing["norm.num_batches_tracked"].dtype == "int64"
+            assert (
+                listing["norm.running_var"].shape == (32,) and listing["norm.running_var"].present
+            )
+            rng = np.random.default_rng(0)
+            for step in range(2):
+                x = rng.standard_normal((6, 16)).astype(np.float32)
+                y = np.array([0, 1, 2, 3, 0, 1])
+                result = client.train_step(x, y, fetch=["norm.running_mean[:4]"])
+                local_train_step(
+                    local, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=False
+                )
+                expected = dict(local.named_buffers())
+                for name in buffers:
+                    assert np.array_equal(client.get(name), expected[name].numpy()), (step, name)
+                assert np.array_equal(result.fetched[0].value, expected["norm.running_mean"][:4])
+            assert client.get("norm.num_batches_tracked") == 2
+            with pytest.raises(errors.InvalidArgument) as caught:
+                client.set("norm.running_mean", np.zeros(32, np.float32))
+            assert caught.value.reason == "READ_ONLY"
+            assert "a buffer of the model" in caught.value.message
+            watch = client.watch(["norm.running_var[0]"], values=True)
+            client.forward(x, y)
+            update = next(watch)
+            watch.close()
+            assert update["norm.running_var[0]"].value == client.get("norm.running_var[0]")
+    finally:
+        running.stop(grace=None)
+
+
 def test_inspection_follows_a_model_with_biases_and_a_norm_layer() -> None:
     running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
     try:

@@ -291,8 +291,9 @@ def test_list_tensors_shows_every_parameter_biases_and_norm_included(
     assert shapes["fc1.bias"] == (32,) and shapes["norm.weight"] == (32,)
     assert shapes["fc2.weight"] == (4, 32)
     assert f"{MLP_PARAMETERS[0]}.grad" in listing.names()
-    # BatchNorm's buffers are not parameters: not listed, never trained.
-    assert not any("running" in name for name in listing.names())
+    # BatchNorm's buffers are not parameters: listed as buffers, read-only, never trained.
+    buffers = {t.name: t.kind for t in listing.tensors if "running" in t.name}
+    assert buffers == {"norm.running_mean": "buffer", "norm.running_var": "buffer"}
 
 
 def test_the_mlp_trains_as_pytorch_does_bit_for_bit(mlp: gradwire.Client) -> None:

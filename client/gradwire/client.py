@@ -94,6 +94,7 @@ _KIND_NAMES = {
     pb.TENSOR_KIND_ACTIVATION: "activation",
     pb.TENSOR_KIND_OPTIMIZER_STATE: "optimizer_state",
     pb.TENSOR_KIND_DELTA: "delta",
+    pb.TENSOR_KIND_BUFFER: "buffer",
 }
 
 
@@ -142,7 +143,7 @@ class TrainStepResult:
 class TensorInfo:
     name: str
     kind: str  # "parameter", "gradient", "input", "target", "output", "loss", "activation",
-    # "optimizer_state" or "delta"
+    # "optimizer_state", "delta" or "buffer" ("unknown": a kind newer than this client)
     dtype: str  # what it holds, or will hold once present
     shape: tuple[int, ...]  # () when absent, as a scalar's: `present` tells them apart
     present: bool

@@ -1,9 +1,11 @@
 """Checkpoints of a Trainer's state in safetensors: tensors and plain-text metadata, no pickle.
 
-One file holds the parameters, the gradients that exist, the optimizer's tensor state
-(momentum buffers, Adam's moments and step counts) and, as metadata, the state version, the
-model's name and the optimizer's settings. It is written to a temporary file and renamed,
-so a crash mid-write leaves the previous checkpoint whole.
+One file holds the parameters, the gradients that exist, the model's buffers that PyTorch
+keeps in a state_dict (BatchNorm's running statistics; checkpoints before the forty-fifth
+session hold none), the optimizer's tensor state (momentum buffers, Adam's moments and step
+counts) and, as metadata, the state version, the model's name and the optimizer's settings.
+It is written to a temporary file and renamed, so a crash mid-write leaves the previous
+checkpoint whole.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def save(
     optimizer: Any,
     settings: Any,
     parameters: dict[str, torch.nn.Parameter],
+    buffers: dict[str, torch.Tensor],
 ) -> None:
     """Writes the state to `path` atomically."""
     tensors: dict[str, torch.Tensor] = {}
@@ -40,6 +43,10 @@ def save(
         tensors[f"param/{name}"] = p.detach().to("cpu").contiguous()
         if p.grad is not None:
             tensors[f"grad/{name}"] = p.grad.detach().to("cpu").contiguous()
+    for name, b in buffers.items():
+        # A copy: safetensors refuses tensors that share memory, and a buffer may view
+        # another (or a parameter).
+        tensors[f"buffer/{name}"] = b.detach().to("cpu", copy=True).contiguous()
     scalars: dict[str, dict[str, Any]] = {}
     for p, state in optimizer.state.items():
         name = names[id(p)]
@@ -82,6 +89,7 @@ class Loaded:
     parameters: dict[str, torch.Tensor]
     gradients: dict[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, Any]]
+    buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def load(path: Path) -> Loaded:
@@ -111,13 +119,15 @@ def load(path: Path) -> Loaded:
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
         raise
-    parameters, gradients = {}, {}
+    parameters, gradients, buffers = {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "param":
             parameters[rest] = tensor
         elif kind == "grad":
             gradients[rest] = tensor
+        elif kind == "buffer":
+            buffers[rest] = tensor
         elif kind == "optim":
             name, _, field = rest.rpartition("/")
             state.setdefault(name, {})[field] = tensor
@@ -128,6 +138,7 @@ def load(path: Path) -> Loaded:
         parameters=parameters,
         gradients=gradients,
         optimizer_state=state,
+        buffers=buffers,
     )
 
 

@@ -57,6 +57,7 @@ _KINDS = {
     "activation": pb.TENSOR_KIND_ACTIVATION,
     "optimizer_state": pb.TENSOR_KIND_OPTIMIZER_STATE,
     "delta": pb.TENSOR_KIND_DELTA,
+    "buffer": pb.TENSOR_KIND_BUFFER,
 }
 
 

@@ -237,6 +237,7 @@ Kind = Literal[
     "activation",
     "optimizer_state",
     "delta",
+    "buffer",
 ]
 _FORWARD_NAMES: tuple[Kind, ...] = ("input", "target", "output", "loss")
 #: Name parts of the read-only tensors: "conv1.output", "optimizer.conv1.weight.exp_avg",
@@ -492,6 +493,8 @@ def resolve_device(spec: str) -> torch.device:
 _WHAT_IT_IS = {
     "delta": "the last Step's change to a parameter",
     "optimizer_state": "the optimizer's state",
+    "buffer": "a buffer of the model (a module's state that does not train, such as "
+    "BatchNorm's running statistics), which its Forward changes",
 }
 
 
@@ -837,7 +840,7 @@ class Trainer:
     def names(self) -> list[str]:
         params = list(self.parameters)
         learnable = [p for p in params if p in self._learnable]
-        return [
+        names = [
             *params,
             *(f"{p}.grad" for p in learnable),
             *_FORWARD_NAMES,
@@ -845,6 +848,13 @@ class Trainer:
             *(f"{OPTIMIZER_PREFIX}{p}.{key}" for p in learnable for key in self._state_keys()),
             *(p + DELTA_SUFFIX for p in learnable),
         ]
+        taken = set(names)  # a buffer named as another tensor is ("output") is that tensor
+        return names + [b for b in self._buffers() if b not in taken]
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The model's buffers by name ("norm.running_mean"), as they are now: a module may
+        replace one in its forward, so they are looked up each time, not kept."""
+        return dict(self._model.named_buffers())
 
     def _state_keys(self) -> tuple[str, ...]:
         """The per-parameter state the optimizer in use keeps, by torch's own keys."""
@@ -895,6 +905,9 @@ class Trainer:
             if value is not None and not isinstance(value, torch.Tensor):
                 value = torch.tensor(value)  # a plain number in some optimizers' state
             return "optimizer_state", value, None
+        buffer = self._buffers().get(name)
+        if buffer is not None:
+            return "buffer", buffer, None
         raise self._unknown(name)
 
     def _unknown(self, name: str) -> UnknownTensor:
@@ -1372,9 +1385,12 @@ class Trainer:
         checked = True
         total = 0
         for name, chain in fetch:
-            kind, _, param = self._lookup(name)
+            kind, tensor, param = self._lookup(name)
             if param is not None:
                 shape, dtype = tuple(param.shape), param.dtype
+            elif kind == "buffer":
+                assert tensor is not None
+                shape, dtype = tuple(tensor.shape), tensor.dtype
             elif kind == "activation":
                 if outputs is None:
                     try:
@@ -1972,7 +1988,8 @@ class Trainer:
 
     @on_torch_thread
     def save(self, path: Path) -> int:
-        """Writes parameters, gradients, optimizer state and version to `path` (safetensors)."""
+        """Writes parameters, gradients, buffers, optimizer state and version to `path`
+        (safetensors)."""
         checkpoint.save(
             path,
             version=self._version,
@@ -1980,8 +1997,15 @@ class Trainer:
             optimizer=self._optimizer,
             settings=self._settings,
             parameters=self._parameters,
+            buffers=self._saved_buffers(),
         )
         return self._version
+
+    def _saved_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers a checkpoint keeps: those PyTorch keeps in a state_dict, so not one a
+        module registered as not persistent (a table it can make again)."""
+        persistent = self._model.state_dict(keep_vars=True)
+        return {name: b for name, b in self._buffers().items() if name in persistent}
 
     @staticmethod
     def _saved_settings(path: Path, saved: dict[str, Any]) -> OptimizerSettings:
@@ -2022,9 +2046,10 @@ class Trainer:
         """Restores what `save` wrote, version included; refuses a checkpoint of another model,
         and one that does not fit in memory (OUT_OF_MEMORY). Gradients and optimizer state
         are made before anything is replaced, so a refusal while reading the file or making
-        them changes nothing; the parameters are copied in place last, and on a GPU a copy
-        that runs out of pinned memory partway could leave some replaced (`gradwire serve`
-        stops then, serving nothing)."""
+        them changes nothing; the parameters and buffers are copied in place last, and on a
+        GPU a copy that runs out of pinned memory partway could leave some replaced
+        (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks (one
+        written before checkpoints kept them) stay as the model made them."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(path, loaded.settings)
@@ -2046,9 +2071,24 @@ class Trainer:
                 "another --state-dir, or move the file away to start from fresh weights",
                 reason="BAD_CHECKPOINT",
             )
+        buffers = self._saved_buffers()
         odd = [
             name for name, grad in loaded.gradients.items() if shapes.get(name) != tuple(grad.shape)
         ] + [name for name in loaded.optimizer_state if name not in params]
+        odd_buffers = [name for name in loaded.buffers if name not in buffers]
+        odd_buffers += [
+            f"{name} as {_dtype_name(t.dtype)} {list(t.shape)}, where it is "
+            f"{_dtype_name(buffers[name].dtype)} {list(buffers[name].shape)}"
+            for name, t in loaded.buffers.items()
+            if name in buffers and (t.shape, t.dtype) != (buffers[name].shape, buffers[name].dtype)
+        ]
+        if odd_buffers:
+            raise InvalidInput(
+                f"{path} holds buffers this server's {self.spec.name} does not have as they are "
+                f"there: {', '.join(odd_buffers)}; serve the model it holds (--model), give "
+                "another --state-dir, or move the file away to start from fresh weights",
+                reason="BAD_CHECKPOINT",
+            )
         odd += sorted(  # an integer parameter's: torch keeps it none
             name
             for name in {*loaded.gradients, *loaded.optimizer_state}
@@ -2092,6 +2132,8 @@ class Trainer:
             with torch.no_grad():
                 for name, p in params.items():
                     staging.copy_into(p.detach(), loaded.parameters[name])
+                for name, b in loaded.buffers.items():  # those it lacks stay as built
+                    staging.copy_into(buffers[name], b)
         for name, p in params.items():
             p.grad = gradients.get(name)
         for name, values in state.items():

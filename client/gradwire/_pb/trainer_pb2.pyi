@@ -274,6 +274,12 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
     TENSOR_KIND_DELTA: _TensorKind.ValueType  # 9
     """the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
+    TENSOR_KIND_BUFFER: _TensorKind.ValueType  # 10
+    """A buffer of the model, by PyTorch's name for it ("norm.running_mean",
+    "norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
+    changes BatchNorm's (the model always runs in training mode). Checkpoints keep them.
+    A buffer whose name another tensor has ("output") is not listed, and reads as that one.
+    """
 
 class TensorKind(_TensorKind, metaclass=_TensorKindEnumTypeWrapper):
     """What kind of tensor a name refers to."""
@@ -307,6 +313,12 @@ TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
 TENSOR_KIND_DELTA: TensorKind.ValueType  # 9
 """the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
+TENSOR_KIND_BUFFER: TensorKind.ValueType  # 10
+"""A buffer of the model, by PyTorch's name for it ("norm.running_mean",
+"norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
+changes BatchNorm's (the model always runs in training mode). Checkpoints keep them.
+A buffer whose name another tensor has ("output") is not listed, and reads as that one.
+"""
 Global___TensorKind: _TypeAlias = TensorKind  # noqa: Y015
 
 class _OptimizerKind:
