@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from gradwire_server.errors import InvalidInput
 from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
+from tests.cli_run import run_main
 from tests.test_train_step import local_model, local_train_step, random_batch
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -966,6 +968,68 @@ def test_a_model_s_buffers_are_read_as_pytorch_keeps_them() -> None:
             update = next(watch)
             watch.close()
             assert update["norm.running_var[0]"].value == client.get("norm.running_var[0]")
+    finally:
+        running.stop(grace=None)
+
+
+@pytest.mark.parametrize("how", ["unary", "stream", "batch", "cli"])
+def test_a_forward_in_eval_mode_runs_as_model_eval_and_leaves_the_model_training(
+    how: str, tmp_path: Path
+) -> None:
+    # The model always trained: BatchNorm's running statistics could be watched but never
+    # used, and every Forward moved them (a researcher's walkthrough).
+    running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            local = TINY_MLP.factory()
+            with torch.no_grad():
+                for name, p in local.named_parameters():
+                    p.copy_(torch.from_numpy(client.get(name)))
+            rng = np.random.default_rng(3)
+            x, y = rng.standard_normal((6, 16)).astype(np.float32), np.array([0, 1, 2, 3, 0, 1])
+            client.forward(x, y)  # running statistics of one batch
+            local(torch.from_numpy(x))
+            held = {k: v.clone() for k, v in local.named_buffers()}
+            x = rng.standard_normal((1, 16)).astype(np.float32) + 3  # one sample: eval only
+            y = np.array([2])
+            if how == "unary":
+                version = client.forward(x, y, eval_mode=True).version
+            elif how == "stream":
+                client.stream_above_bytes = 16
+                client.chunk_bytes = 16
+                version = client.forward(x, y, eval_mode=True).version
+            elif how == "batch":
+                with client.batch() as batch:
+                    done = batch.forward(x, y, eval_mode=True)
+                version = done.result().version
+            else:
+                np.save(tmp_path / "x.npy", x)
+                np.save(tmp_path / "y.npy", y)
+                result = run_main(
+                    "forward", "--eval", "--input", str(tmp_path / "x.npy"),
+                    "--targets", str(tmp_path / "y.npy"), "--json",
+                    "--target", f"127.0.0.1:{running.port}",
+                )  # fmt: skip
+                assert result.code == 0, result.err
+                version = result.json()["version"]
+            assert version == 2
+            local.eval()
+            expected = local(torch.from_numpy(x))
+            loss = nn.CrossEntropyLoss()(expected, torch.from_numpy(y))
+            assert np.array_equal(client.get("output"), expected.detach().numpy())
+            assert client.get("loss") == loss.item()
+            for name, value in held.items():  # neither moved nor counted
+                assert np.array_equal(client.get(name), value.numpy()), name
+            client.backward()  # the graph is there, as after model.eval() in PyTorch
+            loss.backward()
+            for name, p in local.named_parameters():
+                assert p.grad is not None
+                assert np.array_equal(client.get(f"{name}.grad"), p.grad.numpy()), name
+            with pytest.raises(errors.InvalidArgument) as caught:  # training again
+                client.forward(x, y)
+            assert caught.value.reason == "MODEL_REFUSED"
+            # Refused, and so changing nothing: BatchNorm counted the batch before refusing it.
+            assert client.get("norm.num_batches_tracked") == 1
     finally:
         running.stop(grace=None)
 

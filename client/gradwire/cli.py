@@ -532,7 +532,7 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
 
 def cmd_forward(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     inputs, target = _forward_data(args, client)
-    result = client.forward(inputs, target)
+    result = client.forward(inputs, target, eval_mode=args.eval)
     loss = "no target, no loss" if result.loss is None else f"loss {result.loss!r}"
     _emit(
         out,
@@ -1781,6 +1781,12 @@ def build_parser() -> argparse.ArgumentParser:
         "an mse model)",
     )
     p.add_argument("--no-targets", action="store_true", help="run the model only, no loss")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="run the model in evaluation mode (model.eval()): BatchNorm uses its running "
+        "statistics and keeps them, Dropout passes through",
+    )
     p.add_argument(
         "--seed", type=_seed, default=0, help="seed for uniform, normal and randint sources"
     )

@@ -1577,34 +1577,44 @@ class Client:
 
     # --- the training step ------------------------------------------------------------
 
-    def forward(self, input: Any, target: Any = None) -> ForwardResult:
+    def forward(self, input: Any, target: Any = None, *, eval_mode: bool = False) -> ForwardResult:
         """model(input) and, with a target, the loss. Each is an array, a torch tensor or a Fill.
+
+        `eval_mode` runs the model in evaluation mode for this call, as model.eval() does
+        (BatchNorm uses its running statistics and leaves them be; Dropout passes through);
+        the server's model trains otherwise. Backward still runs after it.
 
         An input larger than `stream_above_bytes` is sent in chunks (ForwardStream). Values
         of int8, uint8, int16 and uint16 travel as int32, and uint32 as int64 (the wire has
         no smaller integers): a refusal naming the dtype sent says what was given.
         """
         if _nbytes(input) <= self.stream_above_bytes:
-            return self._run(self._forward(input, target))
+            return self._run(self._forward(input, target, eval_mode))
+        chunks = self._forward_chunks(input, target, _flag(eval_mode, "eval_mode"))
         try:
-            response = self._call("ForwardStream", _begun(self._forward_chunks(input, target)))
+            response = self._call("ForwardStream", _begun(chunks))
         except InvalidArgument as err:
             _tell_widenings(err, _widenings(input=input, target=target))
             raise
         return _forward_result(response)
 
-    def _forward(self, input: Any, target: Any) -> _Encoded[ForwardResult]:
+    def _forward(self, input: Any, target: Any, eval_mode: bool = False) -> _Encoded[ForwardResult]:
+        evaluating = _flag(eval_mode, "eval_mode")
         pieces = _source_pieces("ForwardRequest", "input", input)
         if target is not None:
             pieces += _source_pieces("ForwardRequest", "target", target)
+        if evaluating:
+            pieces.append(pb.ForwardRequest(eval_mode=True).SerializeToString())
         return _Encoded("Forward", pieces, _forward_result, _widening_teller(input, target))
 
-    def _forward_chunks(self, input: Any, target: Any) -> Iterator[bytes]:
+    def _forward_chunks(self, input: Any, target: Any, eval_mode: bool = False) -> Iterator[bytes]:
         number = _FIELD[("ForwardChunk", "input")]
         for i, (dtype, run, offset, shape) in enumerate(codec.chunks(input, self.chunk_bytes)):
             pieces = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             if i == 0 and target is not None:
                 pieces += _source_pieces("ForwardChunk", "target", target)
+            if i == 0 and eval_mode:
+                pieces.append(pb.ForwardChunk(eval_mode=True).SerializeToString())
             yield wire.join(pieces)
 
     def train_step(

@@ -231,10 +231,12 @@ class Pipeline:
 
     # --- the calls ----------------------------------------------------------------------
 
-    def forward(self, input: Any, target: Any = None) -> Pending[ForwardResult]:
+    def forward(
+        self, input: Any, target: Any = None, *, eval_mode: bool = False
+    ) -> Pending[ForwardResult]:
         """As Client.forward."""
         self._fits(input, "forward's input")
-        return self._add(self._client._forward(input, target))
+        return self._add(self._client._forward(input, target, eval_mode))
 
     def train_step(
         self,

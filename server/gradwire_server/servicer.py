@@ -832,7 +832,9 @@ class TrainerServicer:
         target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
         if target is None and message.HasField("target"):
             raise _empty_target("Forward")
-        return convert.forward_response(self.trainer.forward(inputs, target))
+        return convert.forward_response(
+            self.trainer.forward(inputs, target, eval_mode=message.eval_mode)
+        )
 
     @mutation
     def Backward(
@@ -948,9 +950,10 @@ class TrainerServicer:
         trainer = self.trainer
         chunks = convert.Chunks("input", trainer.max_elements, trainer=trainer)
         try:  # released however the stream ends: a GPU trainer assembles one at a time
-            target = None
+            target, eval_mode = None, False
             for request in _items(requests, context):
                 message = request.message
+                eval_mode = eval_mode or message.eval_mode
                 if message.HasField("input"):
                     started = chunks.started
                     chunks.add(request, _FORWARD_CHUNK, message.input)
@@ -974,7 +977,7 @@ class TrainerServicer:
                         reason="MISSING_INPUT",
                     )
                 tensor = chunks.tensor()
-            return convert.forward_response(trainer.forward(tensor, target))
+            return convert.forward_response(trainer.forward(tensor, target, eval_mode=eval_mode))
         finally:
             chunks.release()
 

@@ -1182,9 +1182,18 @@ class Trainer:
         self._check_target(y, x.shape[0])
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor | None) -> ForwardResult:
+    def _forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> ForwardResult:
+        """`buffers`: copies of the model's buffers (`_buffer_copies`) a caller has taken
+        already, put back if the pass fails; else taken here."""
         self._pending = {}
         with self._device_memory("forward"):
+            if buffers is None:
+                buffers = self._buffer_copies()
             try:
                 output = self._model(x)
                 loss = self._criterion(output, y) if y is not None else None
@@ -1199,6 +1208,7 @@ class Trainer:
                 # The layers' outputs so far go now (on a GPU, perhaps most of its memory),
                 # not at the next Forward; the last Forward's stay.
                 self._pending = {}
+                self._put_back(buffers)
                 if not _refusal(err, x):
                     raise
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
@@ -1224,6 +1234,23 @@ class Trainer:
             nonfinite = int(x.numel() - torch.isfinite(x).sum().item())
         return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
 
+    def _buffer_copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each of the model's buffers with a copy of it: a forward pass changes some
+        (BatchNorm's running statistics and count, even of a batch it then refuses), and a
+        failed call changes nothing. None for a model without buffers (Simple)."""
+        return [(b, b.clone()) for b in self._model.buffers()]
+
+    @staticmethod
+    def _put_back(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The buffers as `_buffer_copies` found them. On a device that failed, the copy
+        fails too: the failure at hand is the one to answer, so this one is logged."""
+        try:
+            with torch.no_grad():
+                for buffer, before in buffers:
+                    buffer.copy_(before)
+        except Exception as err:
+            log.warning("the model's buffers could not be put back after a failure: %s", err)
+
     @on_torch_thread
     def stream_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
         """Uninitialised memory on the model's device for a value that arrives in pieces (a
@@ -1244,11 +1271,27 @@ class Trainer:
         return self._make(source, source.dtype, what)
 
     @on_torch_thread
-    def forward(self, input: TensorInput, target: TensorInput | None = None) -> ForwardResult:
-        """model(input), and CrossEntropyLoss(output, target) when a target is given."""
+    def forward(
+        self, input: TensorInput, target: TensorInput | None = None, eval_mode: bool = False
+    ) -> ForwardResult:
+        """model(input), and CrossEntropyLoss(output, target) when a target is given; with
+        `eval_mode`, the model in evaluation mode (model.eval()) for this one call."""
         x, y = self._inputs(input, target)
-        with self._threads_for(x, passes=1):
+        with self._threads_for(x, passes=1), self._evaluating(eval_mode):
             return self._forward(x, y)
+
+    @contextmanager
+    def _evaluating(self, eval_mode: bool) -> Iterator[None]:
+        """The model in evaluation mode inside, with `eval_mode`; in training mode after,
+        as it always is otherwise, whatever happens inside."""
+        if not eval_mode:
+            yield
+            return
+        self._model.eval()
+        try:
+            yield
+        finally:
+            self._model.train()
 
     @overload
     def train_step(
@@ -1324,15 +1367,16 @@ class Trainer:
         # some parameters in place: that one is the optimizer's fault, answered INTERNAL.
         kept = dict(vars(self))
         grads = [(p, p.grad) for p in self._parameters.values()]
-        # Fetches checked only after the forward pass (`checked` false) may be refused after
-        # it has run: its changes to the model's buffers (BatchNorm's running statistics)
-        # are then put back from these copies.
-        buffers = [] if checked else [(b, b.clone()) for b in self._model.buffers()]
-        stepping = False
+        # A failure after the forward pass (a fetch checked only then, `checked` false; no
+        # memory for Backward) puts back its changes to the model's buffers (BatchNorm's
+        # running statistics) from these copies.
+        stepping, buffers = False, []
         try:
             if zero_grad:
                 self._zero_grad(True)
-            result = self._forward(x, y)
+            with self._device_memory("forward"):
+                buffers = self._buffer_copies()
+            result = self._forward(x, y, buffers)
             if not checked:
                 self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
             self._backward(retain_graph=False)
@@ -1344,9 +1388,7 @@ class Trainer:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
-            with torch.no_grad():
-                for buffer, before in buffers:
-                    buffer.copy_(before)
+            self._put_back(buffers)
             if stepping:
                 # The Step began by copying the parameters into the buffers the last Step's
                 # changes were kept in: those are gone (as after a failed Step alone).

@@ -792,6 +792,13 @@ class ForwardRequest(_message.Message):
 
     INPUT_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    EVAL_MODE_FIELD_NUMBER: _builtins.int
+    eval_mode: _builtins.bool
+    """Runs the model in evaluation mode for this Forward, as model.eval() does, and back in
+    training mode after it: BatchNorm normalises with its running statistics and leaves
+    them as they are, Dropout passes its input through. The graph is built as in training,
+    so Backward runs after it. Unset: training mode, as in every TrainStep and Train.
+    """
     @_builtins.property
     def input(self) -> Global___TensorSource:
         """The model's input: exactly ListTensorsResponse.input_dtype (never converted; Simple
@@ -813,10 +820,11 @@ class ForwardRequest(_message.Message):
         *,
         input: Global___TensorSource | None = ...,
         target: Global___TensorSource | None = ...,
+        eval_mode: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_mode", b"eval_mode", "input", b"input", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1650,6 +1658,9 @@ class ForwardChunk(_message.Message):
 
     INPUT_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
+    EVAL_MODE_FIELD_NUMBER: _builtins.int
+    eval_mode: _builtins.bool
+    """as in ForwardRequest; true in any message: evaluation mode"""
     @_builtins.property
     def input(self) -> Global___TensorChunk:
         """a run of the input's values; a stream with none: MISSING_INPUT"""
@@ -1666,10 +1677,11 @@ class ForwardChunk(_message.Message):
         *,
         input: Global___TensorChunk | None = ...,
         target: Global___TensorSource | None = ...,
+        eval_mode: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eval_mode", b"eval_mode", "input", b"input", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
