@@ -9,17 +9,23 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import gradwire
+from gradwire import errors
 from gradwire.fill import Fill
+from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
+from tests.cli_run import run_main
 
 X, Y = FillSpec("uniform", (4, 3, 10, 10), low=-1, high=1, seed=3), FillSpec("ones", (4,))
 
@@ -644,3 +650,179 @@ def test_a_checkpoint_whose_buffers_this_model_lacks_is_refused_and_changes_noth
     assert fresh.version == 0
     for name, value in before.items():
         assert torch.equal(_buffer(fresh, name), value), name
+
+
+# --- SaveCheckpoint and LoadCheckpoint, over gRPC ------------------------------------------
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Iterator[tuple[gradwire.Client, Trainer, Path]]:
+    """A server of the tutorial's model keeping checkpoints in a state directory of its own."""
+    trainer = Trainer(seed=0, optimizer=OptimizerSettings("sgd", lr=0.1, momentum=0.9))
+    running = start(trainer, "127.0.0.1", 0, state_dir=tmp_path)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            yield client, trainer, tmp_path
+    finally:
+        running.stop(grace=None)
+
+
+def _step(client: gradwire.Client, times: int = 1) -> None:
+    for _ in range(times):
+        client.train_step(Fill.uniform(4, 3, 10, 10, seed=3), Fill.ones(4, dtype="int64"))
+
+
+def _everything(client: gradwire.Client) -> dict[str, Any]:
+    """Every tensor there is to read, for a before and after."""
+    return {t.name: client.get(t.name) for t in client.list_tensors().tensors if t.present}
+
+
+def test_a_checkpoint_saved_over_grpc_loads_back_and_trains_on_as_before(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # A researcher could keep the state only by stopping the server (--state-dir).
+    client, _, state_dir = kept
+    _step(client, 2)
+    saved = client.save_checkpoint("epoch1")
+    assert (saved.name, saved.version) == ("epoch1", 8)  # 4 a step (ZeroGrad first)
+    assert saved.bytes == (state_dir / "epoch1.safetensors").stat().st_size > 0
+    assert client.list_tensors().version == 8  # a save changes nothing
+    before = _everything(client)
+    _step(client, 2)
+    then = client.get("linear.weight")
+    loaded = client.load_checkpoint("epoch1")
+    assert (loaded.version, loaded.saved_version) == (17, 8)  # on by one, never back
+    after = _everything(client)
+    for name in ("conv1.weight", "linear.weight", "conv2.weight.grad"):
+        assert np.array_equal(after[name], before[name]), name
+    assert "optimizer.conv1.weight.momentum_buffer" in after
+    assert np.array_equal(
+        after["optimizer.conv1.weight.momentum_buffer"],
+        before["optimizer.conv1.weight.momentum_buffer"],
+    )
+    assert "output" not in after  # the last Forward went with the state it belonged to
+    _step(client, 2)  # momentum came back too: the same two steps give the same weights
+    assert np.array_equal(client.get("linear.weight"), then)
+
+
+def test_the_default_checkpoint_is_the_one_serve_restores(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    _step(client)
+    assert client.save_checkpoint().name == "state"
+    restored = Trainer(seed=1)
+    assert restored.load(state_dir / "state.safetensors") == 4
+    assert torch.equal(
+        restored.parameters["linear.weight"].detach(),
+        torch.from_numpy(np.array(client.get("linear.weight"))),
+    )
+    assert client.load_checkpoint().saved_version == 4
+
+
+def test_a_checkpoint_not_there_is_not_found_naming_those_that_are(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, _ = kept
+    with pytest.raises(errors.NotFound) as caught:
+        client.load_checkpoint("nope")
+    assert caught.value.reason == "NO_CHECKPOINT"
+    assert "none yet (SaveCheckpoint writes one)" in caught.value.message
+    client.save_checkpoint("b")
+    client.save_checkpoint("a.1")
+    with pytest.raises(errors.NotFound) as caught:
+        client.load_checkpoint("nope")
+    assert "it holds: a.1, b" in caught.value.message
+    assert client.list_tensors().version == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "/etc/passwd", ".hidden", "a/b", "a" * 101, "x\n", "é"]
+)
+def test_a_checkpoint_name_that_is_not_a_plain_name_is_refused(
+    kept: tuple[gradwire.Client, Trainer, Path], name: str
+) -> None:
+    client, _, state_dir = kept
+    for call in (client.save_checkpoint, client.load_checkpoint):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            call(name)
+        assert caught.value.reason == "BAD_CHECKPOINT_NAME"
+        assert "not a path" in caught.value.message
+    assert sorted(p.name for p in state_dir.iterdir()) == []
+    assert not Path("/escape.safetensors").exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    _step(client)
+    _trained_normed(1).save(state_dir / "mlp.safetensors")
+    before = _everything(client)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.load_checkpoint("mlp")
+    assert caught.value.reason == "BAD_CHECKPOINT"
+    assert "holds a NormedMLP" in caught.value.message
+    after = _everything(client)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert np.array_equal(after[name], value), name
+
+
+def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    (state_dir / "taken.safetensors").mkdir()  # a folder where the file would go
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.save_checkpoint("taken")
+    assert caught.value.reason == "STATE_DIR_UNWRITABLE"
+    assert "Is a directory" in caught.value.message
+    assert sorted(p.name for p in state_dir.iterdir()) == ["taken.safetensors"]
+    # A file-size limit stands in for a full disk: the write fails partway.
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))  # Simple's: 260 KB
+    try:
+        with pytest.raises(errors.ResourceExhausted) as full:
+            client.save_checkpoint("big")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert full.value.reason == "DISK_FULL"
+    assert "free space" in full.value.message
+    assert sorted(p.name for p in state_dir.iterdir()) == ["taken.safetensors"]
+    assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
+
+
+def test_without_a_state_dir_checkpoints_say_how_to_keep_them() -> None:
+    running = start(Trainer(seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            for call in (client.save_checkpoint, client.load_checkpoint):
+                with pytest.raises(errors.FailedPrecondition) as caught:
+                    call("x")
+                assert caught.value.reason == "NO_STATE_DIR"
+                assert "--state-dir" in caught.value.message
+    finally:
+        running.stop(grace=None)
+
+
+def test_the_cli_saves_and_loads_checkpoints(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    _step(client)
+    target = client.target
+    saved = run_main("save", "first", "--target", target)
+    assert saved.code == 0, saved.err
+    size = (state_dir / "first.safetensors").stat().st_size
+    assert saved.out == (
+        f"saved state version 4 as checkpoint 'first' ({size:,} bytes "
+        f"({size / 2**20:.1f} MiB)) in the server's state directory\n"
+    )
+    loaded = run_main("load", "first", "--json", "--target", target)
+    assert loaded.json() == {"version": 5, "saved_version": 4}
+    missing = run_main("load", "second", "--target", target)
+    assert missing.code == 1
+    assert "no checkpoint named 'second'" in missing.err and "it holds: first" in missing.err

@@ -706,6 +706,8 @@ EMPTY_ANSWERS = {
     "ListTensors": _OK,
     "Reset": _OK,
     "SetOptimizer": _OK,
+    "SaveCheckpoint": ("FAILED_PRECONDITION", "NO_STATE_DIR"),  # served without --state-dir
+    "LoadCheckpoint": ("FAILED_PRECONDITION", "NO_STATE_DIR"),
     "TrainStep": ("INVALID_ARGUMENT", "MISSING_INPUT"),
     "GetTensorStream": ("INVALID_ARGUMENT", "BAD_NAME"),
     "SetTensorStream": ("INVALID_ARGUMENT", "MISSING_VALUE"),

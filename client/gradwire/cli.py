@@ -1155,6 +1155,29 @@ def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     _emit(out, args, {"version": version}, f"model re-initialised, {seeded} (version {version})")
 
 
+def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    saved = client.save_checkpoint(args.name)
+    _emit(
+        out,
+        args,
+        {"name": saved.name, "version": saved.version, "bytes": saved.bytes},
+        f"saved state version {saved.version} as checkpoint {saved.name!r} "
+        f"({_bytes(saved.bytes)}) in the server's state directory",
+    )
+
+
+def cmd_load(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    loaded = client.load_checkpoint(args.name)
+    name = args.name or "state"
+    _emit(
+        out,
+        args,
+        {"version": loaded.version, "saved_version": loaded.saved_version},
+        f"loaded checkpoint {name!r}, saved at version {loaded.saved_version} "
+        f"(version {loaded.version})",
+    )
+
+
 def cmd_open_session(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     client.session = None  # opened beside the default session, whatever --session says
     session = client.open_session(args.seed)
@@ -1988,6 +2011,25 @@ def build_parser() -> argparse.ArgumentParser:
         "settings stay)",
     )
     p.add_argument("--seed", type=_seed, default=None, help="torch.manual_seed before initialising")
+
+    checkpoint_name = (
+        "the checkpoint's name, a file <name>.safetensors in the server's state directory "
+        "(default: state, the one `gradwire serve --state-dir` restores at start)"
+    )
+    p = add(
+        "save",
+        cmd_save,
+        "save the state (parameters, gradients, buffers, optimizer) as a checkpoint in the "
+        "server's --state-dir",
+    )
+    p.add_argument("name", nargs="?", default="", help=checkpoint_name)
+    p = add(
+        "load",
+        cmd_load,
+        "replace the state with a checkpoint from the server's --state-dir (the version "
+        "moves on by one)",
+    )
+    p.add_argument("name", nargs="?", default="", help=checkpoint_name)
 
     p = add(
         "open-session",

@@ -189,6 +189,19 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class SavedCheckpoint:
+    name: str  # as written in the server's state directory, <name>.safetensors
+    version: int  # the state version saved
+    bytes: int  # the file's size
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    version: int  # the state version after the load: one more than before it
+    saved_version: int  # the version the checkpoint was saved at
+
+
+@dataclass(frozen=True)
 class SessionListing:
     sessions: tuple[SessionInfo, ...]  # oldest first
     max_sessions: int  # the most the server keeps open at once
@@ -337,7 +350,7 @@ EXPECTED_VERSION = "gradwire-expected-version"
 SESSION = "gradwire-session"
 _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
-     "TrainStep", "FillParameters", "Reset", "SetOptimizer"}
+     "TrainStep", "FillParameters", "Reset", "SetOptimizer", "LoadCheckpoint"}
 )  # fmt: skip
 _READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions", "GetServerInfo"})
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
@@ -842,6 +855,12 @@ def _widening_teller(input: Any, target: Any) -> Callable[[InvalidArgument], Non
 
 def _version(response: Any) -> int:
     return int(response.version)
+
+
+def _checkpoint_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a checkpoint's name must be a string, got {name!r}")
+    return name
 
 
 def _backward(retain_graph: bool) -> _Encoded[int]:
@@ -2020,6 +2039,24 @@ class Client:
     def reset(self, seed: int | None = None) -> int:
         """A freshly initialised model (seeded when asked) and optimizer."""
         return self._run(_reset(seed))
+
+    def save_checkpoint(self, name: str = "") -> SavedCheckpoint:
+        """Writes the state as checkpoint `name` in the server's state directory
+        (`gradwire serve --state-dir`): parameters, gradients, buffers, the optimizer and its
+        state, the version. "" names the one the server restores at start ("state").
+        errors.FailedPrecondition (NO_STATE_DIR) on a server started without one."""
+        request = pb.SaveCheckpointRequest(name=_checkpoint_name(name))
+        response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)
+        return SavedCheckpoint(response.name, response.version, response.bytes)
+
+    def load_checkpoint(self, name: str = "") -> LoadedCheckpoint:
+        """Replaces the state with checkpoint `name` from the server's state directory. The
+        version moves on by one, as for any change. errors.NotFound (NO_CHECKPOINT), naming
+        the checkpoints there, for one it does not hold; errors.InvalidArgument
+        (BAD_CHECKPOINT) for one of another model, with nothing changed."""
+        request = pb.LoadCheckpointRequest(name=_checkpoint_name(name))
+        response: pb.LoadCheckpointResponse = self._call("LoadCheckpoint", request)
+        return LoadedCheckpoint(response.version, response.saved_version)
 
     def set_optimizer(
         self,

@@ -238,6 +238,7 @@ def start(
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     min_client_ping_s: float = MIN_CLIENT_PING_S,
     on_serving_lost: Callable[[], None] | None = None,
+    state_dir: Path | None = None,
 ) -> Running:
     """Starts a server for `trainer` on host:port (0: a free port) and returns it running.
 
@@ -257,6 +258,8 @@ def start(
     it closed (GOAWAY, too_many_pings).
     `on_serving_lost`: called when gRPC's serving thread has ended, after a critical log line
     (serving.py): the server answers nothing more (`serve` saves and exits then).
+    `state_dir`: where SaveCheckpoint writes and LoadCheckpoint reads checkpoints (None:
+    both answer FAILED_PRECONDITION); `serve` also restores and saves its state there.
     """
     for name, value, least in [
         ("max_concurrent", max_concurrent, 1),
@@ -306,6 +309,7 @@ def start(
         on_device_lost=device_lost,
         keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
         streams=(health_servicer.max_watches, reflection_servicer.max_streams),
+        state_dir=state_dir,
     )
     servicer.observer = calls  # counts and logs the calls made on Calls streams
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
@@ -632,6 +636,7 @@ def serve(
                 keepalive_s=keepalive_s,
                 keepalive_timeout_s=keepalive_timeout_s,
                 on_serving_lost=no_serving,
+                state_dir=state_dir,
             )
             if tls is not None:
                 who = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,36 @@ from gradwire_server.errors import out_of_memory
 
 FILE_NAME = "state.safetensors"
 FORMAT = "gradwire-checkpoint-1"
+#: The checkpoint `gradwire serve --state-dir` restores at start and writes at a graceful
+#: stop, by the name SaveCheckpoint and LoadCheckpoint give it.
+DEFAULT_NAME = FILE_NAME.removesuffix(".safetensors")
+SUFFIX = ".safetensors"
+#: What a checkpoint's name may be: a plain file name in the state directory, never a path.
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def path_for(state_dir: Path, name: str) -> Path:
+    """Where the checkpoint `name` ("" for the default) lies in `state_dir`; ValueError,
+    saying what a name may be, for one that is not a plain name."""
+    name = name or DEFAULT_NAME
+    if not _NAME.fullmatch(name):
+        shown = name if len(name) <= 120 else name[:100] + "..."
+        raise ValueError(
+            f"checkpoint name {shown!r}: give 1 to 100 letters, digits, '.', '_' or '-', "
+            "not beginning with '.' (a name, not a path: checkpoints lie in the server's "
+            "state directory)"
+        )
+    return state_dir / (name + SUFFIX)
+
+
+def saved_names(state_dir: Path) -> list[str]:
+    """The names of the checkpoints in `state_dir`, sorted."""
+    try:
+        found = [p.name for p in state_dir.iterdir() if p.is_file()]
+    except OSError:
+        return []
+    stems = [n.removesuffix(SUFFIX) for n in found if n.endswith(SUFFIX)]
+    return sorted(n for n in stems if _NAME.fullmatch(n))
 
 
 def save(
@@ -64,12 +95,28 @@ def save(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    # On disk before the rename, and the rename too: after a power cut the file was
-    # otherwise either the old one or the new one only as far as the page cache had got.
-    _sync(partial)
-    os.replace(partial, path)
+    try:
+        try:
+            save_file(tensors, str(partial), metadata=metadata)
+        except SafetensorError as err:  # its I/O errors, as the OSError they are
+            raise _os_error(err) from err
+        # On disk before the rename, and the rename too: after a power cut the file was
+        # otherwise either the old one or the new one only as far as the page cache had got.
+        _sync(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a disk left full by half a checkpoint helps no one
+        raise
     _sync(path.parent)
+
+
+def _os_error(err: SafetensorError) -> OSError:
+    """safetensors' "I/O error: No space left on device (os error 28)" as an OSError with
+    that errno, for callers to tell a full disk from the rest."""
+    found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+    if found is None:
+        return OSError(str(err))
+    return OSError(int(found.group(2)), found.group(1))
 
 
 def _sync(path: Path) -> None:

@@ -57,6 +57,19 @@ class OverLimit(DomainError):
     reason = "OVER_LIMIT"
 
 
+class NoSuchCheckpoint(DomainError):
+    """A checkpoint asked for by name that the state directory does not hold."""
+
+    reason = "NO_CHECKPOINT"
+
+
+class NotConfigured(DomainError):
+    """A call the server was not started for: a checkpoint's save or load without
+    `--state-dir`, or a state directory it cannot write."""
+
+    reason = "NO_STATE_DIR"
+
+
 class VersionMismatch(DomainError):
     """A conditional mutation whose expected state version is not the server's."""
 

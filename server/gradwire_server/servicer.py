@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import errno
 import functools
 import logging
 import math
@@ -20,6 +21,7 @@ import traceback
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
@@ -30,7 +32,7 @@ from grpc_status import rpc_status
 
 from gradwire import calls, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire_server import convert, stats
+from gradwire_server import checkpoint, convert, stats
 from gradwire_server.errors import (
     AnswerNotKept,
     CallerGone,
@@ -38,6 +40,8 @@ from gradwire_server.errors import (
     DomainError,
     IndexOutOfRange,
     InvalidInput,
+    NoSuchCheckpoint,
+    NotConfigured,
     OverLimit,
     PreviousFailed,
     Stopping,
@@ -80,6 +84,8 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     CallerGone: grpc.StatusCode.CANCELLED,
     Stopping: grpc.StatusCode.UNAVAILABLE,
+    NoSuchCheckpoint: grpc.StatusCode.NOT_FOUND,
+    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 R = TypeVar("R")
@@ -774,8 +780,11 @@ class TrainerServicer:
             limits.MIN_CLIENT_PING_S,
         ),
         streams: tuple[int, int] = (0, 0),
+        state_dir: Path | None = None,
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
+        #: Where SaveCheckpoint and LoadCheckpoint keep checkpoints; None: not served.
+        self.state_dir = state_dir
         self.requests = RequestLog()
         #: GetServerInfo's answer: nothing in it changes while the server runs. `keepalive`:
         #: the server's ping settings, as `app.start` gives them to gRPC; `streams`: the
@@ -1019,6 +1028,49 @@ class TrainerServicer:
     def Reset(self, request: pb.ResetRequest, context: grpc.ServicerContext) -> pb.ResetResponse:
         seed = request.seed if request.HasField("seed") else None
         return pb.ResetResponse(version=self.trainer.reset(seed))
+
+    @rpc
+    def SaveCheckpoint(
+        self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.SaveCheckpointResponse:
+        path = self._checkpoint_path(request.name)
+        try:
+            version = self.trainer.save(path)
+            size = path.stat().st_size
+        except OSError as err:
+            raise _unwritable(path, err) from err
+        log.info("saved state version %d to %s", version, path)
+        name = path.name.removesuffix(checkpoint.SUFFIX)
+        return pb.SaveCheckpointResponse(version=version, name=name, bytes=size)
+
+    @mutation
+    def LoadCheckpoint(
+        self, request: pb.LoadCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.LoadCheckpointResponse:
+        path = self._checkpoint_path(request.name)
+        if not path.is_file():
+            assert self.state_dir is not None
+            there = checkpoint.saved_names(self.state_dir)
+            listed = ", ".join(there) if there else "none yet (SaveCheckpoint writes one)"
+            raise NoSuchCheckpoint(
+                f"no checkpoint named {path.name.removesuffix(checkpoint.SUFFIX)!r} in the "
+                f"server's state directory; it holds: {listed}",
+                metadata={"names": ",".join(there)},
+            )
+        version, saved = self.trainer.restore(path)
+        log.info("loaded state version %d from %s, as version %d", saved, path, version)
+        return pb.LoadCheckpointResponse(version=version, saved_version=saved)
+
+    def _checkpoint_path(self, name: str) -> Path:
+        if self.state_dir is None:
+            raise NotConfigured(
+                "this server keeps no checkpoints: start it with --state-dir DIR (gradwire "
+                "serve) to save and load them there"
+            )
+        try:
+            return checkpoint.path_for(self.state_dir, name)
+        except ValueError as err:
+            raise InvalidInput(str(err), reason="BAD_CHECKPOINT_NAME") from None
 
     @rpc_sessionless
     def OpenSession(
@@ -1528,6 +1580,23 @@ def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
             "name and index unset after the first message, or repeat them",
             reason="BAD_CHUNK",
         )
+
+
+def _unwritable(path: Path, err: OSError) -> DomainError:
+    """The answer to a checkpoint that could not be written: RESOURCE_EXHAUSTED for a disk
+    or quota that is full, FAILED_PRECONDITION (the state directory's fault) for the rest."""
+    why = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return OverLimit(
+            f"could not write checkpoint {path}: {why}; free space in the server's state "
+            "directory (older checkpoints there), then save again",
+            reason="DISK_FULL",
+        )
+    return NotConfigured(
+        f"could not write checkpoint {path}: {why}; the server's state directory must be a "
+        "folder it can write, with no folder of that name in it",
+        reason="STATE_DIR_UNWRITABLE",
+    )
 
 
 def _empty_target(rpc: str) -> InvalidInput:

@@ -257,6 +257,7 @@ CAUSES = {
     "set_optimizer": "SetOptimizer",
     "train_step": "TrainStep",
     "load": "Load",
+    "restore": "LoadCheckpoint",
 }
 # Integer dtypes taken as class indices; CrossEntropyLoss wants them as int64.
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -2085,13 +2086,27 @@ class Trainer:
 
     @on_torch_thread
     def load(self, path: Path) -> int:
-        """Restores what `save` wrote, version included; refuses a checkpoint of another model,
-        and one that does not fit in memory (OUT_OF_MEMORY). Gradients and optimizer state
-        are made before anything is replaced, so a refusal while reading the file or making
-        them changes nothing; the parameters and buffers are copied in place last, and on a
-        GPU a copy that runs out of pinned memory partway could leave some replaced
-        (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks (one
-        written before checkpoints kept them) stay as the model made them."""
+        """Restores what `save` wrote, version included, as a server does at start (`_load`
+        says what is refused); the version."""
+        self._version = self._load(path)
+        return self._version
+
+    @on_torch_thread
+    def restore(self, path: Path) -> tuple[int, int]:
+        """`load` as a call that changes the state (LoadCheckpoint): the version moves on by
+        one rather than back to the saved one, which watchers and a caller's expected
+        version count on; (the version now, the version saved)."""
+        saved = self._load(path)
+        return self._bump(), saved
+
+    def _load(self, path: Path) -> int:
+        """Restores what `save` wrote but the version, which it returns. Refuses a checkpoint
+        of another model, and one that does not fit in memory (OUT_OF_MEMORY). Gradients and
+        optimizer state are made before anything is replaced, so a refusal while reading the
+        file or making them changes nothing; the parameters and buffers are copied in place
+        last, and on a GPU a copy that runs out of pinned memory partway could leave some
+        replaced (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks
+        (one written before checkpoints kept them) stay as the model made them."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(path, loaded.settings)
@@ -2183,8 +2198,7 @@ class Trainer:
         self._optimizer, self._settings = optimizer, settings
         self._clear_forward()
         self._deltas = {}  # the last Step's change was made to the weights just replaced
-        self._version = loaded.version
-        return self._version
+        return loaded.version
 
     @property
     def optimizer_settings(self) -> OptimizerSettings:

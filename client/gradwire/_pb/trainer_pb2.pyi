@@ -115,21 +115,26 @@ Conventions used by every message below:
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
-      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      and TOO_MANY_SELECTORS (metadata "limit")
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG,
+      TOO_MANY_SELECTORS (metadata "limit"), BAD_CHECKPOINT (a checkpoint LoadCheckpoint
+      cannot take: another model's, damaged) and BAD_CHECKPOINT_NAME
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
-      "session": its first 64 characters)
+      "session": its first 64 characters), NO_CHECKPOINT (metadata "names": the
+      checkpoints the state directory holds, joined by commas)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
-      the call found it and before it ran: open a session)
+      the call found it and before it ran: open a session), NO_STATE_DIR (a server
+      started without --state-dir, asked to save or load a checkpoint),
+      STATE_DIR_UNWRITABLE (a checkpoint that could not be written there)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
-      BUSY, TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
+      BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for),
+      BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
       "true" when the call itself succeeded, "applied": "true" when it was a mutation that
       ran, whose change stays applied; both "false" when it failed and changed nothing)
@@ -1361,6 +1366,102 @@ class ResetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetResponse: _TypeAlias = ResetResponse  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The checkpoint's name: 1 to 100 letters, digits, '.', '_' or '-', not beginning with
+    '.' (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME otherwise). Written to
+    <state-dir>/<name>.safetensors, replacing one of that name. Unset: "state", the one the
+    server restores at start and writes at a graceful stop.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointRequest: _TypeAlias = SaveCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """the state version saved (a save changes nothing: no version moves)"""
+    name: _builtins.str
+    """the name written"""
+    bytes: _builtins.int
+    """the file's size"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        name: _builtins.str = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointResponse: _TypeAlias = SaveCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """as in SaveCheckpointRequest; unset: "state" """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadCheckpointRequest: _TypeAlias = LoadCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class LoadCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SAVED_VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """state version after the load: one more than before it"""
+    saved_version: _builtins.int
+    """the version the checkpoint was saved at"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        saved_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saved_version", b"saved_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadCheckpointResponse: _TypeAlias = LoadCheckpointResponse  # noqa: Y015
 
 @_typing.final
 class SetOptimizerRequest(_message.Message):

@@ -85,6 +85,16 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/gradwire.v1.Trainer/SaveCheckpoint',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/gradwire.v1.Trainer/LoadCheckpoint',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
+                _registered_method=True)
         self.TrainStep = channel.unary_unary(
                 '/gradwire.v1.Trainer/TrainStep',
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
@@ -231,6 +241,27 @@ class TrainerServicer:
     def SetOptimizer(self, request, context):
         """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
         the settings given in the optimizer in place and keeps its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveCheckpoint(self, request, context):
+        """Writes the state (parameters, gradients, buffers, the optimizer and its state, the
+        version) as a checkpoint in the server's state directory (`gradwire serve --state-dir`),
+        safetensors, written whole or not at all. FAILED_PRECONDITION (NO_STATE_DIR) on a server
+        started without one. The state is read under the lock: calls that change it wait for
+        the write.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadCheckpoint(self, request, context):
+        """Replaces the state with a checkpoint from the state directory, as a mutation: the
+        version moves on by one (it never goes back), and a checkpoint of another model or
+        optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
+        with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -473,6 +504,16 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.SetOptimizer,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.SerializeToString,
             ),
             'TrainStep': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainStep,
@@ -811,6 +852,60 @@ class Trainer:
             '/gradwire.v1.Trainer/SetOptimizer',
             gradwire_dot_v1_dot_trainer__pb2.SetOptimizerRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.SetOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/SaveCheckpoint',
+            gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/LoadCheckpoint',
+            gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

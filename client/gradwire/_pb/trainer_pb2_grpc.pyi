@@ -115,21 +115,26 @@ Conventions used by every message below:
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
-      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
-      and TOO_MANY_SELECTORS (metadata "limit")
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG,
+      TOO_MANY_SELECTORS (metadata "limit"), BAD_CHECKPOINT (a checkpoint LoadCheckpoint
+      cannot take: another model's, damaged) and BAD_CHECKPOINT_NAME
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
-      "session": its first 64 characters)
+      "session": its first 64 characters), NO_CHECKPOINT (metadata "names": the
+      checkpoints the state directory holds, joined by commas)
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
-      the call found it and before it ran: open a session)
+      the call found it and before it ran: open a session), NO_STATE_DIR (a server
+      started without --state-dir, asked to save or load a checkpoint),
+      STATE_DIR_UNWRITABLE (a checkpoint that could not be written there)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
-      BUSY, TOO_MANY_SESSIONS, BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
+      BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for),
+      BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
       "true" when the call itself succeeded, "applied": "true" when it was a mutation that
       ran, whose change stays applied; both "false" when it failed and changed nothing)
@@ -243,6 +248,19 @@ class TrainerStub:
     SetOptimizer: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]
     """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
     the settings given in the optimizer in place and keeps its state.
+    """
+    SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
+    """Writes the state (parameters, gradients, buffers, the optimizer and its state, the
+    version) as a checkpoint in the server's state directory (`gradwire serve --state-dir`),
+    safetensors, written whole or not at all. FAILED_PRECONDITION (NO_STATE_DIR) on a server
+    started without one. The state is read under the lock: calls that change it wait for
+    the write.
+    """
+    LoadCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]
+    """Replaces the state with a checkpoint from the state directory, as a mutation: the
+    version moves on by one (it never goes back), and a checkpoint of another model or
+    optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
+    with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
     """
     TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -415,6 +433,19 @@ class TrainerAsyncStub(TrainerStub):
     SetOptimizer: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SetOptimizerRequest, _trainer_pb2.SetOptimizerResponse]  # type: ignore[assignment]
     """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
     the settings given in the optimizer in place and keeps its state.
+    """
+    SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
+    """Writes the state (parameters, gradients, buffers, the optimizer and its state, the
+    version) as a checkpoint in the server's state directory (`gradwire serve --state-dir`),
+    safetensors, written whole or not at all. FAILED_PRECONDITION (NO_STATE_DIR) on a server
+    started without one. The state is read under the lock: calls that change it wait for
+    the write.
+    """
+    LoadCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.LoadCheckpointRequest, _trainer_pb2.LoadCheckpointResponse]  # type: ignore[assignment]
+    """Replaces the state with a checkpoint from the state directory, as a mutation: the
+    version moves on by one (it never goes back), and a checkpoint of another model or
+    optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
+    with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
     """
     TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -644,6 +675,31 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_trainer_pb2.SetOptimizerResponse, _abc.Awaitable[_trainer_pb2.SetOptimizerResponse]]:
         """Replaces the optimizer (its state is lost) with new settings; with keep_state, changes
         the settings given in the optimizer in place and keeps its state.
+        """
+
+    @_abc_1.abstractmethod
+    def SaveCheckpoint(
+        self,
+        request: _trainer_pb2.SaveCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
+        """Writes the state (parameters, gradients, buffers, the optimizer and its state, the
+        version) as a checkpoint in the server's state directory (`gradwire serve --state-dir`),
+        safetensors, written whole or not at all. FAILED_PRECONDITION (NO_STATE_DIR) on a server
+        started without one. The state is read under the lock: calls that change it wait for
+        the write.
+        """
+
+    @_abc_1.abstractmethod
+    def LoadCheckpoint(
+        self,
+        request: _trainer_pb2.LoadCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.LoadCheckpointResponse, _abc.Awaitable[_trainer_pb2.LoadCheckpointResponse]]:
+        """Replaces the state with a checkpoint from the state directory, as a mutation: the
+        version moves on by one (it never goes back), and a checkpoint of another model or
+        optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
+        with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
         """
 
     @_abc_1.abstractmethod
