@@ -826,3 +826,37 @@ def test_the_cli_saves_and_loads_checkpoints(
     missing = run_main("load", "second", "--target", target)
     assert missing.code == 1
     assert "no checkpoint named 'second'" in missing.err and "it holds: first" in missing.err
+
+
+class Odd(nn.Module):
+    """Buffers a checkpoint must think about: a complex table (which the wire does not carry,
+    but a checkpoint does) and an expanded one, one value seen in three places, which a load
+    cannot write to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("table", torch.polar(torch.ones(3), torch.arange(3.0)))
+        self.register_buffer("wide", torch.zeros(1).expand(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path: Path) -> None:
+    # The expanded one was saved, and its load then failed halfway, the parameters replaced
+    # (found by a review); `gradwire serve` wrote it at a stop and failed at the next start.
+    spec = ModelSpec("Odd", Odd, sample_shape=(4,), num_classes=3)
+    original = Trainer(spec, seed=0)
+    with torch.no_grad():
+        original._model.get_buffer("table").mul_(2)
+    path = tmp_path / "state.safetensors"
+    original.save(path)
+    from safetensors.torch import load_file
+
+    assert {k for k in load_file(str(path)) if k.startswith("buffer/")} == {"buffer/table"}
+    restored = Trainer(spec, seed=1)
+    restored.load(path)
+    assert torch.equal(restored._model.get_buffer("table"), original._model.get_buffer("table"))
+    assert torch.equal(restored.parameters["lin.weight"], original.parameters["lin.weight"])

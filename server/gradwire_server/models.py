@@ -47,9 +47,10 @@ class ModelSpec:
     `loss` is "cross_entropy" (targets: int64 class indices [N], or float class
     probabilities [N, num_classes]) or "mse" (targets: floats of the output's shape).
     `factory` is called with no arguments, under the server's seed, to build the model (at
-    start and at every Reset); only its parameters (`named_parameters()`) are tensors the
-    server lists, reads, writes and checkpoints: buffers such as BatchNorm's running
-    statistics stay inside the model.
+    start and at every Reset). Its parameters (`named_parameters()`) are listed, read,
+    written and checkpointed; its buffers (`named_buffers()`, BatchNorm's running
+    statistics) listed and read but not written, and checkpointed as a state_dict keeps
+    them.
     """
 
     name: str

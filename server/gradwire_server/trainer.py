@@ -27,8 +27,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from gradwire import codec
 from gradwire.codec import numel
 from gradwire_server import checkpoint, live, openmp, optim, staging
+from gradwire_server.buffers import Buffers, Kept
 from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -495,7 +497,7 @@ _WHAT_IT_IS = {
     "delta": "the last Step's change to a parameter",
     "optimizer_state": "the optimizer's state",
     "buffer": "a buffer of the model (a module's state that does not train, such as "
-    "BatchNorm's running statistics), which its Forward changes",
+    "BatchNorm's running statistics)",
 }
 
 
@@ -551,6 +553,54 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
     if isinstance(error, ValueError):
         return True
     return isinstance(error, IndexError) and not x.is_floating_point()
+
+
+class _Attributes:
+    """A module's attributes, and the contents of those that are dicts or lists, to be put
+    back as they are now (`Trainer._run_on_meta`)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.now = vars(module)
+        self.before = dict(self.now)
+        self.contents: list[tuple[dict[Any, Any] | list[Any], dict[Any, Any] | list[Any]]] = [
+            (v, dict(v) if isinstance(v, dict) else list(v))
+            for v in self.before.values()
+            if isinstance(v, (dict, list))
+        ]
+
+    def put_back(self) -> None:
+        now, before = self.now, self.before
+        for key in now.keys() - before.keys():
+            del now[key]
+        for key, value in before.items():
+            if now.get(key) is not value:
+                now[key] = value
+        for container, items in self.contents:
+            if isinstance(container, dict):
+                assert isinstance(items, dict)
+                same = container.keys() == items.keys() and all(
+                    container[k] is v for k, v in items.items()
+                )
+                if not same:
+                    container.clear()
+                    container.update(items)
+            elif len(container) != len(items) or any(
+                a is not b for a, b in zip(container, items, strict=True)
+            ):
+                container[:] = items
+
+
+def _no_repeats(tensor: torch.Tensor) -> bool:
+    """Whether each value of `tensor` has a place of its own: no dimension of more than one
+    value has a stride of 0 (as `expand` makes), so it can be written in place."""
+    return all(st or n <= 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True))
+
+
+@functools.cache
+def _carried(dtype: torch.dtype) -> bool:
+    """Whether the wire has a DType for `dtype` (complex, float8 and unsigned ones it has
+    not)."""
+    return str(dtype).removeprefix("torch.") in codec.DTYPE_NAMES.values()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -757,6 +807,7 @@ class Trainer:
         self._activations: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
+        self._buffers_kept = Buffers(model)  # put back after a failed pass
         # The hooks hold the trainer weakly: held strongly, the model and the trainer would
         # hold each other, and a closed session's memory would wait for the cycle collector.
         keep_output = weakref.WeakMethod(self._keep_output)
@@ -854,8 +905,10 @@ class Trainer:
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         """The model's buffers by name ("norm.running_mean"), as they are now: a module may
-        replace one in its forward, so they are looked up each time, not kept."""
-        return dict(self._model.named_buffers())
+        replace one in its forward, so they are looked up each time, not kept. Those of a
+        dtype the wire does not carry (a rotary model's complex64 table) are left out: listed,
+        one made ListTensors fail INTERNAL (found by a review); `_unknown` names them."""
+        return {n: b for n, b in self._model.named_buffers() if _carried(b.dtype)}
 
     def _state_keys(self) -> tuple[str, ...]:
         """The per-parameter state the optimizer in use keeps, by torch's own keys."""
@@ -921,6 +974,12 @@ class Trainer:
             hint = (
                 f"{owner} is {dtype}, and torch keeps gradients only for floating-point "
                 "tensors: it has no gradient, Step change or optimizer state. "
+            )
+        buffer = dict(self._model.named_buffers()).get(name)
+        if buffer is not None:  # one _buffers leaves out
+            hint = (
+                f"{name} is a buffer of {_dtype_name(buffer.dtype)}, which the wire does not "
+                f"carry ({', '.join(sorted(codec.DTYPE_NAMES.values()))}). "
             )
         return UnknownTensor(
             f"no tensor named {name!r}; {hint}ListTensors (gradwire list) lists all "
@@ -1184,17 +1243,14 @@ class Trainer:
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _forward(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        self, x: torch.Tensor, y: torch.Tensor | None, buffers: list[Kept] | None = None
     ) -> ForwardResult:
-        """`buffers`: copies of the model's buffers (`_buffer_copies`) a caller has taken
-        already, put back if the pass fails; else taken here."""
+        """`buffers`: the model's buffers as a caller has kept them already (buffers.py),
+        put back if the pass fails; else kept here."""
         self._pending = {}
         with self._device_memory("forward"):
             if buffers is None:
-                buffers = self._buffer_copies()
+                buffers = self._buffers_kept.keep()
             try:
                 output = self._model(x)
                 loss = self._criterion(output, y) if y is not None else None
@@ -1209,7 +1265,7 @@ class Trainer:
                 # The layers' outputs so far go now (on a GPU, perhaps most of its memory),
                 # not at the next Forward; the last Forward's stay.
                 self._pending = {}
-                self._put_back(buffers)
+                self._buffers_kept.put_back(buffers)
                 if not _refusal(err, x):
                     raise
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
@@ -1219,6 +1275,7 @@ class Trainer:
                     f"{self.spec.name} refused this input: {str(err).splitlines()[0]}",
                     reason="MODEL_REFUSED",
                 ) from err
+        self._buffers_kept.learn(buffers)
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._activations, self._pending = self._pending, {}
         self._graph_alive = loss is not None
@@ -1234,23 +1291,6 @@ class Trainer:
         if x.is_floating_point() and not math.isfinite(x.sum().item()):
             nonfinite = int(x.numel() - torch.isfinite(x).sum().item())
         return ForwardResult(self._bump(), tuple(output.shape), value, nonfinite)
-
-    def _buffer_copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each of the model's buffers with a copy of it: a forward pass changes some
-        (BatchNorm's running statistics and count, even of a batch it then refuses), and a
-        failed call changes nothing. None for a model without buffers (Simple)."""
-        return [(b, b.clone()) for b in self._model.buffers()]
-
-    @staticmethod
-    def _put_back(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The buffers as `_buffer_copies` found them. On a device that failed, the copy
-        fails too: the failure at hand is the one to answer, so this one is logged."""
-        try:
-            with torch.no_grad():
-                for buffer, before in buffers:
-                    buffer.copy_(before)
-        except Exception as err:
-            log.warning("the model's buffers could not be put back after a failure: %s", err)
 
     @on_torch_thread
     def stream_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
@@ -1337,7 +1377,8 @@ class Trainer:
         anything changes; each part then adds one to the version, as the separate calls do.
         A module output's shape comes from a run of the model on meta tensors; of a model
         that cannot run on them, its fetches are checked after the forward pass instead, and
-        a refusal then puts back all the pass changed (its outputs, the model's buffers).
+        a refusal then puts back what the pass changed of the trainer's state and the
+        model's buffers (buffers.py; not other attributes a model may change in forward).
         `finish`, when given, makes the answer of the result still under the lock: `use` may
         then keep views of live tensors, and `finish` join them into the reply in one copy.
         """
@@ -1376,7 +1417,7 @@ class Trainer:
             if zero_grad:
                 self._zero_grad(True)
             with self._device_memory("forward"):
-                buffers = self._buffer_copies()
+                buffers = self._buffers_kept.keep()
             result = self._forward(x, y, buffers)
             if not checked:
                 self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
@@ -1389,7 +1430,7 @@ class Trainer:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
-            self._put_back(buffers)
+            self._buffers_kept.put_back(buffers)
             if stepping:
                 # The Step began by copying the parameters into the buffers the last Step's
                 # changes were kept in: those are gone (as after a failed Step alone).
@@ -1470,15 +1511,17 @@ class Trainer:
         """The model run on meta tensors for input `x` (shapes and dtypes, no memory, no
         arithmetic), inside `mode`; the module outputs its hooks kept.
 
-        Each module's attributes are put back as they were after it: a model that keeps a
-        tensor made in its forward (a cache of positions, made when first needed) would
-        otherwise keep a meta one, and every later Forward fail.
+        Each module's attributes are put back as they were after it, and the contents of
+        those that are dicts or lists (its buffers' own dict among them): a model that keeps
+        a tensor made in its forward (a cache of positions, made when first needed, in an
+        attribute, a dict or a buffer it registers then) would otherwise keep a meta one,
+        and every later Forward fail.
         """
         meta = {
             name: torch.empty_like(t, device="meta")
             for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
         }
-        attributes = [(vars(m), dict(vars(m))) for m in self._model.modules()]
+        attributes = [_Attributes(m) for m in self._model.modules()]
         self._pending = {}
         try:
             with torch.no_grad(), mode or nullcontext():
@@ -1486,12 +1529,8 @@ class Trainer:
             return self._pending
         finally:
             self._pending = {}
-            for now, before in attributes:
-                for key in now.keys() - before.keys():
-                    del now[key]
-                for key, value in before.items():
-                    if now.get(key) is not value:
-                        now[key] = value
+            for kept in attributes:
+                kept.put_back()
 
     # --- how many threads a job runs on ----------------------------------------------
 
@@ -2046,9 +2085,16 @@ class Trainer:
 
     def _saved_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers a checkpoint keeps: those PyTorch keeps in a state_dict, so not one a
-        module registered as not persistent (a table it can make again)."""
+        module registered as not persistent (a table it can make again), of any dtype (a
+        complex one too, which the wire does not carry), but one that views the same values
+        in several places (a stride of 0, as `expand` makes): a load cannot write to it, and
+        refused it halfway through, the parameters already replaced (found by a review)."""
         persistent = self._model.state_dict(keep_vars=True)
-        return {name: b for name, b in self._buffers().items() if name in persistent}
+        return {
+            name: b
+            for name, b in self._model.named_buffers()
+            if name in persistent and _no_repeats(b)
+        }
 
     @staticmethod
     def _saved_settings(path: Path, saved: dict[str, Any]) -> OptimizerSettings:

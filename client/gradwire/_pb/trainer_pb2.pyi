@@ -282,8 +282,11 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     TENSOR_KIND_BUFFER: _TensorKind.ValueType  # 10
     """A buffer of the model, by PyTorch's name for it ("norm.running_mean",
     "norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
-    changes BatchNorm's (the model always runs in training mode). Checkpoints keep them.
-    A buffer whose name another tensor has ("output") is not listed, and reads as that one.
+    in training mode (all but one asked in eval_mode) changes BatchNorm's. Checkpoints keep
+    those a state_dict keeps (not ones registered persistent=False). Not listed: a buffer
+    whose name another tensor has ("output"), which reads as that one; one of a dtype the
+    wire does not carry (complex64); one shared with another module under a second name,
+    listed under its first.
     """
 
 class TensorKind(_TensorKind, metaclass=_TensorKindEnumTypeWrapper):
@@ -321,8 +324,11 @@ TENSOR_KIND_DELTA: TensorKind.ValueType  # 9
 TENSOR_KIND_BUFFER: TensorKind.ValueType  # 10
 """A buffer of the model, by PyTorch's name for it ("norm.running_mean",
 "norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
-changes BatchNorm's (the model always runs in training mode). Checkpoints keep them.
-A buffer whose name another tensor has ("output") is not listed, and reads as that one.
+in training mode (all but one asked in eval_mode) changes BatchNorm's. Checkpoints keep
+those a state_dict keeps (not ones registered persistent=False). Not listed: a buffer
+whose name another tensor has ("output"), which reads as that one; one of a dtype the
+wire does not carry (complex64); one shared with another module under a second name,
+listed under its first.
 """
 Global___TensorKind: _TypeAlias = TensorKind  # noqa: Y015
 
