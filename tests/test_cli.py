@@ -714,7 +714,7 @@ def test_optimizer_keep_state_changes_the_settings_given_and_keeps_the_rest(
     assert result.code == 1
     assert result.err.startswith(
         "error: INVALID_ARGUMENT: momentum is a setting of SGD, not of Adam: leave it out, or "
-        "replace the optimizer with SGD (without keep_state)"
+        "replace the optimizer with SGD (without keep_state, --keep-state)"
     )
     shown = cli("optimizer", "--keep-state")  # nothing to change: a look
     assert shown.out.endswith("; --keep-state changes the settings given: give one)\n")

@@ -632,8 +632,8 @@ def test_keep_state_changes_sgd_in_place_as_torchs_param_groups_do(
     [
         (
             {"kind": "sgd", "lr": 0.1},
-            "the optimizer is Adam, and keep_state changes its settings in place: SGD needs "
-            "a new optimizer",
+            "the optimizer is Adam, and keep_state (--keep-state) changes its settings in "
+            "place: SGD needs a new optimizer",
         ),
         ({"momentum": 0.9}, "momentum is a setting of SGD, not of Adam"),
         ({"lr": -1.0}, "optimizer settings refused: Invalid learning rate: -1.0"),
@@ -665,7 +665,8 @@ def test_keep_state_checks_the_settings_as_a_whole_and_names_those_kept(
     assert caught.value.reason == "BAD_OPTIMIZER"
     assert caught.value.message == (
         "optimizer settings refused: Nesterov momentum requires a momentum and zero "
-        "dampening; keep_state keeps the settings not given (lr=0.1, weight_decay=0.0, "
+        "dampening; keep_state (--keep-state) keeps the settings not given (lr=0.1, "
+        "weight_decay=0.0, "
         "nesterov=True): give those that must change too, in the same call"
     )
     assert (current_version(client), client.list_tensors().optimizer) == before

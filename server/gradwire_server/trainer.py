@@ -311,7 +311,7 @@ def check_settings_kind(settings: OptimizerSettings, *, in_place: bool = False) 
         if getattr(settings, name) is not None:
             this, that = _KIND_NAMES[settings.kind], _KIND_NAMES[other]
             instead = (
-                f"replace the optimizer with {that} (without keep_state)"
+                f"replace the optimizer with {that} (without keep_state, --keep-state)"
                 if in_place
                 else f"ask for {that}"
             )
@@ -2029,9 +2029,9 @@ class Trainer:
             settings = dataclasses.replace(settings, kind=current.kind)
         if settings.kind != current.kind:
             raise InvalidInput(
-                f"the optimizer is {_KIND_NAMES[current.kind]}, and keep_state changes its "
-                f"settings in place: {_KIND_NAMES[settings.kind]} needs a new optimizer "
-                "(without keep_state, its state starts afresh)",
+                f"the optimizer is {_KIND_NAMES[current.kind]}, and keep_state "
+                f"(--keep-state) changes its settings in place: {_KIND_NAMES[settings.kind]} "
+                "needs a new optimizer (without keep_state, its state starts afresh)",
                 reason="BAD_OPTIMIZER",
             )
         check_settings_kind(settings, in_place=True)
@@ -2055,8 +2055,8 @@ class Trainer:
                 if getattr(current, f.name) is not None
             ]
             raise InvalidInput(
-                f"{err.message}; keep_state keeps the settings not given ({', '.join(kept)}): "
-                "give those that must change too, in the same call",
+                f"{err.message}; keep_state (--keep-state) keeps the settings not given "
+                f"({', '.join(kept)}): give those that must change too, in the same call",
                 reason="BAD_OPTIMIZER",
             ) from err
         settings_made = {k: v for k, v in made.param_groups[0].items() if k != "params"}
