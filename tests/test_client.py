@@ -910,6 +910,13 @@ def test_modules_named_as_pytorch_names_them_are_read_and_written() -> None:
         assert stats is not None and stats.min == stats.max == 2.0
         # an nn.Sequential served as the model: its layers by number, as model[0].weight
         assert client.remote[0].weight.selector == "0.weight"
+        # and one inside the model, as model.layers[0].weight (it read [0] as an index into
+        # a tensor "layers", and said to write remote.layers.weight[0])
+        layer = client.remote.layers[0].weight
+        assert layer.selector == "layers.0.weight"
+        assert np.array_equal(layer[1].numpy(), local.layers[0].weight.detach().numpy()[1])
+        with pytest.raises(AttributeError, match="attributes come before its index"):
+            client.remote.layers[5].weight  # no such layer: an index after all  # noqa: B018
     running.stop(grace=None)
 
 

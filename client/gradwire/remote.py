@@ -52,6 +52,9 @@ class RemoteTensor:
         if attribute.startswith("_"):
             raise AttributeError(attribute)
         if self._chain:
+            layer = self._layer()
+            if layer is not None:  # remote.features[0].weight: a Sequential's layer
+                return RemoteTensor(self._client, f"{layer}.{attribute}")
             # remote.conv1.weight[0].grad raised AttributeError("grad"), with no word of why.
             index = self.selector[len(self._name) :]
             raise AttributeError(
@@ -59,6 +62,20 @@ class RemoteTensor:
                 f"write remote.{self._name}.{attribute}{index}"
             )
         return RemoteTensor(self._client, f"{self._name}.{attribute}")
+
+    def _layer(self) -> str | None:
+        """The module this view names when its index is a layer's number (or numbers) in an
+        nn.Sequential or nn.ModuleList, as model.features[0] in PyTorch: "features.0" when
+        the server has tensors under that name; else None. It was read as an index into a
+        tensor "features" (found by a walkthrough as a researcher). Asks the server for the
+        names: a number is a layer's only when the model says so."""
+        if not all(
+            isinstance(key, int) and not isinstance(key, bool) and key >= 0 for key in self._chain
+        ):
+            return None
+        layer = ".".join([self._name, *map(str, self._chain)])
+        names = self._client.list_tensors().names()
+        return layer if any(name.startswith(layer + ".") for name in names) else None
 
     def __getitem__(self, key: codec.IndexKey | str) -> RemoteTensor:
         if isinstance(key, str):
