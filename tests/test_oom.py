@@ -517,29 +517,48 @@ def test_a_later_adam_step_runs_whole_or_not_at_all_whatever_the_headroom(wide: 
     assert outcomes[0] == "refused" and outcomes[-1] == "ran"  # both sides were reached
 
 
-@pytest.mark.parametrize("call", ["SetTensorStream", "ForwardStream"])
-def test_a_streamed_value_that_does_not_fit_is_refused_and_changes_nothing(
-    wide: Capped, call: str
-) -> None:
-    # A 256 MiB value sent in chunks: the block it is assembled in, taken at the first
+def test_a_streamed_input_that_does_not_fit_is_refused_and_changes_nothing(wide: Capped) -> None:
+    # A 256 MiB input sent in chunks: the block it is assembled in, taken at the first
     # chunk, does not fit in 160 MiB of headroom. It was answered INTERNAL. (With a 64 MiB
     # value under 16-64 MiB, the process was sometimes aborted, SIGABRT and nothing said,
     # as chunks kept coming in: gRPC's receiving out of memory, not gradwire's code; with
-    # this value and headroom, 16 runs of 16 at 80-160 MiB were answered.)
+    # this value and headroom, 16 runs of 16 at 80-160 MiB were answered.) A SetTensorStream
+    # value was tested so too, until its first chunk's shape was checked before the block
+    # was taken: a value larger than the 64 MiB weight is now refused for its shape (below),
+    # and one of that size does not reliably stay clear of gRPC's own allocations.
     client = wide.client
     before = snapshot(client, ["weight"])
     value = np.full((16384, 4096), 0.5, np.float32)
     with wide.limit(160 * MiB):
-        if call == "SetTensorStream":
-            error = out_of_memory(client.set, "weight", value)
-        else:
-            error = out_of_memory(client.forward, value)
-    what = "value" if call == "SetTensorStream" else "input"
-    assert error.message.startswith(f"{what}: out of memory on cpu for a 16384x4096 float32")
+        error = out_of_memory(client.forward, value)
+    assert error.message.startswith("input: out of memory on cpu for a 16384x4096 float32")
     assert wide.process.poll() is None
     assert snapshot(client, ["weight"]) == before
     client.set("weight", value[:4096])  # with the memory there, a write goes through
     assert float(client.get("weight", (0, 0))) == 0.5
+
+
+@pytest.mark.parametrize("call", ["SetTensorStream", "ForwardStream"])
+def test_a_streamed_value_of_a_shape_refused_is_refused_before_its_memory_is_taken(
+    wide: Capped, call: str
+) -> None:
+    # The block a streamed value is assembled in was taken at its first chunk before the
+    # shape was checked: a 256 MiB value of the wrong shape under 160 MiB of headroom (on a
+    # GPU, past its memory) was answered OUT_OF_MEMORY, not what was wrong (found by a
+    # review).
+    client = wide.client
+    before = snapshot(client, ["weight"])
+    with wide.limit(160 * MiB):
+        if call == "SetTensorStream":  # weight is 4096x4096
+            with pytest.raises(errors.InvalidArgument) as refused:
+                client.set("weight", np.full((16384, 4096), 0.5, np.float32))
+            assert refused.value.reason == "SHAPE_MISMATCH"
+        else:  # a sample is 4096 values
+            with pytest.raises(errors.InvalidArgument) as refused:
+                client.forward(np.full((16384, 4095), 0.5, np.float32))
+            assert refused.value.reason == "BAD_INPUT_SHAPE"
+    assert wide.process.poll() is None
+    assert snapshot(client, ["weight"]) == before
 
 
 def test_a_train_step_refused_in_its_step_leaves_no_false_delta(wide: Capped) -> None:

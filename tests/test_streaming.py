@@ -682,8 +682,9 @@ def test_a_refused_streamed_write_leaves_no_memory_kept(
     streaming: gradwire.Client, trainer: Trainer, server: Running
 ) -> None:
     """A refused value's size is the caller's: up to the element limit, 2 GiB of float64.
-    Its assembly memory is let go, not kept as the spare for the server's lifetime (found by
-    a review: a 256 MiB write to a 1,728-byte parameter left 256 MiB held)."""
+    No memory of its size is kept as the spare for the server's lifetime (found by a review:
+    a 256 MiB write to a 1,728-byte parameter left 256 MiB held). Its shape is now refused
+    at the first chunk, before its assembly memory is taken: the spare is left as it was."""
     streaming.chunk_bytes = 64 * 1024
     spare = server.servicer.spare
     streaming.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32))
@@ -691,7 +692,7 @@ def test_a_refused_streamed_write_leaves_no_memory_kept(
     too_big = np.ones(1_000_000, np.float32)  # 4 MB for conv1.weight's 432 values
     with pytest.raises(errors.InvalidArgument, match="shape"):
         streaming.set("conv1.weight", too_big)
-    assert spare._block is None
+    assert spare._block is not None and spare._block.numel() == LINEAR_BYTES
     streaming.set(LINEAR, np.ones(LINEAR_SHAPE, np.float32))
     assert spare._block is not None and spare._block.numel() == LINEAR_BYTES
     assert np.array_equal(server_value(trainer, LINEAR), np.ones(LINEAR_SHAPE, np.float32))

@@ -389,8 +389,17 @@ class Assembler:
         self._array: np.ndarray[Any, Any] | None = None
         self._filled = 0
 
-    def add(self, split: wire.Split[Any], path: wire.Path, chunk: pb.TensorChunk) -> None:
-        """Adds the chunk at `path` of a split message (`chunk` is that sub-message)."""
+    def add(
+        self,
+        split: wire.Split[Any],
+        path: wire.Path,
+        chunk: pb.TensorChunk,
+        check: Callable[[tuple[int, ...], int], None] | None = None,
+    ) -> None:
+        """Adds the chunk at `path` of a split message (`chunk` is that sub-message).
+        `check(shape, dtype)`, for a first chunk, is called with the whole tensor's shape and
+        DType before its memory is taken: a receiver's refusal of that shape comes before an
+        allocation as large as the shape says."""
         values_path = (*path, (_CHUNK_VALUES, 0))
         dtype, values = _split_array(split, values_path, chunk.values)
         if values.ndim == 0:  # values.shape left empty: one value, as the .proto says
@@ -437,6 +446,8 @@ class Assembler:
                 f"{self.what}: chunks hold more than the {size} values of the shape{hint}"
             )
         if first:  # only once the first chunk is known to fit: the memory may be a GPU's
+            if check is not None:
+                check(shape, dtype)
             self._begin(shape, _read_dtype(dtype) if self.widen else _WIRE[dtype].numpy)
             self.shape, self._size = shape, size
         self._store(self._filled, values)

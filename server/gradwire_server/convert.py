@@ -239,9 +239,25 @@ class Chunks:
         assert shape is not None and dtype is not None
         return shape, getattr(torch, codec.DTYPE_NAMES[dtype])
 
-    def add(self, split: wire.Split[Any], path: wire.Path, chunk: pb.TensorChunk) -> None:
+    def add(
+        self,
+        split: wire.Split[Any],
+        path: wire.Path,
+        chunk: pb.TensorChunk,
+        check: Callable[[tuple[int, ...], torch.dtype], None] | None = None,
+    ) -> None:
+        """Adds a chunk. `check(shape, dtype)`: the receiver's check of the whole tensor, at
+        the first chunk, before the memory it is assembled in is taken: a shape the model
+        refuses was answered OUT_OF_MEMORY when that memory (on a GPU, or a host capped)
+        could not be had, where SHAPE_MISMATCH or BAD_INPUT_SHAPE was the point (found by a
+        review)."""
+
+        def checked(shape: tuple[int, ...], dtype: int) -> None:
+            assert check is not None
+            check(shape, getattr(torch, codec.DTYPE_NAMES[dtype]))
+
         try:
-            self._assembler.add(split, path, chunk)
+            self._assembler.add(split, path, chunk, None if check is None else checked)
         except codec.ChunkLimitError as err:
             raise OverLimit(str(err), reason="TOO_MANY_ELEMENTS") from err
         except codec.CodecError as err:

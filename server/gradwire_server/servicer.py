@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
+import torch
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -931,11 +932,11 @@ class TrainerServicer:
                 else:
                     _same_target(first, request.message)
                 if request.message.HasField("chunk"):
-                    started = chunks.started
-                    chunks.add(request, _SET_CHUNK, request.message.chunk)
-                    if not started:  # refused now, not once every chunk has come
+                    check = None
+                    if not chunks.started:  # refused now, not once every chunk has come
                         chain = convert.chain_from_proto(first.index)
-                        trainer.check_write(first.name, chain, chunks.header[0])
+                        check = functools.partial(_check_write, trainer, first.name, chain)
+                    chunks.add(request, _SET_CHUNK, request.message.chunk, check)
             with _unless_caller_gone(context):
                 if first is None or not chunks.started:  # as SetTensor without a value
                     raise InvalidInput(
@@ -964,10 +965,9 @@ class TrainerServicer:
                 message = request.message
                 eval_mode = eval_mode or message.eval_mode
                 if message.HasField("input"):
-                    started = chunks.started
-                    chunks.add(request, _FORWARD_CHUNK, message.input)
-                    if not started:  # refused now, not once every chunk has come
-                        trainer.check_input(*chunks.header)
+                    # The first chunk's shape refused now, not once every chunk has come
+                    check = None if chunks.started else trainer.check_input
+                    chunks.add(request, _FORWARD_CHUNK, message.input, check)
                 if message.HasField("target"):
                     if target is not None:
                         raise InvalidInput(
@@ -1580,6 +1580,13 @@ def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
             "name and index unset after the first message, or repeat them",
             reason="BAD_CHUNK",
         )
+
+
+def _check_write(
+    trainer: Trainer, name: str, chain: Any, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Trainer.check_write of a streamed value's first chunk (its dtype is cast at the write)."""
+    trainer.check_write(name, chain, shape)
 
 
 def _unwritable(path: Path, err: OSError) -> DomainError:
