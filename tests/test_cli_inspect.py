@@ -485,6 +485,32 @@ def test_forward_by_default_fits_a_model_of_scalar_samples() -> None:
         assert result.json()["output_shape"] == [8, 3]
 
 
+def test_train_draws_the_ids_of_a_model_of_integer_inputs_below_input_high() -> None:
+    # It refused such a model ("train makes random floats") and sent the user to Python.
+    from torch import nn
+
+    from tests.broken_models import TOKENS
+
+    with serving(TOKENS, seed=0) as (_, client):
+        refused = run_main("train", "--steps", "2", "--target", client.target)
+        assert refused.code == 2
+        assert "Tokens takes int64 inputs (ids, say): give --input-high N" in refused.err
+        result = run_main(
+            "train", "--steps", "3", "--input-high", "10", "--json", "--target", client.target
+        )
+        assert result.code == 0, result.err
+        assert result.json()["steps"] == 3
+        ids = client.get("input")
+        assert ids.dtype == np.int64 and ids.shape == (8, 4)
+        assert ids.min() >= 0 and ids.max() < 10
+        past = run_main("train", "--steps", "1", "--input-high", "11", "--target", client.target)
+        assert past.code == 1 and "Tokens refused this input" in past.err  # id 10: past its rows
+    with serving(ModelSpec("Floats", lambda: nn.Linear(4, 3), (4,), 3), seed=0) as (_, other):
+        wrong = run_main("train", "--input-high", "5", "--target", other.target)
+        assert wrong.code == 2
+        assert "--input-high is for a model of integer inputs; Floats takes float32" in wrong.err
+
+
 def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() -> None:
     # Before ListTensors described the model, a server sent no outputs and no input dtype
     # ("unknown" here); forward then asked for dtype 'unknown' and stopped.

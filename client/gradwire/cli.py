@@ -822,10 +822,17 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
     ListTensors describes it); new ones each step (seed + step)."""
     model = client.list_tensors()
     sample_shape, dtype = _model_input(model)
-    if dtype is not None and not dtype.startswith(("float", "bfloat")):
+    integers = dtype is not None and not dtype.startswith(("float", "bfloat"))
+    if integers and args.input_high is None:
         raise UsageError(
-            f"{model.model} takes {dtype} inputs, and train makes random floats: "
-            "drive it with your own data from Python (Client.train_step or Client.train)"
+            f"{model.model} takes {dtype} inputs (ids, say): give --input-high N to draw "
+            "them from 0..N-1 (N: its vocabulary's size, an Embedding's rows), or drive it "
+            "with your own data from Python (Client.train_step or Client.train)"
+        )
+    if not integers and args.input_high is not None:
+        raise UsageError(
+            f"--input-high is for a model of integer inputs; {model.model} takes "
+            f"{dtype or 'float32'}, drawn from a normal distribution"
         )
     # Given, each is taken as it is: `or` took --classes 0 and --input-shape '' for unset.
     shape = sample_shape if args.input_shape is None else args.input_shape
@@ -838,7 +845,10 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
             f"labels run from 0 to {model.outputs - 1}; give --classes {model.outputs} or "
             "fewer, or leave it out"
         )
-    x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
+    if integers:
+        x = Fill.randint(0, args.input_high, args.batch, *shape, seed=args.seed, dtype=dtype)
+    else:
+        x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
     target_seed = (args.seed + 1_000_003) % (1 << 64)  # a seed is a uint64
     if model.loss == "mse":
         return x, Fill.normal(args.batch, outputs, seed=target_seed)
@@ -1970,6 +1980,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--input-shape",
         type=_shape_option,
         help="one sample's shape, comma-separated (default: what the server's model takes)",
+    )
+    p.add_argument(
+        "--input-high",
+        type=_at_least(1),
+        help="for a model of integer inputs (token ids): draw them from 0..N-1 (N: its "
+        "vocabulary's size); a float model's inputs are drawn from a normal distribution",
     )
     p.add_argument(
         "--classes",
