@@ -21,6 +21,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
+from gradwire_server import checkpoint
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
@@ -215,7 +216,7 @@ def test_serve_with_a_checkpoint_too_large_for_memory_says_so(
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("gradwire serve: error: cannot load "), done.stderr
-    assert "move the file away to start from fresh weights" in last
+    assert "move it away to start from fresh weights" in last
 
 
 def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
@@ -281,8 +282,8 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     assert info.value.message.startswith(f"{path} holds a Simple with parameters ")
     assert "; this server's TinyMLP has {" in info.value.message
     assert info.value.message.endswith(
-        "}: serve the model it holds (--model), give another --state-dir, or move the file "
-        "away to start from fresh weights"
+        "}: serve the model it holds (--model), give another --state-dir, or move it away "
+        "to start from fresh weights"
     )
 
 
@@ -763,6 +764,12 @@ def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
         client.load_checkpoint("mlp")
     assert caught.value.reason == "BAD_CHECKPOINT"
     assert "holds a NormedMLP" in caught.value.message
+    # worded for a running server, where the start-up advice (another --state-dir, fresh
+    # weights) does not apply (found by a review)
+    assert caught.value.message.endswith(
+        ": serve the model it holds (--model), or load a checkpoint of this one; nothing was "
+        "changed"
+    )
     after = _everything(client)
     assert after.keys() == before.keys()
     for name, value in before.items():
@@ -860,3 +867,53 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     restored.load(path)
     assert torch.equal(restored._model.get_buffer("table"), original._model.get_buffer("table"))
     assert torch.equal(restored.parameters["lin.weight"], original.parameters["lin.weight"])
+
+
+def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
+    # Each wrote one "<name>.partial": the loser's rename found it gone, and answered
+    # STATE_DIR_UNWRITABLE (on a GPU, where each session saves on a thread of its own: found
+    # by a review).
+    trainers = [Trainer(seed=seed) for seed in range(4)]
+    path = tmp_path / "epoch3.safetensors"
+    failed: list[BaseException] = []
+
+    def save(trainer: Trainer) -> None:
+        for _ in range(10):
+            try:
+                checkpoint.save(
+                    path,
+                    version=trainer.version,
+                    model=trainer.spec.name,
+                    optimizer=trainer._optimizer,
+                    settings=trainer.optimizer_settings,
+                    parameters=trainer._parameters,
+                    buffers={},
+                )
+            except BaseException as err:  # each failure is the finding
+                failed.append(err)
+
+    threads = [threading.Thread(target=save, args=(t,)) for t in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failed == []
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch3.safetensors"]  # no temp left
+    Trainer(seed=9).load(path)  # whole: one of them
+
+
+def test_a_watch_every_n_steps_hears_of_a_checkpoint_s_load(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # It heard only once the step count moved on: the weights it showed were those before
+    # the load (found by a review). A Reset was heard at once.
+    client, _, _ = kept
+    client.save_checkpoint("a")
+    _step(client)
+    watch = client.watch(["conv1.weight[0, 0, 0]"], values=True, every_steps=2, timeout=30)
+    assert next(watch).cause == "Watch"
+    client.load_checkpoint("a")
+    update = next(watch)
+    watch.close()
+    assert update.cause == "LoadCheckpoint"
+    assert np.array_equal(update["conv1.weight[0, 0, 0]"].value, client.get("conv1.weight[0,0,0]"))

@@ -503,3 +503,27 @@ def test_a_sequential_model_s_numbered_parameters_are_read_and_written() -> None
         out = io.StringIO()
         assert main(["get", "0.bias[0]", "--json", "--target", client.target], out=out) == 0
         assert '"values": 2.5' in out.getvalue()
+
+
+def test_messages_that_show_a_name_or_a_shape_show_the_served_model_s(
+    mlp: gradwire.Client,
+) -> None:
+    # They showed the tutorial's ('conv1.weight', [8, 3, 10, 10]) whatever the model served.
+    import grpc
+
+    from gradwire._pb import trainer_pb2 as pb
+
+    with grpc.insecure_channel(mlp.target) as channel:
+        for method, request, said in [
+            ("GetTensor", pb.GetTensorRequest(), "a tensor name is required, e.g. 'fc1.weight'"),
+            ("Forward", pb.ForwardRequest(), "a fill such as ones of shape [8, 16]"),
+            ("Watch", pb.WatchRequest(), "a tensor name, e.g. 'fc1.weight'"),
+        ]:
+            call = f"/gradwire.v1.Trainer/{method}"
+            with pytest.raises(grpc.RpcError) as caught:
+                if method == "Watch":
+                    next(channel.unary_stream(call)(request.SerializeToString(), timeout=10))
+                else:
+                    channel.unary_unary(call)(request.SerializeToString(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert said in (caught.value.details() or ""), method

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,23 @@ FORMAT = "gradwire-checkpoint-1"
 #: stop, by the name SaveCheckpoint and LoadCheckpoint give it.
 DEFAULT_NAME = FILE_NAME.removesuffix(".safetensors")
 SUFFIX = ".safetensors"
+#: How the advice in a refusal of a checkpoint at a server's start ends, where moving the
+#: file away starts the server afresh; and what `at_runtime` puts instead for a load asked
+#: of a running server (LoadCheckpoint), which changed nothing.
+AT_START = ", or move it away to start from fresh weights"
+#: The advice for a checkpoint of another model, at a server's start.
+OTHER_MODEL = f"serve the model it holds (--model), give another --state-dir{AT_START}"
+
+
+def at_runtime(message: str) -> str:
+    """A refusal's `message`, worded for a load asked of a running server: its start-up
+    advice (another --state-dir, fresh weights) does not apply there."""
+    message = message.replace(
+        OTHER_MODEL, "serve the model it holds (--model), or load a checkpoint of this one"
+    )
+    return message.replace(AT_START, "") + "; nothing was changed"
+
+
 #: What a checkpoint's name may be: a plain file name in the state directory, never a path.
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -94,7 +112,11 @@ def save(
         "optimizer_scalars": json.dumps(scalars),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
+    # A name of its own: two sessions saving one name at once (on a GPU each has a thread)
+    # wrote one ".partial", and the loser's rename found it gone (found by a review).
+    handle, written = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    partial = Path(written)
     try:
         try:
             save_file(tensors, str(partial), metadata=metadata)
@@ -150,8 +172,7 @@ def load(path: Path) -> Loaded:
     except OSError as err:
         why = (err.strerror or str(err)).lower()
         raise ValueError(
-            f"it cannot be read ({why}): give the server's user read access to it, or move it "
-            "away to start from fresh weights"
+            f"it cannot be read ({why}): give the server's user read access to it{AT_START}"
         ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -192,8 +213,7 @@ def load(path: Path) -> Loaded:
 def damaged(path: Path, what: str) -> ValueError:
     """The error for a gradwire checkpoint whose metadata is not what `save` writes."""
     return ValueError(
-        f"{path} is a damaged gradwire checkpoint: {what}; restore it from a copy, or move it "
-        "away to start from fresh weights"
+        f"{path} is a damaged gradwire checkpoint: {what}; restore it from a copy{AT_START}"
     )
 
 

@@ -836,7 +836,8 @@ class TrainerServicer:
         inputs = convert.source_from_split(request, _FORWARD_INPUT, message.input, "input")
         if inputs is None:
             raise InvalidInput(
-                "Forward needs an input: a tensor, or a fill such as ones of shape [8, 3, 10, 10]",
+                "Forward needs an input: a tensor, or a fill such as ones of shape "
+                f"{self.trainer.example_input}",
                 reason="MISSING_INPUT",
             )
         target = convert.source_from_split(request, _FORWARD_TARGET, message.target, "target")
@@ -1162,7 +1163,7 @@ class TrainerServicer:
     def Watch(self, request: pb.WatchRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         if not request.items:
             raise InvalidInput(
-                "Watch needs at least one item: a tensor name, e.g. 'conv1.weight.grad'",
+                f"Watch needs at least one item: a tensor name, e.g. {self.trainer.example_name!r}",
                 reason="BAD_REQUEST",
             )
         if request.every_steps < 0 or request.min_interval_ms < 0:

@@ -439,10 +439,11 @@ def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def check_name(name: str) -> None:
-    """Refuses names no tensor can have: empty, over-long, or with control characters."""
+def check_name(name: str, example: str = "conv1.weight") -> None:
+    """Refuses names no tensor can have: empty, over-long, or with control characters.
+    `example`: a name the model has, for the message (Trainer.example_name)."""
     if not name:
-        raise InvalidInput("a tensor name is required, e.g. 'conv1.weight'", reason="BAD_NAME")
+        raise InvalidInput(f"a tensor name is required, e.g. {example!r}", reason="BAD_NAME")
     if len(name) > MAX_NAME_CHARS:
         raise InvalidInput(
             f"a tensor name of {len(name)} characters is over the limit of {MAX_NAME_CHARS}",
@@ -775,7 +776,10 @@ class Trainer:
             self._depth -= 1
             if self._depth == 0 and self._version != before:
                 self._cause = cause = CAUSES.get(method.lstrip("_"), method)
-                self._subscriptions.announce(self._steps, reset=cause == "Reset")
+                # Every watcher hears of a state replaced whole, whatever its step count
+                # (a LoadCheckpoint was heard only once that count moved on: a review).
+                replaced = cause in ("Reset", "LoadCheckpoint")
+                self._subscriptions.announce(self._steps, reset=replaced)
 
     # --- state helpers ------------------------------------------------------------
 
@@ -885,6 +889,17 @@ class Trainer:
         return self._version
 
     @property
+    def example_name(self) -> str:
+        """A name this model has, for messages that show one: its first parameter's (the
+        tutorial's "conv1.weight"; they cited that whatever the model served)."""
+        return next(iter(self._parameters), "output")
+
+    @property
+    def example_input(self) -> str:
+        """An input's shape this model takes, for messages: [8, *sample_shape]."""
+        return str([8, *self.spec.sample_shape])
+
+    @property
     def parameters(self) -> dict[str, nn.Parameter]:
         """Parameters by name, in model order (the model's own walk, cached per model)."""
         return self._parameters
@@ -932,7 +947,7 @@ class Trainer:
 
         `asking` for a delta turns their recording on, from the next Step (see track_deltas).
         """
-        check_name(name)
+        check_name(name, self.example_name)
         params = self.parameters
         if name in params:
             return "parameter", params[name], params[name]
@@ -1943,7 +1958,7 @@ class Trainer:
         chosen = list(dict.fromkeys(names)) or list(params)  # each once, as first named
         scalars: dict[str, float | int] = {}  # each value as its parameter's fill_ takes it
         for name in chosen:
-            check_name(name)
+            check_name(name, self.example_name)
             if name not in params and name in self.names():
                 raise InvalidInput(
                     f"{name!r} is not a parameter: FillParameters fills parameters only "
@@ -2142,7 +2157,12 @@ class Trainer:
         """`load` as a call that changes the state (LoadCheckpoint): the version moves on by
         one rather than back to the saved one, which watchers and a caller's expected
         version count on; (the version now, the version saved)."""
-        saved = self._load(path)
+        try:
+            saved = self._load(path)
+        except (InvalidInput, OverLimit) as err:
+            raise type(err)(
+                checkpoint.at_runtime(err.message), reason=err.reason, metadata=err.metadata
+            ) from err
         return self._bump(), saved
 
     def _load(self, path: Path) -> int:
@@ -2161,7 +2181,7 @@ class Trainer:
         except MemoryError as err:
             raise OverLimit(
                 f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
-                "free some, or move the file away to start from fresh weights",
+                f"free some{checkpoint.AT_START}",
                 reason="OUT_OF_MEMORY",
             ) from err
         params = self._parameters
@@ -2170,8 +2190,7 @@ class Trainer:
         if loaded.model != self.spec.name or found != shapes:
             raise InvalidInput(
                 f"{path} holds a {loaded.model} with parameters {found}; this server's "
-                f"{self.spec.name} has {shapes}: serve the model it holds (--model), give "
-                "another --state-dir, or move the file away to start from fresh weights",
+                f"{self.spec.name} has {shapes}: {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
         buffers = self._saved_buffers()
@@ -2188,8 +2207,7 @@ class Trainer:
         if odd_buffers:
             raise InvalidInput(
                 f"{path} holds buffers this server's {self.spec.name} does not have as they are "
-                f"there: {', '.join(odd_buffers)}; serve the model it holds (--model), give "
-                "another --state-dir, or move the file away to start from fresh weights",
+                f"there: {', '.join(odd_buffers)}; {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
         odd += sorted(  # an integer parameter's: torch keeps it none

@@ -2394,8 +2394,8 @@ class WatchRequest(_message.Message):
     MIN_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     every_steps: _builtins.int
     """0: an update falls due after every applied mutation; N > 0: each time the server's step
-    counter passes a multiple of N, and after Reset; negative, as for min_interval_ms:
-    BAD_REQUEST. An update is read when it is sent, so it shows the state then: with no
+    counter passes a multiple of N, and after Reset and LoadCheckpoint; negative, as for
+    min_interval_ms: BAD_REQUEST. An update is read when it is sent, so it shows the state then: with no
     min_interval_ms and a reader that keeps up, usually the state at steps N, 2N, ...; on
     a busy server, or with steps faster than an update is made, one falls later (its
     `steps` says which) and `skipped` counts those it stands for.
