@@ -2030,7 +2030,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     checkpoint_name = (
         "the checkpoint's name, a file <name>.safetensors in the server's state directory "
-        "(default: state, the one `gradwire serve --state-dir` restores at start)"
+        "(default: state, the one `gradwire serve --state-dir` restores at start and "
+        "overwrites at a graceful stop: name one to keep)"
     )
     p = add(
         "save",
