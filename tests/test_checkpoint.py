@@ -21,7 +21,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
-from gradwire_server import checkpoint
+from gradwire_server import checkpoint, staging
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
@@ -867,6 +867,10 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     restored.load(path)
     assert torch.equal(restored._model.get_buffer("table"), original._model.get_buffer("table"))
     assert torch.equal(restored.parameters["lin.weight"], original.parameters["lin.weight"])
+    # One saved before expanded buffers were left out holds it: loaded, that buffer left as
+    # the model made it (it was refused as a buffer "this server's Odd does not have")
+    _tensors_altered(path, {"buffer/wide": torch.ones(3)})
+    Trainer(spec, seed=2).load(path)
 
 
 def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
@@ -917,3 +921,34 @@ def test_a_watch_every_n_steps_hears_of_a_checkpoint_s_load(
     watch.close()
     assert update.cause == "LoadCheckpoint"
     assert np.array_equal(update["conv1.weight[0, 0, 0]"].value, client.get("conv1.weight[0,0,0]"))
+
+
+def test_a_load_that_fails_partway_says_what_it_replaced(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parameters are copied in place last; on a GPU a copy can still run out of pinned
+    # memory partway. The refusal said "nothing was changed" of a model partly replaced, and
+    # the version stayed, so no watcher heard of it (found by a review).
+    client, _, _ = kept
+    client.save_checkpoint("a")
+    _step(client)
+    version = client.list_tensors().version
+    copies = 0
+    real = staging.copy_into
+
+    def failing(out: torch.Tensor, source: torch.Tensor) -> None:
+        nonlocal copies
+        copies += 1
+        if copies == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        real(out, source)
+
+    monkeypatch.setattr(staging, "copy_into", failing)
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.load_checkpoint("a")
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    assert "1 parameters and buffers were replaced by then (conv1.weight)" in (caught.value.message)
+    assert "nothing was changed" not in caught.value.message
+    assert client.list_tensors().version == version + 1  # a change: watchers hear of it
+    monkeypatch.undo()
+    assert client.load_checkpoint("a").saved_version == 0  # and a load again mends it

@@ -915,6 +915,8 @@ def test_modules_named_as_pytorch_names_them_are_read_and_written() -> None:
         layer = client.remote.layers[0].weight
         assert layer.selector == "layers.0.weight"
         assert np.array_equal(layer[1].numpy(), local.layers[0].weight.detach().numpy()[1])
+        assert client.remote.layers[-1].weight.selector == "layers.0.weight"  # from the end
+        assert client.remote.layers[np.int64(0)].bias.selector == "layers.0.bias"
         with pytest.raises(AttributeError, match="attributes come before its index"):
             client.remote.layers[5].weight  # no such layer: an index after all  # noqa: B018
     running.stop(grace=None)

@@ -44,6 +44,7 @@ __all__ = [
     "indices_from_proto",
     "indices_to_proto",
     "numel",
+    "sent_as",
     "tensor_pieces",
     "widened",
 ]
@@ -94,6 +95,19 @@ _NUMPY_TO_DTYPE: Final = {
     np.dtype("int64"): pb.DTYPE_INT64,
     np.dtype("bool"): pb.DTYPE_BOOL,
 }
+
+
+def sent_as(name: str) -> str | None:
+    """The wire dtype a tensor of dtype `name` ("uint8", "float32": numpy's or torch's
+    names) travels as: its own, or the one it is widened to; None for one the wire cannot
+    carry (complex, float8)."""
+    if name in _DTYPE_BY_NAME:
+        return name
+    try:
+        wide = _WIDENED.get(np.dtype(name))
+    except TypeError:  # a name numpy does not know: float8_e4m3fn, say
+        return None
+    return None if wide is None else str(wide.newbyteorder("="))
 
 
 def widened(value: Any) -> tuple[str, str] | None:

@@ -9,6 +9,7 @@ for the tensors' names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from numbers import Integral
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,17 +66,28 @@ class RemoteTensor:
 
     def _layer(self) -> str | None:
         """The module this view names when its index is a layer's number (or numbers) in an
-        nn.Sequential or nn.ModuleList, as model.features[0] in PyTorch: "features.0" when
-        the server has tensors under that name; else None. It was read as an index into a
-        tensor "features" (found by a walkthrough as a researcher). Asks the server for the
-        names: a number is a layer's only when the model says so."""
-        if not all(
-            isinstance(key, int) and not isinstance(key, bool) and key >= 0 for key in self._chain
-        ):
-            return None
-        layer = ".".join([self._name, *map(str, self._chain)])
+        nn.Sequential or nn.ModuleList, as model.features[0] or model.features[-1] in
+        PyTorch: "features.0" when the server has tensors under that name; else None. It was
+        read as an index into a tensor "features" (found by a walkthrough as a researcher).
+        Asks the server for the names: a number is a layer's only when the model says so."""
+        numbers: list[int] = []
+        for key in self._chain:
+            if isinstance(key, bool) or not isinstance(key, Integral):
+                return None
+            numbers.append(int(key))
         names = self._client.list_tensors().names()
-        return layer if any(name.startswith(layer + ".") for name in names) else None
+        layer = self._name
+        for number in numbers:
+            below = {n[len(layer) + 1 :].split(".")[0] for n in names if n.startswith(layer + ".")}
+            layers = [int(part) for part in below if part.isdigit()]
+            if not layers:
+                return None
+            if number < 0:  # from the end, as Sequential counts (every layer is listed: its
+                number += max(layers) + 1  # output, if not its parameters)
+            if str(number) not in below:
+                return None
+            layer = f"{layer}.{number}"
+        return layer
 
     def __getitem__(self, key: codec.IndexKey | str) -> RemoteTensor:
         if isinstance(key, str):

@@ -7,13 +7,21 @@ as they were, as it leaves everything else.
 
 Copying every buffer before every pass is what that takes at its simplest, and what a model
 with a large constant buffer (a 64 MiB causal mask) cannot pay: its Forward went from 8 ms
-to 70 ms (found by a review). So a buffer up to ALWAYS_COPIED_BYTES is copied each pass, and
-a larger one only once a pass has been seen to change it (its version counter moved, or the
-module replaced it): a mask or a table is never copied, and a large buffer that does change
-is from its second pass on. The first pass that changes a large buffer cannot put it back
-if it fails; the log says so. BatchNorm's kernel updates its running statistics without
-moving their version counters, so a norm layer's buffers (BatchNorm's, InstanceNorm's) are
-copied whatever their size; a large buffer another such kernel changes is not seen to.
+to 70 ms (found by a review). So:
+
+- a buffer up to ALWAYS_COPIED_BYTES, and a norm layer's whatever its size, is copied before
+  every pass;
+- a larger one is copied before its first LEARNING_PASSES passes, and compared after each
+  (values, version counter, and whether the module replaced it). Found unchanged by all of
+  them, it is taken for a constant (a mask, a table) and copied no more; changed by any, it
+  is copied before every pass from then on. A constant seen changing later (its version
+  counter moved, or it was replaced) is copied from its next pass on; that pass itself,
+  if it fails, cannot put it back, and the log says so.
+
+Version counters alone do not tell: BatchNorm's kernel updates its statistics without moving
+them, and so does a write through `.data` (an EMA's `self.usage.data.mul_(0.9)`, which a review
+found changed by a refused call). An inference tensor (made under torch.inference_mode) has
+no version counter and cannot be changed in place outside that mode: only its place is kept.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Buffers up to this size are copied before every forward pass.
 ALWAYS_COPIED_BYTES = 1 << 20
+#: The passes a larger buffer is copied before, and compared after, to learn whether any
+#: pass changes it.
+LEARNING_PASSES = 2
 #: The modules whose buffers are copied before every pass whatever their size: BatchNorm
 #: and InstanceNorm, whose running statistics change with no version counter moving.
 _NORMS = nn.modules.batchnorm._NormBase
@@ -36,26 +47,33 @@ _NORMS = nn.modules.batchnorm._NormBase
 
 @dataclass
 class Kept:
-    """One buffer as a pass found it: where it was, its version counter, and a copy of it
-    (None for a large one not yet seen to change)."""
+    """One buffer as a pass found it: where it was, its version counter (None for an
+    inference tensor), and a copy of it (None for one not copied)."""
 
     module: nn.Module
     key: str
     tensor: torch.Tensor
-    version: int
+    version: int | None
     copy: torch.Tensor | None
+
+
+@dataclass
+class _Learnt:
+    """What the passes so far showed of one large buffer."""
+
+    tensor: weakref.ref[torch.Tensor]
+    unchanged: int = 0  # passes that left it as it was
+    changing: bool = False
 
 
 class Buffers:
     """The buffers of one model, kept before each pass and put back after a failed one."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._modules = [m for m in model.modules()]
-        #: Large buffers a pass has been seen to change, by id; held weakly, so that one a
-        #: module replaces each pass leaves no entry behind.
-        self._changing: weakref.WeakValueDictionary[int, torch.Tensor] = (
-            weakref.WeakValueDictionary()
-        )
+        self._modules = list(model.modules())
+        #: Large buffers by id, with what the passes showed of them; an entry whose tensor
+        #: has gone (a module replaced it) is dropped when a new one takes its place.
+        self._large: dict[int, _Learnt] = {}
 
     def keep(self) -> list[Kept]:
         """Each buffer as it is now: the record `put_back` and `learn` take. Empty, and
@@ -65,29 +83,47 @@ class Buffers:
             for key, tensor in module._buffers.items():
                 if tensor is None:
                     continue
+                if tensor.is_inference():
+                    kept.append(Kept(module, key, tensor, None, None))
+                    continue
                 copied = (
                     tensor.numel() * tensor.element_size() <= ALWAYS_COPIED_BYTES
                     or isinstance(module, _NORMS)
-                    or self._seen_changing(tensor)
+                    or not self._constant(tensor)
                 )
                 copy = tensor.clone() if copied else None
                 kept.append(Kept(module, key, tensor, tensor._version, copy))
         return kept
 
     def learn(self, kept: list[Kept]) -> None:
-        """Notes the large buffers the pass since `keep` changed: copied from now on."""
+        """Notes, for each large buffer, whether the pass since `keep` changed it."""
         for k in kept:
+            if k.version is None or k.tensor.numel() * k.tensor.element_size() <= (
+                ALWAYS_COPIED_BYTES
+            ):
+                continue
             now = k.module._buffers.get(k.key)
-            if k.copy is None and (now is not k.tensor or k.tensor._version != k.version):
-                for changed in (k.tensor, now):
-                    if changed is not None:
-                        self._changing[id(changed)] = changed
+            learnt = self._learnt(k.tensor)
+            if now is not k.tensor:  # replaced: so is its successor, likely, next pass
+                learnt.changing = True
+                if isinstance(now, torch.Tensor) and not now.is_inference():
+                    self._learnt(now).changing = True
+            if learnt.changing:
+                continue  # copied before every pass: nothing more to learn
+            changed = k.tensor._version != k.version
+            if not changed and k.copy is not None:
+                changed = not torch.equal(k.copy, k.tensor)
+            if changed:
+                learnt.changing = True
+            else:
+                learnt.unchanged += 1
+        if len(self._large) > 2 * len(kept) + 16:  # tensors replaced pass after pass
+            self._large = {i: v for i, v in self._large.items() if v.tensor() is not None}
 
     def put_back(self, kept: list[Kept]) -> None:
         """The buffers as `keep` found them: each in its place again (a module may have
         replaced it), its values from the copy. On a device that failed the copies fail
         too: the failure at hand is the one to answer, so this one is logged."""
-        self.learn(kept)
         try:
             with torch.no_grad():
                 for k in kept:
@@ -97,14 +133,25 @@ class Buffers:
                         # Whatever its version counter says: BatchNorm's kernel updates its
                         # statistics in place without moving it.
                         k.tensor.copy_(k.copy)
-                    elif k.tensor._version != k.version:
+                    elif k.version is not None and k.tensor._version != k.version:
+                        self._learnt(k.tensor).changing = True  # copied from its next pass
                         log.warning(
                             "buffer %r changed in a failed forward pass and could not be put "
-                            "back: it is not copied before a pass until one has changed it",
+                            "back: a large buffer no pass had changed before is not copied",
                             k.key,
                         )
         except Exception as err:
             log.warning("the model's buffers could not be put back after a failure: %s", err)
 
-    def _seen_changing(self, tensor: torch.Tensor) -> bool:
-        return self._changing.get(id(tensor)) is tensor
+    def _constant(self, tensor: torch.Tensor) -> bool:
+        """Whether a large buffer is taken for a constant: unchanged by its first passes."""
+        learnt = self._large.get(id(tensor))
+        if learnt is None or learnt.tensor() is not tensor:
+            return False
+        return not learnt.changing and learnt.unchanged >= LEARNING_PASSES
+
+    def _learnt(self, tensor: torch.Tensor) -> _Learnt:
+        learnt = self._large.get(id(tensor))
+        if learnt is None or learnt.tensor() is not tensor:
+            learnt = self._large[id(tensor)] = _Learnt(weakref.ref(tensor))
+        return learnt

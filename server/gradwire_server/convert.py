@@ -62,7 +62,11 @@ _KINDS = {
 
 
 def dtype_to_proto(dtype: torch.dtype) -> int:
-    return codec.dtype_from_name(str(dtype).removeprefix("torch."))
+    """The DType a tensor of `dtype` travels as: widened for int8, uint8, int16, uint16
+    (int32) and uint32 (int64), as its values are (a uint8 tensor was listed INTERNAL, its
+    values read as int32: found by a review); CodecError for a dtype the wire cannot carry."""
+    name = str(dtype).removeprefix("torch.")
+    return codec.dtype_from_name(codec.sent_as(name) or name)
 
 
 def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:

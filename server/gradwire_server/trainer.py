@@ -33,6 +33,7 @@ from gradwire_server import checkpoint, live, openmp, optim, staging
 from gradwire_server.buffers import Buffers, Kept
 from gradwire_server.errors import (
     DeadlinePassed,
+    DomainError,
     InvalidInput,
     OverLimit,
     UnknownTensor,
@@ -599,9 +600,9 @@ def _no_repeats(tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def _carried(dtype: torch.dtype) -> bool:
-    """Whether the wire has a DType for `dtype` (complex, float8 and unsigned ones it has
-    not)."""
-    return str(dtype).removeprefix("torch.") in codec.DTYPE_NAMES.values()
+    """Whether the wire carries tensors of `dtype`, as they are or widened (complex and
+    float8 ones it does not)."""
+    return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -2104,12 +2105,12 @@ class Trainer:
         complex one too, which the wire does not carry), but one that views the same values
         in several places (a stride of 0, as `expand` makes): a load cannot write to it, and
         refused it halfway through, the parameters already replaced (found by a review)."""
+        return {name: b for name, b in self._persistent_buffers().items() if _no_repeats(b)}
+
+    def _persistent_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers a state_dict keeps: all but those registered as not persistent."""
         persistent = self._model.state_dict(keep_vars=True)
-        return {
-            name: b
-            for name, b in self._model.named_buffers()
-            if name in persistent and _no_repeats(b)
-        }
+        return {name: b for name, b in self._model.named_buffers() if name in persistent}
 
     @staticmethod
     def _saved_settings(path: Path, saved: dict[str, Any]) -> OptimizerSettings:
@@ -2160,6 +2161,10 @@ class Trainer:
         try:
             saved = self._load(path)
         except (InvalidInput, OverLimit) as err:
+            if "replaced" in err.metadata:  # partly loaded: a change, which watchers hear of
+                self._clear_forward()
+                self._bump()
+                raise
             raise type(err)(
                 checkpoint.at_runtime(err.message), reason=err.reason, metadata=err.metadata
             ) from err
@@ -2193,7 +2198,9 @@ class Trainer:
                 f"{self.spec.name} has {shapes}: {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
-        buffers = self._saved_buffers()
+        # A checkpoint may hold an expanded buffer (saved before they were left out): known,
+        # so not refused, but not copied into either (below).
+        buffers = self._persistent_buffers()
         odd = [
             name for name, grad in loaded.gradients.items() if shapes.get(name) != tuple(grad.shape)
         ] + [name for name in loaded.optimizer_state if name not in params]
@@ -2250,11 +2257,27 @@ class Trainer:
                 }
                 for name, values in loaded.optimizer_state.items()
             }
-            with torch.no_grad():
+        replaced: list[str] = []
+        try:
+            with self._device_memory(f"cannot load {path}"), torch.no_grad():
                 for name, p in params.items():
                     staging.copy_into(p.detach(), loaded.parameters[name])
+                    replaced.append(name)
                 for name, b in loaded.buffers.items():  # those it lacks stay as built
-                    staging.copy_into(buffers[name], b)
+                    if _no_repeats(buffers[name]):
+                        staging.copy_into(buffers[name], b)
+                        replaced.append(name)
+        except DomainError as err:
+            if not replaced:
+                raise
+            # Some are replaced: saying "nothing changed" would be false (found by a review).
+            shown = ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+            raise type(err)(
+                f"{err.message}; {len(replaced)} parameters and buffers were replaced by then "
+                f"({shown}), the rest, the gradients and the optimizer not: load again, or Reset",
+                reason=err.reason,
+                metadata={**err.metadata, "replaced": str(len(replaced))},
+            ) from err
         for name, p in params.items():
             p.grad = gradients.get(name)
         for name, values in state.items():
