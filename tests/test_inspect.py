@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -963,8 +964,9 @@ def test_a_train_input_fill_of_a_wrong_shape_is_refused_before_it_is_made(
 # --- another model: everything above follows it ------------------------------------------------
 
 
-def test_a_model_s_buffers_are_read_as_pytorch_keeps_them() -> None:
-    # BatchNorm's running statistics could not be read (a researcher's walkthrough).
+@contextmanager
+def mlp_and_a_copy() -> Iterator[tuple[gradwire.Client, nn.Module, Running]]:
+    """A server of TINY_MLP, a client of it, and a local TinyMLP holding its parameters."""
     running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
@@ -972,39 +974,43 @@ def test_a_model_s_buffers_are_read_as_pytorch_keeps_them() -> None:
             with torch.no_grad():
                 for name, p in local.named_parameters():
                     p.copy_(torch.from_numpy(client.get(name)))
-            optimizer = torch.optim.SGD(local.parameters(), lr=0.01)
-            client.set_optimizer("sgd", lr=0.01)
-            listing = {t.name: t for t in client.list_tensors().tensors}
-            buffers = ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
-            assert [listing[b].kind for b in buffers] == ["buffer"] * 3
-            assert listing["norm.num_batches_tracked"].dtype == "int64"
-            assert (
-                listing["norm.running_var"].shape == (32,) and listing["norm.running_var"].present
-            )
-            rng = np.random.default_rng(0)
-            for step in range(2):
-                x = rng.standard_normal((6, 16)).astype(np.float32)
-                y = np.array([0, 1, 2, 3, 0, 1])
-                result = client.train_step(x, y, fetch=["norm.running_mean[:4]"])
-                local_train_step(
-                    local, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=False
-                )
-                expected = dict(local.named_buffers())
-                for name in buffers:
-                    assert np.array_equal(client.get(name), expected[name].numpy()), (step, name)
-                assert np.array_equal(result.fetched[0].value, expected["norm.running_mean"][:4])
-            assert client.get("norm.num_batches_tracked") == 2
-            with pytest.raises(errors.InvalidArgument) as caught:
-                client.set("norm.running_mean", np.zeros(32, np.float32))
-            assert caught.value.reason == "READ_ONLY"
-            assert "a buffer of the model" in caught.value.message
-            watch = client.watch(["norm.running_var[0]"], values=True)
-            client.forward(x, y)
-            update = next(watch)
-            watch.close()
-            assert update["norm.running_var[0]"].value == client.get("norm.running_var[0]")
+            yield client, local, running
     finally:
         running.stop(grace=None)
+
+
+def test_a_model_s_buffers_are_read_as_pytorch_keeps_them() -> None:
+    # BatchNorm's running statistics could not be read (a researcher's walkthrough).
+    with mlp_and_a_copy() as (client, local, _):
+        optimizer = torch.optim.SGD(local.parameters(), lr=0.01)
+        client.set_optimizer("sgd", lr=0.01)
+        listing = {t.name: t for t in client.list_tensors().tensors}
+        buffers = ["norm.running_mean", "norm.running_var", "norm.num_batches_tracked"]
+        assert [listing[b].kind for b in buffers] == ["buffer"] * 3
+        assert listing["norm.num_batches_tracked"].dtype == "int64"
+        assert listing["norm.running_var"].shape == (32,) and listing["norm.running_var"].present
+        rng = np.random.default_rng(0)
+        for step in range(2):
+            x = rng.standard_normal((6, 16)).astype(np.float32)
+            y = np.array([0, 1, 2, 3, 0, 1])
+            result = client.train_step(x, y, fetch=["norm.running_mean[:4]"])
+            local_train_step(
+                local, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=False
+            )
+            expected = dict(local.named_buffers())
+            for name in buffers:
+                assert np.array_equal(client.get(name), expected[name].numpy()), (step, name)
+            assert np.array_equal(result.fetched[0].value, expected["norm.running_mean"][:4])
+        assert client.get("norm.num_batches_tracked") == 2
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.set("norm.running_mean", np.zeros(32, np.float32))
+        assert caught.value.reason == "READ_ONLY"
+        assert "a buffer of the model" in caught.value.message
+        watch = client.watch(["norm.running_var[0]"], values=True)
+        client.forward(x, y)
+        update = next(watch)
+        watch.close()
+        assert update["norm.running_var[0]"].value == client.get("norm.running_var[0]")
 
 
 @pytest.mark.parametrize("how", ["unary", "stream", "batch", "cli"])
@@ -1013,60 +1019,52 @@ def test_a_forward_in_eval_mode_runs_as_model_eval_and_leaves_the_model_training
 ) -> None:
     # The model always trained: BatchNorm's running statistics could be watched but never
     # used, and every Forward moved them (a researcher's walkthrough).
-    running = start(Trainer(TINY_MLP, device="cpu", seed=0), "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
-            local = TINY_MLP.factory()
-            with torch.no_grad():
-                for name, p in local.named_parameters():
-                    p.copy_(torch.from_numpy(client.get(name)))
-            rng = np.random.default_rng(3)
-            x, y = rng.standard_normal((6, 16)).astype(np.float32), np.array([0, 1, 2, 3, 0, 1])
-            client.forward(x, y)  # running statistics of one batch
-            local(torch.from_numpy(x))
-            held = {k: v.clone() for k, v in local.named_buffers()}
-            x = rng.standard_normal((1, 16)).astype(np.float32) + 3  # one sample: eval only
-            y = np.array([2])
-            if how == "unary":
-                version = client.forward(x, y, eval_mode=True).version
-            elif how == "stream":
-                client.stream_above_bytes = 16
-                client.chunk_bytes = 16
-                version = client.forward(x, y, eval_mode=True).version
-            elif how == "batch":
-                with client.batch() as batch:
-                    done = batch.forward(x, y, eval_mode=True)
-                version = done.result().version
-            else:
-                np.save(tmp_path / "x.npy", x)
-                np.save(tmp_path / "y.npy", y)
-                result = run_main(
-                    "forward", "--eval", "--input", str(tmp_path / "x.npy"),
-                    "--targets", str(tmp_path / "y.npy"), "--json",
-                    "--target", f"127.0.0.1:{running.port}",
-                )  # fmt: skip
-                assert result.code == 0, result.err
-                version = result.json()["version"]
-            assert version == 2
-            local.eval()
-            expected = local(torch.from_numpy(x))
-            loss = nn.CrossEntropyLoss()(expected, torch.from_numpy(y))
-            assert np.array_equal(client.get("output"), expected.detach().numpy())
-            assert client.get("loss") == loss.item()
-            for name, value in held.items():  # neither moved nor counted
-                assert np.array_equal(client.get(name), value.numpy()), name
-            client.backward()  # the graph is there, as after model.eval() in PyTorch
-            loss.backward()
-            for name, p in local.named_parameters():
-                assert p.grad is not None
-                assert np.array_equal(client.get(f"{name}.grad"), p.grad.numpy()), name
-            with pytest.raises(errors.InvalidArgument) as caught:  # training again
-                client.forward(x, y)
-            assert caught.value.reason == "MODEL_REFUSED"
-            # Refused, and so changing nothing: BatchNorm counted the batch before refusing it.
-            assert client.get("norm.num_batches_tracked") == 1
-    finally:
-        running.stop(grace=None)
+    with mlp_and_a_copy() as (client, local, running):
+        rng = np.random.default_rng(3)
+        x, y = rng.standard_normal((6, 16)).astype(np.float32), np.array([0, 1, 2, 3, 0, 1])
+        client.forward(x, y)  # running statistics of one batch
+        local(torch.from_numpy(x))
+        held = {k: v.clone() for k, v in local.named_buffers()}
+        x = rng.standard_normal((1, 16)).astype(np.float32) + 3  # one sample: eval only
+        y = np.array([2])
+        if how == "unary":
+            version = client.forward(x, y, eval_mode=True).version
+        elif how == "stream":
+            client.stream_above_bytes = 16
+            client.chunk_bytes = 16
+            version = client.forward(x, y, eval_mode=True).version
+        elif how == "batch":
+            with client.batch() as batch:
+                done = batch.forward(x, y, eval_mode=True)
+            version = done.result().version
+        else:
+            np.save(tmp_path / "x.npy", x)
+            np.save(tmp_path / "y.npy", y)
+            result = run_main(
+                "forward", "--eval", "--input", str(tmp_path / "x.npy"),
+                "--targets", str(tmp_path / "y.npy"), "--json",
+                "--target", f"127.0.0.1:{running.port}",
+            )  # fmt: skip
+            assert result.code == 0, result.err
+            version = result.json()["version"]
+        assert version == 2
+        local.eval()
+        expected = local(torch.from_numpy(x))
+        loss = nn.CrossEntropyLoss()(expected, torch.from_numpy(y))
+        assert np.array_equal(client.get("output"), expected.detach().numpy())
+        assert client.get("loss") == loss.item()
+        for name, value in held.items():  # neither moved nor counted
+            assert np.array_equal(client.get(name), value.numpy()), name
+        client.backward()  # the graph is there, as after model.eval() in PyTorch
+        loss.backward()
+        for name, p in local.named_parameters():
+            assert p.grad is not None
+            assert np.array_equal(client.get(f"{name}.grad"), p.grad.numpy()), name
+        with pytest.raises(errors.InvalidArgument) as caught:  # training again
+            client.forward(x, y)
+        assert caught.value.reason == "MODEL_REFUSED"
+        # Refused, and so changing nothing: BatchNorm counted the batch before refusing it.
+        assert client.get("norm.num_batches_tracked") == 1
 
 
 def test_inspection_follows_a_model_with_biases_and_a_norm_layer() -> None:
