@@ -1291,7 +1291,8 @@ class Trainer:
                     f"{self.spec.name} refused this input: {str(err).splitlines()[0]}",
                     reason="MODEL_REFUSED",
                 ) from err
-        self._buffers_kept.learn(buffers)
+        if self._model.training:  # a pass in eval mode leaves what training changes alone
+            self._buffers_kept.learn(buffers)
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._activations, self._pending = self._pending, {}
         self._graph_alive = loss is not None
