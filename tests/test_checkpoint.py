@@ -952,3 +952,29 @@ def test_a_load_that_fails_partway_says_what_it_replaced(
     assert client.list_tensors().version == version + 1  # a change: watchers hear of it
     monkeypatch.undo()
     assert client.load_checkpoint("a").saved_version == 0  # and a load again mends it
+
+
+def test_checkpoints_are_saved_and_loaded_in_a_batch(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # A Calls stream and a Batch carry every unary call on a session: these too.
+    import grpc
+
+    from gradwire._pb import trainer_pb2 as pb
+
+    client, _, state_dir = kept
+    request = pb.BatchRequest(
+        calls=[
+            pb.CallRequest(save_checkpoint=pb.SaveCheckpointRequest(name="b")),
+            pb.CallRequest(load_checkpoint=pb.LoadCheckpointRequest(name="b")),
+            pb.CallRequest(load_checkpoint=pb.LoadCheckpointRequest(name="none")),
+        ]
+    )
+    with grpc.insecure_channel(client.target) as channel:
+        data = channel.unary_unary("/gradwire.v1.Trainer/Batch")(
+            request.SerializeToString(), timeout=30
+        )
+    saved, loaded, missing = pb.BatchResponse.FromString(data).answers
+    assert saved.save_checkpoint.name == "b" and (state_dir / "b.safetensors").is_file()
+    assert (loaded.load_checkpoint.version, loaded.load_checkpoint.saved_version) == (1, 0)
+    assert missing.WhichOneof("result") == "error"
