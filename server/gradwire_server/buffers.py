@@ -45,6 +45,13 @@ LEARNING_PASSES = 2
 _NORMS = nn.modules.batchnorm._NormBase
 
 
+def _always_copied(module: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether a buffer is copied before every pass, whatever the passes show: a small one,
+    or a norm layer's."""
+    small = tensor.numel() * tensor.element_size() <= ALWAYS_COPIED_BYTES
+    return small or isinstance(module, _NORMS)
+
+
 @dataclass
 class Kept:
     """One buffer as a pass found it: where it was, its version counter (None for an
@@ -86,11 +93,7 @@ class Buffers:
                 if tensor.is_inference():
                     kept.append(Kept(module, key, tensor, None, None))
                     continue
-                copied = (
-                    tensor.numel() * tensor.element_size() <= ALWAYS_COPIED_BYTES
-                    or isinstance(module, _NORMS)
-                    or not self._constant(tensor)
-                )
+                copied = _always_copied(module, tensor) or not self._constant(tensor)
                 copy = tensor.clone() if copied else None
                 kept.append(Kept(module, key, tensor, tensor._version, copy))
         return kept
@@ -98,10 +101,8 @@ class Buffers:
     def learn(self, kept: list[Kept]) -> None:
         """Notes, for each large buffer, whether the pass since `keep` changed it."""
         for k in kept:
-            if k.version is None or k.tensor.numel() * k.tensor.element_size() <= (
-                ALWAYS_COPIED_BYTES
-            ):
-                continue
+            if k.version is None or _always_copied(k.module, k.tensor):
+                continue  # nothing to learn: an inference tensor, or one copied every pass
             now = k.module._buffers.get(k.key)
             learnt = self._learnt(k.tensor)
             if now is not k.tensor:  # replaced: so is its successor, likely, next pass

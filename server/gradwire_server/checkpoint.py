@@ -65,6 +65,11 @@ def path_for(state_dir: Path, name: str) -> Path:
     return state_dir / (name + SUFFIX)
 
 
+def name_of(path: Path) -> str:
+    """The name SaveCheckpoint and LoadCheckpoint give the checkpoint at `path`."""
+    return path.name.removesuffix(SUFFIX)
+
+
 def saved_names(state_dir: Path) -> list[str]:
     """The names of the checkpoints in `state_dir`, sorted."""
     try:

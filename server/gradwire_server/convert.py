@@ -236,13 +236,6 @@ class Chunks:
         """Whether a chunk has come: a stream without one sent no value at all."""
         return self._assembler.shape is not None
 
-    @property
-    def header(self) -> tuple[tuple[int, ...], torch.dtype]:
-        """The whole tensor's shape and dtype, as the first chunk gave them (once started)."""
-        shape, dtype = self._assembler.shape, self._assembler.dtype
-        assert shape is not None and dtype is not None
-        return shape, getattr(torch, codec.DTYPE_NAMES[dtype])
-
     def add(
         self,
         split: wire.Split[Any],

@@ -1041,7 +1041,7 @@ class TrainerServicer:
         except OSError as err:
             raise _unwritable(path, err) from err
         log.info("saved state version %d to %s", version, path)
-        name = path.name.removesuffix(checkpoint.SUFFIX)
+        name = checkpoint.name_of(path)
         return pb.SaveCheckpointResponse(version=version, name=name, bytes=size)
 
     @mutation
@@ -1054,7 +1054,7 @@ class TrainerServicer:
             there = checkpoint.saved_names(self.state_dir)
             listed = ", ".join(there) if there else "none yet (SaveCheckpoint writes one)"
             raise NoSuchCheckpoint(
-                f"no checkpoint named {path.name.removesuffix(checkpoint.SUFFIX)!r} in the "
+                f"no checkpoint named {checkpoint.name_of(path)!r} in the "
                 f"server's state directory; it holds: {listed}",
                 metadata={"names": ",".join(there)},
             )
