@@ -65,6 +65,15 @@ class Kept:
 
 
 @dataclass
+class Before:
+    """The buffers as one pass found them: each one `Kept`, and each module's buffer names
+    (in the order of `Buffers`' modules), so that one the pass registers can be taken away."""
+
+    kept: list[Kept]
+    names: list[tuple[str, ...]]
+
+
+@dataclass
 class _Learnt:
     """What the passes so far showed of one large buffer."""
 
@@ -82,10 +91,11 @@ class Buffers:
         #: has gone (a module replaced it) is dropped when a new one takes its place.
         self._large: dict[int, _Learnt] = {}
 
-    def keep(self) -> list[Kept]:
-        """Each buffer as it is now: the record `put_back` and `learn` take. Empty, and
-        nearly free, for a model without buffers (Simple)."""
+    def keep(self) -> Before:
+        """Each buffer as it is now: the record `put_back` and `learn` take. Nearly free for
+        a model without buffers (Simple)."""
         kept = []
+        names = [tuple(module._buffers) for module in self._modules]
         for module in self._modules:
             for key, tensor in module._buffers.items():
                 if tensor is None:
@@ -96,10 +106,11 @@ class Buffers:
                 copied = _always_copied(module, tensor) or not self._constant(tensor)
                 copy = tensor.clone() if copied else None
                 kept.append(Kept(module, key, tensor, tensor._version, copy))
-        return kept
+        return Before(kept, names)
 
-    def learn(self, kept: list[Kept]) -> None:
+    def learn(self, before: Before) -> None:
         """Notes, for each large buffer, whether the pass since `keep` changed it."""
+        kept = before.kept
         for k in kept:
             if k.version is None or _always_copied(k.module, k.tensor):
                 continue  # nothing to learn: an inference tensor, or one copied every pass
@@ -121,13 +132,22 @@ class Buffers:
         if len(self._large) > 2 * len(kept) + 16:  # tensors replaced pass after pass
             self._large = {i: v for i, v in self._large.items() if v.tensor() is not None}
 
-    def put_back(self, kept: list[Kept]) -> None:
+    def put_back(self, before: Before) -> None:
         """The buffers as `keep` found them: each in its place again (a module may have
-        replaced it), its values from the copy. On a device that failed the copies fail
-        too: the failure at hand is the one to answer, so this one is logged."""
+        replaced it), its values from the copy, and none the pass registered (a cache made
+        when first needed: left behind, a failed call would have changed the model's state,
+        and its checkpoints). On a device that failed the copies fail too: the failure at
+        hand is the one to answer, so this one is logged."""
+        for module, names in zip(self._modules, before.names, strict=True):
+            if tuple(module._buffers) != names:
+                for key in module._buffers.keys() - set(names):
+                    del module._buffers[key]
+                    module._non_persistent_buffers_set.discard(key)
+                for key in names:  # one deleted: its tensor, if any, is put back below
+                    module._buffers.setdefault(key, None)
         try:
             with torch.no_grad():
-                for k in kept:
+                for k in before.kept:
                     if k.module._buffers.get(k.key) is not k.tensor:
                         k.module._buffers[k.key] = k.tensor
                     if k.copy is not None:

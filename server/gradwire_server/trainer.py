@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gradwire import codec
 from gradwire.codec import numel
 from gradwire_server import checkpoint, live, openmp, optim, staging
-from gradwire_server.buffers import Buffers, Kept
+from gradwire_server.buffers import Before, Buffers
 from gradwire_server.errors import (
     DeadlinePassed,
     DomainError,
@@ -1259,7 +1259,7 @@ class Trainer:
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _forward(
-        self, x: torch.Tensor, y: torch.Tensor | None, buffers: list[Kept] | None = None
+        self, x: torch.Tensor, y: torch.Tensor | None, buffers: Before | None = None
     ) -> ForwardResult:
         """`buffers`: the model's buffers as a caller has kept them already (buffers.py),
         put back if the pass fails; else kept here."""
@@ -1429,7 +1429,8 @@ class Trainer:
         # A failure after the forward pass (a fetch checked only then, `checked` false; no
         # memory for Backward) puts back its changes to the model's buffers (BatchNorm's
         # running statistics) from these copies.
-        stepping, buffers = False, []
+        stepping = False
+        buffers: Before | None = None
         try:
             if zero_grad:
                 self._zero_grad(True)
@@ -1447,7 +1448,8 @@ class Trainer:
             vars(self).update(kept)
             for p, grad in grads:
                 p.grad = grad
-            self._buffers_kept.put_back(buffers)
+            if buffers is not None:
+                self._buffers_kept.put_back(buffers)
             if stepping:
                 # The Step began by copying the parameters into the buffers the last Step's
                 # changes were kept in: those are gone (as after a failed Step alone).
