@@ -176,6 +176,40 @@ def test_a_buffer_registered_in_a_failed_pass_is_taken_away() -> None:
     assert any(t.name == "positions" for t in trainer.list_tensors().tensors)
 
 
+class Replacing(nn.Module):
+    """Replaces a large buffer each pass, and deletes a buffer it holds no tensor in (as a
+    model might that sets one up lazily), then refuses a batch of one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.total: torch.Tensor
+        self.register_buffer("total", torch.zeros(BIG))
+        self.register_buffer("spare", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.total = self.total + 1
+        if x.shape[0] == 1:
+            del self.spare
+            raise ValueError("one sample is refused")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_large_buffer_its_model_replaces_is_copied_every_pass_and_put_back() -> None:
+    trainer = Trainer(ModelSpec("Replacing", Replacing, (4,), 3), seed=0)
+    model = trainer._model
+    assert isinstance(model, Replacing)
+    for _ in range(LEARNING_PASSES + 1):
+        trainer.forward(torch.ones(2, 4))
+    assert _copied(trainer._buffers_kept) == {"total"}  # never taken for a constant
+    total = model.total
+    with pytest.raises(InvalidInput, match="one sample"):
+        trainer.forward(torch.ones(1, 4))
+    assert model.total is total and bool((total == LEARNING_PASSES + 1).all())
+    assert "spare" in model._buffers and model._buffers["spare"] is None
+
+
 class Inference(nn.Module):
     """A table made under torch.inference_mode: it has no version counter."""
 

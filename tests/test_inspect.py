@@ -512,7 +512,8 @@ class Branching(nn.Module):
 
 class Caching(nn.Module):
     """Keeps a tensor made by its first forward pass, on the input's device, as models keep a
-    table of positions: in an attribute, as a buffer it registers then, or in a dict."""
+    table of positions: in an attribute (one it has from the start, or one it makes then), as
+    a buffer it registers then, or in a dict or a list."""
 
     where = "attribute"
 
@@ -521,10 +522,15 @@ class Caching(nn.Module):
         self.lin = nn.Linear(4, 3)
         self.offsets: torch.Tensor | None = None
         self.cache: dict[str, torch.Tensor] = {}
+        self.tables: list[torch.Tensor] = []
 
     def kept(self) -> torch.Tensor | None:
         if self.where == "buffer":
             return self._buffers.get("lazy")
+        if self.where == "new attribute":
+            return vars(self).get("made")
+        if self.where == "list":
+            return self.tables[0] if self.tables else None
         return self.cache.get("offsets") if self.where == "dict" else self.offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -532,8 +538,12 @@ class Caching(nn.Module):
             made = torch.arange(4, device=x.device, dtype=x.dtype)
             if self.where == "buffer":
                 self.register_buffer("lazy", made, persistent=False)
+            elif self.where == "new attribute":
+                self.made = made
             elif self.where == "dict":
                 self.cache["offsets"] = made
+            elif self.where == "list":
+                self.tables.append(made)
             else:
                 self.offsets = made
         kept = self.kept()
@@ -548,6 +558,14 @@ class CachingInABuffer(Caching):
 
 class CachingInADict(Caching):
     where = "dict"
+
+
+class CachingInANewAttribute(Caching):
+    where = "new attribute"
+
+
+class CachingInAList(Caching):
+    where = "list"
 
 
 def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
@@ -606,8 +624,10 @@ def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
         (True, Caching),
         (False, CachingInABuffer),
         (False, CachingInADict),
+        (False, CachingInANewAttribute),
+        (False, CachingInAList),
     ],
-    ids=["attribute", "attribute-one-thread", "buffer", "dict"],
+    ids=["attribute", "attribute-one-thread", "buffer", "dict", "new-attribute", "list"],
 )
 def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
     one_thread: bool, model: type[Caching]

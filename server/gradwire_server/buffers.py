@@ -12,11 +12,12 @@ to 70 ms (found by a review). So:
 - a buffer up to ALWAYS_COPIED_BYTES, and a norm layer's whatever its size, is copied before
   every pass;
 - a larger one is copied before its first LEARNING_PASSES passes, and compared after each
-  (values, version counter, and whether the module replaced it). Found unchanged by all of
-  them, it is taken for a constant (a mask, a table) and copied no more; changed by any, it
-  is copied before every pass from then on. A constant seen changing later (its version
-  counter moved, or it was replaced) is copied from its next pass on; that pass itself,
-  if it fails, cannot put it back, and the log says so.
+  (values and version counter). Found unchanged by all of them, it is taken for a constant
+  (a mask, a table) and copied no more; changed by any, it is copied before every pass from
+  then on. A constant seen changing later (its version counter moved) is copied from its
+  next pass on; that pass itself, if it fails, cannot put it back, and the log says so.
+  One the module replaces needs no copy: the pass left its values be, and putting it back
+  in its place is enough; its successor is learnt as a new buffer.
 
 Version counters alone do not tell: BatchNorm's kernel updates its statistics without moving
 them, and so does a write through `.data` (an EMA's `self.usage.data.mul_(0.9)`, which a review
@@ -114,12 +115,12 @@ class Buffers:
         for k in kept:
             if k.version is None or _always_copied(k.module, k.tensor):
                 continue  # nothing to learn: an inference tensor, or one copied every pass
-            now = k.module._buffers.get(k.key)
+            if k.module._buffers.get(k.key) is not k.tensor:
+                # Replaced: put back by its place alone, as the pass left its values be. Its
+                # successor, a tensor not seen before, is copied until its own passes are
+                # learnt (a buffer replaced every pass is copied every pass).
+                continue
             learnt = self._learnt(k.tensor)
-            if now is not k.tensor:  # replaced: so is its successor, likely, next pass
-                learnt.changing = True
-                if isinstance(now, torch.Tensor) and not now.is_inference():
-                    self._learnt(now).changing = True
             if learnt.changing:
                 continue  # copied before every pass: nothing more to learn
             changed = k.tensor._version != k.version
