@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 import gradwire
@@ -120,8 +121,20 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
         Trainer().load(path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x80\x04 not a safetensors file")
-    with pytest.raises(InvalidInput, match="cannot load"):
+    with pytest.raises(InvalidInput) as refused:
         Trainer().load(garbage)
+    assert refused.value.message.startswith(f"cannot load {garbage}: it is not a safetensors file")
+    # a safetensors file of another program (a model's weights from a hub), named its path once
+    foreign = tmp_path / "model.safetensors"
+    save_file({"weight": torch.ones(3)}, str(foreign))
+    with pytest.raises(InvalidInput) as refused:
+        Trainer().load(foreign)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message == (
+        f"cannot load {foreign}: it is not a gradwire checkpoint (its metadata lacks format "
+        "'gradwire-checkpoint-1'): give one that SaveCheckpoint or a server's --state-dir "
+        "wrote, or move it away to start from fresh weights"
+    )
 
 
 needs_rlimit_as = pytest.mark.skipif(
@@ -426,7 +439,7 @@ def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
     assert saved.load(path) == saved.version  # whole, it loads
     _altered(path, change)
     message, fresh = _load_refused(path)
-    assert message.startswith(f"cannot load {path}: {path} is a damaged gradwire checkpoint: ")
+    assert message.startswith(f"cannot load {path}: it is a damaged gradwire checkpoint: ")
     assert said in message
     assert message.endswith("restore it from a copy, or move it away to start from fresh weights")
     assert fresh.optimizer_settings == OptimizerSettings().resolved()
@@ -518,7 +531,7 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     saved.save(path)
     _tensors_altered(path, change)
     message, fresh = _load_refused(path)
-    assert f"{path} is a damaged gradwire checkpoint: it holds " in message
+    assert f"{path}: it is a damaged gradwire checkpoint: it holds " in message
     assert said in message
     _train(fresh, 1)  # and it trains on
 

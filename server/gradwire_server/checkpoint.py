@@ -183,11 +183,14 @@ def load(path: Path) -> Loaded:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a gradwire checkpoint ({FORMAT})")
-        version, model, settings, state = _checked_metadata(path, metadata)
+            raise ValueError(
+                f"it is not a gradwire checkpoint (its metadata lacks format {FORMAT!r}): "
+                f"give one that SaveCheckpoint or a server's --state-dir wrote{AT_START}"
+            )
+        version, model, settings, state = _checked_metadata(metadata)
         tensors = load_file(str(path))
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a safetensors file: {err}") from err
+        raise ValueError(f"it is not a safetensors file ({err}){AT_START}") from err
     except RuntimeError as err:  # safetensors maps the whole file first
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
@@ -215,10 +218,11 @@ def load(path: Path) -> Loaded:
     )
 
 
-def damaged(path: Path, what: str) -> ValueError:
-    """The error for a gradwire checkpoint whose metadata is not what `save` writes."""
+def damaged(what: str) -> ValueError:
+    """The error for a gradwire checkpoint whose metadata is not what `save` writes (its
+    path is named by the message it is given in: "cannot load PATH: ...")."""
     return ValueError(
-        f"{path} is a damaged gradwire checkpoint: {what}; restore it from a copy{AT_START}"
+        f"it is a damaged gradwire checkpoint: {what}; restore it from a copy{AT_START}"
     )
 
 
@@ -229,7 +233,7 @@ MAX_VERSION = 2**62
 
 
 def _checked_metadata(
-    path: Path, metadata: dict[str, str]
+    metadata: dict[str, str],
 ) -> tuple[int, str, dict[str, Any], dict[str, dict[str, Any]]]:
     """The version, model name, optimizer settings and optimizer scalars `save` wrote, each
     checked for the form `save` gives it. A missing or altered key used to escape as a
@@ -238,26 +242,26 @@ def _checked_metadata(
         k for k in ("version", "model", "optimizer", "optimizer_scalars") if k not in metadata
     ]
     if missing:
-        raise damaged(path, f"its metadata lacks {', '.join(repr(k) for k in missing)}")
+        raise damaged(f"its metadata lacks {', '.join(repr(k) for k in missing)}")
     text = metadata["version"]
     if not (text.isascii() and text.isdigit()) or int(text) > MAX_VERSION:
-        raise damaged(path, f"its version {text!r} is not a whole number from 0 to {MAX_VERSION}")
+        raise damaged(f"its version {text!r} is not a whole number from 0 to {MAX_VERSION}")
     model = metadata["model"]
     if not model:
-        raise damaged(path, "its model name is empty")
+        raise damaged("its model name is empty")
     parsed: dict[str, Any] = {}
     for key in ("optimizer", "optimizer_scalars"):
         try:
             parsed[key] = json.loads(metadata[key])
         except ValueError as err:
-            raise damaged(path, f"its {key!r} metadata is not JSON ({err})") from None
+            raise damaged(f"its {key!r} metadata is not JSON ({err})") from None
         if not isinstance(parsed[key], dict):
-            raise damaged(path, f"its {key!r} metadata is not a JSON object")
+            raise damaged(f"its {key!r} metadata is not a JSON object")
     settings: dict[str, Any] = parsed["optimizer"]
     scalars: dict[str, Any] = parsed["optimizer_scalars"]
     for name, values in scalars.items():
         if not isinstance(values, dict) or not all(
             value is None or isinstance(value, (bool, int, float)) for value in values.values()
         ):
-            raise damaged(path, f"its optimizer state for {name!r} is not an object of numbers")
+            raise damaged(f"its optimizer state for {name!r} is not an object of numbers")
     return int(text), model, settings, scalars

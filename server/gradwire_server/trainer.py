@@ -2116,7 +2116,7 @@ class Trainer:
         return {name: b for name, b in self._model.named_buffers() if name in persistent}
 
     @staticmethod
-    def _saved_settings(path: Path, saved: dict[str, Any]) -> OptimizerSettings:
+    def _saved_settings(saved: dict[str, Any]) -> OptimizerSettings:
         """The optimizer settings a checkpoint holds, as `save` writes them: every field of
         OptimizerSettings and no other, each of its type; ValueError otherwise (a field
         unknown here was a TypeError traceback, an unknown kind loaded as Adam)."""
@@ -2124,29 +2124,25 @@ class Trainer:
         unknown = [repr(name) for name in saved if name not in fields]
         if unknown:
             raise checkpoint.damaged(
-                path, f"its optimizer settings hold fields unknown here: {', '.join(unknown)}"
+                f"its optimizer settings hold fields unknown here: {', '.join(unknown)}"
             )
         missing = [repr(name) for name in fields if name not in saved]
         if missing:
-            raise checkpoint.damaged(path, f"its optimizer settings lack {', '.join(missing)}")
+            raise checkpoint.damaged(f"its optimizer settings lack {', '.join(missing)}")
         if saved["kind"] not in ("sgd", "adam"):
-            raise checkpoint.damaged(
-                path, f"its optimizer {saved['kind']!r} is not 'sgd' or 'adam'"
-            )
+            raise checkpoint.damaged(f"its optimizer {saved['kind']!r} is not 'sgd' or 'adam'")
         for name in fields:
             value = saved[name]
             if name == "kind" or value is None:
                 continue
             if name == "nesterov" and not isinstance(value, bool):
                 raise checkpoint.damaged(
-                    path, f"its optimizer setting nesterov is {value!r}, not true or false"
+                    f"its optimizer setting nesterov is {value!r}, not true or false"
                 )
             if name != "nesterov" and (
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
-                raise checkpoint.damaged(
-                    path, f"its optimizer setting {name} is {value!r}, not a number"
-                )
+                raise checkpoint.damaged(f"its optimizer setting {name} is {value!r}, not a number")
         return OptimizerSettings(**saved).resolved()
 
     @on_torch_thread
@@ -2183,7 +2179,7 @@ class Trainer:
         (one written before checkpoints kept them) stay as the model made them."""
         try:
             loaded = checkpoint.load(path)
-            settings = self._saved_settings(path, loaded.settings)
+            settings = self._saved_settings(loaded.settings)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:
@@ -2235,7 +2231,7 @@ class Trainer:
         unfit = _unfit(loaded, params, settings.kind)
         if unfit:
             raise InvalidInput(
-                f"cannot load {path}: {checkpoint.damaged(path, 'it holds ' + '; '.join(unfit))}",
+                f"cannot load {path}: {checkpoint.damaged('it holds ' + '; '.join(unfit))}",
                 reason="BAD_CHECKPOINT",
             )
         with self._device_memory(f"cannot load {path}"):
@@ -2243,7 +2239,7 @@ class Trainer:
             try:
                 optimizer = self._build_optimizer(self._model.parameters(), settings)
             except InvalidInput as err:  # torch's own checks: a negative lr, say
-                damaged = checkpoint.damaged(path, f"its {err.message}")
+                damaged = checkpoint.damaged(f"its {err.message}")
                 raise InvalidInput(
                     f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT"
                 ) from err
