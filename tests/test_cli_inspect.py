@@ -92,6 +92,11 @@ def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -
     client.set("conv1.weight[0, 0, 0, 0]", 2.0)
     data = cli("stats", "conv1.weight[0, 0]", "--json").json()
     assert (data["min"], data["max"], data["mean"]) == (2.0, 2.0, 2.0)
+    # and a watch's row gives the summary of those, then counts the rest
+    row = cli("watch", "conv1.weight[0, 0]", "--count", "1").out.splitlines()[1].split()
+    assert row[2:4] == ["mean", "2"] and row[-4:] == ["nan", "2", "inf", "6"]
+    empty = cli("watch", "linear.weight[0:0]", "--count", "1").out.splitlines()[1]
+    assert empty.split() == ["linear.weight[0:0]", "empty"]
 
 
 @pytest.mark.parametrize(
