@@ -64,6 +64,7 @@ def faults_per_step(setting: str) -> float:
     return float(done.stdout)
 
 
+@pytest.mark.memory
 @glibc_only
 def test_a_thread_keeps_the_memory_its_last_step_freed() -> None:
     kept = faults_per_step("keep")

@@ -661,6 +661,7 @@ def test_a_value_sent_in_one_message_whose_copy_does_not_fit_is_refused() -> Non
     )
 
 
+@pytest.mark.memory
 def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: Path) -> None:
     # gRPC receives every request message on its one serving thread, in its own Cython code.
     # A 60 MiB unary Forward under 100 MiB of headroom raised MemoryError there (40-160 MiB
