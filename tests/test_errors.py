@@ -108,6 +108,11 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_TARGET_SHAPE",
             "must have shape [8]",
         ),
+        (  # class probabilities of the wrong shape: one per sample, not one per class
+            lambda c: c.forward(INPUT, np.zeros(8, np.float32)),
+            "BAD_TARGET_SHAPE",
+            "class probabilities must have shape [8, 20]",
+        ),
         (
             lambda c: c.forward(INPUT, Fill.ones(8, dtype="bool")),
             "BAD_TARGET_DTYPE",

@@ -251,12 +251,18 @@ def test_three_adam_train_steps_equal_three_local_adam_steps(client: gradwire.Cl
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     for i in range(3):
         x, y = random_batch(6, seed=10 + i)
-        result = client.train_step(x, y, zero_grad=True, fetch=["conv2.weight"])
+        fetch = ["conv2.weight", "optimizer.conv2.weight.step", "optimizer.conv2.weight.exp_avg"]
+        result = client.train_step(x, y, zero_grad=True, fetch=fetch)
         _, loss = local_train_step(
             model, optimizer, torch.from_numpy(x), torch.from_numpy(y), zero_grad=True
         )
         assert result.loss == loss.item(), i
-        assert np.array_equal(result.fetched[0].value, local(model, "conv2.weight")), i
+        weight, step, moment = (f.value for f in result.fetched)
+        assert np.array_equal(weight, local(model, "conv2.weight")), i
+        # Adam's state as the step left it: its step count a float32 scalar, as torch keeps it
+        state = optimizer.state[model.get_parameter("conv2.weight")]
+        assert step.shape == () and step.dtype == np.float32 and step == i + 1
+        assert np.array_equal(moment, state["exp_avg"].numpy()), i
     for name in PARAMETERS:
         assert np.array_equal(client.get(name), local(model, name)), name
     assert version(client) == 1 + 3 * 4  # SetOptimizer, then three fused steps
