@@ -1561,6 +1561,14 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
         ValueError,
         "values=False reads none",
     ),
+    (
+        lambda c: c.read("conv1.weight", as_torch=True, out=np.zeros((16, 3, 3, 3), np.float32)),
+        ValueError,
+        "out= reads into a numpy array; it cannot go with as_torch",
+    ),
+    (lambda c: c.save_checkpoint(5), TypeError, "a checkpoint's name must be a string, got 5"),  # type: ignore[arg-type]
+    (lambda c: c.load_checkpoint(b"x"), TypeError, "a checkpoint's name must be a string"),  # type: ignore[arg-type]
+    (lambda c: setattr(c, "session", 7), TypeError, "session must be a str, got int"),
     (lambda c: c.watch("loss", latest="no"), TypeError, "latest must be True or False"),  # type: ignore[arg-type]
     (lambda c: c.watch(iter([])), ValueError, "watch needs at least one selector"),
     (lambda c: c.pipeline(stop_at_error="no"), TypeError, "stop_at_error must be True or False"),  # type: ignore[arg-type]
