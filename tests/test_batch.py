@@ -28,7 +28,7 @@ from gradwire.fill import Fill
 from gradwire_server import servicer
 from gradwire_server.app import Running
 from tests.background import eventually
-from tests.serve_in_process import running_server
+from tests.serve_in_process import bare_server, running_server
 from tests.test_calls import _forward, _unary_refused, error_of, serving_without_calls
 from tests.test_concurrency import Gate
 from tests.test_metrics import TRAINER, scrape
@@ -410,6 +410,47 @@ def test_a_batch_that_fails_whole_fails_each_of_its_calls(gated_server: Running)
         assert isinstance(error, errors.DeadlineExceeded) and error.changes_state
     eventually(lambda: gated_server.servicer.slots.taken == 0)
     assert version(address, "weight") == 1  # the Forward alone
+
+
+_ZERO = pb.CallResponse(zero_grad=pb.ZeroGradResponse())
+_STEP = pb.CallResponse(step=pb.StepResponse(version=4))
+
+
+@pytest.mark.parametrize(
+    ("answer", "failed", "said"),
+    [
+        (pb.BatchResponse(answers=[_ZERO]), 2, "1 answers came for 2 calls"),
+        (pb.BatchResponse(answers=[_STEP, _STEP]), 2, "a Step response came for ZeroGrad"),
+        (pb.BatchResponse(answers=[_ZERO, _ZERO]), 1, "a ZeroGrad response came for Step"),
+        (pb.BatchResponse(answers=[_ZERO, pb.CallResponse()]), 1, "holds neither a response"),
+        (b"\x0a\x05\xff\xff", 2, "not a BatchResponse"),
+    ],
+    ids=["too-few", "out-of-order", "last-one-wrong", "empty-answer", "not-a-message"],
+)
+def test_a_garbled_batch_answer_fails_its_call_and_those_after_it(
+    answer: pb.BatchResponse | bytes, failed: int, said: str
+) -> None:
+    """A server's bug: each call from the first garbled answer on fails INTERNAL, perhaps
+    applied. Answers out of order read the Step's answer, after the ZeroGrad's garbled
+    one, as the Step's success (found by the forty-sixth session's coverage run)."""
+    sent = answer if isinstance(answer, bytes) else answer.SerializeToString()
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {"Batch": grpc.unary_unary_rpc_method_handler(lambda request, context: sent)},
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.Internal, match="a garbled Batch answer"),
+        client.batch() as b,
+    ):
+        pendings = [b.zero_grad(), b.step()]
+    for pending in pendings[: len(pendings) - failed]:
+        assert pending.exception() is None
+    for pending in pendings[len(pendings) - failed :]:
+        error = pending.exception()
+        assert isinstance(error, errors.Internal) and error.changes_state
+        assert str(error).startswith("INTERNAL: a garbled Batch answer: ") and said in str(error)
 
 
 def test_each_call_in_a_batch_is_counted_as_its_method() -> None:

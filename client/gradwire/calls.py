@@ -116,18 +116,20 @@ def unwrap_response(
     `method` (the server answers in order, so that would be a bug on one side)."""
     view = memoryview(data)
     result: tuple[memoryview | None, bytes | None] | None = None
+    other = None
     try:
         for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
             if number == ERROR_FIELD and wire_type == wire.LEN:
                 result = None, bytes(view[start:end])
             elif number in _NAMES and wire_type == wire.LEN:
-                if _NAMES[number] != method:
-                    raise ValueError(f"a {_NAMES[number]} response came for {method}")
+                other = None if _NAMES[number] == method else _NAMES[number]
                 result = view[start:end], None
     except ValueError as err:
         raise ValueError(f"not a CallResponse: {err}") from None
     if result is None:
         raise ValueError(f"a CallResponse for {method} holds neither a response nor an error")
+    if other is not None and result[0] is not None:
+        raise ValueError(f"a {other} response came for {method}")
     return result
 
 

@@ -649,13 +649,27 @@ class Batch(Pipeline):
             if len(answers) != len(queued):
                 raise ValueError(f"{len(answers)} answers came for {len(queued)} calls")
         except ValueError as err:  # a server bug: which calls ran is not known
-            garbled = MessageError(grpc.StatusCode.INTERNAL, f"a garbled Batch answer: {err}")
-            for pending, _ in queued:
-                pending._fail(self._error(garbled, pending.method))
-            self._failed = queued[-1][0].method
+            self._garbled(queued, err)
             return
-        for (pending, _), answer in zip(queued, answers, strict=True):
-            self._answer(pending, answer)
+        for k, ((pending, _), answer) in enumerate(zip(queued, answers, strict=True)):
+            try:
+                payload, status = calls.unwrap_response(answer, pending.method)
+            except ValueError as err:
+                # Out of order, or not an answer: neither this call's nor those after it can
+                # be trusted (the answer read as a later call's success was taken as one).
+                self._garbled(queued[k:], err)
+                return
+            self._answer(pending, payload, status)
+
+    def _garbled(
+        self, queued: list[tuple[Pending[Any], list[wire.Piece]]], err: ValueError
+    ) -> None:
+        """Fails each of `queued`, whose answers a server garbled: whether they ran is not
+        known."""
+        garbled = MessageError(grpc.StatusCode.INTERNAL, f"a garbled Batch answer: {err}")
+        for pending, _ in queued:
+            pending._fail(self._error(garbled, pending.method))
+        self._failed = queued[-1][0].method
 
     def _in_a_pipeline(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
         """The calls of a batch for a server without the Batch RPC (none of them ran): in a
@@ -681,18 +695,13 @@ class Batch(Pipeline):
                     pending._succeed(theirs._value)
                     self._failed = None
 
-    def _answer(self, pending: Pending[Any], answer: memoryview) -> None:
-        """Reads one call's answer into its Pending."""
-        method = pending.method
-        try:
-            payload, status = calls.unwrap_response(answer, method)
-        except ValueError as err:
-            self._failed_with(pending, MessageError(grpc.StatusCode.INTERNAL, str(err)))
-            self._failed = method
-            return
+    def _answer(
+        self, pending: Pending[Any], payload: memoryview | None, status: bytes | None
+    ) -> None:
+        """Reads one call's answer, as `calls.unwrap_response` split it, into its Pending."""
         if status is not None:
             self._failed_with(pending, MessageError.from_status(status))
-            self._failed = method
+            self._failed = pending.method
             return
         self._failed = None
         assert payload is not None  # unwrap_response gives one or the other
