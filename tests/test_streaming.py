@@ -29,7 +29,7 @@ from gradwire_server.app import Running
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
-from tests.serve_in_process import serving
+from tests.serve_in_process import bare_server, serving
 
 LINEAR = "linear.weight"
 LINEAR_SHAPE = (20, 3200)
@@ -121,6 +121,34 @@ def test_get_tensor_stream_chunks_are_contiguous_and_of_one_version(
     for split in splits:
         assembler.add(split, CHUNK_PATH, split.message.chunk)
     assert np.array_equal(assembler.numpy(), server_value(trainer, LINEAR))
+
+
+def test_a_read_whose_chunks_name_two_versions_is_refused_by_the_client(
+    server: Running, client: gradwire.Client
+) -> None:
+    """The server promises one version per read; a server that broke the promise (a relay
+    here, moving the third chunk on by one version) would have its read assembled from two
+    states. The client refuses it rather than hand back a mix."""
+    upstream = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    read = upstream.unary_stream("/gradwire.v1.Trainer/GetTensorStream")
+
+    def relayed(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for i, data in enumerate(read(request)):
+            chunk = pb.GetTensorChunk.FromString(data)
+            chunk.version += i == 2
+            yield chunk.SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {"GetTensorStream": grpc.unary_stream_rpc_method_handler(relayed)},
+    )
+    with upstream, bare_server(handler) as address, gradwire.connect(address) as relaying:
+        relaying.chunk_bytes = 4096
+        request = pb.GetTensorRequest(name=LINEAR)
+        whole = client._read_stream(pb.GetTensorRequest(name=LINEAR), as_torch=False)
+        assert whole.value is not None and whole.value.shape == LINEAR_SHAPE  # the real server's
+        with pytest.raises(errors.GradwireError, match="chunks of one read from two versions"):
+            relaying._read_stream(request, as_torch=False)
 
 
 def test_get_tensor_stream_with_chunk_bytes_zero_takes_the_default(
