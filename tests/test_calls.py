@@ -37,7 +37,7 @@ from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import WaitingStreams
 from tests.background import eventually
 from tests.reference import run_tutorial
-from tests.serve_in_process import running_server
+from tests.serve_in_process import bare_server, running_server
 from tests.test_concurrency import Gate, hold_forward
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
@@ -676,3 +676,41 @@ def test_a_stream_s_first_chunk_is_checked_while_a_forward_runs(gated_server: Ru
     finally:
         Gate.release.set()
         holder.join(timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (
+            pb.CallResponse(step=pb.StepResponse()),
+            "a garbled answer: a Step response came for ZeroGrad",
+        ),
+        (b"\x0a\x05\xff", "a garbled answer: not a CallResponse"),
+        (None, "the server ended its stream of calls unanswered"),
+    ],
+    ids=["another-calls-answer", "not-a-message", "no-answer"],
+)
+def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
+    answer: pb.CallResponse | bytes | None, said: str
+) -> None:
+    """A server's bug: the call fails INTERNAL, perhaps applied, and the stream, whose order
+    can no longer be trusted, is not used again: the next call opens another."""
+    opened: list[int] = []
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        opened.append(1)
+        for _ in requests:
+            if answer is None:
+                return
+            yield answer if isinstance(answer, bytes) else answer.SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with bare_server(handler) as address, streaming(address) as client:
+        for tried in (1, 2):
+            with pytest.raises(errors.Internal) as caught:
+                client.zero_grad()
+            assert str(caught.value).startswith(f"INTERNAL: {said}")
+            assert caught.value.changes_state
+            assert len(opened) == tried  # each call on a stream of its own
