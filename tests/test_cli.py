@@ -853,11 +853,25 @@ def test_serve_with_a_bad_log_level_exits_2() -> None:
 # --- usage errors, exit codes, --json ----------------------------------------------------------
 
 
-def test_a_bad_source_exits_2(cli: Run) -> None:
-    result = cli("forward", "--input", "ones:x")
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        ("ones:x", "bad source 'ones:x'"),
+        ("cubes:8,3,10,10", "bad source 'cubes:8,3,10,10': expected "),
+        ("/no/such/input.npy", "no such file: /no/such/input.npy"),
+    ],
+)
+def test_a_bad_source_exits_2(cli: Run, source: str, said: str) -> None:
+    result = cli("forward", "--input", source)
     assert result.code == 2
-    assert result.err.startswith("gradwire forward: error: bad source 'ones:x'")
+    assert result.err.startswith(f"gradwire forward: error: {said}")
     assert result.out == ""
+
+
+def test_a_normal_fill_as_input_is_drawn_from_its_seed(cli: Run, client: gradwire.Client) -> None:
+    loss = cli("forward", "--input", "normal:8,3,10,10", "--json").json()["loss"]
+    local = Fill.normal(8, 3, 10, 10, seed=0)
+    assert client.forward(local, Fill.ones(8, dtype="int64")).loss == loss
 
 
 def test_a_bad_shape_exits_2(cli: Run) -> None:
@@ -1053,6 +1067,10 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["list", "--timeout", "0"], "argument --timeout: bad duration '0'"),
         (["list", "--timeout", "nan"], "argument --timeout: bad duration 'nan'"),
         (["list", "--keepalive", "-5"], "argument --keepalive: bad duration '-5'"),
+        # words where a number goes
+        (["serve", "--port", "http"], "argument --port: bad port 'http': expected 0 (a free"),
+        (["list", "--timeout", "soon"], "argument --timeout: bad duration 'soon': expected se"),
+        (["fill", "abc"], "argument value: bad value 'abc': expected a number"),
     ],
 )
 def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> None:
@@ -1879,6 +1897,7 @@ def test_set_describes_a_slice_and_a_gradient_it_made(cli: Run) -> None:
         ("[1,2,x]", "not a JSON list of numbers (Expecting value at character 6)"),
         ("[[1,2,3],[4,5]]", "the lists inside it differ in length"),
         ("bogus", "expected a number (0.5, nan, -inf), a JSON list ([1, 2, 3]), a fill"),
+        ('["a", "b"]', "expected numbers"),
     ],
 )
 def test_a_value_set_cannot_read_says_what_it_expected(value: str, said: str) -> None:
