@@ -991,3 +991,28 @@ def test_checkpoints_are_saved_and_loaded_in_a_batch(
     assert saved.save_checkpoint.name == "b" and (state_dir / "b.safetensors").is_file()
     assert (loaded.load_checkpoint.version, loaded.load_checkpoint.saved_version) == (1, 0)
     assert missing.WhichOneof("result") == "error"
+
+
+def test_a_session_saves_under_a_name_of_its_own_and_loads_any(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # Saved as "state" from a session of its own, a caller's checkpoint was overwritten by the
+    # default session's at the graceful stop, or, after a crash, restored into the default
+    # session at the next start (forty-sixth session).
+    client, _, state_dir = kept
+    _step(client)
+    saved = client.save_checkpoint()  # the default session's, as before
+    with client.open_session(seed=1) as mine:
+        for name in ("", "state"):
+            with pytest.raises(errors.InvalidArgument) as refused:
+                mine.save_checkpoint(name)
+            assert refused.value.reason == "BAD_CHECKPOINT_NAME"
+            assert refused.value.metadata == {"name": "state"}
+            assert "give this session's checkpoint a name of its own" in refused.value.message
+        assert checkpoint.load(state_dir / "state.safetensors").version == saved.version
+        _step(mine, 2)
+        assert mine.save_checkpoint("mine").name == "mine"
+        assert mine.load_checkpoint("state").saved_version == saved.version  # shared names
+        assert np.array_equal(mine.get("conv1.weight"), client.get("conv1.weight"))
+    loaded = client.load_checkpoint("mine")  # and the default session may load a session's
+    assert loaded.saved_version == 2 * 4  # the session's two steps, from version 0

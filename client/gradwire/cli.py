@@ -2031,7 +2031,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_name = (
         "the checkpoint's name, a file <name>.safetensors in the server's state directory "
         "(default: state, the one `gradwire serve --state-dir` restores at start and "
-        "overwrites at a graceful stop: name one to keep)"
+        "overwrites at a graceful stop: name one to keep; the default session's, so a "
+        "--session saves under a name of its own)"
     )
     p = add(
         "save",

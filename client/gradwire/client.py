@@ -2043,7 +2043,9 @@ class Client:
     def save_checkpoint(self, name: str = "") -> SavedCheckpoint:
         """Writes the state as checkpoint `name` in the server's state directory
         (`gradwire serve --state-dir`): parameters, gradients, buffers, the optimizer and its
-        state, the version. "" names the one the server restores at start ("state").
+        state, the version. "" names the one the server restores at start ("state"), the
+        default session's: a session of your own must name its checkpoint
+        (errors.InvalidArgument, BAD_CHECKPOINT_NAME). Sessions share the directory's names.
         errors.FailedPrecondition (NO_STATE_DIR) on a server started without one."""
         request = pb.SaveCheckpointRequest(name=_checkpoint_name(name))
         response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)

@@ -1035,8 +1035,20 @@ class TrainerServicer:
         self, request: pb.SaveCheckpointRequest, context: grpc.ServicerContext
     ) -> pb.SaveCheckpointResponse:
         path = self._checkpoint_path(request.name)
+        trainer = self.trainer
+        if trainer is not self.sessions.default and path.name == checkpoint.FILE_NAME:
+            # The default session's: restored into it at start and written over at a
+            # graceful stop, so a session's save there would be lost at the stop, or, after a
+            # crash, taken for the default session's state.
+            raise InvalidInput(
+                f"{checkpoint.DEFAULT_NAME!r} is the default session's checkpoint, which the "
+                "server restores at start and writes at a graceful stop: give this session's "
+                "checkpoint a name of its own (SaveCheckpointRequest.name; gradwire save NAME)",
+                reason="BAD_CHECKPOINT_NAME",
+                metadata={"name": checkpoint.DEFAULT_NAME},
+            )
         try:
-            version = self.trainer.save(path)
+            version = trainer.save(path)
             size = path.stat().st_size
         except OSError as err:
             raise _unwritable(path, err) from err

@@ -117,7 +117,8 @@ Conventions used by every message below:
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
       BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG,
       TOO_MANY_SELECTORS (metadata "limit"), BAD_CHECKPOINT (a checkpoint LoadCheckpoint
-      cannot take: another model's, damaged) and BAD_CHECKPOINT_NAME
+      cannot take: another model's, damaged) and BAD_CHECKPOINT_NAME (not a plain name;
+      or "state", the default session's, saved from another session: metadata "name")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
       by commas, empty when none is near), UNKNOWN_SESSION (metadata
       "session": its first 64 characters), NO_CHECKPOINT (metadata "names": the
@@ -1382,7 +1383,10 @@ class SaveCheckpointRequest(_message.Message):
     """The checkpoint's name: 1 to 100 letters, digits, '.', '_' or '-', not beginning with
     '.' (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME otherwise). Written to
     <state-dir>/<name>.safetensors, replacing one of that name. Unset: "state", the one the
-    server restores at start and writes at a graceful stop.
+    server restores at start and writes at a graceful stop, the default session's: a call on
+    another session must name its checkpoint (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME with
+    metadata "name": "state", otherwise). Sessions share the state directory's names: one
+    session may load what another saved.
     """
     def __init__(
         self,
