@@ -95,10 +95,12 @@ class Buffers:
     def keep(self) -> Before:
         """Each buffer as it is now: the record `put_back` and `learn` take. Nearly free for
         a model without buffers (Simple)."""
-        kept = []
-        names = [tuple(module._buffers) for module in self._modules]
+        kept: list[Kept] = []
+        names: list[tuple[str, ...]] = []
         for module in self._modules:
-            for key, tensor in module._buffers.items():
+            found = module._buffers
+            names.append(tuple(found) if found else ())
+            for key, tensor in found.items():
                 if tensor is None:
                     continue
                 if tensor.is_inference():
