@@ -623,17 +623,39 @@ def test_a_checkpoint_keeps_the_model_s_buffers(tmp_path: Path) -> None:
     assert torch.equal(_buffer(restored, "norm.running_var"), _buffer(original, "norm.running_var"))
 
 
-def test_a_checkpoint_without_buffers_loads_with_the_model_s_own(tmp_path: Path) -> None:
+def test_a_checkpoint_without_buffers_loads_with_a_new_model_s(tmp_path: Path) -> None:
+    # Into a trainer that had trained, its running statistics stayed: the checkpoint's
+    # weights beside another state's statistics, a mix no save had made (a review).
     original = _trained_normed(2)
     path = tmp_path / "state.safetensors"
     original.save(path)
     _tensors_altered(path, {f"buffer/{name}": None for name in BUFFERS})  # as written before
-    restored = Trainer(NORMED, seed=1)
-    built = {name: _buffer(restored, name) for name in BUFFERS}
-    assert restored.load(path) == original.version
-    for name in BUFFERS:
-        assert torch.equal(_buffer(restored, name), built[name]), name
-    assert torch.equal(_buffer(restored, "fc1.weight"), _buffer(original, "fc1.weight"))
+    built = {name: _buffer(Trainer(NORMED, seed=1), name) for name in BUFFERS}
+    for restored in (Trainer(NORMED, seed=1), _trained_normed(3)):
+        assert restored.load(path) == original.version
+        for name in BUFFERS:
+            assert torch.equal(_buffer(restored, name), built[name]), name
+        assert torch.equal(_buffer(restored, "fc1.weight"), _buffer(original, "fc1.weight"))
+    assert _buffer(restored, "norm.num_batches_tracked").item() == 0
+
+
+def test_a_checkpoint_lacking_some_of_its_buffers_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.safetensors"
+    _trained_normed(1).save(path)
+    _tensors_altered(path, {"buffer/norm.running_var": None})
+    trained = _trained_normed(2)
+    before = {name: _buffer(trained, name) for name in (*BUFFERS, "fc1.weight")}
+    with pytest.raises(InvalidInput) as refused:
+        trained.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message == (
+        f"cannot load {path}: it is a damaged gradwire checkpoint: it lacks buffers: "
+        "norm.running_var; restore it from a copy, or move it away to start from fresh weights"
+    )
+    for name, value in before.items():
+        assert torch.equal(_buffer(trained, name), value), name
 
 
 @pytest.mark.parametrize(

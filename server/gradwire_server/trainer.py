@@ -784,7 +784,7 @@ class Trainer:
 
     # --- state helpers ------------------------------------------------------------
 
-    def _build_model(self, seed: int | None) -> nn.Module:
+    def _build_model(self, seed: int | None, on_device: bool = True) -> nn.Module:
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
         # on every device and the process-wide generator is left alone. One build at a
         # time: the stream is the process's one generator, and GPU trainers build on threads
@@ -801,7 +801,7 @@ class Trainer:
                 generator.manual_seed(seed)
             model = self.spec.factory()
         model.train()
-        return model.to(self.device)
+        return model.to(self.device) if on_device else model
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
@@ -2175,8 +2175,9 @@ class Trainer:
         optimizer state are made before anything is replaced, so a refusal while reading the
         file or making them changes nothing; the parameters and buffers are copied in place
         last, and on a GPU a copy that runs out of pinned memory partway could leave some
-        replaced (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks
-        (one written before checkpoints kept them) stay as the model made them."""
+        replaced (`gradwire serve` stops then, serving nothing). A checkpoint without buffers
+        (written before checkpoints kept them) loads with buffers as a new model makes them;
+        one that lacks some of them is refused as damaged."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
@@ -2216,6 +2217,11 @@ class Trainer:
                 f"there: {', '.join(odd_buffers)}; {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
+        kept = [name for name, b in buffers.items() if _no_repeats(b)]  # as `save` keeps them
+        lacking = [name for name in kept if name not in loaded.buffers]
+        if lacking and loaded.buffers:
+            damaged = checkpoint.damaged(f"it lacks buffers: {', '.join(lacking)}")
+            raise InvalidInput(f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT")
         odd += sorted(  # an integer parameter's: torch keeps it none
             name
             for name in {*loaded.gradients, *loaded.optimizer_state}
@@ -2256,13 +2262,20 @@ class Trainer:
                 }
                 for name, values in loaded.optimizer_state.items()
             }
+            # Written before checkpoints kept buffers: as a new model makes them, so that the
+            # load gives one state whatever this trainer held (left as they were, a trained
+            # session's running statistics met the checkpoint's weights: found by a review).
+            made = {}
+            if lacking:
+                new = dict(self._build_model(0, on_device=False).named_buffers())
+                made = {name: staging.to_device(new[name], self.device) for name in lacking}
         replaced: list[str] = []
         try:
             with self._device_memory(f"cannot load {path}"), torch.no_grad():
                 for name, p in params.items():
                     staging.copy_into(p.detach(), loaded.parameters[name])
                     replaced.append(name)
-                for name, b in loaded.buffers.items():  # those it lacks stay as built
+                for name, b in {**loaded.buffers, **made}.items():
                     if _no_repeats(buffers[name]):
                         staging.copy_into(buffers[name], b)
                         replaced.append(name)
