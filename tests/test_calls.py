@@ -681,14 +681,12 @@ def test_a_stream_s_first_chunk_is_checked_while_a_forward_runs(gated_server: Ru
 @pytest.mark.parametrize(
     ("answer", "said"),
     [
-        (
-            pb.CallResponse(step=pb.StepResponse()),
-            "a garbled answer: a Step response came for ZeroGrad",
-        ),
-        (b"\x0a\x05\xff", "a garbled answer: not a CallResponse"),
+        (pb.CallResponse(step=pb.StepResponse()), "a garbled answer (a Step response came for"),
+        (b"\x0a\x05\xff", "a garbled answer (not a CallResponse"),
+        (pb.CallResponse(error=b"\xff\xff"), "a garbled answer (its error is not a google.rpc"),
         (None, "the server ended its stream of calls unanswered"),
     ],
-    ids=["another-calls-answer", "not-a-message", "no-answer"],
+    ids=["another-calls-answer", "not-a-message", "undecodable-error", "no-answer"],
 )
 def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
     answer: pb.CallResponse | bytes | None, said: str
@@ -714,3 +712,19 @@ def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
             assert str(caught.value).startswith(f"INTERNAL: {said}")
             assert caught.value.changes_state
             assert len(opened) == tried  # each call on a stream of its own
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [pb.CallResponse(step=pb.StepResponse()), pb.CallResponse(error=b"")],
+        [pb.CallResponse(step=pb.StepResponse()), pb.CallResponse(zero_grad=pb.ZeroGradResponse())],
+    ],
+    ids=["another-calls-answer-then-an-error", "another-calls-answer-then-its-own"],
+)
+def test_an_answer_naming_another_call_anywhere_is_refused(fields: list[pb.CallResponse]) -> None:
+    # Protobuf keeps the last field of a oneof: a Step response followed by an error or a
+    # ZeroGrad response was read as ZeroGrad's (a review of the forty-sixth session's change).
+    data = b"".join(f.SerializeToString() for f in fields)
+    with pytest.raises(ValueError, match="a Step response came for ZeroGrad"):
+        calls.unwrap_response(data, "ZeroGrad")

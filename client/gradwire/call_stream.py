@@ -201,7 +201,11 @@ class CallStream:
         except ValueError as err:
             self.spent = True  # the stream's order can no longer be trusted
             self._responses.cancel()
-            raise MessageError(grpc.StatusCode.INTERNAL, f"a garbled answer: {err}") from None
+            raise MessageError(
+                grpc.StatusCode.INTERNAL,
+                f"a garbled answer ({err}): whether the call ran is not known (read the state "
+                "version)",
+            ) from None
         self.answered = True
         if error is not None:
             raise MessageError.from_status(error)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
 
 from gradwire import wire
 from gradwire._pb import trainer_pb2 as pb
@@ -116,20 +117,26 @@ def unwrap_response(
     `method` (the server answers in order, so that would be a bug on one side)."""
     view = memoryview(data)
     result: tuple[memoryview | None, bytes | None] | None = None
-    other = None
+    other = None  # a response to another call: anywhere in the message, a bug
     try:
         for number, wire_type, _, start, end in wire.fields(view, 0, len(view)):
             if number == ERROR_FIELD and wire_type == wire.LEN:
                 result = None, bytes(view[start:end])
             elif number in _NAMES and wire_type == wire.LEN:
-                other = None if _NAMES[number] == method else _NAMES[number]
+                if _NAMES[number] != method:
+                    other = other or _NAMES[number]
                 result = view[start:end], None
     except ValueError as err:
         raise ValueError(f"not a CallResponse: {err}") from None
+    if other is not None:
+        raise ValueError(f"a {other} response came for {method}")
     if result is None:
         raise ValueError(f"a CallResponse for {method} holds neither a response nor an error")
-    if other is not None and result[0] is not None:
-        raise ValueError(f"a {other} response came for {method}")
+    if result[1] is not None:
+        try:
+            status_pb2.Status.FromString(result[1])
+        except DecodeError as err:
+            raise ValueError(f"its error is not a google.rpc.Status ({err})") from None
     return result
 
 

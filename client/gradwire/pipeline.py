@@ -648,28 +648,26 @@ class Batch(Pipeline):
             answers = calls.batch_answers(response)
             if len(answers) != len(queued):
                 raise ValueError(f"{len(answers)} answers came for {len(queued)} calls")
+            # Every answer read before any is taken: with one out of order, or not an answer,
+            # none can be trusted (an error answer names no call, so the one before a
+            # misplaced answer may be another call's too; read in turn, an answer after it
+            # was taken as the next call's success: found by reviews).
+            unwrapped = [
+                calls.unwrap_response(answer, pending.method)
+                for (pending, _), answer in zip(queued, answers, strict=True)
+            ]
         except ValueError as err:  # a server bug: which calls ran is not known
-            self._garbled(queued, err)
+            garbled = MessageError(
+                grpc.StatusCode.INTERNAL,
+                f"a garbled Batch answer ({err}): whether the batch's calls ran is not known "
+                "(read the state version)",
+            )
+            for pending, _ in queued:
+                pending._fail(self._error(garbled, pending.method))
+            self._failed = queued[-1][0].method
             return
-        for k, ((pending, _), answer) in enumerate(zip(queued, answers, strict=True)):
-            try:
-                payload, status = calls.unwrap_response(answer, pending.method)
-            except ValueError as err:
-                # Out of order, or not an answer: neither this call's nor those after it can
-                # be trusted (the answer read as a later call's success was taken as one).
-                self._garbled(queued[k:], err)
-                return
+        for (pending, _), (payload, status) in zip(queued, unwrapped, strict=True):
             self._answer(pending, payload, status)
-
-    def _garbled(
-        self, queued: list[tuple[Pending[Any], list[wire.Piece]]], err: ValueError
-    ) -> None:
-        """Fails each of `queued`, whose answers a server garbled: whether they ran is not
-        known."""
-        garbled = MessageError(grpc.StatusCode.INTERNAL, f"a garbled Batch answer: {err}")
-        for pending, _ in queued:
-            pending._fail(self._error(garbled, pending.method))
-        self._failed = queued[-1][0].method
 
     def _in_a_pipeline(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
         """The calls of a batch for a server without the Batch RPC (none of them ran): in a
