@@ -210,6 +210,42 @@ def test_a_large_buffer_its_model_replaces_is_copied_every_pass_and_put_back() -
     assert "spare" in model._buffers and model._buffers["spare"] is None
 
 
+class Dropping(nn.Module):
+    """Deletes its cache (a buffer not persistent, registered first) in its forward pass,
+    and refuses a batch of one sample after that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("cache", torch.ones(4), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        del self.cache
+        if x.shape[0] == 1:
+            raise ValueError("one sample is refused")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+@pytest.mark.parametrize("run", ["failed pass", "meta run"])
+def test_a_buffer_deleted_comes_back_as_it_was_not_persistent_in_its_place(run: str) -> None:
+    # It came back persistent, and last: listed in another order, and in checkpoints, which
+    # a new model then refused (a review).
+    trainer = Trainer(ModelSpec("Dropping", Dropping, (4,), 3), seed=0)
+    model = trainer._model
+    cache = model.get_buffer("cache")
+    if run == "failed pass":
+        with pytest.raises(InvalidInput, match="one sample"):
+            trainer.forward(torch.ones(1, 4))
+    else:
+        trainer._run_on_meta(torch.ones(2, 4))
+    assert list(model._buffers) == ["cache", "count"]
+    assert model._non_persistent_buffers_set == {"cache"}
+    assert model.get_buffer("cache") is cache
+    assert list(model.state_dict()) == ["count", "lin.weight", "lin.bias"]
+
+
 class Inference(nn.Module):
     """A table made under torch.inference_mode: it has no version counter."""
 

@@ -65,13 +65,18 @@ class Kept:
     copy: torch.Tensor | None
 
 
+#: A module without buffers, as `Before.names` notes it.
+_NONE: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+
+
 @dataclass
 class Before:
-    """The buffers as one pass found them: each one `Kept`, and each module's buffer names
-    (in the order of `Buffers`' modules), so that one the pass registers can be taken away."""
+    """The buffers as one pass found them: each one `Kept`, and each module's buffer names,
+    in order, and those of them not persistent (in the order of `Buffers`' modules), so
+    that one the pass registers can be taken away and one it deletes put back as it was."""
 
     kept: list[Kept]
-    names: list[tuple[str, ...]]
+    names: list[tuple[tuple[str, ...], tuple[str, ...]]]
 
 
 @dataclass
@@ -96,10 +101,11 @@ class Buffers:
         """Each buffer as it is now: the record `put_back` and `learn` take. Nearly free for
         a model without buffers (Simple)."""
         kept: list[Kept] = []
-        names: list[tuple[str, ...]] = []
+        names: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
         for module in self._modules:
             found = module._buffers
-            names.append(tuple(found) if found else ())
+            hidden = module._non_persistent_buffers_set
+            names.append((tuple(found), tuple(hidden) if hidden else ()) if found else _NONE)
             for key, tensor in found.items():
                 if tensor is None:
                     continue
@@ -141,13 +147,15 @@ class Buffers:
         when first needed: left behind, a failed call would have changed the model's state,
         and its checkpoints). On a device that failed the copies fail too: the failure at
         hand is the one to answer, so this one is logged."""
-        for module, names in zip(self._modules, before.names, strict=True):
+        for module, (names, hidden) in zip(self._modules, before.names, strict=True):
             if tuple(module._buffers) != names:
-                for key in module._buffers.keys() - set(names):
-                    del module._buffers[key]
-                    module._non_persistent_buffers_set.discard(key)
-                for key in names:  # one deleted: its tensor, if any, is put back below
-                    module._buffers.setdefault(key, None)
+                now = dict(module._buffers)
+                module._buffers.clear()
+                for key in names:  # in their order; one deleted gets its tensor back below
+                    module._buffers[key] = now.get(key)
+            if module._non_persistent_buffers_set != set(hidden):
+                module._non_persistent_buffers_set.clear()
+                module._non_persistent_buffers_set.update(hidden)
         try:
             with torch.no_grad():
                 for k in before.kept:

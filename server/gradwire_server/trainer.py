@@ -558,16 +558,17 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
 
 
 class _Attributes:
-    """A module's attributes, and the contents of those that are dicts or lists, to be put
-    back as they are now (`Trainer._run_on_meta`)."""
+    """A module's attributes, and the contents of those that are dicts, lists or sets (its
+    buffers' names not persistent), to be put back as they are now
+    (`Trainer._run_on_meta`)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.now = vars(module)
         self.before = dict(self.now)
-        self.contents: list[tuple[dict[Any, Any] | list[Any], dict[Any, Any] | list[Any]]] = [
-            (v, dict(v) if isinstance(v, dict) else list(v))
+        self.contents: list[tuple[Any, Any]] = [
+            (v, dict(v) if isinstance(v, dict) else set(v) if isinstance(v, set) else list(v))
             for v in self.before.values()
-            if isinstance(v, (dict, list))
+            if isinstance(v, (dict, list, set))
         ]
 
     def put_back(self) -> None:
@@ -579,11 +580,14 @@ class _Attributes:
                 now[key] = value
         for container, items in self.contents:
             if isinstance(container, dict):
-                assert isinstance(items, dict)
-                same = container.keys() == items.keys() and all(
+                same = list(container) == list(items) and all(  # in order: buffers' is kept
                     container[k] is v for k, v in items.items()
                 )
                 if not same:
+                    container.clear()
+                    container.update(items)
+            elif isinstance(container, set):
+                if container != items:
                     container.clear()
                     container.update(items)
             elif len(container) != len(items) or any(
