@@ -1025,7 +1025,7 @@ def test_a_session_saves_under_a_name_of_its_own_and_loads_any(
     _step(client)
     saved = client.save_checkpoint()  # the default session's, as before
     with client.open_session(seed=1) as mine:
-        for name in ("", "state"):
+        for name in ("", "state", "State"):  # the same file where case is ignored
             with pytest.raises(errors.InvalidArgument) as refused:
                 mine.save_checkpoint(name)
             assert refused.value.reason == "BAD_CHECKPOINT_NAME"
@@ -1038,3 +1038,25 @@ def test_a_session_saves_under_a_name_of_its_own_and_loads_any(
         assert np.array_equal(mine.get("conv1.weight"), client.get("conv1.weight"))
     loaded = client.load_checkpoint("mine")  # and the default session may load a session's
     assert loaded.saved_version == 2 * 4  # the session's two steps, from version 0
+
+
+def test_a_refused_load_names_the_checkpoint_not_the_server_s_path(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # The message gave the caller the server's file system layout (an integrator's probe).
+    client, trainer, state_dir = kept
+    (state_dir / "junk.safetensors").write_bytes(b"not safetensors")
+    trainer.save(state_dir / "newer.safetensors")
+    _altered(state_dir / "newer.safetensors", {"format": "gradwire-checkpoint-2"})
+    with pytest.raises(errors.InvalidArgument) as refused:
+        client.load_checkpoint("junk")
+    assert refused.value.message.startswith("cannot load checkpoint 'junk': it is not a ")
+    assert refused.value.message.endswith("; nothing was changed")
+    with pytest.raises(errors.InvalidArgument) as refused:
+        client.load_checkpoint("newer")
+    assert refused.value.message == (
+        "cannot load checkpoint 'newer': it is a gradwire checkpoint of another format "
+        "('gradwire-checkpoint-2'; this gradwire reads 'gradwire-checkpoint-1'): load it with "
+        "the gradwire version that wrote it; nothing was changed"
+    )
+    assert str(state_dir) not in refused.value.message

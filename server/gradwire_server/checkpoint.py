@@ -182,7 +182,14 @@ def load(path: Path) -> Loaded:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
+        found = metadata.get("format", "")
+        if found.startswith("gradwire-checkpoint-") and found != FORMAT:
+            raise ValueError(
+                f"it is a gradwire checkpoint of another format ({found!r}; this gradwire "
+                f"reads {FORMAT!r}): load it with the gradwire version that wrote it"
+                f"{AT_START}"
+            )
+        if found != FORMAT:
             raise ValueError(
                 f"it is not a gradwire checkpoint (its metadata lacks format {FORMAT!r}): "
                 f"give one that SaveCheckpoint or a server's --state-dir wrote{AT_START}"

@@ -1036,7 +1036,10 @@ class TrainerServicer:
     ) -> pb.SaveCheckpointResponse:
         path = self._checkpoint_path(request.name)
         trainer = self.trainer
-        if trainer is not self.sessions.default and path.name == checkpoint.FILE_NAME:
+        # Compared regardless of case: on a file system that ignores it (macOS's, by
+        # default), "State" is the same file (a review).
+        default = path.name.casefold() == checkpoint.FILE_NAME.casefold()
+        if trainer is not self.sessions.default and default:
             # The default session's: restored into it at start and written over at a
             # graceful stop, so a session's save there would be lost at the stop, or, after a
             # crash, taken for the default session's state.

@@ -2164,13 +2164,15 @@ class Trainer:
         try:
             saved = self._load(path)
         except (InvalidInput, OverLimit) as err:
+            # Named as the caller named it: the path is the server's own business (a caller
+            # was told where the server keeps its files: found by an integrator's probe).
+            message = err.message.replace(str(path), f"checkpoint {checkpoint.name_of(path)!r}")
             if "replaced" in err.metadata:  # partly loaded: a change, which watchers hear of
                 self._clear_forward()
                 self._bump()
-                raise
-            raise type(err)(
-                checkpoint.at_runtime(err.message), reason=err.reason, metadata=err.metadata
-            ) from err
+            else:
+                message = checkpoint.at_runtime(message)
+            raise type(err)(message, reason=err.reason, metadata=err.metadata) from err
         return self._bump(), saved
 
     def _load(self, path: Path) -> int:
