@@ -26,7 +26,8 @@ Conventions used by every message below:
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions
   below). Each applied mutation (Forward, Backward,
-  Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
+  Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer, LoadCheckpoint) adds
+  one (a TrainStep adds one for each of its parts);
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
@@ -2492,8 +2493,8 @@ class WatchUpdate(_message.Message):
     cause: _builtins.str
     """The mutation that led to this state, by its unary RPC's name: "Forward" (ForwardStream
     too), "Backward", "Step", "ZeroGrad", "SetTensor" (SetTensorStream too),
-    "FillParameters", "Reset", "SetOptimizer", "TrainStep" (each step of a Train too);
-    "Watch" for the first update, before any mutation the watch saw.
+    "FillParameters", "Reset", "SetOptimizer", "TrainStep" (each step of a Train too),
+    "LoadCheckpoint"; "Watch" for the first update, before any mutation the watch saw.
     """
     skipped: _builtins.int
     """updates due to this subscriber since its last one, beyond the one this stands for: it was still reading, or min_interval_ms had not passed"""

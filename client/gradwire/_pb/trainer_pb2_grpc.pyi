@@ -26,7 +26,8 @@ Conventions used by every message below:
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions
   below). Each applied mutation (Forward, Backward,
-  Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer) adds one;
+  Step, ZeroGrad, SetTensor, FillParameters, Reset, SetOptimizer, LoadCheckpoint) adds
+  one (a TrainStep adds one for each of its parts);
   reads add nothing. A failed call changes nothing, the version included (a TrainStep
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
@@ -333,7 +334,8 @@ class TrainerStub:
     """
     Calls: _grpc.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
-    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
+    LoadCheckpoint) as messages on
     one stream that stays open: for a caller that makes many small calls one after another
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
@@ -518,7 +520,8 @@ class TrainerAsyncStub(TrainerStub):
     """
     Calls: _aio.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]  # type: ignore[assignment]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
-    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+    FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
+    LoadCheckpoint) as messages on
     one stream that stays open: for a caller that makes many small calls one after another
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
@@ -844,7 +847,8 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.CallResponse], _abc.AsyncIterator[_trainer_pb2.CallResponse]]:
         """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
-        FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats) as messages on
+        FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
+        LoadCheckpoint) as messages on
         one stream that stays open: for a caller that makes many small calls one after another
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
         message on an open stream skips what each unary call pays (a new HTTP/2 stream with
