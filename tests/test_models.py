@@ -339,8 +339,33 @@ def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Cli
     with pytest.raises(errors.InvalidArgument) as caught:
         mlp.forward(np.ones((1, 16), np.float32), np.array([0]))
     assert caught.value.reason == "MODEL_REFUSED"
-    assert "TinyMLP refused this input" in caught.value.message
+    assert caught.value.message.startswith("TinyMLP refused this input: Expected more than 1")
+    # and what to do about it, which torch's words do not say (an integrator's probe)
+    assert caught.value.message.endswith(
+        "; a BatchNorm layer in training mode needs 2 or more samples a batch: send more, "
+        "or, for a Forward, ask for evaluation mode (eval_mode)"
+    )
     assert mlp.list_tensors().version == 0
+    assert mlp.forward(np.ones((1, 16), np.float32), eval_mode=True).version == 1
+
+
+class Silent(nn.Module):
+    """Refuses every input with a ValueError that says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError()
+
+
+def test_a_refusal_with_no_words_is_named_by_its_type() -> None:
+    # Its first line was read from an empty message: an IndexError, answered INTERNAL.
+    with serving(ModelSpec("Silent", Silent, (4,), 3)) as client:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(np.ones((2, 4), np.float32))
+        assert caught.value.message == "Silent refused this input: ValueError"
 
 
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:

@@ -557,6 +557,17 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
     return isinstance(error, IndexError) and not x.is_floating_point()
 
 
+def _refusal_hint(said: str) -> str:
+    """What to do about a model's refusal `said`, where torch's words do not say (BatchNorm
+    in training mode given one sample a channel: an integrator's probe)."""
+    if "more than 1 value per channel when training" in said:
+        return (
+            "; a BatchNorm layer in training mode needs 2 or more samples a batch: send more, "
+            "or, for a Forward, ask for evaluation mode (eval_mode)"
+        )
+    return ""
+
+
 class _Attributes:
     """A module's attributes, and the contents of those that are dicts, lists or sets (its
     buffers' names not persistent), to be put back as they are now
@@ -1291,8 +1302,9 @@ class Trainer:
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
                 # an id past its table): the caller's to fix. Any other error inside the
                 # model is the model's fault: INTERNAL.
+                said = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise InvalidInput(
-                    f"{self.spec.name} refused this input: {str(err).splitlines()[0]}",
+                    f"{self.spec.name} refused this input: {said}{_refusal_hint(said)}",
                     reason="MODEL_REFUSED",
                 ) from err
         if self._model.training:  # a pass in eval mode leaves what training changes alone
