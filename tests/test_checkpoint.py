@@ -666,7 +666,10 @@ def test_a_checkpoint_lacking_some_of_its_buffers_is_refused_and_changes_nothing
             {"buffer/norm.num_batches_tracked": torch.tensor(2.0)},
             "norm.num_batches_tracked as float32 [], where it is int64 []",
         ),
-        ({"buffer/fc1.running_mean": torch.zeros(32)}, "fc1.running_mean"),
+        (
+            {"buffer/fc1.running_mean": torch.zeros(32)},
+            "has not registered: fc1.running_mean. If the model registers them in its forward",
+        ),
     ],
     ids=["shape", "dtype", "unknown"],
 )
@@ -681,7 +684,7 @@ def test_a_checkpoint_whose_buffers_this_model_lacks_is_refused_and_changes_noth
     with pytest.raises(InvalidInput) as refused:
         fresh.load(path)
     assert refused.value.reason == "BAD_CHECKPOINT"
-    assert "holds buffers this server's NormedMLP does not have" in refused.value.message
+    assert f"{path} holds buffers this server's NormedMLP " in refused.value.message
     assert said in refused.value.message
     assert fresh.version == 0
     for name, value in before.items():
@@ -1060,3 +1063,40 @@ def test_a_refused_load_names_the_checkpoint_not_the_server_s_path(
         "the gradwire version that wrote it; nothing was changed"
     )
     assert str(state_dir) not in refused.value.message
+
+
+class Positions(nn.Module):
+    """Registers a persistent buffer of positions in its first forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "positions" not in self._buffers:
+            self.register_buffer("positions", torch.arange(4.0))
+        out: torch.Tensor = self.lin(x + self.positions)
+        return out
+
+
+def test_a_checkpoint_of_a_model_that_registers_a_buffer_when_first_needed_says_so(
+    tmp_path: Path,
+) -> None:
+    # A new model lacks the buffer its checkpoints hold: refused with "serve the model it
+    # holds (--model)", though it was this very model (a review).
+    spec = ModelSpec("Positions", Positions, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    trained.forward(torch.ones(2, 4))
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    with pytest.raises(InvalidInput) as refused:
+        Trainer(spec, seed=0).load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message.startswith(
+        f"{path} holds buffers this server's Positions has not registered: positions. If the "
+        "model registers them in its forward pass, when first needed, a new one lacks them: "
+        "register them in its __init__"
+    )
+    again = Trainer(spec, seed=0)
+    again.forward(torch.ones(2, 4))  # registered: loads
+    assert again.load(path) == trained.version

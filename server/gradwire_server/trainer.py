@@ -2131,6 +2131,16 @@ class Trainer:
         persistent = self._model.state_dict(keep_vars=True)
         return {name: b for name, b in self._model.named_buffers() if name in persistent}
 
+    def _could_register(self, name: str) -> bool:
+        """Whether buffer `name` ("norm.positions") names no tensor of a module the model
+        has: one it could register later, as a model does in its first forward pass."""
+        path, _, key = name.rpartition(".")
+        try:
+            module = self._model.get_submodule(path)
+        except AttributeError:
+            return False
+        return key not in module._buffers and key not in module._parameters
+
     @staticmethod
     def _saved_settings(saved: dict[str, Any]) -> OptimizerSettings:
         """The optimizer settings a checkpoint holds, as `save` writes them: every field of
@@ -2222,13 +2232,24 @@ class Trainer:
         odd = [
             name for name, grad in loaded.gradients.items() if shapes.get(name) != tuple(grad.shape)
         ] + [name for name in loaded.optimizer_state if name not in params]
-        odd_buffers = [name for name in loaded.buffers if name not in buffers]
-        odd_buffers += [
+        unknown = [name for name in loaded.buffers if name not in buffers]
+        odd_buffers = unknown + [
             f"{name} as {_dtype_name(t.dtype)} {list(t.shape)}, where it is "
             f"{_dtype_name(buffers[name].dtype)} {list(buffers[name].shape)}"
             for name, t in loaded.buffers.items()
             if name in buffers and (t.shape, t.dtype) != (buffers[name].shape, buffers[name].dtype)
         ]
+        if odd_buffers and odd_buffers == unknown and all(map(self._could_register, unknown)):
+            # Same model, one that registers a buffer in its forward pass (found by a review):
+            # "serve the model it holds" would not help.
+            raise InvalidInput(
+                f"{path} holds buffers this server's {self.spec.name} has not registered: "
+                f"{', '.join(unknown)}. If the model registers them in its forward pass, "
+                "when first needed, a new one lacks them: register them in its __init__ (or "
+                "with persistent=False, to keep them out of checkpoints). Else it is another "
+                f"model's: {checkpoint.OTHER_MODEL}",
+                reason="BAD_CHECKPOINT",
+            )
         if odd_buffers:
             raise InvalidInput(
                 f"{path} holds buffers this server's {self.spec.name} does not have as they are "
