@@ -2307,7 +2307,11 @@ class Trainer:
             made = {}
             if lacking:
                 new = dict(self._build_model(0, on_device=False).named_buffers())
-                made = {name: staging.to_device(new[name], self.device) for name in lacking}
+                made = {  # but one the model registers in its forward pass: as it is
+                    name: staging.to_device(new[name], self.device)
+                    for name in lacking
+                    if name in new
+                }
         replaced: list[str] = []
         try:
             with self._device_memory(f"cannot load {path}"), torch.no_grad():
