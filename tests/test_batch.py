@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 import gradwire
@@ -419,6 +420,27 @@ _REFUSED = pb.CallResponse(
 )
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def _field(number: int, content: bytes) -> bytes:
+    """A length-delimited field, whatever its content."""
+    return _varint(number << 3 | 2) + _varint(len(content)) + content
+
+
+def _answers(*answers: bytes) -> bytes:
+    """A BatchResponse of these CallResponses' bytes (answers is its field 1)."""
+    return b"".join(_field(1, answer) for answer in answers)
+
+
+_STEP_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["step"].number
+
+
 @pytest.mark.parametrize(
     ("answer", "said"),
     [
@@ -433,6 +455,10 @@ _REFUSED = pb.CallResponse(
             "its error is not a google.rpc.Status",
         ),
         (b"\x0a\x05\xff\xff", "not a BatchResponse"),
+        (
+            _answers(_ZERO.SerializeToString(), _field(_STEP_FIELD, b"\x08\xff")),
+            "not a Step response",
+        ),
     ],
     ids=[
         "too-few",
@@ -442,6 +468,7 @@ _REFUSED = pb.CallResponse(
         "empty-answer",
         "undecodable-error",
         "not-a-message",
+        "undecodable-response",
     ],
 )
 @pytest.mark.parametrize("stop_at_error", [True, False])
@@ -472,6 +499,28 @@ def test_a_garbled_batch_answer_fails_every_call_of_the_batch(
         assert str(error).endswith(
             "whether the batch's calls ran is not known (read the state version)"
         )
+
+
+def test_an_error_whose_detail_does_not_decode_is_its_status_without_a_reason() -> None:
+    # protobuf's DecodeError escaped the batch, and left the Step after it pending (a review)
+    detail = any_pb2.Any(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff")
+    refused = status_pb2.Status(code=9, message="no gradients", details=[detail])
+    sent = pb.BatchResponse(
+        answers=[pb.CallResponse(error=refused.SerializeToString()), _STEP]
+    ).SerializeToString()
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {"Batch": grpc.unary_unary_rpc_method_handler(lambda request, context: sent)},
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.FailedPrecondition, match="no gradients") as caught,
+        client.batch(stop_at_error=False) as b,
+    ):
+        zero, step = b.zero_grad(), b.step()
+    assert caught.value.reason == "" and zero.exception() is caught.value
+    assert step.result().version == 4
 
 
 def test_each_call_in_a_batch_is_counted_as_its_method() -> None:

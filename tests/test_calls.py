@@ -684,9 +684,17 @@ def test_a_stream_s_first_chunk_is_checked_while_a_forward_runs(gated_server: Ru
         (pb.CallResponse(step=pb.StepResponse()), "a garbled answer (a Step response came for"),
         (b"\x0a\x05\xff", "a garbled answer (not a CallResponse"),
         (pb.CallResponse(error=b"\xff\xff"), "a garbled answer (its error is not a google.rpc"),
+        # CallResponse.zero_grad (field 19: tag 0x9a 0x01) holding bytes no ZeroGradResponse is
+        (b"\x9a\x01\x02\x08\xff", "a garbled answer (not a ZeroGrad response"),
         (None, "the server ended its stream of calls unanswered"),
     ],
-    ids=["another-calls-answer", "not-a-message", "undecodable-error", "no-answer"],
+    ids=[
+        "another-calls-answer",
+        "not-a-message",
+        "undecodable-error",
+        "undecodable-response",
+        "no-answer",
+    ],
 )
 def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
     answer: pb.CallResponse | bytes | None, said: str

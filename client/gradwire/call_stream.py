@@ -64,6 +64,15 @@ class MessageError(grpc.RpcError):
         return self._trailer
 
 
+def garbled_answer(err: ValueError, kind: str = "answer", what: str = "the call") -> MessageError:
+    """The error of a call whose answer (on a Calls stream, or in a Batch) a server garbled:
+    out of order, or not an answer."""
+    return MessageError(
+        grpc.StatusCode.INTERNAL,
+        f"a garbled {kind} ({err}): whether {what} ran is not known (read the state version)",
+    )
+
+
 class Spent(Exception):
     """The stream ended before the call could be written to it (closed by another thread,
     or its session left): the call was not sent, and goes as a call of its own."""
@@ -201,11 +210,7 @@ class CallStream:
         except ValueError as err:
             self.spent = True  # the stream's order can no longer be trusted
             self._responses.cancel()
-            raise MessageError(
-                grpc.StatusCode.INTERNAL,
-                f"a garbled answer ({err}): whether the call ran is not known (read the state "
-                "version)",
-            ) from None
+            raise garbled_answer(err) from None
         self.answered = True
         if error is not None:
             raise MessageError.from_status(error)

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import calls, codec, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.call_stream import CallStream, Spent
+from gradwire.call_stream import CallStream, Spent, garbled_answer
 from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
 from gradwire.errors import (
     ClientClosed,
@@ -382,6 +382,19 @@ def _response_parsers() -> dict[str, Callable[[Any], Any] | None]:
 
 
 _PARSE_RESPONSE = _response_parsers()
+
+
+def decoded(method: str, payload: memoryview) -> Any:
+    """`method`'s response from its bytes on a Calls stream or in a Batch: parsed, or the
+    bytes themselves for one that carries tensors (split later, without copying); ValueError
+    for bytes that are no such response (protobuf's DecodeError escaped: found by a review)."""
+    parse = _PARSE_RESPONSE[method]
+    if parse is None:
+        return payload
+    try:
+        return parse(payload)
+    except DecodeError as err:
+        raise ValueError(f"not a {method} response ({err})") from None
 
 
 def _close_left_open(box: list[CallStream | None]) -> None:
@@ -1291,8 +1304,11 @@ class Client:
             raise
         finally:
             stream.lock.release()
-        parse = _PARSE_RESPONSE[method]
-        return payload if parse is None else parse(payload)
+        try:
+            return decoded(method, payload)
+        except ValueError as err:
+            stream.cancel()  # a server that garbles one answer: the next is not trusted either
+            raise garbled_answer(err) from None
 
     def _call_stream(self) -> CallStream | None:
         """This client's open Calls stream, for its session: opened now when there is none,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -162,8 +163,11 @@ def _error_info(error: Any) -> tuple[str, dict[str, str]]:
         return "", {}
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason, dict(info.metadata)
+        try:
+            if detail.Unpack(info):
+                return info.reason, dict(info.metadata)
+        except DecodeError:  # a server's garbled detail: the status stands without it
+            continue
     return "", {}
 
 

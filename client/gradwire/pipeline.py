@@ -26,11 +26,16 @@ import grpc
 import numpy as np
 
 from gradwire import calls, codec, wire
-from gradwire.call_stream import CallStream, MessageError, Spent, _deadline_timeout
+from gradwire.call_stream import (
+    CallStream,
+    MessageError,
+    Spent,
+    _deadline_timeout,
+    garbled_answer,
+)
 from gradwire.client import (
     _LIST_TENSORS,
     _ONCE,
-    _PARSE_RESPONSE,
     _STEP,
     _backward,
     _closed_channel,
@@ -46,6 +51,7 @@ from gradwire.client import (
     _set_target,
     _set_tensor,
     _zero_grad,
+    decoded,
 )
 from gradwire.errors import (
     Aborted,
@@ -442,8 +448,13 @@ class Pipeline:
             self._broken = _interrupted("the wait for its answer or an earlier one was interrupted")
             pending._fail(self._broken(method))
             raise
-        self._answered(pending, payload)
         self._client.answered = self._client.reached = True
+        try:
+            value = decoded(method, payload)
+        except ValueError as err:  # this answer's content alone: the stream's order stands
+            self._failed_with(pending, garbled_answer(err))
+            return
+        self._answered(pending, value)
 
     def _failed_with(self, pending: Pending[Any], err: grpc.RpcError) -> None:
         """Fails `pending` with what its call's `err` is to the client, which an
@@ -452,12 +463,11 @@ class Pipeline:
         if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
             pending._encoded.on_invalid(pending._error)
 
-    def _answered(self, pending: Pending[Any], payload: memoryview) -> None:
-        """Settles `pending` with its call's unary response bytes, as the client's method
-        reads them; or with the error of an answer this client cannot decode."""
-        parse = _PARSE_RESPONSE[pending.method]
+    def _answered(self, pending: Pending[Any], value: Any) -> None:
+        """Settles `pending` with its call's response (`client.decoded`), as the client's
+        method reads it; or with the error of an answer this client cannot read."""
         try:
-            pending._succeed(pending._encoded.result(payload if parse is None else parse(payload)))
+            pending._succeed(pending._encoded.result(value))
         except (GradwireError, ValueError) as err:
             pending._fail(err)
 
@@ -656,18 +666,18 @@ class Batch(Pipeline):
                 calls.unwrap_response(answer, pending.method)
                 for (pending, _), answer in zip(queued, answers, strict=True)
             ]
+            values = [
+                None if payload is None else decoded(pending.method, payload)
+                for (pending, _), (payload, _) in zip(queued, unwrapped, strict=True)
+            ]
         except ValueError as err:  # a server bug: which calls ran is not known
-            garbled = MessageError(
-                grpc.StatusCode.INTERNAL,
-                f"a garbled Batch answer ({err}): whether the batch's calls ran is not known "
-                "(read the state version)",
-            )
+            garbled = garbled_answer(err, "Batch answer", "the batch's calls")
             for pending, _ in queued:
                 pending._fail(self._error(garbled, pending.method))
             self._failed = queued[-1][0].method
             return
-        for (pending, _), (payload, status) in zip(queued, unwrapped, strict=True):
-            self._answer(pending, payload, status)
+        for (pending, _), (_, status), value in zip(queued, unwrapped, values, strict=True):
+            self._answer(pending, value, status)
 
     def _in_a_pipeline(self, queued: list[tuple[Pending[Any], list[wire.Piece]]]) -> None:
         """The calls of a batch for a server without the Batch RPC (none of them ran): in a
@@ -693,17 +703,15 @@ class Batch(Pipeline):
                     pending._succeed(theirs._value)
                     self._failed = None
 
-    def _answer(
-        self, pending: Pending[Any], payload: memoryview | None, status: bytes | None
-    ) -> None:
-        """Reads one call's answer, as `calls.unwrap_response` split it, into its Pending."""
+    def _answer(self, pending: Pending[Any], value: Any, status: bytes | None) -> None:
+        """Reads one call's answer into its Pending: its error status, or else its response
+        (`client.decoded`)."""
         if status is not None:
             self._failed_with(pending, MessageError.from_status(status))
             self._failed = pending.method
             return
         self._failed = None
-        assert payload is not None  # unwrap_response gives one or the other
-        self._answered(pending, payload)
+        self._answered(pending, value)
 
 
 def _batch_limit(error: BaseException, sent: int) -> int | None:
