@@ -25,7 +25,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from tests.reference import run_tutorial
-from tests.serve_in_process import running_server
+from tests.serve_in_process import bare_server, running_server
 from tests.test_calls import TARGET, Raw, error_of, serving_without_calls, streaming
 from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
@@ -514,3 +514,29 @@ def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
         Gate.release.set()
         zeroed = c.zero_grad()
         assert c.list_tensors().version == zeroed
+
+
+def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() -> None:
+    """The first ZeroGrad's answer names its call but holds bytes no ZeroGradResponse is:
+    that call fails INTERNAL, garbled, and the stream, no longer trusted, fails the second,
+    whose answer was well formed. Protobuf's DecodeError escaped the pipeline before (a
+    review of the forty-sixth session's change)."""
+    garbled = b"\x9a\x01\x02\x08\xff"  # CallResponse.zero_grad (19) holding no response
+    fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for answer, _ in zip((garbled, fine), requests, strict=False):
+            yield answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.Internal, match="a garbled answer"),
+        client.pipeline() as p,
+    ):
+        first, second = p.zero_grad(), p.zero_grad()
+    assert str(first.exception()).startswith("INTERNAL: a garbled answer (not a ZeroGrad")
+    assert "a garbled answer" in str(second.exception())

@@ -451,8 +451,11 @@ class Pipeline:
         self._client.answered = self._client.reached = True
         try:
             value = decoded(method, payload)
-        except ValueError as err:  # this answer's content alone: the stream's order stands
-            self._failed_with(pending, garbled_answer(err))
+        except ValueError as err:  # as a garbled answer (receive): the stream is not trusted
+            stream.cancel()
+            garbled = garbled_answer(err)
+            self._broken = functools.partial(self._error, garbled)
+            self._failed_with(pending, garbled)
             return
         self._answered(pending, value)
 
