@@ -552,3 +552,21 @@ def test_messages_that_show_a_name_or_a_shape_show_the_served_model_s(
                     channel.unary_unary(call)(request.SerializeToString(), timeout=10)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert said in (caught.value.details() or ""), method
+
+
+class Reticent(nn.Module):
+    """Refuses every input with a ValueError whose first line is blank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("\n  \nbatches need 2 samples")
+
+
+def test_a_refusal_is_named_by_its_first_line_with_words() -> None:
+    with serving(ModelSpec("Reticent", Reticent, (4,), 3)) as client:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(np.ones((2, 4), np.float32))
+        assert caught.value.message == "Reticent refused this input: batches need 2 samples"

@@ -729,6 +729,9 @@ class Trainer:
         #: holds its whole size there while it arrives. Others arrive on the host, as on a CPU.
         self.device_assemblies = threading.BoundedSemaphore(1)
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
+        #: The seed the model was first built with (a server's --seed): a new model's, as a
+        #: restarted server builds it, gives the buffers an old checkpoint lacks.
+        self._seed = seed
         self._run(self._init_state, seed)
 
     def _init_state(self, seed: int | None) -> None:
@@ -1302,7 +1305,8 @@ class Trainer:
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
                 # an id past its table): the caller's to fix. Any other error inside the
                 # model is the model's fault: INTERNAL.
-                said = str(err).splitlines()[0] if str(err) else type(err).__name__
+                lines = (line for line in str(err).splitlines() if line.strip())
+                said = next(lines, type(err).__name__)
                 raise InvalidInput(
                     f"{self.spec.name} refused this input: {said}{_refusal_hint(said)}",
                     reason="MODEL_REFUSED",
@@ -2203,9 +2207,8 @@ class Trainer:
         optimizer state are made before anything is replaced, so a refusal while reading the
         file or making them changes nothing; the parameters and buffers are copied in place
         last, and on a GPU a copy that runs out of pinned memory partway could leave some
-        replaced (`gradwire serve` stops then, serving nothing). A checkpoint without buffers
-        (written before checkpoints kept them) loads with buffers as a new model makes them;
-        one that lacks some of them is refused as damaged."""
+        replaced (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks
+        (one written before checkpoints kept them) are loaded as a new model makes them."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
@@ -2258,9 +2261,6 @@ class Trainer:
             )
         kept = [name for name, b in buffers.items() if _no_repeats(b)]  # as `save` keeps them
         lacking = [name for name in kept if name not in loaded.buffers]
-        if lacking and loaded.buffers:
-            damaged = checkpoint.damaged(f"it lacks buffers: {', '.join(lacking)}")
-            raise InvalidInput(f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT")
         odd += sorted(  # an integer parameter's: torch keeps it none
             name
             for name in {*loaded.gradients, *loaded.optimizer_state}
@@ -2301,12 +2301,14 @@ class Trainer:
                 }
                 for name, values in loaded.optimizer_state.items()
             }
-            # Written before checkpoints kept buffers: as a new model makes them, so that the
-            # load gives one state whatever this trainer held (left as they were, a trained
-            # session's running statistics met the checkpoint's weights: found by a review).
+            # Written before checkpoints kept buffers (or before the model registered one in
+            # its forward pass): as a new model makes them, so that the load gives one state
+            # whatever this trainer held (left as they were, a trained session's running
+            # statistics met the checkpoint's weights: found by a review). The whole model is
+            # built, on the CPU, for them: only for such a checkpoint.
             made = {}
             if lacking:
-                new = dict(self._build_model(0, on_device=False).named_buffers())
+                new = dict(self._build_model(self._seed, on_device=False).named_buffers())
                 made = {  # but one the model registers in its forward pass: as it is
                     name: staging.to_device(new[name], self.device)
                     for name in lacking
