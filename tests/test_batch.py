@@ -523,6 +523,25 @@ def test_an_error_whose_detail_does_not_decode_is_its_status_without_a_reason() 
     assert step.result().version == 4
 
 
+def test_a_unary_error_whose_details_do_not_decode_is_its_status() -> None:
+    # protobuf's DecodeError escaped a plain call (a review)
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("grpc-status-details-bin", b"\xff\xff\xff"),))
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {"ListTensors": grpc.unary_unary_rpc_method_handler(refuse)},
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.InvalidArgument, match="bad request") as caught,
+    ):
+        client.list_tensors()
+    assert caught.value.reason == ""
+
+
 def test_each_call_in_a_batch_is_counted_as_its_method() -> None:
     with running_server(metrics_port=0) as running:
         address = f"127.0.0.1:{running.port}"

@@ -679,6 +679,12 @@ def test_a_new_model_s_buffers_are_those_of_the_server_s_seed(tmp_path: Path) ->
         restarted._model.get_buffer("proj").zero_()
     restarted.load(path)
     assert torch.equal(restarted._model.get_buffer("proj"), made)
+    # Unseeded, the seed drawn for the first build: one state at every load (a review)
+    unseeded = Trainer(spec)
+    unseeded.load(path)
+    first = unseeded._model.get_buffer("proj").clone()
+    unseeded.load(path)
+    assert torch.equal(unseeded._model.get_buffer("proj"), first)
 
 
 @pytest.mark.parametrize(

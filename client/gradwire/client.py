@@ -1295,6 +1295,13 @@ class Client:
                 None if expected is None else int(expected),
                 timeout or self.timeout,
             )
+            try:
+                return decoded(method, payload)
+            except ValueError as err:
+                # A server that garbles one answer: the next is not trusted either. Under the
+                # stream's lock, where no other thread's call is on it (a review).
+                stream.cancel()
+                raise garbled_answer(err) from None
         except Spent:  # ended by another thread meanwhile (closed, or another session)
             return _UNARY
         except grpc.RpcError as err:
@@ -1304,11 +1311,6 @@ class Client:
             raise
         finally:
             stream.lock.release()
-        try:
-            return decoded(method, payload)
-        except ValueError as err:
-            stream.cancel()  # a server that garbles one answer: the next is not trusted either
-            raise garbled_answer(err) from None
 
     def _call_stream(self) -> CallStream | None:
         """This client's open Calls stream, for its session: opened now when there is none,

@@ -157,7 +157,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RemoteError]] = {
 def _error_info(error: Any) -> tuple[str, dict[str, str]]:
     try:
         status = rpc_status.from_call(error)
-    except (ValueError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError, DecodeError):  # a trailer a server garbled
         return "", {}
     if status is None:
         return "", {}

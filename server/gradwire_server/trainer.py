@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 import weakref
@@ -729,10 +730,11 @@ class Trainer:
         #: holds its whole size there while it arrives. Others arrive on the host, as on a CPU.
         self.device_assemblies = threading.BoundedSemaphore(1)
         self._cause = "Watch"  # the RPC of the last applied mutation, for watch updates
-        #: The seed the model was first built with (a server's --seed): a new model's, as a
-        #: restarted server builds it, gives the buffers an old checkpoint lacks.
-        self._seed = seed
-        self._run(self._init_state, seed)
+        #: The seed the model was first built with (a server's --seed, a session's own; one
+        #: drawn now if none is given): a new model built with it gives the buffers an old
+        #: checkpoint lacks, the same at every load.
+        self._seed = seed if seed is not None else secrets.randbits(63)
+        self._run(self._init_state, self._seed)
 
     def _init_state(self, seed: int | None) -> None:
         # A new session's model, or a Reset's, may not fit beside the others on the device.
