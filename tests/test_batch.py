@@ -441,6 +441,14 @@ def _answers(*answers: bytes) -> bytes:
 _STEP_FIELD = pb.CallResponse.DESCRIPTOR.fields_by_name["step"].number
 
 
+def _answering(sent: bytes) -> grpc.GenericRpcHandler:
+    """A Batch that answers `sent` to every request, as a buggy server might."""
+    return grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {"Batch": grpc.unary_unary_rpc_method_handler(lambda request, context: sent)},
+    )
+
+
 @pytest.mark.parametrize(
     ("answer", "said"),
     [
@@ -481,12 +489,8 @@ def test_a_garbled_batch_answer_fails_every_call_of_the_batch(
     DecodeError and left the calls after it pending (found by the forty-sixth session's
     coverage run and a review)."""
     sent = answer if isinstance(answer, bytes) else answer.SerializeToString()
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer",
-        {"Batch": grpc.unary_unary_rpc_method_handler(lambda request, context: sent)},
-    )
     with (
-        bare_server(handler) as address,
+        bare_server(_answering(sent)) as address,
         gradwire.connect(address) as client,
         pytest.raises(errors.Internal, match="a garbled Batch answer"),
         client.batch(stop_at_error=stop_at_error) as b,
@@ -508,12 +512,8 @@ def test_an_error_whose_detail_does_not_decode_is_its_status_without_a_reason() 
     sent = pb.BatchResponse(
         answers=[pb.CallResponse(error=refused.SerializeToString()), _STEP]
     ).SerializeToString()
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer",
-        {"Batch": grpc.unary_unary_rpc_method_handler(lambda request, context: sent)},
-    )
     with (
-        bare_server(handler) as address,
+        bare_server(_answering(sent)) as address,
         gradwire.connect(address) as client,
         pytest.raises(errors.FailedPrecondition, match="no gradients") as caught,
         client.batch(stop_at_error=False) as b,
