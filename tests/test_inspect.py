@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -510,10 +511,20 @@ class Branching(nn.Module):
         return out
 
 
+class Positions(nn.Module):
+    """A table of positions as a layer of its own, made when first needed."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table: torch.Tensor
+        self.register_buffer("table", table)
+
+
 class Caching(nn.Module):
     """Keeps a tensor made by its first forward pass, on the input's device, as models keep a
     table of positions: in an attribute (one it has from the start, or one it makes then), as
-    a buffer it registers then, or in a dict or a list."""
+    a buffer it registers then, in a dict or a list, in a list in a dict, on an object of
+    its own, or in a layer it makes then."""
 
     where = "attribute"
 
@@ -523,6 +534,8 @@ class Caching(nn.Module):
         self.offsets: torch.Tensor | None = None
         self.cache: dict[str, torch.Tensor] = {}
         self.tables: list[torch.Tensor] = []
+        self.nested: dict[str, list[torch.Tensor]] = {"tables": []}
+        self.state = SimpleNamespace(table=None)
 
     def kept(self) -> torch.Tensor | None:
         if self.where == "buffer":
@@ -531,6 +544,13 @@ class Caching(nn.Module):
             return vars(self).get("made")
         if self.where == "list":
             return self.tables[0] if self.tables else None
+        if self.where == "list in a dict":
+            return self.nested["tables"][0] if self.nested["tables"] else None
+        if self.where == "object":
+            return self.state.table  # type: ignore[no-any-return]
+        if self.where == "layer":
+            positions = self._modules.get("positions")
+            return None if positions is None else positions.get_buffer("table")
         return self.cache.get("offsets") if self.where == "dict" else self.offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -544,6 +564,12 @@ class Caching(nn.Module):
                 self.cache["offsets"] = made
             elif self.where == "list":
                 self.tables.append(made)
+            elif self.where == "list in a dict":
+                self.nested["tables"].append(made)
+            elif self.where == "object":
+                self.state.table = made
+            elif self.where == "layer":
+                self.positions = Positions(made)
             else:
                 self.offsets = made
         kept = self.kept()
@@ -566,6 +592,18 @@ class CachingInANewAttribute(Caching):
 
 class CachingInAList(Caching):
     where = "list"
+
+
+class CachingInAListInADict(Caching):
+    where = "list in a dict"
+
+
+class CachingOnAnObject(Caching):
+    where = "object"
+
+
+class CachingInALayer(Caching):
+    where = "layer"
 
 
 def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
@@ -617,6 +655,40 @@ def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
         running.stop(grace=None)
 
 
+class Locking(nn.Module):
+    """Holds a lock, which copy.deepcopy cannot copy: it gets no run on meta tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            out: torch.Tensor = self.lin(x)
+            return out
+
+
+def test_a_model_that_cannot_be_copied_has_its_fetches_checked_after_the_forward() -> None:
+    spec = ModelSpec("Locking", Locking, (4,), 3)
+    trainer = Trainer(spec, device="cpu", seed=0, one_thread_for_small_work=True)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+            fetched = client.train_step(x, y, fetch=["lin.output[1]"]).fetched[0].value
+            assert np.array_equal(fetched, client.get("lin.output")[1])
+            assert trainer._meta_run(torch.from_numpy(x)) is None
+            version, weight = client.list_tensors().version, client.get("lin.weight")
+            with pytest.raises(errors.OutOfRange):
+                client.train_step(x * 2, y, fetch=["lin.output[2]"])
+            assert client.list_tensors().version == version
+            assert np.array_equal(client.get("lin.weight"), weight)
+            assert np.array_equal(client.get("lin.output")[1], fetched)
+    finally:
+        running.stop(grace=None)
+
+
 @pytest.mark.parametrize(
     ("one_thread", "model"),
     [
@@ -626,8 +698,23 @@ def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
         (False, CachingInADict),
         (False, CachingInANewAttribute),
         (False, CachingInAList),
+        (False, CachingInAListInADict),
+        (True, CachingInAListInADict),
+        (False, CachingOnAnObject),
+        (False, CachingInALayer),
     ],
-    ids=["attribute", "attribute-one-thread", "buffer", "dict", "new-attribute", "list"],
+    ids=[
+        "attribute",
+        "attribute-one-thread",
+        "buffer",
+        "dict",
+        "new-attribute",
+        "list",
+        "list-in-a-dict",
+        "list-in-a-dict-one-thread",
+        "object",
+        "layer",
+    ],
 )
 def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
     one_thread: bool, model: type[Caching]
@@ -635,7 +722,8 @@ def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
     # The meta run that checks a fetch (and, with one thread for small work, counts a step's
     # operations) left a model that makes a tensor in its first forward pass with a meta one:
     # every Forward after it failed INTERNAL (a buffer or a dict entry made so: found by a
-    # review of the first mend, which put back attributes alone).
+    # review of the first mend, which put back attributes alone; a list in a dict, an object
+    # or a layer made so: by two later reviews). The run is now made on a copy of the model.
     spec = ModelSpec("Caching", model, (4,), 3)
     trainer = Trainer(spec, device="cpu", seed=0, one_thread_for_small_work=one_thread)
     running = start(trainer, "127.0.0.1", 0)
@@ -654,9 +742,16 @@ def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
             client.forward(x, y)
             assert np.array_equal(client.get("lin.output"), local(torch.from_numpy(x)).detach())
             assert fetched.shape == (2, 3)
-            # Once made on the CPU, its tensor meets meta ones in the check's run, which fails:
-            # the fetch is checked after the forward pass instead.
             assert client.train_step(x, y, fetch=["lin.output[1]"]).fetched[0].value.shape == (3,)
+            with pytest.raises(errors.OutOfRange):  # checked before the step, on the run's shapes
+                client.train_step(x, y, fetch=["lin.output[2]"])
+            assert caching.kept() is kept
+            # A new shape, once the model holds its tensor: a new run on meta tensors, which
+            # takes the model's tensor as a meta one, and leaves it.
+            x3, y3 = np.ones((3, 4), np.float32), np.array([0, 2, 1])
+            assert client.train_step(x3, y3, fetch=["lin.output[2]"]).fetched[0].value.shape == (3,)
+            assert trainer._meta_run(torch.from_numpy(x3)) is not None
+            assert caching.kept() is kept and kept.device.type == "cpu"
     finally:
         running.stop(grace=None)
 

@@ -22,7 +22,7 @@ from gradwire_server import openmp, optim
 from gradwire_server.app import describe_threads, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import (
-    _FLOPS_REMEMBERED,
+    _SHAPES_REMEMBERED,
     ONE_THREAD_MAX_FLOPS,
     ONE_THREAD_MAX_VALUES,
     Trainer,
@@ -143,8 +143,10 @@ def test_the_tutorial_s_step_is_small_and_batch_64_is_not() -> None:
     # model's 69,040 values are one small update.
     trainer = Trainer(seed=0, one_thread_for_small_work=True)
     try:
-        assert 3 * trainer._forward_flops(batch(8)[0]) <= ONE_THREAD_MAX_FLOPS  # type: ignore[operator]
-        assert trainer._forward_flops(batch(64)[0]) > ONE_THREAD_MAX_FLOPS  # type: ignore[operator]
+        small, large = trainer._meta_run(batch(8)[0]), trainer._meta_run(batch(64)[0])
+        assert small is not None and large is not None
+        assert 3 * small.flops <= ONE_THREAD_MAX_FLOPS
+        assert large.flops > ONE_THREAD_MAX_FLOPS
         assert sum(p.numel() for p in trainer._model.parameters()) <= ONE_THREAD_MAX_VALUES
     finally:
         trainer.close()
@@ -309,11 +311,12 @@ def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:
 def test_operation_counts_are_kept_for_a_bounded_number_of_shapes() -> None:
     trainer = Trainer(seed=0, one_thread_for_small_work=True)
     try:
-        counts = [trainer._forward_flops(torch.empty(n, 3, 10, 10)) for n in range(1, 71)]
-        assert len(trainer._flops) == _FLOPS_REMEMBERED
-        assert (70, 3, 10, 10) in {shape for shape, _ in trainer._flops}
-        assert (1, 3, 10, 10) not in {shape for shape, _ in trainer._flops}  # the oldest went
+        runs = [trainer._meta_run(torch.empty(n, 3, 10, 10)) for n in range(1, 71)]
+        assert len(trainer._meta_runs) == _SHAPES_REMEMBERED
+        assert (70, 3, 10, 10) in {shape for shape, _ in trainer._meta_runs}
+        assert (1, 3, 10, 10) not in {shape for shape, _ in trainer._meta_runs}  # the oldest went
         # A pass's count grows with the batch, exactly: the counter counts, it does not time.
-        assert all(c == counts[0] * n for n, c in enumerate(counts, start=1))  # type: ignore[operator]
+        counts = [run.flops for run in runs if run is not None]
+        assert len(counts) == 70 and all(c == counts[0] * n for n, c in enumerate(counts, 1))
     finally:
         trainer.close()

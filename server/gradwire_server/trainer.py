@@ -8,6 +8,7 @@ raises a DomainError and changes nothing.
 from __future__ import annotations
 
 import contextvars
+import copy
 import dataclasses
 import difflib
 import functools
@@ -17,9 +18,10 @@ import re
 import secrets
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
@@ -134,8 +136,8 @@ ONE_THREAD_MAX_FLOPS = 1 << 25
 #: ... and a Step or a ZeroGrad to zeros of at most this many parameter values (SGD's step:
 #: 68 us on one thread, 62 us on two).
 ONE_THREAD_MAX_VALUES = 1 << 18
-#: Input shapes whose forward pass's operations are remembered.
-_FLOPS_REMEMBERED = 64
+#: Input shapes whose forward pass's run on meta tensors is remembered (Trainer._meta_run).
+_SHAPES_REMEMBERED = 64
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -569,43 +571,60 @@ def _refusal_hint(said: str) -> str:
     return ""
 
 
-class _Attributes:
-    """A module's attributes, and the contents of those that are dicts, lists or sets (its
-    buffers' names not persistent), to be put back as they are now
-    (`Trainer._run_on_meta`)."""
+@dataclass(frozen=True)
+class _MetaRun:
+    """What a forward pass on an input of one shape does, from a run on meta tensors
+    (`Trainer._meta_run`): its floating-point operations, and the module outputs its hooks
+    kept (meta tensors: shapes and dtypes, no memory)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.now = vars(module)
-        self.before = dict(self.now)
-        self.contents: list[tuple[Any, Any]] = [
-            (v, dict(v) if isinstance(v, dict) else set(v) if isinstance(v, set) else list(v))
-            for v in self.before.values()
-            if isinstance(v, (dict, list, set))
-        ]
+    flops: int
+    outputs: dict[str, torch.Tensor]
 
-    def put_back(self) -> None:
-        now, before = self.now, self.before
-        for key in now.keys() - before.keys():
-            del now[key]
-        for key, value in before.items():
-            if now.get(key) is not value:
-                now[key] = value
-        for container, items in self.contents:
-            if isinstance(container, dict):
-                same = list(container) == list(items) and all(  # in order: buffers' is kept
-                    container[k] is v for k, v in items.items()
-                )
-                if not same:
-                    container.clear()
-                    container.update(items)
-            elif isinstance(container, set):
-                if container != items:
-                    container.clear()
-                    container.update(items)
-            elif len(container) != len(items) or any(
-                a is not b for a, b in zip(container, items, strict=True)
-            ):
-                container[:] = items
+
+#: A lazy layer's tensors before its first call, with no shape to copy.
+_UNINITIALIZED = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
+#: Attributes whose own attributes `_meta_copy` does not look into: copy.deepcopy keeps
+#: classes, functions and Python modules as they are, and walks the model's layers itself.
+_NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, nn.Module)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` to run on meta tensors, sharing nothing with it that the run could
+    change: its parameters and buffers, and the tensors it keeps in its attributes (and in
+    the lists, tuples, sets, dicts and objects there, two levels down), are meta tensors of
+    the same shapes and dtypes; everything else is copied (copy.deepcopy), but for the
+    modules' hooks, the same functions. A run on the model itself, its tensors swapped for
+    the run, left behind what its forward kept (a tensor cached in a list in a dict, a
+    submodule made when first needed), which every later Forward then failed on (the
+    forty-fifth and forty-sixth sessions' reviews). Raises what copy.deepcopy raises for an
+    attribute it cannot copy (a lock, an open file): the caller then does without the run.
+    """
+    memo: dict[int, Any] = {}
+
+    def to_meta(value: object, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in memo and not isinstance(value, _UNINITIALIZED):
+                meta = torch.empty_like(value, device="meta")
+                if isinstance(value, nn.Parameter):
+                    meta = nn.Parameter(meta, requires_grad=value.requires_grad)
+                memo[id(value)] = meta
+        elif depth and isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                to_meta(item, depth - 1)
+        elif depth and isinstance(value, dict):
+            for item in value.values():
+                to_meta(item, depth - 1)
+        elif depth and not isinstance(value, _NOT_WALKED) and hasattr(value, "__dict__"):
+            for item in vars(value).values():  # an object of the model's own
+                to_meta(item, depth - 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key.endswith("hooks") and isinstance(value, dict):
+                memo.update((id(hook), hook) for hook in value.values())
+            else:  # _parameters and _buffers among them
+                to_meta(value, 2)
+    return copy.deepcopy(model, memo)
 
 
 def _no_repeats(tensor: torch.Tensor) -> bool:
@@ -711,7 +730,7 @@ class Trainer:
         self.max_elements = max_elements
         self.track_deltas = track_deltas
         self.one_thread_for_small_work = one_thread_for_small_work
-        self._flops: dict[tuple[tuple[int, ...], torch.dtype], int | None] = {}
+        self._meta_runs: dict[tuple[tuple[int, ...], torch.dtype], _MetaRun | None] = {}
         self._lock = threading.RLock()
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
@@ -1518,11 +1537,8 @@ class Trainer:
                 shape, dtype = tuple(tensor.shape), tensor.dtype
             elif kind == "activation":
                 if outputs is None:
-                    try:
-                        outputs = self._run_on_meta(x)
-                    except Exception as err:
-                        log.debug("fetches of module outputs checked after the forward: %s", err)
-                        outputs, checked = {}, False
+                    run = self._meta_run(x)
+                    outputs, checked = ({}, False) if run is None else (run.outputs, True)
                 if name not in outputs:  # no tensor returned, or not known yet: see above
                     continue
                 shape, dtype = tuple(outputs[name].shape), outputs[name].dtype
@@ -1546,32 +1562,37 @@ class Trainer:
             )
         return checked
 
-    def _run_on_meta(
-        self, x: torch.Tensor, mode: AbstractContextManager[Any] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The model run on meta tensors for input `x` (shapes and dtypes, no memory, no
-        arithmetic), inside `mode`; the module outputs its hooks kept.
+    def _meta_run(self, x: torch.Tensor) -> _MetaRun | None:
+        """What a forward pass on an input like `x` does, from a run on meta tensors made once
+        per input shape and dtype (the model is in training mode outside a call, so the run
+        is in that mode); None when the model does not run on meta tensors (it reads a
+        value, or a layer makes its parameters when first called): the caller does without.
+        Kept per shape, as a model's layers are: a model whose outputs' shapes change with
+        state of its own, for one input shape, gets its fetches checked against the first."""
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._meta_runs:
+            if len(self._meta_runs) >= _SHAPES_REMEMBERED:
+                del self._meta_runs[next(iter(self._meta_runs))]  # the shape seen first
+            try:
+                self._meta_runs[key] = self._run_on_meta(x)
+            except Exception as err:
+                log.debug("no run on meta tensors for input %s: %s", key, err)
+                self._meta_runs[key] = None
+        return self._meta_runs[key]
 
-        Each module's attributes are put back as they were after it, and the contents of
-        those that are dicts or lists (its buffers' own dict among them): a model that keeps
-        a tensor made in its forward (a cache of positions, made when first needed, in an
-        attribute, a dict or a buffer it registers then) would otherwise keep a meta one,
-        and every later Forward fail.
-        """
-        meta = {
-            name: torch.empty_like(t, device="meta")
-            for name, t in [*self._model.named_parameters(), *self._model.named_buffers()]
-        }
-        attributes = [_Attributes(m) for m in self._model.modules()]
+    def _run_on_meta(self, x: torch.Tensor) -> _MetaRun:
+        """A forward pass for input `x` on a meta copy of the model (`_meta_copy`: shapes and
+        dtypes, no memory, no arithmetic, nothing of the model's own changed), its operations
+        counted by torch's FlopCounterMode."""
+        model = _meta_copy(self._model)
+        counter = FlopCounterMode(display=False)
         self._pending = {}
         try:
-            with torch.no_grad(), mode or nullcontext():
-                torch.func.functional_call(self._model, meta, (torch.empty_like(x, device="meta"),))
-            return self._pending
+            with torch.no_grad(), counter:
+                model(torch.empty_like(x, device="meta"))
+            return _MetaRun(counter.get_total_flops(), self._pending)
         finally:
             self._pending = {}
-            for kept in attributes:
-                kept.put_back()
 
     # --- how many threads a job runs on ----------------------------------------------
 
@@ -1583,29 +1604,12 @@ class Trainer:
         is two), and, with `update`, one pass over the parameters that train."""
         small = self.one_thread_for_small_work and self.device.type == "cpu"
         if small and passes:
-            flops = None if x is None else self._forward_flops(x)
-            small = flops is not None and passes * flops <= ONE_THREAD_MAX_FLOPS
+            run = None if x is None else self._meta_run(x)
+            small = run is not None and passes * run.flops <= ONE_THREAD_MAX_FLOPS
         if small and update:
             values = sum(p.numel() for p in self._parameters.values() if p.requires_grad)
             small = values <= ONE_THREAD_MAX_VALUES
         return openmp.one_thread(small)
-
-    def _forward_flops(self, x: torch.Tensor) -> int | None:
-        """The floating-point operations of a forward pass on an input like `x`, counted
-        once per shape by torch's FlopCounterMode on meta tensors; None when the model does
-        not run on them (the job then counts as large)."""
-        key = (tuple(x.shape), x.dtype)
-        if key not in self._flops:
-            if len(self._flops) >= _FLOPS_REMEMBERED:
-                del self._flops[next(iter(self._flops))]  # the shape seen first
-            try:
-                counter = FlopCounterMode(display=False)
-                self._run_on_meta(x, counter)
-                self._flops[key] = counter.get_total_flops()
-            except Exception as err:  # a model that cannot run on meta tensors
-                log.debug("no operation count for input %s: %s", key, err)
-                self._flops[key] = None
-        return self._flops[key]
 
     @on_torch_thread
     def backward(self, retain_graph: bool = False) -> int:
