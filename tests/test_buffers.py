@@ -176,6 +176,46 @@ def test_a_buffer_registered_in_a_failed_pass_is_taken_away() -> None:
     assert any(t.name == "positions" for t in trainer.list_tensors().tensors)
 
 
+class Growing(nn.Module):
+    """Makes a layer with running statistics when first needed, in its forward pass, and
+    refuses a batch of one sample, or of three, after that layer has run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "norm" not in self._modules:
+            self.norm = nn.BatchNorm1d(3)
+        out: torch.Tensor = self.norm(self.lin(x)) if x.shape[0] > 1 else self.lin(x)
+        if x.shape[0] in (1, 3):
+            raise ValueError(f"{x.shape[0]} samples are refused")
+        return out
+
+
+def test_a_layer_made_in_a_failed_pass_is_taken_away_and_one_made_before_put_back() -> None:
+    # A layer a failed pass made stayed, with its buffers; once made, a failed pass left its
+    # running statistics changed, for the buffers walked were the modules the model was made
+    # with (the forty-fifth and forty-sixth sessions' reviews).
+    trainer = Trainer(ModelSpec("Growing", Growing, (4,), 3), seed=0)
+    model = trainer._model
+    with pytest.raises(InvalidInput, match="1 samples"):
+        trainer.forward(torch.ones(1, 4))
+    assert "norm" not in model._modules
+    assert list(model.state_dict()) == ["lin.weight", "lin.bias"]
+    x = torch.arange(8.0).reshape(2, 4)
+    trainer.forward(x)  # made again, and kept by a pass that succeeds
+    norm = model.get_submodule("norm")
+    assert isinstance(norm, nn.BatchNorm1d)
+    statistics = {k: v.clone() for k, v in norm.state_dict().items()}
+    assert int(statistics["num_batches_tracked"]) == 1
+    with pytest.raises(InvalidInput, match="3 samples"):
+        trainer.forward(torch.arange(12.0).reshape(3, 4))
+    assert model.get_submodule("norm") is norm
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, statistics[key]), key
+
+
 class Replacing(nn.Module):
     """Replaces a large buffer each pass, and deletes a buffer it holds no tensor in (as a
     model might that sets one up lazily), then refuses a batch of one sample."""

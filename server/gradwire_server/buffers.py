@@ -23,6 +23,11 @@ Version counters alone do not tell: BatchNorm's kernel updates its statistics wi
 them, and so does a write through `.data` (an EMA's `self.usage.data.mul_(0.9)`, which a review
 found changed by a refused call). An inference tensor (made under torch.inference_mode) has
 no version counter and cannot be changed in place outside that mode: only its place is kept.
+
+A pass may also make a layer (one built when first needed, with buffers of its own): a failed
+pass takes away the layers it added, as it takes away the buffers it registered, and puts
+back one it replaced; a layer a pass that succeeded made is kept, and its buffers from then
+on, for each pass walks the modules the model has at its start.
 """
 
 from __future__ import annotations
@@ -71,12 +76,15 @@ _NONE: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
 @dataclass
 class Before:
-    """The buffers as one pass found them: each one `Kept`, and each module's buffer names,
-    in order, and those of them not persistent (in the order of `Buffers`' modules), so
-    that one the pass registers can be taken away and one it deletes put back as it was."""
+    """The buffers as one pass found them: each one `Kept`, and, for each of the model's
+    modules then, its buffer names, in order, and those of them not persistent, so that
+    one the pass registers can be taken away and one it deletes put back as it was, and its
+    layers (None for a module without any), so that one the pass adds can be taken away."""
 
     kept: list[Kept]
+    modules: list[nn.Module]
     names: list[tuple[tuple[str, ...], tuple[str, ...]]]
+    layers: list[dict[str, nn.Module | None] | None]
 
 
 @dataclass
@@ -92,7 +100,7 @@ class Buffers:
     """The buffers of one model, kept before each pass and put back after a failed one."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._modules = list(model.modules())
+        self._model = model
         #: Large buffers by id, with what the passes showed of them; an entry whose tensor
         #: has gone (a module replaced it) is dropped when a new one takes its place.
         self._large: dict[int, _Learnt] = {}
@@ -101,8 +109,10 @@ class Buffers:
         """Each buffer as it is now: the record `put_back` and `learn` take. Nearly free for
         a model without buffers (Simple)."""
         kept: list[Kept] = []
+        modules = list(self._model.modules())
         names: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
-        for module in self._modules:
+        layers = [dict(m._modules) if m._modules else None for m in modules]
+        for module in modules:
             found = module._buffers
             hidden = module._non_persistent_buffers_set
             names.append((tuple(found), tuple(hidden) if hidden else ()) if found else _NONE)
@@ -115,7 +125,7 @@ class Buffers:
                 copied = _always_copied(module, tensor) or not self._constant(tensor)
                 copy = tensor.clone() if copied else None
                 kept.append(Kept(module, key, tensor, tensor._version, copy))
-        return Before(kept, names)
+        return Before(kept, modules, names, layers)
 
     def learn(self, before: Before) -> None:
         """Notes, for each large buffer, whether the pass since `keep` changed it."""
@@ -145,9 +155,20 @@ class Buffers:
         """The buffers as `keep` found them: each in its place again (a module may have
         replaced it), its values from the copy, and none the pass registered (a cache made
         when first needed: left behind, a failed call would have changed the model's state,
-        and its checkpoints). On a device that failed the copies fail too: the failure at
-        hand is the one to answer, so this one is logged."""
-        for module, (names, hidden) in zip(self._modules, before.names, strict=True):
+        and its checkpoints); the layers too, none the pass added. On a device that failed
+        the copies fail too: the failure at hand is the one to answer, so this one is
+        logged."""
+        for module, layers in zip(before.modules, before.layers, strict=True):
+            children = module._modules
+            if layers is None:
+                if children:
+                    children.clear()
+            elif list(children) != list(layers) or any(
+                children.get(k) is not m for k, m in layers.items()
+            ):
+                children.clear()
+                children.update(layers)
+        for module, (names, hidden) in zip(before.modules, before.names, strict=True):
             if tuple(module._buffers) != names:
                 now = dict(module._buffers)
                 module._buffers.clear()
