@@ -87,6 +87,20 @@ class Before:
     layers: list[dict[str, nn.Module | None] | None]
 
 
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """The model's modules, each once, as `model.modules()` gives them but breadth first:
+    a pass starts with this walk, and torch's takes half as long again (names made and
+    thrown away: 3.9 us against 2.4 us for Simple's four)."""
+    found = [model]
+    seen = {id(model)}
+    for module in found:  # grows as it goes
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
+
+
 @dataclass
 class _Learnt:
     """What the passes so far showed of one large buffer."""
@@ -109,7 +123,7 @@ class Buffers:
         """Each buffer as it is now: the record `put_back` and `learn` take. Nearly free for
         a model without buffers (Simple)."""
         kept: list[Kept] = []
-        modules = list(self._model.modules())
+        modules = _modules(self._model)
         names: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
         layers = [dict(m._modules) if m._modules else None for m in modules]
         for module in modules:
