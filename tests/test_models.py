@@ -368,6 +368,53 @@ def test_a_refusal_with_no_words_is_named_by_its_type() -> None:
         assert caught.value.message == "Silent refused this input: ValueError"
 
 
+class Exiting(nn.Module):
+    """Calls sys.exit() on a batch past 16 samples, as a script would; or, as `how` says,
+    raises KeyboardInterrupt."""
+
+    how = "exit"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 16:
+            if self.how == "exit":
+                sys.exit(3)
+            raise KeyboardInterrupt
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+class Interrupting(Exiting):
+    how = "interrupt"
+
+
+@pytest.mark.parametrize("model", [Exiting, Interrupting], ids=["sys.exit", "KeyboardInterrupt"])
+def test_a_model_that_exits_in_its_forward_pass_is_answered_internal_at_once(
+    model: type[Exiting], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call went unanswered until its deadline, nothing in the log: the torch thread
+    # handed the SystemExit on, and gRPC's handler, which catches Exception, let it end the
+    # handler (found by a review of serving one's own model).
+    with serving(ModelSpec(model.__name__, model, (4,), 3)) as client:
+        client.timeout = 60
+        big, small = np.ones((32, 4), np.float32), np.ones((4, 4), np.float32)
+        weight = client.get("lin.weight")
+        for call in (
+            lambda: client.forward(big),
+            lambda: client.train_step(big, np.zeros(32, np.int64)),
+        ):
+            with pytest.raises(errors.Internal):
+                call()
+        assert client.list_tensors().version == 0
+        assert np.array_equal(client.get("lin.weight"), weight)
+        assert client.forward(small).version == 1
+    name = "SystemExit (3)" if model is Exiting else "KeyboardInterrupt"
+    assert f"{name} raised on the torch thread" in caplog.text
+
+
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:
     """Its IndexError was answered INTERNAL, "the server's log has the details", which the
     caller cannot act on (found by the twenty-first session's review of the contract)."""

@@ -198,6 +198,18 @@ def _nothing() -> None:
     return None
 
 
+def _exited(error: BaseException) -> Exception:
+    """A SystemExit or KeyboardInterrupt raised on this thread, by a model's own code
+    (`sys.exit()` in its forward pass), as an error like any other: raised as it is by a
+    caller that catches Exception (a gRPC handler), it left the call unanswered until its
+    deadline, and nothing in the log (found by a review of serving one's own model). No
+    signal raises one here: Python delivers those to the main thread."""
+    said = f" ({error})" if str(error) else ""
+    wrapped = RuntimeError(f"{type(error).__name__}{said} raised on the torch thread")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
     while True:
         call = calls.get()
@@ -208,8 +220,10 @@ def _serve(calls: queue.SimpleQueue[_Call | None]) -> None:
             continue
         try:
             call.result = call.fn(*call.args, **call.kwargs)
-        except BaseException as error:  # handed to the caller, who raises it
+        except Exception as error:  # handed to the caller, who raises it
             call.error = error
+        except BaseException as error:
+            call.error = _exited(error)
         finally:
             call.fn = call.args = call.kwargs = None  # type: ignore[assignment]
             call.done.release()
