@@ -490,6 +490,44 @@ def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
     assert "must have the output's shape [4, 2]" in caught.value.message
 
 
+def lazy_model() -> nn.Module:
+    """A lazy first layer (its input size left to its first call) and a BatchNorm."""
+    return nn.Sequential(nn.LazyLinear(8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_a_model_with_lazy_layers_has_them_made_from_its_seed_before_any_call(
+    tmp_path: Path,
+) -> None:
+    # Until a Forward, listing, reading or checkpointing its tensors answered INTERNAL (and
+    # the command line, which lists first, could never send one); the values drawn at that
+    # Forward came from the process's generator, not the seed (found by a review).
+    spec = ModelSpec("Lazy", lazy_model, (4,), 3)
+    torch.manual_seed(SEED)
+    local = lazy_model()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = nn.functional.cross_entropy(local(x), y)  # the first call makes its layer
+    loss.backward()
+    torch.optim.SGD(local.parameters(), lr=0.1).step()
+    with serving(spec) as client:
+        assert client.shape("0.weight") == (8, 4)
+        before = client.get("0.weight")
+        assert client.get("1.num_batches_tracked") == 0  # the build's pass moved nothing
+        client.set_optimizer("sgd", lr=0.1)
+        result = client.train_step(x.numpy(), y.numpy())
+        assert result.loss == loss.item()
+        for name, p in local.named_parameters():
+            assert np.array_equal(client.get(name), p.detach().numpy()), name
+        assert not np.array_equal(client.get("0.weight"), before)
+    trainer = Trainer(spec, seed=SEED)
+    trainer.save(tmp_path / "lazy.safetensors")
+    other = Trainer(spec, seed=SEED + 1)
+    other.load(tmp_path / "lazy.safetensors")
+    assert torch.equal(other.parameters["0.weight"], trainer.parameters["0.weight"])
+    for made in (trainer, other):
+        made.close()
+
+
 def test_a_checkpoint_restores_into_the_same_model_only(tmp_path: Path) -> None:
     path = tmp_path / "mlp.safetensors"
     saved, restored = Trainer(TINY_MLP, seed=1), Trainer(TINY_MLP, seed=2)

@@ -627,6 +627,24 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
+    """Gives a model's lazy layers (nn.LazyLinear, nn.LazyConv2d: parameters without a
+    shape until their first call) their shapes and values, from one forward pass on zeros
+    of [2, *sample_shape], in evaluation mode and without gradients (no statistics moved, no
+    dropout drawn), as PyTorch's documentation has it done before training: at build time,
+    so that they draw from the model's seed as its other layers do, in the order a first
+    forward pass in plain PyTorch would. Left lazy, every call that lists or reads the
+    tensors, and checkpoints, failed INTERNAL until a Forward, which a command-line user
+    could never send (each command lists the tensors first), and the values drawn then came
+    from whatever the process's generator held (found by a review of serving one's own
+    model). A model without lazy layers is not run."""
+    if not any(nn.parameter.is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
+        return
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros([2, *spec.sample_shape], dtype=spec.input_dtype))
+
+
 def _no_repeats(tensor: torch.Tensor) -> bool:
     """Whether each value of `tensor` has a place of its own: no dimension of more than one
     value has a stride of 0 (as `expand` makes), so it can be written in place."""
@@ -839,6 +857,7 @@ class Trainer:
             else:
                 generator.manual_seed(seed)
             model = self.spec.factory()
+            _initialise_lazy_layers(model, self.spec)
         model.train()
         return model.to(self.device) if on_device else model
 
