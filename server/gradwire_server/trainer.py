@@ -2161,14 +2161,15 @@ class Trainer:
         return {name: b for name, b in self._model.named_buffers() if name in persistent}
 
     def _could_register(self, name: str) -> bool:
-        """Whether buffer `name` ("norm.positions") names no tensor of a module the model
-        has: one it could register later, as a model does in its first forward pass."""
+        """Whether buffer `name` ("norm.positions") names nothing yet on a module the model
+        has: one it could register later, as a model does in its first forward pass, and a
+        load can register now."""
         path, _, key = name.rpartition(".")
         try:
             module = self._model.get_submodule(path)
         except AttributeError:
             return False
-        return key not in module._buffers and key not in module._parameters
+        return key.isidentifier() and not hasattr(module, key)
 
     @staticmethod
     def _saved_settings(saved: dict[str, Any]) -> OptimizerSettings:
@@ -2233,7 +2234,10 @@ class Trainer:
         file or making them changes nothing; the parameters and buffers are copied in place
         last, and on a GPU a copy that runs out of pinned memory partway could leave some
         replaced (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks
-        (one written before checkpoints kept them) are loaded as a new model makes them."""
+        (one written before checkpoints kept them) are loaded as a new model makes them;
+        buffers it holds that the model has not registered yet, where its modules have
+        nothing of that name, are registered there (a model that registers one in its
+        first forward pass)."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
@@ -2267,17 +2271,13 @@ class Trainer:
             for name, t in loaded.buffers.items()
             if name in buffers and (t.shape, t.dtype) != (buffers[name].shape, buffers[name].dtype)
         ]
-        if odd_buffers and odd_buffers == unknown and all(map(self._could_register, unknown)):
-            # Same model, one that registers a buffer in its forward pass (found by a review):
-            # "serve the model it holds" would not help.
-            raise InvalidInput(
-                f"{path} holds buffers this server's {self.spec.name} has not registered: "
-                f"{', '.join(unknown)}. If the model registers them in its forward pass, "
-                "when first needed, a new one lacks them: register them in its __init__ (or "
-                "with persistent=False, to keep them out of checkpoints). Else it is another "
-                f"model's: {checkpoint.OTHER_MODEL}",
-                reason="BAD_CHECKPOINT",
-            )
+        # Same model, one that registers a buffer in its forward pass, when first needed: a
+        # new one lacks it, and the load registers it where the model would have. Refused,
+        # a server could not start again from the state it saved at its stop (reviews).
+        registers = bool(unknown) and odd_buffers == unknown
+        registers = registers and all(map(self._could_register, unknown))
+        if registers:
+            odd_buffers = []
         if odd_buffers:
             raise InvalidInput(
                 f"{path} holds buffers this server's {self.spec.name} does not have as they are "
@@ -2331,6 +2331,11 @@ class Trainer:
             # whatever this trainer held (left as they were, a trained session's running
             # statistics met the checkpoint's weights: found by a review). The whole model is
             # built, on the CPU, for them: only for such a checkpoint.
+            registered = (
+                {name: staging.to_device(loaded.buffers[name], self.device) for name in unknown}
+                if registers
+                else {}
+            )
             made = {}
             if lacking:
                 new = dict(self._build_model(self._seed, on_device=False).named_buffers())
@@ -2346,9 +2351,13 @@ class Trainer:
                     staging.copy_into(p.detach(), loaded.parameters[name])
                     replaced.append(name)
                 for name, b in {**loaded.buffers, **made}.items():
-                    if _no_repeats(buffers[name]):
+                    if name in buffers and _no_repeats(buffers[name]):
                         staging.copy_into(buffers[name], b)
                         replaced.append(name)
+                for name, b in registered.items():
+                    path_to, _, key = name.rpartition(".")
+                    self._model.get_submodule(path_to).register_buffer(key, b)
+                    replaced.append(name)
         except DomainError as err:
             if not replaced:
                 raise
