@@ -283,3 +283,22 @@ def test_a_check_of_an_unknown_service_says_which_it_knows(
     assert (error.reason, error.metadata) == ("UNKNOWN_SERVICE", {"service": "nope"})
     assert "no health status for service 'nope'" in error.message
     assert "'gradwire.v1.Trainer'" in error.message
+
+
+def test_list_answers_every_service_s_status_without_a_token_and_logs_nothing(
+    guarded: Running, health: health_pb2_grpc.HealthStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpcio-health-checking's servicer leaves List unimplemented: it answered UNIMPLEMENTED
+    and gRPC logged an ERROR with a traceback for each call, which anyone could make, with
+    no token (found by a review of running the server for several users)."""
+    for _ in range(3):
+        listing = health.List(health_pb2.HealthListRequest(), timeout=10)
+    statuses = {name: answer.status for name, answer in listing.statuses.items()}
+    for name in statuses:
+        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == statuses[name]
+    assert statuses == {"": SERVING, "gradwire.v1.Trainer": SERVING}
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    samples = scrape(guarded)
+    method = "/grpc.health.v1.Health/List"
+    assert calls(samples, method, "OK") == 3
+    assert calls(samples, method, "UNIMPLEMENTED") == 0
