@@ -232,6 +232,38 @@ def test_a_request_stream_its_caller_leaves_is_counted_cancelled_and_not_logged(
         hold.set()
 
 
+@pytest.mark.parametrize("ends", ["cancelled", "deadline"])
+def test_a_reflection_stream_its_caller_leaves_is_counted_cancelled(
+    watched: Running, channel: grpc.Channel, ends: str
+) -> None:
+    """Counted UNKNOWN: grpcio-reflection lets the request stream's error out of its handler,
+    and an alert on UNKNOWN fired whenever grpcurl or an IDE's client was cancelled (found
+    by a review of running the server for several users)."""
+    method = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+    reflect = channel.stream_stream(
+        method,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    hold = threading.Event()
+
+    def requests() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        hold.wait(timeout=60)
+
+    try:
+        call = reflect(requests(), timeout=60 if ends == "cancelled" else 1)
+        next(call)  # the stream is open, its handler waiting for the next request
+        if ends == "cancelled":
+            call.cancel()
+        with pytest.raises(grpc.RpcError):
+            next(call)
+        eventually(lambda: calls(scrape(watched), method, "CANCELLED") == 1)
+        assert calls(scrape(watched), method, "UNKNOWN") == 0
+    finally:
+        hold.set()
+
+
 def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:
     for _ in range(3):
         stub.ListTensors(pb.ListTensorsRequest(), timeout=10)

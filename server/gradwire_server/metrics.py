@@ -157,6 +157,15 @@ def _warn_once() -> None:
         log.warning("recording a call's metrics failed; calls go on unrecorded", exc_info=True)
 
 
+def _raised(context: grpc.ServicerContext) -> str:
+    """The status of a call whose handler raised an exception that set none: UNKNOWN, as
+    grpc answers it, unless the caller had gone (cancelled, or its deadline passed), whose
+    request stream then raises into the handler: it saw CANCELLED or DEADLINE_EXCEEDED,
+    and counted UNKNOWN, a cancelled reflection stream (grpcurl's, an IDE's) made an alert
+    on UNKNOWN fire (found by a review of running the server for several users)."""
+    return "UNKNOWN" if context.is_active() else "CANCELLED"
+
+
 def _code_of(context: grpc.ServicerContext, default: str) -> str:
     """The status the handler set (abort sets it too); `default` where it set none."""
     try:
@@ -233,6 +242,9 @@ class CallInterceptor(grpc.ServerInterceptor):
                 # grpc then sends nothing, and the caller saw CANCELLED or DEADLINE_EXCEEDED.
                 default = "OK" if context.is_active() else "CANCELLED"
                 return response
+            except Exception:
+                default = _raised(context)
+                raise
             finally:
                 self._finish(method, _code_of(context, default), start)
                 CURRENT_CALL.reset(token)
@@ -264,6 +276,9 @@ class CallInterceptor(grpc.ServerInterceptor):
                     yield response
             except GeneratorExit:  # closed before its end: the client went away
                 default = "CANCELLED"
+                raise
+            except Exception:
+                default = _raised(context)
                 raise
             finally:
                 token = CURRENT_CALL.set(current)
