@@ -604,6 +604,10 @@ def test_a_start_that_fails_says_so_in_the_json_log(tmp_path: Path) -> None:
             (("--device", "gpu"), 2, "gradwire serve: error: unknown device 'gpu'"),
             (("--state-dir", str(state)), 2, f"gradwire serve: error: --state-dir {state}"),
             (("--port", str(port)), 1, f"gradwire serve: error: cannot listen on 127.0.0.1:{port}"),
+            # Refused by argparse: its usage and error in plain text (a review)
+            (("--port", "70000"), 2, "gradwire serve: error: argument --port: bad port '70000'"),
+            (("--grace", "-1"), 2, "gradwire serve: error: argument --grace: bad duration"),
+            (("--bogus",), 2, "gradwire serve: error: unrecognized arguments: --bogus"),
         ]:
             done = _serve_refused(*args, "--log-format", "json")
             assert done.returncode == code, done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -1513,6 +1514,28 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         running.stop(grace=None)
 
 
+def _asks_json_log(words: Sequence[str]) -> bool:
+    """Whether a command line says `--log-format json` (or `--log-format=json`)."""
+    pairs = zip(words, [*words[1:], ""], strict=True)
+    return any(w == "--log-format=json" or (w, n) == ("--log-format", "json") for w, n in pairs)
+
+
+def _usage_error_logged(said: str, err: TextIO) -> None:
+    """What argparse `said` refusing `serve --log-format json`'s options, as one JSON log line
+    at CRITICAL (its last line: "gradwire serve: error: argument --port: ..."); as argparse
+    said it where the server side, whose log format that is, is not installed."""
+    lines = [line for line in said.splitlines() if line.strip()]
+    try:
+        from gradwire_server.logs import JsonFormatter
+    except ImportError:
+        err.write(said)
+        return
+    if not lines:
+        return
+    record = logging.LogRecord("gradwire.cli", logging.CRITICAL, __file__, 0, lines[-1], (), None)
+    err.write(JsonFormatter().format(record) + "\n")
+
+
 @contextlib.contextmanager
 def _errors_logged(json_log: bool) -> Iterator[None]:
     """With `json_log`, a usage or command error is logged as the log's last line (one JSON
@@ -2336,9 +2359,13 @@ def main(
             "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
         )
         return 2
+    # `serve --log-format json`: argparse's refusal of an option is the log's last line too,
+    # as any other failed start's is (_errors_logged), not a usage in plain text after it.
+    json_log = bool(words) and words[0] == "serve" and _asks_json_log(words)
+    said = io.StringIO() if json_log else err
     try:
         # argparse prints usage, errors and --help itself: to this call's streams.
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(said):
             args, extra = parser.parse_known_args(argv)
             if extra:
                 # Refused by the command's parser, not the top one: its usage, its name
@@ -2346,7 +2373,11 @@ def main(
                 # argparse's own gave gradwire's usage (a newcomer's walkthrough).
                 args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit:
+        if said is not err:
+            _usage_error_logged(said.getvalue(), err)
         return int(exit.code or 0)
+    if said is not err:
+        err.write(said.getvalue())
     if args.remote:
         _from_environment(args)
     hint = None  # for a remote error: what to do about it, when the CLI can tell
