@@ -2362,7 +2362,8 @@ def main(
     # `serve --log-format json`: argparse's refusal of an option is the log's last line too,
     # as any other failed start's is (_errors_logged), not a usage in plain text after it.
     json_log = bool(words) and words[0] == "serve" and _asks_json_log(words)
-    said = io.StringIO() if json_log else err
+    aside = io.StringIO()
+    said: TextIO = aside if json_log else err
     try:
         # argparse prints usage, errors and --help itself: to this call's streams.
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(said):
@@ -2373,11 +2374,11 @@ def main(
                 # argparse's own gave gradwire's usage (a newcomer's walkthrough).
                 args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit:
-        if said is not err:
-            _usage_error_logged(said.getvalue(), err)
+        if json_log:
+            _usage_error_logged(aside.getvalue(), err)
         return int(exit.code or 0)
-    if said is not err:
-        err.write(said.getvalue())
+    if json_log:
+        err.write(aside.getvalue())
     if args.remote:
         _from_environment(args)
     hint = None  # for a remote error: what to do about it, when the CLI can tell
