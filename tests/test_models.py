@@ -490,6 +490,35 @@ def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
     assert "must have the output's shape [4, 2]" in caught.value.message
 
 
+class Tied(nn.Module):
+    """An embedding and an output layer that share one weight, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 4, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+        self.head.weight = self.enc.weight  # tied: the forward reads it transposed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.enc(x), self.head.weight.t())
+
+
+def test_a_tied_weight_s_second_name_is_refused_naming_the_first() -> None:
+    # NOT_FOUND, its closest names saying nothing of the tensor it is (a review).
+    with serving(ModelSpec("Tied", Tied, (3,), 3)) as client:
+        assert [t.name for t in client.list_tensors().tensors if t.kind == "parameter"] == [
+            "enc.weight"
+        ]
+        for name, first in [("head.weight", "enc.weight"), ("head.weight.grad", "enc.weight.grad")]:
+            with pytest.raises(errors.NotFound) as caught:
+                client.get(name)
+            assert f"{name} is the same tensor as '{first}' (tied weights)" in caught.value.message
+            assert caught.value.metadata["closest"] == first
+        with pytest.raises(errors.NotFound) as caught:
+            client.get("head.bias")
+        assert "tied" not in caught.value.message
+
+
 def lazy_model() -> nn.Module:
     """A lazy first layer (its input size left to its first call) and a BatchNorm."""
     return nn.Sequential(nn.LazyLinear(8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))

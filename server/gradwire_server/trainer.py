@@ -1049,6 +1049,13 @@ class Trainer:
                 f"{owner} is {dtype}, and torch keeps gradients only for floating-point "
                 "tensors: it has no gradient, Step change or optimizer state. "
             )
+        tied = self._tied(name)
+        if tied is not None:
+            hint = (
+                f"{name} is the same tensor as {tied!r} (tied weights), which lists, reads "
+                "and writes it under that name alone. "
+            )
+            close = [tied]
         buffer = dict(self._model.named_buffers()).get(name)
         if buffer is not None:  # one _buffers leaves out
             hint = (
@@ -1060,6 +1067,26 @@ class Trainer:
             f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
+
+    def _tied(self, name: str) -> str | None:
+        """The name the model's tensors list for `name`, a second name of the same tensor
+        (`head.weight`, tied to `embed.weight`: named_parameters() gives each tensor once,
+        under its first name), with `name`'s suffix (.grad, .delta); None when it is no such
+        name (a review found it answered NOT_FOUND with no word of the other)."""
+        for suffix in ("", ".grad", DELTA_SUFFIX):
+            if suffix and not name.endswith(suffix):
+                continue
+            base = name.removesuffix(suffix) if suffix else name
+            seen: dict[int, str] = {}
+            for tensors in (
+                self._model.named_parameters(remove_duplicate=False),
+                self._model.named_buffers(remove_duplicate=False),
+            ):
+                for other, tensor in tensors:
+                    first = seen.setdefault(id(tensor), other)
+                    if other == base and first != base:
+                        return first + suffix
+        return None
 
     def _without_gradient(self, name: str) -> str | None:
         """The parameter `name` would be the gradient, Step change or optimizer state of,
