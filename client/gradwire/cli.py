@@ -795,14 +795,40 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     _emit(out, args, data, text)
 
 
+class _Stop:
+    """What Ctrl-C (SIGINT) asks of a loop of steps: the first press sets it, for the loop to
+    stop between two steps, the step under way finishing; a second raises KeyboardInterrupt
+    at once. With `at_once` (a server-side run, whose call is cancelled as the interrupt
+    unwinds it, and which stops between two of its own steps), the first raises it too. The
+    loop looked only once its call came back: a server-side run went on to its last step,
+    and a call to a server that had stopped answering waited for its deadline, a second
+    Ctrl-C doing no more than the first (found by a review of watching training)."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.event = threading.Event()
+        self.at_once = False
+        self._err = err
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.event.is_set() or self.at_once:
+            self.event.set()
+            raise KeyboardInterrupt
+        self.event.set()
+        self._err.write("\nstopping after this step (Ctrl-C again to stop at once)\n")
+
+
 @contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[threading.Event]:
-    """An event set by Ctrl-C (SIGINT), so a loop can stop between two steps, not inside one."""
-    stop = threading.Event()
+def _stop_on_interrupt(err: TextIO) -> Iterator[_Stop]:
+    """A `_Stop` that Ctrl-C (SIGINT) sets inside the block, so a loop can stop between two
+    steps, not inside one."""
+    stop = _Stop(err)
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signals reach only the main thread: nothing to install
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    previous = signal.signal(signal.SIGINT, stop)
     try:
         yield stop
     finally:
@@ -866,9 +892,10 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     diverged_at = None
     # An error that ended the run (the server stopping, say): raised after the summary.
     failed: RemoteError | None = None
-    with _stop_on_interrupt() as stop:
+    with _stop_on_interrupt(sys.stderr) as stop:
         if args.server_side:
             run = client.train(x, y, args.steps, every=args.every)
+            stop.at_once = True
             try:
                 for progress in run:
                     done, loss, version = progress.step, progress.loss, progress.version
@@ -881,6 +908,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                         break
             except RemoteError as e:
                 failed = e
+            except KeyboardInterrupt:
+                if not stop.is_set():  # not the handler's: raised before it was installed
+                    raise
             finally:
                 run.close()  # cancels the run on the server: it stops between two steps
         else:
