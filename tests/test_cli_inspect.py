@@ -30,6 +30,7 @@ from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.serve_in_process import bare_server, serving
+from tests.serve_process import serving as serve_process
 from tests.signals import signal_another_thread
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -233,9 +234,46 @@ def test_ctrl_c_on_a_server_side_train_reports_the_servers_version(
         timer.cancel()
     assert result.code == 130, result.err
     data = result.json()
-    assert data["stopped"] is True and data["steps"] >= 50
+    assert data["stopped"] is True and data["steps"] % 50 == 0  # as the progresses said
     assert data["version"] == client.list_tensors().version
     assert data["version"] >= 4 * data["steps"]
+
+
+def test_ctrl_c_stops_a_server_side_train_before_its_next_progress(
+    cli: Run, client: gradwire.Client
+) -> None:
+    # The run went on to its last step: the command looked at Ctrl-C only at a progress
+    # (44 s after the press in a review, with --every as large as --steps).
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        result = cli("train", "--steps", "20000", "--every", "20000", "--server-side", "--json")
+    finally:
+        timer.cancel()
+    assert result.code == 130, result.err
+    data = result.json()
+    assert data["stopped"] is True and data["steps"] == 0 and data["loss"] is None
+    assert data["version"] == client.list_tensors().version < 4 * 20000
+
+
+def test_a_second_ctrl_c_stops_train_inside_a_step() -> None:
+    # A step's call was waited for whatever Ctrl-C said: against a server that had stopped
+    # answering, until its deadline, a second Ctrl-C doing no more than the first (a review).
+    with serve_process("--model", "tests.broken_models:SLOW") as (_, log):
+        port = re.findall(r"listening on 127\.0\.0\.1:(\d+)", log)[0]
+        presses = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGINT)) for t in (1, 2)]
+        started = time.monotonic()
+        for press in presses:
+            press.start()
+        try:  # a batch of one sample: the model takes a minute over it
+            result = run_main("train", "--batch", "1", "--target", f"127.0.0.1:{port}")
+        finally:
+            for press in presses:
+                press.cancel()
+        waited = time.monotonic() - started
+    assert result.code == 130, result.err
+    assert "stopping after this step (Ctrl-C again to stop at once)" in result.err
+    assert waited < 45, "the second Ctrl-C waited for the step"  # the step takes 60 s
 
 
 def test_train_interrupted_by_the_server_stopping_still_sums_up() -> None:

@@ -892,7 +892,7 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     diverged_at = None
     # An error that ended the run (the server stopping, say): raised after the summary.
     failed: RemoteError | None = None
-    with _stop_on_interrupt(sys.stderr) as stop:
+    with _stop_on_interrupt(getattr(args, "err", sys.stderr)) as stop:
         if args.server_side:
             run = client.train(x, y, args.steps, every=args.every)
             stop.at_once = True
