@@ -283,6 +283,22 @@ def test_set_a_negative_number(cli: Run, client: gradwire.Client) -> None:
     assert np.array_equal(get(client, "conv2.weight[3]"), np.full((16, 3, 3), -1.0, np.float32))
 
 
+@pytest.mark.parametrize("text", ["-1e-3", "-2.5E+1", "-inf", "-Infinity", "-.5"])
+def test_set_and_fill_take_every_negative_number_fill_takes(
+    cli: Run, client: gradwire.Client, text: str
+) -> None:
+    # argparse took -1e-3 and -inf for options: "the following arguments are required: value"
+    # (found by a review of watching training remotely); --low -1e-3 was "expected one argument".
+    assert cli("set", "conv2.weight[3]", text).code == 0
+    assert np.array_equal(
+        get(client, "conv2.weight[3]"), np.full((16, 3, 3), float(text), np.float32)
+    )
+    assert cli("fill", text).code == 0
+    assert np.all(get(client, "linear.weight") == np.float32(float(text)))
+    stats = cli("stats", "conv1.weight", "--bins", "2", "--low", "-1e-3", "--high", "1e-3")
+    assert stats.code == 0, stats.err
+
+
 @pytest.mark.parametrize("text", ["nan", "inf", "Infinity"])
 def test_set_takes_what_fill_takes(cli: Run, client: gradwire.Client, text: str) -> None:
     # `fill nan` worked and `set conv1.weight nan` was a bad source.

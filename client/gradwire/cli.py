@@ -1645,9 +1645,26 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
 # --- the parser ---------------------------------------------------------------------
 
 
+#: A word argparse should take for a negative number, not an option: its own pattern takes
+#: -3 and -0.5 alone, so `--low -1e-3`, `fill -1e-3` and `set W -inf` failed with "expected
+#: one argument" or "the following arguments are required" (found by a review).
+_NEGATIVE_NUMBER = re.compile(
+    r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, taking -1e-3, -inf and -nan for values (`_NEGATIVE_NUMBER`); the
+    commands' parsers are made of this class too (add_subparsers makes its parent's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The options of every command that calls a server.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--target",
         # None: not given; main takes $GRADWIRE_TARGET, else DEFAULT_TARGET (_from_environment).
@@ -1696,7 +1713,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key", type=Path, help="client private key (PEM), for mutual TLS, with --tls-cert"
     )
     # The same names, for `serve`, from the server's side.
-    serving = argparse.ArgumentParser(add_help=False)
+    serving = _Parser(add_help=False)
     serving.add_argument(
         "--token-file",
         type=Path,
@@ -1710,7 +1727,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-key", type=Path, help="the server's private key (PEM), with --tls-cert"
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradwire",
         description="Drive a PyTorch model's training step on a (GPU) gradwire server over gRPC.",
     )
