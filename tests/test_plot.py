@@ -384,3 +384,30 @@ def test_a_heatmap_wider_than_its_pixels_says_so(tmp_path: Path) -> None:
     )
     narrow = plot.plot_array(weights[:, :64], tmp_path / "n.png", name="linear.weight")
     assert narrow.note is None
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("kind", ["heatmap", "kernels"])
+def test_infinities_have_colours_of_their_own_and_are_counted(kind: str) -> None:
+    """+inf and -inf were drawn gold, as NaN (matplotlib takes them for 'bad' too), and the
+    title counted NaN alone (found by a review of watching training remotely)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    values = np.zeros((4, 6), dtype=np.float32)
+    values[0], values[1], values[2, :3], values[3] = np.inf, -np.inf, np.nan, 0.5
+    fig = Figure(figsize=plot.FIGSIZE, dpi=plot.DEFAULT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    if kind == "heatmap":
+        plot._draw_heatmap(fig, values, "extremes")
+        title = fig.axes[0].get_title()
+    else:
+        plot._draw_kernels(fig, values.reshape(2, 2, 2, 3), "extremes")
+        title = fig.get_suptitle()
+    assert "3 NaN shown gold; 6 +inf shown black; 6 -inf shown green" in title
+    image = fig.axes[0].get_images()[0]
+    drawn = image.cmap(image.norm(image.get_array()))[..., :3]
+    wanted = {to_rgb(c) for c in (plot.NAN_COLOUR, plot.POSINF_COLOUR, plot.NEGINF_COLOUR)}
+    seen = {tuple(round(float(v), 4) for v in pixel) for pixel in drawn.reshape(-1, 3)}
+    assert {tuple(round(v, 4) for v in colour) for colour in wanted} <= seen

@@ -68,6 +68,8 @@ DIVERGING = "RdBu_r"  # red positive, blue negative, white 0
 SEQUENTIAL = "viridis"  # for non-negative integer data (class indices, counts)
 GAP_COLOUR = "#b0b0b0"  # between kernels in the grid
 NAN_COLOUR = "#ffd700"  # gold: apart from red, blue, white and the grey gaps
+POSINF_COLOUR = "#000000"  # black: +inf, past the top of the scale
+NEGINF_COLOUR = "#00a651"  # green: -inf, past its bottom
 
 # A conv weight or its gradient: `conv1.weight`, `features.0.weight.grad`, ...
 _WEIGHT_NAME = re.compile(r"(^|\.)weight(\.grad)?$")
@@ -274,12 +276,39 @@ def _colour_scale(array: np.ndarray[Any, Any]) -> tuple[Colormap, float, float]:
     if signed:
         bound = float(np.abs(finite).max()) if finite.size else 0.0
         bound = bound if bound > 0 else 1.0
-        cmap = matplotlib.colormaps[DIVERGING].with_extremes(bad=NAN_COLOUR)
+        cmap = matplotlib.colormaps[DIVERGING].with_extremes(**_EXTREMES)
         return cmap, -bound, bound
     low = float(finite.min()) if finite.size else 0.0
     high = float(finite.max()) if finite.size else 1.0
-    cmap = matplotlib.colormaps[SEQUENTIAL].with_extremes(bad=NAN_COLOUR)
+    cmap = matplotlib.colormaps[SEQUENTIAL].with_extremes(**_EXTREMES)
     return cmap, low, high if high > low else low + 1.0
+
+
+#: The colours of what the scale cannot place: matplotlib draws infinities as it draws NaN
+#: ("bad"), so +inf and -inf came out gold, counted nowhere (found by a review).
+_EXTREMES = {"bad": NAN_COLOUR, "over": POSINF_COLOUR, "under": NEGINF_COLOUR}
+
+
+def _drawable(values: np.ndarray[Any, Any], vmin: float, vmax: float) -> tuple[Any, list[str]]:
+    """`values` as float64 for imshow, infinities moved past the scale's ends (drawn in its
+    `over` and `under` colours: black and green), and what the title says of those and of
+    NaN (gold)."""
+    drawn = values.astype(np.float64)  # a copy
+    if values.dtype.kind != "f":
+        return drawn, []
+    span = vmax - vmin
+    high, low = np.isposinf(drawn), np.isneginf(drawn)
+    drawn[high], drawn[low] = vmax + span, vmin - span
+    said = [
+        f"{count} {what} shown {colour}"
+        for count, what, colour in (
+            (int(np.isnan(drawn).sum()), "NaN", "gold"),
+            (int(high.sum()), "+inf", "black"),
+            (int(low.sum()), "-inf", "green"),
+        )
+        if count
+    ]
+    return drawn, said
 
 
 def _channel_ticks(ax_set: Any, count: int, cell: int, limit: int, first: int = 0) -> None:
@@ -306,8 +335,8 @@ def _draw_kernels(fig: Figure, array: np.ndarray[Any, Any], heading: str) -> str
         note = (
             f"showing the first {shown_out} of {n_out} output x {shown_in} of {n_in} input channels"
         )
-    kernels = array[:shown_out, :shown_in].astype(np.float64)
     cmap, vmin, vmax = _colour_scale(array[:shown_out, :shown_in])
+    kernels, extremes = _drawable(array[:shown_out, :shown_in], vmin, vmax)
     # Every kernel a tile of one image, a one-pixel gap (NaN, drawn grey) between tiles: far
     # cheaper than an Axes per kernel, and every tile shares one colour scale. A grid much
     # wider than the figure (conv1's 16 filters of 3 inputs) wraps into bands of filters,
@@ -342,10 +371,8 @@ def _draw_kernels(fig: Figure, array: np.ndarray[Any, Any], heading: str) -> str
     axes[-1].set_xlabel("output channel (one filter per column)")
     fig.supylabel("input channel", fontsize=10)
     fig.colorbar(image, ax=list(axes), label="value", shrink=0.9)
-    nan = int(np.isnan(kernels).sum())
     extra = [note] if note else []
-    if nan:
-        extra.append(f"{nan} NaN shown gold")
+    extra += ["; ".join(extremes)] if extremes else []
     fig.suptitle("\n".join([heading, *extra]), fontsize=11)
     return note
 
@@ -366,8 +393,9 @@ def _draw_heatmap(fig: Figure, array: np.ndarray[Any, Any], heading: str) -> str
     # Each cell its own colour: matplotlib's default smooths a matrix over about 210 columns
     # or 160 rows at this size, and blended rows of +1 and -1 through white, a 0 that the
     # tensor does not hold (found by a walkthrough as a researcher).
+    drawn, extremes = _drawable(matrix, vmin, vmax)
     image = ax.imshow(
-        matrix.astype(np.float64),
+        drawn,
         cmap=cmap,
         vmin=vmin,
         vmax=vmax,
@@ -381,8 +409,7 @@ def _draw_heatmap(fig: Figure, array: np.ndarray[Any, Any], heading: str) -> str
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"column (dim 1, {matrix.shape[1]})")
     ax.set_ylabel(f"row (dim 0, {matrix.shape[0]})")
-    nan = int(np.isnan(matrix).sum()) if matrix.dtype.kind == "f" else 0
-    extra = [f"{nan} NaN shown gold"] if nan else []
+    extra = ["; ".join(extremes)] if extremes else []
     _title(ax, heading, extra)
     fig.draw_without_rendering()  # the layout, for the axes' size in pixels
     box = ax.get_window_extent()
