@@ -207,6 +207,29 @@ def test_ctrl_c_as_an_update_reaches_the_screen_counts_that_update(address: str)
     assert out.getvalue().splitlines()[-1] == "stopped after 1 update: the last at version 0"
 
 
+def test_a_watch_whose_reader_goes_ends_without_waiting_for_an_update(address: str) -> None:
+    """`gradwire watch loss | head -1` on a server where nothing changes: the watch noticed
+    the reader gone only at its next write, which never came, and held a server place for
+    ever (found by a review of watching training remotely). It ends now, 141, as at a write."""
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "gradwire.cli", "watch", "loss", "--json", "--target", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watch.stdout is not None
+        first = json.loads(watch.stdout.readline())
+        assert first["cause"] == "Watch"
+        watch.stdout.close()  # as `head -1` does once it has its line
+        assert watch.wait(timeout=60) == 141
+        assert watch.stderr is not None and watch.stderr.read() == ""
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=10)
+
+
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()

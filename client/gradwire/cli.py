@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usag
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -14,8 +15,10 @@ import logging
 import math
 import os
 import re
+import select
 import shlex
 import signal
+import stat
 import sys
 import textwrap
 import threading
@@ -1010,30 +1013,67 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     )
     table = WatchTable(out, args.selectors)
     seen, version = 0, None
+    with _ends_when_the_reader_goes(out) as gone:
+        try:
+            for update in stream:
+                # Counted before it is shown: a Ctrl-C just after its line appears must count it.
+                seen, version = seen + 1, update.version
+                if args.json:
+                    out.write(_json_line(_watch_json(update, selectors)))
+                    out.flush()
+                else:
+                    table.show(update)
+                if args.count is not None and seen >= args.count:
+                    break
+        except DeadlineExceeded:
+            if not seen:  # not even the first update: no server answered, or too short a time
+                raise
+            # --duration reached after an update: the watch ends as asked
+        except KeyboardInterrupt:
+            if gone.is_set():
+                raise BrokenPipeError from None  # exit 141, as for a reader gone at a write
+            # Where it stopped, under the table (a --json reader has each update's version, and
+            # lines of one shape): the last update on screen may be one of many alike.
+            if not args.json:
+                last = f": the last at version {version}" if seen else ""
+                out.write(f"stopped after {seen} update{'' if seen == 1 else 's'}{last}\n")
+            raise Interrupted from None  # nothing was changing
+        finally:
+            stream.close()
+
+
+@contextlib.contextmanager
+def _ends_when_the_reader_goes(out: TextIO) -> Iterator[threading.Event]:
+    """While inside, a reader of `out` that goes away (`gradwire watch loss | head -1`)
+    interrupts the main thread, and the event returned is set: where `out` is this
+    process's standard output and a pipe. A watch noticed only at its next write, which on
+    an idle server, or with a large --every-steps, might never come: the command, and the
+    server's place it held, lasted as long (found by a review of watching training)."""
+    gone = threading.Event()
     try:
-        for update in stream:
-            # Counted before it is shown: a Ctrl-C just after its line appears must count it.
-            seen, version = seen + 1, update.version
-            if args.json:
-                out.write(_json_line(_watch_json(update, selectors)))
-                out.flush()
-            else:
-                table.show(update)
-            if args.count is not None and seen >= args.count:
-                break
-    except DeadlineExceeded:
-        if not seen:  # not even the first update: no server answered, or too short a time
-            raise
-        # --duration reached after an update: the watch ends as asked
-    except KeyboardInterrupt:
-        # Where it stopped, under the table (a --json reader has each update's version, and
-        # lines of one shape): the last update on screen may be one of many alike.
-        if not args.json:
-            last = f": the last at version {version}" if seen else ""
-            out.write(f"stopped after {seen} update{'' if seen == 1 else 's'}{last}\n")
-        raise Interrupted from None  # nothing was changing
+        fd = out.fileno() if isinstance(out, _Output) else -1
+        piped = fd >= 0 and stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (OSError, ValueError):
+        piped = False
+    if not piped or threading.current_thread() is not threading.main_thread():
+        yield gone
+        return
+    poller = select.poll()
+    poller.register(fd, 0)  # a pipe's write end reports POLLERR once it has no reader
+    done = threading.Event()
+
+    def wait() -> None:
+        while not done.is_set():
+            if poller.poll(250) and not done.is_set():
+                gone.set()
+                _thread.interrupt_main()
+                return
+
+    threading.Thread(target=wait, name="gradwire-reader", daemon=True).start()
+    try:
+        yield gone
     finally:
-        stream.close()
+        done.set()
 
 
 def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
