@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -584,47 +585,70 @@ class _MetaRun:
 #: A lazy layer's tensors before its first call, with no shape to copy.
 _UNINITIALIZED = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
 #: Attributes whose own attributes `_meta_copy` does not look into: copy.deepcopy keeps
-#: classes, functions and Python modules as they are, and walks the model's layers itself.
-_NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, nn.Module)
+#: classes, functions and Python modules as they are.
+_NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+#: How deep `_meta_copy` looks for tensors in a model's attributes (a list in a dict on an
+#: object: three).
+_META_DEPTH = 4
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` to run on meta tensors, sharing nothing with it that the run could
-    change: its parameters and buffers, and the tensors it keeps in its attributes (and in
-    the lists, tuples, sets, dicts and objects there, two levels down), are meta tensors of
-    the same shapes and dtypes; everything else is copied (copy.deepcopy), but for the
-    modules' hooks, the same functions. A run on the model itself, its tensors swapped for
-    the run, left behind what its forward kept (a tensor cached in a list in a dict, a
-    submodule made when first needed), which every later Forward then failed on (the
-    forty-fifth and forty-sixth sessions' reviews). Raises what copy.deepcopy raises for an
-    attribute it cannot copy (a lock, an open file): the caller then does without the run.
+    change: its parameters and buffers, and the tensors it keeps in its attributes (in the
+    lists, tuples, sets, dicts, objects and layers there, `_META_DEPTH` levels down), are
+    meta tensors of the same shapes and dtypes; numpy arrays are shared, not copied (a
+    400 MB lookup table was copied for each input shape: a review); everything else is
+    copied (copy.deepcopy), but for hooks that are no layer's methods (`_layers_own`), which
+    are shared. A run on the model itself, its tensors
+    swapped for the run, left behind what its forward kept (a tensor cached in a list in a
+    dict, a submodule made when first needed, a counter tensor moved in place), which later
+    calls then failed on or computed with (the forty-fifth to forty-seventh sessions'
+    reviews). Raises what copy.deepcopy raises for an attribute it cannot copy (a lock, an
+    open file): the caller then does without the run.
     """
     memo: dict[int, Any] = {}
-
-    def to_meta(value: object, depth: int) -> None:
-        if isinstance(value, torch.Tensor):
-            if id(value) not in memo and not isinstance(value, _UNINITIALIZED):
-                meta = torch.empty_like(value, device="meta")
-                if isinstance(value, nn.Parameter):
-                    meta = nn.Parameter(meta, requires_grad=value.requires_grad)
-                memo[id(value)] = meta
-        elif depth and isinstance(value, (list, tuple, set, frozenset)):
-            for item in value:
-                to_meta(item, depth - 1)
-        elif depth and isinstance(value, dict):
-            for item in value.values():
-                to_meta(item, depth - 1)
-        elif depth and not isinstance(value, _NOT_WALKED) and hasattr(value, "__dict__"):
-            for item in vars(value).values():  # an object of the model's own
-                to_meta(item, depth - 1)
-
     for module in model.modules():
         for key, value in vars(module).items():
             if key.endswith("hooks") and isinstance(value, dict):
-                memo.update((id(hook), hook) for hook in value.values())
+                memo.update((id(h), h) for h in value.values() if not _layers_own(h))
             else:  # _parameters and _buffers among them
-                to_meta(value, 2)
+                _to_meta(value, memo, _META_DEPTH)
     return copy.deepcopy(model, memo)
+
+
+def _layers_own(hook: object) -> bool:
+    """Whether `hook` is a method of a layer (`self.register_forward_hook(self._note)`), which
+    a meta copy copies with its layer: shared, it wrote the copy's meta tensors into the
+    model's own (a review). Other hooks are shared as they are, the trainer's among them
+    (so that it hears of the copy's module outputs): copied, a hook holding an object of
+    the caller's (a recorder, a trainer) copied all it holds, and failed on its locks."""
+    return isinstance(hook, types.MethodType) and isinstance(hook.__self__, nn.Module)
+
+
+def _to_meta(value: object, memo: dict[int, Any], depth: int) -> None:
+    """Notes in `memo` a meta tensor for each tensor in `value`, `depth` levels down, and
+    `value` itself for a numpy array (`_meta_copy`). A function of its own, not a closure:
+    a recursive closure holds itself, and so the memo and the copy it holds, until Python's
+    cycle collector runs (copies of a model's data piled up: a review)."""
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo and not isinstance(value, _UNINITIALIZED):
+            meta = torch.empty_like(value, device="meta")
+            if isinstance(value, nn.Parameter):
+                meta = nn.Parameter(meta, requires_grad=value.requires_grad)
+            memo[id(value)] = meta
+    elif isinstance(value, np.ndarray):
+        memo[id(value)] = value
+    elif not depth or isinstance(value, _NOT_WALKED):
+        return
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _to_meta(item, memo, depth - 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _to_meta(item, memo, depth - 1)
+    elif hasattr(value, "__dict__"):  # an object of the model's own, a layer held aside
+        for item in vars(value).values():
+            _to_meta(item, memo, depth - 1)
 
 
 def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
@@ -1488,7 +1512,16 @@ class Trainer:
         """
         x, y = self._inputs(input, target)
         assert y is not None
-        checked = self._check_fetch(fetch, x, y, max_fetch_bytes)
+        try:
+            checked = self._check_fetch(fetch, x, y, max_fetch_bytes)
+        except DomainError:
+            # Refused on the module outputs' shapes a run on meta tensors gave for this input
+            # shape, kept from an earlier call: a model whose outputs' shapes change with its
+            # own state refused a fetch that fitted them now (a review). A new run, then.
+            if not any(name.endswith(ACTIVATION_SUFFIX) for name, _ in fetch):
+                raise
+            self._meta_runs.pop((tuple(x.shape), x.dtype), None)
+            checked = self._check_fetch(fetch, x, y, max_fetch_bytes)
         recheck = None if checked else max_fetch_bytes
         with self._threads_for(x, passes=3, update=True):
             return self._train_step(x, y, zero_grad, fetch, use, finish, checked, recheck)
@@ -1561,9 +1594,12 @@ class Trainer:
 
         Indexing runs on meta tensors: shapes and dtypes only, no memory. The module outputs'
         shapes are those of `outputs`, the ones a forward pass kept, when given; else those
-        of a run of the model on meta tensors. False when that run failed (the model reads
-        a value, or mixes in a tensor of its own): the outputs' fetches are then unchecked,
-        and the caller checks again with the forward pass's outputs.
+        of a run of the model on meta tensors (`_meta_run`). False where a module output is
+        fetched and `outputs` was not given: the caller checks again with the forward pass's
+        outputs, before its backward pass, for the run's shapes may not be the pass's (a
+        model whose outputs' shapes change with its own state: a fetch that the run's passed
+        was refused after the step, the step applied; found by a review), or the run failed
+        (the model reads a value, or mixes in a tensor of its own) and left them unchecked.
         """
         computes = next(iter(self._parameters.values())).dtype
         after: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
@@ -1584,7 +1620,7 @@ class Trainer:
             elif kind == "activation":
                 if outputs is None:
                     run = self._meta_run(x)
-                    outputs, checked = ({}, False) if run is None else (run.outputs, True)
+                    outputs, checked = {} if run is None else run.outputs, False
                 if name not in outputs:  # no tensor returned, or not known yet: see above
                     continue
                 shape, dtype = tuple(outputs[name].shape), outputs[name].dtype
