@@ -557,6 +557,40 @@ def test_a_model_with_lazy_layers_has_them_made_from_its_seed_before_any_call(
         made.close()
 
 
+class AuxHead(nn.Module):
+    """A lazy auxiliary head that only training runs, as Inception's, beside a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.LazyLinear(8), nn.BatchNorm1d(8))
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.LazyLinear(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        out: torch.Tensor = self.head(h)
+        return out + 0.3 * self.aux(h) if self.training else out
+
+
+def test_a_lazy_layer_only_training_runs_is_made_from_the_seed_too() -> None:
+    # The build's pass in evaluation mode left it lazy: reads failed INTERNAL, and a first
+    # TrainStep drew its values from the process's generator (a review).
+    spec = ModelSpec("AuxHead", AuxHead, (4,), 3)
+    one, two = Trainer(spec, seed=SEED), Trainer(spec, seed=SEED)
+    try:
+        for trainer in (one, two):
+            assert not any(nn.parameter.is_lazy(p) for p in trainer._model.parameters())
+            assert int(trainer._model.get_buffer("body.1.num_batches_tracked")) == 0
+            assert torch.equal(
+                trainer._model.get_buffer("body.1.running_mean"), torch.zeros(8)
+            )  # the training pass's statistics put back
+        assert torch.equal(one.parameters["aux.weight"], two.parameters["aux.weight"])
+        assert one.parameters["aux.weight"].shape == (3, 8)
+    finally:
+        one.close()
+        two.close()
+
+
 def test_a_checkpoint_restores_into_the_same_model_only(tmp_path: Path) -> None:
     path = tmp_path / "mlp.safetensors"
     saved, restored = Trainer(TINY_MLP, seed=1), Trainer(TINY_MLP, seed=2)

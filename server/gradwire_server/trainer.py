@@ -661,12 +661,26 @@ def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
     tensors, and checkpoints, failed INTERNAL until a Forward, which a command-line user
     could never send (each command lists the tensors first), and the values drawn then came
     from whatever the process's generator held (found by a review of serving one's own
-    model). A model without lazy layers is not run."""
-    if not any(nn.parameter.is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
+    model). A lazy layer that only training runs (an auxiliary head) is made by a second
+    pass, in training mode, the buffers it moves put back after (a review found it left
+    lazy). A model without lazy layers is not run."""
+
+    def lazy() -> bool:
+        return any(nn.parameter.is_lazy(t) for t in [*model.parameters(), *model.buffers()])
+
+    if not lazy():
         return
+    zeros = torch.zeros([2, *spec.sample_shape], dtype=spec.input_dtype)
     model.eval()
     with torch.no_grad():
-        model(torch.zeros([2, *spec.sample_shape], dtype=spec.input_dtype))
+        model(zeros)
+    if lazy():
+        buffers = Buffers(model)
+        before = buffers.keep()
+        model.train()
+        with torch.no_grad():
+            model(zeros)
+        buffers.put_back(before)
 
 
 def _no_repeats(tensor: torch.Tensor) -> bool:
