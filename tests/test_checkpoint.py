@@ -699,8 +699,12 @@ def test_a_new_model_s_buffers_are_those_of_the_server_s_seed(tmp_path: Path) ->
             {"buffer/fc1.in_features": torch.zeros(32)},  # a name fc1 has, for no tensor
             "does not have as they are there: fc1.in_features; ",
         ),
+        (  # one no forward pass registers: another model's (a review)
+            {"buffer/fc1.running_mean": torch.zeros(32)},
+            "does not have as they are there: fc1.running_mean; ",
+        ),
     ],
-    ids=["shape", "dtype", "unknown"],
+    ids=["shape", "dtype", "taken-name", "unknown"],
 )
 def test_a_checkpoint_whose_buffers_this_model_lacks_is_refused_and_changes_nothing(
     tmp_path: Path, change: dict[str, torch.Tensor | None], said: str

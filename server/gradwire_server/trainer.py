@@ -2237,6 +2237,34 @@ class Trainer:
         persistent = self._model.state_dict(keep_vars=True)
         return {name: b for name, b in self._model.named_buffers() if name in persistent}
 
+    def _registered_in_forward(self, names: Iterable[str]) -> bool | None:
+        """Whether a forward pass registers buffers `names`, which the model lacks now, from
+        a pass on zeros of [2, *sample_shape] on a meta copy of it (`_meta_copy`: nothing of
+        the model's changes): True when it did, before it ended or failed (a model that
+        makes its buffer on the CPU, not the input's device, fails on meta tensors after);
+        False when it ran to its end without; None when it failed first: no telling."""
+        self._pending = {}
+        try:
+            model = _meta_copy(self._model)
+        except Exception as err:
+            log.debug("no meta copy to see the buffers a pass registers: %s", err)
+            return None
+        before = {name for name, _ in model.named_buffers()}
+        shape = [2, *self.spec.sample_shape]
+        ran = True
+        try:
+            with torch.no_grad():
+                model(torch.zeros(shape, dtype=self.spec.input_dtype, device="meta"))
+        except Exception as err:
+            log.debug("a pass on meta tensors failed, looking for buffers it registers: %s", err)
+            ran = False
+        finally:
+            self._pending = {}
+        made = {name for name, _ in model.named_buffers()} - before
+        if set(names) <= made:
+            return True
+        return False if ran else None
+
     def _could_register(self, name: str) -> bool:
         """Whether buffer `name` ("norm.positions") names nothing yet on a module the model
         has: one it could register later, as a model does in its first forward pass, and a
@@ -2350,9 +2378,23 @@ class Trainer:
         ]
         # Same model, one that registers a buffer in its forward pass, when first needed: a
         # new one lacks it, and the load registers it where the model would have. Refused,
-        # a server could not start again from the state it saved at its stop (reviews).
+        # a server could not start again from the state it saved at its stop (reviews). A
+        # forward pass on a meta copy of the model says which it registers: registered on
+        # the name alone, another model's (BatchNorm's statistics loaded into a LayerNorm)
+        # were taken in (a review of that change).
         registers = bool(unknown) and odd_buffers == unknown
         registers = registers and all(map(self._could_register, unknown))
+        in_forward = self._registered_in_forward(unknown) if registers else False
+        if in_forward is None:  # the model does not run on meta tensors: cannot tell
+            raise InvalidInput(
+                f"{path} holds buffers this server's {self.spec.name} has not registered: "
+                f"{', '.join(unknown)}. If the model registers them in its forward pass, "
+                "when first needed, a new one lacks them: register them in its __init__ (or "
+                "with persistent=False, to keep them out of checkpoints). Else it is another "
+                f"model's: {checkpoint.OTHER_MODEL}",
+                reason="BAD_CHECKPOINT",
+            )
+        registers = bool(in_forward)
         if registers:
             odd_buffers = []
         if odd_buffers:
