@@ -1996,3 +1996,21 @@ def test_ctrl_c_while_the_command_loads_is_an_interrupt_not_a_traceback() -> Non
         [sys.executable, "-c", child, "info"], capture_output=True, text=True, timeout=120
     )
     assert (done.returncode, done.stderr, done.stdout) == (130, "interrupted\n", "")
+
+
+@pytest.mark.parametrize(
+    ("words", "json_log"),
+    [
+        (["serve", "--log-format", "json"], True),
+        (["serve", "--log-format=json"], True),
+        (["serve", "--log-form", "json"], True),  # argparse takes abbreviations (a review)
+        (["serve", "--log-f=json"], True),
+        (["serve", "--log-format", "text"], False),
+        (["serve", "--log-level", "json"], False),
+        (["serve", "--log-", "json"], False),  # ambiguous: --log-level too
+    ],
+)
+def test_serve_knows_a_json_log_however_argparse_would(words: list[str], json_log: bool) -> None:
+    from gradwire.cli import _asks_json_log
+
+    assert _asks_json_log(words) is json_log

@@ -1585,9 +1585,17 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
 
 
 def _asks_json_log(words: Sequence[str]) -> bool:
-    """Whether a command line says `--log-format json` (or `--log-format=json`)."""
+    """Whether a command line says `--log-format json` (or `--log-format=json`, or an
+    abbreviation argparse takes for it: `--log-f json`)."""
+
+    def log_format(option: str) -> bool:
+        return len(option) >= len("--log-f") and "--log-format".startswith(option)
+
     pairs = zip(words, [*words[1:], ""], strict=True)
-    return any(w == "--log-format=json" or (w, n) == ("--log-format", "json") for w, n in pairs)
+    return any(
+        (log_format(w) and n == "json") or (log_format(w.partition("=")[0]) and w.endswith("=json"))
+        for w, n in pairs
+    )
 
 
 def _usage_error_logged(said: str, err: TextIO) -> None:
