@@ -599,12 +599,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     meta tensors of the same shapes and dtypes; numpy arrays are shared, not copied (a
     400 MB lookup table was copied for each input shape: a review); everything else is
     copied (copy.deepcopy), but for hooks that are no layer's methods (`_layers_own`), which
-    are shared. A run on the model itself, its tensors
-    swapped for the run, left behind what its forward kept (a tensor cached in a list in a
-    dict, a submodule made when first needed, a counter tensor moved in place), which later
-    calls then failed on or computed with (the forty-fifth to forty-seventh sessions'
-    reviews). Raises what copy.deepcopy raises for an attribute it cannot copy (a lock, an
-    open file): the caller then does without the run.
+    are shared. A run on the model itself, its tensors swapped for the run, left behind
+    what its forward kept (a tensor cached in a list in a dict, a submodule made when first
+    needed, a counter tensor moved in place), which later calls then failed on or computed
+    with (the forty-fifth to forty-seventh sessions' reviews). Raises what copy.deepcopy
+    raises for an attribute it cannot copy (a lock, an open file): the caller then does
+    without the run.
     """
     memo: dict[int, Any] = {}
     for module in model.modules():
@@ -1663,8 +1663,9 @@ class Trainer:
         per input shape and dtype (the model is in training mode outside a call, so the run
         is in that mode); None when the model does not run on meta tensors (it reads a
         value, or a layer makes its parameters when first called): the caller does without.
-        Kept per shape, as a model's layers are: a model whose outputs' shapes change with
-        state of its own, for one input shape, gets its fetches checked against the first."""
+        Kept per shape, as a model's layers are; for a model whose outputs' shapes change
+        with state of its own, train_step checks its fetches again against the forward
+        pass's, and makes a new run where the kept shapes refuse one."""
         key = (tuple(x.shape), x.dtype)
         if key not in self._meta_runs:
             if len(self._meta_runs) >= _SHAPES_REMEMBERED:
