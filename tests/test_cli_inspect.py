@@ -230,6 +230,29 @@ def test_a_watch_whose_reader_goes_ends_without_waiting_for_an_update(address: s
             watch.wait(timeout=10)
 
 
+def test_a_watch_that_ended_as_asked_exits_0_when_its_reader_goes_after(address: str) -> None:
+    """`gradwire watch W --count 1 | head -1`: the first version interrupted the main thread
+    once the reader went, which could land after the watch had ended as asked: exit 130,
+    "interrupted", in 10 runs of 15 (a review)."""
+    for _ in range(5):
+        command = ["watch", "loss", "--json", "--count", "1", "--target", address]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "gradwire.cli", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watch.stdout is not None and watch.stderr is not None
+            assert json.loads(watch.stdout.readline())["cause"] == "Watch"
+            watch.stdout.close()
+            assert watch.wait(timeout=60) == 0, watch.stderr.read()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait(timeout=10)
+
+
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()

@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usag
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import dataclasses
@@ -1013,7 +1012,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     )
     table = WatchTable(out, args.selectors)
     seen, version = 0, None
-    with _ends_when_the_reader_goes(out) as gone:
+    with _ends_when_the_reader_goes(out, client.close) as gone:
         try:
             for update in stream:
                 # Counted before it is shown: a Ctrl-C just after its line appears must count it.
@@ -1029,9 +1028,11 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             if not seen:  # not even the first update: no server answered, or too short a time
                 raise
             # --duration reached after an update: the watch ends as asked
-        except KeyboardInterrupt:
-            if gone.is_set():
+        except Exception:
+            if gone.is_set():  # the watch's call, cancelled for a reader gone
                 raise BrokenPipeError from None  # exit 141, as for a reader gone at a write
+            raise
+        except KeyboardInterrupt:
             # Where it stopped, under the table (a --json reader has each update's version, and
             # lines of one shape): the last update on screen may be one of many alike.
             if not args.json:
@@ -1043,37 +1044,44 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 @contextlib.contextmanager
-def _ends_when_the_reader_goes(out: TextIO) -> Iterator[threading.Event]:
-    """While inside, a reader of `out` that goes away (`gradwire watch loss | head -1`)
-    interrupts the main thread, and the event returned is set: where `out` is this
-    process's standard output and a pipe. A watch noticed only at its next write, which on
-    an idle server, or with a large --every-steps, might never come: the command, and the
-    server's place it held, lasted as long (found by a review of watching training)."""
+def _ends_when_the_reader_goes(out: TextIO, end: Callable[[], object]) -> Iterator[threading.Event]:
+    """While inside, a reader of `out` that goes away (`gradwire watch loss | head -1`) calls
+    `end` (the client's close, which cancels its calls) on a thread of its own, and sets
+    the event returned: where `out` is this process's standard output and a pipe. A watch
+    noticed only at its next write, which on an idle server, or with a large --every-steps,
+    might never come: the command, and the server's place it held, lasted as long (found by
+    a review of watching training). The thread is stopped, and waited for, on the way out.
+    It interrupted the main thread at first, which could land after the watch had ended as
+    asked (`--count 1 | head -1`): exit 130 for a command that had done its work (found by
+    a review of that change)."""
     gone = threading.Event()
     try:
         fd = out.fileno() if isinstance(out, _Output) else -1
         piped = fd >= 0 and stat.S_ISFIFO(os.fstat(fd).st_mode)
     except (OSError, ValueError):
         piped = False
-    if not piped or threading.current_thread() is not threading.main_thread():
+    if not piped:
         yield gone
         return
+    wake, woken = os.pipe()  # written on the way out, to end the thread's wait at once
     poller = select.poll()
     poller.register(fd, 0)  # a pipe's write end reports POLLERR once it has no reader
-    done = threading.Event()
+    poller.register(wake, select.POLLIN)
 
     def wait() -> None:
-        while not done.is_set():
-            if poller.poll(250) and not done.is_set():
-                gone.set()
-                _thread.interrupt_main()
-                return
+        if any(ready == fd for ready, _ in poller.poll()):
+            gone.set()
+            end()
 
-    threading.Thread(target=wait, name="gradwire-reader", daemon=True).start()
+    thread = threading.Thread(target=wait, name="gradwire-reader", daemon=True)
+    thread.start()
     try:
         yield gone
     finally:
-        done.set()
+        os.write(woken, b"x")
+        thread.join()
+        os.close(wake)
+        os.close(woken)
 
 
 def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
