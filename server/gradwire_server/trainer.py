@@ -587,6 +587,10 @@ _UNINITIALIZED = (nn.parameter.UninitializedParameter, nn.parameter.Uninitialize
 #: Attributes whose own attributes `_meta_copy` does not look into: copy.deepcopy keeps
 #: classes, functions and Python modules as they are.
 _NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+#: numpy arrays larger than this are shared with a meta copy, not copied (a 400 MB lookup
+#: table was copied for each input shape: a review); a smaller one, a counter the model moves
+#: in place, is copied (shared, the run moved it too: a review of that change).
+_SHARED_ARRAY_BYTES = 1 << 20
 #: How deep `_meta_copy` looks for tensors in a model's attributes (a list in a dict on an
 #: object: three).
 _META_DEPTH = 4
@@ -596,10 +600,9 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` to run on meta tensors, sharing nothing with it that the run could
     change: its parameters and buffers, and the tensors it keeps in its attributes (in the
     lists, tuples, sets, dicts, objects and layers there, `_META_DEPTH` levels down), are
-    meta tensors of the same shapes and dtypes; numpy arrays are shared, not copied (a
-    400 MB lookup table was copied for each input shape: a review); everything else is
-    copied (copy.deepcopy), but for hooks that are no layer's methods (`_layers_own`), which
-    are shared. A run on the model itself, its tensors swapped for the run, left behind
+    meta tensors of the same shapes and dtypes; numpy arrays over `_SHARED_ARRAY_BYTES` are
+    shared; everything else is copied (copy.deepcopy), hooks too, but for those
+    `_shared_hook` names. A run on the model itself, its tensors swapped for the run, left behind
     what its forward kept (a tensor cached in a list in a dict, a submodule made when first
     needed, a counter tensor moved in place), which later calls then failed on or computed
     with (the forty-fifth to forty-seventh sessions' reviews). Raises what copy.deepcopy
@@ -607,27 +610,57 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     without the run.
     """
     memo: dict[int, Any] = {}
+    hooks: list[object] = []
     for module in model.modules():
         for key, value in vars(module).items():
             if key.endswith("hooks") and isinstance(value, dict):
-                memo.update((id(h), h) for h in value.values() if not _layers_own(h))
+                hooks.extend(value.values())
             else:  # _parameters and _buffers among them
                 _to_meta(value, memo, _META_DEPTH)
+    for hook in hooks:
+        if _shared_hook(hook):
+            memo[id(hook)] = hook
+        elif isinstance(hook, types.FunctionType) and hook.__closure__:
+            memo[id(hook)] = _function_copy(hook, memo)
     return copy.deepcopy(model, memo)
 
 
-def _layers_own(hook: object) -> bool:
-    """Whether `hook` is a method of a layer (`self.register_forward_hook(self._note)`), which
-    a meta copy copies with its layer: shared, it wrote the copy's meta tensors into the
-    model's own (a review). Other hooks are shared as they are, the trainer's among them
-    (so that it hears of the copy's module outputs): copied, a hook holding an object of
-    the caller's (a recorder, a trainer) copied all it holds, and failed on its locks."""
-    return isinstance(hook, types.MethodType) and isinstance(hook.__self__, nn.Module)
+def _shared_hook(hook: object) -> bool:
+    """Whether a meta copy shares `hook` with the model rather than copying it: the trainer's
+    own (`_kept_output`, so that it hears of the copy's module outputs), and a method of an
+    object that is no layer (a recorder's, say: copied, it copied all it holds, a trainer
+    and its locks included, and failed). A layer's method, a partial over a layer and a
+    closure over one are copied with it (`_function_copy`): shared, they wrote the copy's
+    meta tensors into the model's own buffers (reviews)."""
+    if isinstance(hook, functools.partial):
+        return hook.func is _kept_output
+    return isinstance(hook, types.MethodType) and not isinstance(hook.__self__, nn.Module)
+
+
+def _function_copy(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
+    """`function` again, with its closure's contents copied through `memo` (copy.deepcopy
+    keeps a function as it is, and so what its closure holds: a hook `lambda m, i, o:
+    setattr(self, ...)` wrote into the model, not its copy)."""
+    cells = []
+    for cell in function.__closure__ or ():
+        try:
+            cells.append(types.CellType(copy.deepcopy(cell.cell_contents, memo)))
+        except ValueError:  # an empty cell
+            cells.append(cell)
+    copied = types.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        tuple(cells),
+    )
+    copied.__kwdefaults__ = function.__kwdefaults__
+    return copied
 
 
 def _to_meta(value: object, memo: dict[int, Any], depth: int) -> None:
     """Notes in `memo` a meta tensor for each tensor in `value`, `depth` levels down, and
-    `value` itself for a numpy array (`_meta_copy`). A function of its own, not a closure:
+    `value` itself for a large numpy array (`_meta_copy`). A function of its own, not a closure:
     a recursive closure holds itself, and so the memo and the copy it holds, until Python's
     cycle collector runs (copies of a model's data piled up: a review)."""
     if isinstance(value, torch.Tensor):
@@ -637,7 +670,8 @@ def _to_meta(value: object, memo: dict[int, Any], depth: int) -> None:
                 meta = nn.Parameter(meta, requires_grad=value.requires_grad)
             memo[id(value)] = meta
     elif isinstance(value, np.ndarray):
-        memo[id(value)] = value
+        if value.nbytes > _SHARED_ARRAY_BYTES:
+            memo[id(value)] = value
     elif not depth or isinstance(value, _NOT_WALKED):
         return
     elif isinstance(value, (list, tuple, set, frozenset)):
