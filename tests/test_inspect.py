@@ -3,6 +3,7 @@ and server-side Train runs, each checked against the same thing done in local Py
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -656,22 +657,40 @@ def test_a_model_that_cannot_run_on_meta_tensors_has_its_outputs_fetched(
 
 
 class Tracking(nn.Module):
-    """Keeps the last batch's mean of a layer's output in a buffer, from a forward hook that
-    is a method of its own."""
+    """Keeps the last batch's mean of a layer's output in a buffer, from a forward hook: a
+    method of its own, a lambda over it, or a partial; and counts its passes in a numpy
+    array, in place."""
+
+    hook = "method"
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
         self.seen: torch.Tensor
         self.register_buffer("seen", torch.zeros(3))
-        self.lin.register_forward_hook(self._track)
+        self.passes = np.zeros(1)
+        if self.hook == "lambda":
+            self.lin.register_forward_hook(lambda m, a, o: setattr(self, "seen", o.detach()[0]))
+        elif self.hook == "partial":
+            self.lin.register_forward_hook(functools.partial(type(self)._track, self))
+        else:
+            self.lin.register_forward_hook(self._track)
 
     def _track(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self.seen = output.detach().mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
         out: torch.Tensor = self.lin(x)
         return out
+
+
+class TrackingByLambda(Tracking):
+    hook = "lambda"
+
+
+class TrackingByPartial(Tracking):
+    hook = "partial"
 
 
 class Crop(nn.Module):
@@ -701,10 +720,15 @@ class Narrowing(nn.Module):
         return out
 
 
-def test_a_layer_s_own_hook_writes_nothing_of_the_run_on_meta_tensors_into_the_model() -> None:
+@pytest.mark.parametrize("model", [Tracking, TrackingByLambda, TrackingByPartial])
+def test_a_layer_s_own_hook_writes_nothing_of_the_run_on_meta_tensors_into_the_model(
+    model: type[Tracking],
+) -> None:
     # Shared with the model's copy, the hook wrote the copy's meta tensor into the model's
-    # buffer: GetTensor and checkpoints failed until the next Forward (a review).
-    trainer = Trainer(ModelSpec("Tracking", Tracking, (4,), 3), device="cpu", seed=0)
+    # buffer: GetTensor and checkpoints failed until the next Forward (a review; a lambda
+    # and a partial by a review of the mend, which copied methods alone, and a numpy counter
+    # moved in place by the run too).
+    trainer = Trainer(ModelSpec(model.__name__, model, (4,), 3), device="cpu", seed=0)
     running = start(trainer, "127.0.0.1", 0)
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
@@ -715,6 +739,8 @@ def test_a_layer_s_own_hook_writes_nothing_of_the_run_on_meta_tensors_into_the_m
                 client.train_step(x, y, fetch=["lin.output[5]"])
             assert trainer._model.get_buffer("seen").device.type == "cpu"
             assert np.array_equal(client.get("seen"), seen)
+            tracking = trainer._model
+            assert isinstance(tracking, Tracking) and tracking.passes[0] == 1
     finally:
         running.stop(grace=None)
 

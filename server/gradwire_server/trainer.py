@@ -7,6 +7,7 @@ raises a DomainError and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -617,11 +618,20 @@ def _meta_copy(model: nn.Module) -> nn.Module:
                 hooks.extend(value.values())
             else:  # _parameters and _buffers among them
                 _to_meta(value, memo, _META_DEPTH)
+    closures: list[tuple[types.FunctionType, types.FunctionType]] = []
     for hook in hooks:
         if _shared_hook(hook):
             memo[id(hook)] = hook
         elif isinstance(hook, types.FunctionType) and hook.__closure__:
-            memo[id(hook)] = _function_copy(hook, memo)
+            copied = _empty_copy(hook)
+            memo[id(hook)] = copied
+            closures.append((hook, copied))
+    # Filled once every hook is in the memo: a closure's contents (the model itself, for a
+    # `lambda m, i, o: setattr(self, ...)`) hold the layers, and so the other hooks.
+    for hook, copied in closures:
+        for old, new in zip(hook.__closure__ or (), copied.__closure__ or (), strict=True):
+            with contextlib.suppress(ValueError):  # an empty cell stays empty
+                new.cell_contents = copy.deepcopy(old.cell_contents, memo)
     return copy.deepcopy(model, memo)
 
 
@@ -630,29 +640,20 @@ def _shared_hook(hook: object) -> bool:
     own (`_kept_output`, so that it hears of the copy's module outputs), and a method of an
     object that is no layer (a recorder's, say: copied, it copied all it holds, a trainer
     and its locks included, and failed). A layer's method, a partial over a layer and a
-    closure over one are copied with it (`_function_copy`): shared, they wrote the copy's
+    closure over one are copied with it (`_empty_copy`): shared, they wrote the copy's
     meta tensors into the model's own buffers (reviews)."""
     if isinstance(hook, functools.partial):
         return hook.func is _kept_output
     return isinstance(hook, types.MethodType) and not isinstance(hook.__self__, nn.Module)
 
 
-def _function_copy(function: types.FunctionType, memo: dict[int, Any]) -> types.FunctionType:
-    """`function` again, with its closure's contents copied through `memo` (copy.deepcopy
-    keeps a function as it is, and so what its closure holds: a hook `lambda m, i, o:
-    setattr(self, ...)` wrote into the model, not its copy)."""
-    cells = []
-    for cell in function.__closure__ or ():
-        try:
-            cells.append(types.CellType(copy.deepcopy(cell.cell_contents, memo)))
-        except ValueError:  # an empty cell
-            cells.append(cell)
+def _empty_copy(function: types.FunctionType) -> types.FunctionType:
+    """`function` again, over empty cells for `_meta_copy` to fill with copies of what its
+    closure holds: copy.deepcopy keeps a function as it is, and so what its closure holds (a
+    hook `lambda m, i, o: setattr(self, ...)` wrote into the model, not its copy)."""
+    cells = tuple(types.CellType() for _ in function.__closure__ or ())
     copied = types.FunctionType(
-        function.__code__,
-        function.__globals__,
-        function.__name__,
-        function.__defaults__,
-        tuple(cells),
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, cells
     )
     copied.__kwdefaults__ = function.__kwdefaults__
     return copied
