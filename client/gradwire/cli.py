@@ -895,9 +895,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     # An error that ended the run (the server stopping, say): raised after the summary.
     failed: RemoteError | None = None
     with _stop_on_interrupt(getattr(args, "err", sys.stderr)) as stop:
+        stop.at_once = args.server_side  # before the run starts: a press then ends it too
         if args.server_side:
             run = client.train(x, y, args.steps, every=args.every)
-            stop.at_once = True
             try:
                 for progress in run:
                     done, loss, version = progress.step, progress.loss, progress.version

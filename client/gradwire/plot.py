@@ -296,9 +296,12 @@ def _drawable(values: np.ndarray[Any, Any], vmin: float, vmax: float) -> tuple[A
     drawn = values.astype(np.float64)  # a copy
     if values.dtype.kind != "f":
         return drawn, []
-    span = vmax - vmin
     high, low = np.isposinf(drawn), np.isneginf(drawn)
-    drawn[high], drawn[low] = vmax + span, vmin - span
+    # Past the scale's ends by its span, but finite: vmax + span overflowed to inf for
+    # float64 values near their largest, which drew as NaN again (a review).
+    largest = float(np.finfo(np.float64).max)
+    span = vmax - vmin
+    drawn[high], drawn[low] = min(vmax + span, largest), max(vmin - span, -largest)
     said = [
         f"{count} {what} shown {colour}"
         for count, what, colour in (
