@@ -172,17 +172,13 @@ class Buffers:
         and its checkpoints); the layers too, none the pass added. On a device that failed
         the copies fail too: the failure at hand is the one to answer, so this one is
         logged."""
-        for module, layers in zip(before.modules, before.layers, strict=True):
-            children = module._modules
-            if layers is None:
-                if children:
-                    children.clear()
-            elif list(children) != list(layers) or any(
-                children.get(k) is not m for k, m in layers.items()
-            ):
+        for module, layers, (names, hidden) in zip(
+            before.modules, before.layers, before.names, strict=True
+        ):
+            children, wanted = module._modules, layers or {}
+            if list(children.items()) != list(wanted.items()):  # in order; layers by identity
                 children.clear()
-                children.update(layers)
-        for module, (names, hidden) in zip(before.modules, before.names, strict=True):
+                children.update(wanted)
             if tuple(module._buffers) != names:
                 now = dict(module._buffers)
                 module._buffers.clear()

@@ -7,7 +7,6 @@ raises a DomainError and changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -22,7 +21,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
@@ -603,12 +602,12 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     lists, tuples, sets, dicts, objects and layers there, `_META_DEPTH` levels down), are
     meta tensors of the same shapes and dtypes; numpy arrays over `_SHARED_ARRAY_BYTES` are
     shared; everything else is copied (copy.deepcopy), hooks too, but for those
-    `_shared_hook` names. A run on the model itself, its tensors swapped for the run, left behind
-    what its forward kept (a tensor cached in a list in a dict, a submodule made when first
-    needed, a counter tensor moved in place), which later calls then failed on or computed
-    with (the forty-fifth to forty-seventh sessions' reviews). Raises what copy.deepcopy
-    raises for an attribute it cannot copy (a lock, an open file): the caller then does
-    without the run.
+    `_shared_hook` names. A run on the model itself, its tensors swapped for the run, left
+    behind what its forward kept (a tensor cached in a list in a dict, a submodule made when
+    first needed, a counter tensor moved in place), which later calls then failed on or
+    computed with (the forty-fifth to forty-seventh sessions' reviews). Raises what
+    copy.deepcopy raises for an attribute it cannot copy (a lock, an open file): the caller
+    then does without the run.
     """
     memo: dict[int, Any] = {}
     hooks: list[object] = []
@@ -616,8 +615,8 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         for key, value in vars(module).items():
             if key.endswith("hooks") and isinstance(value, dict):
                 hooks.extend(value.values())
-            else:  # _parameters and _buffers among them
-                _to_meta(value, memo, _META_DEPTH)
+            elif key != "_modules":  # each layer is walked as one of model.modules()
+                _to_meta(value, memo, _META_DEPTH)  # _parameters and _buffers among them
     closures: list[tuple[types.FunctionType, types.FunctionType]] = []
     for hook in hooks:
         if _shared_hook(hook):
@@ -630,7 +629,7 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     # `lambda m, i, o: setattr(self, ...)`) hold the layers, and so the other hooks.
     for hook, copied in closures:
         for old, new in zip(hook.__closure__ or (), copied.__closure__ or (), strict=True):
-            with contextlib.suppress(ValueError):  # an empty cell stays empty
+            with suppress(ValueError):  # an empty cell stays empty
                 new.cell_contents = copy.deepcopy(old.cell_contents, memo)
     return copy.deepcopy(model, memo)
 
@@ -661,9 +660,9 @@ def _empty_copy(function: types.FunctionType) -> types.FunctionType:
 
 def _to_meta(value: object, memo: dict[int, Any], depth: int) -> None:
     """Notes in `memo` a meta tensor for each tensor in `value`, `depth` levels down, and
-    `value` itself for a large numpy array (`_meta_copy`). A function of its own, not a closure:
-    a recursive closure holds itself, and so the memo and the copy it holds, until Python's
-    cycle collector runs (copies of a model's data piled up: a review)."""
+    `value` itself for a large numpy array (`_meta_copy`). A function of its own, not a
+    closure: a recursive closure holds itself, and so the memo and the copy it holds, until
+    Python's cycle collector runs (copies of a model's data piled up: a review)."""
     if isinstance(value, torch.Tensor):
         if id(value) not in memo and not isinstance(value, _UNINITIALIZED):
             meta = torch.empty_like(value, device="meta")
@@ -1716,13 +1715,22 @@ class Trainer:
         """A forward pass for input `x` on a meta copy of the model (`_meta_copy`: shapes and
         dtypes, no memory, no arithmetic, nothing of the model's own changed), its operations
         counted by torch's FlopCounterMode."""
-        model = _meta_copy(self._model)
         counter = FlopCounterMode(display=False)
+        with counter:
+            outputs = self._forward_on_meta(_meta_copy(self._model), x.shape, x.dtype)
+        return _MetaRun(counter.get_total_flops(), outputs)
+
+    def _forward_on_meta(
+        self, model: nn.Module, shape: Sequence[int], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """`model`, a meta copy of the trainer's (`_meta_copy`), run on an input of `shape`
+        and `dtype` (meta, without gradients); the module outputs the trainer's hooks kept
+        of it, which go nowhere else (not into the outputs of the last Forward)."""
         self._pending = {}
         try:
-            with torch.no_grad(), counter:
-                model(torch.empty_like(x, device="meta"))
-            return _MetaRun(counter.get_total_flops(), self._pending)
+            with torch.no_grad():
+                model(torch.empty(shape, dtype=dtype, device="meta"))
+            return self._pending
         finally:
             self._pending = {}
 
@@ -2279,23 +2287,18 @@ class Trainer:
         the model's changes): True when it did, before it ended or failed (a model that
         makes its buffer on the CPU, not the input's device, fails on meta tensors after);
         False when it ran to its end without; None when it failed first: no telling."""
-        self._pending = {}
         try:
             model = _meta_copy(self._model)
         except Exception as err:
             log.debug("no meta copy to see the buffers a pass registers: %s", err)
             return None
         before = {name for name, _ in model.named_buffers()}
-        shape = [2, *self.spec.sample_shape]
         ran = True
         try:
-            with torch.no_grad():
-                model(torch.zeros(shape, dtype=self.spec.input_dtype, device="meta"))
+            self._forward_on_meta(model, [2, *self.spec.sample_shape], self.spec.input_dtype)
         except Exception as err:
             log.debug("a pass on meta tensors failed, looking for buffers it registers: %s", err)
             ran = False
-        finally:
-            self._pending = {}
         made = {name for name, _ in model.named_buffers()} - before
         if set(names) <= made:
             return True
@@ -2376,9 +2379,9 @@ class Trainer:
         last, and on a GPU a copy that runs out of pinned memory partway could leave some
         replaced (`gradwire serve` stops then, serving nothing). Buffers a checkpoint lacks
         (one written before checkpoints kept them) are loaded as a new model makes them;
-        buffers it holds that the model has not registered yet, where its modules have
-        nothing of that name, are registered there (a model that registers one in its
-        first forward pass)."""
+        buffers it holds that the model has not registered yet, and that a forward pass
+        registers (a model that makes one when first needed), are registered where the pass
+        would have (`_registered_in_forward`)."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
@@ -2418,10 +2421,10 @@ class Trainer:
         # forward pass on a meta copy of the model says which it registers: registered on
         # the name alone, another model's (BatchNorm's statistics loaded into a LayerNorm)
         # were taken in (a review of that change).
-        registers = bool(unknown) and odd_buffers == unknown
-        registers = registers and all(map(self._could_register, unknown))
-        in_forward = self._registered_in_forward(unknown) if registers else False
-        if in_forward is None:  # the model does not run on meta tensors: cannot tell
+        could = bool(unknown) and odd_buffers == unknown
+        could = could and all(map(self._could_register, unknown))
+        registers = self._registered_in_forward(unknown) if could else False
+        if registers is None:  # the model does not run on meta tensors: cannot tell
             raise InvalidInput(
                 f"{path} holds buffers this server's {self.spec.name} has not registered: "
                 f"{', '.join(unknown)}. If the model registers them in its forward pass, "
@@ -2430,7 +2433,6 @@ class Trainer:
                 f"model's: {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
-        registers = bool(in_forward)
         if registers:
             odd_buffers = []
         if odd_buffers:
