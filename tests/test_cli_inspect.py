@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -207,27 +208,36 @@ def test_ctrl_c_as_an_update_reaches_the_screen_counts_that_update(address: str)
     assert out.getvalue().splitlines()[-1] == "stopped after 1 update: the last at version 0"
 
 
-def test_a_watch_whose_reader_goes_ends_without_waiting_for_an_update(address: str) -> None:
-    """`gradwire watch loss | head -1` on a server where nothing changes: the watch noticed
-    the reader gone only at its next write, which never came, and held a server place for
-    ever (found by a review of watching training remotely). It ends now, 141, as at a write."""
+def _watch_read_once(address: str, *options: str) -> subprocess.Popen[str]:
+    """`gradwire watch loss --json OPTIONS` in a process of its own, its output read as `head
+    -1` reads it: its first line (the state now, which it checks), then the pipe closed. The
+    process is left to end; killed if it has not within 60 s."""
+    command = ["watch", "loss", "--json", *options, "--target", address]
     watch = subprocess.Popen(
-        [sys.executable, "-m", "gradwire.cli", "watch", "loss", "--json", "--target", address],
+        [sys.executable, "-m", "gradwire.cli", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         assert watch.stdout is not None
-        first = json.loads(watch.stdout.readline())
-        assert first["cause"] == "Watch"
-        watch.stdout.close()  # as `head -1` does once it has its line
-        assert watch.wait(timeout=60) == 141
-        assert watch.stderr is not None and watch.stderr.read() == ""
+        assert json.loads(watch.stdout.readline())["cause"] == "Watch"
+        watch.stdout.close()
+        watch.wait(timeout=60)
     finally:
         if watch.poll() is None:
             watch.kill()
             watch.wait(timeout=10)
+    return watch
+
+
+def test_a_watch_whose_reader_goes_ends_without_waiting_for_an_update(address: str) -> None:
+    """`gradwire watch loss | head -1` on a server where nothing changes: the watch noticed
+    the reader gone only at its next write, which never came, and held a server place for
+    ever (found by a review of watching training remotely). It ends now, 141, as at a write."""
+    watch = _watch_read_once(address)
+    assert watch.returncode == 141
+    assert watch.stderr is not None and watch.stderr.read() == ""
 
 
 def test_a_watch_that_ended_as_asked_exits_0_when_its_reader_goes_after(address: str) -> None:
@@ -235,31 +245,28 @@ def test_a_watch_that_ended_as_asked_exits_0_when_its_reader_goes_after(address:
     once the reader went, which could land after the watch had ended as asked: exit 130,
     "interrupted", in 10 runs of 15 (a review)."""
     for _ in range(5):
-        command = ["watch", "loss", "--json", "--count", "1", "--target", address]
-        watch = subprocess.Popen(
-            [sys.executable, "-m", "gradwire.cli", *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert watch.stdout is not None and watch.stderr is not None
-            assert json.loads(watch.stdout.readline())["cause"] == "Watch"
-            watch.stdout.close()
-            assert watch.wait(timeout=60) == 0, watch.stderr.read()
-        finally:
-            if watch.poll() is None:
-                watch.kill()
-                watch.wait(timeout=10)
+        watch = _watch_read_once(address, "--count", "1")
+        assert watch.stderr is not None
+        assert watch.returncode == 0, watch.stderr.read()
+
+
+@contextlib.contextmanager
+def _ctrl_c_at(*seconds: float) -> Iterator[None]:
+    """Ctrl-C (SIGINT to this process) at each of `seconds` after the block starts, unless
+    it has ended by then."""
+    presses = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGINT)) for t in seconds]
+    for press in presses:
+        press.start()
+    try:
+        yield
+    finally:
+        for press in presses:
+            press.cancel()
 
 
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
+    with _ctrl_c_at(1.0):
         result = cli("train", "--steps", "1000000", "--every", "1000", "--json")
-    finally:
-        timer.cancel()
     # The summary says where it stopped, and 130 says it was stopped: `gradwire train ...
     # && next` ran next on 0 (found by a review of the CLI).
     assert result.code == 130, result.err
@@ -272,12 +279,8 @@ def test_ctrl_c_on_a_server_side_train_reports_the_servers_version(
     cli: Run, client: gradwire.Client
 ) -> None:
     # Its summary reported the last progress's version; the server had run on past it.
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
+    with _ctrl_c_at(1.0):
         result = cli("train", "--steps", "1000000", "--every", "50", "--server-side", "--json")
-    finally:
-        timer.cancel()
     assert result.code == 130, result.err
     data = result.json()
     assert data["stopped"] is True and data["steps"] % 50 == 0  # as the progresses said
@@ -290,12 +293,8 @@ def test_ctrl_c_stops_a_server_side_train_before_its_next_progress(
 ) -> None:
     # The run went on to its last step: the command looked at Ctrl-C only at a progress
     # (44 s after the press in a review, with --every as large as --steps).
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
+    with _ctrl_c_at(1.0):
         result = cli("train", "--steps", "20000", "--every", "20000", "--server-side", "--json")
-    finally:
-        timer.cancel()
     assert result.code == 130, result.err
     data = result.json()
     assert data["stopped"] is True and data["steps"] == 0 and data["loss"] is None
@@ -307,15 +306,9 @@ def test_a_second_ctrl_c_stops_train_inside_a_step() -> None:
     # answering, until its deadline, a second Ctrl-C doing no more than the first (a review).
     with serve_process("--model", "tests.broken_models:SLOW") as (_, log):
         port = re.findall(r"listening on 127\.0\.0\.1:(\d+)", log)[0]
-        presses = [threading.Timer(t, os.kill, (os.getpid(), signal.SIGINT)) for t in (1, 2)]
         started = time.monotonic()
-        for press in presses:
-            press.start()
-        try:  # a batch of one sample: the model takes a minute over it
+        with _ctrl_c_at(1.0, 2.0):  # a batch of one sample: the model takes a minute over it
             result = run_main("train", "--batch", "1", "--target", f"127.0.0.1:{port}")
-        finally:
-            for press in presses:
-                press.cancel()
         waited = time.monotonic() - started
     assert result.code == 130, result.err
     assert "stopping after this step (Ctrl-C again to stop at once)" in result.err

@@ -31,6 +31,7 @@ from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
+from tests.serve_in_process import serving
 from tests.test_train_step import local_model, local_train_step, random_batch
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -728,46 +729,35 @@ def test_a_layer_s_own_hook_writes_nothing_of_the_run_on_meta_tensors_into_the_m
     # buffer: GetTensor and checkpoints failed until the next Forward (a review; a lambda
     # and a partial by a review of the mend, which copied methods alone, and a numpy counter
     # moved in place by the run too).
-    trainer = Trainer(ModelSpec(model.__name__, model, (4,), 3), device="cpu", seed=0)
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
-            x, y = np.ones((2, 4), np.float32), np.array([0, 2])
-            client.forward(x, y)
-            seen = client.get("seen")
-            with pytest.raises(errors.OutOfRange):
-                client.train_step(x, y, fetch=["lin.output[5]"])
-            assert trainer._model.get_buffer("seen").device.type == "cpu"
-            assert np.array_equal(client.get("seen"), seen)
-            tracking = trainer._model
-            assert isinstance(tracking, Tracking) and tracking.passes[0] == 1
-    finally:
-        running.stop(grace=None)
+    with serving(ModelSpec(model.__name__, model, (4,), 3), seed=0) as (trainer, client):
+        x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+        client.forward(x, y)
+        seen = client.get("seen")
+        with pytest.raises(errors.OutOfRange):
+            client.train_step(x, y, fetch=["lin.output[5]"])
+        assert trainer._model.get_buffer("seen").device.type == "cpu"
+        assert np.array_equal(client.get("seen"), seen)
+        tracking = trainer._model
+        assert isinstance(tracking, Tracking) and tracking.passes[0] == 1
 
 
 def test_module_outputs_whose_shapes_change_are_checked_against_the_pass_s() -> None:
     # The run on meta tensors is kept per input shape: a fetch its shapes passed was refused
     # after the step, the step applied; one that fitted the pass's shapes was refused (a
     # review).
-    trainer = Trainer(ModelSpec("Narrowing", Narrowing, (4,), 3), device="cpu", seed=0)
-    running = start(trainer, "127.0.0.1", 0)
-    try:
-        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
-            x, y = np.ones((2, 4), np.float32), np.array([0, 2])
-            assert client.train_step(x, y, fetch=["crop.output[0, 4]"]).fetched[0].value.shape == ()
-            crop = trainer._model.get_submodule("crop")
-            assert isinstance(crop, Crop) and crop.width == 5  # the next pass: 5 wide
-            version = client.list_tensors().version
+    with serving(ModelSpec("Narrowing", Narrowing, (4,), 3), seed=0) as (trainer, client):
+        x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+        assert client.train_step(x, y, fetch=["crop.output[0, 4]"]).fetched[0].value.shape == ()
+        crop = trainer._model.get_submodule("crop")
+        assert isinstance(crop, Crop) and crop.width == 5  # the next pass: 5 wide
+        client.train_step(x, y, fetch=["crop.output[0, 4]"])
+        assert crop.width == 4  # the next pass: 4 wide, and no column 4
+        version = client.list_tensors().version
+        with pytest.raises(errors.OutOfRange):
             client.train_step(x, y, fetch=["crop.output[0, 4]"])
-            assert crop.width == 4  # the next pass: 4 wide, and no column 4
-            version = client.list_tensors().version
-            with pytest.raises(errors.OutOfRange):
-                client.train_step(x, y, fetch=["crop.output[0, 4]"])
-            assert client.list_tensors().version == version
-            crop.width = 6  # wider than the shapes kept
-            assert client.train_step(x, y, fetch=["crop.output[0, 5]"]).version == version + 4
-    finally:
-        running.stop(grace=None)
+        assert client.list_tensors().version == version
+        crop.width = 6  # wider than the shapes kept
+        assert client.train_step(x, y, fetch=["crop.output[0, 5]"]).version == version + 4
 
 
 class Locking(nn.Module):
