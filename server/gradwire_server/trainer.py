@@ -1715,9 +1715,10 @@ class Trainer:
         """A forward pass for input `x` on a meta copy of the model (`_meta_copy`: shapes and
         dtypes, no memory, no arithmetic, nothing of the model's own changed), its operations
         counted by torch's FlopCounterMode."""
+        model = _meta_copy(self._model)  # outside the counter: only the pass is counted
         counter = FlopCounterMode(display=False)
         with counter:
-            outputs = self._forward_on_meta(_meta_copy(self._model), x.shape, x.dtype)
+            outputs = self._forward_on_meta(model, x.shape, x.dtype)
         return _MetaRun(counter.get_total_flops(), outputs)
 
     def _forward_on_meta(
