@@ -358,12 +358,14 @@ def test_seeded_models_built_at_once_on_threads_of_their_own_get_their_seed_s_we
     trainers = [Trainer(device="cpu", seed=seed % 2) for seed in range(4)]
     expected = [trainer.parameters["conv1.weight"].detach().clone() for trainer in trainers[:2]]
     wrong: list[int] = []
+    built: list[int] = []  # a thread that raises only warns: counted, so that it fails here
 
     def build(trainer: Trainer, seed: int) -> None:
         for _ in range(50):
-            weight = trainer._build_model(seed).conv1.weight.detach()
-            if not torch.equal(weight, expected[seed]):
+            model, _ = trainer._build_model(seed)
+            if not torch.equal(model.conv1.weight.detach(), expected[seed]):
                 wrong.append(seed)
+            built.append(seed)
 
     threads = [
         threading.Thread(target=build, args=(trainer, seed % 2))
@@ -374,6 +376,7 @@ def test_seeded_models_built_at_once_on_threads_of_their_own_get_their_seed_s_we
     for thread in threads:
         thread.join()
     assert wrong == []
+    assert len(built) == 200
     for trainer in trainers:
         trainer.close()
 

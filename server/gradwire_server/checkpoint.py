@@ -3,7 +3,8 @@
 One file holds the parameters, the gradients that exist, the model's buffers that PyTorch
 keeps in a state_dict (BatchNorm's running statistics; checkpoints before the forty-fifth
 session hold none), the optimizer's tensor state (momentum buffers, Adam's moments and step
-counts) and, as metadata, the state version, the model's name and the optimizer's settings.
+counts), the state of the model's random stream (random_stream.py; from the forty-eighth
+session) and, as metadata, the state version, the model's name and the optimizer's settings.
 It is written to a temporary file and renamed, so a crash mid-write leaves the previous
 checkpoint whole.
 """
@@ -89,9 +90,14 @@ def save(
     settings: Any,
     parameters: dict[str, torch.nn.Parameter],
     buffers: dict[str, torch.Tensor],
+    random: tuple[str, torch.Tensor] | None = None,
 ) -> None:
-    """Writes the state to `path` atomically."""
+    """Writes the state to `path` atomically. `random`: the model's random stream, as the
+    type of device whose generator it is ("cpu", "cuda") and that generator's state."""
     tensors: dict[str, torch.Tensor] = {}
+    if random is not None:
+        device_type, state = random
+        tensors[f"random/{device_type}"] = state.detach().to("cpu", copy=True).contiguous()
     names = {id(p): name for name, p in parameters.items()}
     for name, p in parameters.items():
         tensors[f"param/{name}"] = p.detach().to("cpu").contiguous()
@@ -164,6 +170,9 @@ class Loaded:
     gradients: dict[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, Any]]
     buffers: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: the model's random stream, by the type of device whose generator's state it is (none
+    #: in a checkpoint written before the forty-eighth session)
+    random: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def load(path: Path) -> Loaded:
@@ -202,7 +211,7 @@ def load(path: Path) -> Loaded:
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
         raise
-    parameters, gradients, buffers = {}, {}, {}
+    parameters, gradients, buffers, random = {}, {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, rest = key.partition("/")
         if kind == "param":
@@ -211,6 +220,8 @@ def load(path: Path) -> Loaded:
             gradients[rest] = tensor
         elif kind == "buffer":
             buffers[rest] = tensor
+        elif kind == "random":
+            random[rest] = tensor
         elif kind == "optim":
             name, _, field = rest.rpartition("/")
             state.setdefault(name, {})[field] = tensor
@@ -222,6 +233,7 @@ def load(path: Path) -> Loaded:
         gradients=gradients,
         optimizer_state=state,
         buffers=buffers,
+        random=random,
     )
 
 

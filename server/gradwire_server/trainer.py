@@ -48,6 +48,7 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.random_stream import RandomStream, built_state, check_state
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
 
@@ -848,8 +849,9 @@ class Trainer:
     def _init_state(self, seed: int | None) -> None:
         # A new session's model, or a Reset's, may not fit beside the others on the device.
         with self._device_memory("a new model"):
-            model = self._build_model(seed)
+            model, state = self._build_model(seed)
         self._adopt(model)
+        self._random = RandomStream(self.device, state)
         self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
@@ -913,7 +915,11 @@ class Trainer:
 
     # --- state helpers ------------------------------------------------------------
 
-    def _build_model(self, seed: int | None, on_device: bool = True) -> nn.Module:
+    def _build_model(
+        self, seed: int | None, on_device: bool = True
+    ) -> tuple[nn.Module, torch.Tensor]:
+        """The model, built as the spec says under `seed` (a fresh one if None), and where
+        its random stream starts (random_stream.py)."""
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
         # on every device and the process-wide generator is left alone. One build at a
         # time: the stream is the process's one generator, and GPU trainers build on threads
@@ -925,13 +931,14 @@ class Trainer:
             # plain Reset repeated the last weights, sessions opened unseeded were alike).
             generator = torch.default_generator
             if seed is None:
-                generator.seed()
+                seed = generator.seed()
             else:
                 generator.manual_seed(seed)
             model = self.spec.factory()
             _initialise_lazy_layers(model, self.spec)
+            state = built_state(self.device, seed)
         model.train()
-        return model.to(self.device) if on_device else model
+        return (model.to(self.device) if on_device else model), state
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
@@ -1425,8 +1432,9 @@ class Trainer:
             if buffers is None:
                 buffers = self._buffers_kept.keep()
             try:
-                output = self._model(x)
-                loss = self._criterion(output, y) if y is not None else None
+                with self._random.drawing():  # dropout's masks follow the model's seed
+                    output = self._model(x)
+                    loss = self._criterion(output, y) if y is not None else None
                 if x.device.type == "cuda" and not x.is_floating_point():
                     # Integer inputs index something (an Embedding's table), and on a GPU an
                     # id past its end is a device-side assert, raised at the next
@@ -2188,9 +2196,10 @@ class Trainer:
     def reset(self, seed: int | None = None) -> int:
         """A new model, PyTorch's default initialisation (seeded if asked), and a new optimizer."""
         with self._device_memory("reset"):
-            model = self._build_model(seed)
+            model, state = self._build_model(seed)
         self._optimizer = self._build_optimizer(model.parameters(), self._settings)
         self._adopt(model)
+        self._random = RandomStream(self.device, state)
         self._clear_forward()
         return self._bump()
 
@@ -2266,6 +2275,7 @@ class Trainer:
             settings=self._settings,
             parameters=self._parameters,
             buffers=self._saved_buffers(),
+            random=(self.device.type, self._random.state),
         )
         return self._version
 
@@ -2382,10 +2392,16 @@ class Trainer:
         (one written before checkpoints kept them) are loaded as a new model makes them;
         buffers it holds that the model has not registered yet, and that a forward pass
         registers (a model that makes one when first needed), are registered where the pass
-        would have (`_registered_in_forward`)."""
+        would have (`_registered_in_forward`). The model's random stream goes on from the
+        state the checkpoint holds, where it holds one of this type of device."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
+            # The stream goes on from where the save left it; one of another type of device
+            # (a CPU server's checkpoint on a GPU) is no state of this one's generator.
+            random_state = loaded.random.get(self.device.type)
+            if random_state is not None:
+                check_state(self.device, random_state)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:
@@ -2496,7 +2512,8 @@ class Trainer:
             )
             made = {}
             if lacking:
-                new = dict(self._build_model(self._seed, on_device=False).named_buffers())
+                built, _ = self._build_model(self._seed, on_device=False)
+                new = dict(built.named_buffers())
                 made = {  # but one the model registers in its forward pass: as it is
                     name: staging.to_device(new[name], self.device)
                     for name in lacking
@@ -2532,6 +2549,8 @@ class Trainer:
         for name, values in state.items():
             optimizer.state[params[name]] = values
         self._optimizer, self._settings = optimizer, settings
+        if random_state is not None:
+            self._random.state = random_state
         self._clear_forward()
         self._deltas = {}  # the last Step's change was made to the weights just replaced
         return loaded.version

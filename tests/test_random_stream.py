@@ -1,0 +1,158 @@
+"""Each model's own random stream (random_stream.py): dropout's masks follow the model's seed,
+as in a local PyTorch run, whatever sessions and the process draw between; checkpoints keep it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gradwire_server.errors import InvalidInput
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+from tests.serve_in_process import serving
+
+
+class Dropping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(torch.relu(self.fc(x))))  # type: ignore[no-any-return]
+
+
+SPEC = ModelSpec("Dropping", Dropping, (8,), 3)
+X = torch.linspace(-1, 1, 4 * 8).reshape(4, 8)
+Y = torch.tensor([0, 1, 2, 1])
+
+
+def local_outputs(seed: int, passes: int) -> list[torch.Tensor]:
+    """What a local run computes: torch.manual_seed(seed), the model, then training steps
+    (forward, loss, backward, SGD at lr 1.0, zero_grad), each step's output kept."""
+    torch.manual_seed(seed)
+    model = Dropping()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    outputs = []
+    for _ in range(passes):
+        output = model(X)
+        nn.functional.cross_entropy(output, Y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(output.detach())
+    return outputs
+
+
+def rewritten(path: Path, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of checkpoint `path`, named `name` beside it, its tensors changed by `change`."""
+    with safe_open(str(path), framework="pt") as opened:
+        metadata = opened.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    copy = path.with_name(name)
+    save_file(tensors, str(copy), metadata=metadata)
+    return copy
+
+
+def test_dropout_masks_are_a_local_run_s_of_the_same_seed_whatever_else_draws() -> None:
+    expected = local_outputs(5, 3)
+    assert not torch.equal(expected[0], expected[1])  # the masks differ from pass to pass
+    with serving(SPEC, seed=5) as (_, client), client.open_session(seed=11) as other:
+        for step, want in enumerate(expected):
+            # Another session's passes and the process's own draws fall between this
+            # model's passes: they drew from the same generator, and moved its masks.
+            other.forward(X.numpy())
+            torch.rand(17)
+            if step == 1:  # each form of pass draws from the one stream
+                client.train_step(X.numpy(), Y.numpy())
+                got = client.read("output", as_torch=True).value
+            else:
+                client.forward(X.numpy(), Y.numpy())
+                got = client.read("output", as_torch=True).value
+                client.backward()
+                client.step()
+                client.zero_grad()
+            assert torch.equal(got, want), step
+
+
+def test_two_sessions_of_one_seed_draw_the_same_masks() -> None:
+    with (
+        serving(SPEC, seed=0) as (_, client),
+        client.open_session(seed=7) as first,
+        client.open_session(seed=7) as second,
+    ):
+        first.forward(X.numpy())
+        one = first.get("output")
+        first.forward(X.numpy())  # the first session is a pass ahead now
+        second.forward(X.numpy())
+        assert np.array_equal(second.get("output"), one)
+        assert not np.array_equal(first.get("output"), one)
+
+
+def test_a_reset_with_a_seed_starts_the_stream_again() -> None:
+    expected = local_outputs(5, 1)[0]
+    with serving(SPEC, seed=5) as (_, client):
+        client.forward(X.numpy())
+        client.forward(X.numpy())
+        client.reset(seed=5)
+        client.forward(X.numpy(), Y.numpy())
+        assert torch.equal(client.read("output", as_torch=True).value, expected)
+
+
+def test_the_process_s_generator_is_left_as_it_was() -> None:
+    # An embedded trainer (gradwire serve --embedded, a notebook's Trainer) shares the process
+    # with code of its caller's that draws too.
+    trainer = Trainer(SPEC, seed=5)
+    before = torch.get_rng_state()
+    trainer.forward(X)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_checkpoint_keeps_the_stream_and_an_old_one_leaves_it_alone(tmp_path: Path) -> None:
+    trainer = Trainer(SPEC, seed=5)
+    trainer.forward(X)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+    trainer.forward(X)
+    after_save = trainer.read("output").value
+    trainer.forward(X)
+    trainer.load(path)
+    trainer.forward(X)
+    assert torch.equal(trainer.read("output").value, after_save)
+    # A checkpoint written before checkpoints kept the stream loads, and the stream goes on
+    # from where it is, not from the checkpoint's.
+    old = rewritten(path, "old.safetensors", lambda tensors: tensors.pop("random/cpu"))
+    fresh = Trainer(SPEC, seed=5)
+    fresh.forward(X)
+    fresh.load(old)
+    fresh.forward(X)
+    assert torch.equal(fresh.read("output").value, after_save)
+
+
+def test_a_damaged_random_state_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    trainer = Trainer(SPEC, seed=5)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+
+    def damage(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["random/cpu"] = torch.zeros(3, dtype=torch.uint8)
+        tensors["param/fc.weight"] = tensors["param/fc.weight"] + 1
+
+    damaged = rewritten(path, "damaged.safetensors", damage)
+    weight = trainer.read("fc.weight").value.clone()
+    with pytest.raises(InvalidInput) as refused:
+        trainer.load(damaged)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message.startswith(
+        f"cannot load {damaged}: its random state is not one of a cpu generator"
+    )
+    assert torch.equal(trainer.read("fc.weight").value, weight)
+    trainer.forward(X)  # and the stream still draws
