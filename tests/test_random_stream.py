@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from gradwire import errors
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
@@ -31,6 +32,31 @@ class Dropping(nn.Module):
 
 
 SPEC = ModelSpec("Dropping", Dropping, (8,), 3)
+
+
+class _FailsBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this backward pass fails")
+
+
+class Failing(Dropping):
+    """Draws its masks, then refuses an input starting 99, or fails in the backward pass of
+    one starting 77."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if x[0, 0] == 99:
+            raise ValueError("an input starting 99 is refused")
+        if x[0, 0] == 77:
+            out = _FailsBackward.apply(out)
+        return out
+
+
 X = torch.linspace(-1, 1, 4 * 8).reshape(4, 8)
 Y = torch.tensor([0, 1, 2, 1])
 
@@ -81,6 +107,23 @@ def test_dropout_masks_are_a_local_run_s_of_the_same_seed_whatever_else_draws() 
                 client.step()
                 client.zero_grad()
             assert torch.equal(got, want), step
+
+
+def test_a_failed_call_leaves_the_stream_where_it_was() -> None:
+    # A failed call changes nothing (the contract): the masks its pass drew are drawn again
+    # by the next pass, as if it had not been made.
+    expected = local_outputs(5, 1)[0]
+    refused, fails_later = X.clone(), X.clone()
+    refused[0, 0], fails_later[0, 0] = 99, 77
+    with serving(ModelSpec("Failing", Failing, (8,), 3), seed=5) as (_, client):
+        with pytest.raises(errors.InvalidArgument):
+            client.forward(refused.numpy())
+        # a TrainStep's forward pass done, its backward pass failing: the step is undone
+        with pytest.raises(errors.Internal):
+            client.train_step(fails_later.numpy(), Y.numpy())
+        assert client.list_tensors().version == 0
+        client.forward(X.numpy(), Y.numpy())
+        assert torch.equal(client.read("output", as_torch=True).value, expected)
 
 
 def test_two_sessions_of_one_seed_draw_the_same_masks() -> None:

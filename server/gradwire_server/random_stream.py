@@ -5,7 +5,8 @@ PyTorch draws dropout's masks from the process's one generator per device, and a
 several models (sessions), so a model's masks depended on what the others, and the server
 itself, had drawn before: two runs of one seed came out different, and none matched a local
 run. A trainer keeps its generator's state here instead and puts it in the generator around
-each of its forward passes (`RandomStream.drawing`), the process's own put back after.
+each of its forward passes (`DeviceGenerator.drawing`), the process's own put back after;
+a pass that fails leaves the stream where it was, as a failed call leaves the rest.
 
 Where a stream starts (`built_state`): on the CPU, where the model's build left the seeded
 generator, so that a model without lazy layers draws the masks a local run of
@@ -19,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -56,24 +58,35 @@ def check_state(device: torch.device, state: torch.Tensor) -> None:
         ) from None
 
 
-class RandomStream:
-    """The state of one model's generator, kept apart from the process's (module doc)."""
+@dataclass
+class Drawn:
+    """Where a block's draws left a stream (`DeviceGenerator.drawing`)."""
 
-    def __init__(self, device: torch.device, state: torch.Tensor) -> None:
+    state: torch.Tensor
+
+
+class DeviceGenerator:
+    """The process's generator for one device, through which models draw from their own
+    streams (module doc). A stream's state is its model's: a trainer keeps it beside the
+    rest of its state, so that a call that fails, whose changes a trainer puts back, puts
+    back what its passes drew too."""
+
+    def __init__(self, device: torch.device) -> None:
         name, self._generator = _generator(device)
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(name, threading.Lock())
-        #: the state the next pass starts from (what a checkpoint keeps)
-        self.state = state
 
     @contextmanager
-    def drawing(self) -> Iterator[None]:
-        """The block draws from this stream; the process's generator is as it was after."""
+    def drawing(self, state: torch.Tensor) -> Iterator[Drawn]:
+        """The block draws from the stream at `state`; where it left the stream is in what
+        it yields once the block ends (however it ends), and the process's generator is as
+        it was before."""
+        drawn = Drawn(state)
         with self._lock:
             process = self._generator.get_state()
-            self._generator.set_state(self.state)
+            self._generator.set_state(state)
             try:
-                yield
+                yield drawn
             finally:
-                self.state = self._generator.get_state()
+                drawn.state = self._generator.get_state()
                 self._generator.set_state(process)

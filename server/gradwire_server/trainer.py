@@ -48,7 +48,7 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.random_stream import RandomStream, built_state, check_state
+from gradwire_server.random_stream import DeviceGenerator, built_state, check_state
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
 
@@ -844,6 +844,8 @@ class Trainer:
         #: drawn now if none is given): a new model built with it gives the buffers an old
         #: checkpoint lacks, the same at every load.
         self._seed = seed if seed is not None else secrets.randbits(63)
+        #: what the model's forward passes draw from, its own stream put in for each
+        self._generator = self._torch.run(DeviceGenerator, self.device)
         self._run(self._init_state, self._seed)
 
     def _init_state(self, seed: int | None) -> None:
@@ -851,7 +853,7 @@ class Trainer:
         with self._device_memory("a new model"):
             model, state = self._build_model(seed)
         self._adopt(model)
-        self._random = RandomStream(self.device, state)
+        self._random_state = state  # where the model's random stream is (random_stream.py)
         self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
@@ -1432,7 +1434,8 @@ class Trainer:
             if buffers is None:
                 buffers = self._buffers_kept.keep()
             try:
-                with self._random.drawing():  # dropout's masks follow the model's seed
+                # The model's own random stream: dropout's masks follow its seed.
+                with self._generator.drawing(self._random_state) as drawn:
                     output = self._model(x)
                     loss = self._criterion(output, y) if y is not None else None
                 if x.device.type == "cuda" and not x.is_floating_point():
@@ -1461,6 +1464,7 @@ class Trainer:
         if self._model.training:  # a pass in eval mode leaves what training changes alone
             self._buffers_kept.learn(buffers)
         self._input, self._target, self._output, self._loss = x, y, output, loss
+        self._random_state = drawn.state  # replaced, not changed: a TrainStep's undo keeps it
         self._activations, self._pending = self._pending, {}
         self._graph_alive = loss is not None
         self._parameters_changed = False
@@ -2199,7 +2203,7 @@ class Trainer:
             model, state = self._build_model(seed)
         self._optimizer = self._build_optimizer(model.parameters(), self._settings)
         self._adopt(model)
-        self._random = RandomStream(self.device, state)
+        self._random_state = state
         self._clear_forward()
         return self._bump()
 
@@ -2275,7 +2279,7 @@ class Trainer:
             settings=self._settings,
             parameters=self._parameters,
             buffers=self._saved_buffers(),
-            random=(self.device.type, self._random.state),
+            random=(self.device.type, self._random_state),
         )
         return self._version
 
@@ -2550,7 +2554,7 @@ class Trainer:
             optimizer.state[params[name]] = values
         self._optimizer, self._settings = optimizer, settings
         if random_state is not None:
-            self._random.state = random_state
+            self._random_state = random_state
         self._clear_forward()
         self._deltas = {}  # the last Step's change was made to the weights just replaced
         return loaded.version
