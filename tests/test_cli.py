@@ -199,6 +199,21 @@ def test_get_prints_the_torch_repr(cli: Run) -> None:
     assert result.out == repr(expected) + "\n"
 
 
+def test_get_prints_torch_s_repr_without_importing_torch(client: gradwire.Client) -> None:
+    """Importing torch for its repr took about a second of every `gradwire get`: the values
+    are printed from numpy as torch prints them (tensor_repr.py), torch never imported."""
+    says = "import atexit, sys; atexit.register(lambda: print('torch' in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"{says}; {GRADWIRE_PROCESS[2]}", "get", "conv1.weight[0]",
+         "--target", client.target],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    *printed, imported = done.stdout.splitlines()
+    assert imported == "False"
+    assert "\n".join(printed) == repr(local_model().conv1.weight[0].detach())
+
+
 def test_get_of_a_bfloat16_tensor_prints_it() -> None:
     """`gradwire get` of a bfloat16 tensor failed with a traceback (numpy has no
     bfloat16); --json, stats and watch of it worked (found by the nineteenth session's

@@ -38,7 +38,7 @@ from gradwire.client import (
     check_session,
 )
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
-from gradwire.display import format_size, format_tensor, torch_available
+from gradwire.display import format_size, format_tensor
 from gradwire.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -572,9 +572,8 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if args.out is not None:
         _save_npy(args, client, selector, out)
         return
-    read = client.read(
-        args.selector, values=not args.shape_only, as_torch=torch_available() and not args.json
-    )
+    # numpy, printed as torch prints it (display.py): importing torch took a second more
+    read = client.read(args.selector, values=not args.shape_only)
     data = {
         "name": read.name,
         "selector": str(selector),
@@ -588,7 +587,7 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         text = "None" if read.shape is None else format_size(read.shape)
     else:
         data["values"] = _jsonable(read.value)
-        text = format_tensor(read.value)
+        text = format_tensor(read.value, read.dtype)
     _emit(out, args, data, text)
     if not read.present:
         _note_absent(args, read.name)

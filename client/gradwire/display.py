@@ -1,16 +1,21 @@
-"""Show fetched values the way PyTorch prints them: torch's own repr when torch is importable.
+"""Show fetched values the way PyTorch prints them, with or without torch.
 
-The thin client works without torch; then values print through numpy in a close likeness.
+A torch tensor prints as its own repr; an array, as the torch tensor holding its values would
+(tensor_repr.py), so that a client without torch, and the command line, which does not import
+torch for it (a second of every `gradwire get`), print what a local run prints.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
 import numpy as np
+
+from gradwire.tensor_repr import tensor_repr
 
 
 @cache
@@ -18,20 +23,16 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def format_tensor(value: Any) -> str:
-    """`tensor([0.1000, 0.1000, 0.1000])` for a tensor or array; `None` for an absent one."""
+def format_tensor(value: Any, dtype: str | None = None) -> str:
+    """`tensor([0.1000, 0.1000, 0.1000])` for a tensor or array; `None` for an absent one.
+    `dtype`: the torch dtype an array's values are of, where it is not the array's own (a
+    bfloat16 tensor's values, read as float32)."""
     if value is None:
         return "None"
-    if torch_available():
-        import torch
-
-        if not isinstance(value, torch.Tensor):
-            value = torch.from_numpy(np.array(value))
+    torch = sys.modules.get("torch")  # a torch tensor comes only from a process that has it
+    if torch is not None and isinstance(value, torch.Tensor):
         return repr(value)
-    array = np.asarray(value)
-    body = np.array2string(array, separator=", ", precision=4, floatmode="fixed", prefix="tensor(")
-    suffix = "" if array.dtype in (np.float32, np.int64, np.bool_) else f", dtype={array.dtype}"
-    return f"tensor({body}{suffix})"
+    return tensor_repr(np.asarray(value), dtype)
 
 
 def format_size(shape: Sequence[int]) -> str:

@@ -1,0 +1,112 @@
+"""tensor_repr (torch's repr without torch) against torch's own repr, tensor by tensor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradwire.tensor_repr import tensor_repr
+
+SHAPES = [
+    (),
+    (1,),
+    (3,),
+    (6,),
+    (7,),
+    (20,),
+    (200,),
+    (1001,),
+    (5000,),
+    (2, 3),
+    (7, 7),
+    (3, 400),
+    (400, 3),
+    (40, 40),
+    (2, 3, 4),
+    (8, 8, 20),
+    (2, 1, 3, 3),
+    (4, 1, 5, 5),
+    (10, 3, 5, 5),
+    (0,),
+    (0, 3),
+    (2, 0, 4),
+]
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+INTEGERS = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+
+
+def _floats(rng: np.random.Generator, shape: tuple[int, ...], kind: int) -> np.ndarray:
+    n = int(np.prod(shape))
+    if kind == 0:  # weights and gradients: small, of both signs
+        values = rng.normal(0, 0.1, n)
+    elif kind == 1:  # whole numbers, as a float tensor of counts holds
+        values = rng.integers(-50, 50, n).astype(np.float64)
+    elif kind == 2:  # magnitudes far apart: scientific notation
+        values = rng.normal(0, 1, n) * 10.0 ** rng.integers(-9, 9, n)
+    elif kind == 3:  # huge
+        values = rng.normal(0, 1e9, n)
+    elif kind == 4:  # zeros, with a few values
+        values = np.zeros(n)
+        values[rng.integers(0, max(n, 1), min(n, 3))] = rng.normal(0, 1, min(n, 3))
+    elif kind == 5:  # close to 1, where rounding to 4 places matters
+        values = 1 + rng.normal(0, 1e-3, n)
+    else:  # ordinary, large
+        values = rng.normal(0, 30, n)
+    if n and rng.random() < 0.4:  # NaN, infinities and negative zero among them
+        specials = np.array([np.nan, np.inf, -np.inf, -0.0])
+        where = rng.integers(0, n, min(n, 4))
+        values[where] = specials[rng.integers(0, 4, len(where))]
+    return values.reshape(shape)
+
+
+def _cases() -> list[torch.Tensor]:
+    rng = np.random.default_rng(20261204)
+    cases = []
+    for shape in SHAPES:
+        for dtype in FLOATS:
+            for kind in range(7):
+                values = torch.from_numpy(_floats(rng, shape, kind))
+                cases.append(values.to(dtype))
+        for dtype in INTEGERS:
+            info = torch.iinfo(dtype)
+            for high in (10, info.max):
+                low = max(info.min, -high)
+                values = rng.integers(low, high, shape, endpoint=True)
+                cases.append(torch.from_numpy(np.asarray(values)).to(dtype))
+        cases.append(torch.from_numpy(np.asarray(rng.random(shape) < 0.5)))
+    # all NaN, all zero, one infinity, a single scalar of each kind
+    cases += [
+        torch.full((3,), float("nan")),
+        torch.zeros(4, 2),
+        torch.tensor([float("inf")]),
+        torch.tensor(-0.0),
+        torch.tensor(7),
+        torch.tensor(True),
+        torch.tensor(1e-5, dtype=torch.float64),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [*FLOATS, *INTEGERS, torch.bool])
+def test_tensor_repr_is_torch_s_repr(dtype: torch.dtype) -> None:
+    checked = 0
+    for tensor in _cases():
+        if tensor.dtype != dtype:
+            continue
+        # bfloat16 comes to the client as float32, which holds each value exactly
+        array = tensor.float().numpy() if dtype == torch.bfloat16 else tensor.numpy()
+        name = str(dtype).removeprefix("torch.")
+        assert tensor_repr(array, name) == repr(tensor), (tuple(tensor.shape), tensor)
+        checked += 1
+    assert checked >= 20
+
+
+def test_tensor_repr_takes_the_array_s_own_dtype_by_default() -> None:
+    array = np.array([1.5, 2.0], np.float64)
+    assert (
+        tensor_repr(array)
+        == repr(torch.from_numpy(array))
+        == ("tensor([1.5000, 2.0000], dtype=torch.float64)")
+    )
+    assert tensor_repr([[1, 2], [3, 4]]) == "tensor([[1, 2],\n        [3, 4]])"
