@@ -38,6 +38,11 @@ def test_replay_equals_local_pytorch(client: gradwire.Client, init: str, seed: i
         assert _same(getattr(result, name), getattr(local, name)), name
     assert result.grad_after_zero is None and local.grad_after_zero is None
     assert result.identity_holds
+    # Printed as PyTorch prints them, though the replay does not import torch to print.
+    text = "\n".join(lines)
+    printed = ["grad_slice", "weight_slice_before", "weight_slice_after"]
+    for name in printed + (["linear_grad_rows"] if init == "fill" else []):
+        assert f"\n{getattr(local, name)!r}\n" in text, name
     # the lesson, checked here independently of the replay's own check
     np.testing.assert_array_equal(result.weight_after, result.weight_before - result.grad)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from gradwire.client import Client
-from gradwire.display import format_size, format_tensor, torch_available
+from gradwire.display import format_size, format_tensor
 from gradwire.fill import Fill
 
 Init = Literal["fill", "random"]
@@ -69,7 +69,6 @@ def replay(
             f"the tutorial needs the {MODEL} model, and this server serves {model}: start one "
             "with the default model (gradwire serve without --model), or use replay --embedded"
         )
-    as_torch = torch_available()
     # Every call in one batch (client.batch): sent in one message, run in order, answered
     # in one, so that the replay waits for one round trip of the network, not seventeen.
     # The transcript is written once the answers are in.
@@ -81,18 +80,18 @@ def replay(
             p.reset(seed)
         p.set_optimizer("sgd", lr=LR)
         forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
-        grad_before = p.get("conv1.weight.grad", as_torch=as_torch)
+        grad_before = p.get("conv1.weight.grad")
         p.backward()
-        grad_slice = p.get("conv1.weight.grad[0][0][0]", as_torch=as_torch)
-        linear_rows = p.get("linear.weight.grad[:2, :3]", as_torch=as_torch)
-        weight_slice_before = p.get("conv1.weight[0][0][0]", as_torch=as_torch)
+        grad_slice = p.get("conv1.weight.grad[0][0][0]")
+        linear_rows = p.get("linear.weight.grad[:2, :3]")
+        weight_slice_before = p.get("conv1.weight[0][0][0]")
         weight_before = p.get("conv1.weight")
         grad = p.get("conv1.weight.grad")
         p.step()
-        weight_slice_after = p.get("conv1.weight[0][0][0]", as_torch=as_torch)
+        weight_slice_after = p.get("conv1.weight[0][0][0]")
         weight_after = p.get("conv1.weight")
         p.zero_grad()
-        grad_after_zero = p.get("conv1.weight.grad", as_torch=as_torch)
+        grad_after_zero = p.get("conv1.weight.grad")
 
     def show(code: str, value: Any = ..., note: str = "") -> None:
         write(f">>> {code}")
