@@ -3,6 +3,7 @@ as in a local PyTorch run, whatever sessions and the process draw between; check
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,6 +158,52 @@ def test_the_process_s_generator_is_left_as_it_was() -> None:
     before = torch.get_rng_state()
     trainer.forward(X)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class Noisy(nn.Module):
+    """Adds CPU noise of its own making (torch.rand without a device) to its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + torch.rand(x.shape[0], 1)  # type: ignore[no-any-return]
+
+
+def test_a_run_on_meta_tensors_leaves_the_process_s_generator_alone() -> None:
+    # A TrainStep fetching a module's output first runs the model on meta tensors, to check
+    # the fetch against its shape: the noise drawn there came from the process's generator.
+    trainer = Trainer(ModelSpec("Noisy", Noisy, (8,), 3), seed=5)
+    before = torch.get_rng_state()
+    trainer.train_step(X, Y, fetch=[("fc.output", ())], use=lambda selection: None)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.timeout(120)
+def test_a_model_whose_forward_runs_another_trainer_s_runs() -> None:
+    """A student whose forward pass asks a teacher, a CPU trainer of the same process, for
+    its output: the two streams nest (the swap's lock, taken twice on the one torch thread,
+    stopped every CPU trainer of the process: found by a review)."""
+    teacher = Trainer(SPEC, seed=1)
+
+    class Student(Dropping):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            teacher.forward(x)
+            return super().forward(x) + teacher.read("output").value
+
+    student = Trainer(ModelSpec("Student", Student, (8,), 3), seed=5)
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(student.forward(X)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done, "the student's forward pass did not end"
+    # each drew from its own stream, as a local run of each seed draws
+    torch.manual_seed(1)
+    from_teacher = Dropping()(X)
+    torch.manual_seed(5)
+    expected = (Dropping()(X) + from_teacher).detach()
+    assert torch.equal(student.read("output").value, expected)
 
 
 def test_a_checkpoint_keeps_the_stream_and_an_old_one_leaves_it_alone(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ def save(
     random: tuple[str, torch.Tensor] | None = None,
 ) -> None:
     """Writes the state to `path` atomically. `random`: the model's random stream, as the
-    type of device whose generator it is ("cpu", "cuda") and that generator's state."""
+    type of device whose generator it is ("cpu": random_stream.py) and that generator's
+    state."""
     tensors: dict[str, torch.Tensor] = {}
     if random is not None:
         device_type, state = random

@@ -1,18 +1,24 @@
 """Each model's own random stream: what its forward passes draw (dropout's masks) follows its
-seed, whatever else the process draws.
+seed, whatever else the process draws between its calls.
 
-PyTorch draws dropout's masks from the process's one generator per device, and a server holds
-several models (sessions), so a model's masks depended on what the others, and the server
-itself, had drawn before: two runs of one seed came out different, and none matched a local
-run. A trainer keeps its generator's state here instead and puts it in the generator around
-each of its forward passes (`DeviceGenerator.drawing`), the process's own put back after;
-a pass that fails leaves the stream where it was, as a failed call leaves the rest.
+PyTorch draws dropout's masks from the process's one generator, and a server holds several
+models (sessions), so a model's masks depended on what the others, and the server itself, had
+drawn before: two runs of one seed came out different, and none matched a local run. A CPU
+trainer keeps its stream's state instead and puts it in the generator around each of its
+forward passes (`drawing`), the process's own put back after; a pass that fails leaves the
+stream where it was, as a failed call leaves the rest. A draw made on another thread while a
+pass runs (an embedding caller's) still takes its numbers from the model's stream: PyTorch
+has no way to give dropout a generator of its own.
 
-Where a stream starts (`built_state`): on the CPU, where the model's build left the seeded
-generator, so that a model without lazy layers draws the masks a local run of
-`torch.manual_seed(seed); model = factory()` draws in the same passes; on a GPU, at a CUDA
-generator seeded with the seed, as `torch.manual_seed` leaves it. A checkpoint keeps the state
-(`checkpoint.py`), so a load goes on with the masks a run would have drawn from it.
+A stream starts where the model's build left the seeded generator (`built_state`), so that a
+model without lazy layers draws the masks a local run of `torch.manual_seed(seed); model =
+factory()` draws in the same passes. A checkpoint keeps the state (`checkpoint.py`), so a load
+goes on with the masks a run would have drawn from it.
+
+Built for the CPU. A model on a GPU draws from its device's generator, shared by the sessions
+there, as before: swapping a CUDA generator's state resets cuDNN's RNN dropout state at each
+swap (a device synchronisation, and masks no local run draws), and the sessions on one device
+would wait for each other's passes; neither could be measured without a GPU.
 """
 
 from __future__ import annotations
@@ -24,69 +30,51 @@ from dataclasses import dataclass
 
 import torch
 
-#: One lock per generator: on the CPU every trainer runs on one thread (torch_thread.py), so
-#: it is never contended there; on a GPU each trainer has a thread of its own, and two models
-#: on one device swapping that device's generator at once would draw from each other's state.
-_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _generator(device: torch.device) -> tuple[str, torch.Generator]:
-    """The process's generator that operations on `device` draw from, and a name for it."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index}", torch.cuda.default_generators[index]
-    return "cpu", torch.default_generator
-
-
-def built_state(device: torch.device, seed: int) -> torch.Tensor:
-    """Where the stream of a model built with `seed` starts. Called on the CPU inside the
-    build's forked generator, after the build: the state it left there."""
-    if device.type == "cuda":
-        return torch.Generator(device=device).manual_seed(seed).get_state()
-    return torch.default_generator.get_state()
-
-
-def check_state(device: torch.device, state: torch.Tensor) -> None:
-    """ValueError when `state` is not a state of `device`'s generator (a damaged checkpoint):
-    put in place, it would fail every forward pass after."""
-    try:
-        torch.Generator(device=device).set_state(state)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"its random state is not one of a {device.type} generator: {err}"
-        ) from None
+#: Held while a stream is in the generator. Every CPU trainer runs on one thread
+#: (torch_thread.py), so it is contended only by callers of an embedded trainer; re-entrant
+#: for a model whose forward pass runs another CPU trainer's (a teacher's), whose stream is
+#: swapped in and out inside its own.
+_LOCK = threading.RLock()
 
 
 @dataclass
 class Drawn:
-    """Where a block's draws left a stream (`DeviceGenerator.drawing`)."""
+    """Where a block's draws left a stream (`drawing`)."""
 
-    state: torch.Tensor
+    state: torch.Tensor | None
 
 
-class DeviceGenerator:
-    """The process's generator for one device, through which models draw from their own
-    streams (module doc). A stream's state is its model's: a trainer keeps it beside the
-    rest of its state, so that a call that fails, whose changes a trainer puts back, puts
-    back what its passes drew too."""
+def built_state(device: torch.device) -> torch.Tensor | None:
+    """Where the stream of a model built for `device` starts: called inside the build's
+    seeded, forked generator once the build is done, the state it left there; None where
+    models keep no stream of their own (a GPU: module doc)."""
+    return torch.default_generator.get_state() if device.type == "cpu" else None
 
-    def __init__(self, device: torch.device) -> None:
-        name, self._generator = _generator(device)
-        with _LOCKS_GUARD:
-            self._lock = _LOCKS.setdefault(name, threading.Lock())
 
-    @contextmanager
-    def drawing(self, state: torch.Tensor) -> Iterator[Drawn]:
-        """The block draws from the stream at `state`; where it left the stream is in what
-        it yields once the block ends (however it ends), and the process's generator is as
-        it was before."""
-        drawn = Drawn(state)
-        with self._lock:
-            process = self._generator.get_state()
-            self._generator.set_state(state)
-            try:
-                yield drawn
-            finally:
-                drawn.state = self._generator.get_state()
-                self._generator.set_state(process)
+def check_state(state: torch.Tensor) -> None:
+    """ValueError when `state` is not a state of the CPU's generator (a damaged checkpoint):
+    put in place, it would fail every forward pass after."""
+    try:
+        torch.Generator().set_state(state)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"its random state is not one of a cpu generator: {err}") from None
+
+
+@contextmanager
+def drawing(state: torch.Tensor | None) -> Iterator[Drawn]:
+    """The block draws from the stream at `state` (None: from the process's generator);
+    where it left the stream is in what it yields once the block ends, however it ends, and
+    the process's generator is as it was before."""
+    drawn = Drawn(state)
+    if state is None:
+        yield drawn
+        return
+    generator = torch.default_generator
+    with _LOCK:
+        process = generator.get_state()
+        generator.set_state(state)
+        try:
+            yield drawn
+        finally:
+            drawn.state = generator.get_state()
+            generator.set_state(process)

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire import codec
 from gradwire.codec import numel
-from gradwire_server import checkpoint, live, openmp, optim, staging
+from gradwire_server import checkpoint, live, openmp, optim, random_stream, staging
 from gradwire_server.buffers import Before, Buffers
 from gradwire_server.errors import (
     DeadlinePassed,
@@ -48,7 +48,6 @@ from gradwire_server.errors import (
 )
 from gradwire_server.indexing import IndexChain, select
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.random_stream import DeviceGenerator, built_state, check_state
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
 
@@ -844,8 +843,6 @@ class Trainer:
         #: drawn now if none is given): a new model built with it gives the buffers an old
         #: checkpoint lacks, the same at every load.
         self._seed = seed if seed is not None else secrets.randbits(63)
-        #: what the model's forward passes draw from, its own stream put in for each
-        self._generator = self._torch.run(DeviceGenerator, self.device)
         self._run(self._init_state, self._seed)
 
     def _init_state(self, seed: int | None) -> None:
@@ -853,7 +850,8 @@ class Trainer:
         with self._device_memory("a new model"):
             model, state = self._build_model(seed)
         self._adopt(model)
-        self._random_state = state  # where the model's random stream is (random_stream.py)
+        #: where the model's random stream is (random_stream.py; None on a GPU)
+        self._random_state = state
         self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
@@ -919,7 +917,7 @@ class Trainer:
 
     def _build_model(
         self, seed: int | None, on_device: bool = True
-    ) -> tuple[nn.Module, torch.Tensor]:
+    ) -> tuple[nn.Module, torch.Tensor | None]:
         """The model, built as the spec says under `seed` (a fresh one if None), and where
         its random stream starts (random_stream.py)."""
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
@@ -938,7 +936,7 @@ class Trainer:
                 generator.manual_seed(seed)
             model = self.spec.factory()
             _initialise_lazy_layers(model, self.spec)
-            state = built_state(self.device, seed)
+            state = random_stream.built_state(self.device)
         model.train()
         return (model.to(self.device) if on_device else model), state
 
@@ -1435,7 +1433,7 @@ class Trainer:
                 buffers = self._buffers_kept.keep()
             try:
                 # The model's own random stream: dropout's masks follow its seed.
-                with self._generator.drawing(self._random_state) as drawn:
+                with random_stream.drawing(self._random_state) as drawn:
                     output = self._model(x)
                     loss = self._criterion(output, y) if y is not None else None
                 if x.device.type == "cuda" and not x.is_floating_point():
@@ -1741,7 +1739,9 @@ class Trainer:
         of it, which go nowhere else (not into the outputs of the last Forward)."""
         self._pending = {}
         try:
-            with torch.no_grad():
+            # Forked: a model that draws CPU noise of its own (torch.rand without a device)
+            # draws it in this run too, and moved the process's generator (a review).
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 model(torch.empty(shape, dtype=dtype, device="meta"))
             return self._pending
         finally:
@@ -2279,7 +2279,7 @@ class Trainer:
             settings=self._settings,
             parameters=self._parameters,
             buffers=self._saved_buffers(),
-            random=(self.device.type, self._random_state),
+            random=None if self._random_state is None else ("cpu", self._random_state),
         )
         return self._version
 
@@ -2396,16 +2396,15 @@ class Trainer:
         (one written before checkpoints kept them) are loaded as a new model makes them;
         buffers it holds that the model has not registered yet, and that a forward pass
         registers (a model that makes one when first needed), are registered where the pass
-        would have (`_registered_in_forward`). The model's random stream goes on from the
-        state the checkpoint holds, where it holds one of this type of device."""
+        would have (`_registered_in_forward`). On the CPU, the model's random stream goes
+        on from the state the checkpoint holds, where it holds one."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
-            # The stream goes on from where the save left it; one of another type of device
-            # (a CPU server's checkpoint on a GPU) is no state of this one's generator.
-            random_state = loaded.random.get(self.device.type)
+            # The stream goes on from where the save left it, on the CPU (random_stream.py).
+            random_state = loaded.random.get("cpu") if self._random_state is not None else None
             if random_state is not None:
-                check_state(self.device, random_state)
+                random_stream.check_state(random_state)
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:
