@@ -238,7 +238,13 @@ def test_a_reflection_stream_its_caller_leaves_is_counted_cancelled(
 ) -> None:
     """Counted UNKNOWN: grpcio-reflection lets the request stream's error out of its handler,
     and an alert on UNKNOWN fired whenever grpcurl or an IDE's client was cancelled (found
-    by a review of running the server for several users)."""
+    by a review of running the server for several users).
+
+    gRPC may end the handler's request stream, as a client's close does, before it marks
+    the call cancelled: the handler then ends as at a close, and the call is answered and
+    counted OK (6 of 40 runs of this test's two cases, forty-ninth session, when it
+    asserted CANCELLED at once). So each try must be counted once, never UNKNOWN, and one
+    of a few tries CANCELLED."""
     method = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
     reflect = channel.stream_stream(
         method,
@@ -251,15 +257,23 @@ def test_a_reflection_stream_its_caller_leaves_is_counted_cancelled(
         yield reflection_pb2.ServerReflectionRequest(list_services="")
         hold.wait(timeout=60)
 
+    def counted() -> float:  # the streams counted, whichever way
+        samples = scrape(watched)
+        return sum(calls(samples, method, code) for code in ("OK", "CANCELLED", "UNKNOWN"))
+
     try:
-        call = reflect(requests(), timeout=60 if ends == "cancelled" else 1)
-        next(call)  # the stream is open, its handler waiting for the next request
-        if ends == "cancelled":
-            call.cancel()
-        with pytest.raises(grpc.RpcError):
-            next(call)
-        eventually(lambda: calls(scrape(watched), method, "CANCELLED") == 1)
-        assert calls(scrape(watched), method, "UNKNOWN") == 0
+        for attempt in range(1, 6):
+            call = reflect(requests(), timeout=60 if ends == "cancelled" else 1)
+            next(call)  # the stream is open, its handler waiting for the next request
+            if ends == "cancelled":
+                call.cancel()
+            with pytest.raises(grpc.RpcError):
+                next(call)
+            eventually(lambda attempt=attempt: counted() == attempt)
+            assert calls(scrape(watched), method, "UNKNOWN") == 0
+            if calls(scrape(watched), method, "CANCELLED") == 1:
+                break
+        assert calls(scrape(watched), method, "CANCELLED") == 1, "every cancel read as a close"
     finally:
         hold.set()
 
