@@ -231,6 +231,29 @@ def test_get_of_a_bfloat16_tensor_prints_it() -> None:
         assert data["dtype"] == "bfloat16" and data["values"] == expected.float().tolist()
 
 
+def test_a_remote_bfloat16_slice_prints_as_torch_does_without_importing_torch() -> None:
+    """`repr(client.remote.weight[0, :3])` imported torch where it was installed, and
+    without it printed a bfloat16 tensor as float32 (no `dtype=torch.bfloat16`)."""
+    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
+                     input_dtype=torch.bfloat16)  # fmt: skip
+    with serving(spec, seed=0) as (_, client):
+        expected = client.get("weight[0, :3]", as_torch=True)
+        assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
+        script = (
+            "import sys, gradwire\n"
+            f"with gradwire.connect({client.target!r}, timeout=30) as client:\n"
+            "    print(repr(client.remote.weight[0, :3]))\n"
+            "print('torch' in sys.modules)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    assert (done.returncode, done.stderr) == (0, "")
+    *printed, imported = done.stdout.splitlines()
+    assert imported == "False"
+    assert "\n".join(printed) == repr(expected)
+
+
 def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> None:
     cli("forward")
     cli("backward")

@@ -549,6 +549,24 @@ def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire
     assert part.split(maxsplit=1)[1].startswith("tensor([")  # a slice of 3: every value
 
 
+def test_watch_values_of_a_bfloat16_slice_say_their_dtype() -> None:
+    """Its values arrive as float32: the cell printed them as a float32 tensor's."""
+    from torch import nn
+
+    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
+                     input_dtype=torch.bfloat16)  # fmt: skip
+    with serving(spec, seed=0) as (_, client):
+        expected = client.get("weight[0, :3]", as_torch=True)
+        assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
+        argv = ("watch", "weight[0, :3]", "--values", "--count", "1", "--target", client.target)
+        result = run_main(*argv)
+    assert (result.code, result.err) == (0, "")
+    selector, cell = result.out.splitlines()[1].strip().split("  ", maxsplit=1)
+    assert selector == "weight[0, :3]"
+    assert cell == " ".join(repr(expected).split())
+    assert cell.endswith("dtype=torch.bfloat16)")
+
+
 def test_forward_by_default_fits_a_model_of_scalar_samples() -> None:
     # Token ids of shape [N]: sample_shape () read as "not described", and the tutorial's
     # [8, 3, 10, 10] went to it.

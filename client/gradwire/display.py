@@ -7,20 +7,13 @@ torch for it (a second of every `gradwire get`), print what a local run prints.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
 import numpy as np
 
 from gradwire.tensor_repr import tensor_repr
-
-
-@cache
-def torch_available() -> bool:
-    return importlib.util.find_spec("torch") is not None
 
 
 def format_tensor(value: Any, dtype: str | None = None) -> str:

@@ -151,13 +151,13 @@ WATCH_BAR = 30
 CELL_VALUES = 12
 
 
-def value_cell(value: Any) -> str:
+def value_cell(value: Any, dtype: str | None = None) -> str:
     """A tensor's values on one line: in full up to CELL_VALUES of them, else the first six
     and last three of them in memory order, with the shape (a conv weight's 432 values made
-    a line 7 KB long)."""
+    a line 7 KB long). `dtype`: as format_tensor's."""
     array = np.asarray(value)
     if array.size <= CELL_VALUES:
-        return " ".join(format_tensor(value).split())
+        return " ".join(format_tensor(value, dtype).split())
     flat = array.reshape(-1)
 
     def shown(values: Any) -> str:
@@ -187,7 +187,7 @@ class WatchTable:
             if not watched.present:
                 cell = "absent"
             elif watched.value is not None:
-                cell = value_cell(watched.value)
+                cell = value_cell(watched.value, watched.dtype)
                 if watched.stats is not None:
                     cell += "  |  " + summary_cells(watched.stats)
             else:

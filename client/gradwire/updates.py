@@ -72,6 +72,9 @@ class Watched:
     #: The selector it was watched by, as Python writes it ("conv1.weight[0, 0]"); "" when
     #: not known (an update decoded without its request)
     selector: str = ""
+    #: The torch dtype its values are of ("bfloat16", whose values arrive as float32);
+    #: None when no values came
+    dtype: str | None = None
 
     @property
     def present(self) -> bool:
@@ -179,6 +182,7 @@ def watch_update(
                 stats_from_proto(watched.stats) if watched.HasField("stats") else None,
                 tuple(watched.full_shape) if present else None,
                 selectors[i] if i < len(selectors) else "",
+                codec.DTYPE_NAMES.get(watched.tensor.dtype) if value is not None else None,
             )
         )
     return WatchUpdate(
