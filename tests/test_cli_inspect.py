@@ -550,7 +550,8 @@ def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire
 
 
 def test_watch_values_of_a_bfloat16_slice_say_their_dtype() -> None:
-    """Its values arrive as float32: the cell printed them as a float32 tensor's."""
+    """Its values arrive as float32: the cell printed them as a float32 tensor's, and
+    --json said nothing of the dtype (get --json does)."""
     from torch import nn
 
     spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
@@ -560,11 +561,15 @@ def test_watch_values_of_a_bfloat16_slice_say_their_dtype() -> None:
         assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
         argv = ("watch", "weight[0, :3]", "--values", "--count", "1", "--target", client.target)
         result = run_main(*argv)
+        watched_json = run_main(*argv, "--json")
     assert (result.code, result.err) == (0, "")
+    assert (watched_json.code, watched_json.err) == (0, "")
     selector, cell = result.out.splitlines()[1].strip().split("  ", maxsplit=1)
     assert selector == "weight[0, :3]"
     assert cell == " ".join(repr(expected).split())
     assert cell.endswith("dtype=torch.bfloat16)")
+    (item,) = json.loads(watched_json.out)["tensors"]
+    assert item["dtype"] == "bfloat16" and item["value"] == expected.float().tolist()
 
 
 def test_forward_by_default_fits_a_model_of_scalar_samples() -> None:

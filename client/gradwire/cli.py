@@ -1092,6 +1092,7 @@ def _watch_json(update: Any, selectors: Sequence[str]) -> dict[str, Any]:
             "present": watched.present,
         }
         if watched.value is not None:
+            item["dtype"] = watched.dtype  # as get --json says it: "bfloat16" read as floats
             item["value"] = _jsonable(watched.value)
         if watched.stats is not None:
             item["stats"] = _stats_json(watched.stats)
