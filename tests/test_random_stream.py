@@ -62,11 +62,13 @@ X = torch.linspace(-1, 1, 4 * 8).reshape(4, 8)
 Y = torch.tensor([0, 1, 2, 1])
 
 
-def local_outputs(seed: int, passes: int) -> list[torch.Tensor]:
+def local_outputs(
+    seed: int, passes: int, factory: Callable[[], nn.Module] = Dropping
+) -> list[torch.Tensor]:
     """What a local run computes: torch.manual_seed(seed), the model, then training steps
     (forward, loss, backward, SGD at lr 1.0, zero_grad), each step's output kept."""
     torch.manual_seed(seed)
-    model = Dropping()
+    model = factory()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     outputs = []
     for _ in range(passes):
@@ -160,6 +162,37 @@ def test_the_process_s_generator_is_left_as_it_was() -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
+class NoisyGradients(Dropping):
+    """Adds noise to a gradient in its backward pass (a hook), as some regularisers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.drop(torch.relu(self.fc(x)))
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: grad + 0.1 * torch.randn_like(grad))
+        return self.out(hidden)  # type: ignore[no-any-return]
+
+
+def test_a_backward_pass_draws_from_the_model_s_stream_too() -> None:
+    """Its draws came from the process's generator: the weights after a step followed no
+    seed, and the process's own draws moved (found by a review of the streams)."""
+    expected = local_outputs(5, 3, NoisyGradients)
+    with serving(ModelSpec("NoisyGradients", NoisyGradients, (8,), 3), seed=5) as (_, client):
+        for step, want in enumerate(expected):
+            torch.rand(17)  # the process draws between the model's passes
+            process = torch.get_rng_state()
+            if step == 1:
+                client.train_step(X.numpy(), Y.numpy())
+                got = client.read("output", as_torch=True).value
+            else:
+                client.forward(X.numpy(), Y.numpy())
+                got = client.read("output", as_torch=True).value
+                client.backward()
+                client.step()
+                client.zero_grad()
+            assert torch.equal(torch.get_rng_state(), process), step
+            assert torch.equal(got, want), step
+
+
 class Noisy(nn.Module):
     """Adds CPU noise of its own making (torch.rand without a device) to its output."""
 
@@ -227,22 +260,44 @@ def test_a_checkpoint_keeps_the_stream_and_an_old_one_leaves_it_alone(tmp_path: 
     assert torch.equal(fresh.read("output").value, after_save)
 
 
-def test_a_damaged_random_state_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+def _nan_normal(state: torch.Tensor) -> torch.Tensor:
+    """`state` with the normal sample it keeps for the next draw set to NaN, and marked kept
+    (where torch 2.13 lays them out: three doubles at byte 5016, a flag at 5040)."""
+    damaged = state.clone()
+    nan = torch.tensor([float("nan")] * 3, dtype=torch.float64).view(torch.uint8)
+    damaged[5016:5040] = nan
+    damaged[5040] = 1
+    probe = torch.Generator()
+    probe.set_state(damaged)
+    assert torch.randn(1, dtype=torch.float64, generator=probe).isnan().all()  # as laid out
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda state: torch.zeros(3, dtype=torch.uint8), "is not one of a cpu generator"),
+        # Loaded, it made a pass adding torch.randn(1) answer NaN (found by a review).
+        (_nan_normal, "draws a normal sample that is not finite"),
+    ],
+    ids=["short", "nan-normal"],
+)
+def test_a_damaged_random_state_is_refused_and_nothing_changes(
+    tmp_path: Path, damage: Callable[[torch.Tensor], torch.Tensor], said: str
+) -> None:
     trainer = Trainer(SPEC, seed=5)
     path = tmp_path / "state.safetensors"
     trainer.save(path)
 
-    def damage(tensors: dict[str, torch.Tensor]) -> None:
-        tensors["random/cpu"] = torch.zeros(3, dtype=torch.uint8)
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["random/cpu"] = damage(tensors["random/cpu"])
         tensors["param/fc.weight"] = tensors["param/fc.weight"] + 1
 
-    damaged = rewritten(path, "damaged.safetensors", damage)
+    damaged = rewritten(path, "damaged.safetensors", change)
     weight = trainer.read("fc.weight").value.clone()
     with pytest.raises(InvalidInput) as refused:
         trainer.load(damaged)
     assert refused.value.reason == "BAD_CHECKPOINT"
-    assert refused.value.message.startswith(
-        f"cannot load {damaged}: its random state is not one of a cpu generator"
-    )
+    assert refused.value.message.startswith(f"cannot load {damaged}: its random state {said}")
     assert torch.equal(trainer.read("fc.weight").value, weight)
     trainer.forward(X)  # and the stream still draws

@@ -1,14 +1,14 @@
-"""Each model's own random stream: what its forward passes draw (dropout's masks) follows its
-seed, whatever else the process draws between its calls.
+"""Each model's own random stream: what its passes draw (dropout's masks, a gradient's noise)
+follows its seed, whatever else the process draws between its calls.
 
 PyTorch draws dropout's masks from the process's one generator, and a server holds several
 models (sessions), so a model's masks depended on what the others, and the server itself, had
 drawn before: two runs of one seed came out different, and none matched a local run. A CPU
 trainer keeps its stream's state instead and puts it in the generator around each of its
-forward passes (`drawing`), the process's own put back after; a pass that fails leaves the
-stream where it was, as a failed call leaves the rest. A draw made on another thread while a
-pass runs (an embedding caller's) still takes its numbers from the model's stream: PyTorch
-has no way to give dropout a generator of its own.
+forward and backward passes (`drawing`), the process's own put back after; a pass that fails
+leaves the stream where it was, as a failed call leaves the rest. A draw made on another
+thread while a pass runs (an embedding caller's) still takes its numbers from the model's
+stream: PyTorch has no way to give dropout a generator of its own.
 
 A stream starts where the model's build left the seeded generator (`built_state`), so that a
 model without lazy layers draws the masks a local run of `torch.manual_seed(seed); model =
@@ -53,9 +53,15 @@ def built_state(device: torch.device) -> torch.Tensor | None:
 
 def check_state(state: torch.Tensor) -> None:
     """ValueError when `state` is not a state of the CPU's generator (a damaged checkpoint):
-    put in place, it would fail every forward pass after."""
+    put in place, it would fail every forward pass after, or, its normal sample kept for the
+    next draw not a number, make the next normal draw NaN (found by a review: a forward
+    pass adding torch.randn(1) answered NaN)."""
     try:
-        torch.Generator().set_state(state)
+        for dtype in (torch.float32, torch.float64):
+            generator = torch.Generator()
+            generator.set_state(state)
+            if not torch.randn(1, dtype=dtype, generator=generator).isfinite().all():
+                raise ValueError("its random state draws a normal sample that is not finite")
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"its random state is not one of a cpu generator: {err}") from None
 

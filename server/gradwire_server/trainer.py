@@ -1795,7 +1795,13 @@ class Trainer:
         # laid out as backward() lays them out, and added only once every one of them fits.
         params = [p for p in self._parameters.values() if p.requires_grad]
         try:
-            with self._device_memory("backward"):
+            # A backward pass draws from the model's stream too (a hook adding gradient
+            # noise, a custom autograd Function): from the process's, such draws followed
+            # no seed, and moved every other session's masks.
+            with (
+                self._device_memory("backward"),
+                random_stream.drawing(self._random_state) as drawn,
+            ):
                 grads = [
                     g
                     if g is None or g.stride() == p.stride()
@@ -1811,6 +1817,7 @@ class Trainer:
         except OverLimit:
             self._graph_alive = retain_graph  # torch frees the graph as it goes, failing or not
             raise
+        self._random_state = drawn.state  # replaced only once the pass succeeded, as _forward's
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 if g is None:
