@@ -214,13 +214,18 @@ def test_get_prints_torch_s_repr_without_importing_torch(client: gradwire.Client
     assert "\n".join(printed) == repr(local_model().conv1.weight[0].detach())
 
 
+#: A model whose weights are bfloat16, which numpy has no dtype for: its values travel raw
+#: and are read as float32.
+BF16_LINEAR = ModelSpec(
+    "BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2, input_dtype=torch.bfloat16
+)
+
+
 def test_get_of_a_bfloat16_tensor_prints_it() -> None:
     """`gradwire get` of a bfloat16 tensor failed with a traceback (numpy has no
     bfloat16); --json, stats and watch of it worked (found by the nineteenth session's
     review of the README)."""
-    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
-                     input_dtype=torch.bfloat16)  # fmt: skip
-    with serving(spec, seed=0) as (_, client):
+    with serving(BF16_LINEAR, seed=0) as (_, client):
         target = client.target
         expected = client.get("weight[0, :3]", as_torch=True)
         assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
@@ -234,9 +239,7 @@ def test_get_of_a_bfloat16_tensor_prints_it() -> None:
 def test_a_remote_bfloat16_slice_prints_as_torch_does_without_importing_torch() -> None:
     """`repr(client.remote.weight[0, :3])` imported torch where it was installed, and
     without it printed a bfloat16 tensor as float32 (no `dtype=torch.bfloat16`)."""
-    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
-                     input_dtype=torch.bfloat16)  # fmt: skip
-    with serving(spec, seed=0) as (_, client):
+    with serving(BF16_LINEAR, seed=0) as (_, client):
         expected = client.get("weight[0, :3]", as_torch=True)
         assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
         script = (

@@ -33,6 +33,7 @@ from tests.cli_run import Result, Run, run_main
 from tests.serve_in_process import bare_server, serving
 from tests.serve_process import serving as serve_process
 from tests.signals import signal_another_thread
+from tests.test_cli import BF16_LINEAR
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
 
@@ -552,11 +553,7 @@ def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire
 def test_watch_values_of_a_bfloat16_slice_say_their_dtype() -> None:
     """Its values arrive as float32: the cell printed them as a float32 tensor's, and
     --json said nothing of the dtype (get --json does)."""
-    from torch import nn
-
-    spec = ModelSpec("BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2,
-                     input_dtype=torch.bfloat16)  # fmt: skip
-    with serving(spec, seed=0) as (_, client):
+    with serving(BF16_LINEAR, seed=0) as (_, client):
         expected = client.get("weight[0, :3]", as_torch=True)
         assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
         argv = ("watch", "weight[0, :3]", "--values", "--count", "1", "--target", client.target)

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import gradwire
 from gradwire import errors
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
@@ -80,6 +81,20 @@ def local_outputs(
     return outputs
 
 
+def remote_step(client: gradwire.Client, fused: bool) -> torch.Tensor:
+    """A training step of local_outputs' on (X, Y) over gRPC, as one TrainStep or as
+    Forward, Backward, Step and ZeroGrad; the step's output."""
+    if fused:
+        client.train_step(X.numpy(), Y.numpy())
+        return client.read("output", as_torch=True).value  # type: ignore[no-any-return]
+    client.forward(X.numpy(), Y.numpy())
+    output = client.read("output", as_torch=True).value
+    client.backward()
+    client.step()
+    client.zero_grad()
+    return output  # type: ignore[no-any-return]
+
+
 def rewritten(path: Path, name: str, change: Callable[[dict[str, torch.Tensor]], None]) -> Path:
     """A copy of checkpoint `path`, named `name` beside it, its tensors changed by `change`."""
     with safe_open(str(path), framework="pt") as opened:
@@ -100,15 +115,7 @@ def test_dropout_masks_are_a_local_run_s_of_the_same_seed_whatever_else_draws() 
             # model's passes: they drew from the same generator, and moved its masks.
             other.forward(X.numpy())
             torch.rand(17)
-            if step == 1:  # each form of pass draws from the one stream
-                client.train_step(X.numpy(), Y.numpy())
-                got = client.read("output", as_torch=True).value
-            else:
-                client.forward(X.numpy(), Y.numpy())
-                got = client.read("output", as_torch=True).value
-                client.backward()
-                client.step()
-                client.zero_grad()
+            got = remote_step(client, fused=step == 1)  # each form draws from the one stream
             assert torch.equal(got, want), step
 
 
@@ -180,15 +187,7 @@ def test_a_backward_pass_draws_from_the_model_s_stream_too() -> None:
         for step, want in enumerate(expected):
             torch.rand(17)  # the process draws between the model's passes
             process = torch.get_rng_state()
-            if step == 1:
-                client.train_step(X.numpy(), Y.numpy())
-                got = client.read("output", as_torch=True).value
-            else:
-                client.forward(X.numpy(), Y.numpy())
-                got = client.read("output", as_torch=True).value
-                client.backward()
-                client.step()
-                client.zero_grad()
+            got = remote_step(client, fused=step == 1)
             assert torch.equal(torch.get_rng_state(), process), step
             assert torch.equal(got, want), step
 
