@@ -17,12 +17,16 @@ from gradwire_server.trainer import Trainer
 
 @contextmanager
 def running_server(
-    spec: ModelSpec = SIMPLE, seed: int | None = 0, port: int = 0, **options: Any
+    spec: ModelSpec = SIMPLE,
+    seed: int | None = 0,
+    port: int = 0,
+    device: str = "cpu",
+    **options: Any,
 ) -> Iterator[Running]:
-    """A CPU trainer for `spec` served on loopback (on `port`; 0: a free one), `options`
-    passed to app.start (the call limit, keepalive, ...); the server stops when the block
-    ends."""
-    running = start(Trainer(spec, device="cpu", seed=seed), "127.0.0.1", port, **options)
+    """A trainer for `spec` on `device` served on loopback (on `port`; 0: a free one),
+    `options` passed to app.start (the call limit, keepalive, ...); the server stops when
+    the block ends."""
+    running = start(Trainer(spec, device=device, seed=seed), "127.0.0.1", port, **options)
     try:
         yield running
     finally:
@@ -30,11 +34,13 @@ def running_server(
 
 
 @contextmanager
-def serving(spec: ModelSpec, seed: int | None = None) -> Iterator[tuple[Trainer, gradwire.Client]]:
-    """A CPU trainer for `spec` (seeded when asked) served on loopback, and a client of it;
-    the server stops when the block ends."""
+def serving(
+    spec: ModelSpec, seed: int | None = None, device: str = "cpu"
+) -> Iterator[tuple[Trainer, gradwire.Client]]:
+    """A trainer for `spec` on `device` (seeded when asked) served on loopback, and a client
+    of it; the server stops when the block ends."""
     with (
-        running_server(spec, seed) as running,
+        running_server(spec, seed, device=device) as running,
         gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
     ):
         yield running.trainer, client

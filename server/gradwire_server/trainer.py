@@ -850,7 +850,7 @@ class Trainer:
         with self._device_memory("a new model"):
             model, state = self._build_model(seed)
         self._adopt(model)
-        #: where the model's random stream is (random_stream.py; None on a GPU)
+        #: where the model's random stream is (random_stream.py)
         self._random_state = state
         self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
         self._clear_forward()
@@ -868,9 +868,18 @@ class Trainer:
                 if self._live and name not in _READS:
                     self._live.detach_all()  # before anything can change what they send
                 return fn(*args, **kwargs)
-        step = functools.partial(self._run, _guard=_guard)
-        if _guard is not None and _guard.deadline is not None:
-            until: T = self._torch.run_until(_guard.deadline, step, fn, *args, **kwargs)
+        if random_stream.held_here():
+            # Called from another trainer's pass on a GPU (a model asking a teacher), whose
+            # streams wait aside meanwhile: held, they would stop this one's passes.
+            with random_stream.set_aside():
+                return self._hand_over(fn, _guard, *args, **kwargs)
+        return self._hand_over(fn, _guard, *args, **kwargs)
+
+    def _hand_over(self, fn: Callable[..., T], guard: Guard | None, *args: Any, **kwargs: Any) -> T:
+        """fn(*args) run by `_run` on the torch thread, this thread waiting for it."""
+        step = functools.partial(self._run, _guard=guard)
+        if guard is not None and guard.deadline is not None:
+            until: T = self._torch.run_until(guard.deadline, step, fn, *args, **kwargs)
             return until
         result: T = self._torch.run(step, fn, *args, **kwargs)
         return result
@@ -917,7 +926,7 @@ class Trainer:
 
     def _build_model(
         self, seed: int | None, on_device: bool = True
-    ) -> tuple[nn.Module, torch.Tensor | None]:
+    ) -> tuple[nn.Module, random_stream.State | None]:
         """The model, built as the spec says under `seed` (a fresh one if None), and where
         its random stream starts (random_stream.py)."""
         # Initialise on the CPU with a private RNG stream, so a seed gives the same weights
@@ -936,7 +945,7 @@ class Trainer:
                 generator.manual_seed(seed)
             model = self.spec.factory()
             _initialise_lazy_layers(model, self.spec)
-            state = random_stream.built_state(self.device)
+            state = random_stream.built_state(self.device, seed)
         model.train()
         return (model.to(self.device) if on_device else model), state
 
@@ -2286,7 +2295,9 @@ class Trainer:
             settings=self._settings,
             parameters=self._parameters,
             buffers=self._saved_buffers(),
-            random=None if self._random_state is None else ("cpu", self._random_state),
+            random=None
+            if self._random_state is None
+            else random_stream.for_checkpoint(self._random_state),
         )
         return self._version
 
@@ -2403,15 +2414,17 @@ class Trainer:
         (one written before checkpoints kept them) are loaded as a new model makes them;
         buffers it holds that the model has not registered yet, and that a forward pass
         registers (a model that makes one when first needed), are registered where the pass
-        would have (`_registered_in_forward`). On the CPU, the model's random stream goes
-        on from the state the checkpoint holds, where it holds one."""
+        would have (`_registered_in_forward`). The model's random stream goes on from the
+        state the checkpoint holds for its type of device, where it holds one."""
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
-            # The stream goes on from where the save left it, on the CPU (random_stream.py).
-            random_state = loaded.random.get("cpu") if self._random_state is not None else None
-            if random_state is not None:
-                random_stream.check_state(random_state)
+            # The stream goes on from where the save left it (random_stream.py), when the
+            # checkpoint holds one for this type of device.
+            saved = loaded.random.get(self.device.type) if self._random_state is not None else None
+            random_state = (
+                None if saved is None else random_stream.from_checkpoint(saved, self.device)
+            )
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:

@@ -1,0 +1,180 @@
+"""Each model's own random stream on a CUDA device (random_stream.py): dropout's masks follow
+the model's seed as in a local run on the GPU, whatever sessions and the process draw between;
+failed calls, checkpoints and a teacher's passes as on the CPU (test_random_stream.py).
+
+Skipped where there is no CUDA (conftest.py); run on a GPU machine with `pytest -m cuda`
+(scripts/gpu_check.sh does).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradwire import errors
+from gradwire_server.errors import InvalidInput
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+from tests.serve_in_process import serving
+from tests.test_random_stream import (
+    SPEC,
+    Dropping,
+    Failing,
+    NoisyGradients,
+    X,
+    Y,
+    remote_step,
+    rewritten,
+)
+
+pytestmark = pytest.mark.cuda
+
+
+def local_gpu_outputs(
+    seed: int, passes: int, factory: Callable[[], nn.Module] = Dropping
+) -> list[torch.Tensor]:
+    """What a local run on the GPU computes: torch.manual_seed(seed) (which seeds the GPU's
+    generator too), the model moved there, then training steps (forward, loss, backward, SGD
+    at lr 1.0, zero_grad), each step's output kept, on the CPU."""
+    torch.manual_seed(seed)
+    model = factory().to("cuda")
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = X.to("cuda"), Y.to("cuda")
+    outputs = []
+    for _ in range(passes):
+        output = model(x)
+        nn.functional.cross_entropy(output, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(output.detach().cpu())
+    return outputs
+
+
+def same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The same masks: equal but for the last bits a kernel may round differently (a mask
+    of its own changes a value by its whole size)."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory", [Dropping, NoisyGradients], ids=["dropout", "noisy-backward"])
+def test_masks_on_a_gpu_are_a_local_gpu_run_s_whatever_else_draws(
+    factory: Callable[[], nn.Module],
+) -> None:
+    # NoisyGradients draws in its backward pass, which autograd runs on a thread of its own
+    # for the device: the stream is in the device's generator, whichever thread draws.
+    expected = local_gpu_outputs(5, 3, factory)
+    assert not torch.equal(expected[0], expected[1])  # the masks differ from pass to pass
+    spec = ModelSpec(factory.__name__, factory, (8,), 3)
+    with serving(spec, seed=5, device="cuda") as (_, client), client.open_session(seed=11) as other:
+        for step, want in enumerate(expected):
+            # Another session's passes and the process's own draws on the device fall between
+            # this model's passes: before, they drew from the same generator.
+            other.forward(X.numpy())
+            torch.rand(17, device="cuda")
+            got = remote_step(client, fused=step == 1)
+            same(got, want)
+
+
+def test_two_gpu_sessions_of_one_seed_draw_the_same_masks() -> None:
+    with (
+        serving(SPEC, seed=0, device="cuda") as (_, client),
+        client.open_session(seed=7) as first,
+        client.open_session(seed=7) as second,
+    ):
+        first.forward(X.numpy())
+        one = first.get("output")
+        first.forward(X.numpy())  # the first session is a pass ahead now
+        second.forward(X.numpy())
+        np.testing.assert_allclose(second.get("output"), one, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(first.get("output"), one)
+
+
+def test_a_failed_call_on_a_gpu_leaves_the_stream_where_it_was() -> None:
+    expected = local_gpu_outputs(5, 1)[0]
+    refused, fails_later = X.clone(), X.clone()
+    refused[0, 0], fails_later[0, 0] = 99, 77
+    with serving(ModelSpec("Failing", Failing, (8,), 3), seed=5, device="cuda") as (_, client):
+        with pytest.raises(errors.InvalidArgument):
+            client.forward(refused.numpy())
+        with pytest.raises(errors.Internal):  # forward done, backward failing: undone
+            client.train_step(fails_later.numpy(), Y.numpy())
+        assert client.list_tensors().version == 0
+        client.forward(X.numpy(), Y.numpy())
+        same(client.read("output", as_torch=True).value, expected)
+
+
+def test_the_process_s_gpu_generator_is_left_as_it_was() -> None:
+    trainer = Trainer(SPEC, device="cuda", seed=5)
+    try:
+        before = torch.cuda.get_rng_state()
+        trainer.train_step(X, Y, use=lambda selection: None)
+        trainer.forward(X)
+        assert torch.equal(torch.cuda.get_rng_state(), before)
+    finally:
+        trainer.close()
+
+
+def test_a_gpu_checkpoint_keeps_the_stream_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    trainer = Trainer(SPEC, device="cuda", seed=5)
+    try:
+        trainer.forward(X)
+        path = tmp_path / "state.safetensors"
+        trainer.save(path)
+        trainer.forward(X)
+        after_save = trainer.read("output").value.cpu()
+        trainer.forward(X)
+        trainer.load(path)
+        trainer.forward(X)
+        same(trainer.read("output").value.cpu(), after_save)
+
+        def damage(tensors: dict[str, torch.Tensor]) -> None:
+            assert tensors["random/cuda"].shape == (16,)  # CUDA's: its seed and offset
+            tensors["random/cuda"][8] = 1  # an offset no CUDA generator takes
+            tensors["param/fc.weight"] = tensors["param/fc.weight"] + 1
+
+        damaged = rewritten(path, "damaged.safetensors", damage)
+        weight = trainer.read("fc.weight").value.clone()
+        with pytest.raises(InvalidInput) as refused:
+            trainer.load(damaged)
+        assert refused.value.reason == "BAD_CHECKPOINT"
+        assert refused.value.message.startswith(
+            f"cannot load {damaged}: its random state is not one of a cuda generator"
+        )
+        assert torch.equal(trainer.read("fc.weight").value, weight)
+        trainer.forward(X)  # and the stream still draws
+    finally:
+        trainer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_gpu_model_whose_forward_runs_a_gpu_teacher_s_runs() -> None:
+    """The student's pass holds the device's stream lock and waits for the teacher's
+    thread, whose pass needs that lock: without `set_aside`, each waited for the other."""
+    teacher = Trainer(SPEC, device="cuda", seed=1)
+
+    class Student(Dropping):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            teacher.forward(x)
+            return super().forward(x) + teacher.read("output").value.to(x.device)
+
+    student = Trainer(ModelSpec("Student", Student, (8,), 3), device="cuda", seed=5)
+    done: list[object] = []
+    thread = threading.Thread(target=lambda: done.append(student.forward(X)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done, "the student's forward pass did not end"
+    # each drew from its own stream, as a local run of each seed on the GPU draws
+    x = X.to("cuda")
+    torch.manual_seed(1)
+    from_teacher = Dropping().to("cuda")(x)
+    torch.manual_seed(5)
+    expected = (Dropping().to("cuda")(x) + from_teacher).detach().cpu()
+    same(student.read("output").value.cpu(), expected)
+    student.close()
+    teacher.close()
