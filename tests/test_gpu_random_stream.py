@@ -9,6 +9,7 @@ Skipped where there is no CUDA (conftest.py); run on a GPU machine with `pytest 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,5 +177,49 @@ def test_a_gpu_model_whose_forward_runs_a_gpu_teacher_s_runs() -> None:
     torch.manual_seed(5)
     expected = (Dropping().to("cuda")(x) + from_teacher).detach().cpu()
     same(student.read("output").value.cpu(), expected)
+    student.close()
+    teacher.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ask", ["read", "list_tensors"])
+def test_a_gpu_student_asking_its_teacher_while_the_teacher_is_in_a_pass_runs(ask: str) -> None:
+    """The student's pass holds the device's stream lock and waits for the teacher's lock
+    (a read and a listing take it on the caller's thread), which the teacher's own Forward
+    holds while it waits for the stream lock: without the trainer's lock setting the
+    student's streams aside, each waited for the other, and every pass on the device after
+    them (found by a review)."""
+    teacher = Trainer(SPEC, device="cuda", seed=1)
+    teacher.forward(X)
+    in_pass = threading.Event()
+
+    class Student(Dropping):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            in_pass.set()
+            time.sleep(0.5)  # the teacher's Forward, started meanwhile, waits for the stream
+            if ask == "list_tensors":
+                teacher.list_tensors()
+                return super().forward(x)
+            return super().forward(x) + teacher.read("output").value.to(x.device)
+
+    student = Trainer(ModelSpec("Student", Student, (8,), 3), device="cuda", seed=5)
+    done: list[object] = []
+    passes = [
+        threading.Thread(target=lambda: done.append(student.forward(X)), daemon=True),
+        threading.Thread(
+            target=lambda: in_pass.wait(30) and done.append(teacher.forward(X)), daemon=True
+        ),
+    ]
+    for thread in passes:
+        thread.start()
+    for thread in passes:
+        thread.join(60)
+    assert len(done) == 2, "the two passes waited for each other"
+    # The student read the teacher's output once its Forward was done, and drew its own masks.
+    torch.manual_seed(5)
+    own = Dropping().to("cuda")(X.to("cuda")).detach().cpu()
+    if ask == "read":
+        own = own + teacher.read("output").value.cpu()
+    same(student.read("output").value.cpu(), own)
     student.close()
     teacher.close()

@@ -24,9 +24,8 @@ the device, which is fast, while runs to the host go through one pinned buffer.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import torch
@@ -78,7 +77,7 @@ class StreamedRead:
     def __init__(
         self,
         part: torch.Tensor,
-        lock: threading.RLock,
+        lock: AbstractContextManager[object],  # the trainer's
         memory: Memory,
         reads: LiveReads,
     ) -> None:

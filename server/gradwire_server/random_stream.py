@@ -22,13 +22,19 @@ seeds the device's own, and a pass points the device's generator at (a copy of) 
 `set_state` takes 4 us, and it marks cuDNN's RNN dropout state stale, so that every pass of
 an LSTM with dropout made a new one, with a device synchronisation (566 us a pass against
 352) and masks no local run draws. The swap's lock is the device's: sessions on one device
-launch their passes one at a time, which the device runs in the order launched anyway (they
-share CUDA's legacy stream). A pass that hands a call to another trainer's thread and waits
-for it (a model whose forward pass asks a teacher on a GPU) sets its streams aside while it
-waits (`set_aside`), so that the teacher's passes can swap their own in. Not the model's:
-cuDNN's RNN dropout (an LSTM or GRU with dropout between its layers) draws from cuDNN's own
-state, one per device, shared by the sessions there; and a GPU model's draws on the CPU
-come from the process's generator.
+launch their passes one at a time, the host's part of one (its Python, its kernel launches)
+no longer beside another's; what that costs with several busy sessions was not measured.
+
+A thread with streams in GPU generators never waits for another trainer while it holds
+their lock: a pass that hands a call to another trainer's thread (a model whose forward
+pass asks a teacher) sets them aside while it waits (`set_aside`), and so does one that
+waits for another trainer's lock (`TrainerLock`: a read or a listing of the teacher's, while
+the teacher's own pass holds it and waits for the stream). Left: a GPU model whose backward
+pass (a hook, an autograd Function) calls another trainer on its device waits forever, as
+CUDA's backward runs on autograd's thread for the device, which holds nothing to set aside.
+Not the model's draws: cuDNN's RNN dropout (an LSTM or GRU with dropout between its layers)
+draws from cuDNN's own state, one per device, shared by the sessions there; and a GPU
+model's draws on the CPU come from the process's generator.
 """
 
 from __future__ import annotations
@@ -52,8 +58,6 @@ _LOCK = threading.RLock()
 #: Held while a stream is in a GPU's generator, by its device index. Each GPU trainer has a
 #: thread of its own, so sessions on one device take turns here.
 _DEVICE_LOCKS: dict[int, threading.RLock] = {}
-#: `frames`: the GPU streams this thread has in its devices' generators, outermost first.
-_HERE = threading.local()
 
 
 @dataclass
@@ -71,6 +75,15 @@ class _Frame:
     lock: threading.RLock
     stream: torch.Generator  # the pass's copy of the stream, where the draws go
     process: torch.Generator  # what the device's generator held before: put back after
+
+
+class _Here(threading.local):
+    def __init__(self) -> None:
+        #: the GPU streams this thread has in its devices' generators, outermost first
+        self.frames: list[_Frame] = []
+
+
+_HERE = _Here()
 
 
 def built_state(device: torch.device, seed: int) -> State | None:
@@ -157,7 +170,7 @@ def _on_device(state: torch.Generator, drawn: Drawn) -> Iterator[None]:
     generator = torch.cuda.default_generators[index]
     lock = _DEVICE_LOCKS.get(index) or _DEVICE_LOCKS.setdefault(index, threading.RLock())
     stream = state.clone_state()
-    frames: list[_Frame] = _HERE.__dict__.setdefault("frames", [])
+    frames = _HERE.frames
     with lock:
         frame = _Frame(generator, lock, stream, generator.graphsafe_get_state())
         generator.graphsafe_set_state(stream)
@@ -172,16 +185,21 @@ def _on_device(state: torch.Generator, drawn: Drawn) -> Iterator[None]:
 
 def held_here() -> bool:
     """Whether this thread has streams in GPU generators (`set_aside`)."""
-    return bool(getattr(_HERE, "frames", None))
+    return bool(_HERE.frames)
 
 
 @contextmanager
 def set_aside() -> Iterator[None]:
     """This thread's GPU streams out of their devices' generators, and their locks free,
-    while the block runs: a pass waiting on another trainer's thread (its model asks a
-    teacher) would otherwise hold the lock the teacher's pass waits for. Each stream goes
-    back in, where it was, once the block ends."""
-    frames = list(getattr(_HERE, "frames", ()))
+    while the block runs: a pass waiting on another trainer (its model asks a teacher) would
+    otherwise hold the lock the teacher's pass waits for. Each stream goes back in, where it
+    was, once the block ends; inside the block the thread holds none (a `set_aside` there
+    does nothing)."""
+    frames = _HERE.frames
+    if not frames:
+        yield
+        return
+    _HERE.frames = []
     for frame in reversed(frames):
         frame.generator.graphsafe_set_state(frame.process)
         frame.lock.release()
@@ -192,3 +210,35 @@ def set_aside() -> Iterator[None]:
             frame.lock.acquire()
             frame.process = frame.generator.graphsafe_get_state()
             frame.generator.graphsafe_set_state(frame.stream)
+        _HERE.frames = frames
+
+
+class TrainerLock:
+    """A trainer's lock, re-entrant. A thread that must wait for it while it has streams in
+    GPU generators sets them aside while it waits: held, they would close a cycle, a model
+    asking a teacher during its pass waiting for the teacher's lock, which the teacher's own
+    pass holds while it waits for the device's stream lock (found by a review)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        if not blocking:
+            return False
+        if _HERE.frames:
+            with set_aside():
+                return self._lock.acquire(timeout=timeout)
+        return self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()

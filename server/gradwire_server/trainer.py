@@ -821,7 +821,7 @@ class Trainer:
         self.track_deltas = track_deltas
         self.one_thread_for_small_work = one_thread_for_small_work
         self._meta_runs: dict[tuple[tuple[int, ...], torch.dtype], _MetaRun | None] = {}
-        self._lock = threading.RLock()
+        self._lock = random_stream.TrainerLock()  # (random_stream.py says why not an RLock)
         self._version = 0
         self._settings = (optimizer or OptimizerSettings()).resolved()
         # Every torch call runs on one thread, on the CPU the one every CPU trainer in the
