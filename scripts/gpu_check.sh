@@ -10,9 +10,8 @@
 # setup`). DEVICE=cpu and BENCH_ARGS="--only small" try the script's wiring on a CPU;
 # WHEELS names another folder of wheels than .whl/. Each step has a time limit (seconds,
 # LIMIT_TESTS, LIMIT_REPLAY, LIMIT_BENCH; all of them together under a device call's 10
-# minutes) so that one that hangs costs its own output only. On an H200 the steps took 10,
-# 12 and 75 seconds, before the benchmark's step figures ran in loops (about 15 s more on
-# the CPU VM).
+# minutes) so that one that hangs costs its own output only. On an H200 the whole script
+# took under 280 seconds (run G8 of docs/performance-history.md), the tests 23 of them.
 set -uo pipefail
 
 out="${OUT:-out}"
