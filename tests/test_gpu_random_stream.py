@@ -30,31 +30,12 @@ from tests.test_random_stream import (
     NoisyGradients,
     X,
     Y,
+    local_outputs,
     remote_step,
     rewritten,
 )
 
 pytestmark = pytest.mark.cuda
-
-
-def local_gpu_outputs(
-    seed: int, passes: int, factory: Callable[[], nn.Module] = Dropping
-) -> list[torch.Tensor]:
-    """What a local run on the GPU computes: torch.manual_seed(seed) (which seeds the GPU's
-    generator too), the model moved there, then training steps (forward, loss, backward, SGD
-    at lr 1.0, zero_grad), each step's output kept, on the CPU."""
-    torch.manual_seed(seed)
-    model = factory().to("cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    x, y = X.to("cuda"), Y.to("cuda")
-    outputs = []
-    for _ in range(passes):
-        output = model(x)
-        nn.functional.cross_entropy(output, y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        outputs.append(output.detach().cpu())
-    return outputs
 
 
 def same(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -69,7 +50,7 @@ def test_masks_on_a_gpu_are_a_local_gpu_run_s_whatever_else_draws(
 ) -> None:
     # NoisyGradients draws in its backward pass, which autograd runs on a thread of its own
     # for the device: the stream is in the device's generator, whichever thread draws.
-    expected = local_gpu_outputs(5, 3, factory)
+    expected = local_outputs(5, 3, factory, device="cuda")
     assert not torch.equal(expected[0], expected[1])  # the masks differ from pass to pass
     spec = ModelSpec(factory.__name__, factory, (8,), 3)
     with serving(spec, seed=5, device="cuda") as (_, client), client.open_session(seed=11) as other:
@@ -97,7 +78,7 @@ def test_two_gpu_sessions_of_one_seed_draw_the_same_masks() -> None:
 
 
 def test_a_failed_call_on_a_gpu_leaves_the_stream_where_it_was() -> None:
-    expected = local_gpu_outputs(5, 1)[0]
+    expected = local_outputs(5, 1, device="cuda")[0]
     refused, fails_later = X.clone(), X.clone()
     refused[0, 0], fails_later[0, 0] = 99, 77
     with serving(ModelSpec("Failing", Failing, (8,), 3), seed=5, device="cuda") as (_, client):

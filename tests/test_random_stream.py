@@ -64,20 +64,22 @@ Y = torch.tensor([0, 1, 2, 1])
 
 
 def local_outputs(
-    seed: int, passes: int, factory: Callable[[], nn.Module] = Dropping
+    seed: int, passes: int, factory: Callable[[], nn.Module] = Dropping, device: str = "cpu"
 ) -> list[torch.Tensor]:
-    """What a local run computes: torch.manual_seed(seed), the model, then training steps
-    (forward, loss, backward, SGD at lr 1.0, zero_grad), each step's output kept."""
+    """What a local run on `device` computes: torch.manual_seed(seed) (which seeds a GPU's
+    generator too), the model moved there, then training steps (forward, loss, backward, SGD
+    at lr 1.0, zero_grad), each step's output kept, on the CPU."""
     torch.manual_seed(seed)
-    model = factory()
+    model = factory().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = X.to(device), Y.to(device)
     outputs = []
     for _ in range(passes):
-        output = model(X)
-        nn.functional.cross_entropy(output, Y).backward()
+        output = model(x)
+        nn.functional.cross_entropy(output, y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        outputs.append(output.detach())
+        outputs.append(output.detach().cpu())
     return outputs
 
 
