@@ -580,6 +580,36 @@ def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
         )
 
 
+def test_a_client_given_its_channel_closes_its_sessions_and_leaves_the_channel_open(
+    address: str,
+) -> None:
+    """Its close() closed nothing: the sessions it opened stayed open on the server until
+    they expired, counted against --max-sessions, and it and its session clients went on
+    calling, mutations included (found by a review of the client)."""
+    channel = grpc.insecure_channel(address)
+    try:
+        client = gradwire.Client(address, channel=channel)
+        session = client.open_session(seed=0)
+        kept = client.open_session(seed=0)
+        kept_id = kept.detach()  # for another process: stays open
+        opened = session.session
+        client.close()
+        calls = [client.list_tensors, client.zero_grad, session.step, client.open_session]
+        for call in calls:
+            with pytest.raises(errors.ClientClosed, match="this client is closed"):
+                call()
+        with pytest.raises(errors.ClientClosed, match="this client is closed"):
+            session.wait_ready(60)
+        session.close()  # closed already, with the client: nothing to do
+        with gradwire.Client(address, channel=channel) as other:  # the channel is still open
+            listed = [s.session for s in other.list_sessions().sessions]
+            assert opened not in listed
+            assert kept_id in listed
+            other._call("CloseSession", pb.CloseSessionRequest(session=kept_id))
+    finally:
+        channel.close()
+
+
 def test_wait_ready_on_a_closed_client_raises_client_closed_at_once(
     address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -657,6 +657,9 @@ class _OpenedSessions:
         self._ids: set[str] = set()
         self._closing = 0  # claimed by a session client, its CloseSession in flight
         self._changed = threading.Condition()
+        #: Set when the client that made this closes: it and its session clients then raise
+        #: ClientClosed, on a channel of their own (`channel=`), left open, as on one closed.
+        self.closed = False
 
     def add(self, session: str) -> None:
         with self._changed:
@@ -1009,6 +1012,9 @@ class Client:
         its `.session`), to watch or read its training; closing this client leaves it open.
         An id that cannot be one (not printable ASCII, or past 256 characters) raises
         ValueError here, not at every call.
+        `channel`: a gRPC channel of your own to call on (`target` then only names it in
+        messages; `tls`, `ca`, `cert`, `key` and the keepalives are the channel's
+        business), which close() leaves open for you to close.
         `stream_calls`: send the calls on a session (forward, backward, step, zero_grad,
         read, set, train_step, ...) as messages on one open stream (the Calls RPC), which
         saves each call the cost of a call of its own, 0.1-0.3 ms on a small machine:
@@ -1053,7 +1059,8 @@ class Client:
         #: For a session this client opened: the seconds without calls after which the
         #: server closes it (inf: never). None for the default session or one joined.
         self.session_idle_s: float | None = None
-        self._owns_channel = channel is None
+        self._owns_channel = channel is None  # made here: close() closes it
+        self._opens_sessions = True  # not a session client: close() closes those it opened
         #: The ids of the sessions opened on this channel by open_session, at any depth
         #: (a session client's own open_session too), and not closed or detached since:
         #: the channel's owner closes them with it. Shared by those clients.
@@ -1466,16 +1473,23 @@ class Client:
         A session joined (`session=`) stays open. Every session opened on this client's
         channel (by it, its session clients, theirs...) and not closed or detached is
         closed with the channel, its client object kept or not: it would stay open on the
-        server until it expired, no client left to close it."""
+        server until it expired, no client left to close it. A channel given (`channel=`)
+        is left open, for its owner to close: the sessions are closed all the same, and
+        this client's calls, and its session clients', raise ClientClosed from then on
+        (calls already under way on that channel go on)."""
         try:
             self._no_calls = True  # a call after close() opens no stream that nothing closes
             self._close_call_stream()
             if self.session is not None and self._owns_session:
                 self.close_session()
-            if self._owns_channel:
+            if self._opens_sessions:
+                # Before: a client given its channel left them open until they expired, and
+                # went on calling (found by a review of the client).
                 for session in self._opened.claim_all(self.timeout):
                     with contextlib.suppress(GradwireError):  # they expire in any case
                         self._call("CloseSession", pb.CloseSessionRequest(session=session))
+                self._opened.closed = True
+            if self._owns_channel:
                 _CLOSED_CHANNELS.add(self._channel)  # before: a stream it cuts off checks it
                 self._channel.close()
         finally:
@@ -1483,7 +1497,10 @@ class Client:
 
     def _session_metadata(self, method: str) -> list[tuple[str, str]]:
         """The metadata naming this client's session; ClientClosed once it has closed it
-        (but for opening another: OpenSession acts on none)."""
+        (but for opening another: OpenSession acts on none), or once the client that opened
+        it has closed."""
+        if self._opened.closed:
+            raise ClientClosed(_CLOSED)
         if self._session:
             return [(SESSION, self._session)]
         if self._closed_session is not None and method not in _SESSIONLESS:
@@ -1516,7 +1533,7 @@ class Client:
         other.session = response.session
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
-        other._owns_channel = False
+        other._owns_channel = other._opens_sessions = False
         self._opened.add(response.session)  # shared with other
         return other
 
@@ -1586,7 +1603,7 @@ class Client:
         # gRPC's readiness future polls a closed channel on a thread of its own, which died
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
         _check_timeout(timeout, "wait_ready's timeout")  # -1 said no server answered
-        if self._channel in _CLOSED_CHANNELS:
+        if self._channel in _CLOSED_CHANNELS or self._opened.closed:
             raise ClientClosed(_CLOSED)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
