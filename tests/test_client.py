@@ -922,6 +922,34 @@ def test_modules_named_as_pytorch_names_them_are_read_and_written() -> None:
     running.stop(grace=None)
 
 
+def _sequential() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_a_served_sequential_s_layers_count_from_the_end_too() -> None:
+    """remote[-1], as model[-1] in PyTorch: it raised TypeError, "a selector is a str ...;
+    got int -1", though remote[2] worked (found by a review of the client)."""
+    from gradwire_server.app import start
+    from gradwire_server.models import ModelSpec
+    from gradwire_server.trainer import Trainer
+
+    running = start(Trainer(ModelSpec("Layers", _sequential, (4,), 3), seed=0), "127.0.0.1", 0)
+    torch.manual_seed(0)
+    local = _sequential()
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+        assert np.array_equal(client.remote[-1].bias.numpy(), local[-1].bias.detach().numpy())
+        assert client.remote[-1].weight.selector == "2.weight"
+        assert client.remote[np.int64(-3)].weight.selector == "0.weight"
+        with pytest.raises(IndexError, match=r"remote\[-4\]: the served model has 3 numbered"):
+            client.remote[-4]
+    running.stop(grace=None)
+
+
+def test_a_negative_layer_of_a_model_with_none_is_refused(client: gradwire.Client) -> None:
+    with pytest.raises(IndexError, match="has no numbered layers"):
+        client.remote[-1]
+
+
 def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
     array = np.asarray(client.remote.conv1.weight)
     assert array.dtype == np.float32
@@ -1654,6 +1682,26 @@ def test_a_bad_argument_is_refused_before_anything_is_sent(
         client.chunk_bytes,
         client.stream_above_bytes,
     ) == settings
+
+
+@pytest.mark.parametrize(
+    ("call", "said"),
+    [
+        (lambda c, x: c.forward(x), "input: cannot send an array of dtype datetime64"),
+        (lambda c, x: c.set("conv1.weight", x), "value: cannot send an array of dtype datetime64"),
+    ],
+    ids=["forward", "set"],
+)
+def test_a_value_refused_on_the_streamed_path_is_named_as_on_the_unary_one(
+    client: gradwire.Client, call: Callable[[gradwire.Client, Any], Any], said: str
+) -> None:
+    """The streamed path said "cannot send ..." without naming the argument (found by a
+    review of the client)."""
+    client.stream_above_bytes = 0
+    called = _counting(client)
+    with pytest.raises(codec.CodecError, match=said):
+        call(client, np.zeros((4, 3, 10, 10), "datetime64[s]"))
+    assert called == []
 
 
 @pytest.mark.parametrize(

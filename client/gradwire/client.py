@@ -301,6 +301,17 @@ def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
     return wire.length_field(number, wire.length_field(_TENSOR, pieces))
 
 
+def _chunks(
+    field: str, value: Any, chunk_bytes: int
+) -> Iterator[tuple[int, np.ndarray[Any, Any], int, tuple[int, ...] | None]]:
+    """codec.chunks(value, chunk_bytes), a value it cannot send named as _source_pieces
+    names it (the streamed path said "cannot send ..." without naming the argument)."""
+    try:
+        yield from codec.chunks(value, chunk_bytes)
+    except codec.CodecError as err:
+        raise codec.CodecError(f"{field}: {err}") from None
+
+
 def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
     """`messages` with its first made now, on the caller's thread. gRPC draws a streamed
     upload's messages on a thread of its own and answers an error raised there as UNKNOWN
@@ -1663,7 +1674,7 @@ class Client:
 
     def _forward_chunks(self, input: Any, target: Any, eval_mode: bool = False) -> Iterator[bytes]:
         number = _FIELD[("ForwardChunk", "input")]
-        for i, (dtype, run, offset, shape) in enumerate(codec.chunks(input, self.chunk_bytes)):
+        for i, (dtype, run, offset, shape) in enumerate(_chunks("input", input, self.chunk_bytes)):
             pieces = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             if i == 0 and target is not None:
                 pieces += _source_pieces("ForwardChunk", "target", target)
@@ -2038,7 +2049,7 @@ class Client:
     def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
         first = pb.SetTensorChunk(name=header.name, index=header.index).SerializeToString()
         number = _FIELD[("SetTensorChunk", "chunk")]
-        for dtype, run, offset, shape in codec.chunks(value, self.chunk_bytes):
+        for dtype, run, offset, shape in _chunks("value", value, self.chunk_bytes):
             chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             yield wire.join([first, *chunk] if offset == 0 else chunk)
 

@@ -196,10 +196,27 @@ class RemoteModel:
     def __getitem__(self, selector: str | int) -> RemoteTensor:
         """remote["conv1.weight"], or a selector with its index: remote["conv1.weight[0]"]; an
         nn.Sequential's layer by number, remote[0].weight, as model[0].weight in PyTorch."""
-        if isinstance(selector, int) and not isinstance(selector, bool) and selector >= 0:
-            return RemoteTensor(self._client, str(selector))
+        if isinstance(selector, Integral) and not isinstance(selector, bool):
+            return RemoteTensor(self._client, self._layer(int(selector)))
         parsed = parse_selector(selector)  # type: ignore[arg-type]  # TypeError, saying why
         return RemoteTensor(self._client, parsed.name, parsed.index)
+
+    def _layer(self, number: int) -> str:
+        """The name of the model's layer `number` (an nn.Sequential served whole); one from
+        the end, as model[-1] in PyTorch, found among the server's names. A negative number
+        was taken for a selector, and refused as not a str (found by a review of the
+        client)."""
+        if number >= 0:
+            return str(number)
+        names = self._client.list_tensors().names()
+        layers = [int(part) for part in {n.split(".")[0] for n in names} if part.isdigit()]
+        count = max(layers) + 1 if layers else 0
+        if number < -count:
+            raise IndexError(
+                f"remote[{number}]: the served model has "
+                + (f"{count} numbered layers (0 to {count - 1})" if count else "no numbered layers")
+            )
+        return str(number + count)
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         _set_slot(self, RemoteModel.__slots__, attribute, value, str)
