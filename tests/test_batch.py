@@ -275,6 +275,19 @@ def test_calls_past_one_message_go_in_several_batches(
     assert batched.batches == [2, 1]  # type: ignore[attr-defined]
 
 
+def test_an_exception_in_the_block_sends_the_calls_made_then_raises(
+    batched: gradwire.Client, address: str
+) -> None:
+    """As a pipeline's calls would have gone already: a batch is no transaction (said in the
+    README and Batch's docstring since a review of the client found it said nowhere)."""
+    with pytest.raises(ValueError, match="the script's own"), batched.batch() as b:
+        zero = b.zero_grad()
+        raise ValueError("the script's own")
+    assert zero.result() == 1
+    assert batched.batches == [1]  # type: ignore[attr-defined]
+    assert version(address) == 1
+
+
 def test_an_interrupt_in_the_block_sends_nothing(batched: gradwire.Client, address: str) -> None:
     with pytest.raises(KeyboardInterrupt), batched.batch() as b:
         zero = b.zero_grad()

@@ -503,6 +503,9 @@ class Batch(Pipeline):
     all at once. The calls made so far are sent when the block ends, or when a result is
     asked for inside it (`Pending.result()`, which then waits for them all): the calls made
     after that go in a batch of their own, when it ends or the next result is asked for.
+    A block that raises still sends the calls it made, as a pipeline's would have been
+    made already, then raises its exception: a batch is no transaction (a Ctrl-C, or
+    another interrupt, sends nothing more).
 
     Where a pipeline writes each call on a Calls stream as it is made, a batch sends its
     calls in one message and gets one back: the server takes and answers one message for
