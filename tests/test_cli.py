@@ -1499,7 +1499,9 @@ def test_a_server_that_stops_mid_command_is_not_taken_for_one_never_started(wher
         stopper = threading.Thread(target=_stop_after, args=(running, 400), kwargs={"cut": cut})
         stopper.start()
         try:
-            result = run_main("train", "--target", target, "--steps", "10000000", *side)
+            result = run_main(
+                "train", "--target", target, "--steps", "10000000", "--keep-going", *side
+            )
         finally:
             stopper.join()
     assert "stopped after" in result.out
@@ -1697,7 +1699,7 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every
         try:
             result = run_main(
                 "train", "--target", target, "--steps", "10000000", "--server-side",
-                "--every", str(every),
+                "--every", str(every), "--keep-going",
             )  # fmt: skip
         finally:
             stopper.join()

@@ -267,7 +267,7 @@ def _ctrl_c_at(*seconds: float) -> Iterator[None]:
 
 def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client) -> None:
     with _ctrl_c_at(1.0):
-        result = cli("train", "--steps", "1000000", "--every", "1000", "--json")
+        result = cli("train", "--steps", "1000000", "--every", "1000", "--json", "--keep-going")
     # The summary says where it stopped, and 130 says it was stopped: `gradwire train ...
     # && next` ran next on 0 (found by a review of the CLI).
     assert result.code == 130, result.err
@@ -281,7 +281,16 @@ def test_ctrl_c_on_a_server_side_train_reports_the_servers_version(
 ) -> None:
     # Its summary reported the last progress's version; the server had run on past it.
     with _ctrl_c_at(1.0):
-        result = cli("train", "--steps", "1000000", "--every", "50", "--server-side", "--json")
+        result = cli(
+            "train",
+            "--steps",
+            "1000000",
+            "--every",
+            "50",
+            "--server-side",
+            "--json",
+            "--keep-going",
+        )
     assert result.code == 130, result.err
     data = result.json()
     assert data["stopped"] is True and data["steps"] % 50 == 0  # as the progresses said
@@ -295,7 +304,16 @@ def test_ctrl_c_stops_a_server_side_train_before_its_next_progress(
     # The run went on to its last step: the command looked at Ctrl-C only at a progress
     # (44 s after the press in a review, with --every as large as --steps).
     with _ctrl_c_at(1.0):
-        result = cli("train", "--steps", "20000", "--every", "20000", "--server-side", "--json")
+        result = cli(
+            "train",
+            "--steps",
+            "20000",
+            "--every",
+            "20000",
+            "--server-side",
+            "--json",
+            "--keep-going",
+        )
     assert result.code == 130, result.err
     data = result.json()
     assert data["stopped"] is True and data["steps"] == 0 and data["loss"] is None
@@ -322,7 +340,9 @@ def test_train_interrupted_by_the_server_stopping_still_sums_up() -> None:
     timer.start()
     try:
         target = f"127.0.0.1:{running.port}"
-        result = run_main("train", "--steps", "1000000", "--server-side", "--target", target)
+        result = run_main(
+            "train", "--steps", "1000000", "--server-side", "--keep-going", "--target", target
+        )
     finally:
         timer.join()
     assert result.code == 1
@@ -353,18 +373,40 @@ def test_json_output_is_strict_json_when_values_are_not_finite(cli: Run) -> None
 
 def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     assert cli("optimizer", "--lr", "100").code == 0  # diverges within a few steps
-    result = cli("train", "--steps", "20", "--every", "5")
+    result = cli("train", "--steps", "20", "--every", "5", "--keep-going")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[-2] == "trained 20 steps: loss nan, version 81"  # 1 SetOptimizer, 20 x 4
     step = int(lines[-1].split(" by step ")[1].split(":")[0])
     assert 1 <= step <= 20
     assert lines[-1].endswith(
-        "To start again: gradwire reset, then gradwire optimizer --kind sgd --lr 10 (a tenth "
-        "of lr 100)"
+        "training diverged, and the parameters may have too. To start again: gradwire reset, "
+        "then gradwire optimizer --kind sgd --lr 10 (a tenth of lr 100)"
     )
-    data = _strict_json(cli("train", "--steps", "2", "--json").out)
+    data = _strict_json(cli("train", "--steps", "2", "--json", "--keep-going").out)
     assert data["loss"] == "nan" and data["diverged_at"] == 1
+    assert data["steps"] == 2 and not data["stopped_at_nonfinite"]
+
+
+@pytest.mark.parametrize("side", [(), ("--server-side",)], ids=["client-side", "server-side"])
+def test_train_stops_at_the_first_loss_not_finite(cli: Run, side: tuple[str, ...]) -> None:
+    """It ran every step asked for, each after the divergence wasted (found by a review of
+    the CLI as a researcher): it now stops after that step, and says so."""
+    assert cli("optimizer", "--lr", "100").code == 0
+    start = _strict_json(cli("reset", "--seed", "0", "--json").out)["version"]
+    result = cli("train", "--steps", "1000", "--every", "300", *side)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    step = int(lines[-1].split(" by step ")[1].split(":")[0])
+    assert 1 < step < 1000
+    version = start + 4 * step
+    assert lines[-2] == f"stopped after {step} steps: loss nan, version {version}"
+    assert "may have too; the run stopped there (--keep-going runs on)." in lines[-1]
+    assert _strict_json(cli("list", "--json").out)["version"] == version  # no step more
+    start = _strict_json(cli("reset", "--seed", "0", "--json").out)["version"]
+    data = _strict_json(cli("train", "--steps", "1000", "--json", *side).out)
+    assert data["stopped_at_nonfinite"] and data["stopped"]
+    assert data["steps"] == data["diverged_at"] == step and data["version"] == start + 4 * step
 
 
 def test_train_on_the_server_names_the_step_it_diverged_at_between_progresses(
@@ -407,6 +449,8 @@ def test_train_on_an_older_server_takes_the_first_loss_reported_not_finite() -> 
         argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
         data = _strict_json(run_main(*argv, "--json").out)
     assert data["diverged_at"] == 10
+    # It has no stop_at_nonfinite: the run is closed at that progress, as it asks.
+    assert data["steps"] == 10 and data["stopped_at_nonfinite"]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ for the rule that a refused step changes nothing.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -563,3 +564,26 @@ def test_a_train_that_fails_midway_says_how_many_steps_stay_applied(
     assert "classes run from 0 to 19" in info.value.message
     assert done == step - 1 >= 1 and info.value.metadata["steps_done"] == str(done)
     assert version == client.list_tensors().version > start
+
+
+@pytest.mark.parametrize("every", [1, 7, 100])
+def test_a_train_asked_to_ends_at_its_first_loss_not_finite(
+    client: gradwire.Client, every: int
+) -> None:
+    """stop_at_nonfinite: the run ends at the step whose loss is NaN or infinite, that step
+    applied and reported whatever `every` says; without it the run goes on to its end (a
+    run left going for a researcher who had walked away: found by a review of the CLI)."""
+    data = Fill.normal(8, 3, 10, 10, seed=0), Fill.randint(0, 20, 8, seed=1)
+    client.set_optimizer(lr=100.0)  # diverges within a few steps
+    start = client.reset(seed=0)
+    on = list(client.train(*data, 100, every=100))[-1]
+    assert on.done and on.step == 100 and 1 < on.first_nonfinite_step < 100
+    diverged = on.first_nonfinite_step
+    start = client.reset(seed=0)
+    progress = list(client.train(*data, 100, every=every, stop_at_nonfinite=True))
+    last = progress[-1]
+    assert last.stopped_at_nonfinite and not last.done
+    assert last.step == last.first_nonfinite_step == diverged
+    assert not any(p.stopped_at_nonfinite for p in progress[:-1])
+    assert math.isnan(last.loss) or math.isinf(last.loss)
+    assert last.version == start + 4 * diverged == client.list_tensors().version

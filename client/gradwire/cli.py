@@ -896,7 +896,8 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     with _stop_on_interrupt(getattr(args, "err", sys.stderr)) as stop:
         stop.at_once = args.server_side  # before the run starts: a press then ends it too
         if args.server_side:
-            run = client.train(x, y, args.steps, every=args.every)
+            halt = not args.keep_going
+            run = client.train(x, y, args.steps, every=args.every, stop_at_nonfinite=halt)
             try:
                 for progress in run:
                     done, loss, version = progress.step, progress.loss, progress.version
@@ -905,7 +906,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     elif diverged_at is None and not math.isfinite(loss):
                         diverged_at = done
                     bar.update(done, loss, progress.steps_per_s)
-                    if stop.is_set():
+                    # A server from before stop_at_nonfinite runs on: closing the run stops
+                    # it there.
+                    if stop.is_set() or (halt and diverged_at is not None):
                         break
             except RemoteError as e:
                 failed = e
@@ -926,8 +929,11 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                 done, loss, version = k + 1, result.loss, result.version
                 if diverged_at is None and not math.isfinite(loss):
                     diverged_at = done
-                if done % args.every == 0 or done == args.steps:
+                halted = diverged_at == done and not args.keep_going
+                if done % args.every == 0 or done == args.steps or halted:
                     bar.update(done, loss)
+                if halted:  # it ran on, its steps wasted, until the end (found by a review)
+                    break
     # A server-side run that the server ended (stopping, the session closed, a step
     # refused) says how many steps stay applied, and the version then: more than the last
     # progress it sent. The summary said that progress's, beside an error that said the
@@ -955,6 +961,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     data["loss"], data["loss_step"] = (loss, reported) if reported else (None, None)
     data["stopped"] = stopped
     data["diverged_at"] = diverged_at
+    # Ended by the divergence, not by Ctrl-C, the server or the steps asked for.
+    halted = stopped and diverged_at is not None and not args.keep_going and failed is None
+    data["stopped_at_nonfinite"] = halted and not stop.is_set()
     steps = f"{done} steps reported (the server may have run more before the stop reached it)"
     text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}"
     if not reported:
@@ -970,24 +979,26 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     else:
         bar.finish(text)
         if diverged_at is not None:
-            out.write(_divergence_hint(client, diverged_at) + "\n")
+            out.write(_divergence_hint(client, diverged_at, data["stopped_at_nonfinite"]) + "\n")
     if failed is not None:
         raise failed
     if stop.is_set():
         raise Interrupted
 
 
-def _divergence_hint(client: Client, step: int) -> str:
-    """What to do about a loss that stopped being finite: start again with a smaller lr."""
+def _divergence_hint(client: Client, step: int, halted: bool = False) -> str:
+    """What to do about a loss that stopped being finite: start again with a smaller lr.
+    `halted`: the run was stopped there (not --keep-going)."""
     lower = "gradwire optimizer --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
         lower = (
             f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (a tenth of lr {opt.lr:g})"
         )
+    stopped = "; the run stopped there (--keep-going runs on)" if halted else ""
     return (
         f"the loss was no longer finite by step {step}: training diverged, and the parameters "
-        f"may have too. To start again: gradwire reset, then {lower}"
+        f"may have too{stopped}. To start again: gradwire reset, then {lower}"
     )
 
 
@@ -2122,6 +2133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-side",
         action="store_true",
         help="one Train call runs every step on the server (default: a TrainStep call per step)",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run every step asked for, even past the first loss that is NaN or infinite "
+        "(default: stop after that step, training having diverged)",
     )
 
     p = add(

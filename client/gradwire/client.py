@@ -1987,6 +1987,7 @@ class Client:
         zero_grad: bool = True,
         every: int = 1,
         timeout: float | None = None,
+        stop_at_nonfinite: bool = False,
     ) -> Generator[TrainProgress, None, None]:
         """Train: `steps` training steps run on the server, with progress after every
         `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes
@@ -1997,6 +1998,9 @@ class Client:
         gradwire.errors.DeadlineExceeded, the steps taken staying applied. Bad arguments
         raise here; the run starts when the first progress is asked for (a Train never
         iterated runs nothing), with this client's `expecting` version as it is here.
+        `stop_at_nonfinite`: end the run at the first step whose loss is NaN or infinite
+        (training diverged), that step applied; its progress is the last, with
+        `stopped_at_nonfinite` set. A server from before it runs every step.
         """
         # Each refused by the server at the first progress, where a bad call went unnoticed
         # until then, or for ever when never iterated (found by a review of the client).
@@ -2004,7 +2008,12 @@ class Client:
         every = limits.whole(every, "every", 0, codec.INT64_MAX, "after every step")
         _check_stream_timeout(timeout)
         _needs_target("train", target)
-        request = pb.TrainRequest(steps=steps, every=every, zero_grad=_flag(zero_grad, "zero_grad"))
+        request = pb.TrainRequest(
+            steps=steps,
+            every=every,
+            zero_grad=_flag(zero_grad, "zero_grad"),
+            stop_at_nonfinite=_flag(stop_at_nonfinite, "stop_at_nonfinite"),
+        )
         pieces = _source_pieces("TrainRequest", "input", input)
         pieces += _source_pieces("TrainRequest", "target", target)
         pieces.append(request.SerializeToString())

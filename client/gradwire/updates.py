@@ -119,6 +119,9 @@ class TrainProgress:
     # The first step of the run whose loss was NaN or infinite, reported or not; 0: none (or
     # a server from before it said).
     first_nonfinite_step: int = 0
+    # The run's last progress: it ended at first_nonfinite_step, before the steps asked for,
+    # as train(stop_at_nonfinite=True) asks.
+    stopped_at_nonfinite: bool = False
 
 
 def stats_from_proto(message: pb.Stats) -> Stats:
@@ -199,4 +202,5 @@ def train_progress(message: pb.TrainProgress) -> TrainProgress:
         message.steps_per_s,
         message.done,
         message.first_nonfinite_step,
+        message.stopped_at_nonfinite,
     )

@@ -1329,7 +1329,11 @@ class TrainerServicer:
             done = k + 1
             if not diverged and not math.isfinite(result.loss):
                 diverged = done
-            if done % every == 0 or done == message.steps:
+            # Asked to, a run ends at its first loss that is not finite: a diverged model's
+            # steps after it cost their time and change nothing useful (a run left to go on
+            # for a researcher who had walked away: found by a review of the CLI).
+            halted = diverged == done and message.stop_at_nonfinite
+            if done % every == 0 or done == message.steps or halted:
                 yield pb.TrainProgress(
                     step=done,
                     steps=message.steps,
@@ -1338,7 +1342,10 @@ class TrainerServicer:
                     steps_per_s=done / max(time.perf_counter() - started, 1e-9),
                     done=done == message.steps,
                     first_nonfinite_step=diverged,
+                    stopped_at_nonfinite=halted and done < message.steps,
                 )
+            if halted:
+                return
 
     def Calls(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[bytes]:
         """Unary calls as messages on one open stream: each run as its unary call is (the

@@ -2530,12 +2530,20 @@ class TrainRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     ZERO_GRAD_FIELD_NUMBER: _builtins.int
     EVERY_FIELD_NUMBER: _builtins.int
+    STOP_AT_NONFINITE_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """steps to run, from 1 to 2^40"""
     zero_grad: _builtins.bool
     """clear gradients before each step; default true"""
     every: _builtins.int
     """a progress message after every this many steps (and after the last); 0: 1; negative: BAD_REQUEST"""
+    stop_at_nonfinite: _builtins.bool
+    """End the run at the first step whose loss is NaN or infinite (training diverged): that
+    step stays applied, and its progress is sent, with stopped_at_nonfinite set, as the
+    run's last message; the stream then ends OK. False: the run goes on to `steps`, its
+    steps after that one applied too (a diverged model's parameters are NaN by then, so
+    its steps change nothing useful and cost their time).
+    """
     @_builtins.property
     def input(self) -> Global___TensorSource:
         """The data of every step: a tensor (the same each step), or a fill. A run's steps are
@@ -2557,10 +2565,11 @@ class TrainRequest(_message.Message):
         steps: _builtins.int = ...,
         zero_grad: _builtins.bool | None = ...,
         every: _builtins.int = ...,
+        stop_at_nonfinite: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "input", b"input", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "every", b"every", "input", b"input", "steps", b"steps", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad", "every", b"every", "input", b"input", "steps", b"steps", "stop_at_nonfinite", b"stop_at_nonfinite", "target", b"target", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__zero_grad: _TypeAlias = _typing.Literal["zero_grad"]  # noqa: Y015
     _WhichOneofArgType__zero_grad: _TypeAlias = _typing.Literal["_zero_grad", b"_zero_grad"]  # noqa: Y015
@@ -2579,6 +2588,7 @@ class TrainProgress(_message.Message):
     STEPS_PER_S_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     FIRST_NONFINITE_STEP_FIELD_NUMBER: _builtins.int
+    STOPPED_AT_NONFINITE_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """steps done in this run"""
     steps: _builtins.int
@@ -2595,6 +2605,10 @@ class TrainProgress(_message.Message):
     """The first step of this run whose loss was NaN or infinite (training diverged there),
     reported or not; 0: none so far.
     """
+    stopped_at_nonfinite: _builtins.bool
+    """The last message of a run that TrainRequest.stop_at_nonfinite ended at its step
+    first_nonfinite_step (this message's step), before the steps asked for.
+    """
     def __init__(
         self,
         *,
@@ -2605,10 +2619,11 @@ class TrainProgress(_message.Message):
         steps_per_s: _builtins.float = ...,
         done: _builtins.bool = ...,
         first_nonfinite_step: _builtins.int = ...,
+        stopped_at_nonfinite: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "first_nonfinite_step", b"first_nonfinite_step", "loss", b"loss", "step", b"step", "steps", b"steps", "steps_per_s", b"steps_per_s", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "first_nonfinite_step", b"first_nonfinite_step", "loss", b"loss", "step", b"step", "steps", b"steps", "steps_per_s", b"steps_per_s", "stopped_at_nonfinite", b"stopped_at_nonfinite", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
