@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,9 @@ from torch import nn
 
 import gradwire
 from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import _connection_hint, build_parser
+from gradwire.client import SERVER_CANCELLED, _failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
@@ -32,7 +35,7 @@ from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
-from tests.serve_in_process import running_server, serving
+from tests.serve_in_process import bare_server, running_server, serving
 from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -1599,6 +1602,63 @@ def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
             never.list_tensors()
         assert not never.answered
         assert _connection_hint(args, never, cancelled) is None
+
+
+def test_a_call_its_server_cancelled_says_so_not_cancelled_twice() -> None:
+    """A server cancelling a call in flight (a stop, for the calls it had taken in and not
+    begun) gives gRPC's status alone: the client-side `train` said `error: CANCELLED:
+    CANCELLED` (found by a review of the CLI as a researcher). A server that cancels its
+    second TrainStep stands in for the stop, which cancels one only now and then."""
+    answered = threading.Event()
+
+    def train_step(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if answered.is_set():
+            context.cancel()
+            return b""
+        answered.set()
+        return pb.TrainStepResponse(version=4, loss=2.5).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {
+            "ListTensors": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: pb.ListTensorsResponse().SerializeToString()
+            ),
+            "TrainStep": grpc.unary_unary_rpc_method_handler(train_step),
+        },
+    )
+    with bare_server(handler) as address:
+        result = run_main("train", "--target", address, "--steps", "3", "--every", "1")
+    assert "stopped after 1 steps" in result.out
+    errors_said = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    assert errors_said == [
+        "error: CANCELLED: the server cancelled the call: it was stopping, or it closed the "
+        "connection"
+    ]
+    assert "answered earlier in this command, then stopped answering" in _hint(result)
+
+
+def test_a_call_cancelled_with_words_keeps_them() -> None:
+    """Only gRPC's bare word is replaced: a cancel whose status says why (this client's own,
+    "Locally cancelled by application!"; a server's CALLER_GONE) is left as it was said."""
+
+    class Failed(grpc.RpcError):
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.CANCELLED
+
+        def details(self) -> str:
+            return self._details
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    for bare in ("CANCELLED", ""):
+        assert str(_failed(Failed(bare), False)) == f"CANCELLED: {SERVER_CANCELLED}"
+    local = "Locally cancelled by application!"
+    assert str(_failed(Failed(local), False)) == f"CANCELLED: {local}"
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:

@@ -35,6 +35,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer
 from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
 from gradwire.errors import (
+    Cancelled,
     ClientClosed,
     GradwireError,
     InvalidArgument,
@@ -544,6 +545,16 @@ def _cut_off(error: grpc.RpcError) -> bool:
     return not any(words in text for words in NEVER_REACHED)
 
 
+#: The message of a call its server cancelled with gRPC's status alone, no words of its own.
+SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed the connection"
+
+
+def _bare_cancel(message: str) -> bool:
+    """Whether a CANCELLED call's message is gRPC's name of the status alone (what a server's
+    cancel gives; from_rpc_error's "cancelled" for none at all)."""
+    return message.strip().lower() in ("cancelled", "")
+
+
 def _failed(
     error: grpc.RpcError, changes_state: bool, keepalive: float | None = None
 ) -> RemoteError:
@@ -552,6 +563,14 @@ def _failed(
     more often than a gradwire server takes, what to give instead."""
     raised = from_rpc_error(error)
     raised.changes_state = changes_state
+    if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
+        # gRPC's word alone ("CANCELLED: CANCELLED") for a call its server cancelled: a stop
+        # (the calls it had taken in and not begun), or a connection it closed. This
+        # client's own cancels say so ("Locally cancelled by application!", "Channel
+        # closed!"), and Ctrl-C is KeyboardInterrupt (found by a review of the CLI as a
+        # researcher).
+        raised.message = SERVER_CANCELLED
+        raised.args = (raised.message,)
     if (
         isinstance(raised, Unavailable)
         and "too many pings" in raised.message.lower()
