@@ -1084,7 +1084,8 @@ def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
 @pytest.mark.parametrize(
     "target",
     ["localhost:0", "localhost:-1", "localhost:", "[::1]:70000", "dns:///localhost:70000",
-     "dns:localhost:70000", "localhost:50051x", "[::1]:5005 1"],
+     "dns:localhost:70000", "localhost:50051x", "[::1]:5005 1", "localhost:abc",
+     "dns:///localhost:ssh", "localhost: 50051", "host:HTTP"],
 )  # fmt: skip
 def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
     with pytest.raises(ValueError, match=r"bad port .* expected host:port with a port from 1 "):
@@ -1094,7 +1095,11 @@ def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
 @pytest.mark.parametrize(
     ("target", "said"),
     [("", "the target is empty"), ("  ", "the target is empty"),
-     ("http://localhost:50051", "take no URL scheme"), ("grpc://host:7000", "take no URL scheme")],
+     ("http://localhost:50051", "take no URL scheme"), ("grpc://host:7000", "take no URL scheme"),
+     # gRPC's resolver failed these UNAVAILABLE, exit 1, as if no server answered (found by a
+     # review of the CLI as a researcher).
+     (" localhost:50051", "bad target ' localhost:50051': white space around it"),
+     ("localhost:50051\n", "white space around it"), ("localhost:abc", "bad port 'abc'")],
 )  # fmt: skip
 def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
     target: str, said: str
@@ -1115,7 +1120,7 @@ def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
      ("dns://8.8.8.8:53/host:7000", None), ("dns:host", None), ("dns:[::1]", None),
      ("dns:///2001:db8::1", None), ("host:http", None), ("dns:///host:https", None),
      ("unix:/run/gw.sock", None), ("ipv4:127.0.0.1:1,127.0.0.2:2", None),
-     ("xds:///svc:8080", None)],
+     ("xds:///svc:8080", None), ("xds:svc", None), ("unix:/run/gw sock ", None)],
 )  # fmt: skip
 def test_every_target_form_grpc_takes_is_taken(target: str, sent: str | None) -> None:
     # The port check refused some (dns:host, named ports, a bare IPv6 address after dns:///),

@@ -932,8 +932,9 @@ _STEP: _Encoded[StepResult] = _Encoded(
 def with_default_port(target: str) -> str:
     """`target` with gradwire's port (50051) when it names a host alone: gRPC would try 443.
     Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given.
-    A port that is not a number from 1 to 65535 raises ValueError: gRPC would take 70000 for
-    port 4464 and -1 for 65535, and connect to whatever listens there."""
+    A port that is not a number from 1 to 65535 (or "http" or "https", which gRPC takes for
+    80 and 443) raises ValueError: gRPC would take 70000 for port 4464 and -1 for 65535, and
+    connect to whatever listens there; so does white space around the target."""
     port = DEFAULT_TARGET.rpartition(":")[2]
     # gRPC's resolver refused these with words of its own, which said nothing of what to
     # write instead (found by a review of the CLI).
@@ -941,6 +942,15 @@ def with_default_port(target: str) -> str:
         raise TypeError(f"the target is a str, host:port such as localhost:50051; got {target!r}")
     if not target.strip():
         raise ValueError("the target is empty: expected host:port, such as localhost:50051")
+    # ' localhost:50051' went to gRPC, whose resolver failed it UNAVAILABLE, "Misformatted
+    # domain name", as if no server answered (found by a review of the CLI as a researcher).
+    # A socket's path may end in a space.
+    path = target.startswith(("unix:", "unix-abstract:"))
+    if target != (target.lstrip() if path else target.strip()):
+        raise ValueError(
+            f"bad target {target!r}: white space around it (copied with it?); give host:port "
+            "without spaces, such as localhost:50051"
+        )
     if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
         raise ValueError(
             f"bad target {target!r}: gRPC targets take no URL scheme; give host:port (and "
@@ -958,20 +968,34 @@ def with_default_port(target: str) -> str:
             return f"{target}:{port}"
     if "/" not in address and address.startswith("dns:"):  # dns:host:port, without slashes
         address = address[len("dns:") :]
-    # A host (a name, IPv4 or a bracketed IPv6 address) and a port of digits, a sign or none:
-    # it must be a port. Anything else (a named port, "host:http"; a bare IPv6 address) is
-    # gRPC's to read.
+    # A host (a name, IPv4 or a bracketed IPv6 address) and what follows its colon: it must
+    # be a port, or a name gRPC takes for one ("host:http"). A name it does not take
+    # ("localhost:abc") failed in its resolver, UNAVAILABLE, as if no server answered (found
+    # by a review of the CLI as a researcher). A bare IPv6 address, or one of gRPC's schemes
+    # ("xds:svc"), is gRPC's to read.
     found = _HOST_AND_PORT.fullmatch(address)
-    if found is not None and not (found[1].isdigit() and 1 <= int(found[1]) <= 65535):
+    if (
+        found is not None
+        and found[1] not in _SCHEMES
+        and found[2] not in _NAMED_PORTS
+        and not (found[2].isascii() and found[2].isdigit() and 1 <= int(found[2]) <= 65535)
+    ):
         raise ValueError(
-            f"bad port {found[1]!r} in target {target!r}: expected host:port with a port "
+            f"bad port {found[2]!r} in target {target!r}: expected host:port with a port "
             "from 1 to 65535"
         )
     return target
 
 
-#: A host and a port of digits, a sign or none; or (a typo: "50051x") digits and more.
-_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*):(-?[0-9]*|[0-9]+[^:]*)")
+#: A host (a name, IPv4, a bracketed IPv6 address) and what follows its one colon.
+_HOST_AND_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):([^:]*)")
+
+#: The names gRPC takes for a port (80 and 443); it fails any other, "ssh" included.
+_NAMED_PORTS = ("http", "https")
+
+#: gRPC's schemes that with_default_port leaves alone, which a target written without
+#: slashes puts where a host would be ("xds:svc").
+_SCHEMES = ("xds", "google-c2p", "passthrough")
 
 
 def _merged(update: WatchUpdate, dropped: int) -> WatchUpdate:
