@@ -410,6 +410,33 @@ def test_sources_and_selectors_refuse_numbers_past_their_range(
     assert client.list_tensors().version == 0
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["set", "conv1.weight[0,0,0]", "randint:0:3"], "randint's upper bound '0' is not above 0"),
+        (["forward", "--targets", "randint:-2:8"], "randint's upper bound '-2' is not above 0"),
+        (
+            ["forward", "--input", "randint:1.5:8,3,10,10"],
+            "randint's upper bound '1.5' is not a whole number",
+        ),
+    ],
+)
+def test_randint_refuses_a_high_that_is_not_a_whole_number_above_0(
+    cli: Run, client: gradwire.Client, command: list[str], said: str
+) -> None:
+    """randint:0:3 went to the server, exit 1, "INVALID_ARGUMENT: value: randint fill needs
+    whole numbers low < high, got [0.0, 0.0)", where other malformed sources are refused as
+    usage errors (found by a review of the CLI as a researcher)."""
+    result = cli(*command)
+    assert result.code == 2, result.err
+    source = command[-1]
+    assert result.err == (
+        f"gradwire {command[0]}: error: bad source {source!r}: {said}; HIGH in "
+        "randint:HIGH:SHAPE must be a whole number above 0 (it draws 0 <= x < HIGH)\n"
+    )
+    assert client.list_tensors().version == 0
+
+
 def test_set_a_json_list(cli: Run, client: gradwire.Client) -> None:
     assert cli("set", "conv1.weight[0][0][0]", "[1.5, 2, -3]").code == 0
     assert np.array_equal(get(client, "conv1.weight[0][0][0]"), np.array([1.5, 2, -3], np.float32))

@@ -311,7 +311,7 @@ def parse_source(text: str, seed: int = 0) -> Any:
                 )
             return Fill.constant(value, *_shape(parts[2]), dtype=dtype)
         if kind == "randint" and len(parts) == 3:
-            high = _whole(parts[1], "randint's upper bound")
+            high = _randint_high(parts[1])
             return Fill.randint(0, high, *_shape(parts[2]), seed=seed, dtype=dtype)
     except ValueError as err:
         raise UsageError(f"bad source {text!r}: {err}") from None
@@ -358,6 +358,23 @@ def _whole(text: str, what: str) -> int:
         if digits.isdigit():
             raise ValueError(f"{what} has {len(digits):,} digits: far too large") from None
         raise ValueError(f"{what} {text!r} is not a whole number") from None
+
+
+def _randint_high(text: str) -> int:
+    """randint's HIGH: a whole number above 0. randint:0:3 went to the server, exit 1,
+    INVALID_ARGUMENT "randint fill needs whole numbers low < high, got [0.0, 0.0)", where a
+    malformed source is refused here (found by a review of the CLI as a researcher)."""
+    what = "HIGH in randint:HIGH:SHAPE must be a whole number above 0 (it draws 0 <= x < HIGH)"
+    digits = text.strip().lstrip("+-")
+    try:
+        high = _whole(text, "randint's upper bound")
+    except ValueError as err:
+        if digits.isdigit():  # too many digits: said as it is
+            raise
+        raise ValueError(f"{err}; {what}") from None
+    if high <= 0:
+        raise ValueError(f"randint's upper bound {text!r} is not above 0; {what}")
+    return high
 
 
 def _overflowed(text: str, value: float) -> bool:
