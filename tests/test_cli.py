@@ -708,8 +708,28 @@ def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
         "lr": 0.5,
         "momentum": 0.9,
         "weight_decay": 0.0,
+        "beta1": None,
+        "beta2": None,
+        "eps": None,
         "nesterov": True,
     }
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_json_has_the_keys_of_list_json_s_optimizer(cli: Run, kind: str) -> None:
+    """optimizer --json had only the keys of the kind in place, list --json's "optimizer"
+    every key, null for the other kind's: two shapes of one thing for a script to read
+    (found by a review of the CLI as a researcher)."""
+    made = cli("optimizer", "--kind", kind, "--json").json()
+    shown = cli("optimizer", "--json").json()
+    listed = cli("list", "--json").json()
+    assert made == shown == {"version": listed["version"], **listed["optimizer"]}
+    assert list(listed["optimizer"]) == [
+        "kind", "lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov"
+    ]  # fmt: skip
+    others = ("beta1", "beta2", "eps") if kind == "sgd" else ("momentum", "nesterov")
+    assert all(shown[k] is None for k in others) and shown["kind"] == kind
+    assert all(shown[k] is not None for k in listed["optimizer"] if k not in others)
 
 
 def test_optimizer_settings_keep_the_kind_in_place_unless_they_belong_to_the_other(
@@ -765,7 +785,7 @@ def test_optimizer_without_settings_shows_the_optimizer_and_changes_nothing(
     assert client.get("optimizer.conv1.weight.exp_avg") is not None
     assert cli("optimizer", "--json").json() == {
         "version": before.version,
-        **{k: v for k, v in vars(before.optimizer).items() if v is not None},
+        **vars(before.optimizer),
     }
 
 

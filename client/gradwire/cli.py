@@ -1503,11 +1503,13 @@ def cmd_optimizer(args: argparse.Namespace, client: Client, out: TextIO) -> None
     else:
         version, config = client._set_optimizer(_optimizer_kind(args, given, client), given)
         said = ""
-    settings = {k: v for k, v in vars(config).items() if v is not None}
+    # Every setting of either kind, null where this kind has none: the shape of list
+    # --json's "optimizer", which this had only the kind's of (found by a review of the CLI
+    # as a researcher).
     _emit(
         out,
         args,
-        {"version": version, **settings},
+        {"version": version, **vars(config)},
         f"{_describe_optimizer(config)} (version {version}{said})",
     )
 
