@@ -212,6 +212,31 @@ def test_cli_takes_the_token_from_a_file_or_the_environment(
     assert "is empty" in err.getvalue()
 
 
+@pytest.mark.parametrize("command", ["list", "serve"])
+def test_a_token_variable_of_white_space_only_is_refused_as_an_empty_file_is(
+    guarded: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """GRADWIRE_TOKEN holding white space only was taken for no token, where a token file
+    of white space only is refused: a client sent none, and a server started guarded by
+    none (found by a review of the CLI as a researcher). A variable set empty is no token,
+    as an unset one."""
+    argv = ["serve", "--port", "0", "--device", "cpu"] if command == "serve" else ["list"]
+    target = [] if command == "serve" else ["--target", _address(guarded)]
+    monkeypatch.setenv("GRADWIRE_TOKEN", " \n")
+    err = io.StringIO()
+    assert main([*argv, *target], io.StringIO(), err) == 2
+    assert err.getvalue() == (
+        f"gradwire {command}: error: $GRADWIRE_TOKEN is empty (white space only): export the "
+        "token itself, or unset it (unset GRADWIRE_TOKEN) for no token\n"
+    )
+    monkeypatch.setenv("GRADWIRE_TOKEN", "")
+    assert load_token(None) is None
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)  # a file given: the variable is not read
+    monkeypatch.setenv("GRADWIRE_TOKEN", " ")
+    assert load_token(token_file) == TOKEN
+
+
 def test_a_wrong_token_from_the_environment_is_said_to_come_from_there(
     guarded: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

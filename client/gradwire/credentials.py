@@ -15,7 +15,8 @@ TOKEN_ENV = "GRADWIRE_TOKEN"
 
 def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     """The token from a file, else from `env` (surrounding white space stripped from
-    either), checked (`check_token`); or None.
+    either), checked (`check_token`); or None. A file, or a variable set, that holds white
+    space only raises ValueError; an empty variable is no token.
 
     A file is preferred to a flag with the token itself, which other users could read in
     the process list. The variable is stripped as the file is: a secret ends in a newline
@@ -27,7 +28,15 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
         if not token:
             raise ValueError(f"the token file {token_file} is empty")
         return check_token(token, f"the token in {token_file}")
-    token = os.environ.get(env, "").strip()
+    given = os.environ.get(env, "")
+    token = given.strip()
+    if given and not token:
+        # Taken for no token, where a file of white space is refused: a server started
+        # wanting none, and a client sent none (found by a review of the CLI as a researcher).
+        raise ValueError(
+            f"${env} is empty (white space only): export the token itself, or unset it "
+            f"(unset {env}) for no token"
+        )
     return check_token(token, env) if token else None
 
 
