@@ -103,6 +103,37 @@ def test_forward_with_seeded_random_sources(cli: Run, client: gradwire.Client) -
     assert np.array_equal(get(client, "target"), y.numpy())
 
 
+@pytest.mark.parametrize(
+    "sources",
+    [
+        [],
+        ["--input", "ones:2,3,10,10"],
+        ["--input", "full:0.5:2,3,10,10", "--targets", "zeros:2:int64"],
+        ["--input", "normal.npy"],  # a file's name, not a normal source
+        ["--no-targets"],
+    ],
+)
+def test_forward_refuses_a_seed_no_source_draws_with(
+    cli: Run, client: gradwire.Client, sources: list[str]
+) -> None:
+    """`forward --seed 3` with the default input ran, the seed doing nothing, where `replay
+    --seed` without --init random is refused (found by a review of the CLI as a
+    researcher)."""
+    result = cli("forward", *sources, "--seed", "3")
+    assert result.code == 2, result.err
+    assert result.err == (
+        "gradwire forward: error: --seed seeds uniform, normal and randint sources, and this "
+        "forward has none (the default input is ones, the default targets class 1): give "
+        "one, such as --input uniform:8,3,10,10, or leave --seed out\n"
+    )
+    assert client.list_tensors().version == 0
+    # One random source is enough: the seed is its.
+    random_targets = cli("forward", "--targets", "randint:20:8", "--seed", "3")
+    assert random_targets.code == 0, random_targets.err
+    y = torch.randint(0, 20, (8,), generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(get(client, "target"), y.numpy())
+
+
 def test_forward_with_a_constant_and_a_dtype_suffix(cli: Run, client: gradwire.Client) -> None:
     result = cli("forward", "--input", "full:0.5:2,3,10,10:float32", "--targets", "zeros:2:int64")
     assert result.code == 0

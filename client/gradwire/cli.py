@@ -318,6 +318,11 @@ def parse_source(text: str, seed: int = 0) -> Any:
     raise UsageError(f"bad source {text!r}: expected {SOURCE_HELP}")
 
 
+def _random_source(text: str) -> bool:
+    """Whether a source, as parse_source reads it, draws random values (takes a seed)."""
+    return not text.endswith(".npy") and text.split(":")[0] in ("uniform", "normal", "randint")
+
+
 #: The first bytes of every .npy file (numpy.save writes them; numpy.lib.format).
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -521,6 +526,16 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
     has (class 1, the tutorial's, for cross-entropy; ones for mse)."""
     if args.no_targets and args.targets is not None:  # one was dropped (a review of the CLI)
         raise UsageError("--targets and --no-targets ask for opposites: give one of them")
+    sources = (args.input, None if args.no_targets else args.targets)
+    if args.seed is not None and not any(_random_source(s) for s in sources if s is not None):
+        # Dropped without a word, where replay refuses --seed without --init random (found
+        # by a review of the CLI as a researcher).
+        raise UsageError(
+            "--seed seeds uniform, normal and randint sources, and this forward has none (the "
+            "default input is ones, the default targets class 1): give one, such as --input "
+            "uniform:8,3,10,10, or leave --seed out"
+        )
+    seed = 0 if args.seed is None else args.seed
     model = None
     if args.input is None or (args.targets is None and not args.no_targets):
         model = client.list_tensors()
@@ -529,11 +544,11 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
         sample_shape, dtype = _model_input(model)
         inputs: Any = Fill.ones(8, *sample_shape, dtype=dtype)
     else:
-        inputs = parse_source(args.input, args.seed)
+        inputs = parse_source(args.input, seed)
     if args.no_targets:
         return inputs, None
     if args.targets is not None:
-        return inputs, parse_source(args.targets, args.seed)
+        return inputs, parse_source(args.targets, seed)
     assert model is not None
     shape = tuple(inputs.shape)
     if not shape:  # the server refuses it too, --targets or not
@@ -1977,7 +1992,9 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics and keeps them, Dropout passes through",
     )
     p.add_argument(
-        "--seed", type=_seed, default=0, help="seed for uniform, normal and randint sources"
+        "--seed",
+        type=_seed,
+        help="seed for uniform, normal and randint sources (default 0); refused without one",
     )
 
     p = add("backward", cmd_backward, "backpropagate the last loss (Backward)")
