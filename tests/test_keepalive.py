@@ -7,12 +7,14 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 import gradwire
 from gradwire import limits
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.errors import NotFound, ResourceExhausted, Unavailable
 from gradwire_server.app import Running
 from tests.background import Reader, eventually
@@ -224,6 +226,29 @@ def test_the_clis_keepalive_reaches_its_channel(
     )  # fmt: skip
     assert result.code == 1
     assert "Too many pings" in result.err
+
+
+def test_a_client_pinging_too_often_gets_grpcs_own_status_with_no_error_info(
+    server: Running,
+) -> None:
+    """A client in another language pinging every 0.2 s, under the server's 30 s, has its
+    connection closed (GOAWAY, too_many_pings) and its Watch ended with gRPC's own status,
+    no ErrorInfo: UNAVAILABLE in grpcio, RESOURCE_EXHAUSTED in Node's grpc-js, which a review
+    integrating from Node could take for BUSY (the .proto now says which it is)."""
+    pinging = [
+        ("grpc.keepalive_time_ms", 200),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    request = pb.WatchRequest(items=[pb.WatchItem(name="loss")]).SerializeToString()
+    with grpc.insecure_channel(server_address(server), options=pinging) as channel:
+        updates = channel.unary_stream("/gradwire.v1.Trainer/Watch")(request, timeout=30)
+        next(updates)  # the first update; the watch then sends nothing while the pings come
+        with pytest.raises(grpc.RpcError) as ended:
+            next(updates)
+    error: Any = ended.value
+    assert (error.code(), error.details()) == (grpc.StatusCode.UNAVAILABLE, "Too many pings")
+    assert "grpc-status-details-bin" not in dict(error.trailing_metadata() or ())
 
 
 @pytest.mark.parametrize("server_pings", [None, 60.0], ids=["server-pings-off", "server-pings-on"])

@@ -102,7 +102,13 @@ Conventions used by every message below:
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
   It takes a client's pings at most every 30 s on a connection carrying no data, with
   calls in flight or none; pinging more often gets the connection closed (GOAWAY,
-  "too_many_pings"), as gRPC does. --keepalive 0: the server sends no pings at all.
+  "too_many_pings"), as gRPC does, and the calls on it end with the client library's own
+  status, no ErrorInfo: UNAVAILABLE "Too many pings" in Python's grpcio (gRPC's C core),
+  RESOURCE_EXHAUSTED "Bandwidth exhausted or memory limit exceeded" in Node's grpc-js.
+  That RESOURCE_EXHAUSTED is not BUSY, and retrying does not mend it: a connection pinged
+  as often is closed again. Ping less often, no closer together than GetServerInfo's
+  limits.min_client_ping_s.
+  --keepalive 0: the server sends no pings at all.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
@@ -175,8 +181,9 @@ Conventions used by every message below:
   As the server stops, a reflection stream ends UNAVAILABLE: at once between two
   questions (no ErrorInfo), or STOPPING for a question that comes as the stop begins.
   Errors that gRPC raises itself (a message over a size limit, a deadline that expires
-  in the client, a connection lost, a method the server does not have: UNIMPLEMENTED)
-  carry no ErrorInfo.
+  in the client, a connection lost, a method the server does not have: UNIMPLEMENTED, a
+  connection closed for pinging too often: UNAVAILABLE or, in Node's grpc-js,
+  RESOURCE_EXHAUSTED, which is no BUSY: ping less often, see Keepalive) carry no ErrorInfo.
 
 Compatibility: gradwire.v1 only grows. Nothing it has published is renamed,
 renumbered, retyped or removed, so code generated from an older copy of this file
