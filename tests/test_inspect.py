@@ -442,6 +442,53 @@ def test_optimizer_state_names_follow_the_optimizer(client: gradwire.Client) -> 
     assert "optimizer.conv1.weight.exp_avg" in client.list_tensors().names()
 
 
+def _unkept(client: gradwire.Client, name: str, watch: bool = False) -> errors.NotFound:
+    with pytest.raises(errors.NotFound) as refused:
+        next(client.watch([name], timeout=30)) if watch else client.get(name)
+    assert refused.value.reason == "UNKNOWN_TENSOR"
+    assert refused.value.metadata["name"] == name
+    assert refused.value.message.startswith(f"no tensor named {name!r}; the optimizer in use, ")
+    return refused.value
+
+
+def test_state_the_optimizer_does_not_keep_is_named_for_what_it_keeps(
+    client: gradwire.Client,
+) -> None:
+    """Such a name was answered "did you mean 'conv1.weight.delta'" (found by a review
+    integrating from Node.js): the optimizer in use, what it keeps, and when its kind does."""
+    buffer, exp_avg = "optimizer.conv1.weight.momentum_buffer", "optimizer.conv1.weight.exp_avg"
+    for name, watch in ((exp_avg, False), (buffer, True), (buffer, False)):
+        error = _unkept(client, name, watch)
+        assert "SGD with momentum 0, keeps no state for conv1.weight" in error.message
+        assert error.metadata["closest"] == ""
+    assert "SGD keeps a momentum_buffer only with momentum, from the first Step" in error.message
+    assert "Adam keeps step, exp_avg and exp_avg_sq, from the first Step" in (
+        _unkept(client, exp_avg).message
+    )
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    error = _unkept(client, exp_avg)
+    assert "SGD with momentum 0.9, keeps momentum_buffer for conv1.weight, not exp_avg" in (
+        error.message
+    )
+    assert error.metadata["closest"] == buffer
+    train_once(client, seed=1)
+    client.set_optimizer(momentum=0.0, keep_state=True)  # torch keeps the buffers, unused
+    assert "uses no state for conv1.weight (the momentum_buffer it had before momentum 0 " in (
+        _unkept(client, buffer).message
+    )
+    client.set_optimizer("adam")
+    error = _unkept(client, buffer, watch=True)
+    assert "Adam, keeps step, exp_avg and exp_avg_sq for conv1.weight, not momentum_buffer: " in (
+        error.message
+    )
+    assert error.metadata["closest"] == ",".join(
+        f"optimizer.conv1.weight.{key}" for key in ("step", "exp_avg", "exp_avg_sq")
+    )
+    # Not state either kind keeps: the names nearest, as for any other name.
+    with pytest.raises(errors.NotFound, match=r"; did you mean 'optimizer\.conv1\.weight"):
+        client.get("optimizer.conv1.weight.velocity")
+
+
 def test_delta_is_exactly_the_change_the_last_step_made(client: gradwire.Client) -> None:
     assert client.shape("conv1.weight.delta") is None  # no Step yet
     x, y = random_batch(8, 7)

@@ -73,6 +73,20 @@ _STATE_KEYS = {
     "sgd": ("momentum_buffer",),
     "adam": ("step", "exp_avg", "exp_avg_sq"),
 }
+#: When each kind keeps its state, for a name of state the optimizer in use does not keep:
+#: torch's SGD makes a parameter's buffer, and Adam its three entries, in the first Step
+#: that finds the parameter's gradient; SGD with momentum 0 makes none.
+_STATE_KEPT = {
+    "sgd": "SGD keeps a momentum_buffer only with momentum, from the first Step that finds "
+    "the parameter's gradient",
+    "adam": "Adam keeps step, exp_avg and exp_avg_sq, from the first Step that finds the "
+    "parameter's gradient",
+}
+
+
+def _listed(words: Sequence[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 def _unfit(loaded: checkpoint.Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
@@ -1144,6 +1158,9 @@ class Trainer:
                 "and writes it under that name alone. "
             )
             close = [tied]
+        unkept = self._unkept_state(name)
+        if unkept is not None:
+            hint, close = unkept
         buffer = dict(self._model.named_buffers()).get(name)
         if buffer is not None:  # one _buffers leaves out
             hint = (
@@ -1155,6 +1172,37 @@ class Trainer:
             f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
+
+    def _unkept_state(self, name: str) -> tuple[str, list[str]] | None:
+        """For the name of optimizer state that the optimizer in use does not keep for a
+        parameter that can have state ("optimizer.conv1.weight.exp_avg" under SGD, its
+        momentum_buffer under SGD with momentum 0): what it keeps instead, and the names of
+        that state; else None. Such a name was answered "did you mean 'conv1.weight.delta'"
+        (found by a review integrating from Node.js)."""
+        if not name.startswith(OPTIMIZER_PREFIX):
+            return None
+        owner, _, key = name.removeprefix(OPTIMIZER_PREFIX).rpartition(".")
+        kinds = [kind for kind, keys in _STATE_KEYS.items() if key in keys]
+        if owner not in self._learnable or not kinds:
+            return None
+        settings = self._settings
+        using = _KIND_NAMES[settings.kind]
+        if settings.kind == "sgd":
+            using += f" with momentum {settings.momentum or 0:g}"
+        kept = self._state_keys()
+        if kept:
+            what = f"keeps {_listed(kept)} for {owner}, not {key}"
+        elif key in self._optimizer.state.get(self.parameters[owner], {}):
+            # Left by a keep_state change to momentum 0: torch keeps it, unused, and uses it
+            # again if momentum is set again in place.
+            what = f"uses no state for {owner} (the {key} it had before momentum 0 stays, unused)"
+        else:
+            what = f"keeps no state for {owner}"
+        hint = (
+            f"the optimizer in use, {using}, {what}: {_STATE_KEPT[kinds[0]]}. SetOptimizer "
+            "(gradwire optimizer) changes the optimizer. "
+        )
+        return hint, [f"{OPTIMIZER_PREFIX}{owner}.{k}" for k in kept]
 
     def _tied(self, name: str) -> str | None:
         """The name the model's tensors list for `name`, a second name of the same tensor

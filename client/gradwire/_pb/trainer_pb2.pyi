@@ -21,7 +21,8 @@ Conventions used by every message below:
   lists them all. An optimizer-state name exists while the optimizer in use keeps that
   state (SGD without momentum uses none): after a SetOptimizer to one that does not, a
   read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so (buffers that a
-  keep_state change to momentum 0 leaves in place are unlisted the same way).
+  keep_state change to momentum 0 leaves in place are unlisted the same way); the message
+  names the optimizer in use and the state it keeps, which "closest" lists.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions
