@@ -1078,7 +1078,9 @@ class GetTensorResponse(_message.Message):
 
     @_builtins.property
     def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """shape of the whole tensor before indexing; empty when absent"""
+        """Shape of the whole tensor before indexing; empty when absent or 0-d (the loss): tell
+        absence by `tensor` being unset.
+        """
 
     def __init__(
         self,
@@ -1715,7 +1717,9 @@ class GetTensorChunk(_message.Message):
     """carries nothing, as in GetTensorResponse: ignore it"""
     @_builtins.property
     def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """first message: shape of the whole tensor before indexing"""
+        """First message: shape of the whole tensor before indexing; empty when absent or 0-d:
+        tell absence by `chunk` being unset.
+        """
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
@@ -2336,7 +2340,9 @@ class GetStatsResponse(_message.Message):
 
     @_builtins.property
     def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """shape of the whole tensor before indexing; empty when absent"""
+        """Shape of the whole tensor before indexing; empty when absent or 0-d (the loss): tell
+        absence by `stats` being unset.
+        """
 
     def __init__(
         self,
@@ -2469,7 +2475,9 @@ class WatchedTensor(_message.Message):
 
     @_builtins.property
     def full_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """shape of the whole tensor; empty when absent"""
+        """Shape of the whole tensor; empty when absent or 0-d (the loss): tell absence by the
+        field the item asked for (`tensor`, `stats`) being unset.
+        """
 
     def __init__(
         self,
