@@ -886,6 +886,57 @@ def test_a_set_stream_s_later_message_naming_another_tensor_is_refused(
     np.testing.assert_array_equal(client.get("conv1.weight[0][0][0]"), [1, 2, 3])
 
 
+def test_a_set_stream_whose_first_message_names_no_tensor_says_the_first_must(
+    client: gradwire.Client,
+) -> None:
+    """A client in Node.js sent the first chunk alone and the name in the second message,
+    and was told "a tensor name is required", as if it had sent none (found by its review).
+    Refusing is right, the first message saying what to write; the message now says so."""
+    send = client._methods["SetTensorStream"]
+    named = pb.SetTensorChunk(name="conv1.weight", chunk=f32_chunk([3], 1))
+    for stream, later in [
+        ([pb.SetTensorChunk(chunk=f32_chunk([1], 0, [2])), named], " (a later one named "),
+        ([pb.SetTensorChunk(), pb.SetTensorChunk(name="conv1.weight")], " (a later one named "),
+        ([pb.SetTensorChunk(chunk=f32_chunk([1, 2], 0, [2]))], ": name the tensor"),
+        ([pb.SetTensorChunk(), pb.SetTensorChunk(chunk=f32_chunk([1, 2], 0, [2]))], ": name"),
+    ]:
+        data = [m.SerializeToString() for m in stream]
+        error = raw_error(lambda data=data: send(iter(data), timeout=30))
+        assert isinstance(error, errors.InvalidArgument)
+        assert error.reason == "BAD_NAME"
+        assert error.message.startswith(
+            "SetTensorStream writes the tensor its first message names, and the first "
+            f"message named none{later}"
+        ), error.message
+        assert "(e.g. 'conv1.weight') and the part to write in the first message" in error.message
+        assert version(client) == 0
+    # With no value at all, what is missing is the value, as SetTensor without one says.
+    error = raw_error(lambda: send(iter([pb.SetTensorChunk().SerializeToString()]), timeout=30))
+    assert error.reason == "MISSING_VALUE"
+
+
+def test_a_forward_stream_whose_first_chunk_gives_no_shape_says_the_first_must(
+    client: gradwire.Client,
+) -> None:
+    """The first chunk carries the input's shape, as a SetTensorStream's first message the
+    name: one without it is a 0-d input, refused as no model's, and now told where the shape
+    goes. A shape the model refuses, given in the first chunk, is refused as before."""
+    send = client._methods["ForwardStream"]
+    for first, said in [
+        (f32_chunk([1], 0), "ForwardStream takes the whole input's shape from its first chunk"),
+        (f32_chunk([1], 0, [1, 3, 10, 9]), "input has shape [1, 3, 10, 9]; Simple takes"),
+    ]:
+        stream = [
+            pb.ForwardChunk(input=first),
+            pb.ForwardChunk(input=f32_chunk([1] * 299, 1, [1, 3, 10, 10])),
+        ]
+        data = [m.SerializeToString() for m in stream]
+        error = raw_error(lambda data=data: send(iter(data), timeout=30))
+        assert isinstance(error, errors.InvalidArgument)
+        assert (error.reason, said in error.message) == ("BAD_INPUT_SHAPE", True), error.message
+        assert version(client) == 0
+
+
 # --- bad streams -----------------------------------------------------------------------
 
 

@@ -927,9 +927,14 @@ class TrainerServicer:
         try:  # released however the stream ends: a GPU trainer assembles one at a time
             first: pb.SetTensorChunk | None = None
             chain = None  # the index to write, parsed at the first chunk
-            for request in _items(requests, context):
+            items = _items(requests, context)
+            for request in items:
                 if first is None:
                     first = request.message
+                    if not first.name and first.HasField("chunk"):
+                        raise _unnamed(trainer.example_name, next(items, None))
+                elif not first.name and (request.message.name or request.message.HasField("chunk")):
+                    raise _unnamed(trainer.example_name, request)
                 else:
                     _same_target(first, request.message)
                 if request.message.HasField("chunk"):
@@ -967,7 +972,7 @@ class TrainerServicer:
                 eval_mode = eval_mode or message.eval_mode
                 if message.HasField("input"):
                     # The first chunk's shape refused now, not once every chunk has come
-                    check = None if chunks.started else trainer.check_input
+                    check = None if chunks.started else functools.partial(_check_input, trainer)
                     chunks.add(request, _FORWARD_CHUNK, message.input, check)
                 if message.HasField("target"):
                     if target is not None:
@@ -1603,6 +1608,39 @@ def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
             "name and index unset after the first message, or repeat them",
             reason="BAD_CHUNK",
         )
+
+
+def _unnamed(example: str, later: wire.Split[pb.SetTensorChunk] | None) -> InvalidInput:
+    """BAD_NAME for a SetTensorStream whose first message named no tensor, once a value or
+    a name comes (the name of `later`, the next message, when it has one). It was refused "a
+    tensor name is required", which did not say where the name must be (found by a review
+    integrating from Node.js, whose client named the tensor in the second message)."""
+    given = later.message.name if later is not None else ""
+    return InvalidInput(
+        "SetTensorStream writes the tensor its first message names, and the first message "
+        f"named none{f' (a later one named {given!r})' if given else ''}: name the tensor "
+        f"(e.g. {example!r}) and the part to write in the first message, with or without "
+        "the first chunk",
+        reason="BAD_NAME",
+    )
+
+
+def _check_input(trainer: Trainer, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Trainer.check_input of a ForwardStream's first chunk. One with no shape is a 0-d
+    input, which no model takes: its refusal says that the first chunk carries the shape,
+    as a SetTensorStream's first message carries the name (a review integrating from
+    Node.js sent the name later; a shape sent later was refused as a 0-d input alone)."""
+    try:
+        trainer.check_input(shape, dtype)
+    except InvalidInput as err:
+        if shape:
+            raise
+        raise InvalidInput(
+            f"{err.message}: ForwardStream takes the whole input's shape from its first "
+            "chunk (TensorChunk.shape), and the first chunk gave none; give it there",
+            reason=err.reason,
+            metadata=err.metadata,
+        ) from err
 
 
 def _check_write(

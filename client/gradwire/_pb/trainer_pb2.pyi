@@ -1751,7 +1751,9 @@ class SetTensorChunk(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """First message: what to write, as in SetTensorRequest. A later message leaves name and
-    index unset or repeats them; another name or index there is refused (BAD_CHUNK).
+    index unset or repeats them; another name or index there is refused (BAD_CHUNK). A first
+    message with no name is refused (BAD_NAME) once a chunk or a name comes, a name in a
+    later message included: name the tensor in the first message, with or without a chunk.
     """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
