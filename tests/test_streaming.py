@@ -836,7 +836,8 @@ def test_forward_stream_with_the_target_twice_is_invalid_argument(
         )
     )
     assert isinstance(error, errors.InvalidArgument)
-    assert "target once" in error.message
+    assert "a second message carried a target" in error.message
+    assert "send the target once" in error.message
     assert version(client) == 0
     assert client.get("output") is None
 

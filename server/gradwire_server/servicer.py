@@ -977,7 +977,9 @@ class TrainerServicer:
                 if message.HasField("target"):
                     if target is not None:
                         raise InvalidInput(
-                            "ForwardStream: send the target once", reason="BAD_CHUNK"
+                            "ForwardStream: a second message carried a target; the target "
+                            "comes whole in one message, not in pieces: send the target once",
+                            reason="BAD_CHUNK",
                         )
                     target = convert.source_from_split(
                         request, _CHUNK_TARGET, message.target, "target"

@@ -1794,7 +1794,9 @@ class ForwardChunk(_message.Message):
     @_builtins.property
     def target(self) -> Global___TensorSource:
         """The target, as in ForwardRequest (class indices, ...), in any one message (usually the
-        first); unset in every message: no loss.
+        first); unset in every message: no loss. It comes whole, not in pieces as the input
+        does: a target in a second message, even the same one, is refused (INVALID_ARGUMENT,
+        BAD_CHUNK) rather than one of the two taken for the loss unsaid.
         Set but holding neither a tensor nor a fill, as in ForwardRequest: MISSING_INPUT.
         """
 
