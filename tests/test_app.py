@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -76,7 +77,8 @@ def test_reflection_lists_the_services_and_describes_them(
     server: Running, address: str, version: str
 ) -> None:
     """Served as v1alpha, what grpcio-reflection serves, and as v1, whose messages are the
-    same bytes: tools ask for v1 first, and some ask for nothing else."""
+    same bytes: tools ask for v1 first, and some ask for nothing else. The errors' messages
+    too, google.rpc.Status and ErrorInfo, by symbol: the .proto says so."""
     with grpc.insecure_channel(address) as channel:
         call = channel.stream_stream(
             f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
@@ -86,12 +88,19 @@ def test_reflection_lists_the_services_and_describes_them(
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
             reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.Status"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.ErrorInfo"),
         ]
-        listed, described = list(call(iter(requests), timeout=5))
+        listed, *described = list(call(iter(requests), timeout=5))
     names = {s.name for s in listed.list_services_response.service}
     assert {"gradwire.v1.Trainer", "grpc.health.v1.Health"} <= names
-    files = described.file_descriptor_response.file_descriptor_proto
-    assert any(b"gradwire/v1/trainer.proto" in file for file in files)
+    for answer, file_name in zip(
+        described,
+        ["gradwire/v1/trainer.proto", "google/rpc/status.proto", "google/rpc/error_details.proto"],
+        strict=True,
+    ):
+        first = answer.file_descriptor_response.file_descriptor_proto[0]  # then its imports
+        assert descriptor_pb2.FileDescriptorProto.FromString(first).name == file_name
 
 
 def _reflection_stream(channel: grpc.Channel, release: threading.Event) -> Any:

@@ -112,9 +112,13 @@ Conventions used by every message below:
   --keepalive 0: the server sends no pings at all.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
-  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. No call is
-  answered UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256
-  (so a long "closest" may end in part of a name). The reasons, by status:
+  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. Both are
+  googleapis' messages, which this file does not import: google/rpc/status.proto and
+  google/rpc/error_details.proto (github.com/googleapis/googleapis; most languages have
+  them in a package, Python's googleapis-common-protos), and server reflection serves
+  them by symbol ("google.rpc.Status", "google.rpc.ErrorInfo"). No call is answered
+  UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256 (so a
+  long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
       BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
