@@ -102,6 +102,10 @@ def _parsed(
 #: v1alpha's, field for field, under another package's name: the same bytes on the wire.
 #: Tools ask for v1 first (grpcurl, buf curl, Go's grpcreflect); some ask for v1 alone.
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+#: Its request's name, for a refusal of bytes that are none: they were called "not a valid
+#: grpc.reflection.v1alpha.ServerReflectionRequest" on v1 too (found by a review
+#: integrating from Node.js).
+V1_REQUEST_NAME = "grpc.reflection.v1.ServerReflectionRequest"
 
 
 def add_to_server(servicer: ReflectionServicer, server: grpc.Server) -> None:
@@ -110,12 +114,16 @@ def add_to_server(servicer: ReflectionServicer, server: grpc.Server) -> None:
     servicer and one limit of streams for both. ListServices names v1alpha alone, whose
     descriptors the server has to give."""
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        on_pool(servicer.ServerReflectionInfo, servicer.pool),
-        request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest),
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    for service in (reflection.SERVICE_NAME, V1_SERVICE_NAME):
+    behaviour = on_pool(servicer.ServerReflectionInfo, servicer.pool)
+    for service, request_name in (
+        (reflection.SERVICE_NAME, None),
+        (V1_SERVICE_NAME, V1_REQUEST_NAME),
+    ):
+        handler = grpc.stream_stream_rpc_method_handler(
+            behaviour,
+            request_deserializer=deserializer(reflection_pb2.ServerReflectionRequest, request_name),
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
         )

@@ -1709,12 +1709,17 @@ def _serialize(response: Message | bytes) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def deserializer(message_type: type[Message]) -> Callable[[bytes | memoryview], Any]:
+def deserializer(
+    message_type: type[Message], type_name: str | None = None
+) -> Callable[[bytes | memoryview], Any]:
     """A request deserializer that hands on Malformed for bytes that do not parse, for the
     method to answer INVALID_ARGUMENT (MALFORMED_REQUEST); gRPC answers INTERNAL for a
-    deserializer that raises. Messages that carry tensors arrive split (wire.split)."""
+    deserializer that raises. Messages that carry tensors arrive split (wire.split).
+    `type_name`: the request's name where it is served under another (v1 reflection's, read
+    as v1alpha's), for the refusal."""
     splits = wire.holds_tensors(message_type)
-    name = message_type.DESCRIPTOR.full_name
+    parsed_as = message_type.DESCRIPTOR.full_name
+    name = type_name or parsed_as
 
     def parse(data: bytes | memoryview) -> Any:
         # A view: one call of a Batch, whose request holds it (upb parses any buffer).
@@ -1724,7 +1729,7 @@ def deserializer(message_type: type[Message]) -> Callable[[bytes | memoryview], 
             return message_type.FromString(cast(bytes, data))
         except DecodeError as err:
             # Answered INVALID_ARGUMENT by the method, instead of gRPC's own INTERNAL.
-            return Malformed(name, str(err), bytes(data))
+            return Malformed(name, str(err).replace(parsed_as, name), bytes(data))
 
     return parse
 
