@@ -894,16 +894,18 @@ def test_replay_json_matches_the_local_tutorial(cli: Run) -> None:
     assert data["identity_holds"] is True
     assert data["grad_before_backward"] is None
     assert data["grad_after_zero"] is None
-    for field in ("grad_slice", "weight_slice_before", "weight_slice_after"):
+    # linear_grad_rows: printed in the transcript, and in the JSON since a review
+    for field in ("grad_slice", "weight_slice_before", "weight_slice_after", "linear_grad_rows"):
         expected = getattr(reference, field).numpy()
         assert np.array_equal(np.array(data[field], dtype=np.float32), expected), field
     assert any("bit for bit: True" in line for line in data["transcript"])
+    assert data["seed"] is None  # --init fill draws nothing
 
 
 def test_replay_random_init_matches_the_local_tutorial(cli: Run) -> None:
     reference = run_tutorial("random", seed=2)
     data = cli("replay", "--init", "random", "--seed", "2", "--json").json()
-    assert data["loss"] == reference.loss
+    assert data["loss"] == reference.loss and data["seed"] == 2
     assert np.array_equal(np.array(data["grad_slice"], np.float32), reference.grad_slice.numpy())
 
 

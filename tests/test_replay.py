@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import gradwire
-from gradwire.replay import replay
-from tests.reference import run_tutorial
+from gradwire.replay import SessionInUse, WrongModel, replay
+from gradwire_server.models import ModelSpec
+from tests.reference import Simple, run_tutorial
+from tests.serve_in_process import serving
 
 
 def _same(remote: np.ndarray | None, local: torch.Tensor | None) -> bool:
@@ -38,7 +40,8 @@ def test_replay_equals_local_pytorch(client: gradwire.Client, init: str, seed: i
         assert _same(getattr(result, name), getattr(local, name)), name
     assert result.grad_after_zero is None and local.grad_after_zero is None
     assert result.identity_holds
-    # Printed as PyTorch prints them, though the replay does not import torch to print.
+    # Printed as PyTorch prints their values (detached: the replay prints no grad_fn),
+    # though the replay does not import torch to print.
     text = "\n".join(lines)
     printed = ["grad_slice", "weight_slice_before", "weight_slice_after"]
     for name in printed + (["linear_grad_rows"] if init == "fill" else []):
@@ -81,3 +84,63 @@ def test_replay_is_repeatable_on_one_server(client: gradwire.Client) -> None:
     first = replay(client, init="random", seed=3, write=lambda line: None)
     second = replay(client, init="random", seed=3, write=lambda line: None)
     np.testing.assert_array_equal(first.weight_after, second.weight_after)
+
+
+class _WithBiases(Simple):
+    """Named Simple, as the tutorial's model, but with biases and a ReLU of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, 1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.relu(x))
+
+
+def test_a_model_named_simple_that_is_not_the_tutorial_s_is_refused() -> None:
+    """Its name alone was checked: a Simple with biases and a ReLU was replayed, its
+    gradients printed as the tutorial's (found by a review of the replay)."""
+    with serving(ModelSpec("Simple", _WithBiases, (3, 10, 10), 20), seed=0) as (_, client):
+        before = client.list_tensors().version
+        with pytest.raises(WrongModel, match=r"this server's Simple differs in conv1\.bias"):
+            replay(client, write=lambda line: None)
+        assert client.list_tensors().version == before  # nothing changed
+
+
+def _double() -> torch.nn.Module:
+    return Simple().double()
+
+
+def test_a_float64_simple_s_lesson_is_checked_in_float64() -> None:
+    """identity_holds computed in float32 said False of a float64 model's step, whose
+    weight after is exactly weight before - grad (found by a review of the replay)."""
+    spec = ModelSpec("Simple", _double, (3, 10, 10), 20, input_dtype=torch.float64)
+    with serving(spec, seed=0) as (_, client):
+        lines: list[str] = []
+        result = replay(client, init="random", seed=0, write=lines.append)
+    assert result.weight_before.dtype == np.float64
+    np.testing.assert_array_equal(result.weight_after, result.weight_before - result.grad)
+    assert result.identity_holds
+    assert "bit for bit: True" in "\n".join(lines)
+
+
+def test_another_client_s_change_to_the_session_stops_the_replay(
+    client: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A train loop on the same session made the replay print "bit for bit: False", or
+    blame a Backward it had not made (found by a review of the replay). Here the other
+    client's call falls between the replay's look at the session and its first change."""
+    other = gradwire.Client(client.target, timeout=30)
+    listing = client.list_tensors
+
+    def listed_then_changed() -> gradwire.client.Listing:
+        seen = listing()
+        other.zero_grad()  # another client's call on the default session, in between
+        return seen
+
+    monkeypatch.setattr(client, "list_tensors", listed_then_changed)
+    before = listing().version
+    with pytest.raises(SessionInUse, match="another client changed the server's default"):
+        replay(client, write=lambda line: None)
+    assert listing().version == before + 1  # the other client's alone: the replay's refused
+    other.close()

@@ -1558,7 +1558,7 @@ SERVER_EXTRA = "install gradwire's server extra (in a checkout: pip install '.[s
 
 
 def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
-    from gradwire.replay import WrongModel, replay
+    from gradwire.replay import SessionInUse, WrongModel, replay
 
     if args.seed is not None and args.init != "random":  # dropped without a word (a review)
         raise UsageError(
@@ -1581,13 +1581,14 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         c.stream_calls = True
         try:
             result = replay(c, init=args.init, seed=seed, write=write)
-        except WrongModel as e:
+        except (WrongModel, SessionInUse) as e:
             raise CommandError(str(e)) from None
         if args.json:
             out.write(
                 _json_line(
                     {
                         "init": result.init,
+                        "seed": seed if result.init == "random" else None,
                         "output_shape": list(result.output_shape),
                         "loss": result.loss,
                         "grad_before_backward": _jsonable(result.grad_before_backward),
@@ -1595,6 +1596,9 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
                         "weight_slice_before": _jsonable(result.weight_slice_before),
                         "weight_slice_after": _jsonable(result.weight_slice_after),
                         "grad_after_zero": _jsonable(result.grad_after_zero),
+                        # printed in the transcript (of --init fill), and left out here until
+                        # a review of the replay
+                        "linear_grad_rows": _jsonable(result.linear_grad_rows),
                         "identity_holds": result.identity_holds,
                         "transcript": lines,
                     }

@@ -14,8 +14,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradwire.client import Client
+from gradwire.client import Client, Listing
 from gradwire.display import format_size, format_tensor
+from gradwire.errors import Aborted
 from gradwire.fill import Fill
 
 Init = Literal["fill", "random"]
@@ -23,10 +24,22 @@ LR = 1.0
 FILL_VALUE = 0.1
 BATCH = 8
 MODEL = "Simple"
+#: The tutorial's parameters and their shapes: a model of another name, or of the same
+#: name with other layers (biases, a wider conv1), is not the tutorial's.
+PARAMETERS = {
+    "conv1.weight": (16, 3, 3, 3),
+    "conv2.weight": (32, 16, 3, 3),
+    "linear.weight": (20, 32 * 10 * 10),
+}
 
 
 class WrongModel(ValueError):
     """The server serves another model than the tutorial's; nothing was changed."""
+
+
+class SessionInUse(RuntimeError):
+    """Another client changed the session while the replay ran: the replay stopped at its
+    next call, the calls before it applied."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,11 @@ class ReplayResult:
 
     @property
     def identity_holds(self) -> bool:
-        """weight after Step == weight before - lr * grad, bit for bit, over all of conv1.weight."""
-        expected = (self.weight_before - np.float32(LR) * self.grad).astype(np.float32)
+        """weight after Step == weight before - lr * grad, bit for bit, over all of conv1.weight,
+        computed in the parameter's dtype (float32 alone said False of a float64 model's,
+        which holds: found by a review of the replay)."""
+        dtype = self.weight_before.dtype
+        expected = (self.weight_before - dtype.type(LR) * self.grad).astype(dtype)
         return bool(np.array_equal(self.weight_after, expected))
 
 
@@ -63,35 +79,55 @@ def replay(
     they stay as the tutorial leaves them, for reading and plotting. A server serving another
     model than the tutorial's Simple is refused first (WrongModel), changing nothing.
     """
-    model = client.list_tensors().model
-    if model != MODEL:
-        raise WrongModel(
-            f"the tutorial needs the {MODEL} model, and this server serves {model}: start one "
-            "with the default model (gradwire serve without --model), or use replay --embedded"
-        )
+    listing = client.list_tensors()
+    _check_model(listing)
+    # Each mutation applies only at the version the one before it left (client.expecting):
+    # another client's calls on the session between two of the replay's, which the replay
+    # would have read as its own, stop it instead (a train loop on the same session made it
+    # print "bit for bit: False", or blame a Backward it had not made: found by a review).
+    version = listing.version
+
+    def next_version() -> int:
+        nonlocal version
+        version += 1
+        return version - 1
+
     # Every call in one batch (client.batch): sent in one message, run in order, answered
     # in one, so that the replay waits for one round trip of the network, not seventeen.
     # The transcript is written once the answers are in.
-    with client.batch() as p:
-        if init == "fill":
-            p.reset()
-            p.fill_parameters(FILL_VALUE)
-        else:
-            p.reset(seed)
-        p.set_optimizer("sgd", lr=LR)
-        forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
-        grad_before = p.get("conv1.weight.grad")
-        p.backward()
-        grad_slice = p.get("conv1.weight.grad[0][0][0]")
-        linear_rows = p.get("linear.weight.grad[:2, :3]")
-        weight_slice_before = p.get("conv1.weight[0][0][0]")
-        weight_before = p.get("conv1.weight")
-        grad = p.get("conv1.weight.grad")
-        p.step()
-        weight_slice_after = p.get("conv1.weight[0][0][0]")
-        weight_after = p.get("conv1.weight")
-        p.zero_grad()
-        grad_after_zero = p.get("conv1.weight.grad")
+    try:
+        with client.batch() as p:
+            with client.expecting(next_version()):
+                p.reset(None if init == "fill" else seed)
+            if init == "fill":
+                with client.expecting(next_version()):
+                    p.fill_parameters(FILL_VALUE)
+            with client.expecting(next_version()):
+                p.set_optimizer("sgd", lr=LR)
+            with client.expecting(next_version()):
+                forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
+            grad_before = p.get("conv1.weight.grad")
+            with client.expecting(next_version()):
+                p.backward()
+            grad_slice = p.get("conv1.weight.grad[0][0][0]")
+            linear_rows = p.get("linear.weight.grad[:2, :3]")
+            weight_slice_before = p.get("conv1.weight[0][0][0]")
+            weight_before = p.get("conv1.weight")
+            grad = p.get("conv1.weight.grad")
+            with client.expecting(next_version()):
+                p.step()
+            weight_slice_after = p.get("conv1.weight[0][0][0]")
+            weight_after = p.get("conv1.weight")
+            with client.expecting(next_version()):
+                p.zero_grad()
+            last = p.read("conv1.weight.grad")
+    except Aborted as err:
+        if err.reason != "VERSION_MISMATCH":
+            raise
+        raise SessionInUse(_in_use(client)) from None
+    if last.result().version != version:  # a change after the replay's last
+        raise SessionInUse(_in_use(client))
+    grad_after_zero = last.result().value
 
     def show(code: str, value: Any = ..., note: str = "") -> None:
         write(f">>> {code}")
@@ -139,7 +175,7 @@ def replay(
         grad_slice=host(grad_slice.result()),
         weight_slice_before=host(weight_slice_before.result()),
         weight_slice_after=host(weight_slice_after.result()),
-        grad_after_zero=host(grad_after_zero.result()),
+        grad_after_zero=host(grad_after_zero),
         weight_before=np.asarray(weight_before.result()),
         grad=np.asarray(grad.result()),
         weight_after=np.asarray(weight_after.result()),
@@ -159,3 +195,36 @@ def replay(
         "is zero_grad(set_to_none=False)), so grad[0][0][0] would raise TypeError today.",
     )
     return result
+
+
+def _check_model(listing: Listing) -> None:
+    """WrongModel unless the server serves the tutorial's Simple: its name and its
+    parameters, by name and shape. The name alone let a model called Simple with biases and
+    a ReLU through, its gradients printed as the tutorial's (found by a review)."""
+    if listing.model != MODEL:
+        raise WrongModel(
+            f"the tutorial needs the {MODEL} model, and this server serves {listing.model}: "
+            "start one with the default model (gradwire serve without --model), or use "
+            "replay --embedded"
+        )
+    served = {t.name: t.shape for t in listing.tensors if t.kind == "parameter"}
+    if served != PARAMETERS:
+        differ = sorted(
+            n for n in served.keys() | PARAMETERS.keys() if served.get(n) != PARAMETERS.get(n)
+        )
+        raise WrongModel(
+            f"the tutorial needs its {MODEL} model (parameters "
+            + ", ".join(f"{n} {list(shape)}" for n, shape in PARAMETERS.items())
+            + f"), and this server's {MODEL} differs in {', '.join(differ)}: start one with "
+            "the default model (gradwire serve without --model), or use replay --embedded"
+        )
+
+
+def _in_use(client: Client) -> str:
+    where = f"session {client.session!r}" if client.session else "the server's default session"
+    return (
+        f"another client changed {where} while the replay ran, and the replay stopped rather "
+        "than print that client's work as the tutorial's (the calls it had made stay "
+        "applied): replay in a session of your own (gradwire open-session, then replay "
+        "--session ID), or when nothing else trains on this one"
+    )
