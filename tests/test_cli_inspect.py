@@ -453,6 +453,36 @@ def test_train_on_an_older_server_takes_the_first_loss_reported_not_finite() -> 
     assert data["steps"] == 10 and data["stopped_at_nonfinite"]
 
 
+def test_train_against_a_server_that_runs_on_says_where_it_stopped_the_run() -> None:
+    """A server from before stop_at_nonfinite, which counts the step (8) but sends the
+    next progress at step 10: the run is stopped there, and its hint said "stopped there"
+    of step 8 (a review of the change)."""
+
+    def train(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for step, loss, first in ((5, 2.5, 0), (10, math.nan, 8), (15, math.nan, 8)):
+            progress = pb.TrainProgress(
+                step=step, steps=15, loss=loss, version=step * 4, first_nonfinite_step=first
+            )
+            yield progress.SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer",
+        {
+            "ListTensors": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: pb.ListTensorsResponse(version=40).SerializeToString()
+            ),
+            "Train": grpc.unary_stream_rpc_method_handler(train),
+        },
+    )
+    with bare_server(handler) as address:
+        argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
+        text = run_main(*argv).out
+        data = _strict_json(run_main(*argv, "--json").out)
+    assert "by step 8: " in text
+    assert "the run was stopped at step 10, the first progress to show it" in text
+    assert (data["diverged_at"], data["steps"], data["stopped_at_nonfinite"]) == (8, 10, True)
+
+
 @pytest.mark.parametrize(
     ("loss", "shown"),
     [

@@ -1120,12 +1120,28 @@ def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
      ("dns://8.8.8.8:53/host:7000", None), ("dns:host", None), ("dns:[::1]", None),
      ("dns:///2001:db8::1", None), ("host:http", None), ("dns:///host:https", None),
      ("unix:/run/gw.sock", None), ("ipv4:127.0.0.1:1,127.0.0.2:2", None),
-     ("xds:///svc:8080", None), ("xds:svc", None), ("unix:/run/gw sock ", None)],
+     ("xds:///svc:8080", None), ("xds:svc", None), ("unix:/run/gw sock ", None),
+     # a name of the scheme's own after its path, not host:port (refused: found by a review)
+     ("xds:///svc:grpc", None), ("google-c2p:///svc:x", None)],
 )  # fmt: skip
 def test_every_target_form_grpc_takes_is_taken(target: str, sent: str | None) -> None:
     # The port check refused some (dns:host, named ports, a bare IPv6 address after dns:///),
     # found by a review of the check; a host alone still gets gradwire's port.
     assert with_default_port(target) == (sent or target)
+
+
+def test_a_service_s_name_for_a_port_is_taken_with_grpc_s_native_resolver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its default resolver takes http and https alone, and "host:ssh" is refused; its
+    native one reads the system's names (22 for ssh), and the check refused what it takes
+    (a review of the check)."""
+    with pytest.raises(ValueError, match="bad port 'ssh'"):
+        with_default_port("localhost:ssh")
+    monkeypatch.setenv("GRPC_DNS_RESOLVER", "native")
+    assert with_default_port("localhost:ssh") == "localhost:ssh"
+    with pytest.raises(ValueError, match="bad port '0'"):
+        with_default_port("localhost:0")
 
 
 def test_a_port_past_65535_does_not_wrap_round_to_another_server(address: str) -> None:

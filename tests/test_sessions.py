@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import numpy as np
@@ -606,6 +607,59 @@ def test_a_client_given_its_channel_closes_its_sessions_and_leaves_the_channel_o
             assert opened not in listed
             assert kept_id in listed
             other._call("CloseSession", pb.CloseSessionRequest(session=kept_id))
+    finally:
+        channel.close()
+
+
+def test_a_client_given_its_channel_closes_its_session_clients_streams_too(
+    address: str, server: Running
+) -> None:
+    """A session client's pipeline went on on its open Calls stream after the client that
+    opened it had closed, mutations applied, and the stream held a place on the server
+    for as long as the caller's channel lived (a review of the change above)."""
+    channel = grpc.insecure_channel(address)
+    try:
+        client = gradwire.Client(address, channel=channel)
+        kept = client.open_session(seed=0)
+        kept.detach()
+        with kept.pipeline() as p:
+            p.zero_grad()  # opens kept's Calls stream, which stays open
+        eventually(lambda: server.servicer.slots.taken == 1)
+        client.close()
+        eventually(lambda: server.servicer.slots.taken == 0)  # the stream closed with it
+        with (
+            pytest.raises(errors.ClientClosed, match="this client is closed"),
+            kept.pipeline() as p,
+        ):
+            p.zero_grad()
+        with gradwire.Client(address, channel=channel) as other:
+            listed = {s.session: s.version for s in other.list_sessions().sessions}
+            assert listed[kept.session] == 1  # its one zero_grad, none after the close
+            other._call("CloseSession", pb.CloseSessionRequest(session=kept.session))
+    finally:
+        channel.close()
+
+
+def test_a_session_opened_as_its_client_closes_is_closed_too(address: str) -> None:
+    """One whose OpenSession was answered after close() had closed the others stayed open
+    until it expired, and its client's close() raised (a review). The race is made certain
+    here: the client closes while the answer is on its way."""
+    channel = grpc.insecure_channel(address)
+    try:
+        client = gradwire.Client(address, channel=channel)
+        opening = client._call
+
+        def answered_after_the_close(method: str, request: Any, timeout: Any = None) -> Any:
+            response = opening(method, request, timeout)
+            if method == "OpenSession":
+                client.close()
+            return response
+
+        client._call = answered_after_the_close  # type: ignore[method-assign]
+        with pytest.raises(errors.ClientClosed, match="this client is closed"):
+            client.open_session(seed=0)
+        with gradwire.Client(address, channel=channel) as other:
+            assert other.list_sessions().sessions == ()
     finally:
         channel.close()
 

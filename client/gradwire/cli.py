@@ -1011,23 +1011,33 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     else:
         bar.finish(text)
         if diverged_at is not None:
-            out.write(_divergence_hint(client, diverged_at, data["stopped_at_nonfinite"]) + "\n")
+            halted_at = done if data["stopped_at_nonfinite"] else None
+            out.write(_divergence_hint(client, diverged_at, halted_at) + "\n")
     if failed is not None:
         raise failed
     if stop.is_set():
         raise Interrupted
 
 
-def _divergence_hint(client: Client, step: int, halted: bool = False) -> str:
-    """What to do about a loss that stopped being finite: start again with a smaller lr.
-    `halted`: the run was stopped there (not --keep-going)."""
+def _divergence_hint(client: Client, step: int, halted_at: int | None = None) -> str:
+    """What to do about a loss that stopped being finite (by `step`): start again with a
+    smaller lr. `halted_at`: the step the run was stopped at for it (not --keep-going):
+    `step`, or, against a server from before Train's stop_at_nonfinite, the progress that
+    showed it, the server perhaps running on until the stop reached it."""
     lower = "gradwire optimizer --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
         lower = (
             f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (a tenth of lr {opt.lr:g})"
         )
-    stopped = "; the run stopped there (--keep-going runs on)" if halted else ""
+    stopped = ""
+    if halted_at == step:
+        stopped = "; the run stopped there (--keep-going runs on)"
+    elif halted_at is not None:  # said "stopped there" of a run that went on (a review)
+        stopped = (
+            f"; the run was stopped at step {halted_at}, the first progress to show it "
+            "(--keep-going runs on)"
+        )
     return (
         f"the loss was no longer finite by step {step}: training diverged, and the parameters "
         f"may have too{stopped}. To start again: gradwire reset, then {lower}"

@@ -687,13 +687,20 @@ class _OpenedSessions:
         self._ids: set[str] = set()
         self._closing = 0  # claimed by a session client, its CloseSession in flight
         self._changed = threading.Condition()
-        #: Set when the client that made this closes: it and its session clients then raise
-        #: ClientClosed, on a channel of their own (`channel=`), left open, as on one closed.
+        #: Set when the client that made this closes (claim_all): it and its session clients
+        #: then raise ClientClosed, on a channel of their own (`channel=`), left open, as on
+        #: one closed.
         self.closed = False
+        #: The clients sharing this (the one that made it and its session clients), whose
+        #: Calls streams close with it.
+        self.clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
-    def add(self, session: str) -> None:
+    def add(self, session: str) -> bool:
+        """Adds `session`; False once closed (claim_all has run), when it is not added."""
         with self._changed:
-            self._ids.add(session)
+            if not self.closed:
+                self._ids.add(session)
+            return not self.closed
 
     def discard(self, session: str) -> None:
         with self._changed:
@@ -730,6 +737,7 @@ class _OpenedSessions:
             self._changed.wait_for(lambda: self._closing == 0, timeout)
             claimed = list(self._ids)
             self._ids.clear()
+            self.closed = True  # in the same step: a session opened after it is not added
             return claimed
 
 
@@ -959,6 +967,8 @@ def with_default_port(target: str) -> str:
     # Schemes whose addresses gRPC checks itself, or that have no port.
     if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
         return target
+    if "/" in target and not target.startswith(_PORTED_SCHEMES):
+        return target  # xds:///svc:grpc: a name of the scheme's own, not host:port (a review)
     address = target.rpartition("/")[2]  # dns:///gpu-box:7000: the address after the path
     if "/" not in target:
         with contextlib.suppress(ValueError):  # ::1, a bare IPv6 address
@@ -974,10 +984,14 @@ def with_default_port(target: str) -> str:
     # by a review of the CLI as a researcher). A bare IPv6 address, or one of gRPC's schemes
     # ("xds:svc"), is gRPC's to read.
     found = _HOST_AND_PORT.fullmatch(address)
+    # gRPC's native resolver reads a service's name for its port ("host:ssh", 22), where its
+    # default one (c-ares) takes http and https alone (a review of the check).
+    native = os.environ.get("GRPC_DNS_RESOLVER", "").strip().lower() == "native"
     if (
         found is not None
         and found[1] not in _SCHEMES
         and found[2] not in _NAMED_PORTS
+        and not (native and found[2][:1].isalpha())
         and not (found[2].isascii() and found[2].isdigit() and 1 <= int(found[2]) <= 65535)
     ):
         raise ValueError(
@@ -990,8 +1004,12 @@ def with_default_port(target: str) -> str:
 #: A host (a name, IPv4, a bracketed IPv6 address) and what follows its one colon.
 _HOST_AND_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):([^:]*)")
 
-#: The names gRPC takes for a port (80 and 443); it fails any other, "ssh" included.
+#: The names gRPC's default resolver takes for a port (80 and 443); it fails any other, "ssh"
+#: included (its native resolver, GRPC_DNS_RESOLVER=native, takes the system's names).
 _NAMED_PORTS = ("http", "https")
+
+#: The schemes whose address after the path is host:port, to be checked as one.
+_PORTED_SCHEMES = ("dns:", "passthrough:")
 
 #: gRPC's schemes that with_default_port leaves alone, which a target written without
 #: slashes puts where a host would be ("xds:svc").
@@ -1333,6 +1351,7 @@ class Client:
         self._calls_box: list[CallStream | None] = [None]
         self._calls_guard = threading.Lock()  # for opening and replacing it
         weakref.finalize(self, _close_left_open, self._calls_box)
+        self._opened.clients.add(self)
 
     def _on_stream(
         self,
@@ -1376,6 +1395,8 @@ class Client:
     def _call_stream(self) -> CallStream | None:
         """This client's open Calls stream, for its session: opened now when there is none,
         the last one failed, or the client has moved to another session."""
+        if self._opened.closed:  # a pipeline's: the stream is closed, or closing
+            raise ClientClosed(_CLOSED)
         stream = self._calls
         if stream is not None and stream.usable and stream.session == self._session:
             return stream
@@ -1538,11 +1559,14 @@ class Client:
                 self.close_session()
             if self._opens_sessions:
                 # Before: a client given its channel left them open until they expired, and
-                # went on calling (found by a review of the client).
+                # went on calling (found by a review of the client). Its session clients'
+                # streams each held a place on the server, open channel and closed session
+                # or not (a review of that change).
                 for session in self._opened.claim_all(self.timeout):
                     with contextlib.suppress(GradwireError):  # they expire in any case
                         self._call("CloseSession", pb.CloseSessionRequest(session=session))
-                self._opened.closed = True
+                for client in list(self._opened.clients):
+                    client._close_call_stream(wait=None)
             if self._owns_channel:
                 _CLOSED_CHANNELS.add(self._channel)  # before: a stream it cuts off checks it
                 self._channel.close()
@@ -1553,7 +1577,7 @@ class Client:
         """The metadata naming this client's session; ClientClosed once it has closed it
         (but for opening another: OpenSession acts on none), or once the client that opened
         it has closed."""
-        if self._opened.closed:
+        if self._opened.closed and method != "CloseSession":  # closing goes on
             raise ClientClosed(_CLOSED)
         if self._session:
             return [(SESSION, self._session)]
@@ -1588,7 +1612,12 @@ class Client:
         other.session_idle_s = response.idle_timeout_s
         other._owns_session = True
         other._owns_channel = other._opens_sessions = False
-        self._opened.add(response.session)  # shared with other
+        if not self._opened.add(response.session):  # shared with other
+            # This client closed while the session opened: closed now, or it would stay
+            # open until it expired (a review found it left so, its client's close failing).
+            with contextlib.suppress(GradwireError):
+                self._call("CloseSession", pb.CloseSessionRequest(session=response.session))
+            raise ClientClosed(_CLOSED)
         return other
 
     def detach(self) -> str:
@@ -2043,7 +2072,8 @@ class Client:
         iterated runs nothing), with this client's `expecting` version as it is here.
         `stop_at_nonfinite`: end the run at the first step whose loss is NaN or infinite
         (training diverged), that step applied; its progress is the last, with
-        `stopped_at_nonfinite` set. A server from before it runs every step.
+        `stopped_at_nonfinite` set when steps asked for were left. A server from before it
+        runs every step.
         """
         # Each refused by the server at the first progress, where a bad call went unnoticed
         # until then, or for ever when never iterated (found by a review of the client).

@@ -2564,8 +2564,8 @@ class TrainRequest(_message.Message):
     """a progress message after every this many steps (and after the last); 0: 1; negative: BAD_REQUEST"""
     stop_at_nonfinite: _builtins.bool
     """End the run at the first step whose loss is NaN or infinite (training diverged): that
-    step stays applied, and its progress is sent, with stopped_at_nonfinite set, as the
-    run's last message; the stream then ends OK. False: the run goes on to `steps`, its
+    step stays applied, and its progress is sent as the run's last message, with
+    stopped_at_nonfinite set when steps asked for were left; the stream then ends OK. False: the run goes on to `steps`, its
     steps after that one applied too (a diverged model's parameters are NaN by then, so
     its steps change nothing useful and cost their time).
     """
