@@ -25,7 +25,7 @@ from gradwire.fill import Fill
 from gradwire_server import checkpoint, staging
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
-from gradwire_server.models import ModelSpec
+from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
 from tests.cli_run import run_main
 
@@ -300,12 +300,18 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     )
 
 
-def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
-    """safetensors said "No such device (os error 19)" of a folder in the checkpoint's place,
-    and "No such file or directory" of a file the server may not read (found by a review
-    of deployment, with a volume a root container had written)."""
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_checkpoint_that_is_no_file_says_so(tmp_path: Path, kind: str) -> None:
+    """safetensors said "No such device (os error 19)" of a folder in the checkpoint's place
+    (found by a review of deployment, with a volume a root container had written); then a
+    folder was said to need read access, and the server waited for ever at start opening a
+    FIFO (a review of the state's handling)."""
     state = tmp_path / "state"
-    (state / "state.safetensors").mkdir(parents=True)
+    state.mkdir()
+    if kind == "folder":
+        (state / "state.safetensors").mkdir()
+    else:
+        os.mkfifo(state / "state.safetensors")
     done = subprocess.run(
         [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
          "--port", "0", "--device", "cpu"],
@@ -313,10 +319,56 @@ def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        f"gradwire serve: error: cannot load {state / 'state.safetensors'}: it cannot be read "
-        "(is a directory): give the server's user read access to it, or move it away to start "
-        "from fresh weights"
+        f"gradwire serve: error: cannot load {state / 'state.safetensors'}: it is a folder or "
+        "a special file, not a checkpoint: put the checkpoint's file there, or move it away "
+        "to start from fresh weights"
     )
+
+
+def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
+    """safetensors said "No such file or directory" of a file the server may not read (found
+    by a review of deployment, with a volume a root container had written)."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / "state.safetensors"
+    path.write_bytes(b"x")
+    path.chmod(0)
+    with pytest.raises(ValueError, match=r"it cannot be read \(permission denied\): give"):
+        checkpoint.load(path)
+
+
+def _left(state_dir: Path) -> list[str]:
+    """The files in `state_dir` once a save is over; the folder saves are written in
+    (checkpoint.SAVING) must be empty by then."""
+    saving = state_dir / checkpoint.SAVING
+    assert not saving.exists() or list(saving.iterdir()) == []
+    return sorted(p.name for p in state_dir.iterdir() if p != saving)
+
+
+def test_a_save_leaves_nothing_but_its_checkpoint(tmp_path: Path) -> None:
+    """safetensors writes a temporary file of its own beside the file it is given: a save
+    killed midway left one, a checkpoint's size, in the state dir (a review of the state's
+    handling). It now lands in the .saving folder, which holds nothing once a save is done."""
+    trainer = Trainer(SIMPLE, seed=0)
+    trainer.save(tmp_path / "a.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".saving", "a.safetensors"]
+    assert list((tmp_path / ".saving").iterdir()) == []
+
+
+def test_what_saves_cut_short_left_is_cleared(tmp_path: Path) -> None:
+    """A kill mid-save left files that nothing removed, each a checkpoint's size, until a
+    full disk failed the save at the stop (a review of the state's handling)."""
+    trainer = Trainer(SIMPLE, seed=0)
+    trainer.save(tmp_path / "kept.safetensors")
+    kept = (tmp_path / "kept.safetensors").read_bytes()
+    (tmp_path / ".saving" / ".tmpAbC123").write_bytes(b"x" * 1000)  # safetensors' own
+    (tmp_path / ".saving" / "state.safetensors.k2j3.partial").write_bytes(b"")
+    (tmp_path / ".state.safetensors.r80rm9ff.partial").write_bytes(b"y" * 24)  # before
+    (tmp_path / ".notes").write_text("the user's")  # not a save's: left
+    assert checkpoint.clear_unfinished(tmp_path) == (3, 1024)
+    names = sorted(p.name for p in tmp_path.rglob("*"))
+    assert names == [".notes", ".saving", "kept.safetensors"]
+    assert (tmp_path / "kept.safetensors").read_bytes() == kept
 
 
 @pytest.mark.parametrize(
@@ -423,6 +475,16 @@ SAVED_SETTINGS = (
         (
             {"optimizer": SAVED_SETTINGS.replace("0.1", "-1")},
             "its optimizer settings refused: Invalid learning rate: -1",
+        ),
+        # Loaded, as SetOptimizer would not: the next Step made every parameter NaN (found
+        # by a review of the state's handling).
+        (
+            {"optimizer": SAVED_SETTINGS.replace("0.1", "NaN")},
+            "its optimizer setting lr is nan, not a finite number",
+        ),
+        (
+            {"optimizer": SAVED_SETTINGS.replace("0.9", "Infinity")},
+            "its optimizer setting momentum is inf, not a finite number",
         ),
     ],
 )
@@ -856,7 +918,7 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
         client.save_checkpoint("taken")
     assert caught.value.reason == "STATE_DIR_UNWRITABLE"
     assert "Is a directory" in caught.value.message
-    assert sorted(p.name for p in state_dir.iterdir()) == ["taken.safetensors"]
+    assert _left(state_dir) == ["taken.safetensors"]
     # A file-size limit stands in for a full disk: the write fails partway.
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -869,7 +931,7 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
         signal.signal(signal.SIGXFSZ, handler)
     assert full.value.reason == "DISK_FULL"
     assert "free space" in full.value.message
-    assert sorted(p.name for p in state_dir.iterdir()) == ["taken.safetensors"]
+    assert _left(state_dir) == ["taken.safetensors"]
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
 
 
@@ -973,7 +1035,7 @@ def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert failed == []
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch3.safetensors"]  # no temp left
+    assert _left(tmp_path) == ["epoch3.safetensors"]  # no temp left
     Trainer(seed=9).load(path)  # whole: one of them
 
 

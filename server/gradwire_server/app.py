@@ -551,6 +551,15 @@ def serve(
     # Held until the server has stopped and saved: two servers that shared one state dir
     # each saved there at their stop, the last to stop overwriting the other's training.
     with contextlib.nullcontext() if state_dir is None else hold_state_dir(state_dir):
+        if state_dir is not None:
+            removed, size = checkpoint.clear_unfinished(state_dir)
+            if removed:
+                log.info(
+                    "removed %d unfinished checkpoint file(s), %s, left in %s by a save cut short",
+                    removed,
+                    f"{size / 2**20:.1f} MiB",
+                    state_dir,
+                )
         if port_file is not None:
             check_port_file(port_file)
         if tls is not None:

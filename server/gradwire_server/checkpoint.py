@@ -81,6 +81,33 @@ def saved_names(state_dir: Path) -> list[str]:
     return sorted(n for n in stems if _NAME.fullmatch(n))
 
 
+#: The folder of a state dir that a checkpoint is written in before it is renamed into
+#: place. safetensors writes a temporary file of its own beside the file it is given, and
+#: renames that: a save killed midway left it in the state dir, a whole checkpoint's size,
+#: each kill another (found by a review of the state's handling). In here, the server
+#: clears what a save cut short left (clear_unfinished) when it starts.
+SAVING = ".saving"
+
+
+def clear_unfinished(state_dir: Path) -> tuple[int, int]:
+    """Removes what saves cut short (a kill, a power cut) left in `state_dir`: everything in
+    its SAVING folder, and the ".NAME.safetensors.*.partial" files saves wrote beside their
+    checkpoints before it. For a server that holds the state dir (no save of another's under
+    way). Returns (files removed, their bytes); what cannot be removed stays, unsaid."""
+    left = list((state_dir / SAVING).glob("*")) + [
+        p for p in state_dir.glob(f".*{SUFFIX}.*.partial") if p.is_file()
+    ]
+    removed = size = 0
+    for path in left:
+        try:
+            bytes_ = path.stat().st_size
+            path.unlink()
+        except OSError:
+            continue
+        removed, size = removed + 1, size + bytes_
+    return removed, size
+
+
 def save(
     path: Path,
     *,
@@ -123,10 +150,11 @@ def save(
         "optimizer": json.dumps(dataclasses.asdict(settings)),
         "optimizer_scalars": json.dumps(scalars),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent / SAVING  # where safetensors' own temporary file lands too
+    folder.mkdir(parents=True, exist_ok=True)
     # A name of its own: two sessions saving one name at once (on a GPU each has a thread)
     # wrote one ".partial", and the loser's rename found it gone (found by a review).
-    handle, written = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    handle, written = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=folder)
     os.close(handle)
     partial = Path(written)
     try:
@@ -180,6 +208,14 @@ def load(path: Path) -> Loaded:
     """Reads a checkpoint written by `save`; ValueError when it is not one, or is one whose
     metadata is damaged (a key missing, one that is not what `save` writes), or that cannot be
     read; MemoryError when it does not fit in memory."""
+    # Not a file (a folder, a FIFO, a device): the server waited for ever at start opening a
+    # FIFO, and a folder was said to need read access (found by a review of the state's
+    # handling). A link to a file is a file.
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"it is a folder or a special file, not a checkpoint: put the checkpoint's file "
+            f"there{AT_START}"
+        )
     try:
         # Opened here first: safetensors says "No such file or directory" of a file it may not
         # read, and "No such device" of a folder (found by a review of deployment).

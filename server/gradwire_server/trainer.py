@@ -2424,6 +2424,12 @@ class Trainer:
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
                 raise checkpoint.damaged(f"its optimizer setting {name} is {value!r}, not a number")
+            if name != "nesterov" and not math.isfinite(value):
+                # Refused by SetOptimizer, but loaded from a checkpoint: the next Step made
+                # every parameter NaN (found by a review of the state's handling).
+                raise checkpoint.damaged(
+                    f"its optimizer setting {name} is {value!r}, not a finite number"
+                )
         return OptimizerSettings(**saved).resolved()
 
     @on_torch_thread
