@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 import gradwire
+from gradwire._pb import trainer_pb2 as pb
 from gradwire_server.app import Running, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -44,6 +45,18 @@ def serving(
         gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
     ):
         yield running.trainer, client
+
+
+def old_trainer(version: int = 0, **methods: grpc.RpcMethodHandler) -> grpc.GenericRpcHandler:
+    """A gradwire.v1.Trainer of `methods` alone, beside a ListTensors answering an empty
+    listing at `version` (what the CLI asks first): a server from before something, or one
+    that answers a call as no gradwire server would, for bare_server."""
+
+    def listing(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return pb.ListTensorsResponse(version=version).SerializeToString()
+
+    handlers = {"ListTensors": grpc.unary_unary_rpc_method_handler(listing), **methods}
+    return grpc.method_handlers_generic_handler("gradwire.v1.Trainer", handlers)
 
 
 @contextmanager

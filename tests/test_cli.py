@@ -35,7 +35,7 @@ from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
-from tests.serve_in_process import bare_server, running_server, serving
+from tests.serve_in_process import bare_server, old_trainer, running_server, serving
 from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -1699,15 +1699,7 @@ def test_a_call_its_server_cancelled_says_so_not_cancelled_twice() -> None:
         answered.set()
         return pb.TrainStepResponse(version=4, loss=2.5).SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer",
-        {
-            "ListTensors": grpc.unary_unary_rpc_method_handler(
-                lambda request, context: pb.ListTensorsResponse().SerializeToString()
-            ),
-            "TrainStep": grpc.unary_unary_rpc_method_handler(train_step),
-        },
-    )
+    handler = old_trainer(TrainStep=grpc.unary_unary_rpc_method_handler(train_step))
     with bare_server(handler) as address:
         result = run_main("train", "--target", address, "--steps", "3", "--every", "1")
     assert "stopped after 1 steps" in result.out

@@ -30,7 +30,7 @@ from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
-from tests.serve_in_process import bare_server, serving
+from tests.serve_in_process import bare_server, old_trainer, serving
 from tests.serve_process import serving as serve_process
 from tests.signals import signal_another_thread
 from tests.test_cli import BF16_LINEAR
@@ -436,15 +436,7 @@ def test_train_on_an_older_server_takes_the_first_loss_reported_not_finite() -> 
             progress = pb.TrainProgress(step=step, steps=15, loss=loss, version=step * 4)
             yield progress.SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer",
-        {
-            "ListTensors": grpc.unary_unary_rpc_method_handler(
-                lambda request, context: pb.ListTensorsResponse().SerializeToString()
-            ),
-            "Train": grpc.unary_stream_rpc_method_handler(train),
-        },
-    )
+    handler = old_trainer(Train=grpc.unary_stream_rpc_method_handler(train))
     with bare_server(handler) as address:
         argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
         data = _strict_json(run_main(*argv, "--json").out)
@@ -465,15 +457,7 @@ def test_train_against_a_server_that_runs_on_says_where_it_stopped_the_run() -> 
             )
             yield progress.SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer",
-        {
-            "ListTensors": grpc.unary_unary_rpc_method_handler(
-                lambda request, context: pb.ListTensorsResponse(version=40).SerializeToString()
-            ),
-            "Train": grpc.unary_stream_rpc_method_handler(train),
-        },
-    )
+    handler = old_trainer(40, Train=grpc.unary_stream_rpc_method_handler(train))
     with bare_server(handler) as address:
         argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
         text = run_main(*argv).out
