@@ -39,6 +39,14 @@ def _set_slot(
     raise AttributeError(f"{written} = ...: a view is written with set(): {written}.set(value)")
 
 
+def _layer_numbers(names: list[str], under: str) -> set[int]:
+    """The numbers of the layers right under module `under` ("" for the model itself) that
+    the server lists tensors of: an nn.Sequential's or nn.ModuleList's, as model[0]."""
+    prefix = f"{under}." if under else ""
+    below = {n[len(prefix) :].split(".")[0] for n in names if n.startswith(prefix)}
+    return {int(part) for part in below if part.isdigit()}
+
+
 class RemoteTensor:
     """A name on the server and a chain of index keys: a lazy view of one tensor or slice."""
 
@@ -78,13 +86,12 @@ class RemoteTensor:
         names = self._client.list_tensors().names()
         layer = self._name
         for number in numbers:
-            below = {n[len(layer) + 1 :].split(".")[0] for n in names if n.startswith(layer + ".")}
-            layers = [int(part) for part in below if part.isdigit()]
+            layers = _layer_numbers(names, layer)
             if not layers:
                 return None
             if number < 0:  # from the end, as Sequential counts (every layer is listed: its
                 number += max(layers) + 1  # output, if not its parameters)
-            if str(number) not in below:
+            if number not in layers:
                 return None
             layer = f"{layer}.{number}"
         return layer
@@ -208,8 +215,7 @@ class RemoteModel:
         client)."""
         if number >= 0:
             return str(number)
-        names = self._client.list_tensors().names()
-        layers = [int(part) for part in {n.split(".")[0] for n in names} if part.isdigit()]
+        layers = _layer_numbers(self._client.list_tensors().names(), "")
         count = max(layers) + 1 if layers else 0
         if number < -count:
             raise IndexError(

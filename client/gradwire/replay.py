@@ -8,6 +8,7 @@ weight - grad.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +32,12 @@ PARAMETERS = {
     "conv2.weight": (32, 16, 3, 3),
     "linear.weight": (20, 32 * 10 * 10),
 }
+
+
+#: What to do about a server whose model is not the tutorial's.
+_SERVE_SIMPLE = (
+    "start one with the default model (gradwire serve without --model), or use replay --embedded"
+)
 
 
 class WrongModel(ValueError):
@@ -85,47 +92,42 @@ def replay(
     # another client's calls on the session between two of the replay's, which the replay
     # would have read as its own, stop it instead (a train loop on the same session made it
     # print "bit for bit: False", or blame a Backward it had not made: found by a review).
-    version = listing.version
-
-    def next_version() -> int:
-        nonlocal version
-        version += 1
-        return version - 1
+    versions = itertools.count(listing.version)  # each mutation's, then the last's after
 
     # Every call in one batch (client.batch): sent in one message, run in order, answered
     # in one, so that the replay waits for one round trip of the network, not seventeen.
     # The transcript is written once the answers are in.
     try:
         with client.batch() as p:
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 p.reset(None if init == "fill" else seed)
             if init == "fill":
-                with client.expecting(next_version()):
+                with client.expecting(next(versions)):
                     p.fill_parameters(FILL_VALUE)
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 p.set_optimizer("sgd", lr=LR)
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
             grad_before = p.get("conv1.weight.grad")
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 p.backward()
             grad_slice = p.get("conv1.weight.grad[0][0][0]")
             linear_rows = p.get("linear.weight.grad[:2, :3]")
             weight_slice_before = p.get("conv1.weight[0][0][0]")
             weight_before = p.get("conv1.weight")
             grad = p.get("conv1.weight.grad")
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 p.step()
             weight_slice_after = p.get("conv1.weight[0][0][0]")
             weight_after = p.get("conv1.weight")
-            with client.expecting(next_version()):
+            with client.expecting(next(versions)):
                 p.zero_grad()
             last = p.read("conv1.weight.grad")
     except Aborted as err:
         if err.reason != "VERSION_MISMATCH":
             raise
         raise SessionInUse(_in_use(client)) from None
-    if last.result().version != version:  # a change after the replay's last
+    if last.result().version != next(versions):  # a change after the replay's last
         raise SessionInUse(_in_use(client))
     grad_after_zero = last.result().value
 
@@ -204,8 +206,7 @@ def _check_model(listing: Listing) -> None:
     if listing.model != MODEL:
         raise WrongModel(
             f"the tutorial needs the {MODEL} model, and this server serves {listing.model}: "
-            "start one with the default model (gradwire serve without --model), or use "
-            "replay --embedded"
+            + _SERVE_SIMPLE
         )
     served = {t.name: t.shape for t in listing.tensors if t.kind == "parameter"}
     if served != PARAMETERS:
@@ -215,8 +216,8 @@ def _check_model(listing: Listing) -> None:
         raise WrongModel(
             f"the tutorial needs its {MODEL} model (parameters "
             + ", ".join(f"{n} {list(shape)}" for n, shape in PARAMETERS.items())
-            + f"), and this server's {MODEL} differs in {', '.join(differ)}: start one with "
-            "the default model (gradwire serve without --model), or use replay --embedded"
+            + f"), and this server's {MODEL} differs in {', '.join(differ)}: "
+            + _SERVE_SIMPLE
         )
 
 
