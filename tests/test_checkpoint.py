@@ -27,6 +27,7 @@ from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
+from tests.checkpoint_files import resave
 from tests.cli_run import run_main
 
 X, Y = FillSpec("uniform", (4, 3, 10, 10), low=-1, high=1, seed=3), FillSpec("ones", (4,))
@@ -382,7 +383,7 @@ def test_a_checkpoint_whose_gradients_or_optimizer_state_match_no_parameter_is_r
     tmp_path: Path, key: str, named: str
 ) -> None:
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     trainer = Trainer()
     _train(trainer, 1)
@@ -392,7 +393,7 @@ def test_a_checkpoint_whose_gradients_or_optimizer_state_match_no_parameter_is_r
         metadata = f.metadata()
     tensors = load_file(str(path))
     tensors[key] = torch.zeros(3)
-    save_file(tensors, str(path), metadata=metadata)
+    resave(tensors, path, metadata)
     message, _ = _load_refused(path)
     assert message.endswith(f"match no floating-point parameter: {named}")
 
@@ -401,7 +402,7 @@ def _altered(path: Path, change: dict[str, str | None]) -> None:
     """Rewrites the checkpoint at `path` with its metadata changed: a key set, or removed
     (None), the tensors as they were."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
@@ -410,7 +411,7 @@ def _altered(path: Path, change: dict[str, str | None]) -> None:
             del metadata[key]
         else:
             metadata[key] = value
-    save_file(load_file(str(path)), str(path), metadata=metadata)
+    resave(load_file(str(path)), path, metadata)
 
 
 def _load_refused(path: Path) -> tuple[str, Trainer]:
@@ -425,6 +426,88 @@ def _load_refused(path: Path) -> tuple[str, Trainer]:
     assert torch.equal(fresh.read("conv1.weight").value, weight)  # type: ignore[arg-type]
     assert fresh.parameters["conv1.weight"].grad is None
     return refused.value.message, fresh
+
+
+def _flipped(path: Path, where: int) -> None:
+    """Flips the lowest bit of the byte `where` bytes from the end of the file at `path`, as
+    a disk or a copy might: its tensors' bytes lie at the end, after the header."""
+    data = bytearray(path.read_bytes())
+    data[-where] ^= 1
+    path.write_bytes(bytes(data))
+
+
+CHANGED = (
+    "it is a damaged gradwire checkpoint: its contents are not what was saved (their SHA-256 "
+    "differs from the one saved with them: a bit changed on disk or in a copy, or the file was "
+    "edited); restore it from a copy, or move it away to start from fresh weights"
+)
+
+
+@pytest.mark.parametrize("where", [1, 4, 2000])
+def test_a_checkpoint_with_a_bit_flipped_is_refused_and_changes_nothing(
+    tmp_path: Path, where: int
+) -> None:
+    """One bit changed in a weight loaded as that weight, unsaid (found by a review of the
+    state's handling): every checkpoint now carries a SHA-256 of what it holds."""
+    saved = Trainer(seed=0)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    assert saved.load(path) == saved.version  # whole, it loads
+    _flipped(path, where)
+    message, _ = _load_refused(path)
+    assert message == f"cannot load {path}: {CHANGED}"
+
+
+def test_a_checkpoint_s_metadata_changed_without_its_checksum_is_refused(tmp_path: Path) -> None:
+    saved = Trainer(seed=0)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    save_file(load_file(str(path)), str(path), metadata={**metadata, "version": "7"})
+    message, _ = _load_refused(path)
+    assert message == f"cannot load {path}: {CHANGED}"
+
+
+def test_a_checkpoint_without_a_checksum_loads_as_it_did(tmp_path: Path) -> None:
+    """Checkpoints saved before the fifty-third session carry none: they load unchecked."""
+    saved = Trainer(seed=0, optimizer=OptimizerSettings("sgd", lr=0.1, momentum=0.9))
+    _train(saved, 2)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    del metadata[checkpoint.CHECKSUM]
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    fresh = Trainer(seed=1)
+    assert fresh.load(path) == saved.version  # the version it was saved at
+    for name, parameter in saved.parameters.items():
+        assert torch.equal(fresh.parameters[name], parameter)
+        assert torch.equal(fresh.parameters[name].grad, parameter.grad)  # type: ignore[arg-type]
+
+
+def test_serve_refuses_a_checkpoint_with_a_bit_flipped(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    Trainer(SIMPLE, seed=0).save(state / "state.safetensors")
+    _flipped(state / "state.safetensors", 10)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
+         "--port", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"gradwire serve: error: cannot load {state / 'state.safetensors'}: {CHANGED}"
+    )
 
 
 SAVED_SETTINGS = (
@@ -510,7 +593,7 @@ def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
 def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None:
     """Rewrites the checkpoint at `path` with tensors replaced, or removed (None)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
@@ -520,7 +603,7 @@ def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None
             del tensors[key]
         else:
             tensors[key] = tensor
-    save_file(tensors, str(path), metadata=metadata)
+    resave(tensors, path, metadata)
 
 
 ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr=0.1, momentum=0.9)

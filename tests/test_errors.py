@@ -32,6 +32,7 @@ from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 from tests.broken_models import HUNGRY, LOST
+from tests.checkpoint_files import resave
 from tests.test_calls import error_of
 
 INPUT = Fill.ones(8, 3, 10, 10)
@@ -883,14 +884,14 @@ def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
     finally:
         running.stop(grace=None)
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     saved = load_file(str(path))
     # A checkpoint that gives the int32 parameter a gradient, or Adam's state.
     for key in ["grad/counts", "optim/counts/exp_avg"]:
-        save_file({**saved, key: torch.ones(3, dtype=torch.int32)}, str(path), metadata=metadata)
+        resave({**saved, key: torch.ones(3, dtype=torch.int32)}, path, metadata)
         fresh = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=1)
         weight = fresh.read("lin.weight").value.clone()  # type: ignore[union-attr]
         with pytest.raises(InvalidInput, match=r"match no floating-point parameter: counts$") as no:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import gradwire
@@ -18,6 +18,7 @@ from gradwire import errors
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
+from tests.checkpoint_files import resave
 from tests.serve_in_process import serving
 
 
@@ -120,7 +121,7 @@ def rewritten(path: Path, name: str, change: Callable[[dict[str, torch.Tensor]],
     tensors = load_file(str(path))
     change(tensors)
     copy = path.with_name(name)
-    save_file(tensors, str(copy), metadata=metadata)
+    resave(tensors, copy, metadata)
     return copy
 
 
