@@ -1666,6 +1666,30 @@ def test_a_change_past_its_timeout_may_have_been_applied_and_the_hint_says_so(
     assert "applied" not in read.err
 
 
+def test_a_save_past_its_timeout_may_have_landed_and_the_hint_says_so(tmp_path: Path) -> None:
+    """A save past its deadline went on and landed; the hint said only to give a longer
+    --timeout, as for a read (found by a review of the state's handling)."""
+    trainer = Trainer(seed=0)
+    running = start(trainer, "127.0.0.1", 0, state_dir=tmp_path)
+    try:
+        with trainer._lock:  # the save waits for the trainer past its deadline
+            result = run_main(
+                "save", "kept", "--target", f"127.0.0.1:{running.port}", "--timeout", "0.5"
+            )
+        assert "DEADLINE_EXCEEDED" in result.err
+        assert _hint(result) == (
+            "hint: no answer within --timeout 0.5s, but the server may have run the call "
+            "after that; the checkpoint may have been written all the same (saving again "
+            "replaces it): give long calls a longer --timeout"
+        )
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "kept.safetensors").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (tmp_path / "kept.safetensors").exists()  # as it may have: it did
+    finally:
+        running.stop(grace=None)
+
+
 def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
     address: str, dead_address: str
 ) -> None:

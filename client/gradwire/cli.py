@@ -2403,6 +2403,8 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         if error.changes_state
         else ""
     )
+    if error.changes_state and args.command == "save":  # the server's files, not its state
+        applied = "; the checkpoint may have been written all the same (saving again replaces it)"
     # A server that answered this command's earlier calls, or that its channel reached: gone
     # since, not never there (a stopped server's port refuses the retries that follow). A
     # stopping server cancels the calls it has taken in and not begun (CANCELLED), and cuts
@@ -2425,10 +2427,10 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
                     f"no answer within --timeout {args.timeout:g}s: give this command a "
                     "longer --timeout"
                 )
+            look = "" if args.command == "save" else "look before running it again, and "
             return (
                 f"no answer within --timeout {args.timeout:g}s, but the server may have run "
-                f"the call after that{applied}: look before running it again, and give "
-                "long calls a longer --timeout"
+                f"the call after that{applied}: {look}give long calls a longer --timeout"
             )
         return (
             f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "

@@ -368,6 +368,11 @@ _READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions", "Get
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
+#: Calls that may have taken effect though they failed once their server had them (a deadline
+#: passed, the server stopped under them): what their errors' `changes_state` says. A save
+#: changes the server's files, not its state: one past its deadline still landed, and its
+#: error did not say it might have (found by a review of the state's handling).
+_MAY_LAND = _ONCE | {"SaveCheckpoint"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
 _SESSIONLESS = frozenset({"OpenSession", "CloseSession", "ListSessions", "GetServerInfo", "Health"})
@@ -1308,7 +1313,7 @@ class Client:
                     # frame and its callers' (f_back) alive until the cyclic collector ran:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
-                    raise self._error_of(err, method, method in _ONCE) from None
+                    raise self._error_of(err, method, method in _MAY_LAND) from None
                 self.reached |= _cut_off(err)
                 _back_off(attempt)
             except ValueError as err:
@@ -2174,7 +2179,9 @@ class Client:
         state, the version. "" names the one the server restores at start ("state"), the
         default session's: a session of your own must name its checkpoint
         (errors.InvalidArgument, BAD_CHECKPOINT_NAME). Sessions share the directory's names.
-        errors.FailedPrecondition (NO_STATE_DIR) on a server started without one."""
+        errors.FailedPrecondition (NO_STATE_DIR) on a server started without one. A save
+        that fails once its server has it (its deadline passes) may land all the same: its
+        error's `changes_state` is True, and saving again replaces the checkpoint."""
         request = pb.SaveCheckpointRequest(name=_checkpoint_name(name))
         response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)
         return SavedCheckpoint(response.name, response.version, response.bytes)

@@ -76,7 +76,7 @@ class RemoteError(GradwireError):
         #: ErrorInfo metadata, e.g. {"name": "conv1.wieght", "closest": "conv1.weight"}
         self.metadata: dict[str, str] = dict(metadata or {})
         #: Whether the call that failed changes state (a mutation, OpenSession,
-        #: CloseSession, a Train; set by the Client): failed once its server had it (its
+        #: CloseSession, a Train, a save; set by the Client): failed once its server had it (its
         #: deadline passed, the server stopped under it), it may have been applied all
         #: the same, and a retry with a new request id would apply it again.
         self.changes_state = False

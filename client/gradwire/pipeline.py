@@ -35,7 +35,7 @@ from gradwire.call_stream import (
 )
 from gradwire.client import (
     _LIST_TENSORS,
-    _ONCE,
+    _MAY_LAND,
     _STEP,
     _backward,
     _closed_channel,
@@ -476,7 +476,7 @@ class Pipeline:
 
     def _error(self, err: grpc.RpcError, method: str) -> RemoteError | ClientClosed:
         """The exception for a call sent that failed with `err`, as the client raises it."""
-        return self._client._error_of(err, method, method in _ONCE)
+        return self._client._error_of(err, method, method in _MAY_LAND)
 
     def _without_calls(self, first: Pending[Any]) -> None:
         """The server refused the Calls stream before running anything: its calls, and the
@@ -741,7 +741,7 @@ def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:
         reason=_PREVIOUS_FAILED,
         metadata={"previous": failed},
     )
-    error.changes_state = method in _ONCE  # as RemoteError has it: the kind of call
+    error.changes_state = method in _MAY_LAND  # as RemoteError has it: the kind of call
     return error
 
 
@@ -756,7 +756,7 @@ def _interrupted(
             f"{method} not answered: {why}, and {then}; whether the call ran is not known "
             f"(read the state version)"
         )
-        cancelled.changes_state = method in _ONCE
+        cancelled.changes_state = method in _MAY_LAND
         return cancelled
 
     return error
