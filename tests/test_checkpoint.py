@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
 from tests.checkpoint_files import resave
 from tests.cli_run import run_main
+from tests.serve_in_process import bare_server
 
 X, Y = FillSpec("uniform", (4, 3, 10, 10), low=-1, high=1, seed=3), FillSpec("ones", (4,))
 
@@ -922,6 +924,60 @@ def test_a_checkpoint_saved_over_grpc_loads_back_and_trains_on_as_before(
     assert np.array_equal(client.get("linear.weight"), then)
 
 
+def test_the_checkpoints_are_listed_with_what_would_stop_a_load(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    """A researcher could learn the names saved only from a load's refusal, and nothing of
+    when or at which version each was saved."""
+    client, _, state_dir = kept
+    assert client.list_checkpoints() == []
+    _step(client, 2)
+    client.save_checkpoint("epoch1")
+    _step(client)
+    with client.open_session() as other:  # sessions share the directory
+        other.save_checkpoint("fresh")
+        mine = other.list_checkpoints()
+    Trainer(ModelSpec("Wide", lambda: nn.Linear(4, 2), (4,), 2), seed=0).save(
+        state_dir / "wide.safetensors"
+    )
+    Trainer(seed=0).save(state_dir / "edited.safetensors")
+    _altered(state_dir / "edited.safetensors", {"version": "-3"})
+    (state_dir / "notes.safetensors").write_text("not one")
+    (state_dir / "folder.safetensors").mkdir()  # not a file: not listed
+    (state_dir / ".hidden.safetensors").write_bytes(b"")  # not a name a load takes
+    listed = client.list_checkpoints()
+    assert [c.name for c in listed] == ["edited", "epoch1", "fresh", "notes", "wide"]
+    assert [c.name for c in mine] == ["epoch1", "fresh"]
+    by_name = {c.name: c for c in listed}
+    for c in listed:
+        stat = (state_dir / f"{c.name}.safetensors").stat()
+        assert (c.bytes, c.saved_unix_s) == (stat.st_size, stat.st_mtime)
+    assert (by_name["epoch1"].saved_version, by_name["epoch1"].model) == (8, "Simple")
+    assert (by_name["fresh"].saved_version, by_name["fresh"].problem) == (0, "")
+    assert by_name["wide"].model == "Wide"
+    assert by_name["wide"].problem == "another model, 'Wide'"
+    assert by_name["edited"].saved_version == -1
+    assert by_name["edited"].problem == (
+        "damaged: its version '-3' is not a whole number from 0 to 4611686018427387904"
+    )
+    assert (by_name["notes"].model, by_name["notes"].problem) == ("", "not a safetensors file")
+    # What the listing says stops a load does: each is refused, as it said.
+    for name in ("wide", "edited", "notes"):
+        with pytest.raises(errors.InvalidArgument) as refused:
+            client.load_checkpoint(name)
+        assert refused.value.reason == "BAD_CHECKPOINT", name
+    client.load_checkpoint("epoch1")
+
+
+def test_checkpoints_are_not_listed_by_a_server_without_a_state_dir(
+    address: str,
+) -> None:
+    with gradwire.connect(address) as client, pytest.raises(errors.FailedPrecondition) as no:
+        client.list_checkpoints()
+    assert no.value.reason == "NO_STATE_DIR"
+    assert "start it with --state-dir DIR" in no.value.message
+
+
 def test_the_default_checkpoint_is_the_one_serve_restores(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
@@ -1049,6 +1105,59 @@ def test_the_cli_saves_and_loads_checkpoints(
     missing = run_main("load", "second", "--target", target)
     assert missing.code == 1
     assert "no checkpoint named 'second'" in missing.err and "it holds: first" in missing.err
+
+
+def test_the_cli_lists_checkpoints(kept: tuple[gradwire.Client, Trainer, Path]) -> None:
+    client, _, state_dir = kept
+    target = client.target
+    none = run_main("checkpoints", "--target", target)
+    assert (none.code, none.out) == (
+        0,
+        "0 checkpoints in the server's state directory (gradwire save NAME writes one)\n",
+    )
+    _step(client)
+    client.save_checkpoint("first")
+    (state_dir / "a-long-name.safetensors").write_text("not one")
+    listed = run_main("checkpoints", "--target", target)
+    assert listed.code == 0, listed.err
+    saved = {
+        name: time.strftime(
+            "%Y-%m-%d %H:%M:%S",
+            time.localtime((state_dir / f"{name}.safetensors").stat().st_mtime),
+        )
+        for name in ("a-long-name", "first")
+    }
+    size = (state_dir / "first.safetensors").stat().st_size
+    assert listed.out.splitlines() == [
+        "2 checkpoints in the server's state directory:",
+        "name          version        size  saved (local time)   model",
+        f"a-long-name         -         7 B  {saved['a-long-name']}  cannot be loaded: not a "
+        "safetensors file",
+        f"first               4  {f'{size / 1024:.1f} KiB':>10}  {saved['first']}  Simple",
+    ]
+    as_json = run_main("checkpoints", "--json", "--target", target).json()
+    assert [(c["name"], c["saved_version"], c["bytes"], c["problem"])
+            for c in as_json["checkpoints"]] == [
+        ("a-long-name", -1, 7, "not a safetensors file"),
+        ("first", 4, size, ""),
+    ]  # fmt: skip
+
+
+def test_the_cli_says_where_checkpoints_cannot_be_listed(address: str) -> None:
+    without = run_main("checkpoints", "--target", address)
+    assert without.code == 1
+    assert without.err == (
+        "error: FAILED_PRECONDITION: this server keeps no checkpoints: start it with "
+        "--state-dir DIR (gradwire serve) to save and load them there\n"
+    )
+    with bare_server() as old:  # a server from before ListCheckpoints: UNIMPLEMENTED
+        result = run_main("checkpoints", "--target", old)
+    assert result.code == 1
+    assert result.err == (
+        f"gradwire checkpoints: error: the server at {old} predates ListCheckpoints and cannot "
+        "list its checkpoints: a newer gradwire serve can (gradwire load of a name it does "
+        "not hold names those it does)\n"
+    )
 
 
 class Odd(nn.Module):

@@ -11,6 +11,7 @@ packages), protobuf and numpy, not torch.
 """
 
 from gradwire.client import (
+    CheckpointInfo,
     Client,
     ForwardResult,
     Listing,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "CheckpointInfo",
     "Client",
     "Fill",
     "ForwardResult",

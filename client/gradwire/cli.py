@@ -21,6 +21,7 @@ import stat
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TextIO, cast
@@ -1401,6 +1402,44 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
 
 
+def cmd_checkpoints(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    try:
+        found = client.list_checkpoints()
+    except Unimplemented:
+        raise CommandError(
+            f"the server at {client.target} predates ListCheckpoints and cannot list its "
+            "checkpoints: a newer gradwire serve can (gradwire load of a name it does not "
+            "hold names those it does)"
+        ) from None
+    if args.json:
+        out.write(_json_line({"checkpoints": [vars(c) for c in found]}))
+        return
+    out.write(f"{len(found)} checkpoint{'' if len(found) == 1 else 's'} in the server's state "
+              f"directory{':' if found else ' (gradwire save NAME writes one)'}\n")  # fmt: skip
+    if not found:
+        return
+    width = max(len("name"), *(len(c.name) for c in found))
+    out.write(
+        f"{'name':<{width}}  {'version':>8}  {'size':>10}  {'saved (local time)':<19}  model\n"
+    )
+    for c in found:
+        version = "-" if c.saved_version < 0 else str(c.saved_version)
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.saved_unix_s))
+        # What a load would refuse it for, in place of its model's name.
+        held = f"cannot be loaded: {c.problem}" if c.problem else c.model
+        out.write(f"{c.name:<{width}}  {version:>8}  {_size(c.bytes):>10}  {saved:<19}  {held}\n")
+
+
+def _size(count: int) -> str:
+    """`812 B`, `1.3 MiB`, `2.0 GiB`: a file's size, short, for a table."""
+    if count < 1024:
+        return f"{count} B"
+    for unit, power in (("KiB", 1), ("MiB", 2), ("GiB", 3)):
+        if count < 1024 ** (power + 1) or unit == "GiB":
+            return f"{count / 1024**power:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
 def _seconds_text(seconds: float) -> str:
     """`42.5 s`, `1,234,567 s`, `0.0004 s`: as given, never in exponent form past a second."""
     if seconds >= 1:
@@ -2241,6 +2280,12 @@ def build_parser() -> argparse.ArgumentParser:
         "moves on by one)",
     )
     p.add_argument("name", nargs="?", default="", help=checkpoint_name)
+    add(
+        "checkpoints",
+        cmd_checkpoints,
+        "list the checkpoints in the server's --state-dir: name, the version saved, size, "
+        "when, and the model, or why a load would refuse one (--json for a script)",
+    )
 
     p = add(
         "open-session",

@@ -197,6 +197,19 @@ class SavedCheckpoint:
 
 
 @dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint in the server's state directory (`Client.list_checkpoints`), as its file
+    and header tell: its tensors are not read until a load."""
+
+    name: str  # what load_checkpoint() takes
+    bytes: int  # the file's size
+    saved_unix_s: float  # when it was written (the file's time), seconds since 1970, UTC
+    saved_version: int  # the state version it was saved at; -1 when its header does not say
+    model: str  # the model it holds; "" when its header does not say
+    problem: str  # "" when its header is one of the server's model; else why a load would fail
+
+
+@dataclass(frozen=True)
 class LoadedCheckpoint:
     version: int  # the state version after the load: one more than before it
     saved_version: int  # the version the checkpoint was saved at
@@ -364,7 +377,9 @@ _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer", "LoadCheckpoint"}
 )  # fmt: skip
-_READS = frozenset({"GetTensor", "ListTensors", "GetStats", "ListSessions", "GetServerInfo"})
+_READS = frozenset(
+    {"GetTensor", "ListTensors", "GetStats", "ListSessions", "GetServerInfo", "ListCheckpoints"}
+)
 #: Calls that take a request id besides the mutations: a retry gets the first answer (or,
 #: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
@@ -375,7 +390,9 @@ _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 _MAY_LAND = _ONCE | {"SaveCheckpoint"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
-_SESSIONLESS = frozenset({"OpenSession", "CloseSession", "ListSessions", "GetServerInfo", "Health"})
+_SESSIONLESS = frozenset(
+    {"OpenSession", "CloseSession", "ListSessions", "GetServerInfo", "Health", "ListCheckpoints"}
+)
 #: The version of each client's innermost `expecting` block in this thread or task.
 _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
     "expected_version",
@@ -2185,6 +2202,19 @@ class Client:
         request = pb.SaveCheckpointRequest(name=_checkpoint_name(name))
         response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)
         return SavedCheckpoint(response.name, response.version, response.bytes)
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        """The checkpoints in the server's state directory, sorted by name, each with its
+        size, time, the version and model it was saved with and, in `problem`, what would stop
+        load_checkpoint() taking it, as far as its header tells (a load checks the rest).
+        Every session sees the same directory. errors.FailedPrecondition (NO_STATE_DIR) on a
+        server started without one."""
+        request = pb.ListCheckpointsRequest()
+        response: pb.ListCheckpointsResponse = self._call("ListCheckpoints", request)
+        return [
+            CheckpointInfo(c.name, c.bytes, c.saved_unix_s, c.saved_version, c.model, c.problem)
+            for c in response.checkpoints
+        ]
 
     def load_checkpoint(self, name: str = "") -> LoadedCheckpoint:
         """Replaces the state with checkpoint `name` from the server's state directory. The

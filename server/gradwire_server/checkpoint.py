@@ -231,51 +231,32 @@ class Loaded:
     random: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+class Unfit(ValueError):
+    """A file `load` refuses: its message says why and what to do, `what` why in a few words
+    (ListCheckpoints' `problem`)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
 def load(path: Path) -> Loaded:
-    """Reads a checkpoint written by `save`; ValueError when it is not one, or is one whose
-    metadata is damaged (a key missing, one that is not what `save` writes), or that cannot be
-    read; MemoryError when it does not fit in memory."""
-    # Not a file (a folder, a FIFO, a device): the server waited for ever at start opening a
-    # FIFO, and a folder was said to need read access (found by a review of the state's
-    # handling). A link to a file is a file.
-    if path.exists() and not path.is_file():
-        raise ValueError(
-            f"it is a folder or a special file, not a checkpoint: put the checkpoint's file "
-            f"there{AT_START}"
-        )
+    """Reads a checkpoint written by `save`; ValueError (Unfit) when it is not one, or is one
+    whose checksum or metadata is damaged (a key missing, one that is not what `save`
+    writes), or that cannot be read; MemoryError when it does not fit in memory."""
+    metadata = _header(path)
     try:
-        # Opened here first: safetensors says "No such file or directory" of a file it may not
-        # read, and "No such device" of a folder (found by a review of deployment).
-        path.open("rb").close()
-    except OSError as err:
-        why = (err.strerror or str(err)).lower()
-        raise ValueError(
-            f"it cannot be read ({why}): give the server's user read access to it{AT_START}"
-        ) from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        found = metadata.get("format", "")
-        if found.startswith("gradwire-checkpoint-") and found != FORMAT:
-            raise ValueError(
-                f"it is a gradwire checkpoint of another format ({found!r}; this gradwire "
-                f"reads {FORMAT!r}): load it with the gradwire version that wrote it"
-                f"{AT_START}"
-            )
-        if found != FORMAT:
-            raise ValueError(
-                f"it is not a gradwire checkpoint (its metadata lacks format {FORMAT!r}): "
-                f"give one that SaveCheckpoint or a server's --state-dir wrote{AT_START}"
-            )
         tensors = load_file(str(path))
-        _check_sum(tensors, metadata)  # first: what a changed bit did to the rest is moot
-        version, model, settings, state = _checked_metadata(metadata)
     except SafetensorError as err:
-        raise ValueError(f"it is not a safetensors file ({err}){AT_START}") from err
+        raise Unfit(
+            f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file"
+        ) from err
     except RuntimeError as err:  # safetensors maps the whole file first
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
         raise
+    _check_sum(tensors, metadata)  # first: what a changed bit did to the rest is moot
+    version, model, settings, state = _checked_metadata(metadata)
     parameters, gradients, buffers, random = {}, {}, {}, {}
     for key, tensor in tensors.items():
         kind, _, rest = key.partition("/")
@@ -313,11 +294,97 @@ def _check_sum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> No
         )
 
 
-def damaged(what: str) -> ValueError:
+def _header(path: Path) -> dict[str, str]:
+    """The metadata of the gradwire checkpoint at `path`, read from its header alone; Unfit
+    for a file that is not one of this format, or cannot be read."""
+    # Not a file (a folder, a FIFO, a device): the server waited for ever at start opening a
+    # FIFO, and a folder was said to need read access (found by a review of the state's
+    # handling). A link to a file is a file.
+    if path.exists() and not path.is_file():
+        raise Unfit(
+            f"it is a folder or a special file, not a checkpoint: put the checkpoint's file "
+            f"there{AT_START}",
+            "not a file",
+        )
+    try:
+        # Opened here first: safetensors says "No such file or directory" of a file it may not
+        # read, and "No such device" of a folder (found by a review of deployment).
+        path.open("rb").close()
+    except OSError as err:
+        why = (err.strerror or str(err)).lower()
+        raise Unfit(
+            f"it cannot be read ({why}): give the server's user read access to it{AT_START}",
+            f"cannot be read ({why})",
+        ) from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise Unfit(
+            f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file"
+        ) from err
+    found = metadata.get("format", "")
+    if found.startswith("gradwire-checkpoint-") and found != FORMAT:
+        raise Unfit(
+            f"it is a gradwire checkpoint of another format ({found!r}; this gradwire "
+            f"reads {FORMAT!r}): load it with the gradwire version that wrote it{AT_START}",
+            f"a gradwire checkpoint of another format, {found!r}",
+        )
+    if found != FORMAT:
+        raise Unfit(
+            f"it is not a gradwire checkpoint (its metadata lacks format {FORMAT!r}): "
+            f"give one that SaveCheckpoint or a server's --state-dir wrote{AT_START}",
+            "not a gradwire checkpoint",
+        )
+    return metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class Described:
+    """A checkpoint in a state directory, as its file and header describe it
+    (ListCheckpoints' CheckpointInfo)."""
+
+    name: str
+    bytes: int
+    saved_unix_s: float  # the file's modification time
+    saved_version: int  # -1: the header does not say
+    model: str  # "": the header does not say
+    problem: str  # "": a checkpoint of the model asked about, as far as its header tells
+
+
+def described(state_dir: Path, model: str) -> list[Described]:
+    """The checkpoints in `state_dir`, sorted by name, each with what would stop a server of
+    `model` loading it, as far as its header tells (its tensors are not read). One removed
+    while they are listed is left out."""
+    found = []
+    for name in saved_names(state_dir):
+        path = state_dir / (name + SUFFIX)
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        version, held, problem = -1, "", ""
+        try:
+            metadata = _header(path)
+            held = metadata.get("model", "")
+            version, held, _, _ = _checked_metadata(metadata)
+        except Unfit as err:
+            if not path.exists():  # removed since it was listed: left out
+                continue
+            problem = err.what
+        else:
+            if held != model:
+                problem = f"another model, {held!r}"
+        found.append(Described(name, stat.st_size, stat.st_mtime, version, held, problem))
+    return found
+
+
+def damaged(what: str) -> Unfit:
     """The error for a gradwire checkpoint whose metadata is not what `save` writes (its
     path is named by the message it is given in: "cannot load PATH: ...")."""
-    return ValueError(
-        f"it is a damaged gradwire checkpoint: {what}; restore it from a copy{AT_START}"
+    return Unfit(
+        f"it is a damaged gradwire checkpoint: {what}; restore it from a copy{AT_START}",
+        f"damaged: {what}",
     )
 
 

@@ -22,6 +22,7 @@ from gradwire import codec, wire
 from gradwire import limits as gw_limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
+from gradwire_server.checkpoint import Described
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_of_memory
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
@@ -587,6 +588,20 @@ def sessions_to_proto(
             open_s=view.open_s,
             idle_s=view.idle_s,
             calls_in_progress=view.calls_in_progress,
+        )
+    return response
+
+
+def checkpoints_to_proto(found: Iterable[Described]) -> pb.ListCheckpointsResponse:
+    response = pb.ListCheckpointsResponse()
+    for one in found:
+        response.checkpoints.add(
+            name=one.name,
+            bytes=one.bytes,
+            saved_unix_s=one.saved_unix_s,
+            saved_version=one.saved_version,
+            model=one.model,
+            problem=one.problem,
         )
     return response
 

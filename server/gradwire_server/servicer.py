@@ -1084,14 +1084,27 @@ class TrainerServicer:
         log.info("loaded state version %d from %s, as version %d", saved, path, version)
         return pb.LoadCheckpointResponse(version=version, saved_version=saved)
 
-    def _checkpoint_path(self, name: str) -> Path:
+    @rpc_sessionless
+    def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: grpc.ServicerContext
+    ) -> pb.ListCheckpointsResponse:
+        # No session's lock: the files alone are read, their headers, never their tensors.
+        state_dir = self._state_dir()
+        found = checkpoint.described(state_dir, self.sessions.default.spec.name)
+        return convert.checkpoints_to_proto(found)
+
+    def _state_dir(self) -> Path:
         if self.state_dir is None:
             raise NotConfigured(
                 "this server keeps no checkpoints: start it with --state-dir DIR (gradwire "
                 "serve) to save and load them there"
             )
+        return self.state_dir
+
+    def _checkpoint_path(self, name: str) -> Path:
+        state_dir = self._state_dir()
         try:
-            return checkpoint.path_for(self.state_dir, name)
+            return checkpoint.path_for(state_dir, name)
         except ValueError as err:
             raise InvalidInput(str(err), reason="BAD_CHECKPOINT_NAME") from None
 

@@ -95,6 +95,11 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/gradwire.v1.Trainer/ListCheckpoints',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
         self.TrainStep = channel.unary_unary(
                 '/gradwire.v1.Trainer/TrainStep',
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
@@ -262,6 +267,17 @@ class TrainerServicer:
         version moves on by one (it never goes back), and a checkpoint of another model or
         optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
         with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """The checkpoints in the state directory, by name: each one's size, when it was written,
+        and the version and model its header names, with what would stop LoadCheckpoint taking
+        it, as far as the header tells (its tensors are neither read nor checked here: a load
+        checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
+        "gradwire-session" metadata is not read: sessions share the directory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -515,6 +531,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.LoadCheckpoint,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'TrainStep': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainStep,
@@ -907,6 +928,33 @@ class Trainer:
             '/gradwire.v1.Trainer/LoadCheckpoint',
             gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.LoadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/ListCheckpoints',
+            gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

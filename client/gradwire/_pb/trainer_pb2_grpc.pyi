@@ -141,7 +141,7 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server
-      started without --state-dir, asked to save or load a checkpoint),
+      started without --state-dir, asked to save, load or list checkpoints),
       STATE_DIR_UNWRITABLE (a checkpoint that could not be written there)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
@@ -275,6 +275,13 @@ class TrainerStub:
     version moves on by one (it never goes back), and a checkpoint of another model or
     optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
     with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
+    """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListCheckpointsRequest, _trainer_pb2.ListCheckpointsResponse]
+    """The checkpoints in the state directory, by name: each one's size, when it was written,
+    and the version and model its header names, with what would stop LoadCheckpoint taking
+    it, as far as the header tells (its tensors are neither read nor checked here: a load
+    checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
+    "gradwire-session" metadata is not read: sessions share the directory.
     """
     TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -461,6 +468,13 @@ class TrainerAsyncStub(TrainerStub):
     version moves on by one (it never goes back), and a checkpoint of another model or
     optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
     with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListCheckpointsRequest, _trainer_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """The checkpoints in the state directory, by name: each one's size, when it was written,
+    and the version and model its header names, with what would stop LoadCheckpoint taking
+    it, as far as the header tells (its tensors are neither read nor checked here: a load
+    checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
+    "gradwire-session" metadata is not read: sessions share the directory.
     """
     TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -716,6 +730,19 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         version moves on by one (it never goes back), and a checkpoint of another model or
         optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
         with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _trainer_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListCheckpointsResponse, _abc.Awaitable[_trainer_pb2.ListCheckpointsResponse]]:
+        """The checkpoints in the state directory, by name: each one's size, when it was written,
+        and the version and model its header names, with what would stop LoadCheckpoint taking
+        it, as far as the header tells (its tensors are neither read nor checked here: a load
+        checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
+        "gradwire-session" metadata is not read: sessions share the directory.
         """
 
     @_abc_1.abstractmethod
