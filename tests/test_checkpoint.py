@@ -969,6 +969,66 @@ def test_the_checkpoints_are_listed_with_what_would_stop_a_load(
     client.load_checkpoint("epoch1")
 
 
+def test_a_checkpoint_is_deleted_by_name_for_room(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    """A save refused for a full disk said to free space in the state directory, which a
+    remote researcher could not reach."""
+    client, _, state_dir = kept
+    client.save_checkpoint("epoch1")
+    client.save_checkpoint("epoch2")
+    client.save_checkpoint()
+    size = (state_dir / "epoch1.safetensors").stat().st_size
+    assert client.delete_checkpoint("epoch1") == size
+    assert [c.name for c in client.list_checkpoints()] == ["epoch2", "state"]
+    with pytest.raises(errors.NotFound) as gone:
+        client.delete_checkpoint("epoch1")
+    assert gone.value.reason == "NO_CHECKPOINT"
+    assert gone.value.message == (
+        "no checkpoint named 'epoch1' in the server's state directory; it holds: epoch2, state"
+    )
+    with pytest.raises(errors.InvalidArgument) as unnamed:  # "" is "state" elsewhere
+        client.delete_checkpoint("")
+    assert unnamed.value.reason == "BAD_CHECKPOINT_NAME"
+    assert unnamed.value.message == (
+        "DeleteCheckpoint removes the checkpoint its request names, and it named none: give "
+        "its name (gradwire checkpoints lists them; 'state' is the one the server restores "
+        "at start)"
+    )
+    with pytest.raises(errors.InvalidArgument) as path:
+        client.delete_checkpoint("../epoch2")
+    assert path.value.reason == "BAD_CHECKPOINT_NAME"
+    (state_dir / "folder.safetensors").mkdir()
+    with pytest.raises(errors.NotFound):  # not a checkpoint: left where it is
+        client.delete_checkpoint("folder")
+    with client.open_session() as other:
+        with pytest.raises(errors.InvalidArgument) as defaults:
+            other.delete_checkpoint("state")
+        assert defaults.value.message == (
+            "'state' is the default session's checkpoint, which the server restores at start "
+            "and writes at a graceful stop: only the default session may remove it"
+        )
+        assert other.delete_checkpoint("epoch2") > 0  # sessions share the others
+    assert client.delete_checkpoint("state") > 0
+    assert sorted(p.name for p in state_dir.iterdir()) == [".saving", "folder.safetensors"]
+
+
+def test_the_cli_deletes_a_checkpoint(kept: tuple[gradwire.Client, Trainer, Path]) -> None:
+    client, _, state_dir = kept
+    client.save_checkpoint("old")
+    size = (state_dir / "old.safetensors").stat().st_size
+    removed = run_main("delete-checkpoint", "old", "--target", client.target)
+    assert removed.code == 0, removed.err
+    assert removed.out == (
+        f"removed checkpoint 'old' ({size:,} bytes ({size / 2**20:.1f} MiB)) from the "
+        "server's state directory\n"
+    )
+    again = run_main("delete-checkpoint", "old", "--json", "--target", client.target)
+    assert again.code == 1
+    assert "no checkpoint named 'old'" in again.err
+    assert run_main("delete-checkpoint", "--target", client.target).code == 2  # no name
+
+
 def test_checkpoints_are_not_listed_by_a_server_without_a_state_dir(
     address: str,
 ) -> None:
@@ -1070,6 +1130,7 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
         signal.signal(signal.SIGXFSZ, handler)
     assert full.value.reason == "DISK_FULL"
     assert "free space" in full.value.message
+    assert "gradwire delete-checkpoint NAME removes one" in full.value.message  # from afar
     assert _left(state_dir) == ["taken.safetensors"]
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
 

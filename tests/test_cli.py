@@ -1690,6 +1690,21 @@ def test_a_save_past_its_timeout_may_have_landed_and_the_hint_says_so(tmp_path: 
         running.stop(grace=None)
 
 
+def test_a_delete_past_its_timeout_may_have_landed_and_the_hint_says_so(address: str) -> None:
+    args = build_parser().parse_args(
+        ["delete-checkpoint", "old", "--target", address, "--timeout", "2"]
+    )
+    late = errors.DeadlineExceeded("Deadline Exceeded")
+    late.changes_state = True  # as the client marks a DeleteCheckpoint its server had
+    with gradwire.connect(address, timeout=30) as client:
+        client.list_tensors()
+        assert _connection_hint(args, client, late) == (
+            "no answer within --timeout 2s, but the server may have run the call after that; "
+            "the checkpoint may have been removed all the same (gradwire checkpoints shows "
+            "whether it is there): give long calls a longer --timeout"
+        )
+
+
 def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
     address: str, dead_address: str
 ) -> None:

@@ -715,6 +715,7 @@ EMPTY_ANSWERS = {
     "SaveCheckpoint": ("FAILED_PRECONDITION", "NO_STATE_DIR"),  # served without --state-dir
     "LoadCheckpoint": ("FAILED_PRECONDITION", "NO_STATE_DIR"),
     "ListCheckpoints": ("FAILED_PRECONDITION", "NO_STATE_DIR"),
+    "DeleteCheckpoint": ("FAILED_PRECONDITION", "NO_STATE_DIR"),
     "TrainStep": ("INVALID_ARGUMENT", "MISSING_INPUT"),
     "GetTensorStream": ("INVALID_ARGUMENT", "BAD_NAME"),
     "SetTensorStream": ("INVALID_ARGUMENT", "MISSING_VALUE"),

@@ -1402,6 +1402,16 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
 
 
+def cmd_delete_checkpoint(args: argparse.Namespace, client: Client, out: TextIO) -> None:
+    freed = client.delete_checkpoint(args.name)
+    _emit(
+        out,
+        args,
+        {"name": args.name, "bytes": freed},
+        f"removed checkpoint {args.name!r} ({_bytes(freed)}) from the server's state directory",
+    )
+
+
 def cmd_checkpoints(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         found = client.list_checkpoints()
@@ -2286,6 +2296,17 @@ def build_parser() -> argparse.ArgumentParser:
         "list the checkpoints in the server's --state-dir: name, the version saved, size, "
         "when, and the model, or why a load would refuse one (--json for a script)",
     )
+    p = add(
+        "delete-checkpoint",
+        cmd_delete_checkpoint,
+        "remove a checkpoint from the server's --state-dir, for room (a save refused for a "
+        "full disk)",
+    )
+    p.add_argument(
+        "name",
+        help="the checkpoint's name, as gradwire checkpoints lists it ('state', the one the "
+        "server restores at start, by that name alone)",
+    )
 
     p = add(
         "open-session",
@@ -2433,6 +2454,15 @@ def _connected(client: Client) -> bool:
     return True
 
 
+#: What a command on the server's files (not its state) that failed once its server had it
+#: may have done all the same, for _connection_hint.
+_ON_FILES = {
+    "save": "; the checkpoint may have been written all the same (saving again replaces it)",
+    "delete-checkpoint": "; the checkpoint may have been removed all the same (gradwire "
+    "checkpoints shows whether it is there)",
+}
+
+
 def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteError) -> str | None:
     """What to do about a call that never reached a gradwire server, from what the CLI can
     know: gRPC's words for the failure, the TLS options given and whether the channel ever
@@ -2448,8 +2478,8 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
         if error.changes_state
         else ""
     )
-    if error.changes_state and args.command == "save":  # the server's files, not its state
-        applied = "; the checkpoint may have been written all the same (saving again replaces it)"
+    if error.changes_state and args.command in _ON_FILES:  # the server's files, not its state
+        applied = _ON_FILES[args.command]
     # A server that answered this command's earlier calls, or that its channel reached: gone
     # since, not never there (a stopped server's port refuses the retries that follow). A
     # stopping server cancels the calls it has taken in and not begun (CANCELLED), and cuts
@@ -2472,7 +2502,7 @@ def _connection_hint(args: argparse.Namespace, client: Client, error: RemoteErro
                     f"no answer within --timeout {args.timeout:g}s: give this command a "
                     "longer --timeout"
                 )
-            look = "" if args.command == "save" else "look before running it again, and "
+            look = "" if args.command in _ON_FILES else "look before running it again, and "
             return (
                 f"no answer within --timeout {args.timeout:g}s, but the server may have run "
                 f"the call after that{applied}: {look}give long calls a longer --timeout"

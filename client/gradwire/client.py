@@ -387,7 +387,7 @@ _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: passed, the server stopped under them): what their errors' `changes_state` says. A save
 #: changes the server's files, not its state: one past its deadline still landed, and its
 #: error did not say it might have (found by a review of the state's handling).
-_MAY_LAND = _ONCE | {"SaveCheckpoint"}
+_MAY_LAND = _ONCE | {"SaveCheckpoint", "DeleteCheckpoint"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
 _SESSIONLESS = frozenset(
@@ -2215,6 +2215,15 @@ class Client:
             CheckpointInfo(c.name, c.bytes, c.saved_unix_s, c.saved_version, c.model, c.problem)
             for c in response.checkpoints
         ]
+
+    def delete_checkpoint(self, name: str) -> int:
+        """Removes checkpoint `name` from the server's state directory (for room, when a save
+        is refused DISK_FULL); returns the bytes it freed. The name must be given: "state",
+        the one the server restores at start, by that name, and only on the default session.
+        errors.NotFound (NO_CHECKPOINT), naming those there, for one it does not hold."""
+        request = pb.DeleteCheckpointRequest(name=_checkpoint_name(name))
+        response: pb.DeleteCheckpointResponse = self._call("DeleteCheckpoint", request)
+        return int(response.bytes)
 
     def load_checkpoint(self, name: str = "") -> LoadedCheckpoint:
         """Replaces the state with checkpoint `name` from the server's state directory. The

@@ -1043,20 +1043,11 @@ class TrainerServicer:
     ) -> pb.SaveCheckpointResponse:
         path = self._checkpoint_path(request.name)
         trainer = self.trainer
-        # Compared regardless of case: on a file system that ignores it (macOS's, by
-        # default), "State" is the same file (a review).
-        default = path.name.casefold() == checkpoint.FILE_NAME.casefold()
-        if trainer is not self.sessions.default and default:
-            # The default session's: restored into it at start and written over at a
-            # graceful stop, so a session's save there would be lost at the stop, or, after a
-            # crash, taken for the default session's state.
-            raise InvalidInput(
-                f"{checkpoint.DEFAULT_NAME!r} is the default session's checkpoint, which the "
-                "server restores at start and writes at a graceful stop: give this session's "
-                "checkpoint a name of its own (SaveCheckpointRequest.name; gradwire save NAME)",
-                reason="BAD_CHECKPOINT_NAME",
-                metadata={"name": checkpoint.DEFAULT_NAME},
-            )
+        self._not_the_default_s(
+            path,
+            "give this session's checkpoint a name of its own (SaveCheckpointRequest.name; "
+            "gradwire save NAME)",
+        )
         try:
             version = trainer.save(path)
             size = path.stat().st_size
@@ -1072,14 +1063,7 @@ class TrainerServicer:
     ) -> pb.LoadCheckpointResponse:
         path = self._checkpoint_path(request.name)
         if not path.is_file():
-            assert self.state_dir is not None
-            there = checkpoint.saved_names(self.state_dir)
-            listed = ", ".join(there) if there else "none yet (SaveCheckpoint writes one)"
-            raise NoSuchCheckpoint(
-                f"no checkpoint named {checkpoint.name_of(path)!r} in the "
-                f"server's state directory; it holds: {listed}",
-                metadata={"names": ",".join(there)},
-            )
+            raise self._no_such(path)
         version, saved = self.trainer.restore(path)
         log.info("loaded state version %d from %s, as version %d", saved, path, version)
         return pb.LoadCheckpointResponse(version=version, saved_version=saved)
@@ -1092,6 +1076,64 @@ class TrainerServicer:
         state_dir = self._state_dir()
         found = checkpoint.described(state_dir, self.sessions.default.spec.name)
         return convert.checkpoints_to_proto(found)
+
+    @rpc
+    def DeleteCheckpoint(
+        self, request: pb.DeleteCheckpointRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteCheckpointResponse:
+        if not request.name:  # "" is "state" elsewhere: too much to remove by leaving it out
+            self._state_dir()
+            raise InvalidInput(
+                "DeleteCheckpoint removes the checkpoint its request names, and it named none: "
+                f"give its name (gradwire checkpoints lists them; {checkpoint.DEFAULT_NAME!r} is "
+                "the one the server restores at start)",
+                reason="BAD_CHECKPOINT_NAME",
+            )
+        path = self._checkpoint_path(request.name)
+        self._not_the_default_s(path, "only the default session may remove it")
+        try:
+            if not path.is_file():
+                raise self._no_such(path)
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # removed by another call since
+            raise self._no_such(path) from None
+        except OSError as err:
+            raise NotConfigured(
+                f"could not remove checkpoint {checkpoint.name_of(path)!r}: "
+                f"{err.strerror or err}; the server's user must be able to write its state "
+                "directory",
+                reason="STATE_DIR_UNWRITABLE",
+            ) from err
+        log.info("removed checkpoint %s (%d bytes)", path, size)
+        return pb.DeleteCheckpointResponse(name=checkpoint.name_of(path), bytes=size)
+
+    def _not_the_default_s(self, path: Path, instead: str) -> None:
+        """Refuses, to a session other than the default one, the default session's checkpoint
+        (`path` "state"): restored into it at start and written over at a graceful stop, so a
+        session's save there would be lost at the stop, or, after a crash, taken for the
+        default session's state. `instead`: what to do."""
+        # Compared regardless of case: on a file system that ignores it (macOS's, by
+        # default), "State" is the same file (a review).
+        default = path.name.casefold() == checkpoint.FILE_NAME.casefold()
+        if self.trainer is not self.sessions.default and default:
+            raise InvalidInput(
+                f"{checkpoint.DEFAULT_NAME!r} is the default session's checkpoint, which the "
+                f"server restores at start and writes at a graceful stop: {instead}",
+                reason="BAD_CHECKPOINT_NAME",
+                metadata={"name": checkpoint.DEFAULT_NAME},
+            )
+
+    def _no_such(self, path: Path) -> NoSuchCheckpoint:
+        """NOT_FOUND for a checkpoint the state directory does not hold, naming those it does."""
+        assert self.state_dir is not None
+        there = checkpoint.saved_names(self.state_dir)
+        listed = ", ".join(there) if there else "none yet (SaveCheckpoint writes one)"
+        return NoSuchCheckpoint(
+            f"no checkpoint named {checkpoint.name_of(path)!r} in the server's state "
+            f"directory; it holds: {listed}",
+            metadata={"names": ",".join(there)},
+        )
 
     def _state_dir(self) -> Path:
         if self.state_dir is None:
@@ -1672,7 +1714,8 @@ def _unwritable(path: Path, err: OSError) -> DomainError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OverLimit(
             f"could not write checkpoint {path}: {why}; free space in the server's state "
-            "directory (older checkpoints there), then save again",
+            "directory (gradwire checkpoints lists those there, gradwire delete-checkpoint "
+            "NAME removes one), then save again",
             reason="DISK_FULL",
         )
     return NotConfigured(

@@ -100,6 +100,11 @@ class TrainerStub:
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/gradwire.v1.Trainer/DeleteCheckpoint',
+                request_serializer=gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
         self.TrainStep = channel.unary_unary(
                 '/gradwire.v1.Trainer/TrainStep',
                 request_serializer=gradwire_dot_v1_dot_trainer__pb2.TrainStepRequest.SerializeToString,
@@ -278,6 +283,16 @@ class TrainerServicer:
         it, as far as the header tells (its tensors are neither read nor checked here: a load
         checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
         "gradwire-session" metadata is not read: sessions share the directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Removes a checkpoint from the state directory: for room (a save refused DISK_FULL) or
+        order. The name must be given (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME): "state", the
+        one restored at start, by that name, and only on the default session, as for
+        SaveCheckpoint. NOT_FOUND (NO_CHECKPOINT), naming those there, for one not there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -536,6 +551,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.SerializeToString,
             ),
             'TrainStep': grpc.unary_unary_rpc_method_handler(
                     servicer.TrainStep,
@@ -955,6 +975,33 @@ class Trainer:
             '/gradwire.v1.Trainer/ListCheckpoints',
             gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
             gradwire_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradwire.v1.Trainer/DeleteCheckpoint',
+            gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+            gradwire_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

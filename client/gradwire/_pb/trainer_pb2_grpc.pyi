@@ -141,7 +141,7 @@ Conventions used by every message below:
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server
-      started without --state-dir, asked to save, load or list checkpoints),
+      started without --state-dir, asked to save, load, list or delete checkpoints),
       STATE_DIR_UNWRITABLE (a checkpoint that could not be written there)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
@@ -282,6 +282,12 @@ class TrainerStub:
     it, as far as the header tells (its tensors are neither read nor checked here: a load
     checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
     "gradwire-session" metadata is not read: sessions share the directory.
+    """
+    DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]
+    """Removes a checkpoint from the state directory: for room (a save refused DISK_FULL) or
+    order. The name must be given (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME): "state", the
+    one restored at start, by that name, and only on the default session, as for
+    SaveCheckpoint. NOT_FOUND (NO_CHECKPOINT), naming those there, for one not there.
     """
     TrainStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -475,6 +481,12 @@ class TrainerAsyncStub(TrainerStub):
     it, as far as the header tells (its tensors are neither read nor checked here: a load
     checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
     "gradwire-session" metadata is not read: sessions share the directory.
+    """
+    DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
+    """Removes a checkpoint from the state directory: for room (a save refused DISK_FULL) or
+    order. The name must be given (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME): "state", the
+    one restored at start, by that name, and only on the default session, as for
+    SaveCheckpoint. NOT_FOUND (NO_CHECKPOINT), naming those there, for one not there.
     """
     TrainStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.TrainStepRequest, _trainer_pb2.TrainStepResponse]  # type: ignore[assignment]
     """The training step in one call: optionally ZeroGrad, then Forward, Backward and
@@ -743,6 +755,18 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         it, as far as the header tells (its tensors are neither read nor checked here: a load
         checks them). FAILED_PRECONDITION (NO_STATE_DIR) on a server started without one. The
         "gradwire-session" metadata is not read: sessions share the directory.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteCheckpoint(
+        self,
+        request: _trainer_pb2.DeleteCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.DeleteCheckpointResponse, _abc.Awaitable[_trainer_pb2.DeleteCheckpointResponse]]:
+        """Removes a checkpoint from the state directory: for room (a save refused DISK_FULL) or
+        order. The name must be given (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME): "state", the
+        one restored at start, by that name, and only on the default session, as for
+        SaveCheckpoint. NOT_FOUND (NO_CHECKPOINT), naming those there, for one not there.
         """
 
     @_abc_1.abstractmethod
