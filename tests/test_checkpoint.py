@@ -1010,6 +1010,12 @@ def test_a_checkpoint_is_deleted_by_name_for_room(
         )
         assert other.delete_checkpoint("epoch2") > 0  # sessions share the others
     assert client.delete_checkpoint("state") > 0
+    with gradwire.connect(client.target, stream_calls=True) as streamed:  # on a Calls stream
+        streamed.save_checkpoint("streamed")
+        assert streamed.delete_checkpoint("streamed") > 0
+        with pytest.raises(errors.NotFound):
+            streamed.delete_checkpoint("streamed")
+        assert streamed._calls is not None  # they went on the stream
     assert sorted(p.name for p in state_dir.iterdir()) == [".saving", "folder.safetensors"]
 
 

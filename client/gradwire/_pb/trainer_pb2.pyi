@@ -2802,6 +2802,7 @@ class CallRequest(_message.Message):
     GET_STATS_FIELD_NUMBER: _builtins.int
     SAVE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     LOAD_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    DELETE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """As the "gradwire-request-id" metadata of the unary call: a retry with the same id, on
     this stream or another, or as a unary call, is applied once (the server keys it by
@@ -2865,6 +2866,8 @@ class CallRequest(_message.Message):
     def save_checkpoint(self) -> Global___SaveCheckpointRequest: ...
     @_builtins.property
     def load_checkpoint(self) -> Global___LoadCheckpointRequest: ...
+    @_builtins.property
+    def delete_checkpoint(self) -> Global___DeleteCheckpointRequest: ...
     def __init__(
         self,
         *,
@@ -2886,14 +2889,15 @@ class CallRequest(_message.Message):
         get_stats: Global___GetStatsRequest | None = ...,
         save_checkpoint: Global___SaveCheckpointRequest | None = ...,
         load_checkpoint: Global___LoadCheckpointRequest | None = ...,
+        delete_checkpoint: Global___DeleteCheckpointRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "delete_checkpoint", b"delete_checkpoint", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "if_previous_succeeded", b"if_previous_succeeded", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "request_id", b"request_id", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "delete_checkpoint", b"delete_checkpoint", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "if_previous_succeeded", b"if_previous_succeeded", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "request_id", b"request_id", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
-    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats", "save_checkpoint", "load_checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats", "save_checkpoint", "load_checkpoint", "delete_checkpoint"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_version) -> _WhichOneofReturnType__expected_version | None: ...
@@ -2926,6 +2930,7 @@ class CallResponse(_message.Message):
     GET_STATS_FIELD_NUMBER: _builtins.int
     SAVE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     LOAD_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    DELETE_CHECKPOINT_FIELD_NUMBER: _builtins.int
     alignment: _builtins.bytes
     """Carries nothing, as GetTensorResponse.alignment: zero bytes that keep the tensor values
     a response carries a multiple of 8 bytes after the first byte of this message, as they
@@ -2966,6 +2971,8 @@ class CallResponse(_message.Message):
     def save_checkpoint(self) -> Global___SaveCheckpointResponse: ...
     @_builtins.property
     def load_checkpoint(self) -> Global___LoadCheckpointResponse: ...
+    @_builtins.property
+    def delete_checkpoint(self) -> Global___DeleteCheckpointResponse: ...
     def __init__(
         self,
         *,
@@ -2985,12 +2992,13 @@ class CallResponse(_message.Message):
         get_stats: Global___GetStatsResponse | None = ...,
         save_checkpoint: Global___SaveCheckpointResponse | None = ...,
         load_checkpoint: Global___LoadCheckpointResponse | None = ...,
+        delete_checkpoint: Global___DeleteCheckpointResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "result", b"result", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backward", b"backward", "delete_checkpoint", b"delete_checkpoint", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "result", b"result", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "backward", b"backward", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "result", b"result", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "backward", b"backward", "delete_checkpoint", b"delete_checkpoint", "error", b"error", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "result", b"result", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats", "save_checkpoint", "load_checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["error", "forward", "backward", "step", "zero_grad", "get_tensor", "set_tensor", "fill_parameters", "list_tensors", "reset", "set_optimizer", "train_step", "get_stats", "save_checkpoint", "load_checkpoint", "delete_checkpoint"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

@@ -415,7 +415,7 @@ class TrainerServicer:
     def Calls(self, request_iterator, context):
         """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
         FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
-        LoadCheckpoint) as messages on
+        LoadCheckpoint, DeleteCheckpoint) as messages on
         one stream that stays open: for a caller that makes many small calls one after another
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
         message on an open stream skips what each unary call pays (a new HTTP/2 stream with

@@ -360,7 +360,7 @@ class TrainerStub:
     Calls: _grpc.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
     FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
-    LoadCheckpoint) as messages on
+    LoadCheckpoint, DeleteCheckpoint) as messages on
     one stream that stays open: for a caller that makes many small calls one after another
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
@@ -559,7 +559,7 @@ class TrainerAsyncStub(TrainerStub):
     Calls: _aio.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]  # type: ignore[assignment]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
     FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
-    LoadCheckpoint) as messages on
+    LoadCheckpoint, DeleteCheckpoint) as messages on
     one stream that stays open: for a caller that makes many small calls one after another
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
     message on an open stream skips what each unary call pays (a new HTTP/2 stream with
@@ -911,7 +911,7 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.CallResponse], _abc.AsyncIterator[_trainer_pb2.CallResponse]]:
         """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
         FillParameters, ListTensors, Reset, SetOptimizer, TrainStep, GetStats, SaveCheckpoint,
-        LoadCheckpoint) as messages on
+        LoadCheckpoint, DeleteCheckpoint) as messages on
         one stream that stays open: for a caller that makes many small calls one after another
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor, again and again). A
         message on an open stream skips what each unary call pays (a new HTTP/2 stream with
