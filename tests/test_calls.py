@@ -9,6 +9,7 @@ CallRequests, as a client in another language writes them.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import Spent
 from gradwire.fill import Fill
 from gradwire.replay import replay
-from gradwire_server.app import Running
+from gradwire_server.app import Running, start
 from gradwire_server.errors import Stopping
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
@@ -352,18 +353,73 @@ def test_an_empty_request_id_in_the_streams_metadata_is_none(address: str) -> No
     assert answer.fill_parameters.version == again.fill_parameters.version == 1
 
 
-def test_a_session_closed_under_a_stream_answers_unknown_session(
+def test_a_session_closed_under_a_stream_ends_it_not_found(
     client: gradwire.Client, address: str
 ) -> None:
+    """The stream, waiting for a call, ends with its session: left open it answered every
+    call NOT_FOUND and held one of the server's places for as long as its client lived."""
     session = client.open_session(seed=0)
     with grpc.insecure_channel(address) as channel:
         stream = Raw(channel, metadata=(("gradwire-session", session.session or ""),))
         listed = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
         assert listed.list_tensors.version == 0
         session.close()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream.responses)
+        assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "this stream of calls on it ends here" in (ended.value.details() or "")
+
+
+def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) -> None:
+    """Its call is answered as its unary call would be (UNKNOWN_SESSION), then the stream
+    ends, with the reason: it could never run another."""
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-session", "no-such-session"),))
         answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
         assert error_of(answer)[2] == "UNKNOWN_SESSION"
-        assert stream.close() == grpc.StatusCode.OK
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream.responses)
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+    assert errors.from_rpc_error(ended.value).reason == "UNKNOWN_SESSION"
+
+
+@pytest.mark.parametrize("how", ["closed by its id", "expired"])
+def test_session_clients_streams_let_go_of_their_places_with_their_sessions(
+    trainer: Trainer, how: str
+) -> None:
+    """Session clients kept after a pipeline each held a place with their Calls stream:
+    once their sessions were closed (gradwire close-session, as the BUSY message advises)
+    or expired, every other call was still BUSY (found by a review of several users at
+    once). Their next calls say their session is gone."""
+    running = start(trainer, max_concurrent=2, session_idle_s=0.5 if how == "expired" else 600)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with gradwire.connect(address, timeout=30) as client:
+            kept = [client.open_session(seed=0) for _ in range(2)]
+            for session in kept:
+                with session.pipeline() as p:
+                    p.list_tensors()
+            with pytest.raises(errors.ResourceExhausted):  # both places held
+                next(client.watch(["loss"]))
+            if how == "closed by its id":
+                for session in kept:
+                    with gradwire.connect(address, session=session.session) as other:
+                        other.close_session()
+
+            def watched() -> bool:
+                try:
+                    with contextlib.closing(client.watch(["loss"])) as updates:
+                        next(updates)
+                except errors.ResourceExhausted:
+                    return False
+                return True
+
+            eventually(watched, "the places were not let go", within=10)
+            with pytest.raises(errors.NotFound) as gone:
+                kept[0].get("conv1.weight[0, 0, 0]")
+            assert gone.value.reason == "UNKNOWN_SESSION"
+    finally:
+        running.stop(grace=None)
 
 
 def test_a_session_clients_calls_go_on_a_stream_of_its_own(

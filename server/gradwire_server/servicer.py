@@ -54,7 +54,7 @@ from gradwire_server.errors import (
     shown,
 )
 from gradwire_server.message_context import Answered, MessageContext
-from gradwire_server.sessions import Sessions
+from gradwire_server.sessions import Sessions, UnknownSession
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import (
     FillSpec,
@@ -809,14 +809,21 @@ class TrainerServicer:
         #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
         #: STOPPING) instead of holding the grace period until it runs out.
         self.stopping = threading.Event()
-        #: The Calls streams between two calls, which `stop` ends at once.
+        #: The Calls streams between two calls, which `stop` ends at once, and the close
+        #: of their session.
         self.waiting = WaitingStreams()
+        self.sessions.on_close = self._end_calls_of
         #: The Watches and Trains, which `stop` ends once a send has waited a second for
         #: a client that does not read.
         self.sending = SendingStreams()
         #: Counts and logs each call made as a message on a Calls stream, as the call
         #: interceptor does each RPC (app.start sets it); None: not counted.
         self.observer: CallObserver | None = None
+
+    def _end_calls_of(self, session: str) -> None:
+        """Ends the Calls streams on `session`, closed now, that wait for a call; one with a
+        call in progress ends once it is answered (`Calls`)."""
+        self.waiting.end_session(session, _calls_ended(session))
 
     def stop(self) -> None:
         """The server begins to stop: open Watches and Trains end at their next look
@@ -1420,9 +1427,23 @@ class TrainerServicer:
         try:
             with self.slots.stream:
                 metadata = _carried_apart(_metadata(context), "a Calls stream's")
+                session = metadata.get(SESSION) or None
+                # A stream on a session that has closed ends, rather than hold its place
+                # answering NOT_FOUND: as soon as it would wait once its session was open, or
+                # once it has answered a call (on a session closed already, or never opened).
+                bound = [session is not None and self.sessions.is_open(session)]
+
+                def gone() -> UnknownSession | None:
+                    if session is None or not bound[0] or self.sessions.is_open(session):
+                        return None
+                    return UnknownSession(_calls_ended(session), metadata={"session": session[:64]})
+
                 failed: str | None = None  # the message before, by its RPC, if it failed
-                while (request := self.waiting.next_message(requests, context)) is not None:
+                while (
+                    request := self.waiting.next_message(requests, context, session, gone)
+                ) is not None:
                     answer, failed = self._answer_message(request, context, metadata, failed)
+                    bound[0] = True
                     yield answer
         except Exception:
             _answer_error(context, "Calls", self)
@@ -1533,6 +1554,15 @@ class TrainerServicer:
                 done = observer.begin(f"/{SERVICE.full_name}/{name}", context)
             done(code)
         return answer, None if code == "OK" else name
+
+
+def _calls_ended(session: str) -> str:
+    """Why a Calls stream on `session` ended: the session closed under it."""
+    return (
+        f"no session {shown(session)} is open (it was closed, expired without calls, or was "
+        "never opened): this stream of calls on it ends here, and no call written to it after "
+        "its last answer was run; open a session (OpenSession, gradwire open-session)"
+    )
 
 
 class CallObserver(Protocol):

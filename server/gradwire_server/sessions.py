@@ -78,6 +78,9 @@ class Sessions:
         self._open: dict[str, _Session] = {}
         self._opening = 0  # sessions being built: places taken, not yet in _open
         self._stop_expiry = threading.Event()  # set by close_all: no session opens after it
+        #: Called with each session's id once it has closed (CloseSession, or expired), for
+        #: what still acts on it between calls (a Calls stream) to end.
+        self.on_close: Callable[[str], None] | None = None
 
     def expire_in_background(self) -> None:
         """Closes idle sessions on a thread of its own, as they expire. Without it only the
@@ -112,6 +115,11 @@ class Sessions:
             found.last_used = self._clock()
             found.held += hold
             return found.trainer
+
+    def is_open(self, session: str) -> bool:
+        """Whether `session` is open (an expired one until it is closed)."""
+        with self._lock:
+            return session in self._open
 
     def leave(self, session: str) -> None:
         """A call that held `session` has ended: its idle time starts now."""
@@ -188,6 +196,7 @@ class Sessions:
                 f"already, or expired after {self.idle_s:g} s without calls",
                 metadata={"session": session[:64]},
             )
+        self._closed([session])
         _free(closing)
 
     def describe(self) -> tuple[list[SessionView], int]:
@@ -228,7 +237,18 @@ class Sessions:
             ]
             closed = [self._open.pop(k) for k in idle]
         if closed:
+            self._closed(idle)
             _free(closed)
+
+    def _closed(self, sessions: list[str]) -> None:
+        """Tells `on_close` of `sessions`, closed now (out of `_open`)."""
+        if self.on_close is None:
+            return
+        for session in sessions:
+            try:
+                self.on_close(session)
+            except Exception:  # the session is closed all the same
+                log.exception("ending what acted on a closed session failed")
 
 
 def _expiry_interval(idle_s: float) -> float:

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -45,32 +45,47 @@ STOPPED = (
 
 
 class WaitingStreams:
-    """The streams of one service open now that are waiting for a message, by their context.
-    `stopped`: the message of the status they end with at a stop."""
+    """The streams of one service open now that are waiting for a message, by their context,
+    each with the session it acts on (None: the default one, or none). `stopped`: the
+    message of the status they end with at a stop."""
 
     def __init__(self, stopped: str = STOPPED) -> None:
         self.stopped = stopped
         self._lock = threading.Lock()
-        self._waiting: set[grpc.ServicerContext] = set()
+        self._waiting: dict[grpc.ServicerContext, str | None] = {}
         self._stopped = False
 
-    def next_message(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any | None:
+    def next_message(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        session: str | None = None,
+        gone: Callable[[], Exception | None] | None = None,
+    ) -> Any | None:
         """The stream's next message, None once its client has ended it. Raises Stopping
         once `stop` has been called, before waiting or for a message that came as it was:
-        that message is not run."""
+        that message is not run. `session`: the session the stream acts on, whose close
+        (`end_session`) ends the stream while it waits; `gone`: the error to end the stream
+        with, instead of waiting, when that session has closed already (None while open),
+        asked once the stream is among the waiting, so that a close either finds it there
+        or is seen here."""
         with self._lock:
             if self._stopped:
                 raise Stopping(self.stopped)
-            self._waiting.add(context)
+            self._waiting[context] = session
         try:
+            if gone is not None and (error := gone()) is not None:
+                raise error
             message = next(requests, None)
         except grpc.RpcError:
             if self._stopped:  # the cancel of `stop`, not the client's
                 raise Stopping(self.stopped) from None
+            if gone is not None and (error := gone()) is not None:  # end_session's cancel
+                raise error from None
             raise
         finally:
             with self._lock:
-                self._waiting.remove(context)
+                del self._waiting[context]
         if self._stopped:
             raise Stopping(self.stopped)
         return message
@@ -89,6 +104,18 @@ class WaitingStreams:
             waiting = list(self._waiting)
         for context in waiting:
             _cancel(context, self.stopped)
+
+    def end_session(self, session: str, details: str) -> None:
+        """Ends the streams of `session` waiting now (nothing is in progress on them), NOT_FOUND
+        with `details`: the session has closed, and every call they carried would be refused
+        for it. Left open, such a stream held one of the server's places for as long as its
+        client lived: sessions closed (CloseSession) or expired left every other call BUSY,
+        the BUSY message's advice to close them included (found by a review of several users
+        at once)."""
+        with self._lock:
+            ending = [context for context, on in self._waiting.items() if on == session]
+        for context in ending:
+            _cancel(context, details, grpc.StatusCode.NOT_FOUND)
 
 
 class _Sending:
@@ -194,9 +221,13 @@ class SendingStreams:
             return sum(stream.sends % 2 for stream in self._open)
 
 
-def _cancel(context: grpc.ServicerContext, details: str) -> None:
+def _cancel(
+    context: grpc.ServicerContext,
+    details: str,
+    code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+) -> None:
     """Cancels a stream waiting on its client (for its next message, or for it to read)
-    with UNAVAILABLE and `details` as its status. A client may
+    with `code` (UNAVAILABLE unless given) and `details` as its status. A client may
     have written a message as the stream was cancelled, which was not run: told
     UNAVAILABLE, it retries it, where told CANCELLED (the status of gRPC's public cancel) it
     took the call as cancelled on its own side, perhaps run, and did not retry (found by a
@@ -205,6 +236,6 @@ def _cancel(context: grpc.ServicerContext, details: str) -> None:
     another grpcio not have it, the public cancel."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     try:
-        call.cancel(grpc.StatusCode.UNAVAILABLE.value[0], details)  # type: ignore[union-attr]
+        call.cancel(code.value[0], details)  # type: ignore[union-attr]
     except Exception:  # grpcio's internals changed: CANCELLED, as gRPC's API has it
         context.cancel()
