@@ -540,3 +540,37 @@ def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() 
         first, second = p.zero_grad(), p.zero_grad()
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (not a ZeroGrad")
     assert "a garbled answer" in str(second.exception())
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "batch"])
+def test_a_call_cut_off_at_the_stops_grace_says_the_server_stopped(
+    gated_server: Running, kind: str
+) -> None:
+    """A call still running when a stop's grace period ended failed with gRPC's words alone,
+    "UNAVAILABLE: Cancelling all calls", which said neither that the server had stopped nor
+    that the call may have run (found by a review of several users at once)."""
+    stopper = threading.Thread(target=lambda: gated_server.stop(grace=0.2))
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=30) as client:
+        try:
+            with (
+                pytest.raises(errors.Unavailable) as cut,
+                getattr(client, kind)(stop_at_error=False) as calls_,
+            ):
+                calls_.forward(Fill.ones(1, 2), Fill.ones(1, dtype="int64"))
+                read = calls_.get("weight")
+                if kind == "pipeline":
+                    assert Gate.entered.wait(timeout=60)
+                    stopper.start()
+                else:  # its calls go at the block's end, and wait there for the answers
+                    threading.Thread(
+                        target=lambda: Gate.entered.wait(timeout=60) and stopper.start(),
+                        daemon=True,
+                    ).start()
+            with pytest.raises(errors.Unavailable) as unread:
+                read.result()
+        finally:
+            Gate.release.set()
+            stopper.join(timeout=60)
+    assert "the server stopped with this call in progress" in str(cut.value), cut.value
+    assert "may have been applied" in str(cut.value) and cut.value.changes_state
+    assert "make it again once the server is back" in str(unread.value), unread.value

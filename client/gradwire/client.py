@@ -571,6 +571,26 @@ def _cut_off(error: grpc.RpcError) -> bool:
 SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed the connection"
 
 
+#: gRPC's whole message for the calls a stopping server still had in progress when its grace
+#: period ended (grpc_server_cancel_all_calls).
+_GRACE_ENDED = "cancelling all calls"
+
+
+def _grace_ended(changes_state: bool) -> str:
+    """The message of a call cut off so: what happened, and what to do."""
+    then = (
+        "its change may have been applied all the same (a step runs to its end): read the "
+        "state version once the server is back before making it again"
+        if changes_state
+        else "make it again once the server is back"
+    )
+    return (
+        "the server stopped with this call in progress: its grace period (gradwire serve "
+        f'--grace) ended before the call did, and gRPC cancelled it ("Cancelling all '
+        f'calls"); {then}'
+    )
+
+
 def _bare_cancel(message: str) -> bool:
     """Whether a CANCELLED call's message is gRPC's name of the status alone (what a server's
     cancel gives; from_rpc_error's "cancelled" for none at all)."""
@@ -592,6 +612,17 @@ def _failed(
         # closed!"), and Ctrl-C is KeyboardInterrupt (found by a review of the CLI as a
         # researcher).
         raised.message = SERVER_CANCELLED
+        raised.args = (raised.message,)
+    if (
+        isinstance(raised, Unavailable)
+        and not raised.reason
+        and raised.message.strip().lower() == _GRACE_ENDED
+    ):
+        # gRPC's words alone ("UNAVAILABLE: Cancelling all calls") for a call in a pipeline
+        # or a batch, or a stream, that a stop cut off: they said neither that the server
+        # had stopped nor that the call may have run (found by a review of several users at
+        # once). A unary call is retried, and then fails to connect.
+        raised.message = _grace_ended(changes_state)
         raised.args = (raised.message,)
     if (
         isinstance(raised, Unavailable)
