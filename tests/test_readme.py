@@ -46,3 +46,31 @@ def test_the_python_client_example_prints_what_its_comments_say(address: str) ->
     read = names["read"]
     assert read.full_shape == (20, 3200) and read.value.shape == (5,)
     assert lines[3] == f"{read.version} (20, 3200) {read.value}"
+
+
+def development_tree() -> dict[str, str]:
+    """The README's layout of the checkout ("## Development"): each top folder's lines."""
+    text = README.read_text()
+    start = text.index("## Development")
+    found = re.search(r"```\n(.*?)```", text[start:], re.S)
+    assert found is not None, "no layout block under ## Development"
+    folders: dict[str, str] = {}
+    folder = ""
+    for line in found.group(1).splitlines():
+        if line and not line[0].isspace():
+            folder = line.split()[0]
+            folders[folder] = ""
+        elif folder:
+            folders[folder] += line + "\n"
+    return folders
+
+
+def test_the_development_layout_names_every_module() -> None:
+    # The layout is where a newcomer looks for a file's purpose: random_stream.py, which the
+    # README sends readers to, was missing from it (found by a walkthrough of the README).
+    root = README.parent
+    folders = development_tree()
+    for folder in ("client/gradwire/", "server/gradwire_server/"):
+        listed = set(re.findall(r"[\w.]+\.py\b", folders[folder]))
+        modules = {p.name for p in (root / folder).glob("*.py") if p.name != "__init__.py"}
+        assert modules <= listed, f"{folder} not in the README's layout: {modules - listed}"
