@@ -425,7 +425,7 @@ class TrainerServicer:
 
         Each CallRequest is one call, run as its unary call would be: the stream's
         "gradwire-session" metadata names the session, read afresh for each message (a
-        session closed meanwhile answers NOT_FOUND, UNKNOWN_SESSION, and the stream goes on);
+        session closed meanwhile ends the stream, below);
         request_id and expected_version are the unary call's metadata of those names (the
         stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
         where one is set, is checked once, for the stream. The server answers every message
@@ -438,7 +438,12 @@ class TrainerServicer:
         is open, as a Watch does, busy or not: close it (end the request stream) when done.
         The stream itself ends with a status of its own only for what concerns all of it:
         refused at the start (RESOURCE_EXHAUSTED, BUSY; UNAUTHENTICATED; INVALID_ARGUMENT,
-        BAD_METADATA), the server stopping, or the caller cancelling. A message's own deadline
+        BAD_METADATA), the server stopping, its session closing (CloseSession or expiry), or the
+        caller cancelling. A stream whose session closes ends NOT_FOUND, at once if no call of
+        its is in progress, or as soon as that call is answered, so that it lets go of its
+        place; one on a session that is not open answers its first message NOT_FOUND
+        (UNKNOWN_SESSION) and ends. No message written after its last answer is run: open a
+        session, and a stream on it, to go on. A message's own deadline
         is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
         server stops, a stream ends UNAVAILABLE at once if no call of its is in progress, or
         as soon as that call is answered; no message written after its last answer is run.
