@@ -6,18 +6,28 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
 
 @contextlib.contextmanager
-def serving(*args: str, until: str = "listening on") -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serving(
+    *args: str, until: str = "listening on", under: Sequence[str] = ()
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`gradwire serve --port 0 --device cpu ARGS`, once it has logged a line holding `until`;
-    yields the process and its log up to there. The server is killed at the end if it still
-    runs: a test never leaves one behind, failing or not."""
+    yields the process and its log up to there. `under`: a command it runs under (nohup).
+    The server is killed at the end if it still runs: a test never leaves one behind,
+    failing or not."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu", *args],
+        [
+            *under,
+            *(sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu"),
+            *args,
+        ],
+        # nohup, given a terminal, would write nohup.out and say so on stderr.
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL if under else None,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -702,6 +702,27 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
         hold_state_dir(state)
 
 
+def test_a_server_started_under_nohup_outlives_a_hangup() -> None:
+    """nohup ignores SIGHUP so that its command outlives the terminal; serve's handler
+    replaced nohup's, and a hang-up (the terminal closing, an SSH session ending) stopped
+    a server started so as to outlive it (found by a review of running the server for
+    others). SIGTERM still stops it."""
+    nohup = shutil.which("nohup")
+    if nohup is None:
+        pytest.skip("needs nohup")
+    with serving("--grace", "1", under=[nohup]) as (process, log):
+        assert "SIGHUP is ignored, as it was at start (nohup)" in log, log
+        process.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            process.wait(timeout=2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert "SIGHUP received" not in rest
+    assert "SIGTERM received: stopping" in rest
+
+
 def test_a_sigterm_the_kernel_hands_another_thread_still_stops_the_server(
     tmp_path: Path,
 ) -> None:

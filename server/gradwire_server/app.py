@@ -441,6 +441,18 @@ def wait_for(event: threading.Event) -> None:
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
 )
+#: Of those, a hang-up that the server's starter asked it to ignore (`nohup gradwire serve`
+#: sets SIGHUP to SIG_IGN) stays ignored: the handler replaced nohup's, and the terminal
+#: closing, or an SSH session ending, stopped a server started so as to outlive it (found by
+#: a review of running the server for others).
+HANGUP = getattr(signal, "SIGHUP", None)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The STOP_SIGNALS serve handles: all of them, but SIGHUP where it is ignored."""
+    return tuple(
+        s for s in STOP_SIGNALS if not (s == HANGUP and signal.getsignal(s) == signal.SIG_IGN)
+    )
 
 
 #: In a state dir: the lock its server holds, and that server's process id.
@@ -629,7 +641,13 @@ def serve(
         # Installed before the server starts: once it says it listens (and writes the port
         # file) a supervisor may send SIGTERM at once, and with Python's default still in
         # place the process died of it, its state unsaved (a CI run under load).
-        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        handled = stop_signals()
+        previous = {s: signal.signal(s, on_signal) for s in handled}
+        if HANGUP is not None and HANGUP not in handled:
+            log.info(
+                "SIGHUP is ignored, as it was at start (nohup): a terminal closing does not "
+                "stop this server; SIGTERM or Ctrl-C do"
+            )
         try:
             running = start(
                 trainer,
