@@ -932,3 +932,5 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Pa
     assert "SIGINT received again: exiting now" in rest
     assert "the state is NOT saved" in rest
     assert not (state / "state.safetensors").exists()
+    # Its port is no one's: the file was left naming it (a review of running the server).
+    assert not port_file.exists()

@@ -616,6 +616,9 @@ def serve(
             (", then the state saved", ", unsaved") if saved is not None else ("", "")
         )
 
+        # The port the server listens on once started, for the port file's removal.
+        listening: list[int] = []
+
         def on_signal(signum: int, frame: FrameType | None) -> None:
             name = signal.Signals(signum).name
             if next(received):  # a second signal: the operator will not wait for the stop
@@ -626,6 +629,10 @@ def serve(
                     if saved is not None and not stopped.is_set()
                     else "",
                 )
+                # As the graceful stop does: the file named a dead port after this exit, and
+                # sent its next reader there (a review of running the server for others).
+                if port_file is not None and listening:
+                    forget_port(port_file, listening[0])
                 logging.shutdown()
                 os._exit(128 + signum)
             log.info(
@@ -665,6 +672,7 @@ def serve(
                 on_serving_lost=no_serving,
                 state_dir=state_dir,
             )
+            listening.append(running.port)
             if tls is not None:
                 who = (
                     "clients with a certificate from the client CA"
