@@ -813,6 +813,19 @@ def test_the_start_checks_refuse_with_their_reasons(tmp_path: Path) -> None:
         assert refused.value.reason == reason, path
 
 
+def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path) -> None:
+    """A server killed (SIGKILL, out of memory) leaves its port file, naming a dead port: a
+    reader waiting for the file took it for the new server's for the seconds its start
+    took (found by a review of running the server for others)."""
+    from gradwire_server.app import check_port_file
+
+    port_file = tmp_path / "port"
+    port_file.write_text("50051\n")
+    check_port_file(port_file)
+    assert not port_file.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:
     port_file = tmp_path / "nope" / "port"
     out = _serve_refused("--port-file", str(port_file))

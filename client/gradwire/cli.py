@@ -1947,7 +1947,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port-file",
         type=Path,
         default=None,
-        help="write the bound port here once listening; removed once the server has stopped",
+        help="write the bound port here once listening (a file left there by a server "
+        "killed is removed at start); removed once the server has stopped",
     )
     p.add_argument(
         "--grace",

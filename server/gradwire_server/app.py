@@ -408,7 +408,10 @@ def check_port_file(port_file: Path) -> None:
     """Refuses, at start, a port file that could not be written once the server listens
     (InvalidInput, BAD_PORT_FILE): its folder must exist and take a file, which is written
     there and removed. Found only after binding, a read-only folder was a failed exit (1)
-    where a missing one was refused as a usage error (2)."""
+    where a missing one was refused as a usage error (2). A port file already there is
+    removed: one left by a server that could not remove it (killed, or out of memory) named
+    a dead port, and a reader waiting for the file took it for this server's until this one
+    listened (found by a review of running the server for others)."""
     folder = port_file.parent
     if not folder.is_dir():
         why = f"there is no folder {folder} to write it in"
@@ -417,9 +420,14 @@ def check_port_file(port_file: Path) -> None:
     else:
         try:
             _write_and_remove_a_file(folder)
-            return
         except OSError as err:
             why = f"cannot write in {folder} ({err.strerror or err})"
+        else:
+            try:
+                port_file.unlink(missing_ok=True)
+                return
+            except OSError as err:  # another user's, in a sticky folder such as /tmp
+                why = f"cannot remove the file already there ({err.strerror or err})"
     raise InvalidInput(f"--port-file {port_file}: {why}", reason="BAD_PORT_FILE")
 
 
