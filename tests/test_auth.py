@@ -581,6 +581,24 @@ def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> No
         running.stop(grace=None)
 
 
+def test_serve_under_mutual_tls_does_not_say_anyone_can_drive_the_model(pki: Pki) -> None:
+    """Without a token on a non-local address serve warned that anyone who reaches the port
+    can drive and read the model, under mutual TLS too, where only clients with a
+    certificate from the client CA get in (found by a review of running the server for
+    others). Without the client CA the warning stands: any client gets in."""
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with serving("--host", "0.0.0.0", *tls, "--tls-client-ca", str(pki.ca)) as (_, log):
+        pass
+    assert "anyone who reaches this port" not in log, log
+    assert (
+        "no bearer token: every client with a certificate from the client CA can drive and "
+        "read the model"
+    ) in log
+    with serving("--host", "0.0.0.0", *tls) as (_, log):
+        pass
+    assert "without a token: anyone who reaches this port can drive and read the model" in log
+
+
 def test_pem_given_as_str_is_taken(trainer: Trainer, pki: Pki) -> None:
     """ca=open("ca.pem").read(), a str, raised a TypeError from deep inside ("'in <string>'
     requires string as left operand, not bytes"); so did cert= and key= (found by a review

@@ -697,6 +697,14 @@ def serve(
                     log.warning("%s", warning)
             if token:
                 log.info("a bearer token is required for every call but health checks")
+            elif tls is not None and tls.client_ca is not None:
+                # Mutual TLS lets in only clients holding a certificate the client CA signed:
+                # the warning below, which said anyone could, sent an operator whose access
+                # control was in place looking for a hole (a review of running the server).
+                log.info(
+                    "no bearer token: every client with a certificate from the client CA can "
+                    "drive and read the model"
+                )
             elif host not in ("127.0.0.1", "localhost", "::1"):
                 log.warning(
                     "listening on %s without a token: anyone who reaches this port can drive "
