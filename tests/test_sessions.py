@@ -299,6 +299,32 @@ def test_session_limits_are_server_settings(trainer: Trainer) -> None:
         running.stop(grace=None)
 
 
+def test_a_server_without_sessions_says_so_rather_than_to_close_one(trainer: Trainer) -> None:
+    """With --max-sessions 0 OpenSession said "0 sessions are open, this server's limit;
+    close one (CloseSession) or wait: none is idle", and the CLI how to list and close
+    them: there was nothing to close or wait for (found by a review of running the server
+    for others)."""
+    from gradwire_server.app import start
+
+    running = start(trainer, "127.0.0.1", 0, max_sessions=0)
+    try:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address) as client:
+            with pytest.raises(errors.ResourceExhausted) as refused:
+                client.open_session()
+            assert refused.value.reason == "TOO_MANY_SESSIONS"
+            assert str(refused.value) == (
+                "RESOURCE_EXHAUSTED: this server takes no sessions (it was started with "
+                "--max-sessions 0): act on the default one, without a session, or ask its "
+                "operator for sessions"
+            )
+        said = run_main("open-session", "--target", address)
+        assert said.code == 1
+        assert "hint:" not in said.err and "close-session" not in said.err, said.err
+    finally:
+        running.stop(grace=None)
+
+
 def test_a_client_says_where_it_points(client: gradwire.Client, address: str) -> None:
     assert repr(client) == f"gradwire.Client({address!r})"
     with client.open_session() as mine:

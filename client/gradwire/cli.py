@@ -2659,7 +2659,9 @@ def main(
         # session, not to one about the order of calls (a newcomer's walkthrough found
         # "gradwire backward first ... (the target came from $GRADWIRE_TARGET)").
         about_the_server = True
-        if hint is None:  # the server's words name RPCs; say the commands too
+        # A server that takes no sessions has none to list or close.
+        no_sessions = e.reason == "TOO_MANY_SESSIONS" and e.metadata.get("max_sessions") == "0"
+        if hint is None and not no_sessions:  # the server's words name RPCs; say the commands
             hint = _COMMAND_HINTS.get(e.reason)
             about_the_server = hint is None
         if (

@@ -145,6 +145,17 @@ class Sessions:
         with self._lock:
             self._refuse_if_closed()
             taken = len(self._open) + self._opening
+            if not self.max_sessions:
+                # Nothing to close or wait for: "0 sessions are open, this server's limit;
+                # close one or wait" sent its reader to free a place there is none of (a
+                # review of running the server for others).
+                raise OverLimit(
+                    "this server takes no sessions (it was started with --max-sessions 0): "
+                    "act on the default one, without a session, or ask its operator for "
+                    "sessions",
+                    reason="TOO_MANY_SESSIONS",
+                    metadata={"max_sessions": "0"},
+                )
             if taken >= self.max_sessions:
                 raise OverLimit(
                     f"{taken} sessions are open, this server's limit; close one "
