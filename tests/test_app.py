@@ -786,6 +786,21 @@ def test_serving_on_0_0_0_0_says_it_listens_on_ipv6_too() -> None:
                 assert client.health() == "SERVING"
 
 
+def test_serving_on_the_ipv6_wildcard_says_it_listens_on_ipv4_too() -> None:
+    """gRPC binds :: on both families too, and the log said "IPv6 too" of an IPv6 address,
+    IPv4 unmentioned: an operator whose firewall covers IPv6 only left the port open on
+    IPv4 (found by a review of running the server for others)."""
+    if not _has_ipv6_loopback():
+        pytest.skip("needs IPv6")
+    until = "(health and reflection on)"
+    with serving("--host", "::", until=until) as (_, log):
+        said = next(line for line in log.splitlines() if until in line)
+        port = int(said.split("listening on [::]:")[1].split()[0])
+        assert said.endswith(f"listening on [::]:{port} (IPv4 too) {until}")
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client:  # it does
+            assert client.health() == "SERVING"
+
+
 def _has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:

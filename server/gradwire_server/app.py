@@ -727,10 +727,13 @@ def serve(
                 torch.__version__,
             )
             # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
-            # firewall covers IPv4 only (found by a review of deployment).
-            both = " (IPv6 too, where this machine has it)" if host in ("0.0.0.0", "::") else ""
+            # firewall covers IPv4 only (found by a review of deployment), or IPv6 only: ::
+            # was said to listen on "IPv6 too", and IPv4 went unmentioned (a review of
+            # running the server for others).
+            both = {"0.0.0.0": " (IPv6 too, where this machine has it)", "::": " (IPv4 too)"}
+            also = both.get(host, "")
             log.info(
-                "listening on %s%s (health and reflection on)", _address(host, running.port), both
+                "listening on %s%s (health and reflection on)", _address(host, running.port), also
             )
             if running.metrics_port is not None:
                 log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
