@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import math
 import re
 import socket
@@ -784,6 +785,26 @@ def test_a_stream_the_server_cancels_stays_cancelled() -> None:
             next(client.watch(["loss"]))
     finally:
         server.stop(grace=None)
+
+
+def test_a_session_closed_for_want_of_calls_is_logged(
+    trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An idle session went with its model and optimizer without a word in the log: its
+    user found it gone, and the operator could not tell why (found by a review of running
+    the server for others)."""
+    now = [0.0]
+    sessions = Sessions(trainer, max_sessions=2, idle_s=600.0, clock=lambda: now[0])
+    idle = sessions.open(seed=0, settings=None)
+    caplog.set_level(logging.INFO, logger="gradwire_server.sessions")
+    now[0] = 601.0
+    assert sessions.describe() == ([], 0)  # found expired, and closed
+    said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.sessions"]
+    assert said == [
+        f"closed 1 session(s) after 600 s without calls (--session-idle), their state with "
+        f"them: {idle!r}"
+    ]
+    sessions.close_all()
 
 
 def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer) -> None:

@@ -248,6 +248,16 @@ class Sessions:
             ]
             closed = [self._open.pop(k) for k in idle]
         if closed:
+            # Said: a session's model and optimizer go with it, and its user found it gone
+            # (NOT_FOUND) while the operator's log had no word of why (a review of running
+            # the server for others).
+            log.info(
+                "closed %d session(s) after %g s without calls (--session-idle), their state "
+                "with them: %s",
+                len(idle),
+                self.idle_s,
+                ", ".join(shown(k) for k in idle),
+            )
             self._closed(idle)
             _free(closed)
 
