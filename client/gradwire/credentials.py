@@ -12,6 +12,18 @@ from typing import Literal
 #: The environment variable a token may come from, for `gradwire serve` and every client command.
 TOKEN_ENV = "GRADWIRE_TOKEN"
 
+#: The longest token taken. gRPC refuses a call whose headers pass 8 KiB, at random (more
+#: often the further past), and every call past 16 KiB: a server started with a 9,000
+#: character token refused 1 in 6 of the calls that carried it, and with 20,000 characters
+#: all of them ("received metadata size exceeds hard limit"), its start taken without a word
+#: (found by a review of running the server for others). Half of 8 KiB leaves room for the
+#: other headers.
+MAX_TOKEN_CHARS = 4096
+#: The most a token file is read of: the token and white space around it. Read whole, a
+#: device or a large file given by mistake (--token-file /dev/zero) filled the memory and
+#: ended in a MemoryError's traceback.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
 
 def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     """The token from a file, else from `env` (surrounding white space stripped from
@@ -24,7 +36,13 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     refused the header: "Invalid metadata") and a client's calls all failed INTERNAL.
     """
     if token_file is not None:
-        token = _read(token_file, "--token-file").decode(errors="replace").strip()
+        data = _read(token_file, "--token-file", MAX_TOKEN_FILE_BYTES)
+        if len(data) > MAX_TOKEN_FILE_BYTES:
+            raise ValueError(
+                f"--token-file {token_file}: it holds more than {MAX_TOKEN_FILE_BYTES:,} "
+                "bytes: a token file holds the token alone, one line"
+            )
+        token = data.decode(errors="replace").strip()
         if not token:
             raise ValueError(f"the token file {token_file} is empty")
         return check_token(token, f"the token in {token_file}")
@@ -49,6 +67,12 @@ def check_token(token: str, what: str) -> str:
     """`token`, or ValueError naming `what` unless gRPC can send it in a header."""
     if not isinstance(token, str):
         raise TypeError(f"{what} must be a str, got {type(token).__name__}")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise ValueError(
+            f"{what} is {len(token):,} characters long, past the {MAX_TOKEN_CHARS:,} a token may "
+            "have: gRPC refuses calls whose headers pass 8 KiB, at random, and every one past "
+            "16 KiB; use a shorter token (openssl rand -hex 32 makes one)"
+        )
     if not HEADER_VALUE.fullmatch(token):
         odd = next((c for c in token if not " " <= c <= "~"), "a space at an end" if token else "")
         found = repr(odd) if len(odd) == 1 else odd or "nothing"
@@ -114,11 +138,14 @@ def read_optional(
     return data
 
 
-def _read(path: Path, flag: str) -> bytes:
-    """The file's bytes, or OSError naming the option it was given with and why it could
-    not be read: "[Errno 2] No such file or directory: 'nope'" named neither (found by a
-    review of the CLI)."""
+def _read(path: Path, flag: str, limit: int | None = None) -> bytes:
+    """The file's bytes (with `limit`, at most limit + 1 of them), or OSError naming the
+    option it was given with and why it could not be read: "[Errno 2] No such file or
+    directory: 'nope'" named neither (found by a review of the CLI)."""
     try:
+        if limit is not None:
+            with path.open("rb") as file:
+                return file.read(limit + 1)
         return path.read_bytes()
     except OSError as err:
         why = err.strerror or str(err)
