@@ -1982,7 +1982,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-sessions",
         type=_at_least(0, limits.MAX_COUNT),
         default=8,
-        help="sessions open at once (default %(default)s)",
+        help="sessions open at once beside the default one, which calls without a session "
+        "use; 0: none (default %(default)s)",
     )
     p.add_argument(
         "--session-idle",
