@@ -579,3 +579,31 @@ def test_a_negative_retry_count_makes_one_attempt(address: str) -> None:
         client.retries = -1
         assert client.list_tensors().version >= 0
         assert client.get("conv1.weight[0][0][0]").shape == (3,)
+
+
+def test_a_call_cut_off_by_a_stop_then_retried_says_the_server_stopped(
+    gated_server: Running,
+) -> None:
+    """A Forward still running when a stop's grace period ended was retried, and its error
+    was the last retry's, "Connection refused": nothing said the server had stopped with the
+    call in progress, nor that its change may have been applied (found by a review of the
+    operator's path; a pipeline's or a batch's call said so already, test_pipeline.py)."""
+    stopper = threading.Thread(target=lambda: gated_server.stop(grace=0.2))
+
+    def stop_once_held() -> None:
+        if Gate.entered.wait(timeout=60):
+            stopper.start()
+
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=30) as client:
+        threading.Thread(target=stop_once_held, daemon=True).start()
+        try:
+            with pytest.raises(errors.Unavailable) as cut:
+                client.forward(Fill.ones(1, 2), Fill.ones(1, dtype="int64"))
+        finally:
+            Gate.release.set()
+            stopper.join(timeout=60)
+    assert str(cut.value).startswith(
+        "UNAVAILABLE: the server stopped with this call in progress: its grace period"
+    ), cut.value
+    assert "its change may have been applied all the same" in str(cut.value)
+    assert "; retried: " in str(cut.value) and cut.value.changes_state

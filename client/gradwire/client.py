@@ -591,6 +591,25 @@ def _grace_ended(changes_state: bool) -> str:
     )
 
 
+def _grace_cut(error: grpc.RpcError) -> bool:
+    """Whether `error` is gRPC's cancel of a call its stopping server still had in progress
+    when the stop's grace period ended."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and (
+        (error.details() or "").strip().lower() == _GRACE_ENDED
+    )
+
+
+def _after_a_stop(raised: RemoteError | ClientClosed, stopped: bool) -> RemoteError | ClientClosed:
+    """`raised`, the error of a call's last attempt, saying first what cut off an attempt
+    before it (`stopped`): the server stopped with the call in progress, which the retries
+    that followed, refused by no server ("Connection refused"), hid, and with it that a
+    change may have been applied (found by a review of the operator's path)."""
+    if stopped and isinstance(raised, Unavailable):
+        raised.message = f"{_grace_ended(raised.changes_state)}; retried: {raised.message}"
+        raised.args = (raised.message,)
+    return raised
+
+
 def _bare_cancel(message: str) -> bool:
     """Whether a CANCELLED call's message is gRPC's name of the status alone (what a server's
     cancel gives; from_rpc_error's "cancelled" for none at all)."""
@@ -1342,6 +1361,7 @@ class Client:
         elif on_stream:
             pieces = [_serialize(request)]
         retries = max(self.retries, 0)  # a negative count: no retry (it made no attempt)
+        stopped = False  # whether an attempt was cut off by a stop's grace period ending
         for attempt in range(retries + 1):
             try:
                 response = _UNARY
@@ -1361,8 +1381,11 @@ class Client:
                     # frame and its callers' (f_back) alive until the cyclic collector ran:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
-                    raise self._error_of(err, method, method in _MAY_LAND) from None
+                    raise _after_a_stop(
+                        self._error_of(err, method, method in _MAY_LAND), stopped
+                    ) from None
                 self.reached |= _cut_off(err)
+                stopped |= _grace_cut(err)
                 _back_off(attempt)
             except ValueError as err:
                 raise _closed_channel(err) from None
