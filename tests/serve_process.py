@@ -10,6 +10,17 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
+#: `python -m gradwire.cli` with SIGHUP at its default first, as a terminal's shell starts a
+#: command: serve keeps ignoring a SIGHUP ignored at start (nohup), and a test run itself
+#: started under nohup (a CI job, a run left going in the background) passed its ignore on,
+#: so that a test's SIGHUP no longer stopped the server.
+CLI = (
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "runpy.run_module('gradwire.cli', run_name='__main__', alter_sys=True)",
+)
+
 
 @contextlib.contextmanager
 def serving(
@@ -22,7 +33,8 @@ def serving(
     process = subprocess.Popen(
         [
             *under,
-            *(sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu"),
+            *((sys.executable, "-m", "gradwire.cli") if under else CLI),
+            *("serve", "--port", "0", "--device", "cpu"),
             *args,
         ],
         # nohup, given a terminal, would write nohup.out and say so on stderr.
