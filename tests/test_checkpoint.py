@@ -1019,6 +1019,31 @@ def test_a_checkpoint_is_deleted_by_name_for_room(
     assert sorted(p.name for p in state_dir.iterdir()) == [".saving", "folder.safetensors"]
 
 
+def test_a_load_racing_a_delete_of_its_checkpoint_is_not_found(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DeleteCheckpoint landing between LoadCheckpoint's look for the file and its read:
+    # the load was refused INVALID_ARGUMENT, "it cannot be read (no such file or directory):
+    # give the server's user read access to it" (found by a review, in a loop of loads
+    # beside a loop of saves and deletes of the same name).
+    client, _, _ = kept
+    client.save_checkpoint("epoch1")
+    real = checkpoint.load
+
+    def deleted_first(path: Path) -> checkpoint.Loaded:
+        client.delete_checkpoint("epoch1")  # another client's, as the load begins
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "load", deleted_first)
+    with client.open_session() as other, pytest.raises(errors.NotFound) as gone:
+        other.load_checkpoint("epoch1")
+    assert gone.value.reason == "NO_CHECKPOINT"
+    assert gone.value.message == (
+        "no checkpoint named 'epoch1' in the server's state directory; it holds: none yet "
+        "(SaveCheckpoint writes one)"
+    )
+
+
 def test_the_cli_deletes_a_checkpoint(kept: tuple[gradwire.Client, Trainer, Path]) -> None:
     client, _, state_dir = kept
     client.save_checkpoint("old")

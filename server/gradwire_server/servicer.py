@@ -1071,7 +1071,17 @@ class TrainerServicer:
         path = self._checkpoint_path(request.name)
         if not path.is_file():
             raise self._no_such(path)
-        version, saved = self.trainer.restore(path)
+        try:
+            version, saved = self.trainer.restore(path)
+        except InvalidInput as err:
+            # Removed between the look above and the read (a DeleteCheckpoint of the name
+            # from another client or session): not there, rather than "cannot be read: give
+            # the server's user read access" or "a folder or a special file", INVALID_ARGUMENT
+            # (a review: one load in twenty racing a delete-and-save loop).
+            unread = err.reason == "BAD_CHECKPOINT" and "replaced" not in err.metadata
+            if unread and not path.exists():
+                raise self._no_such(path) from None
+            raise
         log.info("loaded state version %d from %s, as version %d", saved, path, version)
         return pb.LoadCheckpointResponse(version=version, saved_version=saved)
 
