@@ -1044,6 +1044,18 @@ def test_a_load_racing_a_delete_of_its_checkpoint_is_not_found(
     )
 
 
+def test_deleting_a_link_to_a_checkpoint_frees_only_the_link(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    # A checkpoint linked into the state directory from elsewhere: the delete removes the
+    # link, and said it gave back the target's size, which is still taken.
+    client, _, state_dir = kept
+    client.save_checkpoint("epoch1")
+    (state_dir / "latest.safetensors").symlink_to("epoch1.safetensors")
+    assert client.delete_checkpoint("latest") == len("epoch1.safetensors")
+    assert [c.name for c in client.list_checkpoints()] == ["epoch1"]
+
+
 def test_the_cli_deletes_a_checkpoint(kept: tuple[gradwire.Client, Trainer, Path]) -> None:
     client, _, state_dir = kept
     client.save_checkpoint("old")

@@ -1111,7 +1111,9 @@ class TrainerServicer:
         try:
             if not path.is_file():
                 raise self._no_such(path)
-            size = path.stat().st_size
+            # The link's own size for a link: its target stays, and with it its room (the
+            # target's size was said to be freed: a review).
+            size = path.lstat().st_size
             path.unlink()
         except FileNotFoundError:  # removed by another call since
             raise self._no_such(path) from None
