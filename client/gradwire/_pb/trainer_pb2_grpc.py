@@ -441,7 +441,9 @@ class TrainerServicer:
         BAD_METADATA), the server stopping, its session closing (CloseSession or expiry), or the
         caller cancelling. A stream whose session closes ends NOT_FOUND, at once if no call of
         its is in progress, or as soon as that call is answered, so that it lets go of its
-        place; one on a session that is not open answers its first message NOT_FOUND
+        place (ended as it waits, its status carries the message alone, no ErrorInfo: gRPC's
+        cancel of a stream sends no trailers; ended after an answer, ErrorInfo UNKNOWN_SESSION);
+        one on a session that is not open answers its first message NOT_FOUND
         (UNKNOWN_SESSION) and ends. No message written after its last answer is run: open a
         session, and a stream on it, to go on. A message's own deadline
         is its timeout_ms; the stream's deadline, where it has one, ends the stream. When the
