@@ -1262,6 +1262,14 @@ def test_the_cli_says_where_checkpoints_cannot_be_listed(address: str) -> None:
         "list its checkpoints: a newer gradwire serve can (gradwire load of a name it does "
         "not hold names those it does)\n"
     )
+    with bare_server() as old:
+        result = run_main("delete-checkpoint", "epoch1", "--target", old)
+    assert result.code == 1
+    assert result.err == (
+        f"gradwire delete-checkpoint: error: the server at {old} predates DeleteCheckpoint and "
+        "cannot remove checkpoints: a newer gradwire serve can, or remove epoch1.safetensors "
+        "from its --state-dir on its machine\n"
+    )
 
 
 class Odd(nn.Module):

@@ -1403,7 +1403,14 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 def cmd_delete_checkpoint(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    freed = client.delete_checkpoint(args.name)
+    try:
+        freed = client.delete_checkpoint(args.name)
+    except Unimplemented:  # it said "UNIMPLEMENTED: Method not found!" alone (a review)
+        raise CommandError(
+            f"the server at {client.target} predates DeleteCheckpoint and cannot remove "
+            f"checkpoints: a newer gradwire serve can, or remove {args.name}.safetensors from "
+            "its --state-dir on its machine"
+        ) from None
     _emit(
         out,
         args,
