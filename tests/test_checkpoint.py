@@ -303,6 +303,17 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     )
 
 
+def _serve_refusal(state: Path) -> str:
+    """`gradwire serve --state-dir STATE`'s last line, refusing to start (exit 2)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
+         "--port", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("kind", ["folder", "fifo"])
 def test_a_checkpoint_that_is_no_file_says_so(tmp_path: Path, kind: str) -> None:
     """safetensors said "No such device (os error 19)" of a folder in the checkpoint's place
@@ -315,13 +326,7 @@ def test_a_checkpoint_that_is_no_file_says_so(tmp_path: Path, kind: str) -> None
         (state / "state.safetensors").mkdir()
     else:
         os.mkfifo(state / "state.safetensors")
-    done = subprocess.run(
-        [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
-         "--port", "0", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+    assert _serve_refusal(state) == (
         f"gradwire serve: error: cannot load {state / 'state.safetensors'}: it is a folder or "
         "a special file, not a checkpoint: put the checkpoint's file there, or move it away "
         "to start from fresh weights"
@@ -501,13 +506,7 @@ def test_serve_refuses_a_checkpoint_with_a_bit_flipped(tmp_path: Path) -> None:
     state.mkdir()
     Trainer(SIMPLE, seed=0).save(state / "state.safetensors")
     _flipped(state / "state.safetensors", 10)
-    done = subprocess.run(
-        [sys.executable, "-m", "gradwire.cli", "serve", "--state-dir", str(state),
-         "--port", "0", "--device", "cpu"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
+    assert _serve_refusal(state) == (
         f"gradwire serve: error: cannot load {state / 'state.safetensors'}: {CHANGED}"
     )
 
