@@ -385,8 +385,9 @@ _READS = frozenset(
 _ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
 #: Calls that may have taken effect though they failed once their server had them (a deadline
 #: passed, the server stopped under them): what their errors' `changes_state` says. A save
-#: changes the server's files, not its state: one past its deadline still landed, and its
-#: error did not say it might have (found by a review of the state's handling).
+#: or a delete changes the server's files, not its state: a save past its deadline still
+#: landed, and its error did not say it might have (found by a review of the state's
+#: handling).
 _MAY_LAND = _ONCE | {"SaveCheckpoint", "DeleteCheckpoint"}
 #: Calls that act on no session the caller's metadata names (the server reads none), and
 #: the health check, which has no sessions: a client whose session is closed may make them.
@@ -632,11 +633,7 @@ def _failed(
         # researcher).
         raised.message = SERVER_CANCELLED
         raised.args = (raised.message,)
-    if (
-        isinstance(raised, Unavailable)
-        and not raised.reason
-        and raised.message.strip().lower() == _GRACE_ENDED
-    ):
+    if isinstance(raised, Unavailable) and not raised.reason and _grace_cut(error):
         # gRPC's words alone ("UNAVAILABLE: Cancelling all calls") for a call in a pipeline
         # or a batch, or a stream, that a stop cut off: they said neither that the server
         # had stopped nor that the call may have run (found by a review of several users at
