@@ -625,7 +625,7 @@ def serve(
         )
 
         # The port the server listens on once started, for the port file's removal.
-        listening: list[int] = []
+        listening: int | None = None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             name = signal.Signals(signum).name
@@ -639,8 +639,8 @@ def serve(
                 )
                 # As the graceful stop does: the file named a dead port after this exit, and
                 # sent its next reader there (a review of running the server for others).
-                if port_file is not None and listening:
-                    forget_port(port_file, listening[0])
+                if port_file is not None and listening is not None:
+                    forget_port(port_file, listening)
                 logging.shutdown()
                 os._exit(128 + signum)
             log.info(
@@ -680,7 +680,7 @@ def serve(
                 on_serving_lost=no_serving,
                 state_dir=state_dir,
             )
-            listening.append(running.port)
+            listening = running.port
             if tls is not None:
                 who = (
                     "clients with a certificate from the client CA"

@@ -1443,10 +1443,10 @@ class TrainerServicer:
                 # A stream on a session that has closed ends, rather than hold its place
                 # answering NOT_FOUND: as soon as it would wait once its session was open, or
                 # once it has answered a call (on a session closed already, or never opened).
-                bound = [session is not None and self.sessions.is_open(session)]
+                bound = session is not None and self.sessions.is_open(session)
 
-                def gone() -> UnknownSession | None:
-                    if session is None or not bound[0] or self.sessions.is_open(session):
+                def gone() -> UnknownSession | None:  # reads `bound` as the loop leaves it
+                    if not bound or session is None or self.sessions.is_open(session):
                         return None
                     return UnknownSession(_calls_ended(session), metadata={"session": session[:64]})
 
@@ -1455,7 +1455,7 @@ class TrainerServicer:
                     request := self.waiting.next_message(requests, context, session, gone)
                 ) is not None:
                     answer, failed = self._answer_message(request, context, metadata, failed)
-                    bound[0] = True
+                    bound = True
                     yield answer
         except Exception:
             _answer_error(context, "Calls", self)
