@@ -248,9 +248,7 @@ def load(path: Path) -> Loaded:
     try:
         tensors = load_file(str(path))
     except SafetensorError as err:
-        raise Unfit(
-            f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file"
-        ) from err
+        raise _not_safetensors(err) from err
     except RuntimeError as err:  # safetensors maps the whole file first
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
@@ -294,6 +292,11 @@ def _check_sum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> No
         )
 
 
+def _not_safetensors(err: SafetensorError) -> Unfit:
+    """The refusal of a file safetensors could not read, its header or its tensors."""
+    return Unfit(f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file")
+
+
 def _header(path: Path) -> dict[str, str]:
     """The metadata of the gradwire checkpoint at `path`, read from its header alone; Unfit
     for a file that is not one of this format, or cannot be read."""
@@ -320,9 +323,7 @@ def _header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except SafetensorError as err:
-        raise Unfit(
-            f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file"
-        ) from err
+        raise _not_safetensors(err) from err
     found = metadata.get("format", "")
     if found.startswith("gradwire-checkpoint-") and found != FORMAT:
         raise Unfit(
