@@ -1355,14 +1355,20 @@ def cmd_close_session(args: argparse.Namespace, client: Client, out: TextIO) -> 
     _emit(out, args, {"session": ident, "closed": True}, f"session {ident} closed")
 
 
+def _predates(client: Client, rpc: str, cannot: str, instead: str = "") -> CommandError:
+    """The error of a command whose call the server answered UNIMPLEMENTED: a server from
+    before `rpc`, which cannot do what the command asks; `instead`: what else to do."""
+    return CommandError(
+        f"the server at {client.target} predates {rpc} and cannot {cannot}: a newer gradwire "
+        f"serve can{instead}"
+    )
+
+
 def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         listing = client.list_sessions()
     except Unimplemented:
-        raise CommandError(
-            f"the server at {client.target} predates ListSessions and cannot list its "
-            "sessions: a newer gradwire serve can"
-        ) from None
+        raise _predates(client, "ListSessions", "list its sessions") from None
     timeout = listing.idle_timeout_s
     if args.json:
         data = {
@@ -1406,10 +1412,11 @@ def cmd_delete_checkpoint(args: argparse.Namespace, client: Client, out: TextIO)
     try:
         freed = client.delete_checkpoint(args.name)
     except Unimplemented:  # it said "UNIMPLEMENTED: Method not found!" alone (a review)
-        raise CommandError(
-            f"the server at {client.target} predates DeleteCheckpoint and cannot remove "
-            f"checkpoints: a newer gradwire serve can, or remove {args.name}.safetensors from "
-            "its --state-dir on its machine"
+        raise _predates(
+            client,
+            "DeleteCheckpoint",
+            "remove checkpoints",
+            f", or remove {args.name}.safetensors from its --state-dir on its machine",
         ) from None
     _emit(
         out,
@@ -1423,10 +1430,11 @@ def cmd_checkpoints(args: argparse.Namespace, client: Client, out: TextIO) -> No
     try:
         found = client.list_checkpoints()
     except Unimplemented:
-        raise CommandError(
-            f"the server at {client.target} predates ListCheckpoints and cannot list its "
-            "checkpoints: a newer gradwire serve can (gradwire load of a name it does not "
-            "hold names those it does)"
+        raise _predates(
+            client,
+            "ListCheckpoints",
+            "list its checkpoints",
+            " (gradwire load of a name it does not hold names those it does)",
         ) from None
     if args.json:
         out.write(_json_line({"checkpoints": [vars(c) for c in found]}))
@@ -1473,9 +1481,11 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         info = client.server_info()
     except Unimplemented:
-        raise CommandError(
-            f"the server at {client.target} predates GetServerInfo and cannot describe "
-            "itself: a newer gradwire serve can (gradwire list shows its model and device)"
+        raise _predates(
+            client,
+            "GetServerInfo",
+            "describe itself",
+            " (gradwire list shows its model and device)",
         ) from None
     if args.json:
         out.write(_json_line({**vars(info), "limits": vars(info.limits)}))
