@@ -85,8 +85,12 @@ Conventions used by every message below:
   reads tensors sets its channel's maximum receive size to 64 MiB. The values one reply
   carries are at most 67,043,328 bytes (64 MiB less 64 KiB, for the rest of the message),
   and a request's must fit in its 64 MiB with the rest of it: larger values stream
-  (GetTensorStream, SetTensorStream, ForwardStream); a stream's default chunks keep
-  every message under 4 MiB. A tensor has at most 2^28 elements
+  (GetTensorStream, SetTensorStream, ForwardStream); GetTensorStream's default chunks
+  (ServerLimits.default_chunk_bytes of values) keep every message under 4 MiB. A writer
+  (SetTensorStream, ForwardStream) picks its own chunks: any that leave each message
+  within the 64 MiB (one chunk of a 64 MiB tensor does not: gRPC refuses the stream,
+  RESOURCE_EXHAUSTED with no ErrorInfo); default_chunk_bytes of values keeps them under
+  gRPC's default 4 MiB too. A tensor has at most 2^28 elements
   (the server's default) and 64 dimensions; a name at most 256 characters (Unicode code
   points, not bytes), none of them a control character, U+0000-U+001F or U+007F-U+009F
   (BAD_NAME). GetServerInfo
