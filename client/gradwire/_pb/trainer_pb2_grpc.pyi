@@ -116,7 +116,10 @@ Conventions used by every message below:
   --keepalive 0: the server sends no pings at all.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
-  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer. Both are
+  "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer (base64, as
+  gRPC sends binary metadata; a plain protobuf library, such as Rust's prost, finds the
+  ErrorInfo among the Status's `details` by its google.protobuf.Any type_url,
+  "type.googleapis.com/google.rpc.ErrorInfo", and decodes its `value`). Both are
   googleapis' messages, which this file does not import: google/rpc/status.proto and
   google/rpc/error_details.proto (github.com/googleapis/googleapis; most languages have
   them in a package, Python's googleapis-common-protos), and server reflection serves
