@@ -1081,7 +1081,8 @@ class GetTensorResponse(_message.Message):
     packed values (after that field's tag and length) lies a multiple of 8 bytes after the
     first byte of the reply (this message, or the TrainStepResponse that holds it in
     `fetched`). A client that reads the values in place, from a buffer that starts
-    aligned, then gets an aligned array. Do not rely on it; ignore it.
+    aligned, then gets an aligned array. bool_values, a byte each, get none: they may
+    start anywhere. Do not rely on it; ignore it.
     """
     @_builtins.property
     def tensor(self) -> Global___Tensor:
