@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -74,3 +75,14 @@ def test_the_development_layout_names_every_module() -> None:
         listed = set(re.findall(r"[\w.]+\.py\b", folders[folder]))
         modules = {p.name for p in (root / folder).glob("*.py") if p.name != "__init__.py"}
         assert modules <= listed, f"{folder} not in the README's layout: {modules - listed}"
+
+
+def test_every_command_is_shown_in_the_readme() -> None:
+    # The README is the command's manual (`gradwire --help` lists the names alone): a
+    # command added without its line there was found by nothing (a maintainer's review).
+    from gradwire.cli import build_parser
+
+    text = README.read_text()
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [c for c in commands.choices if not re.search(rf"`?gradwire {re.escape(c)}\b", text)]
+    assert not missing, f"commands the README never shows: {missing}"
