@@ -1,4 +1,5 @@
-"""Every row of the error table in shared/DESIGN.md through a real channel: status, reason, message.
+"""Every row of the README's error table ("Errors") through a real channel: status, reason,
+message.
 
 And the promise behind the table: no call is ever answered UNKNOWN, and the server keeps serving.
 """

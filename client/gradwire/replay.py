@@ -1,9 +1,10 @@
-"""The tutorial (shared/seed/tutorial.md) replayed over gRPC, printing what the model computes.
+"""The tutorial (the classic PyTorch one README.md names: two convolutions, a linear layer,
+one training step) replayed over gRPC, printing what the model computes.
 
 Every value shown is fetched from the server; none is written here. The blog's printed gradient
-does not follow from its code (see the tutorial's "What the code really computes"), so the
-replay prints what PyTorch computes and checks the lesson itself: with lr=1, SGD leaves exactly
-weight - grad.
+does not follow from its code (README.md, "What the demo shows, and why its numbers differ
+from the blog's"), so the replay prints what PyTorch computes and checks the lesson itself:
+with lr=1, SGD leaves exactly weight - grad.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 #!/usr/bin/env node
-// The tutorial (shared/seed/tutorial.md) replayed from Node.js, with nothing of gradwire's but
-// its contract, proto/gradwire/v1/trainer.proto: what a service in another language does to
-// drive a gradwire server. Then a few calls past the tutorial that such a service needs: the
-// listing, an int64 read, a streamed read, a read as a typed array (wire.mjs), a typed write,
-// a retried Step, errors, calls as messages on one stream, and the same calls in one Batch.
+// The tutorial (the classic PyTorch one README.md names) replayed from Node.js, with nothing
+// of gradwire's but its contract, proto/gradwire/v1/trainer.proto: what a service in another
+// language does to drive a gradwire server. Then a few calls past the tutorial that such a
+// service needs: the listing, an int64 read, a streamed read, a read as a typed array
+// (wire.mjs), a typed write, a retried Step, errors, calls as messages on one stream, and the
+// same calls in one Batch.
 //
 //   npm ci --prefix examples/node
 //   node examples/node/tutorial.mjs localhost:50051 [--init random --seed 7] [--googleapis DIR]

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]
 
-#: The error table of shared/DESIGN.md, in code.
+#: The error table (README.md's "Errors", and the .proto's header), in code.
 STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownTensor: grpc.StatusCode.NOT_FOUND,
