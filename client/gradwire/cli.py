@@ -1,6 +1,7 @@
 """The `gradwire` command: parse arguments, call the Client, print the result (or JSON with --json).
 
-Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usage error.
+Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usage error,
+130 stopped by Ctrl-C, 141 a reader that went away (README.md, "The command line").
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """The Python client: one channel, typed methods returning numpy arrays, typed exceptions.
 
-Every RPC goes through `_call` (or `_stream`), the one place that applies the timeout and
-turns grpc.RpcError into the exception of its status code. Tensors travel through the
-fast path of wire.py: sent from their own memory, received as views of the reply.
+Every unary RPC goes through `_call` (which retries), and every server stream through
+`_stream`: both apply the timeout. A call's grpc.RpcError becomes the exception of its status
+code in `_error_of`, for these and for the calls of pipelines and batches (pipeline.py).
+Tensors travel through the fast path of wire.py: sent from their own memory, received as
+views of the reply.
 """
 
 from __future__ import annotations

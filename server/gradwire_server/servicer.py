@@ -1,7 +1,8 @@
 """The gradwire.v1.Trainer service: decode the request, call the Trainer, encode the answer.
 
-One decorator and one table turn domain errors into status codes; anything unexpected is
-logged with its traceback and answered INTERNAL with a plain message, never UNKNOWN.
+A decorator on each handler (rpc, mutation, rpc_stream and their kin) and one table
+(STATUS_OF) turn domain errors into status codes; anything unexpected is logged with its
+traceback and answered INTERNAL with a plain message, never UNKNOWN.
 Requests that carry tensors arrive split (their values uncopied), and responses that carry
 them leave as bytes with the values spliced in, so no tensor is walked value by value.
 """

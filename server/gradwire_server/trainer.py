@@ -1,8 +1,10 @@
 """The training step in plain PyTorch: model, optimizer, loss, device, one lock and a state version.
 
-No grpc here. Every public method runs on the trainer's one torch thread, under its lock, so a
-reader never sees half a step; every mutation either completes and adds one to `version`, or
-raises a DomainError and changes nothing.
+No grpc here. Every method that reads or changes the state runs under the trainer's lock, so a
+reader never sees half a step: on the trainer's one torch thread where it does tensor math
+(on_torch_thread), on the caller's thread where it does none (under_lock) and for reads of
+small tensors (INLINE_READ_ELEMENTS). Every mutation either completes and adds one to
+`version`, or raises a DomainError and changes nothing.
 """
 
 from __future__ import annotations
