@@ -388,7 +388,7 @@ class TrainerServicer:
         """Subscribes to tensors: an update now, then one after each applied mutation (or after
         every Nth Step). A subscriber that reads slowly never slows training: it gets the
         latest state when it is ready, with the count of updates it skipped. An open watch
-        holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
+        holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -348,7 +348,7 @@ class TrainerStub:
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
     every Nth Step). A subscriber that reads slowly never slows training: it gets the
     latest state when it is ready, with the count of updates it skipped. An open watch
-    holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
+    holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
     Train: _grpc.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
@@ -554,7 +554,7 @@ class TrainerAsyncStub(TrainerStub):
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
     every Nth Step). A subscriber that reads slowly never slows training: it gets the
     latest state when it is ready, with the count of updates it skipped. An open watch
-    holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
+    holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
     Train: _aio.UnaryStreamMultiCallable[_trainer_pb2.TrainRequest, _trainer_pb2.TrainProgress]  # type: ignore[assignment]
     """Runs training steps on the server (TrainStep's work, repeated), reporting progress as
@@ -901,7 +901,7 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         """Subscribes to tensors: an update now, then one after each applied mutation (or after
         every Nth Step). A subscriber that reads slowly never slows training: it gets the
         latest state when it is ready, with the count of updates it skipped. An open watch
-        holds one of the server's concurrent-call slots (RESOURCE_EXHAUSTED, BUSY, when none is free).
+        holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
         """
 
     @_abc_1.abstractmethod
