@@ -86,3 +86,32 @@ def test_every_command_is_shown_in_the_readme() -> None:
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     missing = [c for c in commands.choices if not re.search(rf"`?gradwire {re.escape(c)}\b", text)]
     assert not missing, f"commands the README never shows: {missing}"
+
+
+def test_the_developers_guide_names_what_there_is() -> None:
+    # docs/DEVELOPING.md walks a newcomer through a change by file, make target, function and
+    # test: each must be there, or the guide sends them looking for something gone.
+    root = README.parent
+    guide = (root / "docs" / "DEVELOPING.md").read_text()
+    quoted = re.findall(r"`([^`\n]+)`", guide)
+    paths = {q for q in quoted if re.fullmatch(r"[\w.]*/[\w./]+|\.ci/run", q)}
+    assert {"proto/gradwire/v1/trainer.proto", "tests/test_errors.py"} <= paths  # read
+    gone = [p for p in paths if not (root / p).exists()]
+    assert not gone, f"docs/DEVELOPING.md names files there are not: {gone}"
+    makefile = (root / "Makefile").read_text()
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    named = {t for line in re.findall(r"`?make ([\w -]+)", guide) for t in line.split()}
+    named = {t for t in named if not t.startswith("-")}
+    assert named and not named - targets, f"make targets there are not: {named - targets}"
+    code = "\n".join(  # not this file, which names some of them
+        p.read_text()
+        for d in ("client", "server", "tests")
+        for p in (root / d).rglob("*.py")
+        if p.name != Path(__file__).name
+    )
+    names = {
+        q for q in quoted if re.fullmatch(r"@?[A-Za-z_]\w*", q) and re.search(r"_|@|[a-z][A-Z]", q)
+    }
+    assert "_READS" in names and "@on_torch_thread" in names  # read
+    missing = [n for n in names if not re.search(rf"\b{re.escape(n.lstrip('@'))}\b", code)]
+    assert not missing, f"docs/DEVELOPING.md names what the code lacks: {missing}"
