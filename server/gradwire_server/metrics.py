@@ -5,7 +5,7 @@ reflection; others served beside them, such as the benchmark's bare-gRPC floor, 
 are): while a call runs it is the current call of the log lines (logs.py); when it ends
 its status code and duration are counted in `Metrics` (when the server has them) and, at DEBUG,
 logged on "gradwire_server.access". Each server has its own registry, so that servers in one
-process do not collide, and `serve_metrics` exposes it over HTTP.
+process do not collide, and `MetricsServer` exposes it over HTTP.
 
 The cost per call is one small object, a contextvar set and reset, two clock reads and the
 Prometheus updates, on children cached per method and code; no lock is held across the call. A
