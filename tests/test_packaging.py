@@ -17,6 +17,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+import gradwire
+
 # The interpreter's own setuptools builds here (no isolated build: no network in tests);
 # pyproject.toml asks for 77 or later, and an older one refuses its licence fields.
 pytest.importorskip("setuptools", minversion="77", reason="needs setuptools 77 or later")
@@ -95,6 +97,10 @@ def test_the_wheel_carries_its_licence_stubs_and_command(
         assert f"gradwire/_pb/{name}" in names
     assert {"gradwire/py.typed", "gradwire_server/py.typed"} <= names
     assert "gradwire = gradwire_cli:main" in entry_points
+    # Written twice, pyproject.toml's and the package's (what `gradwire --version` and
+    # GetServerInfo say): a release that bumps one alone would misreport it (found by a
+    # maintainer's review).
+    assert metadata["Version"] == gradwire.__version__
     # The thin client needs no torch; the server's extra brings it.
     requires = metadata.get_all("Requires-Dist") or []
     assert not [r for r in requires if r.startswith("torch") and "extra ==" not in r]
