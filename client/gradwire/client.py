@@ -48,7 +48,7 @@ from gradwire.errors import (
     from_rpc_error,
 )
 from gradwire.fill import Fill
-from gradwire.limits import channel_options
+from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION, channel_options
 from gradwire.memory import KeptMemory
 from gradwire.newest import Cancellable, Newest
 from gradwire.selector import parse_selector
@@ -371,10 +371,6 @@ def _nbytes(value: Any) -> int:
     return int(getattr(value, "nbytes", None) or 0)  # numpy arrays
 
 
-#: Metadata of mutations: a request id (a retry is applied once) and an expected version.
-REQUEST_ID = "gradwire-request-id"
-EXPECTED_VERSION = "gradwire-expected-version"
-SESSION = "gradwire-session"
 _MUTATIONS = frozenset(
     {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
      "TrainStep", "FillParameters", "Reset", "SetOptimizer", "LoadCheckpoint"}

@@ -1,4 +1,5 @@
-"""Wire limits shared by the server and the client, so both ends agree from one constant."""
+"""Wire limits and metadata keys shared by the server and the client, so both ends agree from
+one constant."""
 
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ MAX_HISTOGRAM_BINS: Final = 4096
 #: The most calls at once, or sessions, a server may be set to keep: what the .proto's
 #: uint32 counts of them hold (GetServerInfo, ListSessions).
 MAX_COUNT: Final = 2**32 - 1
+
+#: Metadata a caller may send with a mutation: the id of this logical request (a retry sends
+#: the same id and gets the first answer, or ANSWER_NOT_KEPT: applied once), and the state
+#: version it expects. On a Calls stream, CallRequest's fields of the same meaning.
+REQUEST_ID: Final = "gradwire-request-id"
+EXPECTED_VERSION: Final = "gradwire-expected-version"
+#: Metadata naming the session a call acts on; absent: the default session.
+SESSION: Final = "gradwire-session"
 
 #: The most characters of a "gradwire-request-id" a server takes.
 MAX_REQUEST_ID_CHARS: Final = 128

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from gradwire_server.servicer import REQUEST_ID, SESSION
+from gradwire.limits import REQUEST_ID, SESSION
 
 #: The fields a record may carry beyond the standard ones, in the order JSON lines show them.
 CALL_FIELDS = ("method", "request_id", "session", "peer")

@@ -34,6 +34,7 @@ from grpc_status import rpc_status
 
 from gradwire import calls, limits, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION
 from gradwire_server import checkpoint, convert, stats
 from gradwire_server.errors import (
     AnswerNotKept,
@@ -244,8 +245,6 @@ def _unexpected(
     )
 
 
-#: Metadata naming the session a call acts on; absent: the default session.
-SESSION = "gradwire-session"
 _CURRENT: contextvars.ContextVar[Trainer | None] = contextvars.ContextVar("trainer", default=None)
 
 
@@ -429,13 +428,6 @@ def _unary(
     wrapper.mutates = mutates  # type: ignore[attr-defined]
     wrapper.sessionless = sessionless  # type: ignore[attr-defined]
     return wrapper
-
-
-#: Metadata a caller may send with a mutation: the id of this logical request (a retry sends
-#: the same id and gets the first answer, or ANSWER_NOT_KEPT: applied once), and the state
-#: version it expects.
-REQUEST_ID = "gradwire-request-id"
-EXPECTED_VERSION = "gradwire-expected-version"
 
 
 #: At most this many bytes of answers are kept for retries. A TrainStep that fetches may
