@@ -8,7 +8,7 @@ straight from the tensor ("copy on write"):
 
 - each run of values is encoded for the wire under the trainer's lock, so no mutation runs
   while it is copied out;
-- every call on the torch thread other than a read (trainer._READS) first calls
+- every call on the torch thread other than a read (trainer._CHANGES_NO_TENSOR) first calls
   `LiveReads.detach_all()`, under the same lock, which copies what each read in flight has
   not sent yet. The rest of the read is sent from that copy.
 

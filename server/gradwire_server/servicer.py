@@ -1681,7 +1681,11 @@ def _on_stream() -> dict[str, tuple[Handler[Any], bool]]:
     mutation), by name."""
     found = {}
     for name in calls.METHODS:
-        wrapper = getattr(TrainerServicer, name)
+        wrapper = getattr(TrainerServicer, name, None)
+        assert wrapper is not None, (
+            f"the contract's CallRequest carries {name}, which TrainerServicer lacks: add a "
+            f'method {name} (docs/DEVELOPING.md, "Adding a unary RPC")'
+        )
         assert not wrapper.sessionless, f"{name} acts on no session: not for a Calls stream"
         found[name] = (wrapper.unwrapped, wrapper.mutates)
     return found

@@ -61,12 +61,12 @@ INLINE_READ_ELEMENTS = 32768
 #: Calls on the torch thread that change no tensor: the only ones that leave the streamed
 #: reads in flight sending from live memory (live.py). Any other call copies what those reads
 #: have not sent yet before it runs, so a name missing here costs a copy, never a torn read.
-_READS = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"})
+_CHANGES_NO_TENSOR = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"})
 #: Trainer methods that change no state: they leave the guard of the call they serve
 #: (expected version, deadline) to the mutation that follows. A value streamed to a GPU
 #: took its buffer first (stream_buffer), which used the guard up, and the write itself
 #: then ran whatever the version had become meanwhile.
-_UNGUARDED = _READS | {"subscribe", "unsubscribe", "list_tensors"}
+_UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "unsubscribe", "list_tensors"}
 
 #: The optimizer state torch keeps per parameter, by optimizer kind and by torch's own keys,
 #: in the order ListTensors lists them: Adam all three once a Step has made any; SGD its
@@ -881,7 +881,7 @@ class Trainer:
             name = getattr(fn, "__name__", "")
             with self._lock, self._announcing(name):
                 self._check(_guard)
-                if self._live and name not in _READS:
+                if self._live and name not in _CHANGES_NO_TENSOR:
                     self._live.detach_all()  # before anything can change what they send
                 return fn(*args, **kwargs)
         if random_stream.held_here():
