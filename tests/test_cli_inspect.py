@@ -675,7 +675,7 @@ def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() ->
     # Before ListTensors described the model, a server sent no outputs and no input dtype
     # ("unknown" here); forward then asked for dtype 'unknown' and stopped.
     from gradwire.cli import _model_input
-    from gradwire.client import Listing, OptimizerConfig
+    from gradwire.results import Listing, OptimizerConfig
 
     old = Listing(0, "Simple", "cpu", OptimizerConfig("sgd", 1.0), (), (), "unknown", 0, "")
     assert _model_input(old) == ((3, 10, 10), None)

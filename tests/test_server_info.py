@@ -18,9 +18,9 @@ import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import INFO_COLUMNS
-from gradwire.client import ServerInfo, ServerLimits
 from gradwire.fill import Fill
 from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from gradwire.results import ServerInfo, ServerLimits
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main

@@ -10,9 +10,13 @@ This package is the thin client: it needs grpcio (and its health-checking and st
 packages), protobuf and numpy, not torch.
 """
 
-from gradwire.client import (
+from gradwire.client import Client, connect
+from gradwire.errors import GradwireError, RemoteError
+from gradwire.fill import Fill
+from gradwire.pipeline import Batch, Pending, Pipeline
+from gradwire.remote import RemoteModel, RemoteTensor
+from gradwire.results import (
     CheckpointInfo,
-    Client,
     ForwardResult,
     Listing,
     LoadedCheckpoint,
@@ -26,12 +30,7 @@ from gradwire.client import (
     TensorInfo,
     TensorRead,
     TrainStepResult,
-    connect,
 )
-from gradwire.errors import GradwireError, RemoteError
-from gradwire.fill import Fill
-from gradwire.pipeline import Batch, Pending, Pipeline
-from gradwire.remote import RemoteModel, RemoteTensor
 
 __version__ = "0.1.0"
 

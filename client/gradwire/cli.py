@@ -30,15 +30,7 @@ from typing import Any, Literal, TextIO, cast
 import numpy as np
 
 from gradwire import __version__, codec, limits
-from gradwire.client import (
-    DEFAULT_TARGET,
-    NEVER_REACHED,
-    UNRESOLVED,
-    Client,
-    Listing,
-    OptimizerConfig,
-    check_session,
-)
+from gradwire.client import DEFAULT_TARGET, NEVER_REACHED, UNRESOLVED, Client, check_session
 from gradwire.credentials import TOKEN_ENV, load_token, read_optional
 from gradwire.display import format_size, format_tensor
 from gradwire.errors import (
@@ -73,6 +65,7 @@ from gradwire.progress import (
     format_loss,
     format_stats,
 )
+from gradwire.results import Listing, OptimizerConfig
 from gradwire.selector import Selector, SelectorError, parse_selector
 from gradwire.updates import Stats
 

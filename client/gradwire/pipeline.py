@@ -66,8 +66,8 @@ from gradwire.limits import MAX_VALUE_BYTES
 if TYPE_CHECKING:
     import torch
 
-    from gradwire.client import (
-        Client,
+    from gradwire.client import Client
+    from gradwire.results import (
         ForwardResult,
         Listing,
         OptimizerConfig,

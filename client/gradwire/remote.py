@@ -21,7 +21,8 @@ from gradwire.selector import parse_selector
 if TYPE_CHECKING:
     import torch
 
-    from gradwire.client import Client, TensorRead
+    from gradwire.client import Client
+    from gradwire.results import TensorRead
 
 __all__ = ["RemoteModel", "RemoteTensor"]
 

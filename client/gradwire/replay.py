@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradwire.client import Client, Listing
+from gradwire.client import Client
 from gradwire.display import format_size, format_tensor
 from gradwire.errors import Aborted
 from gradwire.fill import Fill
+from gradwire.results import Listing
 
 Init = Literal["fill", "random"]
 LR = 1.0
