@@ -1261,7 +1261,7 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
     client: gradwire.Client,
 ) -> None:
-    """The serialized request is kept by the selector's text (client._get_tensor_request):
+    """The serialized request is kept by the selector's text (unary._get_tensor_request):
     a shape-only read and a read of values, or a read with an index argument, still get
     what each asks for."""
     expected = local_model().conv1.weight.detach().numpy()

@@ -610,13 +610,13 @@ def test_a_call_cut_off_by_a_stop_then_retried_says_the_server_stopped(
 
 
 def test_the_client_sorts_every_rpc_as_the_server_does() -> None:
-    """The client keeps its own sets of the RPCs' kinds: the reads it retries (_READS), the
-    calls that may have landed though they failed (_MAY_LAND, the mutations among them),
-    those that need no session (_SESSIONLESS). Each unary RPC is a read or may land, and
+    """The client keeps its own sets of the RPCs' kinds: the reads it retries (unary.READS), the
+    calls that may have landed though they failed (unary.MAY_LAND, the mutations among them),
+    those that need no session (unary.SESSIONLESS). Each unary RPC is a read or may land, and
     the mutations and the sessionless calls are the server's handlers' own, so that a new
     RPC left out of them fails here (found by a maintainer's review: a new read missing
-    from _READS was never retried on UNAVAILABLE, and no test said so)."""
-    from gradwire import client
+    from READS was never retried on UNAVAILABLE, and no test said so)."""
+    from gradwire import unary
     from gradwire_server.servicer import SERVICE, TrainerServicer
 
     for method in SERVICE.methods:
@@ -624,7 +624,7 @@ def test_the_client_sorts_every_rpc_as_the_server_does() -> None:
         if method.server_streaming or name == "Batch":  # their own paths, not these sets
             continue
         handler = getattr(TrainerServicer, name)
-        assert (name in client._MUTATIONS) == handler.mutates, name
-        assert (name in client._SESSIONLESS) == handler.sessionless, name
+        assert (name in unary.MUTATIONS) == handler.mutates, name
+        assert (name in unary.SESSIONLESS) == handler.sessionless, name
         if not method.client_streaming:
-            assert (name in client._READS) != (name in client._MAY_LAND), name
+            assert (name in unary.READS) != (name in unary.MAY_LAND), name

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import functools
 import ipaddress
-import itertools
 import math
 import os
 import re
@@ -24,15 +23,14 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradwire import calls, codec, limits, wire
+from gradwire import calls, codec, limits, unary, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer
 from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
@@ -47,7 +45,6 @@ from gradwire.errors import (
     Unavailable,
     from_rpc_error,
 )
-from gradwire.fill import Fill
 from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION, channel_options
 from gradwire.memory import KeptMemory
 from gradwire.newest import Cancellable, Newest
@@ -72,7 +69,6 @@ from gradwire.updates import (
     TensorStats,
     TrainProgress,
     WatchUpdate,
-    tensor_stats,
     train_progress,
     watch_update,
 )
@@ -100,177 +96,16 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 60.0
 
 R = TypeVar("R", bound=Message)
-#: What a call's answer becomes (_Encoded).
+#: What a call's answer becomes (unary.Encoded, Client._run).
 T = TypeVar("T")
 IndexChain = Sequence[codec.IndexKey]
-_KIND_NAMES = {
-    pb.TENSOR_KIND_PARAMETER: "parameter",
-    pb.TENSOR_KIND_GRADIENT: "gradient",
-    pb.TENSOR_KIND_INPUT: "input",
-    pb.TENSOR_KIND_TARGET: "target",
-    pb.TENSOR_KIND_OUTPUT: "output",
-    pb.TENSOR_KIND_LOSS: "loss",
-    pb.TENSOR_KIND_ACTIVATION: "activation",
-    pb.TENSOR_KIND_OPTIMIZER_STATE: "optimizer_state",
-    pb.TENSOR_KIND_DELTA: "delta",
-    pb.TENSOR_KIND_BUFFER: "buffer",
-}
 
 
-def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
-    fields = {
-        name: getattr(message, name)
-        for name in ("momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
-        if message.HasField(name)
-    }
-    kind = "adam" if message.kind == pb.OPTIMIZER_KIND_ADAM else "sgd"
-    return OptimizerConfig(kind=kind, lr=message.lr, **fields)
-
-
-_TENSOR = pb.TensorSource.DESCRIPTOR.fields_by_name["tensor"].number
-_FIELD = {
-    (message.name, f.name): f.number
-    for message in (
-        pb.ForwardRequest.DESCRIPTOR,
-        pb.SetTensorRequest.DESCRIPTOR,
-        pb.TrainStepRequest.DESCRIPTOR,
-        pb.ForwardChunk.DESCRIPTOR,
-        pb.SetTensorChunk.DESCRIPTOR,
-        pb.TrainRequest.DESCRIPTOR,
-    )
-    for f in message.fields
-}
-_RESPONSE_TENSOR: wire.Path = (
-    (pb.GetTensorResponse.DESCRIPTOR.fields_by_name["tensor"].number, 0),
-)
-_STREAM_CHUNK: wire.Path = ((pb.GetTensorChunk.DESCRIPTOR.fields_by_name["chunk"].number, 0),)
-_FETCHED = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
-
-
-def _source_pieces(message: str, field: str, value: Any) -> list[wire.Piece]:
-    """The TensorSource field `field` of `message`, the values spliced from their memory."""
-    number = _FIELD[(message, field)]
-    if isinstance(value, Fill):
-        source = pb.TensorSource(fill=value.to_proto()).SerializeToString()
-        return wire.length_field(number, [source])
-    try:
-        pieces = codec.tensor_pieces(value)
-    except codec.CodecError as err:  # naming the argument: input, target or value
-        raise codec.CodecError(f"{field}: {err}") from None
-    return wire.length_field(number, wire.length_field(_TENSOR, pieces))
-
-
-def _chunks(
-    field: str, value: Any, chunk_bytes: int
-) -> Iterator[tuple[int, np.ndarray[Any, Any], int, tuple[int, ...] | None]]:
-    """codec.chunks(value, chunk_bytes), a value it cannot send named as _source_pieces
-    names it (the streamed path said "cannot send ..." without naming the argument)."""
-    try:
-        yield from codec.chunks(value, chunk_bytes)
-    except codec.CodecError as err:
-        raise codec.CodecError(f"{field}: {err}") from None
-
-
-def _begun(messages: Iterator[bytes]) -> Iterator[bytes]:
-    """`messages` with its first made now, on the caller's thread. gRPC draws a streamed
-    upload's messages on a thread of its own and answers an error raised there as UNKNOWN
-    ("Exception iterating requests!"): a value the client cannot send (a complex array, a bad
-    target) raised errors.Unknown, as if the server had failed, where a smaller one raises
-    CodecError. Every check of the value is made before its first chunk."""
-    first = next(messages, None)
-    return messages if first is None else itertools.chain([first], messages)
-
-
-#: What to do instead, for a call whose request does not fit in one message.
-_TOO_LARGE_HINTS = {
-    "TrainStep": "TrainStep has no streamed form: call forward(), backward() and step(), whose "
-    "Forward sends a large input in chunks, or send a smaller batch",
-    "Train": "Train has no streamed form: send a Fill, which the server makes, or a smaller batch",
-}
-
-
-def _fits_one_message(method: str, pieces: Sequence[wire.Piece]) -> None:
-    """ValueError, before anything is sent, for a request past the one message gRPC carries
-    (it was gRPC's own RESOURCE_EXHAUSTED, "CLIENT: Sent message larger than max")."""
-    size = wire.size(pieces)
-    if size > limits.MAX_MESSAGE_BYTES:
-        hint = _TOO_LARGE_HINTS.get(
-            method, "lower stream_above_bytes, so that its tensor goes in chunks"
-        )
-        raise ValueError(
-            f"{method}'s request is {size:,} bytes, more than the {limits.MAX_MESSAGE_BYTES:,} "
-            f"one message carries: {hint}"
-        )
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, Fill):
-        return 0
-    if hasattr(value, "element_size"):  # torch tensors: a sparse one's nbytes raises
-        return int(value.numel() * value.element_size())
-    if isinstance(value, (list, tuple)):  # counted as 0, a large list never went in chunks
-        with contextlib.suppress(ValueError):  # ragged: codec.host_array says why
-            return int(np.asarray(value).nbytes)
-    return int(getattr(value, "nbytes", None) or 0)  # numpy arrays
-
-
-_MUTATIONS = frozenset(
-    {"Forward", "ForwardStream", "Backward", "Step", "ZeroGrad", "SetTensor", "SetTensorStream",
-     "TrainStep", "FillParameters", "Reset", "SetOptimizer", "LoadCheckpoint"}
-)  # fmt: skip
-_READS = frozenset(
-    {"GetTensor", "ListTensors", "GetStats", "ListSessions", "GetServerInfo", "ListCheckpoints"}
-)
-#: Calls that take a request id besides the mutations: a retry gets the first answer (or,
-#: when the server no longer keeps it, errors.Aborted ANSWER_NOT_KEPT; applied once either way).
-_ONCE = _MUTATIONS | {"OpenSession", "CloseSession"}
-#: Calls that may have taken effect though they failed once their server had them (a deadline
-#: passed, the server stopped under them): what their errors' `changes_state` says. A save
-#: or a delete changes the server's files, not its state: a save past its deadline still
-#: landed, and its error did not say it might have (found by a review of the state's
-#: handling).
-_MAY_LAND = _ONCE | {"SaveCheckpoint", "DeleteCheckpoint"}
-#: Calls that act on no session the caller's metadata names (the server reads none), and
-#: the health check, which has no sessions: a client whose session is closed may make them.
-_SESSIONLESS = frozenset(
-    {"OpenSession", "CloseSession", "ListSessions", "GetServerInfo", "Health", "ListCheckpoints"}
-)
 #: The version of each client's innermost `expecting` block in this thread or task.
 _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
     "expected_version",
     default={},  # noqa: B039  # never changed: each block sets a new dict
 )
-
-
-def _serialize(request: Message | bytes) -> bytes:
-    return request if isinstance(request, bytes) else request.SerializeToString()
-
-
-def _response_parsers() -> dict[str, Callable[[Any], Any] | None]:
-    """Each RPC's response parser; None for those that carry tensors, which the client gets
-    as bytes, to be split without copying their values."""
-    parsers = {}
-    for method in pb.DESCRIPTOR.services_by_name["Trainer"].methods:
-        response_type = getattr(pb, method.output_type.name)
-        splits = wire.holds_tensors(response_type)
-        parsers[method.name] = None if splits else response_type.FromString
-    return parsers
-
-
-_PARSE_RESPONSE = _response_parsers()
-
-
-def decoded(method: str, payload: memoryview) -> Any:
-    """`method`'s response from its bytes on a Calls stream or in a Batch: parsed, or the
-    bytes themselves for one that carries tensors (split later, without copying); ValueError
-    for bytes that are no such response (protobuf's DecodeError escaped: found by a review)."""
-    parse = _PARSE_RESPONSE[method]
-    if parse is None:
-        return payload
-    try:
-        return parse(payload)
-    except DecodeError as err:
-        raise ValueError(f"not a {method} response ({err})") from None
 
 
 def _close_left_open(box: list[CallStream | None]) -> None:
@@ -284,86 +119,10 @@ def _close_left_open(box: list[CallStream | None]) -> None:
 _UNARY: Any = object()
 
 
-@dataclass(frozen=True)
-class _Encoded(Generic[T]):
-    """One unary call of a client method, encoded, and how its answer becomes the method's
-    result: the method runs it at once (Client._run), a pipeline later (pipeline.py)."""
-
-    method: str
-    request: list[wire.Piece] | bytes | Message
-    #: The response (parsed, or bytes for responses with tensors) -> the method's result.
-    result: Callable[[Any], T]
-    #: Adds to an InvalidArgument what the client changed in the request (widened dtypes).
-    on_invalid: Callable[[InvalidArgument], None] | None = None
-
-
 def _back_off(attempt: int) -> None:
     """The wait before retry `attempt + 1`: 0.05 s, doubling each time. One schedule for every
     retry the client makes (UNAVAILABLE, and streamed reads cut short)."""
     time.sleep(0.05 * 2**attempt)
-
-
-@functools.lru_cache(maxsize=1024)
-def _get_tensor_request(selector: str, values: bool) -> bytes:
-    """The serialized GetTensorRequest for a selector's text. Reads repeat their selectors
-    (a loop that watches a slice, the tutorial's), and building the message cost a small
-    read about 25 us of its 0.7 ms, the client's code gone cold between calls
-    (docs/performance-history.md, nineteenth session)."""
-    parsed = parse_selector(selector)
-    return _tensor_request(parsed.name, parsed.index, values)
-
-
-def _tensor_request(name: str, chain: IndexChain, values: bool) -> bytes:
-    """A serialized GetTensorRequest for a name and an index chain."""
-    request = pb.GetTensorRequest(name=name, omit_values=not values)
-    request.index.extend(codec.indices_to_proto(chain))
-    return request.SerializeToString()
-
-
-def _names(names: Sequence[str]) -> list[str]:
-    """Selectors or names given as a list; one string is one of them. A string is a
-    Sequence[str] too, and was taken letter by letter ("no tensor named 'l'" for
-    watch("loss")). TypeError for what is neither (None, a number), or holds what is no
-    string: protobuf's "bad argument type for built-in operation" said neither."""
-    if isinstance(names, str):
-        return [names]
-    try:
-        listed = list(names)
-    except TypeError:
-        listed = [names]  # type: ignore[list-item]
-    for name in listed:
-        if not isinstance(name, str):
-            parse_selector(name)  # raises the TypeError that says what one is
-    return listed
-
-
-_OPTIMIZER_KINDS = {"sgd": pb.OPTIMIZER_KIND_SGD, "adam": pb.OPTIMIZER_KIND_ADAM}
-_OPTIMIZER_SETTINGS = ("lr", "momentum", "weight_decay", "beta1", "beta2", "eps", "nesterov")
-
-
-def _optimizer_config(kind: str | None, settings: dict[str, Any]) -> pb.OptimizerConfig:
-    """The OptimizerConfig for `kind` (None: unspecified) and the settings given (None:
-    unset). Any other kind was sent as SGD, and an unknown setting raised protobuf's
-    AttributeError."""
-    if kind is not None and kind not in _OPTIMIZER_KINDS:
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
-    config = pb.OptimizerConfig(
-        kind=pb.OPTIMIZER_KIND_UNSPECIFIED if kind is None else _OPTIMIZER_KINDS[kind]
-    )
-    for name, value in settings.items():
-        if name not in _OPTIMIZER_SETTINGS:
-            raise TypeError(
-                f"{name!r} is not an optimizer setting; they are: {', '.join(_OPTIMIZER_SETTINGS)}"
-            )
-        if value is None:
-            continue
-        truth = isinstance(value, (bool, np.bool_))
-        wanted = (bool, np.bool_) if name == "nesterov" else (int, float, np.integer, np.floating)
-        if truth != (name == "nesterov") or not isinstance(value, wanted):
-            kind_of = "True or False" if name == "nesterov" else "a number"
-            raise TypeError(f"optimizer setting {name} must be {kind_of}, got {value!r}")
-        setattr(config, name, bool(value) if truth else limits.real(value, name))
-    return config
 
 
 _CLOSED = (
@@ -498,27 +257,6 @@ def _failed(
     return raised
 
 
-def _widenings(**values: Any) -> dict[str, tuple[str, str]]:
-    """(the dtype given, the dtype sent) by argument, for the values that travel widened
-    (codec.widened)."""
-    found = {name: codec.widened(value) for name, value in values.items()}
-    return {name: dtypes for name, dtypes in found.items() if dtypes is not None}
-
-
-def _tell_widenings(error: InvalidArgument, widenings: dict[str, tuple[str, str]]) -> None:
-    """Adds to a refusal that names a dtype an argument was widened to what was given:
-    forward(x.astype(np.int8)) was refused with "input has dtype int32", a dtype the caller
-    never sent."""
-    told = [
-        f"{name} was given as {given}, sent as {sent}: the wire has no {given}"
-        for name, (given, sent) in widenings.items()
-        if f"{name} has dtype {sent}" in error.message  # the server's words for that argument
-    ]
-    if told:
-        error.message += f" ({'; '.join(told)})"
-        error.args = (error.message,)
-
-
 def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
     """ValueError naming `what` for a negative, NaN or infinite number of seconds (gRPC was
     given a negative interval without a word, and an infinite one raised OverflowError);
@@ -530,16 +268,6 @@ def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
     if not 0 <= seconds < math.inf:  # NaN too
         also = f"; {none}" if none else ""
         raise ValueError(f"{what} must be seconds, 0 or more and finite{also}; got {seconds!r}")
-
-
-def _flag(value: object, what: str) -> bool:
-    """`value` as a bool: True or False (numpy's too); TypeError naming `what` for anything
-    else. Python takes any object for true or false, and protobuf takes None for False:
-    train_step(zero_grad=None) kept the gradients, read(values="no") read them, tls="no"
-    turned TLS on (found by a review)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{what} must be True or False, got {value!r}")
 
 
 def _check_selectors(count: int, what: str) -> None:
@@ -657,194 +385,6 @@ class _CutShort(Exception):
     def __init__(self, error: ResourceExhausted) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _read_result(
-    split: wire.Split[Any], path: wire.Path, response: pb.GetTensorResponse,
-    *, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None = None,
-    allocate: codec.Allocate | None = None,
-) -> TensorRead:  # fmt: skip
-    if not response.HasField("tensor"):
-        return TensorRead(response.name, response.version, None, None, None, None)
-    tensor = response.tensor
-    value: Any = None
-    if values:
-        if as_torch:
-            value = codec.decode_split_torch(split, path, tensor, allocate)
-        else:
-            value = codec.decode_split(split, path, tensor, out, allocate)
-    return TensorRead(
-        name=response.name,
-        version=response.version,
-        value=value,
-        shape=tuple(tensor.shape),
-        full_shape=tuple(response.full_shape),
-        dtype=codec.DTYPE_NAMES.get(tensor.dtype),
-    )
-
-
-def _read_request_bytes(selector: str, index: codec.IndexKey | None, values: bool) -> bytes:
-    """The GetTensorRequest `read(selector, index, values=values)` sends."""
-    _flag(values, "values")
-    if index is None and isinstance(selector, str):  # else parse_selector says why not
-        return _get_tensor_request(selector, values)
-    parsed = parse_selector(selector)
-    return _tensor_request(parsed.name, [*parsed.index, index], values)
-
-
-def _set_target(selector: str, index: codec.IndexKey | None) -> tuple[str, IndexChain]:
-    """The name and index chain `set(selector, value, index)` writes to."""
-    parsed = parse_selector(selector)
-    chain: list[codec.IndexKey] = list(parsed.index)
-    if index is not None:
-        chain.append(index)
-    return parsed.name, chain
-
-
-def _set_tensor(name: str, chain: IndexChain, value: Any) -> _Encoded[int]:
-    header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
-    pieces = [header.SerializeToString(), *_source_pieces("SetTensorRequest", "value", value)]
-    return _Encoded("SetTensor", pieces, _version)
-
-
-def _get_stats(
-    selector: str, bins: int, low: float | None, high: float | None
-) -> _Encoded[TensorStats]:
-    parsed = parse_selector(selector)
-    # Checked as watch() checks it: the server's refusal (BAD_BINS) named its own field,
-    # histogram_bins, and protobuf's raised its own errors past an int32; a bound given
-    # without bins was ignored.
-    bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
-    request = pb.GetStatsRequest(name=parsed.name, histogram_bins=bins)
-    request.index.extend(codec.indices_to_proto(parsed.index))
-    if not bins and (low is not None or high is not None):
-        raise ValueError("low and high bound the histogram: give bins too (bins=10, say)")
-    for bound, what in ((low, "low"), (high, "high")):
-        if bound is not None and not math.isfinite(limits.real(bound, what)):
-            raise ValueError(f"{what} must be a finite number, got {bound!r}")
-    if low is not None and high is not None and not low < high:
-        raise ValueError(f"low must be below high, got low={low!r}, high={high!r}")
-    if low is not None:
-        request.histogram_low = float(low)
-    if high is not None:
-        request.histogram_high = float(high)
-    return _Encoded("GetStats", request, tensor_stats)
-
-
-def _fill_parameters(value: float, names: Sequence[str]) -> _Encoded[int]:
-    request = pb.FillParametersRequest(value=limits.real(value, "value"), names=_names(names))
-    return _Encoded("FillParameters", request, _version)
-
-
-def _reset(seed: int | None) -> _Encoded[int]:
-    request = pb.ResetRequest()
-    if seed is not None:
-        request.seed = limits.check_seed(seed)
-    return _Encoded("Reset", request, _version)
-
-
-def _set_optimizer(
-    kind: Literal["sgd", "adam"] | None, settings: dict[str, Any], keep_state: bool = False
-) -> _Encoded[tuple[int, OptimizerConfig]]:
-    """SetOptimizer, answered with the state version it made and the settings in force.
-    `kind` None: SGD for a new optimizer, the kind in place with `keep_state`."""
-    if not isinstance(keep_state, (bool, np.bool_)):  # "no" or 0.5 read as true
-        raise TypeError(f"keep_state= must be True or False, got {keep_state!r}")
-    if kind is None and not keep_state:
-        kind = "sgd"  # as the contract reads an unspecified kind, said outright
-    request = pb.SetOptimizerRequest(
-        config=_optimizer_config(kind, settings), keep_state=bool(keep_state)
-    )
-    return _Encoded(
-        "SetOptimizer",
-        request,
-        lambda response: (int(response.version), _optimizer_from_proto(response.config)),
-    )
-
-
-def _listing(response: pb.ListTensorsResponse) -> Listing:
-    tensors = tuple(
-        TensorInfo(
-            name=t.name,
-            kind=_KIND_NAMES.get(t.kind, "unknown"),
-            dtype=codec.DTYPE_NAMES.get(t.dtype, "unknown"),
-            shape=tuple(t.shape),
-            present=t.present,
-        )
-        for t in response.tensors
-    )
-    return Listing(
-        response.version,
-        response.model,
-        response.device,
-        _optimizer_from_proto(response.optimizer),
-        tensors,
-        tuple(response.sample_shape),
-        codec.DTYPE_NAMES.get(response.input_dtype, "unknown"),
-        response.outputs,
-        response.loss,
-    )
-
-
-def _forward_result(response: pb.ForwardResponse) -> ForwardResult:
-    loss = response.loss if response.HasField("loss") else None
-    return ForwardResult(
-        response.version, tuple(response.output_shape), loss, response.nonfinite_inputs
-    )
-
-
-def _train_step_result(data: bytes, *, as_torch: bool) -> TrainStepResult:
-    split = wire.split(data, pb.TrainStepResponse)
-    response = split.message
-    fetched = tuple(
-        _read_result(
-            split, ((_FETCHED, i), *_RESPONSE_TENSOR), read, as_torch=as_torch, values=True
-        )
-        for i, read in enumerate(response.fetched)
-    )
-    return TrainStepResult(
-        response.version,
-        response.loss,
-        tuple(response.output_shape),
-        response.parameters_updated,
-        fetched,
-        response.nonfinite_inputs,
-    )
-
-
-def _widening_teller(input: Any, target: Any) -> Callable[[InvalidArgument], None]:
-    """What adds to a refusal of a request the dtypes the client widened in it."""
-    return lambda err: _tell_widenings(err, _widenings(input=input, target=target))
-
-
-def _version(response: Any) -> int:
-    return int(response.version)
-
-
-def _checkpoint_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"a checkpoint's name must be a string, got {name!r}")
-    return name
-
-
-def _backward(retain_graph: bool) -> _Encoded[int]:
-    request = pb.BackwardRequest(retain_graph=_flag(retain_graph, "retain_graph"))
-    return _Encoded("Backward", request, _version)
-
-
-def _zero_grad(set_to_none: bool) -> _Encoded[int]:
-    request = pb.ZeroGradRequest(set_to_none=_flag(set_to_none, "set_to_none"))
-    return _Encoded("ZeroGrad", request, _version)
-
-
-_LIST_TENSORS: _Encoded[Listing] = _Encoded(
-    "ListTensors", pb.ListTensorsRequest().SerializeToString(), _listing
-)
-_STEP: _Encoded[StepResult] = _Encoded(
-    "Step",
-    pb.StepRequest().SerializeToString(),
-    lambda response: StepResult(response.version, response.parameters_updated),
-)
 
 
 def with_default_port(target: str) -> str:
@@ -1014,7 +554,7 @@ class Client:
                 f"given without {missing}=; give both (PEM bytes), or neither"
             )
         _check_timeout(timeout, "timeout=")
-        tls, stream_calls = _flag(tls, "tls="), _flag(stream_calls, "stream_calls=")
+        tls, stream_calls = unary.flag(tls, "tls="), unary.flag(stream_calls, "stream_calls=")
         _check_seconds(keepalive, "keepalive=", "0 or None: no pings")
         _check_seconds(keepalive_timeout, "keepalive_timeout=")
         if not keepalive_timeout:  # gRPC took 0 for a 1 ms wait for a ping's answer
@@ -1146,7 +686,7 @@ class Client:
 
     @keep_memory.setter
     def keep_memory(self, keep: bool) -> None:
-        self._keep_memory = _flag(keep, "keep_memory")
+        self._keep_memory = unary.flag(keep, "keep_memory")
         if not keep:
             self._memory.release()
 
@@ -1162,7 +702,7 @@ class Client:
         methods = {}
         service = pb.DESCRIPTOR.services_by_name["Trainer"]
         for method in service.methods:
-            deserialize = _PARSE_RESPONSE[method.name]
+            deserialize = unary.PARSE_RESPONSE[method.name]
             kind = {
                 (False, False): channel.unary_unary,
                 (False, True): channel.unary_stream,
@@ -1171,7 +711,7 @@ class Client:
             }[(method.client_streaming, method.server_streaming)]
             methods[method.name] = kind(
                 f"/{service.full_name}/{method.name}",
-                request_serializer=_serialize,
+                request_serializer=unary.serialize,
                 response_deserializer=deserialize,
             )
         return methods
@@ -1185,7 +725,7 @@ class Client:
         `request`: a message, its bytes, or its pieces (wire.Piece) to be joined. With
         `stream_calls`, the calls a Calls stream carries go there."""
         metadata = [*self._metadata, *self._session_metadata(method)]
-        retryable = method in _READS
+        retryable = method in unary.READS
         request_id, expected = self._once(method)
         if request_id is not None:
             metadata.append((REQUEST_ID, request_id))
@@ -1194,10 +734,10 @@ class Client:
             retryable = not isinstance(request, Iterator)
         on_stream = self.stream_calls and method in calls.METHODS and not self._no_calls
         if isinstance(request, list):
-            _fits_one_message(method, request)
+            unary.fits_one_message(method, request)
             pieces, request = request, None if on_stream else wire.join(request)
         elif on_stream:
-            pieces = [_serialize(request)]
+            pieces = [unary.serialize(request)]
         retries = max(self.retries, 0)  # a negative count: no retry (it made no attempt)
         stopped = False  # whether an attempt was cut off by a stop's grace period ending
         for attempt in range(retries + 1):
@@ -1220,7 +760,7 @@ class Client:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
                     raise _after_a_stop(
-                        self._error_of(err, method, method in _MAY_LAND), stopped
+                        self._error_of(err, method, method in unary.MAY_LAND), stopped
                     ) from None
                 self.reached |= _cut_off(err)
                 stopped |= _grace_cut(err)
@@ -1234,16 +774,16 @@ class Client:
 
     def _once(self, method: str) -> tuple[str | None, str | None]:
         """What makes `method` safe to retry and conditional: a fresh request id for the
-        calls that take one (_ONCE), and for mutations the version of this client's
+        calls that take one (unary.ONCE), and for mutations the version of this client's
         innermost `expecting` block; None where there is none."""
-        if method not in _ONCE:
+        if method not in unary.ONCE:
             return None, None
         # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
         # Python costs a remote Step 0.014-0.018 ms (docs/performance-history.md, eleventh session).
         request_id = os.urandom(16).hex()
-        return request_id, self._expected_version() if method in _MUTATIONS else None
+        return request_id, self._expected_version() if method in unary.MUTATIONS else None
 
-    def _run(self, encoded: _Encoded[T]) -> T:
+    def _run(self, encoded: unary.Encoded[T]) -> T:
         """The result of an encoded call, made now."""
         try:
             response = self._call(encoded.method, encoded.request)
@@ -1290,7 +830,7 @@ class Client:
                 timeout or self.timeout,
             )
             try:
-                return decoded(method, payload)
+                return unary.decoded(method, payload)
             except ValueError as err:
                 # A server that garbles one answer: the next is not trusted either. Under the
                 # stream's lock, where no other thread's call is on it (a review).
@@ -1495,7 +1035,7 @@ class Client:
             raise ClientClosed(_CLOSED)
         if self._session:
             return [(SESSION, self._session)]
-        if self._closed_session is not None and method not in _SESSIONLESS:
+        if self._closed_session is not None and method not in unary.SESSIONLESS:
             raise ClientClosed(
                 f"this client's session {self._closed_session!r} is closed: open another "
                 "(open_session()), or act on the server's default session through a client "
@@ -1518,7 +1058,7 @@ class Client:
         if seed is not None:
             request.seed = limits.check_seed(seed)
         if optimizer is not None or settings:
-            request.optimizer.CopyFrom(_optimizer_config(optimizer or "sgd", settings))
+            request.optimizer.CopyFrom(unary.optimizer_config(optimizer or "sgd", settings))
         response = self._call("OpenSession", request)
         other = copy.copy(self)
         other._own_call_stream()  # a stream of its own, for its session
@@ -1639,31 +1179,37 @@ class Client:
         of int8, uint8, int16 and uint16 travel as int32, and uint32 as int64 (the wire has
         no smaller integers): a refusal naming the dtype sent says what was given.
         """
-        if _nbytes(input) <= self.stream_above_bytes:
+        if unary.nbytes(input) <= self.stream_above_bytes:
             return self._run(self._forward(input, target, eval_mode))
-        chunks = self._forward_chunks(input, target, _flag(eval_mode, "eval_mode"))
+        chunks = self._forward_chunks(input, target, unary.flag(eval_mode, "eval_mode"))
         try:
-            response = self._call("ForwardStream", _begun(chunks))
+            response = self._call("ForwardStream", unary.begun(chunks))
         except InvalidArgument as err:
-            _tell_widenings(err, _widenings(input=input, target=target))
+            unary.tell_widenings(err, unary.widenings(input=input, target=target))
             raise
-        return _forward_result(response)
+        return unary.forward_result(response)
 
-    def _forward(self, input: Any, target: Any, eval_mode: bool = False) -> _Encoded[ForwardResult]:
-        evaluating = _flag(eval_mode, "eval_mode")
-        pieces = _source_pieces("ForwardRequest", "input", input)
+    def _forward(
+        self, input: Any, target: Any, eval_mode: bool = False
+    ) -> unary.Encoded[ForwardResult]:
+        evaluating = unary.flag(eval_mode, "eval_mode")
+        pieces = unary.source_pieces("ForwardRequest", "input", input)
         if target is not None:
-            pieces += _source_pieces("ForwardRequest", "target", target)
+            pieces += unary.source_pieces("ForwardRequest", "target", target)
         if evaluating:
             pieces.append(pb.ForwardRequest(eval_mode=True).SerializeToString())
-        return _Encoded("Forward", pieces, _forward_result, _widening_teller(input, target))
+        return unary.Encoded(
+            "Forward", pieces, unary.forward_result, unary.widening_teller(input, target)
+        )
 
     def _forward_chunks(self, input: Any, target: Any, eval_mode: bool = False) -> Iterator[bytes]:
-        number = _FIELD[("ForwardChunk", "input")]
-        for i, (dtype, run, offset, shape) in enumerate(_chunks("input", input, self.chunk_bytes)):
+        number = unary.FIELD[("ForwardChunk", "input")]
+        for i, (dtype, run, offset, shape) in enumerate(
+            unary.chunks("input", input, self.chunk_bytes)
+        ):
             pieces = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             if i == 0 and target is not None:
-                pieces += _source_pieces("ForwardChunk", "target", target)
+                pieces += unary.source_pieces("ForwardChunk", "target", target)
             if i == 0 and eval_mode:
                 pieces.append(pb.ForwardChunk(eval_mode=True).SerializeToString())
             yield wire.join(pieces)
@@ -1685,32 +1231,32 @@ class Client:
 
     def _train_step(
         self, input: Any, target: Any, zero_grad: bool, fetch: Sequence[str], as_torch: bool
-    ) -> _Encoded[TrainStepResult]:
+    ) -> unary.Encoded[TrainStepResult]:
         _needs_target("train_step", target)
-        request = pb.TrainStepRequest(zero_grad=_flag(zero_grad, "zero_grad"))
-        _flag(as_torch, "as_torch")
-        pieces = _source_pieces("TrainStepRequest", "input", input)
-        pieces += _source_pieces("TrainStepRequest", "target", target)
-        for text in _names(fetch):
+        request = pb.TrainStepRequest(zero_grad=unary.flag(zero_grad, "zero_grad"))
+        unary.flag(as_torch, "as_torch")
+        pieces = unary.source_pieces("TrainStepRequest", "input", input)
+        pieces += unary.source_pieces("TrainStepRequest", "target", target)
+        for text in unary.tensor_names(fetch):
             selector = parse_selector(text)
             request.fetch.add(name=selector.name, index=codec.indices_to_proto(selector.index))
         _check_selectors(len(request.fetch), "train_step's fetch")
         pieces.append(request.SerializeToString())
-        result = functools.partial(_train_step_result, as_torch=as_torch)
-        return _Encoded("TrainStep", pieces, result, _widening_teller(input, target))
+        result = functools.partial(unary.train_step_result, as_torch=as_torch)
+        return unary.Encoded("TrainStep", pieces, result, unary.widening_teller(input, target))
 
     def backward(self, *, retain_graph: bool = False) -> int:
         """loss.backward(); returns the new state version."""
-        return self._run(_backward(retain_graph))
+        return self._run(unary.backward(retain_graph))
 
     def step(self) -> StepResult:
         """optimizer.step(). Unlike PyTorch's, which then does nothing, a Step when no
         parameter has a gradient raises FailedPrecondition (NO_GRADIENTS)."""
-        return self._run(_STEP)
+        return self._run(unary.STEP)
 
     def zero_grad(self, *, set_to_none: bool = True) -> int:
         """optimizer.zero_grad(set_to_none); returns the new state version."""
-        return self._run(_zero_grad(set_to_none))
+        return self._run(unary.zero_grad(set_to_none))
 
     # --- tensors ------------------------------------------------------------------------
 
@@ -1733,7 +1279,7 @@ class Client:
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
         """
-        request = _read_request_bytes(selector, index, values)
+        request = unary.read_request_bytes(selector, index, values)
         return self._read_request(request, as_torch=as_torch, values=values, out=out)
 
     def _read(
@@ -1745,7 +1291,7 @@ class Client:
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
     ) -> TensorRead:
-        request = _tensor_request(name, chain, values)
+        request = unary.tensor_request(name, chain, values)
         return self._read_request(request, as_torch=as_torch, values=values, out=out)
 
     def _read_request(
@@ -1770,9 +1316,9 @@ class Client:
 
     def _get_tensor(
         self, request: bytes, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None
-    ) -> _Encoded[TensorRead]:
+    ) -> unary.Encoded[TensorRead]:
         """GetTensor with this serialized request, whose answer is read as `read` reads it."""
-        _flag(as_torch, "as_torch")
+        unary.flag(as_torch, "as_torch")
         if out is not None and as_torch:
             raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
         if out is not None and not values:
@@ -1780,12 +1326,12 @@ class Client:
 
         def result(data: bytes) -> TensorRead:
             split = wire.split(data, pb.GetTensorResponse)
-            return _read_result(
-                split, _RESPONSE_TENSOR, split.message,
+            return unary.read_result(
+                split, unary.RESPONSE_TENSOR, split.message,
                 as_torch=as_torch, values=values, out=out, allocate=self._allocate,
             )  # fmt: skip
 
-        return _Encoded("GetTensor", request, result)
+        return unary.Encoded("GetTensor", request, result)
 
     def _read_stream(
         self,
@@ -1837,7 +1383,7 @@ class Client:
                 elif message.version != first.version:  # the server promises one version
                     raise GradwireError(f"{request.name}: chunks of one read from two versions")
                 if message.HasField("chunk"):
-                    assembler.add(split, _STREAM_CHUNK, message.chunk)
+                    assembler.add(split, unary.STREAM_CHUNK, message.chunk)
         except ResourceExhausted as err:
             if first is not None and err.reason == "OUT_OF_MEMORY":
                 raise _CutShort(err) from None
@@ -1878,7 +1424,7 @@ class Client:
         """GetStats: min, max, mean, std, norm, NaN/inf/zero counts and an optional `bins`-bin
         histogram (over [low, high], by default the finite values' range), computed on the
         server where the tensor lives: only the summary crosses the wire."""
-        return self._run(_get_stats(selector, bins, low, high))
+        return self._run(unary.get_stats(selector, bins, low, high))
 
     def watch(
         self,
@@ -1914,7 +1460,7 @@ class Client:
         # until then, or for ever when never iterated; an infinite min_interval raised
         # OverflowError (found by a review of the client).
         values, stats, latest = (
-            _flag(values, "values"), _flag(stats, "stats"), _flag(latest, "latest")
+            unary.flag(values, "values"), unary.flag(stats, "stats"), unary.flag(latest, "latest")
         )  # fmt: skip
         every_steps = limits.whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
         bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
@@ -1923,7 +1469,7 @@ class Client:
         interval_ms = min(round(min(min_interval, _MAX_MS / 1000) * 1000), _MAX_MS)
         request = pb.WatchRequest(every_steps=every_steps, min_interval_ms=interval_ms)
         shown = []  # each as Python writes it, for the updates' `selector`
-        for text in _names(selectors):
+        for text in unary.tensor_names(selectors):
             parsed = parse_selector(text)
             shown.append(str(parsed))
             request.items.add(
@@ -1998,17 +1544,17 @@ class Client:
         request = pb.TrainRequest(
             steps=steps,
             every=every,
-            zero_grad=_flag(zero_grad, "zero_grad"),
-            stop_at_nonfinite=_flag(stop_at_nonfinite, "stop_at_nonfinite"),
+            zero_grad=unary.flag(zero_grad, "zero_grad"),
+            stop_at_nonfinite=unary.flag(stop_at_nonfinite, "stop_at_nonfinite"),
         )
-        pieces = _source_pieces("TrainRequest", "input", input)
-        pieces += _source_pieces("TrainRequest", "target", target)
+        pieces = unary.source_pieces("TrainRequest", "input", input)
+        pieces += unary.source_pieces("TrainRequest", "target", target)
         pieces.append(request.SerializeToString())
-        _fits_one_message("Train", pieces)
+        unary.fits_one_message("Train", pieces)
         expected = self._expected_version()  # its first step's condition
         extra = [] if expected is None else [(EXPECTED_VERSION, expected)]
         stream = self._stream("Train", wire.join(pieces), timeout=timeout, metadata=extra)
-        return self._progress(stream, _widenings(input=input, target=target))
+        return self._progress(stream, unary.widenings(input=input, target=target))
 
     @staticmethod
     def _progress(
@@ -2019,7 +1565,7 @@ class Client:
             for message in stream:
                 yield train_progress(message)
         except InvalidArgument as err:
-            _tell_widenings(err, widenings)
+            unary.tell_widenings(err, widenings)
             raise
 
     def shape(self, selector: str) -> tuple[int, ...] | None:
@@ -2033,29 +1579,29 @@ class Client:
         the value written. A write through a negative slice step (`"conv1.weight[::-1]"`) is
         refused, gradwire.errors.InvalidArgument (reason NEGATIVE_STEP_WRITE): write the
         value reversed through the positive step instead."""
-        return self._set(*_set_target(selector, index), value)
+        return self._set(*unary.set_target(selector, index), value)
 
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
-        if _nbytes(value) <= self.stream_above_bytes:
-            return self._run(_set_tensor(name, chain, value))
+        if unary.nbytes(value) <= self.stream_above_bytes:
+            return self._run(unary.set_tensor(name, chain, value))
         header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
-        chunks = _begun(self._set_chunks(header, value))
+        chunks = unary.begun(self._set_chunks(header, value))
         return int(self._call("SetTensorStream", chunks).version)
 
     def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
         first = pb.SetTensorChunk(name=header.name, index=header.index).SerializeToString()
-        number = _FIELD[("SetTensorChunk", "chunk")]
-        for dtype, run, offset, shape in _chunks("value", value, self.chunk_bytes):
+        number = unary.FIELD[("SetTensorChunk", "chunk")]
+        for dtype, run, offset, shape in unary.chunks("value", value, self.chunk_bytes):
             chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             yield wire.join([first, *chunk] if offset == 0 else chunk)
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the named ones."""
-        return self._run(_fill_parameters(value, names))
+        return self._run(unary.fill_parameters(value, names))
 
     def list_tensors(self) -> Listing:
         """Every readable tensor with kind, dtype and shape, and the model, device and optimizer."""
-        return self._run(_LIST_TENSORS)
+        return self._run(unary.LIST_TENSORS)
 
     def list_sessions(self) -> SessionListing:
         """The sessions open on the server beside the default one, oldest first, whoever
@@ -2080,7 +1626,7 @@ class Client:
 
     def reset(self, seed: int | None = None) -> int:
         """A freshly initialised model (seeded when asked) and optimizer."""
-        return self._run(_reset(seed))
+        return self._run(unary.reset(seed))
 
     def save_checkpoint(self, name: str = "") -> SavedCheckpoint:
         """Writes the state as checkpoint `name` in the server's state directory
@@ -2091,7 +1637,7 @@ class Client:
         errors.FailedPrecondition (NO_STATE_DIR) on a server started without one. A save
         that fails once its server has it (its deadline passes) may land all the same: its
         error's `changes_state` is True, and saving again replaces the checkpoint."""
-        request = pb.SaveCheckpointRequest(name=_checkpoint_name(name))
+        request = pb.SaveCheckpointRequest(name=unary.checkpoint_name(name))
         response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)
         return SavedCheckpoint(response.name, response.version, response.bytes)
 
@@ -2113,7 +1659,7 @@ class Client:
         is refused DISK_FULL); returns the bytes it freed. The name must be given: "state",
         the one the server restores at start, by that name, and only on the default session.
         errors.NotFound (NO_CHECKPOINT), naming those there, for one it does not hold."""
-        request = pb.DeleteCheckpointRequest(name=_checkpoint_name(name))
+        request = pb.DeleteCheckpointRequest(name=unary.checkpoint_name(name))
         response: pb.DeleteCheckpointResponse = self._call("DeleteCheckpoint", request)
         return int(response.bytes)
 
@@ -2122,7 +1668,7 @@ class Client:
         version moves on by one, as for any change. errors.NotFound (NO_CHECKPOINT), naming
         the checkpoints there, for one it does not hold; errors.InvalidArgument
         (BAD_CHECKPOINT) for one of another model, with nothing changed."""
-        request = pb.LoadCheckpointRequest(name=_checkpoint_name(name))
+        request = pb.LoadCheckpointRequest(name=unary.checkpoint_name(name))
         response: pb.LoadCheckpointResponse = self._call("LoadCheckpoint", request)
         return LoadedCheckpoint(response.version, response.saved_version)
 
@@ -2165,7 +1711,7 @@ class Client:
         keep_state: bool = False,
     ) -> tuple[int, OptimizerConfig]:
         """set_optimizer's work: the state version it made, and the settings in force."""
-        return self._run(_set_optimizer(kind, settings, keep_state))
+        return self._run(unary.set_optimizer(kind, settings, keep_state))
 
     @property
     def remote(self) -> RemoteModel:

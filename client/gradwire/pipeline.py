@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 import grpc
 import numpy as np
 
-from gradwire import calls, codec, wire
+from gradwire import calls, codec, unary, wire
 from gradwire.call_stream import (
     CallStream,
     MessageError,
@@ -33,26 +33,7 @@ from gradwire.call_stream import (
     _deadline_timeout,
     garbled_answer,
 )
-from gradwire.client import (
-    _LIST_TENSORS,
-    _MAY_LAND,
-    _STEP,
-    _backward,
-    _closed_channel,
-    _Encoded,
-    _fill_parameters,
-    _flag,
-    _get_stats,
-    _nbytes,
-    _read_request_bytes,
-    _reset,
-    _serialize,
-    _set_optimizer,
-    _set_target,
-    _set_tensor,
-    _zero_grad,
-    decoded,
-)
+from gradwire.client import _closed_channel
 from gradwire.errors import (
     Aborted,
     Cancelled,
@@ -86,7 +67,7 @@ _PREVIOUS_FAILED = "PREVIOUS_FAILED"
 class Pending(Generic[T]):
     """The answer to a call made on a pipeline, to come: `result()`."""
 
-    def __init__(self, pipeline: Pipeline, encoded: _Encoded[T]) -> None:
+    def __init__(self, pipeline: Pipeline, encoded: unary.Encoded[T]) -> None:
         self._pipeline = pipeline
         self._encoded = encoded
         self._done = False
@@ -159,7 +140,7 @@ class Pipeline:
 
     def __init__(self, client: Client, *, stop_at_error: bool = True) -> None:
         self._client = client
-        self._stop_at_error = _flag(stop_at_error, "stop_at_error")
+        self._stop_at_error = unary.flag(stop_at_error, "stop_at_error")
         self._stream: CallStream | None = None
         self._own = False  # a stream opened for this pipeline alone, ended with it
         self._state = "new"  # then "open", then "ended"
@@ -259,15 +240,15 @@ class Pipeline:
 
     def backward(self, *, retain_graph: bool = False) -> Pending[int]:
         """As Client.backward."""
-        return self._add(_backward(retain_graph))
+        return self._add(unary.backward(retain_graph))
 
     def step(self) -> Pending[StepResult]:
         """As Client.step."""
-        return self._add(_STEP)
+        return self._add(unary.STEP)
 
     def zero_grad(self, *, set_to_none: bool = True) -> Pending[int]:
         """As Client.zero_grad."""
-        return self._add(_zero_grad(set_to_none))
+        return self._add(unary.zero_grad(set_to_none))
 
     def read(
         self,
@@ -279,7 +260,7 @@ class Pipeline:
         out: np.ndarray[Any, Any] | None = None,
     ) -> Pending[TensorRead]:
         """As Client.read; `out` is written when the answer is read."""
-        request = _read_request_bytes(selector, index, values)
+        request = unary.read_request_bytes(selector, index, values)
         return self._add(self._client._get_tensor(request, as_torch, values, out))
 
     def get(
@@ -291,15 +272,15 @@ class Pipeline:
         out: np.ndarray[Any, Any] | None = None,
     ) -> Pending[np.ndarray[Any, Any] | torch.Tensor | None]:
         """As Client.get."""
-        request = _read_request_bytes(selector, index, True)
+        request = unary.read_request_bytes(selector, index, True)
         read = self._client._get_tensor(request, as_torch, True, out).result
         value: Callable[[Any], Any] = lambda data: read(data).value  # noqa: E731
-        return self._add(_Encoded("GetTensor", request, value))
+        return self._add(unary.Encoded("GetTensor", request, value))
 
     def set(self, selector: str, value: Any, index: codec.IndexKey | None = None) -> Pending[int]:
         """As Client.set."""
         self._fits(value, "set's value")
-        return self._add(_set_tensor(*_set_target(selector, index), value))
+        return self._add(unary.set_tensor(*unary.set_target(selector, index), value))
 
     def stats(
         self,
@@ -310,19 +291,19 @@ class Pipeline:
         high: float | None = None,
     ) -> Pending[TensorStats]:
         """As Client.stats."""
-        return self._add(_get_stats(selector, bins, low, high))
+        return self._add(unary.get_stats(selector, bins, low, high))
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> Pending[int]:
         """As Client.fill_parameters."""
-        return self._add(_fill_parameters(value, names))
+        return self._add(unary.fill_parameters(value, names))
 
     def list_tensors(self) -> Pending[Listing]:
         """As Client.list_tensors."""
-        return self._add(_LIST_TENSORS)
+        return self._add(unary.LIST_TENSORS)
 
     def reset(self, seed: int | None = None) -> Pending[int]:
         """As Client.reset."""
-        return self._add(_reset(seed))
+        return self._add(unary.reset(seed))
 
     def set_optimizer(
         self,
@@ -332,9 +313,9 @@ class Pipeline:
         **settings: Any,
     ) -> Pending[OptimizerConfig]:
         """As Client.set_optimizer (the same keyword settings: lr, momentum, ...)."""
-        encoded = _set_optimizer(kind, settings, keep_state)
+        encoded = unary.set_optimizer(kind, settings, keep_state)
         made = encoded.result
-        return self._add(_Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
+        return self._add(unary.Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -343,14 +324,14 @@ class Pipeline:
 
     def _fits(self, value: Any, what: str) -> None:
         limit = self._client.stream_above_bytes
-        if _nbytes(value) > limit:
+        if unary.nbytes(value) > limit:
             raise ValueError(
-                f"{what} is {_nbytes(value):,} bytes, more than stream_above_bytes "
+                f"{what} is {unary.nbytes(value):,} bytes, more than stream_above_bytes "
                 f"({limit:,}): it goes in chunks, as a stream of its own, which a {self._KIND} "
                 f"does not carry; make that call on the client, outside the {self._KIND}"
             )
 
-    def _open(self, encoded: _Encoded[T]) -> Pending[T]:
+    def _open(self, encoded: unary.Encoded[T]) -> Pending[T]:
         """A Pending for a call made in the block, kept among the calls made; RuntimeError
         outside the block."""
         if self._state != "open":
@@ -362,7 +343,7 @@ class Pipeline:
         self._made.append(pending)
         return pending
 
-    def _add(self, encoded: _Encoded[T]) -> Pending[T]:
+    def _add(self, encoded: unary.Encoded[T]) -> Pending[T]:
         """Sends a call (or, on a server without Calls, makes it now)."""
         pending = self._open(encoded)
         if self._stream is None:
@@ -371,7 +352,7 @@ class Pipeline:
         method = encoded.method
         request_id, expected = self._client._once(method)
         request = encoded.request
-        pieces = request if isinstance(request, list) else [_serialize(request)]
+        pieces = request if isinstance(request, list) else [unary.serialize(request)]
         after = self._stop_at_error and self._sent > 0
         try:
             self._stream.send(
@@ -450,7 +431,7 @@ class Pipeline:
             raise
         self._client.answered = self._client.reached = True
         try:
-            value = decoded(method, payload)
+            value = unary.decoded(method, payload)
         except ValueError as err:  # as a garbled answer (receive): the stream is not trusted
             stream.cancel()
             garbled = garbled_answer(err)
@@ -476,7 +457,7 @@ class Pipeline:
 
     def _error(self, err: grpc.RpcError, method: str) -> RemoteError | ClientClosed:
         """The exception for a call sent that failed with `err`, as the client raises it."""
-        return self._client._error_of(err, method, method in _MAY_LAND)
+        return self._client._error_of(err, method, method in unary.MAY_LAND)
 
     def _without_calls(self, first: Pending[Any]) -> None:
         """The server refused the Calls stream before running anything: its calls, and the
@@ -561,12 +542,12 @@ class Batch(Pipeline):
         if kind is None:
             self._raise_first_unseen_failure()
 
-    def _add(self, encoded: _Encoded[T]) -> Pending[T]:
+    def _add(self, encoded: unary.Encoded[T]) -> Pending[T]:
         """Queues a call."""
         pending = self._open(encoded)
         client = self._client
         request = encoded.request
-        body = request if isinstance(request, list) else [_serialize(request)]
+        body = request if isinstance(request, list) else [unary.serialize(request)]
         # Its CallRequest's bytes, within a little: the header adds at most 64, and the
         # field that holds it in the BatchRequest 16.
         size = wire.size(body) + 80
@@ -673,7 +654,7 @@ class Batch(Pipeline):
                 for (pending, _), answer in zip(queued, answers, strict=True)
             ]
             values = [
-                None if payload is None else decoded(pending.method, payload)
+                None if payload is None else unary.decoded(pending.method, payload)
                 for (pending, _), (payload, _) in zip(queued, unwrapped, strict=True)
             ]
         except ValueError as err:  # a server bug: which calls ran is not known
@@ -741,7 +722,7 @@ def _not_run(method: str, failed: str, kind: str = "pipeline") -> Aborted:
         reason=_PREVIOUS_FAILED,
         metadata={"previous": failed},
     )
-    error.changes_state = method in _MAY_LAND  # as RemoteError has it: the kind of call
+    error.changes_state = method in unary.MAY_LAND  # as RemoteError has it: the kind of call
     return error
 
 
@@ -756,7 +737,7 @@ def _interrupted(
             f"{method} not answered: {why}, and {then}; whether the call ran is not known "
             f"(read the state version)"
         )
-        cancelled.changes_state = method in _MAY_LAND
+        cancelled.changes_state = method in unary.MAY_LAND
         return cancelled
 
     return error
