@@ -810,3 +810,41 @@ def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(
     failed = [line for line in rest.splitlines() if "Handshake failed" in line]
     assert failed, rest  # a line per connection attempt: the client may try more than once
     assert all("PEER_DID_NOT_RETURN_A_CERTIFICATE" in line for line in failed), failed
+
+
+def _stalled_calls(channel: grpc.Channel, method: str, count: int) -> tuple[Any, list[Any]]:
+    """`count` calls of the one-request `method`, opened and never sent their request (a
+    slowloris): their headers reach the server, their message never comes. Returns the
+    event that lets them go and their futures."""
+    import threading
+
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait()
+        yield from ()
+
+    call = channel.stream_unary(method, request_serializer=bytes, response_deserializer=bytes)
+    return release, [call.future(nothing(), timeout=60) for _ in range(count)]
+
+
+def test_calls_without_the_token_hold_no_thread_while_their_request_is_awaited(
+    trainer: Trainer,
+) -> None:
+    # gRPC waits for a one-request call's message on a thread of the server's pool: 30 calls
+    # without the token, never sent their request, held all 20 threads (16 calls and 4
+    # spare) until their callers let go; the owner's calls and health checks went unanswered
+    # (found by a review of running the server for others, fifty-fourth session).
+    running = start(trainer, "127.0.0.1", 0, token=TOKEN, max_concurrent=2)
+    try:
+        with grpc.insecure_channel(_address(running)) as channel:
+            release, stalled = _stalled_calls(channel, "/gradwire.v1.Trainer/GetServerInfo", 12)
+            try:
+                for future in stalled:  # refused at once, their request not awaited
+                    assert future.exception(timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED
+            finally:
+                release.set()
+        with gradwire.connect(_address(running), token=TOKEN) as client:
+            assert client.server_info().limits.max_concurrent == 2
+    finally:
+        running.stop(grace=None)
