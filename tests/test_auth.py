@@ -812,7 +812,7 @@ def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(
     assert all("PEER_DID_NOT_RETURN_A_CERTIFICATE" in line for line in failed), failed
 
 
-def _stalled_calls(channel: grpc.Channel, method: str, count: int) -> tuple[Any, list[Any]]:
+def stalled_calls(channel: grpc.Channel, method: str, count: int) -> tuple[Any, list[Any]]:
     """`count` calls of the one-request `method`, opened and never sent their request (a
     slowloris): their headers reach the server, their message never comes. Returns the
     event that lets them go and their futures."""
@@ -838,7 +838,7 @@ def test_calls_without_the_token_hold_no_thread_while_their_request_is_awaited(
     running = start(trainer, "127.0.0.1", 0, token=TOKEN, max_concurrent=2)
     try:
         with grpc.insecure_channel(_address(running)) as channel:
-            release, stalled = _stalled_calls(channel, "/gradwire.v1.Trainer/GetServerInfo", 12)
+            release, stalled = stalled_calls(channel, "/gradwire.v1.Trainer/GetServerInfo", 12)
             try:
                 for future in stalled:  # refused at once, their request not awaited
                     assert future.exception(timeout=10).code() == grpc.StatusCode.UNAUTHENTICATED

@@ -20,6 +20,7 @@ from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SPARE_THREADS, Running, 
 from gradwire_server.health_service import MAX_SERVICE_NAME_CHARS
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
+from tests.test_auth import stalled_calls
 from tests.test_metrics import calls, scrape
 
 TOKEN = "s3cret"
@@ -65,6 +66,30 @@ def test_open_watches_hold_no_server_thread(
     for call, _ in watches:
         call.cancel()
     eventually(lambda: guarded.health.open_watches == 0)
+
+
+@pytest.mark.parametrize("method", ["Check", "List"])
+def test_checks_whose_request_never_comes_hold_no_server_thread(
+    guarded: Running, health: health_pb2_grpc.HealthStub, method: str
+) -> None:
+    """Checks opened without a token, their request never sent (a slowloris), more than the
+    server has threads: gradwire's calls and other checks are still answered. gRPC waits for
+    a one-request call's message on a thread of the handler's pool: thirty such checks held
+    all 20 of the server's, and every call went unanswered while they stayed open (found by
+    a review of running the server for others, fifty-fourth session)."""
+    threads = DEFAULT_MAX_CONCURRENT + SPARE_THREADS
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        release, stalled = stalled_calls(channel, f"/grpc.health.v1.Health/{method}", threads + 10)
+        try:
+            time.sleep(0.5)  # the calls' headers reach the server
+            with gradwire.connect(f"127.0.0.1:{guarded.port}", token=TOKEN, timeout=10) as client:
+                assert client.list_tensors().version == 0
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == SERVING
+        finally:
+            release.set()
+        for future in stalled:  # half-closed without a request: gRPC's own refusal
+            assert future.exception(timeout=30) is not None
 
 
 def test_a_server_s_watches_outlive_another_server_of_the_process(trainer: Trainer) -> None:

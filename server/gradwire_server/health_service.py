@@ -6,7 +6,9 @@ refuses names longer than any service's, forgets a name when its last Watch clos
 keeps at most `max_watches` Watches open at once.
 
 Each open Watch waits on a thread of a pool of its own, never on one of the server's: a few
-Watches, which need no token, would otherwise take every thread the server has. Not grpc's
+Watches, which need no token, would otherwise take every thread the server has. Checks and
+Lists run there too: gRPC holds a thread while it waits for a call's request, and checks
+whose request never comes would otherwise take the server's. Not grpc's
 non-blocking Watch: it sends while holding the servicer's lock, and a send waits for grpc's
 polling thread, which runs the close of another Watch, which takes that lock. Watches opened
 and cancelled from eight threads deadlocked the server that way within a second.
@@ -194,10 +196,13 @@ def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
         "List": (grpc.unary_unary_rpc_method_handler, listing, answers),
         "Watch": (grpc.unary_stream_rpc_method_handler, check, answer),
     }
+    # All three on the health service's own pool. Each open Watch waits on a thread; and
+    # gRPC waits for a Check's or List's request on a thread of its handler's pool before
+    # the handler runs: checks opened without a token whose request never came (30) held
+    # every thread of the server's, and no call was answered while they stayed open (a
+    # review of running the server for others, fifty-fourth session).
     behaviours = {
-        "Check": servicer.Check,
-        "List": servicer.List,
-        "Watch": on_pool(servicer.Watch, servicer.pool),  # each Watch waits on a thread
+        name: on_pool(getattr(servicer, name), servicer.pool) for name in ("Check", "List", "Watch")
     }
     handlers = {
         name: make(
