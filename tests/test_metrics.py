@@ -560,3 +560,50 @@ def test_serve_logs_json_and_serves_metrics() -> None:
         (access,) = [x for x in rest if x.get("method") == TRAINER + "ListTensors"]
         assert access["request_id"] == "cli-1"
         assert access["code"] == "OK"
+
+
+def _closed_by_the_server(connection: socket.socket) -> bool:
+    """Whether the server has closed `connection` (which sent nothing): EOF, or a reset."""
+    connection.settimeout(0)
+    try:
+        return connection.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_silent_connections_to_the_metrics_port_are_bounded_and_closed(
+    trainer: Trainer,
+) -> None:
+    # The metrics port needs no token, and Prometheus's server gave each connection a
+    # thread of the server's process, with no limit and no time limit: 600 connections that
+    # sent nothing held 600 threads (and 4.8 GB of address space for their stacks) for as
+    # long as they stayed open (found by a review of running the server for others,
+    # fifty-fourth session).
+    def handler_threads() -> int:
+        return sum(t.name.endswith("(process_request_thread)") for t in threading.enumerate())
+
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    connections = []
+    try:
+        limit = metrics.MAX_METRICS_CONNECTIONS
+        connections = [
+            socket.create_connection(("127.0.0.1", running.metrics_port), timeout=10)
+            for _ in range(limit + 8)
+        ]
+        # Those past the limit are closed at once; the others when they have been silent
+        # for METRICS_IDLE_S.
+        eventually(lambda: sum(map(_closed_by_the_server, connections)) >= 8, "none closed")
+        assert handler_threads() <= limit
+        eventually(
+            lambda: all(map(_closed_by_the_server, connections)),
+            "silent ones left open",
+            within=metrics.METRICS_IDLE_S + 30,
+        )
+        assert scrape(running)  # and scrapes are served
+        eventually(lambda: handler_threads() == 0)
+    finally:
+        for connection in connections:
+            connection.close()
+        running.stop(grace=None)

@@ -17,15 +17,24 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client import start_http_server as _start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    make_wsgi_app,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from gradwire_server.logs import CURRENT_CALL, Call
 from gradwire_server.servicer import HANDLER_KINDS
@@ -129,17 +138,76 @@ class Metrics:
         return stats
 
 
+#: Connections the metrics port serves at once; one more is closed at once. A scraper
+#: needs one; the port needs no token, and each connection is a thread of the server's.
+MAX_METRICS_CONNECTIONS = 16
+#: Seconds a metrics connection may send nothing before it is closed.
+METRICS_IDLE_S = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    """Serves one connection, logging nothing, closed after METRICS_IDLE_S of silence."""
+
+    timeout = METRICS_IDLE_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line a scrape would drown the server's log (Prometheus's own handler's way)
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """Prometheus's threading HTTP server, a thread a connection, at most
+    MAX_METRICS_CONNECTIONS at once.
+
+    Why: prometheus_client's start_http_server gives each connection a thread of the
+    server's process, with no limit and no time limit: 600 connections that sent nothing
+    (the port needs no token) held 600 threads, and 4.8 GB of address space for their
+    stacks, for as long as they stayed open (a review of running the server for others,
+    fifty-fourth session)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._places = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._places.acquire(blocking=False):
+            self.shutdown_request(request)  # closed: a scraper retries at its next interval
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._places.release()  # no thread started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
+
+
 class MetricsServer:
     """Prometheus's HTTP exposition of a registry, on a thread of its own."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         try:
-            self._httpd, self._thread = _start_http_server(port, addr=host, registry=registry)
+            # The address's own family (an IPv6 host needs an IPv6 socket), as Prometheus's
+            # start_http_server picks it.
+            family, _, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            server_class = type("_Server", (_BoundedServer,), {"address_family": family})
+            self._httpd: WSGIServer = make_server(
+                str(address[0]), port, make_wsgi_app(registry), server_class, _Handler
+            )
         except OSError as err:
             raise OSError(
                 f"cannot serve metrics on {host}:{port} ({err.strerror or err}): choose another "
                 "--metrics-port (0 picks a free one)"
             ) from err
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="gradwire-metrics", daemon=True
+        )
+        self._thread.start()
         self.port: int = self._httpd.server_port
 
     def stop(self) -> None:
