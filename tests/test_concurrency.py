@@ -218,3 +218,42 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
             pass
     finally:
         running.stop(grace=None)
+
+
+def test_calls_whose_request_never_comes_hold_places_within_the_bound(trainer: Trainer) -> None:
+    """A caller with the token that opens one-request calls and never sends their request (a
+    slowloris, or uploads over a slow link) takes places of the call limit: the calls past it
+    are answered BUSY at once, and an operator's call and health checks answer. gRPC waits
+    for a one-request call's message on a thread of the server's pool before any handler
+    runs, outside the limit: 30 such calls held all 20 threads, and every other caller's
+    calls went unanswered, not BUSY (found by a review of running the server for others,
+    fifty-fourth session)."""
+    import grpc
+
+    from tests.test_auth import stalled_calls
+
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            release, stalled = stalled_calls(channel, "/gradwire.v1.Trainer/ListTensors", 12)
+            try:
+                # Any two of them hold the places, in the order the server took them.
+                eventually(lambda: sum(future.done() for future in stalled) >= 10)
+                busy = [future.exception() for future in stalled if future.done()]
+                assert len(busy) == 10
+                assert {error.code() for error in busy} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+                holding = [future for future in stalled if not future.done()]
+                with gradwire.connect(address, timeout=10) as client:
+                    assert client.server_info().limits.max_concurrent == 2  # beyond the limit
+                    assert client.health() == "SERVING"
+                    with pytest.raises(errors.ResourceExhausted, match="busy"):
+                        client.list_tensors()
+            finally:
+                release.set()
+            for future in holding:  # half-closed without their request
+                assert future.exception(timeout=10).code() == grpc.StatusCode.INVALID_ARGUMENT
+        with gradwire.connect(address, timeout=10) as client:
+            assert client.list_tensors().version == 0  # their places given back
+    finally:
+        running.stop(grace=None)
