@@ -324,6 +324,12 @@ def _header(path: Path) -> dict[str, str]:
             metadata = f.metadata() or {}
     except SafetensorError as err:
         raise _not_safetensors(err) from err
+    except OSError as err:  # removed since the open above (a DeleteCheckpoint: a review)
+        why = (err.strerror or str(err)).lower()
+        raise Unfit(
+            f"it cannot be read ({why}): give the server's user read access to it{AT_START}",
+            f"cannot be read ({why})",
+        ) from None
     found = metadata.get("format", "")
     if found.startswith("gradwire-checkpoint-") and found != FORMAT:
         raise Unfit(
