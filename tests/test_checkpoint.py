@@ -59,7 +59,7 @@ def test_a_loaded_checkpoint_trains_on_exactly_as_the_original(
     original = Trainer(seed=0, optimizer=settings)
     _train(original, 3)
     path = tmp_path / "state.safetensors"
-    assert original.save(path) == original.version
+    assert original.save(path).version == original.version
     restored = Trainer(seed=1)  # other weights, the default optimizer
     assert restored.load(path) == original.version
     assert restored.optimizer_settings == original.optimizer_settings
@@ -172,7 +172,7 @@ def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int
     x = FillSpec("ones", (4, 4096))
     trainer.train_step(x, FillSpec("zeros", (4, 4096)), use=lambda selection: selection)
     state_dir = tmp_path_factory.mktemp("wide")
-    version = trainer.save(state_dir / "state.safetensors")
+    version = trainer.save(state_dir / "state.safetensors").version
     trainer.close()
     return state_dir, version
 
@@ -1062,6 +1062,28 @@ def test_a_list_racing_a_delete_leaves_the_checkpoint_out(
 
     monkeypatch.setattr(checkpoint, "safe_open", deleted_first)
     assert [c.name for c in client.list_checkpoints()] == ["epoch2"]
+
+
+def test_a_save_whose_checkpoint_is_deleted_as_it_lands_is_answered_saved(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DeleteCheckpoint of the name right after the save's rename: the save was refused,
+    # "could not write checkpoint ...: No such file or directory; the server's state
+    # directory must be a folder it can write" (10 saves in 120, same review), sending the
+    # operator to the folder's permissions for a save that had been made.
+    client, _, state_dir = kept
+    real = checkpoint.save
+
+    def deleted_after(path: Path, **kwargs: Any) -> int:
+        written = real(path, **kwargs)
+        client.delete_checkpoint("epoch1")  # another client's, as the save lands
+        return written
+
+    monkeypatch.setattr(checkpoint, "save", deleted_after)
+    saved = client.save_checkpoint("epoch1")
+    assert (saved.name, saved.version) == ("epoch1", 0)
+    assert saved.bytes > 1000  # the file written, which another client removed since
+    assert not (state_dir / "epoch1.safetensors").exists()
 
 
 def test_deleting_a_link_to_a_checkpoint_frees_only_the_link(

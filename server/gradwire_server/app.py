@@ -148,7 +148,7 @@ class Running:
         try:
             if save_to is not None:
                 try:
-                    version = self.trainer.save(save_to)
+                    version = self.trainer.save(save_to).version
                 except Exception as err:  # an OSError, or safetensors' own (a full disk)
                     lost = (
                         f"could not save state version {self.trainer.version} to {save_to}: {err}"

@@ -19,7 +19,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -144,10 +144,10 @@ def save(
     parameters: dict[str, torch.nn.Parameter],
     buffers: dict[str, torch.Tensor],
     random: tuple[str, torch.Tensor] | None = None,
-) -> None:
-    """Writes the state to `path` atomically. `random`: the model's random stream, as the
-    type of device whose generator it is ("cpu": random_stream.py) and that generator's
-    state."""
+) -> int:
+    """Writes the state to `path` atomically; returns the bytes written. `random`: the
+    model's random stream, as the type of device whose generator it is ("cpu":
+    random_stream.py) and that generator's state."""
     tensors: dict[str, torch.Tensor] = {}
     if random is not None:
         device_type, state = random
@@ -192,11 +192,16 @@ def save(
         # On disk before the rename, and the rename too: after a power cut the file was
         # otherwise either the old one or the new one only as far as the page cache had got.
         _sync(partial)
+        # Its size before it lands: once there, another client may remove it (a save
+        # answered "could not write checkpoint: No such file or directory" of a checkpoint
+        # written and deleted since: a review of running the server for others).
+        size = partial.stat().st_size
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)  # a disk left full by half a checkpoint helps no one
         raise
     _sync(path.parent)
+    return size
 
 
 def _os_error(err: SafetensorError) -> OSError:
@@ -215,6 +220,13 @@ def _sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Saved(NamedTuple):
+    """What a save wrote: the state version and the file's size."""
+
+    version: int
+    bytes: int
 
 
 @dataclasses.dataclass

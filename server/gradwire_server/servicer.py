@@ -1086,8 +1086,7 @@ class TrainerServicer:
             "gradwire save NAME)",
         )
         try:
-            version = trainer.save(path)
-            size = path.stat().st_size
+            version, size = trainer.save(path)
         except OSError as err:
             raise _unwritable(path, err) from err
         log.info("saved state version %d to %s", version, path)

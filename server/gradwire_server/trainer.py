@@ -2334,10 +2334,10 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------
 
     @on_torch_thread
-    def save(self, path: Path) -> int:
+    def save(self, path: Path) -> checkpoint.Saved:
         """Writes parameters, gradients, buffers, optimizer state and version to `path`
-        (safetensors)."""
-        checkpoint.save(
+        (safetensors); returns the version saved and the file's size."""
+        written = checkpoint.save(
             path,
             version=self._version,
             model=self.spec.name,
@@ -2349,7 +2349,7 @@ class Trainer:
             if self._random_state is None
             else random_stream.for_checkpoint(self._random_state),
         )
-        return self._version
+        return checkpoint.Saved(self._version, written)
 
     def _saved_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers a checkpoint keeps: those PyTorch keeps in a state_dict, so not one a
