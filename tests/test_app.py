@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -962,3 +963,35 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Pa
     assert not (state / "state.safetensors").exists()
     # Its port is no one's: the file was left naming it (a review of running the server).
     assert not port_file.exists()
+
+
+def test_idle_connections_up_to_the_hard_limit_on_open_files_leave_the_server_serving(
+    tmp_path: Path,
+) -> None:
+    # Each connection takes a file descriptor, token or not, and gRPC holds a connection
+    # that spoke HTTP/2 until keepalive finds it dead (80 s) or for ever if it answers pings.
+    # Under a soft limit of 256 open files (systemd's default soft limit is 1,024), 300
+    # connections that sent HTTP/2's preface and nothing more left the owner's calls
+    # unanswered until they closed, gRPC logging "File descriptor limit reached. Retrying."
+    # The hard limit was 20,000 (found by a review of running the server for others,
+    # fifty-fourth session).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"a hard limit of {hard} open files leaves no room to raise")
+    port_file = tmp_path / "port"
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+    under = ("sh", "-c", 'ulimit -Sn 256 && exec "$@"', "sh")
+    with serving("--port-file", str(port_file), under=under) as (_, log):
+        port = int(port_file.read_text())
+        assert "open files: up to" in log  # the hard limit, and 256 before
+        idle = []
+        try:
+            for _ in range(300):
+                connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+                connection.sendall(preface)
+                idle.append(connection)
+            with gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client:
+                assert client.list_tensors().version == 0
+        finally:
+            for connection in idle:
+                connection.close()

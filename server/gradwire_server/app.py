@@ -7,6 +7,7 @@ import errno
 import itertools
 import logging
 import os
+import resource
 import signal
 import socket
 import tempfile
@@ -456,6 +457,31 @@ STOP_SIGNALS = tuple(
 HANGUP = getattr(signal, "SIGHUP", None)
 
 
+def raise_open_files_limit() -> tuple[str, str] | None:
+    """Raises this process's soft limit on open files to its hard limit, as Go's runtime
+    does for its servers; returns (the new limit, the old) when it raised it, as words.
+
+    Why: each client connection takes a file descriptor, token or not, and gRPC keeps one
+    that spoke HTTP/2 until keepalive finds it dead, or for ever if it answers pings. Under
+    a soft limit of 256 (systemd's default is 1,024) 300 connections that sent HTTP/2's
+    preface and nothing more left every call unanswered until they closed, gRPC logging
+    "File descriptor limit reached", though the hard limit was 20,000 (a review of running
+    the server for others, fifty-fourth session)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as err:
+        log.info("open files: up to %d, not raised to the hard limit: %s", soft, err)
+        return None
+
+    def words(limit: int) -> str:
+        return "unlimited" if limit == resource.RLIM_INFINITY else f"{limit:,}"
+
+    return words(hard), words(soft)
+
+
 def stop_signals() -> tuple[signal.Signals, ...]:
     """The STOP_SIGNALS serve handles: all of them, but SIGHUP where it is ignored."""
     return tuple(
@@ -553,6 +579,9 @@ def serve(
     a step frees for the next one (allocator.py; the process's malloc settings change).
     `one_thread_for_small_work`: run small steps on one thread on the CPU (openmp.py).
     """
+    opened = raise_open_files_limit()
+    if opened is not None:
+        log.info("open files: up to %s, each client connection takes one (was %s)", *opened)
     log.info(
         "oneDNN keeps at most %s compiled CPU kernels (%s)",
         allocator.limit_onednn_cache(),
