@@ -173,43 +173,6 @@ def well_formed(request: Any) -> Any:
     return request
 
 
-class OneRequest:
-    """The request of a one-request call, still to come: read by the call's handler once it
-    holds its place (`read_request`), not by gRPC before the handler runs.
-
-    Why: gRPC waits for a one-request call's message on a thread of the server's pool, and
-    only then runs its handler, which takes a place of the call limit or answers BUSY.
-    Calls whose request never came (a slowloris; an upload over a slow link) held threads
-    outside the limit: 30 of them held all 20, and every other caller's calls went
-    unanswered rather than BUSY, an operator's calls too (found by a review of running the
-    server for others, fifty-fourth session). So each such method is served as one that
-    takes a stream of requests (method_handlers), and reads its one message in its place."""
-
-    __slots__ = ("method", "requests")
-
-    def __init__(self, requests: Iterator[Any], method: str) -> None:
-        self.requests = requests
-        self.method = method
-
-
-def read_request(request: Any, context: grpc.ServicerContext) -> Any:
-    """`request`'s message when it is a OneRequest (waiting for it), else `request`; checked
-    well formed. InvalidInput (MALFORMED_REQUEST) when the caller sent none, as gRPC's
-    "requires exactly one request message", which it answered UNIMPLEMENTED (a method this
-    server lacks, to the command line), or CallerGone when the caller left instead."""
-    if type(request) is not OneRequest:
-        return well_formed(request)
-    try:
-        return well_formed(next(request.requests))
-    except StopIteration:
-        pass
-    with _unless_caller_gone(context):
-        raise InvalidInput(
-            f"{request.method} takes exactly one request message, and the call ended without one",
-            reason="MALFORMED_REQUEST",
-        )
-
-
 def _release_frames(error: BaseException) -> None:
     """Lets go of what the frames in `error`'s chain hold, and of the frames themselves.
 
@@ -452,7 +415,7 @@ def _unary(
             place = self.slots.operator if operator else self.slots
             with place, _Session(self, _NO_METADATA if sessionless else metadata):
                 if not isinstance(request, Iterator):
-                    request = read_request(request, context)
+                    well_formed(request)
                 if mutates:
                     return _mutate(self, method, request, context, metadata)
                 return method(self, request, context)
@@ -708,7 +671,7 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
         try:
             with self.slots.stream, _Session(self, _metadata(context)):
-                request = read_request(request, context)
+                well_formed(request)
                 yield from method(self, request, context)
         except Exception:
             _answer_error(context, method.__name__, self)
@@ -1498,7 +1461,7 @@ class TrainerServicer:
         try:
             with self.slots:
                 metadata = _carried_apart(_metadata(context), "a Batch's")
-                items = read_request(request, context)
+                items = well_formed(request)
                 most = limits.MAX_BATCH_CALLS
                 if len(items) > most:  # the deserializer stopped counting one past it
                     raise InvalidInput(
@@ -1922,26 +1885,11 @@ def method_handlers(servicer: TrainerServicer) -> dict[str, grpc.RpcMethodHandle
     handlers = {}
     for method in SERVICE.methods:
         request_type = getattr(pb, method.input_type.name)
-        # Every method takes its requests as a stream, a one-request method reading its one
-        # message in its place (OneRequest says why).
-        make = HANDLER_KINDS[(True, method.server_streaming)]
+        make = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         parse = _batch_deserializer() if method.name == "Batch" else deserializer(request_type)
-        behaviour = getattr(servicer, method.name)
-        if not method.client_streaming:
-            behaviour = _reading_its_request(behaviour, method.name)
         handlers[method.name] = make(
-            behaviour, request_deserializer=parse, response_serializer=_serialize
+            getattr(servicer, method.name),
+            request_deserializer=parse,
+            response_serializer=_serialize,
         )
     return handlers
-
-
-def _reading_its_request(
-    behaviour: Callable[[Any, grpc.ServicerContext], R], name: str
-) -> Callable[[Iterator[Any], grpc.ServicerContext], R]:
-    """`behaviour` of a one-request method, served as one taking a stream of requests: it
-    is handed the stream as a OneRequest, which it reads in its place."""
-
-    def call(requests: Iterator[Any], context: grpc.ServicerContext) -> R:
-        return behaviour(OneRequest(requests, name), context)
-
-    return call
