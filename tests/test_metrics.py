@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -607,3 +608,35 @@ def test_silent_connections_to_the_metrics_port_are_bounded_and_closed(
         for connection in connections:
             connection.close()
         running.stop(grace=None)
+
+
+def test_metrics_connections_closed_silent_or_reset_leave_no_traceback_in_the_log() -> None:
+    # A metrics connection closed for its silence (METRICS_IDLE_S) or reset by its client
+    # mid-request ended in socketserver's own error handler, which printed "Exception
+    # occurred during processing of request from ..." and a 15-line traceback to stderr,
+    # outside the log's format: two such connections put 43 lines that are not JSON in a
+    # `--log-format json` log, and anyone who can reach the port (no token) could add more
+    # every 10 s (found by a review of the fifty-fourth session's changes).
+    flags = ("--metrics-port", "0", "--log-format", "json", "--log-level", "debug")
+    with serving(*flags, until="metrics on") as (process, log):
+        url = str(json.loads(log.splitlines()[-1])["message"]).removeprefix("metrics on ")
+        port = int(re.findall(r":(\d+)/metrics", url)[0])
+        silent = socket.create_connection(("127.0.0.1", port), timeout=metrics.METRICS_IDLE_S + 30)
+        reset = socket.create_connection(("127.0.0.1", port), timeout=10)
+        reset.sendall(b"GET /metr")
+        time.sleep(0.5)  # the request line is being read
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # a reset, not a close
+        try:
+            assert silent.recv(1) == b""  # closed by the server once silent for 10 s
+        finally:
+            silent.close()
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert b"gradwire_rpc_total" in answer.read()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read().splitlines()
+    assert not [x for x in rest if "Traceback" in x or "Exception occurred" in x], rest
+    closed = [json.loads(x)["message"] for x in rest if "metrics connection" in x]
+    assert len(closed) == 2, rest  # at debug, one line each
