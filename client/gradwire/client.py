@@ -79,12 +79,25 @@ if TYPE_CHECKING:
     from gradwire.pipeline import Batch, Pipeline
     from gradwire.remote import RemoteModel
 
+# With what this module defined before its results moved to results.py and the metadata
+# keys to limits.py: imported alone, mypy --strict refused `from gradwire.client import
+# ServerInfo` ("does not explicitly export"), which ran as before (a review of the split).
 __all__ = [
     "DEFAULT_TARGET",
+    "EXPECTED_VERSION",
+    "REQUEST_ID",
+    "SESSION",
+    "CheckpointInfo",
     "Client",
     "ForwardResult",
     "Listing",
+    "LoadedCheckpoint",
     "OptimizerConfig",
+    "SavedCheckpoint",
+    "ServerInfo",
+    "ServerLimits",
+    "SessionInfo",
+    "SessionListing",
     "StepResult",
     "TensorInfo",
     "TensorRead",
