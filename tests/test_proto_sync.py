@@ -21,3 +21,42 @@ def test_generated_code_is_in_sync(tmp_path: Path) -> None:
     assert sorted(fresh) == sorted(committed)
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"{stale} are stale: run `make protos` and commit the result"
+
+
+def test_an_rpc_without_its_servicer_method_stops_the_import_naming_it(tmp_path: Path) -> None:
+    # docs/DEVELOPING.md: "servicer.py does not import without it". Only the calls a Calls
+    # stream carries were checked: an rpc on no session (as GetServerInfo) without its
+    # method let servicer.py import, and `gradwire serve` died at start with
+    # "AttributeError: 'TrainerServicer' object has no attribute 'Ping'" (found by a review
+    # of the fifty-fourth session's changes).
+    import shutil
+
+    for folder in ("client", "server", "proto", "scripts"):
+        shutil.copytree(
+            ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    proto = tmp_path / "proto" / "gradwire" / "v1" / "trainer.proto"
+    served = "  rpc GetServerInfo(GetServerInfoRequest) returns (GetServerInfoResponse);\n"
+    text = proto.read_text()
+    assert served in text
+    proto.write_text(
+        text.replace(
+            served, served + "  rpc Ping(GetServerInfoRequest) returns (GetServerInfoResponse);\n"
+        )
+    )
+    subprocess.run(
+        [sys.executable, str(tmp_path / "scripts" / "gen_protos.py")],
+        check=True,
+        capture_output=True,
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", "import gradwire_server.servicer"],
+        env={"PYTHONPATH": f"{tmp_path / 'client'}:{tmp_path / 'server'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert imported.returncode != 0
+    assert "rpc Ping, which TrainerServicer lacks: add a method Ping" in imported.stderr, (
+        imported.stderr[-2000:]
+    )

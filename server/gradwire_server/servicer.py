@@ -1693,6 +1693,22 @@ def _on_stream() -> dict[str, tuple[Handler[Any], bool]]:
 _ON_STREAM = _on_stream()
 
 
+def _check_every_rpc_served() -> None:
+    """Every RPC of the contract has its method in TrainerServicer, checked at import as
+    docs/DEVELOPING.md says: _on_stream checks only the calls a Calls stream carries, and a
+    new call on no session without its method let this module import and `gradwire serve`
+    die at start with "AttributeError: 'TrainerServicer' object has no attribute" (a review
+    of the fifty-fourth session's changes)."""
+    for method in SERVICE.methods:
+        assert hasattr(TrainerServicer, method.name), (
+            f"the contract's service has rpc {method.name}, which TrainerServicer lacks: add a "
+            f'method {method.name} (docs/DEVELOPING.md, "Adding a unary RPC")'
+        )
+
+
+_check_every_rpc_served()
+
+
 def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
     """A later chunk of a SetTensorStream names what the first named, or nothing: one that
     named another tensor or part was ignored, the first one's written (found by a review)."""
