@@ -1003,3 +1003,41 @@ def test_sessions_with_no_idle_timeout_never_close(trainer: Trainer) -> None:
         assert listed["idle_timeout_s"] == "inf"  # JSON has no infinity
     finally:
         running.stop(grace=None)
+
+
+def test_a_session_expired_is_logged_as_no_other_call_s_doing() -> None:
+    """The line saying an idle session was closed carried the fields of whichever call
+    found it expired: `closed 1 session(s) ...: '501f...' [request_id=277a...
+    session=d94c...]`, another client's TrainStep on another session, as if that call had
+    closed it (found by a review of a long researcher's session, fifty-fourth session)."""
+    from gradwire_server import logs
+    from tests.serve_in_process import running_server
+
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.addFilter(logs.CallFilter())  # as `gradwire serve`'s handler: the call's fields
+    handler.emit = said.append  # type: ignore[method-assign]
+    logger = logging.getLogger("gradwire_server.sessions")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with (
+            running_server(session_idle_s=600.0) as running,
+            gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+        ):
+            sessions = running.servicer.sessions
+            now = [time.monotonic()]
+            sessions._clock = lambda: now[0]  # the idle time passes at once
+            idle = client.open_session(seed=0).detach()
+            now[0] += 601.0
+            # This OpenSession (a request id) finds the first expired and closes it, unless
+            # the background expiry, every 10 s, came first.
+            with client.open_session(seed=0) as other:
+                other.get("loss")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    closed = [r for r in said if r.getMessage().startswith("closed 1 session(s)")]
+    assert len(closed) == 1 and repr(idle) in closed[0].getMessage()
+    assert not [f for f in logs.CALL_FIELDS if hasattr(closed[0], f)], vars(closed[0])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gradwire_server.errors import InvalidInput, OverLimit, Stopping, UnknownTensor, shown
+from gradwire_server.logs import CURRENT_CALL
 from gradwire_server.trainer import OptimizerSettings, Trainer
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,21 @@ class Sessions:
         if closed:
             # Said: a session's model and optimizer go with it, and its user found it gone
             # (NOT_FOUND) while the operator's log had no word of why (a review of running
-            # the server for others).
-            log.info(
-                "closed %d session(s) after %g s without calls (--session-idle), their state "
-                "with them: %s",
-                len(idle),
-                self.idle_s,
-                ", ".join(shown(k) for k in idle),
-            )
+            # the server for others). Logged as no call's: a call that finds them expired
+            # (another client's, on another session) lent the line its request id and
+            # session, as if it had closed them (found by a review of a long researcher's
+            # session).
+            outside = CURRENT_CALL.set(None)
+            try:
+                log.info(
+                    "closed %d session(s) after %g s without calls (--session-idle), their "
+                    "state with them: %s",
+                    len(idle),
+                    self.idle_s,
+                    ", ".join(shown(k) for k in idle),
+                )
+            finally:
+                CURRENT_CALL.reset(outside)
             self._closed(idle)
             _free(closed)
 
