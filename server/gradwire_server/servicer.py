@@ -1675,29 +1675,11 @@ def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[
     return metadata
 
 
-def _on_stream() -> dict[str, tuple[Handler[Any], bool]]:
-    """The unary calls a Calls stream carries: (the handler's own function, whether it is a
-    mutation), by name."""
-    found = {}
-    for name in calls.METHODS:
-        wrapper = getattr(TrainerServicer, name, None)
-        assert wrapper is not None, (
-            f"the contract's CallRequest carries {name}, which TrainerServicer lacks: add a "
-            f'method {name} (docs/DEVELOPING.md, "Adding a unary RPC")'
-        )
-        assert not wrapper.sessionless, f"{name} acts on no session: not for a Calls stream"
-        found[name] = (wrapper.unwrapped, wrapper.mutates)
-    return found
-
-
-_ON_STREAM = _on_stream()
-
-
 def _check_every_rpc_served() -> None:
     """Every RPC of the contract has its method in TrainerServicer, checked at import as
-    docs/DEVELOPING.md says: _on_stream checks only the calls a Calls stream carries, and a
-    new call on no session without its method let this module import and `gradwire serve`
-    die at start with "AttributeError: 'TrainerServicer' object has no attribute" (a review
+    docs/DEVELOPING.md says, before _on_stream looks the Calls stream's calls up: a new call
+    on no session without its method let this module import and `gradwire serve` die at
+    start with "AttributeError: 'TrainerServicer' object has no attribute" (a review
     of the fifty-fourth session's changes)."""
     for method in SERVICE.methods:
         assert hasattr(TrainerServicer, method.name), (
@@ -1707,6 +1689,20 @@ def _check_every_rpc_served() -> None:
 
 
 _check_every_rpc_served()
+
+
+def _on_stream() -> dict[str, tuple[Handler[Any], bool]]:
+    """The unary calls a Calls stream carries: (the handler's own function, whether it is a
+    mutation), by name."""
+    found = {}
+    for name in calls.METHODS:
+        wrapper = getattr(TrainerServicer, name)
+        assert not wrapper.sessionless, f"{name} acts on no session: not for a Calls stream"
+        found[name] = (wrapper.unwrapped, wrapper.mutates)
+    return found
+
+
+_ON_STREAM = _on_stream()
 
 
 def _same_target(first: pb.SetTensorChunk, later: pb.SetTensorChunk) -> None:
