@@ -830,7 +830,7 @@ def test_a_model_that_cannot_be_copied_has_its_fetches_checked_after_the_forward
             x, y = np.ones((2, 4), np.float32), np.array([0, 2])
             fetched = client.train_step(x, y, fetch=["lin.output[1]"]).fetched[0].value
             assert np.array_equal(fetched, client.get("lin.output")[1])
-            assert trainer._meta_run(torch.from_numpy(x)) is None
+            assert trainer._meta_run(x.shape, torch.float32) is None
             version, weight = client.list_tensors().version, client.get("lin.weight")
             with pytest.raises(errors.OutOfRange):
                 client.train_step(x * 2, y, fetch=["lin.output[2]"])
@@ -902,7 +902,7 @@ def test_a_run_on_meta_tensors_leaves_a_model_s_own_tensors_as_they_were(
             # takes the model's tensor as a meta one, and leaves it.
             x3, y3 = np.ones((3, 4), np.float32), np.array([0, 2, 1])
             assert client.train_step(x3, y3, fetch=["lin.output[2]"]).fetched[0].value.shape == (3,)
-            assert trainer._meta_run(torch.from_numpy(x3)) is not None
+            assert trainer._meta_run(x3.shape, torch.float32) is not None
             assert caching.kept() is kept and kept.device.type == "cpu"
     finally:
         running.stop(grace=None)

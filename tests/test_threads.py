@@ -143,7 +143,7 @@ def test_the_tutorial_s_step_is_small_and_batch_64_is_not() -> None:
     # model's 69,040 values are one small update.
     trainer = Trainer(seed=0, one_thread_for_small_work=True)
     try:
-        small, large = trainer._meta_run(batch(8)[0]), trainer._meta_run(batch(64)[0])
+        small, large = (trainer._meta_run(batch(n)[0].shape, torch.float32) for n in (8, 64))
         assert small is not None and large is not None
         assert 3 * small.flops <= ONE_THREAD_MAX_FLOPS
         assert large.flops > ONE_THREAD_MAX_FLOPS
@@ -311,7 +311,7 @@ def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:
 def test_operation_counts_are_kept_for_a_bounded_number_of_shapes() -> None:
     trainer = Trainer(seed=0, one_thread_for_small_work=True)
     try:
-        runs = [trainer._meta_run(torch.empty(n, 3, 10, 10)) for n in range(1, 71)]
+        runs = [trainer._meta_run((n, 3, 10, 10), torch.float32) for n in range(1, 71)]
         assert len(trainer._meta_runs) == _SHAPES_REMEMBERED
         assert (70, 3, 10, 10) in {shape for shape, _ in trainer._meta_runs}
         assert (1, 3, 10, 10) not in {shape for shape, _ in trainer._meta_runs}  # the oldest went

@@ -35,7 +35,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire import codec
 from gradwire.codec import numel
-from gradwire_server import checkpoint, live, openmp, optim, random_stream, staging
+from gradwire_server import (
+    checkpoint,
+    host_memory,
+    live,
+    openmp,
+    optim,
+    pass_memory,
+    random_stream,
+    staging,
+)
 from gradwire_server.buffers import Before, Buffers
 from gradwire_server.errors import (
     DeadlinePassed,
@@ -591,11 +600,13 @@ def _refusal_hint(said: str) -> str:
 @dataclass(frozen=True)
 class _MetaRun:
     """What a forward pass on an input of one shape does, from a run on meta tensors
-    (`Trainer._meta_run`): its floating-point operations, and the module outputs its hooks
-    kept (meta tensors: shapes and dtypes, no memory)."""
+    (`Trainer._meta_run`): its floating-point operations, the module outputs its hooks
+    kept (meta tensors: shapes and dtypes, no memory), and the bytes its operations made
+    (pass_memory.py: about what a real pass and its backward pass take at their highest)."""
 
     flops: int
     outputs: dict[str, torch.Tensor]
+    made_bytes: int
 
 
 #: A lazy layer's tensors before its first call, with no shape to copy.
@@ -1470,8 +1481,15 @@ class Trainer:
             # Before the fill is made: one of 2**28 values took 11 s and 2 GB to be refused.
             self._check_size(input.shape, "input")
             self._check_input_shape(input.shape)
+            dtype = (
+                self.spec.input_dtype if input.dtype is None else getattr(torch, input.dtype, None)
+            )
+            if isinstance(dtype, torch.dtype):  # else _make says what is wrong with it
+                self._check_pass_memory(input.shape, dtype, target is not None)
         x = self._make(input, self.spec.input_dtype, "input")
         self._check_input(x)
+        if not isinstance(input, FillSpec):
+            self._check_pass_memory(x.shape, x.dtype, target is not None)
         if target is None:
             return x, None
         # Fills default to what the loss takes: class indices, or floats like the output.
@@ -1480,6 +1498,25 @@ class Trainer:
             y = y.to(torch.int64)
         self._check_target(y, x.shape[0])
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
+
+    def _check_pass_memory(self, shape: Sequence[int], dtype: torch.dtype, training: bool) -> None:
+        """Refuses (OUT_OF_MEMORY) a forward pass on the CPU of an input of `shape` that the
+        host has not the memory left for (pass_memory.py), before anything is made for it:
+        run, it would have left the server to the kernel's out-of-memory killer.
+        `training`: a backward pass is to follow (the pass has a target). The estimate
+        comes from the run on meta tensors kept per input shape; a model that does not run
+        on them is not checked."""
+        if self.device.type != "cpu":
+            return
+        run = self._meta_run(shape, dtype)
+        if run is not None:
+            pass_memory.check(
+                "a forward pass with its backward pass" if training else "a forward pass",
+                run.made_bytes,
+                shape[0] if shape else 1,
+                pass_memory.TRAINING if training else pass_memory.FORWARD,
+                host_memory.available_bytes,
+            )
 
     def _forward(
         self, x: torch.Tensor, y: torch.Tensor | None, buffers: Before | None = None
@@ -1736,7 +1773,7 @@ class Trainer:
                 shape, dtype = tuple(tensor.shape), tensor.dtype
             elif kind == "activation":
                 if outputs is None:
-                    run = self._meta_run(x)
+                    run = self._meta_run(x.shape, x.dtype)
                     outputs, checked = {} if run is None else run.outputs, False
                 if name not in outputs:  # no tensor returned, or not known yet: see above
                     continue
@@ -1761,20 +1798,23 @@ class Trainer:
             )
         return checked
 
-    def _meta_run(self, x: torch.Tensor) -> _MetaRun | None:
-        """What a forward pass on an input like `x` does, from a run on meta tensors made once
-        per input shape and dtype (the model is in training mode outside a call, so the run
-        is in that mode); None when the model does not run on meta tensors (it reads a
-        value, or a layer makes its parameters when first called): the caller does without.
+    def _meta_run(self, shape: Sequence[int], dtype: torch.dtype) -> _MetaRun | None:
+        """What a forward pass on an input of `shape` and `dtype` does, from a run on meta
+        tensors made once per input shape and dtype (the model is in training mode outside
+        a call, so the run is in that mode); None when the model does not run on meta
+        tensors (it reads a value, or a layer makes its parameters when first called): the
+        caller does without.
         Kept per shape, as a model's layers are; for a model whose outputs' shapes change
         with state of its own, train_step checks its fetches again against the forward
         pass's, and makes a new run where the kept shapes refuse one."""
-        key = (tuple(x.shape), x.dtype)
+        key = (tuple(shape), dtype)
         if key not in self._meta_runs:
             if len(self._meta_runs) >= _SHAPES_REMEMBERED:
                 del self._meta_runs[next(iter(self._meta_runs))]  # the shape seen first
             try:
-                self._meta_runs[key] = self._run_on_meta(x)
+                self._meta_runs[key] = self._run_on_meta(
+                    torch.empty(key[0], dtype=dtype, device="meta")
+                )
             except Exception as err:
                 log.debug("no run on meta tensors for input %s: %s", key, err)
                 self._meta_runs[key] = None
@@ -1783,12 +1823,12 @@ class Trainer:
     def _run_on_meta(self, x: torch.Tensor) -> _MetaRun:
         """A forward pass for input `x` on a meta copy of the model (`_meta_copy`: shapes and
         dtypes, no memory, no arithmetic, nothing of the model's own changed), its operations
-        counted by torch's FlopCounterMode."""
-        model = _meta_copy(self._model)  # outside the counter: only the pass is counted
-        counter = FlopCounterMode(display=False)
-        with counter:
+        counted by torch's FlopCounterMode, and the bytes they made (the input's among them)."""
+        model = _meta_copy(self._model)  # outside the counters: only the pass is counted
+        counter, made = FlopCounterMode(display=False), pass_memory.MadeBytes()
+        with counter, made:
             outputs = self._forward_on_meta(model, x.shape, x.dtype)
-        return _MetaRun(counter.get_total_flops(), outputs)
+        return _MetaRun(counter.get_total_flops(), outputs, made.total)
 
     def _forward_on_meta(
         self, model: nn.Module, shape: Sequence[int], dtype: torch.dtype
@@ -1816,7 +1856,7 @@ class Trainer:
         is two), and, with `update`, one pass over the parameters that train."""
         small = self.one_thread_for_small_work and self.device.type == "cpu"
         if small and passes:
-            run = None if x is None else self._meta_run(x)
+            run = None if x is None else self._meta_run(x.shape, x.dtype)
             small = run is not None and passes * run.flops <= ONE_THREAD_MAX_FLOPS
         if small and update:
             values = sum(p.numel() for p in self._parameters.values() if p.requires_grad)

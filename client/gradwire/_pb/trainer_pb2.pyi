@@ -152,7 +152,9 @@ Conventions used by every message below:
       STATE_DIR_UNWRITABLE (a checkpoint that could not be written there)
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
-      would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY,
+      would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY
+      (a CPU pass refused before it runs, estimated past the memory the host has left:
+      metadata "bytes", the estimate, "limit", what is left, "samples", how many fit),
       BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for),
       BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":

@@ -1,0 +1,106 @@
+"""Whether a forward pass on the CPU fits in the memory the host has left, asked before it
+runs: a pass that does not fit is refused RESOURCE_EXHAUSTED (OUT_OF_MEMORY), where running
+it would have left the server to the kernel's out-of-memory killer (host_memory.py says
+why the allocation itself does not fail).
+
+What a pass takes is estimated once per input shape, from the run on meta tensors the
+trainer makes already (shapes and dtypes, no memory, no arithmetic): the bytes of every
+tensor an operation of the pass makes (`MadeBytes`), times a factor for what meta tensors
+do not show, the scratch memory of the CPU's kernels (a convolution's unfolded input) and
+the backward pass's gradients. Measured on this project's models at their peak (the
+process's highest resident memory, a pass of 20,000 samples of the tutorial's model and of
+2,000,000 of the two small ones; `python -m bench.pass_memory` measures them again), against
+the bytes their forward pass's operations made:
+
+| pass | Simple (two convolutions) | TinyMLP, TinyRegressor |
+| --- | --- | --- |
+| a forward pass | 1.58x | 0.86-0.90x |
+| a training step (forward, backward, step) | 2.87x | 1.44-1.52x |
+
+So a pass that will be followed by a backward pass (it has a target) counts three times
+what it makes (`TRAINING`), and one without a target twice (`FORWARD`). An estimate, not a
+bound: a model whose kernels take more scratch than a convolution's may pass the check and
+still not fit, and one that takes less is refused early (a small MLP's forward pass from
+under half of what is left); the refusal says how many samples fit.
+
+A GPU's memory running out is refused by torch itself (errors.device_memory): only CPU
+passes are checked here. A model that does not run on meta tensors has no estimate, and its
+passes are not checked. CPU passes run one at a time in the process (torch_thread.py), so
+two sessions' passes cannot both find the same memory free; another process can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from gradwire_server.errors import OverLimit
+
+#: What a pass is estimated to take, as a multiple of what its operations make on meta
+#: tensors: with a target (a backward pass to come) and without one (the table above).
+TRAINING = 3
+FORWARD = 2
+
+#: Passes estimated to take less than this are not checked: what the host has left is read
+#: from /proc and /sys (0.3 ms on the benchmark's VM), which a small step would feel. A pass
+#: of this size takes tens of milliseconds.
+CHECKED_FROM_BYTES = 64 << 20
+
+
+class MadeBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: untyped
+    """Counts the bytes of the tensors the operations run under it make: not their views,
+    nor the results of in-place operations, which alias an input (their schema says so)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.total = 0
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        parts = [out] if len(returns) == 1 else list(out)
+        for ret, part in zip(returns, parts, strict=False):
+            if ret.alias_info is None:
+                for t in tree_leaves(part):
+                    if isinstance(t, torch.Tensor):
+                        self.total += t.numel() * t.element_size()
+        return out
+
+
+def check(
+    what: str, made: int, samples: int, factor: int, available: Callable[[], int | None]
+) -> None:
+    """Refuses (OverLimit, OUT_OF_MEMORY) a pass of `samples` samples whose operations make
+    `made` bytes on meta tensors, when `factor` times that is more than the host has left
+    (`available()`, read only for a pass of CHECKED_FROM_BYTES or more)."""
+    need = made * factor
+    if need < CHECKED_FROM_BYTES:
+        return
+    room = available()
+    if room is None or need <= room:
+        return
+    fit = room * samples // need if samples else 0
+    advice = f"send at most {fit:,} samples a call" if fit else "no batch of this model fits now"
+    raise OverLimit(
+        f"{what} of {samples:,} samples would take about {_size(need)} of the server's "
+        f"memory, and the host has {_size(room)} left: {advice}",
+        reason="OUT_OF_MEMORY",
+        metadata={"bytes": str(need), "limit": str(room), "samples": str(fit)},
+    )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"

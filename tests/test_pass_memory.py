@@ -1,0 +1,274 @@
+"""A CPU pass the host has not the memory for is refused before it runs (pass_memory.py),
+where running it left the server to the kernel's out-of-memory killer; what the host has
+left is read from /proc and the process's control groups (host_memory.py)."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire.fill import Fill
+from gradwire_server import host_memory, pass_memory
+from gradwire_server.app import start
+from gradwire_server.errors import OverLimit
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+
+# --- what the host has left ---------------------------------------------------------
+
+
+def _write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+MEMINFO = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n"
+
+
+def test_without_groups_the_host_has_what_meminfo_calls_available(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"proc/meminfo": MEMINFO})
+    assert host_memory.available_bytes(root) == 20_000_000 * 1024
+
+
+def test_nothing_readable_is_nothing_known(tmp_path: Path) -> None:
+    assert host_memory.available_bytes(tmp_path) is None
+
+
+def test_a_cgroup_v2_limit_counts_its_room_less_usage_with_inactive_cache_given_back(
+    tmp_path: Path,
+) -> None:
+    # A container of 4 GiB using 3 GiB, 1 GiB of it page cache the kernel takes back first.
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "0::/\n",
+            "sys/fs/cgroup/memory.max": f"{4 << 30}\n",
+            "sys/fs/cgroup/memory.current": f"{3 << 30}\n",
+            "sys/fs/cgroup/memory.stat": f"anon 123\ninactive_file {1 << 30}\nactive_file 5\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 2 << 30
+
+
+def test_an_ancestor_group_s_smaller_room_is_the_one_that_counts(tmp_path: Path) -> None:
+    # A systemd unit without a limit of its own, inside a slice of 1 GiB half used.
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "0::/work.slice/gradwire.service\n",
+            "sys/fs/cgroup/work.slice/memory.max": f"{1 << 30}\n",
+            "sys/fs/cgroup/work.slice/memory.current": f"{512 << 20}\n",
+            "sys/fs/cgroup/work.slice/gradwire.service/memory.max": "max\n",
+            "sys/fs/cgroup/work.slice/gradwire.service/memory.current": "7\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 512 << 20
+
+
+def test_a_cgroup_v1_limit_without_its_host_path_is_the_mount_s(tmp_path: Path) -> None:
+    # A container without a cgroup namespace: /proc/self/cgroup names the group as the host
+    # sees it, and the container's /sys/fs/cgroup/memory is that group. "No limit" is 2**63
+    # less a page in v1; total_inactive_file, the hierarchy's, is the one counted.
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "5:memory:/docker/abc\n0::/\n",
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 << 30}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{1 << 30}\n",
+            "sys/fs/cgroup/memory/memory.stat": (
+                f"inactive_file 1\ntotal_inactive_file {256 << 20}\n"
+            ),
+        },
+    )
+    assert host_memory.available_bytes(root) == (1 << 30) + (256 << 20)
+    _write(root, {"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"})
+    assert host_memory.available_bytes(root) == 20_000_000 * 1024
+
+
+def test_this_machine_reports_what_it_has() -> None:
+    available = host_memory.available_bytes()
+    if available is None:
+        pytest.skip("no /proc/meminfo here")
+    total = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    assert 0 < available <= total
+
+
+# --- what a pass makes ----------------------------------------------------------------
+
+
+def test_made_bytes_counts_new_tensors_not_views_or_in_place_results() -> None:
+    with pass_memory.MadeBytes() as made:
+        x = torch.empty(8, 4, device="meta")  # 128 bytes
+        y = x.view(4, 8).t()  # views: nothing new
+        z = torch.relu(y)  # 128 bytes
+        z.relu_()  # in place: nothing new
+        torch.split(z, 2)  # views, a list of them
+        torch.cat([z, z])  # 256 bytes
+    assert made.total == 128 + 128 + 256
+
+
+def test_the_estimate_covers_what_autograd_keeps_of_a_real_pass() -> None:
+    # The memory a real forward pass of the tutorial's model keeps for its backward pass,
+    # and its output, are no more than its operations make on meta tensors: the factors of
+    # pass_memory.py then stand on top of all of it.
+    trainer = Trainer(seed=0)
+    try:
+        run = trainer._meta_run((64, 3, 10, 10), torch.float32)
+        assert run is not None
+        saved: dict[int, int] = {}
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, padding=1, bias=False),
+            nn.Conv2d(16, 32, 3, 1, padding=1, bias=False),
+            nn.Flatten(),
+            nn.Linear(3200, 20, bias=False),
+        )
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()  # a view saved is its tensor's memory, once
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = torch.randn(64, 3, 10, 10)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        kept = sum(saved.values()) + out.numel() * out.element_size()
+        assert kept <= run.made_bytes
+        assert run.made_bytes == 64 * 4 * (300 + 1600 + 3200 + 20)  # input, convs, linear
+    finally:
+        trainer.close()
+
+
+def test_check_weighs_a_pass_by_its_factor_against_what_the_host_has() -> None:
+    asked: list[int] = []
+
+    def available() -> int:
+        asked.append(1)
+        return 1 << 30
+
+    made = 400 << 20  # 400 MiB made: a forward pass 800 MiB, a training one 1,200 MiB
+    pass_memory.check("a pass", made, 1000, pass_memory.FORWARD, available)
+    with pytest.raises(OverLimit) as refused:
+        pass_memory.check("a pass", made, 1000, pass_memory.TRAINING, available)
+    err = refused.value
+    assert err.reason == "OUT_OF_MEMORY"
+    assert err.metadata == {"bytes": str(3 * made), "limit": str(1 << 30), "samples": "853"}
+    assert str(err) == (
+        "a pass of 1,000 samples would take about 1.2 GiB of the server's memory, and the "
+        "host has 1.0 GiB left: send at most 853 samples a call"
+    )
+    assert len(asked) == 2
+    # A small pass reads nothing: the host's files cost a small step 0.3 ms.
+    pass_memory.check("a pass", 1 << 20, 1000, pass_memory.TRAINING, lambda: 0)
+    # Nothing known: nothing refused.
+    pass_memory.check("a pass", 1 << 40, 1000, pass_memory.TRAINING, lambda: None)
+    with pytest.raises(OverLimit, match="no batch of this model fits now"):
+        pass_memory.check("a pass", 1 << 40, 1, pass_memory.FORWARD, lambda: 1 << 30)
+
+
+# --- refused over a real server --------------------------------------------------------
+
+
+class Blowup(nn.Module):
+    """Four features in, each repeated 2**20 times on the way: 16 MiB a sample in the pass,
+    from 16 bytes of input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide = x.repeat(1, 1 << 20).view(x.shape[0], -1, 4)
+        out: torch.Tensor = self.lin(wide.mean(1))
+        return out
+
+
+BLOWUP = ModelSpec("Blowup", Blowup, (4,), 3)
+
+
+@pytest.fixture
+def blowup() -> Iterator[tuple[Trainer, gradwire.Client]]:
+    trainer = Trainer(BLOWUP, device="cpu", seed=0)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            yield trainer, client
+    finally:
+        running.stop()
+        trainer.close()
+
+
+def _samples_over_the_host() -> int:
+    """Samples of Blowup whose forward pass alone would take more than the host has."""
+    available = host_memory.available_bytes()
+    if available is None:
+        pytest.skip("no /proc/meminfo here: nothing is checked")
+    return available // (16 << 20) + 1
+
+
+def test_a_forward_pass_the_host_has_no_memory_for_is_refused_before_it_runs(
+    blowup: tuple[Trainer, gradwire.Client],
+) -> None:
+    _, client = blowup
+    before = client.train_step(np.ones((2, 4), np.float32), np.array([0, 1])).version
+    samples = _samples_over_the_host()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    forward, training = "a forward pass of", "a forward pass with its backward pass of"
+    for what, call in (
+        (forward, lambda: client.forward(Fill.ones(samples, 4))),  # made: refused before
+        (forward, lambda: client.forward(np.ones((samples, 4), np.float32))),  # sent
+        (training, lambda: client.forward(Fill.ones(samples, 4), Fill.zeros(samples))),
+        (training, lambda: client.train_step(Fill.ones(samples, 4), Fill.zeros(samples))),
+        (training, lambda: next(iter(client.train(Fill.ones(samples, 4), Fill.zeros(samples), 3)))),
+    ):
+        with pytest.raises(errors.ResourceExhausted) as refused:
+            call()
+        err = refused.value
+        assert err.reason == "OUT_OF_MEMORY"
+        assert f": {what} {samples:,} samples would take about" in str(err)
+        need, room, fit = (int(err.metadata[k]) for k in ("bytes", "limit", "samples"))
+        assert need > room and 0 < fit < samples
+        assert f"send at most {fit:,} samples a call" in str(err)
+    # Nothing was made for them (a pass of them would have taken GiBs), nothing changed,
+    # and the server goes on.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - grown < 256 << 10  # KiB
+    assert client.list_tensors().version == before
+    assert client.train_step(np.ones((2, 4), np.float32), np.array([0, 1])).version > before
+
+
+def test_a_model_that_cannot_run_on_meta_tensors_is_not_checked() -> None:
+    # No estimate, no refusal: the pass runs as it did.
+    class ReadsAValue(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x) * float(x.sum() > 0)
+            return out
+
+    trainer = Trainer(ModelSpec("ReadsAValue", ReadsAValue, (4,), 3), seed=0)
+    try:
+        assert trainer._meta_run((2, 4), torch.float32) is None
+        assert trainer.forward(torch.ones(2, 4)).output_shape == (2, 3)
+    finally:
+        trainer.close()
