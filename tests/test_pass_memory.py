@@ -272,3 +272,46 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_not_checked() -> None:
         assert trainer.forward(torch.ones(2, 4)).output_shape == (2, 3)
     finally:
         trainer.close()
+
+
+# --- a new model: a session's, a Reset's --------------------------------------------
+
+
+@pytest.fixture
+def simple() -> Iterator[tuple[Trainer, gradwire.Client]]:
+    trainer = Trainer(seed=0)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            yield trainer, client
+    finally:
+        running.stop()
+        trainer.close()
+
+
+def test_a_session_or_a_reset_the_host_has_no_memory_for_is_refused(
+    simple: tuple[Trainer, gradwire.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the host has left is the check's input, set here: a test cannot use up the
+    # machine's memory (how it is read is tested above, on files).
+    trainer, client = simple
+    size = trainer.model_bytes
+    assert size == 4 * (16 * 3 * 9 + 32 * 16 * 9 + 20 * 3200)  # the tutorial's three weights
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: size - 1)
+    with pytest.raises(errors.ResourceExhausted) as refused:
+        client.open_session()
+    err = refused.value
+    assert err.reason == "OUT_OF_MEMORY"
+    assert err.metadata == {"bytes": str(size), "limit": str(size - 1)}
+    assert "a new session's model would take about" in str(err)
+    assert "close a session (CloseSession), or act on the default one" in str(err)
+    assert client.list_sessions().sessions == () and client.list_sessions().opening == 0
+    version, weight = client.list_tensors().version, client.get("conv1.weight")
+    with pytest.raises(errors.ResourceExhausted, match="a Reset's new model, built beside"):
+        client.reset(seed=1)
+    assert client.list_tensors().version == version
+    assert np.array_equal(client.get("conv1.weight"), weight)
+    # Room again: both go ahead.
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: size)
+    assert client.open_session()
+    assert client.reset(seed=1) > version

@@ -1,7 +1,8 @@
 """Whether a forward pass on the CPU fits in the memory the host has left, asked before it
 runs: a pass that does not fit is refused RESOURCE_EXHAUSTED (OUT_OF_MEMORY), where running
 it would have left the server to the kernel's out-of-memory killer (host_memory.py says
-why the allocation itself does not fail).
+why the allocation itself does not fail). A new CPU model (a session's, a Reset's) is
+checked the same way, by its parameters' and buffers' bytes (`check_model`).
 
 What a pass takes is estimated once per input shape, from the run on meta tensors the
 trainer makes already (shapes and dtypes, no memory, no arithmetic): the bytes of every
@@ -97,6 +98,19 @@ def check(
         reason="OUT_OF_MEMORY",
         metadata={"bytes": str(need), "limit": str(room), "samples": str(fit)},
     )
+
+
+def check_model(what: str, need: int, advice: str, available: Callable[[], int | None]) -> None:
+    """Refuses (OverLimit, OUT_OF_MEMORY) a new model of `need` bytes (a session's, a
+    Reset's) when the host has less than that left; `advice`, what the caller can do."""
+    room = available()
+    if room is not None and need > room:
+        raise OverLimit(
+            f"{what} would take about {_size(need)} of the server's memory, and the host has "
+            f"{_size(room)} left: {advice}",
+            reason="OUT_OF_MEMORY",
+            metadata={"bytes": str(need), "limit": str(room)},
+        )
 
 
 def _size(n: int) -> str:

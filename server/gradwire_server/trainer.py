@@ -1074,6 +1074,12 @@ class Trainer:
         return str([8, *self.spec.sample_shape])
 
     @property
+    def model_bytes(self) -> int:
+        """The bytes of the model's parameters and buffers: what building another takes."""
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def parameters(self) -> dict[str, nn.Parameter]:
         """Parameters by name, in model order (the model's own walk, cached per model)."""
         return self._parameters
@@ -2305,6 +2311,13 @@ class Trainer:
     @on_torch_thread
     def reset(self, seed: int | None = None) -> int:
         """A new model, PyTorch's default initialisation (seeded if asked), and a new optimizer."""
+        if self.device.type == "cpu":  # built beside the old one, let go of after
+            pass_memory.check_model(
+                "a Reset's new model, built beside the one it replaces,",
+                self.model_bytes,
+                "free memory on the host (close sessions), or make a new session instead",
+                host_memory.available_bytes,
+            )
         with self._device_memory("reset"):
             model, state = self._build_model(seed)
         self._optimizer = self._build_optimizer(model.parameters(), self._settings)
