@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -1218,6 +1219,33 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
     assert "gradwire delete-checkpoint NAME removes one" in full.value.message  # from afar
     assert _left(state_dir) == ["taken.safetensors"]
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
+
+
+def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_stop_s(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk's free space is the check's input, set here: this machine's disk cannot be
+    # filled for a test. A caller's save leaves 5% of the disk, at most 1 GiB.
+    client, trainer, state_dir = kept
+    real = shutil.disk_usage(state_dir)
+    kept_free = checkpoint.reserve(real.total)
+    assert kept_free == min(1 << 30, real.total // 20)
+
+    def free(left: int) -> None:
+        usage = real._replace(free=kept_free + left)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+    free(100_000)  # less than Simple's 276 KB of weights
+    with pytest.raises(errors.ResourceExhausted) as full:
+        client.save_checkpoint("big")
+    assert full.value.reason == "DISK_FULL"
+    assert "a save leaves for the rest of the host" in full.value.message
+    assert "gradwire delete-checkpoint NAME removes one" in full.value.message
+    assert _left(state_dir) == []
+    # The server's own save, at a stop, is not refused: the training would be lost.
+    assert trainer.save(state_dir / "at-stop.safetensors").bytes > 100_000
+    free(10 << 20)
+    assert client.save_checkpoint("big").bytes > 100_000
 
 
 def test_without_a_state_dir_checkpoints_say_how_to_keep_them() -> None:

@@ -13,10 +13,12 @@ checkpoint whole.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -144,10 +146,13 @@ def save(
     parameters: dict[str, torch.nn.Parameter],
     buffers: dict[str, torch.Tensor],
     random: tuple[str, torch.Tensor] | None = None,
+    keep_free: bool = False,
 ) -> int:
     """Writes the state to `path` atomically; returns the bytes written. `random`: the
     model's random stream, as the type of device whose generator it is ("cpu":
-    random_stream.py) and that generator's state."""
+    random_stream.py) and that generator's state. With `keep_free` (a caller's save, not
+    the server's own at a stop), refused, OSError ENOSPC, when it would leave less than
+    `reserve()` free on the disk (`check_room`)."""
     tensors: dict[str, torch.Tensor] = {}
     if random is not None:
         device_type, state = random
@@ -179,6 +184,8 @@ def save(
     metadata[CHECKSUM] = checksum(tensors, metadata)
     folder = path.parent / SAVING  # where safetensors' own temporary file lands too
     folder.mkdir(parents=True, exist_ok=True)
+    if keep_free:
+        check_room(folder, sum(t.numel() * t.element_size() for t in tensors.values()))
     # A name of its own: two sessions saving one name at once (on a GPU each has a thread)
     # wrote one ".partial", and the loser's rename found it gone (found by a review).
     handle, written = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=folder)
@@ -202,6 +209,33 @@ def save(
         raise
     _sync(path.parent)
     return size
+
+
+def reserve(total: int) -> int:
+    """What a caller's save leaves free on a disk of `total` bytes: 5% of it (what ext4
+    keeps for root by default, which a server running as root, as in a container, may
+    take), at most 1 GiB."""
+    return min(1 << 30, total // 20)
+
+
+def check_room(folder: Path, need: int) -> None:
+    """Raises OSError ENOSPC when writing `need` bytes in `folder` would leave less than
+    `reserve()` free on its disk. Checkpoints are saved under any name a caller gives: without
+    it, saves filled the disk, and with it every other process's writes on the host (its
+    logs, its package manager), before the first save failed."""
+    usage = shutil.disk_usage(folder)
+    kept = reserve(usage.total)
+    if usage.free - need < kept:
+        left = max(0, usage.free - need)
+        raise OSError(
+            errno.ENOSPC,
+            f"its {_mib(need)} would leave {_mib(left)} free on the disk, under the "
+            f"{_mib(kept)} a save leaves for the rest of the host",
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
 
 
 def _os_error(err: SafetensorError) -> OSError:

@@ -1049,7 +1049,9 @@ class TrainerServicer:
             "gradwire save NAME)",
         )
         try:
-            version, size = trainer.save(path)
+            # Leaving the disk room for the rest of the host (the server's own save at a
+            # stop does not: there, the training would be lost).
+            version, size = trainer.save(path, keep_free=True)
         except OSError as err:
             raise _unwritable(path, err) from err
         log.info("saved state version %d to %s", version, path)

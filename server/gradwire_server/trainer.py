@@ -2387,9 +2387,10 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------
 
     @on_torch_thread
-    def save(self, path: Path) -> checkpoint.Saved:
+    def save(self, path: Path, keep_free: bool = False) -> checkpoint.Saved:
         """Writes parameters, gradients, buffers, optimizer state and version to `path`
-        (safetensors); returns the version saved and the file's size."""
+        (safetensors); returns the version saved and the file's size. `keep_free`: a
+        caller's save, refused where it would leave the disk nearly full (checkpoint.py)."""
         written = checkpoint.save(
             path,
             version=self._version,
@@ -2401,6 +2402,7 @@ class Trainer:
             random=None
             if self._random_state is None
             else random_stream.for_checkpoint(self._random_state),
+            keep_free=keep_free,
         )
         return checkpoint.Saved(self._version, written)
 

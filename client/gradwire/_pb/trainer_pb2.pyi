@@ -155,7 +155,8 @@ Conventions used by every message below:
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY
       (a CPU pass refused before it runs, estimated past the memory the host has left:
       metadata "bytes", the estimate, "limit", what is left, "samples", how many fit),
-      BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for),
+      BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for, or
+      that would leave it less free than 5% of it or 1 GiB, whichever is less),
       BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
       "true" when the call itself succeeded, "applied": "true" when it was a mutation that
