@@ -5,6 +5,7 @@ left is read from /proc and the process's control groups (host_memory.py)."""
 from __future__ import annotations
 
 import resource
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from gradwire_server import host_memory, pass_memory
 from gradwire_server.app import start
 from gradwire_server.errors import OverLimit
 from gradwire_server.models import ModelSpec
+from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
 
 # --- what the host has left ---------------------------------------------------------
@@ -315,3 +317,36 @@ def test_a_session_or_a_reset_the_host_has_no_memory_for_is_refused(
     monkeypatch.setattr(host_memory, "available_bytes", lambda: size)
     assert client.open_session()
     assert client.reset(seed=1) > version
+
+
+def test_sessions_being_built_count_with_the_one_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two OpenSessions at once each found room for one model, and both were built: the
+    # second now counts the first, still being built outside the sessions' lock.
+    building, go = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            if built.is_set():  # a session's: held until the test lets it go
+                building.set()
+                go.wait(30)
+            built.set()
+
+    built = threading.Event()
+    default = Trainer(ModelSpec("Slow", Slow, (4,), 3), seed=0)
+    sessions = Sessions(default)
+    size = default.model_bytes
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: size * 3 // 2)
+    first = threading.Thread(target=sessions.open, args=(None, None))
+    first.start()
+    try:
+        assert building.wait(30)
+        with pytest.raises(OverLimit, match="with the 1 being built") as refused:
+            sessions.open(None, None)
+        assert refused.value.metadata["bytes"] == str(2 * size)
+    finally:
+        go.set()
+        first.join(30)
+        sessions.close_all()
+        default.close()
