@@ -19,10 +19,10 @@ from gradwire import errors
 from gradwire.fill import Fill
 from gradwire_server import host_memory, pass_memory
 from gradwire_server.app import start
-from gradwire_server.errors import OverLimit
+from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.models import ModelSpec
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import FillSpec, Trainer
 
 # --- what the host has left ---------------------------------------------------------
 
@@ -258,7 +258,7 @@ def test_a_forward_pass_the_host_has_no_memory_for_is_refused_before_it_runs(
 
 
 def test_a_model_that_cannot_run_on_meta_tensors_is_not_checked() -> None:
-    # No estimate, no refusal: the pass runs as it did.
+    # No estimate: only the input's own bytes are weighed, and the pass runs as it did.
     class ReadsAValue(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -350,3 +350,47 @@ def test_sessions_being_built_count_with_the_one_asked_for(monkeypatch: pytest.M
         first.join(30)
         sessions.close_all()
         default.close()
+
+
+def test_a_fill_without_an_estimate_or_a_target_of_the_wrong_shape_is_not_made_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Made, then refused: a fill of 2**28 values of complex128 took 4 GiB, for an input
+    # (no run on meta tensors of the float model takes complex values: no estimate) and for
+    # a target.
+    trainer = Trainer(seed=0)
+    made: list[str] = []
+    make = trainer._make
+
+    def watched(source: object, dtype: torch.dtype, what: str) -> torch.Tensor:
+        made.append(what)
+        return make(source, dtype, what)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "_make", watched)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 256 << 20)
+    samples = (1 << 28) // 300
+    try:
+        assert trainer._meta_run((samples, 3, 10, 10), torch.complex128) is None
+        with pytest.raises(OverLimit) as refused:
+            trainer.forward(FillSpec("ones", (samples, 3, 10, 10), dtype="complex128"))
+        assert refused.value.reason == "OUT_OF_MEMORY"
+        assert refused.value.metadata["bytes"] == str(samples * 300 * 16)
+        assert made == []
+        with pytest.raises(InvalidInput) as wrong:
+            trainer.forward(
+                FillSpec("ones", (2, 3, 10, 10)), FillSpec("ones", (1 << 28,), dtype="complex128")
+            )
+        assert wrong.value.reason == "BAD_TARGET_SHAPE"
+        assert str(wrong.value) == (
+            f"target has shape [{1 << 28}]; Simple takes a target of class indices [2] or the "
+            "output's shape [2, 20]"
+        )
+        assert made == ["input"]
+        # Inputs and targets that fit are made and used as before.
+        assert trainer.forward(FillSpec("ones", (2, 3, 10, 10)), FillSpec("zeros", (2,))).loss
+        probabilities = FillSpec("constant", (2, 20), "float32", value=0.05)
+        assert trainer.forward(FillSpec("ones", (2, 3, 10, 10)), probabilities).loss
+        with pytest.raises(InvalidInput, match="input has dtype complex128"):
+            trainer.forward(FillSpec("ones", (2, 3, 10, 10), dtype="complex128"))
+    finally:
+        trainer.close()

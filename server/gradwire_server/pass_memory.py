@@ -25,9 +25,10 @@ still not fit, and one that takes less is refused early (a small MLP's forward p
 under half of what is left); the refusal says how many samples fit.
 
 A GPU's memory running out is refused by torch itself (errors.device_memory): only CPU
-passes are checked here. A model that does not run on meta tensors has no estimate, and its
-passes are not checked. CPU passes run one at a time in the process (torch_thread.py), so
-two sessions' passes cannot both find the same memory free; another process can.
+passes are checked here. A model that does not run on meta tensors has no estimate: its
+passes are checked by their input's bytes alone. CPU passes run one at a time in the process
+(torch_thread.py), so two sessions' passes cannot both find the same memory free; another
+process can.
 """
 
 from __future__ import annotations

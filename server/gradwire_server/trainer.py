@@ -1498,6 +1498,18 @@ class Trainer:
             self._check_pass_memory(x.shape, x.dtype, target is not None)
         if target is None:
             return x, None
+        batch, classes = x.shape[0], self.spec.num_classes
+        if isinstance(target, FillSpec):  # the server's limit first, as for a tensor
+            self._check_size(target.shape, "target")
+        if isinstance(target, FillSpec) and numel(target.shape) > batch * classes:
+            # Before it is made, as the input's fill: a target of 2**28 values of complex128
+            # took 4 GiB to be refused for its shape.
+            indices = "" if self.spec.loss == "mse" else f"class indices [{batch}] or "
+            raise InvalidInput(
+                f"target has shape {list(target.shape)}; {self.spec.name} takes a target of "
+                f"{indices}the output's shape [{batch}, {classes}]",
+                reason="BAD_TARGET_SHAPE",
+            )
         # Fills default to what the loss takes: class indices, or floats like the output.
         y = self._make(target, self._target_dtype, "target")
         if y.dtype in _INDEX_DTYPES and self.spec.loss != "mse":
@@ -1510,19 +1522,26 @@ class Trainer:
         host has not the memory left for (pass_memory.py), before anything is made for it:
         run, it would have left the server to the kernel's out-of-memory killer.
         `training`: a backward pass is to follow (the pass has a target). The estimate
-        comes from the run on meta tensors kept per input shape; a model that does not run
-        on them is not checked."""
+        comes from the run on meta tensors kept per input shape; of a model that does not run
+        on them, only the input's own bytes are checked."""
         if self.device.type != "cpu":
             return
         run = self._meta_run(shape, dtype)
-        if run is not None:
-            pass_memory.check(
-                "a forward pass with its backward pass" if training else "a forward pass",
-                run.made_bytes,
-                shape[0] if shape else 1,
-                pass_memory.TRAINING if training else pass_memory.FORWARD,
-                host_memory.available_bytes,
-            )
+        if run is None:
+            # No estimate; the input, made first, is the least the pass takes: a fill of
+            # 2**28 values of complex128, of a dtype no run on meta tensors of a float model
+            # takes, was made (4 GiB) and only then refused for its dtype.
+            made, factor = numel(shape) * dtype.itemsize, 1
+        else:
+            made = run.made_bytes
+            factor = pass_memory.TRAINING if training else pass_memory.FORWARD
+        pass_memory.check(
+            "a forward pass with its backward pass" if training else "a forward pass",
+            made,
+            shape[0] if shape else 1,
+            factor,
+            host_memory.available_bytes,
+        )
 
     def _forward(
         self, x: torch.Tensor, y: torch.Tensor | None, buffers: Before | None = None
