@@ -394,3 +394,21 @@ def test_a_fill_without_an_estimate_or_a_target_of_the_wrong_shape_is_not_made_f
             trainer.forward(FillSpec("ones", (2, 3, 10, 10), dtype="complex128"))
     finally:
         trainer.close()
+
+
+def test_odd_group_files_are_nothing_known_not_an_error(tmp_path: Path) -> None:
+    # An exception here was a Forward's INTERNAL: odd files count as nothing known.
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "0::/\n",
+            "sys/fs/cgroup/memory.max": f"{4 << 30}\n",
+            "sys/fs/cgroup/memory.current": f"{1 << 30}\n",
+            "sys/fs/cgroup/memory.stat": "anon 1\ninactive_file \nodd\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 3 << 30
+    # A group's name too long for the file system to look it up (ENAMETOOLONG).
+    _write(root, {"proc/self/cgroup": "0::/" + "a" * 300 + "\n"})
+    assert host_memory.available_bytes(root) == 20_000_000 * 1024

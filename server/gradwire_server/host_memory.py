@@ -75,8 +75,11 @@ def _groups(mount: Path, path: str) -> list[Path]:
     host sees it (/docker/<id>), while the container's /sys/fs/cgroup is that group: where
     the path is not there, the mount is the group."""
     group = mount / path.strip("/")
-    if not group.is_dir():
-        return [mount] if mount.is_dir() else []
+    try:  # is_dir raises where it may not look (EACCES) or the name is too long
+        if not group.is_dir():
+            return [mount] if mount.is_dir() else []
+    except OSError:
+        return []
     groups = [group]
     while group != mount:
         group = group.parent
@@ -109,6 +112,7 @@ def _inactive_file(group: Path) -> int:
         text = (group / "memory.stat").read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError):
         return 0
-    stat = dict(line.split(maxsplit=1) for line in text.splitlines() if " " in line)
+    # partition, not split: a line "name " split into one field, and dict() raised.
+    stat = dict(line.partition(" ")[::2] for line in text.splitlines())
     value = stat.get("total_inactive_file", stat.get("inactive_file", "0")).strip()
     return int(value) if value.isdigit() else 0
