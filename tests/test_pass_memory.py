@@ -22,7 +22,7 @@ from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.models import ModelSpec
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
 
 # --- what the host has left ---------------------------------------------------------
 
@@ -412,3 +412,43 @@ def test_odd_group_files_are_nothing_known_not_an_error(tmp_path: Path) -> None:
     # A group's name too long for the file system to look it up (ENAMETOOLONG).
     _write(root, {"proc/self/cgroup": "0::/" + "a" * 300 + "\n"})
     assert host_memory.available_bytes(root) == 20_000_000 * 1024
+
+
+class Wide(nn.Module):
+    """32 MiB of weight, and a pass of a few KiB a sample: a step is mostly its gradients
+    and optimizer state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2048, 4096, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)[:, :4]
+        return out
+
+
+def test_a_step_s_gradients_and_optimizer_state_not_made_yet_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With Adam a first step makes 32 MiB of gradients and 64 MiB of moments, which a
+    # pass's estimate (a few KiB) does not see: refused with 64 MiB left, once made not again.
+    trainer = Trainer(ModelSpec("Wide", Wide, (2048,), 4), seed=0)
+    x, y = torch.ones(1, 2048), torch.zeros(1, dtype=torch.int64)
+    try:
+        trainer.set_optimizer(OptimizerSettings(kind="adam"))
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 64 << 20)
+        with pytest.raises(OverLimit) as refused:
+            trainer.train_step(x, y, use=lambda s: s)
+        assert refused.value.reason == "OUT_OF_MEMORY"
+        assert int(refused.value.metadata["bytes"]) > 96 << 20
+        assert str(refused.value).endswith("no batch of this model fits now")
+        assert trainer.parameters["lin.weight"].grad is None
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 1 << 30)
+        trainer.train_step(x, y, use=lambda s: s)
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 64 << 20)
+        trainer.train_step(x, y, use=lambda s: s)  # made: nothing new to count
+        # A forward pass alone makes neither.
+        trainer.set_optimizer(OptimizerSettings(kind="adam"))
+        trainer.forward(x)
+    finally:
+        trainer.close()

@@ -80,18 +80,24 @@ class MadeBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: u
 
 
 def check(
-    what: str, made: int, samples: int, factor: int, available: Callable[[], int | None]
+    what: str,
+    made: int,
+    samples: int,
+    factor: int,
+    available: Callable[[], int | None],
+    fixed: int = 0,
 ) -> None:
     """Refuses (OverLimit, OUT_OF_MEMORY) a pass of `samples` samples whose operations make
-    `made` bytes on meta tensors, when `factor` times that is more than the host has left
-    (`available()`, read only for a pass of CHECKED_FROM_BYTES or more)."""
-    need = made * factor
+    `made` bytes on meta tensors, when `factor` times that, and `fixed` bytes whatever the
+    batch (the parameters' gradients and optimizer state a step will make), is more than the
+    host has left (`available()`, read only for a need of CHECKED_FROM_BYTES or more)."""
+    need = made * factor + fixed
     if need < CHECKED_FROM_BYTES:
         return
     room = available()
     if room is None or need <= room:
         return
-    fit = room * samples // need if samples else 0
+    fit = max(0, room - fixed) * samples // (need - fixed) if samples and need > fixed else 0
     advice = f"send at most {fit:,} samples a call" if fit else "no batch of this model fits now"
     raise OverLimit(
         f"{what} of {samples:,} samples would take about {_size(need)} of the server's "
