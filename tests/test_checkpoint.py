@@ -24,7 +24,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
-from gradwire_server import checkpoint, staging
+from gradwire_server import checkpoint, host_memory, staging
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -1246,6 +1246,31 @@ def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_sto
     assert trainer.save(state_dir / "at-stop.safetensors").bytes > 100_000
     free(10 << 20)
     assert client.save_checkpoint("big").bytes > 100_000
+
+
+def test_a_checkpoint_the_host_has_no_memory_to_load_is_refused_and_changes_nothing(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the host has left is the check's input, set here (a test cannot use up this
+    # machine's memory): a load reads the whole file into it, beside the state it replaces.
+    client, _, state_dir = kept
+    _step(client)
+    client.save_checkpoint("good")
+    _step(client)
+    version, weight = client.list_tensors().version, client.get("conv1.weight")
+    size = (state_dir / "good.safetensors").stat().st_size
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: size - 1)
+    with pytest.raises(errors.ResourceExhausted) as refused:
+        client.load_checkpoint("good")
+    err = refused.value
+    assert err.reason == "OUT_OF_MEMORY"
+    assert err.metadata == {"bytes": str(size), "limit": str(size - 1)}
+    assert "loading checkpoint 'good' would take about" in err.message  # not the server's path
+    assert str(state_dir) not in err.message
+    assert client.list_tensors().version == version
+    assert np.array_equal(client.get("conv1.weight"), weight)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: size)
+    assert client.load_checkpoint("good").version == version + 1
 
 
 def test_without_a_state_dir_checkpoints_say_how_to_keep_them() -> None:

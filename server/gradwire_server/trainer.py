@@ -2567,6 +2567,16 @@ class Trainer:
         registers (a model that makes one when first needed), are registered where the pass
         would have (`_registered_in_forward`). The model's random stream goes on from the
         state the checkpoint holds for its type of device, where it holds one."""
+        with suppress(OSError):  # a file that cannot be looked at: checkpoint.load says why
+            # Read whole into the host's memory (on any device), beside the state it
+            # replaces: a checkpoint the host has not the room for was the out-of-memory
+            # killer's (pass_memory.py).
+            pass_memory.check_model(
+                f"loading {path}",
+                path.stat().st_size,
+                "free memory on the host (its other processes, this server's sessions)",
+                host_memory.available_bytes,
+            )
         try:
             loaded = checkpoint.load(path)
             settings = self._saved_settings(loaded.settings)
