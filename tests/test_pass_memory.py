@@ -452,3 +452,26 @@ def test_a_step_s_gradients_and_optimizer_state_not_made_yet_are_counted(
         trainer.forward(x)
     finally:
         trainer.close()
+
+
+def test_an_operation_that_returns_nothing_leaves_the_run_on_meta_tensors() -> None:
+    # torch._assert_async returns None: counted as a sequence it raised, and a model that
+    # checks its input so had no run on meta tensors (no estimate, no fetches checked before
+    # the pass), where it had one before the bytes were counted.
+    class Checked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch._assert_async(torch.ones((), dtype=torch.bool, device=x.device))
+            out: torch.Tensor = self.lin(x)
+            return out
+
+    trainer = Trainer(ModelSpec("Checked", Checked, (4,), 3), seed=0)
+    try:
+        run = trainer._meta_run((2, 4), torch.float32)
+        assert run is not None
+        assert run.made_bytes == 2 * 4 * 4 + 1 + 2 * 3 * 4  # input, the flag, the output
+    finally:
+        trainer.close()

@@ -72,7 +72,10 @@ class MadeBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: u
     ) -> Any:
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        parts = [out] if len(returns) == 1 else list(out)
+        # An operation that returns nothing (torch._assert_async, an in-place _foreach_) gives
+        # None: taken for a sequence, it raised, and the model lost its whole run on meta tensors
+        # (its fetches' checks, its one-thread choice) with its estimate.
+        parts = [out] if len(returns) == 1 else list(out or ())
         for ret, part in zip(returns, parts, strict=False):
             if ret.alias_info is None:
                 for t in tree_leaves(part):
