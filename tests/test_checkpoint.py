@@ -3,6 +3,7 @@ a restart in the middle of a burst of steps."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import shutil
@@ -1246,6 +1247,35 @@ def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_sto
     assert trainer.save(state_dir / "at-stop.safetensors").bytes > 100_000
     free(10 << 20)
     assert client.save_checkpoint("big").bytes > 100_000
+
+
+def test_a_save_in_place_of_one_counts_the_room_it_gives_back_and_an_unknown_disk_is_not_checked(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A script saving "latest" each epoch on a disk half a checkpoint over the reserve was
+    # refused for the whole file, where the disk ended as full as it was; and a disk whose
+    # room cannot be asked (a file system without statfs) refused every save as a state
+    # directory the server cannot write (STATE_DIR_UNWRITABLE).
+    client, _, state_dir = kept
+    client.save_checkpoint("latest")
+    size = (state_dir / "latest.safetensors").stat().st_size
+    real = shutil.disk_usage(state_dir)
+    usage = real._replace(free=checkpoint.reserve(real.total) + size // 2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    assert client.save_checkpoint("latest").bytes == size
+    with pytest.raises(errors.ResourceExhausted, match="a save leaves for the rest of the host"):
+        client.save_checkpoint("another")
+    # A file with another name on the disk keeps its bytes when this name is replaced.
+    os.link(state_dir / "latest.safetensors", state_dir / "copy.safetensors")
+    with pytest.raises(errors.ResourceExhausted, match="a save leaves for the rest of the host"):
+        client.save_checkpoint("latest")
+
+    def unknown(path: object) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    assert client.save_checkpoint("another").bytes == size
+    assert _left(state_dir) == ["another.safetensors", "copy.safetensors", "latest.safetensors"]
 
 
 def test_a_checkpoint_the_host_has_no_memory_to_load_is_refused_and_changes_nothing(

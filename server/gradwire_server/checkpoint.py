@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, NamedTuple
 
 import torch
@@ -185,7 +186,8 @@ def save(
     folder = path.parent / SAVING  # where safetensors' own temporary file lands too
     folder.mkdir(parents=True, exist_ok=True)
     if keep_free:
-        check_room(folder, sum(t.numel() * t.element_size() for t in tensors.values()))
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        check_room(folder, need, _replaced(path))
     # A name of its own: two sessions saving one name at once (on a GPU each has a thread)
     # wrote one ".partial", and the loser's rename found it gone (found by a review).
     handle, written = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=folder)
@@ -218,20 +220,38 @@ def reserve(total: int) -> int:
     return min(1 << 30, total // 20)
 
 
-def check_room(folder: Path, need: int) -> None:
-    """Raises OSError ENOSPC when writing `need` bytes in `folder` would leave less than
-    `reserve()` free on its disk. Checkpoints are saved under any name a caller gives: without
-    it, saves filled the disk, and with it every other process's writes on the host (its
-    logs, its package manager), before the first save failed."""
-    usage = shutil.disk_usage(folder)
+def check_room(folder: Path, need: int, replaced: int = 0) -> None:
+    """Raises OSError ENOSPC when writing `need` bytes in `folder`, and letting go of the
+    `replaced` bytes of the file they take the place of, would leave less than `reserve()`
+    free on its disk. Checkpoints are saved under any name a caller gives: without it,
+    saves filled the disk, and with it every other process's writes on the host (its logs,
+    its package manager), before the first save failed. A disk whose room cannot be asked
+    (a file system without statfs) is not checked: its save was refused as a state
+    directory the server cannot write."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return
     kept = reserve(usage.total)
-    if usage.free - need < kept:
-        left = max(0, usage.free - need)
+    # A save under a name it had saved before (a script's "latest" each epoch) was refused
+    # for the whole file, where the disk ended as full as it was.
+    left = usage.free - need + replaced
+    if left < kept:
         raise OSError(
             errno.ENOSPC,
-            f"its {_mib(need)} would leave {_mib(left)} free on the disk, under the "
+            f"its {_mib(need)} would leave {_mib(max(0, left))} free on the disk, under the "
             f"{_mib(kept)} a save leaves for the rest of the host",
         )
+
+
+def _replaced(path: Path) -> int:
+    """The bytes a save to `path` lets go of: the file there, where it is the disk's only
+    name for them (a link is replaced, not its target; a file linked elsewhere stays)."""
+    try:
+        found = path.lstat()
+    except OSError:
+        return 0
+    return found.st_size if S_ISREG(found.st_mode) and found.st_nlink == 1 else 0
 
 
 def _mib(n: int) -> str:
