@@ -27,7 +27,7 @@ from gradwire import errors
 from gradwire.fill import Fill
 from gradwire_server import checkpoint, host_memory, staging
 from gradwire_server.app import start
-from gradwire_server.errors import InvalidInput
+from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
 from tests.checkpoint_files import resave
@@ -1296,7 +1296,19 @@ def test_a_checkpoint_the_host_has_no_memory_to_load_is_refused_and_changes_noth
     assert err.reason == "OUT_OF_MEMORY"
     assert err.metadata == {"bytes": str(size), "limit": str(size - 1)}
     assert "loading checkpoint 'good' would take about" in err.message  # not the server's path
+    assert err.message.endswith(
+        "left: free memory on the host (its other processes, this server's sessions); "
+        "nothing was changed"
+    )
     assert str(state_dir) not in err.message
+    # At a server's start, no session to close yet, and the start's own way out: it said
+    # "this server's sessions" there, and not that fresh weights would start.
+    with pytest.raises(OverLimit) as at_start:
+        Trainer(seed=0).load(state_dir / "good.safetensors")
+    assert at_start.value.message.endswith(
+        "left: free memory on the host (its other processes), or move it away to start from "
+        "fresh weights"
+    )
     assert client.list_tensors().version == version
     assert np.array_equal(client.get("conv1.weight"), weight)
     monkeypatch.setattr(host_memory, "available_bytes", lambda: size)

@@ -44,12 +44,17 @@ AT_START = ", or move it away to start from fresh weights"
 OTHER_MODEL = f"serve the model it holds (--model), give another --state-dir{AT_START}"
 
 
+#: The advice for a checkpoint the host has not the memory left to read, at a server's start
+#: (no session there yet to close).
+NO_MEMORY = f"free memory on the host (its other processes){AT_START}"
+
+
 def at_runtime(message: str) -> str:
     """A refusal's `message`, worded for a load asked of a running server: its start-up
     advice (another --state-dir, fresh weights) does not apply there."""
     message = message.replace(
         OTHER_MODEL, "serve the model it holds (--model), or load a checkpoint of this one"
-    )
+    ).replace(NO_MEMORY, "free memory on the host (its other processes, this server's sessions)")
     return message.replace(AT_START, "") + "; nothing was changed"
 
 

@@ -2574,7 +2574,7 @@ class Trainer:
             pass_memory.check_model(
                 f"loading {path}",
                 path.stat().st_size,
-                "free memory on the host (its other processes, this server's sessions)",
+                checkpoint.NO_MEMORY,
                 host_memory.available_bytes,
             )
         try:
