@@ -153,8 +153,10 @@ Conventions used by every message below:
     RESOURCE_EXHAUSTED: TOO_MANY_ELEMENTS, USE_STREAM (metadata "bytes", "limit"),
       FETCH_TOO_LARGE and WATCH_TOO_LARGE (metadata "bytes", "limit": what the reply
       would carry, names and shapes with the values, and the most it may), OUT_OF_MEMORY
-      (a CPU pass refused before it runs, estimated past the memory the host has left:
-      metadata "bytes", the estimate, "limit", what is left, "samples", how many fit),
+      (a device's memory that ran out; or refused before it is taken: a CPU pass
+      estimated past the memory the host has left, metadata "bytes", the estimate,
+      "limit", what is left, "samples", how many fit; a new CPU session's or Reset's
+      model, or a checkpoint's read, metadata "bytes" and "limit" alone),
       BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for, or
       that would leave it less free than 5% of it or 1 GiB, whichever is less),
       BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
