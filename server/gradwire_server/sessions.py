@@ -164,16 +164,16 @@ class Sessions:
                     f"(CloseSession) or wait: {self._next_expiry()}",
                     reason="TOO_MANY_SESSIONS",
                 )
-            if self.default.device.type == "cpu":
-                # Built, a model the host has not the memory for is the kernel's
-                # out-of-memory killer's (pass_memory.py): counted with those being built.
-                building = f", with the {self._opening} being built," if self._opening else ""
-                pass_memory.check_model(
-                    f"a new session's model{building}",
-                    self.default.model_bytes * (self._opening + 1),
-                    "close a session (CloseSession), or act on the default one",
-                    host_memory.available_bytes,
-                )
+            # Built, a model the host has not the memory for is the kernel's out-of-memory
+            # killer's (pass_memory.py): counted with those being built. On every device:
+            # a GPU session's model is built on the host too, then moved (Trainer._build_model).
+            building = f", with the {self._opening} being built," if self._opening else ""
+            pass_memory.check_model(
+                f"a new session's model{building}",
+                self.default.model_bytes * (self._opening + 1),
+                "close a session (CloseSession), or act on the default one",
+                host_memory.available_bytes,
+            )
             # The place is taken now, while the model is built outside the lock: checked
             # and filled apart, twelve OpenSessions at once with a limit of two opened three,
             # four, and in one run all twelve.

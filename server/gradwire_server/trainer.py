@@ -2351,13 +2351,14 @@ class Trainer:
     @on_torch_thread
     def reset(self, seed: int | None = None) -> int:
         """A new model, PyTorch's default initialisation (seeded if asked), and a new optimizer."""
-        if self.device.type == "cpu":  # built beside the old one, let go of after
-            pass_memory.check_model(
-                "a Reset's new model, built beside the one it replaces,",
-                self.model_bytes,
-                "free memory on the host (close sessions), or make a new session instead",
-                host_memory.available_bytes,
-            )
+        # Built on the host beside the old one (on a GPU, built there and then moved): the
+        # host's memory, on every device.
+        pass_memory.check_model(
+            "a Reset's new model, built beside the one it replaces,",
+            self.model_bytes,
+            "free memory on the host (close sessions), or make a new session instead",
+            host_memory.available_bytes,
+        )
         with self._device_memory("reset"):
             model, state = self._build_model(seed)
         self._optimizer = self._build_optimizer(model.parameters(), self._settings)
