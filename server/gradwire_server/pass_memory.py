@@ -1,27 +1,28 @@
 """Whether a forward pass on the CPU fits in the memory the host has left, asked before it
 runs: a pass that does not fit is refused RESOURCE_EXHAUSTED (OUT_OF_MEMORY), where running
 it would have left the server to the kernel's out-of-memory killer (host_memory.py says
-why the allocation itself does not fail). A new CPU model (a session's, a Reset's) is
-checked the same way, by its parameters' and buffers' bytes (`check_model`).
+why the allocation itself does not fail). A new model (a session's, a Reset's, on any
+device: it is built on the host) and a checkpoint's load are checked the same way, by their
+bytes (`check_model`).
 
 What a pass takes is estimated once per input shape, from the run on meta tensors the
-trainer makes already (shapes and dtypes, no memory, no arithmetic; 2-6 ms of the tutorial's
-model, kept for 64 shapes, so a caller cycling through more batch sizes pays it every
-call): the bytes of every
-tensor an operation of the pass makes (`MadeBytes`), times a factor for what meta tensors
-do not show, the scratch memory of the CPU's kernels (a convolution's unfolded input) and
-the backward pass's gradients. Measured on this project's models at their peak (the
+trainer makes already (shapes and dtypes, no memory, no arithmetic; 2-6 ms of the
+tutorial's model, kept for 64 shapes, so a caller cycling through more batch sizes pays it
+every call): the bytes of every tensor an operation of the pass makes (`MadeBytes`), times
+a factor for what meta tensors do not show, the scratch memory of the CPU's kernels (a
+convolution's unfolded input) and the backward pass's gradients. Measured on this project's models at their peak (the
 process's highest resident memory, a pass of 20,000 samples of the tutorial's model and of
 2,000,000 of the two small ones; `python -m bench.pass_memory` measures them again), against
 the bytes their forward pass's operations made:
 
 | pass | Simple (two convolutions) | TinyMLP, TinyRegressor |
 | --- | --- | --- |
-| a forward pass | 1.58x | 0.86-0.90x |
+| a forward pass | 1.58x | 0.86-0.91x |
 | a training step (forward, backward, step) | 2.87x | 1.44-1.52x |
 
 So a pass that will be followed by a backward pass (it has a target) counts three times
-what it makes (`TRAINING`), and one without a target twice (`FORWARD`). An estimate, not a
+what it makes (`TRAINING`), and the gradients and optimizer state its step has not made yet
+besides; one without a target twice (`FORWARD`). An estimate, not a
 bound: a model whose kernels take more scratch than a convolution's may pass the check and
 still not fit, and one that takes less is refused early (a small MLP's forward pass from
 under half of what is left); the refusal says how many samples fit.
@@ -113,8 +114,9 @@ def check(
 
 
 def check_model(what: str, need: int, advice: str, available: Callable[[], int | None]) -> None:
-    """Refuses (OverLimit, OUT_OF_MEMORY) a new model of `need` bytes (a session's, a
-    Reset's) when the host has less than that left; `advice`, what the caller can do."""
+    """Refuses (OverLimit, OUT_OF_MEMORY) what takes `need` bytes of the host at once (a
+    session's or a Reset's new model, a checkpoint read to be loaded) when the host has less
+    than that left; `advice`, what the caller can do."""
     room = available()
     if room is not None and need > room:
         raise OverLimit(
