@@ -257,8 +257,11 @@ def test_a_forward_pass_the_host_has_no_memory_for_is_refused_before_it_runs(
     assert client.train_step(np.ones((2, 4), np.float32), np.array([0, 1])).version > before
 
 
-def test_a_model_that_cannot_run_on_meta_tensors_is_not_checked() -> None:
-    # No estimate: only the input's own bytes are weighed, and the pass runs as it did.
+def test_a_model_that_cannot_run_on_meta_tensors_is_checked_by_its_input_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No estimate: only the input's own bytes are weighed (what the host has left is the
+    # check's input, set here), and a pass that fits runs as it did.
     class ReadsAValue(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -272,6 +275,12 @@ def test_a_model_that_cannot_run_on_meta_tensors_is_not_checked() -> None:
     try:
         assert trainer._meta_run((2, 4), torch.float32) is None
         assert trainer.forward(torch.ones(2, 4)).output_shape == (2, 3)
+        samples = 1 << 24  # 256 MiB of float32 input, made on the server
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 128 << 20)
+        with pytest.raises(OverLimit) as refused:
+            trainer.forward(FillSpec("ones", (samples, 4)))
+        assert refused.value.metadata["bytes"] == str(samples * 4 * 4)
+        assert "send at most 8,388,608 samples a call" in refused.value.message
     finally:
         trainer.close()
 
