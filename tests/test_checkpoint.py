@@ -1204,6 +1204,9 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
         client.save_checkpoint("taken")
     assert caught.value.reason == "STATE_DIR_UNWRITABLE"
     assert "Is a directory" in caught.value.message
+    # Named as the caller named it, as a load's refusal is: the server's path is its log's.
+    assert caught.value.message.startswith("could not write checkpoint 'taken': ")
+    assert str(state_dir) not in caught.value.message
     assert _left(state_dir) == ["taken.safetensors"]
     # A file-size limit stands in for a full disk: the write fails partway.
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -1217,6 +1220,7 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
         signal.signal(signal.SIGXFSZ, handler)
     assert full.value.reason == "DISK_FULL"
     assert "free space" in full.value.message
+    assert str(state_dir) not in full.value.message
     assert "gradwire delete-checkpoint NAME removes one" in full.value.message  # from afar
     assert _left(state_dir) == ["taken.safetensors"]
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room

@@ -10,10 +10,11 @@ trainer makes already (shapes and dtypes, no memory, no arithmetic; 2-6 ms of th
 tutorial's model, kept for 64 shapes, so a caller cycling through more batch sizes pays it
 every call): the bytes of every tensor an operation of the pass makes (`MadeBytes`), times
 a factor for what meta tensors do not show, the scratch memory of the CPU's kernels (a
-convolution's unfolded input) and the backward pass's gradients. Measured on this project's models at their peak (the
-process's highest resident memory, a pass of 20,000 samples of the tutorial's model and of
-2,000,000 of the two small ones; `python -m bench.pass_memory` measures them again), against
-the bytes their forward pass's operations made:
+convolution's unfolded input) and the backward pass's gradients. Measured on this
+project's models at their peak (the process's highest resident memory, a pass of 20,000
+samples of the tutorial's model and of 2,000,000 of the two small ones; `python -m
+bench.pass_memory` measures them again), against the bytes their forward pass's operations
+made:
 
 | pass | Simple (two convolutions) | TinyMLP, TinyRegressor |
 | --- | --- | --- |

@@ -1053,6 +1053,7 @@ class TrainerServicer:
             # stop does not: there, the training would be lost).
             version, size = trainer.save(path, keep_free=True)
         except OSError as err:
+            log.warning("could not write checkpoint %s: %s", path, err)  # where: the operator's
             raise _unwritable(path, err) from err
         log.info("saved state version %d to %s", version, path)
         name = checkpoint.name_of(path)
@@ -1761,17 +1762,20 @@ def _check_write(
 
 def _unwritable(path: Path, err: OSError) -> DomainError:
     """The answer to a checkpoint that could not be written: RESOURCE_EXHAUSTED for a disk
-    or quota that is full, FAILED_PRECONDITION (the state directory's fault) for the rest."""
+    or quota that is full, FAILED_PRECONDITION (the state directory's fault) for the rest.
+    Named as the caller named it, as a load's refusal is: where the server keeps its files
+    is its operator's business, in the server's log."""
     why = err.strerror or str(err)
+    name = f"checkpoint {checkpoint.name_of(path)!r}"
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OverLimit(
-            f"could not write checkpoint {path}: {why}; free space in the server's state "
+            f"could not write {name}: {why}; free space in the server's state "
             "directory (gradwire checkpoints lists those there, gradwire delete-checkpoint "
             "NAME removes one), then save again",
             reason="DISK_FULL",
         )
     return NotConfigured(
-        f"could not write checkpoint {path}: {why}; the server's state directory must be a "
+        f"could not write {name}: {why}; the server's state directory must be a "
         "folder it can write, with no folder of that name in it",
         reason="STATE_DIR_UNWRITABLE",
     )
