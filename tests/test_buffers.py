@@ -279,7 +279,7 @@ def test_a_buffer_deleted_comes_back_as_it_was_not_persistent_in_its_place(run: 
         with pytest.raises(InvalidInput, match="one sample"):
             trainer.forward(torch.ones(1, 4))
     else:
-        trainer._run_on_meta(torch.ones(2, 4))
+        trainer._run_on_meta((2, 4), torch.float32)
     assert list(model._buffers) == ["cache", "count"]
     assert model._non_persistent_buffers_set == {"cache"}
     assert model.get_buffer("cache") is cache

@@ -597,6 +597,15 @@ def _refusal_hint(said: str) -> str:
     return ""
 
 
+def _fill_dtype(spec: FillSpec, default: torch.dtype) -> torch.dtype | None:
+    """The dtype `spec` names, `default` where it names none; None for a name torch has no
+    dtype by."""
+    if spec.dtype is None:
+        return default
+    named = getattr(torch, spec.dtype, None)
+    return named if isinstance(named, torch.dtype) else None
+
+
 @dataclass(frozen=True)
 class _MetaRun:
     """What a forward pass on an input of one shape does, from a run on meta tensors
@@ -1078,8 +1087,8 @@ class Trainer:
     @property
     def model_bytes(self) -> int:
         """The bytes of the model's parameters and buffers: what building another takes."""
-        tensors = [*self._model.parameters(), *self._model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        buffers = sum(b.numel() * b.element_size() for b in self._model.buffers())
+        return self._parameter_bytes + buffers
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:
@@ -1280,12 +1289,9 @@ class Trainer:
                 return staging.to_device(source, self.device)
         spec = source
         self._check_size(spec.shape, what)
-        dtype = default_dtype
-        if spec.dtype is not None:
-            named = getattr(torch, spec.dtype, None)
-            if not isinstance(named, torch.dtype):
-                raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}", reason="BAD_FILL")
-            dtype = named
+        dtype = _fill_dtype(spec, default_dtype)
+        if dtype is None:
+            raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}", reason="BAD_FILL")
         device = self.device
         try:
             with self._device_memory(what):
@@ -1489,10 +1495,8 @@ class Trainer:
             # Before the fill is made: one of 2**28 values took 11 s and 2 GB to be refused.
             self._check_size(input.shape, "input")
             self._check_input_shape(input.shape)
-            dtype = (
-                self.spec.input_dtype if input.dtype is None else getattr(torch, input.dtype, None)
-            )
-            if isinstance(dtype, torch.dtype):  # else _make says what is wrong with it
+            dtype = _fill_dtype(input, self.spec.input_dtype)
+            if dtype is not None:  # else _make says what is wrong with it
                 self._check_pass_memory(input.shape, dtype, target is not None)
         x = self._make(input, self.spec.input_dtype, "input")
         self._check_input(x)
@@ -1858,22 +1862,21 @@ class Trainer:
             if len(self._meta_runs) >= _SHAPES_REMEMBERED:
                 del self._meta_runs[next(iter(self._meta_runs))]  # the shape seen first
             try:
-                self._meta_runs[key] = self._run_on_meta(
-                    torch.empty(key[0], dtype=dtype, device="meta")
-                )
+                self._meta_runs[key] = self._run_on_meta(key[0], dtype)
             except Exception as err:
                 log.debug("no run on meta tensors for input %s: %s", key, err)
                 self._meta_runs[key] = None
         return self._meta_runs[key]
 
-    def _run_on_meta(self, x: torch.Tensor) -> _MetaRun:
-        """A forward pass for input `x` on a meta copy of the model (`_meta_copy`: shapes and
-        dtypes, no memory, no arithmetic, nothing of the model's own changed), its operations
-        counted by torch's FlopCounterMode, and the bytes they made (the input's among them)."""
+    def _run_on_meta(self, shape: Sequence[int], dtype: torch.dtype) -> _MetaRun:
+        """A forward pass for an input of `shape` and `dtype` on a meta copy of the model
+        (`_meta_copy`: shapes and dtypes, no memory, no arithmetic, nothing of the model's own
+        changed), its operations counted by torch's FlopCounterMode, and the bytes they made
+        (the input's among them)."""
         model = _meta_copy(self._model)  # outside the counters: only the pass is counted
         counter, made = FlopCounterMode(display=False), pass_memory.MadeBytes()
         with counter, made:
-            outputs = self._forward_on_meta(model, x.shape, x.dtype)
+            outputs = self._forward_on_meta(model, shape, dtype)
         return _MetaRun(counter.get_total_flops(), outputs, made.total)
 
     def _forward_on_meta(
