@@ -25,7 +25,8 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.cli import _connection_hint, build_parser
+from gradwire.cli import build_parser
+from gradwire.cli.connection import connection_hint
 from gradwire.client import SERVER_CANCELLED, _failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
@@ -1700,7 +1701,7 @@ def test_a_delete_past_its_timeout_may_have_landed_and_the_hint_says_so(address:
     late.changes_state = True  # as the client marks a DeleteCheckpoint its server had
     with gradwire.connect(address, timeout=30) as client:
         client.list_tensors()
-        assert _connection_hint(args, client, late) == (
+        assert connection_hint(args, client, late) == (
             "no answer within --timeout 2s, but the server may have run the call after that; "
             "the checkpoint may have been removed all the same (gradwire checkpoints shows "
             "whether it is there): give long calls a longer --timeout"
@@ -1718,12 +1719,12 @@ def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
         assert not client.answered
         client.list_tensors()
         assert client.answered
-        assert "answered earlier in this command" in str(_connection_hint(args, client, cancelled))
+        assert "answered earlier in this command" in str(connection_hint(args, client, cancelled))
     with gradwire.Client(dead_address, timeout=5) as never:
         with pytest.raises(errors.Unavailable):
             never.list_tensors()
         assert not never.answered
-        assert _connection_hint(args, never, cancelled) is None
+        assert connection_hint(args, never, cancelled) is None
 
 
 def test_a_call_its_server_cancelled_says_so_not_cancelled_twice() -> None:
@@ -2228,6 +2229,6 @@ def test_ctrl_c_while_the_command_loads_is_an_interrupt_not_a_traceback() -> Non
     ],
 )
 def test_serve_knows_a_json_log_however_argparse_would(words: list[str], json_log: bool) -> None:
-    from gradwire.cli import _asks_json_log
+    from gradwire.cli.serving import asks_json_log
 
-    assert _asks_json_log(words) is json_log
+    assert asks_json_log(words) is json_log

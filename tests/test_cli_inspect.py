@@ -683,11 +683,11 @@ def test_train_draws_the_ids_of_a_model_of_integer_inputs_below_input_high() -> 
 def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() -> None:
     # Before ListTensors described the model, a server sent no outputs and no input dtype
     # ("unknown" here); forward then asked for dtype 'unknown' and stopped.
-    from gradwire.cli import _model_input
+    from gradwire.cli.tensors import model_input
     from gradwire.results import Listing, OptimizerConfig
 
     old = Listing(0, "Simple", "cpu", OptimizerConfig("sgd", 1.0), (), (), "unknown", 0, "")
-    assert _model_input(old) == ((3, 10, 10), None)
+    assert model_input(old) == ((3, 10, 10), None)
 
 
 # --- found by a review ------------------------------------------------------------------------

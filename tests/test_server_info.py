@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.cli import INFO_COLUMNS
+from gradwire.cli.state import INFO_COLUMNS
 from gradwire.fill import Fill
 from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
 from gradwire.results import ServerInfo, ServerLimits

@@ -1,0 +1,199 @@
+"""Running one command: parse the arguments, call the command, turn its errors into an exit
+code and a line on stderr, with a hint where one helps.
+
+Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usage error,
+130 stopped by Ctrl-C, 141 a reader that went away (README.md, "The command line").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO, cast
+
+from gradwire import codec
+from gradwire.cli.connection import (
+    SESSION_ENV,
+    TARGET_ENV,
+    connect,
+    connection_hint,
+    from_environment,
+)
+from gradwire.cli.errors import CommandError, Interrupted, UsageError
+from gradwire.cli.output import Output
+from gradwire.cli.parser import build_parser
+from gradwire.cli.serving import asks_json_log, usage_error_logged
+from gradwire.credentials import TOKEN_ENV
+from gradwire.errors import (
+    RemoteError,
+)
+from gradwire.selector import SelectorError
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Runs one command; returns the exit code (0 ok, 1 remote error, 2 usage error)."""
+    err = err or sys.stderr
+    if out is None:
+        if sys.stdout is None:  # `gradwire info >&-`: Python found no descriptor 1
+            err.write("gradwire: error: the standard output is closed; send it somewhere "
+                      "(> /dev/null to drop it)\n")  # fmt: skip
+            return 1
+        out = cast(TextIO, Output(sys.stdout))
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    option = words[0].split("=", 1)[0] if words else ""
+    if option in _AFTER_THE_COMMAND:
+        # argparse took the option's value for the command: "invalid choice: 'gpu-box:50051'".
+        err.write(
+            f"gradwire: error: {option} goes after the command: gradwire COMMAND {option} ... "
+            "(such as gradwire list --target HOST:PORT); gradwire -h lists the commands\n"
+        )
+        return 2
+    # `serve --log-format json`: argparse's refusal of an option is the log's last line too,
+    # as any other failed start's is (errors_logged), not a usage in plain text after it.
+    json_log = bool(words) and words[0] == "serve" and asks_json_log(words)
+    aside = io.StringIO()
+    said: TextIO = aside if json_log else err
+    try:
+        # argparse prints usage, errors and --help itself: to this call's streams.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(said):
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                # Refused by the command's parser, not the top one: its usage, its name
+                # ("gradwire get: error: unrecognized arguments: --dtype float16"), where
+                # argparse's own gave gradwire's usage (a newcomer's walkthrough).
+                args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exit:
+        if json_log:
+            usage_error_logged(aside.getvalue(), err)
+        return int(exit.code or 0)
+    if json_log:
+        err.write(aside.getvalue())
+    if args.remote:
+        from_environment(args)
+    hint = None  # for a remote error: what to do about it, when the CLI can tell
+    try:
+        if not args.remote or (args.command == "replay" and args.embedded):
+            args.func(args, None, out)
+        else:
+            args.err = err  # for a command's word beside its output (_note_absent)
+            with connect(args) as client:
+                try:
+                    args.func(args, client, out)
+                except RemoteError as e:
+                    hint = connection_hint(args, client, e)  # before the channel closes
+                    raise
+    except (UsageError, SelectorError, codec.CodecError) as e:
+        if not getattr(e, "logged", False):
+            err.write(f"gradwire {args.command}: error: {e}\n")
+        return 2
+    except RemoteError as e:
+        err.write(f"error: {e}\n")
+        stale = getattr(args, "session_from_environment", False)  # a command that calls
+        if hint is None and e.reason == "UNKNOWN_SESSION" and stale:
+            # A stale export in the shell: nothing said where the id came from (a review).
+            hint = (
+                f"the session came from ${SESSION_ENV}, which names one closed or never "
+                f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
+                "(gradwire sessions lists them)"
+            )
+        # Which server was reached matters to a hint about reaching it, a token or a
+        # session, not to one about the order of calls (a newcomer's walkthrough found
+        # "gradwire backward first ... (the target came from $GRADWIRE_TARGET)").
+        about_the_server = True
+        # A server that takes no sessions has none to list or close.
+        no_sessions = e.reason == "TOO_MANY_SESSIONS" and e.metadata.get("max_sessions") == "0"
+        if hint is None and not no_sessions:  # the server's words name RPCs; say the commands
+            hint = _COMMAND_HINTS.get(e.reason)
+            about_the_server = hint is None
+        if (
+            hint is None
+            and e.reason == "BAD_TOKEN"
+            and getattr(args, "token_file", None) is None
+            and os.environ.get(TOKEN_ENV, "").strip()
+        ):  # the error did not say where the wrong token came from (a review of the CLI)
+            hint = (
+                f"the token came from ${TOKEN_ENV}, which holds another server's or an old "
+                f"one: export this server's (its --token-file), or give --token-file FILE"
+            )
+        if (
+            hint is not None
+            and about_the_server
+            and getattr(args, "target_from_environment", False)
+        ):
+            hint += f" (the target came from ${TARGET_ENV})"
+        if hint is not None:
+            err.write(f"hint: {hint}\n")
+        return 1
+    except CommandError as e:
+        if not e.logged:
+            err.write(f"gradwire {args.command}: error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        err.write("interrupted\n")
+        return 130
+    except Interrupted:
+        return 130  # stopped as asked, and the command has said where
+    except BrokenPipeError:
+        return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
+    return 0
+
+
+#: For errors whose message names the RPC or its argument to use ("pass retain_graph to
+#: Backward", "close one (CloseSession)"), the command and option that do it (found by a
+#: review of the CLI).
+_COMMAND_HINTS = {
+    "GRAPH_FREED": "gradwire forward again, or keep the graph with gradwire backward "
+    "--retain-graph",
+    "NO_GRADIENTS": "gradwire backward first; gradwire zero-grad removes the gradients, and "
+    "zero-grad --zeros keeps them as zeros",
+    "TOO_MANY_SESSIONS": "gradwire sessions lists them; gradwire close-session ID closes one",
+}
+
+
+#: Options of the commands, not of `gradwire` itself: written before the command, they are
+#: refused saying where they go. Others (an abbreviated --help, a typo) are argparse's.
+_AFTER_THE_COMMAND = frozenset(
+    {
+        "--target", "--timeout", "--json", "--keepalive", "--session", "--token-file", "--tls",
+        "--tls-ca", "--tls-cert", "--tls-key", "--port", "--host", "--device", "--seed",
+    }
+)  # fmt: skip
+
+
+#: The exit code of a command whose output's reader went away: 128 + SIGPIPE, as the shell
+#: reports a program that SIGPIPE ended.
+BROKEN_PIPE = 141
+
+
+def main_entry() -> None:
+    code = main()
+    unwritten = False  # output left that Python would try again to write at exit
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe prints a traceback
+    except BrokenPipeError:
+        code, unwritten = BROKEN_PIPE, True
+    except OSError as e:  # the last of the output, to a full disk
+        sys.stderr.write(f"gradwire: error: cannot write the output: {e.strerror or e}\n")
+        code, unwritten = max(code, 1), True
+    if code == BROKEN_PIPE or unwritten:
+        # Python flushes stdout again at exit: send what is left nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if "torch" in sys.modules:
+        # torch's teardown at the interpreter's exit (every operator it registered from
+        # Python deregistered one by one, and collections over its objects) took 0.7-0.85 s
+        # after `serve` logged "stopped", and gives back nothing that the exit does not. By
+        # now the state is saved and synced, files are closed and stdout is flushed; the log
+        # and stderr are flushed here. Then the process ends without that teardown.
+        logging.shutdown()
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

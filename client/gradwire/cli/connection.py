@@ -1,0 +1,231 @@
+"""Reaching a server: the Client made from the common options and the environment
+($GRADWIRE_TARGET, $GRADWIRE_SESSION), and the hint for a call that never reached a server
+(or stopped being answered), in words a person can act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from gradwire.cli.errors import UsageError
+from gradwire.client import DEFAULT_TARGET, NEVER_REACHED, UNRESOLVED, Client, check_session
+from gradwire.credentials import load_token, read_optional
+from gradwire.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    RemoteError,
+    Unavailable,
+)
+
+#: The environment variable naming the session commands act on (--session).
+SESSION_ENV = "GRADWIRE_SESSION"
+#: The environment variable naming the server every command calls unless --target says.
+TARGET_ENV = "GRADWIRE_TARGET"
+
+
+def connect(args: argparse.Namespace) -> Client:
+    """A Client for the common options: target, timeout, token and TLS."""
+    if bool(args.tls_cert) != bool(args.tls_key):  # gRPC's C core aborts on half a pair
+        given = "--tls-cert" if args.tls_cert else "--tls-key"
+        missing = "--tls-key" if args.tls_cert else "--tls-cert"
+        raise UsageError(
+            f"{given} without {missing}: mutual TLS needs the client's certificate "
+            "(--tls-cert) and its private key (--tls-key); give both, or neither"
+        )
+    try:
+        check_session(args.session, "--session")  # in the words of the command line
+        return Client(
+            args.target,
+            timeout=args.timeout,
+            token=load_token(args.token_file),
+            tls=args.tls,
+            ca=read_optional(args.tls_ca, "certificate", "--tls-ca"),
+            cert=read_optional(args.tls_cert, "certificate", "--tls-cert"),
+            key=read_optional(args.tls_key, "private key", "--tls-key"),
+            session=args.session,
+            keepalive=args.keepalive or None,
+        )
+    except (OSError, ValueError) as e:
+        said = str(e)
+        if getattr(args, "target_from_environment", False) and "target" in said:
+            said += f" (the target came from ${TARGET_ENV})"
+        if getattr(args, "session_from_environment", False) and "session" in said:
+            said += f" (the session came from ${SESSION_ENV})"
+        raise UsageError(said) from None
+
+
+def _unreachable(error: RemoteError) -> bool:
+    """Whether a call failed before reaching a server: nothing listening, or a plaintext call
+    to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
+    text = error.message.lower()
+    return isinstance(error, Unavailable) and any(words in text for words in NEVER_REACHED)
+
+
+#: Seconds a failed command waits to learn whether its channel ever connected: a connected
+#: one says so at once.
+READY_CHECK_S = 0.5
+
+
+def _connected(client: Client) -> bool:
+    """Whether the client's channel is connected: a server answered gRPC on it."""
+    try:
+        client.wait_ready(READY_CHECK_S)
+    except Unavailable:
+        return False
+    return True
+
+
+#: What a command on the server's files (not its state) that failed once its server had it
+#: may have done all the same, for connection_hint.
+_ON_FILES = {
+    "save": "; the checkpoint may have been written all the same (saving again replaces it)",
+    "delete-checkpoint": "; the checkpoint may have been removed all the same (gradwire "
+    "checkpoints shows whether it is there)",
+}
+
+
+def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError) -> str | None:
+    """What to do about a call that never reached a gradwire server, from what the CLI can
+    know: gRPC's words for the failure, the TLS options given and whether the channel ever
+    connected. None for an error a server answered."""
+    target = client.target
+    tls = bool(args.tls or args.tls_ca or args.tls_cert)
+    text = error.message.lower()
+    # What the server may have done with a call that failed once it was reached: a command
+    # reported as failed, then run again, would apply its change twice (found by a review).
+    applied = (
+        "; what this command asked may have been applied all the same (gradwire list shows "
+        "the state version)"
+        if error.changes_state
+        else ""
+    )
+    if error.changes_state and args.command in _ON_FILES:  # the server's files, not its state
+        applied = _ON_FILES[args.command]
+    # A server that answered this command's earlier calls, or that its channel reached: gone
+    # since, not never there (a stopped server's port refuses the retries that follow). A
+    # stopping server cancels the calls it has taken in and not begun (CANCELLED), and cuts
+    # its streams (UNAVAILABLE "Cancelling all calls"). Errors without a reason are gRPC's
+    # own, not a gradwire server's (whose STOPPING and BUSY say what they are).
+    reached = client.answered or client.reached
+    if reached and isinstance(error, (Unavailable, Cancelled)) and not error.reason:
+        seen = "answered earlier in this command" if client.answered else "was reached"
+        return (
+            f"the server at {target} {seen}, then stopped answering: it was stopped or "
+            f"restarted, or the network to it went down (its log says which){applied}; "
+            f"gradwire health --target {target} says when it is back"
+        )
+    if isinstance(error, DeadlineExceeded):
+        if reached or _connected(client):  # the call took longer than --timeout
+            if not applied:  # a read: nothing done, only the time to give (a review)
+                if getattr(args, "duration", None) is not None:  # its own end, not --timeout
+                    return None
+                return (
+                    f"no answer within --timeout {args.timeout:g}s: give this command a "
+                    "longer --timeout"
+                )
+            look = "" if args.command in _ON_FILES else "look before running it again, and "
+            return (
+                f"no answer within --timeout {args.timeout:g}s, but the server may have run "
+                f"the call after that{applied}: {look}give long calls a longer --timeout"
+            )
+        return (
+            f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "
+            "connection never became ready): check that --target HOST:PORT names a gradwire "
+            "server, not another program or a port a firewall drops"
+        )
+    if not _unreachable(error):
+        return None
+    if any(words in text for words in UNRESOLVED):
+        return (
+            f"{target} could not be resolved to an address: check the host name and the "
+            "port in --target HOST:PORT (such as localhost:50051 or gpu-box:50051)"
+        )
+    if "parsing http/2" in text:  # a connection made, and answered in something else
+        return (
+            f"something that is not a gRPC server answers at {target} (a web server?): "
+            "check the port in --target HOST:PORT"
+        )
+    if "certificate_verify_failed" in text and "certificate has expired" in text:
+        # It said no server answered, and to start one (found by a review of deployment).
+        return (
+            f"{target} serves TLS with a certificate that has expired (or this machine's "
+            "clock is wrong): the server needs a new one (gradwire serve --tls-cert, --tls-key)"
+        )
+    if "certificate_verify_failed" in text and (
+        "local issuer" in text or "self signed" in text or "self-signed" in text
+    ):
+        signer = (
+            f"the CA in {args.tls_ca}"
+            if args.tls_ca
+            else "any CA this machine trusts (--tls alone trusts the system's)"
+        )
+        return (
+            f"{target} serves TLS with a certificate not signed by {signer}: pass --tls-ca "
+            "with the CA that signed the server's certificate (PEM)"
+        )
+    if "hostname verification" in text:
+        # It said no server answered, and to start one (found by an operator's walkthrough).
+        host = target.rpartition(":")[0].strip("[]") or target
+        return (
+            f"{target} serves TLS with a certificate that does not name {host}: connect by a "
+            "name the certificate holds (its subject alternative names), or give the server "
+            f"a certificate that names {host}"
+        )
+    if "wrong_version_number" in text:  # the answer to TLS's first message was not TLS
+        return (
+            f"{target} does not answer in TLS: for a server without TLS, leave out --tls, "
+            "--tls-ca, --tls-cert and --tls-key"
+        )
+    if args.tls_cert and "failed to create security handshaker" in text:
+        # gRPC could not use the client's own pair (its log: "Invalid private key"); the
+        # hint said no server answered, and to start one (found by a review of deployment).
+        return (
+            f"this client's TLS files could not be used together: is --tls-key "
+            f"{args.tls_key} the private key that --tls-cert {args.tls_cert} was made with?"
+        )
+    if tls and "socket closed" in text:
+        if args.tls_cert:
+            # The server does not say why; an expired certificate was blamed on the CA.
+            return (
+                f"{target} closed the connection before it was ready: if it requires client "
+                f"certificates, it refused {args.tls_cert}: one its client CA did not sign, "
+                "or one that has expired or is not valid yet"
+            )
+        return (
+            f"{target} closed the connection before it was ready: if it requires client "
+            "certificates (mutual TLS), pass --tls-cert and --tls-key"
+        )
+    if tls:
+        return (
+            f"no gradwire server answered at {target}: start one (gradwire serve), or name "
+            "yours with --target HOST:PORT"
+        )
+    return (
+        f"no gradwire server answered at {target}: start one (gradwire serve), name yours "
+        "with --target HOST:PORT, or add --tls if it serves TLS"
+    )
+
+
+def from_environment(args: argparse.Namespace) -> None:
+    """The target and session a command did not name, from $GRADWIRE_TARGET (else
+    DEFAULT_TARGET) and $GRADWIRE_SESSION. `args.given` records which common options were
+    given, and `args.target_from_environment` and `args.session_from_environment` where
+    the others came from, for messages. Read here, not as argparse defaults, with which
+    given and defaulted could not be told apart (an abbreviated --sess was taken for the
+    environment's, found by a review)."""
+    args.given = {name for name in COMMON if getattr(args, name, None) not in (None, False)}
+    target, session = os.environ.get(TARGET_ENV), os.environ.get(SESSION_ENV)
+    args.target_from_environment = "target" not in args.given and bool(target)
+    # close-session's ID names the session as --session does.
+    named = "session" in args.given or getattr(args, "id", None) is not None
+    args.session_from_environment = not named and bool(session)
+    if "target" not in args.given:
+        args.target = target or DEFAULT_TARGET
+    if "session" not in args.given:
+        args.session = session or None
+
+
+#: The options every command that calls a server takes (build_parser's `common`) whose
+#: absence means something: the environment's, or none.
+COMMON = ("target", "session", "token_file", "tls", "tls_ca", "tls_cert", "tls_key")

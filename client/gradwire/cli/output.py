@@ -1,0 +1,79 @@
+"""What a command writes: text, or one JSON object a line with --json, to a standard output
+whose errors say what failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+import numpy as np
+
+from gradwire.cli.errors import CommandError
+
+
+class Output:
+    """The standard output a command writes to, whose errors say what failed: writing to a
+    full disk (`gradwire list > /dev/full`) ended in a traceback (found by a review of the
+    CLI). A reader gone away stays a BrokenPipeError, which ends a command quietly."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        with self._failing():
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        with self._failing():
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the stream's
+        return getattr(self._stream, name)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise CommandError(f"cannot write the output: {e.strerror or e}") from None
+
+
+def jsonable(value: Any) -> Any:
+    """A tensor's values as nested lists; `json_line` spells those that are not finite.
+    A torch tensor's own tolist(): numpy has no bfloat16, and np.asarray of one raised."""
+    if value is None:
+        return None
+    tolist = getattr(value, "tolist", None)
+    return tolist() if tolist is not None else np.asarray(value).tolist()
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every float that is not finite as a string ("nan", "inf", "-inf"): JSON
+    has none, and a string keeps the line readable by any parser while every finite value
+    stays a number. Tensor values, losses and statistics alike."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_line(data: Any) -> str:
+    """One line of strict JSON, which every parser reads (Python's json writes bare NaN)."""
+    return json.dumps(_finite(data), allow_nan=False) + "\n"
+
+
+def emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    if args.json:
+        out.write(json_line(data))
+    else:
+        out.write(text + "\n")
