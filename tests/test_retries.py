@@ -22,7 +22,7 @@ from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
-from gradwire_server.servicer import ANSWER_BYTES_KEPT, RequestLog
+from gradwire_server.request_log import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.relay import relay_to
 from tests.serve_in_process import running_server

@@ -607,7 +607,7 @@ def checkpoints_to_proto(found: Iterable[Described]) -> pb.ListCheckpointsRespon
 
 
 class RequestsKept(Protocol):
-    """What a server keeps for retries (servicer.RequestLog): each request id for `keep_s`
+    """What a server keeps for retries (request_log.RequestLog): each request id for `keep_s`
     after its last use, and past that while among the last `size`; `max_ids` ids at most,
     and the latest answers that fit in `max_bytes`."""
 
