@@ -10,7 +10,6 @@ small tensors (INLINE_READ_ELEMENTS). Every mutation either completes and adds o
 from __future__ import annotations
 
 import contextvars
-import copy
 import dataclasses
 import difflib
 import functools
@@ -20,7 +19,6 @@ import re
 import secrets
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -28,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -58,6 +55,7 @@ from gradwire_server.errors import (
     device_memory,
 )
 from gradwire_server.indexing import IndexChain, select
+from gradwire_server.meta_copy import meta_copy
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
@@ -616,109 +614,6 @@ class _MetaRun:
     flops: int
     outputs: dict[str, torch.Tensor]
     made_bytes: int
-
-
-#: A lazy layer's tensors before its first call, with no shape to copy.
-_UNINITIALIZED = (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer)
-#: Attributes whose own attributes `_meta_copy` does not look into: copy.deepcopy keeps
-#: classes, functions and Python modules as they are.
-_NOT_WALKED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-#: numpy arrays larger than this are shared with a meta copy, not copied (a 400 MB lookup
-#: table was copied for each input shape: a review); a smaller one, a counter the model moves
-#: in place, is copied (shared, the run moved it too: a review of that change).
-_SHARED_ARRAY_BYTES = 1 << 20
-#: How deep `_meta_copy` looks for tensors in a model's attributes (a list in a dict on an
-#: object: three).
-_META_DEPTH = 4
-
-
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` to run on meta tensors, sharing nothing with it that the run could
-    change: its parameters and buffers, and the tensors it keeps in its attributes (in the
-    lists, tuples, sets, dicts, objects and layers there, `_META_DEPTH` levels down), are
-    meta tensors of the same shapes and dtypes; numpy arrays over `_SHARED_ARRAY_BYTES` are
-    shared; everything else is copied (copy.deepcopy), hooks too, but for those
-    `_shared_hook` names. A run on the model itself, its tensors swapped for the run, left
-    behind what its forward kept (a tensor cached in a list in a dict, a submodule made when
-    first needed, a counter tensor moved in place), which later calls then failed on or
-    computed with (the forty-fifth to forty-seventh sessions' reviews). Raises what
-    copy.deepcopy raises for an attribute it cannot copy (a lock, an open file): the caller
-    then does without the run.
-    """
-    memo: dict[int, Any] = {}
-    hooks: list[object] = []
-    for module in model.modules():
-        for key, value in vars(module).items():
-            if key.endswith("hooks") and isinstance(value, dict):
-                hooks.extend(value.values())
-            elif key != "_modules":  # each layer is walked as one of model.modules()
-                _to_meta(value, memo, _META_DEPTH)  # _parameters and _buffers among them
-    closures: list[tuple[types.FunctionType, types.FunctionType]] = []
-    for hook in hooks:
-        if _shared_hook(hook):
-            memo[id(hook)] = hook
-        elif isinstance(hook, types.FunctionType) and hook.__closure__:
-            copied = _empty_copy(hook)
-            memo[id(hook)] = copied
-            closures.append((hook, copied))
-    # Filled once every hook is in the memo: a closure's contents (the model itself, for a
-    # `lambda m, i, o: setattr(self, ...)`) hold the layers, and so the other hooks.
-    for hook, copied in closures:
-        for old, new in zip(hook.__closure__ or (), copied.__closure__ or (), strict=True):
-            with suppress(ValueError):  # an empty cell stays empty
-                new.cell_contents = copy.deepcopy(old.cell_contents, memo)
-    return copy.deepcopy(model, memo)
-
-
-def _shared_hook(hook: object) -> bool:
-    """Whether a meta copy shares `hook` with the model rather than copying it: the trainer's
-    own (`_kept_output`, so that it hears of the copy's module outputs), and a method of an
-    object that is no layer (a recorder's, say: copied, it copied all it holds, a trainer
-    and its locks included, and failed). A layer's method, a partial over a layer and a
-    closure over one are copied with it (`_empty_copy`): shared, they wrote the copy's
-    meta tensors into the model's own buffers (reviews)."""
-    if isinstance(hook, functools.partial):
-        return hook.func is _kept_output
-    return isinstance(hook, types.MethodType) and not isinstance(hook.__self__, nn.Module)
-
-
-def _empty_copy(function: types.FunctionType) -> types.FunctionType:
-    """`function` again, over empty cells for `_meta_copy` to fill with copies of what its
-    closure holds: copy.deepcopy keeps a function as it is, and so what its closure holds (a
-    hook `lambda m, i, o: setattr(self, ...)` wrote into the model, not its copy)."""
-    cells = tuple(types.CellType() for _ in function.__closure__ or ())
-    copied = types.FunctionType(
-        function.__code__, function.__globals__, function.__name__, function.__defaults__, cells
-    )
-    copied.__kwdefaults__ = function.__kwdefaults__
-    return copied
-
-
-def _to_meta(value: object, memo: dict[int, Any], depth: int) -> None:
-    """Notes in `memo` a meta tensor for each tensor in `value`, `depth` levels down, and
-    `value` itself for a large numpy array (`_meta_copy`). A function of its own, not a
-    closure: a recursive closure holds itself, and so the memo and the copy it holds, until
-    Python's cycle collector runs (copies of a model's data piled up: a review)."""
-    if isinstance(value, torch.Tensor):
-        if id(value) not in memo and not isinstance(value, _UNINITIALIZED):
-            meta = torch.empty_like(value, device="meta")
-            if isinstance(value, nn.Parameter):
-                meta = nn.Parameter(meta, requires_grad=value.requires_grad)
-            memo[id(value)] = meta
-    elif isinstance(value, np.ndarray):
-        if value.nbytes > _SHARED_ARRAY_BYTES:
-            memo[id(value)] = value
-    elif not depth or isinstance(value, _NOT_WALKED):
-        return
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for item in value:
-            _to_meta(item, memo, depth - 1)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _to_meta(item, memo, depth - 1)
-    elif hasattr(value, "__dict__"):  # an object of the model's own, a layer held aside
-        for item in vars(value).values():
-            _to_meta(item, memo, depth - 1)
 
 
 def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
@@ -1870,10 +1765,11 @@ class Trainer:
 
     def _run_on_meta(self, shape: Sequence[int], dtype: torch.dtype) -> _MetaRun:
         """A forward pass for an input of `shape` and `dtype` on a meta copy of the model
-        (`_meta_copy`: shapes and dtypes, no memory, no arithmetic, nothing of the model's own
+        (`meta_copy`: shapes and dtypes, no memory, no arithmetic, nothing of the model's own
         changed), its operations counted by torch's FlopCounterMode, and the bytes they made
         (the input's among them)."""
-        model = _meta_copy(self._model)  # outside the counters: only the pass is counted
+        # Copied outside the counters: only the pass is counted.
+        model = meta_copy(self._model, _kept_output)
         counter, made = FlopCounterMode(display=False), pass_memory.MadeBytes()
         with counter, made:
             outputs = self._forward_on_meta(model, shape, dtype)
@@ -1882,7 +1778,7 @@ class Trainer:
     def _forward_on_meta(
         self, model: nn.Module, shape: Sequence[int], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        """`model`, a meta copy of the trainer's (`_meta_copy`), run on an input of `shape`
+        """`model`, a meta copy of the trainer's (`meta_copy`), run on an input of `shape`
         and `dtype` (meta, without gradients); the module outputs the trainer's hooks kept
         of it, which go nowhere else (not into the outputs of the last Forward)."""
         self._pending = {}
@@ -2465,12 +2361,12 @@ class Trainer:
 
     def _registered_in_forward(self, names: Iterable[str]) -> bool | None:
         """Whether a forward pass registers buffers `names`, which the model lacks now, from
-        a pass on zeros of [2, *sample_shape] on a meta copy of it (`_meta_copy`: nothing of
+        a pass on zeros of [2, *sample_shape] on a meta copy of it (`meta_copy`: nothing of
         the model's changes): True when it did, before it ended or failed (a model that
         makes its buffer on the CPU, not the input's device, fails on meta tensors after);
         False when it ran to its end without; None when it failed first: no telling."""
         try:
-            model = _meta_copy(self._model)
+            model = meta_copy(self._model, _kept_output)
         except Exception as err:
             log.debug("no meta copy to see the buffers a pass registers: %s", err)
             return None
