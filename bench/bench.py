@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import gradwire
+from bench import load
 from bench.ceiling import READ, CeilingClient, batch
 from bench.floor import FloorClient
 from bench.server import MIB
@@ -766,6 +767,7 @@ def main() -> int:
     flags = [flag for flag, on in [("--return-freed-memory", not keep_freed),
                                    ("--one-thread-for-small-work", one_thread)] if on]  # fmt: skip
     parts = set(args.only or PARTS)
+    started = load.snapshot()
     # The reads first, while this process has glibc's malloc defaults, as a client's process
     # has: kept freed memory would hand a new 32 MiB array (bfloat16 widened) pages already
     # touched, when the top of the heap has room, which a client's malloc never does.
@@ -802,10 +804,13 @@ def main() -> int:
     rows += reads
     memory = "kept for the next step" if keep_freed else "given back (--return-freed-memory)"
     threads = "one thread (--one-thread-for-small-work)" if one_thread else "torch's threads"
-    text = (
-        f"Machine: {machine()}\nFreed memory (server, in-process floors): {memory}\n"
-        f"Small steps: {threads}\n\n{table(rows)}\n"
-    )
+    header = [
+        f"Machine: {machine()}",
+        f"Freed memory (server, in-process floors): {memory}",
+        f"Small steps: {threads}",
+    ]
+    cpu = load.summary(started, load.snapshot())  # the run's other load, if any
+    text = "\n".join([*header, *([cpu] if cpu else [])]) + f"\n\n{table(rows)}\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
