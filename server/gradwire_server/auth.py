@@ -22,7 +22,8 @@ from grpc_health.v1 import health
 
 from gradwire.credentials import check_token
 from gradwire_server.errors import InvalidInput
-from gradwire_server.servicer import HANDLER_KINDS, abort
+from gradwire_server.servicer import HANDLER_KINDS
+from gradwire_server.status import abort
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -24,7 +24,8 @@ from grpc_health.v1 import health, health_pb2
 
 from gradwire_server.errors import InvalidInput
 from gradwire_server.pools import ServingPool
-from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
+from gradwire_server.servicer import deserializer, on_pool
+from gradwire_server.status import abort, well_formed
 
 #: Longer than any service's full name ("gradwire.v1.Trainer").
 MAX_SERVICE_NAME_CHARS = 256

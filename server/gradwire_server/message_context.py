@@ -66,4 +66,4 @@ class MessageContext:
         for key, value in status.trailing_metadata or ():
             if key == calls.STATUS_TRAILER and isinstance(value, bytes):
                 raise Answered(status.code, value)
-        raise AssertionError("servicer.abort always sends a google.rpc.Status")
+        raise AssertionError("status.abort always sends a google.rpc.Status")

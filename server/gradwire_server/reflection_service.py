@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gradwire_server.errors import InvalidInput, Stopping
 from gradwire_server.pools import ServingPool
-from gradwire_server.servicer import abort, deserializer, on_pool, well_formed
+from gradwire_server.servicer import deserializer, on_pool
+from gradwire_server.status import abort, well_formed
 from gradwire_server.waiting import WaitingStreams
 
 #: Reflection streams open at once; more are refused RESOURCE_EXHAUSTED.

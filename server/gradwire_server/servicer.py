@@ -1,7 +1,7 @@
 """The gradwire.v1.Trainer service: decode the request, call the Trainer, encode the answer.
 
 A decorator on each handler (rpc, mutation, rpc_stream and their kin) and one table
-(STATUS_OF) turn domain errors into status codes; anything unexpected is logged with its
+(status.STATUS_OF) turn domain errors into status codes; anything unexpected is logged with its
 traceback and answered INTERNAL with a plain message, never UNKNOWN.
 Requests that carry tensors arrive split (their values uncopied), and responses that carry
 them leave as bytes with the values spliced in, so no tensor is walked value by value.
@@ -20,36 +20,26 @@ import time
 import traceback
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 import torch
-from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from gradwire import calls, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION
 from gradwire_server import checkpoint, convert, stats
 from gradwire_server.errors import (
-    AnswerNotKept,
     CallerGone,
-    DeadlinePassed,
     DomainError,
-    IndexOutOfRange,
     InvalidInput,
     NoSuchCheckpoint,
     NotConfigured,
     OverLimit,
     PreviousFailed,
     Stopping,
-    UnknownTensor,
-    VersionMismatch,
-    WrongOrder,
     device_lost,
     out_of_memory,
     shown,
@@ -57,6 +47,7 @@ from gradwire_server.errors import (
 from gradwire_server.message_context import Answered, MessageContext
 from gradwire_server.request_log import RequestLog
 from gradwire_server.sessions import Sessions, UnknownSession
+from gradwire_server.status import Malformed, abort, error_status, status_of, well_formed
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import (
     FillSpec,
@@ -74,23 +65,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"]
 
-#: The error table (README.md's "Errors", and the .proto's header), in code.
-STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    UnknownTensor: grpc.StatusCode.NOT_FOUND,
-    IndexOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    WrongOrder: grpc.StatusCode.FAILED_PRECONDITION,
-    OverLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    VersionMismatch: grpc.StatusCode.ABORTED,
-    AnswerNotKept: grpc.StatusCode.ABORTED,
-    PreviousFailed: grpc.StatusCode.ABORTED,
-    DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
-    CallerGone: grpc.StatusCode.CANCELLED,
-    Stopping: grpc.StatusCode.UNAVAILABLE,
-    NoSuchCheckpoint: grpc.StatusCode.NOT_FOUND,
-    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
-}
-
 R = TypeVar("R")
 Handler = Callable[[Any, Any, grpc.ServicerContext], R]
 
@@ -106,71 +80,6 @@ _TRAIN_INPUT = convert.field_path(pb.TrainRequest, "input")
 _TRAIN_TARGET = convert.field_path(pb.TrainRequest, "target")
 #: How often a waiting watcher checks that its caller is still there.
 WATCH_POLL_S = 0.5
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """What the deserializer hands on for bytes that are not the request message."""
-
-    type_name: str
-    error: str
-    #: The bytes, for a Calls stream to say which call they meant to carry.
-    data: bytes = field(default=b"", repr=False)
-
-
-#: The most characters of an error's message, and of each ErrorInfo metadata value, sent.
-#: The message travels twice (grpc-message, and base64 inside grpc-status-details-bin), and
-#: the trailers past 8 KiB are refused by the caller's gRPC, which then sees a transport
-#: error and no ErrorInfo: a message that quotes a caller's input (a fill of 3,000
-#: dimensions, an index chain 2,500 long) could reach that (found by a review).
-MAX_MESSAGE_CHARS = 1000
-MAX_METADATA_CHARS = 256
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 20] + f" ... ({len(text)} chars)"
-
-
-def abort(
-    context: grpc.ServicerContext,
-    code: grpc.StatusCode,
-    message: str,
-    reason: str,
-    metadata: dict[str, str],
-) -> None:
-    """Ends the call with `code`, `message` and an ErrorInfo, all cut to sizes whose
-    trailers every gRPC client takes."""
-    context.abort_with_status(rpc_status.to_status(_status(code, message, reason, metadata)))
-
-
-def _status(
-    code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]
-) -> status_pb2.Status:
-    """The google.rpc.Status `abort` sends: the message and an ErrorInfo, cut to size."""
-    message = _cut(message, MAX_MESSAGE_CHARS)
-    metadata = {k: _cut(v, MAX_METADATA_CHARS) for k, v in metadata.items()}
-    detail = any_pb2.Any()
-    detail.Pack(
-        error_details_pb2.ErrorInfo(reason=reason, domain=limits.ERROR_DOMAIN, metadata=metadata)
-    )
-    return status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
-
-
-def _status_of(error: DomainError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_OF:
-            return STATUS_OF[cls]
-    return grpc.StatusCode.INTERNAL
-
-
-def well_formed(request: Any) -> Any:
-    """`request`, or InvalidInput (MALFORMED_REQUEST) for a Malformed one."""
-    if isinstance(request, Malformed):
-        raise InvalidInput(
-            f"the request is not a valid {request.type_name}: {request.error}",
-            reason="MALFORMED_REQUEST",
-        )
-    return request
 
 
 def _release_frames(error: BaseException) -> None:
@@ -201,7 +110,7 @@ def _answer_error(context: grpc.ServicerContext, name: str, servicer: TrainerSer
         raise
     except DomainError as err:
         _release_frames(err)
-        abort(context, _status_of(err), err.message, err.reason, err.metadata)
+        abort(context, status_of(err), err.message, err.reason, err.metadata)
     except grpc.RpcError as err:
         if context.is_active():  # not from the caller's request stream: a bug of ours
             _unexpected(context, name, servicer, err)
@@ -1451,7 +1360,7 @@ def _too_large(item: Any, answer: bytes, succeeded: bool, room: int) -> tuple[by
             what += "; its answer is kept under its request id while the server keeps answers"
     else:
         what = "ran, and changed nothing"
-    status = _status(
+    status = error_status(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"{name} {what}, but its answer ({len(answer):,} bytes) did not fit in this Batch's "
         f"answers, one message in all (room left: {max(room - _FRAMING, 0):,} bytes); make "
