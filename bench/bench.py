@@ -767,6 +767,7 @@ def main() -> int:
     flags = [flag for flag, on in [("--return-freed-memory", not keep_freed),
                                    ("--one-thread-for-small-work", one_thread)] if on]  # fmt: skip
     parts = set(args.only or PARTS)
+    sys.stderr.write(load.busy_before())  # a word while the run can still be stopped
     started = load.snapshot()
     # The reads first, while this process has glibc's malloc defaults, as a client's process
     # has: kept freed memory would hand a new 32 MiB array (bfloat16 widened) pages already

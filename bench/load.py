@@ -61,24 +61,63 @@ def snapshot() -> Snapshot | None:
     return Snapshot(time.monotonic(), busy, steal, own)
 
 
-def summary(before: Snapshot | None, after: Snapshot | None) -> str:
-    """A line on the CPU time spent between the two snapshots, in cores on average, with a
-    warning when others' share or steal passes NOISY_CORES; "" without snapshots."""
+@dataclass(frozen=True)
+class Shares:
+    """The CPU spent between two snapshots, in cores on average over `wall` seconds."""
+
+    wall: float
+    own: float
+    others: float
+    steal: float
+
+    @property
+    def noisy(self) -> bool:
+        """Whether others' share or steal passed NOISY_CORES."""
+        return self.others > NOISY_CORES or self.steal > NOISY_CORES
+
+
+def shares(before: Snapshot | None, after: Snapshot | None) -> Shares | None:
+    """The CPU spent between the two snapshots; None without them."""
     if before is None or after is None or after.wall <= before.wall:
-        return ""
+        return None
     wall = after.wall - before.wall
     own = (after.own - before.own) / wall
     # Ticks are counted per CPU at 100 Hz, and rusage finer: a quiet run's difference can
     # come out a little below zero.
     others = max(0.0, (after.busy - before.busy) / wall - own)
-    steal = (after.steal - before.steal) / wall
+    return Shares(wall, own, others, (after.steal - before.steal) / wall)
+
+
+def summary(before: Snapshot | None, after: Snapshot | None) -> str:
+    """A line on the CPU time spent between the two snapshots, in cores on average, with a
+    warning when others' share or steal passes NOISY_CORES; "" without snapshots."""
+    spent = shares(before, after)
+    if spent is None:
+        return ""
     line = (
-        f"CPU during the run ({wall:.0f} s, in cores on average): this benchmark {own:.2f}, "
-        f"other processes {others:.2f}, the hypervisor (steal) {steal:.2f}"
+        f"CPU during the run ({spent.wall:.0f} s, in cores on average): this benchmark "
+        f"{spent.own:.2f}, other processes {spent.others:.2f}, the hypervisor (steal) "
+        f"{spent.steal:.2f}"
     )
-    if others > NOISY_CORES or steal > NOISY_CORES:
+    if spent.noisy:
         line += (
             " -- more than a quiet machine's: the ratios are open to doubt; run it again "
             "with nothing else running"
         )
     return line
+
+
+def busy_before(seconds: float = 1.0) -> str:
+    """A warning, "" for none, when other processes (or the hypervisor) took more than
+    NOISY_CORES in the `seconds` before a run starts: a run takes minutes, and its table
+    says so at the end; this says it while the run can still be stopped."""
+    before = snapshot()
+    time.sleep(seconds)
+    spent = shares(before, snapshot())
+    if spent is None or not spent.noisy:
+        return ""
+    return (
+        f"note: other processes are using {spent.others:.2f} cores (the hypervisor "
+        f"{spent.steal:.2f}) as the benchmark starts: its ratios will be open to doubt; stop "
+        "it (Ctrl-C) and run it with nothing else running\n"
+    )

@@ -15,16 +15,36 @@ from bench import load
 BURN_S = 0.5
 
 #: A process that is not the test's child by the time it burns: its parent exits at once,
-#: so it is nobody's to wait for, as another user's process is not the benchmark's.
-BURNER = f"""
+#: so it is nobody's to wait for, as another user's process is not the benchmark's. It
+#: burns argv[3] seconds of CPU, touching argv[1] as it starts and argv[2] as it ends.
+BURNER = """
 import os, sys, time
 if os.fork():
     os._exit(0)
-start = time.process_time()
-while time.process_time() - start < {BURN_S}:
-    pass
 open(sys.argv[1], "w").close()
+start = time.process_time()
+while time.process_time() - start < float(sys.argv[3]):
+    pass
+open(sys.argv[2], "w").close()
 """
+
+
+def _burn(tmp_path: Path, seconds: float) -> tuple[Path, Path]:
+    """Starts a burner of `seconds` of CPU; (its start file, its end file)."""
+    started, done = tmp_path / "started", tmp_path / "done"
+    subprocess.run(
+        [sys.executable, "-c", BURNER, str(started), str(done), str(seconds)],
+        check=True,
+        timeout=60,
+    )
+    return started, done
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, f"the burner did not write {path.name}"
+        time.sleep(0.02)
 
 
 def test_the_first_line_of_proc_stat_gives_busy_and_steal_seconds() -> None:
@@ -42,12 +62,8 @@ def test_another_process_s_cpu_time_is_counted_as_others_not_the_benchmark_s(
 ) -> None:
     before = load.snapshot()
     assert before is not None
-    done = tmp_path / "done"
-    subprocess.run([sys.executable, "-c", BURNER, str(done)], check=True, timeout=60)
-    deadline = time.monotonic() + 60
-    while not done.exists():  # the burner's own end: its CPU time spent
-        assert time.monotonic() < deadline, "the burner did not finish"
-        time.sleep(0.05)
+    _, done = _burn(tmp_path, BURN_S)
+    _wait_for(done)  # the burner's own end: its CPU time spent
     after = load.snapshot()
     assert after is not None
     wall = after.wall - before.wall
@@ -76,3 +92,14 @@ def test_a_run_beside_other_work_says_its_ratios_are_open_to_doubt() -> None:
     # rusage counts finer than the ticks: a small negative difference is none
     assert "other processes 0.00" in load.summary(at(0, 0, 0), at(10, 14.9, 15.0))
     assert load.summary(None, at(1, 1, 1)) == ""  # no /proc/stat: nothing said
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux's /proc/stat")
+def test_a_run_started_beside_a_busy_process_says_so_before_it_runs(tmp_path: Path) -> None:
+    started, done = _burn(tmp_path, 2.0)  # longer than the look, at a core at most
+    _wait_for(started)
+    try:
+        said = load.busy_before(0.5)
+    finally:
+        _wait_for(done)  # not left burning into the next test
+    assert said.startswith("note: other processes are using ") and "Ctrl-C" in said
