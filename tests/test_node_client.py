@@ -25,7 +25,7 @@ from torch import nn
 import gradwire
 from gradwire_server.models import ModelSpec
 from tests.reference import run_tutorial
-from tests.serve_in_process import serving
+from tests.serve_in_process import running_server, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"
@@ -300,3 +300,46 @@ def test_node_views_every_dtype_in_place() -> None:
             tensor = reply["tensor"]
             assert tensor["dtype"] == dtype and tensor["shape"] == list(parameter.shape)
             assert tensor["values"] == _expected(parameter), name
+
+
+#: A Node.js client that calls, waits for the server to close its connection as idle (its
+#: channel going IDLE), and calls again: the next call must reconnect by itself.
+IDLE_AND_AGAIN = """
+import grpc from '@grpc/grpc-js';
+import { CHANNEL_OPTIONS, Trainer } from './contract.mjs';
+
+const trainer = new Trainer(process.argv[1], grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+const list = () => new Promise((resolve, reject) =>
+  trainer.ListTensors({}, new grpc.Metadata(), { deadline: Date.now() + 30_000 },
+    (error, response) => (error ? reject(error) : resolve(response))));
+const first = await list();
+const channel = trainer.getChannel();
+const deadline = Date.now() + 30_000;
+while (channel.getConnectivityState(false) !== grpc.connectivityState.IDLE) {
+  if (Date.now() > deadline) throw new Error('the server did not close the idle connection');
+  await new Promise((resolve) => setTimeout(resolve, 20));
+}
+const second = await list();
+console.log(JSON.stringify({ first: first.version, second: second.version }));
+trainer.close();
+"""
+
+
+def test_node_calls_again_after_the_server_closed_its_idle_connection() -> None:
+    """grpc-js takes the server's GOAWAY for an idle connection (--connection-idle) as gRPC's
+    Python client does: its next call opens a new connection, with nothing for the service
+    to handle."""
+    assert NODE is not None
+    with running_server(connection_idle_s=0.5) as running:
+        running.trainer.fill_parameters(0.1)
+        done = subprocess.run(
+            [NODE, "--input-type=module", "-e", IDLE_AND_AGAIN, f"127.0.0.1:{running.port}"],
+            cwd=EXAMPLE,  # where its imports are found
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    versions = json.loads(done.stdout)
+    assert versions["first"] == versions["second"] != "0"  # int64 as a string

@@ -44,6 +44,7 @@ def small() -> Iterator[Running]:
         keepalive_s=7.0,
         keepalive_timeout_s=3.0,
         min_client_ping_s=11.0,
+        connection_idle_s=13.0,
     )
     yield running
     running.stop(grace=None)
@@ -94,6 +95,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             answer_bytes_kept=256 * 1024 * 1024,
             max_batch_calls=1024,
             max_selectors=1024,
+            connection_idle_s=13.0,
         ),
     )
 
@@ -342,6 +344,9 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "keepalive        a ping after 7 s of silence, the connection closed "
         "when it goes unanswered for 3 s;",
         "                 a client may ping a quiet connection every 11 s at most, or it is closed",
+        "connections      one without calls closed after 13 s (a client reconnects at its next "
+        "call; an open",
+        "                 watch or stream is a call)",
     ]
     data = json.loads(run_main("info", "--target", address, "--json").out)
     assert (data["version"], data["torch_version"], data["device"]) == (
@@ -366,19 +371,29 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
             return lines[[line.startswith("sessions ") for line in lines].index(True) :]
 
     assert described(
-        max_sessions=0, session_idle_s=float("inf"), keepalive_s=None, min_client_ping_s=0.25
+        max_sessions=0,
+        session_idle_s=float("inf"),
+        keepalive_s=None,
+        min_client_ping_s=0.25,
+        connection_idle_s=None,
     ) == [
         "sessions         0 beside the default one; none is closed for want of calls",
         "keepalive        no pings from the server; a client may ping a quiet "
         "connection every 0.25 s at",
         "                 most, or it is closed",
+        "connections      one without calls stays open",
     ]
-    assert described(session_idle_s=1234567.0, keepalive_s=2147483.0) == [
+    assert described(
+        session_idle_s=1234567.0, keepalive_s=2147483.0, connection_idle_s=1234567.0
+    ) == [
         "sessions         8 beside the default one; each closed after 1,234,567 s without calls",
         "keepalive        a ping after 2,147,483 s of silence, the connection "
         "closed when it goes unanswered",
         "                 for 20 s; a client may ping a quiet connection every "
         "30 s at most, or it is closed",
+        "connections      one without calls closed after 1,234,567 s (a client reconnects at "
+        "its next call;",
+        "                 an open watch or stream is a call)",
     ]
 
 

@@ -39,6 +39,15 @@ ERROR_DOMAIN: Final = "gradwire.dev"
 KEEPALIVE_S: Final = 60.0
 KEEPALIVE_TIMEOUT_S: Final = 20.0
 
+#: The server closes a connection that has had no call in progress for this long (HTTP/2
+#: GOAWAY, gRPC's max_connection_idle): a client's channel opens a new one at its next call,
+#: a session and its state stay (they are named by id, not held by a connection), and an open
+#: Watch, Train or Calls stream is a call in progress however quiet. Keepalive alone keeps a
+#: connection whose peer answers pings for ever, and each takes one of the server's open
+#: files: clients that open a channel a request and never close it, or connections that sent
+#: HTTP/2's preface and nothing more, would hold them until the server could accept no more.
+CONNECTION_IDLE_S: Final = 300.0
+
 #: The shortest interval at which the server takes a client's pings on a connection that
 #: carries no data. gRPC counts a closer ping as a strike, and closes the connection at the
 #: third ("too_many_pings").
@@ -205,10 +214,12 @@ def server_options(
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     min_client_ping_s: float = MIN_CLIENT_PING_S,
+    connection_idle_s: float | None = CONNECTION_IDLE_S,
 ) -> list[tuple[str, int]]:
     """The server's gRPC options: the message-size limit, clients' pings taken every
-    `min_client_ping_s`, with or without calls in flight, and a ping of its own every
-    `keepalive_s` seconds of silence on any connection (None or 0: none)."""
+    `min_client_ping_s`, with or without calls in flight, a ping of its own every
+    `keepalive_s` seconds of silence on any connection (None or 0: none), and a connection
+    closed once it has had no call in progress for `connection_idle_s` (None or 0: never)."""
     options = [
         *_size_options(),
         # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not its
@@ -224,4 +235,6 @@ def server_options(
     else:
         # No pings of its own: gRPC's servers otherwise ping after 2 hours of silence.
         options.append(("grpc.keepalive_time_ms", 2**31 - 1))
+    if connection_idle_s:  # gRPC's default: never
+        options.append(("grpc.max_connection_idle_ms", _ms(connection_idle_s)))
     return options

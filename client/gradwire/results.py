@@ -186,6 +186,9 @@ class ServerLimits:
     # Items in one Watch, selectors in one train_step's fetch (TOO_MANY_SELECTORS); 0 from a
     # server that predates the limit.
     max_selectors: int = 0
+    # A connection with no call in progress for this long is closed (the client reconnects
+    # at its next call); 0: never, as from a server that predates it.
+    connection_idle_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import (
+    CONNECTION_IDLE_S,
     KEEPALIVE_S,
     KEEPALIVE_TIMEOUT_S,
     MAX_COUNT,
@@ -238,6 +239,7 @@ def start(
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
     min_client_ping_s: float = MIN_CLIENT_PING_S,
+    connection_idle_s: float | None = CONNECTION_IDLE_S,
     on_serving_lost: Callable[[], None] | None = None,
     state_dir: Path | None = None,
 ) -> Running:
@@ -257,6 +259,9 @@ def start(
     `keepalive_timeout_s`, ending its calls (None or 0: no pings; see limits.KEEPALIVE_S).
     `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
     it closed (GOAWAY, too_many_pings).
+    `connection_idle_s`: close a connection once it has had no call in progress this long
+    (GOAWAY; a client reconnects at its next call; None or 0: never; see
+    limits.CONNECTION_IDLE_S).
     `on_serving_lost`: called when gRPC's serving thread has ended, after a critical log line
     (serving.py): the server answers nothing more (`serve` saves and exits then).
     `state_dir`: where SaveCheckpoint writes and LoadCheckpoint reads checkpoints (None:
@@ -285,7 +290,7 @@ def start(
         interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[
-            *server_options(keepalive_s, keepalive_timeout_s, min_client_ping_s),
+            *server_options(keepalive_s, keepalive_timeout_s, min_client_ping_s, connection_idle_s),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -309,6 +314,7 @@ def start(
         sessions,
         on_device_lost=device_lost,
         keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
+        connection_idle_s=connection_idle_s,
         streams=(health_servicer.max_watches, reflection_servicer.max_streams),
         state_dir=state_dir,
     )
@@ -569,6 +575,7 @@ def serve(
     one_thread_for_small_work: bool = False,
     keepalive_s: float | None = KEEPALIVE_S,
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+    connection_idle_s: float | None = CONNECTION_IDLE_S,
 ) -> None:
     """Runs a server in the foreground until SIGTERM, SIGHUP or Ctrl-C, then stops it
     gracefully; a second signal exits at once.
@@ -706,6 +713,7 @@ def serve(
                 on_device_lost=device_lost,
                 keepalive_s=keepalive_s,
                 keepalive_timeout_s=keepalive_timeout_s,
+                connection_idle_s=connection_idle_s,
                 on_serving_lost=no_serving,
                 state_dir=state_dir,
             )

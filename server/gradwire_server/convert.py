@@ -627,11 +627,13 @@ def server_info(
     *,
     streams: tuple[int, int],
     requests: RequestsKept,
+    connection_idle_s: float | None = gw_limits.CONNECTION_IDLE_S,
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: the versions, the device, and the limits a server started with
     these settings keeps (`keepalive`: its ping interval, None or 0 for none, the ping's
     timeout, and the closest client pings it takes; `streams`: the health Watches and the
-    reflection streams it keeps open at once; `requests`: what it keeps for retries)."""
+    reflection streams it keeps open at once; `requests`: what it keeps for retries;
+    `connection_idle_s`: how long a connection without calls stays open, None or 0 for ever)."""
     interval_s, timeout_s, min_client_ping_s = keepalive
     health_watches, reflection_streams = streams
     limits = pb.ServerLimits(
@@ -659,6 +661,7 @@ def server_info(
         answer_bytes_kept=requests.max_bytes,
         max_batch_calls=gw_limits.MAX_BATCH_CALLS,
         max_selectors=gw_limits.MAX_SELECTORS,
+        connection_idle_s=gw_limits.in_force_s(connection_idle_s) if connection_idle_s else 0.0,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

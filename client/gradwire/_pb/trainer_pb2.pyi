@@ -114,6 +114,12 @@ Conventions used by every message below:
   as often is closed again. Ping less often, no closer together than GetServerInfo's
   limits.min_client_ping_s.
   --keepalive 0: the server sends no pings at all.
+- Idle connections: the server closes a connection that has had no call in progress for
+  300 s (gradwire serve --connection-idle; GetServerInfo's limits.connection_idle_s),
+  sending GOAWAY as gRPC's max_connection_idle does. An open stream (Watch, Train, Calls)
+  is a call in progress, however quiet. gRPC's clients open a new connection at their next
+  call by themselves, and nothing is lost with the old one: sessions are named by id, not
+  held by a connection. --connection-idle 0: connections without calls stay open.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer (base64, as
@@ -2121,6 +2127,7 @@ class ServerLimits(_message.Message):
     ANSWER_BYTES_KEPT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_CALLS_FIELD_NUMBER: _builtins.int
     MAX_SELECTORS_FIELD_NUMBER: _builtins.int
+    CONNECTION_IDLE_S_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -2193,6 +2200,11 @@ class ServerLimits(_message.Message):
     TOO_MANY_SELECTORS): each is read under the session's lock, which training waits for.
     0 from a server that predates the limit, which kept none.
     """
+    connection_idle_s: _builtins.float
+    """The server closes a connection that has had no call in progress for this long (HTTP/2
+    GOAWAY, gRPC's max_connection_idle; see Keepalive at the top); 0: never, as from a
+    server that predates it, which never did.
+    """
     def __init__(
         self,
         *,
@@ -2219,10 +2231,11 @@ class ServerLimits(_message.Message):
         answer_bytes_kept: _builtins.int = ...,
         max_batch_calls: _builtins.int = ...,
         max_selectors: _builtins.int = ...,
+        connection_idle_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "connection_idle_s", b"connection_idle_s", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

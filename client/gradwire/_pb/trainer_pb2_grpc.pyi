@@ -114,6 +114,12 @@ Conventions used by every message below:
   as often is closed again. Ping less often, no closer together than GetServerInfo's
   limits.min_client_ping_s.
   --keepalive 0: the server sends no pings at all.
+- Idle connections: the server closes a connection that has had no call in progress for
+  300 s (gradwire serve --connection-idle; GetServerInfo's limits.connection_idle_s),
+  sending GOAWAY as gRPC's max_connection_idle does. An open stream (Watch, Train, Calls)
+  is a call in progress, however quiet. gRPC's clients open a new connection at their next
+  call by themselves, and nothing is lost with the old one: sessions are named by id, not
+  held by a connection. --connection-idle 0: connections without calls stay open.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer (base64, as

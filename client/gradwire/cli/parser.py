@@ -269,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a ping may go unanswered (default %(default)s)",
     )
     p.add_argument(
+        "--connection-idle",
+        type=duration,
+        default=limits.CONNECTION_IDLE_S,
+        metavar="SECONDS",
+        help="close a connection that has had no call in progress this long, so that "
+        "clients that never close theirs do not use up the server's open files; a client "
+        "reconnects at its next call, and an open watch or stream is a call; 0: never "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         metavar="DIR",

@@ -203,6 +203,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                 one_thread_for_small_work=args.one_thread_for_small_work,
                 keepalive_s=args.keepalive,
                 keepalive_timeout_s=args.keepalive_timeout,
+                connection_idle_s=args.connection_idle,
             )
         except InvalidInput as e:
             raise UsageError(e.message) from None

@@ -282,6 +282,12 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         if lim.keepalive_s
         else "no pings from the server"
     )
+    connections = (
+        f"one without calls closed after {_seconds_text(lim.connection_idle_s)} (a client "
+        "reconnects at its next call; an open watch or stream is a call)"
+        if lim.connection_idle_s
+        else "one without calls stays open"
+    )
     ids = f"at most {lim.max_request_id_chars} characters"
     if lim.last_request_ids_kept:  # 0: a server from before it was reported
         ids += (
@@ -325,6 +331,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             f"{pings}; a client may ping a quiet connection every "
             f"{_seconds_text(lim.min_client_ping_s)} at most, or it is closed",
         ),
+        ("connections", connections),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
     unreported = {

@@ -1,0 +1,178 @@
+"""Idle connections: the server closes a connection that has had no call in progress for
+--connection-idle seconds, so that clients that never close theirs, or connections that
+sent HTTP/2's preface and nothing more, do not hold its open files for ever; a client's
+next call reconnects, and an open stream is a call in progress however quiet."""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+import gradwire
+from gradwire import limits
+from gradwire_server.app import Running
+from tests.background import Reader, eventually
+from tests.cli_run import run_main
+from tests.serve_in_process import running_server
+from tests.serve_process import serving
+
+IDLE_S = 0.5
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = struct.pack(">I", 0)[1:] + bytes([0x4, 0]) + struct.pack(">I", 0)
+GOAWAY = 0x7
+
+
+@pytest.fixture
+def quick() -> Iterator[Running]:
+    """A server that closes connections after half a second without calls."""
+    with running_server(connection_idle_s=IDLE_S) as running:
+        yield running
+
+
+def _port(log: str) -> int:
+    """The port a `gradwire serve` said it listens on."""
+    found = re.search(r"listening on \S+:(\d+)", log)
+    assert found, log
+    return int(found.group(1))
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The HTTP/2 frames in `data` as (type, payload), in order."""
+    frames, at = [], 0
+    while at + 9 <= len(data):
+        length = int.from_bytes(data[at : at + 3], "big")
+        frames.append((data[at + 3], data[at + 9 : at + 9 + length]))
+        at += 9 + length
+    return frames
+
+
+def _silent_connection(port: int, wait_s: float) -> tuple[bool, list[tuple[int, bytes]]]:
+    """Opens a connection that sends HTTP/2's preface and empty settings and nothing more,
+    as a client that made a channel and no call does; reads for up to `wait_s` seconds.
+    Returns whether the server closed it, and the frames the server sent."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(PREFACE + EMPTY_SETTINGS)
+        deadline = time.monotonic() + wait_s
+        closed = False
+        while (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            try:
+                data = conn.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                closed = True
+                break
+            received += data
+    return closed, _frames(received)
+
+
+def test_a_connection_that_makes_no_call_is_closed_once_idle(quick: Running) -> None:
+    closed, frames = _silent_connection(quick.port, wait_s=30)
+    assert closed, "the server kept a connection without calls open"
+    goaways = [payload for kind, payload in frames if kind == GOAWAY]
+    assert goaways, f"closed without a GOAWAY: frames {[kind for kind, _ in frames]}"
+    assert b"idle" in goaways[-1][8:]  # the debug data: gRPC's reason
+
+
+def test_without_the_limit_a_connection_without_calls_stays_open() -> None:
+    # The control for the test above: the same connection, watched six times as long.
+    with running_server(connection_idle_s=None) as running:
+        closed, frames = _silent_connection(running.port, wait_s=6 * IDLE_S)
+    assert not closed
+    assert GOAWAY not in [kind for kind, _ in frames]
+
+
+def test_a_client_reconnects_after_its_idle_connection_was_closed(quick: Running) -> None:
+    """The next call goes through on a new connection, in the same session, with its state."""
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{quick.port}", options=limits.channel_options(keepalive_s=None)
+    )
+    states: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(states.append)
+    with (
+        gradwire.Client(f"127.0.0.1:{quick.port}", channel=channel, timeout=30) as opener,
+        opener.open_session(seed=0) as client,
+    ):
+        client.fill_parameters(0.25)
+        version = client.list_tensors().version
+        connected = states.count(grpc.ChannelConnectivity.READY)
+        eventually(
+            lambda: states[-1] == grpc.ChannelConnectivity.IDLE,
+            "the server did not close the idle connection",
+        )
+        assert client.get("conv1.weight[0, 0, 0]").tolist() == [0.25] * 3
+        assert client.list_tensors().version == version
+        assert states.count(grpc.ChannelConnectivity.READY) == connected + 1  # a new one
+    channel.unsubscribe(states.append)
+    channel.close()
+
+
+def test_an_open_watch_keeps_its_connection(quick: Running) -> None:
+    """A Watch with nothing to send for many idle times is a call in progress: it still gets
+    the next update."""
+    address = f"127.0.0.1:{quick.port}"
+    with (
+        gradwire.connect(address, timeout=None) as watcher,
+        gradwire.connect(address, timeout=30) as writer,
+    ):
+        watch = watcher.watch(["conv1.weight[0, 0, 0]"])
+        reader = Reader(watch, until=lambda update: update.version > 0)
+        assert reader.started().messages
+        time.sleep(6 * IDLE_S)  # the watch's connection carries nothing meanwhile
+        writer.fill_parameters(0.5)
+        reader.thread.join(timeout=30)
+        assert not reader.errors, reader.errors
+        assert reader.messages[-1].version > 0
+
+
+def test_the_server_reports_its_idle_limit() -> None:
+    for setting, reported in [(IDLE_S, IDLE_S), (None, 0.0), (0.0, 0.0), (0.0004, 0.001)]:
+        with (
+            running_server(connection_idle_s=setting) as running,
+            gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+        ):
+            assert client.server_info().limits.connection_idle_s == reported, setting
+
+
+def test_serve_closes_idle_connections_after_five_minutes_by_default() -> None:
+    with serving() as (_, log):
+        port = _port(log)
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.server_info().limits.connection_idle_s == 300.0
+        lines = run_main("info", "--target", f"127.0.0.1:{port}").out.splitlines()
+    assert any(
+        line.startswith("connections      one without calls closed after 300 s") for line in lines
+    ), lines
+
+
+def test_serve_takes_connection_idle() -> None:
+    with serving("--connection-idle", "0.5") as (_, log):
+        closed, _ = _silent_connection(_port(log), wait_s=30)
+    assert closed
+    with serving("--connection-idle", "0") as (_, log):
+        port = _port(log)
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.server_info().limits.connection_idle_s == 0.0
+        lines = run_main("info", "--target", f"127.0.0.1:{port}").out.splitlines()
+    assert "connections      one without calls stays open" in lines
+
+
+@pytest.mark.parametrize("seconds", ["-1", "nan", "inf", "soon"])
+def test_a_connection_idle_time_grpc_cannot_hold_is_a_usage_error(seconds: str) -> None:
+    result = run_main("serve", "--connection-idle", seconds)
+    assert result.code == 2
+    assert f"bad duration {seconds!r}" in result.err
+
+
+def test_serve_help_names_connection_idle() -> None:
+    text = " ".join(run_main("serve", "--help").out.split())
+    assert "--connection-idle SECONDS" in text
+    assert "(default 300.0)" in text
