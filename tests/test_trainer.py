@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -536,3 +537,32 @@ def test_an_absent_tensor_is_listed_in_the_dtype_it_will_have() -> None:
     assert {"h.delta", "b.delta", "optimizer.b.exp_avg", "optimizer.one.step"} <= set(now)
     assert now == {name: predicted[name] for name in now}
     trainer.close()
+
+
+@pytest.mark.parametrize("call", ["forward", "train_step"])
+def test_a_pass_lets_go_of_the_last_pass_activations_before_it_makes_its_own(
+    trainer: Trainer, call: str
+) -> None:
+    """Kept through the next pass (for a failed pass to leave them), a step's module outputs
+    were held twice at its peak: 150 MiB more of a server's peak at batch 8192 of this model,
+    where they are 151 MiB; on a GPU, twice a training loop's memory for activations."""
+
+    def run() -> None:
+        if call == "forward":
+            trainer.forward(ONES, LABELS)
+        else:
+            trainer.train_step(ONES, LABELS, zero_grad=True, use=repr)
+
+    run()
+    last = weakref.ref(trainer._activations["conv1.output"])
+    assert last() is not None  # the trainer holds it until the next pass
+    seen: list[bool] = []
+    hook = trainer._model.conv1.register_forward_pre_hook(
+        lambda module, args: seen.append(last() is None)
+    )
+    try:
+        run()
+    finally:
+        hook.remove()
+    assert seen == [True]  # gone as the pass began, before conv1 made its new output
+    assert trainer.read("conv1.output").value is not None  # and the new one kept
