@@ -357,11 +357,12 @@ def test_a_failed_forward_keeps_the_last_activations(client: gradwire.Client) ->
     assert np.array_equal(client.get("conv1.output"), before)
 
 
-def test_a_pass_the_model_refuses_leaves_no_activations() -> None:
-    """The last pass's activations go as the next pass begins, so that two passes' are
-    never held at once: a pass that then fails inside the model (TinyMLP's BatchNorm refuses
-    a batch of one in training) leaves none, read as absent, as before a first Forward, and
-    the rest as it was. A call refused before its pass keeps them (the test above)."""
+def test_a_pass_the_model_refuses_leaves_no_activations_and_no_graph() -> None:
+    """The last pass's activations and graph go as the next pass begins, so that two
+    passes' are never held at once: a pass that then fails inside the model (TinyMLP's
+    BatchNorm refuses a batch of one in training) leaves no activations, read as absent, as
+    before a first Forward, and no graph to backpropagate, and the rest as it was. A call
+    refused before its pass keeps them (the test above)."""
     activations = ("fc1.output", "norm.output", "fc2.output")
     good = Fill.uniform(4, 16, seed=1), Fill.randint(0, 4, 4, seed=2)
     one = Fill.uniform(1, 16, seed=3), Fill.randint(0, 4, 1, seed=4)
@@ -372,6 +373,7 @@ def test_a_pass_the_model_refuses_leaves_no_activations() -> None:
         ]
         for call in calls:
             client.train_step(*good)
+            client.forward(*good)  # its graph alive, for a Backward
             assert all(client.get(name) is not None for name in activations)
             listing = client.list_tensors()
             before = {name: client.get(name) for name in ("output", "loss", "fc1.weight.grad")}
@@ -385,6 +387,11 @@ def test_a_pass_the_model_refuses_leaves_no_activations() -> None:
                 assert np.array_equal(client.get(name), value), name
             shown = {t.name: t.present for t in client.list_tensors().tensors}
             assert not any(shown[name] for name in activations)
+            with pytest.raises(errors.FailedPrecondition) as refused:
+                client.backward()
+            assert refused.value.reason == "GRAPH_FREED"
+            assert "let go of as a later call's pass began" in refused.value.message
+            assert client.list_tensors().version == listing.version
 
 
 class _Residual(nn.Module):

@@ -38,9 +38,10 @@ Conventions used by every message below:
   Backward: FAILED_PRECONDITION, GRAPH_FREED, says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
   A Forward or TrainStep that fails once its pass has begun (MODEL_REFUSED,
-  OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass): a
-  pass lets go of the last one's as it begins, so that two passes' are never held at
-  once. A call refused before its pass keeps them.
+  OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
+  no graph (Backward: FAILED_PRECONDITION, GRAPH_FREED; the output and loss stay, as
+  values): a pass lets go of the last one's as it begins, so that two passes' are never
+  held at once. A call refused before its pass keeps them.
   A call of a Batch answered BATCH_ANSWERS_TOO_LARGE ran before its answer was found
   too large: its ErrorInfo's metadata "applied" is "true" when a change it made stays.
   A Train that fails keeps the steps it completed. One refused past its first step, or
