@@ -610,6 +610,40 @@ def test_silent_connections_to_the_metrics_port_are_bounded_and_closed(
         running.stop(grace=None)
 
 
+def _drips_until_closed(port: int, within: float) -> bool:
+    """Sends a request line that never ends, a byte every 0.2 s (each well within
+    METRICS_IDLE_S), for `within` seconds; whether the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as drip:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                drip.sendall(b"G")
+            except OSError:  # reset, or a broken pipe: closed
+                return True
+            time.sleep(0.2)
+            if _closed_by_the_server(drip):
+                return True
+        return False
+
+
+@pytest.mark.parametrize("connection_s", [1.0, 1000.0])
+def test_a_metrics_connection_that_sends_a_byte_at_a_time_is_closed_all_the_same(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch, connection_s: float
+) -> None:
+    # Closed only for its silence, a connection that sent its request a byte at a time, each
+    # within METRICS_IDLE_S, stayed open for ever, and sixteen such kept every scrape out
+    # (found by a review of running the server for others, fifty-fourth session). Now each
+    # is closed METRICS_CONNECTION_S after it opened; the control, at 1000 s, stays open.
+    monkeypatch.setattr(metrics, "METRICS_CONNECTION_S", connection_s)
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    try:
+        closed = _drips_until_closed(running.metrics_port, within=30 if connection_s < 30 else 3)
+        assert closed == (connection_s < 30)
+        assert scrape(running)  # and scrapes are served
+    finally:
+        running.stop(grace=None)
+
+
 def test_metrics_connections_closed_silent_or_reset_leave_no_traceback_in_the_log() -> None:
     # A metrics connection closed for its silence (METRICS_IDLE_S) or reset by its client
     # mid-request ended in socketserver's own error handler, which printed "Exception

@@ -14,6 +14,7 @@ failure to record never fails the call: it is logged once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -144,12 +145,38 @@ class Metrics:
 MAX_METRICS_CONNECTIONS = 16
 #: Seconds a metrics connection may send nothing before it is closed.
 METRICS_IDLE_S = 10.0
+#: Seconds a metrics connection may stay open in all, however it sends: a scrape takes
+#: milliseconds, and a connection serves one. Longer than METRICS_IDLE_S, so that a silent
+#: connection is closed for its silence, as the log then says ("timed out").
+METRICS_CONNECTION_S = 30.0
 
 
 class _Handler(WSGIRequestHandler):
-    """Serves one connection, logging nothing, closed after METRICS_IDLE_S of silence."""
+    """Serves one connection (one request), logging nothing, closed after METRICS_IDLE_S of
+    silence or METRICS_CONNECTION_S in all.
+
+    Why both: silence alone let a client that sends its request a byte at a time, each
+    within the idle time, keep its connection for ever; 16 such kept every scrape out (a
+    review of running the server for others, fifty-fourth session; mended in the
+    fifty-seventh)."""
 
     timeout = METRICS_IDLE_S
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(METRICS_CONNECTION_S, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        """Ends the connection where it stands: a read or write under way fails, and the
+        handler ends (handle_error logs it at debug)."""
+        with contextlib.suppress(OSError):  # already closed
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # a line a scrape would drown the server's log (Prometheus's own handler's way)
