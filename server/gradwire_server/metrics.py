@@ -164,6 +164,7 @@ class _Handler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # A thread of its own, beside the handler's: two a connection, 32 at most.
         self._deadline = threading.Timer(METRICS_CONNECTION_S, self._cut)
         self._deadline.daemon = True
         self._deadline.start()
