@@ -1490,14 +1490,11 @@ class Trainer:
         x: torch.Tensor,
         y: torch.Tensor | None,
         buffers: Before | None = None,
-        let_go_of_last: bool = True,
     ) -> ForwardResult:
         """`buffers`: the model's buffers as a caller has kept them already (buffers.py),
-        put back if the pass fails; else kept here. `let_go_of_last`: the last pass's
-        activations and graph go as this pass begins (`_let_go_of_last_pass`); False for a
-        caller that has seen to them."""
-        if let_go_of_last:
-            self._let_go_of_last_pass()
+        put back if the pass fails; else kept here. The caller lets go of the last pass
+        first (`_let_go_of_last_pass`), or keeps it on purpose (a TrainStep's fetch checked
+        only after the pass)."""
         self._pending = {}
         with self._device_memory("forward"):
             if buffers is None:
@@ -1577,6 +1574,7 @@ class Trainer:
         `eval_mode`, the model in evaluation mode (model.eval()) for this one call."""
         x, y = self._inputs(input, target)
         with self._threads_for(x, passes=1), self._evaluating(eval_mode):
+            self._let_go_of_last_pass()
             return self._forward(x, y)
 
     @contextmanager
@@ -1692,7 +1690,7 @@ class Trainer:
                 self._zero_grad(True)
             with self._device_memory("forward"):
                 buffers = self._buffers_kept.keep()
-            result = self._forward(x, y, buffers, let_go_of_last=False)
+            result = self._forward(x, y, buffers)
             if not checked:
                 self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
             self._backward(retain_graph=False)
