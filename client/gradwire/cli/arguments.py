@@ -92,19 +92,25 @@ def client_keepalive(text: str) -> float:
     return seconds
 
 
-def positive_duration(text: str) -> float:
-    """A duration that must be more than 0: a call's deadline, say. Refused, it gave the
-    range of duration, which starts at 0 (found by a review of the CLI)."""
+def _more_than_zero(text: str, parse: Callable[[str], float], also: str = "") -> float:
+    """`parse(text)`, refused unless more than 0, with one message for every refusal (a
+    duration's own range starts at 0); `also` ends it."""
     try:
-        seconds = duration(text)
+        seconds = parse(text)
     except argparse.ArgumentTypeError:
         seconds = math.nan
     if not seconds > 0:
         raise argparse.ArgumentTypeError(
             f"bad duration {text!r}: expected seconds more than 0 (up to "
-            f"{limits.MAX_GRPC_SECONDS:,})"
+            f"{limits.MAX_GRPC_SECONDS:,}){also}"
         )
     return seconds
+
+
+def positive_duration(text: str) -> float:
+    """A duration that must be more than 0: a call's deadline, say. Refused, it gave the
+    range of duration, which starts at 0 (found by a review of the CLI)."""
+    return _more_than_zero(text, duration)
 
 
 def _seconds_or_forever(text: str) -> float:
@@ -117,16 +123,7 @@ def _seconds_or_forever(text: str) -> float:
 def positive_duration_or_forever(text: str) -> float:
     """A duration that may be for ever (inf) and must be more than 0: a session's idle time,
     where 0 closed every session as soon as it was opened."""
-    try:
-        seconds = _seconds_or_forever(text)
-    except argparse.ArgumentTypeError:  # refused with the message below, which says "> 0"
-        seconds = math.nan
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(
-            f"bad duration {text!r}: expected seconds more than 0 (up to "
-            f"{limits.MAX_GRPC_SECONDS:,}), or inf for never"
-        )
-    return seconds
+    return _more_than_zero(text, _seconds_or_forever, ", or inf for never")
 
 
 def port_number(text: str) -> int:
