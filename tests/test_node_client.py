@@ -44,15 +44,18 @@ pytestmark = [
 ]
 
 
-def _node(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_node(
+    *args: str, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`node ARGS`, its output kept; run from `cwd` when given."""
     assert NODE is not None
     return subprocess.run(
-        [NODE, str(SCRIPT), address, "--googleapis", str(GOOGLEAPIS), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        [NODE, *args], capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
     )
+
+
+def _node(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _run_node(str(SCRIPT), address, "--googleapis", str(GOOGLEAPIS), *args)
 
 
 def _replay(address: str, *args: str) -> dict[str, Any]:
@@ -213,14 +216,7 @@ def test_node_transcript_reads_as_the_tutorial(address: str) -> None:
 
 
 def test_wire_mjs_reads_every_encoding_protobuf_allows() -> None:
-    assert NODE is not None
-    done = subprocess.run(
-        [NODE, "--test", str(EXAMPLE / "wire.test.mjs")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_node("--test", str(EXAMPLE / "wire.test.mjs"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "# pass 10" in done.stdout and "# fail 0" in done.stdout
 
@@ -281,17 +277,10 @@ def test_node_views_every_dtype_in_place() -> None:
         "flags": "DTYPE_BOOL",
         "empty": "DTYPE_FLOAT32",
     }
-    assert NODE is not None
     with serving(EVERY_DTYPE) as (trainer, client):
         address = client.target
         for name, dtype in dtypes.items():
-            done = subprocess.run(
-                [NODE, str(EXAMPLE / "read.mjs"), address, name, "--json"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            done = _run_node(str(EXAMPLE / "read.mjs"), address, name, "--json", timeout=60)
             assert done.returncode == 0, done.stderr
             reply = json.loads(done.stdout)
             parameter = trainer.parameters[name]
@@ -329,16 +318,14 @@ def test_node_calls_again_after_the_server_closed_its_idle_connection() -> None:
     """grpc-js takes the server's GOAWAY for an idle connection (--connection-idle) as gRPC's
     Python client does: its next call opens a new connection, with nothing for the service
     to handle."""
-    assert NODE is not None
     with running_server(connection_idle_s=0.5) as running:
         running.trainer.fill_parameters(0.1)
-        done = subprocess.run(
-            [NODE, "--input-type=module", "-e", IDLE_AND_AGAIN, f"127.0.0.1:{running.port}"],
+        done = _run_node(
+            "--input-type=module",
+            "-e",
+            IDLE_AND_AGAIN,
+            f"127.0.0.1:{running.port}",
             cwd=EXAMPLE,  # where its imports are found
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
         )
     assert done.returncode == 0, done.stderr
     versions = json.loads(done.stdout)
