@@ -31,7 +31,7 @@ GOAWAY = 0x7
 @pytest.fixture
 def quick() -> Iterator[Running]:
     """A server that closes connections after half a second without calls."""
-    with running_server(connection_idle_s=IDLE_S) as running:
+    with running_server(connections=limits.ServerConnections(idle_s=IDLE_S)) as running:
         yield running
 
 
@@ -84,7 +84,7 @@ def test_a_connection_that_makes_no_call_is_closed_once_idle(quick: Running) -> 
 
 def test_without_the_limit_a_connection_without_calls_stays_open() -> None:
     # The control for the test above: the same connection, watched six times as long.
-    with running_server(connection_idle_s=None) as running:
+    with running_server(connections=limits.ServerConnections(idle_s=None)) as running:
         closed, frames = _silent_connection(running.port, wait_s=6 * IDLE_S)
     assert not closed
     assert GOAWAY not in [kind for kind, _ in frames]
@@ -136,7 +136,7 @@ def test_an_open_watch_keeps_its_connection(quick: Running) -> None:
 def test_the_server_reports_its_idle_limit() -> None:
     for setting, reported in [(IDLE_S, IDLE_S), (None, 0.0), (0.0, 0.0), (0.0004, 0.001)]:
         with (
-            running_server(connection_idle_s=setting) as running,
+            running_server(connections=limits.ServerConnections(idle_s=setting)) as running,
             gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
         ):
             assert client.server_info().limits.connection_idle_s == reported, setting

@@ -16,6 +16,7 @@ import gradwire
 from gradwire import limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.errors import NotFound, ResourceExhausted, Unavailable
+from gradwire.limits import ServerConnections
 from gradwire_server.app import Running
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
@@ -23,13 +24,14 @@ from tests.relay import Relay, relay_to
 from tests.serve_in_process import running_server
 
 # Pings after 0.3 s of silence, answered within 0.5 s: a cut is noticed within a second.
-QUICK = {"keepalive_s": 0.3, "keepalive_timeout_s": 0.5}
+QUICK_S = (0.3, 0.5)
+QUICK = ServerConnections(keepalive_s=QUICK_S[0], keepalive_timeout_s=QUICK_S[1])
 
 
 @pytest.fixture
 def one_place() -> Iterator[Running]:
     """A server that serves one call at a time, pinging quickly."""
-    with running_server(max_concurrent=1, **QUICK) as running:
+    with running_server(max_concurrent=1, connections=QUICK) as running:
         yield running
 
 
@@ -71,18 +73,19 @@ def test_a_watch_cut_off_from_its_client_lets_go_of_its_place(one_place: Running
 
 def test_without_keepalive_a_cut_watch_holds_its_place() -> None:
     # The control: the relay's cut closes nothing, so only the server's pings end the watch.
+    no_pings = ServerConnections(keepalive_s=None)
     with (
-        running_server(max_concurrent=1, keepalive_s=None) as running,
+        running_server(max_concurrent=1, connections=no_pings) as running,
         _place_taken_by_a_cut_watch(running) as near,
     ):
-        time.sleep(3 * (QUICK["keepalive_s"] + QUICK["keepalive_timeout_s"]))
+        time.sleep(3 * sum(QUICK_S))
         assert _busy(near)
 
 
 def test_a_watch_in_a_session_lets_go_of_the_session_when_cut_off() -> None:
     # A call in progress holds its session against --session-idle; a cut one must not.
     with (
-        running_server(session_idle_s=0.5, **QUICK) as running,
+        running_server(session_idle_s=0.5, connections=QUICK) as running,
         relay_to(running.port) as relay,
         gradwire.connect(relay.address) as far,
     ):
@@ -195,7 +198,7 @@ def test_a_client_pinging_no_more_often_than_allowed_keeps_its_quiet_watch() -> 
     # gRPC ignores an option it does not know: under a misspelt name the server kept gRPC's
     # 5-minute rule, and a quiet watch on default settings died at the client's third ping.
     with (
-        running_server(min_client_ping_s=0.5) as running,
+        running_server(connections=ServerConnections(min_client_ping_s=0.5)) as running,
         gradwire.connect(
             server_address(running), timeout=None, keepalive=1.0, keepalive_timeout=5
         ) as client,
@@ -259,7 +262,9 @@ def test_an_idle_connection_s_pings_are_taken_as_reported_whether_or_not_the_ser
     interval GetServerInfo reports kept it only while the server pinged too: with --keepalive
     0, gRPC's own rule for connections without calls (a ping every 2 hours) applied, and the
     connection was closed at the third ping, too_many_pings (found by a review)."""
-    with running_server(keepalive_s=server_pings, min_client_ping_s=0.5) as running:
+    with running_server(
+        connections=ServerConnections(keepalive_s=server_pings, min_client_ping_s=0.5)
+    ) as running:
         address = server_address(running)
         with gradwire.connect(address, timeout=10) as client:
             allowed = client.server_info().limits.min_client_ping_s
@@ -281,7 +286,35 @@ def test_an_idle_connection_s_pings_are_taken_as_reported_whether_or_not_the_ser
 def test_a_server_without_keepalive_sends_no_pings_of_its_own() -> None:
     """--keepalive 0 is no pings: without an interval of its own, gRPC's server pings a
     connection after 2 hours of silence (too long to wait for here; the option is checked)."""
-    options = dict(limits.server_options(None))
+    options = dict(ServerConnections(keepalive_s=None).options())
     assert options["grpc.keepalive_time_ms"] == 2**31 - 1  # gRPC's largest: 24.8 days
     assert "grpc.keepalive_timeout_ms" not in options
-    assert dict(limits.server_options(60.0))["grpc.keepalive_time_ms"] == 60_000
+    assert dict(ServerConnections(keepalive_s=60.0).options())["grpc.keepalive_time_ms"] == 60_000
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"keepalive_s": -1.0}, "keepalive_s must be 0 or more seconds, got -1.0"),
+        ({"keepalive_timeout_s": math.nan}, "keepalive_timeout_s must be 0 or more seconds"),
+        ({"min_client_ping_s": -0.5}, "min_client_ping_s must be 0 or more seconds"),
+        ({"idle_s": math.inf}, "idle_s must be 0 or more seconds, got inf"),
+        ({"keepalive_s": 5.0, "keepalive_timeout_s": 0.0}, "keepalive_timeout_s must be more"),
+    ],
+)
+def test_a_library_caller_s_connection_settings_are_checked(
+    settings: dict[str, float], message: str
+) -> None:
+    """app.start took -1 for gRPC's 1 ms, and inf or NaN raised OverflowError or ValueError
+    from inside the option's arithmetic; the CLI checked its flags, a library caller nothing."""
+    with pytest.raises(ValueError, match=message):
+        ServerConnections(**settings)
+
+
+def test_connection_settings_that_turn_things_off_are_taken() -> None:
+    # The control for the test above: None and 0 are "never" where the setting allows it.
+    off = ServerConnections(keepalive_s=None, keepalive_timeout_s=0.0, idle_s=None)
+    assert "grpc.max_connection_idle_ms" not in dict(off.options())
+    assert "grpc.max_connection_idle_ms" not in dict(ServerConnections(idle_s=0.0).options())
+    with pytest.raises(TypeError, match="idle_s must be a number, got '5'"):
+        ServerConnections(idle_s="5")  # type: ignore[arg-type]

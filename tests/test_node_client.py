@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import gradwire
+from gradwire.limits import ServerConnections
 from gradwire_server.models import ModelSpec
 from tests.reference import run_tutorial
 from tests.serve_in_process import running_server, serving
@@ -318,7 +319,7 @@ def test_node_calls_again_after_the_server_closed_its_idle_connection() -> None:
     """grpc-js takes the server's GOAWAY for an idle connection (--connection-idle) as gRPC's
     Python client does: its next call opens a new connection, with nothing for the service
     to handle."""
-    with running_server(connection_idle_s=0.5) as running:
+    with running_server(connections=ServerConnections(idle_s=0.5)) as running:
         running.trainer.fill_parameters(0.1)
         done = _run_node(
             "--input-type=module",

@@ -19,7 +19,7 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli.state import INFO_COLUMNS
 from gradwire.fill import Fill
-from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES
+from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES, ServerConnections
 from gradwire.results import ServerInfo, ServerLimits
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
@@ -41,10 +41,9 @@ def small() -> Iterator[Running]:
         max_concurrent=2,
         max_sessions=1,
         session_idle_s=42.5,
-        keepalive_s=7.0,
-        keepalive_timeout_s=3.0,
-        min_client_ping_s=11.0,
-        connection_idle_s=13.0,
+        connections=ServerConnections(
+            keepalive_s=7.0, keepalive_timeout_s=3.0, min_client_ping_s=11.0, idle_s=13.0
+        ),
     )
     yield running
     running.stop(grace=None)
@@ -110,7 +109,7 @@ def _limits(**settings: Any) -> ServerLimits:
 
 
 def test_a_server_that_sends_no_pings_reports_zeros_and_no_idle_limit_as_infinity() -> None:
-    limits = _limits(keepalive_s=None, session_idle_s=float("inf"))
+    limits = _limits(connections=ServerConnections(keepalive_s=None), session_idle_s=float("inf"))
     assert (limits.keepalive_s, limits.keepalive_timeout_s) == (0.0, 0.0)
     assert limits.session_idle_timeout_s == float("inf")
 
@@ -284,7 +283,7 @@ def test_a_client_refused_busy_can_still_read_the_limit(small: Running) -> None:
 def test_durations_are_reported_as_grpc_keeps_them() -> None:
     """gRPC takes whole milliseconds, at least 1: a 0.4 ms keepalive is 1 ms, and clients'
     pings allowed every 0 s are allowed every 1 ms (found by a review)."""
-    limits = _limits(keepalive_s=0.0004, min_client_ping_s=0.0)
+    limits = _limits(connections=ServerConnections(keepalive_s=0.0004, min_client_ping_s=0.0))
     assert (limits.keepalive_s, limits.min_client_ping_s) == (0.001, 0.001)
     assert limits.keepalive_timeout_s == 20.0
 
@@ -373,9 +372,7 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
     assert described(
         max_sessions=0,
         session_idle_s=float("inf"),
-        keepalive_s=None,
-        min_client_ping_s=0.25,
-        connection_idle_s=None,
+        connections=ServerConnections(keepalive_s=None, min_client_ping_s=0.25, idle_s=None),
     ) == [
         "sessions         0 beside the default one; none is closed for want of calls",
         "keepalive        no pings from the server; a client may ping a quiet "
@@ -384,7 +381,8 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
         "connections      one without calls stays open",
     ]
     assert described(
-        session_idle_s=1234567.0, keepalive_s=2147483.0, connection_idle_s=1234567.0
+        session_idle_s=1234567.0,
+        connections=ServerConnections(keepalive_s=2147483.0, idle_s=1234567.0),
     ) == [
         "sessions         8 beside the default one; each closed after 1,234,567 s without calls",
         "keepalive        a ping after 2,147,483 s of silence, the connection "

@@ -3,6 +3,8 @@ one constant."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 import operator
 from typing import Final
@@ -210,31 +212,61 @@ def channel_options(
     return options
 
 
-def server_options(
-    keepalive_s: float | None = KEEPALIVE_S,
-    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-    min_client_ping_s: float = MIN_CLIENT_PING_S,
-    connection_idle_s: float | None = CONNECTION_IDLE_S,
-) -> list[tuple[str, int]]:
-    """The server's gRPC options: the message-size limit, clients' pings taken every
-    `min_client_ping_s`, with or without calls in flight, a ping of its own every
-    `keepalive_s` seconds of silence on any connection (None or 0: none), and a connection
-    closed once it has had no call in progress for `connection_idle_s` (None or 0: never)."""
-    options = [
-        *_size_options(),
-        # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not its
-        # name: "min_recv_..." is not an option, and gRPC ignores what it does not know.
-        ("grpc.http2.min_ping_interval_without_data_ms", _ms(min_client_ping_s)),
-        # Also what lets clients ping a connection with no call in flight at that interval:
-        # without it gRPC takes one such ping every 2 hours, and closes the connection at
-        # the third closer one (too_many_pings), whatever the interval above says.
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
-    if keepalive_s:
-        options += _keepalive(keepalive_s, keepalive_timeout_s)
-    else:
-        # No pings of its own: gRPC's servers otherwise ping after 2 hours of silence.
-        options.append(("grpc.keepalive_time_ms", 2**31 - 1))
-    if connection_idle_s:  # gRPC's default: never
-        options.append(("grpc.max_connection_idle_ms", _ms(connection_idle_s)))
-    return options
+@dataclasses.dataclass(frozen=True)
+class ServerConnections:
+    """How a server treats its clients' connections, one setting of each for the four places
+    that need them (app.serve and app.start, gRPC's options, GetServerInfo's answer):
+
+    `keepalive_s`: ping a connection silent this long, and close it when no answer comes in
+    `keepalive_timeout_s`, ending its calls (None or 0: no pings; see KEEPALIVE_S).
+    `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
+    it closed (GOAWAY, too_many_pings; see MIN_CLIENT_PING_S).
+    `idle_s`: close a connection once it has had no call in progress this long (GOAWAY; a
+    client reconnects at its next call; None or 0: never; see CONNECTION_IDLE_S).
+
+    gRPC keeps each in whole milliseconds, from 1 ms to MAX_GRPC_SECONDS (`in_force_s`).
+    """
+
+    keepalive_s: float | None = KEEPALIVE_S
+    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
+    min_client_ping_s: float = MIN_CLIENT_PING_S
+    idle_s: float | None = CONNECTION_IDLE_S
+
+    def __post_init__(self) -> None:
+        # gRPC took -1 for a 1 ms interval without a word, and inf or NaN raised from deep
+        # inside the server's start.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.name in ("keepalive_s", "idle_s"):
+                continue
+            if not 0 <= real(value, field.name) < math.inf:
+                raise ValueError(f"{field.name} must be 0 or more seconds, got {value!r}")
+        if self.keepalive_s and not self.keepalive_timeout_s:
+            raise ValueError(
+                "keepalive_timeout_s must be more than 0 when the server pings (keepalive_s)"
+            )
+
+    def options(self) -> list[tuple[str, int]]:
+        """The server's gRPC options: the message-size limit, clients' pings taken every
+        `min_client_ping_s`, with or without calls in flight, a ping of its own every
+        `keepalive_s` of silence on any connection, and the idle close."""
+        options = [
+            *_size_options(),
+            # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not
+            # its name: "min_recv_..." is not an option, and gRPC ignores what it does not
+            # know.
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_client_ping_s)),
+            # Also what lets clients ping a connection with no call in flight at that
+            # interval: without it gRPC takes one such ping every 2 hours, and closes the
+            # connection at the third closer one (too_many_pings), whatever the interval
+            # above says.
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if self.keepalive_s:
+            options += _keepalive(self.keepalive_s, self.keepalive_timeout_s)
+        else:
+            # No pings of its own: gRPC's servers otherwise ping after 2 hours of silence.
+            options.append(("grpc.keepalive_time_ms", 2**31 - 1))
+        if self.idle_s:  # gRPC's default: never
+            options.append(("grpc.max_connection_idle_ms", _ms(self.idle_s)))
+        return options

@@ -24,14 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.limits import (
-    CONNECTION_IDLE_S,
-    KEEPALIVE_S,
-    KEEPALIVE_TIMEOUT_S,
-    MAX_COUNT,
-    MIN_CLIENT_PING_S,
-    server_options,
-)
+from gradwire.limits import MAX_COUNT, ServerConnections
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.errors import InvalidInput
@@ -236,10 +229,7 @@ def start(
     session_idle_s: float = DEFAULT_IDLE_S,
     metrics_port: int | None = None,
     on_device_lost: Callable[[], None] | None = None,
-    keepalive_s: float | None = KEEPALIVE_S,
-    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-    min_client_ping_s: float = MIN_CLIENT_PING_S,
-    connection_idle_s: float | None = CONNECTION_IDLE_S,
+    connections: ServerConnections = ServerConnections(),
     on_serving_lost: Callable[[], None] | None = None,
     state_dir: Path | None = None,
 ) -> Running:
@@ -255,13 +245,8 @@ def start(
     Prometheus metrics over HTTP on host:metrics_port (0: a free port; None: no metrics).
     `on_device_lost`: called after a call fails with an error the device does not recover
     from, once health is NOT_SERVING (`serve` stops the server then).
-    `keepalive_s`: ping a connection silent this long, and close it when no answer comes in
-    `keepalive_timeout_s`, ending its calls (None or 0: no pings; see limits.KEEPALIVE_S).
-    `min_client_ping_s`: clients' pings closer together on a connection carrying no data get
-    it closed (GOAWAY, too_many_pings).
-    `connection_idle_s`: close a connection once it has had no call in progress this long
-    (GOAWAY; a client reconnects at its next call; None or 0: never; see
-    limits.CONNECTION_IDLE_S).
+    `connections`: its keepalive pings, the clients' pings it takes and how long a connection
+    without calls stays open (limits.ServerConnections).
     `on_serving_lost`: called when gRPC's serving thread has ended, after a critical log line
     (serving.py): the server answers nothing more (`serve` saves and exits then).
     `state_dir`: where SaveCheckpoint writes and LoadCheckpoint reads checkpoints (None:
@@ -290,7 +275,7 @@ def start(
         interceptors=interceptors,
         # SO_REUSEPORT (grpc's default) would let a second server share the port silently.
         options=[
-            *server_options(keepalive_s, keepalive_timeout_s, min_client_ping_s, connection_idle_s),
+            *connections.options(),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -313,8 +298,7 @@ def start(
         max_concurrent,
         sessions,
         on_device_lost=device_lost,
-        keepalive=(keepalive_s, keepalive_timeout_s, min_client_ping_s),
-        connection_idle_s=connection_idle_s,
+        connections=connections,
         streams=(health_servicer.max_watches, reflection_servicer.max_streams),
         state_dir=state_dir,
     )
@@ -573,9 +557,7 @@ def serve(
     model: str | None = None,
     keep_freed: bool = True,
     one_thread_for_small_work: bool = False,
-    keepalive_s: float | None = KEEPALIVE_S,
-    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-    connection_idle_s: float | None = CONNECTION_IDLE_S,
+    connections: ServerConnections = ServerConnections(),
 ) -> None:
     """Runs a server in the foreground until SIGTERM, SIGHUP or Ctrl-C, then stops it
     gracefully; a second signal exits at once.
@@ -711,9 +693,7 @@ def serve(
                 session_idle_s=session_idle_s,
                 metrics_port=metrics_port,
                 on_device_lost=device_lost,
-                keepalive_s=keepalive_s,
-                keepalive_timeout_s=keepalive_timeout_s,
-                connection_idle_s=connection_idle_s,
+                connections=connections,
                 on_serving_lost=no_serving,
                 state_dir=state_dir,
             )

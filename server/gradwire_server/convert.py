@@ -623,18 +623,17 @@ def server_info(
     max_concurrent: int,
     max_sessions: int,
     idle_timeout_s: float,
-    keepalive: tuple[float | None, float, float],
+    connections: gw_limits.ServerConnections,
     *,
     streams: tuple[int, int],
     requests: RequestsKept,
-    connection_idle_s: float | None = gw_limits.CONNECTION_IDLE_S,
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: the versions, the device, and the limits a server started with
-    these settings keeps (`keepalive`: its ping interval, None or 0 for none, the ping's
-    timeout, and the closest client pings it takes; `streams`: the health Watches and the
-    reflection streams it keeps open at once; `requests`: what it keeps for retries;
-    `connection_idle_s`: how long a connection without calls stays open, None or 0 for ever)."""
-    interval_s, timeout_s, min_client_ping_s = keepalive
+    these settings keeps (`connections`: its pings, the clients' it takes and its idle close;
+    `streams`: the health Watches and the reflection streams it keeps open at once;
+    `requests`: what it keeps for retries)."""
+    pings = connections.keepalive_s
+    idle_s = connections.idle_s
     health_watches, reflection_streams = streams
     limits = pb.ServerLimits(
         max_message_bytes=gw_limits.MAX_MESSAGE_BYTES,
@@ -649,10 +648,10 @@ def server_info(
         max_concurrent=max_concurrent,
         max_sessions=max_sessions,
         session_idle_timeout_s=idle_timeout_s,
-        # As gRPC has them: whole milliseconds (limits.server_options).
-        keepalive_s=gw_limits.in_force_s(interval_s) if interval_s else 0.0,
-        keepalive_timeout_s=gw_limits.in_force_s(timeout_s) if interval_s else 0.0,
-        min_client_ping_s=gw_limits.in_force_s(min_client_ping_s),
+        # As gRPC has them: whole milliseconds (limits.ServerConnections.options), 0 for none.
+        keepalive_s=gw_limits.in_force_s(pings) if pings else 0.0,
+        keepalive_timeout_s=gw_limits.in_force_s(connections.keepalive_timeout_s) if pings else 0.0,
+        min_client_ping_s=gw_limits.in_force_s(connections.min_client_ping_s),
         max_health_watches=health_watches,
         max_reflection_streams=reflection_streams,
         request_id_kept_s=requests.keep_s,
@@ -661,7 +660,7 @@ def server_info(
         answer_bytes_kept=requests.max_bytes,
         max_batch_calls=gw_limits.MAX_BATCH_CALLS,
         max_selectors=gw_limits.MAX_SELECTORS,
-        connection_idle_s=gw_limits.in_force_s(connection_idle_s) if connection_idle_s else 0.0,
+        connection_idle_s=gw_limits.in_force_s(idle_s) if idle_s else 0.0,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

@@ -509,33 +509,27 @@ class TrainerServicer:
         max_concurrent: int = 16,
         sessions: Sessions | None = None,
         on_device_lost: Callable[[], None] | None = None,
-        keepalive: tuple[float | None, float, float] = (
-            limits.KEEPALIVE_S,
-            limits.KEEPALIVE_TIMEOUT_S,
-            limits.MIN_CLIENT_PING_S,
-        ),
+        connections: limits.ServerConnections = limits.ServerConnections(),
         streams: tuple[int, int] = (0, 0),
         state_dir: Path | None = None,
-        connection_idle_s: float | None = limits.CONNECTION_IDLE_S,
     ) -> None:
         self.sessions = sessions or Sessions(trainer)
         #: Where SaveCheckpoint and LoadCheckpoint keep checkpoints; None: not served.
         self.state_dir = state_dir
         self.requests = RequestLog()
-        #: GetServerInfo's answer: nothing in it changes while the server runs. `keepalive`:
-        #: the server's ping settings, as `app.start` gives them to gRPC, and
-        #: `connection_idle_s` its idle connections' close; `streams`: the health Watches
-        #: and reflection streams the services beside it keep open at once (0: none served).
+        #: GetServerInfo's answer: nothing in it changes while the server runs.
+        #: `connections`: the settings `app.start` gives gRPC for its connections; `streams`:
+        #: the health Watches and reflection streams the services beside it keep open at
+        #: once (0: none served).
         self.info = convert.server_info(
             str(trainer.device),
             trainer.max_elements,
             max_concurrent,
             self.sessions.max_sessions,
             self.sessions.idle_s,
-            keepalive,
+            connections,
             streams=streams,
             requests=self.requests,
-            connection_idle_s=connection_idle_s,
         )
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).

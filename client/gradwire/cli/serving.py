@@ -17,6 +17,7 @@ from gradwire.cli.errors import CommandError, UsageError
 from gradwire.cli.output import json_line, jsonable
 from gradwire.client import Client
 from gradwire.credentials import load_token
+from gradwire.limits import ServerConnections
 
 #: How to get the server side: gradwire is not on PyPI, so from a checkout (or its wheel).
 SERVER_EXTRA = "install gradwire's server extra (in a checkout: pip install '.[server]')"
@@ -201,9 +202,11 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                 metrics_port=args.metrics_port,
                 keep_freed=not args.return_freed_memory,
                 one_thread_for_small_work=args.one_thread_for_small_work,
-                keepalive_s=args.keepalive,
-                keepalive_timeout_s=args.keepalive_timeout,
-                connection_idle_s=args.connection_idle,
+                connections=ServerConnections(
+                    keepalive_s=args.keepalive,
+                    keepalive_timeout_s=args.keepalive_timeout,
+                    idle_s=args.connection_idle,
+                ),
             )
         except InvalidInput as e:
             raise UsageError(e.message) from None
