@@ -331,3 +331,55 @@ def test_node_calls_again_after_the_server_closed_its_idle_connection() -> None:
     assert done.returncode == 0, done.stderr
     versions = json.loads(done.stdout)
     assert versions["first"] == versions["second"] != "0"  # int64 as a string
+
+
+#: A Node.js client that opens a Watch with pings every argv[2] ms and prints how it ended:
+#: the first update comes at once, then the connection carries nothing but pings.
+PINGING_WATCH = """
+import grpc from '@grpc/grpc-js';
+import { CHANNEL_OPTIONS, Trainer } from './contract.mjs';
+
+const [address, pingMs, deadlineMs] = process.argv.slice(1);
+const options = {
+  ...CHANNEL_OPTIONS, 'grpc.keepalive_time_ms': Number(pingMs), 'grpc.keepalive_timeout_ms': 5000,
+};
+const trainer = new Trainer(address, grpc.credentials.createInsecure(), options);
+const watch = trainer.Watch({ items: [{ name: 'conv1.weight' }] }, new grpc.Metadata(),
+  { deadline: Date.now() + Number(deadlineMs) });
+let updates = 0;
+watch.on('data', () => { updates += 1; });
+watch.on('error', (error) => {
+  const details = error.metadata.get('grpc-status-details-bin').length;
+  console.log(JSON.stringify({ updates, code: error.code, details }));
+  trainer.close();
+});
+"""
+
+
+@pytest.mark.parametrize(
+    ("ping_ms", "code"),
+    [
+        (200, 8),  # RESOURCE_EXHAUSTED: what grpc-js makes of GOAWAY too_many_pings
+        (1000, 4),  # the control: pings the server takes; the Watch lasts to its deadline
+    ],
+)
+def test_node_pinging_too_often_is_told_resource_exhausted_without_error_info(
+    ping_ms: int, code: int
+) -> None:
+    """The .proto and README warn that grpc-js ends the calls of a connection closed for too
+    many pings RESOURCE_EXHAUSTED, with no ErrorInfo, so that a client does not take it for
+    BUSY (a review integrating from Node.js, once checked by hand): a server taking a ping
+    every 0.5 s, a client pinging every 0.2 s."""
+    with running_server(connections=ServerConnections(min_client_ping_s=0.5)) as running:
+        done = _run_node(
+            "--input-type=module",
+            "-e",
+            PINGING_WATCH,
+            f"127.0.0.1:{running.port}",
+            str(ping_ms),
+            "4000",
+            cwd=EXAMPLE,
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"updates": 1, "code": code, "details": 0}
+    assert ("excess pings" in done.stderr) == (code == 8), done.stderr
