@@ -1,11 +1,14 @@
 """Idle connections: the server closes a connection that has had no call in progress for
 --connection-idle seconds, so that clients that never close theirs, or connections that
 sent HTTP/2's preface and nothing more, do not hold its open files for ever; a client's
-next call reconnects, and an open stream is a call in progress however quiet."""
+next call reconnects, and an open stream is a call in progress however quiet. And the
+limit on connections open at once (--max-connections), for those made faster than they go
+idle."""
 
 from __future__ import annotations
 
 import re
+import resource
 import socket
 import struct
 import time
@@ -13,10 +16,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradwire
 from gradwire import limits
-from gradwire_server.app import Running
+from gradwire_server.app import FILES_KEPT, Running
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
 from tests.serve_in_process import running_server
@@ -26,6 +30,7 @@ IDLE_S = 0.5
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = struct.pack(">I", 0)[1:] + bytes([0x4, 0]) + struct.pack(">I", 0)
 GOAWAY = 0x7
+SETTINGS = 0x4
 
 
 @pytest.fixture
@@ -162,7 +167,9 @@ def test_serve_takes_connection_idle() -> None:
         with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
             assert client.server_info().limits.connection_idle_s == 0.0
         lines = run_main("info", "--target", f"127.0.0.1:{port}").out.splitlines()
-    assert "connections      one without calls stays open" in lines
+    assert any(
+        line.startswith("connections      one without calls stays open;") for line in lines
+    ), lines
 
 
 @pytest.mark.parametrize("seconds", ["-1", "nan", "inf", "soon"])
@@ -176,3 +183,104 @@ def test_serve_help_names_connection_idle() -> None:
     text = " ".join(run_main("serve", "--help").out.split())
     assert "--connection-idle SECONDS" in text
     assert "(default 300.0)" in text
+
+
+def _answered(port: int) -> bool:
+    """Whether a connection that sends HTTP/2's preface gets the server's SETTINGS (True) or
+    is closed at once (False)."""
+    closed, frames = _silent_connection(port, wait_s=1)
+    assert closed or frames, "neither answered nor closed in 1 s"
+    return not closed and frames[0][0] == SETTINGS
+
+
+def test_a_connection_past_the_limit_is_closed_as_it_opens() -> None:
+    few = limits.ServerConnections(max_connections=3)
+    with running_server(connections=few) as running:
+        address = f"127.0.0.1:{running.port}"
+        held = [socket.create_connection(("127.0.0.1", running.port), 10) for _ in range(3)]
+        try:
+            for connection in held:  # each taken as a connection: the server's SETTINGS
+                connection.sendall(PREFACE + EMPTY_SETTINGS)
+                assert _frames(connection.recv(65536))[0][0] == SETTINGS
+            assert not _answered(running.port)
+            # A client's call on a connection past the limit: gRPC's own UNAVAILABLE.
+            check = health_pb2.HealthCheckRequest()
+            with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
+                health_pb2_grpc.HealthStub(channel).Check(check, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+            held.pop().close()
+            # Once one closes, a client gets through (its channel waits for a connection).
+            with gradwire.connect(address, timeout=30) as client:
+                eventually(lambda: _listed(client), "no place freed after a connection closed")
+        finally:
+            for connection in held:
+                connection.close()
+
+
+def _listed(client: gradwire.Client) -> bool:
+    try:
+        return bool(client.list_tensors().names())
+    except gradwire.errors.Unavailable:
+        return False
+
+
+def test_without_a_limit_on_connections_each_is_answered() -> None:
+    # The control for the test above: the same connections, and two more.
+    unlimited = limits.ServerConnections(max_connections=0)
+    with running_server(connections=unlimited) as running:
+        assert all(_answered(running.port) for _ in range(5))
+
+
+def test_the_server_reports_its_limit_on_connections() -> None:
+    for setting in (2, 3, 0):  # 2: the client's connection and the CLI's
+        with (
+            running_server(connections=limits.ServerConnections(max_connections=setting)) as r,
+            gradwire.connect(f"127.0.0.1:{r.port}", timeout=30) as client,
+        ):
+            assert client.server_info().limits.max_connections == setting
+            lines = run_main("info", "--target", client.target).out.splitlines()
+        said = "at most 3 open at once, one more closed as it opens (UNAVAILABLE)"
+        assert (said in " ".join(" ".join(lines).split())) == (setting == 3), lines
+    with pytest.raises(ValueError, match="max_connections must be from 0"):
+        limits.ServerConnections(max_connections=-1)
+    with pytest.raises(TypeError, match="max_connections must be a whole number"):
+        limits.ServerConnections(max_connections=2.5)  # type: ignore[arg-type]
+
+
+def test_serve_keeps_a_thousand_connections_by_default_and_takes_max_connections() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # serve raises its soft limit to it
+    fits = hard == resource.RLIM_INFINITY or hard >= 1000 + FILES_KEPT
+    with serving() as (_, log):
+        port = _port(log)
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            reported = client.server_info().limits.max_connections
+    assert reported == (1000 if fits else hard - FILES_KEPT)
+    with serving("--max-connections", "2") as (_, log):
+        port = _port(log)
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.server_info().limits.max_connections == 2
+    assert "lowered" not in log
+
+
+def test_serve_lowers_the_limit_to_fit_its_open_files() -> None:
+    """Under a limit of 200 open files (soft and hard, so that serve cannot raise it), 1,000
+    connections would take every file before the limit was reached: it keeps FILES_KEPT."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 200:
+        pytest.skip(f"a hard limit of {hard} open files is below the test's")
+    under = ("sh", "-c", 'ulimit -n 200 && exec "$@"', "sh")
+    with serving(under=under) as (_, log):
+        port = _port(log)
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.server_info().limits.max_connections == 200 - FILES_KEPT
+    assert (
+        "--max-connections 1,000 lowered to 72: this process may open 200 files, 128 of them "
+        "kept for the server's own" in log
+    ), log
+
+
+@pytest.mark.parametrize("count", ["-1", "2.5", "many", str(2**31)])
+def test_a_connection_limit_grpc_cannot_hold_is_a_usage_error(count: str) -> None:
+    result = run_main("serve", "--max-connections", count)
+    assert result.code == 2
+    assert f"bad number {count!r}" in result.err

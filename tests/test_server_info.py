@@ -42,7 +42,11 @@ def small() -> Iterator[Running]:
         max_sessions=1,
         session_idle_s=42.5,
         connections=ServerConnections(
-            keepalive_s=7.0, keepalive_timeout_s=3.0, min_client_ping_s=11.0, idle_s=13.0
+            keepalive_s=7.0,
+            keepalive_timeout_s=3.0,
+            min_client_ping_s=11.0,
+            idle_s=13.0,
+            max_connections=5,
         ),
     )
     yield running
@@ -95,6 +99,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             max_batch_calls=1024,
             max_selectors=1024,
             connection_idle_s=13.0,
+            max_connections=5,
         ),
     )
 
@@ -345,7 +350,9 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "                 a client may ping a quiet connection every 11 s at most, or it is closed",
         "connections      one without calls closed after 13 s (a client reconnects at its next "
         "call; an open",
-        "                 watch or stream is a call)",
+        "                 watch or stream is a call); at most 5 open at once, one more closed "
+        "as it opens",
+        "                 (UNAVAILABLE)",
     ]
     data = json.loads(run_main("info", "--target", address, "--json").out)
     assert (data["version"], data["torch_version"], data["device"]) == (
@@ -372,7 +379,9 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
     assert described(
         max_sessions=0,
         session_idle_s=float("inf"),
-        connections=ServerConnections(keepalive_s=None, min_client_ping_s=0.25, idle_s=None),
+        connections=ServerConnections(
+            keepalive_s=None, min_client_ping_s=0.25, idle_s=None, max_connections=0
+        ),
     ) == [
         "sessions         0 beside the default one; none is closed for want of calls",
         "keepalive        no pings from the server; a client may ping a quiet "
@@ -391,7 +400,9 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
         "30 s at most, or it is closed",
         "connections      one without calls closed after 1,234,567 s (a client reconnects at "
         "its next call;",
-        "                 an open watch or stream is a call)",
+        "                 an open watch or stream is a call); at most 1,000 open at once, one "
+        "more closed as",
+        "                 it opens (UNAVAILABLE)",
     ]
 
 

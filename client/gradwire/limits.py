@@ -50,6 +50,14 @@ KEEPALIVE_TIMEOUT_S: Final = 20.0
 #: HTTP/2's preface and nothing more, would hold them until the server could accept no more.
 CONNECTION_IDLE_S: Final = 300.0
 
+#: Connections the server keeps open at once; one more is closed as it opens, before any
+#: handshake (gRPC's max_allowed_incoming_connections), and its client told UNAVAILABLE
+#: ("Socket closed") until a connection closes. Each takes one of the server's open files,
+#: and connections made faster than CONNECTION_IDLE_S closes them would otherwise take them
+#: all: then the server could accept no connection, and open no file of its own (a
+#: checkpoint, a metrics scrape) either. Each client channel, and each CLI command, opens one.
+MAX_CONNECTIONS: Final = 1000
+
 #: The shortest interval at which the server takes a client's pings on a connection that
 #: carries no data. gRPC counts a closer ping as a strike, and closes the connection at the
 #: third ("too_many_pings").
@@ -223,6 +231,8 @@ class ServerConnections:
     it closed (GOAWAY, too_many_pings; see MIN_CLIENT_PING_S).
     `idle_s`: close a connection once it has had no call in progress this long (GOAWAY; a
     client reconnects at its next call; None or 0: never; see CONNECTION_IDLE_S).
+    `max_connections`: connections kept open at once, one more closed as it opens (0: no
+    limit; see MAX_CONNECTIONS).
 
     gRPC keeps each in whole milliseconds, from 1 ms to MAX_GRPC_SECONDS (`in_force_s`).
     """
@@ -231,16 +241,18 @@ class ServerConnections:
     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S
     min_client_ping_s: float = MIN_CLIENT_PING_S
     idle_s: float | None = CONNECTION_IDLE_S
+    max_connections: int = MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        whole(self.max_connections, "max_connections", 0, 2**31 - 1, "no limit")  # gRPC's int
         # gRPC took -1 for a 1 ms interval without a word, and inf or NaN raised from deep
         # inside the server's start.
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None and field.name in ("keepalive_s", "idle_s"):
+        for name in ("keepalive_s", "keepalive_timeout_s", "min_client_ping_s", "idle_s"):
+            value = getattr(self, name)
+            if value is None and name in ("keepalive_s", "idle_s"):
                 continue
-            if not 0 <= real(value, field.name) < math.inf:
-                raise ValueError(f"{field.name} must be 0 or more seconds, got {value!r}")
+            if not 0 <= real(value, name) < math.inf:
+                raise ValueError(f"{name} must be 0 or more seconds, got {value!r}")
         if self.keepalive_s and not self.keepalive_timeout_s:
             raise ValueError(
                 "keepalive_timeout_s must be more than 0 when the server pings (keepalive_s)"
@@ -249,7 +261,8 @@ class ServerConnections:
     def options(self) -> list[tuple[str, int]]:
         """The server's gRPC options: the message-size limit, clients' pings taken every
         `min_client_ping_s`, with or without calls in flight, a ping of its own every
-        `keepalive_s` of silence on any connection, and the idle close."""
+        `keepalive_s` of silence on any connection, the idle close and the connections'
+        limit."""
         options = [
             *_size_options(),
             # gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS. Its string, not
@@ -269,4 +282,6 @@ class ServerConnections:
             options.append(("grpc.keepalive_time_ms", 2**31 - 1))
         if self.idle_s:  # gRPC's default: never
             options.append(("grpc.max_connection_idle_ms", _ms(self.idle_s)))
+        if self.max_connections:  # gRPC's default: no limit
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
         return options

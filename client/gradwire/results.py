@@ -189,6 +189,9 @@ class ServerLimits:
     # A connection with no call in progress for this long is closed (the client reconnects
     # at its next call); 0: never, as from a server that predates it.
     connection_idle_s: float = 0.0
+    # Connections the server keeps open at once, one more closed as it opens (UNAVAILABLE);
+    # 0: no limit, as from a server that predates it.
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -472,6 +472,31 @@ def raise_open_files_limit() -> tuple[str, str] | None:
     return words(hard), words(soft)
 
 
+#: Open files a server keeps for itself beside its connections: the libraries it loads, its
+#: listening sockets, a checkpoint being saved, the metrics port's connections (16 at most).
+FILES_KEPT = 128
+
+
+def connections_within_open_files(connections: ServerConnections) -> ServerConnections:
+    """`connections` with its limit on connections lowered, and a warning logged, where this
+    process's limit on open files leaves less room beside FILES_KEPT: at the limit the server
+    could open no file of its own either. Unchanged when it fits, or asks for no limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    asked = connections.max_connections
+    if not asked or soft == resource.RLIM_INFINITY or asked <= soft - FILES_KEPT:
+        return connections
+    room = max(1, soft - FILES_KEPT)
+    log.warning(
+        "--max-connections %s lowered to %s: this process may open %s files, %d of them kept "
+        "for the server's own; raise the limit (ulimit -n, systemd's LimitNOFILE) for more",
+        f"{asked:,}",
+        f"{room:,}",
+        f"{soft:,}",
+        FILES_KEPT,
+    )
+    return replace(connections, max_connections=room)
+
+
 def stop_signals() -> tuple[signal.Signals, ...]:
     """The STOP_SIGNALS serve handles: all of them, but SIGHUP where it is ignored."""
     return tuple(
@@ -571,6 +596,7 @@ def serve(
     opened = raise_open_files_limit()
     if opened is not None:
         log.info("open files: up to %s, each client connection takes one (was %s)", *opened)
+    connections = connections_within_open_files(connections)
     log.info(
         "oneDNN keeps at most %s compiled CPU kernels (%s)",
         allocator.limit_onednn_cache(),

@@ -661,6 +661,7 @@ def server_info(
         max_batch_calls=gw_limits.MAX_BATCH_CALLS,
         max_selectors=gw_limits.MAX_SELECTORS,
         connection_idle_s=gw_limits.in_force_s(idle_s) if idle_s else 0.0,
+        max_connections=connections.max_connections,
     )
     return pb.GetServerInfoResponse(
         version=gradwire.__version__,

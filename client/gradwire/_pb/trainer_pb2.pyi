@@ -125,6 +125,13 @@ Conventions used by every message below:
   is a call in progress, however quiet. gRPC's clients open a new connection at their next
   call by themselves, and nothing is lost with the old one: sessions are named by id, not
   held by a connection. --connection-idle 0: connections without calls stay open.
+- Connections: the server keeps at most 1,000 connections open at once (gradwire serve
+  --max-connections, lowered where the server's limit on open files leaves less room;
+  GetServerInfo's limits.max_connections), so that connections made faster than they go
+  idle cannot take every file the server may open. One more is closed as it opens, with
+  no HTTP/2 frame: its client's calls fail UNAVAILABLE, with the client library's own
+  words ("Socket closed" in gRPC's C core), and go through once another connection has
+  closed. Each channel of a client is one connection.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer (base64, as
@@ -2133,6 +2140,7 @@ class ServerLimits(_message.Message):
     MAX_BATCH_CALLS_FIELD_NUMBER: _builtins.int
     MAX_SELECTORS_FIELD_NUMBER: _builtins.int
     CONNECTION_IDLE_S_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -2210,6 +2218,11 @@ class ServerLimits(_message.Message):
     GOAWAY, gRPC's max_connection_idle; see Keepalive at the top); 0: never, as from a
     server that predates it, which never did.
     """
+    max_connections: _builtins.int
+    """Connections the server keeps open at once; one more is closed as it opens, before any
+    handshake, and its calls fail UNAVAILABLE (gRPC's "Socket closed") until one closes (see
+    Connections at the top); 0: no limit, as from a server that predates it, which kept none.
+    """
     def __init__(
         self,
         *,
@@ -2237,10 +2250,11 @@ class ServerLimits(_message.Message):
         max_batch_calls: _builtins.int = ...,
         max_selectors: _builtins.int = ...,
         connection_idle_s: _builtins.float = ...,
+        max_connections: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "connection_idle_s", b"connection_idle_s", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "connection_idle_s", b"connection_idle_s", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_connections", b"max_connections", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -125,6 +125,13 @@ Conventions used by every message below:
   is a call in progress, however quiet. gRPC's clients open a new connection at their next
   call by themselves, and nothing is lost with the old one: sessions are named by id, not
   held by a connection. --connection-idle 0: connections without calls stay open.
+- Connections: the server keeps at most 1,000 connections open at once (gradwire serve
+  --max-connections, lowered where the server's limit on open files leaves less room;
+  GetServerInfo's limits.max_connections), so that connections made faster than they go
+  idle cannot take every file the server may open. One more is closed as it opens, with
+  no HTTP/2 frame: its client's calls fail UNAVAILABLE, with the client library's own
+  words ("Socket closed" in gRPC's C core), and go through once another connection has
+  closed. Each channel of a client is one connection.
 - Errors use the standard gRPC status codes, with a google.rpc.Status carrying
   a google.rpc.ErrorInfo (domain "gradwire.dev", a stable `reason` such as
   "UNKNOWN_TENSOR" or "NO_LOSS") in the "grpc-status-details-bin" trailer (base64, as

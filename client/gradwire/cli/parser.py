@@ -279,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default %(default)s)",
     )
     p.add_argument(
+        "--max-connections",
+        type=at_least(0, 2**31 - 1),  # gRPC's option is an int
+        default=limits.MAX_CONNECTIONS,
+        metavar="N",
+        help="connections kept open at once, so that many opened faster than they go idle "
+        "cannot take every file the server may open; one more is closed as it opens, its "
+        "client told UNAVAILABLE; lowered to fit the limit on open files; 0: no limit "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         metavar="DIR",

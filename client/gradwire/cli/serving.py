@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                     keepalive_s=args.keepalive,
                     keepalive_timeout_s=args.keepalive_timeout,
                     idle_s=args.connection_idle,
+                    max_connections=args.max_connections,
                 ),
             )
         except InvalidInput as e:

@@ -288,6 +288,11 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         if lim.connection_idle_s
         else "one without calls stays open"
     )
+    if lim.max_connections:  # 0: no limit, or a server from before it was reported
+        connections += (
+            f"; at most {lim.max_connections:,} open at once, one more closed as it opens "
+            "(UNAVAILABLE)"
+        )
     ids = f"at most {lim.max_request_id_chars} characters"
     if lim.last_request_ids_kept:  # 0: a server from before it was reported
         ids += (
