@@ -592,6 +592,8 @@ def serve(
     (see models.load_spec); None serves the tutorial's Simple. `keep_freed`: keep the memory
     a step frees for the next one (allocator.py; the process's malloc settings change).
     `one_thread_for_small_work`: run small steps on one thread on the CPU (openmp.py).
+    `connections`: as `start` takes them, the limit on connections lowered where the limit
+    on open files leaves less room (connections_within_open_files).
     """
     opened = raise_open_files_limit()
     if opened is not None:
