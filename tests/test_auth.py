@@ -473,6 +473,10 @@ def test_tls(trainer: Trainer, pki: Pki) -> None:
             plain.list_tensors()
         args = ["list", "--target", _address(running), "--tls-ca", str(pki.ca)]
         assert main(args, io.StringIO()) == 0
+        # Without --tls the CLI's hint said no server answered, and to start one.
+        err, plain_args = io.StringIO(), ["list", "--target", _address(running), "--timeout", "3"]
+        assert main(plain_args, io.StringIO(), err) == 1
+        assert "closed the connection as it opened: it serves TLS (add --tls" in err.getvalue()
     finally:
         running.stop(grace=None)
 

@@ -214,6 +214,14 @@ def test_a_connection_past_the_limit_is_closed_as_it_opens() -> None:
             with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
                 health_pb2_grpc.HealthStub(channel).Check(check, timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+            # The CLI says why a server that is there did not answer.
+            said = run_main("list", "--target", address, "--timeout", "3").err.splitlines()
+            assert said[-1] == (
+                f"hint: {address} closed the connection as it opened: it serves TLS (add "
+                "--tls, and --tls-ca for a CA of your own), or it has as many connections "
+                "open as it keeps (gradwire serve --max-connections; gradwire info says how "
+                "many): try again once some close"
+            ), said
             held.pop().close()
             # Once one closes, a client gets through (its channel waits for a connection).
             with gradwire.connect(address, timeout=30) as client:

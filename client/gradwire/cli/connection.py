@@ -201,6 +201,16 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
             f"no gradwire server answered at {target}: start one (gradwire serve), or name "
             "yours with --target HOST:PORT"
         )
+    if "socket closed" in text:
+        # A server is there, and closed the connection as it opened: a TLS server asked
+        # without TLS, or one with as many connections open as --max-connections lets it
+        # keep. The hint said that no server answered, and to start one.
+        return (
+            f"{target} closed the connection as it opened: it serves TLS (add --tls, and "
+            "--tls-ca for a CA of your own), or it has as many connections open as it keeps "
+            "(gradwire serve --max-connections; gradwire info says how many): try again "
+            "once some close"
+        )
     return (
         f"no gradwire server answered at {target}: start one (gradwire serve), name yours "
         "with --target HOST:PORT, or add --tls if it serves TLS"
