@@ -80,8 +80,11 @@ CLIENT_KEEPALIVE_S: Final = GRPC_DEFAULT_MIN_CLIENT_PING_S + 30
 #: gRPC's 20% jitter) of a restarted server's return.
 MAX_RECONNECT_WAIT_S: Final = 2.0
 
+#: The largest value of a gRPC option: they are C ints.
+MAX_GRPC_INT: Final = 2**31 - 1
+
 #: The longest a gRPC duration option holds: milliseconds in a 32-bit int, about 24.8 days.
-MAX_GRPC_SECONDS: Final = (2**31 - 1) // 1000
+MAX_GRPC_SECONDS: Final = MAX_GRPC_INT // 1000
 
 
 #: The most histogram bins a GetStats or a Watch may ask for: the client checks it, and the
@@ -169,7 +172,7 @@ def _size_options() -> list[tuple[str, int]]:
 
 def _ms(seconds: float) -> int:
     """Milliseconds for a gRPC option, which takes a 32-bit int: 1 to MAX_GRPC_SECONDS."""
-    return min(max(1, round(seconds * 1000)), 2**31 - 1)
+    return min(max(1, round(seconds * 1000)), MAX_GRPC_INT)
 
 
 def in_force_s(seconds: float) -> float:
@@ -244,7 +247,7 @@ class ServerConnections:
     max_connections: int = MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
-        whole(self.max_connections, "max_connections", 0, 2**31 - 1, "no limit")  # gRPC's int
+        whole(self.max_connections, "max_connections", 0, MAX_GRPC_INT, "no limit")
         # gRPC took -1 for a 1 ms interval without a word, and inf or NaN raised from deep
         # inside the server's start.
         for name in ("keepalive_s", "keepalive_timeout_s", "min_client_ping_s", "idle_s"):
@@ -279,7 +282,7 @@ class ServerConnections:
             options += _keepalive(self.keepalive_s, self.keepalive_timeout_s)
         else:
             # No pings of its own: gRPC's servers otherwise ping after 2 hours of silence.
-            options.append(("grpc.keepalive_time_ms", 2**31 - 1))
+            options.append(("grpc.keepalive_time_ms", MAX_GRPC_INT))
         if self.idle_s:  # gRPC's default: never
             options.append(("grpc.max_connection_idle_ms", _ms(self.idle_s)))
         if self.max_connections:  # gRPC's default: no limit

@@ -245,8 +245,8 @@ def start(
     Prometheus metrics over HTTP on host:metrics_port (0: a free port; None: no metrics).
     `on_device_lost`: called after a call fails with an error the device does not recover
     from, once health is NOT_SERVING (`serve` stops the server then).
-    `connections`: its keepalive pings, the clients' pings it takes and how long a connection
-    without calls stays open (limits.ServerConnections).
+    `connections`: its keepalive pings, the clients' pings it takes, how long a connection
+    without calls stays open and how many stay open at once (limits.ServerConnections).
     `on_serving_lost`: called when gRPC's serving thread has ended, after a critical log line
     (serving.py): the server answers nothing more (`serve` saves and exits then).
     `state_dir`: where SaveCheckpoint writes and LoadCheckpoint reads checkpoints (None:

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-connections",
-        type=at_least(0, 2**31 - 1),  # gRPC's option is an int
+        type=at_least(0, limits.MAX_GRPC_INT),
         default=limits.MAX_CONNECTIONS,
         metavar="N",
         help="connections kept open at once, so that many opened faster than they go idle "
