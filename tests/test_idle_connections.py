@@ -12,7 +12,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest
@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import gradwire
 from gradwire import limits
 from gradwire.errors import Unavailable
+from gradwire.results import ServerLimits
 from gradwire_server.app import FILES_KEPT, Running
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
@@ -153,12 +154,20 @@ def test_the_server_reports_its_idle_limit() -> None:
             assert client.server_info().limits.connection_idle_s == reported, setting
 
 
+def _served(*args: str, under: Sequence[str] = ()) -> tuple[ServerLimits, list[str], str]:
+    """`gradwire serve ARGS` (run under `under`): the limits GetServerInfo reports, the lines
+    `gradwire info` writes of it, and its log up to its listening."""
+    with serving(*args, under=under) as (_, log):
+        address = f"127.0.0.1:{_port(log)}"
+        with gradwire.connect(address, timeout=30) as client:
+            reported = client.server_info().limits
+        lines = run_main("info", "--target", address).out.splitlines()
+    return reported, lines, log
+
+
 def test_serve_closes_idle_connections_after_five_minutes_by_default() -> None:
-    with serving() as (_, log):
-        port = _port(log)
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            assert client.server_info().limits.connection_idle_s == 300.0
-        lines = run_main("info", "--target", f"127.0.0.1:{port}").out.splitlines()
+    reported, lines, _ = _served()
+    assert reported.connection_idle_s == 300.0
     assert any(
         line.startswith("connections      one without calls closed after 300 s") for line in lines
     ), lines
@@ -168,11 +177,8 @@ def test_serve_takes_connection_idle() -> None:
     with serving("--connection-idle", "0.5") as (_, log):
         closed, _ = _silent_connection(_port(log), wait_s=30)
     assert closed
-    with serving("--connection-idle", "0") as (_, log):
-        port = _port(log)
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            assert client.server_info().limits.connection_idle_s == 0.0
-        lines = run_main("info", "--target", f"127.0.0.1:{port}").out.splitlines()
+    reported, lines, _ = _served("--connection-idle", "0")
+    assert reported.connection_idle_s == 0.0
     assert any(
         line.startswith("connections      one without calls stays open;") for line in lines
     ), lines
@@ -264,15 +270,9 @@ def test_the_server_reports_its_limit_on_connections() -> None:
 def test_serve_keeps_a_thousand_connections_by_default_and_takes_max_connections() -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # serve raises its soft limit to it
     fits = hard == resource.RLIM_INFINITY or hard >= 1000 + FILES_KEPT
-    with serving() as (_, log):
-        port = _port(log)
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            reported = client.server_info().limits.max_connections
-    assert reported == (1000 if fits else hard - FILES_KEPT)
-    with serving("--max-connections", "2") as (_, log):
-        port = _port(log)
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            assert client.server_info().limits.max_connections == 2
+    assert _served()[0].max_connections == (1000 if fits else hard - FILES_KEPT)
+    reported, _, log = _served("--max-connections", "2")
+    assert reported.max_connections == 2
     assert "lowered" not in log
 
 
@@ -283,10 +283,8 @@ def test_serve_lowers_the_limit_to_fit_its_open_files() -> None:
     if hard != resource.RLIM_INFINITY and hard < 200:
         pytest.skip(f"a hard limit of {hard} open files is below the test's")
     under = ("sh", "-c", 'ulimit -n 200 && exec "$@"', "sh")
-    with serving(under=under) as (_, log):
-        port = _port(log)
-        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
-            assert client.server_info().limits.max_connections == 200 - FILES_KEPT
+    reported, _, log = _served(under=under)
+    assert reported.max_connections == 200 - FILES_KEPT
     assert (
         "--max-connections 1,000 lowered to 72: this process may open 200 files, 128 of them "
         "kept for the server's own" in log
