@@ -36,6 +36,9 @@ class TutorialRun:
     grad: torch.Tensor
     weight_after: torch.Tensor
     linear_grad_rows: torch.Tensor
+    # Each print of the tutorial's code, as (the code, what it prints), in order; with the
+    # fill, the replay's own print of linear's gradient (which is not zero) after conv1's.
+    printed: list[tuple[str, str]]
 
 
 def run_tutorial(init: str = "fill", seed: int = 0) -> TutorialRun:
@@ -52,20 +55,34 @@ def run_tutorial(init: str = "fill", seed: int = 0) -> TutorialRun:
     model.train()
     images = torch.ones(8, 3, 10, 10)
     targets = torch.ones(8, dtype=torch.long)
+    printed: list[tuple[str, str]] = []
+
+    def prints(code: str, value: object) -> None:
+        printed.append((f"print({code})", str(value)))  # what print() writes
+
     output = model(images)
+    prints("output.shape", output.shape)
     loss = criterion(output, targets)
+    prints("loss.item()", loss.item())
     grad_before = model.conv1.weight.grad
+    prints("model.conv1.weight.grad", model.conv1.weight.grad)
     loss.backward()
     assert model.conv1.weight.grad is not None and model.linear.weight.grad is not None
+    prints("model.conv1.weight.grad[0][0][0]", model.conv1.weight.grad[0][0][0])
+    if init == "fill":
+        prints("model.linear.weight.grad[:2, :3]", model.linear.weight.grad[:2, :3])
+    prints("model.conv1.weight[0][0][0]", model.conv1.weight[0][0][0])
     grad_slice = model.conv1.weight.grad[0][0][0].clone()
     weight_slice_before = model.conv1.weight[0][0][0].detach().clone()
     weight_before = model.conv1.weight.detach().clone()
     grad = model.conv1.weight.grad.clone()
     linear_rows = model.linear.weight.grad[:2, :3].clone()
     optimizer.step()
+    prints("model.conv1.weight[0][0][0]", model.conv1.weight[0][0][0])
     weight_slice_after = model.conv1.weight[0][0][0].detach().clone()
     weight_after = model.conv1.weight.detach().clone()
     optimizer.zero_grad()
+    prints("model.conv1.weight.grad", model.conv1.weight.grad)
     return TutorialRun(
         output_shape=tuple(output.shape),
         loss=loss.item(),
@@ -78,4 +95,5 @@ def run_tutorial(init: str = "fill", seed: int = 0) -> TutorialRun:
         grad=grad,
         weight_after=weight_after,
         linear_grad_rows=linear_rows,
+        printed=printed,
     )

@@ -228,10 +228,12 @@ def test_zero_grad_zeros_leaves_zero_tensors(cli: Run, client: gradwire.Client) 
 
 
 def test_get_prints_the_torch_repr(cli: Run) -> None:
+    # As PyTorch prints the slice: its values, and the node its indexing made.
     result = cli("get", "conv1.weight[0][0][0]")
-    expected = local_model().conv1.weight[0][0][0].detach()
+    expected = local_model().conv1.weight[0][0][0]
     assert result.code == 0
     assert result.out == repr(expected) + "\n"
+    assert result.out.endswith(", grad_fn=<SelectBackward0>)\n")
 
 
 def test_get_prints_torch_s_repr_without_importing_torch(client: gradwire.Client) -> None:
@@ -246,7 +248,7 @@ def test_get_prints_torch_s_repr_without_importing_torch(client: gradwire.Client
     assert (done.returncode, done.stderr) == (0, "")
     *printed, imported = done.stdout.splitlines()
     assert imported == "False"
-    assert "\n".join(printed) == repr(local_model().conv1.weight[0].detach())
+    assert "\n".join(printed) == repr(local_model().conv1.weight[0])
 
 
 #: A model whose weights are bfloat16, which numpy has no dtype for: its values travel raw
@@ -254,6 +256,13 @@ def test_get_prints_torch_s_repr_without_importing_torch(client: gradwire.Client
 BF16_LINEAR = ModelSpec(
     "BF16", lambda: nn.Linear(4, 2).to(torch.bfloat16), (4,), 2, input_dtype=torch.bfloat16
 )
+
+
+def _local_bf16_slice() -> torch.Tensor:
+    """weight[0, :3] of BF16_LINEAR built as the server builds it, under seed 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BF16_LINEAR.factory().weight[0, :3]  # type: ignore[no-any-return]
 
 
 def test_get_of_a_bfloat16_tensor_prints_it() -> None:
@@ -266,7 +275,8 @@ def test_get_of_a_bfloat16_tensor_prints_it() -> None:
         assert isinstance(expected, torch.Tensor) and expected.dtype == torch.bfloat16
         result = run_main("get", "weight[0, :3]", "--target", target)
         assert (result.code, result.err) == (0, "")
-        assert result.out == repr(expected) + "\n"
+        assert result.out == repr(_local_bf16_slice()) + "\n"
+        assert torch.equal(expected, _local_bf16_slice().detach())
         data = run_main("get", "weight[0, :3]", "--target", target, "--json").json()
         assert data["dtype"] == "bfloat16" and data["values"] == expected.float().tolist()
 
@@ -289,7 +299,8 @@ def test_a_remote_bfloat16_slice_prints_as_torch_does_without_importing_torch() 
     assert (done.returncode, done.stderr) == (0, "")
     *printed, imported = done.stdout.splitlines()
     assert imported == "False"
-    assert "\n".join(printed) == repr(expected)
+    assert "\n".join(printed) == repr(_local_bf16_slice())
+    assert torch.equal(expected, _local_bf16_slice().detach())
 
 
 def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> None:
@@ -306,6 +317,9 @@ def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> 
         "dtype": "float32",
         "shape": [3, 2, 3],
         "full_shape": [16, 3, 3, 3],
+        "requires_grad": False,  # a gradient: autograd does not track it
+        "grad_fn": None,
+        "whole_parameter": False,
     }
 
 

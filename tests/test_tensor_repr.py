@@ -102,6 +102,25 @@ def test_tensor_repr_is_torch_s_repr(dtype: torch.dtype) -> None:
     assert checked >= 20
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_autograd_s_suffixes_are_torch_s(dtype: torch.dtype) -> None:
+    """`grad_fn=<...>` after a tensor a node made, `requires_grad=True` after a leaf that
+    requires grad, each on a line of its own where the last line has no room, as torch
+    prints them, the dtype's suffix before them."""
+    checked = 0
+    for tensor in _cases():
+        if tensor.dtype != dtype:
+            continue
+        array = tensor.float().numpy() if dtype == torch.bfloat16 else tensor.numpy()
+        name = str(dtype).removeprefix("torch.")
+        leaf = tensor.clone().requires_grad_()
+        assert tensor_repr(array, name, requires_grad=True) == repr(leaf), tensor
+        made = leaf * 1  # the same values, and a node: MulBackward0
+        assert tensor_repr(array, name, grad_fn="MulBackward0") == repr(made), tensor
+        checked += 1
+    assert checked >= 20
+
+
 def test_tensor_repr_takes_the_array_s_own_dtype_by_default() -> None:
     array = np.array([1.5, 2.0], np.float64)
     assert (

@@ -1412,6 +1412,9 @@ class Client:
             shape=tuple(first.chunk.shape),
             full_shape=tuple(first.full_shape),
             dtype=codec.DTYPE_NAMES.get(assembler.dtype or 0),
+            requires_grad=first.requires_grad,
+            grad_fn=first.grad_fn,
+            whole_parameter=first.whole_parameter,
         )
 
     def get(

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradwire.tensor_repr import tensor_repr
+
+if TYPE_CHECKING:
+    from gradwire.results import TensorRead
 
 
 def format_tensor(value: Any, dtype: str | None = None) -> str:
@@ -26,6 +29,25 @@ def format_tensor(value: Any, dtype: str | None = None) -> str:
     if torch is not None and isinstance(value, torch.Tensor):
         return repr(value)
     return tensor_repr(np.asarray(value), dtype)
+
+
+def format_read(read: TensorRead) -> str:
+    """A read as PyTorch prints the selection on the server: its values, and what the print
+    shows there of autograd (`grad_fn=<SelectBackward0>` after a slice of a parameter;
+    "Parameter containing:" above a whole parameter, `requires_grad=True` after it);
+    `None` for an absent tensor. A read as torch tensors prints the same: its tensor, made
+    on this side, has no autograd of its own to show."""
+    value = read.value
+    if value is None:
+        return "None"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        # bfloat16 as float32, which holds each value exactly; `read.dtype` still names it.
+        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy(force=True)
+    text = tensor_repr(
+        np.asarray(value), read.dtype, grad_fn=read.grad_fn, requires_grad=read.requires_grad
+    )
+    return f"Parameter containing:\n{text}" if read.whole_parameter else text
 
 
 def format_size(shape: Sequence[int]) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from gradwire import codec
-from gradwire.display import format_tensor
+from gradwire.display import format_read
 from gradwire.selector import parse_selector
 
 if TYPE_CHECKING:
@@ -182,10 +182,10 @@ class RemoteTensor:
         return value.copy() if copy and not value.flags.writeable else value
 
     def __repr__(self) -> str:
-        """Torch's repr, printed from numpy (tensor_repr.py): torch is not imported for it,
-        and a bfloat16 tensor, read as float32, still says `dtype=torch.bfloat16`."""
-        read = self.fetch()
-        return format_tensor(read.value, read.dtype)
+        """Torch's repr of the tensor on the server, printed from numpy (tensor_repr.py):
+        torch is not imported for it, a bfloat16 tensor, read as float32, still says
+        `dtype=torch.bfloat16`, and a parameter's slice ends `grad_fn=<SelectBackward0>`."""
+        return format_read(self.fetch())
 
 
 class RemoteModel:

@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 
 from gradwire.client import Client
-from gradwire.display import format_size, format_tensor
+from gradwire.display import format_read, format_size
 from gradwire.errors import Aborted
 from gradwire.fill import Fill
-from gradwire.results import Listing
+from gradwire.results import Listing, TensorRead
 
 Init = Literal["fill", "random"]
 LR = 1.0
@@ -110,17 +110,17 @@ def replay(
                 p.set_optimizer("sgd", lr=LR)
             with client.expecting(next(versions)):
                 forward = p.forward(Fill.ones(BATCH, 3, 10, 10), Fill.ones(BATCH, dtype="int64"))
-            grad_before = p.get("conv1.weight.grad")
+            grad_before = p.read("conv1.weight.grad")
             with client.expecting(next(versions)):
                 p.backward()
-            grad_slice = p.get("conv1.weight.grad[0][0][0]")
-            linear_rows = p.get("linear.weight.grad[:2, :3]")
-            weight_slice_before = p.get("conv1.weight[0][0][0]")
+            grad_slice = p.read("conv1.weight.grad[0][0][0]")
+            linear_rows = p.read("linear.weight.grad[:2, :3]")
+            weight_slice_before = p.read("conv1.weight[0][0][0]")
             weight_before = p.get("conv1.weight")
             grad = p.get("conv1.weight.grad")
             with client.expecting(next(versions)):
                 p.step()
-            weight_slice_after = p.get("conv1.weight[0][0][0]")
+            weight_slice_after = p.read("conv1.weight[0][0][0]")
             weight_after = p.get("conv1.weight")
             with client.expecting(next(versions)):
                 p.zero_grad()
@@ -131,18 +131,19 @@ def replay(
         raise SessionInUse(_in_use(client)) from None
     if last.result().version != next(versions):  # a change after the replay's last
         raise SessionInUse(_in_use(client))
-    grad_after_zero = last.result().value
+    grad_after_zero = last.result()
 
-    def show(code: str, value: Any = ..., note: str = "") -> None:
+    def show(code: str, value: TensorRead | str | None = None, note: str = "") -> None:
+        """The line of code, what it prints (a read as PyTorch prints it), and a note."""
         write(f">>> {code}")
-        if value is not ...:
-            write(value if isinstance(value, str) else format_tensor(value))
+        if value is not None:
+            write(value if isinstance(value, str) else format_read(value))
         if note:
             for line in note.splitlines():
                 write(f"# {line}")
 
-    def host(value: Any) -> Any:
-        return None if value is None else np.asarray(value)
+    def host(read: TensorRead) -> Any:
+        return None if read.value is None else np.asarray(read.value)
 
     if init == "fill":
         show("model = Simple()")
@@ -194,7 +195,7 @@ def replay(
     show("optimizer.zero_grad()")
     show(
         "print(model.conv1.weight.grad)",
-        result.grad_after_zero,
+        grad_after_zero,
         "zero_grad() sets gradients to None since PyTorch 2.0 (the blog's tensor([0., 0., 0.])\n"
         "is zero_grad(set_to_none=False)), so grad[0][0][0] would raise TypeError today.",
     )

@@ -28,10 +28,14 @@ _UNNAMED = frozenset({"float32", "int64", "bool"})
 _FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
-def tensor_repr(array: Any, dtype: str | None = None) -> str:
+def tensor_repr(
+    array: Any, dtype: str | None = None, *, grad_fn: str = "", requires_grad: bool = False
+) -> str:
     """repr() of the torch tensor of dtype `dtype` (a torch dtype's name: "bfloat16",
     "int32"; default: the array's own) holding `array`'s values: a bfloat16 tensor's values
-    come as float32, which holds each exactly."""
+    come as float32, which holds each exactly. `grad_fn`, the name of the node that made
+    the tensor, ends it with `grad_fn=<...>`; else `requires_grad` with
+    `requires_grad=True`, as torch's repr of a leaf that requires grad."""
     values = np.asarray(array)
     name = dtype or values.dtype.name
     suffixes = []
@@ -47,6 +51,10 @@ def tensor_repr(array: Any, dtype: str | None = None) -> str:
         if name not in _UNNAMED:
             suffixes.append(f"dtype=torch.{name}")
         body = _tensor_str(values, len(_PREFIX), name in _FLOATING)
+    if grad_fn:
+        suffixes.append(f"grad_fn=<{grad_fn}>")
+    elif requires_grad:
+        suffixes.append("requires_grad=True")
     return _add_suffixes(_PREFIX + body, suffixes, len(_PREFIX))
 
 
@@ -151,8 +159,8 @@ def _vector_str(
 
 
 def _add_suffixes(text: str, suffixes: list[str], indent: int) -> str:
-    """`dtype=...` and `size=...` after the values, on a line of their own where the last
-    line has no room, as torch's _add_suffixes."""
+    """`dtype=...`, `size=...` and `grad_fn=<...>` after the values, on a line of their own
+    where the last line has no room, as torch's _add_suffixes."""
     parts = [text]
     last_line_len = len(text) - text.rfind("\n") + 1
     for suffix in suffixes:

@@ -347,6 +347,9 @@ def read_result(
         shape=tuple(tensor.shape),
         full_shape=tuple(response.full_shape),
         dtype=codec.DTYPE_NAMES.get(tensor.dtype),
+        requires_grad=response.requires_grad,
+        grad_fn=response.grad_fn,
+        whole_parameter=response.whole_parameter,
     )
 
 

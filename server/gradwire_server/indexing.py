@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -111,3 +112,97 @@ def select(
         label = functools.partial(lambda p: name + format_index(chain[:p]), position)
         out = _apply(out, key, label, writable=writable)
     return out
+
+
+#: A node's name is cut to this many bytes on the wire (GetTensorResponse.grad_fn): PyTorch's
+#: own are far shorter, and a custom autograd Function's class could be named at any length.
+MAX_GRAD_FN_BYTES = 256
+#: Slice steps up to this are indexed as written to name the node (`autograd_of`); a larger
+#: one, whose stride torch may overflow (a step of 2**62 gave a negative stride), is named
+#: from `select`'s own indexing, which clamps it.
+_WRITTEN_STEP_MAX = 1024
+
+
+@dataclass(frozen=True)
+class Autograd:
+    """What PyTorch's print of a selection shows of autograd, in grad mode: whether it
+    requires grad, the name of the node that made it (`grad_fn=<SelectBackward0>`; "" for a
+    leaf or an untracked tensor), and whether it is a parameter itself, which prints as
+    "Parameter containing:" (GetTensorResponse)."""
+
+    requires_grad: bool = False
+    grad_fn: str = ""
+    whole_parameter: bool = False
+
+    def get(self) -> Autograd:
+        """Itself: known already (AutogradOf works it out when asked)."""
+        return self
+
+
+UNTRACKED = Autograd()
+
+
+class AutogradOf:
+    """What PyTorch's print of tensor[chain...] shows of autograd, worked out when asked
+    (`get`, under the trainer's lock, which holds `tensor` as it was): a read that sends it
+    asks; a Watch and statistics, which send none, do not pay for it (6.7 us for a slice
+    of a parameter, as much as the slice itself)."""
+
+    __slots__ = ("_chain", "_tensor", "_whole")
+
+    def __init__(self, tensor: torch.Tensor, chain: IndexChain, whole_parameter: bool) -> None:
+        self._tensor = tensor
+        self._chain = chain
+        self._whole = whole_parameter
+
+    def get(self) -> Autograd:
+        return autograd_of(self._tensor, self._chain, self._whole)
+
+
+def autograd_of(tensor: torch.Tensor, chain: IndexChain, whole_parameter: bool) -> Autograd:
+    """What `print(tensor[chain[0]][chain[1]]...)` shows of autograd in PyTorch, `tensor`
+    being the live one (not detached), for a chain that `select` has taken already.
+
+    Indexed as a script writes it (a key of one item as that item, `w[:]`, not `w[(:,)]`),
+    for torch names the node by the path its indexing takes: `w[:]` is SliceBackward0 but
+    `w[(slice(None),)]` AliasBackward0, and `w[0, :]` SelectBackward0 where `select`, one
+    dimension at a time, would make an AliasBackward0 last. Views only: nothing is copied.
+    A chain torch refuses (a negative step, which numpy reads) is named from `select`'s
+    own indexing, the one the values come from, and so is one it would fail on."""
+    if not tensor.requires_grad:
+        return Autograd(whole_parameter=True) if whole_parameter else UNTRACKED
+    with torch.enable_grad():
+        out = None
+        if all(_as_written(key) for key in chain):
+            try:
+                out = tensor
+                for key in chain:
+                    out = out[key[0] if len(key) == 1 else key]
+            except (IndexError, RuntimeError, TypeError, ValueError):
+                out = None  # a read the values were taken for is not refused for its name
+        if out is None:
+            out = select(tensor, chain, "")
+        return Autograd(out.requires_grad, _node_name(out), whole_parameter)
+
+
+def _as_written(key: tuple[IndexItem, ...]) -> bool:
+    """Whether torch indexes `key` as numpy does: every slice's step positive and small."""
+    return all(
+        not isinstance(item, slice) or item.step is None or 0 < item.step <= _WRITTEN_STEP_MAX
+        for item in key
+    )
+
+
+def _node_name(tensor: torch.Tensor) -> str:
+    """The name torch's repr prints in `grad_fn=<...>` (torch/_tensor_str.py), cut to
+    MAX_GRAD_FN_BYTES; "" for none."""
+    try:
+        node = tensor.grad_fn
+    except RuntimeError:  # a view made and changed in place without grad: torch's own word
+        return "Invalid"
+    if node is None:
+        return ""
+    name = type(node).__name__
+    if name == "CppFunction":
+        name = node.name().rsplit("::", 1)[-1]
+    return name.encode()[:MAX_GRAD_FN_BYTES].decode(errors="ignore")

@@ -54,7 +54,14 @@ from gradwire_server.errors import (
     device_lost,
     device_memory,
 )
-from gradwire_server.indexing import IndexChain, select
+from gradwire_server.indexing import (
+    MAX_GRAD_FN_BYTES,
+    UNTRACKED,
+    Autograd,
+    AutogradOf,
+    IndexChain,
+    select,
+)
 from gradwire_server.meta_copy import meta_copy
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
@@ -409,6 +416,8 @@ class Selection:
     name: str
     part: torch.Tensor | None  # the selected values where they live; None when absent
     full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
+    # What PyTorch's print of it shows of autograd: `.get()`, under the lock, as `use` runs.
+    autograd: Autograd | AutogradOf = UNTRACKED
 
     def host(self) -> torch.Tensor:
         """The selection, contiguous, on the CPU: a view of the live tensor when possible."""
@@ -458,8 +467,21 @@ def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) 
     many (TrainStep's fetched, a Watch update): its name, 10 bytes (a varint's most) for each
     dimension of its two shapes, and 64 for the rest (version, dtype, tags, lengths, the
     alignment padding). Counting only values let 2,150 fetched slices that fit pass the
-    check and then overflow the message limit, after the step had been applied."""
+    check and then overflow the message limit, after the step had been applied. A fetched
+    tensor's autograd fields come on top (`autograd_bytes`)."""
     return len(name.encode()) + 10 * (len(full_shape) + len(shape)) + 64
+
+
+def autograd_bytes(kind: Kind) -> int:
+    """A bound on a read's autograd fields (GetTensorResponse) for a tensor of `kind`: two
+    flags and the node's name with its tag and length. A parameter's is its indexing's
+    (SelectBackward0, UnsqueezeBackward0: under 32 bytes); the output's, the loss's and a
+    module output's the model's own, cut to MAX_GRAD_FN_BYTES; the rest carry none."""
+    if kind == "parameter":
+        return 7 + 32
+    if kind in ("output", "loss", "activation"):
+        return 7 + MAX_GRAD_FN_BYTES
+    return 0
 
 
 #: Unicode's control characters (Cc): C0, DEL and C1. C1 (U+0080-U+009F) was let through
@@ -915,8 +937,11 @@ class Trainer:
         # before the first Forward, and at each Forward's end) and took it out again: the
         # meta run broke models that cache a tensor in forward, and a refusal at the end of
         # a Forward made a TrainStep's fetch fail after its step and ended Watches.
+        # Not detached either, so that a read shows the node that made it, as a print of
+        # it in PyTorch does (`grad_fn=<ConvolutionBackward0>`); it holds no more of the
+        # graph than the pass's output does, and goes with it (`_let_go_of_last_pass`).
         if isinstance(output, torch.Tensor):
-            self._pending[name + ACTIVATION_SUFFIX] = output.detach()
+            self._pending[name + ACTIVATION_SUFFIX] = output
 
     @staticmethod
     def _build_optimizer(
@@ -1768,6 +1793,7 @@ class Trainer:
                 shape, dtype = after[kind]
             part = select(torch.empty(shape, dtype=dtype, device="meta"), chain, name)
             total += part.numel() * part.element_size() + described_bytes(name, shape, part.shape)
+            total += autograd_bytes(kind)
         if max_bytes is not None and total > max_bytes:
             raise OverLimit(
                 f"the fetched tensors take {total} bytes with their names and shapes, over the "
@@ -2030,25 +2056,27 @@ class Trainer:
             # torch thread: cuBLAS, say, keeps a handle and workspace for each thread that
             # calls it, never freed.
             with self._lock:
-                _, tensor, _ = self._lookup(name)
+                kind, tensor, _ = self._lookup(name)
                 if tensor is None:
-                    return self._use(name, tensor, chain, use)
+                    return self._use(name, kind, tensor, chain, use)
                 if tensor.numel() <= INLINE_READ_ELEMENTS:
                     if tensor.device.type == "cpu":
-                        return self._use(name, tensor, chain, use)
+                        return self._use(name, kind, tensor, chain, use)
                     if tensor.device.type == "cuda" and copies_only:
                         # The device the torch thread has current (a server on cuda:1).
                         with torch.cuda.device(tensor.device):
-                            return self._use(name, tensor, chain, use)
+                            return self._use(name, kind, tensor, chain, use)
         result: T = self._run(self._read_with, name, chain, use)
         return result
 
     def _read_with(self, name: str, chain: IndexChain, use: Callable[[Selection], T]) -> T:
-        return self._use(name, self._lookup(name)[1], chain, use)
+        kind, tensor, _ = self._lookup(name)
+        return self._use(name, kind, tensor, chain, use)
 
     def _use(
         self,
         name: str,
+        kind: Kind,
         tensor: torch.Tensor | None,
         chain: IndexChain,
         use: Callable[[Selection], T],
@@ -2057,8 +2085,9 @@ class Trainer:
         if tensor is None:
             return use(Selection(self._version, name, None, None))
         part = select(tensor.detach(), chain, name)
+        autograd = AutogradOf(tensor, chain, kind == "parameter" and not chain)
         with self._device_memory(f"reading {name}"):
-            return use(Selection(self._version, name, part, tuple(tensor.shape)))
+            return use(Selection(self._version, name, part, tuple(tensor.shape), autograd))
 
     def stream_read(
         self, name: str, chain: IndexChain, memory: live.Memory
@@ -2072,7 +2101,10 @@ class Trainer:
             if selection.part is None:
                 return selection, None
             read = live.StreamedRead(selection.part, self._lock, memory, self._live)
-            return dataclasses.replace(selection, part=None), read
+            # Its autograd worked out now, under the lock, as the other reads' is.
+            return dataclasses.replace(
+                selection, part=None, autograd=selection.autograd.get()
+            ), read
 
         return self.read_with(name, chain, open_read)
 

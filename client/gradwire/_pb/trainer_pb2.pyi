@@ -1094,11 +1094,35 @@ class GetTensorResponse(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TENSOR_FIELD_NUMBER: _builtins.int
     FULL_SHAPE_FIELD_NUMBER: _builtins.int
+    REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
+    GRAD_FN_FIELD_NUMBER: _builtins.int
+    WHOLE_PARAMETER_FIELD_NUMBER: _builtins.int
     ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version this read saw"""
     name: _builtins.str
     """the name that was read"""
+    requires_grad: _builtins.bool
+    """Autograd, as PyTorch shows it when it prints the selection on the server (all three
+    unset when the tensor is absent). `requires_grad`: the selection takes part in
+    autograd: a parameter that requires grad or a slice of one, or the output, loss or a
+    module's output of a pass; not a gradient, the input or target, a buffer, a delta or
+    optimizer state, nor a frozen parameter (requires_grad=False). `grad_fn`: the name of
+    the autograd node that made the selection, as PyTorch prints it in `grad_fn=<...>`:
+    the indexing's for a slice of a parameter, as PyTorch's indexing written as the index
+    reads names it ("SelectBackward0" for conv1.weight[0][0][0] and conv1.weight[0, :],
+    "SliceBackward0" for conv1.weight[:2], "AliasBackward0" for conv1.weight[...];
+    "FlipBackward0" for a negative step, which PyTorch refuses and the server reads by
+    flipping), the pass's last operation for the output ("MmBackward0" for the tutorial's
+    model) and loss ("NllLossBackward0") and a module's own for its output; empty for a
+    whole parameter, which has none, and for what autograd does not track; at most 256
+    bytes (a longer name, a custom Function's, is cut). `whole_parameter`: the selection
+    is a parameter itself, no index, which PyTorch prints as "Parameter containing:" above
+    its values (with requires_grad=True after them unless it is frozen). Read as in grad
+    mode, a script's default; a Watch's tensors do not carry these.
+    """
+    grad_fn: _builtins.str
+    whole_parameter: _builtins.bool
     alignment: _builtins.bytes
     """Carries nothing: zero bytes the server may send so that the first byte of the tensor's
     packed values (after that field's tag and length) lies a multiple of 8 bytes after the
@@ -1124,11 +1148,14 @@ class GetTensorResponse(_message.Message):
         name: _builtins.str = ...,
         tensor: Global___Tensor | None = ...,
         full_shape: _abc.Iterable[_builtins.int] | None = ...,
+        requires_grad: _builtins.bool = ...,
+        grad_fn: _builtins.str = ...,
+        whole_parameter: _builtins.bool = ...,
         alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "full_shape", b"full_shape", "name", b"name", "tensor", b"tensor", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "tensor", b"tensor", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1867,11 +1894,18 @@ class GetTensorChunk(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     FULL_SHAPE_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
+    GRAD_FN_FIELD_NUMBER: _builtins.int
+    WHOLE_PARAMETER_FIELD_NUMBER: _builtins.int
     ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version the read saw, the same in every chunk"""
     name: _builtins.str
     """first message: the name that was read"""
+    requires_grad: _builtins.bool
+    """First message: autograd, as GetTensorResponse says it."""
+    grad_fn: _builtins.str
+    whole_parameter: _builtins.bool
     alignment: _builtins.bytes
     """carries nothing, as in GetTensorResponse: ignore it"""
     @_builtins.property
@@ -1891,11 +1925,14 @@ class GetTensorChunk(_message.Message):
         name: _builtins.str = ...,
         full_shape: _abc.Iterable[_builtins.int] | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        requires_grad: _builtins.bool = ...,
+        grad_fn: _builtins.str = ...,
+        whole_parameter: _builtins.bool = ...,
         alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "chunk", b"chunk", "full_shape", b"full_shape", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "chunk", b"chunk", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,7 +17,7 @@ from gradwire.cli.arguments import narrowed, parse_source, parse_value, random_s
 from gradwire.cli.errors import CommandError, UsageError
 from gradwire.cli.output import emit, jsonable
 from gradwire.client import Client
-from gradwire.display import format_size, format_tensor
+from gradwire.display import format_read, format_size
 from gradwire.errors import (
     Unimplemented,
 )
@@ -135,12 +135,15 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "dtype": read.dtype,
         "shape": None if read.shape is None else list(read.shape),
         "full_shape": None if read.full_shape is None else list(read.full_shape),
+        "requires_grad": read.requires_grad,
+        "grad_fn": read.grad_fn or None,
+        "whole_parameter": read.whole_parameter,
     }
     if args.shape_only:
         text = "None" if read.shape is None else format_size(read.shape)
     else:
         data["values"] = jsonable(read.value)
-        text = format_tensor(read.value, read.dtype)
+        text = format_read(read)
     emit(out, args, data, text)
     if not read.present:
         _note_absent(args, read.name)

@@ -1,0 +1,237 @@
+"""A read says what PyTorch's print of the selection on the server shows of autograd, and the
+client prints it as PyTorch does: `grad_fn=<SelectBackward0>` after a slice of a parameter,
+"Parameter containing:" above a whole one, nothing after a gradient. Checked against the
+same model run locally, each selector printed by `print()` in PyTorch, on every path a read
+takes (GetTensor, GetTensorStream, a TrainStep's fetch, a Batch, the remote model, the
+command line, the raw message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import Fill, unary
+from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.display import format_read
+from gradwire_server.models import ModelSpec
+from tests.cli_run import Run
+from tests.reference import Simple
+from tests.serve_in_process import serving
+
+Local = dict[str, Any]
+
+# (selector, the same selection as a script writes it on the local model's state)
+BEFORE_BACKWARD: list[tuple[str, Callable[[Local], Any]]] = [
+    ("conv1.weight", lambda s: s["model"].conv1.weight),
+    ("conv1.weight[0][0][0]", lambda s: s["model"].conv1.weight[0][0][0]),
+    ("conv1.weight[:2, :1]", lambda s: s["model"].conv1.weight[:2, :1]),
+    # torch skips a full slice inside a tuple but not alone: SelectBackward0, SliceBackward0
+    ("conv1.weight[0, :]", lambda s: s["model"].conv1.weight[0, :]),
+    ("conv1.weight[:]", lambda s: s["model"].conv1.weight[:]),
+    ("conv1.weight[...]", lambda s: s["model"].conv1.weight[...]),
+    ("conv1.weight[None, 0, 0, 0]", lambda s: s["model"].conv1.weight[None, 0, 0, 0]),
+    ("linear.weight[0, ::640]", lambda s: s["model"].linear.weight[0, ::640]),
+    ("output", lambda s: s["output"]),
+    ("output[0, :4]", lambda s: s["output"][0, :4]),
+    ("loss", lambda s: s["loss"]),
+    ("conv1.output[0, 0, 0]", lambda s: s["outputs"]["conv1"][0, 0, 0]),
+    ("linear.output[:2]", lambda s: s["outputs"]["linear"][:2]),
+    ("input[0, 0, 0]", lambda s: s["input"][0, 0, 0]),
+    ("target", lambda s: s["target"]),
+]
+AFTER_BACKWARD: list[tuple[str, Callable[[Local], Any]]] = [
+    ("conv1.weight.grad[0][0][0]", lambda s: s["model"].conv1.weight.grad[0][0][0]),
+    ("linear.weight.grad[:2, :3]", lambda s: s["model"].linear.weight.grad[:2, :3]),
+    ("conv1.weight[0][0][0]", lambda s: s["model"].conv1.weight[0][0][0]),
+    ("loss", lambda s: s["loss"]),  # its graph freed, its node still named
+]
+
+
+def _local_forward() -> Local:
+    """The tutorial's model filled with 0.1 and run on ones, in plain PyTorch, its modules'
+    outputs kept by forward hooks as a script keeps them."""
+    model = Simple()
+    for p in model.parameters():
+        p.data.fill_(0.1)
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(
+            lambda m, a, out, name=name: outputs.__setitem__(name, out)  # type: ignore[misc]
+        )
+    x, y = torch.ones(8, 3, 10, 10), torch.ones(8, dtype=torch.long)
+    output = model(x)
+    loss = nn.CrossEntropyLoss()(output, y)
+    return {"model": model, "output": output, "loss": loss, "outputs": outputs, "input": x,
+            "target": y}  # fmt: skip
+
+
+def _remote_forward(client: gradwire.Client) -> None:
+    client.fill_parameters(0.1)
+    client.forward(Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64"))
+
+
+def test_every_read_prints_as_pytorch_prints_it(client: gradwire.Client) -> None:
+    local = _local_forward()
+    _remote_forward(client)
+    for selector, select in BEFORE_BACKWARD:
+        assert format_read(client.read(selector)) == str(select(local)), selector
+    client.backward()
+    local["loss"].backward()
+    for selector, select in AFTER_BACKWARD:
+        assert format_read(client.read(selector)) == str(select(local)), selector
+
+
+def test_what_a_read_says_of_autograd(client: gradwire.Client) -> None:
+    _remote_forward(client)
+    selectors = ["conv1.weight", "conv1.weight[0]", "output", "loss", "conv2.output", "input"]
+    said = {
+        selector: (read.requires_grad, read.grad_fn, read.whole_parameter)
+        for selector in [*selectors, "target", "conv1.weight.grad"]
+        for read in [client.read(selector)]
+    }
+    assert said == {
+        "conv1.weight": (True, "", True),
+        "conv1.weight[0]": (True, "SelectBackward0", False),
+        "output": (True, "MmBackward0", False),
+        "loss": (True, "NllLossBackward0", False),
+        "conv2.output": (True, "ConvolutionBackward0", False),
+        "input": (False, "", False),
+        "target": (False, "", False),
+        "conv1.weight.grad": (False, "", False),  # absent before Backward
+    }
+    assert not client.read("conv1.weight.grad").present
+    # A read with values=False says it too; a negative step, which PyTorch refuses and
+    # gradwire reads by flipping, names the flip that made it.
+    shape_only = client.read("conv1.weight[1]", values=False)
+    assert (shape_only.requires_grad, shape_only.grad_fn) == (True, "SelectBackward0")
+    assert client.read("conv1.weight[::-1]").grad_fn == "FlipBackward0"
+
+
+def test_as_torch_prints_the_same(client: gradwire.Client) -> None:
+    local = _local_forward()
+    _remote_forward(client)
+    read = client.read("conv1.weight[0][0][0]", as_torch=True)
+    assert isinstance(read.value, torch.Tensor) and read.value.grad_fn is None
+    assert format_read(read) == str(local["model"].conv1.weight[0][0][0])
+
+
+def test_the_streamed_read_the_fetch_and_the_batch_say_it(client: gradwire.Client) -> None:
+    local = _local_forward()
+    _remote_forward(client)
+    streamed = client._read_stream(
+        pb.GetTensorRequest(name="conv1.weight", chunk_bytes=64), as_torch=False
+    )
+    assert format_read(streamed) == str(local["model"].conv1.weight)
+    streamed_slice = client._read_stream(
+        pb.GetTensorRequest.FromString(
+            unary.read_request_bytes("conv1.weight[0][0][0]", None, True)
+        ),
+        as_torch=False,
+    )
+    assert streamed_slice.grad_fn == "SelectBackward0" and streamed_slice.requires_grad
+    with client.batch() as b:
+        in_batch = b.read("conv1.weight[0][0][0]")
+        output = b.read("output[0, :4]")
+    assert format_read(in_batch.result()) == str(local["model"].conv1.weight[0][0][0])
+    assert format_read(output.result()) == str(local["output"][0, :4])
+    step = client.train_step(
+        Fill.ones(8, 3, 10, 10),
+        Fill.ones(8, dtype="int64"),
+        fetch=["conv1.weight[0][0][0]", "conv1.weight.grad[0][0][0]", "loss", "conv1.weight"],
+    )
+    assert [(r.requires_grad, r.grad_fn, r.whole_parameter) for r in step.fetched] == [
+        (True, "SelectBackward0", False),
+        (False, "", False),
+        (True, "NllLossBackward0", False),
+        (True, "", True),
+    ]
+
+
+def test_the_raw_message_carries_it(address: str, client: gradwire.Client) -> None:
+    """What a client in another language reads: the three fields of GetTensorResponse."""
+    _remote_forward(client)
+    with grpc.insecure_channel(address) as channel:
+        _raw_reads(pb_grpc.TrainerStub(channel))
+
+
+def _raw_reads(raw: Any) -> None:
+    index = [pb.Index(items=[pb.IndexItem(at=0)])] * 3
+    sliced = raw.GetTensor(pb.GetTensorRequest(name="conv1.weight", index=index))
+    assert (sliced.requires_grad, sliced.grad_fn, sliced.whole_parameter) == (
+        True,
+        "SelectBackward0",
+        False,
+    )
+    whole = raw.GetTensor(pb.GetTensorRequest(name="conv1.weight", omit_values=True))
+    assert (whole.requires_grad, whole.grad_fn, whole.whole_parameter) == (True, "", True)
+    target = raw.GetTensor(pb.GetTensorRequest(name="target"))
+    assert not target.HasField("tensor") or not (target.requires_grad or target.grad_fn)
+    chunks = list(raw.GetTensorStream(pb.GetTensorRequest(name="loss")))
+    assert (chunks[0].requires_grad, chunks[0].grad_fn) == (True, "NllLossBackward0")
+
+
+def test_the_remote_model_and_the_command_line_print_it(client: gradwire.Client, cli: Run) -> None:
+    local = _local_forward()
+    _remote_forward(client)
+    remote = client.remote
+    assert repr(remote.conv1.weight[0][0][0]) == str(local["model"].conv1.weight[0][0][0])
+    assert repr(remote.loss) == str(local["loss"])
+    printed = cli("get", "conv1.weight[0][0][0]")
+    assert printed.code == 0 and printed.out == f"{local['model'].conv1.weight[0][0][0]}\n"
+    assert cli("get", "conv1.weight").out == f"{local['model'].conv1.weight}\n"
+    data = cli("get", "output", "--json").json()
+    assert (data["requires_grad"], data["grad_fn"], data["whole_parameter"]) == (
+        True,
+        "MmBackward0",
+        False,
+    )
+    data = cli("get", "input[0, 0, 0]", "--json").json()
+    assert (data["requires_grad"], data["grad_fn"], data["whole_parameter"]) == (False, None, False)
+
+
+class _Frozen(nn.Module):
+    """A layer frozen (requires_grad=False) before a trained one, as in fine-tuning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.base.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(x))  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def frozen() -> Iterator[gradwire.Client]:
+    with serving(ModelSpec("Frozen", _Frozen, sample_shape=(4,), num_classes=2), seed=0) as (
+        _,
+        client,
+    ):
+        yield client
+
+
+def test_a_frozen_parameter_prints_as_pytorch_prints_it(frozen: gradwire.Client) -> None:
+    torch.manual_seed(0)
+    model = _Frozen()
+    frozen.forward(Fill.ones(3, 4), Fill.ones(3, dtype="int64"))
+    x = torch.ones(3, 4)
+    for selector, local in [
+        ("base.weight", model.base.weight),  # "Parameter containing:", no requires_grad
+        ("base.weight[0]", model.base.weight[0]),  # a plain tensor
+        ("head.weight", model.head.weight),
+        ("head.weight[0]", model.head.weight[0]),
+        ("base.output", model.base(x)),  # no grad_fn: nothing before it requires grad
+        ("output", model(x)),
+    ]:
+        assert format_read(frozen.read(selector)) == str(local), selector
+    whole = frozen.read("base.weight")
+    assert (whole.requires_grad, whole.grad_fn, whole.whole_parameter) == (False, "", True)
