@@ -21,7 +21,9 @@ from gradwire import Fill, unary
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.display import format_read
+from gradwire_server import convert
 from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
 from tests.cli_run import Run
 from tests.reference import Simple
 from tests.serve_in_process import serving
@@ -108,6 +110,8 @@ def test_what_a_read_says_of_autograd(client: gradwire.Client) -> None:
         "conv1.weight.grad": (False, "", False),  # absent before Backward
     }
     assert not client.read("conv1.weight.grad").present
+    # On the CPU no device is named: PyTorch's print names none there.
+    assert all(client.read(selector).device == "" for selector in selectors)
     # A read with values=False says it too; a negative step, which PyTorch refuses and
     # gradwire reads by flipping, names the flip that made it.
     shape_only = client.read("conv1.weight[1]", values=False)
@@ -195,6 +199,7 @@ def test_the_remote_model_and_the_command_line_print_it(client: gradwire.Client,
     )
     data = cli("get", "input[0, 0, 0]", "--json").json()
     assert (data["requires_grad"], data["grad_fn"], data["whole_parameter"]) == (False, None, False)
+    assert data["device"] is None  # the CPU
 
 
 class _Frozen(nn.Module):
@@ -235,3 +240,21 @@ def test_a_frozen_parameter_prints_as_pytorch_prints_it(frozen: gradwire.Client)
         assert format_read(frozen.read(selector)) == str(local), selector
     whole = frozen.read("base.weight")
     assert (whole.requires_grad, whole.grad_fn, whole.whole_parameter) == (False, "", True)
+
+
+def test_a_tensor_off_the_cpu_names_its_device(trainer: Trainer) -> None:
+    """A read of a tensor that lives off the CPU says where, as PyTorch names the device.
+    A tensor on the meta device stands in here for one on a GPU, which this machine lacks
+    (tests/test_gpu.py checks the print of one on CUDA)."""
+    elsewhere = torch.empty(2, 3, device="meta", requires_grad=True)
+    selection = trainer._use("conv1.weight", "parameter", elsewhere, ((0,),), lambda s: s)
+    assert selection.device == "meta"
+    header = b"".join(bytes(p) for p in convert.get_response_pieces(selection, values=False))
+    response = pb.GetTensorResponse.FromString(header)
+    assert (response.device, response.grad_fn, response.requires_grad) == (
+        "meta",
+        "SelectBackward0",
+        True,
+    )
+    on_cpu = trainer._use("conv1.weight", "parameter", torch.ones(2, 3), (), lambda s: s)
+    assert on_cpu.device == ""

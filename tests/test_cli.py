@@ -320,6 +320,7 @@ def test_get_json_holds_the_server_values(cli: Run, client: gradwire.Client) -> 
         "requires_grad": False,  # a gradient: autograd does not track it
         "grad_fn": None,
         "whole_parameter": False,
+        "device": None,  # the CPU's, which PyTorch's print does not name
     }
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import gradwire
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.replay import replay
 from gradwire_server import staging, stats
 from gradwire_server.app import start
@@ -52,6 +53,27 @@ def test_replay_on_cuda_keeps_the_lesson(cuda_client: gradwire.Client) -> None:
         local = run_tutorial(init, 0)
         np.testing.assert_allclose(result.grad_slice, local.grad_slice.numpy(), atol=2e-3)
         assert result.loss == pytest.approx(local.loss, rel=1e-2)
+
+
+def test_a_read_prints_as_pytorch_prints_the_tensor_on_the_gpu(
+    cuda_client: gradwire.Client,
+) -> None:
+    """`device='cuda:0'` and the node, as a print of the same tensor on the GPU shows them:
+    the values are 0.1 exactly after the fill, so the prints match character for character."""
+    from gradwire.display import format_read
+    from tests.reference import Simple
+
+    cuda_client.fill_parameters(0.1)
+    model = Simple().to("cuda")
+    for p in model.parameters():
+        p.data.fill_(0.1)
+    read = cuda_client.read("conv1.weight[0][0][0]")
+    assert read.device == str(model.conv1.weight.device)
+    assert format_read(read) == str(model.conv1.weight[0][0][0])
+    assert format_read(cuda_client.read("conv1.weight[0, :1]")) == str(model.conv1.weight[0, :1])
+    assert format_read(cuda_client.read("linear.weight")) == str(model.linear.weight)
+    streamed = cuda_client._read_stream(pb.GetTensorRequest(name="conv2.weight"), as_torch=False)
+    assert format_read(streamed) == str(model.conv2.weight)
 
 
 def test_slice_is_taken_on_the_device(cuda_client: gradwire.Client) -> None:

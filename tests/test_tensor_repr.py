@@ -121,6 +121,24 @@ def test_autograd_s_suffixes_are_torch_s(dtype: torch.dtype) -> None:
     assert checked >= 20
 
 
+def test_a_device_is_named_first_as_torch_names_it() -> None:
+    """A tensor on a GPU prints `device='cuda:0'` before its other suffixes (torch's
+    _str_intern appends it first); checked in order against torch's print of an empty
+    tensor on the meta device, whose suffixes follow the same code (its body is `...`, one
+    character longer than `[]`)."""
+    array = np.array([1.0, 2.0], np.float64)
+    assert tensor_repr(array, device="cuda:0") == (
+        "tensor([1., 2.], device='cuda:0', dtype=torch.float64)"
+    )
+    assert tensor_repr(array, device="cuda:0", grad_fn="SelectBackward0") == (
+        "tensor([1., 2.], device='cuda:0', dtype=torch.float64,\n       grad_fn=<SelectBackward0>)"
+    )
+    empty = tensor_repr(np.zeros((0, 3)), device="meta", grad_fn="MulBackward0")
+    meta = repr(torch.empty(0, 3, device="meta", dtype=torch.float64, requires_grad=True) * 1)
+    assert empty.replace("tensor([]", "tensor(...") == meta
+    assert tensor_repr(array, device="") == repr(torch.from_numpy(array))  # the CPU's: none
+
+
 def test_tensor_repr_takes_the_array_s_own_dtype_by_default() -> None:
     array = np.array([1.5, 2.0], np.float64)
     assert (

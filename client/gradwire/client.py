@@ -1415,6 +1415,7 @@ class Client:
             requires_grad=first.requires_grad,
             grad_fn=first.grad_fn,
             whole_parameter=first.whole_parameter,
+            device=first.device,
         )
 
     def get(

@@ -33,10 +33,11 @@ def format_tensor(value: Any, dtype: str | None = None) -> str:
 
 def format_read(read: TensorRead) -> str:
     """A read as PyTorch prints the selection on the server: its values, and what the print
-    shows there of autograd (`grad_fn=<SelectBackward0>` after a slice of a parameter;
-    "Parameter containing:" above a whole parameter, `requires_grad=True` after it);
-    `None` for an absent tensor. A read as torch tensors prints the same: its tensor, made
-    on this side, has no autograd of its own to show."""
+    shows there besides (`device='cuda:0'` for a tensor on a GPU; `grad_fn=<SelectBackward0>`
+    after a slice of a parameter; "Parameter containing:" above a whole parameter,
+    `requires_grad=True` after it); `None` for an absent tensor. A read as torch tensors
+    prints the same: its tensor, made on this side, on its CPU, has no autograd of its own
+    to show."""
     value = read.value
     if value is None:
         return "None"
@@ -45,7 +46,11 @@ def format_read(read: TensorRead) -> str:
         # bfloat16 as float32, which holds each value exactly; `read.dtype` still names it.
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy(force=True)
     text = tensor_repr(
-        np.asarray(value), read.dtype, grad_fn=read.grad_fn, requires_grad=read.requires_grad
+        np.asarray(value),
+        read.dtype,
+        device=read.device,
+        grad_fn=read.grad_fn,
+        requires_grad=read.requires_grad,
     )
     return f"Parameter containing:\n{text}" if read.whole_parameter else text
 

@@ -50,14 +50,16 @@ class TensorRead:
     shape: tuple[int, ...] | None  # shape of the selected part; None when absent
     full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
     dtype: str | None  # "float32", ...; None when absent
-    # Autograd as PyTorch's print of the selection on the server shows it (all unset when
-    # absent, and from a server older than these fields): whether it requires grad, the
-    # node that made it ("SelectBackward0" for conv1.weight[0][0][0]; "" for a leaf), and
-    # whether it is a whole parameter, printed "Parameter containing:". display.format_read
-    # prints the read as PyTorch prints the tensor.
+    # What PyTorch's print of the selection on the server shows besides its values (all
+    # unset when absent, and from a server older than these fields): whether it requires
+    # grad, the node that made it ("SelectBackward0" for conv1.weight[0][0][0]; "" for a
+    # leaf), whether it is a whole parameter, printed "Parameter containing:", and its
+    # device ("cuda:0"; "" on the CPU). display.format_read prints the read as PyTorch
+    # prints the tensor.
     requires_grad: bool = False
     grad_fn: str = ""
     whole_parameter: bool = False
+    device: str = ""
 
     @property
     def present(self) -> bool:

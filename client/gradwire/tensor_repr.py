@@ -29,16 +29,22 @@ _FLOATING = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
 def tensor_repr(
-    array: Any, dtype: str | None = None, *, grad_fn: str = "", requires_grad: bool = False
+    array: Any,
+    dtype: str | None = None,
+    *,
+    device: str = "",
+    grad_fn: str = "",
+    requires_grad: bool = False,
 ) -> str:
     """repr() of the torch tensor of dtype `dtype` (a torch dtype's name: "bfloat16",
     "int32"; default: the array's own) holding `array`'s values: a bfloat16 tensor's values
-    come as float32, which holds each exactly. `grad_fn`, the name of the node that made
-    the tensor, ends it with `grad_fn=<...>`; else `requires_grad` with
+    come as float32, which holds each exactly. `device`, a device other than the CPU
+    ("cuda:0"), is named first after the values, as torch names it; `grad_fn`, the name of
+    the node that made the tensor, ends it with `grad_fn=<...>`; else `requires_grad` with
     `requires_grad=True`, as torch's repr of a leaf that requires grad."""
     values = np.asarray(array)
     name = dtype or values.dtype.name
-    suffixes = []
+    suffixes = [f"device='{device}'"] if device else []
     if values.size == 0:
         # torch shows an empty tensor's shape when it is not (0,), and its dtype unless it is
         # the default: there are no values to tell it by.

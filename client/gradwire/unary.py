@@ -350,6 +350,7 @@ def read_result(
         requires_grad=response.requires_grad,
         grad_fn=response.grad_fn,
         whole_parameter=response.whole_parameter,
+        device=response.device,
     )
 
 

@@ -24,7 +24,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
 from gradwire_server.checkpoint import Described
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_of_memory
-from gradwire_server.indexing import UNTRACKED, Autograd
+from gradwire_server.indexing import UNTRACKED
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
@@ -436,7 +436,7 @@ def get_response_pieces(
     if part is None or selection.full_shape is None:
         return [header.SerializeToString()]  # absent: no tensor, no shape
     header.full_shape.extend(selection.full_shape)
-    _set_autograd(header, selection.autograd.get())
+    _set_shown(header, selection)
     if not values:
         header.tensor.dtype = dtype_to_proto(part.dtype)  # type: ignore[assignment]
         header.tensor.shape.extend(part.shape)
@@ -497,7 +497,7 @@ def stream_chunks(
         yield header.SerializeToString()
         return
     header.full_shape.extend(selection.full_shape)
-    _set_autograd(header, selection.autograd.get())
+    _set_shown(header, selection)
     first = header.SerializeToString()
     later = pb.GetTensorChunk(version=selection.version).SerializeToString()
     step = max(1, chunk_bytes // read.element_size)
@@ -512,8 +512,12 @@ def stream_chunks(
         yield data
 
 
-def _set_autograd(header: pb.GetTensorResponse | pb.GetTensorChunk, autograd: Autograd) -> None:
-    """The read's autograd fields; an untracked tensor's all unset (a gradient's, say)."""
+def _set_shown(header: pb.GetTensorResponse | pb.GetTensorChunk, selection: Selection) -> None:
+    """The read's fields that say how PyTorch shows the tensor: its device, unset on the CPU,
+    and its autograd, all unset for an untracked tensor (a gradient's, say)."""
+    if selection.device:
+        header.device = selection.device
+    autograd = selection.autograd.get()
     if autograd is not UNTRACKED:
         header.requires_grad = autograd.requires_grad
         header.grad_fn = autograd.grad_fn

@@ -418,6 +418,7 @@ class Selection:
     full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
     # What PyTorch's print of it shows of autograd: `.get()`, under the lock, as `use` runs.
     autograd: Autograd | AutogradOf = UNTRACKED
+    device: str = ""  # where it lives, as PyTorch names it ("cuda:0"); "" on the CPU
 
     def host(self) -> torch.Tensor:
         """The selection, contiguous, on the CPU: a view of the live tensor when possible."""
@@ -468,20 +469,23 @@ def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) 
     dimension of its two shapes, and 64 for the rest (version, dtype, tags, lengths, the
     alignment padding). Counting only values let 2,150 fetched slices that fit pass the
     check and then overflow the message limit, after the step had been applied. A fetched
-    tensor's autograd fields come on top (`autograd_bytes`)."""
+    tensor's device and autograd fields come on top (`shown_bytes`)."""
     return len(name.encode()) + 10 * (len(full_shape) + len(shape)) + 64
 
 
-def autograd_bytes(kind: Kind) -> int:
-    """A bound on a read's autograd fields (GetTensorResponse) for a tensor of `kind`: two
-    flags and the node's name with its tag and length. A parameter's is its indexing's
-    (SelectBackward0, UnsqueezeBackward0: under 32 bytes); the output's, the loss's and a
-    module output's the model's own, cut to MAX_GRAD_FN_BYTES; the rest carry none."""
+def shown_bytes(kind: Kind, on_cpu: bool) -> int:
+    """A bound on a read's fields that say how PyTorch shows the tensor (GetTensorResponse),
+    for a tensor of `kind`: its device's name off the CPU ("cuda:0"; 2 bytes of tag and
+    length and at most 16), and its autograd: two flags and the node's name with its tag
+    and length. A parameter's node is its indexing's (SelectBackward0, UnsqueezeBackward0:
+    under 32 bytes); the output's, the loss's and a module output's the model's own, cut to
+    MAX_GRAD_FN_BYTES; the rest have none."""
+    device = 0 if on_cpu else 18
     if kind == "parameter":
-        return 7 + 32
+        return device + 7 + 32
     if kind in ("output", "loss", "activation"):
-        return 7 + MAX_GRAD_FN_BYTES
-    return 0
+        return device + 7 + MAX_GRAD_FN_BYTES
+    return device
 
 
 #: Unicode's control characters (Cc): C0, DEL and C1. C1 (U+0080-U+009F) was let through
@@ -1793,7 +1797,7 @@ class Trainer:
                 shape, dtype = after[kind]
             part = select(torch.empty(shape, dtype=dtype, device="meta"), chain, name)
             total += part.numel() * part.element_size() + described_bytes(name, shape, part.shape)
-            total += autograd_bytes(kind)
+            total += shown_bytes(kind, self.device.type == "cpu")
         if max_bytes is not None and total > max_bytes:
             raise OverLimit(
                 f"the fetched tensors take {total} bytes with their names and shapes, over the "
@@ -2086,8 +2090,9 @@ class Trainer:
             return use(Selection(self._version, name, None, None))
         part = select(tensor.detach(), chain, name)
         autograd = AutogradOf(tensor, chain, kind == "parameter" and not chain)
+        device = "" if tensor.is_cpu else str(tensor.device)
         with self._device_memory(f"reading {name}"):
-            return use(Selection(self._version, name, part, tuple(tensor.shape), autograd))
+            return use(Selection(self._version, name, part, tuple(tensor.shape), autograd, device))
 
     def stream_read(
         self, name: str, chain: IndexChain, memory: live.Memory

@@ -1097,6 +1097,7 @@ class GetTensorResponse(_message.Message):
     REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
     GRAD_FN_FIELD_NUMBER: _builtins.int
     WHOLE_PARAMETER_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version this read saw"""
@@ -1123,6 +1124,11 @@ class GetTensorResponse(_message.Message):
     """
     grad_fn: _builtins.str
     whole_parameter: _builtins.bool
+    device: _builtins.str
+    """The device the tensor lives on, as PyTorch names it ("cuda:0"), which its print shows
+    as device='cuda:0' after the values; empty on the CPU, which a print does not name
+    (and when the tensor is absent). The values come to the client all the same.
+    """
     alignment: _builtins.bytes
     """Carries nothing: zero bytes the server may send so that the first byte of the tensor's
     packed values (after that field's tag and length) lies a multiple of 8 bytes after the
@@ -1151,11 +1157,12 @@ class GetTensorResponse(_message.Message):
         requires_grad: _builtins.bool = ...,
         grad_fn: _builtins.str = ...,
         whole_parameter: _builtins.bool = ...,
+        device: _builtins.str = ...,
         alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tensor", b"tensor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "tensor", b"tensor", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "device", b"device", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "tensor", b"tensor", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1897,15 +1904,17 @@ class GetTensorChunk(_message.Message):
     REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
     GRAD_FN_FIELD_NUMBER: _builtins.int
     WHOLE_PARAMETER_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     ALIGNMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """state version the read saw, the same in every chunk"""
     name: _builtins.str
     """first message: the name that was read"""
     requires_grad: _builtins.bool
-    """First message: autograd, as GetTensorResponse says it."""
+    """First message: autograd and the device, as GetTensorResponse says them."""
     grad_fn: _builtins.str
     whole_parameter: _builtins.bool
+    device: _builtins.str
     alignment: _builtins.bytes
     """carries nothing, as in GetTensorResponse: ignore it"""
     @_builtins.property
@@ -1928,11 +1937,12 @@ class GetTensorChunk(_message.Message):
         requires_grad: _builtins.bool = ...,
         grad_fn: _builtins.str = ...,
         whole_parameter: _builtins.bool = ...,
+        device: _builtins.str = ...,
         alignment: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "chunk", b"chunk", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment", b"alignment", "chunk", b"chunk", "device", b"device", "full_shape", b"full_shape", "grad_fn", b"grad_fn", "name", b"name", "requires_grad", b"requires_grad", "version", b"version", "whole_parameter", b"whole_parameter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,6 +138,7 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "requires_grad": read.requires_grad,
         "grad_fn": read.grad_fn or None,
         "whole_parameter": read.whole_parameter,
+        "device": read.device or None,  # None on the CPU
     }
     if args.shape_only:
         text = "None" if read.shape is None else format_size(read.shape)
