@@ -20,11 +20,12 @@ import gradwire
 from gradwire import Fill, unary
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.cli import state as cli_state
 from gradwire.display import format_read
 from gradwire_server import convert
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
-from tests.cli_run import Run
+from tests.cli_run import Run, run_main
 from tests.reference import Simple
 from tests.serve_in_process import serving
 
@@ -258,3 +259,38 @@ def test_a_tensor_off_the_cpu_names_its_device(trainer: Trainer) -> None:
     )
     on_cpu = trainer._use("conv1.weight", "parameter", torch.ones(2, 3), (), lambda s: s)
     assert on_cpu.device == ""
+
+
+def test_the_listing_says_which_parameters_are_frozen(frozen: gradwire.Client) -> None:
+    listing = frozen.list_tensors()
+    said = {t.name: t.requires_grad for t in listing.tensors if t.kind == "parameter"}
+    assert said == {
+        "base.weight": False,
+        "base.bias": False,
+        "head.weight": True,
+        "head.bias": True,
+    }
+    frozen.forward(Fill.ones(3, 4), Fill.ones(3, dtype="int64"))
+    frozen.backward()
+    after = {t.name: (t.requires_grad, t.present) for t in frozen.list_tensors().tensors}
+    assert after["output"] == (True, True) and after["input"] == (False, True)
+    # A frozen parameter's gradient stays absent; the trained one's is there.
+    assert after["base.weight.grad"] == (False, False)
+    assert after["head.weight.grad"] == (False, True)
+    shown = run_main("list", "--target", frozen.target)
+    assert shown.code == 0
+    rows = {line.split()[0]: line for line in shown.out.splitlines() if line.startswith("  ")}
+    assert "parameter (frozen)" in rows["base.weight"]
+    assert "frozen" not in rows["head.weight"] and " parameter " in rows["head.weight"]
+    data = run_main("list", "--target", frozen.target, "--json").json()
+    assert {t["name"]: t["requires_grad"] for t in data["tensors"]}["base.bias"] is False
+
+
+def test_a_listing_from_an_older_server_calls_nothing_frozen() -> None:
+    """A server from before the field leaves it unset: not frozen, not known."""
+    old = pb.ListTensorsResponse(
+        tensors=[pb.TensorInfo(name="w", kind=pb.TENSOR_KIND_PARAMETER, present=True)]
+    )
+    (info,) = unary._listing(old).tensors
+    assert info.requires_grad is None
+    assert cli_state._kind_shown(info) == "parameter"

@@ -720,6 +720,7 @@ def test_list_json(cli: Run) -> None:
         "dtype": "float32",
         "shape": [8, 20],
         "present": True,
+        "requires_grad": True,  # the output of a pass takes part in autograd
     }
     assert tensors["conv1.weight.grad"]["present"] is False
 

@@ -84,6 +84,9 @@ class TensorInfo:
     dtype: str  # what it holds, or will hold once present
     shape: tuple[int, ...]  # () when absent, as a scalar's: `present` tells them apart
     present: bool
+    # Takes part in autograd now (False while absent): a frozen parameter's is False, and
+    # its gradient stays absent. None from a server older than the field.
+    requires_grad: bool | None = None
 
 
 @dataclass(frozen=True)

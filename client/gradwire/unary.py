@@ -441,6 +441,7 @@ def _listing(response: pb.ListTensorsResponse) -> Listing:
             dtype=codec.DTYPE_NAMES.get(t.dtype, "unknown"),
             shape=tuple(t.shape),
             present=t.present,
+            requires_grad=t.requires_grad if t.HasField("requires_grad") else None,
         )
         for t in response.tensors
     )

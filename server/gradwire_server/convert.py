@@ -586,6 +586,7 @@ def listing_to_proto(listing: Listing) -> pb.ListTensorsResponse:
             dtype=dtype_to_proto(info.dtype),
             shape=info.shape,
             present=info.present,
+            requires_grad=info.requires_grad,
         )
     return response
 

@@ -447,6 +447,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     present: bool
+    requires_grad: bool = False  # takes part in autograd now; a frozen parameter does not
 
 
 @dataclass(frozen=True)
@@ -2297,7 +2298,7 @@ class Trainer:
         for name in self.names():
             kind, t, param = self._lookup(name, asking=False)
             if t is not None:
-                infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True))
+                infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True, t.requires_grad))
                 continue
             infos.append(TensorInfo(name, kind, self._absent_dtype(name, kind, param), (), False))
         return Listing(

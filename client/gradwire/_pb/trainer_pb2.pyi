@@ -1312,6 +1312,7 @@ class TensorInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     PRESENT_FIELD_NUMBER: _builtins.int
+    REQUIRES_GRAD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """the name to pass to GetTensor"""
     kind: Global___TensorKind.ValueType
@@ -1323,6 +1324,13 @@ class TensorInfo(_message.Message):
     """
     present: _builtins.bool
     """false when the tensor does not exist now (a gradient before Backward, output before Forward)"""
+    requires_grad: _builtins.bool
+    """The tensor takes part in autograd now, as GetTensorResponse.requires_grad says of a
+    read of all of it (false while absent). A parameter's is false when it is frozen
+    (requires_grad=False): a Backward computes no gradient for it (its gradient, listed,
+    stays absent) and a Step leaves it as it is. Unset from a server older than the field:
+    a client shows nothing then.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """full shape; empty when absent or 0-d"""
@@ -1335,12 +1343,15 @@ class TensorInfo(_message.Message):
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         present: _builtins.bool = ...,
+        requires_grad: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_requires_grad", b"_requires_grad", "requires_grad", b"requires_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "kind", b"kind", "name", b"name", "present", b"present", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_requires_grad", b"_requires_grad", "dtype", b"dtype", "kind", b"kind", "name", b"name", "present", b"present", "requires_grad", b"requires_grad", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__requires_grad: _TypeAlias = _typing.Literal["requires_grad"]  # noqa: Y015
+    _WhichOneofArgType__requires_grad: _TypeAlias = _typing.Literal["_requires_grad", b"_requires_grad"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requires_grad) -> _WhichOneofReturnType__requires_grad | None: ...
 
 Global___TensorInfo: _TypeAlias = TensorInfo  # noqa: Y015
 

@@ -22,7 +22,7 @@ from gradwire.errors import (
 from gradwire.progress import (
     format_duration,
 )
-from gradwire.results import OptimizerConfig
+from gradwire.results import OptimizerConfig, TensorInfo
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -61,12 +61,19 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             f"{listing.loss}, targets {targets}\n"
         )
     # Columns as wide as their widest entry: "activation" and "optimizer_state" included.
-    name_w, kind_w, dtype_w = (
-        max(len(getattr(t, field)) for t in listing.tensors) for field in ("name", "kind", "dtype")
-    )
-    for t in listing.tensors:
+    kinds = [_kind_shown(t) for t in listing.tensors]
+    name_w = max(len(t.name) for t in listing.tensors)
+    kind_w = max(len(kind) for kind in kinds)
+    dtype_w = max(len(t.dtype) for t in listing.tensors)
+    for t, kind in zip(listing.tensors, kinds, strict=True):
         shape = format_size(t.shape) if t.present else "None"
-        out.write(f"  {t.name:<{name_w}}  {t.kind:<{kind_w}}  {t.dtype:<{dtype_w}}  {shape}\n")
+        out.write(f"  {t.name:<{name_w}}  {kind:<{kind_w}}  {t.dtype:<{dtype_w}}  {shape}\n")
+
+
+def _kind_shown(t: TensorInfo) -> str:
+    """A tensor's kind as `list` shows it: a frozen parameter's says so, for its gradient
+    stays absent and a Step leaves its values as they are (a fine-tuned model's base)."""
+    return "parameter (frozen)" if t.kind == "parameter" and t.requires_grad is False else t.kind
 
 
 def _describe_optimizer(config: OptimizerConfig, *, brief: bool = False) -> str:
