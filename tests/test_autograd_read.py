@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.cli import state as cli_state
 from gradwire.display import format_read
 from gradwire_server import convert
+from gradwire_server.errors import OverLimit
+from gradwire_server.indexing import MAX_GRAD_FN_BYTES
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Run, run_main
@@ -294,3 +297,149 @@ def test_a_listing_from_an_older_server_calls_nothing_frozen() -> None:
     (info,) = unary._listing(old).tensors
     assert info.requires_grad is None
     assert cli_state._kind_shown(info) == "parameter"
+
+
+# --- found by the review of the change -------------------------------------------------------
+
+
+class _NoGradView(nn.Module):
+    """Returns a view made without grad and changed in place: PyTorch refuses to index it in
+    grad mode, and its print names its node `Invalid`."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            v = h[:, :2]
+            v.mul_(2)
+        return v
+
+
+class _Odd(nn.Module):
+    """An odd but legal model: a no-grad view changed in place, a probe whose output nothing
+    uses, a module that returns a parameter, and a buffer assigned its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.clip = _NoGradView()
+        self.probe = nn.GELU()
+        self.bias = _ReturnsParameter()
+        self.register_buffer("last", torch.zeros(3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x) * 1
+        self.clip(h * 1)  # a view PyTorch will not index in grad mode, left aside
+        self.probe(h.repeat(1, 64))  # its output goes nowhere: Backward never frees its graph
+        self.last = h * 3  # type: ignore[assignment]  # a buffer carrying a graph
+        return h + self.bias(x)  # type: ignore[no-any-return]
+
+
+class _InvalidOutput(nn.Module):
+    """A model whose output is such a view: it can run, not train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.clip = _NoGradView()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip(self.fc(x) * 1)  # type: ignore[no-any-return]
+
+
+class _ReturnsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b
+
+
+ODD = ModelSpec("Odd", _Odd, sample_shape=(4,), num_classes=2)
+
+
+def test_an_odd_model_s_reads_succeed_and_print_as_pytorch_prints_them() -> None:
+    """A read of a view PyTorch refuses to index in grad mode answered INTERNAL, a TrainStep
+    that fetched one after its step included; a module returning a parameter printed no
+    "Parameter containing:"."""
+    torch.manual_seed(0)
+    model = _Odd()
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("clip", "probe", "bias"):
+        getattr(model, name).register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out)  # type: ignore[misc]
+        )
+    output = model(torch.ones(3, 4))
+    with serving(ODD, seed=0) as (_, client):
+        client.forward(Fill.ones(3, 4))
+        assert format_read(client.read("output")) == str(output)
+        assert format_read(client.read("clip.output")) == str(seen["clip"])  # <Invalid>
+        assert format_read(client.read("bias.output")) == str(seen["bias"])  # a Parameter
+        assert format_read(client.read("probe.output")) == str(seen["probe"])
+        # Indexed, PyTorch itself would refuse: the read answers, its node the indexing's.
+        first = client.read("clip.output[0]")
+        assert first.grad_fn == "SelectBackward0"
+        assert np.array_equal(first.value, seen["clip"].detach()[0].numpy())
+        step = client.train_step(
+            Fill.ones(3, 4), Fill.ones(3, dtype="int64"), fetch=["output[:, 0]", "clip.output[0]"]
+        )
+        assert [r.grad_fn for r in step.fetched] == ["SelectBackward0", "SelectBackward0"]
+    torch.manual_seed(0)
+    local = _InvalidOutput()
+    invalid = local(torch.ones(3, 4))
+    with serving(ModelSpec("Invalid", _InvalidOutput, (4,), 2), seed=0) as (_, client):
+        client.forward(Fill.ones(3, 4))
+        assert format_read(client.read("output")) == str(invalid)  # grad_fn=<Invalid>
+        assert "grad_fn=<Invalid>" in str(invalid)
+        assert np.array_equal(client.read("output[:, 1]").value, invalid.detach()[:, 1].numpy())
+
+
+def test_a_kept_module_output_holds_no_graph_of_its_own() -> None:
+    """Module outputs were kept as the hooks saw them, to name their nodes: a probe whose
+    output the loss does not use kept its graph (its saved input) until the next pass, for
+    Backward never frees it. They are kept detached, their nodes named as the pass ends."""
+    with serving(ODD, seed=0) as (trainer, client):
+        client.train_step(Fill.ones(3, 4), Fill.ones(3, dtype="int64"))
+        kept = trainer._activations["probe.output"]
+        assert kept.grad_fn is None and not kept.requires_grad
+        read = client.read("probe.output")
+        assert (read.requires_grad, read.grad_fn) == (True, "GeluBackward0")
+
+
+def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
+    """A buffer a module assigns its output to carries a node: a custom Function's, of any
+    name. The fetch bound counted none for buffers, and 50 such fetches sent 13,049 bytes
+    over a bound of 6,200 (found by a review)."""
+    long_name = type(
+        "Scale" + "X" * 200,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(lambda ctx, a: a * 2),
+            "backward": staticmethod(lambda ctx, g: g * 2),
+        },
+    )
+
+    class Keeps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("last", torch.zeros(2, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x)
+            self.last = long_name.apply(out)  # type: ignore[assignment]
+            return out  # type: ignore[no-any-return]
+
+    trainer = Trainer(ModelSpec("Keeps", Keeps, (4,), 2), device="cpu", seed=0)
+    x, y = torch.ones(2, 4), torch.ones(2, dtype=torch.long)
+    trainer.train_step(x, y, use=lambda s: None)  # the buffer now carries the node
+    fetch = [("last", ())] * 50
+    with pytest.raises(OverLimit) as caught:
+        trainer._check_fetch(fetch, x, y, 0)
+    bound = int(caught.value.metadata["bytes"])
+    answer = trainer.train_step(
+        x, y, fetch=fetch, use=convert.fetched_pieces, max_fetch_bytes=bound,
+        finish=convert.train_step_bytes,
+    )  # fmt: skip
+    sent = pb.TrainStepResponse.FromString(answer)
+    assert sum(f.ByteSize() for f in sent.fetched) <= bound
+    assert sent.fetched[0].grad_fn == ("Scale" + "X" * 200)[:MAX_GRAD_FN_BYTES]

@@ -115,12 +115,14 @@ def select(
 
 
 #: A node's name is cut to this many bytes on the wire (GetTensorResponse.grad_fn): PyTorch's
-#: own are far shorter, and a custom autograd Function's class could be named at any length.
-MAX_GRAD_FN_BYTES = 256
-#: Slice steps up to this are indexed as written to name the node (`autograd_of`); a larger
-#: one, whose stride torch may overflow (a step of 2**62 gave a negative stride), is named
-#: from `select`'s own indexing, which clamps it.
+#: own are shorter ("ScaledDotProductFlashAttentionForCpuBackward0" is 45), and a custom
+#: autograd Function's class could be named at any length.
+MAX_GRAD_FN_BYTES = 64
+#: Slice steps up to this, and starts and stops within this, are indexed as written to name
+#: the node (`autograd_of`); others are named from `select`'s own indexing, which clamps them
+#: (torch warned of truncating a start of -2**63, and a step of 2**62 overflowed a stride).
 _WRITTEN_STEP_MAX = 1024
+_WRITTEN_BOUND_MAX = 2**62
 
 
 @dataclass(frozen=True)
@@ -142,53 +144,107 @@ class Autograd:
 UNTRACKED = Autograd()
 
 
+@dataclass(frozen=True)
+class Tracked:
+    """A whole tensor's own autograd, as its print shows it: whether it requires grad, its
+    node's name, and whether it is an nn.Parameter. Kept for a tensor the server holds
+    detached (a module's output, once its pass is over), which has none of its own."""
+
+    requires_grad: bool
+    grad_fn: str
+    parameter: bool
+
+
+def tracked(tensor: torch.Tensor) -> Tracked:
+    """`tensor`'s own autograd, read now."""
+    return Tracked(tensor.requires_grad, _node_name(tensor), isinstance(tensor, torch.nn.Parameter))
+
+
 class AutogradOf:
     """What PyTorch's print of tensor[chain...] shows of autograd, worked out when asked
     (`get`, under the trainer's lock, which holds `tensor` as it was): a read that sends it
-    asks; a Watch and statistics, which send none, do not pay for it (6.7 us for a slice
-    of a parameter, as much as the slice itself)."""
+    asks; a Watch and statistics, which send none, do not pay for it (7.5 us for a slice
+    of a parameter, about as much as the slice itself). `own`: the whole tensor's, where
+    `tensor` is a detached copy that has lost it."""
 
-    __slots__ = ("_chain", "_tensor", "_whole")
+    __slots__ = ("_chain", "_own", "_tensor")
 
-    def __init__(self, tensor: torch.Tensor, chain: IndexChain, whole_parameter: bool) -> None:
+    def __init__(self, tensor: torch.Tensor, chain: IndexChain, own: Tracked | None = None) -> None:
         self._tensor = tensor
         self._chain = chain
-        self._whole = whole_parameter
+        self._own = own
 
     def get(self) -> Autograd:
-        return autograd_of(self._tensor, self._chain, self._whole)
+        return autograd_of(self._tensor, self._chain, self._own)
 
 
-def autograd_of(tensor: torch.Tensor, chain: IndexChain, whole_parameter: bool) -> Autograd:
-    """What `print(tensor[chain[0]][chain[1]]...)` shows of autograd in PyTorch, `tensor`
-    being the live one (not detached), for a chain that `select` has taken already.
+def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Tracked | None = None) -> Autograd:
+    """What `print(tensor[chain[0]][chain[1]]...)` shows of autograd in PyTorch, for a chain
+    that `select` has taken already. `own`: the whole tensor's autograd, where `tensor`
+    has lost it (detached); else read from `tensor`.
 
-    Indexed as a script writes it (a key of one item as that item, `w[:]`, not `w[(:,)]`),
-    for torch names the node by the path its indexing takes: `w[:]` is SliceBackward0 but
-    `w[(slice(None),)]` AliasBackward0, and `w[0, :]` SelectBackward0 where `select`, one
-    dimension at a time, would make an AliasBackward0 last. Views only: nothing is copied.
-    A chain torch refuses (a negative step, which numpy reads) is named from `select`'s
-    own indexing, the one the values come from, and so is one it would fail on."""
-    if not tensor.requires_grad:
-        return Autograd(whole_parameter=True) if whole_parameter else UNTRACKED
+    A whole tensor shows its own node. A selection shows its indexing's last node, named by
+    indexing as a script writes the index (a key of one item as that item, `w[:]`, not
+    `w[(:,)]`), for torch names the node by the path its indexing takes: `w[:]` is
+    SliceBackward0 but `w[(slice(None),)]` AliasBackward0, and `w[0, :]` SelectBackward0
+    where `select`, one dimension at a time, would make an AliasBackward0 last. Views only,
+    of the live tensor where it has its autograd. Where it has not, or torch refuses the
+    chain (a negative step, which `select` reads by flipping) or fails on it (a view a
+    model made without grad and changed in place cannot be indexed in grad mode), a
+    stand-in on the meta device is indexed instead, with `select` for a chain torch
+    refuses (FlipBackward0 where the flip comes last): its shape and strides, no data.
+    `select` of the live tensor made a second copy of a flipped selection only to name it,
+    and the view's refusal failed the read (found by a review)."""
+    live = own is None
+    if live and not tensor.requires_grad:  # the common case, at once: a gradient, the input
+        whole = not chain and isinstance(tensor, torch.nn.Parameter)  # a frozen parameter
+        return Autograd(whole_parameter=True) if whole else UNTRACKED
+    if own is None and not chain:
+        own = tracked(tensor)  # a whole tensor: its own node
+    if own is not None:
+        whole_parameter = not chain and own.parameter
+        if not own.requires_grad:
+            return Autograd(whole_parameter=True) if whole_parameter else UNTRACKED
+        if not chain:
+            return Autograd(True, own.grad_fn, whole_parameter)
+    written = all(_as_written(key) for key in chain)
     with torch.enable_grad():
-        out = None
-        if all(_as_written(key) for key in chain):
+        if live and written:
             try:
-                out = tensor
-                for key in chain:
-                    out = out[key[0] if len(key) == 1 else key]
+                return Autograd(True, _node_name(_index_as_written(tensor, chain)), False)
             except (IndexError, RuntimeError, TypeError, ValueError):
-                out = None  # a read the values were taken for is not refused for its name
+                pass  # named on the stand-in: a read is not refused for its name
+        stand_in = torch.empty_strided(
+            tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"
+        ).requires_grad_()
+        out = None
+        if written:
+            try:
+                out = _index_as_written(stand_in, chain)
+            except (IndexError, RuntimeError, TypeError, ValueError):
+                out = None
         if out is None:
-            out = select(tensor, chain, "")
-        return Autograd(out.requires_grad, _node_name(out), whole_parameter)
+            out = select(stand_in, chain, "")
+    return Autograd(True, _node_name(out), False)
+
+
+def _index_as_written(tensor: torch.Tensor, chain: IndexChain) -> torch.Tensor:
+    """tensor[key][key]..., each key as a script writes it: one item alone, else a tuple."""
+    out = tensor
+    for key in chain:
+        out = out[key[0] if len(key) == 1 else key]
+    return out
 
 
 def _as_written(key: tuple[IndexItem, ...]) -> bool:
-    """Whether torch indexes `key` as numpy does: every slice's step positive and small."""
+    """Whether torch indexes `key` as numpy does: every slice's step positive and small, its
+    bounds within int64 with room."""
     return all(
-        not isinstance(item, slice) or item.step is None or 0 < item.step <= _WRITTEN_STEP_MAX
+        not isinstance(item, slice)
+        or (
+            (item.step is None or 0 < item.step <= _WRITTEN_STEP_MAX)
+            and all(b is None or abs(b) <= _WRITTEN_BOUND_MAX for b in (item.start, item.stop))
+        )
         for item in key
     )
 

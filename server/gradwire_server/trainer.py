@@ -60,7 +60,9 @@ from gradwire_server.indexing import (
     Autograd,
     AutogradOf,
     IndexChain,
+    Tracked,
     select,
+    tracked,
 )
 from gradwire_server.meta_copy import meta_copy
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -479,14 +481,12 @@ def shown_bytes(kind: Kind, on_cpu: bool) -> int:
     for a tensor of `kind`: its device's name off the CPU ("cuda:0"; 2 bytes of tag and
     length and at most 16), and its autograd: two flags and the node's name with its tag
     and length. A parameter's node is its indexing's (SelectBackward0, UnsqueezeBackward0:
-    under 32 bytes); the output's, the loss's and a module output's the model's own, cut to
-    MAX_GRAD_FN_BYTES; the rest have none."""
+    under 32 bytes); any other tensor's may be the model's own, cut to MAX_GRAD_FN_BYTES:
+    the output's, the loss's and a module output's, but also a buffer a module assigns its
+    output to, or a gradient a hook made with a graph (found by a review: 50 fetches of such
+    a buffer sent 13,049 bytes over a bound of 6,200)."""
     device = 0 if on_cpu else 18
-    if kind == "parameter":
-        return device + 7 + 32
-    if kind in ("output", "loss", "activation"):
-        return device + 7 + MAX_GRAD_FN_BYTES
-    return device
+    return device + 7 + (32 if kind == "parameter" else MAX_GRAD_FN_BYTES)
 
 
 #: Unicode's control characters (Cc): C0, DEL and C1. C1 (U+0080-U+009F) was let through
@@ -916,6 +916,8 @@ class Trainer:
         #: the parameters that can have a gradient, and so a Step's change and optimizer state
         self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
         self._activations: dict[str, torch.Tensor] = {}
+        # Each kept output's own autograd, read as its pass ended: kept detached, it has none.
+        self._activations_tracked: dict[str, Tracked] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
         self._buffers_kept = Buffers(model)  # put back after a failed pass
@@ -942,9 +944,7 @@ class Trainer:
         # before the first Forward, and at each Forward's end) and took it out again: the
         # meta run broke models that cache a tensor in forward, and a refusal at the end of
         # a Forward made a TrainStep's fetch fail after its step and ended Watches.
-        # Not detached either, so that a read shows the node that made it, as a print of
-        # it in PyTorch does (`grad_fn=<ConvolutionBackward0>`); it holds no more of the
-        # graph than the pass's output does, and goes with it (`_let_go_of_last_pass`).
+        # Detached once the pass is over (`_forward`), its autograd read then.
         if isinstance(output, torch.Tensor):
             self._pending[name + ACTIVATION_SUFFIX] = output
 
@@ -986,7 +986,7 @@ class Trainer:
         #: the graph was let go of by a pass that then failed (_let_go_of_last_pass)
         self._graph_let_go = False
         self._parameters_changed = False  # parameters written in place since the Forward
-        self._activations = {}
+        self._activations, self._activations_tracked = {}, {}
 
     def _bump(self) -> int:
         self._version += 1
@@ -1504,7 +1504,7 @@ class Trainer:
         twice what a training loop holds. The last output and loss stay, as values. A pass
         that fails leaves no activations (read, absent, as before a first Forward) and no
         graph (Backward: GRAPH_FREED, saying so)."""
-        self._activations = {}
+        self._activations, self._activations_tracked = {}, {}
         if self._graph_alive:
             self._graph_let_go = True
         self._graph_alive = False
@@ -1561,7 +1561,14 @@ class Trainer:
             self._buffers_kept.learn(buffers)
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._random_state = drawn.state  # replaced, not changed: a TrainStep's undo keeps it
-        self._activations, self._pending = self._pending, {}
+        # Kept detached, with their own autograd as it is now that the pass is over (a node
+        # a later in-place op made, ReluBackward0, included), so that a read prints it as
+        # PyTorch does: held as they came, they kept the graph of a module output the loss
+        # does not use, which Backward never frees (64 MiB of a GELU at batch 1024, found
+        # by a review).
+        kept, self._pending = self._pending, {}
+        self._activations = {name: out.detach() for name, out in kept.items()}
+        self._activations_tracked = {name: tracked(out) for name, out in kept.items()}
         self._graph_alive = loss is not None
         self._graph_let_go = False
         self._parameters_changed = False
@@ -2090,7 +2097,8 @@ class Trainer:
         if tensor is None:
             return use(Selection(self._version, name, None, None))
         part = select(tensor.detach(), chain, name)
-        autograd = AutogradOf(tensor, chain, kind == "parameter" and not chain)
+        own = self._activations_tracked.get(name) if kind == "activation" else None
+        autograd = AutogradOf(tensor, chain, own)
         device = "" if tensor.is_cpu else str(tensor.device)
         with self._device_memory(f"reading {name}"):
             return use(Selection(self._version, name, part, tuple(tensor.shape), autograd, device))

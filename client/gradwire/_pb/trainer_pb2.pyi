@@ -1106,21 +1106,25 @@ class GetTensorResponse(_message.Message):
     requires_grad: _builtins.bool
     """Autograd, as PyTorch shows it when it prints the selection on the server (all three
     unset when the tensor is absent). `requires_grad`: the selection takes part in
-    autograd: a parameter that requires grad or a slice of one, or the output, loss or a
-    module's output of a pass; not a gradient, the input or target, a buffer, a delta or
-    optimizer state, nor a frozen parameter (requires_grad=False). `grad_fn`: the name of
-    the autograd node that made the selection, as PyTorch prints it in `grad_fn=<...>`:
-    the indexing's for a slice of a parameter, as PyTorch's indexing written as the index
-    reads names it ("SelectBackward0" for conv1.weight[0][0][0] and conv1.weight[0, :],
-    "SliceBackward0" for conv1.weight[:2], "AliasBackward0" for conv1.weight[...];
-    "FlipBackward0" for a negative step, which PyTorch refuses and the server reads by
-    flipping), the pass's last operation for the output ("MmBackward0" for the tutorial's
-    model) and loss ("NllLossBackward0") and a module's own for its output; empty for a
-    whole parameter, which has none, and for what autograd does not track; at most 256
-    bytes (a longer name, a custom Function's, is cut). `whole_parameter`: the selection
-    is a parameter itself, no index, which PyTorch prints as "Parameter containing:" above
-    its values (with requires_grad=True after them unless it is frozen). Read as in grad
-    mode, a script's default; a Watch's tensors do not carry these.
+    autograd: a parameter that requires grad or a slice of one, the output, loss and
+    module outputs of the last pass (a later pass that fails leaves the output and loss as
+    values, without it); not, as a rule, a gradient, the input or target, a buffer, a
+    delta or optimizer state, nor a frozen parameter (requires_grad=False). `grad_fn`: the
+    name of the autograd node that made the selection, as PyTorch prints it in
+    `grad_fn=<...>`. For a whole tensor, its own: the pass's last operation for the output
+    ("MmBackward0" for the tutorial's model) and loss ("NllLossBackward0"), a module's for
+    its output, "Invalid" where PyTorch's print says so (a view the model made without
+    grad and changed in place); none for a parameter. For a selection, its indexing's
+    last node, as PyTorch's indexing written as the index reads names it
+    ("SelectBackward0" for conv1.weight[0][0][0] and conv1.weight[0, :], "SliceBackward0"
+    for conv1.weight[:2], "AliasBackward0" for conv1.weight[...]); an index PyTorch
+    refuses (a negative step, which the server reads by flipping) is named from the
+    server's own indexing ("FlipBackward0" where the flip comes last). Empty for what
+    autograd does not track; at most 64 bytes (a longer name, a custom Function's, is
+    cut). `whole_parameter`: the selection is an nn.Parameter itself, no index (a
+    parameter, or a module's output that is one), which PyTorch prints as "Parameter
+    containing:" above its values (with requires_grad=True after them unless it is
+    frozen). Read as in grad mode, a script's default; a Watch's tensors do not carry these.
     """
     grad_fn: _builtins.str
     whole_parameter: _builtins.bool
