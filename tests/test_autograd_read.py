@@ -443,3 +443,53 @@ def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
     sent = pb.TrainStepResponse.FromString(answer)
     assert sum(f.ByteSize() for f in sent.fetched) <= bound
     assert sent.fetched[0].grad_fn == ("Scale" + "X" * 200)[:MAX_GRAD_FN_BYTES]
+
+
+class _Transposed(nn.Module):
+    """Returns a view of its own parameter, as a tied projection does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.t()
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3)
+        self.proj = _Transposed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.proj(x).sum()  # type: ignore[no-any-return]
+
+
+def test_a_module_output_that_views_a_parameter_names_its_node_as_a_print_then_does() -> None:
+    """After a Step changes the parameter in place, PyTorch's print of the view a forward
+    hook kept names AsStridedBackward0, no longer TBackward0: read once at the pass's end,
+    the server said TBackward0 (found by a review)."""
+    torch.manual_seed(0)
+    model, kept = _Tied(), {}
+    model.proj.register_forward_hook(lambda m, a, out: kept.__setitem__("proj", out))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    nn.CrossEntropyLoss()(model(torch.ones(2, 2)), torch.ones(2, dtype=torch.long)).backward()
+    optimizer.step()
+    with serving(ModelSpec("Tied", _Tied, (2,), 3), seed=0) as (_, client):
+        client.set_optimizer("sgd", lr=1.0)
+        client.train_step(Fill.ones(2, 2), Fill.ones(2, dtype="int64"))
+        read = client.read("proj.output")
+        assert format_read(read) == str(kept["proj"])
+        assert read.grad_fn == "AsStridedBackward0"
+        listed = {t.name: t.requires_grad for t in client.list_tensors().tensors}
+        assert listed["proj.output"] is True
+
+
+def test_the_listing_says_of_module_outputs_what_a_read_says(client: gradwire.Client) -> None:
+    """Kept detached, a module output's own requires_grad is False: the listing said so,
+    where a read of it said True (found by a review)."""
+    _remote_forward(client)
+    for info in client.list_tensors().tensors:
+        if info.kind == "activation":
+            assert info.requires_grad is client.read(info.name).requires_grad is True, info

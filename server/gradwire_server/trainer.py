@@ -466,6 +466,18 @@ class Listing:
 MAX_NAME_CHARS = 256
 
 
+def _autograd_source(output: torch.Tensor) -> Tracked | torch.Tensor:
+    """Where a module output's autograd is read once its pass is over. A view of a leaf (a
+    module returning `self.weight.t()`) as it is: it holds its own node and the leaf, no
+    graph, and a later in-place change of the leaf (a Step) renames its node, as a print of
+    it then shows (AsStridedBackward0; read once, at the pass's end, it said TBackward0:
+    found by a review). Any other's read now, for it would hold its pass's graph."""
+    base = output._base if output._is_view() else None
+    if base is not None and base.is_leaf:
+        return output
+    return tracked(output)
+
+
 def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) -> int:
     """A bound on what a tensor takes in an answer besides its values, when an answer holds
     many (TrainStep's fetched, a Watch update): its name, 10 bytes (a varint's most) for each
@@ -916,8 +928,9 @@ class Trainer:
         #: the parameters that can have a gradient, and so a Step's change and optimizer state
         self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
         self._activations: dict[str, torch.Tensor] = {}
-        # Each kept output's own autograd, read as its pass ended: kept detached, it has none.
-        self._activations_tracked: dict[str, Tracked] = {}
+        # Where each kept output's autograd is read (`_autograd_source`): kept detached, it
+        # has none of its own.
+        self._activations_tracked: dict[str, Tracked | torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
         self._buffers_kept = Buffers(model)  # put back after a failed pass
@@ -1568,7 +1581,7 @@ class Trainer:
         # by a review).
         kept, self._pending = self._pending, {}
         self._activations = {name: out.detach() for name, out in kept.items()}
-        self._activations_tracked = {name: tracked(out) for name, out in kept.items()}
+        self._activations_tracked = {name: _autograd_source(out) for name, out in kept.items()}
         self._graph_alive = loss is not None
         self._graph_let_go = False
         self._parameters_changed = False
@@ -2097,11 +2110,20 @@ class Trainer:
         if tensor is None:
             return use(Selection(self._version, name, None, None))
         part = select(tensor.detach(), chain, name)
-        own = self._activations_tracked.get(name) if kind == "activation" else None
-        autograd = AutogradOf(tensor, chain, own)
+        autograd = self._autograd_of(name, kind, tensor, chain)
         device = "" if tensor.is_cpu else str(tensor.device)
         with self._device_memory(f"reading {name}"):
             return use(Selection(self._version, name, part, tuple(tensor.shape), autograd, device))
+
+    def _autograd_of(
+        self, name: str, kind: Kind, tensor: torch.Tensor, chain: IndexChain
+    ) -> AutogradOf:
+        """What a print of tensor[chain...] shows of autograd, `tensor` being what `name`
+        holds: a module output's read where `_autograd_source` left it."""
+        source = self._activations_tracked.get(name) if kind == "activation" else None
+        if isinstance(source, torch.Tensor):
+            return AutogradOf(source, chain)
+        return AutogradOf(tensor, chain, source)
 
     def stream_read(
         self, name: str, chain: IndexChain, memory: live.Memory
@@ -2306,7 +2328,11 @@ class Trainer:
         for name in self.names():
             kind, t, param = self._lookup(name, asking=False)
             if t is not None:
-                infos.append(TensorInfo(name, kind, t.dtype, tuple(t.shape), True, t.requires_grad))
+                # A module output's as a read of it says (kept detached, it has none itself).
+                source = self._activations_tracked.get(name, t) if kind == "activation" else t
+                infos.append(
+                    TensorInfo(name, kind, t.dtype, tuple(t.shape), True, source.requires_grad)
+                )
                 continue
             infos.append(TensorInfo(name, kind, self._absent_dtype(name, kind, param), (), False))
         return Listing(
