@@ -88,18 +88,23 @@ def _cases() -> list[torch.Tensor]:
     return cases
 
 
+def _cases_of(dtype: torch.dtype) -> list[tuple[torch.Tensor, np.ndarray, str]]:
+    """The cases of `dtype`, each with the array the client reads and the dtype's name:
+    bfloat16 comes to the client as float32, which holds each value exactly."""
+    name = str(dtype).removeprefix("torch.")
+    cases = [
+        (tensor, tensor.float().numpy() if dtype == torch.bfloat16 else tensor.numpy(), name)
+        for tensor in _cases()
+        if tensor.dtype == dtype
+    ]
+    assert len(cases) >= 20
+    return cases
+
+
 @pytest.mark.parametrize("dtype", [*FLOATS, *INTEGERS, torch.bool])
 def test_tensor_repr_is_torch_s_repr(dtype: torch.dtype) -> None:
-    checked = 0
-    for tensor in _cases():
-        if tensor.dtype != dtype:
-            continue
-        # bfloat16 comes to the client as float32, which holds each value exactly
-        array = tensor.float().numpy() if dtype == torch.bfloat16 else tensor.numpy()
-        name = str(dtype).removeprefix("torch.")
+    for tensor, array, name in _cases_of(dtype):
         assert tensor_repr(array, name) == repr(tensor), (tuple(tensor.shape), tensor)
-        checked += 1
-    assert checked >= 20
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -107,18 +112,11 @@ def test_autograd_s_suffixes_are_torch_s(dtype: torch.dtype) -> None:
     """`grad_fn=<...>` after a tensor a node made, `requires_grad=True` after a leaf that
     requires grad, each on a line of its own where the last line has no room, as torch
     prints them, the dtype's suffix before them."""
-    checked = 0
-    for tensor in _cases():
-        if tensor.dtype != dtype:
-            continue
-        array = tensor.float().numpy() if dtype == torch.bfloat16 else tensor.numpy()
-        name = str(dtype).removeprefix("torch.")
+    for tensor, array, name in _cases_of(dtype):
         leaf = tensor.clone().requires_grad_()
         assert tensor_repr(array, name, requires_grad=True) == repr(leaf), tensor
         made = leaf * 1  # the same values, and a node: MulBackward0
         assert tensor_repr(array, name, grad_fn="MulBackward0") == repr(made), tensor
-        checked += 1
-    assert checked >= 20
 
 
 def test_a_device_is_named_first_as_torch_names_it() -> None:
