@@ -144,32 +144,26 @@ class Autograd:
 UNTRACKED = Autograd()
 
 
-@dataclass(frozen=True)
-class Tracked:
-    """A whole tensor's own autograd, as its print shows it: whether it requires grad, its
-    node's name, and whether it is an nn.Parameter. Kept for a tensor the server holds
-    detached (a module's output, once its pass is over), which has none of its own."""
-
-    requires_grad: bool
-    grad_fn: str
-    parameter: bool
-
-
-def tracked(tensor: torch.Tensor) -> Tracked:
-    """`tensor`'s own autograd, read now."""
-    return Tracked(tensor.requires_grad, _node_name(tensor), isinstance(tensor, torch.nn.Parameter))
+def own_autograd(tensor: torch.Tensor) -> Autograd:
+    """What a print of all of `tensor` shows of autograd, read now: kept for a tensor the
+    server holds detached (a module's output, once its pass is over), which then has none."""
+    return Autograd(
+        tensor.requires_grad, _node_name(tensor), isinstance(tensor, torch.nn.Parameter)
+    )
 
 
 class AutogradOf:
     """What PyTorch's print of tensor[chain...] shows of autograd, worked out when asked
     (`get`, under the trainer's lock, which holds `tensor` as it was): a read that sends it
     asks; a Watch and statistics, which send none, do not pay for it (7.5 us for a slice
-    of a parameter, about as much as the slice itself). `own`: the whole tensor's, where
-    `tensor` is a detached copy that has lost it."""
+    of a parameter, about as much as the slice itself). `own`: all of the tensor's
+    (`own_autograd`), where `tensor` is a detached copy that has lost it."""
 
     __slots__ = ("_chain", "_own", "_tensor")
 
-    def __init__(self, tensor: torch.Tensor, chain: IndexChain, own: Tracked | None = None) -> None:
+    def __init__(
+        self, tensor: torch.Tensor, chain: IndexChain, own: Autograd | None = None
+    ) -> None:
         self._tensor = tensor
         self._chain = chain
         self._own = own
@@ -178,10 +172,10 @@ class AutogradOf:
         return autograd_of(self._tensor, self._chain, self._own)
 
 
-def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Tracked | None = None) -> Autograd:
+def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Autograd | None = None) -> Autograd:
     """What `print(tensor[chain[0]][chain[1]]...)` shows of autograd in PyTorch, for a chain
-    that `select` has taken already. `own`: the whole tensor's autograd, where `tensor`
-    has lost it (detached); else read from `tensor`.
+    that `select` has taken already. `own`: what a print of all of the tensor shows
+    (`own_autograd`), where `tensor` has lost it (detached); else read from `tensor`.
 
     A whole tensor shows its own node. A selection shows its indexing's last node, named by
     indexing as a script writes the index (a key of one item as that item, `w[:]`, not
@@ -196,43 +190,38 @@ def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Tracked | None = N
     `select` of the live tensor made a second copy of a flipped selection only to name it,
     and the view's refusal failed the read (found by a review)."""
     live = own is None
-    if live and not tensor.requires_grad:  # the common case, at once: a gradient, the input
-        whole = not chain and isinstance(tensor, torch.nn.Parameter)  # a frozen parameter
-        return Autograd(whole_parameter=True) if whole else UNTRACKED
-    if own is None and not chain:
-        own = tracked(tensor)  # a whole tensor: its own node
-    if own is not None:
-        whole_parameter = not chain and own.parameter
-        if not own.requires_grad:
-            return Autograd(whole_parameter=True) if whole_parameter else UNTRACKED
+    if own is None:
+        if not tensor.requires_grad:  # the common case, at once: a gradient, the input
+            frozen = not chain and isinstance(tensor, torch.nn.Parameter)
+            return Autograd(whole_parameter=True) if frozen else UNTRACKED
         if not chain:
-            return Autograd(True, own.grad_fn, whole_parameter)
+            return own_autograd(tensor)  # a whole tensor: its own node
+    elif not chain:
+        return own if own.requires_grad or own.whole_parameter else UNTRACKED
+    elif not own.requires_grad:
+        return UNTRACKED
     written = all(_as_written(key) for key in chain)
     with torch.enable_grad():
-        if live and written:
-            try:
-                return Autograd(True, _node_name(_index_as_written(tensor, chain)), False)
-            except (IndexError, RuntimeError, TypeError, ValueError):
-                pass  # named on the stand-in: a read is not refused for its name
-        stand_in = torch.empty_strided(
-            tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"
-        ).requires_grad_()
-        out = None
-        if written:
-            try:
-                out = _index_as_written(stand_in, chain)
-            except (IndexError, RuntimeError, TypeError, ValueError):
-                out = None
+        out = _indexed_as_written(tensor, chain) if live and written else None
         if out is None:
-            out = select(stand_in, chain, "")
+            stand_in = torch.empty_strided(
+                tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"
+            ).requires_grad_()
+            out = _indexed_as_written(stand_in, chain) if written else None
+            if out is None:
+                out = select(stand_in, chain, "")
     return Autograd(True, _node_name(out), False)
 
 
-def _index_as_written(tensor: torch.Tensor, chain: IndexChain) -> torch.Tensor:
-    """tensor[key][key]..., each key as a script writes it: one item alone, else a tuple."""
+def _indexed_as_written(tensor: torch.Tensor, chain: IndexChain) -> torch.Tensor | None:
+    """tensor[key][key]..., each key as a script writes it (one item alone, else a tuple);
+    None where torch refuses or fails: a read is not refused for its name."""
     out = tensor
-    for key in chain:
-        out = out[key[0] if len(key) == 1 else key]
+    try:
+        for key in chain:
+            out = out[key[0] if len(key) == 1 else key]
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return None
     return out
 
 

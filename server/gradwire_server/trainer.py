@@ -60,9 +60,8 @@ from gradwire_server.indexing import (
     Autograd,
     AutogradOf,
     IndexChain,
-    Tracked,
+    own_autograd,
     select,
-    tracked,
 )
 from gradwire_server.meta_copy import meta_copy
 from gradwire_server.models import SIMPLE, ModelSpec
@@ -466,7 +465,7 @@ class Listing:
 MAX_NAME_CHARS = 256
 
 
-def _autograd_source(output: torch.Tensor) -> Tracked | torch.Tensor:
+def _autograd_source(output: torch.Tensor) -> Autograd | torch.Tensor:
     """Where a module output's autograd is read once its pass is over. A view of a leaf (a
     module returning `self.weight.t()`) as it is: it holds its own node and the leaf, no
     graph, and a later in-place change of the leaf (a Step) renames its node, as a print of
@@ -475,7 +474,7 @@ def _autograd_source(output: torch.Tensor) -> Tracked | torch.Tensor:
     base = output._base if output._is_view() else None
     if base is not None and base.is_leaf:
         return output
-    return tracked(output)
+    return own_autograd(output)
 
 
 def described_bytes(name: str, full_shape: Sequence[int], shape: Sequence[int]) -> int:
@@ -930,7 +929,7 @@ class Trainer:
         self._activations: dict[str, torch.Tensor] = {}
         # Where each kept output's autograd is read (`_autograd_source`): kept detached, it
         # has none of its own.
-        self._activations_tracked: dict[str, Tracked | torch.Tensor] = {}
+        self._activations_tracked: dict[str, Autograd | torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._modules = []  # names of the modules whose output is kept, the model's own aside
         self._buffers_kept = Buffers(model)  # put back after a failed pass
