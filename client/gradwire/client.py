@@ -1405,18 +1405,7 @@ class Client:
             name = first.name if first else request.name
             return TensorRead(name, first.version if first else 0, None, None, None, None)
         value = assembler.torch() if as_torch else assembler.numpy()
-        return TensorRead(
-            name=first.name,
-            version=first.version,
-            value=value,
-            shape=tuple(first.chunk.shape),
-            full_shape=tuple(first.full_shape),
-            dtype=codec.DTYPE_NAMES.get(assembler.dtype or 0),
-            requires_grad=first.requires_grad,
-            grad_fn=first.grad_fn,
-            whole_parameter=first.whole_parameter,
-            device=first.device,
-        )
+        return unary.tensor_read(first, value, tuple(first.chunk.shape), assembler.dtype or 0)
 
     def get(
         self,

@@ -340,17 +340,29 @@ def read_result(
             value = codec.decode_split_torch(split, path, tensor, allocate)
         else:
             value = codec.decode_split(split, path, tensor, out, allocate)
+    return tensor_read(response, value, tuple(tensor.shape), tensor.dtype)
+
+
+def tensor_read(
+    header: pb.GetTensorResponse | pb.GetTensorChunk,
+    value: Any,
+    shape: tuple[int, ...],
+    dtype: int,
+) -> TensorRead:
+    """The TensorRead of a present tensor from its reply's header (a GetTensorResponse, or a
+    stream's first GetTensorChunk, which say the same of it): `value`, of `shape` and wire
+    `dtype`, read from the values that came with it."""
     return TensorRead(
-        name=response.name,
-        version=response.version,
+        name=header.name,
+        version=header.version,
         value=value,
-        shape=tuple(tensor.shape),
-        full_shape=tuple(response.full_shape),
-        dtype=codec.DTYPE_NAMES.get(tensor.dtype),
-        requires_grad=response.requires_grad,
-        grad_fn=response.grad_fn,
-        whole_parameter=response.whole_parameter,
-        device=response.device,
+        shape=shape,
+        full_shape=tuple(header.full_shape),
+        dtype=codec.DTYPE_NAMES.get(dtype),
+        requires_grad=header.requires_grad,
+        grad_fn=header.grad_fn,
+        whole_parameter=header.whole_parameter,
+        device=header.device,
     )
 
 
