@@ -171,7 +171,8 @@ def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> No
 KERNELS = """
 import sys
 from gradwire_server import allocator
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import Trainer
+from gradwire_server.fills import FillSpec
 
 print(allocator.limit_onednn_cache(), file=sys.stderr)
 trainer = Trainer(device="cpu", seed=0)

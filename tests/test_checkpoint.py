@@ -28,8 +28,9 @@ from gradwire.fill import Fill
 from gradwire_server import checkpoint, host_memory, staging
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.fills import FillSpec
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
+from gradwire_server.trainer import OptimizerSettings, Trainer
 from tests.checkpoint_files import resave
 from tests.cli_run import run_main
 from tests.serve_in_process import bare_server

@@ -219,7 +219,8 @@ def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() ->
     # queued there (behind a kernel that spins for about half a second first).
     import threading
 
-    from gradwire_server.trainer import FillSpec, Selection
+    from gradwire_server.fills import FillSpec
+    from gradwire_server.trainer import Selection
 
     trainer = Trainer(device="cuda", seed=0)
     trainer.forward(FillSpec("ones", (4096, 3, 10, 10)), FillSpec("ones", (4096,)))

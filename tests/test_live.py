@@ -19,8 +19,9 @@ from gradwire_server import convert
 from gradwire_server.app import Running
 from gradwire_server.convert import SpareMemory
 from gradwire_server.errors import OverLimit
+from gradwire_server.fills import FillSpec
 from gradwire_server.live import LiveReads, StreamedRead
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import Trainer
 from tests.test_streaming import CHUNK_PATH, lower_value_limit
 
 ONES = FillSpec("ones", (4, 3, 10, 10))

@@ -14,7 +14,8 @@ from torch.optim import sgd as torch_sgd
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gradwire_server import optim
-from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
+from gradwire_server.fills import FillSpec
+from gradwire_server.trainer import OptimizerSettings, Trainer
 from tests.reference import Simple
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {

@@ -20,9 +20,10 @@ from gradwire.fill import Fill
 from gradwire_server import host_memory, pass_memory
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
+from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import FillSpec, OptimizerSettings, Trainer
+from gradwire_server.trainer import OptimizerSettings, Trainer
 
 # --- what the host has left ---------------------------------------------------------
 

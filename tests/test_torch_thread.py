@@ -15,9 +15,10 @@ import torch
 import gradwire
 from gradwire.fill import Fill
 from gradwire_server.errors import DeadlinePassed, WrongOrder
+from gradwire_server.fills import FillSpec
 from gradwire_server.models import SIMPLE
 from gradwire_server.torch_thread import Closed, TorchThread
-from gradwire_server.trainer import FillSpec, Trainer
+from gradwire_server.trainer import Trainer
 from tests.background import eventually
 
 

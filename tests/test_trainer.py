@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 from gradwire_server.errors import InvalidInput, OverLimit, VersionMismatch, WrongOrder
+from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec, Simple
-from gradwire_server.trainer import (
-    FillSpec,
-    Guard,
-    OptimizerSettings,
-    Trainer,
-    guarded,
-    resolve_device,
-)
+from gradwire_server.trainer import Guard, OptimizerSettings, Trainer, guarded, resolve_device
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
 LABELS = FillSpec("ones", (8,))

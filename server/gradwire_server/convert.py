@@ -24,18 +24,17 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
 from gradwire_server.checkpoint import Described
 from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_of_memory
+from gradwire_server.fills import FillSpec, TensorInput
 from gradwire_server.indexing import UNTRACKED
 from gradwire_server.live import StreamedRead
 from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     MAX_NAME_CHARS,
-    FillSpec,
     ForwardResult,
     Listing,
     OptimizerSettings,
     Selection,
-    TensorInput,
     Trainer,
     TrainResult,
     check_settings_kind,

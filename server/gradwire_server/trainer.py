@@ -34,6 +34,7 @@ from gradwire import codec
 from gradwire.codec import numel
 from gradwire_server import (
     checkpoint,
+    fills,
     host_memory,
     live,
     openmp,
@@ -51,8 +52,14 @@ from gradwire_server.errors import (
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
-    device_lost,
     device_memory,
+)
+from gradwire_server.fills import (
+    FillSpec,
+    TensorInput,
+    dtype_name,
+    fill_dtype,
+    scalar_for,
 )
 from gradwire_server.indexing import (
     MAX_GRAD_FN_BYTES,
@@ -358,30 +365,6 @@ def check_settings_kind(settings: OptimizerSettings, *, in_place: bool = False) 
 
 
 @dataclass(frozen=True)
-class FillSpec:
-    """A tensor to make on the device: zeros, ones, a constant, or seeded random values."""
-
-    kind: Literal["zeros", "ones", "constant", "uniform", "normal", "randint"]
-    shape: tuple[int, ...]
-    dtype: str | None = None  # torch dtype name; None: float32 for inputs, int64 for targets
-    value: float = 0.0
-    low: float = 0.0
-    high: float = 0.0
-    std: float = 1.0
-    seed: int = 0
-
-    def reseeded(self, step: int) -> FillSpec:
-        """This fill at step `step` of a run: a random kind's seed advanced by `step`, so that
-        each step sees new data (as the client's Fill.reseeded); other kinds unchanged."""
-        if self.kind in ("uniform", "normal", "randint"):
-            return dataclasses.replace(self, seed=(self.seed + step) % (1 << 64))
-        return self
-
-
-TensorInput = torch.Tensor | FillSpec
-
-
-@dataclass(frozen=True)
 class ForwardResult:
     version: int
     output_shape: tuple[int, ...]
@@ -633,15 +616,6 @@ def _refusal_hint(said: str) -> str:
     return ""
 
 
-def _fill_dtype(spec: FillSpec, default: torch.dtype) -> torch.dtype | None:
-    """The dtype `spec` names, `default` where it names none; None for a name torch has no
-    dtype by."""
-    if spec.dtype is None:
-        return default
-    named = getattr(torch, spec.dtype, None)
-    return named if isinstance(named, torch.dtype) else None
-
-
 @dataclass(frozen=True)
 class _MetaRun:
     """What a forward pass on an input of one shape does, from a run on meta tensors
@@ -697,41 +671,6 @@ def _carried(dtype: torch.dtype) -> bool:
     """Whether the wire carries tensors of `dtype`, as they are or widened (complex and
     float8 ones it does not)."""
     return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """The name a Fill or a Tensor message gives `dtype`: "int32", not "torch.int32"."""
-    return str(dtype).removeprefix("torch.")
-
-
-_INT64_MAX = 2**63 - 1
-
-
-def _int_range(dtype: torch.dtype) -> tuple[int, int]:
-    """The least and greatest values of an integer dtype."""
-    info = torch.iinfo(dtype)
-    return info.min, info.max
-
-
-def _scalar_for(value: float, dtype: torch.dtype) -> tuple[float | int, str]:
-    """`value` as a one-value fill of `dtype` (fill_, torch.full) should be given it, and ""; or
-    (0, why) when `dtype` cannot hold it. torch's own check compares in double precision:
-    2**63 passed for int64 and wrapped to its least value, and 3.4028235e38 (float32's
-    largest, as numpy prints it) was refused though it rounds to that largest. Here a float
-    is rounded to `dtype` first and refused only if that makes a finite value infinite; an
-    integer is truncated toward zero, as fill_ does, and compared exactly. A bool takes any
-    value (all but 0 are True, NaN too, as in torch)."""
-    if dtype == torch.bool:
-        return value, ""
-    if dtype.is_floating_point:
-        rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
-        if math.isfinite(value) and not math.isfinite(rounded):
-            return 0, f"past its range, ±{torch.finfo(dtype).max:.7g} (to fill with inf, send inf)"
-        return rounded, ""
-    low, high = _int_range(dtype)
-    if not math.isfinite(value) or not low <= math.trunc(value) <= high:
-        return 0, f"{_dtype_name(dtype)} holds whole numbers from {low} to {high}"
-    return math.trunc(value), ""
 
 
 def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -1133,7 +1072,7 @@ class Trainer:
         buffer = dict(self._model.named_buffers()).get(name)
         if buffer is not None:  # one _buffers leaves out
             hint = (
-                f"{name} is a buffer of {_dtype_name(buffer.dtype)}, which the wire does not "
+                f"{name} is a buffer of {dtype_name(buffer.dtype)}, which the wire does not "
                 f"carry ({', '.join(sorted(codec.DTYPE_NAMES.values()))}). "
             )
         return UnknownTensor(
@@ -1222,138 +1161,13 @@ class Trainer:
             )
 
     def _make(self, source: TensorInput, default_dtype: torch.dtype, what: str) -> torch.Tensor:
-        if isinstance(source, torch.Tensor):
-            self._check_size(source.shape, what)
-            with self._device_memory(what):
-                return staging.to_device(source, self.device)
-        spec = source
-        self._check_size(spec.shape, what)
-        dtype = _fill_dtype(spec, default_dtype)
-        if dtype is None:
-            raise InvalidInput(f"{what}: unknown fill dtype {spec.dtype!r}", reason="BAD_FILL")
-        device = self.device
-        try:
-            with self._device_memory(what):
-                if spec.kind == "zeros":
-                    return torch.zeros(spec.shape, dtype=dtype, device=device)
-                if spec.kind == "ones":
-                    return torch.ones(spec.shape, dtype=dtype, device=device)
-                if spec.kind == "constant":
-                    if not (dtype.is_floating_point or dtype == torch.bool) and not (
-                        math.isfinite(spec.value) and spec.value == int(spec.value)
-                    ):
-                        # torch would truncate: 3.7 would become class 3 without a word.
-                        # The name as the fill's dtype names it (int64), not torch's.
-                        named = str(dtype).removeprefix("torch.")
-                        probabilities = (
-                            " (a target fill is int64 class indices unless given a dtype: "
-                            "give float32 for class probabilities)"
-                            if what == "target" and spec.dtype is None
-                            else ""
-                        )
-                        raise InvalidInput(
-                            f"{what}: a constant fill of {named} needs a whole number, got "
-                            f"{spec.value}{probabilities}",
-                            reason="BAD_FILL",
-                        )
-                    value, why = _scalar_for(spec.value, dtype)
-                    if why:  # 2**63 as int64 wrapped; 1e5 as float16 was inf in one value
-                        raise InvalidInput(
-                            f"{what}: a constant fill of {_dtype_name(dtype)} cannot hold "
-                            f"{spec.value!r}: {why}",
-                            reason="BAD_FILL",
-                        )
-                    return torch.full(spec.shape, value, dtype=dtype, device=device)
-                if spec.kind in ("uniform", "normal") and not dtype.is_floating_point:
-                    # torch says only '"check_uniform_bounds" not implemented for 'Long''.
-                    hint = (
-                        " (a target fill is int64 class indices unless given a dtype: give "
-                        "float32 for class probabilities)"
-                        if what == "target" and spec.dtype is None
-                        else ""
-                    )
-                    raise InvalidInput(
-                        f"{what}: a {spec.kind} fill draws real numbers, and "
-                        f"{str(dtype).removeprefix('torch.')} holds whole ones: give a "
-                        f"floating dtype, or use randint{hint}",
-                        reason="BAD_FILL",
-                    )
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(spec.seed)
-                if spec.kind == "uniform":
-                    if not spec.low < spec.high:
-                        raise InvalidInput(
-                            f"{what}: uniform fill needs low < high, got [{spec.low}, {spec.high})",
-                            reason="BAD_FILL",
-                        )
-                    top = torch.finfo(dtype).max
-                    # torch: "to is out of bounds for float", and a width past `top` refused
-                    if not (-top <= spec.low < spec.high <= top and spec.high - spec.low <= top):
-                        raise InvalidInput(
-                            f"{what}: a uniform fill of {_dtype_name(dtype)} needs finite bounds "
-                            f"within its range, ±{top:.4g}, and at most {top:.4g} apart; got "
-                            f"[{spec.low}, {spec.high})",
-                            reason="BAD_FILL",
-                        )
-                    out = torch.empty(spec.shape, dtype=dtype, device=device)
-                    return out.uniform_(spec.low, spec.high, generator=gen)
-                if spec.kind == "normal":
-                    std = spec.std or 1.0  # the contract's unset standard deviation
-                    top = torch.finfo(dtype).max
-                    # torch filled float16 with inf for a mean of 1e10, and said "normal
-                    # expects std >= 0.0" of a negative one.
-                    if not (abs(spec.value) <= top and 0 < std <= top):
-                        raise InvalidInput(
-                            f"{what}: a normal fill of {_dtype_name(dtype)} needs a mean within "
-                            f"its range, ±{top:.4g}, and a standard deviation more than 0 and at "
-                            f"most {top:.4g} (0 is taken as 1); got mean {spec.value}, "
-                            f"std {spec.std}",
-                            reason="BAD_FILL",
-                        )
-                    out = torch.empty(spec.shape, dtype=dtype, device=device)
-                    return out.normal_(spec.value, std, generator=gen)
-                if spec.kind == "randint":
-                    low, high = int(spec.low), int(spec.high)
-                    if low != spec.low or high != spec.high or not low < high:
-                        raise InvalidInput(
-                            f"{what}: randint fill needs whole numbers low < high, "
-                            f"got [{spec.low}, {spec.high})",
-                            reason="BAD_FILL",
-                        )
-                    if not dtype.is_floating_point:
-                        # torch: "to - 1 is out of bounds for int", or for 2**70 "Overflow
-                        # when unpacking long long".
-                        first, last = (0, 1) if dtype == torch.bool else _int_range(dtype)
-                        end = min(last + 1, _INT64_MAX)  # torch takes `high` as an int64
-                        if low < first or high > end:
-                            raise InvalidInput(
-                                f"{what}: a randint fill of {_dtype_name(dtype)} needs bounds "
-                                f"within [{first}, {end}), the values it can draw; got "
-                                f"[{low}, {high})",
-                                reason="BAD_FILL",
-                            )
-                    else:
-                        # torch only warns (an error in a later release) and then draws
-                        # numbers the dtype cannot hold exactly.
-                        digits = 1 - round(math.log2(torch.finfo(dtype).eps))
-                        if low < -(2**digits) or high - 1 > 2**digits:
-                            raise InvalidInput(
-                                f"{what}: a randint fill of {dtype} needs bounds within "
-                                f"[-2^{digits}, 2^{digits}], the whole numbers it holds "
-                                f"exactly; got [{low}, {high})",
-                                reason="BAD_FILL",
-                            )
-                    return torch.randint(
-                        low, high, spec.shape, generator=gen, dtype=dtype, device=device
-                    )
-        # e.g. a random kind asked of a dtype it lacks, or bounds past the dtype (OverflowError)
-        except (RuntimeError, OverflowError, ValueError) as err:
-            if device_lost(err):
-                raise  # the device's failure, not the caller's fill
-            raise InvalidInput(
-                f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}", reason="BAD_FILL"
-            ) from err
-        raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}", reason="BAD_FILL")
+        """`source` on the device: a tensor moved there, or a fill made there (fills.py), once
+        its size is within this server's limit."""
+        self._check_size(source.shape, what)
+        if isinstance(source, FillSpec):
+            return fills.make(source, default_dtype, self.device, what)
+        with self._device_memory(what):
+            return staging.to_device(source, self.device)
 
     def _check_input_shape(self, shape: tuple[int, ...]) -> None:
         sample = self.spec.sample_shape
@@ -1434,7 +1248,7 @@ class Trainer:
             # Before the fill is made: one of 2**28 values took 11 s and 2 GB to be refused.
             self._check_size(input.shape, "input")
             self._check_input_shape(input.shape)
-            dtype = _fill_dtype(input, self.spec.input_dtype)
+            dtype = fill_dtype(input, self.spec.input_dtype)
             if dtype is not None:  # else _make says what is wrong with it
                 self._check_pass_memory(input.shape, dtype, target is not None)
         x = self._make(input, self.spec.input_dtype, "input")
@@ -2308,9 +2122,9 @@ class Trainer:
                 raise self._unknown(name)
             # Every parameter checked before any changes: a float16 parameter was changed
             # after another of the same call.
-            scalars[name], why = _scalar_for(value, params[name].dtype)
+            scalars[name], why = scalar_for(value, params[name].dtype)
             if why:
-                dtype = _dtype_name(params[name].dtype)
+                dtype = dtype_name(params[name].dtype)
                 raise InvalidInput(
                     f"{value!r} does not fit {name}'s dtype {dtype}: {why}", reason="BAD_VALUE"
                 )
@@ -2620,8 +2434,8 @@ class Trainer:
         ] + [name for name in loaded.optimizer_state if name not in params]
         unknown = [name for name in loaded.buffers if name not in buffers]
         odd_buffers = unknown + [
-            f"{name} as {_dtype_name(t.dtype)} {list(t.shape)}, where it is "
-            f"{_dtype_name(buffers[name].dtype)} {list(buffers[name].shape)}"
+            f"{name} as {dtype_name(t.dtype)} {list(t.shape)}, where it is "
+            f"{dtype_name(buffers[name].dtype)} {list(buffers[name].shape)}"
             for name, t in loaded.buffers.items()
             if name in buffers and (t.shape, t.dtype) != (buffers[name].shape, buffers[name].dtype)
         ]
