@@ -30,7 +30,8 @@ from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import SIMPLE, ModelSpec
-from gradwire_server.trainer import OptimizerSettings, Trainer
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Trainer
 from tests.checkpoint_files import resave
 from tests.cli_run import run_main
 from tests.serve_in_process import bare_server

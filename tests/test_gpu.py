@@ -18,7 +18,8 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.replay import replay
 from gradwire_server import staging, stats
 from gradwire_server.app import start
-from gradwire_server.trainer import OptimizerSettings, Trainer
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Trainer
 from tests.reference import run_tutorial
 from tests.test_inspect import values_on_the_edges
 
@@ -131,8 +132,8 @@ def test_a_server_on_the_last_gpu_trains_and_reads_there() -> None:
 
 
 def test_a_device_the_machine_lacks_is_refused_with_the_count() -> None:
+    from gradwire_server.devices import resolve_device
     from gradwire_server.errors import InvalidInput
-    from gradwire_server.trainer import resolve_device
 
     with pytest.raises(InvalidInput, match="CUDA device"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")

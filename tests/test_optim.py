@@ -15,7 +15,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gradwire_server import optim
 from gradwire_server.fills import FillSpec
-from gradwire_server.trainer import OptimizerSettings, Trainer
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Trainer
 from tests.reference import Simple
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {

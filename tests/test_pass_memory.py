@@ -22,8 +22,9 @@ from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec
+from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.sessions import Sessions
-from gradwire_server.trainer import OptimizerSettings, Trainer
+from gradwire_server.trainer import Trainer
 
 # --- what the host has left ---------------------------------------------------------
 

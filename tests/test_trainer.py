@@ -9,10 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from gradwire_server import optimizers
+from gradwire_server.devices import resolve_device
 from gradwire_server.errors import InvalidInput, OverLimit, VersionMismatch, WrongOrder
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec, Simple
-from gradwire_server.trainer import Guard, OptimizerSettings, Trainer, guarded, resolve_device
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Guard, Trainer, guarded
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
 LABELS = FillSpec("ones", (8,))
@@ -105,7 +108,7 @@ def test_settings_changed_in_place_are_a_new_optimizers_every_one(
     .grad), as much as the settings asked for."""
     trainer.set_optimizer(first)
     _, merged = trainer.set_optimizer(change, keep_state=True)
-    fresh = Trainer._build_optimizer([torch.zeros(1, requires_grad=True)], merged.resolved())
+    fresh = optimizers.build([torch.zeros(1, requires_grad=True)], merged.resolved())
     group = {k: v for k, v in trainer._optimizer.param_groups[0].items() if k != "params"}
     assert group == {k: v for k, v in fresh.param_groups[0].items() if k != "params"}
     assert trainer._optimizer.defaults == fresh.defaults

@@ -27,6 +27,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import MAX_COUNT, ServerConnections
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.devices import resolve_device
 from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer, add_to_server
 from gradwire_server.metrics import CallInterceptor, Metrics, MetricsServer
@@ -38,7 +39,7 @@ from gradwire_server.reflection_service import add_to_server as add_reflection
 from gradwire_server.servicer import TrainerServicer, method_handlers
 from gradwire_server.serving import ServingThread, start_watched
 from gradwire_server.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, Sessions
-from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, Trainer, resolve_device
+from gradwire_server.trainer import ONE_THREAD_MAX_FLOPS, Trainer
 
 log = logging.getLogger("gradwire_server")
 

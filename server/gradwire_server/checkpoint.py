@@ -7,7 +7,8 @@ counts), the state of the model's random stream (random_stream.py; from the fort
 session) and, as metadata, the state version, the model's name and the optimizer's settings,
 and a SHA-256 of all of it (CHECKSUM; from the fifty-third session), which a load checks.
 It is written to a temporary file and renamed, so a crash mid-write leaves the previous
-checkpoint whole.
+checkpoint whole. `optimizer_settings` and `unfit` say what of a loaded file a model and
+its optimizer cannot take, for the trainer to refuse it (Trainer._load).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -27,8 +29,10 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from gradwire_server.errors import out_of_memory
+from gradwire_server.optimizers import STATE_KEYS, OptimizerSettings
 
 FILE_NAME = "state.safetensors"
 FORMAT = "gradwire-checkpoint-1"
@@ -505,3 +509,77 @@ def _checked_metadata(
         ):
             raise damaged(f"its optimizer state for {name!r} is not an object of numbers")
     return int(text), model, settings, scalars
+
+
+def optimizer_settings(saved: dict[str, Any]) -> OptimizerSettings:
+    """The optimizer settings a checkpoint holds, as `save` writes them: every field of
+    OptimizerSettings and no other, each of its type; ValueError otherwise (a field
+    unknown here was a TypeError traceback, an unknown kind loaded as Adam)."""
+    fields = [f.name for f in dataclasses.fields(OptimizerSettings)]
+    unknown = [repr(name) for name in saved if name not in fields]
+    if unknown:
+        raise damaged(f"its optimizer settings hold fields unknown here: {', '.join(unknown)}")
+    missing = [repr(name) for name in fields if name not in saved]
+    if missing:
+        raise damaged(f"its optimizer settings lack {', '.join(missing)}")
+    if saved["kind"] not in ("sgd", "adam"):
+        raise damaged(f"its optimizer {saved['kind']!r} is not 'sgd' or 'adam'")
+    for name in fields:
+        value = saved[name]
+        if name == "kind" or value is None:
+            continue
+        if name == "nesterov" and not isinstance(value, bool):
+            raise damaged(f"its optimizer setting nesterov is {value!r}, not true or false")
+        if name != "nesterov" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise damaged(f"its optimizer setting {name} is {value!r}, not a number")
+        if name != "nesterov" and not math.isfinite(value):
+            # Refused by SetOptimizer, but loaded from a checkpoint: the next Step made
+            # every parameter NaN (found by a review of the state's handling).
+            raise damaged(f"its optimizer setting {name} is {value!r}, not a finite number")
+    return OptimizerSettings(**saved).resolved()
+
+
+def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
+    """What of a checkpoint's tensors this model and optimizer could not use, said as
+    "X as Y, where Z". Such a file used to load: a gradient of another dtype then stopped
+    `gradwire serve` with a traceback, its parameters already copied in; optimizer state
+    of other keys or shapes failed every later Step, INTERNAL (found by a review)."""
+
+    def described(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+        return type(value).__name__
+
+    found = []
+    for label, tensors in (("parameter", loaded.parameters), ("gradient", loaded.gradients)):
+        for name, tensor in tensors.items():
+            if tensor.dtype != params[name].dtype:
+                found.append(
+                    f"{label} {name} as {described(tensor)}, where {name} is "
+                    f"{described(params[name])}"
+                )
+    keys = frozenset(STATE_KEYS[kind])
+    for name, values in loaded.optimizer_state.items():
+        p = params[name]
+        if not set(values) <= keys or (kind == "adam" and set(values) != keys):
+            found.append(
+                f"{kind} state {sorted(values)} for {name}, where {kind} keeps {sorted(keys)}"
+            )
+            continue
+        for key, value in values.items():
+            if key == "step":  # a 0-dim float tensor, as torch's Adam keeps it
+                fits = isinstance(value, torch.Tensor) and value.dim() == 0
+                fits = fits and value.is_floating_point()
+                wanted = "a float of no dimension"
+            else:
+                fits = (value is None and key == "momentum_buffer") or (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.dtype == p.dtype
+                )
+                wanted = described(p)
+            if not fits:
+                found.append(
+                    f"{kind} state {key} of {name} as {described(value)}, where it is {wanted}"
+                )
+    return found

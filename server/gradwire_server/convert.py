@@ -27,17 +27,16 @@ from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_o
 from gradwire_server.fills import FillSpec, TensorInput
 from gradwire_server.indexing import UNTRACKED
 from gradwire_server.live import StreamedRead
+from gradwire_server.optimizers import OptimizerSettings, check_settings_kind
 from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
 from gradwire_server.trainer import (
     MAX_NAME_CHARS,
     ForwardResult,
     Listing,
-    OptimizerSettings,
     Selection,
     Trainer,
     TrainResult,
-    check_settings_kind,
 )
 
 _FILL_KINDS: dict[int, str] = {

@@ -96,6 +96,77 @@ class ModelSpec:
                 f"torch.float32, got {self.input_dtype!r}"
             )
 
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """InvalidInput (BAD_INPUT_SHAPE) unless `shape` is [N, *sample_shape], N >= 1."""
+        sample = self.sample_shape
+        if len(shape) != len(sample) + 1 or tuple(shape[1:]) != sample or shape[0] < 1:
+            raise InvalidInput(
+                f"input has shape {list(shape)}; {self.name} takes [N, "
+                + ", ".join(map(str, sample))
+                + "] with N >= 1",
+                reason="BAD_INPUT_SHAPE",
+            )
+
+    def check_input_dtype(self, dtype: torch.dtype) -> None:
+        """InvalidInput (BAD_INPUT_DTYPE) unless `dtype` is `input_dtype`."""
+        want = self.input_dtype
+        if dtype != want:
+            takes = "the model computes in" if want.is_floating_point else f"{self.name} takes"
+            raise InvalidInput(
+                f"input has dtype {str(dtype).removeprefix('torch.')}; "
+                f"{takes} {str(want).removeprefix('torch.')}",
+                reason="BAD_INPUT_DTYPE",
+            )
+
+    def check_target(self, y: torch.Tensor, batch: int) -> None:
+        """InvalidInput (BAD_TARGET_DTYPE, BAD_TARGET_SHAPE, BAD_TARGET_CLASS) unless `y` is a
+        target `loss` takes for a batch of `batch`: class indices [batch] in range, or floats
+        of the output's shape [batch, num_classes]."""
+        classes = self.num_classes
+        if self.loss == "mse":
+            if not y.dtype.is_floating_point:
+                raise InvalidInput(
+                    f"target has dtype {str(y.dtype).removeprefix('torch.')}; {self.name} "
+                    f"is trained with a mean squared error: send floats of shape [{batch}, "
+                    f"{classes}], the output's shape",
+                    reason="BAD_TARGET_DTYPE",
+                )
+            if tuple(y.shape) != (batch, classes):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; a mean squared error target must have "
+                    f"the output's shape [{batch}, {classes}]",
+                    reason="BAD_TARGET_SHAPE",
+                )
+        elif y.dtype == torch.int64:
+            if tuple(y.shape) != (batch,):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; class indices must have shape [{batch}] "
+                    "to match the input's batch",
+                    reason="BAD_TARGET_SHAPE",
+                )
+            # Checked on the host: an out-of-range label on a GPU is a device-side assert
+            # that poisons the CUDA context for every later call.
+            labels = y.cpu()
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                bad = labels[(labels < 0) | (labels >= classes)][0].item()
+                raise InvalidInput(
+                    f"target holds class {bad}; classes run from 0 to {classes - 1}",
+                    reason="BAD_TARGET_CLASS",
+                )
+        elif y.dtype.is_floating_point:
+            if tuple(y.shape) != (batch, classes):
+                raise InvalidInput(
+                    f"target has shape {list(y.shape)}; class probabilities must have shape "
+                    f"[{batch}, {classes}]",
+                    reason="BAD_TARGET_SHAPE",
+                )
+        else:
+            raise InvalidInput(
+                f"target has dtype {str(y.dtype).removeprefix('torch.')}; use int64 class indices "
+                "or floating-point class probabilities",
+                reason="BAD_TARGET_DTYPE",
+            )
+
     def criterion(self) -> nn.Module:
         """A fresh loss module: nn.CrossEntropyLoss or nn.MSELoss, with PyTorch's defaults."""
         return nn.MSELoss() if self.loss == "mse" else nn.CrossEntropyLoss()

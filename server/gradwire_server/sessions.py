@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from gradwire_server import host_memory, pass_memory
 from gradwire_server.errors import InvalidInput, OverLimit, Stopping, UnknownTensor, shown
 from gradwire_server.logs import CURRENT_CALL
-from gradwire_server.trainer import OptimizerSettings, Trainer
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

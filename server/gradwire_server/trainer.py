@@ -39,11 +39,14 @@ from gradwire_server import (
     live,
     openmp,
     optim,
+    optimizers,
     pass_memory,
     random_stream,
     staging,
 )
+from gradwire_server.assignment import check_holds, check_writable, no_repeats, without_leading_ones
 from gradwire_server.buffers import Before, Buffers
+from gradwire_server.devices import check_device
 from gradwire_server.errors import (
     DeadlinePassed,
     DomainError,
@@ -72,6 +75,13 @@ from gradwire_server.indexing import (
 )
 from gradwire_server.meta_copy import meta_copy
 from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.optimizers import (
+    KIND_NAMES,
+    STATE_KEPT,
+    STATE_KEYS,
+    OptimizerSettings,
+    check_settings_kind,
+)
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
 
@@ -90,73 +100,10 @@ _CHANGES_NO_TENSOR = frozenset({"_read_with", "_read_many", "stage", "stream_buf
 #: then ran whatever the version had become meanwhile.
 _UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "unsubscribe", "list_tensors"}
 
-#: The optimizer state torch keeps per parameter, by optimizer kind and by torch's own keys,
-#: in the order ListTensors lists them: Adam all three once a Step has made any; SGD its
-#: momentum buffer, with momentum (None: made from the gradient).
-_STATE_KEYS = {
-    "sgd": ("momentum_buffer",),
-    "adam": ("step", "exp_avg", "exp_avg_sq"),
-}
-#: When each kind keeps its state, for a name of state the optimizer in use does not keep:
-#: torch's SGD makes a parameter's buffer, and Adam its three entries, in the first Step
-#: that finds the parameter's gradient; SGD with momentum 0 makes none.
-_STATE_KEPT = {
-    "sgd": "SGD keeps a momentum_buffer only with momentum, from the first Step that finds "
-    "the parameter's gradient",
-    "adam": "Adam keeps step, exp_avg and exp_avg_sq, from the first Step that finds the "
-    "parameter's gradient",
-}
-
 
 def _listed(words: Sequence[str]) -> str:
     """ "a", "a and b", "a, b and c"."""
     return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
-
-
-def _unfit(loaded: checkpoint.Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
-    """What of a checkpoint's tensors this model and optimizer could not use, said as
-    "X as Y, where Z". Such a file used to load: a gradient of another dtype then stopped
-    `gradwire serve` with a traceback, its parameters already copied in; optimizer state
-    of other keys or shapes failed every later Step, INTERNAL (found by a review)."""
-
-    def described(value: Any) -> str:
-        if isinstance(value, torch.Tensor):
-            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
-        return type(value).__name__
-
-    unfit = []
-    for label, tensors in (("parameter", loaded.parameters), ("gradient", loaded.gradients)):
-        for name, tensor in tensors.items():
-            if tensor.dtype != params[name].dtype:
-                unfit.append(
-                    f"{label} {name} as {described(tensor)}, where {name} is "
-                    f"{described(params[name])}"
-                )
-    keys = frozenset(_STATE_KEYS[kind])
-    for name, values in loaded.optimizer_state.items():
-        p = params[name]
-        if not set(values) <= keys or (kind == "adam" and set(values) != keys):
-            unfit.append(
-                f"{kind} state {sorted(values)} for {name}, where {kind} keeps {sorted(keys)}"
-            )
-            continue
-        for key, value in values.items():
-            if key == "step":  # a 0-dim float tensor, as torch's Adam keeps it
-                fits = isinstance(value, torch.Tensor) and value.dim() == 0
-                fits = fits and value.is_floating_point()
-                wanted = "a float of no dimension"
-            else:
-                fits = (value is None and key == "momentum_buffer") or (
-                    isinstance(value, torch.Tensor)
-                    and value.shape == p.shape
-                    and value.dtype == p.dtype
-                )
-                wanted = described(p)
-            if not fits:
-                unfit.append(
-                    f"{kind} state {key} of {name} as {described(value)}, where it is {wanted}"
-                )
-    return unfit
 
 
 #: Held while a model is built from the process's CPU generator (Trainer._build_model), so
@@ -309,62 +256,6 @@ _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
-class OptimizerSettings:
-    """An optimizer and its settings; None means PyTorch's default for that optimizer."""
-
-    kind: Literal["sgd", "adam"] = "sgd"
-    lr: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    beta1: float | None = None
-    beta2: float | None = None
-    eps: float | None = None
-    nesterov: bool | None = None
-
-    def resolved(self) -> OptimizerSettings:
-        """Every field set: SGD's lr defaults to 1.0 as in the tutorial, the rest as in PyTorch."""
-        if self.kind == "sgd":
-            return OptimizerSettings(
-                kind="sgd",
-                lr=1.0 if self.lr is None else self.lr,
-                momentum=self.momentum or 0.0,
-                weight_decay=self.weight_decay or 0.0,
-                nesterov=bool(self.nesterov),
-            )
-        return OptimizerSettings(
-            kind="adam",
-            lr=1e-3 if self.lr is None else self.lr,
-            weight_decay=self.weight_decay or 0.0,
-            beta1=0.9 if self.beta1 is None else self.beta1,
-            beta2=0.999 if self.beta2 is None else self.beta2,
-            eps=1e-8 if self.eps is None else self.eps,
-        )
-
-
-#: The settings only one kind of optimizer has.
-_ONLY = {"sgd": ("momentum", "nesterov"), "adam": ("beta1", "beta2", "eps")}
-_KIND_NAMES = {"sgd": "SGD", "adam": "Adam"}
-
-
-def check_settings_kind(settings: OptimizerSettings, *, in_place: bool = False) -> None:
-    """Refuses a setting that belongs to the other kind of optimizer (BAD_OPTIMIZER); with
-    `in_place`, for a change to the optimizer in place (SetOptimizer's keep_state)."""
-    other = "adam" if settings.kind == "sgd" else "sgd"
-    for name in _ONLY[other]:
-        if getattr(settings, name) is not None:
-            this, that = _KIND_NAMES[settings.kind], _KIND_NAMES[other]
-            instead = (
-                f"replace the optimizer with {that} (without keep_state, --keep-state)"
-                if in_place
-                else f"ask for {that}"
-            )
-            raise InvalidInput(
-                f"{name} is a setting of {that}, not of {this}: leave it out, or {instead}",
-                reason="BAD_OPTIMIZER",
-            )
-
-
-@dataclass(frozen=True)
 class ForwardResult:
     version: int
     output_shape: tuple[int, ...]
@@ -505,42 +396,6 @@ def check_name(name: str, example: str = "conv1.weight") -> None:
         )
 
 
-#: The devices a Trainer runs on, as `--device` names them.
-DEVICES = "auto (the GPU when there is one), cpu, cuda or cuda:N"
-_DEVICE_NAME = re.compile(r"cpu(?::0)?|cuda(?::(0|[1-9][0-9]*))?")
-
-
-def check_device(device: torch.device | str, forms: str = "cpu, cuda or cuda:N") -> torch.device:
-    """`device` when a Trainer can run there: the CPU, or a CUDA device this machine has.
-    Anything else is a ValueError saying what to use: torch knows other devices ("mps",
-    "meta", "cpu:3") that failed later, with a traceback or on every call."""
-    name = str(device) if isinstance(device, (str, torch.device)) else repr(device)
-    found = _DEVICE_NAME.fullmatch(name)
-    if found is None:
-        raise ValueError(f"unknown device {name!r}: use {forms}")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device")
-        count = torch.cuda.device_count()
-        if int(found.group(1) or 0) >= count:
-            raise ValueError(
-                f"device {name!r} asked for, but this machine has {count} CUDA device(s): "
-                f"cuda:0 to cuda:{count - 1}"
-            )
-    return torch.device("cpu" if name == "cpu:0" else name)  # cpu:0 is torch's one CPU
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> the first GPU when there is one, else the CPU; 'cpu', 'cuda', 'cuda:1' as
-    given when this machine has it; anything else is InvalidInput naming the forms taken."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return check_device(spec, DEVICES)
-    except ValueError as err:
-        raise InvalidInput(str(err)) from None
-
-
 #: How a read-only tensor is named in the error that refuses a write to it; other kinds are
 #: "the last Forward's input", "... output", "... loss", "... activation".
 _WHAT_IT_IS = {
@@ -567,33 +422,6 @@ def _kept_output(
 def _differentiable(dtype: torch.dtype) -> bool:
     """Whether torch keeps gradients for tensors of `dtype`."""
     return dtype.is_floating_point or dtype.is_complex
-
-
-def _without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
-    """`shape` less the leading dimensions of size 1 it has beyond `ndim`: numpy's assignment
-    drops them (a [1, 1, 4] value into a [4] slot), torch's copy_ does not."""
-    extra = 0
-    while len(shape) - extra > ndim and shape[extra] == 1:
-        extra += 1
-    return shape[extra:]
-
-
-def _check_writable(
-    shape: tuple[int, ...], target: tuple[int, ...], name: str, chain: IndexChain
-) -> None:
-    """InvalidInput (SHAPE_MISMATCH) unless a value of `shape` broadcasts to `target`, as in
-    numpy's assignment."""
-    try:
-        fitted = _without_leading_ones(shape, len(target))
-        broadcast = torch.broadcast_shapes(fitted, target)  # type: ignore[no-untyped-call]
-    except RuntimeError:
-        broadcast = None
-    if broadcast != target:
-        raise InvalidInput(
-            f"a value of shape {list(shape)} cannot be written to "
-            f"{name}{'' if not chain else ' slice'} of shape {list(target)}",
-            reason="SHAPE_MISMATCH",
-        )
 
 
 def _refusal(error: BaseException, x: torch.Tensor) -> bool:
@@ -660,45 +488,11 @@ def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
         buffers.put_back(before)
 
 
-def _no_repeats(tensor: torch.Tensor) -> bool:
-    """Whether each value of `tensor` has a place of its own: no dimension of more than one
-    value has a stride of 0 (as `expand` makes), so it can be written in place."""
-    return all(st or n <= 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True))
-
-
 @functools.cache
 def _carried(dtype: torch.dtype) -> bool:
     """Whether the wire carries tensors of `dtype`, as they are or widened (complex and
     float8 ones it does not)."""
     return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
-
-
-def _check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
-    copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
-    session's review of the client). Fractions truncate, as numpy's assignment does."""
-    if dtype.is_floating_point or dtype == torch.bool or source.dtype == torch.bool:
-        return
-    if source.dtype == dtype or source.numel() == 0:
-        return
-    info = torch.iinfo(dtype)
-    if not source.dtype.is_floating_point:
-        given = torch.iinfo(source.dtype)
-        if info.min <= given.min and given.max <= info.max:
-            return  # every value of the source's type fits
-        source = source.to(torch.int64)  # uint8 compared with -128 wraps it to 128
-        outside = (source < info.min) | (source > info.max)
-    else:  # bounds that floats hold exactly, powers of two: float(2**63 - 1) rounds up;
-        # fractions truncate toward zero first (-0.5 into uint8 is 0, as in numpy)
-        below = torch.trunc(source) < info.min
-        outside = below | (source >= float(info.max) + 1) | ~torch.isfinite(source)
-    if bool(outside.any()):
-        first = source[outside].reshape(-1)[0].item()
-        raise InvalidInput(
-            f"{first!r} does not fit {name}'s dtype {str(dtype).removeprefix('torch.')}, "
-            f"which holds whole numbers from {info.min} to {info.max}",
-            reason="BAD_VALUE",
-        )
 
 
 class Trainer:
@@ -760,7 +554,7 @@ class Trainer:
         self._adopt(model)
         #: where the model's random stream is (random_stream.py)
         self._random_state = state
-        self._optimizer = self._build_optimizer(self._model.parameters(), self._settings)
+        self._optimizer = optimizers.build(self._model.parameters(), self._settings)
         self._clear_forward()
         self._criterion = self.spec.criterion()  # CrossEntropyLoss, or MSELoss
 
@@ -899,35 +693,6 @@ class Trainer:
         if isinstance(output, torch.Tensor):
             self._pending[name + ACTIVATION_SUFFIX] = output
 
-    @staticmethod
-    def _build_optimizer(
-        parameters: Iterable[torch.Tensor], s: OptimizerSettings
-    ) -> torch.optim.Optimizer:
-        try:
-            if s.kind == "sgd":
-                return torch.optim.SGD(
-                    parameters,
-                    lr=float(s.lr or 0.0),
-                    momentum=float(s.momentum or 0.0),
-                    weight_decay=float(s.weight_decay or 0.0),
-                    nesterov=bool(s.nesterov),
-                    # torch's foreach SGD, its default for CUDA parameters, adds the momentum
-                    # buffer into each .grad in place under Nesterov: a gradient read after
-                    # the Step would not be the one Backward made (found by a review).
-                    foreach=False if s.nesterov else None,
-                )
-            return torch.optim.Adam(
-                parameters,
-                lr=float(s.lr or 0.0),
-                betas=(float(s.beta1 or 0.0), float(s.beta2 or 0.0)),
-                eps=float(s.eps or 0.0),
-                weight_decay=float(s.weight_decay or 0.0),
-            )
-        except ValueError as err:  # torch's own checks: negative lr, nesterov without momentum
-            raise InvalidInput(
-                f"optimizer settings refused: {err}", reason="BAD_OPTIMIZER"
-            ) from err
-
     def _clear_forward(self) -> None:
         self._input: torch.Tensor | None = None
         self._target: torch.Tensor | None = None
@@ -998,7 +763,7 @@ class Trainer:
         """The per-parameter state the optimizer in use keeps, by torch's own keys."""
         if self._settings.kind == "sgd" and not self._settings.momentum:
             return ()
-        return _STATE_KEYS[self._settings.kind]
+        return STATE_KEYS[self._settings.kind]
 
     def _optimizer_state(self, name: str) -> tuple[str, str] | None:
         """(parameter, key) for a name like "optimizer.conv1.weight.exp_avg", else None."""
@@ -1090,11 +855,11 @@ class Trainer:
         if not name.startswith(OPTIMIZER_PREFIX):
             return None
         owner, _, key = name.removeprefix(OPTIMIZER_PREFIX).rpartition(".")
-        kinds = [kind for kind, keys in _STATE_KEYS.items() if key in keys]
+        kinds = [kind for kind, keys in STATE_KEYS.items() if key in keys]
         if owner not in self._learnable or not kinds:
             return None
         settings = self._settings
-        using = _KIND_NAMES[settings.kind]
+        using = KIND_NAMES[settings.kind]
         if settings.kind == "sgd":
             using += f" with momentum {settings.momentum or 0:g}"
         kept = self._state_keys()
@@ -1107,7 +872,7 @@ class Trainer:
         else:
             what = f"keeps no state for {owner}"
         hint = (
-            f"the optimizer in use, {using}, {what}: {_STATE_KEPT[kinds[0]]}. SetOptimizer "
+            f"the optimizer in use, {using}, {what}: {STATE_KEPT[kinds[0]]}. SetOptimizer "
             "(gradwire optimizer) changes the optimizer. "
         )
         return hint, [f"{OPTIMIZER_PREFIX}{owner}.{k}" for k in kept]
@@ -1169,76 +934,6 @@ class Trainer:
         with self._device_memory(what):
             return staging.to_device(source, self.device)
 
-    def _check_input_shape(self, shape: tuple[int, ...]) -> None:
-        sample = self.spec.sample_shape
-        if len(shape) != len(sample) + 1 or tuple(shape[1:]) != sample or shape[0] < 1:
-            raise InvalidInput(
-                f"input has shape {list(shape)}; {self.spec.name} takes [N, "
-                + ", ".join(map(str, sample))
-                + "] with N >= 1",
-                reason="BAD_INPUT_SHAPE",
-            )
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        self._check_input_shape(tuple(x.shape))
-        self._check_input_dtype(x.dtype)
-
-    def _check_input_dtype(self, dtype: torch.dtype) -> None:
-        want = self.spec.input_dtype
-        if dtype != want:
-            takes = "the model computes in" if want.is_floating_point else f"{self.spec.name} takes"
-            raise InvalidInput(
-                f"input has dtype {str(dtype).removeprefix('torch.')}; "
-                f"{takes} {str(want).removeprefix('torch.')}",
-                reason="BAD_INPUT_DTYPE",
-            )
-
-    def _check_target(self, y: torch.Tensor, batch: int) -> None:
-        classes = self.spec.num_classes
-        if self.spec.loss == "mse":
-            if not y.dtype.is_floating_point:
-                raise InvalidInput(
-                    f"target has dtype {str(y.dtype).removeprefix('torch.')}; {self.spec.name} "
-                    f"is trained with a mean squared error: send floats of shape [{batch}, "
-                    f"{classes}], the output's shape",
-                    reason="BAD_TARGET_DTYPE",
-                )
-            if tuple(y.shape) != (batch, classes):
-                raise InvalidInput(
-                    f"target has shape {list(y.shape)}; a mean squared error target must have "
-                    f"the output's shape [{batch}, {classes}]",
-                    reason="BAD_TARGET_SHAPE",
-                )
-        elif y.dtype == torch.int64:
-            if tuple(y.shape) != (batch,):
-                raise InvalidInput(
-                    f"target has shape {list(y.shape)}; class indices must have shape [{batch}] "
-                    "to match the input's batch",
-                    reason="BAD_TARGET_SHAPE",
-                )
-            # Checked on the host: an out-of-range label on a GPU is a device-side assert
-            # that poisons the CUDA context for every later call.
-            labels = y.cpu()
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                bad = labels[(labels < 0) | (labels >= classes)][0].item()
-                raise InvalidInput(
-                    f"target holds class {bad}; classes run from 0 to {classes - 1}",
-                    reason="BAD_TARGET_CLASS",
-                )
-        elif y.dtype.is_floating_point:
-            if tuple(y.shape) != (batch, classes):
-                raise InvalidInput(
-                    f"target has shape {list(y.shape)}; class probabilities must have shape "
-                    f"[{batch}, {classes}]",
-                    reason="BAD_TARGET_SHAPE",
-                )
-        else:
-            raise InvalidInput(
-                f"target has dtype {str(y.dtype).removeprefix('torch.')}; use int64 class indices "
-                "or floating-point class probabilities",
-                reason="BAD_TARGET_DTYPE",
-            )
-
     # --- the training step --------------------------------------------------------
 
     def _inputs(
@@ -1247,12 +942,13 @@ class Trainer:
         if isinstance(input, FillSpec):
             # Before the fill is made: one of 2**28 values took 11 s and 2 GB to be refused.
             self._check_size(input.shape, "input")
-            self._check_input_shape(input.shape)
+            self.spec.check_input_shape(input.shape)
             dtype = fill_dtype(input, self.spec.input_dtype)
             if dtype is not None:  # else _make says what is wrong with it
                 self._check_pass_memory(input.shape, dtype, target is not None)
         x = self._make(input, self.spec.input_dtype, "input")
-        self._check_input(x)
+        self.spec.check_input_shape(tuple(x.shape))
+        self.spec.check_input_dtype(x.dtype)
         if not isinstance(input, FillSpec):
             self._check_pass_memory(x.shape, x.dtype, target is not None)
         if target is None:
@@ -1273,7 +969,7 @@ class Trainer:
         y = self._make(target, self._target_dtype, "target")
         if y.dtype in _INDEX_DTYPES and self.spec.loss != "mse":
             y = y.to(torch.int64)
-        self._check_target(y, x.shape[0])
+        self.spec.check_target(y, x.shape[0])
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
 
     def _check_pass_memory(self, shape: Sequence[int], dtype: torch.dtype, training: bool) -> None:
@@ -2041,9 +1737,9 @@ class Trainer:
             assert tensor is not None
             fresh = False
         target = select(tensor.detach(), chain, name, writable=True)
-        _check_writable(tuple(source.shape), tuple(target.shape), name, chain)
-        _check_holds(source, target.dtype, name)
-        source = source.reshape(_without_leading_ones(tuple(source.shape), target.dim()))
+        check_writable(tuple(source.shape), tuple(target.shape), name, chain)
+        check_holds(source, target.dtype, name)
+        source = source.reshape(without_leading_ones(tuple(source.shape), target.dim()))
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
             source = source.to(param.dtype)
         with torch.no_grad():
@@ -2078,14 +1774,14 @@ class Trainer:
         self._check_size(shape, "value")
         base = param if tensor is None else tensor
         slot = select(base.detach(), chain, name, writable=True)
-        _check_writable(tuple(shape), tuple(slot.shape), name, chain)
+        check_writable(tuple(shape), tuple(slot.shape), name, chain)
 
     def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
         """What forward() would refuse of an input of `shape` and `dtype`, found at a
         ForwardStream's first chunk rather than once every chunk has come (a walkthrough of
         the contract found [8, 3, 10, 9] refused only at the stream's end)."""
-        self._check_input_shape(tuple(shape))
-        self._check_input_dtype(dtype)
+        self.spec.check_input_shape(tuple(shape))
+        self.spec.check_input_dtype(dtype)
 
     def _adoptable(self, param: torch.Tensor, source: torch.Tensor, value: TensorInput) -> bool:
         """Whether `source` can become `param`'s memory: see write()."""
@@ -2183,7 +1879,7 @@ class Trainer:
         )
         with self._device_memory("reset"):
             model, state = self._build_model(seed)
-        self._optimizer = self._build_optimizer(model.parameters(), self._settings)
+        self._optimizer = optimizers.build(model.parameters(), self._settings)
         self._adopt(model)
         self._random_state = state
         self._clear_forward()
@@ -2202,7 +1898,7 @@ class Trainer:
         if not keep_state:
             check_settings_kind(settings)
             resolved = settings.resolved()
-            self._optimizer = self._build_optimizer(self._model.parameters(), resolved)
+            self._optimizer = optimizers.build(self._model.parameters(), resolved)
             self._settings = resolved
             return self._bump(), resolved
         current = self._settings
@@ -2210,8 +1906,8 @@ class Trainer:
             settings = dataclasses.replace(settings, kind=current.kind)
         if settings.kind != current.kind:
             raise InvalidInput(
-                f"the optimizer is {_KIND_NAMES[current.kind]}, and keep_state "
-                f"(--keep-state) changes its settings in place: {_KIND_NAMES[settings.kind]} "
+                f"the optimizer is {KIND_NAMES[current.kind]}, and keep_state "
+                f"(--keep-state) changes its settings in place: {KIND_NAMES[settings.kind]} "
                 "needs a new optimizer (without keep_state, its state starts afresh)",
                 reason="BAD_OPTIMIZER",
             )
@@ -2227,7 +1923,7 @@ class Trainer:
         # anything changed, and its group holds every setting as a new optimizer's would
         # (SGD's foreach follows nesterov), to copy into the groups in place.
         try:
-            made = self._build_optimizer([torch.zeros(1, requires_grad=True)], merged)
+            made = optimizers.build([torch.zeros(1, requires_grad=True)], merged)
         except InvalidInput as err:
             kept = [
                 f"{f.name}={getattr(current, f.name)}"
@@ -2275,7 +1971,7 @@ class Trainer:
         complex one too, which the wire does not carry), but one that views the same values
         in several places (a stride of 0, as `expand` makes): a load cannot write to it, and
         refused it halfway through, the parameters already replaced (found by a review)."""
-        return {name: b for name, b in self._persistent_buffers().items() if _no_repeats(b)}
+        return {name: b for name, b in self._persistent_buffers().items() if no_repeats(b)}
 
     def _persistent_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers a state_dict keeps: all but those registered as not persistent."""
@@ -2315,42 +2011,6 @@ class Trainer:
         except AttributeError:
             return False
         return key.isidentifier() and not hasattr(module, key)
-
-    @staticmethod
-    def _saved_settings(saved: dict[str, Any]) -> OptimizerSettings:
-        """The optimizer settings a checkpoint holds, as `save` writes them: every field of
-        OptimizerSettings and no other, each of its type; ValueError otherwise (a field
-        unknown here was a TypeError traceback, an unknown kind loaded as Adam)."""
-        fields = [f.name for f in dataclasses.fields(OptimizerSettings)]
-        unknown = [repr(name) for name in saved if name not in fields]
-        if unknown:
-            raise checkpoint.damaged(
-                f"its optimizer settings hold fields unknown here: {', '.join(unknown)}"
-            )
-        missing = [repr(name) for name in fields if name not in saved]
-        if missing:
-            raise checkpoint.damaged(f"its optimizer settings lack {', '.join(missing)}")
-        if saved["kind"] not in ("sgd", "adam"):
-            raise checkpoint.damaged(f"its optimizer {saved['kind']!r} is not 'sgd' or 'adam'")
-        for name in fields:
-            value = saved[name]
-            if name == "kind" or value is None:
-                continue
-            if name == "nesterov" and not isinstance(value, bool):
-                raise checkpoint.damaged(
-                    f"its optimizer setting nesterov is {value!r}, not true or false"
-                )
-            if name != "nesterov" and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-            ):
-                raise checkpoint.damaged(f"its optimizer setting {name} is {value!r}, not a number")
-            if name != "nesterov" and not math.isfinite(value):
-                # Refused by SetOptimizer, but loaded from a checkpoint: the next Step made
-                # every parameter NaN (found by a review of the state's handling).
-                raise checkpoint.damaged(
-                    f"its optimizer setting {name} is {value!r}, not a finite number"
-                )
-        return OptimizerSettings(**saved).resolved()
 
     @on_torch_thread
     def load(self, path: Path) -> int:
@@ -2402,7 +2062,7 @@ class Trainer:
             )
         try:
             loaded = checkpoint.load(path)
-            settings = self._saved_settings(loaded.settings)
+            settings = checkpoint.optimizer_settings(loaded.settings)
             # The stream goes on from where the save left it (random_stream.py), when the
             # checkpoint holds one for this type of device.
             saved = loaded.random.get(self.device.type) if self._random_state is not None else None
@@ -2465,7 +2125,7 @@ class Trainer:
                 f"there: {', '.join(odd_buffers)}; {checkpoint.OTHER_MODEL}",
                 reason="BAD_CHECKPOINT",
             )
-        kept = [name for name, b in buffers.items() if _no_repeats(b)]  # as `save` keeps them
+        kept = [name for name, b in buffers.items() if no_repeats(b)]  # as `save` keeps them
         lacking = [name for name in kept if name not in loaded.buffers]
         odd += sorted(  # an integer parameter's: torch keeps it none
             name
@@ -2479,7 +2139,7 @@ class Trainer:
                 f"{', '.join(odd)}",
                 reason="BAD_CHECKPOINT",
             )
-        unfit = _unfit(loaded, params, settings.kind)
+        unfit = checkpoint.unfit(loaded, params, settings.kind)
         if unfit:
             raise InvalidInput(
                 f"cannot load {path}: {checkpoint.damaged('it holds ' + '; '.join(unfit))}",
@@ -2488,7 +2148,7 @@ class Trainer:
         with self._device_memory(f"cannot load {path}"):
             # Everything new is on the device before anything is replaced.
             try:
-                optimizer = self._build_optimizer(self._model.parameters(), settings)
+                optimizer = optimizers.build(self._model.parameters(), settings)
             except InvalidInput as err:  # torch's own checks: a negative lr, say
                 damaged = checkpoint.damaged(f"its {err.message}")
                 raise InvalidInput(
@@ -2533,7 +2193,7 @@ class Trainer:
                     staging.copy_into(p.detach(), loaded.parameters[name])
                     replaced.append(name)
                 for name, b in {**loaded.buffers, **made}.items():
-                    if name in buffers and _no_repeats(buffers[name]):
+                    if name in buffers and no_repeats(buffers[name]):
                         staging.copy_into(buffers[name], b)
                         replaced.append(name)
                 for name, b in registered.items():

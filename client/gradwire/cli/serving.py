@@ -89,8 +89,9 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         )
     try:
         from gradwire_server.app import start
+        from gradwire_server.devices import resolve_device
         from gradwire_server.errors import InvalidInput
-        from gradwire_server.trainer import Trainer, resolve_device
+        from gradwire_server.trainer import Trainer
     except ImportError as err:
         raise UsageError(
             f"--embedded needs the server side (torch): {SERVER_EXTRA} ({err})"
