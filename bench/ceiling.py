@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 
 from gradwire_server.fills import FillSpec
-from gradwire_server.trainer import Selection, Trainer
+from gradwire_server.results import Selection
+from gradwire_server.trainer import Trainer
 
 SERVICE = "gradwire.bench.Ceiling"
 #: What the tutorial's calls read: conv1.weight[0][0][0], as the benchmark's client does.

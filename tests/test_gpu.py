@@ -221,7 +221,7 @@ def test_a_small_gpu_read_runs_on_the_caller_s_thread_after_the_queued_step() ->
     import threading
 
     from gradwire_server.fills import FillSpec
-    from gradwire_server.trainer import Selection
+    from gradwire_server.results import Selection
 
     trainer = Trainer(device="cuda", seed=0)
     trainer.forward(FillSpec("ones", (4096, 3, 10, 10)), FillSpec("ones", (4096,)))

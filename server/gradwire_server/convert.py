@@ -28,16 +28,10 @@ from gradwire_server.fills import FillSpec, TensorInput
 from gradwire_server.indexing import UNTRACKED
 from gradwire_server.live import StreamedRead
 from gradwire_server.optimizers import OptimizerSettings, check_settings_kind
+from gradwire_server.results import ForwardResult, Listing, Selection, TrainResult
 from gradwire_server.sessions import SessionView
 from gradwire_server.stats import Summary
-from gradwire_server.trainer import (
-    MAX_NAME_CHARS,
-    ForwardResult,
-    Listing,
-    Selection,
-    Trainer,
-    TrainResult,
-)
+from gradwire_server.trainer import MAX_NAME_CHARS, Trainer
 
 _FILL_KINDS: dict[int, str] = {
     pb.Fill.KIND_ZEROS: "zeros",

@@ -47,10 +47,11 @@ from gradwire_server.errors import (
 from gradwire_server.fills import FillSpec, TensorInput
 from gradwire_server.message_context import Answered, MessageContext
 from gradwire_server.request_log import RequestLog
+from gradwire_server.results import Selection, Snapshot
 from gradwire_server.sessions import Sessions, UnknownSession
 from gradwire_server.status import Malformed, abort, error_status, status_of, well_formed
 from gradwire_server.torch_thread import Closed
-from gradwire_server.trainer import Guard, Selection, Snapshot, Trainer, described_bytes, guarded
+from gradwire_server.trainer import Guard, Trainer, described_bytes, guarded
 from gradwire_server.waiting import SendingStreams, WaitingStreams
 
 log = logging.getLogger(__name__)

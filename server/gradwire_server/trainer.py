@@ -22,9 +22,9 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 import torch
 from torch import nn
@@ -66,7 +66,6 @@ from gradwire_server.fills import (
 )
 from gradwire_server.indexing import (
     MAX_GRAD_FN_BYTES,
-    UNTRACKED,
     Autograd,
     AutogradOf,
     IndexChain,
@@ -81,6 +80,16 @@ from gradwire_server.optimizers import (
     STATE_KEYS,
     OptimizerSettings,
     check_settings_kind,
+)
+from gradwire_server.results import (
+    ForwardResult,
+    Kind,
+    Listing,
+    Read,
+    Selection,
+    Snapshot,
+    TensorInfo,
+    TrainResult,
 )
 from gradwire_server.torch_thread import TorchThread, time_left, waited_past
 from gradwire_server.watch import Subscription, Subscriptions
@@ -219,18 +228,6 @@ def on_torch_thread(method: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
-Kind = Literal[
-    "parameter",
-    "gradient",
-    "input",
-    "target",
-    "output",
-    "loss",
-    "activation",
-    "optimizer_state",
-    "delta",
-    "buffer",
-]
 _FORWARD_NAMES: tuple[Kind, ...] = ("input", "target", "output", "loss")
 #: Name parts of the read-only tensors: "conv1.output", "optimizer.conv1.weight.exp_avg",
 #: "conv1.weight.delta".
@@ -253,86 +250,6 @@ CAUSES = {
 }
 # Integer dtypes taken as class indices; CrossEntropyLoss wants them as int64.
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    version: int
-    output_shape: tuple[int, ...]
-    loss: float | None
-    nonfinite_inputs: int = 0  # NaN or infinite input values: allowed, and reported
-
-
-@dataclass(frozen=True)
-class TrainResult(Generic[T]):
-    version: int
-    loss: float
-    output_shape: tuple[int, ...]
-    parameters_updated: int
-    fetched: list[T]
-    nonfinite_inputs: int = 0
-
-
-@dataclass(frozen=True)
-class Read:
-    """A tensor (or slice) as it was at `version`, copied to the host; None when absent."""
-
-    version: int
-    name: str
-    value: torch.Tensor | None
-    full_shape: tuple[int, ...] | None
-
-
-@dataclass(frozen=True)
-class Selection:
-    """A tensor or slice as seen under the trainer's lock; see Trainer.read_with."""
-
-    version: int
-    name: str
-    part: torch.Tensor | None  # the selected values where they live; None when absent
-    full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
-    # What PyTorch's print of it shows of autograd: `.get()`, under the lock, as `use` runs.
-    autograd: Autograd | AutogradOf = UNTRACKED
-    device: str = ""  # where it lives, as PyTorch names it ("cuda:0"); "" on the CPU
-
-    def host(self) -> torch.Tensor:
-        """The selection, contiguous, on the CPU: a view of the live tensor when possible."""
-        assert self.part is not None
-        part = self.part
-        if not part.is_cpu:
-            return part.cpu()
-        return part if part.is_contiguous() else part.contiguous()  # no torch op when it is
-
-
-@dataclass(frozen=True)
-class Snapshot(Generic[T]):
-    """Several selections read at one version, for a watcher."""
-
-    version: int
-    cause: str  # the RPC of the mutation that led to this state ("Watch" when none yet)
-    steps: int  # Steps applied to this model
-    used: list[T]
-    updates: int = 0  # updates due to the subscription read with it, this read included
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    kind: Kind
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    present: bool
-    requires_grad: bool = False  # takes part in autograd now; a frozen parameter does not
-
-
-@dataclass(frozen=True)
-class Listing:
-    version: int
-    model: str
-    device: str
-    optimizer: OptimizerSettings
-    tensors: list[TensorInfo] = field(default_factory=list)
-    spec: ModelSpec = SIMPLE  # what the model takes and returns, and its loss
 
 
 #: Longer names are refused before any lookup: PyTorch's own are far shorter.
