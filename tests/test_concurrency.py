@@ -18,7 +18,7 @@ from gradwire.fill import Fill
 from gradwire_server.app import start
 from gradwire_server.errors import OverLimit
 from gradwire_server.models import ModelSpec
-from gradwire_server.servicer import Slots
+from gradwire_server.places import Slots
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
 
