@@ -27,7 +27,7 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import build_parser
 from gradwire.cli.connection import connection_hint
-from gradwire.client import SERVER_CANCELLED, _failed
+from gradwire.failures import SERVER_CANCELLED, failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
@@ -1787,9 +1787,9 @@ def test_a_call_cancelled_with_words_keeps_them() -> None:
             return ()
 
     for bare in ("CANCELLED", ""):
-        assert str(_failed(Failed(bare), False)) == f"CANCELLED: {SERVER_CANCELLED}"
+        assert str(failed(Failed(bare), False)) == f"CANCELLED: {SERVER_CANCELLED}"
     local = "Locally cancelled by application!"
-    assert str(_failed(Failed(local), False)) == f"CANCELLED: {local}"
+    assert str(failed(Failed(local), False)) == f"CANCELLED: {local}"
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:

@@ -24,10 +24,10 @@ from torch import nn
 import gradwire
 from gradwire import codec, errors
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.client import with_default_port
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
 from gradwire.selector import SelectorError
+from gradwire.targets import with_default_port
 from gradwire_server.app import start
 from gradwire_server.models import Simple
 from gradwire_server.trainer import Trainer

@@ -14,10 +14,8 @@ import contextvars
 import copy
 import dataclasses
 import functools
-import ipaddress
 import math
 import os
-import re
 import threading
 import time
 import warnings
@@ -35,7 +33,6 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer
 from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
 from gradwire.errors import (
-    Cancelled,
     ClientClosed,
     GradwireError,
     InvalidArgument,
@@ -43,8 +40,8 @@ from gradwire.errors import (
     RemoteError,
     ResourceExhausted,
     Unavailable,
-    from_rpc_error,
 )
+from gradwire.failures import CLOSED, after_a_stop, closed_channel, cut_off, failed, grace_cut
 from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION, channel_options
 from gradwire.memory import KeptMemory
 from gradwire.newest import Cancellable, Newest
@@ -65,6 +62,7 @@ from gradwire.results import (
     TrainStepResult,
 )
 from gradwire.selector import parse_selector
+from gradwire.targets import DEFAULT_TARGET, with_default_port
 from gradwire.updates import (
     TensorStats,
     TrainProgress,
@@ -105,7 +103,6 @@ __all__ = [
     "connect",
 ]
 
-DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 60.0
 
 R = TypeVar("R", bound=Message)
@@ -138,136 +135,14 @@ def _back_off(attempt: int) -> None:
     time.sleep(0.05 * 2**attempt)
 
 
-_CLOSED = (
-    "this client is closed (close(), or the end of its with block; a session client "
-    "closes with the client that opened it): make a new one (gradwire.connect)"
-)
-
 #: The channels a client has closed (close() of the client that made it): the clients that
 #: share one (session clients, `channel=`) tell by it that theirs is closed where gRPC
 #: raises nothing of its own (wait_ready, a stream under way).
 _CLOSED_CHANNELS: weakref.WeakSet[grpc.Channel] = weakref.WeakSet()
 
 
-def _closed_channel(error: ValueError) -> Exception:
-    """ClientClosed for grpc's ValueError on a closed channel ("Cannot invoke RPC on closed
-    channel!"): the client, or the one whose channel it shares, was closed. Any other
-    ValueError is returned as it is, to be raised."""
-    if not str(error).startswith("Cannot invoke RPC"):
-        return error
-    return ClientClosed(_CLOSED)
-
-
 #: The longest min_interval a Watch carries, in milliseconds (an int64 field).
 _MAX_MS = codec.INT64_MAX
-
-#: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
-#: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
-#: gRPC's words for a target it could not resolve to an address: "DNS resolution failed" in
-#: earlier gRPC, "errors resolving ...: [... hostname lookup error ...]" in grpcio 1.85.
-#: Taken for a call cut off mid-way, it was said to be "reached" and perhaps applied (found
-#: by a review of the CLI).
-UNRESOLVED = ("resolution", "errors resolving", "hostname lookup")
-
-NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", *UNRESOLVED)
-
-
-def _cut_off(error: grpc.RpcError) -> bool:
-    """Whether a call failed UNAVAILABLE after it was under way on a server ("Cancelling
-    all calls" from a stopping server, "Connection reset by peer")."""
-    if error.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    text = (error.details() or "").lower()
-    return not any(words in text for words in NEVER_REACHED)
-
-
-#: The message of a call its server cancelled with gRPC's status alone, no words of its own.
-SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed the connection"
-
-
-#: gRPC's whole message for the calls a stopping server still had in progress when its grace
-#: period ended (grpc_server_cancel_all_calls).
-_GRACE_ENDED = "cancelling all calls"
-
-
-def _grace_ended(changes_state: bool) -> str:
-    """The message of a call cut off so: what happened, and what to do."""
-    then = (
-        "its change may have been applied all the same (a step runs to its end): read the "
-        "state version once the server is back before making it again"
-        if changes_state
-        else "make it again once the server is back"
-    )
-    return (
-        "the server stopped with this call in progress: its grace period (gradwire serve "
-        f'--grace) ended before the call did, and gRPC cancelled it ("Cancelling all '
-        f'calls"); {then}'
-    )
-
-
-def _grace_cut(error: grpc.RpcError) -> bool:
-    """Whether `error` is gRPC's cancel of a call its stopping server still had in progress
-    when the stop's grace period ended."""
-    return error.code() == grpc.StatusCode.UNAVAILABLE and (
-        (error.details() or "").strip().lower() == _GRACE_ENDED
-    )
-
-
-def _after_a_stop(raised: RemoteError | ClientClosed, stopped: bool) -> RemoteError | ClientClosed:
-    """`raised`, the error of a call's last attempt, saying first what cut off an attempt
-    before it (`stopped`): the server stopped with the call in progress, which the retries
-    that followed, refused by no server ("Connection refused"), hid, and with it that a
-    change may have been applied (found by a review of the operator's path)."""
-    if stopped and isinstance(raised, Unavailable):
-        raised.message = f"{_grace_ended(raised.changes_state)}; retried: {raised.message}"
-        raised.args = (raised.message,)
-    return raised
-
-
-def _bare_cancel(message: str) -> bool:
-    """Whether a CANCELLED call's message is gRPC's name of the status alone (what a server's
-    cancel gives; from_rpc_error's "cancelled" for none at all)."""
-    return message.strip().lower() in ("cancelled", "")
-
-
-def _failed(
-    error: grpc.RpcError, changes_state: bool, keepalive: float | None = None
-) -> RemoteError:
-    """The exception for a failed call, saying whether the call changes state; and, for a
-    connection closed for "Too many pings" by a client pinging every `keepalive` seconds,
-    more often than a gradwire server takes, what to give instead."""
-    raised = from_rpc_error(error)
-    raised.changes_state = changes_state
-    if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
-        # gRPC's word alone ("CANCELLED: CANCELLED") for a call its server cancelled: a stop
-        # (the calls it had taken in and not begun), or a connection it closed. This
-        # client's own cancels say so ("Locally cancelled by application!", "Channel
-        # closed!"), and Ctrl-C is KeyboardInterrupt (found by a review of the CLI as a
-        # researcher).
-        raised.message = SERVER_CANCELLED
-        raised.args = (raised.message,)
-    if isinstance(raised, Unavailable) and not raised.reason and _grace_cut(error):
-        # gRPC's words alone ("UNAVAILABLE: Cancelling all calls") for a call in a pipeline
-        # or a batch, or a stream, that a stop cut off: they said neither that the server
-        # had stopped nor that the call may have run (found by a review of several users at
-        # once). A unary call is retried, and then fails to connect.
-        raised.message = _grace_ended(changes_state)
-        raised.args = (raised.message,)
-    if (
-        isinstance(raised, Unavailable)
-        and "too many pings" in raised.message.lower()
-        and keepalive
-        and keepalive < limits.MIN_CLIENT_PING_S
-    ):
-        # gRPC's two words alone, the ping interval being the client's own setting.
-        raised.message += (
-            f" (the server closed the connection for pinging too often: this client pings "
-            f"a silent connection every {keepalive:g} s, keepalive={keepalive:g}; a gradwire "
-            f"server takes a ping every {limits.MIN_CLIENT_PING_S:g} s by default: give "
-            f"keepalive={limits.MIN_CLIENT_PING_S:g} or more, or None for no pings)"
-        )
-        raised.args = (raised.message,)
-    return raised
 
 
 def _check_seconds(seconds: float | None, what: str, none: str = "") -> None:
@@ -398,85 +273,6 @@ class _CutShort(Exception):
     def __init__(self, error: ResourceExhausted) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def with_default_port(target: str) -> str:
-    """`target` with gradwire's port (50051) when it names a host alone: gRPC would try 443.
-    Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given.
-    A port that is not a number from 1 to 65535 (or "http" or "https", which gRPC takes for
-    80 and 443) raises ValueError: gRPC would take 70000 for port 4464 and -1 for 65535, and
-    connect to whatever listens there; so does white space around the target."""
-    port = DEFAULT_TARGET.rpartition(":")[2]
-    # gRPC's resolver refused these with words of its own, which said nothing of what to
-    # write instead (found by a review of the CLI).
-    if not isinstance(target, str):  # None went on to "'NoneType' object has no attribute"
-        raise TypeError(f"the target is a str, host:port such as localhost:50051; got {target!r}")
-    if not target.strip():
-        raise ValueError("the target is empty: expected host:port, such as localhost:50051")
-    # ' localhost:50051' went to gRPC, whose resolver failed it UNAVAILABLE, "Misformatted
-    # domain name", as if no server answered (found by a review of the CLI as a researcher).
-    # A socket's path may end in a space.
-    path = target.startswith(("unix:", "unix-abstract:"))
-    if target != (target.lstrip() if path else target.strip()):
-        raise ValueError(
-            f"bad target {target!r}: white space around it (copied with it?); give host:port "
-            "without spaces, such as localhost:50051"
-        )
-    if target.lower().startswith(("http://", "https://", "grpc://", "grpcs://")):
-        raise ValueError(
-            f"bad target {target!r}: gRPC targets take no URL scheme; give host:port (and "
-            "TLS with its own options: tls=True, --tls)"
-        )
-    # Schemes whose addresses gRPC checks itself, or that have no port.
-    if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
-        return target
-    if "/" in target and not target.startswith(_PORTED_SCHEMES):
-        return target  # xds:///svc:grpc: a name of the scheme's own, not host:port (a review)
-    address = target.rpartition("/")[2]  # dns:///gpu-box:7000: the address after the path
-    if "/" not in target:
-        with contextlib.suppress(ValueError):  # ::1, a bare IPv6 address
-            if ipaddress.ip_address(target).version == 6:
-                return f"[{target}]:{port}"
-        if ":" not in target or (target.startswith("[") and "]:" not in target):  # [::1]
-            return f"{target}:{port}"
-    if "/" not in address and address.startswith("dns:"):  # dns:host:port, without slashes
-        address = address[len("dns:") :]
-    # A host (a name, IPv4 or a bracketed IPv6 address) and what follows its colon: it must
-    # be a port, or a name gRPC takes for one ("host:http"). A name it does not take
-    # ("localhost:abc") failed in its resolver, UNAVAILABLE, as if no server answered (found
-    # by a review of the CLI as a researcher). A bare IPv6 address, or one of gRPC's schemes
-    # ("xds:svc"), is gRPC's to read.
-    found = _HOST_AND_PORT.fullmatch(address)
-    # gRPC's native resolver reads a service's name for its port ("host:ssh", 22), where its
-    # default one (c-ares) takes http and https alone (a review of the check).
-    native = os.environ.get("GRPC_DNS_RESOLVER", "").strip().lower() == "native"
-    if (
-        found is not None
-        and found[1] not in _SCHEMES
-        and found[2] not in _NAMED_PORTS
-        and not (native and found[2][:1].isalpha())
-        and not (found[2].isascii() and found[2].isdigit() and 1 <= int(found[2]) <= 65535)
-    ):
-        raise ValueError(
-            f"bad port {found[2]!r} in target {target!r}: expected host:port with a port "
-            "from 1 to 65535"
-        )
-    return target
-
-
-#: A host (a name, IPv4, a bracketed IPv6 address) and what follows its one colon.
-_HOST_AND_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):([^:]*)")
-
-#: The names gRPC's default resolver takes for a port (80 and 443); it fails any other, "ssh"
-#: included (its native resolver, GRPC_DNS_RESOLVER=native, takes the system's names).
-_NAMED_PORTS = ("http", "https")
-
-#: The schemes whose address after the path is host:port, to be checked as one.
-_PORTED_SCHEMES = ("dns:", "passthrough:")
-
-#: gRPC's schemes that with_default_port leaves alone, which a target written without
-#: slashes puts where a host would be ("xds:svc").
-_SCHEMES = ("xds", "google-c2p", "passthrough")
 
 
 def _merged(update: WatchUpdate, dropped: int) -> WatchUpdate:
@@ -772,14 +568,14 @@ class Client:
                     # frame and its callers' (f_back) alive until the cyclic collector ran:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
-                    raise _after_a_stop(
+                    raise after_a_stop(
                         self._error_of(err, method, method in unary.MAY_LAND), stopped
                     ) from None
-                self.reached |= _cut_off(err)
-                stopped |= _grace_cut(err)
+                self.reached |= cut_off(err)
+                stopped |= grace_cut(err)
                 _back_off(attempt)
             except ValueError as err:
-                raise _closed_channel(err) from None
+                raise closed_channel(err) from None
             else:
                 self.answered = self.reached = True
                 return response
@@ -863,7 +659,7 @@ class Client:
         """This client's open Calls stream, for its session: opened now when there is none,
         the last one failed, or the client has moved to another session."""
         if self._opened.closed:  # a pipeline's: the stream is closed, or closing
-            raise ClientClosed(_CLOSED)
+            raise ClientClosed(CLOSED)
         stream = self._calls
         if stream is not None and stream.usable and stream.session == self._session:
             return stream
@@ -883,7 +679,7 @@ class Client:
         try:
             return CallStream(self._methods["Calls"], metadata, self._session)
         except ValueError as err:
-            raise _closed_channel(err) from None
+            raise closed_channel(err) from None
 
     def _close_call_stream(self, wait: float | None = 1.0) -> None:
         """Ends this client's Calls stream, if it has one open, as after its last call."""
@@ -905,9 +701,9 @@ class Client:
             cut = f"{method} cut off"
             if method == "Train":
                 cut += ", its steps taken staying applied (read the state version)"
-            return ClientClosed(f"{cut}: {_CLOSED}", changes_state=changes_state)
-        self.reached |= _cut_off(error)
-        return _failed(error, changes_state, self._keepalive)
+            return ClientClosed(f"{cut}: {CLOSED}", changes_state=changes_state)
+        self.reached |= cut_off(error)
+        return failed(error, changes_state, self._keepalive)
 
     @contextlib.contextmanager
     def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:
@@ -998,7 +794,7 @@ class Client:
                 metadata=metadata,
             )
         except ValueError as err:
-            raise _closed_channel(err) from None
+            raise closed_channel(err) from None
         if on_call is not None:
             on_call(call)
         try:
@@ -1045,7 +841,7 @@ class Client:
         (but for opening another: OpenSession acts on none), or once the client that opened
         it has closed."""
         if self._opened.closed and method != "CloseSession":  # closing goes on
-            raise ClientClosed(_CLOSED)
+            raise ClientClosed(CLOSED)
         if self._session:
             return [(SESSION, self._session)]
         if self._closed_session is not None and method not in unary.SESSIONLESS:
@@ -1084,7 +880,7 @@ class Client:
             # open until it expired (a review found it left so, its client's close failing).
             with contextlib.suppress(GradwireError):
                 self._call("CloseSession", pb.CloseSessionRequest(session=response.session))
-            raise ClientClosed(_CLOSED)
+            raise ClientClosed(CLOSED)
         return other
 
     def detach(self) -> str:
@@ -1154,7 +950,7 @@ class Client:
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
         _check_timeout(timeout, "wait_ready's timeout")  # -1 said no server answered
         if self._channel in _CLOSED_CHANNELS or self._opened.closed:
-            raise ClientClosed(_CLOSED)
+            raise ClientClosed(CLOSED)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -1174,9 +970,9 @@ class Client:
                 metadata=[*self._metadata, *self._session_metadata("Health")],
             )
         except grpc.RpcError as err:
-            raise _failed(err, False, self._keepalive) from None
+            raise failed(err, False, self._keepalive) from None
         except ValueError as err:
-            raise _closed_channel(err) from None
+            raise closed_channel(err) from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     # --- the training step ------------------------------------------------------------

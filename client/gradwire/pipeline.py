@@ -33,7 +33,6 @@ from gradwire.call_stream import (
     _deadline_timeout,
     garbled_answer,
 )
-from gradwire.client import _closed_channel
 from gradwire.errors import (
     Aborted,
     Cancelled,
@@ -42,6 +41,7 @@ from gradwire.errors import (
     InvalidArgument,
     RemoteError,
 )
+from gradwire.failures import closed_channel
 from gradwire.limits import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
@@ -631,7 +631,7 @@ class Batch(Pipeline):
             return
         except ValueError as err:  # the client's channel is closed: nothing is sent
             for pending, _ in queued:
-                pending._fail(_closed_channel(err))
+                pending._fail(closed_channel(err))
             return
         except BaseException:  # interrupted while waiting: whether they ran is not known
             interrupted = _interrupted(

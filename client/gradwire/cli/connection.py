@@ -9,7 +9,7 @@ import argparse
 import os
 
 from gradwire.cli.errors import UsageError
-from gradwire.client import DEFAULT_TARGET, NEVER_REACHED, UNRESOLVED, Client, check_session
+from gradwire.client import Client, check_session
 from gradwire.credentials import load_token, read_optional
 from gradwire.errors import (
     Cancelled,
@@ -17,6 +17,8 @@ from gradwire.errors import (
     RemoteError,
     Unavailable,
 )
+from gradwire.failures import NEVER_REACHED, UNRESOLVED
+from gradwire.targets import DEFAULT_TARGET
 
 #: The environment variable naming the session commands act on (--session).
 SESSION_ENV = "GRADWIRE_SESSION"

@@ -49,7 +49,6 @@ from gradwire.cli.tensors import (
     cmd_zero_grad,
 )
 from gradwire.cli.training import cmd_train, cmd_watch
-from gradwire.client import DEFAULT_TARGET
 from gradwire.credentials import TOKEN_ENV
 from gradwire.plot import (
     DEFAULT_BINS,
@@ -59,6 +58,7 @@ from gradwire.plot import (
     MAX_KERNEL_IN,
     MAX_KERNEL_OUT,
 )
+from gradwire.targets import DEFAULT_TARGET
 
 # Remote commands get a Client; local ones (serve, replay --embedded) get None.
 Command = Callable[[argparse.Namespace, Any, TextIO], None]

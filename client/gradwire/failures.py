@@ -1,0 +1,143 @@
+"""A failed call read: whether it reached a server, whether a stop cut it off, whether this
+client had closed; and the exception raised for it, with words that say what happened and
+what to do where gRPC's own say only a status's name ("CANCELLED", "Cancelling all calls").
+Shared by the client's calls and streams (client.py) and pipelines and batches
+(pipeline.py).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from gradwire import limits
+from gradwire.errors import (
+    Cancelled,
+    ClientClosed,
+    RemoteError,
+    Unavailable,
+    from_rpc_error,
+)
+
+#: What a call on a closed client raises (ClientClosed).
+CLOSED = (
+    "this client is closed (close(), or the end of its with block; a session client "
+    "closes with the client that opened it): make a new one (gradwire.connect)"
+)
+
+
+def closed_channel(error: ValueError) -> Exception:
+    """ClientClosed for grpc's ValueError on a closed channel ("Cannot invoke RPC on closed
+    channel!"): the client, or the one whose channel it shares, was closed. Any other
+    ValueError is returned as it is, to be raised."""
+    if not str(error).startswith("Cannot invoke RPC"):
+        return error
+    return ClientClosed(CLOSED)
+
+
+#: gRPC's words for a target it could not resolve to an address: "DNS resolution failed" in
+#: earlier gRPC, "errors resolving ...: [... hostname lookup error ...]" in grpcio 1.85.
+#: Taken for a call cut off mid-way, it was said to be "reached" and perhaps applied (found
+#: by a review of the CLI).
+UNRESOLVED = ("resolution", "errors resolving", "hostname lookup")
+
+#: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
+#: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
+NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", *UNRESOLVED)
+
+
+def cut_off(error: grpc.RpcError) -> bool:
+    """Whether a call failed UNAVAILABLE after it was under way on a server ("Cancelling
+    all calls" from a stopping server, "Connection reset by peer")."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = (error.details() or "").lower()
+    return not any(words in text for words in NEVER_REACHED)
+
+
+#: The message of a call its server cancelled with gRPC's status alone, no words of its own.
+SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed the connection"
+
+
+#: gRPC's whole message for the calls a stopping server still had in progress when its grace
+#: period ended (grpc_server_cancel_all_calls).
+_GRACE_ENDED = "cancelling all calls"
+
+
+def _grace_ended(changes_state: bool) -> str:
+    """The message of a call cut off so: what happened, and what to do."""
+    then = (
+        "its change may have been applied all the same (a step runs to its end): read the "
+        "state version once the server is back before making it again"
+        if changes_state
+        else "make it again once the server is back"
+    )
+    return (
+        "the server stopped with this call in progress: its grace period (gradwire serve "
+        f'--grace) ended before the call did, and gRPC cancelled it ("Cancelling all '
+        f'calls"); {then}'
+    )
+
+
+def grace_cut(error: grpc.RpcError) -> bool:
+    """Whether `error` is gRPC's cancel of a call its stopping server still had in progress
+    when the stop's grace period ended."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and (
+        (error.details() or "").strip().lower() == _GRACE_ENDED
+    )
+
+
+def after_a_stop(raised: RemoteError | ClientClosed, stopped: bool) -> RemoteError | ClientClosed:
+    """`raised`, the error of a call's last attempt, saying first what cut off an attempt
+    before it (`stopped`): the server stopped with the call in progress, which the retries
+    that followed, refused by no server ("Connection refused"), hid, and with it that a
+    change may have been applied (found by a review of the operator's path)."""
+    if stopped and isinstance(raised, Unavailable):
+        raised.message = f"{_grace_ended(raised.changes_state)}; retried: {raised.message}"
+        raised.args = (raised.message,)
+    return raised
+
+
+def _bare_cancel(message: str) -> bool:
+    """Whether a CANCELLED call's message is gRPC's name of the status alone (what a server's
+    cancel gives; from_rpc_error's "cancelled" for none at all)."""
+    return message.strip().lower() in ("cancelled", "")
+
+
+def failed(
+    error: grpc.RpcError, changes_state: bool, keepalive: float | None = None
+) -> RemoteError:
+    """The exception for a failed call, saying whether the call changes state; and, for a
+    connection closed for "Too many pings" by a client pinging every `keepalive` seconds,
+    more often than a gradwire server takes, what to give instead."""
+    raised = from_rpc_error(error)
+    raised.changes_state = changes_state
+    if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
+        # gRPC's word alone ("CANCELLED: CANCELLED") for a call its server cancelled: a stop
+        # (the calls it had taken in and not begun), or a connection it closed. This
+        # client's own cancels say so ("Locally cancelled by application!", "Channel
+        # closed!"), and Ctrl-C is KeyboardInterrupt (found by a review of the CLI as a
+        # researcher).
+        raised.message = SERVER_CANCELLED
+        raised.args = (raised.message,)
+    if isinstance(raised, Unavailable) and not raised.reason and grace_cut(error):
+        # gRPC's words alone ("UNAVAILABLE: Cancelling all calls") for a call in a pipeline
+        # or a batch, or a stream, that a stop cut off: they said neither that the server
+        # had stopped nor that the call may have run (found by a review of several users at
+        # once). A unary call is retried, and then fails to connect.
+        raised.message = _grace_ended(changes_state)
+        raised.args = (raised.message,)
+    if (
+        isinstance(raised, Unavailable)
+        and "too many pings" in raised.message.lower()
+        and keepalive
+        and keepalive < limits.MIN_CLIENT_PING_S
+    ):
+        # gRPC's two words alone, the ping interval being the client's own setting.
+        raised.message += (
+            f" (the server closed the connection for pinging too often: this client pings "
+            f"a silent connection every {keepalive:g} s, keepalive={keepalive:g}; a gradwire "
+            f"server takes a ping every {limits.MIN_CLIENT_PING_S:g} s by default: give "
+            f"keepalive={limits.MIN_CLIENT_PING_S:g} or more, or None for no pings)"
+        )
+        raised.args = (raised.message,)
+    return raised
