@@ -74,11 +74,14 @@ def scalar_for(value: float, dtype: torch.dtype) -> tuple[float | int, str]:
     largest, as numpy prints it) was refused though it rounds to that largest. Here a float
     is rounded to `dtype` first and refused only if that makes a finite value infinite; an
     integer is truncated toward zero, as fill_ does, and compared exactly. A bool takes any
-    value (all but 0 are True, NaN too, as in torch)."""
+    value (all but 0 are True, NaN too, as in torch). A complex dtype takes it as its real
+    part, rounded as its floating parts are (a complex parameter's FillParameters failed
+    INTERNAL, in torch.iinfo)."""
     if dtype == torch.bool:
         return value, ""
-    if dtype.is_floating_point:
-        rounded = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+    if dtype.is_floating_point or dtype.is_complex:
+        made = torch.tensor(value, dtype=torch.float64).to(dtype).item()
+        rounded = made.real if isinstance(made, complex) else made
         if math.isfinite(value) and not math.isfinite(rounded):
             return 0, f"past its range, ±{torch.finfo(dtype).max:.7g} (to fill with inf, send inf)"
         return rounded, ""
@@ -104,9 +107,8 @@ def make(
             if spec.kind == "ones":
                 return torch.ones(spec.shape, dtype=dtype, device=device)
             if spec.kind == "constant":
-                if not (dtype.is_floating_point or dtype == torch.bool) and not (
-                    math.isfinite(spec.value) and spec.value == int(spec.value)
-                ):
+                whole = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+                if whole and not (math.isfinite(spec.value) and spec.value == int(spec.value)):
                     # torch would truncate: 3.7 would become class 3 without a word.
                     # The name as the fill's dtype names it (int64), not torch's.
                     named = dtype_name(dtype)
@@ -129,7 +131,9 @@ def make(
                         reason="BAD_FILL",
                     )
                 return torch.full(spec.shape, value, dtype=dtype, device=device)
-            if spec.kind in ("uniform", "normal") and not dtype.is_floating_point:
+            if spec.kind in ("uniform", "normal") and not (
+                dtype.is_floating_point or dtype.is_complex
+            ):
                 # torch says only '"check_uniform_bounds" not implemented for 'Long''.
                 hint = (
                     " (a target fill is int64 class indices unless given a dtype: give "
@@ -185,7 +189,7 @@ def make(
                         f"got [{spec.low}, {spec.high})",
                         reason="BAD_FILL",
                     )
-                if not dtype.is_floating_point:
+                if not (dtype.is_floating_point or dtype.is_complex):
                     # torch: "to - 1 is out of bounds for int", or for 2**70 "Overflow
                     # when unpacking long long".
                     first, last = (0, 1) if dtype == torch.bool else int_range(dtype)

@@ -412,6 +412,24 @@ def _carried(dtype: torch.dtype) -> bool:
     return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
 
 
+def _carried_if_present(tensor: torch.Tensor | None) -> bool:
+    """Whether the wire carries `tensor`, a tensor that may be absent (None: it does)."""
+    return tensor is None or _carried(tensor.dtype)
+
+
+def _owner(name: str) -> str | None:
+    """The parameter a gradient's, Step change's or optimizer state's name belongs to
+    ("conv1.weight" of "conv1.weight.grad", "conv1.weight.delta" and
+    "optimizer.conv1.weight.exp_avg"); None for any other name."""
+    if name.endswith(".grad"):
+        return name.removesuffix(".grad")
+    if name.endswith(DELTA_SUFFIX):
+        return name.removesuffix(DELTA_SUFFIX)
+    if name.startswith(OPTIMIZER_PREFIX):
+        return name.removeprefix(OPTIMIZER_PREFIX).rpartition(".")[0]
+    return None
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -576,6 +594,14 @@ class Trainer:
         self._parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         #: the parameters that can have a gradient, and so a Step's change and optimizer state
         self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
+        #: the parameters of a dtype the wire does not carry (a complex phase): they train,
+        #: FillParameters fills them and checkpoints keep them, but no call lists them or
+        #: carries their values, nor their gradients', changes' or optimizer state's
+        #: (`_off_the_wire`)
+        self._off_wire = frozenset(n for n, p in self._parameters.items() if not _carried(p.dtype))
+        self._example_name = next(
+            (n for n in self._parameters if n not in self._off_wire), "output"
+        )
         self._activations: dict[str, torch.Tensor] = {}
         # Where each kept output's autograd is read (`_autograd_source`): kept detached, it
         # has none of its own.
@@ -635,9 +661,10 @@ class Trainer:
 
     @property
     def example_name(self) -> str:
-        """A name this model has, for messages that show one: its first parameter's (the
-        tutorial's "conv1.weight"; they cited that whatever the model served)."""
-        return next(iter(self._parameters), "output")
+        """A name this model has, for messages that show one: its first parameter's that the
+        wire carries (the tutorial's "conv1.weight"; they cited that whatever the model
+        served)."""
+        return self._example_name
 
     @property
     def example_input(self) -> str:
@@ -656,13 +683,19 @@ class Trainer:
         return self._parameters
 
     def names(self) -> list[str]:
-        params = list(self.parameters)
+        """Every name a call can read, as ListTensors lists them: none of a tensor the wire
+        does not carry (`_off_the_wire`)."""
+        params = [p for p in self.parameters if p not in self._off_wire]
         learnable = [p for p in params if p in self._learnable]
         names = [
             *params,
             *(f"{p}.grad" for p in learnable),
-            *_FORWARD_NAMES,
-            *(m + ACTIVATION_SUFFIX for m in self._modules),
+            *(n for n, t in self._forward_tensors().items() if _carried_if_present(t)),
+            *(
+                m + ACTIVATION_SUFFIX
+                for m in self._modules
+                if _carried_if_present(self._activations.get(m + ACTIVATION_SUFFIX))
+            ),
             *(f"{OPTIMIZER_PREFIX}{p}.{key}" for p in learnable for key in self._state_keys()),
             *(p + DELTA_SUFFIX for p in learnable),
         ]
@@ -691,6 +724,15 @@ class Trainer:
             return param, key
         return None
 
+    def _forward_tensors(self) -> dict[str, torch.Tensor | None]:
+        """The last Forward's tensors by name, None where there are none yet."""
+        return {
+            "input": self._input,
+            "target": self._target,
+            "output": self._output,
+            "loss": self._loss,
+        }
+
     def _lookup(
         self, name: str, asking: bool = True
     ) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
@@ -699,22 +741,24 @@ class Trainer:
         `asking` for a delta turns their recording on, from the next Step (see track_deltas).
         """
         check_name(name, self.example_name)
+        if self._off_wire and (name in self._off_wire or _owner(name) in self._off_wire):
+            raise self._unknown(name)
         params = self.parameters
         if name in params:
             return "parameter", params[name], params[name]
         if name.endswith(".grad") and name[: -len(".grad")] in self._learnable:
             param = params[name[: -len(".grad")]]
             return "gradient", param.grad, param
-        forward = {
-            "input": self._input,
-            "target": self._target,
-            "output": self._output,
-            "loss": self._loss,
-        }
+        forward = self._forward_tensors()
         if name in forward:
+            if not _carried_if_present(forward[name]):
+                raise self._unknown(name)
             return name, forward[name], None  # type: ignore[return-value]
         if name.endswith(ACTIVATION_SUFFIX) and name[: -len(ACTIVATION_SUFFIX)] in self._modules:
-            return "activation", self._activations.get(name), None
+            output = self._activations.get(name)
+            if not _carried_if_present(output):
+                raise self._unknown(name)
+            return "activation", output, None
         if name.endswith(DELTA_SUFFIX) and name[: -len(DELTA_SUFFIX)] in self._learnable:
             self.track_deltas = self.track_deltas or asking
             return "delta", self._deltas.get(name[: -len(DELTA_SUFFIX)]), None
@@ -730,16 +774,18 @@ class Trainer:
             return "buffer", buffer, None
         raise self._unknown(name)
 
-    def _unknown(self, name: str) -> UnknownTensor:
+    def _unknown(self, name: str, dtype: torch.dtype | None = None) -> UnknownTensor:
+        """NOT_FOUND for `name`, naming the closest names there are, or saying why it is
+        not one (`_off_the_wire` says of `dtype`)."""
         names = self.names()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
         owner = self._without_gradient(name)
         if owner is not None:
-            dtype = str(self._parameters[owner].dtype).removeprefix("torch.")
             hint = (
-                f"{owner} is {dtype}, and torch keeps gradients only for floating-point "
-                "tensors: it has no gradient, Step change or optimizer state. "
+                f"{owner} is {dtype_name(self._parameters[owner].dtype)}, and torch keeps "
+                "gradients only for floating-point tensors: it has no gradient, Step change or "
+                "optimizer state. "
             )
         tied = self._tied(name)
         if tied is not None:
@@ -751,17 +797,48 @@ class Trainer:
         unkept = self._unkept_state(name)
         if unkept is not None:
             hint, close = unkept
-        buffer = dict(self._model.named_buffers()).get(name)
-        if buffer is not None:  # one _buffers leaves out
-            hint = (
-                f"{name} is a buffer of {dtype_name(buffer.dtype)}, which the wire does not "
-                f"carry ({', '.join(sorted(codec.DTYPE_NAMES.values()))}). "
-            )
+        hint = self._off_the_wire(name, dtype) or hint
         return UnknownTensor(
             f"no tensor named {name!r}; {hint}ListTensors (gradwire list) lists all "
             f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
+
+    def _off_the_wire(self, name: str, dtype: torch.dtype | None = None) -> str:
+        """Why no call serves `name`, when it names a tensor of a dtype the wire does not
+        carry (a complex one); "" when it does not. Such a tensor is left out of the listing
+        rather than failing it, and refused by every call that would send or take its values
+        (a model with a complex parameter answered INTERNAL to ListTensors, GetTensor,
+        FillParameters and SetTensor, and to a TrainStep fetching its complex module output
+        once the step was applied). `dtype`: a module output's in a pass not yet run (a
+        TrainStep's fetch, checked before it)."""
+        carried = ", ".join(sorted(codec.DTYPE_NAMES.values()))
+        carried = f"which the wire does not carry ({carried})"
+        owner = name if name in self._off_wire else _owner(name)
+        if owner in self._off_wire:
+            param = f"a parameter of {dtype_name(self._parameters[owner].dtype)}, {carried}"
+            of = f"{owner} is {param}" if owner == name else f"{name} belongs to {owner}, {param}"
+            return (
+                f"{of}: it trains, FillParameters fills it and a checkpoint keeps it, but no "
+                "call lists it or carries its values. "
+            )
+        buffer = dict(self._model.named_buffers()).get(name)
+        if buffer is not None and not _carried(buffer.dtype):  # one _buffers leaves out
+            return f"{name} is a buffer of {dtype_name(buffer.dtype)}, {carried}. "
+        module = name.removesuffix(ACTIVATION_SUFFIX)
+        if name.endswith(ACTIVATION_SUFFIX) and module in self._modules:
+            output = self._activations.get(name)
+            if dtype is None and output is not None and not _carried(output.dtype):
+                made = dtype_name(output.dtype)
+                return f"{name}, {module}'s output, is {made} in the last pass, {carried}. "
+            if dtype is not None and not _carried(dtype):
+                return (
+                    f"{name}, {module}'s output, is {dtype_name(dtype)} in this pass, {carried}. "
+                )
+        last = self._forward_tensors().get(name)
+        if last is not None and not _carried(last.dtype):
+            return f"{name} is the last Forward's {name}, of {dtype_name(last.dtype)}, {carried}. "
+        return ""
 
     def _unkept_state(self, name: str) -> tuple[str, list[str]] | None:
         """For the name of optimizer state that the optimizer in use does not keep for a
@@ -817,13 +894,8 @@ class Trainer:
     def _without_gradient(self, name: str) -> str | None:
         """The parameter `name` would be the gradient, Step change or optimizer state of,
         when that parameter can have none (an integer or bool one); else None."""
-        if name.endswith(".grad"):
-            owner = name.removesuffix(".grad")
-        elif name.endswith(DELTA_SUFFIX):
-            owner = name.removesuffix(DELTA_SUFFIX)
-        elif name.startswith(OPTIMIZER_PREFIX):
-            owner = name.removeprefix(OPTIMIZER_PREFIX).rpartition(".")[0]
-        else:
+        owner = _owner(name)
+        if owner is None:
             return None
         return owner if owner in self._parameters and owner not in self._learnable else None
 
@@ -1234,6 +1306,8 @@ class Trainer:
                 if name not in outputs:  # no tensor returned, or not known yet: see above
                     continue
                 shape, dtype = tuple(outputs[name].shape), outputs[name].dtype
+                if not _carried(dtype):
+                    raise self._unknown(name, dtype)
             elif kind in ("delta", "optimizer_state"):
                 state = self._optimizer_state(name)
                 owner = self._parameters[state[0] if state else name[: -len(DELTA_SUFFIX)]]

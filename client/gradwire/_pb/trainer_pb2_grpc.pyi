@@ -23,6 +23,12 @@ Conventions used by every message below:
   read of it is NOT_FOUND (UNKNOWN_TENSOR), and a Watch of it ends so (buffers that a
   keep_state change to momentum 0 leaves in place are unlisted the same way); the message
   names the optimizer in use and the state it keeps, which "closest" lists.
+  A tensor of a dtype the wire does not carry (see `DType`) is not listed either: a
+  model's complex parameter, with its gradient, change and optimizer state, and a module
+  output that was complex in the last Forward. A read, write, Watch or TrainStep fetch of
+  one is NOT_FOUND (UNKNOWN_TENSOR), the message naming its dtype, and a TrainStep that
+  fetches one is refused before its step. Such a parameter trains, FillParameters fills
+  it and checkpoints keep it.
 - Tensors are row-major and little-endian; see `Tensor`.
 - Every response that reads or changes state carries `version`: the state version of
   the call's session after the call (each session counts its own, from 0; see Sessions

@@ -1,0 +1,159 @@
+"""A model whose tensors include some of a dtype the wire does not carry (complex ones): they
+are left out of the listing and refused by name, NOT_FOUND saying why, and the rest of the
+model is served as any other's. Each answered INTERNAL before (a model with a complex
+parameter failed ListTensors, GetTensor, FillParameters and SetTensor; a complex module
+output failed the listing once a pass had made it, and a TrainStep fetching it after its
+step was applied)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire.fill import Fill
+from gradwire_server import fills
+from gradwire_server.app import start
+from gradwire_server.errors import InvalidInput
+from gradwire_server.fills import FillSpec
+from gradwire_server.models import ModelSpec
+from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.trainer import Trainer
+
+CARRIED = "bfloat16, bool, float16, float32, float64, int32, int64"
+
+
+class Phase(nn.Module):
+    """A complex parameter first (so that messages must not cite it as the model's example
+    name), and a module whose output is complex."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+        self.lin = nn.Linear(4, 3)
+        self.rot = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        turned: torch.Tensor = self.rot(self.lin(x) * self.phase)
+        return turned.real
+
+
+def _trainer(optimizer: OptimizerSettings | None = None) -> Trainer:
+    return Trainer(ModelSpec("Phase", Phase, (4,), 3), seed=0, optimizer=optimizer)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Trainer, gradwire.Client]]:
+    trainer = _trainer(OptimizerSettings(kind="sgd", lr=0.5, momentum=0.9))
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            yield trainer, client
+    finally:
+        running.stop(grace=None)
+
+
+X, Y = np.ones((2, 4), np.float32), np.array([0, 1])
+
+
+def _refused(call: object, said: str) -> None:
+    """`call()` is NOT_FOUND (UNKNOWN_TENSOR), its message saying `said` and which dtypes
+    the wire carries."""
+    assert callable(call)
+    with pytest.raises(errors.NotFound) as caught:
+        call()
+    assert caught.value.reason == "UNKNOWN_TENSOR"
+    assert said in caught.value.message, caught.value.message
+    assert f"which the wire does not carry ({CARRIED})" in caught.value.message
+
+
+def test_a_complex_parameter_is_not_listed_and_every_call_on_it_says_why(
+    served: tuple[Trainer, gradwire.Client],
+) -> None:
+    trainer, client = served
+    version = client.train_step(X, Y).version  # phase has a gradient, a change, momentum
+    names = client.list_tensors().names()
+    assert "lin.weight" in names and "optimizer.lin.weight.momentum_buffer" in names
+    assert not [name for name in names if "phase" in name], names
+    said = "phase is a parameter of complex64, which the wire does not carry"
+    _refused(lambda: client.get("phase"), said)
+    _refused(lambda: client.read("phase[0]", values=False), said)
+    _refused(lambda: client.stats("phase"), said)  # it summed the real parts, with a warning
+    _refused(lambda: client.set("phase", np.ones(3, np.float32)), said)
+    _refused(lambda: client.set("phase", Fill.constant(0.5, 3)), said)
+    _refused(lambda: next(iter(client.watch(["phase"], timeout=5))), said)
+    _refused(lambda: client.train_step(X, Y, fetch=["phase"]), said)
+    belongs = "belongs to phase, a parameter of complex64"
+    for name in ("phase.grad", "phase.delta", "optimizer.phase.momentum_buffer"):
+        _refused(lambda name=name: client.get(name), f"{name} {belongs}")  # type: ignore[misc]
+    assert client.list_tensors().version == version  # the refused fetch changed nothing
+    # Messages that cite a name of the model's cite one the wire carries.
+    assert trainer.example_name == "lin.weight"
+    with pytest.raises(InvalidInput, match=r"e\.g\. 'lin\.weight'"):
+        trainer.read("")
+
+
+def test_a_complex_parameter_trains_is_filled_and_kept_by_a_checkpoint(
+    served: tuple[Trainer, gradwire.Client], tmp_path: Path
+) -> None:
+    trainer, client = served
+    phase = trainer.parameters["phase"]
+    before = phase.detach().clone()
+    client.train_step(X, Y)
+    assert not torch.equal(phase.detach(), before)  # stepped with the rest
+    client.fill_parameters(0.25)  # every parameter, the complex one too
+    assert bool((trainer.parameters["lin.weight"] == 0.25).all())
+    assert torch.equal(phase.detach(), torch.full((3,), 0.25, dtype=torch.complex64))
+    client.fill_parameters(2.0, ["phase"])
+    assert torch.equal(phase.detach(), torch.full((3,), 2.0, dtype=torch.complex64))
+    with pytest.raises(errors.InvalidArgument, match="past its range") as caught:
+        client.fill_parameters(1e39, ["phase"])  # as for a float32 parameter
+    assert caught.value.reason == "BAD_VALUE"
+    saved = trainer.save(tmp_path / "state.safetensors")
+    client.fill_parameters(0.0)
+    assert trainer.load(tmp_path / "state.safetensors") == saved.version
+    assert torch.equal(phase.detach(), torch.full((3,), 2.0, dtype=torch.complex64))
+
+
+def test_a_complex_module_output_is_refused_before_a_step_that_would_fetch_it(
+    served: tuple[Trainer, gradwire.Client],
+) -> None:
+    _, client = served
+    # Before any pass its dtype is not known: listed, absent, as any module output is.
+    assert "rot.output" in client.list_tensors().names()
+    said = "rot.output, rot's output, is complex64 in this pass"
+    _refused(lambda: client.train_step(X, Y, fetch=["rot.output"]), said)
+    assert client.list_tensors().version == 0  # refused before the step
+    client.train_step(X, Y, fetch=["lin.output"])
+    listing = client.list_tensors()
+    assert "rot.output" not in listing.names() and "lin.output" in listing.names()
+    said = "rot.output, rot's output, is complex64 in the last pass"
+    _refused(lambda: client.get("rot.output"), said)
+    _refused(lambda: client.train_step(X, Y, fetch=["rot.output"]), said)
+    assert client.list_tensors().version == listing.version
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_fills_of_a_complex_dtype_take_real_values_and_refuse_what_they_cannot_hold(
+    dtype: torch.dtype,
+) -> None:
+    cpu = torch.device("cpu")
+    made = fills.make(FillSpec("constant", (2,), value=0.5), dtype, cpu, "value")
+    assert made.dtype == dtype and torch.equal(made, torch.full((2,), 0.5, dtype=dtype))
+    for kind in ("normal", "uniform"):  # torch draws both parts
+        spec = FillSpec(kind, (4,), low=0.0, high=1.0, seed=1)  # type: ignore[arg-type]
+        drawn = fills.make(spec, dtype, cpu, "value")
+        assert drawn.dtype == dtype and bool((drawn.imag != 0).any())
+    with pytest.raises(InvalidInput) as caught:  # an integer range looked up: TypeError
+        fills.make(FillSpec("randint", (2,), low=0, high=3), dtype, cpu, "value")
+    assert caught.value.reason == "BAD_FILL"
+    value, why = fills.scalar_for(3.7, dtype)  # the real part, rounded as its parts are
+    assert why == "" and value == pytest.approx(3.7, rel=1e-7)
+    _, why = fills.scalar_for(1e39, dtype)
+    assert bool(why) == (dtype == torch.complex64)  # past float32's range, not float64's
