@@ -20,11 +20,11 @@ from gradwire import errors
 from gradwire.fill import Fill
 from gradwire_server import fills
 from gradwire_server.app import start
-from gradwire_server.errors import InvalidInput
+from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec
 from gradwire_server.optimizers import OptimizerSettings
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import Trainer, described_bytes, shown_bytes
 
 CARRIED = "bfloat16, bool, float16, float32, float64, int32, int64"
 
@@ -157,3 +157,14 @@ def test_fills_of_a_complex_dtype_take_real_values_and_refuse_what_they_cannot_h
     assert why == "" and value == pytest.approx(3.7, rel=1e-7)
     _, why = fills.scalar_for(1e39, dtype)
     assert bool(why) == (dtype == torch.complex64)  # past float32's range, not float64's
+
+
+def test_a_fetch_bound_counts_the_output_in_the_dtype_the_model_computes_in() -> None:
+    # The output's and the loss's dtype was taken from the first parameter, here complex:
+    # twice the bytes, so that a fetch that fit an answer could be refused.
+    trainer = _trainer()
+    x, y = torch.ones(2, 4), torch.tensor([0, 1])
+    need = 2 * 3 * 4 + described_bytes("output", (2, 3), (2, 3)) + shown_bytes("output", True)
+    assert trainer._check_fetch([("output", ())], x, y, need)
+    with pytest.raises(OverLimit):
+        trainer._check_fetch([("output", ())], x, y, need - 1)

@@ -1283,7 +1283,12 @@ class Trainer:
         was refused after the step, the step applied; found by a review), or the run failed
         (the model reads a value, or mixes in a tensor of its own) and left them unchecked.
         """
-        computes = next(iter(self._parameters.values())).dtype
+        # The dtype the model computes in: its first floating-point parameter's (an integer
+        # or complex one first made the output's bound the wrong size).
+        computes = next(
+            (p.dtype for p in self._parameters.values() if p.dtype.is_floating_point),
+            torch.float32,
+        )
         after: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "input": (tuple(x.shape), x.dtype),
             "target": (tuple(y.shape), y.dtype),
