@@ -51,6 +51,14 @@ class WrongOrder(DomainError):
     reason = "WRONG_ORDER"
 
 
+class ModelFault(DomainError):
+    """The served model did what its ModelSpec does not allow (returned a tuple, or an
+    output of the wrong shape or dtype): its forward is the server operator's to fix. The
+    call that met it changed nothing."""
+
+    reason = "BAD_MODEL_OUTPUT"
+
+
 class OverLimit(DomainError):
     """A request over a configured limit, or more memory than the device has."""
 

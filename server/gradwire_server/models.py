@@ -15,7 +15,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from gradwire_server.errors import InvalidInput
+from gradwire_server.errors import InvalidInput, ModelFault
 
 
 class Simple(nn.Module):
@@ -166,6 +166,29 @@ class ModelSpec:
                 "or floating-point class probabilities",
                 reason="BAD_TARGET_DTYPE",
             )
+
+    def check_output(self, output: object, batch: int) -> None:
+        """ModelFault (BAD_MODEL_OUTPUT) unless `output`, the model's for an input of `batch`
+        samples, is what the loss and every read take: a floating-point tensor of shape
+        [batch, num_classes]. A tuple (a model returning its attention in evaluation mode)
+        was kept as the output and failed every later Forward, TrainStep and listing
+        INTERNAL until a Reset; a [3] output for a batch of 1 (`squeeze()`) was taken by a
+        Forward and failed the loss of a TrainStep INTERNAL (found by a review of served
+        models)."""
+        want = f"a floating-point tensor [{batch}, {self.num_classes}]"
+        if not isinstance(output, torch.Tensor):
+            got = f"a {type(output).__name__}"
+        elif tuple(output.shape) != (batch, self.num_classes):
+            got = f"shape {list(output.shape)}"
+        elif not output.dtype.is_floating_point:
+            got = f"dtype {str(output.dtype).removeprefix('torch.')}"
+        else:
+            return
+        raise ModelFault(
+            f"{self.name} returned {got} for an input of {batch} sample"
+            f"{'' if batch == 1 else 's'}, where its ModelSpec makes it {want}: the model's "
+            "forward must change (the server's to fix, not the caller's); nothing changed"
+        )
 
     def criterion(self) -> nn.Module:
         """A fresh loss module: nn.CrossEntropyLoss or nn.MSELoss, with PyTorch's defaults."""

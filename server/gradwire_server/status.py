@@ -22,6 +22,7 @@ from gradwire_server.errors import (
     DomainError,
     IndexOutOfRange,
     InvalidInput,
+    ModelFault,
     NoSuchCheckpoint,
     NotConfigured,
     OverLimit,
@@ -47,6 +48,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     Stopping: grpc.StatusCode.UNAVAILABLE,
     NoSuchCheckpoint: grpc.StatusCode.NOT_FOUND,
     NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelFault: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

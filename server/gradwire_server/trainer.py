@@ -1044,6 +1044,7 @@ class Trainer:
                 # The model's own random stream: dropout's masks follow its seed.
                 with random_stream.drawing(self._random_state) as drawn:
                     output = self._model(x)
+                    self.spec.check_output(output, x.shape[0])
                     loss = self._criterion(output, y) if y is not None else None
                 if x.device.type == "cuda" and not x.is_floating_point():
                     # Integer inputs index something (an Embedding's table), and on a GPU an
@@ -1242,6 +1243,15 @@ class Trainer:
             if not checked:
                 self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
             self._backward(retain_graph=False)
+            if all(p.grad is None for p in self._parameters.values()):
+                # Refused here, undone with the rest: the Step refused it only after the
+                # ZeroGrad, Forward and Backward had been applied (version 0 to 3).
+                raise WrongOrder(
+                    "the loss reached no parameter that trains (the model's output comes "
+                    "from frozen ones, or from the input alone): the step would change "
+                    "nothing, and nothing changed",
+                    reason="NO_GRADIENTS",
+                )
             stepping = True
             version, updated = self._step()
         except BaseException as err:
@@ -1432,6 +1442,15 @@ class Trainer:
         # of memory halfway would leave some added and others not. So all are computed first,
         # laid out as backward() lays them out, and added only once every one of them fits.
         params = [p for p in self._parameters.values() if p.requires_grad]
+        if not params or not self._loss.requires_grad:
+            # torch's words: "element 0 of tensors does not require grad", INTERNAL (a model
+            # fine-tuned with its every layer on the loss's path frozen: found by a review).
+            raise WrongOrder(
+                "the loss depends on no parameter that trains: each is frozen "
+                "(requires_grad=False) or the model's output does not come from them, so "
+                "Backward has no gradient to make",
+                reason="NO_GRADIENTS",
+            )
         try:
             # A backward pass draws from the model's stream too (a hook adding gradient
             # noise, a custom autograd Function): from the process's, such draws followed

@@ -44,7 +44,7 @@ Conventions used by every message below:
   Backward: FAILED_PRECONDITION, GRAPH_FREED, says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
   A Forward or TrainStep that fails once its pass has begun (MODEL_REFUSED,
-  OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
+  BAD_MODEL_OUTPUT, OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
   no graph (Backward: FAILED_PRECONDITION, GRAPH_FREED; the output and loss stay, as
   values): a pass lets go of the last one's as it begins, so that two passes' are never
   held at once. A call refused before its pass keeps them.
@@ -169,7 +169,11 @@ Conventions used by every message below:
     OUT_OF_RANGE: INDEX_OUT_OF_RANGE (metadata "index"; "dimension": from 0, of the
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
-    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS, CLOSED (the
+    FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS (a Step with
+      no gradient to apply; a Backward or TrainStep whose loss depends on no parameter
+      that trains), BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
+      not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
+      CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server
       started without --state-dir, asked to save, load, list or delete checkpoints),

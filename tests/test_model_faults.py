@@ -1,0 +1,171 @@
+"""Served models that do what their ModelSpec does not allow, or whose loss reaches no
+parameter that trains: each call that meets it is refused with a reason and changes
+nothing, and the session goes on serving. Found by a review of served models: a tuple
+returned in evaluation mode broke the session (every later Forward, TrainStep and listing
+INTERNAL until a Reset), a `squeeze()` at batch 1 failed a TrainStep's loss INTERNAL, a
+loss on frozen layers alone failed Backward INTERNAL, and a TrainStep whose loss reached no
+trainable parameter was refused only after its ZeroGrad, Forward and Backward had been
+applied."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwire
+from gradwire import errors
+from gradwire_server.app import start
+from gradwire_server.models import ModelSpec
+from gradwire_server.trainer import Trainer
+
+X, Y = np.ones((2, 4), np.float32), np.array([0, 1])
+
+
+class EvalTuple(nn.Module):
+    """Returns its attention too, in evaluation mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out: torch.Tensor = self.lin(x)
+        return out if self.training else (out, out.softmax(-1))
+
+
+class Squeezed(nn.Module):
+    """`squeeze()` drops the batch dimension of a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x.unsqueeze(1)).squeeze()
+        return out
+
+
+class Counts(nn.Module):
+    """Integer output for inputs whose first value is negative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out.argsort(dim=1) if bool(x[0, 0] < 0) else out
+
+
+class FrozenPath(nn.Module):
+    """Fine-tuning gone wrong: the layers on the loss's path frozen, an unused one trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(4, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 3).requires_grad_(False)
+        self.adapter = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.relu(self.backbone(x)))
+        return out
+
+
+class Saliency(nn.Module):
+    """The loss needs a gradient (of the input), but reaches no parameter that trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3).requires_grad_(False)
+        self.adapter = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x.clone().requires_grad_())
+        return out
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[type[nn.Module]], gradwire.Client]]:
+    running = []
+
+    def served(model: type[nn.Module]) -> gradwire.Client:
+        run = start(Trainer(ModelSpec(model.__name__, model, (4,), 3), seed=0), "127.0.0.1", 0)
+        running.append(run)
+        return gradwire.connect(f"127.0.0.1:{run.port}")
+
+    try:
+        yield served
+    finally:
+        for run in running:
+            run.stop(grace=None)
+
+
+def _bad_output(call: Callable[[], object], said: str) -> None:
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        call()
+    assert caught.value.reason == "BAD_MODEL_OUTPUT"
+    assert said in caught.value.message, caught.value.message
+    assert "nothing changed" in caught.value.message
+
+
+def test_a_tuple_returned_in_evaluation_mode_is_refused_and_the_session_goes_on(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    client = serve(EvalTuple)
+    trained = client.train_step(X, Y)
+    said = "EvalTuple returned a tuple for an input of 2 samples, where its ModelSpec makes it"
+    _bad_output(lambda: client.forward(X, eval_mode=True), said)
+    _bad_output(lambda: client.forward(X, Y, eval_mode=True), said)
+    listing = client.list_tensors()  # INTERNAL before: the tuple was kept as the output
+    assert listing.version == trained.version
+    assert client.get("output").shape == (2, 3)  # the last pass's, a tensor
+    assert client.train_step(X, Y).version == trained.version + 4
+    assert client.forward(X).output_shape == (2, 3)
+
+
+def test_an_output_of_another_shape_or_dtype_is_refused_before_its_loss(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    client = serve(Squeezed)
+    one, label = np.ones((1, 4), np.float32), np.array([2])
+    said = "Squeezed returned shape [3] for an input of 1 sample, where its ModelSpec makes it "
+    _bad_output(lambda: client.forward(one, label), said + "a floating-point tensor [1, 3]")
+    _bad_output(lambda: client.train_step(one, label), said)  # INTERNAL, in the loss
+    assert client.list_tensors().version == 0
+    assert client.train_step(X, Y).version == 4  # a batch of two is fine
+    counts = serve(Counts)
+    _bad_output(lambda: counts.forward(-X), "Counts returned dtype int64 for an input of 2")
+    assert counts.forward(X, Y).loss is not None
+
+
+def test_a_loss_on_frozen_layers_alone_is_refused_by_backward_and_train_step(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    client = serve(FrozenPath)
+    client.forward(X, Y)
+    with pytest.raises(errors.FailedPrecondition, match="depends on no parameter that trains"):
+        client.backward()  # INTERNAL before: "element 0 of tensors does not require grad"
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.train_step(X, Y)
+    assert caught.value.reason == "NO_GRADIENTS"
+    assert client.list_tensors().version == 1  # the Forward's alone
+
+
+def test_a_train_step_whose_loss_reaches_no_trainable_parameter_changes_nothing(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    client = serve(Saliency)
+    client.forward(X, Y)
+    assert client.backward() == 2  # as loss.backward(): it makes no parameter's gradient
+    with pytest.raises(errors.FailedPrecondition, match="call Backward first"):
+        client.step()
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.train_step(X, Y, zero_grad=True)
+    assert caught.value.reason == "NO_GRADIENTS"
+    assert "reached no parameter that trains" in caught.value.message
+    # Its ZeroGrad, Forward and Backward stayed applied: version 2 -> 5.
+    assert client.list_tensors().version == 2
