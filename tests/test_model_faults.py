@@ -169,3 +169,25 @@ def test_a_train_step_whose_loss_reaches_no_trainable_parameter_changes_nothing(
     assert "reached no parameter that trains" in caught.value.message
     # Its ZeroGrad, Forward and Backward stayed applied: version 2 -> 5.
     assert client.list_tensors().version == 2
+
+
+def test_a_factory_that_returns_one_model_is_refused_a_second_trainer_and_a_reset() -> None:
+    # Sessions trained the one model (the default session's weights moved at version 0),
+    # and a Reset kept its trained weights (found by a review of served models).
+    torch.manual_seed(1)
+    loaded = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    running = start(Trainer(ModelSpec("Loaded", lambda: loaded, (4,), 3), seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            client.train_step(X, Y)
+            weights = client.get("0.weight")
+            for call in (client.reset, client.open_session):
+                with pytest.raises(errors.FailedPrecondition) as caught:
+                    call()
+                assert caught.value.reason == "SHARED_MODEL"
+                assert "the factory must build a new model each call" in caught.value.message
+            assert client.list_tensors().version == 4
+            assert np.array_equal(client.get("0.weight"), weights)
+            assert client.list_sessions().sessions == ()
+    finally:
+        running.stop(grace=None)

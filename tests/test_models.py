@@ -19,7 +19,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.cli import main
-from gradwire_server.errors import InvalidInput
+from gradwire_server.errors import InvalidInput, ModelFault
 from gradwire_server.models import (
     SIMPLE,
     TINY_MLP,
@@ -720,3 +720,26 @@ def test_a_refusal_is_named_by_its_first_line_with_words() -> None:
         with pytest.raises(errors.InvalidArgument) as caught:
             client.forward(np.ones((2, 4), np.float32))
         assert caught.value.message == "Reticent refused this input: batches need 2 samples"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_load_spec_refuses_torchscript_and_serve_a_factory_that_returns_one_model(
+    module: Callable[[str], str],
+) -> None:
+    # Both ended `gradwire serve` with a traceback (found by a review of served models).
+    scripted = module(
+        HEADER + "import torch\n"
+        "def make():\n"
+        "    return nn.Sequential(torch.jit.script(nn.Linear(16, 8)), nn.Linear(8, 4))\n"
+        "SPEC = ModelSpec('Scripted', make, (16,), 4)\n"
+    )
+    said = refused(f"{scripted}:SPEC")
+    assert "Scripted holds TorchScript (0)" in said and "before torch.jit.script" in said
+    loaded_once = module(
+        HEADER + "PRE = TinyMLP()\nSPEC = ModelSpec('Pre', lambda: PRE, (16,), 4)\n"
+    )
+    spec = load_spec(f"{loaded_once}:SPEC")  # it builds, runs and trains
+    with pytest.raises(ModelFault) as caught:
+        Trainer(spec, seed=0)
+    assert caught.value.reason == "SHARED_MODEL"
+    assert "return copy.deepcopy of it" in caught.value.message

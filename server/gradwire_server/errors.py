@@ -52,8 +52,9 @@ class WrongOrder(DomainError):
 
 
 class ModelFault(DomainError):
-    """The served model did what its ModelSpec does not allow (returned a tuple, or an
-    output of the wrong shape or dtype): its forward is the server operator's to fix. The
+    """The served model did what its ModelSpec does not allow: returned a tuple, or an
+    output of the wrong shape or dtype (BAD_MODEL_OUTPUT), or its factory returned a model
+    it had returned before (SHARED_MODEL). Its code is the server operator's to fix; the
     call that met it changed nothing."""
 
     reason = "BAD_MODEL_OUTPUT"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -314,6 +315,11 @@ def load_spec(text: str) -> ModelSpec:
     return spec
 
 
+def _scripted(module: nn.Module) -> bool:
+    """Whether `module` is TorchScript (torch.jit.script's or torch.jit.trace's)."""
+    return isinstance(module, torch.jit.ScriptModule)
+
+
 def _raised(err: BaseException) -> str:
     """What the model's own code raised, for a message: "OSError: weights.bin not found", or
     "SystemExit(3) (it called sys.exit(); raise an exception instead)"."""
@@ -354,6 +360,11 @@ def _as_spec(text: str, target: object) -> ModelSpec:
     return made
 
 
+#: The models `load_spec` built to check a spec: a factory that returns one of them again
+#: returns a model it keeps (one loaded once), which the trainer refuses (SHARED_MODEL).
+BUILT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def _check_builds(text: str, spec: ModelSpec) -> None:
     """Builds the model on the CPU and runs it once on zeros: what the server will do."""
     # The private RNG stream leaves the process's generator as it was, as the trainer does.
@@ -369,6 +380,17 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
             raise InvalidInput(
                 f"--model {text!r}: {spec.name}'s factory returned a {type(model).__name__}, "
                 "not an nn.Module",
+                reason="BAD_MODEL",
+            )
+        BUILT.add(model)
+        scripted = [n or "the model" for n, m in model.named_modules() if _scripted(m)]
+        if scripted:
+            # torch: "register_forward_hook is not supported on ScriptModules", a traceback
+            # from `gradwire serve` (found by a review of served models).
+            raise InvalidInput(
+                f"--model {text!r}: {spec.name} holds TorchScript ({', '.join(scripted[:3])}): "
+                "the server keeps each module's output with forward hooks, which TorchScript "
+                "modules do not take; serve the nn.Module as it is before torch.jit.script",
                 reason="BAD_MODEL",
             )
         if not any(p.requires_grad and p.is_floating_point() for p in model.parameters()):

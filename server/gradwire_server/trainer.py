@@ -51,6 +51,7 @@ from gradwire_server.errors import (
     DeadlinePassed,
     DomainError,
     InvalidInput,
+    ModelFault,
     OverLimit,
     UnknownTensor,
     VersionMismatch,
@@ -73,7 +74,7 @@ from gradwire_server.indexing import (
     select,
 )
 from gradwire_server.meta_copy import meta_copy
-from gradwire_server.models import SIMPLE, ModelSpec
+from gradwire_server.models import BUILT, SIMPLE, ModelSpec
 from gradwire_server.optimizers import (
     KIND_NAMES,
     STATE_KEPT,
@@ -119,6 +120,10 @@ def _listed(words: Sequence[str]) -> str:
 #: that two builds never draw from it at once. It does not stop other draws from that
 #: generator meanwhile (a custom model's dropout training on a CPU session, say).
 _BUILDING = threading.Lock()
+
+#: The models trainers hold (Trainer._adopt): a factory that returns one of them again is
+#: refused (Trainer._build_model).
+_IN_USE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -581,6 +586,15 @@ class Trainer:
             else:
                 generator.manual_seed(seed)
             model = self.spec.factory()
+            if model in _IN_USE or model in BUILT:
+                raise ModelFault(
+                    f"{self.spec.name}'s factory returned the model object it returned "
+                    "before (one it keeps, such as a model loaded once): every session would "
+                    "train that one model, and a Reset keep its weights; the factory must "
+                    "build a new model each call (for one loaded once, return copy.deepcopy "
+                    "of it)",
+                    reason="SHARED_MODEL",
+                )
             _initialise_lazy_layers(model, self.spec)
             state = random_stream.built_state(self.device, seed)
         model.train()
@@ -588,6 +602,7 @@ class Trainer:
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
+        _IN_USE.add(model)
         self._model = model
         self._parameters = dict(model.named_parameters())
         #: their bytes: a step's gradients and optimizer state are at most three times that

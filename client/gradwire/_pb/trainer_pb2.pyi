@@ -173,6 +173,9 @@ Conventions used by every message below:
       no gradient to apply; a Backward or TrainStep whose loss depends on no parameter
       that trains), BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
       not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
+      SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
+      trainer already has, one it keeps: sessions would train one model; its operator's
+      to fix),
       CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server

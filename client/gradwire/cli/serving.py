@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
     try:
         from gradwire_server.app import DeviceLost, ServingLost, serve
         from gradwire_server.auth import TlsFiles
-        from gradwire_server.errors import InvalidInput, OverLimit
+        from gradwire_server.errors import InvalidInput, ModelFault, OverLimit
         from gradwire_server.logs import log_handler
     except ImportError as err:
         raise UsageError(f"serve needs the server side (torch): {SERVER_EXTRA} ({err})") from None
@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                     max_connections=args.max_connections,
                 ),
             )
-        except InvalidInput as e:
+        except (InvalidInput, ModelFault) as e:  # ModelFault: a factory's shared model
             raise UsageError(e.message) from None
         except OverLimit as e:  # a checkpoint that does not fit: nothing was served
             raise CommandError(e.message) from None
