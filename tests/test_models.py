@@ -743,3 +743,18 @@ def test_load_spec_refuses_torchscript_and_serve_a_factory_that_returns_one_mode
         Trainer(spec, seed=0)
     assert caught.value.reason == "SHARED_MODEL"
     assert "return copy.deepcopy of it" in caught.value.message
+
+
+def test_a_half_models_output_loss_and_module_outputs_are_listed_in_its_dtype() -> None:
+    # Listed float32 until a pass had made them (found by a review of served models).
+    spec = ModelSpec("Half", lambda: TinyMLP().half(), (16,), 4, input_dtype=torch.float16)
+    trainer = Trainer(spec, seed=0)
+
+    def made_by_a_pass() -> dict[str, torch.dtype]:
+        listing = trainer.list_tensors().tensors
+        return {t.name: t.dtype for t in listing if t.kind in ("output", "loss", "activation")}
+
+    before = made_by_a_pass()
+    trainer.forward(torch.ones(2, 16, dtype=torch.float16), torch.tensor([0, 1]))
+    assert before == made_by_a_pass()
+    assert set(before.values()) == {torch.float16} and len(before) > 2

@@ -636,6 +636,16 @@ class Trainer:
         self._steps = 0  # Steps applied to this model
 
     @property
+    def _computes(self) -> torch.dtype:
+        """The dtype the model computes in, as its output and loss will be before a pass has
+        made them: its first floating-point parameter's, float32 without one (the first
+        parameter's, an integer or complex one, made a fetch's bound the wrong size)."""
+        return next(
+            (p.dtype for p in self._parameters.values() if p.dtype.is_floating_point),
+            torch.float32,
+        )
+
+    @property
     def _target_dtype(self) -> torch.dtype:
         return torch.float32 if self.spec.loss == "mse" else torch.int64
 
@@ -1308,12 +1318,7 @@ class Trainer:
         was refused after the step, the step applied; found by a review), or the run failed
         (the model reads a value, or mixes in a tensor of its own) and left them unchecked.
         """
-        # The dtype the model computes in: its first floating-point parameter's (an integer
-        # or complex one first made the output's bound the wrong size).
-        computes = next(
-            (p.dtype for p in self._parameters.values() if p.dtype.is_floating_point),
-            torch.float32,
-        )
+        computes = self._computes
         after: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "input": (tuple(x.shape), x.dtype),
             "target": (tuple(y.shape), y.dtype),
@@ -1887,6 +1892,10 @@ class Trainer:
             return self.spec.input_dtype
         if name == "target":
             return self._target_dtype
+        if kind in ("output", "loss", "activation"):
+            # As a pass will make them (a float16 model's were listed float32 until its
+            # first pass: found by a review of served models); a module output's is a guess.
+            return self._computes
         if param is None and kind == "delta":
             param = self.parameters[name.removesuffix(DELTA_SUFFIX)]
         if param is None and kind == "optimizer_state":
