@@ -758,3 +758,37 @@ def test_a_half_models_output_loss_and_module_outputs_are_listed_in_its_dtype() 
     trainer.forward(torch.ones(2, 16, dtype=torch.float16), torch.tensor([0, 1]))
     assert before == made_by_a_pass()
     assert set(before.values()) == {torch.float16} and len(before) > 2
+
+
+class Pixels(nn.Module):
+    """Takes uint8 images, as a camera's frames come, and scales them itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x.float().flatten(1) / 255)
+        return out
+
+
+def test_a_model_taking_uint8_input_is_fed_what_the_wire_widens_to_int32() -> None:
+    # The client sends uint8 values as int32 (the wire has no uint8), which the server
+    # refused: "input has dtype int32; Pixels takes uint8" (found by a review of served
+    # models). It narrows them now, refusing what uint8 cannot hold.
+    spec = ModelSpec("Pixels", Pixels, (3, 4, 4), 10, input_dtype=torch.uint8)
+    frames = np.arange(96, dtype=np.uint8).reshape(2, 3, 4, 4) * 2
+    labels = np.array([1, 7])
+    local = seeded(Pixels)
+    loss = nn.CrossEntropyLoss()(local(torch.from_numpy(frames)), torch.from_numpy(labels))
+    with serving(spec) as client:
+        assert client.list_tensors().input_dtype == "int32"  # as it travels
+        assert client.forward(frames, labels).loss == pytest.approx(loss.item(), rel=1e-6)
+        assert client.read("input", as_torch=True).value.dtype == torch.int32
+        assert client.train_step(frames.astype(np.int32), labels).loss == pytest.approx(
+            loss.item(), rel=1e-6
+        )
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(np.full((2, 3, 4, 4), 300, np.int32), labels)
+        assert caught.value.reason == "BAD_VALUE"
+        assert "300 does not fit input's dtype uint8" in caught.value.message

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from gradwire import codec
 from gradwire_server.errors import InvalidInput, ModelFault
 
 
@@ -109,15 +110,26 @@ class ModelSpec:
             )
 
     def check_input_dtype(self, dtype: torch.dtype) -> None:
-        """InvalidInput (BAD_INPUT_DTYPE) unless `dtype` is `input_dtype`."""
+        """InvalidInput (BAD_INPUT_DTYPE) unless `dtype` is `input_dtype`, or the dtype the
+        wire carries it as (int32 for uint8, int8, int16 and uint16; int64 for uint32):
+        such an input is narrowed to `input_dtype` (Trainer._inputs). A model taking uint8
+        images was fed by no client: each sent int32, which was refused."""
         want = self.input_dtype
-        if dtype != want:
+        if dtype != want and dtype != self.input_sent_as:
             takes = "the model computes in" if want.is_floating_point else f"{self.name} takes"
             raise InvalidInput(
                 f"input has dtype {str(dtype).removeprefix('torch.')}; "
                 f"{takes} {str(want).removeprefix('torch.')}",
                 reason="BAD_INPUT_DTYPE",
             )
+
+    @property
+    def input_sent_as(self) -> torch.dtype:
+        """The dtype `input_dtype` travels as on the wire: its own, or the one it is widened
+        to (int32 for uint8, int8, int16 and uint16; int64 for uint32)."""
+        name = codec.sent_as(str(self.input_dtype).removeprefix("torch."))
+        sent = getattr(torch, name, None) if name is not None else None
+        return sent if isinstance(sent, torch.dtype) else self.input_dtype
 
     def check_target(self, y: torch.Tensor, batch: int) -> None:
         """InvalidInput (BAD_TARGET_DTYPE, BAD_TARGET_SHAPE, BAD_TARGET_CLASS) unless `y` is a

@@ -963,6 +963,9 @@ class Trainer:
         x = self._make(input, self.spec.input_dtype, "input")
         self.spec.check_input_shape(tuple(x.shape))
         self.spec.check_input_dtype(x.dtype)
+        if x.dtype != self.spec.input_dtype:  # as the wire carries it: widened
+            check_holds(x, self.spec.input_dtype, "input")
+            x = x.to(self.spec.input_dtype)
         if not isinstance(input, FillSpec):
             self._check_pass_memory(x.shape, x.dtype, target is not None)
         if target is None:

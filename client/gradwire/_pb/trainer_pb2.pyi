@@ -871,7 +871,9 @@ class ForwardRequest(_message.Message):
     def input(self) -> Global___TensorSource:
         """The model's input: exactly ListTensorsResponse.input_dtype (never converted; Simple
         takes float32) and shape [N, *sample_shape] with N >= 1 (BAD_INPUT_DTYPE,
-        BAD_INPUT_SHAPE otherwise).
+        BAD_INPUT_SHAPE otherwise). A model taking an integer type the wire widens (uint8,
+        int8, int16, uint16 as int32; uint32 as int64) lists the wider one, and its values
+        must fit the narrower (BAD_VALUE otherwise).
         """
 
     @_builtins.property
