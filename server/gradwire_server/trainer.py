@@ -1506,6 +1506,15 @@ class Trainer:
                     p.grad = g
                 else:
                     p.grad.add_(g)
+            for p, g in zip(params, grads, strict=True):
+                # What loss.backward() runs once a parameter's .grad holds its gradient
+                # (register_post_accumulate_grad_hook: clipping each gradient, an optimizer
+                # stepped in backward), which autograd.grad does not: a model clipping its
+                # gradients so trained unclipped (found by a review of served models).
+                hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+                if g is not None and hooks:
+                    for hook in list(hooks.values()):
+                        hook(p)
         self._graph_alive = retain_graph
         return self._bump()
 
