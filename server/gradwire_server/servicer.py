@@ -1021,6 +1021,7 @@ class TrainerServicer:
         first = Guard(_expected_version(_metadata(context)))
         # A tensor sent once is the same every step: on a GPU it crosses to the device once.
         inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
+        sent = _AsSent([inputs, target])
         started = time.perf_counter()
         diverged = 0  # the first step whose loss was not finite: between two progresses too
         for k in range(message.steps):
@@ -1033,6 +1034,7 @@ class TrainerServicer:
                     metadata={"steps_done": str(k), "version": str(trainer.version)},
                 )
             try:
+                sent.put_back()
                 with guarded(first if k == 0 else None):
                     result = trainer.train_step(
                         _reseeded(inputs, k),
@@ -1452,6 +1454,25 @@ def _step_data(
             reason="MISSING_INPUT",
         )
     return inputs, target
+
+
+class _AsSent:
+    """A Train's tensors, given to each step as they were sent: "the same each step", as
+    the .proto says. A model that changes its input in place (`x.sub_(1)`) was given its
+    last step's result at the next: at lr 0, four steps' losses 1.377, 1.221, 1.171 and
+    1.232 where four TrainSteps gave 1.377 each (found by a review of served models). Each
+    is copied once, as the run begins, and copied back before a step only when a step has
+    changed it (its version counter moved): the model's own change is all that costs."""
+
+    def __init__(self, sources: list[TensorInput]) -> None:
+        self._kept = [(t, t.clone(), t._version) for t in sources if isinstance(t, torch.Tensor)]
+
+    def put_back(self) -> None:
+        for i, (tensor, copy, seen) in enumerate(self._kept):
+            if tensor._version != seen:
+                with torch.no_grad():
+                    tensor.copy_(copy)
+                self._kept[i] = (tensor, copy, tensor._version)
 
 
 def _reseeded(source: TensorInput, step: int) -> TensorInput:
