@@ -848,3 +848,31 @@ def test_a_train_run_gives_each_step_its_input_as_sent_when_the_model_changes_it
         losses = [p.loss for p in client.train(x, y, steps=4)]
         assert losses == [once] * 4
         assert np.array_equal(client.get("input"), x - 1)  # as the model left the last step's
+
+
+class LongNames(nn.Module):
+    """A layer under a 240-character name, as deeply nested models' names grow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        setattr(self, "layer" * 48, nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = getattr(self, "layer" * 48)(x)
+        return out
+
+
+def test_a_model_whose_own_names_are_long_is_listed_and_read_by_every_name() -> None:
+    # Its optimizer state's names ran past the 256-character limit: ListTensors answered
+    # BAD_NAME, and with it every CLI command (found by a review of served models).
+    with serving(ModelSpec("LongNames", LongNames, (4,), 3)) as client:
+        client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+        client.train_step(np.ones((2, 4), np.float32), np.array([0, 1]))
+        names = client.list_tensors().names()
+        longest = max(names, key=len)
+        assert longest == f"optimizer.{'layer' * 48}.weight.momentum_buffer"
+        assert client.get(longest).shape == (3, 4)
+        limit = client.server_info().limits.max_name_chars
+        assert limit >= len(longest) > 256
+        with pytest.raises(errors.InvalidArgument, match=f"over the limit of {limit}"):
+            client.get("x" * (limit + 1))

@@ -635,6 +635,7 @@ def server_info(
     *,
     streams: tuple[int, int],
     requests: RequestsKept,
+    max_name_chars: int = MAX_NAME_CHARS,
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: the versions, the device, and the limits a server started with
     these settings keeps (`connections`: its pings, the clients' it takes and its idle close;
@@ -649,7 +650,7 @@ def server_info(
         default_chunk_bytes=gw_limits.CHUNK_BYTES,
         max_elements=max_elements,
         max_dims=codec.MAX_DIMS,
-        max_name_chars=MAX_NAME_CHARS,
+        max_name_chars=max_name_chars,
         max_histogram_bins=gw_limits.MAX_HISTOGRAM_BINS,
         max_train_steps=gw_limits.MAX_TRAIN_STEPS,
         max_request_id_chars=gw_limits.MAX_REQUEST_ID_CHARS,

@@ -440,6 +440,7 @@ class TrainerServicer:
             connections,
             streams=streams,
             requests=self.requests,
+            max_name_chars=trainer.max_name_chars,
         )
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).

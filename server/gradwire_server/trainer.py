@@ -257,8 +257,13 @@ CAUSES = {
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
-#: Longer names are refused before any lookup: PyTorch's own are far shorter.
+#: Longer names are refused before any lookup: PyTorch's own are far shorter (but for a
+#: model whose own are longer: Trainer.max_name_chars).
 MAX_NAME_CHARS = 256
+#: The longest suffix a name of a parameter's takes: its optimizer state's longest key
+#: (".momentum_buffer"; a gradient's ".grad", a change's ".delta" and a module output's
+#: ".output" are shorter).
+_LONGEST_SUFFIX = 1 + max(len(key) for keys in STATE_KEYS.values() for key in keys)
 
 
 def _autograd_source(output: torch.Tensor) -> Autograd | torch.Tensor:
@@ -301,14 +306,15 @@ def shown_bytes(kind: Kind, on_cpu: bool) -> int:
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def check_name(name: str, example: str = "conv1.weight") -> None:
+def check_name(name: str, example: str = "conv1.weight", limit: int = MAX_NAME_CHARS) -> None:
     """Refuses names no tensor can have: empty, over-long, or with control characters.
-    `example`: a name the model has, for the message (Trainer.example_name)."""
+    `example`: a name the model has, for the message (Trainer.example_name); `limit`: the
+    longest name taken (Trainer.max_name_chars)."""
     if not name:
         raise InvalidInput(f"a tensor name is required, e.g. {example!r}", reason="BAD_NAME")
-    if len(name) > MAX_NAME_CHARS:
+    if len(name) > limit:
         raise InvalidInput(
-            f"a tensor name of {len(name)} characters is over the limit of {MAX_NAME_CHARS}",
+            f"a tensor name of {len(name)} characters is over the limit of {limit}",
             reason="BAD_NAME",
         )
     if _CONTROL_CHARACTER.search(name):  # a character loop cost 10 us a read here
@@ -617,6 +623,13 @@ class Trainer:
         self._example_name = next(
             (n for n in self._parameters if n not in self._off_wire), "output"
         )
+        # The longest name taken: MAX_NAME_CHARS, or more for a model whose own names are
+        # longer, with the longest prefix and suffix they take ("optimizer.",
+        # ".momentum_buffer"): a deep model's 241-character parameter listed optimizer state of 267,
+        # which ListTensors refused BAD_NAME (found by a review of served models).
+        own = [*self._parameters, *(n for n, _ in model.named_modules()), *self._buffers()]
+        longest = max(map(len, own), default=0) + len(OPTIMIZER_PREFIX) + _LONGEST_SUFFIX
+        self._max_name_chars = max(MAX_NAME_CHARS, longest)
         self._activations: dict[str, torch.Tensor] = {}
         # Where each kept output's autograd is read (`_autograd_source`): kept detached, it
         # has none of its own.
@@ -692,6 +705,11 @@ class Trainer:
         return self._example_name
 
     @property
+    def max_name_chars(self) -> int:
+        """The longest tensor name this trainer takes (GetServerInfo's max_name_chars)."""
+        return self._max_name_chars
+
+    @property
     def example_input(self) -> str:
         """An input's shape this model takes, for messages: [8, *sample_shape]."""
         return str([8, *self.spec.sample_shape])
@@ -765,7 +783,7 @@ class Trainer:
 
         `asking` for a delta turns their recording on, from the next Step (see track_deltas).
         """
-        check_name(name, self.example_name)
+        check_name(name, self.example_name, self.max_name_chars)
         if self._off_wire and (name in self._off_wire or _owner(name) in self._off_wire):
             raise self._unknown(name)
         params = self.parameters
@@ -1854,7 +1872,7 @@ class Trainer:
         chosen = list(dict.fromkeys(names)) or list(params)  # each once, as first named
         scalars: dict[str, float | int] = {}  # each value as its parameter's fill_ takes it
         for name in chosen:
-            check_name(name, self.example_name)
+            check_name(name, self.example_name, self.max_name_chars)
             if name not in params and name in self.names():
                 raise InvalidInput(
                     f"{name!r} is not a parameter: FillParameters fills parameters only "

@@ -2234,7 +2234,7 @@ class ServerLimits(_message.Message):
     max_dims: _builtins.int
     """dimensions of a tensor sent, a fill or a selection"""
     max_name_chars: _builtins.int
-    """characters in a tensor name (BAD_NAME): Unicode code points, not bytes"""
+    """characters in a tensor name (BAD_NAME): Unicode code points, not bytes; 256, or more for a model whose own names are longer"""
     max_histogram_bins: _builtins.int
     """GetStats and Watch histograms (BAD_BINS); int32, as the requests' histogram_bins"""
     max_train_steps: _builtins.int
