@@ -423,6 +423,20 @@ def _carried(dtype: torch.dtype) -> bool:
     return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
 
 
+def _laid_out_as(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
+    """`grad` laid out as backward() lays a gradient out: in `param`'s strides. A sparse one
+    (nn.Embedding(sparse=True)'s) is made dense: every read, write, optimizer and checkpoint
+    takes it so, where it failed Backward, TrainStep and Train INTERNAL (found by a review
+    of served models); the memory it spares in PyTorch is not spared here."""
+    if grad is None:
+        return None
+    if grad.layout != torch.strided:
+        grad = grad.to_dense()
+    if grad.stride() == param.stride():
+        return grad
+    return grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
+
+
 def _carried_if_present(tensor: torch.Tensor | None) -> bool:
     """Whether the wire carries `tensor`, a tensor that may be absent (None: it does)."""
     return tensor is None or _carried(tensor.dtype)
@@ -1501,9 +1515,7 @@ class Trainer:
                 random_stream.drawing(self._random_state) as drawn,
             ):
                 grads = [
-                    g
-                    if g is None or g.stride() == p.stride()
-                    else g.new_empty_strided(p.shape, p.stride()).copy_(g)
+                    _laid_out_as(p, g)
                     for p, g in zip(
                         params,
                         torch.autograd.grad(
