@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 import gradwire
 from gradwire import errors
@@ -914,3 +915,17 @@ def test_a_sparse_gradient_is_kept_dense_and_trains_as_locally() -> None:
             torch.testing.assert_close(remote, p.detach(), rtol=0, atol=1e-6)
         client.set_optimizer("adam")  # torch's Adam takes no sparse gradient: a dense one
         assert [p.loss for p in client.train(ids, y, steps=2)][-1] > 0
+
+
+def test_a_read_of_a_parametrized_weight_names_the_parameters_it_is_made_from() -> None:
+    # It was told "did you mean '2.weight'" (found by a review of served models).
+    def normed() -> nn.Module:
+        return nn.Sequential(weight_norm(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 3))
+
+    with serving(ModelSpec("Normed", normed, (4,), 3)) as client:
+        with pytest.raises(errors.NotFound) as caught:
+            client.get("0.weight")
+        originals = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+        assert caught.value.metadata["closest"] == ",".join(originals)
+        assert "0.weight is computed by a parametrization" in caught.value.message
+        assert client.get(originals[1]).shape == (3, 4)

@@ -28,6 +28,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire import codec
@@ -854,12 +855,35 @@ class Trainer:
         unkept = self._unkept_state(name)
         if unkept is not None:
             hint, close = unkept
+        originals = self._parametrized(name)
+        if originals:
+            hint = (
+                f"{name} is computed by a parametrization (weight_norm, say) from "
+                f"{', '.join(repr(n) for n in originals)}, the parameters that train: read "
+                "those. "
+            )
+            close = originals
         hint = self._off_the_wire(name, dtype) or hint
         return UnknownTensor(
             f"no tensor named {name!r}; {hint}ListTensors (gradwire list) lists all "
             f"{len(names)} names",
             metadata={"name": name, "closest": ",".join(close)},
         )
+
+    def _parametrized(self, name: str) -> list[str]:
+        """The parameters a parametrization (weight_norm, spectral_norm, orthogonal)
+        computes `name` ("0.weight") from, which the model lists under names of their own
+        ("0.parametrizations.weight.original0"); [] when it is none such. A read of it was
+        told "did you mean '2.weight'" (found by a review of served models)."""
+        path, _, key = name.rpartition(".")
+        try:
+            module = self._model.get_submodule(path)
+        except AttributeError:
+            return []
+        if not parametrize.is_parametrized(module, key):
+            return []
+        prefix = f"{path}.parametrizations.{key}." if path else f"parametrizations.{key}."
+        return [n for n in self._parameters if n.startswith(prefix)]
 
     def _off_the_wire(self, name: str, dtype: torch.dtype | None = None) -> str:
         """Why no call serves `name`, when it names a tensor of a dtype the wire does not
