@@ -354,7 +354,7 @@ class _ReturnsParameter(nn.Module):
         return self.b
 
 
-ODD = ModelSpec("Odd", _Odd, sample_shape=(4,), num_classes=2)
+ODD = ModelSpec("Odd", _Odd, sample_shape=(4,), num_classes=4)
 
 
 def test_an_odd_model_s_reads_succeed_and_print_as_pytorch_prints_them() -> None:
