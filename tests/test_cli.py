@@ -1072,6 +1072,21 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(address: str) -> None:
     assert done.stderr == ""
 
 
+def test_a_reader_that_goes_away_part_way_through_a_large_output_exits_141(
+    address: str,
+) -> None:
+    # `gradwire get linear.weight --json | head -c 10`: Python's writer dropped what the pipe
+    # did not take and raised nothing, and the command exited 0 (found by a review of the
+    # CLI); `set -o pipefail` saw a success.
+    done = subprocess.run(
+        ["bash", "-c", 'set -o pipefail; "$@" | head -c 10 > /dev/null', "bash",
+         *GRADWIRE_PROCESS, "get", "linear.weight", "--json", "--target", address],
+        stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
+
+
 @pytest.mark.parametrize("command", ["list", "get conv1.weight --json"])
 def test_output_to_a_full_disk_is_an_error_that_says_so(address: str, command: str) -> None:
     """`gradwire list > /dev/full` ended in a traceback (found by a review of the CLI): the
@@ -2248,3 +2263,40 @@ def test_serve_knows_a_json_log_however_argparse_would(words: list[str], json_lo
     from gradwire.cli.serving import asks_json_log
 
     assert asks_json_log(words) is json_log
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["get", "conv1\udcff\udcfe"], "selector 'conv1\\xff\\xfe' holds bytes that are not UTF-8"),
+        (["save", "x\udcff"], "name 'x\\xff' holds bytes that are not UTF-8"),
+        (["watch", "loss\udcff", "--count", "1"], "holds bytes that are not UTF-8"),
+        (["fill", "0.1", "conv\udcff"], "holds bytes that are not UTF-8"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    address: str, argv: list[str], said: str
+) -> None:
+    # Bytes of another encoding, as a shell passes them: a traceback, UnicodeEncodeError,
+    # where the request was built (found by a review of the CLI).
+    result = run_main(*argv, "--target", address)
+    assert result.code == 2, result.err
+    assert said in result.err
+
+
+def test_watch_of_more_selectors_than_a_server_takes_is_a_usage_error(address: str) -> None:
+    result = run_main("watch", *["loss"] * 1025, "--count", "1", "--target", address)
+    assert result.code == 2  # a traceback, the client's ValueError (a review of the CLI)
+    assert "watch names 1025 selectors; a server takes at most 1024" in result.err
+
+
+@pytest.mark.parametrize("depth", [65, 2000])
+def test_a_value_nested_past_a_tensors_dimensions_is_a_usage_error(
+    address: str, depth: int
+) -> None:
+    # 2,000 lists deep: a traceback (RecursionError); 65: "the lists inside it differ in
+    # length", which they did not (found by a review of the CLI).
+    value = "[" * depth + "1" + "]" * depth
+    result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
+    assert result.code == 2
+    assert "lists more than 64 deep, where a tensor has at most 64 dimensions" in result.err

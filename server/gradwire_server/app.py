@@ -182,6 +182,8 @@ def _bind_error(host: str, port: int) -> OSError | None:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as err:  # a name that resolves to nothing: say so
         return err
+    except UnicodeError as err:  # "a..b", a label over 63 characters: a traceback before
+        return socket.gaierror(socket.EAI_NONAME, f"no host has such a name: {err}")
     except OSError:
         return None
     first: OSError | None = None

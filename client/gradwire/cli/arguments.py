@@ -307,6 +307,8 @@ def parse_value(text: str) -> Any:
 
     try:
         value = json.loads(text, parse_float=number, parse_int=integer)
+    except RecursionError:  # a thousand lists deep: a traceback (found by a review)
+        raise UsageError(_TOO_DEEP.format(text[:40])) from None
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("["):  # meant as a list: say what is wrong with it
             raise UsageError(
@@ -329,6 +331,8 @@ def parse_value(text: str) -> Any:
         raise UsageError(
             f"bad value {text!r}: expected a number, a JSON list, a fill or a .npy file"
         )
+    if _depth(value) > codec.MAX_DIMS:  # numpy's own refusal read as ragged lists below
+        raise UsageError(_TOO_DEEP.format(text[:40]))
     try:
         array = np.asarray(value)
     except ValueError:  # ragged lists; numpy's words were of "inhomogeneous shape"
@@ -339,6 +343,21 @@ def parse_value(text: str) -> Any:
     if array.dtype.kind not in "biuf":
         raise UsageError(f"bad value {text!r}: expected numbers")
     return array
+
+
+_TOO_DEEP = (
+    f"bad value {{!r}}...: lists more than {codec.MAX_DIMS} deep, where a tensor has at most "
+    f"{codec.MAX_DIMS} dimensions"
+)
+
+
+def _depth(value: Any) -> int:
+    """How deep `value`'s first elements nest lists: the dimensions it would make."""
+    depth = 0
+    while isinstance(value, list):
+        depth += 1
+        value = value[0] if value else None
+    return depth
 
 
 def narrowed(array: np.ndarray[Any, Any], text: str, dtype: str | None) -> Any:

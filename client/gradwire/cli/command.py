@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the server (or the channel) answered an error, 2 a usag
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
@@ -75,6 +76,10 @@ def main(
         return int(exit.code or 0)
     if json_log:
         err.write(aside.getvalue())
+    undecodable = _not_text(args)
+    if undecodable is not None:
+        err.write(f"gradwire {args.command}: error: {undecodable}\n")
+        return 2
     if args.remote:
         from_environment(args)
     hint = None  # for a remote error: what to do about it, when the CLI can tell
@@ -143,6 +148,26 @@ def main(
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
+
+
+def _not_text(args: argparse.Namespace) -> str | None:
+    """What to say of an argument holding bytes that are not UTF-8 (a name typed in another
+    encoding): names, values and a plot's title go to the server, or to matplotlib, as
+    UTF-8 text, and such a one ended the command with a traceback, UnicodeEncodeError (found
+    by a review of the CLI). Paths are left alone: a file's name may be any bytes."""
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    shown = repr(text.encode(errors="surrogateescape"))[2:-1]  # conv1\xff
+                    what = "an argument" if dest.startswith("_") else dest.replace("_", " ")
+                    return (
+                        f"{what} '{shown}' holds bytes that are not UTF-8 text; give it in "
+                        "UTF-8 (names and values travel as UTF-8)"
+                    )
+    return None
 
 
 #: For errors whose message names the RPC or its argument to use ("pass retain_graph to

@@ -15,6 +15,10 @@ import numpy as np
 
 from gradwire.cli.errors import CommandError
 
+#: The most characters written at once: at 4 bytes each in UTF-8, within the 8,192 bytes of
+#: Python's write buffer (io.DEFAULT_BUFFER_SIZE), so that every write goes through it.
+_PIECE = 2048
+
 
 class Output:
     """The standard output a command writes to, whose errors say what failed: writing to a
@@ -26,7 +30,15 @@ class Output:
 
     def write(self, text: str) -> int:
         with self._failing():
-            return self._stream.write(text)
+            if len(text) <= _PIECE:
+                return self._stream.write(text)
+            # In pieces: Python's buffered writer hands a write larger than its buffer to
+            # the pipe whole, and when the pipe's reader left part-way (`gradwire get W
+            # --json | head -c 10`), it dropped the rest and raised nothing, so the command
+            # exited 0, not 141 (found by a review of the CLI).
+            for start in range(0, len(text), _PIECE):
+                self._stream.write(text[start : start + _PIECE])
+            return len(text)
 
     def flush(self) -> None:
         with self._failing():

@@ -251,15 +251,18 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
     # As get --json writes them: two slices of one tensor share a name, not a selector.
     selectors = [str(parse_selector(text)) for text in args.selectors]
-    stream = client.watch(
-        args.selectors,
-        values=args.values,
-        stats=stats,
-        bins=args.bins,
-        every_steps=args.every_steps,
-        min_interval=args.interval,
-        timeout=args.duration,
-    )
+    try:
+        stream = client.watch(
+            args.selectors,
+            values=args.values,
+            stats=stats,
+            bins=args.bins,
+            every_steps=args.every_steps,
+            min_interval=args.interval,
+            timeout=args.duration,
+        )
+    except ValueError as e:  # the client's checks of its arguments: 1,025 selectors was a
+        raise UsageError(str(e)) from None  # traceback (found by a review of the CLI)
     table = WatchTable(out, args.selectors)
     seen, version = 0, None
     with _ends_when_the_reader_goes(out, client.close) as gone:
