@@ -2300,3 +2300,23 @@ def test_a_value_nested_past_a_tensors_dimensions_is_a_usage_error(
     result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
     assert result.code == 2
     assert "lists more than 64 deep, where a tensor has at most 64 dimensions" in result.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["save", ""], "the checkpoint's name is empty"),
+        (["load", ""], "or leave it out for 'state', the checkpoint the server restores"),
+        (["delete-checkpoint", ""], "or give 'state' for the checkpoint the server restores"),
+        (["save", "x.safetensors"], "without its file's suffix: 'x', not 'x.safetensors'"),
+    ],
+)
+def test_an_empty_checkpoint_name_or_one_with_its_suffix_is_a_usage_error(
+    address: str, argv: list[str], said: str
+) -> None:
+    # An empty name (a script's empty variable) saved over 'state', the checkpoint the
+    # server restores at start; 'x.safetensors' was saved as x.safetensors.safetensors (a
+    # review of the CLI).
+    result = run_main(*argv, "--target", address)
+    assert result.code == 2
+    assert said in result.err

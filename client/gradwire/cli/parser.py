@@ -564,14 +564,14 @@ def build_parser() -> argparse.ArgumentParser:
         "save the state (parameters, gradients, buffers, optimizer) as a checkpoint in the "
         "server's --state-dir",
     )
-    p.add_argument("name", nargs="?", default="", help=checkpoint_name)
+    p.add_argument("name", nargs="?", default=None, help=checkpoint_name)
     p = add(
         "load",
         cmd_load,
         "replace the state with a checkpoint from the server's --state-dir (the version "
         "moves on by one)",
     )
-    p.add_argument("name", nargs="?", default="", help=checkpoint_name)
+    p.add_argument("name", nargs="?", default=None, help=checkpoint_name)
     add(
         "checkpoints",
         cmd_checkpoints,

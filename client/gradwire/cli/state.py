@@ -93,8 +93,33 @@ def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     emit(out, args, {"version": version}, f"model re-initialised, {seeded} (version {version})")
 
 
+#: A checkpoint's file's suffix, which its name leaves out.
+_SUFFIX = ".safetensors"
+
+
+def _checkpoint(name: str | None, optional: bool = True) -> str:
+    """The checkpoint `name` names; "" for none given ('state'), where that is `optional`.
+    An empty name given (a script's empty variable) saved over 'state', the one the server
+    restores at start, and 'x.safetensors' was saved as x.safetensors.safetensors (found by
+    a review of the CLI)."""
+    if name is None:
+        return ""
+    if not name:
+        state = "leave it out for 'state'," if optional else "give 'state' for"
+        raise UsageError(
+            "the checkpoint's name is empty: give one of 1 to 100 letters, digits, '.', '-' "
+            f"or '_', or {state} the checkpoint the server restores at start"
+        )
+    if name.endswith(_SUFFIX):
+        raise UsageError(
+            f"give the checkpoint's name without its file's suffix: "
+            f"{name.removesuffix(_SUFFIX)!r}, not {name!r}"
+        )
+    return name
+
+
 def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    saved = client.save_checkpoint(args.name)
+    saved = client.save_checkpoint(_checkpoint(args.name))
     emit(
         out,
         args,
@@ -105,8 +130,9 @@ def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 
 def cmd_load(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    loaded = client.load_checkpoint(args.name)
-    name = args.name or "state"
+    name = _checkpoint(args.name)
+    loaded = client.load_checkpoint(name)
+    name = name or "state"
     emit(
         out,
         args,
@@ -196,7 +222,7 @@ def cmd_sessions(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 def cmd_delete_checkpoint(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
-        freed = client.delete_checkpoint(args.name)
+        freed = client.delete_checkpoint(_checkpoint(args.name, optional=False))
     except Unimplemented:  # it said "UNIMPLEMENTED: Method not found!" alone (a review)
         raise predates(
             client,
