@@ -131,6 +131,18 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
     with pytest.raises(InvalidInput) as refused:
         Trainer().load(garbage)
     assert refused.value.message.startswith(f"cannot load {garbage}: it is not a safetensors file")
+    assert "put a gradwire checkpoint there, or move it away" in refused.value.message
+    # A copy cut short was "not a safetensors file", with nothing before the advice's "or"
+    # (found by a review of the CLI).
+    whole = (tmp_path / "other.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for end in (400, len(whole) - 4):  # in its header, in its tensors
+        cut.write_bytes(whole[:end])
+        with pytest.raises(InvalidInput) as refused:
+            Trainer().load(cut)
+        assert refused.value.message.startswith(
+            f"cannot load {cut}: it is a damaged gradwire checkpoint: it is cut short"
+        ), end
     # a safetensors file of another program (a model's weights from a hub), named its path once
     foreign = tmp_path / "model.safetensors"
     save_file({"weight": torch.ones(3)}, str(foreign))

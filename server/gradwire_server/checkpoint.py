@@ -323,7 +323,7 @@ def load(path: Path) -> Loaded:
     try:
         tensors = load_file(str(path))
     except SafetensorError as err:
-        raise _not_safetensors(err) from err
+        raise _not_safetensors(path, err) from err
     except RuntimeError as err:  # safetensors maps the whole file first
         if out_of_memory(err):
             raise MemoryError(str(err)) from err
@@ -367,9 +367,30 @@ def _check_sum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> No
         )
 
 
-def _not_safetensors(err: SafetensorError) -> Unfit:
-    """The refusal of a file safetensors could not read, its header or its tensors."""
-    return Unfit(f"it is not a safetensors file ({err}){AT_START}", "not a safetensors file")
+def _not_safetensors(path: Path, err: SafetensorError) -> Unfit:
+    """The refusal of a file safetensors could not read, its header or its tensors: one cut
+    short is damaged, not "not a safetensors file", which a truncated copy was called, with
+    nothing before the advice's "or" (found by a review of the CLI)."""
+    if "not fully covered" in str(err) or _cut_in_its_header(path):
+        return damaged(f"it is cut short: the file ends before the bytes it says it holds ({err})")
+    return Unfit(
+        f"it is not a safetensors file ({err}): put a gradwire checkpoint there{AT_START}",
+        "not a safetensors file",
+    )
+
+
+def _cut_in_its_header(path: Path) -> bool:
+    """Whether `path` begins as a safetensors file does, the length of its JSON header and
+    "{", and ends before that header does."""
+    try:
+        with path.open("rb") as f:
+            start = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(start) < 9 or start[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(start[:8], "little") > size
 
 
 def _header(path: Path) -> dict[str, str]:
@@ -398,7 +419,7 @@ def _header(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except SafetensorError as err:
-        raise _not_safetensors(err) from err
+        raise _not_safetensors(path, err) from err
     except OSError as err:  # removed since the open above (a DeleteCheckpoint: a review)
         why = (err.strerror or str(err)).lower()
         raise Unfit(
