@@ -573,6 +573,10 @@ def test_errors_that_name_an_rpc_get_the_command_as_a_hint(
     assert again.err.endswith(
         "hint: gradwire forward again, or keep the graph with gradwire backward --retain-graph\n"
     )
+    # "FillParameters fills parameters only (SetTensor writes a gradient)" (a review).
+    assert cli("fill", "0.1", "conv1.weight.grad").err.endswith(
+        "hint: gradwire fill fills parameters; gradwire set NAME.grad VALUE writes a gradient\n"
+    )
     # Every place taken (with none at all, --max-sessions 0, there is none to close).
     server.servicer.sessions.max_sessions = 1
     with client.open_session():

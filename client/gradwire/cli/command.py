@@ -179,6 +179,8 @@ _COMMAND_HINTS = {
     "NO_GRADIENTS": "gradwire backward first; gradwire zero-grad removes the gradients, and "
     "zero-grad --zeros keeps them as zeros",
     "TOO_MANY_SESSIONS": "gradwire sessions lists them; gradwire close-session ID closes one",
+    "NOT_A_PARAMETER": "gradwire fill fills parameters; gradwire set NAME.grad VALUE writes a "
+    "gradient",
 }
 
 
