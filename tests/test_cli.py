@@ -2324,3 +2324,21 @@ def test_an_empty_checkpoint_name_or_one_with_its_suffix_is_a_usage_error(
     result = run_main(*argv, "--target", address)
     assert result.code == 2
     assert said in result.err
+
+
+def test_a_program_that_takes_the_connection_and_never_answers_is_named(
+    dead_address: str,
+) -> None:
+    # gRPC gives up after 20 s, "connection attempt timed out before receiving SETTINGS
+    # frame": it was told that no server answered, to start one (a review of the CLI).
+    args = build_parser().parse_args(["watch", "loss", "--target", dead_address])
+    silent = errors.Unavailable(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50631: "
+        "connection attempt timed out before receiving SETTINGS frame"
+    )
+    with gradwire.Client(dead_address, timeout=5) as never:
+        assert connection_hint(args, never, silent) == (
+            f"something at {dead_address} took the connection but never answered as a gRPC "
+            "server (it sent nothing in 20 s): check that --target HOST:PORT names a gradwire "
+            "server, not another program"
+        )

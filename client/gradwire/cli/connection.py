@@ -143,6 +143,14 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
             f"{target} could not be resolved to an address: check the host name and the "
             "port in --target HOST:PORT (such as localhost:50051 or gpu-box:50051)"
         )
+    if "before receiving settings frame" in text:  # taken, and never answered at all
+        # Said to be no server at all, where a program took the connection (found by a
+        # review of the CLI); a command with a --timeout is told so as a DeadlineExceeded.
+        return (
+            f"something at {target} took the connection but never answered as a gRPC server "
+            "(it sent nothing in 20 s): check that --target HOST:PORT names a gradwire "
+            "server, not another program"
+        )
     if "parsing http/2" in text:  # a connection made, and answered in something else
         return (
             f"something that is not a gRPC server answers at {target} (a web server?): "
