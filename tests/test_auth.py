@@ -746,8 +746,15 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
         ),
         ("--tls-cert", b"", "holds no certificate in PEM"),
         ("--tls-key", b"", "holds no private key in PEM"),
+        (
+            # gRPC's "Invalid private key." lines, and a hint asking whether the key was
+            # the certificate's (found by a review of the CLI).
+            "--tls-key",
+            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIF\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            "is encrypted (protected by a passphrase), which gRPC cannot read",
+        ),
     ],
-    ids=["empty-ca", "garbage-ca", "bad-ca", "empty-cert", "empty-key"],
+    ids=["empty-ca", "garbage-ca", "bad-ca", "empty-cert", "empty-key", "encrypted-key"],
 )
 def test_tls_files_that_hold_nothing_usable_are_refused_before_connecting(
     address: str, pki: Pki, tmp_path: Path, flag: str, content: bytes, said: str

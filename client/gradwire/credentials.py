@@ -87,6 +87,8 @@ def check_token(token: str, what: str) -> str:
 _CERTIFICATES = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
 #: What each kind of PEM block begins with ("-----BEGIN RSA PRIVATE KEY-----" too).
 _MARKERS = {"certificate": b"-----BEGIN CERTIFICATE-----", "private key": b"PRIVATE KEY-----"}
+#: How PEM marks a key protected by a passphrase: PKCS #8's, and OpenSSL's older headers.
+_ENCRYPTED = (b"-----BEGIN ENCRYPTED PRIVATE KEY-----", b"Proc-Type: 4,ENCRYPTED")
 
 
 def pem_bytes(data: bytes | str | None, what: str) -> bytes | None:
@@ -115,6 +117,13 @@ def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], w
     if _MARKERS[kind] not in data:
         found = "it is empty" if not data.strip() else f"it begins {data[:24]!r}"
         raise ValueError(f"{what} holds no {kind} in PEM (-----BEGIN ...-----): {found}")
+    if kind == "private key" and any(sign in data for sign in _ENCRYPTED):
+        # gRPC logged "Invalid private key." and the hint asked whether the key was the
+        # certificate's (found by a review of the CLI); a server's is refused so too.
+        raise ValueError(
+            f"{what} is encrypted (protected by a passphrase), which gRPC cannot read: give "
+            "it unencrypted (openssl pkey -in KEY -out PLAIN.key asks for the passphrase)"
+        )
     if kind == "certificate":
         # The blocks alone: a bundle's comments may be UTF-8 (RHEL's ca-bundle.crt), which
         # OpenSSL skips and Python's cadata refuses (found by a review).
