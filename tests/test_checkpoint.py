@@ -141,8 +141,15 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
         with pytest.raises(InvalidInput) as refused:
             Trainer().load(cut)
         assert refused.value.message.startswith(
-            f"cannot load {cut}: it is a damaged gradwire checkpoint: it is cut short"
+            f"cannot load {cut}: it is cut short: it ends at byte {end:,}, before the "
         ), end
+    cut.write_bytes(whole + b"appended")  # safetensors' words are those of one cut short
+    with pytest.raises(InvalidInput) as refused:
+        Trainer().load(cut)
+    assert refused.value.message.startswith(
+        f"cannot load {cut}: it is longer ({len(whole) + 8:,} bytes) than the {len(whole):,} its "
+        "safetensors header accounts for"
+    )
     # a safetensors file of another program (a model's weights from a hub), named its path once
     foreign = tmp_path / "model.safetensors"
     save_file({"weight": torch.ones(3)}, str(foreign))

@@ -929,3 +929,39 @@ def test_a_read_of_a_parametrized_weight_names_the_parameters_it_is_made_from() 
         assert caught.value.metadata["closest"] == ",".join(originals)
         assert "0.weight is computed by a parametrization" in caught.value.message
         assert client.get(originals[1]).shape == (3, 4)
+
+
+class StepsInBackward(nn.Module):
+    """Steps each parameter as its gradient lands and lets go of the gradient: PyTorch's
+    pattern for an optimizer in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        for p in self.parameters():
+            p.register_post_accumulate_grad_hook(_step_in_backward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def _step_in_backward(p: torch.Tensor) -> None:
+    assert p.grad is not None
+    with torch.no_grad():
+        p.add_(p.grad, alpha=-0.1)
+    p.grad = None
+
+
+def test_a_train_step_of_a_model_that_steps_in_backward_is_its_step() -> None:
+    # Once its hooks ran, every TrainStep was refused NO_GRADIENTS, "nothing changed", its
+    # version put back, the parameters moved all the same (found by a review).
+    x, y = torch.ones(2, 4), torch.tensor([0, 1])
+    local = seeded(StepsInBackward)
+    for _ in range(2):
+        nn.CrossEntropyLoss()(local(x), y).backward()
+    with serving(ModelSpec("StepsInBackward", StepsInBackward, (4,), 3)) as client:
+        assert client.train_step(x.numpy(), y.numpy()).version == 4
+        result = client.train_step(x.numpy(), y.numpy())
+        assert (result.version, result.parameters_updated) == (8, 2)
+        parameters_equal(client, local)

@@ -371,26 +371,48 @@ def _not_safetensors(path: Path, err: SafetensorError) -> Unfit:
     """The refusal of a file safetensors could not read, its header or its tensors: one cut
     short is damaged, not "not a safetensors file", which a truncated copy was called, with
     nothing before the advice's "or" (found by a review of the CLI)."""
-    if "not fully covered" in str(err) or _cut_in_its_header(path):
-        return damaged(f"it is cut short: the file ends before the bytes it says it holds ({err})")
+    held, said = _sizes(path)
+    if said is not None and held != said:
+        what = (
+            f"cut short: it ends at byte {held:,}, before the {said:,} its safetensors header needs"
+            if held < said
+            else f"longer ({held:,} bytes) than the {said:,} its safetensors header accounts for"
+        )
+        return Unfit(
+            f"it is {what} ({err}): restore it from a copy{AT_START}",
+            "damaged: cut short" if held < said else "damaged: bytes past its tensors",
+        )
     return Unfit(
         f"it is not a safetensors file ({err}): put a gradwire checkpoint there{AT_START}",
         "not a safetensors file",
     )
 
 
-def _cut_in_its_header(path: Path) -> bool:
-    """Whether `path` begins as a safetensors file does, the length of its JSON header and
-    "{", and ends before that header does."""
+def _sizes(path: Path) -> tuple[int, int | None]:
+    """The bytes `path` holds, and those its safetensors header says it holds (the header's
+    length, the header, and the end of its last tensor's data); None for the second when it
+    does not begin as a safetensors file does. safetensors says "file not fully covered" of
+    a file both shorter and longer than that (found by a review)."""
     try:
         with path.open("rb") as f:
-            start = f.read(9)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
-    if len(start) < 9 or start[8:9] != b"{":
-        return False
-    return 8 + int.from_bytes(start[:8], "little") > size
+            start = f.read(8)
+            held = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(start, "little") if len(start) == 8 else 0
+            if not 2 <= length <= held:  # too short for its header: cut within it, or none
+                first = f.read(1)
+                return held, (8 + length if first == b"{" and length > held else None)
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):  # a header that is no JSON: not one
+        return 0, None
+    try:
+        ends = [
+            int(entry["data_offsets"][1])
+            for key, entry in header.items()
+            if key != "__metadata__" and "data_offsets" in entry
+        ]
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):  # no safetensors'
+        return held, None
+    return held, 8 + length + max(ends, default=0)
 
 
 def _header(path: Path) -> dict[str, str]:

@@ -200,7 +200,8 @@ class ModelSpec:
         raise ModelFault(
             f"{self.name} returned {got} for an input of {batch} sample"
             f"{'' if batch == 1 else 's'}, where its ModelSpec makes it {want}: the model's "
-            "forward must change (the server's to fix, not the caller's); nothing changed"
+            "forward must change (the server's to fix, not the caller's); the call changed "
+            "nothing but letting go of the last pass's activations"
         )
 
     def criterion(self) -> nn.Module:

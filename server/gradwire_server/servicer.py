@@ -1022,7 +1022,7 @@ class TrainerServicer:
         first = Guard(_expected_version(_metadata(context)))
         # A tensor sent once is the same every step: on a GPU it crosses to the device once.
         inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
-        sent = _AsSent([inputs, target])
+        sent = _AsSent(trainer, [inputs, target])
         started = time.perf_counter()
         diverged = 0  # the first step whose loss was not finite: between two progresses too
         for k in range(message.steps):
@@ -1462,17 +1462,22 @@ class _AsSent:
     the .proto says. A model that changes its input in place (`x.sub_(1)`) was given its
     last step's result at the next: at lr 0, four steps' losses 1.377, 1.221, 1.171 and
     1.232 where four TrainSteps gave 1.377 each (found by a review of served models). Each
-    is copied once, as the run begins, and copied back before a step only when a step has
-    changed it (its version counter moved): the model's own change is all that costs."""
+    is copied once, as the run begins (a batch's memory more while the run lasts), and
+    copied back before a step only when a step has changed it (its version counter moved),
+    both on the torch thread (Trainer.copy_of, Trainer.put_back)."""
 
-    def __init__(self, sources: list[TensorInput]) -> None:
-        self._kept = [(t, t.clone(), t._version) for t in sources if isinstance(t, torch.Tensor)]
+    def __init__(self, trainer: Trainer, sources: list[TensorInput]) -> None:
+        self._trainer = trainer
+        kept: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        for t in sources:  # once each: the input and the target may be one tensor
+            if isinstance(t, torch.Tensor) and id(t) not in kept:
+                kept[id(t)] = (t, trainer.copy_of(t, "a Train's data"), t._version)
+        self._kept = list(kept.values())
 
     def put_back(self) -> None:
         for i, (tensor, copy, seen) in enumerate(self._kept):
             if tensor._version != seen:
-                with torch.no_grad():
-                    tensor.copy_(copy)
+                self._trainer.put_back(tensor, copy)
                 self._kept[i] = (tensor, copy, tensor._version)
 
 

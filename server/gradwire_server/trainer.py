@@ -64,6 +64,7 @@ from gradwire_server.fills import (
     TensorInput,
     dtype_name,
     fill_dtype,
+    int_range,
     scalar_for,
 )
 from gradwire_server.indexing import (
@@ -104,12 +105,14 @@ INLINE_READ_ELEMENTS = 32768
 #: Calls on the torch thread that change no tensor: the only ones that leave the streamed
 #: reads in flight sending from live memory (live.py). Any other call copies what those reads
 #: have not sent yet before it runs, so a name missing here costs a copy, never a torn read.
-_CHANGES_NO_TENSOR = frozenset({"_read_with", "_read_many", "stage", "stream_buffer", "save"})
+_CHANGES_NO_TENSOR = frozenset(
+    {"_read_with", "_read_many", "stage", "stream_buffer", "save", "copy_of"}
+)
 #: Trainer methods that change no state: they leave the guard of the call they serve
 #: (expected version, deadline) to the mutation that follows. A value streamed to a GPU
 #: took its buffer first (stream_buffer), which used the guard up, and the write itself
 #: then ran whatever the version had become meanwhile.
-_UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "unsubscribe", "list_tensors"}
+_UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "unsubscribe", "list_tensors", "put_back"}
 
 
 def _listed(words: Sequence[str]) -> str:
@@ -662,6 +665,7 @@ class Trainer:
         self._deltas: dict[str, torch.Tensor] = {}  # the last Step's change, per parameter
         self._delta_buffers: dict[str, torch.Tensor] = {}
         self._steps = 0  # Steps applied to this model
+        self._reached = 0  # parameters the last Backward made a gradient for
 
     @property
     def _computes(self) -> torch.dtype:
@@ -1020,8 +1024,7 @@ class Trainer:
         self.spec.check_input_shape(tuple(x.shape))
         self.spec.check_input_dtype(x.dtype)
         if x.dtype != self.spec.input_dtype:  # as the wire carries it: widened
-            check_holds(x, self.spec.input_dtype, "input")
-            x = x.to(self.spec.input_dtype)
+            x = self._narrowed(x)
         if not isinstance(input, FillSpec):
             self._check_pass_memory(x.shape, x.dtype, target is not None)
         if target is None:
@@ -1044,6 +1047,23 @@ class Trainer:
             y = y.to(torch.int64)
         self.spec.check_target(y, x.shape[0])
         return x, y.to(x.dtype) if y.is_floating_point() and x.is_floating_point() else y
+
+    def _narrowed(self, x: torch.Tensor) -> torch.Tensor:
+        """An integer input the wire widened (int32 for uint8), in the model's dtype, once
+        its least and greatest values fit it (BAD_VALUE otherwise): two reductions, where
+        the check a write makes (check_holds) took 40 ms of a 9.6M-value batch (found by a
+        review)."""
+        want = self.spec.input_dtype
+        if x.numel():
+            least, most = (int(v) for v in torch.aminmax(x))
+            low, high = int_range(want)
+            if least < low or most > high:
+                raise InvalidInput(
+                    f"{most if most > high else least} does not fit input's dtype "
+                    f"{dtype_name(want)}, which holds whole numbers from {low} to {high}",
+                    reason="BAD_VALUE",
+                )
+        return x.to(want)
 
     def _check_pass_memory(self, shape: Sequence[int], dtype: torch.dtype, training: bool) -> None:
         """Refuses (OUT_OF_MEMORY) a forward pass on the CPU of an input of `shape` that the
@@ -1200,6 +1220,21 @@ class Trainer:
         return self._make(source, source.dtype, what)
 
     @on_torch_thread
+    def copy_of(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """A copy of a run's staged `tensor`, made on the torch thread (on a gRPC thread, a
+        copy past torch's grain size started an OpenMP team there, which slowed every later
+        step: found by a review), where the device's memory is counted as any other."""
+        with self._device_memory(what):
+            return tensor.clone()
+
+    @on_torch_thread
+    def put_back(self, tensor: torch.Tensor, copy: torch.Tensor) -> None:
+        """`tensor`, a run's staged data that a step changed in place, made `copy` again: on
+        the torch thread, under the lock, as any change to a tensor a read may be sending."""
+        with torch.no_grad():
+            tensor.copy_(copy)
+
+    @on_torch_thread
     def forward(
         self, input: TensorInput, target: TensorInput | None = None, eval_mode: bool = False
     ) -> ForwardResult:
@@ -1327,7 +1362,7 @@ class Trainer:
             if not checked:
                 self._check_fetch(fetch, x, y, max_fetch_bytes, self._activations)
             self._backward(retain_graph=False)
-            if all(p.grad is None for p in self._parameters.values()):
+            if not self._reached:
                 # Refused here, undone with the rest: the Step refused it only after the
                 # ZeroGrad, Forward and Backward had been applied (version 0 to 3).
                 raise WrongOrder(
@@ -1337,7 +1372,14 @@ class Trainer:
                     reason="NO_GRADIENTS",
                 )
             stepping = True
-            version, updated = self._step()
+            if all(p.grad is None for p in self._parameters.values()):
+                # The model's hooks stepped each parameter as its gradient landed and let go
+                # of the gradient (an optimizer in backward, PyTorch's pattern for it): the
+                # step is done, and the Step would refuse it, NO_GRADIENTS, the parameters
+                # changed all the same (found by a review).
+                version, updated = self._stepped_in_backward()
+            else:
+                version, updated = self._step()
         except BaseException as err:
             if stepping and not isinstance(err, OverLimit):
                 raise
@@ -1552,6 +1594,7 @@ class Trainer:
             self._graph_alive = retain_graph  # torch frees the graph as it goes, failing or not
             raise
         self._random_state = drawn.state  # replaced only once the pass succeeded, as _forward's
+        self._reached = sum(1 for g in grads if g is not None)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 if g is None:
@@ -1606,6 +1649,14 @@ class Trainer:
         self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
+
+    def _stepped_in_backward(self) -> tuple[int, int]:
+        """A TrainStep's step that the model's post-accumulate hooks made during Backward:
+        counted as a Step is, with no change kept (the hooks' update is theirs)."""
+        self._deltas = {}
+        self._steps += 1
+        self._parameters_changed = True
+        return self._bump(), self._reached
 
     def _reserve_step_memory(self) -> None:
         """Takes, and gives back, the memory the optimizer's step will need for temporaries.

@@ -170,8 +170,9 @@ Conventions used by every message below:
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS (a Step with
-      no gradient to apply; a Backward or TrainStep whose loss depends on no parameter
-      that trains), BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
+      no gradient to apply; a Backward whose loss needs no gradient, every parameter on
+      its path frozen; a TrainStep whose loss reaches no parameter that trains),
+      BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
       not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
       SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
       trainer already has, one it keeps: sessions would train one model; its operator's
@@ -869,11 +870,11 @@ class ForwardRequest(_message.Message):
     """
     @_builtins.property
     def input(self) -> Global___TensorSource:
-        """The model's input: exactly ListTensorsResponse.input_dtype (never converted; Simple
-        takes float32) and shape [N, *sample_shape] with N >= 1 (BAD_INPUT_DTYPE,
+        """The model's input: of ListTensorsResponse.input_dtype exactly (Simple takes float32;
+        no other dtype is converted) and shape [N, *sample_shape] with N >= 1 (BAD_INPUT_DTYPE,
         BAD_INPUT_SHAPE otherwise). A model taking an integer type the wire widens (uint8,
-        int8, int16, uint16 as int32; uint32 as int64) lists the wider one, and its values
-        must fit the narrower (BAD_VALUE otherwise).
+        int8, int16, uint16 as int32; uint32 as int64) lists the wider one, which the server
+        narrows to the model's: its values must fit (BAD_VALUE otherwise).
         """
 
     @_builtins.property

@@ -170,8 +170,9 @@ Conventions used by every message below:
       tensor that Index entry applies to (the selection the entries before it made),
       new axes not counted; "size": that dimension's)
     FAILED_PRECONDITION: NO_LOSS, GRAPH_FREED, GRAPH_STALE, NO_GRADIENTS (a Step with
-      no gradient to apply; a Backward or TrainStep whose loss depends on no parameter
-      that trains), BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
+      no gradient to apply; a Backward whose loss needs no gradient, every parameter on
+      its path frozen; a TrainStep whose loss reaches no parameter that trains),
+      BAD_MODEL_OUTPUT (the served model returned what its ModelSpec does
       not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
       SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
       trainer already has, one it keeps: sessions would train one model; its operator's

@@ -154,10 +154,11 @@ def _not_text(args: argparse.Namespace) -> str | None:
     """What to say of an argument holding bytes that are not UTF-8 (a name typed in another
     encoding): names, values and a plot's title go to the server, or to matplotlib, as
     UTF-8 text, and such a one ended the command with a traceback, UnicodeEncodeError (found
-    by a review of the CLI). Paths are left alone: a file's name may be any bytes."""
+    by a review of the CLI). Paths are left alone, a file's name may be any bytes: options
+    of files (Path), and values given as .npy files (set's value, --input, --target)."""
     for dest, value in vars(args).items():
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not text.isascii():
+            if isinstance(text, str) and not text.isascii() and not text.endswith(".npy"):
                 try:
                     text.encode()
                 except UnicodeEncodeError:

@@ -97,7 +97,7 @@ def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 _SUFFIX = ".safetensors"
 
 
-def _checkpoint(name: str | None, optional: bool = True) -> str:
+def _checkpoint(name: str | None, optional: bool = True, saving: bool = False) -> str:
     """The checkpoint `name` names; "" for none given ('state'), where that is `optional`.
     An empty name given (a script's empty variable) saved over 'state', the one the server
     restores at start, and 'x.safetensors' was saved as x.safetensors.safetensors (found by
@@ -110,7 +110,7 @@ def _checkpoint(name: str | None, optional: bool = True) -> str:
             "the checkpoint's name is empty: give one of 1 to 100 letters, digits, '.', '-' "
             f"or '_', or {state} the checkpoint the server restores at start"
         )
-    if name.endswith(_SUFFIX):
+    if saving and name.endswith(_SUFFIX):  # one an older CLI saved so still loads
         raise UsageError(
             f"give the checkpoint's name without its file's suffix: "
             f"{name.removesuffix(_SUFFIX)!r}, not {name!r}"
@@ -119,7 +119,7 @@ def _checkpoint(name: str | None, optional: bool = True) -> str:
 
 
 def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    saved = client.save_checkpoint(_checkpoint(args.name))
+    saved = client.save_checkpoint(_checkpoint(args.name, saving=True))
     emit(
         out,
         args,
