@@ -793,6 +793,12 @@ def test_a_model_taking_uint8_input_is_fed_what_the_wire_widens_to_int32() -> No
             client.forward(np.full((2, 3, 4, 4), 300, np.int32), labels)
         assert caught.value.reason == "BAD_VALUE"
         assert "300 does not fit input's dtype uint8" in caught.value.message
+        # A Train narrows its input once, as it stages it, and steps as TrainSteps do.
+        client.set_optimizer("sgd", lr=0.0)
+        once = client.train_step(frames, labels).loss
+        assert [p.loss for p in client.train(frames, labels, steps=2)] == [once] * 2
+        with pytest.raises(errors.InvalidArgument, match="300 does not fit"):
+            next(iter(client.train(np.full((2, 3, 4, 4), 300, np.int32), labels, steps=2)))
 
 
 def _clip(p: torch.Tensor) -> None:
@@ -965,3 +971,22 @@ def test_a_train_step_of_a_model_that_steps_in_backward_is_its_step() -> None:
         result = client.train_step(x.numpy(), y.numpy())
         assert (result.version, result.parameters_updated) == (8, 2)
         parameters_equal(client, local)
+
+
+def test_a_train_narrows_a_uint8_models_input_once_not_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The staged tensor stayed int32, and every step narrowed it again (found by a review).
+    spec = ModelSpec("Pixels", Pixels, (3, 4, 4), 10, input_dtype=torch.uint8)
+    frames = np.arange(96, dtype=np.uint8).reshape(2, 3, 4, 4)
+    with serve_in_process(spec, SEED) as (trainer, client):
+        narrowed = []
+        real = trainer._narrowed
+
+        def counted(x: torch.Tensor) -> torch.Tensor:
+            narrowed.append(x.shape)
+            return real(x)
+
+        monkeypatch.setattr(trainer, "_narrowed", counted)
+        assert len(list(client.train(frames, np.array([1, 7]), steps=3))) == 3
+        assert narrowed == [torch.Size([2, 3, 4, 4])]

@@ -1217,7 +1217,10 @@ class Trainer:
         is, as each step makes its own. `what` names it in errors ("input", "target")."""
         if isinstance(source, FillSpec):
             return source
-        return self._make(source, source.dtype, what)
+        staged = self._make(source, source.dtype, what)
+        if what == "input" and staged.dtype == self.spec.input_sent_as != self.spec.input_dtype:
+            staged = self._narrowed(staged)  # once, not by every step (a review)
+        return staged
 
     @on_torch_thread
     def copy_of(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
