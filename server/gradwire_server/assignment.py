@@ -46,6 +46,10 @@ def no_repeats(tensor: torch.Tensor) -> bool:
     return all(st or n <= 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True))
 
 
+#: The integer dtypes torch's aminmax takes on the CPU (not uint16, uint32, uint64).
+_REDUCIBLE = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
 def check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """InvalidInput (BAD_VALUE) unless an integer `dtype` holds every value of `source`:
     copied in, 2**40 became 0 in an int32 tensor, and NaN -2**31 (found by the twenty-first
@@ -59,6 +63,10 @@ def check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
         given = torch.iinfo(source.dtype)
         if info.min <= given.min and given.max <= info.max:
             return  # every value of the source's type fits
+        if source.dtype in _REDUCIBLE:  # two reductions, where the copy below took 53 ms of
+            least, most = (int(v) for v in torch.aminmax(source))  # 9.6M int32 values
+            if info.min <= least and most <= info.max:
+                return  # every value fits: the mask is only for the message
         source = source.to(torch.int64)  # uint8 compared with -128 wraps it to 128
         outside = (source < info.min) | (source > info.max)
     else:  # bounds that floats hold exactly, powers of two: float(2**63 - 1) rounds up;
