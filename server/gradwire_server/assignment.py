@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from gradwire_server.errors import InvalidInput
+from gradwire_server.fills import dtype_name
 from gradwire_server.indexing import IndexChain
 
 
@@ -76,7 +77,7 @@ def check_holds(source: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     if bool(outside.any()):
         first = source[outside].reshape(-1)[0].item()
         raise InvalidInput(
-            f"{first!r} does not fit {name}'s dtype {str(dtype).removeprefix('torch.')}, "
+            f"{first!r} does not fit {name}'s dtype {dtype_name(dtype)}, "
             f"which holds whole numbers from {info.min} to {info.max}",
             reason="BAD_VALUE",
         )

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gradwire_server.errors import out_of_memory
+from gradwire_server.fills import dtype_name
 from gradwire_server.optimizers import STATE_KEYS, OptimizerSettings
 
 FILE_NAME = "state.safetensors"
@@ -590,7 +591,7 @@ def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[st
 
     def described(value: Any) -> str:
         if isinstance(value, torch.Tensor):
-            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+            return f"{dtype_name(value.dtype)} {list(value.shape)}"
         return type(value).__name__
 
     found = []

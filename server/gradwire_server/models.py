@@ -18,6 +18,7 @@ from torch import nn
 
 from gradwire import codec
 from gradwire_server.errors import InvalidInput, ModelFault
+from gradwire_server.fills import dtype_name
 
 
 class Simple(nn.Module):
@@ -118,8 +119,7 @@ class ModelSpec:
         if dtype != want and dtype != self.input_sent_as:
             takes = "the model computes in" if want.is_floating_point else f"{self.name} takes"
             raise InvalidInput(
-                f"input has dtype {str(dtype).removeprefix('torch.')}; "
-                f"{takes} {str(want).removeprefix('torch.')}",
+                f"input has dtype {dtype_name(dtype)}; {takes} {dtype_name(want)}",
                 reason="BAD_INPUT_DTYPE",
             )
 
@@ -127,7 +127,7 @@ class ModelSpec:
     def input_sent_as(self) -> torch.dtype:
         """The dtype `input_dtype` travels as on the wire: its own, or the one it is widened
         to (int32 for uint8, int8, int16 and uint16; int64 for uint32)."""
-        name = codec.sent_as(str(self.input_dtype).removeprefix("torch."))
+        name = codec.sent_as(dtype_name(self.input_dtype))
         sent = getattr(torch, name, None) if name is not None else None
         return sent if isinstance(sent, torch.dtype) else self.input_dtype
 
@@ -139,7 +139,7 @@ class ModelSpec:
         if self.loss == "mse":
             if not y.dtype.is_floating_point:
                 raise InvalidInput(
-                    f"target has dtype {str(y.dtype).removeprefix('torch.')}; {self.name} "
+                    f"target has dtype {dtype_name(y.dtype)}; {self.name} "
                     f"is trained with a mean squared error: send floats of shape [{batch}, "
                     f"{classes}], the output's shape",
                     reason="BAD_TARGET_DTYPE",
@@ -175,7 +175,7 @@ class ModelSpec:
                 )
         else:
             raise InvalidInput(
-                f"target has dtype {str(y.dtype).removeprefix('torch.')}; use int64 class indices "
+                f"target has dtype {dtype_name(y.dtype)}; use int64 class indices "
                 "or floating-point class probabilities",
                 reason="BAD_TARGET_DTYPE",
             )
@@ -194,7 +194,7 @@ class ModelSpec:
         elif tuple(output.shape) != (batch, self.num_classes):
             got = f"shape {list(output.shape)}"
         elif not output.dtype.is_floating_point:
-            got = f"dtype {str(output.dtype).removeprefix('torch.')}"
+            got = f"dtype {dtype_name(output.dtype)}"
         else:
             return
         raise ModelFault(
@@ -418,7 +418,7 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
                 reason="BAD_MODEL",
             )
         shape = [2, *spec.sample_shape]
-        dtype = str(spec.input_dtype).removeprefix("torch.")
+        dtype = dtype_name(spec.input_dtype)
         model.train()
         try:
             output = model(torch.zeros(shape, dtype=spec.input_dtype))

@@ -423,7 +423,7 @@ def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
 def _carried(dtype: torch.dtype) -> bool:
     """Whether the wire carries tensors of `dtype`, as they are or widened (complex and
     float8 ones it does not)."""
-    return codec.sent_as(str(dtype).removeprefix("torch.")) is not None
+    return codec.sent_as(dtype_name(dtype)) is not None
 
 
 def _laid_out_as(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor | None:
