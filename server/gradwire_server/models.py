@@ -373,8 +373,9 @@ def _as_spec(text: str, target: object) -> ModelSpec:
     return made
 
 
-#: The models `load_spec` built to check a spec: a factory that returns one of them again
-#: returns a model it keeps (one loaded once), which the trainer refuses (SHARED_MODEL).
+#: The models factories have returned: those `load_spec` built to check a spec, and those
+#: trainers hold (Trainer._adopt). A factory that returns one of them again returns a model
+#: it keeps (one loaded once), which the trainer refuses (SHARED_MODEL).
 BUILT: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 

@@ -124,9 +124,6 @@ def _listed(words: Sequence[str]) -> str:
 #: generator meanwhile (a custom model's dropout training on a CPU session, say).
 _BUILDING = threading.Lock()
 
-#: The models trainers hold (Trainer._adopt): a factory that returns one of them again is
-#: refused (Trainer._build_model).
-_IN_USE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 #: Default cap on the elements of one tensor made or received (1 GiB of float32).
 DEFAULT_MAX_ELEMENTS = 1 << 28
@@ -609,7 +606,7 @@ class Trainer:
             else:
                 generator.manual_seed(seed)
             model = self.spec.factory()
-            if model in _IN_USE or model in BUILT:
+            if model in BUILT:
                 raise ModelFault(
                     f"{self.spec.name}'s factory returned the model object it returned "
                     "before (one it keeps, such as a model loaded once): every session would "
@@ -625,7 +622,7 @@ class Trainer:
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
-        _IN_USE.add(model)
+        BUILT.add(model)
         self._model = model
         self._parameters = dict(model.named_parameters())
         #: their bytes: a step's gradients and optimizer state are at most three times that
