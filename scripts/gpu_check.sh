@@ -51,8 +51,9 @@ if [ "$device" = cuda ]; then
     step nvidia-smi 20 nvidia-smi
     # Without it every CUDA test skips and pytest passes: fail here instead.
     step cuda-visible 30 "$py" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'"
-    step tests "${LIMIT_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_gpu.py tests/test_gpu_random_stream.py \
-        tests/test_random_stream.py
+    # Every test marked cuda, wherever it is: a test of served behaviour runs on each device
+    # (tests/serve_in_process.py's DEVICES), test_gpu.py's on the GPU alone.
+    step tests "${LIMIT_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -m cuda tests
 fi
 step replay "${LIMIT_REPLAY:-60}" "$py" scripts/demo.py --port 0 --device "$device"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments

@@ -8,12 +8,18 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import pytest
 
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server.app import Running, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
+
+# The devices a test of served behaviour runs on: the CPU and, with `pytest -m cuda` where
+# there is one (scripts/gpu_check.sh), a CUDA device. ON_EACH_DEVICE marks a test so.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+ON_EACH_DEVICE = pytest.mark.parametrize("device", DEVICES)
 
 
 @contextmanager

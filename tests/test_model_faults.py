@@ -21,6 +21,7 @@ from gradwire import errors
 from gradwire_server.app import start
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
+from tests.serve_in_process import DEVICES
 
 X, Y = np.ones((2, 4), np.float32), np.array([0, 1])
 
@@ -88,12 +89,14 @@ class Saliency(nn.Module):
         return out
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[type[nn.Module]], gradwire.Client]]:
+@pytest.fixture(params=DEVICES)
+def serve(request: pytest.FixtureRequest) -> Iterator[Callable[[type[nn.Module]], gradwire.Client]]:
+    """Serves a model of (4,) -> 3 classes on each device in turn (DEVICES)."""
     running = []
 
     def served(model: type[nn.Module]) -> gradwire.Client:
-        run = start(Trainer(ModelSpec(model.__name__, model, (4,), 3), seed=0), "127.0.0.1", 0)
+        spec = ModelSpec(model.__name__, model, (4,), 3)
+        run = start(Trainer(spec, device=request.param, seed=0), "127.0.0.1", 0)
         running.append(run)
         return gradwire.connect(f"127.0.0.1:{run.port}")
 

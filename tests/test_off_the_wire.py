@@ -25,6 +25,7 @@ from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec
 from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.trainer import Trainer, described_bytes, shown_bytes
+from tests.serve_in_process import DEVICES
 
 CARRIED = "bfloat16, bool, float16, float32, float64, int32, int64"
 
@@ -44,13 +45,15 @@ class Phase(nn.Module):
         return turned.real
 
 
-def _trainer(optimizer: OptimizerSettings | None = None) -> Trainer:
-    return Trainer(ModelSpec("Phase", Phase, (4,), 3), seed=0, optimizer=optimizer)
+def _trainer(optimizer: OptimizerSettings | None = None, device: str = "cpu") -> Trainer:
+    spec = ModelSpec("Phase", Phase, (4,), 3)
+    return Trainer(spec, device=device, seed=0, optimizer=optimizer)
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[Trainer, gradwire.Client]]:
-    trainer = _trainer(OptimizerSettings(kind="sgd", lr=0.5, momentum=0.9))
+@pytest.fixture(params=DEVICES)
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[Trainer, gradwire.Client]]:
+    """Phase served on each device in turn (DEVICES), stepped by SGD with momentum."""
+    trainer = _trainer(OptimizerSettings(kind="sgd", lr=0.5, momentum=0.9), request.param)
     running = start(trainer, "127.0.0.1", 0)
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
@@ -104,21 +107,25 @@ def test_a_complex_parameter_trains_is_filled_and_kept_by_a_checkpoint(
 ) -> None:
     trainer, client = served
     phase = trainer.parameters["phase"]
-    before = phase.detach().clone()
+
+    def holds() -> torch.Tensor:
+        return phase.detach().to("cpu", copy=True)
+
+    before = holds()
     client.train_step(X, Y)
-    assert not torch.equal(phase.detach(), before)  # stepped with the rest
+    assert not torch.equal(holds(), before)  # stepped with the rest
     client.fill_parameters(0.25)  # every parameter, the complex one too
     assert bool((trainer.parameters["lin.weight"] == 0.25).all())
-    assert torch.equal(phase.detach(), torch.full((3,), 0.25, dtype=torch.complex64))
+    assert torch.equal(holds(), torch.full((3,), 0.25, dtype=torch.complex64))
     client.fill_parameters(2.0, ["phase"])
-    assert torch.equal(phase.detach(), torch.full((3,), 2.0, dtype=torch.complex64))
+    assert torch.equal(holds(), torch.full((3,), 2.0, dtype=torch.complex64))
     with pytest.raises(errors.InvalidArgument, match="past its range") as caught:
         client.fill_parameters(1e39, ["phase"])  # as for a float32 parameter
     assert caught.value.reason == "BAD_VALUE"
     saved = trainer.save(tmp_path / "state.safetensors")
     client.fill_parameters(0.0)
     assert trainer.load(tmp_path / "state.safetensors") == saved.version
-    assert torch.equal(phase.detach(), torch.full((3,), 2.0, dtype=torch.complex64))
+    assert torch.equal(holds(), torch.full((3,), 2.0, dtype=torch.complex64))
 
 
 def test_a_complex_module_output_is_refused_before_a_step_that_would_fetch_it(

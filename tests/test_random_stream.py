@@ -19,7 +19,7 @@ from gradwire_server.errors import InvalidInput
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.checkpoint_files import resave
-from tests.serve_in_process import serving
+from tests.serve_in_process import ON_EACH_DEVICE, serving
 
 
 class Dropping(nn.Module):
@@ -95,13 +95,6 @@ def remote_step(client: gradwire.Client, fused: bool) -> torch.Tensor:
     client.step()
     client.zero_grad()
     return output  # type: ignore[no-any-return]
-
-
-# A test so marked runs on the CPU and, with `pytest -m cuda` where there is one, on a CUDA
-# device (the rest of the GPU's tests are in test_gpu_random_stream.py).
-ON_EACH_DEVICE = pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-)
 
 
 def assert_same_masks(got: torch.Tensor, want: torch.Tensor, device: str) -> None:
