@@ -1484,6 +1484,25 @@ def test_get_out_refuses_what_it_cannot_write(cli: Run, tmp_path: Path) -> None:
         assert result.err.startswith("gradwire get: error: --out") and said in result.err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("get", "conv1.weight", "--out"),
+        ("plot", "conv1.weight", "--out"),
+        ("list", "--tls-ca"),
+        ("serve", "--state-dir"),
+        ("serve", "--port-file"),
+        ("serve", "--token-file"),
+    ],
+)
+def test_an_empty_path_is_refused_by_name(cli: Run, argv: tuple[str, ...]) -> None:
+    # Path("") is ".": `get --out ''` was told "--out .: get --out writes a .npy file",
+    # `serve --state-dir ''` kept its checkpoints in the working folder.
+    result = cli(*argv, "")
+    assert result.code == 2, result.err
+    assert f"error: argument {argv[-1]}: an empty path: give the name of a file" in result.err
+
+
 # --- optimizer shows the version it made, as every other mutating command -----------------------
 
 

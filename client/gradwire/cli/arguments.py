@@ -126,6 +126,15 @@ def positive_duration_or_forever(text: str) -> float:
     return _more_than_zero(text, _seconds_or_forever, ", or inf for never")
 
 
+def file_path(text: str) -> Path:
+    """A file or folder an option names. An empty name is refused: Path("") is ".", the
+    working folder, and the command went on to name "." in its own error (`get --out ''`:
+    "--out .: get --out writes a .npy file"; `serve --state-dir ''` kept checkpoints in ".")."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give the name of a file or folder")
+    return Path(text)
+
+
 def port_number(text: str) -> int:
     """A TCP port for an option: 0 (a free one) to 65535."""
     try:

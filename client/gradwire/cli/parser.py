@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TextIO
 
 from gradwire import __version__, codec, limits
@@ -14,6 +13,7 @@ from gradwire.cli.arguments import (
     at_least,
     client_keepalive,
     duration,
+    file_path,
     fill_value,
     port_number,
     positive_duration,
@@ -120,30 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--token-file",
-        type=Path,
+        type=file_path,
         help=f"file holding the server's bearer token (default: ${TOKEN_ENV} if set)",
     )
     common.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    common.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server")
     common.add_argument(
-        "--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS, with --tls-key"
+        "--tls-ca", type=file_path, help="PEM file of the CA that signed the server"
     )
     common.add_argument(
-        "--tls-key", type=Path, help="client private key (PEM), for mutual TLS, with --tls-cert"
+        "--tls-cert",
+        type=file_path,
+        help="client certificate (PEM), for mutual TLS, with --tls-key",
+    )
+    common.add_argument(
+        "--tls-key",
+        type=file_path,
+        help="client private key (PEM), for mutual TLS, with --tls-cert",
     )
     # The same names, for `serve`, from the server's side.
     serving = _Parser(add_help=False)
     serving.add_argument(
         "--token-file",
-        type=Path,
+        type=file_path,
         help="file holding the token every call must carry as 'authorization: Bearer TOKEN' "
         f"(default: ${TOKEN_ENV} if set, else no token is required)",
     )
     serving.add_argument(
-        "--tls-cert", type=Path, help="the server's certificate chain (PEM): serve TLS"
+        "--tls-cert", type=file_path, help="the server's certificate chain (PEM): serve TLS"
     )
     serving.add_argument(
-        "--tls-key", type=Path, help="the server's private key (PEM), with --tls-cert"
+        "--tls-key", type=file_path, help="the server's private key (PEM), with --tls-cert"
     )
 
     parser = _Parser(
@@ -203,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--port-file",
-        type=Path,
+        type=file_path,
         default=None,
         help="write the bound port here once listening (a file left there by a server "
         "killed is removed at start); removed once the server has stopped",
@@ -290,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dir",
-        type=Path,
+        type=file_path,
         metavar="DIR",
         help="restore the model and optimizer from here at start, save them here at a "
         "graceful stop (safetensors; default: none, nothing is saved)",
@@ -311,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tls-client-ca",
-        type=Path,
+        type=file_path,
         help="with --tls-cert and --tls-key: require client certificates signed by this CA",
     )
 
@@ -367,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-only", action="store_true", help="print the shape, fetch no values")
     p.add_argument(
         "--out",
-        type=Path,
+        type=file_path,
         metavar="FILE.npy",
         help="save the values to this .npy file instead of printing them (dtype and shape "
         "as the Python client reads them; bfloat16 widened exactly to float32), and print "
@@ -396,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
         "selector", help="a name and optional numpy basic index, as for get: linear.weight[:, :64]"
     )
     p.add_argument(
-        "--out", type=Path, required=True, metavar="FILE.png", help="the PNG file to write"
+        "--out", type=file_path, required=True, metavar="FILE.png", help="the PNG file to write"
     )
     p.add_argument(
         "--kind",
