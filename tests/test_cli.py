@@ -1290,13 +1290,14 @@ def test_no_server_at_the_target_gets_a_hint(dead_address: str) -> None:
     )
 
 
-# Not localhost:abc, a port gRPC cannot read: refused now before any call (exit 2).
-@pytest.mark.parametrize("target", ["a..b:50051", ":50051"])
+# Not localhost:abc, a port gRPC cannot read, nor :50051, no host: refused now before any
+# call (exit 2; test_client.py).
+@pytest.mark.parametrize("target", ["a..b:50051", "dns:///a..b:50051"])
 def test_a_target_that_does_not_resolve_is_said_to_be_one(target: str) -> None:
     """gRPC's "errors resolving ..." was taken for a call cut off once under way: the hint
     said the server "was reached" and that the change "may have been applied" (found by a
-    review of the CLI). A name unknown to DNS gets the same words from gRPC; these two
-    need no DNS to fail."""
+    review of the CLI). A name unknown to DNS gets the same words from gRPC; these need no
+    DNS to fail."""
     result = run_main("step", "--target", target, "--timeout", "10")
     assert result.code == 1
     first, hint = result.err.splitlines()[:2]

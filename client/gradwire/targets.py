@@ -20,7 +20,9 @@ def with_default_port(target: str) -> str:
     Targets with a scheme or a path ("unix:/run/gw.sock", "dns:///host") are left as given.
     A port that is not a number from 1 to 65535 (or "http" or "https", which gRPC takes for
     80 and 443) raises ValueError: gRPC would take 70000 for port 4464 and -1 for 65535, and
-    connect to whatever listens there; so does white space around the target."""
+    connect to whatever listens there; so does white space around the target, no host
+    before the port (":50051") and a path after it ("localhost:50051/v1"), which gRPC
+    fails in its resolver, as if no server answered."""
     port = DEFAULT_TARGET.rpartition(":")[2]
     # gRPC's resolver refused these with words of its own, which said nothing of what to
     # write instead (found by a review of the CLI).
@@ -45,6 +47,13 @@ def with_default_port(target: str) -> str:
     # Schemes whose addresses gRPC checks itself, or that have no port.
     if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
         return target
+    # gRPC failed these in its resolver, UNAVAILABLE, exit 1 as if no server answered.
+    pathed = _PATH_AFTER_PORT.match(target)
+    if pathed is not None:
+        raise ValueError(
+            f"bad target {target!r}: a path after host:port ({pathed[1]!r}); gRPC targets "
+            f"take none: give host:port, such as {target[: pathed.start(1)]}"
+        )
     if "/" in target and not target.startswith(_PORTED_SCHEMES):
         return target  # xds:///svc:grpc: a name of the scheme's own, not host:port (a review)
     address = target.rpartition("/")[2]  # dns:///gpu-box:7000: the address after the path
@@ -62,6 +71,11 @@ def with_default_port(target: str) -> str:
     # by a review of the CLI as a researcher). A bare IPv6 address, or one of gRPC's schemes
     # ("xds:svc"), is gRPC's to read.
     found = _HOST_AND_PORT.fullmatch(address)
+    if found is not None and not found[1]:
+        raise ValueError(
+            f"bad target {target!r}: no host before the port; give host:port, such as "
+            f"localhost:{found[2]}"
+        )
     # gRPC's native resolver reads a service's name for its port ("host:ssh", 22), where its
     # default one (c-ares) takes http and https alone (a review of the check).
     native = os.environ.get("GRPC_DNS_RESOLVER", "").strip().lower() == "native"
@@ -81,6 +95,9 @@ def with_default_port(target: str) -> str:
 
 #: A host (a name, IPv4, a bracketed IPv6 address) and what follows its one colon.
 _HOST_AND_PORT = re.compile(r"(\[[^\]]*\]|[^:\[\]]*):([^:]*)")
+
+#: host:port and a path after it ("localhost:50051/v1"): the path, from its slash.
+_PATH_AFTER_PORT = re.compile(r"(?:\[[^\]]*\]|[^:/\[\]]+):\d+(/.*)", re.DOTALL)
 
 #: The names gRPC's default resolver takes for a port (80 and 443); it fails any other, "ssh"
 #: included (its native resolver, GRPC_DNS_RESOLVER=native, takes the system's names).
