@@ -754,6 +754,16 @@ def test_optimizer_adam(cli: Run, client: gradwire.Client) -> None:
     )
 
 
+def test_optimizer_nesterov_without_momentum_names_the_momentum(cli: Run) -> None:
+    # It said "Nesterov momentum requires a momentum and zero dampening" (torch's words): the
+    # CLI has no --dampening, and gradwire no such setting.
+    result = cli("optimizer", "--nesterov")
+    assert result.code == 1
+    assert "BAD_OPTIMIZER" in result.err or "INVALID_ARGUMENT" in result.err
+    assert "nesterov needs a momentum above 0, and momentum is 0.0" in result.err
+    assert "dampening" not in result.err
+
+
 def test_optimizer_sgd_with_nesterov_json(cli: Run) -> None:
     result = cli("optimizer", "--momentum", "0.9", "--nesterov", "--lr", "0.5", "--json")
     assert result.json() == {

@@ -661,15 +661,16 @@ def test_keep_state_refuses_what_a_new_optimizer_would_and_changes_nothing(
 def test_keep_state_checks_the_settings_as_a_whole_and_names_those_kept(
     client: gradwire.Client,
 ) -> None:
-    """Momentum 0 is refused while nesterov, kept, stays on; the message named neither."""
+    """Momentum 0 is refused while nesterov, kept, stays on; the message named neither. It
+    gave torch's words, which named dampening, a setting gradwire does not have."""
     client.set_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True)
     before = (current_version(client), client.list_tensors().optimizer)
     with pytest.raises(errors.InvalidArgument) as caught:
         client.set_optimizer(momentum=0.0, keep_state=True)
     assert caught.value.reason == "BAD_OPTIMIZER"
     assert caught.value.message == (
-        "optimizer settings refused: Nesterov momentum requires a momentum and zero "
-        "dampening; keep_state (--keep-state) keeps the settings not given (lr=0.1, "
+        "optimizer settings refused: nesterov needs a momentum above 0, and momentum is "
+        "0.0; keep_state (--keep-state) keeps the settings not given (lr=0.1, "
         "weight_decay=0.0, "
         "nesterov=True): give those that must change too, in the same call"
     )

@@ -215,7 +215,11 @@ def test_malformed_tensor_is_invalid_argument(
         (lambda c: c.stats(_AXES_65), "BAD_INDEX", "more than 64 dimensions"),
         (lambda c: c.set(_AXES_65, 1.0), "BAD_INDEX", "more than 64 dimensions"),
         (lambda c: c.set_optimizer("sgd", lr=-1.0), "BAD_OPTIMIZER", "Invalid learning rate"),
-        (lambda c: c.set_optimizer("sgd", nesterov=True), "BAD_OPTIMIZER", "Nesterov"),
+        (
+            lambda c: c.set_optimizer("sgd", nesterov=True),
+            "BAD_OPTIMIZER",
+            "nesterov needs a momentum",
+        ),
         (
             lambda c: c.set_optimizer("adam", momentum=0.9),
             "BAD_OPTIMIZER",

@@ -91,6 +91,14 @@ def check_settings_kind(settings: OptimizerSettings, *, in_place: bool = False) 
 def build(parameters: Iterable[torch.Tensor], s: OptimizerSettings) -> torch.optim.Optimizer:
     """torch's optimizer of `s` (every field set: OptimizerSettings.resolved) over
     `parameters`; InvalidInput (BAD_OPTIMIZER) for settings torch refuses."""
+    if s.kind == "sgd" and s.nesterov and not s.momentum:
+        # torch's words: "Nesterov momentum requires a momentum and zero dampening", a
+        # setting gradwire does not have (always 0).
+        raise InvalidInput(
+            f"optimizer settings refused: nesterov needs a momentum above 0, and momentum is "
+            f"{float(s.momentum or 0.0)}",
+            reason="BAD_OPTIMIZER",
+        )
     try:
         if s.kind == "sgd":
             return torch.optim.SGD(
@@ -111,5 +119,5 @@ def build(parameters: Iterable[torch.Tensor], s: OptimizerSettings) -> torch.opt
             eps=float(s.eps or 0.0),
             weight_decay=float(s.weight_decay or 0.0),
         )
-    except ValueError as err:  # torch's own checks: negative lr, nesterov without momentum
+    except ValueError as err:  # torch's own checks: a negative lr, a beta past 1, ...
         raise InvalidInput(f"optimizer settings refused: {err}", reason="BAD_OPTIMIZER") from err
