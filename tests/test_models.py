@@ -362,7 +362,7 @@ def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Cli
     # and what to do about it, which torch's words do not say (an integrator's probe)
     assert caught.value.message.endswith(
         "; a BatchNorm layer in training mode needs 2 or more samples a batch: send more, "
-        "or, for a Forward, ask for evaluation mode (eval_mode)"
+        "or, for a Forward, ask for evaluation mode (eval_mode, forward --eval)"
     )
     assert mlp.list_tensors().version == 0
     assert mlp.forward(np.ones((1, 16), np.float32), eval_mode=True).version == 1

@@ -367,7 +367,7 @@ def _refusal_hint(said: str) -> str:
     if "more than 1 value per channel when training" in said:
         return (
             "; a BatchNorm layer in training mode needs 2 or more samples a batch: send more, "
-            "or, for a Forward, ask for evaluation mode (eval_mode)"
+            "or, for a Forward, ask for evaluation mode (eval_mode, forward --eval)"
         )
     return ""
 
