@@ -455,6 +455,15 @@ def _owner(name: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Fit:
+    """What a load does with buffers, once a checkpoint is checked against the model."""
+
+    buffers: dict[str, torch.Tensor]  # the model's persistent buffers, by name
+    registered: list[str]  # held by the checkpoint, registered by the model's forward pass
+    lacking: list[str]  # kept by `save`, not held: made as a new model makes them
+
+
 class Trainer:
     """One model on one device, driven step by step."""
 
@@ -2194,6 +2203,91 @@ class Trainer:
         registers (a model that makes one when first needed), are registered where the pass
         would have (`_registered_in_forward`). The model's random stream goes on from the
         state the checkpoint holds for its type of device, where it holds one."""
+        loaded, settings, random_state = self._read_checkpoint(path)
+        fit = self._check_checkpoint(path, loaded, settings.kind)
+        params, buffers = self._parameters, fit.buffers
+        with self._device_memory(f"cannot load {path}"):
+            # Everything new is on the device before anything is replaced.
+            try:
+                optimizer = optimizers.build(self._model.parameters(), settings)
+            except InvalidInput as err:  # torch's own checks: a negative lr, say
+                damaged = checkpoint.damaged(f"its {err.message}")
+                raise InvalidInput(
+                    f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT"
+                ) from err
+            gradients = {
+                name: staging.to_device(grad, self.device)
+                for name, grad in loaded.gradients.items()
+            }
+            state = {
+                name: {
+                    k: staging.to_device(v, self.device)
+                    if isinstance(v, torch.Tensor) and k != "step"
+                    else v
+                    for k, v in values.items()
+                }
+                for name, values in loaded.optimizer_state.items()
+            }
+            # Written before checkpoints kept buffers (or before the model registered one in
+            # its forward pass): as a new model makes them, so that the load gives one state
+            # whatever this trainer held (left as they were, a trained session's running
+            # statistics met the checkpoint's weights: found by a review). The whole model is
+            # built, on the CPU, for them: only for such a checkpoint.
+            registered = {
+                name: staging.to_device(loaded.buffers[name], self.device)
+                for name in fit.registered
+            }
+            made = {}
+            if fit.lacking:
+                built, _ = self._build_model(self._seed, on_device=False)
+                new = dict(built.named_buffers())
+                made = {  # but one the model registers in its forward pass: as it is
+                    name: staging.to_device(new[name], self.device)
+                    for name in fit.lacking
+                    if name in new
+                }
+        replaced: list[str] = []
+        try:
+            with self._device_memory(f"cannot load {path}"), torch.no_grad():
+                for name, p in params.items():
+                    staging.copy_into(p.detach(), loaded.parameters[name])
+                    replaced.append(name)
+                for name, b in {**loaded.buffers, **made}.items():
+                    if name in buffers and no_repeats(buffers[name]):
+                        staging.copy_into(buffers[name], b)
+                        replaced.append(name)
+                for name, b in registered.items():
+                    path_to, _, key = name.rpartition(".")
+                    self._model.get_submodule(path_to).register_buffer(key, b)
+                    replaced.append(name)
+        except DomainError as err:
+            if not replaced:
+                raise
+            # Some are replaced: saying "nothing changed" would be false (found by a review).
+            shown = ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+            raise type(err)(
+                f"{err.message}; {len(replaced)} parameters and buffers were replaced by then "
+                f"({shown}), the rest, the gradients and the optimizer not: load again, or Reset",
+                reason=err.reason,
+                metadata={**err.metadata, "replaced": str(len(replaced))},
+            ) from err
+        for name, p in params.items():
+            p.grad = gradients.get(name)
+        for name, values in state.items():
+            optimizer.state[params[name]] = values
+        self._optimizer, self._settings = optimizer, settings
+        if random_state is not None:
+            self._random_state = random_state
+        self._clear_forward()
+        self._deltas = {}  # the last Step's change was made to the weights just replaced
+        return loaded.version
+
+    def _read_checkpoint(
+        self, path: Path
+    ) -> tuple[checkpoint.Loaded, OptimizerSettings, random_stream.State | None]:
+        """`path` read whole into the host's memory, its optimizer settings and the random
+        stream it holds for this device, each checked: BAD_CHECKPOINT, or OUT_OF_MEMORY
+        where the host has not the room for it."""
         with suppress(OSError):  # a file that cannot be looked at: checkpoint.load says why
             # Read whole into the host's memory (on any device), beside the state it
             # replaces: a checkpoint the host has not the room for was the out-of-memory
@@ -2221,6 +2315,12 @@ class Trainer:
                 f"free some{checkpoint.AT_START}",
                 reason="OUT_OF_MEMORY",
             ) from err
+        return loaded, settings, random_state
+
+    def _check_checkpoint(self, path: Path, loaded: checkpoint.Loaded, kind: str) -> _Fit:
+        """Refuses (BAD_CHECKPOINT) a checkpoint of another model, or one holding
+        gradients, optimizer state or buffers that match nothing in this one; what the load
+        is then to do with buffers, checked against the model's own."""
         params = self._parameters
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         found = {name: tuple(t.shape) for name, t in loaded.parameters.items()}
@@ -2283,88 +2383,13 @@ class Trainer:
                 f"{', '.join(odd)}",
                 reason="BAD_CHECKPOINT",
             )
-        unfit = checkpoint.unfit(loaded, params, settings.kind)
+        unfit = checkpoint.unfit(loaded, params, kind)
         if unfit:
             raise InvalidInput(
                 f"cannot load {path}: {checkpoint.damaged('it holds ' + '; '.join(unfit))}",
                 reason="BAD_CHECKPOINT",
             )
-        with self._device_memory(f"cannot load {path}"):
-            # Everything new is on the device before anything is replaced.
-            try:
-                optimizer = optimizers.build(self._model.parameters(), settings)
-            except InvalidInput as err:  # torch's own checks: a negative lr, say
-                damaged = checkpoint.damaged(f"its {err.message}")
-                raise InvalidInput(
-                    f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT"
-                ) from err
-            gradients = {
-                name: staging.to_device(grad, self.device)
-                for name, grad in loaded.gradients.items()
-            }
-            state = {
-                name: {
-                    k: staging.to_device(v, self.device)
-                    if isinstance(v, torch.Tensor) and k != "step"
-                    else v
-                    for k, v in values.items()
-                }
-                for name, values in loaded.optimizer_state.items()
-            }
-            # Written before checkpoints kept buffers (or before the model registered one in
-            # its forward pass): as a new model makes them, so that the load gives one state
-            # whatever this trainer held (left as they were, a trained session's running
-            # statistics met the checkpoint's weights: found by a review). The whole model is
-            # built, on the CPU, for them: only for such a checkpoint.
-            registered = (
-                {name: staging.to_device(loaded.buffers[name], self.device) for name in unknown}
-                if registers
-                else {}
-            )
-            made = {}
-            if lacking:
-                built, _ = self._build_model(self._seed, on_device=False)
-                new = dict(built.named_buffers())
-                made = {  # but one the model registers in its forward pass: as it is
-                    name: staging.to_device(new[name], self.device)
-                    for name in lacking
-                    if name in new
-                }
-        replaced: list[str] = []
-        try:
-            with self._device_memory(f"cannot load {path}"), torch.no_grad():
-                for name, p in params.items():
-                    staging.copy_into(p.detach(), loaded.parameters[name])
-                    replaced.append(name)
-                for name, b in {**loaded.buffers, **made}.items():
-                    if name in buffers and no_repeats(buffers[name]):
-                        staging.copy_into(buffers[name], b)
-                        replaced.append(name)
-                for name, b in registered.items():
-                    path_to, _, key = name.rpartition(".")
-                    self._model.get_submodule(path_to).register_buffer(key, b)
-                    replaced.append(name)
-        except DomainError as err:
-            if not replaced:
-                raise
-            # Some are replaced: saying "nothing changed" would be false (found by a review).
-            shown = ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "")
-            raise type(err)(
-                f"{err.message}; {len(replaced)} parameters and buffers were replaced by then "
-                f"({shown}), the rest, the gradients and the optimizer not: load again, or Reset",
-                reason=err.reason,
-                metadata={**err.metadata, "replaced": str(len(replaced))},
-            ) from err
-        for name, p in params.items():
-            p.grad = gradients.get(name)
-        for name, values in state.items():
-            optimizer.state[params[name]] = values
-        self._optimizer, self._settings = optimizer, settings
-        if random_state is not None:
-            self._random_state = random_state
-        self._clear_forward()
-        self._deltas = {}  # the last Step's change was made to the weights just replaced
-        return loaded.version
+        return _Fit(buffers, unknown if registers else [], lacking)
 
     @property
     def optimizer_settings(self) -> OptimizerSettings:
