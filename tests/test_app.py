@@ -665,7 +665,8 @@ def test_a_state_dir_is_made_at_start_and_holds_no_trace_of_the_check(tmp_path: 
     state = tmp_path / "runs" / "state"
     check_state_dir(state)
     assert state.is_dir()
-    assert list(state.iterdir()) == []
+    assert [p.name for p in state.iterdir()] == [".saving"]  # where saves are written
+    assert list((state / ".saving").iterdir()) == []
 
 
 def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ a restart in the middle of a burst of steps."""
 from __future__ import annotations
 
 import errno
+import math
 import os
 import resource
 import shutil
@@ -402,6 +403,93 @@ def test_what_saves_cut_short_left_is_cleared(tmp_path: Path) -> None:
     assert (tmp_path / "kept.safetensors").read_bytes() == kept
 
 
+def _victim(tmp_path: Path) -> Path:
+    """A folder outside the state dir holding a file of the user's."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("precious\n")
+    return victim
+
+
+def test_a_link_at_the_saving_folder_is_refused_at_start_and_followed_by_nothing(
+    tmp_path: Path,
+) -> None:
+    """At start the server emptied the folder a `.saving` link pointed to, and every save
+    wrote its unfinished file there (found by a review of checkpoints)."""
+    from gradwire_server.app import check_state_dir
+
+    state, victim = tmp_path / "state", _victim(tmp_path)
+    state.mkdir()
+    (state / ".saving").symlink_to(victim)
+    with pytest.raises(InvalidInput) as refused:
+        check_state_dir(state)
+    assert refused.value.reason == "BAD_STATE_DIR"
+    assert (
+        "(.saving in the state directory, where saves write before renaming, is a link, not a "
+        "folder of its own: remove it); or choose another folder"
+    ) in refused.value.message
+    assert checkpoint.clear_unfinished(state) == (0, 0)
+    with pytest.raises(checkpoint.StateDirChanged, match="is a link"):
+        Trainer(SIMPLE, seed=0).save(state / "x.safetensors")
+    assert [p.name for p in victim.iterdir()] == ["notes.txt"]
+    assert not (state / "x.safetensors").exists()
+
+
+def test_a_file_at_the_saving_folder_is_refused_at_start(tmp_path: Path) -> None:
+    """It passed the start's check, then every save failed "File exists", the stop's too,
+    and the run's training was lost (found by a review of checkpoints)."""
+    from gradwire_server.app import check_state_dir
+
+    (tmp_path / ".saving").write_text("junk\n")
+    with pytest.raises(InvalidInput, match=r"\.saving in the state directory.* is a file"):
+        check_state_dir(tmp_path)
+
+
+def test_a_link_at_the_lock_file_is_refused_and_its_target_left_alone(tmp_path: Path) -> None:
+    """The server truncated the file a `gradwire.lock` link pointed to and wrote its process
+    id there (found by a review of checkpoints)."""
+    from gradwire_server.app import LOCK_FILE, check_state_dir, hold_state_dir
+
+    victim = _victim(tmp_path) / "notes.txt"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(InvalidInput, match=r"gradwire\.lock there is a link, not a file of its"):
+        check_state_dir(state)
+    with pytest.raises(InvalidInput) as refused:  # even were the check skipped
+        hold_state_dir(state)
+    assert refused.value.reason == "BAD_STATE_DIR"
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_save_into_a_state_dir_removed_meanwhile_makes_no_folder(tmp_path: Path) -> None:
+    """The save made the folder again, without the lock that keeps a second server out: two
+    servers then ran on it, the last to stop writing over the other's training (found by a
+    review of checkpoints)."""
+    state = tmp_path / "state"
+    trainer = Trainer(SIMPLE, seed=0)
+    state.mkdir()
+    trainer.save(state / "a.safetensors")
+    shutil.rmtree(state)
+    with pytest.raises(checkpoint.StateDirChanged, match="the state directory is gone"):
+        trainer.save(state / "a.safetensors")
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_a_checkpoint_is_made_with_the_mode_the_umask_gives(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """tempfile.mkstemp made every checkpoint 0600, whatever the umask, and a save over a
+    file made readable to others made it 0600 again (found by a review of checkpoints)."""
+    old = os.umask(umask)
+    try:
+        Trainer(SIMPLE, seed=0).save(tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == mode
+
+
 @pytest.mark.parametrize(
     ("key", "named"),
     [
@@ -674,6 +762,22 @@ ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr
             {"optim/linear.weight/step": torch.ones(2)},
             "adam state step of linear.weight as float32 [2], where it is a float of no dimension",
         ),
+        # Loaded, these made every weight NaN at the next step, or (-1) every later step
+        # INTERNAL, ZeroDivisionError in torch's bias correction (a review of checkpoints).
+        (
+            ADAM,
+            {"optim/linear.weight/step": torch.tensor(-1.0)},
+            "adam state step of linear.weight as -1.0, where it is a count of steps taken: a "
+            "whole number, 0 or more",
+        ),
+        (ADAM, {"optim/conv1.weight/step": torch.tensor(math.nan)}, "step of conv1.weight as nan"),
+        (ADAM, {"optim/conv1.weight/step": torch.tensor(1.5)}, "step of conv1.weight as 1.5"),
+        (
+            ADAM,
+            {"optim/conv2.weight/exp_avg_sq": -torch.ones(32, 16, 3, 3)},
+            "adam state exp_avg_sq of conv2.weight holds negative values, where it is a running "
+            "mean of squared gradients: 0 or more",
+        ),
     ],
     ids=[
         "grad-dtype",
@@ -683,6 +787,10 @@ ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr
         "adam-shape",
         "adam-missing",
         "adam-step",
+        "adam-step-negative",
+        "adam-step-nan",
+        "adam-step-fraction",
+        "adam-squares-negative",
     ],
 )
 def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes_nothing(
@@ -716,6 +824,7 @@ def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> 
             "its optimizer settings hold fields unknown here: 'amsgrad'",
         ),
     ]:
+        (tmp_path / name).mkdir()
         trainer.save(tmp_path / name / "state.safetensors")
         _altered(tmp_path / name / "state.safetensors", change)
         done = subprocess.run(
@@ -1214,6 +1323,23 @@ def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert np.array_equal(after[name], value), name
+
+
+def test_a_save_into_a_state_dir_removed_meanwhile_says_so_to_the_caller(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    shutil.rmtree(state_dir)
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        client.save_checkpoint("epoch1")
+    assert caught.value.reason == "STATE_DIR_UNWRITABLE"
+    assert caught.value.message == (
+        "could not write checkpoint 'epoch1': the state directory is gone (removed while the "
+        "server ran?): make it again to save there"
+    )
+    assert not state_dir.exists()
+    state_dir.mkdir()
+    assert client.save_checkpoint("epoch1").name == "epoch1"
 
 
 def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(

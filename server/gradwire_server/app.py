@@ -373,20 +373,29 @@ def _write_and_remove_a_file(folder: Path) -> None:
 
 def check_state_dir(state_dir: Path) -> None:
     """Refuses, at start, a state dir the stop could not save into (InvalidInput,
-    BAD_STATE_DIR): it is made when missing, and a file is written there and removed, as a
-    save writes one and renames it."""
+    BAD_STATE_DIR): it is made when missing, a file is written there and removed, as a save
+    writes one and renames it, and its folder for unfinished saves is made
+    (checkpoint.saving_folder, which refuses a link or a file there). The lock file is not
+    to be a link either: opened, it wrote the server's process id into what it pointed to
+    (found by a review of checkpoints)."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
+        if (state_dir / LOCK_FILE).is_symlink():
+            raise checkpoint.StateDirChanged(
+                errno.ELOOP, f"{LOCK_FILE} there is a link, not a file of its own: remove it"
+            )
         _write_and_remove_a_file(state_dir)
+        checkpoint.saving_folder(state_dir)
     except OSError as err:
-        why = err.strerror or str(err)
+        why, advice = err.strerror or str(err), "choose a folder this user can write to"
         if isinstance(err, FileExistsError):
             why = "it is a file, not a folder"
-        elif isinstance(err, NotADirectoryError):
+        elif isinstance(err, NotADirectoryError) and not state_dir.is_dir():
             why = "a folder on its path is a file"
+        elif isinstance(err, checkpoint.StateDirChanged):
+            advice = "or choose another folder"
         raise InvalidInput(
-            f"--state-dir {state_dir}: the state could not be saved there ({why}); choose a "
-            "folder this user can write to",
+            f"--state-dir {state_dir}: the state could not be saved there ({why}); {advice}",
             reason="BAD_STATE_DIR",
         ) from None
 
@@ -520,7 +529,18 @@ def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[object]
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return contextlib.nullcontext()
-    handle = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - the context's to close
+    # Not through a link (check_state_dir refuses one): opened through it, the process id
+    # was written into the file it pointed to.
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(state_dir / LOCK_FILE, flags, 0o644)
+    except OSError as err:
+        raise InvalidInput(
+            f"--state-dir {state_dir}: its lock file {LOCK_FILE} could not be opened "
+            f"({err.strerror or err}); remove it if it is a link",
+            reason="BAD_STATE_DIR",
+        ) from None
+    handle = open(descriptor, "r+")  # noqa: SIM115 - the context's to close
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -20,8 +20,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, NamedTuple
@@ -128,12 +128,47 @@ def saved_names(state_dir: Path) -> list[str]:
 SAVING = ".saving"
 
 
+class StateDirChanged(OSError):
+    """The state dir, or a file the server keeps in it, is not as the server made it; its
+    strerror says what, and what to do."""
+
+
+def saving_folder(state_dir: Path) -> Path:
+    """`state_dir`'s SAVING folder, made when missing; OSError, saying why in its strerror,
+    when the state dir is gone or SAVING is not a folder of its own. A link there was
+    followed: the server emptied the folder it pointed to at start and wrote its unfinished
+    files there; a file there passed the start's check, and every save, the stop's too,
+    failed "File exists" (found by a review of checkpoints). A state dir removed while the
+    server ran was made again by the next save, without the lock that keeps a second server
+    out of it (the same review)."""
+    folder = state_dir / SAVING
+    if not state_dir.is_dir():
+        raise StateDirChanged(
+            errno.ENOENT,
+            "the state directory is gone (removed while the server ran?): make it again to "
+            "save there",
+            str(state_dir),
+        )
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise StateDirChanged(
+            errno.ENOTDIR,
+            f"{SAVING} in the state directory, where saves write before renaming, is "
+            f"{'a link' if folder.is_symlink() else 'a file'}, not a folder of its own: "
+            "remove it",
+            str(folder),
+        )
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def clear_unfinished(state_dir: Path) -> tuple[int, int]:
     """Removes what saves cut short (a kill, a power cut) left in `state_dir`: everything in
     its SAVING folder, and the ".NAME.safetensors.*.partial" files saves wrote beside their
     checkpoints before it. For a server that holds the state dir (no save of another's under
-    way). Returns (files removed, their bytes); what cannot be removed stays, unsaid."""
-    left = list((state_dir / SAVING).glob("*")) + [
+    way). Returns (files removed, their bytes); what cannot be removed stays, unsaid. A
+    SAVING that is a link is not followed (saving_folder refuses it at start)."""
+    saving = state_dir / SAVING
+    left = ([] if saving.is_symlink() else list(saving.glob("*"))) + [
         p for p in state_dir.glob(f".*{SUFFIX}.*.partial") if p.is_file()
     ]
     removed = size = 0
@@ -193,21 +228,25 @@ def save(
         "optimizer_scalars": json.dumps(scalars),
     }
     metadata[CHECKSUM] = checksum(tensors, metadata)
-    folder = path.parent / SAVING  # where safetensors' own temporary file lands too
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = saving_folder(path.parent)  # where safetensors' own temporary file lands too
     if keep_free:
         need = sum(t.numel() * t.element_size() for t in tensors.values())
         check_room(folder, need, _replaced(path))
     # A name of its own: two sessions saving one name at once (on a GPU each has a thread)
-    # wrote one ".partial", and the loser's rename found it gone (found by a review).
-    handle, written = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=folder)
-    os.close(handle)
-    partial = Path(written)
+    # wrote one ".partial", and the loser's rename found it gone (found by a review). Made
+    # as a plain open makes a file, for the mode the umask gives it, which the checkpoint
+    # is given: safetensors writes through a temporary file of its own, made 0600, and
+    # every checkpoint was unreadable to the server's group (found by a review).
+    partial = folder / f"{path.name}.{secrets.token_hex(8)}.partial"
+    made = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    mode = os.fstat(made).st_mode & 0o777
+    os.close(made)
     try:
         try:
             save_file(tensors, str(partial), metadata=metadata)
         except SafetensorError as err:  # its I/O errors, as the OSError they are
             raise _os_error(err) from err
+        os.chmod(partial, mode)
         # On disk before the rename, and the rename too: after a power cut the file was
         # otherwise either the old one or the new one only as far as the page cache had got.
         _sync(partial)
@@ -583,6 +622,14 @@ def optimizer_settings(saved: dict[str, Any]) -> OptimizerSettings:
     return OptimizerSettings(**saved).resolved()
 
 
+def _a_count(value: float) -> bool:
+    return math.isfinite(value) and value >= 0 and value.is_integer()
+
+
+def _negative(value: torch.Tensor) -> bool:
+    return value.is_floating_point() and bool((value < 0).any())
+
+
 def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
     """What of a checkpoint's tensors this model and optimizer could not use, said as
     "X as Y, where Z". Such a file used to load: a gradient of another dtype then stopped
@@ -615,6 +662,23 @@ def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[st
                 fits = isinstance(value, torch.Tensor) and value.dim() == 0
                 fits = fits and value.is_floating_point()
                 wanted = "a float of no dimension"
+                if fits and not _a_count(float(value)):
+                    # -1 failed every later step INTERNAL (ZeroDivisionError in torch's
+                    # bias correction), NaN made every weight NaN (a review of checkpoints).
+                    found.append(
+                        f"{kind} state step of {name} as {float(value)}, where it is a count "
+                        "of steps taken: a whole number, 0 or more"
+                    )
+                    continue
+            elif key == "exp_avg_sq" and isinstance(value, torch.Tensor) and _negative(value):
+                # A mean of squares, which no step makes negative: its square root made
+                # every weight NaN at the next step (a review of checkpoints). NaN, which a
+                # run that diverged keeps, is loaded, as its NaN weights are.
+                found.append(
+                    f"{kind} state exp_avg_sq of {name} holds negative values, where it is a "
+                    "running mean of squared gradients: 0 or more"
+                )
+                continue
             else:
                 fits = (value is None and key == "momentum_buffer") or (
                     isinstance(value, torch.Tensor)

@@ -1417,6 +1417,8 @@ def _unwritable(path: Path, err: OSError) -> DomainError:
     is its operator's business, in the server's log."""
     why = err.strerror or str(err)
     name = f"checkpoint {checkpoint.name_of(path)!r}"
+    if isinstance(err, checkpoint.StateDirChanged):  # it says what to do
+        return NotConfigured(f"could not write {name}: {why}", reason="STATE_DIR_UNWRITABLE")
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return OverLimit(
             f"could not write {name}: {why}; free space in the server's state "
