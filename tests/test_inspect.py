@@ -271,6 +271,28 @@ def test_a_range_numpy_refuses_for_its_bins_is_refused(
         assert refused.value.reason == "BAD_BINS"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("size", [432, 300_000])  # numpy's path, and the device's
+@pytest.mark.parametrize(
+    ("value", "bins", "low"),
+    [(3e38, 2, None), (3e38, 4096, None), (-1.5e300, 7, None), (0.1, 2, 1e300)],
+)
+def test_a_unit_wide_range_is_widened_where_it_would_have_no_width(
+    device: str, size: int, value: float, bins: int, low: float | None
+) -> None:
+    """3e38 - 0.5 is 3e38: the unit-wide range around one distinct value, or beside the one
+    edge given, had no width there, and every value was left out of a histogram whose edges
+    both held it ([3e38, 3e38], counts [0, 0]; found by a review of the contract). Two
+    float64 spacings a bin now, which keeps each value where numpy puts a value on an edge."""
+    values = torch.full((size,), value, dtype=torch.float64, device=device)
+    histogram = server_stats.summarize(values, bins=bins, low=low).histogram
+    assert histogram is not None and histogram.low < histogram.high
+    edges = server_stats._edges(histogram.low, histogram.high, bins).numpy()
+    expected, _ = np.histogram(values.cpu().numpy(), edges)
+    assert histogram.counts == expected.tolist()
+    assert sum(histogram.counts) == (0 if low is not None else size)
+
+
 @pytest.mark.parametrize(
     ("low", "high", "edges", "counts"),
     [

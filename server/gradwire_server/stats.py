@@ -159,7 +159,7 @@ def _summarize_small(
         deviation = float(np.square(filled - mean).sum())
     histogram = None
     if bins:
-        start, stop = _histogram_range(smallest, largest, low, high)
+        start, stop = _histogram_range(smallest, largest, low, high, bins)
         counts = np.zeros(bins, dtype=np.int64)
         if stop > start:
             counts, _ = np.histogram(values, _edges(start, stop, bins).numpy())
@@ -179,21 +179,28 @@ def _summarize_small(
 
 
 def _histogram_range(
-    smallest: float, largest: float, low: float | None, high: float | None
+    smallest: float, largest: float, low: float | None, high: float | None, bins: int
 ) -> tuple[float, float]:
     """The histogram's edges, from the finite values' extremes (0 and 0 when there are
     none), in both paths: those given, else the extremes, with a unit-wide range where that
-    leaves none."""
+    leaves none; wider where a unit is under the spacing of float64 values there (3e38 -
+    0.5 is 3e38): two spacings a bin. The unit-wide range had no width there, and every
+    value was left out of a histogram whose edges all held it (found by a review of the
+    contract; numpy raises "Too many bins for data range")."""
     lo = smallest if low is None else low
     hi = largest if high is None else high
+
+    def unit(at: float) -> float:
+        return max(1.0, 2 * bins * math.ulp(at))
+
     if low is None and high is None and lo == hi:  # one distinct value: as numpy does
-        return lo - 0.5, hi + 0.5
+        return lo - unit(lo) / 2, hi + unit(hi) / 2
     # The values' extreme at or past the one edge given: a unit-wide range beside it, on
     # the side the values lie outside (the range was empty, and hid the edge given).
     if low is None and lo >= hi:
-        return hi - 1, hi
+        return hi - unit(hi), hi
     if high is None and hi <= lo:
-        return lo, lo + 1
+        return lo, lo + unit(lo)
     return lo, hi
 
 
@@ -253,7 +260,7 @@ def _summarize(flat: torch.Tensor, bins: int, low: float | None, high: float | N
     if bins:
         # The edges are made from numbers, as numpy's: the extremes leave the device here.
         extremes = torch.stack([smallest, largest]).cpu()
-        start, stop = _histogram_range(float(extremes[0]), float(extremes[1]), low, high)
+        start, stop = _histogram_range(float(extremes[0]), float(extremes[1]), low, high, bins)
         binned = torch.zeros(bins, dtype=torch.int64, device=device)
         if stop > start:
             edges = _edges(start, stop, bins).to(device)
