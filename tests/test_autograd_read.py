@@ -9,6 +9,7 @@ command line, the raw message).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -244,6 +245,57 @@ def test_a_frozen_parameter_prints_as_pytorch_prints_it(frozen: gradwire.Client)
         assert format_read(frozen.read(selector)) == str(local), selector
     whole = frozen.read("base.weight")
     assert (whole.requires_grad, whole.grad_fn, whole.whole_parameter) == (False, "", True)
+
+
+def test_a_frozen_parameter_s_gradient_is_not_written_and_a_step_leaves_it(
+    frozen: gradwire.Client,
+) -> None:
+    """SetTensor made the gradient of a frozen parameter, and the next Step trained it
+    (SGD at lr 1: its weights went to 0), where the .proto says a Step leaves a frozen
+    parameter as it is (found by a review of the contract)."""
+    frozen.train_step(np.ones((3, 4), np.float32), np.ones(3, np.int64))  # head's gradients
+    before = frozen.get("base.weight")
+    version = frozen.list_tensors().version
+    for value in (np.ones((4, 4), np.float32), Fill.constant(1.0, 4, 4)):
+        with pytest.raises(gradwire.errors.InvalidArgument) as caught:
+            frozen.set("base.weight.grad", value)
+        assert caught.value.reason == "READ_ONLY"
+        assert caught.value.message == (
+            "'base.weight.grad' is the gradient of base.weight, which is frozen "
+            "(requires_grad=False): a Step leaves a frozen parameter as it is, so no gradient "
+            "of it is written; write base.weight itself, or unfreeze it in the model to train "
+            "it"
+        )
+    assert frozen.list_tensors().version == version
+    frozen.step()
+    assert frozen.get("base.weight.grad") is None
+    np.testing.assert_array_equal(frozen.get("base.weight"), before)
+    frozen.set("head.weight.grad", np.ones((2, 4), np.float32))  # a trained one's is written
+
+
+class _Unfrozen(_Frozen):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base.requires_grad_(True)
+
+
+def test_a_checkpoint_s_gradient_of_a_parameter_frozen_here_is_not_loaded(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint of the model trained whole, loaded into one frozen for fine-tuning: its
+    base's gradient was loaded, and the next Step trained the frozen base."""
+    x, y = torch.ones(3, 4), torch.ones(3, dtype=torch.int64)
+    whole = Trainer(ModelSpec("Frozen", _Unfrozen, sample_shape=(4,), num_classes=2), seed=0)
+    whole.forward(x, y)
+    whole.backward()  # gradients kept for the save, the base's among them
+    whole.save(tmp_path / "state.safetensors")
+    tuned = Trainer(ModelSpec("Frozen", _Frozen, sample_shape=(4,), num_classes=2), seed=1)
+    tuned.load(tmp_path / "state.safetensors")
+    assert tuned.parameters["base.weight"].grad is None
+    assert tuned.parameters["head.weight"].grad is not None
+    base = tuned.parameters["base.weight"].detach().clone()
+    tuned.step()
+    assert torch.equal(tuned.parameters["base.weight"].detach(), base)
 
 
 def test_a_tensor_off_the_cpu_names_its_device(trainer: Trainer) -> None:

@@ -1908,6 +1908,16 @@ class Trainer:
                 f"{name!r} is {what}; only parameters and gradients can be written",
                 reason="READ_ONLY",
             )
+        if kind == "gradient" and not param.requires_grad:
+            # Written, the next Step trained the frozen parameter, where the .proto says a
+            # Step leaves it as it is (found by a review of the contract).
+            owner = name[: -len(".grad")]
+            raise InvalidInput(
+                f"{name!r} is the gradient of {owner}, which is frozen (requires_grad=False): "
+                "a Step leaves a frozen parameter as it is, so no gradient of it is written; "
+                f"write {owner} itself, or unfreeze it in the model to train it",
+                reason="READ_ONLY",
+            )
         return kind, tensor, param
 
     def check_write(self, name: str, chain: IndexChain, shape: Sequence[int]) -> None:
@@ -2272,7 +2282,9 @@ class Trainer:
                 metadata={**err.metadata, "replaced": str(len(replaced))},
             ) from err
         for name, p in params.items():
-            p.grad = gradients.get(name)
+            # None for a frozen one: a checkpoint of the model trained whole, loaded into
+            # one frozen for fine-tuning, would have its next Step train it.
+            p.grad = gradients.get(name) if p.requires_grad else None
         for name, values in state.items():
             optimizer.state[params[name]] = values
         self._optimizer, self._settings = optimizer, settings

@@ -1197,7 +1197,8 @@ class SetTensorRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A parameter ("conv1.weight") or gradient ("conv1.weight.grad"); a gradient that is
-    absent is made, zeros where the index does not write.
+    absent is made, zeros where the index does not write. A frozen parameter's gradient
+    (TensorInfo.requires_grad false) is not written (READ_ONLY): a Step leaves it as it is.
     """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
