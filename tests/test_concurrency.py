@@ -204,9 +204,10 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
                 "the server is busy: 2 calls in progress, 2 of them streams (Watch, Train, "
                 "streamed reads, streams of calls), which hold their places until they end: "
                 "retry once some end, or close the watches and clients you no longer use "
-                "(gradwire sessions shows which sessions opened beside the default one hold "
-                "calls, and gradwire close-session ends theirs; the default session's streams "
-                "end only when their clients close them)"
+                "(ListSessions, gradwire sessions, shows which sessions opened beside the "
+                "default one hold calls, and CloseSession, gradwire close-session, ends theirs, "
+                "each answered beyond the limit; the default session's streams end only when "
+                "their clients close them)"
             )
             watches[0].close()
             eventually(lambda: running.servicer.slots.taken == 1)

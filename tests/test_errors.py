@@ -144,7 +144,7 @@ def test_malformed_tensor_is_invalid_argument(
         (  # found by tests/test_fuzz.py: torch only warned, and drew rounded numbers
             lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2**24 + 2), TARGET),
             "BAD_FILL",
-            "needs bounds within [-2^24, 2^24]",
+            "input: a randint fill of float32 needs bounds within [-2^24, 2^24]",
         ),
         # Found by a review of the client's API: torch's words, "to is out of bounds for
         # float", "to - 1 is out of bounds for bool", "Overflow when unpacking long long".

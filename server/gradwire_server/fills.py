@@ -207,7 +207,7 @@ def make(
                     digits = 1 - round(math.log2(torch.finfo(dtype).eps))
                     if low < -(2**digits) or high - 1 > 2**digits:
                         raise InvalidInput(
-                            f"{what}: a randint fill of {dtype} needs bounds within "
+                            f"{what}: a randint fill of {dtype_name(dtype)} needs bounds within "
                             f"[-2^{digits}, 2^{digits}], the whole numbers it holds "
                             f"exactly; got [{low}, {high})",
                             reason="BAD_FILL",

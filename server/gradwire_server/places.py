@@ -57,9 +57,10 @@ class Slots:
             f"the server is busy: {calls}, {self._streams} of them "
             "streams (Watch, Train, streamed reads, streams of calls), which hold their places "
             "until they end: retry once some end, or close the watches and clients you no "
-            "longer use (gradwire sessions shows which sessions opened beside the default one "
-            "hold calls, and gradwire close-session ends theirs; the default session's "
-            "streams end only when their clients close them)"
+            "longer use (ListSessions, gradwire sessions, shows which sessions opened beside "
+            "the default one hold calls, and CloseSession, gradwire close-session, ends "
+            "theirs, each answered beyond the limit; the default session's streams end only "
+            "when their clients close them)"
         )
 
 
