@@ -1139,6 +1139,12 @@ def test_a_checkpoint_is_deleted_by_name_for_room(
             "'state' is the default session's checkpoint, which the server restores at start "
             "and writes at a graceful stop: only the default session may remove it"
         )
+        with pytest.raises(errors.InvalidArgument) as cased:  # it named "state" alone
+            other.save_checkpoint("State")
+        assert cased.value.message.startswith(
+            "'State' is 'state' where case is not told apart (macOS's file systems): 'state' "
+            "is the default session's checkpoint"
+        )
         assert other.delete_checkpoint("epoch2") > 0  # sessions share the others
     assert client.delete_checkpoint("state") > 0
     with gradwire.connect(client.target, stream_calls=True) as streamed:  # on a Calls stream

@@ -779,9 +779,16 @@ class TrainerServicer:
         # default), "State" is the same file (a review).
         default = path.name.casefold() == checkpoint.FILE_NAME.casefold()
         if self.trainer is not self.sessions.default and default:
+            given = checkpoint.name_of(path)
+            same = (
+                ""
+                if given == checkpoint.DEFAULT_NAME
+                else f"{given!r} is {checkpoint.DEFAULT_NAME!r} where case is not told apart "
+                "(macOS's file systems): "
+            )
             raise InvalidInput(
-                f"{checkpoint.DEFAULT_NAME!r} is the default session's checkpoint, which the "
-                f"server restores at start and writes at a graceful stop: {instead}",
+                f"{same}{checkpoint.DEFAULT_NAME!r} is the default session's checkpoint, which "
+                f"the server restores at start and writes at a graceful stop: {instead}",
                 reason="BAD_CHECKPOINT_NAME",
                 metadata={"name": checkpoint.DEFAULT_NAME},
             )
