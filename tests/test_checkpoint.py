@@ -462,18 +462,63 @@ def test_a_link_at_the_lock_file_is_refused_and_its_target_left_alone(tmp_path: 
     assert victim.read_text() == "precious\n"
 
 
-def test_a_save_into_a_state_dir_removed_meanwhile_makes_no_folder(tmp_path: Path) -> None:
-    """The save made the folder again, without the lock that keeps a second server out: two
+@pytest.mark.parametrize("kind", ["hard link", "fifo", "folder"])
+def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    """A hard link's other file was truncated and given the server's process id; a FIFO
+    stopped serve "File or stream is not seekable", exit 1; a folder was told to remove a
+    link (found by a review of this session's fixes)."""
+    from gradwire_server.app import LOCK_FILE, hold_state_dir
+
+    victim = _victim(tmp_path) / "notes.txt"
+    lock = tmp_path / LOCK_FILE
+    {"hard link": lambda: os.link(victim, lock), "fifo": lambda: os.mkfifo(lock)}.get(
+        kind, lock.mkdir
+    )()
+    with pytest.raises(InvalidInput) as refused:
+        hold_state_dir(tmp_path)
+    assert refused.value.reason == "BAD_STATE_DIR"
+    said = {"hard link": "a second name of another file", "fifo": "not a plain file"}
+    assert f"its lock file {LOCK_FILE} is {said.get(kind, 'Is a directory')}" in (
+        refused.value.message
+    )
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_save_into_a_state_dir_removed_meanwhile_makes_it_again_and_holds_it(
+    tmp_path: Path,
+) -> None:
+    """The save made the folder again without the lock that keeps a second server out: two
     servers then ran on it, the last to stop writing over the other's training (found by a
-    review of checkpoints)."""
+    review of checkpoints). Refusing the save instead lost the run at the stop (its review):
+    the folder is made again, and the server's lock taken again there."""
+    import fcntl
+
+    from gradwire_server.app import LOCK_FILE, hold_state_dir
+
     state = tmp_path / "state"
     trainer = Trainer(SIMPLE, seed=0)
     state.mkdir()
-    trainer.save(state / "a.safetensors")
-    shutil.rmtree(state)
-    with pytest.raises(checkpoint.StateDirChanged, match="the state directory is gone"):
+    with hold_state_dir(state):
+        shutil.rmtree(state)
         trainer.save(state / "a.safetensors")
-    assert not state.exists()
+        assert (state / "a.safetensors").is_file()
+        assert (state / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(InvalidInput, match="is in use by another gradwire server") as held:
+            hold_state_dir(state)  # a second server, given the folder made again
+        assert held.value.reason == "BAD_STATE_DIR"
+        shutil.rmtree(state)
+        state.mkdir()
+        with (state / LOCK_FILE).open("w") as other:  # another server's, on the new folder
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            other.write("4242\n")
+            other.flush()
+            with pytest.raises(checkpoint.StateDirChanged, match="could not be held") as lost:
+                trainer.save(state / "a.safetensors")
+            assert "in use by another gradwire server (process 4242)" in str(lost.value)
+            assert not (state / "a.safetensors").exists()
+    trainer.save(tmp_path / "elsewhere" / "b.safetensors")  # no server: a folder is made
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
@@ -824,7 +869,6 @@ def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> 
             "its optimizer settings hold fields unknown here: 'amsgrad'",
         ),
     ]:
-        (tmp_path / name).mkdir()
         trainer.save(tmp_path / name / "state.safetensors")
         _altered(tmp_path / name / "state.safetensors", change)
         done = subprocess.run(
@@ -1329,23 +1373,6 @@ def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
     assert after.keys() == before.keys()
     for name, value in before.items():
         assert np.array_equal(after[name], value), name
-
-
-def test_a_save_into_a_state_dir_removed_meanwhile_says_so_to_the_caller(
-    kept: tuple[gradwire.Client, Trainer, Path],
-) -> None:
-    client, _, state_dir = kept
-    shutil.rmtree(state_dir)
-    with pytest.raises(errors.FailedPrecondition) as caught:
-        client.save_checkpoint("epoch1")
-    assert caught.value.reason == "STATE_DIR_UNWRITABLE"
-    assert caught.value.message == (
-        "could not write checkpoint 'epoch1': the state directory is gone (removed while the "
-        "server ran?): make it again to save there"
-    )
-    assert not state_dir.exists()
-    state_dir.mkdir()
-    assert client.save_checkpoint("epoch1").name == "epoch1"
 
 
 def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(

@@ -10,12 +10,14 @@ import os
 import resource
 import signal
 import socket
+import stat
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 import torch
@@ -520,44 +522,115 @@ def stop_signals() -> tuple[signal.Signals, ...]:
 LOCK_FILE = "gradwire.lock"
 
 
+def _lock_file(state_dir: Path) -> Any:
+    """LOCK_FILE in `state_dir`, opened for reading and writing (made when missing), or
+    InvalidInput (BAD_STATE_DIR) where it is not a plain file of its own: opened through a
+    link, or a second name (a hard link) of another file, the server wrote its process id
+    into that file; a FIFO or a folder failed with words of its own (found by reviews of
+    checkpoints)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_NONBLOCK", 0)  # a FIFO there: opened, not waited on
+    path = state_dir / LOCK_FILE
+    why = ""
+    try:
+        descriptor = os.open(path, flags, 0o644)
+    except OSError as err:
+        why = "a link" if path.is_symlink() else (err.strerror or str(err))
+    else:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            why = "not a plain file"
+        elif status.st_nlink > 1:
+            why = f"a second name of another file ({status.st_nlink} names: a hard link)"
+        if why:
+            os.close(descriptor)
+        else:
+            return open(descriptor, "r+")
+    raise InvalidInput(
+        f"--state-dir {state_dir}: its lock file {LOCK_FILE} is {why}, where the server keeps "
+        "a plain file of its own: remove it",
+        reason="BAD_STATE_DIR",
+    )
+
+
+class _StateDirHold:
+    """The lock `hold_state_dir` takes, and takes again in a state dir made again."""
+
+    def __init__(self, state_dir: Path, fcntl: Any) -> None:
+        self.state_dir, self._fcntl, self._handle = state_dir, fcntl, None
+        self.take()
+
+    def take(self) -> None:
+        handle = _lock_file(self.state_dir)
+        try:
+            self._fcntl.flock(handle, self._fcntl.LOCK_EX | self._fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            by = f"process {holder}" if holder.isdigit() else "another process"
+            raise InvalidInput(
+                f"--state-dir {self.state_dir} is in use by another gradwire server ({by}): "
+                "each server needs a folder of its own, or one would overwrite the other's "
+                "state",
+                reason="BAD_STATE_DIR",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        if self._handle is not None:
+            self._handle.close()  # the lock on the removed folder's file, which guards nothing
+        self._handle = handle
+
+    def keep(self) -> None:
+        """Before a save: takes the lock again where the state dir's lock file is no longer
+        the one this server holds (the folder removed, or made again), making the folder
+        again when it is gone; InvalidInput (BAD_STATE_DIR) where another server holds it."""
+        assert self._handle is not None
+        try:
+            same = os.path.samestat(
+                os.fstat(self._handle.fileno()), os.lstat(self.state_dir / LOCK_FILE)
+            )
+        except OSError:
+            same = False
+        if not same:
+            log.warning(
+                "the state directory %s was removed while the server ran: made again for "
+                "the save, and held again",
+                self.state_dir,
+            )
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.take()
+
+    def __enter__(self) -> _StateDirHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
 def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[object]:
     """Holds `state_dir` for this server until the context ends (or the process does):
     another server given it is refused at start (InvalidInput, BAD_STATE_DIR), naming the
     process that holds it. An advisory lock (flock) on LOCK_FILE, which stays behind; none
-    where the platform has no flock."""
+    where the platform has no flock. A state dir removed while the server runs is made
+    again by its next save (checkpoint.saving_folder), which takes the lock again there:
+    without it, a second server could start on the folder made again (found by a review
+    of checkpoints)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on Linux or macOS
         return contextlib.nullcontext()
-    # Not through a link (check_state_dir refuses one): opened through it, the process id
-    # was written into the file it pointed to.
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        descriptor = os.open(state_dir / LOCK_FILE, flags, 0o644)
-    except OSError as err:
-        raise InvalidInput(
-            f"--state-dir {state_dir}: its lock file {LOCK_FILE} could not be opened "
-            f"({err.strerror or err}); remove it if it is a link",
-            reason="BAD_STATE_DIR",
-        ) from None
-    handle = open(descriptor, "r+")  # noqa: SIM115 - the context's to close
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
-        by = f"process {holder}" if holder.isdigit() else "another process"
-        raise InvalidInput(
-            f"--state-dir {state_dir} is in use by another gradwire server ({by}): each "
-            "server needs a folder of its own, or one would overwrite the other's state",
-            reason="BAD_STATE_DIR",
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+    hold = _StateDirHold(state_dir, fcntl)
+    return _held(hold)
+
+
+@contextlib.contextmanager
+def _held(hold: _StateDirHold) -> Iterator[_StateDirHold]:
+    with hold, checkpoint.held_by(hold.state_dir, hold.keep):
+        yield hold
 
 
 def describe_device(device: torch.device, asked: str = "auto") -> str:

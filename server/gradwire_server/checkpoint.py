@@ -13,6 +13,7 @@ its optimizer cannot take, for the trainer to refuse it (Trainer._load).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -22,6 +23,8 @@ import os
 import re
 import secrets
 import shutil
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, NamedTuple
@@ -36,6 +39,7 @@ from gradwire_server.fills import dtype_name
 from gradwire_server.optimizers import STATE_KEYS, OptimizerSettings
 
 FILE_NAME = "state.safetensors"
+
 FORMAT = "gradwire-checkpoint-1"
 #: The checkpoint `gradwire serve --state-dir` restores at start and writes at a graceful
 #: stop, by the name SaveCheckpoint and LoadCheckpoint give it.
@@ -133,22 +137,51 @@ class StateDirChanged(OSError):
     strerror says what, and what to do."""
 
 
+#: What keeps each state dir a server holds its own (app.hold_state_dir), by state dir:
+#: called before each save there.
+_HELD: dict[Path, Callable[[], None]] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def held_by(state_dir: Path, keep: Callable[[], None]) -> Iterator[None]:
+    """Within the block, each save in `state_dir` first calls `keep`, which makes the
+    folder again if it was removed and takes the server's lock again where it no longer
+    holds the folder's (raising where another server does)."""
+    with _HELD_LOCK:
+        _HELD[state_dir] = keep
+    try:
+        yield
+    finally:
+        with _HELD_LOCK:
+            _HELD.pop(state_dir, None)
+
+
 def saving_folder(state_dir: Path) -> Path:
-    """`state_dir`'s SAVING folder, made when missing; OSError, saying why in its strerror,
-    when the state dir is gone or SAVING is not a folder of its own. A link there was
-    followed: the server emptied the folder it pointed to at start and wrote its unfinished
-    files there; a file there passed the start's check, and every save, the stop's too,
-    failed "File exists" (found by a review of checkpoints). A state dir removed while the
-    server ran was made again by the next save, without the lock that keeps a second server
-    out of it (the same review)."""
+    """`state_dir`'s SAVING folder, made when missing, and the state dir too (held_by: its
+    lock taken again); OSError, saying why in its strerror, when SAVING is not a folder of
+    its own, or when another server holds a state dir made again in place of this one's.
+    A link there was followed: the server emptied the folder it pointed to at start and
+    wrote its unfinished files there; a file there passed the start's check, and every
+    save, the stop's too, failed "File exists"; a state dir removed while the server ran
+    was made again by the next save, without the lock that keeps a second server out of it
+    (found by a review of checkpoints). Refusing that save lost the run at the stop (a
+    review of the fix)."""
     folder = state_dir / SAVING
-    if not state_dir.is_dir():
-        raise StateDirChanged(
-            errno.ENOENT,
-            "the state directory is gone (removed while the server ran?): make it again to "
-            "save there",
-            str(state_dir),
-        )
+    with _HELD_LOCK:
+        keep = _HELD.get(state_dir)
+    if keep is None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        try:
+            keep()
+        except Exception as err:  # InvalidInput, BAD_STATE_DIR: said as the save's failure
+            raise StateDirChanged(
+                errno.EBUSY,
+                "the state directory was removed while the server ran, and the one in its "
+                f"place could not be held ({getattr(err, 'message', err)})",
+                str(state_dir),
+            ) from err
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise StateDirChanged(
             errno.ENOTDIR,
@@ -627,7 +660,9 @@ def _a_count(value: float) -> bool:
 
 
 def _negative(value: torch.Tensor) -> bool:
-    return value.is_floating_point() and bool((value < 0).any())
+    """Whether `value` holds a value under 0: one reduction, no mask (a NaN minimum, which
+    a run that diverged keeps, is not under 0)."""
+    return value.is_floating_point() and value.numel() > 0 and bool(value.amin() < 0)
 
 
 def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[str]:
