@@ -1108,7 +1108,11 @@ def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
      (":50611", "no host before the port; give host:port, such as localhost:50611"),
      ("dns:///:7000", "no host before the port"),
      ("localhost:50611/x", "a path after host:port ('/x'); gRPC targets take none: give "
-      "host:port, such as localhost:50611"), ("[::1]:50051/", "such as [::1]:50051")],
+      "host:port, such as localhost:50611"), ("[::1]:50051/", "such as [::1]:50051"),
+     ("dns:///localhost:50051/v1", "('/v1'); gRPC targets take none: give host:port, such as "
+      "dns:///localhost:50051"), ("dns:localhost:50051/v1", "such as dns:localhost:50051"),
+     ("passthrough:///localhost:50051/", "such as passthrough:///localhost:50051"),
+     ("dns://8.8.8.8:53/gpu-box:7000/x", "such as dns://8.8.8.8:53/gpu-box:7000")],
 )  # fmt: skip
 def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
     target: str, said: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -291,6 +292,39 @@ def test_a_unit_wide_range_is_widened_where_it_would_have_no_width(
     expected, _ = np.histogram(values.cpu().numpy(), edges)
     assert histogram.counts == expected.tolist()
     assert sum(histogram.counts) == (0 if low is not None else size)
+
+
+@pytest.mark.parametrize("size", [5, 300_000])
+@pytest.mark.parametrize(
+    ("value", "bins"), [(1e15, 7), (2.0**52, 1), (2.0**53 - 1, 2), (1e8, 2), (-3.5, 4096)]
+)
+def test_a_unit_wide_range_numpy_can_bin_is_numpy_s(value: float, bins: int, size: int) -> None:
+    """The widening is for ranges numpy refuses alone: its first form widened these too,
+    where numpy answers (found by a review of the fix)."""
+    values = np.full(size, value)
+    counts, edges = np.histogram(values, bins)
+    histogram = server_stats.summarize(torch.from_numpy(values), bins=bins).histogram
+    assert histogram is not None
+    assert (histogram.low, histogram.high, histogram.counts) == (
+        edges[0],
+        edges[-1],
+        counts.tolist(),
+    )
+
+
+def test_values_at_float64_s_largest_are_binned_and_an_edge_there_refused() -> None:
+    """Widened past float64's largest value, the range overflowed and the whole GetStats
+    was refused, "give histogram_low and histogram_high closer together", of a caller who
+    gave neither (found by a review of the fix)."""
+    largest = sys.float_info.max
+    for value in (largest, -largest):
+        summary = server_stats.summarize(torch.full((5,), value, dtype=torch.float64), bins=3)
+        assert summary.histogram is not None and sum(summary.histogram.counts) == 5
+        assert value in (summary.histogram.low, summary.histogram.high)
+    with pytest.raises(InvalidInput) as refused:
+        server_stats.summarize(torch.zeros(5, dtype=torch.float64), bins=4, low=largest)
+    assert refused.value.reason == "BAD_BINS"
+    assert "no room above it in float64 for 4 bins: give both edges" in refused.value.message
 
 
 @pytest.mark.parametrize(

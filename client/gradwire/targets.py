@@ -47,12 +47,20 @@ def with_default_port(target: str) -> str:
     # Schemes whose addresses gRPC checks itself, or that have no port.
     if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
         return target
-    # gRPC failed these in its resolver, UNAVAILABLE, exit 1 as if no server answered.
-    pathed = _PATH_AFTER_PORT.match(target)
+    # gRPC failed these in its resolver, UNAVAILABLE, exit 1 as if no server answered; after
+    # dns: or passthrough: (and an authority, "dns://8.8.8.8:53/") too (a review of the fix).
+    endpoint = target
+    for scheme in _PORTED_SCHEMES:
+        if target.startswith(scheme):
+            endpoint = target[len(scheme) :]
+            if endpoint.startswith("//"):
+                endpoint = endpoint[2:].partition("/")[2]
+    pathed = _PATH_AFTER_PORT.match(endpoint)
     if pathed is not None:
+        given = target[: len(target) - len(endpoint)] + endpoint[: pathed.start(1)]
         raise ValueError(
             f"bad target {target!r}: a path after host:port ({pathed[1]!r}); gRPC targets "
-            f"take none: give host:port, such as {target[: pathed.start(1)]}"
+            f"take none: give host:port, such as {given}"
         )
     if "/" in target and not target.startswith(_PORTED_SCHEMES):
         return target  # xds:///svc:grpc: a name of the scheme's own, not host:port (a review)

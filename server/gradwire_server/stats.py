@@ -183,25 +183,57 @@ def _histogram_range(
 ) -> tuple[float, float]:
     """The histogram's edges, from the finite values' extremes (0 and 0 when there are
     none), in both paths: those given, else the extremes, with a unit-wide range where that
-    leaves none; wider where a unit is under the spacing of float64 values there (3e38 -
-    0.5 is 3e38): two spacings a bin. The unit-wide range had no width there, and every
-    value was left out of a histogram whose edges all held it (found by a review of the
-    contract; numpy raises "Too many bins for data range")."""
+    leaves none, as numpy.histogram makes it (`_unit_wide`)."""
     lo = smallest if low is None else low
     hi = largest if high is None else high
-
-    def unit(at: float) -> float:
-        return max(1.0, 2 * bins * math.ulp(at))
-
     if low is None and high is None and lo == hi:  # one distinct value: as numpy does
-        return lo - unit(lo) / 2, hi + unit(hi) / 2
+        return _unit_wide(lo, bins, 0.5, 0.5)
     # The values' extreme at or past the one edge given: a unit-wide range beside it, on
     # the side the values lie outside (the range was empty, and hid the edge given).
     if low is None and lo >= hi:
-        return hi - unit(hi), hi
+        return _unit_wide(hi, bins, 1.0, 0.0)
     if high is None and hi <= lo:
-        return lo, lo + unit(lo)
+        return _unit_wide(lo, bins, 0.0, 1.0)
     return lo, hi
+
+
+def _unit_wide(at: float, bins: int, below: float, above: float) -> tuple[float, float]:
+    """[at - below, at + above]; where that leaves the bins no width in float64 (3e38 - 0.5
+    is 3e38), as many float64 spacings at `at` as make each bin two wide, on the same
+    sides (around one distinct value at float64's largest, on the side it has room on;
+    beside an edge given there, BAD_BINS, there being no room). The unit-wide range
+    of no width left every value out of a histogram whose edges both held it (found by a
+    review of the contract; numpy raises "Too many bins for data range")."""
+    start, stop = at - below, at + above
+    if _has_width(start, stop, bins):
+        return start, stop
+    spacing = 2 * bins * math.ulp(at)
+    if below and above:  # around one distinct value
+        start, stop = at - spacing / 2, at + spacing / 2
+        if math.isinf(stop):  # past float64's largest value: below it, `at` the last edge
+            start, stop = at - spacing, at
+        elif math.isinf(start):
+            start, stop = at, at + spacing
+        return start, stop
+    start, stop = at - spacing * (below > 0), at + spacing * (above > 0)
+    if math.isinf(start) or math.isinf(stop):
+        side, edge = ("below", "histogram_high") if below else ("above", "histogram_low")
+        raise InvalidInput(
+            f"a histogram from {edge} {at!r} has no room {side} it in float64 for {bins} "
+            f"bin{'s' if bins != 1 else ''}: give both edges (gradwire stats --low, --high)",
+            reason="BAD_BINS",
+        )
+    return start, stop
+
+
+def _has_width(start: float, stop: float, bins: int) -> bool:
+    if not (math.isfinite(start) and math.isfinite(stop) and start < stop):
+        return False
+    try:
+        _edges(start, stop, bins)
+    except InvalidInput:
+        return False
+    return True
 
 
 def _summarize(flat: torch.Tensor, bins: int, low: float | None, high: float | None) -> Summary:

@@ -2542,9 +2542,10 @@ class GetStatsRequest(_message.Message):
     """Unset: the smallest and largest finite values; when they are equal (one distinct value,
     or none), 0.5 below and above it, so that the bins have a width. One given, with the
     values' other extreme at or past it: a range of width 1 from it, away from the values
-    (histogram_high -5 over values in [-0.2, 0.3]: [-6, -5], every bin empty). Where a
-    unit is under the spacing of float64 values there (3e38 - 0.5 is 3e38), the range is
-    two spacings a bin wide instead, so that its bins have a width.
+    (histogram_high -5 over values in [-0.2, 0.3]: [-6, -5], every bin empty). Where such
+    a range leaves the bins no width in float64 (3e38 - 0.5 is 3e38; numpy.histogram
+    refuses it), it is two float64 spacings a bin wide instead (BAD_BINS beside an edge
+    given at float64's largest value, with no room past it).
     """
     histogram_high: _builtins.float
     @_builtins.property
