@@ -1506,11 +1506,15 @@ def test_get_out_refuses_what_it_cannot_write(cli: Run, tmp_path: Path) -> None:
         ("serve", "--token-file"),
     ],
 )
-def test_an_empty_path_is_refused_by_name(cli: Run, argv: tuple[str, ...]) -> None:
+def test_an_empty_path_is_refused_by_name(
+    cli: Run, argv: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Path("") is ".": `get --out ''` was told "--out .: get --out writes a .npy file",
     # `serve --state-dir ''` kept its checkpoints in the working folder. serve takes no
     # --target, which `cli` adds; given a device it refuses, it never serves, were the path
-    # taken.
+    # taken (in a folder of the test's own: taken, "" is the working folder, which such a
+    # serve would have given a lock file and a .saving folder).
+    monkeypatch.chdir(tmp_path)
     if argv[0] == "serve":
         result = run_main(*argv, "", "--device", "mps", "--port", "0")
     else:
