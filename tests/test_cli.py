@@ -1818,7 +1818,7 @@ def test_a_call_its_server_cancelled_says_so_not_cancelled_twice() -> None:
     handler = old_trainer(TrainStep=grpc.unary_unary_rpc_method_handler(train_step))
     with bare_server(handler) as address:
         result = run_main("train", "--target", address, "--steps", "3", "--every", "1")
-    assert "stopped after 1 steps" in result.out
+    assert "stopped after 1 step:" in result.out
     errors_said = [line for line in result.err.splitlines() if line.startswith("error: ")]
     assert errors_said == [
         "error: CANCELLED: the server cancelled the call: it was stopping, or it closed the "

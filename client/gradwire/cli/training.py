@@ -194,8 +194,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     # Ended by the divergence, not by Ctrl-C, the server or the steps asked for.
     halted = stopped and diverged_at is not None and not args.keep_going and failed is None
     data["stopped_at_nonfinite"] = halted and not stop.is_set()
-    steps = f"{done} steps reported (the server may have run more before the stop reached it)"
-    text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else f'{done} steps'}"
+    counted = f"{done} step{'' if done == 1 else 's'}"
+    steps = f"{counted} reported (the server may have run more before the stop reached it)"
+    text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else counted}"
     if not reported:
         text += ": no loss reported"
     elif reported < done:
