@@ -479,8 +479,11 @@ def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused(
     with pytest.raises(InvalidInput) as refused:
         hold_state_dir(tmp_path)
     assert refused.value.reason == "BAD_STATE_DIR"
-    said = {"hard link": "a second name of another file", "fifo": "not a plain file"}
-    assert f"its lock file {LOCK_FILE} is {said.get(kind, 'Is a directory')}" in (
+    said = {
+        "hard link": "a second name of another file (2 names: a hard link)",
+        "fifo": "not a plain file",
+    }
+    assert f"its lock file {LOCK_FILE} is {said.get(kind, 'a folder')}, where the server" in (
         refused.value.message
     )
     assert victim.read_text() == "precious\n"

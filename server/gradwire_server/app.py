@@ -535,7 +535,12 @@ def _lock_file(state_dir: Path) -> Any:
     try:
         descriptor = os.open(path, flags, 0o644)
     except OSError as err:
-        why = "a link" if path.is_symlink() else (err.strerror or str(err))
+        if path.is_symlink():
+            why = "a link"
+        elif path.is_dir():
+            why = "a folder"
+        else:
+            why = f"a file that cannot be opened ({err.strerror or err})"
     else:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
@@ -558,6 +563,7 @@ class _StateDirHold:
 
     def __init__(self, state_dir: Path, fcntl: Any) -> None:
         self.state_dir, self._fcntl, self._handle = state_dir, fcntl, None
+        self._keeping = threading.Lock()  # two sessions' saves at once (a thread each on a GPU)
         self.take()
 
     def take(self) -> None:
@@ -587,21 +593,22 @@ class _StateDirHold:
         """Before a save: takes the lock again where the state dir's lock file is no longer
         the one this server holds (the folder removed, or made again), making the folder
         again when it is gone; InvalidInput (BAD_STATE_DIR) where another server holds it."""
-        assert self._handle is not None
-        try:
-            same = os.path.samestat(
-                os.fstat(self._handle.fileno()), os.lstat(self.state_dir / LOCK_FILE)
-            )
-        except OSError:
-            same = False
-        if not same:
-            log.warning(
-                "the state directory %s was removed while the server ran: made again for "
-                "the save, and held again",
-                self.state_dir,
-            )
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self.take()
+        with self._keeping:
+            assert self._handle is not None
+            try:
+                same = os.path.samestat(
+                    os.fstat(self._handle.fileno()), os.lstat(self.state_dir / LOCK_FILE)
+                )
+            except OSError:
+                same = False
+            if not same:
+                log.warning(
+                    "the state directory %s (or its lock file) was removed while the server "
+                    "ran: made again for the save, its lock taken again",
+                    self.state_dir,
+                )
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                self.take()
 
     def __enter__(self) -> _StateDirHold:
         return self
