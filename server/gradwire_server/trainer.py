@@ -1911,7 +1911,7 @@ class Trainer:
         if kind == "gradient" and not param.requires_grad:
             # Written, the next Step trained the frozen parameter, where the .proto says a
             # Step leaves it as it is (found by a review of the contract).
-            owner = name[: -len(".grad")]
+            owner = _owner(name)
             raise InvalidInput(
                 f"{name!r} is the gradient of {owner}, which is frozen (requires_grad=False): "
                 "a Step leaves a frozen parameter as it is, so no gradient of it is written; "
@@ -2225,9 +2225,12 @@ class Trainer:
                 raise InvalidInput(
                     f"cannot load {path}: {damaged}", reason="BAD_CHECKPOINT"
                 ) from err
+            # None for a frozen parameter: a checkpoint of the model trained whole, loaded
+            # into one frozen for fine-tuning, would have its next Step train it.
             gradients = {
                 name: staging.to_device(grad, self.device)
                 for name, grad in loaded.gradients.items()
+                if params[name].requires_grad
             }
             state = {
                 name: {
@@ -2282,9 +2285,7 @@ class Trainer:
                 metadata={**err.metadata, "replaced": str(len(replaced))},
             ) from err
         for name, p in params.items():
-            # None for a frozen one: a checkpoint of the model trained whole, loaded into
-            # one frozen for fine-tuning, would have its next Step train it.
-            p.grad = gradients.get(name) if p.requires_grad else None
+            p.grad = gradients.get(name)
         for name, values in state.items():
             optimizer.state[params[name]] = values
         self._optimizer, self._settings = optimizer, settings
