@@ -377,15 +377,10 @@ def check_state_dir(state_dir: Path) -> None:
     """Refuses, at start, a state dir the stop could not save into (InvalidInput,
     BAD_STATE_DIR): it is made when missing, a file is written there and removed, as a save
     writes one and renames it, and its folder for unfinished saves is made
-    (checkpoint.saving_folder, which refuses a link or a file there). The lock file is not
-    to be a link either: opened, it wrote the server's process id into what it pointed to
-    (found by a review of checkpoints)."""
+    (checkpoint.saving_folder, which refuses a link or a file there). Its lock file is
+    checked where it is opened, by `hold_state_dir` (`_lock_file`), next at start."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        if (state_dir / LOCK_FILE).is_symlink():
-            raise checkpoint.StateDirChanged(
-                errno.ELOOP, f"{LOCK_FILE} there is a link, not a file of its own: remove it"
-            )
         _write_and_remove_a_file(state_dir)
         checkpoint.saving_folder(state_dir)
     except OSError as err:
