@@ -494,12 +494,18 @@ def broken_client() -> Iterator[gradwire.Client]:
     running.stop(grace=None)
 
 
-def test_unexpected_errors_are_internal_with_a_plain_message(
+def test_an_error_in_the_models_code_is_internal_naming_its_pass_not_its_words(
     broken_client: gradwire.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The model's name, the pass and the error's type, so that a remote user knows whose
+    fault it is (it said "internal error in Forward" alone: a review of serving one's own
+    model); its text, which may hold anything, stays in the server's log."""
     with caplog.at_level(logging.ERROR), pytest.raises(errors.Internal) as info:
         broken_client.forward(np.ones((1, 2), np.float32))
-    assert info.value.message == "internal error in Forward; the server's log has the details"
+    assert info.value.message == (
+        "Broken's forward pass raised RuntimeError; the server's log has its traceback"
+    )
+    assert info.value.reason == "MODEL_ERROR"
     assert "secret" not in info.value.message
     assert any("secret internal detail" in r.exc_text for r in caplog.records if r.exc_text)
     assert broken_client.health() == "SERVING"

@@ -10,12 +10,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
 
 import gradwire
 from gradwire import errors
@@ -432,6 +434,123 @@ def test_a_model_that_exits_in_its_forward_pass_is_answered_internal_at_once(
         assert client.forward(small).version == 1
     name = "SystemExit (3)" if model is Exiting else "KeyboardInterrupt"
     assert f"{name} raised on the torch thread" in caplog.text
+
+
+class Recomputing(nn.Module):
+    """Its second layer run under torch.utils.checkpoint, reentrant or not (`reentrant`)."""
+
+    reentrant = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        out: torch.Tensor = checkpoint(self.b, h, use_reentrant=self.reentrant)
+        return out
+
+
+class NotRecomputingTwice(Recomputing):
+    reentrant = False
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad:UserWarning")
+def test_a_reentrant_checkpoint_is_refused_saying_what_to_pass_and_the_other_trains() -> None:
+    """Its backward pass runs only through loss.backward(): every Backward, TrainStep and
+    Train answered INTERNAL with no words, though the model trains locally (found by a
+    review of serving one's own model)."""
+    x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+    with serving(ModelSpec("Recomputing", Recomputing, (4,), 3)) as client:
+        before = client.get("a.weight")
+        for call in (
+            lambda: (client.forward(x, y), client.backward()),
+            lambda: client.train_step(x, y),
+        ):
+            with pytest.raises(errors.FailedPrecondition) as caught:
+                call()
+            assert caught.value.reason == "REENTRANT_CHECKPOINT"
+            assert "pass use_reentrant=False to checkpoint()" in caught.value.message
+        assert client.get("a.weight.grad") is None
+        assert np.array_equal(client.get("a.weight"), before)
+    with serving(ModelSpec("NotRecomputingTwice", NotRecomputingTwice, (4,), 3)) as client:
+        local = seeded(NotRecomputingTwice)
+        nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        client.forward(x, y)
+        client.backward()
+        assert local.a.weight.grad is not None
+        assert np.array_equal(client.get("a.weight.grad"), local.a.weight.grad.numpy())
+
+
+class _Refusing(torch.autograd.Function):
+    """Doubles its input; its backward pass raises the error it was given."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, error: type[Exception]) -> torch.Tensor:
+        ctx.error = error
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        raise ctx.error("no gradient for this batch")
+
+
+class FailingBackward(nn.Module):
+    """A linear layer whose output goes through a Function that fails its backward pass,
+    with a ValueError, or (`error`) another error."""
+
+    error: type[Exception] = ValueError
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _Refusing.apply(self.lin(x), self.error)
+        return out
+
+
+class BuggyBackward(FailingBackward):
+    error = KeyError
+
+
+@pytest.mark.parametrize("model", [FailingBackward, BuggyBackward], ids=["ValueError", "KeyError"])
+def test_an_error_in_the_model_s_backward_pass_is_answered_as_in_its_forward_pass(
+    model: type[FailingBackward], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ValueError is the model's refusal, with its words, as the README says of any error
+    of the model's; another error INTERNAL naming the pass and its type. Both were INTERNAL
+    with no words, and the graph was taken for still there (found by a review of serving
+    one's own model). Nothing changes."""
+    x, y = np.ones((2, 4), np.float32), np.array([0, 2])
+    with serving(ModelSpec(model.__name__, model, (4,), 3)) as client:
+        weight = client.get("lin.weight")
+        client.forward(x, y)
+        for call in (client.backward, lambda: client.train_step(x, y)):
+            with pytest.raises(errors.GradwireError) as caught:
+                call()
+            if model is FailingBackward:
+                assert isinstance(caught.value, errors.InvalidArgument)
+                assert caught.value.reason == "MODEL_REFUSED"
+                assert caught.value.message == (
+                    "FailingBackward refused this input in its backward pass: no gradient "
+                    "for this batch"
+                )
+            else:
+                assert isinstance(caught.value, errors.Internal)
+                assert caught.value.reason == "MODEL_ERROR"
+                assert caught.value.message == (
+                    "BuggyBackward's backward pass raised KeyError; the server's log has its "
+                    "traceback"
+                )
+        assert client.list_tensors().version == 1  # the Forward's
+        assert client.get("lin.weight.grad") is None
+        assert np.array_equal(client.get("lin.weight"), weight)
+        with pytest.raises(errors.FailedPrecondition) as freed:
+            client.backward()
+        assert freed.value.reason == "GRAPH_FREED"
+    if model is BuggyBackward:
+        assert "no gradient for this batch" in caplog.text  # the traceback, in the log
 
 
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:

@@ -60,6 +60,15 @@ class ModelFault(DomainError):
     reason = "BAD_MODEL_OUTPUT"
 
 
+class ModelCodeError(DomainError):
+    """An error the served model's own code raised in a forward or backward pass that is not
+    its refusal of an input (MODEL_REFUSED): a fault of the model's, its operator's to
+    mend. Answered INTERNAL naming the model, the pass and the error's type, not its text
+    (which may hold anything); the servicer logs the traceback. The call changed nothing."""
+
+    reason = "MODEL_ERROR"
+
+
 class OverLimit(DomainError):
     """A request over a configured limit, or more memory than the device has."""
 

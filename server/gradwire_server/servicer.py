@@ -35,6 +35,7 @@ from gradwire_server.errors import (
     CallerGone,
     DomainError,
     InvalidInput,
+    ModelCodeError,
     NoSuchCheckpoint,
     NotConfigured,
     OverLimit,
@@ -103,6 +104,8 @@ def _answer_error(context: grpc.ServicerContext, name: str, servicer: TrainerSer
     try:
         raise
     except DomainError as err:
+        if isinstance(err, ModelCodeError):  # the model's own fault: its traceback to the log
+            log.error("%s: %s", name, err.message, exc_info=err.__cause__ or err)
         _release_frames(err)
         abort(context, status_of(err), err.message, err.reason, err.metadata)
     except grpc.RpcError as err:

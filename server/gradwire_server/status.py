@@ -22,6 +22,7 @@ from gradwire_server.errors import (
     DomainError,
     IndexOutOfRange,
     InvalidInput,
+    ModelCodeError,
     ModelFault,
     NoSuchCheckpoint,
     NotConfigured,
@@ -49,6 +50,7 @@ STATUS_OF: dict[type[DomainError], grpc.StatusCode] = {
     NoSuchCheckpoint: grpc.StatusCode.NOT_FOUND,
     NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     ModelFault: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelCodeError: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -52,12 +52,15 @@ from gradwire_server.errors import (
     DeadlinePassed,
     DomainError,
     InvalidInput,
+    ModelCodeError,
     ModelFault,
     OverLimit,
     UnknownTensor,
     VersionMismatch,
     WrongOrder,
+    device_lost,
     device_memory,
+    out_of_memory,
 )
 from gradwire_server.fills import (
     FillSpec,
@@ -359,6 +362,33 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
     if isinstance(error, ValueError):
         return True
     return isinstance(error, IndexError) and not x.is_floating_point()
+
+
+def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError | None:
+    """What an `error` the model's own code raised in its `where` ("forward pass",
+    "backward pass") is answered as, where it is none of the trainer's own refusals, memory
+    running out or a device lost (each answered as it is elsewhere): one it cannot be
+    served with (torch.utils.checkpoint's reentrant form, whose backward pass only
+    loss.backward() runs), else ModelCodeError. Both were INTERNAL with no words, the
+    first though the model trains locally (found by a review of serving one's own model)."""
+    if (
+        not isinstance(error, Exception)
+        or isinstance(error, (DomainError, MemoryError))
+        or out_of_memory(error)
+        or device_lost(error)
+    ):
+        return None
+    if isinstance(error, RuntimeError) and "use_reentrant=True" in str(error):
+        return ModelFault(
+            f"{name} uses torch.utils.checkpoint with use_reentrant=True, whose backward "
+            "pass runs only through loss.backward(), and gradwire takes the gradients with "
+            "torch.autograd.grad (to add them to .grad only once every one is made): pass "
+            "use_reentrant=False to checkpoint(), as PyTorch advises",
+            reason="REENTRANT_CHECKPOINT",
+        )
+    return ModelCodeError(
+        f"{name}'s {where} raised {type(error).__name__}; the server's log has its traceback",
+    )
 
 
 def _refusal_hint(said: str) -> str:
@@ -1157,7 +1187,10 @@ class Trainer:
                 self._pending = {}
                 self._buffers_kept.put_back(buffers)
                 if not _refusal(err, x):
-                    raise
+                    failed = _failed_in_model(err, self.spec.name, "forward pass")
+                    if failed is None:
+                        raise
+                    raise failed from err
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
                 # an id past its table): the caller's to fix. Any other error inside the
                 # model is the model's fault: INTERNAL.
@@ -1587,9 +1620,19 @@ class Trainer:
                         strict=True,
                     )
                 ]
-        except OverLimit:
+        except BaseException as err:
             self._graph_alive = retain_graph  # torch frees the graph as it goes, failing or not
-            raise
+            if self._input is not None and _refusal(err, self._input):  # as in forward
+                said = next((line for line in str(err).splitlines() if line.strip()), "")
+                raise InvalidInput(
+                    f"{self.spec.name} refused this input in its backward pass: "
+                    f"{said or type(err).__name__}",
+                    reason="MODEL_REFUSED",
+                ) from err
+            failed = _failed_in_model(err, self.spec.name, "backward pass")
+            if failed is None:
+                raise
+            raise failed from err
         self._random_state = drawn.state  # replaced only once the pass succeeded, as _forward's
         self._reached = sum(1 for g in grads if g is not None)
         with torch.no_grad():

@@ -39,12 +39,13 @@ Conventions used by every message below:
   whose Forward fails has its ZeroGrad undone too). One exception: an INTERNAL error
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
   Forward and Backward applied, the version moved by them); the server's log has it.
-  Two failures leave something behind, the version unmoved: a Backward that runs out of
-  memory has freed its graph, as torch does as it goes (Forward again before the next
-  Backward: FAILED_PRECONDITION, GRAPH_FREED, says so), and a Step or TrainStep that fails
+  Two failures leave something behind, the version unmoved: a Backward that fails in its
+  pass (memory run out, MODEL_REFUSED, MODEL_ERROR) has freed its graph, as torch does
+  as it goes (Forward again before the next Backward: FAILED_PRECONDITION, GRAPH_FREED,
+  says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
   A Forward or TrainStep that fails once its pass has begun (MODEL_REFUSED,
-  BAD_MODEL_OUTPUT, OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
+  MODEL_ERROR, BAD_MODEL_OUTPUT, OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
   no graph (Backward: FAILED_PRECONDITION, GRAPH_FREED; the output and loss stay, as
   values): a pass lets go of the last one's as it begins, so that two passes' are never
   held at once. A call refused before its pass keeps them.
@@ -154,7 +155,7 @@ Conventions used by every message below:
       BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
       BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED (the model's own refusal of an
-      input: its ValueError, or an IndexError on integer input such as an id past an
+      input, in its forward or backward pass: its ValueError, or an IndexError on integer input such as an id past an
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
@@ -176,7 +177,9 @@ Conventions used by every message below:
       not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
       SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
       trainer already has, one it keeps: sessions would train one model; its operator's
-      to fix),
+      to fix), REENTRANT_CHECKPOINT (a Backward, TrainStep or Train of a model that runs
+      torch.utils.checkpoint with use_reentrant=True, whose backward pass runs only
+      through loss.backward(): use_reentrant=False serves; its operator's to fix),
       CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server
@@ -215,7 +218,10 @@ Conventions used by every message below:
       cancelled, UNAVAILABLE with no ErrorInfo (the message often gRPC's own, "Stream
       removed"), what it had sent and the client had not read lost; an idle Calls stream
       ends UNAVAILABLE with no ErrorInfo too.
-    INTERNAL: INTERNAL (the server's log has the details)
+    INTERNAL: MODEL_ERROR (an error the served model's own code raised in its forward or
+      backward pass that is not its refusal of an input: the message names the model,
+      the pass and the error's type; the server's log has the traceback; nothing
+      changed), INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
   256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
   RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
