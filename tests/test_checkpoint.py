@@ -319,11 +319,45 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     with pytest.raises(InvalidInput) as info:
         Trainer(TINY_MLP, device="cpu", seed=0).load(path)
     assert info.value.reason == "BAD_CHECKPOINT"
-    assert info.value.message.startswith(f"{path} holds a Simple with parameters ")
-    assert "; this server's TinyMLP has {" in info.value.message
+    assert info.value.message.startswith(
+        f"{path} holds a Simple, where this server serves TinyMLP (parameters that differ: "
+        "fc1.weight not in it; "
+    )
     assert info.value.message.endswith(
-        "}: serve the model it holds (--model), give another --state-dir, or move it away "
-        "to start from fresh weights"
+        "; conv1.weight in it alone; conv2.weight in it alone; and 1 more): serve the model "
+        "it holds (--model), give another --state-dir, or "
+        "move it away to start from fresh weights"
+    )
+
+
+def _float32_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _mixed_mlp() -> nn.Module:
+    model = _float32_mlp()
+    model[2].double()
+    return model
+
+
+def test_a_checkpoint_of_the_same_model_in_another_dtype_is_another_model_s(
+    tmp_path: Path,
+) -> None:
+    """It was told damaged, to be restored from a copy, though the file was whole and the
+    served model had changed (found by a review of serving one's own model); it names the
+    parameters that differ, not the two models' every one."""
+    from gradwire_server.models import ModelSpec
+
+    path = tmp_path / "state.safetensors"
+    Trainer(ModelSpec("Mlp", _float32_mlp, (4,), 3), device="cpu", seed=0).save(path)
+    with pytest.raises(InvalidInput) as info:
+        Trainer(ModelSpec("Mlp", _mixed_mlp, (4,), 3), device="cpu", seed=0).load(path)
+    assert info.value.reason == "BAD_CHECKPOINT"
+    assert info.value.message == (
+        f"{path} holds a Mlp whose parameters are not this server's: 2.weight float32 "
+        "[3, 8] in it, float64 [3, 8] served; 2.bias float32 [3] in it, float64 [3] served: "
+        "serve the model it holds (--model), give another --state-dir, or move it away to "
+        "start from fresh weights"
     )
 
 
@@ -768,6 +802,24 @@ def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None
 ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr=0.1, momentum=0.9)
 
 
+def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
+    tmp_path: Path,
+) -> None:
+    """Loaded, a parameter of another dtype stopped `gradwire serve` with a traceback; then
+    it was told damaged, where it is what the same model in another dtype saves."""
+    saved = Trainer(seed=0, optimizer=MOMENTUM)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _tensors_altered(path, {"param/linear.weight": torch.zeros(20, 3200, dtype=torch.float16)})
+    message, fresh = _load_refused(path)
+    assert message.startswith(
+        f"{path} holds a Simple whose parameters are not this server's: linear.weight "
+        "float16 [20, 3200] in it, float32 [20, 3200] served: serve the model it holds"
+    )
+    _train(fresh, 1)  # and it trains on
+
+
 @pytest.mark.parametrize(
     ("settings", "change", "said"),
     [
@@ -775,11 +827,6 @@ ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr
             MOMENTUM,
             {"grad/conv1.weight": torch.zeros(16, 3, 3, 3, dtype=torch.float64)},
             "gradient conv1.weight as float64 [16, 3, 3, 3], where conv1.weight is float32",
-        ),
-        (
-            MOMENTUM,
-            {"param/linear.weight": torch.zeros(20, 3200, dtype=torch.float16)},
-            "parameter linear.weight as float16 [20, 3200], where linear.weight is float32",
         ),
         (
             MOMENTUM,
@@ -828,7 +875,6 @@ ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr
     ],
     ids=[
         "grad-dtype",
-        "param-dtype",
         "momentum-shape",
         "sgd-key",
         "adam-shape",

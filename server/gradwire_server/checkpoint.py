@@ -577,6 +577,41 @@ def described(state_dir: Path, model: str) -> list[Described]:
     return found
 
 
+def other_model(
+    path: Path, held: str, theirs: dict[str, torch.Tensor], served: str, mine: dict[str, Any]
+) -> str:
+    """Why the checkpoint at `path`, of a model `held` with parameters `theirs`, is another
+    model's than the `served` one's, whose are `mine` (a ValueError's words, OTHER_MODEL's
+    advice after them): the parameters that differ, by name, dtype or shape, the first
+    `_SHOWN` of them. A parameter of another dtype was told the checkpoint was damaged, to
+    be restored from a copy (a review of serving one's own model); both models' every
+    parameter, a page for a large model, hid the one that differed."""
+
+    def what(t: Any) -> str:
+        return f"{dtype_name(t.dtype)} {list(t.shape)}"
+
+    differ = [
+        f"{name} {what(theirs[name])} in it, {what(mine[name])} served"
+        if name in theirs and name in mine
+        else f"{name} in it alone"
+        if name in theirs
+        else f"{name} not in it"
+        for name in [*mine, *(n for n in theirs if n not in mine)]  # in the model's order
+        if name not in theirs or name not in mine or what(theirs[name]) != what(mine[name])
+    ]
+    shown = "; ".join(differ[:_SHOWN]) + (
+        f"; and {len(differ) - _SHOWN} more" if len(differ) > _SHOWN else ""
+    )
+    if held != served:
+        named = f"{path} holds a {held}, where this server serves {served}"
+        return f"{named} (parameters that differ: {shown}): " if differ else f"{named}: "
+    return f"{path} holds a {held} whose parameters are not this server's: {shown}: "
+
+
+#: How many differing parameters a refusal of another model's checkpoint names.
+_SHOWN = 8
+
+
 def damaged(what: str) -> Unfit:
     """The error for a gradwire checkpoint whose metadata is not what `save` writes (its
     path is named by the message it is given in: "cannot load PATH: ...")."""

@@ -2379,11 +2379,16 @@ class Trainer:
         is then to do with buffers, checked against the model's own."""
         params = self._parameters
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-        found = {name: tuple(t.shape) for name, t in loaded.parameters.items()}
-        if loaded.model != self.spec.name or found != shapes:
+
+        def kinds(tensors: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+            return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+        if loaded.model != self.spec.name or kinds(loaded.parameters) != kinds(params):
             raise InvalidInput(
-                f"{path} holds a {loaded.model} with parameters {found}; this server's "
-                f"{self.spec.name} has {shapes}: {checkpoint.OTHER_MODEL}",
+                checkpoint.other_model(
+                    path, loaded.model, loaded.parameters, self.spec.name, params
+                )
+                + checkpoint.OTHER_MODEL,
                 reason="BAD_CHECKPOINT",
             )
         # A checkpoint may hold an expanded buffer (saved before they were left out): known,
