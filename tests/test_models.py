@@ -553,6 +553,92 @@ def test_an_error_in_the_model_s_backward_pass_is_answered_as_in_its_forward_pas
         assert "no gradient for this batch" in caplog.text  # the traceback, in the log
 
 
+class FrozenBackbone(nn.Module):
+    """A BatchNorm backbone and a head; built by `frozen_backbone`, which freezes the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.backbone(x))
+        return out
+
+
+def frozen_backbone() -> nn.Module:
+    model = FrozenBackbone()
+    model.backbone.eval()  # its statistics kept, as a fine-tuning script does
+    model.backbone.requires_grad_(False)
+    return model
+
+
+def all_in_eval() -> nn.Module:
+    return FrozenBackbone().eval()
+
+
+def test_modules_a_factory_left_in_evaluation_mode_stay_so_through_every_pass() -> None:
+    """Every module was put in training mode after the build and after each Forward in
+    evaluation mode: a frozen backbone's BatchNorm moved its statistics, and the losses
+    were not a local run's (found by a review of serving one's own model)."""
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    local = seeded(frozen_backbone)
+    torch.manual_seed(SEED)
+    frozen_backbone()  # the draws the server's build made: its dropout stream starts after
+    with serving(ModelSpec("FrozenBackbone", frozen_backbone, (4,), 3)) as client:
+        for eval_first in (False, True):
+            if eval_first:
+                client.forward(x, eval_mode=True)
+                local.eval()
+                local(torch.from_numpy(x))
+                local.train()
+                local.backbone.eval()
+            loss = nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(y))
+            assert client.forward(x, y).loss == loss.item()
+        assert np.array_equal(client.get("backbone.1.running_mean"), np.zeros(6, np.float32))
+    # a model handed over in evaluation mode whole trains in training mode, as before
+    with serving(ModelSpec("AllInEval", all_in_eval, (4,), 3)) as client:
+        client.forward(x, y)
+        assert not np.array_equal(client.get("backbone.1.running_mean"), np.zeros(6))
+
+
+class _Loaded:
+    """A factory that loads a file, as one reading pretrained weights does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self) -> nn.Module:
+        model = nn.Linear(4, 3)
+        model.weight.data.fill_(float(self.path.read_text()))
+        return model
+
+
+def test_a_factory_that_fails_at_a_reset_or_a_new_session_is_said_to_and_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its file removed after the start, the factory raised, and the Reset or OpenSession
+    answered INTERNAL with no words (found by a review of serving one's own model)."""
+    weights = tmp_path / "weights.txt"
+    weights.write_text("0.5")
+    with serving(ModelSpec("Loaded", _Loaded(weights), (4,), 3)) as client:
+        client.forward(np.ones((2, 4), np.float32))
+        weights.unlink()
+        for call in (client.reset, client.open_session):
+            with pytest.raises(errors.FailedPrecondition) as caught:
+                call()
+            assert caught.value.reason == "MODEL_BUILD_FAILED"
+            assert caught.value.message == (
+                "building a new Loaded failed: its factory raised FileNotFoundError (the "
+                "server's log has its traceback); nothing was changed"
+            )
+        assert client.list_tensors().version == 1
+        assert np.all(client.get("weight") == 0.5)
+        assert client.list_sessions().sessions == ()  # none opened
+    assert "weights.txt" in caplog.text  # the factory's own words, in the log
+
+
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:
     """Its IndexError was answered INTERNAL, "the server's log has the details", which the
     caller cannot act on (found by the twenty-first session's review of the contract)."""

@@ -446,6 +446,26 @@ def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
         buffers.put_back(before)
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each module of `model`, in order, and whether it is in training mode, where the
+    model is and some module is not: a factory that put a part in evaluation mode (a frozen
+    backbone's BatchNorm, `model.backbone.eval()`) meant it so. Empty otherwise: a model
+    handed over in evaluation mode whole is trained in training mode, as the README says."""
+    pairs = [(module, module.training) for module in model.modules()]
+    return pairs if model.training and not all(mode for _, mode in pairs) else []
+
+
+def _to_training_mode(model: nn.Module, modes: list[tuple[nn.Module, bool]]) -> None:
+    """model.train(), then each module in `modes` back in the mode its factory left it in
+    (parents before their children, as train() sets a whole subtree). Every module was put
+    in training mode, a factory's frozen BatchNorm moving its statistics (found by a review
+    of serving one's own model)."""
+    model.train()
+    for module, mode in modes:
+        if module.training != mode:
+            module.train(mode)
+
+
 @functools.cache
 def _carried(dtype: torch.dtype) -> bool:
     """Whether the wire carries tensors of `dtype`, as they are or widened (complex and
@@ -644,7 +664,7 @@ class Trainer:
                 seed = generator.seed()
             else:
                 generator.manual_seed(seed)
-            model = self.spec.factory()
+            model = self._built()
             if model in BUILT:
                 raise ModelFault(
                     f"{self.spec.name}'s factory returned the model object it returned "
@@ -654,15 +674,42 @@ class Trainer:
                     "of it)",
                     reason="SHARED_MODEL",
                 )
-            _initialise_lazy_layers(model, self.spec)
+            modes = _modes(model)
+            try:
+                _initialise_lazy_layers(model, self.spec)
+            except Exception as err:
+                raise self._not_built(err, "its lazy layers' first pass") from err
             state = random_stream.built_state(self.device, seed)
-        model.train()
+        _to_training_mode(model, modes)
         return (model.to(self.device) if on_device else model), state
+
+    def _built(self) -> nn.Module:
+        """A new model from the spec's factory; ModelFault (MODEL_BUILD_FAILED) where the
+        factory fails: at a Reset or an OpenSession (a file it loads removed since the
+        start) that was INTERNAL with no words (found by a review of serving one's own
+        model); at start, `load_spec`'s own build says it first."""
+        try:
+            return self.spec.factory()
+        except Exception as err:
+            raise self._not_built(err, "its factory") from err
+
+    def _not_built(self, error: Exception, what: str) -> Exception:
+        """The error a build of the model that failed in `what` is answered with."""
+        if isinstance(error, (DomainError, MemoryError)) or out_of_memory(error):
+            return error  # said as it is elsewhere (device memory: _device_memory)
+        log.error("building a new %s failed in %s", self.spec.name, what, exc_info=error)
+        return ModelFault(
+            f"building a new {self.spec.name} failed: {what} raised "
+            f"{type(error).__name__} (the server's log has its traceback); nothing was changed",
+            reason="MODEL_BUILD_FAILED",
+        )
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
         BUILT.add(model)
         self._model = model
+        #: the modules the factory left in evaluation mode, kept so in training (_modes)
+        self._modes = _modes(model)
         self._parameters = dict(model.named_parameters())
         #: their bytes: a step's gradients and optimizer state are at most three times that
         self._parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -1286,7 +1333,7 @@ class Trainer:
         try:
             yield
         finally:
-            self._model.train()
+            _to_training_mode(self._model, self._modes)
 
     @overload
     def train_step(

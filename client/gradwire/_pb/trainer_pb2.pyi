@@ -177,7 +177,9 @@ Conventions used by every message below:
       not allow: not a floating-point tensor of [batch, classes]; its operator's to fix),
       SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
       trainer already has, one it keeps: sessions would train one model; its operator's
-      to fix), REENTRANT_CHECKPOINT (a Backward, TrainStep or Train of a model that runs
+      to fix), MODEL_BUILD_FAILED (an OpenSession or Reset whose model's factory, or
+      its lazy layers' first pass, raised: the message names the error's type, the
+      server's log has the traceback; nothing changed), REENTRANT_CHECKPOINT (a Backward, TrainStep or Train of a model that runs
       torch.utils.checkpoint with use_reentrant=True, whose backward pass runs only
       through loss.backward(): use_reentrant=False serves; its operator's to fix),
       CLOSED (the
