@@ -2262,6 +2262,37 @@ def test_set_sends_numbers_in_the_tensor_s_dtype() -> None:
         assert "beyond float16's range (about 6.6e+04), the tensor's dtype" in result.err
 
 
+class _Counted(nn.Module):
+    """A linear layer beside an integer parameter that does not train."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.counts = nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_set_says_when_numbers_with_fractions_lost_them_to_an_integer_tensor() -> None:
+    """2.5 written to an int64 parameter stored 2, and the line said only "written" (found
+    by a review of serving one's own model); whole numbers are no cast to speak of."""
+    with serving(ModelSpec("Counted", _Counted, (2,), 2), seed=0) as (_, client):
+        target = client.target
+        result = run_main("set", "counts", "2.5", "--target", target)
+        assert result.out == (
+            "counts written: a value cast to int64, its fractions dropped (version 1)\n"
+        ), result.err
+        result = run_main("set", "counts[1:]", "[1.5, -2.25]", "--target", target)
+        assert result.out == (
+            "counts[1:] written: a [2] value cast to int64, its fractions dropped (version 2)\n"
+        )
+        result = run_main("set", "counts", "[7, 8, 9]", "--target", target)
+        assert result.out == "counts written (version 3)\n"
+        assert client.get("counts").tolist() == [7, 8, 9]
+
+
 def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwire.Client) -> None:
     mine = client.open_session(seed=0).detach()
     result = cli("set", "linear.weight[0]", "[1]", "--session", mine)

@@ -215,6 +215,14 @@ def test_load_spec_refuses_what_is_not_a_spec(module: Callable[[str], str]) -> N
     name = module(HEADER + "def module():\n    return TinyMLP()\n\ndef boom():\n    1 / 0\n")
     assert "returned a TinyMLP; it must return a ModelSpec" in refused(f"{name}:module")
     assert "calling it (with no arguments) failed: ZeroDivisionError" in refused(f"{name}:boom")
+    # A model is callable: it was called, and its forward's missing argument was the message
+    # (found by a review of serving one's own model).
+    name = module(HEADER + "MODEL = TinyMLP()\n")
+    assert "is a model (TinyMLP); name a ModelSpec whose factory builds one instead" in refused(
+        f"{name}:MODEL"
+    )
+    with pytest.raises(TypeError, match=r"factory is a model \(TinyMLP\), where it is to build"):
+        ModelSpec("X", TinyMLP(), (16,), 4)
 
 
 def test_load_spec_builds_the_model_once_and_checks_its_output(
@@ -232,9 +240,7 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     )
     assert "building Fails failed: OSError: weights.bin not found" in refused(f"{name}:FAILS")
     assert "factory returned a str, not an nn.Module" in refused(f"{name}:NOT_A_MODULE")
-    assert "Relu has no parameters to train: none is floating-point" in refused(
-        f"{name}:NO_PARAMETERS"
-    )
+    assert "Relu has no parameters to train: it has none at all" in refused(f"{name}:NO_PARAMETERS")
     message = refused(f"{name}:WIDE")
     assert "Wide returned [2, 4] for an input of shape [2, 16]" in message
     assert "[N, num_classes] = [2, 5]" in message

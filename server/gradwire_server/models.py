@@ -66,6 +66,15 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelSpec name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.factory, nn.Module):
+            # A model is callable (its forward): it passed, and failed at the first build
+            # as "forward() missing 1 required positional argument" (a review).
+            raise TypeError(
+                f"ModelSpec {self.name}: factory is a model ({type(self.factory).__name__}), "
+                "where it is to build one at each call (every session and Reset gets its "
+                f"own): pass its class, or a function returning a new one, e.g. "
+                f"lambda: {type(self.factory).__name__}(...)"
+            )
         if not callable(self.factory):
             raise TypeError(
                 f"ModelSpec {self.name}: factory must be callable returning an nn.Module"
@@ -351,6 +360,13 @@ def _as_spec(text: str, target: object) -> ModelSpec:
             f"e.g. {example}, so the server knows the input's shape and the loss",
             reason="BAD_MODEL",
         )
+    if isinstance(target, nn.Module):  # callable, and called, its forward failed (a review)
+        raise InvalidInput(
+            f"--model {text!r} is a model ({type(target).__name__}); name a ModelSpec whose "
+            f"factory builds one instead, e.g. {example}, so the server knows the input's "
+            "shape and the loss, and each session and Reset gets a model of its own",
+            reason="BAD_MODEL",
+        )
     if not callable(target):
         raise InvalidInput(
             f"--model {text!r} is a {type(target).__name__}; expected a ModelSpec, e.g. "
@@ -415,6 +431,8 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
                     "every floating-point one is frozen (requires_grad=False)"
                     if frozen
                     else "none is floating-point"
+                    if any(True for _ in model.parameters())
+                    else "it has none at all"
                 ),
                 reason="BAD_MODEL",
             )

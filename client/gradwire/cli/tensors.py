@@ -389,13 +389,28 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         # A single number is no broadcast to speak of: every element, as asked.
         broadcast = bool(given) and _without_leading_ones(given, len(shape)) != shape
         cast = dtype is not None and dtype != listed.dtype
-        if broadcast or cast:
-            what = " ".join(w for w in (str(list(given)), dtype if cast else None) if w)
+        # Numbers with a fraction, into an integer tensor: cast as numpy's assignment casts
+        # them, 2.5 to 2, where the line said only "written" (a review of serving one's own
+        # model).
+        cut = dtype is None and listed.dtype.startswith(("int", "uint", "bool"))
+        cut = cut and isinstance(value, np.ndarray) and _has_fractions(value)
+        if broadcast or cast or cut:
+            shown = [str(list(given))] if given or broadcast or cast else []
+            what = " ".join([*shown, *([dtype] if cast else []), "value"])
             done = [f"broadcast to {list(shape)}"] if broadcast else []
             done += [f"cast to {listed.dtype}"] if cast else []
-            how = f": a {what} value {' and '.join(done)}"
+            done += [f"cast to {listed.dtype}, its fractions dropped"] if cut else []
+            how = f": a {what} {' and '.join(done)}"
             data.update(value_shape=list(given), value_dtype=dtype or listed.dtype)
     emit(out, args, data, f"{args.selector} written{how} (version {version})")
+
+
+def _has_fractions(value: np.ndarray[Any, Any]) -> bool:
+    """Whether numbers parsed from the command line hold one that is not whole."""
+    if value.dtype.kind != "f":
+        return False
+    finite = value[np.isfinite(value)]
+    return bool(np.any(finite != np.trunc(finite)))
 
 
 def _without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
