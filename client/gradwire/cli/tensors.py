@@ -396,7 +396,7 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         cut = cut and isinstance(value, np.ndarray) and _has_fractions(value)
         if broadcast or cast or cut:
             shown = [str(list(given))] if given or broadcast or cast else []
-            what = " ".join([*shown, *([dtype] if cast else []), "value"])
+            what = " ".join([*shown, *([dtype] if dtype is not None and cast else []), "value"])
             done = [f"broadcast to {list(shape)}"] if broadcast else []
             done += [f"cast to {listed.dtype}"] if cast else []
             done += [f"cast to {listed.dtype}, its fractions dropped"] if cut else []
