@@ -645,6 +645,36 @@ def test_a_factory_that_fails_at_a_reset_or_a_new_session_is_said_to_and_changes
     assert "weights.txt" in caplog.text  # the factory's own words, in the log
 
 
+class Recurrent(nn.Module):
+    """An LSTM (which returns its output sequence and its state) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence, _ = self.rnn(x)
+        out: torch.Tensor = self.head(sequence[:, -1])
+        return out
+
+
+def test_a_module_returning_a_tuple_keeps_its_first_item_as_its_output() -> None:
+    """An LSTM's `rnn.output` was listed and always absent, its read None (found by a review
+    of serving one's own model): its output sequence now, listed with its shape, read,
+    fetched by a TrainStep."""
+    x = np.random.default_rng(1).standard_normal((2, 6, 4)).astype(np.float32)
+    local = seeded(Recurrent)
+    with serving(ModelSpec("Recurrent", Recurrent, (6, 4), 3)) as client:
+        client.forward(x)
+        listed = {t.name: t for t in client.list_tensors().tensors}["rnn.output"]
+        assert (listed.shape, listed.present) == ((2, 6, 5), True)
+        expected = local.rnn(torch.from_numpy(x))[0].detach().numpy()
+        assert np.array_equal(client.get("rnn.output"), expected)
+        fetched = client.train_step(x, np.array([0, 1]), fetch=["rnn.output[0, -1]"])
+        assert np.array_equal(fetched.fetched[0].value, expected[0, -1])
+
+
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:
     """Its IndexError was answered INTERNAL, "the server's log has the details", which the
     caller cannot act on (found by the twenty-first session's review of the contract)."""

@@ -771,7 +771,12 @@ class Trainer:
         # before the first Forward, and at each Forward's end) and took it out again: the
         # meta run broke models that cache a tensor in forward, and a refusal at the end of
         # a Forward made a TrainStep's fetch fail after its step and ended Watches.
-        # Detached once the pass is over (`_forward`), its autograd read then.
+        # Detached once the pass is over (`_forward`), its autograd read then. Of a tuple or
+        # list, its first item where that is a tensor: an LSTM's or GRU's output sequence,
+        # a MultiheadAttention's output (each listed and always absent before: a review of
+        # serving one's own model); the rest (an LSTM's state) is not kept.
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]
         if isinstance(output, torch.Tensor):
             self._pending[name + ACTIVATION_SUFFIX] = output
 

@@ -338,8 +338,10 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     forward hook sees it: one the model changes in place later in the Forward
     (ReLU(inplace=True) after it, a residual `out += x`) reads as changed, and one that
     views a parameter (a module that returns it) shows later writes to it, as in PyTorch.
-    A module called twice in one Forward keeps its last output; one that returns no tensor
-    (a tuple) is absent.
+    A module called twice in one Forward keeps its last output. Of a module that returns a
+    tuple or list, its first item, where that is a tensor (an LSTM's or GRU's output
+    sequence, not its state; a MultiheadAttention's output, not its weights); one that
+    returns no tensor there (a dict, a PackedSequence) is absent.
     """
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
@@ -380,8 +382,10 @@ TENSOR_KIND_ACTIVATION: TensorKind.ValueType  # 7
 forward hook sees it: one the model changes in place later in the Forward
 (ReLU(inplace=True) after it, a residual `out += x`) reads as changed, and one that
 views a parameter (a module that returns it) shows later writes to it, as in PyTorch.
-A module called twice in one Forward keeps its last output; one that returns no tensor
-(a tuple) is absent.
+A module called twice in one Forward keeps its last output. Of a module that returns a
+tuple or list, its first item, where that is a tensor (an LSTM's or GRU's output
+sequence, not its state; a MultiheadAttention's output, not its weights); one that
+returns no tensor there (a dict, a PackedSequence) is absent.
 """
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
