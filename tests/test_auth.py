@@ -8,6 +8,7 @@ import io
 import ipaddress
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +375,90 @@ def test_a_token_too_long_for_grpcs_headers_is_refused_where_it_is_given(
         assert "--token-file /dev/zero: it holds more than 65,536 bytes" in err.getvalue()
     with gradwire.Client("127.0.0.1:1", token="a" * 4096):  # the longest taken
         pass
+
+
+# --- a token in plain text over the network --------------------------------------------------
+
+#: A target naming the server on loopback, then an address off this machine (TEST-NET-1,
+#: never routed): gRPC connects to the first, so calls are answered, and the target is not
+#: loopback alone.
+OFF_THE_MACHINE = "ipv4:127.0.0.1:{port},192.0.2.1:{port}"
+
+
+def _secret_file(folder: Path, token: str = TOKEN) -> Path:
+    """A token file only its owner can read, as the README makes it."""
+    path = folder / "token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_a_token_sent_off_the_machine_without_tls_is_warned_of_once_and_sent(
+    guarded: Running, tmp_path: Path
+) -> None:
+    """`connect(target, token=...)` to a host off this machine without TLS sent the token
+    readable by anyone on the path, without a word (a security review, sixty-second
+    session). Now a PlaintextTokenWarning, once per client, as it is made; the calls go on."""
+    target = OFF_THE_MACHINE.format(port=guarded.port)
+    with pytest.warns(gradwire.PlaintextTokenWarning) as caught:
+        client = gradwire.connect(target, token=TOKEN, timeout=10)
+    with client:
+        for _ in range(3):
+            assert client.list_tensors().model == "Simple"
+    (warning,) = caught
+    assert str(warning.message) == (
+        f"the bearer token goes to {target} without TLS, in plain text: anyone on the network "
+        "between can read it and use it, and read every tensor; connect with TLS (Python: "
+        "tls=True, ca=...; the command: --tls, --tls-ca), or on a network you trust, ignore "
+        "this warning"
+    )
+    assert warning.filename == __file__  # the line that made the client, not gradwire's
+    err = io.StringIO()
+    argv = ["list", "--target", target, "--token-file", str(_secret_file(tmp_path))]
+    assert main(argv, io.StringIO(), err) == 0
+    assert err.getvalue() == f"gradwire list: warning: {warning.message}\n"
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["localhost:50051", "127.0.0.1:1", "127.1.2.3:1", "[::1]:1", "dns:///localhost:1",
+     "ipv4:127.0.0.1:1,127.0.0.2:1", "unix:/tmp/gradwire.sock", "unix-abstract:gradwire"],
+)  # fmt: skip
+def test_a_token_to_this_machine_or_over_tls_is_not_warned_of(target: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradwire.Client(target, token=TOKEN).close()
+        gradwire.Client("gpu-box:50051", token=TOKEN, tls=True).close()
+        gradwire.Client("gpu-box:50051").close()  # no token, nothing to read
+
+
+@pytest.mark.parametrize(
+    "target", ["gpu-box:50051", "10.0.0.5:1", "[2001:db8::1]:1", "dns:///gpu-box:1", "xds:///gw"]
+)
+def test_a_token_to_any_other_target_is_warned_of(target: str) -> None:
+    with pytest.warns(gradwire.PlaintextTokenWarning, match=f"goes to {re.escape(target)} "):
+        gradwire.Client(target, token=TOKEN).close()
+
+
+def test_serve_warns_that_a_token_without_tls_crosses_the_network_in_plain_text(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """`serve --host 0.0.0.0 --token-file tok` without TLS said only that a token is
+    required (a security review, sixty-second session), where a non-local host without a
+    token is warned of. Under TLS, no warning."""
+    token = ("--token-file", str(_secret_file(tmp_path)))
+    with serving("--host", "0.0.0.0", *token) as (_, log):
+        pass
+    (warning,) = [line for line in log.splitlines() if " WARNING " in line]
+    assert warning.endswith(
+        "listening on 0.0.0.0 with a token but without TLS: the token crosses the network in "
+        "plain text with every call, and anyone on the path can read it and use it (and read "
+        "every tensor); serve TLS: --tls-cert and --tls-key"
+    )
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with serving("--host", "0.0.0.0", *token, *tls) as (_, log):
+        pass
+    assert "plain text" not in log, log  # (the test CA's certificates expire in a day: warned)
 
 
 # --- TLS ------------------------------------------------------------------------------------

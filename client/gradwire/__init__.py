@@ -11,7 +11,8 @@ packages), protobuf and numpy, not torch.
 """
 
 from gradwire.client import Client, connect
-from gradwire.errors import GradwireError, RemoteError
+from gradwire.credentials import PlaintextTokenWarning
+from gradwire.errors import GradwireError, GradwireWarning, RemoteError
 from gradwire.fill import Fill
 from gradwire.pipeline import Batch, Pending, Pipeline
 from gradwire.remote import RemoteModel, RemoteTensor
@@ -41,11 +42,13 @@ __all__ = [
     "Fill",
     "ForwardResult",
     "GradwireError",
+    "GradwireWarning",
     "Listing",
     "LoadedCheckpoint",
     "OptimizerConfig",
     "Pending",
     "Pipeline",
+    "PlaintextTokenWarning",
     "RemoteError",
     "RemoteModel",
     "RemoteTensor",

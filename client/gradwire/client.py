@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -31,7 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gradwire import calls, codec, limits, unary, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer
-from gradwire.credentials import HEADER_VALUE, check_pem, check_token, pem_bytes
+from gradwire.credentials import (
+    HEADER_VALUE,
+    PlaintextTokenWarning,
+    check_pem,
+    check_token,
+    pem_bytes,
+)
 from gradwire.errors import (
     ClientClosed,
     GradwireError,
@@ -62,7 +69,7 @@ from gradwire.results import (
     TrainStepResult,
 )
 from gradwire.selector import parse_selector
-from gradwire.targets import DEFAULT_TARGET, with_default_port
+from gradwire.targets import DEFAULT_TARGET, loopback_target, with_default_port
 from gradwire.updates import (
     TensorStats,
     TrainProgress,
@@ -309,6 +316,30 @@ def check_session(session: str | None, what: str) -> str | None:
     return session
 
 
+def _warn_plaintext_token(target: str) -> None:
+    """PlaintextTokenWarning: the token is about to go to `target`, off this machine, with no
+    TLS. Said, not refused: a network you trust (or a test's) needs no TLS. It went without
+    a word (a security review, sixty-second session)."""
+    warnings.warn(
+        f"the bearer token goes to {target} without TLS, in plain text: anyone on the "
+        "network between can read it and use it, and read every tensor; connect with TLS "
+        "(Python: tls=True, ca=...; the command: --tls, --tls-ca), or on a network you trust, "
+        "ignore this warning",
+        PlaintextTokenWarning,
+        stacklevel=_stacklevel_outside(),
+    )
+
+
+def _stacklevel_outside() -> int:
+    """The stacklevel of the caller's first frame outside this module, for a warning that
+    names the line that made the client (gradwire.connect(...), Client(...)) rather than
+    gradwire's own."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_globals.get("__name__") == __name__ and frame.f_back is not None:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 class Client:
     """A connection to a gradwire server: `gradwire.connect(target)`; close it, or use `with`."""
 
@@ -329,9 +360,10 @@ class Client:
         stream_calls: bool = False,
     ) -> None:
         """`token`: sent as a bearer token on every call, without the white space around
-        it (a file's last newline). `tls`: connect with TLS, trusting `ca` (PEM, bytes or
-        str; the system's roots when None); `cert` and `key` (PEM, bytes or str) for mutual
-        TLS.
+        it (a file's last newline); sent without TLS to a host that is not this machine's
+        loopback, it gives a credentials.PlaintextTokenWarning, once. `tls`: connect with
+        TLS, trusting `ca` (PEM, bytes or str; the system's roots when None); `cert` and
+        `key` (PEM, bytes or str) for mutual TLS.
         `keepalive`: during a call, ping a connection silent this many seconds, so that a
         Watch or Train whose server vanished without closing the connection raises
         Unavailable once a ping goes `keepalive_timeout` seconds unanswered, instead of
@@ -401,6 +433,8 @@ class Client:
         if channel is None and (tls or ca is not None or cert is not None):
             credentials = grpc.ssl_channel_credentials(ca, key, cert)
             channel = grpc.secure_channel(target, credentials, options=options)
+        elif channel is None and token and not loopback_target(target):
+            _warn_plaintext_token(target)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._methods = self._bind(self._channel)
         #: Whether calls on the session go on one open stream (see `stream_calls=`).

@@ -9,6 +9,8 @@ import ssl
 from pathlib import Path
 from typing import Literal
 
+from gradwire.errors import GradwireWarning
+
 #: The environment variable a token may come from, for `gradwire serve` and every client command.
 TOKEN_ENV = "GRADWIRE_TOKEN"
 
@@ -23,6 +25,12 @@ MAX_TOKEN_CHARS = 4096
 #: device or a large file given by mistake (--token-file /dev/zero) filled the memory and
 #: ended in a MemoryError's traceback.
 MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+
+class PlaintextTokenWarning(GradwireWarning):
+    """A bearer token sent without TLS to a server that is not on this machine (not a
+    loopback address, localhost or a unix socket): anyone on the network path can read it,
+    and use it. Given once per client, as it is made."""
 
 
 def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:

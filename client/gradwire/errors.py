@@ -23,6 +23,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "GradwireError",
+    "GradwireWarning",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -45,6 +46,13 @@ class GradwireError(Exception):
     (ClientClosed); the last three are ValueErrors too. Arguments of the wrong type, or
     refused as Python refuses them (a bad `out=` array, an unknown optimizer), raise
     TypeError or ValueError."""
+
+
+class GradwireWarning(UserWarning):
+    """Base of the warnings gradwire gives (Python's `warnings`): something works, but not
+    as safely as it should, such as a token sent in plain text over the network
+    (credentials.PlaintextTokenWarning). The `gradwire` command shows each as one line,
+    "gradwire COMMAND: warning: ..."; `serve` logs it."""
 
 
 class ClientClosed(GradwireError, ValueError):

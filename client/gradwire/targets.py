@@ -117,3 +117,50 @@ _PORTED_SCHEMES = ("dns:", "passthrough:")
 #: gRPC's schemes that with_default_port leaves alone, which a target written without
 #: slashes puts where a host would be ("xds:svc").
 _SCHEMES = ("xds", "google-c2p", "passthrough")
+
+
+def loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an address, an IPv6 one bracketed or not) is this machine's
+    loopback: `localhost`, 127.0.0.0/8 or ::1 (::ffff:127.0.0.1 too). What is sent there
+    never crosses a network; anything else may, a name of this machine's own included."""
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # Python before 3.13 takes ::ffff:127.0.0.1 for no loopback
+    return address.is_loopback
+
+
+def loopback_target(target: str) -> bool:
+    """Whether a client's `target` (as with_default_port leaves it) reaches this machine
+    alone: a unix socket, or hosts that are all loopback (`loopback_host`), written as
+    host:port or after dns:, passthrough:, ipv4: or ipv6: (each address of a list). A scheme
+    of another kind (xds:) is taken for one that may leave the machine."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    if target.startswith(("ipv4:", "ipv6:")):
+        addresses = target.partition(":")[2].split(",")
+        return all(loopback_host(_host_of(address)) for address in addresses)
+    endpoint = target
+    for scheme in _PORTED_SCHEMES:
+        if target.startswith(scheme):
+            endpoint = target[len(scheme) :]
+            if endpoint.startswith("//"):
+                endpoint = endpoint[2:].partition("/")[2]
+            break
+    return "/" not in endpoint and loopback_host(_host_of(endpoint))
+
+
+def _host_of(address: str) -> str:
+    """The host of host:port, [v6]:port or a bare address or name."""
+    if address.startswith("["):
+        return address[: address.find("]") + 1]
+    with contextlib.suppress(ValueError):  # a bare IPv6 address, whose colons are its own
+        return str(ipaddress.ip_address(address))
+    return address.rpartition(":")[0] if ":" in address else address

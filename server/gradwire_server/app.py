@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import MAX_COUNT, ServerConnections
+from gradwire.targets import loopback_host
 from gradwire_server import allocator, checkpoint, openmp
 from gradwire_server.auth import TlsFiles, TokenInterceptor
 from gradwire_server.devices import resolve_device
@@ -840,6 +841,17 @@ def serve(
                     log.warning("%s", warning)
             if token:
                 log.info("a bearer token is required for every call but health checks")
+                if tls is None and not loopback_host(host):
+                    # As for a token missing below: the clients' token crossed the network
+                    # readable by anyone on the path, without a word (a security review,
+                    # sixty-second session). Said, not refused: a trusted network needs none.
+                    log.warning(
+                        "listening on %s with a token but without TLS: the token crosses the "
+                        "network in plain text with every call, and anyone on the path can read "
+                        "it and use it (and read every tensor); serve TLS: --tls-cert and "
+                        "--tls-key",
+                        host,
+                    )
             elif tls is not None and tls.client_ca is not None:
                 # Mutual TLS lets in only clients holding a certificate the client CA signed:
                 # the warning below, which said anyone could, sent an operator whose access
@@ -848,7 +860,7 @@ def serve(
                     "no bearer token: every client with a certificate from the client CA can "
                     "drive and read the model"
                 )
-            elif host not in ("127.0.0.1", "localhost", "::1"):
+            elif not loopback_host(host):
                 log.warning(
                     "listening on %s without a token: anyone who reaches this port can drive "
                     "and read the model; set --token-file or GRADWIRE_TOKEN",

@@ -13,7 +13,8 @@ import io
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import TextIO, cast
 
 from gradwire import codec
@@ -30,6 +31,7 @@ from gradwire.cli.parser import build_parser
 from gradwire.cli.serving import asks_json_log, usage_error_logged
 from gradwire.credentials import TOKEN_ENV
 from gradwire.errors import (
+    GradwireWarning,
     RemoteError,
 )
 from gradwire.selector import SelectorError
@@ -82,6 +84,41 @@ def main(
         return 2
     if args.remote:
         from_environment(args)
+    with warnings_shown(args.command, err):
+        return _run(args, out, err)
+
+
+@contextlib.contextmanager
+def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
+    """gradwire's own warnings (errors.GradwireWarning) given while `command` runs, one line
+    each on `err`: "gradwire list: warning: ...". Python's own way took two lines, naming the
+    file and line of gradwire's code that warned, which say nothing to a user of the
+    command. `serve`'s go to its log, whose JSON a line of plain text would break. Other
+    warnings are shown as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if not issubclass(category, GradwireWarning):
+                shown(message, category, filename, lineno, file, line)
+            elif command == "serve":
+                logging.getLogger("gradwire.cli").warning("%s", message)
+            else:
+                err.write(f"gradwire {command}: warning: {message}\n")
+
+        warnings.showwarning = show
+        yield
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Runs the parsed command; its exit code, what went wrong said on `err`."""
     hint = None  # for a remote error: what to do about it, when the CLI can tell
     try:
         if not args.remote or (args.command == "replay" and args.embedded):
