@@ -7,6 +7,7 @@ import functools
 import io
 import ipaddress
 import logging
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -232,8 +233,7 @@ def test_a_token_variable_of_white_space_only_is_refused_as_an_empty_file_is(
     )
     monkeypatch.setenv("GRADWIRE_TOKEN", "")
     assert load_token(None) is None
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)  # a file given: the variable is not read
+    token_file = _secret_file(tmp_path)  # a file given: the variable is not read
     monkeypatch.setenv("GRADWIRE_TOKEN", " ")
     assert load_token(token_file) == TOKEN
 
@@ -375,6 +375,61 @@ def test_a_token_too_long_for_grpcs_headers_is_refused_where_it_is_given(
         assert "--token-file /dev/zero: it holds more than 65,536 bytes" in err.getvalue()
     with gradwire.Client("127.0.0.1:1", token="a" * 4096):  # the longest taken
         pass
+
+
+def _shared(token_file: Path, mode: str, can: str) -> str:
+    return (
+        f"--token-file {token_file} can be {can} ({mode}): they can use the token; make it "
+        f"yours alone: chmod 600 {token_file}"
+    )
+
+
+def test_a_token_file_others_can_read_or_write_is_warned_of(
+    guarded: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token file at -rw-r--r-- was taken without a word (a security review, sixty-second
+    session). Now a TokenFileWarning naming the file and `chmod 600`; the command says it as
+    one line, and goes on. Execute bits give nothing away; no POSIX modes, nothing said."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    target = ["--target", _address(guarded)]
+    for mode, shown, said in [
+        (0o644, "-rw-r--r--", "read by its group and other users"),
+        (0o604, "-rw----r--", "read by other users"),
+        (0o640, "-rw-r-----", "read by its group"),
+    ]:
+        token_file.chmod(mode)
+        err = io.StringIO()
+        assert main(["list", *target, "--token-file", str(token_file)], io.StringIO(), err) == 0
+        assert err.getvalue() == f"gradwire list: warning: {_shared(token_file, shown, said)}\n"
+    token_file.chmod(0o622)
+    with pytest.warns(gradwire.TokenFileWarning) as caught:
+        assert load_token(token_file) == TOKEN
+    assert str(caught[0].message) == (
+        f"--token-file {token_file} can be written by its group and other users (-rw--w--w-): "
+        f"they can put a token of their own in it; make it yours alone: chmod 600 {token_file}"
+    )
+    assert caught[0].filename == __file__  # the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for mode in (0o600, 0o400, 0o711):
+            token_file.chmod(mode)
+            assert load_token(token_file) == TOKEN
+        token_file.chmod(0o666)
+        with monkeypatch.context() as windows:
+            windows.setattr(os, "name", "nt")
+            assert load_token(token_file) == TOKEN
+
+
+def test_serve_logs_a_warning_for_a_token_file_others_can_read(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o644)
+    with serving("--token-file", str(token_file)) as (_, log):
+        pass
+    (warning,) = [line for line in log.splitlines() if " WARNING " in line]
+    said = _shared(token_file, "-rw-r--r--", "read by its group and other users")
+    assert warning.endswith(f" WARNING gradwire.cli: {said}"), log
 
 
 # --- a token in plain text over the network --------------------------------------------------

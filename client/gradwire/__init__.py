@@ -11,7 +11,7 @@ packages), protobuf and numpy, not torch.
 """
 
 from gradwire.client import Client, connect
-from gradwire.credentials import PlaintextTokenWarning
+from gradwire.credentials import PlaintextTokenWarning, TokenFileWarning
 from gradwire.errors import GradwireError, GradwireWarning, RemoteError
 from gradwire.fill import Fill
 from gradwire.pipeline import Batch, Pending, Pipeline
@@ -60,6 +60,7 @@ __all__ = [
     "StepResult",
     "TensorInfo",
     "TensorRead",
+    "TokenFileWarning",
     "TrainStepResult",
     "__version__",
     "connect",

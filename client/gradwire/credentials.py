@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import stat
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +35,11 @@ class PlaintextTokenWarning(GradwireWarning):
     and use it. Given once per client, as it is made."""
 
 
+class TokenFileWarning(GradwireWarning):
+    """A token file that its group or other users can read or write (`--token-file`, on the
+    server or a client): they can use the token in it, or change it."""
+
+
 def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
     """The token from a file, else from `env` (surrounding white space stripped from
     either), checked (`check_token`); or None. A file, or a variable set, that holds white
@@ -53,7 +60,9 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
         token = data.decode(errors="replace").strip()
         if not token:
             raise ValueError(f"the token file {token_file} is empty")
-        return check_token(token, f"the token in {token_file}")
+        token = check_token(token, f"the token in {token_file}")
+        _warn_if_shared(token_file)
+        return token
     given = os.environ.get(env, "")
     token = given.strip()
     if given and not token:
@@ -64,6 +73,39 @@ def load_token(token_file: Path | None, env: str = TOKEN_ENV) -> str | None:
             f"(unset {env}) for no token"
         )
     return check_token(token, env) if token else None
+
+
+def _warn_if_shared(token_file: Path) -> None:
+    """TokenFileWarning when the token file (a plain file) may be read or written by its
+    group or other users: it was taken without a word at -rw-r--r-- (a security review,
+    sixty-second session). A warning, where ssh refuses a key so open: a server or a
+    command that worked before goes on working. Not where files have no POSIX modes
+    (Windows reports every file readable by all)."""
+    if os.name != "posix":
+        return
+    try:
+        mode = token_file.stat().st_mode
+    except OSError:
+        return
+    shared = mode & 0o066  # read or write by the group or others (execute gives nothing)
+    if not stat.S_ISREG(mode) or not shared:
+        return
+    said = [(verb, then) for verb, then, bits in _SHARING if shared & bits]
+    who = " and ".join(
+        name for name, bits in (("its group", 0o060), ("other users", 0o006)) if shared & bits
+    )
+    warnings.warn(
+        f"--token-file {token_file} can be {' or '.join(verb for verb, _ in said)} by {who} "
+        f"({stat.filemode(mode)}): they can {' and '.join(then for _, then in said)}; make it "
+        f"yours alone: chmod 600 {token_file}",
+        TokenFileWarning,
+        stacklevel=3,
+    )
+
+
+#: What a token file's group or other users can do to it, what that lets them do, and the
+#: mode's bits that allow it.
+_SHARING = (("read", "use the token", 0o044), ("written", "put a token of their own in it", 0o022))
 
 
 #: A value a gRPC header can carry, as a token or a session id: printable ASCII, spaces
