@@ -563,6 +563,30 @@ def test_serve_logs_json_and_serves_metrics() -> None:
         assert access["code"] == "OK"
 
 
+def _whole_log(*flags: str) -> str:
+    """`gradwire serve --metrics-port 0 FLAGS`'s log, from its start to its stop."""
+    with serving("--metrics-port", "0", *flags, until="metrics on") as (process, log):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
+        return log + process.stderr.read()
+
+
+def test_metrics_on_a_non_local_host_are_warned_of_at_start() -> None:
+    """The metrics port asks no token: on a non-local host anyone who reaches it reads the
+    server's metrics, and that went unsaid (a security review, sixty-second session). On
+    loopback, nothing is said."""
+    log = _whole_log("--host", "0.0.0.0")
+    (url,) = re.findall(r"metrics on http://(0\.0\.0\.0:\d+)/metrics", log)
+    (warning,) = [line for line in log.splitlines() if " WARNING gradwire_server: metrics" in line]
+    assert warning.endswith(
+        f"metrics on {url} need no token: anyone who reaches that port reads this server's "
+        "metrics (call counts by method and status, the model version, sessions open, "
+        "memory); keep it behind a firewall that lets in your scraper alone"
+    ), log
+    assert "need no token" not in _whole_log()
+
+
 def _closed_by_the_server(connection: socket.socket) -> bool:
     """Whether the server has closed `connection` (which sent nothing): EOF, or a reset."""
     connection.settimeout(0)

@@ -892,6 +892,16 @@ def serve(
             )
             if running.metrics_port is not None:
                 log.info("metrics on http://%s/metrics", _address(host, running.metrics_port))
+                if not loopback_host(host):
+                    # The token guards gRPC alone: a non-local metrics port was opened to
+                    # everyone without a word (a security review, sixty-second session).
+                    log.warning(
+                        "metrics on %s need no token: anyone who reaches that port reads this "
+                        "server's metrics (call counts by method and status, the model version, "
+                        "sessions open, memory); keep it behind a firewall that lets in your "
+                        "scraper alone",
+                        _address(host, running.metrics_port),
+                    )
             try:
                 if ready is not None:
                     ready(running)
