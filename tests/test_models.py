@@ -35,6 +35,7 @@ from gradwire_server.trainer import Trainer
 from tests.serve_in_process import ON_EACH_DEVICE
 from tests.serve_in_process import serving as serve_in_process
 from tests.serve_process import serving as serve_process
+from tests.test_auth import make_pki
 
 SEED = 3
 MLP_PARAMETERS = ["fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight", "fc2.bias"]
@@ -202,8 +203,11 @@ def test_load_spec_says_what_to_write_for_a_researcher_s_slips(
 
 
 def test_load_spec_names_a_missing_attribute_and_the_specs_there() -> None:
+    from gradwire_server import models
+
     message = refused("gradwire_server.models:NOPE")
-    assert "module 'gradwire_server.models' has no attribute 'NOPE'" in message
+    where = f"(imported from {models.__file__})"
+    assert f"module 'gradwire_server.models' {where} has no attribute 'NOPE'" in message
     assert "SIMPLE, TINY_MLP, TINY_REGRESSOR" in message
 
 
@@ -903,6 +907,60 @@ def test_serve_with_a_model_that_calls_sys_exit_exits_2_and_says_so(tmp_path: Pa
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith(f"gradwire serve: error: --model {model!r}: "), done.stderr
         assert said in last
+
+
+def test_files_in_the_serving_folder_do_not_take_the_place_of_installed_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--model` put the serving folder first on sys.path, for the whole process: a
+    cryptography.py there ran in place of the real one (TLS imports it), though --model
+    named an installed module (a security review, sixty-second session). The folder is
+    looked in last now, and a model there is still found. As the installed `gradwire`
+    script runs: its folder, not the working one, is on sys.path (PYTHONSAFEPATH keeps
+    `python -c` from putting the working folder first itself)."""
+    pki = make_pki(tmp_path)
+    (tmp_path / "cryptography.py").write_text("open('shadowed', 'w').close()\n")
+    (tmp_path / "mymodels.py").write_text("from gradwire_server.models import TINY_MLP as SPEC\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONSAFEPATH", "1")
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    for model in ("gradwire_server.models:TINY_MLP", "mymodels:SPEC"):
+        with serve_process("--model", model, *tls) as (_, log):
+            pass
+        assert "TLS on (any client; certificate valid until" in log, log
+        assert "model TinyMLP on cpu" in log, log
+        assert not (tmp_path / "shadowed").exists(), f"{model}: the folder's cryptography.py ran"
+
+
+def test_a_model_file_named_as_a_standard_module_is_said_not_to_be_the_one_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's queue.py holding SPEC was told "module 'queue' has no attribute 'SPEC'",
+    which read as their file lacking it: the module imported was Python's (a security
+    review, sixty-second session). The message names the file imported and says to rename
+    theirs; a module of the user's own that lacks the attribute is named, no more."""
+    import queue
+
+    monkeypatch.setattr(sys, "path", [*sys.path])  # serve appends the working folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "queue.py").write_text("from gradwire_server.models import TINY_MLP as SPEC\n")
+    err = io.StringIO()
+    assert main(["serve", "--model", "queue:SPEC", "--port", "0"], io.StringIO(), err) == 2
+    assert err.getvalue() == (
+        f"gradwire serve: error: --model 'queue:SPEC': module 'queue' (imported from "
+        f"{queue.__file__}) has no attribute 'SPEC'; your {tmp_path / 'queue.py'} is not that "
+        "module: one of that name, Python's own or installed, is found first; rename your "
+        "file (as mymodels.py, then --model mymodels:SPEC)\n"
+    )
+    (tmp_path / "nospec.py").write_text("X = 1\n")
+    with pytest.raises(InvalidInput) as info:
+        load_spec("nospec:SPEC")
+    assert info.value.message == (
+        f"--model 'nospec:SPEC': module 'nospec' (imported from {tmp_path / 'nospec.py'}) has "
+        "no attribute 'SPEC'"
+    )
+    with pytest.raises(InvalidInput, match=r"module 'sys' \(built into Python\) has no"):
+        load_spec("sys:SPEC")
 
 
 def test_serve_model_serves_it(tmp_path: Path) -> None:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Literal, get_args
 
 import torch
@@ -323,7 +326,8 @@ def load_spec(text: str) -> ModelSpec:
         )
         hint = f" (its ModelSpecs: {', '.join(public)})" if public else ""
         raise InvalidInput(
-            f"--model {text!r}: module {module_name!r} has no attribute {attr!r}{hint}",
+            f"--model {text!r}: module {module_name!r}{_origin(module)} has no attribute "
+            f"{attr!r}{hint}{_not_yours(module, module_name, attr)}",
             reason="BAD_MODEL",
         ) from None
     except (Exception, SystemExit) as err:  # a module __getattr__ or a property of its own
@@ -335,6 +339,31 @@ def load_spec(text: str) -> ModelSpec:
     spec = _as_spec(text, target)
     _check_builds(text, spec)
     return spec
+
+
+def _origin(module: ModuleType) -> str:
+    """Where `module` came from, for a message: " (imported from /usr/lib/python3.11/queue.py)",
+    " (built into Python)". A user's queue.py holding SPEC was told "module 'queue' has no
+    attribute 'SPEC'", which read as their file missing it (a security review, sixty-second
+    session): the file imported was Python's."""
+    where = getattr(module, "__file__", None)
+    if where:
+        return f" (imported from {where})"
+    return " (built into Python)" if module.__name__ in sys.builtin_module_names else ""
+
+
+def _not_yours(module: ModuleType, module_name: str, attr: str) -> str:
+    """What to do when the serving folder holds a file of `module_name`'s that is not the
+    module imported: a module of Python's own, an installed one, or one imported before
+    by that name comes first (the folder is the last place looked in); "" otherwise."""
+    yours = Path.cwd().joinpath(*module_name.split(".")).with_suffix(".py")
+    where = getattr(module, "__file__", None)
+    if not yours.is_file() or (where is not None and Path(where).resolve() == yours.resolve()):
+        return ""
+    return (
+        f"; your {yours} is not that module: one of that name, Python's own or installed, is "
+        f"found first; rename your file (as mymodels.py, then --model mymodels:{attr})"
+    )
 
 
 def _scripted(module: nn.Module) -> bool:

@@ -182,9 +182,12 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                 "--keepalive-timeout must be more than 0 (--keepalive 0 turns pings off)"
             )
         if args.model and os.getcwd() not in sys.path and "" not in sys.path:
-            # As `python -m` does: a module beside the user (mymodels.py) can be named by
-            # --model even when gradwire runs as an installed script.
-            sys.path.insert(0, os.getcwd())
+            # A module beside the user (mymodels.py) can be named by --model even when
+            # gradwire runs as an installed script. Looked in last: put first, as `python -m`
+            # puts it, files there took the place of installed and standard modules for the
+            # whole process (a cryptography.py there ran, the --model naming an installed
+            # module: a security review, sixty-second session).
+            sys.path.append(os.getcwd())
         try:
             serve(
                 host=args.host,
