@@ -498,6 +498,68 @@ def test_text_lines_end_with_the_request_id() -> None:
     assert TextFormatter().format(record).endswith("gradwire_server: done [request_id=abc]")
 
 
+#: A request id that, shown raw, made a refusal's WARNING read as a second line, CRITICAL.
+FORGED = "x] 2026-12-05 10:00:00,000 CRITICAL gradwire_server: state dir deleted [request_id=y"
+
+
+def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
+    trainer: Trainer,
+) -> None:
+    """A caller without the token chose the end of the refusal's WARNING line: the request
+    id and session were shown as sent, so one holding "] ... CRITICAL ..." forged a line of
+    the server's (a security review, sixty-second session). They are quoted now, escaped
+    and cut, on a line of their own."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CallFilter())
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("gradwire_server")
+    logger.addHandler(handler)
+    running = start(trainer, "127.0.0.1", 0, token="s3cret")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            metadata = (("gradwire-request-id", FORGED), ("gradwire-session", "s" * 300))
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.TrainerStub(channel).ListTensors(
+                    pb.ListTensorsRequest(), timeout=10, metadata=metadata
+                )
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=None)
+        logger.removeHandler(handler)
+    (line,) = [x for x in stream.getvalue().splitlines() if " WARNING " in x]
+    assert " WARNING gradwire_server.auth: refused a call without this server's token" in line
+    assert line.endswith(f' [request_id="{FORGED}" session="{"s" * 256}"...]'), line
+
+
+@pytest.mark.parametrize(
+    ("request_id", "shown"),
+    [
+        ("abc-123", "abc-123"),  # plain ids as they were
+        ("153834ac4686482a92b2d6dc89c1fecd", "153834ac4686482a92b2d6dc89c1fecd"),
+        ("r" * 128, "r" * 128),
+        ("r" * 129, f'"{"r" * 128}"...'),
+        ("two words", '"two words"'),
+        ("a]b", '"a]b"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("bell\x07\x1b[31mred", '"bell\\u0007\\u001b[31mred"'),
+        ("line\nbreak", '"line\\nbreak"'),
+        ("caf\u00e9", '"caf\\u00e9"'),
+    ],
+)
+def test_text_lines_quote_a_request_id_that_is_not_a_plain_word(
+    request_id: str, shown: str
+) -> None:
+    record = logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "done", (), None)
+    record.request_id = request_id
+    record.session = "0123456789abcdef0123456789abcdef"
+    line = TextFormatter().format(record)
+    assert line.endswith(
+        f"gradwire_server: done [request_id={shown} session=0123456789abcdef0123456789abcdef]"
+    )
+    assert "\n" not in line
+
+
 def test_json_lines_keep_the_traceback() -> None:
     try:
         raise ValueError("boom")

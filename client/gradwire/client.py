@@ -49,7 +49,13 @@ from gradwire.errors import (
     Unavailable,
 )
 from gradwire.failures import CLOSED, after_a_stop, closed_channel, cut_off, failed, grace_cut
-from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION, channel_options
+from gradwire.limits import (
+    EXPECTED_VERSION,
+    MAX_SESSION_CHARS,
+    REQUEST_ID,
+    SESSION,
+    channel_options,
+)
 from gradwire.memory import KeptMemory
 from gradwire.newest import Cancellable, Newest
 from gradwire.results import (
@@ -290,10 +296,6 @@ def _merged(update: WatchUpdate, dropped: int) -> WatchUpdate:
 def _update_weight(data: bytes) -> int:
     """The updates a WatchUpdate stands for: itself and those the server skipped."""
     return 1 + int(wire.split(data, pb.WatchUpdate).message.skipped)
-
-
-#: The longest session id a client sends: a server's are 32 characters (hex).
-MAX_SESSION_CHARS = 256
 
 
 def check_session(session: str | None, what: str) -> str | None:

@@ -105,6 +105,9 @@ SESSION: Final = "gradwire-session"
 
 #: The most characters of a "gradwire-request-id" a server takes.
 MAX_REQUEST_ID_CHARS: Final = 128
+#: The longest session id a client sends ("gradwire-session"): a server's are 32 characters
+#: (hex). A server's text log shows no more of one.
+MAX_SESSION_CHARS: Final = 256
 
 #: The most steps one Train may ask for: the client checks it, and the server refuses more.
 MAX_TRAIN_STEPS: Final = 1 << 40

@@ -3,7 +3,8 @@
 The call interceptor (metrics.py) makes the call being served current for its duration; a
 `CallFilter` on the log handler copies its fields onto every record logged meanwhile, by any
 logger (grpc's own too). `JsonFormatter` writes one JSON object per line; `TextFormatter` the
-usual text, with ` [request_id=...]` at the end when the call has one.
+usual text, with ` [request_id=...]` at the end when the call has one (quoted and cut when it
+is not a plain word: its caller chose it).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import contextvars
 import datetime
 import json
 import logging
+import re
 from typing import Any
 
 import grpc
 
-from gradwire.limits import REQUEST_ID, SESSION
+from gradwire.limits import MAX_REQUEST_ID_CHARS, MAX_SESSION_CHARS, REQUEST_ID, SESSION
 
 #: The fields a record may carry beyond the standard ones, in the order JSON lines show them.
 CALL_FIELDS = ("method", "request_id", "session", "peer")
@@ -102,8 +104,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+#: The fields a text line ends with, and the most characters of each it shows: the
+#: server's limit on a request id, and the longest session id a client sends.
+TEXT_TAGS = {"request_id": MAX_REQUEST_ID_CHARS, "session": MAX_SESSION_CHARS}
+
+#: A caller's value shown as it came: one word of characters that mean nothing in a line's
+#: layout (abc-123, a hex id, base64).
+_PLAIN = re.compile(r"[A-Za-z0-9._:/+=@-]+")
+
+
+def shown_tag(value: str, limit: int) -> str:
+    """A call's field as a text line shows it: as it came when plain, else quoted with
+    JSON's escapes (quotes, backslashes, control and non-ASCII characters), cut to `limit`
+    characters with '...' after the quotes. The caller chooses these values, token or not:
+    shown raw, a request id of 'x] 2026-12-05 ... CRITICAL gradwire_server: state dir deleted
+    [request_id=y' made a refusal's WARNING read as a second, CRITICAL, line of the
+    server's (a security review, sixty-second session)."""
+    if len(value) <= limit and _PLAIN.fullmatch(value):
+        return value
+    return json.dumps(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 class TextFormatter(logging.Formatter):
-    """TEXT_FORMAT, with ` [request_id=... session=...]` appended when the call has them."""
+    """TEXT_FORMAT, with ` [request_id=... session=...]` appended when the call has them,
+    each as `shown_tag` shows it."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -111,7 +135,11 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         text = super().formatMessage(record)
         fields = _call_fields(record)
-        tags = [f"{k}={fields[k]}" for k in ("request_id", "session") if k in fields]
+        tags = [
+            f"{k}={shown_tag(str(fields[k]), limit)}"
+            for k, limit in TEXT_TAGS.items()
+            if k in fields
+        ]
         return f"{text} [{' '.join(tags)}]" if tags else text
 
 
