@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from gradwire_server import allocator
+from tests.background import eventually
 from tests.serve_process import serving
 
 glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="malloc settings are glibc's")
@@ -218,3 +220,55 @@ def test_onednn_keeps_the_kernels_of_a_few_shapes_only() -> None:
 def test_gradwire_serve_caps_onednn_s_cache() -> None:
     with serving() as (_, log):
         assert f"oneDNN keeps at most {allocator.ONEDNN_CACHE_CAPACITY} compiled CPU kernels" in log
+
+
+#: 64 blocks of 1 MiB, each with a small block after it that stays, written and freed: holes
+#: in the heap that glibc keeps (no threshold gives back the middle of a heap). Prints how
+#: many MiB of the process's pages release_freed_memory() let go.
+HOLES = """
+import ctypes
+from gradwire_server import allocator
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+assert allocator.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks, kept = [], []
+for _ in range(64):
+    blocks.append(libc.malloc(1 << 20))
+    ctypes.memset(blocks[-1], 1, 1 << 20)
+    kept.append(libc.malloc(64))
+for block in blocks:
+    libc.free(block)
+before = resident()
+assert allocator.release_freed_memory()
+print((before - resident()) / 2**20)
+"""
+
+
+@glibc_only
+def test_freed_memory_in_the_middle_of_a_heap_is_given_back_when_asked() -> None:
+    """What a burst of 60 MiB health requests left behind stayed in the heaps for good
+    (health_service.py); glibc gives it back when asked. (The process's own pages, which
+    no other process's load changes.)"""
+    done = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, check=True)
+    assert float(done.stdout) >= 48, f"{done.stdout.strip()} MiB of 64 MiB of holes let go"
+
+
+def test_freed_memory_is_released_once_calls_stop() -> None:
+    """Not during a burst of calls (its memory is in use), once after it."""
+    released: list[float] = []
+    release = allocator.ReleaseWhenQuiet(quiet_s=2.0, release=lambda: released.append(1))
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        release.soon()
+        time.sleep(0.005)
+    assert released == []
+    eventually(lambda: released == [1])
+    release.soon()  # another burst, another release
+    eventually(lambda: released == [1, 1])

@@ -42,6 +42,11 @@ grows by the 64 MiB pad or not at all: with less than that left under the cap, a
 fails where it would have fit. `MALLOC_TOP_PAD_=0` in the server's environment lifts that
 (tests/oom_server.py sets the pad to 0 for the same reason).
 
+`release_freed_memory()` gives back the free memory of every arena, wherever in its heaps it
+lies (glibc's `malloc_trim`): after requests of a size no training step frees, sent by
+callers who need no token, once they stop (`ReleaseWhenQuiet`; health_service.py), since
+glibc kept it for good, with these settings or its defaults.
+
 `limit_onednn_cache()` caps oneDNN's cache of compiled CPU kernels (a convolution's, with
 their scratch memory, per shape). Every new batch size adds about 18 of them for the
 tutorial's model; at oneDNN's default capacity, 1,024, a server sent 200 different batch
@@ -54,6 +59,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,72 @@ def keep_freed_memory() -> bool:
         else:
             applied = bool(libc.mallopt(param, value)) and applied
     return applied
+
+
+def release_freed_memory() -> bool:
+    """Gives the system back the pages of the memory every arena holds free (glibc's
+    `malloc_trim(0)`), wherever in its heaps it lies: the thresholds above only ever give
+    back a heap's free top, and glibc's defaults no more. True when glibc gave some back;
+    False when it had none to give, or the C library is not glibc (nothing done). It takes
+    each arena's lock in turn while it runs (tens of milliseconds for a gigabyte), and the
+    next training step faults in again the pages it had kept."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    return bool(libc.malloc_trim(0))
+
+
+class ReleaseWhenQuiet:
+    """Calls `release` (release_freed_memory) once `quiet_s` have passed since the last call
+    of `soon()`, on a thread of its own: once after a burst, not once a call.
+
+    For memory that a caller can make the process hold and free in a way no training step
+    does, where glibc would keep it for good (health requests of 60 MiB, which gRPC
+    reads whole: health_service.py). During the burst the memory is in use anyway; a
+    release then would only fault the same pages in again."""
+
+    def __init__(
+        self, quiet_s: float = 1.0, release: Callable[[], object] = release_freed_memory
+    ) -> None:
+        self.quiet_s = quiet_s
+        self.release = release
+        self._lock = threading.Lock()
+        self._last = 0.0  # when soon() was last called, under self._lock
+        self._waiting = False  # a thread waits to release, under self._lock
+
+    def soon(self) -> None:
+        with self._lock:
+            self._last = time.monotonic()
+            if self._waiting:
+                return
+            self._waiting = True
+        try:
+            threading.Thread(target=self._wait, name="gradwire-release", daemon=True).start()
+        except RuntimeError as error:  # no thread can start (out of memory): none released
+            with self._lock:
+                self._waiting = False
+            log.debug("freed memory not released: %s", error)
+
+    def _wait(self) -> None:
+        while True:
+            with self._lock:
+                left = self._last + self.quiet_s - time.monotonic()
+                if left <= 0:
+                    self._waiting = False
+                    break
+            time.sleep(left)
+        start = time.perf_counter()
+        try:
+            released = self.release()
+            log.debug(
+                "freed memory released (%s) in %.0f ms",
+                released,
+                (time.perf_counter() - start) * 1000,
+            )
+        except Exception:  # not the process's end: said, and the next burst tries again
+            log.warning("could not release freed memory", exc_info=True)
 
 
 #: oneDNN's own variable, read once, when its first kernel is made.

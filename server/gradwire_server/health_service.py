@@ -3,7 +3,9 @@
 grpc's own servicer keeps an entry for every service name a Watch has asked about, for as
 long as the server runs, and takes names as long as a whole message (64 MiB here). This one
 refuses names longer than any service's, forgets a name when its last Watch closes, and
-keeps at most `max_watches` Watches open at once.
+keeps at most `max_watches` Watches open at once. A request over MAX_REQUEST_BYTES is
+refused by its length, unparsed, and the memory its reading took is given back once such
+requests stop (see `_bounded`).
 
 Each open Watch waits on a thread of a pool of its own, never on one of the server's: a few
 Watches, which need no token, would otherwise take every thread the server has. Checks and
@@ -17,11 +19,13 @@ and cancelled from eight threads deadlocked the server that way within a second.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from gradwire_server.allocator import ReleaseWhenQuiet
 from gradwire_server.errors import InvalidInput
 from gradwire_server.pools import ServingPool
 from gradwire_server.servicer import deserializer, on_pool
@@ -29,6 +33,10 @@ from gradwire_server.status import abort, well_formed
 
 #: Longer than any service's full name ("gradwire.v1.Trainer").
 MAX_SERVICE_NAME_CHARS = 256
+#: The most bytes of a health request parsed; longer ones are refused by their length. A
+#: Check's or Watch's longest valid request is 1,027 bytes (a name of 256 characters of up to
+#: 4 bytes in UTF-8, its tag and a 2-byte length); a List's has no fields.
+MAX_REQUEST_BYTES = 4096
 #: Health Watches open at once; more are refused RESOURCE_EXHAUSTED.
 MAX_WATCHES = 64
 #: Threads beyond MAX_WATCHES in the Watches' pool, so that a Watch over the limit is
@@ -43,6 +51,8 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         super().__init__(experimental_non_blocking=False)
         self.max_watches = max_watches
         self._watches = 0  # open now, under self._lock
+        #: Gives back the memory that requests over MAX_REQUEST_BYTES took, once they stop.
+        self.release = ReleaseWhenQuiet()
 
     @property
     def open_watches(self) -> int:
@@ -60,7 +70,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
     def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
-        _check_parsed(request, context)
+        self._check_parsed(request, context)
         _check_name(request.service, context)
         with self._lock:
             known = request.service in self._server_status
@@ -86,7 +96,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         context: grpc.ServicerContext,
         send_response_callback: Callable[[Any], None] | None = None,
     ) -> Any:
-        _check_parsed(request, context)
+        self._check_parsed(request, context)
         _check_name(request.service, context)
         with self._lock:
             if self._watches >= self.max_watches:
@@ -129,13 +139,46 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         does not implement List (it raises NotImplementedError, which gRPC answered
         UNIMPLEMENTED and logged at ERROR with a traceback: anyone, with no token, could fill
         the log; found by a review of running the server for several users)."""
-        _check_parsed(request, context)
+        self._check_parsed(request, context, names=False)
         with self._lock:
             statuses = dict(self._server_status)
         answer = health_pb2.HealthListResponse()
         for service, status in statuses.items():
             answer.statuses[service].status = status
         return answer
+
+    def _check_parsed(
+        self, request: Any, context: grpc.ServicerContext, names: bool = True
+    ) -> None:
+        """Refuses a request over MAX_REQUEST_BYTES (`names`: its method's request holds a
+        service name) or bytes that are no health request, INVALID_ARGUMENT."""
+        if isinstance(request, Oversized):
+            self.release.soon()
+            refused = (
+                f"{request.size} bytes, more than any health request ({MAX_REQUEST_BYTES} at "
+                "most; refused unread)"
+            )
+            if names:
+                abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"a service name is at most {MAX_SERVICE_NAME_CHARS} characters, and this "
+                    f"request is {refused}: {_ASK_BY_NAME}",
+                    "BAD_SERVICE_NAME",
+                    {},
+                )
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request.type_name}: it is {refused}, and a "
+                "List request has no fields",
+                "MALFORMED_REQUEST",
+                {},
+            )
+        try:
+            well_formed(request)
+        except InvalidInput as err:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})
 
     def _on_close_callback(
         self, send_response_callback: Callable[[Any], None], service: str
@@ -172,17 +215,52 @@ class _ClosesIfEnded:
         return getattr(self._context, name)
 
 
+_ASK_BY_NAME = 'ask by its full name, such as "gradwire.v1.Trainer", or "" for the whole server'
+
+
 def _check_name(service: str, context: grpc.ServicerContext) -> None:
     if len(service) > MAX_SERVICE_NAME_CHARS:
         abort(
             context,
             grpc.StatusCode.INVALID_ARGUMENT,
             f"a service name is at most {MAX_SERVICE_NAME_CHARS} characters, got "
-            f'{len(service)}: ask by its full name, such as "gradwire.v1.Trainer", or "" for '
-            "the whole server",
+            f"{len(service)}: {_ASK_BY_NAME}",
             "BAD_SERVICE_NAME",
             {},
         )
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """What a health request's deserializer hands on for bytes over MAX_REQUEST_BYTES: their
+    length, not the bytes."""
+
+    type_name: str
+    size: int
+
+
+def _bounded(message_type: type[Any]) -> Callable[[bytes], Any]:
+    """gradwire's deserializer for `message_type`, which first refuses bytes over
+    MAX_REQUEST_BYTES by their length (Oversized), unparsed.
+
+    gRPC reads a request whole (up to the server's 64 MiB, which SetTensor needs) before
+    any handler runs, and a health request needs no token: parsed, a 60 MiB name was copied
+    twice more (protobuf's copy, then Python's string of it) before its refusal, and 66 of
+    them at once, one for each thread of the health pool, took the server from 326 MB to
+    2.16 GB, of which 1.59 GB stayed for good, 2.38 GB after a second round (glibc kept it
+    free, in holes between what its heaps still hold, where no threshold gives it back;
+    found by a security review, sixty-second session). gRPC's own buffer of the request, and
+    its copy into the bytes handed here, cannot be avoided: the memory they took is given
+    back once such requests stop (HealthServicer.release)."""
+    parse = deserializer(message_type)
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse_bounded(data: bytes) -> Any:
+        if len(data) > MAX_REQUEST_BYTES:
+            return Oversized(name, len(data))
+        return parse(data)
+
+    return parse_bounded
 
 
 def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
@@ -208,7 +286,7 @@ def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
     handlers = {
         name: make(
             behaviours[name],
-            request_deserializer=deserializer(request_type),
+            request_deserializer=_bounded(request_type),
             response_serializer=response_type.SerializeToString,
         )
         for name, (make, request_type, response_type) in methods.items()
@@ -216,10 +294,3 @@ def add_to_server(servicer: HealthServicer, server: grpc.Server) -> None:
     service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
-
-
-def _check_parsed(request: Any, context: grpc.ServicerContext) -> None:
-    try:
-        well_formed(request)
-    except InvalidInput as err:
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, err.message, err.reason, {})
