@@ -711,14 +711,12 @@ def unfit(loaded: Loaded, params: dict[str, nn.Parameter], kind: str) -> list[st
             return f"{dtype_name(value.dtype)} {list(value.shape)}"
         return type(value).__name__
 
-    found = []
-    for label, tensors in (("parameter", loaded.parameters), ("gradient", loaded.gradients)):
-        for name, tensor in tensors.items():
-            if tensor.dtype != params[name].dtype:
-                found.append(
-                    f"{label} {name} as {described(tensor)}, where {name} is "
-                    f"{described(params[name])}"
-                )
+    found = []  # parameters of another dtype: another model's (other_model), checked first
+    for name, tensor in loaded.gradients.items():
+        if tensor.dtype != params[name].dtype:
+            found.append(
+                f"gradient {name} as {described(tensor)}, where {name} is {described(params[name])}"
+            )
     keys = frozenset(STATE_KEYS[kind])
     for name, values in loaded.optimizer_state.items():
         p = params[name]
