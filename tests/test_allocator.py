@@ -263,12 +263,44 @@ def test_freed_memory_in_the_middle_of_a_heap_is_given_back_when_asked() -> None
 def test_freed_memory_is_released_once_calls_stop() -> None:
     """Not during a burst of calls (its memory is in use), once after it."""
     released: list[float] = []
-    release = allocator.ReleaseWhenQuiet(quiet_s=2.0, release=lambda: released.append(1))
+    release = allocator.ReleaseWhenQuiet(
+        quiet_s=2.0, most_s=60.0, least_bytes=10, release=lambda: released.append(1)
+    )
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
-        release.soon()
+        release.soon(5)
         time.sleep(0.005)
     assert released == []
     eventually(lambda: released == [1])
-    release.soon()  # another burst, another release
+    release.soon(10)  # another burst, another release
     eventually(lambda: released == [1, 1])
+
+
+def test_a_trickle_of_calls_puts_the_release_off_no_longer_than_its_longest_wait() -> None:
+    """Each call put it off again: one request a half second, with no token, kept what a
+    burst had taken for good (found by a review of the change)."""
+    released: list[float] = []
+    release = allocator.ReleaseWhenQuiet(
+        quiet_s=1.0, most_s=1.5, least_bytes=10, release=lambda: released.append(1)
+    )
+    deadline = time.monotonic() + 30
+    while not released and time.monotonic() < deadline:
+        release.soon(10)
+        time.sleep(0.2)  # never a quiet second
+    assert released == [1]
+
+
+def test_small_calls_release_nothing_until_their_bytes_add_up() -> None:
+    """A release makes the next training step fault in every page the server keeps: one
+    for each request just over the health limit (any caller's, a second apart) was a
+    release a second (found by a review of the change)."""
+    released: list[float] = []
+    release = allocator.ReleaseWhenQuiet(
+        quiet_s=0.05, most_s=0.1, least_bytes=100, release=lambda: released.append(1)
+    )
+    for _ in range(9):
+        release.soon(10)
+    time.sleep(0.5)
+    assert released == []
+    release.soon(10)  # 100 bytes in all
+    eventually(lambda: released == [1])

@@ -191,7 +191,8 @@ class _Releases:
     def __init__(self) -> None:
         self.asked = 0
 
-    def soon(self) -> None:
+    def soon(self, size: int) -> None:
+        assert size > MAX_REQUEST_BYTES
         self.asked += 1
 
 

@@ -146,29 +146,45 @@ def release_freed_memory() -> bool:
 
 
 class ReleaseWhenQuiet:
-    """Calls `release` (release_freed_memory) once `quiet_s` have passed since the last call
-    of `soon()`, on a thread of its own: once after a burst, not once a call.
+    """Calls `release` (release_freed_memory) on a thread of its own once requests of
+    `least_bytes` or more in all have been read (`soon(size)` for each) and then
+    `quiet_s` have passed without one, or `most_s` since those bytes were reached, whichever
+    comes first: once after a burst, not once a call.
 
     For memory that a caller can make the process hold and free in a way no training step
     does, where glibc would keep it for good (health requests of 60 MiB, which gRPC
     reads whole: health_service.py). During the burst the memory is in use anyway; a
-    release then would only fault the same pages in again."""
+    release then would only fault the same pages in again. The longest wait, `most_s`,
+    is there for a trickle of such requests, each of which put the release off again
+    for ever; the least bytes for small ones, each of which (4 KiB, any caller) made the
+    next training step fault in every page the server keeps (both found by a review of the
+    change)."""
 
     def __init__(
-        self, quiet_s: float = 1.0, release: Callable[[], object] = release_freed_memory
+        self,
+        quiet_s: float = 1.0,
+        most_s: float = 5.0,
+        least_bytes: int = 16 << 20,
+        release: Callable[[], object] = release_freed_memory,
     ) -> None:
         self.quiet_s = quiet_s
+        self.most_s = most_s
+        self.least_bytes = least_bytes
         self.release = release
         self._lock = threading.Lock()
         self._last = 0.0  # when soon() was last called, under self._lock
+        self._since = 0.0  # when the bytes read reached least_bytes, under self._lock
+        self._bytes = 0  # read since the last release, under self._lock
         self._waiting = False  # a thread waits to release, under self._lock
 
-    def soon(self) -> None:
+    def soon(self, size: int) -> None:
+        """A request of `size` bytes was read that no training step would have freed."""
         with self._lock:
             self._last = time.monotonic()
-            if self._waiting:
+            self._bytes += size
+            if self._waiting or self._bytes < self.least_bytes:
                 return
-            self._waiting = True
+            self._waiting, self._since = True, self._last
         try:
             threading.Thread(target=self._wait, name="gradwire-release", daemon=True).start()
         except RuntimeError as error:  # no thread can start (out of memory): none released
@@ -179,9 +195,10 @@ class ReleaseWhenQuiet:
     def _wait(self) -> None:
         while True:
             with self._lock:
-                left = self._last + self.quiet_s - time.monotonic()
+                due = min(self._last + self.quiet_s, self._since + self.most_s)
+                left = due - time.monotonic()
                 if left <= 0:
-                    self._waiting = False
+                    self._waiting, self._bytes = False, 0
                     break
             time.sleep(left)
         start = time.perf_counter()

@@ -153,7 +153,7 @@ class HealthServicer(health.HealthServicer):  # type: ignore[misc]  # grpc ships
         """Refuses a request over MAX_REQUEST_BYTES (`names`: its method's request holds a
         service name) or bytes that are no health request, INVALID_ARGUMENT."""
         if isinstance(request, Oversized):
-            self.release.soon()
+            self.release.soon(request.size)
             refused = (
                 f"{request.size} bytes, more than any health request ({MAX_REQUEST_BYTES} at "
                 "most; refused unread)"
