@@ -587,26 +587,36 @@ def all_in_eval() -> nn.Module:
     return FrozenBackbone().eval()
 
 
+def all_but_the_head_in_eval() -> nn.Module:
+    model = FrozenBackbone().eval()
+    model.head.train()  # "freeze everything but the head"
+    return model
+
+
 def test_modules_a_factory_left_in_evaluation_mode_stay_so_through_every_pass() -> None:
     """Every module was put in training mode after the build and after each Forward in
     evaluation mode: a frozen backbone's BatchNorm moved its statistics, and the losses
     were not a local run's (found by a review of serving one's own model)."""
     x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
-    local = seeded(frozen_backbone)
-    torch.manual_seed(SEED)
-    frozen_backbone()  # the draws the server's build made: its dropout stream starts after
-    with serving(ModelSpec("FrozenBackbone", frozen_backbone, (4,), 3)) as client:
-        for eval_first in (False, True):
-            if eval_first:
-                client.forward(x, eval_mode=True)
-                local.eval()
-                local(torch.from_numpy(x))
-                local.train()
-                local.backbone.eval()
-            loss = nn.functional.cross_entropy(local(torch.from_numpy(x)), torch.from_numpy(y))
-            assert client.forward(x, y).loss == loss.item()
-        assert np.array_equal(client.get("backbone.1.running_mean"), np.zeros(6, np.float32))
+    for factory in (frozen_backbone, all_but_the_head_in_eval):
+        local = seeded(factory)
+        torch.manual_seed(SEED)
+        factory()  # the draws the server's build made: its dropout stream starts after
+        modes = [m.training for m in local.modules()]
+        with serving(ModelSpec("FrozenBackbone", factory, (4,), 3)) as client:
+            for eval_first in (False, True):
+                if eval_first:
+                    client.forward(x, eval_mode=True)
+                    local.eval()
+                    local(torch.from_numpy(x))
+                    for module, mode in zip(local.modules(), modes, strict=True):
+                        module.training = mode
+                out = local(torch.from_numpy(x))
+                loss = nn.functional.cross_entropy(out, torch.from_numpy(y))
+                assert client.forward(x, y).loss == loss.item(), factory.__name__
+            zeros = np.zeros(6, np.float32)
+            assert np.array_equal(client.get("backbone.1.running_mean"), zeros)
     # a model handed over in evaluation mode whole trains in training mode, as before
     with serving(ModelSpec("AllInEval", all_in_eval, (4,), 3)) as client:
         client.forward(x, y)

@@ -447,12 +447,14 @@ def _initialise_lazy_layers(model: nn.Module, spec: ModelSpec) -> None:
 
 
 def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """Each module of `model`, in order, and whether it is in training mode, where the
-    model is and some module is not: a factory that put a part in evaluation mode (a frozen
-    backbone's BatchNorm, `model.backbone.eval()`) meant it so. Empty otherwise: a model
-    handed over in evaluation mode whole is trained in training mode, as the README says."""
+    """Each module of `model`, in order, and whether it is in training mode, where they are
+    not all in one mode: a factory that put a part in evaluation mode (a frozen backbone's
+    BatchNorm, `model.backbone.eval()`), or all but a part (`model.eval();
+    model.head.train()`: a review found it trained whole), meant it so. Empty otherwise: a
+    model handed over in evaluation mode whole is trained in training mode, as the README
+    says."""
     pairs = [(module, module.training) for module in model.modules()]
-    return pairs if model.training and not all(mode for _, mode in pairs) else []
+    return pairs if len({mode for _, mode in pairs}) > 1 else []
 
 
 def _to_training_mode(model: nn.Module, modes: list[tuple[nn.Module, bool]]) -> None:
@@ -703,6 +705,14 @@ class Trainer:
             f"{type(error).__name__} (the server's log has its traceback); nothing was changed",
             reason="MODEL_BUILD_FAILED",
         )
+
+    def _training(self) -> bool:
+        """Whether a pass now runs a module in training mode: the model's own mode, or, where
+        its factory left its modules in mixed modes, any one's (the model's own may be
+        evaluation, its head training: _modes)."""
+        if not self._modes:
+            return self._model.training
+        return any(module.training for module, _ in self._modes)
 
     def _adopt(self, model: nn.Module) -> None:
         """Makes `model` this trainer's, with hooks that keep each module's last output."""
@@ -1252,7 +1262,7 @@ class Trainer:
                     f"{self.spec.name} refused this input: {said}{_refusal_hint(said)}",
                     reason="MODEL_REFUSED",
                 ) from err
-        if self._model.training:  # a pass in eval mode leaves what training changes alone
+        if self._training():  # a pass in eval mode leaves what training changes alone
             self._buffers_kept.learn(buffers)
         self._input, self._target, self._output, self._loss = x, y, output, loss
         self._random_state = drawn.state  # replaced, not changed: a TrainStep's undo keeps it
