@@ -930,6 +930,11 @@ def test_files_in_the_serving_folder_do_not_take_the_place_of_installed_modules(
     `python -c` from putting the working folder first itself)."""
     pki = make_pki(tmp_path)
     (tmp_path / "cryptography.py").write_text("open('shadowed', 'w').close()\n")
+    # Optional modules torch imports when first needed, not installed here: looked in last
+    # for the whole process, the folder's stood in for them as the optimizer was built (a
+    # review of the change). It is importable while the model loads alone now.
+    for optional in ("gmpy2", "flint", "tabulate"):
+        (tmp_path / f"{optional}.py").write_text("open('stood_in', 'w').close()\n")
     (tmp_path / "mymodels.py").write_text("from gradwire_server.models import TINY_MLP as SPEC\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONSAFEPATH", "1")
@@ -940,6 +945,7 @@ def test_files_in_the_serving_folder_do_not_take_the_place_of_installed_modules(
         assert "TLS on (any client; certificate valid until" in log, log
         assert "model TinyMLP on cpu" in log, log
         assert not (tmp_path / "shadowed").exists(), f"{model}: the folder's cryptography.py ran"
+        assert not (tmp_path / "stood_in").exists(), f"{model}: an optional module's stand-in ran"
 
 
 def test_a_model_file_named_as_a_standard_module_is_said_not_to_be_the_one_imported(
@@ -951,7 +957,7 @@ def test_a_model_file_named_as_a_standard_module_is_said_not_to_be_the_one_impor
     theirs; a module of the user's own that lacks the attribute is named, no more."""
     import queue
 
-    monkeypatch.setattr(sys, "path", [*sys.path])  # serve appends the working folder
+    monkeypatch.setattr(sys, "path", [*sys.path])  # as serve finds it, whatever it does
     monkeypatch.chdir(tmp_path)
     (tmp_path / "queue.py").write_text("from gradwire_server.models import TINY_MLP as SPEC\n")
     err = io.StringIO()
@@ -964,7 +970,7 @@ def test_a_model_file_named_as_a_standard_module_is_said_not_to_be_the_one_impor
     )
     (tmp_path / "nospec.py").write_text("X = 1\n")
     with pytest.raises(InvalidInput) as info:
-        load_spec("nospec:SPEC")
+        load_spec("nospec:SPEC", tmp_path)
     assert info.value.message == (
         f"--model 'nospec:SPEC': module 'nospec' (imported from {tmp_path / 'nospec.py'}) has "
         "no attribute 'SPEC'"

@@ -679,6 +679,7 @@ def serve(
     ready: Callable[[Running], None] | None = None,
     metrics_port: int | None = None,
     model: str | None = None,
+    model_folder: Path | None = None,
     keep_freed: bool = True,
     one_thread_for_small_work: bool = False,
     connections: ServerConnections = ServerConnections(),
@@ -688,7 +689,8 @@ def serve(
 
     With `state_dir`, the state is restored from it at start (when a checkpoint is there)
     and saved to it at a graceful stop. `model`: "package.module:attr" naming a ModelSpec
-    (see models.load_spec); None serves the tutorial's Simple. `keep_freed`: keep the memory
+    (see models.load_spec); None serves the tutorial's Simple; `model_folder`: a folder
+    its module may be imported from, while it loads. `keep_freed`: keep the memory
     a step frees for the next one (allocator.py; the process's malloc settings change).
     `one_thread_for_small_work`: run small steps on one thread on the CPU (openmp.py).
     `connections`: as `start` takes them, the limit on connections lowered where the limit
@@ -729,7 +731,7 @@ def serve(
             check_port_file(port_file)
         if tls is not None:
             tls.check()
-        spec = SIMPLE if model is None else load_spec(model)
+        spec = SIMPLE if model is None else load_spec(model, model_folder)
         resolved = resolve_device(device)
         trainer = Trainer(
             spec, device=resolved, seed=seed, one_thread_for_small_work=one_thread_for_small_work

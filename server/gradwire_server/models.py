@@ -6,11 +6,12 @@ any other nn.Module described by a ModelSpec (see `load_spec`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -264,7 +265,7 @@ TINY_REGRESSOR = ModelSpec(
 MODEL_HELP = "package.module:attr, e.g. gradwire_server.models:TINY_MLP"
 
 
-def load_spec(text: str) -> ModelSpec:
+def load_spec(text: str, folder: Path | None = None) -> ModelSpec:
     """The ModelSpec that "package.module:attr" names, checked by building the model once.
 
     The attribute is a ModelSpec, or a callable taking no arguments that returns one (not an
@@ -284,7 +285,35 @@ def load_spec(text: str) -> ModelSpec:
     Every problem is an InvalidInput that says what to fix, a sys.exit() in the model's own
     code included (SystemExit is no Exception: it used to end `gradwire serve` with exit code
     0 and no message). KeyboardInterrupt goes through.
+
+    `folder` (the serving folder, for `gradwire serve`) is importable while the spec loads
+    (`_importable`): its module, what that imports, and what its model's build imports.
     """
+    with _importable(folder):
+        return _load_spec(text)
+
+
+@contextlib.contextmanager
+def _importable(folder: Path | None) -> Iterator[None]:
+    """`folder` at the end of sys.path inside, unless it is on it already. Looked in
+    first, for the whole process, files there took the place of installed and standard
+    modules (a cryptography.py ran, the --model naming an installed module: a security
+    review); looked in last, for the whole process, they stood in for optional modules not
+    installed that torch imports when first needed (gmpy2, triton, tabulate: a review of
+    that change). So only while the model loads."""
+    entry = None if folder is None else str(folder)
+    if entry is None or entry in sys.path:
+        yield
+        return
+    sys.path.append(entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def _load_spec(text: str) -> ModelSpec:
     module_name, colon, attr = text.partition(":")
     module_name, attr = module_name.strip(), attr.strip()
     if not colon or not module_name or not attr:

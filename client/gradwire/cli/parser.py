@@ -197,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         metavar="MODULE:ATTR",
         help="serve your own model: a ModelSpec, or a function returning one, e.g. "
-        "mymodels:SPEC or gradwire_server.models:TINY_MLP; the current folder is importable, "
-        "looked in last: a file there named as a standard or installed module (queue.py) is "
-        "not the one imported (default: the tutorial's Simple)",
+        "mymodels:SPEC or gradwire_server.models:TINY_MLP; the current folder is importable "
+        "while the model loads, looked in last: a file there named as a standard or "
+        "installed module (queue.py) is not the one imported (default: the tutorial's "
+        "Simple)",
     )
     p.add_argument(
         "--max-concurrent",

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from gradwire.cli.connection import COMMON
@@ -181,13 +181,6 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
             raise UsageError(
                 "--keepalive-timeout must be more than 0 (--keepalive 0 turns pings off)"
             )
-        if args.model and os.getcwd() not in sys.path and "" not in sys.path:
-            # A module beside the user (mymodels.py) can be named by --model even when
-            # gradwire runs as an installed script. Looked in last: put first, as `python -m`
-            # puts it, files there took the place of installed and standard modules for the
-            # whole process (a cryptography.py there ran, the --model naming an installed
-            # module: a security review, sixty-second session).
-            sys.path.append(os.getcwd())
         try:
             serve(
                 host=args.host,
@@ -203,6 +196,10 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
                 max_sessions=args.max_sessions,
                 session_idle_s=args.session_idle,
                 model=args.model,
+                # A module beside the user (mymodels.py) can be named by --model even when
+                # gradwire runs as an installed script: importable while it loads, looked in
+                # last (models.load_spec).
+                model_folder=Path.cwd() if "" not in sys.path else None,
                 metrics_port=args.metrics_port,
                 keep_freed=not args.return_freed_memory,
                 one_thread_for_small_work=args.one_thread_for_small_work,
