@@ -380,7 +380,8 @@ def test_a_token_too_long_for_grpcs_headers_is_refused_where_it_is_given(
 def _shared(token_file: Path, mode: str, can: str) -> str:
     return (
         f"--token-file {token_file} can be {can} ({mode}): they can use the token; make it "
-        f"yours alone: chmod 600 {token_file}"
+        f"yours alone: chmod 600 {token_file} (a mounted secret: its mode, "
+        "such as Kubernetes' defaultMode 0400)"
     )
 
 
@@ -407,7 +408,8 @@ def test_a_token_file_others_can_read_or_write_is_warned_of(
         assert load_token(token_file) == TOKEN
     assert str(caught[0].message) == (
         f"--token-file {token_file} can be written by its group and other users (-rw--w--w-): "
-        f"they can put a token of their own in it; make it yours alone: chmod 600 {token_file}"
+        f"they can put a token of their own in it; make it yours alone: chmod 600 {token_file} "
+        "(a mounted secret: its mode, such as Kubernetes' defaultMode 0400)"
     )
     assert caught[0].filename == __file__  # the caller's line
     with warnings.catch_warnings():

@@ -2269,6 +2269,7 @@ class _Counted(nn.Module):
         super().__init__()
         self.lin = nn.Linear(2, 2)
         self.counts = nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+        self.flags = nn.Parameter(torch.zeros(3, dtype=torch.bool), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.lin(x)
@@ -2291,6 +2292,12 @@ def test_set_says_when_numbers_with_fractions_lost_them_to_an_integer_tensor() -
         result = run_main("set", "counts", "[7, 8, 9]", "--target", target)
         assert result.out == "counts written (version 3)\n"
         assert client.get("counts").tolist() == [7, 8, 9]
+        data = run_main("set", "counts", "0.5", "--target", target, "--json")
+        assert '"fractions_dropped": true' in data.out
+        # A bool takes any number but 0 for True: nothing dropped, nothing said (a review).
+        result = run_main("set", "flags", "[0.5, 0, 0.25]", "--target", target)
+        assert result.out == "flags written (version 5)\n", result.err
+        assert client.get("flags").tolist() == [True, False, True]
 
 
 def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwire.Client) -> None:

@@ -97,7 +97,8 @@ def _warn_if_shared(token_file: Path) -> None:
     warnings.warn(
         f"--token-file {token_file} can be {' or '.join(verb for verb, _ in said)} by {who} "
         f"({stat.filemode(mode)}): they can {' and '.join(then for _, then in said)}; make it "
-        f"yours alone: chmod 600 {token_file}",
+        f"yours alone: chmod 600 {token_file} (a mounted secret: its mode, such as "
+        "Kubernetes' defaultMode 0400)",
         TokenFileWarning,
         stacklevel=3,
     )

@@ -40,7 +40,7 @@ Conventions used by every message below:
   inside an optimizer's own step may leave some parameters updated (in a TrainStep, its
   Forward and Backward applied, the version moved by them); the server's log has it.
   Two failures leave something behind, the version unmoved: a Backward that fails in its
-  pass (memory run out, MODEL_REFUSED, MODEL_ERROR) has freed its graph, as torch does
+  pass (memory run out, MODEL_REFUSED, MODEL_ERROR, REENTRANT_CHECKPOINT) has freed its graph, as torch does
   as it goes (Forward again before the next Backward: FAILED_PRECONDITION, GRAPH_FREED,
   says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
@@ -178,7 +178,8 @@ Conventions used by every message below:
       SHARED_MODEL (an OpenSession or Reset whose model's factory returned a model a
       trainer already has, one it keeps: sessions would train one model; its operator's
       to fix), MODEL_BUILD_FAILED (an OpenSession or Reset whose model's factory, or
-      its lazy layers' first pass, raised: the message names the error's type, the
+      its lazy layers' first pass, raised; or a LoadCheckpoint of a checkpoint without
+      buffers the model has, which builds one to take them from: the message names the error's type, the
       server's log has the traceback; nothing changed), REENTRANT_CHECKPOINT (a Backward, TrainStep or Train of a model that runs
       torch.utils.checkpoint with use_reentrant=True, whose backward pass runs only
       through loss.backward(): use_reentrant=False serves; its operator's to fix),
@@ -341,7 +342,8 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     A module called twice in one Forward keeps its last output. Of a module that returns a
     tuple or list, its first item, where that is a tensor (an LSTM's or GRU's output
     sequence, not its state; a MultiheadAttention's output, not its weights); one that
-    returns no tensor there (a dict, a PackedSequence) is absent.
+    returns no tensor there (a dict; an LSTM's PackedSequence output) is absent. (A
+    PackedSequence is a tuple itself: a module returning one keeps its packed data.)
     """
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
@@ -385,7 +387,8 @@ views a parameter (a module that returns it) shows later writes to it, as in PyT
 A module called twice in one Forward keeps its last output. Of a module that returns a
 tuple or list, its first item, where that is a tensor (an LSTM's or GRU's output
 sequence, not its state; a MultiheadAttention's output, not its weights); one that
-returns no tensor there (a dict, a PackedSequence) is absent.
+returns no tensor there (a dict; an LSTM's PackedSequence output) is absent. (A
+PackedSequence is a tuple itself: a module returning one keeps its packed data.)
 """
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""

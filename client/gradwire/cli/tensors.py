@@ -392,7 +392,7 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         # Numbers with a fraction, into an integer tensor: cast as numpy's assignment casts
         # them, 2.5 to 2, where the line said only "written" (a review of serving one's own
         # model).
-        cut = dtype is None and listed.dtype.startswith(("int", "uint", "bool"))
+        cut = dtype is None and listed.dtype.startswith(("int", "uint"))  # bool: no fraction
         cut = cut and isinstance(value, np.ndarray) and _has_fractions(value)
         if broadcast or cast or cut:
             shown = [str(list(given))] if given or broadcast or cast else []
@@ -402,6 +402,8 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             done += [f"cast to {listed.dtype}, its fractions dropped"] if cut else []
             how = f": a {what} {' and '.join(done)}"
             data.update(value_shape=list(given), value_dtype=dtype or listed.dtype)
+            if cut:
+                data.update(fractions_dropped=True)
     emit(out, args, data, f"{args.selector} written{how} (version {version})")
 
 
