@@ -34,7 +34,7 @@ from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
-from tests.serve_in_process import bare_server
+from tests.serve_in_process import bare_server, running_server
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
 
@@ -1041,3 +1041,38 @@ def test_a_session_expired_is_logged_as_no_other_call_s_doing() -> None:
     closed = [r for r in said if r.getMessage().startswith("closed 1 session(s)")]
     assert len(closed) == 1 and repr(idle) in closed[0].getMessage()
     assert not [f for f in logs.CALL_FIELDS if hasattr(closed[0], f)], vars(closed[0])
+
+
+def test_a_train_in_a_session_cut_off_by_its_close_or_a_stop_says_its_steps_went_with_it() -> None:
+    """Its steps were said to "stay applied", with the state version, where the session,
+    closed by CloseSession or by the server stopping (which saves the default session's
+    state alone), took them with it (found by a review of training remotely)."""
+    with running_server() as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address) as client:
+            session = client.open_session(seed=0)
+            with gradwire.Client(address, session=session.detach()) as closer:
+                training = session.train(INPUT, TARGET, 10**9)
+                next(training)
+                next(training)
+                closer.close_session()
+                with pytest.raises(errors.FailedPrecondition) as closed:
+                    for _ in training:
+                        pass
+            assert closed.value.message.endswith("applied to the session, and are gone with it)")
+            session = client.open_session(seed=0)
+            training = session.train(INPUT, TARGET, 10**9)
+            next(training)
+            timer = threading.Timer(0.5, running.stop, kwargs={"grace": 5})
+            timer.start()
+            try:
+                with pytest.raises(errors.Unavailable) as stopped:
+                    for _ in training:
+                        pass
+            finally:
+                timer.join()
+            assert stopped.value.message.endswith(
+                "; this session closes as the server stops, and only the default session's "
+                "state is saved: they are lost with it"
+            )
+            assert stopped.value.metadata["steps_done"] != "0"

@@ -1035,13 +1035,21 @@ class TrainerServicer:
         sent = _AsSent(trainer, [inputs, target])
         started = time.perf_counter()
         diverged = 0  # the first step whose loss was not finite: between two progresses too
+        # A session of the caller's own is closed at a stop, its state not saved: its steps
+        # were said to stay applied, and went with it (a review of training remotely).
+        lost = (
+            ""
+            if trainer is self.sessions.default
+            else "; this session closes as the server stops, and only the default session's "
+            "state is saved: they are lost with it"
+        )
         for k in range(message.steps):
             if not context.is_active():
                 return  # cancelled: stop between steps
             if self.stopping.is_set():
                 raise Stopping(
                     f"the server is stopping: training stopped after {k} of {message.steps} "
-                    "steps, each applied whole",
+                    f"steps, each applied whole{lost}",
                     metadata={"steps_done": str(k), "version": str(trainer.version)},
                 )
             try:
@@ -1054,7 +1062,13 @@ class TrainerServicer:
                         use=_nothing,
                     )
             except DomainError as err:
-                if k:  # the caller must know that the steps before it stay applied
+                if k and isinstance(err, Closed):  # the session closed under the run
+                    err.message += (
+                        f" (step {k + 1} of {message.steps}: the {k} steps before it were "
+                        "applied to the session, and are gone with it)"
+                    )
+                    err.metadata["steps_done"] = str(k)
+                elif k:  # the caller must know that the steps before it stay applied
                     err.message += (
                         f" (step {k + 1} of {message.steps}: the {k} steps before it stay "
                         f"applied, state version {trainer.version})"
