@@ -548,6 +548,21 @@ def test_options_that_would_be_dropped_or_misread_are_refused(
     assert client.list_tensors().version == 0
 
 
+def test_train_refuses_classes_for_a_regression_model() -> None:
+    """The server refused the target's shape, exit 1, naming no option; and --classes's
+    help, "labels drawn from 0..N-1", is of no regression (a review of training remotely)."""
+    from gradwire_server.models import TINY_REGRESSOR
+
+    with serving(TINY_REGRESSOR, seed=0) as (_, client):
+        result = run_main("train", "--classes", "100", "--steps", "1", "--target", client.target)
+        assert result.code == 2, result.err
+        assert "--classes draws class labels, and TinyRegressor is a regression (mse)" in (
+            result.err
+        )
+        assert client.list_tensors().version == 0
+        assert run_main("train", "--steps", "1", "--target", client.target).code == 0
+
+
 @pytest.mark.parametrize("edge", [["--low", "nan"], ["--high", "inf"], ["--low=-inf"]])
 def test_stats_refuses_a_histogram_edge_that_is_not_finite(cli: Run, edge: list[str]) -> None:
     """A usage error, exit 2, as --low 1 --high 0 is (the server refused it, exit 1)."""
@@ -1974,11 +1989,22 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every
         (["forward", "--no-targets", "--input", "ones:8,,3,10,10"], "bad shape '8,,3,10,10'"),
         (["forward", "--no-targets", "--input", "ones:8,3,10,10,"], "bad shape '8,3,10,10,'"),
         (["train", "--classes", "0"], "--classes"),
+        # a Fill's dimension past int64 ended in a traceback (a review of training remotely)
+        (["train", "--batch", str(2**63)], "--batch"),
+        (["train", "--classes", str(2**63)], "--classes"),
         (["watch", "loss", "--duration", "0"], "expected seconds more than 0 (up to 2,147,483)"),
         # It said "from 0 to 2,147,483", and 0 is refused (found by a review of the CLI).
         (["list", "--timeout", "-1"], "'-1': expected seconds more than 0 (up to 2,147,483)"),
     ],
-    ids=["empty-dimension", "trailing-comma", "no-classes", "no-duration", "negative-timeout"],
+    ids=[
+        "empty-dimension",
+        "trailing-comma",
+        "no-classes",
+        "batch-past-int64",
+        "classes-past-int64",
+        "no-duration",
+        "negative-timeout",
+    ],
 )
 def test_arguments_that_were_silently_taken_for_others_are_usage_errors(
     args: list[str], said: str

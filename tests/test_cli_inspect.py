@@ -341,6 +341,13 @@ def test_a_second_ctrl_c_stops_train_inside_a_step() -> None:
     assert result.code == 130, result.err
     assert "stopping after this step (Ctrl-C again to stop at once)" in result.err
     assert waited < 45, "the second Ctrl-C waited for the step"  # the step takes 60 s
+    # and it sums up, as the first Ctrl-C's stop does: it ended "interrupted" with nothing
+    # said of the steps applied (a review of training remotely). The step cut into is still
+    # running on the server, not yet applied.
+    assert result.out.endswith(
+        "stopped after 0 steps (the step Ctrl-C cut into may yet be applied on the server): no "
+        "loss reported, version 0\n"
+    ), result.out
 
 
 def test_train_interrupted_by_the_server_stopping_still_sums_up() -> None:
@@ -389,12 +396,20 @@ def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     step = int(lines[-1].split(" by step ")[1].split(":")[0])
     assert 1 <= step <= 20
     assert lines[-1].endswith(
-        "training diverged, and the parameters may have too. To start again: gradwire reset, "
-        "then gradwire optimizer --kind sgd --lr 10 (a tenth of lr 100)"
+        "training diverged, and the parameters may have too. To start again: gradwire reset "
+        "(--seed N for seeded weights), then gradwire optimizer --keep-state --lr 10 (a tenth "
+        "of lr 100, its other settings kept)"
     )
     data = _strict_json(cli("train", "--steps", "2", "--json", "--keep-going").out)
     assert data["loss"] == "nan" and data["diverged_at"] == 1
     assert data["steps"] == 2 and not data["stopped_at_nonfinite"]
+    # The advice, followed, changes the lr alone: it replaced the optimizer, its momentum
+    # and weight decay dropped (found by a review of training remotely).
+    assert cli("optimizer", "--keep-state", "--momentum", "0.9").code == 0
+    assert cli("reset").code == 0
+    assert cli("optimizer", "--keep-state", "--lr", "10").code == 0
+    settings = _strict_json(cli("optimizer", "--json").out)
+    assert (settings["lr"], settings["momentum"]) == (10, 0.9), settings
 
 
 @pytest.mark.parametrize("side", [(), ("--server-side",)], ids=["client-side", "server-side"])

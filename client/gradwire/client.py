@@ -1363,9 +1363,14 @@ class Client:
         `every` steps. A random Fill (Fill.uniform, Fill.normal, Fill.randint) takes
         seed + n - 1 at step n (counted from 1, as TrainProgress.step counts), so each step
         sees new data. Closing the iterator stops the run between two steps; the steps taken
-        stay applied. `timeout`: seconds for the whole run (None, the default: no limit); a
-        run still going then stops between two steps, and the next progress raises
-        gradwire.errors.DeadlineExceeded, the steps taken staying applied. Bad arguments
+        stay applied. The server runs on while the caller reads (its progress queues in
+        between): a `break` out of a loop over the iterator held in a variable leaves the
+        run going until it is closed (`run.close()`, or `with contextlib.closing(run)`), and
+        a loop that reads slowly stops it steps past the progress it broke at (a review of
+        training remotely found hundreds). `timeout`: seconds for the whole run (None, the
+        default: no limit); a run still going then stops between two steps, and the next
+        progress raises gradwire.errors.DeadlineExceeded, the steps taken staying applied.
+        Bad arguments
         raise here; the run starts when the first progress is asked for (a Train never
         iterated runs nothing), with this client's `expecting` version as it is here.
         `stop_at_nonfinite`: end the run at the first step whose loss is NaN or infinite

@@ -487,7 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="steps to run (default %(default)s)",
     )
-    p.add_argument("--batch", type=at_least(1), default=8, help="batch size (default %(default)s)")
+    p.add_argument(  # no more than a dimension can be: past it, a traceback (a review)
+        "--batch",
+        type=at_least(1, codec.INT64_MAX),
+        default=8,
+        help="batch size (default %(default)s)",
+    )
     p.add_argument(
         "--every",
         type=at_least(1, codec.INT64_MAX),
@@ -507,13 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--input-high",
-        type=at_least(1),
+        type=at_least(1, codec.INT64_MAX),
         help="for a model of integer inputs (token ids): draw them from 0..N-1 (N: its "
         "vocabulary's size); a float model's inputs are drawn from a normal distribution",
     )
     p.add_argument(
         "--classes",
-        type=at_least(1),
+        type=at_least(1, codec.INT64_MAX),
         help="labels drawn from 0..N-1 (default: the model's output width)",
     )
     p.add_argument(

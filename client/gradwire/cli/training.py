@@ -75,9 +75,10 @@ def _stop_on_interrupt(err: TextIO) -> Iterator[_Stop]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
+def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill, int]:
     """Random inputs and targets made on the server, shaped for the model it serves (as
-    ListTensors describes it); new ones each step (seed + step)."""
+    ListTensors describes it); new ones each step (seed + step); and the state version
+    before the run."""
     model = client.list_tensors()
     sample_shape, dtype = model_input(model)
     integers = dtype is not None and not dtype.startswith(("float", "bfloat"))
@@ -95,6 +96,14 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
     # Given, each is taken as it is: `or` took --classes 0 and --input-shape '' for unset.
     shape = sample_shape if args.input_shape is None else args.input_shape
     outputs = args.classes if args.classes is not None else (model.outputs or 20)
+    if model.loss == "mse" and args.classes is not None and args.classes != model.outputs:
+        # The server's refusal of the target's shape named no option (a review of training
+        # remotely): an mse model's targets are as wide as its output, no classes drawn.
+        raise UsageError(
+            f"--classes draws class labels, and {model.model} is a regression (mse) model, "
+            f"its targets as wide as its {model.outputs or 'unknown'} outputs: leave "
+            "--classes out"
+        )
     if model.loss != "mse" and model.outputs and outputs > model.outputs:
         # The server's answer named a class in the target, which read like --targets, and
         # not --classes (found by a review of the CLI).
@@ -109,20 +118,22 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill]:
         x = Fill.normal(args.batch, *shape, seed=args.seed, dtype=dtype)
     target_seed = (args.seed + 1_000_003) % (1 << 64)  # a seed is a uint64
     if model.loss == "mse":
-        return x, Fill.normal(args.batch, outputs, seed=target_seed)
-    return x, Fill.randint(0, outputs, args.batch, seed=target_seed)
+        return x, Fill.normal(args.batch, outputs, seed=target_seed), model.version
+    return x, Fill.randint(0, outputs, args.batch, seed=target_seed), model.version
 
 
 def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    x, y = _train_data(args, client)
+    x, y, before = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
-    done, loss, version = 0, float("nan"), None
+    done, loss = 0, float("nan")
+    version: int | None = before if not args.server_side else None
     # The first step with a loss that is not finite (server-side, as the server counts it:
     # a progress every 5 steps said "by step 10" of a run that diverged at step 8, found by
     # a review of the CLI; from a server from before it counted, the first reported).
     diverged_at = None
     # An error that ended the run (the server stopping, say): raised after the summary.
     failed: RemoteError | None = None
+    cut_in_a_step = False  # client-side, a second Ctrl-C came during a step
     with _stop_on_interrupt(getattr(args, "err", sys.stderr)) as stop:
         stop.at_once = args.server_side  # before the run starts: a press then ends it too
         if args.server_side:
@@ -155,6 +166,14 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     result = client.train_step(x.reseeded(k), y.reseeded(k))
                 except RemoteError as e:
                     failed = e
+                    break
+                except KeyboardInterrupt:
+                    # Ctrl-C again, inside a step: stop at once, and sum up all the same.
+                    # It ended the command "interrupted", with no word of the steps applied
+                    # (a review of training remotely).
+                    if not stop.is_set():
+                        raise
+                    cut_in_a_step = True
                     break
                 done, loss, version = k + 1, result.loss, result.version
                 if diverged_at is None and not math.isfinite(loss):
@@ -197,6 +216,8 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     counted = f"{done} step{'' if done == 1 else 's'}"
     steps = f"{counted} reported (the server may have run more before the stop reached it)"
     text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else counted}"
+    if cut_in_a_step:  # not asked of the server: it holds the model until that step ends
+        text += " (the step Ctrl-C cut into may yet be applied on the server)"
     if not reported:
         text += ": no loss reported"
     elif reported < done:
@@ -226,8 +247,12 @@ def _divergence_hint(client: Client, step: int, halted_at: int | None = None) ->
     lower = "gradwire optimizer --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
+        # --keep-state: the lr alone. Without it, the other settings took their defaults,
+        # momentum and weight decay dropped (found by a review of training remotely); a
+        # Reset keeps the settings and starts the optimizer's state afresh.
         lower = (
-            f"gradwire optimizer --kind {opt.kind} --lr {opt.lr / 10:g} (a tenth of lr {opt.lr:g})"
+            f"gradwire optimizer --keep-state --lr {opt.lr / 10:g} (a tenth of lr "
+            f"{opt.lr:g}, its other settings kept)"
         )
     stopped = ""
     if halted_at == step:
@@ -239,7 +264,8 @@ def _divergence_hint(client: Client, step: int, halted_at: int | None = None) ->
         )
     return (
         f"the loss was no longer finite by step {step}: training diverged, and the parameters "
-        f"may have too{stopped}. To start again: gradwire reset, then {lower}"
+        f"may have too{stopped}. To start again: gradwire reset (--seed N for seeded "
+        f"weights), then {lower}"
     )
 
 
