@@ -49,12 +49,7 @@ def with_default_port(target: str) -> str:
         return target
     # gRPC failed these in its resolver, UNAVAILABLE, exit 1 as if no server answered; after
     # dns: or passthrough: (and an authority, "dns://8.8.8.8:53/") too (a review of the fix).
-    endpoint = target
-    for scheme in _PORTED_SCHEMES:
-        if target.startswith(scheme):
-            endpoint = target[len(scheme) :]
-            if endpoint.startswith("//"):
-                endpoint = endpoint[2:].partition("/")[2]
+    endpoint = _endpoint(target)
     pathed = _PATH_AFTER_PORT.match(endpoint)
     if pathed is not None:
         given = target[: len(target) - len(endpoint)] + endpoint[: pathed.start(1)]
@@ -147,14 +142,18 @@ def loopback_target(target: str) -> bool:
     if target.startswith(("ipv4:", "ipv6:")):
         addresses = target.partition(":")[2].split(",")
         return all(loopback_host(_host_of(address)) for address in addresses)
-    endpoint = target
+    endpoint = _endpoint(target)
+    return "/" not in endpoint and loopback_host(_host_of(endpoint))
+
+
+def _endpoint(target: str) -> str:
+    """`target` after its dns: or passthrough: scheme and authority ("dns://8.8.8.8:53/"),
+    if any: host:port, perhaps with a path after it."""
     for scheme in _PORTED_SCHEMES:
         if target.startswith(scheme):
             endpoint = target[len(scheme) :]
-            if endpoint.startswith("//"):
-                endpoint = endpoint[2:].partition("/")[2]
-            break
-    return "/" not in endpoint and loopback_host(_host_of(endpoint))
+            return endpoint[2:].partition("/")[2] if endpoint.startswith("//") else endpoint
+    return target
 
 
 def _host_of(address: str) -> str:
