@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=seed_value,
         default=0,
-        help="seed of step 0's data; step k uses seed + k (default %(default)s)",
+        help="seed of step 0's inputs; step k's inputs use seed + k, its targets seed + "
+        "1,000,003 + k, modulo 2**64 (default %(default)s)",
     )
     p.add_argument(
         "--input-shape",
