@@ -363,7 +363,8 @@ class Client:
     ) -> None:
         """`token`: sent as a bearer token on every call, without the white space around
         it (a file's last newline); sent without TLS to a host that is not this machine's
-        loopback, it gives a credentials.PlaintextTokenWarning, once. `tls`: connect with
+        loopback, it gives a credentials.PlaintextTokenWarning as the client is made (shown
+        once a line of code, as Python shows warnings). `tls`: connect with
         TLS, trusting `ca` (PEM, bytes or str; the system's roots when None); `cert` and
         `key` (PEM, bytes or str) for mutual TLS.
         `keepalive`: during a call, ping a connection silent this many seconds, so that a

@@ -583,9 +583,10 @@ def other_model(
     """Why the checkpoint at `path`, of a model `held` with parameters `theirs`, is another
     model's than the `served` one's, whose are `mine` (a ValueError's words, OTHER_MODEL's
     advice after them): the parameters that differ, by name, dtype or shape, the first
-    `_SHOWN` of them. A parameter of another dtype was told the checkpoint was damaged, to
-    be restored from a copy (a review of serving one's own model); both models' every
-    parameter, a page for a large model, hid the one that differed."""
+    `_SHOWN` of them; "" where it is the same model's. A parameter of another dtype was
+    told the checkpoint was damaged, to be restored from a copy (a review of serving one's
+    own model); both models' every parameter, a page for a large model, hid the one that
+    differed."""
 
     def what(t: Any) -> str:
         return f"{dtype_name(t.dtype)} {list(t.shape)}"
@@ -605,7 +606,9 @@ def other_model(
     if held != served:
         named = f"{path} holds a {held}, where this server serves {served}"
         return f"{named} (parameters that differ: {shown}): " if differ else f"{named}: "
-    return f"{path} holds a {held} whose parameters are not this server's: {shown}: "
+    return (
+        f"{path} holds a {held} whose parameters are not this server's: {shown}: " if differ else ""
+    )
 
 
 #: How many differing parameters a refusal of another model's checkpoint names.

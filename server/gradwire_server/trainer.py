@@ -364,6 +364,13 @@ def _refusal(error: BaseException, x: torch.Tensor) -> bool:
     return isinstance(error, IndexError) and not x.is_floating_point()
 
 
+def _said_elsewhere(error: BaseException) -> bool:
+    """Whether an error the model's code raised is answered as it is, not as the model's
+    fault: a refusal of the trainer's own, or memory running out (a MemoryError; a
+    device's, which `_device_memory` answers)."""
+    return isinstance(error, (DomainError, MemoryError)) or out_of_memory(error)
+
+
 def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError | None:
     """What an `error` the model's own code raised in its `where` ("forward pass",
     "backward pass") is answered as, where it is none of the trainer's own refusals, memory
@@ -371,12 +378,7 @@ def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError
     served with (torch.utils.checkpoint's reentrant form, whose backward pass only
     loss.backward() runs), else ModelCodeError. Both were INTERNAL with no words, the
     first though the model trains locally (found by a review of serving one's own model)."""
-    if (
-        not isinstance(error, Exception)
-        or isinstance(error, (DomainError, MemoryError))
-        or out_of_memory(error)
-        or device_lost(error)
-    ):
+    if not isinstance(error, Exception) or _said_elsewhere(error) or device_lost(error):
         return None
     if isinstance(error, RuntimeError) and "use_reentrant=True" in str(error):
         return ModelFault(
@@ -389,6 +391,13 @@ def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError
     return ModelCodeError(
         f"{name}'s {where} raised {type(error).__name__}; the server's log has its traceback",
     )
+
+
+def _first_line(error: BaseException) -> str:
+    """A model's refusal in its own words: the first line of its error that has any, else
+    the error's type (a ValueError() with no words)."""
+    lines = (line for line in str(error).splitlines() if line.strip())
+    return next(lines, type(error).__name__)
 
 
 def _refusal_hint(said: str) -> str:
@@ -697,8 +706,8 @@ class Trainer:
 
     def _not_built(self, error: Exception, what: str) -> Exception:
         """The error a build of the model that failed in `what` is answered with."""
-        if isinstance(error, (DomainError, MemoryError)) or out_of_memory(error):
-            return error  # said as it is elsewhere (device memory: _device_memory)
+        if _said_elsewhere(error):
+            return error
         log.error("building a new %s failed in %s", self.spec.name, what, exc_info=error)
         return ModelFault(
             f"building a new {self.spec.name} failed: {what} raised "
@@ -1256,8 +1265,7 @@ class Trainer:
                 # A model's own refusal of an input (BatchNorm given one sample, an Embedding
                 # an id past its table): the caller's to fix. Any other error inside the
                 # model is the model's fault: INTERNAL.
-                lines = (line for line in str(err).splitlines() if line.strip())
-                said = next(lines, type(err).__name__)
+                said = _first_line(err)
                 raise InvalidInput(
                     f"{self.spec.name} refused this input: {said}{_refusal_hint(said)}",
                     reason="MODEL_REFUSED",
@@ -1685,10 +1693,8 @@ class Trainer:
         except BaseException as err:
             self._graph_alive = retain_graph  # torch frees the graph as it goes, failing or not
             if self._input is not None and _refusal(err, self._input):  # as in forward
-                said = next((line for line in str(err).splitlines() if line.strip()), "")
                 raise InvalidInput(
-                    f"{self.spec.name} refused this input in its backward pass: "
-                    f"{said or type(err).__name__}",
+                    f"{self.spec.name} refused this input in its backward pass: {_first_line(err)}",
                     reason="MODEL_REFUSED",
                 ) from err
             failed = _failed_in_model(err, self.spec.name, "backward pass")
@@ -2441,18 +2447,11 @@ class Trainer:
         is then to do with buffers, checked against the model's own."""
         params = self._parameters
         shapes = {name: tuple(p.shape) for name, p in params.items()}
-
-        def kinds(tensors: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
-            return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-
-        if loaded.model != self.spec.name or kinds(loaded.parameters) != kinds(params):
-            raise InvalidInput(
-                checkpoint.other_model(
-                    path, loaded.model, loaded.parameters, self.spec.name, params
-                )
-                + checkpoint.OTHER_MODEL,
-                reason="BAD_CHECKPOINT",
-            )
+        other = checkpoint.other_model(
+            path, loaded.model, loaded.parameters, self.spec.name, params
+        )
+        if other:
+            raise InvalidInput(other + checkpoint.OTHER_MODEL, reason="BAD_CHECKPOINT")
         # A checkpoint may hold an expanded buffer (saved before they were left out): known,
         # so not refused, but not copied into either (below).
         buffers = self._persistent_buffers()
