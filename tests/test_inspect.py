@@ -1274,6 +1274,20 @@ def test_train_stops_between_steps_when_cancelled(client: gradwire.Client) -> No
     assert version < 1 + 10_000 * 4
 
 
+def test_train_past_its_timeout_says_the_steps_applied(client: gradwire.Client) -> None:
+    # The server ends the run between two steps before the caller's deadline, the count
+    # said; gRPC ended it at the deadline with no word of the steps applied.
+    client.set_optimizer("sgd", lr=0.001)
+    before = client.list_tensors().version
+    run = client.train(Fill.ones(8, 3, 10, 10), Fill.ones(8), steps=10**6, every=10**6, timeout=2)
+    with pytest.raises(errors.DeadlineExceeded, match=r"stopped after [0-9]+ of 1000000") as got:
+        list(run)
+    assert got.value.reason == "DEADLINE_PASSED"
+    done = int(got.value.metadata["steps_done"])
+    after = client.list_tensors().version
+    assert done >= 1 and int(got.value.metadata["version"]) == after == before + 4 * done
+
+
 @pytest.mark.parametrize(
     ("steps", "every", "target"),
     [(0, 1, Fill.ones(8)), (3, -1, Fill.ones(8)), (3, 1, None)],

@@ -1369,9 +1369,11 @@ class Client:
         run going until it is closed (`run.close()`, or `with contextlib.closing(run)`), and
         a loop that reads slowly stops it steps past the progress it broke at (a review of
         training remotely found hundreds). `timeout`: seconds for the whole run (None, the
-        default: no limit); a run still going then stops between two steps, and the next
-        progress raises gradwire.errors.DeadlineExceeded, the steps taken staying applied.
-        Bad arguments
+        default: no limit): the server ends a run its deadline would cut, between two steps,
+        and the next progress raises gradwire.errors.DeadlineExceeded (reason
+        DEADLINE_PASSED), its `metadata["steps_done"]` and `["version"]` saying the steps
+        applied, which stay so (an older server's run, or an answer later than the
+        deadline, ends without them: read the version). Bad arguments
         raise here; the run starts when the first progress is asked for (a Train never
         iterated runs nothing), with this client's `expecting` version as it is here.
         `stop_at_nonfinite`: end the run at the first step whose loss is NaN or infinite

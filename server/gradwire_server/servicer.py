@@ -9,6 +9,7 @@ them leave as bytes with the values spliced in, so no tensor is walked value by 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import errno
@@ -33,6 +34,7 @@ from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION
 from gradwire_server import checkpoint, convert, stats
 from gradwire_server.errors import (
     CallerGone,
+    DeadlinePassed,
     DomainError,
     InvalidInput,
     ModelCodeError,
@@ -1043,9 +1045,18 @@ class TrainerServicer:
             else "; this session closes as the server stops, and only the default session's "
             "state is saved: they are lost with it"
         )
+        clock = _RunClock(context)
         for k in range(message.steps):
             if not context.is_active():
                 return  # cancelled: stop between steps
+            if k and not clock.room_for_a_step():
+                # Ended here, the count said, rather than by gRPC at the deadline, with no
+                # word of the steps applied (the last training review's suggestion).
+                raise DeadlinePassed(
+                    f"the caller's deadline would pass during the next step: training "
+                    f"stopped after {k} of {message.steps} steps, each applied whole",
+                    metadata={"steps_done": str(k), "version": str(trainer.version)},
+                )
             if self.stopping.is_set():
                 raise Stopping(
                     f"the server is stopping: training stopped after {k} of {message.steps} "
@@ -1053,6 +1064,7 @@ class TrainerServicer:
                     metadata={"steps_done": str(k), "version": str(trainer.version)},
                 )
             try:
+                clock.step_begins()
                 sent.put_back()
                 with guarded(first if k == 0 else None):
                     result = trainer.train_step(
@@ -1076,6 +1088,7 @@ class TrainerServicer:
                     err.metadata["steps_done"] = str(k)
                     err.metadata["version"] = str(trainer.version)
                 raise
+            clock.step_ended()
             done = k + 1
             if not diverged and not math.isfinite(result.loss):
                 diverged = done
@@ -1505,6 +1518,36 @@ class _AsSent:
             if tensor._version != seen:
                 self._trainer.put_back(tensor, copy)
                 self._kept[i] = (tensor, copy, tensor._version)
+
+
+class _RunClock:
+    """Whether a Train's next step can end before its caller's deadline, with time left
+    for the answer to reach the caller: judged by the slowest of the last 8 steps (the
+    first, with its warm-up, soon forgotten), and a tenth of the time the run was given
+    for the way back, at least 50 ms and at most 0.5 s (the server's deadline is the
+    caller's plus the request's way there). A run the deadline would cut is ended between
+    two steps by the server, DEADLINE_EXCEEDED with the steps applied, where gRPC ended it
+    at the deadline with no word of them. No deadline: always room."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        given = context.time_remaining()
+        self._spare = None if given is None else min(max(given / 10, 0.05), 0.5)
+        self._steps: collections.deque[float] = collections.deque(maxlen=8)
+        self._began = 0.0
+
+    def step_begins(self) -> None:
+        self._began = time.perf_counter()
+
+    def step_ended(self) -> None:
+        self._steps.append(time.perf_counter() - self._began)
+
+    def room_for_a_step(self) -> bool:
+        if self._spare is None:
+            return True
+        remaining = self._context.time_remaining()
+        step = max(self._steps, default=0.0)
+        return remaining is None or remaining > step + self._spare
 
 
 def _reseeded(source: TensorInput, step: int) -> TensorInput:

@@ -207,7 +207,8 @@ Conventions used by every message below:
       Batch not run because the one before it failed; metadata "previous": that call's
       RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED (metadata "method" when a retry's deadline passed
-      while it waited for its first attempt, still running)
+      while it waited for its first attempt, still running; "steps_done" and "version"
+      when a Train ended before its deadline would cut its next step)
     CANCELLED: CALLER_GONE (a request stream its caller cancelled, or whose deadline
       passed, part-way; a retry whose caller went away while it waited for the first
       attempt): an answer that reaches no one, named for the server's own metrics

@@ -207,7 +207,8 @@ Conventions used by every message below:
       Batch not run because the one before it failed; metadata "previous": that call's
       RPC name)
     DEADLINE_EXCEEDED: DEADLINE_PASSED (metadata "method" when a retry's deadline passed
-      while it waited for its first attempt, still running)
+      while it waited for its first attempt, still running; "steps_done" and "version"
+      when a Train ended before its deadline would cut its next step)
     CANCELLED: CALLER_GONE (a request stream its caller cancelled, or whose deadline
       passed, part-way; a retry whose caller went away while it waited for the first
       attempt): an answer that reaches no one, named for the server's own metrics
@@ -408,7 +409,11 @@ class TrainerStub:
     expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
     step taken, when the state has moved). A run does not hold other callers off: their
     calls on the same session are served between two of its steps, and a mutation of
-    theirs lands there.
+    theirs lands there. A run with a deadline is ended by the server between two steps
+    when the next would end too near it (judged by the slowest of its last 8 steps, with
+    a tenth of the time given, from 50 ms to 0.5 s, to spare for the answer's way back):
+    DEADLINE_EXCEEDED, DEADLINE_PASSED, metadata "steps_done" and "version" (an answer
+    that reaches the caller after its deadline anyway ends the call without them).
     """
     Calls: _grpc.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
@@ -614,7 +619,11 @@ class TrainerAsyncStub(TrainerStub):
     expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
     step taken, when the state has moved). A run does not hold other callers off: their
     calls on the same session are served between two of its steps, and a mutation of
-    theirs lands there.
+    theirs lands there. A run with a deadline is ended by the server between two steps
+    when the next would end too near it (judged by the slowest of its last 8 steps, with
+    a tenth of the time given, from 50 ms to 0.5 s, to spare for the answer's way back):
+    DEADLINE_EXCEEDED, DEADLINE_PASSED, metadata "steps_done" and "version" (an answer
+    that reaches the caller after its deadline anyway ends the call without them).
     """
     Calls: _aio.StreamStreamMultiCallable[_trainer_pb2.CallRequest, _trainer_pb2.CallResponse]  # type: ignore[assignment]
     """The unary calls on a session (Forward, Backward, Step, ZeroGrad, GetTensor, SetTensor,
@@ -967,7 +976,11 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
         step taken, when the state has moved). A run does not hold other callers off: their
         calls on the same session are served between two of its steps, and a mutation of
-        theirs lands there.
+        theirs lands there. A run with a deadline is ended by the server between two steps
+        when the next would end too near it (judged by the slowest of its last 8 steps, with
+        a tenth of the time given, from 50 ms to 0.5 s, to spare for the answer's way back):
+        DEADLINE_EXCEEDED, DEADLINE_PASSED, metadata "steps_done" and "version" (an answer
+        that reaches the caller after its deadline anyway ends the call without them).
         """
 
     @_abc_1.abstractmethod
