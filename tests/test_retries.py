@@ -581,13 +581,16 @@ def test_a_negative_retry_count_makes_one_attempt(address: str) -> None:
         assert client.get("conv1.weight[0][0][0]").shape == (3,)
 
 
-def test_a_call_cut_off_by_a_stop_then_retried_says_the_server_stopped(
+def test_a_change_cut_off_by_a_stop_is_not_retried_and_says_the_server_stopped(
     gated_server: Running,
 ) -> None:
     """A Forward still running when a stop's grace period ended was retried, and its error
     was the last retry's, "Connection refused": nothing said the server had stopped with the
     call in progress, nor that its change may have been applied (found by a review of the
-    operator's path; a pipeline's or a batch's call said so already, test_pipeline.py)."""
+    operator's path; a pipeline's or a batch's call said so already, test_pipeline.py).
+    Retried, it reached the next server, restored from the state the stop saved with the
+    change in it, and its request id forgotten: a TrainStep was applied twice (a review of
+    the error catalogue). It is not retried."""
     stopper = threading.Thread(target=lambda: gated_server.stop(grace=0.2))
 
     def stop_once_held() -> None:
@@ -595,6 +598,7 @@ def test_a_call_cut_off_by_a_stop_then_retried_says_the_server_stopped(
             stopper.start()
 
     with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=30) as client:
+        client.retries = 10
         threading.Thread(target=stop_once_held, daemon=True).start()
         try:
             with pytest.raises(errors.Unavailable) as cut:
@@ -606,7 +610,7 @@ def test_a_call_cut_off_by_a_stop_then_retried_says_the_server_stopped(
         "UNAVAILABLE: the server stopped with this call in progress: its grace period"
     ), cut.value
     assert "its change may have been applied all the same" in str(cut.value)
-    assert "; retried: " in str(cut.value) and cut.value.changes_state
+    assert "; retried: " not in str(cut.value) and cut.value.changes_state
 
 
 def test_the_client_sorts_every_rpc_as_the_server_does() -> None:

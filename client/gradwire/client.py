@@ -567,7 +567,8 @@ class Client:
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """One RPC. Mutations carry a fresh request id, so that retrying them is safe: the
         server applies an id once. Reads and mutations sent whole are retried on UNAVAILABLE
-        (`retries` times, backing off); streamed uploads are not, their chunks being spent.
+        (`retries` times, backing off); streamed uploads are not, their chunks being spent,
+        nor a change a stop cut off (the next server may hold it, its id forgotten).
         `request`: a message, its bytes, or its pieces (wire.Piece) to be joined. With
         `stream_calls`, the calls a Calls stream carries go there."""
         metadata = [*self._metadata, *self._session_metadata(method)]
@@ -598,7 +599,12 @@ class Client:
                         request, timeout=timeout or self.timeout, metadata=metadata
                     )
             except grpc.RpcError as err:
+                # A change a stop cut off is not retried: it may be in the state the stop
+                # saved, and its request id died with the server's memory, so the next
+                # server, restored from that state, applied it again (a TrainStep twice: a
+                # review of the error catalogue). The error says to read the version first.
                 again = retryable and attempt < retries
+                again &= not (method in unary.MAY_LAND and grace_cut(err))
                 if not (again and err.code() == grpc.StatusCode.UNAVAILABLE):
                     # Raised, not kept in a local: the exception's traceback holds this
                     # frame, so a local holding the exception makes a cycle, which kept the
