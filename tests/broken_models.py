@@ -12,6 +12,10 @@ from torch import nn
 
 from gradwire_server.models import ModelSpec
 
+#: What torch raises for a CUDA error (torch.AcceleratorError, torch 2.8 on): a lost device is
+#: told by it, or by its words once the process has used CUDA, which a CPU server has not.
+CUDA_ERROR: type[RuntimeError] = getattr(torch, "AcceleratorError", RuntimeError)
+
 
 class DeviceLost(nn.Module):
     """Fails as a GPU does after a device-side assert, where every later CUDA call fails too;
@@ -23,7 +27,7 @@ class DeviceLost(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(x.any()):
-            raise RuntimeError("CUDA error: device-side assert triggered")
+            raise CUDA_ERROR("CUDA error: device-side assert triggered")
         return x * self.weight
 
 

@@ -32,7 +32,7 @@ from gradwire_server.errors import InvalidInput, device_lost
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
-from tests.broken_models import HUNGRY, LOST
+from tests.broken_models import CUDA_ERROR, HUNGRY, LOST
 from tests.checkpoint_files import resave
 from tests.test_calls import error_of
 
@@ -593,7 +593,7 @@ def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
 
             def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
-                raise RuntimeError("CUDA error: device-side assert triggered")
+                raise CUDA_ERROR("CUDA error: device-side assert triggered")
 
             monkeypatch.setattr(torch, "ones", poisoned)
             with pytest.raises(errors.Internal):
@@ -608,17 +608,49 @@ def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
 @pytest.mark.parametrize(
     ("error", "lost"),
     [
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
-        (RuntimeError("CUDA error: device-side assert triggered"), True),
-        (RuntimeError("CUDA error: unspecified launch failure"), True),
-        (RuntimeError("CUDA error: out of memory"), False),  # memory comes back
-        (RuntimeError("CUDA error: invalid configuration argument"), False),  # not sticky
+        (CUDA_ERROR("CUDA error: an illegal memory access was encountered"), True),
+        (CUDA_ERROR("CUDA error: device-side assert triggered"), True),
+        (CUDA_ERROR("CUDA error: unspecified launch failure"), True),
+        (CUDA_ERROR("CUDA error: out of memory"), False),  # memory comes back
+        (CUDA_ERROR("CUDA error: invalid configuration argument"), False),  # not sticky
         (RuntimeError("secret internal detail"), False),
         (ValueError("CUDA error: device-side assert triggered"), False),
     ],
 )
 def test_which_errors_the_device_does_not_recover_from(error: Exception, lost: bool) -> None:
     assert device_lost(error) is lost
+
+
+def test_cuda_s_words_raised_by_a_model_on_a_cpu_server_are_the_model_s_error() -> None:
+    """A model on the CPU that raised CUDA's words for a lost device in a RuntimeError of its
+    own stopped the server (health NOT_SERVING, the server exiting under `serve`), though no
+    device was in use (a review of the error catalogue): it is the model's error."""
+    if torch.cuda.is_initialized():  # the GPU tests' process: the words may be the device's
+        pytest.skip("this process has used CUDA")
+    assert not device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    lost: list[bool] = []
+
+    class Lying(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.any()):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return x * self.weight
+
+    trainer = Trainer(ModelSpec("Lying", Lying, sample_shape=(2,), num_classes=2))
+    running = start(trainer, "127.0.0.1", 0, on_device_lost=lambda: lost.append(True))
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            with pytest.raises(errors.Internal) as failed:
+                client.forward(Fill.ones(1, 2), Fill.ones(1, dtype="int64"))
+            assert failed.value.reason == "MODEL_ERROR"
+            assert client.health() == "SERVING" and not lost
+            client.forward(Fill.zeros(1, 2), Fill.ones(1, dtype="int64"))  # still serving
+    finally:
+        running.stop(grace=None)
 
 
 #: Weak references to the inputs `Refusing` was given, newest last.

@@ -187,10 +187,20 @@ _DEVICE_LOST = (
 )
 
 
+#: The exception torch raises for a CUDA error (a RuntimeError; torch 2.8 on), else None.
+_ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
+
+
 def device_lost(error: BaseException) -> bool:
     """Whether `error` is one the device does not recover from: after a device-side assert or
-    an illegal memory access every later CUDA call in the process fails the same way."""
+    an illegal memory access every later CUDA call in the process fails the same way. Said
+    in CUDA's words by torch's own error for it, or by any RuntimeError once this process
+    has used CUDA (a model's code may wrap torch's): the words alone, raised by a model on a
+    CPU server, stopped it, its health NOT_SERVING (a review of the error catalogue)."""
     if not isinstance(error, RuntimeError) or out_of_memory(error):  # OOM passes
         return False
     text = str(error)
-    return any(sign in text for sign in _DEVICE_LOST)
+    if not any(sign in text for sign in _DEVICE_LOST):
+        return False
+    torch_s = _ACCELERATOR_ERROR is not None and isinstance(error, _ACCELERATOR_ERROR)
+    return torch_s or torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
