@@ -125,6 +125,7 @@ def test_the_number_of_sessions_is_limited(client: gradwire.Client, server: Runn
     with pytest.raises(errors.ResourceExhausted) as info:
         client.open_session()
     assert info.value.reason == "TOO_MANY_SESSIONS"
+    assert info.value.metadata["max_sessions"] == "2"  # as at a limit of 0 (a review)
     # When a place frees itself: an id lost with a crashed script holds one till then.
     assert re.search(r"or wait: the one idle longest expires in (5\d\d|600) s", info.value.message)
     first.close()

@@ -164,6 +164,8 @@ class Sessions:
                     f"{taken} sessions are open, this server's limit; close one "
                     f"(CloseSession) or wait: {self._next_expiry()}",
                     reason="TOO_MANY_SESSIONS",
+                    # As at a limit of 0: said with one limit and not the other (a review).
+                    metadata={"max_sessions": str(self.max_sessions)},
                 )
             # Built, a model the host has not the memory for is the kernel's out-of-memory
             # killer's (pass_memory.py): counted with those being built. On every device:

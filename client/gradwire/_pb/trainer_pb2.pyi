@@ -44,6 +44,10 @@ Conventions used by every message below:
   as it goes (Forward again before the next Backward: FAILED_PRECONDITION, GRAPH_FREED,
   says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
+  A LoadCheckpoint whose device runs out of memory part-way (OUT_OF_MEMORY, metadata
+  "replaced": the parameters and buffers it had replaced by then) keeps those, the rest,
+  the gradients and the optimizer as they were, and moves the version by one: load
+  again, or Reset.
   A Forward or TrainStep that fails once its pass has begun (MODEL_REFUSED,
   MODEL_ERROR, BAD_MODEL_OUTPUT, OUT_OF_MEMORY) leaves no activations ("conv1.output" absent until the next pass) and
   no graph (Backward: FAILED_PRECONDITION, GRAPH_FREED; the output and loss stay, as
@@ -52,9 +56,10 @@ Conventions used by every message below:
   A call of a Batch answered BATCH_ANSWERS_TOO_LARGE ran before its answer was found
   too large: its ErrorInfo's metadata "applied" is "true" when a change it made stays.
   A Train that fails keeps the steps it completed. One refused past its first step, or
-  ended by the server stopping, says how many ("the 26 steps before it stay applied"),
-  and the ErrorInfo's metadata has the number ("steps_done") and the state version then
-  ("version"); an INTERNAL error does not, nor a Train ended at a stop while its client
+  ended by the server stopping or by its deadline, says how many ("the 26 steps before
+  it stay applied"), and the ErrorInfo's metadata has the number ("steps_done") and the
+  state version then ("version"; not for a session closed under the run, CLOSED, its
+  steps gone with it); an INTERNAL error does not, nor a Train ended at a stop while its client
   was not reading its progress (below, UNAVAILABLE): read the version.
 - Mutations (every RPC that changes state) read two optional metadata entries (on a
   Calls stream, fields of each CallRequest of the same meaning):
@@ -152,15 +157,16 @@ Conventions used by every message below:
   UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256 (so a
   long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
-      BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values), MISSING_INPUT,
+      BAD_TENSOR, BAD_FILL, INVALID_INPUT (other bad values: sent by no call of this
+      server today, and to be read as any INVALID_ARGUMENT), MISSING_INPUT,
       MISSING_VALUE, BAD_INPUT_SHAPE, BAD_INPUT_DTYPE, BAD_TARGET_SHAPE,
       BAD_TARGET_DTYPE, BAD_TARGET_CLASS, MODEL_REFUSED (the model's own refusal of an
       input, in its forward or backward pass: its ValueError, or an IndexError on integer input such as an id past an
       Embedding's table; on a GPU that id is a device-side assert instead: the call that
       sent it is answered INTERNAL and the server stops, as after any), BAD_INDEX, TOO_MANY_INDICES,
       NEGATIVE_STEP_WRITE, SHAPE_MISMATCH, READ_ONLY, NOT_A_PARAMETER, BAD_VALUE,
-      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG,
-      TOO_MANY_SELECTORS (metadata "limit"), BAD_CHECKPOINT (a checkpoint LoadCheckpoint
+      BAD_OPTIMIZER, BAD_CHUNK, BAD_CHUNK_SIZE, BAD_BINS, BAD_SESSION, BATCH_TOO_LONG
+      (metadata "limit"), TOO_MANY_SELECTORS (metadata "limit"), BAD_CHECKPOINT (a checkpoint LoadCheckpoint
       cannot take: another model's, damaged) and BAD_CHECKPOINT_NAME (not a plain name;
       or "state", the default session's, saved from another session: metadata "name")
     NOT_FOUND: UNKNOWN_TENSOR (metadata "name", and "closest": the nearest names joined
@@ -195,7 +201,7 @@ Conventions used by every message below:
       estimated past the memory the host has left, metadata "bytes", the estimate,
       "limit", what is left, "samples", how many fit; a new CPU session's or Reset's
       model, or a checkpoint's read, metadata "bytes" and "limit" alone),
-      BUSY, TOO_MANY_SESSIONS, DISK_FULL (a checkpoint the disk had no room for, or
+      BUSY, TOO_MANY_SESSIONS (metadata "max_sessions": the server's limit), DISK_FULL (a checkpoint the disk had no room for, or
       that would leave it less free than 5% of it or 1 GiB, whichever is less),
       BATCH_ANSWERS_TOO_LARGE (a call of a Batch whose answer did not
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":

@@ -272,6 +272,8 @@ class TrainerServicer:
         version moves on by one (it never goes back), and a checkpoint of another model or
         optimizer state this model cannot take is refused (INVALID_ARGUMENT, BAD_CHECKPOINT)
         with nothing changed; one not there is NOT_FOUND (NO_CHECKPOINT), naming those that are.
+        One whose device runs out of memory part-way keeps what it replaced (OUT_OF_MEMORY,
+        metadata "replaced"; see "A failed call changes nothing" above).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
