@@ -22,6 +22,7 @@ from gradwire.fill import Fill
 from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES, ServerConnections
 from gradwire.results import ServerInfo, ServerLimits
 from gradwire_server.app import Running, start
+from gradwire_server.convert import known_fields
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
 from tests.serve_in_process import bare_server, running_server
@@ -67,6 +68,12 @@ def _refused(address: str, method: str, request: Any, metadata: Any = ()) -> err
     return errors.from_rpc_error(info.value)
 
 
+#: `gradwire info`'s last row, of the fields of the .proto the server knows.
+CONTRACT = (
+    f"contract         {len(known_fields())} fields of the .proto known (info --json lists them)"
+)
+
+
 def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> None:
     with gradwire.connect(f"127.0.0.1:{small.port}", timeout=30) as client:
         info = client.server_info()
@@ -101,6 +108,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             connection_idle_s=13.0,
             max_connections=5,
         ),
+        known_fields=tuple(known_fields()),
     )
 
 
@@ -353,6 +361,7 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "                 watch or stream is a call); at most 5 open at once, one more closed "
         "as it opens",
         "                 (UNAVAILABLE)",
+        CONTRACT,
     ]
     data = json.loads(run_main("info", "--target", address, "--json").out)
     assert (data["version"], data["torch_version"], data["device"]) == (
@@ -363,6 +372,7 @@ def test_the_cli_describes_the_server(small: Running) -> None:
     assert data["limits"]["max_elements"] == 1000
     assert data["limits"]["session_idle_timeout_s"] == 42.5
     assert set(data["limits"]) == {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
+    assert data["known_fields"] == known_fields()
 
 
 def test_the_cli_describes_unusual_settings_plainly() -> None:
@@ -388,6 +398,7 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
         "connection every 0.25 s at",
         "                 most, or it is closed",
         "connections      one without calls stays open",
+        CONTRACT,
     ]
     assert described(
         session_idle_s=1234567.0,
@@ -403,6 +414,7 @@ def test_the_cli_describes_unusual_settings_plainly() -> None:
         "                 an open watch or stream is a call); at most 1,000 open at once, one "
         "more closed as",
         "                 it opens (UNAVAILABLE)",
+        CONTRACT,
     ]
 
 

@@ -47,6 +47,7 @@ from gradwire.errors import (
     RemoteError,
     ResourceExhausted,
     Unavailable,
+    Unimplemented,
 )
 from gradwire.failures import CLOSED, after_a_stop, closed_channel, cut_off, failed, grace_cut
 from gradwire.limits import (
@@ -129,6 +130,27 @@ _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.Conte
     "expected_version",
     default={},  # noqa: B039  # never changed: each block sets a new dict
 )
+
+
+#: What a Calls stream's server answers a CallRequest whose call it does not know (a call
+#: newer than the server), INVALID_ARGUMENT, BAD_REQUEST: the call was not run.
+_NO_SUCH_CALL = "the CallRequest names no call this server knows"
+
+
+#: What a server older than eval_mode does with a Forward asked to run in evaluation mode.
+_TRAINING_MODE = "runs the model in training mode (Dropout on, BatchNorm's statistics moved)"
+#: ... and one older than keep_state with a SetOptimizer asked to keep the optimizer's state.
+_REPLACED = (
+    "replaces the optimizer with a new one, its state lost and the settings not given at "
+    "their defaults"
+)
+
+
+def _unknown_on_stream(error: grpc.RpcError) -> bool:
+    """Whether a call on a Calls stream was refused as one the server does not know there."""
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (error.details() or "").startswith(
+        _NO_SUCH_CALL
+    )
 
 
 def _close_left_open(box: list[CallStream | None]) -> None:
@@ -445,6 +467,10 @@ class Client:
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
         self._no_batch = False  # the server has no Batch RPC: a batch's calls go in a pipeline
+        # Calls the server's Calls stream does not know (older than them): each goes unary.
+        self._not_on_stream: set[str] = set()
+        # The contract's fields the server knows (GetServerInfo), read when first needed.
+        self._known_fields: frozenset[str] | None = None
         # Calls in one Batch: this client's limit until a server refuses a batch with its own
         # smaller one (BATCH_TOO_LONG), which is kept from then on.
         self._batch_calls = limits.MAX_BATCH_CALLS
@@ -670,6 +696,8 @@ class Client:
         """`method`'s response, from a call on this client's Calls stream; _UNARY when the
         call is to go as a call of its own: another thread's call is on the stream, or the
         server has no Calls RPC (then none of this client's calls go there again)."""
+        if method in self._not_on_stream:
+            return _UNARY
         stream = self._call_stream()
         if stream is None or not stream.lock.acquire(blocking=False):
             return _UNARY
@@ -693,6 +721,13 @@ class Client:
         except grpc.RpcError as err:
             if stream.refused(err):
                 self._no_calls = True  # the call never ran: it goes as a call of its own
+                return _UNARY
+            if _unknown_on_stream(err):
+                # A server older than the call's place on the stream refuses it there, not
+                # run, INVALID_ARGUMENT, where the call of its own says UNIMPLEMENTED or does
+                # it (a DeleteCheckpoint: a review of clients and servers of different
+                # versions). Its calls go unary from now on.
+                self._not_on_stream.add(method)
                 return _UNARY
             raise
         finally:
@@ -1025,7 +1060,9 @@ class Client:
 
         `eval_mode` runs the model in evaluation mode for this call, as model.eval() does
         (BatchNorm uses its running statistics and leaves them be; Dropout passes through);
-        the server's model trains otherwise. Backward still runs after it.
+        the server's model trains otherwise. Backward still runs after it. A server older
+        than eval_mode would ignore it and train: refused here, before anything is sent,
+        errors.Unimplemented (FIELD_NOT_KNOWN), where GetServerInfo does not list it.
 
         An input larger than `stream_above_bytes` is sent in chunks (ForwardStream). Values
         of int8, uint8, int16 and uint16 travel as int32, and uint32 as int64 (the wire has
@@ -1033,7 +1070,10 @@ class Client:
         """
         if unary.nbytes(input) <= self.stream_above_bytes:
             return self._run(self._forward(input, target, eval_mode))
-        chunks = self._forward_chunks(input, target, unary.flag(eval_mode, "eval_mode"))
+        evaluating = unary.flag(eval_mode, "eval_mode")
+        if evaluating:
+            self._needs_field("ForwardChunk.eval_mode", "eval_mode=True", _TRAINING_MODE)
+        chunks = self._forward_chunks(input, target, evaluating)
         try:
             response = self._call("ForwardStream", unary.begun(chunks))
         except InvalidArgument as err:
@@ -1045,6 +1085,8 @@ class Client:
         self, input: Any, target: Any, eval_mode: bool = False
     ) -> unary.Encoded[ForwardResult]:
         evaluating = unary.flag(eval_mode, "eval_mode")
+        if evaluating:
+            self._needs_field("ForwardRequest.eval_mode", "eval_mode=True", _TRAINING_MODE)
         pieces = unary.source_pieces("ForwardRequest", "input", input)
         if target is not None:
             pieces += unary.source_pieces("ForwardRequest", "target", target)
@@ -1472,8 +1514,43 @@ class Client:
         message sizes, elements per tensor, calls at once, sessions, keepalive."""
         response: pb.GetServerInfoResponse = self._call("GetServerInfo", pb.GetServerInfoRequest())
         kept = {f.name: getattr(response.limits, f.name) for f in dataclasses.fields(ServerLimits)}
-        return ServerInfo(
-            response.version, response.torch_version, response.device, ServerLimits(**kept)
+        info = ServerInfo(
+            response.version,
+            response.torch_version,
+            response.device,
+            ServerLimits(**kept),
+            tuple(response.known_fields),
+        )
+        self._known_fields = frozenset(info.known_fields)
+        return info
+
+    def _needs_field(self, field: str, option: str, otherwise: str) -> None:
+        """Refuses, before anything is sent, an `option` ("eval_mode=True") whose request
+        `field` the server does not list among those it knows: a server older than the field
+        ignores it, as protobuf does an unknown field, and does `otherwise` (found by a
+        review of clients and servers of different versions). The list is read once per
+        client (GetServerInfo); a server older than GetServerInfo, or than its list, is
+        refused too: it may predate the field. errors.Unimplemented (reason
+        FIELD_NOT_KNOWN, metadata "field"), raised by the client."""
+        if self._known_fields is None:
+            try:
+                self.server_info()
+            except Unimplemented:  # older than GetServerInfo
+                self._known_fields = frozenset()
+        if field in (self._known_fields or ()):
+            return
+        why = (
+            f"does not know {field}"
+            if self._known_fields
+            else f"lists no fields it knows (its GetServerInfo is older than the list), and "
+            f"may not know {field}"
+        )
+        raise Unimplemented(
+            f"the server at {self.target} {why}, which {option} needs: a server older than "
+            f"the field ignores it and {otherwise}; not sent. A newer gradwire serve "
+            "takes it",
+            reason="FIELD_NOT_KNOWN",
+            metadata={"field": field},
         )
 
     def reset(self, seed: int | None = None) -> int:
@@ -1543,8 +1620,9 @@ class Client:
         With `keep_state`, changes the settings given in the optimizer in place instead, as
         assigning to torch's param_groups does: `set_optimizer(lr=1e-4, keep_state=True)`
         lowers the learning rate, and the other settings, the momentum buffers and Adam's
-        moments stay. `kind` is then None (the kind in place) or the kind in place.
-        Returns the settings in force."""
+        moments stay. `kind` is then None (the kind in place) or the kind in place. A server
+        older than keep_state would replace the optimizer: refused here, as eval_mode is
+        (see forward). Returns the settings in force."""
         settings = {
             "lr": lr,
             "momentum": momentum,
@@ -1563,7 +1641,13 @@ class Client:
         keep_state: bool = False,
     ) -> tuple[int, OptimizerConfig]:
         """set_optimizer's work: the state version it made, and the settings in force."""
-        return self._run(unary.set_optimizer(kind, settings, keep_state))
+        encoded = unary.set_optimizer(kind, settings, keep_state)
+        self._needs_keep_state(keep_state)
+        return self._run(encoded)
+
+    def _needs_keep_state(self, keep_state: bool) -> None:
+        if keep_state:
+            self._needs_field("SetOptimizerRequest.keep_state", "keep_state=True", _REPLACED)
 
     @property
     def remote(self) -> RemoteModel:

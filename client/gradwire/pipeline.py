@@ -314,6 +314,7 @@ class Pipeline:
     ) -> Pending[OptimizerConfig]:
         """As Client.set_optimizer (the same keyword settings: lr, momentum, ...)."""
         encoded = unary.set_optimizer(kind, settings, keep_state)
+        self._client._needs_keep_state(keep_state)
         made = encoded.result
         return self._add(unary.Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
 

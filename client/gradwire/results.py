@@ -215,3 +215,6 @@ class ServerInfo:
     torch_version: str  # PyTorch's: what to compare a local run with
     device: str  # where every session's model lives: "cuda", "cuda:1", "cpu"
     limits: ServerLimits
+    # Every field of the contract the server knows, "ForwardRequest.eval_mode": a request
+    # field it does not list, it would ignore; () from a server older than the list.
+    known_fields: tuple[str, ...] = ()

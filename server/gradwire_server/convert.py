@@ -677,7 +677,25 @@ def server_info(
         torch_version=torch.__version__,
         device=device,
         limits=limits,
+        known_fields=known_fields(),
     )
+
+
+def known_fields() -> list[str]:
+    """Every field of the contract's messages, "Message.field", nested messages' under their
+    parents' names: what this server knows, and a client may look for before it sends an
+    option an older server would ignore (GetServerInfoResponse.known_fields)."""
+    found: list[str] = []
+
+    def walk(message: Any, prefix: str) -> None:
+        name = prefix + message.name
+        found.extend(f"{name}.{field.name}" for field in message.fields)
+        for nested in message.nested_types:
+            walk(nested, name + ".")
+
+    for message in pb.DESCRIPTOR.message_types_by_name.values():
+        walk(message, "")
+    return found
 
 
 def stats_to_proto(summary: Summary) -> pb.Stats:

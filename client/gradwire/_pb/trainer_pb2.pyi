@@ -2187,6 +2187,7 @@ class GetServerInfoResponse(_message.Message):
     TORCH_VERSION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """gradwire's version, e.g. "0.1.0" """
     torch_version: _builtins.str
@@ -2195,6 +2196,19 @@ class GetServerInfoResponse(_message.Message):
     """where every session's model lives, as the server resolved `--device` (auto: "cuda" or "cpu"): "cuda", "cuda:1", "cpu" """
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...
+    @_builtins.property
+    def known_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every field of this contract's messages that the server knows, as "Message.field"
+        ("ForwardRequest.eval_mode"; a nested message's under its parent's name,
+        "Fill.Kind" being an enum, not listed). A server ignores a request field it predates, as
+        protobuf does with an unknown field, and the call does something else than asked: an
+        eval_mode Forward runs in training mode, a keep_state SetOptimizer replaces the
+        optimizer, its state lost. Before sending an option newer than the server may be,
+        look for its field here. Empty from a server that predates this list, which may
+        predate any option added since: the gradwire client then refuses ForwardRequest's and
+        ForwardChunk's eval_mode and SetOptimizerRequest's keep_state, rather than risk it.
+        """
+
     def __init__(
         self,
         *,
@@ -2202,10 +2216,11 @@ class GetServerInfoResponse(_message.Message):
         torch_version: _builtins.str = ...,
         device: _builtins.str = ...,
         limits: Global___ServerLimits | None = ...,
+        known_fields: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "limits", b"limits", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "known_fields", b"known_fields", "limits", b"limits", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,11 @@ def _checkpoint(name: str | None, optional: bool = True, saving: bool = False) -
 
 
 def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
-    saved = client.save_checkpoint(_checkpoint(args.name, saving=True))
+    name = _checkpoint(args.name, saving=True)
+    try:
+        saved = client.save_checkpoint(name)
+    except Unimplemented:  # "UNIMPLEMENTED: Method not found!" alone (a review of versions)
+        raise predates(client, "SaveCheckpoint", "save checkpoints") from None
     emit(
         out,
         args,
@@ -131,7 +135,10 @@ def cmd_save(args: argparse.Namespace, client: Client, out: TextIO) -> None:
 
 def cmd_load(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     name = _checkpoint(args.name)
-    loaded = client.load_checkpoint(name)
+    try:
+        loaded = client.load_checkpoint(name)
+    except Unimplemented:  # as save's
+        raise predates(client, "LoadCheckpoint", "load checkpoints") from None
     name = name or "state"
     emit(
         out,
@@ -370,6 +377,14 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             f"{_seconds_text(lim.min_client_ping_s)} at most, or it is closed",
         ),
         ("connections", connections),
+        (
+            "contract",
+            f"{len(info.known_fields)} fields of the .proto known (info --json lists them)"
+            if info.known_fields
+            else "the fields of the .proto it knows unlisted: a server older than the list, "
+            "which the client refuses newer options of (forward --eval, optimizer "
+            "--keep-state)",
+        ),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
     unreported = {

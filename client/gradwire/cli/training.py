@@ -213,6 +213,10 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     # Ended by the divergence, not by Ctrl-C, the server or the steps asked for.
     halted = stopped and diverged_at is not None and not args.keep_going and failed is None
     data["stopped_at_nonfinite"] = halted and not stop.is_set()
+    # Server-side, stopped by this client: the version moved after the last progress, the
+    # server's steps past it (or another caller's changes) unreported. "steps" counted the
+    # reported alone, unsaid (a review of clients and servers of different versions).
+    data["ran_on"] = ran_on
     counted = f"{done} step{'' if done == 1 else 's'}"
     steps = f"{counted} reported (the server may have run more before the stop reached it)"
     text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else counted}"
@@ -232,18 +236,21 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         bar.finish(text)
         if diverged_at is not None:
             halted_at = done if data["stopped_at_nonfinite"] else None
-            out.write(_divergence_hint(client, diverged_at, halted_at) + "\n")
+            out.write(_divergence_hint(client, diverged_at, halted_at, ran_on) + "\n")
     if failed is not None:
         raise failed
     if stop.is_set():
         raise Interrupted
 
 
-def _divergence_hint(client: Client, step: int, halted_at: int | None = None) -> str:
+def _divergence_hint(
+    client: Client, step: int, halted_at: int | None = None, ran_on: bool = False
+) -> str:
     """What to do about a loss that stopped being finite (by `step`): start again with a
     smaller lr. `halted_at`: the step the run was stopped at for it (not --keep-going):
     `step`, or, against a server from before Train's stop_at_nonfinite, the progress that
-    showed it, the server perhaps running on until the stop reached it."""
+    showed it, the server perhaps running on until the stop reached it (`ran_on`: it did,
+    the version having moved since)."""
     lower = "gradwire optimizer --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
@@ -255,7 +262,12 @@ def _divergence_hint(client: Client, step: int, halted_at: int | None = None) ->
             f"{opt.lr:g}, its other settings kept)"
         )
     stopped = ""
-    if halted_at == step:
+    if halted_at is not None and ran_on:  # "stopped there" of a run that went on (a review)
+        stopped = (
+            f"; the run was stopped once step {halted_at}'s progress showed it, the server "
+            "running on until the stop reached it (--keep-going runs on)"
+        )
+    elif halted_at == step:
         stopped = "; the run stopped there (--keep-going runs on)"
     elif halted_at is not None:  # said "stopped there" of a run that went on (a review)
         stopped = (

@@ -1,0 +1,203 @@
+"""Clients and servers of different versions: a newer client's options that an older server
+would ignore, and calls newer than the server (found by a review of clients and servers of
+different versions, run against the project's own older commits). The older servers here are
+the real server with what it tells of itself cut back to what an older one told, or a bare
+gRPC server answering as an older one did; the refusals are the client's, made before
+anything is sent, so the version never moves."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+import gradwire
+from gradwire import errors
+from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
+from gradwire_server.app import Running
+from tests.cli_run import run_main
+from tests.serve_in_process import bare_server, old_trainer, running_server
+
+INPUT, TARGET = Fill.ones(2, 3, 10, 10), Fill.zeros(2, dtype="int64")
+
+
+@pytest.fixture
+def older() -> Iterator[Running]:
+    """A real server; each test cuts its known_fields back to an older server's."""
+    with running_server() as running:
+        yield running
+
+
+def _knowing(running: Running, *without: str) -> str:
+    """`running` telling of itself what a server older than the fields `without` told
+    (none: older than the list itself); its address."""
+    info = running.servicer.info
+    kept = [f for f in info.known_fields if f not in without] if without else []
+    del info.known_fields[:]
+    info.known_fields.extend(kept)
+    return f"127.0.0.1:{running.port}"
+
+
+def test_a_server_lists_every_field_of_the_contract_it_knows(address: str) -> None:
+    with gradwire.connect(address) as client:
+        known = client.server_info().known_fields
+    for field in (
+        "ForwardRequest.eval_mode",
+        "ForwardChunk.eval_mode",
+        "SetOptimizerRequest.keep_state",
+        "TrainRequest.stop_at_nonfinite",
+        "CallRequest.delete_checkpoint",
+        "GetServerInfoResponse.known_fields",
+        "Tensor.float_values",
+    ):
+        assert field in known, field
+    assert len(known) == len(set(known))
+    for message in (pb.ForwardRequest, pb.CallRequest, pb.ServerLimits):
+        for field in message.DESCRIPTOR.fields:
+            assert f"{message.DESCRIPTOR.name}.{field.name}" in known
+
+
+def test_eval_mode_is_refused_where_the_server_does_not_know_it(older: Running) -> None:
+    """A server from before eval_mode ran an eval_mode Forward in training mode, its loss
+    the training mode's (a BatchNorm model: 1.664 where evaluation gives 1.549)."""
+    address = _knowing(older, "ForwardRequest.eval_mode", "ForwardChunk.eval_mode")
+    with gradwire.connect(address) as client:
+        with pytest.raises(errors.Unimplemented) as refused:
+            client.forward(INPUT, TARGET, eval_mode=True)
+        assert refused.value.reason == "FIELD_NOT_KNOWN"
+        assert refused.value.metadata == {"field": "ForwardRequest.eval_mode"}
+        assert str(refused.value) == (
+            f"UNIMPLEMENTED: the server at {address} does not know ForwardRequest.eval_mode, "
+            "which eval_mode=True needs: a server older than the field ignores it and runs "
+            "the model in training mode (Dropout on, BatchNorm's statistics moved); not "
+            "sent. A newer gradwire serve takes it"
+        )
+        # The streamed Forward's field too, and in a pipeline.
+        client.stream_above_bytes = 1024
+        with pytest.raises(errors.Unimplemented, match=r"ForwardChunk\.eval_mode"):
+            client.forward(np.ones((8, 3, 10, 10), np.float32), TARGET, eval_mode=True)
+        with (
+            pytest.raises(errors.Unimplemented, match=r"ForwardRequest\.eval_mode"),
+            client.pipeline() as pipe,
+        ):
+            pipe.forward(INPUT, TARGET, eval_mode=True)
+        assert client.list_tensors().version == 0  # nothing was sent
+        assert client.forward(INPUT, TARGET).version == 1  # training mode: known to all
+
+
+def test_keep_state_is_refused_where_the_server_does_not_know_it(older: Running) -> None:
+    """A server from before keep_state replaced the optimizer with a fresh SGD (momentum 0,
+    Adam's moments gone) and the CLI said "its state kept"."""
+    address = _knowing(older, "SetOptimizerRequest.keep_state")
+    with gradwire.connect(address) as client:
+        client.set_optimizer("sgd", lr=0.5, momentum=0.9)
+        with pytest.raises(errors.Unimplemented, match=r"SetOptimizerRequest\.keep_state") as got:
+            client.set_optimizer(lr=0.05, keep_state=True)
+        assert "replaces the optimizer with a new one, its state lost" in str(got.value)
+        with (
+            pytest.raises(errors.Unimplemented, match="keep_state"),
+            client.pipeline() as pipe,
+        ):
+            pipe.set_optimizer(lr=0.05, keep_state=True)
+        optimizer = client.list_tensors().optimizer
+        assert (optimizer.lr, optimizer.momentum) == (0.5, 0.9)
+    result = run_main("optimizer", "--keep-state", "--lr", "0.05", "--target", address)
+    assert result.code == 1 and result.out == ""
+    assert result.err.startswith(
+        f"error: UNIMPLEMENTED: the server at {address} does not know "
+        "SetOptimizerRequest.keep_state, which keep_state=True needs"
+    )
+
+
+def test_a_server_listing_no_fields_may_predate_any_and_is_refused_them(
+    older: Running,
+) -> None:
+    """A server older than the list (or than GetServerInfo) may predate eval_mode."""
+    address = _knowing(older)
+    with gradwire.connect(address) as client:
+        assert client.server_info().known_fields == ()
+        with pytest.raises(errors.Unimplemented) as refused:
+            client.forward(INPUT, TARGET, eval_mode=True)
+        assert f"the server at {address} lists no fields it knows" in str(refused.value)
+        assert client.list_tensors().version == 0
+    with (
+        bare_server(old_trainer()) as bare,
+        gradwire.connect(bare) as client,
+        pytest.raises(errors.Unimplemented, match="lists no fields it knows"),
+    ):
+        client.set_optimizer(lr=0.1, keep_state=True)
+
+
+def test_the_fields_a_server_knows_are_asked_once(address: str) -> None:
+    with gradwire.connect(address) as client:
+        client.forward(INPUT, TARGET, eval_mode=True)
+        known = client._known_fields
+        assert known is not None and "ForwardRequest.eval_mode" in known
+        client.forward(INPUT, TARGET, eval_mode=True)
+        assert client._known_fields is known  # not read again
+
+
+def _no_such_call(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """A Calls stream as a server older than a call answered it: not run, BAD_REQUEST."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason="BAD_REQUEST", domain="gradwire.dev"))
+    status = status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message="the CallRequest names no call this server knows: set one of its call "
+        "fields (forward, step, get_tensor, ...)",
+        details=[detail],
+    )
+    for _ in requests:
+        yield pb.CallResponse(error=status.SerializeToString()).SerializeToString()
+
+
+def test_a_call_newer_than_a_server_s_calls_stream_goes_as_a_call_of_its_own() -> None:
+    """On a stream, a DeleteCheckpoint a server from before it did not know was refused
+    INVALID_ARGUMENT, where the call of its own says UNIMPLEMENTED, which the CLI turns
+    into "predates DeleteCheckpoint"."""
+    calls = grpc.stream_stream_rpc_method_handler(_no_such_call)
+    with (
+        bare_server(old_trainer(Calls=calls)) as address,
+        gradwire.connect(address, stream_calls=True) as client,
+    ):
+        with pytest.raises(errors.Unimplemented):
+            client.delete_checkpoint("a1")
+        assert client._not_on_stream == {"DeleteCheckpoint"}
+        with pytest.raises(errors.Unimplemented):  # unary at once from now on
+            client.delete_checkpoint("a1")
+    for command, rpc in (("save", "SaveCheckpoint"), ("load", "LoadCheckpoint")):
+        with bare_server(old_trainer()) as address:
+            result = run_main(command, "a1", "--target", address)
+        assert result.code == 1
+        assert result.err.startswith(
+            f"gradwire {command}: error: the server at {address} predates {rpc} and cannot "
+        ), result.err
+
+
+def test_train_says_when_an_older_server_ran_past_the_progress_it_was_stopped_at() -> None:
+    """A server from before stop_at_nonfinite runs on until the client's stop reaches it:
+    "steps" counts the reported alone, and the hint said "the run stopped there" of a run
+    that went on (8 steps counted, about 10 applied, in a review of clients and servers of
+    different versions). Here it ran 2 steps past its progress at step 10 (version 40)."""
+
+    def train(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for step, loss in ((5, 2.5), (10, math.nan), (15, math.nan)):
+            progress = pb.TrainProgress(step=step, steps=15, loss=loss, version=step * 4)
+            yield progress.SerializeToString()
+
+    handler = old_trainer(48, Train=grpc.unary_stream_rpc_method_handler(train))
+    with bare_server(handler) as address:
+        argv = ("train", "--steps", "15", "--every", "5", "--server-side", "--target", address)
+        text = run_main(*argv).out
+        data = json.loads(run_main(*argv, "--json").out)
+    assert (data["steps"], data["ran_on"], data["version"]) == (10, True, 48)
+    assert "10 steps reported (the server may have run more" in text
+    assert "the run was stopped once step 10's progress showed it, the server running on" in text
+    assert "the run stopped there" not in text
