@@ -273,6 +273,45 @@ def test_shape_of_an_absent_gradient_is_none(client: gradwire.Client) -> None:
     assert client.shape("conv2.weight.grad") is None
 
 
+def test_as_torch_without_torch_is_refused_before_anything_is_sent(
+    client: gradwire.Client,
+) -> None:
+    """A client without torch ran a TrainStep asked for torch tensors, then lost its answer
+    to torch's import (a bare ModuleNotFoundError, the step applied: run again, applied
+    twice; a review of installing the client alone)."""
+    before = client.list_tensors().version
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as a Python without torch\n"
+        "import gradwire\n"
+        "from gradwire.fill import Fill\n"
+        f"with gradwire.connect({client.target!r}, timeout=30) as client:\n"
+        "    for call in (\n"
+        "        lambda: client.train_step(Fill.ones(2, 3, 10, 10), Fill.zeros(2, dtype='int64'),\n"
+        "                                  fetch=['loss'], as_torch=True),\n"
+        "        lambda: client.get('conv1.weight[0]', as_torch=True),\n"
+        "        lambda: client.remote.conv1.bias.torch(),\n"
+        "    ):\n"
+        "        try:\n"
+        "            call()\n"
+        "        except ModuleNotFoundError as err:\n"
+        "            print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (
+        done.stdout.splitlines()
+        == [
+            "as_torch=True reads into torch tensors, and this Python has no torch: install it, "
+            "or leave as_torch out for numpy arrays (nothing was sent)"
+        ]
+        * 3
+    )
+    assert client.list_tensors().version == before
+
+
 def test_get_as_torch_gives_a_torch_tensor(client: gradwire.Client) -> None:
     value = client.get("conv2.weight[1]", as_torch=True)
     assert isinstance(value, torch.Tensor)

@@ -1128,7 +1128,7 @@ class Client:
     ) -> unary.Encoded[TrainStepResult]:
         _needs_target("train_step", target)
         request = pb.TrainStepRequest(zero_grad=unary.flag(zero_grad, "zero_grad"))
-        unary.flag(as_torch, "as_torch")
+        unary.torch_flag(as_torch)
         pieces = unary.source_pieces("TrainStepRequest", "input", input)
         pieces += unary.source_pieces("TrainStepRequest", "target", target)
         for text in unary.tensor_names(fetch):
@@ -1212,7 +1212,7 @@ class Client:
         self, request: bytes, as_torch: bool, values: bool, out: np.ndarray[Any, Any] | None
     ) -> unary.Encoded[TensorRead]:
         """GetTensor with this serialized request, whose answer is read as `read` reads it."""
-        unary.flag(as_torch, "as_torch")
+        unary.torch_flag(as_torch)
         if out is not None and as_torch:
             raise ValueError("out= reads into a numpy array; it cannot go with as_torch")
         if out is not None and not values:

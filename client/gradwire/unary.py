@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import itertools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -324,6 +326,20 @@ def flag(value: object, what: str) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{what} must be True or False, got {value!r}")
+
+
+def torch_flag(value: object) -> bool:
+    """`as_torch` as a bool (`flag`), refused before the call is sent where torch is not
+    installed: the answer was read, a TrainStep's applied, and then lost to torch's import
+    (a review of installing the client alone)."""
+    wanted = flag(value, "as_torch")
+    if wanted and sys.modules.get("torch") is None and importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(
+            "as_torch=True reads into torch tensors, and this Python has no torch: install "
+            "it, or leave as_torch out for numpy arrays (nothing was sent)",
+            name="torch",
+        )
+    return wanted
 
 
 def read_result(
