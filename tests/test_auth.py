@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -741,6 +742,24 @@ def test_serve_warns_of_an_expired_certificate_at_start(tmp_path: Path) -> None:
         f"{old.not_valid_after_utc:%H:%M} UTC: clients refuse the handshake (their error: "
         "certificate has expired); the server needs a new certificate, then a restart"
     )
+
+
+def test_serve_with_tls_and_without_cryptography_says_the_dates_go_unchecked(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server without `cryptography` (read for the certificates' dates alone) stopped
+    with a traceback, exit 1, once the model had loaded (a review of installing)."""
+    (tmp_path / "cryptography").mkdir()
+    (tmp_path / "cryptography" / "__init__.py").write_text("raise ImportError('not here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    with serving(*tls) as (_, log):
+        pass
+    assert "TLS on (any client)" in log, log
+    assert (
+        "the certificates' dates are not checked: the cryptography package is not installed "
+        "(gradwire's server extra has it)"
+    ) in log
 
 
 def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> None:

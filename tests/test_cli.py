@@ -989,6 +989,23 @@ def test_serve_with_an_unknown_device_exits_2() -> None:
     assert result.err.startswith("gradwire serve: error: unknown device 'nonsense'")
 
 
+def test_serve_without_a_server_package_names_it_and_the_wheel_s_extra() -> None:
+    """Any module of the server side missing was said to be torch, installed or not, and
+    the hint gave a checkout's command alone (a review of installing from a wheel)."""
+    code = (
+        "import sys; sys.modules['safetensors'] = None\n"
+        "from gradwire.cli import main\n"
+        "sys.exit(main(['serve', '--port', '0', '--device', 'cpu']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "gradwire serve: error: serve needs the server side, which lacks safetensors: install "
+        "gradwire's server extra (pip install 'gradwire[server]' where gradwire is installed; "
+        "in a checkout: pip install '.[server]')"
+    ), done.stderr
+
+
 @pytest.mark.timeout(60)  # meta and cpu:3 used to start serving, in this process
 @pytest.mark.parametrize("device", ["mps", "meta", "cpu:3"])
 def test_serve_with_a_device_torch_knows_but_gradwire_does_not_run_on_exits_2(device: str) -> None:

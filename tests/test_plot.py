@@ -228,8 +228,33 @@ def test_without_matplotlib_exits_2_with_the_install_hint(
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = cli("plot", "conv1.weight", "--out", str(tmp_path / "x.png"))
     assert result.code == 2
+    assert "pip install 'gradwire[plot]' where gradwire is installed" in result.err
     assert "pip install '.[plot]'" in result.err
     assert only_file(tmp_path) == []
+
+
+def test_a_matplotlib_that_fails_to_import_is_not_said_to_be_missing(tmp_path: Path) -> None:
+    """A matplotlib built for another numpy (3.7.0 beside numpy 2) fails to import: it was
+    told to install the plot extra, which it had (a review of installing)."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text(
+        "raise ImportError('numpy.core.multiarray failed to import')\n"
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from gradwire.plot import PlotUnavailable, require_matplotlib\n"
+        "try:\n"
+        "    require_matplotlib()\n"
+        "except PlotUnavailable as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout == (
+        "pictures need matplotlib, which is installed but fails to import: numpy.core."
+        "multiarray failed to import (one older than its numpy? pip install -U matplotlib)\n"
+    ), done.stderr
 
 
 def test_the_thin_client_imports_without_matplotlib() -> None:

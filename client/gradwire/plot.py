@@ -61,7 +61,8 @@ MAX_KERNEL_IN = 32  # kernel grid rows: input channels shown at most
 MAX_BINS = limits.MAX_HISTOGRAM_BINS  # as the server's statistics allow
 
 INSTALL_HINT = (
-    "pictures need matplotlib: install gradwire's plot extra (in a checkout: pip install '.[plot]')"
+    "pictures need matplotlib: install gradwire's plot extra (pip install 'gradwire[plot]' "
+    "where gradwire is installed; in a checkout: pip install '.[plot]')"
 )
 
 DIVERGING = "RdBu_r"  # red positive, blue negative, white 0
@@ -119,7 +120,14 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     except ImportError as err:
-        raise PlotUnavailable(f"{INSTALL_HINT} ({err})") from None
+        if isinstance(err, ModuleNotFoundError) and err.name == "matplotlib":
+            raise PlotUnavailable(f"{INSTALL_HINT} ({err})") from None
+        # Installed, and failing to import: a matplotlib built for another numpy was said to
+        # be missing (a review of installing: matplotlib 3.7.0 beside numpy 2).
+        raise PlotUnavailable(
+            f"pictures need matplotlib, which is installed but fails to import: {err} "
+            "(one older than its numpy? pip install -U matplotlib)"
+        ) from None
 
 
 def choose_kind(name: str, shape: tuple[int, ...]) -> Kind:

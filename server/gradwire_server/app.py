@@ -29,7 +29,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.limits import MAX_COUNT, ServerConnections
 from gradwire.targets import loopback_host
 from gradwire_server import allocator, checkpoint, openmp
-from gradwire_server.auth import TlsFiles, TokenInterceptor
+from gradwire_server.auth import TlsFiles, TokenInterceptor, certificates_readable
 from gradwire_server.devices import resolve_device
 from gradwire_server.errors import InvalidInput
 from gradwire_server.health_service import HealthServicer, add_to_server
@@ -841,6 +841,11 @@ def serve(
                 )
                 for warning in tls.date_warnings():
                     log.warning("%s", warning)
+                if not certificates_readable():
+                    log.warning(
+                        "the certificates' dates are not checked: the cryptography package "
+                        "is not installed (gradwire's server extra has it)"
+                    )
             if token:
                 log.info("a bearer token is required for every call but health checks")
                 if tls is None and not loopback_host(host):

@@ -257,13 +257,27 @@ def _first_certificate(path: Path) -> x509.Certificate | None:
     """The first certificate in a PEM file (a server's own comes first in its chain); None
     for a file that holds none (check() has said what is wrong with it)."""
     # Imported here: only TLS needs it, and a server without TLS runs without it (the GPU
-    # machines of scripts/gpu_check.sh have no cryptography).
+    # machines of scripts/gpu_check.sh have no cryptography). With TLS and without it, the
+    # dates go unchecked (said at start, `certificates_readable`): a traceback, exit 1,
+    # where the README calls it needed for the dates alone (a review of installing).
+    if not certificates_readable():
+        return None
     from cryptography import x509
 
     try:
         return x509.load_pem_x509_certificates(path.read_bytes())[0]
     except (OSError, ValueError):
         return None
+
+
+def certificates_readable() -> bool:
+    """Whether the certificates' dates can be read: `cryptography` is installed (the server
+    extra has it), and imports."""
+    try:
+        import cryptography.x509  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _date(moment: datetime.datetime) -> str:

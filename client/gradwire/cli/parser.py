@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         "positive, blue negative, white 0, one scale for every tile. The PNG is "
         f"{FIGSIZE[0]:g} x {FIGSIZE[1]:g} inches at --dpi "
         f"({FIGSIZE[0] * DEFAULT_DPI:.0f} x {FIGSIZE[1] * DEFAULT_DPI:.0f} pixels by default). "
-        "Needs matplotlib: gradwire's plot extra (in a checkout: pip install '.[plot]')."
+        "Needs matplotlib: gradwire's plot extra (pip install 'gradwire[plot]' where "
+        "gradwire is installed; in a checkout: pip install '.[plot]')."
     )
     p.add_argument(
         "selector", help="a name and optional numpy basic index, as for get: linear.weight[:, :64]"

@@ -19,8 +19,18 @@ from gradwire.client import Client
 from gradwire.credentials import load_token
 from gradwire.limits import ServerConnections
 
-#: How to get the server side: gradwire is not on PyPI, so from a checkout (or its wheel).
-SERVER_EXTRA = "install gradwire's server extra (in a checkout: pip install '.[server]')"
+#: How to get the server side: gradwire is not on PyPI, so from a checkout, or its wheel
+#: installed (where '.[server]' does nothing: a review of installing).
+SERVER_EXTRA = (
+    "install gradwire's server extra (pip install 'gradwire[server]' where gradwire is "
+    "installed; in a checkout: pip install '.[server]')"
+)
+
+
+def _missing(err: ImportError) -> str:
+    """The module an ImportError found missing, for the hint: "torch" was said of any
+    (safetensors, prometheus_client), though torch was installed (a review of installing)."""
+    return err.name.partition(".")[0] if err.name else "a module of it"
 
 
 def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
@@ -94,7 +104,7 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         from gradwire_server.trainer import Trainer
     except ImportError as err:
         raise UsageError(
-            f"--embedded needs the server side (torch): {SERVER_EXTRA} ({err})"
+            f"--embedded needs the server side, which lacks {_missing(err)}: {SERVER_EXTRA} ({err})"
         ) from None
     try:
         device = resolve_device(args.device or "auto")
@@ -158,7 +168,9 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
         from gradwire_server.errors import InvalidInput, ModelFault, OverLimit
         from gradwire_server.logs import log_handler
     except ImportError as err:
-        raise UsageError(f"serve needs the server side (torch): {SERVER_EXTRA} ({err})") from None
+        raise UsageError(
+            f"serve needs the server side, which lacks {_missing(err)}: {SERVER_EXTRA} ({err})"
+        ) from None
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
