@@ -15,7 +15,7 @@ import numpy as np
 
 from gradwire.cli.arguments import narrowed, parse_source, parse_value, random_source
 from gradwire.cli.errors import CommandError, UsageError
-from gradwire.cli.output import emit, jsonable
+from gradwire.cli.output import emit, json_line_with_values
 from gradwire.client import Client
 from gradwire.display import format_read, format_size
 from gradwire.errors import (
@@ -141,11 +141,11 @@ def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "device": read.device or None,  # None on the CPU
     }
     if args.shape_only:
-        text = "None" if read.shape is None else format_size(read.shape)
+        emit(out, args, data, "None" if read.shape is None else format_size(read.shape))
+    elif args.json:  # the values' lists made only for JSON, and a piece at a time (a review)
+        json_line_with_values(out, data, read.value)
     else:
-        data["values"] = jsonable(read.value)
-        text = format_read(read)
-    emit(out, args, data, text)
+        out.write(format_read(read) + "\n")
     if not read.present:
         _note_absent(args, read.name)
 
