@@ -933,6 +933,24 @@ def test_a_failed_save_is_an_error_record_and_sessions_closed_are_said(tmp_path:
     assert [r["level"] for r in records if r["message"] == closing] == ["INFO"]
 
 
+def test_a_stop_s_long_save_is_said_as_a_save_not_as_a_call_waited_for(tmp_path: Path) -> None:
+    """A large model's save at the stop took 22 s, and the log said a call in progress was
+    waited for, with none (a review of serving a big model): the notice is for calls; the
+    save is said as it begins, and how long it took."""
+    state = tmp_path / "state"
+    args = ("--model", "tests.slow_save_model:SPEC", "--state-dir", str(state), "--grace", "0")
+    with serving(*args) as (process, _):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert f"saving state version 0 to {state / 'state.safetensors'}\n" in rest, rest
+    took = re.search(r"saved state version 0 to \S+ \(([0-9,]+) bytes in ([0-9.]+) s\)", rest)
+    assert took is not None, rest
+    assert float(took[2]) >= 2.0 and int(took[1].replace(",", "")) > 0
+    assert "still stopping" not in rest
+
+
 def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:
     # A Forward of a minute held the stop, and further signals were only logged.
     port_file, state = tmp_path / "port", tmp_path / "state"

@@ -13,6 +13,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,7 +85,12 @@ class Running:
     #: gRPC's serving thread; `serving.alive` is False once it has ended (serving.py).
     serving: ServingThread | None = None
 
-    def stop(self, grace: float | None = DEFAULT_GRACE_S, save_to: Path | None = None) -> None:
+    def stop(
+        self,
+        grace: float | None = DEFAULT_GRACE_S,
+        save_to: Path | None = None,
+        served: Callable[[], None] | None = None,
+    ) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish.
         Open streams end at once rather than hold the whole grace period: Watches and
         Trains UNAVAILABLE with reason STOPPING (a second or two after the stop,
@@ -92,7 +98,8 @@ class Running:
         call of theirs is in progress, health Watches once they have sent NOT_SERVING,
         reflection streams between two questions. Then, with `save_to`, the state the calls
         left is saved. Once gRPC's serving thread has ended (serving.py), no call can finish:
-        none is waited for."""
+        none is waited for. `served`: called once no call is in progress (as the save begins,
+        after the step it waits for), or once the stop is done."""
         self.health.enter_graceful_shutdown()
         self.servicer.stop()
         if self.reflection is not None:
@@ -103,7 +110,7 @@ class Running:
             self._stop_serving(grace)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self._save_and_close(save_to)
+        self._save_and_close(save_to, served)
 
     def _stop_serving(self, grace: float | None) -> None:
         """gRPC's own stop: new calls refused, those in progress given `grace` seconds."""
@@ -143,11 +150,23 @@ class Running:
         except RuntimeError as err:  # that thread could not start: listening has stopped
             log.warning("could not start gRPC's thread to cancel the calls in progress: %s", err)
 
-    def _save_and_close(self, save_to: Path | None) -> None:
+    def _save_and_close(self, save_to: Path | None, served: Callable[[], None] | None) -> None:
         try:
             if save_to is not None:
+                began = time.monotonic()
+
+                def beginning() -> None:
+                    # Said as it begins, and how long it took: a large model's save took
+                    # 22 s, past Docker's stop grace, said to be a call waited for (a review
+                    # of serving a big model).
+                    nonlocal began
+                    if served is not None:
+                        served()
+                    log.info("saving state version %d to %s", self.trainer.version, save_to)
+                    began = time.monotonic()
+
                 try:
-                    version = self.trainer.save(save_to).version
+                    saved = self.trainer.save(save_to, began=beginning)
                 except Exception as err:  # an OSError, or safetensors' own (a full disk)
                     lost = (
                         f"could not save state version {self.trainer.version} to {save_to}: {err}"
@@ -156,7 +175,13 @@ class Running:
                     # where a pipeline that alerts on errors did not see the training lost.
                     log.error("%s", lost)
                     raise OSError(lost) from err
-                log.info("saved state version %d to %s", version, save_to)
+                log.info(
+                    "saved state version %d to %s (%s bytes in %.1f s)",
+                    saved.version,
+                    save_to,
+                    f"{saved.bytes:,}",
+                    time.monotonic() - began,
+                )
         finally:  # a save that failed still lets the sessions and threads go
             sessions = self.servicer.sessions.open_count
             if sessions:  # said: their state goes with them, and nothing else tells
@@ -933,8 +958,11 @@ def serve(
                     waiting.start()
                 try:
                     # After a device error nothing is saved: the device's state can no longer
-                    # be read.
-                    running.stop(grace, save_to=None if lost.is_set() else saved)
+                    # be read. The notice is for calls waited for: the save is not one (its
+                    # 22 s of a large model were said to be "a call in progress": a review).
+                    running.stop(
+                        grace, save_to=None if lost.is_set() else saved, served=waiting.cancel
+                    )
                     stopped.set()
                 except OSError as err:  # the save failed
                     if not serving_lost.is_set():

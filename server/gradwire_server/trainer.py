@@ -2220,10 +2220,15 @@ class Trainer:
     # --- checkpoints ----------------------------------------------------------------
 
     @on_torch_thread
-    def save(self, path: Path, keep_free: bool = False) -> checkpoint.Saved:
+    def save(
+        self, path: Path, keep_free: bool = False, began: Callable[[], None] | None = None
+    ) -> checkpoint.Saved:
         """Writes parameters, gradients, buffers, optimizer state and version to `path`
         (safetensors); returns the version saved and the file's size. `keep_free`: a
-        caller's save, refused where it would leave the disk nearly full (checkpoint.py)."""
+        caller's save, refused where it would leave the disk nearly full (checkpoint.py).
+        `began`: called as the save begins, once the call running before it has ended."""
+        if began is not None:
+            began()
         written = checkpoint.save(
             path,
             version=self._version,
