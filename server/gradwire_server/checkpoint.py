@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from stat import S_ISREG
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from gradwire_server.errors import out_of_memory
@@ -79,16 +80,34 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The hex SHA-256 of a checkpoint's contiguous CPU `tensors` and `metadata` (its CHECKSUM
     key left out), each entry's name, dtype and shape fed as a JSON list before its bytes,
     so that no two different contents feed it the same bytes."""
-    digest = hashlib.sha256()
-    for key in sorted(metadata):
-        if key != CHECKSUM:
-            digest.update(json.dumps([key, metadata[key]]).encode())
+    digest = _Digest(metadata)
     for key in sorted(tensors):
-        tensor = tensors[key]
-        digest.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
-        # Bytes as they lie, without a copy: a bfloat16 has no numpy dtype, a uint8 view does.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        digest.add(key, tensors[key])
     return digest.hexdigest()
+
+
+class _Digest:
+    """`checksum`, fed one tensor at a time, in the order of their sorted names: for a load,
+    which reads a checkpoint a tensor at a time and keeps only some of them."""
+
+    def __init__(self, metadata: dict[str, str]) -> None:
+        self._sha = hashlib.sha256()
+        for key in sorted(metadata):
+            if key != CHECKSUM:
+                self._sha.update(json.dumps([key, metadata[key]]).encode())
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self._sha.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode())
+        # Bytes as they lie, without a copy: a bfloat16 has no numpy dtype, a uint8 view does.
+        self._sha.update(_bytes(tensor))
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU `tensor`, without a copy."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 #: What a checkpoint's name may be: a plain file name in the state directory, never a path.
@@ -367,9 +386,20 @@ class Saved(NamedTuple):
 
 @dataclasses.dataclass
 class Loaded:
+    """A checkpoint as `load` read it. Every tensor here is one of its own, in the host's
+    memory: none views the file, which is neither mapped nor open once `close` is called.
+    safetensors' `load_file` mapped the file, and on the CPU the gradients, optimizer moments
+    and random state the trainer kept were views of that mapping: it stayed for as long as
+    the server ran, the file's size resident, a deleted checkpoint's disk space taken, the
+    first step after a load slowed by page faults (found by a review, serving a 1.4 GB model).
+    The parameters, which a load copies into the model's own tensors, are not held: in
+    `parameters` as their names, dtypes and shapes ("meta" tensors, no values), their values
+    read one at a time from the file, kept open until `close`, by `parameter`."""
+
     version: int
     model: str
     settings: dict[str, Any]
+    #: on the "meta" device: dtype and shape alone (`parameter` reads the values)
     parameters: dict[str, torch.Tensor]
     gradients: dict[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, Any]]
@@ -377,6 +407,47 @@ class Loaded:
     #: the model's random stream, by the type of device whose generator's state it is (none
     #: in a checkpoint written before the forty-eighth session)
     random: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: the file, open for `parameter`, and the CRC-32 of each parameter's bytes as the load
+    #: read them and took its checksum
+    _file: Any = dataclasses.field(default=None, repr=False)
+    _sums: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """Parameter `name`'s values, read from the file now: a tensor of its own. Unfit when
+        they are not the bytes the load read and checked (the file was written in place
+        since: the server's own saves replace a file whole, which leaves this one's open
+        file as it was); MemoryError when the host has not the room for them."""
+        with _memory_error():
+            try:
+                tensor: torch.Tensor = self._file.get_tensor(f"param/{name}")
+            except SafetensorError as err:  # closed, or its bytes cut short since
+                raise damaged(f"its parameter {name} could not be read again ({err})") from err
+        if zlib.crc32(_bytes(tensor)) != self._sums[name]:
+            raise damaged(f"its parameter {name} changed on disk while it was loaded")
+        return tensor
+
+    def close(self) -> None:
+        """Closes the file (`parameter` reads no more); closing twice is harmless."""
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            self._file = None
+
+    def __enter__(self) -> Loaded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _memory_error() -> Iterator[None]:
+    """Raises torch's "can't allocate memory" RuntimeError as the MemoryError it is."""
+    try:
+        yield
+    except RuntimeError as err:
+        if out_of_memory(err):
+            raise MemoryError(str(err)) from err
+        raise
 
 
 class Unfit(ValueError):
@@ -391,49 +462,69 @@ class Unfit(ValueError):
 def load(path: Path) -> Loaded:
     """Reads a checkpoint written by `save`; ValueError (Unfit) when it is not one, or is one
     whose checksum or metadata is damaged (a key missing, one that is not what `save`
-    writes), or that cannot be read; MemoryError when it does not fit in memory."""
+    writes), or that cannot be read; MemoryError when it does not fit in memory. The file is
+    read, never mapped, one tensor at a time, in the order `checksum` takes them: each
+    parameter's bytes go into the checksum and are let go (`Loaded.parameter` reads them
+    again), the rest are kept. So the checksum is checked before anything is returned, and
+    the host holds the checkpoint less its parameters, not the whole file, at once. The
+    caller closes what it returns (`Loaded.close`, or a `with` block)."""
     metadata = _header(path)
     try:
-        tensors = load_file(str(path))
+        file = safe_open(str(path), framework="pt", backend="pread")
     except SafetensorError as err:
         raise _not_safetensors(path, err) from err
-    except RuntimeError as err:  # safetensors maps the whole file first
-        if out_of_memory(err):
-            raise MemoryError(str(err)) from err
+    loaded = Loaded(0, "", {}, {}, {}, {}, _file=file)
+    try:
+        sums = _read(path, loaded, metadata)
+        version, model, settings, state = _checked_metadata(metadata)
+    except BaseException:
+        loaded.close()
         raise
-    _check_sum(tensors, metadata)  # first: what a changed bit did to the rest is moot
-    version, model, settings, state = _checked_metadata(metadata)
-    parameters, gradients, buffers, random = {}, {}, {}, {}
-    for key, tensor in tensors.items():
+    for name, values in loaded.optimizer_state.items():  # beside the scalars, as saved
+        state.setdefault(name, {}).update(values)
+    loaded.version, loaded.model, loaded.settings = version, model, settings
+    loaded.optimizer_state, loaded._sums = state, sums
+    return loaded
+
+
+def _read(path: Path, loaded: Loaded, metadata: dict[str, str]) -> dict[str, int]:
+    """Reads the tensors of the checkpoint `loaded._file` into `loaded`, parameters as their
+    dtypes and shapes alone, checking its checksum (`_check_sum`); the CRC-32 of each
+    parameter's bytes, by name."""
+    digest = _Digest(metadata) if CHECKSUM in metadata else None
+    sums: dict[str, int] = {}
+    for key in sorted(loaded._file.keys()):
+        with _memory_error():
+            try:
+                tensor = loaded._file.get_tensor(key)
+            except SafetensorError as err:
+                raise _not_safetensors(path, err) from err
+        if digest is not None:
+            digest.add(key, tensor)
         kind, _, rest = key.partition("/")
         if kind == "param":
-            parameters[rest] = tensor
+            sums[rest] = zlib.crc32(_bytes(tensor))
+            loaded.parameters[rest] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
         elif kind == "grad":
-            gradients[rest] = tensor
+            loaded.gradients[rest] = tensor
         elif kind == "buffer":
-            buffers[rest] = tensor
+            loaded.buffers[rest] = tensor
         elif kind == "random":
-            random[rest] = tensor
+            loaded.random[rest] = tensor
         elif kind == "optim":
             name, _, field = rest.rpartition("/")
-            state.setdefault(name, {})[field] = tensor
-    return Loaded(
-        version=version,
-        model=model,
-        settings=settings,
-        parameters=parameters,
-        gradients=gradients,
-        optimizer_state=state,
-        buffers=buffers,
-        random=random,
-    )
+            loaded.optimizer_state.setdefault(name, {})[field] = tensor
+        del tensor  # a parameter's bytes: let go before the next is read
+    if digest is not None:
+        _check_sum(digest.hexdigest(), metadata)  # first: what a changed bit did is moot
+    return sums
 
 
-def _check_sum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Refuses, as damaged, a checkpoint whose contents are not those its checksum was taken
-    of; one without a checksum passes."""
+def _check_sum(found: str, metadata: dict[str, str]) -> None:
+    """Refuses, as damaged, a checkpoint whose contents' checksum, `found`, is not the one
+    saved with them; one without a checksum passes."""
     saved = metadata.get(CHECKSUM)
-    if saved is not None and checksum(tensors, metadata) != saved:
+    if saved is not None and found != saved:
         raise damaged(
             "its contents are not what was saved (their SHA-256 differs from the one saved "
             "with them: a bit changed on disk or in a copy, or the file was edited)"
@@ -511,7 +602,7 @@ def _header(path: Path) -> dict[str, str]:
             f"cannot be read ({why})",
         ) from None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt", backend="pread") as f:  # not mapped
             metadata = f.metadata() or {}
     except SafetensorError as err:
         raise _not_safetensors(path, err) from err

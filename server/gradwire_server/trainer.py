@@ -2330,6 +2330,18 @@ class Trainer:
         would have (`_registered_in_forward`). The model's random stream goes on from the
         state the checkpoint holds for its type of device, where it holds one."""
         loaded, settings, random_state = self._read_checkpoint(path)
+        with loaded:  # the file open for the parameters' values, closed however this ends
+            return self._put_in(path, loaded, settings, random_state)
+
+    def _put_in(
+        self,
+        path: Path,
+        loaded: checkpoint.Loaded,
+        settings: OptimizerSettings,
+        random_state: random_stream.State | None,
+    ) -> int:
+        """`_load` of a checkpoint read (`_read_checkpoint`), each parameter's values read
+        from its file as they are copied in (one at a time: the host never holds them all)."""
         fit = self._check_checkpoint(path, loaded, settings.kind)
         params, buffers = self._parameters, fit.buffers
         with self._device_memory(f"cannot load {path}"):
@@ -2379,7 +2391,7 @@ class Trainer:
         try:
             with self._device_memory(f"cannot load {path}"), torch.no_grad():
                 for name, p in params.items():
-                    staging.copy_into(p.detach(), loaded.parameters[name])
+                    staging.copy_into(p.detach(), self._saved_parameter(path, loaded, name))
                     replaced.append(name)
                 for name, b in {**loaded.buffers, **made}.items():
                     if name in buffers and no_repeats(buffers[name]):
@@ -2411,12 +2423,29 @@ class Trainer:
         self._deltas = {}  # the last Step's change was made to the weights just replaced
         return loaded.version
 
+    @staticmethod
+    def _saved_parameter(path: Path, loaded: checkpoint.Loaded, name: str) -> torch.Tensor:
+        """Parameter `name`'s values in the checkpoint at `path`, read now (Loaded.parameter):
+        BAD_CHECKPOINT where they changed since the load checked them, OUT_OF_MEMORY where
+        the host has not the room for them."""
+        try:
+            return loaded.parameter(name)
+        except ValueError as err:
+            raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
+        except MemoryError as err:
+            raise OverLimit(
+                f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
+                f"free some{checkpoint.AT_START}",
+                reason="OUT_OF_MEMORY",
+            ) from err
+
     def _read_checkpoint(
         self, path: Path
     ) -> tuple[checkpoint.Loaded, OptimizerSettings, random_stream.State | None]:
-        """`path` read whole into the host's memory, its optimizer settings and the random
-        stream it holds for this device, each checked: BAD_CHECKPOINT, or OUT_OF_MEMORY
-        where the host has not the room for it."""
+        """`path` read into the host's memory but for its parameters' values (read as they
+        are copied in: checkpoint.Loaded), its optimizer settings and the random stream it
+        holds for this device, each checked: BAD_CHECKPOINT, or OUT_OF_MEMORY where the host
+        has not the room for it. The caller closes what it returns."""
         with suppress(OSError):  # a file that cannot be looked at: checkpoint.load says why
             # Read whole into the host's memory (on any device), beside the state it
             # replaces: a checkpoint the host has not the room for was the out-of-memory
@@ -2429,13 +2458,19 @@ class Trainer:
             )
         try:
             loaded = checkpoint.load(path)
-            settings = checkpoint.optimizer_settings(loaded.settings)
-            # The stream goes on from where the save left it (random_stream.py), when the
-            # checkpoint holds one for this type of device.
-            saved = loaded.random.get(self.device.type) if self._random_state is not None else None
-            random_state = (
-                None if saved is None else random_stream.from_checkpoint(saved, self.device)
-            )
+            try:
+                settings = checkpoint.optimizer_settings(loaded.settings)
+                # The stream goes on from where the save left it (random_stream.py), when the
+                # checkpoint holds one for this type of device.
+                saved = (
+                    loaded.random.get(self.device.type) if self._random_state is not None else None
+                )
+                random_state = (
+                    None if saved is None else random_stream.from_checkpoint(saved, self.device)
+                )
+            except BaseException:
+                loaded.close()
+                raise
         except (OSError, ValueError) as err:
             raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
         except MemoryError as err:
