@@ -456,11 +456,78 @@ def test_a_step_s_gradients_and_optimizer_state_not_made_yet_are_counted(
         assert trainer.parameters["lin.weight"].grad is None
         monkeypatch.setattr(host_memory, "available_bytes", lambda: 1 << 30)
         trainer.train_step(x, y, use=lambda s: s)
-        monkeypatch.setattr(host_memory, "available_bytes", lambda: 64 << 20)
-        trainer.train_step(x, y, use=lambda s: s)  # made: nothing new to count
+        # Made: the moments are not counted again, but a step's new gradients beside the
+        # ones it keeps (32 MiB) and Adam's two temporaries (64 MiB) are, every step.
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 97 << 20)
+        trainer.train_step(x, y, use=lambda s: s)
         # A forward pass alone makes neither.
         trainer.set_optimizer(OptimizerSettings(kind="adam"))
         trainer.forward(x)
+    finally:
+        trainer.close()
+
+
+class Wider(nn.Module):
+    """Wide with 64 MiB of weight: a step of plain SGD, its gradients alone, is checked
+    (pass_memory.CHECKED_FROM_BYTES)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4096, 4096, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)[:, :4]
+        return out
+
+
+_WIDE = 4096 * 4096 * 4  # Wider's weight, in bytes
+
+
+@pytest.mark.parametrize(
+    ("settings", "first", "later"),
+    [
+        (OptimizerSettings("sgd"), 1, 1),
+        (OptimizerSettings("sgd", momentum=0.9), 2, 1),
+        (OptimizerSettings("sgd", momentum=0.9, nesterov=True), 3, 2),
+        (OptimizerSettings("sgd", weight_decay=0.01), 2, 2),
+        (OptimizerSettings("adam"), 5, 3),
+        (OptimizerSettings("adam", weight_decay=0.01), 6, 4),
+    ],
+    ids=["sgd", "momentum", "nesterov", "sgd-decay", "adam", "adam-decay"],
+)
+def test_every_step_counts_the_gradients_it_makes_beside_those_it_keeps(
+    monkeypatch: pytest.MonkeyPatch, settings: OptimizerSettings, first: int, later: int
+) -> None:
+    """A TrainStep keeps the gradients it began with until it is done (to put them back if it
+    fails), while its backward pass makes a new set; and the optimizer's step makes its
+    temporaries every time. Counted only where not made yet, a second SGD step of a 1.4 GB
+    model was taken with 1 GB left and grew the server 1.4 GB, and a first Adam step with
+    3 GB left grew it 6.4 GB (found by a review). In units of Wider's one weight: gradients
+    1, SGD's momentum 1, Adam's moments 2, temporaries as many as _step_temporaries says
+    (measured, Trainer._update_bytes)."""
+    trainer = Trainer(ModelSpec("Wider", Wider, (4096,), 4), seed=0, optimizer=settings)
+    x, y = torch.ones(1, 4096), torch.zeros(1, dtype=torch.int64)
+    asked: list[int] = []
+
+    def step(room: int) -> None:
+        def available() -> int:
+            asked.append(room)
+            return room
+
+        monkeypatch.setattr(host_memory, "available_bytes", available)
+        trainer.train_step(x, y, use=lambda s: s)
+
+    try:
+        for need in (first, later, later):
+            with pytest.raises(OverLimit) as refused:
+                step(need * _WIDE - (1 << 20))
+            assert refused.value.reason == "OUT_OF_MEMORY"
+            assert need * _WIDE <= int(refused.value.metadata["bytes"]) < need * _WIDE + (1 << 20)
+            step(need * _WIDE + (1 << 20))  # what it takes, and a pass's few KiB: taken
+        assert len(asked) == 6
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: _WIDE - (1 << 20))
+        with pytest.raises(OverLimit):  # without ZeroGrad the gradients are kept all the same
+            trainer.train_step(x, y, zero_grad=False, use=lambda s: s)
     finally:
         trainer.close()
 

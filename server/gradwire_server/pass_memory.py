@@ -22,8 +22,10 @@ made:
 | a training step (forward, backward, step) | 2.87x | 1.44-1.52x |
 
 So a pass that will be followed by a backward pass (it has a target) counts three times
-what it makes (`TRAINING`), and the gradients and optimizer state its step has not made yet
-besides; one without a target twice (`FORWARD`). An estimate, not a
+what it makes (`TRAINING`), and besides what its backward pass and step hold for the
+parameters (Trainer._update_bytes, measured: a new set of gradients every step, beside the
+set a step keeps to put back, the optimizer state not made yet and the optimizer's
+temporaries); one without a target twice (`FORWARD`). An estimate, not a
 bound: a model whose kernels take more scratch than a convolution's may pass the check and
 still not fit, and one that takes less is refused early (a small MLP's forward pass from
 under half of what is left); the refusal says how many samples fit.
@@ -96,7 +98,7 @@ def check(
 ) -> None:
     """Refuses (OverLimit, OUT_OF_MEMORY) a pass of `samples` samples whose operations make
     `made` bytes on meta tensors, when `factor` times that, and `fixed` bytes whatever the
-    batch (the parameters' gradients and optimizer state a step will make), is more than the
+    batch (what a step holds for the parameters: Trainer._update_bytes), is more than the
     host has left (`available()`, read only for a need of CHECKED_FROM_BYTES or more)."""
     need = made * factor + fixed
     if need < CHECKED_FROM_BYTES:

@@ -371,6 +371,25 @@ def _said_elsewhere(error: BaseException) -> bool:
     return isinstance(error, (DomainError, MemoryError)) or out_of_memory(error)
 
 
+#: The most `Trainer._update_bytes` counts, in the parameters' bytes: gradients, two
+#: moments, the buffers of deltas and three temporaries (Adam with weight decay).
+_UPDATE_MOST = 7
+
+
+def _step_temporaries(settings: OptimizerSettings) -> int:
+    """How many temporaries as large as the largest parameter the optimizer of `settings`
+    holds at once in a Step on the CPU, where torch's optimizers update one parameter at a
+    time: Adam two (the second moment's root, and its quotient), one more for weight decay
+    (the gradient plus the decay); SGD one for Nesterov momentum (the gradient plus the
+    momentum) and one for weight decay, plain SGD and momentum none. Measured (the
+    process's highest resident memory over a Step of a model whose largest parameter is a
+    quarter of its bytes; Trainer._update_bytes), not read from torch's source alone."""
+    decay = int(bool(settings.weight_decay))
+    if settings.kind == "adam":
+        return 2 + decay
+    return int(bool(settings.nesterov)) + decay
+
+
 def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError | None:
     """What an `error` the model's own code raised in its `where` ("forward pass",
     "backward pass") is answered as, where it is none of the trainer's own refusals, memory
@@ -1179,7 +1198,8 @@ class Trainer:
             made = run.made_bytes
             factor = pass_memory.TRAINING if training else pass_memory.FORWARD
         fixed = 0  # counted where it could matter: a small model's step does not feel it
-        if training and made * factor + 3 * self._parameter_bytes >= pass_memory.CHECKED_FROM_BYTES:
+        most = made * factor + _UPDATE_MOST * self._parameter_bytes
+        if training and most >= pass_memory.CHECKED_FROM_BYTES:
             fixed = self._update_bytes()
         pass_memory.check(
             "a forward pass with its backward pass" if training else "a forward pass",
@@ -1191,19 +1211,42 @@ class Trainer:
         )
 
     def _update_bytes(self) -> int:
-        """What a backward pass and a Step will make for the parameters that is not made yet:
-        their gradients, and the optimizer's state (Adam's two moments, SGD's momentum). A
-        pass's estimate does not see them, and with a large model they are most of a step:
-        a TrainStep of one sample with Adam took 1.3 GiB of a model of 256 MiB, unrefused
-        with 256 MiB left. Made once, they cost nothing here after."""
+        """What a backward pass and a Step hold for the parameters at their highest, beyond
+        what the server holds already; a pass's estimate does not see it, and with a large
+        model it is most of a step. Measured by the process's highest resident memory
+        (VmHWM) over a TrainStep of a 100M-parameter model (four 5000x5000 Linears, S = 400
+        MB of parameters; docs/RELIABILITY.md), on the CPU, whose estimates these are:
+
+        - a whole new set of gradients, every step: made by the backward pass where there are
+          none, and where there are, beside them. A TrainStep keeps the gradients it began
+          with, to put them back if it fails, through its ZeroGrad, backward pass and Step;
+          without a ZeroGrad they are kept as well, and autograd, finding them referenced,
+          adds out of place; a Backward computes all of them before adding any. (Counted
+          only where none existed, a second TrainStep with SGD took S more than it was
+          checked for, and was taken with 1 GB left of a 1.4 GB model: a review.)
+        - the optimizer's state not made yet (Adam's two moments, SGD's momentum), and the
+          buffers the changes of Steps are recorded in (track_deltas), not made yet;
+        - the optimizer's temporaries (`_step_temporaries`): one parameter at a time, as
+          torch's optimizers do it on the CPU, as many as the largest parameter takes
+          (Adam: 2, 3 with weight decay; measured at +1.50 S and +1.75 S over a later step's
+          gradients, whose largest parameter is S/4).
+
+        Each step, not once: the first Adam step of that model peaked at 3.53 S over what
+        the server held before it (gradients S, moments 2 S, temporaries 0.5 S), each later
+        one at 1.50 S; counted 3 S for the first and nothing for the next, a first step was
+        taken with 3 GB left of a 1.4 GB model and grew the server 6.4 GB."""
         settings = self._settings
         states = 2 if settings.kind == "adam" else int(bool(settings.momentum))
-        made = self._optimizer.state
-        return sum(
-            p.numel() * p.element_size() * ((p.grad is None) + states * (p not in made))
-            for p in self._parameters.values()
-            if p.requires_grad
-        )
+        made, deltas = self._optimizer.state, self._delta_buffers
+        held, largest = 0, 0
+        for name, p in self._parameters.items():
+            if not p.requires_grad:
+                continue
+            size = p.numel() * p.element_size()
+            new_deltas = self.track_deltas and name not in deltas
+            held += size * (1 + states * (p not in made) + new_deltas)
+            largest = max(largest, size)
+        return held + _step_temporaries(settings) * largest
 
     def _let_go_of_last_pass(self) -> None:
         """Lets go of the last pass's activations and graph, as a pass begins and before it
