@@ -1288,6 +1288,35 @@ def test_train_past_its_timeout_says_the_steps_applied(client: gradwire.Client) 
     assert done >= 1 and int(got.value.metadata["version"]) == after == before + 4 * done
 
 
+class _SlowFirst(nn.Module):
+    """A first step of 1 s, as a GPU's warm-up takes, then quick ones (its pass on meta
+    tensors, the server's memory estimate, is not a step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.warm = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_meta and not self.warm:
+            self.warm = True
+            time.sleep(1.0)
+        return self.linear(x)
+
+
+def test_train_s_deadline_is_not_judged_by_its_first_step() -> None:
+    """The run was judged by the slowest of its steps, the first's warm-up among them: a
+    first step of 2 s within 3 s stopped the run there, where 18 more fit (a review)."""
+    with serving(ModelSpec("SlowFirst", _SlowFirst, (4,), 2), seed=0) as (_, client):
+        run = client.train(
+            Fill.ones(2, 4), Fill.zeros(2, dtype="int64"), 10**6, every=10**6, timeout=2
+        )
+        with pytest.raises(errors.DeadlineExceeded) as got:
+            list(run)
+    assert got.value.reason == "DEADLINE_PASSED"
+    assert int(got.value.metadata["steps_done"]) > 10
+
+
 @pytest.mark.parametrize(
     ("steps", "every", "target"),
     [(0, 1, Fill.ones(8)), (3, -1, Fill.ones(8)), (3, 1, None)],
