@@ -35,13 +35,17 @@ def older() -> Iterator[Running]:
         yield running
 
 
-def _knowing(running: Running, *without: str) -> str:
+def _knowing(running: Running, *without: str, limits_of_12_05: bool = False) -> str:
     """`running` telling of itself what a server older than the fields `without` told
-    (none: older than the list itself); its address."""
+    (none: older than the list itself; and, unless `limits_of_12_05`, older than the
+    limits added on 2026-12-05, connection_idle_s and max_connections); its address."""
     info = running.servicer.info
     kept = [f for f in info.known_fields if f not in without] if without else []
     del info.known_fields[:]
     info.known_fields.extend(kept)
+    if not without and not limits_of_12_05:
+        info.limits.ClearField("connection_idle_s")
+        info.limits.ClearField("max_connections")
     return f"127.0.0.1:{running.port}"
 
 
@@ -133,6 +137,29 @@ def test_a_server_listing_no_fields_may_predate_any_and_is_refused_them(
         pytest.raises(errors.Unimplemented, match="lists no fields it knows"),
     ):
         client.set_optimizer(lr=0.1, keep_state=True)
+
+
+def test_a_server_listing_no_fields_but_reporting_the_limits_of_12_05_knows_them(
+    older: Running,
+) -> None:
+    """Servers from before the list (2026-12-06) were all refused eval_mode and keep_state,
+    those that take them included (2026-12-03 on): one reporting a limit added after both
+    (connection_idle_s, max_connections: 2026-12-05) knows them (a review of the change)."""
+    address = _knowing(older, limits_of_12_05=True)
+    with gradwire.connect(address) as client:
+        assert client.server_info().known_fields == ()
+        assert client.forward(INPUT, TARGET, eval_mode=True).version == 1
+        assert client.set_optimizer(lr=0.05, keep_state=True).lr == 0.05
+    with gradwire.connect(address) as client:  # asked first, before server_info
+        client.forward(INPUT, TARGET, eval_mode=True)
+
+
+def test_a_bad_argument_is_refused_before_the_fields_are_asked(older: Running) -> None:
+    address = _knowing(older)
+    with gradwire.connect(address) as client:
+        with pytest.raises(ValueError, match="input"):
+            client.forward(None, eval_mode=True)
+        assert client._known_fields is None  # no call made
 
 
 def test_the_fields_a_server_knows_are_asked_once(address: str) -> None:

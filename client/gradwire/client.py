@@ -146,6 +146,25 @@ _REPLACED = (
 )
 
 
+#: The fields `Client._needs_field` looks up, all in the contract before ServerLimits'
+#: connection_idle_s and max_connections were (2026-12-05): a server that reports either
+#: knows them, though its GetServerInfo is older than its list of the fields it knows
+#: (2026-12-06), which would have had every server before it refused them (a review).
+_OLDER_THAN_THE_IDLE_LIMITS = frozenset(
+    {"ForwardRequest.eval_mode", "ForwardChunk.eval_mode", "SetOptimizerRequest.keep_state"}
+)
+
+
+def _fields_known(info: ServerInfo) -> frozenset[str]:
+    """The fields a server is known to know: those it lists, or, where it lists none, those
+    its limits tell of its age (`_OLDER_THAN_THE_IDLE_LIMITS`); none for a server older."""
+    if info.known_fields:
+        return frozenset(info.known_fields)
+    if info.limits.connection_idle_s or info.limits.max_connections:
+        return _OLDER_THAN_THE_IDLE_LIMITS
+    return frozenset()
+
+
 def _unknown_on_stream(error: grpc.RpcError) -> bool:
     """Whether a call on a Calls stream was refused as one the server does not know there."""
     return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (error.details() or "").startswith(
@@ -519,7 +538,9 @@ class Client:
         """Attempts after the first, on UNAVAILABLE, for reads and mutations sent in one
         message (a mutation carries a request id, so the server applies it once); and for
         streamed reads that a concurrent mutation cut short (`read`). Streamed uploads,
-        Watch, Train and health() are not retried. 0 or less: none."""
+        Watch, Train and health() are not retried, nor a change a stop cut off under way
+        (the server restarted from the state the stop saved has forgotten its request id,
+        and the change may be in that state). 0 or less: none."""
         return self._retries
 
     @retries.setter
@@ -1085,11 +1106,11 @@ class Client:
         self, input: Any, target: Any, eval_mode: bool = False
     ) -> unary.Encoded[ForwardResult]:
         evaluating = unary.flag(eval_mode, "eval_mode")
-        if evaluating:
-            self._needs_field("ForwardRequest.eval_mode", "eval_mode=True", _TRAINING_MODE)
         pieces = unary.source_pieces("ForwardRequest", "input", input)
         if target is not None:
             pieces += unary.source_pieces("ForwardRequest", "target", target)
+        if evaluating:  # after the arguments' own checks, which make no call (a review)
+            self._needs_field("ForwardRequest.eval_mode", "eval_mode=True", _TRAINING_MODE)
         if evaluating:
             pieces.append(pb.ForwardRequest(eval_mode=True).SerializeToString())
         return unary.Encoded(
@@ -1521,7 +1542,7 @@ class Client:
             ServerLimits(**kept),
             tuple(response.known_fields),
         )
-        self._known_fields = frozenset(info.known_fields)
+        self._known_fields = _fields_known(info)
         return info
 
     def _needs_field(self, field: str, option: str, otherwise: str) -> None:
@@ -1542,8 +1563,8 @@ class Client:
         why = (
             f"does not know {field}"
             if self._known_fields
-            else f"lists no fields it knows (its GetServerInfo is older than the list), and "
-            f"may not know {field}"
+            else f"lists no fields it knows (its GetServerInfo is older than the list, and "
+            f"than the limits that tell a server of 2026-12-05 on), and may not know {field}"
         )
         raise Unimplemented(
             f"the server at {self.target} {why}, which {option} needs: a server older than "
