@@ -310,6 +310,9 @@ def test_a_remote_bfloat16_slice_prints_as_torch_does_without_importing_torch() 
     [
         np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7,
         np.arange(output.VALUES_AT_ONCE * 2 + 5, dtype=np.int64),  # pieces of a long row
+        np.arange(3000, dtype=np.float32).reshape(3000, 1),  # many short rows, in runs
+        np.ones((2, output.VALUES_AT_ONCE + 3), dtype=np.float32),  # rows too long for one
+        np.zeros((2, 0, 3), dtype=np.float32),
         np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45], dtype=np.float32),
         np.float32(2.5),
         np.zeros((0, 3), dtype=np.float32),

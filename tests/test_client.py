@@ -304,8 +304,9 @@ def test_as_torch_without_torch_is_refused_before_anything_is_sent(
     assert (
         done.stdout.splitlines()
         == [
-            "as_torch=True reads into torch tensors, and this Python has no torch: install it, "
-            "or leave as_torch out for numpy arrays (nothing was sent)"
+            "as_torch=True reads into torch tensors, and this Python has no torch (import of "
+            "torch halted; None in sys.modules): install it, or leave as_torch out for numpy "
+            "arrays (nothing was sent)"
         ]
         * 3
     )

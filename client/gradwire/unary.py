@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import itertools
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
@@ -333,12 +331,16 @@ def torch_flag(value: object) -> bool:
     installed: the answer was read, a TrainStep's applied, and then lost to torch's import
     (a review of installing the client alone)."""
     wanted = flag(value, "as_torch")
-    if wanted and sys.modules.get("torch") is None and importlib.util.find_spec("torch") is None:
-        raise ModuleNotFoundError(
-            "as_torch=True reads into torch tensors, and this Python has no torch: install "
-            "it, or leave as_torch out for numpy arrays (nothing was sent)",
-            name="torch",
-        )
+    if wanted:
+        try:  # imported now, as the answer would import it: one that fails to, fails here
+            import torch  # noqa: F401
+        except ImportError as err:
+            raise ModuleNotFoundError(
+                "as_torch=True reads into torch tensors, and this Python has no torch "
+                f"({err}): install it, or leave as_torch out for numpy arrays (nothing was "
+                "sent)",
+                name="torch",
+            ) from None
     return wanted
 
 

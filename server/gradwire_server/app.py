@@ -89,7 +89,7 @@ class Running:
         self,
         grace: float | None = DEFAULT_GRACE_S,
         save_to: Path | None = None,
-        served: Callable[[], None] | None = None,
+        saving: Callable[[], None] | None = None,
     ) -> None:
         """Health turns NOT_SERVING first, then in-flight calls get `grace` seconds to finish.
         Open streams end at once rather than hold the whole grace period: Watches and
@@ -98,8 +98,8 @@ class Running:
         call of theirs is in progress, health Watches once they have sent NOT_SERVING,
         reflection streams between two questions. Then, with `save_to`, the state the calls
         left is saved. Once gRPC's serving thread has ended (serving.py), no call can finish:
-        none is waited for. `served`: called once no call is in progress (as the save begins,
-        after the step it waits for), or once the stop is done."""
+        none is waited for. `saving`: called as the save begins, once the call it waits for
+        (a step the grace period cut off) has ended; not called without a save."""
         self.health.enter_graceful_shutdown()
         self.servicer.stop()
         if self.reflection is not None:
@@ -110,7 +110,7 @@ class Running:
             self._stop_serving(grace)
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        self._save_and_close(save_to, served)
+        self._save_and_close(save_to, saving)
 
     def _stop_serving(self, grace: float | None) -> None:
         """gRPC's own stop: new calls refused, those in progress given `grace` seconds."""
@@ -150,7 +150,7 @@ class Running:
         except RuntimeError as err:  # that thread could not start: listening has stopped
             log.warning("could not start gRPC's thread to cancel the calls in progress: %s", err)
 
-    def _save_and_close(self, save_to: Path | None, served: Callable[[], None] | None) -> None:
+    def _save_and_close(self, save_to: Path | None, saving: Callable[[], None] | None) -> None:
         try:
             if save_to is not None:
                 began = time.monotonic()
@@ -160,8 +160,8 @@ class Running:
                     # 22 s, past Docker's stop grace, said to be a call waited for (a review
                     # of serving a big model).
                     nonlocal began
-                    if served is not None:
-                        served()
+                    if saving is not None:
+                        saving()
                     log.info("saving state version %d to %s", self.trainer.version, save_to)
                     began = time.monotonic()
 
@@ -961,7 +961,7 @@ def serve(
                     # be read. The notice is for calls waited for: the save is not one (its
                     # 22 s of a large model were said to be "a call in progress": a review).
                     running.stop(
-                        grace, save_to=None if lost.is_set() else saved, served=waiting.cancel
+                        grace, save_to=None if lost.is_set() else saved, saving=waiting.cancel
                     )
                     stopped.set()
                 except OSError as err:  # the save failed

@@ -45,7 +45,7 @@ Conventions used by every message below:
   says so), and a Step or TrainStep that fails
   once its Step has begun drops the last Step's changes ("conv1.weight.delta" absent).
   A LoadCheckpoint whose device runs out of memory part-way (OUT_OF_MEMORY, metadata
-  "replaced": the parameters and buffers it had replaced by then) keeps those, the rest,
+  "replaced": how many parameters and buffers it had replaced by then) keeps those, the rest,
   the gradients and the optimizer as they were, and moves the version by one: load
   again, or Reset.
   A Forward or TrainStep that fails once its pass has begun (MODEL_REFUSED,
