@@ -409,10 +409,12 @@ class TrainerServicer:
         step taken, when the state has moved). A run does not hold other callers off: their
         calls on the same session are served between two of its steps, and a mutation of
         theirs lands there. A run with a deadline is ended by the server between two steps
-        when the next would end too near it (judged by the slowest of its last 8 steps, with
-        a tenth of the time given, from 50 ms to 0.5 s, to spare for the answer's way back):
-        DEADLINE_EXCEEDED, DEADLINE_PASSED, metadata "steps_done" and "version" (an answer
-        that reaches the caller after its deadline anyway ends the call without them).
+        when the next would end too near it (judged by the slowest of its last 8 steps but
+        the first, a warm-up, with a tenth of the time given, from 50 ms to 0.5 s, to spare
+        for the answer's way back; the first two steps run unjudged): DEADLINE_EXCEEDED,
+        DEADLINE_PASSED, metadata "steps_done" and "version" (an answer that reaches the
+        caller after its deadline anyway, or a deadline passed in a step, ends the call
+        without them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
