@@ -36,6 +36,7 @@ from gradwire_server.auth import TlsFiles
 from gradwire_server.models import TINY_MLP, ModelSpec, Simple
 from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
+from tests.broken_models import TOKENS
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
 from tests.serve_in_process import bare_server, old_trainer, running_server, serving
@@ -104,6 +105,22 @@ def test_forward_with_seeded_random_sources(cli: Run, client: gradwire.Client) -
     assert result.json() == {"version": 1, "output_shape": [4, 20], "loss": loss.item()}
     assert np.array_equal(get(client, "input"), x.numpy())
     assert np.array_equal(get(client, "target"), y.numpy())
+
+
+@pytest.mark.parametrize(
+    ("spec", "example"),
+    [(TINY_MLP, "uniform:8,16"), (TOKENS, "randint:10:8,4:int64")],
+)
+def test_forward_s_seed_refusal_gives_an_input_of_the_served_model(
+    spec: ModelSpec, example: str
+) -> None:
+    """It named the tutorial's input (uniform:8,3,10,10) whatever the model served, which
+    the server then refused (a review of serving one's own model)."""
+    with serving(spec, seed=0) as (_, client):
+        refused = run_main("forward", "--seed", "3", "--target", client.target)
+        assert f"give one, such as --input {example}, or leave --seed out" in refused.err
+        followed = run_main("forward", "--input", example, "--seed", "3", "--target", client.target)
+        assert followed.code == 0, followed.err
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import shlex
@@ -19,6 +20,7 @@ from gradwire.cli.output import emit, json_line_with_values
 from gradwire.client import Client
 from gradwire.display import format_read, format_size
 from gradwire.errors import (
+    GradwireError,
     Unimplemented,
 )
 from gradwire.fill import Fill
@@ -54,7 +56,7 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
         raise UsageError(
             "--seed seeds uniform, normal and randint sources, and this forward has none (the "
             "default input is ones, the default targets class 1): give one, such as --input "
-            "uniform:8,3,10,10, or leave --seed out"
+            f"{_random_input(client)}, or leave --seed out"
         )
     seed = 0 if args.seed is None else args.seed
     model = None
@@ -351,6 +353,20 @@ def cmd_stats(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         [f"{args.selector} {format_size(read.shape or ())}", *format_stats(read.stats)]
     )
     emit(out, args, data, text)
+
+
+def _random_input(client: Client) -> str:
+    """A random --input for the served model, as an example: 8 samples of its shape, drawn
+    uniform for a float model, randint below 10 for one of integer inputs. It named the
+    tutorial's shape for every model (a review of serving one's own model)."""
+    shape: tuple[int, ...] = (3, 10, 10)
+    dtype: str | None = None
+    with contextlib.suppress(GradwireError):  # the example is extra: never fail over it
+        shape, dtype = model_input(client.list_tensors())
+    size = ",".join(str(n) for n in (8, *shape))
+    if dtype is not None and not dtype.startswith(("float", "bfloat")):
+        return f"randint:10:{size}:{dtype}"
+    return f"uniform:{size}" + (f":{dtype}" if dtype and dtype != "float32" else "")
 
 
 def model_input(model: Listing) -> tuple[tuple[int, ...], str | None]:
