@@ -767,7 +767,7 @@ def test_an_absent_step_change_says_when_it_will_be_there(cli: Run, tmp_path: Pa
         assert (result.code, result.out) == (0, "None\n")
         assert result.err == (
             "hint: conv1.weight.delta is absent; it is there after the next `gradwire step`: "
-            "a Step's change is recorded from the first time one is asked for, as now\n"
+            "a parameter's change is recorded from the first time it is asked for, as now\n"
         )
         assert cli(command, "conv1.weight.delta", "--json").err == ""
     assert cli("get", "conv1.weight.grad").err == ""  # present: no word

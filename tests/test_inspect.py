@@ -583,7 +583,8 @@ def test_state_the_optimizer_does_not_keep_is_named_for_what_it_keeps(
 
 
 def test_delta_is_exactly_the_change_the_last_step_made(client: gradwire.Client) -> None:
-    assert client.shape("conv1.weight.delta") is None  # no Step yet
+    for p in PARAMETERS:  # each asked for: each parameter's change is recorded from its ask
+        assert client.shape(f"{p}.delta") is None  # no Step yet
     x, y = random_batch(8, 7)
     client.forward(x, y)
     client.backward()
@@ -606,6 +607,168 @@ def test_deltas_are_recorded_from_the_first_time_one_is_asked_for(
     before = client.get("linear.weight")
     train_once(client, seed=2)
     assert np.array_equal(client.get("linear.weight.delta"), client.get("linear.weight") - before)
+
+
+class BigAndSmall(nn.Module):
+    """A large layer and a small one: a delta of the small one's is cheap to record, of the
+    large one's the model's size again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = nn.Linear(1024, 1024)  # a weight of 4 MiB
+        self.small = nn.Linear(1024, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.small(self.big(x))
+        return out
+
+
+BIG_AND_SMALL = ModelSpec("BigAndSmall", BigAndSmall, (1024,), 4)
+
+
+def big_and_small_batch(seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((8, 1024), dtype=np.float32), rng.integers(0, 4, 8)
+
+
+def _present_deltas(client: gradwire.Client) -> set[str]:
+    """The deltas ListTensors lists present; a listing asks for none."""
+    listing = client.list_tensors().tensors
+    return {t.name for t in listing if t.kind == "delta" and t.present}
+
+
+def _ask_for_delta(client: gradwire.Client, how: str, name: str) -> None:
+    """Asks for delta `name` as a caller would: a read, statistics, a watch's first update
+    (the watch then ended), or a TrainStep's fetch (which also takes a step)."""
+    if how == "get":
+        assert client.get(name) is None
+    elif how == "stats":
+        assert client.stats(name).stats is None
+    elif how == "watch":
+        stream = client.watch([name], values=True, timeout=30)
+        assert not next(stream)[name].present
+        stream.close()
+    else:
+        assert how == "train_step"
+        x, y = big_and_small_batch(0)
+        (fetched,) = client.train_step(x, y, fetch=[name]).fetched
+        assert fetched.value is not None  # this step's change: asked before the step began
+
+
+@pytest.mark.parametrize("how", ["get", "stats", "watch", "train_step"])
+def test_asking_one_delta_records_that_parameter_alone(how: str) -> None:
+    """Reading one parameter's delta (40 bytes of a bias) turned recording on for the whole
+    model, for good: every Step then copied every parameter into buffers as large as the
+    model, held until the server stopped (a 1.41 GB model's server grew from 3.18 to 4.59
+    GB, its steps peaked at 5.99 GB: found by a review serving a large model). Each way of
+    asking records the parameter asked for, from then on, and no other."""
+    with serving(BIG_AND_SMALL, seed=0) as (trainer, client):
+        _ask_for_delta(client, how, "small.bias.delta")
+        for seed in (1, 2):
+            before = client.get("small.bias")
+            x, y = big_and_small_batch(seed)
+            client.train_step(x, y)
+            after = client.get("small.bias")
+            assert np.array_equal(client.get("small.bias.delta"), after - before)
+            assert _present_deltas(client) == {"small.bias.delta"}
+            assert set(trainer._delta_buffers) == {"small.bias"}  # no copy of big.weight
+        # Another parameter's is absent (None) until asked for, and recorded from then on.
+        assert client.get("big.weight.delta") is None
+        before = client.get("big.weight")
+        client.train_step(*big_and_small_batch(3))
+        assert np.array_equal(client.get("big.weight.delta"), client.get("big.weight") - before)
+        assert _present_deltas(client) == {"small.bias.delta", "big.weight.delta"}
+
+
+def test_a_watch_of_a_delta_sees_each_step_change_of_that_parameter_alone() -> None:
+    with serving(BIG_AND_SMALL, seed=0) as (trainer, client):
+        stream = client.watch(["small.weight.delta"], values=True, timeout=30)
+        try:
+            assert not next(stream)["small.weight.delta"].present  # no Step yet
+            before = client.get("small.weight")
+            client.train_step(*big_and_small_batch(1))
+            change = client.get("small.weight") - before
+            update = next(stream)
+            while update.cause != "TrainStep" or update["small.weight.delta"].value is None:
+                update = next(stream)
+            assert np.array_equal(update["small.weight.delta"].value, change)
+        finally:
+            stream.close()
+        assert _present_deltas(client) == {"small.weight.delta"}
+        assert set(trainer._delta_buffers) == {"small.weight"}
+
+
+def test_the_memory_estimate_counts_the_delta_buffers_of_the_parameters_recorded() -> None:
+    trainer = Trainer(BIG_AND_SMALL, seed=0)
+    try:
+        nothing_recorded = trainer._update_bytes()
+        trainer.read("small.bias.delta")
+        assert trainer._update_bytes() - nothing_recorded == 4 * 4  # small.bias's buffer
+        trainer.read("big.weight.delta")
+        assert trainer._update_bytes() - nothing_recorded == 4 * 4 + 1024 * 1024 * 4
+    finally:
+        trainer.close()
+
+
+class WideAndHead(nn.Module):
+    """A weight of 64 MiB before a head of 20 values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(4096, 4096, bias=False)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.wide(x)[:, :4])
+        return out
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.memory
+def test_a_small_delta_asked_for_costs_the_server_no_copy_of_the_model() -> None:
+    """The server's memory over a step, before and after the 16 bytes of head.bias.delta are
+    read: each Step copied all 64 MiB of the weights from then on, for good (found by a
+    review serving a large model, +1.41 GB for a 1.41 GB model)."""
+    spec = ModelSpec("WideAndHead", WideAndHead, (4096,), 4)
+    x, y = np.ones((1, 4096), dtype=np.float32), np.zeros(1, dtype=np.int64)
+    with serving(spec, seed=0) as (trainer, client):
+        for _ in range(2):  # gradients made, and kept beside the next step's: the peak held
+            client.train_step(x, y)
+        held = _resident()
+        before = client.get("head.bias")
+        assert client.get("head.bias.delta") is None
+        client.train_step(x, y)
+        assert np.array_equal(client.get("head.bias.delta"), client.get("head.bias") - before)
+        assert _resident() - held < 16 << 20  # a copy of the weight: 64 MiB more
+        assert sum(b.nbytes for b in trainer._delta_buffers.values()) == 16
+
+
+@pytest.mark.parametrize("track_deltas", [False, True])
+def test_track_deltas_records_every_parameter_and_by_default_none_unasked(
+    track_deltas: bool,
+) -> None:
+    """Trainer(track_deltas=True) records every parameter's change from the start, with no
+    ask; by default none is recorded until asked for, whatever another delta's ask."""
+    trainer = Trainer(BIG_AND_SMALL, seed=0, track_deltas=track_deltas)
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
+            if not track_deltas:
+                assert client.get("small.bias.delta") is None
+            names = [n for n in trainer.parameters]
+            before = {n: client.get(n) for n in names}
+            client.train_step(*big_and_small_batch(1))
+            recorded = names if track_deltas else ["small.bias"]
+            assert _present_deltas(client) == {f"{n}.delta" for n in recorded}
+            assert set(trainer._delta_buffers) == set(recorded)
+            for n in recorded:
+                assert np.array_equal(client.get(f"{n}.delta"), client.get(n) - before[n]), n
+    finally:
+        running.stop(grace=None)
 
 
 def test_new_kinds_are_read_only(client: gradwire.Client) -> None:

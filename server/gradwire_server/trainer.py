@@ -558,9 +558,10 @@ class Trainer:
         track_deltas: bool = False,
         one_thread_for_small_work: bool = False,
     ) -> None:
-        """`track_deltas`: record each Step's change of the parameters ("conv1.weight.delta")
-        from the start. It costs a copy of the parameters per Step, so by default recording
-        starts only once a delta is first asked for (read, fetched or watched).
+        """`track_deltas`: record each Step's change of every parameter ("conv1.weight.delta")
+        from the start. It costs a copy of the parameters per Step, so by default a
+        parameter's change is recorded only once its own delta is first asked for (read,
+        fetched or watched), and from then on (`_deltas_asked`).
         `one_thread_for_small_work`: on the CPU, run steps under ONE_THREAD_MAX_FLOPS (and
         updates under ONE_THREAD_MAX_VALUES) on the torch thread alone (openmp.py): much
         faster after idle time on a small machine, but a sum split over threads rounds
@@ -784,6 +785,12 @@ class Trainer:
                 module.register_forward_hook(functools.partial(_kept_output, keep_output, name))
         self._deltas: dict[str, torch.Tensor] = {}  # the last Step's change, per parameter
         self._delta_buffers: dict[str, torch.Tensor] = {}
+        #: the parameters whose delta has been asked for: their changes are recorded from
+        #: then on, beside every parameter's with track_deltas. Per parameter: one delta of
+        #: 40 bytes read made every Step copy all of a 1.41 GB model, and hold a copy of it
+        #: for good (found by a review serving a large model). Kept through Reset and
+        #: LoadCheckpoint, as the parameters' names are.
+        self._deltas_asked: set[str] = set()
         self._steps = 0  # Steps applied to this model
         self._reached = 0  # parameters the last Backward made a gradient for
 
@@ -925,7 +932,8 @@ class Trainer:
     ) -> tuple[Kind, torch.Tensor | None, torch.Tensor | None]:
         """(kind, tensor or None when absent, the parameter it belongs to if any).
 
-        `asking` for a delta turns their recording on, from the next Step (see track_deltas).
+        `asking` for a delta turns that parameter's recording on, from the next Step (see
+        track_deltas); ListTensors does not ask.
         """
         check_name(name, self.example_name, self.max_name_chars)
         if self._off_wire and (name in self._off_wire or _owner(name) in self._off_wire):
@@ -947,8 +955,10 @@ class Trainer:
                 raise self._unknown(name)
             return "activation", output, None
         if name.endswith(DELTA_SUFFIX) and name[: -len(DELTA_SUFFIX)] in self._learnable:
-            self.track_deltas = self.track_deltas or asking
-            return "delta", self._deltas.get(name[: -len(DELTA_SUFFIX)]), None
+            owner = name[: -len(DELTA_SUFFIX)]
+            if asking:
+                self._deltas_asked.add(owner)
+            return "delta", self._deltas.get(owner), None
         state = self._optimizer_state(name)
         if state is not None:
             owner, key = state
@@ -1225,7 +1235,8 @@ class Trainer:
           only where none existed, a second TrainStep with SGD took S more than it was
           checked for, and was taken with 1 GB left of a 1.4 GB model: a review.)
         - the optimizer's state not made yet (Adam's two moments, SGD's momentum), and the
-          buffers the changes of Steps are recorded in (track_deltas), not made yet;
+          buffers the changes of Steps are recorded in (those of the parameters recorded:
+          `_records_delta`), not made yet;
         - the optimizer's temporaries (`_step_temporaries`): one parameter at a time, as
           torch's optimizers do it on the CPU, as many as the largest parameter takes
           (Adam: 2, 3 with weight decay; measured at +1.50 S and +1.75 S over a later step's
@@ -1243,7 +1254,7 @@ class Trainer:
             if not p.requires_grad:
                 continue
             size = p.numel() * p.element_size()
-            new_deltas = self.track_deltas and name not in deltas
+            new_deltas = self._records_delta(name) and name not in deltas
             held += size * (1 + states * (p not in made) + new_deltas)
             largest = max(largest, size)
         return held + _step_temporaries(settings) * largest
@@ -1781,7 +1792,8 @@ class Trainer:
                 reason="NO_GRADIENTS",
             )
         with self._device_memory("step"):
-            before = self._keep_before_step() if self.track_deltas else {}
+            recording = self.track_deltas or self._deltas_asked
+            before = self._keep_before_step() if recording else {}
             had_state = set(self._optimizer.state)
             try:
                 self._reserve_step_memory()
@@ -1796,7 +1808,7 @@ class Trainer:
         # delta = after - before, in one pass, into the buffer that held `before`.
         for name, kept in before.items():
             torch.sub(self._parameters[name].detach(), kept, out=kept)
-        self._deltas = before  # empty while deltas are not recorded
+        self._deltas = before  # the recorded parameters' alone: empty while none is
         self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
@@ -1838,11 +1850,17 @@ class Trainer:
         reserved = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del reserved
 
+    def _records_delta(self, name: str) -> bool:
+        """Whether a Step records parameter `name`'s change: with track_deltas every
+        parameter's, else those whose delta has been asked for."""
+        return self.track_deltas or name in self._deltas_asked
+
     def _keep_before_step(self) -> dict[str, torch.Tensor]:
-        """Copies of the parameters a Step will update, in buffers kept from step to step."""
+        """Copies of the parameters a Step will update whose change is recorded
+        (`_records_delta`), in buffers kept from step to step."""
         kept = {}
         for name, p in self._parameters.items():
-            if p.grad is None:
+            if p.grad is None or not self._records_delta(name):
                 continue
             buffer = self._delta_buffers.get(name)
             if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype:

@@ -193,7 +193,7 @@ def _after(name: str) -> str:
     if name.endswith(".delta"):
         # It said "after gradwire forward" (found by a walkthrough as a researcher).
         return (
-            "the next `gradwire step`: a Step's change is recorded from the first time one "
+            "the next `gradwire step`: a parameter's change is recorded from the first time it "
             "is asked for, as now"
         )
     if name.startswith("optimizer."):
