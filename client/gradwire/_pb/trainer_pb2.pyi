@@ -355,7 +355,7 @@ class _TensorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TensorKind
     TENSOR_KIND_OPTIMIZER_STATE: _TensorKind.ValueType  # 8
     """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
     TENSOR_KIND_DELTA: _TensorKind.ValueType  # 9
-    """the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
+    """the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time that parameter's delta is asked for (ListTensors does not ask)"""
     TENSOR_KIND_BUFFER: _TensorKind.ValueType  # 10
     """A buffer of the model, by PyTorch's name for it ("norm.running_mean",
     "norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
@@ -400,7 +400,7 @@ PackedSequence is a tuple itself: a module returning one keeps its packed data.)
 TENSOR_KIND_OPTIMIZER_STATE: TensorKind.ValueType  # 8
 """the optimizer's state of a parameter ("optimizer.conv1.weight.exp_avg")"""
 TENSOR_KIND_DELTA: TensorKind.ValueType  # 9
-"""the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time any delta is asked for"""
+"""the change the last Step made to a parameter ("conv1.weight.delta"); recorded from the first time that parameter's delta is asked for (ListTensors does not ask)"""
 TENSOR_KIND_BUFFER: TensorKind.ValueType  # 10
 """A buffer of the model, by PyTorch's name for it ("norm.running_mean",
 "norm.num_batches_tracked"): a module's state that does not train. Read-only. A Forward
