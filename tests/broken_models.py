@@ -21,14 +21,24 @@ class DeviceLost(nn.Module):
     """Fails as a GPU does after a device-side assert, where every later CUDA call fails too;
     on an input of zeros (the check `gradwire serve` makes of a model at start) it works."""
 
+    #: what it raises: torch's error for a CUDA error
+    error: type[RuntimeError] = CUDA_ERROR
+
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(x.any()):
-            raise CUDA_ERROR("CUDA error: device-side assert triggered")
+            raise self.error("CUDA error: device-side assert triggered")
         return x * self.weight
+
+
+class CudaWords(DeviceLost):
+    """CUDA's words for a lost device in a RuntimeError of the model's own, on the CPU: the
+    model's error, no device's."""
+
+    error = RuntimeError
 
 
 #: `gradwire serve --model tests.broken_models:LOST`

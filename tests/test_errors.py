@@ -32,7 +32,7 @@ from gradwire_server.errors import InvalidInput, device_lost
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
-from tests.broken_models import CUDA_ERROR, HUNGRY, LOST
+from tests.broken_models import CUDA_ERROR, HUNGRY, LOST, CudaWords
 from tests.checkpoint_files import resave
 from tests.test_calls import error_of
 
@@ -629,18 +629,7 @@ def test_cuda_s_words_raised_by_a_model_on_a_cpu_server_are_the_model_s_error() 
         pytest.skip("this process has used CUDA")
     assert not device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
     lost: list[bool] = []
-
-    class Lying(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if bool(x.any()):
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
-            return x * self.weight
-
-    trainer = Trainer(ModelSpec("Lying", Lying, sample_shape=(2,), num_classes=2))
+    trainer = Trainer(ModelSpec("CudaWords", CudaWords, sample_shape=(2,), num_classes=2))
     running = start(trainer, "127.0.0.1", 0, on_device_lost=lambda: lost.append(True))
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:

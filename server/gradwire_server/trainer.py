@@ -390,6 +390,24 @@ def _step_temporaries(settings: OptimizerSettings) -> int:
     return int(bool(settings.nesterov)) + decay
 
 
+@contextmanager
+def _checkpoint_errors(path: Path) -> Iterator[None]:
+    """A checkpoint's read failing, as a load answers it: one that cannot be read or is not
+    what a save writes (OSError, ValueError) BAD_CHECKPOINT, one the host has not the memory
+    for OUT_OF_MEMORY. For the read of the whole and for each parameter's, read again as it
+    is copied in (checkpoint.Loaded)."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
+    except MemoryError as err:
+        raise OverLimit(
+            f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
+            f"free some{checkpoint.AT_START}",
+            reason="OUT_OF_MEMORY",
+        ) from err
+
+
 def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError | None:
     """What an `error` the model's own code raised in its `where` ("forward pass",
     "backward pass") is answered as, where it is none of the trainer's own refusals, memory
@@ -2489,16 +2507,9 @@ class Trainer:
         """Parameter `name`'s values in the checkpoint at `path`, read now (Loaded.parameter):
         BAD_CHECKPOINT where they changed since the load checked them, OUT_OF_MEMORY where
         the host has not the room for them."""
-        try:
-            return loaded.parameter(name)
-        except ValueError as err:
-            raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
-        except MemoryError as err:
-            raise OverLimit(
-                f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
-                f"free some{checkpoint.AT_START}",
-                reason="OUT_OF_MEMORY",
-            ) from err
+        with _checkpoint_errors(path):
+            values = loaded.parameter(name)
+        return values
 
     def _read_checkpoint(
         self, path: Path
@@ -2517,7 +2528,7 @@ class Trainer:
                 checkpoint.NO_MEMORY,
                 host_memory.available_bytes,
             )
-        try:
+        with _checkpoint_errors(path):
             loaded = checkpoint.load(path)
             try:
                 settings = checkpoint.optimizer_settings(loaded.settings)
@@ -2532,14 +2543,6 @@ class Trainer:
             except BaseException:
                 loaded.close()
                 raise
-        except (OSError, ValueError) as err:
-            raise InvalidInput(f"cannot load {path}: {err}", reason="BAD_CHECKPOINT") from err
-        except MemoryError as err:
-            raise OverLimit(
-                f"cannot load {path}: it does not fit in this machine's free memory ({err}); "
-                f"free some{checkpoint.AT_START}",
-                reason="OUT_OF_MEMORY",
-            ) from err
         return loaded, settings, random_state
 
     def _check_checkpoint(self, path: Path, loaded: checkpoint.Loaded, kind: str) -> _Fit:
