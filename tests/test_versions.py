@@ -137,6 +137,10 @@ def test_a_server_listing_no_fields_may_predate_any_and_is_refused_them(
         pytest.raises(errors.Unimplemented, match="lists no fields it knows"),
     ):
         client.set_optimizer(lr=0.1, keep_state=True)
+    described = run_main("info", "--target", address).out
+    assert "contract         the fields of the .proto it knows unlisted: a server older" in (
+        described
+    )
 
 
 def test_a_server_listing_no_fields_but_reporting_the_limits_of_12_05_knows_them(

@@ -381,9 +381,9 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             "contract",
             f"{len(info.known_fields)} fields of the .proto known (info --json lists them)"
             if info.known_fields
-            else "the fields of the .proto it knows unlisted: a server older than the list, "
-            "which the client refuses newer options of (forward --eval, optimizer "
-            "--keep-state)",
+            else "the fields of the .proto it knows unlisted: a server older than the list "
+            "(the client refuses it forward --eval and optimizer --keep-state unless its "
+            "limits show it is of 2026-12-05 or later)",
         ),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
