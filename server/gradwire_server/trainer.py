@@ -1861,9 +1861,9 @@ class Trainer:
         if not updated:
             return
         sizes = [p.numel() * p.element_size() for p in updated]
-        per_parameter = (2 if self._settings.kind == "adam" else 1) + bool(
-            self._settings.weight_decay
-        )
+        # As many as the memory estimate counts for the step (Adam 2, Nesterov 1, each one
+        # more with weight decay): one count for both.
+        per_parameter = _step_temporaries(self._settings)
         nbytes = max(sum(sizes), per_parameter * max(sizes))
         reserved = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         del reserved
@@ -2519,9 +2519,10 @@ class Trainer:
         holds for this device, each checked: BAD_CHECKPOINT, or OUT_OF_MEMORY where the host
         has not the room for it. The caller closes what it returns."""
         with suppress(OSError):  # a file that cannot be looked at: checkpoint.load says why
-            # Read whole into the host's memory (on any device), beside the state it
-            # replaces: a checkpoint the host has not the room for was the out-of-memory
-            # killer's (pass_memory.py).
+            # Read into the host's memory (on any device), beside the state it replaces: a
+            # checkpoint the host has not the room for was the out-of-memory killer's
+            # (pass_memory.py). Asked for whole, though a load now holds the file less its
+            # parameters at once, and each parameter as it is copied in: a little over.
             pass_memory.check_model(
                 f"loading {path}",
                 path.stat().st_size,
