@@ -144,13 +144,30 @@ def test_big_endian_arrays_are_converted_to_little_endian() -> None:
     value = np.arange(5, dtype=">f8")
     message = codec.encode(value)
     assert list(message.double_values) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # a big-endian narrow integer is widened as its native twin is, not refused
+    narrow = np.array([-2, 0, 300], dtype=">i2")
+    message = codec.encode(narrow)
+    assert message.dtype == pb.DTYPE_INT32 and list(message.int32_values) == [-2, 0, 300]
 
 
-def test_narrow_integers_widen_without_loss() -> None:
-    value = np.array([0, 255, 7], dtype=np.uint8)
+@pytest.mark.parametrize(
+    ("dtype", "sent"),
+    [
+        ("uint8", pb.DTYPE_INT32),
+        ("int8", pb.DTYPE_INT32),
+        ("int16", pb.DTYPE_INT32),
+        ("uint16", pb.DTYPE_INT32),
+        ("uint32", pb.DTYPE_INT64),  # past int32: 2**32 - 1 needs int64
+    ],
+)
+def test_narrow_integers_widen_without_loss(dtype: str, sent: int) -> None:
+    info = np.iinfo(dtype)
+    value = np.array([info.min, info.max, 7, info.max // 2 + 1], dtype=dtype)
     message = codec.encode(value)
-    assert message.dtype == pb.DTYPE_INT32
-    np.testing.assert_array_equal(codec.decode(message), value.astype(np.int32))
+    assert message.dtype == sent
+    back = codec.decode(message)
+    assert back.dtype == codec._WIRE[sent].numpy
+    assert back.tolist() == value.tolist()  # every value, the extremes included
 
 
 @pytest.mark.parametrize(
@@ -197,6 +214,12 @@ def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
             r"shape \[1099511627776, 1099511627776\] is too large for any array",
         ),
         (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[0, 2**40, 2**40]), "too large for any array"),
+        # exactly 2**63 bytes: one past the largest array numpy makes
+        (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2**60]), "too large for any array"),
+        (
+            pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], float_values=[1.0], raw_values=b"\0" * 4),
+            "more than one values field: float_values, raw_values",
+        ),
         (pb.Tensor(dtype=pb.DTYPE_INT64, shape=[1] * 65, int64_values=[1]), "at most 64"),
     ],
 )
@@ -208,6 +231,12 @@ def test_malformed_tensors_are_refused_with_the_reason(message: pb.Tensor, compl
 def test_unsupported_dtypes_are_refused() -> None:
     with pytest.raises(codec.CodecError, match="complex64"):
         codec.encode(np.zeros(2, dtype=np.complex64))
+    # torch's lazy conjugate is resolved first, and then refused as any complex tensor
+    with pytest.raises(codec.CodecError, match="complex64"):
+        codec.encode(torch.zeros(2, dtype=torch.complex64).conj())
+    # a dtype numpy has no name for: torch's numpy() raises TypeError, a CodecError here
+    with pytest.raises(codec.CodecError, match="float8_e4m3fn"):
+        codec.encode(torch.zeros(2, dtype=torch.float8_e4m3fn))
     with pytest.raises(codec.CodecError, match="unknown dtype 'float8'"):
         codec.dtype_from_name("float8")
 
@@ -226,6 +255,8 @@ def test_unsupported_dtypes_are_refused() -> None:
         (Ellipsis, -1),
         (None, 0, Ellipsis),
         (),
+        codec.INT64_MIN,  # the ends of an Index's int64 are indices too
+        codec.INT64_MAX,
     ],
 )
 def test_index_round_trip(key: Any) -> None:
@@ -272,3 +303,21 @@ def test_a_torch_tensor_s_host_array_is_contiguous_little_endian_of_the_wire_s_t
     _, array = codec.host_array(base)
     if dtype not in (torch.int8, torch.int16):
         assert np.shares_memory(array, base.numpy())  # no copy of what already fits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_tensor_that_requires_grad_is_sent_as_its_values(dtype: torch.dtype) -> None:
+    """A parameter or any tensor in an autograd graph: numpy() refuses it ("Can't call
+    numpy() on Tensor that requires grad"), so the codec sends its detached values."""
+    value = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    value.requires_grad_(True)
+    back = codec.decode_torch(pb.Tensor.FromString(codec.encode_bytes(value * 2)))
+    assert back.dtype == dtype and not back.requires_grad
+    assert torch.equal(back, (value * 2).detach())
+
+
+def test_a_tensor_of_the_most_dimensions_numpy_allows_travels() -> None:
+    value = np.arange(2, dtype=np.float32).reshape([1] * (codec.MAX_DIMS - 1) + [2])
+    back = codec.decode(pb.Tensor.FromString(codec.encode_bytes(value)))
+    assert back.shape == value.shape
+    np.testing.assert_array_equal(back, value)
