@@ -141,6 +141,43 @@ def test_values_in_the_wrong_field_for_the_dtype_are_refused() -> None:
         codec.decode_split(split, TENSOR, split.message.tensor)
 
 
+def test_cut_values_beside_another_values_field_are_refused() -> None:
+    """Bools are never cut (they stay in the parsed message): a float32 tensor whose
+    float_values are cut and which sets bool_values as well is two tensors' values in one."""
+    value = np.arange(4, dtype=np.float32)
+    pieces = [*codec.tensor_pieces(value), pb.Tensor(bool_values=[True]).SerializeToString()]
+    split = wire.split(wire.join(wire.length_field(3, pieces)), pb.GetTensorResponse)
+    assert TENSOR in split.cut and list(split.message.tensor.bool_values) == [True]
+    with pytest.raises(codec.CodecError, match="more than one values field, float_values"):
+        codec.decode_split(split, TENSOR, split.message.tensor)
+
+
+def test_packed_values_with_a_partial_value_are_refused() -> None:
+    """A float32 field of 4 values and 1 byte (from a broken writer): a CodecError that says
+    so, not numpy's ValueError from viewing the bytes."""
+    header = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4]).SerializeToString()
+    number = pb.Tensor.DESCRIPTOR.fields_by_name["float_values"].number
+    tensor = [header, *wire.length_field(number, [bytes(4 * 4 + 1)])]
+    split = wire.split(wire.join(wire.length_field(3, tensor)), pb.GetTensorResponse)
+    assert TENSOR in split.cut
+    with pytest.raises(codec.CodecError, match="17 bytes, not a whole number of values"):
+        codec.decode_split(split, TENSOR, split.message.tensor)
+
+
+def test_a_torch_tensor_read_from_the_received_bytes_is_its_own_memory() -> None:
+    """decode_split_torch copies: the received bytes are read-only (a bytes object), and a
+    tensor over them would write into them (and make later reads of them wrong)."""
+    value = np.arange(64, dtype=np.float32)
+    data = pb.GetTensorResponse(tensor=codec.encode(value)).SerializeToString()
+    split = wire.split(data, pb.GetTensorResponse)
+    assert TENSOR in split.cut
+    tensor = codec.decode_split_torch(split, TENSOR, split.message.tensor)
+    tensor.add_(1)  # the caller's to change
+    np.testing.assert_array_equal(tensor.numpy(), value + 1)
+    np.testing.assert_array_equal(codec.decode_split(split, TENSOR, split.message.tensor), value)
+    assert pb.GetTensorResponse.FromString(data).tensor.float_values == value.tolist()
+
+
 @pytest.mark.parametrize(
     "data", [b"\xff", b"\x1a\x10\x00", b"\x0f\x00", b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"]
 )
