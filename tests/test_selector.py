@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradwire.selector import Selector, SelectorError, parse_selector
+from gradwire.codec import INT64_MAX, INT64_MIN
+from gradwire.selector import MAX_SELECTOR_CHARS, Selector, SelectorError, parse_selector
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,8 @@ from gradwire.selector import Selector, SelectorError, parse_selector
         "x[ 1 : 3 , -2 ]",
         "x[+1]",
         "x[()]",
+        "x[None:2]",  # a None bound, as Python writes an empty one
+        "x[1:None:None]",
     ],
 )
 def test_parsed_index_selects_what_numpy_selects(text: str) -> None:
@@ -51,6 +54,9 @@ def test_name_and_text_form() -> None:
     # researcher: "blocks.in-proj.weight" was refused, and could not be read at all).
     assert parse_selector("blocks.in-proj.weight[0]") == Selector("blocks.in-proj.weight", ((0,),))
     assert parse_selector(" layer 1.ß.weight ").name == "layer 1.ß.weight"
+    # spaces before the index are not the name's: names may hold spaces, so a name of
+    # "conv1.weight " would be asked of the server, which has none such
+    assert parse_selector("conv1.weight [0]") == Selector("conv1.weight", ((0,),))
 
 
 @pytest.mark.parametrize(
@@ -61,6 +67,8 @@ def test_name_and_text_form() -> None:
         (".weight", "expected a tensor name"),
         ("conv1.weight]", "expected a tensor name"),
         ("conv1.\x01weight", "expected a tensor name"),
+        ("conv1.\x7fweight", "expected a tensor name"),
+        ("conv1.\x85weight", "expected a tensor name"),  # C1 control characters too
         ("conv1.weight[0", "not valid Python"),
         ("conv1.weight[a]", "not an integer"),
         ("conv1.weight[1.5]", "not an integer"),
@@ -69,8 +77,25 @@ def test_name_and_text_form() -> None:
         ("conv1.weight[..., ...]", "single ellipsis"),
         ("conv1.weight[[0, 1]]", "not an integer"),
         ("conv1.weight[True]", "not an integer"),
+        ("conv1.weight[-None]", "a sign needs a number after it"),
+        ("conv1.weight[1:+None]", "a sign needs a number after it"),
     ],
 )
 def test_bad_text_is_refused_with_the_reason(text: str, complaint: str) -> None:
     with pytest.raises(SelectorError, match=complaint):
         parse_selector(text)
+
+
+def test_the_ends_of_int64_are_indices_and_past_them_is_refused() -> None:
+    assert parse_selector(f"x[{INT64_MIN}]").index == ((INT64_MIN,),)
+    assert parse_selector(f"x[{INT64_MAX}]").index == ((INT64_MAX,),)
+    for past in (INT64_MIN - 1, INT64_MAX + 1):
+        with pytest.raises(SelectorError, match="outside the range of an index"):
+            parse_selector(f"x[{past}]")
+
+
+def test_a_selector_of_the_most_characters_taken_is_parsed() -> None:
+    longest = "x" * (MAX_SELECTOR_CHARS - 3) + "[0]"
+    assert parse_selector(longest) == Selector("x" * (MAX_SELECTOR_CHARS - 3), ((0,),))
+    with pytest.raises(SelectorError, match="1,025 characters"):
+        parse_selector("x" + longest)
