@@ -85,6 +85,22 @@ def test_unpacked_values_fall_back_to_the_ordinary_parser() -> None:
     )
 
 
+def test_a_tensor_field_of_another_wire_type_is_left_as_protobuf_leaves_it() -> None:
+    """A varint under the number of TrainStepResponse.fetched (a sender on another schema):
+    protobuf keeps it as an unknown field, not as one more (empty) fetched tensor."""
+    number = pb.TrainStepResponse.DESCRIPTOR.fields_by_name["fetched"].number
+    response = pb.TrainStepResponse(version=2)
+    response.fetched.add().tensor.CopyFrom(codec.encode(np.arange(4, dtype=np.float32)))
+    data = response.SerializeToString() + wire.varint(number << 3) + wire.varint(5)
+    assert len(pb.TrainStepResponse.FromString(data).fetched) == 1
+    split = wire.split(data, pb.TrainStepResponse)
+    assert split.cut and len(split.message.fetched) == 1
+    path = ((number, 0), *TENSOR)
+    np.testing.assert_array_equal(
+        codec.decode_split(split, path, split.message.fetched[0].tensor), np.arange(4)
+    )
+
+
 def test_values_in_several_runs_fall_back_and_join() -> None:
     first = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[4], int64_values=[1, 2]).SerializeToString()
     second = pb.Tensor(int64_values=[3, 4]).SerializeToString()
@@ -190,6 +206,21 @@ def test_varint() -> None:
     assert wire.varint(0) == b"\x00"
     assert wire.varint(300) == b"\xac\x02"
     assert wire.varint(2**63) == bytes([0x80] * 9 + [0x01])
+    # protobuf's own (canonical) encoding, at each length's ends: a length spliced by
+    # wire.length_field is then byte for byte what protobuf writes
+    for value in (1, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**35, 2**63 - 1):
+        assert wire.varint(value) == pb.TensorChunk(offset=value).SerializeToString()[1:], value
+
+
+def test_a_varint_past_ten_bytes_is_a_decode_error() -> None:
+    """A tensor's length written in 11 bytes: protobuf refuses it, and so does split (it
+    took one, re-encoding it, where protobuf would have refused the message)."""
+    tensor = codec.encode_bytes(np.arange(4, dtype=np.float32))
+    data = b"\x1a" + bytes([0x80 | len(tensor)]) + b"\x80" * 9 + b"\x00" + tensor
+    with pytest.raises(DecodeError):
+        pb.GetTensorResponse.FromString(data)
+    with pytest.raises(DecodeError, match="varint too long"):
+        wire.split(data, pb.GetTensorResponse)
 
 
 def test_small_messages_skip_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,3 +320,11 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
+
+
+def test_fields_says_a_group_is_no_gradwire_field() -> None:
+    """wire.fields reads a Calls stream's and a Batch's envelopes (calls.py), whose callers
+    catch ValueError: a group in one is a ValueError, not split's internal signal."""
+    data = memoryview(b"\x08\x01" + GROUP)
+    with pytest.raises(ValueError, match="a group field, which no gradwire message has"):
+        list(wire.fields(data, 0, len(data)))
