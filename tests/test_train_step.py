@@ -6,6 +6,7 @@ for the rule that a refused step changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import threading
@@ -159,6 +160,34 @@ def test_a_request_past_one_message_is_refused_before_it_is_sent(client: gradwir
     with pytest.raises(ValueError, match="lower stream_above_bytes"):
         client.forward(x, y)
     assert client.list_tensors().version == 0  # nothing was sent
+
+
+def test_a_request_of_exactly_one_message_is_sent(
+    client: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC carries a message of max_message_length bytes and refuses one more: so does the
+    client's check before sending (a request of exactly the limit was sent, not refused)."""
+    x, y = np.ones((8, 3, 10, 10), np.float32), np.zeros(8, np.int64)
+    monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", 1024)
+    with pytest.raises(ValueError) as caught:
+        client.train_step(x, y, zero_grad=True)  # refused before it is sent, saying its size
+    said = re.search(r"request is ([\d,]+) bytes", str(caught.value))
+    assert said is not None
+    size = int(said[1].replace(",", ""))
+    # a server and client whose messages may hold exactly that many bytes
+    monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", size)
+    with contextlib.contextmanager(_fresh_server_client)() as exact:
+        model = local_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        x_, y_ = torch.from_numpy(x), torch.from_numpy(y)
+        _, loss = local_train_step(model, optimizer, x_, y_, zero_grad=True)
+        assert exact.train_step(x, y, zero_grad=True).loss == loss.item()
+        monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", size - 1)
+        with pytest.raises(
+            ValueError, match=f"request is {size:,} bytes, more than the {size - 1:,}"
+        ):
+            exact.train_step(x, y, zero_grad=True)
+        assert exact.list_tensors().version == 4  # the one step, not the refused one
 
 
 def test_train_step_equals_the_separate_calls_on_a_second_server(
