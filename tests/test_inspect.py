@@ -1393,9 +1393,10 @@ def test_train_run_equals_a_local_loop_with_reseeded_fills(
     # The same run, one TrainStep at a time with the seeds advanced, on a second server.
     with gradwire.connect(address) as c, c.open_session(0, "sgd", lr=0.01, momentum=0.9) as other:
         for k in range(6):
-            result = other.train_step(
-                Fill.normal(8, 3, 10, 10, seed=100 + k), Fill.randint(0, 20, 8, seed=200 + k)
-            )
+            # Fill.reseeded is the client's account of a run's step k: it must be the server's
+            step_x, step_y = x.reseeded(k), y.reseeded(k)
+            assert (step_x.seed, step_y.seed) == (100 + k, 200 + k)
+            result = other.train_step(step_x, step_y)
         assert result.loss == progress[-1].loss
         for p in PARAMETERS:
             assert np.array_equal(other.get(p), client.get(p)), p
