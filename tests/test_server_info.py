@@ -19,7 +19,13 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli.state import INFO_COLUMNS
 from gradwire.fill import Fill
-from gradwire.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES, ServerConnections
+from gradwire.limits import (
+    CHUNK_BYTES,
+    MAX_GRPC_INT,
+    MAX_MESSAGE_BYTES,
+    MAX_VALUE_BYTES,
+    ServerConnections,
+)
 from gradwire.results import ServerInfo, ServerLimits
 from gradwire_server.app import Running, start
 from gradwire_server.convert import known_fields
@@ -299,6 +305,14 @@ def test_durations_are_reported_as_grpc_keeps_them() -> None:
     limits = _limits(connections=ServerConnections(keepalive_s=0.0004, min_client_ping_s=0.0))
     assert (limits.keepalive_s, limits.min_client_ping_s) == (0.001, 0.001)
     assert limits.keepalive_timeout_s == 20.0
+
+
+def test_durations_past_grpc_s_32_bits_are_reported_as_the_most_it_keeps() -> None:
+    """gRPC's duration options are 32-bit milliseconds: a longer one is the longest, about
+    24.8 days, not a number past an int32 handed to gRPC."""
+    longest = MAX_GRPC_INT / 1000
+    limits = _limits(connections=ServerConnections(keepalive_s=10**7, idle_s=10**8))
+    assert (limits.keepalive_s, limits.connection_idle_s) == (longest, longest)
 
 
 @pytest.mark.parametrize(
