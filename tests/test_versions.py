@@ -232,3 +232,20 @@ def test_train_says_when_an_older_server_ran_past_the_progress_it_was_stopped_at
     assert "10 steps reported (the server may have run more" in text
     assert "the run was stopped once step 10's progress showed it, the server running on" in text
     assert "the run stopped there" not in text
+
+
+def test_a_listing_from_a_server_older_than_requires_grad_says_none() -> None:
+    """TensorInfo.requires_grad is optional: a server from before it sets none, which the
+    listing tells as None, unknown, not as False (a frozen parameter's)."""
+
+    def listing(request: bytes, context: grpc.ServicerContext) -> bytes:
+        response = pb.ListTensorsResponse(version=3)
+        response.tensors.add(name="w", kind=pb.TENSOR_KIND_PARAMETER, present=True)
+        response.tensors.add(name="frozen", kind=pb.TENSOR_KIND_PARAMETER, requires_grad=False)
+        return response.SerializeToString()
+
+    handler = grpc.unary_unary_rpc_method_handler(listing)
+    with bare_server(old_trainer(ListTensors=handler)) as address, gradwire.connect(address) as c:
+        w, frozen = c.list_tensors().tensors
+    assert (w.name, w.requires_grad) == ("w", None)
+    assert (frozen.name, frozen.requires_grad) == ("frozen", False)
