@@ -307,6 +307,14 @@ def test_durations_are_reported_as_grpc_keeps_them() -> None:
     assert limits.keepalive_timeout_s == 20.0
 
 
+def test_a_server_that_pings_needs_a_time_to_wait_for_the_answer() -> None:
+    """A keepalive timeout of 0 with pings on: gRPC would close every connection at its
+    first ping."""
+    with pytest.raises(ValueError, match="keepalive_timeout_s must be more than 0"):
+        ServerConnections(keepalive_s=60.0, keepalive_timeout_s=0.0)
+    assert ServerConnections(keepalive_s=None, keepalive_timeout_s=0.0).keepalive_s is None
+
+
 def test_durations_past_grpc_s_32_bits_are_reported_as_the_most_it_keeps() -> None:
     """gRPC's duration options are 32-bit milliseconds: a longer one is the longest, about
     24.8 days, not a number past an int32 handed to gRPC."""
