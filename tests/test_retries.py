@@ -249,6 +249,23 @@ def test_a_step_whose_answer_is_lost_is_retried_and_applied_once(
         assert np.allclose(client.get("linear.weight[0]"), weight - gradient)
 
 
+@pytest.mark.parametrize("stream_calls", [False, True], ids=["unary", "calls-stream"])
+def test_a_read_whose_answer_is_lost_is_retried(server: Running, stream_calls: bool) -> None:
+    """Reads are retried on UNAVAILABLE as the mutations with an id are: a GetTensor and a
+    ListTensors whose answers were lost on the way back are answered by their retry."""
+    with (
+        relay_to(server.port) as relay,
+        gradwire.connect(relay.address, stream_calls=stream_calls) as client,
+    ):
+        expected = server.servicer.trainer.read("linear.weight").value.numpy()
+        relay.lose_next_answer()
+        np.testing.assert_array_equal(client.get("linear.weight"), expected)
+        assert relay.answers_lost == 1
+        relay.lose_next_answer()
+        assert client.list_tensors().version == server.servicer.trainer.version
+        assert relay.answers_lost == 2
+
+
 def test_a_lost_answer_is_unavailable_without_retries(server: Running) -> None:
     """What the retry hides, seen without it: the step applied and its answer lost."""
     with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
