@@ -1641,6 +1641,31 @@ def test_expecting_takes_a_numpy_integer(client: gradwire.Client) -> None:
         client.zero_grad()  # the version has moved on
 
 
+def test_numpy_s_true_and_false_are_flags(client: gradwire.Client) -> None:
+    """A flag takes numpy's bools as Python's (np.all(...) makes one), as it refuses what is
+    neither: set_to_none=np.False_ keeps the gradients, zeroed, as torch's zero_grad does."""
+    client.forward(ONES_INPUT, Fill.randint(0, 20, 8))
+    client.backward(retain_graph=np.True_)
+    client.zero_grad(set_to_none=np.False_)
+    grad = client.get("conv1.weight.grad")
+    assert grad is not None and grad.shape == (16, 3, 3, 3) and not grad.any()
+    assert client.read("loss", values=np.bool_(False)).value is None
+
+
+def test_a_whole_tensor_written_is_the_tensor_not_a_slice_of_it(client: gradwire.Client) -> None:
+    """set() without an index sends none: the server writes the whole tensor (a parameter's
+    may be adopted as it is), and a value that does not fit is refused naming the tensor,
+    not a slice of it (an index of [None] was a slice of shape [1, 16, 3, 3, 3])."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set("conv1.weight", np.zeros((16, 3, 3, 4), np.float32))
+    assert caught.value.message.startswith(
+        "a value of shape [16, 3, 3, 4] cannot be written to conv1.weight of shape [16, 3, 3, 3]"
+    )
+    value = np.full((16, 3, 3, 3), 0.5, np.float32)
+    client.set("conv1.weight", value)
+    np.testing.assert_array_equal(client.get("conv1.weight"), value)
+
+
 # --- arguments refused before anything is sent (found by a review of the client's API) ---
 
 _X, _Y = ONES_INPUT, Fill.randint(0, 20, 8)
