@@ -25,7 +25,7 @@ from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
 from gradwire_server.request_log import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.relay import relay_to
-from tests.serve_in_process import running_server
+from tests.serve_in_process import bare_server, old_trainer, running_server
 from tests.test_concurrency import Gate, hold_forward
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
@@ -264,6 +264,28 @@ def test_a_read_whose_answer_is_lost_is_retried(server: Running, stream_calls: b
         relay.lose_next_answer()
         assert client.list_tensors().version == server.servicer.trainer.version
         assert relay.answers_lost == 2
+
+
+def test_a_read_past_its_deadline_is_not_sent_again() -> None:
+    """Only UNAVAILABLE is retried: a read whose deadline passed had its whole time, and a
+    retry would give it as much again (retries + 1 times what the caller asked to wait),
+    each attempt a call the server works on for nothing."""
+    attempts = 0
+
+    def slow_read(request: bytes, context: grpc.ServicerContext) -> bytes:
+        nonlocal attempts
+        attempts += 1
+        while context.is_active():  # answers nothing before the caller's deadline
+            time.sleep(0.01)
+        return b""
+
+    handler = grpc.unary_unary_rpc_method_handler(slow_read)
+    with bare_server(old_trainer(GetTensor=handler)) as address:
+        with gradwire.connect(address, timeout=0.2) as client:
+            client.retries = 3
+            with pytest.raises(errors.DeadlineExceeded):
+                client.get("w")
+        assert attempts == 1
 
 
 def test_a_lost_answer_is_unavailable_without_retries(server: Running) -> None:
