@@ -16,6 +16,7 @@ CASES = [
     "x[0]",
     "x[0][0][0]",
     "x[-1, -2]",
+    "x[-4]",  # the first, counted from the end: -size is in range
     "x[0, :, 1:3]",
     "x[..., 0]",
     "x[1, ...]",
@@ -39,6 +40,10 @@ CASES = [
     "x[::-4611686018427387904]",
     "x[:, -1:0:-9223372036854775807]",
     "x[:, :, 1:1:4611686018427387904]",
+    # A slice of a dimension emptied by the key before: its step is clamped to at least 1.
+    "x[1:1][::2]",
+    "x[1:1][::-1]",
+    "x[:, 2:2][:, ::-3]",
 ]
 
 
@@ -70,6 +75,15 @@ def test_out_of_range_names_the_dimension_and_size() -> None:
     assert "index 5 is out of range for dimension 0 of conv1.weight[0] (size 3" in message
     with pytest.raises(IndexOutOfRange, match="index -17"):
         select(torch.zeros(16), parse_selector("w[-17]").index, "w")
+    # In a key of several items, the dimension is the tensor's own, counted past the ones
+    # the key's integers took and not counting new axes; the message names the valid range.
+    for text in ["w[0, 5]", "w[None, 0, 5]", "w[0, None, 5]"]:
+        with pytest.raises(IndexOutOfRange) as info:
+            select(torch.zeros(16, 3), parse_selector(text).index, "w")
+        assert info.value.message == (
+            "index 5 is out of range for dimension 1 of w (size 3; valid: -3 to 2)"
+        ), text
+        assert info.value.metadata == {"index": "5", "dimension": "1", "size": "3"}, text
 
 
 def test_too_many_indices_says_what_the_selection_has() -> None:
