@@ -46,6 +46,13 @@ BEFORE_BACKWARD: list[tuple[str, Callable[[Local], Any]]] = [
     ("conv1.weight[...]", lambda s: s["model"].conv1.weight[...]),
     ("conv1.weight[None, 0, 0, 0]", lambda s: s["model"].conv1.weight[None, 0, 0, 0]),
     ("linear.weight[0, ::640]", lambda s: s["model"].linear.weight[0, ::640]),
+    # The largest step and bound indexed as written: a full span of a dimension in a tuple
+    # would name AliasBackward0 where PyTorch's print names SliceBackward0.
+    ("conv1.weight[:1][::1024]", lambda s: s["model"].conv1.weight[:1][::1024]),
+    (
+        "conv1.weight[:4611686018427387904]",
+        lambda s: s["model"].conv1.weight[:4611686018427387904],
+    ),
     ("output", lambda s: s["output"]),
     ("output[0, :4]", lambda s: s["output"][0, :4]),
     ("loss", lambda s: s["loss"]),
@@ -122,6 +129,9 @@ def test_what_a_read_says_of_autograd(client: gradwire.Client) -> None:
     shape_only = client.read("conv1.weight[1]", values=False)
     assert (shape_only.requires_grad, shape_only.grad_fn) == (True, "SelectBackward0")
     assert client.read("conv1.weight[::-1]").grad_fn == "FlipBackward0"
+    # So does a module output's, kept detached once its pass is over.
+    assert client.read("conv2.output[::-1]").grad_fn == "FlipBackward0"
+    assert client.read("conv2.output[0, ::-2]").grad_fn == "FlipBackward0"
 
 
 def test_as_torch_prints_the_same(client: gradwire.Client) -> None:
@@ -445,6 +455,36 @@ def test_an_odd_model_s_reads_succeed_and_print_as_pytorch_prints_them() -> None
         assert np.array_equal(client.read("output[:, 1]").value, invalid.detach()[:, 1].numpy())
 
 
+class _FrozenTable(nn.Module):
+    """Adds a frozen parameter that a module of its own returns, as a frozen positional
+    table does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.table = _ReturnsParameter()
+        self.table.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.table(x)  # type: ignore[no-any-return]
+
+
+def test_a_module_output_that_is_a_frozen_parameter_prints_as_pytorch_prints_it() -> None:
+    """A module's output that is a parameter not requiring grad prints in PyTorch as
+    "Parameter containing:", with no requires_grad: kept detached, its read must say so."""
+    torch.manual_seed(0)
+    model, seen = _FrozenTable(), {}
+    model.table.register_forward_hook(lambda m, a, out: seen.__setitem__("table", out))
+    model(torch.ones(3, 4))
+    assert str(seen["table"]).startswith("Parameter containing:")
+    with serving(ModelSpec("FrozenTable", _FrozenTable, (4,), 4), seed=0) as (_, client):
+        client.forward(Fill.ones(3, 4))
+        read = client.read("table.output")
+        assert (read.requires_grad, read.grad_fn, read.whole_parameter) == (False, "", True)
+        assert format_read(read) == str(seen["table"])
+        assert format_read(client.read("table.output[1:]")) == str(seen["table"][1:])
+
+
 def test_a_kept_module_output_holds_no_graph_of_its_own() -> None:
     """Module outputs were kept as the hooks saw them, to name their nodes: a probe whose
     output the loss does not use kept its graph (its saved input) until the next pass, for
@@ -495,6 +535,37 @@ def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
     sent = pb.TrainStepResponse.FromString(answer)
     assert sum(f.ByteSize() for f in sent.fetched) <= bound
     assert sent.fetched[0].grad_fn == ("Scale" + "X" * 200)[:MAX_GRAD_FN_BYTES]
+
+
+def test_a_long_node_name_not_in_ascii_is_cut_on_a_character() -> None:
+    """A node's name is cut to MAX_GRAD_FN_BYTES bytes of UTF-8: a cut inside a character
+    drops the character, and the name sent stays within the bound."""
+    name = "Scale" + "\u00e9" * 100  # 2 bytes each: byte 64 falls inside one
+    scale = type(
+        name,
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(lambda ctx, a: a * 2),
+            "backward": staticmethod(lambda ctx, g: g * 2),
+        },
+    )
+
+    class Keeps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+            self.register_buffer("last", torch.zeros(2, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x)
+            self.last = scale.apply(out)  # type: ignore[assignment]
+            return out  # type: ignore[no-any-return]
+
+    with serving(ModelSpec("Keeps", Keeps, (4,), 2), seed=0) as (_, client):
+        client.forward(Fill.ones(2, 4))
+        said = client.read("last").grad_fn
+    assert said == "Scale" + "\u00e9" * 29
+    assert len(said.encode()) == 63 <= MAX_GRAD_FN_BYTES
 
 
 class _Transposed(nn.Module):
