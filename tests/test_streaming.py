@@ -753,6 +753,38 @@ def test_set_stream_of_half_precision_torch_values(
     assert np.array_equal(server_value(trainer, "conv1.weight")[2, :, :2], part.float().numpy())
 
 
+class _Tables(nn.Module):
+    """Frozen parameters of the dtypes a stream assembles in reused memory besides floats:
+    int64 (a table of ids, say) and bool (a mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.ids = nn.Parameter(torch.zeros(6, dtype=torch.int64), requires_grad=False)
+        self.mask = nn.Parameter(torch.zeros(6, dtype=torch.bool), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+def test_set_stream_of_int64_and_bool_values_keeps_every_bit() -> None:
+    """A streamed value is assembled in memory of its own dtype: an int64 assembled as int32
+    would lose every value past 2**31 without a word."""
+    ids = torch.tensor([2**40, -3, 2**62 + 1, -(2**63), 2**63 - 1, 7])
+    mask = torch.tensor([True, False, True, True, False, True])
+    with serving(ModelSpec("Tables", _Tables, (3,), 2)) as (trainer, client):
+        client.stream_above_bytes = 0
+        client.chunk_bytes = 16
+        for _ in range(2):  # the second into the memory the first left
+            client.set("ids", ids)
+            client.set("mask", mask)
+            client.set("ids[1:3]", ids[:2])
+            assert torch.equal(trainer.read("ids").value, ids[[0, 0, 1, 3, 4, 5]])
+            held = trainer.read("mask").value
+            assert held.dtype == torch.bool and torch.equal(held, mask)
+            assert client.get("ids").tolist() == ids[[0, 0, 1, 3, 4, 5]].tolist()
+
+
 # --- ForwardStream ---------------------------------------------------------------------
 
 
