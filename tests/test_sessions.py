@@ -104,6 +104,19 @@ def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(
         client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=""))
 
 
+def test_a_session_s_optimizer_settings_of_the_other_kind_are_refused(
+    client: gradwire.Client,
+) -> None:
+    """As SetOptimizer refuses them: an SGD session given Adam's betas (or an Adam one SGD's
+    momentum) would train with a setting silently dropped. No session opens."""
+    for kind, setting in [("sgd", {"beta1": 0.5}), ("adam", {"momentum": 0.9})]:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.open_session(optimizer=kind, lr=0.1, **setting)  # type: ignore[arg-type]
+        assert caught.value.reason == "BAD_OPTIMIZER", kind
+        assert f"{next(iter(setting))} is a setting of" in caught.value.message
+    assert client.list_sessions().sessions == ()
+
+
 def test_an_unknown_session_id_of_any_length_is_not_found(client: gradwire.Client) -> None:
     """Its error quotes the id cut short: an 8,000-character id echoed whole pushed the
     trailers past gRPC's 8 KiB limit, and the caller got a transport error instead."""
