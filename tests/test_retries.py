@@ -427,6 +427,39 @@ def test_the_log_keeps_at_most_max_ids_however_young() -> None:
     assert log.once(("Step", "", "a"), lambda: "again") == "again"  # the oldest: forgotten
 
 
+def test_the_log_s_counts_and_bytes_are_bounds_it_reaches() -> None:
+    """Each bound is kept up to and including it: an answer of exactly `max_bytes`, answers
+    that sum to it, the last `size` ids however old (a `max_ids` below `size` is raised to
+    it); and a message answer counts its encoded size."""
+    log = RequestLog(size=8, max_bytes=10, keep_s=0, clock=Clock())
+    log.once(("Step", "", "a"), lambda: b"x" * 10)
+    assert log.once(("Step", "", "a"), lambda: b"again") == b"x" * 10
+    log = RequestLog(size=8, max_bytes=10, keep_s=0, clock=Clock())
+    log.once(("Step", "", "a"), lambda: b"x" * 4)
+    log.once(("Step", "", "b"), lambda: b"y" * 6)
+    assert log.held_bytes == 10
+    assert log.once(("Step", "", "a"), lambda: b"again") == b"x" * 4
+    clock = Clock()
+    log = RequestLog(size=3, keep_s=1, clock=clock)
+    for key in "abc":
+        log.once(("Step", "", key), lambda key=key: key)
+    clock.now = 100.0
+    log.once(("Step", "", "d"), lambda: "d")  # a, the oldest past the count: forgotten
+    assert log.once(("Step", "", "b"), lambda: "again") == "b"
+    assert log.once(("Step", "", "a"), lambda: "again") == "again"
+    log = RequestLog(size=4, keep_s=600, max_ids=2, clock=Clock())
+    assert log.max_ids == 4
+    for key in "abcd":
+        log.once(("Step", "", key), lambda key=key: key)
+    assert log.once(("Step", "", "a"), lambda: "again") == "a"
+    log = RequestLog(size=8, max_bytes=10, keep_s=0, clock=Clock())
+    big = pb.GetTensorResponse(name="w" * 20)  # 22 bytes encoded
+    assert log.once(("GetTensor", "", "a"), lambda: big) is big
+    with pytest.raises(AnswerNotKept):
+        log.once(("GetTensor", "", "a"), lambda: big)
+    assert log.held_bytes == 0
+
+
 def test_the_log_keeps_the_latest_answers_within_its_bytes() -> None:
     """Ids are kept by count, answers by size: a retry of a request whose answer was let go
     is refused, not applied again."""
