@@ -118,11 +118,13 @@ def select(
 #: own are shorter ("ScaledDotProductFlashAttentionForCpuBackward0" is 45), and a custom
 #: autograd Function's class could be named at any length.
 MAX_GRAD_FN_BYTES = 64
-#: Slice steps up to this, and starts and stops within this, are indexed as written to name
-#: the node (`autograd_of`); others are named from `select`'s own indexing, which clamps them
-#: (torch warned of truncating a start of -2**63, and a step of 2**62 overflowed a stride).
-_WRITTEN_STEP_MAX = 1024
-_WRITTEN_BOUND_MAX = 2**62
+#: A slice's start or stop past this is indexed, to name the node (`autograd_of`), as this:
+#: the same selection, for no dimension is this long, without torch's warning of truncating
+#: a start of -2**63.
+_NAMED_BOUND_MAX = 2**62
+#: A step up to this is indexed as written whatever the dimension: no stride comes near
+#: 2**52, so none overflows; a longer step is first brought to its dimension's size.
+_SMALL_STEP = 1024
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Autograd | None = 
         return own if own.requires_grad or own.whole_parameter else UNTRACKED
     elif not own.requires_grad:
         return UNTRACKED
-    written = all(_as_written(key) for key in chain)
+    written = all(_forward_steps(key) for key in chain)
     with torch.enable_grad():
         out = _indexed_as_written(tensor, chain) if live and written else None
         if out is None:
@@ -214,27 +216,58 @@ def autograd_of(tensor: torch.Tensor, chain: IndexChain, own: Autograd | None = 
 
 
 def _indexed_as_written(tensor: torch.Tensor, chain: IndexChain) -> torch.Tensor | None:
-    """tensor[key][key]..., each key as a script writes it (one item alone, else a tuple);
-    None where torch refuses or fails: a read is not refused for its name."""
+    """tensor[key][key]..., each key as a script writes it (one item alone, else a tuple),
+    its slices' bounds and steps brought within what torch indexes without overflow
+    (`_within`); None where torch refuses or fails: a read is not refused for its name."""
     out = tensor
     try:
         for key in chain:
+            key = _within(key, out.shape)
             out = out[key[0] if len(key) == 1 else key]
     except (IndexError, RuntimeError, TypeError, ValueError):
         return None
     return out
 
 
-def _as_written(key: tuple[IndexItem, ...]) -> bool:
-    """Whether torch indexes `key` as numpy does: every slice's step positive and small, its
-    bounds within int64 with room."""
-    return all(
-        not isinstance(item, slice)
-        or (
-            (item.step is None or 0 < item.step <= _WRITTEN_STEP_MAX)
-            and all(b is None or abs(b) <= _WRITTEN_BOUND_MAX for b in (item.start, item.stop))
-        )
-        for item in key
+def _forward_steps(key: tuple[IndexItem, ...]) -> bool:
+    """Whether torch indexes `key` at all: it refuses a slice's negative step, which `select`
+    reads by flipping."""
+    return all(not isinstance(item, slice) or item.step is None or item.step > 0 for item in key)
+
+
+def _within(key: tuple[IndexItem, ...], shape: Sequence[int]) -> tuple[IndexItem, ...]:
+    """`key` selecting the same from a tensor of `shape`, with each slice's bounds within
+    +-_NAMED_BOUND_MAX and its step at most its dimension's size (2 at least): a step of
+    2**62 overflowed a stride in torch, and a bound of -2**63 made it warn. The node's name
+    stays torch's for the key as written: a step of 1 where one of 2,000 was written on a
+    dimension of one would make a tuple's full span, which torch names AliasBackward0, not
+    SliceBackward0."""
+    if all(not isinstance(item, slice) or _small(item) for item in key):
+        return key  # the common case, as it is
+    consumed = sum(1 for item in key if item is not None and item is not Ellipsis)
+    items: list[IndexItem] = []
+    dim = 0  # the dimension of `shape` the next item indexes
+    for item in key:
+        if item is Ellipsis:
+            dim += len(shape) - consumed
+        elif item is not None:
+            if isinstance(item, slice) and dim < len(shape):
+                limit = max(shape[dim], 2)
+                start, stop = (
+                    None if b is None else max(-_NAMED_BOUND_MAX, min(b, _NAMED_BOUND_MAX))
+                    for b in (item.start, item.stop)
+                )
+                step = item.step if item.step is None or item.step <= limit else limit
+                item = slice(start, stop, step)
+            dim += 1
+        items.append(item)
+    return tuple(items)
+
+
+def _small(item: slice) -> bool:
+    """Whether a slice is indexed as written with no overflow whatever its dimension."""
+    return (item.step is None or item.step <= _SMALL_STEP) and all(
+        b is None or abs(b) <= _NAMED_BOUND_MAX for b in (item.start, item.stop)
     )
 
 
