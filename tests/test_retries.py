@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -704,3 +706,72 @@ def test_the_client_sorts_every_rpc_as_the_server_does() -> None:
         assert (name in unary.SESSIONLESS) == handler.sessionless, name
         if not method.client_streaming:
             assert (name in unary.READS) != (name in unary.MAY_LAND), name
+
+
+def test_a_read_a_stop_cut_off_and_retried_says_the_server_stopped() -> None:
+    """A read still running when its server's stop ended the grace period is retried (it
+    changes nothing) and then refused by the closed port: its error says first that the
+    server stopped with it in progress, which "Connection refused" alone hid, however many
+    refusals followed; and the client notes that a server was reached (the CLI's hint)."""
+    entered = threading.Event()
+
+    def held_read(request: bytes, context: grpc.ServicerContext) -> bytes:
+        entered.set()
+        while context.is_active():
+            time.sleep(0.01)
+        return b""
+
+    handler = grpc.unary_unary_rpc_method_handler(held_read)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers([old_trainer(GetTensor=handler)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stopper = threading.Thread(target=lambda: entered.wait(30) and server.stop(0.2).wait(30))
+    stopper.start()
+    try:
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=30) as client:
+            client.retries = 3
+            with pytest.raises(errors.Unavailable) as cut:
+                client.get("w")
+            assert client.reached and not client.answered
+    finally:
+        entered.set()
+        stopper.join(timeout=30)
+        server.stop(None)
+    assert str(cut.value).startswith(
+        "UNAVAILABLE: the server stopped with this call in progress: its grace period"
+    ), cut.value
+    assert "make it again once the server is back; retried: " in str(cut.value)
+    assert not cut.value.changes_state
+
+
+def test_each_retry_backs_off_first() -> None:
+    """A retry waits before it goes, 0.05 s and doubling: three against a port that refuses
+    at once take 0.35 s or more, not four attempts in a burst at a server restarting."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with gradwire.Client(f"127.0.0.1:{port}", timeout=5) as client:
+        client.retries = 3
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            client.list_tensors()
+        assert time.monotonic() - started >= 0.35
+
+
+def test_a_streamed_set_whose_answer_is_lost_is_not_sent_again(server: Running) -> None:
+    """A streamed upload is not retried, its chunks spent: sent again it would be an empty
+    stream, refused as a bad request where the set had been applied. Its error is the
+    lost answer's, UNAVAILABLE, saying the change may have been applied (it was)."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
+        client.retries = 3
+        client.stream_above_bytes = 64
+        value = np.full(client.shape("linear.weight"), 0.5, dtype=np.float32)
+        before = server.servicer.trainer.version
+        relay.lose_next_answer()
+        with pytest.raises(errors.Unavailable) as info:
+            client.set("linear.weight", value)
+        assert info.value.changes_state
+        assert relay.answers_lost == 1
+    assert server.servicer.trainer.version == before + 1
+    assert bool((server.servicer.trainer.read("linear.weight").value == 0.5).all())
