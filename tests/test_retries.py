@@ -775,3 +775,17 @@ def test_a_streamed_set_whose_answer_is_lost_is_not_sent_again(server: Running) 
         assert relay.answers_lost == 1
     assert server.servicer.trainer.version == before + 1
     assert bool((server.servicer.trainer.read("linear.weight").value == 0.5).all())
+
+
+def test_an_expecting_block_holds_to_its_end_and_no_further(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """Each client's block holds until its own with ends: another client's block opened
+    inside it leaves it standing, and once it ends, mutations are unconditional again."""
+    version = _with_gradients(client)
+    with client.open_session() as session:
+        with client.expecting(version + 7):
+            with session.expecting(0), pytest.raises(errors.Aborted) as inner:
+                client.zero_grad()  # the outer block, this client's, still holds
+            assert inner.value.reason == "VERSION_MISMATCH"
+        assert client.zero_grad() == version + 1 == trainer.version  # no block now

@@ -175,6 +175,10 @@ def test_the_fields_a_server_knows_are_asked_once(address: str) -> None:
         assert client._known_fields is known  # not read again
 
 
+#: The calls _no_such_call has refused.
+_refused_on_stream: list[int] = []
+
+
 def _no_such_call(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
     """A Calls stream as a server older than a call answered it: not run, BAD_REQUEST."""
     detail = any_pb2.Any()
@@ -186,6 +190,7 @@ def _no_such_call(requests: Iterator[bytes], context: grpc.ServicerContext) -> I
         details=[detail],
     )
     for _ in requests:
+        _refused_on_stream.append(1)
         yield pb.CallResponse(error=status.SerializeToString()).SerializeToString()
 
 
@@ -201,8 +206,10 @@ def test_a_call_newer_than_a_server_s_calls_stream_goes_as_a_call_of_its_own() -
         with pytest.raises(errors.Unimplemented):
             client.delete_checkpoint("a1")
         assert client._not_on_stream == {"DeleteCheckpoint"}
+        refused = len(_refused_on_stream)
         with pytest.raises(errors.Unimplemented):  # unary at once from now on
             client.delete_checkpoint("a1")
+        assert len(_refused_on_stream) == refused  # not tried on the stream again
     for command, rpc in (("save", "SaveCheckpoint"), ("load", "LoadCheckpoint")):
         with bare_server(old_trainer()) as address:
             result = run_main(command, "a1", "--target", address)
