@@ -19,6 +19,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from torch import nn
 
 import gradwire
@@ -34,6 +37,7 @@ from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 from tests.broken_models import CUDA_ERROR, HUNGRY, LOST, CudaWords
 from tests.checkpoint_files import resave
+from tests.serve_in_process import bare_server, old_trainer
 from tests.test_calls import error_of
 
 INPUT = Fill.ones(8, 3, 10, 10)
@@ -1038,3 +1042,53 @@ def test_too_many_selectors_in_a_watch_or_a_fetch_are_refused(address: str) -> N
         with pytest.raises(ValueError, match="train_step's fetch names 1025 selectors"):
             client.train_step(INPUT, TARGET, fetch=["loss"] * (most + 1))
         assert len(client.train_step(INPUT, TARGET, fetch=["loss"] * most).fetched) == most
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK])
+def test_every_status_code_is_raised_as_its_own_class(code: grpc.StatusCode) -> None:
+    """Each status a server can answer is the exception of that code, a gradwire server's
+    or not (DATA_LOSS and UNKNOWN, which no gradwire server gives, included): code the
+    branches of an `except` on, which one class taken for another would send the wrong way."""
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(code, f"answered {code.name}")
+
+    handler = grpc.unary_unary_rpc_method_handler(refuse)
+    with (
+        bare_server(old_trainer(GetTensor=handler)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
+        client.retries = 0
+        with pytest.raises(errors.RemoteError) as caught:
+            client.get("w")
+    assert type(caught.value).code == code
+    assert type(caught.value).__name__.lower() == code.name.replace("_", "").lower()
+    assert str(caught.value) == f"{code.name}: answered {code.name}"
+    assert caught.value.reason == "" and caught.value.metadata == {}
+
+
+def test_the_error_info_is_found_among_other_details_and_garbled_ones() -> None:
+    """A status may carry details besides the ErrorInfo (a proxy's, a server's debug info),
+    and one may not decode: the ErrorInfo after them is read all the same, its reason and
+    metadata what the caller branches on."""
+    debug, garbled, info = any_pb2.Any(), any_pb2.Any(), any_pb2.Any()
+    debug.Pack(error_details_pb2.DebugInfo(detail="a proxy's words"))
+    garbled.type_url = "type.googleapis.com/google.rpc.ErrorInfo"
+    garbled.value = b"\xff\xff\xff"
+    info.Pack(error_details_pb2.ErrorInfo(reason="UNKNOWN_TENSOR", metadata={"name": "w"}))
+    status = status_pb2.Status(
+        code=code_pb2.NOT_FOUND, message="no tensor w", details=[debug, garbled, info]
+    )
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort_with_status(rpc_status.to_status(status))
+
+    handler = grpc.unary_unary_rpc_method_handler(refuse)
+    with (
+        bare_server(old_trainer(GetTensor=handler)) as address,
+        gradwire.connect(address, timeout=10) as client,
+        pytest.raises(errors.NotFound) as e,
+    ):
+        client.get("w")
+    assert (e.value.reason, e.value.metadata) == ("UNKNOWN_TENSOR", {"name": "w"})
+    assert str(e.value) == "NOT_FOUND: no tensor w"
