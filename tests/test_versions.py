@@ -156,6 +156,15 @@ def test_a_server_listing_no_fields_but_reporting_the_limits_of_12_05_knows_them
         assert client.set_optimizer(lr=0.05, keep_state=True).lr == 0.05
     with gradwire.connect(address) as client:  # asked first, before server_info
         client.forward(INPUT, TARGET, eval_mode=True)
+    # Either limit tells: one whose connections never idle out (0) but are limited in
+    # number, and one the other way round.
+    limits = older.servicer.info.limits
+    reported = limits.connection_idle_s, limits.max_connections
+    assert all(reported)
+    for idle_s, most in ((0.0, reported[1]), (reported[0], 0)):
+        limits.connection_idle_s, limits.max_connections = idle_s, most
+        with gradwire.connect(address) as client:
+            client.forward(INPUT, TARGET, eval_mode=True)
 
 
 def test_a_bad_argument_is_refused_before_the_fields_are_asked(older: Running) -> None:
