@@ -1092,3 +1092,137 @@ def test_the_error_info_is_found_among_other_details_and_garbled_ones() -> None:
         client.get("w")
     assert (e.value.reason, e.value.metadata) == ("UNKNOWN_TENSOR", {"name": "w"})
     assert str(e.value) == "NOT_FOUND: no tensor w"
+
+
+# --- fills at their edges: the last value taken, the first refused -------------------------
+
+
+def _reason(call: Any) -> str:
+    """The reason a call was refused for, or "" where it was answered."""
+    try:
+        call()
+    except errors.RemoteError as err:
+        return err.reason
+    return ""
+
+
+@pytest.mark.parametrize("value", [0.5, -3.0, 5.0, math.nan, math.inf])
+def test_a_constant_fill_of_bool_is_true_for_all_but_zero(
+    client: gradwire.Client, value: float
+) -> None:
+    """A bool takes any value as torch does (0.5 and NaN are True): a bool fill's constant is
+    no class index to be refused for a fraction, nor a range torch.iinfo could name (bool has
+    none: it was answered INTERNAL)."""
+    client.set("conv1.weight.grad", Fill.constant(value, 16, 3, 3, 3, dtype="bool"))
+    assert (client.get("conv1.weight.grad") == 1.0).all()
+    client.set("conv1.weight.grad", Fill.constant(0.0, 16, 3, 3, 3, dtype="bool"))
+    assert (client.get("conv1.weight.grad") == 0.0).all()
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_a_constant_fill_takes_its_integer_dtypes_least_and_greatest(
+    client: gradwire.Client, dtype: str
+) -> None:
+    """The bounds are inclusive: int32's largest, 2**31 - 1, is a class the target check
+    refuses (not a fill); one past it is the fill's refusal. int64's own edges are past what a
+    double holds exactly, so its nearest doubles inside stand in."""
+    if dtype == "int32":
+        least, most = -(2**31), 2**31 - 1
+    else:
+        least, most = -(2**63), 2**63 - 1024  # the greatest double below 2**63
+    for value in (least, most):
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(INPUT, Fill.constant(value, 8, dtype=dtype))
+        assert caught.value.reason == "BAD_TARGET_CLASS"
+        assert f"holds class {value};" in caught.value.message
+    beyond = 2**31 if dtype == "int32" else 2**63
+    with pytest.raises(errors.InvalidArgument, match="holds whole numbers from") as caught:
+        client.forward(INPUT, Fill.constant(beyond, 8, dtype=dtype))
+    assert caught.value.reason == "BAD_FILL"
+
+
+def test_a_uniform_fill_of_no_width_is_refused_for_its_order(client: gradwire.Client) -> None:
+    """[1, 1) holds no number: refused as low < high, not as bounds past float32's range."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.forward(Fill.uniform(8, 3, 10, 10, low=1.0, high=1.0), TARGET)
+    assert caught.value.reason == "BAD_FILL"
+    assert "uniform fill needs low < high, got [1.0, 1.0)" in caught.value.message
+
+
+def test_a_normal_fill_of_std_0_draws_with_std_1(client: gradwire.Client) -> None:
+    """The contract's unset std is 0, and is taken as 1 (the client cannot send it; another
+    language's can): the same draws as std 1 of the same seed, not a refusal."""
+    drawn = []
+    for std in (0.0, 1.0):
+        fill = pb.Fill(kind=pb.Fill.KIND_NORMAL, shape=[16, 3, 3, 3], std=std, seed=7)
+        request = pb.SetTensorRequest(name="conv1.weight.grad", value=pb.TensorSource(fill=fill))
+        client._call("SetTensor", request)
+        drawn.append(client.get("conv1.weight.grad"))
+    assert drawn[0].std() > 0.5
+    np.testing.assert_array_equal(drawn[0], drawn[1])
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_normal_fill_takes_a_mean_of_its_dtypes_largest(
+    client: gradwire.Client, sign: float
+) -> None:
+    """The range is inclusive: a mean of ±float32's largest is drawn around, not refused."""
+    top = float(torch.finfo(torch.float32).max)
+    client.set("conv1.weight.grad", Fill.normal(16, 3, 3, 3, mean=sign * top, std=1.0))
+    assert (client.get("conv1.weight.grad") == np.float32(sign * top)).all()
+
+
+def test_a_randint_fill_of_no_width_is_refused_for_its_order(client: gradwire.Client) -> None:
+    """[0, 0) holds no number: the fill's own words, not torch's from the draw."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.forward(INPUT, Fill.randint(0, 0, 8))
+    assert caught.value.reason == "BAD_FILL"
+    assert "randint fill needs whole numbers low < high, got [0.0, 0.0)" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high", "below", "above"),
+    [
+        ("int32", -(2**31), 2**31, -(2**31) - 1, 2**31 + 1),
+        # int64's edges as a double holds them: -2**63 exactly, and the greatest below 2**63
+        ("int64", -(2**63), 2**63 - 1024, -(2**63) - 2048, 2**63),
+    ],
+)
+def test_a_randint_fill_takes_bounds_at_its_integer_dtypes_range(
+    client: gradwire.Client, dtype: str, low: int, high: int, below: int, above: int
+) -> None:
+    """[least, greatest + 1) is every value the dtype holds (torch takes `high` as an int64,
+    so int64's is its greatest): drawn, then refused by the target check, not the fill. Past
+    either end is the fill's refusal."""
+    fill = Fill.randint(low, high, 8, dtype=dtype, seed=3)
+    assert _reason(lambda: client.forward(INPUT, fill)) == "BAD_TARGET_CLASS"
+    for outside in (Fill.randint(below, 0, 8, dtype=dtype), Fill.randint(0, above, 8, dtype=dtype)):
+        assert _reason(lambda outside=outside: client.forward(INPUT, outside)) == "BAD_FILL"
+    client.set("conv1.weight.grad", Fill.randint(0, 2, 16, 3, 3, 3, dtype="bool", seed=3))
+    assert set(np.unique(client.get("conv1.weight.grad"))) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize(("dtype", "digits"), [("float16", 11), ("float32", 24)])
+def test_a_float_randint_fill_takes_bounds_at_the_whole_numbers_it_holds(
+    client: gradwire.Client, dtype: str, digits: int
+) -> None:
+    """[-2**digits, 2**digits] are the whole numbers the dtype holds exactly: both ends taken,
+    one past either refused."""
+    shape = (16, 3, 3, 3)
+    edge = 2**digits
+    client.set("conv1.weight.grad", Fill.randint(-edge, edge + 1, *shape, dtype=dtype))
+    assert np.abs(client.get("conv1.weight.grad")).max() <= edge
+    for low, high in ((-edge - 1, 0), (0, edge + 2)):
+        fill = Fill.randint(low, high, *shape, dtype=dtype)
+        assert _reason(lambda fill=fill: client.set("conv1.weight.grad", fill)) == "BAD_FILL"
+
+
+def test_a_fill_of_64_dimensions_reaches_the_shape_check(client: gradwire.Client) -> None:
+    """64 dimensions is numpy's most, and a fill's: made, then refused for its shape; the
+    65th is the fill's refusal."""
+    for dims, reason in ((64, "BAD_INPUT_SHAPE"), (65, "BAD_FILL")):
+        fill = pb.Fill(kind=pb.Fill.KIND_ONES, shape=[1] * dims)
+        request = pb.ForwardRequest(
+            input=pb.TensorSource(fill=fill), target=pb.TensorSource(fill=TARGET.to_proto())
+        )
+        assert _reason(lambda request=request: client._call("Forward", request)) == reason
