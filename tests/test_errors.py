@@ -30,8 +30,17 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
 from gradwire.limits import MAX_MESSAGE_BYTES
+from gradwire_server import status
 from gradwire_server.app import start
-from gradwire_server.errors import InvalidInput, device_lost
+from gradwire_server.errors import (
+    DomainError,
+    InvalidInput,
+    OverLimit,
+    device_lost,
+    device_memory,
+    out_of_memory,
+    shown,
+)
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
@@ -1226,3 +1235,92 @@ def test_a_fill_of_64_dimensions_reaches_the_shape_check(client: gradwire.Client
             input=pb.TensorSource(fill=fill), target=pb.TensorSource(fill=TARGET.to_proto())
         )
         assert _reason(lambda request=request: client._call("Forward", request)) == reason
+
+
+# --- the status a refusal travels as -------------------------------------------------------
+
+
+def test_a_refusal_s_error_info_names_gradwire_s_domain(address: str) -> None:
+    """ErrorInfo's domain is what tells a client in another language a reason is gradwire's
+    (google.rpc's contract: a reason is unique within its domain)."""
+    request = pb.GetTensorRequest(name="conv1.wieght")
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw(address, "GetTensor")(request.SerializeToString(), timeout=10)
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (info.reason, info.domain) == ("UNKNOWN_TENSOR", "gradwire.dev")
+
+
+def test_an_error_status_is_cut_past_its_limits_and_not_at_them() -> None:
+    """A message of exactly MAX_MESSAGE_CHARS, and a metadata value of exactly
+    MAX_METADATA_CHARS, travel whole; one character more is cut to fit, saying how long it
+    was (the trailers of a longer one passed what gRPC clients take)."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    most, value_most = status.MAX_MESSAGE_CHARS, status.MAX_METADATA_CHARS
+    assert (most, value_most) == (1000, 256)
+    info = error_details_pb2.ErrorInfo()
+    whole = status.error_status(code, "m" * most, "R", {"k": "v" * value_most})
+    assert whole.message == "m" * most
+    assert whole.details[0].Unpack(info) and info.metadata["k"] == "v" * value_most
+    cut = status.error_status(code, "m" * (most + 1), "R", {"k": "v" * (value_most + 1)})
+    assert len(cut.message) <= most and cut.message.endswith(f"({most + 1} chars)")
+    assert cut.details[0].Unpack(info)
+    assert len(info.metadata["k"]) <= value_most
+    assert info.metadata["k"].endswith(f"({value_most + 1} chars)")
+
+
+def test_a_domain_error_the_table_does_not_know_is_internal() -> None:
+    """Its nearest base class's code, or INTERNAL: never UNKNOWN, which the README promises
+    no call is answered."""
+
+    class Unlisted(DomainError):
+        pass
+
+    class NarrowerInput(InvalidInput):
+        pass
+
+    assert status.status_of(Unlisted("x")) == grpc.StatusCode.INTERNAL
+    assert status.status_of(NarrowerInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_out_of_memory_is_known_by_each_of_its_words() -> None:
+    """Python's MemoryError, and the words torch's CPU allocator, oneDNN and safetensors say
+    it in: each the caller's to retry with less (OUT_OF_MEMORY), not INTERNAL."""
+    assert out_of_memory(MemoryError())
+    for words in (
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes",
+        "could not create a primitive",
+        "Error while deserializing header: Cannot allocate memory (os error 12)",
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+    ):
+        assert out_of_memory(RuntimeError(words)), words
+    assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(InvalidInput), device_memory("input", "cpu"):
+        raise InvalidInput("not memory")  # passes through untouched
+    with pytest.raises(OverLimit) as caught, device_memory("input", "cpu"):
+        raise RuntimeError("could not create a primitive")
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    with pytest.raises(RuntimeError, match="shapes"), device_memory("input", "cpu"):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_cuda_s_out_of_memory_is_no_lost_device() -> None:
+    """torch ends every CUDA error's text with "Compile with `TORCH_USE_CUDA_DSA` to enable
+    device-side assertions": an out-of-memory one holds the words of a device-side assert,
+    and would have stopped the server (health NOT_SERVING) for a caller's too-large batch."""
+    tail = (
+        "\nCUDA kernel errors might be asynchronously reported at some other API call, so the "
+        "stacktrace below might be incorrect.\nCompile with `TORCH_USE_CUDA_DSA` to enable "
+        "device-side assertions.\n"
+    )
+    assert not device_lost(CUDA_ERROR("CUDA error: out of memory" + tail))
+    assert device_lost(CUDA_ERROR("CUDA error: device-side assert triggered" + tail)) == (
+        CUDA_ERROR is not RuntimeError or torch.cuda.is_initialized()
+    )
+
+
+def test_a_quoted_value_is_cut_past_64_characters_and_not_at_them() -> None:
+    assert shown("s" * 64) == repr("s" * 64)
+    assert shown("s" * 65) == repr("s" * 64) + "... (65 characters)"
