@@ -1920,3 +1920,106 @@ def test_what_gradwire_client_defined_still_imports_from_it_for_mypy(tmp_path: P
             )
     finally:
         running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "in_force"),
+    [
+        ("sgd", {}, {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}),
+        ("sgd", {"lr": 0.0}, {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False}),
+        (
+            "sgd",
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
+        ),
+        (
+            "adam",
+            {"lr": 0.0, "beta1": 0.0, "eps": 0.0, "weight_decay": 0.01},
+            {"lr": 0.0, "weight_decay": 0.01, "beta1": 0.0, "beta2": 0.999, "eps": 0.0},
+        ),
+        (
+            "adam",
+            {"beta1": 0.5, "beta2": 0.75},
+            {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.5, "beta2": 0.75, "eps": 1e-8},
+        ),
+    ],
+)
+def test_set_optimizer_keeps_a_setting_of_0_and_defaults_only_the_unset(
+    client: gradwire.Client, kind: str, given: dict[str, Any], in_force: dict[str, Any]
+) -> None:
+    """0 is a setting (lr 0 freezes the weights; Adam's beta1 0 is RMSprop-like), not "unset":
+    taken for the default, an lr of 0 stepped at 1.0. The settings answered are the ones the
+    Step uses: with lr 0, a Step changes no weight."""
+    config = client.set_optimizer(kind, **given)  # type: ignore[arg-type]
+    assert config == gradwire.OptimizerConfig(kind=kind, **in_force)
+    if in_force["lr"] == 0.0:
+        before = client.get("conv1.weight")
+        client.forward(ONES_INPUT, ONES_TARGET)
+        client.backward()
+        client.step()
+        assert np.array_equal(client.get("conv1.weight"), before)
+
+
+@pytest.mark.parametrize(
+    ("kind", "setting", "value", "other"),
+    [
+        ("adam", "nesterov", True, "SGD"),
+        ("adam", "momentum", 0.9, "SGD"),
+        ("sgd", "eps", 1e-6, "Adam"),
+        ("sgd", "beta2", 0.9, "Adam"),
+    ],
+)
+def test_a_setting_of_the_other_optimizer_is_refused_by_the_server(
+    client: gradwire.Client, kind: str, setting: str, value: object, other: str
+) -> None:
+    """Not ignored: Adam has no nesterov, SGD no eps. Replacing says to ask for the other
+    kind; a change in place, to replace the optimizer."""
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set_optimizer(kind, **{setting: value})  # type: ignore[arg-type]
+    assert caught.value.reason == "BAD_OPTIMIZER"
+    assert f"{setting} is a setting of {other}" in caught.value.message
+    assert caught.value.message.endswith(f"ask for {other}")
+    client.set_optimizer(kind)
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client.set_optimizer(keep_state=True, **{setting: value})  # type: ignore[arg-type]
+    assert f"replace the optimizer with {other}" in caught.value.message
+
+
+def test_adam_steps_with_every_setting_given(client: gradwire.Client) -> None:
+    """beta1 the first moment's, beta2 the second's, eps and weight_decay as given: each
+    reaches torch's Adam, whose Steps the server's match bit for bit."""
+    client.set_optimizer("adam", lr=0.01, beta1=0.5, beta2=0.75, eps=1e-3, weight_decay=0.1)
+    model = local_model()
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=0.01, betas=(0.5, 0.75), eps=1e-3, weight_decay=0.1
+    )
+    for _ in range(2):
+        client.forward(ONES_INPUT, ONES_TARGET)
+        client.backward()
+        client.step()
+        client.zero_grad()
+        local_step(model, *ones_batch())
+        optimizer.step()
+        optimizer.zero_grad()
+    for name in PARAMETERS:
+        assert np.array_equal(client.get(name), weights(model, name)), name
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings", "keys"),
+    [
+        ("adam", {}, ["step", "exp_avg", "exp_avg_sq"]),
+        ("sgd", {"momentum": 0.9}, ["momentum_buffer"]),
+    ],
+)
+def test_an_optimizer_s_state_is_listed_in_torch_s_order_after_a_step(
+    client: gradwire.Client, kind: str, settings: dict[str, Any], keys: list[str]
+) -> None:
+    """ListTensors names each parameter's state as torch keeps it, in torch's order."""
+    client.set_optimizer(kind, **settings)  # type: ignore[arg-type]
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    client.step()
+    listed = [t.name for t in client.list_tensors().tensors]
+    state = [n for n in listed if n.startswith("optimizer.conv1.weight.")]
+    assert state == [f"optimizer.conv1.weight.{key}" for key in keys]
