@@ -1090,3 +1090,53 @@ def test_a_train_in_a_session_cut_off_by_its_close_or_a_stop_says_its_steps_went
                 "state is saved: they are lost with it"
             )
             assert stopped.value.metadata["steps_done"] != "0"
+
+
+def test_an_unknown_session_s_id_travels_in_its_metadata_cut_to_64(
+    client: gradwire.Client,
+) -> None:
+    """ErrorInfo's metadata names the id refused (cut: a long one pushed the trailers past
+    gRPC's limit), for a client to tell which of its sessions is gone."""
+    stranger = gradwire.Client(client.target, channel=client._channel)
+    for session in ("ab" * 10, "f" * 200):
+        stranger._session = session
+        with pytest.raises(errors.NotFound) as info:
+            stranger.list_tensors()
+        assert info.value.metadata == {"session": session[:64]}
+        with pytest.raises(errors.NotFound) as info:
+            client._call("CloseSession", pb.CloseSessionRequest(session=session))
+        assert info.value.metadata == {"session": session[:64]}
+
+
+def test_an_empty_session_header_is_the_default_session(address: str) -> None:
+    """A client in another language that sends the header empty acts on the default session,
+    as one that sends none: an empty id is no session's."""
+    channel = grpc.insecure_channel(address)
+    try:
+        call = channel.unary_unary(
+            "/gradwire.v1.Trainer/ListTensors",
+            request_serializer=pb.ListTensorsRequest.SerializeToString,
+            response_deserializer=pb.ListTensorsResponse.FromString,
+        )
+        listing = call(pb.ListTensorsRequest(), metadata=[("gradwire-session", "")], timeout=30)
+        assert listing.model == "Simple"
+    finally:
+        channel.close()
+
+
+def test_a_call_without_hold_restarts_a_session_s_idle_time() -> None:
+    now = [0.0]
+    sessions = Sessions(Trainer(), idle_s=60, clock=lambda: now[0])
+    session = sessions.open(seed=0, settings=None)
+    now[0] = 59.0
+    sessions.get(session)
+    now[0] = 59.0 + 59.0  # 118 s after it opened, 59 after its use
+    assert sessions.get(session) is not sessions.default
+    (view,), _ = sessions.describe()
+    assert (view.open_s, view.idle_s) == (118.0, 0.0)  # open since 0, used now
+    now[0] = 118.0 + 60.0  # idle exactly its idle time: not yet past it
+    assert sessions.is_open(session) and sessions.describe()[0][0].idle_s == 60.0
+    now[0] = 118.0 + 60.5
+    with pytest.raises(UnknownSession):
+        sessions.get(session)
+    sessions.close_all()
