@@ -239,6 +239,11 @@ def test_an_error_answers_its_call_and_the_stream_goes_on(
     assert past.value.metadata == {"index": "16", "dimension": "0", "size": "16"}
     with pytest.raises(errors.FailedPrecondition, match="call Forward first"):
         streamed.backward()
+    # INVALID_ARGUMENT is the call's own refusal, answered there, not a sign that the stream
+    # does not know the call (which sends that method as a call of its own for good).
+    with pytest.raises(errors.InvalidArgument, match=r"cannot be written to conv1\.weight"):
+        streamed.set("conv1.weight", np.zeros((16, 3, 3, 4), np.float32))
+    assert not streamed._not_on_stream
     assert streamed.forward(ONES, TARGET).version == 1
     assert streamed._calls is stream and not stream.spent  # one stream all along
 
