@@ -506,12 +506,11 @@ def test_a_kept_module_output_holds_no_graph_of_its_own() -> None:
         assert (read.requires_grad, read.grad_fn) == (True, "GeluBackward0")
 
 
-def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
-    """A buffer a module assigns its output to carries a node: a custom Function's, of any
-    name. The fetch bound counted none for buffers, and 50 such fetches sent 13,049 bytes
-    over a bound of 6,200 (found by a review)."""
-    long_name = type(
-        "Scale" + "X" * 200,
+def _keeping_a_node(name: str) -> ModelSpec:
+    """A model whose buffer `last` holds its output through a custom autograd Function
+    named `name`: a buffer carrying a node of any name."""
+    function = type(
+        name,
         (torch.autograd.Function,),
         {
             "forward": staticmethod(lambda ctx, a: a * 2),
@@ -527,10 +526,17 @@ def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.fc(x)
-            self.last = long_name.apply(out)  # type: ignore[assignment]
+            self.last = function.apply(out)
             return out  # type: ignore[no-any-return]
 
-    trainer = Trainer(ModelSpec("Keeps", Keeps, (4,), 2), device="cpu", seed=0)
+    return ModelSpec("Keeps", Keeps, (4,), 2)
+
+
+def test_a_fetch_of_a_buffer_with_a_long_node_is_bounded() -> None:
+    """A buffer a module assigns its output to carries a node: a custom Function's, of any
+    name. The fetch bound counted none for buffers, and 50 such fetches sent 13,049 bytes
+    over a bound of 6,200 (found by a review)."""
+    trainer = Trainer(_keeping_a_node("Scale" + "X" * 200), device="cpu", seed=0)
     x, y = torch.ones(2, 4), torch.ones(2, dtype=torch.long)
     trainer.train_step(x, y, use=lambda s: None)  # the buffer now carries the node
     fetch = [("last", ())] * 50
@@ -550,27 +556,7 @@ def test_a_long_node_name_not_in_ascii_is_cut_on_a_character() -> None:
     """A node's name is cut to MAX_GRAD_FN_BYTES bytes of UTF-8: a cut inside a character
     drops the character, and the name sent stays within the bound."""
     name = "Scale" + "\u00e9" * 100  # 2 bytes each: byte 64 falls inside one
-    scale = type(
-        name,
-        (torch.autograd.Function,),
-        {
-            "forward": staticmethod(lambda ctx, a: a * 2),
-            "backward": staticmethod(lambda ctx, g: g * 2),
-        },
-    )
-
-    class Keeps(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-            self.register_buffer("last", torch.zeros(2, 2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.fc(x)
-            self.last = scale.apply(out)  # type: ignore[assignment]
-            return out  # type: ignore[no-any-return]
-
-    with serving(ModelSpec("Keeps", Keeps, (4,), 2), seed=0) as (_, client):
+    with serving(_keeping_a_node(name), seed=0) as (_, client):
         client.forward(Fill.ones(2, 4))
         said = client.read("last").grad_fn
     assert said == "Scale" + "\u00e9" * 29

@@ -530,10 +530,11 @@ def test_set_optimizer_sgd_with_momentum(client: gradwire.Client) -> None:
     assert client.list_tensors().optimizer == expected
 
 
-def test_sgd_momentum_steps_match_local_torch(client: gradwire.Client) -> None:
-    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
-    model = local_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def _two_steps_match(
+    client: gradwire.Client, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Two steps of the tutorial's batch on the server and on `model` by `optimizer`: every
+    parameter after them bit for bit the same."""
     for _ in range(2):
         client.forward(ONES_INPUT, ONES_TARGET)
         client.backward()
@@ -544,6 +545,13 @@ def test_sgd_momentum_steps_match_local_torch(client: gradwire.Client) -> None:
         optimizer.zero_grad()
     for name in PARAMETERS:
         assert np.array_equal(client.get(name), weights(model, name)), name
+
+
+def test_sgd_momentum_steps_match_local_torch(client: gradwire.Client) -> None:
+    client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+    model = local_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _two_steps_match(client, model, optimizer)
 
 
 def test_set_optimizer_adam_takes_torch_defaults(client: gradwire.Client) -> None:
@@ -1993,16 +2001,7 @@ def test_adam_steps_with_every_setting_given(client: gradwire.Client) -> None:
     optimizer = torch.optim.Adam(
         model.parameters(), lr=0.01, betas=(0.5, 0.75), eps=1e-3, weight_decay=0.1
     )
-    for _ in range(2):
-        client.forward(ONES_INPUT, ONES_TARGET)
-        client.backward()
-        client.step()
-        client.zero_grad()
-        local_step(model, *ones_batch())
-        optimizer.step()
-        optimizer.zero_grad()
-    for name in PARAMETERS:
-        assert np.array_equal(client.get(name), weights(model, name)), name
+    _two_steps_match(client, model, optimizer)
 
 
 @pytest.mark.parametrize(
