@@ -1111,7 +1111,6 @@ class Client:
             pieces += unary.source_pieces("ForwardRequest", "target", target)
         if evaluating:  # after the arguments' own checks, which make no call (a review)
             self._needs_field("ForwardRequest.eval_mode", "eval_mode=True", _TRAINING_MODE)
-        if evaluating:
             pieces.append(pb.ForwardRequest(eval_mode=True).SerializeToString())
         return unary.Encoded(
             "Forward", pieces, unary.forward_result, unary.widening_teller(input, target)
