@@ -200,6 +200,7 @@ def _raw_reads(raw: Any) -> None:
     )
     whole = raw.GetTensor(pb.GetTensorRequest(name="conv1.weight", omit_values=True))
     assert (whole.requires_grad, whole.grad_fn, whole.whole_parameter) == (True, "", True)
+    assert list(whole.tensor.shape) == [16, 3, 3, 3] and not whole.tensor.float_values
     target = raw.GetTensor(pb.GetTensorRequest(name="target"))
     assert not target.HasField("tensor") or not (target.requires_grad or target.grad_fn)
     chunks = list(raw.GetTensorStream(pb.GetTensorRequest(name="loss")))

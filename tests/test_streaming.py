@@ -89,7 +89,9 @@ def lower_value_limit(monkeypatch: pytest.MonkeyPatch, limit: int = SMALL_LIMIT)
 # --- GetTensorStream: the chunks themselves ---------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_bytes", [1000, 1002, 4096, 255_996, LINEAR_BYTES, 10**6])
+@pytest.mark.parametrize(
+    "chunk_bytes", [1000, 1002, 4096, 255_996, LINEAR_BYTES, 10**6, limits.MAX_VALUE_BYTES]
+)
 def test_get_tensor_stream_chunks_are_contiguous_and_of_one_version(
     client: gradwire.Client, trainer: Trainer, chunk_bytes: int
 ) -> None:
@@ -277,6 +279,16 @@ def test_chunk_bytes_out_of_range_is_invalid_argument(
     with pytest.raises(ValueError, match=f"chunk_bytes must be from 1 to .*, got {chunk_bytes}"):
         client.chunk_bytes = chunk_bytes
     assert client.chunk_bytes == limits.CHUNK_BYTES
+
+
+def test_a_read_stream_asked_for_no_values_is_refused(client: gradwire.Client) -> None:
+    req = pb.GetTensorRequest(name="conv1.weight", omit_values=True)
+    error = raw_error(lambda: stream_chunks(client, req))
+    assert isinstance(error, errors.InvalidArgument)
+    assert (error.reason, error.message) == (
+        "BAD_REQUEST",
+        "omit_values asks for no values, so there is nothing to stream: use GetTensor",
+    )
 
 
 # --- GetTensorStream: the client falls back to it by itself ----------------------------
