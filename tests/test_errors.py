@@ -949,7 +949,9 @@ def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
         assert fresh.parameters["counts"].grad is None
 
 
-@pytest.mark.parametrize("key", ["gradwire-expected-version", "gradwire-request-id"])
+@pytest.mark.parametrize(
+    "key", ["gradwire-expected-version", "gradwire-request-id", "gradwire-session"]
+)
 def test_a_gradwire_metadata_key_given_twice_is_invalid_argument(
     client: gradwire.Client, address: str, key: str
 ) -> None:

@@ -22,8 +22,9 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
+from gradwire_server import servicer
 from gradwire_server.app import Running
-from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed
+from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed, InvalidInput
 from gradwire_server.request_log import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
 from tests.relay import relay_to
@@ -87,6 +88,34 @@ def test_different_ids_are_different_steps(client: gradwire.Client, address: str
         assert step(pb.StepRequest(), metadata=[("gradwire-request-id", f"s{i}")]).version == (
             version + 1 + i
         )
+
+
+def test_a_request_id_of_128_characters_is_taken_and_one_longer_refused(
+    client: gradwire.Client, address: str
+) -> None:
+    version = _with_gradients(client)
+    step = _step(address)
+    metadata = [("gradwire-request-id", "x" * 128)]
+    assert step(pb.StepRequest(), metadata=metadata).version == version + 1
+    assert step(pb.StepRequest(), metadata=metadata).version == version + 1  # a retry
+    with pytest.raises(grpc.RpcError) as info:
+        step(pb.StepRequest(), metadata=[("gradwire-request-id", "x" * 129)])
+    error = errors.from_rpc_error(info.value)
+    assert isinstance(error, errors.InvalidArgument)
+    assert (error.reason, error.message) == (
+        "BAD_METADATA",
+        "gradwire-request-id is over 128 characters",
+    )
+    assert client.list_tensors().version == version + 1
+
+
+def test_an_empty_request_id_is_none(client: gradwire.Client, address: str) -> None:
+    """Two calls with an empty request id are two calls, not a call and its retry."""
+    version = _with_gradients(client)
+    step = _step(address)
+    metadata = [("gradwire-request-id", "")]
+    assert step(pb.StepRequest(), metadata=metadata).version == version + 1
+    assert step(pb.StepRequest(), metadata=metadata).version == version + 2
 
 
 def test_a_failed_attempt_is_not_remembered(client: gradwire.Client, address: str) -> None:
@@ -325,7 +354,9 @@ def test_a_close_whose_answer_is_lost_is_retried_and_closes_the_session(
         session.close()
 
 
-@pytest.mark.parametrize("given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63), "9" * 5000])
+@pytest.mark.parametrize(
+    "given", ["soon", "", " 5", "+5", "1_0", "-1", str(2**63), "9" * 5000, "0" * 19 + "1"]
+)
 def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) -> None:
     # Python's int() takes " 5", "+5" and "1_0" (10); other languages' parsers do not: only
     # decimal digits are a version.
@@ -334,6 +365,14 @@ def test_a_bad_expected_version_is_invalid_argument(address: str, given: str) ->
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"decimal digits, from 0 to {2**63 - 1}, got" in info.value.details()
     assert errors.from_rpc_error(info.value).reason == "BAD_METADATA"
+
+
+def test_an_expected_version_of_digits_other_than_ascii_is_refused() -> None:
+    """gRPC's own clients send no such header value, but int() reads "\u0665" (an
+    Arabic-Indic five) as 5: the check does not rest on them."""
+    with pytest.raises(InvalidInput) as info:
+        servicer._expected_version({"gradwire-expected-version": "\u0665"})
+    assert info.value.reason == "BAD_METADATA"
 
 
 def test_a_call_whose_deadline_passed_while_queued_changes_nothing(
