@@ -779,6 +779,11 @@ def test_the_answer_in_place_of_one_that_did_not_fit_fits_its_reserve(method: st
         metadata = error_of(pb.CallResponse.FromString(replaced))[3]
         applied = "true" if succeeded and mutation else "false"
         assert (metadata["succeeded"], metadata["applied"]) == (str(succeeded).lower(), applied)
+        kept = (
+            "its answer is kept under its request id"
+            in error_of(pb.CallResponse.FromString(replaced))[1]
+        )
+        assert kept == (applied == "true")
 
 
 def test_a_mutation_whose_answer_overflows_says_it_was_applied(
