@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -616,3 +617,41 @@ def test_a_train_asked_to_ends_at_its_first_loss_not_finite(
     assert not any(p.stopped_at_nonfinite for p in progress[:-1])
     assert math.isnan(last.loss) or math.isinf(last.loss)
     assert last.version == start + 4 * diverged == client.list_tensors().version
+
+
+def test_a_zero_grad_that_leaves_set_to_none_unset_sets_the_gradients_to_none(
+    client: gradwire.Client, address: str, trainer: Trainer
+) -> None:
+    """ZeroGradRequest.set_to_none unset is True, as torch's default (a client in another
+    language may leave it out)."""
+    zero = grpc.insecure_channel(address).unary_unary(
+        "/gradwire.v1.Trainer/ZeroGrad",
+        request_serializer=pb.ZeroGradRequest.SerializeToString,
+        response_deserializer=pb.ZeroGradResponse.FromString,
+    )
+    for request, to_none in [
+        (pb.ZeroGradRequest(set_to_none=False), False),
+        (pb.ZeroGradRequest(), True),
+    ]:
+        client.forward(ONES_INPUT, ONES_TARGET)
+        client.backward()
+        zero(request, timeout=10)
+        grads = [p.grad for p in trainer.parameters.values()]
+        if to_none:
+            assert all(g is None for g in grads)
+        else:
+            assert all(g is not None and not g.any() for g in grads)
+
+
+def test_a_reset_and_a_session_without_a_seed_draw_fresh_weights(client: gradwire.Client) -> None:
+    """No seed is a fresh draw each time, not seed 0 (or any one seed)."""
+    client.reset()
+    first = client.get("conv1.weight")
+    client.reset()
+    assert not np.array_equal(client.get("conv1.weight"), first)
+    one, other = client.open_session(), client.open_session()
+    try:
+        assert not np.array_equal(one.get("conv1.weight"), other.get("conv1.weight"))
+    finally:
+        one.close_session()
+        other.close_session()
