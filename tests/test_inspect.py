@@ -1356,14 +1356,30 @@ def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
     # server refuses them too.
     item = pb.WatchItem(name="conv1.weight", stats=True)
     bad_bins = pb.WatchItem(name="conv1.weight", stats=True, histogram_bins=-2)
+    # Refused with values alone too, where no statistics would use them.
+    bins_unused = pb.WatchItem(name="conv1.weight", values=True, histogram_bins=-2)
     for request, reason, said in (
         (pb.WatchRequest(items=[bad_bins]), "BAD_BINS", "histogram_bins must be between"),
+        (pb.WatchRequest(items=[bins_unused]), "BAD_BINS", "histogram_bins must be between"),
         (pb.WatchRequest(items=[item], every_steps=-1), "BAD_REQUEST", "cannot be negative"),
+        (pb.WatchRequest(items=[item], min_interval_ms=-1), "BAD_REQUEST", "cannot be negative"),
         (pb.WatchRequest(), "BAD_REQUEST", "Watch needs at least one item"),
     ):
         with pytest.raises(errors.InvalidArgument) as no:
             next(client._stream("Watch", request))
         assert (no.value.reason, said in no.value.message) == (reason, True)
+
+
+def test_a_watch_item_asking_for_neither_values_nor_stats_gets_stats(
+    client: gradwire.Client,
+) -> None:
+    request = pb.WatchRequest(items=[pb.WatchItem(name="conv1.weight")])
+    stream = client._stream("Watch", request, timeout=30)
+    first = pb.WatchUpdate.FromString(next(stream))
+    stream.close()  # type: ignore[attr-defined]
+    watched = first.tensors[0]
+    assert watched.HasField("stats") and not watched.HasField("tensor")
+    assert list(watched.full_shape) == [16, 3, 3, 3]
 
 
 def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> None:
