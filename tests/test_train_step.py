@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire import errors
+from gradwire import errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server import servicer
@@ -617,6 +617,11 @@ def test_a_train_asked_to_ends_at_its_first_loss_not_finite(
     assert not any(p.stopped_at_nonfinite for p in progress[:-1])
     assert math.isnan(last.loss) or math.isinf(last.loss)
     assert last.version == start + 4 * diverged == client.list_tensors().version
+    if every == 7:  # a run whose last step is its first not finite ends done, not short
+        client.reset(seed=0)
+        exact = list(client.train(*data, diverged, every=every, stop_at_nonfinite=True))[-1]
+        assert exact.done and exact.first_nonfinite_step == exact.step == diverged
+        assert not exact.stopped_at_nonfinite
 
 
 def test_a_zero_grad_that_leaves_set_to_none_unset_sets_the_gradients_to_none(
@@ -655,3 +660,19 @@ def test_a_reset_and_a_session_without_a_seed_draw_fresh_weights(client: gradwir
     finally:
         one.close_session()
         other.close_session()
+
+
+def test_a_train_request_leaving_zero_grad_unset_zeroes_each_step_and_may_take_the_most_steps(
+    client: gradwire.Client,
+) -> None:
+    """TrainRequest.zero_grad unset is True: four versions a step, as a TrainStep with
+    zero_grad. And steps may be limits.MAX_TRAIN_STEPS (the run cancelled after its first)."""
+    source = pb.TensorSource(fill=ONES_INPUT.to_proto())
+    target = pb.TensorSource(fill=ONES_TARGET.to_proto())
+    request = pb.TrainRequest(input=source, target=target, steps=2)
+    progress = list(client._stream("Train", request, timeout=30))
+    assert [p.version for p in progress] == [4, 8]
+    request.steps = limits.MAX_TRAIN_STEPS
+    run = client._stream("Train", request, timeout=30)
+    assert next(run).steps == limits.MAX_TRAIN_STEPS
+    run.close()  # type: ignore[attr-defined]
