@@ -1493,16 +1493,23 @@ def test_the_default_checkpoint_is_the_one_serve_restores(
 def test_a_checkpoint_not_there_is_not_found_naming_those_that_are(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
-    client, _, _ = kept
+    client, _, state_dir = kept
     with pytest.raises(errors.NotFound) as caught:
         client.load_checkpoint("nope")
     assert caught.value.reason == "NO_CHECKPOINT"
     assert "none yet (SaveCheckpoint writes one)" in caught.value.message
+    assert caught.value.metadata["names"] == ""
     client.save_checkpoint("b")
     client.save_checkpoint("a.1")
     with pytest.raises(errors.NotFound) as caught:
         client.load_checkpoint("nope")
     assert "it holds: a.1, b" in caught.value.message
+    assert caught.value.metadata["names"] == "a.1,b"
+    # A folder where a checkpoint would lie is no checkpoint either.
+    (state_dir / "folder.safetensors").mkdir()
+    with pytest.raises(errors.NotFound) as caught:
+        client.load_checkpoint("folder")
+    assert "no checkpoint named 'folder'" in caught.value.message
     assert client.list_tensors().version == 0
 
 
