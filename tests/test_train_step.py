@@ -629,23 +629,24 @@ def test_a_zero_grad_that_leaves_set_to_none_unset_sets_the_gradients_to_none(
 ) -> None:
     """ZeroGradRequest.set_to_none unset is True, as torch's default (a client in another
     language may leave it out)."""
-    zero = grpc.insecure_channel(address).unary_unary(
-        "/gradwire.v1.Trainer/ZeroGrad",
-        request_serializer=pb.ZeroGradRequest.SerializeToString,
-        response_deserializer=pb.ZeroGradResponse.FromString,
-    )
-    for request, to_none in [
-        (pb.ZeroGradRequest(set_to_none=False), False),
-        (pb.ZeroGradRequest(), True),
-    ]:
-        client.forward(ONES_INPUT, ONES_TARGET)
-        client.backward()
-        zero(request, timeout=10)
-        grads = [p.grad for p in trainer.parameters.values()]
-        if to_none:
-            assert all(g is None for g in grads)
-        else:
-            assert all(g is not None and not g.any() for g in grads)
+    with grpc.insecure_channel(address) as channel:
+        zero = channel.unary_unary(
+            "/gradwire.v1.Trainer/ZeroGrad",
+            request_serializer=pb.ZeroGradRequest.SerializeToString,
+            response_deserializer=pb.ZeroGradResponse.FromString,
+        )
+        for request, to_none in [
+            (pb.ZeroGradRequest(set_to_none=False), False),
+            (pb.ZeroGradRequest(), True),
+        ]:
+            client.forward(ONES_INPUT, ONES_TARGET)
+            client.backward()
+            zero(request, timeout=10)
+            grads = [p.grad for p in trainer.parameters.values()]
+            if to_none:
+                assert all(g is None for g in grads)
+            else:
+                assert all(g is not None and not g.any() for g in grads)
 
 
 def test_a_reset_and_a_session_without_a_seed_draw_fresh_weights(client: gradwire.Client) -> None:
