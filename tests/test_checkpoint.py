@@ -674,6 +674,29 @@ def test_a_checkpoint_s_metadata_changed_without_its_checksum_is_refused(tmp_pat
     assert message == f"cannot load {path}: {CHANGED}"
 
 
+@pytest.mark.parametrize("change", ["dtype", "shape"])
+def test_a_checkpoint_whose_tensor_has_its_bytes_under_another_dtype_or_shape_is_refused(
+    tmp_path: Path, change: str
+) -> None:
+    """The checksum takes each tensor's dtype and shape, not its bytes alone: the same bytes
+    read as another dtype or shape are not what was saved."""
+    saved = Trainer(seed=0)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    grad = tensors["grad/conv1.weight"]
+    tensors["grad/conv1.weight"] = grad.view(torch.int32) if change == "dtype" else grad.flatten()
+    save_file(tensors, str(path), metadata=metadata)  # the checksum saved before
+    message, _ = _load_refused(path)
+    assert message == f"cannot load {path}: {CHANGED}"
+
+
 def test_a_checkpoint_without_a_checksum_loads_as_it_did(tmp_path: Path) -> None:
     """Checkpoints saved before the fifty-third session carry none: they load unchecked."""
     saved = Trainer(seed=0, optimizer=OptimizerSettings("sgd", lr=0.1, momentum=0.9))
