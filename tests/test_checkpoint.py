@@ -1864,6 +1864,29 @@ def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
     Trainer(seed=9).load(path)  # whole: one of them
 
 
+def test_optimizer_state_that_is_no_tensor_is_kept_beside_the_tensors(tmp_path: Path) -> None:
+    """Optimizer state that is not a tensor (SGD's momentum_buffer of None, which a load
+    takes) goes into the metadata's "optimizer_scalars", and a load gives it back."""
+    trainer = Trainer(seed=0, optimizer=MOMENTUM)
+    _train(trainer, 1)
+    state = trainer._optimizer.state
+    state[trainer._parameters["conv1.weight"]]["momentum_buffer"] = None
+    path = tmp_path / "state.safetensors"
+    checkpoint.save(
+        path,
+        version=trainer.version,
+        model=trainer.spec.name,
+        optimizer=trainer._optimizer,
+        settings=trainer.optimizer_settings,
+        parameters=trainer._parameters,
+        buffers={},
+    )
+    with checkpoint.load(path) as loaded:
+        assert loaded.optimizer_state["conv1.weight"] == {"momentum_buffer": None}
+        kept = state[trainer._parameters["conv2.weight"]]["momentum_buffer"]
+        assert torch.equal(loaded.optimizer_state["conv2.weight"]["momentum_buffer"], kept)
+
+
 def test_a_watch_every_n_steps_hears_of_a_checkpoint_s_load(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
