@@ -1615,6 +1615,9 @@ def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_sto
     real = shutil.disk_usage(state_dir)
     kept_free = checkpoint.reserve(real.total)
     assert kept_free == min(1 << 30, real.total // 20)
+    # Whichever disk this machine has: 5% of a small one, 1 GiB of a large one.
+    assert checkpoint.reserve(100 << 20) == 5 << 20
+    assert checkpoint.reserve(100 << 30) == 1 << 30
 
     def free(left: int) -> None:
         usage = real._replace(free=kept_free + left)
@@ -1631,6 +1634,43 @@ def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_sto
     assert trainer.save(state_dir / "at-stop.safetensors").bytes > 100_000
     free(10 << 20)
     assert client.save_checkpoint("big").bytes > 100_000
+
+
+def test_a_save_may_leave_the_reserve_free_to_the_byte_and_says_no_less_than_nothing_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = shutil.disk_usage(tmp_path)
+    kept = checkpoint.reserve(real.total)
+    usage = real._replace(free=kept + 1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    checkpoint.check_room(tmp_path, 1000)  # the reserve left, to the byte
+    checkpoint.check_room(tmp_path, 1500, replaced=500)
+    with pytest.raises(OSError) as full:
+        checkpoint.check_room(tmp_path, 1001)
+    assert full.value.errno == errno.ENOSPC
+    # A save larger than the disk's whole free space leaves nothing, not less.
+    usage = real._replace(free=1000)
+    with pytest.raises(OSError) as full:
+        checkpoint.check_room(tmp_path, 3 << 20)
+    assert full.value.strerror == (
+        f"its 3.0 MiB would leave 0.0 MiB free on the disk, under the {kept / (1 << 20):,.1f} "
+        "MiB a save leaves for the rest of the host"
+    )
+
+
+def test_a_save_counts_as_given_back_only_a_file_whose_one_name_it_replaces(
+    tmp_path: Path,
+) -> None:
+    """A link is replaced, not its target: its own few bytes are not a checkpoint's given
+    back, nor those of a file with a second name."""
+    alone, linked = tmp_path / "alone.safetensors", tmp_path / "linked.safetensors"
+    alone.write_bytes(b"x" * 1000)
+    linked.symlink_to(alone)
+    assert checkpoint._replaced(alone) == 1000
+    assert checkpoint._replaced(linked) == 0
+    assert checkpoint._replaced(tmp_path / "none.safetensors") == 0
+    os.link(alone, tmp_path / "second.safetensors")
+    assert checkpoint._replaced(alone) == 0
 
 
 def test_a_save_in_place_of_one_counts_the_room_it_gives_back_and_an_unknown_disk_is_not_checked(
