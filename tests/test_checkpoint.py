@@ -1337,6 +1337,21 @@ def test_the_checkpoints_are_listed_with_what_would_stop_a_load(
     client.load_checkpoint("epoch1")
 
 
+def test_a_checkpoint_cut_short_or_with_bytes_past_its_tensors_is_listed_as_which(
+    tmp_path: Path,
+) -> None:
+    Trainer(seed=0).save(tmp_path / "whole.safetensors")
+    whole = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-4])
+    (tmp_path / "longer.safetensors").write_bytes(whole + b"appended")
+    problems = {c.name: c.problem for c in checkpoint.described(tmp_path, "Simple")}
+    assert problems == {
+        "cut": "damaged: cut short",
+        "longer": "damaged: bytes past its tensors",
+        "whole": "",
+    }
+
+
 def test_a_checkpoint_is_deleted_by_name_for_room(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
