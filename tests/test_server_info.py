@@ -341,6 +341,10 @@ def test_a_server_is_not_started_with_counts_its_info_cannot_hold(
         start(trainer, "127.0.0.1", 0, **{setting: value})
 
 
+def test_a_server_is_started_with_counts_at_the_most_its_info_holds() -> None:
+    assert _limits(max_sessions=2**32 - 1).max_sessions == 2**32 - 1
+
+
 def test_a_client_whose_session_closed_may_still_ask(client: gradwire.Client) -> None:
     """GetServerInfo reads no session, as ListSessions."""
     mine = client.open_session(seed=0)
