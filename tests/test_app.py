@@ -238,6 +238,21 @@ def test_a_second_server_cannot_take_the_same_port(
     assert "add port" not in capfd.readouterr().err.lower()
 
 
+def test_a_server_s_port_cannot_be_shared_by_a_socket_that_asks_to_share_it(
+    server: Running,
+) -> None:
+    """gRPC sets SO_REUSEPORT by default, which lets a second socket that sets it too, a
+    second gRPC server among them, bind the same port and take a share of its connections,
+    silently: the server turns it off."""
+    with (
+        socket.socket() as sharer,
+        pytest.raises(OSError) as refused,
+    ):
+        sharer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sharer.bind(("127.0.0.1", server.port))
+    assert refused.value.errno == errno.EADDRINUSE
+
+
 @pytest.mark.parametrize("port", [50123, 0])
 def test_an_address_not_of_this_machine_is_named(
     trainer: Trainer, port: int, capfd: pytest.CaptureFixture[str]
