@@ -22,7 +22,7 @@ import gradwire
 from gradwire import limits
 from gradwire.errors import Unavailable
 from gradwire.results import ServerLimits
-from gradwire_server.app import FILES_KEPT, Running
+from gradwire_server.app import FILES_KEPT, Running, connections_within_open_files
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
 from tests.serve_in_process import running_server
@@ -289,6 +289,21 @@ def test_serve_lowers_the_limit_to_fit_its_open_files() -> None:
         "--max-connections 1,000 lowered to 72: this process may open 200 files, 128 of them "
         "kept for the server's own" in log
     ), log
+    assert "open files: up to" not in log  # soft and hard alike: nothing raised, nothing said
+
+
+def test_a_limit_on_connections_that_just_fits_the_open_files_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 2**31 or soft < FILES_KEPT + 2:
+        pytest.skip(f"a soft limit of {soft} open files")
+    fits = limits.ServerConnections(max_connections=soft - FILES_KEPT)
+    assert connections_within_open_files(fits) == fits
+    assert "lowered" not in caplog.text  # not said to be lowered to what it was
+    over = limits.ServerConnections(max_connections=soft - FILES_KEPT + 1)
+    assert connections_within_open_files(over) == fits
+    assert f"lowered to {soft - FILES_KEPT:,}" in caplog.text
 
 
 @pytest.mark.parametrize("count", ["-1", "2.5", "many", str(2**31)])
