@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 import resource
 import shutil
@@ -719,6 +720,17 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
         hold_state_dir(state)
 
 
+def test_the_lock_file_names_this_server_s_process_alone(tmp_path: Path) -> None:
+    """A lock file left longer than this server's process id is written over whole: what
+    was left after the id made a second server's refusal say "another process" where it
+    names this one's."""
+    from gradwire_server.app import LOCK_FILE, hold_state_dir
+
+    (tmp_path / LOCK_FILE).write_text(f"{os.getpid()}0123456789\n")
+    with hold_state_dir(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
 def test_a_server_started_under_nohup_outlives_a_hangup() -> None:
     """nohup ignores SIGHUP so that its command outlives the terminal; serve's handler
     replaced nohup's, and a hang-up (the terminal closing, an SSH session ending) stopped
@@ -738,6 +750,18 @@ def test_a_server_started_under_nohup_outlives_a_hangup() -> None:
         rest = process.stderr.read()
     assert "SIGHUP received" not in rest
     assert "SIGTERM received: stopping" in rest
+
+
+def test_a_sigterm_ignored_by_the_server_s_starter_still_stops_it() -> None:
+    """Only nohup's SIGHUP stays ignored: a SIGTERM or Ctrl-C that the starter ignored still
+    stops the server gracefully."""
+    from gradwire_server.app import stop_signals
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert signal.SIGTERM in stop_signals()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_sigterm_the_kernel_hands_another_thread_still_stops_the_server(
