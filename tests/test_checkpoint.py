@@ -331,6 +331,27 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     )
 
 
+def test_a_refusal_names_every_parameter_that_differs_up_to_eight_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.safetensors"
+    served = {f"p{i}": torch.zeros(3) for i in range(9)}
+    eight = {f"p{i}": torch.zeros(2) for i in range(8)}
+    said = checkpoint.other_model(path, "Eight", eight, "Nine", {**served})
+    assert said.startswith(f"{path} holds a Eight, where this server serves Nine (parameters ")
+    assert said.endswith("; p7 float32 [2] in it, float32 [3] served; and 1 more): ")
+    del served["p8"]
+    said = checkpoint.other_model(path, "Eight", eight, "Nine", served)
+    assert said.endswith("; p7 float32 [2] in it, float32 [3] served): ")
+
+
+def test_a_checkpoint_at_the_largest_version_loads(tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+    Trainer(seed=0).save(path)
+    _altered(path, {"version": str(checkpoint.MAX_VERSION)})
+    assert Trainer(seed=1).load(path) == 2**62
+
+
 def _float32_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
@@ -744,6 +765,7 @@ SAVED_SETTINGS = (
         ({"version": str(2**63)}, f"its version '{2**63}' is not a whole number"),
         # At int64's end it loaded; its next mutation was answered INTERNAL, every read after.
         ({"version": str(2**63 - 1)}, f"its version '{2**63 - 1}' is not a whole number"),
+        ({"version": "\u0663"}, "its version '\u0663' is not a whole number"),  # int() reads it
         ({"model": ""}, "its model name is empty"),
         ({"optimizer": "{"}, "its 'optimizer' metadata is not JSON (Expecting property"),
         ({"optimizer": "[]"}, "its 'optimizer' metadata is not a JSON object"),
