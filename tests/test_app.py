@@ -692,8 +692,11 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
     from gradwire_server.app import hold_state_dir
 
     port_file, state = tmp_path / "port", tmp_path / "state"
+    (state / ".saving").mkdir(parents=True)  # what a save cut short left: cleared, and said
+    (state / ".saving" / "state.safetensors.0a1b.partial").write_bytes(b"x" * 3 * 2**19)
     args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
     with serving(*args) as (process, log):
+        assert f"removed 1 unfinished checkpoint file(s), 1.5 MiB, left in {state} by a" in log
         # A fresh folder is said to be one: only a restore was logged (an operator's
         # walkthrough: a fresh volume and a wrong mount read alike).
         assert f"no saved state in {state}: fresh weights" in log, log
