@@ -1943,11 +1943,13 @@ def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
 
 def test_optimizer_state_that_is_no_tensor_is_kept_beside_the_tensors(tmp_path: Path) -> None:
     """Optimizer state that is not a tensor (SGD's momentum_buffer of None, which a load
-    takes) goes into the metadata's "optimizer_scalars", and a load gives it back."""
+    takes; a number, as other optimizers keep) goes into the metadata's "optimizer_scalars",
+    and a load gives it back."""
     trainer = Trainer(seed=0, optimizer=MOMENTUM)
     _train(trainer, 1)
     state = trainer._optimizer.state
     state[trainer._parameters["conv1.weight"]]["momentum_buffer"] = None
+    state[trainer._parameters["conv1.weight"]]["scale"] = 0.5
     path = tmp_path / "state.safetensors"
     checkpoint.save(
         path,
@@ -1959,7 +1961,7 @@ def test_optimizer_state_that_is_no_tensor_is_kept_beside_the_tensors(tmp_path: 
         buffers={},
     )
     with checkpoint.load(path) as loaded:
-        assert loaded.optimizer_state["conv1.weight"] == {"momentum_buffer": None}
+        assert loaded.optimizer_state["conv1.weight"] == {"momentum_buffer": None, "scale": 0.5}
         kept = state[trainer._parameters["conv2.weight"]]["momentum_buffer"]
         assert torch.equal(loaded.optimizer_state["conv2.weight"]["momentum_buffer"], kept)
 
