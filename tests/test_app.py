@@ -734,6 +734,24 @@ def test_the_lock_file_names_this_server_s_process_alone(tmp_path: Path) -> None
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_state_dir_whose_lock_names_no_process_is_said_held_by_another_process(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+
+    from gradwire_server.app import LOCK_FILE, hold_state_dir
+
+    with (tmp_path / LOCK_FILE).open("w") as other:  # held, its process id not yet written
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("starting\n")
+        other.flush()
+        with pytest.raises(InvalidInput) as held:
+            hold_state_dir(tmp_path)
+    assert f"{tmp_path} is in use by another gradwire server (another process): " in (
+        held.value.message
+    )
+
+
 def test_a_server_started_under_nohup_outlives_a_hangup() -> None:
     """nohup ignores SIGHUP so that its command outlives the terminal; serve's handler
     replaced nohup's, and a hang-up (the terminal closing, an SSH session ending) stopped
