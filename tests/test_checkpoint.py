@@ -791,6 +791,10 @@ SAVED_SETTINGS = (
             "its optimizer setting lr is 'x', not a number",
         ),
         (
+            {"optimizer": SAVED_SETTINGS.replace("0.1", "true")},
+            "its optimizer setting lr is True, not a number",
+        ),
+        (
             {"optimizer": SAVED_SETTINGS.replace("false", "0")},
             "its optimizer setting nesterov is 0, not true or false",
         ),
@@ -950,6 +954,18 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     assert f"{path}: it is a damaged gradwire checkpoint: it holds " in message
     assert said in message
     _train(fresh, 1)  # and it trains on
+
+
+def test_adam_state_of_no_step_taken_yet_loads(tmp_path: Path) -> None:
+    """A count of steps taken, 0 among them: torch's Adam counts the next step before using it."""
+    saved = Trainer(seed=0, optimizer=ADAM)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _tensors_altered(path, {"optim/conv1.weight/step": torch.tensor(0.0)})
+    fresh = Trainer(seed=1)
+    assert fresh.load(path) == saved.version
+    _train(fresh, 1)
 
 
 def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> None:
