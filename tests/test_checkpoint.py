@@ -922,6 +922,11 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
             "adam state exp_avg_sq of conv2.weight holds negative values, where it is a running "
             "mean of squared gradients: 0 or more",
         ),
+        (
+            ADAM,
+            {"optim/conv2.weight/exp_avg_sq": torch.zeros(0)},
+            "adam state exp_avg_sq of conv2.weight as float32 [0], where it is float32",
+        ),
     ],
     ids=[
         "grad-dtype",
@@ -934,6 +939,7 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
         "adam-step-nan",
         "adam-step-fraction",
         "adam-squares-negative",
+        "adam-squares-empty",
     ],
 )
 def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes_nothing(
@@ -956,13 +962,24 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     _train(fresh, 1)  # and it trains on
 
 
-def test_adam_state_of_no_step_taken_yet_loads(tmp_path: Path) -> None:
-    """A count of steps taken, 0 among them: torch's Adam counts the next step before using it."""
+@pytest.mark.parametrize(
+    "change",
+    [
+        # A count of steps taken, 0 among them: torch's Adam counts the next step first.
+        {"optim/conv1.weight/step": torch.tensor(0.0)},
+        # A mean of squares of gradients that were all 0 (a weight no loss reached).
+        {"optim/conv1.weight/exp_avg_sq": torch.zeros(16, 3, 3, 3)},
+    ],
+    ids=["step-0", "squares-0"],
+)
+def test_adam_state_at_the_edge_of_what_a_run_makes_loads(
+    tmp_path: Path, change: dict[str, torch.Tensor | None]
+) -> None:
     saved = Trainer(seed=0, optimizer=ADAM)
     _train(saved, 1)
     path = tmp_path / "state.safetensors"
     saved.save(path)
-    _tensors_altered(path, {"optim/conv1.weight/step": torch.tensor(0.0)})
+    _tensors_altered(path, change)
     fresh = Trainer(seed=1)
     assert fresh.load(path) == saved.version
     _train(fresh, 1)
