@@ -906,6 +906,11 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
             {"optim/linear.weight/step": torch.ones(2)},
             "adam state step of linear.weight as float32 [2], where it is a float of no dimension",
         ),
+        (
+            ADAM,
+            {"optim/linear.weight/step": torch.tensor(1)},
+            "adam state step of linear.weight as int64 [], where it is a float of no dimension",
+        ),
         # Loaded, these made every weight NaN at the next step, or (-1) every later step
         # INTERNAL, ZeroDivisionError in torch's bias correction (a review of checkpoints).
         (
@@ -935,6 +940,7 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
         "adam-shape",
         "adam-missing",
         "adam-step",
+        "adam-step-int",
         "adam-step-negative",
         "adam-step-nan",
         "adam-step-fraction",
