@@ -968,6 +968,27 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     _train(fresh, 1)  # and it trains on
 
 
+def test_adam_state_of_none_is_refused_where_only_sgd_s_momentum_may_be_none(
+    tmp_path: Path,
+) -> None:
+    saved = Trainer(seed=0, optimizer=ADAM)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(str(path))
+    del tensors["optim/conv1.weight/exp_avg"]
+    scalars = json.dumps({"conv1.weight": {"exp_avg": None}})
+    resave(tensors, path, {**metadata, "optimizer_scalars": scalars})
+    message, fresh = _load_refused(path)
+    assert "adam state exp_avg of conv1.weight as NoneType, where it is float32 [16, " in message
+    _train(fresh, 1)
+
+
 @pytest.mark.parametrize(
     "change",
     [
