@@ -886,6 +886,12 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
         ),
         (
             MOMENTUM,
+            {"optim/conv1.weight/momentum_buffer": torch.zeros(16, 3, 3, 3, dtype=torch.float64)},
+            "sgd state momentum_buffer of conv1.weight as float64 [16, 3, 3, 3], where it is "
+            "float32 [16, 3, 3, 3]",
+        ),
+        (
+            MOMENTUM,
             {"optim/conv2.weight/velocity": torch.zeros(16)},
             "sgd state ['momentum_buffer', 'velocity'] for conv2.weight, where sgd keeps "
             "['momentum_buffer']",
@@ -936,6 +942,7 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
     ids=[
         "grad-dtype",
         "momentum-shape",
+        "momentum-dtype",
         "sgd-key",
         "adam-shape",
         "adam-missing",
