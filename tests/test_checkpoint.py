@@ -1656,6 +1656,19 @@ def test_a_checkpoint_name_that_is_not_a_plain_name_is_refused(
     assert not Path("/escape.safetensors").exists()
 
 
+def test_a_refused_name_is_shown_whole_up_to_120_characters_and_cut_past_them(
+    tmp_path: Path,
+) -> None:
+    for name, shown in [
+        ("a" * 101, "a" * 101),
+        ("a" * 120, "a" * 120),
+        ("a" * 121, "a" * 100 + "..."),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            checkpoint.path_for(tmp_path, name)
+        assert str(refused.value).startswith(f"checkpoint name {shown!r}: give 1 to 100 "), name
+
+
 def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
