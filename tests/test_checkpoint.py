@@ -576,7 +576,7 @@ def test_a_save_into_a_state_dir_removed_meanwhile_makes_it_again_and_holds_it(
                 trainer.save(state / "a.safetensors")
             assert "in use by another gradwire server (process 4242)" in str(lost.value)
             assert not (state / "a.safetensors").exists()
-    trainer.save(tmp_path / "elsewhere" / "b.safetensors")  # no server: a folder is made
+    trainer.save(tmp_path / "elsewhere" / "b" / "c.safetensors")  # no server: folders made
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
