@@ -409,12 +409,38 @@ def test_stop_closes_the_metrics_port(trainer: Trainer) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
-def test_a_metrics_port_in_use_is_refused_clearly(trainer: Trainer) -> None:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_metrics_port_in_use_is_refused_clearly_and_leaves_the_grpc_port_free(
+    trainer: Trainer,
+) -> None:
+    """A gRPC server never started keeps its port bound for the life of the process: a
+    start refused for its metrics port must not have bound it, or a caller in this process
+    could not start on that port again (a review)."""
+    port = _free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError, match=r"cannot serve metrics on 127\.0\.0\.1"):
-            start(trainer, "127.0.0.1", 0, metrics_port=taken.getsockname()[1])
+            start(trainer, "127.0.0.1", port, metrics_port=taken.getsockname()[1])
+    running = start(trainer, "127.0.0.1", port)
+    assert running.port == port
+    running.stop(grace=None)
+
+
+def test_a_grpc_port_in_use_leaves_the_metrics_port_free(trainer: Trainer) -> None:
+    metrics_port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1"):
+            start(trainer, "127.0.0.1", taken.getsockname()[1], metrics_port=metrics_port)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", metrics_port))  # closed: the port is free again
 
 
 # --- logs ------------------------------------------------------------------------------------

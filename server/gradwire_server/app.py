@@ -247,6 +247,27 @@ def _cannot_listen(address: str, host: str, port: int, error: OSError | None) ->
     return f"cannot listen on {address}: {why}"
 
 
+def _listen(server: grpc.Server, host: str, port: int, tls: TlsFiles | None) -> int:
+    """Binds `server` to host:port and returns the port bound (port 0: a free one), or
+    raises OSError saying why it cannot and what to do."""
+    address = _address(host, port)
+    refused = _bind_error(host, port)
+    if refused is not None:
+        error = OSError(_cannot_listen(address, host, port, refused))
+        error.errno = refused.errno  # for callers; the message alone is what a person reads
+        raise error
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, tls.credentials())
+    except RuntimeError:  # grpc says only "failed to bind"; say what to do about it
+        bound = 0
+    if bound == 0:
+        raise OSError(_cannot_listen(address, host, port, None))
+    return bound
+
+
 def start(
     trainer: Trainer,
     host: str = "127.0.0.1",
@@ -338,28 +359,18 @@ def start(
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)
     add_reflection(reflection_servicer, server)
-    address = _address(host, port)
-    refused = _bind_error(host, port)
-    if refused is not None:
-        error = OSError(_cannot_listen(address, host, port, refused))
-        error.errno = refused.errno  # for callers; the message alone is what a person reads
-        raise error
-    try:
-        if tls is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, tls.credentials())
-    except RuntimeError:  # grpc says only "failed to bind"; say what to do about it
-        bound = 0
-    if bound == 0:
-        raise OSError(_cannot_listen(address, host, port, None))
+    # The metrics port first: a gRPC server never started keeps its port bound for the
+    # life of the process, stop() or not, so a start refused for the metrics port after it
+    # left a caller in this process no way to start on that port again (a review).
     metrics_server = None
     if metrics is not None and metrics_port is not None:
-        try:
-            metrics_server = MetricsServer(metrics.registry, host, metrics_port)
-        except OSError:
-            server.stop(None)
-            raise
+        metrics_server = MetricsServer(metrics.registry, host, metrics_port)
+    try:
+        bound = _listen(server, host, port, tls)
+    except BaseException:
+        if metrics_server is not None:
+            metrics_server.stop()
+        raise
 
     def serving_lost(error: BaseException) -> None:
         try:
