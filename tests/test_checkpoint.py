@@ -1377,6 +1377,9 @@ def test_a_load_reads_the_parameters_one_at_a_time_as_it_checked_them(tmp_path: 
         assert torch.equal(loaded.parameter("conv1.weight"), original.parameters["conv1.weight"])
         with pytest.raises(ValueError, match=r"linear\.weight changed on disk while it was loaded"):
             loaded.parameter("linear.weight")
+    # Closed, it reads no more, and says so: not an AttributeError of its own insides.
+    with pytest.raises(RuntimeError, match=r"conv1\.weight read after the checkpoint was closed"):
+        loaded.parameter("conv1.weight")
     with pytest.raises(ValueError, match="SHA-256 differs"):  # loaded anew: refused whole
         checkpoint.load(path)
 

@@ -417,10 +417,12 @@ class Loaded:
         they are not the bytes the load read and checked (the file was written in place
         since: the server's own saves replace a file whole, which leaves this one's open
         file as it was); MemoryError when the host has not the room for them."""
+        if self._file is None:  # a caller's slip, not the file's: no Unfit
+            raise RuntimeError(f"parameter {name} read after the checkpoint was closed")
         with _memory_error():
             try:
                 tensor: torch.Tensor = self._file.get_tensor(f"param/{name}")
-            except SafetensorError as err:  # closed, or its bytes cut short since
+            except SafetensorError as err:  # its bytes cut short since
                 raise damaged(f"its parameter {name} could not be read again ({err})") from err
         if zlib.crc32(_bytes(tensor)) != self._sums[name]:
             raise damaged(f"its parameter {name} changed on disk while it was loaded")
