@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import pytest
@@ -11,7 +12,13 @@ from torch import nn
 
 from gradwire_server import optimizers
 from gradwire_server.devices import resolve_device
-from gradwire_server.errors import InvalidInput, OverLimit, VersionMismatch, WrongOrder
+from gradwire_server.errors import (
+    DeadlinePassed,
+    InvalidInput,
+    OverLimit,
+    VersionMismatch,
+    WrongOrder,
+)
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.optimizers import OptimizerSettings
@@ -569,3 +576,47 @@ def test_a_pass_lets_go_of_the_last_pass_before_it_makes_its_own(
         hook.remove()
     assert seen == [[True, True, True]]  # gone as the pass began, before conv1 ran
     assert trainer.read("conv1.output").value is not None  # and the new ones kept
+
+
+def _value(trainer: Trainer, name: str) -> torch.Tensor:
+    value = trainer.read(name).value
+    assert value is not None, name
+    return value
+
+
+def test_a_mutation_under_the_lock_is_refused_once_its_deadline_passes_waiting_for_it(
+    trainer: Trainer,
+) -> None:
+    """ZeroGrad to None runs on the caller's thread under the lock (under_lock): with a
+    deadline, it waits for the lock only until then, and is refused, nothing changed, rather
+    than waiting however long the call holding the lock runs."""
+    before = trainer.version
+    outcome: list[BaseException | int] = []
+
+    def zero_grad() -> None:
+        with guarded(Guard(deadline=time.monotonic() + 0.2)):
+            try:
+                outcome.append(trainer.zero_grad())
+            except DeadlinePassed as err:
+                outcome.append(err)
+
+    waiter = threading.Thread(target=zero_grad)
+    with trainer._lock:  # another call's Forward, say
+        waiter.start()
+        waiter.join(timeout=10)
+        refused = list(outcome)
+    waiter.join(timeout=30)
+    assert len(refused) == 1 and isinstance(refused[0], DeadlinePassed)
+    assert trainer.version == before
+
+
+def test_a_guard_holds_for_the_first_call_made_under_it_alone(trainer: Trainer) -> None:
+    """The guard is the next call's: a call made after it in the same context runs
+    unguarded, its expected version being one the first call moved on from."""
+    before = trainer.version
+    with guarded(Guard(expected_version=before)):
+        trainer.forward(ONES, LABELS)
+        trainer.backward()  # the guard's expected version is no longer the state's
+    assert trainer.version == before + 2
+    with guarded(Guard(expected_version=before)), pytest.raises(VersionMismatch):
+        trainer.backward()
