@@ -620,3 +620,40 @@ def test_a_guard_holds_for_the_first_call_made_under_it_alone(trainer: Trainer) 
     assert trainer.version == before + 2
     with guarded(Guard(expected_version=before)), pytest.raises(VersionMismatch):
         trainer.backward()
+
+
+class _ScaledBySum(nn.Module):
+    """Its output scaled by the sum of `scale`: autograd gives scale's gradient as an
+    expanded tensor (one value, strides of 0), not laid out as the parameter is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.full((3,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * self.scale.sum()
+        return out
+
+
+def test_a_gradient_is_laid_out_as_its_parameter_and_accumulates_as_in_pytorch() -> None:
+    """autograd.grad, which Backward takes gradients with, answers scale's as a view of one
+    value; backward() lays it out as the parameter. Kept as it came, a second Backward could
+    not add to it, nor a SetTensor write into it."""
+    trainer = Trainer(ModelSpec("ScaledBySum", _ScaledBySum, (4,), 2), seed=0)
+    torch.manual_seed(0)
+    local = _ScaledBySum()
+    x, y = torch.arange(8.0).reshape(2, 4) / 8, torch.tensor([0, 1])
+    trainer.forward(x, y)
+    trainer.backward(retain_graph=True)
+    trainer.backward()
+    loss = nn.functional.cross_entropy(local(x), y)
+    torch.autograd.backward(loss, retain_graph=True)
+    torch.autograd.backward(loss)
+    grad, expected = trainer.parameters["scale"].grad, local.scale.grad
+    assert grad is not None and expected is not None
+    assert grad.stride() == expected.stride() == (1,)
+    assert torch.equal(_value(trainer, "scale.grad"), expected)
+    trainer.write("scale.grad", ((0,),), torch.tensor(2.0))
+    assert _value(trainer, "scale.grad")[0] == 2.0
+    assert torch.equal(_value(trainer, "scale.grad")[1:], expected[1:])
