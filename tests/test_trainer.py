@@ -657,3 +657,34 @@ def test_a_gradient_is_laid_out_as_its_parameter_and_accumulates_as_in_pytorch()
     trainer.write("scale.grad", ((0,),), torch.tensor(2.0))
     assert _value(trainer, "scale.grad")[0] == 2.0
     assert torch.equal(_value(trainer, "scale.grad")[1:], expected[1:])
+
+
+class _FailsAfterFirst:
+    """A factory whose every build after the first raises `error`."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.built = error, 0
+
+    def __call__(self) -> nn.Module:
+        self.built += 1
+        if self.built > 1:
+            raise self.error
+        return nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), OverLimit("no room", reason="OUT_OF_MEMORY")],
+    ids=["memory", "refusal"],
+)
+def test_a_factory_running_out_of_memory_is_answered_as_that_not_as_a_failed_build(
+    error: BaseException,
+) -> None:
+    """Memory running out, or a refusal of the trainer's own, in a Reset's build is answered
+    as it is (OUT_OF_MEMORY), not as MODEL_BUILD_FAILED, which says the factory is broken."""
+    trainer = Trainer(ModelSpec("Linear", _FailsAfterFirst(error), (4,), 2), seed=0)
+    before = trainer.version
+    with pytest.raises(type(error)) as caught:
+        trainer.reset()
+    assert caught.value is error
+    assert trainer.version == before
