@@ -16,6 +16,7 @@ from gradwire_server.errors import (
     DeadlinePassed,
     InvalidInput,
     OverLimit,
+    UnknownTensor,
     VersionMismatch,
     WrongOrder,
 )
@@ -688,3 +689,39 @@ def test_a_factory_running_out_of_memory_is_answered_as_that_not_as_a_failed_bui
         trainer.reset()
     assert caught.value is error
     assert trainer.version == before
+
+
+def test_an_unknown_name_is_told_every_name_it_is_about_as_close_to(trainer: Trainer) -> None:
+    """ "weight" is about as close to each of the three weights (difflib's ratios 0.63 to
+    0.67): a caller is pointed to all of them, not to none."""
+    with pytest.raises(UnknownTensor) as caught:
+        trainer.read("weight")
+    closest = caught.value.metadata["closest"].split(",")
+    assert sorted(closest) == ["conv1.weight", "conv2.weight", "linear.weight"]
+    assert "did you mean 'conv2.weight', 'conv1.weight', 'linear.weight'? " in caught.value.message
+
+
+def test_an_unknown_key_of_a_parameter_s_optimizer_state_is_not_said_to_lack_gradients(
+    trainer: Trainer,
+) -> None:
+    """conv1.weight is float32, and has state: a misspelt key of it is pointed to the names
+    close to it, not told that torch keeps no gradient for its dtype."""
+    trainer.set_optimizer(OptimizerSettings(kind="adam"))
+    with pytest.raises(UnknownTensor) as caught:
+        trainer.read("optimizer.conv1.weight.exp_av")
+    assert "keeps gradients only for floating-point" not in caught.value.message
+    assert "did you mean 'optimizer.conv1.weight.exp_avg'" in caught.value.message
+
+
+def test_listing_the_tensors_asks_for_no_parameter_s_change(trainer: Trainer) -> None:
+    """ListTensors names every delta without asking for it: a Step then records no change (a
+    copy of the whole model a Step), where a read of one delta records that one's from the
+    next Step on."""
+    trainer.list_tensors()
+    trainer.train_step(ONES, LABELS, use=repr)
+    present = {info.name: info.present for info in trainer.list_tensors().tensors}
+    assert not present["conv1.weight.delta"] and not present["linear.weight.delta"]
+    assert trainer.read("conv1.weight.delta").value is None  # asked for from now on
+    trainer.train_step(ONES, LABELS, use=repr)
+    present = {info.name: info.present for info in trainer.list_tensors().tensors}
+    assert present["conv1.weight.delta"] and not present["linear.weight.delta"]
