@@ -725,3 +725,31 @@ def test_listing_the_tensors_asks_for_no_parameter_s_change(trainer: Trainer) ->
     trainer.train_step(ONES, LABELS, use=repr)
     present = {info.name: info.present for info in trainer.list_tensors().tensors}
     assert present["conv1.weight.delta"] and not present["linear.weight.delta"]
+
+
+def test_a_regression_target_of_another_float_dtype_is_taken_as_the_input_s() -> None:
+    """A float64 target for a float32 model (numpy's default dtype) is cast to the model's
+    dtype, as the loss takes it, and the step is PyTorch's with that target."""
+    spec = ModelSpec("Regression", lambda: nn.Linear(4, 2), (4,), 2, loss="mse")
+    trainer = Trainer(spec, seed=0)
+    torch.manual_seed(0)
+    local = nn.Linear(4, 2)
+    x = torch.arange(12.0).reshape(3, 4) / 12
+    y = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(3, 2)
+    result = trainer.forward(x, y)
+    trainer.backward()
+    loss = nn.functional.mse_loss(local(x), y.float())
+    torch.autograd.backward(loss)
+    assert _value(trainer, "target").dtype == torch.float32
+    assert result.loss == loss.item()
+    assert local.weight.grad is not None
+    assert torch.equal(_value(trainer, "weight.grad"), local.weight.grad)
+
+
+def test_a_value_with_no_elements_is_written_to_a_selection_of_none(trainer: Trainer) -> None:
+    """An empty selection takes an empty value, as in PyTorch (w[0:0] = torch.ones(0, 3, 3,
+    3)): a dimension of 0 is no negative one."""
+    before = _value(trainer, "conv1.weight")
+    assert trainer.write("conv1.weight", ((slice(0, 0),),), torch.ones(0, 3, 3, 3)) == 1
+    assert trainer.write("conv1.weight", ((slice(0, 0),),), FillSpec("ones", (0, 3, 3, 3))) == 2
+    assert torch.equal(_value(trainer, "conv1.weight"), before)
