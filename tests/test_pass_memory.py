@@ -553,3 +553,76 @@ def test_an_operation_that_returns_nothing_leaves_the_run_on_meta_tensors() -> N
         assert run.made_bytes == 2 * 4 * 4 + 1 + 2 * 3 * 4  # input, the flag, the output
     finally:
         trainer.close()
+
+
+def test_a_pass_with_a_backward_pass_to_follow_is_weighed_as_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Forward with a target keeps its graph for a Backward: its estimate is weighed by
+    pass_memory.TRAINING, one without by FORWARD, for the same pass on meta tensors."""
+    trainer = Trainer(BLOWUP, seed=0)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1)
+    needs = {}
+    try:
+        for target in (None, FillSpec("zeros", (8,))):
+            with pytest.raises(OverLimit) as refused:
+                trainer.forward(FillSpec("ones", (8, 4)), target)
+            needs[target is not None] = int(refused.value.metadata["bytes"])
+    finally:
+        trainer.close()
+    made = needs[False] // pass_memory.FORWARD
+    assert needs[False] == made * pass_memory.FORWARD
+    assert needs[True] >= made * pass_memory.TRAINING
+
+
+def test_a_step_counts_the_buffers_its_changes_are_recorded_in_until_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With track_deltas a first step also makes a buffer as large as each parameter, for
+    its change (conv1.weight.delta): counted then, with the gradients, and not again."""
+    trainer = Trainer(ModelSpec("Wider", Wider, (4096,), 4), seed=0, track_deltas=True)
+    x, y = torch.ones(1, 4096), torch.zeros(1, dtype=torch.int64)
+    try:
+        for need in (2, 1):  # gradients and deltas; then the gradients alone
+            monkeypatch.setattr(
+                host_memory, "available_bytes", lambda n=need: n * _WIDE - (1 << 20)
+            )
+            with pytest.raises(OverLimit) as refused:
+                trainer.train_step(x, y, use=lambda s: s)
+            assert need * _WIDE <= int(refused.value.metadata["bytes"]) < need * _WIDE + (1 << 20)
+            monkeypatch.setattr(
+                host_memory, "available_bytes", lambda n=need: n * _WIDE + (1 << 20)
+            )
+            trainer.train_step(x, y, use=lambda s: s)
+        assert trainer.read("lin.weight.delta").value is not None
+    finally:
+        trainer.close()
+
+
+class FrozenWider(nn.Module):
+    """Wider's 64 MiB weight frozen, under a small head that trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4096, 4096, bias=False).requires_grad_(False)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(self.lin(x)[:, :4])
+        return out
+
+
+def test_a_frozen_parameter_s_bytes_are_not_counted_for_a_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frozen parameter gets no gradient nor optimizer state: a step of the head alone is
+    taken with 1 MiB left, however large the frozen part."""
+    trainer = Trainer(ModelSpec("FrozenWider", FrozenWider, (4096,), 4), seed=0)
+    x, y = torch.ones(1, 4096), torch.zeros(1, dtype=torch.int64)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 1 << 20)
+    try:
+        trainer.set_optimizer(OptimizerSettings(kind="adam"))
+        assert trainer.train_step(x, y, use=lambda s: s).parameters_updated == 2
+        assert trainer.parameters["lin.weight"].grad is None
+    finally:
+        trainer.close()
