@@ -25,6 +25,8 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server import servicer
 from gradwire_server.app import start
+from gradwire_server.errors import OverLimit
+from gradwire_server.indexing import MAX_GRAD_FN_BYTES
 from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
@@ -677,3 +679,23 @@ def test_a_train_request_leaving_zero_grad_unset_zeroes_each_step_and_may_take_t
     run = client._stream("Train", request, timeout=30)
     assert next(run).steps == limits.MAX_TRAIN_STEPS
     run.close()  # type: ignore[attr-defined]
+
+
+def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
+    """Each fetched tensor counts its values, its name, 10 bytes for each dimension of its
+    two shapes, 64 for the rest of its fields, and how PyTorch shows it (7, and 32 for a
+    parameter's autograd node or MAX_GRAD_FN_BYTES for another's): the bytes a refusal
+    reports, which a caller sizes its fetches by."""
+    trainer = Trainer(device="cpu", seed=0)
+    x, y = ones_batch()
+    one_value = 4 + len("conv1.weight") + 10 * (4 + 0) + 64 + 7 + 32
+    loss = 4 + len("loss") + 10 * (0 + 0) + 64 + 7 + MAX_GRAD_FN_BYTES
+    for fetch, counted in (
+        ([("conv1.weight", ((0, 0, 0, 0),))] * 10, 10 * one_value),
+        ([("loss", ())], loss),
+    ):
+        with pytest.raises(OverLimit) as refused:
+            trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted - 1)
+        assert refused.value.metadata["bytes"] == str(counted)
+        trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted)
+    trainer.close()
