@@ -370,3 +370,37 @@ def test_buffers_of_dtypes_sent_widened_are_listed_as_sent_and_read() -> None:
             assert client.get("offsets[1:]").tolist() == [1, 2, 3]
     finally:
         running.stop(grace=None)
+
+
+class CountsInTraining(nn.Module):
+    """A large buffer that training passes alone change (as BatchNorm's statistics), in
+    place; a batch of one sample is refused in training, after the change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.seen: torch.Tensor
+        self.register_buffer("seen", torch.zeros(BIG))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.add_(1)
+            if x.shape[0] == 1:
+                raise ValueError("one sample is refused in training")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_passes_in_evaluation_mode_do_not_make_a_buffer_training_changes_a_constant() -> None:
+    """Evaluation-mode Forwards leave such a buffer as it is: learnt from, they made it a
+    constant, no longer copied, and a failed training pass then left it changed."""
+    trainer = Trainer(ModelSpec("CountsInTraining", CountsInTraining, (4,), 3), seed=0)
+    model = trainer._model
+    assert isinstance(model, CountsInTraining)
+    for _ in range(LEARNING_PASSES + 1):
+        trainer.forward(torch.ones(2, 4), eval_mode=True)
+    with pytest.raises(InvalidInput, match="one sample"):
+        trainer.forward(torch.ones(1, 4))
+    assert bool((model.seen == 0).all())  # put back
+    trainer.forward(torch.ones(2, 4))
+    assert bool((model.seen == 1).all())
