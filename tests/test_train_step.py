@@ -27,7 +27,8 @@ from gradwire_server import servicer
 from gradwire_server.app import start
 from gradwire_server.errors import OverLimit
 from gradwire_server.indexing import MAX_GRAD_FN_BYTES
-from gradwire_server.models import TINY_MLP
+from gradwire_server.models import TINY_MLP, ModelSpec
+from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
 from tests.serve_in_process import serving
@@ -698,4 +699,38 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
             trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted - 1)
         assert refused.value.metadata["bytes"] == str(counted)
         trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted)
+    trainer.close()
+
+
+class _FrozenBody(nn.Module):
+    """A frozen body under a head that trains: the body's parameters get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(torch.relu(self.body(x)))
+        return out
+
+
+def test_a_step_of_a_model_with_frozen_parameters_steps_those_that_train() -> None:
+    """Parameters without a gradient (frozen ones) are left as they are, and the step of the
+    others is PyTorch's: a step is taken as done in backward (by the model's hooks) only
+    where no parameter holds a gradient."""
+    spec = ModelSpec("FrozenBody", _FrozenBody, (4,), 3)
+    trainer = Trainer(spec, seed=0, optimizer=OptimizerSettings(lr=0.01))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _FrozenBody()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.linspace(-1, 1, 8).reshape(2, 4), torch.tensor([0, 2])
+    for _ in range(2):
+        result = trainer.train_step(x, y, zero_grad=True, use=lambda s: s)
+        local_train_step(model, optimizer, x, y, zero_grad=True)
+        assert result.parameters_updated == 2
+    for name, p in model.named_parameters():
+        value = trainer.read(name).value
+        assert value is not None and torch.equal(value, p.detach()), name
     trainer.close()
