@@ -719,3 +719,22 @@ def test_a_server_whose_serving_thread_ends_saves_its_state_and_exits(tmp_path: 
         f"above); the state is saved to {saved}; restart the server"
     ), log
     assert checkpoint.load(saved).version == version
+
+
+def test_a_first_adam_step_that_runs_out_in_the_step_leaves_no_state(wide: Capped) -> None:
+    # The memory taken before the step is its temporaries' (128 MiB): the moments a first
+    # step makes (128 MiB more) come on top, so with 192 MiB of headroom it runs out inside
+    # optimizer.step(), after making them. The moments it began go with it: the next step
+    # is a first step still, as in PyTorch after no step.
+    client = wide.client
+    client.set_optimizer("adam", lr=0.01)
+    client.forward(*WIDE_DATA)
+    client.backward()
+    version = client.list_tensors().version
+    with wide.limit(192 * MiB):
+        out_of_memory(client.step)
+    assert client.list_tensors().version == version
+    for key in ADAM:
+        assert client.get(f"optimizer.weight.{key}") is None, key
+    client.step()
+    assert client.get("optimizer.weight.step") == 1
