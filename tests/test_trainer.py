@@ -753,3 +753,16 @@ def test_a_value_with_no_elements_is_written_to_a_selection_of_none(trainer: Tra
     assert trainer.write("conv1.weight", ((slice(0, 0),),), torch.ones(0, 3, 3, 3)) == 1
     assert trainer.write("conv1.weight", ((slice(0, 0),),), FillSpec("ones", (0, 3, 3, 3))) == 2
     assert torch.equal(_value(trainer, "conv1.weight"), before)
+
+
+def test_a_step_records_the_change_of_the_parameters_it_updates_alone() -> None:
+    """With track_deltas, a Step records the change of each parameter it updates: one
+    without a gradient is not updated, and has no change to read (not one of zeros)."""
+    trainer = Trainer(device="cpu", seed=0, track_deltas=True)
+    trainer.write("conv1.weight.grad", (), torch.tensor(1.0))
+    before = _value(trainer, "conv1.weight")
+    trainer.step()
+    change = _value(trainer, "conv1.weight") - before
+    assert torch.equal(_value(trainer, "conv1.weight.delta"), change)
+    assert trainer.read("conv2.weight.delta").value is None
+    assert trainer.read("linear.weight.delta").value is None
