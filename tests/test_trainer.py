@@ -766,3 +766,32 @@ def test_a_step_records_the_change_of_the_parameters_it_updates_alone() -> None:
     assert torch.equal(_value(trainer, "conv1.weight.delta"), change)
     assert trainer.read("conv2.weight.delta").value is None
     assert trainer.read("linear.weight.delta").value is None
+
+
+@pytest.mark.parametrize("how", ["slice", "whole-adopted"])
+def test_a_parameter_written_after_a_forward_makes_its_graph_stale(how: str) -> None:
+    """Written in place (a slice), or replaced whole by a value that becomes its memory
+    (bias, which no saved tensor of the graph holds), the parameter is no longer what the
+    Forward computed with: Backward is refused GRAPH_STALE, as after a Step."""
+    trainer = Trainer(ModelSpec("Linear", lambda: nn.Linear(4, 2), (4,), 2), seed=0)
+    trainer.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+    bias = trainer.parameters["bias"]
+    memory = bias.data_ptr()
+    given: list[torch.Tensor] = []
+    if how == "slice":
+        trainer.write("weight", ((0,),), torch.tensor(0.5))
+    else:
+        trainer.write("bias", (), torch.zeros(2), replaced=given.append)
+        assert bias.data_ptr() != memory and len(given) == 1  # taken as it is, not copied
+    with pytest.raises(WrongOrder) as caught:
+        trainer.backward()
+    assert caught.value.reason == "GRAPH_STALE"
+
+
+def test_a_read_of_an_absent_tensor_is_of_the_version_it_was_read_at(trainer: Trainer) -> None:
+    """Absent is a state of its own version, as a present tensor's read is."""
+    trainer.fill_parameters(0.5)
+    trainer.fill_parameters(0.25)
+    for name in ("conv1.weight.grad", "loss", "conv1.output", "conv1.weight.delta"):
+        read = trainer.read(name)
+        assert read.value is None and read.version == trainer.version == 2, name
