@@ -795,3 +795,14 @@ def test_a_read_of_an_absent_tensor_is_of_the_version_it_was_read_at(trainer: Tr
     for name in ("conv1.weight.grad", "loss", "conv1.output", "conv1.weight.delta"):
         read = trainer.read(name)
         assert read.value is None and read.version == trainer.version == 2, name
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_zero_grad_is_the_cause_a_watcher_hears_of_either_way(
+    trainer: Trainer, set_to_none: bool
+) -> None:
+    """ZeroGrad to zeros runs on the torch thread as `_zero_grad`: its cause is ZeroGrad all
+    the same, as to None, which runs under the lock alone."""
+    trainer.fill_parameters(0.5)
+    trainer.zero_grad(set_to_none)
+    assert trainer.read_many([], repr, lambda snapshot: snapshot.cause) == "ZeroGrad"
