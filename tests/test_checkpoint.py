@@ -2224,3 +2224,32 @@ def test_a_checkpoint_of_a_model_that_registers_a_buffer_when_first_needed_loads
     assert torch.equal(again._model.get_buffer("positions"), 2 * torch.arange(4.0))  # as it was
     for made in (trained, fresh, again):
         made.close()
+
+
+def _frozen_weight() -> nn.Module:
+    """nn.Linear(4, 2) with its weight frozen for fine-tuning: only the bias trains."""
+    model = nn.Linear(4, 2)
+    model.weight.requires_grad_(False)
+    return model
+
+
+def test_a_checkpoint_of_a_model_trained_whole_gives_a_frozen_parameter_no_gradient(
+    tmp_path: Path,
+) -> None:
+    """Loaded into the same model with a part frozen, the checkpoint's gradient of that part
+    is left out: kept, the next Step would train the frozen parameter."""
+    whole = Trainer(ModelSpec("Tuned", lambda: nn.Linear(4, 2), (4,), 2), seed=0)
+    whole.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+    whole.backward()
+    path = tmp_path / "whole.safetensors"
+    whole.save(path)
+    frozen = Trainer(ModelSpec("Tuned", _frozen_weight, (4,), 2), seed=0)
+    frozen.load(path)
+    assert frozen.parameters["weight"].grad is None
+    loaded, saved = frozen.parameters["bias"].grad, whole.parameters["bias"].grad
+    assert loaded is not None and saved is not None and torch.equal(loaded, saved)
+    weight = frozen.parameters["weight"].detach().clone()
+    frozen.step()
+    assert torch.equal(frozen.parameters["weight"], weight)
+    whole.close()
+    frozen.close()
