@@ -806,3 +806,20 @@ def test_a_zero_grad_is_the_cause_a_watcher_hears_of_either_way(
     trainer.fill_parameters(0.5)
     trainer.zero_grad(set_to_none)
     assert trainer.read_many([], repr, lambda snapshot: snapshot.cause) == "ZeroGrad"
+
+
+def test_a_value_given_away_for_a_part_of_a_parameter_is_not_taken_for_the_whole(
+    trainer: Trainer,
+) -> None:
+    """A streamed value can become a parameter's memory only when it is written to the whole
+    parameter: written to conv1.weight[1:], one of conv1.weight's own shape is refused for
+    that selection's shape, not taken as the parameter."""
+    before = _value(trainer, "conv1.weight")
+    given: list[torch.Tensor] = []
+    with pytest.raises(InvalidInput):
+        trainer.write(
+            "conv1.weight", ((slice(1, None),),), torch.zeros(16, 3, 3, 3), replaced=given.append
+        )
+    assert not given
+    assert torch.equal(_value(trainer, "conv1.weight"), before)
+    assert trainer.version == 0
