@@ -699,6 +699,13 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
             trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted - 1)
         assert refused.value.metadata["bytes"] == str(counted)
         trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted)
+    # Adam's step count: one float32 value, whatever its parameter's shape.
+    trainer.set_optimizer(OptimizerSettings(kind="adam"))
+    name = "optimizer.conv1.weight.step"
+    step = 4 + len(name) + 10 * (0 + 0) + 64 + 7 + MAX_GRAD_FN_BYTES
+    with pytest.raises(OverLimit) as refused:
+        trainer.train_step(x, y, fetch=[(name, ())], use=repr, max_fetch_bytes=step - 1)
+    assert refused.value.metadata["bytes"] == str(step)
     trainer.close()
 
 
