@@ -2253,3 +2253,25 @@ def test_a_checkpoint_of_a_model_trained_whole_gives_a_frozen_parameter_no_gradi
     assert torch.equal(frozen.parameters["weight"], weight)
     whole.close()
     frozen.close()
+
+
+def test_a_checkpoint_holding_a_buffer_no_pass_registers_beside_one_that_does_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Registered where a forward pass would, only the buffers a pass does register are
+    taken in: beside Positions' own "positions", an "extra" it never registers is another
+    model's, and the load is refused, nothing changed."""
+    spec = ModelSpec("Positions", Positions, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    trained.forward(torch.ones(2, 4))
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    _tensors_altered(path, {"buffer/extra": torch.ones(2)})
+    fresh = Trainer(spec, seed=0)
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert "extra" in refused.value.message
+    assert "extra" not in dict(fresh._model.named_buffers())
+    for made in (trained, fresh):
+        made.close()
