@@ -284,6 +284,14 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     code, message, reason, _ = error_of(raw.send(broken))
     assert (code, reason) == (3, "MALFORMED_REQUEST")
     assert "not a valid gradwire.v1.StepRequest" in message
+    # ... even where the envelope breaks off after it: the call's field still names it.
+    code, message, reason, _ = error_of(raw.send(broken + b"\xff"))
+    assert (reason, "not a valid gradwire.v1.StepRequest" in message) == ("MALFORMED_REQUEST", True)
+    # A Step's field written as 8 fixed bytes, in an envelope that breaks off, names no
+    # call: the envelope is at fault.
+    as_number = wire.varint(calls.METHODS["Step"][0] << 3 | 1) + b"\xff" * 8
+    code, message, reason, _ = error_of(raw.send(as_number + b"\xff\xff"))
+    assert (reason, "not a valid gradwire.v1.CallRequest" in message) == ("MALFORMED_REQUEST", True)
     # A mutation's request id and expected version are refused as their metadata would be.
     longest = pb.CallRequest(zero_grad=pb.ZeroGradRequest(), request_id="x" * 128)
     assert raw.call(longest).WhichOneof("result") == "zero_grad"
@@ -791,8 +799,14 @@ def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
     [
         [pb.CallResponse(step=pb.StepResponse()), pb.CallResponse(error=b"")],
         [pb.CallResponse(step=pb.StepResponse()), pb.CallResponse(zero_grad=pb.ZeroGradResponse())],
+        # Two other calls' answers: the first is named.
+        [pb.CallResponse(step=pb.StepResponse()), pb.CallResponse(backward=pb.BackwardResponse())],
     ],
-    ids=["another-calls-answer-then-an-error", "another-calls-answer-then-its-own"],
+    ids=[
+        "another-calls-answer-then-an-error",
+        "another-calls-answer-then-its-own",
+        "two-other-calls-answers",
+    ],
 )
 def test_an_answer_naming_another_call_anywhere_is_refused(fields: list[pb.CallResponse]) -> None:
     # Protobuf keeps the last field of a oneof: a Step response followed by an error or a
@@ -800,3 +814,17 @@ def test_an_answer_naming_another_call_anywhere_is_refused(fields: list[pb.CallR
     data = b"".join(f.SerializeToString() for f in fields)
     with pytest.raises(ValueError, match="a Step response came for ZeroGrad"):
         calls.unwrap_response(data, "ZeroGrad")
+
+
+def test_a_call_or_error_field_of_another_wire_type_is_no_answer() -> None:
+    """A CallResponse's result fields are messages: one written as a number (a varint, or
+    8 fixed bytes that happen to read as a google.rpc.Status) is neither a response nor an
+    error, and the answer is refused, not read as one."""
+    step = calls.METHODS["Step"][0]
+    as_varint = wire.varint(step << 3) + b"\x05"
+    status = status_pb2.Status(code=5, message="abcd").SerializeToString()
+    assert len(status) == 8
+    as_fixed = wire.varint(calls.ERROR_FIELD << 3 | 1) + status
+    for data in (as_varint, as_fixed):
+        with pytest.raises(ValueError, match="neither a response nor an error"):
+            calls.unwrap_response(data, "Step")
