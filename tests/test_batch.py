@@ -695,6 +695,15 @@ def test_bytes_that_are_no_batch_request_are_refused(address: str) -> None:
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
 
 
+def test_a_call_field_that_is_no_message_is_refused(address: str) -> None:
+    """BatchRequest.calls written as a number (a varint): no call the server could run, the
+    request is refused whole, not run as a call of one byte."""
+    calls_field = pb.BatchRequest.DESCRIPTOR.fields_by_name["calls"].number
+    code, reason, _ = refused(address, wire.varint(calls_field << 3) + b"\x01")
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    assert version(address) == 0
+
+
 def small_messages(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     """The message size a Batch's answers are fitted to, as the servicer reads it."""
     monkeypatch.setattr(servicer.limits, "MAX_MESSAGE_BYTES", size)
