@@ -31,7 +31,7 @@ from gradwire_server.app import Running
 from tests.background import eventually
 from tests.serve_in_process import bare_server, running_server
 from tests.test_calls import _forward, _unary_refused, error_of, serving_without_calls
-from tests.test_concurrency import Gate
+from tests.test_concurrency import Gate, hold_forward
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
 from tests.test_pipeline import (
@@ -423,6 +423,33 @@ def test_a_batch_that_fails_whole_fails_each_of_its_calls(gated_server: Running)
         error = pending.exception()
         assert isinstance(error, errors.DeadlineExceeded) and error.changes_state
     eventually(lambda: gated_server.servicer.slots.taken == 0)
+    assert version(address, "weight") == 1  # the Forward alone
+
+
+def test_each_call_of_a_batch_carries_the_clients_timeout_as_its_deadline(
+    gated_server: Running,
+) -> None:
+    """A call waiting behind another client's Forward, held in the model, is answered at
+    its own deadline (the client's timeout: the server's DEADLINE_PASSED, nothing changed),
+    long before the batch's (the timeout times its four calls); those after it are skipped."""
+    address = f"127.0.0.1:{gated_server.port}"
+    holder = hold_forward(address)
+    try:
+        with (
+            gradwire.connect(address, timeout=0.5) as client,
+            pytest.raises(errors.DeadlineExceeded),
+            client.batch() as b,
+        ):
+            fill = b.fill_parameters(7.0)
+            rest = [b.list_tensors() for _ in range(3)]
+        error = fill.exception()
+        assert isinstance(error, errors.DeadlineExceeded) and error.reason == "DEADLINE_PASSED"
+        assert "nothing was changed" in error.message
+        for skipped in rest:
+            assert getattr(skipped.exception(), "reason", None) == "PREVIOUS_FAILED"
+    finally:
+        Gate.release.set()
+        holder.join(timeout=60)
     assert version(address, "weight") == 1  # the Forward alone
 
 
