@@ -828,3 +828,61 @@ def test_a_call_or_error_field_of_another_wire_type_is_no_answer() -> None:
     for data in (as_varint, as_fixed):
         with pytest.raises(ValueError, match="neither a response nor an error"):
             calls.unwrap_response(data, "Step")
+
+
+def test_an_error_answer_of_a_code_grpc_lacks_is_unknown() -> None:
+    """A server newer than this client answering with a status code gRPC has no name for:
+    the call fails UNKNOWN, its message kept, as a unary call's unknown code would."""
+    status = status_pb2.Status(code=99, message="a code from the future")
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in requests:
+            yield pb.CallResponse(error=status.SerializeToString()).SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with (
+        bare_server(handler) as address,
+        streaming(address) as client,
+        pytest.raises(errors.Unknown, match="a code from the future"),
+    ):
+        client.zero_grad()
+
+
+def test_an_answered_calls_deadline_does_not_cut_the_idle_stream_after_it(
+    streamed: gradwire.Client,
+) -> None:
+    """The watchdog times the call in progress only: once answered, its deadline passing
+    while the stream is idle leaves the stream open for the next call."""
+    streamed.timeout = 0.2
+    assert streamed.list_tensors().version == 0
+    stream = streamed._calls
+    assert stream is not None
+    time.sleep(1.0)  # well past the answered call's deadline
+    assert stream.usable
+    streamed.timeout = 30
+    assert streamed.list_tensors().version == 0
+    assert streamed._calls is stream
+
+
+def test_unimplemented_after_an_answer_is_the_calls_error_not_a_server_without_calls() -> None:
+    """Only a refusal at the stream's start says that the server has no Calls RPC, nothing
+    on it run. Once a call was answered, UNIMPLEMENTED ending the stream is the call's
+    error, and the call is not made again as a call of its own: it may have run."""
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        next(requests)
+        yield pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=1)).SerializeToString()
+        next(requests)
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "gone")
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with bare_server(handler) as address, streaming(address, timeout=30) as client:
+        client.retries = 0
+        assert client.zero_grad() == 1
+        with pytest.raises(errors.Unimplemented, match="gone"):
+            client.zero_grad()  # made as a call of its own, it would fail AssertionError
+        assert not client._no_calls
