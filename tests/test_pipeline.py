@@ -574,3 +574,57 @@ def test_a_call_cut_off_at_the_stops_grace_says_the_server_stopped(
     assert "the server stopped with this call in progress" in str(cut.value), cut.value
     assert "may have been applied" in str(cut.value) and cut.value.changes_state
     assert "make it again once the server is back" in str(unread.value), unread.value
+
+
+def test_a_call_made_after_the_server_ended_the_stream_unanswered_is_not_sent() -> None:
+    """The server ends its side with the first call unanswered (a bug): that call fails
+    INTERNAL, perhaps applied; a call made after it is not written into the ended stream,
+    and says so, nothing changed."""
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        next(requests)
+        yield from ()
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address, timeout=30) as client,
+        pytest.raises(errors.Internal, match="ended its stream of calls unanswered"),
+        client.pipeline() as p,
+    ):
+        first = p.zero_grad()
+        assert first.exception() is not None
+        late = p.zero_grad()
+        assert late.done()
+    error = late.exception()
+    assert isinstance(error, errors.Internal) and not error.changes_state
+    assert error.message.startswith("ZeroGrad not sent, the stream having ended")
+
+
+def test_an_answer_to_another_call_fails_its_call_and_the_calls_after_it() -> None:
+    """The first ZeroGrad is answered as a Step: that call fails INTERNAL, garbled, and the
+    stream, whose order can no longer be trusted, fails the second with the same cause,
+    though its answer was well formed."""
+    step = pb.CallResponse(step=pb.StepResponse(version=1)).SerializeToString()
+    fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for answer, _ in zip((step, fine), requests, strict=False):
+            yield answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.Internal, match="a garbled answer"),
+        client.pipeline() as p,
+    ):
+        first, second = p.zero_grad(), p.zero_grad()
+    assert str(first.exception()).startswith("INTERNAL: a garbled answer (a Step response")
+    error = second.exception()
+    assert isinstance(error, errors.Internal) and "a garbled answer" in str(error)
+    assert error.changes_state
