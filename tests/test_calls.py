@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -25,9 +27,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 import gradwire
-from gradwire import calls, errors, wire
+from gradwire import call_stream, calls, errors, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.call_stream import Spent
+from gradwire.call_stream import CallStream, Spent
 from gradwire.fill import Fill
 from gradwire.replay import replay
 from gradwire_server.app import Running, start
@@ -886,3 +888,66 @@ def test_unimplemented_after_an_answer_is_the_calls_error_not_a_server_without_c
         with pytest.raises(errors.Unimplemented, match="gone"):
             client.zero_grad()  # made as a call of its own, it would fail AssertionError
         assert not client._no_calls
+
+
+def test_an_idle_watchdog_ends_and_the_next_deadline_starts_another(
+    gated_server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that times a stream's calls ends once no call has had a deadline for
+    WATCHDOG_IDLE_S; a later call with one starts a new thread, and is cut off at it."""
+    monkeypatch.setattr(call_stream, "WATCHDOG_IDLE_S", 0.05)
+    release = threading.Timer(10.0, Gate.release.set)  # the Forward's end, were it not cut
+    release.start()
+    try:
+        with streaming(f"127.0.0.1:{gated_server.port}", timeout=0.3) as client:
+            client.retries = 0
+            assert client.list_tensors().version == 0  # its watchdog sleeps until 0.3 s
+            stream = client._calls
+            assert stream is not None
+            first = stream._watchdog
+            assert first is not None
+            eventually(lambda: not first.is_alive(), "the idle watchdog did not end")
+            client.timeout = 0.5
+            with pytest.raises(errors.DeadlineExceeded):
+                client.forward(Fill.ones(1, 2))  # held in the model until released
+            assert not release.finished.is_set()
+    finally:
+        release.cancel()
+
+
+def test_closing_a_stream_ends_its_watchdog_at_once(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not after WATCHDOG_IDLE_S, nor at the deadline it sleeps until."""
+    monkeypatch.setattr(call_stream, "WATCHDOG_IDLE_S", 600.0)
+    with streaming(address, timeout=600) as client:
+        assert client.list_tensors().version == 0
+        stream = client._calls
+        assert stream is not None
+        watchdog = stream._watchdog
+        assert watchdog is not None and watchdog.is_alive()
+    eventually(lambda: not watchdog.is_alive(), "the closed stream's watchdog still waits")
+
+
+def _writers() -> int:
+    """The threads (gRPC's) that wait in a CallStream's iterator of requests."""
+    found = 0
+    for frame in sys._current_frames().values():
+        stack = traceback.walk_stack(frame)
+        found += any(f.f_code is CallStream._outgoing.__code__ for f, _ in stack)
+    return found
+
+
+def test_the_thread_writing_a_cancelled_streams_requests_ends(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream ended with no end marker written (cancelled; a client dropped unclosed):
+    gRPC's thread that waits on its requests sees the end and stops waiting."""
+    monkeypatch.setattr(call_stream, "IDLE_LOOK_S", 0.05)
+    before = _writers()
+    with streaming(address, timeout=30) as client:
+        assert client.list_tensors().version == 0
+        stream = client._calls
+        assert stream is not None and _writers() == before + 1
+        stream.cancel()
+        eventually(lambda: _writers() == before, "the writing thread still waits")
