@@ -576,13 +576,24 @@ def test_a_call_cut_off_at_the_stops_grace_says_the_server_stopped(
     assert "make it again once the server is back" in str(unread.value), unread.value
 
 
-def test_a_call_made_after_the_server_ended_the_stream_unanswered_is_not_sent() -> None:
-    """The server ends its side with the first call unanswered (a bug): that call fails
-    INTERNAL, perhaps applied; a call made after it is not written into the ended stream,
+@pytest.mark.parametrize(
+    ("ending", "error_type", "said"),
+    [
+        ("unanswered", errors.Internal, "ended its stream of calls unanswered"),
+        ("failed", errors.Unavailable, "the stream failed"),
+    ],
+)
+def test_a_call_made_after_the_server_ended_the_stream_is_not_sent(
+    ending: str, error_type: type[errors.RemoteError], said: str
+) -> None:
+    """The server ends its side with the first call unanswered (a bug), or fails it: that
+    call fails, perhaps applied; a call made after it is not written into the ended stream,
     and says so, nothing changed."""
 
     def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         next(requests)
+        if ending == "failed":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the stream failed")
         yield from ()
 
     handler = grpc.method_handlers_generic_handler(
@@ -591,7 +602,7 @@ def test_a_call_made_after_the_server_ended_the_stream_unanswered_is_not_sent() 
     with (
         bare_server(handler) as address,
         gradwire.connect(address, timeout=30) as client,
-        pytest.raises(errors.Internal, match="ended its stream of calls unanswered"),
+        pytest.raises(error_type, match=said),
         client.pipeline() as p,
     ):
         first = p.zero_grad()
@@ -599,7 +610,7 @@ def test_a_call_made_after_the_server_ended_the_stream_unanswered_is_not_sent() 
         late = p.zero_grad()
         assert late.done()
     error = late.exception()
-    assert isinstance(error, errors.Internal) and not error.changes_state
+    assert isinstance(error, error_type) and not error.changes_state
     assert error.message.startswith("ZeroGrad not sent, the stream having ended")
 
 
