@@ -249,10 +249,24 @@ def test_a_value_too_large_for_one_message_is_refused_before_sending(
     with piped.pipeline() as p:
         with pytest.raises(ValueError, match="stream_above_bytes"):
             p.forward(big, np.zeros(10, dtype=np.int64))
+        with pytest.raises(ValueError, match="train_step's input is 12,000 bytes"):
+            p.train_step(big, np.zeros(10, dtype=np.int64))
         with pytest.raises(ValueError, match="outside the pipeline"):
             p.set("conv1.weight", np.zeros((16, 3, 3, 3, 2), dtype=np.float32))
         zeroed = p.zero_grad()  # the pipeline goes on
     assert zeroed.result() > 0
+
+
+def test_an_answer_read_into_an_out_of_the_wrong_shape_fails_its_call_alone(
+    piped: gradwire.Client,
+) -> None:
+    """The failure comes in reading the answer, on the client, after the calls behind it
+    were sent: it stops none of them, and the block raises it."""
+    with pytest.raises(ValueError, match="out= must be"), piped.pipeline() as p:
+        unread = p.get("conv1.weight", out=np.empty(3, np.float32))
+        after = p.zero_grad()
+    assert isinstance(unread.exception(), ValueError)
+    assert after.result() == 1
 
 
 def test_a_read_too_large_for_one_message_says_so(
@@ -373,16 +387,27 @@ def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
             first = p.zero_grad()
             backward = p.backward()
             step = p.step()
+            listing = p.list_tensors()
         assert first.result() == 1
         assert isinstance(backward.exception(), errors.FailedPrecondition)
         skipped = step.exception()
         assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
         assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
+        assert listing.exception().metadata == {"previous": "Step"}  # type: ignore[union-attr]
         assert client._no_calls
-        with client.pipeline() as p:  # found before: at once, as calls of their own
+        # Found before: at once, as calls of their own.
+        with pytest.raises(ValueError, match="out= must be"), client.pipeline() as p:
             again = p.zero_grad()
             assert again.done()
+            # A failure in reading an answer (an out= of the wrong shape) stops nothing.
+            unread = p.get("weight", out=np.empty(3, np.float32))
+            after = p.zero_grad()
         assert again.result() == 2
+        assert isinstance(unread.exception(), ValueError) and after.result() == 3
+        with pytest.raises(errors.FailedPrecondition), client.pipeline(stop_at_error=False) as p:
+            failed = p.backward()
+            ran = p.zero_grad()
+        assert isinstance(failed.exception(), errors.FailedPrecondition) and ran.result() == 4
 
 
 # --- the contract, as another language's client sees it -------------------------------------
