@@ -254,7 +254,10 @@ def test_a_value_too_large_for_one_message_is_refused_before_sending(
         with pytest.raises(ValueError, match="outside the pipeline"):
             p.set("conv1.weight", np.zeros((16, 3, 3, 3, 2), dtype=np.float32))
         zeroed = p.zero_grad()  # the pipeline goes on
+        piped.stream_above_bytes = big.nbytes  # not larger: it goes in the pipeline
+        exact = p.forward(big, np.zeros(10, dtype=np.int64))
     assert zeroed.result() > 0
+    assert exact.result().output_shape == (10, 20)
 
 
 def test_an_answer_read_into_an_out_of_the_wrong_shape_fails_its_call_alone(
