@@ -172,6 +172,11 @@ def test_without_stop_at_error_every_call_of_a_batch_runs(batched: gradwire.Clie
         fill = b.fill_parameters(2.0)
     assert isinstance(backward.exception(), errors.FailedPrecondition)
     assert fill.result() == 1
+    with batched.batch(stop_at_error=False) as b:  # nor the first of the next batch
+        failed = b.backward()
+        assert isinstance(failed.exception(), errors.FailedPrecondition)  # sent: its batch
+        after = b.fill_parameters(3.0)
+    assert after.result() == 2
 
 
 def test_a_result_asked_for_in_the_block_sends_the_calls_made_so_far(
@@ -190,9 +195,12 @@ def test_a_result_asked_for_in_the_block_sends_the_calls_made_so_far(
         failed = b.backward()  # its graph was freed by the last one
         assert isinstance(failed.exception(), errors.FailedPrecondition)
         after = b.step()
+        assert after.exception() is not None  # its batch skipped, sent to no server
+        last = b.list_tensors()  # the next batch's: skipped for the Step
     skipped = after.exception()
     assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
     assert "in this batch" in skipped.message
+    assert last.exception().metadata == {"previous": "Step"}  # type: ignore[union-attr]
     assert batched.batches == [1, 2, 1]  # type: ignore[attr-defined]  # the Step not sent
 
 
@@ -273,6 +281,21 @@ def test_calls_past_one_message_go_in_several_batches(
         writes = [b.set("conv1.weight", value + k) for k in range(3)]
     assert [w.result() for w in writes] == [1, 2, 3]
     assert batched.batches == [2, 1]  # type: ignore[attr-defined]
+
+
+def test_calls_that_fill_one_message_exactly_go_in_one_batch(
+    batched: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client counts each call's bytes (`_queued_bytes`, its CallRequest's within a
+    little): two whose count is the message's limit exactly go together."""
+    value = np.full((16, 3, 3, 3), 0.5, np.float32)
+    with batched.batch() as b:
+        first = b.set("conv1.weight", value)
+        one = b._queued_bytes
+        monkeypatch.setattr(pipeline, "MAX_VALUE_BYTES", 2 * one)
+        second = b.set("conv1.weight", value + 1)
+    assert (first.result(), second.result()) == (1, 2)
+    assert batched.batches == [2]  # type: ignore[attr-defined]
 
 
 def test_an_exception_in_the_block_sends_the_calls_made_then_raises(
