@@ -559,6 +559,10 @@ def test_a_garbled_batch_answer_fails_every_call_of_the_batch(
         client.batch(stop_at_error=stop_at_error) as b,
     ):
         pendings = [b.zero_grad(), b.step()]
+        assert pendings[0].exception() is not None  # the batch sent
+        later = b.list_tensors()  # the next batch: after a failure
+    skipped = getattr(later.exception(), "reason", None) == "PREVIOUS_FAILED"
+    assert skipped == stop_at_error
     for pending in pendings:
         error = pending.exception()
         assert isinstance(error, errors.Internal) and error.changes_state
