@@ -558,7 +558,7 @@ def test_a_garbled_batch_answer_fails_every_call_of_the_batch(
         pytest.raises(errors.Internal, match="a garbled Batch answer"),
         client.batch(stop_at_error=stop_at_error) as b,
     ):
-        pendings = [b.zero_grad(), b.step()]
+        pendings: list[gradwire.Pending[Any]] = [b.zero_grad(), b.step()]
         assert pendings[0].exception() is not None  # the batch sent
         later = b.list_tensors()  # the next batch: after a failure
     skipped = getattr(later.exception(), "reason", None) == "PREVIOUS_FAILED"
