@@ -476,6 +476,33 @@ def test_each_call_of_a_batch_carries_the_clients_timeout_as_its_deadline(
     assert version(address, "weight") == 1  # the Forward alone
 
 
+def test_a_batch_that_fails_whole_stops_the_batches_after_it() -> None:
+    """Its calls fail with the batch's error; the next batch's, with stop_at_error, are
+    skipped (PREVIOUS_FAILED, the last call of the failed batch before them), not sent."""
+    sent: list[bytes] = []
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        sent.append(request)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the batch failed")
+
+    handler = grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Batch": grpc.unary_unary_rpc_method_handler(refuse)}
+    )
+    with (
+        bare_server(handler) as address,
+        gradwire.connect(address) as client,
+        client.batch() as b,
+    ):
+        first, step = b.zero_grad(), b.step()
+        assert isinstance(step.exception(), errors.Unavailable)  # the batch sent
+        later = b.list_tensors()
+        assert isinstance(first.exception(), errors.Unavailable)
+    error = later.exception()
+    assert isinstance(error, errors.Aborted) and error.reason == "PREVIOUS_FAILED"
+    assert error.metadata == {"previous": "Step"}
+    assert len(sent) == 1
+
+
 _ZERO = pb.CallResponse(zero_grad=pb.ZeroGradResponse())
 _STEP = pb.CallResponse(step=pb.StepResponse(version=4))
 _REFUSED = pb.CallResponse(
