@@ -603,36 +603,38 @@ def test_a_checkpoint_is_made_with_the_mode_the_umask_gives(
 def test_a_checkpoint_whose_gradients_or_optimizer_state_match_no_parameter_is_refused(
     tmp_path: Path, key: str, named: str
 ) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     trainer = Trainer()
     _train(trainer, 1)
     path = tmp_path / "state.safetensors"
     trainer.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
+    tensors, metadata = _saved(path)
     tensors[key] = torch.zeros(3)
     resave(tensors, path, metadata)
     message, _ = _load_refused(path)
     assert message.endswith(f"match no floating-point parameter: {named}")
 
 
-def _altered(path: Path, change: dict[str, str | None]) -> None:
-    """Rewrites the checkpoint at `path` with its metadata changed: a key set, or removed
-    (None), the tensors as they were."""
+def _saved(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the checkpoint at `path`, as a tool that rewrites it
+    reads them."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
+    return load_file(str(path)), metadata
+
+
+def _altered(path: Path, change: dict[str, str | None]) -> None:
+    """Rewrites the checkpoint at `path` with its metadata changed: a key set, or removed
+    (None), the tensors as they were."""
+    tensors, metadata = _saved(path)
     for key, value in change.items():
         if value is None:
             del metadata[key]
         else:
             metadata[key] = value
-    resave(load_file(str(path)), path, metadata)
+    resave(tensors, path, metadata)
 
 
 def _load_refused(path: Path) -> tuple[str, Trainer]:
@@ -685,12 +687,8 @@ def test_a_checkpoint_s_metadata_changed_without_its_checksum_is_refused(tmp_pat
     _train(saved, 1)
     path = tmp_path / "state.safetensors"
     saved.save(path)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    save_file(load_file(str(path)), str(path), metadata={**metadata, "version": "7"})
+    tensors, metadata = _saved(path)
+    save_file(tensors, str(path), metadata={**metadata, "version": "7"})
     message, _ = _load_refused(path)
     assert message == f"cannot load {path}: {CHANGED}"
 
@@ -705,12 +703,7 @@ def test_a_checkpoint_whose_tensor_has_its_bytes_under_another_dtype_or_shape_is
     _train(saved, 1)
     path = tmp_path / "state.safetensors"
     saved.save(path)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    tensors = load_file(str(path))
+    tensors, metadata = _saved(path)
     grad = tensors["grad/conv1.weight"]
     tensors["grad/conv1.weight"] = grad.view(torch.int32) if change == "dtype" else grad.flatten()
     save_file(tensors, str(path), metadata=metadata)  # the checksum saved before
@@ -724,13 +717,9 @@ def test_a_checkpoint_without_a_checksum_loads_as_it_did(tmp_path: Path) -> None
     _train(saved, 2)
     path = tmp_path / "state.safetensors"
     saved.save(path)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
+    tensors, metadata = _saved(path)
     del metadata[checkpoint.CHECKSUM]
-    save_file(load_file(str(path)), str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata=metadata)
     fresh = Trainer(seed=1)
     assert fresh.load(path) == saved.version  # the version it was saved at
     for name, parameter in saved.parameters.items():
@@ -835,12 +824,7 @@ def test_a_checkpoint_with_damaged_metadata_is_refused_and_changes_nothing(
 
 def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None:
     """Rewrites the checkpoint at `path` with tensors replaced, or removed (None)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    tensors = load_file(str(path))
+    tensors, metadata = _saved(path)
     for key, tensor in change.items():
         if tensor is None:
             del tensors[key]
@@ -982,12 +966,7 @@ def test_adam_state_of_none_is_refused_where_only_sgd_s_momentum_may_be_none(
     _train(saved, 1)
     path = tmp_path / "state.safetensors"
     saved.save(path)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-    tensors = load_file(str(path))
+    tensors, metadata = _saved(path)
     del tensors["optim/conv1.weight/exp_avg"]
     scalars = json.dumps({"conv1.weight": {"exp_avg": None}})
     resave(tensors, path, {**metadata, "optimizer_scalars": scalars})

@@ -544,16 +544,17 @@ def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
         assert c.list_tensors().version == zeroed
 
 
-def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() -> None:
-    """The first ZeroGrad's answer names its call but holds bytes no ZeroGradResponse is:
-    that call fails INTERNAL, garbled, and the stream, no longer trusted, fails the second,
-    whose answer was well formed. Protobuf's DecodeError escaped the pipeline before (a
-    review of the forty-sixth session's change)."""
-    garbled = b"\x9a\x01\x02\x08\xff"  # CallResponse.zero_grad (19) holding no response
-    fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
+FINE_ZERO_GRAD = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
+
+
+def _two_zero_grads_answered(
+    *answers: bytes,
+) -> tuple[gradwire.Pending[int], gradwire.Pending[int]]:
+    """Two ZeroGrads in a pipeline, on a Calls stream that answers with `answers` in turn;
+    the first answer is garbled, so the pipeline's block raises INTERNAL."""
 
     def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for answer, _ in zip((garbled, fine), requests, strict=False):
+        for answer, _ in zip(answers, requests, strict=False):
             yield answer
 
     handler = grpc.method_handlers_generic_handler(
@@ -566,6 +567,16 @@ def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() 
         client.pipeline() as p,
     ):
         first, second = p.zero_grad(), p.zero_grad()
+    return first, second
+
+
+def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() -> None:
+    """The first ZeroGrad's answer names its call but holds bytes no ZeroGradResponse is:
+    that call fails INTERNAL, garbled, and the stream, no longer trusted, fails the second,
+    whose answer was well formed. Protobuf's DecodeError escaped the pipeline before (a
+    review of the forty-sixth session's change)."""
+    garbled = b"\x9a\x01\x02\x08\xff"  # CallResponse.zero_grad (19) holding no response
+    first, second = _two_zero_grads_answered(garbled, FINE_ZERO_GRAD)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (not a ZeroGrad")
     assert "a garbled answer" in str(second.exception())
 
@@ -647,22 +658,7 @@ def test_an_answer_to_another_call_fails_its_call_and_the_calls_after_it() -> No
     stream, whose order can no longer be trusted, fails the second with the same cause,
     though its answer was well formed."""
     step = pb.CallResponse(step=pb.StepResponse(version=1)).SerializeToString()
-    fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
-
-    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for answer, _ in zip((step, fine), requests, strict=False):
-            yield answer
-
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
-    with (
-        bare_server(handler) as address,
-        gradwire.connect(address) as client,
-        pytest.raises(errors.Internal, match="a garbled answer"),
-        client.pipeline() as p,
-    ):
-        first, second = p.zero_grad(), p.zero_grad()
+    first, second = _two_zero_grads_answered(step, FINE_ZERO_GRAD)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (a Step response")
     error = second.exception()
     assert isinstance(error, errors.Internal) and "a garbled answer" in str(error)
