@@ -391,6 +391,21 @@ def test_a_server_without_batch_gets_the_calls_in_a_pipeline() -> None:
         assert again.result() == 2
 
 
+def test_a_failure_in_the_pipeline_a_batch_went_in_skips_the_batches_after_it() -> None:
+    """On a server without Batch, as on one with it: a call failed in the first batch (sent
+    in a pipeline, its result asked for in the block) stops the next batch's calls, sent to
+    no server."""
+    with serving_without_calls("Batch") as address, gradwire.connect(address, timeout=30) as client:
+        with client.batch() as b:
+            failed = b.backward()  # no Forward yet: no loss
+            assert isinstance(failed.exception(), errors.FailedPrecondition)
+            after = b.zero_grad()
+            skipped = after.exception()
+        assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
+        assert client._no_batch
+        assert client.list_tensors().version == 0  # the ZeroGrad did not run
+
+
 def test_an_interrupt_while_a_batch_waits_in_its_pipeline_fails_each_call(
     ctrl_c: Callable[[float], None],
 ) -> None:
