@@ -1211,6 +1211,25 @@ def _everything(client: gradwire.Client) -> dict[str, Any]:
     return {t.name: client.get(t.name) for t in client.list_tensors().tensors if t.present}
 
 
+def test_a_save_refused_for_a_state_dir_changed_under_the_server_says_what_to_do_alone(
+    kept: tuple[gradwire.Client, Trainer, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Its refusal already says what to do ("remove it"): not followed by the general
+    advice for a folder the server cannot write, which would send the operator elsewhere."""
+    client, _, state_dir = kept
+    client.save_checkpoint("first")
+    saving = state_dir / ".saving"
+    shutil.rmtree(saving, ignore_errors=True)
+    saving.symlink_to(tmp_path_factory.mktemp("elsewhere"))
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        client.save_checkpoint("second")
+    assert refused.value.reason == "STATE_DIR_UNWRITABLE"
+    assert refused.value.message == (
+        "could not write checkpoint 'second': .saving in the state directory, where saves "
+        "write before renaming, is a link, not a folder of its own: remove it"
+    )
+
+
 def test_a_checkpoint_saved_over_grpc_loads_back_and_trains_on_as_before(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
