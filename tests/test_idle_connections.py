@@ -115,14 +115,18 @@ def test_a_client_reconnects_after_its_idle_connection_was_closed(quick: Running
     ):
         client.fill_parameters(0.25)
         version = client.list_tensors().version
-        connected = states.count(grpc.ChannelConnectivity.READY)
+        # gRPC tells of a state on a thread of its own, after the calls that made it may
+        # have returned: the count is waited for, not read at once (a CI run read 1 of 2).
+        ready = grpc.ChannelConnectivity.READY
+        eventually(lambda: ready in states, "the channel was never said to be ready")
+        connected = states.count(ready)
         eventually(
             lambda: states[-1] == grpc.ChannelConnectivity.IDLE,
             "the server did not close the idle connection",
         )
         assert client.get("conv1.weight[0, 0, 0]").tolist() == [0.25] * 3
         assert client.list_tensors().version == version
-        assert states.count(grpc.ChannelConnectivity.READY) == connected + 1  # a new one
+        eventually(lambda: states.count(ready) == connected + 1, "no new connection")
     channel.unsubscribe(states.append)
     channel.close()
 
