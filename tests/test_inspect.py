@@ -200,15 +200,20 @@ def test_summarize_takes_numpy_for_small_cpu_tensors_only(monkeypatch: pytest.Mo
 
 
 def values_on_the_edges(seed: int) -> tuple[np.ndarray[Any, Any], int, float, float]:
-    """Random values, every edge of a random histogram among them, and values past its range,
-    NaN and infinities: where torch.histc and numpy.histogram part."""
+    """Random values, every edge of a random histogram among them with the float64 values
+    either side of it, and values past its range, NaN and infinities: where torch.histc and
+    numpy.histogram part. (The neighbours below an edge are where the first guess of
+    _bin_counts is a bin too high: without them, nothing checked that it moves it down.)"""
     rng = np.random.default_rng(seed)
     bins = int(rng.integers(1, 60))
     low, high = sorted(rng.normal(size=2) * 10.0 ** rng.integers(-3, 4))
+    edges = np.linspace(low, high, bins + 1)
     values = np.concatenate(
         [
             rng.uniform(low - 0.1, high + 0.1, 500),
-            np.linspace(low, high, bins + 1),
+            edges,
+            np.nextafter(edges, -np.inf),
+            np.nextafter(edges, np.inf),
             [np.nan, np.inf, -np.inf, 1e300, -1e300],
         ]
     )
