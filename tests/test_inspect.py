@@ -277,6 +277,17 @@ def test_a_range_numpy_refuses_for_its_bins_is_refused(
         assert refused.value.reason == "BAD_BINS"
 
 
+def test_a_histogram_range_too_narrow_for_its_bins_is_refused_for_an_absent_tensor(
+    client: gradwire.Client,
+) -> None:
+    """GetStats checks a range given against its bins before it reads: a tensor not there
+    yet (no loss before a Forward) is refused as one that is, not answered without a
+    histogram."""
+    with pytest.raises(errors.InvalidArgument, match="cannot each have a width") as refused:
+        client.stats("loss", bins=4096, low=1.0, high=math.nextafter(1.0, 2.0))
+    assert refused.value.reason == "BAD_BINS"
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("size", [432, 300_000])  # numpy's path, and the device's
 @pytest.mark.parametrize(
