@@ -337,6 +337,8 @@ def test_values_at_float64_s_largest_are_binned_and_an_edge_there_refused() -> N
         summary = server_stats.summarize(torch.full((5,), value, dtype=torch.float64), bins=3)
         assert summary.histogram is not None and sum(summary.histogram.counts) == 5
         assert value in (summary.histogram.low, summary.histogram.high)
+        # Two float64 spacings a bin, as around any other value numpy cannot widen.
+        assert summary.histogram.high - summary.histogram.low == 2 * 3 * math.ulp(largest)
     with pytest.raises(InvalidInput) as refused:
         server_stats.summarize(torch.zeros(5, dtype=torch.float64), bins=4, low=largest)
     assert refused.value.reason == "BAD_BINS"
