@@ -1754,6 +1754,34 @@ def test_a_watch_s_call_that_ends_before_it_waits_is_not_missed() -> None:
     assert time.monotonic() - start < 10.0
 
 
+def test_a_closed_subscription_neither_waits_nor_pauses() -> None:
+    """A closed model (its session closed, the server stopping) ends a watcher's wait and
+    its minimum interval's pause, and later ones do not wait: a watcher in its pause would
+    otherwise have held on for the whole interval."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription()
+    subscription.close()
+    start = time.monotonic()
+    assert not subscription.wait(30.0)
+    subscription.pause(30.0)
+    assert time.monotonic() - start < 10.0
+    assert subscription.closed
+
+
+def test_a_removed_subscription_is_told_of_no_more_mutations() -> None:
+    from gradwire_server.watch import Subscription, Subscriptions
+
+    subscriptions = Subscriptions()
+    kept, removed = Subscription(), Subscription()
+    subscriptions.add(kept)
+    subscriptions.add(removed)
+    subscriptions.remove(removed)
+    subscriptions.announce(1)
+    assert len(subscriptions) == 1
+    assert (kept.take(), removed.take()) == (1, 0)
+
+
 def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> None:
     """Its pause woke at every mutation announced, each a thread wake and a GIL trip per
     watcher (found by the review of the twenty-first session's change); a watcher's
