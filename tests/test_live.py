@@ -137,6 +137,34 @@ def test_a_mutation_first_copies_what_a_read_has_not_sent(
     assert memory.given_back == 1
 
 
+def test_a_mutation_copies_the_last_value_a_read_has_not_sent(trainer: Trainer) -> None:
+    """One value left to send is a rest to copy like any other: left live, the read
+    had neither the live tensor nor a copy to send it from."""
+    trained(trainer)
+    before = trainer.parameters[LINEAR].detach().clone().reshape(-1)
+    _, read = trainer.stream_read(LINEAR, (), CountedMemory())
+    assert read is not None
+    with read.run(0, read.numel - 1) as host:
+        sent = host.clone()
+    trainer.fill_parameters(7.0)
+    assert read.copied
+    assert torch.equal(torch.cat([sent, read_all(read, 1, start=read.numel - 1)]), before)
+
+
+def test_a_mutation_detaches_every_read_in_flight(trainer: Trainer) -> None:
+    """Two streamed reads of one tensor open at once: the mutation copies the rest of
+    each, not of one alone, and both still send the version they opened at."""
+    trained(trainer)
+    before = trainer.parameters[LINEAR].detach().clone().reshape(-1)
+    reads = [trainer.stream_read(LINEAR, (), CountedMemory())[1] for _ in range(2)]
+    trainer.fill_parameters(7.0)
+    for read in reads:
+        assert read is not None and read.copied
+        assert torch.equal(read_all(read, 4096), before)
+        read.close()
+    assert len(trainer._live) == 0
+
+
 def test_a_mutation_changes_the_live_tensor_but_not_the_read(trainer: Trainer) -> None:
     trained(trainer)
     _, read = trainer.stream_read(LINEAR, (), CountedMemory())
@@ -257,17 +285,25 @@ def test_a_live_read_leaves_the_trainer_once_its_last_run_is_out(trainer: Traine
 
 
 class NoMemory(CountedMemory):
-    """Spare memory that has none to give, as a server out of memory."""
+    """Spare memory that has none to give, as a server out of memory: torch's error by
+    default, or the one given."""
+
+    def __init__(self, error: type[Exception] = RuntimeError) -> None:
+        super().__init__()
+        self.error = error
 
     def take(
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         self.taken += 1
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
 
 
-def test_no_memory_for_the_copy_fails_the_read_not_the_mutation(trainer: Trainer) -> None:
-    _, read = trainer.stream_read(LINEAR, (), NoMemory())
+@pytest.mark.parametrize("error", [RuntimeError, MemoryError])  # torch's, and Python's
+def test_no_memory_for_the_copy_fails_the_read_not_the_mutation(
+    trainer: Trainer, error: type[Exception]
+) -> None:
+    _, read = trainer.stream_read(LINEAR, (), NoMemory(error))
     assert read is not None
     next(runs(read, 1000))
     version, _ = trainer.fill_parameters(7.0)  # goes ahead
