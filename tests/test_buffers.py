@@ -119,6 +119,51 @@ def test_a_large_buffer_is_copied_until_its_first_passes_show_it_constant() -> N
     }  # a norm layer's, however large: its kernel moves no version counter
 
 
+class Edges(nn.Module):
+    """A buffer of exactly the size always copied, and two large ones changed through
+    `.data` (no version counter moving) by one pass only: the first, and the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = 0
+        self.edge: torch.Tensor
+        self.first: torch.Tensor
+        self.second: torch.Tensor
+        self.register_buffer("edge", torch.zeros(ALWAYS_COPIED_BYTES // 4))
+        self.register_buffer("first", torch.zeros(BIG))
+        self.register_buffer("second", torch.zeros(BIG))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        if self.passes == 1:
+            self.first.data.fill_(1)
+        if self.passes == 2:
+            self.second.data.fill_(1)
+        return x
+
+
+def _learn(kept: Buffers, model: nn.Module, x: torch.Tensor, passes: int) -> None:
+    for _ in range(passes):
+        record = kept.keep()
+        model(x)
+        kept.learn(record)
+
+
+def test_a_buffer_changed_by_any_learning_pass_or_of_the_size_always_copied_stays_copied() -> None:
+    """Unchanged by every pass after, a buffer one learning pass changed is still no
+    constant, and one of exactly ALWAYS_COPIED_BYTES is copied whatever the passes show."""
+    model = Edges()
+    kept = Buffers(model)
+    _learn(kept, model, torch.ones(2, 4), LEARNING_PASSES + 3)
+    assert _copied(kept) == {"edge", "first", "second"}
+    # A norm layer's statistics, however large, even after passes that left them as they were
+    # (evaluation mode): a training pass's kernel changes them with no version counter moving.
+    norm = nn.BatchNorm1d(300_000).eval()
+    kept = Buffers(norm)
+    _learn(kept, norm, torch.ones(2, 300_000), LEARNING_PASSES + 1)
+    assert _copied(kept) == {"running_mean", "running_var", "num_batches_tracked"}
+
+
 def test_large_buffers_changed_in_a_failed_pass_are_put_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -284,6 +329,34 @@ def test_a_buffer_deleted_comes_back_as_it_was_not_persistent_in_its_place(run: 
     assert model._non_persistent_buffers_set == {"cache"}
     assert model.get_buffer("cache") is cache
     assert list(model.state_dict()) == ["count", "lin.weight", "lin.bias"]
+
+
+class Reordering(nn.Module):
+    """Registers its cache again (deleted, then registered anew: last now), then refuses a
+    batch of one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("cache", torch.ones(4), persistent=False)
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self.get_buffer("cache")
+        del self.cache
+        self.register_buffer("cache", cache, persistent=False)
+        if x.shape[0] == 1:
+            raise ValueError("one sample is refused")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_buffers_a_failed_pass_reordered_come_back_in_their_order() -> None:
+    trainer = Trainer(ModelSpec("Reordering", Reordering, (4,), 3), seed=0)
+    model = trainer._model
+    with pytest.raises(InvalidInput, match="one sample"):
+        trainer.forward(torch.ones(1, 4))
+    assert list(model._buffers) == ["cache", "count"]
 
 
 class Inference(nn.Module):
