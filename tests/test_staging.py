@@ -54,6 +54,23 @@ def test_out_must_match_the_source() -> None:
         staging.copy_in_runs(torch.zeros(4), torch.zeros(5), RUN, pinned=False)
     with pytest.raises(ValueError, match="contiguous"):
         staging.copy_in_runs(torch.zeros(4, 4), torch.zeros(4, 4).t(), RUN, pinned=False)
+    with pytest.raises(ValueError, match="shape and dtype"):  # not converted on the way
+        staging.copy_in_runs(torch.zeros(4, dtype=torch.float64), torch.zeros(4), RUN, False)
+    with pytest.raises(ValueError, match="Runs writes into a contiguous tensor"):
+        staging.Runs(torch.zeros(4, 4).t(), RUN, pinned=False)
+
+
+def test_each_host_buffer_holds_one_run_at_most() -> None:
+    """Two buffers of a run each, not of the whole value: pinned, a 512 MiB value's would
+    have taken as much page-locked memory again, twice."""
+    out = torch.empty(1000)
+    runs = staging.Runs(out, RUN, pinned=False)
+    runs.write(0, torch.arange(1000.0))
+    assert [b.numel() for b in runs._buffers] == [RUN // 4] * 2
+    assert torch.equal(out, torch.arange(1000.0))
+    small = staging.Runs(torch.empty(5), RUN, pinned=False)
+    small.write(0, torch.arange(5.0))
+    assert [b.numel() for b in small._buffers] == [5, 5]  # no more than the value
 
 
 def test_on_the_cpu_a_value_is_not_copied() -> None:
