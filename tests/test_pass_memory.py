@@ -171,6 +171,8 @@ def test_check_weighs_a_pass_by_its_factor_against_what_the_host_has() -> None:
 
     made = 400 << 20  # 400 MiB made: a forward pass 800 MiB, a training one 1,200 MiB
     pass_memory.check("a pass", made, 1000, pass_memory.FORWARD, available)
+    with pytest.raises(OverLimit, match=r"about 800\.0 MiB"):  # twice what it makes
+        pass_memory.check("a pass", made, 1000, pass_memory.FORWARD, lambda: 700 << 20)
     with pytest.raises(OverLimit) as refused:
         pass_memory.check("a pass", made, 1000, pass_memory.TRAINING, available)
     err = refused.value
@@ -181,6 +183,12 @@ def test_check_weighs_a_pass_by_its_factor_against_what_the_host_has() -> None:
         "host has 1.0 GiB left: send at most 853 samples a call"
     )
     assert len(asked) == 2
+    # What the host has left is enough: taken, to the byte; a pass of exactly the size
+    # checked from is checked.
+    pass_memory.check("a pass", made, 1000, pass_memory.FORWARD, lambda: 2 * made)
+    edge = pass_memory.CHECKED_FROM_BYTES
+    with pytest.raises(OverLimit, match=r"about 64\.0 MiB"):
+        pass_memory.check("a pass", edge, 1000, 1, lambda: edge - 1)
     # A small pass reads nothing: the host's files cost a small step 0.3 ms.
     pass_memory.check("a pass", 1 << 20, 1000, pass_memory.TRAINING, lambda: 0)
     # Nothing known: nothing refused.
