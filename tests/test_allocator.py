@@ -167,6 +167,18 @@ def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> No
     assert allocator.keep_freed_memory() is False
 
 
+@glibc_only
+def test_a_setting_glibc_refuses_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gradwire serve` says freed memory goes back to the system when glibc refuses a
+    setting: here a fast-bin size over glibc's largest (M_MXFAST, 160 bytes on 64-bit),
+    which is refused and sets nothing."""
+    monkeypatch.delenv("MALLOC_MXFAST_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    refused = (1, 1 << 20, "MALLOC_MXFAST_", "glibc.malloc.mxfast")  # M_MXFAST
+    monkeypatch.setattr(allocator, "SETTINGS", (refused,))
+    assert allocator.keep_freed_memory() is False
+
+
 #: A step at batch 8, then at 20 other batch sizes, then at batch 8 again, with oneDNN
 #: saying whether each kernel it makes came from its cache. Prints hits and misses of the
 #: last step.
@@ -304,3 +316,9 @@ def test_small_calls_release_nothing_until_their_bytes_add_up() -> None:
     assert released == []
     release.soon(10)  # 100 bytes in all
     eventually(lambda: released == [1])
+    for _ in range(9):  # counted again from the release
+        release.soon(10)
+    time.sleep(0.5)
+    assert released == [1]
+    release.soon(10)
+    eventually(lambda: released == [1, 1])
