@@ -261,6 +261,31 @@ def test_a_layer_made_in_a_failed_pass_is_taken_away_and_one_made_before_put_bac
         assert torch.equal(value, statistics[key]), key
 
 
+class Swapping(nn.Module):
+    """Replaces its layer with a new one of the same name, then refuses a batch of one
+    sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin = nn.Linear(4, 3)
+        if x.shape[0] == 1:
+            raise ValueError("one sample is refused")
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_layer_a_failed_pass_replaced_under_its_name_is_put_back() -> None:
+    trainer = Trainer(ModelSpec("Swapping", Swapping, (4,), 3), seed=0)
+    model = trainer._model
+    lin = model.get_submodule("lin")
+    with pytest.raises(InvalidInput, match="one sample"):
+        trainer.forward(torch.ones(1, 4))
+    assert model.get_submodule("lin") is lin
+
+
 class Replacing(nn.Module):
     """Replaces a large buffer each pass, and deletes a buffer it holds no tensor in (as a
     model might that sets one up lazily), then refuses a batch of one sample."""
