@@ -189,6 +189,9 @@ def test_check_weighs_a_pass_by_its_factor_against_what_the_host_has() -> None:
     edge = pass_memory.CHECKED_FROM_BYTES
     with pytest.raises(OverLimit, match=r"about 64\.0 MiB"):
         pass_memory.check("a pass", edge, 1000, 1, lambda: edge - 1)
+    # What a step holds for the parameters alone over the host's room: no batch fits.
+    with pytest.raises(OverLimit, match="no batch of this model fits now"):
+        pass_memory.check("a step", 0, 10, pass_memory.TRAINING, lambda: 1 << 20, fixed=edge)
     # A small pass reads nothing: the host's files cost a small step 0.3 ms.
     pass_memory.check("a pass", 1 << 20, 1000, pass_memory.TRAINING, lambda: 0)
     # Nothing known: nothing refused.
