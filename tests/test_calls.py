@@ -379,11 +379,16 @@ def test_a_session_closed_under_a_stream_ends_it_not_found(
         stream = Raw(channel, metadata=(("gradwire-session", session.session or ""),))
         listed = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
         assert listed.list_tensors.version == 0
+        default = Raw(channel)  # the default session's stream, waiting too, goes on
+        assert default.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest())).list_tensors
         session.close()
         with pytest.raises(grpc.RpcError) as ended:
             next(stream.responses)
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
         assert "this stream of calls on it ends here" in (ended.value.details() or "")
+        again = default.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+        assert again.list_tensors.model == "Simple"
+        default.close()
 
 
 def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) -> None:
