@@ -1989,6 +1989,20 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     Trainer(spec, seed=2).load(path)
 
 
+def _saved_alone(trainer: Trainer, path: Path) -> None:
+    """`trainer`'s parameters and optimizer state saved to `path` by checkpoint.save itself,
+    without the trainer's lock or its checks around it."""
+    checkpoint.save(
+        path,
+        version=trainer.version,
+        model=trainer.spec.name,
+        optimizer=trainer._optimizer,
+        settings=trainer.optimizer_settings,
+        parameters=trainer._parameters,
+        buffers={},
+    )
+
+
 def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
     # Each wrote one "<name>.partial": the loser's rename found it gone, and answered
     # STATE_DIR_UNWRITABLE (on a GPU, where each session saves on a thread of its own: found
@@ -2000,15 +2014,7 @@ def test_saves_of_one_name_at_once_each_land_whole(tmp_path: Path) -> None:
     def save(trainer: Trainer) -> None:
         for _ in range(10):
             try:
-                checkpoint.save(
-                    path,
-                    version=trainer.version,
-                    model=trainer.spec.name,
-                    optimizer=trainer._optimizer,
-                    settings=trainer.optimizer_settings,
-                    parameters=trainer._parameters,
-                    buffers={},
-                )
+                _saved_alone(trainer, path)
             except BaseException as err:  # each failure is the finding
                 failed.append(err)
 
@@ -2032,15 +2038,7 @@ def test_optimizer_state_that_is_no_tensor_is_kept_beside_the_tensors(tmp_path: 
     state[trainer._parameters["conv1.weight"]]["momentum_buffer"] = None
     state[trainer._parameters["conv1.weight"]]["scale"] = 0.5
     path = tmp_path / "state.safetensors"
-    checkpoint.save(
-        path,
-        version=trainer.version,
-        model=trainer.spec.name,
-        optimizer=trainer._optimizer,
-        settings=trainer.optimizer_settings,
-        parameters=trainer._parameters,
-        buffers={},
-    )
+    _saved_alone(trainer, path)
     with checkpoint.load(path) as loaded:
         assert loaded.optimizer_state["conv1.weight"] == {"momentum_buffer": None, "scale": 0.5}
         kept = state[trainer._parameters["conv2.weight"]]["momentum_buffer"]
