@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -63,6 +63,17 @@ def old_trainer(version: int = 0, **methods: grpc.RpcMethodHandler) -> grpc.Gene
 
     handlers = {"ListTensors": grpc.unary_unary_rpc_method_handler(listing), **methods}
     return grpc.method_handlers_generic_handler("gradwire.v1.Trainer", handlers)
+
+
+def calls_only(
+    serve: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]],
+) -> grpc.GenericRpcHandler:
+    """A gradwire.v1.Trainer with a Calls RPC alone, `serve` reading the raw requests and
+    yielding raw answers (a server that answers as no gradwire server would), for
+    bare_server."""
+    return grpc.method_handlers_generic_handler(
+        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
+    )
 
 
 @contextmanager

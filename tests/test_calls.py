@@ -38,7 +38,7 @@ from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import WaitingStreams
 from tests.background import eventually
 from tests.reference import run_tutorial
-from tests.serve_in_process import bare_server, running_server
+from tests.serve_in_process import bare_server, calls_only, running_server
 from tests.test_concurrency import Gate, hold_forward
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
@@ -787,9 +787,7 @@ def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
                 return
             yield answer if isinstance(answer, bytes) else answer.SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
+    handler = calls_only(serve)
     with bare_server(handler) as address, streaming(address) as client:
         for tried in (1, 2):
             with pytest.raises(errors.Internal) as caught:
@@ -844,9 +842,7 @@ def test_an_error_answer_of_a_code_grpc_lacks_is_unknown() -> None:
         for _ in requests:
             yield pb.CallResponse(error=status.SerializeToString()).SerializeToString()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
+    handler = calls_only(serve)
     with (
         bare_server(handler) as address,
         streaming(address) as client,
@@ -882,9 +878,7 @@ def test_unimplemented_after_an_answer_is_the_calls_error_not_a_server_without_c
         next(requests)
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "gone")
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
+    handler = calls_only(serve)
     with bare_server(handler) as address, streaming(address, timeout=30) as client:
         client.retries = 0
         assert client.zero_grad() == 1

@@ -25,7 +25,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from tests.reference import run_tutorial
-from tests.serve_in_process import bare_server, running_server
+from tests.serve_in_process import bare_server, calls_only, running_server
 from tests.test_calls import TARGET, Raw, error_of, serving_without_calls, streaming
 from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
@@ -544,22 +544,18 @@ def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
         assert c.list_tensors().version == zeroed
 
 
-FINE_ZERO_GRAD = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
-
-
 def _two_zero_grads_answered(
-    *answers: bytes,
+    garbled: bytes,
 ) -> tuple[gradwire.Pending[int], gradwire.Pending[int]]:
-    """Two ZeroGrads in a pipeline, on a Calls stream that answers with `answers` in turn;
-    the first answer is garbled, so the pipeline's block raises INTERNAL."""
+    """Two ZeroGrads in a pipeline, on a Calls stream that answers the first with `garbled`
+    (so the pipeline's block raises INTERNAL) and the second as it should."""
+    fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
 
     def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for answer, _ in zip(answers, requests, strict=False):
+        for answer, _ in zip((garbled, fine), requests, strict=False):
             yield answer
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
+    handler = calls_only(serve)
     with (
         bare_server(handler) as address,
         gradwire.connect(address) as client,
@@ -576,7 +572,7 @@ def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() 
     whose answer was well formed. Protobuf's DecodeError escaped the pipeline before (a
     review of the forty-sixth session's change)."""
     garbled = b"\x9a\x01\x02\x08\xff"  # CallResponse.zero_grad (19) holding no response
-    first, second = _two_zero_grads_answered(garbled, FINE_ZERO_GRAD)
+    first, second = _two_zero_grads_answered(garbled)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (not a ZeroGrad")
     assert "a garbled answer" in str(second.exception())
 
@@ -635,9 +631,7 @@ def test_a_call_made_after_the_server_ended_the_stream_is_not_sent(
             context.abort(grpc.StatusCode.UNAVAILABLE, "the stream failed")
         yield from ()
 
-    handler = grpc.method_handlers_generic_handler(
-        "gradwire.v1.Trainer", {"Calls": grpc.stream_stream_rpc_method_handler(serve)}
-    )
+    handler = calls_only(serve)
     with (
         bare_server(handler) as address,
         gradwire.connect(address, timeout=30) as client,
@@ -658,7 +652,7 @@ def test_an_answer_to_another_call_fails_its_call_and_the_calls_after_it() -> No
     stream, whose order can no longer be trusted, fails the second with the same cause,
     though its answer was well formed."""
     step = pb.CallResponse(step=pb.StepResponse(version=1)).SerializeToString()
-    first, second = _two_zero_grads_answered(step, FINE_ZERO_GRAD)
+    first, second = _two_zero_grads_answered(step)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (a Step response")
     error = second.exception()
     assert isinstance(error, errors.Internal) and "a garbled answer" in str(error)
