@@ -1741,32 +1741,23 @@ def test_a_closed_watch_lets_go_of_its_place_at_once(
         eventually(lambda: server.servicer.slots.taken == 0, "the watch held its place", within=20)
 
 
-def test_a_watch_s_call_that_ends_before_it_waits_is_not_missed() -> None:
-    """The end is kept, not only signalled: one that came between the watch loop's check of
-    its call and its wait would have been lost, and the wait would have run its course."""
+@pytest.mark.parametrize("how", ["end", "close"])
+def test_an_ended_or_closed_subscription_neither_waits_nor_pauses(how: str) -> None:
+    """end: the watch's call ended. The end is kept, not only signalled: one that came
+    between the watch loop's check of its call and its wait would have been lost, and the
+    wait would have run its course. close: its model closed (its session closed, the server
+    stopping), which ends a watcher's wait and its minimum interval's pause, and later ones
+    do not wait: a watcher in its pause would otherwise have held on for the whole
+    interval."""
     from gradwire_server.watch import Subscription
 
     subscription = Subscription()
-    subscription.end()
+    getattr(subscription, how)()
     start = time.monotonic()
     assert not subscription.wait(30.0)
     subscription.pause(30.0)
     assert time.monotonic() - start < 10.0
-
-
-def test_a_closed_subscription_neither_waits_nor_pauses() -> None:
-    """A closed model (its session closed, the server stopping) ends a watcher's wait and
-    its minimum interval's pause, and later ones do not wait: a watcher in its pause would
-    otherwise have held on for the whole interval."""
-    from gradwire_server.watch import Subscription
-
-    subscription = Subscription()
-    subscription.close()
-    start = time.monotonic()
-    assert not subscription.wait(30.0)
-    subscription.pause(30.0)
-    assert time.monotonic() - start < 10.0
-    assert subscription.closed
+    assert subscription.closed == (how == "close")
 
 
 def test_a_removed_subscription_is_told_of_no_more_mutations() -> None:
