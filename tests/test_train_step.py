@@ -687,10 +687,15 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
     two shapes, 64 for the rest of its fields, and how PyTorch shows it (7, and 32 for a
     parameter's autograd node or MAX_GRAD_FN_BYTES for another's): the bytes a refusal
     reports, which a caller sizes its fetches by."""
+
+    def bound(name: str, dims: int, grad_fn_bytes: int) -> int:
+        """A fetch of one float32 value of `name`, its two shapes of `dims` dimensions in all."""
+        return 4 + len(name) + 10 * dims + 64 + 7 + grad_fn_bytes
+
     trainer = Trainer(device="cpu", seed=0)
     x, y = ones_batch()
-    one_value = 4 + len("conv1.weight") + 10 * (4 + 0) + 64 + 7 + 32
-    loss = 4 + len("loss") + 10 * (0 + 0) + 64 + 7 + MAX_GRAD_FN_BYTES
+    one_value = bound("conv1.weight", 4 + 0, 32)
+    loss = bound("loss", 0 + 0, MAX_GRAD_FN_BYTES)
     for fetch, counted in (
         ([("conv1.weight", ((0, 0, 0, 0),))] * 10, 10 * one_value),
         ([("loss", ())], loss),
@@ -702,7 +707,7 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
     # Adam's step count: one float32 value, whatever its parameter's shape.
     trainer.set_optimizer(OptimizerSettings(kind="adam"))
     name = "optimizer.conv1.weight.step"
-    step = 4 + len(name) + 10 * (0 + 0) + 64 + 7 + MAX_GRAD_FN_BYTES
+    step = bound(name, 0 + 0, MAX_GRAD_FN_BYTES)
     with pytest.raises(OverLimit) as refused:
         trainer.train_step(x, y, fetch=[(name, ())], use=repr, max_fetch_bytes=step - 1)
     assert refused.value.metadata["bytes"] == str(step)
