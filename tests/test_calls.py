@@ -292,6 +292,11 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     as_number = wire.varint(calls.METHODS["Step"][0] << 3 | 1) + b"\xff" * 8
     code, message, reason, _ = error_of(raw.send(as_number + b"\xff\xff"))
     assert (reason, "not a valid gradwire.v1.CallRequest" in message) == ("MALFORMED_REQUEST", True)
+    # A Step's field that is a whole StepRequest, in an envelope that breaks off after it:
+    # the envelope is at fault, not the Step.
+    whole = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x00"
+    code, message, reason, _ = error_of(raw.send(whole + b"\xff\xff"))
+    assert (reason, "not a valid gradwire.v1.CallRequest" in message) == ("MALFORMED_REQUEST", True)
     # A mutation's request id and expected version are refused as their metadata would be.
     longest = pb.CallRequest(zero_grad=pb.ZeroGradRequest(), request_id="x" * 128)
     assert raw.call(longest).WhichOneof("result") == "zero_grad"
