@@ -2271,3 +2271,38 @@ def test_a_checkpoint_holding_a_buffer_no_pass_registers_beside_one_that_does_is
     assert "extra" not in dict(fresh._model.named_buffers())
     for made in (trained, fresh):
         made.close()
+
+
+class CheckedPositions(Positions):
+    """Positions, reading a value of its input before it registers its buffer: torch
+    cannot run it on meta tensors, so a load cannot tell whether a pass registers it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(x.abs().max() > 1e6):  # .item() under the hood: refused on meta tensors
+            raise ValueError("inputs past 1e6 are refused")
+        return super().forward(x)
+
+
+def test_a_buffer_a_model_may_register_in_its_pass_where_no_meta_run_can_tell_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Whether the checkpoint's buffer is this model's or another's cannot be known without
+    a pass on meta tensors: refused, the message saying how to make such a model loadable
+    (register the buffer in __init__), nothing changed."""
+    spec = ModelSpec("CheckedPositions", CheckedPositions, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    trained.forward(torch.ones(2, 4))
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    fresh = Trainer(spec, seed=0)
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message.startswith(
+        f"{path} holds buffers this server's CheckedPositions has not registered: positions. "
+        "If the model registers them in its forward pass, when first needed, a new one lacks "
+        "them: register them in its __init__"
+    )
+    assert "positions" not in dict(fresh._model.named_buffers()) and fresh.version == 0
+    for made in (trained, fresh):
+        made.close()
