@@ -1335,7 +1335,10 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["watch", "loss", "--every-steps", "9" * 23], "argument --every-steps: bad number"),
         (["stats", "loss", "--bins", "4097"], "argument --bins: bad number '4097'"),
         (["train", "--steps", "9" * 20], "argument --steps: bad number"),
-        (["watch", "loss", "--count", "0"], "argument --count: bad number '0'"),
+        (
+            ["watch", "loss", "--count", "0"],
+            "argument --count: bad number '0': expected a whole number, 1 or more",
+        ),
         (["train", "--steps", "0"], "argument --steps: bad number '0'"),
         (["train", "--batch", "x"], "argument --batch: bad number 'x'"),
         (["train", "--every", "0"], "argument --every: bad number '0'"),
@@ -1356,6 +1359,32 @@ def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> No
     result = run_main(*argv)
     assert result.code == 2
     assert said in result.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "value"),
+    [
+        (["serve", "--port", "0"], "port", 0),
+        (["serve", "--port", "65535"], "port", 65535),
+        (["serve", "--grace", "0"], "grace", 0.0),
+        (["serve", "--grace", "2147483"], "grace", 2147483.0),
+        (["serve", "--max-concurrent", "1"], "max_concurrent", 1),
+        (["serve", "--max-concurrent", "4294967295"], "max_concurrent", 4294967295),
+        (["serve", "--max-sessions", "0"], "max_sessions", 0),
+        (["stats", "loss", "--bins", "4096"], "bins", 4096),
+        (["list", "--keepalive", "0"], "keepalive", 0.0),
+        (["list", "--keepalive", "30"], "keepalive", 30.0),
+        (["list", "--timeout", "2147483"], "timeout", 2147483.0),
+        (["serve", "--session-idle", "Infinity"], "session_idle", math.inf),
+        (["serve", "--session-idle", " INF "], "session_idle", math.inf),
+        (["train", "--input-shape", " "], "input_shape", ()),  # as "": no dimension
+        (["train", "--input-shape", "0,3"], "input_shape", (0, 3)),  # empty, not negative
+    ],
+)
+def test_options_take_the_ends_of_their_ranges(argv: list[str], dest: str, value: Any) -> None:
+    """The other side of test_out_of_range_options_are_usage_errors: each end of a range,
+    and each spelling of for ever, is taken as given."""
+    assert getattr(build_parser().parse_args(argv), dest) == value
 
 
 def test_replay_against_another_model_changes_nothing() -> None:
