@@ -130,6 +130,7 @@ def test_forward_s_seed_refusal_gives_an_input_of_the_served_model(
         ["--input", "ones:2,3,10,10"],
         ["--input", "full:0.5:2,3,10,10", "--targets", "zeros:2:int64"],
         ["--input", "normal.npy"],  # a file's name, not a normal source
+        ["--input", "normal:8.npy"],  # a file's name too, whatever comes before its suffix
         ["--no-targets"],
     ],
 )
@@ -490,6 +491,11 @@ def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
     np.testing.assert_array_equal(
         client.get("conv1.weight")[0, :2, 0], np.array([[1e23] * 3, [1, 1e23, 2]], np.float32)
     )
+    # 19 digits, the most int64 has, past its end.
+    assert cli("set", "conv1.weight[0][2][0]", "[-9999999999999999999, 1, 2]").code == 0
+    np.testing.assert_array_equal(
+        get(client, "conv1.weight")[0, 2, 0], np.array([-1e19, 1, 2], np.float32)
+    )
 
 
 @pytest.mark.parametrize(
@@ -497,7 +503,10 @@ def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
     [
         (["set", "conv1.weight[0][0][0]", "full:1e999:3"], "'1e999' is beyond any float's range"),
         (["forward", "--input", "full:1e999:8,3,10,10"], "'1e999' is beyond any float's range"),
-        (["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"], "has 4,400 digits"),
+        (  # said as it is, not as a HIGH that is no whole number
+            ["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"],
+            "has 4,400 digits: far too large\n",
+        ),
         (["forward", "--input", "randint:x:8,3,10,10"], "bound 'x' is not a whole number"),
         (["set", "conv1.weight[0][0][0]", "full:abc:3"], "the value 'abc' is not a number"),
         (["get", f"conv1.weight[{_DIGITS}]"], "a selector of 4,414 characters; at most 1,024"),
@@ -557,6 +566,9 @@ def test_set_from_an_npy_file(cli: Run, client: gradwire.Client, tmp_path: Path)
 def test_set_from_a_fill_spec(cli: Run, client: gradwire.Client) -> None:
     assert cli("set", "linear.weight.grad", "ones:20,3200").code == 0
     assert np.array_equal(get(client, "linear.weight.grad"), np.ones((20, 3200), np.float32))
+    # An empty SHAPE is a shape of no dimension, a scalar, as `ones:` is.
+    assert cli("set", "conv1.weight[0, 0, 0, 0]", "full:2.5:").code == 0
+    assert get(client, "conv1.weight")[0, 0, 0, 0] == 2.5
 
 
 def test_set_json(cli: Run) -> None:
@@ -1121,6 +1133,11 @@ def test_serve_with_a_bad_log_level_exits_2() -> None:
         ("ones:x", "bad source 'ones:x'"),
         ("cubes:8,3,10,10", "bad source 'cubes:8,3,10,10': expected "),
         ("/no/such/input.npy", "no such file: /no/such/input.npy"),
+        ("saved_npy", "bad source 'saved_npy': expected "),  # no file without ".npy"
+        ("ones", "bad source 'ones': expected "),  # no shape, and no dtype named ones
+        ("ones:8,3,10,10:3", "bad source 'ones:8,3,10,10:3': expected "),  # one part too many
+        ("full:1:8,3,10,10:3", "bad source 'full:1:8,3,10,10:3': expected "),
+        ("randint:5:8,3,10,10:3", "bad source 'randint:5:8,3,10,10:3': expected "),
     ],
 )
 def test_a_bad_source_exits_2(cli: Run, source: str, said: str) -> None:
@@ -2427,6 +2444,15 @@ def test_set_says_when_numbers_with_fractions_lost_them_to_an_integer_tensor() -
         result = run_main("set", "flags", "[0.5, 0, 0.25]", "--target", target)
         assert result.out == "flags written (version 5)\n", result.err
         assert client.get("flags").tolist() == [True, False, True]
+        # int64's ends, exactly: not as the floats nearest them.
+        ends = [-(2**63), 2**63 - 1, 0]
+        result = run_main("set", "counts", str(ends), "--target", target)
+        assert result.out == "counts written (version 6)\n", result.err
+        assert get(client, "counts").tolist() == ends
+        # A list of JSON's booleans is a bool tensor's value (a lone `true` is refused).
+        result = run_main("set", "flags", "[false, true, false]", "--target", target)
+        assert result.out == "flags written (version 7)\n", result.err
+        assert get(client, "flags").tolist() == [False, True, False]
 
 
 def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwire.Client) -> None:
@@ -2510,6 +2536,15 @@ def test_a_value_nested_past_a_tensors_dimensions_is_a_usage_error(
     result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
     assert result.code == 2
     assert "lists more than 64 deep, where a tensor has at most 64 dimensions" in result.err
+
+
+def test_a_value_nested_as_deep_as_a_tensors_dimensions_is_taken(address: str) -> None:
+    value = "[" * 64 + "1" + "]" * 64  # 64 dimensions, as many as a tensor has
+    result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
+    assert result.out == (
+        f"conv1.weight[0][0] written: a [{', '.join(['1'] * 64)}] value broadcast to [3, 3] "
+        "(version 1)\n"
+    ), result.err
 
 
 @pytest.mark.parametrize(
