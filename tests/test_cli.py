@@ -346,6 +346,18 @@ def test_get_json_writes_values_a_piece_at_a_time_as_one_line_would(values: Any)
     assert written.getvalue() == output.json_line({**data, "values": whole})
 
 
+def test_json_lines_spell_every_value_that_is_not_finite_and_stand_alone() -> None:
+    """JSON has no NaN or infinity: each is a string wherever it sits (a dict's value, a
+    list's or a tuple's item, nested); and "values" may be a line's only key."""
+    data = {"loss": math.nan, "edges": (-math.inf, 1.0), "rows": [[math.inf, 2]]}
+    assert output.json_line(data) == (
+        '{"loss": "nan", "edges": ["-inf", 1.0], "rows": [["inf", 2]]}\n'
+    )
+    alone = io.StringIO()
+    output.json_line_with_values(alone, {}, np.array([1, np.nan], np.float32))
+    assert alone.getvalue() == '{"values": [1.0, "nan"]}\n'
+
+
 def test_get_prints_a_tensor_without_making_its_values_python_lists(address: str) -> None:
     """`gradwire get` made the values' JSON lists even to print them: 11.7 GB and 35 s for
     a 1 GiB tensor, where the printout shows 36 values (a review of serving a big model).
@@ -1205,6 +1217,18 @@ def test_a_reader_that_goes_away_part_way_through_a_large_output_exits_141(
     )  # fmt: skip
     assert done.returncode == 141, done.stderr
     assert done.stderr == ""
+
+
+def test_a_large_output_reaches_a_pipe_whole(address: str) -> None:
+    """What the process writes to a pipe read to its end is what the command wrote: the
+    standard output's writer cuts a large output into pieces, and must lose none of it."""
+    argv = ("get", "linear.weight", "--json", "--target", address)
+    done = subprocess.run(
+        [*GRADWIRE_PROCESS, *argv], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout) > 100_000  # many pieces
+    assert done.stdout == run_main(*argv).out
 
 
 @pytest.mark.parametrize("command", ["list", "get conv1.weight --json"])
