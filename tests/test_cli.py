@@ -2525,6 +2525,17 @@ def test_serve_knows_a_json_log_however_argparse_would(words: list[str], json_lo
     assert asks_json_log(words) is json_log
 
 
+def test_a_json_log_is_serve_s_alone(address: str) -> None:
+    """Another command given serve's --log-format json is refused in plain words: it has no
+    log, and its error is no log line."""
+    result = run_main("list", "--log-format", "json", "--target", address)
+    assert result.code == 2
+    assert result.err.endswith(
+        "gradwire list: error: unrecognized arguments: --log-format json\n"
+    ), result.err
+    assert not result.err.startswith("{")
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
