@@ -2219,6 +2219,22 @@ def test_an_option_before_the_command_says_where_it_goes() -> None:
     assert "unrecognized arguments: --foo" in run_main("--foo", "list").err
 
 
+def test_warnings_not_gradwire_s_are_left_to_python_to_show() -> None:
+    """A command's own warnings are one line on its stderr; another library's (a
+    UserWarning) is Python's to show, with its file and line, not passed off as gradwire's."""
+    import warnings
+
+    from gradwire.cli.command import warnings_shown
+
+    err = io.StringIO()
+    with pytest.warns(UserWarning, match="not gradwire's"), warnings_shown("list", err):
+        warnings.warn("not gradwire's", UserWarning, stacklevel=1)
+    assert err.getvalue() == ""
+    with warnings_shown("list", err):
+        warnings.warn(errors.GradwireWarning("gradwire's"), stacklevel=1)
+    assert err.getvalue() == "gradwire list: warning: gradwire's\n"
+
+
 def test_an_unknown_option_of_a_command_is_refused_with_that_command_s_usage() -> None:
     # argparse refused it with gradwire's usage and name, not the command's, whose options
     # are what a mistaken one is to be read against (a newcomer's walkthrough).
@@ -2282,6 +2298,11 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
         assert answer.code == 1 and "hint:" not in answer.err, named
     closed = run_main("close-session", "gone", "--target", address)
     assert closed.code == 1 and "hint:" not in closed.err
+    # An open session from the environment, and an error of another kind: no such hint.
+    with gradwire.connect(address) as client:
+        monkeypatch.setenv("GRADWIRE_SESSION", client.open_session(seed=0).detach())
+    other = run_main("get", "nothing", "--target", address)
+    assert other.code == 1 and "hint:" not in other.err, other.err
 
 
 @pytest.mark.parametrize("session", ["séance", "a\nb", "a" * 100_000, " padded "])
