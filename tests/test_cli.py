@@ -2507,6 +2507,23 @@ def test_set_describes_a_write_in_a_session_of_its_own(cli: Run, client: gradwir
     assert client.list_tensors().version == 0  # the default session's, untouched
 
 
+class _CtrlCAtWrite(io.StringIO):
+    """A terminal where Ctrl-C lands as the command writes its answer."""
+
+    def write(self, text: str) -> int:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_a_command_runs_exits_130_saying_so(address: str) -> None:
+    """A command that has no summary of its own to give (list): one word, and 130, as the
+    shell reports a program Ctrl-C ended, so that `gradwire list && next` does not go on."""
+    from gradwire.cli import main
+
+    err = io.StringIO()
+    assert main(["list", "--target", address], _CtrlCAtWrite(), err) == 130
+    assert err.getvalue() == "interrupted\n"
+
+
 def test_ctrl_c_while_the_command_loads_is_an_interrupt_not_a_traceback() -> None:
     """Ctrl-C in the first half second of any command, while grpc and numpy load, gave a
     KeyboardInterrupt traceback through the imports (found by a review of the CLI). The
@@ -2574,6 +2591,17 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     result = run_main(*argv, "--target", address)
     assert result.code == 2, result.err
     assert said in result.err
+
+
+def test_a_npy_file_s_name_may_hold_bytes_that_are_not_utf8(
+    cli: Run, client: gradwire.Client, tmp_path: Path
+) -> None:
+    """A file's name is the system's, any bytes: only what travels as text is refused."""
+    path = tmp_path / "w\udcff.npy"
+    np.save(path, np.full((3, 3, 3), 0.5, np.float32))
+    result = cli("set", "conv1.weight[0]", str(path))
+    assert result.code == 0, result.err
+    np.testing.assert_array_equal(get(client, "conv1.weight")[0], np.full((3, 3, 3), 0.5))
 
 
 def test_watch_of_more_selectors_than_a_server_takes_is_a_usage_error(address: str) -> None:
