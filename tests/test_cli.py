@@ -2219,6 +2219,19 @@ def test_an_option_before_the_command_says_where_it_goes() -> None:
     assert "unrecognized arguments: --foo" in run_main("--foo", "list").err
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--target", "--timeout", "--json", "--keepalive", "--session", "--token-file", "--tls",
+        "--tls-ca", "--tls-cert", "--tls-key", "--port", "--host", "--device", "--seed",
+    ],
+)  # fmt: skip
+def test_each_command_option_before_the_command_says_where_it_goes(option: str) -> None:
+    result = run_main(option, "5", "list")
+    assert result.code == 2
+    assert result.err.startswith(f"gradwire: error: {option} goes after the command: ")
+
+
 def test_warnings_not_gradwire_s_are_left_to_python_to_show() -> None:
     """A command's own warnings are one line on its stderr; another library's (a
     UserWarning) is Python's to show, with its file and line, not passed off as gradwire's."""
@@ -2591,6 +2604,7 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     result = run_main(*argv, "--target", address)
     assert result.code == 2, result.err
     assert said in result.err
+    assert result.err.startswith(f"gradwire {argv[0]}: error: ")
 
 
 def test_a_npy_file_s_name_may_hold_bytes_that_are_not_utf8(
