@@ -1495,10 +1495,15 @@ def test_a_port_that_answers_in_something_other_than_grpc_is_said_to() -> None:
     )
 
 
-def test_an_error_from_a_server_gets_no_connection_hint(cli: Run) -> None:
+def test_an_error_from_a_server_gets_no_connection_hint(cli: Run, dead_address: str) -> None:
     result = cli("get", "nope")
     assert result.code == 1
     assert "hint:" not in result.err
+    # Not even in gRPC's words for a server never reached: a server's error is no such.
+    args = build_parser().parse_args(["list", "--target", dead_address])
+    answered = errors.Internal("the model's forward failed: connection refused")
+    with gradwire.Client(dead_address, timeout=5) as never:
+        assert connection_hint(args, never, answered) is None
 
 
 @pytest.mark.parametrize(
@@ -1939,6 +1944,10 @@ def test_a_delete_past_its_timeout_may_have_landed_and_the_hint_says_so(address:
             "the checkpoint may have been removed all the same (gradwire checkpoints shows "
             "whether it is there): give long calls a longer --timeout"
         )
+        late.changes_state = False  # one the client knows was not sent: nothing landed
+        assert connection_hint(args, client, late) == (
+            "no answer within --timeout 2s: give this command a longer --timeout"
+        )
 
 
 def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
@@ -2332,9 +2341,11 @@ def test_a_session_id_grpc_cannot_send_is_refused_naming_where_it_came_from(
     closing = run_main("close-session", session, "--target", address)
     assert closing.code == 2 and "ID" in closing.err and "is no session id" in closing.err
     monkeypatch.setenv("GRADWIRE_SESSION", session)
-    from_environment = run_main("list", "--target", address)
+    monkeypatch.setenv("GRADWIRE_TARGET", address)  # not the one at fault: not named
+    from_environment = run_main("list")
     assert from_environment.code == 2
-    assert "(the session came from $GRADWIRE_SESSION)" in from_environment.err
+    assert from_environment.err.endswith("(the session came from $GRADWIRE_SESSION)\n")
+    assert "$GRADWIRE_TARGET" not in from_environment.err
     with pytest.raises(ValueError, match="is no session id"):
         gradwire.Client(address, session=session)
 
@@ -2343,6 +2354,7 @@ def test_a_bad_target_from_the_environment_is_said_to_come_from_there(
     dead_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:99999")
+    monkeypatch.setenv("GRADWIRE_SESSION", "s1")  # not the one at fault: not named
     refused = run_main("list")
     assert refused.code == 2
     assert refused.err.endswith("from 1 to 65535 (the target came from $GRADWIRE_TARGET)\n")
