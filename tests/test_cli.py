@@ -1118,6 +1118,37 @@ def test_serve_takes_inf_and_any_time_over_0_as_the_session_idle_time() -> None:
     assert parser.parse_args(["serve"]).session_idle == 600.0
 
 
+def test_each_command_s_defaults_are_those_documented() -> None:
+    """A default changed by a slip changes what every user gets without a word: a server on
+    another port than the client's DEFAULT_TARGET, one open to the network, more steps."""
+    from gradwire import limits
+    from gradwire.plot import DEFAULT_DPI
+    from gradwire.targets import DEFAULT_TARGET
+
+    parser = build_parser()
+    serve = parser.parse_args(["serve"])
+    assert (serve.host, f"localhost:{serve.port}") == ("127.0.0.1", DEFAULT_TARGET)
+    assert (serve.device, serve.max_concurrent, serve.max_sessions) == ("auto", 16, 8)
+    assert (serve.grace, serve.log_level, serve.seed) == (5.0, "info", None)
+    assert (serve.keepalive, serve.keepalive_timeout) == (limits.KEEPALIVE_S, 20.0)
+    assert (serve.connection_idle, serve.max_connections) == (300.0, limits.MAX_CONNECTIONS)
+    listing = parser.parse_args(["list"])
+    assert (listing.timeout, listing.keepalive, listing.json) == (60.0, 330.0, False)
+    assert (listing.target, listing.session, listing.tls) == (None, None, False)
+    train = parser.parse_args(["train"])
+    assert (train.steps, train.batch, train.every, train.seed) == (100, 8, 1, 0)
+    assert not train.server_side and not train.keep_going
+    watch = parser.parse_args(["watch", "loss"])
+    assert (watch.interval, watch.every_steps, watch.bins) == (0.1, 0, 0)
+    assert (watch.count, watch.duration, watch.values) == (None, None, False)
+    assert parser.parse_args(["stats", "loss"]).bins == 0
+    assert parser.parse_args(["fill", "1"]).names == []
+    assert parser.parse_args(["replay"]).init == "fill"
+    assert parser.parse_args(["health"]).service == ""
+    plot = parser.parse_args(["plot", "loss", "--out", "x.png"])
+    assert (plot.kind, plot.dpi, plot.bins) == ("auto", DEFAULT_DPI, None)
+
+
 @pytest.mark.parametrize("idle", [0.0, -1.0, math.nan])
 def test_start_and_sessions_refuse_an_idle_time_of_0_or_less(idle: float) -> None:
     trainer = Trainer(device="cpu", seed=0)
