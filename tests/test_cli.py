@@ -1993,6 +1993,9 @@ def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
         client.list_tensors()
         assert client.answered
         assert "answered earlier in this command" in str(connection_hint(args, client, cancelled))
+        # A gradwire server's own UNAVAILABLE says what it is (its reason): not a server gone.
+        busy = errors.Unavailable("the server is busy: try again", reason="BUSY")
+        assert connection_hint(args, client, busy) is None
     with gradwire.Client(dead_address, timeout=5) as never:
         with pytest.raises(errors.Unavailable):
             never.list_tensors()
