@@ -1762,6 +1762,20 @@ def test_a_watch_for_a_duration_that_never_got_an_update_fails(mute_address: str
     assert f"hint: {mute_address} did not answer as a gRPC server" in result.err
 
 
+def test_a_read_past_its_own_duration_gets_no_timeout_hint(address: str) -> None:
+    """--duration's end is a deadline of the command's own asking: nothing to fix with a
+    longer --timeout, which a read past --timeout is told to give."""
+    ended = errors.DeadlineExceeded("Deadline Exceeded")
+    with gradwire.connect(address, timeout=30) as client:
+        client.list_tensors()
+        for options, hint in (
+            (["--duration", "1"], None),
+            ([], "no answer within --timeout 60s: give this command a longer --timeout"),
+        ):
+            args = build_parser().parse_args(["watch", "loss", "--target", address, *options])
+            assert connection_hint(args, client, ended) == hint
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
