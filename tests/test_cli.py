@@ -2098,6 +2098,15 @@ def test_a_client_key_that_is_not_its_certificate_s_is_named(pki: Pki, tmp_path:
         f"hint: this client's TLS files could not be used together: is --tls-key "
         f"{other.client_key} the private key that --tls-cert {pki.client_cert} was made with?"
     )
+    # gRPC's words for it, without a client pair given: no pair of this client's to blame.
+    target = "127.0.0.1:1"
+    args = build_parser().parse_args(["list", "--target", target, "--tls-ca", str(pki.ca)])
+    failed = errors.Unavailable("failed to connect: Failed to create security handshaker")
+    with gradwire.Client(target, timeout=5) as never:
+        assert connection_hint(args, never, failed) == (
+            f"no gradwire server answered at {target}: start one (gradwire serve), or name "
+            "yours with --target HOST:PORT"
+        )
 
 
 def test_a_client_certificate_the_server_refuses_may_have_expired(tmp_path: Path) -> None:
