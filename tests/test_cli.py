@@ -2337,6 +2337,25 @@ def test_the_target_may_come_from_the_environment(
     assert "$GRADWIRE_TARGET" in run_main("list", "--help").out
 
 
+@pytest.mark.parametrize("exported", [None, ""])
+def test_an_environment_without_a_target_or_session_gives_the_defaults(
+    monkeypatch: pytest.MonkeyPatch, exported: str | None
+) -> None:
+    """Unset or set empty, $GRADWIRE_TARGET and $GRADWIRE_SESSION are no target and no
+    session: DEFAULT_TARGET and the default session, and no message says they came from
+    there."""
+    from gradwire.cli.connection import from_environment
+    from gradwire.targets import DEFAULT_TARGET
+
+    if exported is not None:
+        monkeypatch.setenv("GRADWIRE_TARGET", exported)
+        monkeypatch.setenv("GRADWIRE_SESSION", exported)
+    args = build_parser().parse_args(["list"])
+    from_environment(args)
+    assert (args.target, args.session) == (DEFAULT_TARGET, None)
+    assert not args.target_from_environment and not args.session_from_environment
+
+
 def test_replay_embedded_refuses_options_it_would_ignore(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
