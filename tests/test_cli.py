@@ -1444,6 +1444,8 @@ def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> No
         (["serve", "--max-concurrent", "4294967295"], "max_concurrent", 4294967295),
         (["serve", "--max-sessions", "0"], "max_sessions", 0),
         (["stats", "loss", "--bins", "4096"], "bins", 4096),
+        (["stats", "loss", "--bins", "0"], "bins", 0),
+        (["watch", "loss", "--every-steps", "0"], "every_steps", 0),
         (["list", "--keepalive", "0"], "keepalive", 0.0),
         (["list", "--keepalive", "30"], "keepalive", 30.0),
         (["list", "--timeout", "2147483"], "timeout", 2147483.0),
