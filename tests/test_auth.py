@@ -116,6 +116,35 @@ def test_refusals_between_two_lines_are_counted(caplog: pytest.LogCaptureFixture
     ]
 
 
+def test_a_refusal_a_minute_after_the_last_line_is_logged_and_counted_as_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The minute is the least between two lines (not more), the seconds are since the
+    last line (not since the clock's start), and one call is one call."""
+    caplog.set_level(logging.INFO, logger="gradwire_server.auth")
+    now = [100.0]
+    refusals = Refusals(every_s=60.0, clock=lambda: now[0])
+    refusals.note("NO_TOKEN", "/m", "peer-1")
+    now[0] = 160.0
+    refusals.note("BAD_TOKEN", "/n", "peer-2")
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "refused 1 call without this server's token in the last 60 s, the last (BAD_TOKEN): "
+        "/n from peer-2"
+    ]
+
+
+def test_an_unknown_method_without_the_token_is_unimplemented(guarded: Running) -> None:
+    """As without a token: which methods there are is no secret, and a refusal needs a
+    handler to answer with."""
+    with (
+        grpc.insecure_channel(_address(guarded)) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        no_such: Any = channel.unary_unary("/gradwire.v1.Trainer/NoSuchMethod")
+        no_such(b"", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_the_right_token_opens_every_call(guarded: Running) -> None:
     with gradwire.connect(_address(guarded), token=TOKEN) as client:
         assert client.list_tensors().model == "Simple"
