@@ -722,8 +722,10 @@ FAILING = {
         (datetime.timedelta(days=-1), "is not valid before ", "Until then {failing}"),
         # Within EXPIRY_WARNING: hours, under a day (it said "in 0 days").
         (datetime.timedelta(hours=1), "expires on ", "in 23 hours: "),
+        # Valid for a day, which ended 55 minutes ago.
+        (datetime.timedelta(days=1, hours=1), "expired on ", "{failing}; "),
     ],
-    ids=["expired", "not-yet-valid", "expiring"],
+    ids=["expired", "not-yet-valid", "expiring", "just-expired"],
 )
 def test_a_certificate_s_dates_are_warned_of(
     pki: Pki, after_issue: datetime.timedelta, warned: str, ends: str
@@ -749,6 +751,42 @@ def test_a_certificate_far_from_its_dates_is_not_warned_of(tmp_path: Path) -> No
     files = TlsFiles(tmp_path / "server.pem", tmp_path / "unread.key")
     assert files.date_warnings() == []
     assert files.valid_until() == certificate.not_valid_after_utc
+
+
+@pytest.mark.parametrize(
+    ("left", "said"),
+    [
+        (datetime.timedelta(days=2), "in 2 days: "),
+        (datetime.timedelta(days=1, hours=1), "in 1 day: "),
+        (datetime.timedelta(hours=1), "in 1 hour: "),
+        (datetime.timedelta(minutes=59), "in less than an hour: "),
+    ],
+    ids=["days", "a-day", "an-hour", "under-an-hour"],
+)
+def test_the_time_a_certificate_has_left_is_said_in_days_or_hours(
+    tmp_path: Path, left: datetime.timedelta, said: str
+) -> None:
+    key = _key()
+    certificate = _cert("gradwire server", key, None, key, server=True, days=5)
+    (tmp_path / "server.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    files = TlsFiles(tmp_path / "server.pem", tmp_path / "unread.key")
+    (warning,) = files.date_warnings(certificate.not_valid_after_utc - left)
+    assert warning.startswith(f"--tls-cert {tmp_path / 'server.pem'} expires on ")
+    assert said in warning
+
+
+def test_the_dates_warned_of_are_the_server_certificate_s_not_its_chain_s(tmp_path: Path) -> None:
+    """A server's own certificate comes first in its chain, before the CA's that last
+    longer."""
+    ca_key, key = _key(), _key()
+    ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True, days=365)
+    served = _cert("gradwire server", key, ca, ca_key, server=True)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "chain.pem").write_bytes(served.public_bytes(pem) + ca.public_bytes(pem))
+    files = TlsFiles(tmp_path / "chain.pem", tmp_path / "unread.key")
+    assert files.valid_until() == served.not_valid_after_utc
+    (warning,) = files.date_warnings()
+    assert warning.startswith(f"--tls-cert {tmp_path / 'chain.pem'} expires on ")
 
 
 def test_serve_warns_of_an_expired_certificate_at_start(tmp_path: Path) -> None:
