@@ -916,20 +916,35 @@ def _der_certificate(pki: Pki) -> TlsFiles:
     return TlsFiles(path, pki.server_key)
 
 
+SWAPPED = "a file is not the PEM it should be: are the two swapped?"
+
+
 @pytest.mark.parametrize(
-    ("files", "said"),
+    ("files", "said", "why"),
     [
-        (lambda p: TlsFiles(p.server_cert, p.client_key), "--tls-cert"),  # not its key
-        (lambda p: TlsFiles(p.server_key, p.server_cert), "--tls-cert"),  # swapped
-        (lambda p: TlsFiles(p.server_cert, p.server_key, p.server_key), "--tls-client-ca"),
-        (lambda p: TlsFiles(p.server_cert, p.server_key.with_name("nope.key")), "--tls-cert"),
-        (_encrypted_key, "--tls-cert"),
-        (_der_certificate, "--tls-cert"),
+        (  # not its key
+            lambda p: TlsFiles(p.server_cert, p.client_key),
+            "--tls-cert",
+            "key values mismatch",  # OpenSSL's reason, in words
+        ),
+        (lambda p: TlsFiles(p.server_key, p.server_cert), "--tls-cert", SWAPPED),
+        (
+            lambda p: TlsFiles(p.server_cert, p.server_key, p.server_key),
+            "--tls-client-ca",
+            "no certificate or crl found",
+        ),
+        (
+            lambda p: TlsFiles(p.server_cert, p.server_key.with_name("nope.key")),
+            "--tls-cert",
+            "no such file or directory",  # the system's reason, without its errno
+        ),
+        (_encrypted_key, "--tls-cert", "the key is encrypted with a passphrase"),
+        (_der_certificate, "--tls-cert", SWAPPED),
     ],
     ids=["mismatched", "swapped", "ca-is-a-key", "missing", "encrypted-key", "not-pem"],
 )
 def test_bad_tls_files_are_named_not_taken_for_a_port_in_use(
-    pki: Pki, trainer: Trainer, files: Any, said: str
+    pki: Pki, trainer: Trainer, files: Any, said: str, why: str
 ) -> None:
     # gRPC only fails to bind with them: the server said the port was in use (found by a
     # review of the server as an operator runs it).
@@ -937,6 +952,7 @@ def test_bad_tls_files_are_named_not_taken_for_a_port_in_use(
         start(trainer, "127.0.0.1", 0, tls=files(pki))
     assert refused.value.reason == "BAD_TLS"
     assert refused.value.message.startswith(said)
+    assert f" ({why}): give the " in refused.value.message
     assert "cannot listen" not in refused.value.message
 
 
