@@ -8,6 +8,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -17,7 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import gradwire
 from gradwire import errors
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SPARE_THREADS, Running, start
-from gradwire_server.health_service import MAX_REQUEST_BYTES, MAX_SERVICE_NAME_CHARS
+from gradwire_server.health_service import (
+    MAX_REQUEST_BYTES,
+    MAX_SERVICE_NAME_CHARS,
+    _ClosesIfEnded,
+)
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
 from tests.test_auth import stalled_calls
@@ -392,3 +397,51 @@ def test_list_answers_every_service_s_status_without_a_token_and_logs_nothing(
     method = "/grpc.health.v1.Health/List"
     assert calls(samples, method, "OK") == 3
     assert calls(samples, method, "UNIMPLEMENTED") == 0
+    guarded.health.set("gradwire.v1.Trainer", NOT_SERVING)  # each status as it is
+    listing = health.List(health_pb2.HealthListRequest(), timeout=10)
+    assert listing.statuses["gradwire.v1.Trainer"].status == NOT_SERVING
+    assert listing.statuses[""].status == SERVING
+
+
+def test_a_callback_added_once_a_watch_s_call_has_ended_runs_at_once() -> None:
+    """grpc runs nothing added to a call that has ended (add_callback returns False), and
+    grpc's Watch does not look: a Watch cancelled as it opened stayed registered and
+    counted, its thread waiting for ever, until 64 of them refused every Watch after. The
+    context here is a real one, of a call its server has answered and then stopped."""
+    contexts: list[grpc.ServicerContext] = []
+
+    def keep(request: bytes, context: grpc.ServicerContext) -> bytes:
+        contexts.append(context)
+        return b""
+
+    handler: Any = grpc.unary_unary_rpc_method_handler(keep)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"M": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            called: Any = channel.unary_unary("/t.T/M")
+            called(b"", timeout=10)
+    finally:
+        server.stop(grace=None).wait(10)
+    (ended,) = contexts
+    ran: list[str] = []
+    assert not ended.add_callback(lambda: ran.append("grpc's"))  # grpc's own: runs nothing
+    assert _ClosesIfEnded(ended).add_callback(lambda: ran.append("ours"))
+    assert ran == ["ours"]
+
+
+def test_a_stop_lets_the_health_service_s_threads_go(trainer: Trainer) -> None:
+    """Each Watch, Check and List runs on a pool of the health service's own: a server
+    stopped left its threads behind, for the life of the process."""
+    before = set(threading.enumerate())
+    running = start(trainer, "127.0.0.1", 0)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    threads = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("gradwire-health")
+    ]
+    assert threads  # the Check ran on one
+    running.stop(grace=None)
+    eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
