@@ -31,6 +31,7 @@ from tests.test_metrics import calls, scrape
 TOKEN = "s3cret"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture
@@ -247,6 +248,12 @@ def test_requests_over_the_limit_are_refused_unread_and_their_memory_released(
         with pytest.raises(grpc.RpcError) as long_name:
             stub.Check(health_pb2.HealthCheckRequest(service="x" * 1000), timeout=10)
         assert "got 1000:" in errors.from_rpc_error(long_name.value).message  # characters
+        # A request of MAX_REQUEST_BYTES exactly is within the limit: parsed, its name counted.
+        at_limit = health_pb2.HealthCheckRequest(service="x" * (MAX_REQUEST_BYTES - 3))
+        assert at_limit.ByteSize() == MAX_REQUEST_BYTES  # the tag, 2 bytes of length, the name
+        with pytest.raises(grpc.RpcError) as parsed:
+            stub.Check(at_limit, timeout=10)
+        assert f"got {MAX_REQUEST_BYTES - 3}:" in errors.from_rpc_error(parsed.value).message
         with pytest.raises(grpc.RpcError) as malformed:
             channel.unary_unary("/grpc.health.v1.Health/Check")(b"\x0a\xff", timeout=10)
         assert errors.from_rpc_error(malformed.value).reason == "MALFORMED_REQUEST"
@@ -266,6 +273,7 @@ def test_watches_past_the_limit_are_refused(
     assert isinstance(error, errors.ResourceExhausted)
     assert error.reason == "TOO_MANY_WATCHES"
     assert "3 health Watches are open" in error.message
+    assert error.metadata == {"limit": "3"}
     assert guarded.health.open_watches == 3  # the refused one is not counted
     watches.pop().cancel()
     eventually(lambda: guarded.health.open_watches == 2)
