@@ -304,6 +304,11 @@ def test_gauges_follow_the_model(
     assert samples[("gradwire_sessions_open", frozenset())] == 1
     memory = samples[("gradwire_device_memory_bytes", frozenset({"device": "cpu"}.items()))]
     assert memory > 1_000_000  # this process's resident set: torch alone is more
+    if sys.platform == "linux":  # the resident set, not the address space (several times it)
+        with open("/proc/self/status", encoding="ascii") as status:
+            resident = int(re.findall(r"VmRSS:\s+(\d+) kB", status.read())[0]) * 1024
+        assert abs(memory - resident) < resident / 10, (memory, resident)
+        assert samples[("process_resident_memory_bytes", frozenset())] > 0  # the collector's
 
 
 def test_unknown_methods_are_counted_without_their_name(
@@ -371,16 +376,23 @@ def test_refused_calls_are_counted_unauthenticated(trainer: Trainer) -> None:
 
 
 def test_a_failure_to_record_never_fails_a_call(
-    watched: Running, stub: pb_grpc.TrainerStub, monkeypatch: pytest.MonkeyPatch
+    watched: Running,
+    stub: pb_grpc.TrainerStub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken(method: str) -> None:
         raise RuntimeError("the metrics are broken")
 
     assert watched.metrics is not None
     monkeypatch.setattr(watched.metrics, "method", broken)
-    answer = stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
-    assert answer.tensors
-    assert list(stub.GetTensorStream(pb.GetTensorRequest(name="conv1.weight"), timeout=10))
+    monkeypatch.setattr(metrics, "_warned", threading.Event())  # as in a fresh process
+    with caplog.at_level(logging.WARNING, logger="gradwire_server.metrics"):
+        answer = stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
+        assert answer.tensors
+        assert list(stub.GetTensorStream(pb.GetTensorRequest(name="conv1.weight"), timeout=10))
+    said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.metrics"]
+    assert said == ["recording a call's metrics failed; calls go on unrecorded"]  # once
 
 
 def test_servers_in_one_process_keep_their_own_counts(
@@ -786,3 +798,52 @@ def test_metrics_connections_closed_silent_or_reset_leave_no_traceback_in_the_lo
     assert not [x for x in rest if "Traceback" in x or "Exception occurred" in x], rest
     closed = [json.loads(x)["message"] for x in rest if "metrics connection" in x]
     assert len(closed) == 2, rest  # at debug, one line each
+
+
+def test_a_scrape_leaves_no_thread_behind(trainer: Trainer) -> None:
+    """Each connection's deadline (a Timer of METRICS_CONNECTION_S) ends with it: left
+    running, every scrape kept a thread for 30 s."""
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    try:
+        before = set(threading.enumerate())
+        for _ in range(3):
+            assert scrape(running)
+
+        def timers() -> list[threading.Thread]:
+            return [
+                t
+                for t in threading.enumerate()
+                if isinstance(t, threading.Timer) and t not in before
+            ]
+
+        eventually(lambda: not timers(), "a connection's deadline outlived it", within=10)
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_metrics_connection_whose_thread_cannot_start_gives_its_place_back(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose thread cannot start (memory exhausted, a limit on tasks) is
+    closed, and its place among MAX_METRICS_CONNECTIONS is free again: kept, that many
+    failed starts would have closed every later connection at once, scrapes too. Thread
+    starts are refused here as the kernel refuses them under a cap."""
+    refuse = True
+    start_thread = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if refuse and thread.name.endswith("(process_request_thread)"):
+            raise RuntimeError("can't start new thread")
+        start_thread(thread)
+
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    try:
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        for _ in range(metrics.MAX_METRICS_CONNECTIONS + 1):
+            with socket.create_connection(("127.0.0.1", running.metrics_port), timeout=10) as c:
+                assert c.recv(1) == b""  # closed, its thread not started
+        refuse = False
+        assert scrape(running)
+    finally:
+        refuse = False
+        running.stop(grace=None)
