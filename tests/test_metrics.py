@@ -484,7 +484,9 @@ def test_json_logs_carry_the_request_id_and_session(
     session = stub.OpenSession(pb.OpenSessionRequest(), timeout=10).session
     metadata = (("gradwire-request-id", "req-42"), ("gradwire-session", session))
     stub.FillParameters(pb.FillParametersRequest(value=0.5), timeout=10, metadata=metadata)
-    opened, filled = json_lines(access_lines)
+    stub.ListTensors(pb.ListTensorsRequest(), timeout=10, metadata=(("gradwire-request-id", ""),))
+    opened, filled, listed = json_lines(access_lines)
+    assert "request_id" not in listed  # sent empty: none
     assert opened["method"] == TRAINER + "OpenSession"
     assert "request_id" not in opened and "session" not in opened
     assert filled["method"] == TRAINER + "FillParameters"
@@ -517,6 +519,27 @@ def test_errors_are_logged_with_their_code(
     )
     (line,) = json_lines(access_lines)
     assert (line["code"], line["request_id"]) == ("FAILED_PRECONDITION", "r1")
+
+
+def test_a_handler_without_the_call_filter_still_shows_the_call(
+    watched: Running, stub: pb_grpc.TrainerStub
+) -> None:
+    """A handler of the embedder's own, without CallFilter: the formatter reads the call."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("gradwire_server.access")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        metadata = (("gradwire-request-id", "req-7"),)
+        stub.FillParameters(pb.FillParametersRequest(value=0.5), timeout=10, metadata=metadata)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (line,) = json_lines(stream)
+    assert (line["method"], line["request_id"]) == (TRAINER + "FillParameters", "req-7")
 
 
 def test_lines_outside_calls_have_no_call_fields() -> None:
@@ -577,6 +600,7 @@ def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
         ("153834ac4686482a92b2d6dc89c1fecd", "153834ac4686482a92b2d6dc89c1fecd"),
         ("r" * 128, "r" * 128),
         ("r" * 129, f'"{"r" * 128}"...'),
+        ("a b" + "r" * 125, f'"a b{"r" * 125}"'),  # quoted, and whole at the limit
         ("two words", '"two words"'),
         ("a]b", '"a]b"'),
         ('say "hi"', '"say \\"hi\\""'),
@@ -607,6 +631,9 @@ def test_json_lines_keep_the_traceback() -> None:
         )
     line = json.loads(JsonFormatter().format(record))
     assert "ValueError: boom" in line["exception"]
+    record = logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "here", (), None)
+    record.stack_info = "Stack (most recent call last):\n  in test"
+    assert json.loads(JsonFormatter().format(record))["stack"] == record.stack_info
 
 
 def test_an_unknown_log_format_is_refused() -> None:
