@@ -264,8 +264,9 @@ def test_the_health_and_reflection_stream_limits_reported_are_enforced(small: Ru
                 assert next(streams[-1]).HasField("list_services_response")
             with pytest.raises(grpc.RpcError) as refused:
                 next(reflection.ServerReflectionInfo(questions(), timeout=60))
-            reason = errors.from_rpc_error(refused.value).reason
-            assert reason == "TOO_MANY_REFLECTION_STREAMS"
+            error = errors.from_rpc_error(refused.value)
+            assert error.reason == "TOO_MANY_REFLECTION_STREAMS"
+            assert error.metadata == {"max_streams": str(limits.max_reflection_streams)}
         finally:
             release.set()
             _held(streams)
