@@ -300,6 +300,13 @@ def test_a_spec_refuses_bad_fields_when_made() -> None:
         ModelSpec("X", TinyMLP, (0,), 4)
     with pytest.raises(ValueError, match="num_classes"):
         ModelSpec("X", TinyMLP, (16,), 0)
+    with pytest.raises(ValueError, match="name must be a non-empty string, got ''"):
+        ModelSpec("", TinyMLP, (16,), 4)
+    scalars = ModelSpec("Scalars", TinyMLP, (), 4)  # a sample of no dimensions: input [N]
+    scalars.check_input_shape((5,))
+    with pytest.raises(InvalidInput, match=r"input has shape \[\]") as scalar:
+        scalars.check_input_shape(())
+    assert scalar.value.reason == "BAD_INPUT_SHAPE"
     with pytest.raises(TypeError, match="input_dtype must be a torch"):
         ModelSpec("X", TinyMLP, (16,), 4, input_dtype="float32")  # type: ignore[arg-type]
     assert ModelSpec("X", TinyMLP, [16], 4).sample_shape == (16,)  # type: ignore[arg-type]
@@ -363,6 +370,11 @@ def test_the_mlp_refuses_an_input_of_another_shape(mlp: gradwire.Client) -> None
     assert "input has shape [2, 3, 10, 10]; TinyMLP takes [N, 16] with N >= 1" in str(caught.value)
     with pytest.raises(errors.InvalidArgument, match="holds class 4; classes run from 0 to 3"):
         mlp.forward(np.zeros((2, 16), np.float32), np.array([0, 4]))
+    with pytest.raises(errors.InvalidArgument, match="holds class 5; "):  # the first
+        mlp.forward(np.zeros((3, 16), np.float32), np.array([5, 0, 9]))
+    with pytest.raises(errors.InvalidArgument, match=r"input has shape \[0, 16\]") as empty:
+        mlp.forward(np.zeros((0, 16), np.float32), np.zeros(0, np.int64))
+    assert empty.value.reason == "BAD_INPUT_SHAPE"
 
 
 def test_an_input_the_model_itself_refuses_is_invalid_argument(mlp: gradwire.Client) -> None:
