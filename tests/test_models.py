@@ -169,6 +169,8 @@ def test_load_spec_says_which_module_is_missing_and_why(module: Callable[[str], 
     assert "PYTHONPATH" in message
     message = refused("gradwire_server.no_such_submodule:SPEC")
     assert "there is no module 'gradwire_server.no_such_submodule'" in message
+    message = refused("no_such_package_gw.models:SPEC")  # the package is the one missing
+    assert "there is no module 'no_such_package_gw': install it" in message
     broken = module("import not_installed_dependency_gw\n")
     message = refused(f"{broken}:SPEC")
     assert f"cannot import module {broken!r}: importing it raised ModuleNotFoundError" in message
@@ -209,6 +211,57 @@ def test_load_spec_names_a_missing_attribute_and_the_specs_there() -> None:
     where = f"(imported from {models.__file__})"
     assert f"module 'gradwire_server.models' {where} has no attribute 'NOPE'" in message
     assert "SIMPLE, TINY_MLP, TINY_REGRESSOR" in message
+
+
+def test_load_spec_names_the_public_specs_only_and_leaves_sys_path_as_it_was(
+    module: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A private spec (a leading underscore) is not offered; and a folder already on
+    sys.path (the fixture put it first) stays where it was, not moved to the end."""
+    name = module(HEADER + "SPEC = ModelSpec('M', TinyMLP, (16,), 4)\n_HIDDEN = SPEC\n")
+    before = list(sys.path)
+    assert "(its ModelSpecs: SPEC)" in refused(f"{name}:NOPE")
+    assert load_spec(f"{name}:SPEC", tmp_path).name == "M"
+    assert sys.path == before
+
+
+def test_load_spec_builds_in_training_mode_and_leaves_the_process_s_generator_alone(
+    module: Callable[[str], str],
+) -> None:
+    """Checked as the server runs it: a model its factory left in evaluation mode is run
+    in training mode, where this one fails; and the build's draws (its initial weights)
+    come from a generator of their own, the process's left as it was."""
+    name = module(
+        HEADER + "class OnlyEval(TinyMLP):\n"
+        "    def forward(self, x):\n"
+        "        if self.training:\n"
+        "            raise RuntimeError('fails in training')\n"
+        "        return super().forward(x)\n"
+        "SPEC = ModelSpec('OnlyEval', lambda: OnlyEval().eval(), (16,), 4)\n"
+    )
+    assert "failed on zeros of shape [2, 16]" in refused(f"{name}:SPEC")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_spec("gradwire_server.models:TINY_MLP")
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_module_the_model_imports_is_found_where_python_finds_it_before_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serving folder is looked in last while the model loads: its colorsys.py does
+    not stand in for Python's, which the model's module imports."""
+    (tmp_path / "colorsys.py").write_text("raise ImportError('the folder's colorsys ran')\n")
+    name = f"gw_test_folder_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import colorsys\nfrom gradwire_server.models import TINY_MLP as SPEC\n"
+    )
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    try:
+        assert load_spec(f"{name}:SPEC", tmp_path) is TINY_MLP
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_load_spec_refuses_what_is_not_a_spec(module: Callable[[str], str]) -> None:
