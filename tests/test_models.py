@@ -357,7 +357,9 @@ def test_a_spec_refuses_bad_fields_when_made() -> None:
         ModelSpec("", TinyMLP, (16,), 4)
     scalars = ModelSpec("Scalars", TinyMLP, (), 4)  # a sample of no dimensions: input [N]
     scalars.check_input_shape((5,))
-    with pytest.raises(InvalidInput, match=r"input has shape \[\]") as scalar:
+    with pytest.raises(
+        InvalidInput, match=r"input has shape \[\]; Scalars takes \[N\] with"
+    ) as scalar:
         scalars.check_input_shape(())
     assert scalar.value.reason == "BAD_INPUT_SHAPE"
     with pytest.raises(TypeError, match="input_dtype must be a torch"):

@@ -117,8 +117,8 @@ class ModelSpec:
         sample = self.sample_shape
         if len(shape) != len(sample) + 1 or tuple(shape[1:]) != sample or shape[0] < 1:
             raise InvalidInput(
-                f"input has shape {list(shape)}; {self.name} takes [N, "
-                + ", ".join(map(str, sample))
+                f"input has shape {list(shape)}; {self.name} takes ["
+                + ", ".join(["N", *map(str, sample)])
                 + "] with N >= 1",
                 reason="BAD_INPUT_SHAPE",
             )
