@@ -2771,3 +2771,121 @@ def test_a_program_that_takes_the_connection_and_never_answers_is_named(
             "server (it sent nothing in 20 s): check that --target HOST:PORT names a gradwire "
             "server, not another program"
         )
+
+
+# --- found by mutation testing of the commands (tensors, training, state, serving) -------------
+
+
+def test_forward_eval_runs_the_model_as_model_eval_does() -> None:
+    """forward --eval: BatchNorm normalises with its running statistics, and leaves them as
+    they were; the loss is the one PyTorch gives the model in eval mode."""
+    with serving(TINY_MLP, seed=0) as (_, client):
+        result = run_main("forward", "--eval", "--json", "--target", client.target)
+        assert result.code == 0, result.err
+        assert get(client, "norm.num_batches_tracked").tolist() == 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TINY_MLP.factory().eval()
+    loss = nn.CrossEntropyLoss()(model(torch.ones(8, 16)), torch.ones(8, dtype=torch.long))
+    assert result.json()["loss"] == loss.item()
+
+
+def test_forward_by_default_targets_class_0_of_a_one_class_model() -> None:
+    """A model of one output has class 0 alone: the default targets are zeros, and class 1
+    is the default of any model of more (two, here)."""
+    import functools
+
+    for outputs, target in ((1, 0), (2, 1)):
+        spec = ModelSpec(f"Out{outputs}", functools.partial(nn.Linear, 4, outputs), (4,), outputs)
+        with serving(spec, seed=0) as (_, client):
+            result = run_main("forward", "--json", "--target", client.target)
+            assert result.code == 0, result.err
+            assert get(client, "target").tolist() == [target] * 8
+
+
+def test_get_shape_only_asks_the_server_for_no_values() -> None:
+    """--shape-only reads the shape alone: a large tensor's values never cross the wire."""
+    asked: list[bool] = []
+
+    def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
+        read = pb.GetTensorRequest.FromString(request)
+        asked.append(read.omit_values)
+        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3])
+        if not read.omit_values:
+            tensor.float_values.extend([0.0] * 6)
+        answer = pb.GetTensorResponse(name=read.name, tensor=tensor, full_shape=[2, 3])
+        return answer.SerializeToString()
+
+    read_handler = old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(get_tensor))
+    with bare_server(read_handler) as address:
+        result = run_main("get", "w", "--shape-only", "--target", address)
+    assert (result.code, result.out) == (0, "torch.Size([2, 3])\n"), result.err
+    assert asked == [True]
+
+
+def test_an_absent_tensor_not_saved_names_the_command_that_makes_it(
+    cli: Run, tmp_path: Path
+) -> None:
+    path = tmp_path / "absent.npy"
+    assert cli("optimizer", "--kind", "adam").code == 0
+    for selector, after in (
+        ("conv1.weight.grad", "`gradwire backward`"),
+        ("output", "`gradwire forward`"),
+        ("optimizer.conv1.weight.exp_avg", "a `gradwire step` of an optimizer that keeps it"),
+    ):
+        result = cli("get", selector, "--out", str(path))
+        assert result.code == 1
+        assert result.err == (
+            f"gradwire get: error: {selector} is None (absent): nothing to save, so {path} was "
+            f"not written; it exists after {after}\n"
+        )
+    assert not path.exists()
+
+
+def test_get_out_of_a_bfloat16_tensor_says_it_was_widened_to_float32(tmp_path: Path) -> None:
+    path = tmp_path / "w.npy"
+    with serving(BF16_LINEAR, seed=0) as (_, client):
+        result = run_main("get", "weight", "--out", str(path), "--target", client.target)
+        expected = client.get("weight", as_torch=True)
+    assert (result.code, result.err) == (0, "")
+    assert result.out == (
+        f"wrote weight torch.Size([2, 4]) float32 (bfloat16 on the server) (version 0) to {path}\n"
+    )
+    assert isinstance(expected, torch.Tensor)
+    np.testing.assert_array_equal(np.load(path), expected.float().numpy())
+
+
+def test_forward_s_seed_refusal_gives_a_bfloat16_model_a_bfloat16_input() -> None:
+    with serving(BF16_LINEAR, seed=0) as (_, client):
+        refused = run_main("forward", "--seed", "3", "--target", client.target)
+        assert "give one, such as --input uniform:8,4:bfloat16, or leave --seed out" in (
+            refused.err
+        )
+        example = ("--input", "uniform:8,4:bfloat16", "--seed", "3", "--target", client.target)
+        followed = run_main("forward", *example)
+        assert followed.code == 0, followed.err
+
+
+def test_set_of_a_value_shaped_as_its_selection_with_a_leading_1_is_no_broadcast(
+    cli: Run, client: gradwire.Client
+) -> None:
+    result = cli("set", "conv1.weight[0, 0, 0:1]", "[[1, 2, 3]]")
+    assert result.out == "conv1.weight[0, 0, 0:1] written (version 1)\n", result.err
+    assert get(client, "conv1.weight")[0, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_fill_names_the_parameters_it_filled(cli: Run) -> None:
+    result = cli("fill", "0.5", "conv1.weight", "linear.weight")
+    assert result.out == "conv1.weight, linear.weight filled with 0.5 (version 1)\n", result.err
+    assert cli("fill", "0.25").out == "every parameter filled with 0.25 (version 2)\n"
+
+
+def test_set_json_says_the_dtype_of_a_value_broadcast_in_the_tensor_s(cli: Run) -> None:
+    data = cli("set", "conv1.weight[0, 0]", "[1, 2, 3]", "--json").json()
+    assert data == {
+        "version": 1,
+        "shape": [3, 3],
+        "dtype": "float32",
+        "value_shape": [3],
+        "value_dtype": "float32",
+    }
