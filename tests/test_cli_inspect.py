@@ -51,7 +51,7 @@ def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -
     data = result.json()
     read = client.stats("linear.weight[0]", bins=4)
     assert read.stats is not None
-    assert data["shape"] == [3200]
+    assert (data["version"], data["present"], data["shape"]) == (0, True, [3200])
     # Which slice: get's and watch's JSON said, stats' did not (found by a review of the CLI).
     assert (data["name"], data["selector"]) == ("linear.weight", "linear.weight[0]")
     assert data["mean"] == read.stats.mean and data["norm"] == read.stats.norm
@@ -107,6 +107,7 @@ def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -
     [
         (["--low", "0"], "--low and --high are a histogram's edges: give --bins too"),
         (["--bins", "2", "--low", "1", "--high", "0"], "--low must be below --high, got --low 1"),
+        (["--bins", "2", "--low", "1", "--high", "1"], "--low must be below --high, got --low 1 "),
     ],
 )
 def test_stats_refuses_histogram_edges_it_would_ignore_or_misname(
@@ -122,6 +123,12 @@ def test_stats_refuses_histogram_edges_it_would_ignore_or_misname(
 
 def test_stats_of_an_absent_tensor_and_of_an_unknown_one(cli: Run) -> None:
     assert cli("stats", "conv1.weight.grad").out == "None\n"
+    assert cli("stats", "conv1.weight.grad[0]", "--json").json() == {
+        "name": "conv1.weight.grad",
+        "selector": "conv1.weight.grad[0]",
+        "version": 0,
+        "present": False,
+    }
     result = cli("stats", "conv1.weigth")
     assert result.code == 1 and "NOT_FOUND" in result.err
 
@@ -703,6 +710,9 @@ def test_a_server_that_does_not_describe_its_model_gets_the_tutorials_input() ->
 
     old = Listing(0, "Simple", "cpu", OptimizerConfig("sgd", 1.0), (), (), "unknown", 0, "")
     assert model_input(old) == ((3, 10, 10), None)
+    # A model described without its input's dtype: the server's float32, not 'unknown'.
+    unsaid = Listing(0, "M", "cpu", OptimizerConfig("sgd", 1.0), (), (16,), "unknown", 4, "")
+    assert model_input(unsaid) == ((16,), None)
 
 
 # --- found by a review ------------------------------------------------------------------------
