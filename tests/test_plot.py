@@ -436,3 +436,73 @@ def test_infinities_have_colours_of_their_own_and_are_counted(kind: str) -> None
     wanted = {to_rgb(c) for c in (plot.NAN_COLOUR, plot.POSINF_COLOUR, plot.NEGINF_COLOUR)}
     seen = {tuple(round(float(v), 4) for v in pixel) for pixel in drawn.reshape(-1, 3)}
     assert {tuple(round(v, 4) for v in colour) for colour in wanted} <= seen
+
+
+# --- found by mutation testing of the plot command ----------------------------------------------
+
+
+@needs_matplotlib
+def test_out_may_say_png_in_capitals(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "W.PNG"
+    result = cli("plot", "conv1.weight", "--out", str(out))
+    assert result.code == 0, result.err
+    assert png_size(out) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(("selector", "kind"), [("linear.weight.grad", "heatmap"),
+                                                ("conv1.weight.grad", "kernels")])  # fmt: skip
+def test_an_absent_gradient_drawn_as_a_kind_asked_for_exits_1(
+    cli: Run, tmp_path: Path, selector: str, kind: str
+) -> None:
+    out = tmp_path / "grad.png"
+    result = cli("plot", selector, "--kind", kind, "--out", str(out))
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (
+        f"gradwire plot: error: {selector} is None (absent): nothing to draw, so {out} was not "
+        "written; it exists after `gradwire backward`\n"
+    )
+    assert only_file(tmp_path) == []
+
+
+def test_the_servers_histogram_counts_the_values_it_leaves_out(
+    client: gradwire.Client, tmp_path: Path
+) -> None:
+    """The histogram plot draws from GetStats: its NaN and infinities, counted apart for the
+    picture's title, as numpy counts them."""
+    from gradwire.cli.tensors import _server_histogram
+    from gradwire.selector import parse_selector
+
+    nan, inf = float("nan"), float("inf")
+    values = np.array([[nan, inf, -inf], [1, 2, 3], [nan, nan, 0.5]], dtype=np.float32)
+    client.set("conv1.weight[0, 0]", values)
+    binned = _server_histogram(client, parse_selector("conv1.weight[0, 0]"), 4, tmp_path / "x.png")
+    assert binned is not None
+    data, shape = binned
+    local = plot.histogram_of(values, bins=4)
+    assert shape == (3, 3)
+    assert (data.count, data.nan_count, data.inf_count) == (9, 3, 2)
+    assert data.counts.tolist() == local.counts.tolist()
+    assert (data.low, data.high) == (local.low, local.high)
+
+
+@needs_matplotlib
+def test_a_pictures_note_is_said_in_its_line_and_its_json(cli: Run, tmp_path: Path) -> None:
+    out = tmp_path / "w.png"
+    text = cli("plot", "linear.weight", "--out", str(out))
+    data = cli("plot", "linear.weight", "--out", str(out), "--json").json()
+    assert data["note"].startswith("3,200 columns on about ")
+    width, height = size_at(plot.DEFAULT_DPI)
+    assert text.out == (
+        f"wrote {out}: heatmap of linear.weight [20, 3200], {width}x{height} pixels "
+        f"({data['note']})\n"
+    )
+
+
+@needs_matplotlib
+def test_a_histogram_without_bins_given_has_the_default_bins(cli: Run, tmp_path: Path) -> None:
+    default, given = tmp_path / "default.png", tmp_path / "given.png"
+    argv = ("plot", "conv2.weight", "--kind", "histogram", "--out")
+    assert cli(*argv, str(default)).code == 0
+    assert cli(*argv, str(given), "--bins", str(plot.DEFAULT_BINS)).code == 0
+    assert default.read_bytes() == given.read_bytes()
