@@ -2306,3 +2306,47 @@ def test_a_buffer_a_model_may_register_in_its_pass_where_no_meta_run_can_tell_is
     assert "positions" not in dict(fresh._model.named_buffers()) and fresh.version == 0
     for made in (trained, fresh):
         made.close()
+
+
+# --- found by mutation testing of the CLI's commands on state ------------------------------------
+
+
+def test_the_cli_saves_and_loads_state_and_a_name_an_older_cli_saved_with_its_suffix(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, state_dir = kept
+    _step(client)
+    target = client.target
+    saved = run_main("save", "--json", "--target", target)
+    size = (state_dir / "state.safetensors").stat().st_size
+    assert saved.json() == {"name": "state", "version": 4, "bytes": size}
+    listed = run_main("checkpoints", "--target", target).out.splitlines()
+    assert listed[0] == "1 checkpoint in the server's state directory:"
+    loaded = run_main("load", "--target", target)
+    assert loaded.out == "loaded checkpoint 'state', saved at version 4 (version 5)\n"
+    # An older CLI saved `save x.safetensors` as x.safetensors.safetensors: it still loads.
+    client.save_checkpoint("x.safetensors")
+    older = run_main("load", "x.safetensors", "--json", "--target", target)
+    assert older.json() == {"version": 6, "saved_version": 5}, older.err
+
+
+def test_the_cli_lists_a_checkpoint_saved_at_version_0_with_its_version(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, _ = kept
+    client.save_checkpoint("fresh")
+    listed = run_main("checkpoints", "--target", client.target).out.splitlines()
+    assert listed[2].split()[:2] == ["fresh", "0"]  # "-" is for a file of no version
+
+
+def test_a_checkpoint_s_size_is_written_in_the_largest_unit_under_1024() -> None:
+    from gradwire.cli.state import _size
+
+    assert [_size(n) for n in (1023, 1024, 2**20 - 1, 2**20, 2**30, 2**40)] == [
+        "1023 B",
+        "1.0 KiB",
+        "1024.0 KiB",
+        "1.0 MiB",
+        "1.0 GiB",
+        "1024.0 GiB",
+    ]
