@@ -357,6 +357,9 @@ def test_the_listing_says_which_parameters_are_frozen(frozen: gradwire.Client) -
     rows = {line.split()[0]: line for line in shown.out.splitlines() if line.startswith("  ")}
     assert "parameter (frozen)" in rows["base.weight"]
     assert "frozen" not in rows["head.weight"] and " parameter " in rows["head.weight"]
+    # The kind column is as wide as "parameter (frozen)": the dtypes line up after it.
+    dtypes = {rows[t.name].index(f"  {t.dtype}  ", len(t.name)) for t in listing.tensors}
+    assert len(dtypes) == 1, shown.out
     data = run_main("list", "--target", frozen.target, "--json").json()
     assert {t["name"]: t["requires_grad"] for t in data["tensors"]}["base.bias"] is False
 
