@@ -2889,3 +2889,103 @@ def test_set_json_says_the_dtype_of_a_value_broadcast_in_the_tensor_s(cli: Run) 
         "value_shape": [3],
         "value_dtype": "float32",
     }
+
+
+def test_train_against_a_server_that_does_not_describe_its_model_draws_the_tutorials_data() -> None:
+    """A server from before ListTensors described its model (outputs 0) serves the
+    tutorial's Simple: inputs [batch, 3, 10, 10] and labels below its 20 classes, new ones
+    each step, the targets' seed apart from the inputs'."""
+    sent: list[pb.TrainStepRequest] = []
+
+    def train_step(request: bytes, context: grpc.ServicerContext) -> bytes:
+        sent.append(pb.TrainStepRequest.FromString(request))
+        return pb.TrainStepResponse(version=4 * len(sent), loss=2.5).SerializeToString()
+
+    handler = old_trainer(TrainStep=grpc.unary_unary_rpc_method_handler(train_step))
+    with bare_server(handler) as address:
+        argv = ("train", "--steps", "2", "--batch", "4", "--seed", "7", "--target", address)
+        result = run_main(*argv)
+    assert result.code == 0, result.err
+    x, y = Fill.normal(4, 3, 10, 10, seed=7), Fill.randint(0, 20, 4, seed=7 + 1_000_003)
+    assert [(s.input.fill, s.target.fill) for s in sent] == [
+        (x.reseeded(k).to_proto(), y.reseeded(k).to_proto()) for k in (0, 1)
+    ]
+
+
+def test_train_of_a_regression_model_draws_targets_apart_from_its_inputs() -> None:
+    """An mse model's targets are normal floats as wide as its outputs, from a seed of
+    their own: the inputs' seed drew the same numbers for both."""
+    sent: list[pb.TrainStepRequest] = []
+
+    def listing(request: bytes, context: grpc.ServicerContext) -> bytes:
+        described = pb.ListTensorsResponse(
+            model="R", sample_shape=[5], input_dtype=pb.DTYPE_FLOAT32, outputs=2, loss="mse"
+        )
+        return described.SerializeToString()
+
+    def train_step(request: bytes, context: grpc.ServicerContext) -> bytes:
+        sent.append(pb.TrainStepRequest.FromString(request))
+        return pb.TrainStepResponse(version=4, loss=0.5).SerializeToString()
+
+    handler = old_trainer(
+        ListTensors=grpc.unary_unary_rpc_method_handler(listing),
+        TrainStep=grpc.unary_unary_rpc_method_handler(train_step),
+    )
+    with bare_server(handler) as address:
+        argv = ("train", "--steps", "1", "--batch", "3", "--seed", "7", "--target", address)
+        result = run_main(*argv)
+    assert result.code == 0, result.err
+    (step,) = sent
+    assert step.input.fill == Fill.normal(3, 5, seed=7, dtype="float32").to_proto()
+    assert step.target.fill == Fill.normal(3, 2, seed=7 + 1_000_003).to_proto()
+
+
+def test_reset_with_seed_0_says_it_was_seeded(cli: Run) -> None:
+    assert cli("reset", "--seed", "0").out == "model re-initialised, seed 0 (version 1)\n"
+
+
+def test_list_shows_a_learning_rate_of_0_where_it_leaves_out_other_zeros(cli: Run) -> None:
+    assert cli("optimizer", "--lr", "0").code == 0
+    first = cli("list").out.splitlines()[0]
+    assert first == "model Simple on cpu, optimizer sgd lr=0.0, version 1"
+
+
+def test_a_missing_module_of_the_server_side_is_named_by_its_package() -> None:
+    from gradwire.cli.serving import _missing
+
+    assert _missing(ImportError("no", name="safetensors.torch")) == "safetensors"
+    assert _missing(ImportError("no")) == "a module of it"
+
+
+def test_serve_s_usage_error_with_a_json_log_is_one_json_line_of_the_error() -> None:
+    import json
+
+    result = run_main("serve", "--log-format", "json", "--port", "x")
+    assert result.code == 2
+    (line,) = result.err.splitlines()  # argparse's usage lines left out
+    record = json.loads(line)
+    assert (record["level"], record["message"]) == (
+        "CRITICAL",
+        "gradwire serve: error: argument --port: bad port 'x': expected 0 (a free one) to 65535",
+    )
+
+
+def test_serve_s_usage_error_logged_as_json_is_not_said_again_in_plain_text() -> None:
+    argv = ("serve", "--log-format", "json", "--keepalive", "5", "--keepalive-timeout", "0")
+    result = run_main(*argv, "--port", "0")
+    assert (result.code, result.err) == (2, "")
+
+
+def test_serve_with_half_a_tls_pair_exits_2(tmp_path: Path) -> None:
+    cert = tmp_path / "server.crt"
+    cert.write_text("not read")
+    result = run_main("serve", "--tls-cert", str(cert), "--port", "0")
+    assert result.code == 2
+    assert result.err == "gradwire serve: error: TLS needs both --tls-cert and --tls-key\n"
+
+
+def test_open_session_on_a_server_whose_sessions_never_expire_says_so() -> None:
+    with running_server(session_idle_s=float("inf")) as running:
+        result = run_main("open-session", "--target", f"127.0.0.1:{running.port}")
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[0].endswith(" opened; it stays open until closed")
