@@ -2989,3 +2989,22 @@ def test_open_session_on_a_server_whose_sessions_never_expire_says_so() -> None:
         result = run_main("open-session", "--target", f"127.0.0.1:{running.port}")
     assert result.code == 0, result.err
     assert result.out.splitlines()[0].endswith(" opened; it stays open until closed")
+
+
+def test_serve_with_a_client_ca_and_no_tls_pair_exits_2(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read")
+    result = run_main("serve", "--tls-client-ca", str(ca), "--port", "0")
+    assert result.code == 2
+    assert result.err == "gradwire serve: error: --tls-client-ca needs --tls-cert and --tls-key\n"
+
+
+def test_sessions_on_a_server_whose_sessions_never_expire_says_none_closes() -> None:
+    with running_server(session_idle_s=float("inf")) as running:
+        target = f"127.0.0.1:{running.port}"
+        opened = run_main("open-session", "--json", "--target", target).json()["session"]
+        result = run_main("sessions", "--target", target)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].endswith("; none is closed for want of calls")
+    assert lines[2].startswith(opened) and lines[2].endswith("  never")
