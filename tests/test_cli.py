@@ -3008,3 +3008,9 @@ def test_sessions_on_a_server_whose_sessions_never_expire_says_none_closes() -> 
     lines = result.out.splitlines()
     assert lines[0].endswith("; none is closed for want of calls")
     assert lines[2].startswith(opened) and lines[2].endswith("  never")
+
+
+def test_replay_random_init_without_a_seed_draws_from_seed_0(cli: Run) -> None:
+    reference = run_tutorial("random", seed=0)
+    data = cli("replay", "--init", "random", "--json").json()
+    assert data["loss"] == reference.loss and data["seed"] == 0
