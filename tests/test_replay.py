@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -84,13 +86,31 @@ def test_fill_replay_prints_what_pytorch_computes(client: gradwire.Client) -> No
     np.testing.assert_array_equal(result.linear_grad_rows, local.linear_grad_rows.numpy())
     assert np.all(np.abs(result.linear_grad_rows) > 0.1)
     assert "bit for bit: True" in text
+    # The note on why the fill's gradient is noise, each of its lines a comment.
+    assert (
+        "# reaching conv1 is zero in exact arithmetic: what prints is rounding noise, not the"
+        in lines
+    )
 
 
 def test_random_replay_shows_visible_gradients(client: gradwire.Client) -> None:
-    result = replay(client, init="random", seed=0, write=lambda line: None)
+    lines: list[str] = []
+    result = replay(client, init="random", seed=0, write=lines.append)
     np.testing.assert_array_equal(result.grad_slice, run_tutorial("random", 0).grad_slice)
     assert np.all(np.abs(result.grad_slice) > 1e-3)  # unlike the fill's rounding noise
     assert not np.array_equal(result.weight_slice_after, result.weight_slice_before)
+    # The fill's note on rounding noise is not the random init's: its gradient is no noise.
+    assert not any("rounding noise" in line for line in lines)
+
+
+def test_identity_holds_only_bit_for_bit(client: gradwire.Client) -> None:
+    """The lesson is exact: a weight one unit in the last place off weight - lr * grad is
+    no identity, however close."""
+    result = replay(client, init="random", seed=0, write=lambda line: None)
+    assert result.identity_holds
+    off = result.weight_after.copy()
+    off.flat[0] = np.nextafter(off.flat[0], np.float32(np.inf))
+    assert not dataclasses.replace(result, weight_after=off).identity_holds
 
 
 def test_replay_is_repeatable_on_one_server(client: gradwire.Client) -> None:
@@ -115,7 +135,9 @@ def test_a_model_named_simple_that_is_not_the_tutorial_s_is_refused() -> None:
     gradients printed as the tutorial's (found by a review of the replay)."""
     with serving(ModelSpec("Simple", _WithBiases, (3, 10, 10), 20), seed=0) as (_, client):
         before = client.list_tensors().version
-        with pytest.raises(WrongModel, match=r"this server's Simple differs in conv1\.bias"):
+        with pytest.raises(
+            WrongModel, match=r"this server's Simple differs in conv1\.bias: start one"
+        ):
             replay(client, write=lambda line: None)
         assert client.list_tensors().version == before  # nothing changed
 
