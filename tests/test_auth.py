@@ -509,7 +509,10 @@ def test_a_token_sent_off_the_machine_without_tls_is_warned_of_once_and_sent(
 @pytest.mark.parametrize(
     "target",
     ["localhost:50051", "127.0.0.1:1", "127.1.2.3:1", "[::1]:1", "dns:///localhost:1",
-     "ipv4:127.0.0.1:1,127.0.0.2:1", "unix:/tmp/gradwire.sock", "unix-abstract:gradwire"],
+     "ipv4:127.0.0.1:1,127.0.0.2:1", "unix:/tmp/gradwire.sock", "unix-abstract:gradwire",
+     # a host's name in any case, and IPv4's loopback written as IPv6 (which Python before
+     # 3.13 takes for no loopback)
+     "LocalHost:1", "[::ffff:127.0.0.1]:1"],
 )  # fmt: skip
 def test_a_token_to_this_machine_or_over_tls_is_not_warned_of(target: str) -> None:
     with warnings.catch_warnings():

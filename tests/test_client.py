@@ -1138,7 +1138,9 @@ def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
     "target",
     ["localhost:0", "localhost:-1", "localhost:", "[::1]:70000", "dns:///localhost:70000",
      "dns:localhost:70000", "localhost:50051x", "[::1]:5005 1", "localhost:abc",
-     "dns:///localhost:ssh", "localhost: 50051", "host:HTTP"],
+     "dns:///localhost:ssh", "localhost: 50051", "host:HTTP", "localhost:65536",
+     # digits of another script: int() reads 50051, gRPC's resolver fails them
+     "localhost:\uff15\uff10\uff10\uff15\uff11"],
 )  # fmt: skip
 def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
     with pytest.raises(ValueError, match=r"bad port .* expected host:port with a port from 1 "):
@@ -1149,6 +1151,7 @@ def test_a_port_outside_1_to_65535_is_refused(target: str) -> None:
     ("target", "said"),
     [("", "the target is empty"), ("  ", "the target is empty"),
      ("http://localhost:50051", "take no URL scheme"), ("grpc://host:7000", "take no URL scheme"),
+     ("HTTPS://localhost:50051", "take no URL scheme"),
      # gRPC's resolver failed these UNAVAILABLE, exit 1, as if no server answered (found by a
      # review of the CLI as a researcher).
      (" localhost:50051", "bad target ' localhost:50051': white space around it"),
@@ -1183,7 +1186,8 @@ def test_a_target_grpc_would_refuse_in_its_own_words_is_refused_in_ours(
      ("unix:/run/gw.sock", None), ("ipv4:127.0.0.1:1,127.0.0.2:2", None),
      ("xds:///svc:8080", None), ("xds:svc", None), ("unix:/run/gw sock ", None),
      # a name of the scheme's own after its path, not host:port (refused: found by a review)
-     ("xds:///svc:grpc", None), ("google-c2p:///svc:x", None)],
+     ("xds:///svc:grpc", None), ("google-c2p:///svc:x", None), ("google-c2p:svc", None),
+     ("localhost:65535", None), ("localhost:1", None)],
 )  # fmt: skip
 def test_every_target_form_grpc_takes_is_taken(target: str, sent: str | None) -> None:
     # The port check refused some (dns:host, named ports, a bare IPv6 address after dns:///),
@@ -1201,8 +1205,28 @@ def test_a_service_s_name_for_a_port_is_taken_with_grpc_s_native_resolver(
         with_default_port("localhost:ssh")
     monkeypatch.setenv("GRPC_DNS_RESOLVER", "native")
     assert with_default_port("localhost:ssh") == "localhost:ssh"
+    monkeypatch.setenv("GRPC_DNS_RESOLVER", "NATIVE")  # gRPC reads its name in any case
+    assert with_default_port("localhost:ssh") == "localhost:ssh"
     with pytest.raises(ValueError, match="bad port '0'"):
         with_default_port("localhost:0")
+
+
+@pytest.mark.parametrize(
+    ("target", "given"),
+    [("localhost:50611/x", "localhost:50611"),
+     ("dns://8.8.8.8:53/gpu-box:7000/v1/x", "dns://8.8.8.8:53/gpu-box:7000")],
+)  # fmt: skip
+def test_a_target_with_a_path_is_answered_with_the_target_without_it(
+    target: str, given: str
+) -> None:
+    """The suggestion is the target with its path cut off, the path alone named."""
+    path = target.removeprefix(given)
+    with pytest.raises(ValueError) as raised:
+        with_default_port(target)
+    assert str(raised.value) == (
+        f"bad target {target!r}: a path after host:port ({path!r}); gRPC targets take none: "
+        f"give host:port, such as {given}"
+    )
 
 
 def test_a_port_past_65535_does_not_wrap_round_to_another_server(address: str) -> None:
