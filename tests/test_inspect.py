@@ -1220,6 +1220,8 @@ def test_watch_sends_the_state_now_then_one_update_per_mutation(
     first = updates[0]
     assert (first.version, first.cause, first.steps) == (0, "Watch", 0)
     assert not first["loss"].present
+    with pytest.raises(KeyError):  # indexed by selector, not by position: no TypeError
+        first[0]
     # The watcher may lag behind the driver: it then sees a later state, and counts the skips.
     seen = {u.version: u for u in updates[1:]}
     assert sum(u.skipped + 1 for u in updates[1:]) == len(versions)
@@ -1423,6 +1425,7 @@ def test_train_run_equals_a_local_loop_with_reseeded_fills(
     x, y = Fill.normal(8, 3, 10, 10, seed=100), Fill.randint(0, 20, 8, seed=200)
     progress = list(client.train(x, y, steps=6, every=4))
     assert [(p.step, p.steps, p.done) for p in progress] == [(4, 6, False), (6, 6, True)]
+    assert all(p.steps_per_s > 0 for p in progress)  # the server's rate, passed on
     assert progress[-1].version == client.list_tensors().version == 1 + 6 * 4
     # The same run, one TrainStep at a time with the seeds advanced, on a second server.
     with gradwire.connect(address) as c, c.open_session(0, "sgd", lr=0.01, momentum=0.9) as other:
