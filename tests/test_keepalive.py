@@ -292,6 +292,24 @@ def test_a_server_without_keepalive_sends_no_pings_of_its_own() -> None:
     assert dict(ServerConnections(keepalive_s=60.0).options())["grpc.keepalive_time_ms"] == 60_000
 
 
+def test_an_unanswered_ping_is_given_the_timeout_and_a_client_pings_during_calls_alone() -> None:
+    """gRPC closes a connection whose ping goes unanswered after ping_timeout_ms, not
+    keepalive_timeout_ms: both are the timeout, not the interval (a cut connection waits
+    for the one as for the other). A client pings during a call alone (CLIENT_KEEPALIVE_S),
+    its server pinging its idle connections itself."""
+    server = dict(ServerConnections(keepalive_s=60.0, keepalive_timeout_s=5.0).options())
+    assert (server["grpc.keepalive_timeout_ms"], server["grpc.http2.ping_timeout_ms"]) == (
+        5000,
+        5000,
+    )
+    client = dict(limits.channel_options(keepalive_s=60.0, keepalive_timeout_s=5.0))
+    assert (client["grpc.keepalive_time_ms"], client["grpc.http2.ping_timeout_ms"]) == (
+        60_000,
+        5000,
+    )
+    assert client["grpc.keepalive_permit_without_calls"] == 0
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
