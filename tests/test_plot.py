@@ -257,6 +257,30 @@ def test_a_matplotlib_that_fails_to_import_is_not_said_to_be_missing(tmp_path: P
     ), done.stderr
 
 
+def test_a_matplotlib_missing_a_module_of_its_own_is_not_said_to_be_missing(
+    tmp_path: Path,
+) -> None:
+    """Only matplotlib itself missing is the plot extra's to install: one of its own imports
+    failing says so, naming it."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("import gradwire_no_such_module\n")
+    code = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from gradwire.plot import PlotUnavailable, require_matplotlib\n"
+        "try:\n"
+        "    require_matplotlib()\n"
+        "except PlotUnavailable as err:\n"
+        "    print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.startswith(
+        "pictures need matplotlib, which is installed but fails to import: No module named "
+        "'gradwire_no_such_module'"
+    ), (done.stdout, done.stderr)
+
+
 def test_the_thin_client_imports_without_matplotlib() -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None; "
@@ -328,9 +352,51 @@ def test_histogram_of_counts_finite_values_and_reports_the_rest() -> None:
     assert (data.low, data.high) == (1.0, 3.0)
     assert (data.count, data.nan_count, data.inf_count) == (7, 1, 2)
     assert data.mean == pytest.approx(2.0)
-    constant = plot.histogram_of(np.full(5, 0.1, np.float32), bins=4)
+    assert data.std == pytest.approx(np.std([1.0, 2.0, 3.0, 2.0]))  # of the population
+    constant = plot.histogram_of(np.full(5, 2.0, np.float32), bins=4)
     assert constant.counts.sum() == 5  # one value still lands in a bin
-    assert plot.histogram_of(np.array([], np.float32)).counts.sum() == 0
+    assert (constant.low, constant.high) == (1.5, 2.5)  # a bin of width 1 around it
+    one = plot.histogram_of(np.array([0.25], np.float32), bins=3)
+    assert (one.counts.sum(), one.mean, one.std) == (1, 0.25, 0.0)
+    empty = plot.histogram_of(np.array([], np.float32))
+    assert empty.counts.sum() == 0 and (empty.low, empty.high) == (0.0, 1.0)
+
+
+def test_the_bins_and_dpi_asked_for_are_taken_up_to_their_ends() -> None:
+    values = np.arange(5, dtype=np.float32)
+    assert len(plot.histogram_of(values, bins=plot.MAX_BINS).counts) == 4096
+    with pytest.raises(plot.PlotError, match="bins must be between 1 and 4096, not 4097"):
+        plot.histogram_of(values, bins=4097)
+    plot.check_options("auto", 1, 10)
+    plot.check_options("histogram", 4096, 1000)
+    for dpi in (9, 1001):
+        with pytest.raises(plot.PlotError, match=f"dpi must be between 10 and 1000, not {dpi}"):
+            plot.check_options("auto", 50, dpi)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("values", "cmap", "scale"),
+    [
+        (np.array([[0.5, 1.0]], np.float32), plot.DIVERGING, (-1.0, 1.0)),  # floats: signed
+        (np.zeros((2, 2), np.float32), plot.DIVERGING, (-1.0, 1.0)),  # nothing but 0
+        (np.array([[-2, 1]]), plot.DIVERGING, (-2.0, 2.0)),
+        (np.array([[0, 3]]), plot.SEQUENTIAL, (0.0, 3.0)),  # class indices, counts
+        (np.full((2, 2), 4), plot.SEQUENTIAL, (4.0, 5.0)),  # one value: a span of 1 above
+    ],
+)
+def test_a_colour_scale_is_centred_on_0_for_signed_values_alone(
+    values: np.ndarray[Any, Any], cmap: str, scale: tuple[float, float]
+) -> None:
+    chosen, low, high = plot._colour_scale(values)
+    assert chosen.name.startswith(cmap)
+    assert (low, high) == scale
+
+
+@needs_matplotlib
+def test_a_boolean_mask_draws_as_a_histogram(tmp_path: Path) -> None:
+    result = plot.plot_array(np.array([True, False, True]), tmp_path / "m.png", name="mask")
+    assert result.kind == "histogram" and png_size(result.path) == size_at(plot.DEFAULT_DPI)
 
 
 def test_a_single_value_is_titled_as_one() -> None:
