@@ -442,6 +442,11 @@ def test_a_token_file_others_can_read_or_write_is_warned_of(
         "(a mounted secret: its mode, such as Kubernetes' defaultMode 0400)"
     )
     assert caught[0].filename == __file__  # the caller's line
+    token_file.chmod(0o620)  # its group may write, not read
+    with pytest.warns(
+        gradwire.TokenFileWarning, match=r"can be written by its group \(-rw--w----\)"
+    ):
+        assert load_token(token_file) == TOKEN
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for mode in (0o600, 0o400, 0o711):
@@ -878,7 +883,8 @@ def test_pem_given_as_str_is_taken(trainer: Trainer, pki: Pki) -> None:
     try:
         with gradwire.connect(
             _address(running), ca=pki.ca.read_text(), cert=pki.client_cert.read_text(),
-            key=pki.client_key.read_text(), timeout=10,
+            key=memoryview(pki.client_key.read_bytes()),  # type: ignore[arg-type]  # bytes too
+            timeout=10,
         ) as member:  # fmt: skip
             assert member.list_tensors().model == "Simple"
     finally:
@@ -986,6 +992,12 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
     [
         ("--tls-ca", b"", "holds no certificate in PEM (-----BEGIN ...-----): it is empty"),
         ("--tls-ca", b"garbage\n", "holds no certificate in PEM (-----BEGIN ...-----): it begins"),
+        ("--tls-ca", b"\n \n", "holds no certificate in PEM (-----BEGIN ...-----): it is empty"),
+        (
+            "--tls-ca",  # not ASCII inside: Python's UnicodeDecodeError, a ValueError
+            b"-----BEGIN CERTIFICATE-----\n\xff\n-----END CERTIFICATE-----\n",
+            "is not a certificate in PEM",
+        ),
         (
             "--tls-ca",
             b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
@@ -1001,7 +1013,16 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
             "is encrypted (protected by a passphrase), which gRPC cannot read",
         ),
     ],
-    ids=["empty-ca", "garbage-ca", "bad-ca", "empty-cert", "empty-key", "encrypted-key"],
+    ids=[
+        "empty-ca",
+        "garbage-ca",
+        "blank-ca",
+        "non-ascii-ca",
+        "bad-ca",
+        "empty-cert",
+        "empty-key",
+        "encrypted-key",
+    ],
 )
 def test_tls_files_that_hold_nothing_usable_are_refused_before_connecting(
     address: str, pki: Pki, tmp_path: Path, flag: str, content: bytes, said: str
