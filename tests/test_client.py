@@ -1645,6 +1645,9 @@ def test_a_refusal_of_a_widened_dtype_names_the_dtype_given(
     with pytest.raises(errors.InvalidArgument) as plain:  # nothing widened: nothing added
         client.forward(x.astype(np.int32), y)
     assert "given as" not in str(plain.value)
+    with pytest.raises(errors.InvalidArgument) as other:  # widened, refused for another reason
+        client.forward(x[:, :2], y.astype(np.uint8))
+    assert "given as" not in str(other.value)
     assert client.forward(x, y.astype(np.uint8)).loss == client.forward(x, y).loss  # taken
 
 
