@@ -91,3 +91,30 @@ def test_the_stream_is_opened_in_the_readers_context() -> None:
     newest._thread.join(10)
     assert newest.take() == ("the reader", 0)
     newest.close()
+
+
+def test_the_weight_dropped_is_counted_once_and_close_lets_go_of_every_message() -> None:
+    go, took, more = threading.Event(), threading.Event(), threading.Event()
+
+    def stream(hold: Callable[[Cancellable], None]) -> Iterator[int]:
+        yield from (1, 2)  # 1 replaced by 2
+        go.wait(10)
+        yield 3
+        took.wait(10)
+        yield 4  # not taken before the close
+        more.wait(10)
+        yield 5  # read after the close
+
+    newest = Newest(stream, weight=lambda message: 10 * message)
+    eventually(lambda: newest._dropped == 10)
+    assert newest.take() == (2, 10)
+    go.set()
+    assert newest.take() == (3, 0)  # what was dropped before 2 is not counted again
+    took.set()
+    eventually(lambda: newest._pending == [4])
+    closer = threading.Thread(target=newest.close)  # waits for the reading thread
+    closer.start()
+    eventually(lambda: newest._closed)
+    more.set()
+    closer.join(20)
+    assert newest.take() is None  # neither 4, pending at the close, nor 5, read after it
