@@ -16,6 +16,7 @@ SHAPES = [
     (7,),
     (20,),
     (200,),
+    (1000,),  # the threshold: shown whole
     (1001,),
     (5000,),
     (2, 3),
@@ -23,6 +24,7 @@ SHAPES = [
     (3, 400),
     (400, 3),
     (40, 40),
+    (6, 200),  # summarised, its six rows all shown
     (2, 3, 4),
     (8, 8, 20),
     (2, 1, 3, 3),
@@ -84,6 +86,12 @@ def _cases() -> list[torch.Tensor]:
         torch.tensor(7),
         torch.tensor(True),
         torch.tensor(1e-5, dtype=torch.float64),
+        # scientific notation's three edges, each just short of it
+        torch.tensor([1.0, 1000.0]),
+        torch.tensor([1e8]),
+        torch.tensor([1e-4, 0.01], dtype=torch.float64),
+        # nested so deep that one value fills a line
+        torch.full((1,) * 35 + (3,), 2**62),
     ]
     return cases
 
@@ -117,6 +125,9 @@ def test_autograd_s_suffixes_are_torch_s(dtype: torch.dtype) -> None:
         assert tensor_repr(array, name, requires_grad=True) == repr(leaf), tensor
         made = leaf * 1  # the same values, and a node: MulBackward0
         assert tensor_repr(array, name, grad_fn="MulBackward0") == repr(made), tensor
+        # A node's output requires grad too, and torch names its node alone.
+        both = tensor_repr(array, name, grad_fn="MulBackward0", requires_grad=True)
+        assert both == repr(made), tensor
 
 
 def test_a_device_is_named_first_as_torch_names_it() -> None:
