@@ -615,3 +615,11 @@ def test_the_listing_says_of_module_outputs_what_a_read_says(client: gradwire.Cl
     for info in client.list_tensors().tensors:
         if info.kind == "activation":
             assert info.requires_grad is client.read(info.name).requires_grad is True, info
+
+
+def test_a_bfloat16_read_as_a_torch_tensor_prints_as_torch_prints_it() -> None:
+    """numpy has no bfloat16: a read as torch tensors is printed through float32, which
+    holds each value exactly, its dtype named as the read's."""
+    value = torch.tensor([0.1, -2.5, 3.0], dtype=torch.bfloat16)
+    read = gradwire.results.TensorRead("x", 0, value, (3,), (3,), "bfloat16")
+    assert format_read(read) == repr(value)
