@@ -629,14 +629,16 @@ def test_forward_by_default_targets_the_inputs_batch(cli: Run, tmp_path: Path) -
 
 def test_watch_values_of_a_large_tensor_fit_on_a_line(cli: Run, client: gradwire.Client) -> None:
     # conv1.weight's 432 values made a line 7 KB long.
-    result = cli("watch", "conv1.weight", "conv1.weight[0,0,0]", "--values", "--count", "1")
+    argv = ("conv1.weight", "conv1.weight[0,0,0]", "conv1.weight[0, :2, :2]")  # 432, 3, 12
+    result = cli("watch", *argv, "--values", "--count", "1")
     assert result.code == 0, result.err
-    whole, part = result.out.splitlines()[1:3]
+    whole, part, twelve = result.out.splitlines()[1:4]
     weight = client.get("conv1.weight").reshape(-1)
     assert whole.split()[1] == f"[{weight[0]:.4g},"
     assert whole.endswith("of torch.Size([16, 3, 3, 3]) (--json for every value)")
     assert len(whole) < 200
     assert part.split(maxsplit=1)[1].startswith("tensor([")  # a slice of 3: every value
+    assert "  tensor([[[" in twelve and "of torch.Size" not in twelve  # CELL_VALUES: every value
 
 
 def test_watch_values_of_a_bfloat16_slice_say_their_dtype() -> None:
