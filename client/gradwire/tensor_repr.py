@@ -48,7 +48,7 @@ def tensor_repr(
     if values.size == 0:
         # torch shows an empty tensor's shape when it is not (0,), and its dtype unless it is
         # the default: there are no values to tell it by.
-        if values.ndim > 1:
+        if values.ndim != 1:
             suffixes.append(f"size={tuple(values.shape)}")
         if name != "float32":
             suffixes.append(f"dtype=torch.{name}")
