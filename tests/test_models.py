@@ -1144,6 +1144,12 @@ def test_load_spec_refuses_torchscript_and_serve_a_factory_that_returns_one_mode
         Trainer(spec, seed=0)
     assert caught.value.reason == "SHARED_MODEL"
     assert "return copy.deepcopy of it" in caught.value.message
+    # `gradwire serve` says so as a usage error, exit 2, before it listens: nothing served.
+    err = io.StringIO()
+    served = ["serve", "--model", f"{loaded_once}:SPEC", "--port", "0", "--device", "cpu"]
+    assert main(served, io.StringIO(), err) == 2
+    assert err.getvalue().startswith("gradwire serve: error: ")
+    assert "return copy.deepcopy of it" in err.getvalue()
 
 
 def test_a_half_models_output_loss_and_module_outputs_are_listed_in_its_dtype() -> None:
