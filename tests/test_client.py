@@ -1131,6 +1131,20 @@ def test_a_streamed_value_the_client_cannot_send_raises_codec_error(
     assert client.list_tensors().version == before  # nothing was sent
 
 
+def test_a_fill_goes_whole_whatever_stream_above_bytes(client: gradwire.Client) -> None:
+    """A Fill carries no values (the server makes them): it goes in one message even where
+    every value streams, as a streamed upload has no Fill to carry."""
+    fill, target = Fill.uniform(2, 3, 10, 10, seed=1), Fill.ones(2, dtype="int64")
+    client.forward(fill, target)
+    whole = client.get("output")
+    client.stream_above_bytes = 0  # every value streams
+    assert client.forward(fill, target).output_shape == (2, 20)
+    assert np.array_equal(client.get("output"), whole)
+    version = client.set("conv1.weight", Fill.constant(0.5, 16, 3, 3, 3))
+    assert version == client.list_tensors().version
+    assert np.array_equal(client.get("conv1.weight"), np.full((16, 3, 3, 3), 0.5, np.float32))
+
+
 # --- found by a review: bad targets and half a TLS pair, refused before connecting -----------
 
 
