@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -456,6 +457,17 @@ def test_a_token_file_others_can_read_or_write_is_warned_of(
         with monkeypatch.context() as windows:
             windows.setattr(os, "name", "nt")
             assert load_token(token_file) == TOKEN
+        # Not a plain file: a pipe or a terminal (/dev/stdin at a prompt is crw--w----), whose
+        # mode says nothing of who can read a token kept on disk.
+        pipe = tmp_path / "pipe"
+        os.mkfifo(pipe)
+        pipe.chmod(0o666)
+        writer = threading.Thread(target=pipe.write_text, args=(TOKEN + "\n",), daemon=True)
+        writer.start()
+        try:
+            assert load_token(pipe) == TOKEN
+        finally:
+            writer.join(10)
 
 
 def test_serve_logs_a_warning_for_a_token_file_others_can_read(tmp_path: Path) -> None:
