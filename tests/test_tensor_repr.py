@@ -156,3 +156,15 @@ def test_tensor_repr_takes_the_array_s_own_dtype_by_default() -> None:
         == ("tensor([1.5000, 2.0000], dtype=torch.float64)")
     )
     assert tensor_repr([[1, 2], [3, 4]]) == "tensor([[1, 2],\n        [3, 4]])"
+
+
+def test_format_tensor_prints_a_torch_tensor_as_its_own_repr_and_none_as_none() -> None:
+    """display.format_tensor takes what a caller holds: None for an absent tensor, and a
+    torch tensor, whose own repr says more than its values (its grad_fn, its device)."""
+    from gradwire.display import format_tensor
+
+    assert format_tensor(None) == "None"
+    made = torch.ones(3, requires_grad=True) * 2
+    assert format_tensor(made) == repr(made)
+    assert "grad_fn=<MulBackward0>" in format_tensor(made)
+    assert format_tensor(made.detach().numpy()) == "tensor([2., 2., 2.])"
