@@ -73,12 +73,24 @@ def test_another_size_takes_fresh_memory_and_keeps_that() -> None:
     del dropped
     other = kept.empty((SHAPE[0] * 2, SHAPE[1]), np.dtype(np.float32))
     assert kept.kept_bytes == other.nbytes
+    del other
+    # A smaller size after a larger one: fresh memory of its own size, not the larger block.
+    smaller = kept.empty(SHAPE, np.dtype(np.float32))
+    assert smaller.shape == SHAPE and kept.kept_bytes == smaller.nbytes
 
 
 def test_small_arrays_are_numpy_s_own() -> None:
     kept = KeptMemory()
     small = kept.empty((10,), np.dtype(np.float32))
     assert small.flags.owndata and kept.kept_bytes == 0
+
+
+def test_an_array_of_exactly_keep_min_bytes_is_kept_and_one_byte_less_is_not() -> None:
+    kept = KeptMemory()
+    under = kept.empty((memory.KEEP_MIN_BYTES - 1,), np.dtype(np.uint8))
+    assert under.flags.owndata and kept.kept_bytes == 0
+    at = kept.empty((memory.KEEP_MIN_BYTES,), np.dtype(np.uint8))
+    assert not at.flags.owndata and kept.kept_bytes == 1 << 20
 
 
 def test_release_lets_the_block_go_and_spares_an_array_in_use() -> None:
