@@ -103,6 +103,43 @@ def test_a_cgroup_v1_limit_without_its_host_path_is_the_mount_s(tmp_path: Path) 
     assert host_memory.available_bytes(root) == 20_000_000 * 1024
 
 
+def test_meminfo_s_unit_is_kept_and_a_line_it_cannot_read_is_nothing_known(
+    tmp_path: Path,
+) -> None:
+    root = _write(tmp_path, {"proc/meminfo": "MemAvailable: 4096\n"})  # no "kB": bytes
+    assert host_memory.available_bytes(root) == 4096
+    _write(root, {"proc/meminfo": "MemAvailable: lots kB\n"})
+    assert host_memory.available_bytes(root) is None
+
+
+def test_a_group_over_its_limit_has_no_room_and_cache_beyond_usage_gives_none(
+    tmp_path: Path,
+) -> None:
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "garbage line\n0:\n0::/\n",  # lines it cannot read: skipped
+            "sys/fs/cgroup/memory.max": f"{1 << 30}\n",
+            "sys/fs/cgroup/memory.current": f"{(1 << 30) + 4096}\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 0
+    # memory.stat read after memory.current can count more inactive cache than the usage:
+    # the room is then the whole limit, never more.
+    _write(
+        root,
+        {
+            "sys/fs/cgroup/memory.current": f"{1 << 20}\n",
+            "sys/fs/cgroup/memory.stat": f"inactive_file {2 << 20}\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 1 << 30
+    # A limit whose usage cannot be read says nothing: MemAvailable counts alone.
+    (root / "sys/fs/cgroup/memory.current").unlink()
+    assert host_memory.available_bytes(root) == 20_000_000 * 1024
+
+
 def test_this_machine_reports_what_it_has() -> None:
     available = host_memory.available_bytes()
     if available is None:
