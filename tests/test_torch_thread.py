@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 import weakref
@@ -72,6 +73,8 @@ def test_a_call_whose_deadline_passes_while_it_waits_is_withdrawn(worker: TorchT
     assert entered.wait(60)
     with pytest.raises(DeadlinePassed, match="nothing was changed"):
         worker.run_until(time.monotonic() + 0.05, ran.append, "withdrawn")
+    with pytest.raises(DeadlinePassed):  # a deadline already past: no wait at all
+        worker.run_until(time.monotonic() - 1.0, ran.append, "too late")
 
     class Value:
         """What a withdrawn call was given: let go at the withdrawal, not when the thread
@@ -131,6 +134,38 @@ def test_an_exception_is_raised_in_the_caller_and_lets_its_locals_go(
     finally:
         gc.enable()
     assert worker.run(lambda: 7) == 7  # the thread survives its calls' errors
+
+
+def test_a_system_exit_on_the_thread_is_raised_as_a_runtime_error_saying_so(
+    worker: TorchThread,
+) -> None:
+    with pytest.raises(RuntimeError, match=r"^SystemExit raised on the torch thread$") as info:
+        worker.run(sys.exit)
+    assert isinstance(info.value.__cause__, SystemExit)
+    with pytest.raises(RuntimeError, match=r"^SystemExit \(bye\) raised on the torch thread$"):
+        worker.run(sys.exit, "bye")
+    assert worker.run(lambda: 3) == 3
+
+
+def test_a_call_that_closes_its_own_trainer_returns() -> None:
+    worker = TorchThread(name="test-closes-itself")
+    assert worker.run(worker.close) is None
+    with pytest.raises(Closed):
+        worker.run(lambda: None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a child process by fork")
+def test_the_shared_thread_starts_again_in_a_child_process() -> None:
+    assert TorchThread(shared=True).run(lambda: 1) == 1  # the parent's thread is running
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread does not run here
+        try:
+            ok = TorchThread(shared=True).run_until(time.monotonic() + 10, lambda: 2) == 2
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_close_finishes_what_was_handed_over_then_refuses(worker: TorchThread) -> None:
