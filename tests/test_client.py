@@ -993,6 +993,9 @@ def test_a_served_sequential_s_layers_count_from_the_end_too() -> None:
         assert np.array_equal(client.remote[-1].bias.numpy(), local[-1].bias.detach().numpy())
         assert client.remote[-1].weight.selector == "2.weight"
         assert client.remote[np.int64(-3)].weight.selector == "0.weight"
+        assert client.remote[0].weight.selector == "0.weight"  # 0 counts from the start
+        with pytest.raises(TypeError):  # a bool is refused, not taken for layer 1
+            client.remote[True]
         with pytest.raises(IndexError, match=r"remote\[-4\]: the served model has 3 numbered"):
             client.remote[-4]
     running.stop(grace=None)
@@ -1068,6 +1071,7 @@ def test_dir_of_the_remote_model_lists_its_modules(client: gradwire.Client) -> N
     names = dir(client.remote)
     assert {"conv1", "conv2", "linear"} <= set(names)
     assert names == sorted(names)
+    assert len(names) == len(set(names))  # conv1 once, though it has a weight and a bias
 
 
 class _Counting(dict[str, Any]):
@@ -1106,6 +1110,9 @@ def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Cl
     with pytest.raises(AttributeError, match=r"write remote\.output\.grad\[0, 1:3\]\[-1\]$"):
         _ = client.remote.output[0, 1:3][-1].grad
     assert not hasattr(client.remote.conv1.weight[0], "__array_interface__")
+    said = "conv1.weight[0]['x']: a name's parts come before its index; write "
+    with pytest.raises(TypeError, match=re.escape(said + "remote['conv1.weight.x'] and index")):
+        _ = client.remote.conv1.weight[0]["x"]
 
 
 def test_the_remote_view_refuses_advanced_indexing_at_once(client: gradwire.Client) -> None:
