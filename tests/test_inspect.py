@@ -1801,3 +1801,43 @@ def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> No
     assert woke.wait(10.0)
     thread.join(10.0)
     assert subscription.take() == announced
+
+
+class _Odd(nn.Module):
+    """A model whose attributes meta_copy must walk with care: a frozen parameter, a list
+    named like torch's hook dicts, a list that holds itself, and a closure hook with a
+    keyword-only default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.extra_hooks = [torch.ones(2)]  # a list, not one of torch's hook dicts
+        self.cycle: list[Any] = [torch.ones(1)]
+        self.cycle.append(self.cycle)
+        self.deep = {"a": [SimpleNamespace(t=torch.ones(1))]}  # a list in a dict on an object
+        seen: list[tuple[int, ...]] = []
+
+        def hook(module: nn.Module, args: Any, output: torch.Tensor, *, scale: int = 2) -> None:
+            seen.append(tuple(output.shape) * scale)
+
+        self.seen = seen
+        self.lin.register_forward_hook(hook)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.frozen
+
+
+def test_a_meta_copy_keeps_what_the_model_s_own_attributes_and_hooks_need() -> None:
+    from gradwire_server.meta_copy import meta_copy
+
+    model = _Odd()
+    copied = meta_copy(model, lambda *_: None)
+    assert isinstance(copied, _Odd)
+    assert copied.frozen.is_meta and not copied.frozen.requires_grad
+    assert copied.lin.weight.is_meta and copied.lin.weight.requires_grad
+    assert copied.extra_hooks[0].is_meta and copied.cycle[0].is_meta
+    assert copied.deep["a"][0].t.is_meta and not model.deep["a"][0].t.is_meta
+    out = copied(torch.empty(2, 4, device="meta"))  # its hook runs with its default
+    assert out.shape == (2, 3) and out.is_meta
+    assert copied.seen == [(2, 3, 2, 3)] and model.seen == []
