@@ -41,6 +41,8 @@ def test_torch_s_openmp_runtime_is_found_on_linux() -> None:
     if sys.platform != "linux":
         pytest.skip("found through /proc/self/maps")
     assert openmp.available()
+    assert openmp.runtime() is openmp.runtime()  # looked for once
+    assert not openmp._drives_torch(lambda threads: None)  # a runtime that is not torch's
 
 
 @needs_two
