@@ -88,3 +88,23 @@ def bare_server(*handlers: grpc.GenericRpcHandler) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         bare.stop(None)
+
+
+def ended_contexts(*timeouts: float | None) -> list[grpc.ServicerContext]:
+    """Real servicer contexts, one a call of each of `timeouts` (None: no deadline), of
+    calls a bare server answered before it stopped: what a handler's context is once its
+    call has ended, for the code that takes one (add_callback runs nothing on it,
+    is_active is False, time_remaining counts to its deadline still)."""
+    contexts: list[grpc.ServicerContext] = []
+
+    def keep(request: bytes, context: grpc.ServicerContext) -> bytes:
+        contexts.append(context)
+        return b""
+
+    handler = grpc.unary_unary_rpc_method_handler(keep)
+    keeping = grpc.method_handlers_generic_handler("t.T", {"M": handler})
+    with bare_server(keeping) as address, grpc.insecure_channel(address) as channel:
+        call: Any = channel.unary_unary("/t.T/M")
+        for timeout in timeouts:
+            call(b"", timeout=timeout)
+    return contexts

@@ -32,13 +32,14 @@ from gradwire.fill import Fill
 from gradwire.replay import replay
 from gradwire_server.app import Running, start
 from gradwire_server.errors import Stopping
+from gradwire_server.message_context import MessageContext
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
 from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import WaitingStreams
 from tests.background import eventually
 from tests.reference import run_tutorial
-from tests.serve_in_process import bare_server, calls_only, running_server
+from tests.serve_in_process import bare_server, calls_only, ended_contexts, running_server
 from tests.test_concurrency import Gate, hold_forward
 from tests.test_metrics import TRAINER, scrape
 from tests.test_metrics import calls as counted
@@ -578,6 +579,30 @@ def test_a_mutation_queued_past_its_message_deadline_is_answered_at_it(
         weight = stream.call(pb.CallRequest(get_tensor=pb.GetTensorRequest(name="weight")))
         assert list(weight.get_tensor.tensor.float_values) == [1.0, 1.0]
         assert weight.get_tensor.version == 1  # only the Forward was applied
+
+
+def test_a_message_s_context_answers_from_the_message_and_its_stream() -> None:
+    """What a unary handler asks of a message's context: the metadata the message carries,
+    the time to the sooner of its own timeout (milliseconds) and its stream's deadline,
+    never below 0, and whether its stream's caller is still there. The streams' contexts
+    are real ones, of calls ended: no longer active, with and without a deadline."""
+    unbounded, hour = ended_contexts(None, 3600)  # gRPC says a few seconds more for the hour
+    context = MessageContext(unbounded, {"gradwire-session": "s1"})
+    carried = {"gradwire-session": "s1", "gradwire-request-id": "r1"}
+    context.carry(carried, 0)  # no timeout of its own: the stream's (none to speak of)
+    assert context.invocation_metadata() == tuple(carried.items())
+    assert cast(float, context.time_remaining()) > 10**9
+    assert not context.is_active()  # its stream's call has ended
+    context.carry(carried, 250)
+    assert 0.0 < cast(float, context.time_remaining()) <= 0.25
+    context.carry(carried, 1)
+    time.sleep(0.01)
+    assert context.time_remaining() == 0.0  # past: 0, as gRPC's own, never negative
+    bounded = MessageContext(hour, {})
+    bounded.carry({}, 0)
+    assert 3000 < cast(float, bounded.time_remaining()) < 3700  # the stream's deadline
+    bounded.carry({}, 7_200_000)  # two hours: the stream's hour comes first
+    assert 3000 < cast(float, bounded.time_remaining()) < 3700
 
 
 def test_an_open_stream_holds_a_place_until_its_client_closes() -> None:

@@ -8,7 +8,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -25,6 +24,7 @@ from gradwire_server.health_service import (
 )
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
+from tests.serve_in_process import ended_contexts
 from tests.test_auth import stalled_calls
 from tests.test_metrics import calls, scrape
 
@@ -416,24 +416,7 @@ def test_a_callback_added_once_a_watch_s_call_has_ended_runs_at_once() -> None:
     grpc's Watch does not look: a Watch cancelled as it opened stayed registered and
     counted, its thread waiting for ever, until 64 of them refused every Watch after. The
     context here is a real one, of a call its server has answered and then stopped."""
-    contexts: list[grpc.ServicerContext] = []
-
-    def keep(request: bytes, context: grpc.ServicerContext) -> bytes:
-        contexts.append(context)
-        return b""
-
-    handler: Any = grpc.unary_unary_rpc_method_handler(keep)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"M": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            called: Any = channel.unary_unary("/t.T/M")
-            called(b"", timeout=10)
-    finally:
-        server.stop(grace=None).wait(10)
-    (ended,) = contexts
+    (ended,) = ended_contexts(10)
     ran: list[str] = []
     assert not ended.add_callback(lambda: ran.append("grpc's"))  # grpc's own: runs nothing
     assert _ClosesIfEnded(ended).add_callback(lambda: ran.append("ours"))
