@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -216,6 +218,10 @@ def test_ctrl_c_as_an_update_reaches_the_screen_counts_that_update(address: str)
     assert out.getvalue().splitlines()[-1] == "stopped after 1 update: the last at version 0"
 
 
+def _without_unbuffered() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def _watch_read_once(address: str, *options: str) -> subprocess.Popen[str]:
     """`gradwire watch loss --json OPTIONS` in a process of its own, its output read as `head
     -1` reads it: its first line (the state now, which it checks), then the pipe closed. The
@@ -229,10 +235,13 @@ def _watch_read_once(address: str, *options: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        # Buffered as a user's shell leaves it: PYTHONUNBUFFERED hid a line left unflushed.
+        env={**_without_unbuffered(), "PYTHONFAULTHANDLER": "1"},
     )
     try:
         assert watch.stdout is not None
+        ready, _, _ = select.select([watch.stdout], [], [], 30)
+        assert ready, "no first line within 30 s: the watch left it unflushed"
         assert json.loads(watch.stdout.readline())["cause"] == "Watch"
         watch.stdout.close()
         try:
@@ -790,3 +799,43 @@ def test_an_absent_step_change_says_when_it_will_be_there(cli: Run, tmp_path: Pa
     present = cli("get", "conv1.weight.delta[0, 0, 0]")
     assert (present.code, present.err) == (0, "")
     assert present.out.startswith("tensor([")  # the change, recorded since the first ask
+
+
+def _watch_while_training(cli: Run, address: str, *argv: str) -> list[dict[str, Any]]:
+    """`gradwire watch loss --json ARGV` run while another client trains, one step after
+    another, until the watch ends: its updates."""
+    results: list[Result] = []
+    thread = threading.Thread(target=lambda: results.append(cli("watch", "loss", "--json", *argv)))
+    thread.start()
+    with gradwire.connect(address) as driver:
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            driver.train_step(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
+            time.sleep(0.01)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert results[0].code == 0, results[0].err
+    return [json.loads(line) for line in results[0].out.splitlines()]
+
+
+def test_watch_json_says_the_model_s_steps_and_the_updates_merged(
+    cli: Run, client: gradwire.Client, address: str
+) -> None:
+    """Each line's "steps" is the model's count of steps, and "skipped" the updates merged
+    into it by --interval: neither was checked (a mutation test of the command line)."""
+    for _ in range(5):
+        client.train_step(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
+    result = cli("watch", "loss", "--json", "--count", "1")
+    first = json.loads(result.out)
+    assert (first["steps"], first["skipped"]) == (5, 0) and first["version"] != 5, first
+    # Steps every 10 ms, at most one update every 0.3 s: the second stands for several.
+    updates = _watch_while_training(cli, address, "--interval", "0.3", "--count", "2")
+    assert updates[1]["cause"] == "TrainStep" and updates[1]["skipped"] >= 1, updates
+
+
+def test_watch_interval_holds_back_the_updates_it_asks_to(cli: Run, address: str) -> None:
+    """--interval reached the server: an hour's interval lets no update follow the first
+    within the watch's second, however many steps are taken (a mutation test: it could be
+    dropped, unseen)."""
+    updates = _watch_while_training(cli, address, "--interval", "3600", "--duration", "1")
+    assert [u["cause"] for u in updates] == ["Watch"]
