@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2
 from torch import nn
 
 import gradwire
@@ -3014,3 +3015,13 @@ def test_replay_random_init_without_a_seed_draws_from_seed_0(cli: Run) -> None:
     reference = run_tutorial("random", seed=0)
     data = cli("replay", "--init", "random", "--json").json()
     assert data["loss"] == reference.loss and data["seed"] == 0
+
+
+def test_health_of_a_service_not_serving_says_so_and_exits_1(address: str, server: Running) -> None:
+    """Only SERVING exits 0: a status other than it fails the command, naming it (a
+    mutation test of the command line found nothing running `gradwire health`)."""
+    assert run_main("health", "--target", address).out == "SERVING\n"
+    server.health.set("gradwire.v1.Trainer", health_pb2.HealthCheckResponse.NOT_SERVING)
+    result = run_main("health", "--service", "gradwire.v1.Trainer", "--target", address)
+    assert (result.code, result.out) == (1, "NOT_SERVING\n")
+    assert f"the server at {address} is NOT_SERVING" in result.err
