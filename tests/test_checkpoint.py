@@ -1898,6 +1898,12 @@ def test_the_cli_lists_checkpoints(kept: tuple[gradwire.Client, Trainer, Path]) 
         0,
         "0 checkpoints in the server's state directory (gradwire save NAME writes one)\n",
     )
+    # Names all shorter than the header's "name": the column is as wide as "name".
+    short = client.save_checkpoint("ab")
+    lines = run_main("checkpoints", "--target", target).out.splitlines()
+    assert lines[1].startswith("name   version ")
+    assert lines[2].startswith(f"ab    {short.version:>8}  "), lines
+    client.delete_checkpoint("ab")
     _step(client)
     client.save_checkpoint("first")
     (state_dir / "a-long-name.safetensors").write_text("not one")
