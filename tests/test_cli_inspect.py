@@ -828,8 +828,9 @@ def test_watch_json_says_the_model_s_steps_and_the_updates_merged(
     result = cli("watch", "loss", "--json", "--count", "1")
     first = json.loads(result.out)
     assert (first["steps"], first["skipped"]) == (5, 0) and first["version"] != 5, first
-    # Steps every 10 ms, at most one update every 0.3 s: the second stands for several.
-    updates = _watch_while_training(cli, address, "--interval", "0.3", "--count", "2")
+    # Steps every 10 ms, at most one update a second: the second stands for several (a
+    # step a second after the first update, none before it, would be needed to fail).
+    updates = _watch_while_training(cli, address, "--interval", "1", "--count", "2")
     assert updates[1]["cause"] == "TrainStep" and updates[1]["skipped"] >= 1, updates
 
 
