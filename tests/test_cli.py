@@ -2977,12 +2977,21 @@ def test_serve_s_usage_error_logged_as_json_is_not_said_again_in_plain_text() ->
     assert (result.code, result.err) == (2, "")
 
 
-def test_serve_with_half_a_tls_pair_exits_2(tmp_path: Path) -> None:
-    cert = tmp_path / "server.crt"
-    cert.write_text("not read")
-    result = run_main("serve", "--tls-cert", str(cert), "--port", "0")
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [
+        ("--tls-cert", "TLS needs both --tls-cert and --tls-key"),  # half a pair
+        ("--tls-client-ca", "--tls-client-ca needs --tls-cert and --tls-key"),  # no pair
+    ],
+)
+def test_serve_with_a_tls_file_it_cannot_use_alone_exits_2(
+    tmp_path: Path, option: str, said: str
+) -> None:
+    given = tmp_path / "given.crt"
+    given.write_text("not read")
+    result = run_main("serve", option, str(given), "--port", "0")
     assert result.code == 2
-    assert result.err == "gradwire serve: error: TLS needs both --tls-cert and --tls-key\n"
+    assert result.err == f"gradwire serve: error: {said}\n"
 
 
 def test_open_session_on_a_server_whose_sessions_never_expire_says_so() -> None:
@@ -2990,14 +2999,6 @@ def test_open_session_on_a_server_whose_sessions_never_expire_says_so() -> None:
         result = run_main("open-session", "--target", f"127.0.0.1:{running.port}")
     assert result.code == 0, result.err
     assert result.out.splitlines()[0].endswith(" opened; it stays open until closed")
-
-
-def test_serve_with_a_client_ca_and_no_tls_pair_exits_2(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.crt"
-    ca.write_text("not read")
-    result = run_main("serve", "--tls-client-ca", str(ca), "--port", "0")
-    assert result.code == 2
-    assert result.err == "gradwire serve: error: --tls-client-ca needs --tls-cert and --tls-key\n"
 
 
 def test_sessions_on_a_server_whose_sessions_never_expire_says_none_closes() -> None:

@@ -233,13 +233,11 @@ def test_without_matplotlib_exits_2_with_the_install_hint(
     assert only_file(tmp_path) == []
 
 
-def test_a_matplotlib_that_fails_to_import_is_not_said_to_be_missing(tmp_path: Path) -> None:
-    """A matplotlib built for another numpy (3.7.0 beside numpy 2) fails to import: it was
-    told to install the plot extra, which it had (a review of installing)."""
+def _require_matplotlib_saying(tmp_path: Path, init: str) -> str:
+    """What require_matplotlib says, in a process of its own, of a matplotlib whose
+    `__init__.py` is `init`: its PlotUnavailable's message."""
     (tmp_path / "matplotlib").mkdir()
-    (tmp_path / "matplotlib" / "__init__.py").write_text(
-        "raise ImportError('numpy.core.multiarray failed to import')\n"
-    )
+    (tmp_path / "matplotlib" / "__init__.py").write_text(init)
     code = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
         "from gradwire.plot import PlotUnavailable, require_matplotlib\n"
@@ -251,10 +249,20 @@ def test_a_matplotlib_that_fails_to_import_is_not_said_to_be_missing(tmp_path: P
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
-    assert done.stdout == (
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_matplotlib_that_fails_to_import_is_not_said_to_be_missing(tmp_path: Path) -> None:
+    """A matplotlib built for another numpy (3.7.0 beside numpy 2) fails to import: it was
+    told to install the plot extra, which it had (a review of installing)."""
+    said = _require_matplotlib_saying(
+        tmp_path, "raise ImportError('numpy.core.multiarray failed to import')\n"
+    )
+    assert said == (
         "pictures need matplotlib, which is installed but fails to import: numpy.core."
         "multiarray failed to import (one older than its numpy? pip install -U matplotlib)\n"
-    ), done.stderr
+    )
 
 
 def test_a_matplotlib_missing_a_module_of_its_own_is_not_said_to_be_missing(
@@ -262,23 +270,11 @@ def test_a_matplotlib_missing_a_module_of_its_own_is_not_said_to_be_missing(
 ) -> None:
     """Only matplotlib itself missing is the plot extra's to install: one of its own imports
     failing says so, naming it."""
-    (tmp_path / "matplotlib").mkdir()
-    (tmp_path / "matplotlib" / "__init__.py").write_text("import gradwire_no_such_module\n")
-    code = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from gradwire.plot import PlotUnavailable, require_matplotlib\n"
-        "try:\n"
-        "    require_matplotlib()\n"
-        "except PlotUnavailable as err:\n"
-        "    print(err)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.stdout.startswith(
+    said = _require_matplotlib_saying(tmp_path, "import gradwire_no_such_module\n")
+    assert said.startswith(
         "pictures need matplotlib, which is installed but fails to import: No module named "
         "'gradwire_no_such_module'"
-    ), (done.stdout, done.stderr)
+    ), said
 
 
 def test_the_thin_client_imports_without_matplotlib() -> None:
