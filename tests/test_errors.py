@@ -820,9 +820,10 @@ def test_every_rpc_answers_an_empty_request_and_garbage_bytes(
 
 @pytest.mark.parametrize(
     ("name", "complaint"),
-    [("", "a tensor name is required"), ("x" * 257, "over the limit of 256"),
+    [("", "a tensor name is required"),
+     ("x" * 257, "a tensor name of 257 characters is over the limit of 256"),
      ("conv1\x00weight", "control characters"), ("conv1.weight\n", "control characters"),
-     ("conv1.weight\x85", "control characters")],
+     ("conv1.weight\x7f", "control characters"), ("conv1.weight\x85", "control characters")],
 )  # fmt: skip
 def test_names_no_tensor_can_have_are_invalid_argument(
     client: gradwire.Client, name: str, complaint: str
@@ -831,6 +832,20 @@ def test_names_no_tensor_can_have_are_invalid_argument(
         with pytest.raises(errors.InvalidArgument, match=complaint) as info:
             call()
         assert info.value.reason == "BAD_NAME"
+
+
+def test_a_name_of_exactly_the_longest_length_is_looked_up_not_refused(
+    client: gradwire.Client,
+) -> None:
+    """256 characters is the limit, taken: such a name is no tensor's (NOT_FOUND), not a
+    name no tensor can have (BAD_NAME, from 257)."""
+    for call in (
+        lambda: client._read("x" * 256, ()),
+        lambda: client.fill_parameters(0.1, ["x" * 256]),
+    ):
+        with pytest.raises(errors.NotFound) as info:
+            call()
+        assert info.value.reason == "UNKNOWN_TENSOR"
 
 
 def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> None:
