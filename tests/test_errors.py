@@ -36,12 +36,14 @@ from gradwire_server.errors import (
     DomainError,
     InvalidInput,
     OverLimit,
+    UnknownTensor,
     device_lost,
     device_memory,
     out_of_memory,
     shown,
 )
 from gradwire_server.models import ModelSpec
+from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.servicer import _release_frames
 from gradwire_server.trainer import Trainer
 from tests.broken_models import CUDA_ERROR, HUNGRY, LOST, CudaWords
@@ -962,6 +964,32 @@ def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
         assert fresh.version == 0  # before anything changes
         assert torch.equal(fresh.read("lin.weight").value, weight)  # type: ignore[arg-type]
         assert fresh.parameters["counts"].grad is None
+
+
+class _NestedCounts(nn.Module):
+    """_Counts one level down: its int32 parameter is inner.counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Counts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def test_an_integer_parameter_of_a_submodule_is_named_whole_for_what_it_lacks() -> None:
+    """The parameter that optimizer state's name belongs to is all of it before the key
+    (inner.counts), not its first part (inner, no parameter, which said nothing of why)."""
+    trainer = Trainer(ModelSpec("NestedCounts", _NestedCounts, (4,), 2), seed=0)
+    try:
+        trainer.set_optimizer(OptimizerSettings(kind="adam"))
+        gone = r"inner\.counts is int32, and torch keeps gradients only for floating-point"
+        for name in ["inner.counts.grad", "inner.counts.delta", "optimizer.inner.counts.exp_avg"]:
+            with pytest.raises(UnknownTensor, match=gone):
+                trainer.read(name)
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize(
