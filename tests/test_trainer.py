@@ -290,6 +290,24 @@ def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
     assert torch.equal(trainer.read("conv1.weight", ((0,),)).value, torch.ones(3, 3, 3))
 
 
+def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that() -> None:
+    """Of an input's fill or a target's, before its shape is weighed against the model's:
+    -1 is a negative dimension (BAD_FILL), and a target's fill over the server's limit is
+    TOO_MANY_ELEMENTS, not a target of the wrong shape."""
+    trainer = Trainer(device="cpu", seed=0, max_elements=5000)
+    for input, target in [
+        (FillSpec("ones", (-1, 3, 10, 10)), None),
+        (ONES, FillSpec("zeros", (-1,))),
+    ]:
+        with pytest.raises(InvalidInput, match="has a negative dimension") as info:
+            trainer.forward(input, target)
+        assert info.value.reason == "BAD_FILL"
+    with pytest.raises(OverLimit, match="target: 6000 elements is over") as over:
+        trainer.forward(ONES, FillSpec("zeros", (6000,)))
+    assert over.value.reason == "TOO_MANY_ELEMENTS"
+    assert trainer.version == 0
+
+
 def test_an_unseeded_model_is_drawn_afresh_and_the_process_generator_is_left_alone() -> None:
     """Unseeded, the model was made from a fork of the process's generator, put back after:
     every unseeded model of a process had the same weights, and a plain Reset repeated
@@ -609,6 +627,23 @@ def test_a_mutation_under_the_lock_is_refused_once_its_deadline_passes_waiting_f
     waiter.join(timeout=30)
     assert len(refused) == 1 and isinstance(refused[0], DeadlinePassed)
     assert trainer.version == before
+
+
+def test_a_mutation_whose_deadline_has_passed_is_refused_with_the_lock_free(
+    trainer: Trainer,
+) -> None:
+    """The lock taken at once, the deadline is checked under it all the same: one already
+    past refuses the call, and the gradients stay."""
+    trainer.forward(ONES, LABELS)
+    trainer.backward()
+    before = trainer.version
+    with (
+        guarded(Guard(deadline=time.monotonic() - 1)),
+        pytest.raises(DeadlinePassed, match="before it could run; nothing was changed"),
+    ):
+        trainer.zero_grad()
+    assert trainer.version == before
+    assert trainer.read("conv1.weight.grad").value is not None
 
 
 def test_a_guard_holds_for_the_first_call_made_under_it_alone(trainer: Trainer) -> None:
