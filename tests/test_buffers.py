@@ -442,6 +442,34 @@ def test_a_buffer_of_a_dtype_the_wire_does_not_carry_is_named_not_listed() -> No
         running.stop(grace=None)
 
 
+class NamedLoss(nn.Module):
+    """A buffer under the name of one of a Forward's tensors ("loss")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("loss", torch.full((2,), 7.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_buffer_named_as_a_forward_s_tensor_is_listed_once_as_that_tensor() -> None:
+    """The name reads the last Forward's loss, so it is listed once, as that: not a second
+    time for the buffer, which no read can reach."""
+    running = start(Trainer(ModelSpec("NamedLoss", NamedLoss, (4,), 3), seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            client.forward(np.ones((2, 4), np.float32), np.array([0, 1]))
+            listed = [t for t in client.list_tensors().tensors if t.name == "loss"]
+            assert [(t.kind, t.shape) for t in listed] == [("loss", ())]
+            loss = client.get("loss")
+            assert loss is not None and loss.shape == ()
+    finally:
+        running.stop(grace=None)
+
+
 class Narrow(nn.Module):
     """Buffers of the integer dtypes the wire carries widened: uint8 and int16 (as int32)."""
 
