@@ -819,10 +819,12 @@ def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
     regressor: gradwire.Client,
 ) -> None:
     x = np.zeros((4, 8), np.float32)
-    for target in (np.zeros((4, 2), np.int64), np.zeros(4, np.int64)):
+    for target in (np.zeros((4, 2), np.int64), np.zeros(4, np.int64), np.zeros(4, np.int32)):
         with pytest.raises(errors.InvalidArgument) as caught:
             regressor.forward(x, target)
         assert caught.value.reason == "BAD_TARGET_DTYPE"
+        # In its own dtype: integers are class indices only to a cross-entropy loss.
+        assert caught.value.message.startswith(f"target has dtype {target.dtype}; ")
         assert (
             "TinyRegressor is trained with a mean squared error: send floats of shape [4, 2]"
             in (caught.value.message)
@@ -831,6 +833,39 @@ def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
         regressor.forward(x, np.zeros((4,), np.float32))
     assert caught.value.reason == "BAD_TARGET_SHAPE"
     assert "must have the output's shape [4, 2]" in caught.value.message
+    # A fill too large for any target, refused before it is made: no class indices offered.
+    with pytest.raises(errors.InvalidArgument) as caught:
+        regressor.forward(x, gradwire.Fill.zeros(100))
+    assert caught.value.reason == "BAD_TARGET_SHAPE"
+    assert caught.value.message == (
+        "target has shape [100]; TinyRegressor takes a target of the output's shape [4, 2]"
+    )
+
+
+class IdRegressor(nn.Module):
+    """Token ids in, two floats out: a regression on integer input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.embed(x).mean(1)
+        return out
+
+
+def test_a_float_target_of_a_regression_on_integer_input_stays_float() -> None:
+    """A target is cast to the input's dtype only where both are floating-point: cast to
+    int64 ids, 0.25 became 0 and the loss another."""
+    ids, y = np.array([[1, 2, 3], [4, 5, 6]]), np.full((2, 2), 0.25, np.float32)
+    local = seeded(IdRegressor)
+    expected = nn.MSELoss()(local(torch.from_numpy(ids)), torch.from_numpy(y)).item()
+    spec = ModelSpec("IdRegressor", IdRegressor, (3,), 2, loss="mse", input_dtype=torch.int64)
+    with serving(spec) as client:
+        assert client.forward(ids, y).loss == expected
+        target = client.get("target")
+        assert target is not None and target.dtype == np.float32
+        assert np.array_equal(target, y)
 
 
 class Tied(nn.Module):
