@@ -756,6 +756,36 @@ def test_a_module_returning_a_tuple_keeps_its_first_item_as_its_output() -> None
         assert np.array_equal(fetched.fetched[0].value, expected[0, -1])
 
 
+class Halves(nn.Module):
+    """Returns a list, its input's two halves: its output is the first."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(x.chunk(2, dim=1))
+
+
+class Split(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.halves = Halves()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.halves(self.lin(x))
+        return first + second  # type: ignore[no-any-return]
+
+
+def test_a_module_returning_a_list_keeps_its_first_item_as_its_output() -> None:
+    """As of a tuple: a list's first tensor, where it was listed and always absent."""
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    local = seeded(Split)
+    assert isinstance(local, Split)
+    with serving(ModelSpec("Split", Split, (4,), 2)) as client:
+        client.forward(x)
+        expected = local.lin(torch.from_numpy(x)).detach().numpy()[:, :2]
+        kept = client.get("halves.output")
+        assert kept is not None and np.array_equal(kept, expected)
+
+
 def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> None:
     """Its IndexError was answered INTERNAL, "the server's log has the details", which the
     caller cannot act on (found by the twenty-first session's review of the contract)."""
@@ -775,6 +805,32 @@ def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> No
             client.forward(np.array([[1, 2, 3, 9]], np.uint32), np.array([True]))
         assert caught.value.message.startswith("target has dtype bool")
         assert "given as" not in caught.value.message
+
+
+class Gathers(nn.Module):
+    """Indexes a table of its own by a count it gets wrong: an IndexError on float input,
+    the model's bug, not the caller's ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out[:, [0, 5]]
+
+
+def test_an_index_error_on_float_input_is_the_model_s_error_not_a_refusal() -> None:
+    """An IndexError is the input's fault only on integer input (ids past a table): on
+    floats it is a bug of the model's, INTERNAL naming its pass, as any other error."""
+    with serving(ModelSpec("Gathers", Gathers, (2,), 2)) as client:
+        with pytest.raises(errors.Internal) as caught:
+            client.forward(np.ones((1, 2), np.float32))
+        assert caught.value.reason == "MODEL_ERROR"
+        assert caught.value.message == (
+            "Gathers's forward pass raised IndexError; the server's log has its traceback"
+        )
+        assert client.list_tensors().version == 0
 
 
 def test_a_refused_forward_lets_go_of_the_layers_it_ran_and_of_the_last_pass() -> None:
