@@ -932,6 +932,9 @@ class Tied(nn.Module):
         self.enc = nn.Linear(3, 4, bias=False)
         self.head = nn.Linear(4, 3, bias=False)
         self.head.weight = self.enc.weight  # tied: the forward reads it transposed
+        scale = torch.ones(3)
+        self.register_buffer("scale", scale)
+        self.head.register_buffer("scale", scale)  # one buffer, two names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.enc(x), self.head.weight.t())
@@ -943,7 +946,12 @@ def test_a_tied_weight_s_second_name_is_refused_naming_the_first() -> None:
         assert [t.name for t in client.list_tensors().tensors if t.kind == "parameter"] == [
             "enc.weight"
         ]
-        for name, first in [("head.weight", "enc.weight"), ("head.weight.grad", "enc.weight.grad")]:
+        for name, first in [
+            ("head.weight", "enc.weight"),
+            ("head.weight.grad", "enc.weight.grad"),
+            ("head.weight.delta", "enc.weight.delta"),
+            ("head.scale", "scale"),
+        ]:
             with pytest.raises(errors.NotFound) as caught:
                 client.get(name)
             assert f"{name} is the same tensor as '{first}' (tied weights)" in caught.value.message
@@ -1385,6 +1393,35 @@ def test_a_model_whose_own_names_are_long_is_listed_and_read_by_every_name() -> 
             client.get("x" * (limit + 1))
 
 
+class LongOther(nn.Module):
+    """A name past 256 characters on a module without parameters (`module`) or on a buffer,
+    the parameters' own short."""
+
+    def __init__(self, module: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.act_name = "act" * 90 if module else "act"
+        self.table_name = "table" if module else "table" * 60
+        setattr(self, self.act_name, nn.ReLU())
+        self.register_buffer(self.table_name, torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = getattr(self, self.act_name)(self.lin(x))
+        return out
+
+
+@pytest.mark.parametrize("module", [True, False], ids=["module", "buffer"])
+def test_a_long_name_of_a_module_without_parameters_or_of_a_buffer_is_read(module: bool) -> None:
+    """The limit takes every name the model has, not its parameters' alone: the module
+    output "actact...act.output" (277 characters), or the buffer (300), was BAD_NAME."""
+    local = LongOther(module)
+    with serving(ModelSpec("LongOther", lambda: LongOther(module), (4,), 3)) as client:
+        client.forward(np.ones((2, 4), np.float32))
+        output, table = client.get(local.act_name + ".output"), client.get(local.table_name)
+        assert output is not None and output.shape == (2, 3)
+        assert table is not None and table.tolist() == [1.0, 1.0, 1.0]
+
+
 class Bag(nn.Module):
     """A bag of words whose table's gradient is sparse, as nn.Embedding(sparse=True) makes."""
 
@@ -1436,6 +1473,13 @@ def test_a_read_of_a_parametrized_weight_names_the_parameters_it_is_made_from() 
         assert caught.value.metadata["closest"] == ",".join(originals)
         assert "0.weight is computed by a parametrization" in caught.value.message
         assert client.get(originals[1]).shape == (3, 4)
+    # The model itself parametrized: its own weight, named without a module's path.
+    with serving(ModelSpec("Normed", lambda: weight_norm(nn.Linear(4, 3)), (4,), 3)) as client:
+        with pytest.raises(errors.NotFound) as caught:
+            client.get("weight")
+        originals = ["parametrizations.weight.original0", "parametrizations.weight.original1"]
+        assert caught.value.metadata["closest"] == ",".join(originals)
+        assert "weight is computed by a parametrization" in caught.value.message
 
 
 class StepsInBackward(nn.Module):
