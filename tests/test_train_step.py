@@ -29,7 +29,7 @@ from gradwire_server.errors import OverLimit
 from gradwire_server.indexing import MAX_GRAD_FN_BYTES
 from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.optimizers import OptimizerSettings
-from gradwire_server.trainer import Trainer
+from gradwire_server.trainer import Trainer, described_bytes
 from tests.reference import Simple
 from tests.serve_in_process import serving
 
@@ -533,6 +533,13 @@ def test_many_fetched_tensors_are_counted_with_their_names_and_shapes(
     assert client.list_tensors().version == version
     done = client.train_step(ONES_INPUT, ONES_TARGET, fetch=["conv1.weight[0, 0, 0, 0]"] * 100)
     assert len(done.fetched) == 100
+
+
+def test_a_fetched_tensor_s_bound_counts_its_name_in_utf_8_and_both_its_shapes() -> None:
+    """What a fetched tensor takes besides its values: its name's bytes (not characters),
+    a varint's most for each dimension of its whole shape and of its selection's, 64 more."""
+    assert described_bytes("conv1.weight", (16, 3, 3, 3), (3, 3)) == 12 + 10 * (4 + 2) + 64
+    assert described_bytes("couche_é.output", (), ()) == 16 + 64
 
 
 def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
