@@ -8,6 +8,8 @@ command line, the raw message).
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -508,6 +510,41 @@ def test_a_kept_module_output_holds_no_graph_of_its_own() -> None:
         assert kept.grad_fn is None and not kept.requires_grad
         read = client.read("probe.output")
         assert (read.requires_grad, read.grad_fn) == (True, "GeluBackward0")
+
+
+class _ViewedProbe(nn.Module):
+    """A probe whose output is a view of a tensor it computed (not of a leaf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.gelu(x).view(-1)
+
+
+class _ViewsAGraph(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.probe = _ViewedProbe()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h: torch.Tensor = self.fc(x)
+        self.probe(h * 2)  # its output goes nowhere: Backward never frees its graph
+        return h
+
+
+def test_a_kept_module_output_that_views_a_computed_tensor_holds_no_graph() -> None:
+    """Only a view of a leaf (a parameter) is kept as it is, to name its node when read: a
+    view of a tensor the pass computed would hold that pass's graph, here GELU's saved
+    input, until the next pass."""
+    inputs: list[weakref.ref[torch.Tensor]] = []
+    with serving(ModelSpec("ViewsAGraph", _ViewsAGraph, (4,), 4), seed=0) as (trainer, client):
+        trainer._model.get_submodule("probe").register_forward_pre_hook(
+            lambda module, args: inputs.append(weakref.ref(args[0]))
+        )
+        client.train_step(Fill.ones(3, 4), Fill.ones(3, dtype="int64"))
+        gc.collect()
+        assert len(inputs) == 1 and inputs[0]() is None
+        read = client.read("probe.output")
+        assert (read.requires_grad, read.grad_fn) == (True, "ViewBackward0")
 
 
 def _keeping_a_node(name: str) -> ModelSpec:
