@@ -21,7 +21,7 @@ from gradwire_server import host_memory, pass_memory
 from gradwire_server.app import start
 from gradwire_server.errors import InvalidInput, OverLimit
 from gradwire_server.fills import FillSpec
-from gradwire_server.models import ModelSpec
+from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.sessions import Sessions
 from gradwire_server.trainer import Trainer
@@ -376,6 +376,17 @@ def test_a_session_or_a_reset_the_host_has_no_memory_for_is_refused(
     monkeypatch.setattr(host_memory, "available_bytes", lambda: size)
     assert client.open_session()
     assert client.reset(seed=1) > version
+
+
+def test_a_model_s_bytes_count_its_buffers_beside_its_parameters() -> None:
+    """What building another of it takes: TinyMLP's BatchNorm statistics (two float32 rows
+    of 32 and an int64 count) as well as its weights."""
+    trainer = Trainer(TINY_MLP, seed=0)
+    try:
+        parameters = 4 * (16 * 32 + 32 + 32 + 32 + 32 * 4 + 4)
+        assert trainer.model_bytes == parameters + 4 * (32 + 32) + 8
+    finally:
+        trainer.close()
 
 
 def test_sessions_being_built_count_with_the_one_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
