@@ -598,6 +598,16 @@ def test_state_the_optimizer_does_not_keep_is_named_for_what_it_keeps(
     # Not state either kind keeps: the names nearest, as for any other name.
     with pytest.raises(errors.NotFound, match=r"; did you mean 'optimizer\.conv1\.weight"):
         client.get("optimizer.conv1.weight.velocity")
+    # A state's name without "optimizer." is no state's: the names nearest, as for any other.
+    with pytest.raises(errors.NotFound) as caught:
+        client.get("conv1.weight.exp_avg")
+    assert "the optimizer in use" not in caught.value.message
+    assert "; did you mean 'optimizer.conv1.weight.exp_avg'" in caught.value.message
+    # The momentum as %g shows it: six significant digits, not every one of 1/3.
+    client.set_optimizer("sgd", lr=0.1, momentum=1 / 3)
+    assert "SGD with momentum 0.333333, keeps momentum_buffer for conv1.weight, not " in (
+        _unkept(client, exp_avg).message
+    )
 
 
 def test_delta_is_exactly_the_change_the_last_step_made(client: gradwire.Client) -> None:
