@@ -737,6 +737,15 @@ def test_an_unknown_name_is_told_every_name_it_is_about_as_close_to(trainer: Tra
     assert "did you mean 'conv2.weight', 'conv1.weight', 'linear.weight'? " in caught.value.message
 
 
+def test_the_output_of_a_module_the_model_lacks_is_unknown_not_absent(trainer: Trainer) -> None:
+    """Absent is the answer for a module of the model's before a pass has run it; a name
+    ending in .output whose module is none of them is no tensor's."""
+    assert trainer.read("conv1.output").value is None
+    with pytest.raises(UnknownTensor) as caught:
+        trainer.read("conv9.output")
+    assert "conv1.output" in caught.value.metadata["closest"].split(",")
+
+
 def test_an_unknown_key_of_a_parameter_s_optimizer_state_is_not_said_to_lack_gradients(
     trainer: Trainer,
 ) -> None:
