@@ -807,6 +807,35 @@ def test_an_id_past_an_embedding_s_table_is_refused_as_the_input_s_fault() -> No
         assert "given as" not in caught.value.message
 
 
+class Keyed(nn.Module):
+    """Returns a dict, as many libraries' blocks do: no tensor to keep as its output."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hidden": x * 2}
+
+
+class UsesKeyed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.block = Keyed()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(self.block(x)["hidden"])
+        return out
+
+
+def test_a_module_returning_no_tensor_trains_and_its_output_reads_absent() -> None:
+    """Only a tensor (or a tuple's or list's first) is kept: a dict is not, and the pass
+    and the step go on."""
+    x, y = np.ones((2, 4), np.float32), np.array([0, 1])
+    local = seeded(UsesKeyed)
+    expected = nn.CrossEntropyLoss()(local(torch.from_numpy(x)), torch.from_numpy(y)).item()
+    with serving(ModelSpec("UsesKeyed", UsesKeyed, (4,), 2)) as client:
+        assert client.train_step(x, y).loss == expected
+        assert client.get("block.output") is None
+
+
 class Gathers(nn.Module):
     """Indexes a table of its own by a count it gets wrong: an IndexError on float input,
     the model's bug, not the caller's ids."""
