@@ -102,6 +102,27 @@ def test_a_complex_parameter_is_not_listed_and_every_call_on_it_says_why(
         trainer.read("")
 
 
+class OnlyPhase(nn.Module):
+    """A complex parameter alone: no parameter's name the wire carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :3] * self.phase).real
+
+
+def test_a_model_without_a_parameter_the_wire_carries_cites_its_output() -> None:
+    trainer = Trainer(ModelSpec("OnlyPhase", OnlyPhase, (4,), 3), seed=0)
+    try:
+        assert trainer.example_name == "output"
+        with pytest.raises(InvalidInput, match=r"e\.g\. 'output'"):
+            trainer.read("")
+    finally:
+        trainer.close()
+
+
 def test_a_complex_parameter_trains_is_filled_and_kept_by_a_checkpoint(
     served: tuple[Trainer, gradwire.Client], tmp_path: Path
 ) -> None:
