@@ -735,6 +735,10 @@ def test_an_unknown_name_is_told_every_name_it_is_about_as_close_to(trainer: Tra
     closest = caught.value.metadata["closest"].split(",")
     assert sorted(closest) == ["conv1.weight", "conv2.weight", "linear.weight"]
     assert "did you mean 'conv2.weight', 'conv1.weight', 'linear.weight'? " in caught.value.message
+    # Down to a ratio of 0.5, the cutoff itself: "conv" to "conv1.weight" is 2 * 4 / (4 + 12).
+    with pytest.raises(UnknownTensor) as caught:
+        trainer.read("conv")
+    assert "conv1.weight" in caught.value.metadata["closest"].split(",")
 
 
 def test_the_output_of_a_module_the_model_lacks_is_unknown_not_absent(trainer: Trainer) -> None:
