@@ -526,6 +526,24 @@ def test_a_step_s_gradients_and_optimizer_state_not_made_yet_are_counted(
         trainer.close()
 
 
+def test_a_read_of_optimizer_state_not_made_yet_leaves_it_counted_for_the_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading Adam's moments before any step (absent) makes none: the first step still
+    counts them, 64 MiB of Wide's 160 (gradients 32, moments 64, temporaries 64)."""
+    trainer = Trainer(ModelSpec("Wide", Wide, (2048,), 4), seed=0)
+    x, y = torch.ones(1, 2048), torch.zeros(1, dtype=torch.int64)
+    try:
+        trainer.set_optimizer(OptimizerSettings(kind="adam"))
+        assert trainer.read("optimizer.lin.weight.exp_avg").value is None
+        monkeypatch.setattr(host_memory, "available_bytes", lambda: 64 << 20)
+        with pytest.raises(OverLimit) as refused:
+            trainer.train_step(x, y, use=lambda s: s)
+        assert int(refused.value.metadata["bytes"]) >= 160 << 20
+    finally:
+        trainer.close()
+
+
 class Wider(nn.Module):
     """Wide with 64 MiB of weight: a step of plain SGD, its gradients alone, is checked
     (pass_memory.CHECKED_FROM_BYTES)."""
