@@ -546,6 +546,76 @@ def test_a_constant_fill_rounds_to_its_dtype() -> None:
     trainer.close()
 
 
+class _Bytes(nn.Module):
+    """A float32 layer beside parameters of one byte and of bool: torch's copy_ wraps a value
+    such a tensor cannot hold, where numpy's assignment refuses it (and takes any nonzero
+    value as True in a bool one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.i8 = nn.Parameter(torch.zeros(3, dtype=torch.int8), requires_grad=False)
+        self.u8 = nn.Parameter(torch.zeros(3, dtype=torch.uint8), requires_grad=False)
+        self.flag = nn.Parameter(torch.zeros(3, dtype=torch.bool), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "held"),
+    [
+        ("u8", torch.tensor([-0.9, 255.9, 7.0]), [0, 255, 7]),  # truncated toward zero first
+        ("i8", torch.tensor([127.0, -128.0, -128.9], dtype=torch.float64), [127, -128, -128]),
+        ("i8", torch.tensor([-128, 0, 127]), [-128, 0, 127]),  # int64: each value fits
+        ("u8", torch.tensor([True, False, True]), [1, 0, 1]),
+        ("flag", torch.tensor([0, 2, -1], dtype=torch.int32), [False, True, True]),
+    ],
+)
+def test_a_value_a_byte_or_bool_tensor_holds_is_written_as_numpy_assigns_it(
+    name: str, value: torch.Tensor, held: list[int | bool]
+) -> None:
+    trainer = Trainer(ModelSpec("Bytes", _Bytes, (4,), 2), seed=0)
+    assert trainer.write(name, (), value) == 1
+    assert trainer.read(name).value.tolist() == held
+    # An empty value into an empty slice, whatever its dtype: nothing to check, nothing
+    # written (its least and greatest, asked of no values, were a RuntimeError).
+    assert trainer.write(name, [(slice(3, None),)], torch.zeros(0, dtype=torch.int64)) == 2
+    assert trainer.read(name).value.tolist() == held
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("u8", torch.tensor([5, -5, 7], dtype=torch.int8), "-5 does not fit u8's dtype uint8, "),
+        (
+            "i8",
+            torch.tensor([1, 127, 200], dtype=torch.uint8),
+            "200 does not fit i8's dtype int8, ",
+        ),
+        ("i8", torch.tensor([-128, 300, -300], dtype=torch.int16), "300 does not fit i8's dtype"),
+        ("u8", torch.tensor([255.0, 256.0, -1.0]), "256.0 does not fit u8's dtype uint8, "),
+    ],
+)
+def test_a_value_a_byte_tensor_cannot_hold_is_refused_naming_its_first_and_changes_nothing(
+    name: str, value: torch.Tensor, said: str
+) -> None:
+    """The first value that does not fit, and the range that would: a uint8 value compared
+    with int8's least, -128, wrapped it to 128 and named a value that fits."""
+    trainer = Trainer(ModelSpec("Bytes", _Bytes, (4,), 2), seed=0)
+    trainer.write(name, (), torch.tensor([1, 2, 3]))
+    with pytest.raises(InvalidInput) as info:
+        trainer.write(name, (), value)
+    assert info.value.reason == "BAD_VALUE"
+    assert said in info.value.message
+    info8 = torch.iinfo(trainer.parameters[name].dtype)
+    assert info.value.message.endswith(f"holds whole numbers from {info8.min} to {info8.max}")
+    assert trainer.read(name).value.tolist() == [1, 2, 3]
+    assert trainer.version == 1
+    trainer.close()
+
+
 def test_an_absent_tensor_is_listed_in_the_dtype_it_will_have() -> None:
     """A float16 parameter's delta was listed float32 before its first Step, float16 after
     (found by the twenty-first session's review of the contract)."""
