@@ -522,6 +522,10 @@ def test_set_drops_a_value_s_leading_ones_as_numpy_s_assignment_does(
     np.testing.assert_array_equal(server_value(trainer, "conv2.weight"), expected)
     with pytest.raises(errors.InvalidArgument, match=r"shape \[2, 1, 3\] cannot be written"):
         client.set("conv2.weight[1, 2, 0]", np.ones((2, 1, 3), np.float32))
+    # A leading dimension of 0 is no dimension of 1: numpy refuses it, as torch does.
+    with pytest.raises(errors.InvalidArgument, match=r"shape \[0, 3\] cannot be written") as no:
+        client.set("conv2.weight[1, 2, 0]", np.ones((0, 3), np.float32))
+    assert no.value.reason == "SHAPE_MISMATCH"
 
 
 def test_set_stream_casts_float64_to_float32(streaming: gradwire.Client, trainer: Trainer) -> None:
