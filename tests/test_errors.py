@@ -626,6 +626,9 @@ def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
         (CUDA_ERROR("CUDA error: an illegal memory access was encountered"), True),
         (CUDA_ERROR("CUDA error: device-side assert triggered"), True),
         (CUDA_ERROR("CUDA error: unspecified launch failure"), True),
+        (CUDA_ERROR("CUDA error: an illegal instruction was encountered"), True),
+        (CUDA_ERROR("CUDA error: misaligned address"), True),
+        (CUDA_ERROR("CUDA error: uncorrectable ECC error encountered"), True),
         (CUDA_ERROR("CUDA error: out of memory"), False),  # memory comes back
         (CUDA_ERROR("CUDA error: invalid configuration argument"), False),  # not sticky
         (RuntimeError("secret internal detail"), False),
@@ -634,6 +637,18 @@ def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
 )
 def test_which_errors_the_device_does_not_recover_from(error: Exception, lost: bool) -> None:
     assert device_lost(error) is lost
+
+
+def test_once_cuda_is_used_its_words_in_any_runtime_error_are_a_lost_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model's code may wrap torch's error for a lost device in a RuntimeError of its own:
+    once the process has used CUDA, the words are enough; not in another kind of error, nor
+    in an out-of-memory one. (Simulated on the CPU: CUDA reported as initialized.)"""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not device_lost(ValueError("CUDA error: device-side assert triggered"))
+    assert not device_lost(RuntimeError("CUDA error: out of memory; device-side assertions"))
 
 
 def test_cuda_s_words_raised_by_a_model_on_a_cpu_server_are_the_model_s_error() -> None:
