@@ -1364,6 +1364,12 @@ def test_out_of_memory_is_known_by_each_of_its_words() -> None:
     assert caught.value.reason == "OUT_OF_MEMORY"
     with pytest.raises(RuntimeError, match="shapes"), device_memory("input", "cpu"):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    # CUDA's own: its first line kept, which says how much was asked for and what is free.
+    said = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.50 GiB free"
+    with pytest.raises(OverLimit) as caught, device_memory("input", "cuda:0"):
+        raise torch.cuda.OutOfMemoryError(f"{said}\nIf reserved but unallocated memory is large")
+    assert caught.value.message == f"input: out of memory on cuda:0: {said}"
+    assert caught.value.reason == "OUT_OF_MEMORY"
 
 
 def test_cuda_s_out_of_memory_is_no_lost_device() -> None:
