@@ -1998,6 +1998,11 @@ def test_what_gradwire_client_defined_still_imports_from_it_for_mypy(tmp_path: P
             {"beta1": 0.5, "beta2": 0.75},
             {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.5, "beta2": 0.75, "eps": 1e-8},
         ),
+        (
+            "adam",
+            {"beta2": 0.0},  # no memory of past squares: torch takes it
+            {"lr": 1e-3, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.0, "eps": 1e-8},
+        ),
     ],
 )
 def test_set_optimizer_keeps_a_setting_of_0_and_defaults_only_the_unset(
