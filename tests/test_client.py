@@ -1596,6 +1596,7 @@ def test_a_seed_outside_uint64_is_refused_naming_it_and_the_range(
     numpy_seeded = Fill.uniform(2, seed=np.uint64(2**64 - 1))  # type: ignore[arg-type]
     assert type(numpy_seeded.seed) is int  # a numpy one overflowed in reseeded()
     assert numpy_seeded.reseeded(1).seed == 0
+    assert Fill.uniform(2, seed=2**63).reseeded(5).seed == 2**63 + 5  # wraps at 2**64 alone
 
 
 def test_on_the_cpu_a_seed_counts_its_low_32_bits_as_the_contract_says(
@@ -1896,6 +1897,13 @@ def test_a_bad_argument_to_connect_or_a_fill_is_refused_as_given(
             make()
 
 
+def test_a_fill_takes_any_int64_dimension_for_the_server_to_judge() -> None:
+    """A negative dimension, or one past any memory, is the server's to refuse, saying which;
+    the client refuses only what the wire cannot carry (past int64, above)."""
+    shape = [-8, 2**63 - 1, -(2**63)]
+    assert list(Fill.ones(*shape).to_proto().shape) == shape
+
+
 def test_a_remote_view_takes_a_selector_with_its_index(client: gradwire.Client) -> None:
     np.testing.assert_array_equal(
         client.remote["conv1.weight[0][1]"].numpy(), client.get("conv1.weight[0][1]")
@@ -1919,6 +1927,11 @@ def test_a_fill_takes_numpy_s_and_torch_s_dtypes(client: gradwire.Client) -> Non
     """As torch.ones(..., dtype=torch.float64) does: they were sent as an unknown dtype."""
     assert Fill.ones(8, dtype=np.float64) == Fill.ones(8, dtype=torch.float64)
     assert Fill.ones(8, dtype=np.dtype("float64")).dtype == "float64"
+    # A name is taken as the wire names it, numpy's or not (numpy has no bfloat16); a torch
+    # object that is no dtype is refused as any other.
+    assert Fill.ones(8, dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(TypeError, match="a Fill's dtype is a name"):
+        Fill.ones(8, dtype=torch.device("cpu"))  # type: ignore[arg-type]
     client.forward(Fill.ones(8, 3, 10, 10, dtype=torch.float32), Fill.ones(8, dtype=torch.int64))
     assert client.get("target").dtype == np.int64
 
