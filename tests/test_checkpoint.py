@@ -1960,13 +1960,14 @@ def test_the_cli_says_where_checkpoints_cannot_be_listed(address: str) -> None:
 class Odd(nn.Module):
     """Buffers a checkpoint must think about: a complex table (which the wire does not carry,
     but a checkpoint does) and an expanded one, one value seen in three places, which a load
-    cannot write to."""
+    cannot write to; and one value seen in its one place through a stride of 0, which it can."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
         self.register_buffer("table", torch.polar(torch.ones(3), torch.arange(3.0)))
         self.register_buffer("wide", torch.zeros(1).expand(3))
+        self.register_buffer("single", torch.zeros(()).expand(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.lin(x)
@@ -1980,14 +1981,17 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     original = Trainer(spec, seed=0)
     with torch.no_grad():
         original._model.get_buffer("table").mul_(2)
+        original._model.get_buffer("single").fill_(5)
     path = tmp_path / "state.safetensors"
     original.save(path)
     from safetensors.torch import load_file
 
-    assert {k for k in load_file(str(path)) if k.startswith("buffer/")} == {"buffer/table"}
+    saved = {k for k in load_file(str(path)) if k.startswith("buffer/")}
+    assert saved == {"buffer/table", "buffer/single"}
     restored = Trainer(spec, seed=1)
     restored.load(path)
     assert torch.equal(restored._model.get_buffer("table"), original._model.get_buffer("table"))
+    assert restored._model.get_buffer("single").tolist() == [5.0]
     assert torch.equal(restored.parameters["lin.weight"], original.parameters["lin.weight"])
     # One saved before expanded buffers were left out holds it: loaded, that buffer left as
     # the model made it (it was refused as a buffer "this server's Odd does not have")

@@ -107,7 +107,12 @@ class _Digest:
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU `tensor`, without a copy."""
-    return tensor.reshape(-1).view(torch.uint8).numpy().data
+    flat = tensor.reshape(-1)
+    if flat.numel() == 1 and flat.stride() != (1,):
+        # One value seen through a stride of 0 (a 0-d buffer expanded to [1]) is contiguous
+        # to torch, but its view as bytes was refused, and with it the whole save.
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8).numpy().data
 
 
 #: What a checkpoint's name may be: a plain file name in the state directory, never a path.
