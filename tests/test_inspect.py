@@ -466,6 +466,13 @@ def test_a_pass_the_model_refuses_leaves_no_activations_and_no_graph() -> None:
             assert refused.value.reason == "GRAPH_FREED"
             assert "let go of as a later call's pass began" in refused.value.message
             assert client.list_tensors().version == listing.version
+        # A pass that succeeds has a graph of its own again: once Backward frees it, a
+        # second Backward is told that, not that a later call let it go.
+        client.forward(*good)
+        client.backward()
+        with pytest.raises(errors.FailedPrecondition) as freed:
+            client.backward()
+        assert "already freed by Backward" in freed.value.message
 
 
 class _Residual(nn.Module):
