@@ -1096,6 +1096,13 @@ def test_module_outputs_whose_shapes_change_are_checked_against_the_pass_s() -> 
         assert client.list_tensors().version == version
         crop.width = 6  # wider than the shapes kept
         assert client.train_step(x, y, fetch=["crop.output[0, 5]"]).version == version + 4
+        # Shapes kept from a run made while the layer was narrow refuse a fetch it is wide
+        # enough for now: a new run, not a refusal.
+        x3, y3 = np.ones((3, 4), np.float32), np.array([0, 1, 2])
+        crop.width = 2
+        client.train_step(x3, y3, fetch=["crop.output[0, 1]"])  # kept: 2 wide
+        crop.width = 6
+        assert client.train_step(x3, y3, fetch=["crop.output[0, 5]"]).fetched[0].value.shape == ()
 
 
 class Locking(nn.Module):
