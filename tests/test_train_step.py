@@ -706,6 +706,8 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
     for fetch, counted in (
         ([("conv1.weight", ((0, 0, 0, 0),))] * 10, 10 * one_value),
         ([("loss", ())], loss),
+        # the labels' own dtype, int64: 8 bytes a value, not the input's 4
+        ([("target", ((0,),))], bound("target", 1 + 0, MAX_GRAD_FN_BYTES) + 4),
     ):
         with pytest.raises(OverLimit) as refused:
             trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=counted - 1)
