@@ -206,6 +206,37 @@ def test_updates_of_many_values_run_on_torch_s_threads() -> None:
         assert recorder.take() == [("forward", 1), ("backward", 1), ("step", DEFAULT)]
 
 
+class AtTheLines(nn.Module):
+    """One 512 by 512 layer whose bias is frozen: at batch 64 its forward pass is exactly
+    ONE_THREAD_MAX_FLOPS, and its weight exactly ONE_THREAD_MAX_VALUES values that train, of
+    ONE_THREAD_MAX_VALUES + 512 in all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(512, 512)
+        self.linear.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+@needs_two
+def test_a_job_exactly_at_the_line_runs_on_one_thread() -> None:
+    # The lines are inclusive, and an update counts the values that train alone: the
+    # forward pass and the Step on one thread, the backward pass (twice the line) not.
+    spec = ModelSpec("AtTheLines", AtTheLines, (512,), 512)
+    with recording(spec) as (trainer, recorder):
+        run = trainer._meta_run((64, 512), torch.float32)
+        assert run is not None and run.flops == ONE_THREAD_MAX_FLOPS
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 512, generator=gen), torch.randint(0, 512, (64,), generator=gen)
+        trainer.forward(x, y)
+        trainer.backward()
+        trainer.step()
+        assert recorder.take() == [("forward", 1), ("backward", DEFAULT), ("step", 1)]
+
+
 class NotOnMeta(nn.Module):
     """A model whose pass needs real values (`.item()`): its operations cannot be counted."""
 
