@@ -1549,6 +1549,25 @@ def test_a_train_step_of_a_model_that_steps_in_backward_is_its_step(device: str)
         parameters_equal(client, local, device=device)
 
 
+def test_a_step_a_model_takes_in_backward_is_counted_and_keeps_no_change() -> None:
+    # As a Step is: a watcher of every Step hears of it; and the change the last Step kept
+    # goes, for it was made to weights the hooks have moved since.
+    spec = ModelSpec("StepsInBackward", StepsInBackward, (4,), 3)
+    x, y = np.ones((2, 4), np.float32), np.array([0, 1])
+    with serve_in_process(spec, SEED) as (trainer, client):
+        assert client.get("lin.weight.delta") is None  # asked for: a Step keeps it now
+        client.set("lin.weight.grad", np.ones((3, 4), np.float32))
+        client.step()
+        assert client.get("lin.weight.delta") is not None
+        subscription = trainer.subscribe(every_steps=1)
+        try:
+            client.train_step(x, y)
+            assert subscription.take() == 1
+        finally:
+            trainer.unsubscribe(subscription)
+        assert client.get("lin.weight.delta") is None
+
+
 def test_a_train_narrows_a_uint8_models_input_once_not_every_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
