@@ -1370,6 +1370,31 @@ def test_hooks_run_after_a_gradient_is_accumulated_run_as_in_loss_backward(devic
         assert float(np.abs(client.get("lin.weight.grad")).max()) == pytest.approx(0.01)
 
 
+class ClippedWithSpare(Clipped):
+    """Clipped, with a layer whose parameters have the hook too but its forward pass leaves
+    out: the loss makes them no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.Linear(4, 3)
+        for p in self.spare.parameters():
+            p.register_post_accumulate_grad_hook(_clip)
+
+
+def test_a_hook_of_a_parameter_the_loss_does_not_reach_is_not_run() -> None:
+    # loss.backward() runs a post-accumulate hook only where a gradient was accumulated.
+    x, y = torch.ones(2, 4) * 3, torch.tensor([0, 1])
+    local = seeded(ClippedWithSpare)
+    nn.CrossEntropyLoss()(local(x), y).backward()
+    with serving(ModelSpec("ClippedWithSpare", ClippedWithSpare, (4,), 3)) as client:
+        client.forward(x.numpy(), y.numpy())
+        client.backward()
+        assert client.get("spare.weight.grad") is None
+        served = client.read("lin.weight.grad", as_torch=True).value
+        assert isinstance(local, ClippedWithSpare) and local.lin.weight.grad is not None
+        assert isinstance(served, torch.Tensor) and torch.equal(served, local.lin.weight.grad)
+
+
 class Shifting(nn.Module):
     """Changes its input in place, as a model normalising its batch in place may."""
 
