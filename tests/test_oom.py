@@ -453,7 +453,9 @@ def test_an_adam_step_that_does_not_fit_changes_no_state(wide: Capped) -> None:
     # before anything moved. 64 MiB of parameters, 32 MiB of headroom.
     client = wide.client
     client.set_optimizer("adam", lr=0.01)
+    assert client.get("weight.delta") is None  # reading it turns the record on
     client.train_step(*WIDE_DATA)  # the moments exist, so the next step allocates no state
+    assert client.get("weight.delta") is not None
     client.forward(*WIDE_DATA)
     client.backward()
     names = ["weight", "weight.grad", *(f"optimizer.weight.{k}" for k in ADAM)]
@@ -462,6 +464,8 @@ def test_an_adam_step_that_does_not_fit_changes_no_state(wide: Capped) -> None:
         error = out_of_memory(client.step)
     assert error.message.startswith("step: out of memory on cpu")
     assert snapshot(client, names) == before
+    # The last change's buffer was given the weights as the Step began: no change is read.
+    assert client.get("weight.delta") is None
     client.step()  # with the memory there, the same step runs
     assert client.list_tensors().version == before[0] + 1
 
