@@ -91,6 +91,12 @@ def test_a_read_is_a_copy_that_later_changes_leave_alone(trainer: Trainer) -> No
     assert not torch.equal(before, trainer.read("conv1.weight").value)
 
 
+def test_a_read_of_a_part_says_the_whole_tensor_s_shape(trainer: Trainer) -> None:
+    read = trainer.read("conv1.weight", ((1,),))
+    assert read.value is not None and read.value.shape == (3, 3, 3)
+    assert read.full_shape == (16, 3, 3, 3)
+
+
 def test_optimizer_settings_resolve_to_pytorch_defaults() -> None:
     assert OptimizerSettings().resolved() == OptimizerSettings("sgd", 1.0, 0.0, 0.0, nesterov=False)
     adam = OptimizerSettings("adam", lr=0.01).resolved()
