@@ -893,7 +893,7 @@ def test_a_step_records_the_change_of_the_parameters_it_updates_alone() -> None:
     assert trainer.read("linear.weight.delta").value is None
 
 
-@pytest.mark.parametrize("how", ["slice", "whole-adopted"])
+@pytest.mark.parametrize("how", ["slice", "whole-adopted", "filled"])
 def test_a_parameter_written_after_a_forward_makes_its_graph_stale(how: str) -> None:
     """Written in place (a slice), or replaced whole by a value that becomes its memory
     (bias, which no saved tensor of the graph holds), the parameter is no longer what the
@@ -905,6 +905,8 @@ def test_a_parameter_written_after_a_forward_makes_its_graph_stale(how: str) -> 
     given: list[torch.Tensor] = []
     if how == "slice":
         trainer.write("weight", ((0,),), torch.tensor(0.5))
+    elif how == "filled":
+        trainer.fill_parameters(0.5, ["weight"])
     else:
         trainer.write("bias", (), torch.zeros(2), replaced=given.append)
         assert bias.data_ptr() != memory and len(given) == 1  # taken as it is, not copied
