@@ -915,6 +915,20 @@ def test_a_parameter_written_after_a_forward_makes_its_graph_stale(how: str) -> 
     assert caught.value.reason == "GRAPH_STALE"
 
 
+def test_a_gradient_written_after_a_forward_leaves_its_graph_to_backpropagate() -> None:
+    # A gradient is no input of the pass: Backward adds to what was written.
+    trainer = Trainer(ModelSpec("Linear", lambda: nn.Linear(4, 2), (4,), 2), seed=0)
+    trainer.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+    trainer.write("bias.grad", (), torch.ones(2))
+    trainer.backward()
+    local = nn.Linear(4, 2)
+    local.load_state_dict({n: p.detach() for n, p in trainer.parameters.items()})
+    nn.CrossEntropyLoss()(local(torch.ones(2, 4)), torch.tensor([0, 1])).backward()
+    served = trainer.read("bias.grad").value
+    assert served is not None and local.bias.grad is not None
+    assert torch.equal(served, local.bias.grad + 1)
+
+
 def test_a_read_of_an_absent_tensor_is_of_the_version_it_was_read_at(trainer: Trainer) -> None:
     """Absent is a state of its own version, as a present tensor's read is."""
     trainer.fill_parameters(0.5)
