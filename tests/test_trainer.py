@@ -949,6 +949,32 @@ def test_a_zero_grad_is_the_cause_a_watcher_hears_of_either_way(
     assert trainer.read_many([], repr, lambda snapshot: snapshot.cause) == "ZeroGrad"
 
 
+def test_a_subscription_every_n_steps_counts_from_the_steps_taken_before_it(
+    trainer: Trainer,
+) -> None:
+    for _ in range(2):
+        trainer.train_step(ONES, LABELS, use=repr)
+    subscription = trainer.subscribe(every_steps=2)
+    try:
+        trainer.train_step(ONES, LABELS, use=repr)  # the third: not due
+        assert subscription.take() == 0
+        trainer.train_step(ONES, LABELS, use=repr)  # the fourth
+        assert subscription.take() == 1
+    finally:
+        trainer.unsubscribe(subscription)
+
+
+def test_a_value_given_away_in_another_layout_is_copied_not_taken() -> None:
+    """One value seen in every place (a stride of 0, as `expand` makes) is of the
+    parameter's shape but not its layout: taken, every element would be one memory."""
+    trainer = Trainer(ModelSpec("Linear", lambda: nn.Linear(4, 2), (4,), 2), seed=0)
+    given: list[torch.Tensor] = []
+    trainer.write("bias", (), torch.tensor([0.5]).expand(2), replaced=given.append)
+    assert not given
+    bias = trainer.parameters["bias"]
+    assert bias.stride() == (1,) and torch.equal(bias.detach(), torch.full((2,), 0.5))
+
+
 def test_a_value_given_away_for_a_part_of_a_parameter_is_not_taken_for_the_whole(
     trainer: Trainer,
 ) -> None:
