@@ -857,6 +857,8 @@ def test_a_regression_target_of_another_float_dtype_is_taken_as_the_input_s() ->
     dtype, as the loss takes it, and the step is PyTorch's with that target."""
     spec = ModelSpec("Regression", lambda: nn.Linear(4, 2), (4,), 2, loss="mse")
     trainer = Trainer(spec, seed=0)
+    # Absent before a pass, it is listed in the dtype it will have: not labels' int64.
+    assert {i.name: i.dtype for i in trainer.list_tensors().tensors}["target"] == torch.float32
     torch.manual_seed(0)
     local = nn.Linear(4, 2)
     x = torch.arange(12.0).reshape(3, 4) / 12
