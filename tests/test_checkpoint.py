@@ -2081,6 +2081,7 @@ def test_a_load_that_fails_partway_says_what_it_replaced(
     client, _, _ = kept
     client.save_checkpoint("a")
     _step(client)
+    client.forward(Fill.uniform(4, 3, 10, 10, seed=3), Fill.ones(4, dtype="int64"))
     version = client.list_tensors().version
     copies = 0
     real = staging.copy_into
@@ -2099,8 +2100,31 @@ def test_a_load_that_fails_partway_says_what_it_replaced(
     assert "1 parameters and buffers were replaced by then (conv1.weight)" in (caught.value.message)
     assert "nothing was changed" not in caught.value.message
     assert client.list_tensors().version == version + 1  # a change: watchers hear of it
+    with pytest.raises(errors.FailedPrecondition) as stale:  # the Forward's graph went with it
+        client.backward()
+    assert stale.value.reason == "NO_LOSS"
     monkeypatch.undo()
     assert client.load_checkpoint("a").saved_version == 0  # and a load again mends it
+
+
+def test_a_load_that_fails_at_its_first_copy_says_nothing_was_changed(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _, _ = kept
+    client.save_checkpoint("a")
+    _step(client)
+    version = client.list_tensors().version
+
+    def failing(out: torch.Tensor, source: torch.Tensor) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(staging, "copy_into", failing)
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.load_checkpoint("a")
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    assert caught.value.message.endswith("; nothing was changed")
+    assert "replaced by then" not in caught.value.message
+    assert client.list_tensors().version == version
 
 
 def test_checkpoints_are_saved_and_loaded_in_a_batch(
