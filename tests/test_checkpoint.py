@@ -2256,6 +2256,25 @@ def test_a_checkpoint_of_a_model_that_registers_a_buffer_when_first_needed_loads
         made.close()
 
 
+def test_a_buffer_a_pass_registers_lets_no_other_buffer_of_another_shape_in(
+    tmp_path: Path,
+) -> None:
+    # Taken in for the one the pass registers, a checkpoint is still refused for a buffer
+    # the model has that it holds in another shape.
+    spec = ModelSpec("Positions", Positions, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    trained.forward(torch.ones(2, 4))
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    tensors, metadata = _saved(path)
+    tensors["buffer/count"] = torch.zeros(2)
+    resave(tensors, path, metadata)
+    with pytest.raises(InvalidInput) as refused:
+        Trainer(spec, seed=0).load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert "count as float32 [2], where it is float32 []" in refused.value.message
+
+
 def _frozen_weight() -> nn.Module:
     """nn.Linear(4, 2) with its weight frozen for fine-tuning: only the bias trains."""
     model = nn.Linear(4, 2)
