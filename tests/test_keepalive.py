@@ -183,10 +183,17 @@ def test_a_client_pinging_too_often_is_told_so(server: Running) -> None:
 def test_a_negative_or_nan_keepalive_is_refused(address: str, keyword: str, seconds: float) -> None:
     """keepalive=-1 was taken without a word (gRPC's option got a 1 ms interval); inf raised
     OverflowError. 0 and None stay no pings."""
-    with pytest.raises(ValueError, match=f"{keyword}= must be seconds, 0 or more and finite"):
+    with pytest.raises(
+        ValueError, match=f"{keyword}= must be seconds, 0 or more and finite"
+    ) as got:
         gradwire.connect(address, **{keyword: seconds})
+    # keepalive's refusal says how to ask for no pings; keepalive_timeout has no such value.
+    assert ("; 0 or None: no pings; got" in str(got.value)) == (keyword == "keepalive")
     with pytest.raises(TypeError, match=f"{keyword}= takes seconds, a number; got '5'"):
         gradwire.connect(address, **{keyword: "5"})
+    if keyword == "keepalive_timeout":  # None is no pings for keepalive alone
+        with pytest.raises(TypeError, match="keepalive_timeout= takes seconds, a number; got None"):
+            gradwire.connect(address, keepalive_timeout=None)  # type: ignore[arg-type]
     for none in (0, None):
         with gradwire.connect(address, keepalive=none, timeout=10) as client:
             assert client.list_tensors().names()
