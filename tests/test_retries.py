@@ -694,6 +694,24 @@ def test_a_negative_retry_count_makes_one_attempt(address: str) -> None:
         assert client.get("conv1.weight[0][0][0]").shape == (3,)
 
 
+def test_a_client_retries_an_unavailable_read_three_times_by_default() -> None:
+    """The README's default, 3 retries after the first attempt: four attempts in all."""
+    attempts = 0
+
+    def unavailable(request: bytes, context: grpc.ServicerContext) -> bytes:
+        nonlocal attempts
+        attempts += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+    refusing = old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(unavailable))
+    with bare_server(refusing) as address:
+        with gradwire.connect(address, timeout=10) as client:
+            assert client.retries == 3
+            with pytest.raises(errors.Unavailable, match="restarting"):
+                client.get("w")
+        assert attempts == 4
+
+
 def test_a_change_cut_off_by_a_stop_is_not_retried_and_says_the_server_stopped(
     gated_server: Running,
 ) -> None:
