@@ -132,6 +132,21 @@ def test_an_unknown_session_id_of_any_length_is_not_found(client: gradwire.Clien
     assert "(7000 characters)" in info.value.message
 
 
+def test_the_client_takes_a_session_id_of_256_characters_and_refuses_257(address: str) -> None:
+    """limits.MAX_SESSION_CHARS, the longest id the client sends; a refused id is shown
+    whole up to 40 characters, and cut short, with its length, past that."""
+    with gradwire.Client(address, session="f" * 256) as joined:
+        assert joined.session == "f" * 256
+    with pytest.raises(ValueError, match=r"session= 'f{40}\.\.\. \(257 characters\)' is no"):
+        gradwire.Client(address, session="f" * 257)
+    for shown in ("é" + "f" * 39, "é" + "f" * 40):
+        with pytest.raises(ValueError, match="is no session id") as refused:
+            gradwire.Client(address, session=shown)
+        cut = len(shown) > 40
+        assert (f"{shown!r} is no" in str(refused.value)) != cut
+        assert ("... (41 characters)' is no" in str(refused.value)) == cut
+
+
 def test_the_number_of_sessions_is_limited(client: gradwire.Client, server: Running) -> None:
     server.servicer.sessions.max_sessions = 2
     first, second = client.open_session(), client.open_session()
