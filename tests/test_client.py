@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import gradwire
-from gradwire import codec, errors
+from gradwire import codec, errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.codec import CodecError
 from gradwire.fill import Fill
@@ -1902,6 +1902,26 @@ def test_a_fill_takes_any_int64_dimension_for_the_server_to_judge() -> None:
     the client refuses only what the wire cannot carry (past int64, above)."""
     shape = [-8, 2**63 - 1, -(2**63)]
     assert list(Fill.ones(*shape).to_proto().shape) == shape
+
+
+def test_a_timeout_of_the_longest_grpc_deadline_is_taken_and_one_past_it_refused(
+    address: str,
+) -> None:
+    """limits.MAX_GRPC_SECONDS (about 24 days) is a timeout a call takes; a second more is
+    refused, the message naming the most, for connect, the setting and wait_ready alike."""
+    most = limits.MAX_GRPC_SECONDS
+    with gradwire.connect(address, timeout=most) as client:
+        assert client.timeout == most
+        assert client.list_tensors().version == 0
+        client.wait_ready(most)
+        said = rf"timeout must be more than 0 seconds and at most {most:,} .* got {most + 1}"
+        with pytest.raises(ValueError, match=said):
+            client.timeout = most + 1
+        assert client.timeout == most
+        with pytest.raises(ValueError, match=said):
+            client.wait_ready(most + 1)
+    with pytest.raises(ValueError, match=rf"timeout= must be more .* got {most + 1}"):
+        gradwire.connect(address, timeout=most + 1)
 
 
 def test_a_remote_view_takes_a_selector_with_its_index(client: gradwire.Client) -> None:
