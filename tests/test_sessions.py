@@ -34,7 +34,7 @@ from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.cli_run import run_main
-from tests.serve_in_process import bare_server, running_server
+from tests.serve_in_process import bare_server, old_trainer, running_server
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
 
@@ -578,6 +578,38 @@ def test_a_session_close_that_failed_keeps_the_session_s_id(trainer: Trainer) ->
         mine.close_session()
     assert mine.session == session  # kept, to close once the server is back
     client.close()
+
+
+def test_a_session_whose_close_failed_is_closed_again_by_its_client_or_its_owner() -> None:
+    """A close that fails gives the session back to the channel's sessions: closing again
+    sends CloseSession again, as does the owner's close; else it stayed open on the server."""
+    closes: list[str] = []
+
+    def open_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return pb.OpenSessionResponse(session="ab" * 16, idle_timeout_s=60).SerializeToString()
+
+    def close_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        closes.append(pb.CloseSessionRequest.FromString(request).session)
+        if len(closes) in (1, 3):  # the first close of each session client fails
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return pb.CloseSessionResponse().SerializeToString()
+
+    older = old_trainer(
+        OpenSession=grpc.unary_unary_rpc_method_handler(open_session),
+        CloseSession=grpc.unary_unary_rpc_method_handler(close_session),
+    )
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        client.retries = 0
+        mine = client.open_session()
+        with pytest.raises(errors.Unavailable):
+            mine.close_session()
+        mine.close_session()  # tried again: sent again
+        assert (closes, mine.session) == (["ab" * 16] * 2, None)
+        other = client.open_session()
+        with pytest.raises(errors.Unavailable):
+            other.close_session()
+        client.close()  # the owner closes what its session client failed to
+        assert closes == ["ab" * 16] * 4
 
 
 def test_a_client_of_a_closed_session_can_still_open_a_new_one(
