@@ -868,6 +868,19 @@ def test_mutual_tls_needs_a_client_certificate(trainer: Trainer, pki: Pki) -> No
         running.stop(grace=None)
 
 
+def test_a_client_certificate_without_tls_or_ca_is_sent_over_tls(address: str, pki: Pki) -> None:
+    """cert= and key= alone make a TLS channel (the system's roots), as tls=True does: a
+    plaintext server is not answered, where a plaintext channel would have dropped the
+    certificate without a word."""
+    with (
+        gradwire.connect(
+            address, cert=pki.client_cert.read_bytes(), key=pki.client_key.read_bytes(), timeout=3
+        ) as client,
+        pytest.raises(errors.Unavailable),
+    ):
+        client.list_tensors()
+
+
 def test_serve_under_mutual_tls_does_not_say_anyone_can_drive_the_model(pki: Pki) -> None:
     """Without a token on a non-local address serve warned that anyone who reaches the port
     can drive and read the model, under mutual TLS too, where only clients with a
