@@ -203,6 +203,20 @@ def test_expecting_refuses_what_is_no_version(
         pass
 
 
+def test_expecting_takes_the_versions_from_0_to_int64_s_largest(client: gradwire.Client) -> None:
+    """The ends of the range a version has: each makes a mutation conditional, and the calls
+    on no session's state (OpenSession, CloseSession) are not."""
+    _with_gradients(client)
+    version = client.list_tensors().version
+    for expected in (0, 2**63 - 1):
+        with client.expecting(expected), pytest.raises(errors.Aborted) as refused:
+            client.step()
+        assert refused.value.reason == "VERSION_MISMATCH"
+        with client.expecting(expected), client.open_session() as session:
+            assert session.list_tensors().version == 0
+    assert client.list_tensors().version == version
+
+
 def test_an_open_session_retried_with_its_id_opens_one_session(
     address: str, server: Running
 ) -> None:
