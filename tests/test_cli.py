@@ -2013,6 +2013,11 @@ def test_a_call_the_stopping_server_cancelled_gets_the_same_hint(
         # A gradwire server's own UNAVAILABLE says what it is (its reason): not a server gone.
         busy = errors.Unavailable("the server is busy: try again", reason="BUSY")
         assert connection_hint(args, client, busy) is None
+    with gradwire.connect(address, timeout=30) as watcher:  # a stream's message answers too
+        updates = watcher.watch(["conv1.weight"], latest=False)
+        next(updates)
+        updates.close()
+        assert watcher.answered
     with gradwire.Client(dead_address, timeout=5) as never:
         with pytest.raises(errors.Unavailable):
             never.list_tensors()
