@@ -17,6 +17,9 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from torch import nn
 
 import gradwire
@@ -29,7 +32,7 @@ from gradwire_server.app import Running
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
-from tests.serve_in_process import bare_server, serving
+from tests.serve_in_process import bare_server, old_trainer, serving
 
 LINEAR = "linear.weight"
 LINEAR_SHAPE = (20, 3200)
@@ -292,6 +295,38 @@ def test_a_read_stream_asked_for_no_values_is_refused(client: gradwire.Client) -
 
 
 # --- GetTensorStream: the client falls back to it by itself ----------------------------
+
+
+def test_only_a_read_of_values_answered_out_of_memory_is_read_again_streamed() -> None:
+    """A GetTensor refused OUT_OF_MEMORY is read again as a stream when it asked for values
+    (the stream sends them from the tensor's own memory); a shape read has no values to
+    stream, and its refusal is raised as it came, no stream opened (which would be refused
+    BAD_REQUEST, hiding the server's answer)."""
+    streams: list[pb.GetTensorRequest] = []
+
+    def no_memory(request: bytes, context: grpc.ServicerContext) -> bytes:
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason="OUT_OF_MEMORY", domain="gradwire.dev"))
+        status = status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED, message="out of memory", details=[info]
+        )
+        context.abort_with_status(rpc_status.to_status(status))
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        streams.append(pb.GetTensorRequest.FromString(request))
+        yield pb.GetTensorChunk(name="w", version=3).SerializeToString()
+
+    older = old_trainer(
+        GetTensor=grpc.unary_unary_rpc_method_handler(no_memory),
+        GetTensorStream=grpc.unary_stream_rpc_method_handler(stream),
+    )
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        with pytest.raises(errors.ResourceExhausted) as refused:
+            client.shape("w")
+        assert refused.value.reason == "OUT_OF_MEMORY" and streams == []
+        read = client.read("w")
+        assert (read.name, read.version, read.value) == ("w", 3, None)
+        assert [request.name for request in streams] == ["w"]
 
 
 FALLBACK: list[tuple[str, Index]] = [
