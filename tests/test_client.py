@@ -12,10 +12,11 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -32,6 +33,7 @@ from gradwire_server.app import start
 from gradwire_server.models import Simple
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
+from tests.serve_in_process import bare_server, old_trainer
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")
@@ -1362,6 +1364,26 @@ def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Clien
     with pytest.raises(errors.Aborted):
         next(stale)
     assert [p.step for p in run] == [1, 2]
+    # every=0, the low end of its range: progress after every step, as every=1.
+    assert [p.step for p in client.train(ONES_INPUT, ONES_TARGET, 2, every=0)] == [1, 2]
+
+
+def test_a_watch_s_minimum_interval_goes_in_milliseconds_rounded_and_capped_at_int64() -> None:
+    """What the Watch request carries of min_interval: the nearest millisecond (1.5 ms is 2,
+    not 1), and int64's largest for an interval past it."""
+    sent: list[pb.WatchRequest] = []
+
+    def watch(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        sent.append(pb.WatchRequest.FromString(request))
+        yield pb.WatchUpdate(version=1).SerializeToString()
+
+    older = old_trainer(Watch=grpc.unary_stream_rpc_method_handler(watch))
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        for interval in (0.0015, 0.0026, 1e300):
+            updates = client.watch("w", min_interval=interval, latest=False)
+            assert next(updates).version == 1
+            updates.close()
+    assert [request.min_interval_ms for request in sent] == [2, 3, 2**63 - 1]
 
 
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
