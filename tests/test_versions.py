@@ -175,6 +175,25 @@ def test_a_bad_argument_is_refused_before_the_fields_are_asked(older: Running) -
         assert client._known_fields is None  # no call made
 
 
+def test_a_failure_to_ask_the_fields_is_raised_and_they_are_asked_again() -> None:
+    """Only UNIMPLEMENTED (a server older than GetServerInfo) counts as no fields known: a
+    GetServerInfo that failed otherwise (the server restarting) raises its own error, and
+    the next option that needs a field asks again."""
+    asked: list[int] = []
+
+    def restarting(request: bytes, context: grpc.ServicerContext) -> bytes:
+        asked.append(1)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+    older = old_trainer(GetServerInfo=grpc.unary_unary_rpc_method_handler(restarting))
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        client.retries = 0
+        for _ in range(2):
+            with pytest.raises(errors.Unavailable, match="restarting"):
+                client.forward(INPUT, TARGET, eval_mode=True)
+        assert client._known_fields is None and len(asked) == 2
+
+
 def test_the_fields_a_server_knows_are_asked_once(address: str) -> None:
     with gradwire.connect(address) as client:
         client.forward(INPUT, TARGET, eval_mode=True)
