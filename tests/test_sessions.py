@@ -447,6 +447,8 @@ def test_a_detached_session_stays_open_when_its_clients_close(
             parent.detach()
     with gradwire.connect(address, session=session) as joined:
         joined.close_session()
+        with pytest.raises(errors.ClientClosed, match=f"session '{session}' is closed"):
+            joined.detach()  # closed: not the default session's ValueError
     assert sessions.open_count == 0
 
 
@@ -610,6 +612,27 @@ def test_a_session_whose_close_failed_is_closed_again_by_its_client_or_its_owner
             other.close_session()
         client.close()  # the owner closes what its session client failed to
         assert closes == ["ab" * 16] * 4
+
+
+def test_a_close_refused_not_found_but_for_an_unknown_session_is_raised() -> None:
+    """An opened session whose close the server answers NOT_FOUND (UNKNOWN_SESSION) is gone
+    and counts as closed; NOT_FOUND without that reason (a proxy's, say) is raised."""
+
+    def open_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return pb.OpenSessionResponse(session="cd" * 16, idle_timeout_s=60).SerializeToString()
+
+    def close_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no route")
+
+    older = old_trainer(
+        OpenSession=grpc.unary_unary_rpc_method_handler(open_session),
+        CloseSession=grpc.unary_unary_rpc_method_handler(close_session),
+    )
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        mine = client.open_session()
+        with pytest.raises(errors.NotFound, match="no route"):
+            mine.close_session()
+        assert mine.session == "cd" * 16  # still open, as far as the client can tell
 
 
 def test_a_client_of_a_closed_session_can_still_open_a_new_one(
@@ -1011,6 +1034,23 @@ def test_list_sessions_shows_every_caller_s_sessions_but_the_default(
         assert [s.session for s in client.list_sessions().sessions] == [mine.session]
         mine.close()
         assert mine.list_sessions().sessions == ()  # its session closed: still it may list
+
+
+def test_list_sessions_gives_each_field_the_server_answered() -> None:
+    answer = pb.ListSessionsResponse(
+        sessions=[pb.SessionInfo(session="ef" * 16, version=5, open_s=7.5, idle_s=2.5,
+                                 calls_in_progress=3)],
+        max_sessions=9, idle_timeout_s=600.0, opening=4,
+    )  # fmt: skip
+
+    def list_sessions(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return answer.SerializeToString()
+
+    older = old_trainer(ListSessions=grpc.unary_unary_rpc_method_handler(list_sessions))
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        listing = client.list_sessions()
+    assert listing.sessions == (gradwire.SessionInfo("ef" * 16, 5, 7.5, 2.5, 3),)
+    assert (listing.max_sessions, listing.idle_timeout_s, listing.opening) == (9, 600.0, 4)
 
 
 def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
