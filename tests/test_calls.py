@@ -462,6 +462,25 @@ def test_a_session_clients_calls_go_on_a_stream_of_its_own(
     eventually(lambda: server.servicer.slots.taken == 1)  # closing it gave its place back
 
 
+def test_a_closed_session_client_of_a_detached_session_opens_no_stream_again(
+    address: str, server: Running
+) -> None:
+    """close() of a session client whose session was detached leaves the session open, and
+    its later calls go as calls of their own: a Calls stream opened after the close would
+    hold one of the server's places that nothing closes."""
+    with gradwire.connect(address, timeout=30) as client:
+        session = client.open_session(seed=0)
+        session.stream_calls = True
+        assert session.list_tensors().version == 0  # on its stream
+        ident = session.detach()
+        session.close()
+        eventually(lambda: server.servicer.slots.taken == 0)
+        assert session.list_tensors().version == 0  # a call of its own
+        assert session._calls is None and server.servicer.slots.taken == 0
+        with gradwire.connect(address, session=ident) as joined:
+            joined.close_session()
+
+
 def test_a_token_is_checked_for_the_stream() -> None:
     with running_server(token="s3cret") as running:
         address = f"127.0.0.1:{running.port}"
