@@ -115,6 +115,9 @@ def test_a_session_s_optimizer_settings_of_the_other_kind_are_refused(
         assert caught.value.reason == "BAD_OPTIMIZER", kind
         assert f"{next(iter(setting))} is a setting of" in caught.value.message
     assert client.list_sessions().sessions == ()
+    with client.open_session(lr=0.5) as unnamed:  # settings without a kind: SGD's
+        optimizer = unnamed.list_tensors().optimizer
+        assert (optimizer.kind, optimizer.lr) == ("sgd", 0.5)
 
 
 def test_an_unknown_session_id_of_any_length_is_not_found(client: gradwire.Client) -> None:
@@ -794,6 +797,13 @@ def test_wait_ready_on_a_closed_client_raises_client_closed_at_once(
             closed.wait_ready(60)
         assert time.monotonic() - began < 30  # at once, not after the timeout
     assert raised == []
+    # A client given its channel (channel=), closed: the channel stays open, the client not.
+    with grpc.insecure_channel(address) as channel:
+        given = gradwire.Client(address, channel=channel)
+        given.wait_ready(60)
+        given.close()
+        with pytest.raises(errors.ClientClosed, match="this client is closed"):
+            given.wait_ready(60)
 
 
 def test_a_stream_under_way_when_its_client_closes_raises_client_closed(address: str) -> None:
