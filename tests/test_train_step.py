@@ -604,6 +604,7 @@ def test_a_train_that_fails_midway_says_how_many_steps_stay_applied(
     assert "classes run from 0 to 19" in info.value.message
     assert done == step - 1 >= 1 and info.value.metadata["steps_done"] == str(done)
     assert version == client.list_tensors().version > start
+    assert info.value.metadata["version"] == str(version)  # for a client to read, not parse
 
 
 @pytest.mark.parametrize("every", [1, 7, 100])
