@@ -889,6 +889,12 @@ def test_the_answer_in_place_of_one_that_did_not_fit_fits_its_reserve(method: st
             in error_of(pb.CallResponse.FromString(replaced))[1]
         )
         assert kept == (applied == "true")
+    # Without a request id there is nothing to keep the answer under: none is said to be.
+    without_id = pb.CallRequest()
+    getattr(without_id, field).SetInParent()
+    bare = wire.split(without_id.SerializeToString(), pb.CallRequest)
+    replaced, _ = servicer._too_large(bare, b"\x00" * 10**8, True, 10**9)
+    assert "request id" not in error_of(pb.CallResponse.FromString(replaced))[1]
 
 
 def test_a_mutation_whose_answer_overflows_says_it_was_applied(
