@@ -1902,6 +1902,8 @@ def test_a_value_refused_on_the_streamed_path_is_named_as_on_the_unary_one(
         (lambda: Fill.ones(2**63, 3), ValueError, "a Fill's dimension"),
         (lambda: Fill("bogus", (8,)), ValueError, "a Fill's kind is one of zeros"),  # type: ignore[arg-type]
         (lambda: Fill.ones(8, dtype=object()), TypeError, "a Fill's dtype is a name"),  # type: ignore[arg-type]
+        # A tensor where its dtype was meant: numpy's ValueError, naming no Fill, until mended.
+        (lambda: Fill.ones(8, dtype=torch.ones(1)), TypeError, r"dtype is a name .* got tensor"),  # type: ignore[arg-type]
         (lambda: Fill.uniform(3).reseeded(1.5), TypeError, "step must be a whole number"),  # type: ignore[arg-type]
         (
             lambda: codec.tensor_pieces(torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])),

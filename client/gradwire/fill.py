@@ -61,7 +61,7 @@ def _dtype_name(dtype: object) -> str:
         return str(dtype).removeprefix("torch.")
     try:
         return str(np.dtype(dtype).name)  # type: ignore[call-overload]
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: a tensor given for its dtype, among others
         raise TypeError(
             f"a Fill's dtype is a name ('float32'), or numpy's or torch's dtype; got {dtype!r}"
         ) from None
