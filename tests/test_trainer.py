@@ -97,6 +97,24 @@ def test_a_read_of_a_part_says_the_whole_tensor_s_shape(trainer: Trainer) -> Non
     assert read.full_shape == (16, 3, 3, 3)
 
 
+def _transposed_linear() -> nn.Linear:
+    """A Linear whose weight is laid out as its transpose: dense, but not contiguous."""
+    linear = nn.Linear(4, 2)
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    return linear
+
+
+def test_a_read_of_a_transposed_parameter_is_a_contiguous_copy() -> None:
+    """A read is laid out in row-major order whatever the parameter's layout, as the wire
+    sends it: a copy that kept the parameter's strides would be copied again to be sent."""
+    trainer = Trainer(ModelSpec("Transposed", _transposed_linear, (4,), 2), seed=0)
+    weight = trainer.parameters["weight"].detach()
+    assert weight.stride() == (1, 2)
+    value = trainer.read("weight").value
+    assert value is not None and value.stride() == (4, 1)
+    assert torch.equal(value, weight)
+
+
 def test_optimizer_settings_resolve_to_pytorch_defaults() -> None:
     assert OptimizerSettings().resolved() == OptimizerSettings("sgd", 1.0, 0.0, 0.0, nesterov=False)
     adam = OptimizerSettings("adam", lr=0.01).resolved()
