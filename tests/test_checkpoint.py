@@ -2107,6 +2107,46 @@ def test_a_load_that_fails_partway_says_what_it_replaced(
     assert client.load_checkpoint("a").saved_version == 0  # and a load again mends it
 
 
+FOUR_LINEAR = ModelSpec(
+    "FourLinear", lambda: nn.Sequential(*(nn.Linear(2, 2) for _ in range(4))), (2,), 2
+)
+
+
+@pytest.mark.parametrize(
+    ("fails_at", "shown"),
+    [
+        (6, "0.weight, 0.bias, 1.weight, 1.bias, 2.weight"),  # five: all of them named
+        (7, "0.weight, 0.bias, 1.weight, 1.bias, 2.weight, ..."),  # six: the first five
+    ],
+)
+def test_a_load_that_fails_partway_names_the_first_five_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails_at: int, shown: str
+) -> None:
+    """The refusal names up to five of what it replaced, and says when there were more."""
+    trainer = Trainer(FOUR_LINEAR, seed=0)
+    path = tmp_path / "a.safetensors"
+    trainer.save(path)
+    copies = 0
+    real = staging.copy_into
+
+    def failing(out: torch.Tensor, source: torch.Tensor) -> None:
+        nonlocal copies
+        copies += 1
+        if copies == fails_at:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        real(out, source)
+
+    monkeypatch.setattr(staging, "copy_into", failing)
+    with pytest.raises(OverLimit) as caught:
+        trainer.load(path)
+    assert caught.value.reason == "OUT_OF_MEMORY"
+    replaced = fails_at - 1
+    assert f"; {replaced} parameters and buffers were replaced by then ({shown}), " in (
+        caught.value.message
+    )
+    assert caught.value.metadata["replaced"] == str(replaced)
+
+
 def test_a_load_that_fails_at_its_first_copy_says_nothing_was_changed(
     kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
