@@ -968,9 +968,10 @@ def test_an_integer_parameter_has_no_gradient_step_change_or_optimizer_state(
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     saved = load_file(str(path))
-    # A checkpoint that gives the int32 parameter a gradient, or Adam's state.
-    for key in ["grad/counts", "optim/counts/exp_avg"]:
-        resave({**saved, key: torch.ones(3, dtype=torch.int32)}, path, metadata)
+    # A checkpoint that gives the int32 parameter a gradient, or Adam's state; or a gradient
+    # of another shape too, odd twice over and named once.
+    for key, shape in [("grad/counts", 3), ("optim/counts/exp_avg", 3), ("grad/counts", 2)]:
+        resave({**saved, key: torch.ones(shape, dtype=torch.int32)}, path, metadata)
         fresh = Trainer(ModelSpec("Counts", _Counts, (4,), 2), seed=1)
         weight = fresh.read("lin.weight").value.clone()  # type: ignore[union-attr]
         with pytest.raises(InvalidInput, match=r"match no floating-point parameter: counts$") as no:
