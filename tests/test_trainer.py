@@ -315,7 +315,7 @@ def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
 
 
 def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that() -> None:
-    """Of an input's fill or a target's, before its shape is weighed against the model's:
+    """Of an input's fill, a target's or a written value's, before its shape is weighed:
     -1 is a negative dimension (BAD_FILL), and a target's fill over the server's limit is
     TOO_MANY_ELEMENTS, not a target of the wrong shape."""
     trainer = Trainer(device="cpu", seed=0, max_elements=5000)
@@ -328,6 +328,13 @@ def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that()
         assert info.value.reason == "BAD_FILL"
     with pytest.raises(OverLimit, match="target: 6000 elements is over") as over:
         trainer.forward(ONES, FillSpec("zeros", (6000,)))
+    assert over.value.reason == "TOO_MANY_ELEMENTS"
+    # A written value's fill too, before its shape is weighed against the selection's.
+    with pytest.raises(InvalidInput, match=r"value: shape \[-1, 3, 3, 3\] has a neg") as info:
+        trainer.write("conv1.weight", (), FillSpec("ones", (-1, 3, 3, 3)))
+    assert info.value.reason == "BAD_FILL"
+    with pytest.raises(OverLimit, match="value: 6000 elements is over") as over:
+        trainer.write("conv1.weight", (), FillSpec("ones", (6000,)))
     assert over.value.reason == "TOO_MANY_ELEMENTS"
     assert trainer.version == 0
 
