@@ -471,13 +471,14 @@ class Exiting(nn.Module):
     raises KeyboardInterrupt."""
 
     how = "exit"
+    on_meta = True  # in the run on meta tensors that comes before the pass too
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 16:
+        if x.shape[0] > 16 and (self.on_meta or x.device.type != "meta"):
             if self.how == "exit":
                 sys.exit(3)
             raise KeyboardInterrupt
@@ -489,7 +490,17 @@ class Interrupting(Exiting):
     how = "interrupt"
 
 
-@pytest.mark.parametrize("model", [Exiting, Interrupting], ids=["sys.exit", "KeyboardInterrupt"])
+class ExitingInItsPass(Exiting):
+    """Exits in the pass itself alone: its run on meta tensors goes through."""
+
+    on_meta = False
+
+
+@pytest.mark.parametrize(
+    "model",
+    [Exiting, Interrupting, ExitingInItsPass],
+    ids=["sys.exit", "KeyboardInterrupt", "sys.exit-in-the-pass"],
+)
 def test_a_model_that_exits_in_its_forward_pass_is_answered_internal_at_once(
     model: type[Exiting], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -509,7 +520,7 @@ def test_a_model_that_exits_in_its_forward_pass_is_answered_internal_at_once(
         assert client.list_tensors().version == 0
         assert np.array_equal(client.get("lin.weight"), weight)
         assert client.forward(small).version == 1
-    name = "SystemExit (3)" if model is Exiting else "KeyboardInterrupt"
+    name = "KeyboardInterrupt" if model is Interrupting else "SystemExit (3)"
     assert f"{name} raised on the torch thread" in caplog.text
 
 
