@@ -2325,6 +2325,52 @@ def test_a_buffer_a_pass_registers_lets_no_other_buffer_of_another_shape_in(
     assert "count as float32 [2], where it is float32 []" in refused.value.message
 
 
+class LateBlock(nn.Module):
+    """Makes a submodule, and its buffer, in its first forward pass: a load cannot register
+    that buffer on a module a new model has not made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "late"):
+            self.late = nn.Module()
+            self.late.register_buffer("positions", torch.arange(4.0, device=x.device))
+        out: torch.Tensor = self.lin(x + self.late.get_buffer("positions"))
+        return out
+
+
+def test_a_buffer_of_a_submodule_a_pass_makes_is_refused_not_registered(tmp_path: Path) -> None:
+    spec = ModelSpec("LateBlock", LateBlock, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    trained.forward(torch.ones(2, 4))
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    fresh = Trainer(spec, seed=1)
+    weight = fresh.parameters["lin.weight"].detach().clone()
+    with pytest.raises(InvalidInput) as refused:
+        fresh.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert "holds buffers this server's LateBlock does not have as they are there: " in (
+        refused.value.message
+    )
+    assert fresh.version == 0
+    assert torch.equal(fresh.parameters["lin.weight"].detach(), weight)
+
+
+def test_a_checkpoint_without_gradients_leaves_none_of_those_before_it(tmp_path: Path) -> None:
+    """A checkpoint saved before any backward pass holds no gradients: loaded, the trainer's
+    own go, as a Reset's would, rather than be added to by the next Backward."""
+    trainer = Trainer(seed=0)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+    _train(trainer, 1)
+    assert trainer.parameters["conv1.weight"].grad is not None
+    trainer.load(path)
+    assert all(p.grad is None for p in trainer.parameters.values())
+
+
 def _frozen_weight() -> nn.Module:
     """nn.Linear(4, 2) with its weight frozen for fine-tuning: only the bias trains."""
     model = nn.Linear(4, 2)
