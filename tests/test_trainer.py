@@ -849,6 +849,12 @@ def test_the_output_of_a_module_the_model_lacks_is_unknown_not_absent(trainer: T
     with pytest.raises(UnknownTensor) as caught:
         trainer.read("conv9.output")
     assert "conv1.output" in caught.value.metadata["closest"].split(",")
+    # The model's own output is "output" alone: it is no module output named ".output".
+    trainer.forward(ONES, None)
+    outputs = ["output", "conv1.output", "conv2.output", "linear.output"]
+    assert [name for name in trainer.names() if name.endswith("output")] == outputs
+    with pytest.raises(UnknownTensor):
+        trainer.read(".output")
 
 
 def test_an_unknown_key_of_a_parameter_s_optimizer_state_is_not_said_to_lack_gradients(
