@@ -306,6 +306,9 @@ def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
     with pytest.raises(InvalidInput) as info:
         trainer.write("conv1.weight.grad", ((0,),), FillSpec("ones", (16, 3, 3, 3)))
     assert "conv1.weight.grad slice of shape [3, 3, 3]" in info.value.message
+    with pytest.raises(InvalidInput) as info:  # a selection that cannot be written to
+        trainer.write("conv1.weight", ((slice(None, None, -1),),), FillSpec("ones", (16, 3, 3, 3)))
+    assert info.value.reason == "NEGATIVE_STEP_WRITE"
     assert made == []
     assert trainer.version == 0
     # What fits is made, once, and written (broadcast).
