@@ -10,6 +10,7 @@ BatchRequests, as a client in another language writes them.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 from collections.abc import Callable, Iterator
@@ -317,7 +318,7 @@ def test_an_interrupt_in_the_block_sends_nothing(batched: gradwire.Client, addre
         raise KeyboardInterrupt
     error = zero.exception()
     assert isinstance(error, errors.ClientClosed) and not error.changes_state
-    assert "not sent" in str(error)
+    assert "ZeroGrad not sent: the batch was interrupted" in str(error)
     assert batched.batches == []  # type: ignore[attr-defined]
     assert version(address) == 0
 
@@ -366,6 +367,44 @@ def test_mutations_in_a_batch_carry_request_ids_and_the_expected_version(
     with batched.expecting(start), pytest.raises(errors.Aborted), batched.batch() as b:
         stale = b.fill_parameters(3.0)
     assert stale.exception().reason == "VERSION_MISMATCH"  # type: ignore[union-attr]
+
+
+def test_a_batch_writes_each_call_after_its_first_conditional_and_its_deadline_rounded_up(
+    batched: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a batch writes: if_previous_succeeded on each call but its first (which has no
+    call before it on the server), and as each call's deadline the client's timeout in
+    milliseconds, rounded up: one under a millisecond is 1 ms, not 0 (which is none)."""
+    sent: list[tuple[str | None, bool, int]] = []
+    envelope = calls.request_pieces
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        pieces = envelope(*args, **kwargs)
+        parsed = pb.CallRequest.FromString(b"".join(map(bytes, pieces)))
+        sent.append((parsed.WhichOneof("call"), parsed.if_previous_succeeded, parsed.timeout_ms))
+        return pieces
+
+    monkeypatch.setattr(calls, "request_pieces", recorded)
+    deadlines: list[float] = []  # the Batch call's own: each call's times their number
+    batch = batched._methods["Batch"]
+
+    def timed(request: bytes, **kwargs: Any) -> Any:
+        deadlines.append(kwargs["timeout"])
+        return batch(request, **kwargs)
+
+    batched._methods["Batch"] = timed
+    assert not batched.answered
+    with batched.batch() as b:
+        b.zero_grad()
+        b.list_tensors()
+    assert batched.answered and batched.reached  # a server was there: said by a batch too
+    assert deadlines == [60]
+    batched.timeout = 0.0004
+    with contextlib.suppress(errors.DeadlineExceeded), batched.batch() as b:
+        b.list_tensors()  # answered or not within its 0.4 ms: what was written is the same
+    assert sent == [
+        ("zero_grad", False, 30_000), ("list_tensors", True, 30_000), ("list_tensors", False, 1)
+    ]  # fmt: skip
 
 
 def test_a_server_without_batch_gets_the_calls_in_a_pipeline() -> None:
@@ -605,6 +644,8 @@ def test_a_garbled_batch_answer_fails_every_call_of_the_batch(
         later = b.list_tensors()  # the next batch: after a failure
     skipped = getattr(later.exception(), "reason", None) == "PREVIOUS_FAILED"
     assert skipped == stop_at_error
+    if stop_at_error:  # skipped for the garbled batch's last call, as the server would be
+        assert later.exception().metadata == {"previous": "Step"}  # type: ignore[union-attr]
     for pending in pendings:
         error = pending.exception()
         assert isinstance(error, errors.Internal) and error.changes_state

@@ -222,7 +222,9 @@ def test_results_can_be_read_inside_the_block(piped: gradwire.Client) -> None:
         forward = p.forward(ONES, TARGET)
         backward = p.backward()
         assert not forward.done() and not backward.done()
+        assert repr(forward) == "<Pending Forward pending>"
         assert forward.result().loss is not None and forward.done()
+        assert repr(forward) == "<Pending Forward done>"
         assert not backward.done()
         assert backward.result() == forward.result().version + 1
 
@@ -393,6 +395,7 @@ def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
             listing = p.list_tensors()
         assert first.result() == 1
         assert isinstance(backward.exception(), errors.FailedPrecondition)
+        assert repr(backward) == "<Pending Backward failed>"
         skipped = step.exception()
         assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
         assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
@@ -439,8 +442,10 @@ def test_each_mutation_carries_a_fresh_request_id_and_each_call_after_the_first_
     piped: gradwire.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a pipeline writes: a request id on each mutation (a read takes none), and
-    if_previous_succeeded on each call but its first, none with stop_at_error=False."""
+    if_previous_succeeded on each call but its first, none with stop_at_error=False; and
+    each the client's timeout as its deadline."""
     sent: list[tuple[str, str | None, bool]] = []
+    timeouts: list[int] = []  # each call's deadline: the client's timeout, 30 s
     envelope = calls.request_pieces
 
     def recorded(method: str, request: Any, request_id: str | None, *rest: Any) -> Any:
@@ -448,6 +453,7 @@ def test_each_mutation_carries_a_fresh_request_id_and_each_call_after_the_first_
         parsed = pb.CallRequest.FromString(b"".join(map(bytes, pieces)))
         assert parsed.WhichOneof("call") == calls.METHODS[method][1]
         sent.append((method, parsed.request_id or None, parsed.if_previous_succeeded))
+        timeouts.append(parsed.timeout_ms)
         return pieces
 
     monkeypatch.setattr(calls, "request_pieces", recorded)
@@ -465,6 +471,7 @@ def test_each_mutation_carries_a_fresh_request_id_and_each_call_after_the_first_
     ids = [request_id for method, request_id, _ in sent if method == "ZeroGrad"]
     assert all(re.fullmatch("[0-9a-f]{32}", i or "") for i in ids) and len(set(ids)) == 4
     assert sent[1][1] is None
+    assert timeouts == [30_000] * 5
 
 
 def test_calls_are_written_without_waiting_for_the_answers_before_them(
@@ -502,6 +509,7 @@ def test_an_interrupt_while_waiting_cancels_the_stream(
         with pytest.raises(errors.Cancelled) as raised, c.pipeline() as p:
             held = p.forward(Fill.ones(1, 2))  # held in the model until released
             after = p.zero_grad()
+            listed = p.list_tensors()
             assert Gate.entered.wait(30)
             ctrl_c(0.3)
             with pytest.raises(KeyboardInterrupt):
@@ -511,6 +519,8 @@ def test_an_interrupt_while_waiting_cancels_the_stream(
             error = pending.exception()
             assert isinstance(error, errors.Cancelled) and error.changes_state
             assert "whether the call ran is not known" in error.message
+        read = listed.exception()  # a read changes nothing, run or not
+        assert isinstance(read, errors.Cancelled) and not read.changes_state
         Gate.release.set()
         zeroed = c.zero_grad()  # on a new stream, answered with its own answer
         assert c.list_tensors().version == zeroed
