@@ -428,6 +428,14 @@ def test_a_server_without_batch_gets_the_calls_in_a_pipeline() -> None:
         with client.batch() as b:
             again = b.zero_grad()
         assert again.result() == 2
+        # A failure in reading an answer (an out= of the wrong shape), the server's call a
+        # success, stops nothing after it, as in a batch the server answers: the next
+        # batch runs (it was skipped as PREVIOUS_FAILED, found by a mutant).
+        with client.batch() as b:
+            unread = b.get("weight", out=np.empty(3, np.float32))
+            assert isinstance(unread.exception(), ValueError)  # its batch sent and read
+            after = b.zero_grad()  # the next batch
+        assert after.result() == 3
 
 
 def test_a_failure_in_the_pipeline_a_batch_went_in_skips_the_batches_after_it() -> None:

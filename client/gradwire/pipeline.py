@@ -686,7 +686,10 @@ class Batch(Pipeline):
                     pending._fail(ClientClosed(f"{pending.method} not sent: interrupted"))
                 elif theirs._error is not None:
                     pending._fail(theirs._error)
-                    self._failed = pending.method
+                    # A failure in reading its answer (an out= of the wrong shape) stops
+                    # nothing after it, as in a batch the server answered (_answer).
+                    failed = isinstance(theirs._error, RemoteError)
+                    self._failed = pending.method if failed else None
                 else:
                     pending._succeed(theirs._value)
                     self._failed = None
