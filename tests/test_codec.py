@@ -89,6 +89,16 @@ def widening(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return str(request.param)
 
 
+def test_a_split_tensor_made_torch_has_memory_of_its_own() -> None:
+    """torch wants writable memory: the received bytes are copied, not shared read-only
+    (which torch warns of, and a write to would change the bytes received)."""
+    data = pb.GetTensorResponse(tensor=codec.encode(np.arange(100_000.0))).SerializeToString()
+    split = wire.split(data, pb.GetTensorResponse)
+    back = codec.decode_split_torch(split, TENSOR_PATH, split.message.tensor)
+    assert not np.shares_memory(back.numpy(), np.frombuffer(data, np.uint8))
+    assert torch.equal(back, torch.arange(100_000.0, dtype=torch.float64))
+
+
 def test_every_bfloat16_widens_to_the_float32_torch_makes_of_it(widening: str) -> None:
     value = every_bfloat16()
     expected = value.float().numpy().view("<u4")
@@ -170,6 +180,15 @@ def test_narrow_integers_widen_without_loss(dtype: str, sent: int) -> None:
     assert back.tolist() == value.tolist()  # every value, the extremes included
 
 
+def test_widened_names_the_dtype_given_and_the_one_sent() -> None:
+    """What an INVALID_ARGUMENT's message adds for a value sent widened: for numpy's
+    arrays, a torch tensor's (whose dtype is named torch.int8) and a big-endian array's."""
+    assert codec.widened(np.zeros(2, np.uint32)) == ("uint32", "int64")
+    assert codec.widened(torch.zeros(2, dtype=torch.int8)) == ("int8", "int32")
+    assert codec.widened(np.zeros(2, ">i2")) == (">i2", "int32")
+    assert codec.widened(np.zeros(2, np.float32)) is None
+
+
 @pytest.mark.parametrize(
     ("field", "values", "dtype", "numpy_dtype"),
     [
@@ -188,6 +207,18 @@ def test_typed_fields_carry_the_little_endian_array(
     ours = codec.encode(np.array(values, dtype=numpy_dtype))
     assert ours.SerializeToString() == typed.SerializeToString()
     np.testing.assert_array_equal(codec.decode(typed), np.array(values, dtype=numpy_dtype))
+
+
+def test_chunks_of_fewer_bytes_than_one_value_carry_one_value_each() -> None:
+    runs = codec.chunks(np.arange(3.0), 4)  # float64: 8 bytes a value
+    got = [(offset, run.tolist(), shape) for _, run, offset, shape in runs]
+    assert got == [(0, [0.0], (3,)), (1, [1.0], None), (2, [2.0], None)]
+
+
+def test_an_empty_tensor_is_its_header_alone() -> None:
+    """As protobuf writes it: an empty packed field is left out, not written empty."""
+    ours = codec.encode_bytes(np.zeros((0, 3), np.float32))
+    assert ours == pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0, 3]).SerializeToString()
 
 
 def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
@@ -237,6 +268,9 @@ def test_unsupported_dtypes_are_refused() -> None:
     # a dtype numpy has no name for: torch's numpy() raises TypeError, a CodecError here
     with pytest.raises(codec.CodecError, match="float8_e4m3fn"):
         codec.encode(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    # numpy's dtype object: said why numpy made one
+    with pytest.raises(codec.CodecError, match="values of mixed kinds, None among them"):
+        codec.encode([1.0, None])
     with pytest.raises(codec.CodecError, match="unknown dtype 'float8'"):
         codec.dtype_from_name("float8")
 
@@ -265,11 +299,20 @@ def test_index_round_trip(key: Any) -> None:
     assert codec.index_from_proto(message) == expected
 
 
+def test_slice_bounds_past_int64_are_clipped_to_its_ends() -> None:
+    """No dimension is that long: numpy's answer is the same (codec._as_bound)."""
+    message = codec.index_to_proto(slice(-(2**70), 2**70, -(2**70)))
+    clipped = slice(codec.INT64_MIN, codec.INT64_MAX, codec.INT64_MIN)
+    assert codec.index_from_proto(message) == (clipped,)
+
+
 def test_index_refuses_what_is_not_basic_indexing() -> None:
     with pytest.raises(codec.CodecError, match="integer"):
         codec.index_to_proto(1.5)  # type: ignore[arg-type]
     with pytest.raises(codec.CodecError, match="integer"):
         codec.index_to_proto(True)
+    with pytest.raises(codec.CodecError, match="slice step must be an integer, got False"):
+        codec.index_to_proto(slice(0, 1, False))  # not taken for a step of zero
     bad_step = pb.Index(items=[pb.IndexItem(slice=pb.Slice(step=0))])
     with pytest.raises(codec.CodecError, match="step cannot be zero"):
         codec.index_from_proto(bad_step)
