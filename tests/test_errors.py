@@ -1089,7 +1089,9 @@ def test_too_many_selectors_in_a_watch_or_a_fetch_are_refused(address: str) -> N
             with pytest.raises(grpc.RpcError) as caught:
                 next(watch)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert errors.from_rpc_error(caught.value).reason == "TOO_MANY_SELECTORS"
+            refused_as = errors.from_rpc_error(caught.value)
+            assert refused_as.reason == "TOO_MANY_SELECTORS"
+            assert refused_as.metadata == {"limit": str(most)}  # the number to stay within
             assert (
                 f"Watch's items: {count} selectors, more than the {most}" in caught.value.details()
             )
