@@ -920,6 +920,7 @@ def test_forward_stream_with_the_target_twice_is_invalid_argument(
     )
     assert isinstance(error, errors.InvalidArgument)
     assert "a second message carried a target" in error.message
+    assert error.reason == "BAD_CHUNK"
     assert "send the target once" in error.message
     assert version(client) == 0
     assert client.get("output") is None
