@@ -271,6 +271,18 @@ def test_shape_without_values(client: gradwire.Client) -> None:
     assert read.dtype == "float32"
 
 
+def test_a_shape_only_read_carries_no_values_on_the_wire(client: gradwire.Client) -> None:
+    """omit_values: the answer holds the shape and dtype, not 64,000 values that the client
+    would throw away (the Python client's read(values=False) shows None either way)."""
+    request = pb.GetTensorRequest(name="linear.weight", omit_values=True)
+    answer = client._methods["GetTensor"](request.SerializeToString(), timeout=30)
+    if isinstance(answer, bytes):
+        answer = pb.GetTensorResponse.FromString(answer)
+    assert list(answer.tensor.shape) == [20, 3200]
+    assert answer.tensor.dtype == pb.DTYPE_FLOAT32
+    assert len(answer.tensor.float_values) == 0 and answer.ByteSize() < 100
+
+
 def test_shape_of_an_absent_gradient_is_none(client: gradwire.Client) -> None:
     assert client.shape("conv2.weight.grad") is None
 
