@@ -1603,6 +1603,16 @@ def test_checkpoints_are_not_listed_by_a_server_without_a_state_dir(
     assert "start it with --state-dir DIR" in no.value.message
 
 
+def test_a_delete_naming_nothing_on_a_server_without_a_state_dir_says_there_is_none(
+    address: str,
+) -> None:
+    """What to fix first is the server's missing --state-dir, not the name left out: with
+    a name given, the call could still not succeed."""
+    with gradwire.connect(address) as client, pytest.raises(errors.FailedPrecondition) as no:
+        client.delete_checkpoint("")
+    assert no.value.reason == "NO_STATE_DIR"
+
+
 def test_the_default_checkpoint_is_the_one_serve_restores(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:
