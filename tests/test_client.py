@@ -525,6 +525,15 @@ def test_reset_with_a_seed_reproduces_local_initialisation(
         assert np.array_equal(client.get(name), weights(local, name)), name
 
 
+def test_reset_without_a_seed_is_not_seed_zero(client: gradwire.Client) -> None:
+    """An unset seed draws a fresh initialisation; read as proto3's default it was seed 0,
+    the same model at every reset."""
+    client.reset()
+    unseeded = client.get("conv1.weight")
+    assert isinstance(unseeded, np.ndarray)
+    assert not np.array_equal(unseeded, weights(local_model(0), "conv1.weight"))
+
+
 def test_reset_forgets_forward_and_gradients(client: gradwire.Client) -> None:
     client.forward(ONES_INPUT, ONES_TARGET)
     client.backward()
