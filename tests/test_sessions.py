@@ -59,6 +59,17 @@ def test_sessions_do_not_share_gradients_or_versions(client: gradwire.Client) ->
     assert np.all(client.get("conv1.weight") == np.float32(0.1))
 
 
+def test_sessions_opened_without_a_seed_start_from_different_weights(
+    client: gradwire.Client,
+) -> None:
+    """An unset seed draws each session's initialisation afresh; read as proto3's default
+    it was seed 0 for every one, and two sessions began as the same model."""
+    with client.open_session() as mine, client.open_session() as theirs:
+        first, second = mine.get("conv1.weight"), theirs.get("conv1.weight")
+    assert isinstance(first, np.ndarray) and isinstance(second, np.ndarray)
+    assert not np.array_equal(first, second)
+
+
 def test_sessions_train_at_once_on_the_server_s_one_torch_thread(
     client: gradwire.Client, server: Running
 ) -> None:
