@@ -620,6 +620,33 @@ def test_a_device_lost_while_a_fill_is_made_is_not_blamed_on_the_fill(
         running.stop(grace=None)
 
 
+def test_an_internal_error_that_is_not_the_device_s_leaves_the_server_serving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same failure with words of no lost device is the server's INTERNAL error alone:
+    health stays SERVING and `on_device_lost` is not called (a server that took every
+    INTERNAL for a lost device would leave its load balancer and, under `serve`, exit)."""
+    lost: list[bool] = []
+    running = start(Trainer(seed=0), "127.0.0.1", 0, on_device_lost=lambda: lost.append(True))
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+
+            def broken(*args: object, **kwargs: object) -> int:
+                raise RuntimeError("secret internal detail")
+
+            monkeypatch.setattr(Trainer, "zero_grad", broken)
+            with pytest.raises(errors.Internal) as failed:
+                client.zero_grad()
+            monkeypatch.undo()
+            assert failed.value.reason == "INTERNAL"
+            assert "secret" not in str(failed.value)
+            assert lost == []
+            assert client.health() == "SERVING"
+            client.zero_grad()  # and still serving calls
+    finally:
+        running.stop(grace=None)
+
+
 @pytest.mark.parametrize(
     ("error", "lost"),
     [
