@@ -35,6 +35,7 @@ from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
 from tests.serve_process import serving
+from tests.thread_starts import RefusedStarts
 
 TRAINER = "/gradwire.v1.Trainer/"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -856,22 +857,14 @@ def test_a_metrics_connection_whose_thread_cannot_start_gives_its_place_back(
     closed, and its place among MAX_METRICS_CONNECTIONS is free again: kept, that many
     failed starts would have closed every later connection at once, scrapes too. Thread
     starts are refused here as the kernel refuses them under a cap."""
-    refuse = True
-    start_thread = threading.Thread.start
-
-    def refused(thread: threading.Thread) -> None:
-        if refuse and thread.name.endswith("(process_request_thread)"):
-            raise RuntimeError("can't start new thread")
-        start_thread(thread)
-
     running = start(trainer, "127.0.0.1", 0, metrics_port=0)
+    starts = RefusedStarts(monkeypatch, lambda name: name.endswith("(process_request_thread)"))
     try:
-        monkeypatch.setattr(threading.Thread, "start", refused)
         for _ in range(metrics.MAX_METRICS_CONNECTIONS + 1):
             with socket.create_connection(("127.0.0.1", running.metrics_port), timeout=10) as c:
                 assert c.recv(1) == b""  # closed, its thread not started
-        refuse = False
+        starts.refusing = False
         assert scrape(running)
     finally:
-        refuse = False
+        starts.refusing = False
         running.stop(grace=None)

@@ -16,7 +16,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from gradwire.fill import Fill
 from gradwire_server import checkpoint, host_memory, pass_memory
 from tests.oom_server import vm_size
 from tests.serve_process import serving
+from tests.thread_starts import RefusedStarts
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not hasattr(resource, "RLIMIT_AS"),
@@ -355,15 +355,7 @@ def test_a_pool_that_cannot_start_a_thread_says_so_once_and_again_when_one_start
     is not read. Thread starts are refused here as the kernel refuses them under the cap."""
     from gradwire_server.pools import ServingPool
 
-    refuse = True
-    start = threading.Thread.start
-
-    def refused(thread: threading.Thread) -> None:
-        if refuse and thread.name.startswith("calls"):
-            raise RuntimeError("can't start new thread")
-        start(thread)
-
-    monkeypatch.setattr(threading.Thread, "start", refused)
+    starts = RefusedStarts(monkeypatch, lambda name: name.startswith("calls"))
     pool = ServingPool(max_workers=2, thread_name_prefix="calls")
     try:
         with caplog.at_level(logging.INFO, logger="gradwire_server"):
@@ -372,12 +364,12 @@ def test_a_pool_that_cannot_start_a_thread_says_so_once_and_again_when_one_start
             assert len(said) == 1 and said[0].startswith("could not start a thread (calls_N)")
             assert "the next thread that starts: none runs calls yet" in said[0]
             assert not any(call.done() for call in waiting)
-            refuse = False
+            starts.refusing = False
             waiting.append(pool.submit(lambda: 3))  # a thread starts: the queue runs
             assert [call.result(timeout=30) for call in waiting] == [0, 1, 2, 3]
             assert [r.getMessage() for r in caplog.records][1:] == ["threads (calls_N) start again"]
     finally:
-        refuse = False
+        starts.refusing = False
         pool.shutdown(wait=True)
 
 
