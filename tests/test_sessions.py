@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -596,13 +596,25 @@ def test_a_session_close_that_failed_keeps_the_session_s_id(trainer: Trainer) ->
     client.close()
 
 
+def _opening(
+    session: str, close_session: Callable[[bytes, grpc.ServicerContext], bytes]
+) -> grpc.GenericRpcHandler:
+    """A server that opens `session` for every OpenSession and answers CloseSession with
+    `close_session`."""
+
+    def open_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return pb.OpenSessionResponse(session=session, idle_timeout_s=60).SerializeToString()
+
+    return old_trainer(
+        OpenSession=grpc.unary_unary_rpc_method_handler(open_session),
+        CloseSession=grpc.unary_unary_rpc_method_handler(close_session),
+    )
+
+
 def test_a_session_whose_close_failed_is_closed_again_by_its_client_or_its_owner() -> None:
     """A close that fails gives the session back to the channel's sessions: closing again
     sends CloseSession again, as does the owner's close; else it stayed open on the server."""
     closes: list[str] = []
-
-    def open_session(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return pb.OpenSessionResponse(session="ab" * 16, idle_timeout_s=60).SerializeToString()
 
     def close_session(request: bytes, context: grpc.ServicerContext) -> bytes:
         closes.append(pb.CloseSessionRequest.FromString(request).session)
@@ -610,11 +622,10 @@ def test_a_session_whose_close_failed_is_closed_again_by_its_client_or_its_owner
             context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         return pb.CloseSessionResponse().SerializeToString()
 
-    older = old_trainer(
-        OpenSession=grpc.unary_unary_rpc_method_handler(open_session),
-        CloseSession=grpc.unary_unary_rpc_method_handler(close_session),
-    )
-    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+    with (
+        bare_server(_opening("ab" * 16, close_session)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
         client.retries = 0
         mine = client.open_session()
         with pytest.raises(errors.Unavailable):
@@ -632,17 +643,13 @@ def test_a_close_refused_not_found_but_for_an_unknown_session_is_raised() -> Non
     """An opened session whose close the server answers NOT_FOUND (UNKNOWN_SESSION) is gone
     and counts as closed; NOT_FOUND without that reason (a proxy's, say) is raised."""
 
-    def open_session(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return pb.OpenSessionResponse(session="cd" * 16, idle_timeout_s=60).SerializeToString()
-
     def close_session(request: bytes, context: grpc.ServicerContext) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no route")
 
-    older = old_trainer(
-        OpenSession=grpc.unary_unary_rpc_method_handler(open_session),
-        CloseSession=grpc.unary_unary_rpc_method_handler(close_session),
-    )
-    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+    with (
+        bare_server(_opening("cd" * 16, close_session)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
         mine = client.open_session()
         with pytest.raises(errors.NotFound, match="no route"):
             mine.close_session()
