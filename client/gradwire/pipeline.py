@@ -395,11 +395,17 @@ class Pipeline:
             pending._succeed(self._client._run(pending._encoded))
         except (GradwireError, ValueError) as err:
             pending._fail(err)
-            # As on the stream, where the server knows only of its own failures: one in
-            # reading an answer (an out= of the wrong shape) stops nothing after it.
-            self._failed = method if isinstance(err, RemoteError) else None
+            self._note_failure(method, err)
         else:
             self._failed = None
+
+    def _note_failure(self, method: str, error: BaseException) -> None:
+        """Notes that `method` failed with `error` where the client, not the server, decides
+        what runs after it (calls of their own; a batch run as a pipeline): that stops the
+        calls after it only if the server refused it. As on a stream, where the server knows
+        only of its own failures, one in reading its answer (an out= of the wrong shape)
+        stops nothing."""
+        self._failed = method if isinstance(error, RemoteError) else None
 
     def _receive_through(self, pending: Pending[Any]) -> None:
         while not pending._done:
@@ -686,10 +692,7 @@ class Batch(Pipeline):
                     pending._fail(ClientClosed(f"{pending.method} not sent: interrupted"))
                 elif theirs._error is not None:
                     pending._fail(theirs._error)
-                    # A failure in reading its answer (an out= of the wrong shape) stops
-                    # nothing after it, as in a batch the server answered (_answer).
-                    failed = isinstance(theirs._error, RemoteError)
-                    self._failed = pending.method if failed else None
+                    self._note_failure(pending.method, theirs._error)
                 else:
                     pending._succeed(theirs._value)
                     self._failed = None
