@@ -43,6 +43,20 @@ from gradwire_server.trainer import Trainer
 #: A model whose parameters are large (64 MiB): an optimizer's temporaries as large as them
 #: can be made not to fit.
 WIDE = ModelSpec("Wide", lambda: nn.Linear(4096, 4096, bias=False), (4096,), 4096, loss="mse")
+#: A model whose parameters grow in the order an optimizer updates them (4, 4 and 64 MiB): a
+#: Step can update the first two and then run out at the third, half applied, unless the
+#: memory it needs is taken before it begins.
+GROWING = ModelSpec(
+    "Growing",
+    lambda: nn.Sequential(
+        nn.Linear(4096, 256, bias=False),
+        nn.Linear(256, 4096, bias=False),
+        nn.Linear(4096, 4096, bias=False),
+    ),
+    (4096,),
+    4096,
+    loss="mse",
+)
 
 
 def vm_size(pid: int | str = "self") -> int:

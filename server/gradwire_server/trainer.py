@@ -376,6 +376,12 @@ def _said_elsewhere(error: BaseException) -> bool:
 _UPDATE_MOST = 7
 
 
+def _state_tensors(settings: OptimizerSettings) -> int:
+    """How many tensors as large as a parameter the optimizer of `settings` keeps for it,
+    made at its first Step: Adam two (its moments), SGD one with momentum (its buffer)."""
+    return 2 if settings.kind == "adam" else int(bool(settings.momentum))
+
+
 def _step_temporaries(settings: OptimizerSettings) -> int:
     """How many temporaries as large as the largest parameter the optimizer of `settings`
     holds at once in a Step on the CPU, where torch's optimizers update one parameter at a
@@ -1265,7 +1271,7 @@ class Trainer:
         one at 1.50 S; counted 3 S for the first and nothing for the next, a first step was
         taken with 3 GB left of a 1.4 GB model and grew the server 6.4 GB."""
         settings = self._settings
-        states = 2 if settings.kind == "adam" else int(bool(settings.momentum))
+        states = _state_tensors(settings)
         made, deltas = self._optimizer.state, self._delta_buffers
         held, largest = 0, 0
         for name, p in self._parameters.items():
@@ -1510,9 +1516,10 @@ class Trainer:
         # call, ZeroGrad undone, but for the last pass's activations and graph, let go of
         # as the pass begins: the first two replace the attributes they change rather than
         # change them in place, so the old references are all there is to keep, and the Step
-        # runs out, if at all, before it changes anything (it takes its temporaries' memory
-        # first: _reserve_step_memory). Any other failure inside the Step may have updated
-        # some parameters in place: that one is the optimizer's fault, answered INTERNAL.
+        # runs out, if at all, before it changes anything (it takes the memory its state
+        # and temporaries need first: _reserve_step_memory). Any other failure inside the
+        # Step may have updated some parameters in place: that one is the optimizer's
+        # fault, answered INTERNAL.
         if checked:
             # The last pass's activations and graph go first: a step that fails from here
             # leaves neither. A fetch still to check after the pass keeps them until the
@@ -1840,32 +1847,50 @@ class Trainer:
         return self._bump(), self._reached
 
     def _reserve_step_memory(self) -> None:
-        """Takes, and gives back, the memory the optimizer's step will need for temporaries.
+        """Takes, and gives back, the memory the optimizer's step will need, for its state
+        not made yet and its temporaries.
 
-        Adam (and SGD with Nesterov momentum) update their state in place and only then
-        allocate temporaries; running out there would leave the state half moved. Allocating
-        as much first makes running out happen before anything changed; given back, the
-        memory is there for the step (CUDA's caching allocator keeps it; on the CPU the
-        process keeps it, with gradwire's malloc settings, or the address space is free).
+        torch's optimizers update one parameter after another, allocating as they go: SGD
+        the gradient plus weight decay, and at the first step with momentum each
+        parameter's buffer; Adam its moments for all parameters first, then for each the
+        root of the second moment and its quotient (and the gradient plus weight decay);
+        Nesterov momentum the gradient plus the momentum. Running out at a later parameter
+        would leave the earlier ones updated, the Step half applied. Allocating as much
+        first makes running out happen before anything changed; given back, the memory is
+        there for the step (CUDA's caching allocator keeps it; on the CPU the process keeps
+        it, with gradwire's malloc settings, or the address space is free).
 
-        How much: torch's per-parameter Adam (its CPU default) holds, for one parameter at a
-        time, the gradient plus weight decay, the root of the second moment and its quotient:
-        two or three temporaries as large as the largest parameter; its foreach form (CUDA's
-        default) one as large as all of them; Nesterov momentum one fewer than Adam. The
-        first cut, one as large as all parameters, let a one-parameter model run out halfway
-        through a later Adam step (found by a review).
+        How much: the state (`_update_bytes` counts the same), and for the temporaries two
+        or three as large as the largest parameter (torch's per-parameter loop, its CPU
+        default), or one as large as all of them (its foreach form, CUDA's default), the
+        larger. The first cut took the temporaries alone, and only for Adam and Nesterov:
+        a one-parameter model ran out halfway through a later Adam step, and a model whose
+        last parameter was its largest was half stepped by SGD with weight decay, a first
+        step with momentum and Adam's first step (each found by a review).
+
+        Not a guarantee: under a cap of the address space (the tests' stand-in for a
+        device's memory) a step can still run out in a band just above what it needs,
+        where the other threads' allocations decide (glibc gives each arena 64 MiB of
+        address space at a time): a model of 72 MiB was half stepped by Adam's first step
+        now and then under 272-318 MiB of headroom, it needing 272.
         """
-        if self._settings.kind != "adam" and not self._settings.nesterov:
-            return  # plain SGD and momentum allocate nothing once their buffers exist
-        updated = [p for p in self._parameters.values() if p.grad is not None]
-        if not updated:
-            return
-        sizes = [p.numel() * p.element_size() for p in updated]
-        # As many as the memory estimate counts for the step (Adam 2, Nesterov 1, each one
-        # more with weight decay): one count for both.
-        per_parameter = _step_temporaries(self._settings)
-        nbytes = max(sum(sizes), per_parameter * max(sizes))
-        reserved = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        settings = self._settings
+        states = _state_tensors(settings)
+        per_parameter = _step_temporaries(settings)
+        if not states and not per_parameter:
+            return  # plain SGD allocates nothing
+        made = self._optimizer.state
+        sizes, new_state = [], 0
+        for p in self._parameters.values():
+            if p.grad is None:
+                continue
+            size = p.numel() * p.element_size()
+            sizes.append(size)
+            new_state += states * size * (p not in made)
+        temporaries = max(sum(sizes), per_parameter * max(sizes)) if per_parameter and sizes else 0
+        if new_state + temporaries == 0:
+            return  # momentum, once its buffers exist, allocates nothing
+        reserved = torch.empty(new_state + temporaries, dtype=torch.uint8, device=self.device)
         del reserved
 
     def _records_delta(self, name: str) -> bool:
