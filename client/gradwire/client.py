@@ -1635,7 +1635,8 @@ class Client:
         nesterov: bool | None = None,
     ) -> OptimizerConfig:
         """Replaces the optimizer with a new one of `kind` (None: SGD); its state starts
-        afresh, and unset settings take PyTorch's defaults (SGD's lr: 1.0).
+        afresh, and unset settings take PyTorch's defaults, but for SGD's lr: 1.0, the
+        tutorial's (PyTorch's is 0.001; pass lr for a model of your own).
 
         With `keep_state`, changes the settings given in the optimizer in place instead, as
         assigning to torch's param_groups does: `set_optimizer(lr=1e-4, keep_state=True)`
