@@ -342,7 +342,36 @@ def test_values_at_float64_s_largest_are_binned_and_an_edge_there_refused() -> N
     with pytest.raises(InvalidInput) as refused:
         server_stats.summarize(torch.zeros(5, dtype=torch.float64), bins=4, low=largest)
     assert refused.value.reason == "BAD_BINS"
-    assert "no room above it in float64 for 4 bins: give both edges" in refused.value.message
+    assert (
+        f"a histogram from histogram_low {largest!r} has no room above it in float64 for 4 "
+        "bins: give both edges"
+    ) in refused.value.message
+    # The other side names the other edge; one bin is "1 bin".
+    with pytest.raises(InvalidInput) as refused:
+        server_stats.summarize(torch.zeros(5, dtype=torch.float64), bins=1, high=-largest)
+    assert refused.value.reason == "BAD_BINS"
+    assert (
+        f"a histogram from histogram_high {-largest!r} has no room below it in float64 for 1 "
+        "bin: give both edges"
+    ) in refused.value.message
+
+
+@pytest.mark.parametrize(("low", "high", "value"), [(1e300, None, 0.1), (None, -1e300, -0.1)])
+def test_an_edge_given_beside_a_range_widened_to_two_spacings_a_bin_is_kept(
+    low: float | None, high: float | None, value: float
+) -> None:
+    """1e300 + 1 is 1e300: the unit-wide range beside the one edge given is two float64
+    spacings a bin instead, all of them on the side away from the values, the edge given
+    one end of it, as it is of the unit-wide range."""
+    bins = 3
+    values = torch.full((5,), value, dtype=torch.float64)
+    histogram = server_stats.summarize(values, bins=bins, low=low, high=high).histogram
+    assert histogram is not None and histogram.counts == [0, 0, 0]
+    width = 2 * bins * math.ulp(1e300)
+    if low is not None:
+        assert (histogram.low, histogram.high) == (low, low + width)
+    else:
+        assert high is not None and (histogram.low, histogram.high) == (high - width, high)
 
 
 @pytest.mark.parametrize(
@@ -395,6 +424,20 @@ def test_bad_histogram_settings_are_invalid_argument(
     with pytest.raises(errors.InvalidArgument, match=said) as caught:
         client._call("GetStats", request)
     assert caught.value.reason == "BAD_BINS"
+
+
+def test_histogram_edges_sent_with_no_bins_are_answered_without_a_histogram(
+    client: gradwire.Client,
+) -> None:
+    """histogram_bins 0 is no histogram, whatever edges another language's client sends
+    beside it: the edges are not checked against bins there are none of (0 bins over
+    [0, 1] would divide by zero, and fail the call)."""
+    request = pb.GetStatsRequest(
+        name="conv1.weight", histogram_bins=0, histogram_low=0.0, histogram_high=1.0
+    )
+    response = client._call("GetStats", request)
+    assert response.stats.count == 16 * 3 * 3 * 3
+    assert not response.stats.HasField("histogram")
 
 
 def test_stats_of_an_unknown_name_is_not_found(client: gradwire.Client) -> None:
