@@ -1830,6 +1830,22 @@ def test_an_ended_or_closed_subscription_neither_waits_nor_pauses(how: str) -> N
     assert subscription.closed == (how == "close")
 
 
+@pytest.mark.parametrize("how", ["end", "close"])
+def test_an_end_or_a_close_wakes_a_wait_already_under_way(how: str) -> None:
+    """Not only the waits after it: one already waiting returns then, not at its timeout
+    (a watcher of a closed session would have held its place until then)."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription()
+    returned: list[bool] = []
+    thread = threading.Thread(target=lambda: returned.append(subscription.wait(600.0)), daemon=True)
+    thread.start()
+    eventually(lambda: len(subscription._cond._waiters) == 1)  # type: ignore[attr-defined]
+    getattr(subscription, how)()
+    thread.join(30.0)
+    assert returned == [False]
+
+
 def test_a_removed_subscription_is_told_of_no_more_mutations() -> None:
     from gradwire_server.watch import Subscription, Subscriptions
 
@@ -1841,6 +1857,31 @@ def test_a_removed_subscription_is_told_of_no_more_mutations() -> None:
     subscriptions.announce(1)
     assert len(subscriptions) == 1
     assert (kept.take(), removed.take()) == (1, 0)
+    subscriptions.close()  # the model gone: each one closed, and none kept
+    assert kept.closed and len(subscriptions) == 0
+
+
+def test_a_step_counter_that_goes_back_is_due_to_an_every_n_steps_subscriber() -> None:
+    """A counter lower than the last one announced is a state replaced, due whatever its
+    Nth step, flagged a reset or not, though from 7 back to 3 stays in the same tenth."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription(every_steps=10, steps=7)
+    subscription.announce(3)
+    assert subscription.take() == 1
+    subscription.announce(4)  # on from there: the same tenth, not due
+    assert subscription.take() == 0
+
+
+def test_an_every_n_steps_subscriber_counts_its_nth_steps_from_the_trainer_s_count() -> None:
+    """Subscribed at step 25, every 10 steps: the 26th is not due, the 30th is."""
+    from gradwire_server.watch import Subscription
+
+    subscription = Subscription(every_steps=10, steps=25)
+    subscription.announce(26)
+    assert subscription.take() == 0
+    subscription.announce(30)
+    assert subscription.take() == 1
 
 
 def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> None:
