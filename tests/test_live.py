@@ -296,7 +296,10 @@ class NoMemory(CountedMemory):
         self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
         self.taken += 1
-        raise self.error("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        raise self.error(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate\n"
+            "Exception raised from alloc_cpu at c10/core/impl/alloc_cpu.cpp:117"
+        )
 
 
 @pytest.mark.parametrize("error", [RuntimeError, MemoryError])  # torch's, and Python's
@@ -311,6 +314,11 @@ def test_no_memory_for_the_copy_fails_the_read_not_the_mutation(
     with pytest.raises(OverLimit, match="could not copy the rest") as caught:
         read_all(read, 1000, start=1000)
     assert caught.value.reason == "OUT_OF_MEMORY"
+    # Why, in the allocator's first line alone: not torch's trace after it.
+    assert "(DefaultCPUAllocator: can't allocate memory: you tried to allocate); " in str(
+        caught.value
+    )
+    assert "alloc_cpu.cpp" not in str(caught.value)
     read.close()
     assert len(trainer._live) == 0
 
