@@ -163,6 +163,7 @@ def test_made_bytes_counts_new_tensors_not_views_or_in_place_results() -> None:
         z.relu_()  # in place: nothing new
         torch.split(z, 2)  # views, a list of them
         torch.cat([z, z])  # 256 bytes
+        assert x.is_same_size(y)  # a bool, no tensor: nothing
     assert made.total == 128 + 128 + 256
 
 
@@ -229,6 +230,25 @@ def test_check_weighs_a_pass_by_its_factor_against_what_the_host_has() -> None:
     # What a step holds for the parameters alone over the host's room: no batch fits.
     with pytest.raises(OverLimit, match="no batch of this model fits now"):
         pass_memory.check("a step", 0, 10, pass_memory.TRAINING, lambda: 1 << 20, fixed=edge)
+    # And with a batch beside it: none fits (not "at most -1 samples"), and the room left,
+    # under a KiB, is said in bytes.
+    with pytest.raises(OverLimit) as refused:
+        pass_memory.check("a step", edge, 10, 1, lambda: 512, fixed=1 << 20)
+    assert str(refused.value).endswith(
+        "the host has 512 bytes left: no batch of this model fits now"
+    )
+    assert refused.value.metadata["samples"] == "0"
+    # Room past what the step holds: the samples that fit are those the rest has room for.
+    with pytest.raises(OverLimit, match="send at most 50 samples a call") as refused:
+        pass_memory.check("a step", 100 << 20, 100, 1, lambda: 150 << 20, fixed=100 << 20)
+    assert refused.value.metadata["samples"] == "50"
+    # Sizes under a MiB are said in KiB.
+    with pytest.raises(OverLimit) as refused:
+        pass_memory.check_model("a model", 4096, "use a smaller one", lambda: 1536)
+    assert str(refused.value) == (
+        "a model would take about 4.0 KiB of the server's memory, and the host has 1.5 KiB "
+        "left: use a smaller one"
+    )
     # A small pass reads nothing: the host's files cost a small step 0.3 ms.
     pass_memory.check("a pass", 1 << 20, 1000, pass_memory.TRAINING, lambda: 0)
     # Nothing known: nothing refused.
