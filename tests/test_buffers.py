@@ -112,6 +112,10 @@ def test_a_large_buffer_is_copied_until_its_first_passes_show_it_constant() -> N
     # the mask unchanged by them all: a constant, copied no more; the usage changed by
     # them, through .data, with no version counter moving: copied before every pass
     assert _copied(kept) == {"usage"}
+    record = kept.keep()  # a pass after: the constant, not copied, is learnt no more
+    model(torch.ones(2, 4))
+    kept.learn(record)
+    assert _copied(kept) == {"usage"}
     assert _copied(Buffers(nn.BatchNorm1d(300_000))) == {
         "running_mean",
         "running_var",
@@ -161,6 +165,11 @@ def test_a_buffer_changed_by_any_learning_pass_or_of_the_size_always_copied_stay
     norm = nn.BatchNorm1d(300_000).eval()
     kept = Buffers(norm)
     _learn(kept, norm, torch.ones(2, 300_000), LEARNING_PASSES + 1)
+    assert _copied(kept) == {"running_mean", "running_var", "num_batches_tracked"}
+    # InstanceNorm's too, keeping running statistics: a norm layer as BatchNorm is.
+    instance = nn.InstanceNorm1d(300_000, track_running_stats=True).eval()
+    kept = Buffers(instance)
+    _learn(kept, instance, torch.ones(1, 300_000, 2), LEARNING_PASSES + 1)
     assert _copied(kept) == {"running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -405,6 +414,44 @@ def test_a_model_with_an_inference_tensor_for_a_buffer_trains() -> None:
     result = trainer.train_step(torch.ones(2, 4), torch.tensor([0, 1]), use=lambda s: s)
     assert result.version == 3 and result.loss == result.loss  # a number, not NaN
     assert torch.equal(trainer.read("table").value, torch.arange(4.0))  # type: ignore[arg-type]
+
+
+class LargeInference(nn.Module):
+    """A large table made under torch.inference_mode, then a count it changes in place, and
+    a layer slot left empty (None); refuses a batch of one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.table: torch.Tensor
+        self.count: torch.Tensor
+        with torch.inference_mode():
+            self.register_buffer("table", torch.zeros(BIG))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_module("spare", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        if x.shape[0] == 1:
+            raise ValueError("one sample is refused")
+        out: torch.Tensor = self.lin(x + self.table[:4])
+        return out
+
+
+def test_a_large_inference_tensor_and_an_empty_layer_slot_pass_and_fail_as_others() -> None:
+    """A large buffer with no version counter is neither learnt nor checked after a failed
+    pass (reading its counter raised, and the buffers after it were not put back), and a
+    layer slot holding None is walked past, not into."""
+    trainer = Trainer(ModelSpec("LargeInference", LargeInference, (4,), 3), seed=0)
+    model = trainer._model
+    assert isinstance(model, LargeInference)
+    for _ in range(LEARNING_PASSES + 1):
+        trainer.forward(torch.ones(2, 4))
+    count = int(model.count)
+    with pytest.raises(InvalidInput, match="one sample"):
+        trainer.forward(torch.ones(1, 4))
+    assert int(model.count) == count == LEARNING_PASSES + 1  # put back
+    assert "spare" in model._modules and model._modules["spare"] is None
 
 
 class Rotary(nn.Module):
