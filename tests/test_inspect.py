@@ -256,9 +256,17 @@ def test_histogram_edges_are_numpy_s_bit_for_bit(low: float, high: float, bins: 
 @pytest.mark.parametrize(
     ("low", "high", "bins", "said"),
     [
-        (-1.7e308, 1.7e308, 2, "is wider than a float64 holds"),  # the width overflows
-        (1.0, math.nextafter(1.0, 2.0), 4096, "cannot each have a width"),  # edges repeat
-        (5e-324, 1e-323, 4096, "cannot each have a width"),  # a step that rounds to 0
+        # the width overflows
+        (-1.7e308, 1.7e308, 2, r"\[-1\.7e\+308, 1\.7e\+308\] is wider than a float64 holds"),
+        # edges repeat
+        (
+            1.0,
+            math.nextafter(1.0, 2.0),
+            4096,
+            r"4096 bins over \[1\.0, 1\.0000000000000002\] cannot each have a width",
+        ),
+        # a step that rounds to 0
+        (5e-324, 1e-323, 4096, r"4096 bins over \[5e-324, 1e-323\] cannot each have a width"),
     ],
 )
 def test_a_range_numpy_refuses_for_its_bins_is_refused(
@@ -406,6 +414,10 @@ def test_one_histogram_edge_past_the_values_keeps_the_edge_given(
         (
             {"histogram_bins": 4, "histogram_low": 1.0, "histogram_high": 1.0},
             "histogram_low must be below histogram_high",
+        ),
+        (
+            {"histogram_bins": 4, "histogram_low": 2.0, "histogram_high": 1.0},
+            r"histogram_low must be below histogram_high, got \[2\.0, 1\.0\]",
         ),
         ({"histogram_bins": 4, "histogram_low": math.nan}, "bounds must be finite, got nan"),
         ({"histogram_bins": 4, "histogram_high": math.inf}, "bounds must be finite, got inf"),
