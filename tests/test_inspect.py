@@ -1894,6 +1894,12 @@ def test_an_every_n_steps_subscriber_counts_its_nth_steps_from_the_trainer_s_cou
     assert subscription.take() == 0
     subscription.announce(30)
     assert subscription.take() == 1
+    # Every step: a mutation that is no Step (a Set, a Forward) is not due.
+    subscription = Subscription(every_steps=1, steps=4)
+    subscription.announce(4)
+    assert subscription.take() == 0
+    subscription.announce(5)
+    assert subscription.take() == 1
 
 
 def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> None:
