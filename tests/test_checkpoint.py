@@ -1414,7 +1414,7 @@ def test_the_checkpoints_are_listed_with_what_would_stop_a_load(
     assert (by_name["fresh"].saved_version, by_name["fresh"].problem) == (0, "")
     assert by_name["wide"].model == "Wide"
     assert by_name["wide"].problem == "another model, 'Wide'"
-    assert by_name["edited"].saved_version == -1
+    assert (by_name["edited"].saved_version, by_name["edited"].model) == (-1, "Simple")
     assert by_name["edited"].problem == (
         "damaged: its version '-3' is not a whole number from 0 to 4611686018427387904"
     )
@@ -1440,6 +1440,14 @@ def test_a_checkpoint_cut_short_or_with_bytes_past_its_tensors_is_listed_as_whic
         "longer": "damaged: bytes past its tensors",
         "whole": "",
     }
+
+
+def test_a_checkpoint_of_another_format_is_listed_naming_its_format(tmp_path: Path) -> None:
+    """The format is what says which gradwire to load it with."""
+    Trainer(seed=0).save(tmp_path / "newer.safetensors")
+    _altered(tmp_path / "newer.safetensors", {"format": "gradwire-checkpoint-2"})
+    [listed] = checkpoint.described(tmp_path, "Simple")
+    assert listed.problem == "a gradwire checkpoint of another format, 'gradwire-checkpoint-2'"
 
 
 def test_a_checkpoint_is_deleted_by_name_for_room(
@@ -1639,6 +1647,7 @@ def test_a_checkpoint_not_there_is_not_found_naming_those_that_are(
     assert caught.value.metadata["names"] == ""
     client.save_checkpoint("b")
     client.save_checkpoint("a.1")
+    (state_dir / "README").write_text("the user's")  # no checkpoint's suffix: not named
     with pytest.raises(errors.NotFound) as caught:
         client.load_checkpoint("nope")
     assert "it holds: a.1, b" in caught.value.message
@@ -1649,6 +1658,20 @@ def test_a_checkpoint_not_there_is_not_found_naming_those_that_are(
         client.load_checkpoint("folder")
     assert "no checkpoint named 'folder'" in caught.value.message
     assert client.list_tensors().version == 0
+
+
+def test_a_state_dir_removed_while_the_server_runs_holds_no_checkpoints(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    """Listed, or named as those there are beside one not found, as an empty one is: not a
+    traceback of the folder that is not there."""
+    client, _, state_dir = kept
+    client.save_checkpoint("a")
+    shutil.rmtree(state_dir)
+    assert client.list_checkpoints() == []
+    with pytest.raises(errors.NotFound) as caught:
+        client.load_checkpoint("a")
+    assert "it holds: none yet (SaveCheckpoint writes one)" in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -1678,6 +1701,18 @@ def test_a_refused_name_is_shown_whole_up_to_120_characters_and_cut_past_them(
         with pytest.raises(ValueError) as refused:
             checkpoint.path_for(tmp_path, name)
         assert str(refused.value).startswith(f"checkpoint name {shown!r}: give 1 to 100 "), name
+
+
+def test_a_name_of_100_characters_or_beginning_with_a_digit_dash_or_underscore_is_taken(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    client, _, _ = kept
+    names = ["a" * 100, "0", "-x", "_x"]
+    for name in names:
+        assert client.save_checkpoint(name).name == name
+    assert [c.name for c in client.list_checkpoints()] == sorted(names)
+    for name in names:
+        assert client.load_checkpoint(name).saved_version == 0
 
 
 def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
