@@ -137,13 +137,16 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
     # A copy cut short was "not a safetensors file", with nothing before the advice's "or"
     # (found by a review of the CLI).
     whole = (tmp_path / "other.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(whole[:8], "little")
     cut = tmp_path / "cut.safetensors"
-    for end in (400, len(whole) - 4):  # in its header, in its tensors
+    # In its header, which then needs its own end; in its tensors, which need the whole.
+    for end, needs in ((400, header_end), (len(whole) - 4, len(whole))):
         cut.write_bytes(whole[:end])
         with pytest.raises(InvalidInput) as refused:
             Trainer().load(cut)
         assert refused.value.message.startswith(
             f"cannot load {cut}: it is cut short: it ends at byte {end:,}, before the "
+            f"{needs:,} its safetensors header needs"
         ), end
     cut.write_bytes(whole + b"appended")  # safetensors' words are those of one cut short
     with pytest.raises(InvalidInput) as refused:
@@ -331,6 +334,22 @@ def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Pa
     )
 
 
+def test_a_checkpoint_of_another_model_name_with_the_same_parameters_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Its parameters fit, but it is what another model's server saved: not taken in."""
+    path = tmp_path / "state.safetensors"
+    twin = ModelSpec("Twin", SIMPLE.factory, SIMPLE.sample_shape, SIMPLE.num_classes)
+    Trainer(twin, device="cpu", seed=0).save(path)
+    with pytest.raises(InvalidInput) as info:
+        Trainer(SIMPLE, device="cpu", seed=1).load(path)
+    assert info.value.reason == "BAD_CHECKPOINT"
+    assert info.value.message == (
+        f"{path} holds a Twin, where this server serves Simple: serve the model it holds "
+        "(--model), give another --state-dir, or move it away to start from fresh weights"
+    )
+
+
 def test_a_refusal_names_every_parameter_that_differs_up_to_eight_and_counts_the_rest(
     tmp_path: Path,
 ) -> None:
@@ -411,6 +430,15 @@ def test_a_checkpoint_that_is_no_file_says_so(tmp_path: Path, kind: str) -> None
         "a special file, not a checkpoint: put the checkpoint's file there, or move it away "
         "to start from fresh weights"
     )
+
+
+def test_a_checkpoint_gone_before_its_read_cannot_be_read(tmp_path: Path) -> None:
+    """What a load says of a file removed before it was read (a DeleteCheckpoint's race),
+    the words of the error as they are for a file it may not read."""
+    with pytest.raises(ValueError) as refused:
+        checkpoint.load(tmp_path / "gone.safetensors")
+    assert str(refused.value).startswith("it cannot be read (no such file or directory): ")
+    assert refused.value.what == "cannot be read (no such file or directory)"  # type: ignore[attr-defined]
 
 
 def test_a_checkpoint_that_cannot_be_read_says_why(tmp_path: Path) -> None:
