@@ -3,6 +3,7 @@ a restart in the middle of a burst of steps."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -710,6 +711,36 @@ def test_a_checkpoint_with_a_bit_flipped_is_refused_and_changes_nothing(
     assert message == f"cannot load {path}: {CHANGED}"
 
 
+def _opened(path: Path) -> list[str]:
+    """The file descriptors of this process open on the file at `path` (removed or not)."""
+    fds = Path("/proc/self/fd")
+    if not fds.exists():
+        pytest.skip("no /proc/self/fd here to see what is open")
+    found = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # one closed since it was listed
+            if os.readlink(fd).removesuffix(" (deleted)") == str(path):
+                found.append(fd.name)
+    return found
+
+
+@pytest.mark.parametrize("damage", ["checksum", "metadata"])
+def test_a_checkpoint_refused_once_open_is_closed_with_its_refusal(
+    tmp_path: Path, damage: str
+) -> None:
+    """Refused after the file was opened for its tensors, it was left open for as long as
+    the refusal was held: a checkpoint removed then kept its disk space."""
+    path = tmp_path / "state.safetensors"
+    Trainer(seed=0).save(path)
+    if damage == "checksum":
+        _flipped(path, 4)
+    else:
+        _altered(path, {"version": "x"})
+    with pytest.raises(ValueError, match="damaged gradwire checkpoint") as refused:
+        checkpoint.load(path)
+    assert _opened(path) == [], refused.value
+
+
 def test_a_checkpoint_s_metadata_changed_without_its_checksum_is_refused(tmp_path: Path) -> None:
     saved = Trainer(seed=0)
     _train(saved, 1)
@@ -1408,6 +1439,24 @@ def test_a_load_reads_the_parameters_one_at_a_time_as_it_checked_them(tmp_path: 
         loaded.parameter("conv1.weight")
     with pytest.raises(ValueError, match="SHA-256 differs"):  # loaded anew: refused whole
         checkpoint.load(path)
+
+
+def test_a_parameter_cut_short_on_disk_since_its_load_is_refused_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+    Trainer(seed=0).save(path)
+    with checkpoint.load(path) as loaded:
+        length = int.from_bytes(path.read_bytes()[:8], "little")
+        with path.open("r+b") as f:  # its header alone left, in place
+            f.truncate(8 + length)
+        with pytest.raises(ValueError) as refused:
+            loaded.parameter("conv1.weight")
+    assert str(refused.value).startswith(
+        "it is a damaged gradwire checkpoint: its parameter conv1.weight could not be read "
+        "again (Could not read tensor param/conv1.weight"
+    )
+    assert refused.value.what.startswith(  # type: ignore[attr-defined]
+        "damaged: its parameter conv1.weight could not be read again ("
+    )
 
 
 def test_the_checkpoints_are_listed_with_what_would_stop_a_load(
