@@ -823,6 +823,10 @@ SAVED_SETTINGS = (
             "its optimizer state for 'conv1.weight' is not an object of numbers",
         ),
         (
+            {"optimizer_scalars": '{"conv1.weight": {"step": "1"}}'},
+            "its optimizer state for 'conv1.weight' is not an object of numbers",
+        ),
+        (
             {"optimizer": SAVED_SETTINGS.replace("}", ', "amsgrad": true}')},
             "its optimizer settings hold fields unknown here: 'amsgrad'",
         ),
@@ -981,6 +985,13 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
             {"optim/conv2.weight/exp_avg_sq": torch.zeros(0)},
             "adam state exp_avg_sq of conv2.weight as float32 [0], where it is float32",
         ),
+        # No minimum to look at for negative values: told by its dtype, not a traceback.
+        (
+            ADAM,
+            {"optim/conv2.weight/exp_avg_sq": torch.zeros(32, 16, 3, 3, dtype=torch.complex64)},
+            "adam state exp_avg_sq of conv2.weight as complex64 [32, 16, 3, 3], where it is "
+            "float32 [32, 16, 3, 3]",
+        ),
     ],
     ids=[
         "grad-dtype",
@@ -996,6 +1007,7 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
         "adam-step-fraction",
         "adam-squares-negative",
         "adam-squares-empty",
+        "adam-squares-complex",
     ],
 )
 def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes_nothing(
@@ -1018,19 +1030,38 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     _train(fresh, 1)  # and it trains on
 
 
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 def test_adam_state_of_none_is_refused_where_only_sgd_s_momentum_may_be_none(
-    tmp_path: Path,
+    tmp_path: Path, key: str
 ) -> None:
     saved = Trainer(seed=0, optimizer=ADAM)
     _train(saved, 1)
     path = tmp_path / "state.safetensors"
     saved.save(path)
     tensors, metadata = _saved(path)
-    del tensors["optim/conv1.weight/exp_avg"]
-    scalars = json.dumps({"conv1.weight": {"exp_avg": None}})
+    del tensors[f"optim/conv1.weight/{key}"]
+    scalars = json.dumps({"conv1.weight": {key: None}})
     resave(tensors, path, {**metadata, "optimizer_scalars": scalars})
     message, fresh = _load_refused(path)
-    assert "adam state exp_avg of conv1.weight as NoneType, where it is float32 [16, " in message
+    assert f"adam state {key} of conv1.weight as NoneType, where it is float32 [16, " in message
+    _train(fresh, 1)
+
+
+def test_sgd_momentum_of_none_loads(tmp_path: Path) -> None:
+    """torch's SGD keeps a momentum_buffer of None for a parameter it has not stepped with
+    momentum yet (as some of its versions did): a checkpoint that holds one loads."""
+    saved = Trainer(seed=0, optimizer=MOMENTUM)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    tensors, metadata = _saved(path)
+    del tensors["optim/conv1.weight/momentum_buffer"]
+    scalars = json.dumps({"conv1.weight": {"momentum_buffer": None}})
+    resave(tensors, path, {**metadata, "optimizer_scalars": scalars})
+    fresh = Trainer(seed=1)
+    assert fresh.load(path) == saved.version
+    state = fresh._optimizer.state[fresh._parameters["conv1.weight"]]
+    assert state["momentum_buffer"] is None
     _train(fresh, 1)
 
 
@@ -2185,6 +2216,32 @@ def test_optimizer_state_that_is_no_tensor_is_kept_beside_the_tensors(tmp_path: 
         assert loaded.optimizer_state["conv1.weight"] == {"momentum_buffer": None, "scale": 0.5}
         kept = state[trainer._parameters["conv2.weight"]]["momentum_buffer"]
         assert torch.equal(loaded.optimizer_state["conv2.weight"]["momentum_buffer"], kept)
+
+
+class Slashed(nn.Module):
+    """A model whose layer's name holds a "/", as a ModuleDict keyed by paths makes one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("in/out", nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.get_submodule("in/out")(x)
+        return out
+
+
+def test_optimizer_state_of_a_parameter_whose_name_holds_a_slash_loads(tmp_path: Path) -> None:
+    spec = ModelSpec("Slashed", Slashed, sample_shape=(4,), num_classes=3)
+    saved = Trainer(spec, seed=0, optimizer=MOMENTUM)
+    x, y = FillSpec("uniform", (2, 4), low=-1, high=1, seed=1), FillSpec("ones", (2,))
+    saved.train_step(x, y, zero_grad=True, use=lambda selection: selection)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    restored = Trainer(spec, seed=1)
+    restored.load(path)
+    for trainer in (saved, restored):
+        trainer.train_step(x, y, zero_grad=True, use=lambda selection: selection)
+    assert torch.equal(restored.parameters["in/out.weight"], saved.parameters["in/out.weight"])
 
 
 def test_a_watch_every_n_steps_hears_of_a_checkpoint_s_load(
