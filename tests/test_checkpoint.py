@@ -2162,6 +2162,34 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     Trainer(spec, seed=2).load(path)
 
 
+class Viewing(nn.Module):
+    """A buffer that views part of another's values, as a model may keep a slice of a table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("table", torch.arange(6.0))
+        self.register_buffer("head", self.get_buffer("table")[:3])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_checkpoint_keeps_a_buffer_that_views_another(tmp_path: Path) -> None:
+    # safetensors refuses tensors that share memory: a buffer saved as it lies failed the save.
+    spec = ModelSpec("Viewing", Viewing, sample_shape=(4,), num_classes=3)
+    original = Trainer(spec, seed=0)
+    with torch.no_grad():
+        original._model.get_buffer("table").mul_(2)
+    path = tmp_path / "state.safetensors"
+    original.save(path)
+    restored = Trainer(spec, seed=1)
+    restored.load(path)
+    assert restored._model.get_buffer("table").tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
+    assert restored._model.get_buffer("head").tolist() == [0.0, 2.0, 4.0]
+
+
 def _saved_alone(trainer: Trainer, path: Path) -> None:
     """`trainer`'s parameters and optimizer state saved to `path` by checkpoint.save itself,
     without the trainer's lock or its checks around it."""
