@@ -140,8 +140,13 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
     whole = (tmp_path / "other.safetensors").read_bytes()
     header_end = 8 + int.from_bytes(whole[:8], "little")
     cut = tmp_path / "cut.safetensors"
-    # In its header, which then needs its own end; in its tensors, which need the whole.
-    for end, needs in ((400, header_end), (len(whole) - 4, len(whole))):
+    # In its header, which then needs its own end (within its last 8 bytes too: that was
+    # "not a safetensors file"); in its tensors, which need the whole.
+    for end, needs in (
+        (400, header_end),
+        (header_end - 8, header_end),
+        (len(whole) - 4, len(whole)),
+    ):
         cut.write_bytes(whole[:end])
         with pytest.raises(InvalidInput) as refused:
             Trainer().load(cut)

@@ -569,9 +569,12 @@ def _sizes(path: Path) -> tuple[int, int | None]:
             start = f.read(8)
             held = os.fstat(f.fileno()).st_size
             length = int.from_bytes(start, "little") if len(start) == 8 else 0
-            if not 2 <= length <= held:  # too short for its header: cut within it, or none
+            # Too short for its header (the 8 bytes of its length, then the header): cut
+            # within it, or none. Compared with the header's length alone, a file cut within
+            # the header's last 8 bytes was "not a safetensors file" (its JSON cut short).
+            if not 2 <= length <= held - 8:
                 first = f.read(1)
-                return held, (8 + length if first == b"{" and length > held else None)
+                return held, (8 + length if first == b"{" and 8 + length > held else None)
             header = json.loads(f.read(length))
     except (OSError, ValueError):  # a header that is no JSON: not one
         return 0, None
