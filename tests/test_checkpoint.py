@@ -610,6 +610,7 @@ def test_a_save_into_a_state_dir_removed_meanwhile_makes_it_again_and_holds_it(
                 trainer.save(state / "a.safetensors")
             assert "in use by another gradwire server (process 4242)" in str(lost.value)
             assert not (state / "a.safetensors").exists()
+    trainer.save(state / "b.safetensors")  # its server gone: the hold it had is not asked
     trainer.save(tmp_path / "elsewhere" / "b" / "c.safetensors")  # no server: folders made
 
 
@@ -2193,6 +2194,35 @@ def test_a_checkpoint_keeps_a_buffer_that_views_another(tmp_path: Path) -> None:
     restored.load(path)
     assert restored._model.get_buffer("table").tolist() == [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]
     assert restored._model.get_buffer("head").tolist() == [0.0, 2.0, 4.0]
+
+
+class Transposed(nn.Module):
+    """A weight kept transposed (a layer ported from another framework's layout): its values,
+    its gradient's and its momentum's lie out of a contiguous tensor's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4).t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_checkpoint_keeps_a_parameter_that_is_not_contiguous(tmp_path: Path) -> None:
+    # safetensors refuses a tensor that is not contiguous: saved as it lay, it failed the save.
+    spec = ModelSpec("Transposed", Transposed, sample_shape=(4,), num_classes=3)
+    saved = Trainer(spec, seed=0, optimizer=MOMENTUM)
+    x, y = FillSpec("uniform", (2, 4), low=-1, high=1, seed=1), FillSpec("ones", (2,))
+    saved.train_step(x, y, zero_grad=False, use=lambda selection: selection)
+    assert not saved.parameters["weight"].is_contiguous()
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    restored = Trainer(spec, seed=1)
+    restored.load(path)
+    for trainer in (saved, restored):
+        trainer.train_step(x, y, zero_grad=False, use=lambda selection: selection)
+    assert torch.equal(restored.parameters["weight"], saved.parameters["weight"])
+    assert torch.equal(restored.parameters["weight"].grad, saved.parameters["weight"].grad)  # type: ignore[arg-type]
 
 
 def _saved_alone(trainer: Trainer, path: Path) -> None:
