@@ -1094,6 +1094,20 @@ def test_adam_state_at_the_edge_of_what_a_run_makes_loads(
     _train(fresh, 1)
 
 
+def test_optimizer_settings_a_checkpoint_leaves_unset_load_as_pytorch_s_defaults(
+    tmp_path: Path,
+) -> None:
+    saved = Trainer(seed=0, optimizer=ADAM)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    settings = json.loads(_saved(path)[1]["optimizer"])
+    _altered(path, {"optimizer": json.dumps({**settings, "beta1": None, "eps": None})})
+    fresh = Trainer(seed=1)
+    fresh.load(path)
+    assert fresh.optimizer_settings == ADAM.resolved()
+    _train(fresh, 1)
+
+
 def test_serve_with_a_damaged_checkpoint_exits_2_and_says_so(tmp_path: Path) -> None:
     trainer = Trainer(seed=0)
     _train(trainer, 1)
@@ -1562,6 +1576,14 @@ def test_a_checkpoint_of_another_format_is_listed_naming_its_format(tmp_path: Pa
     _altered(tmp_path / "newer.safetensors", {"format": "gradwire-checkpoint-2"})
     [listed] = checkpoint.described(tmp_path, "Simple")
     assert listed.problem == "a gradwire checkpoint of another format, 'gradwire-checkpoint-2'"
+
+
+def test_a_file_whose_header_is_no_json_is_listed_as_not_a_safetensors_file(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "notes.safetensors").write_bytes((5).to_bytes(8, "little") + b"hello")
+    [listed] = checkpoint.described(tmp_path, "Simple")
+    assert listed.problem == "not a safetensors file"
 
 
 def test_a_checkpoint_is_deleted_by_name_for_room(
