@@ -145,6 +145,7 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
     for end, needs in (
         (400, header_end),
         (header_end - 8, header_end),
+        (header_end - 1, header_end),
         (len(whole) - 4, len(whole)),
     ):
         cut.write_bytes(whole[:end])
