@@ -1054,6 +1054,51 @@ def test_adam_state_of_none_is_refused_where_only_sgd_s_momentum_may_be_none(
     _train(fresh, 1)
 
 
+@pytest.mark.parametrize(
+    ("settings", "tensors", "scalars", "said"),
+    [
+        (
+            MOMENTUM,
+            {"optim/conv2.weight/velocity": torch.zeros(16)},
+            {},
+            "sgd state ['momentum_buffer', 'velocity'] for conv2.weight, where sgd keeps "
+            "['momentum_buffer']",
+        ),
+        (
+            ADAM,
+            {
+                "optim/conv1.weight/exp_avg": None,
+                "optim/conv1.weight/exp_avg_sq": -torch.ones(16, 3, 3, 3),
+            },
+            {"conv1.weight": {"exp_avg": None}},
+            "adam state exp_avg of conv1.weight as NoneType, where it is float32 [16, 3, 3, 3]; "
+            "adam state exp_avg_sq of conv1.weight holds negative values, where it is a running "
+            "mean of squared gradients: 0 or more",
+        ),
+    ],
+    ids=["sgd-key", "adam-none-and-negative"],
+)
+def test_optimizer_state_a_load_refuses_is_said_once_for_each_thing_wrong(
+    tmp_path: Path,
+    settings: OptimizerSettings,
+    tensors: dict[str, torch.Tensor | None],
+    scalars: dict[str, Any],
+    said: str,
+) -> None:
+    saved = Trainer(seed=0, optimizer=settings)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _tensors_altered(path, tensors)
+    if scalars:
+        _altered(path, {"optimizer_scalars": json.dumps(scalars)})
+    message, _ = _load_refused(path)
+    assert message == (
+        f"cannot load {path}: it is a damaged gradwire checkpoint: it holds {said}; restore it "
+        "from a copy, or move it away to start from fresh weights"
+    )
+
+
 def test_sgd_momentum_of_none_loads(tmp_path: Path) -> None:
     """torch's SGD keeps a momentum_buffer of None for a parameter it has not stepped with
     momentum yet (as some of its versions did): a checkpoint that holds one loads."""
