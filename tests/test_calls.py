@@ -25,7 +25,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 import gradwire
-from gradwire import call_stream, calls, errors, wire
+from gradwire import call_stream, calls, errors, limits, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent
 from gradwire.fill import Fill
@@ -196,6 +196,10 @@ def test_the_envelope_keeps_values_aligned_whatever_its_header() -> None:
         payload, error = calls.unwrap_response(data, "GetTensor")
         assert error is None and payload is not None and bytes(payload) == response
         assert pb.CallResponse.FromString(data).get_tensor == message
+    # An answer that holds no tensors has no alignment field: its call's field alone.
+    step = pb.StepResponse(version=1).SerializeToString()
+    field = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + wire.varint(len(step))
+    assert calls.response_bytes("Step", step) == field + step
 
 
 def test_an_answer_for_another_call_or_no_call_is_refused() -> None:
@@ -288,6 +292,14 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     # ... even where the envelope breaks off after it: the call's field still names it.
     code, message, reason, _ = error_of(raw.send(broken + b"\xff"))
     assert (reason, "not a valid gradwire.v1.StepRequest" in message) == ("MALFORMED_REQUEST", True)
+    # Two call fields, a whole Step's then a broken ZeroGrad's: the last names the call.
+    zero_grad = wire.varint(calls.METHODS["ZeroGrad"][0] << 3 | wire.LEN) + b"\x02\xff\xff"
+    step_then = wire.varint(calls.METHODS["Step"][0] << 3 | wire.LEN) + b"\x00" + zero_grad
+    code, message, reason, _ = error_of(raw.send(step_then))
+    assert (reason, "not a valid gradwire.v1.ZeroGradRequest" in message) == (
+        "MALFORMED_REQUEST",
+        True,
+    )
     # A Step's field written as 8 fixed bytes, in an envelope that breaks off, names no
     # call: the envelope is at fault.
     as_number = wire.varint(calls.METHODS["Step"][0] << 3 | 1) + b"\xff" * 8
@@ -320,21 +332,25 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     assert raw.close() == grpc.StatusCode.OK
 
 
-def test_a_message_of_two_calls_is_the_last_one_alone(raw: Raw) -> None:
+@pytest.mark.parametrize("kept", ["train_step", "forward"])
+def test_a_message_of_two_calls_is_the_last_one_alone(raw: Raw, kept: str) -> None:
     """Protobuf keeps the last of a oneof's fields: the values of a Forward before it must
     not fill the TrainStep kept (found by a review: a TrainStep sent without values took
-    the Forward's, where its unary call is refused)."""
+    the Forward's, where its unary call is refused); nor a TrainStep's, of a higher field
+    number, the Forward kept after it."""
     values = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[16, 3, 10, 10])
     values.float_values.extend(np.ones(4800, dtype=np.float32))  # 19.2 KB: its values cut out
-    forward = pb.CallRequest(forward=pb.ForwardRequest(input=pb.TensorSource(tensor=values)))
     empty = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[16, 3, 10, 10])
-    step = pb.CallRequest(
-        train_step=pb.TrainStepRequest(
-            input=pb.TensorSource(tensor=empty),
-            target=pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[16])),
-        )
-    )
-    both = forward.SerializeToString() + step.SerializeToString()
+    target = pb.TensorSource(fill=pb.Fill(kind=pb.Fill.KIND_ONES, shape=[16]))
+
+    def call(field: str, tensor: pb.Tensor) -> pb.CallRequest:
+        request = pb.TrainStepRequest if field == "train_step" else pb.ForwardRequest
+        made = pb.CallRequest()
+        getattr(made, field).CopyFrom(request(input=pb.TensorSource(tensor=tensor), target=target))
+        return made
+
+    other = "forward" if kept == "train_step" else "train_step"
+    both = call(other, values).SerializeToString() + call(kept, empty).SerializeToString()
     assert len(both) >= wire.SMALL_MESSAGE_BYTES
     code, message, _, _ = error_of(raw.send(both))
     assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -524,6 +540,49 @@ def test_a_short_timeout_after_a_long_one_is_kept(gated_server: Running) -> None
         with pytest.raises(errors.DeadlineExceeded):
             client.forward(Fill.ones(1, 2))  # held in the model until released
         assert time.monotonic() - started < 60
+
+
+def test_a_deadline_after_the_watchdog_went_idle_is_kept(
+    gated_server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog, woken at an answered call's deadline, waits with none to time: a later
+    call's deadline wakes it, though later than the past one it last slept until (were it
+    taken as asleep until that one, the call was cut off only WATCHDOG_IDLE_S later)."""
+    monkeypatch.setattr(call_stream, "WATCHDOG_IDLE_S", 600.0)
+    release = threading.Timer(20.0, Gate.release.set)  # the Forward's end, were it not cut
+    release.start()
+    try:
+        with streaming(f"127.0.0.1:{gated_server.port}", timeout=1.0) as client:
+            client.retries = 0
+            assert client.list_tensors().version == 0
+            time.sleep(1.5)  # past its deadline: the watchdog woke, and waits for another
+            client.timeout = 0.5
+            with pytest.raises(errors.DeadlineExceeded):
+                client.forward(Fill.ones(1, 2))  # held in the model until released
+            assert not release.finished.is_set()
+    finally:
+        release.cancel()
+
+
+def test_a_call_on_the_stream_carries_its_timeout_in_milliseconds_rounded_up(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CallRequest.timeout_ms: the client's timeout rounded up, the longest a gRPC deadline
+    holds as itself (not as 0, which is no deadline)."""
+    sent: list[int] = []
+    envelope = calls.request_pieces
+
+    def recorded(*args: Any) -> Any:
+        pieces = envelope(*args)
+        sent.append(pb.CallRequest.FromString(b"".join(map(bytes, pieces))).timeout_ms)
+        return pieces
+
+    monkeypatch.setattr(calls, "request_pieces", recorded)
+    with streaming(address, timeout=2.0004) as client:
+        assert client.list_tensors().version == 0
+        client.timeout = limits.MAX_GRPC_SECONDS
+        assert client.list_tensors().version == 0
+    assert sent == [2001, limits.MAX_GRPC_SECONDS * 1000]
 
 
 def test_a_stream_closed_before_a_call_is_written_sends_it_as_a_call_of_its_own(
@@ -842,6 +901,10 @@ def test_a_garbled_answer_on_the_stream_fails_its_call_and_the_stream(
             with pytest.raises(errors.Internal) as caught:
                 client.zero_grad()
             assert str(caught.value).startswith(f"INTERNAL: {said}")
+            if said.startswith("a garbled"):  # what to do about it
+                assert "whether the call ran is not known (read the state version)" in str(
+                    caught.value
+                )
             assert caught.value.changes_state
             assert len(opened) == tried  # each call on a stream of its own
 
@@ -866,6 +929,17 @@ def test_an_answer_naming_another_call_anywhere_is_refused(fields: list[pb.CallR
     data = b"".join(f.SerializeToString() for f in fields)
     with pytest.raises(ValueError, match="a Step response came for ZeroGrad"):
         calls.unwrap_response(data, "ZeroGrad")
+
+
+def test_an_answer_of_a_response_and_an_error_is_read_as_protobuf_reads_it() -> None:
+    """Both results of the oneof in one answer: the last is the one, as protobuf keeps it."""
+    status = status_pb2.Status(code=5, message="gone").SerializeToString()
+    response = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=3)).SerializeToString()
+    error = pb.CallResponse(error=status).SerializeToString()
+    payload, failed = calls.unwrap_response(error + response, "ZeroGrad")
+    assert failed is None and payload is not None
+    assert pb.ZeroGradResponse.FromString(bytes(payload)).version == 3
+    assert calls.unwrap_response(response + error, "ZeroGrad") == (None, status)
 
 
 def test_a_call_or_error_field_of_another_wire_type_is_no_answer() -> None:
