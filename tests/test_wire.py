@@ -83,6 +83,17 @@ def test_unpacked_values_fall_back_to_the_ordinary_parser() -> None:
     np.testing.assert_array_equal(
         codec.decode_split(split, TENSOR, split.message.tensor), [1.5, -2.0, 3.25]
     )
+    # One run under int64_values (sfixed64) that is a varint of 8 bytes: protobuf keeps it
+    # as an unknown field, no value, and split does not view its bytes as one.
+    number = pb.Tensor.DESCRIPTOR.fields_by_name["int64_values"].number
+    header = pb.Tensor(dtype=pb.DTYPE_INT64, shape=[1]).SerializeToString()
+    assert len(wire.varint(2**49)) == 8
+    one = wire.join(wire.length_field(3, [header + wire.varint(number << 3) + wire.varint(2**49)]))
+    assert len(pb.GetTensorResponse.FromString(one).tensor.int64_values) == 0
+    split = wire.split(one, pb.GetTensorResponse)
+    assert not split.cut
+    with pytest.raises(codec.CodecError, match="needs 1 values in int64_values, got 0"):
+        codec.decode_split(split, TENSOR, split.message.tensor)
 
 
 def test_a_tensor_field_of_another_wire_type_is_left_as_protobuf_leaves_it() -> None:
@@ -221,6 +232,33 @@ def test_a_varint_past_ten_bytes_is_a_decode_error() -> None:
         pb.GetTensorResponse.FromString(data)
     with pytest.raises(DecodeError, match="varint too long"):
         wire.split(data, pb.GetTensorResponse)
+    # Ten bytes, protobuf's longest (a negative int64), are read.
+    response = pb.GetTensorResponse(version=-1, tensor=codec.encode(np.arange(4, dtype=np.int64)))
+    split = wire.split(response.SerializeToString(), pb.GetTensorResponse)
+    assert split.message.version == -1 and TENSOR in split.cut
+
+
+def test_bytes_past_a_messages_last_field_are_a_decode_error() -> None:
+    """A key with no value after a tensor, or a tensor's last field that runs one byte past
+    the tensor's end (into the field after it): protobuf refuses both, and so does split,
+    which neither drops the stray byte nor lends the tensor its neighbour's."""
+    tensor = codec.encode_bytes(np.arange(4, dtype=np.float32))
+    data = wire.join(wire.length_field(3, [tensor]))
+    with pytest.raises(DecodeError):
+        pb.GetTensorResponse.FromString(data + b"\x08")
+    with pytest.raises(DecodeError):
+        wire.split(data + b"\x08", pb.GetTensorResponse)
+    values = wire.length_field(
+        pb.Tensor.DESCRIPTOR.fields_by_name["float_values"].number, [bytes(16)]
+    )
+    shape = pb.Tensor(shape=[4]).SerializeToString()  # its length one more than it holds
+    overrun = wire.join([*values, shape[:1], bytes([shape[1] + 1]), shape[2:]])
+    version = pb.GetTensorResponse(version=5).SerializeToString()
+    outer = wire.join([*wire.length_field(3, [overrun]), version])
+    with pytest.raises(DecodeError):
+        pb.GetTensorResponse.FromString(outer)
+    with pytest.raises(DecodeError):
+        wire.split(outer, pb.GetTensorResponse)
 
 
 def test_small_messages_skip_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
