@@ -131,12 +131,16 @@ def test_a_singular_message_sent_twice_is_merged_as_protobuf_merges() -> None:
 
 def test_nested_and_repeated_tensors_are_found() -> None:
     response = pb.TrainStepResponse(version=9, loss=1.5)
-    values = [np.arange(3, dtype=np.float32), np.arange(4, dtype=np.float64)]
+    values = [
+        np.arange(3, dtype=np.float32),
+        np.arange(4, dtype=np.float64),
+        np.arange(5, dtype=np.float32),  # the third: each occurrence counted, not only the first
+    ]
     for i, value in enumerate(values):
         fetched = response.fetched.add(version=9, name=f"t{i}")
         fetched.tensor.CopyFrom(codec.encode(value))
     split = wire.split(response.SerializeToString(), pb.TrainStepResponse)
-    assert set(split.cut) == {((5, 0), (3, 0)), ((5, 1), (3, 0))}
+    assert set(split.cut) == {((5, i), (3, 0)) for i in range(3)}
     for i, value in enumerate(values):
         path = ((5, i), (3, 0))
         got = codec.decode_split(split, path, split.message.fetched[i].tensor)
@@ -206,10 +210,16 @@ def test_a_torch_tensor_read_from_the_received_bytes_is_its_own_memory() -> None
 
 
 @pytest.mark.parametrize(
-    "data", [b"\xff", b"\x1a\x10\x00", b"\x0f\x00", b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"]
+    ("data", "said"),
+    [
+        (b"\xff", "truncated varint"),
+        (b"\x1a\x10\x00", "field runs past the end of its message"),
+        (b"\x0f\x00", "wire type 7 does not exist"),
+        (b"\x1a" + b"\xff" * 10, "varint too long"),
+    ],
 )
-def test_garbage_is_a_decode_error(data: bytes) -> None:
-    with pytest.raises(DecodeError):
+def test_garbage_is_a_decode_error(data: bytes, said: str) -> None:
+    with pytest.raises(DecodeError, match=f"^not a GetTensorResponse: {said}$"):
         wire.split(data, pb.GetTensorResponse)
 
 
