@@ -101,3 +101,5 @@ def test_a_selector_of_the_most_characters_taken_is_parsed() -> None:
     with pytest.raises(SelectorError, match="1,025 characters") as caught:
         parse_selector("x" + longest)
     assert str(caught.value).startswith(repr("x" * 60) + "...: a selector of 1,025")  # its start
+    with pytest.raises(SelectorError, match="1,025 characters"):  # spaces count too
+        parse_selector(" " + longest)
