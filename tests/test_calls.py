@@ -518,9 +518,10 @@ def test_a_call_past_its_timeout_raises_and_the_next_goes_on_a_new_stream(
     with streaming(f"127.0.0.1:{gated_server.port}", timeout=0.5) as client:
         client.retries = 0
         started = time.monotonic()
-        with pytest.raises(errors.DeadlineExceeded):
+        with pytest.raises(errors.DeadlineExceeded) as caught:
             client.forward(Fill.ones(1, 2))  # held in the model until released
         assert time.monotonic() - started < 10
+        assert "Deadline Exceeded" in str(caught.value)  # gRPC's words for a unary call's
         first = client._calls
         assert first is not None and first.spent
         Gate.release.set()
@@ -1046,6 +1047,8 @@ def test_closing_a_stream_ends_its_watchdog_at_once(
         assert stream is not None
         watchdog = stream._watchdog
         assert watchdog is not None and watchdog.is_alive()
+        assert client.list_tensors().version == 0
+        assert stream._watchdog is watchdog  # one thread times every call, not one each
     eventually(lambda: not watchdog.is_alive(), "the closed stream's watchdog still waits")
 
 
