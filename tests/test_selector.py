@@ -70,14 +70,14 @@ def test_name_and_text_form() -> None:
         ("conv1.\x7fweight", "expected a tensor name"),
         ("conv1.\x85weight", "expected a tensor name"),  # C1 control characters too
         ("conv1.weight[0", r"^'conv1\.weight\[0': the index is not valid Python: \S"),
-        ("conv1.weight[a]", "not an integer"),
+        ("conv1.weight[a]", r"^'conv1\.weight\[a\]': 'a' is not an integer"),
         ("conv1.weight[1.5]", "not an integer"),
         ("conv1.weight[0].grad", "only \\[...\\] may follow"),
-        ("conv1.weight[::0]", "step cannot be zero"),
+        ("conv1.weight[::0]", r"^'conv1\.weight\[::0\]': slice step cannot be zero"),
         ("conv1.weight[..., ...]", "single ellipsis"),
         ("conv1.weight[[0, 1]]", "not an integer"),
         ("conv1.weight[True]", "not an integer"),
-        ("conv1.weight[-None]", "a sign needs a number after it"),
+        ("conv1.weight[-None]", r"^'conv1\.weight\[-None\]': a sign needs a number after it"),
         ("conv1.weight[1:+None]", "a sign needs a number after it"),
     ],
 )
