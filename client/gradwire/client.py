@@ -485,6 +485,7 @@ class Client:
         self.stream_calls = stream_calls
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
+        self._closing = False  # close() has begun: a call it cuts off raises ClientClosed
         self._no_batch = False  # the server has no Batch RPC: a batch's calls go in a pipeline
         # Calls the server's Calls stream does not know (older than them): each goes unary.
         self._not_on_stream: set[str] = set()
@@ -795,8 +796,11 @@ class Client:
         ClientClosed for a call under way (in another thread, or a stream being read) that
         gRPC cancelled as this client's channel closed: its "CANCELLED: Stream removed
         (Channel closed!)" read as the server's doing (a Train's steps taken stay
-        applied)."""
-        if error.code() == grpc.StatusCode.CANCELLED and self._channel in _CLOSED_CHANNELS:
+        applied). So too for a call on this client's Calls stream that its close() cut
+        off, the channel given (`channel=`) and left open: it raised "CANCELLED: Locally
+        cancelled by application!" (found by a review of call_stream.py)."""
+        cancelled = error.code() == grpc.StatusCode.CANCELLED
+        if cancelled and (self._closing or self._channel in _CLOSED_CHANNELS):
             cut = f"{method} cut off"
             if method == "Train":
                 cut += ", its steps taken staying applied (read the state version)"
@@ -913,8 +917,11 @@ class Client:
         server until it expired, no client left to close it. A channel given (`channel=`)
         is left open, for its owner to close: the sessions are closed all the same, and
         this client's calls, and its session clients', raise ClientClosed from then on
-        (calls already under way on that channel go on)."""
+        (calls already under way on that channel go on, but for one of this client's on
+        its Calls stream, `stream_calls`, which is cut off, ClientClosed, if it has not
+        been answered within a second)."""
         try:
+            self._closing = True
             self._no_calls = True  # a call after close() opens no stream that nothing closes
             self._close_call_stream()
             if self.session is not None and self._owns_session:
