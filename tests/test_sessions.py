@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -848,14 +849,26 @@ def test_a_stream_under_way_when_its_client_closes_raises_client_closed(address:
     assert [type(e) for e in reader.errors] == [errors.ClientClosed]
 
 
-def test_a_unary_call_under_way_when_its_client_closes_raises_client_closed() -> None:
-    """As a stream does (found by the review of the twenty-first session's change): it
-    raised gRPC's CANCELLED. The call waits on a server that accepts the connection and
-    never answers, so it is under way for certain when the client closes."""
-    with socket.socket() as mute:
+@pytest.mark.parametrize(
+    "given", [False, True], ids=["unary-own-channel", "calls-stream-given-channel"]
+)
+def test_a_call_under_way_when_its_client_closes_raises_client_closed(given: bool) -> None:
+    """A unary call, as a stream does (found by the review of the twenty-first session's
+    change): it raised gRPC's CANCELLED. And a call on the client's Calls stream
+    (stream_calls), cut off a second into close() when unanswered, on a channel given
+    (`channel=`), which close() leaves open: it raised gRPC's "CANCELLED: Locally cancelled
+    by application!" as if the server had cancelled it (found by a review of
+    call_stream.py). The call waits on a server that accepts the connection and never
+    answers, so it is under way for certain when the client closes."""
+    with socket.socket() as mute, contextlib.ExitStack() as stack:
         mute.bind(("127.0.0.1", 0))
         mute.listen(8)
-        client = gradwire.connect(f"127.0.0.1:{mute.getsockname()[1]}", timeout=60)
+        address = f"127.0.0.1:{mute.getsockname()[1]}"
+        if given:
+            channel = stack.enter_context(grpc.insecure_channel(address))
+            client = gradwire.Client(address, channel=channel, timeout=60, stream_calls=True)
+        else:
+            client = gradwire.connect(address, timeout=60)
         client.retries = 0
         failed: list[BaseException] = []
 
@@ -871,39 +884,6 @@ def test_a_unary_call_under_way_when_its_client_closes_raises_client_closed() ->
         client.close()
         thread.join(30)
         connection.close()
-    assert [type(e) for e in failed] == [errors.ClientClosed]
-    assert failed[0].changes_state  # type: ignore[attr-defined]  # a Step may have been applied
-
-
-def test_a_call_on_the_calls_stream_its_client_closes_raises_client_closed_on_a_given_channel() -> (
-    None
-):
-    """A call on the client's Calls stream (stream_calls) is cut off a second into close()
-    when unanswered; on a channel given (`channel=`), which close() leaves open, it raised
-    gRPC's "CANCELLED: Locally cancelled by application!" as if the server had cancelled
-    it, where an owned channel's raised ClientClosed (found by a review of
-    call_stream.py). The server accepts the connection and never answers."""
-    with socket.socket() as mute:
-        mute.bind(("127.0.0.1", 0))
-        mute.listen(8)
-        address = f"127.0.0.1:{mute.getsockname()[1]}"
-        with grpc.insecure_channel(address) as channel:
-            client = gradwire.Client(address, channel=channel, timeout=60, stream_calls=True)
-            client.retries = 0
-            failed: list[BaseException] = []
-
-            def step() -> None:
-                try:
-                    client.step()
-                except BaseException as error:  # what the call raised, to check
-                    failed.append(error)
-
-            thread = threading.Thread(target=step)
-            thread.start()
-            connection, _ = mute.accept()  # the call is under way: its channel connected
-            client.close()
-            thread.join(30)
-            connection.close()
     assert [type(e) for e in failed] == [errors.ClientClosed], failed
     assert str(failed[0]).startswith("Step cut off: this client is closed")
     assert failed[0].changes_state  # type: ignore[attr-defined]  # a Step may have been applied
