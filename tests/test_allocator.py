@@ -15,6 +15,7 @@ import pytest
 from gradwire_server import allocator
 from tests.background import eventually
 from tests.serve_process import serving
+from tests.thread_starts import RefusedStarts
 
 glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="malloc settings are glibc's")
 
@@ -154,6 +155,23 @@ def test_an_arena_limit_the_caller_set_stands(environment: dict[str, str]) -> No
     assert growth_mib(**environment) > 6 * 32
 
 
+def test_a_tunable_the_caller_set_is_found_wherever_it_stands_in_the_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GLIBC_TUNABLES holds several settings, colon-separated: the caller's arena limit
+    stands after another tunable too, and another tunable is not it."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    for tunables, set_by_caller in [
+        ("glibc.malloc.arena_max=4", True),
+        ("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4", True),
+        ("glibc.malloc.arena_test=4", False),
+        ("", False),
+    ]:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+        found = allocator._set_by_caller("MALLOC_ARENA_MAX", "glibc.malloc.arena_max")
+        assert found is set_by_caller, tunables
+
+
 @glibc_only
 def test_gradwire_serve_keeps_freed_memory_unless_told_not_to() -> None:
     with serving() as (_, log):
@@ -176,6 +194,10 @@ def test_a_setting_glibc_refuses_is_told(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     refused = (1, 1 << 20, "MALLOC_MXFAST_", "glibc.malloc.mxfast")  # M_MXFAST
     monkeypatch.setattr(allocator, "SETTINGS", (refused,))
+    assert allocator.keep_freed_memory() is False
+    # Told though a setting after it was taken (glibc's default fast-bin size, 128 bytes).
+    taken = (1, 128, "MALLOC_MXFAST_", "glibc.malloc.mxfast")
+    monkeypatch.setattr(allocator, "SETTINGS", (refused, taken))
     assert allocator.keep_freed_memory() is False
 
 
@@ -232,6 +254,15 @@ def test_onednn_keeps_the_kernels_of_a_few_shapes_only() -> None:
 def test_gradwire_serve_caps_onednn_s_cache() -> None:
     with serving() as (_, log):
         assert f"oneDNN keeps at most {allocator.ONEDNN_CACHE_CAPACITY} compiled CPU kernels" in log
+
+
+def test_the_onednn_capacity_returned_is_the_one_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's capacity stands, and is the one `gradwire serve` logs."""
+    monkeypatch.setenv(allocator.ONEDNN_CACHE_VARIABLE, "1024")
+    assert allocator.limit_onednn_cache() == "1024"
+    monkeypatch.delenv(allocator.ONEDNN_CACHE_VARIABLE)
+    assert allocator.limit_onednn_cache(64) == "64"
+    assert os.environ[allocator.ONEDNN_CACHE_VARIABLE] == "64"
 
 
 #: 64 blocks of 1 MiB, each with a small block after it that stays, written and freed: holes
@@ -300,6 +331,38 @@ def test_a_trickle_of_calls_puts_the_release_off_no_longer_than_its_longest_wait
         release.soon(10)
         time.sleep(0.2)  # never a quiet second
     assert released == [1]
+
+
+def test_by_default_a_release_waits_for_16_mib_read_then_a_quiet_second() -> None:
+    """The health service's settings: requests of 4 KiB from any caller released nothing
+    until 16 MiB had been read, and none is released during a burst."""
+    released: list[float] = []
+    release = allocator.ReleaseWhenQuiet(release=lambda: released.append(1))
+    release.soon((16 << 20) - 1)
+    time.sleep(1.2)
+    assert released == []
+    release.soon(1)
+    time.sleep(0.3)
+    assert released == []  # a quiet second first
+    eventually(lambda: released == [1])
+
+
+def test_a_release_whose_thread_could_not_start_is_tried_by_the_next_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread could start (out of memory): nothing released, and the next request
+    starts one, rather than finding a release waiting that never will."""
+    released: list[float] = []
+    release = allocator.ReleaseWhenQuiet(
+        quiet_s=0.05, most_s=0.1, least_bytes=10, release=lambda: released.append(1)
+    )
+    starts = RefusedStarts(monkeypatch, lambda name: name == "gradwire-release")
+    release.soon(10)
+    time.sleep(0.3)
+    assert released == []
+    starts.refusing = False
+    release.soon(10)
+    eventually(lambda: released == [1])
 
 
 def test_small_calls_release_nothing_until_their_bytes_add_up() -> None:
