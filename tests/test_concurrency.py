@@ -153,6 +153,23 @@ def test_slots_refuse_over_the_limit_at_once_and_come_back() -> None:
         pass
 
 
+def test_busy_counts_the_streams_alone_among_the_places_held() -> None:
+    """A unary call and an operator's call beside a stream: BUSY says the limit's calls, of
+    them one stream; a stream refused at the limit is BUSY too."""
+    slots = Slots(2)
+    with slots.stream, slots, slots.operator:
+        with pytest.raises(OverLimit) as info, slots:
+            pass
+        assert info.value.reason == "BUSY"
+        assert info.value.message.startswith(
+            "the server is busy: 2 calls in progress, 1 of them streams (Watch,"
+        )
+    with slots, slots, pytest.raises(OverLimit) as refused, slots.stream:
+        pass
+    assert refused.value.reason == "BUSY"
+    assert refused.value.message.endswith("in progress; retry shortly")  # it holds none
+
+
 def test_an_operator_sees_and_closes_the_sessions_whose_streams_hold_every_place(
     trainer: Trainer,
 ) -> None:
