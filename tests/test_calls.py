@@ -35,6 +35,7 @@ from gradwire_server.errors import Stopping
 from gradwire_server.message_context import MessageContext
 from gradwire_server.models import ModelSpec
 from gradwire_server.servicer import SERVICE, TrainerServicer, method_handlers
+from gradwire_server.sessions import UnknownSession
 from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import WaitingStreams
 from tests.background import eventually
@@ -413,6 +414,32 @@ def test_a_session_closed_under_a_stream_ends_it_not_found(
         default.close()
 
 
+def test_streams_ended_by_a_session_s_close_or_a_stop_are_counted_as_their_clients_saw() -> None:
+    """Counted and logged with the status the client got (NOT_FOUND, UNAVAILABLE), not as
+    streams their callers cancelled."""
+    listing = pb.CallRequest(list_tensors=pb.ListTensorsRequest())
+    with running_server(metrics_port=0) as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address, timeout=30) as client, grpc.insecure_channel(address) as ch:
+            session = client.open_session(seed=0)
+            closed = Raw(ch, metadata=(("gradwire-session", session.session or ""),))
+            assert closed.call(listing).list_tensors.version == 0
+            eventually(lambda: running.servicer.waiting.count == 1)
+            session.close()
+            with pytest.raises(grpc.RpcError):
+                next(closed.responses)
+            eventually(lambda: counted(scrape(running), CALLS, "NOT_FOUND") == 1)
+            stopped = Raw(ch)
+            assert stopped.call(listing).list_tensors.version == 0
+            eventually(lambda: running.servicer.waiting.count == 1)
+            running.servicer.stop()
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stopped.responses)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            eventually(lambda: counted(scrape(running), CALLS, "UNAVAILABLE") == 1)
+            assert counted(scrape(running), CALLS, "CANCELLED") == 0
+
+
 def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) -> None:
     """Its call is answered as its unary call would be (UNKNOWN_SESSION), then the stream
     ends, with the reason: it could never run another."""
@@ -738,6 +765,29 @@ def test_a_message_that_comes_as_the_stop_begins_is_not_run() -> None:
     assert context.cancelled
     with pytest.raises(Stopping):  # and a stream that comes back to wait does not
         waiting.next_message(iter(["third"]), cast(grpc.ServicerContext, context))
+
+
+def test_a_stream_whose_session_closes_as_it_waits_ends_with_the_session_s_error() -> None:
+    """gRPC ends a cancelled stream's request iterator either way, raising or as if its
+    client had ended it: a stream its session's close ended was counted OK when the
+    iterator ended, one run in two, where its client saw NOT_FOUND."""
+    waiting, context = WaitingStreams(), _Cancellable()
+    closed: list[str] = []
+
+    def gone() -> UnknownSession | None:
+        return UnknownSession("closed") if closed else None
+
+    def requests() -> Iterator[str]:
+        closed.append("s1")  # closed as the stream waits; its iterator then ends
+        waiting.end_session("s1", "closed")
+        yield from ()
+
+    with pytest.raises(UnknownSession):
+        waiting.next_message(requests(), cast(grpc.ServicerContext, context), "s1", gone)
+    assert context.cancelled
+    # A client that ends its stream while its session is open ends it as before.
+    still_open = cast(grpc.ServicerContext, _Cancellable())
+    assert waiting.next_message(iter([]), still_open, "s2", lambda: None) is None
 
 
 def test_a_stream_the_server_ended_while_idle_is_not_written_to() -> None:

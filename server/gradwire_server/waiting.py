@@ -88,6 +88,9 @@ class WaitingStreams:
                 del self._waiting[context]
         if self._stopped:
             raise Stopping(self.stopped)
+        # end_session's cancel may end the iterator as a client's end would, not raise.
+        if message is None and gone is not None and (error := gone()) is not None:
+            raise error
         return message
 
     @property
