@@ -13,7 +13,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
@@ -767,27 +767,40 @@ def test_a_message_that_comes_as_the_stop_begins_is_not_run() -> None:
         waiting.next_message(iter(["third"]), cast(grpc.ServicerContext, context))
 
 
-def test_a_stream_whose_session_closes_as_it_waits_ends_with_the_session_s_error() -> None:
-    """gRPC ends a cancelled stream's request iterator either way, raising or as if its
-    client had ended it: a stream its session's close ended was counted OK when the
-    iterator ended, one run in two, where its client saw NOT_FOUND."""
+def _cancelled_stream(cancel: Callable[[], None], raising: bool) -> Iterator[str]:
+    """A request iterator whose call is cancelled as it waits (`cancel`), then raises as
+    gRPC does, or ends as if its client had ended it (gRPC does either)."""
+    cancel()
+    if raising:
+        raise grpc.RpcError("cancelled")
+    yield from ()
+
+
+@pytest.mark.parametrize("raising", [True, False], ids=["raising", "ending"])
+def test_a_stream_ended_as_it_waits_ends_with_why_however_grpc_ends_it(raising: bool) -> None:
+    """A stream its session's close ended was counted OK when the iterator ended, one run
+    in two, where its client saw NOT_FOUND; one a stop ended is STOPPING either way, not
+    a stream its caller cancelled."""
     waiting, context = WaitingStreams(), _Cancellable()
     closed: list[str] = []
 
     def gone() -> UnknownSession | None:
         return UnknownSession("closed") if closed else None
 
-    def requests() -> Iterator[str]:
-        closed.append("s1")  # closed as the stream waits; its iterator then ends
+    def close() -> None:
+        closed.append("s1")
         waiting.end_session("s1", "closed")
-        yield from ()
 
     with pytest.raises(UnknownSession):
-        waiting.next_message(requests(), cast(grpc.ServicerContext, context), "s1", gone)
+        waiting.next_message(
+            _cancelled_stream(close, raising), cast(grpc.ServicerContext, context), "s1", gone
+        )
     assert context.cancelled
     # A client that ends its stream while its session is open ends it as before.
     still_open = cast(grpc.ServicerContext, _Cancellable())
     assert waiting.next_message(iter([]), still_open, "s2", lambda: None) is None
+    with pytest.raises(Stopping):
+        waiting.next_message(_cancelled_stream(waiting.stop, raising), still_open, "s2")
 
 
 def test_a_stream_the_server_ended_while_idle_is_not_written_to() -> None:
