@@ -42,6 +42,7 @@ from tests.background import Reader, eventually
 from tests.serve_process import serving
 from tests.signals import signal_another_thread
 from tests.test_calls import _Cancellable
+from tests.thread_starts import RefusedStarts
 
 
 def test_health_reports_serving_then_not_serving(trainer: Trainer) -> None:
@@ -522,6 +523,21 @@ def test_a_stream_whose_handler_starts_after_the_stop_is_looked_at_too() -> None
     eventually(lambda: "gradwire-stalled" not in {t.name for t in threading.enumerate()})
     with sending.open(cast(grpc.ServicerContext, late), "late") as stream:
         first = stream.send("first")  # the first update, sent before it looks for the stop
+        next(first)
+        eventually(lambda: late.cancelled, "the late stream's send was not ended")
+
+
+def test_a_stop_whose_thread_could_not_start_starts_it_for_the_next_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No thread could start at the stop (out of memory): a stream opened after, once one
+    can, is looked at, rather than the stop taking its thread for one that runs."""
+    sending, late = SendingStreams(stalled_s=0.1), _Cancellable()
+    starts = RefusedStarts(monkeypatch, lambda name: name == "gradwire-stalled")
+    sending.stop()
+    starts.refusing = False
+    with sending.open(cast(grpc.ServicerContext, late), "late") as stream:
+        first = stream.send("first")  # under way until gRPC asks for the next
         next(first)
         eventually(lambda: late.cancelled, "the late stream's send was not ended")
 
