@@ -265,6 +265,21 @@ def test_an_address_not_of_this_machine_is_named(
     assert "add port" not in capfd.readouterr().err.lower()  # gRPC was not asked
 
 
+def test_a_privileged_port_and_a_bind_only_grpc_refused_are_said_with_what_to_do() -> None:
+    """Root, as CI runs, binds a port under 1024 (refused EACCES to others); gRPC may
+    refuse a bind its probe made, saying only "failed to bind"."""
+    from gradwire_server.app import _cannot_listen
+
+    refused = OSError(errno.EACCES, "Permission denied")
+    assert _cannot_listen("0.0.0.0:80", "0.0.0.0", 80, refused) == (
+        "cannot listen on 0.0.0.0:80: port 80 needs privileges to listen on; choose one above 1023"
+    )
+    assert _cannot_listen("127.0.0.1:5", "127.0.0.1", 5, None) == (
+        "cannot listen on 127.0.0.1:5: the port is in use or the address is not this "
+        "machine's; choose another --port (0 picks a free one) or --host"
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="says what it found on a GPU machine")
 def test_the_log_says_no_gpu_was_found_only_when_the_server_chose_the_device() -> None:
     from gradwire_server.app import describe_device
