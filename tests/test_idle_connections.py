@@ -296,6 +296,17 @@ def test_serve_lowers_the_limit_to_fit_its_open_files() -> None:
     assert "open files: up to" not in log  # soft and hard alike: nothing raised, nothing said
 
 
+def test_serve_under_fewer_open_files_than_it_keeps_still_takes_one_connection() -> None:
+    """Under 120 open files, fewer than FILES_KEPT: one connection, not none or no limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 120:
+        pytest.skip(f"a hard limit of {hard} open files is below the test's")
+    under = ("sh", "-c", 'ulimit -n 120 && exec "$@"', "sh")
+    reported, _, log = _served(under=under)
+    assert reported.max_connections == 1
+    assert "--max-connections 1,000 lowered to 1: this process may open 120 files" in log, log
+
+
 def test_a_limit_on_connections_that_just_fits_the_open_files_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
