@@ -934,6 +934,23 @@ def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(
+    tmp_path: Path,
+) -> None:
+    """A file another server has written since, or that names no port, is left."""
+    from gradwire_server.app import forget_port
+
+    port_file = tmp_path / "port"
+    for text in ["50052\n", "not a port\n"]:
+        port_file.write_text(text)
+        forget_port(port_file, 50051)
+        assert port_file.read_text() == text
+    port_file.write_text("50051\n")
+    forget_port(port_file, 50051)
+    assert not port_file.exists()
+    forget_port(port_file, 50051)  # gone already: nothing to do
+
+
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:
     port_file = tmp_path / "nope" / "port"
     out = _serve_refused("--port-file", str(port_file))
