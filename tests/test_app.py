@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import resource
@@ -1039,6 +1040,18 @@ def test_a_failed_save_is_an_error_record_and_sessions_closed_are_said(tmp_path:
     assert [r["level"] for r in records if r["message"].startswith(lost)] == ["ERROR"]
     closing = "closing the 1 session(s) still open; only the default session's state is saved"
     assert [r["level"] for r in records if r["message"] == closing] == ["INFO"]
+
+
+def test_sessions_closed_at_a_stop_without_a_save_are_said_without_one(
+    trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = start(trainer, "127.0.0.1", 0)
+    with gradwire.connect(f"127.0.0.1:{running.port}", timeout=10) as client:
+        client.open_session(seed=0).detach()
+    with caplog.at_level(logging.INFO, logger="gradwire_server"):
+        running.stop(grace=None)
+    closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closing")]
+    assert closing == ["closing the 1 session(s) still open"]
 
 
 def test_a_stop_s_long_save_is_said_as_a_save_not_as_a_call_waited_for(tmp_path: Path) -> None:

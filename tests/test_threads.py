@@ -324,6 +324,16 @@ def test_gradwire_serve_says_how_steps_use_threads() -> None:
         assert expected in log
 
 
+def test_the_flag_without_an_openmp_runtime_is_said_to_use_torch_s_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(openmp, "available", lambda: False)
+    threads = torch.get_num_threads()
+    assert describe_threads(True, torch.device("cpu")) == (
+        f"steps run on torch's {threads} threads (OpenMP runtime not found)"
+    )
+
+
 def test_the_flag_is_said_to_change_nothing_on_a_gpu() -> None:
     cuda = torch.device("cuda:0")  # a device named, not used: no GPU needed
     assert describe_threads(True, cuda) == (
