@@ -538,6 +538,8 @@ def test_an_error_the_device_does_not_recover_from_turns_health_not_serving(
             with caplog.at_level(logging.CRITICAL), pytest.raises(errors.Internal):
                 client.forward(np.ones((1, 2), np.float32))
             assert client.health() == "NOT_SERVING"
+            # The service too: a check that names it (Kubernetes' grpc probe may) said SERVING.
+            assert client.health("gradwire.v1.Trainer") == "NOT_SERVING"
             assert any("restart the server" in r.getMessage() for r in caplog.records)
     finally:
         running.stop(grace=None)
