@@ -933,6 +933,7 @@ def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path)
     check_port_file(port_file)
     assert not port_file.exists()
     assert list(tmp_path.iterdir()) == []
+    check_port_file(port_file)  # none there: nothing to remove, and no refusal
 
 
 def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(
@@ -1124,7 +1125,8 @@ def test_idle_connections_up_to_the_hard_limit_on_open_files_leave_the_server_se
     under = ("sh", "-c", 'ulimit -Sn 256 && exec "$@"', "sh")
     with serving("--port-file", str(port_file), under=under) as (_, log):
         port = int(port_file.read_text())
-        assert "open files: up to" in log  # the hard limit, and 256 before
+        raised = "unlimited" if hard == resource.RLIM_INFINITY else f"{hard:,}"
+        assert f"open files: up to {raised}, each client connection takes one (was 256)" in log
         idle = []
         try:
             for _ in range(300):
