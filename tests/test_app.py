@@ -288,6 +288,7 @@ def test_the_log_says_no_gpu_was_found_only_when_the_server_chose_the_device() -
     cpu = torch.device("cpu")
     assert describe_device(cpu, "auto") == "cpu (no CUDA device found)"
     assert describe_device(cpu, "cpu") == "cpu"
+    assert describe_device(cpu, "cpu:0") == "cpu"  # a CPU named, in any spelling
 
 
 @pytest.fixture
@@ -920,6 +921,9 @@ def test_the_start_checks_refuse_with_their_reasons(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput) as refused:
             check(path)
         assert refused.value.reason == reason, path
+    # A file where its folder should be is no folder, as a missing one is.
+    with pytest.raises(InvalidInput, match=r"there is no folder .*afile to write it in$"):
+        check_port_file(afile / "port")
 
 
 def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path) -> None:
