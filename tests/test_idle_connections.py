@@ -305,6 +305,9 @@ def test_serve_under_fewer_open_files_than_it_keeps_still_takes_one_connection()
     reported, _, log = _served(under=under)
     assert reported.max_connections == 1
     assert "--max-connections 1,000 lowered to 1: this process may open 120 files" in log, log
+    reported, _, log = _served("--max-connections", "0", under=under)  # no limit: none made
+    assert reported.max_connections == 0
+    assert "lowered" not in log
 
 
 def test_a_limit_on_connections_that_just_fits_the_open_files_is_kept(
