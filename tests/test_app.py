@@ -648,6 +648,23 @@ def test_a_stop_lets_a_calls_streams_call_finish_and_runs_none_after_it(
     assert running.trainer.version == 1
 
 
+def test_a_stop_whose_grace_thread_could_not_start_still_waits_for_the_call_in_progress(
+    gated_server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's thread for the grace period could not start (out of memory): the stop waits
+    out the grace period itself, and the call in progress is answered, not cut off."""
+    running = gated_server
+    RefusedStarts(monkeypatch, lambda name: "cancel_all_calls_after_grace" in name)
+    answers: dict[str, Any] = {}
+
+    def held() -> None:
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=60) as client:
+            answers["held"] = client.forward(Fill.ones(1, 2))
+
+    assert _stop_during_held_forward(running, threading.Thread(target=held, daemon=True)) < 10
+    assert getattr(answers.get("held"), "version", None) == 1
+
+
 # --- found by a review of the server as an operator runs it ---------------------------------
 
 
