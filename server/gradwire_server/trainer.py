@@ -1872,7 +1872,7 @@ class Trainer:
         device's memory) a step can still run out in a band just above what it needs,
         where the other threads' allocations decide (glibc gives each arena 64 MiB of
         address space at a time): a model of 72 MiB was half stepped by Adam's first step
-        now and then under 272-318 MiB of headroom, it needing 272.
+        now and then under 272-286 MiB of headroom, it needing 272.
         """
         settings = self._settings
         states = _state_tensors(settings)
