@@ -570,6 +570,20 @@ def test_a_short_timeout_after_a_long_one_is_kept(gated_server: Running) -> None
         assert time.monotonic() - started < 60
 
 
+def a_held_forward_is_cut_off_at_its_deadline(client: gradwire.Client, release_s: float) -> None:
+    """A Forward held in the gated model is cut off at a timeout of 0.5 s, well before the
+    gate opens `release_s` after it is sent (its end, were it not cut off)."""
+    release = threading.Timer(release_s, Gate.release.set)
+    release.start()
+    try:
+        client.timeout = 0.5
+        with pytest.raises(errors.DeadlineExceeded):
+            client.forward(Fill.ones(1, 2))  # held in the model until released
+        assert not release.finished.is_set()
+    finally:
+        release.cancel()
+
+
 def test_a_deadline_after_the_watchdog_went_idle_is_kept(
     gated_server: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -577,19 +591,11 @@ def test_a_deadline_after_the_watchdog_went_idle_is_kept(
     call's deadline wakes it, though later than the past one it last slept until (were it
     taken as asleep until that one, the call was cut off only WATCHDOG_IDLE_S later)."""
     monkeypatch.setattr(call_stream, "WATCHDOG_IDLE_S", 600.0)
-    release = threading.Timer(20.0, Gate.release.set)  # the Forward's end, were it not cut
-    release.start()
-    try:
-        with streaming(f"127.0.0.1:{gated_server.port}", timeout=1.0) as client:
-            client.retries = 0
-            assert client.list_tensors().version == 0
-            time.sleep(1.5)  # past its deadline: the watchdog woke, and waits for another
-            client.timeout = 0.5
-            with pytest.raises(errors.DeadlineExceeded):
-                client.forward(Fill.ones(1, 2))  # held in the model until released
-            assert not release.finished.is_set()
-    finally:
-        release.cancel()
+    with streaming(f"127.0.0.1:{gated_server.port}", timeout=1.0) as client:
+        client.retries = 0
+        assert client.list_tensors().version == 0
+        time.sleep(1.5)  # past its deadline: the watchdog woke, and waits for another
+        a_held_forward_is_cut_off_at_its_deadline(client, release_s=20.0)
 
 
 def test_a_call_on_the_stream_carries_its_timeout_in_milliseconds_rounded_up(
@@ -1080,23 +1086,15 @@ def test_an_idle_watchdog_ends_and_the_next_deadline_starts_another(
     """The thread that times a stream's calls ends once no call has had a deadline for
     WATCHDOG_IDLE_S; a later call with one starts a new thread, and is cut off at it."""
     monkeypatch.setattr(call_stream, "WATCHDOG_IDLE_S", 0.05)
-    release = threading.Timer(10.0, Gate.release.set)  # the Forward's end, were it not cut
-    release.start()
-    try:
-        with streaming(f"127.0.0.1:{gated_server.port}", timeout=1.0) as client:
-            client.retries = 0
-            assert client.list_tensors().version == 0  # its watchdog sleeps until 1 s
-            stream = client._calls
-            assert stream is not None
-            first = stream._watchdog
-            assert first is not None
-            eventually(lambda: not first.is_alive(), "the idle watchdog did not end")
-            client.timeout = 0.5
-            with pytest.raises(errors.DeadlineExceeded):
-                client.forward(Fill.ones(1, 2))  # held in the model until released
-            assert not release.finished.is_set()
-    finally:
-        release.cancel()
+    with streaming(f"127.0.0.1:{gated_server.port}", timeout=1.0) as client:
+        client.retries = 0
+        assert client.list_tensors().version == 0  # its watchdog sleeps until 1 s
+        stream = client._calls
+        assert stream is not None
+        first = stream._watchdog
+        assert first is not None
+        eventually(lambda: not first.is_alive(), "the idle watchdog did not end")
+        a_held_forward_is_cut_off_at_its_deadline(client, release_s=10.0)
 
 
 def test_closing_a_stream_ends_its_watchdog_at_once(

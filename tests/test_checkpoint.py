@@ -2184,21 +2184,29 @@ def test_the_cli_says_where_checkpoints_cannot_be_listed(address: str) -> None:
     )
 
 
-class Odd(nn.Module):
+class Buffered(nn.Module):
+    """A linear layer beside buffers its forward pass does not use: subclasses register
+    those a checkpoint is to keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+class Odd(Buffered):
     """Buffers a checkpoint must think about: a complex table (which the wire does not carry,
     but a checkpoint does) and an expanded one, one value seen in three places, which a load
     cannot write to; and one value seen in its one place through a stride of 0, which it can."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(4, 3)
         self.register_buffer("table", torch.polar(torch.ones(3), torch.arange(3.0)))
         self.register_buffer("wide", torch.zeros(1).expand(3))
         self.register_buffer("single", torch.zeros(()).expand(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.lin(x)
-        return out
 
 
 def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path: Path) -> None:
@@ -2236,18 +2244,13 @@ def test_a_checkpoint_keeps_a_complex_buffer_and_leaves_an_expanded_one(tmp_path
     Trainer(spec, seed=2).load(path)
 
 
-class Viewing(nn.Module):
+class Viewing(Buffered):
     """A buffer that views part of another's values, as a model may keep a slice of a table."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(4, 3)
         self.register_buffer("table", torch.arange(6.0))
         self.register_buffer("head", self.get_buffer("table")[:3])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.lin(x)
-        return out
 
 
 def test_a_checkpoint_keeps_a_buffer_that_views_another(tmp_path: Path) -> None:
