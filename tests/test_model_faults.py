@@ -89,6 +89,19 @@ class Saliency(nn.Module):
         return out
 
 
+class Expanded(nn.Module):
+    """A parameter made with `expand`: one value seen in three places (a stride of 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(1).expand(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * self.scale
+        return out
+
+
 @pytest.fixture(params=DEVICES)
 def serve(request: pytest.FixtureRequest) -> Iterator[Callable[[type[nn.Module]], gradwire.Client]]:
     """Serves a model of (4,) -> 3 classes on each device in turn (DEVICES)."""
@@ -143,6 +156,29 @@ def test_an_output_of_another_shape_or_dtype_is_refused_before_its_loss(
     counts = serve(Counts)
     _bad_output(lambda: counts.forward(-X), "Counts returned dtype int64 for an input of 2")
     assert counts.forward(X, Y).loss is not None
+
+
+def test_a_write_to_a_parameter_that_views_one_value_in_several_places_is_refused(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    # torch refuses to copy into it, and the write, unary or streamed, was answered INTERNAL.
+    client = serve(Expanded)
+    version = client.list_tensors().version
+    for stream_above in (client.stream_above_bytes, 0):
+        client.stream_above_bytes = stream_above
+        for selector in ("scale", "scale[1:]"):
+            with pytest.raises(errors.InvalidArgument) as caught:
+                client.set(selector, [2.0, 3.0, 4.0][: 3 if selector == "scale" else 2])
+            assert caught.value.reason == "READ_ONLY", caught.value
+            assert "views one value in several places" in caught.value.message
+            assert "FillParameters" in caught.value.message
+    assert client.list_tensors().version == version
+    np.testing.assert_array_equal(client.get("scale"), [1.0, 1.0, 1.0])
+    # One place of it, and a fill, write the one value it holds, as torch does.
+    client.set("scale[1]", 5.0)
+    np.testing.assert_array_equal(client.get("scale"), [5.0, 5.0, 5.0])
+    client.fill_parameters(2.0, ["scale"])
+    np.testing.assert_array_equal(client.get("scale"), [2.0, 2.0, 2.0])
 
 
 def test_a_loss_on_frozen_layers_alone_is_refused_by_backward_and_train_step(

@@ -47,6 +47,19 @@ def no_repeats(tensor: torch.Tensor) -> bool:
     return all(st or n <= 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True))
 
 
+def check_no_repeats(target: torch.Tensor, name: str, chain: IndexChain) -> None:
+    """InvalidInput (READ_ONLY) unless each value of `target`, the slot a write fills, has a
+    place of its own: torch refuses to copy into one that views a value in several places
+    (a parameter made with `expand`), and the write was answered INTERNAL."""
+    if not no_repeats(target):
+        raise InvalidInput(
+            f"{name}{'' if not chain else ' slice'} of shape {list(target.shape)} views one "
+            "value in several places (a stride of 0, as `expand` makes), so it cannot be "
+            "written value by value; FillParameters sets a parameter to one value",
+            reason="READ_ONLY",
+        )
+
+
 #: The integer dtypes torch's aminmax takes on the CPU (not uint16, uint32, uint64).
 _REDUCIBLE = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 

@@ -45,7 +45,13 @@ from gradwire_server import (
     random_stream,
     staging,
 )
-from gradwire_server.assignment import check_holds, check_writable, no_repeats, without_leading_ones
+from gradwire_server.assignment import (
+    check_holds,
+    check_no_repeats,
+    check_writable,
+    no_repeats,
+    without_leading_ones,
+)
 from gradwire_server.buffers import Before, Buffers
 from gradwire_server.devices import check_device
 from gradwire_server.errors import (
@@ -2102,6 +2108,7 @@ class Trainer:
             fresh = False
         target = select(tensor.detach(), chain, name, writable=True)
         check_writable(tuple(source.shape), tuple(target.shape), name, chain)
+        check_no_repeats(target, name, chain)
         check_holds(source, target.dtype, name)
         source = source.reshape(without_leading_ones(tuple(source.shape), target.dim()))
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
@@ -2149,6 +2156,7 @@ class Trainer:
         base = param if tensor is None else tensor
         slot = select(base.detach(), chain, name, writable=True)
         check_writable(tuple(shape), tuple(slot.shape), name, chain)
+        check_no_repeats(slot, name, chain)
 
     def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
         """What forward() would refuse of an input of `shape` and `dtype`, found at a
