@@ -1221,6 +1221,9 @@ class SetTensorRequest(_message.Message):
     """A parameter ("conv1.weight") or gradient ("conv1.weight.grad"); a gradient that is
     absent is made, zeros where the index does not write. A frozen parameter's gradient
     (TensorInfo.requires_grad false) is not written (READ_ONLY): a Step leaves it as it is.
+    Nor is a selection that sees one value in several places, as a parameter a model made
+    with torch's expand does (READ_ONLY): FillParameters sets such a parameter, and a
+    selection of one place of it writes the one value it holds.
     """
     @_builtins.property
     def index(self) -> _containers.RepeatedCompositeFieldContainer[Global___Index]:
