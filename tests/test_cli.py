@@ -474,7 +474,11 @@ def test_set_refuses_numbers_beyond_float32(cli: Run, client: gradwire.Client, t
     before = client.get("conv1.weight")
     result = cli("set", "conv1.weight[0, 0, 0, 0]", text)
     assert result.code == 2
-    assert "beyond float32's range" in result.err
+    # float32's own words, not those of a tensor of another float dtype ("the tensor's").
+    assert result.err == (
+        f"gradwire set: error: bad value {text!r}: beyond float32's range (about 3.4e38); "
+        "write inf for infinity\n"
+    )
     np.testing.assert_array_equal(client.get("conv1.weight"), before)
 
 
@@ -2503,6 +2507,8 @@ def test_set_describes_a_slice_and_a_gradient_it_made(cli: Run) -> None:
     ("value", "said"),
     [
         ("[1,2,x]", "not a JSON list of numbers (Expecting value at character 6)"),
+        # After white space, still meant as a list: not the fills' help.
+        (" [1,2,x]", "not a JSON list of numbers (Expecting value at character 7)"),
         ("[[1,2,3],[4,5]]", "the lists inside it differ in length"),
         ("bogus", "expected a number (0.5, nan, -inf), a JSON list ([1, 2, 3]), a fill"),
         ('["a", "b"]', "expected numbers"),
