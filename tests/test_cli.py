@@ -1448,6 +1448,13 @@ def test_out_of_range_options_are_usage_errors(argv: list[str], said: str) -> No
         (["serve", "--max-concurrent", "1"], "max_concurrent", 1),
         (["serve", "--max-concurrent", "4294967295"], "max_concurrent", 4294967295),
         (["serve", "--max-sessions", "0"], "max_sessions", 0),
+        (["serve", "--max-sessions", "4294967295"], "max_sessions", 4294967295),
+        (["serve", "--max-connections", "2147483647"], "max_connections", 2147483647),
+        (["train", "--steps", str(1 << 40)], "steps", 1 << 40),  # limits.MAX_TRAIN_STEPS
+        (["train", "--batch", str(2**63 - 1)], "batch", 2**63 - 1),  # int64's last
+        (["train", "--input-high", "1"], "input_high", 1),  # ids 0 alone
+        (["train", "--classes", "1"], "classes", 1),
+        (["watch", "loss", "--every-steps", str(2**63 - 1)], "every_steps", 2**63 - 1),
         (["stats", "loss", "--bins", "4096"], "bins", 4096),
         (["stats", "loss", "--bins", "0"], "bins", 0),
         (["watch", "loss", "--every-steps", "0"], "every_steps", 0),
