@@ -1827,6 +1827,11 @@ def test_tls_failures_get_hints_that_fit_the_options_given(
         f"hint: no gradwire server answered at {dead_address}: start one (gradwire serve), or "
         "name yours with --target HOST:PORT"
     )
+    # A client's pair alone asks for TLS too: no advice to add --tls.
+    pair = ("--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key))
+    assert _hint(run_main("list", "--target", dead_address, *pair, "--timeout", "5")) == (
+        _hint(nobody)
+    )
 
 
 def test_the_command_prints_the_failure_once_without_grpc_s_own_log_lines(address: str) -> None:
