@@ -2392,6 +2392,9 @@ def test_replay_embedded_refuses_options_it_would_ignore(
     )
     result = run_main("replay", "--embedded", "--session", "s", "--tls")
     assert "leave out --session, --tls, or" in result.err
+    # Named as they are typed: --tls-ca, not the attribute's tls_ca.
+    result = run_main("replay", "--embedded", "--token-file", "t", "--tls-ca", "ca.pem")
+    assert "leave out --token-file, --tls-ca, or" in result.err
     # What the environment sets is no option given: the replay runs.
     monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:50051")
     monkeypatch.setenv("GRADWIRE_SESSION", "s")
