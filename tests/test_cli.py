@@ -919,6 +919,8 @@ def test_optimizer_settings_keep_the_kind_in_place_unless_they_belong_to_the_oth
     )
     assert cli("optimizer", "--eps", "1e-6").code == 0
     assert client.list_tensors().optimizer.kind == "adam"
+    assert cli("optimizer", "--no-nesterov").code == 0  # nesterov is SGD's, as momentum is
+    assert client.list_tensors().optimizer.kind == "sgd"
 
 
 def test_optimizer_setting_of_the_other_kind_exits_1(cli: Run) -> None:
@@ -3052,3 +3054,7 @@ def test_health_of_a_service_not_serving_says_so_and_exits_1(address: str, serve
     result = run_main("health", "--service", "gradwire.v1.Trainer", "--target", address)
     assert (result.code, result.out) == (1, "NOT_SERVING\n")
     assert f"the server at {address} is NOT_SERVING" in result.err
+    # Any status but SERVING: the service unknown to the health check fails it too.
+    server.health.set("gradwire.v1.Trainer", health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+    result = run_main("health", "--service", "gradwire.v1.Trainer", "--target", address)
+    assert (result.code, result.out) == (1, "SERVICE_UNKNOWN\n")
