@@ -619,7 +619,11 @@ def test_set_a_boolean_exits_2(cli: Run) -> None:
     [
         (["forward", "--no-targets", "--targets", "ones:8:int64"], "ask for opposites"),
         (["watch", "loss", "--values", "--bins", "5", "--count", "1"], "add --stats"),
-        (["train", "--classes", "50", "--steps", "1"], "--classes 50 is more than Simple's 20"),
+        (
+            ["train", "--classes", "50", "--steps", "1"],
+            "--classes 50 is more than Simple's 20 outputs: its labels run from 0 to 19; give "
+            "--classes 20 or fewer",
+        ),
         (["replay", "--seed", "5"], "add --init random, or leave --seed out"),
     ],
 )
@@ -647,6 +651,10 @@ def test_train_refuses_classes_for_a_regression_model() -> None:
         )
         assert client.list_tensors().version == 0
         assert run_main("train", "--steps", "1", "--target", client.target).code == 0
+        # --classes as wide as the output asks for what the run draws anyway: taken.
+        width = str(client.list_tensors().outputs)
+        taken = run_main("train", "--classes", width, "--steps", "1", "--target", client.target)
+        assert taken.code == 0, taken.err
 
 
 @pytest.mark.parametrize("edge", [["--low", "nan"], ["--high", "inf"], ["--low=-inf"]])
@@ -2184,8 +2192,10 @@ def test_a_keepalive_the_server_would_refuse_is_a_usage_error(seconds: str) -> N
     assert f"bad interval '{seconds}': a gradwire server takes a ping every 30 s" in result.err
 
 
-@pytest.mark.parametrize("every", [10, 1_000_000])
-def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every: int) -> None:
+@pytest.mark.parametrize(("every", "as_json"), [(10, False), (1_000_000, False), (1_000_000, True)])
+def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(
+    every: int, as_json: bool
+) -> None:
     """The summary gave the last progress reported ("stopped after 2100 steps ... version
     8401") above an error that gave the server's count ("training stopped after 2181 of
     100000 steps"), the version saved 8725 (found by a review of the CLI). The loss shown
@@ -2199,7 +2209,7 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every
         try:
             result = run_main(
                 "train", "--target", target, "--steps", "10000000", "--server-side",
-                "--every", str(every), "--keep-going",
+                "--every", str(every), "--keep-going", *(["--json"] if as_json else []),
             )  # fmt: skip
         finally:
             stopper.join()
@@ -2208,7 +2218,11 @@ def test_a_server_side_train_the_server_ended_sums_up_the_steps_it_applied(every
     assert said is not None, result.err
     steps = int(said.group(1))
     assert steps * 4 == version  # each step: zero-grad, forward, backward, step
-    if every > steps:  # no progress reported
+    if as_json:  # no loss, and no step of one: none was reported
+        summary = result.json()
+        assert (summary["steps"], summary["version"], summary["stopped"]) == (steps, version, True)
+        assert (summary["loss"], summary["loss_step"]) == (None, None)
+    elif every > steps:  # no progress reported
         assert f"stopped after {steps} steps: no loss reported, version {version}" in result.out
     else:
         summary = rf"stopped after {steps} steps: loss [^ ,]+( at step (\d+), the last "
