@@ -1091,7 +1091,11 @@ def test_list_sessions_gives_each_field_the_server_answered() -> None:
     older = old_trainer(ListSessions=grpc.unary_unary_rpc_method_handler(list_sessions))
     with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
         listing = client.list_sessions()
+        shown = run_main("sessions", "--target", address).out.splitlines()
     assert listing.sessions == (gradwire.SessionInfo("ef" * 16, 5, 7.5, 2.5, 3),)
+    # A session with calls in progress is idle "-", and closes after them, whatever its idle_s.
+    assert shown[0].startswith("1 of 9 sessions open beside the default one (4 more opening);")
+    assert shown[2].split()[-5:] == ["-", "3", "after", "its", "calls"]
     assert (listing.max_sessions, listing.idle_timeout_s, listing.opening) == (9, 600.0, 4)
 
 
