@@ -64,6 +64,15 @@ BEFORE_BACKWARD: list[tuple[str, Callable[[Local], Any]]] = [
     ("conv1.weight[:1][::2000]", lambda s: s["model"].conv1.weight[:1][::2000]),
     ("conv1.weight[0, :1, ::5000]", lambda s: s["model"].conv1.weight[0, :1, ::5000]),
     ("conv1.weight[..., 1:, ::5000]", lambda s: s["model"].conv1.weight[..., 1:, ::5000]),
+    # A step past a dimension of one is brought to 2, not 1: a step of 1 made the tuple a
+    # full span, AliasBackward0.
+    ("conv1.weight[:, :1][:, ::5000]", lambda s: s["model"].conv1.weight[:, :1][:, ::5000]),
+    # A step after an ellipsis is brought to its own dimension's size (3), which torch cannot
+    # index as written ("Negative strides"): the dimension counted past the ellipsis's span.
+    (
+        "conv1.weight[..., ::4611686018427387904, :]",
+        lambda s: s["model"].conv1.weight[..., ::3, :],
+    ),
     ("output", lambda s: s["output"]),
     ("output[0, :4]", lambda s: s["output"][0, :4]),
     ("loss", lambda s: s["loss"]),
