@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from gradwire.selector import parse_selector
 from gradwire_server.errors import IndexOutOfRange, InvalidInput
-from gradwire_server.indexing import select
+from gradwire_server.indexing import Autograd, autograd_of, select
 
 CASES = [
     "x[0]",
@@ -111,6 +112,17 @@ def test_a_write_through_a_huge_step_writes_the_one_element_it_selects() -> None
     expected = torch.zeros(4, 3)
     expected[1] = 7.0
     assert torch.equal(x, expected)
+
+
+def test_a_bound_past_minus_2_62_names_its_node_without_torch_s_warning() -> None:
+    """torch warns "Truncating the start/stop/step of slice" of a bound of -2**63; the name is
+    worked out with the bound brought within -2**62, selecting the same."""
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert autograd_of(w, parse_selector("w[-9223372036854775808:]").index) == Autograd(
+            True, "SliceBackward0"
+        )
 
 
 def test_new_axes_stop_at_the_most_dimensions_a_tensor_can_have() -> None:
