@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradwire import Fill
 from gradwire_server import optimizers
 from gradwire_server.devices import resolve_device
 from gradwire_server.errors import (
@@ -48,6 +49,16 @@ def test_fills_are_made_as_pytorch_makes_them(trainer: Trainer) -> None:
     assert torch.equal(y, torch.randint(0, 20, (2,), generator=torch.Generator().manual_seed(6)))
     trainer.forward(FillSpec("constant", (1, 3, 10, 10), value=0.25), None)
     assert torch.equal(trainer.read("input").value, torch.full((1, 3, 10, 10), 0.25))
+
+
+def test_a_run_s_seed_wraps_past_2_64_as_the_client_s_account_of_it() -> None:
+    """A Train run's step k draws from seed + k modulo 2**64, as the client's Fill.reseeded
+    says: the last seed first, then 0 and 1."""
+    last = 2**64 - 1
+    for k in range(3):
+        ours = FillSpec("normal", (2,), seed=last).reseeded(k).seed
+        assert ours == Fill.normal(2, seed=last).reseeded(k).seed == (last + k) % 2**64, k
+    assert FillSpec("ones", (2,), seed=last).reseeded(1).seed == last  # no draws: unchanged
 
 
 def test_versions_rise_by_one_per_mutation_and_not_on_reads(trainer: Trainer) -> None:
@@ -317,6 +328,25 @@ def test_a_fill_of_a_shape_that_cannot_be_used_is_refused_before_it_is_made(
     assert torch.equal(trainer.read("conv1.weight", ((0,),)).value, torch.ones(3, 3, 3))
 
 
+@pytest.mark.parametrize(
+    ("fill", "said"),
+    [
+        (FillSpec("ones", (8, 3, 10, 10), "bogus"), "input: unknown fill dtype 'bogus'"),
+        # a name torch has, but of no dtype (a module, a class)
+        (FillSpec("ones", (8, 3, 10, 10), "nn"), "input: unknown fill dtype 'nn'"),
+        (FillSpec("ones", (8, 3, 10, 10), "Tensor"), "input: unknown fill dtype 'Tensor'"),
+        (FillSpec("bogus", (8, 3, 10, 10)), "input: unknown fill kind 'bogus'"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_fill_of_an_unknown_dtype_or_kind_is_bad_fill(
+    trainer: Trainer, fill: FillSpec, said: str
+) -> None:
+    with pytest.raises(InvalidInput) as info:
+        trainer.forward(fill, None)
+    assert (info.value.reason, info.value.message) == ("BAD_FILL", said)
+    assert trainer.version == 0
+
+
 def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that() -> None:
     """Of an input's fill, a target's or a written value's, before its shape is weighed:
     -1 is a negative dimension (BAD_FILL), and a target's fill over the server's limit is
@@ -568,6 +598,32 @@ def test_a_constant_fill_its_dtype_cannot_hold_is_refused(
     ) as info:
         trainer.write("conv1.weight", [(0, 0, 0, 0)], FillSpec("constant", (1,), dtype, value))
     assert info.value.reason == "BAD_FILL"
+    trainer.close()
+
+
+@pytest.mark.parametrize(
+    ("fill", "said"),
+    [
+        (
+            FillSpec("constant", (2,), value=0.5),
+            "value: a constant fill of int64 needs a whole number, got 0.5",
+        ),
+        (
+            FillSpec("uniform", (2,), low=0.0, high=1.0),
+            "value: a uniform fill draws real numbers, and int64 holds whole ones: give a "
+            "floating dtype, or use randint",
+        ),
+    ],
+)
+def test_a_value_s_fill_without_a_dtype_is_not_told_of_a_target_s(
+    fill: FillSpec, said: str
+) -> None:
+    """A written value's fill takes the tensor's dtype (int64 here) where it names none: the
+    hint that a target fill is int64 unless given a dtype is a target's alone."""
+    trainer = Trainer(ModelSpec("Edges", _Edges, (4,), 2), seed=0)
+    with pytest.raises(InvalidInput) as info:
+        trainer.write("i64", (), fill)
+    assert (info.value.reason, info.value.message) == ("BAD_FILL", said)
     trainer.close()
 
 
