@@ -145,6 +145,11 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_FILL",
             "whole numbers",
         ),
+        (  # either bound: a low of 0.5 would draw from 0
+            lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0.5, high=2), TARGET),
+            "BAD_FILL",
+            "input: randint fill needs whole numbers low < high, got [0.5, 2.0)",
+        ),
         (  # found by a review: torch truncated it to class 3
             lambda c: c.forward(INPUT, Fill("constant", (8,), value=3.7)),
             "BAD_FILL",
@@ -155,6 +160,11 @@ def test_malformed_tensor_is_invalid_argument(
             lambda c: c.forward(Fill("constant", (8, 3, 10, 10), value=0.5, dtype="int32"), TARGET),
             "BAD_FILL",
             "input: a constant fill of int32 needs a whole number, got 0.5",
+        ),
+        (  # not torch's "cannot convert float infinity to integer"
+            lambda c: c.forward(INPUT, Fill("constant", (8,), value=math.inf)),
+            "BAD_FILL",
+            "target: a constant fill of int64 needs a whole number, got inf (a target fill",
         ),
         (  # found by tests/test_fuzz.py: torch only warned, and drew rounded numbers
             lambda c: c.forward(Fill("randint", (8, 3, 10, 10), low=0, high=2**24 + 2), TARGET),
@@ -1250,6 +1260,22 @@ def test_a_uniform_fill_of_no_width_is_refused_for_its_order(client: gradwire.Cl
     assert "uniform fill needs low < high, got [1.0, 1.0)" in caught.value.message
 
 
+_TOP32 = float(torch.finfo(torch.float32).max)
+
+
+@pytest.mark.parametrize(
+    ("low", "high"), [(-_TOP32, 0.0), (0.0, _TOP32), (-_TOP32 / 2, _TOP32 / 2)]
+)
+def test_a_uniform_fill_takes_bounds_at_its_dtypes_largest_and_a_width_of_it(
+    client: gradwire.Client, low: float, high: float
+) -> None:
+    """The range is inclusive: bounds of ±float32's largest, and bounds that far apart, are
+    drawn as torch draws them, not refused."""
+    client.set("conv1.weight.grad", Fill.uniform(16, 3, 3, 3, low=low, high=high, seed=3))
+    local = torch.empty(16, 3, 3, 3).uniform_(low, high, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(client.get("conv1.weight.grad"), local.numpy())
+
+
 def test_a_normal_fill_of_std_0_draws_with_std_1(client: gradwire.Client) -> None:
     """The contract's unset std is 0, and is taken as 1 (the client cannot send it; another
     language's can): the same draws as std 1 of the same seed, not a refusal."""
@@ -1271,6 +1297,15 @@ def test_a_normal_fill_takes_a_mean_of_its_dtypes_largest(
     top = float(torch.finfo(torch.float32).max)
     client.set("conv1.weight.grad", Fill.normal(16, 3, 3, 3, mean=sign * top, std=1.0))
     assert (client.get("conv1.weight.grad") == np.float32(sign * top)).all()
+
+
+def test_a_normal_fill_takes_a_std_of_its_dtypes_largest(client: gradwire.Client) -> None:
+    """The range is inclusive: a standard deviation of float32's largest is drawn as torch
+    draws it (to ±inf, mostly), not refused."""
+    top = float(torch.finfo(torch.float32).max)
+    client.set("conv1.weight.grad", Fill.normal(16, 3, 3, 3, std=top, seed=5))
+    local = torch.empty(16, 3, 3, 3).normal_(0.0, top, generator=torch.Generator().manual_seed(5))
+    np.testing.assert_array_equal(client.get("conv1.weight.grad"), local.numpy())
 
 
 def test_a_randint_fill_of_no_width_is_refused_for_its_order(client: gradwire.Client) -> None:
