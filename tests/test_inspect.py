@@ -1931,8 +1931,9 @@ def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> No
 
 class _Odd(nn.Module):
     """A model whose attributes meta_copy must walk with care: a frozen parameter, a list
-    named like torch's hook dicts, a list that holds itself, and a closure hook with a
-    keyword-only default."""
+    named like torch's hook dicts, a list that holds itself, tensors in sets and tuples and
+    nested as deep as it looks, numpy arrays on either side of the size it shares, a closure
+    hook with a keyword-only default, and one with a cell never set."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1942,6 +1943,17 @@ class _Odd(nn.Module):
         self.cycle: list[Any] = [torch.ones(1)]
         self.cycle.append(self.cycle)
         self.deep = {"a": [SimpleNamespace(t=torch.ones(1))]}  # a list in a dict on an object
+        self.four_deep = [[[[torch.ones(1)]]]]  # as deep as a copy looks: four levels
+        self.four_objects_deep = SimpleNamespace(
+            a=SimpleNamespace(b=SimpleNamespace(c=SimpleNamespace(t=torch.ones(1))))
+        )
+        self.held = ((torch.ones(1),), {torch.ones(1)}, frozenset([torch.ones(1)]))
+        if False:  # never set: the closure's cell for it stays empty
+            unset = None
+        self.lin.register_forward_hook(lambda m, a, o: None if True else unset)
+        # numpy arrays over 1 MiB are shared, not copied; one of 1 MiB is copied
+        self.table = np.zeros((1 << 18) + 1, np.float32)
+        self.counter = np.zeros(1 << 18, np.float32)
         seen: list[tuple[int, ...]] = []
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor, *, scale: int = 2) -> None:
@@ -1964,6 +1976,11 @@ def test_a_meta_copy_keeps_what_the_model_s_own_attributes_and_hooks_need() -> N
     assert copied.lin.weight.is_meta and copied.lin.weight.requires_grad
     assert copied.extra_hooks[0].is_meta and copied.cycle[0].is_meta
     assert copied.deep["a"][0].t.is_meta and not model.deep["a"][0].t.is_meta
+    assert copied.four_deep[0][0][0][0].is_meta and not model.four_deep[0][0][0][0].is_meta
+    assert copied.four_objects_deep.a.b.c.t.is_meta
+    assert all(next(iter(held)).is_meta for held in copied.held)  # a tuple, a set, a frozenset
+    assert copied.table is model.table
+    assert copied.counter is not model.counter and np.array_equal(copied.counter, model.counter)
     out = copied(torch.empty(2, 4, device="meta"))  # its hook runs with its default
     assert out.shape == (2, 3) and out.is_meta
     assert copied.seen == [(2, 3, 2, 3)] and model.seen == []
