@@ -128,6 +128,23 @@ def test_get_tensor_stream_chunks_are_contiguous_and_of_one_version(
     assert np.array_equal(assembler.numpy(), server_value(trainer, LINEAR))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3])
+def test_a_chunk_smaller_than_one_value_carries_one_value(
+    client: gradwire.Client, trainer: Trainer, chunk_bytes: int
+) -> None:
+    """chunk_bytes from 1 up is taken: under one float32's 4 bytes, each chunk carries one
+    value (none would make no progress)."""
+    read = request("linear.weight[0, :5]")
+    read.chunk_bytes = chunk_bytes
+    splits = stream_chunks(client, read)
+    assert [s.message.chunk.offset for s in splits] == [0, 1, 2, 3, 4]
+    assert all(s.message.chunk.values.shape[0] == 1 for s in splits)
+    assembler = codec.Assembler(LINEAR)
+    for split in splits:
+        assembler.add(split, CHUNK_PATH, split.message.chunk)
+    assert np.array_equal(assembler.numpy(), server_value(trainer, LINEAR)[0, :5])
+
+
 def test_a_read_whose_chunks_name_two_versions_is_refused_by_the_client(
     server: Running, client: gradwire.Client
 ) -> None:
@@ -375,6 +392,9 @@ def test_a_read_under_the_lowered_limit_stays_unary(
     split = wire.split(data, pb.GetTensorResponse)
     assert tuple(split.message.tensor.shape) == (7, 3200)  # 89600 bytes: under the limit
     assert np.array_equal(client.get("linear.weight[:7]"), server_value(trainer, LINEAR)[:7])
+    lower_value_limit(monkeypatch, 7 * 3200 * 4)  # a value of exactly the limit is taken
+    data = client._methods["GetTensor"](request("linear.weight[:7]"), timeout=30)
+    assert tuple(wire.split(data, pb.GetTensorResponse).message.tensor.shape) == (7, 3200)
 
 
 @contextlib.contextmanager
@@ -775,6 +795,23 @@ def test_a_refused_streamed_write_leaves_no_memory_kept(
     streaming.set(LINEAR, np.ones(LINEAR_SHAPE, np.float32))
     assert spare._block is not None and spare._block.numel() == LINEAR_BYTES
     assert np.array_equal(server_value(trainer, LINEAR), np.ones(LINEAR_SHAPE, np.float32))
+
+
+def test_a_streamed_write_refused_once_assembled_lets_its_memory_go(
+    streaming: gradwire.Client, server: Running
+) -> None:
+    """A value refused after its chunks were assembled (here for an expected version gone
+    by) gives its memory back to no one: the spare it was taken from is left empty, not
+    holding a block the caller sized."""
+    streaming.chunk_bytes = 64 * 1024
+    spare = server.servicer.spare
+    streaming.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32))
+    assert spare._block is not None
+    version = streaming.list_tensors().version
+    with streaming.expecting(version - 1), pytest.raises(errors.Aborted):
+        streaming.set(LINEAR, np.ones(LINEAR_SHAPE, np.float32))
+    assert spare._block is None
+    assert not streaming.get(LINEAR).any() and streaming.list_tensors().version == version
 
 
 def test_backward_after_a_streamed_whole_parameter_is_refused(
