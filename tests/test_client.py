@@ -90,6 +90,17 @@ def test_forward_with_fill_gives_output_shape_and_local_loss(client: gradwire.Cl
     assert result.version == 1
 
 
+def test_a_forward_whose_loss_is_zero_says_0_not_none(client: gradwire.Client) -> None:
+    """A loss of exactly 0.0 (one class's logit far above the rest) is a loss, not the
+    absent one of a Forward without a target."""
+    client.fill_parameters(1.0, ["conv1.weight", "conv2.weight"])
+    client.fill_parameters(0.0, ["linear.weight"])
+    client.set("linear.weight[0]", 1.0)  # class 0's logit about 1e7, the others' 0
+    result = client.forward(ONES_INPUT, Fill.zeros(8, dtype="int64"))
+    assert result.loss == 0.0 and result.loss is not None
+    assert client.forward(ONES_INPUT).loss is None
+
+
 def test_forward_with_numpy_arrays_gives_local_loss(client: gradwire.Client) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
@@ -269,6 +280,9 @@ def test_shape_without_values(client: gradwire.Client) -> None:
     assert read.value is None
     assert read.shape == (20, 3200)
     assert read.dtype == "float32"
+    client.forward(ONES_INPUT, ONES_TARGET)  # a tensor of another dtype says its own
+    target = client.read("target[:3]", values=False)
+    assert (target.value, target.shape, target.dtype) == (None, (3,), "int64")
 
 
 def test_a_shape_only_read_carries_no_values_on_the_wire(client: gradwire.Client) -> None:
