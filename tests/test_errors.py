@@ -1362,6 +1362,9 @@ def test_a_fill_of_64_dimensions_reaches_the_shape_check(client: gradwire.Client
             input=pb.TensorSource(fill=fill), target=pb.TensorSource(fill=TARGET.to_proto())
         )
         assert _reason(lambda request=request: client._call("Forward", request)) == reason
+    with pytest.raises(errors.InvalidArgument) as caught:
+        client._call("Forward", request)
+    assert caught.value.message == "input: a fill has at most 64 dimensions, got 65"
 
 
 # --- the status a refusal travels as -------------------------------------------------------
