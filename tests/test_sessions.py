@@ -29,7 +29,7 @@ from gradwire.fill import Fill
 from gradwire_server import errors as errors_module
 from gradwire_server import sessions as sessions_module
 from gradwire_server.app import Running
-from gradwire_server.models import SIMPLE, Simple
+from gradwire_server.models import SIMPLE, ModelSpec, Simple
 from gradwire_server.sessions import Sessions, UnknownSession
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
@@ -1076,6 +1076,40 @@ def test_list_sessions_shows_every_caller_s_sessions_but_the_default(
         assert [s.session for s in client.list_sessions().sessions] == [mine.session]
         mine.close()
         assert mine.list_sessions().sessions == ()  # its session closed: still it may list
+
+
+def test_list_sessions_counts_a_session_being_opened() -> None:
+    """A session whose model is still being built holds a place: listed as opening, not
+    among the sessions, until it is open."""
+    building, go, built = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            if built.is_set():  # a session's: held until the test lets it go
+                building.set()
+                go.wait(30)
+            built.set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.lin(x)
+            return out
+
+    with running_server(ModelSpec("Slow", Slow, (4,), 3), 0) as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address, timeout=30) as client, futures.ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(client.open_session)
+            try:
+                assert building.wait(30)
+                listed = client.list_sessions()
+                assert (listed.opening, listed.sessions) == (1, ())
+            finally:
+                go.set()
+            session = opening.result(30)
+            listed = client.list_sessions()
+            assert listed.opening == 0 and len(listed.sessions) == 1
+            session.close()
 
 
 def test_list_sessions_gives_each_field_the_server_answered() -> None:
