@@ -871,6 +871,10 @@ def test_set_stream_of_int64_and_bool_values_keeps_every_bit() -> None:
             held = trainer.read("mask").value
             assert held.dtype == torch.bool and torch.equal(held, mask)
             assert client.get("ids").tolist() == ids[[0, 0, 1, 3, 4, 5]].tolist()
+        # int32 values are assembled as int32: as float32, 2**24 + 1 and 2**31 - 1 rounded
+        wide = torch.tensor([2**31 - 1, -(2**31), 2**24 + 1, 0, 1, -1], dtype=torch.int32)
+        client.set("ids", wide)
+        assert trainer.read("ids").value.tolist() == wide.tolist()
 
 
 # --- ForwardStream ---------------------------------------------------------------------
