@@ -352,7 +352,7 @@ def test_bad_input_is_invalid_argument(
             pb.SetOptimizerRequest(config=pb.OptimizerConfig(kind=7)),  # type: ignore[arg-type]
             "SetOptimizer",
             "BAD_OPTIMIZER",
-            "not SGD or ADAM",
+            "optimizer kind 7 is not SGD or ADAM",  # the kind sent, named
         ),
         # Found by the nineteenth session's review: a target set but empty was taken for
         # no target, and the Forward ran without a loss.
