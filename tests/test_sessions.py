@@ -1070,6 +1070,7 @@ def test_list_sessions_shows_every_caller_s_sessions_but_the_default(
         assert (by_id[theirs.session].version, by_id[theirs.session].calls_in_progress) == (0, 0)
         assert (by_id[mine.session].version, by_id[mine.session].calls_in_progress) == (1, 1)
         assert by_id[mine.session].idle_s == 0.0  # its watch is a call in progress
+        assert by_id[mine.session].open_s > 0.0  # open since before its Forward, not idle
         assert all(0 <= s.open_s < 60 for s in listing.sessions)
         watch.close()
         theirs.close()
