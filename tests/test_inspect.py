@@ -1930,15 +1930,17 @@ def test_a_watch_s_minimum_interval_sleeps_through_the_updates_it_counts() -> No
 
 
 class _Odd(nn.Module):
-    """A model whose attributes meta_copy must walk with care: a frozen parameter, a list
-    named like torch's hook dicts, a list that holds itself, tensors in sets and tuples and
-    nested as deep as it looks, numpy arrays on either side of the size it shares, a closure
-    hook with a keyword-only default, and one with a cell never set."""
+    """A model whose attributes meta_copy must walk with care: a frozen parameter, a lazy
+    layer never called, a list named like torch's hook dicts, a list that holds itself,
+    tensors in sets and tuples and nested as deep as it looks, numpy arrays on either side of
+    the size it shares, a closure hook with a keyword-only default, and one with a cell never
+    set."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
         self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.unused = nn.LazyLinear(2)  # never called: its parameters have no shape to copy
         self.extra_hooks = [torch.ones(2)]  # a list, not one of torch's hook dicts
         self.cycle: list[Any] = [torch.ones(1)]
         self.cycle.append(self.cycle)
@@ -1973,6 +1975,7 @@ def test_a_meta_copy_keeps_what_the_model_s_own_attributes_and_hooks_need() -> N
     copied = meta_copy(model, lambda *_: None)
     assert isinstance(copied, _Odd)
     assert copied.frozen.is_meta and not copied.frozen.requires_grad
+    assert isinstance(copied.unused.weight, nn.parameter.UninitializedParameter)
     assert copied.lin.weight.is_meta and copied.lin.weight.requires_grad
     assert copied.extra_hooks[0].is_meta and copied.cycle[0].is_meta
     assert copied.deep["a"][0].t.is_meta and not model.deep["a"][0].t.is_meta
