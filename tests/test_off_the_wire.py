@@ -181,8 +181,9 @@ def test_fills_of_a_complex_dtype_take_real_values_and_refuse_what_they_cannot_h
     with pytest.raises(InvalidInput) as caught:  # an integer range looked up: TypeError
         fills.make(FillSpec("randint", (2,), low=0, high=3), dtype, cpu, "value")
     assert caught.value.reason == "BAD_FILL"
-    # the fill named, then torch's own reason, which says what dtypes would do
-    said = f"value: cannot make a randint fill of {dtype}: "
+    # the fill named, its dtype as the wire names it ("complex64", not "torch.complex64"),
+    # then torch's own reason, which says what dtypes would do
+    said = f"value: cannot make a randint fill of {fills.dtype_name(dtype)}: "
     assert caught.value.message.startswith(said) and len(caught.value.message) > len(said)
     value, why = fills.scalar_for(3.7, dtype)  # the real part, rounded as its parts are
     assert why == "" and value == pytest.approx(3.7, rel=1e-7)

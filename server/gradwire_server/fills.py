@@ -220,6 +220,7 @@ def make(
         if device_lost(err):
             raise  # the device's failure, not the caller's fill
         raise InvalidInput(
-            f"{what}: cannot make a {spec.kind} fill of {dtype}: {err}", reason="BAD_FILL"
+            f"{what}: cannot make a {spec.kind} fill of {dtype_name(dtype)}: {err}",
+            reason="BAD_FILL",
         ) from err
     raise InvalidInput(f"{what}: unknown fill kind {spec.kind!r}", reason="BAD_FILL")
