@@ -22,11 +22,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 from torch import nn
 
 import gradwire
-from gradwire import errors
+from gradwire import errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import build_parser, output
 from gradwire.cli.connection import connection_hint
@@ -2094,10 +2096,58 @@ def test_a_call_cancelled_with_words_keeps_them() -> None:
         def trailing_metadata(self) -> tuple[()]:
             return ()
 
-    for bare in ("CANCELLED", ""):
+    for bare in ("CANCELLED", "", " "):  # " ": a server's blank words, its status's name alone
         assert str(failed(Failed(bare), False)) == f"CANCELLED: {SERVER_CANCELLED}"
     local = "Locally cancelled by application!"
     assert str(failed(Failed(local), False)) == f"CANCELLED: {local}"
+
+
+class _Failed(grpc.RpcError):
+    """A failed call's status as grpc gives it, an ErrorInfo's reason in its trailer or not."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str = "") -> None:
+        self._code, self._details, self._reason = code, details, reason
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:  # grpc.RpcError's: (key, value) pairs
+        if not self._reason:
+            return ()
+        info = any_pb2.Any()
+        info.Pack(error_details_pb2.ErrorInfo(reason=self._reason))
+        status = status_pb2.Status(code=self._code.value[0], message=self._details, details=[info])
+        return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+@pytest.mark.parametrize(
+    ("code", "words", "replaced"),
+    [
+        (grpc.StatusCode.CANCELLED, "CANCELLED", SERVER_CANCELLED),
+        (grpc.StatusCode.UNAVAILABLE, "Cancelling all calls", "the server stopped with"),
+    ],
+)
+def test_a_status_with_a_reason_keeps_its_words_though_they_are_grpcs_alone(
+    code: grpc.StatusCode, words: str, replaced: str
+) -> None:
+    """Only gRPC's own status, with no ErrorInfo, is taken for a server's cancel or a stop's
+    grace ended: a server that gave a reason said what happened itself."""
+    assert str(failed(_Failed(code, words), False)).startswith(f"{code.name}: {replaced}")
+    said = failed(_Failed(code, words, reason="SOMETHING_ELSE"), False)
+    assert (str(said), said.reason) == (f"{code.name}: {words}", "SOMETHING_ELSE")
+
+
+def test_too_many_pings_is_explained_only_for_a_client_pinging_under_the_servers_interval() -> None:
+    """The hint says to ping every MIN_CLIENT_PING_S or more: a client pinging at exactly that
+    interval, or not at all (None, 0), was closed for something else, and is not told to."""
+    pings = _Failed(grpc.StatusCode.UNAVAILABLE, "Too many pings")
+    least = limits.MIN_CLIENT_PING_S
+    assert "keepalive=29.5; a gradwire server takes" in str(failed(pings, False, least - 0.5))
+    for keepalive in (least, None, 0.0):
+        assert str(failed(pings, False, keepalive)) == "UNAVAILABLE: Too many pings"
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
