@@ -1205,6 +1205,64 @@ def test_the_error_info_is_found_among_other_details_and_garbled_ones() -> None:
     assert str(e.value) == "NOT_FOUND: no tensor w"
 
 
+def test_a_status_whose_details_trailer_is_garbled_stands_without_them() -> None:
+    """A status trailer that does not decode (a proxy's, a server's garbled bytes) leaves the
+    status and its words as they were, with no reason, not a DecodeError out of the call."""
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("grpc-status-details-bin", b"\xff\xff\xff"),))
+        context.abort(grpc.StatusCode.NOT_FOUND, "no tensor w")
+
+    handler = grpc.unary_unary_rpc_method_handler(refuse)
+    with (
+        bare_server(old_trainer(GetTensor=handler)) as address,
+        gradwire.connect(address, timeout=10) as client,
+        pytest.raises(errors.NotFound) as e,
+    ):
+        client.get("w")
+    assert (str(e.value), e.value.reason, e.value.metadata) == ("NOT_FOUND: no tensor w", "", {})
+
+
+def test_an_error_without_words_or_a_code_is_named_by_its_status() -> None:
+    """from_rpc_error on what is not a call's error (no code, no words) is Unknown; a status
+    without words is named by its code's words; a code no class has (OK) is Unknown. An
+    error made so changes no state until a Client says it does."""
+
+    class Said(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode) -> None:
+            self._code = code
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return ""
+
+    bare = errors.from_rpc_error(grpc.RpcError())
+    assert (type(bare), str(bare), bare.changes_state) == (
+        errors.Unknown,
+        "UNKNOWN: unknown",
+        False,
+    )
+    late = errors.from_rpc_error(Said(grpc.StatusCode.DEADLINE_EXCEEDED))
+    assert str(late) == "DEADLINE_EXCEEDED: deadline exceeded"
+    assert type(errors.from_rpc_error(Said(grpc.StatusCode.OK))) is errors.Unknown
+
+    class Mismatched(Said):  # a trailer whose status is another call's: its info not taken
+        def trailing_metadata(self) -> Any:
+            info = any_pb2.Any()
+            info.Pack(error_details_pb2.ErrorInfo(reason="UNKNOWN_TENSOR"))
+            other = status_pb2.Status(code=code_pb2.NOT_FOUND, message="", details=[info])
+            return (("grpc-status-details-bin", other.SerializeToString()),)
+
+    assert errors.from_rpc_error(Mismatched(grpc.StatusCode.INTERNAL)).reason == ""
+    assert not errors.ClientClosed("closed").changes_state
+    given = {"name": "w"}
+    made = errors.NotFound("no tensor w", metadata=given)
+    given["name"] = "x"  # the caller's dict, changed after: the error's own copy stays
+    assert made.metadata == {"name": "w"}
+
+
 # --- fills at their edges: the last value taken, the first refused -------------------------
 
 
