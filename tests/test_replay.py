@@ -10,6 +10,7 @@ import torch
 
 import gradwire
 from gradwire.replay import SessionInUse, WrongModel, replay
+from gradwire_server.errors import AnswerNotKept
 from gradwire_server.models import ModelSpec
 from tests.reference import Simple, run_tutorial
 from tests.serve_in_process import serving
@@ -136,7 +137,9 @@ def test_a_model_named_simple_that_is_not_the_tutorial_s_is_refused() -> None:
     with serving(ModelSpec("Simple", _WithBiases, (3, 10, 10), 20), seed=0) as (_, client):
         before = client.list_tensors().version
         with pytest.raises(
-            WrongModel, match=r"this server's Simple differs in conv1\.bias: start one"
+            WrongModel,
+            match=r"parameters conv1\.weight \[16, 3, 3, 3\], conv2\.weight \[32, 16, 3, 3\], "
+            r"linear\.weight \[20, 3200\]\), and this server's Simple differs in conv1\.bias: ",
         ):
             replay(client, write=lambda line: None)
         assert client.list_tensors().version == before  # nothing changed
@@ -157,6 +160,38 @@ def test_a_float64_simple_s_lesson_is_checked_in_float64() -> None:
     np.testing.assert_array_equal(result.weight_after, result.weight_before - result.grad)
     assert result.identity_holds
     assert "bit for bit: True" in "\n".join(lines)
+
+
+def test_a_change_after_the_replays_last_stops_it_before_it_prints() -> None:
+    """A change another client makes between the replay's ZeroGrad and its last read (here
+    a second zero_grad on the server, right after the replay's) is seen by that read's
+    version: the replay stops rather than print the transcript as the tutorial's."""
+    with serving(ModelSpec("Simple", Simple, (3, 10, 10), 20), seed=0) as (trainer, client):
+        zero_grad = trainer.zero_grad
+
+        def and_another(set_to_none: bool = True) -> int:
+            zero_grad(set_to_none)
+            return zero_grad(set_to_none)  # another client's, right after the replay's
+
+        trainer.zero_grad = and_another  # type: ignore[method-assign]
+        lines: list[str] = []
+        with pytest.raises(SessionInUse, match="another client changed the server's default"):
+            replay(client, write=lines.append)
+        assert lines == []
+
+
+def test_an_abort_for_another_reason_than_the_version_is_raised_as_it_is() -> None:
+    """Only VERSION_MISMATCH is another client's change: an Aborted of another reason (here
+    a retry's ANSWER_NOT_KEPT) is raised as the server said it, not blamed on a client."""
+    with serving(ModelSpec("Simple", Simple, (3, 10, 10), 20), seed=0) as (trainer, client):
+
+        def not_kept(seed: int | None = None) -> int:
+            raise AnswerNotKept("the answer to this retried reset is no longer kept")
+
+        trainer.reset = not_kept  # type: ignore[method-assign]
+        with pytest.raises(gradwire.errors.Aborted) as aborted:
+            replay(client, write=lambda line: None)
+    assert aborted.value.reason == "ANSWER_NOT_KEPT"
 
 
 def test_another_client_s_change_to_the_session_stops_the_replay(
