@@ -277,7 +277,7 @@ def test_shape_without_values(client: gradwire.Client) -> None:
     assert client.shape("conv1.weight[0, :, 1:3]") == (3, 2, 3)
     assert client.shape("linear.weight") == (20, 3200)
     read = client.read("linear.weight", values=False)
-    assert read.value is None
+    assert read.value is None and read.present  # present, its values not asked for
     assert read.shape == (20, 3200)
     assert read.dtype == "float32"
     client.forward(ONES_INPUT, ONES_TARGET)  # a tensor of another dtype says its own

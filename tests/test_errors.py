@@ -918,6 +918,9 @@ def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> No
     with np.errstate(over="ignore"):
         assert not np.isfinite(huge.sum(dtype=np.float32))
     assert client.forward(huge, TARGET).nonfinite_inputs == 0
+    # Made without the count (code from before it), a result says none.
+    assert gradwire.results.ForwardResult(1, (8, 20), None).nonfinite_inputs == 0
+    assert gradwire.results.TrainStepResult(1, 2.0, (8, 20), 3, ()).nonfinite_inputs == 0
 
 
 def test_fuzzed_values_past_the_dtype_are_invalid_argument(

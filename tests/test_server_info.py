@@ -3,6 +3,7 @@ against the limit the server enforces, on a real server on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -116,6 +117,17 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
         ),
         known_fields=tuple(known_fields()),
     )
+
+
+def test_limits_made_without_the_later_fields_hold_zero_for_each() -> None:
+    """Code that made a ServerLimits (or a ServerInfo) before a field was added still does,
+    each field added since 0 ("not reported"), and the known fields none."""
+    first = [f for f in dataclasses.fields(ServerLimits) if f.default is dataclasses.MISSING]
+    limits = ServerLimits(*range(1, len(first) + 1))
+    later = [f.name for f in dataclasses.fields(ServerLimits)][len(first) :]
+    assert later and first[-1].name == "min_client_ping_s"
+    assert all(getattr(limits, name) == 0 for name in later)
+    assert ServerInfo("0.1", "2.5", "cpu", limits).known_fields == ()
 
 
 def _limits(**settings: Any) -> ServerLimits:
