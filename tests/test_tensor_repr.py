@@ -168,3 +168,16 @@ def test_format_tensor_prints_a_torch_tensor_as_its_own_repr_and_none_as_none() 
     assert format_tensor(made) == repr(made)
     assert "grad_fn=<MulBackward0>" in format_tensor(made)
     assert format_tensor(made.detach().numpy()) == "tensor([2., 2., 2.])"
+    # A bfloat16 tensor's values, read as float32: the dtype given is the one printed.
+    widened = torch.tensor([0.5, 2.0], dtype=torch.bfloat16)
+    assert format_tensor(widened.float().numpy(), "bfloat16") == repr(widened)
+
+
+def test_format_read_names_the_device_the_server_holds_the_tensor_on() -> None:
+    """A read from a GPU server prints as torch prints the tensor there, device='cuda:0' after
+    the values (its values, on this side, are a plain array on the CPU)."""
+    from gradwire.display import format_read
+    from gradwire.results import TensorRead
+
+    read = TensorRead("w", 1, np.ones(2, np.float32), (2,), (2,), "float32", device="cuda:0")
+    assert format_read(read) == "tensor([1., 1.], device='cuda:0')"
