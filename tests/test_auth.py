@@ -540,8 +540,11 @@ def test_a_token_to_this_machine_or_over_tls_is_not_warned_of(target: str) -> No
 
 
 @pytest.mark.parametrize(
-    "target", ["gpu-box:50051", "10.0.0.5:1", "[2001:db8::1]:1", "dns:///gpu-box:1", "xds:///gw"]
-)
+    "target",
+    ["gpu-box:50051", "10.0.0.5:1", "[2001:db8::1]:1", "dns:///gpu-box:1", "xds:///gw",
+     # one address of a list off the machine; a name with a path, a loopback host before it
+     "ipv4:127.0.0.1:1,10.0.0.5:1", "[::1]/gw"],
+)  # fmt: skip
 def test_a_token_to_any_other_target_is_warned_of(target: str) -> None:
     with pytest.warns(gradwire.PlaintextTokenWarning, match=f"goes to {re.escape(target)} "):
         gradwire.Client(target, token=TOKEN).close()
