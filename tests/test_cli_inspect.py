@@ -27,7 +27,7 @@ import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
 from gradwire.fill import Fill
-from gradwire.progress import format_loss
+from gradwire.progress import ProgressBar, format_duration, format_loss
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -517,10 +517,30 @@ def test_train_against_a_server_that_runs_on_says_where_it_stopped_the_run() -> 
         (1.2e-7, "1.2e-07"),
         (float("nan"), "nan"),
         (float("-inf"), "-inf"),
+        (999_999.5, "999999.5000"),  # the last shown with four decimals
+        (1e6, "1e+06"),  # and the first shown in short
     ],
 )
 def test_a_loss_shows_what_it_is(loss: float, shown: str) -> None:
     assert format_loss(loss) == shown
+
+
+def test_the_progress_line_shows_the_bar_the_rate_and_the_time_left() -> None:
+    """train's progress line, its bar a 30th of the steps per #, and the time left in the
+    largest units that say it: seconds under a minute, minutes under an hour."""
+    bar = ProgressBar(io.StringIO(), 1000)
+    assert bar.line(120, 2.99123, rate=85.3) == (
+        "step 120/1000 [###" + "-" * 27 + "]  12%  85.3 steps/s  loss 2.9912  eta 10s"
+    )
+    # No rate yet, no steps asked: the time left is unknown, nothing divides by 0.
+    assert (
+        ProgressBar(io.StringIO(), 0)
+        .line(0, 1.0, rate=0.0)
+        .endswith("   0%  0.0 steps/s  loss 1.0000  eta ?")
+    )
+    assert "[" + "#" * 30 + "] 100%" in ProgressBar(io.StringIO(), 1).line(1, 1.0, rate=1.0)
+    shown = [format_duration(s) for s in (59.4, 60, 3599, 3600, 7500)]
+    assert shown == ["59s", "1m00s", "59m59s", "1h00m", "2h05m"]
 
 
 def test_a_finite_run_reports_no_divergence(cli: Run) -> None:
