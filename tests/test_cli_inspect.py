@@ -27,7 +27,8 @@ import gradwire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
 from gradwire.fill import Fill
-from gradwire.progress import ProgressBar, format_duration, format_loss
+from gradwire.progress import ProgressBar, format_duration, format_loss, summary_cells
+from gradwire.updates import Stats
 from gradwire_server.app import Running, start
 from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
@@ -523,6 +524,16 @@ def test_train_against_a_server_that_runs_on_says_where_it_stopped_the_run() -> 
 )
 def test_a_loss_shows_what_it_is(loss: float, shown: str) -> None:
     assert format_loss(loss) == shown
+
+
+def test_a_watch_cell_names_infinite_values_without_nans() -> None:
+    """A scalar that is infinite, and a tensor with infinities and no NaN, say so: each
+    check was of NaN and infinity both, and one alone missed the other."""
+    nan = math.nan
+    infinite = Stats(1, nan, nan, nan, nan, nan, 0, 1, 0, None)
+    assert summary_cells(infinite) == "value infinite"
+    some = Stats(4, 1.0, 2.0, 1.5, 0.5, 2.2, 0, 1, 0, None)
+    assert summary_cells(some).endswith("norm 2.2  nan 0  inf 1")
 
 
 def test_the_progress_line_shows_the_bar_the_rate_and_the_time_left() -> None:
