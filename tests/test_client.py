@@ -1356,6 +1356,16 @@ def test_a_watch_update_is_indexed_by_the_selectors_it_was_asked_for(
         update["conv1.weight[2, 0]"]
 
 
+def test_a_watched_scalar_with_stats_alone_is_present(client: gradwire.Client) -> None:
+    """A scalar's shape is (), sent as no dimensions at all: watched without its values,
+    its statistics are what say it is there (the loss after a Forward, one element)."""
+    client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
+    loss, element = next(client.watch(["loss", "conv1.weight[0, 0, 0, 0]"])).tensors
+    assert (loss.present, loss.full_shape, loss.value) == (True, (), None)
+    assert (element.present, element.full_shape) == (True, (16, 3, 3, 3))
+    assert loss.stats is not None and loss.stats.count == 1
+
+
 def test_watch_and_train_refuse_bad_arguments_when_called(client: gradwire.Client) -> None:
     """They raised at the first next(), so a bad call went unnoticed until then, or for
     ever when never iterated (found by the nineteenth session's review)."""
