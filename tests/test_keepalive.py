@@ -325,6 +325,7 @@ def test_an_unanswered_ping_is_given_the_timeout_and_a_client_pings_during_calls
         ({"min_client_ping_s": -0.5}, "min_client_ping_s must be 0 or more seconds"),
         ({"idle_s": math.inf}, "idle_s must be 0 or more seconds, got inf"),
         ({"keepalive_s": 5.0, "keepalive_timeout_s": 0.0}, "keepalive_timeout_s must be more"),
+        ({"max_connections": -1}, r"max_connections must be from 0 \(no limit\) to "),
     ],
 )
 def test_a_library_caller_s_connection_settings_are_checked(
@@ -334,6 +335,14 @@ def test_a_library_caller_s_connection_settings_are_checked(
     from inside the option's arithmetic; the CLI checked its flags, a library caller nothing."""
     with pytest.raises(ValueError, match=message):
         ServerConnections(**settings)
+
+
+@pytest.mark.parametrize("name", ["keepalive_timeout_s", "min_client_ping_s"])
+def test_none_is_no_setting_for_a_timeout_or_the_pings_taken(name: str) -> None:
+    """None means "never" for keepalive_s and idle_s alone: the others have no such value,
+    and None is refused as what is not a number, not taken for one."""
+    with pytest.raises(TypeError, match=f"{name} must be a number, got None"):
+        ServerConnections(**{name: None})  # type: ignore[arg-type]
 
 
 def test_connection_settings_that_turn_things_off_are_taken() -> None:
