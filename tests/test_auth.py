@@ -404,6 +404,13 @@ def test_a_token_too_long_for_grpcs_headers_is_refused_where_it_is_given(
         argv = ["serve", "--port", "0", "--device", "cpu", "--token-file", str(endless)]
         assert main(argv, io.StringIO(), err) == 2
         assert "--token-file /dev/zero: it holds more than 65,536 bytes" in err.getvalue()
+    # A file of exactly 65,536 bytes (the token, then line ends) is read; one more is not.
+    token_file.write_text("a" * 4096 + "\n" * (64 * 1024 - 4096))
+    token_file.chmod(0o600)
+    assert load_token(token_file) == "a" * 4096
+    token_file.write_text("a" * 4096 + "\n" * (64 * 1024 - 4096 + 1))
+    with pytest.raises(ValueError, match="holds more than 65,536 bytes"):
+        load_token(token_file)
     with gradwire.Client("127.0.0.1:1", token="a" * 4096):  # the longest taken
         pass
 
