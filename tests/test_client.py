@@ -1844,6 +1844,7 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     (lambda c: c.stats("loss", bins=4, low=math.nan), ValueError, "low must be a finite number"),
     (lambda c: c.stats("loss", bins=4, high=-math.inf), ValueError, "high must be a finite"),
     (lambda c: c.stats("conv1.weight", low=0.0, high=1.0), ValueError, "give bins too"),
+    (lambda c: c.stats("conv1.weight", high=1.0), ValueError, "give bins too"),  # one bound
     (lambda c: c.stats("conv1.weight", bins=4, low="0"), TypeError, "low must be a number"),  # type: ignore[arg-type]
     (lambda c: c.forward(None), codec.CodecError, "input: got None"),
     (lambda c: c.forward(_X, "abc"), codec.CodecError, "target: cannot send an array of dtype <U3"),
