@@ -1216,9 +1216,8 @@ def test_a_status_whose_details_trailer_is_garbled_stands_without_them() -> None
         context.set_trailing_metadata((("grpc-status-details-bin", b"\xff\xff\xff"),))
         context.abort(grpc.StatusCode.NOT_FOUND, "no tensor w")
 
-    handler = grpc.unary_unary_rpc_method_handler(refuse)
     with (
-        bare_server(old_trainer(GetTensor=handler)) as address,
+        bare_server(old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(refuse))) as address,
         gradwire.connect(address, timeout=10) as client,
         pytest.raises(errors.NotFound) as e,
     ):
