@@ -112,8 +112,9 @@ def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(
         stale.list_tensors()
     assert info.value.reason == "UNKNOWN_SESSION"
     stale.session = None
-    with pytest.raises(errors.InvalidArgument, match="default session cannot be closed"):
+    with pytest.raises(errors.InvalidArgument, match="default session cannot be closed") as bad:
         client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=""))
+    assert bad.value.reason == "BAD_SESSION"
 
 
 def test_a_session_s_optimizer_settings_of_the_other_kind_are_refused(
@@ -297,6 +298,23 @@ def test_idle_sessions_expire_with_no_call_naming_a_session(trainer: Trainer) ->
                 abandoned.list_tensors()
     finally:
         running.stop(grace=None)
+
+
+def test_the_background_expiry_looks_every_quarter_of_the_idle_time_within_its_bounds() -> None:
+    """A session is closed a quarter of its idle time late at most, never more than 10 s
+    late, and the thread wakes no more often than every 10 ms however short the idle time.
+    A CPU session's close does no full collection (one per close made the model-based
+    test crawl); a GPU one's does (the freed-at-once test stands one in for it)."""
+    assert sessions_module._expiry_interval(8.0) == 2.0
+    assert sessions_module._expiry_interval(0.2) == 0.05
+    assert sessions_module._expiry_interval(0.001) == 0.01
+    assert sessions_module._expiry_interval(600.0) == 10.0
+    assert sessions_module._expiry_interval(math.inf) == 10.0
+    trainer = Trainer(device="cpu", seed=0)
+    try:
+        assert not sessions_module._collects(trainer)
+    finally:
+        trainer.close()
 
 
 def test_sessions_opened_at_once_stay_within_the_limit() -> None:
