@@ -543,6 +543,22 @@ def test_the_log_keeps_the_latest_answers_within_its_bytes() -> None:
     assert log.once(("TrainStep", "", "c"), run(b"anew")) == b"anew"
 
 
+def test_a_retry_refused_for_its_answer_let_go_names_its_call_and_the_room_kept() -> None:
+    """What its reader acts on: which call, which request id, and how many MiB of answers
+    the server keeps (a limit to raise, or answers to fetch smaller)."""
+    mib = 1024 * 1024
+    log = RequestLog(size=8, max_bytes=3 * mib, keep_s=0, clock=Clock())
+    log.once(("TrainStep", "", "first"), lambda: b"a" * (2 * mib))
+    log.once(("TrainStep", "", "second"), lambda: b"b" * (2 * mib))  # the first let go
+    with pytest.raises(AnswerNotKept) as refused:
+        log.once(("TrainStep", "", "first"), lambda: b"again")
+    assert refused.value.message.startswith(
+        "TrainStep with request id 'first' was applied before, and its answer is no longer "
+        "kept (the server keeps 3 MiB of answers for retries)"
+    )
+    assert refused.value.metadata == {"method": "TrainStep"}
+
+
 def _train_step(address: str) -> grpc.UnaryUnaryMultiCallable:
     return grpc.insecure_channel(address).unary_unary(
         "/gradwire.v1.Trainer/TrainStep",
@@ -604,8 +620,10 @@ def test_a_waiting_retry_gives_up_at_its_deadline_and_changes_nothing() -> None:
     log = RequestLog()
     first, release = _first_attempt_held(log, fail=False)
     started = time.monotonic()
-    with pytest.raises(DeadlinePassed, match="still running; this call changed nothing"):
+    with pytest.raises(DeadlinePassed, match="still running; this call changed nothing") as late:
         log.once(("Step", "", "k"), lambda: "retry", Caller(remaining=0.3))
+    assert late.value.message.startswith("Step: the call's deadline passed while it waited")
+    assert late.value.metadata == {"method": "Step"}
     assert 0.25 < time.monotonic() - started < 10
     release.set()
     first.join(timeout=60)
@@ -635,6 +653,38 @@ def test_a_waiting_retry_whose_caller_has_gone_stops_waiting_and_runs_nothing() 
     release.set()  # the first attempt fails: its retry would run anew, but no one waits
     first.join(timeout=60)
     assert ran == []
+
+
+def test_a_retry_whose_caller_goes_as_the_first_attempt_fails_runs_nothing() -> None:
+    """The caller gone between the first attempt's end and the retry's waking: the retry
+    would run anew, for no one. Its caller here is there for as long as the first attempt
+    runs, and gone the moment it ends."""
+    log = RequestLog()
+    first, release = _first_attempt_held(log, fail=True)
+    key = ("Step", "", "k")
+
+    class GoneWithTheFirst(Caller):
+        def is_active(self) -> bool:
+            return key in log._running
+
+    ran: list[str] = []
+    errors_seen: list[BaseException] = []
+
+    def retry() -> None:
+        try:
+            log.once(key, lambda: ran.append("retry") or "retry", GoneWithTheFirst())
+        except CallerGone as err:
+            errors_seen.append(err)
+
+    retrying = threading.Thread(target=retry)
+    retrying.start()
+    retrying.join(timeout=0.2)
+    assert retrying.is_alive()  # waiting
+    release.set()
+    first.join(timeout=60)
+    retrying.join(timeout=60)
+    assert ran == [] and len(errors_seen) == 1
+    assert log.once(key, lambda: "anew") == "anew"  # the failed attempt was not kept
 
 
 def _stalled_upload(address: str, request_id: str, hold: threading.Event) -> grpc.Future:
