@@ -783,6 +783,19 @@ def test_a_certificate_far_from_its_dates_is_not_warned_of(tmp_path: Path) -> No
     assert files.valid_until() == certificate.not_valid_after_utc
 
 
+def test_a_certificate_is_warned_of_from_two_weeks_before_it_expires(tmp_path: Path) -> None:
+    """EXPIRY_WARNING, 14 days: time to renew it, and no warning a month ahead at every
+    start."""
+    key = _key()
+    certificate = _cert("gradwire server", key, None, key, server=True, days=30)
+    (tmp_path / "server.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    files = TlsFiles(tmp_path / "server.pem", tmp_path / "unread.key")
+    after = certificate.not_valid_after_utc
+    assert files.date_warnings(after - datetime.timedelta(days=15)) == []
+    (warning,) = files.date_warnings(after - datetime.timedelta(days=13, hours=1))
+    assert "expires on " in warning and "in 13 days: " in warning
+
+
 @pytest.mark.parametrize(
     ("left", "said"),
     [
