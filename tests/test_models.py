@@ -175,6 +175,11 @@ def test_load_spec_says_which_module_is_missing_and_why(module: Callable[[str], 
     message = refused(f"{broken}:SPEC")
     assert f"cannot import module {broken!r}: importing it raised ModuleNotFoundError" in message
     assert "not_installed_dependency_gw" in message
+    # A dependency whose name begins the module's own, but is no package of it: the module
+    # is there, its import failed (gw_test_models is not gw_test_models_<id>'s package).
+    prefixed = module("import gw_test_models\n")
+    message = refused(f"{prefixed}:SPEC")
+    assert f"cannot import module {prefixed!r}: importing it raised ModuleNotFoundError" in message
     failing = module("raise RuntimeError('no GPU driver here')\n")
     assert "importing it raised RuntimeError: no GPU driver here" in refused(f"{failing}:SPEC")
 
@@ -286,7 +291,8 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     module: Callable[[str], str],
 ) -> None:
     name = module(
-        HEADER
+        "import torch\n"
+        + HEADER
         + "def fails():\n    raise OSError('weights.bin not found')\n"
         + "def not_a_module():\n    return 'mlp'\n"
         + "FAILS = ModelSpec('Fails', fails, (16,), 4)\n"
@@ -294,6 +300,18 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
         + "NO_PARAMETERS = ModelSpec('Relu', nn.ReLU, (4,), 4)\n"
         + "WIDE = ModelSpec('Wide', TinyMLP, (16,), 5)\n"
         + "NARROW_INPUT = ModelSpec('Narrow', TinyMLP, (15,), 4)\n"
+        + "class IntOut(TinyMLP):\n"
+        + "    def forward(self, x):\n        return super().forward(x).long()\n"
+        + "class IntParameters(nn.Module):\n"
+        + "    def __init__(self):\n"
+        + "        super().__init__()\n"
+        + "        self.p = nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)\n"
+        + "    def forward(self, x):\n        return x[:, :4]\n"
+        + "class Pooled(TinyMLP):\n"
+        + "    def forward(self, x):\n        return super().forward(x).mean(0, keepdim=True)\n"
+        + "POOLED = ModelSpec('Pooled', Pooled, (16,), 4)\n"
+        + "INT_OUTPUT = ModelSpec('IntOut', IntOut, (16,), 4)\n"
+        + "INT_PARAMETERS = ModelSpec('IntParameters', IntParameters, (16,), 4)\n"
     )
     assert "building Fails failed: OSError: weights.bin not found" in refused(f"{name}:FAILS")
     assert "factory returned a str, not an nn.Module" in refused(f"{name}:NOT_A_MODULE")
@@ -304,6 +322,11 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     message = refused(f"{name}:NARROW_INPUT")
     assert "Narrow failed on zeros of shape [2, 15] (float32): RuntimeError" in message
     assert "check the spec's sample_shape and input_dtype" in message
+    assert "Pooled returned [1, 4] for an input of shape [2, 16]" in refused(f"{name}:POOLED")
+    assert "IntOut's output is torch.int64; a loss needs floats" in refused(f"{name}:INT_OUTPUT")
+    assert "IntParameters has no parameters to train: none is floating-point" in refused(
+        f"{name}:INT_PARAMETERS"
+    )
 
 
 EXITING = (
@@ -365,6 +388,8 @@ def test_a_spec_refuses_bad_fields_when_made() -> None:
     with pytest.raises(TypeError, match="input_dtype must be a torch"):
         ModelSpec("X", TinyMLP, (16,), 4, input_dtype="float32")  # type: ignore[arg-type]
     assert ModelSpec("X", TinyMLP, [16], 4).sample_shape == (16,)  # type: ignore[arg-type]
+    one = ModelSpec("One", TinyMLP, (1, 1), 1)  # the least: one feature, one value out
+    assert (one.sample_shape, one.num_classes) == ((1, 1), 1)
     assert (SIMPLE.loss, SIMPLE.input_dtype) == ("cross_entropy", torch.float32)
     assert isinstance(SIMPLE.criterion(), nn.CrossEntropyLoss)
     assert isinstance(TINY_REGRESSOR.criterion(), nn.MSELoss)
@@ -938,6 +963,39 @@ def test_the_regressor_refuses_class_indices_and_a_target_of_another_shape(
     )
 
 
+def test_a_target_of_the_batch_s_length_but_another_shape_is_refused() -> None:
+    """Class indices are [N] and class probabilities [N, num_classes]: a target whose first
+    dimension alone matches is refused by the spec, not left to the loss."""
+    for target, said in [
+        (torch.zeros((2, 4), dtype=torch.int64), "class indices must have shape [2]"),
+        (torch.zeros((2, 3)), "class probabilities must have shape [2, 4]"),
+        (torch.zeros((2, 4, 1)), "class probabilities must have shape [2, 4]"),
+    ]:
+        with pytest.raises(InvalidInput) as caught:
+            TINY_MLP.check_target(target, 2)
+        assert caught.value.reason == "BAD_TARGET_SHAPE"
+        assert said in caught.value.message
+    TINY_MLP.check_target(torch.zeros(2, dtype=torch.int64), 2)
+    TINY_MLP.check_target(torch.zeros((2, 4)), 2)
+
+
+def test_an_input_dtype_the_wire_carries_as_it_is_takes_no_other() -> None:
+    """float64 and int64 travel as themselves: a float32 input to a float64 model, or an
+    int32 one to an int64 model, is refused, not narrowed or widened unseen; so is a
+    float32 one to a model of a dtype the wire cannot carry (complex64: its own)."""
+    for dtype, other in [
+        (torch.float64, torch.float32),
+        (torch.int64, torch.int32),
+        (torch.complex64, torch.float32),
+    ]:
+        spec = ModelSpec("X", TinyMLP, (16,), 4, input_dtype=dtype)
+        assert spec.input_sent_as == dtype
+        spec.check_input_dtype(dtype)
+        with pytest.raises(InvalidInput) as caught:
+            spec.check_input_dtype(other)
+        assert caught.value.reason == "BAD_INPUT_DTYPE"
+
+
 class IdRegressor(nn.Module):
     """Token ids in, two floats out: a regression on integer input."""
 
@@ -1183,6 +1241,13 @@ def test_a_model_file_named_as_a_standard_module_is_said_not_to_be_the_one_impor
     )
     with pytest.raises(InvalidInput, match=r"module 'sys' \(built into Python\) has no"):
         load_spec("sys:SPEC")
+    # A folder without __init__.py, a namespace package: no file, and not built in either.
+    (tmp_path / "gw_namespace_folder").mkdir()
+    with pytest.raises(InvalidInput) as info:
+        load_spec("gw_namespace_folder:SPEC", tmp_path)
+    assert info.value.message == (
+        "--model 'gw_namespace_folder:SPEC': module 'gw_namespace_folder' has no attribute 'SPEC'"
+    )
 
 
 def test_serve_model_serves_it(tmp_path: Path) -> None:
@@ -1275,6 +1340,17 @@ def test_load_spec_refuses_torchscript_and_serve_a_factory_that_returns_one_mode
     )
     said = refused(f"{scripted}:SPEC")
     assert "Scripted holds TorchScript (0)" in said and "before torch.jit.script" in said
+    whole = module(
+        HEADER + "import torch\n"
+        "def make():\n"
+        "    return torch.jit.script(nn.Linear(16, 4))\n"
+        "def four():\n"
+        "    return nn.Sequential(*[torch.jit.script(nn.Linear(16, 16)) for _ in range(4)])\n"
+        "WHOLE = ModelSpec('Whole', make, (16,), 4)\n"
+        "FOUR = ModelSpec('Four', four, (16,), 16)\n"
+    )
+    assert "Whole holds TorchScript (the model): " in refused(f"{whole}:WHOLE")
+    assert "Four holds TorchScript (0, 1, 2): " in refused(f"{whole}:FOUR")  # three at most
     loaded_once = module(
         HEADER + "PRE = TinyMLP()\nSPEC = ModelSpec('Pre', lambda: PRE, (16,), 4)\n"
     )
