@@ -509,6 +509,39 @@ def test_a_trainer_that_fails_to_close_does_not_keep_the_others_open(
     default.close()
 
 
+def test_a_session_whose_close_callback_fails_is_closed_all_the_same(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`on_close` (what ends a session's Calls stream) raising: the session is closed, its
+    model with it, for CloseSession and for expiry alike, and the failure is logged; the
+    call that closed it is not failed by it."""
+    now = [0.0]
+    default = Trainer()
+    sessions = Sessions(default, idle_s=60, clock=lambda: now[0])
+    told: list[str] = []
+
+    def on_close(session: str) -> None:
+        told.append(session)
+        raise RuntimeError("a stream that would not end")
+
+    sessions.on_close = on_close
+    closed, expired = (sessions.open(seed=0, settings=None) for _ in range(2))
+    models = [sessions.get(closed), sessions.get(expired)]
+    sessions.close(closed)
+    now[0] = 61.0
+    assert sessions.describe() == ([], 0)  # the other found expired, and closed
+    assert told == [closed, expired]
+    for model in models:
+        with pytest.raises(Closed):
+            model.step()
+    failed = [r for r in caplog.records if r.name == "gradwire_server.sessions"]
+    assert [r.getMessage() for r in failed if r.levelname == "ERROR"] == [
+        "ending what acted on a closed session failed"
+    ] * 2
+    sessions.close_all()
+    default.close()
+
+
 def test_no_session_opens_once_the_sessions_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's stop closes every session: one being built meanwhile is closed too, and
     refused, rather than added after the stop where nothing would ever close it."""
