@@ -76,6 +76,50 @@ def test_the_server_s_serving_thread_is_found_and_let_go_at_the_stop(trainer: Tr
     assert watched.error is None
 
 
+def test_a_serving_thread_that_raised_is_said_dead_before_it_has_ended() -> None:
+    """The hook runs on the ending thread, which is still alive as it runs: the watch says
+    so from the error on (`serve` acts on `alive`), and reports the error once."""
+    ended: list[BaseException] = []
+    gate = threading.Event()
+    thread = threading.Thread(target=gate.wait, args=(60,), name="Thread-0 (_serve)")
+    watched = serving_watch.start_watched(thread.start, ended.append)
+    try:
+        assert watched.thread is thread and watched.alive
+        error = MemoryError("a request grpc could not allocate")
+        serving_watch._hook(threading.ExceptHookArgs((MemoryError, error, None, thread)))
+        assert thread.is_alive() and not watched.alive
+        assert ended == [error] and watched.error is error
+        assert thread not in serving_watch._watched  # reported once
+    finally:
+        gate.set()
+        thread.join(timeout=60)
+
+
+def test_servers_started_one_after_another_put_the_hook_in_place_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Put in front of itself by a second server, the hook passed another thread's
+    exception to itself, for ever: no report of it, a RecursionError instead."""
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    monkeypatch.setattr(serving_watch, "_previous_hook", None)
+    gate = threading.Event()
+    threads = [
+        threading.Thread(target=gate.wait, args=(60,), name=f"Thread-{n} (_serve)")
+        for n in range(2)
+    ]
+    try:
+        for thread in threads:
+            serving_watch.start_watched(thread.start, lambda error: None).forget()
+        other = ValueError("another thread's")
+        threading.excepthook(threading.ExceptHookArgs((ValueError, other, None, None)))
+        assert reported == [other]
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
 @pytest.mark.parametrize("version", ["v1alpha", "v1"])
 def test_reflection_lists_the_services_and_describes_them(
     server: Running, address: str, version: str
