@@ -495,6 +495,10 @@ def test_json_logs_carry_the_request_id_and_session(
     assert filled["session"] == session
     assert filled["code"] == "OK"
     assert isinstance(filled["duration_ms"], float)
+    # The line says the same duration, in milliseconds too (to its 2 decimals).
+    method, code, said, unit = str(filled["message"]).split(" ")
+    assert (method, code, unit) == (TRAINER + "FillParameters", "OK", "ms")
+    assert abs(float(said) - filled["duration_ms"]) <= 0.006
     assert str(filled["peer"]).startswith("ipv4:127.0.0.1:")
     assert filled["level"] == "DEBUG"
     assert filled["logger"] == "gradwire_server.access"
@@ -749,6 +753,8 @@ def test_silent_connections_to_the_metrics_port_are_bounded_and_closed(
         # Those past the limit are closed at once; the others when they have been silent
         # for METRICS_IDLE_S.
         eventually(lambda: sum(map(_closed_by_the_server, connections)) >= 8, "none closed")
+        # The 8 past the limit, refused: not the first 16, served (silent for 10 s, not yet).
+        assert not any(map(_closed_by_the_server, connections[:limit]))
         assert handler_threads() <= limit
         eventually(
             lambda: all(map(_closed_by_the_server, connections)),
