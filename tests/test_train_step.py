@@ -562,6 +562,26 @@ def test_a_watch_of_many_tensors_is_counted_with_their_names_and_shapes(
     assert len(update.tensors) == 100
 
 
+def test_a_watch_exactly_at_the_value_limit_is_sent_and_one_item_more_is_refused(
+    small_messages: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each scalar slice of conv1.weight counts 120 bytes: its name (12), a varint's most
+    for each of its whole shape's 4 dimensions (40), 64 more, and its value (4). Ten take
+    the limit to the byte, and are sent; eleven are refused, counted at 1,320. Statistics
+    alone count no values: conv1.weight's 1,728 bytes of them would not fit, its
+    statistics (12 + 40 + 64 + 128) do."""
+    client = small_messages
+    monkeypatch.setattr(limits, "MAX_VALUE_BYTES", 1200)  # read at each call
+    items = ["conv1.weight[0, 0, 0, 0]"] * 10
+    update = next(client.watch(items, values=True, stats=False))
+    assert len(update.tensors) == 10
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        next(client.watch([*items, items[0]], values=True, stats=False))
+    assert caught.value.metadata == {"bytes": "1320", "limit": "1200"}
+    update = next(client.watch(["conv1.weight"], values=False, stats=True))
+    assert update["conv1.weight"].stats is not None
+
+
 def test_a_step_the_model_refuses_leaves_its_zero_grad_undone() -> None:
     # TinyMLP's BatchNorm refuses a batch of one in training: the Forward fails after the
     # step's ZeroGrad ran, which must be undone with the rest (it once stayed: gradients gone,
