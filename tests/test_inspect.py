@@ -1821,6 +1821,12 @@ def test_a_closed_watch_lets_go_of_its_place_at_once(
         next(stream)
         stream.close()
         eventually(lambda: server.servicer.slots.taken == 0, "the watch held its place", within=20)
+        # Nor is it told of the mutations after it: its trainer let go of it too.
+        eventually(
+            lambda: len(server.servicer.trainer._subscriptions) == 0,
+            "the watch stayed subscribed to its trainer",
+            within=20,
+        )
 
 
 @pytest.mark.parametrize("how", ["end", "close"])
