@@ -625,6 +625,13 @@ def test_a_train_that_fails_midway_says_how_many_steps_stay_applied(
     assert done == step - 1 >= 1 and info.value.metadata["steps_done"] == str(done)
     assert version == client.list_tensors().version > start
     assert info.value.metadata["version"] == str(version)  # for a client to read, not parse
+    # A first step that fails says nothing of steps before it: there were none.
+    with pytest.raises(errors.InvalidArgument) as info:
+        list(client.train(Fill.ones(1, 3, 10, 10), Fill.randint(20, 21, 1), 200, every=1000))
+    assert "classes run from 0 to 19" in info.value.message
+    assert "steps before it" not in info.value.message
+    assert "steps_done" not in info.value.metadata
+    assert client.list_tensors().version == version
 
 
 @pytest.mark.parametrize("every", [1, 7, 100])
