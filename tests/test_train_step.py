@@ -711,6 +711,14 @@ def test_a_train_request_leaving_zero_grad_unset_zeroes_each_step_and_may_take_t
     request = pb.TrainRequest(input=source, target=target, steps=2)
     progress = list(client._stream("Train", request, timeout=30))
     assert [p.version for p in progress] == [4, 8]
+    # Each step's gradients are its own, not added to the last one's: at lr 0, those of
+    # one TrainStep, where two steps' would be twice them.
+    client.set_optimizer("sgd", lr=0.0)
+    client.train_step(ONES_INPUT, ONES_TARGET)
+    one_step = np.asarray(client.get("conv1.weight.grad"))
+    list(client._stream("Train", request, timeout=30))
+    two_steps = np.asarray(client.get("conv1.weight.grad"))
+    np.testing.assert_allclose(two_steps, one_step, rtol=1e-5, atol=1e-7)
     request.steps = limits.MAX_TRAIN_STEPS
     run = client._stream("Train", request, timeout=30)
     assert next(run).steps == limits.MAX_TRAIN_STEPS
