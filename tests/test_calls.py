@@ -453,6 +453,17 @@ def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) ->
     assert errors.from_rpc_error(ended.value).reason == "UNKNOWN_SESSION"
 
 
+def test_a_stream_with_an_empty_session_header_runs_on_the_default_session(address: str) -> None:
+    """An empty header is no session's, as for a unary call: the stream stays open after
+    its first answer, and runs the calls written after it."""
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-session", ""),))
+        for _ in range(3):
+            answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+            assert answer.WhichOneof("result") == "list_tensors", answer
+        assert stream.close() == grpc.StatusCode.OK
+
+
 @pytest.mark.parametrize("how", ["closed by its id", "expired"])
 def test_session_clients_streams_let_go_of_their_places_with_their_sessions(
     trainer: Trainer, how: str
