@@ -886,6 +886,26 @@ def test_answers_past_one_message_fail_the_call_that_overflows(
     assert version(address) == 1
 
 
+def test_an_answer_that_takes_the_room_left_to_the_byte_is_kept(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of conv2.weight answers 18,480 bytes: in a message that leaves it exactly
+    that with its framing, beside the reserve of the one call, it is kept; one byte less,
+    it is replaced, and the room it had is said."""
+    read = pb.CallRequest(get_tensor=pb.GetTensorRequest(name="conv2.weight"))
+    exact = 18_480 + servicer._FRAMING + servicer._ANSWER_RESERVE
+    small_messages(monkeypatch, exact)
+    assert raw_batch(address, [read])[0].WhichOneof("result") == "get_tensor"
+    small_messages(monkeypatch, exact - 1)
+    _, message, reason, metadata = error_of(raw_batch(address, [read])[0])
+    assert "(room left: 18,479 bytes)" in message
+    assert (reason, metadata["bytes"], metadata["limit"]) == (
+        "BATCH_ANSWERS_TOO_LARGE",
+        "18480",
+        "18479",
+    )
+
+
 def test_the_answers_always_fit_in_one_message(
     address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
