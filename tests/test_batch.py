@@ -906,6 +906,19 @@ def test_an_answer_that_takes_the_room_left_to_the_byte_is_kept(
     )
 
 
+def test_a_failed_call_whose_error_did_not_fit_is_said_to_have_failed(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its answer replaced as a read's is, but as what it was: a failure, which changed
+    nothing (said a success, a client would take the call for done)."""
+    small_messages(monkeypatch, servicer._ANSWER_RESERVE + servicer._FRAMING + 64)
+    refused = pb.CallRequest(get_tensor=pb.GetTensorRequest(name="no.such.tensor"))
+    _, message, reason, metadata = error_of(raw_batch(address, [refused])[0])
+    assert reason == "BATCH_ANSWERS_TOO_LARGE"
+    assert message.startswith("GetTensor failed, and its error did not fit either")
+    assert (metadata["succeeded"], metadata["applied"]) == ("false", "false")
+
+
 def test_the_answers_always_fit_in_one_message(
     address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
