@@ -917,6 +917,10 @@ def test_a_failed_call_whose_error_did_not_fit_is_said_to_have_failed(
     assert reason == "BATCH_ANSWERS_TOO_LARGE"
     assert message.startswith("GetTensor failed, and its error did not fit either")
     assert (metadata["succeeded"], metadata["applied"]) == ("false", "false")
+    # One that names no call is named as a Calls stream's message is.
+    _, message, reason, _ = error_of(raw_batch(address, [pb.CallRequest()])[0])
+    assert reason == "BATCH_ANSWERS_TOO_LARGE"
+    assert message.startswith("Calls failed, and its error did not fit either")
 
 
 def test_the_answers_always_fit_in_one_message(
