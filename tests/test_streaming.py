@@ -1062,6 +1062,8 @@ def test_a_forward_stream_whose_first_chunk_gives_no_shape_says_the_first_must(
         error = raw_error(lambda data=data: send(iter(data), timeout=30))
         assert isinstance(error, errors.InvalidArgument)
         assert (error.reason, said in error.message) == ("BAD_INPUT_SHAPE", True), error.message
+        # Where the shape goes is said only to a stream whose first chunk gave none.
+        assert ("the first chunk gave none" in error.message) == (not first.shape)
         assert version(client) == 0
 
 
