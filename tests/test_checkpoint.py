@@ -1951,6 +1951,26 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
 
 
+def test_a_save_past_the_user_s_disk_quota_is_refused_as_a_full_disk(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EDQUOT, as ENOSPC: the caller can free room as it can on a full disk. (A quota this
+    machine's disk cannot be given for a test: the room check raises it here.)"""
+    client, _, state_dir = kept
+
+    def over_quota(folder: Path, need: int, replaced: int = 0) -> None:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(checkpoint, "check_room", over_quota)
+    with pytest.raises(errors.ResourceExhausted) as full:
+        client.save_checkpoint("big")
+    assert full.value.reason == "DISK_FULL"
+    assert full.value.message.startswith(
+        f"could not write checkpoint 'big': {os.strerror(errno.EDQUOT)}; free space"
+    )
+    assert _left(state_dir) == []
+
+
 def test_a_save_that_would_leave_the_disk_nearly_full_is_refused_but_not_the_stop_s(
     kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
