@@ -838,6 +838,11 @@ def test_an_empty_request_id_in_the_batchs_metadata_is_none(address: str) -> Non
 def test_bytes_that_are_no_batch_request_are_refused(address: str) -> None:
     code, reason, _ = refused(address, b"\x0a\x05ab")  # a call that runs past the end
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+    # Named as the message it is not, for a client written from the .proto alone.
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(BATCH)(b"\x0a\x05ab", timeout=60)  # type: ignore[arg-type]
+    details = caught.value.details() or ""
+    assert details.startswith("the request is not a valid gradwire.v1.BatchRequest: "), details
 
 
 def test_a_call_field_that_is_no_message_is_refused(address: str) -> None:
