@@ -874,6 +874,22 @@ def test_every_rpc_answers_an_empty_request_and_garbage_bytes(
     _still_serving(client)
 
 
+def test_an_rpc_of_the_contract_without_its_method_stops_the_servicer_s_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As docs/DEVELOPING.md says: the check servicer.py runs as it imports, here on a
+    contract with one RPC more, which names the method to add."""
+    from types import SimpleNamespace
+
+    from gradwire_server import servicer
+
+    servicer._check_every_rpc_served()  # the contract as it is: each has its method
+    methods = [*servicer.SERVICE.methods, SimpleNamespace(name="Reticulate")]
+    monkeypatch.setattr(servicer, "SERVICE", SimpleNamespace(methods=methods))
+    with pytest.raises(AssertionError, match="rpc Reticulate, which TrainerServicer lacks"):
+        servicer._check_every_rpc_served()
+
+
 @pytest.mark.parametrize(
     ("name", "complaint"),
     [("", "a tensor name is required"),
