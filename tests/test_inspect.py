@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -1552,6 +1553,38 @@ def test_train_stops_between_steps_when_cancelled(client: gradwire.Client) -> No
     assert first.step >= 1
     assert (version - 1) % 4 == 0  # whole steps only: zero_grad, forward, backward, step
     assert version < 1 + 10_000 * 4
+
+
+def test_a_train_that_reports_no_progress_still_stops_between_steps_when_cancelled(
+    client: gradwire.Client, address: str
+) -> None:
+    """A run that yields nothing until its end is asked nothing by gRPC meanwhile: it sees
+    the cancel itself, between two steps (else it ran on to its last step)."""
+    client.set_optimizer("sgd", lr=0.001)
+    start = client.list_tensors().version
+    steps = 1_000_000
+    request = pb.TrainRequest(
+        input=pb.TensorSource(fill=Fill.ones(8, 3, 10, 10).to_proto()),
+        target=pb.TensorSource(fill=Fill.ones(8).to_proto()),
+        steps=steps,
+        every=steps,
+    )
+    with grpc.insecure_channel(address) as channel:
+        train = channel.unary_stream(
+            "/gradwire.v1.Trainer/Train",
+            request_serializer=pb.TrainRequest.SerializeToString,
+            response_deserializer=pb.TrainProgress.FromString,
+        )
+        call = train(request, timeout=600)
+        eventually(lambda: client.list_tensors().version > start + 8, "the run never began")
+        call.cancel()
+    versions = [client.list_tensors().version]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and versions[-2:-1] != versions[-1:]:
+        time.sleep(0.2)
+        versions.append(client.list_tensors().version)
+    assert versions[-2] == versions[-1], "the run went on after its cancel"
+    assert (versions[-1] - start) % 4 == 0 and versions[-1] < start + steps * 4
 
 
 def test_train_past_its_timeout_says_the_steps_applied(client: gradwire.Client) -> None:
