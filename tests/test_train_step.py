@@ -568,8 +568,9 @@ def test_a_watch_exactly_at_the_value_limit_is_sent_and_one_item_more_is_refused
     """Each scalar slice of conv1.weight counts 120 bytes: its name (12), a varint's most
     for each of its whole shape's 4 dimensions (40), 64 more, and its value (4). Ten take
     the limit to the byte, and are sent; eleven are refused, counted at 1,320. Statistics
-    alone count no values: conv1.weight's 1,728 bytes of them would not fit, its
-    statistics (12 + 40 + 64 + 128) do."""
+    alone count no values (conv1.weight's 1,728 bytes), and a bound of their own: 128
+    bytes and 10 a bin, with the name and both shapes, 12 + 80 + 64 + 128 + 100 = 384 for
+    conv1.weight's with 10 bins."""
     client = small_messages
     monkeypatch.setattr(limits, "MAX_VALUE_BYTES", 1200)  # read at each call
     items = ["conv1.weight[0, 0, 0, 0]"] * 10
@@ -578,8 +579,13 @@ def test_a_watch_exactly_at_the_value_limit_is_sent_and_one_item_more_is_refused
     with pytest.raises(errors.ResourceExhausted) as caught:
         next(client.watch([*items, items[0]], values=True, stats=False))
     assert caught.value.metadata == {"bytes": "1320", "limit": "1200"}
-    update = next(client.watch(["conv1.weight"], values=False, stats=True))
+    monkeypatch.setattr(limits, "MAX_VALUE_BYTES", 384)
+    update = next(client.watch(["conv1.weight"], values=False, stats=True, bins=10))
     assert update["conv1.weight"].stats is not None
+    monkeypatch.setattr(limits, "MAX_VALUE_BYTES", 383)
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        next(client.watch(["conv1.weight"], values=False, stats=True, bins=10))
+    assert caught.value.metadata == {"bytes": "384", "limit": "383"}
 
 
 def test_a_step_the_model_refuses_leaves_its_zero_grad_undone() -> None:
