@@ -881,6 +881,7 @@ def test_an_rpc_of_the_contract_without_its_method_stops_the_servicer_s_import(
     contract with one RPC more, which names the method to add."""
     from types import SimpleNamespace
 
+    from gradwire import calls
     from gradwire_server import servicer
 
     servicer._check_every_rpc_served()  # the contract as it is: each has its method
@@ -888,6 +889,10 @@ def test_an_rpc_of_the_contract_without_its_method_stops_the_servicer_s_import(
     monkeypatch.setattr(servicer, "SERVICE", SimpleNamespace(methods=methods))
     with pytest.raises(AssertionError, match="rpc Reticulate, which TrainerServicer lacks"):
         servicer._check_every_rpc_served()
+    # A call on no session given a field of CallRequest: refused there too, as it imports.
+    monkeypatch.setattr(calls, "METHODS", {**calls.METHODS, "OpenSession": (0, "")})
+    with pytest.raises(AssertionError, match="OpenSession acts on no session"):
+        servicer._on_stream()
 
 
 @pytest.mark.parametrize(
