@@ -1828,9 +1828,15 @@ def test_a_minimum_interval_coalesces_updates(client: gradwire.Client, address: 
             driver.train_step(x, y)  # done in well under 2 s: all land before the next update
         final = driver.get("conv1.weight[0, 0, 0]")
     update = next(stream)
+    # The interval runs from each update sent, not from the first alone.
+    with gradwire.connect(address) as driver:
+        for _ in range(3):
+            driver.train_step(x, y)
+    later = next(stream)
     stream.close()
     assert (first.version, update.version, update.steps) == (0, 1 + 10 * 4, 10)
     assert update.skipped == 10  # 11 mutating calls, one update
+    assert (later.version, later.skipped) == (1 + 13 * 4, 2)
     assert np.array_equal(update["conv1.weight"].value, final)
     with pytest.raises(ValueError, match="min_interval must be seconds"):
         client.watch(["loss"], min_interval=-1.0)  # refused by the client, when called
