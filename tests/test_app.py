@@ -489,6 +489,8 @@ def test_a_stop_ends_a_server_side_train_between_steps(trainer: Trainer) -> None
     assert raised.reason == "STOPPING"
     steps = int(raised.message.split("training stopped after ")[1].split()[0])
     assert trainer.version == 4 * steps  # each step applied whole: 4 mutations
+    # Both also for a client to read, not parse: how far it went, and the state's version.
+    assert raised.metadata == {"steps_done": str(steps), "version": str(trainer.version)}
 
 
 def _stop_while_not_read(running: Running, stream: Iterator[object]) -> float:
