@@ -829,6 +829,24 @@ def test_a_request_id_in_the_batchs_metadata_is_refused(address: str) -> None:
     assert version(address) == 0
 
 
+def test_a_call_s_request_id_and_expected_version_are_its_own_not_the_next_call_s(
+    address: str,
+) -> None:
+    """Each call's are put in a copy of the batch's metadata: a call after one with a
+    request id and an expected version runs with neither (it was answered as the first's
+    retry, or refused for a version that had moved, as the first moved it)."""
+    first = pb.FillParametersRequest(value=2.0)
+    answers = raw_batch(
+        address,
+        [
+            pb.CallRequest(request_id="a", expected_version=0, fill_parameters=first),
+            pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=3.0)),
+        ],
+    )
+    assert [a.fill_parameters.version for a in answers] == [1, 2]
+    assert version(address) == 2
+
+
 def test_an_empty_request_id_in_the_batchs_metadata_is_none(address: str) -> None:
     fill = pb.CallRequest(fill_parameters=pb.FillParametersRequest(value=2.0))
     answers = raw_batch(address, [fill, fill], (("gradwire-request-id", ""),))
