@@ -1298,7 +1298,7 @@ def test_watch_sends_the_state_now_then_one_update_per_mutation(
         versions.append(driver.zero_grad())
     updates = watcher.join()
     first = updates[0]
-    assert (first.version, first.cause, first.steps) == (0, "Watch", 0)
+    assert (first.version, first.cause, first.steps, first.skipped) == (0, "Watch", 0, 0)
     assert not first["loss"].present
     with pytest.raises(KeyError):  # indexed by selector, not by position: no TypeError
         first[0]
