@@ -1599,6 +1599,7 @@ def test_train_past_its_timeout_says_the_steps_applied(client: gradwire.Client) 
     done = int(got.value.metadata["steps_done"])
     after = client.list_tensors().version
     assert done >= 1 and int(got.value.metadata["version"]) == after == before + 4 * done
+    assert f"training stopped after {done} of 1000000 steps" in got.value.message  # as counted
 
 
 class _SlowFirst(nn.Module):
