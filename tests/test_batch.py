@@ -808,6 +808,11 @@ def test_too_many_calls_are_refused_and_none_runs(
         "BATCH_TOO_LONG",
         {"limit": "3"},
     )
+    # The limit in words too, for the person who reads the error.
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary(BATCH)(data, timeout=60)  # type: ignore[arg-type]
+    details = caught.value.details() or ""
+    assert details.startswith("a Batch carries at most 3 calls, this one more: none was run")
     assert version(address) == 0
     assert len(raw_batch(address, [fill] * 3)) == 3
 
