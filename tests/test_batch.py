@@ -1109,6 +1109,29 @@ def test_the_calls_after_a_batch_is_cancelled_are_not_run(gated_server: Running)
     assert version(address, "weight") == 1  # the Forward, and no fill
 
 
+def test_a_batch_in_progress_holds_a_place_as_a_call_not_as_a_stream(
+    gated_server: Running,
+) -> None:
+    """BUSY counts the streams among the places held, which hold them until they end: a
+    Batch is one call, however many it carries, and is not counted among them."""
+    address = f"127.0.0.1:{gated_server.port}"
+    slots = gated_server.servicer.slots
+    with grpc.insecure_channel(address) as channel:
+        call: Any = channel.unary_unary(BATCH).future(FORWARD_THEN_FILL)  # type: ignore[arg-type]
+        try:
+            assert Gate.entered.wait(timeout=60)
+            slots.limit = 1  # the batch holds the one place
+            with (
+                gradwire.connect(address, timeout=30) as client,
+                pytest.raises(errors.ResourceExhausted) as busy,
+            ):
+                client.list_tensors()
+        finally:
+            Gate.release.set()
+        call.result(timeout=60)
+    assert busy.value.message == "the server is busy: 1 call in progress; retry shortly"
+
+
 def test_calls_of_a_batch_not_yet_run_when_the_server_begins_to_stop_are_not_run(
     gated_server: Running,
 ) -> None:
