@@ -1652,6 +1652,23 @@ def test_bad_train_requests_are_invalid_argument(
     assert client.list_tensors().version == 0
 
 
+def test_a_train_request_s_refusals_name_its_rpc_and_its_field(client: gradwire.Client) -> None:
+    """What is missing or bad is named as the caller sent it: Train's request, its input."""
+    ones = pb.TensorSource(fill=Fill.ones(8, 3, 10, 10).to_proto())
+    with pytest.raises(errors.InvalidArgument) as refused:
+        list(client._stream("Train", pb.TrainRequest(input=ones, steps=3)))
+    assert refused.value.message.startswith("Train needs an input and a target"), refused.value
+    bad = pb.TensorSource(fill=pb.Fill(kind=99, shape=[8, 3, 10, 10]))  # type: ignore[arg-type]
+    target = pb.TensorSource(fill=Fill.ones(8).to_proto())
+    with pytest.raises(errors.InvalidArgument) as refused:
+        list(client._stream("Train", pb.TrainRequest(input=bad, target=target, steps=3)))
+    assert refused.value.message.startswith("input: fill kind 99 is not one of"), refused.value
+    with pytest.raises(errors.InvalidArgument) as refused:
+        list(client._stream("Train", pb.TrainRequest(input=ones, target=bad, steps=3)))
+    assert refused.value.message.startswith("target: fill kind 99 is not one of"), refused.value
+    assert client.list_tensors().version == 0
+
+
 def test_train_refuses_a_bad_input_before_any_step(client: gradwire.Client) -> None:
     with pytest.raises(errors.InvalidArgument, match="takes"):
         list(client.train(Fill.ones(8, 3, 9, 9), Fill.ones(8), steps=3))
