@@ -630,21 +630,30 @@ def test_a_waiting_retry_gives_up_at_its_deadline_and_changes_nothing() -> None:
     assert log.once(("Step", "", "k"), lambda: "again") == "first"  # a later retry's answer
 
 
-def test_a_waiting_retry_whose_caller_has_gone_stops_waiting_and_runs_nothing() -> None:
-    log = RequestLog()
-    first, release = _first_attempt_held(log, fail=True)
-    caller = Caller()
+def _retry_waiting(
+    log: RequestLog, key: tuple[str, str, str], caller: Caller
+) -> tuple[threading.Thread, list[str], list[BaseException]]:
+    """A retry of `key` for `caller`, started on a thread of its own while the first attempt
+    runs: the thread, what the retry ran, and the CallerGone it raised, if any."""
     ran: list[str] = []
     errors_seen: list[BaseException] = []
 
     def retry() -> None:
         try:
-            log.once(("Step", "", "k"), lambda: ran.append("retry") or "retry", caller)
+            log.once(key, lambda: ran.append("retry") or "retry", caller)
         except CallerGone as err:
             errors_seen.append(err)
 
     retrying = threading.Thread(target=retry)
     retrying.start()
+    return retrying, ran, errors_seen
+
+
+def test_a_waiting_retry_whose_caller_has_gone_stops_waiting_and_runs_nothing() -> None:
+    log = RequestLog()
+    first, release = _first_attempt_held(log, fail=True)
+    caller = Caller()
+    retrying, ran, errors_seen = _retry_waiting(log, ("Step", "", "k"), caller)
     retrying.join(timeout=0.3)
     assert retrying.is_alive()  # waiting
     caller.active = False  # its client cancelled
@@ -667,17 +676,7 @@ def test_a_retry_whose_caller_goes_as_the_first_attempt_fails_runs_nothing() -> 
         def is_active(self) -> bool:
             return key in log._running
 
-    ran: list[str] = []
-    errors_seen: list[BaseException] = []
-
-    def retry() -> None:
-        try:
-            log.once(key, lambda: ran.append("retry") or "retry", GoneWithTheFirst())
-        except CallerGone as err:
-            errors_seen.append(err)
-
-    retrying = threading.Thread(target=retry)
-    retrying.start()
+    retrying, ran, errors_seen = _retry_waiting(log, key, GoneWithTheFirst())
     retrying.join(timeout=0.2)
     assert retrying.is_alive()  # waiting
     release.set()
