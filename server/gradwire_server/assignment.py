@@ -11,7 +11,7 @@ import torch
 
 from gradwire_server.errors import InvalidInput
 from gradwire_server.fills import dtype_name
-from gradwire_server.indexing import IndexChain
+from gradwire_server.indexing import IndexChain, select
 
 
 def without_leading_ones(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
@@ -45,6 +45,18 @@ def no_repeats(tensor: torch.Tensor) -> bool:
     """Whether each value of `tensor` has a place of its own: no dimension of more than one
     value has a stride of 0 (as `expand` makes), so it can be written in place."""
     return all(st or n <= 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True))
+
+
+def writable_slot(
+    tensor: torch.Tensor, chain: IndexChain, name: str, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """tensor[chain...], the slot a value of `shape` is written to, a view of `tensor`;
+    InvalidInput where the value cannot be written there: one check for a write and for the
+    first chunk of a streamed one, so that the two refuse alike."""
+    slot = select(tensor.detach(), chain, name, writable=True)
+    check_writable(shape, tuple(slot.shape), name, chain)
+    check_no_repeats(slot, name, chain)
+    return slot
 
 
 def check_no_repeats(target: torch.Tensor, name: str, chain: IndexChain) -> None:

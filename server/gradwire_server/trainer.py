@@ -45,13 +45,7 @@ from gradwire_server import (
     random_stream,
     staging,
 )
-from gradwire_server.assignment import (
-    check_holds,
-    check_no_repeats,
-    check_writable,
-    no_repeats,
-    without_leading_ones,
-)
+from gradwire_server.assignment import check_holds, no_repeats, without_leading_ones, writable_slot
 from gradwire_server.buffers import Before, Buffers
 from gradwire_server.devices import check_device
 from gradwire_server.errors import (
@@ -2106,9 +2100,7 @@ class Trainer:
         else:
             assert tensor is not None
             fresh = False
-        target = select(tensor.detach(), chain, name, writable=True)
-        check_writable(tuple(source.shape), tuple(target.shape), name, chain)
-        check_no_repeats(target, name, chain)
+        target = writable_slot(tensor, chain, name, tuple(source.shape))
         check_holds(source, target.dtype, name)
         source = source.reshape(without_leading_ones(tuple(source.shape), target.dim()))
         if not source.dtype.is_floating_point and param.dtype.is_floating_point:
@@ -2154,9 +2146,7 @@ class Trainer:
         _, tensor, param = self._writable(name)
         self._check_size(shape, "value")
         base = param if tensor is None else tensor
-        slot = select(base.detach(), chain, name, writable=True)
-        check_writable(tuple(shape), tuple(slot.shape), name, chain)
-        check_no_repeats(slot, name, chain)
+        writable_slot(base, chain, name, tuple(shape))
 
     def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
         """What forward() would refuse of an input of `shape` and `dtype`, found at a
