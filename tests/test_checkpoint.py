@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -903,6 +903,19 @@ def _tensors_altered(path: Path, change: dict[str, torch.Tensor | None]) -> None
     resave(tensors, path, metadata)
 
 
+def _saved_and_altered(
+    tmp_path: Path, settings: OptimizerSettings, change: dict[str, torch.Tensor | None]
+) -> tuple[Trainer, Path]:
+    """A trainer with `settings`, one step taken, and its checkpoint in `tmp_path` with
+    `change` made to its tensors (`_tensors_altered`)."""
+    saved = Trainer(seed=0, optimizer=settings)
+    _train(saved, 1)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    _tensors_altered(path, change)
+    return saved, path
+
+
 ADAM, MOMENTUM = OptimizerSettings("adam", lr=0.01), OptimizerSettings("sgd", lr=0.1, momentum=0.9)
 
 
@@ -911,11 +924,9 @@ def test_a_checkpoint_whose_parameter_has_another_dtype_is_another_model_s(
 ) -> None:
     """Loaded, a parameter of another dtype stopped `gradwire serve` with a traceback; then
     it was told damaged, where it is what the same model in another dtype saves."""
-    saved = Trainer(seed=0, optimizer=MOMENTUM)
-    _train(saved, 1)
-    path = tmp_path / "state.safetensors"
-    saved.save(path)
-    _tensors_altered(path, {"param/linear.weight": torch.zeros(20, 3200, dtype=torch.float16)})
+    _, path = _saved_and_altered(
+        tmp_path, MOMENTUM, {"param/linear.weight": torch.zeros(20, 3200, dtype=torch.float16)}
+    )
     message, fresh = _load_refused(path)
     assert message.startswith(
         f"{path} holds a Simple whose parameters are not this server's: linear.weight "
@@ -1026,11 +1037,7 @@ def test_a_checkpoint_whose_tensors_this_model_cannot_use_is_refused_and_changes
     """Each loaded: a gradient of another dtype then stopped `gradwire serve` with a
     traceback, the parameters already copied in; optimizer state of other keys or shapes
     made every later TrainStep INTERNAL (found by a review of the server's state)."""
-    saved = Trainer(seed=0, optimizer=settings)
-    _train(saved, 1)
-    path = tmp_path / "state.safetensors"
-    saved.save(path)
-    _tensors_altered(path, change)
+    _, path = _saved_and_altered(tmp_path, settings, change)
     message, fresh = _load_refused(path)
     assert f"{path}: it is a damaged gradwire checkpoint: it holds " in message
     assert said in message
@@ -1085,11 +1092,7 @@ def test_optimizer_state_a_load_refuses_is_said_once_for_each_thing_wrong(
     scalars: dict[str, Any],
     said: str,
 ) -> None:
-    saved = Trainer(seed=0, optimizer=settings)
-    _train(saved, 1)
-    path = tmp_path / "state.safetensors"
-    saved.save(path)
-    _tensors_altered(path, tensors)
+    _, path = _saved_and_altered(tmp_path, settings, tensors)
     if scalars:
         _altered(path, {"optimizer_scalars": json.dumps(scalars)})
     message, _ = _load_refused(path)
@@ -1130,11 +1133,7 @@ def test_sgd_momentum_of_none_loads(tmp_path: Path) -> None:
 def test_adam_state_at_the_edge_of_what_a_run_makes_loads(
     tmp_path: Path, change: dict[str, torch.Tensor | None]
 ) -> None:
-    saved = Trainer(seed=0, optimizer=ADAM)
-    _train(saved, 1)
-    path = tmp_path / "state.safetensors"
-    saved.save(path)
-    _tensors_altered(path, change)
+    saved, path = _saved_and_altered(tmp_path, ADAM, change)
     fresh = Trainer(seed=1)
     assert fresh.load(path) == saved.version
     _train(fresh, 1)
@@ -2299,19 +2298,34 @@ class Transposed(nn.Module):
         return x @ self.weight
 
 
-def test_a_checkpoint_keeps_a_parameter_that_is_not_contiguous(tmp_path: Path) -> None:
-    # safetensors refuses a tensor that is not contiguous: saved as it lay, it failed the save.
-    spec = ModelSpec("Transposed", Transposed, sample_shape=(4,), num_classes=3)
+def _trained_on_after_a_load(
+    spec: ModelSpec, path: Path, zero_grad: bool, saved_holds: Callable[[Trainer], None]
+) -> tuple[Trainer, Trainer]:
+    """A trainer of `spec` with SGD and momentum, a TrainStep taken, saved to `path` (once
+    `saved_holds` has checked it) and loaded into a trainer of another seed; then a
+    TrainStep more on each: (saved, restored), which match where the load restored all."""
     saved = Trainer(spec, seed=0, optimizer=MOMENTUM)
     x, y = FillSpec("uniform", (2, 4), low=-1, high=1, seed=1), FillSpec("ones", (2,))
-    saved.train_step(x, y, zero_grad=False, use=lambda selection: selection)
-    assert not saved.parameters["weight"].is_contiguous()
-    path = tmp_path / "state.safetensors"
+    saved.train_step(x, y, zero_grad=zero_grad, use=lambda selection: selection)
+    saved_holds(saved)
     saved.save(path)
     restored = Trainer(spec, seed=1)
     restored.load(path)
     for trainer in (saved, restored):
-        trainer.train_step(x, y, zero_grad=False, use=lambda selection: selection)
+        trainer.train_step(x, y, zero_grad=zero_grad, use=lambda selection: selection)
+    return saved, restored
+
+
+def test_a_checkpoint_keeps_a_parameter_that_is_not_contiguous(tmp_path: Path) -> None:
+    # safetensors refuses a tensor that is not contiguous: saved as it lay, it failed the save.
+    spec = ModelSpec("Transposed", Transposed, sample_shape=(4,), num_classes=3)
+
+    def transposed(saved: Trainer) -> None:
+        assert not saved.parameters["weight"].is_contiguous()
+
+    saved, restored = _trained_on_after_a_load(
+        spec, tmp_path / "state.safetensors", False, transposed
+    )
     assert torch.equal(restored.parameters["weight"], saved.parameters["weight"])
     assert torch.equal(restored.parameters["weight"].grad, saved.parameters["weight"].grad)  # type: ignore[arg-type]
 
@@ -2386,15 +2400,9 @@ class Slashed(nn.Module):
 
 def test_optimizer_state_of_a_parameter_whose_name_holds_a_slash_loads(tmp_path: Path) -> None:
     spec = ModelSpec("Slashed", Slashed, sample_shape=(4,), num_classes=3)
-    saved = Trainer(spec, seed=0, optimizer=MOMENTUM)
-    x, y = FillSpec("uniform", (2, 4), low=-1, high=1, seed=1), FillSpec("ones", (2,))
-    saved.train_step(x, y, zero_grad=True, use=lambda selection: selection)
-    path = tmp_path / "state.safetensors"
-    saved.save(path)
-    restored = Trainer(spec, seed=1)
-    restored.load(path)
-    for trainer in (saved, restored):
-        trainer.train_step(x, y, zero_grad=True, use=lambda selection: selection)
+    saved, restored = _trained_on_after_a_load(
+        spec, tmp_path / "state.safetensors", True, lambda saved: None
+    )
     assert torch.equal(restored.parameters["in/out.weight"], saved.parameters["in/out.weight"])
 
 
