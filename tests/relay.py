@@ -22,6 +22,7 @@ class Relay:
         self.port: int = self._listener.getsockname()[1]
         self._cut = threading.Event()
         self._lose_answer = threading.Event()
+        self._refuse_after_loss = False
         #: Answers lost (lose_next_answer), each with the connection that carried it.
         self.answers_lost = 0
         self._closed = threading.Event()
@@ -38,11 +39,14 @@ class Relay:
         """From now on nothing is relayed; the connections stay open at both ends."""
         self._cut.set()
 
-    def lose_next_answer(self) -> None:
+    def lose_next_answer(self, then_refuse: bool = False) -> None:
         """The next answer the server starts to send (an HTTP/2 HEADERS or DATA frame of a
         call: sent once its handler has run) is not relayed: its connection is closed at
         both ends instead, so that the caller sees the call fail UNAVAILABLE with the
-        server's work done. Later connections are relayed as before."""
+        server's work done. Later connections are relayed as before; `then_refuse`: refused,
+        the relay's port closed before the caller hears of the loss, as a server's is once
+        it has died with a call in progress."""
+        self._refuse_after_loss = then_refuse
         self._lose_answer.set()
 
     def close(self) -> None:
@@ -91,6 +95,8 @@ class Relay:
                                 self._lose_answer.clear()
                                 a.sendall(data[:start])  # what came before the answer
                                 self.answers_lost += 1
+                                if self._refuse_after_loss:
+                                    self._listener.close()  # the accepting thread ends
                             else:
                                 peer[sock].sendall(data)
                                 continue

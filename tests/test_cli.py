@@ -42,6 +42,7 @@ from gradwire_server.trainer import Trainer
 from tests.broken_models import TOKENS
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
+from tests.relay import relay_to
 from tests.serve_in_process import bare_server, old_trainer, running_server, serving
 from tests.test_auth import Pki, make_pki
 
@@ -1937,6 +1938,33 @@ def test_a_change_cut_off_by_the_server_stopping_is_not_taken_for_a_server_never
             )
         finally:
             stopper.join()
+    assert _hint(result) == (
+        f"hint: the server at {target} was reached, then stopped answering: it was stopped "
+        "or restarted, or the network to it went down (its log says which); what this "
+        "command asked may have been applied all the same (gradwire list shows the state "
+        f"version); gradwire health --target {target} says when it is back"
+    )
+
+
+def test_a_change_whose_connection_closed_in_progress_is_not_taken_for_a_tls_port(
+    address: str,
+) -> None:
+    """A Forward whose connection closed with it in progress (a server killed mid-call;
+    here a relay that drops the connection as the answer starts, then refuses, as a dead
+    server's port does) failed "Stream removed (Socket closed)", whose "Socket closed" was
+    read as a connection closed as it opened: the hint said the server serves TLS or has
+    too many connections, and not that the Forward may have been applied (seen with a
+    `gradwire save` whose server was killed mid-save)."""
+    port = int(address.rpartition(":")[2])
+    with relay_to(port) as relay:
+        target = relay.address
+        relay.lose_next_answer(then_refuse=True)
+        result = run_main(  # no targets: the Forward is the command's only call
+            "forward", "--target", target, "--input", "uniform:4,3,10,10", "--no-targets"
+        )
+        assert relay.answers_lost == 1
+    assert result.code == 1
+    assert "the connection to the server closed with this call in progress" in result.err
     assert _hint(result) == (
         f"hint: the server at {target} was reached, then stopped answering: it was stopped "
         "or restarted, or the network to it went down (its log says which); what this "

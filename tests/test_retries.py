@@ -344,6 +344,53 @@ def test_a_lost_answer_is_unavailable_without_retries(server: Running) -> None:
         assert info.value.changes_state  # it may have been applied: it was
         assert relay.answers_lost == 1
         assert server.servicer.trainer.version == before + 1
+    # gRPC's "Stream removed (Socket closed)" alone (or "(recvmsg:Connection reset by
+    # peer (104))", as the connection closed) said neither that the call was sent nor that
+    # it may have run.
+    assert re.match(
+        r"UNAVAILABLE: the connection to the server closed with this call in progress "
+        r"\(gRPC: 'Stream removed \(.+\)'\): the server stopped or failed",
+        str(info.value),
+    ), info.value
+    assert "its change may have been applied all the same: read the state version" in str(
+        info.value
+    )
+
+
+@pytest.mark.parametrize("change", [True, False], ids=["change", "read"])
+def test_a_call_whose_connection_closes_in_progress_then_refused_says_so_first(
+    server: Running, change: bool
+) -> None:
+    """A call whose connection closed with it in progress (a server killed mid-call: its
+    port refuses from then on) is retried, and the retries are refused. The error said only
+    the last retry's "Connection refused", as if no server had been there: it says first
+    that the connection closed with the call in progress, and for a change that it may
+    have been applied; and the client notes that a server was reached (the CLI's hint).
+    gRPC's "Socket closed" in "Stream removed (Socket closed)" was read as a connection
+    closed as it opened (a TLS port)."""
+    if change:
+        with gradwire.connect(f"127.0.0.1:{server.port}") as setup:
+            _with_gradients(setup)
+    with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
+        client.retries = 2
+        relay.lose_next_answer(then_refuse=True)
+        with pytest.raises(errors.Unavailable) as info:
+            client.step() if change else client.list_tensors()
+        assert relay.answers_lost == 1
+        assert client.reached and not client.answered
+    said = str(info.value)
+    assert said.startswith(
+        "UNAVAILABLE: the connection to the server closed with this call in progress "
+        "(gRPC: 'Stream removed ("
+    ), said
+    then = (
+        "its change may have been applied all the same: read the state version once the "
+        "server is back before making it again; retried: "
+        if change
+        else "make it again once the server is back; retried: "
+    )
+    assert then in said, said
+    assert info.value.changes_state == change
 
 
 @pytest.mark.parametrize("joined", [False, True], ids=["opened", "joined"])

@@ -49,7 +49,15 @@ from gradwire.errors import (
     Unavailable,
     Unimplemented,
 )
-from gradwire.failures import CLOSED, after_a_stop, closed_channel, cut_off, failed, grace_cut
+from gradwire.failures import (
+    CLOSED,
+    after_a_cut,
+    closed_channel,
+    connection_lost,
+    cut_off,
+    failed,
+    grace_cut,
+)
 from gradwire.limits import (
     EXPECTED_VERSION,
     MAX_SESSION_CHARS,
@@ -634,7 +642,9 @@ class Client:
         elif on_stream:
             pieces = [unary.serialize(request)]
         retries = max(self.retries, 0)  # a negative count: no retry (it made no attempt)
-        stopped = False  # whether an attempt was cut off by a stop's grace period ending
+        # The first attempt cut off in progress (a stop's grace period ending, or its
+        # connection closing), which the error of the last attempt says first.
+        cut: grpc.RpcError | None = None
         for attempt in range(retries + 1):
             try:
                 response = _UNARY
@@ -659,11 +669,12 @@ class Client:
                     # frame and its callers' (f_back) alive until the cyclic collector ran:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
-                    raise after_a_stop(
-                        self._error_of(err, method, method in unary.MAY_LAND), stopped
+                    raise after_a_cut(
+                        self._error_of(err, method, method in unary.MAY_LAND), cut
                     ) from None
                 self.reached |= cut_off(err)
-                stopped |= grace_cut(err)
+                if cut is None and (grace_cut(err) or connection_lost(err)):
+                    cut = err
                 _back_off(attempt)
             except ValueError as err:
                 raise closed_channel(err) from None

@@ -41,17 +41,39 @@ def closed_channel(error: ValueError) -> Exception:
 UNRESOLVED = ("resolution", "errors resolving", "hostname lookup")
 
 #: gRPC's words (grpcio 1.85) for an UNAVAILABLE call that never reached a server: nothing
-#: listening, a name that did not resolve, or a plain-text call that a TLS port closed.
+#: listening, a name that did not resolve, or a plain-text call that a TLS port closed
+#: ("failed to connect to all addresses; ...: Socket closed").
 NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", *UNRESOLVED)
+
+#: gRPC's words (grpcio 1.85) for a call whose connection closed while the call was open,
+#: "Stream removed (Socket closed)": the call was sent, and may have run. Its "Socket closed"
+#: read as NEVER_REACHED's, a `gradwire save` whose server was killed mid-save was told
+#: that the server serves TLS, nothing said that the save may have been written, and a
+#: change cut off so, then retried against a port that refused, said only "Connection
+#: refused".
+STREAM_REMOVED = "stream removed"
+
+
+def never_reached(message: str) -> bool:
+    """Whether gRPC's message for an UNAVAILABLE call says it never reached a server."""
+    text = message.lower()
+    return STREAM_REMOVED not in text and any(words in text for words in NEVER_REACHED)
 
 
 def cut_off(error: grpc.RpcError) -> bool:
     """Whether a call failed UNAVAILABLE after it was under way on a server ("Cancelling
-    all calls" from a stopping server, "Connection reset by peer")."""
+    all calls" from a stopping server, "Connection reset by peer", "Stream removed")."""
     if error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
-    text = (error.details() or "").lower()
-    return not any(words in text for words in NEVER_REACHED)
+    return not never_reached(error.details() or "")
+
+
+def connection_lost(error: grpc.RpcError) -> bool:
+    """Whether `error` is gRPC's UNAVAILABLE for a call whose connection closed while the
+    call was open (the server died or was killed, or a proxy or the network dropped it)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and (
+        STREAM_REMOVED in (error.details() or "").lower()
+    )
 
 
 #: The message of a call its server cancelled with gRPC's status alone, no words of its own.
@@ -78,6 +100,22 @@ def _grace_ended(changes_state: bool) -> str:
     )
 
 
+def _lost(changes_state: bool, said: str) -> str:
+    """The message of a call whose connection closed while it was open: what happened,
+    and what to do (gRPC's `said` kept, for a search of its words)."""
+    then = (
+        "its change may have been applied all the same: read the state version once the "
+        "server is back before making it again"
+        if changes_state
+        else "make it again once the server is back"
+    )
+    return (
+        f"the connection to the server closed with this call in progress (gRPC: {said!r}): "
+        f"the server stopped or failed (its log says which), or the network to it went down; "
+        f"{then}"
+    )
+
+
 def grace_cut(error: grpc.RpcError) -> bool:
     """Whether `error` is gRPC's cancel of a call its stopping server still had in progress
     when the stop's grace period ended."""
@@ -86,13 +124,18 @@ def grace_cut(error: grpc.RpcError) -> bool:
     )
 
 
-def after_a_stop(raised: RemoteError | ClientClosed, stopped: bool) -> RemoteError | ClientClosed:
+def after_a_cut(
+    raised: RemoteError | ClientClosed, cut: grpc.RpcError | None
+) -> RemoteError | ClientClosed:
     """`raised`, the error of a call's last attempt, saying first what cut off an attempt
-    before it (`stopped`): the server stopped with the call in progress, which the retries
-    that followed, refused by no server ("Connection refused"), hid, and with it that a
-    change may have been applied (found by a review of the operator's path)."""
-    if stopped and isinstance(raised, Unavailable):
-        raised.message = f"{_grace_ended(raised.changes_state)}; retried: {raised.message}"
+    before it (`cut`: a stop's grace period ending, or the connection closing, with the
+    call in progress), which the retries that followed, refused by no server ("Connection
+    refused"), hid, and with it that a change may have been applied (found by a review of
+    the operator's path)."""
+    if cut is not None and isinstance(raised, Unavailable):
+        changes = raised.changes_state
+        first = _grace_ended(changes) if grace_cut(cut) else _lost(changes, cut.details() or "")
+        raised.message = f"{first}; retried: {raised.message}"
         raised.args = (raised.message,)
     return raised
 
@@ -125,6 +168,11 @@ def failed(
         # had stopped nor that the call may have run (found by a review of several users at
         # once). A unary call is retried, and then fails to connect.
         raised.message = _grace_ended(changes_state)
+        raised.args = (raised.message,)
+    if isinstance(raised, Unavailable) and not raised.reason and connection_lost(error):
+        # gRPC's "Stream removed (Socket closed)" alone: nothing said that the call had
+        # been sent, nor that its change may have run.
+        raised.message = _lost(changes_state, error.details() or "")
         raised.args = (raised.message,)
     if (
         isinstance(raised, Unavailable)

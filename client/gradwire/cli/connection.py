@@ -17,7 +17,7 @@ from gradwire.errors import (
     RemoteError,
     Unavailable,
 )
-from gradwire.failures import NEVER_REACHED, UNRESOLVED
+from gradwire.failures import UNRESOLVED, never_reached
 from gradwire.targets import DEFAULT_TARGET
 
 #: The environment variable naming the session commands act on (--session).
@@ -60,8 +60,7 @@ def connect(args: argparse.Namespace) -> Client:
 def _unreachable(error: RemoteError) -> bool:
     """Whether a call failed before reaching a server: nothing listening, or a plaintext call
     to a TLS port (gRPC's own words, as grpcio 1.85 has them)."""
-    text = error.message.lower()
-    return isinstance(error, Unavailable) and any(words in text for words in NEVER_REACHED)
+    return isinstance(error, Unavailable) and never_reached(error.message)
 
 
 #: Seconds a failed command waits to learn whether its channel ever connected: a connected
