@@ -683,10 +683,12 @@ def test_tls(trainer: Trainer, pki: Pki) -> None:
         running.stop(grace=None)
 
 
-def _last_line_against_a_server_with(trainer: Trainer, tmp_path: Path, **cert: Any) -> str:
-    """`gradwire list` against a TLS server whose certificate `_cert` makes with `cert`
-    (signed by a CA the client is given): the last line it writes to stderr, with the
-    server's address written ADDRESS."""
+def _last_line_against_a_server_with(
+    trainer: Trainer, tmp_path: Path, host: str = "127.0.0.1", **cert: Any
+) -> str:
+    """`gradwire list` against a TLS server on `host` whose certificate `_cert` makes with
+    `cert` (signed by a CA the client is given): the last line it writes to stderr, with
+    the server's address written ADDRESS."""
     ca_key, key = _key(), _key()
     ca = _cert("gradwire test CA", ca_key, None, ca_key, ca=True)
     served = _cert("gradwire server", key, ca, ca_key, server=True, **cert)
@@ -697,12 +699,13 @@ def _last_line_against_a_server_with(trainer: Trainer, tmp_path: Path, **cert: A
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     files = TlsFiles(tmp_path / "server.pem", tmp_path / "server.key")
-    running = start(trainer, "127.0.0.1", 0, tls=files)
+    running = start(trainer, host, 0, tls=files)
+    address = f"[{host}]:{running.port}" if ":" in host else f"{host}:{running.port}"
     try:
         err = io.StringIO()
-        argv = ["list", "--target", _address(running), "--tls-ca", str(tmp_path / "ca.pem")]
+        argv = ["list", "--target", address, "--tls-ca", str(tmp_path / "ca.pem")]
         assert main([*argv, "--timeout", "5"], io.StringIO(), err) == 1
-        return err.getvalue().splitlines()[-1].replace(_address(running), "ADDRESS")
+        return err.getvalue().splitlines()[-1].replace(address, "ADDRESS")
     finally:
         running.stop(grace=None)
 
@@ -727,6 +730,19 @@ def test_a_server_certificate_for_another_name_is_named_in_the_hint(
         "hint: ADDRESS serves TLS with a certificate that does not name 127.0.0.1: connect "
         "by a name the certificate holds (its subject alternative names), or give the "
         "server a certificate that names 127.0.0.1"
+    )
+
+
+def test_a_server_certificate_for_another_name_names_an_ipv6_host_without_brackets(
+    trainer: Trainer, tmp_path: Path
+) -> None:
+    """Dialled as [::1]:PORT, the hint names the host a certificate would hold, ::1, not
+    the target's bracketed form, which no certificate's subject alternative names hold."""
+    said = _last_line_against_a_server_with(trainer, tmp_path, host="::1", names=("gpu-box",))
+    assert said == (
+        "hint: ADDRESS serves TLS with a certificate that does not name ::1: connect by a "
+        "name the certificate holds (its subject alternative names), or give the server a "
+        "certificate that names ::1"
     )
 
 
