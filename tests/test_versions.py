@@ -269,18 +269,32 @@ def test_train_says_when_an_older_server_ran_past_the_progress_it_was_stopped_at
     assert "the run stopped there" not in text
 
 
+def _listing_without_requires_grad(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """A listing of a parameter whose requires_grad is unset, as a server from before the
+    field sends it, and of a frozen one."""
+    response = pb.ListTensorsResponse(version=3)
+    response.tensors.add(name="w", kind=pb.TENSOR_KIND_PARAMETER, present=True)
+    response.tensors.add(name="frozen", kind=pb.TENSOR_KIND_PARAMETER, requires_grad=False)
+    return response.SerializeToString()
+
+
 def test_a_listing_from_a_server_older_than_requires_grad_says_none() -> None:
     """TensorInfo.requires_grad is optional: a server from before it sets none, which the
     listing tells as None, unknown, not as False (a frozen parameter's)."""
-
-    def listing(request: bytes, context: grpc.ServicerContext) -> bytes:
-        response = pb.ListTensorsResponse(version=3)
-        response.tensors.add(name="w", kind=pb.TENSOR_KIND_PARAMETER, present=True)
-        response.tensors.add(name="frozen", kind=pb.TENSOR_KIND_PARAMETER, requires_grad=False)
-        return response.SerializeToString()
-
-    handler = grpc.unary_unary_rpc_method_handler(listing)
+    handler = grpc.unary_unary_rpc_method_handler(_listing_without_requires_grad)
     with bare_server(old_trainer(ListTensors=handler)) as address, gradwire.connect(address) as c:
         w, frozen = c.list_tensors().tensors
     assert (w.name, w.requires_grad) == ("w", None)
     assert (frozen.name, frozen.requires_grad) == ("frozen", False)
+
+
+def test_list_of_a_server_older_than_requires_grad_calls_no_parameter_frozen() -> None:
+    """`gradwire list` marks a parameter frozen where the server says requires_grad is
+    false, and not where a server from before the field says nothing."""
+    handler = grpc.unary_unary_rpc_method_handler(_listing_without_requires_grad)
+    with bare_server(old_trainer(ListTensors=handler)) as address:
+        result = run_main("list", "--target", address)
+    assert result.code == 0, result.err
+    rows = {line.split()[0]: line for line in result.out.splitlines() if line.startswith("  ")}
+    assert "parameter (frozen)" not in rows["w"] and "parameter" in rows["w"], rows
+    assert "parameter (frozen)" in rows["frozen"], rows
