@@ -110,9 +110,9 @@ def _lost(changes_state: bool, said: str) -> str:
         else "make it again once the server is back"
     )
     return (
-        f"the connection to the server closed with this call in progress (gRPC: {said!r}): "
-        f"the server stopped or failed (its log says which), or the network to it went down; "
-        f"{then}"
+        "the connection to the server closed with this call in progress: the server stopped "
+        f"or failed (its log says which), or the network to it went down; {then} (gRPC: "
+        f"{said!r})"
     )
 
 
