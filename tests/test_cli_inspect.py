@@ -10,11 +10,12 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -592,6 +593,131 @@ def test_watch_prints_one_entry_per_update(cli: Run, address: str) -> None:
     assert [t["name"] for t in updates[0]["tensors"]] == ["conv1.weight", "loss"]
     assert len(updates[0]["tensors"][0]["value"]) == 3
     assert updates[0]["tensors"][1] == {"name": "loss", "selector": "loss", "present": False}
+
+
+class _Watching:
+    """`gradwire ARGS` (a watch) run by main on a thread, its output read as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.code: int | None = None
+        self._thread = threading.Thread(target=self._run, args=(args,), daemon=True)
+        self._thread.start()
+
+    def _run(self, args: tuple[str, ...]) -> None:
+        self.code = main(list(args), self.out, self.err)
+
+    def lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def wait_for(self, what: Callable[[], bool], failure: str) -> None:
+        deadline = time.monotonic() + 30
+        while not what():
+            assert self._thread.is_alive(), f"ended: {self.err.getvalue()}"
+            assert time.monotonic() < deadline, f"{failure}: {self.err.getvalue()}"
+            time.sleep(0.01)
+
+    def join(self) -> int:
+        self._thread.join(30)
+        assert not self._thread.is_alive() and self.code is not None, "still watching"
+        return self.code
+
+
+def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
+    """A researcher's watch ended when the server was restarted (a deploy, a crash and a
+    supervisor's restart), and had to be started again by hand: with --reconnect it says on
+    stderr that the server went away, waits, and watches on, --count counting across the
+    gap. Without it the watch ends with the error, as before."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    plain = _Watching("watch", "loss", "--target", target, "--json")
+    watch = _Watching("watch", "loss", "--target", target, "--json", "--reconnect", "--count", "3")
+    try:
+        for each in (plain, watch):
+            each.wait_for(lambda e=each: len(e.lines()) == 1, "no first update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
+        assert plain.join() == 1  # the error, as before
+        assert "UNAVAILABLE" in plain.err.getvalue()
+        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
+        try:
+            with gradwire.connect(target) as client:
+                watch.wait_for(lambda: len(watch.lines()) == 2, "no update once back")
+                client.reset(seed=1)  # the third update: the count spans the restart
+                assert watch.join() == 0, watch.err.getvalue()
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    assert [u["version"] for u in watch.lines()] == [0, 0, 1]
+    assert [u["cause"] for u in watch.lines()] == ["Watch", "Watch", "Reset"]
+    said = watch.err.getvalue().splitlines()
+    # The stop's own words, its gist alone: "the server is stopping", or with no grace
+    # period "the server stopped with this call in progress".
+    assert re.fullmatch(
+        r"the server went away after version 0 \(the server (is stopping|stopped with this "
+        r"call in progress)\); watching again once it is back \(Ctrl-C stops\)",
+        said[0],
+    ), said
+    assert said[1:] == ["the server is back, at version 0: watching again"], said
+
+
+def test_watch_reconnect_of_a_session_the_restart_lost_ends_not_found() -> None:
+    """A session lives in its server's memory: watched again on the restarted server, which
+    does not know it, the watch ends with NOT_FOUND rather than waiting on."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    try:
+        with gradwire.connect(target) as client:
+            session = client.open_session().detach()
+        watch = _Watching("watch", "loss", "--target", target, "--session", session,
+                          "--json", "--reconnect", "--duration", "30")  # fmt: skip
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
+        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
+        try:
+            assert watch.join() == 1
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    assert "NOT_FOUND" in watch.err.getvalue(), watch.err.getvalue()
+    assert "the server is back" not in watch.err.getvalue()
+
+
+def test_watch_reconnect_ends_at_its_duration_while_the_server_is_away() -> None:
+    """--duration is the whole command's: reached while the server is away, the watch ends
+    as it does with --duration, exit 0, rather than waiting on."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    try:
+        watch = _Watching(
+            "watch", "loss", "--target", f"127.0.0.1:{first.port}", "--json", "--reconnect",
+            "--duration", "3",
+        )  # fmt: skip
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        first.stop(grace=None)
+        assert watch.join() == 0, watch.err.getvalue()
+    finally:
+        first.stop(grace=None)
+    # Said once, however many tries found it still away (one a second).
+    assert watch.err.getvalue().count("went away") == 1, watch.err.getvalue()
+    assert len(watch.lines()) == 1
+
+
+def test_watch_reconnect_does_not_wait_for_a_server_that_never_answered() -> None:
+    """A server never reached (nothing listening: a wrong --target) is the error it was, at
+    once: --reconnect waits only for a server that answered and went away."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    result = run_main("watch", "loss", "--target", target, "--reconnect", "--duration", "20")
+    assert result.code == 1
+    assert "went away" not in result.err
+    assert "no gradwire server answered" in result.err
 
 
 def test_watch_text_table_and_duration(cli: Run) -> None:

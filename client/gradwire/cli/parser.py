@@ -475,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--duration", type=positive_duration, help="stop after this many seconds (more than 0)"
     )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the server goes away after its first update (stopped, restarted, the "
+        "network down), say so on stderr, wait for it to come back, and watch on; --count "
+        "and --duration count across the gap (default: end with the error)",
+    )
 
     p = add(
         "train",
