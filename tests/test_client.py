@@ -30,10 +30,10 @@ from gradwire.fill import Fill
 from gradwire.selector import SelectorError
 from gradwire.targets import with_default_port
 from gradwire_server.app import start
-from gradwire_server.models import Simple
+from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
-from tests.serve_in_process import bare_server, old_trainer
+from tests.serve_in_process import bare_server, old_trainer, serving
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")
@@ -1041,6 +1041,40 @@ def test_a_served_sequential_s_layers_count_from_the_end_too() -> None:
 def test_a_negative_layer_of_a_model_with_none_is_refused(client: gradwire.Client) -> None:
     with pytest.raises(IndexError, match="has no numbered layers"):
         client.remote[-1]
+
+
+class _Nested(nn.Module):
+    """Numbered layers a lookup could confuse: a Sequential in a Sequential, two Sequentials
+    whose names are of one length ("a" and "b"), and a ModuleDict's key that only begins with
+    a digit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+        self.b = nn.Sequential(nn.Linear(4, 3))
+        self.c = nn.ModuleDict({"1st": nn.Linear(3, 3)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c["1st"](self.b(self.a(x)))
+
+
+def test_each_number_of_a_view_s_index_is_a_layer_of_the_module_before_it() -> None:
+    """remote.a[1][0], as model.a[1][0] in PyTorch: the second number is a layer of a.1, not
+    of a; b's layers are b's alone, though a's names read as b's past their first two
+    characters; and where a number names no layer ("1st" is no number, b.0 has no layers,
+    a slice is no layer's number) the view is an index, and an attribute after it refused."""
+    with serving(ModelSpec("Nested", _Nested, (4,), 3), seed=0) as (_, client):
+        remote = client.remote
+        assert remote.a[1][0].weight.selector == "a.1.0.weight"
+        np.testing.assert_array_equal(remote.a[1][-1].bias.numpy(), client.get("a.1.1.bias"))
+        assert remote.b[-1].weight.selector == "b.0.weight"  # b has one layer, a two
+        for view, written in (
+            (remote.c[0], "c.weight[0]"),
+            (remote.b[0][-1], "b.weight[0][-1]"),
+            (remote.b[0:1], "b.weight[0:1]"),
+        ):
+            with pytest.raises(AttributeError, match=re.escape(f"write remote.{written}")):
+                _ = view.weight
 
 
 def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
