@@ -1033,7 +1033,9 @@ def test_a_served_sequential_s_layers_count_from_the_end_too() -> None:
         assert client.remote[0].weight.selector == "0.weight"  # 0 counts from the start
         with pytest.raises(TypeError):  # a bool is refused, not taken for layer 1
             client.remote[True]
-        with pytest.raises(IndexError, match=r"remote\[-4\]: the served model has 3 numbered"):
+        with pytest.raises(
+            IndexError, match=r"remote\[-4\]: the served model has 3 numbered layers \(0 to 2\)$"
+        ):
             client.remote[-4]
     running.stop(grace=None)
 
@@ -1075,6 +1077,13 @@ def test_each_number_of_a_view_s_index_is_a_layer_of_the_module_before_it() -> N
         ):
             with pytest.raises(AttributeError, match=re.escape(f"write remote.{written}")):
                 _ = view.weight
+
+
+def test_a_name_that_begins_with_an_underscore_is_no_view(client: gradwire.Client) -> None:
+    """Such names are Python's and its tools' (IPython asks an object for _repr_html_): a
+    view answered for them would read a tensor of that name when called."""
+    for view in (client.remote, client.remote.conv1, client.remote.conv1.weight):
+        assert not hasattr(view, "_repr_html_")
 
 
 def test_np_asarray_of_a_remote_tensor(client: gradwire.Client) -> None:
@@ -1912,6 +1921,16 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
         lambda c: setattr(c.remote.conv1, "weight", 1.0),
         AttributeError,
         r"a view is written with set\(\): remote.conv1.weight.set\(value\)",
+    ),
+    (
+        lambda c: setattr(c.remote, "conv1", 1.0),
+        AttributeError,
+        r"^remote\.conv1 = \.\.\.: a view is written with set\(\): remote\.conv1\.set\(value\)$",
+    ),
+    (
+        lambda c: setattr(c.remote.conv1.weight[0], "grad", 1.0),
+        AttributeError,
+        r"^remote\.conv1\.weight\[0\]\.grad = \.\.\.: a view is written with set\(\)",
     ),
     (lambda c: setattr(c, "timeout", 0), ValueError, "timeout must be more than 0 seconds"),
     (lambda c: setattr(c, "timeout", "5"), TypeError, "timeout takes seconds"),
