@@ -1476,6 +1476,31 @@ def test_a_watch_s_minimum_interval_goes_in_milliseconds_rounded_and_capped_at_i
     assert [request.min_interval_ms for request in sent] == [2, 3, 2**63 - 1]
 
 
+def test_a_remote_view_s_shape_and_length_ask_for_no_values() -> None:
+    """shape, len() and iteration read the shape alone: a large tensor's values never cross
+    the wire for them."""
+    asked: list[bool] = []
+
+    def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
+        read = pb.GetTensorRequest.FromString(request)
+        asked.append(read.omit_values)
+        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3])
+        if not read.omit_values:
+            tensor.float_values.extend([0.0] * 6)
+        answer = pb.GetTensorResponse(name=read.name, tensor=tensor, full_shape=[2, 3])
+        return answer.SerializeToString()
+
+    older = old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(get_tensor))
+    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+        view = client.remote.w
+        assert (view.shape, len(view), [row.selector for row in view]) == (
+            (2, 3),
+            2,
+            ["w[0]", "w[1]"],
+        )
+    assert asked == [True, True, True]
+
+
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
     client: gradwire.Client,
 ) -> None:
