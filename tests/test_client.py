@@ -2093,6 +2093,21 @@ def test_a_large_list_goes_in_chunks(client: gradwire.Client) -> None:
     np.testing.assert_array_equal(client.get("conv1.weight"), values)
 
 
+def test_a_torch_tensor_or_a_tuple_goes_in_chunks_by_its_bytes(client: gradwire.Client) -> None:
+    """What sends a value in chunks is its bytes past stream_above_bytes: a torch tensor's
+    elements times their size, a tuple's bytes as a list's, as numpy counts them."""
+    values = np.full((16, 3, 3, 3), 0.25, np.float32)
+    client.stream_above_bytes = values.nbytes - 1
+    called = _counting(client)
+    client.set("conv1.weight", torch.from_numpy(values))
+    client.set("conv1.weight", tuple(values.tolist()))
+    assert called == ["SetTensorStream", "SetTensorStream"]
+    client.stream_above_bytes = values.nbytes  # a value of just that many bytes goes whole
+    client.set("conv1.weight", torch.from_numpy(values))
+    assert called[2:] == ["SetTensor"]
+    np.testing.assert_array_equal(client.get("conv1.weight"), values)
+
+
 def test_a_fill_takes_numpy_s_and_torch_s_dtypes(client: gradwire.Client) -> None:
     """As torch.ones(..., dtype=torch.float64) does: they were sent as an unknown dtype."""
     assert Fill.ones(8, dtype=np.float64) == Fill.ones(8, dtype=torch.float64)
