@@ -1476,9 +1476,9 @@ def test_a_watch_s_minimum_interval_goes_in_milliseconds_rounded_and_capped_at_i
     assert [request.min_interval_ms for request in sent] == [2, 3, 2**63 - 1]
 
 
-def test_a_remote_view_s_shape_and_length_ask_for_no_values() -> None:
-    """shape, len() and iteration read the shape alone: a large tensor's values never cross
-    the wire for them."""
+def test_a_shape_only_read_and_a_view_s_shape_and_length_ask_for_no_values() -> None:
+    """read(values=False), and a view's shape, len() and iteration, read the shape alone: a
+    large tensor's values never cross the wire for them."""
     asked: list[bool] = []
 
     def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -1498,7 +1498,8 @@ def test_a_remote_view_s_shape_and_length_ask_for_no_values() -> None:
             2,
             ["w[0]", "w[1]"],
         )
-    assert asked == [True, True, True]
+        assert client.read("w", values=False).shape == (2, 3)
+    assert asked == [True, True, True, True]
 
 
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
@@ -1573,6 +1574,13 @@ def test_a_watch_update_given_a_key_of_another_type_raises_key_error(
 def test_nesterov_takes_numpy_s_bool(client: gradwire.Client) -> None:
     config = client.set_optimizer(lr=0.1, momentum=0.9, nesterov=np.bool_(True))
     assert config.nesterov is True
+    client.set_optimizer()
+
+
+def test_optimizer_settings_take_numpy_s_numbers(client: gradwire.Client) -> None:
+    """A numpy integer or float32 (no Python float) is a number as the settings read it."""
+    config = client.set_optimizer(lr=np.int64(1), momentum=np.float32(0.5))
+    assert (config.lr, config.momentum) == (1.0, 0.5)
     client.set_optimizer()
 
 
