@@ -28,16 +28,23 @@ __all__ = ["RemoteModel", "RemoteTensor"]
 
 
 def _set_slot(
-    view: object, slots: tuple[str, ...], attribute: str, value: Any, prefix: Callable[[], str]
+    view: object,
+    slots: tuple[str, ...],
+    attribute: str,
+    value: Any,
+    prefix: Callable[[], str],
+    usable: Callable[[], str] | None = None,
 ) -> None:
     """A view's own slot set; any other attribute refused, pointing to set(): assigning
     remote.conv1.weight = x raised "'RemoteTensor' object has no attribute 'weight'".
-    `prefix()`: the view's selector and a dot, asked only then (its slots may be unset)."""
+    `prefix()`: the view's selector and a dot, asked only then (its slots may be unset);
+    `usable()`: the view to call set() on where it is not the one written."""
     if attribute in slots:
         object.__setattr__(view, attribute, value)
         return
     written = f"remote.{prefix()}{attribute}"
-    raise AttributeError(f"{written} = ...: a view is written with set(): {written}.set(value)")
+    target = f"remote.{usable()}" if usable is not None else written
+    raise AttributeError(f"{written} = ...: a view is written with set(): {target}.set(value)")
 
 
 def _layer_numbers(names: list[str], under: str) -> set[int]:
@@ -149,7 +156,24 @@ class RemoteTensor:
         return shape[0]
 
     def __setattr__(self, attribute: str, value: Any) -> None:
-        _set_slot(self, RemoteTensor.__slots__, attribute, value, lambda: f"{self.selector}.")
+        _set_slot(
+            self,
+            RemoteTensor.__slots__,
+            attribute,
+            value,
+            lambda: f"{self.selector}.",
+            lambda: self._with(attribute),
+        )
+
+    def _with(self, attribute: str) -> str:
+        """How to write the view of `attribute` under this one: remote.conv1.weight[0]'s
+        grad is remote.conv1.weight.grad[0], a name's attributes coming before its index
+        (__getattr__); a layer's, remote.features[0].weight, as it is. The hint of
+        `remote.conv1.weight[0].grad = x` named remote.conv1.weight[0].grad.set(value),
+        which __getattr__ refuses."""
+        if self._chain and self._layer() is None:
+            return f"{self._name}.{attribute}{self.selector[len(self._name) :]}"
+        return f"{self.selector}.{attribute}"
 
     def __bool__(self) -> bool:
         """True: a view is not its values (without this, bool() would call __len__, and read
