@@ -262,6 +262,23 @@ def test_requests_over_the_limit_are_refused_unread_and_their_memory_released(
         assert guarded.health.open_watches == 0
 
 
+def test_the_request_bound_is_the_4_kib_the_readme_gives(guarded: Running) -> None:
+    """README: a health request "over 4 KiB" is refused. The test above reads the bound from
+    MAX_REQUEST_BYTES, and would pass whatever it were; here it is counted in bytes sent."""
+    with grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        for name_chars, words in [
+            (4093, "at most 256 characters, got 4093:"),  # 4,096 bytes: parsed
+            (4094, "this request is 4097 bytes, more than any health request (4096 at most"),
+        ]:
+            request = health_pb2.HealthCheckRequest(service="x" * name_chars).SerializeToString()
+            with pytest.raises(grpc.RpcError) as info:
+                check(request, timeout=10)
+            error = errors.from_rpc_error(info.value)
+            assert error.reason == "BAD_SERVICE_NAME"
+            assert words in error.message, error.message
+
+
 def test_watches_past_the_limit_are_refused(
     guarded: Running, health: health_pb2_grpc.HealthStub
 ) -> None:
