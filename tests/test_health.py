@@ -403,6 +403,13 @@ def test_a_check_of_an_unknown_service_says_which_it_knows(
     assert (error.reason, error.metadata) == ("UNKNOWN_SERVICE", {"service": "nope"})
     assert "no health status for service 'nope'" in error.message
     assert "'gradwire.v1.Trainer'" in error.message
+    guarded.health.set("a.Service", SERVING)  # set last: named in order all the same
+    with pytest.raises(grpc.RpcError) as again:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert errors.from_rpc_error(again.value).message.endswith(
+        "this server has one for '', 'a.Service', 'gradwire.v1.Trainer' ('' is the server as a "
+        "whole)"
+    )
 
 
 def test_list_answers_every_service_s_status_without_a_token_and_logs_nothing(
