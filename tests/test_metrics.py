@@ -523,13 +523,15 @@ def test_the_python_clients_request_id_reaches_the_log(
 def test_a_call_on_a_calls_stream_is_logged_with_its_own_request_id(
     stub: pb_grpc.TrainerStub, access_lines: io.StringIO
 ) -> None:
-    """The request id its CallRequest carries, as its unary call's header would be."""
+    """The request id its CallRequest carries, as its unary call's header would be, and its
+    stream's peer."""
     fill = pb.FillParametersRequest(value=0.5)
     request = pb.CallRequest(request_id="req-43", fill_parameters=fill)
     (answer,) = stub.Calls(iter([request]), timeout=10)
     assert answer.WhichOneof("result") == "fill_parameters"
     (line,) = [x for x in json_lines(access_lines) if x["method"] == TRAINER + "FillParameters"]
     assert (line["request_id"], line["code"]) == ("req-43", "OK")
+    assert str(line["peer"]).startswith("ipv4:127.0.0.1:")  # the stream's caller
 
 
 def test_errors_are_logged_with_their_code(
