@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -370,6 +371,86 @@ def test_a_pool_that_cannot_start_a_thread_says_so_once_and_again_when_one_start
             assert [r.getMessage() for r in caplog.records][1:] == ["threads (calls_N) start again"]
     finally:
         starts.refusing = False
+        pool.shutdown(wait=True)
+
+
+def test_a_pool_with_a_thread_running_says_the_call_waits_for_it_and_an_idle_one_is_no_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a thread of the pool busy when the next cannot start, the warning says the call
+    waits for that one; and a later call that an idle thread takes, no thread started, is
+    not logged as threads starting again: none could."""
+    from gradwire_server.pools import ServingPool
+
+    starts = RefusedStarts(monkeypatch, lambda name: name.startswith("calls"))
+    starts.refusing = False
+    pool = ServingPool(max_workers=2, thread_name_prefix="calls")
+    busy = threading.Event()
+    try:
+        with caplog.at_level(logging.INFO, logger="gradwire_server"):
+            first = pool.submit(busy.wait, 30)  # a thread starts, and stays busy
+            starts.refusing = True
+            second = pool.submit(lambda: 2)  # no second thread: it waits for the first
+            said = [r.getMessage() for r in caplog.records]
+            assert len(said) == 1 and said[0].startswith("could not start a thread (calls_N)")
+            assert "the call waits for one of the 1 running to be free" in said[0]
+            busy.set()
+            assert (first.result(timeout=30), second.result(timeout=30)) == (True, 2)
+            assert pool.submit(lambda: 3).result(timeout=30) == 3  # the idle thread took it
+            assert [r.getMessage() for r in caplog.records] == said  # no thread started
+    finally:
+        starts.refusing = False
+        busy.set()
+        pool.shutdown(wait=True)
+
+
+def test_a_pool_whose_starts_fail_again_after_they_started_again_says_so_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said once for each time starts begin to fail, not once for the pool's life."""
+    from gradwire_server.pools import ServingPool
+
+    starts = RefusedStarts(monkeypatch, lambda name: name.startswith("calls"))
+    pool = ServingPool(max_workers=3, thread_name_prefix="calls")
+    busy = threading.Event()
+    try:
+        with caplog.at_level(logging.INFO, logger="gradwire_server"):
+            calls = [pool.submit(busy.wait, 30)]  # no thread: it waits
+            starts.refusing = False
+            calls.append(pool.submit(busy.wait, 30))  # a thread starts, busy with the first
+            starts.refusing = True
+            calls.append(pool.submit(lambda: 3))  # no second thread
+            said = [r.getMessage() for r in caplog.records]
+            assert [line.split(" (")[0] for line in said] == [
+                "could not start a thread",
+                "threads",
+                "could not start a thread",
+            ], said
+            assert said[1] == "threads (calls_N) start again"
+            assert "one of the 1 running to be free" in said[2]
+            busy.set()
+            assert [call.result(timeout=30) for call in calls] == [True, True, 3]
+    finally:
+        starts.refusing = False
+        busy.set()
+        pool.shutdown(wait=True)
+
+
+def test_a_pool_starts_no_more_threads_than_its_size() -> None:
+    """The server's pool is its call limit and spare threads; the health and reflection
+    pools their limits and spares: a call past the size waits, no thread started for it."""
+    from gradwire_server.pools import ServingPool
+
+    pool = ServingPool(max_workers=2, thread_name_prefix="sized")
+    busy = threading.Event()
+    try:
+        calls = [pool.submit(busy.wait, 30) for _ in range(3)]
+        started = [t for t in threading.enumerate() if t.name.startswith("sized_")]
+        assert sorted(t.name for t in started) == ["sized_0", "sized_1"]
+        busy.set()
+        assert [call.result(timeout=30) for call in calls] == [True, True, True]
+    finally:
+        busy.set()
         pool.shutdown(wait=True)
 
 
