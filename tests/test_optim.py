@@ -11,7 +11,10 @@ import torch
 from torch import nn
 from torch.optim import adam as torch_adam
 from torch.optim import sgd as torch_sgd
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from gradwire_server import optim
 from gradwire_server.fills import FillSpec
@@ -273,3 +276,81 @@ def test_a_step_leaves_the_gradients_as_backward_made_them_with_cuda_s_defaults(
         trainer.step()
         for name, grad in grads.items():
             assert torch.equal(trainer._parameters[name].grad, grad), name
+
+
+def _register(kind: str, opt: torch.optim.Optimizer, seen: list[str]) -> Any:
+    """One step hook of the given kind, which appends its kind to `seen` when it runs."""
+    hook = lambda *_: seen.append(kind)  # noqa: E731
+    if kind == "own-pre":
+        return opt.register_step_pre_hook(hook)
+    if kind == "own-post":
+        return opt.register_step_post_hook(hook)
+    if kind == "global-pre":
+        return register_optimizer_step_pre_hook(hook)
+    return register_optimizer_step_post_hook(hook)
+
+
+@pytest.mark.parametrize("kind", ["own-pre", "own-post", "global-pre", "global-post"])
+def test_each_kind_of_step_hook_alone_still_runs(kind: str) -> None:
+    """Each of the four kinds alone is enough to send the step through torch's wrapper."""
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen: list[str] = []
+    handle = _register(kind, opt, seen)
+    try:
+        backward(net, 0)
+        optim.step(opt)
+    finally:
+        handle.remove()
+    assert seen == [kind]
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_a_step_calls_the_no_op_that_torch_s_wrapper_calls_after_each_step(kind: str) -> None:
+    """Tools hook `_optimizer_step_code` to see each step; torch's own step calls it, so must
+    this one, on the plain SGD path and on torch's unwrapped step alike."""
+    net = model()
+    opt = OPTIMIZERS[kind](net.parameters())
+    calls: list[int] = []
+    opt._optimizer_step_code = lambda: calls.append(1)  # type: ignore[method-assign]
+    backward(net, 0)
+    optim.step(opt)
+    assert calls == [1]
+
+
+def test_a_step_under_no_grad_leaves_grad_mode_off() -> None:
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    backward(net, 0)
+    assert optim._plain_sgd(opt)
+    with torch.no_grad():
+        optim.step(opt)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+
+
+def test_an_sgd_given_a_grad_scale_is_refused_as_torch_refuses_it() -> None:
+    """torch's single-tensor SGD refuses a `grad_scale` (GradScaler's, meant for fused kernels);
+    the plain path must not step past it."""
+    ours, theirs = model(), model()
+    for net in (ours, theirs):
+        backward(net, 0)
+    our_opt = torch.optim.SGD(ours.parameters(), lr=0.1)
+    their_opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    for opt in (our_opt, their_opt):
+        opt.grad_scale = torch.tensor(1.0)  # type: ignore[attr-defined]
+    with pytest.raises(AssertionError, match="grad_scale") as theirs_raised:
+        their_opt.step()
+    with pytest.raises(AssertionError, match="grad_scale") as ours_raised:
+        optim.step(our_opt)
+    assert str(ours_raised.value) == str(theirs_raised.value)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_parameter_off_the_cpu_without_a_gradient_leaves_sgd_plain() -> None:
+    """Only the parameters that have a gradient are stepped, so only theirs decide the path."""
+    on_cpu = nn.Parameter(torch.ones(3))
+    on_cpu.grad = torch.ones(3)
+    on_meta = nn.Parameter(torch.empty(3, device="meta"))  # frozen: no gradient
+    assert optim._plain_sgd(torch.optim.SGD([on_cpu, on_meta], lr=0.1))
