@@ -354,3 +354,37 @@ def test_a_parameter_off_the_cpu_without_a_gradient_leaves_sgd_plain() -> None:
     on_cpu.grad = torch.ones(3)
     on_meta = nn.Parameter(torch.empty(3, device="meta"))  # frozen: no gradient
     assert optim._plain_sgd(torch.optim.SGD([on_cpu, on_meta], lr=0.1))
+
+
+@pytest.mark.parametrize("setting", ["foreach", "fused"])
+def test_a_foreach_or_fused_optimizer_zeroes_through_torch_s_own(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch zeroes a foreach or fused optimizer's gradients in fewer kernels: its own
+    zero_grad (and so its range) is taken for them, while no profiler runs too."""
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, **{setting: True})
+    backward(net, 0)
+    opened = counting_ranges(monkeypatch)
+    optim.zero_grad(opt, set_to_none=False)
+    assert opened == ["Optimizer.zero_grad#SGD.zero_grad"]
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
+
+
+def test_zeroing_leaves_a_parameter_without_a_gradient_without_one() -> None:
+    p, frozen = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p, frozen], lr=0.1)
+    optim.zero_grad(opt, set_to_none=False)
+    assert frozen.grad is None and p.grad is not None and torch.equal(p.grad, torch.zeros(3))
+
+
+def test_zeroing_a_leaf_gradient_that_requires_grad_stops_it_requiring_grad() -> None:
+    """As torch's zero_grad does: a gradient with no graph is not detached but no longer
+    requires grad."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    p.grad = torch.ones(3, requires_grad=True)  # a leaf: no grad_fn
+    optim.zero_grad(opt, set_to_none=False)
+    assert p.grad is not None and not p.grad.requires_grad
+    assert torch.equal(p.grad, torch.zeros(3))
