@@ -276,16 +276,31 @@ def test_a_checkpoint_keeps_the_stream_and_an_old_one_leaves_it_alone(tmp_path: 
     assert torch.equal(fresh.read("output").value, after_save)
 
 
-def _nan_normal(state: torch.Tensor) -> torch.Tensor:
-    """`state` with the normal sample it keeps for the next draw set to NaN, and marked kept
-    (where torch 2.13 lays them out: three doubles at byte 5016, a flag at 5040)."""
+def _kept_normal(state: torch.Tensor, value: float) -> torch.Tensor:
+    """`state` with the normal sample it keeps for the next draw set to `value`, and marked
+    kept (where torch 2.13 lays them out: three doubles at byte 5016, a flag at 5040)."""
     damaged = state.clone()
-    nan = torch.tensor([float("nan")] * 3, dtype=torch.float64).view(torch.uint8)
-    damaged[5016:5040] = nan
+    damaged[5016:5040] = torch.tensor([value] * 3, dtype=torch.float64).view(torch.uint8)
     damaged[5040] = 1
+    return damaged
+
+
+def _nan_normal(state: torch.Tensor) -> torch.Tensor:
+    damaged = _kept_normal(state, float("nan"))
     probe = torch.Generator()
     probe.set_state(damaged)
     assert torch.randn(1, dtype=torch.float64, generator=probe).isnan().all()  # as laid out
+    return damaged
+
+
+def _huge_normal(state: torch.Tensor) -> torch.Tensor:
+    """A kept normal sample finite as a double but not as a float: a float32 draw is inf."""
+    damaged = _kept_normal(state, 1e300)
+    probe = torch.Generator()
+    probe.set_state(damaged)
+    assert torch.randn(1, dtype=torch.float64, generator=probe).isfinite().all()
+    probe.set_state(damaged)
+    assert torch.randn(1, dtype=torch.float32, generator=probe).isinf().all()
     return damaged
 
 
@@ -297,8 +312,10 @@ def _nan_normal(state: torch.Tensor) -> torch.Tensor:
         (lambda state: state.to(torch.int64), "is not one of a cpu generator"),
         # Loaded, it made a pass adding torch.randn(1) answer NaN (found by a review).
         (_nan_normal, "draws a normal sample that is not finite"),
+        # Every float32 model's next normal draw would have been inf.
+        (_huge_normal, "draws a normal sample that is not finite"),
     ],
-    ids=["short", "not-bytes", "nan-normal"],
+    ids=["short", "not-bytes", "nan-normal", "huge-normal"],
 )
 def test_a_damaged_random_state_is_refused_and_nothing_changes(
     tmp_path: Path, damage: Callable[[torch.Tensor], torch.Tensor], said: str
@@ -328,3 +345,77 @@ def test_a_stream_from_a_checkpoint_is_a_copy_of_its_own() -> None:
     stream = random_stream.from_checkpoint(state, torch.device("cpu"))
     assert isinstance(stream, torch.Tensor) and torch.equal(stream, state)
     assert stream.untyped_storage().data_ptr() != state.untyped_storage().data_ptr()
+
+
+def test_a_model_on_a_device_without_streams_starts_none() -> None:
+    """Devices other than the CPU and CUDA's keep no stream: their passes draw from the
+    process's generator, which a CPU state put in around them would move no further."""
+    assert random_stream.built_state(torch.device("meta"), 5) is None
+
+
+def test_a_generator_stream_is_kept_as_its_device_s_type_and_state() -> None:
+    generator = torch.Generator().manual_seed(5)
+    kind, state = random_stream.for_checkpoint(generator)
+    assert kind == "cpu" and isinstance(state, torch.Tensor)
+    assert torch.equal(state, generator.get_state())
+
+
+def test_a_block_without_a_stream_draws_from_the_process_s_generator() -> None:
+    want = torch.rand(8, generator=torch.Generator().manual_seed(3))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        with random_stream.drawing(None) as drawn:
+            got = torch.rand(4)
+        assert drawn.state is None
+        got = torch.cat([got, torch.rand(4)])  # and the process's draws go on from there
+    assert torch.equal(got, want)
+
+
+def test_a_block_s_stream_keeps_another_thread_s_block_out_until_it_ends() -> None:
+    """Two threads drawing from streams of their own, the second starting while the first's
+    is in the process's generator: it waits for the first's block to end (the swap's lock),
+    so that each draws its own stream's numbers."""
+    first_state = torch.Generator().manual_seed(1).get_state()
+    second_state = torch.Generator().manual_seed(2).get_state()
+    entered, go = threading.Event(), threading.Event()
+    drawn: dict[str, torch.Tensor] = {}
+
+    def second() -> None:
+        with random_stream.drawing(second_state):
+            entered.set()
+            go.wait(30)
+            drawn["second"] = torch.rand(4)
+
+    thread = threading.Thread(target=second, daemon=True)
+    with random_stream.drawing(first_state):
+        thread.start()
+        assert not entered.wait(0.5)  # held out
+        drawn["first"] = torch.rand(4)
+    go.set()
+    thread.join(30)
+    assert torch.equal(drawn["first"], torch.rand(4, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(drawn["second"], torch.rand(4, generator=torch.Generator().manual_seed(2)))
+
+
+def test_a_cpu_stream_is_not_set_aside() -> None:
+    """set_aside is for streams in GPU generators: in a CPU stream's block no stream is
+    held, and setting aside leaves the CPU's stream where it is."""
+    state = torch.Generator().manual_seed(4).get_state()
+    with random_stream.drawing(state):
+        assert not random_stream.held_here()
+        with random_stream.set_aside():
+            got = torch.rand(4)
+    assert torch.equal(got, torch.rand(4, generator=torch.Generator().manual_seed(4)))
+
+
+def test_a_trainer_lock_taken_without_blocking_as_an_rlock_is() -> None:
+    lock = random_stream.TrainerLock()
+    assert lock.acquire(blocking=False)
+    assert lock.acquire(blocking=False)  # re-entrant
+    taken: list[bool] = []
+    other = threading.Thread(target=lambda: taken.append(lock.acquire(blocking=False)))
+    other.start()
+    other.join(30)
+    assert taken == [False]  # held by this thread: another's try fails at once
+    lock.release()
+    lock.release()
