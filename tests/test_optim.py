@@ -329,16 +329,20 @@ def test_a_step_under_no_grad_leaves_grad_mode_off() -> None:
     assert torch.is_grad_enabled()
 
 
-def test_an_sgd_given_a_grad_scale_is_refused_as_torch_refuses_it() -> None:
-    """torch's single-tensor SGD refuses a `grad_scale` (GradScaler's, meant for fused kernels);
-    the plain path must not step past it."""
+@pytest.mark.parametrize("attribute", ["grad_scale", "found_inf"])
+def test_an_sgd_given_a_grad_scale_or_found_inf_is_refused_as_torch_refuses_it(
+    attribute: str,
+) -> None:
+    """torch's single-tensor SGD refuses a `grad_scale` or a `found_inf` (GradScaler's, meant
+    for fused kernels); the plain path must not step past either (it checked grad_scale
+    alone: a mutation pass's helper read it in torch's source)."""
     ours, theirs = model(), model()
     for net in (ours, theirs):
         backward(net, 0)
     our_opt = torch.optim.SGD(ours.parameters(), lr=0.1)
     their_opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
     for opt in (our_opt, their_opt):
-        opt.grad_scale = torch.tensor(1.0)  # type: ignore[attr-defined]
+        setattr(opt, attribute, torch.tensor(1.0))
     with pytest.raises(AssertionError, match="grad_scale") as theirs_raised:
         their_opt.step()
     with pytest.raises(AssertionError, match="grad_scale") as ours_raised:

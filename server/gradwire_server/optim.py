@@ -88,7 +88,12 @@ def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     `param.add_(grad, alpha=-lr)` and nothing else: torch.optim.SGD itself with a float lr,
     no momentum, decay, maximize or fused kernel, and its gradients on the CPU, where torch
     chooses that loop over foreach. Plain loops, no generators: this runs on every Step."""
-    if type(optimizer) is not torch.optim.SGD or getattr(optimizer, "grad_scale", None) is not None:
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    # GradScaler's, which torch's single-tensor loop refuses: torch's step says so.
+    if getattr(optimizer, "grad_scale", None) is not None:
+        return False
+    if getattr(optimizer, "found_inf", None) is not None:
         return False
     for group in optimizer.param_groups:
         if group.keys() != _PLAIN_SGD_KEYS or group["foreach"]:
