@@ -65,6 +65,23 @@ def old_trainer(version: int = 0, **methods: grpc.RpcMethodHandler) -> grpc.Gene
     return grpc.method_handlers_generic_handler("gradwire.v1.Trainer", handlers)
 
 
+def recording_reads(asked: list[bool]) -> grpc.GenericRpcHandler:
+    """An old_trainer whose GetTensor answers a float32 tensor "w" of shape [2, 3] (its zeros
+    only where asked for), noting in `asked` each request's omit_values: to see that a read
+    of the shape alone asks for no values."""
+
+    def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
+        read = pb.GetTensorRequest.FromString(request)
+        asked.append(read.omit_values)
+        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3])
+        if not read.omit_values:
+            tensor.float_values.extend([0.0] * 6)
+        answer = pb.GetTensorResponse(name=read.name, tensor=tensor, full_shape=[2, 3])
+        return answer.SerializeToString()
+
+    return old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(get_tensor))
+
+
 def calls_only(
     serve: Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]],
 ) -> grpc.GenericRpcHandler:

@@ -43,7 +43,13 @@ from tests.broken_models import TOKENS
 from tests.cli_run import Result, Run, run_main
 from tests.reference import run_tutorial
 from tests.relay import relay_to
-from tests.serve_in_process import bare_server, old_trainer, running_server, serving
+from tests.serve_in_process import (
+    bare_server,
+    old_trainer,
+    recording_reads,
+    running_server,
+    serving,
+)
 from tests.test_auth import Pki, make_pki
 
 PARAMETERS = ("conv1.weight", "conv2.weight", "linear.weight")
@@ -2927,18 +2933,7 @@ def test_forward_by_default_targets_class_0_of_a_one_class_model() -> None:
 def test_get_shape_only_asks_the_server_for_no_values() -> None:
     """--shape-only reads the shape alone: a large tensor's values never cross the wire."""
     asked: list[bool] = []
-
-    def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
-        read = pb.GetTensorRequest.FromString(request)
-        asked.append(read.omit_values)
-        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3])
-        if not read.omit_values:
-            tensor.float_values.extend([0.0] * 6)
-        answer = pb.GetTensorResponse(name=read.name, tensor=tensor, full_shape=[2, 3])
-        return answer.SerializeToString()
-
-    read_handler = old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(get_tensor))
-    with bare_server(read_handler) as address:
+    with bare_server(recording_reads(asked)) as address:
         result = run_main("get", "w", "--shape-only", "--target", address)
     assert (result.code, result.out) == (0, "torch.Size([2, 3])\n"), result.err
     assert asked == [True]

@@ -33,7 +33,7 @@ from gradwire_server.app import start
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
-from tests.serve_in_process import bare_server, old_trainer, serving
+from tests.serve_in_process import bare_server, old_trainer, recording_reads, serving
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
 ONES_TARGET = Fill.ones(8, dtype="int64")
@@ -1502,18 +1502,10 @@ def test_a_shape_only_read_and_a_view_s_shape_and_length_ask_for_no_values() -> 
     """read(values=False), and a view's shape, len() and iteration, read the shape alone: a
     large tensor's values never cross the wire for them."""
     asked: list[bool] = []
-
-    def get_tensor(request: bytes, context: grpc.ServicerContext) -> bytes:
-        read = pb.GetTensorRequest.FromString(request)
-        asked.append(read.omit_values)
-        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3])
-        if not read.omit_values:
-            tensor.float_values.extend([0.0] * 6)
-        answer = pb.GetTensorResponse(name=read.name, tensor=tensor, full_shape=[2, 3])
-        return answer.SerializeToString()
-
-    older = old_trainer(GetTensor=grpc.unary_unary_rpc_method_handler(get_tensor))
-    with bare_server(older) as address, gradwire.connect(address, timeout=10) as client:
+    with (
+        bare_server(recording_reads(asked)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
         view = client.remote.w
         assert (view.shape, len(view), [row.selector for row in view]) == (
             (2, 3),
