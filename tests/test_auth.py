@@ -488,6 +488,93 @@ def test_serve_logs_a_warning_for_a_token_file_others_can_read(tmp_path: Path) -
     assert warning.endswith(f" WARNING gradwire.cli: {said}"), log
 
 
+def test_a_token_file_s_white_space_and_odd_bytes_are_read_as_a_token_variable_s_are(
+    tmp_path: Path,
+) -> None:
+    """A token file written on Windows ends in CRLF, and one made by hand may have spaces or
+    a tab around the token: all of it goes, as around the variable's. Bytes that are not
+    UTF-8 are refused as a token gRPC cannot send, naming what they were read as, not with
+    Python's UnicodeDecodeError."""
+    token_file = _secret_file(tmp_path)
+    token_file.write_bytes(f" \t{TOKEN} \r\n".encode())
+    assert load_token(token_file) == TOKEN
+    token_file.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError) as refused:
+        load_token(token_file)
+    assert str(refused.value).startswith(f"the token in {token_file} is no token gRPC can send:")
+    assert str(refused.value).endswith(f"it holds {chr(0xFFFD)!r}")
+
+
+def test_a_token_variable_of_spaces_or_tabs_alone_is_refused_and_another_may_be_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """White space without a line end is no token either; and `env` names the variable
+    read, stripped and checked as GRADWIRE_TOKEN is."""
+    for blank in ("  ", "\t"):
+        monkeypatch.setenv("GRADWIRE_TOKEN", blank)
+        with pytest.raises(ValueError, match=r"^\$GRADWIRE_TOKEN is empty \(white space only\)"):
+            load_token(None)
+    monkeypatch.delenv("GRADWIRE_TOKEN")
+    monkeypatch.setenv("GRADWIRE_TEST_TOKEN", f" {TOKEN}\n")
+    assert load_token(None, env="GRADWIRE_TEST_TOKEN") == TOKEN
+    assert load_token(None) is None
+    monkeypatch.setenv("GRADWIRE_TEST_TOKEN", "two\nlines")
+    with pytest.raises(ValueError, match=r"^GRADWIRE_TEST_TOKEN is no token gRPC can send"):
+        load_token(None, env="GRADWIRE_TEST_TOKEN")
+
+
+def test_a_token_file_others_can_both_read_and_write_is_warned_of_both(tmp_path: Path) -> None:
+    token_file = _secret_file(tmp_path)
+    token_file.chmod(0o606)
+    with pytest.warns(gradwire.TokenFileWarning) as caught:
+        assert load_token(token_file) == TOKEN
+    assert str(caught[0].message).startswith(
+        f"--token-file {token_file} can be read or written by other users (-rw----rw-): they "
+        "can use the token and put a token of their own in it; make it yours alone: chmod 600 "
+    )
+
+
+def test_a_token_of_one_or_two_characters_or_any_printable_ascii_is_taken(
+    trainer: Trainer,
+) -> None:
+    """What a header carries, at its edges: a token of one character, of two, with a space
+    inside, and `!` and `~`, the first and last printable ASCII past the space."""
+    for token in ("a", "ab", "!a b~"):
+        running = start(trainer, "127.0.0.1", 0, token=token)
+        try:
+            with gradwire.connect(_address(running), token=token) as client:
+                assert client.list_tensors().model == "Simple"
+        finally:
+            running.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("token", "holds"),
+    [
+        (" lead", "a space at an end"),
+        ("trail ", "a space at an end"),
+        ("de\x7fl", repr("\x7f")),  # DEL, past `~`: no printable ASCII, inside
+        ("~~\t~", repr("\t")),  # the first character past printable ASCII, not a `~` before it
+    ],
+)
+def test_a_server_token_with_a_space_at_an_end_or_a_control_character_is_refused(
+    trainer: Trainer, token: str, holds: str
+) -> None:
+    """The server's token is taken as given, not stripped (the command line strips what it
+    reads): a space at either end, which gRPC drops from a header, is refused, and so is
+    DEL, naming what the token holds."""
+    said = "the server token is no token gRPC can send: one line of printable ASCII "
+    with pytest.raises(ValueError) as refused:
+        start(trainer, "127.0.0.1", 0, token=token)
+    assert str(refused.value).startswith(said)
+    assert str(refused.value).endswith(f"and it holds {holds}")
+
+
+def test_a_token_that_is_not_a_str_is_refused_naming_its_type() -> None:
+    with pytest.raises(TypeError, match=r"^token= must be a str, got bytes$"):
+        gradwire.Client("127.0.0.1:1", token=b"secret")  # type: ignore[arg-type]
+
+
 # --- a token in plain text over the network --------------------------------------------------
 
 #: A target naming the server on loopback, then an address off this machine (TEST-NET-1,
