@@ -1215,6 +1215,29 @@ def test_a_ca_bundle_with_comments_and_crlf_is_taken(
     assert f"--tls-ca {cut} holds no whole certificate in PEM: it is cut short" in err.getvalue()
 
 
+def test_a_ca_bundle_with_comments_between_its_certificates_is_taken(
+    address: str, pki: Pki
+) -> None:
+    """RHEL's ca-bundle.crt names each certificate in a UTF-8 comment above it, below a header
+    of several lines: the check takes each block alone, so no comment between two ends up in
+    what Python parses. PEM in a bytearray is taken as bytes are."""
+    pem = pki.ca.read_bytes()
+    header = "# A bundle of the X.509 certificates of public certificate authorities.\n" * 3
+    bundle = f"{header}# Autorité A\n".encode() + pem + "# Autorité B\n".encode() + pem
+    ca: Any = bytearray(bundle)
+    with gradwire.Client(address, ca=ca, timeout=3) as client:
+        assert client.target == address  # made: the TLS files are taken
+
+
+def test_a_tls_file_that_is_no_pem_is_shown_by_its_first_24_bytes(address: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        gradwire.Client(address, ca=b"0123456789abcdefghijklmnopqrstuvwxyz")
+    assert str(refused.value) == (
+        "ca= holds no certificate in PEM (-----BEGIN ...-----): it begins "
+        "b'0123456789abcdefghijklmn'"
+    )
+
+
 def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(
     pki: Pki, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
