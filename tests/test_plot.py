@@ -277,6 +277,18 @@ def test_a_matplotlib_missing_a_module_of_its_own_is_not_said_to_be_missing(
     ), said
 
 
+def test_a_matplotlib_that_fails_to_import_a_part_of_its_own_is_not_said_to_be_missing(
+    tmp_path: Path,
+) -> None:
+    """`from matplotlib import _part` failing in a broken install raises an ImportError (not
+    ModuleNotFoundError) whose name is matplotlib's own: it is installed, and says so."""
+    said = _require_matplotlib_saying(tmp_path, "from matplotlib import _no_such_part\n")
+    assert said.startswith(
+        "pictures need matplotlib, which is installed but fails to import: cannot import name "
+        "'_no_such_part'"
+    ), said
+
+
 def test_the_thin_client_imports_without_matplotlib() -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None; "
@@ -329,6 +341,8 @@ def test_a_large_kernel_grid_is_truncated_and_says_so(tmp_path: Path) -> None:
         ("conv1.weight", (16, 3, 3, 3), "kernels"),
         ("conv1.weight.grad", (16, 3, 3, 3), "kernels"),
         ("input", (8, 3, 10, 10), "histogram"),  # 4-D, but a batch, not kernels
+        ("conv1.overweight", (16, 3, 3, 3), "histogram"),  # a name ending in weight
+        ("conv1.weighted", (16, 3, 3, 3), "histogram"),  # one going on past it
         ("linear.weight", (20, 3200), "heatmap"),
         ("output", (8, 20), "heatmap"),
         ("loss", (), "histogram"),
@@ -356,6 +370,7 @@ def test_histogram_of_counts_finite_values_and_reports_the_rest() -> None:
     assert (one.counts.sum(), one.mean, one.std) == (1, 0.25, 0.0)
     empty = plot.histogram_of(np.array([], np.float32))
     assert empty.counts.sum() == 0 and (empty.low, empty.high) == (0.0, 1.0)
+    assert len(empty.counts) == plot.DEFAULT_BINS  # the bins asked for, none filled
 
 
 def test_the_bins_and_dpi_asked_for_are_taken_up_to_their_ends() -> None:
@@ -568,3 +583,42 @@ def test_a_histogram_without_bins_given_has_the_default_bins(cli: Run, tmp_path:
     assert cli(*argv, str(default)).code == 0
     assert cli(*argv, str(given), "--bins", str(plot.DEFAULT_BINS)).code == 0
     assert default.read_bytes() == given.read_bytes()
+
+
+def test_a_histogram_has_50_bins_unless_told() -> None:
+    """The help's "(default 50)": nothing held the number itself, only DEFAULT_BINS to
+    whatever it was."""
+    assert len(plot.histogram_of(np.arange(5, dtype=np.float32)).counts) == 50
+
+
+@needs_matplotlib
+def test_the_colours_drawn_are_those_the_help_and_the_titles_name() -> None:
+    """Red positive and blue negative (the help's words), grey between kernels, and NaN,
+    +inf and -inf in the gold, black and green their titles name. The tests above read
+    the colours from the module's own constants, so a constant changed went unseen."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    values = np.array([[1.0, -1.0, np.nan], [np.inf, -np.inf, 0.0]], dtype=np.float32)
+    fig = Figure(figsize=plot.FIGSIZE, dpi=plot.DEFAULT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    plot._draw_kernels(fig, np.stack([values, values])[:, None], "colours")
+    kernels, overlay = fig.axes[0].get_images()
+    drawn = kernels.cmap(kernels.norm(kernels.get_array()))[..., :3]
+    (positive, negative, nan), (high, low, _) = drawn[:, :3]
+    assert positive[0] > positive[2] and negative[2] > negative[0]  # red, blue
+    assert tuple(nan) == to_rgb("gold") and tuple(high) == to_rgb("black")
+    assert low[1] > max(low[0], low[2])  # green
+    gap = overlay.get_array()[0, 3]  # the column between the two kernels
+    assert gap[3] == 1.0 and gap[0] == gap[1] == gap[2] and 0.3 < gap[0] < 0.9  # grey
+    assert overlay.get_array()[0, 0, 3] == 0.0  # and clear over a kernel's values
+
+
+def test_a_histogram_s_mean_and_std_are_those_of_float64_for_half_precision() -> None:
+    """Summed in the values' own float16, the mean came back rounded to float16's
+    precision (0.32495 for 0.32504)."""
+    values = np.array([0.1, 0.2, 0.3, 0.7], dtype=np.float16)
+    data = plot.histogram_of(values)
+    wide = values.astype(np.float64)
+    assert (data.mean, data.std) == (float(wide.mean()), float(wide.std()))
