@@ -1163,6 +1163,12 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
             b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIF\n-----END ENCRYPTED PRIVATE KEY-----\n",
             "is encrypted (protected by a passphrase), which gRPC cannot read",
         ),
+        (
+            "--tls-key",  # OpenSSL's older form: a plain marker, and a header that says so
+            b"-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n"
+            b"DEK-Info: AES-128-CBC,00\n\nMIIF\n-----END RSA PRIVATE KEY-----\n",
+            "is encrypted (protected by a passphrase), which gRPC cannot read",
+        ),
     ],
     ids=[
         "empty-ca",
@@ -1173,6 +1179,7 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
         "empty-cert",
         "empty-key",
         "encrypted-key",
+        "encrypted-traditional-key",
     ],
 )
 def test_tls_files_that_hold_nothing_usable_are_refused_before_connecting(
