@@ -273,6 +273,17 @@ def test_read_with_a_separate_index_key(client: gradwire.Client) -> None:
     assert np.array_equal(value, expected)
 
 
+def test_set_with_a_separate_index_of_0_writes_that_row_alone(client: gradwire.Client) -> None:
+    """An index of 0 is an index, not one left out: a row written through it broadcast to
+    every row if it were taken for none."""
+    before = client.get("conv1.weight")
+    row = np.full((3, 3, 3), 0.5, np.float32)
+    client.set("conv1.weight", row, 0)
+    after = client.get("conv1.weight")
+    np.testing.assert_array_equal(after[0], row)
+    np.testing.assert_array_equal(after[1:], before[1:])
+
+
 def test_shape_without_values(client: gradwire.Client) -> None:
     assert client.shape("conv1.weight[0, :, 1:3]") == (3, 2, 3)
     assert client.shape("linear.weight") == (20, 3200)
