@@ -2136,6 +2136,19 @@ def test_a_torch_tensor_or_a_tuple_goes_in_chunks_by_its_bytes(client: gradwire.
     np.testing.assert_array_equal(client.get("conv1.weight"), values)
 
 
+def test_a_numpy_array_goes_in_chunks_by_its_bytes_not_its_elements(
+    client: gradwire.Client,
+) -> None:
+    """A float32 array of 432 values is 1,728 bytes: past a stream_above_bytes of 1,727 it
+    goes in chunks, though its element count is far below it."""
+    values = np.full((16, 3, 3, 3), 0.75, np.float32)
+    client.stream_above_bytes = values.nbytes - 1
+    called = _counting(client)
+    client.set("conv1.weight", values)
+    assert called == ["SetTensorStream"]
+    np.testing.assert_array_equal(client.get("conv1.weight"), values)
+
+
 def test_a_fill_takes_numpy_s_and_torch_s_dtypes(client: gradwire.Client) -> None:
     """As torch.ones(..., dtype=torch.float64) does: they were sent as an unknown dtype."""
     assert Fill.ones(8, dtype=np.float64) == Fill.ones(8, dtype=torch.float64)
