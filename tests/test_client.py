@@ -782,6 +782,14 @@ def test_keep_state_must_be_true_or_false(client: gradwire.Client) -> None:
     assert current_version(client) == version
 
 
+def test_keep_state_takes_numpy_s_bool(client: gradwire.Client) -> None:
+    """np.bool_(True) is True, as nesterov takes it: the settings change in place."""
+    client.set_optimizer("adam", lr=0.01, beta1=0.8)
+    config = client.set_optimizer(lr=0.001, keep_state=np.bool_(True))
+    assert (config.kind, config.lr, config.beta1) == ("adam", 0.001, 0.8)
+    client.set_optimizer()
+
+
 # --- health, lifetime -----------------------------------------------------------------------
 
 
