@@ -1834,8 +1834,9 @@ def test_a_refusal_of_a_widened_dtype_names_the_dtype_given(
     x = np.ones((8, 3, 10, 10), np.float32)
     y = np.ones(8, np.int64)
     said = r"input has dtype int32; .* \(input was given as int8, sent as int32: the wire has no"
-    with pytest.raises(errors.InvalidArgument, match=said):
+    with pytest.raises(errors.InvalidArgument, match=said) as widened:
         client.forward(x.astype(np.int8), y)
+    assert widened.value.args == (widened.value.message,)  # repr() says it too
     with pytest.raises(errors.InvalidArgument, match="input was given as int8, sent as int32"):
         client.forward(torch.ones(8, 3, 10, 10, dtype=torch.int8), y)
     with pytest.raises(errors.InvalidArgument, match="input was given as uint16, sent as int32"):
@@ -1845,9 +1846,11 @@ def test_a_refusal_of_a_widened_dtype_names_the_dtype_given(
     with pytest.raises(errors.InvalidArgument) as plain:  # nothing widened: nothing added
         client.forward(x.astype(np.int32), y)
     assert "given as" not in str(plain.value)
+    assert plain.value.message.endswith("computes in float32")  # not even an empty " ()"
     with pytest.raises(errors.InvalidArgument) as other:  # widened, refused for another reason
         client.forward(x[:, :2], y.astype(np.uint8))
     assert "given as" not in str(other.value)
+    assert other.value.message.endswith("with N >= 1")
     assert client.forward(x, y.astype(np.uint8)).loss == client.forward(x, y).loss  # taken
 
 
