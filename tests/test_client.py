@@ -262,8 +262,10 @@ def test_read_reports_version_shapes_and_dtype(client: gradwire.Client) -> None:
 
 
 def test_read_of_an_absent_gradient_is_not_present(client: gradwire.Client) -> None:
+    client.fill_parameters(0.25)  # version 1: the read says the version it was absent at
     read = client.read("conv1.weight.grad")
     assert not read.present
+    assert (read.name, read.version) == ("conv1.weight.grad", 1)
     assert (read.value, read.shape, read.full_shape, read.dtype) == (None, None, None, None)
 
 
