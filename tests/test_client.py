@@ -1534,7 +1534,8 @@ def test_a_shape_only_read_and_a_view_s_shape_and_length_ask_for_no_values() -> 
             ["w[0]", "w[1]"],
         )
         assert client.read("w", values=False).shape == (2, 3)
-    assert asked == [True, True, True, True]
+        client.read("w", 0, values=False)  # an index given apart: another way to the request
+    assert asked == [True, True, True, True, True]
 
 
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
