@@ -99,6 +99,21 @@ def test_stats_of_a_slice_with_nan_inf_and_zeros(client: gradwire.Client) -> Non
     assert read.stats.histogram.counts == tuple(counts)
 
 
+def test_a_histogram_bound_of_zero_is_a_bound_not_one_left_out(client: gradwire.Client) -> None:
+    """low=0.0 or high=0.0 bounds the histogram there: taken for no bound, the histogram
+    spans the values' own range (-2 to 2 here)."""
+    values = np.linspace(-2, 2, 27, dtype=np.float32).reshape(3, 3, 3)
+    client.set("conv1.weight[5]", values)
+    for low, high in ((0.0, None), (None, 0.0)):
+        read = client.stats("conv1.weight[5]", bins=2, low=low, high=high)
+        assert read.stats is not None and read.stats.histogram is not None
+        counts, edges = np.histogram(
+            values, bins=2, range=(0.0 if low == 0.0 else -2.0, 0.0 if high == 0.0 else 2.0)
+        )
+        assert read.stats.histogram.counts == tuple(counts)
+        assert read.stats.histogram.edges == pytest.approx(list(edges))
+
+
 def test_stats_of_values_none_of_which_is_finite_are_nan(client: gradwire.Client) -> None:
     # The contract sends 0 for them; the client read 0.0, like a slice of zeros.
     values = np.full((3, 3, 3), np.nan, dtype=np.float32)
