@@ -347,6 +347,34 @@ def test_a_tensor_off_the_cpu_names_its_device(trainer: Trainer) -> None:
     assert on_cpu.device == ""
 
 
+class _OffTheCpu(nn.Module):
+    """Keeps, beside its output, a module output on the meta device: one that lives off the
+    CPU, served without a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.probe = _ToMeta()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.probe(x)
+        return self.fc(x)  # type: ignore[no-any-return]
+
+
+class _ToMeta(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to("meta")
+
+
+def test_a_read_through_the_client_names_the_device_the_server_said() -> None:
+    """The client's read carries the device of the server's answer (a GPU's is checked in
+    tests/test_gpu.py, which this machine does not run): one on the CPU names none."""
+    with serving(ModelSpec("OffTheCpu", _OffTheCpu, (4,), 2), seed=0) as (_, client):
+        client.forward(Fill.ones(3, 4))
+        assert client.read("probe.output", values=False).device == "meta"
+        assert client.read("fc.weight").device == ""
+
+
 def test_the_listing_says_which_parameters_are_frozen(frozen: gradwire.Client) -> None:
     listing = frozen.list_tensors()
     said = {t.name: t.requires_grad for t in listing.tensors if t.kind == "parameter"}
