@@ -138,6 +138,8 @@ def test_bfloat16_widened_reads_reuse_a_dropped_array(
         first = client.get("w")
         where = address(first)
         np.testing.assert_array_equal(first, expected)
+        # The kept memory's, not an address malloc happens to hand out again.
+        assert client._memory.kept_bytes == first.nbytes and not first.flags.owndata
         del first
         again = client.get("w")
         assert address(again) == where
@@ -171,6 +173,7 @@ def test_torch_reads_reuse_a_dropped_tensor_s_memory_and_never_a_held_one(
     client.fill_parameters(2.0)
     fresh = client.get("linear.weight", as_torch=True)
     assert fresh.data_ptr() != held.data_ptr()
+    assert client._memory.kept_bytes == 256_000  # the kept memory's, not malloc's by chance
     assert torch.all(held == 1.0) and torch.all(fresh == 2.0)
     where = fresh.data_ptr()
     del fresh
