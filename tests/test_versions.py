@@ -269,6 +269,24 @@ def test_train_says_when_an_older_server_ran_past_the_progress_it_was_stopped_at
     assert "the run stopped there" not in text
 
 
+def _listing_of_a_newer_server(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """A listing naming a tensor kind and dtypes added after this client was made (an
+    enum's value it has no name for)."""
+    response = pb.ListTensorsResponse(version=1, input_dtype=99)
+    response.tensors.add(name="w", kind=99, dtype=99, present=True)
+    return response.SerializeToString()
+
+
+def test_a_listing_of_a_kind_or_dtype_newer_than_the_client_says_unknown() -> None:
+    """Not a blank, nor a failure to read the listing: a newer server may add either."""
+    handler = grpc.unary_unary_rpc_method_handler(_listing_of_a_newer_server)
+    with bare_server(old_trainer(ListTensors=handler)) as address, gradwire.connect(address) as c:
+        listing = c.list_tensors()
+    (w,) = listing.tensors
+    assert (w.name, w.kind, w.dtype, w.present) == ("w", "unknown", "unknown", True)
+    assert listing.input_dtype == "unknown"
+
+
 def _listing_without_requires_grad(request: bytes, context: grpc.ServicerContext) -> bytes:
     """A listing of a parameter whose requires_grad is unset, as a server from before the
     field sends it, and of a frozen one."""
