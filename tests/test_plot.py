@@ -6,6 +6,7 @@ Sizes are asserted, not pixels: the PNG is FIGSIZE * dpi, whatever matplotlib dr
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -622,3 +623,80 @@ def test_a_histogram_s_mean_and_std_are_those_of_float64_for_half_precision() ->
     data = plot.histogram_of(values)
     wide = values.astype(np.float64)
     assert (data.mean, data.std) == (float(wide.mean()), float(wide.std()))
+
+
+# --- found by the third mutation pass over the drawing --------------------------------------
+
+
+def _figure() -> Any:
+    """A figure as `_write` makes one, for the drawing functions to fill and a test to read."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=plot.FIGSIZE, dpi=plot.DEFAULT_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("values", "lines"),
+    [
+        ([1, 2, 3, np.nan, np.inf, -np.inf, 2], ["7 values, mean 2, std 0.7071",
+                                                  "not drawn: 1 NaN, 2 inf"]),
+        ([0.25], ["1 value, mean 0.25, std 0"]),
+        ([], ["no values: the selection is empty"]),
+        ([np.nan, np.inf], ["2 values, none finite", "not drawn: 1 NaN, 1 inf"]),
+        ([1.0, np.nan], ["2 values, mean 1, std 0", "not drawn: 1 NaN, 0 inf"]),
+        ([1.0, -np.inf], ["2 values, mean 1, std 0", "not drawn: 0 NaN, 1 inf"]),
+    ],
+)  # fmt: skip
+def test_a_histogram_s_title_says_its_values_and_what_it_leaves_out(
+    values: list[float], lines: list[str]
+) -> None:
+    fig = _figure()
+    data = plot.histogram_of(np.array(values, np.float32), bins=2)
+    assert plot._draw_histogram(fig, data, "h") is None
+    assert fig.axes[0].get_title() == "\n".join(["h", *lines])
+
+
+@needs_matplotlib
+def test_a_histogram_s_title_groups_thousands_and_keeps_4_digits() -> None:
+    fig = _figure()
+    data = plot.HistogramData(
+        counts=np.array([8776]), low=0.0, high=1.0, count=12345, mean=1.23456,
+        std=0.0123456, nan_count=1234, inf_count=2335,
+    )  # fmt: skip
+    plot._draw_histogram(fig, data, "h")
+    assert fig.axes[0].get_title() == (
+        "h\n12,345 values, mean 1.235, std 0.01235\nnot drawn: 1,234 NaN, 2,335 inf"
+    )
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("low", "high", "counts", "span", "zero_line"),
+    [
+        (-1.0, 3.0, [1, 2, 0, 1], (-1.0, 3.0), True),
+        (0.0, 3.0, [1, 0, 2], (0.0, 3.0), False),  # 0 at an end: no line on the edge
+        (-3.0, 0.0, [1, 0, 2], (-3.0, 0.0), False),
+        (2.0, 2.0, [5], (1.5, 2.5), False),  # no width: one unit around the value
+        (math.nan, math.nan, [0, 0], (0.0, 1.0), False),  # none finite: [0, 1]
+        (-math.inf, 1.0, [0, 0], (0.0, 1.0), False),
+    ],
+)
+def test_a_histogram_s_bins_span_its_range_and_0_is_marked_inside_it(
+    low: float, high: float, counts: list[int], span: tuple[float, float], zero_line: bool
+) -> None:
+    fig = _figure()
+    data = plot.HistogramData(np.array(counts), low, high, sum(counts), 0.0, 0.0)
+    plot._draw_histogram(fig, data, "h")
+    ax = fig.axes[0]
+    assert ax.get_xlim() == span
+    drawn = ax.patches[0].get_data()
+    assert drawn.values.tolist() == counts
+    edges = drawn.edges
+    assert edges.tolist() == np.linspace(*span, len(counts) + 1).tolist()
+    assert [line.get_xdata() for line in ax.lines] == ([[0.0, 0.0]] if zero_line else [])
+    bottom, top = ax.get_ylim()
+    assert bottom == 0 and top == (1 if not any(counts) else pytest.approx(max(counts), rel=0.1))
