@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -395,6 +396,7 @@ def test_the_bins_and_dpi_asked_for_are_taken_up_to_their_ends() -> None:
         (np.array([[-2, 1]]), plot.DIVERGING, (-2.0, 2.0)),
         (np.array([[0, 3]]), plot.SEQUENTIAL, (0.0, 3.0)),  # class indices, counts
         (np.full((2, 2), 4), plot.SEQUENTIAL, (4.0, 5.0)),  # one value: a span of 1 above
+        (np.array([[-128, 1]], np.int8), plot.DIVERGING, (-128.0, 128.0)),  # |int8's least|
     ],
 )
 def test_a_colour_scale_is_centred_on_0_for_signed_values_alone(
@@ -700,3 +702,173 @@ def test_a_histogram_s_bins_span_its_range_and_0_is_marked_inside_it(
     assert [line.get_xdata() for line in ax.lines] == ([[0.0, 0.0]] if zero_line else [])
     bottom, top = ax.get_ylim()
     assert bottom == 0 and top == (1 if not any(counts) else pytest.approx(max(counts), rel=0.1))
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("shape", "bands"),
+    [
+        ((16, 3, 3, 3), [range(0, 8), range(8, 16)]),  # conv1: two bands of 8 filters
+        ((5, 1, 2, 2), [range(0, 3), range(3, 5)]),  # the last band part full
+        ((4, 1, 1, 5), [range(0, 2), range(2, 4)]),  # 3 bands asked, 2 of 2 enough
+        ((3, 1, 1, 1), [range(0, 2), range(2, 3)]),  # 3 wide to 1 high: the page's shape
+        ((1, 32, 3, 3), [range(0, 1)]),  # taller than wide: one band
+        ((40, 35, 2, 2), [range(0, 32)]),  # the first 32 x 32
+    ],
+)
+def test_a_kernel_grid_shows_each_filter_once_in_bands_of_tiles(
+    shape: tuple[int, int, int, int], bands: list[range]
+) -> None:
+    """Each kernel a tile at its filter's column and input's row, a grey gap between tiles,
+    and every filter in one band, ticked with its own number at the centre of its cell (the
+    tile and the gap after it)."""
+    weights = np.arange(math.prod(shape), dtype=np.float32).reshape(shape) - 100
+    n_out, n_in, kh, kw = shape
+    shown_out, shown_in = min(n_out, plot.MAX_KERNEL_OUT), min(n_in, plot.MAX_KERNEL_IN)
+    note = None
+    if (shown_out, shown_in) != (n_out, n_in):
+        note = f"showing the first 32 of {n_out} output x 32 of {n_in} input channels"
+    fig = _figure()
+    assert plot._draw_kernels(fig, weights, "k") == note
+    assert fig.get_suptitle() == ("k" if note is None else f"k\n{note}")
+    bound = float(np.abs(weights[:shown_out, :shown_in]).max())  # of what is shown alone
+    axes = fig.axes[:-1]  # the colour bar last
+    assert len(axes) == len(bands)
+    for ax, band in zip(axes, bands, strict=True):
+        image = ax.get_images()[0]
+        assert (image.norm.vmin, image.norm.vmax) == (-bound, bound)
+        mosaic, overlay = (image.get_array() for image in ax.get_images())
+        assert mosaic.shape == (shown_in * (kh + 1) - 1, len(bands[0]) * (kw + 1) - 1)
+        covered = np.zeros(mosaic.shape, bool)
+        for column, o in enumerate(band):
+            for i in range(shown_in):
+                x = column * (kw + 1)
+                tile = (slice(i * (kh + 1), i * (kh + 1) + kh), slice(x, x + kw))
+                assert mosaic[tile].tolist() == weights[o, i].tolist()
+                covered[tile] = True
+        assert (overlay[..., 3] == np.where(covered, 0.0, 1.0)).all()  # grey off the tiles
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(o) for o in band]
+        assert ax.get_xticks().tolist() == [c * (kw + 1) + kw / 2 for c in range(len(band))]
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(shown_in)]
+        assert ax.get_yticks().tolist() == [i * (kh + 1) + kh / 2 for i in range(shown_in)]
+        crowded = max(len(bands[0]), shown_in) > 16
+        assert ax.get_xticklabels()[0].get_fontsize() == (7 if crowded else 9)
+        assert ax.xaxis.get_major_ticks()[0].tick1line.get_markersize() == 0  # labels alone
+    assert axes[-1].get_xlabel() == "output channel (one filter per column)"
+    assert fig.get_supylabel() == "input channel"
+    assert fig.axes[-1].get_ylabel() == "value"
+
+
+@needs_matplotlib
+def test_a_heatmap_of_a_slice_with_ones_in_its_shape_names_its_two_dims() -> None:
+    fig = _figure()
+    values = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]], np.float32)
+    assert plot._draw_heatmap(fig, values.reshape(1, 2, 1, 3), "h") is None
+    ax, bar = fig.axes
+    assert ax.get_images()[0].get_array().tolist() == values.tolist()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("column (dim 1, 3)", "row (dim 0, 2)")
+    assert bar.get_ylabel() == "value"
+    fig.canvas.draw()
+    ticks = [*ax.get_xticks(), *ax.get_yticks()]
+    assert ticks and all(t == int(t) for t in ticks)  # a tick per cell, none between
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 0, 5), "nothing to draw: shape [1, 0, 5] is empty"),
+        ((0, 5), "nothing to draw: shape [0, 5] is empty"),
+        ((5,), "a heatmap needs a 2-D slice, not 1-D [5]"),
+        ((1, 5, 1), "a heatmap needs a 2-D slice, not 3-D [1, 5, 1]"),
+    ],
+)
+def test_a_heatmap_of_no_values_or_one_dim_is_refused(shape: tuple[int, ...], message: str) -> None:
+    with pytest.raises(plot.PlotError, match=re.escape(message)):
+        plot._draw_heatmap(_figure(), np.zeros(shape, np.float32), "h")
+
+
+@needs_matplotlib
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((2, 2, 3, 3, 1), "kernels need a 4-D [out, in, kh, kw] tensor, not 5-D [2, 2, 3, 3, 1]"),
+        ((2, 2, 0, 3), "no kernels to draw: shape [2, 2, 0, 3] is empty"),
+        ((2, 2, 3, 0), "no kernels to draw: shape [2, 2, 3, 0] is empty"),
+    ],
+)
+def test_kernels_of_another_rank_or_of_no_values_are_refused(
+    shape: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(plot.PlotError, match=re.escape(message)):
+        plot._draw_kernels(_figure(), np.zeros(shape, np.float32), "k")
+
+
+def _stripes(rows: int, columns: int) -> np.ndarray[Any, Any]:
+    values = np.ones((rows, columns), np.float32)
+    values[1::2] = -1  # every picture on the same colour scale, so with the same axes
+    return values
+
+
+@needs_matplotlib
+def test_a_heatmap_is_crowded_past_one_cell_a_pixel_of_its_laid_out_axes() -> None:
+    """The pixels counted are the axes' own once laid out (those of a picture like it that
+    is not crowded), and a cell a pixel is not too many; the note goes in the title too."""
+    narrow = _figure()
+    plot._draw_heatmap(narrow, _stripes(20, 64), "h")
+    narrow.draw_without_rendering()
+    pixels = math.floor(narrow.axes[0].get_window_extent().width)
+    fig = _figure()
+    note = plot._draw_heatmap(fig, _stripes(20, 3200), "h")
+    said = f"3,200 columns on about {pixels} pixels"
+    assert note == (
+        f"{said}: a pixel shows one of the cells it covers; slice the tensor to see every value"
+    )
+    assert fig.axes[0].get_title() == f"h\n{said}: one cell a pixel"
+    assert plot._draw_heatmap(_figure(), _stripes(20, pixels), "h") is None
+    wider = plot._draw_heatmap(_figure(), _stripes(20, pixels + 1), "h")
+    assert wider is not None
+    assert wider.startswith(f"{pixels + 1:,} columns on about {pixels} pixels:")
+
+
+@needs_matplotlib
+def test_a_heatmap_crowded_both_ways_says_both_after_its_extremes() -> None:
+    fig = _figure()
+    values = _stripes(1000, 1000)
+    values[0, 0] = np.nan
+    note = plot._draw_heatmap(fig, values, "h")
+    assert note is not None
+    match = re.fullmatch(
+        r"1,000 columns on about (\d+) pixels and 1,000 rows on about (\d+) pixels: a pixel "
+        "shows one of the cells it covers; slice the tensor to see every value",
+        note,
+    )
+    assert match is not None, note
+    assert int(match[1]) > int(match[2])  # the axes wider than high, as the figure
+    assert fig.axes[0].get_title() == f"h\n1 NaN shown gold\n{note.split(':')[0]}: one cell a pixel"
+
+
+@needs_matplotlib
+def test_only_the_extremes_present_are_counted_and_the_values_are_left_as_they_were() -> None:
+    """A title names only what the picture holds; the infinities moved past the scale are
+    moved in a copy, not in the caller's array."""
+    values = np.array([[1.0, np.inf], [np.inf, 0.5]])
+    fig = _figure()
+    plot._draw_heatmap(fig, values, "h")
+    assert fig.axes[0].get_title() == "h\n2 +inf shown black"
+    assert values.tolist() == [[1.0, np.inf], [np.inf, 0.5]]
+
+
+@needs_matplotlib
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's own
+def test_infinities_beside_float64_s_largest_still_draw_past_the_scale() -> None:
+    """+inf is drawn at the scale's top plus its span: past float64's largest (8e307 + 1.6e308)
+    that was inf, which matplotlib draws as NaN (gold); it stops at the largest value."""
+    from matplotlib.colors import to_rgb
+
+    fig = _figure()
+    plot._draw_heatmap(fig, np.array([[8e307, 0.0], [np.inf, -np.inf]]), "h")
+    image = fig.axes[0].get_images()[0]
+    assert np.isfinite(image.get_array()).all()
+    (_, _), (high, low) = image.cmap(image.norm(image.get_array()))[..., :3]
+    assert (tuple(high), tuple(low)) == (to_rgb(plot.POSINF_COLOUR), to_rgb(plot.NEGINF_COLOUR))
