@@ -872,3 +872,117 @@ def test_infinities_beside_float64_s_largest_still_draw_past_the_scale() -> None
     assert np.isfinite(image.get_array()).all()
     (_, _), (high, low) = image.cmap(image.norm(image.get_array()))[..., :3]
     assert (tuple(high), tuple(low)) == (to_rgb(plot.POSINF_COLOUR), to_rgb(plot.NEGINF_COLOUR))
+
+
+@needs_matplotlib
+def test_plot_array_takes_each_kind_asked_for_and_refuses_others(tmp_path: Path) -> None:
+    weights = np.ones((2, 2, 3, 3), np.float32)
+    out = tmp_path / "x.png"
+    assert plot.plot_array(weights, out, name="x", kind="kernels").kind == "kernels"
+    assert plot.plot_array(weights[0, 0], out, name="x", kind="histogram").kind == "histogram"
+    assert plot.plot_array(weights[0, 0], out, name="x", kind="heatmap").kind == "heatmap"
+    with pytest.raises(plot.PlotError, match="unknown kind 'pie': expected one of auto, "):
+        plot.plot_array(weights, tmp_path / "pie.png", name="x", kind="pie")
+    with pytest.raises(plot.PlotError, match="dpi must be between 10 and 1000, not 5"):
+        plot.plot_array(weights, tmp_path / "dpi.png", name="x", dpi=5)
+    data = plot.histogram_of(weights)
+    with pytest.raises(plot.PlotError, match="dpi must be between 10 and 1000, not 1001"):
+        plot.plot_histogram(data, tmp_path / "dpi.png", label="x", shape=(2,), dpi=1001)
+    assert only_file(tmp_path) == ["x.png"]
+
+
+@needs_matplotlib
+def test_auto_recognises_a_conv_weight_by_its_name_not_its_label(tmp_path: Path) -> None:
+    weights = np.ones((4, 2, 3, 3), np.float32)
+    result = plot.plot_array(
+        weights, tmp_path / "k.png", name="conv1.weight", label="conv1.weight[:4]"
+    )
+    assert result.kind == "kernels"
+
+
+@needs_matplotlib
+def test_plot_array_draws_with_the_label_title_and_bins_given(tmp_path: Path) -> None:
+    """The same picture as one drawn with the heading and the histogram made apart."""
+    values = np.random.default_rng(0).standard_normal(200).astype(np.float32)
+    drawn = plot.plot_array(
+        values, tmp_path / "a.png", name="conv1.bias", label="conv1.bias[:200]", bins=7
+    )
+    plot.plot_histogram(
+        plot.histogram_of(values, 7), tmp_path / "b.png", label="conv1.bias[:200]", shape=(200,)
+    )
+    assert drawn.path.read_bytes() == (tmp_path / "b.png").read_bytes()
+    plot.plot_array(values, tmp_path / "c.png", name="conv1.bias", title="", bins=7)
+    plot.plot_histogram(
+        plot.histogram_of(values, 7), tmp_path / "d.png", label="x", shape=(1,), title=""
+    )
+    assert (tmp_path / "c.png").read_bytes() == (tmp_path / "d.png").read_bytes()  # untitled
+    assert (tmp_path / "c.png").read_bytes() != drawn.path.read_bytes()
+
+
+@needs_matplotlib
+def test_plot_array_refuses_what_is_not_a_number_and_takes_unsigned(tmp_path: Path) -> None:
+    with pytest.raises(plot.PlotError, match="cannot draw complex64 values; only numbers"):
+        plot.plot_array(np.ones((2, 2), np.complex64), tmp_path / "c.png", name="c")
+    assert only_file(tmp_path) == []
+    counts = plot.plot_array(np.array([[0, 3]], np.uint8), tmp_path / "u.png", name="counts")
+    assert counts.kind == "heatmap"
+
+
+def test_plot_array_without_matplotlib_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(plot.PlotUnavailable, match=re.escape(plot.INSTALL_HINT)):
+        plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
+    assert only_file(tmp_path) == []
+
+
+@needs_matplotlib
+def test_a_picture_that_fails_to_draw_leaves_no_file_behind(tmp_path: Path) -> None:
+    """A title matplotlib cannot typeset fails in savefig, the temporary already open."""
+    with pytest.raises(ValueError):
+        plot.plot_array(np.ones(3), tmp_path / "x.png", name="x", title=r"$\notacommand$")
+    assert only_file(tmp_path) == []
+
+
+def test_an_unknown_kind_is_refused_before_any_values_are_read() -> None:
+    with pytest.raises(plot.PlotError, match="unknown kind 'pie': expected one of auto, kernels"):
+        plot.check_options("pie", 50, 100)
+
+
+@needs_matplotlib
+def test_a_crowded_heatmap_s_pixels_are_those_of_the_picture_written(tmp_path: Path) -> None:
+    """The note written beside the PNG counts the pixels of its laid-out axes, as drawn in
+    the figure `_figure` makes (the tests' stand-in for `_write`'s)."""
+    weights = np.random.default_rng(0).standard_normal((20, 3200)).astype(np.float32)
+    written = plot.plot_array(weights, tmp_path / "h.png", name="linear.weight")
+    assert written.note == plot._draw_heatmap(_figure(), weights, "linear.weight  [20, 3200]")
+
+
+@needs_matplotlib
+def test_a_picture_never_writes_into_a_file_already_at_its_temporary_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary is created, not opened for writing: a file (or a link) put at its name
+    is not written through, and the picture fails."""
+    monkeypatch.setattr(plot.secrets, "token_hex", lambda n: "0" * 2 * n)
+    (tmp_path / ".x.png.00000000.tmp").write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
+    assert not (tmp_path / "x.png").exists()
+
+
+@needs_matplotlib
+def test_a_picture_interrupted_while_saved_leaves_no_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the middle of savefig: a KeyboardInterrupt, no Exception, still cleaned up."""
+    from matplotlib.figure import Figure
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
+    assert only_file(tmp_path) == []
