@@ -986,3 +986,14 @@ def test_a_picture_interrupted_while_saved_leaves_no_file_behind(
     with pytest.raises(KeyboardInterrupt):
         plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
     assert only_file(tmp_path) == []
+
+
+@needs_matplotlib
+def test_a_picture_has_the_size_it_says_whatever_matplotlibrc_saves_at(tmp_path: Path) -> None:
+    """savefig's own dpi (savefig.dpi in a user's matplotlibrc) does not set the PNG's size:
+    the dpi asked for does, as the result says."""
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.dpi": 50}):
+        result = plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
+    assert png_size(result.path) == (result.width, result.height) == size_at(plot.DEFAULT_DPI)
