@@ -997,3 +997,17 @@ def test_a_picture_has_the_size_it_says_whatever_matplotlibrc_saves_at(tmp_path:
     with matplotlib.rc_context({"savefig.dpi": 50}):
         result = plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
     assert png_size(result.path) == (result.width, result.height) == size_at(plot.DEFAULT_DPI)
+
+
+@needs_matplotlib
+def test_a_file_already_at_the_temporary_name_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open(tmp, "xb") refuses a file already there, and the cleanup unlinked it: a file the
+    picture did not create (found by the seventieth session's mutation pass)."""
+    monkeypatch.setattr(plot.secrets, "token_hex", lambda n: "0" * 2 * n)
+    squatter = tmp_path / ".x.png.00000000.tmp"
+    squatter.write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError):
+        plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
+    assert squatter.read_bytes() == b"someone else's"

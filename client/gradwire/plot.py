@@ -262,8 +262,11 @@ def _write(
     # and a failure leaves no file behind. Opened with open(), not mkstemp, so the PNG gets
     # the permissions the umask gives any new file rather than mkstemp's owner-only 0600.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # Opened before the cleanup's try: a file already at that name, which "x" refuses, is
+    # not this picture's to remove (the cleanup unlinked it).
+    f = open(tmp, "xb")  # noqa: SIM115  # closed by the with below
     try:
-        with open(tmp, "xb") as f:
+        with f:
             fig.savefig(f, format="png", dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
