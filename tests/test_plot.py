@@ -863,15 +863,13 @@ def test_only_the_extremes_present_are_counted_and_the_values_are_left_as_they_w
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # matplotlib's own
 def test_infinities_beside_float64_s_largest_still_draw_past_the_scale() -> None:
     """+inf is drawn at the scale's top plus its span: past float64's largest (8e307 + 1.6e308)
-    that was inf, which matplotlib draws as NaN (gold); it stops at the largest value."""
-    from matplotlib.colors import to_rgb
-
-    fig = _figure()
-    plot._draw_heatmap(fig, np.array([[8e307, 0.0], [np.inf, -np.inf]]), "h")
-    image = fig.axes[0].get_images()[0]
-    assert np.isfinite(image.get_array()).all()
-    (_, _), (high, low) = image.cmap(image.norm(image.get_array()))[..., :3]
-    assert (tuple(high), tuple(low)) == (to_rgb(plot.POSINF_COLOUR), to_rgb(plot.NEGINF_COLOUR))
+    that was inf, which matplotlib draws as NaN (gold); it stops at the largest value. (A
+    scale that wide is refused before it is drawn, test_float64_values_past_a_quarter...: the
+    guard keeps _drawable's own arithmetic finite all the same.)"""
+    largest = np.finfo(np.float64).max
+    drawn, _ = plot._drawable(np.array([[8e307, 0.0], [np.inf, -np.inf]]), -8e307, 8e307)
+    assert np.isfinite(drawn).all()
+    assert (drawn[1, 0], drawn[1, 1]) == (largest, -largest)
 
 
 @needs_matplotlib
@@ -1011,3 +1009,25 @@ def test_a_file_already_at_the_temporary_name_is_left_alone(
     with pytest.raises(FileExistsError):
         plot.plot_array(np.ones(3), tmp_path / "x.png", name="x")
     assert squatter.read_bytes() == b"someone else's"
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("kind", ["heatmap", "kernels"])
+def test_float64_values_past_a_quarter_of_their_largest_are_refused_saying_why(
+    tmp_path: Path, kind: str
+) -> None:
+    """A diverging scale is [-b, b]: for b past half of float64's largest its width overflows
+    to inf, and past a quarter matplotlib's tick locator does; matplotlib's own ValueError
+    ("Axis limits cannot be NaN or Inf", "arange: cannot compute length") came out of
+    plot_array. A PlotError says why; values up to that bound still draw (found by the
+    seventieth session's mutation pass)."""
+    shape = (2, 1, 2, 1) if kind == "kernels" else (2, 2)
+    for large in (9e307, 5e307):
+        values = np.array([[large, 0.0], [1.0, -1.0]]).reshape(shape)
+        with pytest.raises(plot.PlotError, match=r"^values as large as .* cannot be placed"):
+            plot.plot_array(values, tmp_path / "big.png", name="conv.weight", kind=kind)
+    assert not list(tmp_path.iterdir())
+    largest = np.finfo(np.float64).max / 4
+    values = np.array([[largest, 0.0], [1.0, -largest]]).reshape(shape)
+    drawn = plot.plot_array(values, tmp_path / "drawn.png", name="conv.weight", kind=kind)
+    assert png_size(drawn.path) == size_at(plot.DEFAULT_DPI)

@@ -287,6 +287,15 @@ def _colour_scale(array: np.ndarray[Any, Any]) -> tuple[Colormap, float, float]:
     if signed:
         bound = float(np.abs(finite).max()) if finite.size else 0.0
         bound = bound if bound > 0 else 1.0
+        if bound > _WIDEST_BOUND:
+            # Past it the scale's width (2 * bound), or its ticks' arithmetic, overflows to
+            # inf, and matplotlib raised a ValueError of its own ("Axis limits cannot be NaN
+            # or Inf", "arange: cannot compute length").
+            raise PlotError(
+                f"values as large as {bound:.4g} cannot be placed on a colour scale: past "
+                f"{_WIDEST_BOUND:.4g}, a quarter of float64's largest, its arithmetic "
+                "overflows; gradwire stats shows them, or plot a slice without them"
+            )
         cmap = matplotlib.colormaps[DIVERGING].with_extremes(**_EXTREMES)
         return cmap, -bound, bound
     low = float(finite.min()) if finite.size else 0.0
@@ -294,6 +303,10 @@ def _colour_scale(array: np.ndarray[Any, Any]) -> tuple[Colormap, float, float]:
     cmap = matplotlib.colormaps[SEQUENTIAL].with_extremes(**_EXTREMES)
     return cmap, low, high if high > low else low + 1.0
 
+
+#: The largest |value| a diverging scale [-bound, bound] is drawn for: at half of float64's
+#: largest its width overflows, and past a quarter matplotlib's tick locator does (seen).
+_WIDEST_BOUND = float(np.finfo(np.float64).max) / 4
 
 #: The colours of what the scale cannot place: matplotlib draws infinities as it draws NaN
 #: ("bad"), so +inf and -inf came out gold, counted nowhere (found by a review).
