@@ -511,6 +511,22 @@ def test_json_logs_carry_the_request_id_and_session(
     assert str(filled["message"]).startswith(f"{TRAINER}FillParameters OK ")
 
 
+def test_json_lines_give_their_fields_in_one_order(
+    stub: pb_grpc.TrainerStub, access_lines: io.StringIO
+) -> None:
+    """time, level, logger, message; then the call's (CALL_FIELDS' order); then the access
+    log's: each line's fields where a reader of the last one found them."""
+    session = stub.OpenSession(pb.OpenSessionRequest(), timeout=10).session
+    metadata = (("gradwire-session", session), ("gradwire-request-id", "req-44"))
+    stub.FillParameters(pb.FillParametersRequest(value=0.5), timeout=10, metadata=metadata)
+    filled = json_lines(access_lines)[-1]
+    assert list(filled) == [
+        *("time", "level", "logger", "message"),
+        *("method", "request_id", "session", "peer"),
+        *("code", "duration_ms"),
+    ]
+
+
 def test_the_python_clients_request_id_reaches_the_log(
     watched: Running, access_lines: io.StringIO
 ) -> None:
