@@ -30,10 +30,18 @@ from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.cli import build_parser, main
 from gradwire_server import metrics
 from gradwire_server.app import Running, start
-from gradwire_server.logs import CallFilter, JsonFormatter, TextFormatter, log_handler
+from gradwire_server.logs import (
+    CURRENT_CALL,
+    Call,
+    CallFilter,
+    JsonFormatter,
+    TextFormatter,
+    log_handler,
+)
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
+from tests.serve_in_process import ended_contexts
 from tests.serve_process import serving
 from tests.thread_starts import RefusedStarts
 
@@ -580,6 +588,27 @@ def test_a_handler_without_the_call_filter_still_shows_the_call(
         logger.setLevel(level)
     (line,) = json_lines(stream)
     assert (line["method"], line["request_id"]) == (TRAINER + "FillParameters", "req-7")
+
+
+def test_the_call_filter_copies_the_call_s_fields_and_keeps_a_record_s_own() -> None:
+    """Onto the record itself, so that a handler that formats it later, outside the call (a
+    QueueHandler's listener), still shows the call; a field the record came with (an
+    embedder's `extra=`) is its own, left as it is."""
+    (context,) = ended_contexts(None)
+    token = CURRENT_CALL.set(Call("/t.T/M", context))
+    try:
+        bare, own = (
+            logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "x", (), None)
+            for _ in range(2)
+        )
+        own.method, own.peer = "/embedder.E/Own", "mine"
+        assert CallFilter().filter(bare) and CallFilter().filter(own)
+    finally:
+        CURRENT_CALL.reset(token)
+    assert bare.method == "/t.T/M"
+    assert str(bare.peer).startswith("ipv4:127.0.0.1:")
+    assert (own.method, own.peer) == ("/embedder.E/Own", "mine")
+    assert json.loads(JsonFormatter().format(bare))["method"] == "/t.T/M"  # outside the call
 
 
 def test_lines_outside_calls_have_no_call_fields() -> None:
