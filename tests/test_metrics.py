@@ -668,6 +668,8 @@ def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
         ("abc-123", "abc-123"),  # plain ids as they were
         ("153834ac4686482a92b2d6dc89c1fecd", "153834ac4686482a92b2d6dc89c1fecd"),
         ("q+/Zm9vYg==", "q+/Zm9vYg=="),  # base64, padding and all
+        ("job_7.step:3@host", "job_7.step:3@host"),  # each of . _ : @ as plain as - + / =
+        ("", '""'),  # an empty id is no word: quoted, and shown
         ("r" * 128, "r" * 128),
         ("r" * 129, f'"{"r" * 128}"...'),
         ("a b" + "r" * 125, f'"a b{"r" * 125}"'),  # quoted, and whole at the limit
