@@ -694,6 +694,18 @@ def test_text_lines_quote_a_request_id_that_is_not_a_plain_word(
     assert "\n" not in line
 
 
+def test_a_record_whose_call_fields_are_no_strings_is_still_one_line() -> None:
+    """An embedder's `extra=` may give a field any value: each format shows it as str()
+    does, where the text line raised TypeError and the JSON line "not JSON serializable",
+    and logging printed a traceback in the line's place."""
+    record = logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "done", (), None)
+    record.request_id = 42
+    record.code = grpc.StatusCode.OK
+    assert TextFormatter().format(record).endswith("gradwire_server: done [request_id=42]")
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["request_id"], line["code"]) == (42, "StatusCode.OK")
+
+
 def test_json_lines_keep_the_traceback() -> None:
     try:
         raise ValueError("boom")
