@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,7 +37,12 @@ from gradwire.fill import Fill
 from gradwire_server import serving as serving_watch
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
 from gradwire_server.errors import InvalidInput
-from gradwire_server.reflection_service import MAX_STREAMS
+from gradwire_server.reflection_service import (
+    MAX_STREAMS,
+    SPARE_THREADS,
+    ReflectionServicer,
+    add_to_server,
+)
 from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import SendingStreams
 from tests.background import Reader, eventually
@@ -210,6 +216,52 @@ def test_open_reflection_streams_hold_no_server_thread(trainer: Trainer) -> None
         running.stop(grace=None)
 
 
+def test_a_reflection_servicer_keeps_the_limit_it_was_made_with() -> None:
+    """`max_streams` above the default's pool (MAX_STREAMS + SPARE_THREADS): each of that
+    many streams has a thread of its own, the next is refused at once, and the refusal
+    names that limit, not the default's."""
+    limit = MAX_STREAMS + SPARE_THREADS + 2
+    servicer = ReflectionServicer([SERVICE_NAME], max_streams=limit)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            streams = [_reflection_stream(channel, release) for _ in range(limit)]
+            assert servicer.open_streams == limit
+            with pytest.raises(grpc.RpcError) as refused:
+                _reflection_stream(channel, release)
+            error = errors.from_rpc_error(refused.value)
+            assert error.reason == "TOO_MANY_REFLECTION_STREAMS"
+            assert error.message.startswith(f"{limit} reflection streams are open"), error
+            assert error.metadata == {"max_streams": str(limit)}
+            for call in streams:
+                call.cancel()
+    finally:
+        release.set()
+        server.stop(None)
+        servicer.close()
+
+
+def test_a_stop_lets_the_reflection_service_s_threads_go(trainer: Trainer) -> None:
+    """Each reflection stream runs on a pool of the reflection service's own: a server
+    stopped left its threads behind, for the life of the process."""
+    before = set(threading.enumerate())
+    running = start(trainer, "127.0.0.1", 0)
+    release = threading.Event()
+    release.set()  # each stream ends after its first question
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        _reflection_stream(channel, release)
+    threads = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("gradwire-reflection")
+    ]
+    assert threads  # the stream ran on one
+    running.stop(grace=None)
+    eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
+
+
 def test_a_stop_ends_reflection_streams_at_once(trainer: Trainer) -> None:
     # A tool left connected (grpcurl in a loop, an IDE) held every stop for the whole grace
     # period.
@@ -247,6 +299,9 @@ def test_a_reflection_question_that_comes_as_the_stop_begins_is_unavailable(
         error = errors.from_rpc_error(refused.value)
         assert isinstance(error, errors.Unavailable), error
         assert error.reason == "STOPPING"
+        assert error.message.startswith(
+            "the server is stopping: this reflection stream ends here"
+        ), error.message
     finally:
         release.set()
         running.stop(grace=None)
