@@ -92,6 +92,39 @@ def test_a_call_whose_deadline_passes_while_it_waits_is_withdrawn(worker: TorchT
     assert ran == ["held"]  # the withdrawn calls never ran, before or after
 
 
+def test_the_caller_of_a_withdrawn_call_is_answered_while_the_thread_is_held(
+    worker: TorchThread,
+) -> None:
+    """The withdrawn call is skipped by the thread and answered by no one: its caller must
+    get DeadlinePassed from its own wait, or it waits for ever."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(60)
+
+    holder = threading.Thread(target=worker.run, args=(hold,))
+    holder.start()
+    answers: list[BaseException] = []
+
+    def withdrawn() -> None:
+        try:
+            worker.run_until(time.monotonic() + 0.05, lambda: None)
+        except DeadlinePassed as error:
+            answers.append(error)
+
+    try:
+        assert entered.wait(60)
+        caller = threading.Thread(target=withdrawn, daemon=True)  # stuck for ever if unanswered
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "the caller of a withdrawn call was not answered"
+        assert len(answers) == 1
+    finally:
+        release.set()
+        holder.join(60)
+
+
 def test_a_call_started_before_its_deadline_is_answered_when_it_ends(
     worker: TorchThread,
 ) -> None:
