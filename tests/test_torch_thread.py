@@ -169,6 +169,19 @@ def test_an_exception_is_raised_in_the_caller_and_lets_its_locals_go(
     assert worker.run(lambda: 7) == 7  # the thread survives its calls' errors
 
 
+def test_the_idle_thread_keeps_nothing_of_the_call_it_answered(worker: TorchThread) -> None:
+    """Once its caller lets the result go (a Forward's output, a read's value), nothing is
+    left of it on the thread, which waits for its next call."""
+
+    class Result:
+        pass
+
+    result = worker.run(Result)
+    gone = weakref.ref(result)
+    del result
+    eventually(lambda: gone() is None, "the thread still holds its last call's result", within=5)
+
+
 def test_a_system_exit_on_the_thread_is_raised_as_a_runtime_error_saying_so(
     worker: TorchThread,
 ) -> None:
