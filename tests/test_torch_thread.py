@@ -279,6 +279,20 @@ def test_shared_handles_are_one_thread_and_close_one_at_a_time() -> None:
     assert TorchThread(shared=True).ident == thread.ident
 
 
+def test_the_threads_are_named_for_what_a_thread_dump_shows() -> None:
+    """A profiler's or a debugger's dump of the server names its threads: the torch work
+    shows as gradwire-torch, the shared thread's and a GPU trainer's own alike."""
+    own, named = TorchThread(), TorchThread(name="gradwire-torch-cuda:1")
+    try:
+        assert own.run(lambda: threading.current_thread().name) == "gradwire-torch"
+        assert named.run(lambda: threading.current_thread().name) == "gradwire-torch-cuda:1"
+        shared = TorchThread(shared=True)
+        assert shared.run(lambda: threading.current_thread().name) == "gradwire-torch"
+    finally:
+        own.close()
+        named.close()
+
+
 def test_cpu_trainers_share_one_thread_and_close_alone() -> None:
     # One OpenMP team in the process: a team outliving its thread's last op slows every
     # other team's parallel regions (torch_thread.py). Sessions are trainers like these.
