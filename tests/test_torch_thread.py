@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -291,6 +292,27 @@ def test_the_threads_are_named_for_what_a_thread_dump_shows() -> None:
     finally:
         own.close()
         named.close()
+
+
+#: A program that trains on the CPU in its own process (no server), then ends without
+#: closing its trainer.
+EMBEDDED = """
+from gradwire_server.fills import FillSpec
+from gradwire_server.models import SIMPLE
+from gradwire_server.trainer import Trainer
+trainer = Trainer(SIMPLE, seed=0)
+print(trainer.forward(FillSpec("ones", (2, 3, 10, 10))).version)
+"""
+
+
+def test_a_process_whose_cpu_trainers_used_the_shared_thread_exits() -> None:
+    """The shared thread is never ended (it lives as long as the process): a program that
+    trained on the CPU, embedded, must still exit when its main code ends."""
+    done = subprocess.run(
+        [sys.executable, "-c", EMBEDDED], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n"
 
 
 def test_cpu_trainers_share_one_thread_and_close_alone() -> None:
