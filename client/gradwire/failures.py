@@ -85,14 +85,19 @@ SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed
 _GRACE_ENDED = "cancelling all calls"
 
 
+def _then(changes_state: bool, aside: str = "") -> str:
+    """What to do about a call cut off in progress, `aside` saying why a change may stand."""
+    if changes_state:
+        return (
+            f"its change may have been applied all the same{aside}: read the state version "
+            "once the server is back before making it again"
+        )
+    return "make it again once the server is back"
+
+
 def _grace_ended(changes_state: bool) -> str:
     """The message of a call cut off so: what happened, and what to do."""
-    then = (
-        "its change may have been applied all the same (a step runs to its end): read the "
-        "state version once the server is back before making it again"
-        if changes_state
-        else "make it again once the server is back"
-    )
+    then = _then(changes_state, " (a step runs to its end)")
     return (
         "the server stopped with this call in progress: its grace period (gradwire serve "
         f'--grace) ended before the call did, and gRPC cancelled it ("Cancelling all '
@@ -103,12 +108,7 @@ def _grace_ended(changes_state: bool) -> str:
 def _lost(changes_state: bool, said: str) -> str:
     """The message of a call whose connection closed while it was open: what happened,
     and what to do (gRPC's `said` kept, for a search of its words)."""
-    then = (
-        "its change may have been applied all the same: read the state version once the "
-        "server is back before making it again"
-        if changes_state
-        else "make it again once the server is back"
-    )
+    then = _then(changes_state)
     return (
         "the connection to the server closed with this call in progress: the server stopped "
         f"or failed (its log says which), or the network to it went down; {then} (gRPC: "
