@@ -4,14 +4,18 @@ says what gRPC's defaults did instead)."""
 
 from __future__ import annotations
 
+import socket
 import time
 
+import pytest
+
 import gradwire
-from gradwire import limits
-from gradwire.errors import Unavailable
+from gradwire import limits, rewatch
+from gradwire.errors import ClientClosed, NotFound, Unavailable
 from gradwire_server.app import start
+from gradwire_server.models import TINY_MLP
 from gradwire_server.trainer import Trainer
-from tests.background import eventually
+from tests.background import Reader, eventually
 from tests.serve_in_process import running_server
 
 
@@ -69,5 +73,139 @@ def test_a_client_gets_through_soon_after_a_long_outage() -> None:
             eventually(
                 lambda: _answers(client), f"not through in {within} s", within=within, every=0.05
             )
+    finally:
+        client.close()
+
+
+# --- A watch told to reconnect (watch(reconnect=True), gradwire.rewatch) ---
+
+
+@pytest.mark.parametrize("latest", [True, False], ids=["latest", "each"])
+def test_a_watch_told_to_reconnect_goes_on_once_a_restarted_server_is_back(latest: bool) -> None:
+    """A researcher's watch ended with UNAVAILABLE when the server was restarted: told to
+    reconnect, it says so through on_lost and goes on with the state of the server that
+    came back, then its changes. One told nothing ends with the error, as before."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as first:
+        port = first.port
+        client = gradwire.Client(f"127.0.0.1:{port}")
+        plain = Reader(client.watch(["loss"], latest=latest)).started()
+        watch = Reader(
+            client.watch(["loss"], latest=latest, reconnect=True, on_lost=lost.append),
+            until=lambda update: update.cause == "Reset",
+        ).started()
+    try:
+        eventually(lambda: len(lost) == 1, "on_lost not called")
+        with pytest.raises(Unavailable):
+            plain.join()
+        with running_server(TINY_MLP, port=port) as second:
+            eventually(lambda: len(watch.messages) == 2, "no update once back")
+            with gradwire.Client(f"127.0.0.1:{second.port}") as other:
+                other.reset(seed=1)
+            updates = watch.join()
+    finally:
+        client.close()
+    assert [(u.cause, u.version) for u in updates] == [("Watch", 0), ("Watch", 0), ("Reset", 1)]
+    assert len(lost) == 1 and isinstance(lost[0], Unavailable), lost  # once, however many tries
+
+
+def test_a_watch_told_to_reconnect_ends_at_its_timeout_while_the_server_is_away() -> None:
+    """`timeout` counts across the gap: passed while the server is away, the watch ends as
+    it does in an update's place, DeadlineExceeded, the server's going its cause."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        start = time.monotonic()
+        watch = Reader(
+            client.watch(["loss"], timeout=3.0, reconnect=True, on_lost=lost.append)
+        ).started()
+    try:
+        with pytest.raises(gradwire.errors.DeadlineExceeded, match=r"timeout \(3 s\) passed while"):
+            watch.join()
+        took = time.monotonic() - start
+    finally:
+        client.close()
+    assert 3.0 <= took < 3.0 + rewatch.RETRY_S + 2.0, took  # not a try's wait past it
+    assert len(watch.messages) == 1 and len(lost) == 1
+    assert isinstance(watch.errors[0].__cause__, Unavailable)
+
+
+def test_a_watch_told_to_reconnect_ends_at_its_timeout_not_at_the_end_of_a_try_s_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A timeout that falls within the wait between two tries ends the watch then, not at
+    the wait's end (here a minute)."""
+    monkeypatch.setattr(rewatch, "RETRY_S", 60.0)
+    with running_server(TINY_MLP) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        start = time.monotonic()
+        watch = Reader(client.watch(["loss"], timeout=2.0, reconnect=True)).started()
+    try:
+        with pytest.raises(gradwire.errors.DeadlineExceeded):
+            watch.join(timeout=90)
+        took = time.monotonic() - start
+    finally:
+        client.close()
+    assert 2.0 <= took < 10.0, took
+
+
+def test_a_watch_told_to_reconnect_does_not_wait_for_a_server_that_never_answered() -> None:
+    """Nothing listening (a wrong target) is the error it was, at once: only a server that
+    answered and went away is waited for."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lost: list[Unavailable] = []
+    with gradwire.Client(f"127.0.0.1:{port}") as client:
+        start = time.monotonic()
+        with pytest.raises(Unavailable):
+            next(client.watch(["loss"], reconnect=True, on_lost=lost.append))
+    assert time.monotonic() - start < rewatch.RETRY_S + 10.0  # its retries', not ours
+    assert lost == []
+
+
+def test_a_watch_told_to_reconnect_to_a_session_the_restart_lost_ends_not_found() -> None:
+    """A session lives in its server's memory: the restarted server does not know it, and
+    the watch ends with NotFound rather than waiting on."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as first:
+        port = first.port
+        client = gradwire.Client(f"127.0.0.1:{port}")
+        session = client.open_session()
+        watch = Reader(session.watch(["loss"], reconnect=True, on_lost=lost.append)).started()
+    try:
+        eventually(lambda: len(lost) == 1, "on_lost not called")
+        with running_server(TINY_MLP, port=port), pytest.raises(NotFound):
+            watch.join()
+    finally:
+        session.detach()  # its server is gone: nothing to close
+        client.close()
+    assert len(watch.messages) == 1
+
+
+def test_a_watch_told_to_reconnect_ends_when_its_client_closes_while_the_server_is_away() -> None:
+    """Closing the client ends a watch waiting for its server, ClientClosed, rather than
+    leaving it trying for ever."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        watch = Reader(client.watch(["loss"], reconnect=True, on_lost=lost.append)).started()
+    eventually(lambda: len(lost) == 1, "on_lost not called")
+    client.close()
+    with pytest.raises(ClientClosed):
+        watch.join(timeout=rewatch.RETRY_S + 10.0)
+
+
+def test_a_watch_s_reconnect_arguments_are_checked_when_it_is_made() -> None:
+    """An on_lost that would never be called, or could not be, and a reconnect that is
+    not a bool, are refused at once, before any call."""
+    client = gradwire.Client("127.0.0.1:1")  # never called
+    try:
+        with pytest.raises(ValueError, match="add reconnect=True"):
+            client.watch(["loss"], on_lost=print)
+        with pytest.raises(TypeError, match="on_lost must be a function"):
+            client.watch(["loss"], reconnect=True, on_lost="print")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="reconnect"):
+            client.watch(["loss"], reconnect="yes")  # type: ignore[arg-type]
     finally:
         client.close()

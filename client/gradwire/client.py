@@ -29,7 +29,7 @@ import numpy as np
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradwire import calls, codec, limits, unary, wire
+from gradwire import calls, codec, limits, rewatch, unary, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer
 from gradwire.credentials import (
@@ -1362,6 +1362,8 @@ class Client:
         min_interval: float = 0.0,
         timeout: float | None = None,
         latest: bool = True,
+        reconnect: bool = False,
+        on_lost: Callable[[Unavailable], object] | None = None,
     ) -> Generator[WatchUpdate, None, None]:
         """Watch: the state now, then an update after each applied mutation (or every
         `every_steps` Steps; at most one per `min_interval` seconds), until the iterator is
@@ -1380,6 +1382,13 @@ class Client:
         read as they come, the server makes every one: `min_interval` bounds that cost
         however fast training runs. Bad arguments raise here, not at the first update; the
         call is made when the first update is asked for.
+
+        `reconnect`: a server that answered and then went away (UNAVAILABLE: stopped,
+        restarted, the network down) is watched again once it is back, tried every second
+        (gradwire.rewatch), `timeout` counting across the gap; the first update then is the
+        state as it is (`cause` "Watch"), and `on_lost(error)`, when given, is called as
+        the server goes. A server that never answered (a wrong target), a session the
+        restart lost (NotFound) and any other error raise as without it.
         """
         # Each refused by the server at the first update, where a bad call went unnoticed
         # until then, or for ever when never iterated; an infinite min_interval raised
@@ -1407,11 +1416,23 @@ class Client:
         if not shown:  # none given, or an empty iterable
             raise ValueError("watch needs at least one selector, e.g. 'conv1.weight.grad'")
         _check_selectors(len(shown), "watch")
-        if not latest:
-            return self._updates(self._stream("Watch", request, timeout=timeout), shown)
-        return self._newest_updates(
-            lambda hold: self._stream("Watch", request, timeout=timeout, on_call=hold), shown
-        )
+        if on_lost is not None and not callable(on_lost):
+            raise TypeError(f"on_lost must be a function of the error, not {on_lost!r}")
+        reconnect = unary.flag(reconnect, "reconnect")
+        if on_lost is not None and not reconnect:  # it would never be called
+            raise ValueError("on_lost is called when a watch reconnects: add reconnect=True")
+
+        def opened(seconds: float | None) -> Generator[WatchUpdate, None, None]:
+            if not latest:
+                return self._updates(self._stream("Watch", request, timeout=seconds), shown)
+            return self._newest_updates(
+                lambda hold: self._stream("Watch", request, timeout=seconds, on_call=hold),
+                shown,
+            )
+
+        if reconnect:
+            return rewatch.reconnecting(opened, timeout, on_lost)
+        return opened(timeout)
 
     def _updates(
         self, stream: Iterator[bytes], selectors: Sequence[str]

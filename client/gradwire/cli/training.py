@@ -14,8 +14,7 @@ import signal
 import stat
 import sys
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from gradwire.cli.errors import Interrupted, UsageError
@@ -35,11 +34,6 @@ from gradwire.progress import (
     format_loss,
 )
 from gradwire.selector import parse_selector
-from gradwire.updates import WatchUpdate
-
-#: Seconds `watch --reconnect` waits between two tries at a server that went away (the
-#: client's channel tries to connect again at least every 2 s).
-RECONNECT_S = 1.0
 
 
 class _Stop:
@@ -297,32 +291,42 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
     # As get --json writes them: two slices of one tensor share a name, not a selector.
     selectors = [str(parse_selector(text)) for text in args.selectors]
-    # --duration is the whole command's: a watch opened again (--reconnect) gets what is left.
-    deadline = None if args.duration is None else time.monotonic() + args.duration
+    seen, version = 0, None
+    away = False  # the server went away (--reconnect), and no update has come since
 
-    def opened() -> Generator[WatchUpdate, None, None]:
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-        return client.watch(
+    def went_away(error: Unavailable) -> None:
+        nonlocal away
+        away = True
+        gist = error.message.split(": ", 1)[0]  # not its advice, which --reconnect follows
+        args.err.write(
+            f"the server went away after version {version} ({gist}); watching again once "
+            "it is back (Ctrl-C stops)\n"
+        )
+
+    try:
+        # --duration is the whole command's, across the gaps of a watch reconnected.
+        stream = client.watch(
             args.selectors,
             values=args.values,
             stats=stats,
             bins=args.bins,
             every_steps=args.every_steps,
             min_interval=args.interval,
-            timeout=left,
+            timeout=args.duration,
+            reconnect=args.reconnect,
+            on_lost=went_away if args.reconnect else None,
         )
-
-    try:
-        stream = opened()
     except ValueError as e:  # the client's checks of its arguments: 1,025 selectors was a
         raise UsageError(str(e)) from None  # traceback (found by a review of the CLI)
     table = WatchTable(out, args.selectors)
-    seen, version = 0, None
     with _ends_when_the_reader_goes(out, client.close) as gone:
-        if args.reconnect:
-            stream = _reconnecting(stream, opened, deadline, args.err, gone)
         try:
             for update in stream:
+                if away:
+                    away = False
+                    args.err.write(
+                        f"the server is back, at version {update.version}: watching again\n"
+                    )
                 # Counted before it is shown: a Ctrl-C just after its line appears must count it.
                 seen, version = seen + 1, update.version
                 if args.json:
@@ -349,57 +353,6 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             raise Interrupted from None  # nothing was changing
         finally:
             stream.close()
-
-
-def _reconnecting(
-    stream: Generator[WatchUpdate, None, None],
-    opened: Callable[[], Generator[WatchUpdate, None, None]],
-    deadline: float | None,
-    err: TextIO,
-    gone: threading.Event,
-) -> Generator[WatchUpdate, None, None]:
-    """`stream`'s updates, then, each time its server goes away after one (UNAVAILABLE:
-    stopped, restarted, killed, the network down), those of a watch `opened()` again once
-    the server is back, tried every RECONNECT_S seconds until `deadline` (time.monotonic();
-    None: no end), saying on `err` when it went and when it came back. A server that never
-    answered (a wrong --target) raises at once, as does a watch cancelled for its reader
-    gone; so does anything else (NOT_FOUND for a session the restart lost)."""
-    version: int | None = None  # the last update's: None until the server has answered
-    away = False
-    try:
-        while True:
-            try:
-                for update in stream:
-                    if away:
-                        err.write(
-                            f"the server is back, at version {update.version}: watching again\n"
-                        )
-                        away = False
-                    version = update.version
-                    yield update
-                return
-            except Unavailable as error:
-                if version is None or gone.is_set():
-                    raise
-                stream.close()
-                if not away:
-                    away = True
-                    why = error.message.split(": ", 1)[0]  # its gist, not its advice
-                    err.write(
-                        f"the server went away after version {version} ({why}); watching "
-                        "again once it is back (Ctrl-C stops)\n"
-                    )
-                wait = (
-                    RECONNECT_S
-                    if deadline is None
-                    else min(RECONNECT_S, deadline - time.monotonic())
-                )
-                if wait <= 0:
-                    return  # --duration reached while the server was away
-                time.sleep(wait)
-                stream = opened()
-    finally:
-        stream.close()
 
 
 @contextlib.contextmanager
