@@ -109,6 +109,26 @@ def test_a_watch_told_to_reconnect_goes_on_once_a_restarted_server_is_back(lates
     assert len(lost) == 1 and isinstance(lost[0], Unavailable), lost  # once, however many tries
 
 
+def test_a_watch_told_to_reconnect_rides_out_one_restart_after_another() -> None:
+    """Each time the server goes is told (on_lost), not only the first: a second restart
+    is a second absence."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as first:
+        port = first.port
+        client = gradwire.Client(f"127.0.0.1:{port}")
+        watch = Reader(client.watch(["loss"], reconnect=True, on_lost=lost.append)).started()
+    try:
+        eventually(lambda: len(lost) == 1, "on_lost not called")
+        with running_server(TINY_MLP, port=port):
+            eventually(lambda: len(watch.messages) == 2, "no update once back")
+        eventually(lambda: len(lost) == 2, "on_lost not called for the second restart")
+        with running_server(TINY_MLP, port=port):
+            eventually(lambda: len(watch.messages) == 3, "no update once back again")
+    finally:
+        client.close()
+    assert [u.cause for u in watch.messages] == ["Watch"] * 3
+
+
 def test_a_watch_told_to_reconnect_ends_at_its_timeout_while_the_server_is_away() -> None:
     """`timeout` counts across the gap: passed while the server is away, the watch ends as
     it does in an update's place, DeadlineExceeded, the server's going its cause."""
