@@ -140,6 +140,78 @@ def test_a_group_over_its_limit_has_no_room_and_cache_beyond_usage_gives_none(
     assert host_memory.available_bytes(root) == 20_000_000 * 1024
 
 
+def test_a_line_of_proc_self_cgroup_it_cannot_read_names_no_group(tmp_path: Path) -> None:
+    # It was read as cgroup v2's root group, whose limit then counted: a file of
+    # garbage said the host had 1 GiB.
+    root = _write(
+        tmp_path,
+        {
+            "proc/meminfo": MEMINFO,
+            "proc/self/cgroup": "garbage line\n0:\n",
+            "sys/fs/cgroup/memory.max": f"{1 << 30}\n",
+            "sys/fs/cgroup/memory.current": "0\n",
+        },
+    )
+    assert host_memory.available_bytes(root) == 20_000_000 * 1024
+
+
+def test_a_cgroup_v1_file_of_many_hierarchies_finds_the_memory_one(tmp_path: Path) -> None:
+    # /proc/self/cgroup on a v1 host lists every hierarchy, the memory one among them,
+    # sometimes mounted with another controller.
+    hierarchies = (
+        "12:cpu,cpuacct:/docker/abc\n11:pids:/docker/abc\n{}:/docker/abc\n1:name=systemd:/\n"
+    )
+    files = {
+        "proc/meminfo": MEMINFO,
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 << 30}\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{1 << 30}\n",
+    }
+    for memory in ("7:memory", "7:hugetlb,memory"):
+        root = _write(tmp_path / memory, {**files, "proc/self/cgroup": hierarchies.format(memory)})
+        assert host_memory.available_bytes(root) == 1 << 30, memory
+
+
+def test_v1_s_no_limit_is_no_limit_where_meminfo_says_nothing(tmp_path: Path) -> None:
+    # 2**63 less a page: not 8 EiB of room, but nothing known.
+    root = _write(
+        tmp_path,
+        {
+            "proc/self/cgroup": "5:memory:/\n",
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{1 << 30}\n",
+        },
+    )
+    assert host_memory.available_bytes(root) is None
+
+
+@pytest.mark.parametrize(
+    "odd",
+    ["proc/meminfo", "proc/self/cgroup", "sys/fs/cgroup/memory.max", "sys/fs/cgroup/memory.stat"],
+)
+def test_a_file_not_in_ascii_is_nothing_known_not_an_error(tmp_path: Path, odd: str) -> None:
+    files = {
+        "proc/meminfo": MEMINFO,
+        "proc/self/cgroup": "0::/\n",
+        "sys/fs/cgroup/memory.max": f"{4 << 30}\n",
+        "sys/fs/cgroup/memory.current": f"{1 << 30}\n",
+        "sys/fs/cgroup/memory.stat": f"inactive_file {1 << 30}\n",
+    }
+    root = _write(tmp_path, files)
+    (root / odd).write_bytes("\u00e9t\u00e9 0\n".encode())  # not ASCII: UnicodeDecodeError
+    expected = {  # what is left known without it
+        "proc/meminfo": 4 << 30,
+        "proc/self/cgroup": 20_000_000 * 1024,
+        "sys/fs/cgroup/memory.max": 20_000_000 * 1024,
+        "sys/fs/cgroup/memory.stat": 3 << 30,
+    }
+    assert host_memory.available_bytes(root) == expected[odd]
+
+
+def test_a_meminfo_line_without_a_number_is_nothing_known(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"proc/meminfo": "MemTotal: 8 kB\nMemAvailable:\n"})
+    assert host_memory.available_bytes(root) is None
+
+
 def test_this_machine_reports_what_it_has() -> None:
     available = host_memory.available_bytes()
     if available is None:

@@ -55,7 +55,9 @@ def _group_rooms(root: Path) -> list[int | None]:
         return []
     rooms: list[int | None] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if line.count(":") < 2:  # not "id:controllers:path": nothing it could name
+            continue
+        _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one hierarchy, every controller
             mount = root / "sys/fs/cgroup"
             limit, usage = "memory.max", "memory.current"
