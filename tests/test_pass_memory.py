@@ -182,6 +182,11 @@ def test_v1_s_no_limit_is_no_limit_where_meminfo_says_nothing(tmp_path: Path) ->
         },
     )
     assert host_memory.available_bytes(root) is None
+    # The line drawn: a limit of 2**60 bytes (an exbibyte) is none either.
+    _write(root, {"sys/fs/cgroup/memory/memory.limit_in_bytes": f"{1 << 60}\n"})
+    assert host_memory.available_bytes(root) is None
+    _write(root, {"sys/fs/cgroup/memory/memory.limit_in_bytes": f"{(1 << 60) - 1}\n"})
+    assert host_memory.available_bytes(root) == (1 << 60) - 1 - (1 << 30)
 
 
 @pytest.mark.parametrize(

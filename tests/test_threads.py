@@ -7,6 +7,7 @@ is OpenMP's team size for the calling thread); nothing here is timed.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -43,6 +44,48 @@ def test_torch_s_openmp_runtime_is_found_on_linux() -> None:
     assert openmp.available()
     assert openmp.runtime() is openmp.runtime()  # looked for once
     assert not openmp._drives_torch(lambda threads: None)  # a runtime that is not torch's
+
+
+@pytest.mark.parametrize(
+    ("path", "found"),
+    [
+        ("/usr/lib/x86_64-linux-gnu/libgomp.so.1", True),
+        ("/venv/lib/python3.11/site-packages/torch/lib/libgomp-a34b3233.so.1", True),  # wheels'
+        ("/opt/intel/lib/libiomp5.so", True),
+        ("/opt/homebrew/opt/libomp/lib/libomp.dylib", True),
+        ("/usr/lib/llvm-17/lib/libomp.so.5", True),
+        ("/usr/lib/libgomp.a", False),  # a static archive: never mapped, never loadable
+        ("/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so", False),
+        ("/usr/lib/libgompx.so.1", False),
+        ("/usr/lib/libgomp.so~", False),  # an editor's copy
+        ("/usr/lib/llvm-17/lib/libomptarget.so", False),  # offloading's, not a runtime
+    ],
+)
+def test_the_runtimes_looked_for_are_openmp_s_by_their_file_names(path: str, found: bool) -> None:
+    assert bool(openmp._RUNTIME.search(path)) is found
+
+
+def test_start_team_starts_every_worker_of_the_calling_thread_s_team() -> None:
+    """libgomp starts a thread's workers at its first parallel op, and ends the process
+    when one cannot start: start_team's op must be large enough to take every thread torch
+    would use, or the rest start later, at a step, where none may be left."""
+    if sys.platform != "linux" or not openmp.available():
+        pytest.skip("counts the process's threads in /proc/self/task")
+    set_threads = openmp.runtime()
+    assert set_threads is not None
+    started: list[int] = []
+
+    def fresh() -> None:  # a thread of its own: its own team, none started yet
+        torch.get_num_threads()  # torch sets a thread's team size at its first call
+        set_threads(3)  # more than one, on any machine
+        before = len(os.listdir("/proc/self/task"))
+        openmp.start_team()
+        started.append(len(os.listdir("/proc/self/task")) - before)
+
+    worker = threading.Thread(target=fresh)
+    worker.start()
+    worker.join()
+    assert started == [2]  # the team's other two threads; the calling one is the third
 
 
 @needs_two
