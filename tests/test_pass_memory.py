@@ -576,6 +576,8 @@ def test_odd_group_files_are_nothing_known_not_an_error(tmp_path: Path) -> None:
         },
     )
     assert host_memory.available_bytes(root) == 3 << 30
+    _write(root, {"sys/fs/cgroup/memory.stat": "anon 1\nactive_file 2\n"})  # no inactive
+    assert host_memory.available_bytes(root) == 3 << 30
     # A group's name too long for the file system to look it up (ENAMETOOLONG).
     _write(root, {"proc/self/cgroup": "0::/" + "a" * 300 + "\n"})
     assert host_memory.available_bytes(root) == 20_000_000 * 1024
