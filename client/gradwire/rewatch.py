@@ -35,7 +35,8 @@ def reconnecting(
     back is, as for any watch opened, the state then (`cause` "Watch").
 
     The timeout passed while the server is away raises DeadlineExceeded, as it does in an
-    update's place (from the last UNAVAILABLE). Anything else raises at once."""
+    update's place, its `__cause__` the UNAVAILABLE the server went with. Anything else
+    raises at once."""
     deadline = None if timeout is None else time.monotonic() + timeout
     answered = False  # whether any opening got an update: else nothing is waited for
     away: Unavailable | None = None  # the error the server went away with, while away
