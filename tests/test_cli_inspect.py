@@ -720,6 +720,88 @@ def test_watch_reconnect_does_not_wait_for_a_server_that_never_answered() -> Non
     assert "no gradwire server answered" in result.err
 
 
+def test_ctrl_c_while_the_server_is_away_ends_a_reconnecting_watch() -> None:
+    """A --reconnect watch waiting for its server (in the wait between two tries) stops at
+    Ctrl-C as any watch does: 130, and where it stopped (a review of watching training
+    remotely: nothing checked Ctrl-C in that wait). Run as the installed command is
+    (gradwire_cli), whose stderr gRPC's own log lines do not reach."""
+    foreground = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'gradwire'; runpy.run_module('gradwire_cli', run_name='__main__')"
+    )
+    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    watch = subprocess.Popen(
+        [sys.executable, "-c", foreground, "watch", "loss", "--reconnect",
+         "--target", f"127.0.0.1:{server.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None and watch.stderr is not None
+        assert watch.stdout.readline().startswith("version 0")  # the watch is open
+        server.stop(grace=None)
+        assert "went away" in watch.stderr.readline()  # and waiting for the server
+        time.sleep(1.5)  # past a try or two
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=30) == 130
+        last = watch.stdout.read().splitlines()[-1]
+        assert last == "stopped after 1 update: the last at version 0"
+        assert "Traceback" not in watch.stderr.read()
+    finally:
+        server.stop(grace=None)
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=10)
+
+
+def test_a_reconnecting_watch_whose_reader_goes_while_the_server_is_away_ends() -> None:
+    """`gradwire watch loss --reconnect | head -1`-like, the reader gone while the watch
+    waits for its server: the watch ends, 141, rather than wait on for a server that may
+    never come back (a review of watching training remotely: nothing checked that wait)."""
+    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    command = ["watch", "loss", "--json", "--reconnect", "--target", f"127.0.0.1:{server.port}"]
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "gradwire_cli", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_without_unbuffered(),
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None and watch.stderr is not None
+        assert json.loads(watch.stdout.readline())["cause"] == "Watch"
+        server.stop(grace=None)
+        assert "went away" in watch.stderr.readline()
+        watch.stdout.close()
+        assert watch.wait(timeout=60) == 141
+    finally:
+        server.stop(grace=None)
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(timeout=10)
+
+
+def test_watch_reconnect_to_a_server_back_without_the_tensor_ends_not_found() -> None:
+    """The server back with another model (a deploy of the next experiment), one without
+    the watched tensor: the watch ends NOT_FOUND, naming it, exit 1, rather than waiting
+    on or printing a traceback."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    watch = _Watching("watch", "norm.running_mean", "--target", target, "--json", "--reconnect")
+    try:
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
+        second = start(Trainer(TINY_REGRESSOR, seed=0), "127.0.0.1", port)  # LayerNorm's
+        try:
+            assert watch.join() == 1
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    said = watch.err.getvalue()
+    assert "error: NOT_FOUND: no tensor named 'norm.running_mean'" in said, said
+    assert "the server is back" not in said and "Traceback" not in said, said
+    assert len(watch.lines()) == 1
+
+
 def test_watch_text_table_and_duration(cli: Run) -> None:
     result = cli("watch", "conv2.weight.grad", "linear.weight", "--duration", "0.5")
     assert result.code == 0, result.err
