@@ -4,16 +4,20 @@ says what gRPC's defaults did instead)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 import time
 
+import numpy as np
 import pytest
+import torch
 
 import gradwire
 from gradwire import limits, rewatch
 from gradwire.errors import ClientClosed, NotFound, Unavailable
 from gradwire_server.app import start
-from gradwire_server.models import TINY_MLP
+from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
 from tests.serve_in_process import running_server
@@ -229,3 +233,69 @@ def test_a_watch_s_reconnect_arguments_are_checked_when_it_is_made() -> None:
             client.watch(["loss"], reconnect="yes")  # type: ignore[arg-type]
     finally:
         client.close()
+
+
+#: Seconds each pass of _SlowStep's model takes once slowed: a large model's step.
+STEP_S = 6.0
+
+
+class _SlowStep(torch.nn.Module):
+    """A model whose passes take STEP_S seconds once `slow` is set, as a large model's
+    steps do; `started` is set as such a pass begins."""
+
+    slow = threading.Event()
+    started = threading.Event()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _SlowStep.slow.is_set():
+            _SlowStep.started.set()
+            time.sleep(STEP_S)
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+def test_a_watch_is_told_the_server_is_stopping_while_a_long_step_runs() -> None:
+    """The README: a stop "ends gradwire's open Watch and Train streams at once,
+    UNAVAILABLE (STOPPING)". With a step in progress (a large model's takes seconds) the
+    watch heard nothing until that step ended, while its server already took no new call:
+    on_lost came, and `gradwire watch` said the server went away, a whole step late (6 s
+    here; found by a review of watching training remotely)."""
+    lost: list[float] = []
+    spec = ModelSpec("SlowStep", _SlowStep, sample_shape=(2,), num_classes=2)
+    _SlowStep.slow.clear()
+    _SlowStep.started.clear()
+    with running_server(spec) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        other = gradwire.Client(f"127.0.0.1:{server.port}")
+        _forward_one(other)  # quick: a first Forward runs the model on "meta" too
+        _SlowStep.slow.set()
+        watch = Reader(
+            client.watch(["loss"], reconnect=True, on_lost=lambda _: lost.append(time.monotonic()))
+        ).started()
+        step = threading.Thread(target=_forward_one, args=(other,), daemon=True)
+        step.start()
+        assert _SlowStep.started.wait(30), "the step did not start"
+        stopping = time.monotonic()
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": 30.0}, daemon=True)
+        stopper.start()
+        try:
+            eventually(lambda: bool(lost), "on_lost not called", within=STEP_S * 3)
+        finally:
+            stopper.join(STEP_S * 3)
+            _SlowStep.slow.clear()
+            client.close()
+            other.close()
+    told = lost[0] - stopping
+    assert told < STEP_S / 2, f"told {told:.1f} s after the stop began"
+    with pytest.raises(ClientClosed):
+        watch.join()
+
+
+def _forward_one(client: gradwire.Client) -> None:
+    """A Forward of one sample, whatever it ends with (the server stops under it)."""
+    with contextlib.suppress(gradwire.errors.GradwireError):
+        client.forward(np.zeros((1, 2), dtype=np.float32), np.zeros(1, dtype=np.int64))

@@ -114,7 +114,7 @@ _CHANGES_NO_TENSOR = frozenset(
 #: (expected version, deadline) to the mutation that follows. A value streamed to a GPU
 #: took its buffer first (stream_buffer), which used the guard up, and the write itself
 #: then ran whatever the version had become meanwhile.
-_UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "unsubscribe", "list_tensors", "put_back"}
+_UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "list_tensors", "put_back"}
 
 
 def _listed(words: Sequence[str]) -> str:
@@ -2061,8 +2061,8 @@ class Trainer:
         self._subscriptions.add(subscription)
         return subscription
 
-    @under_lock
     def unsubscribe(self, subscription: Subscription) -> None:
+        """Without the model's lock (watch.Subscriptions says why)."""
         self._subscriptions.remove(subscription)
 
     @on_torch_thread
