@@ -688,6 +688,35 @@ def test_watch_reconnect_of_a_session_the_restart_lost_ends_not_found() -> None:
     assert "the server is back" not in watch.err.getvalue()
 
 
+def test_watch_reconnect_of_a_session_the_restart_lost_says_the_restart_lost_it() -> None:
+    """The session a --reconnect watch was on, lost with the server's restart: the watch
+    said "the server went away", then "error: NOT_FOUND: no session '...': it was never
+    opened, was closed, or expired after 600 s without calls", none of which the researcher
+    did, and not what happened: the server it saw go away and come back has forgotten it (a
+    session lives in the server's memory). Found by a review of watching training remotely."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    try:
+        with gradwire.connect(target) as client:
+            session = client.open_session().detach()
+        watch = _Watching("watch", "loss", "--target", target, "--session", session,
+                          "--json", "--reconnect", "--duration", "30")  # fmt: skip
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
+        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
+        try:
+            assert watch.join() == 1
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    error = watch.err.getvalue().split("error: ", 1)[-1]
+    assert error.startswith("NOT_FOUND"), watch.err.getvalue()
+    assert "restart" in error, error
+
+
 def test_watch_reconnect_ends_at_its_duration_while_the_server_is_away() -> None:
     """--duration is the whole command's: reached while the server is away, the watch ends
     as it does with --duration, exit 0, rather than waiting on."""
@@ -800,6 +829,55 @@ def test_watch_reconnect_to_a_server_back_without_the_tensor_ends_not_found() ->
     assert "error: NOT_FOUND: no tensor named 'norm.running_mean'" in said, said
     assert "the server is back" not in said and "Traceback" not in said, said
     assert len(watch.lines()) == 1
+
+
+class _Screen(io.StringIO):
+    """A terminal: what the command writes to its output and to its error stream, on one
+    screen."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class _WatchingOnAScreen(_Watching):
+    """`gradwire ARGS` (a watch) on a terminal, its output and its errors on one screen."""
+
+    def __init__(self, *args: str) -> None:
+        self.screen = _Screen()
+        super().__init__(*args)
+
+    def _run(self, args: tuple[str, ...]) -> None:
+        self.code = main(list(args), self.screen, self.screen)
+
+    def shown(self) -> str:
+        """What is on the screen now: what came after its last clear."""
+        return self.screen.getvalue().rsplit("\x1b[2J", 1)[-1]
+
+
+def test_watch_reconnect_on_a_terminal_leaves_word_that_the_server_is_back_on_screen() -> None:
+    """The README: "the watch says so on stderr, tries again every second, says when the
+    server is back". On a terminal it said so, then cleared the screen at once to draw the
+    update it came back with: the word, and that of the server's going, were gone before
+    anyone could read them, and the table read as though nothing had happened (found by a
+    review of watching training remotely)."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    watch = _WatchingOnAScreen("watch", "loss", "--target", target, "--reconnect", "--count", "2")
+    try:
+        watch.wait_for(lambda: "version 0" in watch.shown(), "no first update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.screen.getvalue(), "no word of the stop")
+        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
+        try:
+            assert watch.join() == 0, watch.screen.getvalue()  # the update back, the second
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    shown = watch.shown()
+    assert shown.startswith("version 0  steps 0  after Watch"), repr(shown)  # it was drawn
+    assert "the server is back, at version 0" in shown, repr(shown)
 
 
 def test_watch_text_table_and_duration(cli: Run) -> None:

@@ -235,6 +235,50 @@ def test_a_watch_s_reconnect_arguments_are_checked_when_it_is_made() -> None:
         client.close()
 
 
+def test_a_watch_told_to_reconnect_opened_while_a_server_its_client_reached_is_away_waits() -> None:
+    """The docstring says a server "that answered and then went away" is watched again once
+    it is back, and one "that never answered (a wrong target)" raises: a notebook's client
+    whose server had answered (`client.answered`) and was being restarted as the watch's cell
+    ran raised Unavailable at once, as for a wrong target (found by a review of watching
+    training remotely)."""
+    with running_server(TINY_MLP) as first:
+        port = first.port
+        client = gradwire.Client(f"127.0.0.1:{port}")
+        client.list_tensors()
+    try:
+        assert client.answered
+        watch = Reader(client.watch(["loss"], reconnect=True))
+        time.sleep(rewatch.RETRY_S * 2)  # the restart under way: a server still loading
+        with running_server(TINY_MLP, port=port):
+            eventually(lambda: bool(watch.messages or watch.errors), "no update once back")
+            assert not watch.errors, watch.errors  # raised UNAVAILABLE at once
+            assert watch.messages[0].cause == "Watch"
+    finally:
+        client.close()
+
+
+def test_what_on_lost_is_given_does_not_say_the_watch_ends() -> None:
+    """The README's `on_lost=print` printed "UNAVAILABLE: the server is stopping: this watch
+    ends here; watch again once it is back" and the watch went on, watched again by itself:
+    the error's advice is for a watch that ends, which a reconnecting one does not (the CLI
+    cuts it off: "not its advice, which --reconnect follows"). Found by a review of
+    watching training remotely."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        watch = Reader(client.watch(["loss"], reconnect=True, on_lost=lost.append)).started()
+        server.stop(grace=1.0)  # a graceful stop: "the server is stopping"
+        eventually(lambda: len(lost) == 1, "on_lost not called")
+    try:
+        said = str(lost[0])
+        assert "ends here" not in said, said
+        assert "watch again" not in said, said
+    finally:
+        client.close()
+        with pytest.raises(ClientClosed):
+            watch.join()
+
+
 #: Seconds each pass of _SlowStep's model takes once slowed: a large model's step.
 STEP_S = 6.0
 

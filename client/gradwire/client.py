@@ -1383,12 +1383,13 @@ class Client:
         however fast training runs. Bad arguments raise here, not at the first update; the
         call is made when the first update is asked for.
 
-        `reconnect`: a server that answered and then went away (UNAVAILABLE: stopped,
-        restarted, the network down) is watched again once it is back, tried every second
-        (gradwire.rewatch), `timeout` counting across the gap; the first update then is the
-        state as it is (`cause` "Watch"), and `on_lost(error)`, when given, is called as
-        the server goes. A server that never answered (a wrong target), a session the
-        restart lost (NotFound) and any other error raise as without it.
+        `reconnect`: a server that answered (this watch, or an earlier call of this
+        client) and then went away (UNAVAILABLE: stopped, restarted, the network down) is
+        watched again once it is back, tried every second (gradwire.rewatch), `timeout`
+        counting across the gap; the first update then is the state as it is (`cause`
+        "Watch"), and `on_lost(error)`, when given, is called as the server goes. A server
+        that never answered (a wrong target), a session the restart lost (NotFound) and any
+        other error raise as without it.
         """
         # Each refused by the server at the first update, where a bad call went unnoticed
         # until then, or for ever when never iterated; an infinite min_interval raised
@@ -1431,7 +1432,7 @@ class Client:
             )
 
         if reconnect:
-            return rewatch.reconnecting(opened, timeout, on_lost)
+            return rewatch.reconnecting(opened, timeout, on_lost, lambda: self.answered)
         return opened(timeout)
 
     def _updates(

@@ -10,10 +10,11 @@ a session the restart lost (NOT_FOUND), the client closed, any other status.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Generator
 
-from gradwire.errors import DeadlineExceeded, Unavailable
+from gradwire.errors import DeadlineExceeded, NotFound, Unavailable
 from gradwire.updates import WatchUpdate
 
 #: Seconds between two tries to open a watch again while its server is away (its channel
@@ -27,35 +28,49 @@ def reconnecting(
     open_watch: Opened,
     timeout: float | None,
     on_lost: Callable[[Unavailable], object] | None = None,
+    answered: Callable[[], bool] = lambda: False,
 ) -> Generator[WatchUpdate, None, None]:
     """The updates of `open_watch(seconds_left)`, opened again each time its server goes
-    away after an update (UNAVAILABLE), until `timeout` seconds pass (None: no end), counted
-    from the first update asked for, across the openings. `on_lost(error)` is called once
-    for each time the server went away, when it went. The first update once the server is
-    back is, as for any watch opened, the state then (`cause` "Watch").
+    away (UNAVAILABLE) after it answered, until `timeout` seconds pass (None: no end),
+    counted from the first update asked for, across the openings. The server answered once
+    the watch had an update, or where `answered()` says so as it starts (its client's
+    earlier calls: a notebook's watch opened while the server it used restarts waits for
+    it). `on_lost(error)` is called once for each time the server went away, when it went,
+    with an UNAVAILABLE that says what happened and that the watch goes on (the call's own
+    error, which says what to do once it ends, is its `__cause__`). The first update once
+    the server is back is, as for any watch opened, the state then (`cause` "Watch").
 
     The timeout passed while the server is away raises DeadlineExceeded, as it does in an
-    update's place, its `__cause__` the UNAVAILABLE the server went with. Anything else
-    raises at once."""
+    update's place, its `__cause__` the UNAVAILABLE the server went with. A session the
+    server came back without raises NotFound saying so. Anything else raises at once."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    answered = False  # whether any opening got an update: else nothing is waited for
+    reached = answered()  # whether its server answered: else nothing is waited for
     away: Unavailable | None = None  # the error the server went away with, while away
     stream = open_watch(timeout)
     try:
         while True:
             try:
                 for update in stream:
-                    answered, away = True, None
+                    reached, away = True, None
                     yield update
                 return
+            except NotFound as error:
+                if away is None or error.reason != "UNKNOWN_SESSION":
+                    raise
+                raise NotFound(
+                    "the server came back without this watch's session (a session lives in "
+                    f"its server's memory: a restart loses it): {error.message}",
+                    reason=error.reason,
+                    metadata=error.metadata,
+                ) from error
             except Unavailable as error:
-                if not answered:
+                if not reached:
                     raise
                 stream.close()
                 if away is None:
                     away = error
                     if on_lost is not None:
-                        on_lost(error)
+                        on_lost(_going_on(error))
                 wait = RETRY_S if deadline is None else min(RETRY_S, deadline - time.monotonic())
                 if wait > 0:
                     time.sleep(wait)
@@ -63,8 +78,26 @@ def reconnecting(
                 if left is not None and left <= 0:
                     raise DeadlineExceeded(
                         f"the watch's timeout ({timeout:g} s) passed while its server was "
-                        f"away ({away.message})"
+                        f"away ({gist(away.message)})"
                     ) from away
                 stream = open_watch(left)
     finally:
         stream.close()
+
+
+def gist(message: str) -> str:
+    """A status message's first clause, what happened, without what to do about it: "the
+    server is stopping" of "the server is stopping: this watch ends here; watch again once
+    it is back"."""
+    return re.split(r": |; ", message, maxsplit=1)[0]
+
+
+def _going_on(error: Unavailable) -> Unavailable:
+    """`error` (the call's, which ended) as on_lost is told of it: the watch goes on."""
+    going_on = Unavailable(
+        f"{gist(error.message)}: watching again once the server is back",
+        reason=error.reason,
+        metadata=error.metadata,
+    )
+    going_on.__cause__ = error
+    return going_on

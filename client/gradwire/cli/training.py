@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
+from gradwire import rewatch
 from gradwire.cli.errors import Interrupted, UsageError
 from gradwire.cli.output import Output, emit, json_line, jsonable
 from gradwire.cli.tensors import model_input, stats_json
@@ -297,10 +298,9 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     def went_away(error: Unavailable) -> None:
         nonlocal away
         away = True
-        gist = error.message.split(": ", 1)[0]  # not its advice, which --reconnect follows
         args.err.write(
-            f"the server went away after version {version} ({gist}); watching again once "
-            "it is back (Ctrl-C stops)\n"
+            f"the server went away after version {version} ({rewatch.gist(error.message)}); "
+            "watching again once it is back (Ctrl-C stops)\n"
         )
 
     try:
@@ -322,11 +322,6 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     with _ends_when_the_reader_goes(out, client.close) as gone:
         try:
             for update in stream:
-                if away:
-                    away = False
-                    args.err.write(
-                        f"the server is back, at version {update.version}: watching again\n"
-                    )
                 # Counted before it is shown: a Ctrl-C just after its line appears must count it.
                 seen, version = seen + 1, update.version
                 if args.json:
@@ -334,6 +329,11 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     out.flush()
                 else:
                     table.show(update)
+                if away:  # said after the update: on a terminal, drawing it clears the screen
+                    away = False
+                    args.err.write(
+                        f"the server is back, at version {update.version}: watching again\n"
+                    )
                 if args.count is not None and seen >= args.count:
                     break
         except DeadlineExceeded:
