@@ -638,8 +638,10 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
             each.wait_for(lambda e=each: len(e.lines()) == 1, "no first update")
         first.stop(grace=None)
         watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
-        assert plain.join() == 1  # the error, as before
+        assert plain.join() == 1  # the error, as before, and the option that waits
         assert "UNAVAILABLE" in plain.err.getvalue()
+        hints = [line for line in plain.err.getvalue().splitlines() if line.startswith("hint: ")]
+        assert any("gradwire watch --reconnect watches again" in h for h in hints), hints
         second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
         try:
             with gradwire.connect(target) as client:
@@ -661,6 +663,25 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
         said[0],
     ), said
     assert said[1:] == ["the server is back, at version 0: watching again"], said
+
+
+def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it() -> None:
+    """A graceful stop's own words ("watch again once it is back") said nothing of
+    --reconnect, which does that by itself (found by a review of watching training
+    remotely): said as the hint."""
+    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    try:
+        watch = _Watching("watch", "loss", "--target", f"127.0.0.1:{server.port}", "--json")
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        server.stop(grace=5.0)
+        assert watch.join() == 1
+    finally:
+        server.stop(grace=None)
+    said = watch.err.getvalue().splitlines()
+    assert said[0].startswith("error: UNAVAILABLE: the server is stopping"), said
+    assert said[1:] == [
+        "hint: gradwire watch --reconnect watches again by itself once the server is back"
+    ], said
 
 
 def test_watch_reconnect_of_a_session_the_restart_lost_ends_not_found() -> None:

@@ -33,6 +33,7 @@ from gradwire.credentials import TOKEN_ENV
 from gradwire.errors import (
     GradwireWarning,
     RemoteError,
+    Unavailable,
 )
 from gradwire.selector import SelectorError
 
@@ -130,6 +131,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     args.func(args, client, out)
                 except RemoteError as e:
                     hint = connection_hint(args, client, e)  # before the channel closes
+                    if args.command == "watch" and not args.reconnect and client.answered:
+                        hint = _or_reconnect(e, hint)
                     raise
     except (UsageError, SelectorError, codec.CodecError) as e:
         if not getattr(e, "logged", False):
@@ -185,6 +188,16 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
+
+
+def _or_reconnect(error: RemoteError, hint: str | None) -> str | None:
+    """`hint`, and for a watch whose server went away after it answered, the option that
+    waits for it: the error said "watch again once it is back", and nothing said that
+    --reconnect does (found by a review of watching training remotely)."""
+    if not isinstance(error, Unavailable):
+        return hint
+    reconnect = "gradwire watch --reconnect watches again by itself once the server is back"
+    return reconnect if hint is None else f"{hint}; {reconnect}"
 
 
 def _not_text(args: argparse.Namespace) -> str | None:
