@@ -118,6 +118,68 @@ def test_a_load_clears_the_deltas_of_the_steps_before_it(tmp_path: Path) -> None
     )
 
 
+@contextlib.contextmanager
+def _steps_watched(trainer: Trainer) -> Iterator[Callable[[], int]]:
+    """`trainer` served on loopback, and a function giving the count of Steps a watch of it
+    reads first, now."""
+    running = start(trainer, "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+            yield lambda: next(client.watch(["loss"])).steps
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_checkpoint_keeps_the_count_of_steps_a_watch_reads(tmp_path: Path) -> None:
+    """A server restarted from its state dir came back at its version with its count of
+    Steps at 0, so a watch read "version 3421 steps 0" and --every-steps counted from the
+    restart (found by a review of watching training remotely). A load brings the count back
+    with the state: LoadCheckpoint of an earlier checkpoint too."""
+    saved = Trainer(seed=0)
+    _train(saved, 3)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    restarted = Trainer(seed=0)
+    restarted.load(path)  # as `gradwire serve --state-dir` does at its start
+    with _steps_watched(restarted) as steps:
+        assert steps() == 3
+        _train(restarted, 2)
+        assert steps() == 5
+        restarted.restore(path)  # LoadCheckpoint: the state, and its count, as saved
+        assert steps() == 3
+
+
+def test_a_checkpoint_saved_without_a_count_of_steps_leaves_the_count_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints saved before the seventy-first session hold no count: it stays."""
+    saved = Trainer(seed=0)
+    _train(saved, 3)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    tensors, metadata = _saved(path)
+    del metadata["steps"]
+    resave(tensors, path, metadata)
+    loading = Trainer(seed=0)
+    _train(loading, 1)
+    loading.load(path)
+    with _steps_watched(loading) as steps:
+        assert steps() == 1
+
+
+@pytest.mark.parametrize("steps", ["-1", "three", "", str(2**62 + 1), "\u0663"])
+def test_a_checkpoint_whose_count_of_steps_is_no_count_is_refused(
+    tmp_path: Path, steps: str
+) -> None:
+    saved = Trainer(seed=0)
+    path = tmp_path / "state.safetensors"
+    saved.save(path)
+    tensors, metadata = _saved(path)
+    resave(tensors, path, {**metadata, "steps": steps})
+    message, _ = _load_refused(path)
+    assert f": its count of steps {steps!r} is not a whole number from 0 to {2**62};" in message
+
+
 def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Path) -> None:
     class Other(torch.nn.Module):
         def __init__(self) -> None:

@@ -250,10 +250,12 @@ def save(
     buffers: dict[str, torch.Tensor],
     random: tuple[str, torch.Tensor] | None = None,
     keep_free: bool = False,
+    steps: int | None = None,
 ) -> int:
     """Writes the state to `path` atomically; returns the bytes written. `random`: the
     model's random stream, as the type of device whose generator it is ("cpu":
-    random_stream.py) and that generator's state. With `keep_free` (a caller's save, not
+    random_stream.py) and that generator's state. `steps`: the Steps applied to the model,
+    which a watch's updates count (None: not written). With `keep_free` (a caller's save, not
     the server's own at a stop), refused, OSError ENOSPC, when it would leave less than
     `reserve()` free on the disk (`check_room`)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -284,6 +286,8 @@ def save(
         "optimizer": json.dumps(dataclasses.asdict(settings)),
         "optimizer_scalars": json.dumps(scalars),
     }
+    if steps is not None:
+        metadata["steps"] = str(steps)
     metadata[CHECKSUM] = checksum(tensors, metadata)
     folder = saving_folder(path.parent)  # where safetensors' own temporary file lands too
     if keep_free:
@@ -412,6 +416,9 @@ class Loaded:
     #: the model's random stream, by the type of device whose generator's state it is (none
     #: in a checkpoint written before the forty-eighth session)
     random: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #: the Steps applied to the model when it was saved (None in a checkpoint written before
+    #: the seventy-first session)
+    steps: int | None = None
     #: the file, open for `parameter`, and the CRC-32 of each parameter's bytes as the load
     #: read them and took its checksum
     _file: Any = dataclasses.field(default=None, repr=False)
@@ -484,6 +491,7 @@ def load(path: Path) -> Loaded:
     try:
         sums = _read(path, loaded, metadata)
         version, model, settings, state = _checked_metadata(metadata)
+        loaded.steps = _saved_steps(metadata)
     except BaseException:
         loaded.close()
         raise
@@ -492,6 +500,18 @@ def load(path: Path) -> Loaded:
     loaded.version, loaded.model, loaded.settings = version, model, settings
     loaded.optimizer_state, loaded._sums = state, sums
     return loaded
+
+
+def _saved_steps(metadata: dict[str, str]) -> int | None:
+    """The count of Steps `save` wrote, None where it wrote none (an older checkpoint);
+    Unfit where it is not a whole number from 0 to MAX_VERSION (a step moves the version
+    by one, so no count is larger)."""
+    text = metadata.get("steps")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_VERSION:
+        raise damaged(f"its count of steps {text!r} is not a whole number from 0 to {MAX_VERSION}")
+    return int(text)
 
 
 def _read(path: Path, loaded: Loaded, metadata: dict[str, str]) -> dict[str, int]:

@@ -2325,9 +2325,10 @@ class Trainer:
     def save(
         self, path: Path, keep_free: bool = False, began: Callable[[], None] | None = None
     ) -> checkpoint.Saved:
-        """Writes parameters, gradients, buffers, optimizer state and version to `path`
-        (safetensors); returns the version saved and the file's size. `keep_free`: a
-        caller's save, refused where it would leave the disk nearly full (checkpoint.py).
+        """Writes parameters, gradients, buffers, optimizer state, version and the count of
+        Steps to `path` (safetensors); returns the version saved and the file's size.
+        `keep_free`: a caller's save, refused where it would leave the disk nearly full
+        (checkpoint.py).
         `began`: called as the save begins, once the call running before it has ended."""
         if began is not None:
             began()
@@ -2343,6 +2344,7 @@ class Trainer:
             if self._random_state is None
             else random_stream.for_checkpoint(self._random_state),
             keep_free=keep_free,
+            steps=self._steps,
         )
         return checkpoint.Saved(self._version, written)
 
@@ -2523,6 +2525,8 @@ class Trainer:
             self._random_state = random_state
         self._clear_forward()
         self._deltas = {}  # the last Step's change was made to the weights just replaced
+        if loaded.steps is not None:  # a watch's count goes on from the saved state's
+            self._steps = loaded.steps
         return loaded.version
 
     @staticmethod

@@ -2815,7 +2815,7 @@ class WatchUpdate(_message.Message):
     skipped: _builtins.int
     """updates due to this subscriber since its last one, beyond the one this stands for: it was still reading, or min_interval_ms had not passed"""
     steps: _builtins.int
-    """Steps applied to this model since it was created or reset"""
+    """Steps applied to this model since it was created or reset; a checkpoint loaded (LoadCheckpoint, a restart from --state-dir) brings back the count it was saved with (one written by an older server holds none: the count stays)"""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchedTensor]:
         """one per WatchItem, in order"""
