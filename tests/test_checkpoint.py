@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -38,6 +39,7 @@ from gradwire_server.trainer import Trainer
 from tests.checkpoint_files import resave
 from tests.cli_run import run_main
 from tests.serve_in_process import bare_server
+from tests.serve_process import serving
 
 X, Y = FillSpec("uniform", (4, 3, 10, 10), low=-1, high=1, seed=3), FillSpec("ones", (4,))
 
@@ -381,6 +383,39 @@ def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_serve_brings_the_count_of_steps_back_after_sigterm_not_sigkill(tmp_path: Path) -> None:
+    """`gradwire serve --state-dir` as a supervisor runs it: a SIGTERM saves the count of
+    steps a watch reads with the state, and the restart brings both back; a SIGKILL saves
+    nothing, so the restart after it is at the version and count of the stop before."""
+
+    def steps_and_version(log: str) -> tuple[int, int]:
+        port = re.findall(r"listening on 127\.0\.0\.1:(\d+)", log)[0]
+        with gradwire.connect(f"127.0.0.1:{port}") as client:
+            first = next(client.watch(["loss"]))
+            if first.steps == 0:
+                _step(client, 3)
+                first = next(client.watch(["loss"]))
+        return first.steps, first.version
+
+    state = ("--state-dir", str(tmp_path))
+    with serving(*state) as (process, log):
+        assert steps_and_version(log) == (3, 12)  # 3 steps of 4 calls each
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    with serving(*state) as (process, log):
+        assert "restored state version 12" in log
+        assert steps_and_version(log) == (3, 12)
+        port = re.findall(r"listening on 127\.0\.0\.1:(\d+)", log)[0]
+        with gradwire.connect(f"127.0.0.1:{port}") as client:
+            _step(client, 2)  # lost with the SIGKILL
+        process.kill()
+        process.wait(timeout=60)
+    with serving(*state) as (process, log):
+        assert steps_and_version(log) == (3, 12)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
 
 
 def test_a_checkpoint_of_another_model_is_refused_saying_what_to_do(tmp_path: Path) -> None:
