@@ -182,6 +182,22 @@ def test_a_checkpoint_whose_count_of_steps_is_no_count_is_refused(
     assert f": its count of steps {steps!r} is not a whole number from 0 to {2**62};" in message
 
 
+def test_a_checkpoint_whose_count_of_steps_is_no_count_is_listed_as_damaged(
+    tmp_path: Path,
+) -> None:
+    """ListCheckpoints says what its header shows a load would refuse a checkpoint for
+    (damaged metadata among it): the count of steps is in the header, and a load refuses
+    one that is no count as damaged, yet it was listed with no problem, as loadable."""
+    Trainer(seed=0).save(tmp_path / "odd.safetensors")
+    _altered(tmp_path / "odd.safetensors", {"steps": "three"})
+    message, _ = _load_refused(tmp_path / "odd.safetensors")
+    assert ": its count of steps 'three' is not a whole number" in message
+    [listed] = checkpoint.described(tmp_path, "Simple")
+    assert listed.problem == (
+        f"damaged: its count of steps 'three' is not a whole number from 0 to {2**62}"
+    )
+
+
 def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Path) -> None:
     class Other(torch.nn.Module):
         def __init__(self) -> None:
@@ -1878,6 +1894,23 @@ def test_the_cli_deletes_a_checkpoint(kept: tuple[gradwire.Client, Trainer, Path
     assert again.code == 1
     assert "no checkpoint named 'old'" in again.err
     assert run_main("delete-checkpoint", "--target", client.target).code == 2  # no name
+
+
+def test_the_cli_takes_or_says_how_to_give_a_checkpoint_name_beginning_with_a_dash(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    """A name beginning with '-' is taken, saved and listed, but `gradwire delete-checkpoint
+    -old` said "the following arguments are required: name", and `gradwire load -old`
+    "unrecognized arguments: -old", naming neither the name nor `--`, which takes it."""
+    client, _, state_dir = kept
+    client.save_checkpoint("-old")
+    listed = run_main("checkpoints", "--target", client.target)
+    assert listed.out.splitlines()[2].split()[0] == "-old"
+    for command in ("load", "delete-checkpoint"):
+        ran = run_main(command, "-old", "--target", client.target)
+        assert ran.code == 0 or f"gradwire {command} -- -old" in ran.err, (command, ran.err)
+    assert run_main("delete-checkpoint", "--target", client.target, "--", "-old").code == 0
+    assert not (state_dir / "-old.safetensors").exists()
 
 
 def test_checkpoints_are_not_listed_by_a_server_without_a_state_dir(

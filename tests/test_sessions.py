@@ -1362,3 +1362,35 @@ def test_a_call_without_hold_restarts_a_session_s_idle_time() -> None:
     with pytest.raises(UnknownSession):
         sessions.get(session)
     sessions.close_all()
+
+
+def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_it() -> None:
+    """`gradwire train --session ID` (steps run one TrainStep at a time, the default) whose
+    session another client closed summed up "stopped after 199 steps: loss 2.9619, version
+    797", as for steps that stay applied, then "NOT_FOUND: no session ...: it was never
+    opened, was closed, or expired": nothing said that those steps went with the session,
+    as a server-side run's end says (the test above)."""
+    with running_server() as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address) as client:
+            session = client.open_session(seed=0, lr=0.01).detach()
+            with gradwire.Client(address, session=session) as closer:
+                timer = threading.Timer(1.0, closer.close_session)
+                timer.start()
+                try:
+                    ran = run_main(
+                        "train",
+                        "--steps",
+                        "100000",
+                        "--keep-going",
+                        "--session",
+                        session,
+                        "--target",
+                        address,
+                    )
+                finally:
+                    timer.join()
+    assert ran.code == 1, ran.err
+    said = ran.out + ran.err
+    assert "stopped after" in ran.out
+    assert "gone with it" in said or "lost with it" in said, said[-600:]

@@ -687,6 +687,7 @@ def described(state_dir: Path, model: str) -> list[Described]:
             metadata = _header(path)
             held = metadata.get("model", "")
             version, held, _, _ = _checked_metadata(metadata)
+            _saved_steps(metadata)  # as a load checks it: a count that is none is damage
         except Unfit as err:
             if not path.exists():  # removed since it was listed: left out
                 continue

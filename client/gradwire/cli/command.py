@@ -76,6 +76,11 @@ def main(
     except SystemExit as exit:
         if json_log:
             usage_error_logged(aside.getvalue(), err)
+        elif exit.code == 2 and (dashed := _name_taken_for_an_option(words)) is not None:
+            err.write(
+                f"gradwire {words[0]}: a checkpoint name that begins with '-' goes after '--': "
+                f"gradwire {words[0]} -- {dashed}\n"
+            )
         return int(exit.code or 0)
     if json_log:
         err.write(aside.getvalue())
@@ -188,6 +193,26 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except BrokenPipeError:
         return BROKEN_PIPE  # the reader went away (`gradwire list | head -1`): nothing to say
     return 0
+
+
+#: The commands that take a checkpoint's name, which may begin with '-' (the server takes
+#: such names, and lists them).
+_NAMING_A_CHECKPOINT = frozenset({"save", "load", "delete-checkpoint"})
+
+
+def _name_taken_for_an_option(words: Sequence[str]) -> str | None:
+    """The word of a checkpoint command refused as an unknown option that would be a
+    checkpoint's name ('-old', not '--target'), before any '--': argparse said
+    "unrecognized arguments: -old", or that the name was missing, and nothing said that
+    `-- -old` names it (found by a review of checkpoints and sessions)."""
+    if not words or words[0] not in _NAMING_A_CHECKPOINT:
+        return None
+    for word in words[1:]:
+        if word == "--":
+            return None
+        if word.startswith("-") and not word.startswith("--") and word != "-h":
+            return word
+    return None
 
 
 def _or_reconnect(error: RemoteError, hint: str | None) -> str | None:

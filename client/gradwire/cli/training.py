@@ -124,6 +124,10 @@ def _train_data(args: argparse.Namespace, client: Client) -> tuple[Fill, Fill, i
     return x, Fill.randint(0, outputs, args.batch, seed=target_seed), model.version
 
 
+#: The reasons of a call refused because its session is gone: closed, expired or never there.
+_SESSION_GONE = ("UNKNOWN_SESSION", "CLOSED")
+
+
 def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     x, y, before = _train_data(args, client)
     bar = ProgressBar(sys.stderr if args.json else out, args.steps)
@@ -232,6 +236,10 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         text += f": loss {format_loss(loss)}"
     if version is not None:
         text += f", version {version}"
+    if failed is not None and failed.reason in _SESSION_GONE and not args.server_side:
+        # Said as for steps that stay applied, the error after it naming no step (a review
+        # of checkpoints and sessions); a server-side run's error says it (servicer.py).
+        text += "; their session is closed or expired, and they are gone with it"
     if args.json:
         emit(out, args, data, text)
     else:
