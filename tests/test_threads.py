@@ -280,6 +280,38 @@ def test_a_job_exactly_at_the_line_runs_on_one_thread() -> None:
         assert recorder.take() == [("forward", 1), ("backward", DEFAULT), ("step", 1)]
 
 
+class ManyValues(nn.Module):
+    """A small pass, and one value more than a small update: a parameter that only adds
+    its sum to the output (a sum is no operation torch's counter counts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3 * 10 * 10, 20, bias=False)
+        self.many = nn.Parameter(torch.zeros(ONE_THREAD_MAX_VALUES + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(x.flatten(1)) + self.many.sum()
+        return out
+
+
+@needs_two
+def test_a_train_step_counts_its_three_passes_and_its_update() -> None:
+    # At batch 32 AtTheLines's pass is half the line: two passes fit under it, a
+    # TrainStep's three (a forward, a backward of two) do not. ManyValues's passes are small
+    # and its update is not. Either runs the whole TrainStep on torch's threads.
+    spec = ModelSpec("AtTheLines", AtTheLines, (512,), 512)
+    with recording(spec) as (trainer, recorder):
+        run = trainer._meta_run((32, 512), torch.float32)
+        assert run is not None and 2 * run.flops == ONE_THREAD_MAX_FLOPS
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 512, generator=gen), torch.randint(0, 512, (32,), generator=gen)
+        trainer.train_step(x, y, use=lambda s: s)
+        assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT), ("step", DEFAULT)]
+    with recording(ModelSpec("ManyValues", ManyValues, (3, 10, 10), 20)) as (trainer, recorder):
+        trainer.train_step(*batch(1), use=lambda s: s)
+        assert recorder.take() == [("forward", DEFAULT), ("backward", DEFAULT), ("step", DEFAULT)]
+
+
 class NotOnMeta(nn.Module):
     """A model whose pass needs real values (`.item()`): its operations cannot be counted."""
 
