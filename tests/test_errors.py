@@ -461,6 +461,16 @@ def test_backward_after_the_parameters_changed(client: gradwire.Client) -> None:
     assert info.value.reason == "GRAPH_STALE"
 
 
+def test_backward_after_a_train_step_finds_its_graph_freed(client: gradwire.Client) -> None:
+    """A TrainStep's backward pass keeps no graph, as loss.backward() keeps none: a
+    Backward after it is told the graph is freed, not that the step made it stale (which
+    would have it kept, and its memory held, until the next pass)."""
+    client.train_step(INPUT, TARGET)
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.backward()
+    assert info.value.reason == "GRAPH_FREED"
+
+
 def test_step_without_gradients(client: gradwire.Client) -> None:
     with pytest.raises(errors.FailedPrecondition) as info:
         client.step()
