@@ -414,7 +414,7 @@ def test_an_absent_input_is_listed_in_the_dtype_the_model_takes() -> None:
     assert (listed["input"].dtype, listed["input"].present) == (torch.bfloat16, True)
 
 
-@pytest.mark.parametrize("first", ["stream_buffer", "list_tensors", "subscribe"])
+@pytest.mark.parametrize("first", ["stream_buffer", "list_tensors", "subscribe", "put_back"])
 def test_a_call_s_guard_is_left_to_its_mutation_by_what_changes_nothing(
     trainer: Trainer, first: str
 ) -> None:
@@ -428,6 +428,8 @@ def test_a_call_s_guard_is_left_to_its_mutation_by_what_changes_nothing(
             trainer.stream_buffer((3,), torch.float32, "value")
         elif first == "list_tensors":
             trainer.list_tensors()
+        elif first == "put_back":  # a Train's data made as sent again, before its step
+            trainer.put_back(torch.zeros(3), torch.ones(3))
         else:
             trainer.unsubscribe(trainer.subscribe())
         # Another caller moves the state (a context of its own: a thread's).
@@ -961,6 +963,69 @@ def test_a_regression_target_of_another_float_dtype_is_taken_as_the_input_s() ->
     assert result.loss == loss.item()
     assert local.weight.grad is not None
     assert torch.equal(_value(trainer, "weight.grad"), local.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.int8, torch.uint8, torch.int16, torch.int32],
+    ids=["int8", "uint8", "int16", "int32"],
+)
+def test_class_indices_of_any_integer_dtype_are_taken_as_int64(
+    trainer: Trainer, dtype: torch.dtype
+) -> None:
+    """CrossEntropyLoss takes class indices as int64 alone: labels of a smaller integer
+    dtype (a fill's, or int32 as numpy's on some platforms) are taken as those values, not
+    refused for their dtype."""
+    x = torch.linspace(-1, 1, 4 * 300).reshape(4, 3, 10, 10)
+    labels = torch.tensor([0, 3, 7, 9])
+    expected = trainer.forward(x, labels).loss
+    assert trainer.forward(x, labels.to(dtype)).loss == expected
+    assert _value(trainer, "target").dtype == torch.int64
+
+
+class _Transposed(nn.Module):
+    """_ScaledBySum with its scale stored transposed: strides (1, 3), not a contiguous
+    tensor's (4, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.scale = nn.Parameter(torch.full((4, 3), 0.5).t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * self.scale.sum()
+        return out
+
+
+def test_a_gradient_is_laid_out_in_its_non_contiguous_parameter_s_strides() -> None:
+    """backward() lays a gradient out in its parameter's strides, whatever they are; made
+    contiguous, a transposed parameter's gradient was laid out unlike PyTorch's."""
+    trainer = Trainer(ModelSpec("Transposed", _Transposed, (4,), 2), seed=0)
+    torch.manual_seed(0)
+    local = _Transposed()
+    x, y = torch.arange(8.0).reshape(2, 4) / 8, torch.tensor([0, 1])
+    trainer.forward(x, y)
+    trainer.backward()
+    nn.functional.cross_entropy(local(x), y).backward()
+    grad, expected = trainer.parameters["scale"].grad, local.scale.grad
+    assert grad is not None and expected is not None
+    assert grad.stride() == expected.stride() == (1, 3)
+    assert torch.equal(grad, expected)
+    trainer.close()
+
+
+def test_a_model_outliving_its_trainer_still_runs() -> None:
+    """The hooks that keep module outputs hold the trainer weakly: once it is gone, the model
+    (held elsewhere: a checkpoint, a caller's reference) runs as a plain module would."""
+    trainer = Trainer(device="cpu", seed=0)
+    model = trainer._model
+    x = torch.ones(2, 3, 10, 10)
+    expected = model(x)
+    trainer.close()
+    gone = weakref.ref(trainer)
+    del trainer
+    assert gone() is None
+    assert torch.equal(model(x), expected)
 
 
 def test_a_value_with_no_elements_is_written_to_a_selection_of_none(trainer: Trainer) -> None:
