@@ -910,7 +910,8 @@ def test_an_rpc_of_the_contract_without_its_method_stops_the_servicer_s_import(
     [("", "a tensor name is required"),
      ("x" * 257, "a tensor name of 257 characters is over the limit of 256"),
      ("conv1\x00weight", "control characters"), ("conv1.weight\n", "control characters"),
-     ("conv1.weight\x7f", "control characters"), ("conv1.weight\x85", "control characters")],
+     ("conv1.weight\x7f", "control characters"), ("conv1.weight\x85", "control characters"),
+     ("conv1.weight\x1f", "control characters"), ("conv1.weight\x9f", "control characters")],
 )  # fmt: skip
 def test_names_no_tensor_can_have_are_invalid_argument(
     client: gradwire.Client, name: str, complaint: str
@@ -933,6 +934,16 @@ def test_a_name_of_exactly_the_longest_length_is_looked_up_not_refused(
         with pytest.raises(errors.NotFound) as info:
             call()
         assert info.value.reason == "UNKNOWN_TENSOR"
+
+
+@pytest.mark.parametrize("name", ["\u00e9" * 256, "conv1.weight\xa0", "conv1.weight "])
+def test_names_just_past_those_refused_are_looked_up(client: gradwire.Client, name: str) -> None:
+    """The limit counts characters, not UTF-8's bytes (256 of "\u00e9" are 512), and a
+    no-break space (U+00A0, just past C1) or a space is no control character: such names are
+    no tensor's (NOT_FOUND), not names no tensor can have (BAD_NAME)."""
+    with pytest.raises(errors.NotFound) as info:
+        client._read(name, ())
+    assert info.value.reason == "UNKNOWN_TENSOR"
 
 
 def test_nonfinite_inputs_are_allowed_and_counted(client: gradwire.Client) -> None:
