@@ -358,6 +358,14 @@ def test_a_server_is_started_with_counts_at_the_most_its_info_holds() -> None:
     assert _limits(max_sessions=2**32 - 1).max_sessions == 2**32 - 1
 
 
+def test_a_server_started_without_an_element_limit_takes_2_to_the_28(
+    client: gradwire.Client,
+) -> None:
+    """The .proto's documented default: a tensor has at most 2^28 elements (1 GiB of
+    float32)."""
+    assert client.server_info().limits.max_elements == 1 << 28
+
+
 def test_a_client_whose_session_closed_may_still_ask(client: gradwire.Client) -> None:
     """GetServerInfo reads no session, as ListSessions."""
     mine = client.open_session(seed=0)
