@@ -1378,6 +1378,24 @@ def test_each_update_is_one_version_while_training_runs(
         assert_stats_match(watched.stats, watched.value)
 
 
+def test_each_mutation_is_the_cause_a_watcher_hears_of(client: gradwire.Client) -> None:
+    """Each update names the RPC whose mutation led to it: one call at a time, each update
+    read before the next call, so none is skipped."""
+    stream = client.watch(["conv1.weight"], timeout=30)
+    assert next(stream).cause == "Watch"
+    x, y = random_batch(8, 12)
+    for cause, call in (
+        ("Forward", lambda: client.forward(x, y)),
+        ("SetTensor", lambda: client.set("conv1.weight[0, 0, 0, 0]", np.float32(0.5))),
+        ("FillParameters", lambda: client.fill_parameters(0.5, ["conv1.weight"])),
+        ("SetOptimizer", lambda: client.set_optimizer("sgd", lr=0.01)),
+    ):
+        call()
+        update = next(stream)
+        assert (update.cause, update.skipped) == (cause, 0)
+    stream.close()
+
+
 def test_watch_every_n_steps(client: gradwire.Client, address: str) -> None:
     watcher = Watcher(client, ["conv1.weight"], until=lambda u: u.steps == 4, every_steps=2)
     x, y = random_batch(8, 10)
