@@ -708,6 +708,28 @@ def test_every_step_counts_the_gradients_it_makes_beside_those_it_keeps(
         trainer.close()
 
 
+def test_a_step_whose_update_alone_reaches_the_line_is_checked_at_the_most_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first Adam step with weight decay, its one parameter's change recorded, holds 7 times
+    that parameter (gradient 1, moments 2, change 1, temporaries 3): the most a step's update
+    takes (_UPDATE_MOST), by which a step is told worth checking before its update is
+    counted. Here 70 MiB, past the line of 64 MiB, where 6 times (60 MiB) is not."""
+    weight = 1280 * 2048 * 4  # 10 MiB
+    spec = ModelSpec("Flat", lambda: nn.Linear(1280, 2048, bias=False), (1280,), 2048)
+    settings = OptimizerSettings("adam", weight_decay=0.01)
+    trainer = Trainer(spec, seed=0, optimizer=settings, track_deltas=True)
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: pass_memory.CHECKED_FROM_BYTES)
+    try:
+        x, y = torch.ones(1, 1280), torch.zeros(1, dtype=torch.int64)
+        with pytest.raises(OverLimit) as refused:
+            trainer.train_step(x, y, use=lambda s: s)
+        assert refused.value.reason == "OUT_OF_MEMORY"
+        assert 7 * weight <= int(refused.value.metadata["bytes"]) < 7 * weight + (1 << 20)
+    finally:
+        trainer.close()
+
+
 def test_an_operation_that_returns_nothing_leaves_the_run_on_meta_tensors() -> None:
     # torch._assert_async returns None: counted as a sequence it raised, and a model that
     # checks its input so had no run on meta tensors (no estimate, no fetches checked before
