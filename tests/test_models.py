@@ -1131,6 +1131,24 @@ def test_a_lazy_layer_only_training_runs_is_made_from_the_seed_too() -> None:
         two.close()
 
 
+def lazy_tokens_model() -> nn.Module:
+    """Token ids through an Embedding into a lazy layer: its first pass needs integer ids."""
+    return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.LazyLinear(3))
+
+
+def test_a_lazy_model_taking_token_ids_has_its_layers_made_from_ids() -> None:
+    """The build's pass runs on zeros of the input's own dtype: float zeros into an
+    Embedding fail, and the model could not be built."""
+    spec = ModelSpec("LazyTokens", lazy_tokens_model, (5,), 3, input_dtype=torch.int64)
+    trainer = Trainer(spec, seed=SEED)
+    try:
+        assert trainer.parameters["2.weight"].shape == (3, 20)
+        result = trainer.forward(torch.ones(2, 5, dtype=torch.int64), torch.tensor([0, 2]))
+        assert result.loss is not None
+    finally:
+        trainer.close()
+
+
 def test_a_checkpoint_restores_into_the_same_model_only(tmp_path: Path) -> None:
     path = tmp_path / "mlp.safetensors"
     saved, restored = Trainer(TINY_MLP, seed=1), Trainer(TINY_MLP, seed=2)
