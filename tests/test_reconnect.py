@@ -174,6 +174,16 @@ def test_a_watch_told_to_reconnect_ends_at_its_timeout_not_at_the_end_of_a_try_s
     assert 2.0 <= took < 10.0, took
 
 
+def test_a_watch_told_to_reconnect_ends_at_its_timeout_with_its_server_there_all_along(
+    client: gradwire.Client,
+) -> None:
+    """The timeout holds for the first opening too, not only across a server's absence."""
+    watch = Reader(client.watch(["loss"], timeout=1.0, reconnect=True)).started()
+    with pytest.raises(gradwire.errors.DeadlineExceeded):
+        watch.join()
+    assert [u.cause for u in watch.messages] == ["Watch"]
+
+
 def test_a_watch_told_to_reconnect_does_not_wait_for_a_server_that_never_answered() -> None:
     """Nothing listening (a wrong target) is the error it was, at once: only a server that
     answered and went away is waited for."""
