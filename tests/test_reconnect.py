@@ -8,19 +8,22 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 import gradwire
 from gradwire import limits, rewatch
+from gradwire._pb import trainer_pb2 as pb
 from gradwire.errors import ClientClosed, NotFound, Unavailable
 from gradwire_server.app import start
 from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
-from tests.serve_in_process import running_server
+from tests.serve_in_process import bare_server, old_trainer, running_server
 
 
 def _answers(client: gradwire.Client) -> bool:
@@ -182,6 +185,44 @@ def test_a_watch_told_to_reconnect_ends_at_its_timeout_with_its_server_there_all
     with pytest.raises(gradwire.errors.DeadlineExceeded):
         watch.join()
     assert [u.cause for u in watch.messages] == ["Watch"]
+
+
+def _watch_going_once(calls: list[float | None], *, back: bool) -> grpc.GenericRpcHandler:
+    """An old_trainer whose Watch notes the seconds each call has left in `calls`; its first
+    call answers an update and ends UNAVAILABLE, as a server that went away. Each later
+    call, `back`: answers an update and ends (OK, as only another server would); else ends
+    UNAVAILABLE at once, a server still away."""
+
+    def watch(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        calls.append(context.time_remaining())
+        if len(calls) == 1 or back:
+            yield pb.WatchUpdate(version=len(calls)).SerializeToString()
+        if len(calls) == 1 or not back:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+    return old_trainer(Watch=grpc.unary_stream_rpc_method_handler(watch))
+
+
+@pytest.mark.parametrize("latest", [True, False], ids=["latest", "each"])
+def test_a_watch_told_to_reconnect_ends_with_its_stream_and_counts_its_timeout_across(
+    latest: bool,
+) -> None:
+    """A watch opened again is given the seconds its timeout has left, not the whole timeout
+    again; and once a stream of it ends cleanly, the watch ends, rather than reading the
+    ended stream again and again."""
+    calls: list[float | None] = []
+    lost: list[Unavailable] = []
+    with (
+        bare_server(_watch_going_once(calls, back=True)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
+        watch = client.watch("w", timeout=30, latest=latest, reconnect=True, on_lost=lost.append)
+        updates = Reader(watch).join()
+    assert [u.version for u in updates] == [1, 2]
+    assert len(lost) == 1
+    first, second = calls
+    assert first is not None and second is not None
+    assert second < first - rewatch.RETRY_S / 2, calls  # a try's wait at least has gone
 
 
 def test_a_watch_told_to_reconnect_does_not_wait_for_a_server_that_never_answered() -> None:
