@@ -225,6 +225,23 @@ def test_a_watch_told_to_reconnect_ends_with_its_stream_and_counts_its_timeout_a
     assert second < first - rewatch.RETRY_S / 2, calls  # a try's wait at least has gone
 
 
+def test_a_watch_told_to_reconnect_waits_between_its_tries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server away is tried again once each RETRY_S, not over and over: with the timeout
+    passing within the first wait, the server is called once, at the first opening."""
+    monkeypatch.setattr(rewatch, "RETRY_S", 60.0)
+    calls: list[float | None] = []
+    with (
+        bare_server(_watch_going_once(calls, back=False)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
+        watch = Reader(client.watch("w", timeout=2.0, reconnect=True))
+        with pytest.raises(gradwire.errors.DeadlineExceeded):
+            watch.join()
+    assert len(calls) == 1 and len(watch.messages) == 1
+
+
 def test_a_watch_told_to_reconnect_does_not_wait_for_a_server_that_never_answered() -> None:
     """Nothing listening (a wrong target) is the error it was, at once: only a server that
     answered and went away is waited for."""
