@@ -1172,6 +1172,28 @@ def test_watch_json_says_the_model_s_steps_and_the_updates_merged(
     assert updates[1]["cause"] == "TrainStep" and updates[1]["skipped"] >= 1, updates
 
 
+def test_watch_every_steps_sends_an_update_only_every_so_many_steps(
+    client: gradwire.Client, address: str
+) -> None:
+    """--every-steps reached the server: after the first update, the next comes at the
+    third step, standing for no update skipped, not at the first (a mutation test: the
+    option could be dropped, unseen)."""
+    watch = _Watching(
+        "watch", "loss", "--target", address, "--json", "--every-steps", "3", "--count", "2"
+    )
+    watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+    for _ in range(3):
+        client.train_step(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
+    assert watch.join() == 0, watch.err.getvalue()
+    first, second = watch.lines()
+    assert (first["steps"], second["cause"], second["steps"], second["skipped"]) == (
+        0,
+        "TrainStep",
+        3,
+        0,
+    ), watch.lines()
+
+
 def test_watch_interval_holds_back_the_updates_it_asks_to(cli: Run, address: str) -> None:
     """--interval reached the server: an hour's interval lets no update follow the first
     within the watch's second, however many steps are taken (a mutation test: it could be
