@@ -11,6 +11,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -276,6 +277,34 @@ def test_a_watch_that_ended_as_asked_exits_0_when_its_reader_goes_after(address:
         watch = _watch_read_once(address, "--count", "1")
         assert watch.stderr is not None
         assert watch.returncode == 0, watch.stderr.read()
+
+
+def _pipes_open() -> set[int]:
+    """The descriptors of this process that are pipes."""
+    pipes = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (another thread's)
+            if stat.S_ISFIFO(os.fstat(int(name)).st_mode):
+                pipes.add(int(name))
+    return pipes
+
+
+def test_a_watch_to_a_pipe_leaves_no_pipe_of_its_own_open(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch whose output is a pipe opens one of its own, to wake the thread that waits
+    for the reader to go; it is closed on the way out, both ends: a program that runs
+    main() a watch after another would keep two descriptors for each."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb"), os.fdopen(write_end, "w") as piped:
+        monkeypatch.setattr(sys, "stdout", piped)
+        before = _pipes_open()
+        code = main(["watch", "loss", "--target", address, "--count", "1"], err=io.StringIO())
+        after = _pipes_open()
+        monkeypatch.undo()
+        piped.flush()
+    assert code == 0
+    assert after == before, after - before
 
 
 @contextlib.contextmanager
