@@ -715,35 +715,9 @@ def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it() -
 
 def test_watch_reconnect_of_a_session_the_restart_lost_ends_not_found() -> None:
     """A session lives in its server's memory: watched again on the restarted server, which
-    does not know it, the watch ends with NOT_FOUND rather than waiting on."""
-    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
-    port = first.port
-    target = f"127.0.0.1:{port}"
-    try:
-        with gradwire.connect(target) as client:
-            session = client.open_session().detach()
-        watch = _Watching("watch", "loss", "--target", target, "--session", session,
-                          "--json", "--reconnect", "--duration", "30")  # fmt: skip
-        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
-        first.stop(grace=None)
-        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
-        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)
-        try:
-            assert watch.join() == 1
-        finally:
-            second.stop(grace=None)
-    finally:
-        first.stop(grace=None)
-    assert "NOT_FOUND" in watch.err.getvalue(), watch.err.getvalue()
-    assert "the server is back" not in watch.err.getvalue()
-
-
-def test_watch_reconnect_of_a_session_the_restart_lost_says_the_restart_lost_it() -> None:
-    """The session a --reconnect watch was on, lost with the server's restart: the watch
-    said "the server went away", then "error: NOT_FOUND: no session '...': it was never
-    opened, was closed, or expired after 600 s without calls", none of which the researcher
-    did, and not what happened: the server it saw go away and come back has forgotten it (a
-    session lives in the server's memory). Found by a review of watching training remotely."""
+    does not know it, the watch ends with NOT_FOUND rather than waiting on, saying the
+    restart lost it: it said "it was never opened, was closed, or expired", none of which
+    the researcher did (found by a review of watching training remotely)."""
     first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
     port = first.port
     target = f"127.0.0.1:{port}"
@@ -763,8 +737,8 @@ def test_watch_reconnect_of_a_session_the_restart_lost_says_the_restart_lost_it(
     finally:
         first.stop(grace=None)
     error = watch.err.getvalue().split("error: ", 1)[-1]
-    assert error.startswith("NOT_FOUND"), watch.err.getvalue()
-    assert "restart" in error, error
+    assert error.startswith("NOT_FOUND: the server came back without this watch's session"), error
+    assert "the server is back" not in watch.err.getvalue()
 
 
 def test_watch_reconnect_ends_at_its_duration_while_the_server_is_away() -> None:
