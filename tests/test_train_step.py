@@ -769,6 +769,41 @@ def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
     trainer.close()
 
 
+class _DoubleHead(nn.Module):
+    """A float64 layer on a float32 input, cast inside: the model computes in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.head(x.double())
+        return out
+
+
+def test_a_fetch_is_counted_in_the_model_s_dtype_and_the_output_s_whole_shape() -> None:
+    """The output's bound before the pass is [N, num_classes] in the dtype the model
+    computes in, here float64 on a float32 input, not the input's; a float64 parameter and
+    its Step change count 8 bytes a value, not float32's 4."""
+    spec = ModelSpec("DoubleHead", _DoubleHead, (4,), 3)
+    trainer = Trainer(spec, device="cpu", seed=0)
+    x, y = torch.ones(5, 4), torch.zeros(5, dtype=torch.long)
+
+    def counted(name: str, values: int, dims: int, grad_fn_bytes: int) -> int:
+        return 8 * values + len(name) + 10 * dims + 64 + 7 + grad_fn_bytes
+
+    for fetch, bound in (
+        ([("output", ())], counted("output", 5 * 3, 2 + 2, MAX_GRAD_FN_BYTES)),
+        ([("head.weight", ())], counted("head.weight", 3 * 4, 2 + 2, 32)),
+        ([("head.weight.delta", ())], counted("head.weight.delta", 12, 2 + 2, MAX_GRAD_FN_BYTES)),
+    ):
+        with pytest.raises(OverLimit) as refused:
+            trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=bound - 1)
+        assert refused.value.metadata["bytes"] == str(bound)
+        trainer.train_step(x, y, fetch=fetch, use=repr, max_fetch_bytes=bound)
+    trainer.close()
+
+
 class _FrozenBody(nn.Module):
     """A frozen body under a head that trains: the body's parameters get no gradient."""
 
