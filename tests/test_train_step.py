@@ -804,6 +804,17 @@ def test_a_fetch_is_counted_in_the_model_s_dtype_and_the_output_s_whole_shape() 
     trainer.close()
 
 
+def test_a_fetch_bound_of_zero_bytes_refuses_any_fetch() -> None:
+    """max_fetch_bytes=0 is a bound like any other, not "no bound" (None is that)."""
+    trainer = Trainer(device="cpu", seed=0)
+    x, y = ones_batch()
+    with pytest.raises(OverLimit) as refused:
+        trainer.train_step(x, y, fetch=[("loss", ())], use=repr, max_fetch_bytes=0)
+    assert refused.value.reason == "FETCH_TOO_LARGE"
+    assert trainer.train_step(x, y, fetch=[("loss", ())], use=repr, max_fetch_bytes=None)
+    trainer.close()
+
+
 class _FrozenBody(nn.Module):
     """A frozen body under a head that trains: the body's parameters get no gradient."""
 
