@@ -426,6 +426,19 @@ def test_serve_s_help_quotes_the_line_the_trainer_draws() -> None:
     assert f"{ONE_THREAD_MAX_FLOPS / 1e6:.1f} MFLOP" in help_text
 
 
+def test_a_shape_seen_again_reuses_its_run_on_meta_tensors() -> None:
+    """A run on meta tensors is made once per input shape and dtype and kept, not made
+    again (the model copied onto meta tensors and run) at each TrainStep of that shape."""
+    trainer = Trainer(seed=0, one_thread_for_small_work=True)
+    try:
+        first = trainer._meta_run((4, 3, 10, 10), torch.float32)
+        assert first is not None
+        assert trainer._meta_run((4, 3, 10, 10), torch.float32) is first
+        assert trainer._meta_run((4, 3, 10, 10), torch.float64) is not first
+    finally:
+        trainer.close()
+
+
 def test_operation_counts_are_kept_for_a_bounded_number_of_shapes() -> None:
     trainer = Trainer(seed=0, one_thread_for_small_work=True)
     try:
