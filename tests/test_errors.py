@@ -440,7 +440,7 @@ def test_backward_twice_on_a_freed_graph(client: gradwire.Client) -> None:
     with pytest.raises(errors.FailedPrecondition) as info:
         client.backward()
     assert info.value.reason == "GRAPH_FREED"
-    assert "call Forward again" in info.value.message
+    assert "already freed by Backward: call Forward again" in info.value.message
     client.forward(INPUT, TARGET)
     client.backward(retain_graph=True)
     client.backward()  # kept graph: allowed once more, as in PyTorch
