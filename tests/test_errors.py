@@ -37,6 +37,7 @@ from gradwire_server.errors import (
     InvalidInput,
     OverLimit,
     UnknownTensor,
+    WrongOrder,
     device_lost,
     device_memory,
     out_of_memory,
@@ -469,6 +470,32 @@ def test_backward_after_a_train_step_finds_its_graph_freed(client: gradwire.Clie
     with pytest.raises(errors.FailedPrecondition) as info:
         client.backward()
     assert info.value.reason == "GRAPH_FREED"
+
+
+class _SpareLayer(nn.Module):
+    """A frozen layer that makes the output beside one that trains and is never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(4, 3).requires_grad_(False)
+        self.spare = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.frozen(x)
+        return out
+
+
+def test_backward_of_a_loss_no_training_parameter_reaches_is_no_gradients() -> None:
+    """A parameter that trains but is off the loss's path: NO_GRADIENTS, not torch's
+    "element 0 of tensors does not require grad" as an INTERNAL error."""
+    trainer = Trainer(ModelSpec("SpareLayer", _SpareLayer, (4,), 3), device="cpu", seed=0)
+    try:
+        trainer.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+        with pytest.raises(WrongOrder) as info:
+            trainer.backward()
+        assert info.value.reason == "NO_GRADIENTS"
+    finally:
+        trainer.close()
 
 
 def test_step_without_gradients(client: gradwire.Client) -> None:
