@@ -32,7 +32,7 @@ from gradwire import errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import build_parser, output
 from gradwire.cli.connection import connection_hint
-from gradwire.failures import SERVER_CANCELLED, failed
+from gradwire.failures import SERVER_CANCELLED, closed_channel, failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
@@ -2182,6 +2182,20 @@ def test_too_many_pings_is_explained_only_for_a_client_pinging_under_the_servers
     assert "keepalive=29.5; a gradwire server takes" in str(failed(pings, False, least - 0.5))
     for keepalive in (least, None, 0.0):
         assert str(failed(pings, False, keepalive)) == "UNAVAILABLE: Too many pings"
+
+
+def test_only_grpc_s_words_for_a_closed_channel_make_a_client_closed() -> None:
+    """gRPC's ValueError on a closed channel becomes ClientClosed, whose words say what to
+    do; any other ValueError met on the way to a call (a caller's own) is left as it was,
+    not said to be a closed client's."""
+    said = closed_channel(ValueError("Cannot invoke RPC on closed channel!"))
+    assert isinstance(said, errors.ClientClosed)
+    assert str(said) == (
+        "this client is closed (close(), or the end of its with block; a session client "
+        "closes with the client that opened it): make a new one (gradwire.connect)"
+    )
+    other = ValueError("too many values to unpack (expected 2)")
+    assert closed_channel(other) is other
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
