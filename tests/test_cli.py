@@ -2198,6 +2198,28 @@ def test_only_grpc_s_words_for_a_closed_channel_make_a_client_closed() -> None:
     assert closed_channel(other) is other
 
 
+def test_a_call_a_stop_s_grace_period_ended_is_told_what_ran_and_what_to_do() -> None:
+    """gRPC's "Cancelling all calls" alone, read whole: the server stopped, its grace
+    period (`--grace`) ended first, and for a change that a step runs to its end, so that it
+    may stand, and to read the version before making it again; a read is only made again.
+    The words are the exception's args as well as its message (its repr, a re-raise)."""
+    grace = _Failed(grpc.StatusCode.UNAVAILABLE, "Cancelling all calls")
+    stopped = (
+        "UNAVAILABLE: the server stopped with this call in progress: its grace period "
+        '(gradwire serve --grace) ended before the call did, and gRPC cancelled it ("Cancelling '
+        'all calls"); '
+    )
+    change = failed(grace, True)
+    assert str(change) == stopped + (
+        "its change may have been applied all the same (a step runs to its end): read the "
+        "state version once the server is back before making it again"
+    )
+    assert change.changes_state and change.args == (change.message,)
+    read = failed(grace, False)
+    assert str(read) == stopped + "make it again once the server is back"
+    assert not read.changes_state and read.args == (read.message,)
+
+
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:
     files = TlsFiles(pki.server_cert, pki.server_key, client_ca=pki.ca)
     with running_server(tls=files) as running:
