@@ -490,8 +490,7 @@ def load(path: Path) -> Loaded:
     loaded = Loaded(0, "", {}, {}, {}, {}, _file=file)
     try:
         sums = _read(path, loaded, metadata)
-        version, model, settings, state = _checked_metadata(metadata)
-        loaded.steps = _saved_steps(metadata)
+        version, model, settings, state, loaded.steps = _checked_metadata(metadata)
     except BaseException:
         loaded.close()
         raise
@@ -500,18 +499,6 @@ def load(path: Path) -> Loaded:
     loaded.version, loaded.model, loaded.settings = version, model, settings
     loaded.optimizer_state, loaded._sums = state, sums
     return loaded
-
-
-def _saved_steps(metadata: dict[str, str]) -> int | None:
-    """The count of Steps `save` wrote, None where it wrote none (an older checkpoint);
-    Unfit where it is not a whole number from 0 to MAX_VERSION (a step moves the version
-    by one, so no count is larger)."""
-    text = metadata.get("steps")
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_VERSION:
-        raise damaged(f"its count of steps {text!r} is not a whole number from 0 to {MAX_VERSION}")
-    return int(text)
 
 
 def _read(path: Path, loaded: Loaded, metadata: dict[str, str]) -> dict[str, int]:
@@ -686,8 +673,7 @@ def described(state_dir: Path, model: str) -> list[Described]:
         try:
             metadata = _header(path)
             held = metadata.get("model", "")
-            version, held, _, _ = _checked_metadata(metadata)
-            _saved_steps(metadata)  # as a load checks it: a count that is none is damage
+            version, held, _, _, _ = _checked_metadata(metadata)
         except Unfit as err:
             if not path.exists():  # removed since it was listed: left out
                 continue
@@ -754,17 +740,18 @@ MAX_VERSION = 2**62
 
 def _checked_metadata(
     metadata: dict[str, str],
-) -> tuple[int, str, dict[str, Any], dict[str, dict[str, Any]]]:
-    """The version, model name, optimizer settings and optimizer scalars `save` wrote, each
-    checked for the form `save` gives it. A missing or altered key used to escape as a
-    KeyError or TypeError traceback where other bad files are refused with a message."""
+) -> tuple[int, str, dict[str, Any], dict[str, dict[str, Any]], int | None]:
+    """The version, model name, optimizer settings, optimizer scalars and count of Steps
+    `save` wrote, each checked for the form `save` gives it (the count None where it wrote
+    none: an older checkpoint). A missing or altered key used to escape as a KeyError or
+    TypeError traceback where other bad files are refused with a message."""
     missing = [
         k for k in ("version", "model", "optimizer", "optimizer_scalars") if k not in metadata
     ]
     if missing:
         raise damaged(f"its metadata lacks {', '.join(repr(k) for k in missing)}")
     text = metadata["version"]
-    if not (text.isascii() and text.isdigit()) or int(text) > MAX_VERSION:
+    if not _whole(text):
         raise damaged(f"its version {text!r} is not a whole number from 0 to {MAX_VERSION}")
     model = metadata["model"]
     if not model:
@@ -784,7 +771,16 @@ def _checked_metadata(
             value is None or isinstance(value, (bool, int, float)) for value in values.values()
         ):
             raise damaged(f"its optimizer state for {name!r} is not an object of numbers")
-    return int(text), model, settings, scalars
+    # A step moves the version by one: no count of steps is larger than a version may be.
+    steps = metadata.get("steps")
+    if steps is not None and not _whole(steps):
+        raise damaged(f"its count of steps {steps!r} is not a whole number from 0 to {MAX_VERSION}")
+    return int(text), model, settings, scalars, None if steps is None else int(steps)
+
+
+def _whole(text: str) -> bool:
+    """Whether `text` is a whole number from 0 to MAX_VERSION, in ASCII digits."""
+    return text.isascii() and text.isdigit() and int(text) <= MAX_VERSION
 
 
 def optimizer_settings(saved: dict[str, Any]) -> OptimizerSettings:
