@@ -450,6 +450,7 @@ def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     data = _strict_json(cli("train", "--steps", "2", "--json", "--keep-going").out)
     assert data["loss"] == "nan" and data["diverged_at"] == 1
     assert data["steps"] == 2 and not data["stopped_at_nonfinite"]
+    assert data["session_gone"] is False  # no session: the default's steps stay applied
     # The advice, followed, changes the lr alone: it replaced the optimizer, its momentum
     # and weight decay dropped (found by a review of training remotely).
     assert cli("optimizer", "--keep-state", "--momentum", "0.9").code == 0
@@ -687,8 +688,9 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
     # The stop's own words, its gist alone: "the server is stopping", or with no grace
     # period "the server stopped with this call in progress".
     assert re.fullmatch(
-        r"the server went away after version 0 \(the server (is stopping|stopped with this "
-        r"call in progress)\); watching again once it is back \(Ctrl-C stops\)",
+        r"the server went away \(the server (is stopping|stopped with this call in "
+        r"progress)\); the last update showed version 0; watching again once it is back "
+        r"\(Ctrl-C stops\)",
         said[0],
     ), said
     assert said[1:] == ["the server is back, at version 0: watching again"], said

@@ -1364,12 +1364,16 @@ def test_a_call_without_hold_restarts_a_session_s_idle_time() -> None:
     sessions.close_all()
 
 
-def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_it() -> None:
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_it(
+    as_json: bool,
+) -> None:
     """`gradwire train --session ID` (steps run one TrainStep at a time, the default) whose
     session another client closed summed up "stopped after 199 steps: loss 2.9619, version
     797", as for steps that stay applied, then "NOT_FOUND: no session ...: it was never
     opened, was closed, or expired": nothing said that those steps went with the session,
-    as a server-side run's end says (the test above)."""
+    as a server-side run's end says (the test above). `--json` says it as `session_gone`,
+    which it lacked (found by the same review)."""
     with running_server() as running:
         address = f"127.0.0.1:{running.port}"
         with gradwire.connect(address) as client:
@@ -1387,10 +1391,15 @@ def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_i
                         session,
                         "--target",
                         address,
+                        *(["--json"] if as_json else []),
                     )
                 finally:
                     timer.join()
     assert ran.code == 1, ran.err
+    if as_json:
+        data = json.loads(ran.out.splitlines()[-1])
+        assert data["session_gone"] is True and data["stopped"] and data["steps"] >= 1, data
+        return
     said = ran.out + ran.err
     assert "stopped after" in ran.out
     assert "gone with it" in said or "lost with it" in said, said[-600:]

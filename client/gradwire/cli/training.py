@@ -223,6 +223,9 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     # server's steps past it (or another caller's changes) unreported. "steps" counted the
     # reported alone, unsaid (a review of clients and servers of different versions).
     data["ran_on"] = ran_on
+    # A session closed or expired under the run: its steps went with it, which the text says
+    # and `steps` alone did not (a review of checkpoints and sessions).
+    data["session_gone"] = failed is not None and failed.reason in _SESSION_GONE
     counted = f"{done} step{'' if done == 1 else 's'}"
     steps = f"{counted} reported (the server may have run more before the stop reached it)"
     text = f"{'stopped after' if stopped else 'trained'} {steps if ran_on else counted}"
@@ -236,7 +239,7 @@ def cmd_train(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         text += f": loss {format_loss(loss)}"
     if version is not None:
         text += f", version {version}"
-    if failed is not None and failed.reason in _SESSION_GONE and not args.server_side:
+    if data["session_gone"] and not args.server_side:
         # Said as for steps that stay applied, the error after it naming no step (a review
         # of checkpoints and sessions); a server-side run's error says it (servicer.py).
         text += "; their session is closed or expired, and they are gone with it"
@@ -306,8 +309,12 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     def went_away(error: Unavailable) -> None:
         nonlocal away
         away = True
+        # The version of the last update this watch showed: the server's may have moved on
+        # since (a save between two updates). "after version N" read as the server's own
+        # (a review of watching training remotely).
+        last = f"the last update showed version {version}" if seen else "no update had come"
         args.err.write(
-            f"the server went away after version {version} ({rewatch.gist(error.message)}); "
+            f"the server went away ({rewatch.gist(error.message)}); {last}; "
             "watching again once it is back (Ctrl-C stops)\n"
         )
 
