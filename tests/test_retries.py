@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,7 +24,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
 from gradwire_server import servicer
-from gradwire_server.app import Running
+from gradwire_server.app import Running, start
 from gradwire_server.errors import AnswerNotKept, CallerGone, DeadlinePassed, InvalidInput
 from gradwire_server.request_log import ANSWER_BYTES_KEPT, RequestLog
 from gradwire_server.trainer import Trainer
@@ -32,6 +33,7 @@ from tests.serve_in_process import bare_server, old_trainer, running_server
 from tests.test_concurrency import Gate, hold_forward
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _step(address: str) -> grpc.UnaryUnaryMultiCallable:
@@ -270,6 +272,41 @@ def test_a_close_session_retried_with_its_id_is_answered_as_the_close_was(
             close_session(request, metadata=[*metadata, ("gradwire-request-id", "c-2")])
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     channel.close()
+
+
+def test_a_save_or_delete_of_a_checkpoint_reads_no_request_id_as_the_contract_says(
+    tmp_path: Path,
+) -> None:
+    """SaveCheckpoint and DeleteCheckpoint change the state directory, not a session's state,
+    and read neither the request id nor the expected version: a save sent again with its id
+    writes the state as it is then, and a delete sent again after it succeeded is NOT_FOUND.
+    The contract said mutations read both, and named OpenSession and CloseSession as taking
+    an id too, leaving these two unsaid: an integrator in another language retried a delete
+    with its id, expecting the first answer (found by a review of the contract from another
+    language)."""
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "nor do SaveCheckpoint and DeleteCheckpoint" in said
+    assert "a delete sent again after it succeeded is NOT_FOUND (NO_CHECKPOINT)" in said
+
+    running = start(Trainer(seed=0), "127.0.0.1", 0, state_dir=tmp_path)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        stub = pb_grpc.TrainerStub(channel)
+        once = [("gradwire-request-id", "save-1"), ("gradwire-expected-version", "7")]
+        first = stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="a"), metadata=once)
+        stub.ZeroGrad(pb.ZeroGradRequest())
+        again = stub.SaveCheckpoint(pb.SaveCheckpointRequest(name="a"), metadata=once)
+        assert (first.version, again.version) == (0, 1)  # written again, as the state is now
+        delete = [("gradwire-request-id", "delete-1")]
+        stub.DeleteCheckpoint(pb.DeleteCheckpointRequest(name="a"), metadata=delete)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.DeleteCheckpoint(pb.DeleteCheckpointRequest(name="a"), metadata=delete)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no checkpoint named 'a'" in (info.value.details() or "")
+    finally:
+        channel.close()
+        running.stop(grace=None)
 
 
 @pytest.mark.parametrize("stream_calls", [False, True], ids=["unary", "calls-stream"])

@@ -93,7 +93,11 @@ Conventions used by every message below:
   expected version (VERSION_MISMATCH) changed nothing and is not kept, so a retry of it
   with the same id and the right version is applied. OpenSession takes an id too (a retry gets the session the first attempt opened,
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
-  answered as it was, not NOT_FOUND); Train and the reads take none. The expected
+  answered as it was, not NOT_FOUND); Train and the reads take none, nor do
+  SaveCheckpoint and DeleteCheckpoint, which change the state directory's files, not a
+  session's state, and read no expected version either: a save sent again writes the
+  state as it is then (its answer's version says which), and a delete sent again after
+  it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
   version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
   condition. OpenSession and CloseSession act on no session's state and do not read it.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
