@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -462,6 +463,40 @@ def test_a_stream_with_an_empty_session_header_runs_on_the_default_session(addre
             answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
             assert answer.WhichOneof("result") == "list_tensors", answer
         assert stream.close() == grpc.StatusCode.OK
+
+
+def test_an_idle_stream_does_not_keep_its_session_open_as_the_contract_says(
+    trainer: Trainer,
+) -> None:
+    """A Calls stream keeps its session open while one of its calls runs, not while it waits
+    for the next: the session expires under it and the stream ends NOT_FOUND. The contract
+    said a call in progress (a Watch, a Train) keeps a session open, and that an open Calls
+    stream is a call in progress however quiet, for its connection: an integrator in
+    another language kept a stream open to keep its session, and lost it (found by a review
+    of the contract from another language)."""
+    proto = Path(__file__).resolve().parents[1] / "proto" / "gradwire" / "v1" / "trainer.proto"
+    said = " ".join(line.strip("/ ") for line in proto.read_text().splitlines())
+    assert "A Calls stream waiting for its next message does not, open as it is" in said
+    assert "a Calls stream counts while one of its calls runs" in said
+
+    running = start(trainer, session_idle_s=1.0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            opened = channel.unary_unary(
+                "/gradwire.v1.Trainer/OpenSession",
+                request_serializer=pb.OpenSessionRequest.SerializeToString,
+                response_deserializer=pb.OpenSessionResponse.FromString,
+            )(pb.OpenSessionRequest(), timeout=30)
+            stream = Raw(channel, metadata=(("gradwire-session", opened.session),))
+            answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+            assert answer.WhichOneof("result") == "list_tensors", answer
+            listed = running.servicer.sessions.describe()[0]
+            assert [view.calls_in_progress for view in listed] == [0]  # waiting: no call
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream.responses)  # the session expires after 1 s, the stream with it
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.stop(grace=None)
 
 
 @pytest.mark.parametrize("how", ["closed by its id", "expired"])

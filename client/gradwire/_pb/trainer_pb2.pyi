@@ -138,7 +138,8 @@ Conventions used by every message below:
 - Idle connections: the server closes a connection that has had no call in progress for
   300 s (gradwire serve --connection-idle; GetServerInfo's limits.connection_idle_s),
   sending GOAWAY as gRPC's max_connection_idle does. An open stream (Watch, Train, Calls)
-  is a call in progress, however quiet. gRPC's clients open a new connection at their next
+  is a call in progress here, however quiet (an idle Calls stream is none to its session:
+  see OpenSession). gRPC's clients open a new connection at their next
   call by themselves, and nothing is lost with the old one: sessions are named by id, not
   held by a connection. --connection-idle 0: connections without calls stay open.
 - Connections: the server keeps at most 1,000 connections open at once (gradwire serve
@@ -2454,7 +2455,9 @@ class SessionInfo(_message.Message):
     idle_timeout_s. 0 while a call is in progress.
     """
     calls_in_progress: _builtins.int
-    """an open Watch or Train counts until it ends"""
+    """An open Watch or Train counts until it ends; a Calls stream counts while one of its
+    calls runs, not while it waits for the next.
+    """
     def __init__(
         self,
         *,

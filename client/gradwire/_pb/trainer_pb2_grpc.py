@@ -337,8 +337,10 @@ class TrainerServicer:
         """Opens a session: a model, optimizer and state version of the caller's own. Calls that
         carry its id in the "gradwire-session" metadata act on it; calls without act on the
         default session, which the tutorial flow uses. A session is closed after
-        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
-        open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train, a call
+        that a Calls stream is running) keeps it open however long it lasts. A Calls stream
+        waiting for its next message does not, open as it is: the session expires under it, and
+        the stream ends NOT_FOUND. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
         The "gradwire-session" metadata is not read: a caller may name any session, or one
         that has closed, and still open a new one.
         """

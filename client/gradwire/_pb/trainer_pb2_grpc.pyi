@@ -138,7 +138,8 @@ Conventions used by every message below:
 - Idle connections: the server closes a connection that has had no call in progress for
   300 s (gradwire serve --connection-idle; GetServerInfo's limits.connection_idle_s),
   sending GOAWAY as gRPC's max_connection_idle does. An open stream (Watch, Train, Calls)
-  is a call in progress, however quiet. gRPC's clients open a new connection at their next
+  is a call in progress here, however quiet (an idle Calls stream is none to its session:
+  see OpenSession). gRPC's clients open a new connection at their next
   call by themselves, and nothing is lost with the old one: sessions are named by id, not
   held by a connection. --connection-idle 0: connections without calls stay open.
 - Connections: the server keeps at most 1,000 connections open at once (gradwire serve
@@ -374,8 +375,10 @@ class TrainerStub:
     """Opens a session: a model, optimizer and state version of the caller's own. Calls that
     carry its id in the "gradwire-session" metadata act on it; calls without act on the
     default session, which the tutorial flow uses. A session is closed after
-    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
-    open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train, a call
+    that a Calls stream is running) keeps it open however long it lasts. A Calls stream
+    waiting for its next message does not, open as it is: the session expires under it, and
+    the stream ends NOT_FOUND. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     The "gradwire-session" metadata is not read: a caller may name any session, or one
     that has closed, and still open a new one.
     """
@@ -588,8 +591,10 @@ class TrainerAsyncStub(TrainerStub):
     """Opens a session: a model, optimizer and state version of the caller's own. Calls that
     carry its id in the "gradwire-session" metadata act on it; calls without act on the
     default session, which the tutorial flow uses. A session is closed after
-    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
-    open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+    idle_timeout_s with no call on it; a call in progress (an open Watch, a Train, a call
+    that a Calls stream is running) keeps it open however long it lasts. A Calls stream
+    waiting for its next message does not, open as it is: the session expires under it, and
+    the stream ends NOT_FOUND. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
     The "gradwire-session" metadata is not read: a caller may name any session, or one
     that has closed, and still open a new one.
     """
@@ -913,8 +918,10 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         """Opens a session: a model, optimizer and state version of the caller's own. Calls that
         carry its id in the "gradwire-session" metadata act on it; calls without act on the
         default session, which the tutorial flow uses. A session is closed after
-        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train) keeps it
-        open however long it lasts. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
+        idle_timeout_s with no call on it; a call in progress (an open Watch, a Train, a call
+        that a Calls stream is running) keeps it open however long it lasts. A Calls stream
+        waiting for its next message does not, open as it is: the session expires under it, and
+        the stream ends NOT_FOUND. Calls on a closed session get NOT_FOUND (UNKNOWN_SESSION).
         The "gradwire-session" metadata is not read: a caller may name any session, or one
         that has closed, and still open a new one.
         """
