@@ -354,7 +354,10 @@ def test_session_limits_are_server_settings(trainer: Trainer) -> None:
     try:
         with gradwire.connect(f"127.0.0.1:{running.port}") as client:
             only = client.open_session()
-            with pytest.raises(errors.ResourceExhausted, match="1 sessions are open"):
+            with pytest.raises(
+                errors.ResourceExhausted,
+                match=r"^RESOURCE_EXHAUSTED: 1 session is open, this server's limit; close one",
+            ):
                 client.open_session()
             assert running.servicer.sessions.idle_s == 5.0
             only.close()

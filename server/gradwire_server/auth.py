@@ -127,7 +127,26 @@ class TokenInterceptor(grpc.ServerInterceptor):
                 "environment variable on the command line)"
             )
             return refusal(message, "NO_TOKEN")
-        return refusal("the token sent is not this server's", "BAD_TOKEN")
+        return refusal(_wrong(given if isinstance(given, str) else ""), "BAD_TOKEN")
+
+
+#: How a token is sent: what a refusal tells its caller to do.
+_HOW = "send 'authorization: Bearer <token>'"
+
+
+def _wrong(given: str) -> str:
+    """What is wrong with `given`, an authorization that did not open: its scheme, a token
+    left out, or the token itself. "the token sent is not this server's" was said of a
+    'Basic ...' and of a 'Bearer' with no token, sending its reader to check a token that
+    was right (found by a review of the contract from another language). Nothing of it is
+    quoted: a token may hold spaces, and its first word read as a scheme would be a part of
+    it."""
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer":
+        return f"the authorization does not begin with 'Bearer ': {_HOW}"
+    if not token.strip(" "):
+        return f"no token after 'Bearer': {_HOW}"
+    return "the token sent is not this server's"
 
 
 def _refusal(

@@ -161,7 +161,8 @@ class Sessions:
                 )
             if taken >= self.max_sessions:
                 raise OverLimit(
-                    f"{taken} sessions are open, this server's limit; close one "
+                    f"{taken} session{' is' if taken == 1 else 's are'} open, this server's "
+                    "limit; close one "
                     f"(CloseSession) or wait: {self._next_expiry()}",
                     reason="TOO_MANY_SESSIONS",
                     # As at a limit of 0: said with one limit and not the other (a review).
