@@ -238,7 +238,8 @@ Conventions used by every message below:
       the pass and the error's type; the server's log has the traceback; nothing
       changed), INTERNAL (the server's log has the details)
   The health service (grpc.health.v1, which needs no token) refuses a service name over
-  256 characters, INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
+  256 characters, or a request over 4 KiB (refused by its length, unparsed),
+  INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
   RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
   Check of a service it has no status for is NOT_FOUND, as the health protocol says
   (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
