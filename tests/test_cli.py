@@ -32,7 +32,7 @@ from gradwire import errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import build_parser, output
 from gradwire.cli.connection import connection_hint
-from gradwire.failures import SERVER_CANCELLED, closed_channel, failed
+from gradwire.failures import SERVER_CANCELLED, after_a_cut, closed_channel, failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.auth import TlsFiles
@@ -2162,16 +2162,41 @@ class _Failed(grpc.RpcError):
     [
         (grpc.StatusCode.CANCELLED, "CANCELLED", SERVER_CANCELLED),
         (grpc.StatusCode.UNAVAILABLE, "Cancelling all calls", "the server stopped with"),
+        (
+            grpc.StatusCode.UNAVAILABLE,
+            "Stream removed (Socket closed)",
+            "the connection to the server closed with this call in progress",
+        ),
     ],
 )
 def test_a_status_with_a_reason_keeps_its_words_though_they_are_grpcs_alone(
     code: grpc.StatusCode, words: str, replaced: str
 ) -> None:
-    """Only gRPC's own status, with no ErrorInfo, is taken for a server's cancel or a stop's
-    grace ended: a server that gave a reason said what happened itself."""
-    assert str(failed(_Failed(code, words), False)).startswith(f"{code.name}: {replaced}")
+    """Only gRPC's own status, with no ErrorInfo, is taken for a server's cancel, a stop's
+    grace ended or a connection lost: a server that gave a reason said what happened
+    itself."""
+    told = failed(_Failed(code, words), False)
+    assert str(told).startswith(f"{code.name}: {replaced}")
+    assert told.args == (told.message,)  # repr() says it too
     said = failed(_Failed(code, words, reason="SOMETHING_ELSE"), False)
     assert (str(said), said.reason) == (f"{code.name}: {words}", "SOMETHING_ELSE")
+
+
+def test_only_a_retry_refused_as_unavailable_is_said_to_follow_a_cut() -> None:
+    """A call cut off in progress, then retried: where the last attempt was refused for the
+    server being away, its error says first that the call was cut off (the retries' own
+    "Connection refused" hid it). A last attempt the server answered (its session gone with
+    a restart, say), or one the client's close ended, says its own words alone: what the
+    server said, or what to do, is what counts then."""
+    cut = _Failed(grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)")
+    refused = errors.Unavailable("failed to connect to all addresses")
+    assert after_a_cut(refused, cut).message.startswith("the connection to the server closed")
+    answered = errors.NotFound("no session 'x'", reason="UNKNOWN_SESSION")
+    closed = errors.ClientClosed("this client is closed")
+    for last in (answered, closed):
+        words = str(last)
+        assert after_a_cut(last, cut) is last and str(last) == words
+    assert str(after_a_cut(errors.Unavailable("refused"), None)) == "UNAVAILABLE: refused"
 
 
 def test_too_many_pings_is_explained_only_for_a_client_pinging_under_the_servers_interval() -> None:
@@ -2179,7 +2204,9 @@ def test_too_many_pings_is_explained_only_for_a_client_pinging_under_the_servers
     interval, or not at all (None, 0), was closed for something else, and is not told to."""
     pings = _Failed(grpc.StatusCode.UNAVAILABLE, "Too many pings")
     least = limits.MIN_CLIENT_PING_S
-    assert "keepalive=29.5; a gradwire server takes" in str(failed(pings, False, least - 0.5))
+    told = failed(pings, False, least - 0.5)
+    assert "keepalive=29.5; a gradwire server takes" in str(told)
+    assert told.args == (told.message,)  # repr() says it too
     for keepalive in (least, None, 0.0):
         assert str(failed(pings, False, keepalive)) == "UNAVAILABLE: Too many pings"
 

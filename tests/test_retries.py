@@ -427,6 +427,7 @@ def test_a_call_whose_connection_closes_in_progress_then_refused_says_so_first(
     assert then in said, said
     assert "'); retried: " in said, said
     assert info.value.changes_state == change
+    assert info.value.args == (info.value.message,)  # repr() says it too
 
 
 @pytest.mark.parametrize("joined", [False, True], ids=["opened", "joined"])
