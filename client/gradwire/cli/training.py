@@ -311,11 +311,11 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         away = True
         # The version of the last update this watch showed: the server's may have moved on
         # since (a save between two updates). "after version N" read as the server's own
-        # (a review of watching training remotely).
-        last = f"the last update showed version {version}" if seen else "no update had come"
+        # (a review of watching training remotely). There is one: this command's client
+        # makes no call before its watch, so only a watch that had an update reconnects.
         args.err.write(
-            f"the server went away ({rewatch.gist(error.message)}); {last}; "
-            "watching again once it is back (Ctrl-C stops)\n"
+            f"the server went away ({rewatch.gist(error.message)}); the last update showed "
+            f"version {version}; watching again once it is back (Ctrl-C stops)\n"
         )
 
     try:
