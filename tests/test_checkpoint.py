@@ -2970,3 +2970,91 @@ def test_a_checkpoint_s_size_is_written_in_the_largest_unit_under_1024() -> None
         "1.0 GiB",
         "1024.0 GiB",
     ]
+
+
+# --- found by mutation testing of the trainer's save and load -------------------------------
+
+
+def test_a_checkpoint_saved_at_no_steps_brings_the_count_back_to_0(tmp_path: Path) -> None:
+    """A count of 0 is a count: loaded into a trainer that has stepped, the watch's count
+    goes back to the saved state's 0, as any other count does, not on from where it was."""
+    path = tmp_path / "state.safetensors"
+    Trainer(seed=0).save(path)
+    loading = Trainer(seed=0)
+    _train(loading, 2)
+    loading.load(path)
+    with _steps_watched(loading) as steps:
+        assert steps() == 0
+
+
+def test_a_checkpoint_gone_before_the_load_looks_at_it_is_bad_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A file that cannot be looked at for its size (gone, as a delete's race leaves it) is
+    refused as a load refuses a file it cannot read, saying why, not with the OSError."""
+    trainer = Trainer(seed=0)
+    with pytest.raises(InvalidInput) as refused:
+        trainer.load(tmp_path / "gone.safetensors")
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message.startswith(
+        f"cannot load {tmp_path / 'gone.safetensors'}: it cannot be read (no such file or "
+        "directory)"
+    )
+    assert trainer.version == 0
+
+
+def test_a_parameter_changed_on_disk_during_a_load_is_bad_checkpoint_saying_what_it_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parameter's bytes changed in place after the load checked the file, before it was
+    read again to be copied in (another process writing the file): BAD_CHECKPOINT, with what
+    was replaced by then; it escaped as the checkpoint's ValueError, INTERNAL."""
+    trainer = Trainer(seed=0)
+    path = tmp_path / "state.safetensors"
+    trainer.save(path)
+    real = staging.copy_into
+
+    def changed_as_the_first_is_copied(out: torch.Tensor, source: torch.Tensor) -> None:
+        if out.data_ptr() == trainer.parameters["conv1.weight"].data_ptr():
+            with path.open("r+b") as f:  # a bit of linear.weight's first byte, in place
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+                f.seek(8 + length + header["param/linear.weight"]["data_offsets"][0])
+                first = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([first[0] ^ 1]))
+        real(out, source)
+
+    monkeypatch.setattr(staging, "copy_into", changed_as_the_first_is_copied)
+    with pytest.raises(InvalidInput) as refused:
+        trainer.load(path)
+    assert refused.value.reason == "BAD_CHECKPOINT"
+    assert refused.value.message.startswith(f"cannot load {path}: ")
+    assert "linear.weight changed on disk while it was loaded" in refused.value.message
+    assert "were replaced by then (conv1.weight, " in refused.value.message
+    trainer.close()
+
+
+def test_a_buffer_named_as_no_buffer_a_pass_could_register_is_another_model_s(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint's buffer named as what the module has already (its parameter) or as no
+    attribute could be (a name that is no identifier) is another model's, said so, even of
+    a model no pass on meta tensors can tell of: not told to register it in __init__."""
+    spec = ModelSpec("CheckedPositions", CheckedPositions, (4,), 3)
+    trained = Trainer(spec, seed=0)
+    path = tmp_path / "state.safetensors"
+    trained.save(path)
+    for odd in ("lin.weight", "lin.0"):
+        _tensors_altered(path, {f"buffer/{odd}": torch.ones(2)})
+        fresh = Trainer(spec, seed=0)
+        with pytest.raises(InvalidInput) as refused:
+            fresh.load(path)
+        assert refused.value.reason == "BAD_CHECKPOINT"
+        assert refused.value.message == (
+            f"{path} holds buffers this server's CheckedPositions does not have as they are "
+            f"there: {odd}; {checkpoint.OTHER_MODEL}"
+        )
+        _tensors_altered(path, {f"buffer/{odd}": None})
+        fresh.close()
+    trained.close()
