@@ -414,6 +414,30 @@ def test_an_absent_input_is_listed_in_the_dtype_the_model_takes() -> None:
     assert (listed["input"].dtype, listed["input"].present) == (torch.bfloat16, True)
 
 
+class _Uint8Input(nn.Module):
+    """Takes uint8 values, as a camera's frames come, and computes in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x.float() / 255)
+        return out
+
+
+def test_an_absent_input_is_listed_in_the_dtype_it_takes_not_the_one_it_computes_in() -> None:
+    """A model taking uint8 computes in float32: its absent input is listed uint8, as a
+    Forward makes it, and its output float32, as a pass will make it (a half model's test
+    above could not tell the two apart)."""
+    spec = ModelSpec("Bytes", _Uint8Input, (4,), 2, input_dtype=torch.uint8)
+    trainer = Trainer(spec, device="cpu", seed=0)
+    listed = {info.name: info for info in trainer.list_tensors().tensors}
+    assert (listed["input"].dtype, listed["input"].present) == (torch.uint8, False)
+    assert (listed["output"].dtype, listed["output"].present) == (torch.float32, False)
+    trainer.close()
+
+
 @pytest.mark.parametrize("first", ["stream_buffer", "list_tensors", "subscribe", "put_back"])
 def test_a_call_s_guard_is_left_to_its_mutation_by_what_changes_nothing(
     trainer: Trainer, first: str
