@@ -6,7 +6,7 @@ local one (and the tutorial's replay as the tutorial). Importing torch for its r
 `gradwire get` about a second, and a client without torch printed numpy's rounding instead.
 This follows torch/_tensor_str.py (torch 2.x) for dense tensors of the dtypes the wire carries
 under torch's default print options (precision 4, threshold 1000, edge items 3, line width
-80); tests/test_tensor_repr.py checks it against torch's own repr over 865 tensors.
+80); tests/test_tensor_repr.py checks it against torch's own repr over 947 tensors.
 """
 
 from __future__ import annotations
