@@ -735,7 +735,7 @@ def test_keep_state_changes_sgd_in_place_as_torchs_param_groups_do(
         (
             {"kind": "sgd", "lr": 0.1},
             "the optimizer is Adam, and keep_state (--keep-state) changes its settings in "
-            "place: SGD needs a new optimizer",
+            "place: SGD needs a new optimizer (without keep_state, its state starts afresh)",
         ),
         ({"momentum": 0.9}, "momentum is a setting of SGD, not of Adam"),
         ({"lr": -1.0}, "optimizer settings refused: Invalid learning rate: -1.0"),
