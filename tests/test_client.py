@@ -571,6 +571,22 @@ def test_reset_forgets_forward_and_gradients(client: gradwire.Client) -> None:
         client.backward()
 
 
+def test_a_step_after_a_reset_trains_the_new_model(client: gradwire.Client) -> None:
+    """Reset makes a new model and an optimizer over its parameters, with the settings
+    kept: an optimizer left over the old model's parameters would step those, and the new
+    model's weights would never move (nothing checked a Step after a Reset, with no
+    SetOptimizer between to build the optimizer again)."""
+    client.set_optimizer("sgd", lr=0.1)
+    client.train_step(ONES_INPUT, ONES_TARGET)
+    client.reset(0)
+    client.forward(ONES_INPUT, ONES_TARGET)
+    client.backward()
+    weight, grad = client.get("conv1.weight"), client.get("conv1.weight.grad")
+    assert np.abs(grad).max() > 0
+    client.step()
+    np.testing.assert_allclose(client.get("conv1.weight"), weight - 0.1 * grad, rtol=1e-6)
+
+
 def test_set_optimizer_sgd_with_momentum(client: gradwire.Client) -> None:
     config = client.set_optimizer("sgd", lr=0.1, momentum=0.9)
     expected = gradwire.OptimizerConfig(
