@@ -3040,21 +3040,23 @@ def test_a_buffer_named_as_no_buffer_a_pass_could_register_is_another_model_s(
 ) -> None:
     """A checkpoint's buffer named as what the module has already (its parameter) or as no
     attribute could be (a name that is no identifier) is another model's, said so, even of
-    a model no pass on meta tensors can tell of: not told to register it in __init__."""
+    a model no pass on meta tensors can tell of: not told to register it in __init__. So
+    is a checkpoint holding such a buffer beside one a pass could register: all of them
+    must be registrable for the load to look further."""
     spec = ModelSpec("CheckedPositions", CheckedPositions, (4,), 3)
     trained = Trainer(spec, seed=0)
     path = tmp_path / "state.safetensors"
     trained.save(path)
-    for odd in ("lin.weight", "lin.0"):
-        _tensors_altered(path, {f"buffer/{odd}": torch.ones(2)})
+    for odd in (["lin.weight"], ["lin.0"], ["lin.positions", "lin.weight"]):
+        _tensors_altered(path, {f"buffer/{name}": torch.ones(2) for name in odd})
         fresh = Trainer(spec, seed=0)
         with pytest.raises(InvalidInput) as refused:
             fresh.load(path)
         assert refused.value.reason == "BAD_CHECKPOINT"
         assert refused.value.message == (
             f"{path} holds buffers this server's CheckedPositions does not have as they are "
-            f"there: {odd}; {checkpoint.OTHER_MODEL}"
+            f"there: {', '.join(odd)}; {checkpoint.OTHER_MODEL}"
         )
-        _tensors_altered(path, {f"buffer/{odd}": None})
+        _tensors_altered(path, {f"buffer/{name}": None for name in odd})
         fresh.close()
     trained.close()
