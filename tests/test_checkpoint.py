@@ -1616,6 +1616,18 @@ def test_a_deleted_checkpoint_once_loaded_is_not_kept_mapped(
     _step(client)  # trains on from it, the file gone
 
 
+def _flip_a_bit(path: Path, key: str) -> None:
+    """Flips a bit of tensor `key`'s first byte in the checkpoint at `path`, in place (as
+    another process writing the file would): its header, and its size, stay as they were."""
+    with path.open("r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        f.seek(8 + length + header[key]["data_offsets"][0])
+        first = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([first[0] ^ 1]))
+
+
 def test_a_load_reads_the_parameters_one_at_a_time_as_it_checked_them(tmp_path: Path) -> None:
     """`load` holds every tensor but the parameters, which it checks and lets go, and reads
     again one at a time as a load copies them in (a load held the whole file at once); bytes
@@ -1633,13 +1645,7 @@ def test_a_load_reads_the_parameters_one_at_a_time_as_it_checked_them(tmp_path: 
             assert torch.equal(loaded.parameter(name), p.detach()), name
             assert torch.equal(loaded.gradients[name], p.grad), name  # type: ignore[arg-type]
         assert _mapped(path) == []
-        with path.open("r+b") as f:  # a bit of linear.weight's first byte, in place
-            length = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(length))
-            f.seek(8 + length + header["param/linear.weight"]["data_offsets"][0])
-            first = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([first[0] ^ 1]))
+        _flip_a_bit(path, "param/linear.weight")
         assert torch.equal(loaded.parameter("conv1.weight"), original.parameters["conv1.weight"])
         with pytest.raises(ValueError, match=r"linear\.weight changed on disk while it was loaded"):
             loaded.parameter("linear.weight")
@@ -3016,13 +3022,7 @@ def test_a_parameter_changed_on_disk_during_a_load_is_bad_checkpoint_saying_what
 
     def changed_as_the_first_is_copied(out: torch.Tensor, source: torch.Tensor) -> None:
         if out.data_ptr() == trainer.parameters["conv1.weight"].data_ptr():
-            with path.open("r+b") as f:  # a bit of linear.weight's first byte, in place
-                length = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(length))
-                f.seek(8 + length + header["param/linear.weight"]["data_offsets"][0])
-                first = f.read(1)
-                f.seek(-1, os.SEEK_CUR)
-                f.write(bytes([first[0] ^ 1]))
+            _flip_a_bit(path, "param/linear.weight")
         real(out, source)
 
     monkeypatch.setattr(staging, "copy_into", changed_as_the_first_is_copied)
