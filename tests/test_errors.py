@@ -494,6 +494,12 @@ def test_backward_of_a_loss_no_training_parameter_reaches_is_no_gradients() -> N
         with pytest.raises(WrongOrder) as info:
             trainer.backward()
         assert info.value.reason == "NO_GRADIENTS"
+        # Whole: each way the loss can miss the parameters, and why Backward stops.
+        assert str(info.value) == (
+            "the loss depends on no parameter that trains: each is frozen "
+            "(requires_grad=False) or the model's output does not come from them, so "
+            "Backward has no gradient to make"
+        )
     finally:
         trainer.close()
 

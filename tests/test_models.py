@@ -666,6 +666,34 @@ def test_an_error_in_the_model_s_backward_pass_is_answered_as_in_its_forward_pas
         assert "no gradient for this batch" in caplog.text  # the traceback, in the log
 
 
+class FailingBackwardOnIds(nn.Module):
+    """An embedding of token ids whose output goes through a Function that fails its
+    backward pass with an IndexError."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _Refusing.apply(self.emb(x).sum(1), IndexError)
+        return out
+
+
+def test_an_index_error_in_the_backward_pass_of_a_model_taking_ids_is_its_refusal() -> None:
+    """As in its forward pass (an id past an Embedding's table, on the CPU): an IndexError
+    of a model taking integers is its refusal of the input, with its words, not INTERNAL."""
+    spec = ModelSpec("FailingBackwardOnIds", FailingBackwardOnIds, (4,), 3, input_dtype=torch.int64)
+    with serving(spec) as client:
+        client.forward(np.ones((2, 4), np.int64), np.array([0, 2]))
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.backward()
+        assert caught.value.reason == "MODEL_REFUSED"
+        assert caught.value.message == (
+            "FailingBackwardOnIds refused this input in its backward pass: no gradient for "
+            "this batch"
+        )
+
+
 class FrozenBackbone(nn.Module):
     """A BatchNorm backbone and a head; built by `frozen_backbone`, which freezes the first."""
 

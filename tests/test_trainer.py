@@ -1171,3 +1171,64 @@ def test_a_value_given_away_for_a_part_of_a_parameter_is_not_taken_for_the_whole
     assert not given
     assert torch.equal(_value(trainer, "conv1.weight"), before)
     assert trainer.version == 0
+
+
+class _SavesItsHidden(nn.Module):
+    """A linear layer whose output is squared: the square's graph node saves that output,
+    which no hook keeps (it is no module's output), and `hidden` refers to it weakly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((2, 4), 0.5))
+        self.hidden: weakref.ref[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = x @ self.weight.t()
+        self.hidden = weakref.ref(hidden)
+        return hidden * hidden
+
+
+def test_a_backward_lets_go_of_what_its_graph_saved_unless_told_to_keep_it() -> None:
+    """As loss.backward(): what the pass saved for its backward is kept by a Backward with
+    retain_graph alone, for the next to use; without, it is let go of then, not held until
+    the next Forward (the pass's memory, held through every read and Step between)."""
+    model = _SavesItsHidden()
+    trainer = Trainer(ModelSpec("SavesItsHidden", lambda: model, (4,), 2), seed=0)
+    try:
+        trainer.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+        assert model.hidden is not None and model.hidden() is not None
+        trainer.backward(retain_graph=True)
+        assert model.hidden() is not None  # kept for the next Backward
+        trainer.backward()
+        assert model.hidden() is None
+    finally:
+        trainer.close()
+
+
+class _WithSpare(nn.Module):
+    """A linear layer, and a spare one its forward pass leaves out: its parameters train,
+    and the loss makes them no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.spare = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_backward_leaves_a_gradient_the_loss_does_not_reach_as_it_was() -> None:
+    """As loss.backward(): a gradient written to the spare layer stays what it was, added to
+    by nothing, and the reached layer's is made."""
+    trainer = Trainer(ModelSpec("WithSpare", _WithSpare, (4,), 2), seed=0)
+    try:
+        trainer.write("spare.weight.grad", (), torch.tensor(2.0))
+        trainer.forward(torch.ones(2, 4), torch.tensor([0, 1]))
+        trainer.backward()
+        assert torch.equal(_value(trainer, "spare.weight.grad"), torch.full((2, 4), 2.0))
+        assert trainer.read("spare.bias.grad").value is None
+        assert trainer.read("lin.weight.grad").value is not None
+    finally:
+        trainer.close()
