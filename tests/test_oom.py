@@ -672,6 +672,23 @@ def test_a_step_of_many_parameters_runs_whole_or_not_at_all(
     assert outcomes == ["refused", "refused", "ran"]
 
 
+def test_a_step_takes_memory_for_the_parameters_it_updates_alone(growing: Capped) -> None:
+    # A parameter without a gradient is left as it is by a Step: its state and temporaries
+    # are none of the Step's memory. Adam's first step of the two small layers (4 MiB each:
+    # 24 MiB taken first) runs under 64 MiB of headroom, where the large layer's (64 MiB of
+    # it) would take 272 MiB.
+    client = growing.client
+    client.set_optimizer("adam", lr=0.01)
+    client.set("0.weight.grad", 0.5)
+    client.set("1.weight.grad", 0.5)
+    before = snapshot(client, ["0.weight", "2.weight"])
+    with growing.limit(64 * MiB):
+        assert client.step().parameters_updated == 2  # the two with a gradient
+    after = snapshot(client, ["0.weight", "2.weight"])
+    assert after[1][0] != before[1][0] and after[1][1] == before[1][1]
+    assert client.get("optimizer.2.weight.exp_avg") is None
+
+
 def test_a_streamed_input_that_does_not_fit_is_refused_and_changes_nothing(wide: Capped) -> None:
     # A 256 MiB input sent in chunks: the block it is assembled in, taken at the first
     # chunk, does not fit in 160 MiB of headroom. It was answered INTERNAL. (With a 64 MiB
