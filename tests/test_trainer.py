@@ -24,6 +24,7 @@ from gradwire_server.errors import (
 from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.optimizers import OptimizerSettings
+from gradwire_server.results import Selection
 from gradwire_server.trainer import Guard, Trainer, guarded
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
@@ -1232,3 +1233,42 @@ def test_a_backward_leaves_a_gradient_the_loss_does_not_reach_as_it_was() -> Non
         assert trainer.read("lin.weight.grad").value is not None
     finally:
         trainer.close()
+
+
+def test_a_value_given_away_for_a_gradient_is_written_to_the_gradient() -> None:
+    """Only a parameter's memory is taken from a streamed value: one written whole to a
+    gradient is copied into the gradient, and the parameter is left as it was."""
+    trainer = Trainer(ModelSpec("Linear", lambda: nn.Linear(4, 2), (4,), 2), seed=0)
+    try:
+        before = _value(trainer, "bias")
+        given: list[torch.Tensor] = []
+        trainer.write("bias.grad", (), torch.full((2,), 0.5), replaced=given.append)
+        assert not given
+        assert torch.equal(_value(trainer, "bias"), before)
+        assert torch.equal(_value(trainer, "bias.grad"), torch.full((2,), 0.5))
+    finally:
+        trainer.close()
+
+
+def test_a_step_records_its_change_in_the_memory_the_last_step_s_was_in() -> None:
+    """A parameter's change is kept in one buffer from step to step: a Step copies the
+    weights into it and subtracts, and takes no memory of its own for it (a new one each
+    Step would hold two changes at once, a model's size more, for a moment)."""
+    trainer = Trainer(device="cpu", seed=0, track_deltas=True)
+    try:
+        where = []
+        for _ in range(2):
+            trainer.write("conv1.weight.grad", (), torch.tensor(1.0))
+            before = _value(trainer, "conv1.weight")
+            trainer.step()
+            change = _value(trainer, "conv1.weight") - before
+            assert torch.equal(_value(trainer, "conv1.weight.delta"), change)
+            where.append(trainer.read_with("conv1.weight.delta", (), _address))
+        assert where[0] == where[1]
+    finally:
+        trainer.close()
+
+
+def _address(selection: Selection) -> int:
+    assert selection.part is not None
+    return selection.part.data_ptr()
