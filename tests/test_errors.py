@@ -227,7 +227,16 @@ def test_malformed_tensor_is_invalid_argument(
             "NEGATIVE_STEP_WRITE",
             "can be read but not written",
         ),
-        (lambda c: c.set("output", 0.0), "READ_ONLY", "only parameters and gradients"),
+        (
+            lambda c: c.set("output", 0.0),
+            "READ_ONLY",
+            "'output' is the last Forward's output; only parameters and gradients can be written",
+        ),
+        (
+            lambda c: c.set("conv1.output", 0.0),
+            "READ_ONLY",
+            "'conv1.output' is the last Forward's activation; only parameters and gradients",
+        ),
         (lambda c: c.set("conv1.weight.delta", 0.0), "READ_ONLY", "the last Step's change"),
         (
             lambda c: c.fill_parameters(0.5, ["conv1.weight.grad"]),

@@ -25,7 +25,7 @@ from gradwire_server.fills import FillSpec
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.optimizers import OptimizerSettings
 from gradwire_server.results import Selection
-from gradwire_server.trainer import Guard, Trainer, guarded
+from gradwire_server.trainer import INLINE_READ_ELEMENTS, Guard, Trainer, guarded
 
 ONES = FillSpec("ones", (8, 3, 10, 10))
 LABELS = FillSpec("ones", (8,))
@@ -1272,3 +1272,32 @@ def test_a_step_records_its_change_in_the_memory_the_last_step_s_was_in() -> Non
 def _address(selection: Selection) -> int:
     assert selection.part is not None
     return selection.part.data_ptr()
+
+
+class _AtTheReadLine(nn.Module):
+    """A linear layer, and two parameters its pass leaves alone: one of INLINE_READ_ELEMENTS
+    values, and one of a value more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.small = nn.Parameter(torch.zeros(INLINE_READ_ELEMENTS))
+        self.large = nn.Parameter(torch.zeros(INLINE_READ_ELEMENTS + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x)
+        return out
+
+
+def test_a_small_read_runs_on_its_caller_s_thread_and_a_larger_one_on_the_torch_thread() -> None:
+    """A read of up to INLINE_READ_ELEMENTS values on the CPU runs where it is asked, under
+    the lock: the hand-off to the torch thread would cost more than the read (too small for
+    torch to split). A larger one runs on the torch thread, as the calls that change the
+    model do."""
+    trainer = Trainer(ModelSpec("AtTheReadLine", _AtTheReadLine, (4,), 2), seed=0)
+    try:
+        here = threading.get_ident()
+        assert trainer.read_with("small", (), lambda _: threading.get_ident()) == here
+        assert trainer.read_with("large", (), lambda _: threading.get_ident()) != here
+    finally:
+        trainer.close()
