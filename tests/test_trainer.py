@@ -1118,6 +1118,7 @@ def test_a_read_of_an_absent_tensor_is_of_the_version_it_was_read_at(trainer: Tr
     for name in ("conv1.weight.grad", "loss", "conv1.output", "conv1.weight.delta"):
         read = trainer.read(name)
         assert read.value is None and read.version == trainer.version == 2, name
+        assert read.full_shape is None, name  # no shape, not a scalar's
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
