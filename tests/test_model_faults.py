@@ -181,6 +181,32 @@ def test_a_write_to_a_parameter_that_views_one_value_in_several_places_is_refuse
     np.testing.assert_array_equal(client.get("scale"), [2.0, 2.0, 2.0])
 
 
+def test_a_parameter_that_views_one_value_in_several_places_trains_as_in_pytorch(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    # Its gradient, copied into the parameter's strides (three values into one memory),
+    # failed every Backward INTERNAL, where backward() makes it contiguous; and a streamed
+    # write to it, absent, was refused as a write to the parameter, where a unary one made it
+    # (both found by a mutation review).
+    client = serve(Expanded)
+    for stream_above in (client.stream_above_bytes, 0):
+        client.stream_above_bytes = stream_above
+        client.zero_grad()  # to None: absent
+        client.set("scale.grad", np.array([1.0, 2.0, 3.0], np.float32))
+        np.testing.assert_array_equal(client.get("scale.grad"), [1.0, 2.0, 3.0])
+    client.zero_grad()
+    local = Expanded()  # scale is ones, as the served one's
+    local.lin.load_state_dict(
+        {k: torch.from_numpy(client.get(f"lin.{k}")) for k in ("weight", "bias")}
+    )
+    client.forward(X, Y)
+    client.backward()
+    nn.CrossEntropyLoss()(local(torch.from_numpy(X)), torch.from_numpy(Y)).backward()
+    assert local.scale.grad is not None
+    np.testing.assert_allclose(client.get("scale.grad"), local.scale.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(client.get("lin.weight.grad"), local.lin.weight.grad, rtol=1e-6)
+
+
 def test_a_loss_on_frozen_layers_alone_is_refused_by_backward_and_train_step(
     serve: Callable[[type[nn.Module]], gradwire.Client],
 ) -> None:

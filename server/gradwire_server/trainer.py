@@ -536,9 +536,14 @@ def _laid_out_as(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor
         return None
     if grad.layout != torch.strided:
         grad = grad.to_dense()
-    if grad.stride() == param.stride():
+    # empty_like's strides are backward()'s: the parameter's where it is dense and no two of
+    # its elements share memory, else contiguous. A parameter made with `expand` (one value
+    # in three places) failed every Backward INTERNAL, its gradient copied into its strides
+    # (found by a mutation review).
+    strides = torch.empty_like(param, device="meta").stride()
+    if grad.stride() == strides:
         return grad
-    return grad.new_empty_strided(param.shape, param.stride()).copy_(grad)
+    return grad.new_empty_strided(param.shape, strides).copy_(grad)
 
 
 def _carried_if_present(tensor: torch.Tensor | None) -> bool:
@@ -2145,7 +2150,10 @@ class Trainer:
         shapes only, which change at a Reset alone, and write() checks again under it."""
         _, tensor, param = self._writable(name)
         self._check_size(shape, "value")
-        base = param if tensor is None else tensor
+        # An absent gradient is written as zeros_like(param) makes it, in the strides it
+        # takes (contiguous for a parameter made with `expand`, which a streamed write was
+        # refused for where a unary one made it: found by a mutation review).
+        base = torch.empty_like(param, device="meta") if tensor is None else tensor
         writable_slot(base, chain, name, tuple(shape))
 
     def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
