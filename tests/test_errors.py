@@ -241,7 +241,8 @@ def test_malformed_tensor_is_invalid_argument(
         (
             lambda c: c.fill_parameters(0.5, ["conv1.weight.grad"]),
             "NOT_A_PARAMETER",
-            "'conv1.weight.grad' is not a parameter",
+            "'conv1.weight.grad' is not a parameter: FillParameters fills parameters only "
+            "(SetTensor writes a gradient)",
         ),
         (lambda c: c.get("conv1.weight[0, 0, 0, 0, 0]"), "TOO_MANY_INDICES", "too many indices"),
         # Found by a review: torch allows the 65th dimension, numpy (the reply) does not, and
