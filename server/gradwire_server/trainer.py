@@ -539,8 +539,12 @@ def _laid_out_as(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor
     # empty_like's strides are backward()'s: the parameter's where it is dense and no two of
     # its elements share memory, else contiguous. A parameter made with `expand` (one value
     # in three places) failed every Backward INTERNAL, its gradient copied into its strides
-    # (found by a mutation review).
-    strides = torch.empty_like(param, device="meta").stride()
+    # (found by a mutation review). A contiguous parameter's own, without the meta tensor
+    # (1.2 us of a Backward's time a parameter, where is_contiguous takes 0.1).
+    if param.is_contiguous():
+        strides = param.stride()
+    else:
+        strides = torch.empty_like(param, device="meta").stride()
     if grad.stride() == strides:
         return grad
     return grad.new_empty_strided(param.shape, strides).copy_(grad)
