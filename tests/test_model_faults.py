@@ -181,7 +181,7 @@ def test_a_write_to_a_parameter_that_views_one_value_in_several_places_is_refuse
     np.testing.assert_array_equal(client.get("scale"), [2.0, 2.0, 2.0])
 
 
-def test_a_parameter_that_views_one_value_in_several_places_trains_as_in_pytorch(
+def test_a_parameter_that_views_one_value_in_several_places_has_its_gradients_as_in_pytorch(
     serve: Callable[[type[nn.Module]], gradwire.Client],
 ) -> None:
     # Its gradient, copied into the parameter's strides (three values into one memory),
@@ -205,6 +205,40 @@ def test_a_parameter_that_views_one_value_in_several_places_trains_as_in_pytorch
     assert local.scale.grad is not None
     np.testing.assert_allclose(client.get("scale.grad"), local.scale.grad.numpy(), rtol=1e-6)
     np.testing.assert_allclose(client.get("lin.weight.grad"), local.lin.weight.grad, rtol=1e-6)
+
+
+def test_a_step_of_a_parameter_that_views_one_value_in_several_places_is_refused_clearly(
+    serve: Callable[[type[nn.Module]], gradwire.Client],
+) -> None:
+    """No optimizer can update such a parameter in place, PyTorch's neither (its step
+    raises "more than one element of the written-to tensor refers to a single memory
+    location"): a Step, and a TrainStep, answered that INTERNAL, its words in the server's
+    log alone. Refused before anything changes (a TrainStep's ZeroGrad, Forward and Backward
+    undone), saying whose it is to fix and how."""
+    local = Expanded()
+    nn.CrossEntropyLoss()(local(torch.from_numpy(X)), torch.from_numpy(Y)).backward()
+    with pytest.raises(RuntimeError, match="refers to a single memory location"):
+        torch.optim.SGD(local.parameters(), lr=0.1).step()
+    client = serve(Expanded)
+    said = (
+        "scale of Expanded views one value in several places (a stride of 0, as expand "
+        "makes it): no optimizer can update it in place, PyTorch's neither, and nothing was "
+        "changed. Its operator's to fix: expand(...).clone() in the model's __init__ gives "
+        "it a place for each value, requires_grad=False freezes it"
+    )
+    client.forward(X, Y)
+    client.backward()
+    version, weight = client.list_tensors().version, client.get("lin.weight")
+    grad = client.get("lin.weight.grad")
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        client.step()
+    assert (refused.value.reason, refused.value.message) == ("EXPANDED_PARAMETER", said)
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        client.train_step(X, Y)
+    assert (refused.value.reason, refused.value.message) == ("EXPANDED_PARAMETER", said)
+    assert client.list_tensors().version == version
+    np.testing.assert_array_equal(client.get("lin.weight"), weight)
+    np.testing.assert_array_equal(client.get("lin.weight.grad"), grad)  # all undone
 
 
 def test_a_loss_on_frozen_layers_alone_is_refused_by_backward_and_train_step(

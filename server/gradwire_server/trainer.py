@@ -787,6 +787,9 @@ class Trainer:
         self._parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         #: the parameters that can have a gradient, and so a Step's change and optimizer state
         self._learnable = {n for n, p in self._parameters.items() if _differentiable(p.dtype)}
+        #: the parameters that view one value in several places (made with `expand`): no
+        #: optimizer can update them in place (`_check_steppable`)
+        self._repeating = [n for n, p in self._parameters.items() if not no_repeats(p)]
         #: the parameters of a dtype the wire does not carry (a complex phase): they train,
         #: FillParameters fills them and checkpoints keep them, but no call lists them or
         #: carries their values, nor their gradients', changes' or optimizer state's
@@ -1559,6 +1562,7 @@ class Trainer:
                     "nothing, and nothing changed",
                     reason="NO_GRADIENTS",
                 )
+            self._check_steppable()  # refused here, undone with the rest
             stepping = True
             if all(p.grad is None for p in self._parameters.values()):
                 # The model's hooks stepped each parameter as its gradient landed and let go
@@ -1825,6 +1829,7 @@ class Trainer:
                 "removes them)",
                 reason="NO_GRADIENTS",
             )
+        self._check_steppable()
         with self._device_memory("step"):
             recording = self.track_deltas or self._deltas_asked
             before = self._keep_before_step() if recording else {}
@@ -1846,6 +1851,23 @@ class Trainer:
         self._steps += 1
         self._parameters_changed = True
         return self._bump(), with_grad
+
+    def _check_steppable(self) -> None:
+        """Refuses a Step that would update a parameter viewing one value in several places
+        (made with `expand`), before anything changes: torch's optimizers refuse to write
+        to it in place ("more than one element of the written-to tensor refers to a single
+        memory location"), as they do in PyTorch, and a Step answered that INTERNAL, its
+        words in the server's log alone."""
+        stepped = [n for n in self._repeating if self._parameters[n].grad is not None]
+        if stepped:
+            raise ModelFault(
+                f"{', '.join(stepped)} of {self.spec.name} views one value in several places "
+                "(a stride of 0, as expand makes it): no optimizer can update it in place, "
+                "PyTorch's neither, and nothing was changed. Its operator's to fix: "
+                "expand(...).clone() in the model's __init__ gives it a place for each "
+                "value, requires_grad=False freezes it",
+                reason="EXPANDED_PARAMETER",
+            )
 
     def _stepped_in_backward(self) -> tuple[int, int]:
         """A TrainStep's step that the model's post-accumulate hooks made during Backward:

@@ -194,7 +194,9 @@ Conventions used by every message below:
       server's log has the traceback; nothing changed), REENTRANT_CHECKPOINT (a Backward, TrainStep or Train of a model that runs
       torch.utils.checkpoint with use_reentrant=True, whose backward pass runs only
       through loss.backward(): use_reentrant=False serves; its operator's to fix),
-      CLOSED (the
+      EXPANDED_PARAMETER (a Step or TrainStep that would update a parameter viewing one
+      value in several places, as expand makes it: no optimizer can update it in place;
+      nothing changed; its operator's to fix), CLOSED (the
       call's session was closed, by CloseSession, idleness or the server stopping, after
       the call found it and before it ran: open a session), NO_STATE_DIR (a server
       started without --state-dir, asked to save, load, list or delete checkpoints),
