@@ -1669,6 +1669,33 @@ def test_a_read_of_a_parametrized_weight_names_the_parameters_it_is_made_from() 
         assert "weight is computed by a parametrization" in caught.value.message
 
 
+def test_a_read_of_a_parametrized_weight_s_gradient_or_state_names_those_it_is_made_from() -> None:
+    # "0.weight.grad" was told "did you mean '2.weight.grad'", another layer's (found by a
+    # review of serving real models): the weight's own read named its parameters already.
+    def normed() -> nn.Module:
+        return nn.Sequential(weight_norm(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 3))
+
+    originals = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    with serving(ModelSpec("Normed", normed, (4,), 3)) as client:
+        client.set_optimizer("sgd", lr=0.1, momentum=0.9)
+        client.train_step(np.ones((2, 4), np.float32), np.array([0, 1]))
+        for name, theirs in [
+            ("0.weight.grad", [f"{n}.grad" for n in originals]),
+            ("0.weight.delta", [f"{n}.delta" for n in originals]),
+            (
+                "optimizer.0.weight.momentum_buffer",
+                [f"optimizer.{n}.momentum_buffer" for n in originals],
+            ),
+        ]:
+            with pytest.raises(errors.NotFound) as caught:
+                client.get(name)
+            assert caught.value.metadata["closest"] == ",".join(theirs)
+            said = f"{name} belongs to 0.weight, which is computed by a parametrization"
+            assert said in caught.value.message
+            for their in theirs:  # each there (a delta absent until first asked for)
+                client.get(their)
+
+
 class StepsInBackward(nn.Module):
     """Steps each parameter as its gradient lands and lets go of the gradient: PyTorch's
     pattern for an optimizer in backward."""

@@ -1031,7 +1031,18 @@ class Trainer:
         if unkept is not None:
             hint, close = unkept
         originals = self._parametrized(name)
-        if originals:
+        owner = _owner(name)
+        if not originals and owner is not None and self._parametrized(owner):
+            # Its gradient, Step change or optimizer state: theirs, named as `name` is.
+            at = 0 if name.endswith((".grad", DELTA_SUFFIX)) else len(OPTIMIZER_PREFIX)
+            originals = [name[:at] + n + name[at + len(owner) :] for n in self._parametrized(owner)]
+            hint = (
+                f"{name} belongs to {owner}, which is computed by a parametrization "
+                f"(weight_norm, say) from the parameters that train: read theirs, "
+                f"{', '.join(repr(n) for n in originals)}. "
+            )
+            close = originals
+        elif originals:
             hint = (
                 f"{name} is computed by a parametrization (weight_norm, say) from "
                 f"{', '.join(repr(n) for n in originals)}, the parameters that train: read "
@@ -1049,7 +1060,9 @@ class Trainer:
         """The parameters a parametrization (weight_norm, spectral_norm, orthogonal)
         computes `name` ("0.weight") from, which the model lists under names of their own
         ("0.parametrizations.weight.original0"); [] when it is none such. A read of it was
-        told "did you mean '2.weight'" (found by a review of served models)."""
+        told "did you mean '2.weight'" (found by a review of served models); of its gradient,
+        Step change or optimizer state, "did you mean '2.weight.grad'" (`_unknown` names
+        theirs: a review of serving real models)."""
         path, _, key = name.rpartition(".")
         try:
             module = self._model.get_submodule(path)
