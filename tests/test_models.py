@@ -1696,6 +1696,39 @@ def test_a_read_of_a_parametrized_weight_s_gradient_or_state_names_those_it_is_m
                 client.get(their)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    ("hooked", "originals"),
+    [
+        (nn.utils.spectral_norm, ["0.weight_orig"]),
+        (nn.utils.weight_norm, ["0.weight_g", "0.weight_v"]),
+    ],
+    ids=["spectral_norm", "weight_norm"],
+)
+def test_a_read_of_a_weight_an_older_norm_computes_names_the_parameters_it_is_made_from(
+    hooked: Callable[[nn.Module], nn.Module], originals: list[str]
+) -> None:
+    # torch.nn.utils.spectral_norm (and the older weight_norm) compute 0.weight in a hook
+    # before each pass: its read was told "did you mean '0.weight_v', '0.weight_u',
+    # '2.weight'", buffers and another layer's weight, never 0.weight_orig, the one that
+    # trains (found by a review of serving real models).
+    def normed() -> nn.Module:
+        return nn.Sequential(hooked(nn.Linear(4, 3)), nn.ReLU(), nn.Linear(3, 3))
+
+    with serving(ModelSpec("Normed", normed, (4,), 3)) as client:
+        client.train_step(np.ones((2, 4), np.float32), np.array([0, 1]))
+        for name, theirs in [
+            ("0.weight", originals),
+            ("0.weight.grad", [f"{n}.grad" for n in originals]),
+        ]:
+            with pytest.raises(errors.NotFound) as caught:
+                client.get(name)
+            assert caught.value.metadata["closest"] == ",".join(theirs)
+            assert "computed by a parametrization" in caught.value.message
+            for their in theirs:
+                assert client.get(their) is not None
+
+
 class StepsInBackward(nn.Module):
     """Steps each parameter as its gradient lands and lets go of the gradient: PyTorch's
     pattern for an optimizer in backward."""

@@ -29,6 +29,8 @@ from typing import Any, ParamSpec, TypeVar, overload
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire import codec
@@ -1057,9 +1059,10 @@ class Trainer:
         )
 
     def _parametrized(self, name: str) -> list[str]:
-        """The parameters a parametrization (weight_norm, spectral_norm, orthogonal)
-        computes `name` ("0.weight") from, which the model lists under names of their own
-        ("0.parametrizations.weight.original0"); [] when it is none such. A read of it was
+        """The parameters a parametrization (weight_norm, spectral_norm, orthogonal), or an
+        older norm's hook, computes `name` ("0.weight") from, which the model lists under
+        names of their own ("0.parametrizations.weight.original0", "0.weight_orig"); []
+        when it is none such. A read of it was
         told "did you mean '2.weight'" (found by a review of served models); of its gradient,
         Step change or optimizer state, "did you mean '2.weight.grad'" (`_unknown` names
         theirs: a review of serving real models)."""
@@ -1068,9 +1071,18 @@ class Trainer:
             module = self._model.get_submodule(path)
         except AttributeError:
             return []
+        at = f"{path}." if path else ""
         if not parametrize.is_parametrized(module, key):
-            return []
-        prefix = f"{path}.parametrizations.{key}." if path else f"parametrizations.{key}."
+            # The older torch.nn.utils.spectral_norm and weight_norm compute it in a hook
+            # before each pass, from weight_orig, or weight_g and weight_v: the read was told
+            # "did you mean '0.weight_v', '0.weight_u', '2.weight'", buffers and another
+            # layer's weight (a review of serving real models).
+            ends: tuple[str, ...] = ()
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, SpectralNorm | WeightNorm) and hook.name == key:
+                    ends = ("_orig",) if isinstance(hook, SpectralNorm) else ("_g", "_v")
+            return [f"{at}{key}{end}" for end in ends if f"{at}{key}{end}" in self._parameters]
+        prefix = f"{at}parametrizations.{key}."
         return [n for n in self._parameters if n.startswith(prefix)]
 
     def _off_the_wire(self, name: str, dtype: torch.dtype | None = None) -> str:
