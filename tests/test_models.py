@@ -1067,15 +1067,19 @@ class Tied(nn.Module):
 
 
 def test_a_tied_weight_s_second_name_is_refused_naming_the_first() -> None:
-    # NOT_FOUND, its closest names saying nothing of the tensor it is (a review).
+    # NOT_FOUND, its closest names saying nothing of the tensor it is (a review; its
+    # optimizer state, a review of serving real models).
     with serving(ModelSpec("Tied", Tied, (3,), 3)) as client:
         assert [t.name for t in client.list_tensors().tensors if t.kind == "parameter"] == [
             "enc.weight"
         ]
+        client.set_optimizer("adam", lr=0.01)
+        client.train_step(np.ones((2, 3), np.float32), np.array([0, 1]))
         for name, first in [
             ("head.weight", "enc.weight"),
             ("head.weight.grad", "enc.weight.grad"),
             ("head.weight.delta", "enc.weight.delta"),
+            ("optimizer.head.weight.exp_avg", "optimizer.enc.weight.exp_avg"),
             ("head.scale", "scale"),
         ]:
             with pytest.raises(errors.NotFound) as caught:
