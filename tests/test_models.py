@@ -310,6 +310,9 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
         + "class Pooled(TinyMLP):\n"
         + "    def forward(self, x):\n        return super().forward(x).mean(0, keepdim=True)\n"
         + "POOLED = ModelSpec('Pooled', Pooled, (16,), 4)\n"
+        + "class Pairs(TinyMLP):\n"
+        + "    def forward(self, x):\n        return super().forward(x), x\n"
+        + "PAIRS = ModelSpec('Pairs', Pairs, (16,), 4)\n"
         + "INT_OUTPUT = ModelSpec('IntOut', IntOut, (16,), 4)\n"
         + "INT_PARAMETERS = ModelSpec('IntParameters', IntParameters, (16,), 4)\n"
     )
@@ -323,6 +326,11 @@ def test_load_spec_builds_the_model_once_and_checks_its_output(
     assert "Narrow failed on zeros of shape [2, 15] (float32): RuntimeError" in message
     assert "check the spec's sample_shape and input_dtype" in message
     assert "Pooled returned [1, 4] for an input of shape [2, 16]" in refused(f"{name}:POOLED")
+    assert refused(f"{name}:PAIRS").endswith(  # what to do: it said what the spec wants alone
+        "Pairs returned tuple for an input of shape [2, 16]; the spec says [N, num_classes] = "
+        "[2, 4]: its forward must return that tensor alone (of a layer that returns a tuple, "
+        "as nn.LSTM and nn.MultiheadAttention do, the part the loss is taken of)"
+    )
     assert "IntOut's output is torch.int64; a loss needs floats" in refused(f"{name}:INT_OUTPUT")
     assert "IntParameters has no parameters to train: none is floating-point" in refused(
         f"{name}:INT_PARAMETERS"

@@ -508,9 +508,17 @@ def _check_builds(text: str, spec: ModelSpec) -> None:
     want = [2, spec.num_classes]
     if not isinstance(output, torch.Tensor) or list(output.shape) != want:
         got = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        # Of a tuple, what to do: it said what the spec wants alone, where a call met later
+        # says the forward must change (a review of serving real models: an LSTM's output).
+        alone = (
+            ": its forward must return that tensor alone (of a layer that returns a tuple, "
+            "as nn.LSTM and nn.MultiheadAttention do, the part the loss is taken of)"
+            if not isinstance(output, torch.Tensor)
+            else ""
+        )
         raise InvalidInput(
             f"--model {text!r}: {spec.name} returned {got} for an input of shape {shape}; the "
-            f"spec says [N, num_classes] = {want}",
+            f"spec says [N, num_classes] = {want}{alone}",
             reason="BAD_MODEL",
         )
     if not output.is_floating_point():
