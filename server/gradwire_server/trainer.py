@@ -1062,10 +1062,9 @@ class Trainer:
         """The parameters a parametrization (weight_norm, spectral_norm, orthogonal), or an
         older norm's hook, computes `name` ("0.weight") from, which the model lists under
         names of their own ("0.parametrizations.weight.original0", "0.weight_orig"); []
-        when it is none such. A read of it was
-        told "did you mean '2.weight'" (found by a review of served models); of its gradient,
-        Step change or optimizer state, "did you mean '2.weight.grad'" (`_unknown` names
-        theirs: a review of serving real models)."""
+        when it is none such. A read of it was told "did you mean '2.weight'" (found by a
+        review of served models); of its gradient, Step change or optimizer state, "did you
+        mean '2.weight.grad'" (`_unknown` names theirs: a review of serving real models)."""
         path, _, key = name.rpartition(".")
         try:
             module = self._model.get_submodule(path)
