@@ -538,18 +538,21 @@ def _laid_out_as(param: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor
         return None
     if grad.layout != torch.strided:
         grad = grad.to_dense()
-    # empty_like's strides are backward()'s: the parameter's where it is dense and no two of
-    # its elements share memory, else contiguous. A parameter made with `expand` (one value
-    # in three places) failed every Backward INTERNAL, its gradient copied into its strides
-    # (found by a mutation review). A contiguous parameter's own, without the meta tensor
-    # (1.2 us of a Backward's time a parameter, where is_contiguous takes 0.1).
-    if param.is_contiguous():
-        strides = param.stride()
-    else:
-        strides = torch.empty_like(param, device="meta").stride()
+    strides = _gradient_layout(param).stride()
     if grad.stride() == strides:
         return grad
     return grad.new_empty_strided(param.shape, strides).copy_(grad)
+
+
+def _gradient_layout(param: torch.Tensor) -> torch.Tensor:
+    """A tensor of `param`'s shape laid out as backward() lays out its gradient (as
+    empty_like does): the parameter's strides where it is dense and no two of its elements
+    share memory, else contiguous. A parameter made with `expand` (one value in three
+    places) failed every Backward INTERNAL, its gradient copied into its strides, and a
+    streamed write of its absent gradient was refused (found by a mutation review). A
+    contiguous parameter is its own, without the meta tensor (1.2 us of a Backward's time a
+    parameter, where is_contiguous takes 0.1)."""
+    return param if param.is_contiguous() else torch.empty_like(param, device="meta")
 
 
 def _carried_if_present(tensor: torch.Tensor | None) -> bool:
@@ -1034,10 +1037,11 @@ class Trainer:
             hint, close = unkept
         originals = self._parametrized(name)
         owner = _owner(name)
-        if not originals and owner is not None and self._parametrized(owner):
+        made_of = self._parametrized(owner) if not originals and owner is not None else []
+        if owner is not None and made_of:
             # Its gradient, Step change or optimizer state: theirs, named as `name` is.
             at = 0 if name.endswith((".grad", DELTA_SUFFIX)) else len(OPTIMIZER_PREFIX)
-            originals = [name[:at] + n + name[at + len(owner) :] for n in self._parametrized(owner)]
+            originals = [name[:at] + n + name[at + len(owner) :] for n in made_of]
             hint = (
                 f"{name} belongs to {owner}, which is computed by a parametrization "
                 f"(weight_norm, say) from the parameters that train: read theirs, "
@@ -1159,11 +1163,11 @@ class Trainer:
         state too ("optimizer.head.weight.exp_avg": a review of serving real models found
         it named the first's only among its closest names)."""
         if name.startswith(OPTIMIZER_PREFIX):
-            owner = _owner(name)
+            owner = _owner(name) or ""
             first = self._tied(owner) if owner else None
             if first is None:
                 return None
-            return f"{OPTIMIZER_PREFIX}{first}{name[len(OPTIMIZER_PREFIX) + len(owner or '') :]}"
+            return f"{OPTIMIZER_PREFIX}{first}{name[len(OPTIMIZER_PREFIX) + len(owner) :]}"
         for suffix in ("", ".grad", DELTA_SUFFIX):
             if suffix and not name.endswith(suffix):
                 continue
@@ -1851,6 +1855,7 @@ class Trainer:
     def step(self) -> tuple[int, int]:
         """optimizer.step(); returns (version, parameters updated)."""
         with self._threads_for(None, update=True):
+            self._check_steppable()  # a TrainStep checks before its Step, to undo the rest
             return self._step()
 
     def _step(self) -> tuple[int, int]:
@@ -1861,7 +1866,6 @@ class Trainer:
                 "removes them)",
                 reason="NO_GRADIENTS",
             )
-        self._check_steppable()
         with self._device_memory("step"):
             recording = self.track_deltas or self._deltas_asked
             before = self._keep_before_step() if recording else {}
@@ -2209,9 +2213,8 @@ class Trainer:
         _, tensor, param = self._writable(name)
         self._check_size(shape, "value")
         # An absent gradient is written as zeros_like(param) makes it, in the strides it
-        # takes (contiguous for a parameter made with `expand`, which a streamed write was
-        # refused for where a unary one made it: found by a mutation review).
-        base = torch.empty_like(param, device="meta") if tensor is None else tensor
+        # takes (contiguous for a parameter made with `expand`).
+        base = _gradient_layout(param) if tensor is None else tensor
         writable_slot(base, chain, name, tuple(shape))
 
     def check_input(self, shape: Sequence[int], dtype: torch.dtype) -> None:
