@@ -83,6 +83,24 @@ def test_stats_of_a_parameter_equal_numpy(client: gradwire.Client) -> None:
     assert read.stats.histogram.edges == pytest.approx(list(edges))
 
 
+def test_a_histogram_s_edges_are_those_it_counted_by_bit_for_bit(
+    client: gradwire.Client,
+) -> None:
+    """Histogram.edges are the server's edges, numpy's: low + (high - low) * i / n differed
+    from them in the last bit, and its last edge passed `high` (0.30000000000000004 for
+    [-1, 0.3] in 10 bins), so that a value on an edge fell on the other side of it from
+    where it was counted (found by a review of the client's API)."""
+    values = np.linspace(-1, 0.3, 27, dtype=np.float32).reshape(3, 3, 3)
+    client.set("conv1.weight[5]", values)
+    read = client.stats("conv1.weight[5]", bins=10, low=-1.0, high=0.3)
+    assert read.stats is not None and read.stats.histogram is not None
+    edges = read.stats.histogram.edges
+    assert edges == np.linspace(-1.0, 0.3, 11).tolist()
+    assert (edges[0], edges[-1]) == (-1.0, 0.3)
+    counts, _ = np.histogram(values.astype(np.float64), np.array(edges))
+    assert read.stats.histogram.counts == tuple(counts)
+
+
 def test_stats_of_a_slice_with_nan_inf_and_zeros(client: gradwire.Client) -> None:
     values = np.linspace(-2, 2, 27, dtype=np.float32).reshape(3, 3, 3)
     values[0, 0, 0], values[1, 1, 1], values[2, 2, 2] = np.nan, np.inf, -np.inf

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.selector import SelectorError, parse_selector
@@ -22,9 +24,10 @@ class Histogram:
 
     @property
     def edges(self) -> list[float]:
-        """The bins' edges, len(counts) + 1 of them, as numpy.histogram gives them."""
-        n = len(self.counts)
-        return [self.low + (self.high - self.low) * i / n for i in range(n + 1)]
+        """The bins' edges, len(counts) + 1 of them, the first `low` and the last `high`:
+        those the server counted by, bit for bit numpy.histogram's (np.linspace's). They
+        were low + (high - low) * i / n, a bit off theirs, the last past `high` at times."""
+        return [float(edge) for edge in np.linspace(self.low, self.high, len(self.counts) + 1)]
 
 
 @dataclass(frozen=True)
