@@ -2022,6 +2022,10 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     (lambda c: setattr(c, "stream_above_bytes", None), TypeError, "must be a whole number"),
     (lambda c: setattr(c, "retries", 2.5), TypeError, "retries must be a whole number"),
     (lambda c: setattr(c, "keep_memory", "no"), TypeError, "keep_memory must be True or False"),
+    # Taken as it came, "no" being true: the calls went on a Calls stream, holding a server
+    # place, where stream_calls="no" given to connect() is refused (a review of the client's
+    # API as a researcher uses it).
+    (lambda c: setattr(c, "stream_calls", "no"), TypeError, "stream_calls must be True or False"),
 ]
 
 

@@ -489,8 +489,7 @@ class Client:
             _warn_plaintext_token(target)
         self._channel = channel or grpc.insecure_channel(target, options=options)
         self._methods = self._bind(self._channel)
-        #: Whether calls on the session go on one open stream (see `stream_calls=`).
-        self.stream_calls = stream_calls
+        self._stream_calls = stream_calls
         self._own_call_stream()
         self._no_calls = False  # no stream: the server has no Calls RPC, or this client closed
         self._closing = False  # close() has begun: a call it cuts off raises ClientClosed
@@ -593,6 +592,15 @@ class Client:
             self._memory.release()
 
     @property
+    def stream_calls(self) -> bool:
+        """Whether calls on the session go on one open stream (see `stream_calls=`)."""
+        return self._stream_calls
+
+    @stream_calls.setter
+    def stream_calls(self, on: bool) -> None:
+        self._stream_calls = unary.flag(on, "stream_calls")
+
+    @property
     def _allocate(self) -> codec.Allocate | None:
         """Where reads get the arrays they make."""
         return self._memory.empty if self._keep_memory else None
@@ -635,7 +643,7 @@ class Client:
             if expected is not None:
                 metadata.append((EXPECTED_VERSION, expected))
             retryable = not isinstance(request, Iterator)
-        on_stream = self.stream_calls and method in calls.METHODS and not self._no_calls
+        on_stream = self._stream_calls and method in calls.METHODS and not self._no_calls
         if isinstance(request, list):
             unary.fits_one_message(method, request)
             pieces, request = request, None if on_stream else wire.join(request)
