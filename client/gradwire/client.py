@@ -1634,9 +1634,7 @@ class Client:
         errors.FailedPrecondition (NO_STATE_DIR) on a server started without one. A save
         that fails once its server has it (its deadline passes) may land all the same: its
         error's `changes_state` is True, and saving again replaces the checkpoint."""
-        request = pb.SaveCheckpointRequest(name=unary.checkpoint_name(name))
-        response: pb.SaveCheckpointResponse = self._call("SaveCheckpoint", request)
-        return SavedCheckpoint(response.name, response.version, response.bytes)
+        return self._run(unary.save_checkpoint(name))
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """The checkpoints in the server's state directory, sorted by name, each with its
@@ -1656,18 +1654,14 @@ class Client:
         is refused DISK_FULL); returns the bytes it freed. The name must be given: "state",
         the one the server restores at start, by that name, and only on the default session.
         errors.NotFound (NO_CHECKPOINT), naming those there, for one it does not hold."""
-        request = pb.DeleteCheckpointRequest(name=unary.checkpoint_name(name))
-        response: pb.DeleteCheckpointResponse = self._call("DeleteCheckpoint", request)
-        return int(response.bytes)
+        return self._run(unary.delete_checkpoint(name))
 
     def load_checkpoint(self, name: str = "") -> LoadedCheckpoint:
         """Replaces the state with checkpoint `name` from the server's state directory. The
         version moves on by one, as for any change. errors.NotFound (NO_CHECKPOINT), naming
         the checkpoints there, for one it does not hold; errors.InvalidArgument
         (BAD_CHECKPOINT) for one of another model, with nothing changed."""
-        request = pb.LoadCheckpointRequest(name=unary.checkpoint_name(name))
-        response: pb.LoadCheckpointResponse = self._call("LoadCheckpoint", request)
-        return LoadedCheckpoint(response.version, response.saved_version)
+        return self._run(unary.load_checkpoint(name))
 
     def set_optimizer(
         self,

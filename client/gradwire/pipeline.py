@@ -51,7 +51,9 @@ if TYPE_CHECKING:
     from gradwire.results import (
         ForwardResult,
         Listing,
+        LoadedCheckpoint,
         OptimizerConfig,
+        SavedCheckpoint,
         StepResult,
         TensorRead,
         TrainStepResult,
@@ -124,10 +126,11 @@ class Pipeline:
     inside the block go as calls of their own, at once, not in the pipeline's order.
 
     It carries every call on a session that the Calls stream carries: forward, train_step,
-    backward, step, zero_grad, read, get, set, stats, fill_parameters, list_tensors, reset
-    and set_optimizer, with the client's arguments; each returns a Pending of what the
-    client's method returns. An input or value larger than the client's
-    `stream_above_bytes` is refused (ValueError): it goes in chunks, as a call of its own;
+    backward, step, zero_grad, read, get, set, stats, fill_parameters, list_tensors, reset,
+    set_optimizer, save_checkpoint, load_checkpoint and delete_checkpoint, with the client's
+    arguments; each returns a Pending of what the client's method returns. An input or
+    value larger than the client's `stream_above_bytes` is refused (ValueError): it goes
+    in chunks, as a call of its own;
     a read of a tensor too large for one message fails ResourceExhausted (USE_STREAM): read
     it with the client. Calls on a pipeline's stream are not retried: a stream lost under
     way fails each call not yet answered (a change among them may have been applied:
@@ -317,6 +320,18 @@ class Pipeline:
         self._client._needs_keep_state(keep_state)
         made = encoded.result
         return self._add(unary.Encoded("SetOptimizer", encoded.request, lambda r: made(r)[1]))
+
+    def save_checkpoint(self, name: str = "") -> Pending[SavedCheckpoint]:
+        """As Client.save_checkpoint."""
+        return self._add(unary.save_checkpoint(name))
+
+    def load_checkpoint(self, name: str = "") -> Pending[LoadedCheckpoint]:
+        """As Client.load_checkpoint."""
+        return self._add(unary.load_checkpoint(name))
+
+    def delete_checkpoint(self, name: str) -> Pending[int]:
+        """As Client.delete_checkpoint."""
+        return self._add(unary.delete_checkpoint(name))
 
     # --- plumbing -----------------------------------------------------------------------
 

@@ -24,7 +24,9 @@ from gradwire.fill import Fill
 from gradwire.results import (
     ForwardResult,
     Listing,
+    LoadedCheckpoint,
     OptimizerConfig,
+    SavedCheckpoint,
     StepResult,
     TensorInfo,
     TensorRead,
@@ -525,6 +527,30 @@ def checkpoint_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a checkpoint's name must be a string, got {name!r}")
     return name
+
+
+def save_checkpoint(name: str) -> Encoded[SavedCheckpoint]:
+    request = pb.SaveCheckpointRequest(name=checkpoint_name(name))
+    return Encoded(
+        "SaveCheckpoint",
+        request,
+        lambda response: SavedCheckpoint(response.name, response.version, response.bytes),
+    )
+
+
+def load_checkpoint(name: str) -> Encoded[LoadedCheckpoint]:
+    request = pb.LoadCheckpointRequest(name=checkpoint_name(name))
+    return Encoded(
+        "LoadCheckpoint",
+        request,
+        lambda response: LoadedCheckpoint(response.version, response.saved_version),
+    )
+
+
+def delete_checkpoint(name: str) -> Encoded[int]:
+    """DeleteCheckpoint, answered with the bytes it freed."""
+    request = pb.DeleteCheckpointRequest(name=checkpoint_name(name))
+    return Encoded("DeleteCheckpoint", request, lambda response: int(response.bytes))
 
 
 def backward(retain_graph: bool) -> Encoded[int]:
