@@ -1185,6 +1185,21 @@ def test_a_remote_tensor_iterates_and_has_a_length_as_torch_s_does(
         len(client.remote.conv1.weight.grad)
 
 
+def test_the_remote_model_is_not_iterated_for_ever(client: gradwire.Client) -> None:
+    """`for x in client.remote`, `list(client.remote)` and `"conv1" in client.remote` went
+    on making remote[0], remote[1], ... for ever (a list of them filling the memory): a
+    model's __getitem__ takes a layer's number, any number, and Python iterates by it
+    where there is no __iter__ (found by a review of the client's API as a researcher uses
+    it). They raise TypeError, saying where the names are."""
+    remote = client.remote
+    said = r"client\.list_tensors\(\)\.names\(\).*dir\(client\.remote\)"
+    with pytest.raises(TypeError, match=said):
+        iter(remote)
+    with pytest.raises(TypeError, match=said):
+        "conv1" in remote  # noqa: B015
+    assert "conv1" in dir(remote) and "conv1.weight" in client.list_tensors().names()
+
+
 def test_remote_forward_tensors(client: gradwire.Client) -> None:
     client.forward(ONES_INPUT, ONES_TARGET)
     x, y = ones_batch()

@@ -212,6 +212,13 @@ class RemoteTensor:
         return format_read(self.fetch())
 
 
+#: Where a served model's names are, for what iterates a RemoteModel.
+_NAMES_ARE = (
+    "its tensors' names are client.list_tensors().names(), its top-level names "
+    "dir(client.remote); an nn.Sequential's layers are remote[0], remote[1], ..."
+)
+
+
 class RemoteModel:
     """The served model: `remote.conv1.weight`, `remote.output`, `remote["conv1.weight"]`."""
 
@@ -251,6 +258,16 @@ class RemoteModel:
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         _set_slot(self, RemoteModel.__slots__, attribute, value, str)
+
+    def __iter__(self) -> Iterator[RemoteTensor]:
+        """TypeError: without it, Python iterated by __getitem__, which takes any layer's
+        number, so `list(remote)` and `"conv1" in remote` made remote[0], remote[1], ...
+        for ever (found by a review of the client's API as a researcher uses it)."""
+        raise TypeError(f"the remote model is not iterable: {_NAMES_ARE}")
+
+    def __contains__(self, name: object) -> bool:
+        """TypeError, as __iter__, saying where to look a name up."""
+        raise TypeError(f"`in` the remote model: {_NAMES_ARE}")
 
     def __dir__(self) -> list[str]:
         names = self._client.list_tensors().names()
