@@ -1107,12 +1107,10 @@ def test_each_number_of_a_view_s_index_is_a_layer_of_the_module_before_it() -> N
         assert remote.a[1][0].weight.selector == "a.1.0.weight"
         np.testing.assert_array_equal(remote.a[1][-1].bias.numpy(), client.get("a.1.1.bias"))
         assert remote.b[-1].weight.selector == "b.0.weight"  # b has one layer, a two
-        for view, written in (
-            (remote.c[0], "c.weight[0]"),
-            (remote.b[0][-1], "b.weight[0][-1]"),
-            (remote.b[0:1], "b.weight[0:1]"),
-        ):
-            with pytest.raises(AttributeError, match=re.escape(f"write remote.{written}")):
+        # None of c.weight, b.weight is a tensor: the refusal says so, where it said to
+        # write remote.c.weight[0] (found by a review of the client's API).
+        for view, moved in ((remote.c[0], "c"), (remote.b[0][-1], "b"), (remote.b[0:1], "b")):
+            with pytest.raises(AttributeError, match=f"has no tensor '{moved}.weight'"):
                 _ = view.weight
 
 
@@ -1261,8 +1259,18 @@ def test_the_remote_view_refuses_an_attribute_after_an_index(client: gradwire.Cl
     said = "conv1.weight[0].grad: a name's attributes come before its index; write "
     with pytest.raises(AttributeError, match=re.escape(said + "remote.conv1.weight.grad[0]")):
         _ = client.remote.conv1.weight[0].grad
-    with pytest.raises(AttributeError, match=r"write remote\.output\.grad\[0, 1:3\]\[-1\]$"):
-        _ = client.remote.output[0, 1:3][-1].grad
+    with pytest.raises(AttributeError, match=r"write remote\.conv1\.weight\.grad\[0, 1:3\]\[-1\]$"):
+        _ = client.remote.conv1.weight[0, 1:3][-1].grad
+    # A tensor's own attribute, or a name the server has not, is not sent on to a name that
+    # is not there either: w[0].dtype said to write remote.conv1.weight.dtype[0], and
+    # output[0].grad remote.output.grad[0] (found by a review of the client's API).
+    for view, moved in (
+        (lambda: client.remote.conv1.weight[0].dtype, "conv1.weight.dtype"),
+        (lambda: client.remote.output[0, 1:3].grad, "output.grad"),
+    ):
+        with pytest.raises(AttributeError, match="has no tensor '" + re.escape(moved)) as raised:
+            view()
+        assert "write remote" not in str(raised.value) and ".fetch()" in str(raised.value)
     assert not hasattr(client.remote.conv1.weight[0], "__array_interface__")
     said = "conv1.weight[0]['x']: a name's parts come before its index; write "
     with pytest.raises(TypeError, match=re.escape(said + "remote['conv1.weight.x'] and index")):

@@ -74,11 +74,28 @@ class RemoteTensor:
                 return RemoteTensor(self._client, f"{layer}.{attribute}")
             # remote.conv1.weight[0].grad raised AttributeError("grad"), with no word of why.
             index = self.selector[len(self._name) :]
+            moved = f"{self._name}.{attribute}"
+            if not self._names_under(moved):
+                # A tensor's own attribute (w[0].dtype, .device, .T) was sent to a name the
+                # server has not, remote.conv1.weight.dtype[0] (found by a review of the
+                # client's API as a researcher uses it).
+                raise AttributeError(
+                    f"{self.selector}.{attribute}: a name's attributes come before its index, "
+                    f"and the server has no tensor {moved!r} (client.list_tensors() lists "
+                    "them); a view's shape is .shape, and .fetch() reads its values with "
+                    "their dtype and device"
+                )
             raise AttributeError(
                 f"{self.selector}.{attribute}: a name's attributes come before its index; "
-                f"write remote.{self._name}.{attribute}{index}"
+                f"write remote.{moved}{index}"
             )
         return RemoteTensor(self._client, f"{self._name}.{attribute}")
+
+    def _names_under(self, name: str) -> bool:
+        """Whether the server has a tensor `name`, or tensors under it (a module's)."""
+        return any(
+            n == name or n.startswith(f"{name}.") for n in self._client.list_tensors().names()
+        )
 
     def _layer(self) -> str | None:
         """The module this view names when its index is a layer's number (or numbers) in an
