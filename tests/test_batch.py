@@ -355,6 +355,11 @@ def test_a_value_too_large_for_one_message_is_refused_before_sending(
     with batched.batch() as b, pytest.raises(ValueError, match="which a batch does not carry"):
         b.set("conv1.weight", np.zeros((16, 3, 3, 3), np.float32))
     assert batched.batches == []  # type: ignore[attr-defined]
+    # A TrainStep goes in one message, as on the client, stream_above_bytes or not: it was
+    # refused, said to go in chunks, which it does not (a review of the client's API).
+    with batched.batch() as b:
+        stepped = b.train_step(np.zeros((10, 3, 10, 10), np.float32), np.zeros(10, np.int64))
+    assert stepped.result().output_shape == (10, 20)
 
 
 def test_mutations_in_a_batch_carry_request_ids_and_the_expected_version(
