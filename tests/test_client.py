@@ -1978,6 +1978,15 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     (lambda c: setattr(c, "session", 7), TypeError, "session must be a str, got int"),
     (lambda c: c.watch("loss", latest="no"), TypeError, "latest must be True or False"),  # type: ignore[arg-type]
     (lambda c: c.watch(iter([])), ValueError, "watch needs at least one selector"),
+    # A watch of neither sent the statistics stats=False asked to leave out, and bins
+    # without them were dropped without a word, where `gradwire watch --values --bins 4` is
+    # refused (found by a review of the client's API as a researcher uses it).
+    (lambda c: c.watch("loss", stats=False), ValueError, "stats=False needs values=True"),
+    (
+        lambda c: c.watch("loss", values=True, stats=False, bins=4),
+        ValueError,
+        "bins draws histograms in the statistics, which stats=False leaves out",
+    ),
     (lambda c: c.pipeline(stop_at_error="no"), TypeError, "stop_at_error must be True or False"),  # type: ignore[arg-type]
     (lambda c: c.fill_parameters(None), TypeError, "value must be a number, got None"),  # type: ignore[arg-type]
     (lambda c: c.fill_parameters(True), TypeError, "value must be a number, got True"),

@@ -1378,7 +1378,8 @@ class Client:
         closed (`break` out of the loop) or `timeout` seconds pass, which does not end it
         cleanly: the next update then raises gradwire.errors.DeadlineExceeded (None, the
         default: no limit). Each selector gets its
-        values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both.
+        values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both:
+        neither, or `bins` without `stats`, raises ValueError.
         Training never waits for a reader, and `skipped` counts the updates one missed.
 
         `latest` (the default): updates are read as they come on a thread of the client's
@@ -1407,6 +1408,19 @@ class Client:
         )  # fmt: skip
         every_steps = limits.whole(every_steps, "every_steps", 0, codec.INT64_MAX, "every mutation")
         bins = limits.whole(bins, "bins", 0, limits.MAX_HISTOGRAM_BINS, "no histogram")
+        # The contract sends the statistics of an item asking for neither, and no histogram
+        # without them: watch(stats=False) got them all the same, and bins were dropped
+        # without a word (found by a review of the client's API as a researcher uses it).
+        if not (values or stats):
+            raise ValueError(
+                "a watch sends each selector's values (values=True), its statistics "
+                "(stats=True, the default) or both: stats=False needs values=True"
+            )
+        if bins and not stats:
+            raise ValueError(
+                "bins draws histograms in the statistics, which stats=False leaves out: keep "
+                "stats=True, or leave bins out"
+            )
         _check_seconds(min_interval, "min_interval")
         _check_stream_timeout(timeout)
         interval_ms = min(round(min(min_interval, _MAX_MS / 1000) * 1000), _MAX_MS)
