@@ -5,6 +5,7 @@ Every value is checked against plain PyTorch run here on the same weights, bit f
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -2380,3 +2381,55 @@ def test_an_optimizer_s_state_is_listed_in_torch_s_order_after_a_step(
     listed = [t.name for t in client.list_tensors().tensors]
     state = [n for n in listed if n.startswith("optimizer.conv1.weight.")]
     assert state == [f"optimizer.conv1.weight.{key}" for key in keys]
+
+
+# --- the docstrings a researcher reads with help() (a review of the client's API) ---------
+
+#: Named in every docstring's example or first line, where they need no words of their own.
+_PLAIN_PARAMETERS = frozenset({"self", "selector", "selectors", "input", "target"})
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n
+        for n, f in inspect.getmembers(gradwire.Client, inspect.isfunction)
+        if not n.startswith("_")
+    ),
+)
+def test_each_client_method_s_docstring_names_each_of_its_parameters(name: str) -> None:
+    """help(client.read) said nothing of `values` or `as_torch`, help(client.train) of
+    `zero_grad`, help(client.set_optimizer) of `beta1` (torch's betas[0]), and so on for
+    backward's `retain_graph`, get's and set's `index`, open_session's `seed`."""
+    method = getattr(gradwire.Client, name)
+    doc = inspect.getdoc(method) or ""
+    unnamed = [
+        p
+        for p in inspect.signature(method).parameters
+        if p not in _PLAIN_PARAMETERS and not re.search(rf"\b{p}\b", doc)
+    ]
+    assert unnamed == [], f"Client.{name}'s docstring does not name {unnamed}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        n
+        for n, f in inspect.getmembers(gradwire.Pipeline, inspect.isfunction)
+        if not n.startswith("_")
+    ),
+)
+def test_each_pipeline_method_is_the_client_s_of_its_name(name: str) -> None:
+    """A pipeline's (and a batch's) methods say "As Client.x": each takes what the client's
+    takes, with the same defaults (set_optimizer its settings as keywords)."""
+    mine, theirs = getattr(gradwire.Pipeline, name), getattr(gradwire.Client, name)
+    assert (inspect.getdoc(mine) or "").startswith(f"As Client.{name}")
+    mine_parameters = dict(inspect.signature(mine).parameters)
+    theirs_parameters = dict(inspect.signature(theirs).parameters)
+    if "settings" in mine_parameters:  # set_optimizer: **settings for lr, momentum, ...
+        del mine_parameters["settings"]
+        theirs_parameters = {
+            k: p for k, p in theirs_parameters.items() if k in ("self", "kind", "keep_state")
+        }
+    described = [(p.name, p.kind, p.default) for p in mine_parameters.values()]
+    assert described == [(p.name, p.kind, p.default) for p in theirs_parameters.values()]

@@ -986,7 +986,8 @@ class Client:
         """A client for a new session of its own (own model, optimizer and version), on this
         client's channel; `with` it, or close it, to close the session.
 
-        `optimizer` and `settings` (lr, momentum, ...) as in set_optimizer; unset: SGD, lr 1.0.
+        `seed` seeds its model's initialisation, as in reset(); `optimizer` and `settings`
+        (lr, momentum, ...) as in set_optimizer; unset: SGD, lr 1.0.
         """
         request = pb.OpenSessionRequest()
         if seed is not None:
@@ -1165,7 +1166,9 @@ class Client:
     ) -> TrainStepResult:
         """One training step in one call: [zero_grad,] forward, backward, step, then reads.
 
-        `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]".
+        `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]";
+        `as_torch` reads them as torch tensors, as in read(). `zero_grad` (the default)
+        zeroes the gradients first; False adds this step's to them.
         """
         return self._run(self._train_step(input, target, zero_grad, fetch, as_torch))
 
@@ -1186,7 +1189,8 @@ class Client:
         return unary.Encoded("TrainStep", pieces, result, unary.widening_teller(input, target))
 
     def backward(self, *, retain_graph: bool = False) -> int:
-        """loss.backward(); returns the new state version."""
+        """loss.backward(retain_graph=retain_graph); returns the new state version.
+        `retain_graph` keeps the graph for another Backward, as in torch."""
         return self._run(unary.backward(retain_graph))
 
     def step(self) -> StepResult:
@@ -1218,6 +1222,9 @@ class Client:
 
         `out`: a numpy array of the tensor's shape and dtype to read into, instead of a new
         one; worth it when watching a large tensor (fresh memory costs page faults).
+        `as_torch`: the value as a CPU torch tensor in its own dtype (bfloat16 included),
+        rather than a numpy array. `values=False` reads the rest alone (shape, dtype,
+        version: `value` None), as shape() does.
         """
         request = unary.read_request_bytes(selector, index, values)
         return self._read_request(request, as_torch=as_torch, values=values, out=out)
@@ -1342,7 +1349,8 @@ class Client:
         as_torch: bool = False,
         out: np.ndarray[Any, Any] | None = None,
     ) -> np.ndarray[Any, Any] | torch.Tensor | None:
-        """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient."""
+        """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient.
+        `index`, `as_torch` and `out` as in read()."""
         read = self.read(selector, index, as_torch=as_torch, out=out)
         return read.value  # type: ignore[no-any-return]
 
@@ -1506,6 +1514,8 @@ class Client:
         deadline, ends without them: read the version). Bad arguments
         raise here; the run starts when the first progress is asked for (a Train never
         iterated runs nothing), with this client's `expecting` version as it is here.
+        `zero_grad` (the default): each step's gradients start from zero; False adds them
+        up across the steps, as train_step(zero_grad=False) does.
         `stop_at_nonfinite`: end the run at the first step whose loss is NaN or infinite
         (training diverged), that step applied; its progress is the last, with
         `stopped_at_nonfinite` set when steps asked for were left. A server from before it
@@ -1554,7 +1564,8 @@ class Client:
         as in numpy). Writing to a gradient that is absent (None) creates it: zeros, then
         the value written. A write through a negative slice step (`"conv1.weight[::-1]"`) is
         refused, gradwire.errors.InvalidArgument (reason NEGATIVE_STEP_WRITE): write the
-        value reversed through the positive step instead."""
+        value reversed through the positive step instead. `index` as in read(). Returns
+        the new state version."""
         return self._set(*unary.set_target(selector, index), value)
 
     def _set(self, name: str, chain: IndexChain, value: Any) -> int:
@@ -1572,7 +1583,8 @@ class Client:
             yield wire.join([first, *chunk] if offset == 0 else chunk)
 
     def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
-        """`for p in model.parameters(): p.data.fill_(value)`, or only the named ones."""
+        """`for p in model.parameters(): p.data.fill_(value)`, or only the parameters in
+        `names`; returns the new state version."""
         return self._run(unary.fill_parameters(value, names))
 
     def list_tensors(self) -> Listing:
@@ -1636,7 +1648,9 @@ class Client:
         )
 
     def reset(self, seed: int | None = None) -> int:
-        """A freshly initialised model (seeded when asked) and optimizer."""
+        """A freshly initialised model (from `seed` when given, else a new draw) and a new
+        optimizer of the kind and settings in force (set_optimizer's), its state afresh;
+        no input, output, loss or gradients. Returns the new state version."""
         return self._run(unary.reset(seed))
 
     def save_checkpoint(self, name: str = "") -> SavedCheckpoint:
@@ -1692,7 +1706,10 @@ class Client:
     ) -> OptimizerConfig:
         """Replaces the optimizer with a new one of `kind` (None: SGD); its state starts
         afresh, and unset settings take PyTorch's defaults, but for SGD's lr: 1.0, the
-        tutorial's (PyTorch's is 0.001; pass lr for a model of your own).
+        tutorial's (PyTorch's is 0.001; pass lr for a model of your own). The settings are
+        torch's: `lr` and `weight_decay` for both, `momentum` and `nesterov` for SGD,
+        `beta1` and `beta2` (torch's betas) and `eps` for Adam; one of the other kind is
+        refused, errors.InvalidArgument (BAD_OPTIMIZER).
 
         With `keep_state`, changes the settings given in the optimizer in place instead, as
         assigning to torch's param_groups does: `set_optimizer(lr=1e-4, keep_state=True)`
