@@ -2433,3 +2433,17 @@ def test_each_pipeline_method_is_the_client_s_of_its_name(name: str) -> None:
         }
     described = [(p.name, p.kind, p.default) for p in mine_parameters.values()]
     assert described == [(p.name, p.kind, p.default) for p in theirs_parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["ones", "zeros", "constant", "uniform", "normal", "randint"])
+def test_each_fill_s_docstring_names_each_of_its_parameters(name: str) -> None:
+    """help(Fill.randint) said nothing: not that `high` is left out, nor that a seed draws
+    the same values every call, nor what the dtype is by default."""
+    made = getattr(Fill, name)
+    doc = inspect.getdoc(made) or ""
+    unnamed = [
+        p
+        for p in inspect.signature(made).parameters
+        if p != "shape" and not re.search(rf"\b{p}\b", doc)
+    ]
+    assert doc and unnamed == []

@@ -106,14 +106,19 @@ class Fill:
 
     @classmethod
     def ones(cls, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        """torch.ones(*shape): all 1. `dtype` ("float32", np.float32 or torch.float32): by
+        default the model's input dtype for an input, int64 for class indices (float32
+        for an mse model's target), the tensor's own in set()."""
         return cls("ones", _shape(shape), dtype)
 
     @classmethod
     def zeros(cls, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        """torch.zeros(*shape): all 0; `dtype` as in ones()."""
         return cls("zeros", _shape(shape), dtype)
 
     @classmethod
     def constant(cls, value: float, *shape: int | Sequence[int], dtype: str | None = None) -> Fill:
+        """torch.full(shape, value): all `value`; `dtype` as in ones()."""
         return cls("constant", _shape(shape), dtype, value=value)
 
     @classmethod
@@ -125,6 +130,9 @@ class Fill:
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
+        """Values uniform in [low, high), drawn from `seed`, a floating `dtype` (as in
+        ones()). The same seed draws the same values every call: give each batch a seed of
+        its own (train() does, seed + n - 1 at step n; reseeded())."""
         return cls("uniform", _shape(shape), dtype, low=low, high=high, seed=seed)
 
     @classmethod
@@ -136,8 +144,9 @@ class Fill:
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
-        """torch.normal's values, drawn from `seed`; `std` more than 0 (the contract reads
-        0 as unset, 1)."""
+        """torch.normal's values of `mean` and `std`, drawn from `seed` (the same values
+        every call, as uniform's), a floating `dtype` (as in ones()); `std` more than 0
+        (the contract reads 0 as unset, 1)."""
         return cls("normal", _shape(shape), dtype, value=mean, std=std, seed=seed)
 
     @classmethod
@@ -149,6 +158,9 @@ class Fill:
         seed: int = 0,
         dtype: str | None = None,
     ) -> Fill:
+        """torch.randint(low, high, shape): whole numbers in [low, high), `high` left out
+        (class indices for 20 classes: Fill.randint(0, 20, batch)), drawn from `seed` (the
+        same values every call, as uniform's), in any `dtype` (as in ones())."""
         return cls("randint", _shape(shape), dtype, low=low, high=high, seed=seed)
 
     def reseeded(self, step: int) -> Fill:
