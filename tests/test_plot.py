@@ -926,6 +926,20 @@ def test_plot_array_refuses_what_is_not_a_number_and_takes_unsigned(tmp_path: Pa
     assert counts.kind == "heatmap"
 
 
+@needs_matplotlib
+def test_plot_array_of_an_absent_tensor_says_it_is_absent(
+    client: gradwire.Client, tmp_path: Path
+) -> None:
+    """What Client.get returns for a gradient before backward(), None, was refused as
+    "cannot draw object values; only numbers" (found by a review of the client's API as a
+    researcher uses it)."""
+    client.reset()
+    grad = client.get("conv1.weight.grad")
+    with pytest.raises(plot.PlotError, match=r"conv1\.weight\.grad is None \(absent\)"):
+        plot.plot_array(grad, tmp_path / "g.png", name="conv1.weight.grad")
+    assert only_file(tmp_path) == []
+
+
 def test_plot_array_without_matplotlib_says_how_to_install_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -187,6 +187,11 @@ def plot_array(
     `conv2.weight[:4]`; default `name`); `title`: replaces the default title.
     """
     require_matplotlib()
+    if values is None:  # Client.get's absent gradient: "cannot draw object values" said not
+        raise PlotError(
+            f"{name} is None (absent): nothing to draw, so {out} was not written; a "
+            "gradient is absent until a backward()"
+        )
     array = np.asarray(values)
     if array.dtype.kind not in "biuf":
         raise PlotError(f"cannot draw {array.dtype} values; only numbers")
