@@ -1060,6 +1060,15 @@ def test_pem_given_as_str_is_taken(trainer: Trainer, pki: Pki) -> None:
         gradwire.connect(_address(running), cert=pki.client_cert.read_text(), key="")
 
 
+def test_pem_given_as_a_file_s_name_says_to_give_its_contents(pki: Pki) -> None:
+    """ca="ca.pem", as requests' verify= takes it, was read as PEM text and refused saying
+    only "it begins b'/tmp/.../ca.pem'" (found by a review of the client's API as a
+    researcher uses it); a Path says what to do already (test_pem_given_as_str_is_taken)."""
+    for given in ({"ca": str(pki.ca)}, {"cert": str(pki.client_cert), "key": str(pki.client_key)}):
+        with pytest.raises(ValueError, match=r"holds no .* a file's name: give its contents"):
+            gradwire.connect("127.0.0.1:1", **given)  # type: ignore[arg-type]
+
+
 def test_serve_refuses_half_a_tls_setup(pki: Pki) -> None:
     err = io.StringIO()
     assert main(["serve", "--tls-cert", str(pki.server_cert)], io.StringIO(), err) == 2

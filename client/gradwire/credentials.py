@@ -167,6 +167,13 @@ def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], w
         return
     if _MARKERS[kind] not in data:
         found = "it is empty" if not data.strip() else f"it begins {data[:24]!r}"
+        if len(data) < 4096 and b"\n" not in data and os.path.isfile(data):
+            # ca="ca.pem", as requests' verify= takes it: read as PEM, refused by its first
+            # bytes alone (found by a review of the client's API as a researcher uses it).
+            found = (
+                f"it is a file's name: give its contents, open({data.decode(errors='replace')!r}, "
+                "'rb').read()"
+            )
         raise ValueError(f"{what} holds no {kind} in PEM (-----BEGIN ...-----): {found}")
     if kind == "private key" and any(sign in data for sign in _ENCRYPTED):
         # gRPC logged "Invalid private key." and the hint asked whether the key was the
