@@ -1069,6 +1069,7 @@ def test_a_served_sequential_s_layers_count_from_the_end_too() -> None:
         assert client.remote[-1].weight.selector == "2.weight"
         assert client.remote[np.int64(-3)].weight.selector == "0.weight"
         assert client.remote[0].weight.selector == "0.weight"  # 0 counts from the start
+        assert {"weight", "bias"} <= set(dir(client.remote[-1]))  # a layer's names
         with pytest.raises(TypeError):  # a bool is refused, not taken for layer 1
             client.remote[True]
         with pytest.raises(
@@ -1225,6 +1226,19 @@ def test_dir_of_the_remote_model_lists_its_modules(client: gradwire.Client) -> N
     assert {"conv1", "conv2", "linear"} <= set(names)
     assert names == sorted(names)
     assert len(names) == len(set(names))  # conv1 once, though it has a weight and a bias
+
+
+def test_dir_of_a_remote_view_lists_the_names_under_it(client: gradwire.Client) -> None:
+    """The module docstring says dir() asks for the tensors' names: it did for the model
+    alone, so a notebook completed remote.<tab> with conv1 and remote.conv1.<tab> with no
+    weight, remote.conv1.weight.<tab> with no grad (found by a review of the client's API as
+    a researcher uses it). A view's own methods stay listed; an indexed one has no names."""
+    remote = client.remote
+    assert {"weight", "fetch", "numpy", "set", "shape"} <= set(dir(remote.conv1))
+    assert {"grad", "delta", "torch"} <= set(dir(remote.conv1.weight))
+    assert "weight" not in dir(remote.conv1.weight[0])  # attributes come before the index
+    names = dir(remote.conv1.weight)
+    assert names == sorted(set(names))
 
 
 class _Counting(dict[str, Any]):

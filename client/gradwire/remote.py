@@ -135,6 +135,21 @@ class RemoteTensor:
         codec.index_to_proto(key)  # refuse what is not basic indexing now, not at fetch time
         return RemoteTensor(self._client, self._name, (*self._chain, key))
 
+    def __dir__(self) -> list[str]:
+        """The view's own methods and the names right under it on the server (its weight, a
+        weight's grad and delta): dir(), and a notebook's completion, listed the methods
+        alone below the model (found by a review of the client's API as a researcher uses
+        it). An indexed view has none (a name's attributes come before its index), but for
+        a layer by its number (remote.features[0]: its weight)."""
+        own = {name for name in dir(RemoteTensor) if not name.startswith("_")}
+        layer = self._layer() if self._chain else self._name
+        if layer is None:
+            return sorted(own)
+        prefix = f"{layer}."
+        names = self._client.list_tensors().names()
+        below = {n[len(prefix) :].split(".")[0] for n in names if n.startswith(prefix)}
+        return sorted(own | below)
+
     @property
     def selector(self) -> str:
         """The text form, e.g. "conv1.weight.grad[0][0][0]"."""
