@@ -1993,6 +1993,15 @@ BAD_ARGUMENTS: list[tuple[Callable[[gradwire.Client], Any], type[Exception], str
     (lambda c: setattr(c, "session", 7), TypeError, "session must be a str, got int"),
     (lambda c: c.watch("loss", latest="no"), TypeError, "latest must be True or False"),  # type: ignore[arg-type]
     (lambda c: c.watch(iter([])), ValueError, "watch needs at least one selector"),
+    # A view given for a selector was refused with its repr, which read its values from the
+    # server (a whole weight, to print in an error) and named no way out (found by a review
+    # of the client's API as a researcher uses it).
+    (
+        lambda c: c.get(c.remote.conv1.weight[0]),
+        TypeError,
+        r"got a remote view: give its selector, 'conv1\.weight\[0\]' \(view\.selector\)",
+    ),
+    (lambda c: c.watch([c.remote.linear.weight]), TypeError, "got a remote view"),
     # A watch of neither sent the statistics stats=False asked to leave out, and bins
     # without them were dropped without a word, where `gradwire watch --values --bins 4` is
     # refused (found by a review of the client's API as a researcher uses it).

@@ -102,9 +102,18 @@ def parse_selector(text: str) -> Selector:
     Anything but a str raises TypeError (get(123) raised "'int' object has no attribute
     'strip'", a list "unhashable type")."""
     if not isinstance(text, str):
+        view = getattr(text, "selector", None)
+        # A remote view's repr reads its values from the server: a whole weight was read
+        # to be printed in this error, which named no way out (found by a review of the
+        # client's API as a researcher uses it).
+        got = (
+            f"a remote view: give its selector, {view!r} (view.selector)"
+            if isinstance(view, str)
+            else f"{type(text).__name__} {text!r}"
+        )
         raise TypeError(
             "a selector is a str naming a tensor, with an index if you like, such as "
-            f"'conv1.weight[0]' or 'loss'; got {type(text).__name__} {text!r}"
+            f"'conv1.weight[0]' or 'loss'; got {got}"
         )
     start = f"{text[:60]!r}{'...' if len(text) > 60 else ''}"
     if len(text) > MAX_SELECTOR_CHARS:
