@@ -488,6 +488,25 @@ def test_a_detached_session_stays_open_when_its_clients_close(
     assert sessions.open_count == 0
 
 
+def test_a_session_client_pointed_at_another_session_closes_that_one(
+    address: str, server: Running
+) -> None:
+    """`mine.session = other` then `mine.close_session()` closed nothing, without a word:
+    the client still took the session for the one it opened, which it could not find among
+    those it opened (found by a review of the client's API as a researcher uses it). It
+    acts on the other as on one joined by its id; the one it opened closes with its
+    parent."""
+    sessions = server.servicer.sessions
+    with gradwire.connect(address, timeout=30) as parent:
+        mine, theirs = parent.open_session(), parent.open_session()
+        other = theirs.detach()
+        mine.session = other
+        mine.close_session()
+        assert other not in [s.session for s in parent.list_sessions().sessions]
+        assert sessions.open_count == 1  # the one mine opened, closed with parent
+    assert sessions.open_count == 0
+
+
 def test_a_trainer_that_fails_to_close_does_not_keep_the_others_open(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

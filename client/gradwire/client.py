@@ -520,12 +520,21 @@ class Client:
     @property
     def session(self) -> str | None:
         """The session this client's calls act on; None: the server's default session.
-        Setting it (None included) points the client there, closed session or not."""
+        Setting it (None included) points the client there, closed session or not. A
+        session client (open_session) pointed at another session acts on it as on one
+        joined by its id (`session=`): close() leaves it open, close_session() closes it;
+        the session it opened closes with the client that opened it."""
         return self._session
 
     @session.setter
     def session(self, session: str | None) -> None:
-        self._session, self._closed_session = check_session(session or None, "session"), None
+        session = check_session(session or None, "session")
+        if session != self._session:
+            # Its close_session() closed nothing, without a word: the client took the other
+            # for the one it opened, and found it not among those opened (found by a review
+            # of the client's API as a researcher uses it).
+            self._owns_session = False
+        self._session, self._closed_session = session, None
 
     # Settings a caller may change after connecting, checked as they are set: unchecked, a
     # timeout of "5" raised a TypeError from inside gRPC, -1 failed every call, and a
