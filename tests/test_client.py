@@ -2146,6 +2146,10 @@ def test_a_value_refused_on_the_streamed_path_is_named_as_on_the_unary_one(
         (lambda: Fill.ones(2**63, 3), ValueError, "a Fill's dimension"),
         (lambda: Fill("bogus", (8,)), ValueError, "a Fill's kind is one of zeros"),  # type: ignore[arg-type]
         (lambda: Fill.ones(8, dtype=object()), TypeError, "a Fill's dtype is a name"),  # type: ignore[arg-type]
+        # Taken as given, and refused when sent, "unknown dtype 'uint8'", naming neither the
+        # Fill nor the argument it was (found by a review of the client's API).
+        (lambda: Fill.ones(8, dtype="foo"), codec.CodecError, "a Fill's dtype is one the wire"),
+        (lambda: Fill.zeros(8, dtype=np.uint8), codec.CodecError, r"got 'uint8' \(an array"),
         # A tensor where its dtype was meant: numpy's ValueError, naming no Fill, until mended.
         (lambda: Fill.ones(8, dtype=torch.ones(1)), TypeError, r"dtype is a name .* got tensor"),  # type: ignore[arg-type]
         (lambda: Fill.uniform(3).reseeded(1.5), TypeError, "step must be a whole number"),  # type: ignore[arg-type]

@@ -88,6 +88,15 @@ class Fill:
             raise ValueError(f"a Fill's kind is one of {', '.join(_KIND)}; got {self.kind!r}")
         if self.dtype is not None and not isinstance(self.dtype, str):
             object.__setattr__(self, "dtype", _dtype_name(self.dtype))
+        if self.dtype is not None and self.dtype not in codec.DTYPE_NAMES.values():
+            # Taken as given, it was refused when sent, "unknown dtype 'uint8'", naming
+            # neither the Fill nor its argument (found by a review of the client's API).
+            raise codec.CodecError(
+                f"a Fill's dtype is one the wire carries, "
+                f"{', '.join(sorted(codec.DTYPE_NAMES.values()))}; got {self.dtype!r} (an "
+                "array of int8, uint8, int16 or uint16 is sent as int32, of uint32 as int64; "
+                "a Fill is made on the server, in its own dtype)"
+            )
         # Checked as they are given, not when sent: protobuf's errors then named none of them.
         what = {"value": "mean" if self.kind == "normal" else "value", "std": "std"}
         for field in ("value", "low", "high", "std"):
