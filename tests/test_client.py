@@ -2419,23 +2419,26 @@ _PLAIN_PARAMETERS = frozenset({"self", "selector", "selectors", "input", "target
 @pytest.mark.parametrize(
     "name",
     sorted(
-        n
-        for n, f in inspect.getmembers(gradwire.Client, inspect.isfunction)
+        f"{cls.__name__}.{n}"
+        for cls in (gradwire.Client, gradwire.RemoteTensor)
+        for n, f in inspect.getmembers(cls, inspect.isfunction)
         if not n.startswith("_")
     ),
 )
 def test_each_client_method_s_docstring_names_each_of_its_parameters(name: str) -> None:
     """help(client.read) said nothing of `values` or `as_torch`, help(client.train) of
     `zero_grad`, help(client.set_optimizer) of `beta1` (torch's betas[0]), and so on for
-    backward's `retain_graph`, get's and set's `index`, open_session's `seed`."""
-    method = getattr(gradwire.Client, name)
+    backward's `retain_graph`, get's and set's `index`, open_session's `seed`, a remote
+    view's fetch() of `as_torch`."""
+    cls, _, name = name.partition(".")
+    method = getattr(getattr(gradwire, cls), name)
     doc = inspect.getdoc(method) or ""
     unnamed = [
         p
         for p in inspect.signature(method).parameters
         if p not in _PLAIN_PARAMETERS and not re.search(rf"\b{p}\b", doc)
     ]
-    assert unnamed == [], f"Client.{name}'s docstring does not name {unnamed}"
+    assert unnamed == [], f"{cls}.{name}'s docstring does not name {unnamed}"
 
 
 @pytest.mark.parametrize(

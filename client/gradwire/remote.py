@@ -157,7 +157,8 @@ class RemoteTensor:
         return self._name + codec.format_index(chain)
 
     def fetch(self, *, as_torch: bool = False) -> TensorRead:
-        """GetTensor for this name and slice: values, version and shapes."""
+        """GetTensor for this name and slice: values, version and shapes, as Client.read
+        reads them (`as_torch`: the values as a torch tensor)."""
         return self._client._read(self._name, self._chain, as_torch=as_torch)
 
     def numpy(self) -> np.ndarray[Any, Any] | None:
