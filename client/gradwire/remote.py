@@ -69,13 +69,14 @@ class RemoteTensor:
         if attribute.startswith("_"):
             raise AttributeError(attribute)
         if self._chain:
-            layer = self._layer()
+            names = self._client.list_tensors().names()  # one ListTensors for both asks
+            layer = self._layer(names)
             if layer is not None:  # remote.features[0].weight: a Sequential's layer
                 return RemoteTensor(self._client, f"{layer}.{attribute}")
             # remote.conv1.weight[0].grad raised AttributeError("grad"), with no word of why.
             index = self.selector[len(self._name) :]
             moved = f"{self._name}.{attribute}"
-            if not self._names_under(moved):
+            if not any(n == moved or n.startswith(f"{moved}.") for n in names):
                 # A tensor's own attribute (w[0].dtype, .device, .T) was sent to a name the
                 # server has not, remote.conv1.weight.dtype[0] (found by a review of the
                 # client's API as a researcher uses it).
@@ -91,24 +92,20 @@ class RemoteTensor:
             )
         return RemoteTensor(self._client, f"{self._name}.{attribute}")
 
-    def _names_under(self, name: str) -> bool:
-        """Whether the server has a tensor `name`, or tensors under it (a module's)."""
-        return any(
-            n == name or n.startswith(f"{name}.") for n in self._client.list_tensors().names()
-        )
-
-    def _layer(self) -> str | None:
+    def _layer(self, names: list[str] | None = None) -> str | None:
         """The module this view names when its index is a layer's number (or numbers) in an
         nn.Sequential or nn.ModuleList, as model.features[0] or model.features[-1] in
         PyTorch: "features.0" when the server has tensors under that name; else None. It was
         read as an index into a tensor "features" (found by a walkthrough as a researcher).
-        Asks the server for the names: a number is a layer's only when the model says so."""
+        Asks the server for the names, unless given: a number is a layer's only when the
+        model says so."""
         numbers: list[int] = []
         for key in self._chain:
             if isinstance(key, bool) or not isinstance(key, Integral):
                 return None
             numbers.append(int(key))
-        names = self._client.list_tensors().names()
+        if names is None:
+            names = self._client.list_tensors().names()
         layer = self._name
         for number in numbers:
             layers = _layer_numbers(names, layer)
@@ -142,11 +139,11 @@ class RemoteTensor:
         it). An indexed view has none (a name's attributes come before its index), but for
         a layer by its number (remote.features[0]: its weight)."""
         own = {name for name in dir(RemoteTensor) if not name.startswith("_")}
-        layer = self._layer() if self._chain else self._name
+        names = self._client.list_tensors().names()
+        layer = self._layer(names) if self._chain else self._name
         if layer is None:
             return sorted(own)
         prefix = f"{layer}."
-        names = self._client.list_tensors().names()
         below = {n[len(prefix) :].split(".")[0] for n in names if n.startswith(prefix)}
         return sorted(own | below)
 
