@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from gradwire.targets import with_default_port
 from gradwire_server.app import start
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 from tests.cli_run import run_main
 from tests.serve_in_process import bare_server, old_trainer, recording_reads, serving
 
@@ -943,6 +945,23 @@ def test_wait_ready_on_an_unreachable_server_is_unavailable() -> None:
         pytest.raises(errors.Unavailable),
     ):
         client.wait_ready(timeout=0.5)
+
+
+def test_a_wait_ready_that_times_out_leaves_no_thread_polling() -> None:
+    """gRPC's readiness future, left waiting past the timeout, kept a thread polling the
+    channel five times a second, and connecting to the absent server, until the client
+    closed, one more waiter for each wait_ready that timed out (found by a review of the
+    client's API as a researcher uses it: a notebook waiting for its server to start)."""
+    before = set(threading.enumerate())
+    with gradwire.connect(f"127.0.0.1:{free_port()}", timeout=2) as client:
+        for _ in range(2):
+            with pytest.raises(errors.Unavailable):
+                client.wait_ready(timeout=0.3)
+        eventually(
+            lambda: not [t for t in threading.enumerate() if t not in before],
+            "a thread left polling the channel after wait_ready timed out",
+            within=5,
+        )
 
 
 # --- the remote view --------------------------------------------------------------------------

@@ -1086,12 +1086,18 @@ class Client:
         _check_timeout(timeout, "wait_ready's timeout")  # -1 said no server answered
         if self._channel in _CLOSED_CHANNELS or self._opened.closed:
             raise ClientClosed(CLOSED)
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            ready.result(timeout=timeout)
         except grpc.FutureTimeoutError:
             raise Unavailable(
                 f"no gradwire server answered at {self.target} within {timeout}s"
             ) from None
+        finally:
+            # Left waiting (a timeout, Ctrl-C), the future kept a thread polling the channel,
+            # and connecting to the absent server, until the client closed (found by a
+            # review of the client's API as a researcher uses it). A no-op once ready.
+            ready.cancel()
 
     def health(self, service: str = "") -> str:
         """The standard health check's answer: "SERVING", "NOT_SERVING", ...; `service`: ""
