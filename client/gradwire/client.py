@@ -1240,6 +1240,10 @@ class Client:
         `as_torch`: the value as a CPU torch tensor in its own dtype (bfloat16 included),
         rather than a numpy array. `values=False` reads the rest alone (shape, dtype,
         version: `value` None), as shape() does.
+
+        The numpy array may be a read-only view of the reply it came in (one of 16 KiB or
+        more, not streamed): `w -= lr * g` on it raises ValueError ("output array is
+        read-only"); take `.copy()` first, or read into an array of your own with `out=`.
         """
         request = unary.read_request_bytes(selector, index, values)
         return self._read_request(request, as_torch=as_torch, values=values, out=out)
@@ -1365,7 +1369,8 @@ class Client:
         out: np.ndarray[Any, Any] | None = None,
     ) -> np.ndarray[Any, Any] | torch.Tensor | None:
         """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient.
-        `index`, `as_torch` and `out` as in read()."""
+        `index`, `as_torch` and `out` as in read(), and as there, the array may be read-only
+        (`.copy()` it to change it)."""
         read = self.read(selector, index, as_torch=as_torch, out=out)
         return read.value  # type: ignore[no-any-return]
 
