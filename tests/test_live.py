@@ -22,6 +22,7 @@ from gradwire_server.errors import OverLimit
 from gradwire_server.fills import FillSpec
 from gradwire_server.live import LiveReads, StreamedRead
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 from tests.test_streaming import CHUNK_PATH, lower_value_limit
 
 ONES = FillSpec("ones", (4, 3, 10, 10))
@@ -237,6 +238,24 @@ def test_reads_of_every_dtype_come_out_exactly() -> None:
 
 
 # --- through the server ------------------------------------------------------------------
+
+
+def test_a_stream_its_reader_cancels_leaves_the_trainer_and_copies_nothing(
+    client: gradwire.Client, server: Running, trainer: Trainer
+) -> None:
+    """A reader that cancels after its first chunk: its read is closed as the stream ends,
+    so a mutation after it copies nothing into the spare memory for a reader long gone
+    (a read left open held its place among the live reads, and the next Step copied the
+    rest of the tensor for it, and kept the copy)."""
+    server.servicer.spare = memory = CountedMemory()
+    request = pb.GetTensorRequest(name=LINEAR, chunk_bytes=4000)  # 64 chunks of 1,000
+    stream = client._methods["GetTensorStream"](request, timeout=30)
+    next(stream)
+    assert len(trainer._live) == 1
+    stream.cancel()
+    eventually(lambda: len(trainer._live) == 0, "the cancelled stream's read is still open")
+    client.fill_parameters(7.0)
+    assert memory.taken == 0
 
 
 def test_a_step_while_a_client_holds_a_stream_open_leaves_it_one_version(

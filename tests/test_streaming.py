@@ -29,7 +29,7 @@ from gradwire.fill import Fill
 from gradwire.selector import parse_selector
 from gradwire_server import servicer
 from gradwire_server.app import Running
-from gradwire_server.models import ModelSpec
+from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
 from tests.serve_in_process import bare_server, old_trainer, serving
@@ -903,6 +903,26 @@ def test_forward_stream_equals_the_unary_forward(client: gradwire.Client, traine
     assert np.array_equal(client.get("target"), y)
     local = nn.CrossEntropyLoss()(local_model()(torch.from_numpy(x)), torch.from_numpy(y))
     assert streamed.loss == local.item()
+
+
+def test_a_forward_stream_in_evaluation_mode_runs_every_chunk_s_input_in_it() -> None:
+    """The client says eval_mode in the first message alone: a streamed input in evaluation
+    mode runs as a unary one does, over however many chunks it comes in, BatchNorm's running
+    statistics unmoved; and a batch of one, which BatchNorm refuses in training mode, runs."""
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    with serving(TINY_MLP) as (_, client):
+        mean = client.get("norm.running_mean")
+        unary = client.forward(x, eval_mode=True)
+        output = client.get("output")
+        client.stream_above_bytes = 0
+        client.chunk_bytes = 40  # 7 messages
+        streamed = client.forward(x, eval_mode=True)
+        assert streamed.version == unary.version + 1
+        assert np.array_equal(client.get("output"), output)
+        assert np.array_equal(client.get("norm.running_mean"), mean)
+        assert client.forward(x[:1], eval_mode=True).output_shape == (1, 4)
+        client.forward(x)  # training mode, when not asked for: the statistics move
+        assert not np.array_equal(client.get("norm.running_mean"), mean)
 
 
 @pytest.mark.parametrize(

@@ -452,6 +452,27 @@ def test_a_fetch_over_the_value_limit_is_refused_before_anything_changes(
     assert_same_state(stepped, snapshot(client))
 
 
+def test_a_fetch_of_exactly_the_value_limit_is_taken_and_one_byte_over_refused(
+    client: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit is the most a fetch may count: at it, to the byte, the step runs; one byte
+    under it, refused, saying what it counted."""
+    fetch = ["conv1.weight[0]"]
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 1)
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.train_step(ONES_INPUT, ONES_TARGET, fetch=fetch)
+    counted = int(caught.value.metadata["bytes"])
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", counted)
+    assert client.train_step(ONES_INPUT, ONES_TARGET, fetch=fetch).fetched[0].shape == (3, 3, 3)
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", counted - 1)
+    version = client.list_tensors().version
+    with pytest.raises(errors.ResourceExhausted) as caught:
+        client.train_step(ONES_INPUT, ONES_TARGET, fetch=fetch)
+    assert caught.value.reason == "FETCH_TOO_LARGE"
+    assert caught.value.metadata["bytes"] == str(counted)
+    assert client.list_tensors().version == version
+
+
 def test_fetched_values_are_of_the_step_they_answer_while_others_step(
     client: gradwire.Client, address: str
 ) -> None:
