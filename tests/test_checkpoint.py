@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -1852,6 +1853,78 @@ def test_a_list_racing_a_delete_leaves_the_checkpoint_out(
     assert [c.name for c in client.list_checkpoints()] == ["epoch2"]
 
 
+def test_a_delete_racing_another_delete_of_its_checkpoint_is_not_found(
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another client's DeleteCheckpoint landing between this one's look at the file and its
+    # removal: NOT_FOUND naming what is there, as when it was gone before, not INTERNAL.
+    client, _, state_dir = kept
+    client.save_checkpoint("epoch1")
+    client.save_checkpoint("epoch2")
+    real = Path.is_file
+
+    def deleted_after(path: Path) -> bool:
+        there = real(path)
+        if path.name == "epoch1.safetensors":
+            path.unlink()  # the other delete, right after this one looked
+        return there
+
+    monkeypatch.setattr(Path, "is_file", deleted_after)
+    with pytest.raises(errors.NotFound) as caught:
+        client.delete_checkpoint("epoch1")
+    monkeypatch.undo()
+    assert caught.value.reason == "NO_CHECKPOINT"
+    assert caught.value.message == (
+        "no checkpoint named 'epoch1' in the server's state directory; it holds: epoch2"
+    )
+    assert _left(state_dir) == ["epoch2.safetensors"]
+
+
+@contextlib.contextmanager
+def _undeletable(path: Path) -> Iterator[str]:
+    """`path` made impossible to remove for the server's user, and the error's words: the
+    file immutable for root, whom a folder's permissions do not stop; its folder read-only
+    for any other user."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") is None:
+            pytest.skip("root, without chattr")
+        made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+        if made.returncode:
+            pytest.skip(f"chattr +i: {made.stderr.decode().strip()}")
+        try:
+            yield os.strerror(errno.EPERM)
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        mode = path.parent.stat().st_mode
+        path.parent.chmod(0o555)
+        try:
+            yield os.strerror(errno.EACCES)
+        finally:
+            path.parent.chmod(mode)
+
+
+def test_a_checkpoint_the_server_cannot_remove_says_why_and_what_to_do(
+    kept: tuple[gradwire.Client, Trainer, Path],
+) -> None:
+    """The system's words for why, without its path (the server's own, which its log has),
+    and what to fix: STATE_DIR_UNWRITABLE, as a save into a folder the server cannot write
+    is. The checkpoint stays, and listed."""
+    client, _, state_dir = kept
+    client.save_checkpoint("kept")
+    with (
+        _undeletable(state_dir / "kept.safetensors") as why,
+        pytest.raises(errors.FailedPrecondition) as caught,
+    ):
+        client.delete_checkpoint("kept")
+    assert caught.value.reason == "STATE_DIR_UNWRITABLE"
+    assert caught.value.message == (
+        f"could not remove checkpoint 'kept': {why}; the server's user must be able to write "
+        "its state directory"
+    )
+    assert [c.name for c in client.list_checkpoints()] == ["kept"]
+
+
 def test_a_save_whose_checkpoint_is_deleted_as_it_lands_is_answered_saved(
     kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1900,6 +1973,28 @@ def test_the_cli_deletes_a_checkpoint(kept: tuple[gradwire.Client, Trainer, Path
     assert again.code == 1
     assert "no checkpoint named 'old'" in again.err
     assert run_main("delete-checkpoint", "--target", client.target).code == 2  # no name
+
+
+def test_saves_loads_and_deletes_are_logged_for_the_operator(
+    kept: tuple[gradwire.Client, Trainer, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each call that writes, reads or removes a checkpoint says so in the server's log, with
+    the file and the versions or bytes: what changed in the state directory, and which call
+    did it, is the operator's to find there."""
+    client, _, state_dir = kept
+    _step(client)
+    path = state_dir / "first.safetensors"
+    with caplog.at_level(logging.INFO, logger="gradwire_server.servicer"):
+        saved = client.save_checkpoint("first")
+        _step(client)
+        loaded = client.load_checkpoint("first")
+        client.delete_checkpoint("first")
+    said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.servicer"]
+    assert said == [
+        f"saved state version {saved.version} to {path}",
+        f"loaded state version {saved.version} from {path}, as version {loaded.version}",
+        f"removed checkpoint {path} ({saved.bytes} bytes)",
+    ]
 
 
 def test_the_cli_takes_or_says_how_to_give_a_checkpoint_name_beginning_with_a_dash(
