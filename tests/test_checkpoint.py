@@ -2151,12 +2151,19 @@ def test_a_checkpoint_of_another_model_is_refused_and_changes_nothing(
 
 
 def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
-    kept: tuple[gradwire.Client, Trainer, Path],
+    kept: tuple[gradwire.Client, Trainer, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     client, _, state_dir = kept
     (state_dir / "taken.safetensors").mkdir()  # a folder where the file would go
-    with pytest.raises(errors.FailedPrecondition) as caught:
+    with (
+        caplog.at_level(logging.WARNING, logger="gradwire_server.servicer"),
+        pytest.raises(errors.FailedPrecondition) as caught,
+    ):
         client.save_checkpoint("taken")
+    # The server's path, which the answer leaves out, in its log: the operator's to fix.
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(f"could not write checkpoint {state_dir / 'taken.safetensors'}: ")
     assert caught.value.reason == "STATE_DIR_UNWRITABLE"
     assert "Is a directory" in caught.value.message
     # Named as the caller named it, as a load's refusal is: the server's path is its log's.

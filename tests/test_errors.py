@@ -749,6 +749,33 @@ def test_a_read_whose_answer_fails_other_than_for_memory_is_internal(
         running.stop(grace=None)
 
 
+def test_a_streamed_read_s_internal_error_names_the_streamed_call(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server stream's unexpected error says, as a unary call's does, which call failed
+    and where the details are: GetTensorStream, not the read the client asked for first."""
+    running = start(Trainer(seed=0), "127.0.0.1", 0)
+    try:
+        with gradwire.connect(f"127.0.0.1:{running.port}") as client:
+
+            def broken(*args: object, **kwargs: object) -> Iterator[bytes]:
+                raise RuntimeError("secret internal detail")
+
+            monkeypatch.setattr(convert, "stream_chunks", broken)
+            request = pb.GetTensorRequest(name="conv1.weight", chunk_bytes=1000)
+            with caplog.at_level(logging.ERROR), pytest.raises(grpc.RpcError) as failed:
+                next(client._methods["GetTensorStream"](request, timeout=30))
+            monkeypatch.undo()
+            internal = errors.from_rpc_error(failed.value)
+            assert isinstance(internal, errors.Internal)
+            assert internal.message == (
+                "internal error in GetTensorStream; the server's log has the details"
+            )
+            assert "unexpected error in GetTensorStream" in caplog.text
+    finally:
+        running.stop(grace=None)
+
+
 @pytest.mark.parametrize(
     ("error", "lost"),
     [
@@ -1289,6 +1316,10 @@ def test_too_many_selectors_in_a_watch_or_a_fetch_are_refused(address: str) -> N
             assert refused_as.metadata == {"limit": str(most)}  # the number to stay within
             assert (
                 f"Watch's items: {count} selectors, more than the {most}" in caught.value.details()
+            )
+            # and what to do instead
+            assert caught.value.details().endswith(
+                "select a slice of a tensor rather than its elements one by one"
             )
         else:
             assert len(next(watch).tensors) == most
