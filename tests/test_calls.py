@@ -441,6 +441,24 @@ def test_streams_ended_by_a_session_s_close_or_a_stop_are_counted_as_their_clien
             assert counted(scrape(running), CALLS, "CANCELLED") == 0
 
 
+def test_a_stream_whose_session_closes_before_its_first_call_is_counted_not_found() -> None:
+    """A stream opened on an open session that closes before any call is written ends
+    NOT_FOUND for its client, and is counted so: not OK, as a stream its client ended
+    itself (a stream is bound to its session from the start, not from its first answer)."""
+    with running_server(metrics_port=0) as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address, timeout=30) as client, grpc.insecure_channel(address) as ch:
+            session = client.open_session(seed=0)
+            stream = Raw(ch, metadata=(("gradwire-session", session.session or ""),))
+            eventually(lambda: running.servicer.waiting.count == 1)
+            session.close()
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream.responses)
+            assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+            eventually(lambda: counted(scrape(running), CALLS, "NOT_FOUND") == 1)
+            assert counted(scrape(running), CALLS, "OK") == 0
+
+
 def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) -> None:
     """Its call is answered as its unary call would be (UNKNOWN_SESSION), then the stream
     ends, with the reason: it could never run another."""
@@ -452,6 +470,20 @@ def test_a_stream_on_no_open_session_answers_its_call_then_ends(address: str) ->
             next(stream.responses)
     assert ended.value.code() == grpc.StatusCode.NOT_FOUND
     assert errors.from_rpc_error(ended.value).reason == "UNKNOWN_SESSION"
+
+
+def test_a_stream_on_a_long_unknown_session_names_it_as_its_call_did(address: str) -> None:
+    """The stream's end names the session in its metadata as the call's answer before it
+    does, its first 64 characters: a client matches the two, and a header of hundreds of
+    characters is not sent back whole."""
+    session = "s" * 100
+    with grpc.insecure_channel(address) as channel:
+        stream = Raw(channel, metadata=(("gradwire-session", session),))
+        answer = stream.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
+        assert error_of(answer)[3] == {"session": session[:64]}
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream.responses)
+    assert errors.from_rpc_error(ended.value).metadata == {"session": session[:64]}
 
 
 def test_a_stream_with_an_empty_session_header_runs_on_the_default_session(address: str) -> None:

@@ -161,6 +161,19 @@ def test_stats_of_an_absent_gradient(client: gradwire.Client) -> None:
     assert read.stats is None and read.shape is None and read.full_shape is None
 
 
+def test_stats_say_the_state_version_and_tensor_they_were_read_from(
+    client: gradwire.Client,
+) -> None:
+    """Present or absent, the statistics carry the version of the state they summarize, as
+    a read does: a caller comparing them with a read, or waiting for a step, goes by it."""
+    version = client.set("conv1.weight[5]", np.zeros((3, 3, 3), dtype=np.float32))
+    assert version > 0
+    read = client.stats("conv1.weight[5]")
+    assert (read.name, read.version) == ("conv1.weight", version)
+    absent = client.stats("conv1.weight.grad")
+    assert (absent.name, absent.version, absent.stats) == ("conv1.weight.grad", version, None)
+
+
 def test_summarize_in_runs_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     values = torch.randn(1000, dtype=torch.float64)
     values[::97] = float("nan")

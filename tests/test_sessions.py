@@ -71,6 +71,17 @@ def test_sessions_opened_without_a_seed_start_from_different_weights(
     assert not np.array_equal(first, second)
 
 
+def test_sessions_opened_with_seed_0_start_from_the_same_weights(
+    client: gradwire.Client,
+) -> None:
+    """Seed 0 is a seed, set as any other: taken for an unset one, each such session drew
+    its weights afresh, and a run meant to repeat another did not."""
+    with client.open_session(seed=0) as mine, client.open_session(seed=0) as theirs:
+        first, second = mine.get("conv1.weight"), theirs.get("conv1.weight")
+    assert isinstance(first, np.ndarray) and isinstance(second, np.ndarray)
+    assert np.array_equal(first, second)
+
+
 def test_sessions_train_at_once_on_the_server_s_one_torch_thread(
     client: gradwire.Client, server: Running
 ) -> None:
