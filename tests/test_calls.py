@@ -322,7 +322,10 @@ def test_bad_messages_are_answered_in_order_and_the_stream_goes_on(raw: Raw) -> 
     )
     past = pb.CallRequest(step=pb.StepRequest(), expected_version=2**63)
     _, message, reason, _ = error_of(raw.call(past))
-    assert reason == "BAD_METADATA" and "expected_version must be a state version" in message
+    assert reason == "BAD_METADATA"
+    assert message == (
+        f"expected_version must be a state version, from 0 to {2**63 - 1}, got {2**63}"
+    )
     # A read ignores both, as a unary read ignores that metadata.
     listing = raw.call(
         pb.CallRequest(
@@ -371,13 +374,19 @@ def test_a_malformed_call_on_an_unknown_session_is_answered_as_its_unary_call(
 
 
 def test_request_id_or_expected_version_in_the_streams_metadata_is_refused(address: str) -> None:
-    for key in ("gradwire-request-id", "gradwire-expected-version"):
+    """The refusal names the CallRequest field each call carries the value in instead."""
+    for key, field in (
+        ("gradwire-request-id", "request_id"),
+        ("gradwire-expected-version", "expected_version"),
+    ):
         with grpc.insecure_channel(address) as channel:
             stream = Raw(channel, metadata=((key, "1"),))
             with pytest.raises(grpc.RpcError) as caught:
                 stream.call(pb.CallRequest(step=pb.StepRequest()))
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert f"cannot carry {key}" in (caught.value.details() or "")
+            assert (caught.value.details() or "").endswith(
+                f"cannot carry {key}: each call in it carries its own, as CallRequest.{field}"
+            )
             assert errors.from_rpc_error(caught.value).reason == "BAD_METADATA"
 
 

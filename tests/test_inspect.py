@@ -1525,8 +1525,13 @@ def test_watch_refuses_bad_items_with_a_status(client: gradwire.Client) -> None:
     for request, reason, said in (
         (pb.WatchRequest(items=[bad_bins]), "BAD_BINS", "histogram_bins must be between"),
         (pb.WatchRequest(items=[bins_unused]), "BAD_BINS", "histogram_bins must be between"),
-        (pb.WatchRequest(items=[item], every_steps=-1), "BAD_REQUEST", "cannot be negative"),
-        (pb.WatchRequest(items=[item], min_interval_ms=-1), "BAD_REQUEST", "cannot be negative"),
+        # Each value named in the order given, the negative one and the other.
+        (pb.WatchRequest(items=[item], every_steps=-1), "BAD_REQUEST", "negative, got -1 and 0"),
+        (
+            pb.WatchRequest(items=[item], every_steps=2, min_interval_ms=-1),
+            "BAD_REQUEST",
+            "every_steps and min_interval_ms cannot be negative, got 2 and -1",
+        ),
         (pb.WatchRequest(), "BAD_REQUEST", "Watch needs at least one item"),
     ):
         with pytest.raises(errors.InvalidArgument) as no:
