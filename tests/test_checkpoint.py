@@ -2188,22 +2188,24 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
     assert client.save_checkpoint("big").bytes > 100_000  # and it saves once there is room
 
 
+@pytest.mark.parametrize("code", [errno.EDQUOT, errno.EFBIG])
 def test_a_save_past_the_user_s_disk_quota_is_refused_as_a_full_disk(
-    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch
+    kept: tuple[gradwire.Client, Trainer, Path], monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
-    """EDQUOT, as ENOSPC: the caller can free room as it can on a full disk. (A quota this
-    machine's disk cannot be given for a test: the room check raises it here.)"""
+    """EDQUOT, as ENOSPC: the caller can free room as it can on a full disk; and EFBIG, a
+    file past the size the server may write (its `ulimit -f`). (A quota this machine's disk
+    cannot be given for a test: the room check raises it here.)"""
     client, _, state_dir = kept
 
     def over_quota(folder: Path, need: int, replaced: int = 0) -> None:
-        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(checkpoint, "check_room", over_quota)
     with pytest.raises(errors.ResourceExhausted) as full:
         client.save_checkpoint("big")
     assert full.value.reason == "DISK_FULL"
     assert full.value.message.startswith(
-        f"could not write checkpoint 'big': {os.strerror(errno.EDQUOT)}; free space"
+        f"could not write checkpoint 'big': {os.strerror(code)}; free space"
     )
     assert _left(state_dir) == []
 
