@@ -419,6 +419,10 @@ def test_a_session_closed_under_a_stream_ends_it_not_found(
             next(stream.responses)
         assert ended.value.code() == grpc.StatusCode.NOT_FOUND
         assert "this stream of calls on it ends here" in (ended.value.details() or "")
+        # What to do next: the stream cannot be moved, a session can be opened.
+        assert (ended.value.details() or "").endswith(
+            "open a session (OpenSession, gradwire open-session)"
+        )
         again = default.call(pb.CallRequest(list_tensors=pb.ListTensorsRequest()))
         assert again.list_tensors.model == "Simple"
         default.close()

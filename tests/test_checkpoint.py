@@ -2168,6 +2168,11 @@ def test_a_checkpoint_that_cannot_be_written_says_why_and_leaves_nothing_behind(
     assert "Is a directory" in caught.value.message
     # Named as the caller named it, as a load's refusal is: the server's path is its log's.
     assert caught.value.message.startswith("could not write checkpoint 'taken': ")
+    # What to mend: the folder in the way is named as a cause.
+    assert caught.value.message.endswith(
+        "; the server's state directory must be a folder it can write, with no folder of "
+        "that name in it"
+    )
     assert str(state_dir) not in caught.value.message
     assert _left(state_dir) == ["taken.safetensors"]
     # A file-size limit stands in for a full disk: the write fails partway.

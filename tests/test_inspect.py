@@ -1551,6 +1551,17 @@ def test_a_watch_item_asking_for_neither_values_nor_stats_gets_stats(
     assert list(watched.full_shape) == [16, 3, 3, 3]
 
 
+def test_a_watch_item_asking_for_values_alone_gets_no_stats(client: gradwire.Client) -> None:
+    """Statistics are sent only when asked for, or when nothing is: values alone come
+    without them (the update's room was counted without them too)."""
+    request = pb.WatchRequest(items=[pb.WatchItem(name="conv1.weight", values=True)])
+    stream = client._stream("Watch", request, timeout=30)
+    first = pb.WatchUpdate.FromString(next(stream))
+    stream.close()  # type: ignore[attr-defined]
+    watched = first.tensors[0]
+    assert watched.HasField("tensor") and not watched.HasField("stats")
+
+
 def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> None:
     """Not as a normal end, which a reader would take for one (a review saw OK): as a Train
     on it does, FAILED_PRECONDITION (CLOSED)."""
