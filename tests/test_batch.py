@@ -932,6 +932,7 @@ def test_an_answer_that_takes_the_room_left_to_the_byte_is_kept(
     small_messages(monkeypatch, exact - 1)
     _, message, reason, metadata = error_of(raw_batch(address, [read])[0])
     assert "(room left: 18,479 bytes)" in message
+    assert message.endswith("make calls with large answers on their own (large reads stream)")
     assert (reason, metadata["bytes"], metadata["limit"]) == (
         "BATCH_ANSWERS_TOO_LARGE",
         "18480",

@@ -1573,6 +1573,7 @@ def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> Non
         with pytest.raises(errors.FailedPrecondition, match="was closed") as info:
             next(stream)
         assert info.value.reason == "CLOSED"
+        assert info.value.message.endswith("nothing more to watch; open a session and watch it")
 
 
 # --- Train: a server-side run ----------------------------------------------------------------
