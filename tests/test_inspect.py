@@ -1579,6 +1579,15 @@ def test_a_watch_ends_with_an_error_when_its_session_closes(address: str) -> Non
 # --- Train: a server-side run ----------------------------------------------------------------
 
 
+def test_a_train_s_rate_counts_every_step_done(client: gradwire.Client) -> None:
+    """steps_per_s is the steps done over the time the run has taken: at least the steps
+    over the time the caller has waited, which began first (a rate that left a step out
+    said 0 steps a second after the first)."""
+    began = time.perf_counter()
+    for p in client.train(Fill.ones(8, 3, 10, 10), Fill.ones(8), steps=3):
+        assert p.steps_per_s >= p.step / (time.perf_counter() - began), p
+
+
 def test_train_run_equals_a_local_loop_with_reseeded_fills(
     client: gradwire.Client, address: str
 ) -> None:

@@ -757,6 +757,13 @@ def test_a_train_request_leaving_zero_grad_unset_zeroes_each_step_and_may_take_t
     run = client._stream("Train", request, timeout=30)
     assert next(run).steps == limits.MAX_TRAIN_STEPS
     run.close()  # type: ignore[attr-defined]
+    # One more is refused as the client would send it unchecked, naming the steps asked.
+    request.steps = limits.MAX_TRAIN_STEPS + 1
+    with pytest.raises(errors.InvalidArgument) as refused:
+        next(client._stream("Train", request, timeout=30))
+    assert refused.value.message == (
+        f"steps must be between 1 and {limits.MAX_TRAIN_STEPS}, got {limits.MAX_TRAIN_STEPS + 1}"
+    )
 
 
 def test_a_fetch_is_counted_at_each_tensor_s_bound_of_its_answer() -> None:
