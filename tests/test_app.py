@@ -599,9 +599,11 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
         next(progress)
 
         def waits() -> bool:
+            # Its send under way and no step for a second: a server the machine's load
+            # starves for 0.3 s takes no step either, and its stop then took 0.04 s.
             version = trainer.version
-            time.sleep(0.3)
-            return trainer.version == version
+            time.sleep(1.0)
+            return trainer.version == version and running.servicer.sending.under_way == 1
 
         eventually(waits, "the Train did not come to wait for its client", within=120)
         took = _stop_while_not_read(running, progress)
