@@ -831,6 +831,35 @@ def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
     assert "listening on" not in out.stderr
 
 
+def test_a_state_dir_whose_saving_folder_takes_no_file_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """Saves are written in the state dir's .saving folder, then renamed into place: one
+    left by another user (a first run as root, the folder then chown'ed without -R) passed
+    the start's check, which wrote in the state dir alone, and the save at the stop failed,
+    the run's training lost (a review of running the server, as an operator)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root writes in any folder: without its capabilities it does not
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root writes in any folder, and setpriv is not here to drop that")
+        prefix = [setpriv, "--bounding-set", "-all", "--inh-caps", "-all"]
+    state = tmp_path / "state"
+    (state / ".saving").mkdir(parents=True)
+    (state / ".saving").chmod(0o555)
+    serve = [sys.executable, "-m", "gradwire.cli", "serve", "--port", "0", "--device", "cpu"]
+    out = subprocess.run(
+        [*prefix, *serve, "--state-dir", str(state)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.endswith(
+        f"gradwire serve: error: --state-dir {state}: the state could not be saved there "
+        "(Permission denied in .saving, where saves are written before they are renamed into "
+        "place); choose a folder this user can write to\n"
+    ), out.stderr
+    assert "listening on" not in out.stderr
+
+
 def test_a_state_dir_is_made_at_start_and_holds_no_trace_of_the_check(tmp_path: Path) -> None:
     from gradwire_server.app import check_state_dir
 

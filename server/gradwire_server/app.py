@@ -414,14 +414,25 @@ def check_state_dir(state_dir: Path) -> None:
     """Refuses, at start, a state dir the stop could not save into (InvalidInput,
     BAD_STATE_DIR): it is made when missing, a file is written there and removed, as a save
     writes one and renames it, and its folder for unfinished saves is made
-    (checkpoint.saving_folder, which refuses a link or a file there). Its lock file is
-    checked where it is opened, by `hold_state_dir` (`_lock_file`), next at start."""
+    (checkpoint.saving_folder, which refuses a link or a file there) and written to too.
+    Its lock file is checked where it is opened, by `hold_state_dir` (`_lock_file`), next
+    at start."""
+    saving = None
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         _write_and_remove_a_file(state_dir)
-        checkpoint.saving_folder(state_dir)
+        saving = checkpoint.saving_folder(state_dir)
+        # Where a save writes first: one of another user's (a first run as root, the state
+        # dir chown'ed without -R) passed this check, and the save at the stop failed, the
+        # run's training lost (a review of running the server, as an operator).
+        _write_and_remove_a_file(saving)
     except OSError as err:
         why, advice = err.strerror or str(err), "choose a folder this user can write to"
+        if saving is not None:
+            why += (
+                f" in {checkpoint.SAVING}, where saves are written before they are renamed "
+                "into place"
+            )
         if isinstance(err, FileExistsError):
             why = "it is a file, not a folder"
         elif isinstance(err, NotADirectoryError) and not state_dir.is_dir():
