@@ -1109,6 +1109,23 @@ def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(
     forget_port(port_file, 50051)  # gone already: nothing to do
 
 
+def test_a_metrics_port_that_is_the_grpc_port_is_refused_as_an_option(tmp_path: Path) -> None:
+    """`--metrics-port` the same as `--port`: the metrics server took the port first, and
+    gRPC was refused it, "port N is in use (another server on it?)", exit 1 (what may pass,
+    for a supervisor to retry): no other server was there, and every retry failed alike (a
+    review of running the server, as an operator)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # free once closed
+    out = _serve_refused("--port", str(port), "--metrics-port", str(port))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.endswith(
+        f"gradwire serve: error: --metrics-port {port} is the port gRPC listens on (--port): "
+        "give the metrics another port (0 picks a free one)\n"
+    ), out.stderr
+    assert "in use" not in out.stderr
+    assert "listening on" not in out.stderr
+
+
 def test_a_port_file_without_its_folder_is_refused_at_start(tmp_path: Path) -> None:
     port_file = tmp_path / "nope" / "port"
     out = _serve_refused("--port-file", str(port_file))

@@ -1274,7 +1274,7 @@ def test_a_target_fill_given_a_dtype_is_not_told_of_the_default_one(
 #: start (exit code 2, the reason only in its log), and the base classes' defaults, which
 #: every raise overrides with a reason of its own.
 _NOT_ON_THE_WIRE = {
-    "BAD_CHECKPOINT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
+    "BAD_CHECKPOINT", "BAD_METRICS_PORT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
     "ERROR", "OVER_LIMIT", "WRONG_ORDER",
 }  # fmt: skip
 

@@ -743,6 +743,15 @@ def serve(
     `connections`: as `start` takes them, the limit on connections lowered where the limit
     on open files leaves less room (connections_within_open_files).
     """
+    if metrics_port and metrics_port == port:
+        # The metrics server binds first, and gRPC was then refused its port "in use (another
+        # server on it?)", exit 1 for a supervisor to retry: no retry could pass (a review of
+        # running the server, as an operator).
+        raise InvalidInput(
+            f"--metrics-port {metrics_port} is the port gRPC listens on (--port): give the "
+            "metrics another port (0 picks a free one)",
+            reason="BAD_METRICS_PORT",
+        )
     opened = raise_open_files_limit()
     if opened is not None:
         log.info("open files: up to %s, each client connection takes one (was %s)", *opened)
