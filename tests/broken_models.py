@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -100,3 +101,20 @@ class Hungry(nn.Module):
 
 
 HUNGRY = ModelSpec("Hungry", Hungry, sample_shape=(2,), num_classes=2)
+
+
+class Warns(nn.Module):
+    """Gives a UserWarning as it is built, as torch's own layers do (nn.TransformerEncoder
+    of layers without batch_first: "enable_nested_tensor is True, but ...")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        warnings.warn("a warning of the model's own", UserWarning, stacklevel=1)
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+#: `gradwire serve --model tests.broken_models:WARNS`
+WARNS = ModelSpec("Warns", Warns, sample_shape=(2,), num_classes=2)

@@ -2501,6 +2501,31 @@ def test_warnings_not_gradwire_s_are_left_to_python_to_show() -> None:
     assert err.getvalue() == "gradwire list: warning: gradwire's\n"
 
 
+def test_serve_s_log_takes_warnings_not_gradwire_s_too_in_its_format() -> None:
+    """A warning of torch's or the model's own while `serve` runs (an nn.TransformerEncoder's,
+    as the model is built) was Python's two lines of plain text in a `--log-format json`
+    log, which a collector of JSON lines drops or fails on (a review of running the server,
+    as an operator). It is a WARNING of the log's now, with its file and line."""
+    import json
+    import signal
+
+    from tests.serve_process import serving
+
+    flags = ("--model", "tests.broken_models:WARNS", "--log-format", "json")
+    with serving(*flags) as (process, log):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
+        log += process.stderr.read()
+    lines = [json.loads(line) for line in log.splitlines()]  # every line JSON
+    warned = [line for line in lines if "a warning of the model's own" in line["message"]]
+    assert warned, lines
+    assert {(line["level"], line["logger"]) for line in warned} == {("WARNING", "py.warnings")}
+    assert re.search(
+        r"broken_models\.py:\d+: UserWarning: a warning of the model's own", warned[0]["message"]
+    )
+
+
 def test_an_unknown_option_of_a_command_is_refused_with_that_command_s_usage() -> None:
     # argparse refused it with gradwire's usage and name, not the command's, whose options
     # are what a mistaken one is to be read against (a newcomer's walkthrough).

@@ -99,8 +99,11 @@ def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
     """gradwire's own warnings (errors.GradwireWarning) given while `command` runs, one line
     each on `err`: "gradwire list: warning: ...". Python's own way took two lines, naming the
     file and line of gradwire's code that warned, which say nothing to a user of the
-    command. `serve`'s go to its log, whose JSON a line of plain text would break. Other
-    warnings are shown as Python shows them."""
+    command. `serve`'s go to its log, whose JSON a line of plain text would break, and so do
+    other warnings given while it runs (torch's, the model's), with their file and line, as
+    logging.captureWarnings logs them: an nn.TransformerEncoder's, as the model was built,
+    put two lines of plain text in a JSON log (a review of running the server, as an
+    operator). Other commands show them as Python shows them."""
     with warnings.catch_warnings():
         shown = warnings.showwarning
 
@@ -112,10 +115,13 @@ def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
             file: TextIO | None = None,
             line: str | None = None,
         ) -> None:
-            if not issubclass(category, GradwireWarning):
-                shown(message, category, filename, lineno, file, line)
-            elif command == "serve":
+            if command == "serve" and issubclass(category, GradwireWarning):
                 logging.getLogger("gradwire.cli").warning("%s", message)
+            elif command == "serve":
+                said = warnings.formatwarning(message, category, filename, lineno, line)
+                logging.getLogger("py.warnings").warning("%s", said.rstrip("\n"))
+            elif not issubclass(category, GradwireWarning):
+                shown(message, category, filename, lineno, file, line)
             else:
                 err.write(f"gradwire {command}: warning: {message}\n")
 
