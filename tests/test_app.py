@@ -1084,12 +1084,33 @@ def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path)
     took (found by a review of running the server for others)."""
     from gradwire_server.app import check_port_file
 
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        dead = probe.getsockname()[1]  # free once closed: the killed server's
     port_file = tmp_path / "port"
-    port_file.write_text("50051\n")
+    port_file.write_text(f"{dead}\n")
     check_port_file(port_file)
     assert not port_file.exists()
     assert list(tmp_path.iterdir()) == []
     check_port_file(port_file)  # none there: nothing to remove, and no refusal
+
+
+def test_a_start_that_fails_leaves_the_port_file_of_the_server_that_listens(
+    tmp_path: Path,
+) -> None:
+    """A second `serve` given a running server's --port-file and --port (started twice by
+    mistake, or a supervisor's retries) removed the file at start, then found the port in
+    use and exited: the server that wrote the file went on serving with no file naming its
+    port, and its readers found none (a review of running the server, as an operator)."""
+    port_file = tmp_path / "port"
+    with serving("--port-file", str(port_file)) as (process, _):
+        port = port_file.read_text()
+        second = _serve_refused("--port", port.strip(), "--port-file", str(port_file))
+        assert second.returncode == 1, second.stderr
+        assert "is in use" in second.stderr
+        assert port_file.read_text() == port
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    assert not port_file.exists()  # removed by the server that wrote it, at its stop
 
 
 def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(

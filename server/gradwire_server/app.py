@@ -452,14 +452,18 @@ def forget_port(port_file: Path, port: int) -> None:
             port_file.unlink()
 
 
-def check_port_file(port_file: Path) -> None:
+def check_port_file(port_file: Path, host: str = "127.0.0.1") -> None:
     """Refuses, at start, a port file that could not be written once the server listens
     (InvalidInput, BAD_PORT_FILE): its folder must exist and take a file, which is written
     there and removed. Found only after binding, a read-only folder was a failed exit (1)
     where a missing one was refused as a usage error (2). A port file already there is
     removed: one left by a server that could not remove it (killed, or out of memory) named
     a dead port, and a reader waiting for the file took it for this server's until this one
-    listened (found by a review of running the server for others)."""
+    listened (found by a review of running the server for others). But not one naming a
+    port in use on `host`, a running server's: a second start given its file and port
+    removed it, then failed on the port in use, and the server went on with no file naming
+    its port (a review of running the server, as an operator); this server's own replaces
+    it once it listens."""
     folder = port_file.parent
     if not folder.is_dir():
         why = f"there is no folder {folder} to write it in"
@@ -472,11 +476,25 @@ def check_port_file(port_file: Path) -> None:
             why = f"cannot write in {folder} ({err.strerror or err})"
         else:
             try:
-                port_file.unlink(missing_ok=True)
+                if not _names_a_port_in_use(port_file, host):
+                    port_file.unlink(missing_ok=True)
                 return
             except OSError as err:  # another user's, in a sticky folder such as /tmp
                 why = f"cannot remove the file already there ({err.strerror or err})"
     raise InvalidInput(f"--port-file {port_file}: {why}", reason="BAD_PORT_FILE")
+
+
+def _names_a_port_in_use(port_file: Path, host: str) -> bool:
+    """Whether `port_file` names a port that something listens on at `host` (the server
+    that wrote it, still running)."""
+    try:
+        port = int(port_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if not 0 < port < 65536:
+        return False
+    refused = _bind_error(host, port)
+    return refused is not None and refused.errno == errno.EADDRINUSE
 
 
 #: How often a wait of the main thread's wakes to run the handlers of signals received.
@@ -784,7 +802,7 @@ def serve(
                     state_dir,
                 )
         if port_file is not None:
-            check_port_file(port_file)
+            check_port_file(port_file, host)
         if tls is not None:
             tls.check()
         spec = SIMPLE if model is None else load_spec(model, model_folder)
