@@ -341,7 +341,8 @@ def test_a_batch_is_used_once_and_takes_calls_only_in_its_block(
     batch = batched.batch()
     with pytest.raises(RuntimeError, match="inside its with block"):
         batch.step()
-    with batch:
+    # Nor again inside its block (found by a review of pipeline.py, third pass).
+    with batch, pytest.raises(RuntimeError, match="used once"), batch:
         pass
     with pytest.raises(RuntimeError, match="used once"), batch:
         pass

@@ -215,6 +215,16 @@ def test_chunks_of_fewer_bytes_than_one_value_carry_one_value_each() -> None:
     assert got == [(0, [0.0], (3,)), (1, [1.0], None), (2, [2.0], None)]
 
 
+def test_an_empty_tensor_goes_in_one_chunk_that_carries_its_shape() -> None:
+    """A receiver learns a tensor's shape from its first chunk: an empty one still sends
+    that chunk, without which its receiver has none and answers "no chunk was sent"
+    (found by a review of codec.py, third pass)."""
+    runs = list(codec.chunks(np.zeros((0, 3), np.float32), 64))
+    assert [(dtype, offset, run.size, shape) for dtype, run, offset, shape in runs] == [
+        (pb.DTYPE_FLOAT32, 0, 0, (0, 3))
+    ]
+
+
 def test_an_empty_tensor_is_its_header_alone() -> None:
     """As protobuf writes it: an empty packed field is left out, not written empty."""
     ours = codec.encode_bytes(np.zeros((0, 3), np.float32))

@@ -173,6 +173,44 @@ def test_a_pipeline_and_a_batch_carry_every_call_the_calls_stream_carries(
         assert client.list_checkpoints() == []
 
 
+@pytest.mark.parametrize("kind", ["pipeline", "batch"])
+def test_a_pipeline_or_a_batch_passes_on_the_arguments_every_call_leaves_at_their_defaults(
+    address: str, kind: str
+) -> None:
+    """train_step(zero_grad=False) on a pipeline or a batch adds its gradients to those
+    there, as the client's does (with lr 0, the second step's are twice the first's);
+    as_torch=True fetches and gets torch tensors; a stats' low and high bound its
+    histogram. every_call() leaves these at their defaults, and any of them dropped on the
+    way to the client's encoding went unnoticed (found by a review of pipeline.py, third
+    pass)."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).standard_normal((4, 3, 10, 10)).astype(np.float32)
+    labels = np.arange(4)
+    fetch = ["linear.weight.grad"]
+    with gradwire.connect(address, timeout=30) as client:
+        client.reset(seed=3)
+        client.set_optimizer("sgd", lr=0.0)
+        with getattr(client, kind)() as p:
+            steps = [
+                p.train_step(x, labels, zero_grad=False, fetch=fetch, as_torch=True)
+                for _ in range(2)
+            ]
+            again = p.train_step(x, labels, fetch=fetch)
+            got = p.get("linear.weight", as_torch=True)
+            stats = p.stats("linear.weight", bins=4, low=-0.5, high=0.25)
+        assert stats.result() == client.stats("linear.weight", bins=4, low=-0.5, high=0.25)
+        summary = stats.result().stats
+        assert summary is not None and summary.histogram is not None
+        assert (summary.histogram.low, summary.histogram.high) == (-0.5, 0.25)
+        weight = client.get("linear.weight")
+    first, second = (s.result().fetched[0].value for s in steps)
+    assert isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+    np.testing.assert_array_equal(second.numpy(), 2 * first.numpy())
+    np.testing.assert_array_equal(again.result().fetched[0].value, first.numpy())
+    assert isinstance(got.result(), torch.Tensor)
+    np.testing.assert_array_equal(got.result().numpy(), weight)
+
+
 def _assert_same(mine: Any, theirs: Any, where: str) -> None:
     if isinstance(mine, np.ndarray):
         np.testing.assert_array_equal(mine, theirs, err_msg=where)
@@ -272,6 +310,10 @@ def test_a_pipeline_is_used_once_and_takes_calls_only_in_its_block(
         pipeline.step()
     with pipeline as p:
         p.zero_grad()
+        # Nor again inside its block: nothing entered one twice (found by a review of
+        # pipeline.py, third pass).
+        with pytest.raises(RuntimeError, match="used once"), p:
+            pass
     with pytest.raises(RuntimeError, match="inside its with block"):
         p.step()
     with pytest.raises(RuntimeError, match="used once"), pipeline:
@@ -381,15 +423,20 @@ def test_a_client_without_stream_calls_keeps_the_stream_a_pipeline_opened(
 def test_a_pipeline_while_another_thread_holds_the_stream_gets_one_of_its_own(
     address: str,
 ) -> None:
+    """The stream of its own is ended with the block (every answer read): one left open
+    held a place on the server for the life of the client, and no test looked (found by a
+    review of pipeline.py, third pass)."""
     with gradwire.connect(address, stream_calls=True, timeout=30) as client:
         client.zero_grad()
         shared = client._calls
         assert shared is not None
         with shared.lock:  # as while another thread's call is on it
             with client.pipeline() as p:
-                assert p._stream is not None and p._stream is not shared
+                own = p._stream
+                assert own is not None and own is not shared
                 zeroed = p.zero_grad()
             assert zeroed.result() == 2
+            assert own.spent
         assert client._calls is shared and not shared.spent
 
 
@@ -575,7 +622,15 @@ def test_an_interrupt_in_the_block_cancels_the_stream_without_waiting(
             held = p.forward(Fill.ones(1, 2))  # held in the model until released
             assert Gate.entered.wait(30)
             raise KeyboardInterrupt  # as from Ctrl-C in the caller's own code
-        assert isinstance(held.exception(), errors.Cancelled)  # not waited for
+        cancelled = held.exception()
+        assert isinstance(cancelled, errors.Cancelled)  # not waited for
+        # Why it was not answered, and what that leaves unknown: nothing read the message.
+        assert cancelled.message == (
+            "Forward not answered: the pipeline ended with answers unread, and the "
+            "pipeline's stream was cancelled; whether the call ran is not known (read the "
+            "state version)"
+        )
+        assert cancelled.changes_state
         Gate.release.set()
         zeroed = c.zero_grad()
         assert c.list_tensors().version == zeroed
