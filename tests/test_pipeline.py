@@ -409,8 +409,13 @@ def test_a_client_without_stream_calls_keeps_the_stream_a_pipeline_opened(
     address: str,
 ) -> None:
     with gradwire.connect(address, timeout=30) as client:
+        assert not client.answered
         with client.pipeline() as p:
             first = p.zero_grad()
+        # A server was there: said by a pipeline's answers too, as by a batch's (the
+        # command line tells a server gone mid-command by it; found by a review of
+        # pipeline.py, third pass).
+        assert client.answered and client.reached
         stream = client._calls
         assert stream is not None and not stream.spent
         with client.pipeline() as p:
@@ -498,6 +503,18 @@ def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
             after = p.zero_grad()
         assert again.result() == 2
         assert isinstance(unread.exception(), ValueError) and after.result() == 3
+        # Nor does a call the client did not send (its session closed): each after it is
+        # refused for that itself, not skipped as if the one before it had failed on the
+        # server. Nothing made a call on a closed session there (found by a review of
+        # pipeline.py, third pass).
+        session = client.open_session()
+        session.close_session()
+        with pytest.raises(errors.ClientClosed), session.pipeline() as p:
+            unsent = [p.zero_grad(), p.list_tensors()]
+        for pending in unsent:
+            error = pending.exception()
+            assert isinstance(error, errors.ClientClosed), error
+            assert "is closed" in str(error), error
         with pytest.raises(errors.FailedPrecondition), client.pipeline(stop_at_error=False) as p:
             failed = p.backward()
             ran = p.zero_grad()
@@ -652,9 +669,10 @@ def test_an_interrupted_call_on_the_stream_leaves_the_next_call_its_own_answer(
 
 def _two_zero_grads_answered(
     garbled: bytes,
-) -> tuple[gradwire.Pending[int], gradwire.Pending[int]]:
+) -> tuple[gradwire.Pending[int], gradwire.Pending[int], gradwire.Pending[int]]:
     """Two ZeroGrads in a pipeline, on a Calls stream that answers the first with `garbled`
-    (so the pipeline's block raises INTERNAL) and the second as it should."""
+    (so the pipeline's block raises INTERNAL) and the second as it should; and a third
+    made once the first's answer was read."""
     fine = pb.CallResponse(zero_grad=pb.ZeroGradResponse(version=2)).SerializeToString()
 
     def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -669,7 +687,9 @@ def _two_zero_grads_answered(
         client.pipeline() as p,
     ):
         first, second = p.zero_grad(), p.zero_grad()
-    return first, second
+        first.exception()
+        late = p.zero_grad()
+    return first, second, late
 
 
 def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() -> None:
@@ -678,9 +698,19 @@ def test_an_answer_that_does_not_decode_fails_its_call_and_the_calls_after_it() 
     whose answer was well formed. Protobuf's DecodeError escaped the pipeline before (a
     review of the forty-sixth session's change)."""
     garbled = b"\x9a\x01\x02\x08\xff"  # CallResponse.zero_grad (19) holding no response
-    first, second = _two_zero_grads_answered(garbled)
+    first, second, late = _two_zero_grads_answered(garbled)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (not a ZeroGrad")
     assert "a garbled answer" in str(second.exception())
+    _not_sent_after_a_garbled_answer(late)
+
+
+def _not_sent_after_a_garbled_answer(late: gradwire.Pending[int]) -> None:
+    """`late`, made after a garbled answer was read, was not sent: the stream, no longer
+    trusted, was cancelled then, not at the block's end, which ran a call made in between
+    and said it might have (found by a review of pipeline.py, third pass)."""
+    error = late.exception()
+    assert isinstance(error, errors.Internal) and not error.changes_state
+    assert error.message.startswith("ZeroGrad not sent, the stream having ended: "), error
 
 
 @pytest.mark.parametrize("kind", ["pipeline", "batch"])
@@ -758,8 +788,9 @@ def test_an_answer_to_another_call_fails_its_call_and_the_calls_after_it() -> No
     stream, whose order can no longer be trusted, fails the second with the same cause,
     though its answer was well formed."""
     step = pb.CallResponse(step=pb.StepResponse(version=1)).SerializeToString()
-    first, second = _two_zero_grads_answered(step)
+    first, second, late = _two_zero_grads_answered(step)
     assert str(first.exception()).startswith("INTERNAL: a garbled answer (a Step response")
     error = second.exception()
     assert isinstance(error, errors.Internal) and "a garbled answer" in str(error)
     assert error.changes_state
+    _not_sent_after_a_garbled_answer(late)
