@@ -23,7 +23,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 import gradwire
-from gradwire import calls, errors, limits, pipeline, wire
+from gradwire import calls, codec, errors, limits, pipeline, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import main
 from gradwire.fill import Fill
@@ -297,6 +297,33 @@ def test_calls_that_fill_one_message_exactly_go_in_one_batch(
         second = b.set("conv1.weight", value + 1)
     assert (first.result(), second.result()) == (1, 2)
     assert batched.batches == [2]  # type: ignore[attr-defined]
+
+
+def test_calls_that_fit_in_one_message_only_without_their_headers_go_in_two(
+    batched: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call is counted with its CallRequest's header and its field in the batch (80
+    bytes at most), not its request alone: two whose requests fit the message's limit only
+    without those go in two batches, each within the limit. Counted without them, they
+    went in one, past it, and nothing checked (found by a review of pipeline.py, third
+    pass)."""
+    value = np.full((16, 3, 3, 3), 0.5, np.float32)
+    sizes: list[int] = []
+    send = batched._methods["Batch"]
+
+    def batch(request: bytes, **kwargs: Any) -> Any:
+        sizes.append(len(request))
+        return send(request, **kwargs)
+
+    batched._methods["Batch"] = batch
+    with batched.batch() as b:
+        first = b.set("conv1.weight", value)
+        request = len(codec.encode_bytes(value))  # within a few bytes: the selector's
+        monkeypatch.setattr(pipeline, "MAX_VALUE_BYTES", 2 * request + 80)
+        second = b.set("conv1.weight", value + 1)
+    assert (first.result(), second.result()) == (1, 2)
+    assert batched.batches == [1, 1]  # type: ignore[attr-defined]
+    assert max(sizes) <= 2 * request + 80
 
 
 def test_an_exception_in_the_block_sends_the_calls_made_then_raises(

@@ -249,7 +249,10 @@ def test_a_large_tensor_is_encoded_without_a_python_loop() -> None:
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], float_values=[1.0]), "needs 2 values"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[-1], float_values=[]), "negative"),
         (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], double_values=[1.0]), "double_values is set"),
-        (pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[2], raw_values=b"\x00\x00\x00"), "needs 4 bytes"),
+        (
+            pb.Tensor(dtype=pb.DTYPE_FLOAT16, shape=[2], raw_values=b"\x00\x00\x00"),
+            "needs 4 bytes in raw_values, got 3",
+        ),
         (
             pb.Tensor(dtype=pb.DTYPE_INT64, shape=[2**40, 2**40]),
             r"shape \[1099511627776, 1099511627776\] is too large for any array",
