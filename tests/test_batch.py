@@ -233,6 +233,32 @@ def test_a_server_that_takes_fewer_calls_gets_them_in_batches_of_its_limit(
     assert batched.batches[4:] == [3, 1]  # type: ignore[attr-defined]
 
 
+def test_calls_refused_again_by_a_smaller_limit_are_sent_before_those_after_them(
+    batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server may keep a smaller limit by the next batch (its settings changed, another
+    server behind the same address): the calls it refused again are sent again before
+    those not sent yet, in the order made. Put after them, they would run out of order,
+    and nothing checked (found by a review of pipeline.py, third pass)."""
+    monkeypatch.setattr(limits, "MAX_BATCH_CALLS", 4)
+    send = batched._methods["Batch"]
+    sent = 0
+
+    def batch(request: bytes, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        if sent == 2:  # the first four, sent again: refused for a limit of 2 now
+            monkeypatch.setattr(limits, "MAX_BATCH_CALLS", 2)
+        return send(request, **kwargs)
+
+    batched._methods["Batch"] = batch
+    with batched.batch() as b:
+        fills = [b.fill_parameters(float(k)) for k in range(7)]
+    assert [f.result() for f in fills] == [1, 2, 3, 4, 5, 6, 7]
+    assert batched.batches == [7, 4, 2, 2, 2, 1]  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(plain.get("conv1.weight[0][0][0]"), [6.0, 6.0, 6.0])
+
+
 def test_a_failure_in_a_batch_sent_again_stops_the_batches_after_it(
     batched: gradwire.Client, plain: gradwire.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
