@@ -532,6 +532,31 @@ def test_an_interrupt_while_a_batch_waits_in_its_pipeline_fails_each_call(
             assert isinstance(error, errors.Cancelled) and error.changes_state, error
 
 
+def test_an_interrupt_while_a_batch_waits_fails_each_call_saying_so(
+    gated_server: Running, ctrl_c: Callable[[float], None]
+) -> None:
+    """Ctrl-C while a Batch call waits for its answers (a Forward held in the model): each
+    of its calls fails Cancelled, saying that the wait was interrupted and the batch
+    abandoned, whether it ran unknown. Nothing interrupted a Batch call itself (found by a
+    review of pipeline.py, third pass)."""
+    with gradwire.connect(f"127.0.0.1:{gated_server.port}", timeout=30) as client:
+        try:
+            ctrl_c(1.0)
+            with pytest.raises(KeyboardInterrupt), client.batch() as b:
+                forward = b.forward(Fill.ones(1, 2))
+                listed = b.list_tensors()
+        finally:
+            Gate.release.set()
+        for pending, changes in ((forward, True), (listed, False)):
+            error = pending.exception()
+            assert isinstance(error, errors.Cancelled) and error.changes_state == changes
+            assert error.message == (
+                f"{pending.method} not answered: the wait for its batch's answers was "
+                "interrupted, and the batch was abandoned; whether the call ran is not known "
+                "(read the state version)"
+            )
+
+
 def test_a_server_without_batch_or_calls_gets_the_calls_one_by_one() -> None:
     with (
         serving_without_calls("Batch", "Calls") as address,

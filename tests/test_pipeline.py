@@ -477,6 +477,22 @@ def test_a_call_made_after_the_stream_broke_is_not_sent(gated_server: Running) -
         assert c.zero_grad() == 2  # after the held Forward's 1: the late ZeroGrad never ran
 
 
+def test_a_call_made_after_the_client_closed_is_not_sent_and_says_why(address: str) -> None:
+    """The client closed inside the block (another thread's doing, say): a call made then
+    is not sent, and says that the client closed the stream, which nothing read (found by
+    a review of pipeline.py, third pass)."""
+    client = gradwire.connect(address, timeout=30)
+    with (
+        pytest.raises(errors.ClientClosed, match="the client closed") as raised,
+        client.pipeline() as p,
+    ):
+        p.zero_grad().result()
+        client.close()
+        late = p.zero_grad()
+    assert raised.value is late.exception()
+    assert str(raised.value) == "ZeroGrad not sent: the client closed the pipeline's stream"
+
+
 def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
     """Found at the first answer: the calls sent were not run, and are made again, each as
     a call of its own, stopping at a failure as the server would."""
@@ -623,7 +639,13 @@ def test_an_interrupt_while_waiting_cancels_the_stream(
         for pending in (held, after):
             error = pending.exception()
             assert isinstance(error, errors.Cancelled) and error.changes_state
-            assert "whether the call ran is not known" in error.message
+            # What was interrupted, which nothing read (found by a review of pipeline.py,
+            # third pass).
+            assert error.message == (
+                f"{pending.method} not answered: the wait for its answer or an earlier one "
+                "was interrupted, and the pipeline's stream was cancelled; whether the call "
+                "ran is not known (read the state version)"
+            )
         read = listed.exception()  # a read changes nothing, run or not
         assert isinstance(read, errors.Cancelled) and not read.changes_state
         Gate.release.set()
