@@ -26,7 +26,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from tests.reference import run_tutorial
-from tests.serve_in_process import bare_server, calls_only, running_server
+from tests.serve_in_process import bare_server, calls_only, recording_reads, running_server
 from tests.test_calls import TARGET, Raw, error_of, serving_without_calls, streaming
 from tests.test_concurrency import Gate
 from tests.test_streaming import lower_value_limit
@@ -493,6 +493,23 @@ def test_a_call_made_after_the_client_closed_is_not_sent_and_says_why(address: s
     assert str(raised.value) == "ZeroGrad not sent: the client closed the pipeline's stream"
 
 
+def test_a_shape_only_read_on_a_pipeline_or_a_batch_asks_for_no_values() -> None:
+    """read(values=False) on a pipeline or a batch asks for the shape alone, as on the
+    client: every_call()'s shape-only read was answered equal with the values sent and
+    dropped, and nothing looked at the request (found by a review of pipeline.py, third
+    pass)."""
+    asked: list[bool] = []
+    with (
+        bare_server(recording_reads(asked)) as address,
+        gradwire.connect(address, timeout=10) as client,
+    ):
+        for kind in ("pipeline", "batch"):
+            with getattr(client, kind)() as p:
+                read = p.read("w", values=False)
+            assert read.result().shape == (2, 3) and read.result().value is None
+    assert asked == [True, True]  # omit_values
+
+
 def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
     """Found at the first answer: the calls sent were not run, and are made again, each as
     a call of its own, stopping at a failure as the server would."""
@@ -508,6 +525,12 @@ def test_a_server_without_calls_runs_a_pipeline_as_calls_of_their_own() -> None:
         skipped = step.exception()
         assert isinstance(skipped, errors.Aborted) and skipped.reason == "PREVIOUS_FAILED"
         assert skipped.changes_state and skipped.metadata == {"previous": "Backward"}
+        # Why it was not run, in full, which nothing read (found by a review of
+        # pipeline.py, third pass).
+        assert skipped.message == (
+            "Step not run: the call before it in this pipeline, Backward, did not succeed, "
+            "and this one was to run only after a success; nothing was changed"
+        )
         assert listing.exception().metadata == {"previous": "Step"}  # type: ignore[union-attr]
         assert client._no_calls
         # Found before: at once, as calls of their own.
