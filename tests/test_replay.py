@@ -162,6 +162,31 @@ def test_a_float64_simple_s_lesson_is_checked_in_float64() -> None:
     assert "bit for bit: True" in "\n".join(lines)
 
 
+def _bfloat16() -> torch.nn.Module:
+    return Simple().to(torch.bfloat16)
+
+
+def test_a_bfloat16_simple_s_lesson_is_checked_in_bfloat16() -> None:
+    """bfloat16 arrives widened to float32, and weight - lr * grad computed in float32 is not
+    rounded to bfloat16 as the server's step is: the replay said "bit for bit: False" of a
+    bfloat16 model whose step leaves exactly weight - grad in bfloat16, as PyTorch's does
+    locally (found by a review of the replay)."""
+    spec = ModelSpec("Simple", _bfloat16, (3, 10, 10), 20, input_dtype=torch.bfloat16)
+    with serving(spec, seed=0) as (_, client):
+        lines: list[str] = []
+        result = replay(client, init="random", seed=0, write=lines.append)
+    before, grad, after = (
+        torch.from_numpy(a).to(torch.bfloat16)
+        for a in (result.weight_before, result.grad, result.weight_after)
+    )
+    assert torch.equal(after, before - grad)  # it holds, in the parameter's dtype
+    assert result.identity_holds
+    assert "bit for bit: True" in "\n".join(lines)
+    off = result.weight_after.copy()
+    off.view(np.uint32).flat[0] += 1 << 16  # one bfloat16 unit in the last place off: no identity
+    assert not dataclasses.replace(result, weight_after=off).identity_holds
+
+
 def test_a_change_after_the_replays_last_stops_it_before_it_prints() -> None:
     """A change another client makes between the replay's ZeroGrad and its last read (here
     a second zero_grad on the server, right after the replay's) is seen by that read's

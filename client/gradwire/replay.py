@@ -67,15 +67,28 @@ class ReplayResult:
     grad: np.ndarray[Any, Any]  # all of conv1.weight.grad before Step
     weight_after: np.ndarray[Any, Any]  # all of conv1.weight after Step
     linear_grad_rows: np.ndarray[Any, Any]  # linear.weight.grad[:2, :3]
+    # conv1.weight's dtype on the server: "bfloat16" arrives widened to float32 in the arrays
+    dtype: str = "float32"
 
     @property
     def identity_holds(self) -> bool:
         """weight after Step == weight before - lr * grad, bit for bit, over all of conv1.weight,
         computed in the parameter's dtype (float32 alone said False of a float64 model's,
-        which holds: found by a review of the replay)."""
+        which holds: found by a review of the replay), a bfloat16 one's rounded to bfloat16
+        as the server's step rounds it (it said False of one: a review of the replay)."""
         dtype = self.weight_before.dtype
         expected = (self.weight_before - dtype.type(LR) * self.grad).astype(dtype)
+        if self.dtype == "bfloat16":
+            expected = _bfloat16(expected)
         return bool(np.array_equal(self.weight_after, expected))
+
+
+def _bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """float32 `values` rounded to bfloat16 (to the nearest, ties to even, as torch rounds),
+    widened back to float32 exactly; NaN stays NaN."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return np.where(np.isnan(values), values, rounded.view(np.float32))
 
 
 def replay(
@@ -185,6 +198,7 @@ def replay(
         grad=np.asarray(grad.result()),
         weight_after=np.asarray(weight_after.result()),
         linear_grad_rows=host(linear_rows.result()),
+        dtype=weight_slice_before.result().dtype or "float32",
     )
     show(
         "print(model.conv1.weight[0][0][0])",
