@@ -145,6 +145,23 @@ def test_a_model_named_simple_that_is_not_the_tutorial_s_is_refused() -> None:
         assert client.list_tensors().version == before  # nothing changed
 
 
+def test_a_simple_trained_with_another_loss_is_refused_before_any_change() -> None:
+    """The tutorial's criterion is nn.CrossEntropyLoss: a Simple with the tutorial's
+    parameters trained with a mean squared error passed the check, and the replay reset,
+    filled and set SGD on it before its Forward failed, telling the user to send float
+    targets the replay has no option for (found by a review of the replay)."""
+    spec = ModelSpec("Simple", Simple, (3, 10, 10), 20, loss="mse")
+    with serving(spec, seed=0) as (_, client):
+        before = client.list_tensors().version
+        with pytest.raises(
+            WrongModel,
+            match=r"trains its Simple with a cross-entropy loss \(nn\.CrossEntropyLoss\), and "
+            r"this server's Simple is trained with a mean squared error: start one with",
+        ):
+            replay(client, write=lambda line: None)
+        assert client.list_tensors().version == before  # nothing changed
+
+
 def _double() -> torch.nn.Module:
     return Simple().double()
 

@@ -34,6 +34,8 @@ PARAMETERS = {
     "conv2.weight": (32, 16, 3, 3),
     "linear.weight": (20, 32 * 10 * 10),
 }
+#: The tutorial's criterion, nn.CrossEntropyLoss, as a listing names it.
+LOSS = "cross_entropy"
 
 
 #: What to do about a server whose model is not the tutorial's.
@@ -217,9 +219,11 @@ def replay(
 
 
 def _check_model(listing: Listing) -> None:
-    """WrongModel unless the server serves the tutorial's Simple: its name and its
-    parameters, by name and shape. The name alone let a model called Simple with biases and
-    a ReLU through, its gradients printed as the tutorial's (found by a review)."""
+    """WrongModel unless the server serves the tutorial's Simple: its name, its parameters,
+    by name and shape, and its loss. The name alone let a model called Simple with biases and
+    a ReLU through, its gradients printed as the tutorial's (found by a review); a Simple
+    trained with a mean squared error was reset, filled and given SGD before the Forward
+    failed on the tutorial's class targets (a review of the replay)."""
     if listing.model != MODEL:
         raise WrongModel(
             f"the tutorial needs the {MODEL} model, and this server serves {listing.model}: "
@@ -234,6 +238,13 @@ def _check_model(listing: Listing) -> None:
             f"the tutorial needs its {MODEL} model (parameters "
             + ", ".join(f"{n} {list(shape)}" for n, shape in PARAMETERS.items())
             + f"), and this server's {MODEL} differs in {', '.join(differ)}: "
+            + _SERVE_SIMPLE
+        )
+    if listing.loss != LOSS:  # the tutorial's criterion (a Simple trained with MSE passed)
+        losses = {"cross_entropy": "a cross-entropy loss", "mse": "a mean squared error"}
+        raise WrongModel(
+            f"the tutorial trains its {MODEL} with {losses[LOSS]} (nn.CrossEntropyLoss), and "
+            f"this server's {MODEL} is trained with {losses.get(listing.loss, listing.loss)}: "
             + _SERVE_SIMPLE
         )
 
