@@ -1492,6 +1492,19 @@ def test_options_take_the_ends_of_their_ranges(argv: list[str], dest: str, value
     assert getattr(build_parser().parse_args(argv), dest) == value
 
 
+def test_replay_takes_one_of_the_server_s_places_at_a_time() -> None:
+    """The replay's first call opened a Calls stream that stayed open while its Batch ran:
+    two of the server's places at once, so against a server started with --max-concurrent 1
+    the replay was refused by itself, "the server is busy: 1 call in progress, 1 of them
+    streams", with advice about other clients' watches, exit 1 (found by a review of the
+    tutorial's replay)."""
+    with running_server(max_concurrent=1) as running:
+        result = run_main("replay", "--target", f"127.0.0.1:{running.port}")
+    assert result.code == 0, result.err
+    assert "bit for bit: True" in result.out
+    assert result.err == ""
+
+
 def test_replay_against_another_model_changes_nothing() -> None:
     # It used to reset the model, fill every parameter with 0.1 and set SGD before its first
     # Forward failed on the input's shape.

@@ -52,9 +52,9 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
             else:
                 out.write(line + "\n")
 
-        # The tutorial's calls, one after another: on one stream (a server without the
-        # Calls RPC gets calls of their own).
-        c.stream_calls = True
+        # The tutorial's calls go in one Batch (replay()): no Calls stream besides, which
+        # held a second of the server's places while the Batch ran, so that a server started
+        # with --max-concurrent 1 refused the replay as busy (a review of the replay).
         try:
             result = replay(c, init=args.init, seed=seed, write=write)
         except (WrongModel, SessionInUse) as e:
