@@ -1055,6 +1055,16 @@ def test_replay_json_matches_the_local_tutorial(cli: Run) -> None:
     assert data["seed"] is None  # --init fill draws nothing
 
 
+def test_replay_json_transcript_is_the_printed_transcript_line_by_line(cli: Run) -> None:
+    """--json's transcript held linear's two-row gradient as one item with a newline inside,
+    where every other item, each line of a note included, is one line of the text the
+    command prints (found by a review of the tutorial's replay)."""
+    printed = cli("replay").out.splitlines()
+    transcript = cli("replay", "--json").json()["transcript"]
+    assert transcript == printed
+    assert not any("\n" in line for line in transcript)
+
+
 def test_replay_random_init_matches_the_local_tutorial(cli: Run) -> None:
     reference = run_tutorial("random", seed=2)
     data = cli("replay", "--init", "random", "--seed", "2", "--json").json()

@@ -149,10 +149,13 @@ def replay(
     grad_after_zero = last.result()
 
     def show(code: str, value: TensorRead | str | None = None, note: str = "") -> None:
-        """The line of code, what it prints (a read as PyTorch prints it), and a note."""
+        """The line of code, what it prints (a read as PyTorch prints it), and a note, each
+        line written on its own (a print of two rows was one item of --json's transcript,
+        with a newline inside: a review of the replay)."""
         write(f">>> {code}")
         if value is not None:
-            write(value if isinstance(value, str) else format_read(value))
+            for line in (value if isinstance(value, str) else format_read(value)).splitlines():
+                write(line)
         if note:
             for line in note.splitlines():
                 write(f"# {line}")
