@@ -162,6 +162,27 @@ def test_a_simple_trained_with_another_loss_is_refused_before_any_change() -> No
         assert client.list_tensors().version == before  # nothing changed
 
 
+def _conv1_frozen() -> torch.nn.Module:
+    model = Simple()
+    model.conv1.weight.requires_grad_(False)
+    return model
+
+
+def test_a_simple_with_a_frozen_parameter_is_refused_before_any_change() -> None:
+    """The tutorial trains every parameter: a Simple whose conv1 was frozen passed the
+    check, and the replay changed the model, printed None as conv1's gradient, and failed
+    with a TypeError from the lesson's check (found by a review of the replay)."""
+    with serving(ModelSpec("Simple", _conv1_frozen, (3, 10, 10), 20), seed=0) as (_, client):
+        before = client.list_tensors().version
+        with pytest.raises(
+            WrongModel,
+            match=r"the tutorial trains every parameter of its Simple, and this server's Simple "
+            r"has conv1\.weight frozen \(requires_grad=False\): start one with",
+        ):
+            replay(client, write=lambda line: None)
+        assert client.list_tensors().version == before  # nothing changed
+
+
 def _double() -> torch.nn.Module:
     return Simple().double()
 

@@ -223,10 +223,12 @@ def replay(
 
 def _check_model(listing: Listing) -> None:
     """WrongModel unless the server serves the tutorial's Simple: its name, its parameters,
-    by name and shape, and its loss. The name alone let a model called Simple with biases and
-    a ReLU through, its gradients printed as the tutorial's (found by a review); a Simple
-    trained with a mean squared error was reset, filled and given SGD before the Forward
-    failed on the tutorial's class targets (a review of the replay)."""
+    by name and shape, each trained, and its loss. The name alone let a model called Simple
+    with biases and a ReLU through, its gradients printed as the tutorial's (found by a
+    review); a Simple trained with a mean squared error was reset, filled and given SGD
+    before the Forward failed on the tutorial's class targets, and one with conv1 frozen
+    failed with a TypeError once it had printed None as conv1's gradient (a review of the
+    replay)."""
     if listing.model != MODEL:
         raise WrongModel(
             f"the tutorial needs the {MODEL} model, and this server serves {listing.model}: "
@@ -242,6 +244,12 @@ def _check_model(listing: Listing) -> None:
             + ", ".join(f"{n} {list(shape)}" for n, shape in PARAMETERS.items())
             + f"), and this server's {MODEL} differs in {', '.join(differ)}: "
             + _SERVE_SIMPLE
+        )
+    frozen = [t.name for t in listing.tensors if t.kind == "parameter" and t.requires_grad is False]
+    if frozen:  # it has no gradient to show or step by (a Simple with conv1 frozen passed)
+        raise WrongModel(
+            f"the tutorial trains every parameter of its {MODEL}, and this server's {MODEL} "
+            f"has {', '.join(frozen)} frozen (requires_grad=False): " + _SERVE_SIMPLE
         )
     if listing.loss != LOSS:  # the tutorial's criterion (a Simple trained with MSE passed)
         losses = {"cross_entropy": "a cross-entropy loss", "mse": "a mean squared error"}
