@@ -114,6 +114,19 @@ def test_identity_holds_only_bit_for_bit(client: gradwire.Client) -> None:
     assert not dataclasses.replace(result, weight_after=off).identity_holds
 
 
+def test_an_init_that_is_neither_fill_nor_random_is_refused_before_any_call(
+    client: gradwire.Client,
+) -> None:
+    """Any init but "fill" ran PyTorch's default init: replay(client, init="Fill") replaced
+    the model with a seeded random one and printed torch.manual_seed(0) as the tutorial's
+    (found by a review of the tutorial's replay)."""
+    before = client.list_tensors().version
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=r"init must be 'fill' or 'random', got 'Fill'"):
+        replay(client, init="Fill", write=lines.append)  # type: ignore[arg-type]
+    assert lines == [] and client.list_tensors().version == before
+
+
 def test_replay_is_repeatable_on_one_server(client: gradwire.Client) -> None:
     first = replay(client, init="random", seed=3, write=lambda line: None)
     second = replay(client, init="random", seed=3, write=lambda line: None)

@@ -101,8 +101,11 @@ def replay(
     As the tutorial makes its model and optimizer anew, this replaces the model and optimizer
     of `client`'s session (the server's default session unless `client` has one of its own);
     they stay as the tutorial leaves them, for reading and plotting. A server serving another
-    model than the tutorial's Simple is refused first (WrongModel), changing nothing.
+    model than the tutorial's Simple is refused first (WrongModel), changing nothing, as is
+    an `init` other than "fill" and "random" (ValueError).
     """
+    if init not in ("fill", "random"):  # any other ran the random init (a review)
+        raise ValueError(f"init must be 'fill' or 'random', got {init!r}")
     listing = client.list_tensors()
     _check_model(listing)
     # Each mutation applies only at the version the one before it left (client.expecting):
