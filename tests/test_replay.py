@@ -175,6 +175,22 @@ def test_a_simple_trained_with_another_loss_is_refused_before_any_change() -> No
         assert client.list_tensors().version == before  # nothing changed
 
 
+def test_a_simple_taking_other_inputs_is_refused_before_any_change() -> None:
+    """The tutorial's images are [8, 3, 10, 10]: a Simple with its parameters taking
+    [N, 3, 5, 20] (32 x 5 x 20 is 3,200 too) passed the check, and the replay reset, filled
+    and set SGD on it before its Forward was refused the tutorial's images (found by a
+    review of the replay)."""
+    with serving(ModelSpec("Simple", Simple, (3, 5, 20), 20), seed=0) as (_, client):
+        before = client.list_tensors().version
+        with pytest.raises(
+            WrongModel,
+            match=r"the tutorial's Simple takes images of \[3, 10, 10\], and this server's "
+            r"Simple takes \[3, 5, 20\]: start one with",
+        ):
+            replay(client, write=lambda line: None)
+        assert client.list_tensors().version == before  # nothing changed
+
+
 def _conv1_frozen() -> torch.nn.Module:
     model = Simple()
     model.conv1.weight.requires_grad_(False)

@@ -34,6 +34,9 @@ PARAMETERS = {
     "conv2.weight": (32, 16, 3, 3),
     "linear.weight": (20, 32 * 10 * 10),
 }
+#: One of the tutorial's images, torch.ones(8, 3, 10, 10): a model of its parameters may
+#: take others (32 x 5 x 20 is 3,200 too).
+SAMPLE = (3, 10, 10)
 #: The tutorial's criterion, nn.CrossEntropyLoss, as a listing names it.
 LOSS = "cross_entropy"
 
@@ -226,12 +229,12 @@ def replay(
 
 def _check_model(listing: Listing) -> None:
     """WrongModel unless the server serves the tutorial's Simple: its name, its parameters,
-    by name and shape, each trained, and its loss. The name alone let a model called Simple
-    with biases and a ReLU through, its gradients printed as the tutorial's (found by a
-    review); a Simple trained with a mean squared error was reset, filled and given SGD
-    before the Forward failed on the tutorial's class targets, and one with conv1 frozen
-    failed with a TypeError once it had printed None as conv1's gradient (a review of the
-    replay)."""
+    by name and shape, each trained, its images' shape and its loss. The name alone let a
+    model called Simple with biases and a ReLU through, its gradients printed as the
+    tutorial's (found by a review); a Simple trained with a mean squared error, or taking
+    [3, 5, 20] images, was reset, filled and given SGD before the Forward failed, and one
+    with conv1 frozen failed with a TypeError once it had printed None as conv1's gradient
+    (a review of the replay)."""
     if listing.model != MODEL:
         raise WrongModel(
             f"the tutorial needs the {MODEL} model, and this server serves {listing.model}: "
@@ -247,6 +250,11 @@ def _check_model(listing: Listing) -> None:
             + ", ".join(f"{n} {list(shape)}" for n, shape in PARAMETERS.items())
             + f"), and this server's {MODEL} differs in {', '.join(differ)}: "
             + _SERVE_SIMPLE
+        )
+    if listing.sample_shape and listing.sample_shape != SAMPLE:  # () from an older server
+        raise WrongModel(
+            f"the tutorial's {MODEL} takes images of {list(SAMPLE)}, and this server's {MODEL} "
+            f"takes {list(listing.sample_shape)}: " + _SERVE_SIMPLE
         )
     frozen = [t.name for t in listing.tensors if t.kind == "parameter" and t.requires_grad is False]
     if frozen:  # it has no gradient to show or step by (a Simple with conv1 frozen passed)
