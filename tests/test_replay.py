@@ -191,6 +191,23 @@ def test_a_simple_taking_other_inputs_is_refused_before_any_change() -> None:
         assert client.list_tensors().version == before  # nothing changed
 
 
+def test_a_server_older_than_the_listing_s_loss_and_images_is_replayed(
+    client: gradwire.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server from before ListTensors told the loss, the images' shape and whether a
+    parameter trains lists none of them ("", (), None): its Simple is the tutorial's, and
+    the checks of those are not to refuse it."""
+    listing = client.list_tensors
+
+    def as_an_older_server_lists() -> gradwire.client.Listing:
+        old = listing()
+        tensors = tuple(dataclasses.replace(t, requires_grad=None) for t in old.tensors)
+        return dataclasses.replace(old, loss="", sample_shape=(), tensors=tensors)
+
+    monkeypatch.setattr(client, "list_tensors", as_an_older_server_lists)
+    assert replay(client, write=lambda line: None).identity_holds
+
+
 def _conv1_frozen() -> torch.nn.Module:
     model = Simple()
     model.conv1.weight.requires_grad_(False)

@@ -262,7 +262,8 @@ def _check_model(listing: Listing) -> None:
             f"the tutorial trains every parameter of its {MODEL}, and this server's {MODEL} "
             f"has {', '.join(frozen)} frozen (requires_grad=False): " + _SERVE_SIMPLE
         )
-    if listing.loss != LOSS:  # the tutorial's criterion (a Simple trained with MSE passed)
+    # The tutorial's criterion (a Simple trained with MSE passed); "" from an older server
+    if listing.loss and listing.loss != LOSS:
         losses = {"cross_entropy": "a cross-entropy loss", "mse": "a mean squared error"}
         raise WrongModel(
             f"the tutorial trains its {MODEL} with {losses[LOSS]} (nn.CrossEntropyLoss), and "
