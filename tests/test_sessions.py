@@ -1436,3 +1436,57 @@ def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_i
     said = ran.out + ran.err
     assert "stopped after" in ran.out
     assert "gone with it" in said or "lost with it" in said, said[-600:]
+
+
+def test_a_session_client_set_to_its_own_session_still_closes_it(
+    address: str, server: Running
+) -> None:
+    """`mine.session = mine.session` points the client where it points: the session is
+    still the one it opened, and closing the client closes it, its parent still open. Only
+    another session is one joined, left open by close()."""
+    sessions = server.servicer.sessions
+    with gradwire.connect(address, timeout=30) as parent:
+        mine = parent.open_session()
+        mine.session = mine.session
+        mine.close()
+        assert sessions.open_count == 0
+
+
+def test_an_empty_session_id_is_the_default_session_as_given_or_set(address: str) -> None:
+    """session="" (an unset environment variable's value, say) is no session: the client
+    acts on the default one, as with None, whether given to connect or set later; it is not
+    refused as an id gRPC cannot send."""
+    with gradwire.connect(address, timeout=30, session="") as client:
+        assert client.session is None
+        assert client.list_tensors().model == "Simple"
+        with client.open_session() as mine:
+            mine.session = ""
+            assert mine.session is None
+            assert mine.list_tensors().version == client.list_tensors().version
+
+
+def test_a_detached_session_s_own_client_can_still_close_it(address: str, server: Running) -> None:
+    """detach() leaves the session open when its clients close, not for good: the client
+    that detached it closes it with close_session(), as one joined by its id would. The
+    session, no longer among those its parent closes, is its own to close."""
+    sessions = server.servicer.sessions
+    with gradwire.connect(address, timeout=30) as parent:
+        mine = parent.open_session()
+        session = mine.detach()
+        mine.close_session()
+        assert sessions.open_count == 0
+        with pytest.raises(errors.ClientClosed, match=f"session '{session}' is closed"):
+            mine.list_tensors()
+
+
+def test_a_session_opened_with_seed_0_starts_from_seed_0_s_weights(
+    client: gradwire.Client,
+) -> None:
+    """seed=0 is a seed, as reset(0) takes it: the session's model is torch.manual_seed(0)'s,
+    the same in each session opened so, not a new draw as without a seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        seeded = Simple().conv1.weight.detach().numpy()
+    with client.open_session(seed=0) as mine, client.open_session(seed=0) as theirs:
+        np.testing.assert_array_equal(mine.get("conv1.weight"), seeded)
+        np.testing.assert_array_equal(theirs.get("conv1.weight"), seeded)
