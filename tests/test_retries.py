@@ -993,3 +993,19 @@ def test_an_expecting_block_holds_to_its_end_and_no_further(
                 client.zero_grad()  # the outer block, this client's, still holds
             assert inner.value.reason == "VERSION_MISMATCH"
         assert client.zero_grad() == version + 1 == trainer.version  # no block now
+
+
+def test_a_call_or_a_stream_answered_sets_reached_with_answered(address: str) -> None:
+    """`reached` says a call of this client reached a server, answered or not, and is set
+    with `answered`: a unary call answered set both, and a Watch's first update set
+    `answered` alone, so a client whose one call was a stream had reached no server by its
+    `reached` (found by a review of client.py's mutations)."""
+    with gradwire.connect(address, timeout=30) as client:
+        assert not client.reached and not client.answered
+        client.list_tensors()
+        assert client.reached and client.answered
+    with gradwire.connect(address, timeout=30) as client:
+        updates = client.watch(["conv1.weight"], timeout=30)
+        next(updates)
+        updates.close()
+        assert client.reached and client.answered

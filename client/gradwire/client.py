@@ -930,7 +930,7 @@ class Client:
             on_call(call)
         try:
             for message in call:
-                self.answered = True
+                self.answered = self.reached = True
                 yield message
         except grpc.RpcError as err:
             raise self._error_of(err, method, method == "Train") from None
