@@ -1230,3 +1230,20 @@ def test_the_thread_writing_a_cancelled_streams_requests_ends(
         eventually(lambda: id(stream) in writing, "no thread waits for the stream's requests")
         stream.cancel()
         eventually(lambda: id(stream) not in writing, "the writing thread still waits")
+
+
+def test_moving_to_another_session_lets_go_of_the_left_stream_s_place() -> None:
+    """A client that moves to another session (.session = id) holds one stream, on the
+    session it acts on: the stream of the session it left ends as its next call opens the
+    other's, letting go of its place on the server. Left open, it held a place for as long
+    as the client lived, one more for each move."""
+    with running_server() as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address, stream_calls=True, timeout=30) as client:
+            other = client.open_session(seed=0).detach()
+            assert client.list_tensors().version == 0  # the default session's stream
+            eventually(lambda: running.servicer.slots.taken == 1)
+            client.session = other
+            assert client.list_tensors().version == 0  # the other session's
+            eventually(lambda: running.servicer.slots.taken == 1)
+            client.close_session()
