@@ -2496,3 +2496,16 @@ def test_each_fill_s_docstring_names_each_of_its_parameters(name: str) -> None:
         if p != "shape" and not re.search(rf"\b{p}\b", doc)
     ]
     assert doc and unnamed == []
+
+
+def test_connect_gives_the_client_each_of_its_arguments(address: str) -> None:
+    """connect(...) makes Client(...) of the same arguments, each passed on: stream_calls=True
+    dropped on the way sent every call as a call of its own, unsaid."""
+    with gradwire.connect(address, timeout=7.5, keepalive=None, stream_calls=True) as client:
+        assert (client.timeout, client._keepalive, client.stream_calls) == (7.5, None, True)
+        assert client.list_tensors().model == "Simple"
+        assert client._calls is not None  # the call went on the Calls stream
+    with gradwire.connect(address) as client:
+        assert (client.timeout, client.stream_calls) == (60.0, False)
+        client.list_tensors()
+        assert client._calls is None

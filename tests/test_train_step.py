@@ -878,3 +878,20 @@ def test_a_step_of_a_model_with_frozen_parameters_steps_those_that_train() -> No
         value = trainer.read(name).value
         assert value is not None and torch.equal(value, p.detach()), name
     trainer.close()
+
+
+def test_train_without_zero_grad_adds_up_each_step_s_gradients(client: gradwire.Client) -> None:
+    """train(zero_grad=False) sends zero_grad False: three versions a step, no ZeroGrad, and
+    at lr 0 two steps' gradients are twice one TrainStep's, where train() (zero_grad, the
+    default) takes four versions a step."""
+    assert [p.version for p in client.train(ONES_INPUT, ONES_TARGET, 2)] == [4, 8]
+    assert [p.version for p in client.train(ONES_INPUT, ONES_TARGET, 2, zero_grad=False)] == [
+        11,
+        14,
+    ]
+    client.set_optimizer("sgd", lr=0.0)
+    client.train_step(ONES_INPUT, ONES_TARGET)
+    one_step = np.asarray(client.get("conv1.weight.grad"))
+    list(client.train(ONES_INPUT, ONES_TARGET, 2, zero_grad=False))
+    three_steps = np.asarray(client.get("conv1.weight.grad"))
+    np.testing.assert_allclose(three_steps, 3 * one_step, rtol=1e-4, atol=1e-6)

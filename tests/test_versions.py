@@ -172,6 +172,8 @@ def test_a_bad_argument_is_refused_before_the_fields_are_asked(older: Running) -
     with gradwire.connect(address) as client:
         with pytest.raises(ValueError, match="input"):
             client.forward(None, eval_mode=True)
+        with pytest.raises(ValueError, match="rmsprop"):
+            client.set_optimizer("rmsprop", keep_state=True)  # type: ignore[arg-type]
         assert client._known_fields is None  # no call made
 
 
