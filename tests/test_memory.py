@@ -199,3 +199,20 @@ def test_watched_bfloat16_values_reuse_a_dropped_array_and_never_a_held_one(
         assert address(fresh) != where
         assert np.all(held == 1.0) and np.all(fresh == 2.0)
         updates.close()
+
+
+def test_a_closed_client_lets_go_of_the_memory_it_kept(
+    address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() lets go of the block reads keep for reuse, as keep_memory = False does: a
+    closed client still in a variable (a notebook's) would hold its last large read's
+    memory for as long as it lived."""
+    monkeypatch.setattr(servicer.limits, "MAX_VALUE_BYTES", 100_000)  # linear.weight: 256,000
+    monkeypatch.setattr(memory, "KEEP_MIN_BYTES", 1000)
+    client = gradwire.connect(address, timeout=30)
+    client.chunk_bytes = 10_000
+    read = client.get("linear.weight")
+    del read
+    assert client._memory.kept_bytes == 256_000
+    client.close()
+    assert client._memory.kept_bytes == 0
