@@ -1490,3 +1490,48 @@ def test_a_session_opened_with_seed_0_starts_from_seed_0_s_weights(
     with client.open_session(seed=0) as mine, client.open_session(seed=0) as theirs:
         np.testing.assert_array_equal(mine.get("conv1.weight"), seeded)
         np.testing.assert_array_equal(theirs.get("conv1.weight"), seeded)
+
+
+def test_the_owner_s_close_waits_for_a_session_client_s_close_in_flight() -> None:
+    """A session client's CloseSession under way when the channel's owner closes is waited
+    for, and the owner's close ends as soon as it does: closing the channel under it
+    cancelled it, and waiting without being told that it ended took the whole timeout."""
+    closes: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def close_session(request: bytes, context: grpc.ServicerContext) -> bytes:
+        entered.set()
+        release.wait(timeout=30)
+        closes.append(pb.CloseSessionRequest.FromString(request).session)
+        return pb.CloseSessionResponse().SerializeToString()
+
+    with (
+        bare_server(_opening("ef" * 16, close_session)) as address,
+        futures.ThreadPoolExecutor(2) as pool,
+    ):
+        client = gradwire.connect(address, timeout=20)
+        mine = client.open_session()
+        closing = pool.submit(mine.close_session)
+        assert entered.wait(timeout=30)
+        owner = pool.submit(client.close)
+        time.sleep(0.5)
+        assert not owner.done()  # waiting for the close in flight
+        release.set()
+        began = time.monotonic()
+        closing.result(timeout=30)
+        owner.result(timeout=30)
+        assert time.monotonic() - began < 10  # not the owner's timeout of 20 s
+        assert (closes, mine.session) == (["ef" * 16], None)
+
+
+def test_session_idle_s_is_none_but_for_a_session_the_client_opened(
+    address: str, server: Running
+) -> None:
+    """session_idle_s is the idle time of a session the client opened, as the server said;
+    None for the default session and for one joined by its id, of which it was told none."""
+    with gradwire.connect(address, timeout=30) as client:
+        assert client.session_idle_s is None
+        with client.open_session() as mine:
+            assert mine.session_idle_s == server.servicer.sessions.idle_s
+            with gradwire.connect(address, timeout=30, session=mine.session) as joined:
+                assert joined.session_idle_s is None
