@@ -1593,8 +1593,8 @@ def test_a_watch_s_minimum_interval_goes_in_milliseconds_rounded_and_capped_at_i
 
 
 def test_a_shape_only_read_and_a_view_s_shape_and_length_ask_for_no_values() -> None:
-    """read(values=False), and a view's shape, len() and iteration, read the shape alone: a
-    large tensor's values never cross the wire for them."""
+    """read(values=False), shape(), and a view's shape, len() and iteration, read the shape
+    alone: a large tensor's values never cross the wire for them."""
     asked: list[bool] = []
     with (
         bare_server(recording_reads(asked)) as address,
@@ -1608,7 +1608,8 @@ def test_a_shape_only_read_and_a_view_s_shape_and_length_ask_for_no_values() -> 
         )
         assert client.read("w", values=False).shape == (2, 3)
         client.read("w", 0, values=False)  # an index given apart: another way to the request
-    assert asked == [True, True, True, True, True]
+        assert client.shape("w") == (2, 3)
+    assert asked == [True] * 6
 
 
 def test_reads_of_one_selector_share_its_request_and_get_what_each_asks(
