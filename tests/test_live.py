@@ -422,6 +422,10 @@ def test_a_read_cut_short_every_time_fails_after_the_retries(
     with pytest.raises(gradwire.errors.ResourceExhausted):
         streamed.read(LINEAR)
     assert len(reads) == 3
+    streamed.retries = -1  # none, as 0: one attempt
+    with pytest.raises(gradwire.errors.ResourceExhausted):
+        streamed.read(LINEAR)
+    assert len(reads) == 4
 
 
 def test_no_memory_to_open_a_read_is_not_read_again(
