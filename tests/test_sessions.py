@@ -789,6 +789,9 @@ def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
     )
     client.close()  # the channel joined's calls go on
     calls = [client.list_tensors, client.health, lambda: next(client.watch(["loss"])), joined.step]
+    # A client on a channel its owner closed: each way a call goes, the Calls stream too.
+    calls += [joined.health, lambda: next(joined.watch(["loss"]))]
+    calls += [lambda: setattr(joined, "stream_calls", True) or joined.step()]
     for call in calls:
         with pytest.raises(errors.ClientClosed, match="this client is closed"):
             call()
