@@ -144,49 +144,62 @@ class _WithBiases(Simple):
         return super().forward(torch.relu(x))
 
 
-def test_a_model_named_simple_that_is_not_the_tutorial_s_is_refused() -> None:
-    """Its name alone was checked: a Simple with biases and a ReLU was replayed, its
-    gradients printed as the tutorial's (found by a review of the replay)."""
-    with serving(ModelSpec("Simple", _WithBiases, (3, 10, 10), 20), seed=0) as (_, client):
-        before = client.list_tensors().version
-        with pytest.raises(
-            WrongModel,
-            match=r"parameters conv1\.weight \[16, 3, 3, 3\], conv2\.weight \[32, 16, 3, 3\], "
-            r"linear\.weight \[20, 3200\]\), and this server's Simple differs in conv1\.bias: ",
-        ):
-            replay(client, write=lambda line: None)
-        assert client.list_tensors().version == before  # nothing changed
+def _conv1_frozen() -> torch.nn.Module:
+    model = Simple()
+    model.conv1.weight.requires_grad_(False)
+    return model
 
 
-def test_a_simple_trained_with_another_loss_is_refused_before_any_change() -> None:
-    """The tutorial's criterion is nn.CrossEntropyLoss: a Simple with the tutorial's
-    parameters trained with a mean squared error passed the check, and the replay reset,
-    filled and set SGD on it before its Forward failed, telling the user to send float
-    targets the replay has no option for (found by a review of the replay)."""
-    spec = ModelSpec("Simple", Simple, (3, 10, 10), 20, loss="mse")
+_DIFFERS_IN_A_BIAS = (
+    r"parameters conv1\.weight \[16, 3, 3, 3\], conv2\.weight \[32, 16, 3, 3\], "
+    r"linear\.weight \[20, 3200\]\), and this server's Simple differs in conv1\.bias: "
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        # Its name alone was checked: a Simple with biases and a ReLU was replayed, its
+        # gradients printed as the tutorial's (found by a review of the replay).
+        pytest.param(
+            ModelSpec("Simple", _WithBiases, (3, 10, 10), 20), _DIFFERS_IN_A_BIAS, id="biases"
+        ),
+        # Trained with a mean squared error, it passed, and the replay reset, filled and set
+        # SGD on it before its Forward failed, telling the user to send float targets the
+        # replay has no option for (a review of the tutorial's replay).
+        pytest.param(
+            ModelSpec("Simple", Simple, (3, 10, 10), 20, loss="mse"),
+            r"trains its Simple with a cross-entropy loss \(nn\.CrossEntropyLoss\), and "
+            r"this server's Simple is trained with a mean squared error: start one with",
+            id="mse",
+        ),
+        # Taking [N, 3, 5, 20] (32 x 5 x 20 is 3,200 too), it passed, and was changed before
+        # its Forward was refused the tutorial's images (a review of the tutorial's replay).
+        pytest.param(
+            ModelSpec("Simple", Simple, (3, 5, 20), 20),
+            r"the tutorial's Simple takes images of \[3, 10, 10\], and this server's "
+            r"Simple takes \[3, 5, 20\]: start one with",
+            id="images",
+        ),
+        # With conv1 frozen, it passed, and the replay changed the model, printed None as
+        # conv1's gradient and failed with a TypeError from the lesson's check (a review of
+        # the tutorial's replay).
+        pytest.param(
+            ModelSpec("Simple", _conv1_frozen, (3, 10, 10), 20),
+            r"the tutorial trains every parameter of its Simple, and this server's Simple "
+            r"has conv1\.weight frozen \(requires_grad=False\): start one with",
+            id="frozen",
+        ),
+    ],
+)
+def test_a_simple_that_is_not_the_tutorial_s_is_refused_before_any_change(
+    spec: ModelSpec, match: str
+) -> None:
+    """The tutorial's Simple: its name, its parameters by name and shape, each trained, its
+    images and its loss, checked before anything changes."""
     with serving(spec, seed=0) as (_, client):
         before = client.list_tensors().version
-        with pytest.raises(
-            WrongModel,
-            match=r"trains its Simple with a cross-entropy loss \(nn\.CrossEntropyLoss\), and "
-            r"this server's Simple is trained with a mean squared error: start one with",
-        ):
-            replay(client, write=lambda line: None)
-        assert client.list_tensors().version == before  # nothing changed
-
-
-def test_a_simple_taking_other_inputs_is_refused_before_any_change() -> None:
-    """The tutorial's images are [8, 3, 10, 10]: a Simple with its parameters taking
-    [N, 3, 5, 20] (32 x 5 x 20 is 3,200 too) passed the check, and the replay reset, filled
-    and set SGD on it before its Forward was refused the tutorial's images (found by a
-    review of the replay)."""
-    with serving(ModelSpec("Simple", Simple, (3, 5, 20), 20), seed=0) as (_, client):
-        before = client.list_tensors().version
-        with pytest.raises(
-            WrongModel,
-            match=r"the tutorial's Simple takes images of \[3, 10, 10\], and this server's "
-            r"Simple takes \[3, 5, 20\]: start one with",
-        ):
+        with pytest.raises(WrongModel, match=match):
             replay(client, write=lambda line: None)
         assert client.list_tensors().version == before  # nothing changed
 
@@ -206,27 +219,6 @@ def test_a_server_older_than_the_listing_s_loss_and_images_is_replayed(
 
     monkeypatch.setattr(client, "list_tensors", as_an_older_server_lists)
     assert replay(client, write=lambda line: None).identity_holds
-
-
-def _conv1_frozen() -> torch.nn.Module:
-    model = Simple()
-    model.conv1.weight.requires_grad_(False)
-    return model
-
-
-def test_a_simple_with_a_frozen_parameter_is_refused_before_any_change() -> None:
-    """The tutorial trains every parameter: a Simple whose conv1 was frozen passed the
-    check, and the replay changed the model, printed None as conv1's gradient, and failed
-    with a TypeError from the lesson's check (found by a review of the replay)."""
-    with serving(ModelSpec("Simple", _conv1_frozen, (3, 10, 10), 20), seed=0) as (_, client):
-        before = client.list_tensors().version
-        with pytest.raises(
-            WrongModel,
-            match=r"the tutorial trains every parameter of its Simple, and this server's Simple "
-            r"has conv1\.weight frozen \(requires_grad=False\): start one with",
-        ):
-            replay(client, write=lambda line: None)
-        assert client.list_tensors().version == before  # nothing changed
 
 
 def _double() -> torch.nn.Module:
