@@ -106,6 +106,11 @@ def replay(
     they stay as the tutorial leaves them, for reading and plotting. A server serving another
     model than the tutorial's Simple is refused first (WrongModel), changing nothing, as is
     an `init` other than "fill" and "random" (ValueError).
+
+    `init`: "fill" (the default) sets every parameter to 0.1, as the tutorial's lesson does,
+    and draws nothing, so `seed` is not used; "random" is PyTorch's default initialisation
+    after torch.manual_seed(`seed`). `write` takes each line of the transcript (print, the
+    default).
     """
     if init not in ("fill", "random"):  # any other ran the random init (a review)
         raise ValueError(f"init must be 'fill' or 'random', got {init!r}")
