@@ -181,3 +181,15 @@ def test_format_read_names_the_device_the_server_holds_the_tensor_on() -> None:
 
     read = TensorRead("w", 1, np.ones(2, np.float32), (2,), (2,), "float32", device="cuda:0")
     assert format_read(read) == "tensor([1., 1.], device='cuda:0')"
+
+
+def test_format_read_of_a_read_without_values_says_so_rather_than_print_none() -> None:
+    """A read made with values=False holds a shape and no values: printing it as torch would
+    needs the values, and "None" (an absent tensor's print) would say the tensor is absent."""
+    from gradwire.display import format_read
+    from gradwire.results import TensorRead
+
+    shape_only = TensorRead("w", 1, None, (2, 3), (2, 3), "float32")
+    with pytest.raises(ValueError, match=r"values=False.*shape \(2, 3\).*values=True"):
+        format_read(shape_only)
+    assert format_read(TensorRead("w.grad", 1, None, None, None, None)) == "None"  # absent

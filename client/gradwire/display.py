@@ -37,9 +37,14 @@ def format_read(read: TensorRead) -> str:
     after a slice of a parameter; "Parameter containing:" above a whole parameter,
     `requires_grad=True` after it); `None` for an absent tensor. A read as torch tensors
     prints the same: its tensor, made on this side, on its CPU, has no autograd of its own
-    to show."""
+    to show. A read made with values=False has no values to print: ValueError."""
     value = read.value
     if value is None:
+        if read.present:  # a shape without values: "None" would say the tensor is absent
+            raise ValueError(
+                f"{read.name} was read with values=False (shape {read.shape}, no values) "
+                "and prints only with its values: read it with values=True, or print read.shape"
+            )
         return "None"
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
