@@ -613,6 +613,21 @@ def test_closing_a_client_closes_the_sessions_it_opened(address: str, server: Ru
     mine.close()  # nothing left to close
 
 
+def test_close_session_on_a_client_of_the_default_model_leaves_that_model_alone(
+    address: str, server: Running
+) -> None:
+    """A client without a session drives the server's default model, which no one closes:
+    close_session() does nothing there, as its docstring says, and the model keeps its
+    values for the next client."""
+    with gradwire.connect(address, timeout=30) as client:
+        assert client.session is None
+        before = client.read("linear.weight[0]").value
+        client.close_session()
+        client.close_session()  # and again
+        assert server.servicer.sessions.open_count == 0
+        np.testing.assert_array_equal(client.read("linear.weight[0]").value, before)
+
+
 def test_closing_a_client_closes_nested_sessions_and_those_whose_client_was_dropped(
     address: str, server: Running
 ) -> None:

@@ -1035,7 +1035,9 @@ class Client:
         """Closes this client's session on the server (its model is freed). A session this
         client opened that the server no longer has (it expired, another client closed it
         by its id, the server restarted) counts as closed; one joined by its id (`session=`),
-        or detached (`detach()`), raises NotFound, the id being perhaps mistyped."""
+        or detached (`detach()`), raises NotFound, the id being perhaps mistyped. A client
+        without a session (it drives the server's default model, which no client closes; or
+        its session is closed already) has nothing to close: this does nothing."""
         if self.session is None:
             return
         self._close_call_stream()  # it holds a place, on a session about to close
