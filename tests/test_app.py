@@ -1130,6 +1130,38 @@ def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(
     forget_port(port_file, 50051)  # gone already: nothing to do
 
 
+def test_a_reader_waiting_for_the_port_file_never_finds_it_without_its_port(
+    tmp_path: Path,
+) -> None:
+    """The port file appears whole: written in place, it was there empty for a moment, and
+    a reader waiting for it to exist (what the file is for) could read no port (the
+    seventy-third session's review of running the server, as an operator)."""
+    from gradwire_server.app import write_port_file
+
+    port_file = tmp_path / "port"
+    seen: set[str] = set()
+    writing = True
+
+    def read_while_written() -> None:
+        while writing:
+            with contextlib.suppress(FileNotFoundError):
+                seen.add(port_file.read_text())
+
+    reader = threading.Thread(target=read_while_written)
+    reader.start()
+    try:
+        for _ in range(3000):
+            write_port_file(port_file, 50051)
+            port_file.unlink()
+    finally:
+        writing = False
+        reader.join()
+    assert seen <= {"50051\n"}, seen
+    write_port_file(port_file, 50052)
+    assert port_file.read_text() == "50052\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["port"]  # nothing left beside it
+
+
 def test_a_metrics_port_that_is_the_grpc_port_is_refused_as_an_option(tmp_path: Path) -> None:
     """`--metrics-port` the same as `--port`: the metrics server took the port first, and
     gRPC was refused it, "port N is in use (another server on it?)", exit 1 (what may pass,

@@ -445,6 +445,19 @@ def check_state_dir(state_dir: Path) -> None:
         ) from None
 
 
+def write_port_file(port_file: Path, port: int) -> None:
+    """Writes `port` to `port_file` whole at once: into a file of another name beside it,
+    then renamed over it. Written in place, the file was there empty for a moment, and a
+    reader waiting for it to appear (what a port file is for) could read no port."""
+    partial = port_file.with_name(f".{port_file.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(f"{port}\n")
+        os.replace(partial, port_file)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def forget_port(port_file: Path, port: int) -> None:
     """Removes the port file once the server no longer listens, if it still names `port`."""
     with contextlib.suppress(OSError, ValueError):
@@ -949,7 +962,7 @@ def serve(
                 )
             if port_file is not None:
                 try:
-                    port_file.write_text(f"{running.port}\n")
+                    write_port_file(port_file, running.port)
                 except OSError as err:
                     running.stop(None)
                     raise OSError(
