@@ -2606,6 +2606,10 @@ def test_replay_embedded_refuses_options_it_would_ignore(
     # Named as they are typed: --tls-ca, not the attribute's tls_ca.
     result = run_main("replay", "--embedded", "--token-file", "t", "--tls-ca", "ca.pem")
     assert "leave out --token-file, --tls-ca, or" in result.err
+    # A client's pings for a server that vanished: an embedded one cannot.
+    result = run_main("replay", "--embedded", "--keepalive", "60")
+    assert result.code == 2
+    assert "in this process: leave out --keepalive, or leave out --embedded" in result.err
     # What the environment sets is no option given: the replay runs.
     monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:50051")
     monkeypatch.setenv("GRADWIRE_SESSION", "s")

@@ -18,6 +18,7 @@ from gradwire.errors import (
     Unavailable,
 )
 from gradwire.failures import UNRESOLVED, never_reached
+from gradwire.limits import CLIENT_KEEPALIVE_S
 from gradwire.targets import DEFAULT_TARGET
 
 #: The environment variable naming the session commands act on (--session).
@@ -46,7 +47,8 @@ def connect(args: argparse.Namespace) -> Client:
             cert=read_optional(args.tls_cert, "certificate", "--tls-cert"),
             key=read_optional(args.tls_key, "private key", "--tls-key"),
             session=args.session,
-            keepalive=args.keepalive or None,
+            # Not given (None): the client's default; 0: no pings, as Client's None.
+            keepalive=CLIENT_KEEPALIVE_S if args.keepalive is None else args.keepalive or None,
         )
     except (OSError, ValueError) as e:
         said = str(e)

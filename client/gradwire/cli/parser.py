@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--keepalive",
         type=client_keepalive,
-        default=limits.CLIENT_KEEPALIVE_S,
+        default=None,  # None: not given (replay --embedded refuses one given), the default
         metavar="SECONDS",
         help="during a call, ping a connection silent this long, so that a watch whose server "
         "vanished ends; a gradwire server takes one every 30 s at most; 0: never "
-        "(default %(default)s)",
+        f"(default {limits.CLIENT_KEEPALIVE_S:g})",
     )
     common.add_argument(
         "--session",

@@ -90,8 +90,12 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
         run(client)
         return
     # --embedded: a server in this process on a free port, for trying gradwire with one command.
-    ignored = [name for name in COMMON if name in args.given]
-    if ignored:  # each would be ignored: the replay runs against a server of its own
+    # Each would be ignored: the replay runs against a server of its own, in this process,
+    # which cannot vanish beneath it as --keepalive's pings are there to notice (it was
+    # dropped without a word: a review of the tutorial's replay).
+    given = [*args.given, *(["keepalive"] if args.keepalive is not None else [])]
+    ignored = [name for name in (*COMMON, "keepalive") if name in given]
+    if ignored:
         options = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise UsageError(
             f"--embedded replays against a server of its own, in this process: leave out "
