@@ -2115,6 +2115,15 @@ def test_a_refused_name_is_shown_whole_up_to_120_characters_and_cut_past_them(
         assert str(refused.value).startswith(f"checkpoint name {shown!r}: give 1 to 100 "), name
 
 
+def test_a_name_with_a_letter_outside_ascii_is_refused_saying_ascii_letters(
+    tmp_path: Path,
+) -> None:
+    """A name with "é", a letter, was refused as "give 1 to 100 letters": the message says which
+    letters (a review of running the server, as an operator)."""
+    with pytest.raises(ValueError, match=r"^checkpoint name 'café': give 1 to 100 ASCII letters"):
+        checkpoint.path_for(tmp_path, "café")
+
+
 def test_a_name_of_100_characters_or_beginning_with_a_digit_dash_or_underscore_is_taken(
     kept: tuple[gradwire.Client, Trainer, Path],
 ) -> None:

@@ -126,7 +126,7 @@ def path_for(state_dir: Path, name: str) -> Path:
     if not _NAME.fullmatch(name):
         shown = name if len(name) <= 120 else name[:100] + "..."
         raise ValueError(
-            f"checkpoint name {shown!r}: give 1 to 100 letters, digits, '.', '_' or '-', "
+            f"checkpoint name {shown!r}: give 1 to 100 ASCII letters, digits, '.', '_' or '-', "
             "not beginning with '.' (a name, not a path: checkpoints lie in the server's "
             "state directory)"
         )

@@ -1525,8 +1525,8 @@ class SaveCheckpointRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The checkpoint's name: 1 to 100 letters, digits, '.', '_' or '-', not beginning with
-    '.' (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME otherwise). Written to
+    """The checkpoint's name: 1 to 100 ASCII letters, digits, '.', '_' or '-', not beginning
+    with '.' (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME otherwise). Written to
     <state-dir>/<name>.safetensors, replacing one of that name. Unset: "state", the one the
     server restores at start and writes at a graceful stop, the default session's: a call on
     another session must name its checkpoint (INVALID_ARGUMENT, BAD_CHECKPOINT_NAME with

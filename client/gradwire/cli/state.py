@@ -107,7 +107,7 @@ def _checkpoint(name: str | None, optional: bool = True, saving: bool = False) -
     if not name:
         state = "leave it out for 'state'," if optional else "give 'state' for"
         raise UsageError(
-            "the checkpoint's name is empty: give one of 1 to 100 letters, digits, '.', '-' "
+            "the checkpoint's name is empty: give one of 1 to 100 ASCII letters, digits, '.', '-' "
             f"or '_', or {state} the checkpoint the server restores at start"
         )
     if saving and name.endswith(_SUFFIX):  # one an older CLI saved so still loads
