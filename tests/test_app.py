@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -46,7 +47,7 @@ from gradwire_server.reflection_service import (
 from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import SendingStreams
 from tests.background import Reader, eventually
-from tests.serve_process import serving
+from tests.serve_process import CLI, serving
 from tests.signals import signal_another_thread
 from tests.test_calls import _Cancellable
 from tests.thread_starts import RefusedStarts
@@ -1160,6 +1161,52 @@ def test_a_reader_waiting_for_the_port_file_never_finds_it_without_its_port(
     write_port_file(port_file, 50052)
     assert port_file.read_text() == "50052\n"
     assert [path.name for path in tmp_path.iterdir()] == ["port"]  # nothing left beside it
+
+
+def test_a_log_level_that_hides_the_start_lines_still_says_the_port_port_0_picked(
+    tmp_path: Path,
+) -> None:
+    """`--port 0 --log-level warning`, no port file: the only line saying the port was an
+    INFO line the level hid, and the operator had no way to reach the server (the
+    seventy-third session's review of running the server, as an operator)."""
+    with serving("--log-level", "warning", "--metrics-port", "0", until="picked by") as (
+        _,
+        log,
+    ):
+        said = re.search(
+            r"listening on port (\d+), picked by --port 0; metrics on port (\d+), picked by "
+            r"--metrics-port 0; the log level hides the other start lines",
+            log,
+        )
+        assert said is not None, log
+        assert "model Simple on cpu" not in log  # an INFO line, hidden as asked
+        with gradwire.connect(f"127.0.0.1:{said[1]}", timeout=10) as client:
+            client.wait_ready(10)
+        with urllib.request.urlopen(f"http://127.0.0.1:{said[2]}/metrics", timeout=10) as got:
+            assert got.status == 200
+    # Where the port is said otherwise, no warning: the INFO lines shown, or a port file.
+    with serving("--grace", "0") as (process, _):
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    assert "picked by" not in rest and "stopped" in rest, rest
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            *(*CLI, "serve", "--port", "0", "--device", "cpu", "--log-level", "warning"),
+            *("--port-file", str(port_file)),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        eventually(port_file.exists, "the server wrote no port file", within=60)
+        process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 0 and "picked by" not in log, log
 
 
 def test_a_metrics_port_that_is_the_grpc_port_is_refused_as_an_option(tmp_path: Path) -> None:

@@ -996,6 +996,19 @@ def serve(
                         "scraper alone",
                         _address(host, running.metrics_port),
                     )
+            # --log-level warning hid the only lines saying the ports 0 picked, and without
+            # a port file nothing else said them (a review of running the server).
+            picked = []
+            if port == 0 and port_file is None:
+                picked.append(f"listening on port {running.port}, picked by --port 0")
+            if metrics_port == 0:
+                picked.append(f"metrics on port {running.metrics_port}, picked by --metrics-port 0")
+            if picked and not log.isEnabledFor(logging.INFO):
+                log.warning(
+                    "%s; the log level hides the other start lines (--port-file writes the "
+                    "gRPC port to a file)",
+                    "; ".join(picked),
+                )
             try:
                 if ready is not None:
                     ready(running)
