@@ -158,6 +158,50 @@ def test_reflection_lists_the_services_and_describes_them(
         assert descriptor_pb2.FileDescriptorProto.FromString(first).name == file_name
 
 
+@pytest.mark.parametrize(
+    "symbol",
+    [
+        "gradwire.v1.Trainer.Forward",
+        "gradwire.v1.Trainer.Calls",
+        "grpc.health.v1.Health.Check",
+        "grpc.reflection.v1alpha.ServerReflection.ServerReflectionInfo",
+    ],
+)
+def test_reflection_finds_the_file_of_a_method(server: Running, address: str, symbol: str) -> None:
+    """The reflection protocol names a method a symbol (`<package>.<service>[.<method>]`),
+    and `grpcurl describe gradwire.v1.Trainer.Forward` asks for it so; grpcio-reflection
+    looks only for types and services, and answered NOT_FOUND (grpc/grpc#34743: found by a
+    review of the contract from another language)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        question = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (answer,) = list(stub.ServerReflectionInfo(iter([question]), timeout=5))
+    assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
+    first = answer.file_descriptor_response.file_descriptor_proto[0]
+    service, method = symbol.rsplit(".", 1)
+    described = descriptor_pb2.FileDescriptorProto.FromString(first)
+    assert [
+        m.name
+        for s in described.service
+        if f"{described.package}.{s.name}" == service
+        for m in s.method
+        if m.name == method
+    ] == [method]
+
+
+@pytest.mark.parametrize(
+    "symbol", ["gradwire.v1.Trainer.Nope", "gradwire.v1.Tensor.Nope", "gradwire.v1.Nope.Forward"]
+)
+def test_reflection_answers_not_found_for_a_method_no_service_has(
+    server: Running, address: str, symbol: str
+) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        question = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+        (answer,) = list(stub.ServerReflectionInfo(iter([question]), timeout=5))
+    assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0], answer
+
+
 def _reflection_stream(channel: grpc.Channel, release: threading.Event) -> Any:
     """A reflection stream, its first answer read, kept open until `release` is set (as a
     tool left connected keeps it). Within 10 s: a server with no thread to give would

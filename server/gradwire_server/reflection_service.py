@@ -83,6 +83,20 @@ class ReflectionServicer(reflection.ReflectionServicer):  # type: ignore[misc]  
             with self._lock:
                 self._open -= 1
 
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        """A method is a symbol too, as the reflection protocol names them
+        (`<package>.<service>[.<method>]`: `grpcurl describe gradwire.v1.Trainer.Forward`
+        asks so), and protobuf's pool finds types and services alone: grpcio-reflection
+        answered a method NOT_FOUND (grpc/grpc#34743; found by a review of the contract
+        from another language). Its service's file answers for it."""
+        try:
+            method = self._pool.FindMethodByName(fully_qualified_name)
+        except KeyError:
+            pass  # not a method: a type, a service, or nothing this server has
+        else:
+            fully_qualified_name = method.containing_service.full_name
+        return super()._file_containing_symbol(request, fully_qualified_name)
+
 
 def _parsed(
     requests: Iterator[Any], context: grpc.ServicerContext, waiting: WaitingStreams
