@@ -591,8 +591,10 @@ class Fill(_message.Message):
     keeps those): seeds that differ only above bit 31 give the same values.
     KIND_UNIFORM and KIND_RANDINT need their bounds: unset, low and high are both 0 and
     refused (BAD_FILL). KIND_RANDINT's bounds must be whole numbers (2.5 is refused, not
-    rounded) that the dtype holds exactly: within its range for an integer dtype, within
-    ±2^24 for float32 (±2^11 for float16, ±2^8 for bfloat16, ±2^53 for float64). KIND_NORMAL reads `value` and `std` instead, and takes them unset
+    rounded) whose draws, low to high - 1, the dtype holds exactly: within its range for an
+    integer dtype, within ±2^24 for float32 (±2^11 for float16, ±2^8 for bfloat16, ±2^53 for
+    float64); high, never drawn, may be one past (2^31 for int32, 2^24 + 1 for float32).
+    KIND_NORMAL reads `value` and `std` instead, and takes them unset
     (mean 0, standard deviation 1); a negative `std`, or a mean or `std` past what the
     dtype holds (±65504 for float16), is refused (BAD_FILL).
     A random fill is made on the server's device, by that device's generator: a seed gives
