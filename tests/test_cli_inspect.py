@@ -460,6 +460,32 @@ def test_train_says_when_the_loss_stops_being_finite(cli: Run) -> None:
     assert (settings["lr"], settings["momentum"]) == (10, 0.9), settings
 
 
+def test_the_advice_after_a_session_s_run_diverged_names_the_session(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """A run in a session given by --session that diverged said "To start again: gradwire
+    reset ..., then gradwire optimizer --keep-state --lr ...": copied, both act on the
+    default session, another user's model reset and its lr cut, and the session's run left
+    as it was (found by a review of two researchers sharing one server)."""
+    mine = client.open_session(seed=0)
+    assert mine.session is not None
+    session = ("--session", mine.session)
+    assert cli("optimizer", "--lr", "100", *session).code == 0
+    result = cli("train", "--steps", "20", *session)
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[-1].endswith(
+        f"To start again: gradwire reset --session {mine.session} (--seed N for seeded "
+        f"weights), then gradwire optimizer --session {mine.session} --keep-state --lr 10 "
+        "(a tenth of lr 100, its other settings kept)"
+    )
+    before = client.list_tensors().version
+    advice = result.out.splitlines()[-1].split("To start again: ")[1]
+    reset = advice.split(" (--seed")[0].split()[1:]  # as a user copies it
+    assert cli(*reset).code == 0
+    assert client.list_tensors().version == before  # the default session left alone
+    assert mine.list_tensors().version > 0
+
+
 @pytest.mark.parametrize("side", [(), ("--server-side",)], ids=["client-side", "server-side"])
 def test_train_stops_at_the_first_loss_not_finite(cli: Run, side: tuple[str, ...]) -> None:
     """It ran every step asked for, each after the divergence wasted (found by a review of

@@ -264,14 +264,17 @@ def _divergence_hint(
     `step`, or, against a server from before Train's stop_at_nonfinite, the progress that
     showed it, the server perhaps running on until the stop reached it (`ran_on`: it did,
     the version having moved since)."""
-    lower = "gradwire optimizer --lr ... with a smaller learning rate"
+    # The run's session, named in the commands: without it, copied, they reset and slowed
+    # the default session, another user's model (a review of two researchers at once).
+    on = f" --session {client.session}" if client.session is not None else ""
+    lower = f"gradwire optimizer{on} --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
         # --keep-state: the lr alone. Without it, the other settings took their defaults,
         # momentum and weight decay dropped (found by a review of training remotely); a
         # Reset keeps the settings and starts the optimizer's state afresh.
         lower = (
-            f"gradwire optimizer --keep-state --lr {opt.lr / 10:g} (a tenth of lr "
+            f"gradwire optimizer{on} --keep-state --lr {opt.lr / 10:g} (a tenth of lr "
             f"{opt.lr:g}, its other settings kept)"
         )
     stopped = ""
@@ -289,7 +292,7 @@ def _divergence_hint(
         )
     return (
         f"the loss was no longer finite by step {step}: training diverged, and the parameters "
-        f"may have too{stopped}. To start again: gradwire reset (--seed N for seeded "
+        f"may have too{stopped}. To start again: gradwire reset{on} (--seed N for seeded "
         f"weights), then {lower}"
     )
 
