@@ -704,6 +704,33 @@ def test_errors_that_name_an_rpc_get_the_command_as_a_hint(
     )
 
 
+def test_a_hint_naming_commands_names_the_session_the_command_acted_on(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """`gradwire step --session ID` refused for want of gradients said "hint: gradwire
+    backward first; gradwire zero-grad removes the gradients": copied, those act on the
+    default session, another user's (its gradients removed), and the session's Step is
+    refused again (found by a review of two researchers sharing one server)."""
+    with client.open_session() as mine:
+        on = f"--session {mine.session}"
+        assert cli("step", *on.split()).err.endswith(
+            f"hint: gradwire backward {on} first; gradwire zero-grad {on} removes the "
+            f"gradients, and zero-grad --zeros keeps them as zeros\n"
+        )
+        cli("forward", *on.split())
+        cli("backward", *on.split())
+        assert cli("backward", *on.split()).err.endswith(
+            f"hint: gradwire forward {on} again, or keep the graph with gradwire backward "
+            f"{on} --retain-graph\n"
+        )
+        assert cli("fill", "0.1", "conv1.weight.grad", *on.split()).err.endswith(
+            f"hint: gradwire fill {on} fills parameters; gradwire set {on} NAME.grad VALUE "
+            "writes a gradient\n"
+        )
+        part = cli("fill", "1", "conv1.weight[0]", *on.split())
+        assert part.code == 2 and f"gradwire set {on} 'conv1.weight[0]' 1.0" in part.err
+
+
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
     """`fill 1 'conv1.weight[0]'` was answered "no tensor named 'conv1.weight[0]'", which
     did not say that fill takes whole parameters (found by a review of the CLI)."""

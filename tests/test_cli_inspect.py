@@ -741,6 +741,30 @@ def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it() -
     ], said
 
 
+def test_a_session_s_watch_its_server_stopped_under_names_the_session_in_its_hint() -> None:
+    """`gradwire watch ... --session ID` ended by a stop was told "gradwire watch --reconnect
+    watches again by itself": so copied, it watched the default session, another user's
+    model, as if it were the session's (found by a review of two researchers sharing one
+    server). The session is named, and that a restart closes it."""
+    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    try:
+        target = f"127.0.0.1:{server.port}"
+        with gradwire.connect(target) as client:
+            session = client.open_session().detach()
+        watch = _Watching("watch", "loss", "--target", target, "--session", session, "--json")
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        server.stop(grace=5.0)
+        assert watch.join() == 1
+    finally:
+        server.stop(grace=None)
+    said = watch.err.getvalue().splitlines()
+    assert said[0].startswith("error: UNAVAILABLE: the server is stopping"), said
+    assert said[1:] == [
+        f"hint: gradwire watch --session {session} --reconnect watches again by itself once "
+        "the server is back, if it kept the session (a restart closes it: open another)"
+    ], said
+
+
 def test_watch_reconnect_of_a_session_the_restart_lost_ends_not_found() -> None:
     """A session lives in its server's memory: watched again on the restarted server, which
     does not know it, the watch ends with NOT_FOUND rather than waiting on, saying the

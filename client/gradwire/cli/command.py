@@ -24,6 +24,7 @@ from gradwire.cli.connection import (
     connect,
     connection_hint,
     from_environment,
+    session_option,
 )
 from gradwire.cli.errors import CommandError, Interrupted, UsageError
 from gradwire.cli.output import Output
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 except RemoteError as e:
                     hint = connection_hint(args, client, e)  # before the channel closes
                     if args.command == "watch" and not args.reconnect and client.answered:
-                        hint = _or_reconnect(e, hint)
+                        hint = _or_reconnect(args, e, hint)
                     raise
     except (UsageError, SelectorError, codec.CodecError) as e:
         if not getattr(e, "logged", False):
@@ -168,6 +169,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if hint is None and not no_sessions:  # the server's words name RPCs; say the commands
             hint = _COMMAND_HINTS.get(e.reason)
             about_the_server = hint is None
+            if hint is not None:
+                hint = hint.format(on=session_option(args))
         if (
             hint is None
             and e.reason == "BAD_TOKEN"
@@ -221,13 +224,18 @@ def _name_taken_for_an_option(words: Sequence[str]) -> str | None:
     return None
 
 
-def _or_reconnect(error: RemoteError, hint: str | None) -> str | None:
+def _or_reconnect(args: argparse.Namespace, error: RemoteError, hint: str | None) -> str | None:
     """`hint`, and for a watch whose server went away after it answered, the option that
     waits for it: the error said "watch again once it is back", and nothing said that
-    --reconnect does (found by a review of watching training remotely)."""
+    --reconnect does (found by a review of watching training remotely). A session's watch
+    names it (so copied, the command watched the default session, another user's model)
+    and says that a restart closes it (a review of two researchers sharing one server)."""
     if not isinstance(error, Unavailable):
         return hint
-    reconnect = "gradwire watch --reconnect watches again by itself once the server is back"
+    on = session_option(args)
+    reconnect = f"gradwire watch{on} --reconnect watches again by itself once the server is back"
+    if on:
+        reconnect += ", if it kept the session (a restart closes it: open another)"
     return reconnect if hint is None else f"{hint}; {reconnect}"
 
 
@@ -254,15 +262,17 @@ def _not_text(args: argparse.Namespace) -> str | None:
 
 #: For errors whose message names the RPC or its argument to use ("pass retain_graph to
 #: Backward", "close one (CloseSession)"), the command and option that do it (found by a
-#: review of the CLI).
+#: review of the CLI). `{on}`: the session the command acted on, ` --session ID`, where it
+#: had one: without it the commands, copied, acted on the default session, another user's
+#: (a review of two researchers sharing one server).
 _COMMAND_HINTS = {
-    "GRAPH_FREED": "gradwire forward again, or keep the graph with gradwire backward "
+    "GRAPH_FREED": "gradwire forward{on} again, or keep the graph with gradwire backward{on} "
     "--retain-graph",
-    "NO_GRADIENTS": "gradwire backward first; gradwire zero-grad removes the gradients, and "
-    "zero-grad --zeros keeps them as zeros",
+    "NO_GRADIENTS": "gradwire backward{on} first; gradwire zero-grad{on} removes the "
+    "gradients, and zero-grad --zeros keeps them as zeros",
     "TOO_MANY_SESSIONS": "gradwire sessions lists them; gradwire close-session ID closes one",
-    "NOT_A_PARAMETER": "gradwire fill fills parameters; gradwire set NAME.grad VALUE writes a "
-    "gradient",
+    "NOT_A_PARAMETER": "gradwire fill{on} fills parameters; gradwire set{on} NAME.grad VALUE "
+    "writes a gradient",
 }
 
 

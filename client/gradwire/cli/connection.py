@@ -247,6 +247,15 @@ def from_environment(args: argparse.Namespace) -> None:
         args.session = session or None
 
 
+def session_option(args: argparse.Namespace) -> str:
+    """` --session ID` for the session a command acted on (given, or from $GRADWIRE_SESSION),
+    to put in the commands a message tells its user to run next; "" on the default session.
+    Without it, those commands acted on the default session, another user's perhaps (a
+    review of two researchers sharing one server)."""
+    session = getattr(args, "session", None)
+    return f" --session {session}" if session else ""
+
+
 #: The options every command that calls a server takes (build_parser's `common`) whose
 #: absence means something: the environment's, or none.
 COMMON = ("target", "session", "token_file", "tls", "tls_ca", "tls_cert", "tls_key")

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwire.cli.arguments import narrowed, parse_source, parse_value, random_source
+from gradwire.cli.connection import session_option
 from gradwire.cli.errors import CommandError, UsageError
 from gradwire.cli.output import emit, json_line_with_values
 from gradwire.client import Client
@@ -465,7 +466,8 @@ def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if indexed is not None:  # the server's answer, "no tensor named", did not say why
         raise UsageError(
             f"fill takes whole parameters, and {indexed!r} is a part of one: write a part "
-            f"with set, as in: gradwire set {shlex.quote(indexed)} {args.value}"
+            f"with set, as in: gradwire set{session_option(args)} {shlex.quote(indexed)} "
+            f"{args.value}"
         )
     version = client.fill_parameters(args.value, args.names)
     which = ", ".join(args.names) if args.names else "every parameter"
