@@ -1344,6 +1344,10 @@ def test_a_train_in_a_session_cut_off_by_its_close_or_a_stop_says_its_steps_went
                     for _ in training:
                         pass
             assert closed.value.message.endswith("applied to the session, and are gone with it)")
+            # In the caller's words: the call that ends a session, no "trainer" of the server's.
+            assert closed.value.message.startswith(
+                "the session's model is gone: the session was closed (CloseSession, or idle "
+            ), closed.value.message
             # How many, for a client to read as it reads a Train stopped for another reason.
             steps_done = closed.value.metadata["steps_done"]
             assert int(steps_done) >= 2 and f"the {steps_done} steps before" in closed.value.message

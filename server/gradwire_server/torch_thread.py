@@ -118,9 +118,12 @@ class TorchThread:
         """Queues `call` for the thread; Closed once this trainer is closed."""
         with self._closing:
             if self._closed:
+                # Said in a caller's words: "trainer" is the server's, and which call ends a
+                # session is what a client can act on (a review of two researchers sharing
+                # one server).
                 raise Closed(
-                    "this trainer was closed (its session ended or the server is stopping); "
-                    "open a new session"
+                    "the session's model is gone: the session was closed (CloseSession, or "
+                    "idle too long) or the server is stopping; open a new session"
                 )
             self._worker.queue.put(call)
 
