@@ -118,3 +118,20 @@ class Warns(nn.Module):
 
 #: `gradwire serve --model tests.broken_models:WARNS`
 WARNS = ModelSpec("Warns", Warns, sample_shape=(2,), num_classes=2)
+
+
+class SlowToBuild(nn.Module):
+    """A model whose build takes a minute: a server still starting when a signal comes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        print("slow build started", file=sys.stderr, flush=True)  # for a test to wait on
+        time.sleep(60)
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.linear(x)
+        return out
+
+
+SLOW_TO_BUILD = ModelSpec("SlowToBuild", SlowToBuild, sample_shape=(2,), num_classes=2)

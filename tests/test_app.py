@@ -1390,6 +1390,29 @@ def test_a_stop_s_long_save_is_said_as_a_save_not_as_a_call_waited_for(tmp_path:
     assert "still stopping" not in rest
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_while_the_model_is_built_is_said_before_the_process_ends_by_it(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM (a supervisor's stop, `docker stop`) or SIGHUP while the model is built or
+    its state restored: the process ended by it without a word, and the operator could not
+    tell a server stopped while starting from one that had never started (the seventy-third
+    session's review of running the server, as an operator). It still ends by the signal, as
+    a supervisor expects, and leaves no port file."""
+    port_file = tmp_path / "port"
+    args = ("--model", "tests.broken_models:SLOW_TO_BUILD", "--port-file", str(port_file))
+    with serving(*args, until="slow build started") as (process, _):
+        process.send_signal(signum)
+        assert process.wait(timeout=30) == -signum  # not the minute's build
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert (
+        f"{signum.name} received while starting, before listening: exiting; nothing was "
+        "served or saved\n"
+    ) in rest, rest
+    assert not port_file.exists()
+
+
 def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:
     # A Forward of a minute held the stop, and further signals were only logged.
     port_file, state = tmp_path / "port", tmp_path / "state"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ParamSpec
 
 import grpc
 import torch
@@ -740,6 +741,40 @@ def describe_threads(one_thread_for_small_work: bool, device: torch.device) -> s
     )
 
 
+_P = ParamSpec("_P")
+
+
+def _exit_said_while_starting(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGHUP before `serve` has its own handler (the model building, a state
+    restoring): said, then taken as Python's default takes it, the process ending by the
+    signal, as a supervisor expects of it. It ended so without a word, the operator left
+    to guess whether the server had started (a review of running the server, as an
+    operator). Ctrl-C keeps Python's KeyboardInterrupt, which the CLI says."""
+    log.info(
+        "%s received while starting, before listening: exiting; nothing was served or saved",
+        signal.Signals(signum).name,
+    )
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _said_while_starting(serve: Callable[_P, None]) -> Callable[_P, None]:
+    """`serve`, with a stop signal received before it handles them said in the log."""
+
+    @functools.wraps(serve)
+    def serving(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        starting = [s for s in stop_signals() if s != signal.SIGINT]
+        before = {s: signal.signal(s, _exit_said_while_starting) for s in starting}
+        try:
+            serve(*args, **kwargs)
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+    return serving
+
+
+@_said_while_starting
 def serve(
     *,
     host: str = "127.0.0.1",
