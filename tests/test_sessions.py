@@ -816,6 +816,31 @@ def test_calls_on_a_closed_client_raise_client_closed(address: str) -> None:
         )
 
 
+def test_wait_ready_on_a_channel_its_owner_closed_raises_client_closed_at_once(
+    address: str,
+) -> None:
+    """A channel given (`channel=`) and closed by its owner, not a gradwire client: gRPC's
+    readiness future died on its thread printing "Cannot invoke RPC: Channel closed!", and
+    wait_ready waited its whole timeout, then said no server answered (the seventy-third
+    session's review of the client's API)."""
+    channel = grpc.insecure_channel(address)
+    client = gradwire.Client(address, channel=channel)
+    channel.close()
+    began = time.monotonic()
+    with pytest.raises(errors.ClientClosed, match="this client is closed"):
+        client.wait_ready(30)
+    assert time.monotonic() - began < 5
+    with pytest.raises(errors.ClientClosed, match="this client is closed"):
+        client.list_tensors()
+    client.close()
+    # An open channel given is not taken for closed.
+    with (
+        grpc.insecure_channel(address) as open_channel,
+        gradwire.Client(address, channel=open_channel) as on_it,
+    ):
+        on_it.wait_ready(30)
+
+
 def test_a_client_given_its_channel_closes_its_sessions_and_leaves_the_channel_open(
     address: str,
 ) -> None:

@@ -203,6 +203,23 @@ def _back_off(attempt: int) -> None:
 _CLOSED_CHANNELS: weakref.WeakSet[grpc.Channel] = weakref.WeakSet()
 
 
+def _closed_by_its_owner(channel: grpc.Channel) -> bool:
+    """Whether `channel` was closed by whoever made it, a program's own `channel=` that no
+    client closed. gRPC has no public way to ask: its readiness future, polling such a
+    channel, died on a thread of its own printing "Cannot invoke RPC: Channel closed!" while
+    wait_ready ran its whole timeout (found by the seventy-fourth session). Asked of the
+    channel's C core, which refuses a closed channel's check; False where a channel has none
+    (one of another kind, an intercepted channel)."""
+    check = getattr(getattr(channel, "_channel", None), "check_connectivity_state", None)
+    if check is None:
+        return False
+    try:
+        check(False)
+    except ValueError:
+        return True
+    return False
+
+
 #: The longest min_interval a Watch carries, in milliseconds (an int64 field).
 _MAX_MS = codec.INT64_MAX
 
@@ -1082,11 +1099,16 @@ class Client:
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Blocks until the channel connects; gradwire.errors.Unavailable after `timeout` s,
         ClientClosed at once when the channel is closed (a session's client shares its
-        parent's channel, which stays open when the session's client closes)."""
+        parent's channel, which stays open when the session's client closes; a `channel=`
+        its owner closed is closed too)."""
         # gRPC's readiness future polls a closed channel on a thread of its own, which died
         # printing "Cannot invoke RPC: Channel closed!", and the wait ran its whole timeout.
         _check_timeout(timeout, "wait_ready's timeout")  # -1 said no server answered
-        if self._channel in _CLOSED_CHANNELS or self._opened.closed:
+        if (
+            self._channel in _CLOSED_CHANNELS
+            or self._opened.closed
+            or _closed_by_its_owner(self._channel)
+        ):
             raise ClientClosed(CLOSED)
         ready = grpc.channel_ready_future(self._channel)
         try:
