@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import io
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,17 @@ def test_the_developers_guide_gives_every_module_its_layer() -> None:
     for folder in ("client/gradwire", "client/gradwire/cli", "server/gradwire_server"):
         modules = {p.name for p in (root / folder).glob("*.py")} - {"__init__.py", "__main__.py"}
         assert modules <= named, f"{folder}/ modules DEVELOPING.md's layers lack: {modules - named}"
+
+
+def test_the_mutation_recipe_s_link_to_the_virtualenv_is_ignored(tmp_path: Path) -> None:
+    # docs/DEVELOPING.md's mutation testing links .venv into a worktree; .gitignore's
+    # ".venv/" matches a folder, not a link, so `git status` there listed .venv and `git add
+    # -A` took it (found by a review of DEVELOPING.md as a newcomer reads it).
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(README.parent / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / ".venv").symlink_to(README.parent / ".venv")
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    assert "?? .gitignore" in status and "?? .venv" not in status, status
