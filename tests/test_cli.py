@@ -1339,6 +1339,23 @@ def test_output_to_a_full_disk_is_an_error_that_says_so(address: str, command: s
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("argv", [["list", "--help"], ["--version"], ["--help"]])
+def test_help_to_a_full_disk_is_an_error_that_says_so(argv: list[str]) -> None:
+    """`gradwire list --help > /dev/full` and `gradwire --version > /dev/full` ended in a
+    traceback: argparse prints them while it parses, outside what turns the output's
+    errors into a line (found by a review of the CLI as a researcher, from its --help)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this machine")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*GRADWIRE_PROCESS, *argv],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot write the output: No space left on device" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_closed_standard_output_is_refused_before_the_command_runs(address: str) -> None:
     """`gradwire info >&-`: Python has no sys.stdout, and the command's first write raised
     AttributeError in a traceback (found by a review of the CLI)."""

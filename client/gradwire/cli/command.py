@@ -74,6 +74,11 @@ def main(
                 # ("gradwire get: error: unrecognized arguments: --dtype float16"), where
                 # argparse's own gave gradwire's usage (a newcomer's walkthrough).
                 args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except CommandError as e:
+        # --help and --version, printed while argparse parses, to a full disk: a traceback
+        # (found by a review of the CLI as a researcher, from its --help).
+        err.write(f"gradwire: error: {e}\n")
+        return 1
     except SystemExit as exit:
         if json_log:
             usage_error_logged(aside.getvalue(), err)
