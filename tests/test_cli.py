@@ -2689,6 +2689,19 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
     assert other.code == 1 and "hint:" not in other.err, other.err
 
 
+def test_close_session_refuses_an_id_and_another_session(cli: Run, client: gradwire.Client) -> None:
+    """`gradwire close-session A --session B` closed A and said nothing of B, which stayed
+    open: two sessions named, one dropped (found by a review of the CLI as a researcher
+    uses it, from its --help). Refused, exit 2, both left open; the same one twice is one."""
+    first, second = (client.open_session(seed=0).detach() for _ in range(2))
+    result = cli("close-session", first, "--session", second)
+    assert result.code == 2, result.err
+    assert "--session" in result.err and "give one of them" in result.err
+    assert {s.session for s in client.list_sessions().sessions} >= {first, second}
+    assert cli("close-session", first, "--session", first).code == 0
+    assert cli("close-session", second).code == 0
+
+
 @pytest.mark.parametrize("session", ["séance", "a\nb", "a" * 100_000, " padded "])
 def test_a_session_id_grpc_cannot_send_is_refused_naming_where_it_came_from(
     address: str, monkeypatch: pytest.MonkeyPatch, session: str

@@ -170,6 +170,13 @@ def cmd_open_session(args: argparse.Namespace, client: Client, out: TextIO) -> N
 
 def cmd_close_session(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     ident = args.id or args.session
+    if args.id and "session" in args.given and args.session != args.id:
+        # Two sessions named: it closed the ID's and said nothing of --session's, which
+        # stayed open (found by a review of the CLI as a researcher, from its --help).
+        raise UsageError(
+            f"close-session {args.id} and --session {args.session} name two sessions: give "
+            "one of them"
+        )
     if not ident:
         raise UsageError(
             f"name the session to close: gradwire close-session ID (or --session ID, or "
