@@ -713,6 +713,9 @@ def test_a_hint_naming_commands_names_the_session_the_command_acted_on(
     refused again (found by a review of two researchers sharing one server)."""
     with client.open_session() as mine:
         on = f"--session {mine.session}"
+        assert cli("backward", *on.split()).err.endswith(
+            f"hint: gradwire forward {on} first, without --no-targets: backward needs its loss\n"
+        )
         assert cli("step", *on.split()).err.endswith(
             f"hint: gradwire backward {on} first; gradwire zero-grad {on} removes the "
             f"gradients, and zero-grad --zeros keeps them as zeros\n"
@@ -729,6 +732,34 @@ def test_a_hint_naming_commands_names_the_session_the_command_acted_on(
         )
         part = cli("fill", "1", "conv1.weight[0]", *on.split())
         assert part.code == 2 and f"gradwire set {on} 'conv1.weight[0]' 1.0" in part.err
+
+
+def test_backward_without_a_loss_or_with_a_stale_graph_gets_the_command_as_a_hint(
+    cli: Run,
+) -> None:
+    """ "no loss to backpropagate: call Forward first", "the last Forward had no target ...:
+    call Forward with a target" and "... its graph is stale: call Forward again" named the
+    RPC and its request's field, with no hint: a user of `gradwire forward --no-targets`
+    was not told to leave --no-targets out (found by a review of the CLI as a researcher
+    uses it, from its --help)."""
+    no_loss = cli("backward")
+    assert no_loss.code == 1 and "no loss to backpropagate" in no_loss.err
+    assert (
+        _hint(no_loss)
+        == "hint: gradwire forward first, without --no-targets: backward needs its loss"
+    )
+    cli("forward", "--no-targets")
+    no_target = cli("backward")
+    assert no_target.code == 1 and "had no target" in no_target.err
+    assert _hint(no_target) == _hint(no_loss)
+    cli("forward")
+    cli("fill", "0.1")
+    stale = cli("backward")
+    assert stale.code == 1 and "graph is stale" in stale.err
+    assert _hint(stale) == (
+        "hint: gradwire forward again: a step, set or fill since the last forward changed "
+        "the parameters its graph was made from"
+    )
 
 
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:

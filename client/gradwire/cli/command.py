@@ -273,6 +273,12 @@ def _not_text(args: argparse.Namespace) -> str | None:
 _COMMAND_HINTS = {
     "GRAPH_FREED": "gradwire forward{on} again, or keep the graph with gradwire backward{on} "
     "--retain-graph",
+    # "call Forward first", "call Forward with a target", "call Forward again": after
+    # `forward --no-targets` nothing said to leave that out (found by a review of the CLI as
+    # a researcher, from its --help).
+    "NO_LOSS": "gradwire forward{on} first, without --no-targets: backward needs its loss",
+    "GRAPH_STALE": "gradwire forward{on} again: a step, set or fill since the last forward "
+    "changed the parameters its graph was made from",
     "NO_GRADIENTS": "gradwire backward{on} first; gradwire zero-grad{on} removes the "
     "gradients, and zero-grad --zeros keeps them as zeros",
     "TOO_MANY_SESSIONS": "gradwire sessions lists them; gradwire close-session ID closes one",
