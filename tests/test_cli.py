@@ -762,6 +762,19 @@ def test_backward_without_a_loss_or_with_a_stale_graph_gets_the_command_as_a_hin
     )
 
 
+@pytest.mark.parametrize(
+    "value", ["randint:20:8", "full:0.05:8,20:float32", "ones:8,20", "zeros:8:int64", "t.npy"]
+)
+def test_forward_target_given_a_source_points_to_targets(value: str) -> None:
+    """`gradwire forward --target randint:20:8`, --targets without its s (the tensor is
+    named `target`), went to gRPC's resolver for a host of that name: UNAVAILABLE, exit 1,
+    and a hint to check the host name, nothing of --targets (found by a review of the CLI
+    as a researcher uses it, from its --help). Refused before any call, exit 2."""
+    result = run_main("forward", "--target", value)
+    assert result.code == 2, result.err
+    assert f"--targets {value}" in result.err and "host:port" in result.err
+
+
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
     """`fill 1 'conv1.weight[0]'` was answered "no tensor named 'conv1.weight[0]'", which
     did not say that fill takes whole parameters (found by a review of the CLI)."""

@@ -36,6 +36,14 @@ def connect(args: argparse.Namespace) -> Client:
             f"{given} without {missing}: mutual TLS needs the client's certificate "
             "(--tls-cert) and its private key (--tls-key); give both, or neither"
         )
+    if args.command == "forward" and "target" in args.given and _a_source(args.target):
+        # --targets without its s (the tensor is named `target`) went to gRPC's resolver as
+        # a host: UNAVAILABLE, exit 1, a hint to check the host name (found by a review of
+        # the CLI as a researcher, from its --help).
+        raise UsageError(
+            f"--target {args.target} names the server to call (host:port), and this is a "
+            f"source: the loss's targets are --targets {args.target}"
+        )
     try:
         check_session(args.session, "--session")  # in the words of the command line
         return Client(
@@ -57,6 +65,20 @@ def connect(args: argparse.Namespace) -> Client:
         if getattr(args, "session_from_environment", False) and "session" in said:
             said += f" (the session came from ${SESSION_ENV})"
         raise UsageError(said) from None
+
+
+#: The kinds of source --input and --targets take (arguments.parse_source).
+_SOURCE_KINDS = ("ones", "zeros", "full", "uniform", "normal", "randint")
+
+
+def _a_source(target: str) -> bool:
+    """Whether a --target is a source as --targets takes it, and no host:port: a .npy file,
+    or a kind with a shape of more than one dimension, a second part or a :DTYPE
+    (`ones:8` and `ones`, a host named ones, stay targets)."""
+    kind, colon, rest = target.partition(":")
+    return target.endswith(".npy") or (
+        kind in _SOURCE_KINDS and bool(colon) and (":" in rest or "," in rest or not rest)
+    )
 
 
 def _unreachable(error: RemoteError) -> bool:
