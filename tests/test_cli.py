@@ -31,7 +31,7 @@ import gradwire
 from gradwire import errors, limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.cli import build_parser, output
-from gradwire.cli.connection import connection_hint
+from gradwire.cli.connection import connect, connection_hint, from_environment
 from gradwire.failures import SERVER_CANCELLED, after_a_cut, closed_channel, failed
 from gradwire.fill import Fill
 from gradwire_server.app import Running, start
@@ -1238,8 +1238,13 @@ def test_each_command_s_defaults_are_those_documented() -> None:
     assert (serve.keepalive, serve.keepalive_timeout) == (limits.KEEPALIVE_S, 20.0)
     assert (serve.connection_idle, serve.max_connections) == (300.0, limits.MAX_CONNECTIONS)
     listing = parser.parse_args(["list"])
-    assert (listing.timeout, listing.keepalive, listing.json) == (60.0, 330.0, False)
+    assert (listing.timeout, listing.keepalive, listing.json) == (60.0, None, False)
     assert (listing.target, listing.session, listing.tls) == (None, None, False)
+    # --keepalive not given (None, which replay --embedded tells from one given): the client
+    # pings after 330 s, as --help says.
+    from_environment(listing)
+    with connect(listing) as made:
+        assert made._keepalive == limits.CLIENT_KEEPALIVE_S == 330
     train = parser.parse_args(["train"])
     assert (train.steps, train.batch, train.every, train.seed) == (100, 8, 1, 0)
     assert not train.server_side and not train.keep_going
