@@ -34,6 +34,7 @@ from gradwire_server.app import Running, start
 from gradwire_server.auth import Refusals, TlsFiles
 from gradwire_server.errors import InvalidInput
 from gradwire_server.trainer import Trainer
+from tests.cli_run import run_main
 from tests.serve_process import serving
 
 TOKEN = "correct horse battery staple"
@@ -1167,7 +1168,11 @@ def test_tls_files_below_openssl_s_security_level_are_not_refused(
     ("flag", "content", "said"),
     [
         ("--tls-ca", b"", "holds no certificate in PEM (-----BEGIN ...-----): it is empty"),
-        ("--tls-ca", b"garbage\n", "holds no certificate in PEM (-----BEGIN ...-----): it begins"),
+        (
+            "--tls-ca",
+            b"garbage\n",
+            "holds no certificate in PEM (-----BEGIN ...-----): it is 8 bytes of text",
+        ),
         ("--tls-ca", b"\n \n", "holds no certificate in PEM (-----BEGIN ...-----): it is empty"),
         (
             "--tls-ca",  # not ASCII inside: Python's UnicodeDecodeError, a ValueError
@@ -1261,13 +1266,30 @@ def test_a_ca_bundle_with_comments_between_its_certificates_is_taken(
         assert client.target == address  # made: the TLS files are taken
 
 
-def test_a_tls_file_that_is_no_pem_is_shown_by_its_first_24_bytes(address: str) -> None:
+def test_a_tls_file_that_is_no_pem_is_described_and_its_bytes_are_not_shown(
+    address: str, tmp_path: Path
+) -> None:
+    """Its first 24 bytes were shown: a token file given as --tls-ca (it lies beside the
+    certificates) put most of the token on the terminal, and in a CI job's log (found by
+    a review of the CLI as a researcher uses it, from its --help)."""
+    token = "s3cret-token-1234567890abcdef"
     with pytest.raises(ValueError) as refused:
-        gradwire.Client(address, ca=b"0123456789abcdefghijklmnopqrstuvwxyz")
+        gradwire.Client(address, ca=f"{token}\n".encode())
     assert str(refused.value) == (
-        "ca= holds no certificate in PEM (-----BEGIN ...-----): it begins "
-        "b'0123456789abcdefghijklmn'"
+        "ca= holds no certificate in PEM (-----BEGIN ...-----): it is 30 bytes of text (not "
+        "shown: it may be a secret, a token say)"
     )
+    with pytest.raises(ValueError, match=r"it is 4 bytes of data \(not shown"):
+        gradwire.Client(address, ca=b"\x30\x82\x01\xff")  # DER, not PEM
+    # A PEM block of another kind is named by its first line, which holds no secret.
+    with pytest.raises(ValueError, match=r": it holds -----BEGIN OPENSSH PRIVATE KEY-----$"):
+        gradwire.Client(address, ca=b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n")
+    # And the CLI's --tls-ca given the token file: the token is nowhere in what it prints.
+    path = tmp_path / "token"
+    path.write_text(f"{token}\n")
+    result = run_main("list", "--target", address, "--tls-ca", str(path))
+    assert result.code == 2 and "it is 30 bytes of text" in result.err, result.err
+    assert "s3cret" not in result.err + result.out
 
 
 def test_a_failed_handshake_is_in_grpc_s_own_log_at_info(

@@ -157,6 +157,18 @@ def pem_bytes(data: bytes | str | None, what: str) -> bytes | None:
     )
 
 
+def _described(data: bytes) -> str:
+    """What a file that is not the PEM asked for holds, without its bytes: its first 24
+    were shown, and a token file given as --tls-ca (the token beside it) put most of a
+    secret on the terminal and in a CI job's log (found by a review of the CLI). A PEM
+    block's first line names its kind and holds nothing secret: it is shown."""
+    first = data.lstrip().split(b"\n", 1)[0].rstrip()
+    if first.startswith(b"-----BEGIN ") and first.endswith(b"-----") and len(first) <= 80:
+        return f"it holds {first.decode('ascii', errors='replace')}"
+    kind = "text" if data.isascii() and all(b >= 32 or b in b"\t\r\n" for b in data) else "data"
+    return f"it is {len(data):,} bytes of {kind} (not shown: it may be a secret, a token say)"
+
+
 def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], what: str) -> None:
     """Refuses (ValueError, naming `what`) PEM data that holds no `kind`. Empty, it was
     taken for none given, and the client connected without TLS, sending its token in
@@ -166,7 +178,7 @@ def check_pem(data: bytes | None, kind: Literal["certificate", "private key"], w
     if data is None:
         return
     if _MARKERS[kind] not in data:
-        found = "it is empty" if not data.strip() else f"it begins {data[:24]!r}"
+        found = "it is empty" if not data.strip() else _described(data)
         if len(data) < 4096 and b"\n" not in data and os.path.isfile(data):
             # ca="ca.pem", as requests' verify= takes it: read as PEM, refused by its first
             # bytes alone (found by a review of the client's API as a researcher uses it).
