@@ -734,6 +734,35 @@ def test_a_hint_naming_commands_names_the_session_the_command_acted_on(
         assert part.code == 2 and f"gradwire set {on} 'conv1.weight[0]' 1.0" in part.err
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("info", "info says what the server runs and keeps"),
+        ("health", "health asks the server's health"),
+        ("sessions", "sessions lists every session"),
+        ("checkpoints", "checkpoints lists the server's checkpoints, which any session may load"),
+        ("open-session", "open-session opens a new session beside the default one"),
+    ],
+)
+def test_a_command_about_the_whole_server_refuses_a_session_given(
+    cli: Run, monkeypatch: pytest.MonkeyPatch, command: str, said: str
+) -> None:
+    """`gradwire info --session ID` (a mistyped ID too) printed the server's answer, exit
+    0, the session dropped without a word: what it printed could be taken for the
+    session's (found by a review of the CLI as a researcher uses it, from its --help)."""
+    result = cli(command, "--session", "made-up")
+    assert result.code == 2
+    assert result.err == (
+        f"gradwire {command}: error: {said}, on no session: leave out --session\n"
+    )
+    # $GRADWIRE_SESSION is there for every command, these too: not refused.
+    monkeypatch.setenv("GRADWIRE_SESSION", "made-up")
+    from_environment = cli(command)
+    # checkpoints: exit 1 on the fixture's server, which keeps none (no --state-dir).
+    assert from_environment.code == (1 if command == "checkpoints" else 0), from_environment
+    assert "leave out --session" not in from_environment.err
+
+
 def test_backward_without_a_loss_or_with_a_stale_graph_gets_the_command_as_a_hint(
     cli: Run,
 ) -> None:

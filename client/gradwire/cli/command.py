@@ -135,10 +135,26 @@ def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
         yield
 
 
+#: The commands about the server as a whole, which act on no session: a --session given
+#: them was dropped without a word, a mistyped id too, and what they printed could be taken
+#: for the session's (found by a review of the CLI as a researcher uses it, from its
+#: --help). One from $GRADWIRE_SESSION is not given them: it is there for every command.
+_SERVER_WIDE = {
+    "info": "says what the server runs and keeps",
+    "health": "asks the server's health",
+    "sessions": "lists every session",
+    "checkpoints": "lists the server's checkpoints, which any session may load",
+    "open-session": "opens a new session beside the default one",
+}
+
+
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Runs the parsed command; its exit code, what went wrong said on `err`."""
     hint = None  # for a remote error: what to do about it, when the CLI can tell
     try:
+        about = _SERVER_WIDE.get(args.command)
+        if about is not None and "session" in args.given:
+            raise UsageError(f"{args.command} {about}, on no session: leave out --session")
         if not args.remote or (args.command == "replay" and args.embedded):
             args.func(args, None, out)
         else:
