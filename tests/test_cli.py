@@ -1460,6 +1460,17 @@ def test_serve_help_speaks_from_the_servers_side() -> None:
     assert run_main("serve", "--target", "x:1").code == 2
 
 
+def test_load_s_help_says_what_loading_takes_not_what_a_save_does() -> None:
+    """load's NAME was helped by save's words, "a --session saves under a name of its own",
+    where any session may load any checkpoint, the default session's state too (found by a
+    review of the CLI as a researcher uses it, from its --help)."""
+    load = " ".join(run_main("load", "--help").out.split())
+    save = " ".join(run_main("save", "--help").out.split())
+    assert "any session may load any checkpoint, state too" in load
+    assert "saves under a name of its own" not in load
+    assert "a --session saves under a name of its own" in save
+
+
 JSON_CASES: list[tuple[list[list[str]], list[str]]] = [
     ([], ["forward"]),
     ([], ["forward", "--no-targets"]),

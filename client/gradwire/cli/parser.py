@@ -577,8 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_name = (
         "the checkpoint's name, a file <name>.safetensors in the server's state directory "
         "(default: state, the one `gradwire serve --state-dir` restores at start and "
-        "overwrites at a graceful stop: name one to keep; the default session's, so a "
-        "--session saves under a name of its own)"
+        "overwrites at a graceful stop"
     )
     p = add(
         "save",
@@ -586,14 +585,27 @@ def build_parser() -> argparse.ArgumentParser:
         "save the state (parameters, gradients, buffers, optimizer) as a checkpoint in the "
         "server's --state-dir",
     )
-    p.add_argument("name", nargs="?", default=None, help=checkpoint_name)
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help=f"{checkpoint_name}: name one to keep; the default session's, so a --session "
+        "saves under a name of its own)",
+    )
     p = add(
         "load",
         cmd_load,
         "replace the state with a checkpoint from the server's --state-dir (the version "
         "moves on by one)",
     )
-    p.add_argument("name", nargs="?", default=None, help=checkpoint_name)
+    # Not save's words: a --session "saves under a name of its own", and may load any,
+    # state too (found by a review of the CLI as a researcher uses it, from its --help).
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help=f"{checkpoint_name}; any session may load any checkpoint, state too)",
+    )
     add(
         "checkpoints",
         cmd_checkpoints,
