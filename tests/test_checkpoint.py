@@ -2384,7 +2384,8 @@ def test_the_cli_saves_and_loads_checkpoints(
         f"({size / 2**20:.1f} MiB)) in the server's state directory\n"
     )
     loaded = run_main("load", "first", "--json", "--target", target)
-    assert loaded.json() == {"version": 5, "saved_version": 4}
+    # Its name too, as the text says it (found by a review of the CLI, from its --help).
+    assert loaded.json() == {"name": "first", "version": 5, "saved_version": 4}
     missing = run_main("load", "second", "--target", target)
     assert missing.code == 1
     assert "no checkpoint named 'second'" in missing.err and "it holds: first" in missing.err
@@ -3071,7 +3072,7 @@ def test_the_cli_saves_and_loads_state_and_a_name_an_older_cli_saved_with_its_su
     # An older CLI saved `save x.safetensors` as x.safetensors.safetensors: it still loads.
     client.save_checkpoint("x.safetensors")
     older = run_main("load", "x.safetensors", "--json", "--target", target)
-    assert older.json() == {"version": 6, "saved_version": 5}, older.err
+    assert older.json() == {"name": "x.safetensors", "version": 6, "saved_version": 5}, older.err
 
 
 def test_the_cli_lists_a_checkpoint_saved_at_version_0_with_its_version(

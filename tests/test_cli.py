@@ -1503,6 +1503,17 @@ def test_json_output_is_one_json_object(cli: Run, setup: list[list[str]], argv: 
     assert isinstance(result.json(), dict)
 
 
+def test_reset_and_fill_say_in_json_what_they_say_in_text(cli: Run) -> None:
+    """`reset --seed 1 --json` said {"version": 1}, without the seed the text names, and
+    `fill 0.1 conv1.weight --json` neither the value nor the names (found by a review of
+    the CLI as a researcher uses it, from its --help)."""
+    assert cli("reset", "--seed", "1", "--json").json() == {"version": 1, "seed": 1}
+    assert cli("reset", "--json").json() == {"version": 2, "seed": None}  # unseeded
+    filled = cli("fill", "0.1", "conv1.weight", "--json").json()
+    assert filled == {"version": 3, "value": 0.1, "names": ["conv1.weight"]}
+    assert cli("fill", "0.5", "--json").json() == {"version": 4, "value": 0.5, "names": []}
+
+
 @pytest.mark.parametrize(
     "argv", [["list"], ["forward"], ["get", "conv1.weight"]], ids=lambda a: a[0]
 )

@@ -90,7 +90,9 @@ def _describe_optimizer(config: OptimizerConfig, *, brief: bool = False) -> str:
 def cmd_reset(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     version = client.reset(args.seed)
     seeded = "unseeded" if args.seed is None else f"seed {args.seed}"
-    emit(out, args, {"version": version}, f"model re-initialised, {seeded} (version {version})")
+    # The JSON says what the text says: the seed too (found by a review of the CLI).
+    said = {"version": version, "seed": args.seed}
+    emit(out, args, said, f"model re-initialised, {seeded} (version {version})")
 
 
 #: A checkpoint's file's suffix, which its name leaves out.
@@ -143,7 +145,7 @@ def cmd_load(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     emit(
         out,
         args,
-        {"version": loaded.version, "saved_version": loaded.saved_version},
+        {"name": name, "version": loaded.version, "saved_version": loaded.saved_version},
         f"loaded checkpoint {name!r}, saved at version {loaded.saved_version} "
         f"(version {loaded.version})",
     )

@@ -471,4 +471,6 @@ def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         )
     version = client.fill_parameters(args.value, args.names)
     which = ", ".join(args.names) if args.names else "every parameter"
-    emit(out, args, {"version": version}, f"{which} filled with {args.value} (version {version})")
+    # The JSON says what the text says: the value and names too ([]: every parameter).
+    said = {"version": version, "value": args.value, "names": args.names}
+    emit(out, args, said, f"{which} filled with {args.value} (version {version})")
