@@ -133,19 +133,27 @@ def test_forward_s_seed_refusal_gives_an_input_of_the_served_model(
         assert followed.code == 0, followed.err
 
 
+DEFAULT_TARGETS = "the default targets are class 1 (ones for an mse model)"
+
+
 @pytest.mark.parametrize(
-    "sources",
+    ("sources", "said"),
     [
-        [],
-        ["--input", "ones:2,3,10,10"],
-        ["--input", "full:0.5:2,3,10,10", "--targets", "zeros:2:int64"],
-        ["--input", "normal.npy"],  # a file's name, not a normal source
-        ["--input", "normal:8.npy"],  # a file's name too, whatever comes before its suffix
-        ["--no-targets"],
+        ([], f"the default input is ones, {DEFAULT_TARGETS}"),
+        (["--input", "ones:2,3,10,10"], f"the input is ones:2,3,10,10, {DEFAULT_TARGETS}"),
+        (
+            ["--input", "full:0.5:2,3,10,10", "--targets", "zeros:2:int64"],
+            "the input is full:0.5:2,3,10,10, the targets are zeros:2:int64",
+        ),
+        # A file's name, not a normal source, whatever comes before its suffix: said as
+        # given, where "the default input is ones" was said of it too (a review of the CLI).
+        (["--input", "normal.npy"], f"the input is normal.npy, {DEFAULT_TARGETS}"),
+        (["--input", "normal:8.npy"], f"the input is normal:8.npy, {DEFAULT_TARGETS}"),
+        (["--no-targets"], "the default input is ones, no targets"),
     ],
 )
 def test_forward_refuses_a_seed_no_source_draws_with(
-    cli: Run, client: gradwire.Client, sources: list[str]
+    cli: Run, client: gradwire.Client, sources: list[str], said: str
 ) -> None:
     """`forward --seed 3` with the default input ran, the seed doing nothing, where `replay
     --seed` without --init random is refused (found by a review of the CLI as a
@@ -154,8 +162,8 @@ def test_forward_refuses_a_seed_no_source_draws_with(
     assert result.code == 2, result.err
     assert result.err == (
         "gradwire forward: error: --seed seeds uniform, normal and randint sources, and this "
-        "forward has none (the default input is ones, the default targets class 1): give "
-        "one, such as --input uniform:8,3,10,10, or leave --seed out\n"
+        f"forward has none ({said}): give one, such as --input uniform:8,3,10,10, or leave "
+        "--seed out\n"
     )
     assert client.list_tensors().version == 0
     # One random source is enough: the seed is its.

@@ -54,10 +54,20 @@ def _forward_data(args: argparse.Namespace, client: Client) -> tuple[Any, Any]:
     if args.seed is not None and not any(random_source(s) for s in sources if s is not None):
         # Dropped without a word, where replay refuses --seed without --init random (found
         # by a review of the CLI as a researcher).
+        # What this forward sends, said as given: "the default input is ones" was said of
+        # an --input t.npy too (found by a review of the CLI as a researcher, its --help).
+        given = [
+            "the default input is ones" if args.input is None else f"the input is {args.input}",
+            "no targets"
+            if args.no_targets
+            else "the default targets are class 1 (ones for an mse model)"
+            if args.targets is None
+            else f"the targets are {args.targets}",
+        ]
         raise UsageError(
-            "--seed seeds uniform, normal and randint sources, and this forward has none (the "
-            "default input is ones, the default targets class 1): give one, such as --input "
-            f"{_random_input(client)}, or leave --seed out"
+            "--seed seeds uniform, normal and randint sources, and this forward has none "
+            f"({', '.join(given)}): give one, such as --input {_random_input(client)}, or "
+            "leave --seed out"
         )
     seed = 0 if args.seed is None else args.seed
     model = None
