@@ -82,6 +82,20 @@ def test_sessions_opened_with_seed_0_start_from_the_same_weights(
     assert np.array_equal(first, second)
 
 
+def test_a_session_s_id_is_128_random_bits_in_32_hex_digits() -> None:
+    """An id is all a caller needs to act on a session, another's too: it is drawn from
+    `secrets` and long enough that none is guessed (docs/performance-history.md's security
+    review held it so). A shorter draw passed every test."""
+    sessions = Sessions(Trainer(), max_sessions=2)
+    try:
+        ids = [sessions.open(seed=0, settings=None) for _ in range(2)]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
+        assert ids[0] != ids[1]
+    finally:
+        sessions.close_all()
+        sessions.default.close()
+
+
 def test_sessions_train_at_once_on_the_server_s_one_torch_thread(
     client: gradwire.Client, server: Running
 ) -> None:
@@ -596,6 +610,9 @@ def test_no_session_opens_once_the_sessions_are_closed(monkeypatch: pytest.Monke
         built[0].step()  # the one built meanwhile was closed
     with pytest.raises(errors_module.Stopping):
         sessions.open(seed=0, settings=None)  # and none after
+    # Refused before its model is built: a stop's OpenSessions each built one (a large
+    # model's memory and seconds, at the stop) only to close it.
+    assert len(built) == 1
     default.close()
 
 
