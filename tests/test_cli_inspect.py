@@ -722,36 +722,24 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
     assert said[1:] == ["the server is back, at version 0: watching again"], said
 
 
-def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it() -> None:
+@pytest.mark.parametrize("in_a_session", [False, True], ids=["default", "session"])
+def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it(
+    in_a_session: bool,
+) -> None:
     """A graceful stop's own words ("watch again once it is back") said nothing of
     --reconnect, which does that by itself (found by a review of watching training
-    remotely): said as the hint."""
-    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
-    try:
-        watch = _Watching("watch", "loss", "--target", f"127.0.0.1:{server.port}", "--json")
-        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
-        server.stop(grace=5.0)
-        assert watch.join() == 1
-    finally:
-        server.stop(grace=None)
-    said = watch.err.getvalue().splitlines()
-    assert said[0].startswith("error: UNAVAILABLE: the server is stopping"), said
-    assert said[1:] == [
-        "hint: gradwire watch --reconnect watches again by itself once the server is back"
-    ], said
-
-
-def test_a_session_s_watch_its_server_stopped_under_names_the_session_in_its_hint() -> None:
-    """`gradwire watch ... --session ID` ended by a stop was told "gradwire watch --reconnect
-    watches again by itself": so copied, it watched the default session, another user's
-    model, as if it were the session's (found by a review of two researchers sharing one
-    server). The session is named, and that a restart closes it."""
+    remotely): said as the hint. A session's watch (`--session ID`) was told the same, and
+    so copied watched the default session, another user's model, as if it were the
+    session's (a review of two researchers sharing one server): the session is named, and
+    that a restart closes it."""
     server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
     try:
         target = f"127.0.0.1:{server.port}"
-        with gradwire.connect(target) as client:
-            session = client.open_session().detach()
-        watch = _Watching("watch", "loss", "--target", target, "--session", session, "--json")
+        on: list[str] = []
+        if in_a_session:
+            with gradwire.connect(target) as client:
+                on = ["--session", client.open_session().detach()]
+        watch = _Watching("watch", "loss", "--target", target, *on, "--json")
         watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
         server.stop(grace=5.0)
         assert watch.join() == 1
@@ -759,9 +747,10 @@ def test_a_session_s_watch_its_server_stopped_under_names_the_session_in_its_hin
         server.stop(grace=None)
     said = watch.err.getvalue().splitlines()
     assert said[0].startswith("error: UNAVAILABLE: the server is stopping"), said
+    kept = ", if it kept the session (a restart closes it: open another)" if on else ""
     assert said[1:] == [
-        f"hint: gradwire watch --session {session} --reconnect watches again by itself once "
-        "the server is back, if it kept the session (a restart closes it: open another)"
+        f"hint: gradwire watch{''.join(' ' + word for word in on)} --reconnect watches again "
+        f"by itself once the server is back{kept}"
     ], said
 
 
