@@ -307,6 +307,58 @@ def test_a_stop_lets_the_reflection_service_s_threads_go(trainer: Trainer) -> No
     eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
 
 
+def test_a_stop_closes_the_sessions_left_open_and_lets_their_expiry_thread_go(
+    trainer: Trainer,
+) -> None:
+    """Sessions still open at the stop are closed with it (said in the log: their state goes
+    with them), and the thread that closes idle ones ends: a server stopped left it behind,
+    for the life of the process, holding every session's model."""
+    before = set(threading.enumerate())
+    running = start(trainer, "127.0.0.1", 0)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        pb_grpc.TrainerStub(channel).OpenSession(pb.OpenSessionRequest(), timeout=30)
+    sessions = running.servicer.sessions
+    assert sessions.open_count == 1
+    threads = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("gradwire-sessions")
+    ]
+    assert threads  # the server's expiry thread
+    running.stop(grace=None)
+    assert sessions.open_count == 0
+    eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
+
+
+def test_a_stopped_server_s_trainer_takes_no_more_calls(trainer: Trainer) -> None:
+    """The stop closes the trainer once the calls handed to its torch thread are done (the
+    save after them): a call on it then, from code that kept it, is refused, not run on a
+    model whose server has gone."""
+    from gradwire_server.torch_thread import Closed
+
+    running = start(trainer, "127.0.0.1", 0)
+    running.stop(grace=None)
+    with pytest.raises(Closed, match="this trainer was closed"):
+        trainer.forward(torch.ones(1, 3, 10, 10))
+
+
+def test_a_stop_lets_the_health_service_s_threads_go(trainer: Trainer) -> None:
+    """Health Watches run on a pool of the health service's own, as reflection streams do:
+    a server stopped must not leave its threads behind for the life of the process."""
+    before = set(threading.enumerate())
+    running = start(trainer, "127.0.0.1", 0)
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+    threads = [
+        t for t in set(threading.enumerate()) - before if t.name.startswith("gradwire-health")
+    ]
+    assert threads  # the watch ran on one
+    running.stop(grace=None)
+    eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
+
+
 def test_a_stop_ends_reflection_streams_at_once(trainer: Trainer) -> None:
     # A tool left connected (grpcurl in a loop, an IDE) held every stop for the whole grace
     # period.
@@ -811,6 +863,61 @@ def test_a_stop_whose_grace_thread_could_not_start_still_waits_for_the_call_in_p
 
     assert _stop_during_held_forward(running, threading.Thread(target=held, daemon=True)) < 10
     assert getattr(answers.get("held"), "version", None) == 1
+
+
+def _end_the_serving_thread(running: Running) -> None:
+    """Ends gRPC's real serving thread as a MemoryError in its own code would (test_oom.py
+    does it so, under a cap): the exception is raised there as it next wakes (once a second
+    at most, gRPC's poll timeout), and the thread ends with it."""
+    import ctypes
+
+    assert running.serving is not None and running.serving.thread is not None
+    thread = running.serving.thread
+    assert thread.ident is not None
+    raised = ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(MemoryError)
+    )
+    assert raised == 1
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_a_serving_thread_that_ends_during_the_grace_period_ends_the_stop_once(
+    gated_server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """gRPC's serving thread ended while the stop waited out the grace period for a call in
+    progress: gRPC's own stop is finished by that thread, so the stop goes on without it,
+    once, and saves; waiting on gRPC's, it waited for ever."""
+    running = gated_server
+
+    def held() -> None:
+        with contextlib.suppress(errors.GradwireError):  # its answer may never be sent
+            gradwire.connect(f"127.0.0.1:{running.port}", timeout=30).forward(Fill.ones(1, 2))
+
+    holder = threading.Thread(target=held, daemon=True)
+    with caplog.at_level(logging.INFO, logger="gradwire_server"):
+        from tests.test_concurrency import Gate
+
+        holder.start()
+        assert Gate.entered.wait(timeout=60)
+        stopper = threading.Thread(target=running.stop, kwargs={"grace": 60}, daemon=True)
+        started = time.monotonic()
+        stopper.start()
+        eventually(running.servicer.stopping.is_set)
+        _end_the_serving_thread(running)
+        Gate.release.set()
+        stopper.join(timeout=30)
+        assert not stopper.is_alive(), "the stop waited on gRPC's, whose thread had ended"
+        assert time.monotonic() - started < 30  # well inside the grace period
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        "gRPC's serving thread ended (MemoryError): this server answers no call again, health "
+        "checks neither; restart it"  # no on_serving_lost: nothing here stops it
+    ) in said, said
+    assert (
+        said.count("stopping without gRPC's serving thread: calls in progress are not waited for")
+        == 1
+    ), said
 
 
 # --- found by a review of the server as an operator runs it ---------------------------------
