@@ -35,6 +35,7 @@ from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
 from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.fill import Fill
+from gradwire.limits import ServerConnections
 from gradwire_server import serving as serving_watch
 from gradwire_server.app import DEFAULT_MAX_CONCURRENT, SERVICE_NAME, Running, start
 from gradwire_server.errors import InvalidInput
@@ -433,8 +434,30 @@ def test_a_second_server_cannot_take_the_same_port(
     with pytest.raises(OSError, match=f"port {server.port} is in use") as refused:
         start(trainer, "127.0.0.1", server.port)
     assert refused.value.errno == errno.EADDRINUSE
+    assert str(refused.value) == (
+        f"cannot listen on 127.0.0.1:{server.port}: port {server.port} is in use (another "
+        "server on it?); choose another --port (0 picks a free one)"
+    )
     # Found before gRPC tries: gRPC would log a line of its own on stderr first.
     assert "add port" not in capfd.readouterr().err.lower()
+
+
+def test_start_takes_its_limits_over_the_range_get_server_info_reports(trainer: Trainer) -> None:
+    """GetServerInfo reports both limits as uint32: at least one call at a time, and from no
+    sessions (0) up; a value outside is refused before anything is bound."""
+    from gradwire.limits import MAX_COUNT
+
+    for limits, said in [
+        ({"max_concurrent": 0}, f"max_concurrent must be from 1 to {MAX_COUNT}, got 0"),
+        ({"max_sessions": -1}, f"max_sessions must be from 0 to {MAX_COUNT}, got -1"),
+        ({"max_sessions": MAX_COUNT + 1}, f"max_sessions must be from 0 to {MAX_COUNT}, got"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            start(trainer, "127.0.0.1", 0, **limits)
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=1, max_sessions=MAX_COUNT)
+    running.stop(grace=None)
+    running = start(Trainer(device="cpu", seed=0), "127.0.0.1", 0, max_sessions=0)
+    running.stop(grace=None)
 
 
 def test_a_server_s_port_cannot_be_shared_by_a_socket_that_asks_to_share_it(
@@ -450,6 +473,30 @@ def test_a_server_s_port_cannot_be_shared_by_a_socket_that_asks_to_share_it(
         sharer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sharer.bind(("127.0.0.1", server.port))
     assert refused.value.errno == errno.EADDRINUSE
+
+
+def test_a_server_restarted_on_its_port_takes_it_while_old_connections_linger(
+    trainer: Trainer,
+) -> None:
+    """A connection the server closed itself (past its limit on connections, an idle one,
+    those open at its stop) leaves the port's side of it in TIME_WAIT for a minute: gRPC
+    binds past it (SO_REUSEADDR), and so must the check made before it, or a restart on the
+    same port was refused "in use (another server on it?)" though none listened."""
+    running = start(trainer, "127.0.0.1", 0, connections=ServerConnections(max_connections=1))
+    port = running.port
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as kept:
+            kept.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            assert kept.recv(65536)  # the server's settings: the one connection it keeps
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as past:
+                assert past.recv(65536) == b""  # closed by the server, the first to close
+    finally:
+        running.stop(grace=None)
+    again = start(Trainer(device="cpu", seed=0), "127.0.0.1", port)
+    try:
+        assert again.port == port
+    finally:
+        again.stop(grace=None)
 
 
 @pytest.mark.parametrize("port", [50123, 0])
@@ -1415,6 +1462,8 @@ def test_a_host_that_resolves_to_nothing_is_named(
     with pytest.raises(OSError, match=re.escape(f"the host name {host!r} resolves to no address")):
         start(trainer, host, port)  # .invalid: never resolves (RFC 2606)
     assert "add port" not in capfd.readouterr().err.lower()
+    with pytest.raises(OSError, match=r"\); check --host$"):  # and what to do
+        start(trainer, host, port)
 
 
 def test_serve_on_a_host_it_cannot_bind_exits_1_saying_why() -> None:
