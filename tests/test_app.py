@@ -1030,6 +1030,26 @@ def test_a_state_dir_the_stop_could_not_save_into_is_refused_at_start(
     assert "listening on" not in out.stderr
 
 
+def test_a_file_where_the_state_dir_s_saving_folder_goes_is_refused_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """Its refusal says to remove it, or to choose another folder: not to choose one this
+    user can write to, which this one is."""
+    from gradwire_server.app import check_state_dir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".saving").write_text("not a folder\n")
+    with pytest.raises(InvalidInput) as refused:
+        check_state_dir(state)
+    assert refused.value.reason == "BAD_STATE_DIR"
+    assert str(refused.value) == (
+        f"--state-dir {state}: the state could not be saved there (.saving in the state "
+        "directory, where saves write before renaming, is a file, not a folder of its own: "
+        "remove it); or choose another folder"
+    )
+
+
 def test_a_state_dir_whose_saving_folder_takes_no_file_is_refused_at_start(
     tmp_path: Path,
 ) -> None:
@@ -1116,6 +1136,34 @@ def test_the_lock_file_names_this_server_s_process_alone(tmp_path: Path) -> None
     (tmp_path / LOCK_FILE).write_text(f"{os.getpid()}0123456789\n")
     with hold_state_dir(tmp_path):
         assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_file_refused_or_taken_again_leaves_no_file_open(tmp_path: Path) -> None:
+    """A lock file refused (a second name of another file) is closed with the refusal, and
+    the lock on a state dir removed meanwhile is let go as it is taken again in the one
+    made in its place: each left a file open for the life of the process."""
+    from gradwire_server.app import LOCK_FILE, _lock_file, hold_state_dir
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc (Linux)")
+    state, other = tmp_path / "state", tmp_path / "other"
+    state.mkdir()
+    other.write_text("")
+    os.link(other, state / LOCK_FILE)
+    before = open_files()
+    with pytest.raises(InvalidInput, match="a second name of another file"):
+        _lock_file(state)
+    assert open_files() == before
+    (state / LOCK_FILE).unlink()
+    with hold_state_dir(state) as hold:
+        held = open_files()
+        shutil.rmtree(state)
+        cast(Any, hold).keep()  # made again, its lock taken again there
+        assert (state / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        assert open_files() == held
 
 
 def test_a_state_dir_whose_lock_names_no_process_is_said_held_by_another_process(
@@ -1293,6 +1341,48 @@ def test_a_port_file_left_by_a_server_killed_is_removed_at_start(tmp_path: Path)
     check_port_file(port_file)  # none there: nothing to remove, and no refusal
 
 
+@pytest.mark.parametrize("named", ["", "x\n", "0\n", "-1\n", "65536\n", "99999999999999999999\n"])
+def test_a_port_file_that_names_no_port_is_removed_at_start(tmp_path: Path, named: str) -> None:
+    """Anything in a port file but a port something listens on is a dead server's, or no
+    server's: removed, whatever it holds (past 65535, the port check would raise gRPC's
+    OverflowError, not a refusal)."""
+    from gradwire_server.app import check_port_file
+
+    port_file = tmp_path / "port"
+    port_file.write_text(named)
+    check_port_file(port_file)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_port_file_is_judged_on_the_host_the_server_listens_on(tmp_path: Path) -> None:
+    """A port in use somewhere else is not this host's server: one that cannot be bound on
+    the host for another reason (not this machine's address) left the file behind."""
+    from gradwire_server.app import check_port_file
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port_file = tmp_path / "port"
+        port_file.write_text(f"{listening.getsockname()[1]}\n")
+        check_port_file(port_file, "192.0.2.1")  # TEST-NET-1: never a local address
+        assert not port_file.exists()
+
+
+def test_a_port_file_that_cannot_be_written_leaves_nothing_beside_it(tmp_path: Path) -> None:
+    """Written under another name, then renamed into place: a rename that fails (a folder
+    there) leaves no partial file behind, nor does a stop's removal raise on a file that
+    names no port."""
+    from gradwire_server.app import forget_port, write_port_file
+
+    port_file = tmp_path / "port"
+    port_file.mkdir()
+    with pytest.raises(OSError):
+        write_port_file(port_file, 50123)
+    assert [p.name for p in tmp_path.iterdir()] == ["port"]
+    other = tmp_path / "other"
+    other.write_text("not a port\n")
+    forget_port(other, 50123)  # not this server's: left, and nothing raised
+    assert other.read_text() == "not a port\n"
+
+
 def test_a_start_that_fails_leaves_the_port_file_of_the_server_that_listens(
     tmp_path: Path,
 ) -> None:
@@ -1310,6 +1400,24 @@ def test_a_start_that_fails_leaves_the_port_file_of_the_server_that_listens(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     assert not port_file.exists()  # removed by the server that wrote it, at its stop
+
+
+def test_a_start_on_ipv6_leaves_the_port_file_of_the_server_listening_there(
+    tmp_path: Path,
+) -> None:
+    """The port file's port is looked for on the host given (--host ::1), not on IPv4's
+    loopback, where nothing listens: the running server's file was removed by a second
+    start, which then failed on the port in use."""
+    if not _has_ipv6_loopback():
+        pytest.skip("needs IPv6")
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as listening:
+        port = str(listening.getsockname()[1])
+        port_file = tmp_path / "port"
+        port_file.write_text(f"{port}\n")
+        second = _serve_refused("--host", "::1", "--port", port, "--port-file", str(port_file))
+        assert second.returncode == 1, second.stderr
+        assert f"port {port} is in use" in second.stderr
+        assert port_file.read_text() == f"{port}\n"
 
 
 def test_the_stop_removes_the_port_file_only_where_it_names_this_server_s_port(
@@ -1481,6 +1589,7 @@ def test_a_save_that_fails_at_the_stop_is_one_line_and_a_failed_exit(tmp_path: P
         # A fresh folder is said to be one: only a restore was logged (an operator's
         # walkthrough: a fresh volume and a wrong mount read alike).
         assert f"no saved state in {state}: fresh weights" in log, log
+        assert "unfinished checkpoint" not in log, log  # none to remove: nothing said
         with gradwire.connect(f"127.0.0.1:{port_file.read_text().strip()}", timeout=10) as client:
             version = client.fill_parameters(0.1)
         shutil.rmtree(state)  # its lock file in it
@@ -1601,6 +1710,21 @@ def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Pa
     assert not (state / "state.safetensors").exists()
     # Its port is no one's: the file was left naming it (a review of running the server).
     assert not port_file.exists()
+
+
+def test_open_files_already_at_the_hard_limit_are_not_said_to_be_raised() -> None:
+    """Raised only where there is room: a soft limit at the hard one (ulimit -n set so, as
+    a container may start) logged "up to 20,000 ... (was 20,000)", a raise that was none."""
+    from gradwire_server.app import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # raising the soft: allowed
+    try:
+        assert raise_open_files_limit() is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_idle_connections_up_to_the_hard_limit_on_open_files_leave_the_server_serving(
