@@ -1265,6 +1265,30 @@ def test_a_sigterm_as_the_server_starts_stops_it_gracefully(tmp_path: Path) -> N
     assert "saved state version 0" in done.stderr
 
 
+#: `serve` called in a program of its own (as an embedding one would), stopped by a SIGTERM
+#: once ready; then what handles the stop signals.
+_SERVE_THEN_SIGNALS = """
+import os, signal
+from gradwire_server.app import serve
+serve(port=0, device="cpu", keep_freed=False,
+      ready=lambda running: os.kill(os.getpid(), signal.SIGTERM))
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+      signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+def test_serve_gives_the_stop_signals_back_to_their_handlers_once_it_returns() -> None:
+    """Its handlers are for its own stop: left in place after it returned, a program that
+    called it went on with a Ctrl-C or SIGTERM that only logged "received: stopping" and
+    stopped nothing."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_THEN_SIGNALS],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "True True\n", done.stderr
+
+
 def test_serving_on_0_0_0_0_says_it_listens_on_ipv6_too() -> None:
     """gRPC binds 0.0.0.0 on both families, and the log said 0.0.0.0 only: an operator whose
     firewall covers IPv4 left the port open on IPv6 (found by a review of deployment)."""
@@ -1513,6 +1537,24 @@ def test_a_log_level_that_hides_the_start_lines_still_says_the_port_port_0_picke
             process.kill()
             process.wait(timeout=10)
     assert process.returncode == 0 and "picked by" not in log, log
+
+
+def test_a_metrics_port_given_is_not_said_to_be_picked_by_metrics_port_0() -> None:
+    """The warning names the ports 0 picked alone: a metrics port given is the operator's
+    own, and said "picked by --metrics-port 0" it sent them looking for an option not
+    given."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        metrics = probe.getsockname()[1]  # free once closed
+    with serving("--log-level", "warning", "--metrics-port", str(metrics), until="picked by") as (
+        _,
+        log,
+    ):
+        said = next(line for line in log.splitlines() if "picked by" in line)
+        assert re.search(
+            r"listening on port \d+, picked by --port 0; the log level hides the other start "
+            r"lines",
+            said,
+        ), said
 
 
 def test_a_metrics_port_that_is_the_grpc_port_is_refused_as_an_option(tmp_path: Path) -> None:
