@@ -337,7 +337,7 @@ def test_a_stopped_server_s_trainer_takes_no_more_calls(trainer: Trainer) -> Non
 
     running = start(trainer, "127.0.0.1", 0)
     running.stop(grace=None)
-    with pytest.raises(Closed, match="this trainer was closed"):
+    with pytest.raises(Closed, match="model is gone"):
         trainer.forward(torch.ones(1, 3, 10, 10))
 
 
