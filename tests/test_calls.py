@@ -1204,6 +1204,39 @@ def test_closing_a_stream_ends_its_watchdog_at_once(
     eventually(lambda: not watchdog.is_alive(), "the closed stream's watchdog still waits")
 
 
+def test_a_close_cuts_off_a_call_its_wait_did_not_see_end_on_a_channel_given(
+    gated_server: Running,
+) -> None:
+    """close() waits a second for a call in progress on the Calls stream, then cancels the
+    stream. With the channel given (channel=), which close() leaves open, nothing else cuts
+    the call off: left, it held the stream, and its place on the server, until the call
+    ended of itself. Its caller is told the call was cut off by the close."""
+    address = f"127.0.0.1:{gated_server.port}"
+    channel = grpc.insecure_channel(address)
+    try:
+        client = gradwire.Client(address, channel=channel, stream_calls=True, timeout=60)
+        client.retries = 0
+        failed: list[BaseException] = []
+
+        def forward() -> None:
+            try:
+                client.forward(Fill.ones(1, 2))  # held in the model until released
+            except errors.GradwireError as err:
+                failed.append(err)
+
+        held = threading.Thread(target=forward, daemon=True)
+        held.start()
+        assert Gate.entered.wait(timeout=60)
+        client.close()
+        held.join(timeout=10)
+        assert not held.is_alive(), "the call outlived its client's close"
+        assert len(failed) == 1 and isinstance(failed[0], errors.ClientClosed)
+        assert str(failed[0]).startswith("Forward cut off")
+    finally:
+        Gate.release.set()
+        channel.close()
+
+
 def test_the_thread_writing_a_cancelled_streams_requests_ends(
     address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
