@@ -390,6 +390,27 @@ def test_session_limits_are_server_settings(trainer: Trainer) -> None:
         running.stop(grace=None)
 
 
+def test_a_session_is_held_to_the_server_s_element_limit() -> None:
+    """A session's model is built as the server's is: opened on a server started with
+    --max-elements 1000, it refuses a tensor of 1001 elements as the default session does
+    (nothing checked it: a session built with the default limit, 2**28, took tensors of a
+    size the operator had refused)."""
+    from gradwire_server.app import start
+
+    running = start(Trainer(seed=0, max_elements=1000), "127.0.0.1", 0)
+    try:
+        with (
+            gradwire.connect(f"127.0.0.1:{running.port}") as client,
+            client.open_session(seed=0) as session,
+        ):
+            with pytest.raises(errors.ResourceExhausted) as past:
+                session.forward(Fill.ones(2, 3, 10, 10), Fill.ones(1001, dtype="int64"))
+            assert past.value.reason == "TOO_MANY_ELEMENTS"
+            session.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))  # 600: taken
+    finally:
+        running.stop(grace=None)
+
+
 def test_a_server_without_sessions_says_so_rather_than_to_close_one(trainer: Trainer) -> None:
     """With --max-sessions 0 OpenSession said "0 sessions are open, this server's limit;
     close one (CloseSession) or wait: none is idle", and the CLI how to list and close
@@ -603,8 +624,9 @@ def test_no_session_opens_once_the_sessions_are_closed(monkeypatch: pytest.Monke
         return trainer
 
     monkeypatch.setattr(sessions_module, "Trainer", built_as_the_server_stops)
-    with pytest.raises(errors_module.Stopping, match="the server is stopping"):
+    with pytest.raises(errors_module.Stopping, match="the server is stopping") as refused:
         sessions.open(seed=0, settings=None)
+    assert refused.value.reason == "STOPPING"  # UNAVAILABLE: call again once it is back
     assert sessions.open_count == 0
     with pytest.raises(Closed):
         built[0].step()  # the one built meanwhile was closed
@@ -1064,15 +1086,15 @@ def test_a_session_closed_for_want_of_calls_is_logged(
     user found it gone, and the operator could not tell why (found by a review of running
     the server for others)."""
     now = [0.0]
-    sessions = Sessions(trainer, max_sessions=2, idle_s=600.0, clock=lambda: now[0])
-    idle = sessions.open(seed=0, settings=None)
+    sessions = Sessions(trainer, max_sessions=2, idle_s=300.0, clock=lambda: now[0])
+    idle = [sessions.open(seed=0, settings=None), sessions.open(seed=0, settings=None)]
     caplog.set_level(logging.INFO, logger="gradwire_server.sessions")
-    now[0] = 601.0
+    now[0] = 301.0
     assert sessions.describe() == ([], 0)  # found expired, and closed
     said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.sessions"]
-    assert said == [
-        f"closed 1 session(s) after 600 s without calls (--session-idle), their state with "
-        f"them: {idle!r}"
+    assert said == [  # both in one line, their count and the server's idle time said
+        f"closed 2 session(s) after 300 s without calls (--session-idle), their state with "
+        f"them: {idle[0]!r}, {idle[1]!r}"
     ]
     sessions.close_all()
 
@@ -1186,6 +1208,9 @@ def test_sessions_being_opened_are_counted_apart() -> None:
         assert building.wait(60)
         views, opening = sessions.describe()
         assert ([v.session for v in views], opening) == ([ready], 1)
+        # Not open yet: the gauge gradwire_sessions_open, and a stop's "closing the N
+        # session(s) still open", count the one with an id alone.
+        assert sessions.open_count == 1
     finally:
         go.set()
         opener.join(60)
