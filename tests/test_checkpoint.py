@@ -222,11 +222,13 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_is_refused(tmp_path: Pat
     header_end = 8 + int.from_bytes(whole[:8], "little")
     cut = tmp_path / "cut.safetensors"
     # In its header, which then needs its own end (within its last 8 bytes too: that was
-    # "not a safetensors file"); in its tensors, which need the whole.
+    # "not a safetensors file"); in its tensors, which need the whole, at their first byte too
+    # (the header whole, every tensor lost).
     for end, needs in (
         (400, header_end),
         (header_end - 8, header_end),
         (header_end - 1, header_end),
+        (header_end, len(whole)),
         (len(whole) - 4, len(whole)),
     ):
         cut.write_bytes(whole[:end])
@@ -1749,6 +1751,39 @@ def test_a_file_whose_header_is_no_json_is_listed_as_not_a_safetensors_file(
     (tmp_path / "notes.safetensors").write_bytes((5).to_bytes(8, "little") + b"hello")
     [listed] = checkpoint.described(tmp_path, "Simple")
     assert listed.problem == "not a safetensors file"
+
+
+def test_a_file_whose_header_is_json_but_no_safetensors_header_is_not_a_safetensors_file(
+    tmp_path: Path,
+) -> None:
+    """A header of JSON that is no object of tensors (a list; a tensor's data_offsets
+    empty) is told apart from a file cut short by what its header says: it says nothing, and
+    the file is not a safetensors file, not a traceback of the reading of it."""
+    for name, header in [("list", b"[]"), ("offsets", b'{"w": {"data_offsets": []}}')]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(InvalidInput) as refused:
+            Trainer().load(path)
+        assert refused.value.message.startswith(f"cannot load {path}: it is not a safetensors "), (
+            name
+        )
+    problems = {c.name: c.problem for c in checkpoint.described(tmp_path, "Simple")}
+    assert problems == {"list": "not a safetensors file", "offsets": "not a safetensors file"}
+
+
+def test_a_file_of_no_tensors_with_bytes_past_its_header_is_said_longer(tmp_path: Path) -> None:
+    """A header that names no tensor accounts for itself alone: bytes after it are past
+    its tensors, as in a file of tensors, not "not a safetensors file"."""
+    path = tmp_path / "empty.safetensors"
+    save_file({}, str(path), metadata={"format": checkpoint.FORMAT})
+    header = path.read_bytes()
+    path.write_bytes(header + b"appended")
+    with pytest.raises(InvalidInput) as refused:
+        Trainer().load(path)
+    assert refused.value.message.startswith(
+        f"cannot load {path}: it is longer ({len(header) + 8:,} bytes) than the "
+        f"{len(header):,} its safetensors header accounts for"
+    )
 
 
 def test_a_checkpoint_is_deleted_by_name_for_room(
