@@ -662,6 +662,44 @@ def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
     assert line.endswith(f' [request_id="{FORGED}" session="{"s" * 256}"...]'), line
 
 
+def test_json_lines_cut_a_caller_s_long_request_id_and_session(
+    trainer: Trainer,
+) -> None:
+    """A caller without the token chose how long the refusal's JSON line was: its request id
+    and session went in whole, 5,000 characters each here (gRPC lets a call's metadata reach
+    16 KiB), where the text line cut them to 128 and 256. A line over 16 KiB is split in
+    two by Docker's log driver, neither half JSON. Cut as the text line cuts them, '...'
+    after: neither is a request id the server takes (mutations refuse one over 128
+    characters) nor a session's."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CallFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("gradwire_server")
+    logger.addHandler(handler)
+    running = start(trainer, "127.0.0.1", 0, token="s3cret")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            metadata = (("gradwire-request-id", "r" * 5000), ("gradwire-session", "s" * 5000))
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.TrainerStub(channel).ListTensors(
+                    pb.ListTensorsRequest(), timeout=10, metadata=metadata
+                )
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=None)
+        logger.removeHandler(handler)
+    (line,) = [x for x in json_lines(stream) if x["level"] == "WARNING"]
+    assert str(line["message"]).startswith("refused a call without this server's token")
+    assert line["request_id"] == "r" * 128 + "..."
+    assert line["session"] == "s" * 256 + "..."
+    for plain in ("r" * 128, "0123456789abcdef0123456789abcdef"):  # whole at the limit
+        record = logging.LogRecord("gradwire_server", logging.INFO, __file__, 1, "x", (), None)
+        record.request_id = record.session = plain
+        shown = json.loads(JsonFormatter().format(record))
+        assert (shown["request_id"], shown["session"]) == (plain, plain)
+
+
 @pytest.mark.parametrize(
     ("request_id", "shown"),
     [

@@ -83,7 +83,8 @@ def _call_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the call's
-    fields (method, request_id, session, peer) when logged during one."""
+    fields (method, request_id, session, peer) when logged during one, the caller's request
+    id and session cut as TEXT_TAGS says."""
 
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
@@ -94,6 +95,10 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         line.update(_call_fields(record))
+        for name, limit in TEXT_TAGS.items():  # the caller's: cut as a text line cuts them
+            value = line.get(name)
+            if isinstance(value, str) and len(value) > limit:
+                line[name] = value[:limit] + "..."
         for name in ACCESS_FIELDS:
             if hasattr(record, name):
                 line[name] = getattr(record, name)
@@ -105,7 +110,10 @@ class JsonFormatter(logging.Formatter):
 
 
 #: The fields a text line ends with, and the most characters of each it shows: the
-#: server's limit on a request id, and the longest session id a client sends.
+#: server's limit on a request id, and the longest session id a client sends. A JSON line
+#: cuts them there too, '...' after: a caller chose them, and 5,000 characters each made
+#: a refusal's line 10 KB long, past 16 KiB with more (found by a review of the server's
+#: log as an operator's collector reads it).
 TEXT_TAGS = {"request_id": MAX_REQUEST_ID_CHARS, "session": MAX_SESSION_CHARS}
 
 #: A caller's value shown as it came: one word of characters that mean nothing in a line's
