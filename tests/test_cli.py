@@ -840,7 +840,11 @@ def test_fill_every_parameter(cli: Run, client: gradwire.Client) -> None:
 
 def test_fill_named_parameters(cli: Run, client: gradwire.Client) -> None:
     result = cli("fill", "-2", "conv1.weight", "linear.weight", "--json")
-    assert result.json() == {"version": 1}
+    assert result.json() == {
+        "version": 1,
+        "value": -2.0,
+        "names": ["conv1.weight", "linear.weight"],
+    }
     assert np.all(get(client, "conv1.weight") == -2.0)
     assert np.all(get(client, "linear.weight") == -2.0)
     assert np.array_equal(get(client, "conv2.weight"), local_weights("conv2.weight"))
