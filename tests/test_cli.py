@@ -2705,6 +2705,30 @@ def test_serve_s_log_takes_warnings_not_gradwire_s_too_in_its_format() -> None:
     )
 
 
+def test_serve_s_text_log_has_a_warning_not_gradwire_s_on_one_line() -> None:
+    """README: such a warning "is a WARNING line" of logger py.warnings. In text mode it was
+    two, the second the source line that warned (`  warnings.warn(...)`), out of the log's
+    layout, which a collector reads as a line of its own with no time or level (found by a
+    review of the server's log as an operator's collector reads it)."""
+    import signal
+
+    from tests.serve_process import serving
+
+    with serving("--model", "tests.broken_models:WARNS") as (process, log):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert process.stderr is not None
+        log += process.stderr.read()
+    layout = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+    assert all(layout.match(line) for line in log.splitlines()), log
+    (warned,) = [line for line in log.splitlines() if "a warning of the model's own" in line]
+    assert re.search(
+        r" WARNING py\.warnings: \S*broken_models\.py:\d+: UserWarning: a warning of the "
+        r"model's own$",
+        warned,
+    )
+
+
 def test_an_unknown_option_of_a_command_is_refused_with_that_command_s_usage() -> None:
     # argparse refused it with gradwire's usage and name, not the command's, whose options
     # are what a mistaken one is to be read against (a newcomer's walkthrough).

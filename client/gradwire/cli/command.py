@@ -107,7 +107,8 @@ def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
     file and line of gradwire's code that warned, which say nothing to a user of the
     command. `serve`'s go to its log, whose JSON a line of plain text would break, and so do
     other warnings given while it runs (torch's, the model's), with their file and line, as
-    logging.captureWarnings logs them: an nn.TransformerEncoder's, as the model was built,
+    logging.captureWarnings logs them (but for the source line that warned, a line of its
+    own): an nn.TransformerEncoder's, as the model was built,
     put two lines of plain text in a JSON log (a review of running the server, as an
     operator). Other commands show them as Python shows them."""
     with warnings.catch_warnings():
@@ -124,7 +125,9 @@ def warnings_shown(command: str, err: TextIO) -> Iterator[None]:
             if command == "serve" and issubclass(category, GradwireWarning):
                 logging.getLogger("gradwire.cli").warning("%s", message)
             elif command == "serve":
-                said = warnings.formatwarning(message, category, filename, lineno, line)
+                # Without the source line that warned, which Python adds on a line of its
+                # own: in a text log it was a line out of the log's layout, no time, no level.
+                said = warnings.formatwarning(message, category, filename, lineno, "")
                 logging.getLogger("py.warnings").warning("%s", said.rstrip("\n"))
             elif not issubclass(category, GradwireWarning):
                 shown(message, category, filename, lineno, file, line)
