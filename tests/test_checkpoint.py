@@ -2049,6 +2049,23 @@ def test_the_cli_takes_or_says_how_to_give_a_checkpoint_name_beginning_with_a_da
     assert not (state_dir / "-old.safetensors").exists()
 
 
+def test_only_a_name_before_dashes_refused_as_an_option_is_told_to_go_after_them() -> None:
+    """The advice "goes after '--'" is for a checkpoint's name taken for an option: not for
+    an option of the command mistyped (--bogus is no name), a -h asked for, a name already
+    after '--', or a line argparse ended with its help."""
+    for argv in (
+        ["load", "--bogus"],  # an option, refused as argparse refuses it
+        ["load", "--timeout", "soon", "-h"],  # refused for --timeout before -h was read
+        ["load", "--timeout", "soon", "--", "-old"],  # the name is after '--' already
+    ):
+        ran = run_main(*argv)
+        assert ran.code == 2, (argv, ran.err)
+        assert "goes after '--'" not in ran.err, (argv, ran.err)
+    helped = run_main("load", "-old", "-h")  # the help asked for, and nothing refused
+    assert helped.code == 0 and helped.out.startswith("usage: gradwire load")
+    assert helped.err == ""
+
+
 def test_checkpoints_are_not_listed_by_a_server_without_a_state_dir(
     address: str,
 ) -> None:

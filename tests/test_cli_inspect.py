@@ -814,6 +814,34 @@ def test_watch_reconnect_does_not_wait_for_a_server_that_never_answered() -> Non
     assert "no gradwire server answered" in result.err
 
 
+def test_only_a_watch_whose_server_answered_and_went_away_is_told_of_reconnect() -> None:
+    """--reconnect waits for a server that answered and went away: a watch that never
+    reached one (a wrong --target, where --reconnect waits for nothing) is not told of it,
+    nor one that ended otherwise once answered (its session closed by another client),
+    which no waiting mends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    never = run_main("watch", "loss", "--target", f"127.0.0.1:{port}")
+    assert never.code == 1
+    assert "hint: no gradwire server answered" in never.err
+    assert "--reconnect" not in never.err, never.err
+    server = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    try:
+        target = f"127.0.0.1:{server.port}"
+        with gradwire.connect(target) as client:
+            session = client.open_session().detach()
+            watch = _Watching("watch", "loss", "--target", target, "--session", session, "--json")
+            watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+            client.session = session
+            client.close_session()
+            assert watch.join() == 1
+    finally:
+        server.stop(grace=None)
+    assert watch.err.getvalue().startswith("error: "), watch.err.getvalue()
+    assert "--reconnect" not in watch.err.getvalue(), watch.err.getvalue()
+
+
 def test_ctrl_c_while_the_server_is_away_ends_a_reconnecting_watch() -> None:
     """A --reconnect watch waiting for its server (in the wait between two tries) stops at
     Ctrl-C as any watch does: 130, and where it stopped (a review of watching training
