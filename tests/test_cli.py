@@ -642,6 +642,7 @@ def test_set_a_boolean_exits_2(cli: Run) -> None:
             "--classes 20 or fewer",
         ),
         (["replay", "--seed", "5"], "add --init random, or leave --seed out"),
+        (["replay", "--seed", "0"], "add --init random, or leave --seed out"),  # 0 too
     ],
 )
 def test_options_that_would_be_dropped_or_misread_are_refused(
@@ -800,7 +801,8 @@ def test_backward_without_a_loss_or_with_a_stale_graph_gets_the_command_as_a_hin
 
 
 @pytest.mark.parametrize(
-    "value", ["randint:20:8", "full:0.05:8,20:float32", "ones:8,20", "zeros:8:int64", "t.npy"]
+    "value",
+    ["randint:20:8", "full:0.05:8,20:float32", "ones:8,20", "zeros:8:int64", "t.npy", "ones:"],
 )
 def test_forward_target_given_a_source_points_to_targets(value: str) -> None:
     """`gradwire forward --target randint:20:8`, --targets without its s (the tensor is
@@ -810,6 +812,25 @@ def test_forward_target_given_a_source_points_to_targets(value: str) -> None:
     result = run_main("forward", "--target", value)
     assert result.code == 2, result.err
     assert f"--targets {value}" in result.err and "host:port" in result.err
+
+
+def test_forward_target_naming_a_host_called_as_a_source_kind_is_a_target() -> None:
+    """`ones` alone (no ':') is a host's name, as `ones:8` is a host and port: called, not
+    refused as a --targets mistyped."""
+    result = run_main("forward", "--target", "ones", "--timeout", "5")
+    assert result.code == 1, result.err
+    assert "--targets" not in result.err, result.err
+
+
+def test_a_target_from_the_environment_is_not_taken_for_a_mistyped_targets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a --target typed on the command line can be --targets without its s: a
+    $GRADWIRE_TARGET the user did not type here is not told to be --targets."""
+    monkeypatch.setenv("GRADWIRE_TARGET", "randint:20:8")
+    result = run_main("forward")
+    assert "--targets randint:20:8" not in result.err, result.err
+    assert "(the target came from $GRADWIRE_TARGET)" in result.err, result.err
 
 
 def test_fill_of_a_part_points_to_set(cli: Run, client: gradwire.Client) -> None:
@@ -2790,6 +2811,9 @@ def test_replay_embedded_refuses_options_it_would_ignore(
     result = run_main("replay", "--embedded", "--keepalive", "60")
     assert result.code == 2
     assert "in this process: leave out --keepalive, or leave out --embedded" in result.err
+    result = run_main("replay", "--embedded", "--keepalive", "0")  # no pings: given all the same
+    assert result.code == 2
+    assert "in this process: leave out --keepalive, or leave out --embedded" in result.err
     # What the environment sets is no option given: the replay runs.
     monkeypatch.setenv("GRADWIRE_TARGET", "gpu-box:50051")
     monkeypatch.setenv("GRADWIRE_SESSION", "s")
@@ -2873,6 +2897,21 @@ def test_a_bad_target_from_the_environment_is_said_to_come_from_there(
     assert _hint(run_main("list", "--timeout", "5")).endswith(
         "(the target came from $GRADWIRE_TARGET)"
     )
+
+
+def test_a_refusal_not_about_the_target_does_not_name_the_target_s_origin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --token-file that is not there is the option's fault, not $GRADWIRE_TARGET's: where
+    the target came from is said only of what is wrong with the target."""
+    monkeypatch.setenv("GRADWIRE_TARGET", "127.0.0.1:50051")
+    refused = run_main("list", "--token-file", str(tmp_path / "missing"))
+    assert refused.code == 2, refused.err
+    assert "--token-file" in refused.err
+    assert "$GRADWIRE_TARGET" not in refused.err, refused.err
+    given = run_main("list", "--target", "gpu-box:99999")  # a --target given: not the variable's
+    assert given.code == 2 and "from 1 to 65535" in given.err, given.err
+    assert "$GRADWIRE_TARGET" not in given.err, given.err
 
 
 def test_a_hint_about_the_order_of_calls_does_not_name_the_target_s_origin(
@@ -3398,6 +3437,14 @@ def test_serve_s_usage_error_logged_as_json_is_not_said_again_in_plain_text() ->
     argv = ("serve", "--log-format", "json", "--keepalive", "5", "--keepalive-timeout", "0")
     result = run_main(*argv, "--port", "0")
     assert (result.code, result.err) == (2, "")
+
+
+def test_serve_s_help_with_a_json_log_is_the_help_and_no_log_line() -> None:
+    """argparse says nothing on stderr of a --help it prints: no empty log line is made of
+    that nothing (an IndexError, had nothing been said)."""
+    result = run_main("serve", "--log-format", "json", "--help")
+    assert result.code == 0, result.err
+    assert result.out.startswith("usage: gradwire serve") and result.err == ""
 
 
 @pytest.mark.parametrize(
