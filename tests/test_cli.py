@@ -1542,9 +1542,10 @@ def test_reset_and_fill_say_in_json_what_they_say_in_text(cli: Run) -> None:
     the CLI as a researcher uses it, from its --help)."""
     assert cli("reset", "--seed", "1", "--json").json() == {"version": 1, "seed": 1}
     assert cli("reset", "--json").json() == {"version": 2, "seed": None}  # unseeded
+    assert cli("reset", "--seed", "0", "--json").json()["seed"] == 0  # a seed, not none
     filled = cli("fill", "0.1", "conv1.weight", "--json").json()
-    assert filled == {"version": 3, "value": 0.1, "names": ["conv1.weight"]}
-    assert cli("fill", "0.5", "--json").json() == {"version": 4, "value": 0.5, "names": []}
+    assert filled == {"version": 4, "value": 0.1, "names": ["conv1.weight"]}
+    assert cli("fill", "0.5", "--json").json() == {"version": 5, "value": 0.5, "names": []}
 
 
 @pytest.mark.parametrize(
