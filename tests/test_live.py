@@ -3,6 +3,7 @@ then every run still of the read's version."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,6 +139,42 @@ def test_a_mutation_first_copies_what_a_read_has_not_sent(
     assert memory.given_back == 1
 
 
+class MarkedMemory(CountedMemory):
+    """Spare memory whose blocks come filled with NaN, so that what a copy wrote into one
+    shows: the blocks handed out are in `blocks`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks: list[torch.Tensor] = []
+
+    def take(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        block = super().take(shape, dtype, device).fill_(math.nan)
+        self.blocks.append(block)
+        return block
+
+
+def test_a_mutation_copies_only_the_rest_a_read_has_not_sent(trainer: Trainer) -> None:
+    """The step that interrupts a read pays for the copy of what is left to send, not of
+    the whole selection: the values already sent are not copied again, though the block
+    is of the whole selection's size."""
+    trained(trainer)
+    before = trainer.parameters[LINEAR].detach().clone().reshape(-1)
+    memory = MarkedMemory()
+    _, read = trainer.stream_read(LINEAR, (), memory)
+    assert read is not None
+    sent = runs(read, 1000)
+    for _ in range(3):  # three runs sent
+        next(sent)
+    trainer.fill_parameters(7.0)
+    (block,) = memory.blocks
+    copied = block.reshape(-1)
+    assert torch.isnan(copied[:3000]).all()  # sent: not copied
+    assert torch.equal(copied[3000:], before[3000:])
+    read.close()
+
+
 def test_a_mutation_copies_the_last_value_a_read_has_not_sent(trainer: Trainer) -> None:
     """One value left to send is a rest to copy like any other: left live, the read
     had neither the live tensor nor a copy to send it from."""
@@ -227,6 +264,41 @@ def test_a_read_fully_sent_needs_no_copy_when_a_mutation_follows(trainer: Traine
     trainer.fill_parameters(7.0)  # before the stream's end was seen
     assert memory.taken == 0
     read.close()
+
+
+class LandsFirst:
+    """The trainer's lock, with a mutation that lands while a run waits for it: the
+    mutation (detaching every read, then changing `values`) takes the lock first, once."""
+
+    def __init__(self, reads: LiveReads, values: torch.Tensor) -> None:
+        self._lock = threading.RLock()
+        self._reads, self._values = reads, values
+        self.landed = False
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if not self.landed:
+            self.landed = True
+            self._reads.detach_all()
+            self._values.fill_(7.0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_run_that_waited_for_the_lock_behind_a_mutation_comes_from_the_copy() -> None:
+    """A run looks whether its read is still live before it takes the lock, and again
+    under it: a mutation can detach the read in between, and the run is then sent from
+    the copy, of the read's version."""
+    values = torch.arange(5000, dtype=torch.float32)
+    before = values.clone()
+    reads = LiveReads()
+    lock = LandsFirst(reads, values)
+    memory = CountedMemory()
+    read = StreamedRead(values, lock, memory, reads)
+    assert torch.equal(read_all(read, 1000), before)
+    assert lock.landed and memory.taken == memory.given_back == 1
+    assert torch.all(values == 7.0)
 
 
 def test_reads_of_every_dtype_come_out_exactly() -> None:
