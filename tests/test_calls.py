@@ -1171,6 +1171,26 @@ def test_unimplemented_after_an_answer_is_the_calls_error_not_a_server_without_c
         assert not client._no_calls
 
 
+def test_unimplemented_answering_the_first_call_is_its_error_not_a_server_without_calls() -> None:
+    """A server with the Calls RPC that answers the stream's first call UNIMPLEMENTED in
+    its answer (a server in another language, lacking that call): the stream was not
+    refused, it answered. The call fails with its answer's status, the server is still
+    one with Calls, and the call is not made again as a call of its own."""
+    status = status_pb2.Status(code=grpc.StatusCode.UNIMPLEMENTED.value[0], message="no ZeroGrad")
+
+    def serve(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for _ in requests:
+            yield pb.CallResponse(error=status.SerializeToString()).SerializeToString()
+
+    handler = calls_only(serve)
+    with bare_server(handler) as address, streaming(address, timeout=30) as client:
+        client.retries = 0
+        with pytest.raises(errors.Unimplemented, match="no ZeroGrad"):
+            client.zero_grad()  # made as a call of its own, it would fail AssertionError
+        assert not client._no_calls
+        assert client._calls is not None and client._calls.usable  # the stream goes on
+
+
 def test_an_idle_watchdog_ends_and_the_next_deadline_starts_another(
     gated_server: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
