@@ -632,6 +632,33 @@ def test_text_lines_end_with_the_request_id() -> None:
 FORGED = "x] 2026-12-05 10:00:00,000 CRITICAL gradwire_server: state dir deleted [request_id=y"
 
 
+def _refused_without_the_token(
+    trainer: Trainer, formatter: logging.Formatter, metadata: tuple[tuple[str, str], ...]
+) -> str:
+    """What the server's log says, in `formatter`'s lines, of a ListTensors sent without the
+    token and with `metadata` (a caller's request id and session, chosen by it)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(CallFilter())
+    handler.setFormatter(formatter)
+    logger = logging.getLogger("gradwire_server")
+    logger.addHandler(handler)
+    running = start(trainer, "127.0.0.1", 0, token="s3cret")
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            pb_grpc.TrainerStub(channel).ListTensors(
+                pb.ListTensorsRequest(), timeout=10, metadata=metadata
+            )
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(grace=None)
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
 def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
     trainer: Trainer,
 ) -> None:
@@ -639,25 +666,9 @@ def test_a_caller_s_request_id_and_session_cannot_pass_for_the_log_s_layout(
     id and session were shown as sent, so one holding "] ... CRITICAL ..." forged a line of
     the server's (a security review, sixty-second session). They are quoted now, escaped
     and cut, on a line of their own."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(CallFilter())
-    handler.setFormatter(TextFormatter())
-    logger = logging.getLogger("gradwire_server")
-    logger.addHandler(handler)
-    running = start(trainer, "127.0.0.1", 0, token="s3cret")
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            metadata = (("gradwire-request-id", FORGED), ("gradwire-session", "s" * 300))
-            with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.TrainerStub(channel).ListTensors(
-                    pb.ListTensorsRequest(), timeout=10, metadata=metadata
-                )
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        running.stop(grace=None)
-        logger.removeHandler(handler)
-    (line,) = [x for x in stream.getvalue().splitlines() if " WARNING " in x]
+    metadata = (("gradwire-request-id", FORGED), ("gradwire-session", "s" * 300))
+    said = _refused_without_the_token(trainer, TextFormatter(), metadata)
+    (line,) = [x for x in said.splitlines() if " WARNING " in x]
     assert " WARNING gradwire_server.auth: refused a call without this server's token" in line
     assert line.endswith(f' [request_id="{FORGED}" session="{"s" * 256}"...]'), line
 
@@ -673,25 +684,9 @@ def test_json_lines_cut_a_caller_s_long_request_id_and_session(
     the server takes (mutations refuse one over 128 characters) nor a session's. 3,000
     each here, under the 8 KiB gRPC always takes: 5,000 each was refused RESOURCE_EXHAUSTED
     in some runs, before the token was looked at."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(CallFilter())
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("gradwire_server")
-    logger.addHandler(handler)
-    running = start(trainer, "127.0.0.1", 0, token="s3cret")
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            metadata = (("gradwire-request-id", "r" * 3000), ("gradwire-session", "s" * 3000))
-            with pytest.raises(grpc.RpcError) as info:
-                pb_grpc.TrainerStub(channel).ListTensors(
-                    pb.ListTensorsRequest(), timeout=10, metadata=metadata
-                )
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        running.stop(grace=None)
-        logger.removeHandler(handler)
-    (line,) = [x for x in json_lines(stream) if x["level"] == "WARNING"]
+    metadata = (("gradwire-request-id", "r" * 3000), ("gradwire-session", "s" * 3000))
+    said = _refused_without_the_token(trainer, JsonFormatter(), metadata)
+    (line,) = [x for x in json_lines(io.StringIO(said)) if x["level"] == "WARNING"]
     assert str(line["message"]).startswith("refused a call without this server's token")
     assert line["request_id"] == "r" * 128 + "..."
     assert line["session"] == "s" * 256 + "..."
