@@ -212,6 +212,20 @@ def random_source(text: str) -> bool:
     return not text.endswith(".npy") and text.split(":")[0] in ("uniform", "normal", "randint")
 
 
+#: The kinds of source parse_source reads.
+_SOURCE_KINDS = ("ones", "zeros", "full", "uniform", "normal", "randint")
+
+
+def names_a_source(text: str) -> bool:
+    """Whether `text` (given as --target) is a source as parse_source reads it, and no
+    host:port: a .npy file, or a kind with a shape of more than one dimension, a second part
+    or a :DTYPE (`ones:8` and `ones`, a host named ones, stay targets)."""
+    kind, colon, rest = text.partition(":")
+    return text.endswith(".npy") or (
+        kind in _SOURCE_KINDS and bool(colon) and (":" in rest or "," in rest or not rest)
+    )
+
+
 #: The first bytes of every .npy file (numpy.save writes them; numpy.lib.format).
 _NPY_MAGIC = b"\x93NUMPY"
 

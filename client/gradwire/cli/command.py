@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             hint = _COMMAND_HINTS.get(e.reason)
             about_the_server = hint is None
             if hint is not None:
-                hint = hint.format(on=session_option(args))
+                hint = hint.format(on=session_option(args.session))
         if (
             hint is None
             and e.reason == "BAD_TOKEN"
@@ -256,7 +256,7 @@ def _or_reconnect(args: argparse.Namespace, error: RemoteError, hint: str | None
     and says that a restart closes it (a review of two researchers sharing one server)."""
     if not isinstance(error, Unavailable):
         return hint
-    on = session_option(args)
+    on = session_option(args.session)
     reconnect = f"gradwire watch{on} --reconnect watches again by itself once the server is back"
     if on:
         reconnect += ", if it kept the session (a restart closes it: open another)"

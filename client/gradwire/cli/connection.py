@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from gradwire.cli.arguments import names_a_source
 from gradwire.cli.errors import UsageError
 from gradwire.client import Client, check_session
 from gradwire.credentials import load_token, read_optional
@@ -36,7 +37,7 @@ def connect(args: argparse.Namespace) -> Client:
             f"{given} without {missing}: mutual TLS needs the client's certificate "
             "(--tls-cert) and its private key (--tls-key); give both, or neither"
         )
-    if args.command == "forward" and "target" in args.given and _a_source(args.target):
+    if args.command == "forward" and "target" in args.given and names_a_source(args.target):
         # --targets without its s (the tensor is named `target`) went to gRPC's resolver as
         # a host: UNAVAILABLE, exit 1, a hint to check the host name (found by a review of
         # the CLI as a researcher, from its --help).
@@ -65,20 +66,6 @@ def connect(args: argparse.Namespace) -> Client:
         if getattr(args, "session_from_environment", False) and "session" in said:
             said += f" (the session came from ${SESSION_ENV})"
         raise UsageError(said) from None
-
-
-#: The kinds of source --input and --targets take (arguments.parse_source).
-_SOURCE_KINDS = ("ones", "zeros", "full", "uniform", "normal", "randint")
-
-
-def _a_source(target: str) -> bool:
-    """Whether a --target is a source as --targets takes it, and no host:port: a .npy file,
-    or a kind with a shape of more than one dimension, a second part or a :DTYPE
-    (`ones:8` and `ones`, a host named ones, stay targets)."""
-    kind, colon, rest = target.partition(":")
-    return target.endswith(".npy") or (
-        kind in _SOURCE_KINDS and bool(colon) and (":" in rest or "," in rest or not rest)
-    )
 
 
 def _unreachable(error: RemoteError) -> bool:
@@ -269,12 +256,12 @@ def from_environment(args: argparse.Namespace) -> None:
         args.session = session or None
 
 
-def session_option(args: argparse.Namespace) -> str:
-    """` --session ID` for the session a command acted on (given, or from $GRADWIRE_SESSION),
-    to put in the commands a message tells its user to run next; "" on the default session.
-    Without it, those commands acted on the default session, another user's perhaps (a
-    review of two researchers sharing one server)."""
-    session = getattr(args, "session", None)
+def session_option(session: str | None) -> str:
+    """` --session ID` for the session a command acted on (given, or from $GRADWIRE_SESSION:
+    its args.session, its client's .session), to put in the commands a message tells its
+    user to run next; "" on the default session. Without it, those commands acted on the
+    default session, another user's perhaps (a review of two researchers sharing one
+    server)."""
     return f" --session {session}" if session else ""
 
 

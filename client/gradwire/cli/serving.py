@@ -93,8 +93,9 @@ def cmd_replay(args: argparse.Namespace, client: Client | None, out: TextIO) -> 
     # Each would be ignored: the replay runs against a server of its own, in this process,
     # which cannot vanish beneath it as --keepalive's pings are there to notice (it was
     # dropped without a word: a review of the tutorial's replay).
-    given = [*args.given, *(["keepalive"] if args.keepalive is not None else [])]
-    ignored = [name for name in (*COMMON, "keepalive") if name in given]
+    ignored = [name for name in COMMON if name in args.given]
+    if args.keepalive is not None:  # not in args.given: it is no COMMON option
+        ignored.append("keepalive")
     if ignored:
         options = ", ".join("--" + name.replace("_", "-") for name in ignored)
         raise UsageError(

@@ -476,7 +476,7 @@ def cmd_fill(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     if indexed is not None:  # the server's answer, "no tensor named", did not say why
         raise UsageError(
             f"fill takes whole parameters, and {indexed!r} is a part of one: write a part "
-            f"with set, as in: gradwire set{session_option(args)} {shlex.quote(indexed)} "
+            f"with set, as in: gradwire set{session_option(args.session)} {shlex.quote(indexed)} "
             f"{args.value}"
         )
     version = client.fill_parameters(args.value, args.names)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from gradwire import rewatch
+from gradwire.cli.connection import session_option
 from gradwire.cli.errors import Interrupted, UsageError
 from gradwire.cli.output import Output, emit, json_line, jsonable
 from gradwire.cli.tensors import model_input, stats_json
@@ -266,7 +267,7 @@ def _divergence_hint(
     the version having moved since)."""
     # The run's session, named in the commands: without it, copied, they reset and slowed
     # the default session, another user's model (a review of two researchers at once).
-    on = f" --session {client.session}" if client.session is not None else ""
+    on = session_option(client.session)
     lower = f"gradwire optimizer{on} --lr ... with a smaller learning rate"
     with contextlib.suppress(GradwireError):  # the hint is extra: never fail over it
         opt = client.list_tensors().optimizer
