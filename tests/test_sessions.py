@@ -1091,11 +1091,15 @@ def test_a_session_closed_for_want_of_calls_is_logged(
     caplog.set_level(logging.INFO, logger="gradwire_server.sessions")
     now[0] = 301.0
     assert sessions.describe() == ([], 0)  # found expired, and closed
-    said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.sessions"]
-    assert said == [  # both in one line, their count and the server's idle time said
-        f"closed 2 session(s) after 300 s without calls (--session-idle), their state with "
-        f"them: {idle[0]!r}, {idle[1]!r}"
+    said = [r for r in caplog.records if r.name == "gradwire_server.sessions"]
+    assert [r.getMessage() for r in said] == [  # one line each, the server's idle time said
+        f"closed session {s!r} after 300 s without calls (--session-idle), its model and "
+        "optimizer state with it"
+        for s in idle
     ]
+    # Each line's `session` field is the one closed: a JSON log filtered on a session's id
+    # showed its calls and then nothing, both ids being in one line's message.
+    assert [getattr(r, "session", None) for r in said] == idle
     sessions.close_all()
 
 
@@ -1389,9 +1393,12 @@ def test_a_session_expired_is_logged_as_no_other_call_s_doing() -> None:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    closed = [r for r in said if r.getMessage().startswith("closed 1 session(s)")]
+    closed = [r for r in said if r.getMessage().startswith("closed session")]
     assert len(closed) == 1 and repr(idle) in closed[0].getMessage()
-    assert not [f for f in logs.CALL_FIELDS if hasattr(closed[0], f)], vars(closed[0])
+    # Its own session, and no other field of the call that found it expired.
+    assert {f: getattr(closed[0], f) for f in logs.CALL_FIELDS if hasattr(closed[0], f)} == {
+        "session": idle
+    }, vars(closed[0])
 
 
 def test_a_train_in_a_session_cut_off_by_its_close_or_a_stop_says_its_steps_went_with_it() -> None:

@@ -269,16 +269,19 @@ class Sessions:
             # the server for others). Logged as no call's: a call that finds them expired
             # (another client's, on another session) lent the line its request id and
             # session, as if it had closed them (found by a review of a long researcher's
-            # session).
+            # session). One line each, its `session` field the one closed: a JSON log
+            # filtered on a session's id had its calls and then nothing, the ids being in
+            # one line's message only (found by a review of the server's log).
             outside = CURRENT_CALL.set(None)
             try:
-                log.info(
-                    "closed %d session(s) after %g s without calls (--session-idle), their "
-                    "state with them: %s",
-                    len(idle),
-                    self.idle_s,
-                    ", ".join(shown(k) for k in idle),
-                )
+                for session in idle:
+                    log.info(
+                        "closed session %s after %g s without calls (--session-idle), its "
+                        "model and optimizer state with it",
+                        shown(session),
+                        self.idle_s,
+                        extra={"session": session},
+                    )
             finally:
                 CURRENT_CALL.reset(outside)
             self._closed(idle)
