@@ -1073,12 +1073,36 @@ def test_optimizer_settings_keep_the_kind_in_place_unless_they_belong_to_the_oth
     assert client.list_tensors().optimizer.kind == "sgd"
 
 
-def test_optimizer_setting_of_the_other_kind_exits_1(cli: Run) -> None:
+def test_optimizer_settings_of_the_other_kind_are_a_usage_error(
+    cli: Run, client: gradwire.Client
+) -> None:
+    """The server refused them, exit 1, in its API's words ("ask for SGD"), and `--beta1
+    0.5 --momentum 0.9` as "a setting of SGD, not of Adam" to a user who had not asked for
+    Adam (found by a review of the CLI from its --help). The arguments alone say so: exit 2,
+    in the options' words, and the optimizer in place untouched."""
+    client.set_optimizer("sgd", lr=0.01, momentum=0.5)
+    before = client.list_tensors()
     result = cli("optimizer", "--kind", "adam", "--momentum", "0.9")
-    assert result.code == 1
-    assert result.err.startswith(
-        "error: INVALID_ARGUMENT: momentum is a setting of SGD, not of Adam"
+    assert (result.code, result.out) == (2, "")
+    assert result.err.endswith(
+        "--momentum: SGD's, not Adam's (--kind adam): leave it out, or give --kind sgd\n"
     )
+    result = cli("optimizer", "--kind", "sgd", "--eps", "1e-6", "--beta2", "0.9", "--keep-state")
+    assert result.code == 2
+    assert result.err.endswith(
+        "--beta2, --eps: Adam's, not SGD's (--kind sgd): leave them out, or give --kind adam\n"
+    )
+    result = cli("optimizer", "--beta1", "0.5", "--no-nesterov", "--lr", "0.1")
+    assert result.code == 2
+    assert result.err.endswith(
+        "--beta1 is Adam's and --no-nesterov SGD's: give the settings of one kind\n"
+    )
+    after = client.list_tensors()
+    assert (after.version, after.optimizer) == (before.version, before.optimizer)
+    # Under --keep-state without --kind the kind in place decides: the server's to say.
+    result = cli("optimizer", "--beta1", "0.5", "--keep-state")
+    assert result.code == 1
+    assert result.err.startswith("error: INVALID_ARGUMENT: beta1 is a setting of Adam, not of SGD")
 
 
 def test_optimizer_without_settings_shows_the_optimizer_and_changes_nothing(
