@@ -825,6 +825,23 @@ def test_context_manager_closes_the_channel(address: str) -> None:
         client.health()
 
 
+def test_a_client_s_repr_says_when_it_can_call_no_more(address: str) -> None:
+    """A notebook shows a client by its repr: a closed one printed as an open one, and a
+    session client whose session is closed as a client of the default session, which its
+    calls never fall back to (found by a review of the client as a researcher uses it in a
+    notebook)."""
+    with gradwire.connect(address, timeout=30) as client:
+        with client.open_session() as mine:
+            session = mine.session
+        assert repr(mine) == f"gradwire.Client({address!r}, session={session!r}) (session closed)"
+        assert repr(client) == f"gradwire.Client({address!r})"
+    assert repr(client) == f"gradwire.Client({address!r}) (closed)"
+    assert repr(mine) == f"gradwire.Client({address!r}, session={session!r}) (closed)"
+    joined = gradwire.connect(address, session=session)
+    joined.close()
+    assert repr(joined) == f"gradwire.Client({address!r}, session={session!r}) (closed)"
+
+
 def test_wait_ready_returns_for_a_live_server(address: str) -> None:
     with gradwire.connect(address, timeout=30) as client:
         client.wait_ready(timeout=10)

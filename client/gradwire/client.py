@@ -536,11 +536,12 @@ class Client:
 
     @property
     def session(self) -> str | None:
-        """The session this client's calls act on; None: the server's default session.
-        Setting it (None included) points the client there, closed session or not. A
-        session client (open_session) pointed at another session acts on it as on one
-        joined by its id (`session=`): close() leaves it open, close_session() closes it;
-        the session it opened closes with the client that opened it."""
+        """The session this client's calls act on; None: the server's default session, but
+        for a client whose session is closed, whose calls raise ClientClosed (its repr says
+        "session closed"). Setting it (None included) points the client there, closed
+        session or not. A session client (open_session) pointed at another session acts on
+        it as on one joined by its id (`session=`): close() leaves it open, close_session()
+        closes it; the session it opened closes with the client that opened it."""
         return self._session
 
     @session.setter
@@ -1075,8 +1076,19 @@ class Client:
         self._closed_session = closed
 
     def __repr__(self) -> str:
-        session = f", session={self.session!r}" if self.session is not None else ""
-        return f"gradwire.Client({self.target!r}{session})"
+        """The target and the session, and what stops the client calling: a notebook shows
+        it so. A closed client printed as an open one, and a session client whose session
+        is closed as a client of the default session, which its calls never fall back to
+        (found by a review of the client as a researcher uses it in a notebook)."""
+        session = self.session if self.session is not None else self._closed_session
+        shown = f"gradwire.Client({self.target!r}" + (
+            f", session={session!r})" if session is not None else ")"
+        )
+        if self._opened.closed or self._channel in _CLOSED_CHANNELS:
+            return f"{shown} (closed)"
+        if self._closed_session is not None:
+            return f"{shown} (session closed)"
+        return shown
 
     def __enter__(self) -> Client:
         return self
