@@ -373,6 +373,25 @@ def test_a_client_whose_session_closed_may_still_ask(client: gradwire.Client) ->
     assert mine.server_info() == client.server_info()
 
 
+def test_server_info_prints_the_contract_s_fields_it_knows_as_their_count(
+    client: gradwire.Client,
+) -> None:
+    """A notebook shows `client.server_info()` by its repr: the versions, the device and the
+    limits came first and then every field of the contract the server knows, some 300 names
+    (12,000 characters) burying them (found by a review of the client as a researcher uses
+    it in a notebook)."""
+    info = client.server_info()
+    shown = repr(info)
+    assert len(info.known_fields) > 100
+    assert shown == (
+        f"ServerInfo(version={info.version!r}, torch_version={info.torch_version!r}, "
+        f"device={info.device!r}, limits={info.limits!r}, "
+        f"known_fields=<{len(info.known_fields)} names>)"
+    )
+    assert repr(dataclasses.replace(info, known_fields=())).endswith(", known_fields=())")
+    assert "ForwardRequest.eval_mode" in info.known_fields  # the names are all there
+
+
 def test_the_cli_describes_the_server(small: Running) -> None:
     address = f"127.0.0.1:{small.port}"
     text = run_main("info", "--target", address)

@@ -218,3 +218,14 @@ class ServerInfo:
     # Every field of the contract the server knows, "ForwardRequest.eval_mode": a request
     # field it does not list, it would ignore; () from a server older than the list.
     known_fields: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        """The fields as a dataclass prints them, but the contract's field names as their
+        count: some 300 of them (12,000 characters) buried the versions, the device and
+        the limits in a notebook (found by a review of the client as a researcher uses it
+        in a notebook). `"X.y" in info.known_fields` asks for one."""
+        known = f"<{len(self.known_fields)} names>" if self.known_fields else "()"
+        return (
+            f"ServerInfo(version={self.version!r}, torch_version={self.torch_version!r}, "
+            f"device={self.device!r}, limits={self.limits!r}, known_fields={known})"
+        )
