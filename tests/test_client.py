@@ -1532,6 +1532,22 @@ def test_a_watch_update_is_indexed_by_the_selectors_it_was_asked_for(
         update["conv1.weight[2, 0]"]
 
 
+def test_a_watch_kept_in_a_variable_runs_on_after_a_break_until_closed(
+    client: gradwire.Client,
+) -> None:
+    """As watch()'s docstring and the README say: its docstring said a `break` closed the
+    watch, true only of a loop over client.watch(...) itself (found by a review of the
+    client as a researcher uses it in a notebook)."""
+    updates = client.watch(["loss"])
+    for update in updates:
+        first = update.version
+        break
+    version = client.zero_grad()
+    assert next(updates).version == version > first  # still open
+    updates.close()
+    assert next(updates, None) is None
+
+
 def test_a_watched_scalar_with_stats_alone_is_present(client: gradwire.Client) -> None:
     """A scalar's shape is (), sent as no dimensions at all: watched without its values,
     its statistics are what say it is there (the loss after a Forward, one element)."""

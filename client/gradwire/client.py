@@ -1439,9 +1439,12 @@ class Client:
     ) -> Generator[WatchUpdate, None, None]:
         """Watch: the state now, then an update after each applied mutation (or every
         `every_steps` Steps; at most one per `min_interval` seconds), until the iterator is
-        closed (`break` out of the loop) or `timeout` seconds pass, which does not end it
-        cleanly: the next update then raises gradwire.errors.DeadlineExceeded (None, the
-        default: no limit). Each selector gets its
+        closed or `timeout` seconds pass, which does not end it cleanly: the next update
+        then raises gradwire.errors.DeadlineExceeded (None, the default: no limit). A
+        `break` out of `for update in client.watch(...)` closes it; one held in a variable
+        (`updates = client.watch(...)`) goes on after a `break`, its updates read as they
+        come (`latest`) and one of the server's call places held, until `updates.close()`
+        (or `with contextlib.closing(client.watch(...)) as updates:`). Each selector gets its
         values (`values`), its statistics (`stats`, with a `bins`-bin histogram), or both:
         neither, or `bins` without `stats`, raises ValueError.
         Training never waits for a reader, and `skipped` counts the updates one missed.
