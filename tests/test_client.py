@@ -1714,6 +1714,25 @@ def test_a_watch_update_given_a_key_of_another_type_raises_key_error(
         update[0]  # type: ignore[index]
 
 
+def test_a_watch_update_s_key_error_says_what_the_update_holds(client: gradwire.Client) -> None:
+    """update["conv1.weight"] of a watch of its gradient raised KeyError('conv1.weight')
+    alone, and update[0] KeyError(0): in a notebook nothing said what to ask for (found by a
+    review of the client as a researcher uses it in a notebook)."""
+    update = next(client.watch(["conv1.weight.grad[0]", "loss"]))
+    with pytest.raises(KeyError) as missing:
+        update["conv1.weight"]
+    assert missing.value.args == (
+        "'conv1.weight' was not watched: this update holds conv1.weight.grad[0] and loss "
+        "(by selector, or by a tensor's name)",
+    )
+    with pytest.raises(KeyError) as by_position:
+        update[0]  # type: ignore[index]
+    assert by_position.value.args == (
+        "0: an update holds conv1.weight.grad[0] and loss, by selector (or by a tensor's "
+        "name); update.tensors[0] is the first watched",
+    )
+
+
 def test_nesterov_takes_numpy_s_bool(client: gradwire.Client) -> None:
     config = client.set_optimizer(lr=0.1, momentum=0.9, nesterov=np.bool_(True))
     assert config.nesterov is True

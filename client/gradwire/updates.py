@@ -95,9 +95,14 @@ class WatchUpdate:
     def __getitem__(self, key: str) -> Watched:
         """The tensor watched by selector `key` ("conv1.weight[0, 0]", spaced as you like),
         or else the first one of that name ("conv1.weight"). By name alone, two slices of
-        one tensor could not be told apart, and a selector with an index was a KeyError."""
+        one tensor could not be told apart, and a selector with an index was a KeyError.
+        A KeyError says what the update holds: it said the key alone, KeyError(0) for
+        update[0] (found by a review of the client as a researcher uses it in a notebook)."""
         if not isinstance(key, str):
-            raise KeyError(key)
+            raise KeyError(
+                f"{key!r}: an update holds {self._held()}, by selector (or by a tensor's name); "
+                "update.tensors[0] is the first watched"
+            )
         try:
             selector = str(parse_selector(key))
         except SelectorError:
@@ -108,7 +113,15 @@ class WatchUpdate:
         for watched in self.tensors:
             if watched.name == key:
                 return watched
-        raise KeyError(key)
+        raise KeyError(
+            f"{key!r} was not watched: this update holds {self._held()} (by selector, or by "
+            "a tensor's name)"
+        )
+
+    def _held(self) -> str:
+        """The selectors watched, for a KeyError: "conv1.weight.grad[0] and loss"."""
+        shown = [watched.selector or watched.name for watched in self.tensors]
+        return ", ".join(shown[:-1]) + f" and {shown[-1]}" if len(shown) > 1 else "".join(shown)
 
 
 @dataclass(frozen=True)
