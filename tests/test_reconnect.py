@@ -8,7 +8,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -287,6 +287,29 @@ def test_a_watch_told_to_reconnect_ends_when_its_client_closes_while_the_server_
     client.close()
     with pytest.raises(ClientClosed):
         watch.join(timeout=rewatch.RETRY_S + 10.0)
+
+
+def test_ctrl_c_while_a_watch_waits_for_its_server_is_a_keyboard_interrupt_alone(
+    ctrl_c: Callable[[float], None],
+) -> None:
+    """Ctrl-C while a watch told to reconnect waited between two tries raised
+    KeyboardInterrupt "during handling of" the last try's error: a notebook's cell printed
+    first the traceback of an UNAVAILABLE, "failed to connect ... Connection refused", as if
+    the watch had failed (found by a review of the client as a researcher uses it in a
+    notebook)."""
+    lost: list[Unavailable] = []
+    with running_server(TINY_MLP) as server:
+        client = gradwire.Client(f"127.0.0.1:{server.port}")
+        updates = client.watch(["loss"], reconnect=True, on_lost=lost.append)
+        assert next(updates).cause == "Watch"
+    try:
+        ctrl_c(rewatch.RETRY_S * 2.5)  # in a wait between two tries, most likely
+        with pytest.raises(KeyboardInterrupt) as pressed:
+            next(updates)
+    finally:
+        client.close()
+    assert len(lost) == 1
+    assert pressed.value.__context__ is None, repr(pressed.value.__context__)
 
 
 def test_a_watch_s_reconnect_arguments_are_checked_when_it_is_made() -> None:
