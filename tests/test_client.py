@@ -1698,6 +1698,19 @@ def test_a_closed_session_client_set_to_no_session_acts_on_the_default_one(
     assert session.list_tensors().version == client.list_tensors().version
 
 
+def test_the_remote_model_s_repr_names_its_client_without_a_call(
+    client: gradwire.Client, address: str
+) -> None:
+    """`client.remote` in a notebook showed <gradwire.remote.RemoteModel object at 0x...>:
+    neither the server nor where its names are (found by a review of the client as a
+    researcher uses it in a notebook)."""
+    called = _counting(client)
+    assert repr(client.remote) == (
+        f"<the model served to gradwire.Client({address!r}): dir() lists its names>"
+    )
+    assert called == []
+
+
 def test_a_remote_view_is_true_without_a_read(client: gradwire.Client) -> None:
     """bool() of a view would call __len__ (a read of the shape, raising for an absent
     tensor or a module's name): a view is true, as any object."""

@@ -302,3 +302,9 @@ class RemoteModel:
     def __dir__(self) -> list[str]:
         names = self._client.list_tensors().names()
         return sorted({name.split(".")[0] for name in names})
+
+    def __repr__(self) -> str:
+        """Which client's model, without a call: a notebook showed `client.remote` as
+        <gradwire.remote.RemoteModel object at 0x...> (found by a review of the client as a
+        researcher uses it in a notebook)."""
+        return f"<the model served to {self._client!r}: dir() lists its names>"
