@@ -583,6 +583,39 @@ def test_the_servers_histogram_counts_the_values_it_leaves_out(
 
 
 @needs_matplotlib
+def test_plot_histogram_draws_the_statistics_client_stats_gives(
+    client: gradwire.Client, tmp_path: Path
+) -> None:
+    """plot_histogram's docstring names counts "binned by the server's GetStats": given what
+    client.stats() returns, it raised AttributeError ("'tuple' object has no attribute
+    'any'"), a HistogramData being a type of the plot module's own (found by a review of the
+    client as a researcher uses it in a notebook). The same picture as the CLI's."""
+    summary = client.stats("conv2.weight", bins=40)
+    assert summary.stats is not None and summary.shape is not None
+    out = tmp_path / "conv2.png"
+    result = plot.plot_histogram(summary.stats, out, label="conv2.weight", shape=summary.shape)
+    assert (result.kind, png_size(out)) == ("histogram", size_at(plot.DEFAULT_DPI))
+    data = plot.HistogramData.from_stats(summary.stats)
+    assert data.counts.tolist() == list(summary.stats.histogram.counts)  # type: ignore[union-attr]
+    assert (data.count, data.mean, data.std) == (
+        summary.stats.count,
+        summary.stats.mean,
+        summary.stats.std,
+    )
+    with pytest.raises(plot.PlotError, match="not their histogram"):
+        plot.plot_histogram(
+            summary.stats.histogram,  # type: ignore[arg-type]
+            out,
+            label="conv2.weight",
+            shape=summary.shape,
+        )
+    without = client.stats("conv2.weight").stats
+    assert without is not None
+    with pytest.raises(plot.PlotError, match=r"no histogram: ask for one, client\.stats"):
+        plot.plot_histogram(without, out, label="conv2.weight", shape=summary.shape)
+
+
+@needs_matplotlib
 def test_a_pictures_note_is_said_in_its_line_and_its_json(cli: Run, tmp_path: Path) -> None:
     out = tmp_path / "w.png"
     text = cli("plot", "linear.weight", "--out", str(out))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from gradwire import limits
+from gradwire.updates import Histogram, Stats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -112,6 +113,27 @@ class HistogramData:
     std: float
     nan_count: int = 0
     inf_count: int = 0
+
+    @classmethod
+    def from_stats(cls, stats: Stats) -> HistogramData:
+        """The histogram a server binned, with its summary: `client.stats(selector,
+        bins=N).stats`. PlotError for statistics asked for without bins."""
+        histogram = stats.histogram
+        if histogram is None:
+            raise PlotError(
+                "these statistics have no histogram: ask for one, client.stats(selector, "
+                f"bins=N) (bins up to {MAX_BINS})"
+            )
+        return cls(
+            counts=np.asarray(histogram.counts, dtype=np.int64),
+            low=histogram.low,
+            high=histogram.high,
+            count=stats.count,
+            mean=stats.mean,
+            std=stats.std,
+            nan_count=stats.nan_count,
+            inf_count=stats.inf_count,
+        )
 
 
 def require_matplotlib() -> None:
@@ -213,7 +235,7 @@ def plot_array(
 
 
 def plot_histogram(
-    data: HistogramData,
+    data: HistogramData | Stats,
     out: str | os.PathLike[str],
     *,
     label: str,
@@ -221,11 +243,21 @@ def plot_histogram(
     title: str | None = None,
     dpi: int = DEFAULT_DPI,
 ) -> PlotResult:
-    """Draws counts already binned (by the server's GetStats, say) into the PNG `out`.
+    """Draws counts already binned into the PNG `out`: the server's (GetStats), as
+    `client.stats(selector, bins=N).stats` gives them, or a HistogramData (histogram_of()).
 
     `label` and `shape`: what was summarised, for the default title; `title` replaces it.
+    Statistics were refused with an AttributeError, HistogramData alone taken (found by a
+    review of the client as a researcher uses it in a notebook).
     """
     require_matplotlib()
+    if isinstance(data, Stats):
+        data = HistogramData.from_stats(data)
+    elif isinstance(data, Histogram):
+        raise PlotError(
+            "give the statistics (client.stats(selector, bins=N).stats), not their "
+            "histogram: the title says their count, mean and std"
+        )
     _check_dpi(dpi)
     heading = title if title is not None else heading_of(label, shape)
     return _write(lambda fig: _draw_histogram(fig, data, heading), out, "histogram", dpi)

@@ -240,18 +240,7 @@ def _server_histogram(
     stats = summary.stats
     if stats is None or stats.histogram is None or summary.shape is None:
         raise _absent(selector, out)
-    histogram = stats.histogram
-    data = HistogramData(
-        counts=np.asarray(histogram.counts, dtype=np.int64),
-        low=histogram.low,
-        high=histogram.high,
-        count=stats.count,
-        mean=stats.mean,
-        std=stats.std,
-        nan_count=stats.nan_count,
-        inf_count=stats.inf_count,
-    )
-    return data, summary.shape
+    return HistogramData.from_stats(stats), summary.shape
 
 
 def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
