@@ -427,7 +427,11 @@ class Client:
         session: str | None = None,
         stream_calls: bool = False,
     ) -> None:
-        """`token`: sent as a bearer token on every call, without the white space around
+        """`timeout`: seconds each call may take (None: no limit), past which it raises
+        errors.DeadlineExceeded ("Deadline Exceeded"), a change perhaps applied all the
+        same (`changes_state`: read the version before sending it again); settable later
+        (`.timeout`). Not a limit on watch() or train(), which take a timeout of their own.
+        `token`: sent as a bearer token on every call, without the white space around
         it (a file's last newline); sent without TLS to a host that is not this machine's
         loopback, it gives a credentials.PlaintextTokenWarning as the client is made (shown
         once a line of code, as Python shows warnings). `tls`: connect with
@@ -1826,6 +1830,7 @@ def connect(
 ) -> Client:
     """A client for the server at host:port; use it with `with` to close the channel.
 
+    `timeout`: seconds each call may take (60 by default; None: no limit), as in Client;
     `token` for a server that requires one; `tls`, `ca`, `cert`, `key`, `keepalive`,
     `keepalive_timeout`, `session`, `stream_calls` as in Client.
     """
