@@ -4,6 +4,7 @@ Train) and statistics are in updates.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,8 +225,10 @@ class ServerInfo:
         count: some 300 of them (12,000 characters) buried the versions, the device and
         the limits in a notebook (found by a review of the client as a researcher uses it
         in a notebook). `"X.y" in info.known_fields` asks for one."""
-        known = f"<{len(self.known_fields)} names>" if self.known_fields else "()"
-        return (
-            f"ServerInfo(version={self.version!r}, torch_version={self.torch_version!r}, "
-            f"device={self.device!r}, limits={self.limits!r}, known_fields={known})"
-        )
+        shown = [
+            f"{f.name}=<{len(self.known_fields)} names>"
+            if f.name == "known_fields" and self.known_fields
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        ]
+        return f"ServerInfo({', '.join(shown)})"
