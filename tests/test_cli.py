@@ -2003,7 +2003,7 @@ def test_a_target_that_never_speaks_grpc_gets_a_hint(mute_address: str) -> None:
     result = run_main("list", "--target", mute_address, "--timeout", "1")
     assert result.code == 1
     assert result.err == (
-        "error: DEADLINE_EXCEEDED: Deadline Exceeded\n"
+        "error: DEADLINE_EXCEEDED: Deadline Exceeded: no answer within 1 s, the call's timeout\n"
         f"hint: {mute_address} did not answer as a gRPC server within 1s (the connection "
         "never became ready): check that --target HOST:PORT names a gradwire server, not "
         "another program or a port a firewall drops\n"

@@ -1773,6 +1773,14 @@ def test_an_error_says_whether_its_call_changes_state() -> None:
                 client.get("conv1.weight[0][0][0]")
     assert change.value.changes_state and not read.value.changes_state
     assert not errors.NotFound("made here").changes_state
+    # The time the call had, and for a change what to do: gRPC's two words alone left a
+    # notebook's researcher with nothing to find timeout= by (a review of the client in a
+    # notebook).
+    assert change.value.message == (
+        "Deadline Exceeded: no answer within 0.2 s, the call's timeout: its change may have "
+        "been applied all the same (read the state version before making it again)"
+    )
+    assert read.value.message == "Deadline Exceeded: no answer within 0.2 s, the call's timeout"
 
 
 # --- found by a review of the client: wrong input refused in words that say what to give ------

@@ -428,7 +428,7 @@ class Client:
         stream_calls: bool = False,
     ) -> None:
         """`timeout`: seconds each call may take (None: no limit), past which it raises
-        errors.DeadlineExceeded ("Deadline Exceeded"), a change perhaps applied all the
+        errors.DeadlineExceeded ("no answer within 60 s"), a change perhaps applied all the
         same (`changes_state`: read the version before sending it again); settable later
         (`.timeout`). Not a limit on watch() or train(), which take a timeout of their own.
         `token`: sent as a bearer token on every call, without the white space around
@@ -709,7 +709,10 @@ class Client:
                     # a get() that fell back to a stream kept its array, whose memory the
                     # next read was to reuse (seen in test_memory).
                     raise after_a_cut(
-                        self._error_of(err, method, method in unary.MAY_LAND), cut
+                        self._error_of(
+                            err, method, method in unary.MAY_LAND, timeout or self.timeout
+                        ),
+                        cut,
                     ) from None
                 self.reached |= cut_off(err)
                 if cut is None and (grace_cut(err) or connection_lost(err)):
@@ -839,7 +842,11 @@ class Client:
             stream.close(wait)
 
     def _error_of(
-        self, error: grpc.RpcError, method: str, changes_state: bool
+        self,
+        error: grpc.RpcError,
+        method: str,
+        changes_state: bool,
+        timeout: float | None = None,
     ) -> ClientClosed | RemoteError:
         """The exception for a call that failed with `error` (`changes_state`: the call
         may have been applied), noting in `reached` a call cut off on its server.
@@ -848,7 +855,8 @@ class Client:
         (Channel closed!)" read as the server's doing (a Train's steps taken stay
         applied). So too for a call on this client's Calls stream that its close() cut
         off, the channel given (`channel=`) and left open: it raised "CANCELLED: Locally
-        cancelled by application!" (found by a review of call_stream.py)."""
+        cancelled by application!" (found by a review of call_stream.py). `timeout`: the
+        call's, for a DeadlineExceeded to say."""
         cancelled = error.code() == grpc.StatusCode.CANCELLED
         if cancelled and (self._closing or self._channel in _CLOSED_CHANNELS):
             cut = f"{method} cut off"
@@ -856,7 +864,7 @@ class Client:
                 cut += ", its steps taken staying applied (read the state version)"
             return ClientClosed(f"{cut}: {CLOSED}", changes_state=changes_state)
         self.reached |= cut_off(error)
-        return failed(error, changes_state, self._keepalive)
+        return failed(error, changes_state, self._keepalive, timeout)
 
     @contextlib.contextmanager
     def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:

@@ -13,6 +13,7 @@ from gradwire import limits
 from gradwire.errors import (
     Cancelled,
     ClientClosed,
+    DeadlineExceeded,
     RemoteError,
     Unavailable,
     from_rpc_error,
@@ -147,13 +148,34 @@ def _bare_cancel(message: str) -> bool:
 
 
 def failed(
-    error: grpc.RpcError, changes_state: bool, keepalive: float | None = None
+    error: grpc.RpcError,
+    changes_state: bool,
+    keepalive: float | None = None,
+    timeout: float | None = None,
 ) -> RemoteError:
-    """The exception for a failed call, saying whether the call changes state; and, for a
+    """The exception for a failed call, saying whether the call changes state; for a
     connection closed for "Too many pings" by a client pinging every `keepalive` seconds,
-    more often than a gradwire server takes, what to give instead."""
+    more often than a gradwire server takes, what to give instead; and for a call that ran
+    past its `timeout` (seconds, where the caller knows it), that time."""
     raised = from_rpc_error(error)
     raised.changes_state = changes_state
+    if (
+        isinstance(raised, DeadlineExceeded)
+        and not raised.reason
+        and timeout is not None
+        and raised.message.strip().lower() == "deadline exceeded"
+    ):
+        # gRPC's two words alone: a notebook's train_step of a large batch on a CPU said
+        # neither the time it had had nor that its change may have landed (found by a
+        # review of the Python client as a researcher uses it in a notebook).
+        then = (
+            ": its change may have been applied all the same (read the state version before "
+            "making it again)"
+            if changes_state
+            else ""
+        )
+        raised.message += f": no answer within {timeout:g} s, the call's timeout{then}"
+        raised.args = (raised.message,)
     if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
         # gRPC's word alone ("CANCELLED: CANCELLED") for a call its server cancelled: a stop
         # (the calls it had taken in and not begun), or a connection it closed. This
