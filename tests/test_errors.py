@@ -152,6 +152,18 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_FILL",
             "input: randint fill needs whole numbers low < high, got [0.5, 2.0)",
         ),
+        # Found by a review of the error catalogue: Python's words, "cannot make a randint
+        # fill of int64: cannot convert float infinity to integer" (and "float NaN").
+        (
+            lambda c: c.forward(INPUT, Fill.randint(0, math.inf, 8)),
+            "BAD_FILL",
+            "target: randint fill needs whole numbers low < high, got [0.0, inf)",
+        ),
+        (
+            lambda c: c.forward(INPUT, Fill("randint", (8,), low=math.nan, high=3)),
+            "BAD_FILL",
+            "target: randint fill needs whole numbers low < high, got [nan, 3.0)",
+        ),
         (  # found by a review: torch truncated it to class 3
             lambda c: c.forward(INPUT, Fill("constant", (8,), value=3.7)),
             "BAD_FILL",

@@ -182,8 +182,11 @@ def make(
                 out = torch.empty(spec.shape, dtype=dtype, device=device)
                 return out.normal_(spec.value, std, generator=gen)
             if spec.kind == "randint":
-                low, high = int(spec.low), int(spec.high)
-                if low != spec.low or high != spec.high or not low < high:
+                # int() of an infinite or NaN bound said Python's words, "cannot convert
+                # float NaN to integer" (found by a review of the error catalogue).
+                finite = math.isfinite(spec.low) and math.isfinite(spec.high)
+                low, high = (int(spec.low), int(spec.high)) if finite else (0, 0)
+                if not finite or low != spec.low or high != spec.high or not low < high:
                     raise InvalidInput(
                         f"{what}: randint fill needs whole numbers low < high, "
                         f"got [{spec.low}, {spec.high})",
