@@ -1124,6 +1124,26 @@ def test_a_refused_open_session_says_when_a_place_frees_itself(trainer: Trainer)
     never.close_all()
 
 
+def test_an_unknown_session_on_a_server_that_expires_none_is_not_said_to_have_expired(
+    trainer: Trainer,
+) -> None:
+    """With --session-idle inf no session expires: an unknown one's refusal said "it was
+    never opened, was closed, or expired after inf s without calls" (found by a review of
+    the error catalogue), as the refusal of a new one once said "expires in inf s"."""
+    never = Sessions(trainer, idle_s=math.inf)
+    for refused in (lambda: never.get("gone"), lambda: never.close("gone")):
+        with pytest.raises(UnknownSession) as info:
+            refused()
+        assert info.value.reason == "UNKNOWN_SESSION"
+        assert "inf s" not in info.value.message and "expired" not in info.value.message
+        assert "it was never opened or was closed" in info.value.message
+    finite = Sessions(trainer, idle_s=600.0)  # where sessions expire, the refusal says so
+    with pytest.raises(UnknownSession, match="or expired after 600 s without calls"):
+        finite.get("gone")
+    never.close_all()
+    finite.close_all()
+
+
 def test_a_session_gone_from_the_server_closes_without_error(
     client: gradwire.Client, address: str
 ) -> None:

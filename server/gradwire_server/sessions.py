@@ -110,9 +110,8 @@ class Sessions:
             found = self._open.get(session)
             if found is None:
                 raise UnknownSession(
-                    f"no session {shown(session)}: it was never opened, was closed, or expired "
-                    f"after {self.idle_s:g} s without calls; open one with OpenSession (gradwire "
-                    "open-session)",
+                    f"no session {shown(session)}: it was never opened{self._or_expired()}; "
+                    "open one with OpenSession (gradwire open-session)",
                     metadata={"session": session[:64]},
                 )
             found.last_used = self._clock()
@@ -131,6 +130,15 @@ class Sessions:
             if found is not None:
                 found.held -= 1
                 found.last_used = self._clock()
+
+    def _or_expired(self, already: str = "") -> str:
+        """How an unknown session may have ended, after "it was never opened": closed, or
+        expired where sessions expire. A server that closes none for want of calls
+        (--session-idle inf) said "or expired after inf s without calls" (found by a review
+        of the error catalogue)."""
+        if math.isinf(self.idle_s):
+            return f" or was closed{already}"
+        return f", was closed{already}, or expired after {self.idle_s:g} s without calls"
 
     def _next_expiry(self) -> str:
         """With the lock held: when the first idle session expires, for a caller refused
@@ -219,8 +227,8 @@ class Sessions:
             closing = [self._open.pop(session)] if session in self._open else []
         if not closing:
             raise UnknownSession(
-                f"no session {shown(session)} to close: it was never opened, was closed "
-                f"already, or expired after {self.idle_s:g} s without calls",
+                f"no session {shown(session)} to close: it was never opened"
+                f"{self._or_expired(' already')}",
                 metadata={"session": session[:64]},
             )
         self._closed([session])
