@@ -171,7 +171,9 @@ def test_a_write_to_a_parameter_that_views_one_value_in_several_places_is_refuse
                 client.set(selector, [2.0, 3.0, 4.0][: 3 if selector == "scale" else 2])
             assert caught.value.reason == "READ_ONLY", caught.value
             assert "views one value in several places" in caught.value.message
-            assert "FillParameters" in caught.value.message
+            # The command beside the RPC, for the command line's user (found by a review of
+            # the error catalogue: a 'gradwire set' was sent to FillParameters alone).
+            assert "FillParameters (gradwire fill) sets" in caught.value.message
     assert client.list_tensors().version == version
     np.testing.assert_array_equal(client.get("scale"), [1.0, 1.0, 1.0])
     # One place of it, and a fill, write the one value it holds, as torch does.

@@ -67,7 +67,7 @@ def check_no_repeats(target: torch.Tensor, name: str, chain: IndexChain) -> None
         raise InvalidInput(
             f"{name}{'' if not chain else ' slice'} of shape {list(target.shape)} views one "
             "value in several places (a stride of 0, as `expand` makes), so it cannot be "
-            "written value by value; FillParameters sets a parameter to one value",
+            "written value by value; FillParameters (gradwire fill) sets a parameter to one value",
             reason="READ_ONLY",
         )
 

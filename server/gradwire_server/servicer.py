@@ -802,10 +802,16 @@ class TrainerServicer:
         """NOT_FOUND for a checkpoint the state directory does not hold, naming those it does."""
         assert self.state_dir is not None
         there = checkpoint.saved_names(self.state_dir)
-        listed = ", ".join(there) if there else "none yet (SaveCheckpoint writes one)"
+        # The command beside the RPC, as for an unknown tensor: `gradwire load` was sent to
+        # SaveCheckpoint alone (found by a review of the error catalogue).
+        held = (
+            f"it holds: {', '.join(there)}"
+            if there
+            else "it holds none yet: SaveCheckpoint (gradwire save NAME) writes one"
+        )
         return NoSuchCheckpoint(
             f"no checkpoint named {checkpoint.name_of(path)!r} in the server's state "
-            f"directory; it holds: {listed}",
+            f"directory; {held}",
             metadata={"names": ",".join(there)},
         )
 
