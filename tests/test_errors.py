@@ -1284,9 +1284,10 @@ def test_a_target_fill_given_a_dtype_is_not_told_of_the_default_one(
 
 #: Reasons in the server's code that no call is answered with: `gradwire serve` refusing to
 #: start (exit code 2, the reason only in its log), and the base classes' defaults, which
-#: every raise overrides with a reason of its own.
+#: every raise overrides with a reason of its own. (BAD_CHECKPOINT was one, a damaged state
+#: refused at start, until LoadCheckpoint answered it: listed here, it went unchecked.)
 _NOT_ON_THE_WIRE = {
-    "BAD_CHECKPOINT", "BAD_METRICS_PORT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
+    "BAD_METRICS_PORT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
     "ERROR", "OVER_LIMIT", "WRONG_ORDER",
 }  # fmt: skip
 
