@@ -1474,6 +1474,16 @@ def test_a_model_taking_uint8_input_is_fed_what_the_wire_widens_to_int32(device:
             client.forward(np.full((2, 3, 4, 4), 300, np.int32), labels)
         assert caught.value.reason == "BAD_VALUE"
         assert "300 does not fit input's dtype uint8" in caught.value.message
+        # Another dtype is refused naming the one to send: "Pixels takes uint8" alone sent a
+        # client in another language, or the CLI's fills, to a dtype the wire has not (found
+        # by a review of the error catalogue).
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.forward(frames.astype(np.float32), labels)
+        assert caught.value.reason == "BAD_INPUT_DTYPE"
+        assert caught.value.message == (
+            "input has dtype float32; Pixels takes uint8, which travels as int32 (the wire has "
+            "no uint8): send int32 values from 0 to 255"
+        )
         # A Train narrows its input once, as it stages it, and steps as TrainSteps do.
         client.set_optimizer("sgd", lr=0.0)
         once = client.train_step(frames, labels).loss

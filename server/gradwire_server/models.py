@@ -22,7 +22,7 @@ from torch import nn
 
 from gradwire import codec
 from gradwire_server.errors import InvalidInput, ModelFault
-from gradwire_server.fills import dtype_name
+from gradwire_server.fills import dtype_name, int_range
 
 
 class Simple(nn.Module):
@@ -128,11 +128,21 @@ class ModelSpec:
         wire carries it as (int32 for uint8, int8, int16 and uint16; int64 for uint32):
         such an input is narrowed to `input_dtype` (Trainer._inputs). A model taking uint8
         images was fed by no client: each sent int32, which was refused."""
-        want = self.input_dtype
-        if dtype != want and dtype != self.input_sent_as:
+        want, sent = self.input_dtype, self.input_sent_as
+        if dtype != want and dtype != sent:
             takes = "the model computes in" if want.is_floating_point else f"{self.name} takes"
+            # The dtype to send, where the wire has not the model's: "Pixels takes uint8"
+            # alone sent a client in another language, or the CLI's fills, to a dtype no
+            # message carries (found by a review of the error catalogue).
+            travels = ""
+            if sent != want:
+                low, high = int_range(want)
+                travels = (
+                    f", which travels as {dtype_name(sent)} (the wire has no "
+                    f"{dtype_name(want)}): send {dtype_name(sent)} values from {low} to {high}"
+                )
             raise InvalidInput(
-                f"input has dtype {dtype_name(dtype)}; {takes} {dtype_name(want)}",
+                f"input has dtype {dtype_name(dtype)}; {takes} {dtype_name(want)}{travels}",
                 reason="BAD_INPUT_DTYPE",
             )
 
