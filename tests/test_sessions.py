@@ -137,9 +137,16 @@ def test_a_closed_session_is_not_found_and_the_default_cannot_be_closed(
         stale.list_tensors()
     assert info.value.reason == "UNKNOWN_SESSION"
     stale.session = None
-    with pytest.raises(errors.InvalidArgument, match="default session cannot be closed") as bad:
+    with pytest.raises(errors.InvalidArgument, match="cannot be closed") as bad:
         client._call("CloseSession", gradwire._pb.trainer_pb2.CloseSessionRequest(session=""))
     assert bad.value.reason == "BAD_SESSION"
+    # An id left unset is the likely mistake, and the refusal said only that the default
+    # session cannot be closed (found by a review of the error catalogue).
+    assert bad.value.message == (
+        "CloseSession named no session: an empty id is the default session's, which cannot "
+        "be closed; give the id OpenSession returned (ListSessions, gradwire sessions, lists "
+        "those open)"
+    )
 
 
 def test_a_session_s_optimizer_settings_of_the_other_kind_are_refused(

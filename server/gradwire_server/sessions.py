@@ -222,7 +222,14 @@ class Sessions:
 
     def close(self, session: str) -> None:
         if not session:
-            raise InvalidInput("the default session cannot be closed", reason="BAD_SESSION")
+            # An id left unset is the likely mistake: "the default session cannot be closed"
+            # alone did not say what to give (found by a review of the error catalogue).
+            raise InvalidInput(
+                "CloseSession named no session: an empty id is the default session's, which "
+                "cannot be closed; give the id OpenSession returned (ListSessions, gradwire "
+                "sessions, lists those open)",
+                reason="BAD_SESSION",
+            )
         with self._lock:
             closing = [self._open.pop(session)] if session in self._open else []
         if not closing:
