@@ -1246,6 +1246,35 @@ def test_a_bad_stream_is_invalid_argument_and_changes_nothing(
     assert all(np.array_equal(before[n], after[n]) for n in PARAMETERS)
 
 
+@pytest.mark.parametrize("method", list(TARGETS))
+def test_a_chunk_whose_values_are_malformed_is_named_by_what_it_carries_and_its_offset(
+    client: gradwire.Client, method: str
+) -> None:
+    """Every other refusal of a chunk begins with what the stream carries and says which
+    chunk; one whose own values were malformed said only "a tensor of shape [5] needs 5
+    values in float_values, got 2", a shape that was neither the value's nor the
+    parameter's, in a stream of hundreds of chunks (found by a review of the error
+    catalogue)."""
+    send, shape, _ = TARGETS[method]
+    what = {"SetTensorStream": "value", "ForwardStream": "input"}[method]
+    short = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[5], float_values=[1.0, 2.0])
+    for later, said in [
+        (pb.TensorChunk(offset=100, values=short), "needs 5 values in float_values, got 2"),
+        (
+            pb.TensorChunk(offset=100, values=pb.Tensor(shape=[1], float_values=[1.0])),
+            "the tensor sets no dtype (DTYPE_UNSPECIFIED",
+        ),
+    ]:
+        error = raw_error(
+            lambda later=later: send(client, [f32_chunk([0.5] * 100, 0, shape), later])
+        )
+        assert isinstance(error, errors.InvalidArgument), error
+        assert error.reason == "BAD_CHUNK"
+        assert error.message.startswith(f"{what}: the values of the chunk at offset 100: ")
+        assert said in error.message
+    assert version(client) == 0
+
+
 #: First-chunk shapes no array can have, and what the refusal says. The last five were
 #: answered INTERNAL (numpy's or torch's own error, unexpected), where the unary calls
 #: refuse the same shapes (found by the nineteenth session's review).

@@ -415,7 +415,15 @@ class Assembler:
         DType before its memory is taken: a receiver's refusal of that shape comes before an
         allocation as large as the shape says."""
         values_path = (*path, (_CHUNK_VALUES, 0))
-        dtype, values = _split_array(split, values_path, chunk.values)
+        try:
+            dtype, values = _split_array(split, values_path, chunk.values)
+        except CodecError as err:
+            # Named as every other refusal of a chunk is: "a tensor of shape [5] needs 5
+            # values" alone named neither the stream's tensor nor the chunk (found by a review
+            # of the error catalogue).
+            raise CodecError(
+                f"{self.what}: the values of the chunk at offset {chunk.offset}: {err}"
+            ) from err
         if values.ndim == 0:  # values.shape left empty: one value, as the .proto says
             values = values.reshape(1)
         if values.ndim != 1:
