@@ -758,7 +758,7 @@ def test_keep_state_changes_sgd_in_place_as_torchs_param_groups_do(
         ),
         ({"momentum": 0.9}, "momentum is a setting of SGD, not of Adam"),
         ({"lr": -1.0}, "optimizer settings refused: Invalid learning rate: -1.0"),
-        ({"beta1": 1.5}, "optimizer settings refused: Invalid beta parameter at index 0"),
+        ({"beta1": 1.5}, "optimizer settings refused: beta1 must be at least 0 and below 1"),
     ],
 )
 def test_keep_state_refuses_what_a_new_optimizer_would_and_changes_nothing(

@@ -274,6 +274,18 @@ def test_malformed_tensor_is_invalid_argument(
             "BAD_OPTIMIZER",
             "momentum is a setting of SGD, not of Adam",
         ),
+        # Found by a review of the error catalogue: torch's words, "Invalid beta parameter at
+        # index 0: 2.0", named its betas tuple, which gradwire has not (beta1 and beta2).
+        (
+            lambda c: c.set_optimizer("adam", beta1=2.0),
+            "BAD_OPTIMIZER",
+            "optimizer settings refused: beta1 must be at least 0 and below 1, got 2.0",
+        ),
+        (
+            lambda c: c.set_optimizer("adam", beta2=-0.5),
+            "BAD_OPTIMIZER",
+            "optimizer settings refused: beta2 must be at least 0 and below 1, got -0.5",
+        ),
         (  # found by the nineteenth session's review: torch's "check_uniform_bounds" words
             lambda c: c.forward(INPUT, Fill.uniform(8, 20)),
             "BAD_FILL",

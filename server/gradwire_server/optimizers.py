@@ -99,6 +99,16 @@ def build(parameters: Iterable[torch.Tensor], s: OptimizerSettings) -> torch.opt
             f"{float(s.momentum or 0.0)}",
             reason="BAD_OPTIMIZER",
         )
+    if s.kind == "adam":
+        # torch's words: "Invalid beta parameter at index 0", its betas tuple, which gradwire
+        # has as beta1 and beta2 (found by a review of the error catalogue).
+        for name, beta in (("beta1", s.beta1), ("beta2", s.beta2)):
+            if beta is not None and not 0.0 <= beta < 1.0:
+                raise InvalidInput(
+                    f"optimizer settings refused: {name} must be at least 0 and below 1, "
+                    f"got {float(beta)}",
+                    reason="BAD_OPTIMIZER",
+                )
     try:
         if s.kind == "sgd":
             return torch.optim.SGD(
