@@ -539,22 +539,29 @@ def test_a_model_that_exits_in_its_forward_pass_is_answered_internal_at_once(
 ) -> None:
     # The call went unanswered until its deadline, nothing in the log: the torch thread
     # handed the SystemExit on, and gRPC's handler, which catches Exception, let it end the
-    # handler (found by a review of serving one's own model).
+    # handler (found by a review of serving one's own model). Then it was answered as the
+    # server's own fault, reason INTERNAL, "internal error in Forward", where the catalogue
+    # answers the model's own code's errors MODEL_ERROR, naming the model, the pass and the
+    # error's type (found by a review of the error catalogue).
     with serving(ModelSpec(model.__name__, model, (4,), 3)) as client:
         client.timeout = 60
         big, small = np.ones((32, 4), np.float32), np.ones((4, 4), np.float32)
         weight = client.get("lin.weight")
+        name = "KeyboardInterrupt" if model is Interrupting else "SystemExit"
         for call in (
             lambda: client.forward(big),
             lambda: client.train_step(big, np.zeros(32, np.int64)),
         ):
-            with pytest.raises(errors.Internal):
+            with pytest.raises(errors.Internal) as caught:
                 call()
+            assert caught.value.reason == "MODEL_ERROR"
+            assert caught.value.message == (
+                f"{model.__name__}'s forward pass raised {name}; the server's log has its traceback"
+            )
         assert client.list_tensors().version == 0
         assert np.array_equal(client.get("lin.weight"), weight)
         assert client.forward(small).version == 1
-    name = "KeyboardInterrupt" if model is Interrupting else "SystemExit (3)"
-    assert f"{name} raised on the torch thread" in caplog.text
+    assert name in caplog.text  # with its traceback
 
 
 class Recomputing(nn.Module):
@@ -796,6 +803,43 @@ def test_a_factory_that_fails_at_a_reset_or_a_new_session_is_said_to_and_changes
         assert np.all(client.get("weight") == 0.5)
         assert client.list_sessions().sessions == ()  # none opened
     assert "weights.txt" in caplog.text  # the factory's own words, in the log
+
+
+class _ExitsLater:
+    """A factory that builds at the start, and then calls sys.exit() (`how` "exit") or raises
+    KeyboardInterrupt, as a script's factory might on a file it can no longer find."""
+
+    def __init__(self, how: str) -> None:
+        self.how, self.builds = how, 0
+
+    def __call__(self) -> nn.Module:
+        self.builds += 1
+        if self.builds > 1:
+            if self.how == "exit":
+                sys.exit(3)
+            raise KeyboardInterrupt
+        return nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("how", ["exit", "interrupt"])
+def test_a_factory_that_exits_at_a_reset_or_a_new_session_is_said_to_as_any_failure(
+    how: str,
+) -> None:
+    """Answered INTERNAL, reason INTERNAL, "internal error in Reset", as the server's own
+    fault, where any other failure of the factory is MODEL_BUILD_FAILED (found by a review
+    of the error catalogue)."""
+    with serving(ModelSpec("Exits", _ExitsLater(how), (4,), 3)) as client:
+        raised = "SystemExit" if how == "exit" else "KeyboardInterrupt"
+        for call in (client.reset, client.open_session):
+            with pytest.raises(errors.FailedPrecondition) as caught:
+                call()
+            assert caught.value.reason == "MODEL_BUILD_FAILED"
+            assert caught.value.message == (
+                f"building a new Exits failed: its factory raised {raised} (the server's log "
+                "has its traceback); nothing was changed"
+            )
+        assert client.list_tensors().version == 0
+        assert client.list_sessions().sessions == ()
 
 
 class Recurrent(nn.Module):

@@ -416,14 +416,22 @@ def _checkpoint_errors(path: Path) -> Iterator[None]:
         ) from err
 
 
+#: What a model's own code may raise in a pass, to be answered as its error: besides any
+#: Exception, SystemExit and KeyboardInterrupt, which no signal raises on the torch thread.
+_MODELS_OWN = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def _failed_in_model(error: BaseException, name: str, where: str) -> DomainError | None:
     """What an `error` the model's own code raised in its `where` ("forward pass",
     "backward pass") is answered as, where it is none of the trainer's own refusals, memory
     running out or a device lost (each answered as it is elsewhere): one it cannot be
     served with (torch.utils.checkpoint's reentrant form, whose backward pass only
     loss.backward() runs), else ModelCodeError. Both were INTERNAL with no words, the
-    first though the model trains locally (found by a review of serving one's own model)."""
-    if not isinstance(error, Exception) or _said_elsewhere(error) or device_lost(error):
+    first though the model trains locally (found by a review of serving one's own model).
+    A sys.exit() or KeyboardInterrupt of the model's is its error too: the pass runs on the
+    torch thread, where no signal is delivered, and they were answered INTERNAL as the
+    server's own fault (found by a review of the error catalogue)."""
+    if not isinstance(error, _MODELS_OWN) or _said_elsewhere(error) or device_lost(error):
         return None
     if isinstance(error, RuntimeError) and "use_reentrant=True" in str(error):
         return ModelFault(
@@ -746,7 +754,7 @@ class Trainer:
             modes = _modes(model)
             try:
                 _initialise_lazy_layers(model, self.spec)
-            except Exception as err:
+            except _MODELS_OWN as err:
                 raise self._not_built(err, "its lazy layers' first pass") from err
             state = random_stream.built_state(self.device, seed)
         _to_training_mode(model, modes)
@@ -756,13 +764,15 @@ class Trainer:
         """A new model from the spec's factory; ModelFault (MODEL_BUILD_FAILED) where the
         factory fails: at a Reset or an OpenSession (a file it loads removed since the
         start) that was INTERNAL with no words (found by a review of serving one's own
-        model); at start, `load_spec`'s own build says it first."""
+        model); at start, `load_spec`'s own build says it first. A sys.exit() in it too,
+        which was INTERNAL, the server's own fault (found by a review of the error
+        catalogue)."""
         try:
             return self.spec.factory()
-        except Exception as err:
+        except _MODELS_OWN as err:
             raise self._not_built(err, "its factory") from err
 
-    def _not_built(self, error: Exception, what: str) -> Exception:
+    def _not_built(self, error: BaseException, what: str) -> BaseException:
         """The error a build of the model that failed in `what` is answered with."""
         if _said_elsewhere(error):
             return error
@@ -1708,7 +1718,7 @@ class Trainer:
                 del self._meta_runs[next(iter(self._meta_runs))]  # the shape seen first
             try:
                 self._meta_runs[key] = self._run_on_meta(key[0], dtype)
-            except Exception as err:
+            except _MODELS_OWN as err:  # the pass itself says what the model does
                 log.debug("no run on meta tensors for input %s: %s", key, err)
                 self._meta_runs[key] = None
         return self._meta_runs[key]
