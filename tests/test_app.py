@@ -1722,6 +1722,33 @@ def test_a_stop_signal_while_the_model_is_built_is_said_before_the_process_ends_
     assert not port_file.exists()
 
 
+def test_a_stop_signal_while_starting_ends_the_first_process_of_a_container(
+    tmp_path: Path,
+) -> None:
+    """As the first process of its PID namespace (a container's, Docker's CMD: PID 1), the
+    kernel drops a signal whose action is the default: the server said "exiting; nothing was
+    served or saved", then went on to build, listen and serve, and `docker stop` waited its
+    whole stop_grace_period before killing it (found by a review of restarts). It exits now,
+    128 + the signal, as a shell reports a process ended by one."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs util-linux's unshare")
+    under = (unshare, "--user", "--map-root-user", "--pid", "--fork", "--kill-child")
+    if subprocess.run([*under, "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine lets no PID namespace be made (unshare refused)")
+    port_file = tmp_path / "port"
+    args = ("--model", "tests.broken_models:SLOW_TO_BUILD", "--port-file", str(port_file))
+    with serving(*args, until="slow build started", under=under) as (process, _):
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text()
+        os.kill(int(children.split()[0]), signal.SIGTERM)  # the server, PID 1 inside
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM  # not the minute's build
+        assert process.stderr is not None
+        rest = process.stderr.read()
+    assert "SIGTERM received while starting, before listening: exiting" in rest, rest
+    assert "listening on" not in rest
+    assert not port_file.exists()
+
+
 def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:
     # A Forward of a minute held the stop, and further signals were only logged.
     port_file, state = tmp_path / "port", tmp_path / "state"

@@ -756,6 +756,13 @@ def _exit_said_while_starting(signum: int, frame: FrameType | None) -> None:
     )
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+    # Still here: the kernel dropped it. The first process of a PID namespace (a container's,
+    # Docker's CMD: PID 1) is sent no signal whose action is the default, and the server
+    # went on to listen and serve after saying it exited, until `docker stop` killed it a
+    # stop_grace_period later (found by a review of restarts). As a shell reports the end
+    # by the signal.
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 def _said_while_starting(serve: Callable[_P, None]) -> Callable[_P, None]:
