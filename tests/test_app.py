@@ -1730,12 +1730,7 @@ def test_a_stop_signal_while_starting_ends_the_first_process_of_a_container(
     served or saved", then went on to build, listen and serve, and `docker stop` waited its
     whole stop_grace_period before killing it (found by a review of restarts). It exits now,
     128 + the signal, as a shell reports a process ended by one."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("needs util-linux's unshare")
-    under = (unshare, "--user", "--map-root-user", "--pid", "--fork", "--kill-child")
-    if subprocess.run([*under, "true"], capture_output=True).returncode != 0:
-        pytest.skip("this machine lets no PID namespace be made (unshare refused)")
+    under = _first_process_of_a_container()
     port_file = tmp_path / "port"
     args = ("--model", "tests.broken_models:SLOW_TO_BUILD", "--port-file", str(port_file))
     with serving(*args, until="slow build started", under=under) as (process, _):
@@ -1744,6 +1739,66 @@ def test_a_stop_signal_while_starting_ends_the_first_process_of_a_container(
         assert process.wait(timeout=30) == 128 + signal.SIGTERM  # not the minute's build
         assert process.stderr is not None
         rest = process.stderr.read()
+    assert "SIGTERM received while starting, before listening: exiting" in rest, rest
+    assert "listening on" not in rest
+    assert not port_file.exists()
+
+
+def _first_process_of_a_container() -> tuple[str, ...]:
+    """The command that runs another as the first process (PID 1) of a PID namespace of its
+    own, as a container's is, killed with it; skips the test where none can be made."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs util-linux's unshare")
+    under = (unshare, "--user", "--map-root-user", "--pid", "--fork", "--kill-child")
+    if subprocess.run([*under, "true"], capture_output=True).returncode != 0:
+        pytest.skip("this machine lets no PID namespace be made (unshare refused)")
+    return under
+
+
+#: `gradwire serve`, its import of the server side three seconds longer, as on a busy
+#: host, said as it begins: for a signal that must come during it.
+_SLOW_SERVER_IMPORT = """
+import runpy, signal, sys, time
+class Slow:
+    def find_spec(self, name, path, target=None):
+        if name == "gradwire_server":
+            sys.meta_path.remove(self)
+            print("importing the server side", file=sys.stderr, flush=True)
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                time.sleep(0.05)
+sys.meta_path.insert(0, Slow())
+runpy.run_module("gradwire.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_stop_signal_during_serve_s_imports_is_said_and_ends_it(tmp_path: Path) -> None:
+    """SIGTERM while `gradwire serve` imports the server side (torch's import, seconds), as
+    a container's first process (PID 1): the kernel dropped it, there being no handler yet,
+    and the server went on to listen and serve; elsewhere it ended the process without a
+    word (found by a review of restarts). Kept until the log is set up, it is said, and
+    the process ends by it: 128 + the signal where it cannot (PID 1)."""
+    under = _first_process_of_a_container()
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [*under, sys.executable, "-c", _SLOW_SERVER_IMPORT, "serve", "--port", "0",
+         "--device", "cpu", "--port-file", str(port_file)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "importing the server side\n"
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        os.kill(int(children.read_text().split()[0]), signal.SIGTERM)  # PID 1 inside
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM
+        rest = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
     assert "SIGTERM received while starting, before listening: exiting" in rest, rest
     assert "listening on" not in rest
     assert not port_file.exists()

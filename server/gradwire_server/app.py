@@ -744,7 +744,7 @@ def describe_threads(one_thread_for_small_work: bool, device: torch.device) -> s
 _P = ParamSpec("_P")
 
 
-def _exit_said_while_starting(signum: int, frame: FrameType | None) -> None:
+def exit_said_while_starting(signum: int, frame: FrameType | None) -> None:
     """SIGTERM or SIGHUP before `serve` has its own handler (the model building, a state
     restoring): said, then taken as Python's default takes it, the process ending by the
     signal, as a supervisor expects of it. It ended so without a word, the operator left
@@ -771,7 +771,7 @@ def _said_while_starting(serve: Callable[_P, None]) -> Callable[_P, None]:
     @functools.wraps(serve)
     def serving(*args: _P.args, **kwargs: _P.kwargs) -> None:
         starting = [s for s in stop_signals() if s != signal.SIGINT]
-        before = {s: signal.signal(s, _exit_said_while_starting) for s in starting}
+        before = {s: signal.signal(s, exit_said_while_starting) for s in starting}
         try:
             serve(*args, **kwargs)
         finally:

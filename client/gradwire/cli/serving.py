@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -166,9 +168,45 @@ def errors_logged(json_log: bool) -> Iterator[None]:
         raise
 
 
-def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
+def _stop_signals_here() -> list[signal.Signals]:
+    """SIGTERM, and SIGHUP unless it is ignored (nohup): the stop signals serve takes but
+    Ctrl-C, which stays Python's KeyboardInterrupt."""
+    stops = [signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
+        stops.append(hangup)
+    return stops
+
+
+@contextlib.contextmanager
+def _stop_signals_kept() -> Iterator[list[int]]:
+    """The stop signals received while serve's imports run (torch's, seconds), kept for the
+    server to say and take once its log is set up; the handlers found given back at the end.
+    Left to their default there, such a signal ended the process without a word, and the
+    first process of a container (PID 1), sent no signal left to its default, went on to
+    listen and serve (found by a review of restarts)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # no handler can be set
+        yield received
+        return
+    found = {
+        s: signal.signal(s, lambda signum, _: received.append(signum)) for s in _stop_signals_here()
+    }
     try:
-        from gradwire_server.app import DeviceLost, ServingLost, serve
+        yield received
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
+
+
+def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> None:
+    with _stop_signals_kept() as received:
+        _serve(args, received)
+
+
+def _serve(args: argparse.Namespace, received: list[int]) -> None:
+    try:
+        from gradwire_server.app import DeviceLost, ServingLost, exit_said_while_starting, serve
         from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput, ModelFault, OverLimit
         from gradwire_server.logs import log_handler
@@ -179,6 +217,11 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
+    if threading.current_thread() is threading.main_thread():
+        for s in _stop_signals_here():  # from here on, as serve takes them until it listens
+            signal.signal(s, exit_said_while_starting)
+    if received:
+        exit_said_while_starting(received[0], None)
     # A start that fails says so in the log's format: with --log-format json, a collector of
     # JSON lines read the two lines before it and not the one that mattered (an operator's
     # walkthrough).
