@@ -2854,9 +2854,9 @@ def test_a_session_from_the_environment_that_is_gone_is_said_to_come_from_there(
     assert result.code == 1
     assert result.err.startswith("error: NOT_FOUND: no session 'gone'")
     assert _hint(result) == (
-        "hint: the session came from $GRADWIRE_SESSION, which names one closed or never "
-        "opened: unset it (unset GRADWIRE_SESSION), or export the id of one open now "
-        "(gradwire sessions lists them)"
+        "hint: the session came from $GRADWIRE_SESSION, which names one closed, never "
+        "opened, or lost to a restart of the server: unset it (unset GRADWIRE_SESSION), "
+        "or export the id of one open now (gradwire sessions lists them)"
     )
     # close-session with no ID closes the environment's: the same hint.
     assert _hint(run_main("close-session", "--target", address)) == _hint(result)

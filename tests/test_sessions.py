@@ -222,6 +222,33 @@ def test_idle_sessions_expire() -> None:
     sessions.close_all()
 
 
+def test_a_session_the_server_s_restart_lost_is_said_to_be_lost_to_a_restart() -> None:
+    """A session opened before its server restarted (a deploy, a crash and its supervisor):
+    its owner's next call, and its close, said "it was never opened, was closed, or expired
+    after 600 s without calls", none of which happened, and nothing of the restart that did
+    (found by a review of restarts and recovery). Each now says a restart loses a session,
+    and when this server started, for the owner to tell."""
+    with running_server() as first:
+        port = first.port
+        with gradwire.connect(f"127.0.0.1:{port}", timeout=10) as client:
+            session = client.open_session(seed=0).detach()
+    with (
+        running_server(port=port),
+        gradwire.connect(f"127.0.0.1:{port}", session=session, timeout=10) as mine,
+    ):
+        with pytest.raises(errors.NotFound) as used:
+            mine.read("linear.weight[0, 0]")
+        with pytest.raises(errors.NotFound) as closed:
+            mine.close_session()  # joined by its id: checked
+    for error in (used.value, closed.value):
+        assert error.reason == "UNKNOWN_SESSION"
+        assert re.search(
+            r"or was lost when this server restarted \(it started [0-9]+ s ago; a session lives "
+            r"in its server's memory\)",
+            error.message,
+        ), error.message
+
+
 def test_a_session_in_use_does_not_expire() -> None:
     """A call in progress (an open Watch, a long Train) is use, however long it lasts."""
     now = [0.0]
@@ -514,10 +541,12 @@ def test_the_cli_opens_a_session_that_outlives_it_and_closes_it(
     assert server.servicer.sessions.open_count == 0
     again = run_main("close-session", session, "--target", address)
     assert again.code == 1
-    assert again.err == (
+    assert re.fullmatch(
         f"error: NOT_FOUND: no session {session!r} to close: it was never opened, was closed "
-        "already, or expired after 600 s without calls\n"
-    )
+        r"already, expired after 600 s without calls, or was lost when this server restarted "
+        r"\(it started [0-9]+ s ago; a session lives in its server's memory\)\n",
+        again.err,
+    ), again.err
     monkeypatch.delenv("GRADWIRE_SESSION")
     unnamed = run_main("close-session", "--target", address)
     assert unnamed.code == 2 and "name the session to close" in unnamed.err
@@ -1143,9 +1172,10 @@ def test_an_unknown_session_on_a_server_that_expires_none_is_not_said_to_have_ex
             refused()
         assert info.value.reason == "UNKNOWN_SESSION"
         assert "inf s" not in info.value.message and "expired" not in info.value.message
-        assert "it was never opened or was closed" in info.value.message
+        assert "it was never opened, was closed" in info.value.message
+        assert ", or was lost when this server restarted" in info.value.message
     finite = Sessions(trainer, idle_s=600.0)  # where sessions expire, the refusal says so
-    with pytest.raises(UnknownSession, match="or expired after 600 s without calls"):
+    with pytest.raises(UnknownSession, match="expired after 600 s without calls, or was lost"):
         finite.get("gone")
     never.close_all()
     finite.close_all()

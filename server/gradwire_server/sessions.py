@@ -74,6 +74,7 @@ class Sessions:
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self._clock = clock
+        self._started = clock()  # with the server: a restart loses every session (_lost)
         # Reentrant: a call's hold is let go (`leave`) when its handler ends, which for a
         # stream may be when the collector finalizes its generator, at any allocation, this
         # lock held or not.
@@ -118,6 +119,15 @@ class Sessions:
             found.held += hold
             return found.trainer
 
+    def _lost(self) -> str:
+        """For a session not found: a restart loses every session, and when this server
+        started. Its owner's next call after a restart read that the session was never
+        opened, closed or expired, none of which had happened (a review of restarts)."""
+        return (
+            f"or was lost when this server restarted (it started "
+            f"{self._clock() - self._started:.0f} s ago; a session lives in its server's memory)"
+        )
+
     def is_open(self, session: str) -> bool:
         """Whether `session` is open (an expired one until it is closed)."""
         with self._lock:
@@ -132,13 +142,14 @@ class Sessions:
                 found.last_used = self._clock()
 
     def _or_expired(self, already: str = "") -> str:
-        """How an unknown session may have ended, after "it was never opened": closed, or
-        expired where sessions expire. A server that closes none for want of calls
-        (--session-idle inf) said "or expired after inf s without calls" (found by a review
-        of the error catalogue)."""
-        if math.isinf(self.idle_s):
-            return f" or was closed{already}"
-        return f", was closed{already}, or expired after {self.idle_s:g} s without calls"
+        """How an unknown session may have ended, after "it was never opened": closed,
+        expired where sessions expire, or lost to a restart. A server that closes none for
+        want of calls (--session-idle inf) said "or expired after inf s without calls"
+        (found by a review of the error catalogue)."""
+        expired = (
+            "" if math.isinf(self.idle_s) else f" expired after {self.idle_s:g} s without calls,"
+        )
+        return f", was closed{already},{expired} {self._lost()}"
 
     def _next_expiry(self) -> str:
         """With the lock held: when the first idle session expires, for a caller refused

@@ -180,9 +180,9 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if hint is None and e.reason == "UNKNOWN_SESSION" and stale:
             # A stale export in the shell: nothing said where the id came from (a review).
             hint = (
-                f"the session came from ${SESSION_ENV}, which names one closed or never "
-                f"opened: unset it (unset {SESSION_ENV}), or export the id of one open now "
-                "(gradwire sessions lists them)"
+                f"the session came from ${SESSION_ENV}, which names one closed, never "
+                f"opened, or lost to a restart of the server: unset it (unset {SESSION_ENV}), "
+                "or export the id of one open now (gradwire sessions lists them)"
             )
         # Which server was reached matters to a hint about reaching it, a token or a
         # session, not to one about the order of calls (a newcomer's walkthrough found
