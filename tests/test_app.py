@@ -1127,6 +1127,33 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
         hold_state_dir(state)
 
 
+def test_a_state_dir_held_by_a_server_still_saving_at_its_stop_is_said_so(
+    tmp_path: Path,
+) -> None:
+    """A server started on the state dir of one still stopping (`kill PID; gradwire serve`,
+    a large model's save taking 22 s) was told to find "a folder of its own", exit 2: a
+    new folder would have started from fresh weights, and a supervisor that retries exit 1
+    alone gave up (found by a review of restarts). It is told the holder is stopping and to
+    start once it has exited, an OSError: exit 1, which may pass, as a port still held."""
+    from gradwire_server.app import hold_state_dir
+
+    state = tmp_path / "state"
+    args = ("--model", "tests.slow_save_model:SPEC", "--state-dir", str(state), "--grace", "0")
+    with serving(*args) as (process, _):
+        process.send_signal(signal.SIGTERM)
+        assert process.stderr is not None
+        assert any("saving state version" in line for line in iter(process.stderr.readline, ""))
+        with pytest.raises(OSError) as held:  # the save takes 2 s more
+            hold_state_dir(state)
+        assert process.wait(timeout=60) == 0
+    assert str(held.value) == (
+        f"--state-dir {state} is held by gradwire server process {process.pid}, which is "
+        "stopping (saving its state there): start this one once that process has exited"
+    )
+    with hold_state_dir(state):  # free once its server has stopped
+        pass
+
+
 def test_the_lock_file_names_this_server_s_process_alone(tmp_path: Path) -> None:
     """A lock file left longer than this server's process id is written over whole: what
     was left after the id made a second server's refusal say "another process" where it

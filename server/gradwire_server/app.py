@@ -593,8 +593,10 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     )
 
 
-#: In a state dir: the lock its server holds, and that server's process id.
+#: In a state dir: the lock its server holds, and that server's process id (followed by
+#: STOPPING_MARK once its stop has begun).
 LOCK_FILE = "gradwire.lock"
+STOPPING_MARK = "stopping"
 
 
 def _lock_file(state_dir: Path) -> Any:
@@ -649,6 +651,16 @@ class _StateDirHold:
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
+            pid, _, stopping = holder.partition(" ")
+            if pid.isdigit() and stopping == STOPPING_MARK:
+                # Its stop and save under way: a new folder would start from fresh weights,
+                # and exit 2 stopped a supervisor that retries only what may pass (a review
+                # of restarts). Exit 1, as for a port a server still stopping holds.
+                raise OSError(
+                    f"--state-dir {self.state_dir} is held by gradwire server process {pid}, "
+                    "which is stopping (saving its state there): start this one once that "
+                    "process has exited"
+                ) from None
             by = f"process {holder}" if holder.isdigit() else "another process"
             raise InvalidInput(
                 f"--state-dir {self.state_dir} is in use by another gradwire server ({by}): "
@@ -663,6 +675,17 @@ class _StateDirHold:
         if self._handle is not None:
             self._handle.close()  # the lock on the removed folder's file, which guards nothing
         self._handle = handle
+
+    def stopping(self) -> None:
+        """Marks the lock file as held by a server stopping, for a server started meanwhile
+        on the folder to say so (`take`). Written over the process id, which it begins
+        with, in the space the file has: on a full disk too; a mark that fails is left
+        unmade, the stop going on."""
+        with self._keeping, contextlib.suppress(OSError):
+            if self._handle is not None:
+                self._handle.seek(0)
+                self._handle.write(f"{os.getpid()} {STOPPING_MARK}\n")
+                self._handle.flush()
 
     def keep(self) -> None:
         """Before a save: takes the lock again where the state dir's lock file is no longer
@@ -693,7 +716,7 @@ class _StateDirHold:
             self._handle.close()
 
 
-def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[object]:
+def hold_state_dir(state_dir: Path) -> contextlib.AbstractContextManager[_StateDirHold | None]:
     """Holds `state_dir` for this server until the context ends (or the process does):
     another server given it is refused at start (InvalidInput, BAD_STATE_DIR), naming the
     process that holds it. An advisory lock (flock) on LOCK_FILE, which stays behind; none
@@ -846,7 +869,7 @@ def serve(
         check_state_dir(state_dir)
     # Held until the server has stopped and saved: two servers that shared one state dir
     # each saved there at their stop, the last to stop overwriting the other's training.
-    with contextlib.nullcontext() if state_dir is None else hold_state_dir(state_dir):
+    with contextlib.nullcontext() if state_dir is None else hold_state_dir(state_dir) as hold:
         if state_dir is not None:
             removed, size = checkpoint.clear_unfinished(state_dir)
             if removed:
@@ -1056,6 +1079,8 @@ def serve(
                     ready(running)
                 wait_for(stop)
             finally:
+                if hold is not None:
+                    hold.stopping()
                 # A call still running past the grace period (a long step) holds the stop: the
                 # state is saved after it. Said once, so that the operator knows what is being
                 # waited for.
