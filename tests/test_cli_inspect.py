@@ -722,6 +722,40 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
     assert said[1:] == ["the server is back, at version 0: watching again"], said
 
 
+def test_watch_reconnect_says_the_server_came_back_with_an_older_state() -> None:
+    """A server killed (SIGKILL, the out-of-memory killer) comes back from its last save, or
+    from fresh weights without one: the watch said only "the server is back, at version 0"
+    under updates at version 2, and went on showing versions it had shown before, now of
+    other states, the training since the save lost without a word (found by a review of
+    restarts and recovery)."""
+    first = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", 0)
+    port = first.port
+    target = f"127.0.0.1:{port}"
+    watch = _Watching("watch", "loss", "--target", target, "--json", "--reconnect", "--count", "4")
+    try:
+        watch.wait_for(lambda: len(watch.lines()) == 1, "no first update")
+        with gradwire.connect(target) as client:
+            for seed in (1, 2):
+                client.reset(seed=seed)
+                watch.wait_for(lambda s=seed: len(watch.lines()) == s + 1, "no update")
+        first.stop(grace=None)
+        watch.wait_for(lambda: "went away" in watch.err.getvalue(), "no word of the stop")
+        second = start(Trainer(TINY_MLP, seed=0), "127.0.0.1", port)  # nothing was saved
+        try:
+            assert watch.join() == 0, watch.err.getvalue()
+        finally:
+            second.stop(grace=None)
+    finally:
+        first.stop(grace=None)
+    assert [u["version"] for u in watch.lines()] == [0, 1, 2, 0]
+    said = watch.err.getvalue().splitlines()
+    assert said[1:] == [
+        "the server is back, at version 0, 2 versions before the last update it sent (2): "
+        "it came back with an older state, and what was applied after its last save (or "
+        "since it started, without one) is lost; watching again"
+    ], said
+
+
 @pytest.mark.parametrize("in_a_session", [False, True], ids=["default", "session"])
 def test_a_watch_its_server_stopped_under_names_the_option_that_waits_for_it(
     in_a_session: bool,

@@ -298,6 +298,21 @@ def _divergence_hint(
     )
 
 
+def _older(back: int, left: int) -> str:
+    """What follows "the server is back, at version N" (`back`), up to "watching again":
+    below `left`, the last update's before it went, the server came back from its last save
+    (a crash) or from fresh weights, and the versions to come were shown before, of other
+    states. Unsaid, the training lost went unnoticed (a review of restarts and recovery)."""
+    if back >= left:
+        return ":"
+    behind = left - back
+    return (
+        f", {behind} version{'' if behind == 1 else 's'} before the last update it sent "
+        f"({left}): it came back with an older state, and what was applied after its last "
+        "save (or since it started, without one) is lost;"
+    )
+
+
 def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     stats = args.stats or not args.values
     if args.bins and not stats:  # dropped without a word (found by a review of the CLI)
@@ -309,10 +324,11 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selectors = [str(parse_selector(text)) for text in args.selectors]
     seen, version = 0, None
     away = False  # the server went away (--reconnect), and no update has come since
+    left = 0  # the version of the last update before it went
 
     def went_away(error: Unavailable) -> None:
-        nonlocal away
-        away = True
+        nonlocal away, left
+        away, left = True, version or 0
         # The version of the last update this watch showed: the server's may have moved on
         # since (a save between two updates). "after version N" read as the server's own
         # (a review of watching training remotely). There is one: this command's client
@@ -351,7 +367,8 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                 if away:  # said after the update: on a terminal, drawing it clears the screen
                     away = False
                     args.err.write(
-                        f"the server is back, at version {update.version}: watching again\n"
+                        f"the server is back, at version {update.version}"
+                        f"{_older(update.version, left)} watching again\n"
                     )
                 if args.count is not None and seen >= args.count:
                     break
