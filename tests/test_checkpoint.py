@@ -423,8 +423,14 @@ def test_serve_brings_the_count_of_steps_back_after_sigterm_not_sigkill(tmp_path
         assert steps_and_version(log) == (3, 12)  # 3 steps of 4 calls each
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
-    with serving(*state) as (process, log):
-        assert "restored state version 12" in log
+    # With --seed, the restore says whose weights it replaced: `serve --seed 3` on a state
+    # dir read as weights seeded 3 (found by a review of restarts and recovery).
+    with serving(*state, "--seed", "3") as (process, log):
+        assert re.search(
+            r"restored state version 12 from \S+state.safetensors, in place of the weights "
+            r"--seed 3 gave\n",
+            log,
+        ), log
         assert steps_and_version(log) == (3, 12)
         port = re.findall(r"listening on 127\.0\.0\.1:(\d+)", log)[0]
         with gradwire.connect(f"127.0.0.1:{port}") as client:
@@ -432,6 +438,7 @@ def test_serve_brings_the_count_of_steps_back_after_sigterm_not_sigkill(tmp_path
         process.kill()
         process.wait(timeout=60)
     with serving(*state) as (process, log):
+        assert "restored state version 12" in log and "in place of" not in log
         assert steps_and_version(log) == (3, 12)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

@@ -893,7 +893,10 @@ def serve(
             log.info("%s", threads)
         saved = None if state_dir is None else state_dir / checkpoint.FILE_NAME
         if saved is not None and saved.exists():
-            log.info("restored state version %d from %s", trainer.load(saved), saved)
+            # --seed's initialisation replaced: said, or `serve --seed 3` on a state dir
+            # read as weights seeded 3 (found by a review of restarts and recovery).
+            replaced = "" if seed is None else f", in place of the weights --seed {seed} gave"
+            log.info("restored state version %d from %s%s", trainer.load(saved), saved, replaced)
         elif saved is not None:
             # Said, so that a fresh volume and a wrong mount read apart (an operator's
             # walkthrough: only a restore was logged).
