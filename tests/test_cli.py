@@ -1087,6 +1087,12 @@ def test_optimizer_settings_of_the_other_kind_are_a_usage_error(
     assert result.err.endswith(
         "--momentum: SGD's, not Adam's (--kind adam): leave it out, or give --kind sgd\n"
     )
+    # A setting given as 0 is still given, by its own name (not as --no-momentum).
+    result = cli("optimizer", "--kind", "adam", "--momentum", "0")
+    assert (result.code, result.out) == (2, "")
+    assert result.err.endswith(
+        "--momentum: SGD's, not Adam's (--kind adam): leave it out, or give --kind sgd\n"
+    )
     result = cli("optimizer", "--kind", "sgd", "--eps", "1e-6", "--beta2", "0.9", "--keep-state")
     assert result.code == 2
     assert result.err.endswith(

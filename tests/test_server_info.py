@@ -521,6 +521,25 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
     assert not any("at most 0 " in line or "0 ids" in line for line in lines)
 
 
+def test_the_cli_says_a_server_that_lists_no_fields_may_predate_the_list(small: Running) -> None:
+    """A server from before it listed the contract's fields it knows sends none: its
+    contract row says so, and what the client refuses it for, words and dates unbroken at
+    their hyphens."""
+    older = pb.GetServerInfoResponse()
+    older.CopyFrom(small.servicer.info)
+    older.ClearField("known_fields")
+    answer = grpc.unary_unary_rpc_method_handler(lambda request, context: older.SerializeToString())
+    handler = grpc.method_handlers_generic_handler("gradwire.v1.Trainer", {"GetServerInfo": answer})
+    with bare_server(handler) as address:
+        lines = run_main("info", "--target", address).out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("contract "))
+    assert [line[17:] for line in lines[at:]] == [
+        "the fields of the .proto it knows unlisted: a server older than the list (the",
+        "client refuses it forward --eval and optimizer --keep-state unless its limits show",
+        "it is of 2026-12-05 or later)",
+    ]
+
+
 def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:
     """A server from before GetServerInfo answers UNIMPLEMENTED: here a bare gRPC server."""
     with bare_server() as address:

@@ -1364,6 +1364,24 @@ def test_list_sessions_gives_each_field_the_server_answered() -> None:
     assert (listing.max_sessions, listing.idle_timeout_s, listing.opening) == (9, 600.0, 4)
 
 
+def test_a_session_idle_past_the_server_s_time_closes_in_0s_not_a_time_gone_by() -> None:
+    """The server closes an idle session at its next look, up to a quarter of its idle time
+    later: listed between the two, the session closes in 0s, not in a negative time."""
+    answer = pb.ListSessionsResponse(
+        sessions=[pb.SessionInfo(session="ab" * 16, version=1, open_s=700.0, idle_s=605.0)],
+        max_sessions=8, idle_timeout_s=600.0,
+    )  # fmt: skip
+
+    def list_sessions(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return answer.SerializeToString()
+
+    older = old_trainer(ListSessions=grpc.unary_unary_rpc_method_handler(list_sessions))
+    with bare_server(older) as address:
+        shown = run_main("sessions", "--target", address).out.splitlines()
+    # idle, running, closes in
+    assert shown[2].split()[-3:] == ["10m05s", "0", "0s"], shown
+
+
 def test_the_cli_lists_the_sessions(address: str, server: Running) -> None:
     empty = run_main("sessions", "--target", address)
     assert (empty.code, empty.out) == (
