@@ -173,6 +173,17 @@ def test_forward_refuses_a_seed_no_source_draws_with(
     assert np.array_equal(get(client, "target"), y.numpy())
 
 
+def test_forward_s_seed_refusal_gives_the_tutorial_s_input_where_the_model_is_unknown() -> None:
+    """The example input is extra: where the server cannot list its model (here one that
+    predates ListTensors), the refusal gives the tutorial's, not the server's failure."""
+    with bare_server() as address:
+        result = run_main("forward", "--seed", "3", "--target", address)
+    assert result.code == 2, result.err
+    assert result.err.endswith(
+        ": give one, such as --input uniform:8,3,10,10, or leave --seed out\n"
+    ), result.err
+
+
 def test_forward_with_a_constant_and_a_dtype_suffix(cli: Run, client: gradwire.Client) -> None:
     result = cli("forward", "--input", "full:0.5:2,3,10,10:float32", "--targets", "zeros:2:int64")
     assert result.code == 0
@@ -1946,12 +1957,26 @@ def test_get_out_refuses_what_it_cannot_write(cli: Run, tmp_path: Path) -> None:
     assert not absent.exists()
     for argv, said in [
         (["--out", str(tmp_path / "w.txt")], "name it something.npy"),
+        (["--out", str(tmp_path / "w")], "name it something.npy"),  # numpy would add .npy
         (["--out", str(tmp_path / "nope" / "w.npy")], "no such folder"),
         (["--out", str(tmp_path / "w.npy"), "--shape-only"], "give one of them"),
     ]:
         result = cli("get", "conv1.weight", *argv)
         assert result.code == 2, argv
         assert result.err.startswith("gradwire get: error: --out") and said in result.err
+
+
+def test_get_out_onto_a_folder_says_it_cannot_write_it_in_the_system_s_words(
+    cli: Run, tmp_path: Path
+) -> None:
+    """A folder named w.npy where the file would go: exit 1, "Is a directory", without
+    Python's "[Errno 21]" and the path said twice."""
+    folder = tmp_path / "w.npy"
+    folder.mkdir()
+    result = cli("get", "conv1.weight", "--out", str(folder))
+    assert (result.code, result.out) == (1, "")
+    assert result.err.endswith(f"cannot write {folder}: Is a directory\n"), result.err
+    assert folder.is_dir() and not any(folder.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -2666,6 +2691,18 @@ def test_list_says_what_a_regressor_takes() -> None:
     assert result.out.splitlines()[1] == (
         "input float32 [N, 8] -> output [N, 2]; loss mse, targets floats [N, 2]"
     )
+
+
+def test_forward_says_a_loss_of_0_as_its_value() -> None:
+    """A loss of exactly 0 (a model that fits its targets) is a loss, not "no target, no
+    loss"."""
+    from gradwire_server.models import TINY_REGRESSOR
+
+    with running_server(TINY_REGRESSOR) as running:
+        target = f"127.0.0.1:{running.port}"
+        assert run_main("fill", "0", "--target", target).code == 0
+        result = run_main("forward", "--targets", "zeros:8,2", "--target", target)
+    assert result.out == "output torch.Size([8, 2]), loss 0.0 (version 2)\n", result.err
 
 
 def test_an_input_of_no_dimension_is_told_what_the_model_takes(cli: Run) -> None:

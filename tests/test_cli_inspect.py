@@ -72,6 +72,14 @@ def test_stats_prints_what_the_client_reads(cli: Run, client: gradwire.Client) -
     assert rows[1].endswith(" 0") and rows[0].endswith("#")
 
 
+def test_stats_json_names_its_selector_as_get_json_does(cli: Run) -> None:
+    """`conv1.weight[0,1]` as given is `conv1.weight[0, 1]` in either's JSON: one key a
+    script may match the two on."""
+    stats = cli("stats", "conv1.weight[0,1]", "--json").json()
+    got = cli("get", "conv1.weight[0,1]", "--json").json()
+    assert stats["selector"] == got["selector"] == "conv1.weight[0, 1]"
+
+
 def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -> None:
     # min, max, mean, std and norm are over finite values: with none, there are none to show.
     client.set("conv1.weight[0, 0]", np.array([[np.nan, np.inf, -np.inf]] * 3, np.float32))

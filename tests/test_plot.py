@@ -95,6 +95,20 @@ def test_conv2_weight_as_a_histogram(cli: Run, tmp_path: Path) -> None:
 
 
 @needs_matplotlib
+@pytest.mark.parametrize("kind", ["histogram", "heatmap"])
+def test_the_title_given_is_the_one_drawn(cli: Run, tmp_path: Path, kind: str) -> None:
+    """--title reaches the picture, a histogram binned by the server's as a heatmap: two
+    titles draw two pictures, the same title the same one."""
+    drawn = []
+    for i, title in enumerate(["first title", "second title", "first title"]):
+        out = tmp_path / f"{i}.png"
+        result = cli("plot", "linear.weight", "--kind", kind, "--title", title, "--out", str(out))
+        assert result.code == 0, result.err
+        drawn.append(out.read_bytes())
+    assert drawn[0] != drawn[1] and drawn[0] == drawn[2]
+
+
+@needs_matplotlib
 @pytest.mark.parametrize(
     "selector", ["conv2.weight[0]", "conv1.weight[0, 0, 0]", "conv1.weight[0, 0, 0, 0]"]
 )
