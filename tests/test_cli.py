@@ -3005,6 +3005,7 @@ def test_a_hint_about_the_order_of_calls_does_not_name_the_target_s_origin(
             ": a [3, 3, 3] int64 value broadcast to [16, 3, 3, 3] and cast to float32",
         ),
         ("[1, 2, 3]", ": a [3] value broadcast to [16, 3, 3, 3]"),
+        ("s64.npy", ": a [] float64 value cast to float32"),  # one number, in its file's dtype
         ("0.5", ""),  # a number: every element, as asked
         ("ones:16,3,3,3", ""),  # the tensor's own shape, in its dtype
     ],
@@ -3017,6 +3018,7 @@ def test_set_says_when_it_broadcast_or_cast_the_value(
     np.save(tmp_path / "w33.npy", np.full((3, 3), 2.0, np.float32))
     np.save(tmp_path / "w64.npy", np.full((16, 3, 3, 3), 2.0))
     np.save(tmp_path / "i8.npy", np.full((3, 3), 2, np.int8))
+    np.save(tmp_path / "s64.npy", np.float64(2.0))
     source = str(tmp_path / value) if value.endswith(".npy") else value
     result = cli("set", "conv1.weight", source)
     assert result.code == 0, result.err

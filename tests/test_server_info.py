@@ -540,6 +540,24 @@ def test_the_cli_says_a_server_that_lists_no_fields_may_predate_the_list(small: 
     ]
 
 
+def test_the_cli_never_wraps_a_size_between_its_number_and_mib(small: Running) -> None:
+    """Sizes of 1,024 bytes put the row's wrap between "(0.0" and "MiB)": the two stay on
+    one line, as a number and its bytes or s do."""
+    sized = pb.GetServerInfoResponse()
+    sized.CopyFrom(small.servicer.info)
+    sized.limits.max_value_bytes = sized.limits.default_chunk_bytes = 1024
+    answer = grpc.unary_unary_rpc_method_handler(lambda request, context: sized.SerializeToString())
+    handler = grpc.method_handlers_generic_handler("gradwire.v1.Trainer", {"GetServerInfo": answer})
+    with bare_server(handler) as address:
+        lines = run_main("info", "--target", address).out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("tensor values "))
+    assert lines[at : at + 2] == [
+        "tensor values    at most 1,024 bytes (0.0 MiB) in one message; larger ones stream, "
+        "1,024 bytes",
+        "                 (0.0 MiB) a chunk by default",
+    ]
+
+
 def test_the_cli_says_a_server_without_get_server_info_cannot_describe_itself() -> None:
     """A server from before GetServerInfo answers UNIMPLEMENTED: here a bare gRPC server."""
     with bare_server() as address:
