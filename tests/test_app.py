@@ -1100,7 +1100,7 @@ def test_one_state_dir_serves_one_server_and_sighup_stops_it_saving(tmp_path: Pa
     (state / ".saving" / "state.safetensors.0a1b.partial").write_bytes(b"x" * 3 * 2**19)
     args = ("--port-file", str(port_file), "--state-dir", str(state), "--grace", "1")
     with serving(*args) as (process, log):
-        assert f"removed 1 unfinished checkpoint file(s), 1.5 MiB, left in {state} by a" in log
+        assert f"removed 1 unfinished checkpoint file(s), 1,572,864 bytes, left in {state}" in log
         # A fresh folder is said to be one: only a restore was logged (an operator's
         # walkthrough: a fresh volume and a wrong mount read alike).
         assert f"no saved state in {state}: fresh weights, saved there at a graceful stop" in log

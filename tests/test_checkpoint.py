@@ -2033,9 +2033,9 @@ def test_saves_loads_and_deletes_are_logged_for_the_operator(
         client.delete_checkpoint("first")
     said = [r.getMessage() for r in caplog.records if r.name == "gradwire_server.servicer"]
     assert said == [
-        f"saved state version {saved.version} to {path}",
+        f"saved state version {saved.version} to {path} ({saved.bytes:,} bytes)",
         f"loaded state version {saved.version} from {path}, as version {loaded.version}",
-        f"removed checkpoint {path} ({saved.bytes} bytes)",
+        f"removed checkpoint {path} ({saved.bytes:,} bytes)",
     ]
 
 

@@ -874,9 +874,10 @@ def serve(
             removed, size = checkpoint.clear_unfinished(state_dir)
             if removed:
                 log.info(
-                    "removed %d unfinished checkpoint file(s), %s, left in %s by a save cut short",
+                    "removed %d unfinished checkpoint file(s), %s bytes, left in %s by a save "
+                    "cut short",
                     removed,
-                    f"{size / 2**20:.1f} MiB",
+                    f"{size:,}",
                     state_dir,
                 )
         if port_file is not None:

@@ -708,7 +708,10 @@ class TrainerServicer:
         except OSError as err:
             log.warning("could not write checkpoint %s: %s", path, err)  # where: the operator's
             raise _unwritable(path, err) from err
-        log.info("saved state version %d to %s", version, path)
+        # Its size as every size in the log is written, "1,234 bytes" (exact, one form to
+        # search for): a save said none, a removal "1234 bytes", a cleanup "1.2 MiB" (a
+        # review of the server's log).
+        log.info("saved state version %d to %s (%s bytes)", version, path, f"{size:,}")
         name = checkpoint.name_of(path)
         return pb.SaveCheckpointResponse(version=version, name=name, bytes=size)
 
@@ -772,7 +775,7 @@ class TrainerServicer:
                 "directory",
                 reason="STATE_DIR_UNWRITABLE",
             ) from err
-        log.info("removed checkpoint %s (%d bytes)", path, size)
+        log.info("removed checkpoint %s (%s bytes)", path, f"{size:,}")
         return pb.DeleteCheckpointResponse(name=checkpoint.name_of(path), bytes=size)
 
     def _not_the_default_s(self, path: Path, instead: str) -> None:
