@@ -1409,6 +1409,34 @@ def test_a_normal_fill_as_input_is_drawn_from_its_seed(cli: Run, client: gradwir
     assert client.forward(local, Fill.ones(8, dtype="int64")).loss == loss
 
 
+def test_a_normal_fill_as_input_is_drawn_from_the_seed_given(
+    cli: Run, client: gradwire.Client
+) -> None:
+    loss = cli("forward", "--input", "normal:8,3,10,10", "--seed", "5", "--json").json()["loss"]
+    local = Fill.normal(8, 3, 10, 10, seed=5)
+    assert client.forward(local, Fill.ones(8, dtype="int64")).loss == loss
+
+
+@pytest.mark.parametrize("kind", ["ones:", "zeros:", "full:0.5:", "uniform:", "normal:"])
+def test_each_kind_of_source_sends_the_dtype_it_ends_with(
+    cli: Run, client: gradwire.Client, kind: str
+) -> None:
+    """float64 values for a float32 model: the server's refusal shows the dtype arrived,
+    where the source sent as float32, its :DTYPE dropped, ran the forward."""
+    result = cli("forward", "--no-targets", "--input", f"{kind}2,3,10,10:float64")
+    assert result.code == 1, result.err
+    assert "input has dtype float64; the model computes in float32" in result.err
+    assert client.list_tensors().version == 0
+
+
+def test_a_source_of_no_dimension_is_a_scalar_not_a_traceback(cli: Run) -> None:
+    """`ones:` is ones of shape () (an empty SHAPE, as _shape reads it), which the server
+    then refuses as an input: exit 1 in its words, no IndexError of the empty part."""
+    result = cli("forward", "--no-targets", "--input", "ones:")
+    assert result.code == 1, result.err
+    assert "input has shape []" in result.err and "Traceback" not in result.err
+
+
 def test_a_bad_shape_exits_2(cli: Run) -> None:
     result = cli("forward", "--input", "ones:8,a,10,10")
     assert result.code == 2
@@ -1614,7 +1642,11 @@ def test_get_json_keeps_finite_values_as_numbers_next_to_nan(
 def test_an_unknown_dtype_in_a_source_exits_2(cli: Run) -> None:
     result = cli("forward", "--input", "ones:8,3,10,10:float99")
     assert result.code == 2
-    assert "float99" in result.err
+    # the dtypes there are, not the source alone given back
+    assert result.err.startswith(
+        "gradwire forward: error: bad source 'ones:8,3,10,10:float99': unknown dtype "
+        "'float99'; use one of bfloat16, bool, float16, float32, float64, int32, int64"
+    )
 
 
 def test_set_a_ragged_json_list_exits_2(cli: Run) -> None:
@@ -1638,7 +1670,11 @@ def test_a_usage_error_is_written_to_err() -> None:
         (["serve", "--keepalive", "1e12"], "argument --keepalive: bad duration '1e12'"),
         (["serve", "--keepalive-timeout", "1e12"], "argument --keepalive-timeout: bad dur"),
         (["serve", "--grace", "inf"], "argument --grace: bad duration 'inf'"),
-        (["serve", "--grace", "-1"], "argument --grace: bad duration '-1'"),
+        # the range said in full: its end written with thousands' commas, as the other ranges
+        (
+            ["serve", "--grace", "-1"],
+            "argument --grace: bad duration '-1': expected seconds from 0 to 2,147,483",
+        ),
         (["serve", "--session-idle", "nan"], "argument --session-idle: bad duration"),
         (["serve", "--max-concurrent", "0"], "argument --max-concurrent: bad number '0'"),
         (["serve", "--max-sessions", "-1"], "argument --max-sessions: bad number '-1'"),
@@ -1719,6 +1755,17 @@ def test_options_take_the_ends_of_their_ranges(argv: list[str], dest: str, value
     """The other side of test_out_of_range_options_are_usage_errors: each end of a range,
     and each spelling of for ever, is taken as given."""
     assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+def test_the_first_port_past_the_last_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """65536, one past a port's range, is refused as 70000 is (read by the parser alone:
+    taken, serve would start)."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--port", "65536"])
+    assert exited.value.code == 2
+    assert "argument --port: bad port '65536': expected 0 (a free one) to 65535" in (
+        capsys.readouterr().err
+    )
 
 
 def test_replay_takes_one_of_the_server_s_places_at_a_time() -> None:
@@ -1887,6 +1934,20 @@ def test_set_from_a_file_that_is_not_npy_exits_2(
     assert result.err.startswith(f"gradwire set: error: {path} {said}")
     assert result.err.count("\n") == 1  # one line, no traceback
     assert client.list_tensors().version == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+def test_a_npy_file_that_cannot_be_read_is_named_with_the_system_s_words(
+    cli: Run, tmp_path: Path
+) -> None:
+    """A file that opens and fails at its first read (this process's /proc/self/mem at
+    offset 0, which root reads no better than anyone, where a mode of 000 would not stop
+    it): the error's words alone, not Python's "[Errno 5] ... 'path'" around them."""
+    path = tmp_path / "values.npy"
+    path.symlink_to("/proc/self/mem")
+    result = cli("set", "conv1.weight[0]", str(path))
+    assert result.code == 2
+    assert result.err == f"gradwire set: error: cannot read {path}: Input/output error\n"
 
 
 def test_an_object_array_npy_exits_2(cli: Run, tmp_path: Path) -> None:
@@ -2592,7 +2653,10 @@ def test_a_keepalive_the_server_would_refuse_is_a_usage_error(seconds: str) -> N
     network (found by a review of the CLI)."""
     result = run_main("watch", "loss", "--keepalive", seconds, "--target", "127.0.0.1:1")
     assert result.code == 2
-    assert f"bad interval '{seconds}': a gradwire server takes a ping every 30 s" in result.err
+    assert result.err.endswith(
+        f"bad interval '{seconds}': a gradwire server takes a ping every 30 s at most and "
+        "closes a connection pinged more often: give 30 or more, or 0 for no pings\n"
+    )
 
 
 @pytest.mark.parametrize(("every", "as_json"), [(10, False), (1_000_000, False), (1_000_000, True)])
