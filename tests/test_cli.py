@@ -552,6 +552,10 @@ def test_set_writes_a_whole_number_past_int64_as_the_float_it_is(
             ["forward", "--input", f"randint:{_DIGITS}:8,3,10,10"],
             "has 4,400 digits: far too large\n",
         ),
+        (  # its digits counted, not its sign
+            ["forward", "--input", f"randint:-{_DIGITS}:8,3,10,10"],
+            "randint's upper bound has 4,400 digits: far too large\n",
+        ),
         (["forward", "--input", "randint:x:8,3,10,10"], "bound 'x' is not a whole number"),
         (["set", "conv1.weight[0][0][0]", "full:abc:3"], "the value 'abc' is not a number"),
         (["get", f"conv1.weight[{_DIGITS}]"], "a selector of 4,414 characters; at most 1,024"),
@@ -1652,7 +1656,11 @@ def test_an_unknown_dtype_in_a_source_exits_2(cli: Run) -> None:
 def test_set_a_ragged_json_list_exits_2(cli: Run) -> None:
     result = cli("set", "conv1.weight", "[[1], [2, 3]]")
     assert result.code == 2
-    assert result.err.startswith("gradwire set: error:")
+    # what is wrong, and a value that is right: numpy's words were of "inhomogeneous shape"
+    assert result.err == (
+        "gradwire set: error: bad value '[[1], [2, 3]]': the lists inside it differ in "
+        "length; a value's rows must all be as long, as in [[1, 2, 3], [4, 5, 6]]\n"
+    )
 
 
 def test_a_usage_error_is_written_to_err() -> None:
@@ -3200,6 +3208,11 @@ def test_set_says_when_numbers_with_fractions_lost_them_to_an_integer_tensor() -
         result = run_main("set", "flags", "[0.5, 0, 0.25]", "--target", target)
         assert result.out == "flags written (version 5)\n", result.err
         assert client.get("flags").tolist() == [True, False, True]
+        # Numbers with fractions go to an integer tensor as float32 (narrowed's docstring),
+        # so one past float32's range is refused here, as for a float32 tensor.
+        result = run_main("set", "counts", "1.5e39", "--target", target)
+        assert (result.code, result.out) == (2, ""), result.out
+        assert "bad value '1.5e39': beyond float32's range" in result.err
         # int64's ends, exactly: not as the floats nearest them.
         ends = [-(2**63), 2**63 - 1, 0]
         result = run_main("set", "counts", str(ends), "--target", target)
@@ -3332,6 +3345,8 @@ def test_a_value_nested_past_a_tensors_dimensions_is_a_usage_error(
     result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
     assert result.code == 2
     assert "lists more than 64 deep, where a tensor has at most 64 dimensions" in result.err
+    # its first 40 characters, not 4,000 of brackets on the screen
+    assert result.err.startswith(f"gradwire set: error: bad value {'[' * 40!r}...: lists more")
 
 
 def test_a_value_nested_as_deep_as_a_tensors_dimensions_is_taken(address: str) -> None:
