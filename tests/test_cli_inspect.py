@@ -156,6 +156,16 @@ def test_train_runs_steps_and_reports_them(cli: Run, client: gradwire.Client) ->
     assert client.list_tensors().version == 24
 
 
+def test_train_reports_its_last_step_though_every_does_not_divide_it(cli: Run) -> None:
+    """--steps 3 --every 2: step 2's progress, then step 3's, the last, whose loss the
+    summary gives; the bar otherwise ended at 2/3 above "trained 3 steps"."""
+    result = cli("train", "--steps", "3", "--every", "2", "--batch", "4")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == ["2/3", "3/3"]
+    assert lines[-1].startswith("trained 3 steps: loss ")
+
+
 def test_train_on_the_server_equals_train_step_by_step(
     cli: Run, client: gradwire.Client, second: Running
 ) -> None:
@@ -338,6 +348,16 @@ def test_ctrl_c_stops_train_between_two_steps(cli: Run, client: gradwire.Client)
     data = result.json()
     assert data["stopped"] is True and 1 <= data["steps"] < 1_000_000
     assert client.list_tensors().version == data["version"] == 4 * data["steps"]
+
+
+@pytest.mark.parametrize("side", [(), ("--server-side",)], ids=["client-side", "server-side"])
+def test_train_gives_back_the_ctrl_c_handler_it_found(cli: Run, side: tuple[str, ...]) -> None:
+    """Its own handler, which stops a run between two steps, is the run's alone: left in
+    place, a Ctrl-C after the command (a notebook's, a program's that called main) set an
+    event no one read, and a second press raised KeyboardInterrupt where none was asked."""
+    found = signal.getsignal(signal.SIGINT)
+    assert cli("train", "--steps", "2", *side).code == 0
+    assert signal.getsignal(signal.SIGINT) is found
 
 
 def test_ctrl_c_on_a_server_side_train_reports_the_servers_version(
@@ -1047,7 +1067,9 @@ def test_help_explains_each_command(command: str) -> None:
     assert flags[command] in result.out
 
 
-@pytest.mark.parametrize("spec", [TINY_MLP, TINY_REGRESSOR], ids=lambda s: s.name)
+# BF16_LINEAR takes bfloat16 inputs, floats drawn from a normal distribution: no
+# --input-high, which a model of ids needs.
+@pytest.mark.parametrize("spec", [TINY_MLP, TINY_REGRESSOR, BF16_LINEAR], ids=lambda s: s.name)
 def test_train_makes_data_for_the_model_the_server_serves(spec: ModelSpec) -> None:
     running = start(Trainer(spec, device="cpu", seed=0), "127.0.0.1", 0)
     try:
