@@ -1609,6 +1609,39 @@ def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_i
     assert "gone with it" in said or "lost with it" in said, said[-600:]
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_the_cli_s_server_side_train_in_a_session_closed_under_it_says_so_once(
+    as_json: bool,
+) -> None:
+    """A server-side run's session closed under it ends CLOSED (the run was on its torch
+    thread), not UNKNOWN_SESSION as a client-side run's next step does: `session_gone` is
+    true of both reasons, the steps gone with the session either way. In text, the error
+    says so (servicer.py), and the summary above it does not say it again."""
+    with running_server() as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address) as client:
+            session = client.open_session(seed=0, lr=0.01).detach()
+            with gradwire.Client(address, session=session) as closer:
+                timer = threading.Timer(1.0, closer.close_session)
+                timer.start()
+                try:
+                    ran = run_main(
+                        "train", "--steps", "1000000000", "--every", "10", "--keep-going",
+                        "--server-side", "--session", session, "--target", address,
+                        *(["--json"] if as_json else []),
+                    )  # fmt: skip
+                finally:
+                    timer.join()
+    assert ran.code == 1, ran.err
+    assert "FAILED_PRECONDITION: the session's model is gone" in ran.err, ran.err
+    assert ran.err.endswith("are gone with it)\n"), ran.err
+    if not as_json:
+        assert "stopped after" in ran.out and "gone with it" not in ran.out, ran.out
+        return
+    data = json.loads(ran.out.splitlines()[-1])
+    assert data["session_gone"] is True and data["stopped"] and data["steps"] >= 1, data
+
+
 def test_a_session_client_set_to_its_own_session_still_closes_it(
     address: str, server: Running
 ) -> None:
