@@ -239,6 +239,16 @@ def test_ctrl_c_as_an_update_reaches_the_screen_counts_that_update(address: str)
     assert out.getvalue().splitlines()[-1] == "stopped after 1 update: the last at version 0"
 
 
+def test_ctrl_c_on_a_json_watch_leaves_lines_of_json_alone(address: str) -> None:
+    """The text's "stopped after 1 update" line, written into --json's output, made a
+    reader's last line no JSON: a --json reader has each update's version already."""
+    out, err = _CtrlCAtFirstFlush(), io.StringIO()
+    assert main(["watch", "loss", "--json", "--target", address], out, err) == 130, err.getvalue()
+    assert out.interrupted
+    (line,) = out.getvalue().splitlines()
+    assert json.loads(line)["version"] == 0
+
+
 def _without_unbuffered() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
@@ -1213,6 +1223,17 @@ def test_watch_json_names_each_selector(cli: Run) -> None:
         ("conv1.weight", "conv1.weight[1]"),  # as get --json writes it
     ]
     assert all(t["present"] and t["stats"]["count"] == 27 for t in tensors)
+
+
+def test_watch_bins_with_values_alone_is_a_usage_error_naming_the_options(cli: Run) -> None:
+    """--values leaves the statistics out, and with them --bins' histograms: the refusal
+    names the command line's options, where the client's own said "stats=False"."""
+    result = cli("watch", "loss", "--values", "--bins", "3", "--count", "1")
+    assert result.code == 2
+    assert result.err == (
+        "gradwire watch: error: --bins draws histograms in the statistics, which --values "
+        "alone leaves out: add --stats, or leave --bins out\n"
+    )
 
 
 def test_watch_bins_shows_a_histogram_in_text(cli: Run, client: gradwire.Client) -> None:
