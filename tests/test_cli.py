@@ -3349,6 +3349,17 @@ def test_a_value_nested_past_a_tensors_dimensions_is_a_usage_error(
     assert result.err.startswith(f"gradwire set: error: bad value {'[' * 40!r}...: lists more")
 
 
+def test_a_value_nested_too_deep_in_its_first_element_alone_is_said_to_be_too_deep(
+    address: str,
+) -> None:
+    """The depth is read down the first elements, as numpy reads a shape: a list 65 deep
+    then a scalar is refused for its depth, past any tensor's, before its rows' lengths."""
+    value = "[" + "[" * 65 + "1" + "]" * 65 + ", 1]"
+    result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
+    assert result.code == 2
+    assert "lists more than 64 deep, where a tensor has at most 64 dimensions" in result.err
+
+
 def test_a_value_nested_as_deep_as_a_tensors_dimensions_is_taken(address: str) -> None:
     value = "[" * 64 + "1" + "]" * 64  # 64 dimensions, as many as a tensor has
     result = run_main("set", "conv1.weight[0][0]", value, "--target", address)
