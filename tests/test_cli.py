@@ -2570,6 +2570,12 @@ def test_a_call_a_stop_s_grace_period_ended_is_told_what_ran_and_what_to_do() ->
     read = failed(grace, False)
     assert str(read) == stopped + "make it again once the server is back"
     assert not read.changes_state and read.args == (read.message,)
+    # A checkpoint's save: the state version cannot show whether it landed (found by a review
+    # of restarts and recovery).
+    assert str(failed(grace, True, method="SaveCheckpoint")) == stopped + (
+        "the checkpoint may have been written all the same: list_checkpoints() shows whether "
+        "once the server is back (saving again replaces it)"
+    )
 
 
 def test_a_server_that_wants_a_client_certificate_gets_a_hint(pki: Pki) -> None:

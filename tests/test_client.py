@@ -1771,6 +1771,10 @@ def test_an_error_says_whether_its_call_changes_state() -> None:
                 client.step()
             with pytest.raises(errors.DeadlineExceeded) as read:
                 client.get("conv1.weight[0][0][0]")
+            with pytest.raises(errors.DeadlineExceeded) as save:
+                client.save_checkpoint("epoch1")
+            with pytest.raises(errors.DeadlineExceeded) as delete:
+                client.delete_checkpoint("epoch1")
     assert change.value.changes_state and not read.value.changes_state
     assert not errors.NotFound("made here").changes_state
     # The time the call had, and for a change what to do: gRPC's two words alone left a
@@ -1781,6 +1785,15 @@ def test_an_error_says_whether_its_call_changes_state() -> None:
         "been applied all the same (read the state version before making it again)"
     )
     assert read.value.message == "Deadline Exceeded: no answer within 0.2 s, the call's timeout"
+    # A checkpoint's call is on the server's files: the state version cannot show whether it
+    # landed (found by a review of restarts and recovery).
+    assert save.value.message.endswith(
+        "the call's timeout: the checkpoint may have been written all the same: "
+        "list_checkpoints() shows whether (saving again replaces it)"
+    )
+    assert delete.value.message.endswith(
+        "the checkpoint may have been removed all the same: list_checkpoints() shows whether"
+    )
 
 
 # --- found by a review of the client: wrong input refused in words that say what to give ------

@@ -713,6 +713,7 @@ class Client:
                             err, method, method in unary.MAY_LAND, timeout or self.timeout
                         ),
                         cut,
+                        method,
                     ) from None
                 self.reached |= cut_off(err)
                 if cut is None and (grace_cut(err) or connection_lost(err)):
@@ -864,7 +865,7 @@ class Client:
                 cut += ", its steps taken staying applied (read the state version)"
             return ClientClosed(f"{cut}: {CLOSED}", changes_state=changes_state)
         self.reached |= cut_off(error)
-        return failed(error, changes_state, self._keepalive, timeout)
+        return failed(error, changes_state, self._keepalive, timeout, method)
 
     @contextlib.contextmanager
     def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:

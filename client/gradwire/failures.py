@@ -86,8 +86,28 @@ SERVER_CANCELLED = "the server cancelled the call: it was stopping, or it closed
 _GRACE_ENDED = "cancelling all calls"
 
 
-def _then(changes_state: bool, aside: str = "") -> str:
+#: What a call on the server's files, not its state, may have done all the same, and how to
+#: look: "read the state version" cannot show whether a checkpoint landed (found by a review
+#: of restarts and recovery); the command line's hints say as much in its words.
+_ON_FILES = {
+    "SaveCheckpoint": ("written", " (saving again replaces it)"),
+    "DeleteCheckpoint": ("removed", ""),
+}
+
+
+def _on_files(method: str, when: str = "") -> str:
+    """What a call on the server's files (a key of _ON_FILES) may have done, and how to look."""
+    done, after = _ON_FILES[method]
+    return (
+        f"the checkpoint may have been {done} all the same: list_checkpoints() shows "
+        f"whether{when}{after}"
+    )
+
+
+def _then(changes_state: bool, aside: str = "", method: str | None = None) -> str:
     """What to do about a call cut off in progress, `aside` saying why a change may stand."""
+    if changes_state and method in _ON_FILES:
+        return _on_files(method, " once the server is back")
     if changes_state:
         return (
             f"its change may have been applied all the same{aside}: read the state version "
@@ -96,9 +116,9 @@ def _then(changes_state: bool, aside: str = "") -> str:
     return "make it again once the server is back"
 
 
-def _grace_ended(changes_state: bool) -> str:
+def _grace_ended(changes_state: bool, method: str | None = None) -> str:
     """The message of a call cut off so: what happened, and what to do."""
-    then = _then(changes_state, " (a step runs to its end)")
+    then = _then(changes_state, " (a step runs to its end)", method)
     return (
         "the server stopped with this call in progress: its grace period (gradwire serve "
         f'--grace) ended before the call did, and gRPC cancelled it ("Cancelling all '
@@ -106,10 +126,10 @@ def _grace_ended(changes_state: bool) -> str:
     )
 
 
-def _lost(changes_state: bool, said: str) -> str:
+def _lost(changes_state: bool, said: str, method: str | None = None) -> str:
     """The message of a call whose connection closed while it was open: what happened,
     and what to do (gRPC's `said` kept, for a search of its words)."""
-    then = _then(changes_state)
+    then = _then(changes_state, method=method)
     return (
         "the connection to the server closed with this call in progress: the server stopped "
         f"or failed (its log says which), or the network to it went down; {then} (gRPC: "
@@ -126,7 +146,7 @@ def grace_cut(error: grpc.RpcError) -> bool:
 
 
 def after_a_cut(
-    raised: RemoteError | ClientClosed, cut: grpc.RpcError | None
+    raised: RemoteError | ClientClosed, cut: grpc.RpcError | None, method: str | None = None
 ) -> RemoteError | ClientClosed:
     """`raised`, the error of a call's last attempt, saying first what cut off an attempt
     before it (`cut`: a stop's grace period ending, or the connection closing, with the
@@ -135,7 +155,11 @@ def after_a_cut(
     the operator's path)."""
     if cut is not None and isinstance(raised, Unavailable):
         changes = raised.changes_state
-        first = _grace_ended(changes) if grace_cut(cut) else _lost(changes, cut.details() or "")
+        first = (
+            _grace_ended(changes, method)
+            if grace_cut(cut)
+            else _lost(changes, cut.details() or "", method)
+        )
         raised.message = f"{first}; retried: {raised.message}"
         raised.args = (raised.message,)
     return raised
@@ -152,11 +176,13 @@ def failed(
     changes_state: bool,
     keepalive: float | None = None,
     timeout: float | None = None,
+    method: str | None = None,
 ) -> RemoteError:
     """The exception for a failed call, saying whether the call changes state; for a
     connection closed for "Too many pings" by a client pinging every `keepalive` seconds,
     more often than a gradwire server takes, what to give instead; and for a call that ran
-    past its `timeout` (seconds, where the caller knows it), that time."""
+    past its `timeout` (seconds, where the caller knows it), that time. `method`: the RPC,
+    for what a cut-off call on the server's files leaves to check."""
     raised = from_rpc_error(error)
     raised.changes_state = changes_state
     if (
@@ -168,12 +194,14 @@ def failed(
         # gRPC's two words alone: a notebook's train_step of a large batch on a CPU said
         # neither the time it had had nor that its change may have landed (found by a
         # review of the Python client as a researcher uses it in a notebook).
-        then = (
-            ": its change may have been applied all the same (read the state version before "
-            "making it again)"
-            if changes_state
-            else ""
-        )
+        then = ""
+        if changes_state and method in _ON_FILES:
+            then = f": {_on_files(method)}"
+        elif changes_state:
+            then = (
+                ": its change may have been applied all the same (read the state version "
+                "before making it again)"
+            )
         raised.message += f": no answer within {timeout:g} s, the call's timeout{then}"
         raised.args = (raised.message,)
     if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
@@ -189,12 +217,12 @@ def failed(
         # or a batch, or a stream, that a stop cut off: they said neither that the server
         # had stopped nor that the call may have run (found by a review of several users at
         # once). A unary call is retried, and then fails to connect.
-        raised.message = _grace_ended(changes_state)
+        raised.message = _grace_ended(changes_state, method)
         raised.args = (raised.message,)
     if isinstance(raised, Unavailable) and not raised.reason and connection_lost(error):
         # gRPC's "Stream removed (Socket closed)" alone: nothing said that the call had
         # been sent, nor that its change may have run.
-        raised.message = _lost(changes_state, error.details() or "")
+        raised.message = _lost(changes_state, error.details() or "", method)
         raised.args = (raised.message,)
     if (
         isinstance(raised, Unavailable)
