@@ -93,7 +93,7 @@ def test_stats_of_values_none_finite_say_so(cli: Run, client: gradwire.Client) -
     # choosing, read as data (found by a review of the CLI).
     binned = cli("stats", "conv1.weight[0, 0]", "--bins", "3").out.splitlines()
     assert binned[-1] == "histogram: no finite value to bin"
-    watched = cli("watch", "conv1.weight[0, 0]", "--duration", "0.3").out.splitlines()[1]
+    watched = cli("watch", "conv1.weight[0, 0]", "--count", "1").out.splitlines()[1]
     assert watched.endswith("no finite values  nan 3  inf 6")
     update = json.loads(cli("watch", "conv1.weight[0, 0]", "--count", "1", "--json").out)
     assert update["tensors"][0]["stats"]["mean"] is None
@@ -1057,14 +1057,14 @@ def test_watch_text_table_and_duration(cli: Run) -> None:
 def test_watch_shows_a_scalar_as_its_value(cli: Run, client: gradwire.Client) -> None:
     loss = client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64")).loss
     weight = client.get("conv1.weight")[0, 0, 0, 0]
-    result = cli("watch", "loss", "conv1.weight[0, 0, 0, 0]", "--duration", "0.3")
+    result = cli("watch", "loss", "conv1.weight[0, 0, 0, 0]", "--count", "1")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[1].split() == ["loss", "value", f"{loss:.6g}"]
     assert lines[2].endswith(f"  value {weight:.6g}")
     assert cli("fill", "nan").code == 0
     client.forward(Fill.ones(2, 3, 10, 10), Fill.ones(2, dtype="int64"))
-    result = cli("watch", "loss", "--duration", "0.3")
+    result = cli("watch", "loss", "--count", "1")
     assert result.out.splitlines()[1].split() == ["loss", "value", "nan"]
 
 
