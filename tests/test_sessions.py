@@ -34,7 +34,7 @@ from gradwire_server.sessions import Sessions, UnknownSession
 from gradwire_server.torch_thread import Closed
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
-from tests.cli_run import run_main
+from tests.cli_run import Result, run_main
 from tests.serve_in_process import bare_server, old_trainer, running_server
 
 INPUT, TARGET = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
@@ -1568,6 +1568,22 @@ def test_a_call_without_hold_restarts_a_session_s_idle_time() -> None:
     sessions.close_all()
 
 
+def _train_in_a_session_closed_after_a_second(*options: str) -> Result:
+    """`gradwire train OPTIONS` in a session of its own on a fresh server, the session closed
+    by another client a second in."""
+    with running_server() as running:
+        address = f"127.0.0.1:{running.port}"
+        with gradwire.connect(address) as client:
+            session = client.open_session(seed=0, lr=0.01).detach()
+            with gradwire.Client(address, session=session) as closer:
+                timer = threading.Timer(1.0, closer.close_session)
+                timer.start()
+                try:
+                    return run_main("train", *options, "--session", session, "--target", address)
+                finally:
+                    timer.join()
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_it(
     as_json: bool,
@@ -1578,27 +1594,9 @@ def test_the_cli_s_train_in_a_session_closed_under_it_says_its_steps_went_with_i
     opened, was closed, or expired": nothing said that those steps went with the session,
     as a server-side run's end says (the test above). `--json` says it as `session_gone`,
     which it lacked (found by the same review)."""
-    with running_server() as running:
-        address = f"127.0.0.1:{running.port}"
-        with gradwire.connect(address) as client:
-            session = client.open_session(seed=0, lr=0.01).detach()
-            with gradwire.Client(address, session=session) as closer:
-                timer = threading.Timer(1.0, closer.close_session)
-                timer.start()
-                try:
-                    ran = run_main(
-                        "train",
-                        "--steps",
-                        "100000",
-                        "--keep-going",
-                        "--session",
-                        session,
-                        "--target",
-                        address,
-                        *(["--json"] if as_json else []),
-                    )
-                finally:
-                    timer.join()
+    ran = _train_in_a_session_closed_after_a_second(
+        "--steps", "100000", "--keep-going", *(["--json"] if as_json else [])
+    )
     assert ran.code == 1, ran.err
     if as_json:
         data = json.loads(ran.out.splitlines()[-1])
@@ -1617,21 +1615,10 @@ def test_the_cli_s_server_side_train_in_a_session_closed_under_it_says_so_once(
     thread), not UNKNOWN_SESSION as a client-side run's next step does: `session_gone` is
     true of both reasons, the steps gone with the session either way. In text, the error
     says so (servicer.py), and the summary above it does not say it again."""
-    with running_server() as running:
-        address = f"127.0.0.1:{running.port}"
-        with gradwire.connect(address) as client:
-            session = client.open_session(seed=0, lr=0.01).detach()
-            with gradwire.Client(address, session=session) as closer:
-                timer = threading.Timer(1.0, closer.close_session)
-                timer.start()
-                try:
-                    ran = run_main(
-                        "train", "--steps", "1000000000", "--every", "10", "--keep-going",
-                        "--server-side", "--session", session, "--target", address,
-                        *(["--json"] if as_json else []),
-                    )  # fmt: skip
-                finally:
-                    timer.join()
+    ran = _train_in_a_session_closed_after_a_second(
+        "--steps", "1000000000", "--every", "10", "--keep-going", "--server-side",
+        *(["--json"] if as_json else []),
+    )  # fmt: skip
     assert ran.code == 1, ran.err
     assert "FAILED_PRECONDITION: the session's model is gone" in ran.err, ran.err
     assert ran.err.endswith("are gone with it)\n"), ran.err
