@@ -324,11 +324,10 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selectors = [str(parse_selector(text)) for text in args.selectors]
     seen, version = 0, None
     away = False  # the server went away (--reconnect), and no update has come since
-    left = 0  # the version of the last update before it went
 
     def went_away(error: Unavailable) -> None:
-        nonlocal away, left
-        away, left = True, version or 0
+        nonlocal away
+        away = True
         # The version of the last update this watch showed: the server's may have moved on
         # since (a save between two updates). "after version N" read as the server's own
         # (a review of watching training remotely). There is one: this command's client
@@ -358,7 +357,8 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         try:
             for update in stream:
                 # Counted before it is shown: a Ctrl-C just after its line appears must count it.
-                seen, version = seen + 1, update.version
+                # `before`: the last update's version, the one before the server went if it did.
+                before, seen, version = version, seen + 1, update.version
                 if args.json:
                     out.write(json_line(_watch_json(update, selectors)))
                     out.flush()
@@ -368,7 +368,7 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     away = False
                     args.err.write(
                         f"the server is back, at version {update.version}"
-                        f"{_older(update.version, left)} watching again\n"
+                        f"{_older(update.version, before or 0)} watching again\n"
                     )
                 if args.count is not None and seen >= args.count:
                     break
