@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from gradwire.results import TensorRead
 
 
+def listed(words: Sequence[str]) -> str:
+    """Words as a sentence lists them: "a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
 def format_tensor(value: Any, dtype: str | None = None) -> str:
     """`tensor([0.1000, 0.1000, 0.1000])` for a tensor or array; `None` for an absent one.
     `dtype`: the torch dtype an array's values are of, where it is not the array's own (a

@@ -11,6 +11,7 @@ import numpy as np
 
 from gradwire import codec, wire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.display import listed
 from gradwire.selector import SelectorError, parse_selector
 
 __all__ = ["Histogram", "Stats", "TensorStats", "TrainProgress", "WatchUpdate", "Watched"]
@@ -120,8 +121,7 @@ class WatchUpdate:
 
     def _held(self) -> str:
         """The selectors watched, for a KeyError: "conv1.weight.grad[0] and loss"."""
-        shown = [watched.selector or watched.name for watched in self.tensors]
-        return ", ".join(shown[:-1]) + f" and {shown[-1]}" if len(shown) > 1 else "".join(shown)
+        return listed([watched.selector or watched.name for watched in self.tensors])
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gradwire import codec
 from gradwire.codec import numel
+from gradwire.display import listed
 from gradwire_server import (
     checkpoint,
     fills,
@@ -117,11 +118,6 @@ _CHANGES_NO_TENSOR = frozenset(
 #: took its buffer first (stream_buffer), which used the guard up, and the write itself
 #: then ran whatever the version had become meanwhile.
 _UNGUARDED = _CHANGES_NO_TENSOR | {"subscribe", "list_tensors", "put_back"}
-
-
-def _listed(words: Sequence[str]) -> str:
-    """ "a", "a and b", "a, b and c"."""
-    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 #: Held while a model is built from the process's CPU generator (Trainer._build_model), so
@@ -1152,7 +1148,7 @@ class Trainer:
             using += f" with momentum {settings.momentum or 0:g}"
         kept = self._state_keys()
         if kept:
-            what = f"keeps {_listed(kept)} for {owner}, not {key}"
+            what = f"keeps {listed(kept)} for {owner}, not {key}"
         elif key in self._optimizer.state.get(self.parameters[owner], {}):
             # Left by a keep_state change to momentum 0: torch keeps it, unused, and uses it
             # again if momentum is set again in place.
