@@ -593,6 +593,12 @@ def stop_signals() -> tuple[signal.Signals, ...]:
     )
 
 
+def starting_signals() -> list[signal.Signals]:
+    """The stop signals said and taken while the server starts (exit_said_while_starting):
+    all but Ctrl-C's SIGINT, which stays Python's KeyboardInterrupt."""
+    return [s for s in stop_signals() if s != signal.SIGINT]
+
+
 #: In a state dir: the lock its server holds, and that server's process id (followed by
 #: STOPPING_MARK once its stop has begun).
 LOCK_FILE = "gradwire.lock"
@@ -793,8 +799,7 @@ def _said_while_starting(serve: Callable[_P, None]) -> Callable[_P, None]:
 
     @functools.wraps(serve)
     def serving(*args: _P.args, **kwargs: _P.kwargs) -> None:
-        starting = [s for s in stop_signals() if s != signal.SIGINT]
-        before = {s: signal.signal(s, exit_said_while_starting) for s in starting}
+        before = {s: signal.signal(s, exit_said_while_starting) for s in starting_signals()}
         try:
             serve(*args, **kwargs)
         finally:

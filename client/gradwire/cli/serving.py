@@ -170,7 +170,8 @@ def errors_logged(json_log: bool) -> Iterator[None]:
 
 def _stop_signals_here() -> list[signal.Signals]:
     """SIGTERM, and SIGHUP unless it is ignored (nohup): the stop signals serve takes but
-    Ctrl-C, which stays Python's KeyboardInterrupt."""
+    Ctrl-C, which stays Python's KeyboardInterrupt. app.starting_signals() says the same,
+    but is read only once app.py, and torch with it, is imported: these are kept meanwhile."""
     stops = [signal.SIGTERM]
     hangup = getattr(signal, "SIGHUP", None)
     if hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
@@ -206,7 +207,13 @@ def cmd_serve(args: argparse.Namespace, client: Client | None, out: TextIO) -> N
 
 def _serve(args: argparse.Namespace, received: list[int]) -> None:
     try:
-        from gradwire_server.app import DeviceLost, ServingLost, exit_said_while_starting, serve
+        from gradwire_server.app import (
+            DeviceLost,
+            ServingLost,
+            exit_said_while_starting,
+            serve,
+            starting_signals,
+        )
         from gradwire_server.auth import TlsFiles
         from gradwire_server.errors import InvalidInput, ModelFault, OverLimit
         from gradwire_server.logs import log_handler
@@ -218,7 +225,7 @@ def _serve(args: argparse.Namespace, received: list[int]) -> None:
         level=getattr(logging, args.log_level.upper()), handlers=[log_handler(args.log_format)]
     )
     if threading.current_thread() is threading.main_thread():
-        for s in _stop_signals_here():  # from here on, as serve takes them until it listens
+        for s in starting_signals():  # from here on, as serve takes them until it listens
             signal.signal(s, exit_said_while_starting)
     if received:
         exit_said_while_starting(received[0], None)
