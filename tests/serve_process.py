@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -24,10 +24,14 @@ CLI = (
 
 @contextlib.contextmanager
 def serving(
-    *args: str, until: str = "listening on", under: Sequence[str] = ()
+    *args: str,
+    until: str = "listening on",
+    under: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`gradwire serve --port 0 --device cpu ARGS`, once it has logged a line holding `until`;
-    yields the process and its log up to there. `under`: a command it runs under (nohup).
+    yields the process and its log up to there. `under`: a command it runs under (nohup);
+    `env`: variables set for it on top of the test's own.
     The server is killed at the end if it still runs: a test never leaves one behind,
     failing or not."""
     process = subprocess.Popen(
@@ -42,7 +46,7 @@ def serving(
         stdout=subprocess.DEVNULL if under else None,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     try:
         assert process.stderr is not None
