@@ -361,7 +361,7 @@ def test_bad_input_is_invalid_argument(
             ),
             "Forward",
             "BAD_FILL",
-            "dtype 42",
+            "input: fill dtype 42 is not supported; use one of DTYPE_FLOAT32, DTYPE_FLOAT64, ",
         ),
         (
             pb.ForwardRequest(

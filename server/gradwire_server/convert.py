@@ -75,8 +75,12 @@ def fill_from_proto(message: pb.Fill, what: str) -> FillSpec:
     if message.dtype != pb.DTYPE_UNSPECIFIED:
         dtype = codec.DTYPE_NAMES.get(message.dtype)
         if dtype is None:
+            # It named no dtype a fill could take (found by a review of the error catalogue).
             raise InvalidInput(
-                f"{what}: fill dtype {message.dtype} is not supported", reason="BAD_FILL"
+                f"{what}: fill dtype {message.dtype} is not supported; use one of "
+                + ", ".join(pb.DType.Name(k) for k in codec.DTYPE_NAMES)  # type: ignore[arg-type]
+                + ", or DTYPE_UNSPECIFIED for the default",
+                reason="BAD_FILL",
             )
     if len(message.shape) > codec.MAX_DIMS:
         raise InvalidInput(
