@@ -678,11 +678,13 @@ def test_a_model_that_runs_out_of_memory_outside_torch_is_answered_out_of_memory
 def test_an_error_quoting_a_long_input_still_reaches_the_caller_whole(
     client: gradwire.Client, address: str
 ) -> None:
-    """With its ErrorInfo: an index chain of 2,501 keys is quoted in the refusal, and a
+    """With its ErrorInfo: an index chain of 2,501 keys was quoted in the refusal, and a
     message that long pushed the trailers past what gRPC takes (the caller got a transport
-    error instead; found by a review). Messages are cut; fills over 64 dimensions refused."""
-    whole = pb.Index(items=[pb.IndexItem(slice=pb.Slice())])
-    chain = [whole] * 2500 + [pb.Index(items=[pb.IndexItem(at=100)])]
+    error instead; found by a review). Messages are cut; fills over 64 dimensions refused.
+    A chain is 64 keys at most now: 63 slices of the widest bounds quote 2,600 characters."""
+    wide = pb.Slice(start=-(2**63), stop=2**63 - 1)
+    whole = pb.Index(items=[pb.IndexItem(slice=wide)])
+    chain = [whole] * 63 + [pb.Index(items=[pb.IndexItem(at=100)])]
     request = pb.GetTensorRequest(name="linear.weight", index=chain)
     with pytest.raises(grpc.RpcError) as info:
         _raw(address, "GetTensor")(request.SerializeToString(), timeout=10)

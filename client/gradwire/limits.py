@@ -126,6 +126,15 @@ MAX_BATCH_CALLS: Final = 1024
 #: delta fits (the limit of calls in a Batch, too).
 MAX_SELECTORS: Final = 1024
 
+#: Indexes in one selector's chain, x[0][1]... one per bracket (BAD_INDEX, metadata "limit"):
+#: as many as a tensor may have dimensions, so x[0][0]... of the largest tensor fits. Each
+#: is applied in turn under the session's lock, a Watch's at every update, and cost nothing
+#: to send: a GetTensor of 3,000,000 empty ones (6 MB) took 13 s and 1.5 GB, another
+#: client's ZeroGrad waiting seconds (a security review, seventy-sixth session). At this
+#: limit a Watch of MAX_SELECTORS items, 65,536 indexes, took 0.6-0.7 s an update (0.06 s
+#: with one index each): bounded, where a 64 MiB request of 33 million held the lock minutes.
+MAX_INDEX_CHAIN: Final = 64
+
 #: Seeds travel as uint64: from 0 to MAX_SEED (2**64 - 1).
 MAX_SEED: Final = (1 << 64) - 1
 

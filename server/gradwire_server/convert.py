@@ -340,6 +340,15 @@ class _OnDevice(codec.Assembler):
 
 
 def chain_from_proto(messages: list[pb.Index] | object) -> list[tuple[codec.IndexItem, ...]]:
+    count = len(messages)  # type: ignore[arg-type]
+    if count > gw_limits.MAX_INDEX_CHAIN:  # counted before any is read
+        raise InvalidInput(
+            f"bad index: a chain of {count:,} indexes (x[0][1]... is one per bracket), at most "
+            f"{gw_limits.MAX_INDEX_CHAIN}, as many as a tensor may have dimensions: join them "
+            "into one index, x[0, 1], or read the tensor and index it where you are",
+            reason="BAD_INDEX",
+            metadata={"limit": str(gw_limits.MAX_INDEX_CHAIN)},
+        )
     try:
         return codec.indices_from_proto(messages)  # type: ignore[arg-type]
     except codec.CodecError as err:

@@ -1116,6 +1116,8 @@ class GetTensorRequest(_message.Message):
         """Applied in turn, as x[index[0]][index[1]]... with numpy's basic indexing (negative
         positions and steps count from the end; reads take negative steps, writes do not);
         empty: the whole tensor. Not checked while the tensor is absent (nothing to index).
+        At most 64 Index messages, as many as a tensor may have dimensions (BAD_INDEX,
+        metadata "limit"; every chain of every call, a Watch's and a fetch's too).
         """
 
     def __init__(
