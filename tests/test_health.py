@@ -8,6 +8,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -490,3 +491,25 @@ def test_a_stop_lets_the_health_service_s_threads_go(trainer: Trainer) -> None:
     assert threads  # the Check ran on one
     running.stop(grace=None)
     eventually(lambda: not any(t.is_alive() for t in threads), "still running", within=10)
+
+
+def test_the_contract_names_the_services_health_answers_for_and_when_they_change(
+    guarded: Running, health: health_pb2_grpc.HealthStub
+) -> None:
+    """trainer.proto, an integrator's only documentation, said what health refuses but not
+    which names it has a status for, nor when that status changes, nor that it answers List:
+    a team writing a readiness probe in C++ from the .proto alone had to guess the service
+    name, and could not tell NOT_SERVING from a server that never started (found by a review
+    of the .proto as the only contract, compiled and called from C++)."""
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    listing = health.List(health_pb2.HealthListRequest(), timeout=10)
+    assert sorted(listing.statuses) == ["", "gradwire.v1.Trainer"]
+    assert 'a status for two names, "" (the server as a whole) and "gradwire.v1.Trainer"' in said
+    assert "SERVING while the server takes calls, NOT_SERVING once it begins to stop" in said
+    assert "List answers both" in said
+    guarded.health.enter_graceful_shutdown()
+    for name in listing.statuses:
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert answer.status == NOT_SERVING

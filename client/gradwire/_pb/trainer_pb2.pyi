@@ -239,13 +239,16 @@ Conventions used by every message below:
       backward pass that is not its refusal of an input: the message names the model,
       the pass and the error's type; the server's log has the traceback; nothing
       changed), INTERNAL (the server's log has the details)
-  The health service (grpc.health.v1, which needs no token) refuses a service name over
-  256 characters, or a request over 4 KiB (refused by its length, unparsed),
-  INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64 open at once,
-  RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check instead. A
-  Check of a service it has no status for is NOT_FOUND, as the health protocol says
-  (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health request are
-  INVALID_ARGUMENT (MALFORMED_REQUEST). As the server stops, each health Watch sends
+  The health service (grpc.health.v1, which needs no token) has a status for two names,
+  "" (the server as a whole) and "gradwire.v1.Trainer": SERVING while the server takes
+  calls, NOT_SERVING once it begins to stop (a signal; or an error its device does not
+  recover from, INTERNAL above, after which `gradwire serve` stops). Its List answers
+  both. It refuses a service name over 256 characters, or a request over 4 KiB (refused
+  by its length, unparsed), INVALID_ARGUMENT (BAD_SERVICE_NAME), and a Watch beyond 64
+  open at once, RESOURCE_EXHAUSTED (TOO_MANY_WATCHES, metadata "limit"): poll with Check
+  instead. A Check of a service it has no status for is NOT_FOUND, as the health
+  protocol says (UNKNOWN_SERVICE, metadata "service"), and bytes that are no health
+  request are INVALID_ARGUMENT (MALFORMED_REQUEST). As the server stops, each health Watch sends
   its last status (NOT_SERVING; SERVICE_UNKNOWN for a service it has no status for) and
   then ends, OK: no other change will come. Server reflection (grpc.reflection.v1 and
   v1alpha, one service under two names; ListServices names v1alpha) keeps at most 8
