@@ -1427,6 +1427,38 @@ def test_each_mutation_is_the_cause_a_watcher_hears_of(client: gradwire.Client) 
     stream.close()
 
 
+def test_a_train_step_is_one_update_whose_version_moved_by_its_parts(
+    client: gradwire.Client,
+) -> None:
+    """A TrainStep moves the version by 4 (3 without zero_grad), one for each of its parts,
+    yet is one update to a Watch, `skipped` counting none of them; so is each step of a
+    Train. The contract said an update follows each applied mutation and that a TrainStep
+    adds one to the version for each part: a C++ client that checked each update's version
+    against the last one's plus skipped + 1 took the gap for updates lost (found by a review
+    of the .proto as the only contract, compiled and called from C++)."""
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "A TrainStep, and each step of a Train, is one update here" in said
+    stream = client.watch(["loss"], timeout=30, latest=False)  # each update as it was sent
+    version = next(stream).version
+    x, y = random_batch(8, 12)
+    for zero_grad, parts in ((True, 4), (False, 3)):
+        moved = client.train_step(x, y, zero_grad=zero_grad).version
+        update = next(stream)
+        assert (update.cause, update.version, update.skipped) == ("TrainStep", moved, 0)
+        assert moved == version + parts
+        version = moved
+    last = list(client.train(x, y, 2))[-1].version
+    steps = [next(stream)]
+    while steps[-1].version != last:  # a watcher behind the run may see both steps in one
+        steps.append(next(stream))
+    assert {u.cause for u in steps} == {"TrainStep"}
+    assert sum(u.skipped + 1 for u in steps) == 2
+    assert last == version + 8
+    stream.close()
+
+
 def test_watch_every_n_steps(client: gradwire.Client, address: str) -> None:
     watcher = Watcher(client, ["conv1.weight"], until=lambda u: u.steps == 4, every_steps=2)
     x, y = random_batch(8, 10)

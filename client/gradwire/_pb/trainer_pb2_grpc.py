@@ -390,7 +390,9 @@ class TrainerServicer:
 
     def Watch(self, request, context):
         """Subscribes to tensors: an update now, then one after each applied mutation (or after
-        every Nth Step). A subscriber that reads slowly never slows training: it gets the
+        every Nth Step). A TrainStep, and each step of a Train, is one update here (cause
+        "TrainStep"), though its parts moved the version by 4 (3 without zero_grad): `skipped`
+        counts none of them. A subscriber that reads slowly never slows training: it gets the
         latest state when it is ready, with the count of updates it skipped. An open watch
         holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
         """

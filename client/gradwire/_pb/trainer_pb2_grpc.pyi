@@ -414,7 +414,9 @@ class TrainerStub:
     """
     Watch: _grpc.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
-    every Nth Step). A subscriber that reads slowly never slows training: it gets the
+    every Nth Step). A TrainStep, and each step of a Train, is one update here (cause
+    "TrainStep"), though its parts moved the version by 4 (3 without zero_grad): `skipped`
+    counts none of them. A subscriber that reads slowly never slows training: it gets the
     latest state when it is ready, with the count of updates it skipped. An open watch
     holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
@@ -630,7 +632,9 @@ class TrainerAsyncStub(TrainerStub):
     """
     Watch: _aio.UnaryStreamMultiCallable[_trainer_pb2.WatchRequest, _trainer_pb2.WatchUpdate]  # type: ignore[assignment]
     """Subscribes to tensors: an update now, then one after each applied mutation (or after
-    every Nth Step). A subscriber that reads slowly never slows training: it gets the
+    every Nth Step). A TrainStep, and each step of a Train, is one update here (cause
+    "TrainStep"), though its parts moved the version by 4 (3 without zero_grad): `skipped`
+    counts none of them. A subscriber that reads slowly never slows training: it gets the
     latest state when it is ready, with the count of updates it skipped. An open watch
     holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
     """
@@ -987,7 +991,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.WatchUpdate], _abc.AsyncIterator[_trainer_pb2.WatchUpdate]]:
         """Subscribes to tensors: an update now, then one after each applied mutation (or after
-        every Nth Step). A subscriber that reads slowly never slows training: it gets the
+        every Nth Step). A TrainStep, and each step of a Train, is one update here (cause
+        "TrainStep"), though its parts moved the version by 4 (3 without zero_grad): `skipped`
+        counts none of them. A subscriber that reads slowly never slows training: it gets the
         latest state when it is ready, with the count of updates it skipped. An open watch
         holds one of the server's call places (RESOURCE_EXHAUSTED, BUSY, when none is free).
         """
