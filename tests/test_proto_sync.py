@@ -60,3 +60,29 @@ def test_an_rpc_without_its_servicer_method_stops_the_import_naming_it(tmp_path:
     assert "rpc Ping, which TrainerServicer lacks: add a method Ping" in imported.stderr, (
         imported.stderr[-2000:]
     )
+
+
+def test_the_contract_says_which_protoc_takes_its_optional_fields() -> None:
+    """trainer.proto marks fields `optional` (proto3's explicit presence), which protoc takes
+    without a flag only from 3.15: 3.12 to 3.14, what Ubuntu 22.04 and Debian 11 package,
+    refuse the file unless given --experimental_allow_proto3_optional, and older ones refuse
+    it outright. The file said nothing of it, and a C++ team generating code with their
+    distribution's protoc met the refusal first (found by a review of the .proto as the only
+    contract, compiled and called from C++)."""
+    from google.protobuf import descriptor_pb2
+
+    from gradwire._pb import trainer_pb2
+
+    file = descriptor_pb2.FileDescriptorProto()
+    trainer_pb2.DESCRIPTOR.CopyToProto(file)
+    optional = [
+        f"{message.name}.{field.name}"
+        for message in file.message_type
+        for field in message.field
+        if field.proto3_optional
+    ]
+    assert "Slice.start" in optional and "ResetRequest.seed" in optional
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "need protoc 3.15 or newer" in said
+    assert "--experimental_allow_proto3_optional" in said

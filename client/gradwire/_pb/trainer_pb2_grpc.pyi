@@ -267,6 +267,13 @@ keeps building and talking to a newer server (it skips the fields it does not kn
 proto/published.txtpb records what has been published, and the project's tests run
 buf's breaking check (FILE rules) against it. A change that cannot be made so would
 come as a new package, gradwire.v2.
+
+Generating code: the fields marked `optional` (proto3's explicit presence: Slice's
+bounds, OptimizerConfig's settings, ResetRequest.seed, ...) need protoc 3.15 or newer;
+3.12 to 3.14 (what Ubuntu 22.04 and Debian 11 package) take the file only with
+--experimental_allow_proto3_optional, and older ones refuse it. A code generator plugin
+too old for them is refused by protoc, which names it. The generated code tells such a
+field's unset from its default (C++'s has_start(), Go's pointer fields).
 """
 
 from collections import abc as _abc
