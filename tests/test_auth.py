@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
 from gradwire.cli import main
 from gradwire.credentials import load_token
 from gradwire_server.app import Running, start
@@ -155,6 +156,34 @@ def test_the_right_token_opens_every_call(guarded: Running) -> None:
         client.chunk_bytes = 1000
         client.set("conv1.weight", np.full((16, 3, 3, 3), 0.5, np.float32))
         assert client.get("conv1.weight[0][0][0]").tolist() == [0.5, 0.5, 0.5]
+
+
+def test_call_credentials_on_a_plaintext_channel_are_refused_by_the_client_itself(
+    guarded: Running,
+) -> None:
+    """gRPC's call credentials, which send this very header (C++'s AccessTokenCredentials,
+    Python's access_token_call_credentials), go only over TLS or gRPC's local credentials:
+    on a plaintext channel the client library refuses the call before it leaves,
+    UNAUTHENTICATED with no ErrorInfo. A C++ client built from trainer.proto took that for
+    the server's refusal and looked for NO_TOKEN; the contract named only NO_TOKEN and
+    BAD_TOKEN (found by a review of the .proto as the only contract, compiled and called
+    from C++)."""
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "gRPC's call credentials that send it (C++'s AccessTokenCredentials" in said
+    credentials = grpc.access_token_call_credentials(TOKEN)
+    with grpc.insecure_channel(_address(guarded)) as channel:
+        stub = pb_grpc.TrainerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ZeroGrad(pb.ZeroGradRequest(), credentials=credentials, timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "sufficient security level" in info.value.details()
+    assert "grpc-status-details-bin" not in dict(info.value.trailing_metadata() or ())
+    local = grpc.composite_channel_credentials(grpc.local_channel_credentials(), credentials)
+    with grpc.secure_channel(_address(guarded), local) as channel:
+        assert pb_grpc.TrainerStub(channel).ZeroGrad(pb.ZeroGradRequest(), timeout=10).version
+    assert guarded.trainer.version == 1  # the second call's alone
 
 
 NOT_IT = "the token sent is not this server's"

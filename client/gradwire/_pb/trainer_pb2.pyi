@@ -71,9 +71,14 @@ Conventions used by every message below:
   server's other work (another caller's Forward); one that has begun runs to its end,
   its change applied though its caller was told DEADLINE_EXCEEDED: learn what was
   applied by the state version, or retry with the same request id. Reads have no such
-  condition: they run when their turn comes. With a server token set, every call but grpc.health.v1 needs
-  "authorization: Bearer <token>" (the scheme in any case), once (UNAUTHENTICATED
-  without it, or with it twice). Each "gradwire-" entry (request id, expected version,
+  condition: they run when their turn comes. With a server token set, every call but
+  grpc.health.v1 needs "authorization: Bearer <token>" (the scheme in any case), once
+  (UNAUTHENTICATED without it, or with it twice). gRPC's call credentials that send it
+  (C++'s AccessTokenCredentials, Python's access_token_call_credentials) go over TLS or
+  gRPC's local credentials only: on a plaintext channel the client library refuses the
+  call before it leaves, UNAUTHENTICATED with no ErrorInfo ("Established channel does
+  not have a sufficient security level to transfer call credential"); there, add the
+  entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
   session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
   call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
