@@ -1731,3 +1731,42 @@ def test_cuda_s_out_of_memory_is_no_lost_device() -> None:
 def test_a_quoted_value_is_cut_past_64_characters_and_not_at_them() -> None:
     assert shown("s" * 64) == repr("s" * 64)
     assert shown("s" * 65) == repr("s" * 64) + "... (65 characters)"
+
+
+def test_an_error_info_declared_as_the_contract_says_decodes_the_trailer(
+    address: str, tmp_path: Path
+) -> None:
+    """A client whose googleapis package predates ErrorInfo (Debian 12's
+    libgoogle-common-protos-java, 1.16, has google.rpc.Status and no ErrorInfo) reads the
+    reason by declaring ErrorInfo's fields itself, as the contract now spells them out. It
+    named only Python's package, and a Java team found no ErrorInfo class to unpack the
+    detail with (found by a review of the .proto as the only contract, compiled and called
+    from Java)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from grpc_tools import protoc
+
+    contract = Path(__file__).parent.parent / "proto" / "gradwire" / "v1" / "trainer.proto"
+    said = " ".join(line.strip("/ ") for line in contract.read_text().splitlines())
+    declared = re.search(r"`(string reason = 1;[^`]*)`", said)
+    assert declared, "the contract does not spell out ErrorInfo's fields"
+    (tmp_path / "mine.proto").write_text(
+        f'syntax = "proto3";\npackage mine;\nmessage ErrorInfo {{ {declared.group(1)} }}\n'
+    )
+    out = tmp_path / "mine.pb"
+    assert (
+        protoc.main(["protoc", f"-I{tmp_path}", f"--descriptor_set_out={out}", "mine.proto"]) == 0
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0])
+    mine = message_factory.GetMessageClass(pool.FindMessageTypeByName("mine.ErrorInfo"))
+
+    request = pb.GetTensorRequest(name="conv1.wieght").SerializeToString()
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as failed:
+        channel.unary_unary("/gradwire.v1.Trainer/GetTensor")(request, timeout=30)
+    trailer = dict(failed.value.trailing_metadata())["grpc-status-details-bin"]
+    (detail,) = status_pb2.Status.FromString(trailer).details
+    assert detail.type_url == "type.googleapis.com/google.rpc.ErrorInfo"
+    theirs = error_details_pb2.ErrorInfo.FromString(detail.value)
+    ours = mine.FromString(detail.value)
+    assert (ours.reason, ours.domain) == ("UNKNOWN_TENSOR", "gradwire.dev")
+    assert dict(ours.metadata) == dict(theirs.metadata) and "closest" in ours.metadata

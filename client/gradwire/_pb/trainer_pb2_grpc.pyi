@@ -162,8 +162,14 @@ Conventions used by every message below:
   "type.googleapis.com/google.rpc.ErrorInfo", and decodes its `value`). Both are
   googleapis' messages, which this file does not import: google/rpc/status.proto and
   google/rpc/error_details.proto (github.com/googleapis/googleapis; most languages have
-  them in a package, Python's googleapis-common-protos), and server reflection serves
-  them by symbol ("google.rpc.Status", "google.rpc.ErrorInfo"). No call is answered
+  them in a package, Python's googleapis-common-protos, Java's proto-google-common-protos,
+  which grpc-java's io.grpc.protobuf.StatusProto.fromThrowable returns the Status in), and
+  server reflection serves them by symbol ("google.rpc.Status", "google.rpc.ErrorInfo").
+  A package older than ErrorInfo has Status without it (Debian 12's
+  libgoogle-common-protos-java, 1.16): declare its fields in a message of your own,
+  `string reason = 1; string domain = 2; map<string, string> metadata = 3;`, and parse
+  the Any's `value` with it (Any's is() and unpack() look for the name
+  google.rpc.ErrorInfo, which yours does not have). No call is answered
   UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256 (so a
   long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
