@@ -86,3 +86,32 @@ def test_the_contract_says_which_protoc_takes_its_optional_fields() -> None:
     said = " ".join(line.strip("/ ") for line in contract.splitlines())
     assert "need protoc 3.15 or newer" in said
     assert "--experimental_allow_proto3_optional" in said
+
+
+def test_the_service_comment_points_generated_code_at_the_file_s_conventions(
+    tmp_path: Path,
+) -> None:
+    """The conventions every call shares (the metadata keys, errors and their ErrorInfo,
+    limits) are the comment at the top of trainer.proto, before `syntax`: attached to no
+    element, so no generator carries it. Java's javadoc of TrainerGrpc said only "The
+    training step, driven remotely.", and the RPCs' "see Errors at the top of this file"
+    pointed nowhere a Java team reading their IDE could follow (found by a review of the
+    .proto as the only contract, compiled and called from Java)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    out = tmp_path / "trainer.pb"
+    proto = ROOT / "proto"
+    args = ["protoc", f"-I{proto}", "--include_source_info", f"--descriptor_set_out={out}"]
+    assert protoc.main([*args, "gradwire/v1/trainer.proto"]) == 0
+    (file,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    (service,) = [i for i, each in enumerate(file.service) if each.name == "Trainer"]
+    # Path [6, i]: the file's service i, whose leading comment generators carry.
+    (location,) = [
+        where for where in file.source_code_info.location if list(where.path) == [6, service]
+    ]
+    said = " ".join(location.leading_comments.split())
+    for key in ("gradwire-session", "gradwire-request-id", "gradwire-expected-version"):
+        assert f'"{key}"' in said, said
+    assert "grpc-status-details-bin" in said, said
+    assert "top of gradwire/v1/trainer.proto" in said, said

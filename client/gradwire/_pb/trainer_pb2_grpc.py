@@ -27,6 +27,14 @@ if _version_not_supported:
 
 class TrainerStub:
     """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
     """
 
     def __init__(self, channel):
@@ -174,6 +182,14 @@ class TrainerStub:
 
 class TrainerServicer:
     """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
     """
 
     def Forward(self, request, context):
@@ -651,6 +667,14 @@ def add_TrainerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Trainer:
     """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
     """
 
     @staticmethod

@@ -311,7 +311,16 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TrainerStub:
-    """The training step, driven remotely."""
+    """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -532,7 +541,16 @@ class TrainerStub:
 
 @_typing.type_check_only
 class TrainerAsyncStub(TrainerStub):
-    """The training step, driven remotely."""
+    """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Forward: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ForwardRequest, _trainer_pb2.ForwardResponse]  # type: ignore[assignment]
@@ -749,7 +767,16 @@ class TrainerAsyncStub(TrainerStub):
     """
 
 class TrainerServicer(metaclass=_abc_1.ABCMeta):
-    """The training step, driven remotely."""
+    """The training step, driven remotely.
+
+    What every call shares (tensor names, state versions, the metadata entries
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
+    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
+    sizes, concurrency and keepalive) is said once, in the comment at the top of
+    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
+    one: where they say "above" or "at the top of this file", they mean it.
+    """
 
     @_abc_1.abstractmethod
     def Forward(
