@@ -128,7 +128,10 @@ Conventions used by every message below:
   answered beside that limit; see Errors for the bounds of health Watches. ListSessions,
   CloseSession and GetServerInfo have one place beyond it, so that with every place held
   by streams an operator can still see which sessions hold them and close those, and a
-  client refused BUSY can read the limit.
+  client refused BUSY can read the limit. A stream its client stops reading without
+  cancelling it (a blocking iterator dropped in grpc-java, a reader left unfinished in
+  C++) holds its place until its deadline, or for as long as the connection lives
+  without one: cancel a stream you stop reading, or give it a deadline.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
   It takes a client's pings at most every 30 s on a connection carrying no data, with
