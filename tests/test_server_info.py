@@ -114,6 +114,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             max_selectors=1024,
             connection_idle_s=13.0,
             max_connections=5,
+            max_index_chain=64,
         ),
         known_fields=tuple(known_fields()),
     )
@@ -416,6 +417,7 @@ def test_the_cli_describes_the_server(small: Running) -> None:
         "calls at once    2 (an open watch or stream holds one)",
         "batches          at most 1,024 calls in one Batch",
         "selectors        at most 1,024 in one watch or one step's fetch",
+        "index chains     at most 64 indexes in one selector, x[0][1]..., one a bracket",
         "health watches   at most 64 open at once; past that, poll (gradwire health)",
         "reflection       at most 8 streams open at once (grpcurl, an IDE); one more is refused",
         "sessions         1 beside the default one; each closed after 42.5 s without calls",
@@ -507,6 +509,7 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
         "answer_bytes_kept",
         "max_batch_calls",
         "max_selectors",
+        "max_index_chain",
     ):
         older.limits.ClearField(name)
     answer = grpc.unary_unary_rpc_method_handler(lambda request, context: older.SerializeToString())
@@ -515,7 +518,9 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
         lines = run_main("info", "--target", address).out.splitlines()
     assert "request ids      at most 128 characters" in lines
     assert not any(
-        line.startswith(("retry answers", "health watches", "reflection", "batches"))
+        line.startswith(
+            ("retry answers", "health watches", "reflection", "batches", "index chains")
+        )
         for line in lines
     )
     assert not any("at most 0 " in line or "0 ids" in line for line in lines)

@@ -206,6 +206,9 @@ class ServerLimits:
     # Connections the server keeps open at once, one more closed as it opens (UNAVAILABLE);
     # 0: no limit, as from a server that predates it.
     max_connections: int = 0
+    # Indexes in one selector's chain, x[0][1]... (BAD_INDEX); 0 from a server that predates
+    # the limit.
+    max_index_chain: int = 0
 
 
 @dataclass(frozen=True)

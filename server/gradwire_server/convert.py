@@ -682,6 +682,7 @@ def server_info(
         answer_bytes_kept=requests.max_bytes,
         max_batch_calls=gw_limits.MAX_BATCH_CALLS,
         max_selectors=gw_limits.MAX_SELECTORS,
+        max_index_chain=gw_limits.MAX_INDEX_CHAIN,
         connection_idle_s=gw_limits.in_force_s(idle_s) if idle_s else 0.0,
         max_connections=connections.max_connections,
     )

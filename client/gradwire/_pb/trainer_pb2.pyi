@@ -2296,6 +2296,7 @@ class ServerLimits(_message.Message):
     MAX_SELECTORS_FIELD_NUMBER: _builtins.int
     CONNECTION_IDLE_S_FIELD_NUMBER: _builtins.int
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    MAX_INDEX_CHAIN_FIELD_NUMBER: _builtins.int
     max_message_bytes: _builtins.int
     """the largest message either way (64 MiB); a bigger one fails in gRPC itself"""
     max_value_bytes: _builtins.int
@@ -2378,6 +2379,11 @@ class ServerLimits(_message.Message):
     handshake, and its calls fail UNAVAILABLE (gRPC's "Socket closed") until one closes (see
     Connections at the top); 0: no limit, as from a server that predates it, which kept none.
     """
+    max_index_chain: _builtins.int
+    """Indexes in one selector's chain, x[0][1]... one per bracket (INVALID_ARGUMENT,
+    BAD_INDEX): as many as a tensor may have dimensions. 0 from a server that predates the
+    limit, which kept none.
+    """
     def __init__(
         self,
         *,
@@ -2406,10 +2412,11 @@ class ServerLimits(_message.Message):
         max_selectors: _builtins.int = ...,
         connection_idle_s: _builtins.float = ...,
         max_connections: _builtins.int = ...,
+        max_index_chain: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "connection_idle_s", b"connection_idle_s", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_connections", b"max_connections", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes_kept", b"answer_bytes_kept", "connection_idle_s", b"connection_idle_s", "default_chunk_bytes", b"default_chunk_bytes", "keepalive_s", b"keepalive_s", "keepalive_timeout_s", b"keepalive_timeout_s", "last_request_ids_kept", b"last_request_ids_kept", "max_batch_calls", b"max_batch_calls", "max_concurrent", b"max_concurrent", "max_connections", b"max_connections", "max_dims", b"max_dims", "max_elements", b"max_elements", "max_health_watches", b"max_health_watches", "max_histogram_bins", b"max_histogram_bins", "max_index_chain", b"max_index_chain", "max_message_bytes", b"max_message_bytes", "max_name_chars", b"max_name_chars", "max_reflection_streams", b"max_reflection_streams", "max_request_id_chars", b"max_request_id_chars", "max_request_ids_kept", b"max_request_ids_kept", "max_selectors", b"max_selectors", "max_sessions", b"max_sessions", "max_train_steps", b"max_train_steps", "max_value_bytes", b"max_value_bytes", "min_client_ping_s", b"min_client_ping_s", "request_id_kept_s", b"request_id_kept_s", "session_idle_timeout_s", b"session_idle_timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -371,6 +371,10 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         ("batches", f"at most {lim.max_batch_calls:,} calls in one Batch"),
         ("selectors", f"at most {lim.max_selectors:,} in one watch or one step's fetch"),
         (
+            "index chains",
+            f"at most {lim.max_index_chain} indexes in one selector, x[0][1]..., one a bracket",
+        ),
+        (
             "health watches",
             f"at most {lim.max_health_watches} open at once; past that, poll (gradwire health)",
         ),
@@ -402,6 +406,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "reflection": not lim.max_reflection_streams,
         "batches": not lim.max_batch_calls,
         "selectors": not lim.max_selectors,
+        "index chains": not lim.max_index_chain,
     }
     rows = [(name, text) for name, text in rows if not unreported.get(name)]
     out.write(
