@@ -293,6 +293,32 @@ def test_compressed_requests_are_refused_undecompressed(
         assert client.server_info().version == gradwire.__version__
 
 
+def test_the_contract_says_a_compressed_request_is_refused(guarded: Running) -> None:
+    """The refusal above, UNIMPLEMENTED from gRPC itself, was in README.md alone: the
+    .proto, an integrator's only docs, listed UNIMPLEMENTED for a method the server does not
+    have, so a Go client that turned on grpc.UseCompressor(gzip.Name) for every call took the
+    answer for a server without the method (found by a review of the .proto as the only
+    contract, compiled and called from Go)."""
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{guarded.port}") as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        channel.unary_unary("/gradwire.v1.Trainer/ListTensors")(
+            b"",
+            metadata=[("authorization", f"Bearer {TOKEN}")],
+            compression=grpc.Compression.Gzip,
+            timeout=10,
+        )
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    said_by_grpc = refused.value.details() or ""
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert said_by_grpc.rstrip(".") in said, said_by_grpc
+    assert "a request sent compressed" in said
+    assert "grpc.UseCompressor" in said
+
+
 def test_the_request_bound_is_the_4_kib_the_readme_gives(guarded: Running) -> None:
     """README: a health request "over 4 KiB" is refused. The test above reads the bound from
     MAX_REQUEST_BYTES, and would pass whatever it were; here it is counted in bytes sent."""

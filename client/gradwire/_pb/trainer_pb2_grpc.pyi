@@ -274,6 +274,10 @@ Conventions used by every message below:
   in the client, a connection lost, a method the server does not have: UNIMPLEMENTED, a
   connection closed for pinging too often: UNAVAILABLE or, in Node's grpc-js,
   RESOURCE_EXHAUSTED, which is no BUSY: ping less often, see Keepalive) carry no ErrorInfo.
+  So does a request sent compressed (Go's grpc.UseCompressor(gzip.Name), Python's
+  compression=), to any service here: the server takes requests uncompressed only, and
+  gRPC answers UNIMPLEMENTED, "Compression algorithm 'gzip' is disabled" (or the
+  algorithm named), before any handler reads it: send requests uncompressed.
 
 Compatibility: gradwire.v1 only grows. Nothing it has published is renamed,
 renumbered, retyped or removed, so code generated from an older copy of this file
