@@ -1770,3 +1770,29 @@ def test_an_error_info_declared_as_the_contract_says_decodes_the_trailer(
     ours = mine.FromString(detail.value)
     assert (ours.reason, ours.domain) == ("UNKNOWN_TENSOR", "gradwire.dev")
     assert dict(ours.metadata) == dict(theirs.metadata) and "closest" in ours.metadata
+
+
+def test_the_contract_says_where_go_finds_the_error_details(address: str) -> None:
+    """The details travel in the "grpc-status-details-bin" trailer, as the contract says and
+    as Python's trailing_metadata() shows it; Go's grpc-go takes that trailer out of the
+    metadata it hands over (grpc.Trailer showed content-type alone) and decodes it into
+    status.FromError(err).Details(), where the ErrorInfo comes back as an error, "isn't
+    linked in", unless genproto's errdetails is imported. The contract said "trailer" and
+    nothing for Go, and a Go client looking for it there found none (found by a review of
+    the .proto as the only contract, compiled and called from Go)."""
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.TrainerStub(channel).GetTensor(pb.GetTensorRequest(name="nope"), timeout=10)
+    trailer = dict(info.value.trailing_metadata() or ())  # type: ignore[attr-defined]
+    sent = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+    assert sent.details[0].type_url == "type.googleapis.com/google.rpc.ErrorInfo"
+    googleapis = Path(error_details_pb2.__file__).with_name("error_details.proto").read_text()
+    go_package = re.search(r'option go_package = "([^;"]+)', googleapis)
+    assert (
+        go_package and go_package.group(1) == "google.golang.org/genproto/googleapis/rpc/errdetails"
+    )
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert go_package.group(1) in said
+    assert "status.FromError(err).Details()" in said
+    assert "grpc.Trailer" in said

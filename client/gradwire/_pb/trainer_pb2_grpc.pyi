@@ -172,7 +172,12 @@ Conventions used by every message below:
   libgoogle-common-protos-java, 1.16): declare its fields in a message of your own,
   `string reason = 1; string domain = 2; map<string, string> metadata = 3;`, and parse
   the Any's `value` with it (Any's is() and unpack() look for the name
-  google.rpc.ErrorInfo, which yours does not have). No call is answered
+  google.rpc.ErrorInfo, which yours does not have). Go's grpc-go keeps the
+  trailer out of the metadata it hands over (grpc.Trailer and the stream's Trailer() do
+  not show it) and decodes it itself: status.FromError(err).Details() holds the
+  ErrorInfo as a *errdetails.ErrorInfo once the program imports
+  google.golang.org/genproto/googleapis/rpc/errdetails (unimported, that item is an error
+  instead: "message type "google.rpc.ErrorInfo" isn't linked in"). No call is answered
   UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256 (so a
   long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
