@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "client" / "gradwire" / "_pb"
@@ -115,3 +116,56 @@ def test_the_service_comment_points_generated_code_at_the_file_s_conventions(
         assert f'"{key}"' in said, said
     assert "grpc-status-details-bin" in said, said
     assert "top of gradwire/v1/trainer.proto" in said, said
+
+
+#: What protoc-gen-go generates on every message: a field of one of these Go names is
+#: renamed with an underscore (google.golang.org/protobuf/compiler/protogen).
+GO_MESSAGE_METHODS = {
+    "Reset",
+    "String",
+    "ProtoMessage",
+    "Marshal",
+    "Unmarshal",
+    "ExtensionRangeArray",
+    "ExtensionMap",
+    "Descriptor",
+}
+
+
+def _go_renamed(file: Any) -> list[tuple[str, str, bool]]:
+    """(message, Go field name, in a oneof) for each field protoc-gen-go renames, as its
+    protogen does: Go names in field order, each made unique against the message's methods
+    and the getters before it."""
+    renamed = []
+    for message in file.message_type:
+        used = {name: False for name in GO_MESSAGE_METHODS}
+        for field in message.field:
+            camel = "".join(part[:1].upper() + part[1:] for part in field.name.split("_"))
+            name = camel
+            while name in used or used.get("Get" + name):
+                name += "_"
+            used[name] = False
+            used["Get" + name] = True
+            if name != camel:
+                oneof = field.HasField("oneof_index") and not field.proto3_optional
+                renamed.append((message.name, name, oneof))
+    return renamed
+
+
+def test_the_contract_names_the_go_fields_protoc_gen_go_renames() -> None:
+    """protoc-gen-go renames a field whose Go name clashes with a generated method: the
+    Calls stream's `reset` case is CallRequest_Reset_ (field Reset_, getter GetReset_()),
+    and a Go client written from the contract's names, CallRequest_Reset, did not compile
+    (found by a review of the .proto as the only contract, compiled and called from Go)."""
+    from google.protobuf import descriptor_pb2
+
+    from gradwire._pb import trainer_pb2
+
+    file = descriptor_pb2.FileDescriptorProto()
+    trainer_pb2.DESCRIPTOR.CopyToProto(file)
+    renamed = _go_renamed(file)
+    assert ("CallRequest", "Reset_", True) in renamed
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    for message, name, oneof in renamed:
+        assert (f"{message}_{name}" if oneof else f"{message}.{name}") in said, (message, name)

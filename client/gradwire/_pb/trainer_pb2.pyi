@@ -3130,7 +3130,8 @@ Global___CallRequest: _TypeAlias = CallRequest  # noqa: Y015
 @_typing.final
 class CallResponse(_message.Message):
     """The answer to one CallRequest: the unary call's response under the same field number as
-    the request's call, or its error.
+    the request's call, or its error. In Go, Reset's answer is CallResponse_Reset_ (field
+    Reset_, getter GetReset_()), as in CallRequest.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
