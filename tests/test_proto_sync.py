@@ -169,3 +169,22 @@ def test_the_contract_names_the_go_fields_protoc_gen_go_renames() -> None:
     said = " ".join(line.strip("/ ") for line in contract.splitlines())
     for message, name, oneof in renamed:
         assert (f"{message}_{name}" if oneof else f"{message}.{name}") in said, (message, name)
+
+
+def test_the_contract_says_its_go_package_is_published_nowhere() -> None:
+    """go_package names gradwire.dev/gen/go/gradwire/v1, where no Go module is published:
+    a Go team that imported that path from a module of its own had the go command look for
+    it on the network and fail. The contract now says so and how to map the file into the
+    team's own module, protoc-gen-go's M option, which a Go build of the generated code
+    took (found by a review of the .proto as the only contract, compiled and called from
+    Go)."""
+    from gradwire._pb import trainer_pb2
+
+    go_package = trainer_pb2.DESCRIPTOR.GetOptions().go_package
+    path = go_package.split(";")[0]
+    assert path == "gradwire.dev/gen/go/gradwire/v1"
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert f"names {path} (package {go_package.split(';')[1]})" in said
+    assert "publishes no Go module" in said
+    assert f"--go_opt=M{trainer_pb2.DESCRIPTOR.name}=" in said

@@ -296,7 +296,12 @@ bounds, OptimizerConfig's settings, ResetRequest.seed, ...) need protoc 3.15 or 
 3.12 to 3.14 (what Ubuntu 22.04 and Debian 11 package) take the file only with
 --experimental_allow_proto3_optional, and older ones refuse it. A code generator plugin
 too old for them is refused by protoc, which names it. The generated code tells such a
-field's unset from its default (C++'s has_start(), Go's pointer fields).
+field's unset from its default (C++'s has_start(), Go's pointer fields). Go: go_package
+below names gradwire.dev/gen/go/gradwire/v1 (package gradwirev1), a path where this
+project publishes no Go module, so the go command finds nothing there: generate the code
+into a module of your own and map the file to a package of it with both plugins' M
+option (--go_opt=Mgradwire/v1/trainer.proto=example.com/you/gradwirev1, the same with
+--go-grpc_opt), or keep the path with a replace directive in your go.mod.
 """
 
 from collections import abc as _abc
