@@ -259,6 +259,23 @@ def test_authorization_given_twice_is_refused(guarded: Running, order: str) -> N
     assert guarded.trainer.version == 0
 
 
+def test_the_contract_says_how_go_refuses_call_credentials_on_a_plaintext_channel() -> None:
+    """The test above holds for gRPC's C core (C++, Python); Go's grpc-go refuses sooner
+    and in its own words: grpc.Dial with grpc.WithPerRPCCredentials of credentials that
+    require transport security (oauth's) fails, "grpc: the credentials require transport
+    level security", before any call, and a call given them with grpc.PerRPCCredentials is
+    UNAUTHENTICATED, "transport: cannot send secure credentials on an insecure connection"
+    (grpc-go 1.33, against this server). The contract quoted the C core's message alone, for
+    a refused call, and a Go team met a failed Dial instead (found by a review of the .proto
+    as the only contract, compiled and called from Go)."""
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "grpc.WithPerRPCCredentials" in said
+    assert 'the Dial itself fails ("the credentials require transport level security")' in said
+    assert "cannot send secure credentials on an insecure connection" in said
+
+
 def test_reflection_needs_the_token_too(guarded: Running) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -77,8 +77,12 @@ Conventions used by every message below:
   (C++'s AccessTokenCredentials, Python's access_token_call_credentials) go over TLS or
   gRPC's local credentials only: on a plaintext channel the client library refuses the
   call before it leaves, UNAUTHENTICATED with no ErrorInfo ("Established channel does
-  not have a sufficient security level to transfer call credential"); there, add the
-  entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
+  not have a sufficient security level to transfer call credential"). Go's grpc-go
+  refuses sooner: given with grpc.WithPerRPCCredentials (oauth's, or any whose
+  RequireTransportSecurity is true), the Dial itself fails ("the credentials require
+  transport level security"); given to one call (grpc.PerRPCCredentials), that call is
+  UNAUTHENTICATED, "cannot send secure credentials on an insecure connection". There,
+  add the entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
   session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
   call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
