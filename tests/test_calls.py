@@ -1300,3 +1300,28 @@ def test_moving_to_another_session_lets_go_of_the_left_stream_s_place() -> None:
             assert client.list_tensors().version == 0  # the other session's
             eventually(lambda: running.servicer.slots.taken == 1)
             client.close_session()
+
+
+def test_the_contract_says_how_go_decodes_a_calls_error(address: str) -> None:
+    """CallResponse.error is a google.rpc.Status, and the contract said to decode it with
+    googleapis' status.proto. A Go client that generated its own code from that file, as
+    read, panicked as it started, "proto: file "google/rpc/status.proto" is already
+    registered": grpc-go's status package imports genproto's. The contract now names
+    genproto's package, googleapis' own go_package for the file, and status.FromProto,
+    with which a Go client decoded this very answer (found by a review of the .proto as the
+    only contract, compiled and called from Go)."""
+    with grpc.insecure_channel(address) as channel:
+        raw = Raw(channel)
+        answer = raw.call(pb.CallRequest(backward=pb.BackwardRequest()))
+        assert raw.close() == grpc.StatusCode.OK
+    code, _, reason, _ = error_of(answer)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION.value[0], "NO_LOSS")
+    googleapis = Path(status_pb2.__file__).with_name("status.proto").read_text()
+    go_package = googleapis.split('option go_package = "')[1].split(";")[0]
+    assert go_package == "google.golang.org/genproto/googleapis/rpc/status"
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert f"a Status of {go_package}" in said
+    assert "status.FromProto(s).Details()" in said
+    assert "already registered" in said

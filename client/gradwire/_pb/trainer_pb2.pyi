@@ -3172,7 +3172,12 @@ class CallResponse(_message.Message):
     "grpc-status-details-bin" trailer carries it (its code, message and ErrorInfo; see
     Errors at the top of this file). Decode it with googleapis' google/rpc/status.proto,
     and its ErrorInfo with google/rpc/error_details.proto (reflection serves both by
-    symbol). The call changed nothing, with the exceptions noted there.
+    symbol). In Go, with the packages grpc-go itself imports, not code generated anew
+    from those files (a second google/rpc/status.proto beside grpc-go's panics as the
+    program starts, "already registered"): unmarshal it into a Status of
+    google.golang.org/genproto/googleapis/rpc/status, and read its ErrorInfo from grpc-go's
+    status.FromProto(s).Details(), as for a unary call (see Errors). The call changed
+    nothing, with the exceptions noted there.
     """
     @_builtins.property
     def forward(self) -> Global___ForwardResponse: ...
