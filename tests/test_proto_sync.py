@@ -188,3 +188,20 @@ def test_the_contract_says_its_go_package_is_published_nowhere() -> None:
     assert f"names {path} (package {go_package.split(';')[1]})" in said
     assert "publishes no Go module" in said
     assert f"--go_opt=M{trainer_pb2.DESCRIPTOR.name}=" in said
+
+
+def test_the_contract_says_which_go_protobuf_runs_its_go_code() -> None:
+    """Debian 12's golang-google-grpc-dev (grpc-go 1.33) depends on golang/protobuf 1.3 or
+    1.5 and apt takes 1.3, whose codec cannot marshal what protoc-gen-go 1.28 makes: a Go
+    client of this contract built from Debian's packages panicked on its first call,
+    "protobuf tag not enough fields in GetServerInfoResponse.state", and ran once
+    golang-github-golang-protobuf-1-5-dev replaced it (found by a review of the .proto as
+    the only contract, compiled and called from Go)."""
+    from gradwire._pb import trainer_pb2
+
+    # The field the panic names: protoc-gen-go's unexported `state`, on a message that is.
+    assert "GetServerInfoResponse" in trainer_pb2.DESCRIPTOR.message_types_by_name
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    said = " ".join(line.strip("/ ") for line in contract.splitlines())
+    assert "needs github.com/golang/protobuf 1.4 or newer" in said
+    assert "install golang-github-golang-protobuf-1-5-dev" in said

@@ -305,7 +305,11 @@ below names gradwire.dev/gen/go/gradwire/v1 (package gradwirev1), a path where t
 project publishes no Go module, so the go command finds nothing there: generate the code
 into a module of your own and map the file to a package of it with both plugins' M
 option (--go_opt=Mgradwire/v1/trainer.proto=example.com/you/gradwirev1, the same with
---go-grpc_opt), or keep the path with a replace directive in your go.mod.
+--go-grpc_opt), or keep the path with a replace directive in your go.mod. The code
+protoc-gen-go 1.20 or newer makes needs github.com/golang/protobuf 1.4 or newer under
+grpc-go: Debian 12's golang-google-grpc-dev pulls 1.3 (golang-github-golang-protobuf-1-3-dev,
+its first choice), with which the first call panics ("protobuf tag not enough fields in
+GetServerInfoResponse.state"); install golang-github-golang-protobuf-1-5-dev instead.
 """
 
 from collections import abc as _abc
