@@ -181,7 +181,8 @@ Conventions used by every message below:
   not show it) and decodes it itself: status.FromError(err).Details() holds the
   ErrorInfo as a *errdetails.ErrorInfo once the program imports
   google.golang.org/genproto/googleapis/rpc/errdetails (unimported, that item is an error
-  instead: "message type "google.rpc.ErrorInfo" isn't linked in"). No call is answered
+  instead: "proto: not found" with golang/protobuf 1.4 or newer, "message type
+  "google.rpc.ErrorInfo" isn't linked in" with 1.3). No call is answered
   UNKNOWN. A message is cut to 1,000 characters and each metadata value to 256 (so a
   long "closest" may end in part of a name). The reasons, by status:
     INVALID_ARGUMENT: MALFORMED_REQUEST, BAD_REQUEST, BAD_METADATA, BAD_NAME,
