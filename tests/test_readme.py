@@ -145,3 +145,15 @@ def test_the_mutation_recipe_s_link_to_the_virtualenv_is_ignored(tmp_path: Path)
         cwd=tmp_path, capture_output=True, text=True, check=True,
     ).stdout.split("\n")  # fmt: skip
     assert "?? .gitignore" in status and "?? .venv" not in status, status
+
+
+def test_the_readme_puts_the_command_on_the_path_before_its_first_use() -> None:
+    # `make demo` installs the `gradwire` command into .venv/bin, which is on no one's PATH:
+    # a newcomer who ran it and went on to "Serving" met `gradwire: command not found` at
+    # its first line, the README never saying how to reach the command (found by a review of
+    # the README read top to bottom by a newcomer).
+    text = README.read_text()
+    first_use = re.search(r"^gradwire ", text, re.M)
+    assert first_use is not None
+    activate = text.find(". .venv/bin/activate")
+    assert 0 <= activate < first_use.start(), "no `. .venv/bin/activate` before `gradwire ...`"
