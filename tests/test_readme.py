@@ -157,3 +157,29 @@ def test_the_readme_puts_the_command_on_the_path_before_its_first_use() -> None:
     assert first_use is not None
     activate = text.find(". .venv/bin/activate")
     assert 0 <= activate < first_use.start(), "no `. .venv/bin/activate` before `gradwire ...`"
+
+
+def test_each_python_example_imports_what_it_uses() -> None:
+    # A newcomer runs the README's Python as they reach it: "Who gets in" used os and
+    # gradwire, and "Watching training remotely" Fill, none imported there or before, so
+    # each raised NameError (found by a review of the README read top to bottom by a
+    # newcomer). A value an example leaves to its reader (`version`) is not a module's.
+    import ast
+    import importlib.util
+
+    text = README.read_text()
+    bound: set[str] = set()  # imported or assigned by an example so far
+    missing = []
+    for found in re.finditer(r"```python\n(.*?)```", text, re.S):
+        tree = ast.parse(found.group(1))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                bound.add(node.id)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        line = text.count("\n", 0, found.start()) + 1
+        for name in sorted(used - bound):
+            if hasattr(gradwire, name) or importlib.util.find_spec(name) is not None:
+                missing.append(f"README.md:{line}: {name}")
+    assert not missing, f"used before any example imports them: {missing}"
