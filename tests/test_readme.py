@@ -183,3 +183,23 @@ def test_each_python_example_imports_what_it_uses() -> None:
             if hasattr(gradwire, name) or importlib.util.find_spec(name) is not None:
                 missing.append(f"README.md:{line}: {name}")
     assert not missing, f"used before any example imports them: {missing}"
+
+
+def test_the_command_line_walkthrough_loads_and_deletes_only_what_it_saved() -> None:
+    # "The command line" is run line by line by a newcomer: it saved epoch3 and then deleted
+    # epoch1, which nothing had saved, so that line failed NOT_FOUND, exit 1 (found by a
+    # review of the README read top to bottom by a newcomer).
+    text = README.read_text()
+    start = text.index("## The command line")
+    found = re.search(r"```sh\n(.*?)```", text[start:], re.S)
+    assert found is not None
+    saved: set[str] = set()
+    used = []
+    for command, name in re.findall(
+        r"^gradwire (save|load|delete-checkpoint) ([\w.-]+)", found.group(1), re.M
+    ):
+        if command == "save":
+            saved.add(name)
+        else:
+            used.append((command, name, name in saved))
+    assert used and all(ok for *_, ok in used), used
