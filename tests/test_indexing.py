@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import gradwire
 from gradwire import errors
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.fill import Fill
 from gradwire.limits import MAX_INDEX_CHAIN
 from gradwire.selector import parse_selector
 from gradwire_server.errors import IndexOutOfRange, InvalidInput
@@ -176,3 +178,15 @@ def test_an_index_chain_longer_than_a_tensor_has_dimensions_is_refused(address: 
             assert error.reason == "BAD_INDEX"
             assert error.metadata == {"limit": str(MAX_INDEX_CHAIN)}
             assert f"at most {MAX_INDEX_CHAIN}" in error.message, error.message
+    # A TrainStep's fetch with such a chain too, refused before the step: nothing applied.
+    with gradwire.connect(address) as client:
+        before = client.list_tensors().version
+        with pytest.raises(errors.InvalidArgument) as caught:
+            client.train_step(
+                Fill.ones(2, 3, 10, 10),
+                Fill.ones(2, dtype="int64"),
+                fetch=["conv1.weight" + "[:]" * (MAX_INDEX_CHAIN + 1)],
+            )
+        assert caught.value.reason == "BAD_INDEX"
+        assert caught.value.metadata == {"limit": str(MAX_INDEX_CHAIN)}
+        assert client.list_tensors().version == before
