@@ -651,6 +651,14 @@ def _train_step(address: str) -> grpc.UnaryUnaryMultiCallable:
     )
 
 
+def test_the_server_keeps_request_ids_as_the_contract_says(server: Running) -> None:
+    """Each id 10 minutes after its last use, past that the last 1,024, 65,536 at most:
+    trainer.proto, the README and RELIABILITY.md say so to a client planning its retries,
+    and the tests of the log above run it on settings of their own."""
+    log = server.servicer.requests
+    assert (log.keep_s, log.size, log.max_ids) == (600.0, 1024, 65_536)
+
+
 def test_a_retried_train_step_whose_answer_was_let_go_is_refused(
     server: Running, address: str, trainer: Trainer
 ) -> None:
