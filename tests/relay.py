@@ -1,7 +1,8 @@
 """A TCP relay on loopback that a test can cut as a network cut does: nothing more gets
 through either way, and neither end hears of it (no FIN, no RST), until the relay closes.
 It can also lose one answer: the connection dropped as the server's answer to a call starts
-back, the call having run (a network that fails at the wrong moment)."""
+back, the call having run (a network that fails at the wrong moment); and it can be slow,
+carrying the server's bytes at a few KB a second (a slow, distant link)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 
@@ -23,6 +25,7 @@ class Relay:
         self._cut = threading.Event()
         self._lose_answer = threading.Event()
         self._refuse_after_loss = False
+        self._bytes_per_s: float | None = None
         #: Answers lost (lose_next_answer), each with the connection that carried it.
         self.answers_lost = 0
         self._closed = threading.Event()
@@ -48,6 +51,11 @@ class Relay:
         it has died with a call in progress."""
         self._refuse_after_loss = then_refuse
         self._lose_answer.set()
+
+    def slow(self, bytes_per_s: float) -> None:
+        """From now on the server's bytes reach the caller at `bytes_per_s` at most, as over
+        a slow link (the caller's reach the server as before)."""
+        self._bytes_per_s = bytes_per_s
 
     def close(self) -> None:
         self._closed.set()
@@ -97,6 +105,9 @@ class Relay:
                                 self.answers_lost += 1
                                 if self._refuse_after_loss:
                                     self._listener.close()  # the accepting thread ends
+                            elif sock is b and self._bytes_per_s:
+                                self._send_slowly(a, data, self._bytes_per_s)
+                                continue
                             else:
                                 peer[sock].sendall(data)
                                 continue
@@ -105,6 +116,16 @@ class Relay:
                     a.close()  # one end closed: close the other, as a proxy does
                     b.close()
                     return
+
+    def _send_slowly(self, to: socket.socket, data: bytes, bytes_per_s: float) -> None:
+        """`data` to `to`, a piece each 10 ms at `bytes_per_s`; what is left is dropped once
+        the relay is cut or closed."""
+        piece = max(1, int(bytes_per_s / 100))
+        for at in range(0, len(data), piece):
+            if self._cut.is_set() or self._closed.is_set():
+                return
+            to.sendall(data[at : at + piece])
+            time.sleep(piece / bytes_per_s)
 
 
 class _Frames:

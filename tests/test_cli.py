@@ -2304,6 +2304,26 @@ def test_a_change_whose_connection_closed_in_progress_is_not_taken_for_a_tls_por
     )
 
 
+def test_a_read_whose_timeout_ran_out_mid_transfer_is_hinted_to_be_the_link(
+    address: str,
+) -> None:
+    """A `get` of a large tensor over a slow link, --timeout running out with the answer
+    arriving: gRPC's "Stream removed (Deadline Exceeded)" was all the error said, and the
+    hint, "no answer within --timeout", read as a server that did not answer (found by a
+    review of a researcher on a slow, distant link)."""
+    port = int(address.rpartition(":")[2])
+    with relay_to(port) as relay:
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        result = run_main("get", "linear.weight", "--target", relay.address, "--timeout", "1")
+    assert result.code == 1
+    assert "the call's timeout of 1 s ran out with its messages still crossing" in result.err
+    assert _hint(result) == (
+        "hint: --timeout 1s ran out with the call's messages still crossing the network (a "
+        "slow link: at 10 Mbit/s, 60 s carries about 70 MiB): give this command a longer "
+        "--timeout"
+    )
+
+
 def test_a_change_past_its_timeout_may_have_been_applied_and_the_hint_says_so(
     address: str, trainer: Trainer
 ) -> None:

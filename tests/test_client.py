@@ -31,11 +31,12 @@ from gradwire.codec import CodecError
 from gradwire.fill import Fill
 from gradwire.selector import SelectorError
 from gradwire.targets import with_default_port
-from gradwire_server.app import start
+from gradwire_server.app import Running, start
 from gradwire_server.models import ModelSpec, Simple
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
 from tests.cli_run import run_main
+from tests.relay import relay_to
 from tests.serve_in_process import bare_server, old_trainer, recording_reads, serving
 
 ONES_INPUT = Fill.ones(8, 3, 10, 10)
@@ -1794,6 +1795,26 @@ def test_an_error_says_whether_its_call_changes_state() -> None:
     assert delete.value.message.endswith(
         "the checkpoint may have been removed all the same: list_checkpoints() shows whether"
     )
+
+
+def test_a_timeout_that_ran_out_with_the_answer_under_way_says_so(server: Running) -> None:
+    """gRPC says "Stream removed (Deadline Exceeded)" where the time ran out with the call's
+    bytes still crossing the network: a read of a large tensor over a slow link. Nothing
+    said which timeout it was, nor what to do (found by a review of a researcher on a slow,
+    distant link: a 16 MiB read takes 13 s at 10 Mbit/s)."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=30) as client:
+        client.get("linear.weight[0, 0]")  # connected at full speed
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        client.timeout = 0.5
+        with pytest.raises(errors.DeadlineExceeded) as read:
+            client.get("linear.weight")
+    assert read.value.message == (
+        "Deadline Exceeded: the call's timeout of 0.5 s ran out with its messages still "
+        "crossing the network: a large value over a slow link needs a longer timeout "
+        "(timeout= in gradwire.connect, or client.timeout) (gRPC: 'Stream removed "
+        "(Deadline Exceeded)')"
+    )
+    assert not read.value.changes_state
 
 
 # --- found by a review of the client: wrong input refused in words that say what to give ------

@@ -55,6 +55,17 @@ NEVER_REACHED = ("failed to connect", "connection refused", "socket closed", *UN
 STREAM_REMOVED = "stream removed"
 
 
+#: gRPC's words (grpcio 1.85) for a call whose deadline passed with its messages under way,
+#: an answer arriving or a request still being sent (lower case).
+_DEADLINE_UNDER_WAY = "stream removed (deadline exceeded)"
+
+
+def under_way(error: RemoteError) -> bool:
+    """Whether `error` is a DEADLINE_EXCEEDED whose time ran out with the call's messages
+    still crossing the network (gRPC's words kept in the message `failed` gives)."""
+    return isinstance(error, DeadlineExceeded) and _DEADLINE_UNDER_WAY in error.message.lower()
+
+
 def never_reached(message: str) -> bool:
     """Whether gRPC's message for an UNAVAILABLE call says it never reached a server."""
     text = message.lower()
@@ -185,11 +196,12 @@ def failed(
     for what a cut-off call on the server's files leaves to check."""
     raised = from_rpc_error(error)
     raised.changes_state = changes_state
+    bare_deadline = raised.message.strip().lower()
     if (
         isinstance(raised, DeadlineExceeded)
         and not raised.reason
         and timeout is not None
-        and raised.message.strip().lower() == "deadline exceeded"
+        and bare_deadline in ("deadline exceeded", _DEADLINE_UNDER_WAY)
     ):
         # gRPC's two words alone: a notebook's train_step of a large batch on a CPU said
         # neither the time it had had nor that its change may have landed (found by a
@@ -202,7 +214,18 @@ def failed(
                 ": its change may have been applied all the same (read the state version "
                 "before making it again)"
             )
-        raised.message += f": no answer within {timeout:g} s, the call's timeout{then}"
+        if bare_deadline == _DEADLINE_UNDER_WAY:
+            # The time ran out with the call's bytes still crossing: a large read or write
+            # over a slow link (a 16 MiB read takes 13 s at 10 Mbit/s). gRPC's words alone
+            # named no timeout (found by a review of a researcher on a slow, distant link).
+            raised.message = (
+                f"Deadline Exceeded: the call's timeout of {timeout:g} s ran out with its "
+                "messages still crossing the network: a large value over a slow link needs "
+                f"a longer timeout (timeout= in gradwire.connect, or client.timeout){then} "
+                f"(gRPC: '{raised.message.strip()}')"
+            )
+        else:
+            raised.message += f": no answer within {timeout:g} s, the call's timeout{then}"
         raised.args = (raised.message,)
     if isinstance(raised, Cancelled) and not raised.reason and _bare_cancel(raised.message):
         # gRPC's word alone ("CANCELLED: CANCELLED") for a call its server cancelled: a stop

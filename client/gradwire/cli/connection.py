@@ -18,7 +18,7 @@ from gradwire.errors import (
     RemoteError,
     Unavailable,
 )
-from gradwire.failures import UNRESOLVED, never_reached
+from gradwire.failures import UNRESOLVED, never_reached, under_way
 from gradwire.limits import CLIENT_KEEPALIVE_S
 from gradwire.targets import DEFAULT_TARGET
 
@@ -96,6 +96,9 @@ _ON_FILES = {
     "checkpoints shows whether it is there)",
 }
 
+#: How long a large value takes over a slow link, for a --timeout that ran out mid-transfer.
+SLOW_LINK_EXAMPLE = "at 10 Mbit/s, 60 s carries about 70 MiB"
+
 
 def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError) -> str | None:
     """What to do about a call that never reached a gradwire server, from what the CLI can
@@ -129,17 +132,20 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
         )
     if isinstance(error, DeadlineExceeded):
         if reached or _connected(client):  # the call took longer than --timeout
+            late = f"no answer within --timeout {args.timeout:g}s"
+            if under_way(error):  # a large value over a slow link (a review of one)
+                late = (
+                    f"--timeout {args.timeout:g}s ran out with the call's messages still "
+                    f"crossing the network (a slow link: {SLOW_LINK_EXAMPLE})"
+                )
             if not applied:  # a read: nothing done, only the time to give (a review)
                 if getattr(args, "duration", None) is not None:  # its own end, not --timeout
                     return None
-                return (
-                    f"no answer within --timeout {args.timeout:g}s: give this command a "
-                    "longer --timeout"
-                )
+                return f"{late}: give this command a longer --timeout"
             look = "" if args.command in _ON_FILES else "look before running it again, and "
             return (
-                f"no answer within --timeout {args.timeout:g}s, but the server may have run "
-                f"the call after that{applied}: {look}give long calls a longer --timeout"
+                f"{late}, but the server may have run the call after that{applied}: "
+                f"{look}give long calls a longer --timeout"
             )
         return (
             f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "
