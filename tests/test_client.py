@@ -1817,6 +1817,24 @@ def test_a_timeout_that_ran_out_with_the_answer_under_way_says_so(server: Runnin
     assert not read.value.changes_state
 
 
+def test_a_streamed_read_past_its_timeout_says_which_timeout(server: Running) -> None:
+    """A read past one message (64 MiB: 54 s at 10 Mbit/s) streams in chunks, all within
+    the client's timeout; past it the read said gRPC's words alone, where a read in one
+    message named the timeout (same review). Here a small tensor in small chunks."""
+    request = pb.GetTensorRequest(name="linear.weight", chunk_bytes=16_000)
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=30) as client:
+        client.get("linear.weight[0, 0]")  # connected at full speed
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        client.timeout = 0.5
+        with pytest.raises(errors.DeadlineExceeded) as read:
+            client._read_stream(request, as_torch=False)
+    assert read.value.message.startswith(
+        "Deadline Exceeded: the call's timeout of 0.5 s ran out with its messages still "
+        "crossing the network: a large value over a slow link needs a longer timeout "
+        "(timeout= in gradwire.connect, or client.timeout)"
+    )
+
+
 # --- found by a review of the client: wrong input refused in words that say what to give ------
 
 

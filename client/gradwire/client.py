@@ -949,12 +949,10 @@ class Client:
         iterator early cancels the call; so does cancelling the call `on_call` is given.
         """
         metadata = [*self._metadata, *self._session_metadata(method), *metadata]
+        if timeout is not None and timeout < 0:
+            timeout = self.timeout
         try:
-            call = self._methods[method](
-                request,
-                timeout=self.timeout if timeout is not None and timeout < 0 else timeout,
-                metadata=metadata,
-            )
+            call = self._methods[method](request, timeout=timeout, metadata=metadata)
         except ValueError as err:
             raise closed_channel(err) from None
         if on_call is not None:
@@ -964,7 +962,12 @@ class Client:
                 self.answered = self.reached = True
                 yield message
         except grpc.RpcError as err:
-            raise self._error_of(err, method, method == "Train") from None
+            # A read's timeout is the client's, named in its error as a unary call's is: a
+            # streamed read past it on a slow link said gRPC's words alone (found by a
+            # review of a researcher on a slow, distant link). A Watch's or a Train's is the
+            # caller's own end.
+            named = timeout if method == "GetTensorStream" else None
+            raise self._error_of(err, method, method == "Train", named) from None
         finally:
             call.cancel()  # a no-op once the stream has ended
 
