@@ -2117,17 +2117,25 @@ def test_a_watch_for_a_duration_that_never_got_an_update_fails(mute_address: str
     assert result.code == 1
     assert result.out == ""
     assert result.err.startswith("error: DEADLINE_EXCEEDED")
-    assert f"hint: {mute_address} did not answer as a gRPC server" in result.err
+    # The time it waited: --duration's, not --timeout's 60 s (found by a review of a
+    # researcher on a slow, distant link).
+    assert f"hint: {mute_address} did not answer as a gRPC server within 1s (" in result.err
 
 
 def test_a_read_past_its_own_duration_gets_no_timeout_hint(address: str) -> None:
     """--duration's end is a deadline of the command's own asking: nothing to fix with a
-    longer --timeout, which a read past --timeout is told to give."""
+    longer --timeout, which a read past --timeout is told to give; a watch that it ended
+    before its first update is told so (it had no hint: only gRPC's words, exit 1)."""
     ended = errors.DeadlineExceeded("Deadline Exceeded")
+    before_the_first = (
+        "--duration 1s ended the watch before its first update had come (the state as it "
+        "is now, sent at once: a large one takes a while over a slow link): give a longer "
+        "--duration"
+    )
     with gradwire.connect(address, timeout=30) as client:
         client.list_tensors()
         for options, hint in (
-            (["--duration", "1"], None),
+            (["--duration", "1"], before_the_first),
             ([], "no answer within --timeout 60s: give this command a longer --timeout"),
         ):
             args = build_parser().parse_args(["watch", "loss", "--target", address, *options])
@@ -2321,6 +2329,27 @@ def test_a_read_whose_timeout_ran_out_mid_transfer_is_hinted_to_be_the_link(
         "hint: --timeout 1s ran out with the call's messages still crossing the network (a "
         "slow link: at 10 Mbit/s, 60 s carries about 70 MiB): give this command a longer "
         "--timeout"
+    )
+
+
+def test_a_watch_whose_duration_ends_before_its_first_update_arrives_is_told_so(
+    address: str,
+) -> None:
+    """`gradwire watch BIG --values --duration 10` over a slow link: the first update (16 MiB
+    of values: 13 s at 10 Mbit/s) still arriving when --duration ends the watch. It said
+    "error: DEADLINE_EXCEEDED: Stream removed (Deadline Exceeded)", exit 1, and nothing
+    more (found by a review of a researcher on a slow, distant link)."""
+    port = int(address.rpartition(":")[2])
+    with relay_to(port) as relay:
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        result = run_main(
+            "watch", "linear.weight", "--values", "--target", relay.address, "--duration", "1"
+        )
+    assert result.out == ""
+    assert _hint(result) == (
+        "hint: --duration 1s ended the watch before its first update had come (the state as "
+        "it is now, sent at once: a large one takes a while over a slow link): give a "
+        "longer --duration"
     )
 
 

@@ -131,7 +131,20 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
             f"gradwire health --target {target} says when it is back"
         )
     if isinstance(error, DeadlineExceeded):
-        if reached or _connected(client):  # the call took longer than --timeout
+        # A watch's --duration is its call's deadline, and it ends the command with an error
+        # only before the first update (cli/training.py): after that time, not --timeout's.
+        duration = getattr(args, "duration", None)
+        connected = reached or _connected(client)  # once: each wait starts a gRPC thread
+        if connected and duration is not None:
+            # The first update, the state as it is now, had not come: a large one still
+            # crossing a slow link (16 MiB of values: 13 s at 10 Mbit/s). It had no hint,
+            # gRPC's words alone (found by a review of a researcher on a slow, distant link).
+            return (
+                f"--duration {duration:g}s ended the watch before its first update had come "
+                "(the state as it is now, sent at once: a large one takes a while over a "
+                "slow link): give a longer --duration"
+            )
+        if connected:  # the call took longer than --timeout
             late = f"no answer within --timeout {args.timeout:g}s"
             if under_way(error):  # a large value over a slow link (a review of one)
                 late = (
@@ -139,8 +152,6 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
                     f"crossing the network (a slow link: {SLOW_LINK_EXAMPLE})"
                 )
             if not applied:  # a read: nothing done, only the time to give (a review)
-                if getattr(args, "duration", None) is not None:  # its own end, not --timeout
-                    return None
                 return f"{late}: give this command a longer --timeout"
             look = "" if args.command in _ON_FILES else "look before running it again, and "
             return (
@@ -148,7 +159,8 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
                 f"{look}give long calls a longer --timeout"
             )
         return (
-            f"{target} did not answer as a gRPC server within {args.timeout:g}s (the "
+            f"{target} did not answer as a gRPC server within "
+            f"{args.timeout if duration is None else duration:g}s (the "
             "connection never became ready): check that --target HOST:PORT names a gradwire "
             "server, not another program or a port a firewall drops"
         )
