@@ -26,6 +26,7 @@ from gradwire._pb import trainer_pb2 as pb
 from gradwire.fill import Fill
 from gradwire_server.app import Running
 from tests.reference import run_tutorial
+from tests.relay import relay_to
 from tests.serve_in_process import bare_server, calls_only, recording_reads, running_server
 from tests.test_calls import TARGET, Raw, error_of, serving_without_calls, streaming
 from tests.test_concurrency import Gate
@@ -459,6 +460,29 @@ def test_a_broken_stream_fails_every_call_not_yet_answered(gated_server: Running
         Gate.release.set()
         c.timeout = 30
         assert c.zero_grad() > 0
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "batch"])
+def test_a_read_in_a_pipeline_past_its_timeout_names_the_timeout(
+    server: Running, kind: str
+) -> None:
+    """A large read in a pipeline or a batch over a slow link, the client's timeout passing
+    as its answer crosses: it said "Deadline Exceeded" alone, where the same read made on
+    its own named the timeout (found by a review of a researcher on a slow, distant link)."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=30) as c:
+        c.get("linear.weight[0, 0]")  # connected at full speed
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        c.timeout = 0.5
+        with pytest.raises(errors.DeadlineExceeded), getattr(c, kind)() as p:
+            read = p.get("linear.weight")
+    error = read.exception()
+    assert isinstance(error, errors.DeadlineExceeded)
+    assert error.message.startswith(
+        "Deadline Exceeded: no answer within 0.5 s, the call's timeout"
+        if kind == "pipeline"  # the stream's watchdog: gRPC's words for it are the client's
+        else "Deadline Exceeded: the call's timeout of 0.5 s ran out with its messages still "
+        "crossing the network"
+    )
 
 
 def test_a_call_made_after_the_stream_broke_is_not_sent(gated_server: Running) -> None:

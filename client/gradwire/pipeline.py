@@ -482,9 +482,17 @@ class Pipeline:
         except (GradwireError, ValueError) as err:
             pending._fail(err)
 
-    def _error(self, err: grpc.RpcError, method: str) -> RemoteError | ClientClosed:
-        """The exception for a call sent that failed with `err`, as the client raises it."""
-        return self._client._error_of(err, method, method in unary.MAY_LAND)
+    def _error(
+        self, err: grpc.RpcError, method: str, timeout: float | None = -1.0
+    ) -> RemoteError | ClientClosed:
+        """The exception for a call sent that failed with `err`, as the client raises it.
+        `timeout`: the deadline it had, named by a DEADLINE_EXCEEDED of gRPC's words alone
+        (the client's timeout unless given): a large read in a pipeline over a slow link
+        said "Deadline Exceeded" alone (found by a review of a researcher on a slow,
+        distant link)."""
+        if timeout is not None and timeout < 0:
+            timeout = _deadline_timeout(self._client.timeout)
+        return self._client._error_of(err, method, method in unary.MAY_LAND, timeout)
 
     def _without_calls(self, first: Pending[Any]) -> None:
         """The server refused the Calls stream before running anything: its calls, and the
@@ -653,7 +661,8 @@ class Batch(Pipeline):
                 self._queued[:0] = queued
                 return
             for pending, _ in queued:
-                pending._fail(self._error(err, pending.method))
+                batch_timeout = None if timeout is None else timeout * len(queued)
+                pending._fail(self._error(err, pending.method, batch_timeout))
             self._failed = queued[-1][0].method
             return
         except ValueError as err:  # the client's channel is closed: nothing is sent
