@@ -249,6 +249,43 @@ def test_a_call_newer_than_a_server_s_calls_stream_goes_as_a_call_of_its_own() -
         ), result.err
 
 
+def _no_such_call_in_a_batch(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """A Batch as a server older than a call answered it: each call refused as
+    _no_such_call refuses it on the stream."""
+    calls = pb.BatchRequest.FromString(request).calls
+    refusals = _no_such_call(iter([b""] * len(calls)), context)
+    answers = [pb.CallResponse.FromString(answer) for answer in refusals]
+    return pb.BatchResponse(answers=answers).SerializeToString()
+
+
+@pytest.mark.parametrize("kind", ["pipeline", "batch"])
+def test_a_call_newer_than_a_server_s_stream_in_a_pipeline_or_batch_says_so(kind: str) -> None:
+    """A pipeline's or a batch's DeleteCheckpoint (they carry it since 2026-12-07) on a
+    server of 2026-12-03, which had Calls and Batch but not DeleteCheckpoint, was refused
+    INVALID_ARGUMENT "the CallRequest names no call this server knows: set one of its call
+    fields", which the call had set (a review running this client against that server)."""
+    handlers = old_trainer(
+        Calls=grpc.stream_stream_rpc_method_handler(_no_such_call),
+        Batch=grpc.unary_unary_rpc_method_handler(_no_such_call_in_a_batch),
+    )
+    with (
+        bare_server(handlers) as address,
+        gradwire.connect(address) as client,
+        pytest.raises(errors.Unimplemented) as refused,
+        getattr(client, kind)() as calls,
+    ):
+        calls.delete_checkpoint("a1")
+    assert str(refused.value) == (
+        f"UNIMPLEMENTED: the server at {address} predates DeleteCheckpoint in a {kind} (on its "
+        "Calls stream and in a Batch), and did not run it: make it as a call of its own, "
+        "client.delete_checkpoint(...), outside the " + kind + "; a server that has the "
+        "DeleteCheckpoint RPC runs it, an older one answers UNIMPLEMENTED"
+    )
+    assert refused.value.reason == "CALL_NOT_KNOWN"
+    assert refused.value.metadata == {"call": "DeleteCheckpoint"}
+    assert not refused.value.changes_state
+
+
 def test_train_says_when_an_older_server_ran_past_the_progress_it_was_stopped_at() -> None:
     """A server from before stop_at_nonfinite runs on until the client's stop reaches it:
     "steps" counts the reported alone, and the hint said "the run stopped there" of a run

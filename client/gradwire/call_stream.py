@@ -64,6 +64,20 @@ class MessageError(grpc.RpcError):
         return self._trailer
 
 
+#: What a Calls stream's server answers a CallRequest whose call it does not know (a call
+#: newer than the server), INVALID_ARGUMENT, BAD_REQUEST: the call was not run. A Batch
+#: answers such a call so too.
+_NO_SUCH_CALL = "the CallRequest names no call this server knows"
+
+
+def unknown_on_stream(error: grpc.RpcError) -> bool:
+    """Whether a call on a Calls stream (or in a Batch) was refused as one the server does
+    not know there."""
+    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (error.details() or "").startswith(
+        _NO_SUCH_CALL
+    )
+
+
 def garbled_answer(err: ValueError, kind: str = "answer", what: str = "the call") -> MessageError:
     """The error of a call whose answer (on a Calls stream, or in a Batch) a server garbled:
     out of order, or not an answer."""

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradwire import calls, codec, limits, rewatch, unary, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.call_stream import CallStream, Spent, garbled_answer
+from gradwire.call_stream import CallStream, Spent, garbled_answer, unknown_on_stream
 from gradwire.credentials import (
     HEADER_VALUE,
     PlaintextTokenWarning,
@@ -140,11 +140,6 @@ _EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.Conte
 )
 
 
-#: What a Calls stream's server answers a CallRequest whose call it does not know (a call
-#: newer than the server), INVALID_ARGUMENT, BAD_REQUEST: the call was not run.
-_NO_SUCH_CALL = "the CallRequest names no call this server knows"
-
-
 #: What a server older than eval_mode does with a Forward asked to run in evaluation mode.
 _TRAINING_MODE = "runs the model in training mode (Dropout on, BatchNorm's statistics moved)"
 #: ... and one older than keep_state with a SetOptimizer asked to keep the optimizer's state.
@@ -171,13 +166,6 @@ def _fields_known(info: ServerInfo) -> frozenset[str]:
     if info.limits.connection_idle_s or info.limits.max_connections:
         return _OLDER_THAN_THE_IDLE_LIMITS
     return frozenset()
-
-
-def _unknown_on_stream(error: grpc.RpcError) -> bool:
-    """Whether a call on a Calls stream was refused as one the server does not know there."""
-    return error.code() == grpc.StatusCode.INVALID_ARGUMENT and (error.details() or "").startswith(
-        _NO_SUCH_CALL
-    )
 
 
 def _close_left_open(box: list[CallStream | None]) -> None:
@@ -798,7 +786,7 @@ class Client:
             if stream.refused(err):
                 self._no_calls = True  # the call never ran: it goes as a call of its own
                 return _UNARY
-            if _unknown_on_stream(err):
+            if unknown_on_stream(err):
                 # A server older than the call's place on the stream refuses it there, not
                 # run, INVALID_ARGUMENT, where the call of its own says UNIMPLEMENTED or does
                 # it (a DeleteCheckpoint: a review of clients and servers of different

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
@@ -32,6 +33,7 @@ from gradwire.call_stream import (
     Spent,
     _deadline_timeout,
     garbled_answer,
+    unknown_on_stream,
 )
 from gradwire.errors import (
     Aborted,
@@ -40,6 +42,7 @@ from gradwire.errors import (
     GradwireError,
     InvalidArgument,
     RemoteError,
+    Unimplemented,
 )
 from gradwire.failures import closed_channel
 from gradwire.limits import MAX_VALUE_BYTES
@@ -335,7 +338,9 @@ class Pipeline:
         return self._add(unary.load_checkpoint(name))
 
     def delete_checkpoint(self, name: str) -> Pending[int]:
-        """As Client.delete_checkpoint."""
+        """As Client.delete_checkpoint. A server older than DeleteCheckpoint's place on the
+        Calls stream and in a Batch (one of 2026-12-01 to 12-04) fails it, not run:
+        errors.Unimplemented, reason CALL_NOT_KNOWN (metadata "call")."""
         return self._add(unary.delete_checkpoint(name))
 
     # --- plumbing -----------------------------------------------------------------------
@@ -470,9 +475,28 @@ class Pipeline:
     def _failed_with(self, pending: Pending[Any], err: grpc.RpcError) -> None:
         """Fails `pending` with what its call's `err` is to the client, which an
         INVALID_ARGUMENT's call may add to (the dtype a value was widened from)."""
+        if unknown_on_stream(err):
+            pending._fail(self._unknown_call(pending.method))
+            return
         pending._fail(self._error(err, pending.method))
         if isinstance(pending._error, InvalidArgument) and pending._encoded.on_invalid:
             pending._encoded.on_invalid(pending._error)
+
+    def _unknown_call(self, method: str) -> Unimplemented:
+        """The error of a call that a server older than its place on the Calls stream and in
+        a Batch refused there, not run: INVALID_ARGUMENT "the CallRequest names no call this
+        server knows: set one of its call fields", of a call that had set one (a pipeline's
+        DeleteCheckpoint on a server of 2026-12-03: a review of clients and servers of
+        different versions). The client's own method sends it as a call of its own."""
+        call = re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
+        return Unimplemented(
+            f"the server at {self._client.target} predates {method} in a {self._KIND} (on its "
+            f"Calls stream and in a Batch), and did not run it: make it as a call of its own, "
+            f"client.{call}(...), outside the {self._KIND}; a server that has the {method} "
+            f"RPC runs it, an older one answers UNIMPLEMENTED",
+            reason="CALL_NOT_KNOWN",
+            metadata={"call": method},
+        )
 
     def _answered(self, pending: Pending[Any], value: Any) -> None:
         """Settles `pending` with its call's response (`client.decoded`), as the client's
