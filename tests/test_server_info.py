@@ -528,8 +528,8 @@ def test_the_cli_leaves_out_what_an_older_server_does_not_report(small: Running)
 
 def test_the_cli_says_a_server_that_lists_no_fields_may_predate_the_list(small: Running) -> None:
     """A server from before it listed the contract's fields it knows sends none: its
-    contract row says so, and what the client refuses it for, words and dates unbroken at
-    their hyphens."""
+    contract row says so, and (its limits being of 2026-12-05) that the client sends it the
+    options it would refuse an older one, words and dates unbroken at their hyphens."""
     older = pb.GetServerInfoResponse()
     older.CopyFrom(small.servicer.info)
     older.ClearField("known_fields")
@@ -539,9 +539,9 @@ def test_the_cli_says_a_server_that_lists_no_fields_may_predate_the_list(small: 
         lines = run_main("info", "--target", address).out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("contract "))
     assert [line[17:] for line in lines[at:]] == [
-        "the fields of the .proto it knows unlisted: a server older than the list (the",
-        "client refuses it forward --eval and optimizer --keep-state unless its limits show",
-        "it is of 2026-12-05 or later)",
+        "the fields of the .proto it knows unlisted: a server older than the list, and its",
+        "limits show it is of 2026-12-05 or later (the client sends it forward --eval and",
+        "optimizer --keep-state)",
     ]
 
 

@@ -14,7 +14,7 @@ from typing import Literal, TextIO, cast
 from gradwire.cli.connection import SESSION_ENV
 from gradwire.cli.errors import CommandError, UsageError, predates
 from gradwire.cli.output import emit, json_line
-from gradwire.client import Client, check_session
+from gradwire.client import Client, _fields_known, check_session
 from gradwire.display import format_size
 from gradwire.errors import (
     Unimplemented,
@@ -394,9 +394,13 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             "contract",
             f"{len(info.known_fields)} fields of the .proto known (info --json lists them)"
             if info.known_fields
-            else "the fields of the .proto it knows unlisted: a server older than the list "
-            "(the client refuses it forward --eval and optimizer --keep-state unless its "
-            "limits show it is of 2026-12-05 or later)",
+            else "the fields of the .proto it knows unlisted: a server older than the list, "
+            "and its limits show it is of 2026-12-05 or later (the client sends it forward "
+            "--eval and optimizer --keep-state)"
+            if _fields_known(info)
+            else "the fields of the .proto it knows unlisted: a server older than the list, "
+            "its limits older than 2026-12-05 too (the client refuses it forward --eval and "
+            "optimizer --keep-state, which it may predate)",
         ),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
