@@ -2509,9 +2509,9 @@ def test_the_cli_says_where_checkpoints_cannot_be_listed(address: str) -> None:
     assert result.code == 1
     assert result.err == (
         f"gradwire checkpoints: error: the server at {old} predates ListCheckpoints and cannot "
-        "list its checkpoints: a newer gradwire serve can (gradwire load of a name it does "
-        "not hold names those it does)\n"
-    )
+        "list its checkpoints: a newer gradwire serve can (one of 2026-12-03 or later, which "
+        "has LoadCheckpoint: gradwire load of a name it does not hold names those it does)\n"
+    )  # one older has no checkpoints, and its load said "predates LoadCheckpoint" (a review)
     with bare_server() as old:
         result = run_main("delete-checkpoint", "epoch1", "--target", old)
     assert result.code == 1

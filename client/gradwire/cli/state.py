@@ -262,7 +262,10 @@ def cmd_checkpoints(args: argparse.Namespace, client: Client, out: TextIO) -> No
             client,
             "ListCheckpoints",
             "list its checkpoints",
-            " (gradwire load of a name it does not hold names those it does)",
+            # A server older than LoadCheckpoint too (before 2026-12-03) keeps none, and
+            # its load says it predates LoadCheckpoint (a review of versions).
+            " (one of 2026-12-03 or later, which has LoadCheckpoint: gradwire load of a name "
+            "it does not hold names those it does)",
         ) from None
     if args.json:
         out.write(json_line({"checkpoints": [vars(c) for c in found]}))
