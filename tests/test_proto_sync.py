@@ -205,3 +205,25 @@ def test_the_contract_says_which_go_protobuf_runs_its_go_code() -> None:
     said = " ".join(line.strip("/ ") for line in contract.splitlines())
     assert "needs github.com/golang/protobuf 1.4 or newer" in said
     assert "install golang-github-golang-protobuf-1-5-dev" in said
+
+
+def test_the_contract_names_the_fields_it_retyped_before_its_record_began() -> None:
+    """The contract said nothing gradwire.v1 published was ever retyped; the copies of
+    2026-11-30 had ServerLimits.max_histogram_bins uint32 (int32 since 2026-12-01) and,
+    for one commit, SessionInfo.version uint64 (int64), both before proto/published.txtpb's
+    first record (2026-12-02). The same varint on the wire, so code generated from those
+    copies reads the same values (an 11-30 client against this server, in a review of
+    clients and servers of different versions): the contract says so."""
+    from gradwire._pb import trainer_pb2
+
+    int32, int64 = 5, 3  # FieldDescriptorProto's TYPE_INT32, TYPE_INT64
+    limits = trainer_pb2.ServerLimits.DESCRIPTOR.fields_by_name["max_histogram_bins"]
+    session = trainer_pb2.SessionInfo.DESCRIPTOR.fields_by_name["version"]
+    assert (limits.type, session.type) == (int32, int64)
+    contract = (ROOT / "proto" / "gradwire" / "v1" / "trainer.proto").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for text in (contract, readme):
+        said = " ".join(line.strip("/ ") for line in text.splitlines()).replace("`", "")
+        assert "Two fields were retyped before that record began (2026-12-02)" in said
+        assert "ServerLimits.max_histogram_bins (uint32 until 2026-12-01)" in said
+        assert "SessionInfo.version (uint64 until 2026-11-30)" in said

@@ -293,8 +293,11 @@ Compatibility: gradwire.v1 only grows. Nothing it has published is renamed,
 renumbered, retyped or removed, so code generated from an older copy of this file
 keeps building and talking to a newer server (it skips the fields it does not know).
 proto/published.txtpb records what has been published, and the project's tests run
-buf's breaking check (FILE rules) against it. A change that cannot be made so would
-come as a new package, gradwire.v2.
+buf's breaking check (FILE rules) against it. Two fields were retyped before that record
+began (2026-12-02), each to a type of the same wire encoding, so code generated from a
+copy of before then reads the same values: ServerLimits.max_histogram_bins (uint32 until
+2026-12-01) and SessionInfo.version (uint64 until 2026-11-30), int32 and int64 since. A
+change that cannot be made so would come as a new package, gradwire.v2.
 
 Generating code: the fields marked `optional` (proto3's explicit presence: Slice's
 bounds, OptimizerConfig's settings, ResetRequest.seed, ...) need protoc 3.15 or newer;
