@@ -16,6 +16,7 @@ from gradwire.errors import (
     DeadlineExceeded,
     RemoteError,
     Unavailable,
+    Unimplemented,
     from_rpc_error,
 )
 
@@ -246,6 +247,22 @@ def failed(
         # gRPC's "Stream removed (Socket closed)" alone: nothing said that the call had
         # been sent, nor that its change may have run.
         raised.message = _lost(changes_state, error.details() or "", method)
+        raised.args = (raised.message,)
+    if (
+        isinstance(raised, Unimplemented)
+        and not raised.reason
+        and method
+        and raised.message.strip().lower() == "method not found!"
+    ):
+        # gRPC's three words alone for an RPC the server lacks: a client's save_checkpoint
+        # against a server older than SaveCheckpoint said neither which call nor why, where
+        # the CLI says "predates" (found by a review of clients and servers of different
+        # versions). The client's own RPCs only: it names no other.
+        raised.message = (
+            f"the server has no {method} RPC: it predates this client's gradwire (a newer "
+            "gradwire serve has it; server_info().version says the server's), or is a gRPC "
+            "server other than gradwire's (gRPC: 'Method not found!')"
+        )
         raised.args = (raised.message,)
     if (
         isinstance(raised, Unavailable)
