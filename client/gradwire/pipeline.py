@@ -21,7 +21,7 @@ import functools
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 import grpc
 import numpy as np
@@ -274,6 +274,36 @@ class Pipeline:
         request = unary.read_request_bytes(selector, index, values)
         return self._add(self._client._get_tensor(request, as_torch, values, out))
 
+    @overload
+    def get(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[False] = False,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[np.ndarray[Any, Any] | None]: ...
+
+    @overload
+    def get(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[True],
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[torch.Tensor | None]: ...
+
+    @overload
+    def get(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: bool,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[np.ndarray[Any, Any] | torch.Tensor | None]: ...
+
     def get(
         self,
         selector: str,
@@ -281,8 +311,8 @@ class Pipeline:
         *,
         as_torch: bool = False,
         out: np.ndarray[Any, Any] | None = None,
-    ) -> Pending[np.ndarray[Any, Any] | torch.Tensor | None]:
-        """As Client.get."""
+    ) -> Pending[Any]:  # Pending is invariant: each overload's type is this one's
+        """As Client.get: an array, or with as_torch=True a tensor (None when absent)."""
         request = unary.read_request_bytes(selector, index, True)
         read = self._client._get_tensor(request, as_torch, True, out).result
         value: Callable[[Any], Any] = lambda data: read(data).value  # noqa: E731
