@@ -73,3 +73,30 @@ def reads(client: gradwire.Client, flag: bool) -> None:
         tmp_path,
         cache,
     )
+
+
+def test_a_fill_takes_numpy_s_and_torch_s_dtypes(tmp_path: Path, cache: Path) -> None:
+    # Fill's constructors take a dtype as a name, or as numpy's or torch's dtype, as their
+    # docstrings say and as torch does, but were typed `str | None`: a type-checked user's
+    # Fill.ones(8, dtype=torch.int64) was refused by mypy --strict and pyright (found by a
+    # review of the client as a type-checked user's code sees it).
+    check(
+        """
+import numpy as np
+import torch
+
+from gradwire import Fill
+
+fills = [
+    Fill.ones(8, dtype=torch.int64),
+    Fill.zeros(8, 3, dtype=np.float32),
+    Fill.constant(0.5, (8, 3), dtype=np.dtype("float64")),
+    Fill.uniform(8, 3, low=-1, high=1, seed=1, dtype=torch.float16),
+    Fill.normal(8, 3, std=2.0, dtype="bfloat16"),
+    Fill.randint(0, 20, 8, seed=2, dtype=np.int32),
+    Fill.ones(8),
+]
+""",
+        tmp_path,
+        cache,
+    )
