@@ -100,3 +100,39 @@ fills = [
         tmp_path,
         cache,
     )
+
+
+def test_what_watch_train_and_stats_give_is_named_by_gradwire(tmp_path: Path, cache: Path) -> None:
+    # The results of the unary calls were exported from gradwire (gradwire.TensorRead), but
+    # not what watch(), train() and stats() give, the README's WatchUpdate and
+    # TrainProgress among them: a type-checked user's handler,
+    # `def show(update: gradwire.WatchUpdate)`, was refused by mypy --strict ("Module has no
+    # attribute") and pyright (found by a review of the client as a type-checked user's
+    # code sees it).
+    check(
+        """
+import gradwire
+
+
+def show(update: gradwire.WatchUpdate) -> float | None:
+    loss: gradwire.Watched = update["loss"]
+    stats: gradwire.Stats | None = loss.stats
+    histogram: gradwire.Histogram | None = stats.histogram if stats else None
+    return histogram.low if histogram else None
+
+
+def run(client: gradwire.Client) -> gradwire.TrainProgress | None:
+    summary: gradwire.TensorStats = client.stats("loss")
+    last = None
+    for progress in client.train(gradwire.Fill.ones(8, 3), gradwire.Fill.ones(8), 10):
+        last = progress
+    print(summary)
+    return last
+""",
+        tmp_path,
+        cache,
+    )
+    import gradwire
+
+    for name in ("WatchUpdate", "Watched", "Stats", "Histogram", "TensorStats", "TrainProgress"):
+        assert name in gradwire.__all__ and getattr(gradwire, name).__module__ == "gradwire.updates"

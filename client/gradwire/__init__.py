@@ -33,6 +33,10 @@ from gradwire.results import (
     TrainStepResult,
 )
 
+# What watch(), train() and stats() give, for a type-checked caller's annotations as the
+# results above (found by a review of the client as a type-checked user's code sees it).
+from gradwire.updates import Histogram, Stats, TensorStats, TrainProgress, Watched, WatchUpdate
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -43,6 +47,7 @@ __all__ = [
     "ForwardResult",
     "GradwireError",
     "GradwireWarning",
+    "Histogram",
     "Listing",
     "LoadedCheckpoint",
     "OptimizerConfig",
@@ -57,11 +62,16 @@ __all__ = [
     "ServerLimits",
     "SessionInfo",
     "SessionListing",
+    "Stats",
     "StepResult",
     "TensorInfo",
     "TensorRead",
+    "TensorStats",
     "TokenFileWarning",
+    "TrainProgress",
     "TrainStepResult",
+    "WatchUpdate",
+    "Watched",
     "__version__",
     "connect",
 ]
