@@ -136,3 +136,29 @@ def run(client: gradwire.Client) -> gradwire.TrainProgress | None:
 
     for name in ("WatchUpdate", "Watched", "Stats", "Histogram", "TensorStats", "TrainProgress"):
         assert name in gradwire.__all__ and getattr(gradwire, name).__module__ == "gradwire.updates"
+
+
+def test_plot_histogram_takes_a_shape_as_any_sequence(tmp_path: Path, cache: Path) -> None:
+    # plot_histogram's `shape` goes to the title alone (heading_of takes any sequence), but
+    # was typed a tuple: a type-checked user's shape=[16, 3, 3, 3], or a torch.Size, was
+    # refused by mypy --strict and pyright (found by a review of the client as a
+    # type-checked user's code sees it).
+    check(
+        """
+import torch
+
+import gradwire
+from gradwire.plot import PlotResult, plot_histogram
+
+
+def draw(client: gradwire.Client, weight: torch.Tensor) -> list[PlotResult]:
+    stats = client.stats("conv1.weight", bins=20).stats
+    assert stats is not None
+    return [
+        plot_histogram(stats, "a.png", label="conv1.weight", shape=[16, 3, 3, 3]),
+        plot_histogram(stats, "b.png", label="conv1.weight", shape=weight.shape),
+    ]
+""",
+        tmp_path,
+        cache,
+    )

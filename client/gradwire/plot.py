@@ -239,14 +239,15 @@ def plot_histogram(
     out: str | os.PathLike[str],
     *,
     label: str,
-    shape: tuple[int, ...],
+    shape: Sequence[int],
     title: str | None = None,
     dpi: int = DEFAULT_DPI,
 ) -> PlotResult:
     """Draws counts already binned into the PNG `out`: the server's (GetStats), as
     `client.stats(selector, bins=N).stats` gives them, or a HistogramData (histogram_of()).
 
-    `label` and `shape`: what was summarised, for the default title; `title` replaces it.
+    `label` and `shape` (any sequence: it is only shown): what was summarised, for the
+    default title; `title` replaces it.
     Statistics were refused with an AttributeError, HistogramData alone taken (found by a
     review of the client as a researcher uses it in a notebook).
     """
