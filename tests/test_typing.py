@@ -162,3 +162,27 @@ def draw(client: gradwire.Client, weight: torch.Tensor) -> list[PlotResult]:
         tmp_path,
         cache,
     )
+
+
+def test_open_session_s_optimizer_settings_are_typed(tmp_path: Path, cache: Path) -> None:
+    # open_session() and a pipeline's set_optimizer() took their optimizer settings as
+    # `**settings: Any`: an IDE showed no lr, momentum..., and mypy --strict and pyright took
+    # open_session(learning_rate=1e-3) or lr="fast", refused only when run, where
+    # Client.set_optimizer names each (found by a review of the client as a type-checked
+    # user's code sees it).
+    snippet = """
+import gradwire
+
+
+def run(client: gradwire.Client) -> None:
+    with client.open_session(seed=0, optimizer="adam", lr=1e-3, beta1=0.9, eps=None) as mine:
+        with mine.pipeline() as p:
+            p.set_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True)
+            p.set_optimizer(lr=0.01, keep_state=True)
+"""
+    check(snippet, tmp_path, cache)
+    wrong = snippet.replace("lr=1e-3", "learning_rate=1e-3").replace("lr=0.1", 'lr="fast"')
+    with pytest.raises(AssertionError) as refused:
+        check(wrong, tmp_path, cache)
+    assert 'Unexpected keyword argument "learning_rate"' in str(refused.value)
+    assert 'incompatible type "str"; expected "float | None"' in str(refused.value)

@@ -95,6 +95,7 @@ from gradwire.updates import (
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack
 
     from gradwire.pipeline import Batch, Pipeline
     from gradwire.remote import RemoteModel
@@ -1012,7 +1013,7 @@ class Client:
         self,
         seed: int | None = None,
         optimizer: Literal["sgd", "adam"] | None = None,
-        **settings: Any,
+        **settings: Unpack[unary.OptimizerSettings],
     ) -> Client:
         """A client for a new session of its own (own model, optimizer and version), on this
         client's channel; `with` it, or close it, to close the session.

@@ -49,6 +49,7 @@ from gradwire.limits import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack
 
     from gradwire.client import Client
     from gradwire.results import (
@@ -351,7 +352,7 @@ class Pipeline:
         kind: Literal["sgd", "adam"] | None = None,
         *,
         keep_state: bool = False,
-        **settings: Any,
+        **settings: Unpack[unary.OptimizerSettings],
     ) -> Pending[OptimizerConfig]:
         """As Client.set_optimizer (the same keyword settings: lr, momentum, ...)."""
         encoded = unary.set_optimizer(kind, settings, keep_state)
