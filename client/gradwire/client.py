@@ -63,6 +63,8 @@ from gradwire.limits import (
     MAX_SESSION_CHARS,
     REQUEST_ID,
     SESSION,
+    Real,
+    Whole,
     channel_options,
 )
 from gradwire.memory import KeptMemory
@@ -1011,7 +1013,7 @@ class Client:
 
     def open_session(
         self,
-        seed: int | None = None,
+        seed: Whole | None = None,
         optimizer: Literal["sgd", "adam"] | None = None,
         **settings: Unpack[unary.OptimizerSettings],
     ) -> Client:
@@ -1452,9 +1454,9 @@ class Client:
         self,
         selector: str,
         *,
-        bins: int = 0,
-        low: float | None = None,
-        high: float | None = None,
+        bins: Whole = 0,
+        low: Real | None = None,
+        high: Real | None = None,
     ) -> TensorStats:
         """GetStats: min, max, mean, std, norm, NaN/inf/zero counts and an optional `bins`-bin
         histogram (over [low, high], by default the finite values' range), computed on the
@@ -1467,8 +1469,8 @@ class Client:
         *,
         values: bool = False,
         stats: bool = True,
-        bins: int = 0,
-        every_steps: int = 0,
+        bins: Whole = 0,
+        every_steps: Whole = 0,
         min_interval: float = 0.0,
         timeout: float | None = None,
         latest: bool = True,
@@ -1588,10 +1590,10 @@ class Client:
         self,
         input: Any,
         target: Any,
-        steps: int,
+        steps: Whole,
         *,
         zero_grad: bool = True,
-        every: int = 1,
+        every: Whole = 1,
         timeout: float | None = None,
         stop_at_nonfinite: bool = False,
     ) -> Generator[TrainProgress, None, None]:
@@ -1679,7 +1681,7 @@ class Client:
             chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             yield wire.join([first, *chunk] if offset == 0 else chunk)
 
-    def fill_parameters(self, value: float, names: Sequence[str] = ()) -> int:
+    def fill_parameters(self, value: Real, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the parameters in
         `names`; returns the new state version."""
         return self._run(unary.fill_parameters(value, names))
@@ -1744,7 +1746,7 @@ class Client:
             metadata={"field": field},
         )
 
-    def reset(self, seed: int | None = None) -> int:
+    def reset(self, seed: Whole | None = None) -> int:
         """A freshly initialised model (from `seed` when given, else a new draw) and a new
         optimizer of the kind and settings in force (set_optimizer's), its state afresh;
         no input, output, loss or gradients. Returns the new state version."""

@@ -7,7 +7,10 @@ import dataclasses
 import math
 import numbers
 import operator
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: The largest message either end sends or accepts: 64 MiB. Larger tensors travel in
 #: chunks (GetTensorStream, SetTensorStream, ForwardStream); the Python client picks
@@ -139,6 +142,15 @@ MAX_INDEX_CHAIN: Final = 64
 MAX_SEED: Final = (1 << 64) - 1
 
 
+#: A whole number as whole() takes it: Python's or numpy's (np.int64 from np.arange). Typed
+#: int alone, a type-checked caller's np.int64 seed or count of steps was refused (found by
+#: a review of the client as a type-checked user's code sees it).
+Whole: TypeAlias = "int | np.integer[Any]"
+
+#: A real number as real() takes it: Python's or numpy's (np.float32, np.int64).
+Real: TypeAlias = "float | np.floating[Any] | np.integer[Any]"
+
+
 def whole(value: object, what: str, low: int, high: int, low_means: str = "") -> int:
     """`value` as an int from `low` to `high` (`low_means`: what `low` asks for, shown in
     the message): ValueError naming `what` and the range outside it, TypeError for what is
@@ -168,7 +180,7 @@ def real(value: object, what: str) -> float:
         raise ValueError(f"{what} is past the range of a double: {value!r}") from None
 
 
-def check_seed(seed: int, what: str = "seed") -> int:
+def check_seed(seed: Whole, what: str = "seed") -> int:
     """`seed` as the wire carries it, a uint64 (`whole`'s errors). Out of range, protobuf
     raised its own "Value out of range: -1". One check for every seed the client sends:
     Client.reset, open_session, Fill's, the CLI's --seed."""

@@ -45,7 +45,7 @@ from gradwire.errors import (
     Unimplemented,
 )
 from gradwire.failures import closed_channel
-from gradwire.limits import MAX_VALUE_BYTES
+from gradwire.limits import MAX_VALUE_BYTES, Real, Whole
 
 if TYPE_CHECKING:
     import torch
@@ -328,14 +328,14 @@ class Pipeline:
         self,
         selector: str,
         *,
-        bins: int = 0,
-        low: float | None = None,
-        high: float | None = None,
+        bins: Whole = 0,
+        low: Real | None = None,
+        high: Real | None = None,
     ) -> Pending[TensorStats]:
         """As Client.stats."""
         return self._add(unary.get_stats(selector, bins, low, high))
 
-    def fill_parameters(self, value: float, names: Sequence[str] = ()) -> Pending[int]:
+    def fill_parameters(self, value: Real, names: Sequence[str] = ()) -> Pending[int]:
         """As Client.fill_parameters."""
         return self._add(unary.fill_parameters(value, names))
 
@@ -343,7 +343,7 @@ class Pipeline:
         """As Client.list_tensors."""
         return self._add(unary.LIST_TENSORS)
 
-    def reset(self, seed: int | None = None) -> Pending[int]:
+    def reset(self, seed: Whole | None = None) -> Pending[int]:
         """As Client.reset."""
         return self._add(unary.reset(seed))
 

@@ -426,7 +426,7 @@ def set_tensor(name: str, chain: IndexChain, value: Any) -> Encoded[int]:
 
 
 def get_stats(
-    selector: str, bins: int, low: float | None, high: float | None
+    selector: str, bins: limits.Whole, low: limits.Real | None, high: limits.Real | None
 ) -> Encoded[TensorStats]:
     parsed = parse_selector(selector)
     # Checked as watch() checks it: the server's refusal (BAD_BINS) named its own field,
@@ -449,12 +449,12 @@ def get_stats(
     return Encoded("GetStats", request, tensor_stats)
 
 
-def fill_parameters(value: float, names: Sequence[str]) -> Encoded[int]:
+def fill_parameters(value: limits.Real, names: Sequence[str]) -> Encoded[int]:
     request = pb.FillParametersRequest(value=limits.real(value, "value"), names=tensor_names(names))
     return Encoded("FillParameters", request, _version)
 
 
-def reset(seed: int | None) -> Encoded[int]:
+def reset(seed: limits.Whole | None) -> Encoded[int]:
     request = pb.ResetRequest()
     if seed is not None:
         request.seed = limits.check_seed(seed)
