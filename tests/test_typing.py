@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,3 +227,39 @@ def test_numpy_s_numbers_are_taken_as_typed(tmp_path: Path, cache: Path, client:
     namespace: dict[str, Any] = {}
     exec(compile(NUMPY_NUMBERS, "users_module.py", "exec"), namespace)
     assert namespace["run"](client)[3:5] == [1, 2]
+
+
+#: Index keys of numpy's integers, as a loop over np.arange or np.argmax gives them.
+NUMPY_INDEXES = """
+import numpy as np
+
+import gradwire
+
+
+def read(client: gradwire.Client) -> list[object]:
+    first = np.int64(0)
+    rows: list[object] = [client.remote.conv1.weight[i][0, 0].numpy() for i in np.arange(2)]
+    return rows + [
+        client.get("conv1.weight", first),
+        client.get("conv1.weight", (first, slice(None), np.int32(1))),
+        client.read("conv1.weight", (first, ..., None)).shape,
+    ]
+"""
+
+
+def test_an_index_of_numpy_s_integers_is_taken_as_typed(
+    tmp_path: Path, cache: Path, client: Any
+) -> None:
+    # An index key's integers may be numpy's (codec._as_int takes them), but IndexKey said
+    # int: a type-checked user's remote.conv1.weight[i] for i in np.arange(...), or
+    # get(name, np.int64(0)), was refused by mypy --strict and pyright (found by a review of
+    # the client as a type-checked user's code sees it).
+    check(NUMPY_INDEXES, tmp_path, cache)
+    namespace: dict[str, Any] = {}
+    exec(compile(NUMPY_INDEXES, "users_module.py", "exec"), namespace)
+    rows = namespace["read"](client)
+    assert [row.shape for row in rows[:2]] == [(3,), (3,)]
+    assert rows[2].shape == (3, 3, 3) and rows[3].shape == (3, 3) and rows[4] == (3, 3, 3, 1)
+    assert client.remote.conv1.weight[np.int64(1)][0, np.int32(2)].selector == (
+        "conv1.weight[1][0, 2]"
+    )

@@ -655,10 +655,13 @@ def decode_split_torch(
 # --- indices -------------------------------------------------------------------------
 
 IndexItem: TypeAlias = "int | slice | EllipsisType | None"
-#: What Python's x[...] receives for numpy basic indexing: one item or a tuple of them.
-IndexKey: TypeAlias = (
-    "int | slice | EllipsisType | tuple[int | slice | EllipsisType | None, ...] | None"
-)
+#: What Python's x[...] receives for numpy basic indexing: one item or a tuple of them, its
+#: integers Python's or numpy's (_as_int takes both; typed int alone, a type-checked
+#: caller's remote.w[i] for i in np.arange(n) was refused: a review of the client as a
+#: type-checked user's code sees it).
+IndexKey: TypeAlias = "_KeyItem | tuple[_KeyItem, ...]"
+#: One item of a key as given (IndexItem, once checked, has Python's ints alone).
+_KeyItem: TypeAlias = "int | np.integer[Any] | slice | EllipsisType | None"
 
 
 #: The range of an index (an Index message's int64 fields).
@@ -751,7 +754,7 @@ def indices_from_proto(messages: Sequence[pb.Index]) -> list[tuple[IndexItem, ..
     return [index_from_proto(message) for message in messages]
 
 
-def _format_item(item: IndexItem) -> str:
+def _format_item(item: IndexItem | np.integer[Any]) -> str:
     if item is Ellipsis:
         return "..."
     if item is None:
@@ -765,6 +768,6 @@ def _format_item(item: IndexItem) -> str:
     return str(item)
 
 
-def format_index(keys: Sequence[tuple[IndexItem, ...]]) -> str:
+def format_index(keys: Sequence[tuple[IndexItem | np.integer[Any], ...]]) -> str:
     """The index chain as Python writes it: "[0][0][0]", "[0, :, 1:3]"."""
     return "".join("[" + ", ".join(_format_item(i) for i in key) + "]" for key in keys)
