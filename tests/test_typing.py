@@ -263,3 +263,38 @@ def test_an_index_of_numpy_s_integers_is_taken_as_typed(
     assert client.remote.conv1.weight[np.int64(1)][0, np.int32(2)].selector == (
         "conv1.weight[1][0, 2]"
     )
+
+
+#: Fills made from numpy's numbers: a batch size from an array, seeds from np.arange.
+NUMPY_FILLS = """
+import numpy as np
+
+from gradwire import Fill
+
+
+def fills(batch: np.int64, bound: np.float32) -> list[Fill]:
+    made = [Fill.uniform(batch, 3, low=-bound, high=bound, seed=s) for s in np.arange(2)]
+    return made + [
+        Fill.ones(batch, np.int64(3)),
+        Fill.zeros((batch, 3)),
+        Fill.constant(bound, batch, 3),
+        Fill.normal(batch, 3, mean=bound, std=bound, seed=np.int64(7)),
+        Fill.randint(np.int64(0), np.int64(20), batch, seed=np.uint64(2)),
+    ]
+"""
+
+
+def test_a_fill_of_numpy_s_numbers_is_taken_as_typed(tmp_path: Path, cache: Path) -> None:
+    # A Fill's dimensions, bounds and seed may be numpy's numbers (its checks, _dimensions,
+    # limits.real and check_seed, take them), but were typed int and float: a type-checked
+    # user's Fill.uniform(batch, 3, seed=s) for s in np.arange(n) was refused by mypy
+    # --strict and pyright (found by a review of the client as a type-checked user's code
+    # sees it).
+    check(NUMPY_FILLS, tmp_path, cache)
+    namespace: dict[str, Any] = {}
+    exec(compile(NUMPY_FILLS, "users_module.py", "exec"), namespace)
+    made = namespace["fills"](np.int64(8), np.float32(0.5))
+    assert [fill.seed for fill in made] == [0, 1, 0, 0, 0, 7, 2]
+    assert all(fill.shape == (8, 3) for fill in made[:-1]) and made[-1].shape == (8,)
+    assert {type(fill.seed) for fill in made} == {int} and made[5].value == made[0].high == 0.5
+    assert type(made[0].low) is float and made[-1].high == 20.0

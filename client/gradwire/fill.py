@@ -15,6 +15,7 @@ import numpy as np
 
 from gradwire import codec, limits
 from gradwire._pb import trainer_pb2 as pb
+from gradwire.limits import Real, Whole
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,7 @@ def _named(dtype: DType | None) -> str | None:
     return dtype if dtype is None or isinstance(dtype, str) else _dtype_name(dtype)
 
 
-def _shape(shape: tuple[int | Sequence[int], ...]) -> tuple[int, ...]:
+def _shape(shape: tuple[Whole | Sequence[Whole], ...]) -> tuple[int, ...]:
     """A constructor's *shape: its dimensions, or (as torch.ones takes them) one tuple or
     list of them, Fill.ones((8, 3, 10, 10)), which protobuf refused from deep inside."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):  # torch.Size is a tuple
@@ -129,65 +130,80 @@ class Fill:
         object.__setattr__(self, "seed", limits.check_seed(self.seed))
 
     @classmethod
-    def ones(cls, *shape: int | Sequence[int], dtype: DType | None = None) -> Fill:
+    def _made(
+        cls,
+        kind: FillKind,
+        shape: tuple[Whole | Sequence[Whole], ...],
+        dtype: DType | None,
+        **numbers: Real,
+    ) -> Fill:
+        """A Fill of `kind`, its `numbers` (value, low, high, std, seed) Python's or numpy's,
+        as __post_init__ checks them, making each a float and the seed an int. Typed float
+        and int, a type-checked caller's Fill.uniform(batch, 3, seed=s) for s in np.arange(n)
+        was refused (found by a review of the client as a type-checked user's code sees it)."""
+        given: dict[str, Any] = numbers
+        return cls(kind, _shape(shape), _named(dtype), **given)
+
+    @classmethod
+    def ones(cls, *shape: Whole | Sequence[Whole], dtype: DType | None = None) -> Fill:
         """torch.ones(*shape): all 1. `dtype` ("float32", np.float32 or torch.float32): by
         default the model's input dtype for an input, int64 for class indices (float32
         for an mse model's target), the tensor's own in set()."""
-        return cls("ones", _shape(shape), _named(dtype))
+        return cls._made("ones", shape, dtype)
 
     @classmethod
-    def zeros(cls, *shape: int | Sequence[int], dtype: DType | None = None) -> Fill:
+    def zeros(cls, *shape: Whole | Sequence[Whole], dtype: DType | None = None) -> Fill:
         """torch.zeros(*shape): all 0; `dtype` as in ones()."""
-        return cls("zeros", _shape(shape), _named(dtype))
+        return cls._made("zeros", shape, dtype)
 
     @classmethod
     def constant(
-        cls, value: float, *shape: int | Sequence[int], dtype: DType | None = None
+        cls, value: Real, *shape: Whole | Sequence[Whole], dtype: DType | None = None
     ) -> Fill:
         """torch.full(shape, value): all `value`; `dtype` as in ones()."""
-        return cls("constant", _shape(shape), _named(dtype), value=value)
+        return cls._made("constant", shape, dtype, value=value)
 
     @classmethod
     def uniform(
         cls,
-        *shape: int | Sequence[int],
-        low: float = 0.0,
-        high: float = 1.0,
-        seed: int = 0,
+        *shape: Whole | Sequence[Whole],
+        low: Real = 0.0,
+        high: Real = 1.0,
+        seed: Whole = 0,
         dtype: DType | None = None,
     ) -> Fill:
         """Values uniform in [low, high), drawn from `seed`, a floating `dtype` (as in
         ones()). The same seed draws the same values every call: give each batch a seed of
         its own (train() does, seed + n - 1 at step n; reseeded())."""
-        return cls("uniform", _shape(shape), _named(dtype), low=low, high=high, seed=seed)
+        return cls._made("uniform", shape, dtype, low=low, high=high, seed=seed)
 
     @classmethod
     def normal(
         cls,
-        *shape: int | Sequence[int],
-        mean: float = 0.0,
-        std: float = 1.0,
-        seed: int = 0,
+        *shape: Whole | Sequence[Whole],
+        mean: Real = 0.0,
+        std: Real = 1.0,
+        seed: Whole = 0,
         dtype: DType | None = None,
     ) -> Fill:
         """torch.normal's values of `mean` and `std`, drawn from `seed` (the same values
         every call, as uniform's), a floating `dtype` (as in ones()); `std` more than 0
         (the contract reads 0 as unset, 1)."""
-        return cls("normal", _shape(shape), _named(dtype), value=mean, std=std, seed=seed)
+        return cls._made("normal", shape, dtype, value=mean, std=std, seed=seed)
 
     @classmethod
     def randint(
         cls,
-        low: int,
-        high: int,
-        *shape: int | Sequence[int],
-        seed: int = 0,
+        low: Whole,
+        high: Whole,
+        *shape: Whole | Sequence[Whole],
+        seed: Whole = 0,
         dtype: DType | None = None,
     ) -> Fill:
         """torch.randint(low, high, shape): whole numbers in [low, high), `high` left out
         (class indices for 20 classes: Fill.randint(0, 20, batch)), drawn from `seed` (the
         same values every call, as uniform's), in any `dtype` (as in ones())."""
-        return cls("randint", _shape(shape), _named(dtype), low=low, high=high, seed=seed)
+        return cls._made("randint", shape, dtype, low=low, high=high, seed=seed)
 
     def reseeded(self, step: int) -> Fill:
         """This fill at step `step` of a run: a random kind's seed advanced by `step`, as the
