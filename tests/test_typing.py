@@ -187,7 +187,9 @@ def run(client: gradwire.Client) -> None:
     with pytest.raises(AssertionError) as refused:
         check(wrong, tmp_path, cache)
     assert 'Unexpected keyword argument "learning_rate"' in str(refused.value)
-    assert 'incompatible type "str"; expected "float | None"' in str(refused.value)
+    assert 'Argument "lr" to "set_optimizer" of "Pipeline" has incompatible type "str"' in str(
+        refused.value
+    )
 
 
 #: A user's numbers as numpy gives them: a seed from np.arange, a count from an array's
@@ -197,6 +199,7 @@ import numpy as np
 
 import gradwire
 from gradwire import Fill
+from gradwire.replay import replay
 
 
 def run(client: gradwire.Client) -> list[object]:
@@ -211,22 +214,27 @@ def run(client: gradwire.Client) -> list[object]:
     with client.pipeline() as p:
         reset, filled = p.reset(np.int64(0)), p.fill_parameters(bound)
         stats = p.stats("loss", bins=np.int64(2), low=np.float32(0), high=bound)
-    with client.open_session(seed=seed) as mine:
-        done += [mine.session is not None]
+    with client.open_session(seed=seed, lr=bound / 10) as mine:
+        done += [mine.session is not None, mine.set_optimizer(lr=bound, momentum=np.int64(0)).lr]
     return done + [reset.result(), filled.result(), stats.result().version]
+
+
+def replayed(client: gradwire.Client) -> bool:
+    return replay(client, init="random", seed=np.int64(1), write=lambda line: None).identity_holds
 """
 
 
 def test_numpy_s_numbers_are_taken_as_typed(tmp_path: Path, cache: Path, client: Any) -> None:
-    # A seed, a count of steps or bins, a bound or a fill value: each is checked by
-    # limits.whole or limits.real, which take numpy's integers and floats (np.int64 from
-    # np.arange, np.float32), but was typed int or float, which mypy --strict and pyright
-    # refuse them for, as they did for expecting() (found by a review of the client as a
-    # type-checked user's code sees it).
+    # A seed, a count of steps or bins, a bound, a fill value or an optimizer setting: each
+    # is checked by limits.whole or limits.real, which take numpy's integers and floats
+    # (np.int64 from np.arange, np.float32), but was typed int or float, which mypy
+    # --strict and pyright refuse them for, as they did for expecting() (found by a review
+    # of the client as a type-checked user's code sees it).
     check(NUMPY_NUMBERS, tmp_path, cache)
     namespace: dict[str, Any] = {}
     exec(compile(NUMPY_NUMBERS, "users_module.py", "exec"), namespace)
     assert namespace["run"](client)[3:5] == [1, 2]
+    assert namespace["replayed"](client)
 
 
 #: Index keys of numpy's integers, as a loop over np.arange or np.argmax gives them.

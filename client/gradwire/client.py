@@ -1795,12 +1795,12 @@ class Client:
         kind: Literal["sgd", "adam"] | None = None,
         *,
         keep_state: bool = False,
-        lr: float | None = None,
-        momentum: float | None = None,
-        weight_decay: float | None = None,
-        beta1: float | None = None,
-        beta2: float | None = None,
-        eps: float | None = None,
+        lr: Real | None = None,
+        momentum: Real | None = None,
+        weight_decay: Real | None = None,
+        beta1: Real | None = None,
+        beta2: Real | None = None,
+        eps: Real | None = None,
         nesterov: bool | None = None,
     ) -> OptimizerConfig:
         """Replaces the optimizer with a new one of `kind` (None: SGD); its state starts

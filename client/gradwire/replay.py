@@ -20,6 +20,7 @@ from gradwire.client import Client
 from gradwire.display import format_read, format_size
 from gradwire.errors import Aborted
 from gradwire.fill import Fill
+from gradwire.limits import Whole
 from gradwire.results import Listing, TensorRead
 
 Init = Literal["fill", "random"]
@@ -97,7 +98,7 @@ def _bfloat16(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def replay(
-    client: Client, *, init: Init = "fill", seed: int = 0, write: Callable[[str], None] = print
+    client: Client, *, init: Init = "fill", seed: Whole = 0, write: Callable[[str], None] = print
 ) -> ReplayResult:
     """Runs the tutorial against `client`'s server and writes its transcript.
 

@@ -278,12 +278,12 @@ class OptimizerSettings(TypedDict, total=False):
     and a type checker took open_session(learning_rate=1e-3), refused only when run (found
     by a review of the client as a type-checked user's code sees it)."""
 
-    lr: float | None
-    momentum: float | None
-    weight_decay: float | None
-    beta1: float | None
-    beta2: float | None
-    eps: float | None
+    lr: limits.Real | None
+    momentum: limits.Real | None
+    weight_decay: limits.Real | None
+    beta1: limits.Real | None
+    beta2: limits.Real | None
+    eps: limits.Real | None
     nesterov: bool | None
 
 
