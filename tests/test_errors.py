@@ -563,6 +563,10 @@ def test_request_over_the_element_limit(
         client.forward(Fill.ones(2**40, 3, 10, 10), TARGET)
     assert info.value.reason == "TOO_MANY_ELEMENTS"
     assert "over this server's limit of 1000" in info.value.message
+    # What to do, not the limit alone (found by a review of the error catalogue).
+    assert info.value.message.endswith(
+        ": send a smaller batch: the samples in parts, a call each"
+    ), info.value
     _still_serving(client)
 
 

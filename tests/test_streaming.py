@@ -1350,6 +1350,9 @@ def test_a_stream_over_the_element_limit_is_resource_exhausted(
     assert isinstance(error, errors.ResourceExhausted)
     assert error.reason == "TOO_MANY_ELEMENTS"
     assert f"{count} elements is over the limit of {count - 1}" in error.message
+    # What to do, by what it is (found by a review of the error catalogue).
+    advice = "a slice of the tensor a call" if method == "SetTensorStream" else "a smaller batch"
+    assert advice in error.message, error.message
     assert version(client) == 0
     assert client.health() == "SERVING"
     after = all_parameters(trainer)

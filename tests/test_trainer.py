@@ -370,6 +370,8 @@ def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that()
     with pytest.raises(OverLimit, match="value: 6000 elements is over") as over:
         trainer.write("conv1.weight", (), FillSpec("ones", (6000,)))
     assert over.value.reason == "TOO_MANY_ELEMENTS"
+    # What to do: a written value in slices (found by a review of the error catalogue).
+    assert str(over.value).endswith(": write it in parts, a slice of the tensor a call (name[a:b])")
     assert trainer.version == 0
 
 

@@ -23,7 +23,13 @@ from gradwire import limits as gw_limits
 from gradwire._pb import trainer_pb2 as pb
 from gradwire_server import staging
 from gradwire_server.checkpoint import Described
-from gradwire_server.errors import InvalidInput, OverLimit, device_memory, out_of_memory
+from gradwire_server.errors import (
+    InvalidInput,
+    OverLimit,
+    device_memory,
+    fewer_elements,
+    out_of_memory,
+)
 from gradwire_server.fills import FillSpec, TensorInput
 from gradwire_server.indexing import UNTRACKED
 from gradwire_server.live import StreamedRead
@@ -254,7 +260,9 @@ class Chunks:
         try:
             self._assembler.add(split, path, chunk, None if check is None else checked)
         except codec.ChunkLimitError as err:
-            raise OverLimit(str(err), reason="TOO_MANY_ELEMENTS") from err
+            raise OverLimit(
+                f"{err}: {fewer_elements(self.what)}", reason="TOO_MANY_ELEMENTS"
+            ) from err
         except codec.CodecError as err:
             raise InvalidInput(str(err), reason="BAD_CHUNK") from err
         except (MemoryError, RuntimeError) as err:

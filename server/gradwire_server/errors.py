@@ -75,6 +75,14 @@ class OverLimit(DomainError):
     reason = "OVER_LIMIT"
 
 
+def fewer_elements(what: str) -> str:
+    """What to do about a tensor over the element limit (TOO_MANY_ELEMENTS), by what it is:
+    the refusal named the limit alone (a review of the error catalogue)."""
+    if what in ("input", "target"):
+        return "send a smaller batch: the samples in parts, a call each"
+    return "write it in parts, a slice of the tensor a call (name[a:b])"
+
+
 class NoSuchCheckpoint(DomainError):
     """A checkpoint asked for by name that the state directory does not hold."""
 

@@ -63,6 +63,7 @@ from gradwire_server.errors import (
     WrongOrder,
     device_lost,
     device_memory,
+    fewer_elements,
     out_of_memory,
 )
 from gradwire_server.fills import (
@@ -1208,7 +1209,8 @@ class Trainer:
         count = numel(shape)
         if count > self.max_elements:
             raise OverLimit(
-                f"{what}: {count} elements is over this server's limit of {self.max_elements}",
+                f"{what}: {count} elements is over this server's limit of "
+                f"{self.max_elements}: {fewer_elements(what)}",
                 reason="TOO_MANY_ELEMENTS",
             )
 
