@@ -987,20 +987,44 @@ def test_a_start_that_fails_says_so_in_the_json_log(tmp_path: Path) -> None:
     state.write_text("")
     with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use
         port = taken.getsockname()[1]
-        for args, code, said in [
-            (("--device", "gpu"), 2, "gradwire serve: error: unknown device 'gpu'"),
-            (("--state-dir", str(state)), 2, f"gradwire serve: error: --state-dir {state}"),
-            (("--port", str(port)), 1, f"gradwire serve: error: cannot listen on 127.0.0.1:{port}"),
+        # The server's reason, where it gave one: docs/RELIABILITY.md names the refusals by
+        # them, and no line carried them (found by an audit of its claims).
+        for args, code, said, reason in [
+            (("--device", "gpu"), 2, "gradwire serve: error: unknown device 'gpu'", "BAD_DEVICE"),
+            (
+                ("--state-dir", str(state)),
+                2,
+                f"gradwire serve: error: --state-dir {state}",
+                "BAD_STATE_DIR",
+            ),
+            (
+                ("--port", str(port), "--metrics-port", str(port)),
+                2,
+                f"gradwire serve: error: --metrics-port {port} is the port gRPC listens on",
+                "BAD_METRICS_PORT",
+            ),
+            (
+                ("--port", str(port)),
+                1,
+                f"gradwire serve: error: cannot listen on 127.0.0.1:{port}",
+                None,
+            ),
             # Refused by argparse: its usage and error in plain text (a review)
-            (("--port", "70000"), 2, "gradwire serve: error: argument --port: bad port '70000'"),
-            (("--grace", "-1"), 2, "gradwire serve: error: argument --grace: bad duration"),
-            (("--bogus",), 2, "gradwire serve: error: unrecognized arguments: --bogus"),
+            (
+                ("--port", "70000"),
+                2,
+                "gradwire serve: error: argument --port: bad port '70000'",
+                None,
+            ),
+            (("--grace", "-1"), 2, "gradwire serve: error: argument --grace: bad duration", None),
+            (("--bogus",), 2, "gradwire serve: error: unrecognized arguments: --bogus", None),
         ]:
             done = _serve_refused(*args, "--log-format", "json")
             assert done.returncode == code, done.stderr
             lines = [json.loads(line) for line in done.stderr.splitlines()]
             assert lines[-1]["level"] == "CRITICAL", lines
             assert lines[-1]["message"].startswith(said), lines
+            assert lines[-1].get("reason") == reason, lines[-1]
             assert sum("error" in line["message"] for line in lines) == 1
             plain = _serve_refused(*args)  # in text, as before
             assert plain.stderr.splitlines()[-1].startswith(said), plain.stderr

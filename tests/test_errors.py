@@ -1301,12 +1301,12 @@ def test_a_target_fill_given_a_dtype_is_not_told_of_the_default_one(
 
 
 #: Reasons in the server's code that no call is answered with: `gradwire serve` refusing to
-#: start (exit code 2 and the message; the reason is the code's and docs/RELIABILITY.md's name
-#: for the refusal, shown in no log line, text or JSON), and the base classes' defaults, which
+#: start (exit code 2 and the message; the reason in the JSON log's line, a "reason" field,
+#: not in text), and the base classes' defaults, which
 #: every raise overrides with a reason of its own. (BAD_CHECKPOINT was one, a damaged state
 #: refused at start, until LoadCheckpoint answered it: listed here, it went unchecked.)
 _NOT_ON_THE_WIRE = {
-    "BAD_METRICS_PORT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
+    "BAD_DEVICE", "BAD_METRICS_PORT", "BAD_MODEL", "BAD_PORT_FILE", "BAD_STATE_DIR", "BAD_TLS",
     "ERROR", "OVER_LIMIT", "WRONG_ORDER",
 }  # fmt: skip
 

@@ -44,4 +44,4 @@ def resolve_device(spec: str) -> torch.device:
     try:
         return check_device(spec, DEVICES)
     except ValueError as err:
-        raise InvalidInput(str(err)) from None
+        raise InvalidInput(str(err), reason="BAD_DEVICE") from None

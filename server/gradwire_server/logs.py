@@ -99,7 +99,7 @@ class JsonFormatter(logging.Formatter):
             value = line.get(name)
             if isinstance(value, str) and len(value) > limit:
                 line[name] = value[:limit] + "..."
-        for name in ACCESS_FIELDS:
+        for name in (*ACCESS_FIELDS, "reason"):  # reason: a refused start's (cli/serving.py)
             if hasattr(record, name):
                 line[name] = getattr(record, name)
         if record.exc_info:

@@ -15,6 +15,8 @@ class UsageError(Exception):
 
     #: Said already, in the server's JSON log (`serve --log-format json`): main adds no line.
     logged = False
+    #: The server's reason for refusing serve's start (BAD_STATE_DIR...), for its JSON log.
+    reason = ""
 
 
 class CommandError(Exception):
@@ -22,6 +24,8 @@ class CommandError(Exception):
 
     #: Said already, in the server's JSON log (`serve --log-format json`): main adds no line.
     logged = False
+    #: The server's reason for refusing serve's start (DISK_FULL...), for its JSON log.
+    reason = ""
 
 
 class Interrupted(Exception):

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from gradwire.cli.connection import COMMON
 from gradwire.cli.errors import CommandError, UsageError
@@ -155,15 +155,27 @@ def usage_error_logged(said: str, err: TextIO) -> None:
     err.write(JsonFormatter().format(record) + "\n")
 
 
+E = TypeVar("E", UsageError, CommandError)
+
+
+def _with_reason(error: E, reason: str) -> E:
+    """`error`, carrying the server's `reason` for the JSON log's line."""
+    error.reason = reason
+    return error
+
+
 @contextlib.contextmanager
 def errors_logged(json_log: bool) -> Iterator[None]:
     """With `json_log`, a usage or command error is logged as the log's last line (one JSON
-    object), and marked said, for main to add none in plain text."""
+    object, with the server's "reason" where it gave one: BAD_STATE_DIR, BAD_METRICS_PORT;
+    docs/RELIABILITY.md names the refusals by them, and no line carried them: found by an
+    audit of its claims), and marked said, for main to add none in plain text."""
     try:
         yield
     except (UsageError, CommandError) as e:
         if json_log:
-            logging.getLogger("gradwire.cli").critical("gradwire serve: error: %s", e)
+            extra = {"reason": e.reason} if e.reason else {}
+            logging.getLogger("gradwire.cli").critical("gradwire serve: error: %s", e, extra=extra)
             e.logged = True
         raise
 
@@ -278,8 +290,8 @@ def _serve(args: argparse.Namespace, received: list[int]) -> None:
                 ),
             )
         except (InvalidInput, ModelFault) as e:  # ModelFault: a factory's shared model
-            raise UsageError(e.message) from None
+            raise _with_reason(UsageError(e.message), e.reason) from None
         except OverLimit as e:  # a checkpoint that does not fit: nothing was served
-            raise CommandError(e.message) from None
+            raise _with_reason(CommandError(e.message), e.reason) from None
         except (OSError, DeviceLost, ServingLost) as e:  # a failed exit: a supervisor restarts it
             raise CommandError(str(e)) from None
