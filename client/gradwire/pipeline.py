@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
@@ -519,7 +518,7 @@ class Pipeline:
         server knows: set one of its call fields", of a call that had set one (a pipeline's
         DeleteCheckpoint on a server of 2026-12-03: a review of clients and servers of
         different versions). The client's own method sends it as a call of its own."""
-        call = re.sub(r"(?<!^)(?=[A-Z])", "_", method).lower()
+        _, call = calls.METHODS[method]  # the CallRequest field, named as the client's method
         return Unimplemented(
             f"the server at {self._client.target} predates {method} in a {self._KIND} (on its "
             f"Calls stream and in a Batch), and did not run it: make it as a call of its own, "
@@ -699,10 +698,11 @@ class Batch(Pipeline):
             for pending, _ in queued:
                 pending._fail(ClientClosed(f"{pending.method} not sent: {err}"))
             return
+        batch_timeout = None if timeout is None else timeout * len(queued)
         try:
             response = client._methods["Batch"](
                 wire.join(calls.batch_request_pieces([pieces for _, pieces in queued])),
-                timeout=None if timeout is None else timeout * len(queued),
+                timeout=batch_timeout,
                 metadata=metadata,
             )
         except grpc.RpcError as err:
@@ -716,7 +716,6 @@ class Batch(Pipeline):
                 self._queued[:0] = queued
                 return
             for pending, _ in queued:
-                batch_timeout = None if timeout is None else timeout * len(queued)
                 pending._fail(self._error(err, pending.method, batch_timeout))
             self._failed = queued[-1][0].method
             return
