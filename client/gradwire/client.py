@@ -161,7 +161,7 @@ _OLDER_THAN_THE_IDLE_LIMITS = frozenset(
 )
 
 
-def _fields_known(info: ServerInfo) -> frozenset[str]:
+def fields_known(info: ServerInfo) -> frozenset[str]:
     """The fields a server is known to know: those it lists, or, where it lists none, those
     its limits tell of its age (`_OLDER_THAN_THE_IDLE_LIMITS`); none for a server older."""
     if info.known_fields:
@@ -1714,7 +1714,7 @@ class Client:
             ServerLimits(**kept),
             tuple(response.known_fields),
         )
-        self._known_fields = _fields_known(info)
+        self._known_fields = fields_known(info)
         return info
 
     def _needs_field(self, field: str, option: str, otherwise: str) -> None:

@@ -14,7 +14,7 @@ from typing import Literal, TextIO, cast
 from gradwire.cli.connection import SESSION_ENV
 from gradwire.cli.errors import CommandError, UsageError, predates
 from gradwire.cli.output import emit, json_line
-from gradwire.client import Client, _fields_known, check_session
+from gradwire.client import Client, check_session, fields_known
 from gradwire.display import format_size
 from gradwire.errors import (
     Unimplemented,
@@ -22,7 +22,7 @@ from gradwire.errors import (
 from gradwire.progress import (
     format_duration,
 )
-from gradwire.results import OptimizerConfig, TensorInfo
+from gradwire.results import OptimizerConfig, ServerInfo, TensorInfo
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> None:
@@ -308,6 +308,23 @@ def _bytes(count: int) -> str:
     return f"{count:,} bytes ({count / 2**20:.1f} MiB)"
 
 
+def _contract(info: ServerInfo) -> str:
+    """`gradwire info`'s contract row: the fields the server lists, or, where it lists none,
+    what the client sends it for that (fields_known, from its limits' age)."""
+    if info.known_fields:
+        return f"{len(info.known_fields)} fields of the .proto known (info --json lists them)"
+    unlisted = "the fields of the .proto it knows unlisted: a server older than the list, "
+    if fields_known(info):
+        return unlisted + (
+            "and its limits show it is of 2026-12-05 or later (the client sends it forward "
+            "--eval and optimizer --keep-state)"
+        )
+    return unlisted + (
+        "its limits older than 2026-12-05 too (the client refuses it forward --eval and "
+        "optimizer --keep-state, which it may predate)"
+    )
+
+
 def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     try:
         info = client.server_info()
@@ -393,18 +410,7 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
             f"{_seconds_text(lim.min_client_ping_s)} at most, or it is closed",
         ),
         ("connections", connections),
-        (
-            "contract",
-            f"{len(info.known_fields)} fields of the .proto known (info --json lists them)"
-            if info.known_fields
-            else "the fields of the .proto it knows unlisted: a server older than the list, "
-            "and its limits show it is of 2026-12-05 or later (the client sends it forward "
-            "--eval and optimizer --keep-state)"
-            if _fields_known(info)
-            else "the fields of the .proto it knows unlisted: a server older than the list, "
-            "its limits older than 2026-12-05 too (the client refuses it forward --eval and "
-            "optimizer --keep-state, which it may predate)",
-        ),
+        ("contract", _contract(info)),
     ]
     # A server from before these limits were reported answers 0 for them: left out.
     unreported = {
