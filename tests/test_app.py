@@ -755,6 +755,38 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
     assert trainer.version % 4 == 0  # each step applied whole: 4 mutations
 
 
+def _filled(running: Running, sends: int) -> None:
+    """Waits until `sends` streams' sends wait for a client that does not read."""
+    eventually(
+        lambda: running.servicer.sending.under_way == sends,
+        f"{sends} streams did not come to wait for their clients",
+        within=60,
+    )
+
+
+def test_a_stop_ends_a_streamed_read_whose_client_stopped_reading(trainer: Trainer) -> None:
+    """Its handler waited in gRPC's send, and the stop waited the whole grace period."""
+    running = start(trainer, "127.0.0.1", 0)
+    address = f"127.0.0.1:{running.port}"
+    with (
+        gradwire.connect(address, timeout=30) as client,
+        grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+    ):
+        client.forward(Fill.ones(512, 3, 10, 10), Fill.ones(512, dtype="int64"))
+        read = pb_grpc.TrainerStub(channel).GetTensorStream(
+            pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
+        )
+        _filled(running, 1)
+        started = time.monotonic()
+        running.stop(grace=30)
+        took = time.monotonic() - started
+        with pytest.raises(grpc.RpcError):
+            for _ in read:
+                pass
+        assert read.code() == grpc.StatusCode.UNAVAILABLE
+    assert 0.9 < took < 10  # a second to read on, then ended, well inside the grace
+
+
 def test_a_stop_ends_only_the_sends_that_wait_past_the_patience() -> None:
     # The server's patience (1 s): the quick send is taken 0.05 s after the stop, and must be
     # well before the patience runs out on a busy machine too (at the 0.2 s this test used,
@@ -807,6 +839,131 @@ def test_a_stop_whose_thread_could_not_start_starts_it_for_the_next_stream(
         first = stream.send("first")  # under way until gRPC asks for the next
         next(first)
         eventually(lambda: late.cancelled, "the late stream's send was not ended")
+
+
+class _Ended:
+    """What SendingStreams asks of a stream's ServicerContext to end it and name its peer:
+    grpcio's call object, whose cancel takes a status."""
+
+    def __init__(self) -> None:
+        self.status: tuple[int, str] | None = None
+        self._rpc_event = self  # grpcio's context holds its call under _rpc_event.call
+        self.call = self
+
+    def cancel(self, code: int, details: str) -> None:
+        self.status = (code, details)
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5"
+
+
+def test_a_call_without_a_place_ends_the_stream_left_unread_longest_past_unread_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sending = SendingStreams(unread_s=20)
+    older, newer, read, recent = _Ended(), _Ended(), _Ended(), _Ended()
+    with (
+        sending.open(cast(grpc.ServicerContext, older), "stop", "Watch") as first,
+        sending.open(cast(grpc.ServicerContext, newer), "stop", "GetTensorStream") as second,
+        sending.open(cast(grpc.ServicerContext, read), "stop", "Train") as third,
+        sending.open(cast(grpc.ServicerContext, recent), "stop", "Watch") as fourth,
+    ):
+        sends = [
+            stream.send(message)
+            for stream, message in zip((first, second, third, fourth), "abcd", strict=True)
+        ]
+        for send in sends:
+            next(send)  # each handed to gRPC
+        assert next(sends[2], None) is None  # its client read it: between two sends
+        first.since -= 60  # waited a minute, the longest
+        second.since -= 30
+        third.since -= 90  # before it was read
+        # The most recent waits under unread_s: not ended.
+        assert sending.end_one_unread()
+        assert older.status is not None and newer.status is None
+        code, details = older.status
+        assert code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert details.startswith("this Watch's client had left a message unread for 60.0 s")
+        assert sending.end_one_unread()  # the next call, the next longest
+        assert newer.status is not None
+        assert newer.status[1].startswith("this GetTensorStream's client had left")
+        assert not sending.end_one_unread()  # each ended once; the others not due
+        assert read.status is None and recent.status is None
+    assert "ended a Watch whose client had left a message unread for 60.0 s" in caplog.text
+    assert "(peer ipv4:127.0.0.1:5)" in caplog.text
+
+
+def test_a_call_that_finds_every_place_taken_ends_a_read_its_client_stopped_reading(
+    trainer: Trainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streams their client stopped reading without cancelling them (a dropped blocking
+    iterator in grpc-java, a reader left unfinished in C++) held every place until their
+    deadlines: 17 unread GetTensorStreams left every other call BUSY (found by a review of
+    the server's security)."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    address = f"127.0.0.1:{running.port}"
+    # Without gRPC's probe a client buffers 64 KiB of a stream it does not read.
+    unprobed = [("grpc.http2.bdp_probe", 0)]
+    try:
+        with (
+            gradwire.connect(address, timeout=30) as client,
+            grpc.insecure_channel(address, options=unprobed) as channel,
+        ):
+            client.forward(Fill.ones(512, 3, 10, 10), Fill.ones(512, dtype="int64"))  # 600 KiB
+            read = pb_grpc.TrainerStub(channel).GetTensorStream
+            request = pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024)
+            reads = [read(request, timeout=60) for _ in range(2)]
+            _filled(running, 2)
+            # Left unread for less than UNREAD_S (30 s): the call is refused, as before.
+            with pytest.raises(errors.ResourceExhausted, match="unread for 30 s") as busy:
+                client.list_tensors()
+            assert busy.value.reason == "BUSY"
+            running.servicer.sending.unread_s = 0.2
+            time.sleep(0.3)
+            assert client.list_tensors().model == "Simple"  # in the place of one read
+            ended = []
+            for stream in reads:
+                with contextlib.suppress(grpc.RpcError):
+                    chunks = list(stream)
+                    assert len(chunks) == 38  # 153,600 values, 4,096 a chunk: the whole read
+                ended.append(stream.code())
+            assert sorted(code.name for code in ended) == ["OK", "UNAVAILABLE"]
+        assert "ended a GetTensorStream whose client had left a message unread" in caplog.text
+    finally:
+        running.stop(grace=None)
+
+
+def test_a_watch_that_is_read_keeps_its_place_when_one_left_unread_is_ended(
+    trainer: Trainer,
+) -> None:
+    """Only a stream whose send waits for its client is ended: a watch read as its updates
+    come, waiting for the next, keeps its place and its updates."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with (
+            gradwire.connect(address, timeout=None) as watcher,
+            gradwire.connect(address, timeout=60) as stepper,
+        ):
+            unread = watcher.watch(WEIGHTS, values=True, latest=False)
+            next(unread)
+            x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+            for _ in range(400):  # 400 updates due, the watcher reading none
+                stepper.train_step(x, y)
+            _filled(running, 1)
+            read = watcher.watch(["loss"])
+            first = next(read)
+            running.servicer.sending.unread_s = 0.2
+            time.sleep(0.3)
+            # Every place taken (the two watches): the unread one is ended for the step.
+            stepper.train_step(x, y)
+            assert next(read).version > first.version  # the read watch had it
+            with pytest.raises(errors.Unavailable):
+                for _ in unread:
+                    pass
+            read.close()
+    finally:
+        running.stop(grace=None)
 
 
 def test_a_stop_ends_open_health_watches_once_they_say_not_serving(trainer: Trainer) -> None:

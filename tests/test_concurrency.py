@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 import gradwire
 from gradwire import errors
 from gradwire.fill import Fill
+from gradwire_server import places
 from gradwire_server.app import start
 from gradwire_server.errors import OverLimit
 from gradwire_server.models import ModelSpec
@@ -153,6 +155,74 @@ def test_slots_refuse_over_the_limit_at_once_and_come_back() -> None:
         pass
 
 
+class _Ending:
+    """A Reclaimer whose stream, once ended, gives its place back from another thread, as a
+    stream's handler does when gRPC wakes it from its send; or one that finds none."""
+
+    unread_s = 30.0
+
+    def __init__(self, slots: Slots, ends: bool = True, gives_back: bool = True) -> None:
+        self.slots, self.ends, self.gives_back = slots, ends, gives_back
+        self.asked = 0
+
+    def end_one_unread(self) -> bool:
+        self.asked += 1
+        if self.ends and self.gives_back:
+            unwinds = threading.Timer(0.05, self.slots.stream.__exit__, (None, None, None))
+            unwinds.start()
+        return self.ends
+
+
+def test_a_call_that_finds_every_place_taken_takes_that_of_a_stream_ended_for_it() -> None:
+    """Streams a client stopped reading without cancelling them held every place until their
+    deadlines: 17 unread GetTensorStreams left every other call BUSY (found by a review of
+    the server's security). A call, a stream or an operator's call that finds every place
+    taken has the reclaimer end one and takes the place it gives back."""
+    slots = Slots(2)
+    slots.reclaimer = reclaimer = _Ending(slots)
+    for place in (slots, slots.stream, slots.operator):
+        slots.stream.__enter__()
+        slots.stream.__enter__()
+        if place is slots.operator:
+            slots.__enter__()  # the operator's place beyond the limit taken too
+        with place:
+            assert slots.taken == (3 if place is slots.operator else 2)
+        if place is slots.operator:
+            slots.__exit__()
+        slots.stream.__exit__()
+        assert slots.taken == 0
+    assert reclaimer.asked == 3
+
+
+def test_a_call_is_busy_at_once_when_no_stream_was_left_unread_long_enough() -> None:
+    slots = Slots(1)
+    slots.reclaimer = reclaimer = _Ending(slots, ends=False)
+    with slots.stream, pytest.raises(OverLimit) as refused, slots:
+        pass
+    assert reclaimer.asked == 1
+    assert refused.value.reason == "BUSY"
+    assert refused.value.message.endswith(
+        "the default session's streams end only when their clients close them, or, for a "
+        "Watch, Train or streamed read, once its client has left a message unread for 30 s "
+        "and a call finds no place)"
+    )
+
+
+def test_a_call_whose_reclaimed_place_another_took_is_busy_after_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(places, "RECLAIM_WAIT_S", 0.2)
+    slots = Slots(1)
+    slots.reclaimer = _Ending(slots, gives_back=False)
+    with slots.stream:
+        started = time.monotonic()
+        with pytest.raises(OverLimit, match="busy"), slots:
+            pass
+        assert time.monotonic() - started >= 0.2  # it waited for the place
+    with slots:  # the waiter counted out again: a place comes back as before
+        assert slots.taken == 1
+
+
 def test_busy_counts_the_streams_alone_among_the_places_held() -> None:
     """A unary call and an operator's call beside a stream: BUSY says the limit's calls, of
     them one stream; a stream refused at the limit is BUSY too."""
@@ -224,7 +294,8 @@ def test_busy_says_when_open_streams_hold_the_places(trainer: Trainer) -> None:
                 "(ListSessions, gradwire sessions, shows which sessions opened beside the "
                 "default one hold calls, and CloseSession, gradwire close-session, ends theirs, "
                 "each answered beyond the limit; the default session's streams end only when "
-                "their clients close them)"
+                "their clients close them, or, for a Watch, Train or streamed read, once its "
+                "client has left a message unread for 30 s and a call finds no place)"
             )
             watches[0].close()
             eventually(lambda: running.servicer.slots.taken == 1)

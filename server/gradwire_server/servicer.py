@@ -335,18 +335,19 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     return wrapper
 
 
-def ends_at_stop(stalled: str) -> Callable[[Handler[Iterator[R]]], Handler[Iterator[R]]]:
-    """For a server stream that ends itself at a stop (it looks between its messages): sends
-    its messages so that a stop also ends it while its client is not reading them
-    (`SendingStreams`): UNAVAILABLE, `stalled` the status's message where gRPC can still
-    deliver it (behind messages the client has not read it mostly cannot, and the client
-    reads gRPC's own: "Stream removed")."""
+def sends_watched(stalled: str) -> Callable[[Handler[Iterator[R]]], Handler[Iterator[R]]]:
+    """For a server stream (Watch, Train, GetTensorStream): sends its messages so that, while
+    its client is not reading them (`SendingStreams`), a stop ends it (a Watch or Train also
+    looks for the stop between its messages), and so does a call that finds every place taken
+    once a message has waited UNREAD_S. UNAVAILABLE, `stalled` the stop's message where gRPC
+    can still deliver it (behind messages the client has not read it mostly cannot, and the
+    client reads gRPC's own: "Stream removed")."""
 
     def decorate(method: Handler[Iterator[R]]) -> Handler[Iterator[R]]:
         @functools.wraps(method)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
             with (
-                self.sending.open(context, stalled) as stream,
+                self.sending.open(context, stalled, method.__name__) as stream,
                 contextlib.closing(cast(Generator[R], method(self, request, context))) as messages,
             ):
                 for message in messages:
@@ -450,7 +451,6 @@ class TrainerServicer:
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).
         self.on_device_lost = on_device_lost
-        self.slots = Slots(max_concurrent)
         self.spare = convert.SpareMemory()  # one block, shared by reads and writes that stream
         #: Set when the server begins to stop: open Watches and Trains end (UNAVAILABLE,
         #: STOPPING) instead of holding the grace period until it runs out.
@@ -459,9 +459,11 @@ class TrainerServicer:
         #: of their session.
         self.waiting = WaitingStreams()
         self.sessions.on_close = self._end_calls_of
-        #: The Watches and Trains, which `stop` ends once a send has waited a second for
-        #: a client that does not read.
+        #: The Watches, Trains and streamed reads, which `stop` ends once a send has waited a
+        #: second for a client that does not read, and a call that finds every place taken
+        #: once one has waited UNREAD_S.
         self.sending = SendingStreams()
+        self.slots = Slots(max_concurrent, self.sending)
         #: Counts and logs each call made as a message on a Calls stream, as the call
         #: interceptor does each RPC (app.start sets it); None: not counted.
         self.observer: CallObserver | None = None
@@ -473,10 +475,10 @@ class TrainerServicer:
 
     def stop(self) -> None:
         """The server begins to stop: open Watches and Trains end at their next look
-        (UNAVAILABLE, STOPPING), or once a message of theirs has waited a second for a
-        client that does not read (UNAVAILABLE); Calls streams at once when no call of
-        theirs is in progress, else once it is answered (UNAVAILABLE; no call after it is
-        run)."""
+        (UNAVAILABLE, STOPPING), and they and streamed reads once a message of theirs has
+        waited a second for a client that does not read (UNAVAILABLE); Calls streams at
+        once when no call of theirs is in progress, else once it is answered (UNAVAILABLE;
+        no call after it is run)."""
         self.waiting.stop()  # first: a Calls stream runs no message once `stopping` is set
         self.stopping.set()
         self.sending.stop()
@@ -536,6 +538,10 @@ class TrainerServicer:
         return self.trainer.read_with(request.name, chain, encode, copies_only=True)
 
     @rpc_stream
+    @sends_watched(
+        "the server is stopping, and this read's client had stopped reading its chunks: the "
+        "read ends here; read again once the server is back"
+    )
     def GetTensorStream(
         self, request: pb.GetTensorRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
@@ -916,7 +922,7 @@ class TrainerServicer:
         return self.trainer.read_with(request.name, chain, summarize)
 
     @rpc_stream
-    @ends_at_stop(
+    @sends_watched(
         "the server is stopping, and this watch's client had stopped reading its updates: "
         "the watch ends here; watch again once the server is back"
     )
@@ -1016,7 +1022,7 @@ class TrainerServicer:
             trainer.unsubscribe(subscription)
 
     @rpc_stream
-    @ends_at_stop(
+    @sends_watched(
         "the server is stopping, and this Train's client had stopped reading its progress: "
         "training ended there, the steps taken applied, each whole (read the state version "
         "to know how far it went)"

@@ -13,7 +13,11 @@ Likewise a Watch or a Train whose client has stopped reading waits in gRPC's sen
 next message until the client reads on (flow control), and so missed the stop it looks for
 between messages: a stop waited the whole grace period for it (a watcher paused in a
 debugger, a notebook that read one update and went on). At a stop, such a stream still in
-the same send a second later is ended (`SendingStreams`).
+the same send a second later is ended (`SendingStreams`). And such a stream holds one of the
+server's places for calls for as long as it lives (a client that drops a stream without
+cancelling it, as grpc-java's blocking iterators and C++'s readers do, left every other call
+BUSY): when a call finds every place taken, the stream whose send has waited longest, for
+UNREAD_S or more, is ended and its place given to that call (`end_one_unread`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ log = logging.getLogger("gradwire_server")
 #: ended. A second: a client reading as fast as a watch's updates come takes them in far
 #: less on loopback or a LAN; the stop, which would end the stream anyway, is not held.
 STALLED_S = 1.0
+
+#: How long a stream's send must have waited for its client to read before the stream may be
+#: ended for a call that finds every place taken. Half a minute: a client reading on a slow
+#: link takes a 16 MiB update in 13 s at 10 Mbit/s, and a message of a streamed read (4 MiB
+#: unless it asks for larger) in 4 s; a paused watcher, or a stream its client dropped,
+#: never takes it. Only a call that would otherwise be refused BUSY ends one.
+UNREAD_S = 30.0
 
 #: Why a Calls stream ended at a stop: what ran on it and what did not.
 STOPPED = (
@@ -122,20 +133,25 @@ class WaitingStreams:
 
 
 class _Sending:
-    """One stream that `SendingStreams` watches: what to tell its client if it is ended, and
-    its sends so far (odd while one is under way)."""
+    """One stream that `SendingStreams` watches: its method, what to tell its client if a stop
+    ends it, its sends so far (odd while one is under way), when the last began, and whether
+    it was ended."""
 
-    __slots__ = ("context", "sends", "stalled")
+    __slots__ = ("context", "ended", "method", "sends", "since", "stalled")
 
-    def __init__(self, context: grpc.ServicerContext, stalled: str) -> None:
+    def __init__(self, context: grpc.ServicerContext, stalled: str, method: str) -> None:
         self.context = context
         self.stalled = stalled
+        self.method = method
         self.sends = 0
+        self.since = 0.0
+        self.ended = False
 
     def send(self, message: T) -> Iterator[T]:
         """Yields `message` to gRPC (`yield from stream.send(message)`), counted under way
         until gRPC asks for the next: until then it is being sent, or waits for the client
         to read (flow control)."""
+        self.since = time.monotonic()
         self.sends += 1
         try:
             yield message
@@ -148,20 +164,24 @@ class SendingStreams:
     stop can end those whose client has stopped reading: their handler waits in gRPC's send
     and cannot look for the stop until the client reads on."""
 
-    def __init__(self, stalled_s: float = STALLED_S) -> None:
+    def __init__(self, stalled_s: float = STALLED_S, unread_s: float = UNREAD_S) -> None:
         self.stalled_s = stalled_s
+        self.unread_s = unread_s
         self._lock = threading.Lock()
         self._open: set[_Sending] = set()
         self._stopped = False
         self._looking = False  # the stop's thread runs
 
     @contextlib.contextmanager
-    def open(self, context: grpc.ServicerContext, stalled: str) -> Iterator[_Sending]:
+    def open(
+        self, context: grpc.ServicerContext, stalled: str, method: str = "stream"
+    ) -> Iterator[_Sending]:
         """A stream, watched while the block runs: it sends its messages through the
         `_Sending` given (`send`). `stalled`: the status message it ends with if a stop finds
         its client not reading (UNAVAILABLE; no ErrorInfo can go with a cancel, and the
-        message only where gRPC can still deliver it behind the messages not read)."""
-        stream = _Sending(context, stalled)
+        message only where gRPC can still deliver it behind the messages not read);
+        `method`: the RPC's name, for the message and log line of `end_one_unread`."""
+        stream = _Sending(context, stalled, method)
         with self._lock:
             self._open.add(stream)
             # A stream whose handler starts after the stop (it waited for a thread, or came
@@ -201,18 +221,52 @@ class SendingStreams:
                     err,
                 )
 
+    def end_one_unread(self) -> bool:
+        """Ends the stream whose send has waited longest for its client to read, if it has
+        waited `unread_s` or more, for a call that found every place taken (places.Slots):
+        UNAVAILABLE, as a stop's (a watch --reconnect watches again), a message saying why
+        (rarely delivered: gRPC puts it behind the messages not read), and a WARNING line.
+        True when one was ended; its place comes back as its handler unwinds, which gRPC
+        wakes from the send at once."""
+        now = time.monotonic()
+        with self._lock:
+            unread = [
+                stream
+                for stream in self._open
+                if stream.sends % 2 and not stream.ended and now - stream.since >= self.unread_s
+            ]
+            if not unread:
+                return False
+            stream = min(unread, key=lambda stream: stream.since)
+            stream.ended = True
+        waited = now - stream.since
+        log.warning(
+            "ended a %s whose client had left a message unread for %.1f s, to give its place "
+            "to a call that found all of them taken (peer %s)",
+            stream.method,
+            waited,
+            stream.context.peer(),
+        )
+        _cancel(
+            stream.context,
+            f"this {stream.method}'s client had left a message unread for {waited:.1f} s when "
+            "a call found every place of the server taken: the server ended it to give that "
+            "call its place; read a stream as its messages come, and cancel one you stop "
+            "reading",
+        )
+        return True
+
     def _end_stalled(self) -> None:
-        ended: set[_Sending] = set()
         before: dict[_Sending, int] = {}
         while True:
             with self._lock:
                 if not self._open:  # the next stream to open starts it again
                     self._looking = False
                     return
-                now = {stream: stream.sends for stream in self._open if stream not in ended}
+                now = {stream: stream.sends for stream in self._open if not stream.ended}
             for stream, sends in now.items():
                 if sends % 2 and before.get(stream) == sends:  # the same send, still under way
-                    ended.add(stream)
+                    stream.ended = True
                     _cancel(stream.context, stream.stalled)
             before = now
             time.sleep(self.stalled_s)

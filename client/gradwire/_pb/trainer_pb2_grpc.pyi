@@ -135,7 +135,11 @@ Conventions used by every message below:
   client refused BUSY can read the limit. A stream its client stops reading without
   cancelling it (a blocking iterator dropped in grpc-java, a reader left unfinished in
   C++) holds its place until its deadline, or for as long as the connection lives
-  without one: cancel a stream you stop reading, or give it a deadline.
+  without one, unless it is a Watch, Train or GetTensorStream whose message has waited
+  30 s for its client to read it and a call finds every place taken: the server then
+  ends the one that has waited longest, UNAVAILABLE (the status's message mostly lost
+  behind the messages not read), and gives the call its place. Cancel a stream you stop
+  reading, or give it a deadline.
 - Keepalive: the server sends an HTTP/2 ping on a connection silent for 60 s (gradwire
   serve --keepalive) and closes it, ending its calls, when none is answered within 20 s.
   It takes a client's pings at most every 30 s on a connection carrying no data, with
