@@ -2012,6 +2012,56 @@ def test_a_stop_signal_during_serve_s_imports_is_said_and_ends_it(tmp_path: Path
     assert not port_file.exists()
 
 
+#: The `gradwire` command, its first imports (the client's: grpc's, numpy's) three seconds
+#: longer, said as they begin: for a signal that must come during them.
+_SLOW_CLIENT_IMPORT = """
+import runpy, sys, time
+class Slow:
+    def find_spec(self, name, path, target=None):
+        if name == "gradwire":
+            sys.meta_path.remove(self)
+            print("importing the client side", file=sys.stderr, flush=True)
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                time.sleep(0.05)
+sys.meta_path.insert(0, Slow())
+runpy.run_module("gradwire_cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_stop_signal_in_the_command_s_first_imports_is_said_and_ends_serve(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM in `gradwire serve`'s first third of a second (grpc's and numpy's imports,
+    before the command has parsed its arguments), as a container's first process (PID 1):
+    the kernel dropped it, and the server went on to listen and serve until `docker stop`
+    killed it (left by the seventy-fifth session). The entry point keeps it, and the server
+    says it and ends by it, as one that came later."""
+    under = _first_process_of_a_container()
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [*under, sys.executable, "-c", _SLOW_CLIENT_IMPORT, "serve", "--port", "0",
+         "--device", "cpu", "--port-file", str(port_file)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "importing the client side\n"
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+        os.kill(int(children.read_text().split()[0]), signal.SIGTERM)  # PID 1 inside
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        rest = process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert "SIGTERM received while starting, before listening: exiting" in rest, rest
+    assert "listening on" not in rest
+    assert not port_file.exists()
+
+
 def test_a_second_signal_exits_at_once_without_waiting_for_the_stop(tmp_path: Path) -> None:
     # A Forward of a minute held the stop, and further signals were only logged.
     port_file, state = tmp_path / "port", tmp_path / "state"

@@ -7,16 +7,55 @@ failed ..."), above the command's error and hint, which say the same in words a 
 act on. So the command sets it to ERROR here, first, unless its caller set it: run with
 GRPC_VERBOSITY=INFO to see gRPC's own lines again. Library users' processes are left as
 they are.
+
+`gradwire serve` keeps the stop signals (SIGTERM, SIGHUP) that come while those imports run
+(a third of a second), for the server to say and take once its log is set up
+(`KeptSignals`, which gradwire.cli.serving takes over).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from types import FrameType
+from typing import Any
+
+
+class KeptSignals:
+    """A stop signal's handler, while the command's first imports run: keeps the signal in
+    `received` (shared by the signals kept), `original` the handler it stands in for. Left to
+    its default, a SIGTERM there ended `gradwire serve` without a word, and the first process
+    of a container (PID 1), to which the kernel sends no signal left to its default, dropped
+    it and went on to listen and serve until `docker stop` killed it (a review of restarts)."""
+
+    def __init__(self, received: list[int], original: Any) -> None:
+        self.received = received
+        self.original = original
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+
+def _keep_stop_signals() -> None:
+    """For `gradwire serve` (its one form: `gradwire serve ...`, the command having no
+    options before its name but --version and --help), SIGTERM and SIGHUP unless ignored
+    (nohup) are kept from here, where Python has only started, by `KeptSignals`."""
+    if sys.argv[1:2] != ["serve"] or threading.current_thread() is not threading.main_thread():
+        return
+    received: list[int] = []
+    stops = [signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
+        stops.append(hangup)
+    for s in stops:
+        signal.signal(s, KeptSignals(received, signal.getsignal(s)))
 
 
 def main() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    _keep_stop_signals()
     try:
         from gradwire.cli import main_entry
     except KeyboardInterrupt:  # Ctrl-C while grpc and numpy load, in the first half second

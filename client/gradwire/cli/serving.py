@@ -205,6 +205,15 @@ def _stop_signals_kept() -> Iterator[list[int]]:
     found = {
         s: signal.signal(s, lambda signum, _: received.append(signum)) for s in _stop_signals_here()
     }
+    early: list[int] = []
+    for s, handler in list(found.items()):
+        # The command's entry point kept them while grpc and numpy were imported (gradwire_cli
+        # .KeptSignals, one list for both): what it received comes first, and the handler it
+        # stood in for is the one given back.
+        if isinstance(kept := getattr(handler, "received", None), list):
+            early = kept
+            found[s] = getattr(handler, "original", signal.SIG_DFL)
+    received[:0] = early
     try:
         yield received
     finally:
