@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -286,6 +287,55 @@ def test_a_reflection_stream_its_caller_leaves_is_counted_cancelled(
         assert calls(scrape(watched), method, "CANCELLED") == 1, "every cancel read as a close"
     finally:
         hold.set()
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: A histogram's samples, named by its family with these after.
+_HISTOGRAM_SAMPLES = ("_bucket", "_sum", "_count")
+
+
+def documented_metrics() -> dict[str, frozenset[str]]:
+    """The README's table of metrics ("### Metrics and logs"): each name with its labels
+    (`process_*` stands for the process collector's)."""
+    text = README.read_text()
+    table = text[text.index("| metric | what it is |") :].split("\n\n")[0]
+    found = {}
+    for row in re.findall(r"^\| (`.*?`) \|", table, re.M):  # a row may name several
+        for name, labels in re.findall(r"`([a-z_*]+)(?:\{([a-z_,]*)\})?`", row):
+            found[name] = frozenset(filter(None, labels.split(",")))
+    assert "gradwire_rpc_total" in found, table
+    return found
+
+
+def test_every_metric_exported_is_in_the_readme_with_its_labels(
+    watched: Running, stub: pb_grpc.TrainerStub
+) -> None:
+    """What a scrape gives, family by family, against the README's table: an operator
+    builds dashboards and alerts from the table, and Prometheus stores every series
+    exported. prometheus_client exports a `_created` gauge beside each counter and
+    histogram, as many series again, which the table did not name (found by a review of
+    the metrics as an operator runs them)."""
+    stub.ListTensors(pb.ListTensorsRequest(), timeout=10)  # a labelled series of each kind
+    documented = documented_metrics()
+    url = f"http://127.0.0.1:{watched.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    exported: dict[str, frozenset[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if family.type == "histogram" and name.endswith(_HISTOGRAM_SAMPLES):
+                name = family.name
+            exported[name] = exported.get(name, frozenset()) | (set(sample.labels) - {"le"})
+    assert "gradwire_rpc_seconds" in exported  # the histogram, under its family's name
+    for name, labels in exported.items():
+        key = "process_*" if name.startswith("process_") else name
+        assert key in documented, f"{name} is exported but not in the README's table"
+        if key != "process_*":
+            assert labels == documented[key], (name, labels, documented[key])
+    for name in documented:
+        if name != "process_*":
+            assert name in exported, f"{name} is in the README's table but not exported"
 
 
 def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:

@@ -92,6 +92,8 @@ class Metrics:
                                         and the stream once more, as Calls, as does a
                                         message that names no call)
     gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
+    gradwire_rpc_created, gradwire_rpc_seconds_created
+                                        prometheus_client's: when each series above began
     gradwire_model_version              state version of the default session's model
     gradwire_sessions_open              sessions open beside the default one
     gradwire_device_memory_bytes{device} CUDA memory allocated, or the process's RSS on CPU
