@@ -370,6 +370,23 @@ def test_gauges_follow_the_model(
         assert samples[("process_resident_memory_bytes", frozenset())] > 0  # the collector's
 
 
+def test_a_batch_s_call_that_names_none_is_counted_as_the_batch_s(
+    watched: Running, stub: pb_grpc.TrainerStub
+) -> None:
+    """Each call of a Batch counts as its own method, as on a Calls stream; one that names
+    no call counts as the RPC it came in. It counted as a Calls stream's, INVALID_ARGUMENT,
+    where no Calls stream was opened: an operator's error rate of Calls rose for a client of
+    Batch (found by a review of the metrics as an operator runs them)."""
+    listing = pb.CallRequest(list_tensors=pb.ListTensorsRequest())
+    answers = stub.Batch(pb.BatchRequest(calls=[listing, pb.CallRequest()]), timeout=10).answers
+    assert [a.WhichOneof("result") for a in answers] == ["list_tensors", "error"]
+    samples = scrape(watched)
+    assert calls(samples, TRAINER + "ListTensors", "OK") == 1
+    assert calls(samples, TRAINER + "Batch", "INVALID_ARGUMENT") == 1  # its call naming none
+    assert calls(samples, TRAINER + "Batch", "OK") == 1  # the batch itself
+    assert not any(dict(labels).get("method") == TRAINER + "Calls" for _, labels in samples)
+
+
 def test_unknown_methods_are_counted_without_their_name(
     watched: Running, channel: grpc.Channel
 ) -> None:

@@ -88,9 +88,10 @@ class Metrics:
     """The metrics of one server, in a registry of its own.
 
     gradwire_rpc_total{method, code}   calls finished, by status code name (a call made as a
-                                        message on a Calls stream counts as its own method,
-                                        and the stream once more, as Calls, as does a
-                                        message that names no call)
+                                        message on a Calls stream, or in a Batch, counts as
+                                        its own method, and the stream or batch once more,
+                                        as Calls or Batch, as does a message that names no
+                                        call)
     gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
     gradwire_rpc_created, gradwire_rpc_seconds_created
                                         prometheus_client's: when each series above began

@@ -1189,7 +1189,9 @@ class TrainerServicer:
                             "not run: the server began to stop during this Batch; nothing "
                             "was changed: make it again once the server is back"
                         )
-                    answer, failed = self._answer_message(item, context, metadata, failed, refuse)
+                    answer, failed = self._answer_message(
+                        item, context, metadata, failed, refuse, "Batch"
+                    )
                     if len(answer) + _FRAMING > room:
                         answer, failed = _too_large(item, answer, failed is None, room)
                     room -= len(answer) + _FRAMING - _ANSWER_RESERVE
@@ -1206,6 +1208,7 @@ class TrainerServicer:
         stream_metadata: dict[str, str],
         failed: str | None,
         refuse: DomainError | None = None,
+        rpc: str = "Calls",
     ) -> tuple[bytes, str | None]:
         """The CallResponse for one message of a Calls stream (or one call of a Batch), and
         the message's RPC name if it failed (None if it succeeded): the call run through the
@@ -1213,7 +1216,10 @@ class TrainerServicer:
         request id and expected version a mutation carries), less the place, which the
         stream holds. `failed`: the message before it, by its RPC, if that failed: a message
         sent to run only after a success is then not run. `refuse`: the error to answer a
-        call named in place of running it (its message is put after the call's name)."""
+        call named in place of running it (its message is put after the call's name).
+        `rpc`: the RPC the message came in (Calls, Batch), whose method counts and logs a
+        message that names no call (a Batch's counted as Calls, no Calls stream opened, a
+        review of the metrics as an operator runs them found)."""
         name = "Calls"  # until the message names its call
         observer, done = self.observer, None
         # Stands in for the ServicerContext of the unary call, which asks no more of it.
@@ -1259,8 +1265,8 @@ class TrainerServicer:
             except Answered as answered:
                 answer, code = calls.error_bytes(answered.status), answered.code.name
         if observer is not None:
-            if done is None:  # no call named: counted and logged as the stream's method
-                done = observer.begin(f"/{SERVICE.full_name}/{name}", context)
+            if done is None:  # no call named: counted and logged as its RPC's (Calls, Batch)
+                done = observer.begin(f"/{SERVICE.full_name}/{rpc}", context)
             done(code)
         return answer, None if code == "OK" else name
 
