@@ -314,8 +314,13 @@ def start(
     if tls is not None:
         tls.check()  # gRPC would fail to bind, saying no more than for a port in use
     sessions = Sessions(trainer, max_sessions=max_sessions, idle_s=session_idle_s)
-    metrics = None if metrics_port is None else Metrics(sessions)
     services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    trainer_methods = pb.DESCRIPTOR.services_by_name["Trainer"].methods
+    metrics = (
+        None
+        if metrics_port is None
+        else Metrics(sessions, (f"/{SERVICE_NAME}/{method.name}" for method in trainer_methods))
+    )
     # First: it counts and logs every call to these, those the token refuses too: reflection
     # under both its names (ListServices names v1alpha alone).
     counted = (*services, REFLECTION_V1)
