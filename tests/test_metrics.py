@@ -361,6 +361,43 @@ def test_every_method_s_counts_begin_at_zero_so_that_a_first_error_is_an_increas
     assert calls(after, TRAINER + "Step", "FAILED_PRECONDITION") == 1  # an increase, from 0
 
 
+def test_the_places_taken_their_limit_and_the_streams_ended_for_a_call_are_shown(
+    trainer: Trainer,
+) -> None:
+    """The server's saturation, where BUSY's count told only of the calls already refused,
+    and the streams ended for a call that found every place taken (their client having left
+    a message unread), each also logged with its peer."""
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0, max_concurrent=1)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with (
+            gradwire.connect(address, timeout=30) as client,
+            grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+        ):
+            client.forward(
+                gradwire.Fill.ones(512, 3, 10, 10), gradwire.Fill.ones(512, dtype="int64")
+            )
+            samples = scrape(running)
+            assert samples[("gradwire_calls_limit", frozenset())] == 1
+            assert samples[("gradwire_calls_in_progress", frozenset())] == 0
+            assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 0
+            read = pb_grpc.TrainerStub(channel).GetTensorStream(
+                pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
+            )
+            eventually(lambda: running.servicer.sending.under_way == 1, within=60)
+            assert scrape(running)[("gradwire_calls_in_progress", frozenset())] == 1
+            running.servicer.sending.unread_s = 0.2
+            time.sleep(0.3)
+            client.list_tensors()  # in the read's place
+            with pytest.raises(grpc.RpcError):
+                list(read)
+            samples = scrape(running)
+            assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 1
+            assert samples[("gradwire_calls_in_progress", frozenset())] == 0
+    finally:
+        running.stop(grace=None)
+
+
 def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:
     for _ in range(3):
         stub.ListTensors(pb.ListTensorsRequest(), timeout=10)

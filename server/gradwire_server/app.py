@@ -368,6 +368,8 @@ def start(
         state_dir=state_dir,
     )
     servicer.observer = calls  # counts and logs the calls made on Calls streams
+    if metrics is not None:
+        metrics.watch_places(servicer.slots, servicer.sending)
     server.add_registered_method_handlers(SERVICE_NAME, method_handlers(servicer))
     server.add_generic_rpc_handlers(tuple(extra_handlers))
     add_to_server(health_servicer, server)

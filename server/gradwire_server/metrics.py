@@ -39,8 +39,10 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from gradwire_server.logs import CURRENT_CALL, Call
+from gradwire_server.places import Slots
 from gradwire_server.servicer import HANDLER_KINDS
 from gradwire_server.sessions import Sessions
+from gradwire_server.waiting import SendingStreams
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("gradwire_server.access")
@@ -100,6 +102,10 @@ class Metrics:
     gradwire_rpc_seconds{method}        histogram of call durations (a stream: all of it)
     gradwire_rpc_created, gradwire_rpc_seconds_created
                                         prometheus_client's: when each series above began
+    gradwire_calls_in_progress          places taken: calls in progress, streams included
+    gradwire_calls_limit                --max-concurrent: one more call is answered BUSY
+    gradwire_streams_reclaimed_total    streams ended for a call that found every place taken
+                                        (`watch_places`)
     gradwire_model_version              state version of the default session's model
     gradwire_sessions_open              sessions open beside the default one
     gradwire_device_memory_bytes{device} CUDA memory allocated, or the process's RSS on CPU
@@ -143,6 +149,29 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self._methods: dict[str, _MethodStats] = {}
         self.start_at_zero(methods)
+
+    def watch_places(self, slots: Slots, sending: SendingStreams) -> None:
+        """Gauges of the places for calls (`slots`): taken, and the limit, whose ratio is the
+        server's saturation, where BUSY's count told only of the calls already refused; and a
+        count of the streams `sending` ended for a call that found every place taken."""
+        Gauge(
+            "gradwire_calls_in_progress",
+            "Calls in progress, streams included (an operator's call may take one place "
+            "beyond gradwire_calls_limit)",
+            registry=self.registry,
+        ).set_function(lambda: slots.taken)
+        Gauge(
+            "gradwire_calls_limit",
+            "Calls served at once (--max-concurrent): one more is answered BUSY",
+            registry=self.registry,
+        ).set(slots.limit)
+        reclaimed = Counter(
+            "gradwire_streams_reclaimed",
+            "Watches, Trains and streamed reads ended for a call that found every place "
+            "taken, their client having left a message unread",
+            registry=self.registry,
+        )
+        sending.on_reclaimed = reclaimed.inc
 
     def start_at_zero(self, methods: Iterable[str]) -> None:
         """Shows a gradwire_rpc_total series at 0 for each of `methods` and each status code.

@@ -167,6 +167,8 @@ class SendingStreams:
     def __init__(self, stalled_s: float = STALLED_S, unread_s: float = UNREAD_S) -> None:
         self.stalled_s = stalled_s
         self.unread_s = unread_s
+        #: Called for each stream `end_one_unread` ends (metrics.Metrics counts them).
+        self.on_reclaimed: Callable[[], object] | None = None
         self._lock = threading.Lock()
         self._open: set[_Sending] = set()
         self._stopped = False
@@ -254,6 +256,8 @@ class SendingStreams:
             "call its place; read a stream as its messages come, and cancel one you stop "
             "reading",
         )
+        if self.on_reclaimed is not None:
+            self.on_reclaimed()
         return True
 
     def _end_stalled(self) -> None:
