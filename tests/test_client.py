@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1817,6 +1818,26 @@ def test_a_timeout_that_ran_out_with_the_answer_under_way_says_so(server: Runnin
     assert not read.value.changes_state
 
 
+def test_progress_over_a_slow_link_comes_as_the_bytes_do(server: Running) -> None:
+    """Over a slow link a large read was silence until its last byte (a 64 MiB read: a minute
+    at 10 Mbit/s), a hung server and a slow one alike (same review): `progress` is told of
+    each chunk as it comes, the first long before the last, and the value is the same."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=30) as client:
+        client.get("linear.weight[0, 0]")  # connected at full speed
+        client.chunk_bytes = 32_000
+        relay.slow(200_000)  # linear.weight's 256 KB take 1.3 s
+        started = time.perf_counter()
+        calls: list[tuple[float, int, int]] = []
+        value = client.get(
+            "linear.weight",
+            progress=lambda d, t: calls.append((time.perf_counter() - started, d, t)),
+        )
+    np.testing.assert_array_equal(value, server.servicer.trainer.read("linear.weight").value)
+    assert [(d, t) for _, d, t in calls] == [(32_000 * i, 256_000) for i in range(1, 9)]
+    assert calls[0][0] < calls[-1][0] / 3, calls  # the first chunk long before the last
+    assert calls[-1][0] > 0.8  # the link was slow
+
+
 def test_a_streamed_read_past_its_timeout_says_which_timeout(server: Running) -> None:
     """A read past one message (64 MiB: 54 s at 10 Mbit/s) streams in chunks, all within
     the client's timeout; past it the read said gRPC's words alone, where a read in one
@@ -2596,11 +2617,13 @@ def test_each_client_method_s_docstring_names_each_of_its_parameters(name: str) 
 )
 def test_each_pipeline_method_is_the_client_s_of_its_name(name: str) -> None:
     """A pipeline's (and a batch's) methods say "As Client.x": each takes what the client's
-    takes, with the same defaults (set_optimizer its settings as keywords)."""
+    takes, with the same defaults (set_optimizer its settings as keywords), but `progress`
+    (get, read, set): a pipeline's value crosses in one message, with nothing to report."""
     mine, theirs = getattr(gradwire.Pipeline, name), getattr(gradwire.Client, name)
     assert (inspect.getdoc(mine) or "").startswith(f"As Client.{name}")
     mine_parameters = dict(inspect.signature(mine).parameters)
     theirs_parameters = dict(inspect.signature(theirs).parameters)
+    theirs_parameters.pop("progress", None)
     if "settings" in mine_parameters:  # set_optimizer: **settings for lr, momentum, ...
         del mine_parameters["settings"]
         theirs_parameters = {

@@ -348,6 +348,21 @@ def test_a_read_whose_answer_is_lost_is_retried(server: Running, stream_calls: b
         assert relay.answers_lost == 2
 
 
+def test_a_streamed_read_whose_answer_is_lost_is_retried(server: Running) -> None:
+    """A read with `progress` streams from its start (GetTensorStream), and lost the retry on
+    UNAVAILABLE its GetTensor had: read again now, as every read is, and its progress told
+    nothing twice (found by the review that added progress)."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
+        client.chunk_bytes = 16_000
+        expected = server.servicer.trainer.read("linear.weight").value.numpy()
+        calls: list[tuple[int, int]] = []
+        relay.lose_next_answer()
+        value = client.get("linear.weight", progress=lambda d, t: calls.append((d, t)))
+        np.testing.assert_array_equal(value, expected)
+        assert relay.answers_lost == 1
+        assert calls == [(16_000 * i, 256_000) for i in range(1, 17)]
+
+
 def test_a_read_past_its_deadline_is_not_sent_again() -> None:
     """Only UNAVAILABLE is retried: a read whose deadline passed had its whole time, and a
     retry would give it as much again (retries + 1 times what the caller asked to wait),

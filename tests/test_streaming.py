@@ -1646,3 +1646,202 @@ def test_a_streamed_value_that_cannot_be_taken_is_refused_at_its_first_chunk(
     assert (error.reason, text in error.message) == (reason, True), error.message
     assert version(client) == 0
     assert client.health() == "SERVING"
+
+
+# --- progress=: a value's bytes as they cross ------------------------------------------------
+
+
+class _Stop(Exception):
+    """What a progress callable raises to stop a transfer."""
+
+
+def test_a_read_with_progress_is_told_each_chunk_up_to_the_total(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """A 64 MiB read was a minute of silence at 10 Mbit/s, a slow transfer and a hung one
+    alike (found by a review of a researcher on a slow, distant link): with `progress` it
+    streams, and the callable hears of every chunk, the last call the whole."""
+    client.chunk_bytes = 16_000
+    calls: list[tuple[int, int]] = []
+    read = client.read(LINEAR, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(16_000 * i, LINEAR_BYTES) for i in range(1, 17)]
+    plain = client.read(LINEAR)
+    assert (read.version, read.shape, read.dtype) == (plain.version, plain.shape, plain.dtype)
+    assert np.array_equal(read.value, plain.value)
+    assert np.array_equal(read.value, server_value(trainer, LINEAR))
+    calls.clear()  # get, and a slice, alike
+    part = client.get("linear.weight[3:5]", progress=lambda d, t: calls.append((d, t)))
+    assert np.array_equal(part, plain.value[3:5])
+    assert calls == [(16_000, 25_600), (25_600, 25_600)]
+
+
+def test_a_value_of_one_chunk_is_reported_once_whole(client: gradwire.Client) -> None:
+    """A value of one chunk has no way to go to report: it is told once, at its end. A read
+    of no values, or of an absent gradient, is told nothing."""
+    calls: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+
+    value = client.get("conv1.weight", progress=progress)
+    assert calls == [(1728, 1728)] and value.shape == (16, 3, 3, 3)
+    calls.clear()
+    client.set("conv1.weight", value + 1, progress=progress)
+    assert calls == [(1728, 1728)]
+    calls.clear()
+    client.set("conv1.weight[0, 0, 0, 0]", 2.5, progress=progress)  # a number: one float64
+    assert calls == [(8, 8)]
+    calls.clear()
+    assert client.get("conv1.weight.grad", progress=progress) is None
+    assert client.read("conv1.weight", values=False, progress=progress).shape == (16, 3, 3, 3)
+    assert calls == []
+
+
+class _Kinds(nn.Module):
+    """Frozen parameters of each dtype the wire carries (float32: Linear's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        gen = torch.Generator().manual_seed(3)
+        values = torch.randn(300, generator=gen) * 100
+        for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                      torch.bool):  # fmt: skip
+            name = str(dtype).removeprefix("torch.") + "_values"  # not Module.bfloat16()
+            self.register_parameter(name, nn.Parameter(values.to(dtype), requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+def test_a_read_with_progress_counts_the_bytes_of_each_dtype() -> None:
+    """The bytes counted are the tensor's own, as they cross: a float16 read raw (as_torch)
+    or into numpy 2 a value, a bfloat16 one 2 a value though numpy gets float32; each read's
+    values and version exactly those of a read without progress."""
+    with serving(ModelSpec("Kinds", _Kinds, (3,), 2)) as (trainer, client):
+        client.chunk_bytes = 128
+        for dtype in ("float64", "float16", "bfloat16", "int64", "int32", "bool"):
+            name = f"{dtype}_values"
+            size = trainer.read(name).value.element_size()
+            for as_torch in (False, True):
+                calls: list[tuple[int, ...]] = []
+
+                def progress(*call: int, calls: list[tuple[int, ...]] = calls) -> None:
+                    calls.append(call)
+
+                read = client.read(name, as_torch=as_torch, progress=progress)
+                plain = client.read(name, as_torch=as_torch)
+                assert calls[-1] == (300 * size, 300 * size), (name, calls)
+                assert len(calls) == math.ceil(300 * size / (128 // size * size)), name
+                assert [t for _, t in calls] == [300 * size] * len(calls)
+                assert sorted(d for d, _ in calls) == [d for d, _ in calls]
+                assert read.version == plain.version and read.dtype == plain.dtype == dtype
+                if as_torch:
+                    assert read.value.dtype == plain.value.dtype == trainer.read(name).value.dtype
+                    assert torch.equal(read.value, plain.value), name
+                else:
+                    assert read.value.dtype == plain.value.dtype
+                    assert np.array_equal(read.value, plain.value), name
+
+
+def test_a_read_with_progress_races_with_steps_and_sees_one_state(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """Asking for progress makes the read a stream: its chunks are of one state version, as a
+    read in one message is, steps landing while it crosses."""
+    client.fill_parameters(0.0)
+    start = client.set("conv1.weight.grad", -1.0)
+    client.chunk_bytes = 64  # 27 chunks per read
+    seen: set[int] = set()
+    with _stepping(trainer):
+        for _ in range(200):
+            read = client.read("conv1.weight", progress=lambda done, total: None)
+            assert np.all(read.value == read.value.flat[0]), np.unique(read.value)
+            assert read.value.flat[0] == read.version - start
+            seen.add(read.version)
+            if len(seen) >= 3:
+                break
+    assert len(seen) >= 2
+
+
+def test_a_set_with_progress_streams_and_writes_exactly_the_value(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """A value of more than one chunk, under stream_above_bytes (32 MiB), goes in chunks when
+    progress is asked, each reported as it goes, the last with the answer: written exactly,
+    a slice as a whole."""
+    client.chunk_bytes = 16_000
+    value = np.random.default_rng(4).standard_normal(LINEAR_SHAPE).astype(np.float32)
+    calls: list[tuple[int, int]] = []
+    written = client.set(LINEAR, value, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(16_000 * i, LINEAR_BYTES) for i in range(1, 17)]
+    assert written == version(client) == trainer.version
+    assert np.array_equal(server_value(trainer, LINEAR), value)
+    calls.clear()
+    part = np.arange(3 * 3200, dtype=np.float64).reshape(3, 3200)  # cast on the server
+    client.set("linear.weight[5:8]", part, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (76_800, 76_800) and len(calls) == 5
+    value[5:8] = part
+    assert np.array_equal(server_value(trainer, LINEAR), value)
+
+
+def test_a_progress_callable_that_raises_cancels_the_read(client: gradwire.Client) -> None:
+    client.chunk_bytes = 16_000
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 2:
+            raise _Stop("enough")
+
+    with pytest.raises(_Stop, match="enough"):
+        client.get(LINEAR, progress=progress)
+    assert calls == [16_000, 32_000]  # no chunk read after it
+    assert client.get("linear.weight[0, 0]") is not None  # the client reads on
+
+
+def test_a_progress_callable_that_raises_cancels_the_write(
+    client: gradwire.Client, trainer: Trainer
+) -> None:
+    """Raised on gRPC's thread, it would be gRPC's UNKNOWN ("Exception iterating requests!")
+    and a logged traceback: the callable is called on the caller's thread, and the next
+    chunk goes only once it has returned, so a raise cancels the write before its last
+    chunk and nothing is written. Raised at the last call, with the answer, it is raised
+    all the same, the value written."""
+    client.chunk_bytes = 16_000
+    before = server_value(trainer, LINEAR).copy()
+    at = version(client)
+    calls: list[int] = []
+
+    def stop_at(count: int) -> Callable[[int, int], None]:
+        calls.clear()
+
+        def progress(done: int, total: int) -> None:
+            calls.append(done)
+            if len(calls) == count:
+                raise _Stop(f"at {done}")
+
+        return progress
+
+    for count in (1, 15):
+        with pytest.raises(_Stop, match=f"at {16_000 * count}$"):
+            client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=stop_at(count))
+        assert len(calls) == count
+        assert version(client) == at
+        assert np.array_equal(server_value(trainer, LINEAR), before)
+    with pytest.raises(_Stop, match=f"at {LINEAR_BYTES}$"):
+        client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=stop_at(16))
+    assert version(client) == at + 1
+    assert not server_value(trainer, LINEAR).any()
+
+
+def test_progress_that_cannot_be_called_is_refused_before_any_call(
+    client: gradwire.Client,
+) -> None:
+    for call in (
+        lambda: client.get(LINEAR, progress="yes"),  # type: ignore[call-overload]
+        lambda: client.set(LINEAR, 0.0, progress=True),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match=r"^progress must be a callable taking \(bytes_d"):
+            call()
+    assert version(client) == 0

@@ -77,6 +77,40 @@ def reads(client: gradwire.Client, flag: bool) -> None:
     )
 
 
+def test_progress_takes_any_callable_of_two_ints(tmp_path: Path, cache: Path) -> None:
+    # `progress=` of get, read, set and a remote view's fetch and set: a function, a lambda,
+    # a bound method that returns something (a progress bar's update), each typed alike.
+    check(
+        """
+from typing import Any
+
+import numpy as np
+
+import gradwire
+
+
+class Bar:
+    def update(self, done: int, total: int) -> bool:
+        return done == total
+
+
+def shown(done: int, total: int) -> None:
+    print(done, total)
+
+
+def moves(client: gradwire.Client, bar: Bar) -> None:
+    value: np.ndarray[Any, Any] | None = client.get("linear.weight", progress=shown)
+    client.get("linear.weight", as_torch=True, progress=bar.update)
+    client.read("linear.weight", progress=lambda done, total: None)
+    version: int = client.set("linear.weight", 0.5, progress=bar.update)
+    client.remote.linear.weight.fetch(progress=shown)
+    client.remote.linear.weight.set(value, progress=shown)
+""",
+        tmp_path,
+        cache,
+    )
+
+
 def test_a_fill_takes_numpy_s_and_torch_s_dtypes(tmp_path: Path, cache: Path) -> None:
     # Fill's constructors take a dtype as a name, or as numpy's or torch's dtype, as their
     # docstrings say and as torch does, but were typed `str | None`: a type-checked user's

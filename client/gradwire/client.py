@@ -29,7 +29,7 @@ import numpy as np
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradwire import calls, codec, limits, rewatch, unary, wire
+from gradwire import calls, codec, limits, rewatch, transfer, unary, wire
 from gradwire._pb import trainer_pb2 as pb
 from gradwire.call_stream import CallStream, Spent, garbled_answer, unknown_on_stream
 from gradwire.credentials import (
@@ -650,13 +650,21 @@ class Client:
 
     # --- plumbing -------------------------------------------------------------------
 
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        *,
+        upload: transfer.Upload | None = None,
+    ) -> Any:
         """One RPC. Mutations carry a fresh request id, so that retrying them is safe: the
         server applies an id once. Reads and mutations sent whole are retried on UNAVAILABLE
         (`retries` times, backing off); streamed uploads are not, their chunks being spent,
         nor a change a stop cut off (the next server may hold it, its id forgotten).
         `request`: a message, its bytes, or its pieces (wire.Piece) to be joined. With
-        `stream_calls`, the calls a Calls stream carries go there."""
+        `stream_calls`, the calls a Calls stream carries go there. `upload`: a streamed
+        upload's messages, counted for its progress."""
         metadata = [*self._metadata, *self._session_metadata(method)]
         retryable = method in unary.READS
         request_id, expected = self._once(method)
@@ -683,9 +691,14 @@ class Client:
                 if response is _UNARY:
                     if request is None:
                         request = wire.join(pieces)
-                    response = self._methods[method](
-                        request, timeout=timeout or self.timeout, metadata=metadata
-                    )
+                    if upload is not None:
+                        response = upload.run(
+                            self._methods[method], request, timeout or self.timeout, metadata
+                        )
+                    else:
+                        response = self._methods[method](
+                            request, timeout=timeout or self.timeout, metadata=metadata
+                        )
             except grpc.RpcError as err:
                 # A change a stop cut off is not retried: it may be in the state the stop
                 # saved, and its request id died with the server's memory, so the next
@@ -932,7 +945,7 @@ class Client:
         timeout: float | None = -1.0,
         metadata: Sequence[tuple[str, str]] = (),
         on_call: Callable[[grpc.Call], object] | None = None,
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """A server stream, with errors raised as the exception of their status code.
 
         `timeout`: for the whole stream; the client's per-call timeout unless given (None:
@@ -1270,6 +1283,7 @@ class Client:
         as_torch: bool = False,
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> TensorRead:
         """GetTensor: `read("conv1.weight.grad[0][0][0]")`, or a name and one index key.
 
@@ -1287,9 +1301,20 @@ class Client:
         The numpy array may be a read-only view of the reply it came in (one of 16 KiB or
         more, not streamed): `w -= lr * g` on it raises ValueError ("output array is
         read-only"); take `.copy()` first, or read into an array of your own with `out=`.
+
+        `progress`: a callable, `progress(bytes_done, bytes_total)`, told of the value's
+        bytes as they come, for a read long enough to watch (a large tensor, a slow link).
+        The read then streams (GetTensorStream: one state version, as a read in one message),
+        a chunk of `chunk_bytes` at a time, and the callable is called after each, the last
+        time with `(total, total)`; a value of one chunk is reported once, whole. Bytes are
+        counted in the tensor's own dtype (a bfloat16 value read into float32 counts 2 a
+        value). An exception it raises cancels the read and is raised here. A read of no
+        values (`values=False`, an absent gradient) calls it not at all. So for `get`.
         """
         request = unary.read_request_bytes(selector, index, values)
-        return self._read_request(request, as_torch=as_torch, values=values, out=out)
+        return self._read_request(
+            request, as_torch=as_torch, values=values, out=out, progress=progress
+        )
 
     def _read(
         self,
@@ -1299,9 +1324,12 @@ class Client:
         as_torch: bool = False,
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> TensorRead:
         request = unary.tensor_request(name, chain, values)
-        return self._read_request(request, as_torch=as_torch, values=values, out=out)
+        return self._read_request(
+            request, as_torch=as_torch, values=values, out=out, progress=progress
+        )
 
     def _read_request(
         self,
@@ -1310,11 +1338,16 @@ class Client:
         as_torch: bool = False,
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> TensorRead:
         """GetTensor with this serialized request; GetTensorStream when the server says the
         value is too large for one message, or that it has no memory for the reply (a
-        stream sends the values a chunk at a time, from the tensor's own memory on the CPU)."""
+        stream sends the values a chunk at a time, from the tensor's own memory on the CPU),
+        and at once for a read of values with `progress`, which is told of each chunk."""
         encoded = self._get_tensor(request, as_torch, values, out)
+        if transfer.check(progress) is not None and values:
+            streamed = pb.GetTensorRequest.FromString(request)
+            return self._read_stream(streamed, as_torch=as_torch, out=out, progress=progress)
         try:
             return self._run(encoded)
         except ResourceExhausted as err:
@@ -1348,20 +1381,29 @@ class Client:
         *,
         as_torch: bool,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> TensorRead:
         """GetTensorStream, read again (`retries` times, backing off) when a mutation cut it
         short: a read streams from the live tensor, and a mutation landing mid-read first
         copies what is left; a server without memory for that copy ends the read
         RESOURCE_EXHAUSTED (OUT_OF_MEMORY) after its first chunks and applies the mutation.
-        The same status before any chunk (no memory to open the read) is raised at once."""
+        The same status before any chunk (no memory to open the read) is raised at once.
+        UNAVAILABLE is read again too, as a read in one message is: a read with `progress`
+        streams from the start, and lost the retry its GetTensor had (found by the review
+        that added progress). `progress` is told of each chunk, never of less than before."""
         request.chunk_bytes = self.chunk_bytes
         retries = max(self.retries, 0)
+        report = None if progress is None else transfer.Reported(progress)
         for attempt in range(retries + 1):
             try:
-                return self._read_stream_once(request, as_torch=as_torch, out=out)
+                return self._read_stream_once(request, as_torch=as_torch, out=out, report=report)
             except _CutShort as cut:
                 if attempt == retries:
                     raise cut.error from None
+                _back_off(attempt)
+            except Unavailable:
+                if attempt == retries:
+                    raise
                 _back_off(attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1371,8 +1413,10 @@ class Client:
         *,
         as_torch: bool,
         out: np.ndarray[Any, Any] | None = None,
+        report: transfer.Progress | None = None,
     ) -> TensorRead:
-        """One GetTensorStream: chunks copied into one array (or `out`) as they come."""
+        """One GetTensorStream: chunks copied into one array (or `out`) as they come, each
+        reported to `report` (bytes in, bytes in all); one that raises cancels the read."""
         first: pb.GetTensorChunk | None = None
 
         def into_out(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
@@ -1384,15 +1428,19 @@ class Client:
             request.name, allocate=self._allocate if out is None else into_out, widen=not as_torch
         )
         try:
-            for data in self._stream("GetTensorStream", request):
-                split = wire.split(data, pb.GetTensorChunk)
-                message = split.message
-                if first is None:
-                    first = message
-                elif message.version != first.version:  # the server promises one version
-                    raise GradwireError(f"{request.name}: chunks of one read from two versions")
-                if message.HasField("chunk"):
-                    assembler.add(split, unary.STREAM_CHUNK, message.chunk)
+            # Closed at once when `report` raises: the read is cancelled, not left open.
+            with contextlib.closing(self._stream("GetTensorStream", request)) as stream:
+                for data in stream:
+                    split = wire.split(data, pb.GetTensorChunk)
+                    message = split.message
+                    if first is None:
+                        first = message
+                    elif message.version != first.version:  # the server promises one version
+                        raise GradwireError(f"{request.name}: chunks of one read from two versions")
+                    if message.HasField("chunk"):
+                        assembler.add(split, unary.STREAM_CHUNK, message.chunk)
+                        if report is not None:
+                            report(*assembler.progress())
         except ResourceExhausted as err:
             if first is not None and err.reason == "OUT_OF_MEMORY":
                 raise _CutShort(err) from None
@@ -1414,6 +1462,7 @@ class Client:
         *,
         as_torch: Literal[False] = False,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> np.ndarray[Any, Any] | None: ...
 
     @overload
@@ -1424,6 +1473,7 @@ class Client:
         *,
         as_torch: Literal[True],
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> torch.Tensor | None: ...
 
     @overload
@@ -1434,6 +1484,7 @@ class Client:
         *,
         as_torch: bool,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> np.ndarray[Any, Any] | torch.Tensor | None: ...
 
     def get(
@@ -1443,11 +1494,12 @@ class Client:
         *,
         as_torch: bool = False,
         out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
     ) -> np.ndarray[Any, Any] | torch.Tensor | None:
         """The values only: `get("conv1.weight.grad[0][0][0]")`; None for an absent gradient.
-        `index`, `as_torch` and `out` as in read(), and as there, the array may be read-only
-        (`.copy()` it to change it)."""
-        read = self.read(selector, index, as_torch=as_torch, out=out)
+        `index`, `as_torch`, `out` and `progress` as in read(), and as there, the array may be
+        read-only (`.copy()` it to change it)."""
+        read = self.read(selector, index, as_torch=as_torch, out=out, progress=progress)
         return read.value  # type: ignore[no-any-return]
 
     def stats(
@@ -1657,29 +1709,69 @@ class Client:
         """The shape of a tensor or slice without fetching its values; None when absent."""
         return self.read(selector, values=False).shape
 
-    def set(self, selector: str, value: Any, index: codec.IndexKey | None = None) -> int:
+    def set(
+        self,
+        selector: str,
+        value: Any,
+        index: codec.IndexKey | None = None,
+        *,
+        progress: transfer.Progress | None = None,
+    ) -> int:
         """SetTensor: `set("conv1.weight[0]", array)`; value broadcasts like numpy assignment,
         and is cast to the tensor's dtype (a float64 value past float32's range becomes inf,
         as in numpy). Writing to a gradient that is absent (None) creates it: zeros, then
         the value written. A write through a negative slice step (`"conv1.weight[::-1]"`) is
         refused, gradwire.errors.InvalidArgument (reason NEGATIVE_STEP_WRITE): write the
         value reversed through the positive step instead. `index` as in read(). Returns
-        the new state version."""
-        return self._set(*unary.set_target(selector, index), value)
+        the new state version.
 
-    def _set(self, name: str, chain: IndexChain, value: Any) -> int:
-        if unary.nbytes(value) <= self.stream_above_bytes:
+        `progress`: a callable, `progress(bytes_done, bytes_total)`, told of the value's bytes
+        as they go. A value of more than one chunk (`chunk_bytes`, 4 MiB) then streams
+        (SetTensorStream, written whole once every chunk has come, as a value in one message
+        is) and the callable is called as each chunk is sent; the last call, `(total,
+        total)`, comes with the server's answer, the value written, as does the one call for
+        a value of one chunk. Bytes are counted in the value's own dtype, as sent (the server
+        casts it). An exception it raises cancels the write, which then writes nothing, and
+        is raised here; raised at the last call, the value has been written."""
+        return self._set(*unary.set_target(selector, index), value, progress)
+
+    def _set(
+        self, name: str, chain: IndexChain, value: Any, progress: transfer.Progress | None = None
+    ) -> int:
+        size = unary.nbytes(value)
+        whole = size <= self.stream_above_bytes
+        if transfer.check(progress) is None and whole:
             return self._run(unary.set_tensor(name, chain, value))
+        if progress is not None and whole and size <= self.chunk_bytes:
+            version = self._run(unary.set_tensor(name, chain, value))
+            sent = transfer.value_bytes(value, size)
+            progress(sent, sent)
+            return version
         header = pb.SetTensorRequest(name=name, index=codec.indices_to_proto(chain))
-        chunks = unary.begun(self._set_chunks(header, value))
-        return int(self._call("SetTensorStream", chunks).version)
+        if progress is None:
+            chunks = unary.begun(self._set_chunks(header, value))
+            return int(self._call("SetTensorStream", chunks).version)
+        upload = transfer.Upload(progress)
+        chunks = unary.begun(upload.messages(self._sized_chunks(header, value)))
+        return int(self._call("SetTensorStream", chunks, upload=upload).version)
 
     def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
+        """SetTensorStream's messages."""
+        for message, _, _ in self._sized_chunks(header, value):
+            yield message
+
+    def _sized_chunks(
+        self, header: pb.SetTensorRequest, value: Any
+    ) -> Iterator[tuple[bytes, int, int]]:
+        """SetTensorStream's messages, each with its value bytes and the value's in all."""
         first = pb.SetTensorChunk(name=header.name, index=header.index).SerializeToString()
         number = unary.FIELD[("SetTensorChunk", "chunk")]
+        total = 0
         for dtype, run, offset, shape in unary.chunks("value", value, self.chunk_bytes):
+            if shape is not None:
+                total = math.prod(shape) * run.itemsize
             chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
-            yield wire.join([first, *chunk] if offset == 0 else chunk)
+            yield wire.join([first, *chunk] if offset == 0 else chunk), run.nbytes, total
 
     def fill_parameters(self, value: Real, names: Sequence[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the parameters in

@@ -475,6 +475,12 @@ class Assembler:
         self._store(self._filled, values)
         self._filled = end
 
+    def progress(self) -> tuple[int, int]:
+        """(Value bytes assembled, value bytes in all), counted in the wire's dtype (2 a
+        bfloat16 value widened or not); (0, 0) before the first chunk."""
+        item = 0 if self.dtype is None else _WIRE[self.dtype].numpy.itemsize
+        return self._filled * item, self._size * item
+
     def _begin(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
         """Makes the memory the values go to, once the first chunk has been checked: an
         array from `allocate`. A subclass may put them elsewhere (the server: on a GPU)."""

@@ -270,7 +270,8 @@ class Pipeline:
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
     ) -> Pending[TensorRead]:
-        """As Client.read; `out` is written when the answer is read."""
+        """As Client.read, without `progress` (a value in one message has no way to go to
+        report); `out` is written when the answer is read."""
         request = unary.read_request_bytes(selector, index, values)
         return self._add(self._client._get_tensor(request, as_torch, values, out))
 
@@ -312,14 +313,15 @@ class Pipeline:
         as_torch: bool = False,
         out: np.ndarray[Any, Any] | None = None,
     ) -> Pending[Any]:  # Pending is invariant: each overload's type is this one's
-        """As Client.get: an array, or with as_torch=True a tensor (None when absent)."""
+        """As Client.get, without `progress`: an array, or with as_torch=True a tensor (None
+        when absent)."""
         request = unary.read_request_bytes(selector, index, True)
         read = self._client._get_tensor(request, as_torch, True, out).result
         value: Callable[[Any], Any] = lambda data: read(data).value  # noqa: E731
         return self._add(unary.Encoded("GetTensor", request, value))
 
     def set(self, selector: str, value: Any, index: codec.IndexKey | None = None) -> Pending[int]:
-        """As Client.set."""
+        """As Client.set, without `progress`."""
         self._fits(value, "set's value")
         return self._add(unary.set_tensor(*unary.set_target(selector, index), value))
 

@@ -17,6 +17,7 @@ import numpy as np
 from gradwire import codec
 from gradwire.display import format_read
 from gradwire.selector import parse_selector
+from gradwire.transfer import Progress
 
 if TYPE_CHECKING:
     import torch
@@ -153,10 +154,11 @@ class RemoteTensor:
         chain = [k if isinstance(k, tuple) else (k,) for k in self._chain]
         return self._name + codec.format_index(chain)
 
-    def fetch(self, *, as_torch: bool = False) -> TensorRead:
+    def fetch(self, *, as_torch: bool = False, progress: Progress | None = None) -> TensorRead:
         """GetTensor for this name and slice: values, version and shapes, as Client.read
-        reads them (`as_torch`: the values as a torch tensor)."""
-        return self._client._read(self._name, self._chain, as_torch=as_torch)
+        reads them (`as_torch`: the values as a torch tensor; `progress`: a callable told of
+        the bytes as they come, as read's)."""
+        return self._client._read(self._name, self._chain, as_torch=as_torch, progress=progress)
 
     def numpy(self) -> np.ndarray[Any, Any] | None:
         """The values as a numpy array; None when absent (a gradient before Backward)."""
@@ -214,9 +216,10 @@ class RemoteTensor:
         """The views self[0], self[1], ... along the first dimension (its length read once)."""
         return (self[i] for i in range(len(self)))
 
-    def set(self, value: Any) -> int:
-        """Writes value (broadcast, cast) into this tensor or slice; returns the new version."""
-        return self._client._set(self._name, self._chain, value)
+    def set(self, value: Any, *, progress: Progress | None = None) -> int:
+        """Writes value (broadcast, cast) into this tensor or slice; returns the new version.
+        `progress`: a callable told of the bytes as they go, as Client.set's."""
+        return self._client._set(self._name, self._chain, value, progress)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
         """numpy's protocol: the values read now, fresh memory of their own (read-only, as a
