@@ -3715,3 +3715,145 @@ def test_health_of_a_service_not_serving_says_so_and_exits_1(address: str, serve
     server.health.set("gradwire.v1.Trainer", health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
     result = run_main("health", "--service", "gradwire.v1.Trainer", "--target", address)
     assert (result.code, result.out) == (1, "SERVICE_UNKNOWN\n")
+
+
+# --- get and set: a value's progress on stderr -------------------------------------------------
+
+_PROGRESS_LINE = re.compile(
+    r"(receiving|sending) linear\.weight: [\d.]+ (B|KiB) / 250\.0 KiB +\d+%  [\d.]+ MiB/s"
+    r"(  eta \S+)?"
+)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command's client streams values in chunks of 16,000 bytes: linear.weight's 256 KB
+    in 16, where the default chunk (4 MiB) would carry it whole."""
+    monkeypatch.setattr(limits, "CHUNK_BYTES", 16_000)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_get_and_set_with_progress_write_lines_a_log_reads(
+    cli: Run, client: gradwire.Client, tmp_path: Path
+) -> None:
+    """A 64 MiB get was a minute of silence at 10 Mbit/s, a slow transfer and a hung one alike
+    (found by a review of a researcher on a slow, distant link). Into a file or pipe,
+    --progress writes whole lines (a tenth of the way, at most one a second, and the last);
+    stdout is as without it, --json too."""
+    for argv in (["get", "linear.weight"], ["get", "linear.weight", "--json"]):
+        shown, plain = cli(*argv, "--progress"), cli(*argv)
+        assert shown.code == plain.code == 0
+        assert shown.out == plain.out and plain.err == ""
+        lines = shown.err.split("\n")
+        assert lines[-1] == "" and "\r" not in shown.err  # each line finished
+        assert all(_PROGRESS_LINE.fullmatch(line) for line in lines[:-1]), lines
+        assert lines[0].startswith("receiving linear.weight: 15.6 KiB / 250.0 KiB    6%  ")
+        assert lines[-2].startswith("receiving linear.weight: 250.0 KiB / 250.0 KiB  100%  ")
+    saved = cli("get", "linear.weight", "--out", str(tmp_path / "w.npy"), "--progress")
+    assert saved.code == 0 and saved.out.startswith("wrote linear.weight ")
+    last = saved.err.splitlines()[-1]
+    assert last.startswith("receiving linear.weight: 250.0 KiB / 250.0 KiB  100%  ")
+    value = np.load(tmp_path / "w.npy")
+    written = cli("set", "linear.weight", str(tmp_path / "w.npy"), "--progress", "--json")
+    assert written.code == 0 and written.json()["version"] == 1
+    lines = written.err.splitlines()
+    assert lines and all(_PROGRESS_LINE.fullmatch(line) for line in lines), lines
+    assert lines[-1].startswith("sending linear.weight: 250.0 KiB / 250.0 KiB  100%  ")
+    np.testing.assert_array_equal(client.get("linear.weight"), value)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_get_and_set_show_no_progress_off_a_terminal_or_with_no_progress(
+    address: str, tmp_path: Path
+) -> None:
+    """Nothing into a file or pipe unless --progress asks; nothing on a terminal with
+    --no-progress; and nothing for a value of one chunk, which had no wait to show."""
+    np.save(tmp_path / "w.npy", np.ones((20, 3200), np.float32))
+    for argv in (
+        ["get", "linear.weight"],
+        ["set", "linear.weight", str(tmp_path / "w.npy")],
+        ["get", "linear.weight", "--no-progress"],
+    ):
+        assert run_main(*argv, "--target", address).err == ""
+    for argv in (
+        ["get", "linear.weight", "--no-progress"],
+        ["set", "linear.weight", str(tmp_path / "w.npy"), "--no-progress"],
+        ["get", "conv1.weight", "--progress"],  # 1,728 bytes: one chunk
+        ["set", "linear.weight[0, :10]", "0.5", "--progress"],
+        ["get", "linear.weight", "--shape-only", "--progress"],  # no values cross
+    ):
+        out, err = io.StringIO(), _Terminal()
+        assert main_with([*argv, "--target", address], out, err) == 0, err.getvalue()
+        assert err.getvalue() == "", argv
+
+
+def main_with(argv: list[str], out: io.StringIO, err: io.StringIO) -> int:
+    from gradwire.cli import main
+
+    return main(argv, out, err)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_get_on_a_terminal_rewrites_one_line_and_finishes_it(address: str) -> None:
+    out, err = _Terminal(), _Terminal()
+    assert main_with(["get", "linear.weight", "--target", address], out, err) == 0
+    shown = err.getvalue()
+    assert shown.startswith("\r\x1b[2Kreceiving linear.weight: 15.6 KiB / 250.0 KiB    6%  ")
+    assert shown.endswith("\n") and shown.count("\n") == 1  # one line, finished at the end
+    last = shown.rsplit("\r\x1b[2K", 1)[1]
+    assert last.startswith("receiving linear.weight: 250.0 KiB / 250.0 KiB  100%  "), shown
+    assert _PROGRESS_LINE.fullmatch(last.rstrip("\n"))
+    assert out.getvalue().startswith("Parameter containing:\ntensor(")  # stdout as ever
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_progress_over_a_slow_link_shows_the_read_crossing(address: str) -> None:
+    """Over a slow link (here 256 KB at 200 KB/s) --progress writes lines while the value
+    crosses, a second apart at most once a second, the last at 100%."""
+    port = int(address.rpartition(":")[2])
+    with relay_to(port) as relay:
+        run_main("list", "--target", relay.address)
+        relay.slow(200_000)
+        started = time.perf_counter()
+        result = run_main("get", "linear.weight", "--target", relay.address, "--progress")
+        took = time.perf_counter() - started
+    assert result.code == 0 and took > 1.0
+    lines = result.err.splitlines()
+    percents = [int(re.search(r"(\d+)%", line).group(1)) for line in lines]  # type: ignore[union-attr]
+    assert len(lines) >= 3 and percents == sorted(percents) and percents[-1] == 100, lines
+    assert len(lines) <= took + 2  # at most one a second, and the last
+    assert all(_PROGRESS_LINE.fullmatch(line) for line in lines), lines
+    assert "eta" in lines[0] and "eta" not in lines[-1]
+
+
+def test_get_and_set_help_say_what_progress_shows() -> None:
+    for command in ("get", "set"):
+        text = run_main(command, "--help").out
+        assert "--progress, --no-progress" in text
+        assert "by default only when stderr is a terminal" in " ".join(text.split())
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_a_get_that_fails_mid_transfer_ends_its_progress_line_before_the_error(
+    address: str,
+) -> None:
+    """On a terminal, the line left unfinished by a read whose --timeout ran out is ended, so
+    that the error starts a line of its own, not the end of the progress line's."""
+    port = int(address.rpartition(":")[2])
+    out, err = io.StringIO(), _Terminal()
+    with relay_to(port) as relay:
+        run_main("list", "--target", relay.address)
+        relay.slow(20_000)  # linear.weight's 256 KB take 13 s
+        argv = ["get", "linear.weight", "--target", relay.address, "--timeout", "1.5"]
+        assert main_with(argv, out, err) == 1
+    shown = err.getvalue()
+    line, _, after = shown.partition("\n")
+    assert line.startswith("\r\x1b[2Kreceiving linear.weight: ") and "100%" not in line, shown
+    assert after.startswith("error: DEADLINE_EXCEEDED: "), shown

@@ -61,6 +61,77 @@ class ProgressBar:
         self.out.flush()
 
 
+class TransferLine:
+    """`receiving linear.weight: 12.0 MiB / 64.0 MiB  18%  1.20 MiB/s  eta 43s`, for a value
+    crossing the wire (get, set): on a terminal, one line rewritten in place (at most ten
+    times a second) and finished at the end; elsewhere (`--progress` into a log or CI), a
+    line of its own at each further tenth of the way, at most one a second, and the last.
+    A value of one chunk, whole at its first report, shows nothing: it had no wait to show.
+    Called as a client's `progress=`, `(bytes_done, bytes_total)`."""
+
+    #: Seconds between two rewrites of a terminal's line; between two lines elsewhere.
+    LIVE_EVERY = 0.1
+    LOG_EVERY = 1.0
+
+    def __init__(self, out: TextIO, what: str, *, live: bool | None = None) -> None:
+        self.out = out
+        self.what = what
+        self.live = _interactive(out) if live is None else live
+        self.started = time.perf_counter()
+        self._shown = False  # a line is on the screen or in the log
+        self._last = -math.inf  # when it was written
+        self._tenth = -1  # the tenth of the way the last line written reached
+
+    def line(self, done: int, total: int) -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate = done / elapsed
+        percent = 100 * done // total if total else 100
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        text = (
+            f"{self.what}: {format_bytes(done)} / {format_bytes(total)}  {percent:3d}%  "
+            f"{rate / 2**20:.2f} MiB/s"
+        )
+        return text + (f"  eta {format_duration(eta)}" if done < total else "")
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        end = done >= total
+        if end and not self._shown:
+            return  # one chunk, or nothing shown yet: a line now says nothing of a wait
+        tenth = 10 * done // total if total else 10
+        if not end:
+            if self.live and now - self._last < self.LIVE_EVERY:
+                return
+            if not self.live and (tenth <= self._tenth or now - self._last < self.LOG_EVERY):
+                return
+        text = self.line(done, total)
+        if self.live:
+            self.out.write(_CLEAR_LINE + text + ("\n" if end else ""))
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+        self._shown, self._last, self._tenth = True, now, tenth
+
+    def close(self) -> None:
+        """Ends a line left unfinished on a terminal (a transfer that failed or was stopped),
+        so that what comes next (the error) starts a line of its own."""
+        if self.live and self._shown and self._tenth < 10:
+            self.out.write("\n")
+            self.out.flush()
+            self._tenth = 10
+
+
+def format_bytes(size: int) -> str:
+    """`512 B`, `250.0 KiB`, `64.0 MiB`, `1.50 GiB`."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 2**20:
+        return f"{size / 1024:.1f} KiB"
+    if size < 2**30:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**30:.2f} GiB"
+
+
 def format_loss(loss: float) -> str:
     """`2.9912`; `3.676e+26`, `1.2e-07` or `nan` where four decimals would say nothing."""
     if loss == 0 or (math.isfinite(loss) and 1e-4 <= abs(loss) < 1e6):

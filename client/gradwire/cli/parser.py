@@ -81,6 +81,20 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = _NEGATIVE_NUMBER
 
 
+def progress_option(p: argparse.ArgumentParser, moves: str) -> None:
+    """--progress and --no-progress, for a command whose value may take a while to cross."""
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"show on stderr the bytes {moves} as they cross (done / total, percent, MiB/s), "
+        f"for a value of more than one {round(limits.CHUNK_BYTES / 2**20)} MiB chunk: by default "
+        "only when stderr is a terminal, as one line rewritten in place; --progress into a "
+        "file or pipe too, a line each tenth of the way (at most one a second) for logs and "
+        "CI; --no-progress never",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The options of every command that calls a server.
     common = _Parser(add_help=False)
@@ -381,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as the Python client reads them; bfloat16 widened exactly to float32), and print "
         "what was written; gradwire set SELECTOR FILE.npy writes them back",
     )
+    progress_option(p, "received")
 
     p = add(
         "plot",
@@ -551,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("selector", help="a name and optional index, as for get")
     p.add_argument("value", help=f"a number, a JSON list, {SOURCE_HELP}")
+    progress_option(p, "sent")
 
     p = add("fill", cmd_fill, "fill parameters with one value, as p.data.fill_(value)")
     p.add_argument(

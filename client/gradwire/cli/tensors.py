@@ -8,7 +8,7 @@ import dataclasses
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +37,7 @@ from gradwire.plot import (
     require_matplotlib,
 )
 from gradwire.progress import (
+    TransferLine,
     format_stats,
 )
 from gradwire.results import Listing
@@ -133,13 +134,33 @@ def cmd_zero_grad(args: argparse.Namespace, client: Client, out: TextIO) -> None
     emit(out, args, {"version": version}, f"gradients {what} (version {version})")
 
 
+@contextlib.contextmanager
+def _transfer_line(args: argparse.Namespace, what: str) -> Iterator[TransferLine | None]:
+    """The progress line of a value `what` crossing (get, set), on stderr: on a terminal
+    unless --no-progress, elsewhere with --progress; None where none is to be shown. A 64
+    MiB read is a minute of silence at 10 Mbit/s, a slow transfer and a hung one alike
+    (found by a review of a researcher on a slow, distant link). A line a failure left
+    unfinished is ended, so that the error starts a line of its own."""
+    err: TextIO = getattr(args, "err", sys.stderr)
+    shown = getattr(args, "progress", None)
+    line = None if shown is False else TransferLine(err, what)
+    if line is not None and not line.live and not shown:
+        line = None
+    try:
+        yield line
+    finally:
+        if line is not None:
+            line.close()
+
+
 def cmd_get(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selector = parse_selector(args.selector)
     if args.out is not None:
         _save_npy(args, client, selector, out)
         return
     # numpy, printed as torch prints it (display.py): importing torch took a second more
-    read = client.read(args.selector, values=not args.shape_only)
+    with _transfer_line(args, f"receiving {args.selector}") as line:
+        read = client.read(args.selector, values=not args.shape_only, progress=line)
     data = {
         "name": read.name,
         "selector": str(selector),
@@ -173,7 +194,8 @@ def _save_npy(args: argparse.Namespace, client: Client, selector: Selector, out:
         raise UsageError(f"--out {path}: get --out writes a .npy file; name it something.npy")
     if not path.parent.is_dir():
         raise UsageError(f"--out {path}: no such folder {path.parent}")
-    read = client.read(args.selector)
+    with _transfer_line(args, f"receiving {args.selector}") as line:
+        read = client.read(args.selector, progress=line)
     if read.value is None or read.shape is None:
         raise _absent(selector, path, "nothing to save")
     array = np.asarray(read.value)
@@ -389,7 +411,8 @@ def cmd_set(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     listed = tensors.get(selector.name)
     if isinstance(value, np.ndarray) and not args.value.endswith(".npy"):  # numbers
         value = narrowed(value, args.value, listed.dtype if listed is not None else None)
-    version = client.set(args.selector, value)
+    with _transfer_line(args, f"sending {args.selector}") as line:
+        version = client.set(args.selector, value, progress=line)
     data: dict[str, Any] = {"version": version}
     how = ""
     whole = listed
