@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gradwire
-from gradwire import plot
+from gradwire import limits, plot
 from gradwire.errors import Unimplemented
 from tests.cli_run import Run, run_main
 
@@ -80,6 +80,26 @@ def test_a_2d_slice_draws_as_a_heatmap_at_the_asked_dpi(cli: Run, tmp_path: Path
         "note": None,
     }
     assert png_size(out) == size_at(50)
+
+
+@needs_matplotlib
+def test_a_heatmap_s_values_show_their_progress_with_progress(
+    cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heatmap's values cross the wire as get's do, and show their progress as get's do
+    (--progress into a file or pipe); a histogram's, binned on the server, cross as counts."""
+    monkeypatch.setattr(limits, "CHUNK_BYTES", 16_000)  # linear.weight: 16 chunks
+    out = tmp_path / "linear.png"
+    result = cli("plot", "linear.weight", "--kind", "heatmap", "--out", str(out), "--progress")
+    assert result.code == 0, result.err
+    lines = result.err.splitlines()
+    assert lines[0].startswith("receiving linear.weight: 15.6 KiB / 250.0 KiB    6%  "), lines
+    assert lines[-1].startswith("receiving linear.weight: 250.0 KiB / 250.0 KiB  100%  ")
+    assert result.out.startswith(f"wrote {out}: heatmap of linear.weight [20, 3200]")
+    histogram = cli("plot", "linear.weight", "--kind", "histogram", "--out", str(out))
+    assert histogram.code == 0 and histogram.err == ""
+    quiet = cli("plot", "linear.weight", "--kind", "heatmap", "--out", str(out))
+    assert quiet.code == 0 and quiet.err == ""  # not a terminal, no --progress
 
 
 @needs_matplotlib

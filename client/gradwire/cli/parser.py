@@ -433,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"a histogram's bins over the finite values (default {DEFAULT_BINS})",
     )
+    progress_option(p, "of a heatmap's or kernels' values")
     p.add_argument("--title", help="the picture's title (default: the selector and its shape)")
     p.add_argument(
         "--dpi", type=int, default=DEFAULT_DPI, help="pixels per inch (default %(default)s)"

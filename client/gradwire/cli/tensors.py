@@ -299,7 +299,8 @@ def cmd_plot(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                 data, args.out, label=label, shape=shape, title=args.title, dpi=args.dpi
             )
         else:
-            value = client.get(args.selector)
+            with _transfer_line(args, f"receiving {args.selector}") as line:
+                value = client.get(args.selector, progress=line)
             if value is None:
                 raise _absent(selector, args.out)
             shape = np.shape(value)
