@@ -1226,6 +1226,40 @@ class Client:
                 pieces.append(pb.ForwardChunk(eval_mode=True).SerializeToString())
             yield wire.join(pieces)
 
+    # What it fetches follows as_torch, as read's value does.
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: Literal[False] = False,
+    ) -> TrainStepResult[np.ndarray[Any, Any] | None]: ...
+
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: Literal[True],
+    ) -> TrainStepResult[torch.Tensor | None]: ...
+
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: bool,
+    ) -> TrainStepResult[np.ndarray[Any, Any] | torch.Tensor | None]: ...
+
     def train_step(
         self,
         input: Any,
@@ -1234,7 +1268,7 @@ class Client:
         zero_grad: bool = True,
         fetch: Sequence[str] = (),
         as_torch: bool = False,
-    ) -> TrainStepResult:
+    ) -> TrainStepResult[Any]:
         """One training step in one call: [zero_grad,] forward, backward, step, then reads.
 
         `fetch` names what to read after the step, as selectors: "conv1.weight.grad[0]";
@@ -1275,6 +1309,44 @@ class Client:
 
     # --- tensors ------------------------------------------------------------------------
 
+    # A read's value follows as_torch, as get's does: an array or a tensor, None when absent
+    # (found by a review of the client as an IDE and a type checker show it).
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[False] = False,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
+    ) -> TensorRead[np.ndarray[Any, Any] | None]: ...
+
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[True],
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
+    ) -> TensorRead[torch.Tensor | None]: ...
+
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: bool,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+        progress: transfer.Progress | None = None,
+    ) -> TensorRead[np.ndarray[Any, Any] | torch.Tensor | None]: ...
+
     def read(
         self,
         selector: str,
@@ -1284,7 +1356,7 @@ class Client:
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
         progress: transfer.Progress | None = None,
-    ) -> TensorRead:
+    ) -> TensorRead[Any]:
         """GetTensor: `read("conv1.weight.grad[0][0][0]")`, or a name and one index key.
 
         `index`: one numpy basic-indexing key taken after the selector's own,
@@ -1500,7 +1572,7 @@ class Client:
         `index`, `as_torch`, `out` and `progress` as in read(), and as there, the array may be
         read-only (`.copy()` it to change it)."""
         read = self.read(selector, index, as_torch=as_torch, out=out, progress=progress)
-        return read.value  # type: ignore[no-any-return]
+        return read.value
 
     def stats(
         self,

@@ -231,6 +231,40 @@ class Pipeline:
         self._fits(input, "forward's input")
         return self._add(self._client._forward(input, target, eval_mode))
 
+    # What it fetches follows as_torch, as in Client.train_step.
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: Literal[False] = False,
+    ) -> Pending[TrainStepResult[np.ndarray[Any, Any] | None]]: ...
+
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: Literal[True],
+    ) -> Pending[TrainStepResult[torch.Tensor | None]]: ...
+
+    @overload
+    def train_step(
+        self,
+        input: Any,
+        target: Any,
+        *,
+        zero_grad: bool = True,
+        fetch: Sequence[str] = (),
+        as_torch: bool,
+    ) -> Pending[TrainStepResult[np.ndarray[Any, Any] | torch.Tensor | None]]: ...
+
     def train_step(
         self,
         input: Any,
@@ -239,7 +273,7 @@ class Pipeline:
         zero_grad: bool = True,
         fetch: Sequence[str] = (),
         as_torch: bool = False,
-    ) -> Pending[TrainStepResult]:
+    ) -> Pending[TrainStepResult[Any]]:
         """As Client.train_step: in one message, whatever `stream_above_bytes` says (a
         TrainStep has no streamed form), and refused past one, as the client refuses it.
         It was refused past stream_above_bytes, said to go in chunks, which it does not on
@@ -261,6 +295,40 @@ class Pipeline:
         """As Client.zero_grad."""
         return self._add(unary.zero_grad(set_to_none))
 
+    # A read's value follows as_torch, as in Client.read.
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[False] = False,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[TensorRead[np.ndarray[Any, Any] | None]]: ...
+
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: Literal[True],
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[TensorRead[torch.Tensor | None]]: ...
+
+    @overload
+    def read(
+        self,
+        selector: str,
+        index: codec.IndexKey | None = None,
+        *,
+        as_torch: bool,
+        values: bool = True,
+        out: np.ndarray[Any, Any] | None = None,
+    ) -> Pending[TensorRead[np.ndarray[Any, Any] | torch.Tensor | None]]: ...
+
     def read(
         self,
         selector: str,
@@ -269,7 +337,7 @@ class Pipeline:
         as_torch: bool = False,
         values: bool = True,
         out: np.ndarray[Any, Any] | None = None,
-    ) -> Pending[TensorRead]:
+    ) -> Pending[TensorRead[Any]]:
         """As Client.read, without `progress` (a value in one message has no way to go to
         report); `out` is written when the answer is read."""
         request = unary.read_request_bytes(selector, index, values)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from numbers import Integral
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -154,7 +154,23 @@ class RemoteTensor:
         chain = [k if isinstance(k, tuple) else (k,) for k in self._chain]
         return self._name + codec.format_index(chain)
 
-    def fetch(self, *, as_torch: bool = False, progress: Progress | None = None) -> TensorRead:
+    # The value follows as_torch, as in Client.read.
+    @overload
+    def fetch(
+        self, *, as_torch: Literal[False] = False, progress: Progress | None = None
+    ) -> TensorRead[np.ndarray[Any, Any] | None]: ...
+
+    @overload
+    def fetch(
+        self, *, as_torch: Literal[True], progress: Progress | None = None
+    ) -> TensorRead[torch.Tensor | None]: ...
+
+    @overload
+    def fetch(
+        self, *, as_torch: bool, progress: Progress | None = None
+    ) -> TensorRead[np.ndarray[Any, Any] | torch.Tensor | None]: ...
+
+    def fetch(self, *, as_torch: bool = False, progress: Progress | None = None) -> TensorRead[Any]:
         """GetTensor for this name and slice: values, version and shapes, as Client.read
         reads them (`as_torch`: the values as a torch tensor; `progress`: a callable told of
         the bytes as they come, as read's)."""
@@ -162,11 +178,11 @@ class RemoteTensor:
 
     def numpy(self) -> np.ndarray[Any, Any] | None:
         """The values as a numpy array; None when absent (a gradient before Backward)."""
-        return self.fetch().value  # type: ignore[no-any-return]
+        return self.fetch().value
 
     def torch(self) -> torch.Tensor | None:
         """The values as a CPU torch tensor in their own dtype; None when absent."""
-        return self.fetch(as_torch=True).value  # type: ignore[no-any-return]
+        return self.fetch(as_torch=True).value
 
     @property
     def shape(self) -> tuple[int, ...] | None:

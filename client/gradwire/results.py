@@ -6,7 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
+    #: What a read's `value` is: read() gives TensorRead[np.ndarray | None], with
+    #: as_torch=True TensorRead[torch.Tensor | None] (None: absent, or values=False). A
+    #: TensorRead written bare is TensorRead[Any], as `value` was typed before it was
+    #: generic, so that a type-checked caller's annotations stay as they were (found by a
+    #: review of the client as an IDE and a type checker show it).
+    Value = TypeVar("Value", default=Any)
+else:
+    from typing import TypeVar
+
+    Value = TypeVar("Value")  # typing's takes a default from Python 3.13 only
 
 __all__ = [
     "CheckpointInfo",
@@ -41,13 +55,13 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class TensorRead:
+class TensorRead(Generic[Value]):
     """One GetTensor: the values (None when the tensor is absent, or read with values=False)
     and what the server saw."""
 
     name: str
     version: int
-    value: Any  # numpy array, torch tensor when asked; None when absent or values=False
+    value: Value  # numpy array, torch tensor when asked; None when absent or values=False
     shape: tuple[int, ...] | None  # shape of the selected part; None when absent
     full_shape: tuple[int, ...] | None  # shape of the whole tensor; None when absent
     dtype: str | None  # "float32", ...; None when absent
@@ -68,12 +82,12 @@ class TensorRead:
 
 
 @dataclass(frozen=True)
-class TrainStepResult:
+class TrainStepResult(Generic[Value]):
     version: int  # state version after the step
     loss: float  # the loss the step minimised
     output_shape: tuple[int, ...]
     parameters_updated: int
-    fetched: tuple[TensorRead, ...]  # one per selector in `fetch`, read after the step
+    fetched: tuple[TensorRead[Value], ...]  # one per selector in `fetch`, read after the step
     nonfinite_inputs: int = 0  # NaN or infinite input values (allowed; worth a look)
 
 

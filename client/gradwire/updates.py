@@ -70,7 +70,8 @@ class Watched:
     """One watched tensor in one update."""
 
     name: str
-    value: Any  # numpy array when values were asked for and the tensor is present, else None
+    # A numpy array when values were asked for and the tensor is present, else None
+    value: np.ndarray[Any, Any] | None
     stats: Stats | None  # when statistics were asked for and the tensor is present
     full_shape: tuple[int, ...] | None  # None when absent
     #: The selector it was watched by, as Python writes it ("conv1.weight[0, 0]"); "" when
