@@ -42,6 +42,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ForwardResult:
+    """What a Forward did (`Client.forward`): the state version, the output's shape and
+    the loss, when a target was given."""
+
     version: int  # state version after the Forward
     output_shape: tuple[int, ...]  # e.g. (8, 20)
     loss: float | None  # None when no target was given
@@ -50,6 +53,8 @@ class ForwardResult:
 
 @dataclass(frozen=True)
 class StepResult:
+    """What a Step did (`Client.step`): the state version and the parameters it updated."""
+
     version: int  # state version after the Step
     parameters_updated: int  # parameters that had a gradient
 
@@ -83,6 +88,9 @@ class TensorRead(Generic[Value]):
 
 @dataclass(frozen=True)
 class TrainStepResult(Generic[Value]):
+    """One TrainStep (`Client.train_step`): the loss, the state version after the step,
+    and what `fetch` named, read after it, in its order."""
+
     version: int  # state version after the step
     loss: float  # the loss the step minimised
     output_shape: tuple[int, ...]
@@ -93,6 +101,9 @@ class TrainStepResult(Generic[Value]):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor the server names (`Client.list_tensors`): its kind, dtype and shape, and
+    whether it is present now."""
+
     name: str
     kind: str  # "parameter", "gradient", "input", "target", "output", "loss", "activation",
     # "optimizer_state", "delta" or "buffer" ("unknown": a kind newer than this client)
@@ -106,6 +117,9 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    """The optimizer a session trains with (`Client.set_optimizer`, `list_tensors`): its
+    kind and settings, None for one the server did not send (a setting of the other kind)."""
+
     kind: str  # "sgd" or "adam"
     lr: float
     momentum: float | None = None
@@ -118,6 +132,9 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class Listing:
+    """What the server serves (`Client.list_tensors`): the model, its device and optimizer,
+    the inputs and outputs it takes, and every tensor it names; `names()` lists those."""
+
     version: int
     model: str
     device: str
@@ -145,6 +162,9 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
+    """A checkpoint written (`Client.save_checkpoint`): its name, the state version saved and
+    the file's size."""
+
     name: str  # as written in the server's state directory, <name>.safetensors
     version: int  # the state version saved
     bytes: int  # the file's size
@@ -165,12 +185,17 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
+    """A checkpoint loaded (`Client.load_checkpoint`): the state version it was saved at, and
+    the session's after the load."""
+
     version: int  # the state version after the load: one more than before it
     saved_version: int  # the version the checkpoint was saved at
 
 
 @dataclass(frozen=True)
 class SessionListing:
+    """The sessions open on the server (`Client.list_sessions`), and the most it keeps."""
+
     sessions: tuple[SessionInfo, ...]  # oldest first
     max_sessions: int  # the most the server keeps open at once
     idle_timeout_s: float  # a session is closed after this long without calls; inf: never

@@ -19,6 +19,9 @@ __all__ = ["Histogram", "Stats", "TensorStats", "TrainProgress", "WatchUpdate", 
 
 @dataclass(frozen=True)
 class Histogram:
+    """Counts of a tensor's finite values in equal-width bins from `low` to `high`
+    (`Stats.histogram`, asked for with `bins`); `edges` gives the bins' edges."""
+
     low: float  # lower edge of the first bin
     high: float  # upper edge of the last bin (included in it)
     counts: tuple[int, ...]  # one per equal-width bin
@@ -88,6 +91,10 @@ class Watched:
 
 @dataclass(frozen=True)
 class WatchUpdate:
+    """One update of a watch (`Client.watch`): the state version every tensor in it was read
+    at, what led to it, and each watched tensor in order; `update["conv1.weight[0]"]` finds
+    one by its selector, or by its name."""
+
     version: int  # the state version every tensor here was read at
     cause: str  # the RPC that led to this state: "Step", "Forward", ...; "Watch" at first
     skipped: int  # updates missed since the last one, while this subscriber was busy
@@ -127,6 +134,9 @@ class WatchUpdate:
 
 @dataclass(frozen=True)
 class TrainProgress:
+    """One report of a run (`Client.train`): the steps done of those asked, the latest loss
+    and state version, and the rate; `done` on the last."""
+
     step: int  # steps done in this run
     steps: int  # steps asked for
     loss: float  # loss of the latest step
