@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import grpc
@@ -1234,7 +1234,7 @@ class Client:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: Literal[False] = False,
     ) -> TrainStepResult[np.ndarray[Any, Any] | None]: ...
 
@@ -1245,7 +1245,7 @@ class Client:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: Literal[True],
     ) -> TrainStepResult[torch.Tensor | None]: ...
 
@@ -1256,7 +1256,7 @@ class Client:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: bool,
     ) -> TrainStepResult[np.ndarray[Any, Any] | torch.Tensor | None]: ...
 
@@ -1266,7 +1266,7 @@ class Client:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: bool = False,
     ) -> TrainStepResult[Any]:
         """One training step in one call: [zero_grad,] forward, backward, step, then reads.
@@ -1278,7 +1278,7 @@ class Client:
         return self._run(self._train_step(input, target, zero_grad, fetch, as_torch))
 
     def _train_step(
-        self, input: Any, target: Any, zero_grad: bool, fetch: Sequence[str], as_torch: bool
+        self, input: Any, target: Any, zero_grad: bool, fetch: Iterable[str], as_torch: bool
     ) -> unary.Encoded[TrainStepResult]:
         _needs_target("train_step", target)
         request = pb.TrainStepRequest(zero_grad=unary.flag(zero_grad, "zero_grad"))
@@ -1589,7 +1589,7 @@ class Client:
 
     def watch(
         self,
-        selectors: Sequence[str],
+        selectors: Iterable[str],
         *,
         values: bool = False,
         stats: bool = True,
@@ -1845,7 +1845,7 @@ class Client:
             chunk = wire.length_field(number, codec.chunk_pieces(run, dtype, offset, shape))
             yield wire.join([first, *chunk] if offset == 0 else chunk), run.nbytes, total
 
-    def fill_parameters(self, value: Real, names: Sequence[str] = ()) -> int:
+    def fill_parameters(self, value: Real, names: Iterable[str] = ()) -> int:
         """`for p in model.parameters(): p.data.fill_(value)`, or only the parameters in
         `names`; returns the new state version."""
         return self._run(unary.fill_parameters(value, names))

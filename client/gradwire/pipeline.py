@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 import grpc
@@ -239,7 +239,7 @@ class Pipeline:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: Literal[False] = False,
     ) -> Pending[TrainStepResult[np.ndarray[Any, Any] | None]]: ...
 
@@ -250,7 +250,7 @@ class Pipeline:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: Literal[True],
     ) -> Pending[TrainStepResult[torch.Tensor | None]]: ...
 
@@ -261,7 +261,7 @@ class Pipeline:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: bool,
     ) -> Pending[TrainStepResult[np.ndarray[Any, Any] | torch.Tensor | None]]: ...
 
@@ -271,7 +271,7 @@ class Pipeline:
         target: Any,
         *,
         zero_grad: bool = True,
-        fetch: Sequence[str] = (),
+        fetch: Iterable[str] = (),
         as_torch: bool = False,
     ) -> Pending[TrainStepResult[Any]]:
         """As Client.train_step: in one message, whatever `stream_above_bytes` says (a
@@ -404,7 +404,7 @@ class Pipeline:
         """As Client.stats."""
         return self._add(unary.get_stats(selector, bins, low, high))
 
-    def fill_parameters(self, value: Real, names: Sequence[str] = ()) -> Pending[int]:
+    def fill_parameters(self, value: Real, names: Iterable[str] = ()) -> Pending[int]:
         """As Client.fill_parameters."""
         return self._add(unary.fill_parameters(value, names))
 

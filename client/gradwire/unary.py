@@ -10,7 +10,7 @@ import contextlib
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypedDict, TypeVar
 
@@ -249,11 +249,13 @@ def tensor_request(name: str, chain: IndexChain, values: bool) -> bytes:
     return request.SerializeToString()
 
 
-def tensor_names(names: Sequence[str]) -> list[str]:
-    """Selectors or names given as a list; one string is one of them. A string is a
-    Sequence[str] too, and was taken letter by letter ("no tensor named 'l'" for
-    watch("loss")). TypeError for what is neither (None, a number), or holds what is no
-    string: protobuf's "bad argument type for built-in operation" said neither."""
+def tensor_names(names: Iterable[str]) -> list[str]:
+    """Selectors or names given as any iterable, read once into a list (a generator, a
+    dict's keys: watch's, train_step's fetch and fill_parameters' are typed so); one string
+    is one of them. A string is an Iterable[str] too, and was taken letter by letter ("no
+    tensor named 'l'" for watch("loss")). TypeError for what is neither (None, a number),
+    or holds what is no string: protobuf's "bad argument type for built-in operation" said
+    neither."""
     if isinstance(names, str):
         return [names]
     try:
@@ -449,7 +451,7 @@ def get_stats(
     return Encoded("GetStats", request, tensor_stats)
 
 
-def fill_parameters(value: limits.Real, names: Sequence[str]) -> Encoded[int]:
+def fill_parameters(value: limits.Real, names: Iterable[str]) -> Encoded[int]:
     request = pb.FillParametersRequest(value=limits.real(value, "value"), names=tensor_names(names))
     return Encoded("FillParameters", request, _version)
 
