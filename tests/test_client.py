@@ -2040,7 +2040,9 @@ def test_a_fill_takes_its_shape_as_one_tuple_as_torch_does(client: gradwire.Clie
         client.forward(one_by_one, ONES_TARGET)
         np.testing.assert_array_equal(client.get("input"), sent)
     assert Fill.ones(np.int64(8), 3).shape == (8, 3)
-    for bad in [((8, 3), 10), (8.0, 3), (True, 3)]:
+    # Any sequence, as the constructors are typed (a range was refused).
+    assert Fill.ones(range(8, 10)).shape == Fill.zeros(np.zeros((8, 9)).shape).shape == (8, 9)
+    for bad in [((8, 3), 10), (8.0, 3), (True, 3), ("83",)]:
         with pytest.raises(TypeError, match="a Fill's shape is whole numbers"):
             Fill.ones(*bad)  # type: ignore[arg-type]
 

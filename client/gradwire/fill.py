@@ -44,10 +44,13 @@ def _named(dtype: DType | None) -> str | None:
 
 
 def _shape(shape: tuple[Whole | Sequence[Whole], ...]) -> tuple[int, ...]:
-    """A constructor's *shape: its dimensions, or (as torch.ones takes them) one tuple or
-    list of them, Fill.ones((8, 3, 10, 10)), which protobuf refused from deep inside."""
-    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):  # torch.Size is a tuple
-        return _dimensions(shape[0])
+    """A constructor's *shape: its dimensions, or (as torch.ones takes them) one sequence
+    of them, Fill.ones((8, 3, 10, 10)), which protobuf refused from deep inside. Any
+    sequence, as the constructors are typed: a range was refused as no whole number (found by
+    the review of the client as a type checker sees it)."""
+    one = shape[0] if len(shape) == 1 else None
+    if isinstance(one, Sequence) and not isinstance(one, (str, bytes)):  # torch.Size: a tuple
+        return _dimensions(one)
     return _dimensions(shape)
 
 
