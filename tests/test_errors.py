@@ -361,7 +361,10 @@ def test_bad_input_is_invalid_argument(
             ),
             "Forward",
             "BAD_FILL",
-            "input: fill dtype 42 is not supported; use one of DTYPE_FLOAT32, DTYPE_FLOAT64, ",
+            # Every dtype a fill takes, and the default: the message whole.
+            "input: fill dtype 42 is not supported; use one of DTYPE_FLOAT32, DTYPE_FLOAT64, "
+            "DTYPE_FLOAT16, DTYPE_BFLOAT16, DTYPE_INT32, DTYPE_INT64, DTYPE_BOOL, or "
+            "DTYPE_UNSPECIFIED for the default",
         ),
         (
             pb.ForwardRequest(

@@ -178,6 +178,16 @@ def test_an_index_chain_longer_than_a_tensor_has_dimensions_is_refused(address: 
             assert error.reason == "BAD_INDEX"
             assert error.metadata == {"limit": str(MAX_INDEX_CHAIN)}
             assert f"at most {MAX_INDEX_CHAIN}" in error.message, error.message
+            # What to do instead, not the bound alone.
+            assert error.message.endswith(
+                ": join them into one index, x[0, 1], or read the tensor and index it where you are"
+            ), error.message
+        # The count as it was sent, in thousands.
+        with pytest.raises(grpc.RpcError) as million:
+            get(pb.GetTensorRequest(name="conv1.weight", index=[pb.Index()] * 10**6))
+        assert "bad index: a chain of 1,000,000 indexes (x[0][1]... is one per bracket)" in (
+            million.value.details() or ""
+        )
     # A TrainStep's fetch with such a chain too, refused before the step: nothing applied.
     with gradwire.connect(address) as client:
         before = client.list_tensors().version

@@ -363,6 +363,8 @@ def test_a_fill_s_negative_dimension_or_size_past_the_limit_is_refused_as_that()
     with pytest.raises(OverLimit, match="target: 6000 elements is over") as over:
         trainer.forward(ONES, FillSpec("zeros", (6000,)))
     assert over.value.reason == "TOO_MANY_ELEMENTS"
+    # A target's advice is an input's, a batch in parts, not a written value's slices.
+    assert str(over.value).endswith(": send a smaller batch: the samples in parts, a call each")
     # A written value's fill too, before its shape is weighed against the selection's.
     with pytest.raises(InvalidInput, match=r"value: shape \[-1, 3, 3, 3\] has a neg") as info:
         trainer.write("conv1.weight", (), FillSpec("ones", (-1, 3, 3, 3)))
