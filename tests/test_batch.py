@@ -591,6 +591,11 @@ def test_a_batch_that_fails_whole_fails_each_of_its_calls(gated_server: Running)
     for pending in (forward, zero):
         error = pending.exception()
         assert isinstance(error, errors.DeadlineExceeded) and error.changes_state
+        # The batch's deadline named, the client's timeout for each of its calls, not one
+        # call's 0.5 s.
+        assert error.message.startswith(
+            "Deadline Exceeded: no answer within 1 s, the call's timeout"
+        ), error.message
     eventually(lambda: gated_server.servicer.slots.taken == 0)
     assert version(address, "weight") == 1  # the Forward alone
 

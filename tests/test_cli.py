@@ -2142,6 +2142,31 @@ def test_a_read_past_its_own_duration_gets_no_timeout_hint(address: str) -> None
             assert connection_hint(args, client, ended) == hint
 
 
+def test_a_change_whose_timeout_ran_out_mid_transfer_is_hinted_to_be_the_link_and_applied(
+    address: str,
+) -> None:
+    """A command that changes the state, its --timeout running out with its messages still
+    crossing a slow link (a large value written, or a large answer read back): the hint says
+    it was the link, as a read's does, and that the change may have been applied all the
+    same, as a change's does. The relay slows the server's bytes alone, and no command's
+    change has a large answer, so the error is made here as the client makes it."""
+    crossing = errors.DeadlineExceeded(
+        "Deadline Exceeded: the call's timeout of 60 s ran out with its messages still "
+        "crossing the network (gRPC: 'Stream removed (Deadline Exceeded)')"
+    )
+    crossing.changes_state = True
+    with gradwire.connect(address, timeout=30) as client:
+        client.list_tensors()
+        args = build_parser().parse_args(["forward", "--target", address])
+        assert connection_hint(args, client, crossing) == (
+            "--timeout 60s ran out with the call's messages still crossing the network (a "
+            "slow link: at 10 Mbit/s, 60 s carries about 70 MiB), but the server may have "
+            "run the call after that; what this command asked may have been applied all the "
+            "same (gradwire list shows the state version): look before running it again, "
+            "and give long calls a longer --timeout"
+        )
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))

@@ -1838,6 +1838,29 @@ def test_progress_over_a_slow_link_comes_as_the_bytes_do(server: Running) -> Non
     assert calls[-1][0] > 0.8  # the link was slow
 
 
+def test_a_change_whose_answer_was_under_way_at_its_timeout_may_have_been_applied(
+    server: Running,
+) -> None:
+    """A TrainStep fetching a large tensor over a slow link, its timeout running out as the
+    answer crosses: the step ran, so the error says its change may have been applied, as
+    that of a change the server had not answered in time says."""
+    with relay_to(server.port) as relay, gradwire.connect(relay.address, timeout=30) as client:
+        client.get("linear.weight[0, 0]")  # connected at full speed
+        relay.slow(4_000)  # linear.weight's 256 KB take a minute
+        client.timeout = 3  # the step takes milliseconds: its answer is crossing by then
+        with pytest.raises(errors.DeadlineExceeded) as step:
+            client.train_step(ONES_INPUT, ONES_TARGET, fetch=["linear.weight"])
+    assert step.value.message == (
+        "Deadline Exceeded: the call's timeout of 3 s ran out with its messages still "
+        "crossing the network: a large value over a slow link needs a longer timeout "
+        "(timeout= in gradwire.connect, or client.timeout): its change may have been applied "
+        "all the same (read the state version before making it again) (gRPC: 'Stream "
+        "removed (Deadline Exceeded)')"
+    )
+    assert step.value.args == (step.value.message,)  # repr() says it too
+    assert step.value.changes_state
+
+
 def test_a_streamed_read_past_its_timeout_says_which_timeout(server: Running) -> None:
     """A read past one message (64 MiB: 54 s at 10 Mbit/s) streams in chunks, all within
     the client's timeout; past it the read said gRPC's words alone, where a read in one
@@ -2086,13 +2109,17 @@ def test_a_watch_or_a_train_past_its_timeout_raises_deadline_exceeded(
     timeout (found by a review of the client)."""
     # Read to the end, however far the deadline lets each get: nothing changes after the
     # watch's first update, and the run asks for far more steps than the time allows.
-    with pytest.raises(errors.DeadlineExceeded):
+    with pytest.raises(errors.DeadlineExceeded) as watched:
         for _ in client.watch("loss", timeout=0.5):
             pass
     with pytest.raises(errors.DeadlineExceeded) as caught:
         for _ in client.train(ONES_INPUT, ONES_TARGET, 10**9, every=10**9, timeout=0.5):
             pass
     assert caught.value.changes_state  # the steps taken, if any, stay applied
+    # Each timeout is the caller's own end, not one that ran out on them: not named as "the
+    # call's timeout" to raise, as a read past the client's timeout is.
+    for said in (watched.value.message, caught.value.message):
+        assert "timeout" not in said, said
 
 
 def test_expecting_takes_a_numpy_integer(client: gradwire.Client) -> None:
