@@ -1166,6 +1166,13 @@ def test_a_start_that_fails_says_so_in_the_json_log(tmp_path: Path) -> None:
                 f"gradwire serve: error: cannot listen on 127.0.0.1:{port}",
                 None,
             ),
+            # The command line's own refusal, before the server: no reason of the server's.
+            (
+                ("--tls-cert", str(state)),
+                2,
+                "gradwire serve: error: TLS needs both --tls-cert and --tls-key",
+                None,
+            ),
             # Refused by argparse: its usage and error in plain text (a review)
             (
                 ("--port", "70000"),

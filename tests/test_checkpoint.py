@@ -351,6 +351,17 @@ def test_serve_with_a_checkpoint_too_large_for_memory_says_so(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("gradwire serve: error: cannot load "), done.stderr
     assert "move it away to start from fresh weights" in last
+    # In the JSON log, the line carries the server's reason, as a refused start's does.
+    done = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--model", "tests.oom_server:WIDE",
+         "--state-dir", str(wide_checkpoint[0]), "--port", "0", "--device", "cpu",
+         "--log-format", "json"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    line = json.loads(done.stderr.strip().splitlines()[-1])
+    assert line["message"].startswith("gradwire serve: error: cannot load "), line
+    assert (line["level"], line.get("reason")) == ("CRITICAL", "OUT_OF_MEMORY"), line
 
 
 def test_state_dir_survives_sigterm_in_a_burst_of_steps(tmp_path: Path) -> None:

@@ -218,11 +218,16 @@ def run(client: gradwire.Client) -> None:
 """
     check(snippet, tmp_path, cache)
     wrong = snippet.replace("lr=1e-3", "learning_rate=1e-3").replace("lr=0.1", 'lr="fast"')
+    wrong = wrong.replace("nesterov=True", "nesterov=0.5")  # a flag, refused when run
     with pytest.raises(AssertionError) as refused:
         check(wrong, tmp_path, cache)
     assert 'Unexpected keyword argument "learning_rate"' in str(refused.value)
     assert 'Argument "lr" to "set_optimizer" of "Pipeline" has incompatible type "str"' in str(
         refused.value
+    )
+    assert (
+        'Argument "nesterov" to "set_optimizer" of "Pipeline" has incompatible type "float"'
+        in str(refused.value)
     )
 
 

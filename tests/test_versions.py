@@ -279,6 +279,12 @@ def test_a_call_the_server_lacks_says_the_server_may_predate_it() -> None:
                 "gradwire serve has it"
             ), lacking.value
             assert lacking.value.message.endswith("(gRPC: 'Method not found!')")
+            assert lacking.value.args == (lacking.value.message,)  # repr() says it too
+        # The health check is no call of the client's own: gRPC's words as they were, not a
+        # call named None (a server other than gradwire's may have no health service).
+        with pytest.raises(errors.Unimplemented) as no_health:
+            client.health()
+        assert str(no_health.value) == "UNIMPLEMENTED: Method not found!"
 
 
 def _no_such_call_in_a_batch(request: bytes, context: grpc.ServicerContext) -> bytes:
