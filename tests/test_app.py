@@ -966,6 +966,51 @@ def test_a_watch_that_is_read_keeps_its_place_when_one_left_unread_is_ended(
         running.stop(grace=None)
 
 
+def test_a_train_ended_for_a_call_without_a_place_tells_its_client_how_far_it_went(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Train whose client stopped reading its progress, ended for a call that found every
+    place taken, says, as a stop's end of it does, that training ended there, each step
+    taken applied whole: its message said only that the stream was ended, and left its
+    client to guess whether the server trained on or half a step was applied (found by a
+    review of this session's new features)."""
+    options = gradwire.client.channel_options  # 64 KiB of progress buffered, as above
+    monkeypatch.setattr(
+        gradwire.client,
+        "channel_options",
+        lambda *a, **k: [*options(*a, **k), ("grpc.http2.bdp_probe", 0)],
+    )
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    address = f"127.0.0.1:{running.port}"
+    try:
+        with gradwire.connect(address, timeout=None) as client:
+            progress = client.train(Fill.ones(1, 3, 10, 10), Fill.ones(1, dtype="int64"), 10**9)
+            next(progress)
+
+            def waits() -> bool:
+                version = trainer.version
+                time.sleep(1.0)
+                return trainer.version == version and running.servicer.sending.under_way == 1
+
+            eventually(waits, "the Train did not come to wait for its client", within=120)
+            read = client.watch(["loss"])  # the second place, read
+            next(read)
+            running.servicer.sending.unread_s = 0.2
+            assert client.list_tensors().model == "Simple"  # in the Train's place
+            with pytest.raises(errors.Unavailable) as ended:
+                for _ in progress:
+                    pass
+            read.close()
+        assert "the server ended it to give that call its place" in ended.value.message
+        assert (
+            "training ended there, the steps taken applied, each whole (read the state "
+            "version to know how far it went)" in ended.value.message
+        )
+        assert trainer.version % 4 == 0  # each step applied whole: 4 mutations
+    finally:
+        running.stop(grace=None)
+
+
 def test_a_stop_ends_open_health_watches_once_they_say_not_serving(trainer: Trainer) -> None:
     running = start(trainer, "127.0.0.1", 0)
     with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:

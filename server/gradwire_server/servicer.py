@@ -335,19 +335,22 @@ def rpc_stream(method: Handler[Iterable[R]]) -> Handler[Iterator[R]]:
     return wrapper
 
 
-def sends_watched(stalled: str) -> Callable[[Handler[Iterator[R]]], Handler[Iterator[R]]]:
+def sends_watched(
+    stalled: str, then: str = ""
+) -> Callable[[Handler[Iterator[R]]], Handler[Iterator[R]]]:
     """For a server stream (Watch, Train, GetTensorStream): sends its messages so that, while
     its client is not reading them (`SendingStreams`), a stop ends it (a Watch or Train also
     looks for the stop between its messages), and so does a call that finds every place taken
     once a message has waited UNREAD_S. UNAVAILABLE, `stalled` the stop's message where gRPC
     can still deliver it (behind messages the client has not read it mostly cannot, and the
-    client reads gRPC's own: "Stream removed")."""
+    client reads gRPC's own: "Stream removed"); `then`, what the stream's end leaves, said
+    in the message of one ended for a call (a Train's steps taken)."""
 
     def decorate(method: Handler[Iterator[R]]) -> Handler[Iterator[R]]:
         @functools.wraps(method)
         def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[R]:
             with (
-                self.sending.open(context, stalled, method.__name__) as stream,
+                self.sending.open(context, stalled, method.__name__, then) as stream,
                 contextlib.closing(cast(Generator[R], method(self, request, context))) as messages,
             ):
                 for message in messages:
@@ -357,6 +360,15 @@ def sends_watched(stalled: str) -> Callable[[Handler[Iterator[R]]], Handler[Iter
 
     return decorate
 
+
+#: What a Train ended while its client did not read its progress leaves (a stop, or a call
+#: that found every place taken, ends it): a client told only that the stream was ended
+#: could not know whether the server trained on, or half a step was applied (found by a
+#: review of this session's new features).
+_TRAIN_ENDED = (
+    "training ended there, the steps taken applied, each whole (read the state version to "
+    "know how far it went)"
+)
 
 #: How long a request stream that ended short waits to learn whether its caller cancelled
 #: it (see _unless_caller_gone): the time between gRPC's two events of one cancellation,
@@ -1024,8 +1036,8 @@ class TrainerServicer:
     @rpc_stream
     @sends_watched(
         "the server is stopping, and this Train's client had stopped reading its progress: "
-        "training ended there, the steps taken applied, each whole (read the state version "
-        "to know how far it went)"
+        + _TRAIN_ENDED,
+        _TRAIN_ENDED,
     )
     def Train(
         self, request: wire.Split[pb.TrainRequest], context: grpc.ServicerContext

@@ -134,15 +134,18 @@ class WaitingStreams:
 
 class _Sending:
     """One stream that `SendingStreams` watches: its method, what to tell its client if a stop
-    ends it, its sends so far (odd while one is under way), when the last began, and whether
-    it was ended."""
+    ends it, and what its end leaves, its sends so far (odd while one is under way), when the
+    last began, and whether it was ended."""
 
-    __slots__ = ("context", "ended", "method", "sends", "since", "stalled")
+    __slots__ = ("context", "ended", "method", "sends", "since", "stalled", "then")
 
-    def __init__(self, context: grpc.ServicerContext, stalled: str, method: str) -> None:
+    def __init__(
+        self, context: grpc.ServicerContext, stalled: str, method: str, then: str = ""
+    ) -> None:
         self.context = context
         self.stalled = stalled
         self.method = method
+        self.then = then
         self.sends = 0
         self.since = 0.0
         self.ended = False
@@ -176,14 +179,15 @@ class SendingStreams:
 
     @contextlib.contextmanager
     def open(
-        self, context: grpc.ServicerContext, stalled: str, method: str = "stream"
+        self, context: grpc.ServicerContext, stalled: str, method: str = "stream", then: str = ""
     ) -> Iterator[_Sending]:
         """A stream, watched while the block runs: it sends its messages through the
         `_Sending` given (`send`). `stalled`: the status message it ends with if a stop finds
         its client not reading (UNAVAILABLE; no ErrorInfo can go with a cancel, and the
         message only where gRPC can still deliver it behind the messages not read);
-        `method`: the RPC's name, for the message and log line of `end_one_unread`."""
-        stream = _Sending(context, stalled, method)
+        `method`: the RPC's name, for the message and log line of `end_one_unread`, and
+        `then` what the stream's end leaves, for that message (a Train's steps)."""
+        stream = _Sending(context, stalled, method, then)
         with self._lock:
             self._open.add(stream)
             # A stream whose handler starts after the stop (it waited for a thread, or came
@@ -253,8 +257,8 @@ class SendingStreams:
             stream.context,
             f"this {stream.method}'s client had left a message unread for {waited:.1f} s when "
             "a call found every place of the server taken: the server ended it to give that "
-            "call its place; read a stream as its messages come, and cancel one you stop "
-            "reading",
+            f"call its place{', and ' + stream.then if stream.then else ''}; read a stream as "
+            "its messages come, and cancel one you stop reading",
         )
         if self.on_reclaimed is not None:
             self.on_reclaimed()
