@@ -10,6 +10,7 @@ import contextlib
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from gradwire_server.app import Running
 from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.reference import Simple
+from tests.relay import relay_to
 from tests.serve_in_process import bare_server, old_trainer, serving
 
 LINEAR = "linear.weight"
@@ -1833,6 +1835,50 @@ def test_a_progress_callable_that_raises_cancels_the_write(
         client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=stop_at(16))
     assert version(client) == at + 1
     assert not server_value(trainer, LINEAR).any()
+
+
+def test_a_timeout_a_slow_progress_callable_ran_out_says_so(
+    client: gradwire.Client, address: str
+) -> None:
+    """The callable runs on the caller's thread between two chunks, and its time counts in
+    the call's timeout: a read whose callable took a second a chunk ran out of time, and its
+    error said only that the messages were still crossing the network, blaming a link that
+    was not slow (found by a review of this session's new features)."""
+    client.chunk_bytes = 16_000
+    client.timeout = 1.0
+    at = version(client)
+
+    def slow(done: int, total: int) -> None:
+        time.sleep(0.15)
+
+    said = "; the progress callable took "
+    for transfer in (
+        lambda: client.get(LINEAR, progress=slow),
+        lambda: client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=slow),
+    ):
+        with pytest.raises(errors.DeadlineExceeded) as ran_out:
+            transfer()
+        message = ran_out.value.message
+        assert "1 s" in message  # the timeout, named as ever
+        assert said in message and message.endswith(
+            " s of that time, the chunks waiting while it ran (it is called on your thread, "
+            "between two chunks): make it quicker, or give a longer timeout"
+        ), message
+        assert str(ran_out.value).endswith(message)
+    assert version(client) == at  # the write ran out before its last chunk
+    # A quick callable's time is no share of a slow link's: its error is the network's alone.
+    with (
+        relay_to(int(address.rpartition(":")[2])) as relay,
+        gradwire.connect(relay.address, timeout=30) as far,
+    ):
+        far.chunk_bytes = 16_000
+        far.list_tensors()
+        relay.slow(20_000)  # linear.weight's 256 KB take 13 s
+        far.timeout = 1.0
+        with pytest.raises(errors.DeadlineExceeded) as ran_out:
+            far.get(LINEAR, progress=lambda done, total: None)
+    assert "still crossing the network" in ran_out.value.message
+    assert "progress callable" not in ran_out.value.message
 
 
 def test_progress_that_cannot_be_called_is_refused_before_any_call(

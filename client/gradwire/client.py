@@ -41,6 +41,7 @@ from gradwire.credentials import (
 )
 from gradwire.errors import (
     ClientClosed,
+    DeadlineExceeded,
     GradwireError,
     InvalidArgument,
     NotFound,
@@ -1380,8 +1381,9 @@ class Client:
         a chunk of `chunk_bytes` at a time, and the callable is called after each, the last
         time with `(total, total)`; a value of one chunk is reported once, whole. Bytes are
         counted in the tensor's own dtype (a bfloat16 value read into float32 counts 2 a
-        value). An exception it raises cancels the read and is raised here. A read of no
-        values (`values=False`, an absent gradient) calls it not at all. So for `get`.
+        value). An exception it raises cancels the read and is raised here. Its time counts
+        in the call's timeout, the chunks waiting while it runs. A read of no values
+        (`values=False`, an absent gradient) calls it not at all. So for `get`.
         """
         request = unary.read_request_bytes(selector, index, values)
         return self._read_request(
@@ -1477,6 +1479,10 @@ class Client:
                 if attempt == retries:
                     raise
                 _back_off(attempt)
+            except DeadlineExceeded as err:
+                if report is not None:
+                    report.tell_time(err)
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read_stream_once(
@@ -1825,7 +1831,11 @@ class Client:
             return int(self._call("SetTensorStream", chunks).version)
         upload = transfer.Upload(progress)
         chunks = unary.begun(upload.messages(self._sized_chunks(header, value)))
-        return int(self._call("SetTensorStream", chunks, upload=upload).version)
+        try:
+            return int(self._call("SetTensorStream", chunks, upload=upload).version)
+        except DeadlineExceeded as err:
+            upload.tell_time(err)
+            raise
 
     def _set_chunks(self, header: pb.SetTensorRequest, value: Any) -> Iterator[bytes]:
         """SetTensorStream's messages."""

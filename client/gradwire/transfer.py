@@ -6,18 +6,22 @@ callable is called on the caller's thread, `progress(bytes_done, bytes_total)`: 
 bytes as they cross the wire, in the tensor's own dtype (a bfloat16 read into numpy's float32
 counts 2 bytes a value), `bytes_done` never going back, the last call `(total, total)` once
 the value is whole. An exception it raises cancels the transfer and is raised by the call.
+Its time counts in the call's timeout, the chunks waiting while it runs: a timeout that runs
+out with much of it spent there says so (`Timed`).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
 
 from gradwire import codec
+from gradwire.errors import DeadlineExceeded
 from gradwire.fill import Fill
 
 #: `progress(bytes_done, bytes_total)`; what it returns is ignored.
@@ -45,21 +49,58 @@ def value_bytes(value: Any, counted: int) -> int:
         return counted
 
 
-class Reported:
+class Timed:
+    """A transfer's progress callable, with the time its calls took (`spent`). They run on the
+    caller's thread between two chunks, the chunks waiting, so their time counts in the
+    call's timeout: one taking a second a chunk ran a read out of time, and its error said
+    only that the messages were still crossing the network, a slow link's words for the
+    caller's own callable (found by a review of this session's new features)."""
+
+    #: The share of a transfer's time its callable must have taken for a timeout's error to
+    #: say so: a print's or a progress bar's microseconds are not worth a word.
+    NAMED_SHARE = 0.1
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._began = time.monotonic()
+        #: Seconds spent in the callable so far.
+        self.spent = 0.0
+
+    def _call(self, done: int, total: int) -> None:
+        started = time.monotonic()
+        try:
+            self._progress(done, total)
+        finally:
+            self.spent += time.monotonic() - started
+
+    def tell_time(self, error: DeadlineExceeded) -> None:
+        """Adds to `error`, the transfer's timeout run out, the time the callable took of it
+        where that was a good share of the transfer's."""
+        if self.spent < self.NAMED_SHARE * (time.monotonic() - self._began):
+            return
+        error.message += (
+            f"; the progress callable took {self.spent:.1f} s of that time, the chunks waiting "
+            "while it ran (it is called on your thread, between two chunks): make it quicker, "
+            "or give a longer timeout"
+        )
+        error.args = (error.message,)
+
+
+class Reported(Timed):
     """`progress`, called only with more done than before: a streamed read that a mutation
     cut short is read again from its start, and its calls wait until it passes the last."""
 
     def __init__(self, progress: Progress) -> None:
-        self._progress = progress
+        super().__init__(progress)
         self._done = -1
 
     def __call__(self, done: int, total: int) -> None:
         if done > self._done:
             self._done = done
-            self._progress(done, total)
+            self._call(done, total)
 
 
-class Upload:
+class Upload(Timed):
     """A streamed write's messages, counted as gRPC takes them: gRPC draws them on a thread
     of its own (where an exception is gRPC's UNKNOWN, "Exception iterating requests!", and a
     logged traceback), so the callable is called on the caller's thread instead, and the next
@@ -68,7 +109,7 @@ class Upload:
     comes with the server's answer, the value written."""
 
     def __init__(self, progress: Progress) -> None:
-        self._progress = progress
+        super().__init__(progress)
         self._taken: queue.Queue[int | None] = queue.Queue()
         self._go = threading.Semaphore(0)
         self._over = threading.Event()
@@ -102,7 +143,7 @@ class Upload:
         try:
             while (done := self._taken.get()) is not None:
                 if done < self.total:
-                    self._progress(done, self.total)
+                    self._call(done, self.total)
                 self._go.release()
         except BaseException:
             future.cancel()
@@ -111,5 +152,5 @@ class Upload:
             self._over.set()
             self._go.release()  # a message waiting for its go ends the stream
         response = future.result()
-        self._progress(self.total, self.total)
+        self._call(self.total, self.total)
         return response
