@@ -398,6 +398,51 @@ def test_the_places_taken_their_limit_and_the_streams_ended_for_a_call_are_shown
         running.stop(grace=None)
 
 
+def test_a_stream_ended_for_a_call_counts_as_its_client_saw_it_end_unavailable(
+    trainer: Trainer,
+) -> None:
+    """A stream the server ended (for a call that found every place taken) was counted, and
+    logged, CANCELLED, which the table says is a call its caller cancelled or whose deadline
+    passed, while its client saw UNAVAILABLE: an operator read 16 streams ended for a call
+    as 16 clients that cancelled theirs, and an alert on UNAVAILABLE missed them (found by a
+    review of this session's new features)."""
+    running = start(trainer, "127.0.0.1", 0, metrics_port=0, max_concurrent=1)
+    address = f"127.0.0.1:{running.port}"
+    method = TRAINER + "GetTensorStream"
+    try:
+        with (
+            gradwire.connect(address, timeout=30) as client,
+            grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+        ):
+            client.forward(
+                gradwire.Fill.ones(512, 3, 10, 10), gradwire.Fill.ones(512, dtype="int64")
+            )
+            read = pb_grpc.TrainerStub(channel).GetTensorStream(
+                pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
+            )
+            eventually(lambda: running.servicer.sending.under_way == 1, within=60)
+            running.servicer.sending.unread_s = 0.2
+            time.sleep(0.3)
+            client.list_tensors()  # in the read's place
+            with pytest.raises(grpc.RpcError):
+                list(read)
+            assert read.code() == grpc.StatusCode.UNAVAILABLE
+            # Counted as its handler unwinds, a moment after its client heard of its end.
+            eventually(
+                lambda: (
+                    calls(scrape(running), method, "OK") == 0
+                    and sum(calls(scrape(running), method, code.name) for code in grpc.StatusCode)
+                    == 1
+                )
+            )
+            samples = scrape(running)
+            assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 1
+            assert calls(samples, method, "UNAVAILABLE") == 1
+            assert calls(samples, method, "CANCELLED") == 0
+    finally:
+        running.stop(grace=None)
+
+
 def test_times_every_call(watched: Running, stub: pb_grpc.TrainerStub) -> None:
     for _ in range(3):
         stub.ListTensors(pb.ListTensorsRequest(), timeout=10)
