@@ -36,6 +36,7 @@ from gradwire_server.models import TINY_MLP, TINY_REGRESSOR, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.cli_run import Result, Run, run_main
 from tests.serve_in_process import bare_server, old_trainer, serving
+from tests.serve_process import CLI
 from tests.serve_process import serving as serve_process
 from tests.signals import signal_another_thread
 from tests.test_cli import BF16_LINEAR
@@ -758,6 +759,67 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
         said[0],
     ), said
     assert said[1:] == ["the server is back, at version 0: watching again"], said
+
+
+def test_watch_reconnect_says_the_server_ended_a_watch_left_unread_not_that_it_went_away(
+    trainer: Trainer,
+) -> None:
+    """A watch suspended (Ctrl-Z) past UNREAD_S, ended for a call that found every place
+    taken, said on resuming "the server went away (...)" and "the server is back", of a
+    server that had gone nowhere: one looked for a restart in its log (found by a review of
+    this session's new features)."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    target = f"127.0.0.1:{running.port}"
+    watch = subprocess.Popen(
+        [
+            *CLI,
+            *("watch", "linear.weight", "--values", "--json", "--interval", "0"),
+            *("--reconnect", "--duration", "15", "--target", target),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    assert watch.stdout is not None
+    reading = threading.Thread(target=lambda: lines.extend(watch.stdout or ()), daemon=True)
+    reading.start()
+    try:
+        with gradwire.connect(target, timeout=60) as client:
+            deadline = time.monotonic() + 60
+            while not lines:  # its first update shown
+                assert time.monotonic() < deadline, "no first update"
+                time.sleep(0.05)
+            watch.send_signal(signal.SIGSTOP)
+            x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
+            while True:  # its updates pile up, unread, until its send waits for it
+                assert time.monotonic() < deadline, "the watch never waited for its reader"
+                client.train_step(x, y)
+                sends = running.servicer.sending.under_way
+                time.sleep(0.5)
+                if sends == running.servicer.sending.under_way == 1:
+                    break
+            read = client.watch(["loss"])  # the other place, read
+            next(read)
+            running.servicer.sending.unread_s = 0.2
+            time.sleep(0.3)
+            client.train_step(x, y)  # in the suspended watch's place
+            read.close()
+            watch.send_signal(signal.SIGCONT)
+            _, err = watch.communicate(timeout=60)
+    finally:
+        watch.kill()
+        running.stop(grace=None)
+    assert watch.returncode == 0, err
+    said = err.splitlines()
+    assert re.fullmatch(
+        r"the server ended this watch \(this Watch's client had left a message unread for "
+        r"[\d.]+ s when a call found every place of the server taken\); the last update "
+        r"showed version \d+; watching again \(Ctrl-C stops\)",
+        said[0],
+    ), said
+    assert re.fullmatch(r"watching again, at version \d+", said[1]), said
+    assert "went away" not in err and "is back" not in err
 
 
 def test_watch_reconnect_says_the_server_came_back_with_an_older_state() -> None:

@@ -33,6 +33,12 @@ CHUNK_BYTES: Final = GRPC_DEFAULT_RECEIVE_BYTES - 4 * 1024
 #: The Python client streams a Forward's input or a written value when its values exceed this.
 STREAM_ABOVE_BYTES: Final = 32 * 1024 * 1024
 
+#: Words of the status (UNAVAILABLE, which can carry no reason) that a server ends a Watch,
+#: Train or streamed read with for a call that found every place taken, its client having
+#: left a message unread: by them a client tells that end from its server going away, which
+#: `gradwire watch --reconnect` said it was, and that the server was back.
+ENDED_UNREAD = "had left a message unread for"
+
 #: Domain of the google.rpc.ErrorInfo attached to every error the server sends.
 ERROR_DOMAIN: Final = "gradwire.dev"
 

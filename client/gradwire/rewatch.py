@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Generator
 
+from gradwire import limits
 from gradwire.errors import DeadlineExceeded, NotFound, Unavailable
 from gradwire.updates import WatchUpdate
 
@@ -96,10 +97,18 @@ def gist(message: str) -> str:
     return re.split(r": |; ", message, maxsplit=1)[0]
 
 
+def ended_unread(error: Unavailable) -> bool:
+    """Whether the server ended the watch for a call that found every place taken, its client
+    having left an update unread (a process suspended, a debugger's breakpoint): the server
+    did not go away, and the watch is opened again at once."""
+    return limits.ENDED_UNREAD in error.message
+
+
 def _going_on(error: Unavailable) -> Unavailable:
     """`error` (the call's, which ended) as on_lost is told of it: the watch goes on."""
+    then = "watching again" if ended_unread(error) else "watching again once the server is back"
     going_on = Unavailable(
-        f"{gist(error.message)}: watching again once the server is back",
+        f"{gist(error.message)}: {then}",
         reason=error.reason,
         metadata=error.metadata,
     )

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from gradwire.limits import ENDED_UNREAD
 from gradwire_server.errors import Stopping
 
 T = TypeVar("T")
@@ -255,7 +256,7 @@ class SendingStreams:
         )
         _cancel(
             stream.context,
-            f"this {stream.method}'s client had left a message unread for {waited:.1f} s when "
+            f"this {stream.method}'s client {ENDED_UNREAD} {waited:.1f} s when "
             "a call found every place of the server taken: the server ended it to give that "
             f"call its place{', and ' + stream.then if stream.then else ''}; read a stream as "
             "its messages come, and cancel one you stop reading",

@@ -324,17 +324,25 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
     selectors = [str(parse_selector(text)) for text in args.selectors]
     seen, version = 0, None
     away = False  # the server went away (--reconnect), and no update has come since
+    ended = False  # ... or it ended the watch, left unread, for a call (it went nowhere)
 
     def went_away(error: Unavailable) -> None:
-        nonlocal away
-        away = True
+        nonlocal away, ended
+        away, ended = True, rewatch.ended_unread(error)
         # The version of the last update this watch showed: the server's may have moved on
         # since (a save between two updates). "after version N" read as the server's own
         # (a review of watching training remotely). There is one: this command's client
         # makes no call before its watch, so only a watch that had an update reconnects.
+        # A watch suspended (Ctrl-Z) past UNREAD_S and ended for a call was said to have
+        # lost a server that went nowhere (found by a review of this session's new features).
+        what, then = (
+            ("the server ended this watch", "")
+            if ended
+            else ("the server went away", " once it is back")
+        )
         args.err.write(
-            f"the server went away ({rewatch.gist(error.message)}); the last update showed "
-            f"version {version}; watching again once it is back (Ctrl-C stops)\n"
+            f"{what} ({rewatch.gist(error.message)}); the last update showed version "
+            f"{version}; watching again{then} (Ctrl-C stops)\n"
         )
 
     try:
@@ -364,7 +372,10 @@ def cmd_watch(args: argparse.Namespace, client: Client, out: TextIO) -> None:
                     out.flush()
                 else:
                     table.show(update)
-                if away:  # said after the update: on a terminal, drawing it clears the screen
+                if away and ended:
+                    away = False
+                    args.err.write(f"watching again, at version {update.version}\n")
+                elif away:  # said after the update: on a terminal, drawing it clears the screen
                     away = False
                     args.err.write(
                         f"the server is back, at version {update.version}"
