@@ -761,20 +761,17 @@ def test_watch_reconnect_watches_on_once_a_restarted_server_is_back() -> None:
     assert said[1:] == ["the server is back, at version 0: watching again"], said
 
 
-def test_watch_reconnect_says_the_server_ended_a_watch_left_unread_not_that_it_went_away(
-    trainer: Trainer,
-) -> None:
-    """A watch suspended (Ctrl-Z) past UNREAD_S, ended for a call that found every place
-    taken, said on resuming "the server went away (...)" and "the server is back", of a
-    server that had gone nowhere: one looked for a restart in its log (found by a review of
-    this session's new features)."""
+def _suspended_watch_ended(trainer: Trainer, *options: str) -> tuple[int, str]:
+    """`gradwire watch OPTIONS` suspended (SIGSTOP, as Ctrl-Z) until its updates wait for it
+    and the server ends it for a call that found every place taken, then resumed: its exit
+    status and stderr."""
     running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
     target = f"127.0.0.1:{running.port}"
     watch = subprocess.Popen(
         [
             *CLI,
             *("watch", "linear.weight", "--values", "--json", "--interval", "0"),
-            *("--reconnect", "--duration", "15", "--target", target),
+            *(*options, "--duration", "15", "--target", target),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -810,7 +807,18 @@ def test_watch_reconnect_says_the_server_ended_a_watch_left_unread_not_that_it_w
     finally:
         watch.kill()
         running.stop(grace=None)
-    assert watch.returncode == 0, err
+    return watch.returncode, err
+
+
+def test_watch_reconnect_says_the_server_ended_a_watch_left_unread_not_that_it_went_away(
+    trainer: Trainer,
+) -> None:
+    """A watch suspended (Ctrl-Z) past UNREAD_S, ended for a call that found every place
+    taken, said on resuming "the server went away (...)" and "the server is back", of a
+    server that had gone nowhere: one looked for a restart in its log (found by a review of
+    this session's new features)."""
+    code, err = _suspended_watch_ended(trainer, "--reconnect")
+    assert code == 0, err
     said = err.splitlines()
     assert re.fullmatch(
         r"the server ended this watch \(this Watch's client had left a message unread for "
@@ -820,6 +828,25 @@ def test_watch_reconnect_says_the_server_ended_a_watch_left_unread_not_that_it_w
     ), said
     assert re.fullmatch(r"watching again, at version \d+", said[1]), said
     assert "went away" not in err and "is back" not in err
+
+
+def test_a_watch_the_server_ended_left_unread_is_not_hinted_at_as_a_server_gone(
+    trainer: Trainer,
+) -> None:
+    """Without --reconnect its error's hint said the server "stopped answering: it was
+    stopped or restarted, or the network to it went down", of a server that answered on
+    (found by a review of this session's new features)."""
+    code, err = _suspended_watch_ended(trainer)
+    assert code == 1, err
+    said = err.splitlines()
+    assert said[0].startswith("error: UNAVAILABLE: this Watch's client had left a message "), said
+    assert said[1] == (
+        "hint: the server ended this command's stream, its messages left unread for that long "
+        "(a process suspended, Ctrl-Z, or stopped in a debugger) when a call found every "
+        "place of the server taken: run it again, and leave it running; gradwire watch "
+        "--reconnect watches again by itself"
+    ), said
+    assert "stopped answering" not in err
 
 
 def test_watch_reconnect_says_the_server_came_back_with_an_older_state() -> None:

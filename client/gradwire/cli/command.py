@@ -36,6 +36,7 @@ from gradwire.errors import (
     RemoteError,
     Unavailable,
 )
+from gradwire.limits import ENDED_UNREAD
 from gradwire.selector import SelectorError
 
 
@@ -257,9 +258,11 @@ def _or_reconnect(args: argparse.Namespace, error: RemoteError, hint: str | None
     if not isinstance(error, Unavailable):
         return hint
     on = session_option(args.session)
-    reconnect = f"gradwire watch{on} --reconnect watches again by itself once the server is back"
-    if on:
-        reconnect += ", if it kept the session (a restart closes it: open another)"
+    reconnect = f"gradwire watch{on} --reconnect watches again by itself"
+    if ENDED_UNREAD not in error.message:  # a server gone, not one that ended it for a call
+        reconnect += " once the server is back"
+        if on:
+            reconnect += ", if it kept the session (a restart closes it: open another)"
     return reconnect if hint is None else f"{hint}; {reconnect}"
 
 

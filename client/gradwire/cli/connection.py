@@ -19,7 +19,7 @@ from gradwire.errors import (
     Unavailable,
 )
 from gradwire.failures import UNRESOLVED, never_reached, under_way
-from gradwire.limits import CLIENT_KEEPALIVE_S
+from gradwire.limits import CLIENT_KEEPALIVE_S, ENDED_UNREAD
 from gradwire.targets import DEFAULT_TARGET
 
 #: The environment variable naming the session commands act on (--session).
@@ -123,6 +123,14 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
     # its streams (UNAVAILABLE "Cancelling all calls"). Errors without a reason are gRPC's
     # own, not a gradwire server's (whose STOPPING and BUSY say what they are).
     reached = client.answered or client.reached
+    if isinstance(error, Unavailable) and ENDED_UNREAD in error.message:
+        # The server, answering on, ended a stream this command left unread: said to have
+        # stopped or restarted (found by a review of this session's new features).
+        return (
+            "the server ended this command's stream, its messages left unread for that long "
+            "(a process suspended, Ctrl-Z, or stopped in a debugger) when a call found every "
+            "place of the server taken: run it again, and leave it running"
+        )
     if reached and isinstance(error, (Unavailable, Cancelled)) and not error.reason:
         seen = "answered earlier in this command" if client.answered else "was reached"
         return (
