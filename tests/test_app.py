@@ -2016,91 +2016,55 @@ def _first_process_of_a_container() -> tuple[str, ...]:
     return under
 
 
-#: `gradwire serve`, its import of the server side three seconds longer, as on a busy
-#: host, said as it begins: for a signal that must come during it.
-_SLOW_SERVER_IMPORT = """
-import runpy, signal, sys, time
-class Slow:
-    def find_spec(self, name, path, target=None):
-        if name == "gradwire_server":
-            sys.meta_path.remove(self)
-            print("importing the server side", file=sys.stderr, flush=True)
-            end = time.monotonic() + 3
-            while time.monotonic() < end:
-                time.sleep(0.05)
-sys.meta_path.insert(0, Slow())
-runpy.run_module("gradwire.cli", run_name="__main__", alter_sys=True)
-"""
-
-
-def test_a_stop_signal_during_serve_s_imports_is_said_and_ends_it(tmp_path: Path) -> None:
-    """SIGTERM while `gradwire serve` imports the server side (torch's import, seconds), as
-    a container's first process (PID 1): the kernel dropped it, there being no handler yet,
-    and the server went on to listen and serve; elsewhere it ended the process without a
-    word (found by a review of restarts). Kept until the log is set up, it is said, and
-    the process ends by it: 128 + the signal where it cannot (PID 1)."""
-    under = _first_process_of_a_container()
-    port_file = tmp_path / "port"
-    process = subprocess.Popen(
-        [*under, sys.executable, "-c", _SLOW_SERVER_IMPORT, "serve", "--port", "0",
-         "--device", "cpu", "--port-file", str(port_file)],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert process.stderr is not None
-        assert process.stderr.readline() == "importing the server side\n"
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-        os.kill(int(children.read_text().split()[0]), signal.SIGTERM)  # PID 1 inside
-        assert process.wait(timeout=30) == 128 + signal.SIGTERM
-        rest = process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-    assert "SIGTERM received while starting, before listening: exiting" in rest, rest
-    assert "listening on" not in rest
-    assert not port_file.exists()
-
-
-#: The `gradwire` command, its first imports (the client's: grpc's, numpy's) three seconds
-#: longer, said as they begin: for a signal that must come during them.
-_SLOW_CLIENT_IMPORT = """
+def _slow_import(module: str, side: str, entry: str) -> str:
+    """A script that runs `entry` as `gradwire` with the import of `module` three seconds
+    longer, as on a busy host, saying "importing the SIDE side" as it begins: for a signal
+    that must come during it."""
+    return f"""
 import runpy, sys, time
 class Slow:
     def find_spec(self, name, path, target=None):
-        if name == "gradwire":
+        if name == {module!r}:
             sys.meta_path.remove(self)
-            print("importing the client side", file=sys.stderr, flush=True)
+            print("importing the {side} side", file=sys.stderr, flush=True)
             end = time.monotonic() + 3
             while time.monotonic() < end:
                 time.sleep(0.05)
 sys.meta_path.insert(0, Slow())
-runpy.run_module("gradwire_cli", run_name="__main__", alter_sys=True)
+runpy.run_module({entry!r}, run_name="__main__", alter_sys=True)
 """
 
 
-def test_a_stop_signal_in_the_command_s_first_imports_is_said_and_ends_serve(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("module", "side", "entry"),
+    [
+        # serve's import of the server side (torch's, seconds): kept until the log is set up
+        # (found by a review of restarts, seventy-fifth session).
+        ("gradwire_server", "server", "gradwire.cli"),
+        # The command's first imports (grpc's, numpy's: a third of a second, before its
+        # arguments are parsed), kept by the entry point (left by the seventy-fifth session).
+        ("gradwire", "client", "gradwire_cli"),
+    ],
+)
+def test_a_stop_signal_during_serve_s_imports_is_said_and_ends_it(
+    tmp_path: Path, module: str, side: str, entry: str
 ) -> None:
-    """SIGTERM in `gradwire serve`'s first third of a second (grpc's and numpy's imports,
-    before the command has parsed its arguments), as a container's first process (PID 1):
-    the kernel dropped it, and the server went on to listen and serve until `docker stop`
-    killed it (left by the seventy-fifth session). The entry point keeps it, and the server
-    says it and ends by it, as one that came later."""
+    """SIGTERM while `gradwire serve` imports, as a container's first process (PID 1): the
+    kernel dropped it, there being no handler yet, and the server went on to listen and
+    serve until `docker stop` killed it; elsewhere it ended the process without a word. It
+    is said, and the process ends by it: 128 + the signal where it cannot (PID 1)."""
     under = _first_process_of_a_container()
     port_file = tmp_path / "port"
     process = subprocess.Popen(
-        [*under, sys.executable, "-c", _SLOW_CLIENT_IMPORT, "serve", "--port", "0",
-         "--device", "cpu", "--port-file", str(port_file)],
+        [*under, sys.executable, "-c", _slow_import(module, side, entry), "serve", "--port",
+         "0", "--device", "cpu", "--port-file", str(port_file)],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
         assert process.stderr is not None
-        assert process.stderr.readline() == "importing the client side\n"
+        assert process.stderr.readline() == f"importing the {side} side\n"
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
         os.kill(int(children.read_text().split()[0]), signal.SIGTERM)  # PID 1 inside
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
