@@ -371,6 +371,56 @@ def test_what_on_lost_is_given_does_not_say_the_watch_ends() -> None:
             watch.join()
 
 
+def test_a_watch_told_to_reconnect_that_comes_back_to_a_full_server_waits_for_a_place(
+    trainer: Trainer,
+) -> None:
+    """A watch the server ended for another call, its updates left unread (a notebook busy
+    elsewhere, a process suspended), was opened again onto a server whose places that call's
+    stream now held: it ended BUSY, a refusal that passes, where --reconnect was to ride
+    such things out (found by a review of this session's new features). It tries again
+    until a place frees."""
+    running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
+    running.servicer.sending.unread_s = 0.2
+    address = f"127.0.0.1:{running.port}"
+    lost: list[Unavailable] = []
+    try:
+        with (
+            gradwire.connect(address, timeout=None) as watcher,
+            gradwire.connect(address, timeout=30) as other,
+        ):
+            updates = watcher.watch(
+                ["conv1.weight", "conv2.weight", "linear.weight"],
+                values=True,
+                latest=False,
+                reconnect=True,
+                on_lost=lost.append,
+            )
+            next(updates)
+            x, y = gradwire.Fill.ones(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64")
+            for _ in range(400):  # 400 updates due, the watcher reading none
+                other.train_step(x, y)
+            sending = running.servicer.sending
+            eventually(lambda: sending.under_way == 1, "the watch did not wait for its client")
+            held = [other.watch(["loss"]) for _ in range(2)]  # the second ends the unread watch
+            for watch in held:
+                next(watch)
+            # Reads what was sent, then opens the watch again, refused BUSY; it stops at the
+            # first update after that.
+            came = Reader(updates, until=lambda update: bool(lost))
+            eventually(lambda: bool(lost), "the watch was not ended for the other watch")
+            time.sleep(1.5)  # tries refused BUSY, waited out
+            assert came.thread.is_alive() and not came.errors, came.errors
+            held[0].close()  # a place frees
+            came.thread.join(timeout=30)
+            assert not came.errors and not came.thread.is_alive()
+            assert came.messages[-1].version == trainer.version  # the state, watched again
+            cause = lost[0].__cause__
+            assert isinstance(cause, Unavailable) and rewatch.ended_unread(cause)
+            held[1].close()
+    finally:
+        running.stop(grace=None)
+
+
 #: Seconds each pass of _SlowStep's model takes once slowed: a large model's step.
 STEP_S = 6.0
 

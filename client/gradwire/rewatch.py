@@ -5,7 +5,8 @@ deploy, a crash and a supervisor's restart, the network down a while), and had t
 again by hand. Here a watch whose server answered and then went away is opened again every
 RETRY_S seconds until the server is back, and goes on from there. What cannot be waited out
 is raised as before: a server that never answered (a wrong target: nothing will come back),
-a session the restart lost (NOT_FOUND), the client closed, any other status.
+a session the restart lost (NOT_FOUND), the client closed, any other status. A server
+back but busy (BUSY: every place for calls taken) is tried again too, as one away.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Generator
 
 from gradwire import limits
-from gradwire.errors import DeadlineExceeded, NotFound, Unavailable
+from gradwire.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 from gradwire.updates import WatchUpdate
 
 #: Seconds between two tries to open a watch again while its server is away (its channel
@@ -72,6 +73,15 @@ def reconnecting(
                     away = error
                     if on_lost is not None:
                         on_lost(_going_on(error))
+            except ResourceExhausted as error:
+                # Opened again on a server whose places are all taken (a watch the server
+                # ended for another call, its updates left unread, comes back to find that
+                # call holding the place): tried again until one frees, where it ended the
+                # watch BUSY, a transient refusal (found by a review of this session's new
+                # features). The watch's first opening refused BUSY is raised, as before.
+                if away is None or error.reason != "BUSY":
+                    raise
+                stream.close()
             # Waited for out of the handler: Ctrl-C in the wait was raised "during handling
             # of" the last try's error, whose traceback a notebook printed first, as if the
             # watch had failed (found by a review of the client as a researcher uses it in a
