@@ -1852,13 +1852,20 @@ def test_a_timeout_a_slow_progress_callable_ran_out_says_so(
         time.sleep(0.15)
 
     said = "; the progress callable took "
-    for transfer in (
-        lambda: client.get(LINEAR, progress=slow),
-        lambda: client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=slow),
+    for writes, transfer in (
+        (False, lambda: client.get(LINEAR, progress=slow)),
+        (True, lambda: client.set(LINEAR, np.zeros(LINEAR_SHAPE, np.float32), progress=slow)),
     ):
         with pytest.raises(errors.DeadlineExceeded) as ran_out:
             transfer()
         message = ran_out.value.message
+        # The write ran out before its last chunk: it said its change may have been applied,
+        # sending its reader to the state version for a write the server cannot have made.
+        assert "may have been applied" not in message
+        assert ("nothing was written: the value's last chunk had not been sent" in message) is (
+            writes
+        )
+        assert not ran_out.value.changes_state
         assert "1 s" in message  # the timeout, named as ever
         assert said in message and message.endswith(
             " s of that time, the chunks waiting while it ran (it is called on your thread, "

@@ -183,6 +183,12 @@ def _bare_cancel(message: str) -> bool:
     return message.strip().lower() in ("cancelled", "")
 
 
+#: What a change that ran out of time may have done, in its DeadlineExceeded's message.
+MAY_HAVE_APPLIED = (
+    "its change may have been applied all the same (read the state version before making it again)"
+)
+
+
 def failed(
     error: grpc.RpcError,
     changes_state: bool,
@@ -211,10 +217,7 @@ def failed(
         if changes_state and method in _ON_FILES:
             then = f": {_on_files(method)}"
         elif changes_state:
-            then = (
-                ": its change may have been applied all the same (read the state version "
-                "before making it again)"
-            )
+            then = f": {MAY_HAVE_APPLIED}"
         if bare_deadline == _DEADLINE_UNDER_WAY:
             # The time ran out with the call's bytes still crossing: a large read or write
             # over a slow link (a 16 MiB read takes 13 s at 10 Mbit/s). gRPC's words alone
