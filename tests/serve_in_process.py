@@ -12,9 +12,12 @@ import pytest
 
 import gradwire
 from gradwire._pb import trainer_pb2 as pb
+from gradwire._pb import trainer_pb2_grpc as pb_grpc
+from gradwire.fill import Fill
 from gradwire_server.app import Running, start
 from gradwire_server.models import SIMPLE, ModelSpec
 from gradwire_server.trainer import Trainer
+from tests.background import eventually
 
 # The devices a test of served behaviour runs on: the CPU and, with `pytest -m cuda` where
 # there is one (scripts/gpu_check.sh), a CUDA device. ON_EACH_DEVICE marks a test so.
@@ -125,3 +128,32 @@ def ended_contexts(*timeouts: float | None) -> list[grpc.ServicerContext]:
         for timeout in timeouts:
             call(b"", timeout=timeout)
     return contexts
+
+
+#: Without gRPC's bandwidth probe a client buffers 64 KiB of a stream it does not read, and
+#: the server's next send waits for it; with it, megabytes.
+UNPROBED = [("grpc.http2.bdp_probe", 0)]
+
+
+def sends_waiting(running: Running, sends: int) -> None:
+    """Waits until `sends` of `running`'s streams wait in a send for a client that does not
+    read (waiting.SendingStreams)."""
+    eventually(
+        lambda: running.servicer.sending.under_way == sends,
+        f"{sends} streams did not come to wait for their clients",
+        within=60,
+    )
+
+
+@contextmanager
+def unread_reads(running: Running, client: gradwire.Client, count: int = 1) -> Iterator[list[Any]]:
+    """`count` GetTensorStreams of a 600 KiB input (`client` forwards it: 38 chunks of 16
+    KiB) that their client does not read, each waiting in the server's send once the block
+    runs; yields their calls, to read, or not, in the block."""
+    client.forward(Fill.ones(512, 3, 10, 10), Fill.ones(512, dtype="int64"))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=UNPROBED) as channel:
+        request = pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024)
+        read = pb_grpc.TrainerStub(channel).GetTensorStream
+        reads = [read(request, timeout=60) for _ in range(count)]
+        sends_waiting(running, count)
+        yield reads

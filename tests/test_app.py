@@ -48,6 +48,7 @@ from gradwire_server.reflection_service import (
 from gradwire_server.trainer import Trainer
 from gradwire_server.waiting import SendingStreams
 from tests.background import Reader, eventually
+from tests.serve_in_process import UNPROBED, sends_waiting, unread_reads
 from tests.serve_process import CLI, serving
 from tests.signals import signal_another_thread
 from tests.test_calls import _Cancellable
@@ -729,54 +730,51 @@ def test_a_stop_ends_a_train_whose_client_stopped_reading(
 ) -> None:
     """A Train whose progress its client does not read waits to send it, taking no step;
     the stop ends it there, each step taken applied whole."""
-    # gRPC's window grows to megabytes on a fast link: without its probe a client buffers
-    # 64 KiB of progress, and the Train waits for it within seconds.
-    options = gradwire.client.channel_options
-    monkeypatch.setattr(
-        gradwire.client,
-        "channel_options",
-        lambda *a, **k: [*options(*a, **k), ("grpc.http2.bdp_probe", 0)],
-    )
+    _unprobed(monkeypatch)
     running = start(trainer, "127.0.0.1", 0)
     with gradwire.connect(f"127.0.0.1:{running.port}", timeout=None) as client:
-        progress = client.train(Fill.ones(1, 3, 10, 10), Fill.ones(1, dtype="int64"), steps=10**9)
-        next(progress)
-
-        def waits() -> bool:
-            # Its send under way and no step for a second: a server the machine's load
-            # starves for 0.3 s takes no step either, and its stop then took 0.04 s.
-            version = trainer.version
-            time.sleep(1.0)
-            return trainer.version == version and running.servicer.sending.under_way == 1
-
-        eventually(waits, "the Train did not come to wait for its client", within=120)
+        progress = _train_left_unread(running, trainer, client)
         took = _stop_while_not_read(running, progress)
     assert 0.9 < took < 10
     assert trainer.version % 4 == 0  # each step applied whole: 4 mutations
 
 
-def _filled(running: Running, sends: int) -> None:
-    """Waits until `sends` streams' sends wait for a client that does not read."""
-    eventually(
-        lambda: running.servicer.sending.under_way == sends,
-        f"{sends} streams did not come to wait for their clients",
-        within=60,
+def _unprobed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients connected in the test without gRPC's bandwidth probe: its window grows to
+    megabytes on a fast link, and without it a client buffers 64 KiB of a stream it does not
+    read (a Train's progress waits for it within seconds)."""
+    options = gradwire.client.channel_options
+    monkeypatch.setattr(
+        gradwire.client, "channel_options", lambda *a, **k: [*options(*a, **k), *UNPROBED]
     )
+
+
+def _train_left_unread(
+    running: Running, trainer: Trainer, client: gradwire.Client
+) -> Iterator[Any]:
+    """A Train of steps without end on `client` (unprobed), its first progress read and no
+    more: returned once it waits to send its progress, taking no step."""
+    progress = client.train(Fill.ones(1, 3, 10, 10), Fill.ones(1, dtype="int64"), steps=10**9)
+    next(progress)
+
+    def waits() -> bool:
+        # Its send under way and no step for a second: a server the machine's load
+        # starves for 0.3 s takes no step either, and its stop then took 0.04 s.
+        version = trainer.version
+        time.sleep(1.0)
+        return trainer.version == version and running.servicer.sending.under_way == 1
+
+    eventually(waits, "the Train did not come to wait for its client", within=120)
+    return progress
 
 
 def test_a_stop_ends_a_streamed_read_whose_client_stopped_reading(trainer: Trainer) -> None:
     """Its handler waited in gRPC's send, and the stop waited the whole grace period."""
     running = start(trainer, "127.0.0.1", 0)
-    address = f"127.0.0.1:{running.port}"
     with (
-        gradwire.connect(address, timeout=30) as client,
-        grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+        gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+        unread_reads(running, client) as (read,),
     ):
-        client.forward(Fill.ones(512, 3, 10, 10), Fill.ones(512, dtype="int64"))
-        read = pb_grpc.TrainerStub(channel).GetTensorStream(
-            pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
-        )
-        _filled(running, 1)
         started = time.monotonic()
         running.stop(grace=30)
         took = time.monotonic() - started
@@ -901,19 +899,11 @@ def test_a_call_that_finds_every_place_taken_ends_a_read_its_client_stopped_read
     deadlines: 17 unread GetTensorStreams left every other call BUSY (found by a review of
     the server's security)."""
     running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
-    address = f"127.0.0.1:{running.port}"
-    # Without gRPC's probe a client buffers 64 KiB of a stream it does not read.
-    unprobed = [("grpc.http2.bdp_probe", 0)]
     try:
         with (
-            gradwire.connect(address, timeout=30) as client,
-            grpc.insecure_channel(address, options=unprobed) as channel,
+            gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client,
+            unread_reads(running, client, 2) as reads,
         ):
-            client.forward(Fill.ones(512, 3, 10, 10), Fill.ones(512, dtype="int64"))  # 600 KiB
-            read = pb_grpc.TrainerStub(channel).GetTensorStream
-            request = pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024)
-            reads = [read(request, timeout=60) for _ in range(2)]
-            _filled(running, 2)
             # Left unread for less than UNREAD_S (30 s): the call is refused, as before.
             with pytest.raises(errors.ResourceExhausted, match="unread for 30 s") as busy:
                 client.list_tensors()
@@ -950,7 +940,7 @@ def test_a_watch_that_is_read_keeps_its_place_when_one_left_unread_is_ended(
             x, y = Fill.ones(8, 3, 10, 10), Fill.ones(8, dtype="int64")
             for _ in range(400):  # 400 updates due, the watcher reading none
                 stepper.train_step(x, y)
-            _filled(running, 1)
+            sends_waiting(running, 1)
             read = watcher.watch(["loss"])
             first = next(read)
             running.servicer.sending.unread_s = 0.2
@@ -974,25 +964,11 @@ def test_a_train_ended_for_a_call_without_a_place_tells_its_client_how_far_it_we
     taken applied whole: its message said only that the stream was ended, and left its
     client to guess whether the server trained on or half a step was applied (found by a
     review of this session's new features)."""
-    options = gradwire.client.channel_options  # 64 KiB of progress buffered, as above
-    monkeypatch.setattr(
-        gradwire.client,
-        "channel_options",
-        lambda *a, **k: [*options(*a, **k), ("grpc.http2.bdp_probe", 0)],
-    )
+    _unprobed(monkeypatch)
     running = start(trainer, "127.0.0.1", 0, max_concurrent=2)
-    address = f"127.0.0.1:{running.port}"
     try:
-        with gradwire.connect(address, timeout=None) as client:
-            progress = client.train(Fill.ones(1, 3, 10, 10), Fill.ones(1, dtype="int64"), 10**9)
-            next(progress)
-
-            def waits() -> bool:
-                version = trainer.version
-                time.sleep(1.0)
-                return trainer.version == version and running.servicer.sending.under_way == 1
-
-            eventually(waits, "the Train did not come to wait for its client", within=120)
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=None) as client:
+            progress = _train_left_unread(running, trainer, client)
             read = client.watch(["loss"])  # the second place, read
             next(read)
             running.servicer.sending.unread_s = 0.2

@@ -42,7 +42,7 @@ from gradwire_server.logs import (
 from gradwire_server.models import ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import eventually
-from tests.serve_in_process import ended_contexts
+from tests.serve_in_process import ended_contexts, unread_reads
 from tests.serve_process import serving
 from tests.thread_starts import RefusedStarts
 
@@ -368,32 +368,22 @@ def test_the_places_taken_their_limit_and_the_streams_ended_for_a_call_are_shown
     and the streams ended for a call that found every place taken (their client having left
     a message unread), each also logged with its peer."""
     running = start(trainer, "127.0.0.1", 0, metrics_port=0, max_concurrent=1)
-    address = f"127.0.0.1:{running.port}"
     try:
-        with (
-            gradwire.connect(address, timeout=30) as client,
-            grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
-        ):
-            client.forward(
-                gradwire.Fill.ones(512, 3, 10, 10), gradwire.Fill.ones(512, dtype="int64")
-            )
+        with gradwire.connect(f"127.0.0.1:{running.port}", timeout=30) as client:
             samples = scrape(running)
             assert samples[("gradwire_calls_limit", frozenset())] == 1
             assert samples[("gradwire_calls_in_progress", frozenset())] == 0
             assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 0
-            read = pb_grpc.TrainerStub(channel).GetTensorStream(
-                pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
-            )
-            eventually(lambda: running.servicer.sending.under_way == 1, within=60)
-            assert scrape(running)[("gradwire_calls_in_progress", frozenset())] == 1
-            running.servicer.sending.unread_s = 0.2
-            time.sleep(0.3)
-            client.list_tensors()  # in the read's place
-            with pytest.raises(grpc.RpcError):
-                list(read)
-            samples = scrape(running)
-            assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 1
-            assert samples[("gradwire_calls_in_progress", frozenset())] == 0
+            with unread_reads(running, client) as (read,):
+                assert scrape(running)[("gradwire_calls_in_progress", frozenset())] == 1
+                running.servicer.sending.unread_s = 0.2
+                time.sleep(0.3)
+                client.list_tensors()  # in the read's place
+                with pytest.raises(grpc.RpcError):
+                    list(read)
+                samples = scrape(running)
+                assert samples[("gradwire_streams_reclaimed_total", frozenset())] == 1
+                assert samples[("gradwire_calls_in_progress", frozenset())] == 0
     finally:
         running.stop(grace=None)
 
@@ -412,15 +402,8 @@ def test_a_stream_ended_for_a_call_counts_as_its_client_saw_it_end_unavailable(
     try:
         with (
             gradwire.connect(address, timeout=30) as client,
-            grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+            unread_reads(running, client) as (read,),
         ):
-            client.forward(
-                gradwire.Fill.ones(512, 3, 10, 10), gradwire.Fill.ones(512, dtype="int64")
-            )
-            read = pb_grpc.TrainerStub(channel).GetTensorStream(
-                pb.GetTensorRequest(name="input", chunk_bytes=16 * 1024), timeout=60
-            )
-            eventually(lambda: running.servicer.sending.under_way == 1, within=60)
             running.servicer.sending.unread_s = 0.2
             time.sleep(0.3)
             client.list_tensors()  # in the read's place

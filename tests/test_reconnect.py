@@ -23,7 +23,7 @@ from gradwire_server.app import start
 from gradwire_server.models import TINY_MLP, ModelSpec
 from gradwire_server.trainer import Trainer
 from tests.background import Reader, eventually
-from tests.serve_in_process import bare_server, old_trainer, running_server
+from tests.serve_in_process import bare_server, old_trainer, running_server, sends_waiting
 
 
 def _answers(client: gradwire.Client) -> bool:
@@ -399,8 +399,7 @@ def test_a_watch_told_to_reconnect_that_comes_back_to_a_full_server_waits_for_a_
             x, y = gradwire.Fill.ones(8, 3, 10, 10), gradwire.Fill.ones(8, dtype="int64")
             for _ in range(400):  # 400 updates due, the watcher reading none
                 other.train_step(x, y)
-            sending = running.servicer.sending
-            eventually(lambda: sending.under_way == 1, "the watch did not wait for its client")
+            sends_waiting(running, 1)
             held = [other.watch(["loss"]) for _ in range(2)]  # the second ends the unread watch
             for watch in held:
                 next(watch)
