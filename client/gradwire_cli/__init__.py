@@ -38,18 +38,25 @@ class KeptSignals:
         self.received.append(signum)
 
 
-def _keep_stop_signals() -> None:
-    """For `gradwire serve` (its one form: `gradwire serve ...`, the command having no
-    options before its name but --version and --help), SIGTERM and SIGHUP unless ignored
-    (nohup) are kept from here, where Python has only started, by `KeptSignals`."""
-    if sys.argv[1:2] != ["serve"] or threading.current_thread() is not threading.main_thread():
-        return
-    received: list[int] = []
+def starting_signals() -> list[signal.Signals]:
+    """SIGTERM, and SIGHUP unless it is ignored (nohup): the stop signals serve takes but
+    Ctrl-C, which stays Python's KeyboardInterrupt. The server's app.starting_signals()
+    says the same, but is read only once app.py, and torch with it, is imported."""
     stops = [signal.SIGTERM]
     hangup = getattr(signal, "SIGHUP", None)
     if hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
         stops.append(hangup)
-    for s in stops:
+    return stops
+
+
+def _keep_stop_signals() -> None:
+    """For `gradwire serve` (its one form: `gradwire serve ...`, the command having no
+    options before its name but --version and --help), the `starting_signals` are kept from
+    here, where Python has only started, by `KeptSignals`."""
+    if sys.argv[1:2] != ["serve"] or threading.current_thread() is not threading.main_thread():
+        return
+    received: list[int] = []
+    for s in starting_signals():
         signal.signal(s, KeptSignals(received, signal.getsignal(s)))
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+import gradwire_cli
 from gradwire.cli.connection import COMMON
 from gradwire.cli.errors import CommandError, UsageError
 from gradwire.cli.output import json_line, jsonable
@@ -180,17 +181,6 @@ def errors_logged(json_log: bool) -> Iterator[None]:
         raise
 
 
-def _stop_signals_here() -> list[signal.Signals]:
-    """SIGTERM, and SIGHUP unless it is ignored (nohup): the stop signals serve takes but
-    Ctrl-C, which stays Python's KeyboardInterrupt. app.starting_signals() says the same,
-    but is read only once app.py, and torch with it, is imported: these are kept meanwhile."""
-    stops = [signal.SIGTERM]
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
-        stops.append(hangup)
-    return stops
-
-
 @contextlib.contextmanager
 def _stop_signals_kept() -> Iterator[list[int]]:
     """The stop signals received while serve's imports run (torch's, seconds), kept for the
@@ -203,16 +193,17 @@ def _stop_signals_kept() -> Iterator[list[int]]:
         yield received
         return
     found = {
-        s: signal.signal(s, lambda signum, _: received.append(signum)) for s in _stop_signals_here()
+        s: signal.signal(s, lambda signum, _: received.append(signum))
+        for s in gradwire_cli.starting_signals()
     }
     early: list[int] = []
     for s, handler in list(found.items()):
-        # The command's entry point kept them while grpc and numpy were imported (gradwire_cli
-        # .KeptSignals, one list for both): what it received comes first, and the handler it
-        # stood in for is the one given back.
-        if isinstance(kept := getattr(handler, "received", None), list):
-            early = kept
-            found[s] = getattr(handler, "original", signal.SIG_DFL)
+        # The command's entry point kept them while grpc and numpy were imported (one list
+        # for both): what it received comes first, and the handler it stood in for is the
+        # one given back.
+        if isinstance(handler, gradwire_cli.KeptSignals):
+            early = handler.received
+            found[s] = handler.original
     received[:0] = early
     try:
         yield received
