@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import TextIO, cast
 
-from gradwire import codec
+from gradwire import codec, rewatch
 from gradwire.cli.connection import (
     SESSION_ENV,
     TARGET_ENV,
@@ -36,7 +36,6 @@ from gradwire.errors import (
     RemoteError,
     Unavailable,
 )
-from gradwire.limits import ENDED_UNREAD
 from gradwire.selector import SelectorError
 
 
@@ -259,7 +258,7 @@ def _or_reconnect(args: argparse.Namespace, error: RemoteError, hint: str | None
         return hint
     on = session_option(args.session)
     reconnect = f"gradwire watch{on} --reconnect watches again by itself"
-    if ENDED_UNREAD not in error.message:  # a server gone, not one that ended it for a call
+    if not rewatch.ended_unread(error):  # a server gone, not one that ended it for a call
         reconnect += " once the server is back"
         if on:
             reconnect += ", if it kept the session (a restart closes it: open another)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from gradwire import rewatch
 from gradwire.cli.arguments import names_a_source
 from gradwire.cli.errors import UsageError
 from gradwire.client import Client, check_session
@@ -19,7 +20,7 @@ from gradwire.errors import (
     Unavailable,
 )
 from gradwire.failures import UNRESOLVED, never_reached, under_way
-from gradwire.limits import CLIENT_KEEPALIVE_S, ENDED_UNREAD
+from gradwire.limits import CLIENT_KEEPALIVE_S
 from gradwire.targets import DEFAULT_TARGET
 
 #: The environment variable naming the session commands act on (--session).
@@ -123,7 +124,7 @@ def connection_hint(args: argparse.Namespace, client: Client, error: RemoteError
     # its streams (UNAVAILABLE "Cancelling all calls"). Errors without a reason are gRPC's
     # own, not a gradwire server's (whose STOPPING and BUSY say what they are).
     reached = client.answered or client.reached
-    if isinstance(error, Unavailable) and ENDED_UNREAD in error.message:
+    if isinstance(error, Unavailable) and rewatch.ended_unread(error):
         # The server, answering on, ended a stream this command left unread: said to have
         # stopped or restarted (found by a review of this session's new features).
         return (
