@@ -543,6 +543,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
         # With the versions an operator asks for; no word of CUDA after --device cpu (an
         # operator's walkthrough found "(no CUDA device found)" there).
         assert f"model Simple on cpu (gradwire {gradwire.__version__}, torch " in log, log
+        assert re.search(r", instance [0-9a-f]{16}\)\n", log), log
         assert "CUDA" not in log
         yield process, int(port_file.read_text())
 

@@ -95,7 +95,8 @@ def test_refused_calls_are_logged_at_most_once_a_minute(
         .getMessage()
         .startswith(
             "refused a call without this server's token (BAD_TOKEN): "
-            "/gradwire.v1.Trainer/ListTensors from ipv4:127.0.0.1:"
+            # The client's first: it reads the server's instance before its first call.
+            "/gradwire.v1.Trainer/GetServerInfo from ipv4:127.0.0.1:"
         )
     )
 

@@ -153,6 +153,7 @@ def test_node_reads_each_error_status_and_reason(address: str) -> None:
         "past_the_end": ("OUT_OF_RANGE", "INDEX_OUT_OF_RANGE", "index 16 is out of range"),
         "backward_again": ("FAILED_PRECONDITION", "GRAPH_FREED", "call Forward again"),
         "stale_version": ("ABORTED", "VERSION_MISMATCH", "nothing was changed"),
+        "another_instance": ("ABORTED", "VERSION_MISMATCH", "a server started since"),
         "bad_shape": ("INVALID_ARGUMENT", "BAD_INPUT_SHAPE", "Simple takes [N, 3, 10, 10]"),
     }
     assert set(errors) == set(expected)

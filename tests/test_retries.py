@@ -424,6 +424,7 @@ def test_a_call_whose_connection_closes_in_progress_then_refused_says_so_first(
             _with_gradients(setup)
     with relay_to(server.port) as relay, gradwire.connect(relay.address) as client:
         client.retries = 2
+        client._instance = ""  # as known: the loss is the call's, not its GetServerInfo's
         relay.lose_next_answer(then_refuse=True)
         with pytest.raises(errors.Unavailable) as info:
             client.step() if change else client.list_tensors()

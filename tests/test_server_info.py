@@ -117,6 +117,7 @@ def test_the_server_reports_the_settings_it_was_started_with(small: Running) -> 
             max_index_chain=64,
         ),
         known_fields=tuple(known_fields()),
+        instance_id=small.servicer.instance_id,
     )
 
 
@@ -387,9 +388,10 @@ def test_server_info_prints_the_contract_s_fields_it_knows_as_their_count(
     assert shown == (
         f"ServerInfo(version={info.version!r}, torch_version={info.torch_version!r}, "
         f"device={info.device!r}, limits={info.limits!r}, "
-        f"known_fields=<{len(info.known_fields)} names>)"
+        f"known_fields=<{len(info.known_fields)} names>, instance_id={info.instance_id!r})"
     )
-    assert repr(dataclasses.replace(info, known_fields=())).endswith(", known_fields=())")
+    shown = repr(dataclasses.replace(info, known_fields=()))
+    assert shown.endswith(f", known_fields=(), instance_id={info.instance_id!r})")
     assert "ForwardRequest.eval_mode" in info.known_fields  # the names are all there
 
 
@@ -398,7 +400,8 @@ def test_the_cli_describes_the_server(small: Running) -> None:
     text = run_main("info", "--target", address)
     assert text.code == 0, text.err
     assert text.out.splitlines() == [
-        f"gradwire {gradwire.__version__} with PyTorch {torch.__version__}, models on cpu",
+        f"gradwire {gradwire.__version__} with PyTorch {torch.__version__}, models on cpu, "
+        f"instance {small.servicer.instance_id}",
         "message size     at most 67,108,864 bytes (64.0 MiB) each way",
         "tensor values    at most 67,043,328 bytes (63.9 MiB) in one message; larger ones stream,",
         "                 4,190,208 bytes (4.0 MiB) a chunk by default",

@@ -156,13 +156,13 @@ class CallStream:
         method: str,
         request: Sequence[wire.Piece],
         request_id: str | None,
-        expected_version: int | None,
+        expected: calls.Expected | None,
         timeout: float | None,
     ) -> memoryview:
         """`method`'s unary response bytes (a view of the message received), or the
         grpc.RpcError its unary call would have raised (a MessageError for the server's
         answer); Spent, the call unsent, when the stream ended before it was written."""
-        self.send(method, request, request_id, expected_version, timeout)
+        self.send(method, request, request_id, expected, timeout)
         return self.receive(method, timeout)
 
     def send(
@@ -170,7 +170,7 @@ class CallStream:
         method: str,
         request: Sequence[wire.Piece],
         request_id: str | None,
-        expected_version: int | None,
+        expected: calls.Expected | None,
         timeout: float | None,
         if_previous_succeeded: bool = False,
     ) -> None:
@@ -181,7 +181,7 @@ class CallStream:
         timeout_ms = 0 if timeout is None else max(math.ceil(timeout * 1000), 1)
         envelope = wire.join(
             calls.request_pieces(
-                method, request, request_id, expected_version, timeout_ms, if_previous_succeeded
+                method, request, request_id, expected, timeout_ms, if_previous_succeeded
             )
         )
         with self._send:

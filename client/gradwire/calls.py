@@ -12,7 +12,7 @@ read responses, and by the server to read requests and write responses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
@@ -89,11 +89,19 @@ _REQUEST_TENSORS = frozenset(
 # --- the client's side -------------------------------------------------------------------
 
 
+class Expected(NamedTuple):
+    """A mutation's condition (Client.expecting): the state version its caller expects, and
+    the server instance it read it from ("": none named)."""
+
+    version: int
+    instance: str
+
+
 def request_pieces(
     method: str,
     request: Sequence[wire.Piece],
     request_id: str | None,
-    expected_version: int | None,
+    expected: Expected | None,
     timeout_ms: int,
     if_previous_succeeded: bool = False,
 ) -> list[wire.Piece]:
@@ -104,8 +112,9 @@ def request_pieces(
         timeout_ms=timeout_ms,
         if_previous_succeeded=if_previous_succeeded,
     )
-    if expected_version is not None:
-        header.expected_version = expected_version
+    if expected is not None:
+        header.expected_version = expected.version
+        header.expected_instance = expected.instance
     return [header.SerializeToString(), *wire.length_field(METHODS[method][0], request)]
 
 

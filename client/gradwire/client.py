@@ -60,6 +60,7 @@ from gradwire.failures import (
     grace_cut,
 )
 from gradwire.limits import (
+    EXPECTED_INSTANCE,
     EXPECTED_VERSION,
     MAX_SESSION_CHARS,
     REQUEST_ID,
@@ -137,10 +138,13 @@ T = TypeVar("T")
 IndexChain = Sequence[codec.IndexKey]
 
 
-#: The version of each client's innermost `expecting` block in this thread or task.
-_EXPECTED_VERSION: contextvars.ContextVar[dict[Client, int]] = contextvars.ContextVar(
-    "expected_version",
-    default={},  # noqa: B039  # never changed: each block sets a new dict
+#: The version of each client's innermost `expecting` block in this thread or task, with the
+#: instance it was given (None: the client's own).
+_EXPECTED_VERSION: contextvars.ContextVar[dict[Client, tuple[int, str | None]]] = (
+    contextvars.ContextVar(
+        "expected_version",
+        default={},  # noqa: B039  # never changed: each block sets a new dict
+    )
 )
 
 
@@ -170,6 +174,22 @@ def fields_known(info: ServerInfo) -> frozenset[str]:
     if info.limits.connection_idle_s or info.limits.max_connections:
         return _OLDER_THAN_THE_IDLE_LIMITS
     return frozenset()
+
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _is_instance_id(value: object) -> bool:
+    """Whether `value` is a server's instance id: 16 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 16 and set(value) <= _HEX_DIGITS
+
+
+def _expected_metadata(expected: calls.Expected) -> list[tuple[str, str]]:
+    """A mutation's condition as its unary call's metadata."""
+    metadata = [(EXPECTED_VERSION, str(expected.version))]
+    if expected.instance:
+        metadata.append((EXPECTED_INSTANCE, expected.instance))
+    return metadata
 
 
 def _close_left_open(box: list[CallStream | None]) -> None:
@@ -511,6 +531,10 @@ class Client:
         self._not_on_stream: set[str] = set()
         # The contract's fields the server knows (GetServerInfo), read when first needed.
         self._known_fields: frozenset[str] | None = None
+        # The server instance this client's `expecting` blocks name: read before its first
+        # call (_know_instance), and taken anew from a refusal naming another. None: not yet
+        # read; "": the server has none (older than it).
+        self._instance: str | None = None
         # Calls in one Batch: this client's limit until a server refuses a batch with its own
         # smaller one (BATCH_TOO_LONG), which is kept from then on.
         self._batch_calls = limits.MAX_BATCH_CALLS
@@ -666,13 +690,15 @@ class Client:
         `request`: a message, its bytes, or its pieces (wire.Piece) to be joined. With
         `stream_calls`, the calls a Calls stream carries go there. `upload`: a streamed
         upload's messages, counted for its progress."""
+        if self._instance is None and method != "GetServerInfo":
+            self._know_instance(method, timeout)
         metadata = [*self._metadata, *self._session_metadata(method)]
         retryable = method in unary.READS
         request_id, expected = self._once(method)
         if request_id is not None:
             metadata.append((REQUEST_ID, request_id))
             if expected is not None:
-                metadata.append((EXPECTED_VERSION, expected))
+                metadata += _expected_metadata(expected)
             retryable = not isinstance(request, Iterator)
         on_stream = self._stream_calls and method in calls.METHODS and not self._no_calls
         if isinstance(request, list):
@@ -686,6 +712,8 @@ class Client:
         cut: grpc.RpcError | None = None
         for attempt in range(retries + 1):
             try:
+                if attempt and self._instance is None and method != "GetServerInfo":
+                    self._know_instance(method, timeout)  # before the attempt that reads
                 response = _UNARY
                 if on_stream:
                     response = self._on_stream(method, pieces, request_id, expected, timeout)
@@ -731,16 +759,16 @@ class Client:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _once(self, method: str) -> tuple[str | None, str | None]:
+    def _once(self, method: str) -> tuple[str | None, calls.Expected | None]:
         """What makes `method` safe to retry and conditional: a fresh request id for the
-        calls that take one (unary.ONCE), and for mutations the version of this client's
+        calls that take one (unary.ONCE), and for mutations the condition of this client's
         innermost `expecting` block; None where there is none."""
         if method not in unary.ONCE:
             return None, None
         # 128 random bits in 32 hex digits. Not uuid.uuid4().hex: the same digits, but its
         # Python costs a remote Step 0.014-0.018 ms (docs/performance-history.md, eleventh session).
         request_id = os.urandom(16).hex()
-        return request_id, self._expected_version() if method in unary.MUTATIONS else None
+        return request_id, self._expected() if method in unary.MUTATIONS else None
 
     def _run(self, encoded: unary.Encoded[T]) -> T:
         """The result of an encoded call, made now."""
@@ -771,7 +799,7 @@ class Client:
         method: str,
         request: list[wire.Piece],
         request_id: str | None,
-        expected: str | None,
+        expected: calls.Expected | None,
         timeout: float | None,
     ) -> Any:
         """`method`'s response, from a call on this client's Calls stream; _UNARY when the
@@ -787,7 +815,7 @@ class Client:
                 method,
                 request,
                 request_id,
-                None if expected is None else int(expected),
+                expected,
                 timeout or self.timeout,
             )
             try:
@@ -870,20 +898,40 @@ class Client:
                 cut += ", its steps taken staying applied (read the state version)"
             return ClientClosed(f"{cut}: {CLOSED}", changes_state=changes_state)
         self.reached |= cut_off(error)
-        return failed(error, changes_state, self._keepalive, timeout, method)
+        raised = failed(error, changes_state, self._keepalive, timeout, method)
+        if raised.reason == "VERSION_MISMATCH" and self._instance:
+            self._take_instance(raised.metadata.get("instance", ""))
+        return raised
 
     @contextlib.contextmanager
-    def expecting(self, version: int | np.integer[Any]) -> Iterator[None]:
+    def expecting(
+        self, version: int | np.integer[Any], *, instance: str | None = None
+    ) -> Iterator[None]:
         """Mutations made through this client in this block (this thread or task), a
         Train's first step included, apply only if its session is still at `version`;
         otherwise they change nothing and raise gradwire.errors.Aborted (reason
         VERSION_MISMATCH). Other clients' calls, a session client's included, are not
-        affected: each session has a version of its own."""
+        affected: each session has a version of its own.
+
+        The condition names the server instance too (`instance_id`, read before this
+        client's first call): a server started again counts its versions afresh, from 0
+        or a checkpoint's, and its version 4 is not the state an earlier one was at at 4.
+        A version this client read is so refused once the server has restarted since
+        (Aborted, VERSION_MISMATCH, metadata "instance"), where it was applied to another
+        state; after such a refusal the client names the new instance, so read the state
+        again before you retry, in every thread that shares the client. `instance`: the
+        instance `version` was read from, for a version another client or process read
+        (its `instance_id`); by default this client's."""
         if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
             raise TypeError(f"expecting takes a state version (an int), got {version!r}")
         if not 0 <= version < 2**63:
             raise ValueError(f"a state version is from 0 to 2**63 - 1, got {version}")
-        token = _EXPECTED_VERSION.set({**_EXPECTED_VERSION.get(), self: int(version)})
+        if instance is not None and not _is_instance_id(instance):
+            raise ValueError(
+                "instance= is a server's instance id, 16 lowercase hex digits "
+                f"(Client.instance_id, ServerInfo.instance_id), got {instance!r}"
+            )
+        token = _EXPECTED_VERSION.set({**_EXPECTED_VERSION.get(), self: (int(version), instance)})
         try:
             yield
         finally:
@@ -932,11 +980,57 @@ class Client:
 
         return Batch(self, stop_at_error=stop_at_error)
 
-    def _expected_version(self) -> str | None:
-        """The version of this client's innermost `expecting` block, as metadata; None
-        outside one."""
+    def _expected(self) -> calls.Expected | None:
+        """The condition of this client's innermost `expecting` block; None outside one."""
         expected = _EXPECTED_VERSION.get().get(self)
-        return None if expected is None else str(expected)
+        if expected is None:
+            return None
+        version, instance = expected
+        return calls.Expected(version, self._instance or "" if instance is None else instance)
+
+    @property
+    def instance_id(self) -> str | None:
+        """The id of the server instance this client's `expecting` blocks name: the one it
+        read before its first call, or the one a refusal named since (the server started
+        again). None before the first call, or from a server older than the id."""
+        return self._instance or None
+
+    def _know_instance(self, method: str, timeout: float | None) -> None:
+        """Reads the server's instance id (GetServerInfo) before this client's first call,
+        `method`: the versions its calls then read are of that instance or of one started
+        after it, and a mutation expecting one of them is refused, not applied, once the
+        server has restarted (refused needlessly if it restarted between the two reads: the
+        error says to read again). One attempt, within the call's timeout: a failure leaves
+        it to the next call, this one going on to meet whatever failed it, but for the
+        timeout, which is the call's (a server that never answers: the call would have
+        waited as long again); a server older than GetServerInfo, or than the id, has none
+        ("": no instance is sent)."""
+        timeout = timeout or self.timeout
+        try:
+            metadata = [*self._metadata, *self._session_metadata("GetServerInfo")]
+            response = self._methods["GetServerInfo"](
+                pb.GetServerInfoRequest(), timeout=timeout, metadata=metadata
+            )
+        except grpc.RpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self._instance = ""
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self._error_of(err, method, False, timeout) from None
+            self.reached |= cut_off(err)
+            return
+        except (GradwireError, ValueError):  # closed: the call itself says so
+            return
+        self.answered = self.reached = True
+        if self._instance is None:
+            self._instance = response.instance_id
+
+    def _take_instance(self, named: str) -> None:
+        """The instance a refusal of an expected version named (VERSION_MISMATCH, metadata
+        "instance"), where it is not the one this client names: the server started again,
+        and the versions read from now on are of the new one."""
+        if _is_instance_id(named) and named != self._instance:
+            self._instance = named
 
     def _stream(
         self,
@@ -953,9 +1047,11 @@ class Client:
         no limit). `metadata`: more, besides the token's and the session's. Closing the
         iterator early cancels the call; so does cancelling the call `on_call` is given.
         """
-        metadata = [*self._metadata, *self._session_metadata(method), *metadata]
         if timeout is not None and timeout < 0:
             timeout = self.timeout
+        if self._instance is None:
+            self._know_instance(method, timeout)
+        metadata = [*self._metadata, *self._session_metadata(method), *metadata]
         try:
             call = self._methods[method](request, timeout=timeout, metadata=metadata)
         except ValueError as err:
@@ -1766,8 +1862,10 @@ class Client:
         pieces += unary.source_pieces("TrainRequest", "target", target)
         pieces.append(request.SerializeToString())
         unary.fits_one_message("Train", pieces)
-        expected = self._expected_version()  # its first step's condition
-        extra = [] if expected is None else [(EXPECTED_VERSION, expected)]
+        if self._instance is None:
+            self._know_instance("Train", timeout if timeout is not None and timeout >= 0 else None)
+        expected = self._expected()  # its first step's condition
+        extra = [] if expected is None else _expected_metadata(expected)
         stream = self._stream("Train", wire.join(pieces), timeout=timeout, metadata=extra)
         return self._progress(stream, unary.widenings(input=input, target=target))
 
@@ -1887,8 +1985,11 @@ class Client:
             response.device,
             ServerLimits(**kept),
             tuple(response.known_fields),
+            response.instance_id,
         )
         self._known_fields = fields_known(info)
+        if self._instance is None:  # before any other call: none read a version yet
+            self._instance = info.instance_id
         return info
 
     def _needs_field(self, field: str, option: str, otherwise: str) -> None:

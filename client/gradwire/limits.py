@@ -105,10 +105,13 @@ MAX_HISTOGRAM_BINS: Final = 4096
 MAX_COUNT: Final = 2**32 - 1
 
 #: Metadata a caller may send with a mutation: the id of this logical request (a retry sends
-#: the same id and gets the first answer, or ANSWER_NOT_KEPT: applied once), and the state
-#: version it expects. On a Calls stream, CallRequest's fields of the same meaning.
+#: the same id and gets the first answer, or ANSWER_NOT_KEPT: applied once), the state
+#: version it expects, and the server instance that version is of (GetServerInfo's
+#: instance_id: a server started again counts afresh). On a Calls stream, CallRequest's
+#: fields of the same meaning.
 REQUEST_ID: Final = "gradwire-request-id"
 EXPECTED_VERSION: Final = "gradwire-expected-version"
+EXPECTED_INSTANCE: Final = "gradwire-expected-instance"
 #: Metadata naming the session a call acts on; absent: the default session.
 SESSION: Final = "gradwire-session"
 

@@ -162,6 +162,8 @@ class Pipeline:
         if self._state != "new":
             raise RuntimeError("a pipeline is used once, in one with block")
         client = self._client
+        if client._instance is None:  # before the calls that read the versions expected
+            client._know_instance("Calls", None)
         # The client's Calls stream (opened now if it has none, and kept), unless another
         # thread's call is on it: then one for this block alone. Opening a stream costs
         # 3-4 ms on a 2-vCPU loopback (the tutorial's five calls take about 7).
@@ -485,7 +487,7 @@ class Pipeline:
                 method,
                 pieces,
                 request_id,
-                None if expected is None else int(expected),
+                expected,
                 self._client.timeout,
                 if_previous_succeeded=after,
             )
@@ -683,6 +685,8 @@ class Batch(Pipeline):
     def __enter__(self) -> Batch:
         if self._state != "new":
             raise RuntimeError("a batch is used once, in one with block")
+        if self._client._instance is None:  # before the calls that read the versions expected
+            self._client._know_instance("Batch", None)
         self._state = "open"
         return self
 
@@ -721,7 +725,7 @@ class Batch(Pipeline):
             method,
             body,
             request_id,
-            None if expected is None else int(expected),
+            expected,
             0 if timeout is None else max(math.ceil(timeout * 1000), 1),
             # The first call of a batch has no call before it on the server: one of an
             # earlier batch that failed is seen to here (_send).

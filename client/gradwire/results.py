@@ -261,6 +261,9 @@ class ServerInfo:
     # Every field of the contract the server knows, "ForwardRequest.eval_mode": a request
     # field it does not list, it would ignore; () from a server older than the list.
     known_fields: tuple[str, ...] = ()
+    # 16 hex digits the server drew as it started: the state versions it answers are of
+    # this instance (a server started again counts afresh). "" from a server older than it.
+    instance_id: str = ""
 
     def __repr__(self) -> str:
         """The fields as a dataclass prints them, but the contract's field names as their

@@ -310,11 +310,19 @@ async function pastTheTutorial() {
   // Errors: a status a program can branch on, a reason that names the case, a message for people.
   const stale = new grpc.Metadata();
   stale.set('gradwire-expected-version', String(Number(write.version) - 1));
+  // A version counts one server's changes: one started again counts afresh. The instance id,
+  // read before the state (GetServerInfo, above), names the server a version came from; here
+  // one that is not this server's, as after a restart.
+  const restarted = new grpc.Metadata();
+  restarted.set('gradwire-expected-version', String(write.version));
+  const another = info.instance_id === '0'.repeat(16) ? '1'.repeat(16) : '0'.repeat(16);
+  restarted.set('gradwire-expected-instance', another);
   const errors = {
     unknown_name: await failure('GetTensor', { name: 'conv1.wieght' }),
     past_the_end: await failure('GetTensor', { name: 'conv1.weight', index: [index(at(16))] }),
     backward_again: await failure('Backward'),
     stale_version: await failure('FillParameters', { value: 0 }, stale),
+    another_instance: await failure('FillParameters', { value: 0 }, restarted),
     bad_shape: await failure('Forward', {
       input: { tensor: { dtype: 'DTYPE_FLOAT32', shape: [1, 3], float_values: [1, 2, 3] } },
     }),

@@ -1056,12 +1056,15 @@ def serve(
                     raise OSError(
                         f"--port-file {port_file}: cannot write it: {err.strerror or err}"
                     ) from None
+            # The instance: which server counted the state versions a caller read (one
+            # started again counts afresh), for an operator matching refusals to restarts.
             log.info(
-                "model %s on %s (gradwire %s, torch %s)",
+                "model %s on %s (gradwire %s, torch %s, instance %s)",
                 trainer.spec.name,
                 describe_device(resolved, device),
                 gradwire.__version__,
                 torch.__version__,
+                running.servicer.instance_id,
             )
             # gRPC binds 0.0.0.0 (and ::) on both families: said, for an operator whose
             # firewall covers IPv4 only (found by a review of deployment), or IPv6 only: ::

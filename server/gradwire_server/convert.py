@@ -657,11 +657,12 @@ def server_info(
     streams: tuple[int, int],
     requests: RequestsKept,
     max_name_chars: int = MAX_NAME_CHARS,
+    instance_id: str = "",
 ) -> pb.GetServerInfoResponse:
     """GetServerInfo's answer: the versions, the device, and the limits a server started with
     these settings keeps (`connections`: its pings, the clients' it takes and its idle close;
     `streams`: the health Watches and the reflection streams it keeps open at once;
-    `requests`: what it keeps for retries)."""
+    `requests`: what it keeps for retries), and the id it drew as it started."""
     pings = connections.keepalive_s
     idle_s = connections.idle_s
     health_watches, reflection_streams = streams
@@ -700,6 +701,7 @@ def server_info(
         device=device,
         limits=limits,
         known_fields=known_fields(),
+        instance_id=instance_id,
     )
 
 

@@ -16,6 +16,8 @@ import errno
 import functools
 import logging
 import math
+import os
+import re
 import threading
 import time
 import traceback
@@ -30,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 
 from gradwire import calls, limits, wire
 from gradwire._pb import trainer_pb2 as pb
-from gradwire.limits import EXPECTED_VERSION, REQUEST_ID, SESSION
+from gradwire.limits import EXPECTED_INSTANCE, EXPECTED_VERSION, REQUEST_ID, SESSION
 from gradwire_server import checkpoint, convert, stats
 from gradwire_server.errors import (
     CallerGone,
@@ -43,6 +45,7 @@ from gradwire_server.errors import (
     OverLimit,
     PreviousFailed,
     Stopping,
+    VersionMismatch,
     device_lost,
     out_of_memory,
     shown,
@@ -169,7 +172,7 @@ def _refuse_twice_given(pairs: Iterable[tuple[str, Any]]) -> None:
     one counts would be a guess (the last, before: two expected versions in one order
     applied the call, in the other refused it)."""
     keys = [k for k, _ in pairs]
-    for key in (SESSION, REQUEST_ID, EXPECTED_VERSION):
+    for key in (SESSION, REQUEST_ID, EXPECTED_VERSION, EXPECTED_INSTANCE):
         if keys.count(key) > 1:
             raise InvalidInput(
                 f"metadata {key} is given {keys.count(key)} times; give it once",
@@ -278,6 +281,41 @@ def _expected_version(metadata: dict[str, str]) -> int | None:
     return expected
 
 
+#: What a server's instance id is (GetServerInfoResponse.instance_id).
+_INSTANCE_ID = re.compile("[0-9a-f]{16}")
+
+
+def _check_instance(
+    servicer: TrainerServicer, metadata: dict[str, str], expected_version: int | None
+) -> None:
+    """Refuses a mutation meant for another server instance than this one (metadata
+    gradwire-expected-instance): its caller read the state, and its version, from a server
+    that has restarted since, and this one counts its versions afresh, so that the same
+    number is another state. Nothing has changed yet; the instance never does while the
+    server runs, so no lock is needed to compare it."""
+    given = metadata.get(EXPECTED_INSTANCE)
+    if not given or given == servicer.instance_id:  # empty: none, as for a request id
+        return
+    if not _INSTANCE_ID.fullmatch(given):
+        raise InvalidInput(
+            f"{EXPECTED_INSTANCE} must be a server's instance id, 16 lowercase hex digits "
+            f"(GetServerInfo's instance_id), got {shown(given)}",
+            reason="BAD_METADATA",
+        )
+    version = servicer.trainer.version
+    expected = (
+        f"server instance {given}"
+        if expected_version is None
+        else f"state version {expected_version} of server instance {given}"
+    )
+    raise VersionMismatch(
+        f"expected {expected}, but this is server instance {servicer.instance_id}: a server "
+        f"started since, or another, whose versions count afresh (it is at {version}); "
+        "nothing was changed: read the state again and retry",
+        metadata={"version": str(version), "instance": servicer.instance_id},
+    )
+
+
 def mutation(method: Handler[R]) -> Handler[R]:
     """`rpc` for calls that change state: run only if the caller's expected version holds and
     its deadline has not passed, and once per request id."""
@@ -292,6 +330,7 @@ def _mutate(
     metadata: dict[str, str],
 ) -> R:
     guard = _guard(context, metadata)
+    _check_instance(servicer, metadata, guard.expected_version)
 
     def run() -> R:
         with guarded(guard):
@@ -445,6 +484,10 @@ class TrainerServicer:
         #: Where SaveCheckpoint and LoadCheckpoint keep checkpoints; None: not served.
         self.state_dir = state_dir
         self.requests = RequestLog()
+        #: Drawn as the server starts: which server counted the versions a caller read (a
+        #: server started again counts afresh, and comes to numbers the last one gave, of
+        #: other states). A mutation meant for another is refused (_check_instance).
+        self.instance_id = os.urandom(8).hex()
         #: GetServerInfo's answer: nothing in it changes while the server runs.
         #: `connections`: the settings `app.start` gives gRPC for its connections; `streams`:
         #: the health Watches and reflection streams the services beside it keep open at
@@ -459,6 +502,7 @@ class TrainerServicer:
             streams=streams,
             requests=self.requests,
             max_name_chars=trainer.max_name_chars,
+            instance_id=self.instance_id,
         )
         #: Called when a call fails with an error the device does not recover from (the
         #: server turns its health NOT_SERVING, so that whatever supervises it restarts it).
@@ -1058,7 +1102,9 @@ class TrainerServicer:
         trainer = self.trainer
         # The caller's expected version is its first step's condition: the run starts from
         # the state the caller saw, or not at all.
-        first = Guard(_expected_version(_metadata(context)))
+        metadata = _metadata(context)
+        first = Guard(_expected_version(metadata))
+        _check_instance(self, metadata, first.expected_version)
         # A tensor sent once is the same every step: on a GPU it crosses to the device once.
         inputs, target = trainer.stage(inputs, "input"), trainer.stage(target, "target")
         sent = _AsSent(trainer, [inputs, target])
@@ -1302,7 +1348,11 @@ class CallObserver(Protocol):
 
 
 #: The metadata a unary mutation reads that a call on a Calls stream carries in its message.
-_MESSAGE_FIELDS = {REQUEST_ID: "request_id", EXPECTED_VERSION: "expected_version"}
+_MESSAGE_FIELDS = {
+    REQUEST_ID: "request_id",
+    EXPECTED_VERSION: "expected_version",
+    EXPECTED_INSTANCE: "expected_instance",
+}
 
 
 def _carried_apart(metadata: dict[str, str], whose: str) -> dict[str, str]:
@@ -1373,13 +1423,15 @@ def _named_call(request: Any) -> tuple[str | None, Any, pb.CallRequest | None]:
 
 def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[str, str]:
     """The metadata a mutation on a Calls stream runs with: the stream's, with the message's
-    request id and expected version as the unary call's metadata would carry them, refused
-    where the metadata would be (BAD_METADATA). Reads take neither, as unary reads ignore
-    them."""
+    request id, expected version and expected instance as the unary call's metadata would
+    carry them, refused where the metadata would be (BAD_METADATA). Reads take none of them,
+    as unary reads ignore them."""
     has_version = envelope.HasField("expected_version")
-    if not envelope.request_id and not has_version:
+    if not envelope.request_id and not has_version and not envelope.expected_instance:
         return stream
     metadata = dict(stream)
+    if envelope.expected_instance:  # checked with the metadata's (_check_instance)
+        metadata[EXPECTED_INSTANCE] = envelope.expected_instance
     if envelope.request_id:
         if len(envelope.request_id) > limits.MAX_REQUEST_ID_CHARS:
             raise InvalidInput(

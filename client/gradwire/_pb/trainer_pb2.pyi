@@ -66,7 +66,16 @@ Conventions used by every message below:
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
-  (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
+  (VERSION_MISMATCH); "gradwire-expected-instance": the call applies only on the server
+  instance of this id (GetServerInfoResponse.instance_id), else ABORTED (VERSION_MISMATCH,
+  metadata "instance": this server's id). A server started again counts its versions
+  afresh, from 0 or from a checkpoint's, and can come to a number read from the one
+  before, of another state: send both, and a mutation meant for the state you read is
+  refused once the server has restarted, not applied to another. Read the instance id
+  before the state whose version you send (a restart between the two then refuses the
+  mutation: safe); the Python client does so before its first call. An id that is not 16
+  lowercase hex digits is INVALID_ARGUMENT (BAD_METADATA). A mutation whose deadline
+  passes before it runs changes nothing
   (DEADLINE_EXCEEDED), and is withdrawn at its deadline if it is still waiting for the
   server's other work (another caller's Forward); one that has begun runs to its end,
   its change applied though its caller was told DEADLINE_EXCEEDED: learn what was
@@ -83,7 +92,7 @@ Conventions used by every message below:
   transport level security"); given to one call (grpc.PerRPCCredentials), that call is
   UNAUTHENTICATED, "cannot send secure credentials on an insecure connection". There,
   add the entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
-  session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
+  expected instance, session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
   call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
@@ -242,7 +251,8 @@ Conventions used by every message below:
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
       "true" when the call itself succeeded, "applied": "true" when it was a mutation that
       ran, whose change stays applied; both "false" when it failed and changed nothing)
-    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
+    ABORTED: VERSION_MISMATCH (metadata "version"; "instance" too when the expected
+      instance was another server's, one started since), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
       Batch not run because the one before it failed; metadata "previous": that call's
@@ -2257,12 +2267,22 @@ class GetServerInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     KNOWN_FIELDS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """gradwire's version, e.g. "0.1.0" """
     torch_version: _builtins.str
     """PyTorch's, e.g. "2.13.0+cu128": what to compare a local run with"""
     device: _builtins.str
     """where every session's model lives, as the server resolved `--device` (auto: "cuda" or "cpu"): "cuda", "cuda:1", "cpu" """
+    instance_id: _builtins.str
+    """16 lowercase hex digits drawn at random as this server started: which server counted
+    the state versions you read. A server started again (after a crash, a stop, a deploy)
+    draws another, and counts its versions afresh, from 0 or from the version of the
+    checkpoint it starts from, so that the version 4 of one instance and the version 4 of
+    the next are different states. Send it with an expected version
+    ("gradwire-expected-instance", CallRequest.expected_instance) for the condition to hold
+    on this instance only. Empty from a server that predates it.
+    """
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...
     @_builtins.property
@@ -2286,10 +2306,11 @@ class GetServerInfoResponse(_message.Message):
         device: _builtins.str = ...,
         limits: Global___ServerLimits | None = ...,
         known_fields: _abc.Iterable[_builtins.str] | None = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "known_fields", b"known_fields", "limits", b"limits", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "instance_id", b"instance_id", "known_fields", b"known_fields", "limits", b"limits", "torch_version", b"torch_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3028,6 +3049,7 @@ class CallRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    EXPECTED_INSTANCE_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     IF_PREVIOUS_SUCCEEDED_FIELD_NUMBER: _builtins.int
     FORWARD_FIELD_NUMBER: _builtins.int
@@ -3056,6 +3078,12 @@ class CallRequest(_message.Message):
     Read by mutations only, as the metadata is; past 2^63-1 a mutation is refused as the
     metadata would be (INVALID_ARGUMENT, BAD_METADATA), as is a request_id over 128
     characters.
+    """
+    expected_instance: _builtins.str
+    """As the "gradwire-expected-instance" metadata: the call applies only on the server
+    instance of this id (GetServerInfoResponse.instance_id; ABORTED, VERSION_MISMATCH,
+    otherwise). Empty: no condition. Read by mutations only; an id that is not 16 lowercase
+    hex digits is refused as the metadata would be (INVALID_ARGUMENT, BAD_METADATA).
     """
     timeout_ms: _builtins.int
     """This call's deadline, in milliseconds from when the server takes the message up: after
@@ -3115,6 +3143,7 @@ class CallRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         expected_version: _builtins.int | None = ...,
+        expected_instance: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
         if_previous_succeeded: _builtins.bool = ...,
         forward: Global___ForwardRequest | None = ...,
@@ -3135,7 +3164,7 @@ class CallRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "delete_checkpoint", b"delete_checkpoint", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "delete_checkpoint", b"delete_checkpoint", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "if_previous_succeeded", b"if_previous_succeeded", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "request_id", b"request_id", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "backward", b"backward", "call", b"call", "delete_checkpoint", b"delete_checkpoint", "expected_instance", b"expected_instance", "expected_version", b"expected_version", "fill_parameters", b"fill_parameters", "forward", b"forward", "get_stats", b"get_stats", "get_tensor", b"get_tensor", "if_previous_succeeded", b"if_previous_succeeded", "list_tensors", b"list_tensors", "load_checkpoint", b"load_checkpoint", "request_id", b"request_id", "reset", b"reset", "save_checkpoint", b"save_checkpoint", "set_optimizer", b"set_optimizer", "set_tensor", b"set_tensor", "step", b"step", "timeout_ms", b"timeout_ms", "train_step", b"train_step", "zero_grad", b"zero_grad"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015

@@ -66,7 +66,16 @@ Conventions used by every message below:
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
-  (VERSION_MISMATCH). A mutation whose deadline passes before it runs changes nothing
+  (VERSION_MISMATCH); "gradwire-expected-instance": the call applies only on the server
+  instance of this id (GetServerInfoResponse.instance_id), else ABORTED (VERSION_MISMATCH,
+  metadata "instance": this server's id). A server started again counts its versions
+  afresh, from 0 or from a checkpoint's, and can come to a number read from the one
+  before, of another state: send both, and a mutation meant for the state you read is
+  refused once the server has restarted, not applied to another. Read the instance id
+  before the state whose version you send (a restart between the two then refuses the
+  mutation: safe); the Python client does so before its first call. An id that is not 16
+  lowercase hex digits is INVALID_ARGUMENT (BAD_METADATA). A mutation whose deadline
+  passes before it runs changes nothing
   (DEADLINE_EXCEEDED), and is withdrawn at its deadline if it is still waiting for the
   server's other work (another caller's Forward); one that has begun runs to its end,
   its change applied though its caller was told DEADLINE_EXCEEDED: learn what was
@@ -83,7 +92,7 @@ Conventions used by every message below:
   transport level security"); given to one call (grpc.PerRPCCredentials), that call is
   UNAUTHENTICATED, "cannot send secure credentials on an insecure connection". There,
   add the entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
-  session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
+  expected instance, session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
   call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
@@ -242,7 +251,8 @@ Conventions used by every message below:
       fit; metadata "bytes": the answer's size, "limit": the room it had, "succeeded":
       "true" when the call itself succeeded, "applied": "true" when it was a mutation that
       ran, whose change stays applied; both "false" when it failed and changed nothing)
-    ABORTED: VERSION_MISMATCH (metadata "version"), ANSWER_NOT_KEPT (metadata "method",
+    ABORTED: VERSION_MISMATCH (metadata "version"; "instance" too when the expected
+      instance was another server's, one started since), ANSWER_NOT_KEPT (metadata "method",
       the RPC's name such as "TrainStep": a retry of a request applied before, whose
       answer is no longer kept), PREVIOUS_FAILED (a call on a Calls stream or in a
       Batch not run because the one before it failed; metadata "previous": that call's

@@ -48,7 +48,7 @@ def connect(args: argparse.Namespace) -> Client:
         )
     try:
         check_session(args.session, "--session")  # in the words of the command line
-        return Client(
+        client = Client(
             args.target,
             timeout=args.timeout,
             token=load_token(args.token_file),
@@ -67,6 +67,12 @@ def connect(args: argparse.Namespace) -> Client:
         if getattr(args, "session_from_environment", False) and "session" in said:
             said += f" (the session came from ${SESSION_ENV})"
         raise UsageError(said) from None
+    if args.command != "replay":
+        # No other command makes a conditional mutation (Client.expecting), which the
+        # server's instance is read for before a client's first call: each would make one
+        # call more, and the server log and count a GetServerInfo per command.
+        client._instance = ""
+    return client
 
 
 def _unreachable(error: RemoteError) -> bool:

@@ -422,8 +422,12 @@ def cmd_info(args: argparse.Namespace, client: Client, out: TextIO) -> None:
         "index chains": not lim.max_index_chain,
     }
     rows = [(name, text) for name, text in rows if not unreported.get(name)]
+    # The instance: which server counted the state versions shown (one started again
+    # counts afresh); none from a server older than it.
+    instance = f", instance {info.instance_id}" if info.instance_id else ""
     out.write(
-        f"gradwire {info.version} with PyTorch {info.torch_version}, models on {info.device}\n"
+        f"gradwire {info.version} with PyTorch {info.torch_version}, models on {info.device}"
+        f"{instance}\n"
     )
     width = max(len(name) for name, _ in rows)
     for name, text in rows:
