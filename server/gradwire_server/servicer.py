@@ -1359,9 +1359,12 @@ def _carried_apart(metadata: dict[str, str], whose: str) -> dict[str, str]:
     """`metadata`, refused (BAD_METADATA) where it carries what each call of a Calls
     stream or a Batch carries in its CallRequest instead. An empty request id is none, as
     for a unary call: a client that always sends the header, empty when it has no id, would
-    have had every stream and batch refused (found by a review of the contract)."""
-    if metadata.get(REQUEST_ID) == "":
-        metadata = {key: value for key, value in metadata.items() if key != REQUEST_ID}
+    have had every stream and batch refused (found by a review of the contract). So is an
+    empty expected instance (found by a review of the instance id as an integrator in another
+    language meets it)."""
+    empty = {key for key in (REQUEST_ID, EXPECTED_INSTANCE) if metadata.get(key) == ""}
+    if empty:
+        metadata = {key: value for key, value in metadata.items() if key not in empty}
     for key, carried in _MESSAGE_FIELDS.items():
         if key in metadata:
             raise InvalidInput(
