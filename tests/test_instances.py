@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.rpc import status_pb2
 
 import gradwire
 from gradwire import errors
@@ -264,6 +265,25 @@ def test_an_empty_instance_on_a_streams_or_batchs_metadata_is_none_as_on_a_unary
         assert answer.zero_grad.version == 2
         batch = stub.Batch(pb.BatchRequest(calls=[step]), metadata=empty)
         assert batch.answers[0].zero_grad.version == 3
+        channel.close()
+
+
+def test_a_calls_bad_expected_instance_is_named_by_its_field() -> None:
+    """A CallRequest whose expected_instance is no instance id is refused naming the field it
+    sent, as its request_id and expected_version are, not the metadata key it never sent
+    (found by a review of the instance id as an integrator in another language meets it)."""
+    with running_server() as running:
+        channel, stub = _raw(running)
+        bad = pb.CallRequest(zero_grad=pb.ZeroGradRequest(), expected_instance="nope")
+        [answer] = _answers(stub, bad)
+        status = status_pb2.Status.FromString(answer.error)
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert status.message.startswith("expected_instance must be"), status.message
+        assert EXPECTED_INSTANCE not in status.message
+        batch = stub.Batch(pb.BatchRequest(calls=[bad]))
+        status = status_pb2.Status.FromString(batch.answers[0].error)
+        assert status.message.startswith("expected_instance must be"), status.message
+        assert running.trainer.version == 0
         channel.close()
 
 

@@ -1433,7 +1433,14 @@ def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[
     if not envelope.request_id and not has_version and not envelope.expected_instance:
         return stream
     metadata = dict(stream)
-    if envelope.expected_instance:  # checked with the metadata's (_check_instance)
+    if envelope.expected_instance:  # compared with this server's in _check_instance
+        # Its form checked here, to name the field the caller sent, not the metadata key.
+        if not _INSTANCE_ID.fullmatch(envelope.expected_instance):
+            raise InvalidInput(
+                "expected_instance must be a server's instance id, 16 lowercase hex digits "
+                f"(GetServerInfo's instance_id), got {shown(envelope.expected_instance)}",
+                reason="BAD_METADATA",
+            )
         metadata[EXPECTED_INSTANCE] = envelope.expected_instance
     if envelope.request_id:
         if len(envelope.request_id) > limits.MAX_REQUEST_ID_CHARS:
