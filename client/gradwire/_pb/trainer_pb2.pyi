@@ -61,16 +61,16 @@ Conventions used by every message below:
   state version then ("version"; not for a session closed under the run, CLOSED, its
   steps gone with it); an INTERNAL error does not, nor a Train ended at a stop while its client
   was not reading its progress (below, UNAVAILABLE): read the version.
-- Mutations (every RPC that changes state) read two optional metadata entries (on a
+- Mutations (every RPC that changes state) read three optional metadata entries (on a
   Calls stream, fields of each CallRequest of the same meaning):
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH); "gradwire-expected-instance": the call applies only on the server
-  instance of this id (GetServerInfoResponse.instance_id), else ABORTED (VERSION_MISMATCH,
-  metadata "instance": this server's id). A server started again counts its versions
-  afresh, from 0 or from a checkpoint's, and can come to a number read from the one
-  before, of another state: send both, and a mutation meant for the state you read is
+  instance of this id (GetServerInfoResponse.instance_id; empty: none), else ABORTED
+  (VERSION_MISMATCH, metadata "instance": this server's id). A server started again
+  counts its versions afresh, from 0 or from a checkpoint's, and can come to a number
+  read from the one before, of another state: send both, and a mutation meant for the state you read is
   refused once the server has restarted, not applied to another. Read the instance id
   before the state whose version you send (a restart between the two then refuses the
   mutation: safe); the Python client does so before its first call. An id that is not 16
@@ -113,11 +113,12 @@ Conventions used by every message below:
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none, nor do
   SaveCheckpoint and DeleteCheckpoint, which change the state directory's files, not a
-  session's state, and read no expected version either: a save sent again writes the
-  state as it is then (its answer's version says which), and a delete sent again after
-  it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
-  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
-  condition. OpenSession and CloseSession act on no session's state and do not read it.
+  session's state, and read no expected version or instance either: a save sent again
+  writes the state as it is then (its answer's version says which), and a delete sent
+  again after it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
+  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it, and the expected
+  instance, as its first step's condition. OpenSession and CloseSession act on no
+  session's state and do not read them.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that

@@ -29,10 +29,10 @@ class TrainerStub:
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """
@@ -184,10 +184,10 @@ class TrainerServicer:
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """
@@ -425,8 +425,9 @@ class TrainerServicer:
         does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
         mutation landing between two steps adds its own. Each step is applied as it runs: Train
         reads no request id, and is not safe to retry blindly (read the version first); an
-        expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
-        step taken, when the state has moved). A run does not hold other callers off: their
+        expected version is its first step's condition, as is an expected instance (ABORTED,
+        VERSION_MISMATCH, and no step taken, when the state has moved or the server has
+        restarted). A run does not hold other callers off: their
         calls on the same session are served between two of its steps, and a mutation of
         theirs lands there. A run with a deadline is ended by the server between two steps
         when the next would end too near it (judged by the slowest of its last 8 steps but
@@ -454,8 +455,9 @@ class TrainerServicer:
         Each CallRequest is one call, run as its unary call would be: the stream's
         "gradwire-session" metadata names the session, read afresh for each message (a
         session closed meanwhile ends the stream, below);
-        request_id and expected_version are the unary call's metadata of those names (the
-        stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+        request_id, expected_version and expected_instance are the unary call's metadata of
+        those names (the stream's own metadata must not carry them: INVALID_ARGUMENT,
+        BAD_METADATA; an empty request id or instance there is none); the token,
         where one is set, is checked once, for the stream. The server answers every message
         with exactly one CallResponse, in the order the messages came: the call's response,
         or its error as the unary call's trailer would carry it. An error answered this way
@@ -490,10 +492,11 @@ class TrainerServicer:
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
         proxies that carry unary calls only (grpc-web). The calls run one at a time in the
         order given, each exactly as it would as a message of a Calls stream (its request_id,
-        expected_version, timeout_ms and if_previous_succeeded; the session from this call's
-        metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
-        BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
-        order: a call's error is its answer, and ends nothing. The server takes the message
+        expected_version, expected_instance, timeout_ms and if_previous_succeeded; the session
+        from this call's metadata, which must not carry a request id, expected version or
+        expected instance: INVALID_ARGUMENT, BAD_METADATA; an empty request id or instance is
+        none), and BatchResponse.answers holds one CallResponse per call, in the same order: a
+        call's error is its answer, and ends nothing. The server takes the message
         once and answers once, so each call costs about what its work costs: on the 2-vCPU
         machine the benchmark runs on, the tutorial's five calls took about four fifths of the
         time they take written at once on a Calls stream (docs/PERFORMANCE.md).
@@ -669,10 +672,10 @@ class Trainer:
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """

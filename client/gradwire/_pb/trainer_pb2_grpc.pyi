@@ -61,16 +61,16 @@ Conventions used by every message below:
   state version then ("version"; not for a session closed under the run, CLOSED, its
   steps gone with it); an INTERNAL error does not, nor a Train ended at a stop while its client
   was not reading its progress (below, UNAVAILABLE): read the version.
-- Mutations (every RPC that changes state) read two optional metadata entries (on a
+- Mutations (every RPC that changes state) read three optional metadata entries (on a
   Calls stream, fields of each CallRequest of the same meaning):
   "gradwire-request-id" (at most 128 characters; empty: none): a retry with the same id is applied
   once and answered as the first attempt was; "gradwire-expected-version": the call
   applies only if the state version is still this number, else ABORTED
   (VERSION_MISMATCH); "gradwire-expected-instance": the call applies only on the server
-  instance of this id (GetServerInfoResponse.instance_id), else ABORTED (VERSION_MISMATCH,
-  metadata "instance": this server's id). A server started again counts its versions
-  afresh, from 0 or from a checkpoint's, and can come to a number read from the one
-  before, of another state: send both, and a mutation meant for the state you read is
+  instance of this id (GetServerInfoResponse.instance_id; empty: none), else ABORTED
+  (VERSION_MISMATCH, metadata "instance": this server's id). A server started again
+  counts its versions afresh, from 0 or from a checkpoint's, and can come to a number
+  read from the one before, of another state: send both, and a mutation meant for the state you read is
   refused once the server has restarted, not applied to another. Read the instance id
   before the state whose version you send (a restart between the two then refuses the
   mutation: safe); the Python client does so before its first call. An id that is not 16
@@ -113,11 +113,12 @@ Conventions used by every message below:
   even if it has closed since), and CloseSession (a retry of a close that succeeded is
   answered as it was, not NOT_FOUND); Train and the reads take none, nor do
   SaveCheckpoint and DeleteCheckpoint, which change the state directory's files, not a
-  session's state, and read no expected version either: a save sent again writes the
-  state as it is then (its answer's version says which), and a delete sent again after
-  it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
-  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it as its first step's
-  condition. OpenSession and CloseSession act on no session's state and do not read it.
+  session's state, and read no expected version or instance either: a save sent again
+  writes the state as it is then (its answer's version says which), and a delete sent
+  again after it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
+  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it, and the expected
+  instance, as its first step's condition. OpenSession and CloseSession act on no
+  session's state and do not read them.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
   or empty, the default session. OpenSession and CloseSession do not read it.
 - Sizes: a message may be up to 64 MiB each way, over gRPC's default 4 MiB: a client that
@@ -357,10 +358,10 @@ class TrainerStub:
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """
@@ -499,8 +500,9 @@ class TrainerStub:
     does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
     mutation landing between two steps adds its own. Each step is applied as it runs: Train
     reads no request id, and is not safe to retry blindly (read the version first); an
-    expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
-    step taken, when the state has moved). A run does not hold other callers off: their
+    expected version is its first step's condition, as is an expected instance (ABORTED,
+    VERSION_MISMATCH, and no step taken, when the state has moved or the server has
+    restarted). A run does not hold other callers off: their
     calls on the same session are served between two of its steps, and a mutation of
     theirs lands there. A run with a deadline is ended by the server between two steps
     when the next would end too near it (judged by the slowest of its last 8 steps but
@@ -524,8 +526,9 @@ class TrainerStub:
     Each CallRequest is one call, run as its unary call would be: the stream's
     "gradwire-session" metadata names the session, read afresh for each message (a
     session closed meanwhile ends the stream, below);
-    request_id and expected_version are the unary call's metadata of those names (the
-    stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+    request_id, expected_version and expected_instance are the unary call's metadata of
+    those names (the stream's own metadata must not carry them: INVALID_ARGUMENT,
+    BAD_METADATA; an empty request id or instance there is none); the token,
     where one is set, is checked once, for the stream. The server answers every message
     with exactly one CallResponse, in the order the messages came: the call's response,
     or its error as the unary call's trailer would carry it. An error answered this way
@@ -556,10 +559,11 @@ class TrainerStub:
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
     proxies that carry unary calls only (grpc-web). The calls run one at a time in the
     order given, each exactly as it would as a message of a Calls stream (its request_id,
-    expected_version, timeout_ms and if_previous_succeeded; the session from this call's
-    metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
-    BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
-    order: a call's error is its answer, and ends nothing. The server takes the message
+    expected_version, expected_instance, timeout_ms and if_previous_succeeded; the session
+    from this call's metadata, which must not carry a request id, expected version or
+    expected instance: INVALID_ARGUMENT, BAD_METADATA; an empty request id or instance is
+    none), and BatchResponse.answers holds one CallResponse per call, in the same order: a
+    call's error is its answer, and ends nothing. The server takes the message
     once and answers once, so each call costs about what its work costs: on the 2-vCPU
     machine the benchmark runs on, the tutorial's five calls took about four fifths of the
     time they take written at once on a Calls stream (docs/PERFORMANCE.md).
@@ -587,10 +591,10 @@ class TrainerAsyncStub(TrainerStub):
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """
@@ -726,8 +730,9 @@ class TrainerAsyncStub(TrainerStub):
     does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
     mutation landing between two steps adds its own. Each step is applied as it runs: Train
     reads no request id, and is not safe to retry blindly (read the version first); an
-    expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
-    step taken, when the state has moved). A run does not hold other callers off: their
+    expected version is its first step's condition, as is an expected instance (ABORTED,
+    VERSION_MISMATCH, and no step taken, when the state has moved or the server has
+    restarted). A run does not hold other callers off: their
     calls on the same session are served between two of its steps, and a mutation of
     theirs lands there. A run with a deadline is ended by the server between two steps
     when the next would end too near it (judged by the slowest of its last 8 steps but
@@ -751,8 +756,9 @@ class TrainerAsyncStub(TrainerStub):
     Each CallRequest is one call, run as its unary call would be: the stream's
     "gradwire-session" metadata names the session, read afresh for each message (a
     session closed meanwhile ends the stream, below);
-    request_id and expected_version are the unary call's metadata of those names (the
-    stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+    request_id, expected_version and expected_instance are the unary call's metadata of
+    those names (the stream's own metadata must not carry them: INVALID_ARGUMENT,
+    BAD_METADATA; an empty request id or instance there is none); the token,
     where one is set, is checked once, for the stream. The server answers every message
     with exactly one CallResponse, in the order the messages came: the call's response,
     or its error as the unary call's trailer would carry it. An error answered this way
@@ -783,10 +789,11 @@ class TrainerAsyncStub(TrainerStub):
     (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
     proxies that carry unary calls only (grpc-web). The calls run one at a time in the
     order given, each exactly as it would as a message of a Calls stream (its request_id,
-    expected_version, timeout_ms and if_previous_succeeded; the session from this call's
-    metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
-    BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
-    order: a call's error is its answer, and ends nothing. The server takes the message
+    expected_version, expected_instance, timeout_ms and if_previous_succeeded; the session
+    from this call's metadata, which must not carry a request id, expected version or
+    expected instance: INVALID_ARGUMENT, BAD_METADATA; an empty request id or instance is
+    none), and BatchResponse.answers holds one CallResponse per call, in the same order: a
+    call's error is its answer, and ends nothing. The server takes the message
     once and answers once, so each call costs about what its work costs: on the 2-vCPU
     machine the benchmark runs on, the tutorial's five calls took about four fifths of the
     time they take written at once on a Calls stream (docs/PERFORMANCE.md).
@@ -813,10 +820,10 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     """The training step, driven remotely.
 
     What every call shares (tensor names, state versions, the metadata entries
-    "gradwire-session", "gradwire-request-id", "gradwire-expected-version" and
-    "authorization", errors with their ErrorInfo in the "grpc-status-details-bin" trailer,
-    sizes, concurrency and keepalive) is said once, in the comment at the top of
-    gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
+    "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
+    "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
+    "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
     Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
     one: where they say "above" or "at the top of this file", they mean it.
     """
@@ -1100,8 +1107,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         does (ZeroGrad, Forward, Backward, Step; 3 with zero_grad false), and another caller's
         mutation landing between two steps adds its own. Each step is applied as it runs: Train
         reads no request id, and is not safe to retry blindly (read the version first); an
-        expected version is its first step's condition (ABORTED, VERSION_MISMATCH, and no
-        step taken, when the state has moved). A run does not hold other callers off: their
+        expected version is its first step's condition, as is an expected instance (ABORTED,
+        VERSION_MISMATCH, and no step taken, when the state has moved or the server has
+        restarted). A run does not hold other callers off: their
         calls on the same session are served between two of its steps, and a mutation of
         theirs lands there. A run with a deadline is ended by the server between two steps
         when the next would end too near it (judged by the slowest of its last 8 steps but
@@ -1131,8 +1139,9 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         Each CallRequest is one call, run as its unary call would be: the stream's
         "gradwire-session" metadata names the session, read afresh for each message (a
         session closed meanwhile ends the stream, below);
-        request_id and expected_version are the unary call's metadata of those names (the
-        stream's own metadata must not carry them: INVALID_ARGUMENT, BAD_METADATA); the token,
+        request_id, expected_version and expected_instance are the unary call's metadata of
+        those names (the stream's own metadata must not carry them: INVALID_ARGUMENT,
+        BAD_METADATA; an empty request id or instance there is none); the token,
         where one is set, is checked once, for the stream. The server answers every message
         with exactly one CallResponse, in the order the messages came: the call's response,
         or its error as the unary call's trailer would carry it. An error answered this way
@@ -1169,10 +1178,11 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
         (the tutorial's Forward, Backward, Step, ZeroGrad and GetTensor), and for clients and
         proxies that carry unary calls only (grpc-web). The calls run one at a time in the
         order given, each exactly as it would as a message of a Calls stream (its request_id,
-        expected_version, timeout_ms and if_previous_succeeded; the session from this call's
-        metadata, which must not carry a request id or expected version: INVALID_ARGUMENT,
-        BAD_METADATA), and BatchResponse.answers holds one CallResponse per call, in the same
-        order: a call's error is its answer, and ends nothing. The server takes the message
+        expected_version, expected_instance, timeout_ms and if_previous_succeeded; the session
+        from this call's metadata, which must not carry a request id, expected version or
+        expected instance: INVALID_ARGUMENT, BAD_METADATA; an empty request id or instance is
+        none), and BatchResponse.answers holds one CallResponse per call, in the same order: a
+        call's error is its answer, and ends nothing. The server takes the message
         once and answers once, so each call costs about what its work costs: on the 2-vCPU
         machine the benchmark runs on, the tutorial's five calls took about four fifths of the
         time they take written at once on a Calls stream (docs/PERFORMANCE.md).
