@@ -112,15 +112,55 @@ def test_a_version_of_this_instance_still_applies_and_a_stale_one_is_refused_as_
         with client.expecting(version + 1), pytest.raises(errors.Aborted) as refused:
             client.zero_grad()
         assert refused.value.metadata == {"version": str(version)}  # no instance: the same one
+        assert client.instance_id == running.servicer.instance_id  # still named, not dropped
         with client.expecting(version):
             assert client.zero_grad() == version + 1
+
+
+def test_a_refusal_names_the_version_the_new_server_is_at_not_the_one_expected() -> None:
+    with _restarts() as (client, restart):
+        client.zero_grad()
+        client.zero_grad()
+        after = restart()
+        _at(after, 5)
+        with client.expecting(2), pytest.raises(errors.Aborted) as refused:
+            client.zero_grad()
+        assert refused.value.metadata == {"version": "5", "instance": after.servicer.instance_id}
+        assert "(it is at 5)" in refused.value.message
+        assert after.trainer.version == 5
+
+
+@pytest.mark.parametrize("how", ["pipeline", "batch"])
+def test_a_client_whose_first_call_is_a_pipeline_or_batch_reads_the_instance(how: str) -> None:
+    """Pipelines and batches call the server other than through the client's unary calls:
+    a client used through them alone names the instance too, as one reads it first."""
+    with _restarts() as (client, restart):
+        if how == "pipeline":
+            with client.pipeline() as p:
+                read = p.list_tensors()
+        else:
+            with client.batch() as b:
+                read = b.list_tensors()
+        version = read.result().version
+        before = client.instance_id
+        assert before is not None
+        after = restart()
+        _at(after, version)
+        with (
+            client.expecting(version),
+            pytest.raises(errors.Aborted) as refused,
+            client.pipeline() as p,
+        ):
+            p.zero_grad().result()
+        assert refused.value.metadata["instance"] == after.servicer.instance_id
+        assert after.trainer.version == version
 
 
 @pytest.mark.parametrize("how", ["pipeline", "batch", "stream_calls", "train"])
 def test_every_way_of_sending_a_mutation_names_the_instance(how: str) -> None:
     with _restarts() as (client, restart):
         client.stream_calls = how == "stream_calls"
-        version = client.list_tensors().version
+        version, before = client.list_tensors().version, client.instance_id
         after = restart()
         _at(after, version)
         with client.expecting(version), pytest.raises(errors.Aborted) as refused:
@@ -137,6 +177,7 @@ def test_every_way_of_sending_a_mutation_names_the_instance(how: str) -> None:
                 client.zero_grad()
         assert refused.value.reason == "VERSION_MISMATCH"
         assert refused.value.metadata["instance"] == after.servicer.instance_id
+        assert f"state version {version} of server instance {before}" in refused.value.message
         assert after.trainer.version == version
 
 
@@ -287,6 +328,16 @@ def test_a_calls_bad_expected_instance_is_named_by_its_field() -> None:
         channel.close()
 
 
+class _Asked(grpc.GenericRpcHandler):
+    """Records the methods called, leaving each to the handlers after it."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> None:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+
+
 def test_a_server_older_than_the_instance_is_sent_none() -> None:
     seen: list[list[str]] = []
 
@@ -303,12 +354,18 @@ def test_a_server_older_than_the_instance_is_sent_none() -> None:
         {"ZeroGrad": unary(zero_grad)},  # older than GetServerInfo too
     ):
         seen.clear()
-        with bare_server(old_trainer(0, **methods)) as address, gradwire.connect(address) as client:
+        asked = _Asked()
+        with (
+            bare_server(asked, old_trainer(0, **methods)) as address,
+            gradwire.connect(address) as client,
+        ):
             with client.expecting(0):
                 client.zero_grad()
                 client.zero_grad()
             assert client.instance_id is None
         assert len(seen) == 2
+        # Asked once: an answer without the id, or UNIMPLEMENTED, is not asked again.
+        assert asked.methods == ["GetServerInfo", "ZeroGrad", "ZeroGrad"]
         assert all(EXPECTED_VERSION in keys and EXPECTED_INSTANCE not in keys for keys in seen)
 
 
@@ -326,6 +383,26 @@ def test_a_first_call_that_fails_fails_as_it_did_and_the_next_reads_the_instance
         with running_server(port=port) as again:
             assert client.zero_grad() == 1
             assert client.instance_id == again.servicer.instance_id
+
+
+def test_an_instance_the_server_fails_to_give_is_asked_once_a_call() -> None:
+    """A GetServerInfo that fails (not UNIMPLEMENTED) is asked again before the next call,
+    once, the call going on without it."""
+
+    def info(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.INTERNAL, "no info")
+
+    def zero_grad(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return pb.ZeroGradResponse(version=1).SerializeToString()
+
+    unary = grpc.unary_unary_rpc_method_handler
+    asked = _Asked()
+    methods = {"ZeroGrad": unary(zero_grad), "GetServerInfo": unary(info)}
+    with bare_server(asked, old_trainer(0, **methods)) as address, gradwire.connect(address) as c:
+        c.zero_grad()
+        c.zero_grad()
+        assert c.instance_id is None
+    assert asked.methods == ["GetServerInfo", "ZeroGrad"] * 2
 
 
 def test_the_crash_restored_from_a_checkpoint_at_3_and_stepped_to_4(tmp_path: Path) -> None:
@@ -392,8 +469,12 @@ def test_a_client_reads_the_instance_once_and_the_command_line_not_at_all() -> N
                 client.zero_grad()
                 client.read(NAME)
         assert calls(scrape(running), _INFO, "OK") == 1
+        with gradwire.connect(address) as client:  # its first call the one that reads it
+            assert client.server_info().instance_id == running.servicer.instance_id
+            client.zero_grad()
+        assert calls(scrape(running), _INFO, "OK") == 2
         assert run_main("list", "--target", address).code == 0
         assert run_main("zero-grad", "--target", address).code == 0
-        assert calls(scrape(running), _INFO, "OK") == 1
-        assert run_main("replay", "--target", address).code == 0
         assert calls(scrape(running), _INFO, "OK") == 2
+        assert run_main("replay", "--target", address).code == 0
+        assert calls(scrape(running), _INFO, "OK") == 3
