@@ -31,6 +31,7 @@ from gradwire_server import checkpoint
 from gradwire_server.app import Running, start
 from gradwire_server.trainer import Trainer
 from tests.cli_run import run_main
+from tests.relay import relay_to
 from tests.serve_in_process import bare_server, old_trainer, running_server
 from tests.test_metrics import calls, scrape
 
@@ -478,3 +479,35 @@ def test_a_client_reads_the_instance_once_and_the_command_line_not_at_all() -> N
         assert calls(scrape(running), _INFO, "OK") == 2
         assert run_main("replay", "--target", address).code == 0
         assert calls(scrape(running), _INFO, "OK") == 3
+
+
+@pytest.mark.parametrize("first", ["watch", "streamed read"])
+def test_a_client_whose_first_call_is_a_stream_reads_the_instance(first: str) -> None:
+    """A Watch or a GetTensorStream as a client's first call reads the instance before it,
+    as a unary call does: the versions they carry are then of a known instance."""
+    with running_server() as running, gradwire.connect(f"127.0.0.1:{running.port}") as client:
+        if first == "watch":
+            watch = client.watch([NAME])
+            assert next(watch).version == 0
+            watch.close()
+        else:
+            assert client.read(NAME, progress=lambda done, total: None).version == 0
+        assert client.instance_id == running.servicer.instance_id
+
+
+def test_a_first_call_whose_instance_read_was_cut_off_notes_the_server_was_reached() -> None:
+    """The read of the instance is a call to the server: cut off in progress (a server
+    killed mid-call, its port refusing after), it tells `reached`, as the call would have,
+    that a server was there (the CLI's hints tell a server gone from one never reached)."""
+    with (
+        running_server() as running,
+        relay_to(running.port) as relay,
+        gradwire.connect(relay.address) as client,
+    ):
+        client.retries = 0
+        relay.lose_next_answer(then_refuse=True)
+        with pytest.raises(errors.Unavailable):
+            client.list_tensors()
+        assert relay.answers_lost == 1
+        assert client.reached and not client.answered
+        assert client.instance_id is None

@@ -395,6 +395,18 @@ def test_server_info_prints_the_contract_s_fields_it_knows_as_their_count(
     assert "ForwardRequest.eval_mode" in info.known_fields  # the names are all there
 
 
+def test_the_cli_says_no_instance_of_a_server_older_than_it(small: Running) -> None:
+    """A server from before the instance id answers none: `gradwire info`'s first line ends
+    with the device, as before, not with an instance of nothing."""
+    small.servicer.info.instance_id = ""
+    try:
+        text = run_main("info", "--target", f"127.0.0.1:{small.port}")
+    finally:
+        small.servicer.info.instance_id = small.servicer.instance_id
+    assert text.code == 0, text.err
+    assert text.out.splitlines()[0].endswith(", models on cpu"), text.out
+
+
 def test_the_cli_describes_the_server(small: Running) -> None:
     address = f"127.0.0.1:{small.port}"
     text = run_main("info", "--target", address)
