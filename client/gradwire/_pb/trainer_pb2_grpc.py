@@ -32,9 +32,10 @@ class TrainerStub:
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     def __init__(self, channel):
@@ -187,9 +188,10 @@ class TrainerServicer:
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     def Forward(self, request, context):
@@ -675,9 +677,10 @@ class Trainer:
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     @staticmethod

@@ -70,14 +70,14 @@ Conventions used by every message below:
   instance of this id (GetServerInfoResponse.instance_id; empty: none), else ABORTED
   (VERSION_MISMATCH, metadata "instance": this server's id). A server started again
   counts its versions afresh, from 0 or from a checkpoint's, and can come to a number
-  read from the one before, of another state: send both, and a mutation meant for the state you read is
-  refused once the server has restarted, not applied to another. Read the instance id
-  before the state whose version you send (a restart between the two then refuses the
-  mutation: safe); the Python client does so before its first call. An id that is not 16
-  lowercase hex digits is INVALID_ARGUMENT (BAD_METADATA). A mutation whose deadline
-  passes before it runs changes nothing
-  (DEADLINE_EXCEEDED), and is withdrawn at its deadline if it is still waiting for the
-  server's other work (another caller's Forward); one that has begun runs to its end,
+  read from the one before, of another state: send both, and a mutation meant for the
+  state you read is refused once the server has restarted, not applied to another. Read
+  the instance id before the state whose version you send (a restart between the two
+  then refuses the mutation: safe); the Python client does so before its first call. An
+  id that is not 16 lowercase hex digits is INVALID_ARGUMENT (BAD_METADATA). A mutation
+  whose deadline passes before it runs changes nothing (DEADLINE_EXCEEDED), and is
+  withdrawn at its deadline if it is still waiting for the server's other work (another
+  caller's Forward); one that has begun runs to its end,
   its change applied though its caller was told DEADLINE_EXCEEDED: learn what was
   applied by the state version, or retry with the same request id. Reads have no such
   condition: they run when their turn comes. With a server token set, every call but
@@ -91,9 +91,9 @@ Conventions used by every message below:
   RequireTransportSecurity is true), the Dial itself fails ("the credentials require
   transport level security"); given to one call (grpc.PerRPCCredentials), that call is
   UNAUTHENTICATED, "cannot send secure credentials on an insecure connection". There,
-  add the entry to each call's metadata yourself. Each "gradwire-" entry (request id, expected version,
-  expected instance, session) may come once: twice is INVALID_ARGUMENT (BAD_METADATA) on every Trainer
-  call, those that do not read it included.
+  add the entry to each call's metadata yourself. Each "gradwire-" entry (request id,
+  expected version, expected instance, session) may come once: twice is INVALID_ARGUMENT
+  (BAD_METADATA) on every Trainer call, those that do not read it included.
   A request id names one request: the server keys answers by (method, session, id) and
   does not compare the request, so a new request needs a new id (16 random bytes in hex,
   as the Python client sends). It keeps every id for 10 minutes after its last use, and
@@ -115,8 +115,8 @@ Conventions used by every message below:
   SaveCheckpoint and DeleteCheckpoint, which change the state directory's files, not a
   session's state, and read no expected version or instance either: a save sent again
   writes the state as it is then (its answer's version says which), and a delete sent
-  again after it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the same. The expected
-  version is decimal digits ("42"), 0 to 2^63-1; a Train reads it, and the expected
+  again after it succeeded is NOT_FOUND (NO_CHECKPOINT), the checkpoint gone all the
+  same. The expected version is decimal digits ("42"), 0 to 2^63-1; a Train reads it, and the expected
   instance, as its first step's condition. OpenSession and CloseSession act on no
   session's state and do not read them.
 - Sessions: "gradwire-session" metadata names the caller's session (OpenSession); absent
@@ -361,9 +361,10 @@ class TrainerStub:
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     @_typing.overload
@@ -594,9 +595,10 @@ class TrainerAsyncStub(TrainerStub):
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -823,9 +825,10 @@ class TrainerServicer(metaclass=_abc_1.ABCMeta):
     "gradwire-session", "gradwire-request-id", "gradwire-expected-version",
     "gradwire-expected-instance" and "authorization", errors with their ErrorInfo in the
     "grpc-status-details-bin" trailer, sizes, concurrency and keepalive) is said once, in
-    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated from the file (Java's javadoc,
-    Go's doc comments) carries the comments of services, RPCs, messages and fields, not that
-    one: where they say "above" or "at the top of this file", they mean it.
+    the comment at the top of gradwire/v1/trainer.proto, before `syntax`. Code generated
+    from the file (Java's javadoc, Go's doc comments) carries the comments of services, RPCs,
+    messages and fields, not that one: where they say "above" or "at the top of this file",
+    they mean it.
     """
 
     @_abc_1.abstractmethod
