@@ -176,14 +176,6 @@ def fields_known(info: ServerInfo) -> frozenset[str]:
     return frozenset()
 
 
-_HEX_DIGITS = frozenset("0123456789abcdef")
-
-
-def _is_instance_id(value: object) -> bool:
-    """Whether `value` is a server's instance id: 16 lowercase hex digits."""
-    return isinstance(value, str) and len(value) == 16 and set(value) <= _HEX_DIGITS
-
-
 def _expected_metadata(expected: calls.Expected) -> list[tuple[str, str]]:
     """A mutation's condition as its unary call's metadata."""
     metadata = [(EXPECTED_VERSION, str(expected.version))]
@@ -926,7 +918,7 @@ class Client:
             raise TypeError(f"expecting takes a state version (an int), got {version!r}")
         if not 0 <= version < 2**63:
             raise ValueError(f"a state version is from 0 to 2**63 - 1, got {version}")
-        if instance is not None and not _is_instance_id(instance):
+        if instance is not None and not limits.is_instance_id(instance):
             raise ValueError(
                 "instance= is a server's instance id, 16 lowercase hex digits "
                 f"(Client.instance_id, ServerInfo.instance_id), got {instance!r}"
@@ -986,7 +978,7 @@ class Client:
         if expected is None:
             return None
         version, instance = expected
-        return calls.Expected(version, self._instance or "" if instance is None else instance)
+        return calls.Expected(version, (self._instance or "") if instance is None else instance)
 
     @property
     def instance_id(self) -> str | None:
@@ -1029,7 +1021,7 @@ class Client:
         """The instance a refusal of an expected version named (VERSION_MISMATCH, metadata
         "instance"), where it is not the one this client names: the server started again,
         and the versions read from now on are of the new one."""
-        if _is_instance_id(named) and named != self._instance:
+        if limits.is_instance_id(named) and named != self._instance:
             self._instance = named
 
     def _stream(

@@ -112,6 +112,16 @@ MAX_COUNT: Final = 2**32 - 1
 REQUEST_ID: Final = "gradwire-request-id"
 EXPECTED_VERSION: Final = "gradwire-expected-version"
 EXPECTED_INSTANCE: Final = "gradwire-expected-instance"
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+
+
+def is_instance_id(value: object) -> bool:
+    """Whether `value` is a server's instance id (GetServerInfoResponse.instance_id): 16
+    lowercase hex digits, as a server draws it at start. The client checks one given to
+    `expecting` or named by a refusal, the server one a mutation expects."""
+    return isinstance(value, str) and len(value) == 16 and set(value) <= _HEX_DIGITS
+
+
 #: Metadata naming the session a call acts on; absent: the default session.
 SESSION: Final = "gradwire-session"
 

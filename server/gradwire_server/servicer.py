@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import re
 import threading
 import time
 import traceback
@@ -281,10 +280,6 @@ def _expected_version(metadata: dict[str, str]) -> int | None:
     return expected
 
 
-#: What a server's instance id is (GetServerInfoResponse.instance_id).
-_INSTANCE_ID = re.compile("[0-9a-f]{16}")
-
-
 def _check_instance(
     servicer: TrainerServicer, metadata: dict[str, str], expected_version: int | None
 ) -> None:
@@ -296,7 +291,7 @@ def _check_instance(
     given = metadata.get(EXPECTED_INSTANCE)
     if not given or given == servicer.instance_id:  # empty: none, as for a request id
         return
-    if not _INSTANCE_ID.fullmatch(given):
+    if not limits.is_instance_id(given):
         raise InvalidInput(
             f"{EXPECTED_INSTANCE} must be a server's instance id, 16 lowercase hex digits "
             f"(GetServerInfo's instance_id), got {shown(given)}",
@@ -1435,7 +1430,7 @@ def _message_metadata(envelope: pb.CallRequest, stream: dict[str, str]) -> dict[
     metadata = dict(stream)
     if envelope.expected_instance:  # compared with this server's in _check_instance
         # Its form checked here, to name the field the caller sent, not the metadata key.
-        if not _INSTANCE_ID.fullmatch(envelope.expected_instance):
+        if not limits.is_instance_id(envelope.expected_instance):
             raise InvalidInput(
                 "expected_instance must be a server's instance id, 16 lowercase hex digits "
                 f"(GetServerInfo's instance_id), got {shown(envelope.expected_instance)}",
